@@ -1,0 +1,1 @@
+"""xdit_jax: parallel inference for diffusion transformers on JAX SPMD meshes."""
