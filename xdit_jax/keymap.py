@@ -1,4 +1,4 @@
-"""Map a flat PyTorch state dict onto the parameters of a Flax NNX module.
+r"""Map a flat PyTorch state dict onto the parameters of a Flax NNX module.
 
 The Flax modules in ``xdit_jax.models`` name their submodules exactly as the diffusers /
 transformers modules do, so the map is derived, not written out: a Flax leaf path
@@ -17,7 +17,8 @@ other          same name                     none
 =============  ============================  =======================================
 
 Whatever does not follow the rule is a *table* per model: ``renames`` — ordered
-``(flax_dotted_prefix, torch_dotted_prefix)`` pairs applied to the dotted Flax path; ``ignore`` —
+``(regex, replacement)`` pairs applied with ``re.sub`` to the dotted torch name derived from the Flax
+path (layer indices already in place), e.g. ``(r"\.to_out\.", ".to_out.0.")``; ``ignore`` —
 torch keys (regexes) that exist in checkpoints but carry no parameter of ours (buffers).
 Missing, unexpected and misshaped tensors are all reported in one clear error.
 """
@@ -48,7 +49,14 @@ def _torch_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
 def expected_shapes(module_fn) -> dict:
     """Pure dict of ``jax.ShapeDtypeStruct`` for the params of the module ``module_fn()`` builds."""
     abstract = nnx.eval_shape(module_fn)
-    return nnx.state(abstract, nnx.Param).to_pure_dict()
+    return to_pure_dict(nnx.state(abstract, nnx.Param))
+
+
+def to_pure_dict(state) -> dict:
+    """``nnx.State`` -> nested dict of arrays (works across flax versions)."""
+    if hasattr(nnx, "to_pure_dict"):
+        return nnx.to_pure_dict(state)
+    return state.to_pure_dict()
 
 
 def _flatten(tree, prefix=()):
@@ -92,10 +100,11 @@ def map_state_dict(
     misshaped: list[str] = []
     items = []
 
+    renames_re = [(re.compile(p), r) for p, r in renames]
+
     def torch_name(dotted_flax: str) -> str:
-        for fp, tp in renames:
-            if dotted_flax == fp or dotted_flax.startswith(fp + "."):
-                return tp + dotted_flax[len(fp):]
+        for pat, rep in renames_re:
+            dotted_flax = pat.sub(rep, dotted_flax)
         return dotted_flax
 
     for path, spec in _flatten(expected):

@@ -1,0 +1,323 @@
+"""CogVideoX transformer (diffusers ``CogVideoXTransformer3DModel``) in Flax NNX.
+
+All three released variants: 2B (3D sin-cos positions, Conv2d patch embed), 5B (3D RoPE) and
+1.5 (RoPE, ``patch_size_t=2``, Linear patch embed). Submodules carry the diffusers names so the
+torch -> Flax key map is derived (``xdit_jax.keymap``); the table below lists what differs.
+The blocks are stacked on a leading layer axis and run with one ``lax.scan``.
+Attention goes through :func:`xdit_jax.parallel.attention.attention` (never a collective here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
+from xdit_jax.models.layers import (
+    LayerNorm, TimestepEmbedding, apply_rope, gelu_tanh, linear, rope_1d, scan_modules, sincos_1d,
+    stack_modules, timestep_embedding)
+from xdit_jax.parallel.attention import attention
+
+
+@dataclasses.dataclass(frozen=True)
+class CogVideoXConfig:
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int | None = 16
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    time_embed_dim: int = 512
+    ofs_embed_dim: int | None = None
+    text_embed_dim: int = 4096
+    num_layers: int = 30
+    attention_bias: bool = True
+    sample_width: int = 90
+    sample_height: int = 60
+    sample_frames: int = 49
+    patch_size: int = 2
+    patch_size_t: int | None = None
+    temporal_compression_ratio: int = 4
+    max_text_seq_length: int = 226
+    activation_fn: str = "gelu-approximate"
+    timestep_activation_fn: str = "silu"
+    norm_elementwise_affine: bool = True
+    norm_eps: float = 1e-5
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    use_rotary_positional_embeddings: bool = False
+    use_learned_positional_embeddings: bool = False
+    patch_bias: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CogVideoXConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.use_learned_positional_embeddings:
+            raise ValueError("Learned positional embeddings (CogVideoX-5b-I2V) are image-to-video; "
+                             "only text-to-video CogVideoX checkpoints are supported.")
+        if cfg.ofs_embed_dim:
+            raise ValueError("This checkpoint has an 'ofs' embedding (CogVideoX1.5-5B-I2V, image-to-video); "
+                             "only text-to-video CogVideoX checkpoints are supported.")
+        if cfg.activation_fn != "gelu-approximate" or cfg.timestep_activation_fn != "silu":
+            raise ValueError(f"Unsupported activations {cfg.activation_fn!r}/{cfg.timestep_activation_fn!r}.")
+        return cfg
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_ch(self) -> int:
+        return self.out_channels if self.out_channels is not None else self.in_channels
+
+
+# torch names that differ from the Flax path (regex on the derived torch name).
+TORCH_RENAMES = [
+    (r"\.to_out\.", ".to_out.0."),
+    (r"\.ff\.net_0\.", ".ff.net.0.proj."),
+    (r"\.ff\.net_2\.", ".ff.net.2."),
+]
+# Non-persistent buffers some exports include.
+TORCH_IGNORE = [r"^patch_embed\.pos_embedding$"]
+
+
+class LayerNormZero(nnx.Module):
+    """diffusers ``CogVideoXLayerNormZero``: one norm, modulation for video and text streams."""
+
+    def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
+        self.linear = linear(cfg.time_embed_dim, 6 * cfg.inner_dim, dtype=dtype, rngs=rngs)
+        self.norm = LayerNorm(cfg.inner_dim, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
+
+    def __call__(self, x, enc, temb):
+        shift, scale, gate, e_shift, e_scale, e_gate = jnp.split(self.linear(jax.nn.silu(temb)), 6, axis=-1)
+        x = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        enc = self.norm(enc) * (1 + e_scale[:, None]) + e_shift[:, None]
+        return x, enc, gate[:, None], e_gate[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
+        d, hd = cfg.inner_dim, cfg.attention_head_dim
+        self.heads = cfg.num_attention_heads
+        self.to_q = linear(d, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.to_k = linear(d, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.to_v = linear(d, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
+        self.norm_q = LayerNorm(hd, 1e-6, dtype=dtype)
+        self.norm_k = LayerNorm(hd, 1e-6, dtype=dtype)
+        self.to_out = linear(d, d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, text_len: int, rope):
+        b, s, _ = x.shape
+        q = self.norm_q(self.to_q(x).reshape(b, s, self.heads, -1))
+        k = self.norm_k(self.to_k(x).reshape(b, s, self.heads, -1))
+        v = self.to_v(x).reshape(b, s, self.heads, -1)
+        if rope is not None:
+            cos, sin = rope
+            q = jnp.concatenate([q[:, :text_len], apply_rope(q[:, text_len:], cos, sin)], axis=1)
+            k = jnp.concatenate([k[:, :text_len], apply_rope(k[:, text_len:], cos, sin)], axis=1)
+        o = attention(q, k, v)
+        return self.to_out(o.reshape(b, s, -1))
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
+        self.net_0 = linear(cfg.inner_dim, 4 * cfg.inner_dim, dtype=dtype, rngs=rngs)
+        self.net_2 = linear(4 * cfg.inner_dim, cfg.inner_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.net_2(gelu_tanh(self.net_0(x)))
+
+
+class CogVideoXBlock(nnx.Module):
+    def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
+        self.norm1 = LayerNormZero(cfg, dtype=dtype, rngs=rngs)
+        self.attn1 = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNormZero(cfg, dtype=dtype, rngs=rngs)
+        self.ff = FeedForward(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, enc, temb, rope):
+        t = enc.shape[1]
+        nx, nenc, gate, e_gate = self.norm1(x, enc, temb)
+        a = self.attn1(jnp.concatenate([nenc, nx], axis=1), t, rope)
+        x = x + gate * a[:, t:]
+        enc = enc + e_gate * a[:, :t]
+        nx, nenc, gate, e_gate = self.norm2(x, enc, temb)
+        f = self.ff(jnp.concatenate([nenc, nx], axis=1))
+        x = x + gate * f[:, t:]
+        enc = enc + e_gate * f[:, :t]
+        return x, enc
+
+
+class AdaLayerNormOut(nnx.Module):
+    """diffusers ``AdaLayerNorm(chunk_dim=1)``: shift, scale from the time embedding."""
+
+    def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
+        self.linear = linear(cfg.time_embed_dim, 2 * cfg.inner_dim, dtype=dtype, rngs=rngs)
+        self.norm = LayerNorm(cfg.inner_dim, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
+
+    def __call__(self, x, temb):
+        shift, scale = jnp.split(self.linear(jax.nn.silu(temb)), 2, axis=-1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class PatchEmbed(nnx.Module):
+    def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
+        p = cfg.patch_size
+        if cfg.patch_size_t is None:
+            self.proj = nnx.Conv(cfg.in_channels, cfg.inner_dim, kernel_size=(p, p), strides=(p, p),
+                                 padding="VALID", use_bias=cfg.patch_bias, dtype=dtype, param_dtype=dtype,
+                                 rngs=rngs)
+        else:
+            self.proj = linear(cfg.in_channels * p * p * cfg.patch_size_t, cfg.inner_dim, dtype=dtype, rngs=rngs)
+        self.text_proj = linear(cfg.text_embed_dim, cfg.inner_dim, dtype=dtype, rngs=rngs)
+
+
+def sincos_table(cfg: CogVideoXConfig, frames: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """diffusers ``get_3d_sincos_pos_embed`` for the video tokens, (frames*h*w, inner_dim) float32."""
+    d = cfg.inner_dim
+    ds, dt = 3 * d // 4, d // 4
+    gh = np.arange(grid_h, dtype=np.float32) / cfg.spatial_interpolation_scale
+    gw = np.arange(grid_w, dtype=np.float32) / cfg.spatial_interpolation_scale
+    ww, hh = np.meshgrid(gw, gh, indexing="xy")  # (h, w) each
+    spatial = np.concatenate([sincos_1d(ds // 2, ww.reshape(-1)), sincos_1d(ds // 2, hh.reshape(-1))], axis=1)
+    gt = np.arange(frames, dtype=np.float32) / cfg.temporal_interpolation_scale
+    temporal = sincos_1d(dt, gt)
+    table = np.concatenate([np.repeat(temporal[:, None], grid_h * grid_w, axis=1),
+                            np.repeat(spatial[None], frames, axis=0)], axis=-1)
+    return table.reshape(frames * grid_h * grid_w, d).astype(np.float32)
+
+
+def _crop_region(src_h, src_w, tgt_w, tgt_h):
+    r = src_h / src_w
+    if r > tgt_h / tgt_w:
+        rh, rw = tgt_h, int(round(tgt_h / src_h * src_w))
+    else:
+        rw, rh = tgt_w, int(round(tgt_w / src_w * src_h))
+    top, left = int(round((tgt_h - rh) / 2.0)), int(round((tgt_w - rw) / 2.0))
+    return (top, left), (top + rh, left + rw)
+
+
+def rope_table(cfg: CogVideoXConfig, frames: int, grid_h: int, grid_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 3D RoPE tables the diffusers pipeline builds (``_prepare_rotary_positional_embeddings``)."""
+    p = cfg.patch_size
+    base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
+    if cfg.patch_size_t is None:
+        (t0, l0), (t1, l1) = _crop_region(grid_h, grid_w, base_w, base_h)
+        pos_h = np.linspace(t0, t1 * (grid_h - 1) / grid_h, grid_h, dtype=np.float64)
+        pos_w = np.linspace(l0, l1 * (grid_w - 1) / grid_w, grid_w, dtype=np.float64)
+        pos_t = np.linspace(0, frames * (frames - 1) / frames, frames, dtype=np.float64)
+    else:
+        pos_h = np.arange(grid_h, dtype=np.float64)
+        pos_w = np.arange(grid_w, dtype=np.float64)
+        pos_t = np.arange(frames, dtype=np.float64)
+    hd = cfg.attention_head_dim
+    dim_t, dim_hw = hd // 4, hd // 8 * 3
+    tabs = [rope_1d(dim_t, pos_t), rope_1d(dim_hw, pos_h), rope_1d(dim_hw, pos_w)]
+    out = []
+    for k in range(2):  # cos, sin
+        t_, h_, w_ = (tab[k] for tab in tabs)
+        full = np.concatenate([
+            np.broadcast_to(t_[:, None, None, :], (frames, grid_h, grid_w, t_.shape[-1])),
+            np.broadcast_to(h_[None, :, None, :], (frames, grid_h, grid_w, h_.shape[-1])),
+            np.broadcast_to(w_[None, None, :, :], (frames, grid_h, grid_w, w_.shape[-1])),
+        ], axis=-1)
+        out.append(full.reshape(frames * grid_h * grid_w, -1).astype(np.float32))
+    return out[0], out[1]
+
+
+class CogVideoXTransformer3DModel(nnx.Module):
+    """``model(hidden_states, encoder_hidden_states, timestep)`` as diffusers' forward.
+
+    hidden_states: (B, F, C, H, W) latents (diffusers' layout); encoder_hidden_states: (B, L, text_dim);
+    timestep: (B,). Returns the prediction in the latents' layout.
+    """
+
+    def __init__(self, cfg: CogVideoXConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
+        self.time_embedding = TimestepEmbedding(cfg.inner_dim, cfg.time_embed_dim, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = stack_modules(lambda r: CogVideoXBlock(cfg, dtype=dtype, rngs=r),
+                                                cfg.num_layers, rngs)
+        self.norm_final = LayerNorm(cfg.inner_dim, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
+        self.norm_out = AdaLayerNormOut(cfg, dtype=dtype, rngs=rngs)
+        p, pt = cfg.patch_size, cfg.patch_size_t or 1
+        self.proj_out = linear(cfg.inner_dim, p * p * pt * cfg.out_ch, dtype=dtype, rngs=rngs)
+
+    # -- pieces, so the parallel schedules can drive the stack block by block --
+
+    def embed(self, hidden_states, encoder_hidden_states, timestep):
+        """Returns (video tokens, text tokens, temb, rope) for the block stack."""
+        cfg, dtype = self.cfg, self.dtype
+        b, f, c, h, w = hidden_states.shape
+        p, pt = cfg.patch_size, cfg.patch_size_t
+        temb = timestep_embedding(jnp.asarray(timestep).reshape(-1), cfg.inner_dim, cfg.flip_sin_to_cos,
+                                  cfg.freq_shift)
+        temb = self.time_embedding(jnp.broadcast_to(temb, (b, cfg.inner_dim)).astype(dtype))
+        enc = self.patch_embed.text_proj(encoder_hidden_states.astype(dtype))
+        x = hidden_states.astype(dtype)
+        if pt is None:
+            x = x.reshape(b * f, c, h, w).transpose(0, 2, 3, 1)
+            x = self.patch_embed.proj(x).reshape(b, f * (h // p) * (w // p), cfg.inner_dim)
+            frames = f
+        else:
+            x = x.transpose(0, 1, 3, 4, 2).reshape(b, f // pt, pt, h // p, p, w // p, p, c)
+            x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, (f // pt) * (h // p) * (w // p), -1)
+            x = self.patch_embed.proj(x)
+            frames = (f + pt - 1) // pt
+        rope = None
+        if cfg.use_rotary_positional_embeddings:
+            cos, sin = rope_table(cfg, frames, h // p, w // p)
+            rope = (jnp.asarray(cos), jnp.asarray(sin))
+        else:
+            x = x + jnp.asarray(sincos_table(cfg, frames, h // p, w // p)).astype(dtype)[None]
+        return x, enc, temb, rope
+
+    def blocks(self, x, enc, temb, rope):
+        return scan_modules(self.transformer_blocks,
+                            lambda blk, carry: blk(carry[0], carry[1], temb, rope), (x, enc))
+
+    def head(self, x, temb, shape):
+        cfg = self.cfg
+        b, f, c, h, w = shape
+        p, pt = cfg.patch_size, cfg.patch_size_t
+        x = self.norm_final(x)
+        x = self.proj_out(self.norm_out(x, temb))
+        if pt is None:
+            x = x.reshape(b, f, h // p, w // p, -1, p, p).transpose(0, 1, 4, 2, 5, 3, 6)
+            return x.reshape(b, f, -1, h, w)
+        x = x.reshape(b, (f + pt - 1) // pt, h // p, w // p, -1, pt, p, p)
+        x = x.transpose(0, 1, 5, 4, 2, 6, 3, 7)
+        return x.reshape(b, -1, x.shape[3], h, w)
+
+    def __call__(self, hidden_states, encoder_hidden_states, timestep):
+        x, enc, temb, rope = self.embed(hidden_states, encoder_hidden_states, timestep)
+        x, enc = self.blocks(x, enc, temb, rope)
+        return self.head(x, temb, hidden_states.shape)
+
+
+def check_input_shape(cfg: CogVideoXConfig, latent_frames: int, latent_h: int, latent_w: int) -> None:
+    """Refuse latent shapes the model cannot take, with what to do instead."""
+    p = cfg.patch_size
+    if latent_h % p or latent_w % p:
+        raise ValueError(f"Latent height/width {latent_h}x{latent_w} must be multiples of the patch size {p} "
+                         f"(pixel height and width multiples of {8 * p}).")
+    if cfg.patch_size_t and latent_frames % cfg.patch_size_t:
+        raise ValueError(f"{latent_frames} latent frames are not a multiple of patch_size_t={cfg.patch_size_t}.")
+
+
+def params_from_torch(flat: dict, cfg: CogVideoXConfig, dtype=None) -> dict:
+    return map_state_dict(flat, expected_shapes(lambda: CogVideoXTransformer3DModel(cfg)),
+                          stacked={"transformer_blocks": cfg.num_layers}, renames=TORCH_RENAMES,
+                          ignore=TORCH_IGNORE, dtype=dtype, what="CogVideoX transformer checkpoint")
+
+
+def build(cfg: CogVideoXConfig, params: dict, dtype=jnp.float32) -> CogVideoXTransformer3DModel:
+    return build_module(lambda: CogVideoXTransformer3DModel(cfg, dtype=dtype), params)

@@ -1,0 +1,116 @@
+"""Small building blocks shared by the DiT models (norms with fp32 statistics, embeddings)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis; statistics in float32, output in the input dtype.
+
+    Leaves ``scale``/``bias`` map to torch ``weight``/``bias``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        if affine:
+            self.scale = nnx.Param(jnp.ones((dim,), dtype))
+            self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        else:
+            self.scale = self.bias = None
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def linear(din: int, dout: int, *, bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0,
+                       scale: float = 1.0, max_period: float = 10000.0):
+    """diffusers ``get_timestep_embedding``: (N,) timesteps -> (N, dim) float32 sinusoids."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    emb = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :] * scale
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nnx.Module):
+    """diffusers ``TimestepEmbedding`` (linear_1 -> SiLU -> linear_2)."""
+
+    def __init__(self, din: int, dout: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.linear_1 = linear(din, dout, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(dout, dout, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+# ----- host-side positional tables (numpy, float64 then float32; static shapes) -----
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """diffusers ``get_1d_sincos_pos_embed_from_grid``: (M,) -> (M, dim) as [sin, cos]."""
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def rope_1d(dim: int, pos: np.ndarray, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers ``get_1d_rotary_pos_embed(use_real=True, repeat_interleave_real=True)``."""
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32).astype(np.float64) / dim))
+    freqs = np.outer(pos.astype(np.float32).astype(np.float64), freqs)
+    return np.repeat(np.cos(freqs), 2, axis=1), np.repeat(np.sin(freqs), 2, axis=1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs of ``x`` (B, S, H, D) by (S, D) tables; math in float32."""
+    xf = x.astype(jnp.float32)
+    x2 = xf.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-x2[..., 1], x2[..., 0]], axis=-1).reshape(x.shape)
+    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)
+
+
+def stack_modules(make, n: int, rngs: nnx.Rngs):
+    """``n`` copies of the module ``make(rngs)`` stacked on a leading layer axis (one compile)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def _make(r):
+        return make(r)
+
+    return _make(rngs)
+
+
+def scan_modules(stacked, fn, carry):
+    """Run ``carry = fn(layer, carry)`` over a stacked module with ``lax.scan``."""
+    graphdef, state = nnx.split(stacked)
+
+    def body(c, s):
+        return fn(nnx.merge(graphdef, s), c), None
+
+    carry, _ = jax.lax.scan(body, carry, state)
+    return carry

@@ -1,0 +1,475 @@
+"""The decoder of diffusers' ``AutoencoderKLCogVideoX`` in Flax NNX (decode only).
+
+Submodules carry diffusers' attribute names, so :func:`xdit_jax.keymap.map_state_dict` derives the
+key map (``decoder.up_blocks.0.resnets.1.conv1.conv.weight`` -> ``...conv1.conv.kernel``); the
+encoder's tensors are in :data:`TORCH_IGNORE`.
+
+Layout: channels-last ``(N, T, H, W, C)`` inside; :func:`decode` takes and returns diffusers'
+``(B, C, T, H, W)``. The latent video is decoded in chunks of ``frame_batch_size`` (2) latent
+frames exactly as diffusers' ``_decode`` does — the first chunk also takes the odd frame — and
+the causal convolutions carry the last two (padded) input frames of each chunk into the next.
+That carried state is a plain pytree passed in and out, so the whole decode is one pure, jittable
+function: the first chunk is traced once, the remaining equal-sized chunks run under one
+``lax.scan``.
+
+Notes on the reference:
+
+* GroupNorm statistics span ``(C/G, T, H, W)`` of the *chunk* (torch's ``nn.GroupNorm`` on a
+  5-D tensor); they are computed in float32 in :func:`group_norm_stats`, the single place a
+  spatially sharded decode has to replace (by ``psum``-ing the partial sums).
+* All decoder norms are ``CogVideoXSpatialNorm3D``, whose GroupNorm has ``eps=1e-6`` hard-coded
+  (the config's ``norm_eps`` is unused by the decoder, as in diffusers).
+* ``CogVideoXSafeConv3d`` only splits big inputs along time with a ``k-1`` frame overlap, which
+  is the same convolution; here it is one convolution.
+* ``conv_y``/``conv_b`` of the spatial norm are 1x1x1 convolutions, which commute with nearest
+  upsampling: we apply them to the latent ``zq`` first and upsample their outputs (same numbers,
+  far fewer FLOPs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
+
+# Torch keys of a VAE checkpoint that carry nothing the decoder uses.
+TORCH_IGNORE: tuple[str, ...] = (r"^encoder\.", r"^quant_conv\.")
+# Flax path prefix -> torch key prefix; empty: every name mirrors diffusers.
+TORCH_RENAMES: tuple[tuple[str, str], ...] = ()
+
+# diffusers' ``AutoencoderKLCogVideoX.num_latent_frames_batch_size``.
+LATENT_FRAMES_PER_CHUNK = 2
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CogVideoXVAEConfig:
+    """``vae/config.json`` of a CogVideoX pipeline (the ``AutoencoderKLCogVideoX`` arguments)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("CogVideoXDownBlock3D",) * 4
+    up_block_types: tuple[str, ...] = ("CogVideoXUpBlock3D",) * 4
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
+    latent_channels: int = 16
+    layers_per_block: int = 3
+    act_fn: str = "silu"
+    norm_eps: float = 1e-6
+    norm_num_groups: int = 32
+    temporal_compression_ratio: float = 4
+    sample_height: int = 480
+    sample_width: int = 720
+    scaling_factor: float = 1.15258426
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    invert_scale_latents: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CogVideoXVAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "CogVideoXVAEConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def validate(self) -> None:
+        if any(t != "CogVideoXUpBlock3D" for t in self.up_block_types):
+            raise ValueError(f"unsupported up_block_types {self.up_block_types}")
+        if len(self.up_block_types) != len(self.block_out_channels):
+            raise ValueError("up_block_types and block_out_channels must have the same length")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels "
+                             f"{self.block_out_channels}")
+        if self.act_fn.lower() not in _ACTIVATIONS:
+            raise ValueError(f"unsupported act_fn {self.act_fn!r}")
+
+    @property
+    def temporal_compress_level(self) -> int:
+        return int(np.log2(self.temporal_compression_ratio))
+
+    @property
+    def spatial_compression_ratio(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def num_frames(self, latent_frames: int) -> int:
+        """Frames :func:`decode` returns for ``latent_frames`` latent frames."""
+        return _decoded_frames(latent_frames, self.temporal_compress_level)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def group_norm_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance (float32) of ``x`` (N, ..., C) per sample and channel group.
+
+    Reduces over every axis but the first and the group; the results broadcast against
+    ``x.reshape(N, ..., G, C // G)``. This is the one reduction over space and time in the
+    decoder: a spatially sharded decode replaces it with a version that ``psum``s the partial
+    sums across the mesh.
+    """
+    xg = x.reshape(x.shape[:-1] + (num_groups, x.shape[-1] // num_groups)).astype(jnp.float32)
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    return mean, var
+
+
+def group_norm(x, scale, bias, num_groups: int, eps: float, stats_fn=group_norm_stats):
+    """torch ``nn.GroupNorm`` on channels-last ``x``, in float32; returns ``x.dtype``."""
+    mean, var = stats_fn(x, num_groups)
+    xg = x.reshape(x.shape[:-1] + (num_groups, x.shape[-1] // num_groups)).astype(jnp.float32)
+    y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source indices of torch's legacy ``mode="nearest"`` interpolation with an output ``size``."""
+    if n_out == n_in:
+        return np.arange(n_out)
+    if n_out == 2 * n_in:
+        return np.arange(n_out) >> 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, n_in - 1)
+
+
+def nearest_resize(x: jax.Array, size: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
+    """``F.interpolate(..., size=size, mode="nearest")`` over ``axes`` of ``x`` (static shapes)."""
+    for ax, n_out in zip(axes, size):
+        n_in = x.shape[ax]
+        if n_out == n_in:
+            continue
+        if n_out % n_in == 0:  # integer factor: index i // r, a cheap broadcast
+            x = jnp.repeat(x, n_out // n_in, axis=ax)
+        else:
+            x = jnp.take(x, jnp.asarray(_nearest_index(n_in, n_out)), axis=ax)
+    return x
+
+
+def _decoded_frames(t: int, levels: int) -> int:
+    """Frames after ``levels`` time-compressing upsamplers (see :class:`CogVideoXUpsample3D`)."""
+    for _ in range(levels):
+        t = t if t == 1 else (2 * t - 1 if t % 2 else 2 * t)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers (channels-last)
+
+
+class Conv(nnx.Module):
+    """A convolution over channels-last input with a fixed zero padding (torch ``ConvNd``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...],
+                 padding: tuple[tuple[int, int], ...] | None = None, *, dtype=jnp.float32):
+        self.kernel = nnx.Param(jnp.zeros(tuple(kernel_size) + (in_channels, out_channels), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_channels,), dtype))
+        self.padding = tuple(padding) if padding is not None else ((0, 0),) * len(kernel_size)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        nd = self.kernel.ndim - 2
+        spatial = "DHW"[-nd:] if nd <= 3 else None
+        dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+        kernel = self.kernel[...]
+        y = jax.lax.conv_general_dilated(x.astype(kernel.dtype), kernel, (1,) * nd, self.padding,
+                                         dimension_numbers=dn)
+        return y + self.bias[...]
+
+
+class GroupNorm(nnx.Module):
+    """torch ``nn.GroupNorm`` (affine) with float32 statistics."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, *, dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((num_channels,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype))
+        self.num_groups = num_groups
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return group_norm(x, self.scale[...], self.bias[...], self.num_groups, self.eps)
+
+
+class CogVideoXCausalConv3d(nnx.Module):
+    """Causal in time (front-padded with the cached frames or copies of frame 0), 'same' in space."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, dtype=jnp.float32):
+        k = kernel_size
+        self.time_kernel_size = k
+        pad = (k - 1) // 2
+        self.conv = Conv(in_channels, out_channels, (k, k, k), ((0, 0), (pad, pad), (pad, pad)), dtype=dtype)
+
+    def __call__(self, x: jax.Array, cache: jax.Array | None = None):
+        """``x`` (N, T, H, W, C); ``cache`` the previous chunk's last ``k-1`` padded input frames.
+
+        Returns ``(y, new_cache)``; ``new_cache`` is None for a 1-frame kernel (no state).
+        """
+        k = self.time_kernel_size
+        if k == 1:
+            return self.conv(x), None
+        front = cache.astype(x.dtype) if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
+        x = jnp.concatenate([front, x], axis=1)
+        return self.conv(x), x[:, -(k - 1):]
+
+
+def _resize_like_diffusers(zq: jax.Array, t: int, h: int, w: int) -> jax.Array:
+    """Nearest-resize ``zq`` (N, Tz, Hz, Wz, C) to (t, h, w) as ``CogVideoXSpatialNorm3D`` does:
+    for an odd ``t > 1`` the first frame maps to frame 0 alone and the rest to the rest."""
+    axes = (1, 2, 3)
+    if t > 1 and t % 2 == 1:
+        first = nearest_resize(zq[:, :1], (1, h, w), axes)
+        rest = nearest_resize(zq[:, 1:], (t - 1, h, w), axes)
+        return jnp.concatenate([first, rest], axis=1)
+    return nearest_resize(zq, (t, h, w), axes)
+
+
+class CogVideoXSpatialNorm3D(nnx.Module):
+    def __init__(self, f_channels: int, zq_channels: int, groups: int = 32, *, dtype=jnp.float32):
+        self.norm_layer = GroupNorm(groups, f_channels, eps=1e-6, dtype=dtype)
+        self.conv_y = CogVideoXCausalConv3d(zq_channels, f_channels, kernel_size=1, dtype=dtype)
+        self.conv_b = CogVideoXCausalConv3d(zq_channels, f_channels, kernel_size=1, dtype=dtype)
+
+    def __call__(self, f: jax.Array, zq: jax.Array) -> jax.Array:
+        # The 1x1x1 convs commute with nearest resizing: run them at latent resolution.
+        y, _ = self.conv_y(zq)
+        b, _ = self.conv_b(zq)
+        t, h, w = f.shape[1:4]
+        y = _resize_like_diffusers(y, t, h, w)
+        b = _resize_like_diffusers(b, t, h, w)
+        return self.norm_layer(f) * y.astype(f.dtype) + b.astype(f.dtype)
+
+
+class CogVideoXResnetBlock3D(nnx.Module):
+    def __init__(self, in_channels: int, out_channels: int, *, groups: int, zq_channels: int,
+                 act_fn: str = "silu", dtype=jnp.float32):
+        self.act_fn = act_fn.lower()
+        self.norm1 = CogVideoXSpatialNorm3D(in_channels, zq_channels, groups, dtype=dtype)
+        self.conv1 = CogVideoXCausalConv3d(in_channels, out_channels, 3, dtype=dtype)
+        self.norm2 = CogVideoXSpatialNorm3D(out_channels, zq_channels, groups, dtype=dtype)
+        self.conv2 = CogVideoXCausalConv3d(out_channels, out_channels, 3, dtype=dtype)
+        # diffusers' default (conv_shortcut=False): a plain 1x1x1 CogVideoXSafeConv3d.
+        self.conv_shortcut = (Conv(in_channels, out_channels, (1, 1, 1), dtype=dtype)
+                              if in_channels != out_channels else None)
+
+    def __call__(self, x, zq, cache=None):
+        cache = cache or {}
+        act = _ACTIVATIONS[self.act_fn]
+        h = act(self.norm1(x, zq))
+        h, c1 = self.conv1(h, cache.get("conv1"))
+        h = act(self.norm2(h, zq))
+        h, c2 = self.conv2(h, cache.get("conv2"))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return h + x, {"conv1": c1, "conv2": c2}
+
+
+class CogVideoXUpsample3D(nnx.Module):
+    """Nearest 2x in space (and in time when ``compress_time``, keeping an odd first frame single),
+    then a 3x3 2-D conv per frame."""
+
+    def __init__(self, in_channels: int, out_channels: int, compress_time: bool, *, dtype=jnp.float32):
+        self.conv = Conv(in_channels, out_channels, (3, 3), ((1, 1), (1, 1)), dtype=dtype)
+        self.compress_time = compress_time
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, t, h, w, _ = x.shape
+        x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+        if self.compress_time and t > 1:
+            if t % 2 == 1:
+                x = jnp.concatenate([x[:, :1], jnp.repeat(x[:, 1:], 2, axis=1)], axis=1)
+            else:
+                x = jnp.repeat(x, 2, axis=1)
+        n, t, h, w, c = x.shape
+        y = self.conv(x.reshape(n * t, h, w, c))
+        return y.reshape(n, t, h, w, y.shape[-1])
+
+
+class CogVideoXMidBlock3D(nnx.Module):
+    def __init__(self, channels: int, num_layers: int, *, groups: int, zq_channels: int, act_fn: str,
+                 dtype=jnp.float32):
+        self.resnets = nnx.List([
+            CogVideoXResnetBlock3D(channels, channels, groups=groups, zq_channels=zq_channels,
+                                   act_fn=act_fn, dtype=dtype)
+            for _ in range(num_layers)
+        ])
+
+    def __call__(self, x, zq, cache=None):
+        cache = cache or {}
+        new = {}
+        for i, resnet in enumerate(self.resnets):
+            x, new[f"resnet_{i}"] = resnet(x, zq, cache.get(f"resnet_{i}"))
+        return x, new
+
+
+class CogVideoXUpBlock3D(nnx.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, *, groups: int,
+                 zq_channels: int, act_fn: str, add_upsample: bool, compress_time: bool,
+                 dtype=jnp.float32):
+        self.resnets = nnx.List([
+            CogVideoXResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups=groups,
+                                   zq_channels=zq_channels, act_fn=act_fn, dtype=dtype)
+            for i in range(num_layers)
+        ])
+        self.upsamplers = (nnx.List([CogVideoXUpsample3D(out_channels, out_channels, compress_time, dtype=dtype)])
+                           if add_upsample else None)
+
+    def __call__(self, x, zq, cache=None):
+        cache = cache or {}
+        new = {}
+        for i, resnet in enumerate(self.resnets):
+            x, new[f"resnet_{i}"] = resnet(x, zq, cache.get(f"resnet_{i}"))
+        if self.upsamplers is not None:
+            for up in self.upsamplers:
+                x = up(x)
+        return x, new
+
+
+class CogVideoXDecoder3D(nnx.Module):
+    def __init__(self, cfg: CogVideoXVAEConfig, *, dtype=jnp.float32):
+        ch = list(reversed(cfg.block_out_channels))
+        zc, groups, act = cfg.latent_channels, cfg.norm_num_groups, cfg.act_fn
+        self.conv_in = CogVideoXCausalConv3d(zc, ch[0], 3, dtype=dtype)
+        self.mid_block = CogVideoXMidBlock3D(ch[0], 2, groups=groups, zq_channels=zc, act_fn=act, dtype=dtype)
+        blocks = []
+        out_ch = ch[0]
+        for i in range(len(cfg.up_block_types)):
+            prev, out_ch = out_ch, ch[i]
+            blocks.append(CogVideoXUpBlock3D(
+                prev, out_ch, cfg.layers_per_block + 1, groups=groups, zq_channels=zc, act_fn=act,
+                add_upsample=i != len(ch) - 1, compress_time=i < cfg.temporal_compress_level, dtype=dtype))
+        self.up_blocks = nnx.List(blocks)
+        self.norm_out = CogVideoXSpatialNorm3D(ch[-1], zc, groups, dtype=dtype)
+        self.conv_out = CogVideoXCausalConv3d(ch[-1], cfg.out_channels, 3, dtype=dtype)
+
+    def __call__(self, sample: jax.Array, cache=None):
+        """One chunk: ``sample`` (N, T, H, W, C_latent) -> (frames (N, T', H', W', C_out), cache)."""
+        cache = cache or {}
+        new = {}
+        h, new["conv_in"] = self.conv_in(sample, cache.get("conv_in"))
+        h, new["mid_block"] = self.mid_block(h, sample, cache.get("mid_block"))
+        for i, block in enumerate(self.up_blocks):
+            h, new[f"up_block_{i}"] = block(h, sample, cache.get(f"up_block_{i}"))
+        h = jax.nn.silu(self.norm_out(h, sample))
+        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
+        return h, new
+
+
+class CogVideoXVAEDecoder(nnx.Module):
+    """The decode half of ``AutoencoderKLCogVideoX``: ``post_quant_conv`` (if used) and ``decoder``."""
+
+    def __init__(self, cfg: CogVideoXVAEConfig, *, dtype=jnp.float32):
+        self.config = cfg
+        self.dtype = dtype
+        self.decoder = CogVideoXDecoder3D(cfg, dtype=dtype)
+        # As in diffusers (whose CogVideoX checkpoints all have use_post_quant_conv=False), the
+        # conv is declared with ``out_channels`` channels; the key map checks it against the file.
+        self.post_quant_conv = (Conv(cfg.out_channels, cfg.out_channels, (1, 1, 1), dtype=dtype)
+                                if cfg.use_post_quant_conv else None)
+
+    def decode_chunk(self, z: jax.Array, cache=None):
+        """One chunk of latent frames (N, T, H, W, C) -> (frames channels-last, carried cache)."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def decode(model: CogVideoXVAEDecoder, z: jax.Array, *,
+           frame_batch_size: int = LATENT_FRAMES_PER_CHUNK) -> jax.Array:
+    """``vae.decode(z).sample`` of diffusers: latents (B, C, T, H, W), already divided by
+    ``scaling_factor``, -> frames (B, C_out, T', H*s, W*s) (roughly in [-1, 1], not clipped).
+
+    Computes in the model's dtype (its parameters' dtype) and returns that dtype. Pure and
+    jittable (``nnx.jit(decode)``, or :func:`jit_decode`); the chunking follows diffusers'
+    ``_decode``: ``max(T // fbs, 1)`` chunks, the first also taking the ``T % fbs`` extra frames.
+    """
+    dtype = model.dtype
+    x = jnp.transpose(z, (0, 2, 3, 4, 1)).astype(dtype)
+    n, t = x.shape[:2]
+    fbs = frame_batch_size
+    num_chunks = max(t // fbs, 1)
+    first_len = fbs + t % fbs
+    out, cache = model.decode_chunk(x[:, :first_len])
+    outs = [out]
+    if num_chunks > 1:
+        rest = x[:, first_len:]
+        rest = rest.reshape((n, num_chunks - 1, fbs) + rest.shape[2:]).swapaxes(0, 1)
+        graphdef, state = nnx.split(model)
+
+        def step(carry, zc):
+            m = nnx.merge(graphdef, state)
+            y, carry = m.decode_chunk(zc, carry)
+            return carry, y
+
+        _, ys = jax.lax.scan(step, cache, rest)  # (chunks-1, N, T', H', W', C)
+        ys = ys.swapaxes(0, 1)
+        outs.append(ys.reshape((n, -1) + ys.shape[3:]))
+    frames = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    return jnp.transpose(frames, (0, 4, 1, 2, 3))
+
+
+jit_decode = nnx.jit(decode, static_argnames=("frame_batch_size",))
+
+
+def module_fn(cfg: CogVideoXVAEConfig, dtype=jnp.float32):
+    return lambda: CogVideoXVAEDecoder(cfg, dtype=dtype)
+
+
+def params_from_torch(flat: Mapping[str, np.ndarray], cfg: CogVideoXVAEConfig, dtype=None) -> dict:
+    """The decoder's params (pure dict) from the flat torch state dict of a ``vae/`` folder.
+
+    ``dtype``: cast to it (None keeps float32). Raises ``CheckpointError`` on missing,
+    unexpected or misshaped tensors.
+    """
+    expected = expected_shapes(module_fn(cfg, dtype or jnp.float32))
+    return map_state_dict(flat, expected, renames=TORCH_RENAMES, ignore=TORCH_IGNORE, dtype=dtype,
+                          what="VAE checkpoint")
+
+
+def build(cfg: CogVideoXVAEConfig, params: Mapping, dtype=jnp.float32) -> CogVideoXVAEDecoder:
+    """The decoder module holding ``params`` (cast to ``dtype``)."""
+    params = jax.tree.map(lambda a: np.asarray(a).astype(dtype) if np.issubdtype(np.asarray(a).dtype, np.floating)
+                          or np.asarray(a).dtype.name == "bfloat16" else a, dict(params))
+    return build_module(module_fn(cfg, dtype), params)
+
+
+def decoded_shape(cfg: CogVideoXVAEConfig, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Output shape of :func:`decode` for latents of shape (B, C, T, H, W)."""
+    b, _, t, h, w = latent_shape
+    s = cfg.spatial_compression_ratio
+    fbs = LATENT_FRAMES_PER_CHUNK
+    chunks = max(t // fbs, 1)
+    first = min(t, fbs + t % fbs)
+    lv = cfg.temporal_compress_level
+    frames = _decoded_frames(first, lv) + (chunks - 1) * _decoded_frames(fbs, lv)
+    return (b, cfg.out_channels, frames, h * s, w * s)
