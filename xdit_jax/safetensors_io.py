@@ -64,9 +64,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     if base + end > size:
                         raise CheckpointError(f"{path} is truncated: tensor {name!r} runs past the end of the file.")
                     shape = tuple(info["shape"])
-                    arr = np.frombuffer(mm, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize,
-                                        offset=base + start)
-                    out[name] = arr.reshape(shape).copy()
+                    view = np.frombuffer(mm, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize,
+                                         offset=base + start)
+                    out[name] = view.reshape(shape).copy()
+                    del view  # the map cannot close while a view of it exists
             return out
     except FileNotFoundError:
         raise CheckpointError(f"Checkpoint file {path} does not exist.") from None

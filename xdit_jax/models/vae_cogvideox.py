@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -118,8 +117,11 @@ class CogVideoXVAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     def num_frames(self, latent_frames: int) -> int:
-        """Frames :func:`decode` returns for ``latent_frames`` latent frames."""
-        return _decoded_frames(latent_frames, self.temporal_compress_level)
+        """Frames :func:`decode` returns for ``latent_frames`` latent frames (chunking included)."""
+        fbs, lv = LATENT_FRAMES_PER_CHUNK, self.temporal_compress_level
+        chunks = max(latent_frames // fbs, 1)
+        first = min(latent_frames, fbs + latent_frames % fbs)
+        return _decoded_frames(first, lv) + (chunks - 1) * _decoded_frames(fbs, lv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,10 +197,10 @@ class Conv(nnx.Module):
         self.padding = tuple(padding) if padding is not None else ((0, 0),) * len(kernel_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        nd = self.kernel.ndim - 2
-        spatial = "DHW"[-nd:] if nd <= 3 else None
-        dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
         kernel = self.kernel[...]
+        nd = kernel.ndim - 2
+        spatial = "DHW"[-nd:]
+        dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
         y = jax.lax.conv_general_dilated(x.astype(kernel.dtype), kernel, (1,) * nd, self.padding,
                                          dimension_numbers=dn)
         return y + self.bias[...]
@@ -458,8 +460,7 @@ def params_from_torch(flat: Mapping[str, np.ndarray], cfg: CogVideoXVAEConfig, d
 
 def build(cfg: CogVideoXVAEConfig, params: Mapping, dtype=jnp.float32) -> CogVideoXVAEDecoder:
     """The decoder module holding ``params`` (cast to ``dtype``)."""
-    params = jax.tree.map(lambda a: np.asarray(a).astype(dtype) if np.issubdtype(np.asarray(a).dtype, np.floating)
-                          or np.asarray(a).dtype.name == "bfloat16" else a, dict(params))
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), dict(params))
     return build_module(module_fn(cfg, dtype), params)
 
 
@@ -467,9 +468,4 @@ def decoded_shape(cfg: CogVideoXVAEConfig, latent_shape: tuple[int, ...]) -> tup
     """Output shape of :func:`decode` for latents of shape (B, C, T, H, W)."""
     b, _, t, h, w = latent_shape
     s = cfg.spatial_compression_ratio
-    fbs = LATENT_FRAMES_PER_CHUNK
-    chunks = max(t // fbs, 1)
-    first = min(t, fbs + t % fbs)
-    lv = cfg.temporal_compress_level
-    frames = _decoded_frames(first, lv) + (chunks - 1) * _decoded_frames(fbs, lv)
-    return (b, cfg.out_channels, frames, h * s, w * s)
+    return (b, cfg.out_channels, cfg.num_frames(t), h * s, w * s)

@@ -265,6 +265,8 @@ def make_schedule(cfg: SchedulerConfig, num_inference_steps: int) -> Schedule:
     dt = ac.dtype  # the dtype diffusers computes the scalar coefficients in
     final = dt.type(1.0) if cfg.set_alpha_to_one else ac[0]
     ts = _timesteps(cfg, n)
+    if ts.min() < 0 or ts.max() >= T:  # diffusers would fail later, indexing alphas_cumprod
+        raise ValueError(f"timesteps {ts.min()}..{ts.max()} (steps_offset={cfg.steps_offset}) leave [0, {T})")
     prev = ts - T // n
     a_t = ac[ts]
     a_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final).astype(dt)

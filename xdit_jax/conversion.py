@@ -1,0 +1,173 @@
+"""Diffusers-layout folder -> converted folder (orbax params + configs); no torch needed.
+
+A diffusers pipeline folder (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``) becomes::
+
+    OUT/xdit_jax.json                  marker: format version, source, per-component classes
+    OUT/model_index.json               copied
+    OUT/<component>/config.json        copied
+    OUT/<component>/params/            orbax checkpoint of the Flax params (model components)
+    OUT/tokenizer/, OUT/scheduler/     copied as they are
+
+The work happens in a temporary folder next to OUT that is renamed at the end: a failure (a
+missing, extra or misshaped tensor, a corrupt file) leaves nothing behind, and an existing OUT is
+only replaced with ``overwrite=True``.
+
+CLI: ``python convert/convert_checkpoint.py SRC OUT [--dtype bfloat16] [--variant bf16] [--overwrite]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xdit_jax.safetensors_io import CheckpointError, load_component_weights
+
+FORMAT_VERSION = 1
+MARKER = "xdit_jax.json"
+
+# diffusers/transformers class name -> (module, config class). Each module provides
+# ``params_from_torch(flat, cfg, dtype)`` and ``build(cfg, params, dtype)``.
+MODEL_CLASSES = {
+    "CogVideoXTransformer3DModel": ("xdit_jax.models.cogvideox", "CogVideoXConfig"),
+    "AutoencoderKLCogVideoX": ("xdit_jax.models.vae_cogvideox", "CogVideoXVAEConfig"),
+    "T5EncoderModel": ("xdit_jax.models.t5", "T5Config"),
+}
+COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2")
+
+
+def model_class(class_name: str):
+    """(module, config class) for a diffusers/transformers model class name."""
+    if class_name not in MODEL_CLASSES:
+        raise CheckpointError(f"Model class {class_name!r} is not supported (supported: {sorted(MODEL_CLASSES)}).")
+    mod_name, cfg_name = MODEL_CLASSES[class_name]
+    mod = importlib.import_module(mod_name)
+    return mod, getattr(mod, cfg_name)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing.") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def model_components(folder: Path) -> dict[str, str]:
+    """{component: class name} for the model components a diffusers pipeline folder lists."""
+    index = read_json(folder / "model_index.json")
+    out = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue
+        if name in COPIED_COMPONENTS:
+            continue
+        out[name] = spec[1]
+    return out
+
+
+def is_converted(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MARKER).exists()
+
+
+def _source_dtype(flat: dict) -> np.dtype:
+    floats = [a.dtype for a in flat.values() if a.dtype.kind == "f" or a.dtype.name == "bfloat16"]
+    if not floats:
+        return np.dtype(np.float32)
+    names, counts = np.unique([d.name for d in floats], return_counts=True)
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+    return np.dtype(names[np.argmax(counts)])
+
+
+def convert_component(src: Path, class_name: str, *, dtype=None, variant=None):
+    """Read one diffusers component folder: returns (config dict, params pure dict)."""
+    mod, cfg_cls = model_class(class_name)
+    cfg_dict = read_json(src / "config.json")
+    cfg = cfg_cls.from_dict(cfg_dict)
+    flat = load_component_weights(src, variant)
+    target = np.dtype(dtype) if dtype is not None else _source_dtype(flat)
+    params = mod.params_from_torch(flat, cfg, dtype=target)
+    return cfg_dict, params
+
+
+def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype=None, variant=None,
+                     overwrite: bool = False, log=print) -> Path:
+    """Convert the diffusers folder ``src`` into ``out`` (see the module docstring)."""
+    from xdit_jax.checkpoint import save_params
+
+    src, out = Path(src), Path(out)
+    if not (src / "model_index.json").exists():
+        raise CheckpointError(f"{src} is not a diffusers pipeline folder (no model_index.json).")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it.")
+    comps = model_components(src)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        classes = {}
+        for name, cls in comps.items():
+            t0 = time.perf_counter()
+            cfg_dict, params = convert_component(src / name, cls, dtype=dtype, variant=variant)
+            (tmp / name).mkdir()
+            with open(tmp / name / "config.json", "w") as f:
+                json.dump(cfg_dict, f, indent=2)
+            save_params(tmp / name / "params", params)
+            n = sum(int(np.prod(a.shape)) for a in _leaves(params))
+            log(f"converted {name} ({cls}): {n / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f}s")
+            classes[name] = cls
+        for name in COPIED_COMPONENTS:
+            if (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name)
+        shutil.copy(src / "model_index.json", tmp / "model_index.json")
+        with open(tmp / MARKER, "w") as f:
+            json.dump({"format": FORMAT_VERSION, "source": str(src.absolute()), "components": classes,
+                       "dtype": None if dtype is None else np.dtype(dtype).name}, f, indent=2)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Convert a diffusers pipeline folder to an xdit_jax folder.")
+    ap.add_argument("src", help="diffusers folder (model_index.json, transformer/, vae/, ...) or hub id")
+    ap.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="store parameters in this dtype (default: the checkpoint's own)")
+    ap.add_argument("--variant", default=None, help="weights variant to read, e.g. bf16 or fp16")
+    ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = ap.parse_args(argv)
+    from xdit_jax.hub import resolve_model
+
+    try:
+        src = resolve_model(args.src)
+        dtype = None if args.dtype is None else np.dtype(__import__("ml_dtypes").bfloat16
+                                                           if args.dtype == "bfloat16" else args.dtype)
+        convert_pipeline(src, args.out, dtype=dtype, variant=args.variant, overwrite=args.overwrite)
+    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
