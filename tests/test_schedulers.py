@@ -21,6 +21,7 @@ from xdit_jax.schedulers import (
     SchedulerConfig,
     dynamic_guidance_scale,
     guidance_scale_at,
+    guidance_scales,
     init_state,
     make_schedule,
     step,
@@ -202,15 +203,41 @@ def test_dynamic_guidance_scale(n):
     ref.set_timesteps(n)
     sched = make_schedule(SchedulerConfig.from_dict(SHIPPED), n)
     g = 6.0
-    dyn = jax.jit(lambda t: dynamic_guidance_scale(g, t, n))
-    at = jax.jit(lambda s, i: guidance_scale_at(s, i, g, True))
-    at_traced_g = jax.jit(lambda s, i, gg: guidance_scale_at(s, i, gg, True))
+    dyn = jax.jit(lambda t: dynamic_guidance_scale(g, t, n))  # traced timestep value
+    at = jax.jit(lambda i: guidance_scale_at(sched, i, g, True))  # host schedule closed over
+    at_arg = jax.jit(lambda s, i, gg: guidance_scale_at(s, i, gg, True))  # schedule and g traced
+    table = guidance_scales(sched, g, True)
     for i, t in enumerate(ref.timesteps):
         # exactly the pipeline's expression (Python float64), then what torch multiplies with: float32
-        want = 1 + g * ((1 - math.cos(math.pi * ((n - t.item()) / n) ** 5.0)) / 2)
-        want32 = np.float32(want)
-        assert np.float32(dyn(jnp.int32(t.item()))) == want32
-        assert np.float32(at(sched, jnp.int32(i))) == want32
-        # a traced guidance scale is combined in float32: within 1 ulp
-        np.testing.assert_allclose(np.float32(at_traced_g(sched, jnp.int32(i), jnp.float32(g))), want32, rtol=3e-7)
+        want = np.float32(1 + g * ((1 - math.cos(math.pi * ((n - t.item()) / n) ** 5.0)) / 2))
+        assert np.float32(dyn(jnp.int32(t.item()))) == want
+        assert np.float32(at(jnp.int32(i))) == want
+        assert table[i] == want
+        # float32 combine of float32-rounded weights: within 2 ulp (ulp/value <= 1.2e-7)
+        np.testing.assert_allclose(np.float32(at_arg(sched, jnp.int32(i), jnp.float32(g))), want, rtol=2.5e-7)
     assert np.float32(guidance_scale_at(sched, 3, g, False)) == np.float32(g)
+    np.testing.assert_array_equal(guidance_scales(sched, g, False), np.full(n, g, np.float32))
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpm"])
+def test_whole_loop_in_fori_loop(kind):
+    # The host schedule closed over, the step index a fori_loop counter: one compiled program.
+    d, cfg = _config(kind)
+    n = 8
+    rng = np.random.default_rng(2)
+    x_init = rng.standard_normal(SHAPE).astype(np.float32)
+    noises = rng.standard_normal((2 * n,) + SHAPE).astype(np.float32)
+    _, ref_samples, _, ref_noise = _run_diffusers(d, n, x_init, noises)
+    sched = make_schedule(cfg, n)
+    noise = jnp.asarray(np.stack(ref_noise))
+
+    def body(i, carry):
+        x, state = carry
+        t = jnp.asarray(sched.timesteps)[i].astype(jnp.float32)
+        model_out = jnp.tanh(x * (1.0 + t / 1000.0)) * 0.9 + 0.1 * jnp.sin(3.0 * x)  # = _fake_model
+        return step(sched, i, model_out, x, state, noise[i])
+
+    x0 = jnp.asarray(x_init)
+    x, _ = jax.jit(lambda x: jax.lax.fori_loop(0, n, body, (x, init_state(x))))(x0)
+    # jnp.tanh/sin vs numpy's differ by ulps in the model output; same tolerance as above.
+    np.testing.assert_allclose(np.asarray(x), ref_samples[-1], rtol=RTOL, atol=ATOL)

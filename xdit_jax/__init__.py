@@ -1,1 +1,7 @@
 """xdit_jax: parallel inference for diffusion transformers on JAX SPMD meshes."""
+
+from xdit_jax.mesh import MeshSpec, build_mesh
+from xdit_jax.pipelines.cogvideox import CogVideoXPipeline, CogVideoXPipelineOutput
+
+__all__ = ["CogVideoXPipeline", "CogVideoXPipelineOutput", "MeshSpec", "build_mesh"]
+__version__ = "0.1.0"

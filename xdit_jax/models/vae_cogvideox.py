@@ -43,8 +43,7 @@ from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 
 # Torch keys of a VAE checkpoint that carry nothing the decoder uses.
 TORCH_IGNORE: tuple[str, ...] = (r"^encoder\.", r"^quant_conv\.")
-# Flax path prefix -> torch key prefix; empty: every name mirrors diffusers.
-TORCH_RENAMES: tuple[tuple[str, str], ...] = ()
+TORCH_RENAMES: tuple[tuple[str, str], ...] = ()  # (regex, replacement) on torch names; none needed
 
 # diffusers' ``AutoencoderKLCogVideoX.num_latent_frames_batch_size``.
 LATENT_FRAMES_PER_CHUNK = 2

@@ -30,7 +30,13 @@ Notes on diffusers behaviour that we copy on purpose:
   Here the caller passes the noise in.
 - With `rescale_betas_zero_snr=True` the first timestep has alphas_cumprod == 0, so log-SNRs are
   infinite there; the coefficients are computed with those infinities on the host (as torch
-  does) and come out finite (e.g. mult1 = 0, mult3 = 1, mult4 = 0).
+  does) and come out finite (first step mult1 = 0; second step r = inf, so mult3 = 1, mult4 = 0).
+
+Precision: the update is computed in float32 and cast back to the sample's dtype. diffusers'
+pipeline keeps latents in the model dtype, so with a bf16 model its `a_t * sample` term (and its
+DPM noise) is bf16; bf16 trajectories therefore agree only to bf16 rounding. For float32 configs
+with float32 betas ("linear", cosine) alphas_cumprod can differ from torch's by an ulp (torch's
+vectorised linspace/sqrt); the shipped "scaled_linear" schedule is float64 and agrees to ~1e-16.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ __all__ = [
     "init_state",
     "dynamic_guidance_scale",
     "guidance_scale_at",
+    "guidance_scales",
 ]
 
 # Standard deviation of the initial noise: latents = randn * INIT_NOISE_SIGMA (diffusers'
@@ -408,8 +415,20 @@ def _scale_from_weights(guidance_scale, w, idx):
     return 1 + _f32(guidance_scale) * _at(w, idx).astype(jnp.float32)
 
 
+def guidance_scales(sched: Schedule, guidance_scale: float, use_dynamic_cfg: bool) -> np.ndarray:
+    """Host-side float32 guidance scale per step index, bit-equal to the float32 value torch uses."""
+    if not use_dynamic_cfg:
+        return np.full(sched.num_inference_steps, guidance_scale, np.float32)
+    return (1 + float(guidance_scale) * np.asarray(sched.dynamic_cfg_weight, np.float64)).astype(np.float32)
+
+
 def guidance_scale_at(sched: Schedule, i, guidance_scale, use_dynamic_cfg: bool):
-    """Guidance scale at step index i (traced ok), as CogVideoXPipeline computes it."""
+    """Guidance scale at step index i (traced ok), as CogVideoXPipeline computes it.
+
+    Bit-exact when guidance_scale is a Python number and `sched` is a host (closed-over) schedule;
+    when `sched` is a jit argument (its float64 weights become float32) or guidance_scale is
+    traced, the combine is in float32 (within an ulp or two).
+    """
     if not use_dynamic_cfg:
         return _f32(guidance_scale)
     return _scale_from_weights(guidance_scale, sched.dynamic_cfg_weight, i)

@@ -1,0 +1,311 @@
+"""CogVideoX text-to-video, the diffusers ``CogVideoXPipeline`` on a JAX mesh.
+
+    pipe = CogVideoXPipeline.from_pretrained("path/or/hub-id", mesh="cfg=2", dtype="bfloat16")
+    out = pipe("A small dog running on a beach.", num_frames=49, height=480, width=720, seed=42)
+    out.frames   # (batch, frames, height, width, 3) float in [0, 1]
+
+One denoising step (both CFG halves, guidance, scheduler update) is one jitted function; text
+encoding and VAE decoding are their own jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xdit_jax import schedulers
+from xdit_jax.checkpoint import restore_params
+from xdit_jax.conversion import MARKER, model_class, read_json
+from xdit_jax.mesh import MeshSpec, build_mesh
+from xdit_jax.models import cogvideox, t5, vae_cogvideox
+from xdit_jax.pipelines.denoise import StageTimer, as_numpy, denoise_loop, peak_memory_bytes
+
+log = logging.getLogger("xdit_jax")
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+          "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def parse_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type if dtype is not None else jnp.float32
+
+
+@dataclasses.dataclass
+class CogVideoXPipelineOutput:
+    """``frames``: (B, F, H, W, 3) in [0, 1] for output_type="np"; the final latents
+    (B, F, C, h, w), diffusers' layout, for output_type="latent". ``timings``: seconds per stage."""
+
+    frames: np.ndarray
+    timings: dict
+    peak_memory_bytes: int | None = None
+
+
+def _load_component(folder: Path, name: str, dtype, sharding):
+    cls = read_json(folder / MARKER)["components"][name]
+    mod, cfg_cls = model_class(cls)
+    cfg = cfg_cls.from_dict(read_json(folder / name / "config.json"))
+    params = restore_params(folder / name / "params", dtype=dtype, sharding=sharding)
+    return cfg, mod.build(cfg, params, dtype)
+
+
+def converted_cache_dir(src: Path, cache_dir=None) -> Path:
+    """Where the converted copy of the diffusers folder ``src`` lives (keyed by path and weights)."""
+    import hashlib
+
+    root = Path(cache_dir or os.environ.get("XDIT_JAX_CACHE") or Path.home() / ".cache" / "xdit_jax") / "converted"
+    h = hashlib.sha256(str(src.resolve()).encode())
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and (p.suffix in (".json", ".safetensors")):
+            st = p.stat()
+            h.update(f"{p.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return root / f"{src.resolve().name}-{h.hexdigest()[:16]}"
+
+
+class CogVideoXPipeline:
+    """Text-to-video with CogVideoX (2B, 5B, 1.5) — see the module docstring."""
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 scheduler_config, dtype=jnp.float32, mesh=None):
+        self.transformer, self.transformer_config = transformer, transformer_config
+        self.vae, self.vae_config = vae, vae_config
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.scheduler_config = scheduler_config
+        self.dtype = dtype
+        self.mesh_spec = MeshSpec.parse(mesh if not hasattr(mesh, "axis_names") else None)
+        self.mesh = mesh if hasattr(mesh, "axis_names") else build_mesh(self.mesh_spec)
+        if any(getattr(self.mesh_spec, a) > 1 for a in ("pipefusion", "ring", "ulysses")):
+            raise NotImplementedError(f"Mesh {self.mesh_spec}: sequence and pipeline parallelism are not built yet; "
+                                      "use data= and cfg= for now.")
+        self.vae_scale_factor_spatial = 2 ** (len(vae_config.block_out_channels) - 1)
+        self.vae_scale_factor_temporal = vae_config.temporal_compression_ratio
+        self._step_cache = {}
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None) -> "CogVideoXPipeline":
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        from transformers import AutoTokenizer
+
+        from xdit_jax.conversion import convert_pipeline, is_converted
+        from xdit_jax.hub import resolve_model
+
+        dtype = parse_dtype(dtype)
+        folder = resolve_model(model, revision=revision)
+        if not is_converted(folder):
+            if not (folder / "model_index.json").exists():
+                from xdit_jax.safetensors_io import CheckpointError
+
+                raise CheckpointError(f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a "
+                                      f"converted xdit_jax folder ({MARKER}).")
+            target = converted_cache_dir(folder, cache_dir)
+            if not is_converted(target):
+                if jax.process_index() == 0:
+                    log.warning("converting %s to %s (first use; cached for later runs)", folder, target)
+                    convert_pipeline(folder, target, variant=variant, overwrite=target.exists(),
+                                     log=log.info)
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices("xdit_jax_convert")
+            folder = target
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        replicated = NamedSharding(mesh_obj, P())
+        tcfg, transformer = _load_component(folder, "transformer", dtype, replicated)
+        vcfg, vae = _load_component(folder, "vae", dtype, replicated)
+        _, text_encoder = _load_component(folder, "text_encoder", dtype, replicated)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        scfg = schedulers.SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+        return cls(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
+                   text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scfg, dtype=dtype,
+                   mesh=mesh_obj if hasattr(mesh, "axis_names") else MeshSpec.parse(mesh))
+
+    # ------------------------------------------------------------------ stages
+
+    def tokenize(self, prompts: list[str], max_sequence_length: int) -> np.ndarray:
+        """Token ids as diffusers makes them: padded to max length, truncated with a warning."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                             add_special_tokens=True, return_tensors="np").input_ids
+        full = self.tokenizer(prompts, padding="longest", return_tensors="np").input_ids
+        if full.shape[-1] > ids.shape[-1]:
+            removed = self.tokenizer.batch_decode(full[:, max_sequence_length - 1: -1])
+            log.warning("The following part of your input was truncated because `max_sequence_length` is set to "
+                        "%d tokens: %s", max_sequence_length, removed)
+        return ids
+
+    @functools.cached_property
+    def _encode_fn(self):
+        graphdef, state = nnx.split(self.text_encoder)
+
+        @jax.jit
+        def enc(state, ids):
+            return nnx.merge(graphdef, state)(ids)
+
+        return lambda ids: enc(state, ids)
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 226) -> jax.Array:
+        """(B, max_sequence_length, d_model) T5 embeddings (no attention mask, as diffusers)."""
+        ids = self.tokenize(prompts, max_sequence_length)
+        ids = jax.device_put(jnp.asarray(ids, jnp.int32), NamedSharding(self.mesh, P()))
+        return self._encode_fn(ids).astype(self.dtype)
+
+    def _batch_sharding(self, ndim: int, cfg_major: bool):
+        """Batch axis over data (and cfg, for the doubled CFG batch); the rest replicated."""
+        axes = ("cfg", "data") if cfg_major else "data"
+        return NamedSharding(self.mesh, P(axes, *([None] * (ndim - 1))))
+
+    def _step_fn(self, do_cfg: bool):
+        key = do_cfg
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype = self.dtype
+        batch_sharding = self._batch_sharding
+
+        def step(tstate, latents, sched_state, i, embeds, sched, guidance, rng):
+            model = nnx.merge(graphdef, tstate)
+            t = sched.timesteps[i]
+            x = jnp.concatenate([latents, latents]) if do_cfg else latents
+            x = jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim, do_cfg))
+            pred = model(x.astype(dtype), embeds, jnp.broadcast_to(t, (x.shape[0],))).astype(jnp.float32)
+            if do_cfg:
+                uncond, cond = jnp.split(pred, 2)
+                pred = uncond + guidance[i] * (cond - uncond)
+            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
+                if sched.needs_noise else None
+            latents, sched_state = schedulers.step(sched, i, pred, latents, sched_state, noise)
+            return latents.astype(jnp.float32), sched_state
+
+        donate = (1, 2) if jax.default_backend() != "cpu" else ()
+        fn = jax.jit(step, donate_argnums=donate)
+        self._step_cache[key] = fn
+        return fn
+
+    @functools.cached_property
+    def _decode_fn(self):
+        graphdef, state = nnx.split(self.vae)
+        scaling = self.vae_config.scaling_factor
+
+        @jax.jit
+        def dec(state, latents):
+            z = jnp.transpose(latents, (0, 2, 1, 3, 4)) / scaling  # (B, C, F, h, w)
+            video = vae_cogvideox.decode(nnx.merge(graphdef, state), z.astype(self.dtype))
+            video = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return jnp.transpose(video, (0, 2, 3, 4, 1))  # (B, F, H, W, C)
+
+        return lambda latents: dec(state, latents)
+
+    def check_inputs(self, height: int, width: int, num_frames: int, batch: int) -> None:
+        """Refuse what the model cannot take, before any heavy work, saying what would work."""
+        mult = self.vae_scale_factor_spatial * self.transformer_config.patch_size
+        if height % mult or width % mult or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {mult}; got {height}x{width} "
+                             f"(e.g. {max(mult, height // mult * mult)}x{max(mult, width // mult * mult)}).")
+        step = 2 * self.vae_scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % step:
+            lo = (max(num_frames, 1) - 1) // step * step + 1
+            raise ValueError(f"num_frames={num_frames}: the VAE produces {step}k+1 frames "
+                             f"(1, {1 + step}, ..., 49, ...); try {lo} or {lo + step}.")
+        ms = self.mesh_spec
+        if ms.data > 1 and batch % ms.data:
+            raise ValueError(f"Mesh data={ms.data} needs a number of prompts divisible by it; got {batch}.")
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
+                 prompt_embeds=None, negative_prompt_embeds=None, latents=None, max_sequence_length: int = 226,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> CogVideoXPipelineOutput:
+        tc = self.transformer_config
+        height = height or tc.sample_height * self.vae_scale_factor_spatial
+        width = width or tc.sample_width * self.vae_scale_factor_spatial
+        num_frames = num_frames or tc.sample_frames
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Give a prompt or prompt_embeds.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        self.check_inputs(height, width, num_frames, batch)
+        do_cfg = guidance_scale > 1.0
+        timer = StageTimer()
+
+        # 1. text
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds = self.encode_prompt(prompts, max_sequence_length)
+            prompt_embeds = jnp.asarray(prompt_embeds, self.dtype)
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    neg = negative_prompt or ""
+                    neg = [neg] * batch if isinstance(neg, str) else list(neg)
+                    if len(neg) != batch:
+                        raise ValueError(f"negative_prompt has {len(neg)} entries for {batch} prompts.")
+                    negative_prompt_embeds = self.encode_prompt(neg, max_sequence_length)
+                negative_prompt_embeds = jnp.asarray(negative_prompt_embeds, self.dtype)
+                if negative_prompt_embeds.shape != prompt_embeds.shape:
+                    raise ValueError(f"negative_prompt_embeds {negative_prompt_embeds.shape} and prompt_embeds "
+                                     f"{prompt_embeds.shape} must have the same shape.")
+                embeds = jnp.concatenate([negative_prompt_embeds, prompt_embeds])
+            else:
+                embeds = prompt_embeds
+            embeds = jax.device_put(embeds, self._batch_sharding(embeds.ndim, do_cfg))
+            jax.block_until_ready(embeds)
+
+        # 2. latents (diffusers layout: B, F, C, h, w); 1.5 pads latent frames to patch_size_t
+        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        pt = tc.patch_size_t
+        additional = (pt - latent_frames % pt) if pt and latent_frames % pt else 0
+        shape = (batch, latent_frames + additional, tc.in_channels, height // self.vae_scale_factor_spatial,
+                 width // self.vae_scale_factor_spatial)
+        sched = schedulers.make_schedule(self.scheduler_config, num_inference_steps)
+        rng = jax.random.key(seed)
+        if latents is None:
+            latents = jax.random.normal(jax.random.fold_in(rng, 1 << 20), shape, jnp.float32) * sched.init_noise_sigma
+        else:
+            latents = jnp.asarray(latents, jnp.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents have shape {latents.shape}; expected {shape} "
+                                 "(batch, latent frames, channels, height/8, width/8).")
+            latents = latents * sched.init_noise_sigma
+        latents = jax.device_put(latents, self._batch_sharding(latents.ndim, False))
+
+        # 3. denoise: one jitted step per iteration
+        guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, use_dynamic_cfg))
+        step_fn = self._step_fn(do_cfg)
+        _, tstate = nnx.split(self.transformer)
+        sched_arrays = jax.tree.map(jnp.asarray, sched)
+
+        def one(carry, i):
+            lat, st = carry
+            return step_fn(tstate, lat, st, jnp.int32(i), embeds, sched_arrays, guidance, rng)
+
+        with timer.stage("denoising"):
+            latents, _ = denoise_loop(one, (latents, schedulers.init_state(latents)), num_inference_steps,
+                                      progress=progress)
+
+        if output_type == "latent":
+            return CogVideoXPipelineOutput(frames=as_numpy(latents), timings=timer.times,
+                                           peak_memory_bytes=peak_memory_bytes())
+        # 4. decode
+        with timer.stage("decoding"):
+            frames = as_numpy(jax.block_until_ready(self._decode_fn(latents[:, additional:])))
+        return CogVideoXPipelineOutput(frames=frames, timings=timer.times, peak_memory_bytes=peak_memory_bytes())

@@ -1,0 +1,118 @@
+"""A tiny randomly initialised CogVideoX made on the spot: no download, no torch.
+
+``generate.py --model tiny`` (the README's first command) uses it to show the whole flow on a
+laptop; the tests build the same configs through diffusers to compare against. The tokenizer is
+a small Unigram model trained here with the ``tokenizers`` library and wrapped as a T5 tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+
+TINY_NAME = "tiny"
+
+CORPUS = [
+    "A small dog running on a beach at sunset.",
+    "A panda playing guitar in a bamboo forest, cinematic lighting.",
+    "Waves crash against black rocks under a grey sky.",
+    "A red car drives through a neon city at night in the rain.",
+    "Time lapse of clouds moving over snowy mountains.",
+    "A cat sleeping on a sofa next to a window.",
+]
+
+TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+                   text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9,
+                   patch_size=2, max_text_seq_length=16, temporal_compression_ratio=4)
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
+           down_block_types=["CogVideoXDownBlock3D"] * 4, up_block_types=["CogVideoXUpBlock3D"] * 4,
+           layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=64,
+           sample_width=96, scaling_factor=1.15258426)
+TEXT_ENCODER = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                    relative_attention_max_distance=20, feed_forward_proj="gated-gelu", vocab_size=128,
+                    layer_norm_epsilon=1e-6, is_encoder_decoder=False, model_type="t5")
+SCHEDULER = dict(_class_name="CogVideoXDDIMScheduler", num_train_timesteps=1000, beta_start=0.00085,
+                 beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=True,
+                 steps_offset=0, prediction_type="v_prediction", timestep_spacing="trailing",
+                 rescale_betas_zero_snr=True, snr_shift_scale=3.0)
+MAX_SEQUENCE_LENGTH = TRANSFORMER["max_text_seq_length"]
+
+
+def train_tokenizer(vocab_size: int = 96):
+    """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>")
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", eos)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0)
+
+
+def model_index() -> dict:
+    return {"_class_name": "CogVideoXPipeline", "_diffusers_version": "0.32.0",
+            "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
+
+
+def default_tiny_dir() -> Path:
+    root = Path(os.environ.get("XDIT_JAX_CACHE") or Path.home() / ".cache" / "xdit_jax")
+    return root / "tiny-cogvideox"
+
+
+def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Write a converted xdit_jax folder holding a tiny random CogVideoX (once; reused after)."""
+    from flax import nnx
+
+    from xdit_jax.checkpoint import save_params
+    from xdit_jax.conversion import FORMAT_VERSION, MARKER
+    from xdit_jax.keymap import to_pure_dict
+    from xdit_jax.models import cogvideox, t5, vae_cogvideox
+
+    folder = Path(folder) if folder is not None else default_tiny_dir()
+    if (folder / MARKER).exists():
+        return folder
+    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        rngs = nnx.Rngs(seed)
+        parts = {
+            "transformer": ("CogVideoXTransformer3DModel", TRANSFORMER,
+                            lambda: cogvideox.CogVideoXTransformer3DModel(
+                                cogvideox.CogVideoXConfig.from_dict(TRANSFORMER), rngs=rngs)),
+            "vae": ("AutoencoderKLCogVideoX", VAE,
+                    lambda: vae_cogvideox.CogVideoXVAEDecoder(vae_cogvideox.CogVideoXVAEConfig.from_dict(VAE),
+                                                              dtype=jnp.float32)),
+            "text_encoder": ("T5EncoderModel", TEXT_ENCODER,
+                             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=rngs)),
+        }
+        for name, (_, cfg, make) in parts.items():
+            (tmp / name).mkdir(parents=True)
+            (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2))
+            save_params(tmp / name / "params", to_pure_dict(nnx.state(make(), nnx.Param)))
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+        train_tokenizer().save_pretrained(tmp / "tokenizer")
+        (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2))
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",
+                                              "components": {k: v[0] for k, v in parts.items()}}))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
