@@ -68,6 +68,28 @@ def model_index() -> dict:
             "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
 
 
+def random_params(params: dict, seed: int) -> dict:
+    """Fan-in scaled normal kernels/embeddings, unit norm scales, zero biases (pure dict in, out)."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def init(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = tuple(x.shape)
+        if name in ("scale", "weight") and len(shape) == 1:
+            return np.ones(shape, np.float32)
+        if name == "bias":
+            return np.zeros(shape, np.float32)
+        fan_in = int(np.prod(shape[:-1])) if name == "kernel" else shape[-1]
+        if name == "kernel" and len(shape) >= 3 and path and "transformer_blocks" in str(path[0]):
+            fan_in = int(np.prod(shape[1:-1]))  # stacked layers: skip the layer axis
+        return (rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(init, params)
+
+
 def default_tiny_dir() -> Path:
     root = Path(os.environ.get("XDIT_JAX_CACHE") or Path.home() / ".cache" / "xdit_jax")
     return root / "tiny-cogvideox"
@@ -88,21 +110,21 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0) -> P
     tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        rngs = nnx.Rngs(seed)
         parts = {
             "transformer": ("CogVideoXTransformer3DModel", TRANSFORMER,
                             lambda: cogvideox.CogVideoXTransformer3DModel(
-                                cogvideox.CogVideoXConfig.from_dict(TRANSFORMER), rngs=rngs)),
+                                cogvideox.CogVideoXConfig.from_dict(TRANSFORMER), rngs=nnx.Rngs(0))),
             "vae": ("AutoencoderKLCogVideoX", VAE,
                     lambda: vae_cogvideox.CogVideoXVAEDecoder(vae_cogvideox.CogVideoXVAEConfig.from_dict(VAE),
                                                               dtype=jnp.float32)),
             "text_encoder": ("T5EncoderModel", TEXT_ENCODER,
-                             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=rngs)),
+                             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0))),
         }
         for name, (_, cfg, make) in parts.items():
             (tmp / name).mkdir(parents=True)
             (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2))
-            save_params(tmp / name / "params", to_pure_dict(nnx.state(make(), nnx.Param)))
+            abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
+            save_params(tmp / name / "params", random_params(abstract, seed + len(name)))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
         train_tokenizer().save_pretrained(tmp / "tokenizer")

@@ -1,27 +1,72 @@
 """The attention op: the one place where a model's computation may cross devices.
 
-Models call :func:`attention` on their local (B, S, H, D) query/key/value. Today it is the
-single-device kernel; the sequence-parallel strategies (Ulysses, Ring, USP) plug in here, driven
-by the mesh the pipeline installs with :func:`attention_context`, so that no model file ever
-calls a collective (DESIGN.md, principle 1).
+Models call :func:`attention` on their local (B, S, H, D) query/key/value. The pipeline runs the
+transformer blocks inside one ``shard_map`` over the mesh and installs the mesh with
+:func:`attention_context`; this op then picks the sequence-parallel strategy from the mesh shape,
+so no model file ever calls a collective (DESIGN.md, principle 1).
+
+Layout inside the ``shard_map`` (the contract with the pipeline): the joint sequence, padded to a
+multiple of ``ring * ulysses``, is split into ``ring * ulysses`` contiguous chunks; the device at
+mesh coordinates (r, u) holds chunk ``r * ulysses + u`` (sequence sharded over the axis tuple
+``("ring", "ulysses")``, ring-major). Batch (``data``, ``cfg``) and ``pipefusion`` are ignored here.
+
+Strategies (all exact up to float rounding; softmax statistics in float32):
+
+* local (no mesh, or ``ring == ulysses == 1``): one kernel call.
+* Ulysses (``ulysses > 1``): ``all_to_all`` over ``"ulysses"`` from sequence-sharded to
+  head-sharded (heads zero-padded to a multiple of the degree), local attention over the ring
+  group's chunk, ``all_to_all`` back, padded heads dropped.
+* Ring (``ring > 1``): K/V blocks travel the ring with ``ppermute`` over ``"ring"``; partial
+  results are merged with the log-sum-exp rule, the ring loop is a ``lax.fori_loop``.
+* USP (both): Ulysses inside each ring group first — every device then holds the contiguous chunk
+  ``r`` of ``S / ring`` tokens for ``H_pad / ulysses`` heads — then the ring on those chunks, then
+  the ``all_to_all`` back.
+
+Padding: ``valid_len`` (static) is the number of real tokens of the GLOBAL sequence; keys at a
+global index ``>= valid_len`` are masked. Queries at padded positions give finite garbage (the
+pipeline drops them). A key block made only of padding contributes nothing (its LSE is ``-inf``
+and every merge guards it), so it never makes NaNs.
+
+The kernel lives in one function, :func:`block_attention`: it returns the output *and* the LSE of
+one (query block, key block) pair with the keys' global offset, which is all the ring needs, so a
+cuDNN/Pallas flash kernel can replace it (``AttentionConfig.backend``).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import contextvars
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+RING_AXIS = "ring"
+ULYSSES_AXIS = "ulysses"
+BACKENDS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """How attention runs inside the traced step: the mesh (None: one device) and the backend."""
+    """How attention runs inside the traced step.
+
+    ``mesh``: the jax Mesh (or a :class:`xdit_jax.mesh.MeshSpec`) whose ``ring`` / ``ulysses``
+    degrees pick the strategy; None: one device. ``backend``: the per-device kernel, ``"xla"``
+    (einsum + float32 softmax, any shape and dtype) or ``"cudnn"`` (``jax.nn.dot_product_attention``
+    with ``implementation="cudnn"``: GPU only, fp16/bf16, head dims cuDNN supports).
+    """
 
     mesh: object | None = None
     backend: str = "xla"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Unknown attention backend {self.backend!r}; choose one of {', '.join(BACKENDS)}.")
+
+    def degree(self, axis: str) -> int:
+        return _degree(self.mesh, axis)
 
 
 _CONTEXT: contextvars.ContextVar[AttentionConfig] = contextvars.ContextVar("xdit_jax_attention",
@@ -42,34 +87,206 @@ def current_config() -> AttentionConfig:
     return _CONTEXT.get()
 
 
-def local_attention(q, k, v, *, kv_valid=None, scale=None, return_lse=False):
+def _degree(mesh, axis: str) -> int:
+    if mesh is None:
+        return 1
+    shape = getattr(mesh, "shape", None)
+    if isinstance(shape, collections.abc.Mapping):  # jax Mesh / AbstractMesh
+        return int(shape.get(axis, 1))
+    return int(getattr(mesh, axis, 1))  # MeshSpec
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel: one (query block, key block) pair.
+# --------------------------------------------------------------------------------------------
+
+def _xla_attention(q, k, v, mask, scale, out_dtype):
+    """Reference kernel. mask: None or bool broadcastable to (B, Sk). Returns (out, lse (B,H,Sq) f32)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        mask = mask if mask.ndim == 2 else mask[None]
+        logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row with every key masked: keep exp() finite
+    p = jnp.exp(logits - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    # A fully masked row has denom 0: output 0 and LSE -inf (log 0), never 0/0.
+    probs = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32).astype(out_dtype)
+    return out, (jnp.log(denom) + m)[..., 0]
+
+
+def _cudnn_attention(q, k, v, kv_len, scale, out_dtype, need_lse, implementation="cudnn"):
+    """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU); kv_len: None or int32 (B,)
+    count of valid leading keys. Only prefix masks, which is what sequence padding needs.
+    ``implementation="xla"`` runs the same plumbing on any device (used by the tests)."""
+    res = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=kv_len,
+                                       implementation=implementation, return_residual=need_lse)
+    if not need_lse:
+        return res.astype(out_dtype), None
+    out, lse = res
+    lse = jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)  # (B, Sq, H) -> (B, H, Sq)
+    if kv_len is not None:  # a block with no valid key: whatever the kernel gave, it counts for nothing
+        empty = (kv_len <= 0)
+        lse = jnp.where(empty[:, None, None], -jnp.inf, lse)
+        out = jnp.where(empty[:, None, None, None], 0, out)
+    return out.astype(out_dtype), lse
+
+
+def block_attention(q, k, v, *, kv_start=0, valid_len=None, kv_valid=None, scale=None,
+                    backend="xla", need_lse=True, out_dtype=None):
+    """Attention of a query block on a key block whose first key has global index ``kv_start``.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D). ``kv_start``: int or traced int32 scalar.
+    ``valid_len``: static int or None; keys with global index ``>= valid_len`` are masked.
+    ``kv_valid``: an extra bool (Sk,) or (B, Sk) key mask (xla backend only).
+    Returns ``(out, lse)``: out (B, Sq, H, D) in ``out_dtype`` (default q's dtype), lse (B, H, Sq)
+    float32 (``-inf`` for rows with no valid key, whose out is 0) or None when ``need_lse`` is
+    false and the backend can skip it. This is the one place a flash kernel plugs in.
+    """
+    d = q.shape[-1]
+    sk = k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    # Statically known: the whole block is valid (no mask to build).
+    all_valid = valid_len is None or (isinstance(kv_start, int) and kv_start + sk <= valid_len)
+    if backend == "cudnn":
+        if kv_valid is not None:
+            raise ValueError("backend='cudnn' takes only padding masks (valid_len), not kv_valid.")
+        kv_len = None
+        if not all_valid:
+            n = jnp.clip(valid_len - jnp.asarray(kv_start, jnp.int32), 0, sk).astype(jnp.int32)
+            kv_len = jnp.broadcast_to(n, (q.shape[0],))
+        return _cudnn_attention(q, k, v, kv_len, scale, out_dtype, need_lse)
+    mask = None
+    if not all_valid:
+        mask = (jnp.asarray(kv_start, jnp.int32) + jnp.arange(sk, dtype=jnp.int32)) < valid_len
+    if kv_valid is not None:
+        mask = kv_valid if mask is None else jnp.logical_and(kv_valid, mask)
+    return _xla_attention(q, k, v, mask, scale, out_dtype)
+
+
+def local_attention(q, k, v, *, kv_valid=None, scale=None, return_lse=False, valid_len=None):
     """Softmax attention on one device. q: (B, Sq, H, D); k, v: (B, Sk, H, D).
 
     Logits and softmax in float32 whatever the input dtype; the output has q's dtype.
     ``kv_valid``: optional bool (Sk,) or (B, Sk) mask of keys that may be attended.
-    ``return_lse``: also return the log-sum-exp of the logits, (B, H, Sq) float32, which the ring
-    strategy needs to merge partial results.
+    ``valid_len``: optional int, keys at index >= valid_len are masked.
+    ``return_lse``: also return the log-sum-exp of the logits, (B, H, Sq) float32.
     """
-    d = q.shape[-1]
-    scale = d ** -0.5 if scale is None else scale
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    if kv_valid is not None:
-        mask = kv_valid if kv_valid.ndim == 2 else kv_valid[None]
-        logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(logits - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bkhd->bqhd", (p / denom).astype(v.dtype), v,
-                     preferred_element_type=jnp.float32).astype(q.dtype)
-    if return_lse:
-        return out, (jnp.log(denom) + m)[..., 0]
+    out, lse = block_attention(q, k, v, valid_len=valid_len, kv_valid=kv_valid, scale=scale)
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence parallelism (inside shard_map).
+# --------------------------------------------------------------------------------------------
+
+def merge_partials(out, lse, out_b, lse_b):
+    """Merge two normalized partial attentions over disjoint key sets (log-sum-exp rule).
+
+    out*: (B, Sq, H, D) float32, lse*: (B, H, Sq) float32. Rows where both LSEs are -inf stay
+    (0, -inf); no NaN is created.
+    """
+    mx = jnp.maximum(lse, lse_b)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    wa, wb = jnp.exp(lse - mx), jnp.exp(lse_b - mx)  # each <= 1, at least one == 1 unless both -inf
+    tot = wa + wb
+    new_lse = mx + jnp.log(tot)
+    inv = 1.0 / jnp.where(tot > 0, tot, 1.0)
+    to_out = lambda w: jnp.transpose(w * inv, (0, 2, 1))[..., None]  # (B,H,Sq) -> (B,Sq,H,1)
+    return out * to_out(wa) + out_b * to_out(wb), new_lse
+
+
+def _ring_attention(q, k, v, *, ring, valid_len, scale, backend):
+    """q, k, v: the local contiguous chunk ``r`` (of ``ring``) of the sequence, (B, Sc, H, D).
+
+    Step i (0..ring-1) uses the K/V block that came from ring position ``(r - i) % ring`` (blocks
+    move r -> r+1). Each step's block is sent on *before* it is used, so the transfer of block
+    i+1 and the compute of block i are independent and XLA may overlap them. ``ring - 1`` sends of
+    K and V in all: step 0 outside the loop, steps 1..ring-2 in a ``fori_loop``, the last outside
+    (it sends nothing). Partial results are kept in float32.
+    """
+    sc = k.shape[1]
+    r = lax.axis_index(RING_AXIS)
+    perm = [(i, (i + 1) % ring) for i in range(ring)]
+
+    def compute(kv, i):
+        j = (r - i) % ring
+        return block_attention(q, kv[0], kv[1], kv_start=j * sc, valid_len=valid_len, scale=scale,
+                               backend=backend, need_lse=True, out_dtype=jnp.float32)
+
+    kv = (k, v)
+    nxt = lax.ppermute(kv, RING_AXIS, perm)
+    out, lse = compute(kv, 0)
+
+    def body(i, carry):
+        kv, out, lse = carry
+        nxt = lax.ppermute(kv, RING_AXIS, perm)
+        o, l = compute(kv, i)
+        out, lse = merge_partials(out, lse, o, l)
+        return nxt, out, lse
+
+    if ring > 2:
+        nxt, out, lse = lax.fori_loop(1, ring - 1, body, (nxt, out, lse))
+    o, l = compute(nxt, ring - 1)
+    out, _ = merge_partials(out, lse, o, l)
+    return out.astype(q.dtype)
+
+
+def _pad_heads(x, hp):
+    h = x.shape[2]
+    return x if h == hp else jnp.pad(x, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
+
+
+def _sequence_parallel_attention(q, k, v, *, ring, ulysses, valid_len, scale, backend):
+    h = q.shape[2]
+    if ulysses > 1:
+        hp = -(-h // ulysses) * ulysses  # zero heads up to a multiple of the degree, dropped after
+        # (B, S/(R*U), Hp, D) -> (B, S/R, Hp/U, D): the ring group's contiguous chunk r, in ulysses
+        # order, for this device's heads.
+        q, k, v = (lax.all_to_all(_pad_heads(x, hp), ULYSSES_AXIS, 2, 1, tiled=True) for x in (q, k, v))
+    if ring > 1:
+        out = _ring_attention(q, k, v, ring=ring, valid_len=valid_len, scale=scale, backend=backend)
+    else:
+        out, _ = block_attention(q, k, v, valid_len=valid_len, scale=scale, backend=backend,
+                                 need_lse=False)
+    if ulysses > 1:
+        out = lax.all_to_all(out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :h]
     return out
 
 
-def attention(q, k, v, *, kv_valid=None, scale=None):
-    """Attention over the (possibly sharded) joint sequence. q, k, v: (B, S, H, D)."""
+def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=None):
+    """Attention over the joint sequence, sharded as the installed :class:`AttentionConfig` says.
+
+    q, k, v: the LOCAL (B, S_local, H, D) shard (see the module docstring for the layout).
+    ``valid_len``: static number of real tokens of the GLOBAL sequence (keys beyond are padding).
+    ``scale``: logit scale, default ``D ** -0.5``. ``kv_valid``: a local key mask, only without
+    sequence parallelism. Returns (B, S_local, H, D) in q's dtype.
+
+    With ``ring`` or ``ulysses`` > 1 this must be traced inside a ``shard_map`` over the installed
+    mesh (it uses the collectives of the ``ring`` / ``ulysses`` axes).
+    """
+    if valid_len is not None and not isinstance(valid_len, int):
+        raise TypeError(f"valid_len must be a static Python int, got {type(valid_len).__name__}.")
+    if not (q.ndim == k.ndim == v.ndim == 4) or k.shape != v.shape or q.shape[0] != k.shape[0] \
+            or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention wants q (B,Sq,H,D) and k, v (B,Sk,H,D); got {q.shape}, {k.shape}, {v.shape}.")
     cfg = current_config()
-    if cfg.mesh is None:
-        return local_attention(q, k, v, kv_valid=kv_valid, scale=scale)
-    raise NotImplementedError("sequence-parallel attention is not built yet")
+    ring, ulysses = cfg.degree(RING_AXIS), cfg.degree(ULYSSES_AXIS)
+    if ring == 1 and ulysses == 1:
+        out, _ = block_attention(q, k, v, valid_len=valid_len, kv_valid=kv_valid, scale=scale,
+                                 backend=cfg.backend, need_lse=False)
+        return out
+    if kv_valid is not None:
+        raise ValueError("kv_valid is a local key mask; with sequence parallelism pass valid_len.")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError("sequence-parallel attention is self-attention over one joint sequence: "
+                         f"q and k must have the same local length, got {q.shape[1]} and {k.shape[1]}.")
+    try:
+        return _sequence_parallel_attention(q, k, v, ring=ring, ulysses=ulysses, valid_len=valid_len,
+                                            scale=scale, backend=cfg.backend)
+    except NameError as e:  # unbound axis name: traced outside shard_map
+        raise RuntimeError(f"attention with ring={ring}, ulysses={ulysses} must run inside a shard_map "
+                           f"over the installed mesh (axes 'ring', 'ulysses' bound): {e}") from e

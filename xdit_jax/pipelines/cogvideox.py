@@ -75,6 +75,32 @@ def converted_cache_dir(src: Path, cache_dir=None) -> Path:
     return root / f"{src.resolve().name}-{h.hexdigest()[:16]}"
 
 
+def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None) -> None:
+    """Refuse what the model cannot take, before any heavy work, saying what would work.
+
+    ``tc``/``vc``: the transformer and VAE configs (cheap to read from a folder's config.json files).
+    """
+    mult = 2 ** (len(vc.block_out_channels) - 1) * tc.patch_size
+    if height % mult or width % mult or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {mult}; got {height}x{width} "
+                         f"(e.g. {max(mult, height // mult * mult)}x{max(mult, width // mult * mult)}).")
+    step = 2 * int(vc.temporal_compression_ratio)
+    if num_frames < 1 or (num_frames - 1) % step:
+        lo = (max(num_frames, 1) - 1) // step * step + 1
+        raise ValueError(f"num_frames={num_frames}: the VAE produces {step}k+1 frames "
+                         f"(1, {1 + step}, ..., 49, ...); try {lo} or {lo + step}.")
+    ms = MeshSpec.parse(mesh_spec)
+    if ms.data > 1 and batch % ms.data:
+        raise ValueError(f"Mesh data={ms.data} needs a number of prompts divisible by it; got {batch}.")
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+    folder = Path(folder)
+    return (cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")),
+            vae_cogvideox.CogVideoXVAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
+
+
 class CogVideoXPipeline:
     """Text-to-video with CogVideoX (2B, 5B, 1.5) — see the module docstring."""
 
@@ -91,7 +117,7 @@ class CogVideoXPipeline:
             raise NotImplementedError(f"Mesh {self.mesh_spec}: sequence and pipeline parallelism are not built yet; "
                                       "use data= and cfg= for now.")
         self.vae_scale_factor_spatial = 2 ** (len(vae_config.block_out_channels) - 1)
-        self.vae_scale_factor_temporal = vae_config.temporal_compression_ratio
+        self.vae_scale_factor_temporal = int(vae_config.temporal_compression_ratio)
         self._step_cache = {}
 
     # ------------------------------------------------------------------ loading
@@ -211,19 +237,7 @@ class CogVideoXPipeline:
         return lambda latents: dec(state, latents)
 
     def check_inputs(self, height: int, width: int, num_frames: int, batch: int) -> None:
-        """Refuse what the model cannot take, before any heavy work, saying what would work."""
-        mult = self.vae_scale_factor_spatial * self.transformer_config.patch_size
-        if height % mult or width % mult or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {mult}; got {height}x{width} "
-                             f"(e.g. {max(mult, height // mult * mult)}x{max(mult, width // mult * mult)}).")
-        step = 2 * self.vae_scale_factor_temporal
-        if num_frames < 1 or (num_frames - 1) % step:
-            lo = (max(num_frames, 1) - 1) // step * step + 1
-            raise ValueError(f"num_frames={num_frames}: the VAE produces {step}k+1 frames "
-                             f"(1, {1 + step}, ..., 49, ...); try {lo} or {lo + step}.")
-        ms = self.mesh_spec
-        if ms.data > 1 and batch % ms.data:
-            raise ValueError(f"Mesh data={ms.data} needs a number of prompts divisible by it; got {batch}.")
+        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec)
 
     # ------------------------------------------------------------------ call
 

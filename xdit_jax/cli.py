@@ -1,0 +1,211 @@
+"""``scripts/generate.py``: text-to-video from the command line (the main job).
+
+    python scripts/generate.py --model THUDM/CogVideoX-2b --prompt "..." --mesh cfg=2 --output out.mp4
+    python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
+
+jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
+devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPT = "A small dog running on a beach at sunset."
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="tiny",
+                    help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' (random, no download)")
+    ap.add_argument("--prompt", default=None, action="append", dest="prompts",
+                    help="text prompt; repeat the flag for a batch of prompts")
+    ap.add_argument("--negative-prompt", default=None)
+    ap.add_argument("--num-frames", type=int, default=None, help="frames to generate (8k+1; model default)")
+    ap.add_argument("--height", type=int, default=None, help="multiple of 16 (model default)")
+    ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (50; 4 for --model tiny)")
+    ap.add_argument("--guidance-scale", type=float, default=6.0)
+    ap.add_argument("--use-dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
+    ap.add_argument("--max-sequence-length", type=int, default=None, help="prompt tokens (226; 16 for tiny)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    ap.add_argument("--output", default="output.mp4", help=".mp4, .gif, or a folder for .png frames")
+    ap.add_argument("--fps", type=int, default=8, help="frames per second of the video (CogVideoX: 8)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
+                    "(axes: data, cfg, pipefusion, ring, ulysses)")
+    ap.add_argument("--cache-dir", default=None, help="where diffusers folders are converted to (~/.cache/xdit_jax)")
+    ap.add_argument("--json", action="store_true", help="also print the timings as one JSON line")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # xDiT's flags, as aliases of --mesh
+    xd = ap.add_argument_group("xDiT-compatible aliases of --mesh")
+    xd.add_argument("--ulysses_degree", "--ulysses-degree", type=int, default=None)
+    xd.add_argument("--ring_degree", "--ring-degree", type=int, default=None)
+    xd.add_argument("--use_cfg_parallel", "--use-cfg-parallel", action="store_true")
+    xd.add_argument("--data_parallel_degree", "--data-parallel-degree", type=int, default=None)
+    xd.add_argument("--pipefusion_parallel_degree", "--pipefusion-parallel-degree", type=int, default=None)
+    return ap
+
+
+def mesh_spec_from_args(args):
+    from xdit_jax.mesh import MeshSpec
+
+    spec = MeshSpec.parse(args.mesh)
+    aliases = {"ulysses": args.ulysses_degree, "ring": args.ring_degree,
+               "cfg": 2 if args.use_cfg_parallel else None, "data": args.data_parallel_degree,
+               "pipefusion": args.pipefusion_parallel_degree}
+    merged = {a: getattr(spec, a) for a in ("data", "cfg", "pipefusion", "ring", "ulysses")}
+    for axis, v in aliases.items():
+        if v is None:
+            continue
+        if args.mesh and getattr(spec, axis) != 1 and getattr(spec, axis) != v:
+            raise ValueError(f"--mesh says {axis}={getattr(spec, axis)} but an alias flag says {v}.")
+        merged[axis] = v
+    return MeshSpec.parse(merged)
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    if path.suffix and path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"--output {path}: use a .mp4 or .gif file, or a folder name (no suffix) for .png frames.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"--output {path} exists; pass --overwrite to replace it or choose another name.")
+    if not path.absolute().parent.exists():
+        raise FileNotFoundError(f"The folder of --output ({path.absolute().parent}) does not exist.")
+
+
+def output_paths(path: Path, batch: int) -> list[Path]:
+    if batch == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(batch)]
+
+
+def write_video(frames, path: Path, fps: int) -> None:
+    """frames: (F, H, W, 3) float in [0, 1] -> mp4 / gif / folder of png (written atomically)."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    u8 = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    if not path.suffix:
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for i, f in enumerate(u8):
+            imageio.imwrite(tmp / f"frame_{i:04d}.png", f)
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    if path.suffix.lower() == ".mp4":
+        imageio.mimwrite(tmp, list(u8), fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                         ffmpeg_log_level="error")
+    else:
+        imageio.mimwrite(tmp, list(u8), duration=1000 / fps, loop=0)
+    os.replace(tmp, path)
+
+
+def ensure_devices(n: int) -> str | None:
+    """On a CPU-only machine, ask XLA for ``n`` simulated devices (before jax is imported)."""
+    if n <= 1 or "jax" in sys.modules:
+        return None
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    try:
+        import importlib.util
+
+        has_gpu = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                            "jax_rocm60_plugin", "libtpu"))
+    except (ImportError, ValueError):
+        has_gpu = False
+    if has_gpu and platforms != "cpu":
+        return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return None
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    return f"CPU only: simulating {n} CPU devices for the mesh"
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    args.prompts = args.prompts or [DEFAULT_PROMPT]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        spec = mesh_spec_from_args(args)
+        out = Path(args.output)
+        check_output(out, args.overwrite)
+        for name in ("steps", "num_frames", "height", "width", "max_sequence_length"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}.")
+        if args.guidance_scale < 0:
+            raise ValueError("--guidance-scale must be >= 0.")
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        ap.exit(2, f"error: {e}\n")
+    note = ensure_devices(spec.size)
+    if note:
+        print(note, file=sys.stderr)
+
+    import jax
+
+    from xdit_jax import CogVideoXPipeline, tiny
+    from xdit_jax.safetensors_io import CheckpointError
+
+    from xdit_jax.pipelines.cogvideox import check_request, read_configs
+
+    is_tiny = args.model == tiny.TINY_NAME and not Path(args.model).exists()
+    dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+    t0 = time.perf_counter()
+    try:
+        if spec.size > len(jax.devices()):
+            raise ValueError(f"Mesh {spec} needs {spec.size} devices; {len(jax.devices())} are available.")
+        model = tiny.make_tiny_model() if is_tiny else args.model
+        if Path(model).is_dir() and (Path(model) / "transformer" / "config.json").exists():
+            tc, vc = read_configs(model)  # cheap checks before loading any weights
+            vsf = 2 ** (len(vc.block_out_channels) - 1)
+            check_request(tc, vc, args.height or tc.sample_height * vsf, args.width or tc.sample_width * vsf,
+                          args.num_frames or tc.sample_frames, len(args.prompts), spec)
+        pipe = CogVideoXPipeline.from_pretrained(model, mesh=spec, dtype=dtype, cache_dir=args.cache_dir)
+    except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - t0
+    steps = args.steps or (4 if is_tiny else 50)
+    msl = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if is_tiny else 226)
+    try:
+        result = pipe(args.prompts, args.negative_prompt, height=args.height, width=args.width,
+                      num_frames=args.num_frames, num_inference_steps=steps, guidance_scale=args.guidance_scale,
+                      use_dynamic_cfg=args.use_dynamic_cfg, max_sequence_length=msl, seed=args.seed,
+                      progress=not args.no_progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        paths = output_paths(out, result.frames.shape[0])
+        for video, p in zip(result.frames, paths):
+            write_video(video, p, args.fps)
+        b, f, h, w, _ = result.frames.shape
+        print(f"wrote {', '.join(map(str, paths))}: {f} frames of {w}x{h} at {args.fps} fps")
+        times = {"loading": load_s, **result.timings}
+        print("stage times: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
+        peak = result.peak_memory_bytes
+        print("peak device memory: " + (f"{peak / 2**30:.2f} GiB" if peak else "not reported by this backend"))
+        if args.json:
+            print(json.dumps({"times_s": times, "peak_memory_bytes": peak, "frames": f, "height": h, "width": w,
+                              "mesh": str(spec), "dtype": dtype, "devices": spec.size}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
