@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
     ap.add_argument("--cache-dir", default=None, help="where diffusers folders are converted to (~/.cache/xdit_jax)")
+    mp = ap.add_argument_group("several processes (jax.distributed); or XDIT_COORDINATOR, XDIT_NUM_PROCESSES, "
+                               "XDIT_PROCESS_ID")
+    mp.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    mp.add_argument("--num-processes", type=int, default=None)
+    mp.add_argument("--process-id", type=int, default=None)
+    mp.add_argument("--dist-timeout", type=int, default=120, help="seconds to wait for all processes to join")
+    mp.add_argument("--heartbeat-timeout", type=int, default=60,
+                    help="seconds after which a silent peer is declared dead and every process stops")
     ap.add_argument("--json", action="store_true", help="also print the timings as one JSON line")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     # xDiT's flags, as aliases of --mesh
@@ -142,6 +150,10 @@ def main(argv=None) -> int:
     args.prompts = args.prompts or [DEFAULT_PROMPT]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from xdit_jax.distributed import ProcessGroup
+
+        group = ProcessGroup.from_args(args.coordinator, args.num_processes, args.process_id, args.dist_timeout,
+                                       args.heartbeat_timeout)
         spec = mesh_spec_from_args(args)
         out = Path(args.output)
         check_output(out, args.overwrite)
@@ -153,11 +165,22 @@ def main(argv=None) -> int:
             raise ValueError("--guidance-scale must be >= 0.")
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         ap.exit(2, f"error: {e}\n")
-    note = ensure_devices(spec.size)
+    if spec.size % group.num_processes:
+        ap.exit(2, f"error: the mesh {spec} ({spec.size} devices) cannot be split evenly over "
+                   f"{group.num_processes} processes.\n")
+    note = ensure_devices(spec.size // group.num_processes)
     if note:
         print(note, file=sys.stderr)
 
     import jax
+
+    from xdit_jax.distributed import DistributedError, call_on_process_zero, initialize
+
+    try:
+        initialize(group)
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
     from xdit_jax import CogVideoXPipeline, tiny
     from xdit_jax.safetensors_io import CheckpointError
@@ -170,14 +193,18 @@ def main(argv=None) -> int:
     try:
         if spec.size > len(jax.devices()):
             raise ValueError(f"Mesh {spec} needs {spec.size} devices; {len(jax.devices())} are available.")
-        model = tiny.make_tiny_model() if is_tiny else args.model
+        if is_tiny:
+            call_on_process_zero("xdit_jax.tiny", "make_tiny_model", "xdit_jax_tiny")
+            model = tiny.default_tiny_dir()
+        else:
+            model = args.model
         if Path(model).is_dir() and (Path(model) / "transformer" / "config.json").exists():
             tc, vc = read_configs(model)  # cheap checks before loading any weights
             vsf = 2 ** (len(vc.block_out_channels) - 1)
             check_request(tc, vc, args.height or tc.sample_height * vsf, args.width or tc.sample_width * vsf,
-                          args.num_frames or tc.sample_frames, len(args.prompts), spec)
+                          args.num_frames or tc.sample_frames, len(args.prompts), spec, args.guidance_scale)
         pipe = CogVideoXPipeline.from_pretrained(model, mesh=spec, dtype=dtype, cache_dir=args.cache_dir)
-    except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t0

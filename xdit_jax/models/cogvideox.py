@@ -87,18 +87,23 @@ TORCH_RENAMES = [
 TORCH_IGNORE = [r"^patch_embed\.pos_embedding$"]
 
 
+def select_stream(is_text, text_value, video_value):
+    """Per-token choice between the text and the video stream's (B, D) modulation -> (B, S, D)."""
+    return jnp.where(is_text[None, :, None], text_value[:, None], video_value[:, None])
+
+
 class LayerNormZero(nnx.Module):
-    """diffusers ``CogVideoXLayerNormZero``: one norm, modulation for video and text streams."""
+    """diffusers ``CogVideoXLayerNormZero`` on the joint [text; video] sequence: one norm, and
+    each token modulated by its own stream's shift/scale (``is_text`` says which)."""
 
     def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
         self.linear = linear(cfg.time_embed_dim, 6 * cfg.inner_dim, dtype=dtype, rngs=rngs)
         self.norm = LayerNorm(cfg.inner_dim, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
 
-    def __call__(self, x, enc, temb):
+    def __call__(self, x, temb, is_text):
         shift, scale, gate, e_shift, e_scale, e_gate = jnp.split(self.linear(jax.nn.silu(temb)), 6, axis=-1)
-        x = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
-        enc = self.norm(enc) * (1 + e_scale[:, None]) + e_shift[:, None]
-        return x, enc, gate[:, None], e_gate[:, None]
+        y = self.norm(x) * (1 + select_stream(is_text, e_scale, scale)) + select_stream(is_text, e_shift, shift)
+        return y, select_stream(is_text, e_gate, gate)
 
 
 class Attention(nnx.Module):
@@ -112,15 +117,14 @@ class Attention(nnx.Module):
         self.norm_k = LayerNorm(hd, 1e-6, dtype=dtype)
         self.to_out = linear(d, d, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, text_len: int, rope):
+    def __call__(self, x, rope):
         b, s, _ = x.shape
         q = self.norm_q(self.to_q(x).reshape(b, s, self.heads, -1))
         k = self.norm_k(self.to_k(x).reshape(b, s, self.heads, -1))
         v = self.to_v(x).reshape(b, s, self.heads, -1)
-        if rope is not None:
-            cos, sin = rope
-            q = jnp.concatenate([q[:, :text_len], apply_rope(q[:, text_len:], cos, sin)], axis=1)
-            k = jnp.concatenate([k[:, :text_len], apply_rope(k[:, text_len:], cos, sin)], axis=1)
+        if rope is not None:  # per-token tables; text tokens have cos=1, sin=0 (no rotation)
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
         o = attention(q, k, v)
         return self.to_out(o.reshape(b, s, -1))
 
@@ -141,17 +145,13 @@ class CogVideoXBlock(nnx.Module):
         self.norm2 = LayerNormZero(cfg, dtype=dtype, rngs=rngs)
         self.ff = FeedForward(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, enc, temb, rope):
-        t = enc.shape[1]
-        nx, nenc, gate, e_gate = self.norm1(x, enc, temb)
-        a = self.attn1(jnp.concatenate([nenc, nx], axis=1), t, rope)
-        x = x + gate * a[:, t:]
-        enc = enc + e_gate * a[:, :t]
-        nx, nenc, gate, e_gate = self.norm2(x, enc, temb)
-        f = self.ff(jnp.concatenate([nenc, nx], axis=1))
-        x = x + gate * f[:, t:]
-        enc = enc + e_gate * f[:, :t]
-        return x, enc
+    def __call__(self, x, temb, tokens):
+        """x: the joint [text; video] sequence (B, S, D), or any contiguous piece of it."""
+        is_text, rope = tokens["is_text"], tokens.get("rope")
+        h, gate = self.norm1(x, temb, is_text)
+        x = x + gate * self.attn1(h, rope)
+        h, gate = self.norm2(x, temb, is_text)
+        return x + gate * self.ff(h)
 
 
 class AdaLayerNormOut(nnx.Module):
@@ -251,10 +251,12 @@ class CogVideoXTransformer3DModel(nnx.Module):
         p, pt = cfg.patch_size, cfg.patch_size_t or 1
         self.proj_out = linear(cfg.inner_dim, p * p * pt * cfg.out_ch, dtype=dtype, rngs=rngs)
 
-    # -- pieces, so the parallel schedules can drive the stack block by block --
+    # -- pieces: embed (global) -> blocks (per token, any contiguous shard) -> head (global) --
+    # The parallel engine (xdit_jax.parallel) shards the joint sequence between embed and head.
 
     def embed(self, hidden_states, encoder_hidden_states, timestep):
-        """Returns (video tokens, text tokens, temb, rope) for the block stack."""
+        """-> (joint, tokens, temb): the joint [text; video] sequence (B, S, D); per-token tables
+        ``tokens`` ({"is_text": (S,) bool, "rope": ((S, hd), (S, hd)) or absent}); temb (B, E)."""
         cfg, dtype = self.cfg, self.dtype
         b, f, c, h, w = hidden_states.shape
         p, pt = cfg.patch_size, cfg.patch_size_t
@@ -272,22 +274,28 @@ class CogVideoXTransformer3DModel(nnx.Module):
             x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, (f // pt) * (h // p) * (w // p), -1)
             x = self.patch_embed.proj(x)
             frames = (f + pt - 1) // pt
-        rope = None
+        text_len, n_video = enc.shape[1], x.shape[1]
+        tokens = {"is_text": jnp.asarray(np.arange(text_len + n_video) < text_len)}
         if cfg.use_rotary_positional_embeddings:
             cos, sin = rope_table(cfg, frames, h // p, w // p)
-            rope = (jnp.asarray(cos), jnp.asarray(sin))
+            hd = cfg.attention_head_dim
+            tokens["rope"] = (jnp.asarray(np.concatenate([np.ones((text_len, hd), np.float32), cos])),
+                              jnp.asarray(np.concatenate([np.zeros((text_len, hd), np.float32), sin])))
         else:
             x = x + jnp.asarray(sincos_table(cfg, frames, h // p, w // p)).astype(dtype)[None]
-        return x, enc, temb, rope
+        return jnp.concatenate([enc, x], axis=1), tokens, temb
 
-    def blocks(self, x, enc, temb, rope):
-        return scan_modules(self.transformer_blocks,
-                            lambda blk, carry: blk(carry[0], carry[1], temb, rope), (x, enc))
+    def blocks(self, joint, tokens, temb):
+        """The block stack (one lax.scan) on the joint sequence or a contiguous shard of it."""
+        return scan_modules(self.transformer_blocks, lambda blk, x: blk(x, temb, tokens), joint)
 
-    def head(self, x, temb, shape):
+    def head(self, joint, temb, shape):
+        """Video tokens of the joint sequence -> the prediction in the latents' layout ``shape``."""
         cfg = self.cfg
         b, f, c, h, w = shape
         p, pt = cfg.patch_size, cfg.patch_size_t
+        n_video = ((f + (pt or 1) - 1) // (pt or 1)) * (h // p) * (w // p)
+        x = joint[:, joint.shape[1] - n_video:]
         x = self.norm_final(x)
         x = self.proj_out(self.norm_out(x, temb))
         if pt is None:
@@ -298,9 +306,8 @@ class CogVideoXTransformer3DModel(nnx.Module):
         return x.reshape(b, -1, x.shape[3], h, w)
 
     def __call__(self, hidden_states, encoder_hidden_states, timestep):
-        x, enc, temb, rope = self.embed(hidden_states, encoder_hidden_states, timestep)
-        x, enc = self.blocks(x, enc, temb, rope)
-        return self.head(x, temb, hidden_states.shape)
+        joint, tokens, temb = self.embed(hidden_states, encoder_hidden_states, timestep)
+        return self.head(self.blocks(joint, tokens, temb), temb, hidden_states.shape)
 
 
 def check_input_shape(cfg: CogVideoXConfig, latent_frames: int, latent_h: int, latent_w: int) -> None:

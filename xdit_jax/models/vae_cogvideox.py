@@ -29,6 +29,7 @@ Notes on the reference:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -40,6 +41,8 @@ import numpy as np
 from flax import nnx
 
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
+from xdit_jax.parallel import vae as spatial
+from xdit_jax.parallel.vae import TilingConfig
 
 # Torch keys of a VAE checkpoint that carry nothing the decoder uses.
 TORCH_IGNORE: tuple[str, ...] = (r"^encoder\.", r"^quant_conv\.")
@@ -132,14 +135,10 @@ def group_norm_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Arra
 
     Reduces over every axis but the first and the group; the results broadcast against
     ``x.reshape(N, ..., G, C // G)``. This is the one reduction over space and time in the
-    decoder: a spatially sharded decode replaces it with a version that ``psum``s the partial
-    sums across the mesh.
+    decoder; it is :func:`xdit_jax.parallel.vae.group_norm_stats`, which under a spatially sharded
+    decode leaves out the padding and ``psum``s the partial sums (global statistics).
     """
-    xg = x.reshape(x.shape[:-1] + (num_groups, x.shape[-1] // num_groups)).astype(jnp.float32)
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    mean = jnp.mean(xg, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
-    return mean, var
+    return spatial.group_norm_stats(x, num_groups)
 
 
 def group_norm(x, scale, bias, num_groups: int, eps: float, stats_fn=group_norm_stats):
@@ -198,10 +197,12 @@ class Conv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         nd = kernel.ndim - 2
-        spatial = "DHW"[-nd:]
-        dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-        y = jax.lax.conv_general_dilated(x.astype(kernel.dtype), kernel, (1,) * nd, self.padding,
-                                         dimension_numbers=dn)
+        dims = "DHW"[-nd:]
+        dn = ("N" + dims + "C", dims + "IO", "N" + dims + "C")
+        x, padding = x.astype(kernel.dtype), self.padding
+        if nd >= 2:  # height and width may be split over devices: fetch the halo (a no-op on one)
+            x, padding = spatial.conv_halo(x, padding)
+        y = jax.lax.conv_general_dilated(x, kernel, (1,) * nd, padding, dimension_numbers=dn)
         return y + self.bias[...]
 
 
@@ -240,15 +241,26 @@ class CogVideoXCausalConv3d(nnx.Module):
         return self.conv(x), x[:, -(k - 1):]
 
 
-def _resize_like_diffusers(zq: jax.Array, t: int, h: int, w: int) -> jax.Array:
-    """Nearest-resize ``zq`` (N, Tz, Hz, Wz, C) to (t, h, w) as ``CogVideoXSpatialNorm3D`` does:
-    for an odd ``t > 1`` the first frame maps to frame 0 alone and the rest to the rest."""
-    axes = (1, 2, 3)
+def _resize_time_index(tz: int, t: int) -> np.ndarray:
+    """Source frame of each of ``t`` output frames in ``CogVideoXSpatialNorm3D``'s resize of ``tz``
+    latent frames: for an odd ``t > 1`` frame 0 maps to frame 0 alone and the rest to the rest."""
     if t > 1 and t % 2 == 1:
-        first = nearest_resize(zq[:, :1], (1, h, w), axes)
-        rest = nearest_resize(zq[:, 1:], (t - 1, h, w), axes)
-        return jnp.concatenate([first, rest], axis=1)
-    return nearest_resize(zq, (t, h, w), axes)
+        return np.concatenate([[0], 1 + _nearest_index(tz - 1, t - 1)])
+    return _nearest_index(tz, t)
+
+
+def _resize_like_diffusers(zq: jax.Array, t: int, h: int, w: int) -> jax.Array:
+    """Nearest-resize ``zq`` (N, Tz, Hz, Wz, C) to (t, h, w) as ``CogVideoXSpatialNorm3D`` does.
+
+    The time axis is gathered at latent resolution first (a static index), then space is
+    repeated: with integer factors that is a broadcast XLA fuses into the consumer, so no
+    full-resolution copy is ever materialised (a concatenation of the odd first frame with the
+    rest, as diffusers writes it, made XLA keep one full-size tensor per spatial norm alive).
+    """
+    idx = _resize_time_index(zq.shape[1], t)
+    if not np.array_equal(idx, np.arange(zq.shape[1])):
+        zq = jnp.take(zq, jnp.asarray(idx), axis=1)
+    return nearest_resize(zq, (h, w), (2, 3))
 
 
 class CogVideoXSpatialNorm3D(nnx.Module):
@@ -405,15 +417,42 @@ class CogVideoXVAEDecoder(nnx.Module):
 # Public API
 
 
+def default_tiling(cfg: CogVideoXVAEConfig) -> TilingConfig:
+    """diffusers' ``enable_tiling()`` defaults: tiles of half the sample size, overlaps 1/6, 1/5."""
+    return TilingConfig(cfg.sample_height // 2, cfg.sample_width // 2, 1 / 6, 1 / 5)
+
+
 def decode(model: CogVideoXVAEDecoder, z: jax.Array, *,
-           frame_batch_size: int = LATENT_FRAMES_PER_CHUNK) -> jax.Array:
+           frame_batch_size: int = LATENT_FRAMES_PER_CHUNK,
+           tiling: TilingConfig | bool | None = None, slicing: bool = False,
+           mesh=None, grid: tuple[int, int] | None = None, strategy: str = "shard_map") -> jax.Array:
     """``vae.decode(z).sample`` of diffusers: latents (B, C, T, H, W), already divided by
     ``scaling_factor``, -> frames (B, C_out, T', H*s, W*s) (roughly in [-1, 1], not clipped).
 
     Computes in the model's dtype (its parameters' dtype) and returns that dtype. Pure and
     jittable (``nnx.jit(decode)``, or :func:`jit_decode`); the chunking follows diffusers'
     ``_decode``: ``max(T // fbs, 1)`` chunks, the first also taking the ``T % fbs`` extra frames.
+
+    Options (all static), composed as diffusers does (:func:`xdit_jax.parallel.vae.decode`):
+
+    * ``slicing``: one batch element at a time (diffusers' ``enable_slicing``); same numbers.
+    * ``tiling``: diffusers' ``enable_tiling`` — a :class:`TilingConfig` (its arguments), or True
+      for diffusers' defaults (:func:`default_tiling`). Used only when the latent exceeds a tile,
+      as in diffusers; the output then equals diffusers' *tiled* decode (not the plain one).
+    * ``mesh``: split height (and width where the height is too small) over all its devices
+      (:func:`xdit_jax.parallel.vae.sharded_decode`; ``grid`` and ``strategy`` go there). The
+      frames equal the one-device decode; with tiling, each tile is split over the mesh.
     """
+    if tiling is True:
+        tiling = default_tiling(model.config)
+    plan = tiling.plan(model.config.spatial_compression_ratio) if tiling else None
+    fn = functools.partial(_decode_chunks, frame_batch_size=frame_batch_size)
+    return spatial.decode(fn, model, z, mesh=mesh, tiling=plan, slicing=slicing, grid=grid, strategy=strategy)
+
+
+def _decode_chunks(model: CogVideoXVAEDecoder, z: jax.Array, *,
+                   frame_batch_size: int = LATENT_FRAMES_PER_CHUNK) -> jax.Array:
+    """The plain decode (one device, no tiling): diffusers' ``_decode`` chunk loop."""
     dtype = model.dtype
     x = jnp.transpose(z, (0, 2, 3, 4, 1)).astype(dtype)
     n, t = x.shape[:2]
@@ -439,7 +478,7 @@ def decode(model: CogVideoXVAEDecoder, z: jax.Array, *,
     return jnp.transpose(frames, (0, 4, 1, 2, 3))
 
 
-jit_decode = nnx.jit(decode, static_argnames=("frame_batch_size",))
+jit_decode = nnx.jit(decode, static_argnames=("frame_batch_size", "tiling", "slicing", "mesh", "grid", "strategy"))
 
 
 def module_fn(cfg: CogVideoXVAEConfig, dtype=jnp.float32):

@@ -60,6 +60,7 @@ class AttentionConfig:
 
     mesh: object | None = None
     backend: str = "xla"
+    valid_len: int | None = None  # real tokens of the global sequence, when the caller padded it
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -268,12 +269,14 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     With ``ring`` or ``ulysses`` > 1 this must be traced inside a ``shard_map`` over the installed
     mesh (it uses the collectives of the ``ring`` / ``ulysses`` axes).
     """
-    if valid_len is not None and not isinstance(valid_len, int):
-        raise TypeError(f"valid_len must be a static Python int, got {type(valid_len).__name__}.")
     if not (q.ndim == k.ndim == v.ndim == 4) or k.shape != v.shape or q.shape[0] != k.shape[0] \
             or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention wants q (B,Sq,H,D) and k, v (B,Sk,H,D); got {q.shape}, {k.shape}, {v.shape}.")
     cfg = current_config()
+    if valid_len is None:
+        valid_len = cfg.valid_len
+    if valid_len is not None and not isinstance(valid_len, int):
+        raise TypeError(f"valid_len must be a static Python int, got {type(valid_len).__name__}.")
     ring, ulysses = cfg.degree(RING_AXIS), cfg.degree(ULYSSES_AXIS)
     if ring == 1 and ulysses == 1:
         out, _ = block_attention(q, k, v, valid_len=valid_len, kv_valid=kv_valid, scale=scale,

@@ -26,8 +26,10 @@ from jax.sharding import PartitionSpec as P
 from xdit_jax import schedulers
 from xdit_jax.checkpoint import restore_params
 from xdit_jax.conversion import MARKER, model_class, read_json
+from xdit_jax.distributed import call_on_process_zero
 from xdit_jax.mesh import MeshSpec, build_mesh
 from xdit_jax.models import cogvideox, t5, vae_cogvideox
+from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines.denoise import StageTimer, as_numpy, denoise_loop, peak_memory_bytes
 
 log = logging.getLogger("xdit_jax")
@@ -75,7 +77,8 @@ def converted_cache_dir(src: Path, cache_dir=None) -> Path:
     return root / f"{src.resolve().name}-{h.hexdigest()[:16]}"
 
 
-def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None) -> None:
+def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
+                  guidance_scale: float = 6.0) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work.
 
     ``tc``/``vc``: the transformer and VAE configs (cheap to read from a folder's config.json files).
@@ -92,6 +95,9 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
     ms = MeshSpec.parse(mesh_spec)
     if ms.data > 1 and batch % ms.data:
         raise ValueError(f"Mesh data={ms.data} needs a number of prompts divisible by it; got {batch}.")
+    if ms.cfg == 2 and guidance_scale <= 1.0:
+        raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which needs "
+                         "guidance_scale > 1; drop cfg=2 from the mesh or raise the guidance scale.")
 
 
 def read_configs(folder: str | os.PathLike):
@@ -105,17 +111,18 @@ class CogVideoXPipeline:
     """Text-to-video with CogVideoX (2B, 5B, 1.5) — see the module docstring."""
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None):
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "xla"):
         self.transformer, self.transformer_config = transformer, transformer_config
         self.vae, self.vae_config = vae, vae_config
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.scheduler_config = scheduler_config
         self.dtype = dtype
-        self.mesh_spec = MeshSpec.parse(mesh if not hasattr(mesh, "axis_names") else None)
+        self.attention_backend = attention_backend
+        self.mesh_spec = MeshSpec.parse(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh)
         self.mesh = mesh if hasattr(mesh, "axis_names") else build_mesh(self.mesh_spec)
-        if any(getattr(self.mesh_spec, a) > 1 for a in ("pipefusion", "ring", "ulysses")):
-            raise NotImplementedError(f"Mesh {self.mesh_spec}: sequence and pipeline parallelism are not built yet; "
-                                      "use data= and cfg= for now.")
+        if self.mesh_spec.pipefusion > 1:
+            raise NotImplementedError(f"Mesh {self.mesh_spec}: PipeFusion is not built yet; use data, cfg, ring "
+                                      "and ulysses.")
         self.vae_scale_factor_spatial = 2 ** (len(vae_config.block_out_channels) - 1)
         self.vae_scale_factor_temporal = int(vae_config.temporal_compression_ratio)
         self._step_cache = {}
@@ -124,7 +131,8 @@ class CogVideoXPipeline:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None) -> "CogVideoXPipeline":
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "xla") -> "CogVideoXPipeline":
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
         from transformers import AutoTokenizer
 
@@ -143,12 +151,8 @@ class CogVideoXPipeline:
             if not is_converted(target):
                 if jax.process_index() == 0:
                     log.warning("converting %s to %s (first use; cached for later runs)", folder, target)
-                    convert_pipeline(folder, target, variant=variant, overwrite=target.exists(),
-                                     log=log.info)
-                if jax.process_count() > 1:
-                    from jax.experimental import multihost_utils
-
-                    multihost_utils.sync_global_devices("xdit_jax_convert")
+                call_on_process_zero("xdit_jax.conversion", "convert_pipeline", "xdit_jax_convert", src=str(folder),
+                                     out=str(target), variant=variant, overwrite=target.exists())
             folder = target
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         replicated = NamedSharding(mesh_obj, P())
@@ -159,7 +163,7 @@ class CogVideoXPipeline:
         scfg = schedulers.SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         return cls(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
                    text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scfg, dtype=dtype,
-                   mesh=mesh_obj if hasattr(mesh, "axis_names") else MeshSpec.parse(mesh))
+                   mesh=mesh_obj, attention_backend=attention_backend)
 
     # ------------------------------------------------------------------ stages
 
@@ -200,15 +204,25 @@ class CogVideoXPipeline:
         if key in self._step_cache:
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
-        dtype = self.dtype
+        dtype, mesh, backend = self.dtype, self.mesh, self.attention_backend
         batch_sharding = self._batch_sharding
+
+        def blocks(params, joint, tokens, temb):  # runs on a local shard (xdit_jax.parallel.sequence)
+            return nnx.merge(graphdef, params).blocks(joint, tokens, temb)
 
         def step(tstate, latents, sched_state, i, embeds, sched, guidance, rng):
             model = nnx.merge(graphdef, tstate)
             t = sched.timesteps[i]
-            x = jnp.concatenate([latents, latents]) if do_cfg else latents
+            if do_cfg:  # [uncond; cond] batch: built as (2, B, ...) over (cfg, data) so no data moves
+                x = jnp.broadcast_to(latents[None], (2,) + latents.shape)
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("cfg", "data")))
+                x = x.reshape((-1,) + latents.shape[1:])
+            else:
+                x = latents
             x = jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim, do_cfg))
-            pred = model(x.astype(dtype), embeds, jnp.broadcast_to(t, (x.shape[0],))).astype(jnp.float32)
+            joint, tokens, temb = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (x.shape[0],)))
+            joint = run_blocks(blocks, tstate, joint, tokens, temb, mesh, backend=backend)
+            pred = model.head(joint, temb, x.shape).astype(jnp.float32)
             if do_cfg:
                 uncond, cond = jnp.split(pred, 2)
                 pred = uncond + guidance[i] * (cond - uncond)
@@ -236,8 +250,9 @@ class CogVideoXPipeline:
 
         return lambda latents: dec(state, latents)
 
-    def check_inputs(self, height: int, width: int, num_frames: int, batch: int) -> None:
-        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec)
+    def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 6.0):
+        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
+                      guidance_scale)
 
     # ------------------------------------------------------------------ call
 
@@ -258,7 +273,7 @@ class CogVideoXPipeline:
             raise ValueError("Give either prompt or prompt_embeds, not both.")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
-        self.check_inputs(height, width, num_frames, batch)
+        self.check_inputs(height, width, num_frames, batch, guidance_scale)
         do_cfg = guidance_scale > 1.0
         timer = StageTimer()
 

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Benchmark xdit_jax: one denoising step (default) or the VAE decode memory (``vae-memory``).
+
+    python scripts/benchmark.py [step] --model cpu-small --compare diffusers --steps 7
+    python scripts/benchmark.py step --model cogvideox-2b --mesh 1 --mesh cfg=2 --json
+    python scripts/benchmark.py vae-memory ...        (xdit_jax.parallel.vae_bench)
+
+``step`` prints a table (and, with ``--json``, one JSON object a line on stdout; the progress
+goes to stderr). See docs/benchmarks.md for what each column means and the GPU runbook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SUBCOMMANDS = ("step", "vae-memory")
+
+
+def step_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmark.py step",
+        description="Time one transformer step (both CFG halves) of a DiT: compile, per-step latency, "
+                    "memory, FLOPs, collectives; optionally against diffusers in the same run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="models: tiny, cpu-small, cogvideox-2b, cogvideox-5b, cogvideox1.5-5b (configs/), or a config folder")
+    p.add_argument("--model", default="cpu-small",
+                   help="preset (tiny, cpu-small), a full-size model in configs/ (random weights), or a folder "
+                        "holding transformer/config.json [cpu-small]")
+    p.add_argument("--mesh", action="append", default=None,
+                   help="mesh spec, repeatable (e.g. --mesh 1 --mesh cfg=2); 1 = one device [1]")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up [5]")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up calls, the first timed as 'first_call' [1]")
+    p.add_argument("--compare", choices=["diffusers", "none"], default="none",
+                   help="also time diffusers' PyTorch transformer (same config, weights, inputs), interleaved")
+    p.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="video width in pixels")
+    p.add_argument("--frames", type=int, help="video frames (4k+1)")
+    p.add_argument("--layers", type=int, help="override the number of transformer layers")
+    p.add_argument("--batch", type=int, default=1, help="prompts per step (x2 with CFG) [1]")
+    p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance (batch not doubled)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settle", type=float, default=None,
+                   help="seconds to pause between timed calls (default 0.2 on CPU, 0 on accelerators)")
+    p.add_argument("--matmul-precision", default=None,
+                   help="jax_default_matmul_precision (default, high, highest); also picks the fp32 peak")
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="persistent XLA compilation cache folder; run twice to see a cached compile")
+    p.add_argument("--xla-flags", default=None,
+                   help="appended to XLA_FLAGS before jax starts (process-wide), e.g. "
+                        "'--xla_cpu_multi_thread_eigen=false'")
+    p.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="per-compile XLA option of our step (repeatable), e.g. "
+                        "xla_cpu_experimental_ynn_fusion_type=dot,eltwise")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=V;KEY=V",
+                   help="an extra build of our step timed in the same run (repeatable): XLA options and/or "
+                        "attention=<heads_major|per_head_map|per_head_map4|jax_dpa> (an experiment; the model "
+                        "is unchanged)")
+    p.add_argument("--attention-backend", default="xla", choices=["xla", "cudnn"],
+                   help="the attention op's per-device kernel (cudnn: GPU, bf16/fp16) [xla]")
+    p.add_argument("--host-devices", type=int, default=None,
+                   help="simulate N CPU devices (XLA_FLAGS --xla_force_host_platform_device_count)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the diffusers side (default: torch's)")
+    p.add_argument("--no-check", action="store_true", help="skip the ours-vs-diffusers output check")
+    p.add_argument("--json", action="store_true", help="one JSON object a line on stdout (table to stderr)")
+    p.add_argument("--list", action="store_true", help="list the models and presets and exit")
+    return p
+
+
+def main_step(argv: list[str]) -> int:
+    args = step_parser().parse_args(argv)
+    # Process-wide XLA settings must be in the environment before jax is imported.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if args.host_devices:
+        flags += f" --xla_force_host_platform_device_count={args.host_devices}"
+    if args.xla_flags:
+        flags += " " + args.xla_flags
+    if flags.strip():
+        os.environ["XLA_FLAGS"] = flags.strip()
+
+    from xdit_jax import bench
+
+    if args.list:
+        for name, text in bench.PRESET_HELP.items():
+            print(f"{name:18s} {text}")
+        return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    opts = bench.StepOptions(
+        model=args.model, meshes=args.mesh or [None], dtype=args.dtype, steps=args.steps, warmup=args.warmup,
+        compare=None if args.compare == "none" else args.compare,
+        variants=[bench.parse_variant(v) for v in args.variant], height=args.height, width=args.width,
+        num_frames=args.frames, layers=args.layers, batch=args.batch, cfg=not args.no_cfg, seed=args.seed,
+        settle=args.settle, matmul_precision=args.matmul_precision, compile_cache=args.compile_cache,
+        compiler_options=bench.parse_compiler_options(args.xla_option), attention_backend=args.attention_backend,
+        check=not args.no_check)
+    rows = bench.run_step_benchmark(opts)
+    table = bench.format_table(rows)
+    if args.json:
+        print(table, file=sys.stderr, flush=True)
+        print(bench.json_lines(rows), flush=True)
+    else:
+        print(table, flush=True)
+    return 1 if rows and all("error" in r for r in rows) else 0
+
+
+def main_vae_memory(argv: list[str]) -> int:
+    try:
+        from xdit_jax.parallel import vae_bench
+    except ImportError as e:
+        print(f"benchmark.py vae-memory: xdit_jax.parallel.vae_bench is not available in this checkout ({e}). "
+              "It comes with the sharded VAE decode; update the checkout.", file=sys.stderr)
+        return 2
+    rc = vae_bench.main(argv)
+    return int(rc or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "vae-memory":
+        return main_vae_memory(argv[1:])
+    if argv and argv[0] == "step":
+        argv = argv[1:]
+    elif argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        print(f"benchmark.py: unknown subcommand {argv[0]!r}; use one of {', '.join(SUBCOMMANDS)} "
+              "(step is the default).", file=sys.stderr)
+        return 2
+    return main_step(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

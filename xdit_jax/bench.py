@@ -1,0 +1,1213 @@
+"""Benchmark library behind ``scripts/benchmark.py``: one denoising step of a DiT, measured.
+
+What one benchmark row holds (see ``docs/benchmarks.md`` for the table and the runbook):
+
+- compile time (``lower`` + ``compile`` of the jitted step; a second run with
+  ``--compile-cache DIR`` shows the persistent cache at work),
+- per-step latency: median and spread of N calls after warm-up, each ``block_until_ready``,
+- wall time of each stage of the run (weights, inputs, lower, compile, first call, timed steps),
+- peak device memory (``device.memory_stats()`` where the backend has it, else XLA's compiled
+  memory analysis: arguments + outputs + temporaries - aliased),
+- model FLOPs per step, analytic (:func:`analytic_flops`) and from XLA's cost analysis, the
+  achieved TFLOP/s and, on a device with a known spec peak (:data:`PEAK_TFLOPS`), its fraction,
+- bytes moved by collectives per step (``xdit_jax.parallel.comm``, where present),
+- with ``compare="diffusers"``: the diffusers PyTorch transformer on the same config, weights and
+  inputs, timed interleaved with ours in the same process; the ratio ours / diffusers per step.
+
+The step is built by :func:`build_step` alone, so it can later be swapped for the pipeline's full
+step on a mesh. Weights are passed to the jitted function as arguments (``nnx.split`` /
+``nnx.merge``), never closed over as constants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b")
+
+# --------------------------------------------------------------------------------------------
+# Device peaks and dtype selection (pure functions: unit-tested without a GPU)
+# --------------------------------------------------------------------------------------------
+
+# Dense (no sparsity) spec-sheet peaks in TFLOP/s, matched against ``device.device_kind`` in
+# order (first substring match wins, so the specific names come first). "tf32" is what an
+# fp32 matmul gets on these GPUs at JAX's default precision; "fp32" is the CUDA-core peak
+# (precision "highest").
+PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
+    ("H200 NVL", "NVIDIA H200 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H200", "NVIDIA H200 SXM", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 NVL", "NVIDIA H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", "NVIDIA H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", "NVIDIA H100 SXM", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("A100", "NVIDIA A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", "NVIDIA L40S", {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6}),
+    ("TPU v6", "TPU v6e", {"bf16": 918.0}),
+    ("TPU v5p", "TPU v5p", {"bf16": 459.0}),
+    ("TPU v5 lite", "TPU v5e", {"bf16": 197.0}),
+    ("TPU v5e", "TPU v5e", {"bf16": 197.0}),
+    ("TPU v4", "TPU v4", {"bf16": 275.0}),
+]
+
+ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "f16": "float16"}
+
+
+def select_dtype(requested: str | None, backend: str) -> str:
+    """The compute dtype name: ``requested`` if given, else bfloat16 on an accelerator, float32 on CPU."""
+    if requested not in (None, "", "auto"):
+        if requested not in DTYPE_NAMES:
+            raise ValueError(f"Unknown dtype {requested!r}; use auto, float32, bfloat16 or float16.")
+        return DTYPE_NAMES[requested]
+    return "bfloat16" if backend.lower() in ACCELERATOR_BACKENDS else "float32"
+
+
+def peak_tflops(device_kind: str, dtype: str, matmul_precision: str | None = None) -> tuple[float | None, str]:
+    """(dense spec peak TFLOP/s, what it is) for a device kind and compute dtype; (None, why) if unknown."""
+    dtype = DTYPE_NAMES.get(dtype, dtype)
+    if dtype == "float32":
+        key = "fp32" if (matmul_precision or "").lower() in ("highest", "float32") else "tf32"
+    else:
+        key = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+    kind = device_kind or ""
+    for pattern, name, peaks in PEAK_TFLOPS:
+        if pattern.lower() in kind.lower():
+            if key in peaks:
+                return peaks[key], f"{name} {key} dense spec"
+            return None, f"no {key} peak listed for {name}"
+    return None, f"no spec peak known for device kind {kind!r}"
+
+
+def fraction_of_peak(flops_per_step: float | None, step_seconds: float | None, peak: float | None,
+                     n_devices: int = 1) -> float | None:
+    """Achieved / peak, the peak summed over the devices the step runs on."""
+    if not flops_per_step or not step_seconds or not peak:
+        return None
+    return flops_per_step / step_seconds / 1e12 / (peak * n_devices)
+
+
+def default_settle_seconds(backend: str) -> float:
+    """Pause between timed calls. On CPU the idle worker threads of one runtime (XLA's Eigen pool,
+    torch's OpenMP team) spin for a while after a call and would steal the cores from the next."""
+    return 0.0 if backend.lower() in ACCELERATOR_BACKENDS else 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads: presets and full-size configs
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Workload:
+    """What one step computes: a transformer config and the video/text shapes it runs on."""
+
+    name: str
+    transformer: dict  # diffusers config.json of the transformer
+    height: int
+    width: int
+    num_frames: int
+    batch: int = 1  # prompts; the step runs 2x this with CFG
+    cfg: bool = True
+    vae_scale_spatial: int = 8
+    vae_scale_temporal: int = 4
+    defaults: dict = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def step_batch(self) -> int:
+        return self.batch * (2 if self.cfg else 1)
+
+    @property
+    def text_len(self) -> int:
+        return int(self.transformer.get("max_text_seq_length", 226))
+
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        """(B, F, C, h, w) in diffusers' layout; 1.5 pads latent frames to a multiple of patch_size_t."""
+        t = self.transformer
+        f = (self.num_frames - 1) // self.vae_scale_temporal + 1
+        pt = t.get("patch_size_t")
+        if pt and f % pt:
+            f += pt - f % pt
+        return (self.step_batch, f, int(t.get("in_channels", 16)), self.height // self.vae_scale_spatial,
+                self.width // self.vae_scale_spatial)
+
+    def tokens(self) -> tuple[int, int]:
+        """(video tokens, text tokens) per sample."""
+        _, f, _, h, w = self.latent_shape()
+        p = int(self.transformer.get("patch_size", 2))
+        pt = self.transformer.get("patch_size_t") or 1
+        return (f // pt) * (h // p) * (w // p), self.text_len
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_model_dir(folder: str | os.PathLike) -> tuple[dict, dict]:
+    """(transformer config, defaults) of a model config folder (``configs/<name>`` or a diffusers folder)."""
+    folder = Path(folder)
+    tpath = folder / "transformer" / "config.json"
+    if not tpath.exists() and (folder / "config.json").exists():
+        tpath = folder / "config.json"
+    if not tpath.exists():
+        raise FileNotFoundError(f"{folder}: no transformer/config.json (nor config.json) in it.")
+    defaults = read_json(folder / "defaults.json") if (folder / "defaults.json").exists() else {}
+    return read_json(tpath), defaults
+
+
+def _tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    t = dict(tiny.TRANSFORMER)
+    vae = tiny.VAE
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return Workload("tiny", t, height=t["sample_height"] * scale, width=t["sample_width"] * scale,
+                    num_frames=t["sample_frames"], vae_scale_spatial=scale,
+                    vae_scale_temporal=int(vae["temporal_compression_ratio"]), source="xdit_jax.tiny",
+                    defaults=dict(num_inference_steps=4, guidance_scale=6.0))
+
+
+def _cpu_small_workload() -> Workload:
+    t, defaults = load_model_dir(CONFIG_DIR / "cogvideox-2b")
+    t = dict(t, num_layers=2)
+    return Workload("cpu-small", t, height=128, width=128, num_frames=49, source="configs/cogvideox-2b, 2 layers",
+                    defaults=defaults)
+
+
+PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload}
+PRESET_HELP = {
+    "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
+    "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
+}
+for _m in FULL_MODELS:
+    PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at its default resolution"
+
+
+def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                  layers: int | None = None, batch: int = 1, cfg: bool = True) -> Workload:
+    """A preset (``tiny``, ``cpu-small``), a full-size model in ``configs/``, or a config folder path."""
+    if name in PRESETS:
+        w = PRESETS[name]()
+    else:
+        folder = CONFIG_DIR / name if (CONFIG_DIR / name).is_dir() else Path(name)
+        if not folder.is_dir():
+            known = sorted(PRESETS) + sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()) \
+                if CONFIG_DIR.is_dir() else sorted(PRESETS)
+            raise ValueError(f"Unknown model {name!r}: give one of {', '.join(known)} or a config folder.")
+        t, d = load_model_dir(folder)
+        w = Workload(folder.name, t, height=int(d.get("height", t["sample_height"] * 8)),
+                     width=int(d.get("width", t["sample_width"] * 8)),
+                     num_frames=int(d.get("num_frames", t["sample_frames"])), defaults=d, source=str(folder))
+    if layers is not None:
+        w.transformer = dict(w.transformer, num_layers=int(layers))
+    w.height, w.width = height or w.height, width or w.width
+    w.num_frames = num_frames or w.num_frames
+    w.batch, w.cfg = batch, cfg
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic FLOPs
+# --------------------------------------------------------------------------------------------
+
+def analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one CogVideoX transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (both CFG halves), S_v = (F/p_t)(h/p)(w/p) video tokens, S_t = text tokens,
+    S = S_v + S_t, d = heads * head_dim, T = time_embed_dim, L = layers, D_txt = text_embed_dim,
+    C_in = in_channels p^2 p_t, C_out = out_channels p^2 p_t. Per block:
+
+        q, k, v, out projections   4 * 2 B S d^2        = 8 B S d^2
+        attention QK^T and PV      2 * 2 B S^2 d        = 4 B S^2 d
+        feed-forward d->4d->d      2 * 2 B S d (4d)     = 16 B S d^2
+        two adaLN modulations      2 * 2 B T (6d)       = 24 B T d
+
+    plus, once: patch embedding 2 B S_v C_in d, text projection 2 B S_t D_txt d, time embedding
+    2 B (d T + T^2), output modulation 2 B T (2d), output projection 2 B S_v d C_out.
+    Element-wise work (norms, softmax, GELU, RoPE) is left out: < 1% at these sizes.
+    """
+    b, f, c, h, w = latent_shape
+    p = int(transformer.get("patch_size", 2))
+    pt = int(transformer.get("patch_size_t") or 1)
+    d = int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"])
+    tdim = int(transformer.get("time_embed_dim", 512))
+    layers = int(transformer["num_layers"])
+    dtxt = int(transformer.get("text_embed_dim", 4096))
+    cout = int(transformer.get("out_channels") or c)
+    sv = (f // pt) * (h // p) * (w // p)
+    st = text_len
+    s = sv + st
+    proj = 8 * b * s * d * d
+    attn = 4 * b * s * s * d
+    ff = 16 * b * s * d * d
+    mod = 24 * b * tdim * d
+    embed = 2 * b * sv * (c * p * p * pt) * d + 2 * b * st * dtxt * d + 2 * b * (d * tdim + tdim * tdim)
+    head = 2 * b * tdim * 2 * d + 2 * b * sv * d * (cout * p * p * pt)
+    block = proj + attn + ff + mod
+    return {"total": float(layers * block + embed + head), "per_block": float(block),
+            "attention": float(layers * attn), "linear": float(layers * (proj + ff + mod) + embed + head),
+            "tokens": s}
+
+
+# --------------------------------------------------------------------------------------------
+# Small utilities
+# --------------------------------------------------------------------------------------------
+
+def summarize_times(times: list[float]) -> dict[str, float]:
+    """Median and spread of a list of seconds."""
+    xs = sorted(times)
+    n = len(xs)
+    if n == 0:
+        return {}
+
+    def q(p):
+        k = (n - 1) * p
+        lo, hi = math.floor(k), math.ceil(k)
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "p25": q(0.25), "p75": q(0.75),
+            "iqr": q(0.75) - q(0.25), "mean": statistics.fmean(xs),
+            "stdev": statistics.stdev(xs) if n > 1 else 0.0, "n": n}
+
+
+def host_peak_rss_bytes() -> int | None:
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(kb) * (1 if sys.platform == "darwin" else 1024)
+    except Exception:
+        return None
+
+
+FUSION_ENUM_OPTIONS = ("xla_cpu_experimental_ynn_fusion_type", "xla_cpu_experimental_xnn_fusion_type",
+                       "xla_cpu_experimental_onednn_fusion_type")
+
+
+def parse_compiler_options(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> XLA compiler options for ``Lowered.compile(compiler_options=...)``.
+
+    Values true/false become bools, integers ints; the CPU library-fusion lists take the short names
+    of ``XLA_FLAGS`` ("dot,eltwise"; "" disables) and are spelled as the DebugOptions enum.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, val = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ValueError(f"XLA option {item!r}: write key=value, e.g. xla_cpu_enable_fast_math=true.")
+        val = val.strip()
+        if key in FUSION_ENUM_OPTIONS:
+            parts = [v.strip() for v in val.split(",") if v.strip()]
+            out[key] = ",".join(v if v.startswith("LIBRARY_FUSION_TYPE_") else f"LIBRARY_FUSION_TYPE_{v.upper()}"
+                                for v in parts)
+        elif val.lower() in ("true", "false"):
+            out[key] = val.lower() == "true"
+        else:
+            try:
+                out[key] = int(val)
+            except ValueError:
+                out[key] = val
+    return out
+
+
+@dataclasses.dataclass
+class Variant:
+    """One way of building our step, measured side by side with the others in the same run."""
+
+    label: str = "xdit_jax"
+    compiler_options: dict = dataclasses.field(default_factory=dict)
+    attention: str | None = None  # an entry of ATTENTION_VARIANTS (experiment), None = the model's own
+    attention_backend: str | None = None  # AttentionConfig.backend ("xla", "cudnn"); None = the run's
+
+
+def parse_variant(spec: str) -> Variant:
+    """``LABEL[:key=value;key=value...]``: XLA options, plus ``attention=`` (an :data:`ATTENTION_VARIANTS`
+    entry, an experiment) and ``backend=`` (the attention op's backend, "xla" or "cudnn")."""
+    label, _, rest = spec.partition(":")
+    items = [s for s in rest.split(";") if s.strip()]
+    attn = backend = None
+    opts = []
+    for it in items:
+        k, _, v = it.partition("=")
+        k, v = k.strip(), v.strip()
+        if k == "attention":
+            if v not in ATTENTION_VARIANTS:
+                raise ValueError(f"Unknown attention variant {v!r}; known: {', '.join(ATTENTION_VARIANTS)}.")
+            attn = v
+        elif k == "backend":
+            backend = v
+        else:
+            opts.append(it)
+    return Variant(label=label.strip() or "variant", compiler_options=parse_compiler_options(opts), attention=attn,
+                   attention_backend=backend)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention kernels to try (experiments; the model's own op is left untouched)
+# --------------------------------------------------------------------------------------------
+# Each takes (q, k, v, scale) on (B, S, H, D) and returns (out (B, S, H, D), lse (B, H, S) f32),
+# the contract of the single-device kernel in xdit_jax.parallel.attention.
+
+def _attn_heads_major(q, k, v, scale):
+    """The reference math laid out (B, H, S, D), normalised after PV (one pass less over S x S)."""
+    import jax.numpy as jnp
+
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
+    m = logits.max(-1, keepdims=True)
+    p = jnp.exp(logits - m)
+    denom = p.sum(-1, keepdims=True)
+    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32) / denom
+    return o.transpose(0, 2, 1, 3).astype(q.dtype), (jnp.log(denom) + m)[..., 0]
+
+
+def _attn_per_head_map(q, k, v, scale, batch_size: int | None = None):
+    """One (S, S) score matrix at a time: ``lax.map`` over batch x heads (a cache-sized working set)."""
+    import jax
+    import jax.numpy as jnp
+
+    b, s, h, d = q.shape
+    qh, kh, vh = (x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d) for x in (q, k, v))
+
+    def one(args):
+        qi, ki, vi = args
+        logits = jnp.dot(qi, ki.T, preferred_element_type=jnp.float32) * scale
+        m = logits.max(-1, keepdims=True)
+        p = jnp.exp(logits - m)
+        denom = p.sum(-1, keepdims=True)
+        o = jnp.dot(p.astype(vi.dtype), vi, preferred_element_type=jnp.float32) / denom
+        return o.astype(qi.dtype), (jnp.log(denom) + m)[:, 0]
+
+    o, lse = jax.lax.map(one, (qh, kh, vh), batch_size=batch_size)
+    return o.reshape(b, h, s, d).transpose(0, 2, 1, 3), lse.reshape(b, h, s)
+
+
+def _attn_query_chunks(q, k, v, scale, chunk: int = 128):
+    """Queries in chunks (``lax.map``), all heads at once: a (B, H, chunk, S) score block."""
+    import jax
+    import jax.numpy as jnp
+
+    b, s, h, d = q.shape
+    n = -(-s // chunk)
+    qh = jnp.pad(q, ((0, 0), (0, n * chunk - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    qc = qh.reshape(b, h, n, chunk, d).transpose(2, 0, 1, 3, 4)
+    kh, vh = (x.transpose(0, 2, 1, 3) for x in (k, v))
+
+    def one(qb):
+        logits = jnp.einsum("bhqd,bhkd->bhqk", qb, kh, preferred_element_type=jnp.float32) * scale
+        m = logits.max(-1, keepdims=True)
+        p = jnp.exp(logits - m)
+        denom = p.sum(-1, keepdims=True)
+        o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32) / denom
+        return o.astype(q.dtype), (jnp.log(denom) + m)[..., 0]
+
+    o, lse = jax.lax.map(one, qc)
+    o = o.transpose(1, 2, 0, 3, 4).reshape(b, h, n * chunk, d)[:, :, :s].transpose(0, 2, 1, 3)
+    return o, lse.transpose(1, 2, 0, 3).reshape(b, h, n * chunk)[:, :, :s]
+
+
+def _attn_jax_dpa(q, k, v, scale):
+    """``jax.nn.dot_product_attention`` (implementation chosen by JAX: cuDNN on GPU, XLA elsewhere)."""
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+    return out, jnp.zeros(q.shape[:1] + q.shape[2:3] + q.shape[1:2], jnp.float32)  # lse unused on one device
+
+
+ATTENTION_VARIANTS: dict[str, Callable] = {
+    "heads_major": _attn_heads_major,
+    "per_head_map": _attn_per_head_map,
+    "per_head_map4": lambda q, k, v, scale: _attn_per_head_map(q, k, v, scale, batch_size=4),
+    "query_chunks": _attn_query_chunks,
+    "jax_dpa": _attn_jax_dpa,
+}
+
+
+@contextlib.contextmanager
+def attention_override(name: str | None):
+    """While tracing, route the model's single-device attention kernel through ``ATTENTION_VARIANTS[name]``.
+
+    Patches ``xdit_jax.parallel.attention._xla_attention`` (q, k, v, mask, scale, out_dtype) ->
+    (out, lse), or, in older trees, ``local_attention``. Masked calls go to the original kernel.
+    """
+    if name is None:
+        yield
+        return
+    from xdit_jax.parallel import attention as attn_mod
+
+    fn = ATTENTION_VARIANTS[name]
+    if hasattr(attn_mod, "_xla_attention"):
+        target, original = "_xla_attention", attn_mod._xla_attention
+
+        def patched(q, k, v, mask, scale, out_dtype):
+            if mask is not None:
+                return original(q, k, v, mask, scale, out_dtype)
+            out, lse = fn(q, k, v, scale)
+            return out.astype(out_dtype), lse
+    else:
+        target, original = "local_attention", attn_mod.local_attention
+
+        def patched(q, k, v, *, kv_valid=None, scale=None, return_lse=False, **kw):
+            if kv_valid is not None or kw:
+                return original(q, k, v, kv_valid=kv_valid, scale=scale, return_lse=return_lse, **kw)
+            out, lse = fn(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+            return (out, lse) if return_lse else out
+    setattr(attn_mod, target, patched)
+    try:
+        yield
+    finally:
+        setattr(attn_mod, target, original)
+
+
+# --------------------------------------------------------------------------------------------
+# Our step
+# --------------------------------------------------------------------------------------------
+
+def jnp_dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[DTYPE_NAMES[name]]
+
+
+def make_inputs(w: Workload, seed: int = 0) -> dict[str, np.ndarray]:
+    """Latents (B, F, C, h, w), text embeddings (B, L, D_txt) and timesteps (B,), float32 / int64, as numpy."""
+    rng = np.random.default_rng(seed)
+    t = w.transformer
+    latents = rng.standard_normal(w.latent_shape(), dtype=np.float32)
+    embeds = rng.standard_normal((w.step_batch, w.text_len, int(t.get("text_embed_dim", 4096))), dtype=np.float32)
+    steps = np.full((w.step_batch,), 500, dtype=np.int64)
+    return {"latents": latents, "embeds": embeds, "t": steps}
+
+
+def batch_sharding(mesh, ndim: int):
+    """Batch axis over (cfg, data), as the pipeline shards the doubled CFG batch; the rest replicated."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    return NamedSharding(mesh, P(("cfg", "data"), *([None] * (ndim - 1))))
+
+
+def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla") -> tuple[Callable, str]:
+    """The benchmarked step, ``(state, latents, embeds, t) -> noise_pred`` on the CFG batch, jitted.
+
+    The transformer forward for both CFG halves, weights as arguments, run as the pipeline runs
+    it: ``embed`` -> ``xdit_jax.parallel.sequence.run_blocks`` over the mesh -> ``head`` (where
+    the tree has them; else the plain ``model(...)`` call). Returns (jitted step, which path).
+    This is the one function to swap for the pipeline's full step (guidance + scheduler update).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    dtype = dtype or jnp.float32
+    try:
+        from xdit_jax.parallel.sequence import run_blocks
+    except ImportError:
+        run_blocks = None
+    from xdit_jax.models import cogvideox
+
+    staged = run_blocks is not None and all(hasattr(cogvideox.CogVideoXTransformer3DModel, a)
+                                            for a in ("embed", "blocks", "head"))
+
+    def blocks(params, joint, tokens, temb):
+        return nnx.merge(graphdef, params).blocks(joint, tokens, temb)
+
+    def step(state, latents, embeds, t):
+        model = nnx.merge(graphdef, state)
+        if mesh is not None:
+            latents = jax.lax.with_sharding_constraint(latents, batch_sharding(mesh, latents.ndim))
+        x, e = latents.astype(dtype), embeds.astype(dtype)
+        if staged:
+            joint, tokens, temb = model.embed(x, e, t)
+            joint = run_blocks(blocks, state, joint, tokens, temb, mesh, backend=attention_backend)
+            pred = model.head(joint, temb, x.shape)
+        else:
+            from xdit_jax.parallel.attention import AttentionConfig, attention_context
+
+            with attention_context(AttentionConfig(mesh=mesh, backend=attention_backend)):
+                pred = model(x, e, t)
+        return pred.astype(jnp.float32)
+
+    return jax.jit(step), ("embed/run_blocks/head" if staged else "model()")
+
+
+def init_random_state(cfg, dtype, seed: int = 0, sharding=None):
+    """(graphdef, state) of a randomly initialised transformer, made on device by one jitted init."""
+    import jax
+    from flax import nnx
+
+    from xdit_jax.models import cogvideox
+
+    def make():
+        return cogvideox.CogVideoXTransformer3DModel(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=sharding)()
+    return graphdef, state
+
+
+def state_from_params(cfg, params: dict, dtype, sharding=None):
+    """(graphdef, state) of a transformer holding ``params`` (a pure dict, e.g. from diffusers weights)."""
+    import jax
+    from flax import nnx
+
+    from xdit_jax.models import cogvideox
+
+    model = cogvideox.build(cfg, params, dtype)
+    graphdef, state = nnx.split(model)
+    if sharding is not None:
+        state = jax.device_put(state, sharding)
+    return graphdef, state
+
+
+_HLO_COMP_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*.*\{\s*$")
+_HLO_SHAPE_RE = re.compile(r"\b(pred|[a-z]+\d+(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_HLO_CALLEE_RE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_HLO_CALLEE_LIST_RE = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
+
+
+def _dims(shape_text: str) -> list[int] | None:
+    m = _HLO_SHAPE_RE.search(shape_text)
+    if not m:
+        return None
+    return [int(d) for d in m.group(2).split(",") if d]
+
+
+def _close_paren(s: str, i: int) -> int:
+    """Index just past the parenthesis group opening at s[i]."""
+    depth = 0
+    for j in range(i, len(s)):
+        depth += s[j] == "("
+        depth -= s[j] == ")"
+        if depth == 0:
+            return j + 1
+    return len(s)
+
+
+def _int_list(attrs: str, key: str) -> list[int]:
+    m = re.search(key + r"=\{([\d,]*)\}", attrs)
+    return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+def hlo_matmul_flops(hlo_text: str) -> float | None:
+    """FLOPs of the dots and convolutions of a compiled HLO module, loops counted by trip count.
+
+    XLA's ``cost_analysis()`` counts the body of a ``while`` loop once (the block stack is one
+    ``lax.scan``), so it undercounts a scanned model by (layers - 1) blocks. This walks the
+    module from its entry, multiplies through ``while`` loops by their ``known_trip_count`` and
+    counts 2 x (output elements) x (contracted size) for every ``dot`` (also cuBLAS gemm
+    custom-calls) and ``convolution``. Element-wise work is not counted. None if unparseable.
+    """
+    comps: dict[str, list[tuple[str, str, str, str, str]]] = {}
+    order: list[str] = []
+    entry = cur = None
+    header_shapes: dict[str, dict[str, str]] = {}
+    for line in hlo_text.splitlines():
+        st = line.strip()
+        if cur is None:
+            m = _HLO_COMP_RE.match(st)
+            if m:
+                cur = m.group(2)
+                comps[cur] = []
+                order.append(cur)
+                entry = cur if m.group(1) else entry
+                header_shapes[cur] = {k.strip().lstrip("%"): v for k, _, v in
+                                      (p.partition(":") for p in re.split(r",\s*(?![^\[]*\])", m.group(3)))}
+            continue
+        if st == "}":
+            cur = None
+            continue
+        if st.startswith("ROOT "):
+            st = st[5:]
+        name, eq, rest = st.partition(" = ")
+        if not eq:
+            continue
+        rest = rest.lstrip()
+        end = _close_paren(rest, 0) if rest.startswith("(") else rest.find(" ")
+        if end < 0:
+            continue
+        shape, rest = rest[:end], rest[end:].lstrip()
+        m = re.match(r"([a-z][\w\-]*)\(", rest)
+        if not m:
+            continue
+        close = _close_paren(rest, m.end() - 1)
+        comps[cur].append((name.strip().lstrip("%"), shape, m.group(1), rest[m.end():close - 1], rest[close:]))
+    if entry is None:
+        if not order:
+            return None
+        entry = order[-1]
+    mult = {c: 0 for c in order}
+    mult[entry] = 1
+    for cname in reversed(order):  # callees are printed before their callers
+        mcur = mult.get(cname, 0)
+        if not mcur:
+            continue
+        for _, _, opcode, _, attrs in comps[cname]:
+            trips = 1
+            if opcode == "while":
+                tm = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+                trips = int(tm.group(1)) if tm else 1
+            callees = _HLO_CALLEE_RE.findall(attrs)
+            for kind, names in _HLO_CALLEE_LIST_RE.findall(attrs):
+                callees += [(kind, n.strip().lstrip("%")) for n in names.split(",") if n.strip()]
+            for kind, callee in callees:
+                if callee in mult and kind != "to_apply":
+                    mult[callee] += mcur * (trips if kind == "body" else 1)
+    total = 0.0
+    for cname in order:
+        mc = mult.get(cname, 0)
+        if not mc:
+            continue
+        shapes = dict(header_shapes.get(cname, {}))
+        shapes.update({n: sh for n, sh, *_ in comps[cname]})
+
+        def operand_dims(args: str, i: int):
+            parts = [a.strip() for a in re.split(r",\s*(?![^\[{]*[\]}])", args) if a.strip()]
+            if i >= len(parts):
+                return None
+            a = parts[i]
+            if _HLO_SHAPE_RE.search(a):
+                return _dims(a)
+            return _dims(shapes.get(a.split()[-1].lstrip("%"), ""))
+
+        for _, shape, opcode, args, attrs in comps[cname]:
+            out = _dims(shape)
+            if out is None:
+                continue
+            n_out = math.prod(out)
+            if opcode == "dot":
+                lhs = operand_dims(args, 0)
+                if lhs is None:
+                    continue
+                k = math.prod(lhs[c] for c in _int_list(attrs, "lhs_contracting_dims"))
+                total += mc * 2.0 * n_out * k
+            elif opcode == "convolution":
+                rhs = operand_dims(args, 1)
+                dl = re.search(r"dim_labels=\w+_(\w+)->", attrs)
+                if rhs is None or not dl or "o" not in dl.group(1):
+                    continue
+                total += mc * 2.0 * n_out * math.prod(rhs) / rhs[dl.group(1).index("o")]
+            elif opcode == "custom-call" and "gemm" in attrs:
+                lhs = operand_dims(args, 0)
+                cm = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', attrs)
+                if lhs is None or not cm:
+                    continue
+                k = math.prod(lhs[int(c.strip().strip('"'))] for c in cm.group(1).split(",") if c.strip())
+                total += mc * 2.0 * n_out * k
+    return total
+
+
+def xla_cost_flops(compiled) -> float | None:
+    try:
+        ca = compiled.cost_analysis()
+        if isinstance(ca, (list, tuple)):
+            ca = ca[0] if ca else {}
+        return float(ca.get("flops")) if ca and ca.get("flops") is not None else None
+    except Exception:
+        return None
+
+
+def memory_analysis_bytes(compiled) -> dict[str, int] | None:
+    try:
+        m = compiled.memory_analysis()
+        if m is None:
+            return None
+        out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                               "alias_size_in_bytes", "temp_size_in_bytes",
+                                               "generated_code_size_in_bytes") if hasattr(m, k)}
+        out["peak_estimate_bytes"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
+                                      + out.get("temp_size_in_bytes", 0) - out.get("alias_size_in_bytes", 0))
+        return out
+    except Exception:
+        return None
+
+
+def device_peak_bytes() -> int | None:
+    import jax
+
+    peaks = []
+    for dev in jax.local_devices():
+        try:
+            stats = dev.memory_stats() or {}
+        except Exception:
+            stats = {}
+        if "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def collective_summary(hlo_text: str) -> tuple[float | None, Any]:
+    """(bytes per device per step, {collective: bytes}) from ``xdit_jax.parallel.comm``;
+    (None, why) where that module is absent or fails (the column is then skipped)."""
+    try:
+        from xdit_jax.parallel import comm
+    except ImportError:
+        return None, "xdit_jax.parallel.comm not available"
+    try:
+        stats = comm.collective_stats(hlo_text)
+        summary = comm.summarize(stats)
+    except Exception as e:  # the accounting is another module's; never fail the benchmark on it
+        return None, f"collective accounting failed: {type(e).__name__}: {e}"
+    total = None
+    if isinstance(summary, dict):
+        nums = [v for v in summary.values() if isinstance(v, (int, float))]
+        total = float(sum(nums)) if nums else None
+    try:
+        json.dumps(summary)
+    except (TypeError, ValueError):
+        summary = str(summary)
+    return total, summary
+
+
+_CACHE_EVENTS = {"hits": 0, "misses": 0}
+_LISTENING = False
+
+
+def _listen_cache_events():
+    global _LISTENING
+    if _LISTENING:
+        return
+    try:
+        from jax import monitoring
+
+        def on_event(event, **kw):
+            if event == "/jax/compilation_cache/cache_hits":
+                _CACHE_EVENTS["hits"] += 1
+            elif event == "/jax/compilation_cache/cache_misses":
+                _CACHE_EVENTS["misses"] += 1
+
+        monitoring.register_event_listener(on_event)
+        _LISTENING = True
+    except Exception:
+        pass
+
+
+def enable_compile_cache(directory: str) -> None:
+    """Persistent compilation cache in ``directory``; every executable is written (no size/time floor)."""
+    import jax
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _listen_cache_events()
+
+
+# --------------------------------------------------------------------------------------------
+# The diffusers reference
+# --------------------------------------------------------------------------------------------
+
+class TorchReference:
+    """diffusers' ``CogVideoXTransformer3DModel`` on the same config, weights and inputs."""
+
+    def __init__(self, transformer_config: dict, dtype: str, seed: int = 0, device: str | None = None):
+        import torch
+        from diffusers import CogVideoXTransformer3DModel
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(seed)
+        cfg = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+        model = CogVideoXTransformer3DModel(**cfg).eval()
+        self.state_dict_np = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        model = model.to(self.device)
+        self.model = model.to(dtype=tdtype) if tdtype != torch.float32 else model
+        self.dtype = tdtype
+
+    def set_inputs(self, inputs: dict, w: Workload):
+        torch = self.torch
+        self.x = torch.from_numpy(inputs["latents"]).to(self.device, self.dtype)
+        self.enc = torch.from_numpy(inputs["embeds"]).to(self.device, self.dtype)
+        self.t = torch.from_numpy(inputs["t"]).to(self.device)
+        self.rope = None
+        if self.model.config.use_rotary_positional_embeddings:
+            import types
+
+            from diffusers import CogVideoXPipeline
+
+            fake = types.SimpleNamespace(transformer=self.model, vae_scale_factor_spatial=w.vae_scale_spatial)
+            _, f, _, h, ww = inputs["latents"].shape
+            self.rope = CogVideoXPipeline._prepare_rotary_positional_embeddings(
+                fake, h * w.vae_scale_spatial, ww * w.vae_scale_spatial, f, self.device)
+
+    def __call__(self):
+        with self.torch.inference_mode():
+            out = self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
+                             image_rotary_emb=self.rope, return_dict=False)[0]
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+        return out
+
+    def to_numpy(self, out) -> np.ndarray:
+        return out.float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StepOptions:
+    model: str = "cpu-small"
+    meshes: list = dataclasses.field(default_factory=lambda: [None])
+    dtype: str | None = None  # None / "auto": bf16 on an accelerator, fp32 on CPU
+    steps: int = 5
+    warmup: int = 1
+    compare: str | None = None  # "diffusers"
+    variants: list = dataclasses.field(default_factory=list)  # extra Variant()s besides the default
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    layers: int | None = None
+    batch: int = 1
+    cfg: bool = True
+    seed: int = 0
+    settle: float | None = None
+    matmul_precision: str | None = None
+    compile_cache: str | None = None
+    compiler_options: dict = dataclasses.field(default_factory=dict)
+    attention_backend: str = "xla"
+    check: bool = True
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+
+
+class _Timer:
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class _Runner:
+    """One thing timed in the interleaved loop: a compiled step of ours, or the diffusers model."""
+
+    row: dict
+    call: Callable[[], Any]  # runs one step and waits for it
+    timer: _Timer
+    fetch: Callable[[Any], np.ndarray] = np.asarray
+    times: list = dataclasses.field(default_factory=list)
+
+
+def environment_info() -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    info = {"backend": jax.default_backend(), "device_kind": dev.device_kind, "n_devices": jax.device_count(),
+            "jax": jax.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    try:
+        import flax
+
+        info["flax"] = flax.__version__
+    except Exception:
+        pass
+    return info
+
+
+def _mesh_spec(spec):
+    from xdit_jax.mesh import MeshSpec
+
+    return MeshSpec.parse(None if spec in (None, "", "1", "single") else spec)
+
+
+def run_step_benchmark(opts: StepOptions) -> list[dict]:
+    """Run the step benchmark: one row (dict) per (mesh, variant) of ours, one for diffusers if compared."""
+    import jax
+
+    from xdit_jax.models import cogvideox
+
+    log = opts.log
+    t_start = time.perf_counter()
+    if opts.compile_cache:
+        enable_compile_cache(opts.compile_cache)
+    if opts.matmul_precision:
+        jax.config.update("jax_default_matmul_precision", opts.matmul_precision)
+    env = environment_info()
+    backend = env["backend"]
+    dtype_name = select_dtype(opts.dtype, backend)
+    dtype = jnp_dtype(dtype_name)
+    settle = default_settle_seconds(backend) if opts.settle is None else opts.settle
+    w = load_workload(opts.model, height=opts.height, width=opts.width, num_frames=opts.num_frames,
+                      layers=opts.layers, batch=opts.batch, cfg=opts.cfg)
+    tcfg = cogvideox.CogVideoXConfig.from_dict(w.transformer)
+    shape = w.latent_shape()
+    cogvideox.check_input_shape(tcfg, shape[1], shape[3], shape[4])
+    flops = analytic_flops(w.transformer, shape, w.text_len)
+    sv, st = w.tokens()
+    peak, peak_src = peak_tflops(env["device_kind"], dtype_name, opts.matmul_precision)
+    log(f"[bench] {w.name}: latents {shape}, {sv} video + {st} text tokens, {tcfg.num_layers} layers, "
+        f"{dtype_name} on {env['n_devices']} x {env['device_kind']} ({backend}); "
+        f"analytic {flops['total'] / 1e9:.2f} GFLOP/step")
+    base = {"kind": "step", "model": w.name, "source": w.source, "dtype": dtype_name, "latent_shape": list(shape),
+            "video_tokens": sv, "text_tokens": st, "layers": tcfg.num_layers, "heads": tcfg.num_attention_heads,
+            "head_dim": tcfg.attention_head_dim, "height": w.height, "width": w.width, "num_frames": w.num_frames,
+            "step_batch": w.step_batch, "flops_analytic": flops["total"], "flops_attention": flops["attention"],
+            "peak_tflops": peak, "peak_source": peak_src, "settle_s": settle, "warmup": opts.warmup,
+            "matmul_precision": opts.matmul_precision, "compile_cache": opts.compile_cache, **env}
+
+    inputs = make_inputs(w, opts.seed)
+    ref = params = None
+    prep = _Timer()
+    if opts.compare == "diffusers":
+        with prep.stage("init_weights"):
+            ref = TorchReference(w.transformer, dtype_name, seed=opts.seed)
+            params = cogvideox.params_from_torch(ref.state_dict_np, tcfg, dtype=dtype)
+            ref.state_dict_np = None
+        with prep.stage("to_device"):
+            ref.set_inputs(inputs, w)
+    elif opts.compare not in (None, "", "none"):
+        raise ValueError(f"compare={opts.compare!r}: only 'diffusers' is supported.")
+
+    variants = [Variant(compiler_options=dict(opts.compiler_options))] + list(opts.variants)
+    runners: list[_Runner] = []
+    rows: list[dict] = []
+    for spec in opts.meshes:
+        ms = _mesh_spec(spec)
+        for var in variants:
+            row = dict(base, impl=var.label, mesh=str(ms), mesh_devices=ms.size,
+                       attention_backend=var.attention_backend or opts.attention_backend,
+                       compiler_options=var.compiler_options or None, attention_variant=var.attention)
+            try:
+                runners.append(_prepare_ours(row, tcfg, dtype, ms, var, inputs, params, opts))
+            except Exception as e:  # e.g. a mesh the engine cannot run yet: report it, go on
+                row["error"] = f"{type(e).__name__}: {e}"
+                log(f"[bench] {row['mesh']} {var.label}: skipped ({row['error'].splitlines()[0][:200]})")
+                rows.append(row)
+    if ref is not None:
+        row = dict(base, impl="diffusers", mesh=f"torch {ref.device}", mesh_devices=1, attention_backend="sdpa",
+                   torch=ref.torch.__version__, torch_threads=ref.torch.get_num_threads())
+        try:
+            import diffusers
+
+            row["diffusers"] = diffusers.__version__
+        except Exception:
+            pass
+        t = _Timer()
+        t.stages.update(prep.stages)
+        runners.append(_Runner(row=row, call=ref, timer=t, fetch=ref.to_numpy))
+
+    # Warm-up (the first call is its own stage), the output check, then the interleaved timed loop.
+    first = {}
+    for r in runners:
+        with r.timer.stage("first_call"):
+            first[id(r)] = r.fetch(r.call())
+        for _ in range(max(opts.warmup - 1, 0)):
+            r.call()
+        time.sleep(settle)
+    if opts.check and ref is not None:
+        ref_runner = runners[-1]
+        want = first[id(ref_runner)].astype(np.float32)
+        ref_runner.row["ref_abs_max"] = float(np.abs(want).max())
+        for r in runners[:-1]:
+            got = first[id(r)].astype(np.float32)
+            r.row["max_abs_diff_vs_diffusers"] = float(np.abs(got - want).max())
+            log(f"[bench] check {r.row['mesh']} {r.row['impl']}: max |ours - diffusers| = "
+                f"{r.row['max_abs_diff_vs_diffusers']:.3e} (max |diffusers| = {np.abs(want).max():.3f})")
+    first.clear()
+    log(f"[bench] timing {opts.steps} steps x {len(runners)} runners, interleaved (settle {settle}s)")
+    for i in range(opts.steps):
+        for r in (runners if i % 2 == 0 else runners[::-1]):  # ABBA order cancels slow drift
+            t0 = time.perf_counter()
+            r.call()
+            r.times.append(time.perf_counter() - t0)
+            time.sleep(settle)
+        log(f"[bench] step {i + 1}/{opts.steps}: " + ", ".join(f"{r.row['impl']}@{r.row['mesh']} {r.times[-1]:.3f}s"
+                                                           for r in runners))
+    ref_runner = runners[-1] if ref is not None else None
+    for r in runners:
+        row = r.row
+        s = summarize_times(r.times)
+        row["step_times_s"] = [round(x, 6) for x in r.times]
+        row.update({f"step_{k}_s": v for k, v in s.items() if k != "n"})
+        row["steps_timed"] = s.get("n", 0)
+        r.timer.stages["timed_steps"] = sum(r.times)
+        row["stages_s"] = {k: round(v, 4) for k, v in r.timer.stages.items()}
+        med = s.get("median")
+        row["tflops_achieved"] = flops["total"] / med / 1e12 if med else None
+        on_cpu_torch = row["impl"] == "diffusers" and ref.device == "cpu"
+        row["fraction_of_peak"] = None if on_cpu_torch else fraction_of_peak(flops["total"], med, peak,
+                                                                            row.get("mesh_devices", 1))
+        if ref_runner is not None and r is not ref_runner and med:
+            row["ratio_vs_diffusers"] = med / statistics.median(ref_runner.times)
+            pairs = [a / b for a, b in zip(r.times, ref_runner.times) if b > 0]
+            row["ratio_vs_diffusers_paired_median"] = statistics.median(pairs) if pairs else None
+        rows.append(row)
+    peak_dev = device_peak_bytes()
+    for row in rows:
+        if row["impl"] != "diffusers" and "error" not in row:
+            row["peak_device_bytes"] = peak_dev
+            xla_peak = (row.get("xla_memory") or {}).get("peak_estimate_bytes")
+            row["peak_memory_bytes"] = peak_dev if peak_dev is not None else xla_peak
+            row["peak_memory_source"] = "device_memory_stats" if peak_dev is not None else "xla_memory_analysis"
+        row["host_peak_rss_bytes"] = host_peak_rss_bytes()
+        row["total_run_s"] = time.perf_counter() - t_start
+    return rows
+
+
+def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params, opts: StepOptions) -> _Runner:
+    """Weights and inputs on the mesh, the step lowered and compiled; the row filled with what that tells."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from xdit_jax.mesh import build_mesh
+
+    timer = _Timer()
+    if ms.pipefusion > 1:
+        raise NotImplementedError("PipeFusion meshes are not benchmarked by the transformer step yet")
+    mesh = build_mesh(ms) if ms.size > 1 else None
+    repl = NamedSharding(mesh, P()) if mesh is not None else None
+    with timer.stage("init_weights"):
+        if params is not None:  # the diffusers model's weights (its init time is added below)
+            graphdef, state = state_from_params(tcfg, params, dtype, repl)
+        else:
+            graphdef, state = init_random_state(tcfg, dtype, opts.seed, repl)
+        jax.block_until_ready(state)
+    with timer.stage("to_device"):
+        if mesh is not None:
+            args = tuple(jax.device_put(inputs[k], batch_sharding(mesh, inputs[k].ndim))
+                         for k in ("latents", "embeds", "t"))
+        else:
+            args = tuple(jax.device_put(inputs[k]) for k in ("latents", "embeds", "t"))
+        jax.block_until_ready(args)
+    step, row["step_path"] = build_step(graphdef, mesh, dtype, var.attention_backend or opts.attention_backend)
+    misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
+    with timer.stage("lower"), attention_override(var.attention):
+        lowered = step.lower(state, *args)
+    with timer.stage("compile"):
+        compiled = lowered.compile(compiler_options=var.compiler_options) if var.compiler_options \
+            else lowered.compile()
+    if opts.compile_cache:
+        seen = _CACHE_EVENTS["hits"] + _CACHE_EVENTS["misses"] > hits0 + misses0
+        row["compile_cache_hit"] = (_CACHE_EVENTS["hits"] > hits0) if seen else None
+    row["lower_s"], row["compile_s"] = timer.stages["lower"], timer.stages["compile"]
+    try:
+        hlo = compiled.as_text()
+    except Exception:
+        hlo = ""
+    row["flops_hlo"] = hlo_matmul_flops(hlo) if hlo else None
+    row["flops_xla_cost_analysis"] = xla_cost_flops(compiled)
+    row["xla_memory"] = memory_analysis_bytes(compiled)
+    row["collective_bytes"], row["collectives"] = collective_summary(hlo) if hlo else (None, None)
+    opts.log(f"[bench] {row['mesh']} {row['impl']}: lower {row['lower_s']:.2f}s, compile {row['compile_s']:.2f}s"
+             f"{' (persistent cache hit)' if row.get('compile_cache_hit') else ''}")
+
+    def call():
+        out = compiled(state, *args)
+        jax.block_until_ready(out)
+        return out
+
+    return _Runner(row=row, call=call, timer=timer)
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_flops(x) -> str:
+    if not x:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f}"
+
+
+def _fmt(x, spec=".3f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A readable table of the rows (the JSON lines hold everything)."""
+    if not rows:
+        return "(no rows)"
+    r0 = rows[0]
+    head = (f"model {r0['model']} ({r0.get('source', '')}): latents {tuple(r0['latent_shape'])}, "
+            f"{r0['video_tokens']}+{r0['text_tokens']} tokens, {r0['layers']} layers, {r0['dtype']}, "
+            f"{r0['backend']} {r0['device_kind']} x{r0['n_devices']}\n"
+            f"FLOP/step analytic {_fmt_flops(r0['flops_analytic'])} "
+            f"(attention {r0['flops_attention'] / r0['flops_analytic']:.0%}); "
+            f"peak: {r0['peak_tflops'] or '-'} TFLOP/s ({r0['peak_source']})")
+    cols = ["mesh", "impl", "compile s", "step med s", "[min, max]", "IQR s", "vs diffusers", "TFLOP/s", "%peak",
+            "HLO FLOP", "peak mem", "coll/step"]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["mesh"], r["impl"], "skipped: " + r["error"].splitlines()[0][:70]] + [""] * 9)
+            continue
+        ratio = r.get("ratio_vs_diffusers")
+        lines.append([
+            r["mesh"], r["impl"], _fmt(r.get("compile_s"), ".2f"), _fmt(r.get("step_median_s")),
+            f"[{_fmt(r.get('step_min_s'))}, {_fmt(r.get('step_max_s'))}]", _fmt(r.get("step_iqr_s")),
+            f"{ratio:.2f}x" if ratio else "-", _fmt(r.get("tflops_achieved"), ".3f"),
+            f"{r['fraction_of_peak']:.1%}" if r.get("fraction_of_peak") else "-",
+            _fmt_flops(r.get("flops_hlo")),
+            _fmt_bytes(r.get("peak_memory_bytes")) + (" (xla)" if r.get("peak_memory_source") == "xla_memory_analysis"
+                                                     and r.get("peak_memory_bytes") else ""),
+            _fmt_bytes(r.get("collective_bytes")) if r.get("collective_bytes") is not None else "-",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *lines)]
+    out = [head, "  ".join(c.ljust(wd) for c, wd in zip(cols, widths)),
+           "  ".join("-" * wd for wd in widths)]
+    out += ["  ".join(str(x).ljust(wd) for x, wd in zip(line, widths)).rstrip() for line in lines]
+    notes = []
+    for r in rows:
+        bits = []
+        if r.get("stages_s"):
+            bits.append("stages " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items()))
+        if r.get("max_abs_diff_vs_diffusers") is not None:
+            bits.append(f"max |ours - diffusers| {r['max_abs_diff_vs_diffusers']:.2e}")
+        if r.get("ratio_vs_diffusers_paired_median") is not None:
+            bits.append(f"median per-step ratio {r['ratio_vs_diffusers_paired_median']:.3f}")
+        if r.get("compile_cache_hit") is not None:
+            bits.append(f"persistent cache {'hit' if r['compile_cache_hit'] else 'miss'}")
+        if r.get("flops_xla_cost_analysis"):
+            bits.append(f"XLA cost_analysis {_fmt_flops(r['flops_xla_cost_analysis'])} (loop bodies once)")
+        if bits:
+            notes.append(f"  {r['mesh']} / {r['impl']}: " + "; ".join(bits))
+    if notes:
+        out += ["per row (seconds):"] + notes
+    return "\n".join(out)
+
+
+def json_lines(rows: list[dict]) -> str:
+    def default(o):
+        if isinstance(o, (np.floating, np.integer)):
+            return o.item()
+        return str(o)
+
+    return "\n".join(json.dumps(r, default=default, sort_keys=False) for r in rows)
