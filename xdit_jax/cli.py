@@ -123,9 +123,21 @@ def write_video(frames, path: Path, fps: int) -> None:
     os.replace(tmp, path)
 
 
+def _backends_initialized() -> bool:
+    """Whether jax already created its backends (then XLA_FLAGS can no longer change the devices)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
+
+
 def ensure_devices(n: int) -> str | None:
     """On a CPU-only machine, ask XLA for ``n`` simulated devices (before jax is imported)."""
-    if n <= 1 or "jax" in sys.modules:
+    if n <= 1 or _backends_initialized():
         return None
     platforms = os.environ.get("JAX_PLATFORMS", "")
     try:
@@ -167,7 +179,13 @@ def main(argv=None) -> int:
         ap.exit(2, f"error: {e}\n")
     if spec.size % group.num_processes:
         ap.exit(2, f"error: the mesh {spec} ({spec.size} devices) cannot be split evenly over "
-                   f"{group.num_processes} processes.\n")
+                   f"{group.num_processes} processes; give --mesh a multiple of {group.num_processes} devices.\n")
+
+    from xdit_jax.distributed import supervise
+
+    rc = supervise(group, list(sys.argv[1:] if argv is None else argv))
+    if rc is not None:
+        return rc
     note = ensure_devices(spec.size // group.num_processes)
     if note:
         print(note, file=sys.stderr)

@@ -53,6 +53,33 @@ class ProcessGroup:
         return cls(coordinator, n, i, int(timeout_s), int(heartbeat_s))
 
 
+SUPERVISED = "XDIT_SUPERVISED"
+
+
+def supervise(group: ProcessGroup, argv: list[str]) -> int | None:
+    """Run this process's work in a child and turn a runtime abort into a clear error.
+
+    The jax distributed runtime ends a process with a fatal log (SIGABRT) when a peer never joins
+    or stops sending heartbeats; that cannot be caught in Python, so the parent watches the child
+    and says what happened. Returns the exit code, or None inside the child (go on working).
+    """
+    if not group.active or os.environ.get(SUPERVISED):
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, SUPERVISED: "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    child = subprocess.run([sys.executable, "-m", "xdit_jax.cli", *argv], env=env)
+    rc = child.returncode
+    if rc < 0 or rc == 134:
+        print(f"error: process {group.process_id} of {group.num_processes} was stopped by the jax distributed "
+              f"runtime: a peer did not join {group.coordinator} within --dist-timeout={group.timeout_s}s, or a "
+              f"peer died and sent no heartbeat for --heartbeat-timeout={group.heartbeat_s}s. Start every process "
+              "with the same --coordinator and --num-processes and check the other processes' logs.",
+              file=sys.stderr)
+        return 3
+    return rc
+
+
 def initialize(group: ProcessGroup) -> None:
     """Join the process group (no-op for one process). Raises DistributedError with what to check."""
     if not group.active:

@@ -95,8 +95,11 @@ def default_tiny_dir() -> Path:
     return root / "tiny-cogvideox"
 
 
-def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Write a converted xdit_jax folder holding a tiny random CogVideoX (once; reused after)."""
+def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None) -> Path:
+    """Write a converted xdit_jax folder holding a tiny random CogVideoX (once; reused after).
+
+    ``transformer``: overrides of the tiny transformer config (e.g. RoPE, another head count).
+    """
     from flax import nnx
 
     from xdit_jax.checkpoint import save_params
@@ -110,10 +113,11 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0) -> P
     tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        tcfg = {**TRANSFORMER, **(transformer or {})}
         parts = {
-            "transformer": ("CogVideoXTransformer3DModel", TRANSFORMER,
+            "transformer": ("CogVideoXTransformer3DModel", tcfg,
                             lambda: cogvideox.CogVideoXTransformer3DModel(
-                                cogvideox.CogVideoXConfig.from_dict(TRANSFORMER), rngs=nnx.Rngs(0))),
+                                cogvideox.CogVideoXConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
             "vae": ("AutoencoderKLCogVideoX", VAE,
                     lambda: vae_cogvideox.CogVideoXVAEDecoder(vae_cogvideox.CogVideoXVAEConfig.from_dict(VAE),
                                                               dtype=jnp.float32)),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xdit_jax.parallel.attention import AttentionConfig, attention_context
@@ -63,8 +64,11 @@ def run_blocks(blocks, params, joint, tokens, cond, mesh=None, *, backend: str =
     if b % batch_degree(mesh):
         raise ValueError(f"A batch of {b} cannot be split over data x cfg = {batch_degree(mesh)} devices.")
     sp = padded_length(s, mesh)
-    joint_p = _pad_axis(joint, 1, sp)
-    tokens_p = jax.tree.map(lambda t: _pad_axis(t, 0, sp), tokens)
+    # Entering replicated over the sequence axes makes the shard_map's split a local slice (no
+    # traffic); GSPMD would otherwise shard the embedding on its own and reshuffle at the padding.
+    rep = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    joint_p = rep(_pad_axis(joint, 1, sp), P(BATCH_AXES))
+    tokens_p = jax.tree.map(lambda t: rep(_pad_axis(t, 0, sp), P()), tokens)
     seq = P(BATCH_AXES, SEQ_AXES, *([None] * (joint.ndim - 2)))
     tok_specs = jax.tree.map(lambda t: P(SEQ_AXES, *([None] * (t.ndim - 1))), tokens_p)
     cond_specs = jax.tree.map(lambda c: P(BATCH_AXES, *([None] * (c.ndim - 1))), cond)

@@ -49,18 +49,28 @@ def _ensure_cpu_devices(n: int) -> None:
 
 
 def _config(name: str):
+    """``tiny``, ``cogvideox-2b``, a model of ``configs/`` (its ``vae/config.json``) or a folder."""
+    from pathlib import Path
+
     from xdit_jax import tiny
     from xdit_jax.models.vae_cogvideox import CogVideoXVAEConfig
 
-    if name == "cogvideox-2b":
-        return CogVideoXVAEConfig(**COGVIDEOX_2B)
     if name == "tiny":
         return CogVideoXVAEConfig.from_dict(tiny.VAE)
-    raise SystemExit(f"unknown --model {name!r} (cogvideox-2b or tiny)")
+    repo_configs = Path(__file__).resolve().parents[2] / "configs"
+    for folder in (repo_configs / name, Path(name)):
+        for f in (folder / "vae" / "config.json", folder / "config.json"):
+            if f.is_file():
+                return CogVideoXVAEConfig.from_json_file(f)
+    if name == "cogvideox-2b":
+        return CogVideoXVAEConfig(**COGVIDEOX_2B)
+    raise SystemExit(f"unknown --model {name!r}: tiny, cogvideox-2b, a name in configs/ or a folder "
+                     "holding (vae/)config.json")
 
 
 def measure(cfg, *, devices: int, frames: int, height: int, width: int, dtype: str = "bfloat16",
-            strategy: str = "shard_map", tiling=None, run: bool = False, batch: int = 1) -> dict:
+            strategy: str = "shard_map", tiling=None, run: bool = False, batch: int = 1,
+            platform: str = "cpu") -> dict:
     """Compile (and with ``run`` time) the decode on ``devices`` CPU devices; one result row."""
     import jax
     import jax.numpy as jnp
@@ -76,7 +86,10 @@ def measure(cfg, *, devices: int, frames: int, height: int, width: int, dtype: s
     if height % s or width % s or (frames - 1) % tc:
         raise SystemExit(f"--height/--width must be multiples of {s} and --frames of the form {tc}k+1")
     lat = (batch, cfg.latent_channels, (frames - 1) // tc + 1, height // s, width // s)
-    mesh = Mesh(np.asarray(jax.devices("cpu")[:devices]), ("devices",))
+    devs = jax.devices(platform) if platform != "default" else jax.devices()
+    if len(devs) < devices:
+        raise SystemExit(f"{devices} devices asked for, {len(devs)} {platform} devices present")
+    mesh = Mesh(np.asarray(devs[:devices]), ("devices",))
     graphdef, abstract = nnx.split(nnx.eval_shape(vae.module_fn(cfg, dt)))
     rep = NamedSharding(mesh, P())
 
@@ -97,6 +110,7 @@ def measure(cfg, *, devices: int, frames: int, height: int, width: int, dtype: s
            "grid": list(choose_grid(devices, lat[-2], lat[-1])) if devices > 1 else [1, 1],
            "frames": frames, "height": height, "width": width, "latent_shape": list(lat), "dtype": dt.name,
            "strategy": strategy if devices > 1 else "single", "tiled": tiling is not None,
+           "platform": devs[0].platform,
            "compile_s": round(compile_s, 2)}
     if run:
         rng = np.random.default_rng(0)
@@ -112,7 +126,8 @@ def measure(cfg, *, devices: int, frames: int, height: int, width: int, dtype: s
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="benchmark.py vae-memory", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="cogvideox-2b", help="cogvideox-2b (random weights) or tiny")
+    ap.add_argument("--model", default="cogvideox-2b",
+                    help="cogvideox-2b (random weights), another name in configs/, a folder, or tiny")
     ap.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
     ap.add_argument("--frames", type=int, default=None, help="pixel frames (default 49; tiny: 9)")
     ap.add_argument("--height", type=int, default=None, help="pixels (default 480; tiny: 64)")
@@ -122,13 +137,16 @@ def main(argv=None) -> int:
     ap.add_argument("--strategy", default="shard_map", choices=("shard_map", "gspmd"))
     ap.add_argument("--tiling", action="store_true", help="diffusers' enable_tiling() defaults")
     ap.add_argument("--run", action="store_true", help="also run it once and report decode_s")
+    ap.add_argument("--platform", default="cpu", help="cpu (simulated devices, the default) or default "
+                    "(jax's default backend, e.g. the GPUs)")
     ap.add_argument("--json", action="store_true", help="one JSON line per device count")
     args = ap.parse_args(argv)
 
     counts = [int(x) for x in str(args.devices).split(",") if x.strip()]
     if not counts or min(counts) < 1:
         raise SystemExit("--devices: give positive counts, e.g. 1,2,4,8")
-    _ensure_cpu_devices(max(counts))
+    if args.platform == "cpu":
+        _ensure_cpu_devices(max(counts))
     cfg = _config(args.model)
     tiny_model = args.model == "tiny"
     frames = args.frames or (9 if tiny_model else 49)
@@ -142,7 +160,8 @@ def main(argv=None) -> int:
     base = None
     for n in counts:
         row = measure(cfg, devices=n, frames=frames, height=height, width=width, dtype=args.dtype,
-                      strategy=args.strategy, tiling=tiling, run=args.run, batch=args.batch)
+                      strategy=args.strategy, tiling=tiling, run=args.run, batch=args.batch,
+                      platform=args.platform)
         row = {"model": args.model, **row}
         if base is None and n == 1:
             base = row["peak_bytes_per_device"]
@@ -153,14 +172,14 @@ def main(argv=None) -> int:
         else:
             extra = f"  decode {row['decode_s']:.2f} s" if "decode_s" in row else ""
             ratio = f"  ({row['ratio_to_1_device']:.3f}x of 1 device)" if "ratio_to_1_device" in row else ""
-            print(f"{n} device(s), grid {row['grid']}: peak {row['peak_bytes_per_device'] / 2**30:.3f} GiB/device "
-                  f"(temp {temp_gib(row):.3f}, args {row['argument_bytes'] / 2**30:.3f}){ratio}"
+            print(f"{n} device(s), grid {row['grid']}: peak {_size(row['peak_bytes_per_device'])}/device "
+                  f"(temp {_size(row['temp_bytes'])}, arguments {_size(row['argument_bytes'])}){ratio}"
                   f"  compile {row['compile_s']:.1f} s{extra}", flush=True)
     return 0
 
 
-def temp_gib(row: dict) -> float:
-    return row["temp_bytes"] / 2**30
+def _size(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
 
 
 if __name__ == "__main__":

@@ -254,6 +254,37 @@ class CogVideoXPipeline:
         check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
                       guidance_scale)
 
+    def latent_shape(self, batch: int, height: int, width: int, num_frames: int):
+        """((B, F, C, h, w) of the latents, latent frames added in front for patch_size_t)."""
+        tc = self.transformer_config
+        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        pt = tc.patch_size_t
+        additional = (pt - latent_frames % pt) if pt and latent_frames % pt else 0
+        return (batch, latent_frames + additional, tc.in_channels, height // self.vae_scale_factor_spatial,
+                width // self.vae_scale_factor_spatial), additional
+
+    def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 6.0,
+                     max_sequence_length: int | None = None):
+        """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it:
+        for cost/memory analysis and communication accounting (:mod:`xdit_jax.parallel.comm`)."""
+        tc = self.transformer_config
+        height = height or tc.sample_height * self.vae_scale_factor_spatial
+        width = width or tc.sample_width * self.vae_scale_factor_spatial
+        num_frames = num_frames or tc.sample_frames
+        self.check_inputs(height, width, num_frames, batch, guidance_scale)
+        do_cfg = guidance_scale > 1.0
+        shape, _ = self.latent_shape(batch, height, width, num_frames)
+        seq = max_sequence_length or tc.max_text_seq_length
+        sd = lambda shp, dt, cfg_major: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), cfg_major))
+        latents = sd(shape, jnp.float32, False)
+        embeds = sd(((2 if do_cfg else 1) * batch, seq, tc.text_embed_dim), self.dtype, do_cfg)
+        sched = jax.tree.map(jnp.asarray, schedulers.make_schedule(self.scheduler_config, num_inference_steps))
+        guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, False))
+        _, tstate = nnx.split(self.transformer)
+        return self._step_fn(do_cfg).lower(tstate, latents, latents, jnp.int32(0), embeds, sched, guidance,
+                                           jax.random.key(0)).compile()
+
     # ------------------------------------------------------------------ call
 
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
@@ -300,11 +331,7 @@ class CogVideoXPipeline:
             jax.block_until_ready(embeds)
 
         # 2. latents (diffusers layout: B, F, C, h, w); 1.5 pads latent frames to patch_size_t
-        latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        pt = tc.patch_size_t
-        additional = (pt - latent_frames % pt) if pt and latent_frames % pt else 0
-        shape = (batch, latent_frames + additional, tc.in_channels, height // self.vae_scale_factor_spatial,
-                 width // self.vae_scale_factor_spatial)
+        shape, additional = self.latent_shape(batch, height, width, num_frames)
         sched = schedulers.make_schedule(self.scheduler_config, num_inference_steps)
         rng = jax.random.key(seed)
         if latents is None:

@@ -1,0 +1,77 @@
+"""Two processes x 2 simulated devices form one 4-device mesh and write the one-process video;
+a process whose peer never joins exits with a clear error in bounded time."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xdit_jax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--no-progress", "--mesh", "cfg=2,ulysses=2", "--steps", "2", "--height", "32", "--width", "48",
+        "--num-frames", "9", "--prompt", "A dog on a beach."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(cache):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each process simulates its own 2 devices
+    env.update(JAX_PLATFORMS="cpu", XDIT_JAX_CACHE=str(cache))
+    return env
+
+
+def read_frames(folder):
+    import imageio.v3 as iio
+
+    return np.stack([iio.imread(f) for f in sorted(Path(folder).glob("*.png"))]).astype(int)
+
+
+def test_two_processes_equal_one(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(cache))
+    assert cli.main(ARGS + ["--output", str(tmp_path / "one")]) == 0  # this process: 4 of its 8 devices
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), *ARGS, "--output",
+                               str(tmp_path / "two"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i), "--dist-timeout", "120"], env=child_env(cache),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "wrote" in outs[0] and "wrote" not in outs[1]  # only process 0 writes
+    one, two = read_frames(tmp_path / "one"), read_frames(tmp_path / "two")
+    assert one.shape == two.shape == (9, 32, 48, 3)
+    # Same mesh and program, 8-bit pixels: the fp32 results round to the same levels.
+    assert np.abs(one - two).max() <= 1
+
+
+def test_peer_never_joins(tmp_path):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), *ARGS, "--output",
+                        str(tmp_path / "lonely"), "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes",
+                        "2", "--process-id", "0", "--dist-timeout", "5"], env=child_env(tmp_path / "cache"),
+                       capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 3
+    assert "did not join" in r.stderr and "--dist-timeout=5s" in r.stderr
+    assert elapsed < 90
+    assert not (tmp_path / "lonely").exists()
+
+
+def test_bad_process_flags(capsys):
+    import pytest
+
+    for argv, needle in [(["--num-processes", "2"], "--coordinator"),
+                         (["--num-processes", "2", "--coordinator", "h:1", "--process-id", "2"], "--process-id"),
+                         (["--num-processes", "2", "--coordinator", "h:1", "--mesh", "ulysses=3"], "split evenly")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and needle in capsys.readouterr().err
