@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--dist-timeout", type=int, default=120, help="seconds to wait for all processes to join")
     mp.add_argument("--heartbeat-timeout", type=int, default=60,
                     help="seconds after which a silent peer is declared dead and every process stops")
+    ap.add_argument("--compile-cache", default=None,
+                    help="persistent XLA compilation cache folder (default ~/.cache/xdit_jax/jax_cache; 'off' "
+                         "disables): a second run with the same shapes does not compile again")
     ap.add_argument("--json", action="store_true", help="also print the timings as one JSON line")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     # xDiT's flags, as aliases of --mesh
@@ -156,6 +159,22 @@ def ensure_devices(n: int) -> str | None:
     return f"CPU only: simulating {n} CPU devices for the mesh"
 
 
+def enable_compile_cache(folder: str | None) -> None:
+    """Turn on jax's persistent compilation cache (before the first compile)."""
+    if folder == "off":
+        return
+    import jax
+
+    root = Path(os.environ.get("XDIT_JAX_CACHE") or Path.home() / ".cache" / "xdit_jax")
+    path = Path(folder) if folder else root / "jax_cache"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except (OSError, AttributeError) as e:  # read-only home, old jax: run without the cache
+        logging.getLogger("xdit_jax").warning("compilation cache disabled: %s", e)
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -194,6 +213,7 @@ def main(argv=None) -> int:
 
     from xdit_jax.distributed import DistributedError, call_on_process_zero, initialize
 
+    enable_compile_cache(args.compile_cache)
     try:
         initialize(group)
     except DistributedError as e:
