@@ -43,7 +43,8 @@ def test_generate_mp4(tmp_path, capsys):
 def test_generate_png_folder_and_batch(tmp_path):
     out = tmp_path / "frames"
     rc = cli.main(["--output", str(out), "--steps", "1", "--num-frames", "1", "--height", "32", "--width", "32",
-                   "--prompt", "a cat", "--prompt", "a dog", "--no-progress", "--mesh", "data=2"])
+                   "--prompt", "a cat", "--prompt", "a dog", "--no-progress", "--mesh", "data=2",
+                   "--vae-slicing", "--vae-tiling"])
     assert rc == 0
     for i in range(2):
         pngs = sorted((tmp_path / f"frames_{i}").glob("*.png"))

@@ -28,13 +28,15 @@ LATENT = (1, 4, 5, 5, 7)
 
 @pytest.fixture(scope="module")
 def model():
+    """Random weights (std 0.1; norm scales around 1), as tests/torch_util.randomize_ makes them."""
     cfg = vae_mod.CogVideoXVAEConfig(**TINY)
     rng = np.random.default_rng(0)
-    flat = jax.tree_util.tree_flatten_with_path(expected_shapes(vae_mod.module_fn(cfg)))[0]
-    leaves = [(1.0 if str(path[-1]).find("scale") >= 0 else 0.0)
-              + 0.1 * rng.standard_normal(s.shape).astype(np.float32) for path, s in flat]
-    params = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(expected_shapes(vae_mod.module_fn(cfg))), leaves)
+
+    def init(path, s):
+        noise = 0.1 * rng.standard_normal(s.shape).astype(np.float32)
+        return noise + 1.0 if getattr(path[-1], "key", None) == "scale" else noise
+
+    params = jax.tree_util.tree_map_with_path(init, expected_shapes(vae_mod.module_fn(cfg)))
     return vae_mod.build(cfg, params)
 
 

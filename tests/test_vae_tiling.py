@@ -128,8 +128,8 @@ def test_blend_is_diffusers_blend():
     a, b = rng.standard_normal((2, 3, 5, 6)).astype(np.float32), rng.standard_normal((2, 3, 4, 7)).astype(np.float32)
     tv = AutoencoderKLCogVideoX.__new__(AutoencoderKLCogVideoX)
     for extent in (0, 3, 9):
-        ref_v = tv.blend_v(torch.from_numpy(a[:, :, None, :, :6].copy()), torch.from_numpy(b[:, :, None, :, :6].copy()),
-                           extent).numpy()[:, :, 0]
+        ref_v = tv.blend_v(torch.from_numpy(a[:, :, None, :, :6].copy()),
+                           torch.from_numpy(b[:, :, None, :, :6].copy()), extent).numpy()[:, :, 0]
         np.testing.assert_allclose(np.asarray(pvae._blend(jnp.asarray(a[..., :6]), jnp.asarray(b[..., :6]), extent, -2)),
                                    ref_v, atol=1e-6)
         ref_h = tv.blend_h(torch.from_numpy(a[:, :, None, :4].copy()), torch.from_numpy(b[:, :, None].copy()),

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
+    ap.add_argument("--vae-tiling", action="store_true",
+                    help="decode in overlapping tiles (diffusers' enable_tiling): less memory for large videos")
+    ap.add_argument("--vae-slicing", action="store_true", help="decode one video of a batch at a time")
     ap.add_argument("--cache-dir", default=None, help="where diffusers folders are converted to (~/.cache/xdit_jax)")
     mp = ap.add_argument_group("several processes (jax.distributed); or XDIT_COORDINATOR, XDIT_NUM_PROCESSES, "
                                "XDIT_PROCESS_ID")
@@ -246,6 +249,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t0
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
+    if args.vae_slicing:
+        pipe.enable_vae_slicing()
     steps = args.steps or (4 if is_tiny else 50)
     msl = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if is_tiny else 226)
     try:

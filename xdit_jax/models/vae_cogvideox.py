@@ -15,8 +15,11 @@ function: the first chunk is traced once, the remaining equal-sized chunks run u
 Notes on the reference:
 
 * GroupNorm statistics span ``(C/G, T, H, W)`` of the *chunk* (torch's ``nn.GroupNorm`` on a
-  5-D tensor); they are computed in float32 in :func:`group_norm_stats`, the single place a
-  spatially sharded decode has to replace (by ``psum``-ing the partial sums).
+  5-D tensor); they are computed in float32 in :func:`group_norm_stats`.
+* Spatial sharding (``decode(..., mesh=...)``) needs two hooks of :mod:`xdit_jax.parallel.vae`,
+  both plain single-device ops outside a shard context: every 'same' convolution pads through
+  ``conv_halo`` (halo rows/columns from the neighbours) and the GroupNorm statistics are
+  ``group_norm_stats`` (global sums). The module never calls a collective itself.
 * All decoder norms are ``CogVideoXSpatialNorm3D``, whose GroupNorm has ``eps=1e-6`` hard-coded
   (the config's ``norm_eps`` is unused by the decoder, as in diffusers).
 * ``CogVideoXSafeConv3d`` only splits big inputs along time with a ``k-1`` frame overlap, which

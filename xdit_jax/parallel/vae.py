@@ -23,7 +23,9 @@ take the model's own single-device decode function ``decode_fn(model, z)``.
   - ``"gspmd"``: sharding constraints on the input and output only; XLA's SPMD partitioner
     splits every convolution spatially (halo collective-permutes) and all-reduces the norm
     statistics. Needs no hooks at all (e.g. a VAE with spatial attention in its mid block), but
-    measured ~1.3-1.5x the per-device memory of ``shard_map`` on the CogVideoX decoder.
+    measured 1.05-1.23x the per-device memory of ``shard_map`` on the full-size CogVideoX decode
+    (2, 4, 8 devices, fp32 and bf16), with more collectives (it re-shards at each upsampling
+    when a size is uneven).
 
 * :func:`tiled_decode` is diffusers' ``tiled_decode`` (``enable_tiling``): overlapping latent
   tiles, each decoded on its own, blended linearly over the overlap (``blend_v``/``blend_h``,

@@ -126,6 +126,8 @@ class CogVideoXPipeline:
         self.vae_scale_factor_spatial = 2 ** (len(vae_config.block_out_channels) - 1)
         self.vae_scale_factor_temporal = int(vae_config.temporal_compression_ratio)
         self._step_cache = {}
+        self._decode_cache = {}
+        self.vae_tiling, self.vae_slicing = None, False
 
     # ------------------------------------------------------------------ loading
 
@@ -236,19 +238,35 @@ class CogVideoXPipeline:
         self._step_cache[key] = fn
         return fn
 
-    @functools.cached_property
+    def enable_vae_tiling(self, tiling=True) -> None:
+        """diffusers' ``vae.enable_tiling``: decode in overlapping blended tiles (``True``: diffusers'
+        defaults, or a :class:`xdit_jax.parallel.vae.TilingConfig`; ``None``/``False`` turns it off)."""
+        self.vae_tiling = tiling or None
+        self._decode_cache.clear()
+
+    def enable_vae_slicing(self, slicing: bool = True) -> None:
+        """diffusers' ``vae.enable_slicing``: decode one video of the batch at a time."""
+        self.vae_slicing = bool(slicing)
+        self._decode_cache.clear()
+
     def _decode_fn(self):
+        """Jitted VAE decode over the whole mesh (spatially sharded, xdit_jax.parallel.vae)."""
+        if "fn" in self._decode_cache:
+            return self._decode_cache["fn"]
         graphdef, state = nnx.split(self.vae)
-        scaling = self.vae_config.scaling_factor
+        scaling, dtype, mesh = self.vae_config.scaling_factor, self.dtype, self.mesh
+        tiling, slicing = self.vae_tiling, self.vae_slicing
 
         @jax.jit
         def dec(state, latents):
             z = jnp.transpose(latents, (0, 2, 1, 3, 4)) / scaling  # (B, C, F, h, w)
-            video = vae_cogvideox.decode(nnx.merge(graphdef, state), z.astype(self.dtype))
+            video = vae_cogvideox.decode(nnx.merge(graphdef, state), z.astype(dtype), tiling=tiling,
+                                         slicing=slicing, mesh=mesh if mesh.size > 1 else None)
             video = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
             return jnp.transpose(video, (0, 2, 3, 4, 1))  # (B, F, H, W, C)
 
-        return lambda latents: dec(state, latents)
+        self._decode_cache["fn"] = fn = lambda latents: dec(state, latents)
+        return fn
 
     def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 6.0):
         check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
@@ -363,5 +381,5 @@ class CogVideoXPipeline:
                                            peak_memory_bytes=peak_memory_bytes())
         # 4. decode
         with timer.stage("decoding"):
-            frames = as_numpy(jax.block_until_ready(self._decode_fn(latents[:, additional:])))
+            frames = as_numpy(jax.block_until_ready(self._decode_fn()(latents[:, additional:])))
         return CogVideoXPipelineOutput(frames=frames, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
