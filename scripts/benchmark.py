@@ -60,9 +60,10 @@ def step_parser() -> argparse.ArgumentParser:
                    help="per-compile XLA option of our step (repeatable), e.g. "
                         "xla_cpu_experimental_ynn_fusion_type=dot,eltwise")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=V;KEY=V",
-                   help="an extra build of our step timed in the same run (repeatable): XLA options and/or "
-                        "attention=<heads_major|per_head_map|per_head_map4|jax_dpa> (an experiment; the model "
-                        "is unchanged)")
+                   help="an extra build of our step timed in the same run (repeatable): per-compile XLA options "
+                        "(KEY=VALUE), backend=xla|cudnn, and the experiments attention=heads_major|per_head_map|"
+                        "per_head_map4|query_chunks|jax_dpa and linear=f32acc (patched at trace time; the model "
+                        "files are unchanged)")
     p.add_argument("--attention-backend", default="xla", choices=["xla", "cudnn"],
                    help="the attention op's per-device kernel (cudnn: GPU, bf16/fp16) [xla]")
     p.add_argument("--host-devices", type=int, default=None,

@@ -333,14 +333,16 @@ class Variant:
     compiler_options: dict = dataclasses.field(default_factory=dict)
     attention: str | None = None  # an entry of ATTENTION_VARIANTS (experiment), None = the model's own
     attention_backend: str | None = None  # AttentionConfig.backend ("xla", "cudnn"); None = the run's
+    linear: str | None = None  # an entry of LINEAR_VARIANTS (experiment), None = the model's own
 
 
 def parse_variant(spec: str) -> Variant:
     """``LABEL[:key=value;key=value...]``: XLA options, plus ``attention=`` (an :data:`ATTENTION_VARIANTS`
-    entry, an experiment) and ``backend=`` (the attention op's backend, "xla" or "cudnn")."""
+    entry), ``linear=`` (a :data:`LINEAR_VARIANTS` entry) — experiments that leave the model files
+    alone — and ``backend=`` (the attention op's backend, "xla" or "cudnn")."""
     label, _, rest = spec.partition(":")
     items = [s for s in rest.split(";") if s.strip()]
-    attn = backend = None
+    attn = backend = linear = None
     opts = []
     for it in items:
         k, _, v = it.partition("=")
@@ -351,10 +353,14 @@ def parse_variant(spec: str) -> Variant:
             attn = v
         elif k == "backend":
             backend = v
+        elif k == "linear":
+            if v not in LINEAR_VARIANTS:
+                raise ValueError(f"Unknown linear variant {v!r}; known: {', '.join(LINEAR_VARIANTS)}.")
+            linear = v
         else:
             opts.append(it)
     return Variant(label=label.strip() or "variant", compiler_options=parse_compiler_options(opts), attention=attn,
-                   attention_backend=backend)
+                   attention_backend=backend, linear=linear)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +479,44 @@ def attention_override(name: str | None):
         yield
     finally:
         setattr(attn_mod, target, original)
+
+
+LINEAR_VARIANTS = ("f32acc",)
+
+
+@contextlib.contextmanager
+def linear_override(name: str | None):
+    """While tracing, make every ``nnx.Linear`` multiply with float32 accumulation and output
+    (``preferred_element_type=float32``), then cast to its compute dtype (experiment ``f32acc``).
+
+    A no-op in float32. In bfloat16 on XLA:CPU it moves the GEMMs from the bf16-output path
+    (no faster than fp32) to the bf16-input / f32-accumulate path (AMX / AVX512-BF16).
+    """
+    if name is None:
+        yield
+        return
+    if name not in LINEAR_VARIANTS:
+        raise ValueError(f"Unknown linear variant {name!r}; known: {', '.join(LINEAR_VARIANTS)}.")
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    original = nnx.Linear.__call__
+
+    def patched(self, inputs, *a, **kw):
+        dtype = self.dtype or inputs.dtype
+        kernel = self.kernel[...].astype(dtype)
+        y = jax.lax.dot_general(inputs.astype(dtype), kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                                precision=self.precision, preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+    nnx.Linear.__call__ = patched
+    try:
+        yield
+    finally:
+        nnx.Linear.__call__ = original
 
 
 # --------------------------------------------------------------------------------------------
@@ -990,7 +1034,8 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
         for var in variants:
             row = dict(base, impl=var.label, mesh=str(ms), mesh_devices=ms.size,
                        attention_backend=var.attention_backend or opts.attention_backend,
-                       compiler_options=var.compiler_options or None, attention_variant=var.attention)
+                       compiler_options=var.compiler_options or None, attention_variant=var.attention,
+                       linear_variant=var.linear)
             try:
                 runners.append(_prepare_ours(row, tcfg, dtype, ms, var, inputs, params, opts))
             except Exception as e:  # e.g. a mesh the engine cannot run yet: report it, go on
@@ -1096,7 +1141,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         jax.block_until_ready(args)
     step, row["step_path"] = build_step(graphdef, mesh, dtype, var.attention_backend or opts.attention_backend)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
-    with timer.stage("lower"), attention_override(var.attention):
+    with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
         lowered = step.lower(state, *args)
     with timer.stage("compile"):
         compiled = lowered.compile(compiler_options=var.compiler_options) if var.compiler_options \
