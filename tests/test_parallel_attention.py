@@ -151,3 +151,18 @@ def test_needs_shard_map_and_rejects_bad_input():
     with pytest.raises(ValueError, match="backend"):
         AttentionConfig(backend="flash9000")
     np.testing.assert_array_equal(AttentionConfig(mesh=build_mesh("ring=2,ulysses=3")).degree("ulysses"), 3)
+
+
+def test_resolve_backend():
+    """auto: cuDNN flash attention on a GPU in half precision (no (S, S) scores), XLA elsewhere."""
+    import jax.numpy as jnp
+
+    from xdit_jax.parallel.attention import resolve_backend
+
+    assert resolve_backend("auto", jnp.bfloat16, "gpu") == "cudnn"
+    assert resolve_backend(None, jnp.float16, "cuda") == "cudnn"
+    assert resolve_backend("auto", jnp.float32, "gpu") == "xla"
+    assert resolve_backend("auto", jnp.bfloat16, "cpu") == "xla"
+    assert resolve_backend("xla", jnp.bfloat16, "gpu") == "xla"
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        resolve_backend("flash9", jnp.bfloat16, "gpu")

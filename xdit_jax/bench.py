@@ -76,6 +76,18 @@ def select_dtype(requested: str | None, backend: str) -> str:
     return "bfloat16" if backend.lower() in ACCELERATOR_BACKENDS else "float32"
 
 
+def select_attention_backend(requested: str | None, backend: str, dtype: str) -> str:
+    """The attention op's kernel: ``requested`` if given, else cuDNN flash attention on a GPU in
+    bf16/fp16 (the XLA kernel materialises the (B, H, S, S) float32 scores: 76 GB for CogVideoX-2B
+    at 49x480x720 with CFG), the XLA kernel elsewhere."""
+    if requested not in (None, "", "auto"):
+        if requested not in ("xla", "cudnn"):
+            raise ValueError(f"Unknown attention backend {requested!r}; use auto, xla or cudnn.")
+        return requested
+    gpu = backend.lower() in ("gpu", "cuda", "rocm")
+    return "cudnn" if gpu and DTYPE_NAMES.get(dtype, dtype) in ("bfloat16", "float16") else "xla"
+
+
 def peak_tflops(device_kind: str, dtype: str, matmul_precision: str | None = None) -> tuple[float | None, str]:
     """(dense spec peak TFLOP/s, what it is) for a device kind and compute dtype; (None, why) if unknown."""
     dtype = DTYPE_NAMES.get(dtype, dtype)
@@ -370,11 +382,12 @@ def parse_variant(spec: str) -> Variant:
 # the contract of the single-device kernel in xdit_jax.parallel.attention.
 
 def _attn_heads_major(q, k, v, scale):
-    """The reference math laid out (B, H, S, D), normalised after PV (one pass less over S x S)."""
+    """The reference math laid out (B, H, S, D), the scale folded into q and the softmax normalised
+    after PV: two passes fewer over the (S, S) scores."""
     import jax.numpy as jnp
 
-    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q * jnp.asarray(scale, q.dtype), k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
     m = logits.max(-1, keepdims=True)
     p = jnp.exp(logits - m)
     denom = p.sum(-1, keepdims=True)
@@ -383,16 +396,18 @@ def _attn_heads_major(q, k, v, scale):
 
 
 def _attn_per_head_map(q, k, v, scale, batch_size: int | None = None):
-    """One (S, S) score matrix at a time: ``lax.map`` over batch x heads (a cache-sized working set)."""
+    """One (S, S) score matrix at a time: ``lax.map`` over batch x heads (a cache-sized working set),
+    plain 2-D GEMMs, scale folded into q, normalised after PV."""
     import jax
     import jax.numpy as jnp
 
     b, s, h, d = q.shape
+    q = q * jnp.asarray(scale, q.dtype)
     qh, kh, vh = (x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], d) for x in (q, k, v))
 
     def one(args):
         qi, ki, vi = args
-        logits = jnp.dot(qi, ki.T, preferred_element_type=jnp.float32) * scale
+        logits = jnp.dot(qi, ki.T, preferred_element_type=jnp.float32)
         m = logits.max(-1, keepdims=True)
         p = jnp.exp(logits - m)
         denom = p.sum(-1, keepdims=True)
@@ -410,12 +425,13 @@ def _attn_query_chunks(q, k, v, scale, chunk: int = 128):
 
     b, s, h, d = q.shape
     n = -(-s // chunk)
+    q = q * jnp.asarray(scale, q.dtype)
     qh = jnp.pad(q, ((0, 0), (0, n * chunk - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     qc = qh.reshape(b, h, n, chunk, d).transpose(2, 0, 1, 3, 4)
     kh, vh = (x.transpose(0, 2, 1, 3) for x in (k, v))
 
     def one(qb):
-        logits = jnp.einsum("bhqd,bhkd->bhqk", qb, kh, preferred_element_type=jnp.float32) * scale
+        logits = jnp.einsum("bhqd,bhkd->bhqk", qb, kh, preferred_element_type=jnp.float32)
         m = logits.max(-1, keepdims=True)
         p = jnp.exp(logits - m)
         denom = p.sum(-1, keepdims=True)
@@ -927,8 +943,9 @@ class StepOptions:
     matmul_precision: str | None = None
     compile_cache: str | None = None
     compiler_options: dict = dataclasses.field(default_factory=dict)
-    attention_backend: str = "xla"
+    attention_backend: str | None = None  # None / "auto": select_attention_backend
     check: bool = True
+    compile_only: bool = False  # lower and compile on abstract shapes; no weights, no timed steps
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
 
 
@@ -995,6 +1012,8 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
     dtype_name = select_dtype(opts.dtype, backend)
     dtype = jnp_dtype(dtype_name)
     settle = default_settle_seconds(backend) if opts.settle is None else opts.settle
+    opts = dataclasses.replace(opts, attention_backend=select_attention_backend(opts.attention_backend, backend,
+                                                                                  dtype_name))
     w = load_workload(opts.model, height=opts.height, width=opts.width, num_frames=opts.num_frames,
                       layers=opts.layers, batch=opts.batch, cfg=opts.cfg)
     tcfg = cogvideox.CogVideoXConfig.from_dict(w.transformer)
@@ -1016,6 +1035,8 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
     inputs = make_inputs(w, opts.seed)
     ref = params = None
     prep = _Timer()
+    if opts.compare == "diffusers" and opts.compile_only:
+        raise ValueError("compile-only runs nothing, so there is nothing to compare with diffusers.")
     if opts.compare == "diffusers":
         with prep.stage("init_weights"):
             ref = TorchReference(w.transformer, dtype_name, seed=opts.seed)
@@ -1033,7 +1054,7 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
         ms = _mesh_spec(spec)
         for var in variants:
             row = dict(base, impl=var.label, mesh=str(ms), mesh_devices=ms.size,
-                       attention_backend=var.attention_backend or opts.attention_backend,
+                       attention_backend="xla" if var.attention else (var.attention_backend or opts.attention_backend),
                        compiler_options=var.compiler_options or None, attention_variant=var.attention,
                        linear_variant=var.linear)
             try:
@@ -1042,6 +1063,15 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"[bench] {row['mesh']} {var.label}: skipped ({row['error'].splitlines()[0][:200]})")
                 rows.append(row)
+    if opts.compile_only:
+        for r in runners:
+            r.row["stages_s"] = {k: round(v, 4) for k, v in r.timer.stages.items()}
+            r.row["xla_peak_bytes"] = (r.row.get("xla_memory") or {}).get("peak_estimate_bytes")
+            r.row["peak_memory_bytes"] = r.row["xla_peak_bytes"]
+            r.row["peak_memory_source"] = "xla_memory_analysis"
+            r.row["total_run_s"] = time.perf_counter() - t_start
+            rows.append(r.row)
+        return rows
     if ref is not None:
         row = dict(base, impl="diffusers", mesh=f"torch {ref.device}", mesh_devices=1, attention_backend="sdpa",
                    torch=ref.torch.__version__, torch_threads=ref.torch.get_num_threads())
@@ -1126,20 +1156,32 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         raise NotImplementedError("PipeFusion meshes are not benchmarked by the transformer step yet")
     mesh = build_mesh(ms) if ms.size > 1 else None
     repl = NamedSharding(mesh, P()) if mesh is not None else None
-    with timer.stage("init_weights"):
-        if params is not None:  # the diffusers model's weights (its init time is added below)
-            graphdef, state = state_from_params(tcfg, params, dtype, repl)
-        else:
-            graphdef, state = init_random_state(tcfg, dtype, opts.seed, repl)
-        jax.block_until_ready(state)
-    with timer.stage("to_device"):
-        if mesh is not None:
-            args = tuple(jax.device_put(inputs[k], batch_sharding(mesh, inputs[k].ndim))
-                         for k in ("latents", "embeds", "t"))
-        else:
-            args = tuple(jax.device_put(inputs[k]) for k in ("latents", "embeds", "t"))
-        jax.block_until_ready(args)
-    step, row["step_path"] = build_step(graphdef, mesh, dtype, var.attention_backend or opts.attention_backend)
+    if opts.compile_only:  # shapes only: nothing allocated, nothing run (full-size models on a small host)
+        from flax import nnx
+
+        from xdit_jax.models import cogvideox
+
+        graphdef, state = nnx.split(nnx.eval_shape(
+            lambda: cogvideox.CogVideoXTransformer3DModel(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
+        args = tuple(jax.ShapeDtypeStruct(inputs[k].shape, inputs[k].dtype,
+                                          sharding=batch_sharding(mesh, inputs[k].ndim) if mesh is not None else None)
+                     for k in ("latents", "embeds", "t"))
+    else:
+        with timer.stage("init_weights"):
+            if params is not None:  # the diffusers model's weights
+                graphdef, state = state_from_params(tcfg, params, dtype, repl)
+            else:
+                graphdef, state = init_random_state(tcfg, dtype, opts.seed, repl)
+            jax.block_until_ready(state)
+        with timer.stage("to_device"):
+            if mesh is not None:
+                args = tuple(jax.device_put(inputs[k], batch_sharding(mesh, inputs[k].ndim))
+                             for k in ("latents", "embeds", "t"))
+            else:
+                args = tuple(jax.device_put(inputs[k]) for k in ("latents", "embeds", "t"))
+            jax.block_until_ready(args)
+    step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"])
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
     with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
         lowered = step.lower(state, *args)
@@ -1167,6 +1209,112 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         return out
 
     return _Runner(row=row, call=call, timer=timer)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: the pipeline's own stage timings (text encoding, denoising, decoding)
+# --------------------------------------------------------------------------------------------
+
+def _jit_init(make):
+    """The module ``make()`` builds, its parameters made by one jitted init (no eager op-by-op init)."""
+    import jax
+    from flax import nnx
+
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.split(make())[1])()
+    return nnx.merge(graphdef, state)
+
+
+def build_random_pipeline(w: Workload, dtype_name: str, mesh=None, seed: int = 0, text_layers: int | None = None,
+                          attention_backend: str = "xla"):
+    """A ``CogVideoXPipeline`` with random weights from the workload's configs (``tiny``: xdit_jax.tiny's
+    folder). The tokenizer is the small one of ``xdit_jax.tiny`` (ids are valid for any T5 vocabulary)."""
+    from flax import nnx
+
+    from xdit_jax import tiny
+    from xdit_jax.models import cogvideox, t5, vae_cogvideox
+    from xdit_jax.pipelines.cogvideox import CogVideoXPipeline
+    from xdit_jax.schedulers import SchedulerConfig
+
+    dtype = jnp_dtype(dtype_name)
+    if w.name == "tiny":
+        return CogVideoXPipeline.from_pretrained(tiny.make_tiny_model(), mesh=mesh, dtype=dtype_name)
+    folder = CONFIG_DIR / ("cogvideox-2b" if w.name == "cpu-small" else w.name)
+    if not (folder / "vae" / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: end-to-end needs vae/, text_encoder/ and scheduler/ configs")
+    tcfg = cogvideox.CogVideoXConfig.from_dict(w.transformer)
+    vcfg = vae_cogvideox.CogVideoXVAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
+    tdict = read_json(folder / "text_encoder" / "config.json")
+    if text_layers:
+        tdict = dict(tdict, num_layers=text_layers)
+    ecfg = t5.T5Config.from_dict(tdict)
+    scfg = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
+    transformer = _jit_init(lambda: cogvideox.CogVideoXTransformer3DModel(tcfg, dtype=dtype, rngs=nnx.Rngs(seed)))
+    vae = _jit_init(lambda: vae_cogvideox.CogVideoXVAEDecoder(vcfg, dtype=dtype))
+    text_encoder = _jit_init(lambda: t5.T5EncoderModel(ecfg, dtype=dtype, rngs=nnx.Rngs(seed + 1)))
+    kw = dict(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg, text_encoder=text_encoder,
+              tokenizer=tiny.train_tokenizer(), scheduler_config=scfg, dtype=dtype, mesh=mesh)
+    if attention_backend != "xla":
+        kw["attention_backend"] = attention_backend
+    return CogVideoXPipeline(**kw)
+
+
+def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = None) -> list[dict]:
+    """The pipeline called twice (cold: compiles; warm) with ``steps`` denoising steps; its stage times."""
+    import jax
+
+    log = opts.log
+    env = environment_info()
+    dtype_name = select_dtype(opts.dtype, env["backend"])
+    w = load_workload(opts.model, height=opts.height, width=opts.width, num_frames=opts.num_frames,
+                      layers=opts.layers, batch=opts.batch, cfg=opts.cfg)
+    spec = opts.meshes[0] if opts.meshes else None
+    ms = _mesh_spec(spec)
+    attention_backend = select_attention_backend(opts.attention_backend, env["backend"], dtype_name)
+    row = {"kind": "e2e", "model": w.name, "impl": "xdit_jax pipeline", "mesh": str(ms), "dtype": dtype_name,
+           "height": w.height, "width": w.width, "num_frames": w.num_frames, "num_inference_steps": steps,
+           "guidance_scale": 6.0 if w.cfg else 1.0, "text_layers": text_layers,
+           "attention_backend": attention_backend, **env}
+    try:
+        t0 = time.perf_counter()
+        pipe = build_random_pipeline(w, dtype_name, mesh=None if ms.size == 1 else str(ms), seed=opts.seed,
+                                     text_layers=text_layers, attention_backend=attention_backend)
+        row["build_s"] = time.perf_counter() - t0
+        for label in ("cold", "warm"):
+            t0 = time.perf_counter()
+            out = pipe(["A small dog running on a beach at sunset."] * w.batch, height=w.height, width=w.width,
+                       num_frames=w.num_frames, num_inference_steps=steps, guidance_scale=row["guidance_scale"],
+                       seed=opts.seed, progress=False)
+            row[f"{label}_total_s"] = time.perf_counter() - t0
+            row[f"{label}_stages_s"] = {k: round(v, 4) for k, v in out.timings.items()}
+            row[f"{label}_stages_s"]["other"] = round(row[f"{label}_total_s"] - sum(out.timings.values()), 4)
+            log(f"[bench] e2e {label}: {row[f'{label}_total_s']:.2f}s " +
+                ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items()))
+        row["frames_shape"] = list(out.frames.shape)
+        row["peak_memory_bytes"] = getattr(out, "peak_memory_bytes", None) or device_peak_bytes()
+        row["host_peak_rss_bytes"] = host_peak_rss_bytes()
+        warm = row["warm_stages_s"]
+        if warm.get("denoising") and steps:
+            row["warm_denoising_per_step_s"] = warm["denoising"] / steps
+        jax.block_until_ready(out.frames)
+    except Exception as e:  # the pipeline is evolving; report and go on
+        row["error"] = f"{type(e).__name__}: {e}"
+        log(f"[bench] e2e: failed ({row['error'].splitlines()[0][:200]})")
+    return [row]
+
+
+def format_e2e(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append(f"end to end ({r['model']}, {r['mesh']}): failed: {r['error'].splitlines()[0][:150]}")
+            continue
+        out.append(f"end to end ({r['model']}, {r['num_frames']}x{r['height']}x{r['width']}, {r['num_inference_steps']} "
+                   f"steps, {r['dtype']}, {r['mesh']}; build {r['build_s']:.2f}s):")
+        for label in ("cold", "warm"):
+            st = ", ".join(f"{k} {v:.2f}" for k, v in r[f"{label}_stages_s"].items())
+            out.append(f"  {label}: total {r[f'{label}_total_s']:.2f}s ({st})")
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1203,7 +1351,7 @@ def format_table(rows: list[dict]) -> str:
     r0 = rows[0]
     head = (f"model {r0['model']} ({r0.get('source', '')}): latents {tuple(r0['latent_shape'])}, "
             f"{r0['video_tokens']}+{r0['text_tokens']} tokens, {r0['layers']} layers, {r0['dtype']}, "
-            f"{r0['backend']} {r0['device_kind']} x{r0['n_devices']}\n"
+            f"{r0['backend']} {r0['device_kind']} x{r0['n_devices']}, attention {r0.get('attention_backend')}\n"
             f"FLOP/step analytic {_fmt_flops(r0['flops_analytic'])} "
             f"(attention {r0['flops_attention'] / r0['flops_analytic']:.0%}); "
             f"peak: {r0['peak_tflops'] or '-'} TFLOP/s ({r0['peak_source']})")

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
+    ap.add_argument("--attention-backend", choices=["auto", "xla", "cudnn"], default="auto",
+                    help="per-device attention kernel: auto = cuDNN flash attention on GPU in bf16, else XLA")
     ap.add_argument("--vae-tiling", action="store_true",
                     help="decode in overlapping tiles (diffusers' enable_tiling): less memory for large videos")
     ap.add_argument("--vae-slicing", action="store_true", help="decode one video of a batch at a time")
@@ -244,7 +246,8 @@ def main(argv=None) -> int:
             vsf = 2 ** (len(vc.block_out_channels) - 1)
             check_request(tc, vc, args.height or tc.sample_height * vsf, args.width or tc.sample_width * vsf,
                           args.num_frames or tc.sample_frames, len(args.prompts), spec, args.guidance_scale)
-        pipe = CogVideoXPipeline.from_pretrained(model, mesh=spec, dtype=dtype, cache_dir=args.cache_dir)
+        pipe = CogVideoXPipeline.from_pretrained(model, mesh=spec, dtype=dtype, cache_dir=args.cache_dir,
+                                                 attention_backend=args.attention_backend)
     except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,6 +48,19 @@ ULYSSES_AXIS = "ulysses"
 BACKENDS = ("xla", "cudnn")
 
 
+def resolve_backend(requested: str | None, dtype, platform: str | None = None) -> str:
+    """The per-device kernel for ``requested`` ("auto"/None, "xla", "cudnn"): auto picks cuDNN flash
+    attention on a GPU in bf16/fp16 — the XLA kernel materialises the (B, H, S, S) float32 scores,
+    76 GB for CogVideoX-2B at 49x480x720 with CFG — and the XLA kernel elsewhere."""
+    if requested not in (None, "", "auto"):
+        if requested not in BACKENDS:
+            raise ValueError(f"Unknown attention backend {requested!r}; use auto, {', '.join(BACKENDS)}.")
+        return requested
+    platform = (platform or jax.default_backend()).lower()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if platform in ("gpu", "cuda", "rocm") and half else "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """How attention runs inside the traced step.

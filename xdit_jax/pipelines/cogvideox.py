@@ -29,6 +29,7 @@ from xdit_jax.conversion import MARKER, model_class, read_json
 from xdit_jax.distributed import call_on_process_zero
 from xdit_jax.mesh import MeshSpec, build_mesh
 from xdit_jax.models import cogvideox, t5, vae_cogvideox
+from xdit_jax.parallel.attention import resolve_backend
 from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines.denoise import StageTimer, as_numpy, denoise_loop, peak_memory_bytes
 
@@ -111,13 +112,13 @@ class CogVideoXPipeline:
     """Text-to-video with CogVideoX (2B, 5B, 1.5) — see the module docstring."""
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "xla"):
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto"):
         self.transformer, self.transformer_config = transformer, transformer_config
         self.vae, self.vae_config = vae, vae_config
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.scheduler_config = scheduler_config
         self.dtype = dtype
-        self.attention_backend = attention_backend
+        self.attention_backend = resolve_backend(attention_backend, dtype)
         self.mesh_spec = MeshSpec.parse(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh)
         self.mesh = mesh if hasattr(mesh, "axis_names") else build_mesh(self.mesh_spec)
         if self.mesh_spec.pipefusion > 1:
@@ -134,7 +135,7 @@ class CogVideoXPipeline:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
                         variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "xla") -> "CogVideoXPipeline":
+                        attention_backend: str = "auto") -> "CogVideoXPipeline":
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
         from transformers import AutoTokenizer
 
