@@ -1,6 +1,5 @@
 """Helpers for the PyTorch oracle in tests: seeded random weights, numpy state dicts."""
 
-import numpy as np
 import torch
 
 

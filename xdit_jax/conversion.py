@@ -19,6 +19,7 @@ CLI: ``python convert/convert_checkpoint.py SRC OUT [--dtype bfloat16] [--varian
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -90,6 +91,23 @@ def _source_dtype(flat: dict) -> np.dtype:
     return np.dtype(names[np.argmax(counts)])
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """A temporary folder next to ``out``: on success it replaces ``out`` (renamed, so readers never
+    see half a folder); on an error it is removed and ``out`` is left as it was."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def convert_component(src: Path, class_name: str, *, dtype=None, variant=None):
     """Read one diffusers component folder: returns (config dict, params pure dict)."""
     mod, cfg_cls = model_class(class_name)
@@ -112,10 +130,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype=No
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it.")
     comps = model_components(src)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out) as tmp:
         classes = {}
         for name, cls in comps.items():
             t0 = time.perf_counter()
@@ -134,11 +149,6 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype=No
         with open(tmp / MARKER, "w") as f:
             json.dump({"format": FORMAT_VERSION, "source": str(src.absolute()), "components": classes,
                        "dtype": None if dtype is None else np.dtype(dtype).name}, f, indent=2)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -103,16 +102,15 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
     from flax import nnx
 
     from xdit_jax.checkpoint import save_params
-    from xdit_jax.conversion import FORMAT_VERSION, MARKER
+    from xdit_jax.conversion import FORMAT_VERSION, MARKER, staged_folder
     from xdit_jax.keymap import to_pure_dict
     from xdit_jax.models import cogvideox, t5, vae_cogvideox
 
     folder = Path(folder) if folder is not None else default_tiny_dir()
     if (folder / MARKER).exists():
         return folder
-    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with staged_folder(folder) as tmp:
         tcfg = {**TRANSFORMER, **(transformer or {})}
         parts = {
             "transformer": ("CogVideoXTransformer3DModel", tcfg,
@@ -135,10 +133,4 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
         (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2))
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",
                                               "components": {k: v[0] for k, v in parts.items()}}))
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

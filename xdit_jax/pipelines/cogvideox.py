@@ -28,7 +28,7 @@ from xdit_jax.checkpoint import restore_params
 from xdit_jax.conversion import MARKER, model_class, read_json
 from xdit_jax.distributed import call_on_process_zero
 from xdit_jax.mesh import MeshSpec, build_mesh
-from xdit_jax.models import cogvideox, t5, vae_cogvideox
+from xdit_jax.models import cogvideox, vae_cogvideox
 from xdit_jax.parallel.attention import resolve_backend
 from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines.denoise import StageTimer, as_numpy, denoise_loop, peak_memory_bytes
@@ -139,7 +139,7 @@ class CogVideoXPipeline:
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
         from transformers import AutoTokenizer
 
-        from xdit_jax.conversion import convert_pipeline, is_converted
+        from xdit_jax.conversion import is_converted
         from xdit_jax.hub import resolve_model
 
         dtype = parse_dtype(dtype)
