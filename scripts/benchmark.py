@@ -27,7 +27,9 @@ def step_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmark.py step",
         description="Time one transformer step (both CFG halves) of a DiT: compile, per-step latency, "
-                    "memory, FLOPs, collectives; optionally against diffusers in the same run.",
+                    "memory, FLOPs, collectives; optionally against diffusers in the same run. "
+                    "Subcommands: step (this, the default) and vae-memory (see 'benchmark.py vae-memory --help'). "
+                    "Details: docs/benchmarks.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="models: tiny, cpu-small, cogvideox-2b, cogvideox-5b, cogvideox1.5-5b (configs/), or a config folder")
     p.add_argument("--model", default="cpu-small",
@@ -36,7 +38,7 @@ def step_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", action="append", default=None,
                    help="mesh spec, repeatable (e.g. --mesh 1 --mesh cfg=2); 1 = one device [1]")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16")
-    p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up [5]")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up; 0: no step benchmark [5]")
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls, the first timed as 'first_call' [1]")
     p.add_argument("--compare", choices=["diffusers", "none"], default="none",
                    help="also time diffusers' PyTorch transformer (same config, weights, inputs), interleaved")
@@ -64,13 +66,23 @@ def step_parser() -> argparse.ArgumentParser:
                         "(KEY=VALUE), backend=xla|cudnn, and the experiments attention=heads_major|per_head_map|"
                         "per_head_map4|query_chunks|jax_dpa and linear=f32acc (patched at trace time; the model "
                         "files are unchanged)")
-    p.add_argument("--attention-backend", default="xla", choices=["xla", "cudnn"],
-                   help="the attention op's per-device kernel (cudnn: GPU, bf16/fp16) [xla]")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cudnn"],
+                   help="the attention op's per-device kernel: auto = cudnn (flash) on GPU in bf16/fp16, xla "
+                        "elsewhere [auto]")
     p.add_argument("--host-devices", type=int, default=None,
                    help="simulate N CPU devices (XLA_FLAGS --xla_force_host_platform_device_count)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the diffusers side (default: torch's)")
     p.add_argument("--no-check", action="store_true", help="skip the ours-vs-diffusers output check")
+    p.add_argument("--compile-only", action="store_true",
+                   help="lower and compile on abstract shapes only (no weights, no steps): compile time, XLA memory, "
+                        "HLO FLOPs and collectives of full-size models on any host (simulate devices with "
+                        "--host-devices)")
+    p.add_argument("--e2e", type=int, default=0, metavar="STEPS",
+                   help="also run the whole pipeline (random weights) twice with STEPS denoising steps and report its "
+                        "stages: text encoding, denoising, decoding")
+    p.add_argument("--e2e-text-layers", type=int, default=None,
+                   help="T5 layers for --e2e (default: the config's; cpu-small uses 2)")
     p.add_argument("--json", action="store_true", help="one JSON object a line on stdout (table to stderr)")
     p.add_argument("--list", action="store_true", help="list the models and presets and exit")
     return p
@@ -86,6 +98,9 @@ def main_step(argv: list[str]) -> int:
         flags += " " + args.xla_flags
     if flags.strip():
         os.environ["XLA_FLAGS"] = flags.strip()
+    if args.compare == "diffusers":
+        # torch shares the accelerator: do not let jax grab 75% of its memory up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
     from xdit_jax import bench
 
@@ -104,9 +119,14 @@ def main_step(argv: list[str]) -> int:
         num_frames=args.frames, layers=args.layers, batch=args.batch, cfg=not args.no_cfg, seed=args.seed,
         settle=args.settle, matmul_precision=args.matmul_precision, compile_cache=args.compile_cache,
         compiler_options=bench.parse_compiler_options(args.xla_option), attention_backend=args.attention_backend,
-        check=not args.no_check)
-    rows = bench.run_step_benchmark(opts)
-    table = bench.format_table(rows)
+        check=not args.no_check, compile_only=args.compile_only)
+    rows = bench.run_step_benchmark(opts) if args.steps > 0 else []
+    table = bench.format_table(rows) if rows else ""
+    if args.e2e:
+        text_layers = args.e2e_text_layers or (2 if args.model == "cpu-small" else None)
+        e2e = bench.run_e2e_benchmark(opts, args.e2e, text_layers)
+        rows += e2e
+        table = (table + "\n" if table else "") + bench.format_e2e(e2e)
     if args.json:
         print(table, file=sys.stderr, flush=True)
         print(bench.json_lines(rows), flush=True)

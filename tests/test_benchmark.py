@@ -3,6 +3,7 @@ logic (dtype, device peaks) without a GPU, the analytic FLOPs against the compil
 subcommand dispatch. Smoke tests, not timing assertions."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,20 +20,29 @@ SCRIPT = REPO / "scripts" / "benchmark.py"
 def tiny_rows():
     """The tiny preset against diffusers, 2 timed steps, one extra variant, --json (a subprocess,
     as a user runs it: its own jax, one CPU device)."""
-    cmd = [sys.executable, str(SCRIPT), "step", "--model", "tiny", "--steps", "2", "--json", "--settle", "0",
-           "--compare", "diffusers", "--variant", "heads:attention=heads_major"]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    return _run(["step", "--model", "tiny", "--steps", "2", "--json", "--settle", "0", "--compare", "diffusers",
+                 "--variant", "heads:attention=heads_major", "--e2e", "1"])
+
+
+def _run(args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    res = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
-    return rows, res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()], res.stderr
 
 
 def test_tiny_rows_present_and_positive(tiny_rows):
     rows, stderr = tiny_rows
-    assert [r["impl"] for r in rows] == ["xdit_jax", "heads", "diffusers"]
+    assert [r["impl"] for r in rows] == ["xdit_jax", "heads", "diffusers", "xdit_jax pipeline"]
     assert "step med s" in stderr  # the table went to stderr
+    e2e = rows.pop()
+    assert e2e["kind"] == "e2e" and "error" not in e2e, e2e.get("error")
+    for label in ("cold", "warm"):
+        assert e2e[f"{label}_total_s"] > 0
+        assert {"text_encoding", "denoising", "decoding"} <= set(e2e[f"{label}_stages_s"])
+    assert e2e["frames_shape"] == [1, 9, 64, 96, 3]
     for r in rows:
         assert r["kind"] == "step" and r["model"] == "tiny" and r["dtype"] == "float32"
         assert r["steps_timed"] == 2 and len(r["step_times_s"]) == 2
@@ -47,6 +57,20 @@ def test_tiny_rows_present_and_positive(tiny_rows):
         assert r["flops_hlo"] == pytest.approx(r["flops_analytic"], rel=1e-6)
         assert r["max_abs_diff_vs_diffusers"] < 1e-4  # same weights, same inputs: equal work
     assert rows[0]["video_tokens"] == 3 * 4 * 6 and rows[0]["text_tokens"] == 16
+
+
+def test_compile_only_sequence_parallel_reports_collectives():
+    """Abstract shapes on 4 simulated devices: compiles USP, counts the all-to-alls (nothing is run)."""
+    rows, _ = _run(["--model", "tiny", "--compile-only", "--host-devices", "4", "--mesh", "1",
+                    "--mesh", "cfg=2,ulysses=2", "--json"])
+    assert [r["mesh"] for r in rows] == ["single device", "cfg=2,ulysses=2"]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and "step_median_s" not in r
+    assert rows[0]["collective_bytes"] == 0
+    assert rows[1]["collective_bytes"] > 0 and rows[1]["collectives"]["all-to-all"] > 0
+    # per device: the step batch of 2 is split over cfg=2 and the sequence over ulysses=2
+    assert rows[1]["flops_hlo"] < rows[0]["flops_hlo"] / 2
 
 
 def test_analytic_flops_formula():
@@ -91,6 +115,14 @@ def test_dtype_selection_rejects_unknown():
 def test_device_peaks(kind, dtype, prec, want):
     peak, what = bench.peak_tflops(kind, dtype, prec)
     assert peak == want and "dense" in what
+
+
+@pytest.mark.parametrize("backend,requested,dtype,want", [
+    ("gpu", None, "bfloat16", "cudnn"), ("gpu", "auto", "float16", "cudnn"), ("gpu", "auto", "float32", "xla"),
+    ("cpu", "auto", "bfloat16", "xla"), ("tpu", None, "bfloat16", "xla"), ("gpu", "xla", "bfloat16", "xla"),
+])
+def test_attention_backend_selection(backend, requested, dtype, want):
+    assert bench.select_attention_backend(requested, backend, dtype) == want
 
 
 def test_unknown_device_has_no_peak():
@@ -150,8 +182,11 @@ def test_compiler_option_parsing():
 
 
 def test_subcommands(monkeypatch, capsys):
-    sys.path.insert(0, str(SCRIPT.parent))
-    import benchmark
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("xdit_benchmark_script", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
 
     seen = {}
 

@@ -8,15 +8,20 @@ What one benchmark row holds (see ``docs/benchmarks.md`` for the table and the r
 - wall time of each stage of the run (weights, inputs, lower, compile, first call, timed steps),
 - peak device memory (``device.memory_stats()`` where the backend has it, else XLA's compiled
   memory analysis: arguments + outputs + temporaries - aliased),
-- model FLOPs per step, analytic (:func:`analytic_flops`) and from XLA's cost analysis, the
-  achieved TFLOP/s and, on a device with a known spec peak (:data:`PEAK_TFLOPS`), its fraction,
+- model FLOPs per step: analytic (:func:`analytic_flops`), counted in the compiled program
+  (:func:`hlo_matmul_flops`, loops by trip count) and XLA's ``cost_analysis()`` (loop bodies
+  once); the achieved TFLOP/s and, on a device with a known spec peak (:data:`PEAK_TFLOPS`), its
+  fraction,
 - bytes moved by collectives per step (``xdit_jax.parallel.comm``, where present),
 - with ``compare="diffusers"``: the diffusers PyTorch transformer on the same config, weights and
   inputs, timed interleaved with ours in the same process; the ratio ours / diffusers per step.
 
 The step is built by :func:`build_step` alone, so it can later be swapped for the pipeline's full
 step on a mesh. Weights are passed to the jitted function as arguments (``nnx.split`` /
-``nnx.merge``), never closed over as constants.
+``nnx.merge``), never closed over as constants. Variants (:class:`Variant`) build the same step
+with other XLA options or, as trace-time experiments that leave the model files alone, another
+attention kernel (:data:`ATTENTION_VARIANTS`) or float32-accumulating linears.
+:func:`run_e2e_benchmark` times the whole pipeline's stages instead.
 """
 
 from __future__ import annotations
@@ -660,6 +665,17 @@ def _close_paren(s: str, i: int) -> int:
     return len(s)
 
 
+def _operand_dims(args: str, i: int, shapes: dict[str, str]) -> list[int] | None:
+    """Dims of the i-th operand of an HLO instruction (printed inline, or looked up by name)."""
+    parts = [a.strip() for a in re.split(r",\s*(?![^\[{]*[\]}])", args) if a.strip()]
+    if i >= len(parts):
+        return None
+    a = parts[i]
+    if _HLO_SHAPE_RE.search(a):
+        return _dims(a)
+    return _dims(shapes.get(a.split()[-1].lstrip("%"), ""))
+
+
 def _int_list(attrs: str, key: str) -> list[int]:
     m = re.search(key + r"=\{([\d,]*)\}", attrs)
     return [int(x) for x in m.group(1).split(",") if x] if m else []
@@ -693,9 +709,7 @@ def hlo_matmul_flops(hlo_text: str) -> float | None:
         if st == "}":
             cur = None
             continue
-        if st.startswith("ROOT "):
-            st = st[5:]
-        name, eq, rest = st.partition(" = ")
+        name, eq, rest = st.removeprefix("ROOT ").partition(" = ")
         if not eq:
             continue
         rest = rest.lstrip()
@@ -737,34 +751,25 @@ def hlo_matmul_flops(hlo_text: str) -> float | None:
         shapes = dict(header_shapes.get(cname, {}))
         shapes.update({n: sh for n, sh, *_ in comps[cname]})
 
-        def operand_dims(args: str, i: int):
-            parts = [a.strip() for a in re.split(r",\s*(?![^\[{]*[\]}])", args) if a.strip()]
-            if i >= len(parts):
-                return None
-            a = parts[i]
-            if _HLO_SHAPE_RE.search(a):
-                return _dims(a)
-            return _dims(shapes.get(a.split()[-1].lstrip("%"), ""))
-
         for _, shape, opcode, args, attrs in comps[cname]:
             out = _dims(shape)
             if out is None:
                 continue
             n_out = math.prod(out)
             if opcode == "dot":
-                lhs = operand_dims(args, 0)
+                lhs = _operand_dims(args, 0, shapes)
                 if lhs is None:
                     continue
                 k = math.prod(lhs[c] for c in _int_list(attrs, "lhs_contracting_dims"))
                 total += mc * 2.0 * n_out * k
             elif opcode == "convolution":
-                rhs = operand_dims(args, 1)
+                rhs = _operand_dims(args, 1, shapes)
                 dl = re.search(r"dim_labels=\w+_(\w+)->", attrs)
                 if rhs is None or not dl or "o" not in dl.group(1):
                     continue
                 total += mc * 2.0 * n_out * math.prod(rhs) / rhs[dl.group(1).index("o")]
             elif opcode == "custom-call" and "gemm" in attrs:
-                lhs = operand_dims(args, 0)
+                lhs = _operand_dims(args, 0, shapes)
                 cm = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', attrs)
                 if lhs is None or not cm:
                     continue
@@ -887,8 +892,9 @@ class TorchReference:
         model = CogVideoXTransformer3DModel(**cfg).eval()
         self.state_dict_np = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
         tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        model = model.to(self.device)
-        self.model = model.to(dtype=tdtype) if tdtype != torch.float32 else model
+        if tdtype != torch.float32:
+            model = model.to(dtype=tdtype)  # on the host first: the device never holds the fp32 copy
+        self.model = model.to(self.device)
         self.dtype = tdtype
 
     def set_inputs(self, inputs: dict, w: Workload):
@@ -1238,7 +1244,8 @@ def build_random_pipeline(w: Workload, dtype_name: str, mesh=None, seed: int = 0
 
     dtype = jnp_dtype(dtype_name)
     if w.name == "tiny":
-        return CogVideoXPipeline.from_pretrained(tiny.make_tiny_model(), mesh=mesh, dtype=dtype_name)
+        return CogVideoXPipeline.from_pretrained(tiny.make_tiny_model(), mesh=mesh, dtype=dtype_name,
+                                                 attention_backend=attention_backend)
     folder = CONFIG_DIR / ("cogvideox-2b" if w.name == "cpu-small" else w.name)
     if not (folder / "vae" / "config.json").exists():
         raise FileNotFoundError(f"{folder}: end-to-end needs vae/, text_encoder/ and scheduler/ configs")
@@ -1252,11 +1259,9 @@ def build_random_pipeline(w: Workload, dtype_name: str, mesh=None, seed: int = 0
     transformer = _jit_init(lambda: cogvideox.CogVideoXTransformer3DModel(tcfg, dtype=dtype, rngs=nnx.Rngs(seed)))
     vae = _jit_init(lambda: vae_cogvideox.CogVideoXVAEDecoder(vcfg, dtype=dtype))
     text_encoder = _jit_init(lambda: t5.T5EncoderModel(ecfg, dtype=dtype, rngs=nnx.Rngs(seed + 1)))
-    kw = dict(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg, text_encoder=text_encoder,
-              tokenizer=tiny.train_tokenizer(), scheduler_config=scfg, dtype=dtype, mesh=mesh)
-    if attention_backend != "xla":
-        kw["attention_backend"] = attention_backend
-    return CogVideoXPipeline(**kw)
+    return CogVideoXPipeline(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
+                             text_encoder=text_encoder, tokenizer=tiny.train_tokenizer(), scheduler_config=scfg,
+                             dtype=dtype, mesh=mesh, attention_backend=attention_backend)
 
 
 def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = None) -> list[dict]:
@@ -1309,8 +1314,8 @@ def format_e2e(rows: list[dict]) -> str:
         if "error" in r:
             out.append(f"end to end ({r['model']}, {r['mesh']}): failed: {r['error'].splitlines()[0][:150]}")
             continue
-        out.append(f"end to end ({r['model']}, {r['num_frames']}x{r['height']}x{r['width']}, {r['num_inference_steps']} "
-                   f"steps, {r['dtype']}, {r['mesh']}; build {r['build_s']:.2f}s):")
+        out.append(f"end to end ({r['model']}, {r['num_frames']}x{r['height']}x{r['width']}, "
+                   f"{r['num_inference_steps']} steps, {r['dtype']}, {r['mesh']}; build {r['build_s']:.2f}s):")
         for label in ("cold", "warm"):
             st = ", ".join(f"{k} {v:.2f}" for k, v in r[f"{label}_stages_s"].items())
             out.append(f"  {label}: total {r[f'{label}_total_s']:.2f}s ({st})")
