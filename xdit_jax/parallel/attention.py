@@ -115,20 +115,44 @@ def _degree(mesh, axis: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 def _xla_attention(q, k, v, mask, scale, out_dtype):
-    """Reference kernel. mask: None or bool broadcastable to (B, Sk). Returns (out, lse (B,H,Sq) f32)."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    """Reference kernel. mask: None or bool broadcastable to (B, Sk). Returns (out, lse (B,H,Sq) f32).
+
+    One (batch, head) pair at a time on the CPU (``lax.map``: the (Sq, Sk) scores stay in cache and
+    the memory is one head's, not the whole (B, H, Sq, Sk) tensor), all at once elsewhere. The
+    scale is folded into q (Sq x D multiplies instead of Sq x Sk) and the softmax is normalised
+    after the second product (Sq x D divides instead of Sq x Sk).
+    """
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2).reshape(b * h, x.shape[1], d)  # (B*H, S, D)
+    valid = None
     if mask is not None:
-        mask = mask if mask.ndim == 2 else mask[None]
-        logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row with every key masked: keep exp() finite
-    p = jnp.exp(logits - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    # A fully masked row has denom 0: output 0 and LSE -inf (log 0), never 0/0.
-    probs = p / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32).astype(out_dtype)
-    return out, (jnp.log(denom) + m)[..., 0]
+        mask = jnp.broadcast_to(mask if mask.ndim == 2 else mask[None], (b, sk))
+        valid = jnp.repeat(mask, h, axis=0)  # (B*H, Sk), batch-major like heads_first
+
+    def one(qh, kh, vh, vm):
+        logits = jnp.einsum("...qd,...kd->...qk", qh, kh, preferred_element_type=jnp.float32)
+        if vm is not None:
+            logits = jnp.where(vm[..., None, :], logits, -jnp.inf)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row with every key masked: keep exp() finite
+        p = jnp.exp(logits - m)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("...qk,...kd->...qd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+        # A fully masked row has denom 0: output 0 and LSE -inf (log 0), never 0/0.
+        return o / jnp.where(denom > 0, denom, 1.0), (jnp.log(denom) + m)[..., 0]
+
+    args = (heads_first(qs), heads_first(k), heads_first(v))
+    if jax.default_backend() == "cpu":
+        if valid is None:
+            out, lse = jax.lax.map(lambda a: one(*a, None), args)
+        else:
+            out, lse = jax.lax.map(lambda a: one(*a), args + (valid,))
+    else:
+        out, lse = one(*args, valid)
+    out = jnp.swapaxes(out.reshape(b, h, sq, d), 1, 2).astype(out_dtype)
+    return out, lse.reshape(b, h, sq)
 
 
 def _cudnn_attention(q, k, v, kv_len, scale, out_dtype, need_lse, implementation="cudnn"):
