@@ -82,15 +82,11 @@ def select_dtype(requested: str | None, backend: str) -> str:
 
 
 def select_attention_backend(requested: str | None, backend: str, dtype: str) -> str:
-    """The attention op's kernel: ``requested`` if given, else cuDNN flash attention on a GPU in
-    bf16/fp16 (the XLA kernel materialises the (B, H, S, S) float32 scores: 76 GB for CogVideoX-2B
-    at 49x480x720 with CFG), the XLA kernel elsewhere."""
-    if requested not in (None, "", "auto"):
-        if requested not in ("xla", "cudnn"):
-            raise ValueError(f"Unknown attention backend {requested!r}; use auto, xla or cudnn.")
-        return requested
-    gpu = backend.lower() in ("gpu", "cuda", "rocm")
-    return "cudnn" if gpu and DTYPE_NAMES.get(dtype, dtype) in ("bfloat16", "float16") else "xla"
+    """The attention op's kernel for a platform and dtype name: the library's own rule
+    (:func:`xdit_jax.parallel.attention.resolve_backend`; cuDNN on a GPU in bf16/fp16)."""
+    from xdit_jax.parallel.attention import resolve_backend
+
+    return resolve_backend(requested, jnp_dtype(DTYPE_NAMES.get(dtype, dtype)), platform=backend)
 
 
 def peak_tflops(device_kind: str, dtype: str, matmul_precision: str | None = None) -> tuple[float | None, str]:
