@@ -75,3 +75,19 @@ def test_bad_process_flags(capsys):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_process_count_mismatch(tmp_path):
+    """Process 1 claims a group of 4 against a coordinator of 2: both stop with an error, in bounded time."""
+    port = free_port()
+    base = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--no-progress", "--steps", "1", "--height",
+            "32", "--width", "48", "--num-frames", "1", "--output", str(tmp_path / "out"), "--dist-timeout", "20",
+            "--coordinator", f"127.0.0.1:{port}"]
+    p0 = subprocess.Popen(base + ["--mesh", "cfg=2,ulysses=2", "--num-processes", "2", "--process-id", "0"],
+                          env=child_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r1 = subprocess.run(base + ["--mesh", "cfg=2,ulysses=4", "--num-processes", "4", "--process-id", "1"],
+                        env=child_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    err0 = p0.communicate(timeout=300)[1]
+    assert r1.returncode == 3 and "same --num-processes" in r1.stderr
+    assert p0.returncode == 3 and "error: process 0 of 2" in err0
+    assert not (tmp_path / "out").exists()

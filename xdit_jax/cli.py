@@ -181,6 +181,22 @@ def enable_compile_cache(folder: str | None) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except Exception as e:  # a collective across processes failed: say so instead of a traceback
+        if type(e).__name__ != "JaxRuntimeError" or "jax" not in sys.modules:
+            raise
+        import jax
+
+        if jax.process_count() == 1:
+            raise
+        print(f"error: process {jax.process_index()} of {jax.process_count()}: a step across processes failed "
+              f"({str(e).splitlines()[0][:300]}). A peer probably stopped or was started with other flags "
+              "(mesh, model, --num-processes); see the other processes' logs.", file=sys.stderr)
+        return 3
+
+
+def _main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     args.prompts = args.prompts or [DEFAULT_PROMPT]

@@ -103,7 +103,8 @@ def initialize(group: ProcessGroup) -> None:
             "Check that every process was started with the same --coordinator and --num-processes, that "
             "process 0 is running, and that the port is reachable.") from None
     if jax.process_count() != group.num_processes:
-        raise DistributedError(f"Joined a group of {jax.process_count()} processes, expected {group.num_processes}.")
+        raise DistributedError(f"Joined a group of {jax.process_count()} processes, expected {group.num_processes}: "
+                               "start every process with the same --num-processes as process 0.")
 
 
 def _cpu_only() -> bool:
