@@ -124,8 +124,12 @@ def write_video(frames, path: Path, fps: int) -> None:
         return
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     if path.suffix.lower() == ".mp4":
-        imageio.mimwrite(tmp, list(u8), fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                         ffmpeg_log_level="error")
+        import warnings
+
+        with warnings.catch_warnings():  # ffmpeg is a subprocess; its fork happens before jax does any work
+            warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+            imageio.mimwrite(tmp, list(u8), fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                             ffmpeg_log_level="error")
     else:
         imageio.mimwrite(tmp, list(u8), duration=1000 / fps, loop=0)
     os.replace(tmp, path)
