@@ -67,3 +67,21 @@ def test_latents_match_diffusers(pipes):
     assert out.shape == ref.shape
     # latents are O(1); the same fp32 reasoning as above.
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_default_video():
+    """diffusers' defaults (sample size x 8, sample_frames, 8 fps); CogVideoX1.5's release size instead of
+    its config's 300 x 300 sample size (2400 x 2400 pixels)."""
+    import json
+    from pathlib import Path
+
+    from xdit_jax.models.cogvideox import CogVideoXConfig
+    from xdit_jax.models.vae_cogvideox import CogVideoXVAEConfig
+    from xdit_jax.pipelines.cogvideox import default_video
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    load = lambda m, c: json.loads((root / m / c / "config.json").read_text())
+    got = {m: default_video(CogVideoXConfig.from_dict(load(m, "transformer")), CogVideoXVAEConfig.from_dict(load(m, "vae")))
+           for m in ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b")}
+    assert got["cogvideox-2b"] == got["cogvideox-5b"] == {"height": 480, "width": 720, "num_frames": 49, "fps": 8}
+    assert got["cogvideox1.5-5b"] == {"height": 768, "width": 1360, "num_frames": 81, "fps": 16}

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--output", default="output.mp4", help=".mp4, .gif, or a folder for .png frames")
-    ap.add_argument("--fps", type=int, default=8, help="frames per second of the video (CogVideoX: 8)")
+    ap.add_argument("--fps", type=int, default=None, help="frames per second (model default: 8; 16 for 1.5)")
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
@@ -248,7 +248,7 @@ def _main(argv=None) -> int:
     from xdit_jax import CogVideoXPipeline, tiny
     from xdit_jax.safetensors_io import CheckpointError
 
-    from xdit_jax.pipelines.cogvideox import check_request, read_configs
+    from xdit_jax.pipelines.cogvideox import check_request, default_video, read_configs
 
     is_tiny = args.model == tiny.TINY_NAME and not Path(args.model).exists()
     dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
@@ -263,9 +263,9 @@ def _main(argv=None) -> int:
             model = args.model
         if Path(model).is_dir() and (Path(model) / "transformer" / "config.json").exists():
             tc, vc = read_configs(model)  # cheap checks before loading any weights
-            vsf = 2 ** (len(vc.block_out_channels) - 1)
-            check_request(tc, vc, args.height or tc.sample_height * vsf, args.width or tc.sample_width * vsf,
-                          args.num_frames or tc.sample_frames, len(args.prompts), spec, args.guidance_scale)
+            dv = default_video(tc, vc)
+            check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
+                          args.num_frames or dv["num_frames"], len(args.prompts), spec, args.guidance_scale)
         pipe = CogVideoXPipeline.from_pretrained(model, mesh=spec, dtype=dtype, cache_dir=args.cache_dir,
                                                  attention_backend=args.attention_backend)
     except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError, DistributedError) as e:
@@ -288,10 +288,11 @@ def _main(argv=None) -> int:
         return 2
     if jax.process_index() == 0:
         paths = output_paths(out, result.frames.shape[0])
+        fps = args.fps or pipe.default_video()["fps"]
         for video, p in zip(result.frames, paths):
-            write_video(video, p, args.fps)
+            write_video(video, p, fps)
         b, f, h, w, _ = result.frames.shape
-        print(f"wrote {', '.join(map(str, paths))}: {f} frames of {w}x{h} at {args.fps} fps")
+        print(f"wrote {', '.join(map(str, paths))}: {f} frames of {w}x{h} at {fps} fps")
         times = {"loading": load_s, **result.timings}
         print("stage times: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
         peak = result.peak_memory_bytes

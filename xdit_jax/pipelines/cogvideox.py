@@ -101,6 +101,16 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
                          "guidance_scale > 1; drop cfg=2 from the mesh or raise the guidance scale.")
 
 
+def default_video(tc, vc) -> dict:
+    """Default height, width, frames and fps: diffusers' (the transformer's sample size x the VAE's
+    spatial factor, its sample_frames, 8 fps), except CogVideoX1.5 (``patch_size_t``), whose config
+    sample size (300) is no video size: there the release's 768 x 1360, 81 frames at 16 fps."""
+    if tc.patch_size_t:
+        return {"height": 768, "width": 1360, "num_frames": 81, "fps": 16}
+    s = 2 ** (len(vc.block_out_channels) - 1)
+    return {"height": tc.sample_height * s, "width": tc.sample_width * s, "num_frames": tc.sample_frames, "fps": 8}
+
+
 def read_configs(folder: str | os.PathLike):
     """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
     folder = Path(folder)
@@ -273,6 +283,9 @@ class CogVideoXPipeline:
         check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
                       guidance_scale)
 
+    def default_video(self) -> dict:
+        return default_video(self.transformer_config, self.vae_config)
+
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int):
         """((B, F, C, h, w) of the latents, latent frames added in front for patch_size_t)."""
         tc = self.transformer_config
@@ -288,9 +301,8 @@ class CogVideoXPipeline:
         """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it:
         for cost/memory analysis and communication accounting (:mod:`xdit_jax.parallel.comm`)."""
         tc = self.transformer_config
-        height = height or tc.sample_height * self.vae_scale_factor_spatial
-        width = width or tc.sample_width * self.vae_scale_factor_spatial
-        num_frames = num_frames or tc.sample_frames
+        dv = self.default_video()
+        height, width, num_frames = height or dv["height"], width or dv["width"], num_frames or dv["num_frames"]
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
         do_cfg = guidance_scale > 1.0
         shape, _ = self.latent_shape(batch, height, width, num_frames)
@@ -312,9 +324,8 @@ class CogVideoXPipeline:
                  prompt_embeds=None, negative_prompt_embeds=None, latents=None, max_sequence_length: int = 226,
                  seed: int = 0, output_type: str = "np", progress: bool = True) -> CogVideoXPipelineOutput:
         tc = self.transformer_config
-        height = height or tc.sample_height * self.vae_scale_factor_spatial
-        width = width or tc.sample_width * self.vae_scale_factor_spatial
-        num_frames = num_frames or tc.sample_frames
+        dv = self.default_video()
+        height, width, num_frames = height or dv["height"], width or dv["width"], num_frames or dv["num_frames"]
         if output_type not in ("np", "latent"):
             raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
         if prompt is None and prompt_embeds is None:
