@@ -62,8 +62,9 @@ def test_bf16_variant(torch_pipe, latents, tmp_path):
     t16 = make_torch_pipeline("5b", seed=3)
     for m in (t16.transformer, t16.vae, t16.text_encoder):
         m.to(torch.bfloat16)
-    src = save_torch_pipeline(t16, tmp_path / "bf16", variant="bf16")
-    assert list((src / "transformer").glob("*.bf16.safetensors"))
+    # sharded too: diffusers names the index `*.safetensors.index.bf16.json`, the shards `*.bf16-0000k-of-N`
+    src = save_torch_pipeline(t16, tmp_path / "bf16", variant="bf16", max_shard_size="40KB")
+    assert list((src / "transformer").glob("*.safetensors.index.bf16.json"))
     out = convert_pipeline(src, tmp_path / "converted", log=lambda *_: None)
     flat = read_safetensors(next((src / "transformer").glob("*.safetensors")))
     assert str(next(iter(flat.values())).dtype) == "bfloat16"

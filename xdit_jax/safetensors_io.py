@@ -86,9 +86,11 @@ def find_weight_files(folder: str | os.PathLike, variant: str | None = None) -> 
 
     def pick(var):
         suffix = f".{var}.safetensors" if var else ".safetensors"
-        idx = [f for f in files if f.endswith(suffix + ".index.json")]
         if var is None:
-            idx = [f for f in idx if f.count(".") == 3]  # name.safetensors.index.json, no variant
+            idx = [f for f in files if f.endswith(".safetensors.index.json") and f.count(".") == 3]
+        else:  # diffusers/transformers write name.safetensors.index.VAR.json; also name.VAR.safetensors.index.json
+            idx = [f for f in files if f.endswith(f".safetensors.index.{var}.json")
+                   or f.endswith(f".{var}.safetensors.index.json")]
         if idx:
             with open(folder / idx[0]) as fh:
                 try:
