@@ -91,3 +91,36 @@ def test_process_count_mismatch(tmp_path):
     assert r1.returncode == 3 and "same --num-processes" in r1.stderr
     assert p0.returncode == 3 and "error: process 0 of 2" in err0
     assert not (tmp_path / "out").exists()
+
+
+def test_peer_dies_mid_run(tmp_path):
+    """Process 1 is killed while denoising: process 0 stops with a clear error within about
+    --heartbeat-timeout seconds instead of hanging in a collective."""
+    import signal
+
+    port = free_port()
+    base = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--mesh", "cfg=2,ulysses=2", "--steps", "1000",
+            "--height", "64", "--width", "96", "--num-frames", "9", "--output", str(tmp_path / "out"),
+            "--dist-timeout", "120", "--heartbeat-timeout", "5", "--coordinator", f"127.0.0.1:{port}",
+            "--num-processes", "2"]
+    logs = [open(tmp_path / f"p{i}.txt", "w+") for i in range(2)]
+    procs = [subprocess.Popen(base + ["--process-id", str(i)], env=child_env(tmp_path / "cache"), stdout=logs[i],
+                              stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        while "denoising" not in (tmp_path / "p0.txt").read_text():  # process 0's bar: the step loop runs
+            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "p0.txt").read_text()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        rc = procs[0].wait(timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    out0 = (tmp_path / "p0.txt").read_text()
+    assert rc == 3 and "died" in out0, out0[-2000:]
+    assert elapsed < 60
+    assert not (tmp_path / "out").exists()
