@@ -17,10 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xdit_jax.config_util import known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
-    LayerNorm, TimestepEmbedding, apply_rope, gelu_tanh, linear, rope_1d, scan_modules, sincos_1d,
-    stack_modules, timestep_embedding)
+    LayerNorm,
+    TimestepEmbedding,
+    apply_rope,
+    gelu_tanh,
+    linear,
+    rope_1d,
+    scan_modules,
+    sincos_1d,
+    stack_modules,
+    timestep_embedding,
+)
 from xdit_jax.parallel.attention import attention
 
 
@@ -56,8 +66,7 @@ class CogVideoXConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CogVideoXConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg = cls(**known_fields(cls, d))
         if cfg.use_learned_positional_embeddings:
             raise ValueError("Learned positional embeddings (CogVideoX-5b-I2V) are image-to-video; "
                              "only text-to-video CogVideoX checkpoints are supported.")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xdit_jax.config_util import known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 
 
@@ -40,8 +41,7 @@ class T5Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "T5Config":
         """Read a transformers ``T5Config`` config.json dict; unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg = cls(**known_fields(cls, d))
         _ = cfg.act_fn  # fail early on an unsupported activation
         return cfg
 

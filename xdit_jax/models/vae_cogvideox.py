@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xdit_jax.config_util import known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.parallel import vae as spatial
 from xdit_jax.parallel.vae import TilingConfig
@@ -91,9 +92,7 @@ class CogVideoXVAEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CogVideoXVAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-        cfg = cls(**kw)
+        cfg = cls(**known_fields(cls, d))
         cfg.validate()
         return cfg
 

@@ -323,7 +323,6 @@ class CogVideoXPipeline:
                  num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
                  prompt_embeds=None, negative_prompt_embeds=None, latents=None, max_sequence_length: int = 226,
                  seed: int = 0, output_type: str = "np", progress: bool = True) -> CogVideoXPipelineOutput:
-        tc = self.transformer_config
         dv = self.default_video()
         height, width, num_frames = height or dv["height"], width or dv["width"], num_frames or dv["num_frames"]
         if output_type not in ("np", "latent"):

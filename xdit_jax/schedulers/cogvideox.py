@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xdit_jax.config_util import known_fields
+
 __all__ = [
     "INIT_NOISE_SIGMA",
     "SchedulerConfig",
@@ -121,9 +123,7 @@ class SchedulerConfig:
                     f"scheduler _class_name {name!r} is not one of {sorted(_CLASS_TO_KIND)}; pass kind= explicitly"
                 )
             kind = _CLASS_TO_KIND[name]
-        names = {f.name for f in dataclasses.fields(cls)} - {"kind"}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        return cls(kind=kind, **kwargs)
+        return cls(kind=kind, **known_fields(cls, d, exclude=("kind",)))
 
     @classmethod
     def from_json(cls, path, kind: str | None = None) -> "SchedulerConfig":

@@ -1,0 +1,15 @@
+"""Model and scheduler configs are the diffusers/transformers config.json read into a dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+def known_fields(cls, d: Mapping[str, Any], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The entries of ``d`` that are fields of the dataclass ``cls`` (the rest — ``_class_name``,
+    ``_diffusers_version``, fields of other variants — is ignored); JSON lists become tuples so the
+    frozen config stays hashable."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
