@@ -35,8 +35,37 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def linear(din: int, dout: int, *, bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+def accumulates_half_in_f32(dtype) -> bool:
+    """Whether a bf16/fp16 matmul should ask for a float32 result (then cast back).
+
+    XLA:CPU runs a bf16 x bf16 -> bf16 GEMM no faster than float32, while bf16 x bf16 -> f32 takes
+    its AMX / AVX512-BF16 path: the 2-layer ``cpu-small`` bf16 step takes half the time
+    (docs/benchmarks.md). On a GPU cuBLAS accumulates in float32 anyway and the wider output only
+    costs bandwidth (+3.5% on the CogVideoX-5B step on an H100), so there the result stays half.
+    """
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return half and jax.default_backend() == "cpu"
+
+
+class Linear(nnx.Linear):
+    """``nnx.Linear`` (same leaves: ``kernel`` (in, out), ``bias``) whose half-precision matmul
+    accumulates into a float32 result where that is faster (:func:`accumulates_half_in_f32`); the
+    bias is then added in float32 and the sum rounded once to the compute dtype."""
+
+    def __call__(self, inputs):
+        dtype = self.dtype or inputs.dtype
+        if not accumulates_half_in_f32(dtype):
+            return super().__call__(inputs)
+        y = jax.lax.dot_general(inputs.astype(dtype), self.kernel[...].astype(dtype),
+                                (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision,
+                                preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+def linear(din: int, dout: int, *, bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs) -> Linear:
+    return Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 def gelu_tanh(x):

@@ -23,6 +23,7 @@ from flax import nnx
 
 from xdit_jax.config_util import known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
+from xdit_jax.models.layers import linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,7 @@ class T5LayerNorm(nnx.Module):
 
 
 def _linear(i, o, dtype, rngs):
-    return nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    return linear(i, o, bias=False, dtype=dtype, rngs=rngs)
 
 
 class T5Attention(nnx.Module):
