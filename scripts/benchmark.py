@@ -63,10 +63,10 @@ def step_parser() -> argparse.ArgumentParser:
                         "xla_cpu_experimental_ynn_fusion_type=dot,eltwise")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=V;KEY=V",
                    help="an extra build of our step timed in the same run (repeatable): per-compile XLA options "
-                        "(KEY=VALUE), backend=xla|cudnn, and the experiments attention=heads_major|per_head_map|"
+                        "(KEY=VALUE), backend=xla|cudnn|pallas, and the experiments attention=heads_major|per_head_map|"
                         "per_head_map4|query_chunks|jax_dpa and linear=f32acc (patched at trace time; the model "
                         "files are unchanged)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cudnn"],
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cudnn", "pallas"],
                    help="the attention op's per-device kernel: auto = cudnn (flash) on GPU in bf16/fp16, xla "
                         "elsewhere [auto]")
     p.add_argument("--host-devices", type=int, default=None,

@@ -85,3 +85,11 @@ def test_step_communication(variant, mesh):
     s_pad = -(-seq // (ms.ring * ms.ulysses)) * ms.ring * ms.ulysses
     joint_bytes = batch_local * s_pad * tc.num_attention_heads * tc.attention_head_dim * 4
     assert sum(s["total_bytes"] for s in outside) < joint_bytes
+
+
+@pytest.mark.parametrize("mesh", ["cfg=2,ulysses=2,ring=2"])
+def test_pallas_backend_equals_one_device(variant, mesh):
+    """The Pallas flash kernel (interpreted on the CPU) as the attention backend of a USP mesh."""
+    folder, ref = variant
+    out = CogVideoXPipeline.from_pretrained(folder, mesh=mesh, attention_backend="pallas")(PROMPTS, **KW).frames
+    assert np.abs(out - ref).max() <= 1e-4, mesh

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
-    ap.add_argument("--attention-backend", choices=["auto", "xla", "cudnn"], default="auto",
-                    help="per-device attention kernel: auto = cuDNN flash attention on GPU in bf16, else XLA")
+    ap.add_argument("--attention-backend", choices=["auto", "xla", "cudnn", "pallas"], default="auto",
+                    help="per-device attention kernel: auto = cuDNN flash attention on GPU in bf16, else XLA; "
+                    "pallas = our Pallas (Triton) flash kernel")
     ap.add_argument("--vae-tiling", action="store_true",
                     help="decode in overlapping tiles (diffusers' enable_tiling): less memory for large videos")
     ap.add_argument("--vae-slicing", action="store_true", help="decode one video of a batch at a time")

@@ -29,7 +29,7 @@ and every merge guards it), so it never makes NaNs.
 
 The kernel lives in one function, :func:`block_attention`: it returns the output *and* the LSE of
 one (query block, key block) pair with the keys' global offset, which is all the ring needs, so a
-cuDNN/Pallas flash kernel can replace it (``AttentionConfig.backend``).
+cuDNN or Pallas flash kernel replaces it (``AttentionConfig.backend``).
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from xdit_jax.parallel.pallas_attention import flash_attention
+
 RING_AXIS = "ring"
 ULYSSES_AXIS = "ulysses"
-BACKENDS = ("xla", "cudnn")
+BACKENDS = ("xla", "cudnn", "pallas")
 
 
 def resolve_backend(requested: str | None, dtype, platform: str | None = None) -> str:
@@ -67,8 +69,10 @@ class AttentionConfig:
 
     ``mesh``: the jax Mesh (or a :class:`xdit_jax.mesh.MeshSpec`) whose ``ring`` / ``ulysses``
     degrees pick the strategy; None: one device. ``backend``: the per-device kernel, ``"xla"``
-    (einsum + float32 softmax, any shape and dtype) or ``"cudnn"`` (``jax.nn.dot_product_attention``
-    with ``implementation="cudnn"``: GPU only, fp16/bf16, head dims cuDNN supports).
+    (einsum + float32 softmax, any shape and dtype), ``"cudnn"`` (``jax.nn.dot_product_attention``
+    with ``implementation="cudnn"``: GPU only, fp16/bf16, head dims cuDNN supports) or ``"pallas"``
+    (:mod:`xdit_jax.parallel.pallas_attention`: a Pallas flash kernel, Triton on GPUs, the Pallas
+    interpreter elsewhere — slow, for tests).
     """
 
     mesh: object | None = None
@@ -189,13 +193,15 @@ def block_attention(q, k, v, *, kv_start=0, valid_len=None, kv_valid=None, scale
     out_dtype = q.dtype if out_dtype is None else out_dtype
     # Statically known: the whole block is valid (no mask to build).
     all_valid = valid_len is None or (isinstance(kv_start, int) and kv_start + sk <= valid_len)
-    if backend == "cudnn":
+    if backend in ("cudnn", "pallas"):
         if kv_valid is not None:
-            raise ValueError("backend='cudnn' takes only padding masks (valid_len), not kv_valid.")
-        kv_len = None
+            raise ValueError(f"backend={backend!r} takes only padding masks (valid_len), not kv_valid.")
+        n = None  # valid leading keys of this block
         if not all_valid:
             n = jnp.clip(valid_len - jnp.asarray(kv_start, jnp.int32), 0, sk).astype(jnp.int32)
-            kv_len = jnp.broadcast_to(n, (q.shape[0],))
+        if backend == "pallas":
+            return flash_attention(q, k, v, n, scale=float(scale), out_dtype=jnp.dtype(out_dtype))
+        kv_len = None if n is None else jnp.broadcast_to(n, (q.shape[0],))
         return _cudnn_attention(q, k, v, kv_len, scale, out_dtype, need_lse)
     mask = None
     if not all_valid:
