@@ -222,3 +222,26 @@ def test_hlo_flops_counts_loops():
 
     compiled = jax.jit(f).lower(jnp.ones((8, 16)), jnp.ones((16, 16))).compile()
     assert bench.hlo_matmul_flops(compiled.as_text()) == 4 * 2 * 8 * 16 * 16
+
+
+def test_attention_kernel_bench_smoke(capsys):
+    """scripts/bench_attention.py on a tiny shape: the XLA kernel and the (interpreted) Pallas kernel
+    agree, cuDNN is skipped off a GPU, the table has a positive median for each kernel that ran."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_attention", REPO / "scripts" / "bench_attention.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--shape", "1,40,2,16", "--dtype", "float32", "--kernels", "xla,pallas:16x16,cudnn",
+                     "--steps", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in out[2:]}
+    assert set(rows) == {"xla", "pallas:16x16"} | ({"cudnn"} if jax_has_gpu() else set())
+    for name in ("xla", "pallas:16x16"):
+        assert float(rows[name][1]) > 0 and float(rows[name][4]) <= 1e-5
+
+
+def jax_has_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"

@@ -1375,7 +1375,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r0['backend']} {r0['device_kind']} x{r0['n_devices']}, attention {r0.get('attention_backend')}\n"
             f"FLOP/step analytic {_fmt_flops(r0['flops_analytic'])} "
             f"(attention {r0['flops_attention'] / r0['flops_analytic']:.0%}); "
-            f"peak: {r0['peak_tflops'] or '-'} TFLOP/s ({r0['peak_source']})")
+            f"peak: {_fmt(r0['peak_tflops'], '.3g')} TFLOP/s ({r0['peak_source']})")
     cols = ["mesh", "impl", "compile s", "step med s", "[min, max]", "IQR s", "vs diffusers", "TFLOP/s", "%peak",
             "HLO FLOP", "peak mem", "coll/step"]
     lines = []
