@@ -242,7 +242,8 @@ class CogVideoXPipeline:
             noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
                 if sched.needs_noise else None
             latents, sched_state = schedulers.step(sched, i, pred, latents, sched_state, noise)
-            return latents.astype(jnp.float32), sched_state
+            # The next step's index comes back on the device: the loop sends nothing to the device.
+            return latents.astype(jnp.float32), sched_state, i + 1
 
         donate = (1, 2) if jax.default_backend() != "cpu" else ()
         fn = jax.jit(step, donate_argnums=donate)
@@ -379,13 +380,15 @@ class CogVideoXPipeline:
         _, tstate = nnx.split(self.transformer)
         sched_arrays = jax.tree.map(jnp.asarray, sched)
 
-        def one(carry, i):
-            lat, st = carry
-            return step_fn(tstate, lat, st, jnp.int32(i), embeds, sched_arrays, guidance, rng)
+        def one(carry, _):
+            lat, st, i = carry
+            return step_fn(tstate, lat, st, i, embeds, sched_arrays, guidance, rng)
 
         with timer.stage("denoising"):
-            latents, _ = denoise_loop(one, (latents, schedulers.init_state(latents)), num_inference_steps,
-                                      progress=progress)
+            # Placed as the step returns them, so that step 0 and the later steps share one executable.
+            carry = (latents, jax.jit(schedulers.init_state, out_shardings=latents.sharding)(latents),
+                     jax.device_put(np.int32(0), NamedSharding(self.mesh, P())))
+            latents, _, _ = denoise_loop(one, carry, num_inference_steps, progress=progress)
 
         if output_type == "latent":
             return CogVideoXPipelineOutput(frames=as_numpy(latents), timings=timer.times,
