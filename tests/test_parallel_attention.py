@@ -215,3 +215,14 @@ def test_pallas_kernel_bf16():
     assert out.dtype == jnp.bfloat16
     # bf16 probabilities into the PV product, as in the XLA kernel's bf16 path (test_bf16_smoke).
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 3e-2
+
+
+def test_pallas_kernel_lowers_for_gpu_on_any_host():
+    """The GPU path without a GPU: the kernel lowers to a Triton custom call for CUDA (Pallas' Triton
+    lowering accepts every op it uses), at the CogVideoX head dim, in bf16, with a traced key count."""
+    from xdit_jax.parallel.pallas_attention import flash_attention
+
+    x = jax.ShapeDtypeStruct((2, 300, 4, 64), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v, n: flash_attention(q, k, v, n, scale=0.125, interpret=False))
+    text = fn.trace(x, x, x, jax.ShapeDtypeStruct((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
