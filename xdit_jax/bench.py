@@ -9,7 +9,7 @@ What one benchmark row holds (see ``docs/benchmarks.md`` for the table and the r
 - peak device memory (``device.memory_stats()`` where the backend has it, else XLA's compiled
   memory analysis: arguments + outputs + temporaries - aliased),
 - model FLOPs per step: analytic (:func:`analytic_flops`), counted in the compiled program
-  (:func:`hlo_matmul_flops`, loops by trip count) and XLA's ``cost_analysis()`` (loop bodies
+  (:func:`xdit_jax.hlo.matmul_flops`, loops by trip count) and XLA's ``cost_analysis()`` (loop bodies
   once); the achieved TFLOP/s and, on a device with a known spec peak (:data:`PEAK_TFLOPS`), its
   fraction,
 - bytes moved by collectives per step (``xdit_jax.parallel.comm``, where present),
@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from xdit_jax.hlo import matmul_flops as hlo_matmul_flops
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b")
@@ -650,143 +651,6 @@ def state_from_params(cfg, params: dict, dtype, sharding=None):
     if sharding is not None:
         state = jax.device_put(state, sharding)
     return graphdef, state
-
-
-_HLO_COMP_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*.*\{\s*$")
-_HLO_SHAPE_RE = re.compile(r"\b(pred|[a-z]+\d+(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
-_HLO_CALLEE_RE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
-_HLO_CALLEE_LIST_RE = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
-
-
-def _dims(shape_text: str) -> list[int] | None:
-    m = _HLO_SHAPE_RE.search(shape_text)
-    if not m:
-        return None
-    return [int(d) for d in m.group(2).split(",") if d]
-
-
-def _close_paren(s: str, i: int) -> int:
-    """Index just past the parenthesis group opening at s[i]."""
-    depth = 0
-    for j in range(i, len(s)):
-        depth += s[j] == "("
-        depth -= s[j] == ")"
-        if depth == 0:
-            return j + 1
-    return len(s)
-
-
-def _operand_dims(args: str, i: int, shapes: dict[str, str]) -> list[int] | None:
-    """Dims of the i-th operand of an HLO instruction (printed inline, or looked up by name)."""
-    parts = [a.strip() for a in re.split(r",\s*(?![^\[{]*[\]}])", args) if a.strip()]
-    if i >= len(parts):
-        return None
-    a = parts[i]
-    if _HLO_SHAPE_RE.search(a):
-        return _dims(a)
-    return _dims(shapes.get(a.split()[-1].lstrip("%"), ""))
-
-
-def _int_list(attrs: str, key: str) -> list[int]:
-    m = re.search(key + r"=\{([\d,]*)\}", attrs)
-    return [int(x) for x in m.group(1).split(",") if x] if m else []
-
-
-def hlo_matmul_flops(hlo_text: str) -> float | None:
-    """FLOPs of the dots and convolutions of a compiled HLO module, loops counted by trip count.
-
-    XLA's ``cost_analysis()`` counts the body of a ``while`` loop once (the block stack is one
-    ``lax.scan``), so it undercounts a scanned model by (layers - 1) blocks. This walks the
-    module from its entry, multiplies through ``while`` loops by their ``known_trip_count`` and
-    counts 2 x (output elements) x (contracted size) for every ``dot`` (also cuBLAS gemm
-    custom-calls) and ``convolution``. Element-wise work is not counted. None if unparseable.
-    """
-    comps: dict[str, list[tuple[str, str, str, str, str]]] = {}
-    order: list[str] = []
-    entry = cur = None
-    header_shapes: dict[str, dict[str, str]] = {}
-    for line in hlo_text.splitlines():
-        st = line.strip()
-        if cur is None:
-            m = _HLO_COMP_RE.match(st)
-            if m:
-                cur = m.group(2)
-                comps[cur] = []
-                order.append(cur)
-                entry = cur if m.group(1) else entry
-                header_shapes[cur] = {k.strip().lstrip("%"): v for k, _, v in
-                                      (p.partition(":") for p in re.split(r",\s*(?![^\[]*\])", m.group(3)))}
-            continue
-        if st == "}":
-            cur = None
-            continue
-        name, eq, rest = st.removeprefix("ROOT ").partition(" = ")
-        if not eq:
-            continue
-        rest = rest.lstrip()
-        end = _close_paren(rest, 0) if rest.startswith("(") else rest.find(" ")
-        if end < 0:
-            continue
-        shape, rest = rest[:end], rest[end:].lstrip()
-        m = re.match(r"([a-z][\w\-]*)\(", rest)
-        if not m:
-            continue
-        close = _close_paren(rest, m.end() - 1)
-        comps[cur].append((name.strip().lstrip("%"), shape, m.group(1), rest[m.end():close - 1], rest[close:]))
-    if entry is None:
-        if not order:
-            return None
-        entry = order[-1]
-    mult = {c: 0 for c in order}
-    mult[entry] = 1
-    for cname in reversed(order):  # callees are printed before their callers
-        mcur = mult.get(cname, 0)
-        if not mcur:
-            continue
-        for _, _, opcode, _, attrs in comps[cname]:
-            trips = 1
-            if opcode == "while":
-                tm = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
-                trips = int(tm.group(1)) if tm else 1
-            callees = _HLO_CALLEE_RE.findall(attrs)
-            for kind, names in _HLO_CALLEE_LIST_RE.findall(attrs):
-                callees += [(kind, n.strip().lstrip("%")) for n in names.split(",") if n.strip()]
-            for kind, callee in callees:
-                if callee in mult and kind != "to_apply":
-                    mult[callee] += mcur * (trips if kind == "body" else 1)
-    total = 0.0
-    for cname in order:
-        mc = mult.get(cname, 0)
-        if not mc:
-            continue
-        shapes = dict(header_shapes.get(cname, {}))
-        shapes.update({n: sh for n, sh, *_ in comps[cname]})
-
-        for _, shape, opcode, args, attrs in comps[cname]:
-            out = _dims(shape)
-            if out is None:
-                continue
-            n_out = math.prod(out)
-            if opcode == "dot":
-                lhs = _operand_dims(args, 0, shapes)
-                if lhs is None:
-                    continue
-                k = math.prod(lhs[c] for c in _int_list(attrs, "lhs_contracting_dims"))
-                total += mc * 2.0 * n_out * k
-            elif opcode == "convolution":
-                rhs = _operand_dims(args, 1, shapes)
-                dl = re.search(r"dim_labels=\w+_(\w+)->", attrs)
-                if rhs is None or not dl or "o" not in dl.group(1):
-                    continue
-                total += mc * 2.0 * n_out * math.prod(rhs) / rhs[dl.group(1).index("o")]
-            elif opcode == "custom-call" and "gemm" in attrs:
-                lhs = _operand_dims(args, 0, shapes)
-                cm = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', attrs)
-                if lhs is None or not cm:
-                    continue
-                k = math.prod(lhs[int(c.strip().strip('"'))] for c in cm.group(1).split(",") if c.strip())
-                total += mc * 2.0 * n_out * k
-    return total
 
 
 def xla_cost_flops(compiled) -> float | None:

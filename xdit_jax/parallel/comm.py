@@ -41,151 +41,18 @@ on the GLOBAL shapes (batch B as seen by one device, i.e. already divided by dat
 
 from __future__ import annotations
 
-import json
-import math
 import re
 
 import numpy as np
 
+from xdit_jax.hlo import SHAPE_RE, Module, shape_bytes
+
+__all__ = ["COLLECTIVES", "collective_stats", "summarize", "counts", "shape_bytes", "ulysses_bytes", "ring_bytes",
+           "attention_bytes"]
+
 COLLECTIVES = ("all-to-all", "collective-permute", "all-gather", "all-reduce", "reduce-scatter")
 
-_DTYPE_BYTES = {
-    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4,
-    "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16,
-}
-_SHAPE_RE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]+m[0-9]+[a-z]*)?)\[([0-9,]*)\]")
 _NAME_RE = re.compile(r"%?([A-Za-z_][\w.\-]*)")
-_COMP_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_CALLEE_RE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
-_CALLEE_LIST_RE = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
-
-
-def _dtype_size(dtype: str) -> float:
-    if dtype in _DTYPE_BYTES:
-        return _DTYPE_BYTES[dtype]
-    if dtype.startswith("f8") or dtype.startswith("s8") or dtype.startswith("u8"):
-        return 1
-    return 0  # token, opaque, ...
-
-
-def shape_bytes(shape_text: str) -> int:
-    """Bytes of every array shape in ``shape_text`` (a shape or a tuple of shapes)."""
-    total = 0.0
-    for dtype, dims in _SHAPE_RE.findall(shape_text):
-        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-        total += n * _dtype_size(dtype)
-    return int(total)
-
-
-def _match_paren(s: str, i: int) -> int:
-    """Index just past the parenthesis group opening at s[i] == '('."""
-    depth = 0
-    for j in range(i, len(s)):
-        if s[j] == "(":
-            depth += 1
-        elif s[j] == ")":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return len(s)
-
-
-def _parse_instruction(line: str):
-    """'%name = SHAPE opcode(args), attrs' -> (name, shape, opcode, args, attrs) or None."""
-    s = line.strip()
-    if s.startswith("ROOT "):
-        s = s[5:]
-    eq = s.find(" = ")
-    if eq < 0:
-        return None
-    name = s[:eq].strip().lstrip("%")
-    rest = s[eq + 3:].lstrip()
-    if rest.startswith("("):
-        end = _match_paren(rest, 0)
-    else:
-        end = rest.find(" ")
-        if end < 0:
-            return None
-    shape, rest = rest[:end], rest[end:].lstrip()
-    m = re.match(r"([a-z][a-z0-9\-_]*)\(", rest)
-    if not m:
-        return None
-    opcode = m.group(1)
-    close = _match_paren(rest, m.end() - 1)
-    return name, shape, opcode, rest[m.end():close - 1], rest[close:]
-
-
-def _parse_module(text: str):
-    """-> (computations: {name: [instr tuples]}, order: [names in text order], entry name)."""
-    comps, order, entry, cur = {}, [], None, None
-    for line in text.splitlines():
-        if cur is None:
-            m = _COMP_RE.match(line.strip())
-            if m:
-                cur = m.group(2)
-                comps[cur] = []
-                order.append(cur)
-                if m.group(1):
-                    entry = cur
-            continue
-        if line.strip() == "}":
-            cur = None
-            continue
-        ins = _parse_instruction(line)
-        if ins is not None:
-            comps[cur].append(ins)
-    if entry is None and order:
-        entry = order[-1]
-    return comps, order, entry
-
-
-def _backend_config(attrs: str) -> dict:
-    i = attrs.find("backend_config=")
-    if i < 0:
-        return {}
-    j = i + len("backend_config=")
-    if j >= len(attrs) or attrs[j] != "{":
-        return {}
-    depth = 0
-    for k in range(j, len(attrs)):
-        depth += attrs[k] == "{"
-        depth -= attrs[k] == "}"
-        if depth == 0:
-            try:
-                return json.loads(attrs[j:k + 1])
-            except ValueError:
-                return {}
-    return {}
-
-
-def _callees(attrs: str) -> list[tuple[str, str]]:
-    out = [(kind, name) for kind, name in _CALLEE_RE.findall(attrs)]
-    for kind, names in _CALLEE_LIST_RE.findall(attrs):
-        out += [(kind, n.strip().lstrip("%")) for n in names.split(",") if n.strip()]
-    return out
-
-
-def _trip_count(attrs: str, cond: list, comps: dict) -> int | None:
-    cfg = _backend_config(attrs)
-    n = cfg.get("known_trip_count", {}).get("n")
-    if n is not None:
-        return int(n)
-    # Best effort: one integer scalar constant and an LT compare in the condition (or its fusions).
-    seen, stack, consts, has_lt = set(), [cond], [], False
-    while stack:
-        instrs = stack.pop()
-        for _, shape, opcode, args, a in instrs:
-            if opcode == "constant" and re.fullmatch(r"[su](8|16|32|64)\[\]", shape.split("{")[0]):
-                consts.append(int(args))
-            has_lt |= opcode == "compare" and "direction=LT" in a
-            for _, callee in _callees(a):
-                if callee in comps and callee not in seen:
-                    seen.add(callee)
-                    stack.append(comps[callee])
-    if len(consts) == 1 and has_lt:
-        init = int(cfg.get("known_init_step", {}).get("init", 0))
-        return max(consts[0] - init, 0)
-    return None
 
 
 def _group_size(attrs: str) -> int | None:
@@ -246,45 +113,20 @@ def collective_stats(compiled_or_hlo_text) -> list[dict]:
         if hasattr(text, "compile") and not hasattr(text, "cost_analysis"):
             text = text.compile()  # a Lowered
         text = text.as_text()
-    comps, order, entry = _parse_module(text)
-    mult = {name: 0 for name in order}
-    exact = {name: True for name in order}
-    if entry is None:
+    mod = Module(text)
+    if mod.entry is None:
         return []
-    mult[entry] = 1
-    # Computations are printed callees first, so walking backwards visits callers first.
-    for cname in reversed(order):
-        m = mult.get(cname, 0)
-        if not m:
-            continue
-        for _, _, opcode, _, attrs in comps[cname]:
-            callees = _callees(attrs)
-            trips = None
-            if opcode == "while":
-                cond = next((c for k, c in callees if k == "condition"), None)
-                trips = _trip_count(attrs, comps.get(cond, []), comps)
-            for kind, callee in callees:
-                if callee not in mult:
-                    continue
-                factor = 1
-                if kind == "body":
-                    factor = trips if trips is not None else 1
-                    if trips is None:
-                        exact[callee] = False
-                elif kind == "condition":
-                    factor = (trips + 1) if trips is not None else 1
-                mult[callee] += m * factor
-                exact[callee] = exact[callee] and exact[cname]
+    mult, exact = mod.execution_counts()
     stats = []
-    for cname in order:
+    for cname in mod.order:
         if not mult.get(cname):
             continue
-        shapes = {name: shape for name, shape, *_ in comps[cname]}
-        for name, shape, opcode, args, attrs in comps[cname]:
+        shapes = {name: shape for name, shape, *_ in mod.comps[cname]}
+        for name, shape, opcode, args, attrs in mod.comps[cname]:
             op, is_async = _canonical(opcode)
             if op is None:
                 continue
-            if _SHAPE_RE.search(args):  # operand shapes printed inline
+            if SHAPE_RE.search(args):  # operand shapes printed inline
                 nbytes = shape_bytes(args)
             else:
                 nbytes = sum(shape_bytes(shapes.get(n, "")) for n in _NAME_RE.findall(args))
