@@ -14,7 +14,7 @@ KW = dict(height=32, width=48, num_frames=9, num_inference_steps=2, guidance_sca
 VARIANTS = {"sincos": dict(num_attention_heads=6), "rope": dict(num_attention_heads=6,
                                                                 use_rotary_positional_embeddings=True)}
 MESHES = ["cfg=2", "ulysses=2", "ring=2", "ring=3", "ulysses=2,ring=2", "ulysses=4", "cfg=2,ulysses=2,ring=2",
-          "data=2,cfg=2,ulysses=2"]
+          "cfg=2,ring=4", "data=2,cfg=2,ulysses=2"]
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

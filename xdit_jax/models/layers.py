@@ -135,11 +135,9 @@ def stack_modules(make, n: int, rngs: nnx.Rngs):
 
 
 def scan_modules(stacked, fn, carry):
-    """Run ``carry = fn(layer, carry)`` over a stacked module with ``lax.scan``."""
+    """Run ``carry = fn(layer, carry)`` over a stacked module with ``lax.scan`` (through
+    :func:`xdit_jax.parallel.pipefusion.layer_scan`, which threads PipeFusion's per-layer K/V)."""
+    from xdit_jax.parallel.pipefusion import layer_scan
+
     graphdef, state = nnx.split(stacked)
-
-    def body(c, s):
-        return fn(nnx.merge(graphdef, s), c), None
-
-    carry, _ = jax.lax.scan(body, carry, state)
-    return carry
+    return layer_scan(lambda c, s: fn(nnx.merge(graphdef, s), c), carry, state)

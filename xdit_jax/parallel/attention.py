@@ -105,6 +105,47 @@ def current_config() -> AttentionConfig:
     return _CONTEXT.get()
 
 
+@dataclasses.dataclass
+class KVCell:
+    """PipeFusion (:mod:`xdit_jax.parallel.pipefusion`): one layer's K/V buffers of the whole padded
+    sequence (B, S, H, D), where the patch this call sees starts, and whether to store its K/V."""
+
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array
+    write: jax.Array
+    consumed: bool = False
+
+
+_KV_CELL: contextvars.ContextVar[KVCell | None] = contextvars.ContextVar("xdit_jax_kv_cell", default=None)
+
+
+@contextlib.contextmanager
+def kv_cache(k, v, start, write):
+    """While installed, :func:`attention` is given one patch of the sequence: it stores the patch's
+    K/V in the buffers at ``start`` (when ``write``) and attends to the whole buffer."""
+    token = _KV_CELL.set(KVCell(k, v, start, write))
+    try:
+        yield _KV_CELL.get()
+    finally:
+        _KV_CELL.reset(token)
+
+
+def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend):
+    if cell.consumed:
+        raise RuntimeError("A PipeFusion layer called attention twice; one K/V buffer per layer.")
+    cell.consumed = True
+    n = k.shape[1]
+    for name in ("k", "v"):
+        buf, new = getattr(cell, name), (k if name == "k" else v)
+        old = lax.dynamic_slice_in_dim(buf, cell.start, n, axis=1)
+        setattr(cell, name, lax.dynamic_update_slice_in_dim(
+            buf, jnp.where(cell.write, new.astype(buf.dtype), old), cell.start, axis=1))
+    out, _ = block_attention(q, cell.k, cell.v, valid_len=valid_len, scale=scale, backend=backend,
+                             need_lse=False)
+    return out
+
+
 def _degree(mesh, axis: str) -> int:
     if mesh is None:
         return 1
@@ -321,6 +362,11 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     if valid_len is not None and not isinstance(valid_len, int):
         raise TypeError(f"valid_len must be a static Python int, got {type(valid_len).__name__}.")
     ring, ulysses = cfg.degree(RING_AXIS), cfg.degree(ULYSSES_AXIS)
+    cell = _KV_CELL.get()
+    if cell is not None:  # a PipeFusion stage: q, k, v are one patch; keys are the whole sequence
+        if ring > 1 or ulysses > 1 or kv_valid is not None:
+            raise NotImplementedError("PipeFusion runs with ring = ulysses = 1 and padding masks only.")
+        return _cached_attention(cell, q, k, v, valid_len=valid_len, scale=scale, backend=cfg.backend)
     if ring == 1 and ulysses == 1:
         out, _ = block_attention(q, k, v, valid_len=valid_len, kv_valid=kv_valid, scale=scale,
                                  backend=cfg.backend, need_lse=False)

@@ -29,6 +29,7 @@ from xdit_jax.conversion import MARKER, model_class, read_json
 from xdit_jax.distributed import call_on_process_zero
 from xdit_jax.mesh import MeshSpec, build_mesh
 from xdit_jax.models import cogvideox, vae_cogvideox
+from xdit_jax.parallel import pipefusion
 from xdit_jax.parallel.attention import resolve_backend
 from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines.denoise import StageTimer, as_numpy, denoise_loop, peak_memory_bytes
@@ -122,7 +123,8 @@ class CogVideoXPipeline:
     """Text-to-video with CogVideoX (2B, 5B, 1.5) — see the module docstring."""
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto"):
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
+                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
         self.transformer, self.transformer_config = transformer, transformer_config
         self.vae, self.vae_config = vae, vae_config
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -131,9 +133,18 @@ class CogVideoXPipeline:
         self.attention_backend = resolve_backend(attention_backend, dtype)
         self.mesh_spec = MeshSpec.parse(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh)
         self.mesh = mesh if hasattr(mesh, "axis_names") else build_mesh(self.mesh_spec)
-        if self.mesh_spec.pipefusion > 1:
-            raise NotImplementedError(f"Mesh {self.mesh_spec}: PipeFusion is not built yet; use data, cfg, ring "
-                                      "and ulysses.")
+        # PipeFusion (xdit_jax.parallel.pipefusion): on a pipefusion mesh, or on any mesh when patches are
+        # asked for (one device: the sequential reference of the same rule). xDiT's defaults: as many
+        # patches as stages, one warm-up step.
+        pf = self.mesh_spec.pipefusion
+        self.pipefusion_patches = int(pipefusion_patches or pf)
+        self.pipefusion_warmup_steps = int(pipefusion_warmup_steps)
+        self.uses_pipefusion = pf > 1 or self.pipefusion_patches > 1
+        if self.pipefusion_patches < 1 or self.pipefusion_warmup_steps < 1:
+            raise ValueError(f"pipefusion_patches ({self.pipefusion_patches}) and pipefusion_warmup_steps "
+                             f"({self.pipefusion_warmup_steps}) must be >= 1: the first step fills the K/V buffers.")
+        if self.uses_pipefusion:
+            pipefusion.check_mesh(self.mesh_spec, transformer_config.num_layers)
         self.vae_scale_factor_spatial = 2 ** (len(vae_config.block_out_channels) - 1)
         self.vae_scale_factor_temporal = int(vae_config.temporal_compression_ratio)
         self._step_cache = {}
@@ -145,8 +156,13 @@ class CogVideoXPipeline:
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
                         variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto") -> "CogVideoXPipeline":
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> "CogVideoXPipeline":
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
+
+        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default:
+        the ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's
+        ``--num_pipeline_patch`` / ``--warmup_steps``."""
         from transformers import AutoTokenizer
 
         from xdit_jax.conversion import is_converted
@@ -176,7 +192,8 @@ class CogVideoXPipeline:
         scfg = schedulers.SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         return cls(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
                    text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scfg, dtype=dtype,
-                   mesh=mesh_obj, attention_backend=attention_backend)
+                   mesh=mesh_obj, attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                   pipefusion_warmup_steps=pipefusion_warmup_steps)
 
     # ------------------------------------------------------------------ stages
 
@@ -212,8 +229,11 @@ class CogVideoXPipeline:
         axes = ("cfg", "data") if cfg_major else "data"
         return NamedSharding(self.mesh, P(axes, *([None] * (ndim - 1))))
 
-    def _step_fn(self, do_cfg: bool):
-        key = do_cfg
+    def _step_fn(self, do_cfg: bool, patches: int = 1):
+        """The jitted step ``(tstate, latents, sched_state, i, kv, embeds, sched, guidance, rng) ->
+        (latents, sched_state, i + 1, kv)``; ``kv`` is PipeFusion's K/V buffers (None without it) and
+        ``patches`` its patches this step (1: a warm-up step, exact)."""
+        key = (do_cfg, patches)
         if key in self._step_cache:
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
@@ -223,7 +243,7 @@ class CogVideoXPipeline:
         def blocks(params, joint, tokens, temb):  # runs on a local shard (xdit_jax.parallel.sequence)
             return nnx.merge(graphdef, params).blocks(joint, tokens, temb)
 
-        def step(tstate, latents, sched_state, i, embeds, sched, guidance, rng):
+        def step(tstate, latents, sched_state, i, kv, embeds, sched, guidance, rng):
             model = nnx.merge(graphdef, tstate)
             t = sched.timesteps[i]
             if do_cfg:  # [uncond; cond] batch: built as (2, B, ...) over (cfg, data) so no data moves
@@ -234,7 +254,11 @@ class CogVideoXPipeline:
                 x = latents
             x = jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim, do_cfg))
             joint, tokens, temb = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (x.shape[0],)))
-            joint = run_blocks(blocks, tstate, joint, tokens, temb, mesh, backend=backend)
+            if kv is None:
+                joint = run_blocks(blocks, tstate, joint, tokens, temb, mesh, backend=backend)
+            else:
+                joint, kv = pipefusion.run_pipefusion(blocks, tstate, joint, tokens, temb, kv, mesh, patches=patches,
+                                                      stacked="transformer_blocks", backend=backend)
             pred = model.head(joint, temb, x.shape).astype(jnp.float32)
             if do_cfg:
                 uncond, cond = jnp.split(pred, 2)
@@ -243,9 +267,9 @@ class CogVideoXPipeline:
                 if sched.needs_noise else None
             latents, sched_state = schedulers.step(sched, i, pred, latents, sched_state, noise)
             # The next step's index comes back on the device: the loop sends nothing to the device.
-            return latents.astype(jnp.float32), sched_state, i + 1
+            return latents.astype(jnp.float32), sched_state, i + 1, kv
 
-        donate = (1, 2) if jax.default_backend() != "cpu" else ()
+        donate = (1, 2, 4) if jax.default_backend() != "cpu" else ()
         fn = jax.jit(step, donate_argnums=donate)
         self._step_cache[key] = fn
         return fn
@@ -269,7 +293,9 @@ class CogVideoXPipeline:
         scaling, dtype, mesh = self.vae_config.scaling_factor, self.dtype, self.mesh
         tiling, slicing = self.vae_tiling, self.vae_slicing
 
-        @jax.jit
+        # Frames come out replicated (they go to the host next): the decoder's own spatial split need
+        # not be expressible as a sharding of the pipeline's mesh (e.g. cfg=2,ring=4 over a 4 x 2 grid).
+        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
         def dec(state, latents):
             z = jnp.transpose(latents, (0, 2, 1, 3, 4)) / scaling  # (B, C, F, h, w)
             video = vae_cogvideox.decode(nnx.merge(graphdef, state), z.astype(dtype), tiling=tiling,
@@ -296,6 +322,18 @@ class CogVideoXPipeline:
         return (batch, latent_frames + additional, tc.in_channels, height // self.vae_scale_factor_spatial,
                 width // self.vae_scale_factor_spatial), additional
 
+    def _kv_shape(self, latent_shape, step_batch: int, text_len: int) -> tuple:
+        """PipeFusion's K/V buffer shape: (layers, CFG batch, joint length padded to the patches, H, D)."""
+        tc = self.transformer_config
+        f, (h, w) = latent_shape[1], latent_shape[3:]
+        pt = tc.patch_size_t or 1
+        seq = text_len + (f // pt) * (h // tc.patch_size) * (w // tc.patch_size)
+        return (tc.num_layers, step_batch, pipefusion.padded_length(seq, self.pipefusion_patches),
+                tc.num_attention_heads, tc.attention_head_dim)
+
+    def _kv_sharding(self):
+        return NamedSharding(self.mesh, P(pipefusion.AXIS, ("data", "cfg")))
+
     def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
                      num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 6.0,
                      max_sequence_length: int | None = None):
@@ -314,8 +352,13 @@ class CogVideoXPipeline:
         sched = jax.tree.map(jnp.asarray, schedulers.make_schedule(self.scheduler_config, num_inference_steps))
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, False))
         _, tstate = nnx.split(self.transformer)
-        return self._step_fn(do_cfg).lower(tstate, latents, latents, jnp.int32(0), embeds, sched, guidance,
-                                           jax.random.key(0)).compile()
+        kv = None
+        if self.uses_pipefusion:  # the patched step (the warm-up step is the same program with one patch)
+            buf = jax.ShapeDtypeStruct(self._kv_shape(shape, embeds.shape[0], seq), self.dtype,
+                                       sharding=self._kv_sharding())
+            kv = (buf, buf)
+        return self._step_fn(do_cfg, self.pipefusion_patches if kv else 1).lower(
+            tstate, latents, latents, jnp.int32(0), kv, embeds, sched, guidance, jax.random.key(0)).compile()
 
     # ------------------------------------------------------------------ call
 
@@ -376,19 +419,26 @@ class CogVideoXPipeline:
 
         # 3. denoise: one jitted step per iteration
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, use_dynamic_cfg))
-        step_fn = self._step_fn(do_cfg)
         _, tstate = nnx.split(self.transformer)
+        kv, warm_fn = None, self._step_fn(do_cfg)
+        step_fn, warmup = warm_fn, self.pipefusion_warmup_steps
+        if self.uses_pipefusion:
+            zeros = jax.jit(lambda: jnp.zeros(self._kv_shape(shape, embeds.shape[0], embeds.shape[1]), self.dtype),
+                            out_shardings=self._kv_sharding())
+            kv = (zeros(), zeros())
+            step_fn = self._step_fn(do_cfg, self.pipefusion_patches)
         sched_arrays = jax.tree.map(jnp.asarray, sched)
 
-        def one(carry, _):
-            lat, st, i = carry
-            return step_fn(tstate, lat, st, i, embeds, sched_arrays, guidance, rng)
+        def one(carry, n):
+            lat, st, i, kv = carry
+            fn = warm_fn if kv is None or n < warmup else step_fn  # PipeFusion: exact warm-up steps first
+            return fn(tstate, lat, st, i, kv, embeds, sched_arrays, guidance, rng)
 
         with timer.stage("denoising"):
             # Placed as the step returns them, so that step 0 and the later steps share one executable.
             carry = (latents, jax.jit(schedulers.init_state, out_shardings=latents.sharding)(latents),
-                     jax.device_put(np.int32(0), NamedSharding(self.mesh, P())))
-            latents, _, _ = denoise_loop(one, carry, num_inference_steps, progress=progress)
+                     jax.device_put(np.int32(0), NamedSharding(self.mesh, P())), kv)
+            latents = denoise_loop(one, carry, num_inference_steps, progress=progress)[0]
 
         if output_type == "latent":
             return CogVideoXPipelineOutput(frames=as_numpy(latents), timings=timer.times,

@@ -1,0 +1,186 @@
+"""PipeFusion: the block stack split into stages over the ``pipefusion`` axis, the sequence into patches.
+
+PipeFusion (xDiT; "PipeFusion: Patch-level Pipeline Parallelism for Diffusion Transformers") runs
+a diffusion step as a pipeline: device ``s`` of the ``pipefusion`` axis holds layers
+``[s L/N, (s+1) L/N)`` of the stacked blocks; the joint sequence is cut into ``M`` patches that
+flow through the stages one tick apart (stage ``s`` works on patch ``tick - s``; the activations
+move to the next stage with a ``ppermute``). Attention inside a stage sees the *whole* sequence:
+every layer keeps a K/V buffer of the full (padded) sequence. A patch's fresh K/V go into it
+before its attention, so the patches before it in this step are fresh and those after it are one
+diffusion step old ("displaced patch parallelism": neighbouring steps' activations differ
+little). The first ``warmup`` steps run the same program with one patch (the whole sequence):
+exact, and it fills the buffers.
+
+So the output of a patched step is NOT the one-device output; it equals the sequential reference
+of the same rule, :func:`run_pipefusion` on one device with the same patches (the tests check
+both that and the exactness of warm-up steps on every mesh). Padding: the sequence is padded to
+a multiple of ``M``; padded keys are masked, padded rows dropped.
+
+Models take no part: the block stack's scan (:func:`layer_scan`) threads each layer's buffer in
+and out, and the attention op (:mod:`xdit_jax.parallel.attention`) stores the patch and reads the
+buffer while :func:`kv_cache` is installed. Here: ``ring = ulysses = 1`` (batch axes ``data`` and
+``cfg`` combine freely); the number of layers must be a multiple of the ``pipefusion`` degree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from xdit_jax.parallel.attention import AttentionConfig, attention_context, kv_cache
+
+AXIS = "pipefusion"
+BATCH_AXES = ("data", "cfg")
+
+
+@dataclasses.dataclass
+class StackCache:
+    """The K/V buffers of a whole block stack, (layers, B, S, H, D) each, and where this call's
+    patch sits (``start``, traced) and whether its K/V are stored (``write``: False on idle ticks)."""
+
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array
+    write: jax.Array
+    used: bool = False
+
+
+_STACK: contextvars.ContextVar[StackCache | None] = contextvars.ContextVar("xdit_jax_stack_cache", default=None)
+
+
+@contextlib.contextmanager
+def stack_cache(cache: StackCache):
+    token = _STACK.set(cache)
+    try:
+        yield cache
+    finally:
+        _STACK.reset(token)
+
+
+def layer_scan(layer_fn, carry, stacked_state):
+    """``carry = layer_fn(carry, layer_state)`` over the leading (layer) axis with ``lax.scan``.
+
+    While a PipeFusion stage is traced (:func:`stack_cache` installed) each layer also gets its
+    slice of the K/V buffers, installed for the attention op, and the updated buffers are
+    collected; otherwise a plain scan.
+    """
+    cache = _STACK.get()
+    if cache is None:
+        carry, _ = lax.scan(lambda c, s: (layer_fn(c, s), None), carry, stacked_state)
+        return carry
+    if cache.used:
+        raise NotImplementedError("PipeFusion supports models with one stacked block sequence.")
+    cache.used = True
+
+    def body(c, xs):
+        s, k, v = xs
+        with kv_cache(k, v, cache.start, cache.write) as cell:
+            c = layer_fn(c, s)
+        if not cell.consumed:
+            raise RuntimeError("A PipeFusion block called no attention: nothing to cache.")
+        return c, (cell.k, cell.v)
+
+    carry, (cache.k, cache.v) = lax.scan(body, carry, (stacked_state, cache.k, cache.v))
+    return carry
+
+
+def padded_length(seq_len: int, patches: int) -> int:
+    return -(-seq_len // patches) * patches
+
+
+def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim: int, dtype, patches: int):
+    """Zero K/V buffers (layers, B, S_pad, H, D), layers over ``pipefusion``, batch over (data, cfg)."""
+    from jax.sharding import NamedSharding
+
+    shape = (layers, batch, padded_length(seq_len, patches), heads, head_dim)
+    sharding = NamedSharding(mesh, P(AXIS, BATCH_AXES))
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return zeros(), zeros()
+
+
+def check_mesh(mesh_spec, num_layers: int) -> None:
+    """Refuse what this PipeFusion cannot run, saying what to use instead."""
+    n = mesh_spec.pipefusion
+    if mesh_spec.ring > 1 or mesh_spec.ulysses > 1:
+        raise NotImplementedError(f"Mesh {mesh_spec}: PipeFusion does not combine with ring/ulysses yet; use "
+                                  "pipefusion with data and cfg, or ring/ulysses without pipefusion.")
+    if num_layers % n:
+        good = [d for d in range(2, num_layers + 1) if num_layers % d == 0]
+        raise ValueError(f"pipefusion={n} does not divide the model's {num_layers} layers into equal stages; "
+                         f"use one of {good}.")
+
+
+def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches: int, stacked: str,
+                   backend: str = "xla"):
+    """One step of ``blocks(params, joint, tokens, cond)`` as a PipeFusion pipeline over ``mesh``.
+
+    joint: (B, S, D) global; tokens: per-token tables (sequence on axis 0); cond: per-sample
+    arrays (batch on axis 0); cache: (k, v) from :func:`init_cache` (or the previous step); params:
+    the model state whose subtree ``stacked`` holds the stacked blocks (split over the stages).
+    Returns (out (B, S, D), new cache). ``patches = 1`` is exact (a warm-up step).
+    """
+    n = mesh.shape[AXIS] if mesh is not None else 1
+    b, s = joint.shape[:2]
+    sp = cache[0].shape[2]
+    if sp % patches or sp < s:
+        raise ValueError(f"The K/V buffers hold {sp} tokens: not {patches} equal patches of a {s}-token sequence.")
+    plen = sp // patches
+    pad = lambda x, axis: jnp.pad(x, [(0, 0)] * axis + [(0, sp - s)] + [(0, 0)] * (x.ndim - axis - 1))
+    joint_p = pad(joint, 1)
+    tokens_p = jax.tree.map(lambda t: pad(t, 0), tokens)
+    valid_len = s if sp != s else None
+    ticks = patches + n - 1
+
+    def local(p, j, t, c, k, v):
+        stage = lax.axis_index(AXIS) if n > 1 else 0
+        zero = jnp.zeros((j.shape[0], plen) + j.shape[2:], j.dtype)
+
+        def tick(i, carry):
+            recv, out, k, v = carry
+            patch = i - stage
+            active = (patch >= 0) & (patch < patches)
+            start = jnp.clip(patch, 0, patches - 1) * plen
+            x = jnp.where(stage == 0, lax.dynamic_slice_in_dim(j, start, plen, axis=1), recv)
+            tp = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, plen, axis=0), t)
+            cache = StackCache(k=k, v=v, start=start, write=active)
+            with stack_cache(cache), attention_context(AttentionConfig(backend=backend, valid_len=valid_len)):
+                y = blocks(p, x, tp, c)
+            if not cache.used:
+                raise RuntimeError("blocks() ran no layer_scan: PipeFusion needs the stacked block scan.")
+            done = active & (stage == n - 1)
+            out = jnp.where(done, lax.dynamic_update_slice_in_dim(out, y, start, axis=1), out)
+            if n > 1:
+                y = lax.ppermute(y, AXIS, [(i, i + 1) for i in range(n - 1)])
+            return y, out, cache.k, cache.v
+
+        _, out, k, v = lax.fori_loop(0, ticks, tick, (zero, jnp.zeros_like(j), k, v))
+        if n > 1:  # the last stage holds the output: give it to every stage
+            out = lax.psum(jnp.where(stage == n - 1, out, 0), AXIS)
+        return out, k, v
+
+    if mesh is None or mesh.size == 1:
+        out, k, v = local(params, joint_p, tokens_p, cond, *cache)
+        return out[:, :s], (k, v)
+    from xdit_jax.parallel.sequence import _shard_map
+
+    stacked_spec = lambda path, _: P(AXIS) if _starts_with(path, stacked) else P()
+    par_specs = jax.tree_util.tree_map_with_path(stacked_spec, params)
+    batch = lambda x: P(BATCH_AXES, *([None] * (x.ndim - 1)))
+    kv_spec = P(AXIS, BATCH_AXES)
+    out, k, v = _shard_map(local, mesh,
+                           (par_specs, batch(joint_p), jax.tree.map(lambda _: P(), tokens_p),
+                            jax.tree.map(batch, cond), kv_spec, kv_spec),
+                           (batch(joint_p), kv_spec, kv_spec))(params, joint_p, tokens_p, cond, *cache)
+    return out[:, :s], (k, v)
+
+
+def _starts_with(path, name: str) -> bool:
+    first = path[0] if path else None
+    key = getattr(first, "key", getattr(first, "name", None))
+    return key == name
