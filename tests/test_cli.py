@@ -50,6 +50,15 @@ def test_generate_png_folder_and_batch(tmp_path):
         assert len(pngs) == 1
 
 
+def test_generate_pipefusion(tmp_path):
+    """xDiT's flags: two stages, two patches, one exact warm-up step then a patched one."""
+    out = tmp_path / "pf.gif"
+    rc = cli.main(["--output", str(out), "--steps", "2", "--num-frames", "9", "--height", "32", "--width", "48",
+                   "--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "2", "--warmup_steps", "1",
+                   "--no-progress"])
+    assert rc == 0 and read_video(out).shape[0] == 9
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--height", "50"], "multiples of 16"),
     (["--num-frames", "10"], "8k+1"),
@@ -59,6 +68,9 @@ def test_generate_png_folder_and_batch(tmp_path):
     (["--model", "/no/such/dir"], "does not exist"),
     (["--output", "x.avi"], ".mp4"),
     (["--steps", "0"], ">= 1"),
+    (["--mesh", "pipefusion=2,ring=2"], "ring/ulysses"),
+    (["--mesh", "pipefusion=4"], "does not divide the model's 2 layers"),
+    (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])
 def test_bad_input(tmp_path, capsys, argv, needle):
     if "--output" not in argv:

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     xd.add_argument("--use_cfg_parallel", "--use-cfg-parallel", action="store_true")
     xd.add_argument("--data_parallel_degree", "--data-parallel-degree", type=int, default=None)
     xd.add_argument("--pipefusion_parallel_degree", "--pipefusion-parallel-degree", type=int, default=None)
+    pf = ap.add_argument_group("PipeFusion (a mesh with pipefusion > 1)")
+    pf.add_argument("--num_pipeline_patch", "--num-pipeline-patch", type=int, default=None,
+                    help="patches the sequence is cut into (default: the pipefusion degree)")
+    pf.add_argument("--warmup_steps", "--warmup-steps", type=int, default=1,
+                    help="exact steps (one patch) before the patched ones; they fill the K/V buffers [1]")
     return ap
 
 
@@ -214,7 +219,8 @@ def _main(argv=None) -> int:
         spec = mesh_spec_from_args(args)
         out = Path(args.output)
         check_output(out, args.overwrite)
-        for name in ("steps", "num_frames", "height", "width", "max_sequence_length"):
+        for name in ("steps", "num_frames", "height", "width", "max_sequence_length", "num_pipeline_patch",
+                     "warmup_steps"):
             v = getattr(args, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}.")
@@ -268,7 +274,9 @@ def _main(argv=None) -> int:
             check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
                           args.num_frames or dv["num_frames"], len(args.prompts), spec, args.guidance_scale)
         pipe = CogVideoXPipeline.from_pretrained(model, mesh=spec, dtype=dtype, cache_dir=args.cache_dir,
-                                                 attention_backend=args.attention_backend)
+                                                 attention_backend=args.attention_backend,
+                                                 pipefusion_patches=args.num_pipeline_patch,
+                                                 pipefusion_warmup_steps=args.warmup_steps)
     except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

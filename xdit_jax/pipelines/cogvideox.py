@@ -100,6 +100,8 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
     if ms.cfg == 2 and guidance_scale <= 1.0:
         raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which needs "
                          "guidance_scale > 1; drop cfg=2 from the mesh or raise the guidance scale.")
+    if ms.pipefusion > 1:
+        pipefusion.check_mesh(ms, tc.num_layers)
 
 
 def default_video(tc, vc) -> dict:
