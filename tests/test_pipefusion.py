@@ -108,3 +108,24 @@ def test_bad_pipefusion_requests(folder):
     with pytest.raises(ValueError, match="warmup"):
         CogVideoXPipeline.from_pretrained(folder, mesh="pipefusion=2", pipefusion_warmup_steps=0)
     pipefusion.check_mesh(MeshSpec.parse("data=2,cfg=2,pipefusion=2"), 30)  # fine
+
+
+def test_stages_hold_their_layers_and_send_only_patches(folder):
+    """The stacked blocks are stored split over the stages; one patched step sends one patch of
+    activations per tick (M + N - 1 ticks) and all-reduces the output once; nothing else."""
+    from xdit_jax.parallel import comm
+
+    pipe = CogVideoXPipeline.from_pretrained(folder, mesh="pipefusion=2", pipefusion_patches=2)
+    _, state = nnx.split(pipe.transformer)
+    for kp, leaf in jax.tree_util.tree_leaves_with_path(state):
+        stacked = pipefusion.starts_with(kp, "transformer_blocks")
+        assert leaf.sharding.spec == (jax.sharding.PartitionSpec("pipefusion") if stacked
+                                      else jax.sharding.PartitionSpec()), jax.tree_util.keystr(kp)
+    compiled = pipe.compile_step(1, height=KW["height"], width=KW["width"], num_frames=KW["num_frames"],
+                                 num_inference_steps=2, max_sequence_length=tiny.MAX_SEQUENCE_LENGTH)
+    stats = comm.collective_stats(compiled)
+    tc = pipe.transformer_config
+    seq = tiny.MAX_SEQUENCE_LENGTH + 3 * (32 // 16) * (48 // 16)  # 34 tokens -> 2 patches of 17
+    d = tc.num_attention_heads * tc.attention_head_dim
+    got = {s["op"]: (s["count"], s["bytes"]) for s in stats}
+    assert got == {"collective-permute": (2 + 2 - 1, 2 * (seq // 2) * d * 4), "all-reduce": (1, 2 * seq * d * 4)}

@@ -169,7 +169,7 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
         return out[:, :s], (k, v)
     from xdit_jax.parallel.sequence import _shard_map
 
-    stacked_spec = lambda path, _: P(AXIS) if _starts_with(path, stacked) else P()
+    stacked_spec = lambda path, _: P(AXIS) if starts_with(path, stacked) else P()
     par_specs = jax.tree_util.tree_map_with_path(stacked_spec, params)
     batch = lambda x: P(BATCH_AXES, *([None] * (x.ndim - 1)))
     kv_spec = P(AXIS, BATCH_AXES)
@@ -180,7 +180,8 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     return out[:, :s], (k, v)
 
 
-def _starts_with(path, name: str) -> bool:
+def starts_with(path, name: str) -> bool:
+    """Whether a pytree key path (jax's, or orbax's) starts at the entry ``name``."""
     first = path[0] if path else None
     key = getattr(first, "key", getattr(first, "name", None))
     return key == name

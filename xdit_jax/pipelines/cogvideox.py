@@ -35,6 +35,7 @@ from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines.denoise import StageTimer, as_numpy, denoise_loop, peak_memory_bytes
 
 log = logging.getLogger("xdit_jax")
+STACKED = "transformer_blocks"  # the transformer's stacked blocks: PipeFusion splits them into stages
 
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
@@ -187,7 +188,11 @@ class CogVideoXPipeline:
             folder = target
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         replicated = NamedSharding(mesh_obj, P())
-        tcfg, transformer = _load_component(folder, "transformer", dtype, replicated)
+        tsharding = replicated
+        if mesh_obj.shape.get(pipefusion.AXIS, 1) > 1:  # each stage holds only its own layers
+            stage = NamedSharding(mesh_obj, P(pipefusion.AXIS))
+            tsharding = lambda kp, shape: stage if pipefusion.starts_with(kp, STACKED) else replicated  # noqa: E731
+        tcfg, transformer = _load_component(folder, "transformer", dtype, tsharding)
         vcfg, vae = _load_component(folder, "vae", dtype, replicated)
         _, text_encoder = _load_component(folder, "text_encoder", dtype, replicated)
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -260,7 +265,7 @@ class CogVideoXPipeline:
                 joint = run_blocks(blocks, tstate, joint, tokens, temb, mesh, backend=backend)
             else:
                 joint, kv = pipefusion.run_pipefusion(blocks, tstate, joint, tokens, temb, kv, mesh, patches=patches,
-                                                      stacked="transformer_blocks", backend=backend)
+                                                      stacked=STACKED, backend=backend)
             pred = model.head(joint, temb, x.shape).astype(jnp.float32)
             if do_cfg:
                 uncond, cond = jnp.split(pred, 2)
