@@ -190,6 +190,8 @@ class CogVideoXPipeline:
         replicated = NamedSharding(mesh_obj, P())
         tsharding = replicated
         if mesh_obj.shape.get(pipefusion.AXIS, 1) > 1:  # each stage holds only its own layers
+            layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
+            pipefusion.check_mesh(MeshSpec.parse(dict(mesh_obj.shape)), layers)  # before any weight is read
             stage = NamedSharding(mesh_obj, P(pipefusion.AXIS))
             tsharding = lambda kp, shape: stage if pipefusion.starts_with(kp, STACKED) else replicated  # noqa: E731
         tcfg, transformer = _load_component(folder, "transformer", dtype, tsharding)
