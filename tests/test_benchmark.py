@@ -64,8 +64,8 @@ def test_tiny_rows_present_and_positive(tiny_rows):
 def test_compile_only_sequence_parallel_reports_collectives():
     """Abstract shapes on 4 simulated devices: compiles USP, counts the all-to-alls (nothing is run)."""
     rows, _ = _run(["--model", "tiny", "--compile-only", "--host-devices", "4", "--mesh", "1",
-                    "--mesh", "cfg=2,ulysses=2", "--json"])
-    assert [r["mesh"] for r in rows] == ["single device", "cfg=2,ulysses=2"]
+                    "--mesh", "cfg=2,ulysses=2", "--mesh", "pipefusion=2", "--json"])
+    assert [r["mesh"] for r in rows] == ["single device", "cfg=2,ulysses=2", "pipefusion=2"]
     for r in rows:
         assert "error" not in r, r.get("error")
         assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and "step_median_s" not in r
@@ -73,6 +73,10 @@ def test_compile_only_sequence_parallel_reports_collectives():
     assert rows[1]["collective_bytes"] > 0 and rows[1]["collectives"]["all-to-all"] > 0
     # per device: the step batch of 2 is split over cfg=2 and the sequence over ulysses=2
     assert rows[1]["flops_hlo"] < rows[0]["flops_hlo"] / 2
+    # PipeFusion (2 stages, 2 patches): activations permuted stage to stage, the output all-reduced
+    pf = rows[2]
+    assert pf["pipefusion_patches"] == 2 and set(pf["collectives"]) >= {"collective-permute", "all-reduce"}
+    assert pf["collectives"]["collective-permute"] > 0 and pf["collectives"].get("all-to-all", 0) == 0
 
 
 def test_analytic_flops_formula():

@@ -580,13 +580,16 @@ def batch_sharding(mesh, ndim: int):
     return NamedSharding(mesh, P(("cfg", "data"), *([None] * (ndim - 1))))
 
 
-def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla") -> tuple[Callable, str]:
+def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
+               patches: int | None = None) -> tuple[Callable, str]:
     """The benchmarked step, ``(state, latents, embeds, t) -> noise_pred`` on the CFG batch, jitted.
 
     The transformer forward for both CFG halves, weights as arguments, run as the pipeline runs
     it: ``embed`` -> ``xdit_jax.parallel.sequence.run_blocks`` over the mesh -> ``head`` (where
     the tree has them; else the plain ``model(...)`` call). Returns (jitted step, which path).
     This is the one function to swap for the pipeline's full step (guidance + scheduler update).
+    ``patches``: PipeFusion (:mod:`xdit_jax.parallel.pipefusion`), the step is then
+    ``(state, latents, embeds, t, kv) -> (noise_pred, kv)``, a patched (not warm-up) step.
     """
     import jax
     import jax.numpy as jnp
@@ -605,11 +608,18 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla") 
     def blocks(params, joint, tokens, temb):
         return nnx.merge(graphdef, params).blocks(joint, tokens, temb)
 
-    def step(state, latents, embeds, t):
+    def step(state, latents, embeds, t, kv=None):
         model = nnx.merge(graphdef, state)
         if mesh is not None:
             latents = jax.lax.with_sharding_constraint(latents, batch_sharding(mesh, latents.ndim))
         x, e = latents.astype(dtype), embeds.astype(dtype)
+        if patches:
+            from xdit_jax.parallel.pipefusion import run_pipefusion
+
+            joint, tokens, temb = model.embed(x, e, t)
+            joint, kv = run_pipefusion(blocks, state, joint, tokens, temb, kv, mesh, patches=patches,
+                                       stacked=cogvideox.STACKED, backend=attention_backend)
+            return model.head(joint, temb, x.shape).astype(jnp.float32), kv
         if staged:
             joint, tokens, temb = model.embed(x, e, t)
             joint = run_blocks(blocks, state, joint, tokens, temb, mesh, backend=attention_backend)
@@ -621,6 +631,8 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla") 
                 pred = model(x, e, t)
         return pred.astype(jnp.float32)
 
+    if patches:
+        return jax.jit(step, donate_argnums=(4,)), f"embed/run_pipefusion({patches} patches)/head"
     return jax.jit(step), ("embed/run_blocks/head" if staged else "model()")
 
 
@@ -1029,6 +1041,20 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
     return rows
 
 
+def _stage_shardings(tcfg, dtype, stage, repl):
+    """Shardings for a transformer state under PipeFusion: ``stage`` for the stacked blocks, ``repl`` else."""
+    import jax
+    from flax import nnx
+
+    from xdit_jax.models import cogvideox
+    from xdit_jax.parallel.pipefusion import starts_with
+
+    _, state = nnx.split(nnx.eval_shape(
+        lambda: cogvideox.CogVideoXTransformer3DModel(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
+    return jax.tree_util.tree_map_with_path(lambda kp, _: stage if starts_with(kp, cogvideox.STACKED) else repl,
+                                            state)
+
+
 def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params, opts: StepOptions) -> _Runner:
     """Weights and inputs on the mesh, the step lowered and compiled; the row filled with what that tells."""
     import jax
@@ -1038,10 +1064,17 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     from xdit_jax.mesh import build_mesh
 
     timer = _Timer()
-    if ms.pipefusion > 1:
-        raise NotImplementedError("PipeFusion meshes are not benchmarked by the transformer step yet")
     mesh = build_mesh(ms) if ms.size > 1 else None
     repl = NamedSharding(mesh, P()) if mesh is not None else None
+    patches = None
+    if ms.pipefusion > 1:  # the stacked blocks split over the stages; a patched step (as many patches as stages)
+        from xdit_jax.parallel import pipefusion
+
+        pipefusion.check_mesh(ms, tcfg.num_layers)
+        patches = ms.pipefusion
+        row["pipefusion_patches"] = patches
+        stage = NamedSharding(mesh, P(pipefusion.AXIS))
+        repl = _stage_shardings(tcfg, dtype, stage, repl)  # a pytree of shardings, like the state
     if opts.compile_only:  # shapes only: nothing allocated, nothing run (full-size models on a small host)
         from flax import nnx
 
@@ -1049,7 +1082,8 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
 
         graphdef, state = nnx.split(nnx.eval_shape(
             lambda: cogvideox.CogVideoXTransformer3DModel(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
-        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), state)
+        shardings = repl if patches else jax.tree.map(lambda _: repl, state)
+        state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
         args = tuple(jax.ShapeDtypeStruct(inputs[k].shape, inputs[k].dtype,
                                           sharding=batch_sharding(mesh, inputs[k].ndim) if mesh is not None else None)
                      for k in ("latents", "embeds", "t"))
@@ -1067,7 +1101,20 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             else:
                 args = tuple(jax.device_put(inputs[k]) for k in ("latents", "embeds", "t"))
             jax.block_until_ready(args)
-    step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"])
+    step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches)
+    if patches:  # PipeFusion's K/V buffers: an argument (donated, given back by each step)
+        from xdit_jax.parallel import pipefusion
+
+        lat = inputs["latents"].shape
+        pt = tcfg.patch_size_t or 1
+        seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
+        kv_shape = (tcfg.num_layers, lat[0], pipefusion.padded_length(seq, patches), tcfg.num_attention_heads,
+                    tcfg.attention_head_dim)
+        kv_sharding = NamedSharding(mesh, P(pipefusion.AXIS, pipefusion.BATCH_AXES))
+        if opts.compile_only:
+            args = args + ((jax.ShapeDtypeStruct(kv_shape, dtype, sharding=kv_sharding),) * 2,)
+        else:
+            args = args + (pipefusion.init_cache(mesh, *kv_shape[:2], seq, *kv_shape[3:], dtype, patches),)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
     with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
         lowered = step.lower(state, *args)
@@ -1089,8 +1136,12 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     opts.log(f"[bench] {row['mesh']} {row['impl']}: lower {row['lower_s']:.2f}s, compile {row['compile_s']:.2f}s"
              f"{' (persistent cache hit)' if row.get('compile_cache_hit') else ''}")
 
+    live = list(args)
+
     def call():
-        out = compiled(state, *args)
+        out = compiled(state, *live)
+        if patches:  # PipeFusion: the K/V buffers were donated; the next step takes the returned ones
+            out, live[-1] = out
         jax.block_until_ready(out)
         return out
 

@@ -33,6 +33,8 @@ from xdit_jax.models.layers import (
 )
 from xdit_jax.parallel.attention import attention
 
+STACKED = "transformer_blocks"  # the stacked blocks (one scan; PipeFusion splits them into stages)
+
 
 @dataclasses.dataclass(frozen=True)
 class CogVideoXConfig:

@@ -35,7 +35,6 @@ from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines.denoise import StageTimer, as_numpy, denoise_loop, peak_memory_bytes
 
 log = logging.getLogger("xdit_jax")
-STACKED = "transformer_blocks"  # the transformer's stacked blocks: PipeFusion splits them into stages
 
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
@@ -193,7 +192,7 @@ class CogVideoXPipeline:
             layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
             pipefusion.check_mesh(MeshSpec.parse(dict(mesh_obj.shape)), layers)  # before any weight is read
             stage = NamedSharding(mesh_obj, P(pipefusion.AXIS))
-            tsharding = lambda kp, shape: stage if pipefusion.starts_with(kp, STACKED) else replicated  # noqa: E731
+            tsharding = lambda kp, shape: stage if pipefusion.starts_with(kp, cogvideox.STACKED) else replicated  # noqa: E731
         tcfg, transformer = _load_component(folder, "transformer", dtype, tsharding)
         vcfg, vae = _load_component(folder, "vae", dtype, replicated)
         _, text_encoder = _load_component(folder, "text_encoder", dtype, replicated)
@@ -267,7 +266,7 @@ class CogVideoXPipeline:
                 joint = run_blocks(blocks, tstate, joint, tokens, temb, mesh, backend=backend)
             else:
                 joint, kv = pipefusion.run_pipefusion(blocks, tstate, joint, tokens, temb, kv, mesh, patches=patches,
-                                                      stacked=STACKED, backend=backend)
+                                                      stacked=cogvideox.STACKED, backend=backend)
             pred = model.head(joint, temb, x.shape).astype(jnp.float32)
             if do_cfg:
                 uncond, cond = jnp.split(pred, 2)
