@@ -107,11 +107,13 @@ def current_config() -> AttentionConfig:
 
 @dataclasses.dataclass
 class KVCell:
-    """PipeFusion (:mod:`xdit_jax.parallel.pipefusion`): one layer's K/V buffers of the whole padded
-    sequence (B, S, H, D), where the patch this call sees starts, and whether to store its K/V."""
+    """PipeFusion (:mod:`xdit_jax.parallel.pipefusion`): the stage's K/V buffers of the whole padded
+    sequence, (layers, B, S, H, D), updated in place; the layer being traced, where the patch this
+    call sees starts, and whether to store its K/V (False on a pipeline's idle ticks)."""
 
     k: jax.Array
     v: jax.Array
+    layer: jax.Array
     start: jax.Array
     write: jax.Array
     consumed: bool = False
@@ -121,10 +123,11 @@ _KV_CELL: contextvars.ContextVar[KVCell | None] = contextvars.ContextVar("xdit_j
 
 
 @contextlib.contextmanager
-def kv_cache(k, v, start, write):
+def kv_cache(k, v, layer, start, write):
     """While installed, :func:`attention` is given one patch of the sequence: it stores the patch's
-    K/V in the buffers at ``start`` (when ``write``) and attends to the whole buffer."""
-    token = _KV_CELL.set(KVCell(k, v, start, write))
+    K/V in layer ``layer`` of the buffers at ``start`` (when ``write``) and attends to that layer's
+    whole buffer."""
+    token = _KV_CELL.set(KVCell(k, v, layer, start, write))
     try:
         yield _KV_CELL.get()
     finally:
@@ -135,14 +138,16 @@ def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend):
     if cell.consumed:
         raise RuntimeError("A PipeFusion layer called attention twice; one K/V buffer per layer.")
     cell.consumed = True
-    n = k.shape[1]
-    for name in ("k", "v"):
-        buf, new = getattr(cell, name), (k if name == "k" else v)
-        old = lax.dynamic_slice_in_dim(buf, cell.start, n, axis=1)
-        setattr(cell, name, lax.dynamic_update_slice_in_dim(
-            buf, jnp.where(cell.write, new.astype(buf.dtype), old), cell.start, axis=1))
-    out, _ = block_attention(q, cell.k, cell.v, valid_len=valid_len, scale=scale, backend=backend,
-                             need_lse=False)
+    b, n, h, d = k.shape
+    at = (cell.layer, 0, cell.start, 0, 0)
+    whole = []
+    for name, new in (("k", k), ("v", v)):
+        buf = getattr(cell, name)
+        old = lax.dynamic_slice(buf, at, (1, b, n, h, d))
+        buf = lax.dynamic_update_slice(buf, jnp.where(cell.write, new.astype(buf.dtype)[None], old), at)
+        setattr(cell, name, buf)
+        whole.append(lax.dynamic_index_in_dim(buf, cell.layer, 0, keepdims=False))
+    out, _ = block_attention(q, *whole, valid_len=valid_len, scale=scale, backend=backend, need_lse=False)
     return out
 
 

@@ -66,9 +66,9 @@ def stack_cache(cache: StackCache):
 def layer_scan(layer_fn, carry, stacked_state):
     """``carry = layer_fn(carry, layer_state)`` over the leading (layer) axis with ``lax.scan``.
 
-    While a PipeFusion stage is traced (:func:`stack_cache` installed) each layer also gets its
-    slice of the K/V buffers, installed for the attention op, and the updated buffers are
-    collected; otherwise a plain scan.
+    While a PipeFusion stage is traced (:func:`stack_cache` installed) the stage's K/V buffers ride
+    in the scan's carry and each layer's attention updates its layer of them in place (installed
+    with :func:`xdit_jax.parallel.attention.kv_cache`); otherwise a plain scan.
     """
     cache = _STACK.get()
     if cache is None:
@@ -78,15 +78,17 @@ def layer_scan(layer_fn, carry, stacked_state):
         raise NotImplementedError("PipeFusion supports models with one stacked block sequence.")
     cache.used = True
 
-    def body(c, xs):
-        s, k, v = xs
-        with kv_cache(k, v, cache.start, cache.write) as cell:
+    def body(c, xs):  # the buffers ride in the carry: updated in place, one copy alive
+        c, k, v = c
+        s, layer = xs
+        with kv_cache(k, v, layer, cache.start, cache.write) as cell:
             c = layer_fn(c, s)
         if not cell.consumed:
             raise RuntimeError("A PipeFusion block called no attention: nothing to cache.")
-        return c, (cell.k, cell.v)
+        return (c, cell.k, cell.v), None
 
-    carry, (cache.k, cache.v) = lax.scan(body, carry, (stacked_state, cache.k, cache.v))
+    layers = jnp.arange(cache.k.shape[0], dtype=jnp.int32)
+    (carry, cache.k, cache.v), _ = lax.scan(body, (carry, cache.k, cache.v), (stacked_state, layers))
     return carry
 
 
