@@ -69,7 +69,7 @@ def test_generate_pipefusion(tmp_path):
     (["--output", "x.avi"], ".mp4"),
     (["--steps", "0"], ">= 1"),
     (["--mesh", "pipefusion=2,ring=2"], "ring/ulysses"),
-    (["--mesh", "pipefusion=4"], "does not divide the model's 2 layers"),
+    (["--mesh", "pipefusion=4"], "more stages than the model's 2 layers"),
     (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])
 def test_bad_input(tmp_path, capsys, argv, needle):

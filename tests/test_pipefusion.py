@@ -47,7 +47,7 @@ def sequential(folder):
     return {m: CogVideoXPipeline.from_pretrained(folder, pipefusion_patches=m)(PROMPTS, **KW).frames for m in (2, 3)}
 
 
-@pytest.mark.parametrize("mesh", ["pipefusion=2", "cfg=2,pipefusion=4"])
+@pytest.mark.parametrize("mesh", ["pipefusion=2", "cfg=2,pipefusion=4", "pipefusion=3"])  # 3: stages of 2, 1, 1
 def test_warmup_steps_equal_one_device(folder, one_device, mesh):
     out = CogVideoXPipeline.from_pretrained(folder, mesh=mesh, pipefusion_warmup_steps=KW["num_inference_steps"])(
         PROMPTS, **KW).frames
@@ -55,7 +55,8 @@ def test_warmup_steps_equal_one_device(folder, one_device, mesh):
 
 
 @pytest.mark.parametrize("mesh,patches", [("pipefusion=2", 2), ("pipefusion=2", 3), ("pipefusion=4", 2),
-                                          ("cfg=2,pipefusion=2", 2), ("data=2,pipefusion=2", 3)])
+                                          ("cfg=2,pipefusion=2", 2), ("data=2,pipefusion=2", 3),
+                                          ("pipefusion=3", 2)])
 def test_patched_steps_equal_sequential_reference(folder, sequential, one_device, mesh, patches):
     pipe = CogVideoXPipeline.from_pretrained(folder, mesh=mesh, pipefusion_patches=patches)
     out = pipe(PROMPTS, **KW).frames
@@ -77,20 +78,24 @@ def _tiny_blocks():
 
 
 @pytest.mark.parametrize("mesh,patches", [(None, 3), ("pipefusion=2", 2), ("pipefusion=4", 3),
-                                          ("cfg=2,pipefusion=2", 4)])
+                                          ("cfg=2,pipefusion=2", 4), ("pipefusion=3", 2)])
 def test_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
     """Buffers filled by a warm-up step on the same input hold exactly the K/V each patch recomputes,
     so the patched pass must give the full pass: checks patch offsets, token tables, masks, stages."""
     cfg, state, blocks, joint, tokens, temb = _tiny_blocks()
     ref = run_blocks(blocks, state, joint, tokens, temb, None)
     m = build_mesh(mesh)
-    cache = pipefusion.init_cache(m, cfg.num_layers, 2, joint.shape[1], cfg.num_attention_heads,
-                                  cfg.attention_head_dim, jnp.float32, patches)
+    stages = m.shape["pipefusion"]
+    state = pipefusion.pad_stack(state, "transformer_blocks", stages)  # 4 layers on 3 stages: 6 slots
+    slots = len(pipefusion.stage_layout(cfg.num_layers, stages))
+    cache = pipefusion.init_cache(m, slots, 2, joint.shape[1], cfg.num_attention_heads, cfg.attention_head_dim,
+                                  jnp.float32, patches)
     mesh_arg = m if mesh else None
 
     def run(p):
         return jax.jit(lambda st, j, c: pipefusion.run_pipefusion(blocks, st, j, tokens, temb, c, mesh_arg, patches=p,
-                                                                  stacked="transformer_blocks"))
+                                                                  stacked="transformer_blocks",
+                                                                  num_layers=cfg.num_layers))
 
     warm, cache1 = run(1)(state, joint, cache)
     patched, cache2 = run(patches)(state, joint, cache1)
@@ -100,9 +105,17 @@ def test_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
     assert cache1[0].shape[2] % patches == 0 and cache1[0].shape[2] >= joint.shape[1]
 
 
+def test_stage_layout():
+    """Uneven stages differ by one layer; padding slots (-1) are skipped; even stages are the identity."""
+    np.testing.assert_array_equal(pipefusion.stage_layout(4, 3), [0, 1, 2, -1, 3, -1])
+    np.testing.assert_array_equal(pipefusion.stage_layout(30, 4), list(range(0, 8)) + list(range(8, 16))
+                                  + list(range(16, 23)) + [-1] + list(range(23, 30)) + [-1])
+    np.testing.assert_array_equal(pipefusion.stage_layout(42, 6), np.arange(42))
+
+
 def test_bad_pipefusion_requests(folder):
-    with pytest.raises(ValueError, match=r"pipefusion=3 does not divide the model's 4 layers.*\[2, 4\]"):
-        CogVideoXPipeline.from_pretrained(folder, mesh="pipefusion=3")
+    with pytest.raises(ValueError, match=r"pipefusion=8 is more stages than the model's 4 layers"):
+        CogVideoXPipeline.from_pretrained(folder, mesh="pipefusion=8")
     with pytest.raises(NotImplementedError, match="ring/ulysses"):
         CogVideoXPipeline.from_pretrained(folder, mesh="pipefusion=2,ulysses=2")
     with pytest.raises(ValueError, match="warmup"):

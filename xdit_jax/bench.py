@@ -581,7 +581,7 @@ def batch_sharding(mesh, ndim: int):
 
 
 def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
-               patches: int | None = None) -> tuple[Callable, str]:
+               patches: int | None = None, num_layers: int | None = None) -> tuple[Callable, str]:
     """The benchmarked step, ``(state, latents, embeds, t) -> noise_pred`` on the CFG batch, jitted.
 
     The transformer forward for both CFG halves, weights as arguments, run as the pipeline runs
@@ -618,7 +618,7 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
 
             joint, tokens, temb = model.embed(x, e, t)
             joint, kv = run_pipefusion(blocks, state, joint, tokens, temb, kv, mesh, patches=patches,
-                                       stacked=cogvideox.STACKED, backend=attention_backend)
+                                       stacked=cogvideox.STACKED, backend=attention_backend, num_layers=num_layers)
             return model.head(joint, temb, x.shape).astype(jnp.float32), kv
         if staged:
             joint, tokens, temb = model.embed(x, e, t)
@@ -1061,29 +1061,35 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from xdit_jax.models import cogvideox
+
     from xdit_jax.mesh import build_mesh
 
     timer = _Timer()
     mesh = build_mesh(ms) if ms.size > 1 else None
     repl = NamedSharding(mesh, P()) if mesh is not None else None
-    patches = None
+    patches = stage_tree = None
+    layers = tcfg.num_layers
     if ms.pipefusion > 1:  # the stacked blocks split over the stages; a patched step (as many patches as stages)
         from xdit_jax.parallel import pipefusion
 
         pipefusion.check_mesh(ms, tcfg.num_layers)
         patches = ms.pipefusion
-        row["pipefusion_patches"] = patches
-        stage = NamedSharding(mesh, P(pipefusion.AXIS))
-        repl = _stage_shardings(tcfg, dtype, stage, repl)  # a pytree of shardings, like the state
+        layers = len(pipefusion.stage_layout(tcfg.num_layers, ms.pipefusion))  # padded to equal stages
+        row["pipefusion_patches"], row["pipefusion_layer_slots"] = patches, layers
+        stage_tree = _stage_shardings(tcfg, dtype, NamedSharding(mesh, P(pipefusion.AXIS)), repl)
     if opts.compile_only:  # shapes only: nothing allocated, nothing run (full-size models on a small host)
         from flax import nnx
 
-        from xdit_jax.models import cogvideox
-
         graphdef, state = nnx.split(nnx.eval_shape(
             lambda: cogvideox.CogVideoXTransformer3DModel(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
-        shardings = repl if patches else jax.tree.map(lambda _: repl, state)
-        state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
+        shardings = stage_tree if patches else jax.tree.map(lambda _: repl, state)
+
+        def abstract(kp, a, sh):
+            stacked = patches and pipefusion.starts_with(kp, cogvideox.STACKED)
+            return jax.ShapeDtypeStruct(((layers,) + a.shape[1:]) if stacked else a.shape, a.dtype, sharding=sh)
+
+        state = jax.tree_util.tree_map_with_path(abstract, state, shardings)
         args = tuple(jax.ShapeDtypeStruct(inputs[k].shape, inputs[k].dtype,
                                           sharding=batch_sharding(mesh, inputs[k].ndim) if mesh is not None else None)
                      for k in ("latents", "embeds", "t"))
@@ -1093,6 +1099,8 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
                 graphdef, state = state_from_params(tcfg, params, dtype, repl)
             else:
                 graphdef, state = init_random_state(tcfg, dtype, opts.seed, repl)
+            if patches:  # split (and, for uneven stages, pad) the stacked blocks over the stages
+                state = pipefusion.pad_stack(state, cogvideox.STACKED, ms.pipefusion, stage_tree)
             jax.block_until_ready(state)
         with timer.stage("to_device"):
             if mesh is not None:
@@ -1101,14 +1109,15 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             else:
                 args = tuple(jax.device_put(inputs[k]) for k in ("latents", "embeds", "t"))
             jax.block_until_ready(args)
-    step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches)
+    step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches,
+                                        tcfg.num_layers)
     if patches:  # PipeFusion's K/V buffers: an argument (donated, given back by each step)
         from xdit_jax.parallel import pipefusion
 
         lat = inputs["latents"].shape
         pt = tcfg.patch_size_t or 1
         seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
-        kv_shape = (tcfg.num_layers, lat[0], pipefusion.padded_length(seq, patches), tcfg.num_attention_heads,
+        kv_shape = (layers, lat[0], pipefusion.padded_length(seq, patches), tcfg.num_attention_heads,
                     tcfg.attention_head_dim)
         kv_sharding = NamedSharding(mesh, P(pipefusion.AXIS, pipefusion.BATCH_AXES))
         if opts.compile_only:

@@ -19,7 +19,9 @@ a multiple of ``M``; padded keys are masked, padded rows dropped.
 Models take no part: the block stack's scan (:func:`layer_scan`) threads each layer's buffer in
 and out, and the attention op (:mod:`xdit_jax.parallel.attention`) stores the patch and reads the
 buffer while :func:`kv_cache` is installed. Here: ``ring = ulysses = 1`` (batch axes ``data`` and
-``cfg`` combine freely); the number of layers must be a multiple of the ``pipefusion`` degree.
+``cfg`` combine freely). Any degree up to the number of layers: where it does not divide them the
+stages differ by one layer (:func:`stage_layout`): the stack is padded to equal stages and the
+padding layers are skipped (their output is discarded).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -48,6 +51,7 @@ class StackCache:
     v: jax.Array
     start: jax.Array
     write: jax.Array
+    real: jax.Array | None = None  # (layers,) bool: False for the padding of an uneven stage
     used: bool = False
 
 
@@ -80,16 +84,46 @@ def layer_scan(layer_fn, carry, stacked_state):
 
     def body(c, xs):  # the buffers ride in the carry: updated in place, one copy alive
         c, k, v = c
-        s, layer = xs
+        s, layer, real = xs
         with kv_cache(k, v, layer, cache.start, cache.write) as cell:
-            c = layer_fn(c, s)
+            out = layer_fn(c, s)
         if not cell.consumed:
             raise RuntimeError("A PipeFusion block called no attention: nothing to cache.")
-        return (c, cell.k, cell.v), None
+        if cache.real is not None:  # a padding layer of an uneven stage passes its input on
+            out = jax.tree.map(lambda a, b: jnp.where(real, a, b), out, c)
+        return (out, cell.k, cell.v), None
 
     layers = jnp.arange(cache.k.shape[0], dtype=jnp.int32)
-    (carry, cache.k, cache.v), _ = lax.scan(body, (carry, cache.k, cache.v), (stacked_state, layers))
+    real = cache.real if cache.real is not None else jnp.ones(layers.shape, bool)
+    (carry, cache.k, cache.v), _ = lax.scan(body, (carry, cache.k, cache.v), (stacked_state, layers, real))
     return carry
+
+
+def stage_layout(num_layers: int, stages: int) -> np.ndarray:
+    """Which layer sits at each slot of the stack padded to equal stages: ``stages * ceil(L / stages)``
+    slots, stage ``s`` owning slots ``[s * per, (s + 1) * per)``; -1 marks padding. Stage sizes
+    differ by at most one layer (the first ``L % stages`` stages hold one more); the identity where
+    ``stages`` divides ``L``."""
+    per = -(-num_layers // stages)
+    order, first = [], 0
+    for st in range(stages):
+        size = num_layers // stages + (st < num_layers % stages)
+        order += list(range(first, first + size)) + [-1] * (per - size)
+        first += size
+    return np.asarray(order, np.int32)
+
+
+def pad_stack(tree, stacked: str, stages: int, shardings=None):
+    """``tree`` (a model state or params dict) with the leaves under ``stacked`` laid out by
+    :func:`stage_layout` (padding slots hold a copy of layer 0; they are skipped), placed with
+    ``shardings`` (a pytree like ``tree``, or None). Unchanged where ``stages`` divides the layers."""
+    leaves = [leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(tree) if starts_with(kp, stacked)]
+    order = stage_layout(leaves[0].shape[0], stages)
+    if (order >= 0).all():
+        return tree if shardings is None else jax.device_put(tree, shardings)
+    take = np.maximum(order, 0)
+    pad = lambda kp, x: jnp.take(x, take, axis=0) if starts_with(kp, stacked) else x
+    return jax.jit(lambda t: jax.tree_util.tree_map_with_path(pad, t), out_shardings=shardings)(tree)
 
 
 def padded_length(seq_len: int, patches: int) -> int:
@@ -112,23 +146,23 @@ def check_mesh(mesh_spec, num_layers: int) -> None:
     if mesh_spec.ring > 1 or mesh_spec.ulysses > 1:
         raise NotImplementedError(f"Mesh {mesh_spec}: PipeFusion does not combine with ring/ulysses yet; use "
                                   "pipefusion with data and cfg, or ring/ulysses without pipefusion.")
-    if num_layers % n:
-        good = [d for d in range(2, num_layers + 1) if num_layers % d == 0]
-        raise ValueError(f"pipefusion={n} does not divide the model's {num_layers} layers into equal stages; "
-                         f"use one of {good}.")
+    if n > num_layers:
+        raise ValueError(f"pipefusion={n} is more stages than the model's {num_layers} layers; use at most "
+                         f"{num_layers}.")
 
 
 def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches: int, stacked: str,
-                   backend: str = "xla"):
+                   backend: str = "xla", num_layers: int | None = None):
     """One step of ``blocks(params, joint, tokens, cond)`` as a PipeFusion pipeline over ``mesh``.
 
     joint: (B, S, D) global; tokens: per-token tables (sequence on axis 0); cond: per-sample
     arrays (batch on axis 0); cache: (k, v) from :func:`init_cache` (or the previous step); params:
-    the model state whose subtree ``stacked`` holds the stacked blocks (split over the stages).
+    the model state whose subtree ``stacked`` holds the stacked blocks (split over the stages;
+    padded by :func:`pad_stack` where the degree does not divide the model's ``num_layers``).
     Returns (out (B, S, D), new cache). ``patches = 1`` is exact (a warm-up step).
     """
     n = mesh.shape[AXIS] if mesh is not None else 1
-    b, s = joint.shape[:2]
+    s = joint.shape[1]
     sp = cache[0].shape[2]
     if sp % patches or sp < s:
         raise ValueError(f"The K/V buffers hold {sp} tokens: not {patches} equal patches of a {s}-token sequence.")
@@ -138,10 +172,16 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     tokens_p = jax.tree.map(lambda t: pad(t, 0), tokens)
     valid_len = s if sp != s else None
     ticks = patches + n - 1
+    real_all = None
+    if num_layers is not None and num_layers % n:
+        real_all = stage_layout(num_layers, n) >= 0
 
     def local(p, j, t, c, k, v):
         stage = lax.axis_index(AXIS) if n > 1 else 0
         zero = jnp.zeros((j.shape[0], plen) + j.shape[2:], j.dtype)
+        real = None
+        if real_all is not None:  # this stage's slots of the padded stack
+            real = lax.dynamic_slice_in_dim(jnp.asarray(real_all), stage * k.shape[0], k.shape[0])
 
         def tick(i, carry):
             recv, out, k, v = carry
@@ -150,15 +190,15 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
             start = jnp.clip(patch, 0, patches - 1) * plen
             x = jnp.where(stage == 0, lax.dynamic_slice_in_dim(j, start, plen, axis=1), recv)
             tp = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, plen, axis=0), t)
-            cache = StackCache(k=k, v=v, start=start, write=active)
+            cache = StackCache(k=k, v=v, start=start, write=active, real=real)
             with stack_cache(cache), attention_context(AttentionConfig(backend=backend, valid_len=valid_len)):
                 y = blocks(p, x, tp, c)
             if not cache.used:
                 raise RuntimeError("blocks() ran no layer_scan: PipeFusion needs the stacked block scan.")
             done = active & (stage == n - 1)
             out = jnp.where(done, lax.dynamic_update_slice_in_dim(out, y, start, axis=1), out)
-            if n > 1:
-                y = lax.ppermute(y, AXIS, [(i, i + 1) for i in range(n - 1)])
+            if n > 1:  # stage r -> r + 1 (the first stage reads the next patch of the input instead)
+                y = lax.ppermute(y, AXIS, [(r, r + 1) for r in range(n - 1)])
             return y, out, cache.k, cache.v
 
         _, out, k, v = lax.fori_loop(0, ticks, tick, (zero, jnp.zeros_like(j), k, v))

@@ -58,11 +58,14 @@ class CogVideoXPipelineOutput:
     peak_memory_bytes: int | None = None
 
 
-def _load_component(folder: Path, name: str, dtype, sharding):
+def _load_component(folder: Path, name: str, dtype, sharding, prepare=None):
+    """(config, module) of a converted component; ``prepare(params)`` may re-lay the parameters."""
     cls = read_json(folder / MARKER)["components"][name]
     mod, cfg_cls = model_class(cls)
     cfg = cfg_cls.from_dict(read_json(folder / name / "config.json"))
     params = restore_params(folder / name / "params", dtype=dtype, sharding=sharding)
+    if prepare is not None:
+        params = prepare(params)
     return cfg, mod.build(cfg, params, dtype)
 
 
@@ -187,13 +190,19 @@ class CogVideoXPipeline:
             folder = target
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         replicated = NamedSharding(mesh_obj, P())
-        tsharding = replicated
-        if mesh_obj.shape.get(pipefusion.AXIS, 1) > 1:  # each stage holds only its own layers
+        tsharding, prepare = replicated, None
+        stages = mesh_obj.shape.get(pipefusion.AXIS, 1)
+        if stages > 1:  # each stage holds only its own layers
             layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
             pipefusion.check_mesh(MeshSpec.parse(dict(mesh_obj.shape)), layers)  # before any weight is read
             stage = NamedSharding(mesh_obj, P(pipefusion.AXIS))
-            tsharding = lambda kp, shape: stage if pipefusion.starts_with(kp, cogvideox.STACKED) else replicated  # noqa: E731
-        tcfg, transformer = _load_component(folder, "transformer", dtype, tsharding)
+            place = lambda kp, *_: stage if pipefusion.starts_with(kp, cogvideox.STACKED) else replicated  # noqa: E731
+            if layers % stages == 0:
+                tsharding = place
+            else:  # uneven stages: read replicated, then pad the stack to equal stages and split it
+                prepare = lambda params: pipefusion.pad_stack(  # noqa: E731
+                    params, cogvideox.STACKED, stages, jax.tree_util.tree_map_with_path(place, params))
+        tcfg, transformer = _load_component(folder, "transformer", dtype, tsharding, prepare)
         vcfg, vae = _load_component(folder, "vae", dtype, replicated)
         _, text_encoder = _load_component(folder, "text_encoder", dtype, replicated)
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -266,7 +275,8 @@ class CogVideoXPipeline:
                 joint = run_blocks(blocks, tstate, joint, tokens, temb, mesh, backend=backend)
             else:
                 joint, kv = pipefusion.run_pipefusion(blocks, tstate, joint, tokens, temb, kv, mesh, patches=patches,
-                                                      stacked=cogvideox.STACKED, backend=backend)
+                                                      stacked=cogvideox.STACKED, backend=backend,
+                                                      num_layers=self.transformer_config.num_layers)
             pred = model.head(joint, temb, x.shape).astype(jnp.float32)
             if do_cfg:
                 uncond, cond = jnp.split(pred, 2)
@@ -336,7 +346,8 @@ class CogVideoXPipeline:
         f, (h, w) = latent_shape[1], latent_shape[3:]
         pt = tc.patch_size_t or 1
         seq = text_len + (f // pt) * (h // tc.patch_size) * (w // tc.patch_size)
-        return (tc.num_layers, step_batch, pipefusion.padded_length(seq, self.pipefusion_patches),
+        layers = len(pipefusion.stage_layout(tc.num_layers, self.mesh_spec.pipefusion))  # with uneven-stage padding
+        return (layers, step_batch, pipefusion.padded_length(seq, self.pipefusion_patches),
                 tc.num_attention_heads, tc.attention_head_dim)
 
     def _kv_sharding(self):
