@@ -142,3 +142,14 @@ def test_stages_hold_their_layers_and_send_only_patches(folder):
     d = tc.num_attention_heads * tc.attention_head_dim
     got = {s["op"]: (s["count"], s["bytes"]) for s in stats}
     assert got == {"collective-permute": (2 + 2 - 1, 2 * (seq // 2) * d * 4), "all-reduce": (1, 2 * seq * d * 4)}
+
+
+def test_unpadded_transformer_on_uneven_stages_is_refused(folder):
+    """A transformer laid out for one device, handed to a pipeline on uneven stages: a clear error."""
+    one = CogVideoXPipeline.from_pretrained(folder)
+    kw = dict(transformer=one.transformer, transformer_config=one.transformer_config, vae=one.vae,
+              vae_config=one.vae_config, text_encoder=one.text_encoder, tokenizer=one.tokenizer,
+              scheduler_config=one.scheduler_config)
+    with pytest.raises(ValueError, match="holds 4 stacked layers, PipeFusion's stages need 6"):
+        CogVideoXPipeline(**kw, mesh="pipefusion=3")
+    CogVideoXPipeline(**kw, mesh="pipefusion=2")  # even stages: the same layout

@@ -150,6 +150,12 @@ class CogVideoXPipeline:
                              f"({self.pipefusion_warmup_steps}) must be >= 1: the first step fills the K/V buffers.")
         if self.uses_pipefusion:
             pipefusion.check_mesh(self.mesh_spec, transformer_config.num_layers)
+            slots = len(pipefusion.stage_layout(transformer_config.num_layers, pf))
+            held = getattr(transformer, cogvideox.STACKED).norm1.linear.kernel.shape[0]
+            if held != slots:
+                raise ValueError(f"Mesh {self.mesh_spec}: the transformer holds {held} stacked layers, PipeFusion's "
+                                 f"stages need {slots} ({transformer_config.num_layers} padded to equal stages); "
+                                 "load it with from_pretrained(..., mesh=...), which lays them out.")
         self.vae_scale_factor_spatial = 2 ** (len(vae_config.block_out_channels) - 1)
         self.vae_scale_factor_temporal = int(vae_config.temporal_compression_ratio)
         self._step_cache = {}
