@@ -1117,13 +1117,14 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         lat = inputs["latents"].shape
         pt = tcfg.patch_size_t or 1
         seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
-        kv_shape = (layers, lat[0], pipefusion.padded_length(seq, patches), tcfg.num_attention_heads,
-                    tcfg.attention_head_dim)
-        kv_sharding = NamedSharding(mesh, P(pipefusion.AXIS, pipefusion.BATCH_AXES))
         if opts.compile_only:
-            args = args + ((jax.ShapeDtypeStruct(kv_shape, dtype, sharding=kv_sharding),) * 2,)
+            kv_shape = pipefusion.cache_shape(layers, lat[0], seq, tcfg.num_attention_heads, tcfg.attention_head_dim,
+                                              patches, ms.ulysses)
+            args = args + ((jax.ShapeDtypeStruct(kv_shape, dtype, sharding=NamedSharding(mesh, pipefusion.KV_SPEC)),)
+                           * 2,)
         else:
-            args = args + (pipefusion.init_cache(mesh, *kv_shape[:2], seq, *kv_shape[3:], dtype, patches),)
+            args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
+                                                 tcfg.attention_head_dim, dtype, patches),)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
     with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
         lowered = step.lower(state, *args)

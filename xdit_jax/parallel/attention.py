@@ -134,10 +134,17 @@ def kv_cache(k, v, layer, start, write):
         _KV_CELL.reset(token)
 
 
-def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend):
+def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulysses: int = 1):
+    """With ``ulysses > 1`` (PipeFusion x Ulysses) q, k, v hold this device's piece of the patch for
+    all heads; an ``all_to_all`` makes them the whole patch for this device's heads (the buffers hold
+    the whole sequence for those heads), and another one brings the output back."""
     if cell.consumed:
         raise RuntimeError("A PipeFusion layer called attention twice; one K/V buffer per layer.")
     cell.consumed = True
+    heads = q.shape[2]
+    if ulysses > 1:
+        hp = -(-heads // ulysses) * ulysses
+        q, k, v = (lax.all_to_all(_pad_heads(x, hp), ULYSSES_AXIS, 2, 1, tiled=True) for x in (q, k, v))
     b, n, h, d = k.shape
     at = (cell.layer, 0, cell.start, 0, 0)
     whole = []
@@ -148,6 +155,8 @@ def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend):
         setattr(cell, name, buf)
         whole.append(lax.dynamic_index_in_dim(buf, cell.layer, 0, keepdims=False))
     out, _ = block_attention(q, *whole, valid_len=valid_len, scale=scale, backend=backend, need_lse=False)
+    if ulysses > 1:
+        out = lax.all_to_all(out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :heads]
     return out
 
 
@@ -369,9 +378,10 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     ring, ulysses = cfg.degree(RING_AXIS), cfg.degree(ULYSSES_AXIS)
     cell = _KV_CELL.get()
     if cell is not None:  # a PipeFusion stage: q, k, v are one patch; keys are the whole sequence
-        if ring > 1 or ulysses > 1 or kv_valid is not None:
-            raise NotImplementedError("PipeFusion runs with ring = ulysses = 1 and padding masks only.")
-        return _cached_attention(cell, q, k, v, valid_len=valid_len, scale=scale, backend=cfg.backend)
+        if ring > 1 or kv_valid is not None:
+            raise NotImplementedError("PipeFusion runs with ring = 1 and padding masks only.")
+        return _cached_attention(cell, q, k, v, valid_len=valid_len, scale=scale, backend=cfg.backend,
+                                 ulysses=ulysses)
     if ring == 1 and ulysses == 1:
         out, _ = block_attention(q, k, v, valid_len=valid_len, kv_valid=kv_valid, scale=scale,
                                  backend=cfg.backend, need_lse=False)

@@ -18,8 +18,10 @@ a multiple of ``M``; padded keys are masked, padded rows dropped.
 
 Models take no part: the block stack's scan (:func:`layer_scan`) threads each layer's buffer in
 and out, and the attention op (:mod:`xdit_jax.parallel.attention`) stores the patch and reads the
-buffer while :func:`kv_cache` is installed. Here: ``ring = ulysses = 1`` (batch axes ``data`` and
-``cfg`` combine freely). Any degree up to the number of layers: where it does not divide them the
+buffer while :func:`kv_cache` is installed. Batch axes ``data`` and ``cfg`` combine freely, and so
+does ``ulysses`` (PipeFusion x Ulysses, as xDiT's hybrid): each patch is split over the Ulysses
+group, the K/V buffers over heads (every device keeps the whole sequence for its heads), and the
+attention op swaps sequence for heads around the buffered attention; ``ring`` does not yet. Any degree up to the number of layers: where it does not divide them the
 stages differ by one layer (:func:`stage_layout`): the stack is padded to equal stages and the
 padding layers are skipped (their output is discarded).
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -126,16 +129,34 @@ def pad_stack(tree, stacked: str, stages: int, shardings=None):
     return jax.jit(lambda t: jax.tree_util.tree_map_with_path(pad, t), out_shardings=shardings)(tree)
 
 
-def padded_length(seq_len: int, patches: int) -> int:
-    return -(-seq_len // patches) * patches
+PATCH_GRANULE = 8
+
+
+def padded_length(seq_len: int, patches: int, ulysses: int = 1) -> int:
+    """The sequence padded to ``patches`` equal patches whose length is a multiple of
+    ``lcm(PATCH_GRANULE, ulysses)`` (each patch splits evenly over the Ulysses group). The patch
+    boundaries, and so the result of a patched step, are then the same for every Ulysses degree
+    that divides 8 (1, 2, 4, 8) as on one device."""
+    granule = math.lcm(PATCH_GRANULE, ulysses)
+    return patches * (-(-seq_len // (patches * granule)) * granule)
+
+
+KV_SPEC = P(AXIS, BATCH_AXES, None, "ulysses")  # (layer slots, B, S_pad, H_pad, D)
+
+
+def cache_shape(layer_slots: int, batch: int, seq_len: int, heads: int, head_dim: int, patches: int,
+                ulysses: int = 1) -> tuple:
+    """The K/V buffer shape: the sequence padded by :func:`padded_length`, heads to the Ulysses degree."""
+    return (layer_slots, batch, padded_length(seq_len, patches, ulysses), -(-heads // ulysses) * ulysses, head_dim)
 
 
 def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim: int, dtype, patches: int):
-    """Zero K/V buffers (layers, B, S_pad, H, D), layers over ``pipefusion``, batch over (data, cfg)."""
+    """Zero K/V buffers :func:`cache_shape`, layers over ``pipefusion``, batch over (data, cfg), heads
+    over ``ulysses``."""
     from jax.sharding import NamedSharding
 
-    shape = (layers, batch, padded_length(seq_len, patches), heads, head_dim)
-    sharding = NamedSharding(mesh, P(AXIS, BATCH_AXES))
+    shape = cache_shape(layers, batch, seq_len, heads, head_dim, patches, mesh.shape.get("ulysses", 1))
+    sharding = NamedSharding(mesh, KV_SPEC)
     zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
     return zeros(), zeros()
 
@@ -143,9 +164,9 @@ def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim
 def check_mesh(mesh_spec, num_layers: int) -> None:
     """Refuse what this PipeFusion cannot run, saying what to use instead."""
     n = mesh_spec.pipefusion
-    if mesh_spec.ring > 1 or mesh_spec.ulysses > 1:
-        raise NotImplementedError(f"Mesh {mesh_spec}: PipeFusion does not combine with ring/ulysses yet; use "
-                                  "pipefusion with data and cfg, or ring/ulysses without pipefusion.")
+    if mesh_spec.ring > 1:
+        raise NotImplementedError(f"Mesh {mesh_spec}: PipeFusion does not combine with ring yet; use pipefusion "
+                                  "with data, cfg and ulysses, or ring without pipefusion.")
     if n > num_layers:
         raise ValueError(f"pipefusion={n} is more stages than the model's {num_layers} layers; use at most "
                          f"{num_layers}.")
@@ -162,11 +183,14 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     Returns (out (B, S, D), new cache). ``patches = 1`` is exact (a warm-up step).
     """
     n = mesh.shape[AXIS] if mesh is not None else 1
+    u = mesh.shape.get("ulysses", 1) if mesh is not None else 1
     s = joint.shape[1]
     sp = cache[0].shape[2]
-    if sp % patches or sp < s:
-        raise ValueError(f"The K/V buffers hold {sp} tokens: not {patches} equal patches of a {s}-token sequence.")
+    if sp % (patches * u) or sp < s:
+        raise ValueError(f"The K/V buffers hold {sp} tokens: not {patches} equal patches over ulysses={u} of a "
+                         f"{s}-token sequence.")
     plen = sp // patches
+    piece = plen // u  # each Ulysses device's share of a patch
     pad = lambda x, axis: jnp.pad(x, [(0, 0)] * axis + [(0, sp - s)] + [(0, 0)] * (x.ndim - axis - 1))
     joint_p = pad(joint, 1)
     tokens_p = jax.tree.map(lambda t: pad(t, 0), tokens)
@@ -178,7 +202,8 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
 
     def local(p, j, t, c, k, v):
         stage = lax.axis_index(AXIS) if n > 1 else 0
-        zero = jnp.zeros((j.shape[0], plen) + j.shape[2:], j.dtype)
+        mine = lax.axis_index("ulysses") * piece if u > 1 else 0  # offset of this device's piece in a patch
+        zero = jnp.zeros((j.shape[0], piece) + j.shape[2:], j.dtype)
         real = None
         if real_all is not None:  # this stage's slots of the padded stack
             real = lax.dynamic_slice_in_dim(jnp.asarray(real_all), stage * k.shape[0], k.shape[0])
@@ -188,22 +213,25 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
             patch = i - stage
             active = (patch >= 0) & (patch < patches)
             start = jnp.clip(patch, 0, patches - 1) * plen
-            x = jnp.where(stage == 0, lax.dynamic_slice_in_dim(j, start, plen, axis=1), recv)
-            tp = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, plen, axis=0), t)
+            x = jnp.where(stage == 0, lax.dynamic_slice_in_dim(j, start + mine, piece, axis=1), recv)
+            tp = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start + mine, piece, axis=0), t)
             cache = StackCache(k=k, v=v, start=start, write=active, real=real)
-            with stack_cache(cache), attention_context(AttentionConfig(backend=backend, valid_len=valid_len)):
+            with stack_cache(cache), attention_context(AttentionConfig(mesh=mesh if u > 1 else None,
+                                                                       backend=backend, valid_len=valid_len)):
                 y = blocks(p, x, tp, c)
             if not cache.used:
                 raise RuntimeError("blocks() ran no layer_scan: PipeFusion needs the stacked block scan.")
             done = active & (stage == n - 1)
-            out = jnp.where(done, lax.dynamic_update_slice_in_dim(out, y, start, axis=1), out)
+            out = jnp.where(done, lax.dynamic_update_slice_in_dim(out, y, start + mine, axis=1), out)
             if n > 1:  # stage r -> r + 1 (the first stage reads the next patch of the input instead)
                 y = lax.ppermute(y, AXIS, [(r, r + 1) for r in range(n - 1)])
             return y, out, cache.k, cache.v
 
         _, out, k, v = lax.fori_loop(0, ticks, tick, (zero, jnp.zeros_like(j), k, v))
-        if n > 1:  # the last stage holds the output: give it to every stage
-            out = lax.psum(jnp.where(stage == n - 1, out, 0), AXIS)
+        # The last stage holds the output, each Ulysses device its pieces (zeros elsewhere): sum them.
+        axes = tuple(a for a, size in ((AXIS, n), ("ulysses", u)) if size > 1)
+        if axes:
+            out = lax.psum(jnp.where(stage == n - 1, out, 0), axes)
         return out, k, v
 
     if mesh is None or mesh.size == 1:
@@ -214,7 +242,7 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     stacked_spec = lambda path, _: P(AXIS) if starts_with(path, stacked) else P()
     par_specs = jax.tree_util.tree_map_with_path(stacked_spec, params)
     batch = lambda x: P(BATCH_AXES, *([None] * (x.ndim - 1)))
-    kv_spec = P(AXIS, BATCH_AXES)
+    kv_spec = KV_SPEC
     out, k, v = _shard_map(local, mesh,
                            (par_specs, batch(joint_p), jax.tree.map(lambda _: P(), tokens_p),
                             jax.tree.map(batch, cond), kv_spec, kv_spec),

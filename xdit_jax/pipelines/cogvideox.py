@@ -353,11 +353,11 @@ class CogVideoXPipeline:
         pt = tc.patch_size_t or 1
         seq = text_len + (f // pt) * (h // tc.patch_size) * (w // tc.patch_size)
         layers = len(pipefusion.stage_layout(tc.num_layers, self.mesh_spec.pipefusion))  # with uneven-stage padding
-        return (layers, step_batch, pipefusion.padded_length(seq, self.pipefusion_patches),
-                tc.num_attention_heads, tc.attention_head_dim)
+        return pipefusion.cache_shape(layers, step_batch, seq, tc.num_attention_heads, tc.attention_head_dim,
+                                      self.pipefusion_patches, self.mesh_spec.ulysses)
 
     def _kv_sharding(self):
-        return NamedSharding(self.mesh, P(pipefusion.AXIS, ("data", "cfg")))
+        return NamedSharding(self.mesh, pipefusion.KV_SPEC)
 
     def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
                      num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 6.0,
