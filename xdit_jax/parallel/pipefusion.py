@@ -157,8 +157,7 @@ def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim
 
     shape = cache_shape(layers, batch, seq_len, heads, head_dim, patches, mesh.shape.get("ulysses", 1))
     sharding = NamedSharding(mesh, KV_SPEC)
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return zeros(), zeros()
+    return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
 
 
 def check_mesh(mesh_spec, num_layers: int) -> None:

@@ -346,18 +346,20 @@ class CogVideoXPipeline:
         return (batch, latent_frames + additional, tc.in_channels, height // self.vae_scale_factor_spatial,
                 width // self.vae_scale_factor_spatial), additional
 
-    def _kv_shape(self, latent_shape, step_batch: int, text_len: int) -> tuple:
-        """PipeFusion's K/V buffer shape: (layers, CFG batch, joint length padded to the patches, H, D)."""
+    def _kv_cache(self, latent_shape, step_batch: int, text_len: int, abstract: bool = False):
+        """PipeFusion's zero K/V buffers for these shapes (``abstract``: ShapeDtypeStructs), one slot per
+        layer of the stack padded to equal stages, the joint sequence padded to the patches."""
         tc = self.transformer_config
         f, (h, w) = latent_shape[1], latent_shape[3:]
         pt = tc.patch_size_t or 1
         seq = text_len + (f // pt) * (h // tc.patch_size) * (w // tc.patch_size)
-        layers = len(pipefusion.stage_layout(tc.num_layers, self.mesh_spec.pipefusion))  # with uneven-stage padding
-        return pipefusion.cache_shape(layers, step_batch, seq, tc.num_attention_heads, tc.attention_head_dim,
-                                      self.pipefusion_patches, self.mesh_spec.ulysses)
-
-    def _kv_sharding(self):
-        return NamedSharding(self.mesh, pipefusion.KV_SPEC)
+        args = (len(pipefusion.stage_layout(tc.num_layers, self.mesh_spec.pipefusion)), step_batch, seq,
+                tc.num_attention_heads, tc.attention_head_dim)
+        if not abstract:
+            return pipefusion.init_cache(self.mesh, *args, self.dtype, self.pipefusion_patches)
+        shape = pipefusion.cache_shape(*args, self.pipefusion_patches, self.mesh_spec.ulysses)
+        buf = jax.ShapeDtypeStruct(shape, self.dtype, sharding=NamedSharding(self.mesh, pipefusion.KV_SPEC))
+        return buf, buf
 
     def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
                      num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 6.0,
@@ -377,11 +379,8 @@ class CogVideoXPipeline:
         sched = jax.tree.map(jnp.asarray, schedulers.make_schedule(self.scheduler_config, num_inference_steps))
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, False))
         _, tstate = nnx.split(self.transformer)
-        kv = None
-        if self.uses_pipefusion:  # the patched step (the warm-up step is the same program with one patch)
-            buf = jax.ShapeDtypeStruct(self._kv_shape(shape, embeds.shape[0], seq), self.dtype,
-                                       sharding=self._kv_sharding())
-            kv = (buf, buf)
+        # PipeFusion: the patched step (the warm-up step is the same program with one patch)
+        kv = self._kv_cache(shape, embeds.shape[0], seq, abstract=True) if self.uses_pipefusion else None
         return self._step_fn(do_cfg, self.pipefusion_patches if kv else 1).lower(
             tstate, latents, latents, jnp.int32(0), kv, embeds, sched, guidance, jax.random.key(0)).compile()
 
@@ -448,9 +447,7 @@ class CogVideoXPipeline:
         kv, warm_fn = None, self._step_fn(do_cfg)
         step_fn, warmup = warm_fn, self.pipefusion_warmup_steps
         if self.uses_pipefusion:
-            zeros = jax.jit(lambda: jnp.zeros(self._kv_shape(shape, embeds.shape[0], embeds.shape[1]), self.dtype),
-                            out_shardings=self._kv_sharding())
-            kv = (zeros(), zeros())
+            kv = self._kv_cache(shape, embeds.shape[0], embeds.shape[1])
             step_fn = self._step_fn(do_cfg, self.pipefusion_patches)
         sched_arrays = jax.tree.map(jnp.asarray, sched)
 
