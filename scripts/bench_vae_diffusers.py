@@ -18,6 +18,6 @@ for tiling in (False, True):
             with torch.no_grad(): out = vae.decode(z).sample
             torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
         print(f"diffusers VAE decode 49x480x720 bf16 tiling={tiling}: median {np.median(ts):.3f}s (runs {[round(x,3) for x in ts]}), peak {torch.cuda.max_memory_allocated()/2**30:.2f} GiB, out {tuple(out.shape)}", flush=True)
-    except torch.OutOfMemoryError as e:
+    except torch.OutOfMemoryError:
         print(f"tiling={tiling}: OOM", flush=True)
     torch.cuda.empty_cache()
