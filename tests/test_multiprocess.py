@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from xdit_jax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--no-progress", "--mesh", "cfg=2,ulysses=2", "--steps", "2", "--height", "32", "--width", "48",
         "--num-frames", "9", "--prompt", "A dog on a beach."]
+MESH = ARGS.index("--mesh") + 1
 
 
 def free_port() -> int:
@@ -35,12 +37,14 @@ def read_frames(folder):
     return np.stack([iio.imread(f) for f in sorted(Path(folder).glob("*.png"))]).astype(int)
 
 
-def test_two_processes_equal_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mesh", ["cfg=2,ulysses=2", "ulysses=2,pipefusion=2"])  # PipeFusion: K/V buffers, stages
+def test_two_processes_equal_one(tmp_path, monkeypatch, mesh):
+    args = ARGS[:MESH] + [mesh] + ARGS[MESH + 1:]
     cache = tmp_path / "cache"
     monkeypatch.setenv("XDIT_JAX_CACHE", str(cache))
-    assert cli.main(ARGS + ["--output", str(tmp_path / "one")]) == 0  # this process: 4 of its 8 devices
+    assert cli.main(args + ["--output", str(tmp_path / "one")]) == 0  # this process: 4 of its 8 devices
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), *ARGS, "--output",
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), *args, "--output",
                                str(tmp_path / "two"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i), "--dist-timeout", "120"], env=child_env(cache),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -79,10 +79,11 @@ def _tiny_blocks():
     return cfg, state, blocks, joint, tokens, temb
 
 
-@pytest.mark.parametrize("mesh,patches", [(None, 3), ("pipefusion=2", 2), ("pipefusion=4", 3),
-                                          ("cfg=2,pipefusion=2", 4), ("pipefusion=3", 2),
-                                          ("pipefusion=2,ulysses=2", 2)])
-def test_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
+@pytest.mark.parametrize("mesh,patches,backend", [(None, 3, "xla"), ("pipefusion=2", 2, "xla"),
+                                                  ("pipefusion=4", 3, "xla"), ("cfg=2,pipefusion=2", 4, "xla"),
+                                                  ("pipefusion=3", 2, "xla"), ("pipefusion=2,ulysses=2", 2, "xla"),
+                                                  ("pipefusion=2,ulysses=2", 2, "pallas")])
+def test_patches_with_buffers_of_the_same_input_are_exact(mesh, patches, backend):
     """Buffers filled by a warm-up step on the same input hold exactly the K/V each patch recomputes,
     so the patched pass must give the full pass: checks patch offsets, token tables, masks, stages."""
     cfg, state, blocks, joint, tokens, temb = _tiny_blocks()
@@ -97,7 +98,7 @@ def test_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
 
     def run(p):
         return jax.jit(lambda st, j, c: pipefusion.run_pipefusion(blocks, st, j, tokens, temb, c, mesh_arg, patches=p,
-                                                                  stacked="transformer_blocks",
+                                                                  stacked="transformer_blocks", backend=backend,
                                                                   num_layers=cfg.num_layers))
 
     warm, cache1 = run(1)(state, joint, cache)
