@@ -68,7 +68,6 @@ def test_generate_pipefusion(tmp_path):
     (["--model", "/no/such/dir"], "does not exist"),
     (["--output", "x.avi"], ".mp4"),
     (["--steps", "0"], ">= 1"),
-    (["--mesh", "pipefusion=2,ring=2"], "does not combine with ring"),
     (["--mesh", "pipefusion=4"], "more stages than the model's 2 layers"),
     (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])

@@ -48,7 +48,7 @@ def sequential(folder):
 
 
 @pytest.mark.parametrize("mesh", ["pipefusion=2", "cfg=2,pipefusion=4", "pipefusion=3",  # 3: stages of 2, 1, 1
-                                  "pipefusion=2,ulysses=2"])
+                                  "pipefusion=2,ring=2,ulysses=2"])
 def test_warmup_steps_equal_one_device(folder, one_device, mesh):
     out = CogVideoXPipeline.from_pretrained(folder, mesh=mesh, pipefusion_warmup_steps=KW["num_inference_steps"])(
         PROMPTS, **KW).frames
@@ -58,7 +58,8 @@ def test_warmup_steps_equal_one_device(folder, one_device, mesh):
 @pytest.mark.parametrize("mesh,patches", [("pipefusion=2", 2), ("pipefusion=2", 3), ("pipefusion=4", 2),
                                           ("cfg=2,pipefusion=2", 2), ("data=2,pipefusion=2", 3),
                                           ("pipefusion=3", 2), ("cfg=2,pipefusion=2,ulysses=2", 2),
-                                          ("pipefusion=2,ulysses=4", 3)])  # 6 heads padded to 8
+                                          ("pipefusion=2,ulysses=4", 3),  # 6 heads padded to 8
+                                          ("pipefusion=2,ring=4", 2), ("pipefusion=2,ring=2,ulysses=2", 3)])
 def test_patched_steps_equal_sequential_reference(folder, sequential, one_device, mesh, patches):
     pipe = CogVideoXPipeline.from_pretrained(folder, mesh=mesh, pipefusion_patches=patches)
     out = pipe(PROMPTS, **KW).frames
@@ -82,7 +83,8 @@ def _tiny_blocks():
 @pytest.mark.parametrize("mesh,patches,backend", [(None, 3, "xla"), ("pipefusion=2", 2, "xla"),
                                                   ("pipefusion=4", 3, "xla"), ("cfg=2,pipefusion=2", 4, "xla"),
                                                   ("pipefusion=3", 2, "xla"), ("pipefusion=2,ulysses=2", 2, "xla"),
-                                                  ("pipefusion=2,ulysses=2", 2, "pallas")])
+                                                  ("pipefusion=2,ring=2,ulysses=2", 3, "xla"),
+                                                  ("pipefusion=2,ring=2", 2, "pallas")])
 def test_patches_with_buffers_of_the_same_input_are_exact(mesh, patches, backend):
     """Buffers filled by a warm-up step on the same input hold exactly the K/V each patch recomputes,
     so the patched pass must give the full pass: checks patch offsets, token tables, masks, stages."""
@@ -96,13 +98,13 @@ def test_patches_with_buffers_of_the_same_input_are_exact(mesh, patches, backend
                                   jnp.float32, patches)
     mesh_arg = m if mesh else None
 
-    def run(p):
-        return jax.jit(lambda st, j, c: pipefusion.run_pipefusion(blocks, st, j, tokens, temb, c, mesh_arg, patches=p,
-                                                                  stacked="transformer_blocks", backend=backend,
-                                                                  num_layers=cfg.num_layers))
+    def run(warmup):
+        return jax.jit(lambda st, j, c: pipefusion.run_pipefusion(
+            blocks, st, j, tokens, temb, c, mesh_arg, patches=patches, warmup=warmup, stacked="transformer_blocks",
+            backend=backend, num_layers=cfg.num_layers))
 
-    warm, cache1 = run(1)(state, joint, cache)
-    patched, cache2 = run(patches)(state, joint, cache1)
+    warm, cache1 = run(True)(state, joint, cache)
+    patched, cache2 = run(False)(state, joint, cache1)
     assert float(jnp.abs(warm - ref).max()) <= 1e-5
     assert float(jnp.abs(patched - ref).max()) <= 1e-5
     assert float(jnp.abs(cache2[0] - cache1[0]).max()) <= 1e-5  # the same K/V were written back
@@ -120,8 +122,6 @@ def test_stage_layout():
 def test_bad_pipefusion_requests(folder):
     with pytest.raises(ValueError, match=r"pipefusion=8 is more stages than the model's 4 layers"):
         CogVideoXPipeline.from_pretrained(folder, mesh="pipefusion=8")
-    with pytest.raises(NotImplementedError, match="does not combine with ring"):
-        CogVideoXPipeline.from_pretrained(folder, mesh="pipefusion=2,ring=2")
     with pytest.raises(ValueError, match="warmup"):
         CogVideoXPipeline.from_pretrained(folder, mesh="pipefusion=2", pipefusion_warmup_steps=0)
     pipefusion.check_mesh(MeshSpec.parse("data=2,cfg=2,pipefusion=2"), 30)  # fine

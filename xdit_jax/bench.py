@@ -390,7 +390,7 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
             from xdit_jax.parallel.pipefusion import run_pipefusion
 
             joint, tokens, temb = model.embed(x, e, t)
-            joint, kv = run_pipefusion(blocks, state, joint, tokens, temb, kv, mesh, patches=patches,
+            joint, kv = run_pipefusion(blocks, state, joint, tokens, temb, kv, mesh, patches=patches, warmup=False,
                                        stacked=cogvideox.STACKED, backend=attention_backend, num_layers=num_layers)
             return model.head(joint, temb, x.shape).astype(jnp.float32), kv
         if staged:
@@ -892,7 +892,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
         if opts.compile_only:
             kv_shape = pipefusion.cache_shape(layers, lat[0], seq, tcfg.num_attention_heads, tcfg.attention_head_dim,
-                                              patches, ms.ulysses)
+                                              patches, ms.ulysses, ms.ring)
             args = args + ((jax.ShapeDtypeStruct(kv_shape, dtype, sharding=NamedSharding(mesh, pipefusion.KV_SPEC)),)
                            * 2,)
         else:

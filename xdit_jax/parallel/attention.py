@@ -41,6 +41,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from xdit_jax.parallel.pallas_attention import flash_attention
@@ -116,6 +117,7 @@ class KVCell:
     layer: jax.Array
     start: jax.Array
     write: jax.Array
+    ring_counts: object = None  # with ring > 1: valid keys of each ring position's buffer (static)
     consumed: bool = False
 
 
@@ -123,21 +125,24 @@ _KV_CELL: contextvars.ContextVar[KVCell | None] = contextvars.ContextVar("xdit_j
 
 
 @contextlib.contextmanager
-def kv_cache(k, v, layer, start, write):
+def kv_cache(k, v, layer, start, write, ring_counts=None):
     """While installed, :func:`attention` is given one patch of the sequence: it stores the patch's
-    K/V in layer ``layer`` of the buffers at ``start`` (when ``write``) and attends to that layer's
-    whole buffer."""
-    token = _KV_CELL.set(KVCell(k, v, layer, start, write))
+    K/V in layer ``layer`` of the buffers at ``start`` (when ``write``; an offset into the local
+    buffer) and attends to that layer's whole buffer — with ring > 1, to every ring position's."""
+    token = _KV_CELL.set(KVCell(k, v, layer, start, write, ring_counts))
     try:
         yield _KV_CELL.get()
     finally:
         _KV_CELL.reset(token)
 
 
-def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulysses: int = 1):
+def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulysses: int = 1, ring: int = 1):
     """With ``ulysses > 1`` (PipeFusion x Ulysses) q, k, v hold this device's piece of the patch for
-    all heads; an ``all_to_all`` makes them the whole patch for this device's heads (the buffers hold
-    the whole sequence for those heads), and another one brings the output back."""
+    all heads; an ``all_to_all`` makes them the ring group's part of the patch for this device's heads
+    (the buffers hold the sequence for those heads), and another one brings the output back. With
+    ``ring > 1`` each ring position's buffer holds its part of every patch (so the patch is stored
+    locally) and the keys of all of them are visited by the ring, ``cell.ring_counts`` saying how
+    many of each are real."""
     if cell.consumed:
         raise RuntimeError("A PipeFusion layer called attention twice; one K/V buffer per layer.")
     cell.consumed = True
@@ -154,7 +159,11 @@ def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulyss
         buf = lax.dynamic_update_slice(buf, jnp.where(cell.write, new.astype(buf.dtype)[None], old), at)
         setattr(cell, name, buf)
         whole.append(lax.dynamic_index_in_dim(buf, cell.layer, 0, keepdims=False))
-    out, _ = block_attention(q, *whole, valid_len=valid_len, scale=scale, backend=backend, need_lse=False)
+    if ring > 1:
+        out = _ring_attention(q, *whole, ring=ring, valid_len=None, scale=scale, backend=backend,
+                              counts=cell.ring_counts)
+    else:
+        out, _ = block_attention(q, *whole, valid_len=valid_len, scale=scale, backend=backend, need_lse=False)
     if ulysses > 1:
         out = lax.all_to_all(out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :heads]
     return out
@@ -298,8 +307,11 @@ def merge_partials(out, lse, out_b, lse_b):
     return out * to_out(wa) + out_b * to_out(wb), new_lse
 
 
-def _ring_attention(q, k, v, *, ring, valid_len, scale, backend):
+def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None):
     """q, k, v: the local contiguous chunk ``r`` (of ``ring``) of the sequence, (B, Sc, H, D).
+
+    ``counts`` (PipeFusion's buffers, whose blocks are no contiguous chunks): a static array of the
+    number of valid leading keys of each ring position's block, instead of ``valid_len``.
 
     Step i (0..ring-1) uses the K/V block that came from ring position ``(r - i) % ring`` (blocks
     move r -> r+1). Each step's block is sent on *before* it is used, so the transfer of block
@@ -313,7 +325,11 @@ def _ring_attention(q, k, v, *, ring, valid_len, scale, backend):
 
     def compute(kv, i):
         j = (r - i) % ring
-        return block_attention(q, kv[0], kv[1], kv_start=j * sc, valid_len=valid_len, scale=scale,
+        if counts is not None and not (np.asarray(counts) == sc).all():  # n valid keys: start n before the end
+            start, limit = sc - jnp.asarray(counts, jnp.int32)[j], sc
+        else:
+            start, limit = j * sc, (None if counts is not None else valid_len)
+        return block_attention(q, kv[0], kv[1], kv_start=start, valid_len=limit, scale=scale,
                                backend=backend, need_lse=True, out_dtype=jnp.float32)
 
     kv = (k, v)
@@ -378,10 +394,10 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     ring, ulysses = cfg.degree(RING_AXIS), cfg.degree(ULYSSES_AXIS)
     cell = _KV_CELL.get()
     if cell is not None:  # a PipeFusion stage: q, k, v are one patch; keys are the whole sequence
-        if ring > 1 or kv_valid is not None:
-            raise NotImplementedError("PipeFusion runs with ring = 1 and padding masks only.")
+        if kv_valid is not None:
+            raise NotImplementedError("PipeFusion takes padding masks only.")
         return _cached_attention(cell, q, k, v, valid_len=valid_len, scale=scale, backend=cfg.backend,
-                                 ulysses=ulysses)
+                                 ulysses=ulysses, ring=ring)
     if ring == 1 and ulysses == 1:
         out, _ = block_attention(q, k, v, valid_len=valid_len, kv_valid=kv_valid, scale=scale,
                                  backend=cfg.backend, need_lse=False)

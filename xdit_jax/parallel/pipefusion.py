@@ -18,10 +18,12 @@ a multiple of ``M``; padded keys are masked, padded rows dropped.
 
 Models take no part: the block stack's scan (:func:`layer_scan`) threads each layer's buffer in
 and out, and the attention op (:mod:`xdit_jax.parallel.attention`) stores the patch and reads the
-buffer while :func:`kv_cache` is installed. Batch axes ``data`` and ``cfg`` combine freely, and so
-does ``ulysses`` (PipeFusion x Ulysses, as xDiT's hybrid): each patch is split over the Ulysses
-group, the K/V buffers over heads (every device keeps the whole sequence for its heads), and the
-attention op swaps sequence for heads around the buffered attention; ``ring`` does not yet. Any degree up to the number of layers: where it does not divide them the
+buffer while :func:`kv_cache` is installed. Batch axes ``data`` and ``cfg`` combine freely, and so do
+``ulysses`` and ``ring`` (PipeFusion x USP, as xDiT's hybrid): each patch is split over the
+sequence group; the K/V buffers over heads for Ulysses (every device keeps its heads' keys) and
+over the ring by patch (ring position ``r`` keeps part ``r`` of every patch, so a patch is stored
+where it was computed); the attention op swaps sequence for heads around the buffered attention
+and runs the ring over the buffers of the ring group, each with its number of real keys. Any degree up to the number of layers: where it does not divide them the
 stages differ by one layer (:func:`stage_layout`): the stack is padded to equal stages and the
 padding layers are skipped (their output is discarded).
 """
@@ -55,6 +57,7 @@ class StackCache:
     start: jax.Array
     write: jax.Array
     real: jax.Array | None = None  # (layers,) bool: False for the padding of an uneven stage
+    ring_counts: np.ndarray | None = None  # ring > 1: real keys in each ring position's buffer
     used: bool = False
 
 
@@ -88,7 +91,7 @@ def layer_scan(layer_fn, carry, stacked_state):
     def body(c, xs):  # the buffers ride in the carry: updated in place, one copy alive
         c, k, v = c
         s, layer, real = xs
-        with kv_cache(k, v, layer, cache.start, cache.write) as cell:
+        with kv_cache(k, v, layer, cache.start, cache.write, cache.ring_counts) as cell:
             out = layer_fn(c, s)
         if not cell.consumed:
             raise RuntimeError("A PipeFusion block called no attention: nothing to cache.")
@@ -141,13 +144,16 @@ def padded_length(seq_len: int, patches: int, ulysses: int = 1) -> int:
     return patches * (-(-seq_len // (patches * granule)) * granule)
 
 
-KV_SPEC = P(AXIS, BATCH_AXES, None, "ulysses")  # (layer slots, B, S_pad, H_pad, D)
+# (layer slots, B, S_pad, H_pad, D). With ring > 1 the sequence axis is in ring-position-major order
+# (position r's part of every patch), not token order: only PipeFusion reads it.
+KV_SPEC = P(AXIS, BATCH_AXES, "ring", "ulysses")
 
 
 def cache_shape(layer_slots: int, batch: int, seq_len: int, heads: int, head_dim: int, patches: int,
-                ulysses: int = 1) -> tuple:
+                ulysses: int = 1, ring: int = 1) -> tuple:
     """The K/V buffer shape: the sequence padded by :func:`padded_length`, heads to the Ulysses degree."""
-    return (layer_slots, batch, padded_length(seq_len, patches, ulysses), -(-heads // ulysses) * ulysses, head_dim)
+    return (layer_slots, batch, padded_length(seq_len, patches, ulysses * ring), -(-heads // ulysses) * ulysses,
+            head_dim)
 
 
 def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim: int, dtype, patches: int):
@@ -155,7 +161,8 @@ def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim
     over ``ulysses``."""
     from jax.sharding import NamedSharding
 
-    shape = cache_shape(layers, batch, seq_len, heads, head_dim, patches, mesh.shape.get("ulysses", 1))
+    shape = cache_shape(layers, batch, seq_len, heads, head_dim, patches, mesh.shape.get("ulysses", 1),
+                        mesh.shape.get("ring", 1))
     sharding = NamedSharding(mesh, KV_SPEC)
     return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
 
@@ -163,72 +170,102 @@ def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim
 def check_mesh(mesh_spec, num_layers: int) -> None:
     """Refuse what this PipeFusion cannot run, saying what to use instead."""
     n = mesh_spec.pipefusion
-    if mesh_spec.ring > 1:
-        raise NotImplementedError(f"Mesh {mesh_spec}: PipeFusion does not combine with ring yet; use pipefusion "
-                                  "with data, cfg and ulysses, or ring without pipefusion.")
     if n > num_layers:
         raise ValueError(f"pipefusion={n} is more stages than the model's {num_layers} layers; use at most "
                          f"{num_layers}.")
 
 
+def _buffer_tokens(patches: int, plen: int, ring: int, ulysses: int) -> np.ndarray:
+    """(ring * ulysses, S_pad / (ring * ulysses)): the tokens device ``r * ulysses + u`` takes in a
+    warm-up step. Its Ulysses group's tokens, concatenated in ``u`` order, are then exactly ring
+    position ``r``'s buffer (part ``r`` of every patch, patch-major), so a warm-up step stores its
+    K/V in the layout the patched steps read."""
+    part = plen // ring
+    rows = []
+    for r in range(ring):
+        buffer = np.concatenate([m * plen + r * part + np.arange(part) for m in range(patches)])
+        rows += list(buffer.reshape(ulysses, -1))
+    return np.asarray(rows, np.int32)
+
+
 def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches: int, stacked: str,
-                   backend: str = "xla", num_layers: int | None = None):
+                   warmup: bool = False, backend: str = "xla", num_layers: int | None = None):
     """One step of ``blocks(params, joint, tokens, cond)`` as a PipeFusion pipeline over ``mesh``.
 
     joint: (B, S, D) global; tokens: per-token tables (sequence on axis 0); cond: per-sample
     arrays (batch on axis 0); cache: (k, v) from :func:`init_cache` (or the previous step); params:
     the model state whose subtree ``stacked`` holds the stacked blocks (split over the stages;
     padded by :func:`pad_stack` where the degree does not divide the model's ``num_layers``).
-    Returns (out (B, S, D), new cache). ``patches = 1`` is exact (a warm-up step).
+    ``patches``: the patches of the patched steps (they fix the buffers' layout); ``warmup``: this
+    step runs the whole sequence at once (exact) and fills the buffers. Returns (out (B, S, D), cache).
     """
     n = mesh.shape[AXIS] if mesh is not None else 1
     u = mesh.shape.get("ulysses", 1) if mesh is not None else 1
+    rr = mesh.shape.get("ring", 1) if mesh is not None else 1
     s = joint.shape[1]
     sp = cache[0].shape[2]
-    if sp % (patches * u) or sp < s:
-        raise ValueError(f"The K/V buffers hold {sp} tokens: not {patches} equal patches over ulysses={u} of a "
-                         f"{s}-token sequence.")
+    if sp % (patches * u * rr) or sp < s:
+        raise ValueError(f"The K/V buffers hold {sp} tokens: not {patches} equal patches over ring x ulysses = "
+                         f"{rr * u} devices of a {s}-token sequence.")
     plen = sp // patches
-    piece = plen // u  # each Ulysses device's share of a patch
+    part = plen // rr  # a ring position's part of a patch (its buffer keeps that part of every patch)
+    piece = part // u  # each sequence-parallel device's share of a patch
+    # Real keys in each ring position's buffer: its parts are in token order, so they form a prefix.
+    counts = np.array([sum(min(max(s - (m * plen + j * part), 0), part) for m in range(patches))
+                       for j in range(rr)]) if rr > 1 else None
+    warm_tokens = _buffer_tokens(patches, plen, rr, u) if warmup else None
     pad = lambda x, axis: jnp.pad(x, [(0, 0)] * axis + [(0, sp - s)] + [(0, 0)] * (x.ndim - axis - 1))
     joint_p = pad(joint, 1)
     tokens_p = jax.tree.map(lambda t: pad(t, 0), tokens)
     valid_len = s if sp != s else None
-    ticks = patches + n - 1
+    steps_through = 1 if warmup else patches  # what flows through the pipeline: the whole sequence, or patches
+    ticks = steps_through + n - 1
     real_all = None
     if num_layers is not None and num_layers % n:
         real_all = stage_layout(num_layers, n) >= 0
 
     def local(p, j, t, c, k, v):
         stage = lax.axis_index(AXIS) if n > 1 else 0
-        mine = lax.axis_index("ulysses") * piece if u > 1 else 0  # offset of this device's piece in a patch
-        zero = jnp.zeros((j.shape[0], piece) + j.shape[2:], j.dtype)
+        seq_rank = (lax.axis_index("ring") * u if rr > 1 else 0) + (lax.axis_index("ulysses") if u > 1 else 0)
+        mine = seq_rank * piece  # offset of this device's piece in a patch (chunk order ring-major, as run_blocks)
+        width = sp // (rr * u) if warmup else piece  # tokens this device runs per tick
+        zero = jnp.zeros((j.shape[0], width) + j.shape[2:], j.dtype)
         real = None
         if real_all is not None:  # this stage's slots of the padded stack
             real = lax.dynamic_slice_in_dim(jnp.asarray(real_all), stage * k.shape[0], k.shape[0])
+        if warmup:
+            idx = jnp.asarray(warm_tokens)[seq_rank]
+            take = lambda a, axis: jnp.take(a, idx, axis=axis)  # noqa: E731
+            put = lambda out, y: out.at[:, idx].set(y)  # noqa: E731
 
         def tick(i, carry):
             recv, out, k, v = carry
             patch = i - stage
-            active = (patch >= 0) & (patch < patches)
-            start = jnp.clip(patch, 0, patches - 1) * plen
-            x = jnp.where(stage == 0, lax.dynamic_slice_in_dim(j, start + mine, piece, axis=1), recv)
-            tp = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start + mine, piece, axis=0), t)
-            cache = StackCache(k=k, v=v, start=start, write=active, real=real)
-            with stack_cache(cache), attention_context(AttentionConfig(mesh=mesh if u > 1 else None,
+            active = (patch >= 0) & (patch < steps_through)
+            if warmup:
+                x, tp, local_start = take(j, 1), jax.tree.map(lambda a: take(a, 0), t), 0
+            else:
+                start = jnp.clip(patch, 0, patches - 1) * plen + mine
+                x = lax.dynamic_slice_in_dim(j, start, piece, axis=1)
+                tp = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, piece, axis=0), t)
+                local_start = jnp.clip(patch, 0, patches - 1) * part  # this patch's part in the buffer
+            x = jnp.where(stage == 0, x, recv)
+            cache = StackCache(k=k, v=v, start=local_start, write=active, real=real, ring_counts=counts)
+            with stack_cache(cache), attention_context(AttentionConfig(mesh=mesh if u * rr > 1 else None,
                                                                        backend=backend, valid_len=valid_len)):
                 y = blocks(p, x, tp, c)
             if not cache.used:
                 raise RuntimeError("blocks() ran no layer_scan: PipeFusion needs the stacked block scan.")
             done = active & (stage == n - 1)
-            out = jnp.where(done, lax.dynamic_update_slice_in_dim(out, y, start + mine, axis=1), out)
+            new = put(out, y) if warmup else lax.dynamic_update_slice_in_dim(out, y, start, axis=1)
+            out = jnp.where(done, new, out)
             if n > 1:  # stage r -> r + 1 (the first stage reads the next patch of the input instead)
                 y = lax.ppermute(y, AXIS, [(r, r + 1) for r in range(n - 1)])
             return y, out, cache.k, cache.v
 
         _, out, k, v = lax.fori_loop(0, ticks, tick, (zero, jnp.zeros_like(j), k, v))
-        # The last stage holds the output, each Ulysses device its pieces (zeros elsewhere): sum them.
-        axes = tuple(a for a, size in ((AXIS, n), ("ulysses", u)) if size > 1)
+        # The last stage holds the output, each sequence device its pieces (zeros elsewhere): sum them.
+        axes = tuple(a for a, size in ((AXIS, n), ("ring", rr), ("ulysses", u)) if size > 1)
         if axes:
             out = lax.psum(jnp.where(stage == n - 1, out, 0), axes)
         return out, k, v
@@ -241,11 +278,10 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     stacked_spec = lambda path, _: P(AXIS) if starts_with(path, stacked) else P()
     par_specs = jax.tree_util.tree_map_with_path(stacked_spec, params)
     batch = lambda x: P(BATCH_AXES, *([None] * (x.ndim - 1)))
-    kv_spec = KV_SPEC
     out, k, v = _shard_map(local, mesh,
                            (par_specs, batch(joint_p), jax.tree.map(lambda _: P(), tokens_p),
-                            jax.tree.map(batch, cond), kv_spec, kv_spec),
-                           (batch(joint_p), kv_spec, kv_spec))(params, joint_p, tokens_p, cond, *cache)
+                            jax.tree.map(batch, cond), KV_SPEC, KV_SPEC),
+                           (batch(joint_p), KV_SPEC, KV_SPEC))(params, joint_p, tokens_p, cond, *cache)
     return out[:, :s], (k, v)
 
 

@@ -252,11 +252,11 @@ class CogVideoXPipeline:
         axes = ("cfg", "data") if cfg_major else "data"
         return NamedSharding(self.mesh, P(axes, *([None] * (ndim - 1))))
 
-    def _step_fn(self, do_cfg: bool, patches: int = 1):
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, embeds, sched, guidance, rng) ->
-        (latents, sched_state, i + 1, kv)``; ``kv`` is PipeFusion's K/V buffers (None without it) and
-        ``patches`` its patches this step (1: a warm-up step, exact)."""
-        key = (do_cfg, patches)
+        (latents, sched_state, i + 1, kv)``; ``kv`` is PipeFusion's K/V buffers (None without it);
+        ``warmup``: with PipeFusion, an exact step over the whole sequence (else a patched one)."""
+        key = (do_cfg, warmup)
         if key in self._step_cache:
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
@@ -280,7 +280,8 @@ class CogVideoXPipeline:
             if kv is None:
                 joint = run_blocks(blocks, tstate, joint, tokens, temb, mesh, backend=backend)
             else:
-                joint, kv = pipefusion.run_pipefusion(blocks, tstate, joint, tokens, temb, kv, mesh, patches=patches,
+                joint, kv = pipefusion.run_pipefusion(blocks, tstate, joint, tokens, temb, kv, mesh,
+                                                      patches=self.pipefusion_patches, warmup=warmup,
                                                       stacked=cogvideox.STACKED, backend=backend,
                                                       num_layers=self.transformer_config.num_layers)
             pred = model.head(joint, temb, x.shape).astype(jnp.float32)
@@ -357,7 +358,8 @@ class CogVideoXPipeline:
                 tc.num_attention_heads, tc.attention_head_dim)
         if not abstract:
             return pipefusion.init_cache(self.mesh, *args, self.dtype, self.pipefusion_patches)
-        shape = pipefusion.cache_shape(*args, self.pipefusion_patches, self.mesh_spec.ulysses)
+        shape = pipefusion.cache_shape(*args, self.pipefusion_patches, self.mesh_spec.ulysses,
+                                       self.mesh_spec.ring)
         buf = jax.ShapeDtypeStruct(shape, self.dtype, sharding=NamedSharding(self.mesh, pipefusion.KV_SPEC))
         return buf, buf
 
@@ -381,7 +383,7 @@ class CogVideoXPipeline:
         _, tstate = nnx.split(self.transformer)
         # PipeFusion: the patched step (the warm-up step is the same program with one patch)
         kv = self._kv_cache(shape, embeds.shape[0], seq, abstract=True) if self.uses_pipefusion else None
-        return self._step_fn(do_cfg, self.pipefusion_patches if kv else 1).lower(
+        return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, latents, jnp.int32(0), kv, embeds, sched, guidance, jax.random.key(0)).compile()
 
     # ------------------------------------------------------------------ call
@@ -448,7 +450,7 @@ class CogVideoXPipeline:
         step_fn, warmup = warm_fn, self.pipefusion_warmup_steps
         if self.uses_pipefusion:
             kv = self._kv_cache(shape, embeds.shape[0], embeds.shape[1])
-            step_fn = self._step_fn(do_cfg, self.pipefusion_patches)
+            step_fn = self._step_fn(do_cfg, warmup=False)
         sched_arrays = jax.tree.map(jnp.asarray, sched)
 
         def one(carry, n):
