@@ -10,6 +10,11 @@ multiple of ``ring * ulysses``, is split into ``ring * ulysses`` contiguous chun
 mesh coordinates (r, u) holds chunk ``r * ulysses + u`` (sequence sharded over the axis tuple
 ``("ring", "ulysses")``, ring-major). Batch (``data``, ``cfg``) and ``pipefusion`` are ignored here.
 
+PipeFusion (:mod:`xdit_jax.parallel.pipefusion`) installs a per-layer K/V buffer with
+:func:`kv_cache`: the op is then given one patch of the sequence, stores the patch's K/V in the
+buffer and attends to the whole buffer (:func:`_cached_attention`, with the Ulysses swap and the
+ring over the buffers where the mesh has them).
+
 Strategies (all exact up to float rounding; softmax statistics in float32):
 
 * local (no mesh, or ``ring == ulysses == 1``): one kernel call.
