@@ -1,31 +1,31 @@
 """PipeFusion: the block stack split into stages over the ``pipefusion`` axis, the sequence into patches.
 
 PipeFusion (xDiT; "PipeFusion: Patch-level Pipeline Parallelism for Diffusion Transformers") runs
-a diffusion step as a pipeline: device ``s`` of the ``pipefusion`` axis holds layers
-``[s L/N, (s+1) L/N)`` of the stacked blocks; the joint sequence is cut into ``M`` patches that
-flow through the stages one tick apart (stage ``s`` works on patch ``tick - s``; the activations
-move to the next stage with a ``ppermute``). Attention inside a stage sees the *whole* sequence:
-every layer keeps a K/V buffer of the full (padded) sequence. A patch's fresh K/V go into it
-before its attention, so the patches before it in this step are fresh and those after it are one
-diffusion step old ("displaced patch parallelism": neighbouring steps' activations differ
-little). The first ``warmup`` steps run the same program with one patch (the whole sequence):
-exact, and it fills the buffers.
+a diffusion step as a pipeline: each device of the ``pipefusion`` axis holds one stage, a
+contiguous run of the stacked blocks; the joint sequence is cut into ``M`` patches that flow
+through the stages one tick apart (stage ``s`` works on patch ``tick - s``; the activations move
+on with a ``ppermute``). Attention inside a stage sees the *whole* sequence: every layer keeps
+K/V buffers of the full (padded) sequence. A patch's fresh K/V go into them before its attention,
+so the patches before it in this step are fresh and those after it one diffusion step old
+("displaced patch parallelism": neighbouring steps' activations differ little). The first warm-up
+steps run the whole sequence at once: exact, and they fill the buffers.
 
-So the output of a patched step is NOT the one-device output; it equals the sequential reference
-of the same rule, :func:`run_pipefusion` on one device with the same patches (the tests check
-both that and the exactness of warm-up steps on every mesh). Padding: the sequence is padded to
-a multiple of ``M``; padded keys are masked, padded rows dropped.
+So a patched step is NOT the one-device output; it equals the same rule run sequentially on one
+device (:func:`run_pipefusion` without a mesh, same patches). The tests check that, and the
+exactness of warm-up steps, on every mesh. Padding: patches have equal lengths, multiples of
+``lcm(8, ring * ulysses)`` (:func:`padded_length`); padded keys are masked, padded rows dropped.
 
-Models take no part: the block stack's scan (:func:`layer_scan`) threads each layer's buffer in
-and out, and the attention op (:mod:`xdit_jax.parallel.attention`) stores the patch and reads the
-buffer while :func:`kv_cache` is installed. Batch axes ``data`` and ``cfg`` combine freely, and so do
-``ulysses`` and ``ring`` (PipeFusion x USP, as xDiT's hybrid): each patch is split over the
-sequence group; the K/V buffers over heads for Ulysses (every device keeps its heads' keys) and
-over the ring by patch (ring position ``r`` keeps part ``r`` of every patch, so a patch is stored
-where it was computed); the attention op swaps sequence for heads around the buffered attention
-and runs the ring over the buffers of the ring group, each with its number of real keys. Any degree up to the number of layers: where it does not divide them the
-stages differ by one layer (:func:`stage_layout`): the stack is padded to equal stages and the
-padding layers are skipped (their output is discarded).
+Models take no part: the block stack's scan (:func:`layer_scan`) carries the buffers, and the
+attention op stores the patch and reads the buffers while
+:func:`xdit_jax.parallel.attention.kv_cache` is installed.
+
+Other axes: ``data`` and ``cfg`` split the batch as everywhere. ``ulysses`` and ``ring`` (PipeFusion
+x USP, as xDiT's hybrid) split each patch over the sequence group; the buffers are split over
+heads for Ulysses and by patch part for the ring (ring position ``r`` keeps part ``r`` of every
+patch, so a patch is stored where it was computed, and the ring visits every position's buffer
+with its count of real keys). Any ``pipefusion`` degree up to the number of layers: where it does
+not divide them, stages differ by one layer (:func:`stage_layout`; the stack is padded to equal
+stages and the padding layers are skipped).
 """
 
 from __future__ import annotations
