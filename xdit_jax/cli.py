@@ -281,6 +281,10 @@ def _main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t0
+    if pipe.uses_pipefusion and jax.process_index() == 0:
+        print(f"PipeFusion: {spec.pipefusion} stage(s), {pipe.pipefusion_patches} patches; the first "
+              f"{pipe.pipefusion_warmup_steps} step(s) exact, then patches attend to one-step-old K/V of later patches",
+              file=sys.stderr)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     if args.vae_slicing:
