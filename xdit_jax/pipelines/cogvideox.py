@@ -136,6 +136,9 @@ class CogVideoXPipeline:
         self.scheduler_config = scheduler_config
         self.dtype = dtype
         self.attention_backend = resolve_backend(attention_backend, dtype)
+        if self.attention_backend == "pallas" and jax.default_backend() != "gpu":
+            log.warning("attention_backend='pallas' off a GPU runs in Pallas' interpreter: correct but very slow "
+                        "(meant for tests); 'auto' picks the XLA kernel here.")
         self.mesh_spec = MeshSpec.parse(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh)
         self.mesh = mesh if hasattr(mesh, "axis_names") else build_mesh(self.mesh_spec)
         # PipeFusion (xdit_jax.parallel.pipefusion): on a pipefusion mesh, or on any mesh when patches are
