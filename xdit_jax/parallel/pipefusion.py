@@ -290,3 +290,29 @@ def starts_with(path, name: str) -> bool:
     first = path[0] if path else None
     key = getattr(first, "key", getattr(first, "name", None))
     return key == name
+
+
+def stacked_placement(mesh, num_layers: int, stacked: str):
+    """(sharding, prepare) to load a transformer whose blocks are stacked under ``stacked``: on a
+    pipefusion mesh each stage holds only its own layers — placed straight from the checkpoint where
+    the degree divides ``num_layers``, else read replicated and ``prepare`` pads the stack to equal
+    stages (:func:`pad_stack`) and splits it; elsewhere everything is replicated. The sharding is a
+    callable ``(key path, shape) -> sharding`` (:func:`xdit_jax.checkpoint.restore_params`)."""
+    from jax.sharding import NamedSharding
+
+    from xdit_jax.mesh import MeshSpec
+
+    replicated = NamedSharding(mesh, P())
+    stages = mesh.shape.get(AXIS, 1)
+    if stages == 1:
+        return replicated, None
+    check_mesh(MeshSpec.parse(dict(mesh.shape)), num_layers)  # before any weight is read
+    stage = NamedSharding(mesh, P(AXIS))
+
+    def place(kp, *_):
+        return stage if starts_with(kp, stacked) else replicated
+
+    if num_layers % stages == 0:
+        return place, None
+    return replicated, lambda params: pad_stack(params, stacked, stages,
+                                                jax.tree_util.tree_map_with_path(place, params))

@@ -24,28 +24,25 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xdit_jax import schedulers
-from xdit_jax.checkpoint import restore_params
-from xdit_jax.conversion import MARKER, model_class, read_json
-from xdit_jax.distributed import call_on_process_zero
+from xdit_jax.conversion import read_json
 from xdit_jax.mesh import MeshSpec, build_mesh
 from xdit_jax.models import cogvideox, vae_cogvideox
 from xdit_jax.parallel import pipefusion
-from xdit_jax.parallel.attention import resolve_backend
 from xdit_jax.parallel.sequence import run_blocks
-from xdit_jax.pipelines.denoise import StageTimer, as_numpy, denoise_loop, peak_memory_bytes
+from xdit_jax.pipelines.denoise import (
+    PipelineBase,
+    StageTimer,
+    as_numpy,
+    converted_folder,
+    denoise_loop,
+    load_component,
+    negative_prompts,
+    parse_dtype,
+    peak_memory_bytes,
+    tokenize,
+)
 
 log = logging.getLogger("xdit_jax")
-
-DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-          "float16": jnp.float16, "fp16": jnp.float16}
-
-
-def parse_dtype(dtype):
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
-        return DTYPES[dtype]
-    return jnp.dtype(dtype).type if dtype is not None else jnp.float32
 
 
 @dataclasses.dataclass
@@ -56,30 +53,6 @@ class CogVideoXPipelineOutput:
     frames: np.ndarray
     timings: dict
     peak_memory_bytes: int | None = None
-
-
-def _load_component(folder: Path, name: str, dtype, sharding, prepare=None):
-    """(config, module) of a converted component; ``prepare(params)`` may re-lay the parameters."""
-    cls = read_json(folder / MARKER)["components"][name]
-    mod, cfg_cls = model_class(cls)
-    cfg = cfg_cls.from_dict(read_json(folder / name / "config.json"))
-    params = restore_params(folder / name / "params", dtype=dtype, sharding=sharding)
-    if prepare is not None:
-        params = prepare(params)
-    return cfg, mod.build(cfg, params, dtype)
-
-
-def converted_cache_dir(src: Path, cache_dir=None) -> Path:
-    """Where the converted copy of the diffusers folder ``src`` lives (keyed by path and weights)."""
-    import hashlib
-
-    root = Path(cache_dir or os.environ.get("XDIT_JAX_CACHE") or Path.home() / ".cache" / "xdit_jax") / "converted"
-    h = hashlib.sha256(str(src.resolve()).encode())
-    for p in sorted(src.rglob("*")):
-        if p.is_file() and (p.suffix in (".json", ".safetensors")):
-            st = p.stat()
-            h.update(f"{p.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return root / f"{src.resolve().name}-{h.hexdigest()[:16]}"
 
 
 def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
@@ -124,7 +97,7 @@ def read_configs(folder: str | os.PathLike):
             vae_cogvideox.CogVideoXVAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
 
 
-class CogVideoXPipeline:
+class CogVideoXPipeline(PipelineBase):
     """Text-to-video with CogVideoX (2B, 5B, 1.5) — see the module docstring."""
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
@@ -134,31 +107,9 @@ class CogVideoXPipeline:
         self.vae, self.vae_config = vae, vae_config
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.scheduler_config = scheduler_config
-        self.dtype = dtype
-        self.attention_backend = resolve_backend(attention_backend, dtype)
-        if self.attention_backend == "pallas" and jax.default_backend() != "gpu":
-            log.warning("attention_backend='pallas' off a GPU runs in Pallas' interpreter: correct but very slow "
-                        "(meant for tests); 'auto' picks the XLA kernel here.")
-        self.mesh_spec = MeshSpec.parse(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh)
-        self.mesh = mesh if hasattr(mesh, "axis_names") else build_mesh(self.mesh_spec)
-        # PipeFusion (xdit_jax.parallel.pipefusion): on a pipefusion mesh, or on any mesh when patches are
-        # asked for (one device: the sequential reference of the same rule). xDiT's defaults: as many
-        # patches as stages, one warm-up step.
-        pf = self.mesh_spec.pipefusion
-        self.pipefusion_patches = int(pipefusion_patches or pf)
-        self.pipefusion_warmup_steps = int(pipefusion_warmup_steps)
-        self.uses_pipefusion = pf > 1 or self.pipefusion_patches > 1
-        if self.pipefusion_patches < 1 or self.pipefusion_warmup_steps < 1:
-            raise ValueError(f"pipefusion_patches ({self.pipefusion_patches}) and pipefusion_warmup_steps "
-                             f"({self.pipefusion_warmup_steps}) must be >= 1: the first step fills the K/V buffers.")
-        if self.uses_pipefusion:
-            pipefusion.check_mesh(self.mesh_spec, transformer_config.num_layers)
-            slots = len(pipefusion.stage_layout(transformer_config.num_layers, pf))
-            held = getattr(transformer, cogvideox.STACKED).norm1.linear.kernel.shape[0]
-            if held != slots:
-                raise ValueError(f"Mesh {self.mesh_spec}: the transformer holds {held} stacked layers, PipeFusion's "
-                                 f"stages need {slots} ({transformer_config.num_layers} padded to equal stages); "
-                                 "load it with from_pretrained(..., mesh=...), which lays them out.")
+        self._setup(dtype, mesh, attention_backend)
+        self._setup_pipefusion(transformer_config.num_layers, pipefusion_patches, pipefusion_warmup_steps,
+                               getattr(transformer, cogvideox.STACKED))
         self.vae_scale_factor_spatial = 2 ** (len(vae_config.block_out_channels) - 1)
         self.vae_scale_factor_temporal = int(vae_config.temporal_compression_ratio)
         self._step_cache = {}
@@ -171,7 +122,7 @@ class CogVideoXPipeline:
     def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
                         variant: str | None = None, revision: str | None = None,
                         attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> "CogVideoXPipeline":
+                        pipefusion_warmup_steps: int = 1) -> CogVideoXPipeline:
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
 
         ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default:
@@ -179,41 +130,15 @@ class CogVideoXPipeline:
         ``--num_pipeline_patch`` / ``--warmup_steps``."""
         from transformers import AutoTokenizer
 
-        from xdit_jax.conversion import is_converted
-        from xdit_jax.hub import resolve_model
-
         dtype = parse_dtype(dtype)
-        folder = resolve_model(model, revision=revision)
-        if not is_converted(folder):
-            if not (folder / "model_index.json").exists():
-                from xdit_jax.safetensors_io import CheckpointError
-
-                raise CheckpointError(f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a "
-                                      f"converted xdit_jax folder ({MARKER}).")
-            target = converted_cache_dir(folder, cache_dir)
-            if not is_converted(target):
-                if jax.process_index() == 0:
-                    log.warning("converting %s to %s (first use; cached for later runs)", folder, target)
-                call_on_process_zero("xdit_jax.conversion", "convert_pipeline", "xdit_jax_convert", src=str(folder),
-                                     out=str(target), variant=variant, overwrite=target.exists())
-            folder = target
+        folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
+        tsharding, prepare = pipefusion.stacked_placement(mesh_obj, layers, cogvideox.STACKED)
         replicated = NamedSharding(mesh_obj, P())
-        tsharding, prepare = replicated, None
-        stages = mesh_obj.shape.get(pipefusion.AXIS, 1)
-        if stages > 1:  # each stage holds only its own layers
-            layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-            pipefusion.check_mesh(MeshSpec.parse(dict(mesh_obj.shape)), layers)  # before any weight is read
-            stage = NamedSharding(mesh_obj, P(pipefusion.AXIS))
-            place = lambda kp, *_: stage if pipefusion.starts_with(kp, cogvideox.STACKED) else replicated  # noqa: E731
-            if layers % stages == 0:
-                tsharding = place
-            else:  # uneven stages: read replicated, then pad the stack to equal stages and split it
-                prepare = lambda params: pipefusion.pad_stack(  # noqa: E731
-                    params, cogvideox.STACKED, stages, jax.tree_util.tree_map_with_path(place, params))
-        tcfg, transformer = _load_component(folder, "transformer", dtype, tsharding, prepare)
-        vcfg, vae = _load_component(folder, "vae", dtype, replicated)
-        _, text_encoder = _load_component(folder, "text_encoder", dtype, replicated)
+        tcfg, transformer = load_component(folder, "transformer", dtype, tsharding, prepare)
+        vcfg, vae = load_component(folder, "vae", dtype, replicated)
+        _, text_encoder = load_component(folder, "text_encoder", dtype, replicated)
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         scfg = schedulers.SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         return cls(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
@@ -225,35 +150,12 @@ class CogVideoXPipeline:
 
     def tokenize(self, prompts: list[str], max_sequence_length: int) -> np.ndarray:
         """Token ids as diffusers makes them: padded to max length, truncated with a warning."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
-                             add_special_tokens=True, return_tensors="np").input_ids
-        full = self.tokenizer(prompts, padding="longest", return_tensors="np").input_ids
-        if full.shape[-1] > ids.shape[-1]:
-            removed = self.tokenizer.batch_decode(full[:, max_sequence_length - 1: -1])
-            log.warning("The following part of your input was truncated because `max_sequence_length` is set to "
-                        "%d tokens: %s", max_sequence_length, removed)
-        return ids
-
-    @functools.cached_property
-    def _encode_fn(self):
-        graphdef, state = nnx.split(self.text_encoder)
-
-        @jax.jit
-        def enc(state, ids):
-            return nnx.merge(graphdef, state)(ids)
-
-        return lambda ids: enc(state, ids)
+        return tokenize(self.tokenizer, prompts, max_sequence_length)[0]
 
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 226) -> jax.Array:
         """(B, max_sequence_length, d_model) T5 embeddings (no attention mask, as diffusers)."""
-        ids = self.tokenize(prompts, max_sequence_length)
-        ids = jax.device_put(jnp.asarray(ids, jnp.int32), NamedSharding(self.mesh, P()))
-        return self._encode_fn(ids).astype(self.dtype)
-
-    def _batch_sharding(self, ndim: int, cfg_major: bool):
-        """Batch axis over data (and cfg, for the doubled CFG batch); the rest replicated."""
-        axes = ("cfg", "data") if cfg_major else "data"
-        return NamedSharding(self.mesh, P(axes, *([None] * (ndim - 1))))
+        ids = self._put_replicated(jnp.asarray(self.tokenize(prompts, max_sequence_length), jnp.int32))
+        return self._text_encoder_fn()(ids).astype(self.dtype)
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, embeds, sched, guidance, rng) ->
@@ -417,11 +319,8 @@ class CogVideoXPipeline:
             prompt_embeds = jnp.asarray(prompt_embeds, self.dtype)
             if do_cfg:
                 if negative_prompt_embeds is None:
-                    neg = negative_prompt or ""
-                    neg = [neg] * batch if isinstance(neg, str) else list(neg)
-                    if len(neg) != batch:
-                        raise ValueError(f"negative_prompt has {len(neg)} entries for {batch} prompts.")
-                    negative_prompt_embeds = self.encode_prompt(neg, max_sequence_length)
+                    negative_prompt_embeds = self.encode_prompt(negative_prompts(negative_prompt, batch),
+                                                                max_sequence_length)
                 negative_prompt_embeds = jnp.asarray(negative_prompt_embeds, self.dtype)
                 if negative_prompt_embeds.shape != prompt_embeds.shape:
                     raise ValueError(f"negative_prompt_embeds {negative_prompt_embeds.shape} and prompt_embeds "
@@ -464,7 +363,7 @@ class CogVideoXPipeline:
         with timer.stage("denoising"):
             # Placed as the step returns them, so that step 0 and the later steps share one executable.
             carry = (latents, jax.jit(schedulers.init_state, out_shardings=latents.sharding)(latents),
-                     jax.device_put(np.int32(0), NamedSharding(self.mesh, P())), kv)
+                     self._place_carry_index(), kv)
             latents = denoise_loop(one, carry, num_inference_steps, progress=progress)[0]
 
         if output_type == "latent":

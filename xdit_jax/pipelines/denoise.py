@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,3 +63,193 @@ def as_numpy(x) -> np.ndarray:
 
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and the per-pipeline plumbing every family shares (dtype, mesh, backend, text, batch)
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def parse_dtype(dtype):
+    """'float32' / 'bfloat16' / 'float16' (or a dtype) -> the jnp scalar type; None -> float32."""
+    import jax.numpy as jnp
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
+        return getattr(jnp, DTYPES[dtype])
+    return jnp.dtype(dtype).type if dtype is not None else jnp.float32
+
+
+def load_component(folder, name: str, dtype, sharding, prepare=None):
+    """(config, module) of the converted component ``folder/name``; ``prepare(params)`` may re-lay
+    the parameters (e.g. PipeFusion's padded stack) before the module is built."""
+    from pathlib import Path
+
+    from xdit_jax.checkpoint import restore_params
+    from xdit_jax.conversion import MARKER, model_class, read_json
+
+    folder = Path(folder)
+    cls = read_json(folder / MARKER)["components"][name]
+    mod, cfg_cls = model_class(cls)
+    cfg = cfg_cls.from_dict(read_json(folder / name / "config.json"))
+    params = restore_params(folder / name / "params", dtype=dtype, sharding=sharding)
+    if prepare is not None:
+        params = prepare(params)
+    return cfg, mod.build(cfg, params, dtype)
+
+
+def converted_cache_dir(src, cache_dir=None):
+    """Where the converted copy of the diffusers folder ``src`` lives (keyed by path and weights)."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    src = Path(src)
+    root = Path(cache_dir or os.environ.get("XDIT_JAX_CACHE") or Path.home() / ".cache" / "xdit_jax") / "converted"
+    h = hashlib.sha256(str(src.resolve()).encode())
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and (p.suffix in (".json", ".safetensors")):
+            st = p.stat()
+            h.update(f"{p.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return root / f"{src.resolve().name}-{h.hexdigest()[:16]}"
+
+
+def converted_folder(model, *, cache_dir=None, variant=None, revision=None):
+    """A converted xdit_jax folder for ``model`` (a converted folder, a diffusers folder — converted on
+    first use into the cache, by process 0 — or a hub id)."""
+    import logging
+
+    from xdit_jax.conversion import MARKER, is_converted
+    from xdit_jax.distributed import call_on_process_zero
+    from xdit_jax.hub import resolve_model
+    from xdit_jax.safetensors_io import CheckpointError
+
+    folder = resolve_model(model, revision=revision)
+    if is_converted(folder):
+        return folder
+    if not (folder / "model_index.json").exists():
+        raise CheckpointError(f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a "
+                              f"converted xdit_jax folder ({MARKER}).")
+    target = converted_cache_dir(folder, cache_dir)
+    if not is_converted(target):
+        if jax.process_index() == 0:
+            logging.getLogger("xdit_jax").warning("converting %s to %s (first use; cached for later runs)",
+                                                  folder, target)
+        call_on_process_zero("xdit_jax.conversion", "convert_pipeline", "xdit_jax_convert", src=str(folder),
+                             out=str(target), variant=variant, overwrite=target.exists())
+    return target
+
+
+def pipeline_class_name(folder) -> str:
+    """The diffusers pipeline class a folder holds (``model_index.json``'s ``_class_name``)."""
+    from pathlib import Path
+
+    from xdit_jax.conversion import read_json
+
+    return str(read_json(Path(folder) / "model_index.json").get("_class_name", ""))
+
+
+def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention mask) as diffusers makes them: padded to max length, truncated with a warning."""
+    import logging
+
+    enc = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                    add_special_tokens=True, return_attention_mask=True, return_tensors="np")
+    full = tokenizer(prompts, padding="longest", return_tensors="np").input_ids
+    if full.shape[-1] > enc.input_ids.shape[-1]:
+        removed = tokenizer.batch_decode(full[:, max_sequence_length - 1: -1])
+        logging.getLogger("xdit_jax").warning(
+            "The following part of your input was truncated because `max_sequence_length` is set to %d tokens: %s",
+            max_sequence_length, removed)
+    return enc.input_ids, enc.attention_mask
+
+
+def negative_prompts(negative_prompt, batch: int) -> list[str]:
+    """diffusers' rule: one string for every prompt (default ""), or one per prompt."""
+    neg = negative_prompt or ""
+    neg = [neg] * batch if isinstance(neg, str) else list(neg)
+    if len(neg) != batch:
+        raise ValueError(f"negative_prompt has {len(neg)} entries for {batch} prompts.")
+    return neg
+
+
+class PipelineBase:
+    """What every family's pipeline shares: compute dtype, attention backend, the mesh, the jitted
+    text encoder and how batches are laid over the mesh."""
+
+    def _setup(self, dtype, mesh, attention_backend: str) -> None:
+        import logging
+
+        from xdit_jax.mesh import MeshSpec, build_mesh
+        from xdit_jax.parallel.attention import resolve_backend
+
+        self.dtype = dtype
+        self.attention_backend = resolve_backend(attention_backend, dtype)
+        if self.attention_backend == "pallas" and jax.default_backend() != "gpu":
+            logging.getLogger("xdit_jax").warning(
+                "attention_backend='pallas' off a GPU runs in Pallas' interpreter: correct but very slow "
+                "(meant for tests); 'auto' picks the XLA kernel here.")
+        self.mesh_spec = MeshSpec.parse(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh)
+        self.mesh = mesh if hasattr(mesh, "axis_names") else build_mesh(self.mesh_spec)
+
+    def _setup_pipefusion(self, num_layers: int, patches: int | None, warmup_steps: int, stacked) -> None:
+        """PipeFusion (xdit_jax.parallel.pipefusion): on a pipefusion mesh, or on any mesh when patches
+        are asked for (one device: the sequential reference of the same rule). xDiT's defaults: as
+        many patches as stages, one warm-up step. ``stacked``: the model's stacked block module."""
+        from flax import nnx
+
+        from xdit_jax.parallel import pipefusion
+
+        pf = self.mesh_spec.pipefusion
+        self.pipefusion_patches = int(patches or pf)
+        self.pipefusion_warmup_steps = int(warmup_steps)
+        self.uses_pipefusion = pf > 1 or self.pipefusion_patches > 1
+        if self.pipefusion_patches < 1 or self.pipefusion_warmup_steps < 1:
+            raise ValueError(f"pipefusion_patches ({self.pipefusion_patches}) and pipefusion_warmup_steps "
+                             f"({self.pipefusion_warmup_steps}) must be >= 1: the first step fills the K/V buffers.")
+        if self.uses_pipefusion:
+            pipefusion.check_mesh(self.mesh_spec, num_layers)
+            slots = len(pipefusion.stage_layout(num_layers, pf))
+            held = jax.tree.leaves(nnx.state(stacked))[0].shape[0]
+            if held != slots:
+                raise ValueError(f"Mesh {self.mesh_spec}: the transformer holds {held} stacked layers, PipeFusion's "
+                                 f"stages need {slots} ({num_layers} padded to equal stages); "
+                                 "load it with from_pretrained(..., mesh=...), which lays them out.")
+
+    def _batch_sharding(self, ndim: int, cfg_major: bool):
+        """Batch axis over data (and cfg, for the doubled CFG batch); the rest replicated."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        axes = ("cfg", "data") if cfg_major else "data"
+        return NamedSharding(self.mesh, P(axes, *([None] * (ndim - 1))))
+
+    def _replicated(self):
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        return NamedSharding(self.mesh, P())
+
+    def _text_encoder_fn(self):
+        """``fn(ids, mask or None) -> (B, L, d_model)`` hidden states, jitted once."""
+        if getattr(self, "_text_fn", None) is None:
+            from flax import nnx
+
+            graphdef, state = nnx.split(self.text_encoder)
+
+            @jax.jit
+            def enc(state, ids, mask):
+                return nnx.merge(graphdef, state)(ids, attention_mask=mask)
+
+            self._text_fn = lambda ids, mask=None: enc(state, ids, mask)
+        return self._text_fn
+
+    def _put_replicated(self, x):
+        return jax.device_put(x, self._replicated())
+
+    def _place_carry_index(self):
+        """The step index 0, placed as the step returns it (so step 0 shares the executable)."""
+        return jax.device_put(np.int32(0), self._replicated())
