@@ -19,13 +19,16 @@ take the model's own single-device decode function ``decode_fn(model, z)``.
     and columns are zeroed before every convolution that would read them (so they act as the
     convolution's own zero padding at the true border) and left out of the statistics; the
     padded part of the output is cropped. Requires the decoder's spatial resolution to grow by
-    integer factors (true for every upsampling decoder) and halos no larger than a block.
+    integer factors (true for every upsampling decoder) and halos no larger than a block. A layer
+    that reads every pixel of the plane (the spatial self-attention in the mid block of
+    diffusers' ``AutoencoderKL``) takes its keys and values through :func:`gather_plane`, which
+    all-gathers them over the grid and crops the padding: each device attends its own queries to
+    the keys of the whole (unpadded) plane, as one device does.
   - ``"gspmd"``: sharding constraints on the input and output only; XLA's SPMD partitioner
     splits every convolution spatially (halo collective-permutes) and all-reduces the norm
-    statistics. Needs no hooks at all (e.g. a VAE with spatial attention in its mid block), but
-    measured 1.05-1.23x the per-device memory of ``shard_map`` on the full-size CogVideoX decode
-    (2, 4, 8 devices, fp32 and bf16), with more collectives (it re-shards at each upsampling
-    when a size is uneven).
+    statistics. Needs no hooks at all, but measured 1.05-1.23x the per-device memory of
+    ``shard_map`` on the full-size CogVideoX decode (2, 4, 8 devices, fp32 and bf16), with more
+    collectives (it re-shards at each upsampling when a size is uneven).
 
 * :func:`tiled_decode` is diffusers' ``tiled_decode`` (``enable_tiling``): overlapping latent
   tiles, each decoded on its own, blended linearly over the overlap (``blend_v``/``blend_h``,
@@ -59,7 +62,7 @@ DecodeFn = Callable[[Any, jax.Array], jax.Array]
 
 
 # ----------------------------------------------------------------------------------------------
-# The shard context and the two hooks models call
+# The shard context and the hooks models call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +206,30 @@ def group_norm_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Arra
     mean = jax.lax.psum(jnp.sum(masked(xg), axis=axes, keepdims=True), shard.axes) / count
     var = jax.lax.psum(jnp.sum(masked(jnp.square(xg - mean)), axis=axes, keepdims=True), shard.axes) / count
     return mean, var
+
+
+def gather_plane(x: jax.Array) -> jax.Array:
+    """Hook for a layer that reads every pixel of the image plane (e.g. the keys and values of a
+    spatial self-attention): channels-last ``x`` (N, ..., H, W, C), height and width the two axes
+    before the channels.
+
+    Returns the whole plane as one device sees it: on one device ``x`` itself; under a shard
+    context the blocks of all devices all-gathered in grid order (the same array on every
+    device), with the padding rows and columns cropped, so no padded pixel is in it.
+    """
+    shard = current_shard()
+    if shard is None:
+        return x
+    if x.ndim < 4:
+        raise ValueError(f"gather_plane: need (N, ..., H, W, C) under a spatial shard, got {x.shape}")
+    for k in (0, 1):
+        axis = x.ndim - 3 + k
+        n, mesh_axis, valid, _ = _dim_info(shard, k, x.shape[axis])
+        if n > 1:
+            x = jax.lax.all_gather(x, mesh_axis, axis=axis, tiled=True)
+        if x.shape[axis] != valid:
+            x = jax.lax.slice_in_dim(x, 0, valid, axis=axis)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
