@@ -41,6 +41,11 @@ MODEL_CLASSES = {
     "CogVideoXTransformer3DModel": ("xdit_jax.models.cogvideox", "CogVideoXConfig"),
     "AutoencoderKLCogVideoX": ("xdit_jax.models.vae_cogvideox", "CogVideoXVAEConfig"),
     "T5EncoderModel": ("xdit_jax.models.t5", "T5Config"),
+    "PixArtTransformer2DModel": ("xdit_jax.models.pixart", "PixArtConfig"),
+    # the PixArt checkpoints on the hub name their transformer so (diffusers maps it to PixArt for
+    # norm_type "ada_norm_single"; PixArtConfig refuses the other Transformer2DModel kinds)
+    "Transformer2DModel": ("xdit_jax.models.pixart", "PixArtConfig"),
+    "AutoencoderKL": ("xdit_jax.models.vae_kl", "AutoencoderKLConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2")
 

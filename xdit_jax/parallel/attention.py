@@ -418,3 +418,36 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     except NameError as e:  # unbound axis name: traced outside shard_map
         raise RuntimeError(f"attention with ring={ring}, ulysses={ulysses} must run inside a shard_map "
                            f"over the installed mesh (axes 'ring', 'ulysses' bound): {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-attention to a context every device holds whole (a text caption).
+# --------------------------------------------------------------------------------------------
+
+def cross_attention(q, k, v, *, kv_mask=None, scale=None):
+    """Attention of the LOCAL queries on keys/values that every device holds whole (e.g. the text
+    caption of PixArt's cross-attention). Each query row needs only its own row and the context, so
+    this is local under every mesh: no collective whatever the ring / ulysses degrees, and neither
+    the installed ``valid_len`` (padding of the *query* sequence: padded rows give finite garbage that
+    the caller drops) nor PipeFusion's K/V buffers (the context is the same at every step) apply.
+
+    q: (B, Sq, H, D); k, v: (B, Sk, H, D). ``kv_mask``: optional bool (B, Sk) or (Sk,), True = may be
+    attended; a row whose keys are all masked gives 0 (callers that want diffusers' additive -10000
+    bias semantics — a uniform average then — unmask such rows first). ``scale``: default D ** -0.5.
+    Returns (B, Sq, H, D) in q's dtype; logits and softmax in float32.
+
+    Kernel: the XLA one for every backend. The cuDNN and Pallas kernels of :func:`block_attention`
+    take only prefix (padding) masks, a text mask is an arbitrary per-sample mask, and the scores
+    are Sq x Sk with Sk a caption (120-300 tokens): small next to the self-attention.
+    """
+    if not (q.ndim == k.ndim == v.ndim == 4) or k.shape != v.shape or q.shape[0] != k.shape[0] \
+            or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"cross_attention wants q (B,Sq,H,D) and k, v (B,Sk,H,D); got {q.shape}, {k.shape}, "
+                         f"{v.shape}.")
+    if kv_mask is not None:
+        kv_mask = jnp.asarray(kv_mask)
+        if kv_mask.dtype != jnp.bool_ or kv_mask.shape not in ((k.shape[1],), (k.shape[0], k.shape[1])):
+            raise ValueError(f"kv_mask must be bool (Sk,) or (B, Sk) = {(k.shape[0], k.shape[1])}; "
+                             f"got {kv_mask.dtype} {kv_mask.shape}.")
+    out, _ = block_attention(q, k, v, kv_valid=kv_mask, scale=scale, backend="xla", need_lse=False)
+    return out
