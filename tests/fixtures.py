@@ -34,3 +34,24 @@ def make_torch_pipeline(variant: str = "2b", seed: int = 0, scheduler: str = "dd
 def save_torch_pipeline(pipe: CogVideoXPipeline, folder: Path, **kw) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True, **kw)
     return folder
+
+
+def make_torch_pixart(variant: str = "sigma", seed: int = 0):
+    """A tiny random diffusers PixArt pipeline (xdit_jax.tiny's PixArt configs). "alpha": PixArt-alpha's
+    1024px shape (sample_size 128, so the resolution / aspect-ratio micro-conditions are on)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    tkw = dict(tiny.PIXART_TRANSFORMER)
+    if variant == "alpha":
+        # micro-conditions need an inner dim divisible by 3
+        tkw.update(sample_size=128, use_additional_conditions=None, num_attention_heads=3, cross_attention_dim=48)
+    transformer = randomize_(PixArtTransformer2DModel(**tkw), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.PIXART_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 2, std=0.2)
+    sched = DPMSolverMultistepScheduler(**{k: v for k, v in tiny.PIXART_SCHEDULER.items() if not k.startswith("_")})
+    cls = PixArtAlphaPipeline if variant == "alpha" else PixArtSigmaPipeline
+    return cls(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+               scheduler=sched)

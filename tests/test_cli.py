@@ -59,7 +59,23 @@ def test_generate_pipefusion(tmp_path):
     assert rc == 0 and read_video(out).shape[0] == 9
 
 
+def test_generate_pixart_image(tmp_path, capsys):
+    """The tiny PixArt-Sigma: a .png of the requested size, on a sequence-parallel x CFG mesh."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "cat.png"
+    rc = cli.main(["--model", "tiny-pixart", "--output", str(out), "--steps", "2", "--height", "32", "--width", "48",
+                   "--mesh", "cfg=2,ulysses=2", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (32, 48, 3) and image.std() > 1
+    assert '"model_family": "pixart"' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,needle", [
+    (["--model", "tiny-pixart", "--output", "x.mp4"], "makes images"),
+    (["--model", "tiny-pixart", "--num-frames", "9"], "for video models"),
+    (["--model", "tiny-pixart", "--height", "40"], "multiples of 16"),
     (["--height", "50"], "multiples of 16"),
     (["--num-frames", "10"], "8k+1"),
     (["--mesh", "cfg=3"], "cfg must be 1 or 2"),
@@ -72,14 +88,15 @@ def test_generate_pipefusion(tmp_path):
     (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])
 def test_bad_input(tmp_path, capsys, argv, needle):
+    out = tmp_path / ("o.png" if "tiny-pixart" in argv else "o.mp4")
     if "--output" not in argv:
-        argv = argv + ["--output", str(tmp_path / "o.mp4")]
+        argv = argv + ["--output", str(out)]
     with pytest.raises(SystemExit) as e:
         rc = cli.main(argv + ["--no-progress"])
         raise SystemExit(rc)
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
-    assert not (tmp_path / "o.mp4").exists()
+    assert not out.exists()
 
 
 def test_existing_output_is_kept(tmp_path, capsys):

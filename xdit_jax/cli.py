@@ -1,7 +1,9 @@
-"""``scripts/generate.py``: text-to-video from the command line (the main job).
+"""``scripts/generate.py``: text-to-video and text-to-image from the command line (the main job).
 
     python scripts/generate.py --model THUDM/CogVideoX-2b --prompt "..." --mesh cfg=2 --output out.mp4
+    python scripts/generate.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompt "..." --output cat.png
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
+    python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -19,27 +21,35 @@ from pathlib import Path
 
 DEFAULT_PROMPT = "A small dog running on a beach at sunset."
 VIDEO_SUFFIXES = (".mp4", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# per family: default output, guidance scale, steps (real / tiny), prompt tokens (real: the pipeline's own)
+DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4},
+            "pixart": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4}}
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny",
-                    help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' (random, no download)")
+                    help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' "
+                         "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
     ap.add_argument("--num-frames", type=int, default=None, help="frames to generate (8k+1; model default)")
     ap.add_argument("--height", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps (50; 4 for --model tiny)")
-    ap.add_argument("--guidance-scale", type=float, default=6.0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="denoising steps (CogVideoX 50, PixArt 20; 4 for the tiny models)")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (CogVideoX 6, PixArt 4.5)")
     ap.add_argument("--use-dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
-    ap.add_argument("--max-sequence-length", type=int, default=None, help="prompt tokens (226; 16 for tiny)")
+    ap.add_argument("--max-sequence-length", type=int, default=None,
+                    help="prompt tokens (CogVideoX 226, PixArt-alpha 120, PixArt-Sigma 300; 16 for the tiny models)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    ap.add_argument("--output", default="output.mp4", help=".mp4, .gif, or a folder for .png frames")
+    ap.add_argument("--output", default=None, help="video: .mp4, .gif, or a folder for .png frames "
+                    "(output.mp4); image: .png or .jpg (output.png)")
     ap.add_argument("--fps", type=int, default=None, help="frames per second (model default: 8; 16 for 1.5)")
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
@@ -96,9 +106,20 @@ def mesh_spec_from_args(args):
     return MeshSpec.parse(merged)
 
 
-def check_output(path: Path, overwrite: bool) -> None:
-    if path.suffix and path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"--output {path}: use a .mp4 or .gif file, or a folder name (no suffix) for .png frames.")
+def check_output(path: Path, overwrite: bool, video: bool | None = None) -> None:
+    """``video``: True for a video model, False for an image model, None when not yet known."""
+    suffix = path.suffix.lower()
+    if video is not False and (suffix in VIDEO_SUFFIXES or not suffix):
+        pass
+    elif video is not True and suffix in IMAGE_SUFFIXES:
+        pass
+    elif video is True:
+        raise ValueError(f"--output {path}: this model makes videos; use a .mp4 or .gif file, or a folder name "
+                         "(no suffix) for .png frames.")
+    elif video is False:
+        raise ValueError(f"--output {path}: this model makes images; use a .png or .jpg file.")
+    else:
+        raise ValueError(f"--output {path}: use .mp4/.gif or a folder (videos), .png/.jpg (images).")
     if path.exists() and not overwrite:
         raise FileExistsError(f"--output {path} exists; pass --overwrite to replace it or choose another name.")
     if not path.absolute().parent.exists():
@@ -109,6 +130,16 @@ def output_paths(path: Path, batch: int) -> list[Path]:
     if batch == 1:
         return [path]
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(batch)]
+
+
+def write_image(image, path: Path) -> None:
+    """image: (H, W, 3) float in [0, 1] -> .png / .jpg (written atomically)."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    imageio.imwrite(tmp, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    os.replace(tmp, path)
 
 
 def write_video(frames, path: Path, fps: int) -> None:
@@ -206,6 +237,41 @@ def main(argv=None) -> int:
         return 3
 
 
+def _family_of(model: str) -> str | None:
+    """The model family, where it is known without jax or a download (tiny names, local folders)."""
+    from xdit_jax import tiny
+
+    if model in tiny.TINY_NAMES and not Path(model).exists():
+        return tiny.TINY_NAMES[model]
+    index = Path(model) / "model_index.json"
+    if index.exists():
+        from xdit_jax import pipelines
+        from xdit_jax.pipelines.denoise import pipeline_class_name
+
+        return pipelines.family(pipeline_class_name(model))
+    return None
+
+
+def _check_request(family: str, model, args, spec, guidance: float) -> None:
+    """The family's cheap checks of sizes and mesh, from the config.json files only."""
+    if family == "cogvideox":
+        from xdit_jax.pipelines.cogvideox import check_request, default_video, read_configs
+
+        tc, vc = read_configs(model)
+        dv = default_video(tc, vc)
+        check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
+                      args.num_frames or dv["num_frames"], len(args.prompts), spec, guidance)
+    else:
+        from xdit_jax.pipelines.pixart import binned_size, check_request, default_size, read_configs
+
+        if args.num_frames is not None:
+            raise ValueError("--num-frames is for video models; this model makes images.")
+        tc, vc = read_configs(model)
+        ds = default_size(tc, vc)
+        h, w = binned_size(args.height or ds["height"], args.width or ds["width"], tc.sample_size)
+        check_request(tc, vc, h, w, len(args.prompts), spec, guidance)
+
+
 def _main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -217,14 +283,17 @@ def _main(argv=None) -> int:
         group = ProcessGroup.from_args(args.coordinator, args.num_processes, args.process_id, args.dist_timeout,
                                        args.heartbeat_timeout)
         spec = mesh_spec_from_args(args)
+        early_family = _family_of(args.model)
+        if args.output is None:
+            args.output = DEFAULTS[early_family or "cogvideox"]["output"]
         out = Path(args.output)
-        check_output(out, args.overwrite)
+        check_output(out, args.overwrite, None if early_family is None else early_family == "cogvideox")
         for name in ("steps", "num_frames", "height", "width", "max_sequence_length", "num_pipeline_patch",
                      "warmup_steps"):
             v = getattr(args, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}.")
-        if args.guidance_scale < 0:
+        if args.guidance_scale is not None and args.guidance_scale < 0:
             raise ValueError("--guidance-scale must be >= 0.")
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         ap.exit(2, f"error: {e}\n")
@@ -252,32 +321,35 @@ def _main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
 
-    from xdit_jax import CogVideoXPipeline, tiny
+    from xdit_jax import pipelines, tiny
+    from xdit_jax.pipelines.denoise import pipeline_class_name
     from xdit_jax.safetensors_io import CheckpointError
 
-    from xdit_jax.pipelines.cogvideox import check_request, default_video, read_configs
-
-    is_tiny = args.model == tiny.TINY_NAME and not Path(args.model).exists()
+    is_tiny = args.model in tiny.TINY_NAMES and not Path(args.model).exists()
     dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     t0 = time.perf_counter()
     try:
         if spec.size > len(jax.devices()):
             raise ValueError(f"Mesh {spec} needs {spec.size} devices; {len(jax.devices())} are available.")
         if is_tiny:
-            call_on_process_zero("xdit_jax.tiny", "make_tiny_model", "xdit_jax_tiny")
-            model = tiny.default_tiny_dir()
+            fam = tiny.TINY_NAMES[args.model]
+            call_on_process_zero("xdit_jax.tiny", "make_tiny_model", f"xdit_jax_tiny_{fam}", family=fam)
+            model = tiny.default_tiny_dir(fam)
         else:
-            model = args.model
-        if Path(model).is_dir() and (Path(model) / "transformer" / "config.json").exists():
-            tc, vc = read_configs(model)  # cheap checks before loading any weights
-            dv = default_video(tc, vc)
-            check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
-                          args.num_frames or dv["num_frames"], len(args.prompts), spec, args.guidance_scale)
-        pipe = CogVideoXPipeline.from_pretrained(model, mesh=spec, dtype=dtype, cache_dir=args.cache_dir,
-                                                 attention_backend=args.attention_backend,
-                                                 pipefusion_patches=args.num_pipeline_patch,
-                                                 pipefusion_warmup_steps=args.warmup_steps)
-    except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError, DistributedError) as e:
+            from xdit_jax.hub import resolve_model
+
+            model = resolve_model(args.model)  # a local folder (a hub id is downloaded here)
+        family = pipelines.family(pipeline_class_name(model))
+        check_output(out, args.overwrite, family == "cogvideox")
+        d = DEFAULTS[family]
+        guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+        if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
+            _check_request(family, model, args, spec, guidance)
+        pipe = pipelines.pipeline_class(pipeline_class_name(model)).from_pretrained(
+            model, mesh=spec, dtype=dtype, cache_dir=args.cache_dir, attention_backend=args.attention_backend,
+            pipefusion_patches=args.num_pipeline_patch, pipefusion_warmup_steps=args.warmup_steps)
+    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError,
+            DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t0
@@ -289,30 +361,42 @@ def _main(argv=None) -> int:
         pipe.enable_vae_tiling()
     if args.vae_slicing:
         pipe.enable_vae_slicing()
-    steps = args.steps or (4 if is_tiny else 50)
-    msl = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if is_tiny else 226)
+    steps = args.steps or (d["tiny_steps"] if is_tiny else d["steps"])
+    msl = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if is_tiny else None)
+    kw = dict(height=args.height, width=args.width, num_inference_steps=steps, guidance_scale=guidance,
+              seed=args.seed, progress=not args.no_progress)
+    if family == "cogvideox":
+        kw.update(num_frames=args.num_frames, use_dynamic_cfg=args.use_dynamic_cfg, max_sequence_length=msl or 226)
+    else:
+        kw.update(max_sequence_length=msl)
     try:
-        result = pipe(args.prompts, args.negative_prompt, height=args.height, width=args.width,
-                      num_frames=args.num_frames, num_inference_steps=steps, guidance_scale=args.guidance_scale,
-                      use_dynamic_cfg=args.use_dynamic_cfg, max_sequence_length=msl, seed=args.seed,
-                      progress=not args.no_progress)
+        result = pipe(args.prompts, args.negative_prompt, **kw)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
-        paths = output_paths(out, result.frames.shape[0])
-        fps = args.fps or pipe.default_video()["fps"]
-        for video, p in zip(result.frames, paths):
-            write_video(video, p, fps)
-        b, f, h, w, _ = result.frames.shape
-        print(f"wrote {', '.join(map(str, paths))}: {f} frames of {w}x{h} at {fps} fps")
         times = {"loading": load_s, **result.timings}
+        if family == "cogvideox":
+            paths = output_paths(out, result.frames.shape[0])
+            fps = args.fps or pipe.default_video()["fps"]
+            for video, p in zip(result.frames, paths):
+                write_video(video, p, fps)
+            b, f, h, w, _ = result.frames.shape
+            print(f"wrote {', '.join(map(str, paths))}: {f} frames of {w}x{h} at {fps} fps")
+            shape = {"frames": f, "height": h, "width": w}
+        else:
+            paths = output_paths(out, result.images.shape[0])
+            for image, p in zip(result.images, paths):
+                write_image(image, p)
+            b, h, w, _ = result.images.shape
+            print(f"wrote {', '.join(map(str, paths))}: {w}x{h}")
+            shape = {"height": h, "width": w}
         print("stage times: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
         peak = result.peak_memory_bytes
         print("peak device memory: " + (f"{peak / 2**30:.2f} GiB" if peak else "not reported by this backend"))
         if args.json:
-            print(json.dumps({"times_s": times, "peak_memory_bytes": peak, "frames": f, "height": h, "width": w,
-                              "mesh": str(spec), "dtype": dtype, "devices": spec.size}))
+            print(json.dumps({"times_s": times, "peak_memory_bytes": peak, **shape, "mesh": str(spec),
+                              "dtype": dtype, "devices": spec.size, "model_family": family}))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""A tiny randomly initialised CogVideoX made on the spot: no download, no torch.
+"""Tiny randomly initialised models made on the spot: no download, no torch.
 
-``generate.py --model tiny`` (the README's first command) uses it to show the whole flow on a
-laptop; the tests build the same configs through diffusers to compare against. The tokenizer is
+``generate.py --model tiny`` (a CogVideoX; the README's first command) and ``--model tiny-pixart``
+(a PixArt-Sigma) use them to show the whole flow on a laptop; the tests build the same configs
+through diffusers to compare against. The tokenizer is
 a small Unigram model trained here with the ``tokenizers`` library and wrapped as a T5 tokenizer.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 TINY_NAME = "tiny"
+TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -40,6 +42,21 @@ SCHEDULER = dict(_class_name="CogVideoXDDIMScheduler", num_train_timesteps=1000,
                  rescale_betas_zero_snr=True, snr_shift_scale=3.0)
 MAX_SEQUENCE_LENGTH = TRANSFORMER["max_text_seq_length"]
 
+# PixArt-Sigma shaped (no micro-conditions, learned sigma), 64 x 64 images: 8 x 8 latents, 16 tokens.
+PIXART_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+                          sample_size=8, patch_size=2, cross_attention_dim=32, caption_channels=32,
+                          norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                          attention_bias=True, num_embeds_ada_norm=1000, activation_fn="gelu-approximate",
+                          use_additional_conditions=False)
+PIXART_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
+                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                  layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.13025)
+PIXART_SCHEDULER = dict(_class_name="DPMSolverMultistepScheduler", num_train_timesteps=1000, beta_start=0.0001,
+                        beta_end=0.02, beta_schedule="linear", solver_order=2, algorithm_type="dpmsolver++",
+                        solver_type="midpoint", prediction_type="epsilon", lower_order_final=True,
+                        thresholding=False, steps_offset=0, use_karras_sigmas=False)
+PIXART_MAX_SEQUENCE_LENGTH = 16
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -60,7 +77,12 @@ def train_tokenizer(vocab_size: int = 96):
                            extra_ids=0)
 
 
-def model_index() -> dict:
+def model_index(family: str = "cogvideox") -> dict:
+    if family == "pixart":
+        return {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.32.0",
+                "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+                "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     return {"_class_name": "CogVideoXPipeline", "_diffusers_version": "0.32.0",
             "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
             "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
@@ -89,48 +111,68 @@ def random_params(params: dict, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(init, params)
 
 
-def default_tiny_dir() -> Path:
+def default_tiny_dir(family: str = "cogvideox") -> Path:
     root = Path(os.environ.get("XDIT_JAX_CACHE") or Path.home() / ".cache" / "xdit_jax")
-    return root / "tiny-cogvideox"
+    return root / f"tiny-{family}"
 
 
-def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None) -> Path:
-    """Write a converted xdit_jax folder holding a tiny random CogVideoX (once; reused after).
+def _parts(family: str, transformer: dict | None):
+    """{component: (class name, config dict, module maker)} of a tiny model."""
+    from flax import nnx
 
-    ``transformer``: overrides of the tiny transformer config (e.g. RoPE, another head count).
-    """
+    from xdit_jax.models import cogvideox, pixart, t5, vae_cogvideox, vae_kl
+
+    text = ("T5EncoderModel", TEXT_ENCODER,
+            lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0)))
+    if family == "pixart":
+        tcfg = {**PIXART_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("PixArtTransformer2DModel", tcfg,
+                            lambda: pixart.PixArtTransformer2DModel(pixart.PixArtConfig.from_dict(tcfg),
+                                                                    rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", PIXART_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(PIXART_VAE), jnp.float32)()),
+            "text_encoder": text,
+        }, PIXART_SCHEDULER
+    if family != "cogvideox":
+        raise ValueError(f"Unknown tiny model family {family!r}; use one of {sorted(set(TINY_NAMES.values()))}.")
+    tcfg = {**TRANSFORMER, **(transformer or {})}
+    return {
+        "transformer": ("CogVideoXTransformer3DModel", tcfg,
+                        lambda: cogvideox.CogVideoXTransformer3DModel(cogvideox.CogVideoXConfig.from_dict(tcfg),
+                                                                      rngs=nnx.Rngs(0))),
+        "vae": ("AutoencoderKLCogVideoX", VAE,
+                lambda: vae_cogvideox.CogVideoXVAEDecoder(vae_cogvideox.CogVideoXVAEConfig.from_dict(VAE),
+                                                          dtype=jnp.float32)),
+        "text_encoder": text,
+    }, SCHEDULER
+
+
+def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None,
+                    family: str = "cogvideox") -> Path:
+    """Write a converted xdit_jax folder holding a tiny random model of ``family`` ("cogvideox" or
+    "pixart"), once; reused after. ``transformer``: overrides of the tiny transformer config."""
     from flax import nnx
 
     from xdit_jax.checkpoint import save_params
     from xdit_jax.conversion import FORMAT_VERSION, MARKER, staged_folder
     from xdit_jax.keymap import to_pure_dict
-    from xdit_jax.models import cogvideox, t5, vae_cogvideox
 
-    folder = Path(folder) if folder is not None else default_tiny_dir()
+    folder = Path(folder) if folder is not None else default_tiny_dir(family)
     if (folder / MARKER).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(folder) as tmp:
-        tcfg = {**TRANSFORMER, **(transformer or {})}
-        parts = {
-            "transformer": ("CogVideoXTransformer3DModel", tcfg,
-                            lambda: cogvideox.CogVideoXTransformer3DModel(
-                                cogvideox.CogVideoXConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
-            "vae": ("AutoencoderKLCogVideoX", VAE,
-                    lambda: vae_cogvideox.CogVideoXVAEDecoder(vae_cogvideox.CogVideoXVAEConfig.from_dict(VAE),
-                                                              dtype=jnp.float32)),
-            "text_encoder": ("T5EncoderModel", TEXT_ENCODER,
-                             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0))),
-        }
+        parts, scheduler = _parts(family, transformer)
         for name, (_, cfg, make) in parts.items():
             (tmp / name).mkdir(parents=True)
             (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2))
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / name / "params", random_params(abstract, seed + len(name)))
         (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
         train_tokenizer().save_pretrained(tmp / "tokenizer")
-        (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(model_index(family), indent=2))
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",
                                               "components": {k: v[0] for k, v in parts.items()}}))
     return folder

@@ -1,0 +1,26 @@
+"""Pipelines, one thin file per model family; :func:`pipeline_class` picks one from a folder."""
+
+from __future__ import annotations
+
+import importlib
+
+# diffusers pipeline class (model_index.json's _class_name) -> (module, our class, family)
+PIPELINES = {
+    "CogVideoXPipeline": ("xdit_jax.pipelines.cogvideox", "CogVideoXPipeline", "cogvideox"),
+    "PixArtAlphaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
+    "PixArtSigmaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
+}
+
+
+def family(class_name: str) -> str:
+    """"cogvideox" or "pixart" for a diffusers pipeline class name; a clear error for the others."""
+    if class_name not in PIPELINES:
+        raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")
+    return PIPELINES[class_name][2]
+
+
+def pipeline_class(class_name: str):
+    """Our pipeline class for a diffusers pipeline class name."""
+    family(class_name)
+    mod, cls, _ = PIPELINES[class_name]
+    return getattr(importlib.import_module(mod), cls)

@@ -1,0 +1,418 @@
+"""PixArt-alpha and PixArt-Sigma text-to-image, diffusers' ``PixArtAlphaPipeline`` /
+``PixArtSigmaPipeline`` on a JAX mesh.
+
+    pipe = PixArtPipeline.from_pretrained("path/or/hub-id", mesh="cfg=2,ulysses=2", dtype="bfloat16")
+    out = pipe("A small cactus with a happy face in the Sahara desert.", height=1024, width=1024, seed=42)
+    out.images   # (batch, height, width, 3) float in [0, 1]
+
+The same parts as CogVideoX: T5 text encoder (with its attention mask, which PixArt's cross
+attention also uses), the transformer's image tokens sharded over (ring, ulysses) by
+:func:`xdit_jax.parallel.sequence.run_blocks` or pipelined by PipeFusion, the DPM-Solver++ step in
+the jitted step, and the SD/SDXL VAE decode split over the mesh.
+
+``use_resolution_binning`` (default on, as in diffusers): the image is generated at the size of
+PixArt's aspect-ratio bin closest to the requested one, then resized (bilinear) and center-cropped
+back to the requested size. Where diffusers has no bin table for a checkpoint's sample size it
+raises; here such a model (e.g. the tiny test models) runs at the requested size.
+
+Difference from diffusers, on purpose: ``clean_caption`` is not implemented (diffusers itself skips
+it when ``beautifulsoup4``/``ftfy`` are missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xdit_jax.conversion import read_json
+from xdit_jax.mesh import MeshSpec, build_mesh
+from xdit_jax.models import pixart, vae_kl
+from xdit_jax.parallel import pipefusion
+from xdit_jax.parallel.sequence import run_blocks
+from xdit_jax.pipelines.denoise import (
+    PipelineBase,
+    StageTimer,
+    as_numpy,
+    converted_folder,
+    denoise_loop,
+    load_component,
+    negative_prompts,
+    parse_dtype,
+    peak_memory_bytes,
+    pipeline_class_name,
+    tokenize,
+)
+from xdit_jax.schedulers import dpmsolver
+
+# diffusers' defaults per pipeline class: prompt tokens
+MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+SCHEDULERS = ("DPMSolverMultistepScheduler",)
+
+# PixArt's aspect-ratio bins (diffusers' ASPECT_RATIO_{256,512,1024,2048}_BIN) as (height, width) in
+# units of 64 px of the 1024 px table, ordered by aspect ratio; the 256 and 512 px tables are it scaled
+# down; the 2048 px table is it doubled plus the entries of _EXTRA_2048 (units of 64 px at 2048 px).
+_BINS_1024 = [(8, 32), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22), (11, 21),
+              (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16), (16, 16), (16, 15),
+              (17, 15), (17, 14), (18, 14), (18, 13), (19, 13), (20, 12), (21, 12), (22, 11), (23, 11), (24, 10),
+              (25, 10), (27, 9), (32, 8)]
+_EXTRA_2048 = [(16, 62), (16, 60), (52, 18), (56, 18), (58, 16), (60, 16), (62, 16)]
+
+
+def aspect_ratio_bins(sample_size: int) -> dict[str, tuple[int, int]] | None:
+    """{"h/w rounded to 2 decimals": (height, width)} for a transformer sample size (32, 64, 128, 256
+    latent pixels = 256 ... 2048 px images), ordered by ratio; None for other sizes."""
+    scale = {32: 16, 64: 32, 128: 64, 256: 128}.get(sample_size)
+    if scale is None:
+        return None
+    pairs = [(h * scale, w * scale) for h, w in _BINS_1024]
+    if sample_size == 256:
+        pairs += [(h * 64, w * 64) for h, w in _EXTRA_2048]
+    pairs.sort(key=lambda hw: hw[0] / hw[1])
+    return {str(round(h / w, 2)): (h, w) for h, w in pairs}
+
+
+def binned_size(height: int, width: int, sample_size: int) -> tuple[int, int]:
+    """diffusers' ``classify_height_width_bin``: the bin whose ratio is closest to height / width
+    (the first of equals); the size itself where the sample size has no bins."""
+    bins = aspect_ratio_bins(sample_size)
+    if bins is None:
+        return height, width
+    ar = height / width
+    return bins[min(bins, key=lambda k: abs(float(k) - ar))]
+
+
+def resize_and_crop(images, height: int, width: int):
+    """diffusers' ``resize_and_crop_tensor`` on (B, C, H, W): bilinear resize (half-pixel centres, no
+    antialiasing, like torch's ``interpolate(align_corners=False)``) so the image covers
+    ``height x width``, then a center crop."""
+    b, c, h, w = images.shape
+    if (h, w) == (height, width):
+        return images
+    ratio = max(height / h, width / w)
+    rh, rw = int(h * ratio), int(w * ratio)
+    images = jax.image.resize(images, (b, c, rh, rw), method="linear", antialias=False)
+    y, x = (rh - height) // 2, (rw - width) // 2
+    return images[:, :, y:y + height, x:x + width]
+
+
+@dataclasses.dataclass
+class PixArtPipelineOutput:
+    """``images``: (B, H, W, 3) in [0, 1] for output_type="np"; the final latents (B, C, h, w),
+    diffusers' layout, for output_type="latent". ``timings``: seconds per stage."""
+
+    images: np.ndarray
+    timings: dict
+    peak_memory_bytes: int | None = None
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return (pixart.PixArtConfig.from_dict(read_json(folder / "transformer" / "config.json")),
+            vae_kl.AutoencoderKLConfig.from_dict(read_json(folder / "vae" / "config.json")))
+
+
+def vae_scale_factor(vc) -> int:
+    return 2 ** (len(vc.block_out_channels) - 1)
+
+
+def default_size(tc, vc) -> dict:
+    """diffusers' default: the transformer's sample size times the VAE's factor (1024 x 1024 for the
+    1024px checkpoints)."""
+    s = tc.sample_size * vae_scale_factor(vc)
+    return {"height": s, "width": s}
+
+
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None,
+                  guidance_scale: float = 4.5) -> None:
+    """Refuse what the model cannot take, before any heavy work, saying what would work."""
+    mult = vae_scale_factor(vc) * tc.patch_size
+    if height % mult or width % mult or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {mult}; got {height}x{width} "
+                         f"(e.g. {max(mult, height // mult * mult)}x{max(mult, width // mult * mult)}).")
+    ms = MeshSpec.parse(mesh_spec)
+    if ms.data > 1 and batch % ms.data:
+        raise ValueError(f"Mesh data={ms.data} needs a number of prompts divisible by it; got {batch}.")
+    if ms.cfg == 2 and guidance_scale <= 1.0:
+        raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which needs "
+                         "guidance_scale > 1; drop cfg=2 from the mesh or raise the guidance scale.")
+    if ms.pipefusion > 1:
+        pipefusion.check_mesh(ms, tc.num_layers)
+
+
+class PixArtPipeline(PipelineBase):
+    """Text-to-image with PixArt-alpha / PixArt-Sigma — see the module docstring."""
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
+                 max_sequence_length: int = 300, pipefusion_patches: int | None = None,
+                 pipefusion_warmup_steps: int = 1):
+        self.transformer, self.transformer_config = transformer, transformer_config
+        self.vae, self.vae_config = vae, vae_config
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.scheduler_config = scheduler_config
+        self.max_sequence_length = int(max_sequence_length)
+        self._setup(dtype, mesh, attention_backend)
+        self._setup_pipefusion(transformer_config.num_layers, pipefusion_patches, pipefusion_warmup_steps,
+                               getattr(transformer, pixart.STACKED))
+        self.vae_scale_factor = vae_scale_factor(vae_config)
+        self._step_cache = {}
+        self._decode_cache = {}
+        self.vae_tiling, self.vae_slicing = None, False
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> PixArtPipeline:
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        from transformers import AutoTokenizer
+
+        dtype = parse_dtype(dtype)
+        folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
+        kind = pipeline_class_name(folder)
+        if kind not in MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"{folder} holds a {kind or 'unknown'} pipeline, not PixArt "
+                             f"({', '.join(MAX_SEQUENCE_LENGTH)}).")
+        sched = read_json(folder / "scheduler" / "scheduler_config.json")
+        if sched.get("_class_name") not in SCHEDULERS:
+            raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; PixArt runs with "
+                             f"{', '.join(SCHEDULERS)} here (the scheduler the PixArt checkpoints ship with).")
+        scfg = dpmsolver.DPMSolverConfig.from_dict(sched)
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        layers = pixart.PixArtConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
+        tsharding, prepare = pipefusion.stacked_placement(mesh_obj, layers, pixart.STACKED)
+        tcfg, transformer = load_component(folder, "transformer", dtype, tsharding, prepare)
+        replicated = NamedSharding(mesh_obj, P())
+        vcfg, vae = load_component(folder, "vae", dtype, replicated)
+        _, text_encoder = load_component(folder, "text_encoder", dtype, replicated)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        return cls(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
+                   text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scfg, dtype=dtype,
+                   mesh=mesh_obj, attention_backend=attention_backend, max_sequence_length=MAX_SEQUENCE_LENGTH[kind],
+                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int) -> tuple[jax.Array, jax.Array]:
+        """((B, L, d_model) T5 embeddings, (B, L) attention mask), as diffusers: the text lower-cased and
+        stripped (its ``clean_caption=False`` preprocessing); T5 reads the mask, and the transformer's
+        cross attention uses it too."""
+        ids, mask = tokenize(self.tokenizer, [p.lower().strip() for p in prompts], max_sequence_length)
+        ids = self._put_replicated(jnp.asarray(ids, jnp.int32))
+        mask = self._put_replicated(jnp.asarray(mask, jnp.int32))
+        return self._text_encoder_fn()(ids, mask).astype(self.dtype), mask
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The jitted step ``(tstate, latents, sched_state, i, kv, embeds, mask, sched, guidance, added) ->
+        (latents, sched_state, i + 1, kv)``; ``kv``: PipeFusion's K/V buffers (None without it)."""
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype, mesh, backend = self.dtype, self.mesh, self.attention_backend
+        batch_sharding = self._batch_sharding
+        learned_sigma = self.transformer_config.learned_sigma
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, embeds, mask, sched, guidance, added):
+            model = nnx.merge(graphdef, tstate)
+            t = sched.timesteps[i]
+            if do_cfg:  # [uncond; cond], built as (2, B, ...) over (cfg, data) so no data moves
+                x = jnp.broadcast_to(latents[None], (2,) + latents.shape)
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("cfg", "data")))
+                x = x.reshape((-1,) + latents.shape[1:])
+            else:
+                x = latents
+            x = jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim, do_cfg))
+            b = x.shape[0]
+            cond_extra = None if added is None else jax.tree.map(
+                lambda a: jnp.broadcast_to(a, (b,) + a.shape[1:]), added)
+            tokens_x, tokens, cond = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (b,)), cond_extra,
+                                                 mask)
+            if kv is None:
+                tokens_x = run_blocks(blocks, tstate, tokens_x, tokens, cond, mesh, backend=backend)
+            else:
+                tokens_x, kv = pipefusion.run_pipefusion(blocks, tstate, tokens_x, tokens, cond, kv, mesh,
+                                                         patches=self.pipefusion_patches, warmup=warmup,
+                                                         stacked=pixart.STACKED, backend=backend,
+                                                         num_layers=self.transformer_config.num_layers)
+            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
+            if do_cfg:
+                uncond, text = jnp.split(pred, 2)
+                pred = uncond + guidance * (text - uncond)
+            if learned_sigma:  # the variance channels are not used by the sampler
+                pred = pred[:, : latents.shape[1]]
+            latents, sched_state = dpmsolver.step(sched, i, pred, latents, sched_state)
+            return latents.astype(jnp.float32), sched_state, i + 1, kv
+
+        donate = (1, 2, 4) if jax.default_backend() != "cpu" else ()
+        fn = jax.jit(step, donate_argnums=donate)
+        self._step_cache[key] = fn
+        return fn
+
+    def enable_vae_tiling(self, tiling=True) -> None:
+        """diffusers' ``vae.enable_tiling``: decode in overlapping blended tiles."""
+        self.vae_tiling = tiling or None
+        self._decode_cache.clear()
+
+    def enable_vae_slicing(self, slicing: bool = True) -> None:
+        """diffusers' ``vae.enable_slicing``: decode one image of the batch at a time."""
+        self.vae_slicing = bool(slicing)
+        self._decode_cache.clear()
+
+    def _decode_fn(self, size: tuple[int, int] | None = None):
+        """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae); ``size``:
+        resize and crop to this (height, width) (resolution binning)."""
+        if ("fn", size) in self._decode_cache:
+            return self._decode_cache[("fn", size)]
+        graphdef, state = nnx.split(self.vae)
+        scaling, dtype, mesh = self.vae_config.scaling_factor, self.dtype, self.mesh
+        tiling, slicing = self.vae_tiling, self.vae_slicing
+
+        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+        def dec(state, latents):
+            image = vae_kl.decode(nnx.merge(graphdef, state), (latents / scaling).astype(dtype), tiling=tiling,
+                                  slicing=slicing, mesh=mesh if mesh.size > 1 else None)
+            if size is not None:
+                image = resize_and_crop(image.astype(jnp.float32), *size)
+            image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return jnp.transpose(image, (0, 2, 3, 1))  # (B, H, W, C)
+
+        self._decode_cache[("fn", size)] = fn = lambda latents: dec(state, latents)
+        return fn
+
+    def default_size(self) -> dict:
+        return default_size(self.transformer_config, self.vae_config)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        s = self.vae_scale_factor
+        return (batch, self.transformer_config.in_channels, height // s, width // s)
+
+    def _added_cond(self, batch: int, height: int, width: int):
+        """PixArt-alpha's micro-conditions (resolution, aspect ratio) where the transformer takes them."""
+        if not self.transformer_config.additional_conditions:
+            return None
+        res = jnp.asarray([[height, width]], jnp.float32)
+        ar = jnp.asarray([[height / width]], jnp.float32)
+        return {"resolution": self._put_replicated(res), "aspect_ratio": self._put_replicated(ar)}
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 *, height: int | None = None, width: int | None = None, num_inference_steps: int = 20,
+                 guidance_scale: float = 4.5, prompt_embeds=None, prompt_attention_mask=None,
+                 negative_prompt_embeds=None, negative_prompt_attention_mask=None, latents=None,
+                 max_sequence_length: int | None = None, use_resolution_binning: bool = True, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> PixArtPipelineOutput:
+        ds = self.default_size()
+        height, width = height or ds["height"], width or ds["width"]
+        requested = (height, width)
+        if use_resolution_binning:
+            height, width = binned_size(height, width, self.transformer_config.sample_size)
+        msl = max_sequence_length or self.max_sequence_length
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Give a prompt or prompt_embeds.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        if prompt_embeds is not None and prompt_attention_mask is None:
+            raise ValueError("prompt_embeds need their prompt_attention_mask (PixArt's cross attention uses it).")
+        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec,
+                      guidance_scale)
+        do_cfg = guidance_scale > 1.0
+        timer = StageTimer()
+
+        # 1. text
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, msl)
+            embeds, mask = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(prompt_attention_mask, jnp.int32)
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
+                        negative_prompts(negative_prompt, batch), embeds.shape[1])
+                elif negative_prompt_attention_mask is None:
+                    raise ValueError("negative_prompt_embeds need their negative_prompt_attention_mask.")
+                neg = jnp.asarray(negative_prompt_embeds, self.dtype)
+                if neg.shape != embeds.shape:
+                    raise ValueError(f"negative_prompt_embeds {neg.shape} and prompt_embeds {embeds.shape} "
+                                     "must have the same shape.")
+                embeds = jnp.concatenate([neg, embeds])
+                mask = jnp.concatenate([jnp.asarray(negative_prompt_attention_mask, jnp.int32), mask])
+            embeds = jax.device_put(embeds, self._batch_sharding(embeds.ndim, do_cfg))
+            mask = jax.device_put(mask, self._batch_sharding(mask.ndim, do_cfg))
+            jax.block_until_ready(embeds)
+
+        # 2. latents (diffusers layout: B, C, h, w)
+        shape = self.latent_shape(batch, height, width)
+        sched = dpmsolver.make_schedule(self.scheduler_config, num_inference_steps)
+        rng = jax.random.key(seed)
+        if latents is None:
+            latents = jax.random.normal(rng, shape, jnp.float32) * dpmsolver.INIT_NOISE_SIGMA
+        else:
+            latents = jnp.asarray(latents, jnp.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents have shape {latents.shape}; expected {shape} "
+                                 "(batch, channels, height/8, width/8).")
+            latents = latents * dpmsolver.INIT_NOISE_SIGMA
+        latents = jax.device_put(latents, self._batch_sharding(latents.ndim, False))
+
+        # 3. denoise: one jitted step per iteration
+        guidance = self._put_replicated(jnp.float32(guidance_scale))
+        added = self._added_cond(batch, height, width)
+        _, tstate = nnx.split(self.transformer)
+        kv, warm_fn = None, self._step_fn(do_cfg)
+        step_fn, warmup = warm_fn, self.pipefusion_warmup_steps
+        if self.uses_pipefusion:
+            kv = self._pipefusion_cache(embeds.shape[0], self._image_tokens(height, width))
+            step_fn = self._step_fn(do_cfg, warmup=False)
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+
+        def one(carry, n):
+            lat, st, i, kv = carry
+            fn = warm_fn if kv is None or n < warmup else step_fn  # PipeFusion: exact warm-up steps first
+            return fn(tstate, lat, st, i, kv, embeds, mask, sched_arrays, guidance, added)
+
+        with timer.stage("denoising"):
+            state = jax.device_put(dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order),
+                                   latents.sharding)
+            carry = (latents, state, self._place_carry_index(), kv)
+            # diffusers' schedule may have fewer steps than asked (trailing spacing with lambda_min_clipped)
+            latents = denoise_loop(one, carry, len(sched.timesteps), progress=progress)[0]
+
+        if output_type == "latent":
+            return PixArtPipelineOutput(images=as_numpy(latents), timings=timer.times,
+                                        peak_memory_bytes=peak_memory_bytes())
+        # 4. decode
+        with timer.stage("decoding"):
+            resize = requested if requested != (height, width) else None
+            images = as_numpy(jax.block_until_ready(self._decode_fn(resize)(latents)))
+        return PixArtPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+    def _image_tokens(self, height: int, width: int) -> int:
+        p, s = self.transformer_config.patch_size, self.vae_scale_factor
+        return (height // s // p) * (width // s // p)
+
+    def _pipefusion_cache(self, step_batch: int, seq: int):
+        tc = self.transformer_config
+        return pipefusion.init_cache(self.mesh, len(pipefusion.stage_layout(tc.num_layers, self.mesh_spec.pipefusion)),
+                                     step_batch, seq, tc.num_attention_heads, tc.attention_head_dim, self.dtype,
+                                     self.pipefusion_patches)
