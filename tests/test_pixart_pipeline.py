@@ -140,3 +140,35 @@ def test_pipefusion_matches_sequential_rule(sigma, mesh):
     atol = 2e-6 * np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=atol, rtol=0)
     assert np.abs(ref - exact).max() > 50 * atol  # the patched steps really ran (stale K/V differ)
+
+
+def test_hub_class_names_and_bad_input(sigma, tmp_path):
+    """The hub's PixArt folders call the transformer ``Transformer2DModel``: converted and loaded the
+    same. Bad input: a clear ValueError before any step."""
+    import json
+    import shutil
+
+    _, tp, ours, _ = sigma
+    src = tmp_path / "hub-like"
+    save_torch_pipeline(tp, src)
+    index = json.loads((src / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "Transformer2DModel"]
+    (src / "model_index.json").write_text(json.dumps(index))
+    cfg = json.loads((src / "transformer" / "config.json").read_text())
+    (src / "transformer" / "config.json").write_text(json.dumps({**cfg, "_class_name": "Transformer2DModel"}))
+    hub = PixArtPipeline.from_pretrained(converted_folder(src, cache_dir=tmp_path / "cache"))
+    kw = dict(height=H, width=W, num_inference_steps=1, latents=initial_latents(), max_sequence_length=MSL,
+              output_type="latent", progress=False)
+    np.testing.assert_array_equal(hub(PROMPT, **kw).images, ours(PROMPT, **kw).images)
+
+    with pytest.raises(ValueError, match="prompt_attention_mask"):
+        ours(prompt_embeds=np.zeros((1, MSL, 32), np.float32), **kw)
+    with pytest.raises(ValueError, match="latents have shape"):
+        ours(PROMPT, **{**kw, "latents": np.zeros((1, 4, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(PROMPT, **{**kw, "height": 40, "latents": None})
+    other = tmp_path / "not-pixart"
+    shutil.copytree(src, other)
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "CogVideoXPipeline"}))
+    with pytest.raises(ValueError, match="not PixArt"):
+        PixArtPipeline.from_pretrained(converted_folder(other, cache_dir=tmp_path / "cache"))
