@@ -20,10 +20,10 @@ from flax import nnx
 from xdit_jax.config_util import known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
+    FeedForward,
     LayerNorm,
     TimestepEmbedding,
     apply_rope,
-    gelu_tanh,
     linear,
     rope_1d,
     scan_modules,
@@ -140,21 +140,12 @@ class Attention(nnx.Module):
         return self.to_out(o.reshape(b, s, -1))
 
 
-class FeedForward(nnx.Module):
-    def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
-        self.net_0 = linear(cfg.inner_dim, 4 * cfg.inner_dim, dtype=dtype, rngs=rngs)
-        self.net_2 = linear(4 * cfg.inner_dim, cfg.inner_dim, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.net_2(gelu_tanh(self.net_0(x)))
-
-
 class CogVideoXBlock(nnx.Module):
     def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
         self.norm1 = LayerNormZero(cfg, dtype=dtype, rngs=rngs)
         self.attn1 = Attention(cfg, dtype=dtype, rngs=rngs)
         self.norm2 = LayerNormZero(cfg, dtype=dtype, rngs=rngs)
-        self.ff = FeedForward(cfg, dtype=dtype, rngs=rngs)
+        self.ff = FeedForward(cfg.inner_dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, temb, tokens):
         """x: the joint [text; video] sequence (B, S, D), or any contiguous piece of it."""

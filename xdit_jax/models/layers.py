@@ -72,6 +72,18 @@ def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
+class FeedForward(nnx.Module):
+    """diffusers' ``FeedForward(dim, activation_fn="gelu-approximate")``: Linear, tanh-GELU, Linear
+    (submodules ``net_0`` / ``net_2``, the torch ``net.0.proj`` / ``net.2``)."""
+
+    def __init__(self, dim: int, mult: int = 4, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.net_0 = linear(dim, mult * dim, dtype=dtype, rngs=rngs)
+        self.net_2 = linear(mult * dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.net_2(gelu_tanh(self.net_0(x)))
+
+
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0,
                        scale: float = 1.0, max_period: float = 10000.0):
     """diffusers ``get_timestep_embedding``: (N,) timesteps -> (N, dim) float32 sinusoids."""

@@ -26,6 +26,7 @@ from flax import nnx
 from xdit_jax.config_util import known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
+    FeedForward,
     LayerNorm,
     TimestepEmbedding,
     gelu_tanh,
@@ -211,15 +212,6 @@ class Attention(nnx.Module):
         return self.to_out(o.reshape(b, s, -1))
 
 
-class FeedForward(nnx.Module):
-    def __init__(self, cfg: PixArtConfig, *, dtype, rngs):
-        self.net_0 = linear(cfg.inner_dim, 4 * cfg.inner_dim, dtype=dtype, rngs=rngs)
-        self.net_2 = linear(4 * cfg.inner_dim, cfg.inner_dim, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.net_2(gelu_tanh(self.net_0(x)))
-
-
 class BasicTransformerBlock(nnx.Module):
     """``BasicTransformerBlock(norm_type="ada_norm_single")``."""
 
@@ -229,7 +221,7 @@ class BasicTransformerBlock(nnx.Module):
         self.attn1 = Attention(cfg, d, dtype=dtype, rngs=rngs)
         self.attn2 = Attention(cfg, cfg.cross_attention_dim, dtype=dtype, rngs=rngs)
         self.norm2 = LayerNorm(d, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
-        self.ff = FeedForward(cfg, dtype=dtype, rngs=rngs)
+        self.ff = FeedForward(cfg.inner_dim, dtype=dtype, rngs=rngs)
         self.scale_shift_table = nnx.Param(jnp.zeros((6, d), dtype))
 
     def __call__(self, x, cond):

@@ -25,17 +25,15 @@ from jax.sharding import PartitionSpec as P
 
 from xdit_jax import schedulers
 from xdit_jax.conversion import read_json
-from xdit_jax.mesh import MeshSpec, build_mesh
+from xdit_jax.mesh import build_mesh
 from xdit_jax.models import cogvideox, vae_cogvideox
 from xdit_jax.parallel import pipefusion
-from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines.denoise import (
     PipelineBase,
     StageTimer,
+    check_size_and_mesh,
     as_numpy,
     converted_folder,
-    denoise_loop,
-    load_component,
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
@@ -61,23 +59,13 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
 
     ``tc``/``vc``: the transformer and VAE configs (cheap to read from a folder's config.json files).
     """
-    mult = 2 ** (len(vc.block_out_channels) - 1) * tc.patch_size
-    if height % mult or width % mult or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {mult}; got {height}x{width} "
-                         f"(e.g. {max(mult, height // mult * mult)}x{max(mult, width // mult * mult)}).")
     step = 2 * int(vc.temporal_compression_ratio)
     if num_frames < 1 or (num_frames - 1) % step:
         lo = (max(num_frames, 1) - 1) // step * step + 1
         raise ValueError(f"num_frames={num_frames}: the VAE produces {step}k+1 frames "
                          f"(1, {1 + step}, ..., 49, ...); try {lo} or {lo + step}.")
-    ms = MeshSpec.parse(mesh_spec)
-    if ms.data > 1 and batch % ms.data:
-        raise ValueError(f"Mesh data={ms.data} needs a number of prompts divisible by it; got {batch}.")
-    if ms.cfg == 2 and guidance_scale <= 1.0:
-        raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which needs "
-                         "guidance_scale > 1; drop cfg=2 from the mesh or raise the guidance scale.")
-    if ms.pipefusion > 1:
-        pipefusion.check_mesh(ms, tc.num_layers)
+    check_size_and_mesh(height, width, 2 ** (len(vc.block_out_channels) - 1) * tc.patch_size, tc.num_layers, batch,
+                        mesh_spec, guidance_scale)
 
 
 def default_video(tc, vc) -> dict:
@@ -103,18 +91,13 @@ class CogVideoXPipeline(PipelineBase):
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                  scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
                  pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
-        self.transformer, self.transformer_config = transformer, transformer_config
-        self.vae, self.vae_config = vae, vae_config
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.scheduler_config = scheduler_config
-        self._setup(dtype, mesh, attention_backend)
-        self._setup_pipefusion(transformer_config.num_layers, pipefusion_patches, pipefusion_warmup_steps,
-                               getattr(transformer, cogvideox.STACKED))
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=cogvideox.STACKED)
         self.vae_scale_factor_spatial = 2 ** (len(vae_config.block_out_channels) - 1)
         self.vae_scale_factor_temporal = int(vae_config.temporal_compression_ratio)
-        self._step_cache = {}
-        self._decode_cache = {}
-        self.vae_tiling, self.vae_slicing = None, False
 
     # ------------------------------------------------------------------ loading
 
@@ -128,23 +111,14 @@ class CogVideoXPipeline(PipelineBase):
         ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default:
         the ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's
         ``--num_pipeline_patch`` / ``--warmup_steps``."""
-        from transformers import AutoTokenizer
-
         dtype = parse_dtype(dtype)
         folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        tsharding, prepare = pipefusion.stacked_placement(mesh_obj, layers, cogvideox.STACKED)
-        replicated = NamedSharding(mesh_obj, P())
-        tcfg, transformer = load_component(folder, "transformer", dtype, tsharding, prepare)
-        vcfg, vae = load_component(folder, "vae", dtype, replicated)
-        _, text_encoder = load_component(folder, "text_encoder", dtype, replicated)
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        parts = cls._load_parts(folder, mesh_obj, dtype, cogvideox.STACKED, layers)
         scfg = schedulers.SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        return cls(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
-                   text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scfg, dtype=dtype,
-                   mesh=mesh_obj, attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+        return cls(**parts, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
 
     # ------------------------------------------------------------------ stages
 
@@ -165,8 +139,7 @@ class CogVideoXPipeline(PipelineBase):
         if key in self._step_cache:
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
-        dtype, mesh, backend = self.dtype, self.mesh, self.attention_backend
-        batch_sharding = self._batch_sharding
+        dtype = self.dtype
 
         def blocks(params, joint, tokens, temb):  # runs on a local shard (xdit_jax.parallel.sequence)
             return nnx.merge(graphdef, params).blocks(joint, tokens, temb)
@@ -174,21 +147,9 @@ class CogVideoXPipeline(PipelineBase):
         def step(tstate, latents, sched_state, i, kv, embeds, sched, guidance, rng):
             model = nnx.merge(graphdef, tstate)
             t = sched.timesteps[i]
-            if do_cfg:  # [uncond; cond] batch: built as (2, B, ...) over (cfg, data) so no data moves
-                x = jnp.broadcast_to(latents[None], (2,) + latents.shape)
-                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("cfg", "data")))
-                x = x.reshape((-1,) + latents.shape[1:])
-            else:
-                x = latents
-            x = jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim, do_cfg))
+            x = self._model_batch(latents, do_cfg)
             joint, tokens, temb = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (x.shape[0],)))
-            if kv is None:
-                joint = run_blocks(blocks, tstate, joint, tokens, temb, mesh, backend=backend)
-            else:
-                joint, kv = pipefusion.run_pipefusion(blocks, tstate, joint, tokens, temb, kv, mesh,
-                                                      patches=self.pipefusion_patches, warmup=warmup,
-                                                      stacked=cogvideox.STACKED, backend=backend,
-                                                      num_layers=self.transformer_config.num_layers)
+            joint, kv = self._blocks_over_mesh(blocks, tstate, joint, tokens, temb, kv, warmup)
             pred = model.head(joint, temb, x.shape).astype(jnp.float32)
             if do_cfg:
                 uncond, cond = jnp.split(pred, 2)
@@ -196,24 +157,12 @@ class CogVideoXPipeline(PipelineBase):
             noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
                 if sched.needs_noise else None
             latents, sched_state = schedulers.step(sched, i, pred, latents, sched_state, noise)
-            # The next step's index comes back on the device: the loop sends nothing to the device.
             return latents.astype(jnp.float32), sched_state, i + 1, kv
 
         donate = (1, 2, 4) if jax.default_backend() != "cpu" else ()
         fn = jax.jit(step, donate_argnums=donate)
         self._step_cache[key] = fn
         return fn
-
-    def enable_vae_tiling(self, tiling=True) -> None:
-        """diffusers' ``vae.enable_tiling``: decode in overlapping blended tiles (``True``: diffusers'
-        defaults, or a :class:`xdit_jax.parallel.vae.TilingConfig`; ``None``/``False`` turns it off)."""
-        self.vae_tiling = tiling or None
-        self._decode_cache.clear()
-
-    def enable_vae_slicing(self, slicing: bool = True) -> None:
-        """diffusers' ``vae.enable_slicing``: decode one video of the batch at a time."""
-        self.vae_slicing = bool(slicing)
-        self._decode_cache.clear()
 
     def _decode_fn(self):
         """Jitted VAE decode over the whole mesh (spatially sharded, xdit_jax.parallel.vae)."""
@@ -335,36 +284,16 @@ class CogVideoXPipeline(PipelineBase):
         shape, additional = self.latent_shape(batch, height, width, num_frames)
         sched = schedulers.make_schedule(self.scheduler_config, num_inference_steps)
         rng = jax.random.key(seed)
-        if latents is None:
-            latents = jax.random.normal(jax.random.fold_in(rng, 1 << 20), shape, jnp.float32) * sched.init_noise_sigma
-        else:
-            latents = jnp.asarray(latents, jnp.float32)
-            if latents.shape != shape:
-                raise ValueError(f"latents have shape {latents.shape}; expected {shape} "
-                                 "(batch, latent frames, channels, height/8, width/8).")
-            latents = latents * sched.init_noise_sigma
-        latents = jax.device_put(latents, self._batch_sharding(latents.ndim, False))
+        latents = self._initial_latents(latents, shape, jax.random.fold_in(rng, 1 << 20), sched.init_noise_sigma,
+                                        "batch, latent frames, channels, height/8, width/8")
 
         # 3. denoise: one jitted step per iteration
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, use_dynamic_cfg))
-        _, tstate = nnx.split(self.transformer)
-        kv, warm_fn = None, self._step_fn(do_cfg)
-        step_fn, warmup = warm_fn, self.pipefusion_warmup_steps
-        if self.uses_pipefusion:
-            kv = self._kv_cache(shape, embeds.shape[0], embeds.shape[1])
-            step_fn = self._step_fn(do_cfg, warmup=False)
-        sched_arrays = jax.tree.map(jnp.asarray, sched)
-
-        def one(carry, n):
-            lat, st, i, kv = carry
-            fn = warm_fn if kv is None or n < warmup else step_fn  # PipeFusion: exact warm-up steps first
-            return fn(tstate, lat, st, i, kv, embeds, sched_arrays, guidance, rng)
-
+        kv = self._kv_cache(shape, embeds.shape[0], embeds.shape[1]) if self.uses_pipefusion else None
         with timer.stage("denoising"):
-            # Placed as the step returns them, so that step 0 and the later steps share one executable.
-            carry = (latents, jax.jit(schedulers.init_state, out_shardings=latents.sharding)(latents),
-                     self._place_carry_index(), kv)
-            latents = denoise_loop(one, carry, num_inference_steps, progress=progress)[0]
+            state = jax.jit(schedulers.init_state, out_shardings=latents.sharding)(latents)
+            args = (embeds, jax.tree.map(jnp.asarray, sched), guidance, rng)
+            latents = self._denoise(do_cfg, latents, state, kv, args, num_inference_steps, progress)
 
         if output_type == "latent":
             return CogVideoXPipelineOutput(frames=as_numpy(latents), timings=timer.times,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -152,6 +153,27 @@ def pipeline_class_name(folder) -> str:
     return str(read_json(Path(folder) / "model_index.json").get("_class_name", ""))
 
 
+def check_size_and_mesh(height: int, width: int, multiple: int, num_layers: int, batch: int, mesh_spec,
+                        guidance_scale: float) -> None:
+    """The checks every family makes before any heavy work: image size, and what the mesh needs
+    (prompts divisible by ``data``, guidance for ``cfg=2``, PipeFusion's stages)."""
+    from xdit_jax.mesh import MeshSpec
+    from xdit_jax.parallel import pipefusion
+
+    m = multiple
+    if height % m or width % m or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {m}; got {height}x{width} "
+                         f"(e.g. {max(m, height // m * m)}x{max(m, width // m * m)}).")
+    ms = MeshSpec.parse(mesh_spec)
+    if ms.data > 1 and batch % ms.data:
+        raise ValueError(f"Mesh data={ms.data} needs a number of prompts divisible by it; got {batch}.")
+    if ms.cfg == 2 and guidance_scale <= 1.0:
+        raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which needs "
+                         "guidance_scale > 1; drop cfg=2 from the mesh or raise the guidance scale.")
+    if ms.pipefusion > 1:
+        pipefusion.check_mesh(ms, num_layers)
+
+
 def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, attention mask) as diffusers makes them: padded to max length, truncated with a warning."""
     import logging
@@ -177,8 +199,115 @@ def negative_prompts(negative_prompt, batch: int) -> list[str]:
 
 
 class PipelineBase:
-    """What every family's pipeline shares: compute dtype, attention backend, the mesh, the jitted
-    text encoder and how batches are laid over the mesh."""
+    """What every family's pipeline shares: its parts, compute dtype, attention backend, the mesh,
+    PipeFusion's settings, the jitted text encoder, how batches are laid over the mesh, the
+    transformer's block stack over the mesh and the loop over the jitted steps."""
+
+    def _init_parts(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                    scheduler_config, dtype, mesh, attention_backend: str, pipefusion_patches: int | None,
+                    pipefusion_warmup_steps: int, stacked: str) -> None:
+        self.transformer, self.transformer_config = transformer, transformer_config
+        self.vae, self.vae_config = vae, vae_config
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.scheduler_config = scheduler_config
+        self.stacked = stacked
+        self._setup(dtype, mesh, attention_backend)
+        self._setup_pipefusion(transformer_config.num_layers, pipefusion_patches, pipefusion_warmup_steps,
+                               getattr(transformer, stacked))
+        self._step_cache = {}
+        self._decode_cache = {}
+        self.vae_tiling, self.vae_slicing = None, False
+
+    @staticmethod
+    def _load_parts(folder, mesh, dtype, stacked: str, num_layers: int) -> dict:
+        """The transformer (its stacked blocks laid out for PipeFusion's stages on a pipefusion mesh),
+        VAE, text encoder and tokenizer of a converted folder, as keyword arguments of ``__init__``."""
+        from pathlib import Path
+
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+        from transformers import AutoTokenizer
+
+        from xdit_jax.parallel import pipefusion
+
+        folder = Path(folder)
+        tsharding, prepare = pipefusion.stacked_placement(mesh, num_layers, stacked)
+        tcfg, transformer = load_component(folder, "transformer", dtype, tsharding, prepare)
+        replicated = NamedSharding(mesh, P())
+        vcfg, vae = load_component(folder, "vae", dtype, replicated)
+        _, text_encoder = load_component(folder, "text_encoder", dtype, replicated)
+        return dict(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
+                    text_encoder=text_encoder, tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"))
+
+    def enable_vae_tiling(self, tiling=True) -> None:
+        """diffusers' ``vae.enable_tiling``: decode in overlapping blended tiles (``True``: diffusers'
+        defaults, or a :class:`xdit_jax.parallel.vae.TilingConfig`; ``None``/``False`` turns it off)."""
+        self.vae_tiling = tiling or None
+        self._decode_cache.clear()
+
+    def enable_vae_slicing(self, slicing: bool = True) -> None:
+        """diffusers' ``vae.enable_slicing``: decode one sample of the batch at a time."""
+        self.vae_slicing = bool(slicing)
+        self._decode_cache.clear()
+
+    def _initial_latents(self, latents, shape: tuple, key, init_noise_sigma: float, layout: str):
+        """Gaussian latents of ``shape`` from ``key`` (or the given ones, checked against ``shape``,
+        whose axes ``layout`` names), times the scheduler's initial sigma, the batch over ``data``."""
+        if latents is None:
+            latents = jax.random.normal(key, shape, jnp.float32)
+        else:
+            latents = jnp.asarray(latents, jnp.float32)
+            if latents.shape != tuple(shape):
+                raise ValueError(f"latents have shape {latents.shape}; expected {tuple(shape)} ({layout}).")
+        return jax.device_put(latents * init_noise_sigma, self._batch_sharding(latents.ndim, False))
+
+    def _model_batch(self, latents, do_cfg: bool):
+        """(Traced.) The transformer's batch: ``[latents; latents]`` for CFG, built as (2, B, ...) over
+        (cfg, data) so that no data moves, else the latents; the batch over (data[, cfg])."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        x = latents
+        if do_cfg:
+            x = jnp.broadcast_to(latents[None], (2,) + latents.shape)
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P("cfg", "data")))
+            x = x.reshape((-1,) + latents.shape[1:])
+        return jax.lax.with_sharding_constraint(x, self._batch_sharding(x.ndim, do_cfg))
+
+    def _blocks_over_mesh(self, blocks, tstate, x, tokens, cond, kv, warmup: bool):
+        """(Traced.) ``blocks(params, x, tokens, cond)`` over the mesh: sequence parallel
+        (:func:`xdit_jax.parallel.sequence.run_blocks`), or PipeFusion where ``kv`` holds its K/V
+        buffers (``warmup``: an exact step over the whole sequence). Returns (x, kv)."""
+        from xdit_jax.parallel import pipefusion
+        from xdit_jax.parallel.sequence import run_blocks
+
+        if kv is None:
+            return run_blocks(blocks, tstate, x, tokens, cond, self.mesh, backend=self.attention_backend), None
+        return pipefusion.run_pipefusion(blocks, tstate, x, tokens, cond, kv, self.mesh,
+                                         patches=self.pipefusion_patches, warmup=warmup, stacked=self.stacked,
+                                         backend=self.attention_backend,
+                                         num_layers=self.transformer_config.num_layers)
+
+    def _denoise(self, do_cfg: bool, latents, sched_state, kv, args: tuple, num_steps: int, progress: bool):
+        """The loop over the jitted step ``self._step_fn(do_cfg, warmup)(tstate, latents, sched_state, i,
+        kv, *args) -> (latents, sched_state, i + 1, kv)``: PipeFusion's exact warm-up steps first, then
+        the patched ones. Returns the final latents."""
+        from flax import nnx
+
+        _, tstate = nnx.split(self.transformer)
+        warm_fn = self._step_fn(do_cfg)
+        step_fn = self._step_fn(do_cfg, warmup=False) if kv is not None else warm_fn
+        warmup = self.pipefusion_warmup_steps
+
+        def one(carry, n):
+            lat, st, i, kv = carry
+            fn = warm_fn if kv is None or n < warmup else step_fn
+            return fn(tstate, lat, st, i, kv, *args)
+
+        # The carry is placed as the step returns it, so that step 0 and the later steps share one
+        # executable; the step index stays on the device (the loop sends nothing to it).
+        carry = (latents, sched_state, jax.device_put(np.int32(0), self._replicated()), kv)
+        return denoise_loop(one, carry, num_steps, progress=progress)[0]
 
     def _setup(self, dtype, mesh, attention_backend: str) -> None:
         import logging
@@ -249,7 +378,3 @@ class PipelineBase:
 
     def _put_replicated(self, x):
         return jax.device_put(x, self._replicated())
-
-    def _place_carry_index(self):
-        """The step index 0, placed as the step returns it (so step 0 shares the executable)."""
-        return jax.device_put(np.int32(0), self._replicated())

@@ -33,17 +33,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xdit_jax.conversion import read_json
-from xdit_jax.mesh import MeshSpec, build_mesh
+from xdit_jax.mesh import build_mesh
 from xdit_jax.models import pixart, vae_kl
 from xdit_jax.parallel import pipefusion
-from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines.denoise import (
     PipelineBase,
     StageTimer,
+    check_size_and_mesh,
     as_numpy,
     converted_folder,
-    denoise_loop,
-    load_component,
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
@@ -136,18 +134,8 @@ def default_size(tc, vc) -> dict:
 def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None,
                   guidance_scale: float = 4.5) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work."""
-    mult = vae_scale_factor(vc) * tc.patch_size
-    if height % mult or width % mult or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {mult}; got {height}x{width} "
-                         f"(e.g. {max(mult, height // mult * mult)}x{max(mult, width // mult * mult)}).")
-    ms = MeshSpec.parse(mesh_spec)
-    if ms.data > 1 and batch % ms.data:
-        raise ValueError(f"Mesh data={ms.data} needs a number of prompts divisible by it; got {batch}.")
-    if ms.cfg == 2 and guidance_scale <= 1.0:
-        raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which needs "
-                         "guidance_scale > 1; drop cfg=2 from the mesh or raise the guidance scale.")
-    if ms.pipefusion > 1:
-        pipefusion.check_mesh(ms, tc.num_layers)
+    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers, batch, mesh_spec,
+                        guidance_scale)
 
 
 class PixArtPipeline(PipelineBase):
@@ -157,18 +145,13 @@ class PixArtPipeline(PipelineBase):
                  scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
                  max_sequence_length: int = 300, pipefusion_patches: int | None = None,
                  pipefusion_warmup_steps: int = 1):
-        self.transformer, self.transformer_config = transformer, transformer_config
-        self.vae, self.vae_config = vae, vae_config
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.scheduler_config = scheduler_config
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=pixart.STACKED)
         self.max_sequence_length = int(max_sequence_length)
-        self._setup(dtype, mesh, attention_backend)
-        self._setup_pipefusion(transformer_config.num_layers, pipefusion_patches, pipefusion_warmup_steps,
-                               getattr(transformer, pixart.STACKED))
         self.vae_scale_factor = vae_scale_factor(vae_config)
-        self._step_cache = {}
-        self._decode_cache = {}
-        self.vae_tiling, self.vae_slicing = None, False
 
     # ------------------------------------------------------------------ loading
 
@@ -178,8 +161,6 @@ class PixArtPipeline(PipelineBase):
                         attention_backend: str = "auto", pipefusion_patches: int | None = None,
                         pipefusion_warmup_steps: int = 1) -> PixArtPipeline:
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
-        from transformers import AutoTokenizer
-
         dtype = parse_dtype(dtype)
         folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
         kind = pipeline_class_name(folder)
@@ -193,16 +174,10 @@ class PixArtPipeline(PipelineBase):
         scfg = dpmsolver.DPMSolverConfig.from_dict(sched)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         layers = pixart.PixArtConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        tsharding, prepare = pipefusion.stacked_placement(mesh_obj, layers, pixart.STACKED)
-        tcfg, transformer = load_component(folder, "transformer", dtype, tsharding, prepare)
-        replicated = NamedSharding(mesh_obj, P())
-        vcfg, vae = load_component(folder, "vae", dtype, replicated)
-        _, text_encoder = load_component(folder, "text_encoder", dtype, replicated)
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        return cls(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
-                   text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scfg, dtype=dtype,
-                   mesh=mesh_obj, attention_backend=attention_backend, max_sequence_length=MAX_SEQUENCE_LENGTH[kind],
-                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+        parts = cls._load_parts(folder, mesh_obj, dtype, pixart.STACKED, layers)
+        return cls(**parts, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+                   max_sequence_length=MAX_SEQUENCE_LENGTH[kind], pipefusion_patches=pipefusion_patches,
+                   pipefusion_warmup_steps=pipefusion_warmup_steps)
 
     # ------------------------------------------------------------------ stages
 
@@ -222,8 +197,7 @@ class PixArtPipeline(PipelineBase):
         if key in self._step_cache:
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
-        dtype, mesh, backend = self.dtype, self.mesh, self.attention_backend
-        batch_sharding = self._batch_sharding
+        dtype = self.dtype
         learned_sigma = self.transformer_config.learned_sigma
 
         def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
@@ -232,25 +206,13 @@ class PixArtPipeline(PipelineBase):
         def step(tstate, latents, sched_state, i, kv, embeds, mask, sched, guidance, added):
             model = nnx.merge(graphdef, tstate)
             t = sched.timesteps[i]
-            if do_cfg:  # [uncond; cond], built as (2, B, ...) over (cfg, data) so no data moves
-                x = jnp.broadcast_to(latents[None], (2,) + latents.shape)
-                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("cfg", "data")))
-                x = x.reshape((-1,) + latents.shape[1:])
-            else:
-                x = latents
-            x = jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim, do_cfg))
+            x = self._model_batch(latents, do_cfg)
             b = x.shape[0]
             cond_extra = None if added is None else jax.tree.map(
                 lambda a: jnp.broadcast_to(a, (b,) + a.shape[1:]), added)
             tokens_x, tokens, cond = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (b,)), cond_extra,
                                                  mask)
-            if kv is None:
-                tokens_x = run_blocks(blocks, tstate, tokens_x, tokens, cond, mesh, backend=backend)
-            else:
-                tokens_x, kv = pipefusion.run_pipefusion(blocks, tstate, tokens_x, tokens, cond, kv, mesh,
-                                                         patches=self.pipefusion_patches, warmup=warmup,
-                                                         stacked=pixart.STACKED, backend=backend,
-                                                         num_layers=self.transformer_config.num_layers)
+            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
             pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
             if do_cfg:
                 uncond, text = jnp.split(pred, 2)
@@ -264,16 +226,6 @@ class PixArtPipeline(PipelineBase):
         fn = jax.jit(step, donate_argnums=donate)
         self._step_cache[key] = fn
         return fn
-
-    def enable_vae_tiling(self, tiling=True) -> None:
-        """diffusers' ``vae.enable_tiling``: decode in overlapping blended tiles."""
-        self.vae_tiling = tiling or None
-        self._decode_cache.clear()
-
-    def enable_vae_slicing(self, slicing: bool = True) -> None:
-        """diffusers' ``vae.enable_slicing``: decode one image of the batch at a time."""
-        self.vae_slicing = bool(slicing)
-        self._decode_cache.clear()
 
     def _decode_fn(self, size: tuple[int, int] | None = None):
         """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae); ``size``:
@@ -365,38 +317,21 @@ class PixArtPipeline(PipelineBase):
         shape = self.latent_shape(batch, height, width)
         sched = dpmsolver.make_schedule(self.scheduler_config, num_inference_steps)
         rng = jax.random.key(seed)
-        if latents is None:
-            latents = jax.random.normal(rng, shape, jnp.float32) * dpmsolver.INIT_NOISE_SIGMA
-        else:
-            latents = jnp.asarray(latents, jnp.float32)
-            if latents.shape != shape:
-                raise ValueError(f"latents have shape {latents.shape}; expected {shape} "
-                                 "(batch, channels, height/8, width/8).")
-            latents = latents * dpmsolver.INIT_NOISE_SIGMA
-        latents = jax.device_put(latents, self._batch_sharding(latents.ndim, False))
+        latents = self._initial_latents(latents, shape, rng, dpmsolver.INIT_NOISE_SIGMA,
+                                        "batch, channels, height/8, width/8")
 
         # 3. denoise: one jitted step per iteration
         guidance = self._put_replicated(jnp.float32(guidance_scale))
         added = self._added_cond(batch, height, width)
-        _, tstate = nnx.split(self.transformer)
-        kv, warm_fn = None, self._step_fn(do_cfg)
-        step_fn, warmup = warm_fn, self.pipefusion_warmup_steps
-        if self.uses_pipefusion:
-            kv = self._pipefusion_cache(embeds.shape[0], self._image_tokens(height, width))
-            step_fn = self._step_fn(do_cfg, warmup=False)
+        kv = self._pipefusion_cache(embeds.shape[0], self._image_tokens(height, width)) if self.uses_pipefusion \
+            else None
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
-
-        def one(carry, n):
-            lat, st, i, kv = carry
-            fn = warm_fn if kv is None or n < warmup else step_fn  # PipeFusion: exact warm-up steps first
-            return fn(tstate, lat, st, i, kv, embeds, mask, sched_arrays, guidance, added)
-
         with timer.stage("denoising"):
             state = jax.device_put(dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order),
                                    latents.sharding)
-            carry = (latents, state, self._place_carry_index(), kv)
             # diffusers' schedule may have fewer steps than asked (trailing spacing with lambda_min_clipped)
-            latents = denoise_loop(one, carry, len(sched.timesteps), progress=progress)[0]
+            latents = self._denoise(do_cfg, latents, state, kv, (embeds, mask, sched_arrays, guidance, added),
+                                    len(sched.timesteps), progress)
 
         if output_type == "latent":
             return PixArtPipelineOutput(images=as_numpy(latents), timings=timer.times,
