@@ -65,7 +65,7 @@ from flax import nnx
 
 from xdit_jax.config_util import known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
-from xdit_jax.models.vae_cogvideox import Conv, GroupNorm
+from xdit_jax.models.vae_layers import Conv, GroupNorm
 from xdit_jax.parallel import vae as spatial
 from xdit_jax.parallel.vae import TilingConfig
 
