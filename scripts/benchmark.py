@@ -2,6 +2,7 @@
 """Benchmark xdit_jax: one denoising step (default) or the VAE decode memory (``vae-memory``).
 
     python scripts/benchmark.py [step] --model cpu-small --compare diffusers --steps 7
+    python scripts/benchmark.py step --model pixart-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model cogvideox-2b --mesh 1 --mesh cfg=2 --json
     python scripts/benchmark.py vae-memory ...        (xdit_jax.parallel.vae_bench)
 
@@ -31,10 +32,11 @@ def step_parser() -> argparse.ArgumentParser:
                     "Subcommands: step (this, the default) and vae-memory (see 'benchmark.py vae-memory --help'). "
                     "Details: docs/benchmarks.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="models: tiny, cpu-small, cogvideox-2b, cogvideox-5b, cogvideox1.5-5b (configs/), or a config folder")
+        epilog="models: CogVideoX tiny, cpu-small, cogvideox-2b, cogvideox-5b, cogvideox1.5-5b; PixArt pixart-tiny, "
+               "pixart-cpu-small, pixart-alpha-1024, pixart-sigma-1024 (configs/); or a config folder (--list)")
     p.add_argument("--model", default="cpu-small",
-                   help="preset (tiny, cpu-small), a full-size model in configs/ (random weights), or a folder "
-                        "holding transformer/config.json [cpu-small]")
+                   help="preset (tiny, cpu-small, pixart-tiny, pixart-cpu-small), a full-size model in configs/ "
+                        "(random weights), or a folder holding transformer/config.json [cpu-small]")
     p.add_argument("--mesh", action="append", default=None,
                    help="mesh spec, repeatable (e.g. --mesh 1 --mesh cfg=2); 1 = one device [1]")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16")
@@ -42,9 +44,9 @@ def step_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls, the first timed as 'first_call' [1]")
     p.add_argument("--compare", choices=["diffusers", "none"], default="none",
                    help="also time diffusers' PyTorch transformer (same config, weights, inputs), interleaved")
-    p.add_argument("--height", type=int, help="video height in pixels (default: the model's)")
-    p.add_argument("--width", type=int, help="video width in pixels")
-    p.add_argument("--frames", type=int, help="video frames (4k+1)")
+    p.add_argument("--height", type=int, help="video / image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="video / image width in pixels")
+    p.add_argument("--frames", type=int, help="video frames (4k+1; CogVideoX only)")
     p.add_argument("--layers", type=int, help="override the number of transformer layers")
     p.add_argument("--batch", type=int, default=1, help="prompts per step (x2 with CFG) [1]")
     p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance (batch not doubled)")
@@ -80,7 +82,7 @@ def step_parser() -> argparse.ArgumentParser:
                         "--host-devices)")
     p.add_argument("--e2e", type=int, default=0, metavar="STEPS",
                    help="also run the whole pipeline (random weights) twice with STEPS denoising steps and report its "
-                        "stages: text encoding, denoising, decoding")
+                        "stages: text encoding, denoising, decoding (CogVideoX only so far)")
     p.add_argument("--e2e-text-layers", type=int, default=None,
                    help="T5 layers for --e2e (default: the config's; cpu-small uses 2)")
     p.add_argument("--json", action="store_true", help="one JSON object a line on stdout (table to stderr)")

@@ -249,3 +249,173 @@ def jax_has_gpu() -> bool:
     import jax
 
     return jax.default_backend() == "gpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# PixArt
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pixart_rows():
+    """pixart-tiny (PixArt-alpha shaped: caption mask, micro-conditions, learned sigma) against
+    diffusers on one device, a USP mesh and PipeFusion, 2 timed steps, --json (a subprocess)."""
+    return _run(["step", "--model", "pixart-tiny", "--steps", "2", "--json", "--settle", "0", "--compare",
+                 "diffusers", "--host-devices", "4", "--mesh", "1", "--mesh", "cfg=2,ulysses=2",
+                 "--mesh", "pipefusion=2"])
+
+
+def test_pixart_tiny_rows_vs_diffusers(pixart_rows):
+    rows, stderr = pixart_rows
+    assert [(r["mesh"], r["impl"]) for r in rows] == [
+        ("single device", "xdit_jax"), ("cfg=2,ulysses=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"),
+        ("torch cpu", "diffusers")]
+    assert "16 image + 16 caption tokens (6 in the prompt's mask)" in stderr and "step med s" in stderr
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["kind"] == "step" and r["model"] == "pixart-tiny" and r["family"] == "pixart"
+        assert r["latent_shape"] == [2, 4, 8, 8] and r["image_tokens"] == 16 and r["text_tokens"] == 16
+        assert r["text_valid_tokens"] == 6 and r["additional_conditions"] is True
+        assert r["steps_timed"] == 2 and r["step_median_s"] > 0 and r["step_max_s"] >= r["step_min_s"] > 0
+        assert r["flops_analytic"] > 0 and r["tflops_achieved"] > 0 and r["fraction_of_peak"] > 0
+        assert "video_tokens" not in r and "num_frames" not in r
+    one, usp, pf = rows[:3]
+    for r in (one, usp, pf):
+        assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and r["ratio_vs_diffusers"] > 0
+        assert r["flops_xla_cost_analysis"] > 0
+    # the compiled program's dots and convolutions are the analytic count (one device)
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-6)
+    # same weights, inputs (caption mask, resolution, aspect ratio) and model: the same output
+    # (fp32; outputs of order 2), on one device and sequence-parallel
+    assert one["max_abs_diff_vs_diffusers"] < 1e-4 and usp["max_abs_diff_vs_diffusers"] < 1e-4
+    assert one["collective_bytes"] == 0
+    assert usp["collectives"]["all-to-all"] > 0 and usp["flops_hlo"] < one["flops_hlo"] / 2
+    # PipeFusion's patched step: the image tokens' K/V buffers are an argument; activations permuted
+    assert pf["pipefusion_patches"] == 2 and pf["collectives"]["collective-permute"] > 0
+
+
+def _pixart_flops_by_hand(b, s, txt, d, cap, cin, cout, p, layers, size_conditions):
+    per_block = (8 * b * s * d * d + 4 * b * s * s * d          # self-attention: q, k, v, out; QK^T, PV
+                 + 4 * b * s * d * d + 4 * b * txt * d * d      # cross-attention: q, out; k, v on the caption
+                 + 4 * b * s * txt * d                          # cross-attention QK^T, PV
+                 + 16 * b * s * d * d)                          # MLP d -> 4d -> d
+    once = (2 * b * s * cin * p * p * d                         # patch embedding
+            + 2 * b * (256 * d + d * d) + 2 * b * d * 6 * d     # timestep embedding, adaln_single
+            + 2 * b * txt * (cap * d + d * d)                   # caption projection
+            + 2 * b * s * d * p * p * cout)                     # output projection
+    if size_conditions:  # 2 resolution values + 1 aspect ratio per sample: 256 -> d/3 -> d/3 each
+        once += 3 * 2 * b * (256 * d // 3 + (d // 3) ** 2)
+    return layers * per_block + once
+
+
+def test_pixart_analytic_flops_formula():
+    t = dict(num_attention_heads=16, attention_head_dim=72, num_layers=2, in_channels=4, out_channels=8,
+             patch_size=2, cross_attention_dim=1152, caption_channels=4096, sample_size=128)
+    for extra, cond in [({}, True), ({"use_additional_conditions": False}, False)]:  # alpha (by sample_size), Sigma
+        f = bench.pixart_analytic_flops(dict(t, **extra), (2, 4, 64, 64), 300)
+        want = _pixart_flops_by_hand(2, 1024, 300, 1152, 4096, 4, 8, 2, 2, cond)
+        assert f["total"] == want and f["tokens"] == 1024
+        assert f["attention"] == 2 * (4 * 2 * 1024 * 1024 * 1152 + 4 * 2 * 1024 * 300 * 1152)
+        assert f["linear"] + f["attention"] == f["total"]
+
+
+def test_pixart_workloads():
+    w = bench.load_workload("pixart-cpu-small")
+    assert w.family == "pixart" and w.transformer["num_layers"] == 2
+    assert w.transformer["num_attention_heads"] * w.transformer["attention_head_dim"] == 1152
+    assert w.latent_shape() == (2, 4, 64, 64) and w.tokens() == (1024, 300)
+    x = bench.make_inputs(w)
+    assert list(x) == ["latents", "embeds", "t", "mask"]  # Sigma: no micro-conditions
+    assert x["embeds"].shape == (2, 300, 4096) and x["mask"].shape == (2, 300)
+    # CFG: the negative prompt "" (its EOS) first, then the prompt's 40 tokens
+    assert x["mask"].sum(1).tolist() == [1, 40] and x["mask"][1, :40].all() and x["mask"][0, 0] == 1
+    wa = bench.load_workload("pixart-alpha-1024")
+    assert (wa.height, wa.width) == (1024, 1024) and wa.tokens() == (128 // 2 * 128 // 2, 120)
+    xa = bench.make_inputs(wa)
+    assert xa["resolution"].tolist() == [[1024, 1024]] * 2 and xa["aspect_ratio"].tolist() == [[1.0]] * 2
+    ws = bench.load_workload(str(bench.CONFIG_DIR / "pixart-sigma-1024"), height=512, width=768, batch=2, cfg=False)
+    assert ws.family == "pixart" and ws.latent_shape() == (2, 4, 64, 96) and ws.tokens() == (32 * 48, 300)
+    assert bench.make_inputs(ws)["mask"].sum(1).tolist() == [40, 40]
+    with pytest.raises(ValueError, match="no frames"):
+        bench.load_workload("pixart-tiny", num_frames=9)
+
+
+def test_pixart_configs_load_in_diffusers_and_ours():
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+
+    from xdit_jax.models import pixart, t5, vae_kl
+    from xdit_jax.pipelines import pixart as pixart_pipeline
+    from xdit_jax.schedulers import dpmsolver
+
+    vae_scale = {"pixart-alpha-1024": 0.18215, "pixart-sigma-1024": 0.13025}
+    for name in bench.PIXART_MODELS:
+        folder = bench.CONFIG_DIR / name
+        t, defaults = bench.load_model_dir(folder)
+        cfg = pixart.PixArtConfig.from_dict(t)
+        assert cfg.additional_conditions == (name == "pixart-alpha-1024") and cfg.learned_sigma
+        assert PixArtTransformer2DModel.load_config(folder / "transformer")["num_layers"] == cfg.num_layers == 28
+        vcfg = vae_kl.AutoencoderKLConfig.from_dict(bench.read_json(folder / "vae" / "config.json"))
+        assert AutoencoderKL.load_config(folder / "vae")["scaling_factor"] == vcfg.scaling_factor == vae_scale[name]
+        t5.T5Config.from_dict(bench.read_json(folder / "text_encoder" / "config.json"))
+        sched = bench.read_json(folder / "scheduler" / "scheduler_config.json")
+        ours = dpmsolver.DPMSolverConfig.from_dict(sched)
+        theirs = DPMSolverMultistepScheduler.from_config(sched).config
+        default = DPMSolverMultistepScheduler().config  # the file holds diffusers' defaults
+        for k in ("algorithm_type", "solver_order", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps",
+                  "prediction_type", "lower_order_final", "timestep_spacing"):
+            assert theirs[k] == default[k] == getattr(ours, k), k
+        # the pipeline takes the folder's model_index class and agrees with defaults.json
+        kind = bench.read_json(folder / "model_index.json")["_class_name"]
+        assert pixart_pipeline.MAX_SEQUENCE_LENGTH[kind] == defaults["max_sequence_length"]
+        assert pixart_pipeline.default_size(*pixart_pipeline.read_configs(folder)) == \
+            {"height": defaults["height"], "width": defaults["width"]} == {"height": 1024, "width": 1024}
+        assert {"hub_id", "num_inference_steps", "guidance_scale"} <= set(defaults)
+
+
+# PixArt-XL-2 (d = 16 x 72 = 1152, 28 blocks), counted by hand from diffusers' modules:
+#   patch embed conv 4*2*2*d + d = 19,584; timestep embedder 256*d + d + d*d + d = 1,624,320;
+#   adaln_single linear d*6d + 6d = 7,969,536; caption projection 4096*d + d + d*d + d = 6,048,000;
+#   per block: 2 attentions 8(d*d + d) = 10,626,048, MLP d*4d + 4d + 4d*d + d = 10,622,592,
+#   scale_shift_table 6d = 6,912 -> 21,255,552 x 28 = 595,155,456; head: table 2d + proj_out d*32 + 32 = 39,200;
+#   alpha only: resolution and aspect-ratio embedders 2 x (256*384 + 384 + 384*384 + 384) = 493,056.
+PIXART_XL_PARAMS = {"pixart-alpha-1024": 611_349_152, "pixart-sigma-1024": 610_856_096}
+
+
+def test_pixart_full_size_parameter_count():
+    """Both full-size configs build abstractly (nothing allocated) with PixArt-XL-2's ~611M parameters,
+    exactly as many as diffusers' model of the same config (built on torch's meta device)."""
+    import inspect
+
+    import jax
+    import torch
+    from diffusers import PixArtTransformer2DModel
+    from flax import nnx
+
+    from xdit_jax.models import pixart
+
+    takes = inspect.signature(PixArtTransformer2DModel.__init__).parameters
+    for name, want in PIXART_XL_PARAMS.items():
+        t, _ = bench.load_model_dir(bench.CONFIG_DIR / name)
+        assert bench.family_of_config(t) == "pixart"  # the hub's class name, Transformer2DModel
+        cfg = pixart.PixArtConfig.from_dict(t)
+        _, state = nnx.split(nnx.eval_shape(lambda: pixart.PixArtTransformer2DModel(cfg, rngs=nnx.Rngs(0))))
+        ours = sum(x.size for x in jax.tree.leaves(state))
+        with torch.device("meta"):
+            tm = PixArtTransformer2DModel.from_config({k: v for k, v in t.items() if k in takes})
+        assert ours == sum(p.numel() for p in tm.parameters()) == want, name
+        assert abs(ours - 611e6) / 611e6 < 0.01
+
+
+@pytest.mark.parametrize("name", ["pixart-alpha-1024", "pixart-sigma-1024"])
+def test_pixart_full_width_step_matches_diffusers(name):
+    """The released configs at full width (1 layer, 128 x 128: 64 image tokens, the real caption length)
+    in-process against diffusers: alpha's micro-conditions and Sigma's positions reach both sides alike,
+    and the compiled program's FLOPs are the analytic count."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model=name, layers=1, height=128, width=128, steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    ours, ref = rows
+    assert ours["impl"] == "xdit_jax" and ref["impl"] == "diffusers" and "error" not in ours
+    assert ours["image_tokens"] == 64 and ours["text_tokens"] == (120 if "alpha" in name else 300)
+    assert ours["flops_hlo"] == pytest.approx(ours["flops_analytic"], rel=1e-6)
+    # fp32 both sides, outputs of order 2: a wrong condition, position or mask moves them by >1e-2
+    assert ours["max_abs_diff_vs_diffusers"] < 1e-4 * max(1.0, ref["ref_abs_max"])
+    assert ours["step_median_s"] > 0 and ref["step_median_s"] > 0

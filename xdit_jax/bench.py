@@ -17,8 +17,10 @@ What one benchmark row holds (see ``docs/benchmarks.md`` for the table and the r
   inputs, timed interleaved with ours in the same process; the ratio ours / diffusers per step.
 
 The step is built by :func:`build_step` alone, so it can later be swapped for the pipeline's full
-step on a mesh. Weights are passed to the jitted function as arguments (``nnx.split`` /
-``nnx.merge``), never closed over as constants. Variants (:class:`Variant`) build the same step
+step on a mesh. What differs between model families (CogVideoX, PixArt-alpha / Sigma: inputs, the
+arguments of ``embed``, analytic FLOPs, the diffusers reference) is in :mod:`xdit_jax.bench_families`.
+Weights are passed to the jitted function as arguments (``nnx.split`` / ``nnx.merge``), never
+closed over as constants. Variants (:class:`Variant`) build the same step
 with other XLA options or, as trace-time experiments that leave the model files alone, another
 attention kernel (:data:`ATTENTION_VARIANTS`) or float32-accumulating linears.
 :func:`run_e2e_benchmark` times the whole pipeline's stages instead.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -40,12 +43,16 @@ from typing import Any, Callable
 
 import numpy as np
 
+from xdit_jax.bench_families import (FAMILIES, PIXART_TEXT_VALID, Family, TorchReference,  # noqa: F401
+                                     family_of_config, family_of_model, pixart_analytic_flops)
+from xdit_jax.bench_families import cogvideox_analytic_flops as analytic_flops  # noqa: F401
 from xdit_jax.bench_variants import (ATTENTION_VARIANTS, LINEAR_VARIANTS, Variant, attention_override,  # noqa: F401
                                      linear_override, parse_compiler_options, parse_variant)
 from xdit_jax.hlo import matmul_flops as hlo_matmul_flops
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b")
+PIXART_MODELS = ("pixart-alpha-1024", "pixart-sigma-1024")
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -143,7 +150,8 @@ def default_settle_seconds(backend: str) -> float:
 
 @dataclasses.dataclass
 class Workload:
-    """What one step computes: a transformer config and the video/text shapes it runs on."""
+    """What one step computes: a transformer config and the video/image and text shapes it runs on.
+    ``family`` (an entry of :data:`FAMILIES`) says what the shapes mean (``xdit_jax.bench_families``)."""
 
     name: str
     transformer: dict  # diffusers config.json of the transformer
@@ -156,6 +164,13 @@ class Workload:
     vae_scale_temporal: int = 4
     defaults: dict = dataclasses.field(default_factory=dict)
     source: str = ""
+    family: str = "cogvideox"
+    text_tokens: int | None = None  # PixArt: caption tokens (default: defaults.json's max_sequence_length)
+    text_valid: int | None = None  # PixArt: real tokens in the prompt's caption mask (PIXART_TEXT_VALID)
+
+    @property
+    def fam(self) -> Family:
+        return FAMILIES[self.family]
 
     @property
     def step_batch(self) -> int:
@@ -163,24 +178,16 @@ class Workload:
 
     @property
     def text_len(self) -> int:
-        return int(self.transformer.get("max_text_seq_length", 226))
+        return self.fam.text_len(self)
 
-    def latent_shape(self) -> tuple[int, int, int, int, int]:
-        """(B, F, C, h, w) in diffusers' layout; 1.5 pads latent frames to a multiple of patch_size_t."""
-        t = self.transformer
-        f = (self.num_frames - 1) // self.vae_scale_temporal + 1
-        pt = t.get("patch_size_t")
-        if pt and f % pt:
-            f += pt - f % pt
-        return (self.step_batch, f, int(t.get("in_channels", 16)), self.height // self.vae_scale_spatial,
-                self.width // self.vae_scale_spatial)
+    def latent_shape(self) -> tuple[int, ...]:
+        """diffusers' layout: CogVideoX (B, F, C, h, w) (1.5 pads latent frames to a multiple of
+        patch_size_t), PixArt (B, C, h, w)."""
+        return self.fam.latent_shape(self)
 
     def tokens(self) -> tuple[int, int]:
-        """(video tokens, text tokens) per sample."""
-        _, f, _, h, w = self.latent_shape()
-        p = int(self.transformer.get("patch_size", 2))
-        pt = self.transformer.get("patch_size_t") or 1
-        return (f // pt) * (h // p) * (w // p), self.text_len
+        """(video or image tokens, text tokens) per sample."""
+        return self.fam.tokens(self)
 
 
 def read_json(path: Path) -> dict:
@@ -219,18 +226,49 @@ def _cpu_small_workload() -> Workload:
                     defaults=defaults)
 
 
-PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload}
+def _pixart_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's PixArt made PixArt-alpha shaped (micro-conditions need a width divisible by 3):
+    # every input path of the family (caption mask, resolution, aspect ratio, learned sigma) runs.
+    t = dict(tiny.PIXART_TRANSFORMER, num_attention_heads=3, attention_head_dim=8, cross_attention_dim=24,
+             use_additional_conditions=True)
+    size = t["sample_size"] * 8
+    return Workload("pixart-tiny", t, height=size, width=size, num_frames=1, family="pixart",
+                    text_tokens=tiny.PIXART_MAX_SEQUENCE_LENGTH, text_valid=6,
+                    source="xdit_jax.tiny's PixArt, 3 heads x 8, with micro-conditions",
+                    defaults=dict(num_inference_steps=4, guidance_scale=4.5))
+
+
+def _pixart_cpu_small_workload() -> Workload:
+    t, defaults = load_model_dir(CONFIG_DIR / "pixart-sigma-1024")
+    t = dict(t, num_layers=2)
+    return Workload("pixart-cpu-small", t, height=512, width=512, num_frames=1, family="pixart",
+                    text_tokens=int(defaults.get("max_sequence_length", 300)), text_valid=PIXART_TEXT_VALID,
+                    source="configs/pixart-sigma-1024, 2 layers", defaults=defaults)
+
+
+PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
+                                              "pixart-tiny": _pixart_tiny_workload,
+                                              "pixart-cpu-small": _pixart_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
 }
 for _m in FULL_MODELS:
     PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at its default resolution"
+PRESET_HELP.update({
+    "pixart-tiny": "a 3x8-head, 2-layer PixArt-alpha-shaped model at 64x64: 16 image + 16 text tokens (CI smoke test)",
+    "pixart-cpu-small": f"PixArt-Sigma XL width (16 heads x 72), 2 layers, 512x512: 1024 image + 300 text tokens "
+                        f"({PIXART_TEXT_VALID} real)",
+})
+for _m in PIXART_MODELS:
+    PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at 1024x1024 (4096 image tokens)"
 
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                   layers: int | None = None, batch: int = 1, cfg: bool = True) -> Workload:
-    """A preset (``tiny``, ``cpu-small``), a full-size model in ``configs/``, or a config folder path."""
+    """A preset (:data:`PRESETS`), a full-size model in ``configs/``, or a config folder path."""
     if name in PRESETS:
         w = PRESETS[name]()
     else:
@@ -240,9 +278,16 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
                 if CONFIG_DIR.is_dir() else sorted(PRESETS)
             raise ValueError(f"Unknown model {name!r}: give one of {', '.join(known)} or a config folder.")
         t, d = load_model_dir(folder)
-        w = Workload(folder.name, t, height=int(d.get("height", t["sample_height"] * 8)),
-                     width=int(d.get("width", t["sample_width"] * 8)),
-                     num_frames=int(d.get("num_frames", t["sample_frames"])), defaults=d, source=str(folder))
+        if family_of_config(t) == "pixart":
+            size = int(t.get("sample_size", 128)) * 8
+            w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
+                         num_frames=1, defaults=d, source=str(folder), family="pixart")
+        else:
+            w = Workload(folder.name, t, height=int(d.get("height", t["sample_height"] * 8)),
+                         width=int(d.get("width", t["sample_width"] * 8)),
+                         num_frames=int(d.get("num_frames", t["sample_frames"])), defaults=d, source=str(folder))
+    if w.family == "pixart" and num_frames not in (None, 1):
+        raise ValueError(f"{w.name} is a PixArt (text-to-image) model: it has no frames (drop --frames).")
     if layers is not None:
         w.transformer = dict(w.transformer, num_layers=int(layers))
     w.height, w.width = height or w.height, width or w.width
@@ -255,43 +300,10 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
 # Analytic FLOPs
 # --------------------------------------------------------------------------------------------
 
-def analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
-    """Matmul FLOPs of one CogVideoX transformer forward (2 FLOPs per multiply-add).
-
-    B = batch (both CFG halves), S_v = (F/p_t)(h/p)(w/p) video tokens, S_t = text tokens,
-    S = S_v + S_t, d = heads * head_dim, T = time_embed_dim, L = layers, D_txt = text_embed_dim,
-    C_in = in_channels p^2 p_t, C_out = out_channels p^2 p_t. Per block:
-
-        q, k, v, out projections   4 * 2 B S d^2        = 8 B S d^2
-        attention QK^T and PV      2 * 2 B S^2 d        = 4 B S^2 d
-        feed-forward d->4d->d      2 * 2 B S d (4d)     = 16 B S d^2
-        two adaLN modulations      2 * 2 B T (6d)       = 24 B T d
-
-    plus, once: patch embedding 2 B S_v C_in d, text projection 2 B S_t D_txt d, time embedding
-    2 B (d T + T^2), output modulation 2 B T (2d), output projection 2 B S_v d C_out.
-    Element-wise work (norms, softmax, GELU, RoPE) is left out: < 1% at these sizes.
-    """
-    b, f, c, h, w = latent_shape
-    p = int(transformer.get("patch_size", 2))
-    pt = int(transformer.get("patch_size_t") or 1)
-    d = int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"])
-    tdim = int(transformer.get("time_embed_dim", 512))
-    layers = int(transformer["num_layers"])
-    dtxt = int(transformer.get("text_embed_dim", 4096))
-    cout = int(transformer.get("out_channels") or c)
-    sv = (f // pt) * (h // p) * (w // p)
-    st = text_len
-    s = sv + st
-    proj = 8 * b * s * d * d
-    attn = 4 * b * s * s * d
-    ff = 16 * b * s * d * d
-    mod = 24 * b * tdim * d
-    embed = 2 * b * sv * (c * p * p * pt) * d + 2 * b * st * dtxt * d + 2 * b * (d * tdim + tdim * tdim)
-    head = 2 * b * tdim * 2 * d + 2 * b * sv * d * (cout * p * p * pt)
-    block = proj + attn + ff + mod
-    return {"total": float(layers * block + embed + head), "per_block": float(block),
-            "attention": float(layers * attn), "linear": float(layers * (proj + ff + mod) + embed + head),
-            "tokens": s}
+def workload_flops(w: Workload) -> dict[str, float]:
+    """Analytic matmul FLOPs of one forward of ``w`` (the family's formula: :func:`analytic_flops` for
+    CogVideoX, :func:`pixart_analytic_flops` for PixArt; ``xdit_jax.bench_families``)."""
+    return w.fam.analytic_flops(w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,13 +348,10 @@ def jnp_dtype(name: str):
 
 
 def make_inputs(w: Workload, seed: int = 0) -> dict[str, np.ndarray]:
-    """Latents (B, F, C, h, w), text embeddings (B, L, D_txt) and timesteps (B,), float32 / int64, as numpy."""
-    rng = np.random.default_rng(seed)
-    t = w.transformer
-    latents = rng.standard_normal(w.latent_shape(), dtype=np.float32)
-    embeds = rng.standard_normal((w.step_batch, w.text_len, int(t.get("text_embed_dim", 4096))), dtype=np.float32)
-    steps = np.full((w.step_batch,), 500, dtype=np.int64)
-    return {"latents": latents, "embeds": embeds, "t": steps}
+    """The step's random inputs, numpy, batch first, in the step's argument order (the family's:
+    CogVideoX latents (B, F, C, h, w), text embeddings (B, L, D_txt), timesteps (B,); PixArt adds the
+    caption mask and its micro-conditions)."""
+    return w.fam.make_inputs(w, seed)
 
 
 def batch_sharding(mesh, ndim: int):
@@ -354,70 +363,84 @@ def batch_sharding(mesh, ndim: int):
 
 
 def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
-               patches: int | None = None, num_layers: int | None = None) -> tuple[Callable, str]:
-    """The benchmarked step, ``(state, latents, embeds, t) -> noise_pred`` on the CFG batch, jitted.
+               patches: int | None = None, num_layers: int | None = None, family: Family | None = None,
+               input_names: tuple[str, ...] = ("latents", "embeds", "t")) -> tuple[Callable, str]:
+    """The benchmarked step, ``(state, *inputs) -> noise_pred`` on the CFG batch, jitted; ``inputs``
+    in the order of ``input_names`` (the keys of :func:`make_inputs`; CogVideoX: latents, embeds, t).
 
     The transformer forward for both CFG halves, weights as arguments, run as the pipeline runs
     it: ``embed`` -> ``xdit_jax.parallel.sequence.run_blocks`` over the mesh -> ``head`` (where
-    the tree has them; else the plain ``model(...)`` call). Returns (jitted step, which path).
+    the tree has them; else the plain ``model(...)`` call). ``family`` (default CogVideoX) gives
+    the arguments of ``embed``. Returns (jitted step, which path).
     This is the one function to swap for the pipeline's full step (guidance + scheduler update).
     ``patches``: PipeFusion (:mod:`xdit_jax.parallel.pipefusion`), the step is then
-    ``(state, latents, embeds, t, kv) -> (noise_pred, kv)``, a patched (not warm-up) step.
+    ``(state, *inputs, kv) -> (noise_pred, kv)``, a patched (not warm-up) step.
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     dtype = dtype or jnp.float32
+    family = family or FAMILIES["cogvideox"]
+    names = tuple(input_names)
     try:
         from xdit_jax.parallel.sequence import run_blocks
     except ImportError:
         run_blocks = None
-    from xdit_jax.models import cogvideox
 
-    staged = run_blocks is not None and all(hasattr(cogvideox.CogVideoXTransformer3DModel, a)
-                                            for a in ("embed", "blocks", "head"))
+    staged = run_blocks is not None and all(hasattr(family.model_class, a) for a in ("embed", "blocks", "head"))
 
-    def blocks(params, joint, tokens, temb):
-        return nnx.merge(graphdef, params).blocks(joint, tokens, temb)
+    def blocks(params, joint, tokens, cond):
+        return nnx.merge(graphdef, params).blocks(joint, tokens, cond)
 
-    def step(state, latents, embeds, t, kv=None):
+    def step(state, *args):
+        kv = None
+        if patches:
+            args, kv = args[:-1], args[-1]
+        inputs = dict(zip(names, args))
         model = nnx.merge(graphdef, state)
         if mesh is not None:
-            latents = jax.lax.with_sharding_constraint(latents, batch_sharding(mesh, latents.ndim))
-        x, e = latents.astype(dtype), embeds.astype(dtype)
+            inputs["latents"] = jax.lax.with_sharding_constraint(inputs["latents"],
+                                                                 batch_sharding(mesh, inputs["latents"].ndim))
+        embed_args = family.embed_args(inputs, dtype)
+        shape = embed_args[0].shape
         if patches:
             from xdit_jax.parallel.pipefusion import run_pipefusion
 
-            joint, tokens, temb = model.embed(x, e, t)
-            joint, kv = run_pipefusion(blocks, state, joint, tokens, temb, kv, mesh, patches=patches, warmup=False,
-                                       stacked=cogvideox.STACKED, backend=attention_backend, num_layers=num_layers)
-            return model.head(joint, temb, x.shape).astype(jnp.float32), kv
+            joint, tokens, cond = model.embed(*embed_args)
+            joint, kv = run_pipefusion(blocks, state, joint, tokens, cond, kv, mesh, patches=patches, warmup=False,
+                                       stacked=family.stacked, backend=attention_backend, num_layers=num_layers)
+            return model.head(joint, cond, shape).astype(jnp.float32), kv
         if staged:
-            joint, tokens, temb = model.embed(x, e, t)
-            joint = run_blocks(blocks, state, joint, tokens, temb, mesh, backend=attention_backend)
-            pred = model.head(joint, temb, x.shape)
+            joint, tokens, cond = model.embed(*embed_args)
+            joint = run_blocks(blocks, state, joint, tokens, cond, mesh, backend=attention_backend)
+            pred = model.head(joint, cond, shape)
         else:
             from xdit_jax.parallel.attention import AttentionConfig, attention_context
 
             with attention_context(AttentionConfig(mesh=mesh, backend=attention_backend)):
-                pred = model(x, e, t)
+                pred = model(*embed_args)
         return pred.astype(jnp.float32)
 
+    # Named arguments (state, latents, embeds, ..., kv) for the compiled program's parameter names.
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    step.__signature__ = inspect.Signature([inspect.Parameter(n, positional)
+                                            for n in ("state", *names, *(("kv",) if patches else ()))])
     if patches:
-        return jax.jit(step, donate_argnums=(4,)), f"embed/run_pipefusion({patches} patches)/head"
+        return jax.jit(step, donate_argnums=(len(names) + 1,)), f"embed/run_pipefusion({patches} patches)/head"
     return jax.jit(step), ("embed/run_blocks/head" if staged else "model()")
 
 
 def init_random_state(cfg, dtype, seed: int = 0, sharding=None):
-    """(graphdef, state) of a randomly initialised transformer, made on device by one jitted init."""
+    """(graphdef, state) of a randomly initialised transformer (of ``cfg``'s family), made on device
+    by one jitted init."""
     import jax
     from flax import nnx
 
-    from xdit_jax.models import cogvideox
+    model_class = family_of_model(cfg).model_class
 
     def make():
-        return cogvideox.CogVideoXTransformer3DModel(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+        return model_class(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
 
     graphdef, _ = nnx.split(nnx.eval_shape(make))
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=sharding)()
@@ -429,9 +452,7 @@ def state_from_params(cfg, params: dict, dtype, sharding=None):
     import jax
     from flax import nnx
 
-    from xdit_jax.models import cogvideox
-
-    model = cogvideox.build(cfg, params, dtype)
+    model = family_of_model(cfg).build(cfg, params, dtype)
     graphdef, state = nnx.split(model)
     if sharding is not None:
         state = jax.device_put(state, sharding)
@@ -535,57 +556,6 @@ def enable_compile_cache(directory: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The diffusers reference
-# --------------------------------------------------------------------------------------------
-
-class TorchReference:
-    """diffusers' ``CogVideoXTransformer3DModel`` on the same config, weights and inputs."""
-
-    def __init__(self, transformer_config: dict, dtype: str, seed: int = 0, device: str | None = None):
-        import torch
-        from diffusers import CogVideoXTransformer3DModel
-
-        self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch.manual_seed(seed)
-        cfg = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
-        model = CogVideoXTransformer3DModel(**cfg).eval()
-        self.state_dict_np = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        if tdtype != torch.float32:
-            model = model.to(dtype=tdtype)  # on the host first: the device never holds the fp32 copy
-        self.model = model.to(self.device)
-        self.dtype = tdtype
-
-    def set_inputs(self, inputs: dict, w: Workload):
-        torch = self.torch
-        self.x = torch.from_numpy(inputs["latents"]).to(self.device, self.dtype)
-        self.enc = torch.from_numpy(inputs["embeds"]).to(self.device, self.dtype)
-        self.t = torch.from_numpy(inputs["t"]).to(self.device)
-        self.rope = None
-        if self.model.config.use_rotary_positional_embeddings:
-            import types
-
-            from diffusers import CogVideoXPipeline
-
-            fake = types.SimpleNamespace(transformer=self.model, vae_scale_factor_spatial=w.vae_scale_spatial)
-            _, f, _, h, ww = inputs["latents"].shape
-            self.rope = CogVideoXPipeline._prepare_rotary_positional_embeddings(
-                fake, h * w.vae_scale_spatial, ww * w.vae_scale_spatial, f, self.device)
-
-    def __call__(self):
-        with self.torch.inference_mode():
-            out = self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
-                             image_rotary_emb=self.rope, return_dict=False)[0]
-        if self.device != "cpu":
-            self.torch.cuda.synchronize()
-        return out
-
-    def to_numpy(self, out) -> np.ndarray:
-        return out.float().cpu().numpy()
-
-
-# --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
 
@@ -665,8 +635,6 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
     """Run the step benchmark: one row (dict) per (mesh, variant) of ours, one for diffusers if compared."""
     import jax
 
-    from xdit_jax.models import cogvideox
-
     log = opts.log
     t_start = time.perf_counter()
     if opts.compile_cache:
@@ -682,23 +650,23 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
                                                                                   dtype_name))
     w = load_workload(opts.model, height=opts.height, width=opts.width, num_frames=opts.num_frames,
                       layers=opts.layers, batch=opts.batch, cfg=opts.cfg)
-    tcfg = cogvideox.CogVideoXConfig.from_dict(w.transformer)
+    fam = w.fam
+    tcfg = fam.config(w.transformer)
     shape = w.latent_shape()
-    cogvideox.check_input_shape(tcfg, shape[1], shape[3], shape[4])
-    flops = analytic_flops(w.transformer, shape, w.text_len)
+    fam.check(tcfg, shape)
+    flops = workload_flops(w)
     sv, st = w.tokens()
     peak, peak_src = peak_tflops(env["device_kind"], dtype_name, opts.matmul_precision)
     host_peak = peak is None and backend == "cpu" and dtype_name == "float32" and not opts.compile_only
     if host_peak:  # every simulated CPU device shares the same cores: one peak for the whole host
         peak = measure_host_sgemm_tflops()
         peak_src = "measured: host BLAS sgemm 2048^3 via numpy, best of 5 (all simulated devices together)"
-    log(f"[bench] {w.name}: latents {shape}, {sv} video + {st} text tokens, {tcfg.num_layers} layers, "
+    log(f"[bench] {w.name}: latents {shape}, {sv} {fam.token_word} + {st} text tokens, {tcfg.num_layers} layers, "
         f"{dtype_name} on {env['n_devices']} x {env['device_kind']} ({backend}); "
         f"analytic {flops['total'] / 1e9:.2f} GFLOP/step")
     base = {"kind": "step", "model": w.name, "source": w.source, "dtype": dtype_name, "latent_shape": list(shape),
-            "video_tokens": sv, "text_tokens": st, "layers": tcfg.num_layers, "heads": tcfg.num_attention_heads,
-            "head_dim": tcfg.attention_head_dim, "height": w.height, "width": w.width, "num_frames": w.num_frames,
-            "step_batch": w.step_batch, "flops_analytic": flops["total"], "flops_attention": flops["attention"],
+            **fam.row_fields(w, tcfg), "step_batch": w.step_batch, "flops_analytic": flops["total"],
+            "flops_attention": flops["attention"],
             "peak_tflops": peak, "peak_source": peak_src, "settle_s": settle, "warmup": opts.warmup,
             "matmul_precision": opts.matmul_precision, "compile_cache": opts.compile_cache, **env}
 
@@ -709,8 +677,8 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
         raise ValueError("compile-only runs nothing, so there is nothing to compare with diffusers.")
     if opts.compare == "diffusers":
         with prep.stage("init_weights"):
-            ref = TorchReference(w.transformer, dtype_name, seed=opts.seed)
-            params = cogvideox.params_from_torch(ref.state_dict_np, tcfg, dtype=dtype)
+            ref = fam.torch_reference(w.transformer, dtype_name, seed=opts.seed)
+            params = fam.params_from_torch(ref.state_dict_np, tcfg, dtype=dtype)
             ref.state_dict_np = None
         with prep.stage("to_device"):
             ref.set_inputs(inputs, w)
@@ -728,7 +696,8 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
                        compiler_options=var.compiler_options or None, attention_variant=var.attention,
                        linear_variant=var.linear)
             try:
-                runners.append(_prepare_ours(row, tcfg, dtype, ms, var, inputs, params, opts))
+                runners.append(_prepare_ours(row, tcfg, dtype, ms, var, inputs, params, opts,
+                                             family=fam, attention_tokens=fam.attention_tokens(w)))
             except Exception as e:  # e.g. a mesh the engine cannot run yet: report it, go on
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"[bench] {row['mesh']} {var.label}: skipped ({row['error'].splitlines()[0][:200]})")
@@ -819,24 +788,25 @@ def _stage_shardings(tcfg, dtype, stage, repl):
     import jax
     from flax import nnx
 
-    from xdit_jax.models import cogvideox
     from xdit_jax.parallel.pipefusion import starts_with
 
-    _, state = nnx.split(nnx.eval_shape(
-        lambda: cogvideox.CogVideoXTransformer3DModel(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
-    return jax.tree_util.tree_map_with_path(lambda kp, _: stage if starts_with(kp, cogvideox.STACKED) else repl,
-                                            state)
+    fam = family_of_model(tcfg)
+    _, state = nnx.split(nnx.eval_shape(lambda: fam.model_class(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
+    return jax.tree_util.tree_map_with_path(lambda kp, _: stage if starts_with(kp, fam.stacked) else repl, state)
 
 
-def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params, opts: StepOptions) -> _Runner:
-    """Weights and inputs on the mesh, the step lowered and compiled; the row filled with what that tells."""
+def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params, opts: StepOptions, *,
+                  family: Family | None = None, attention_tokens: int | None = None) -> _Runner:
+    """Weights and inputs on the mesh, the step lowered and compiled; the row filled with what that tells.
+    ``attention_tokens``: the self-attention's sequence length (PipeFusion's K/V buffers)."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from xdit_jax.models import cogvideox
-
     from xdit_jax.mesh import build_mesh
+
+    family = family or family_of_model(tcfg)
+    names = tuple(inputs)
 
     timer = _Timer()
     mesh = build_mesh(ms) if ms.size > 1 else None
@@ -855,17 +825,17 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         from flax import nnx
 
         graphdef, state = nnx.split(nnx.eval_shape(
-            lambda: cogvideox.CogVideoXTransformer3DModel(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
+            lambda: family.model_class(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
         shardings = stage_tree if patches else jax.tree.map(lambda _: repl, state)
 
         def abstract(kp, a, sh):
-            stacked = patches and pipefusion.starts_with(kp, cogvideox.STACKED)
+            stacked = patches and pipefusion.starts_with(kp, family.stacked)
             return jax.ShapeDtypeStruct(((layers,) + a.shape[1:]) if stacked else a.shape, a.dtype, sharding=sh)
 
         state = jax.tree_util.tree_map_with_path(abstract, state, shardings)
         args = tuple(jax.ShapeDtypeStruct(inputs[k].shape, inputs[k].dtype,
                                           sharding=batch_sharding(mesh, inputs[k].ndim) if mesh is not None else None)
-                     for k in ("latents", "embeds", "t"))
+                     for k in names)
     else:
         with timer.stage("init_weights"):
             if params is not None:  # the diffusers model's weights
@@ -873,23 +843,24 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             else:
                 graphdef, state = init_random_state(tcfg, dtype, opts.seed, repl)
             if patches:  # split (and, for uneven stages, pad) the stacked blocks over the stages
-                state = pipefusion.pad_stack(state, cogvideox.STACKED, ms.pipefusion, stage_tree)
+                state = pipefusion.pad_stack(state, family.stacked, ms.pipefusion, stage_tree)
             jax.block_until_ready(state)
         with timer.stage("to_device"):
             if mesh is not None:
-                args = tuple(jax.device_put(inputs[k], batch_sharding(mesh, inputs[k].ndim))
-                             for k in ("latents", "embeds", "t"))
+                args = tuple(jax.device_put(inputs[k], batch_sharding(mesh, inputs[k].ndim)) for k in names)
             else:
-                args = tuple(jax.device_put(inputs[k]) for k in ("latents", "embeds", "t"))
+                args = tuple(jax.device_put(inputs[k]) for k in names)
             jax.block_until_ready(args)
     step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches,
-                                        tcfg.num_layers)
+                                        tcfg.num_layers, family=family, input_names=names)
     if patches:  # PipeFusion's K/V buffers: an argument (donated, given back by each step)
         from xdit_jax.parallel import pipefusion
 
         lat = inputs["latents"].shape
-        pt = tcfg.patch_size_t or 1
-        seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
+        seq = attention_tokens
+        if seq is None:  # CogVideoX: joint attention over text + video tokens
+            pt = tcfg.patch_size_t or 1
+            seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
         if opts.compile_only:
             kv_shape = pipefusion.cache_shape(layers, lat[0], seq, tcfg.num_attention_heads, tcfg.attention_head_dim,
                                               patches, ms.ulysses, ms.ring)
@@ -994,6 +965,11 @@ def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = N
            "height": w.height, "width": w.width, "num_frames": w.num_frames, "num_inference_steps": steps,
            "guidance_scale": 6.0 if w.cfg else 1.0, "text_layers": text_layers,
            "attention_backend": attention_backend, **env}
+    if w.family != "cogvideox":
+        row["error"] = (f"NotImplementedError: --e2e times the CogVideoX pipeline only so far; {w.name} is a "
+                        f"{w.family} model (its step benchmark works)")
+        log(f"[bench] e2e: skipped ({row['error']})")
+        return [row]
     try:
         t0 = time.perf_counter()
         pipe = build_random_pipeline(w, dtype_name, mesh=None if ms.size == 1 else str(ms), seed=opts.seed,
@@ -1068,8 +1044,13 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"
     r0 = rows[0]
+    if "image_tokens" in r0:  # PixArt: image tokens self-attend, the caption is cross-attended
+        tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} caption tokens "
+                  f"({r0['text_valid_tokens']} in the prompt's mask)")
+    else:
+        tokens = f"{r0['video_tokens']}+{r0['text_tokens']} tokens"
     head = (f"model {r0['model']} ({r0.get('source', '')}): latents {tuple(r0['latent_shape'])}, "
-            f"{r0['video_tokens']}+{r0['text_tokens']} tokens, {r0['layers']} layers, {r0['dtype']}, "
+            f"{tokens}, {r0['layers']} layers, {r0['dtype']}, "
             f"{r0['backend']} {r0['device_kind']} x{r0['n_devices']}, attention {r0.get('attention_backend')}\n"
             f"FLOP/step analytic {_fmt_flops(r0['flops_analytic'])} "
             f"(attention {r0['flops_attention'] / r0['flops_analytic']:.0%}); "

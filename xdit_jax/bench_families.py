@@ -1,0 +1,432 @@
+"""What the step benchmark needs to know about each model family, and nothing more.
+
+A :class:`Family` describes, for :mod:`xdit_jax.bench`: the workload's latent shape and token
+counts, its random inputs (numpy, batch first, in the order the jitted step takes them), the
+arguments of the model's ``embed`` (the step then runs ``embed`` -> the blocks over the mesh ->
+``head``, as the pipelines do), the analytic FLOPs of one forward, and the diffusers reference
+(:class:`TorchReference`). Meshes, PipeFusion, variants, timing, memory, FLOP and collective
+counting are shared (``xdit_jax.bench``). Two families: CogVideoX (text-to-video, joint
+attention over text + video tokens) and PixArt-alpha / Sigma (text-to-image, self-attention over
+the image tokens, masked cross-attention to the caption).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+
+# A typical prompt's T5 tokens: the PixArt workloads' caption mask keeps this many of the
+# max_sequence_length tokens of the conditional half (the unconditional half is diffusers' default
+# negative prompt "": one token, the EOS).
+PIXART_TEXT_VALID = 40
+
+
+class Family:
+    """One model family; subclasses fill in what differs."""
+
+    name: str = ""
+    module_name: str = ""  # the xdit_jax.models module: Config, model class, STACKED, build, params_from_torch
+    model_class_name: str = ""
+    config_class_name: str = ""
+    token_word: str = ""  # what the latent tokens are: "video" / "image"
+
+    @property
+    def module(self):
+        return importlib.import_module(self.module_name)
+
+    @property
+    def model_class(self):
+        return getattr(self.module, self.model_class_name)
+
+    @property
+    def stacked(self) -> str:
+        return self.module.STACKED
+
+    def config(self, transformer: dict):
+        return getattr(self.module, self.config_class_name).from_dict(transformer)
+
+    def params_from_torch(self, flat: dict, cfg, dtype=None) -> dict:
+        return self.module.params_from_torch(flat, cfg, dtype=dtype)
+
+    def build(self, cfg, params: dict, dtype):
+        return self.module.build(cfg, params, dtype)
+
+    # -- the workload ---------------------------------------------------------------------------
+    def latent_shape(self, w) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def tokens(self, w) -> tuple[int, int]:
+        """(latent tokens, text tokens) per sample."""
+        raise NotImplementedError
+
+    def text_len(self, w) -> int:
+        raise NotImplementedError
+
+    def attention_tokens(self, w) -> int:
+        """The length of the sequence the self-attention (and PipeFusion's K/V buffers) covers."""
+        raise NotImplementedError
+
+    def check(self, cfg, shape: tuple[int, ...]) -> None:
+        """Refuse a latent shape the model cannot take (the model's own check)."""
+        raise NotImplementedError
+
+    def row_fields(self, w, cfg) -> dict:
+        """What a benchmark row says about the workload's shape (after ``latent_shape``)."""
+        raise NotImplementedError
+
+    # -- the step -------------------------------------------------------------------------------
+    def make_inputs(self, w, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs of one step, numpy, batch first; the dict order is the step's argument order."""
+        raise NotImplementedError
+
+    def embed_args(self, inputs: dict, dtype) -> tuple:
+        """(Traced.) The positional arguments of ``model.embed`` (and of ``model(...)``) for ``inputs``."""
+        raise NotImplementedError
+
+    def analytic_flops(self, w) -> dict[str, float]:
+        raise NotImplementedError
+
+    def torch_reference(self, transformer: dict, dtype: str, seed: int = 0, device: str | None = None):
+        raise NotImplementedError
+
+
+# ============================================================================================
+# CogVideoX
+# ============================================================================================
+
+def cogvideox_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one CogVideoX transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (both CFG halves), S_v = (F/p_t)(h/p)(w/p) video tokens, S_t = text tokens,
+    S = S_v + S_t, d = heads * head_dim, T = time_embed_dim, L = layers, D_txt = text_embed_dim,
+    C_in = in_channels p^2 p_t, C_out = out_channels p^2 p_t. Per block:
+
+        q, k, v, out projections   4 * 2 B S d^2        = 8 B S d^2
+        attention QK^T and PV      2 * 2 B S^2 d        = 4 B S^2 d
+        feed-forward d->4d->d      2 * 2 B S d (4d)     = 16 B S d^2
+        two adaLN modulations      2 * 2 B T (6d)       = 24 B T d
+
+    plus, once: patch embedding 2 B S_v C_in d, text projection 2 B S_t D_txt d, time embedding
+    2 B (d T + T^2), output modulation 2 B T (2d), output projection 2 B S_v d C_out.
+    Element-wise work (norms, softmax, GELU, RoPE) is left out: < 1% at these sizes.
+    """
+    b, f, c, h, w = latent_shape
+    p = int(transformer.get("patch_size", 2))
+    pt = int(transformer.get("patch_size_t") or 1)
+    d = int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"])
+    tdim = int(transformer.get("time_embed_dim", 512))
+    layers = int(transformer["num_layers"])
+    dtxt = int(transformer.get("text_embed_dim", 4096))
+    cout = int(transformer.get("out_channels") or c)
+    sv = (f // pt) * (h // p) * (w // p)
+    st = text_len
+    s = sv + st
+    proj = 8 * b * s * d * d
+    attn = 4 * b * s * s * d
+    ff = 16 * b * s * d * d
+    mod = 24 * b * tdim * d
+    embed = 2 * b * sv * (c * p * p * pt) * d + 2 * b * st * dtxt * d + 2 * b * (d * tdim + tdim * tdim)
+    head = 2 * b * tdim * 2 * d + 2 * b * sv * d * (cout * p * p * pt)
+    block = proj + attn + ff + mod
+    return {"total": float(layers * block + embed + head), "per_block": float(block),
+            "attention": float(layers * attn), "linear": float(layers * (proj + ff + mod) + embed + head),
+            "tokens": s}
+
+
+class TorchReference:
+    """diffusers' transformer on the same config, weights and inputs (here: ``CogVideoXTransformer3DModel``;
+    subclasses: other families). ``state_dict_np``: its random weights, for ``params_from_torch``."""
+
+    def __init__(self, transformer_config: dict, dtype: str, seed: int = 0, device: str | None = None):
+        import torch
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(seed)
+        cfg = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+        model = self._make_model(cfg).eval()
+        self.state_dict_np = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        if tdtype != torch.float32:
+            model = model.to(dtype=tdtype)  # on the host first: the device never holds the fp32 copy
+        self.model = model.to(self.device)
+        self.dtype = tdtype
+
+    def _make_model(self, cfg: dict):
+        from diffusers import CogVideoXTransformer3DModel
+
+        return CogVideoXTransformer3DModel(**cfg)
+
+    def set_inputs(self, inputs: dict, w):
+        torch = self.torch
+        self.x = torch.from_numpy(inputs["latents"]).to(self.device, self.dtype)
+        self.enc = torch.from_numpy(inputs["embeds"]).to(self.device, self.dtype)
+        self.t = torch.from_numpy(inputs["t"]).to(self.device)
+        self.rope = None
+        if self.model.config.use_rotary_positional_embeddings:
+            import types
+
+            from diffusers import CogVideoXPipeline
+
+            fake = types.SimpleNamespace(transformer=self.model, vae_scale_factor_spatial=w.vae_scale_spatial)
+            _, f, _, h, ww = inputs["latents"].shape
+            self.rope = CogVideoXPipeline._prepare_rotary_positional_embeddings(
+                fake, h * w.vae_scale_spatial, ww * w.vae_scale_spatial, f, self.device)
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
+                          image_rotary_emb=self.rope, return_dict=False)[0]
+
+    def __call__(self):
+        with self.torch.inference_mode():
+            out = self._forward()
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+        return out
+
+    def to_numpy(self, out) -> np.ndarray:
+        return out.float().cpu().numpy()
+
+
+class CogVideoX(Family):
+    name = "cogvideox"
+    module_name = "xdit_jax.models.cogvideox"
+    model_class_name = "CogVideoXTransformer3DModel"
+    config_class_name = "CogVideoXConfig"
+    token_word = "video"
+
+    def latent_shape(self, w):
+        """(B, F, C, h, w) in diffusers' layout; 1.5 pads latent frames to a multiple of patch_size_t."""
+        t = w.transformer
+        f = (w.num_frames - 1) // w.vae_scale_temporal + 1
+        pt = t.get("patch_size_t")
+        if pt and f % pt:
+            f += pt - f % pt
+        return (w.step_batch, f, int(t.get("in_channels", 16)), w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, f, _, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 2))
+        pt = w.transformer.get("patch_size_t") or 1
+        return (f // pt) * (h // p) * (ww // p), self.text_len(w)
+
+    def text_len(self, w):
+        return int(w.transformer.get("max_text_seq_length", 226))
+
+    def attention_tokens(self, w):
+        return sum(self.tokens(w))  # joint attention over text + video
+
+    def check(self, cfg, shape):
+        self.module.check_input_shape(cfg, shape[1], shape[3], shape[4])
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"video_tokens": sv, "text_tokens": st, "layers": cfg.num_layers, "heads": cfg.num_attention_heads,
+                "head_dim": cfg.attention_head_dim, "height": w.height, "width": w.width, "num_frames": w.num_frames}
+
+    def make_inputs(self, w, seed=0):
+        """Latents (B, F, C, h, w), text embeddings (B, L, D_txt) and timesteps (B,), float32 / int64."""
+        rng = np.random.default_rng(seed)
+        latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
+        embeds = rng.standard_normal((w.step_batch, self.text_len(w), int(w.transformer.get("text_embed_dim", 4096))),
+                                     dtype=np.float32)
+        steps = np.full((w.step_batch,), 500, dtype=np.int64)
+        return {"latents": latents, "embeds": embeds, "t": steps}
+
+    def embed_args(self, inputs, dtype):
+        return inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"]
+
+    def analytic_flops(self, w):
+        return cogvideox_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return TorchReference(transformer, dtype, seed=seed, device=device)
+
+
+# ============================================================================================
+# PixArt-alpha / PixArt-Sigma
+# ============================================================================================
+
+PIXART_TIME_PROJ = 256  # the sinusoidal timestep (and size) projection width
+
+
+def pixart_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one PixArt transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (both CFG halves), S = (h/p)(w/p) image tokens, L = caption tokens (all of them: the
+    mask changes which keys count, not the work), d = heads * head_dim, d_c = cross_attention_dim,
+    C_cap = caption_channels, layers N. Per block:
+
+        self-attention q, k, v, out      8 B S d^2
+        self-attention QK^T and PV       4 B S^2 d
+        cross-attention q, out           4 B S d^2
+        cross-attention k, v (caption)   4 B L d_c d
+        cross-attention QK^T and PV      4 B S L d
+        feed-forward d->4d->d            16 B S d^2
+
+    plus, once: patch embedding 2 B S (C_in p^2) d; timestep embedding 2 B (256 d + d^2) and the
+    block modulation (adaln_single) 2 B d (6d); with PixArt-alpha's micro-conditions, the size
+    embeddings (2 resolution values + 1 aspect ratio per sample, each 256 -> d/3 -> d/3)
+    6 B (256 d/3 + (d/3)^2); the caption projection 2 B L (C_cap d + d^2); the output projection
+    2 B S d (p^2 C_out). The modulations themselves (adds and multiplies) are element-wise.
+    """
+    b, c, h, w = latent_shape
+    t = transformer
+    p = int(t.get("patch_size", 2))
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    dc = int(t.get("cross_attention_dim") or d)
+    layers = int(t["num_layers"])
+    cout = int(t.get("out_channels") or c)
+    cap = t.get("caption_channels")
+    s = (h // p) * (w // p)
+    txt = text_len
+    self_proj, self_attn = 8 * b * s * d * d, 4 * b * s * s * d
+    cross_proj, cross_attn = 4 * b * s * d * d + 4 * b * txt * dc * d, 4 * b * s * txt * d
+    ff = 16 * b * s * d * d
+    tp = PIXART_TIME_PROJ
+    embed = 2 * b * s * (c * p * p) * d + 2 * b * (tp * d + d * d) + 2 * b * d * 6 * d
+    if pixart_additional_conditions(t):
+        d3 = d // 3
+        embed += 6 * b * (tp * d3 + d3 * d3)
+    if cap is not None:
+        embed += 2 * b * txt * (int(cap) * d + d * d)
+    head = 2 * b * s * d * (p * p * cout)
+    block = self_proj + self_attn + cross_proj + cross_attn + ff
+    attention = self_attn + cross_attn
+    return {"total": float(layers * block + embed + head), "per_block": float(block),
+            "attention": float(layers * attention),
+            "linear": float(layers * (block - attention) + embed + head), "tokens": s}
+
+
+def pixart_additional_conditions(transformer: dict) -> bool:
+    """diffusers' rule: ``use_additional_conditions`` None means ``sample_size == 128`` (alpha 1024px)."""
+    u = transformer.get("use_additional_conditions")
+    return int(transformer.get("sample_size", 128)) == 128 if u is None else bool(u)
+
+
+def pixart_mask(step_batch: int, text_len: int, valid: int, cfg: bool) -> np.ndarray:
+    """(B, L) int32 caption mask as the pipeline builds it: with CFG the first half is the negative
+    prompt "" (1 token, its EOS), the second half the prompt (``valid`` tokens); without, the prompt."""
+    mask = np.zeros((step_batch, text_len), np.int32)
+    mask[:, :max(1, min(valid, text_len))] = 1
+    if cfg:
+        mask[: step_batch // 2] = 0
+        mask[: step_batch // 2, 0] = 1
+    return mask
+
+
+class PixArtTorchReference(TorchReference):
+    """diffusers' ``PixArtTransformer2DModel`` (from the config keys it takes: the hub's
+    ``Transformer2DModel`` configs carry more), called as ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``
+    call it (the caption mask; ``added_cond_kwargs`` with None values where the model has no
+    micro-conditions)."""
+
+    def _make_model(self, cfg):
+        import inspect
+
+        from diffusers import PixArtTransformer2DModel
+
+        takes = inspect.signature(PixArtTransformer2DModel.__init__).parameters
+        return PixArtTransformer2DModel.from_config({k: v for k, v in cfg.items() if k in takes})
+
+    def set_inputs(self, inputs, w):
+        torch = self.torch
+        self.x = torch.from_numpy(inputs["latents"]).to(self.device, self.dtype)
+        self.enc = torch.from_numpy(inputs["embeds"]).to(self.device, self.dtype)
+        self.t = torch.from_numpy(inputs["t"]).to(self.device)
+        self.mask = torch.from_numpy(inputs["mask"]).to(self.device)
+        self.added = {k: (torch.from_numpy(inputs[k]).to(self.device, self.dtype) if k in inputs else None)
+                      for k in ("resolution", "aspect_ratio")}
+
+    def _forward(self):
+        return self.model(self.x, encoder_hidden_states=self.enc, timestep=self.t, added_cond_kwargs=self.added,
+                          encoder_attention_mask=self.mask, return_dict=False)[0]
+
+
+class PixArt(Family):
+    name = "pixart"
+    module_name = "xdit_jax.models.pixart"
+    model_class_name = "PixArtTransformer2DModel"
+    config_class_name = "PixArtConfig"
+    token_word = "image"
+
+    def latent_shape(self, w):
+        """(B, C, h, w) in diffusers' layout."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 4)), w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, _, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 2))
+        return (h // p) * (ww // p), self.text_len(w)
+
+    def text_len(self, w):
+        return int(w.text_tokens or w.defaults.get("max_sequence_length", 120))
+
+    def text_valid(self, w) -> int:
+        return min(int(w.text_valid or PIXART_TEXT_VALID), self.text_len(w))
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # self-attention over the image tokens; the caption is cross-attended
+
+    def check(self, cfg, shape):
+        self.module.check_input_shape(cfg, shape[2], shape[3])
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "layers": cfg.num_layers, "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+                "height": w.height, "width": w.width, "additional_conditions": cfg.additional_conditions}
+
+    def make_inputs(self, w, seed=0):
+        """Latents (B, C, h, w), caption embeddings (B, L, caption_channels), timesteps (B,), the caption
+        mask (B, L) and, for PixArt-alpha's micro-conditions, resolution (B, 2) [height, width] in pixels
+        and aspect ratio (B, 1) height / width, as the pipeline passes them."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b, txt = w.step_batch, self.text_len(w)
+        latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
+        width = int(t.get("caption_channels") or t.get("cross_attention_dim")
+                    or int(t["num_attention_heads"]) * int(t["attention_head_dim"]))
+        embeds = rng.standard_normal((b, txt, width), dtype=np.float32)
+        inputs = {"latents": latents, "embeds": embeds, "t": np.full((b,), 500, dtype=np.int64),
+                  "mask": pixart_mask(b, txt, self.text_valid(w), w.cfg)}
+        if pixart_additional_conditions(t):
+            inputs["resolution"] = np.tile(np.array([[w.height, w.width]], np.float32), (b, 1))
+            inputs["aspect_ratio"] = np.full((b, 1), w.height / w.width, np.float32)
+        return inputs
+
+    def embed_args(self, inputs, dtype):
+        added = ({"resolution": inputs["resolution"], "aspect_ratio": inputs["aspect_ratio"]}
+                 if "resolution" in inputs else None)
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], added,
+                inputs["mask"])
+
+    def analytic_flops(self, w):
+        return pixart_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return PixArtTorchReference(transformer, dtype, seed=seed, device=device)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt())}
+PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
+
+
+def family_of_config(transformer: dict) -> str:
+    """The family of a diffusers transformer ``config.json``: PixArt by its class name (the hub's
+    PixArt checkpoints say ``Transformer2DModel``) or its ``ada_norm_single`` norm, else CogVideoX."""
+    if transformer.get("_class_name") in PIXART_CLASS_NAMES or transformer.get("norm_type") == "ada_norm_single":
+        return "pixart"
+    return "cogvideox"
+
+
+def family_of_model(cfg: Any) -> Family:
+    """The family of a model config dataclass (``CogVideoXConfig``, ``PixArtConfig``)."""
+    for fam in FAMILIES.values():
+        if type(cfg).__name__ == fam.config_class_name:
+            return fam
+    raise TypeError(f"No benchmark family for a {type(cfg).__name__}.")
