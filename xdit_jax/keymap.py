@@ -77,11 +77,19 @@ def _unflatten(items):
     return out
 
 
+def _stack_spec(spec, flax_prefix: tuple) -> tuple[tuple, int, int]:
+    """A ``stacked`` entry -> (torch name parts, first torch layer index, layer count)."""
+    if isinstance(spec, (int, np.integer)):
+        return flax_prefix, 0, int(spec)
+    torch_name, first, count = spec
+    return tuple(str(torch_name).split(".")), int(first), int(count)
+
+
 def map_state_dict(
     flat: Mapping[str, np.ndarray],
     expected: Mapping,
     *,
-    stacked: Mapping[str, int] | None = None,
+    stacked: Mapping[str, int | tuple[str, int, int]] | None = None,
     renames: Sequence[tuple[str, str]] = (),
     ignore: Iterable[str] = (),
     dtype=None,
@@ -90,7 +98,10 @@ def map_state_dict(
     """Build the Flax params pure dict ``expected`` from the torch state dict ``flat``.
 
     ``stacked`` maps the Flax name of a stacked collection (e.g. ``"transformer_blocks"``) to its
-    layer count; its leaves carry a leading layer axis gathered from ``name.{i}.`` torch keys.
+    layer count; its leaves carry a leading layer axis gathered from ``name.{i}.`` torch keys. The
+    count may instead be a triple ``(torch_name, first, count)``: layer ``i`` of the Flax stack then
+    reads the torch keys ``torch_name.{first + i}.`` — for a torch ``ModuleList`` split into several
+    Flax stacks (HunyuanDiT's ``blocks_skip`` reads ``blocks.{n // 2 + 1 + i}``).
     ``dtype``: cast floating arrays to this dtype (``None`` keeps the expected leaf's dtype).
     """
     stacked = dict(stacked or {})
@@ -115,7 +126,8 @@ def map_state_dict(
         for j in range(len(path) - 1):
             key = ".".join(path[: j + 1])
             if key in stacked:
-                n_layers, stack_at = stacked[key], j + 1
+                stack_prefix, first, n_layers = _stack_spec(stacked[key], path[: j + 1])
+                stack_at = j + 1
                 break
         want_shape = tuple(spec.shape)
         target_dtype = dtype if dtype is not None else spec.dtype
@@ -139,7 +151,7 @@ def map_state_dict(
         else:
             layers = []
             for i in range(n_layers):
-                p = path[:stack_at] + (str(i),) + path[stack_at:]
+                p = stack_prefix + (str(first + i),) + path[stack_at:]
                 a = fetch(p)
                 if a is not None:
                     if a.shape != want_shape[1:]:
