@@ -55,3 +55,27 @@ def make_torch_pixart(variant: str = "sigma", seed: int = 0):
     cls = PixArtAlphaPipeline if variant == "alpha" else PixArtSigmaPipeline
     return cls(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
                scheduler=sched)
+
+
+def make_torch_hunyuandit(variant: str = "v1.2", seed: int = 0, scheduler: str = "ddpm"):
+    """A tiny random diffusers HunyuanDiT pipeline (xdit_jax.tiny's configs); "v1.1": with the style and
+    image-size conditions; ``scheduler``: "ddpm" (as shipped) or "dpm" (DPM-Solver multistep)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, HunyuanDiT2DModel
+    from diffusers import HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tkw = dict(tiny.HUNYUAN_TRANSFORMER, use_style_cond_and_image_meta_size=variant == "v1.1")
+    transformer = randomize_(HunyuanDiT2DModel(**tkw), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.PIXART_VAE), seed + 1, std=0.1)
+    bert_kw = {k: v for k, v in tiny.HUNYUAN_BERT.items() if k != "model_type"}
+    text_encoder = randomize_(BertModel(BertConfig(**bert_kw), add_pooling_layer=False), seed + 2, std=0.2)
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder_2 = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 3, std=0.2)
+    skw = {k: v for k, v in tiny.HUNYUAN_SCHEDULER.items() if not k.startswith("_")}
+    sched = DDPMScheduler(**skw) if scheduler == "ddpm" else DPMSolverMultistepScheduler(
+        **{k: v for k, v in tiny.PIXART_SCHEDULER.items() if not k.startswith("_")})
+    return HunyuanDiTPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_bert_tokenizer(),
+                              transformer=transformer, scheduler=sched, safety_checker=None, feature_extractor=None,
+                              requires_safety_checker=False, text_encoder_2=text_encoder_2,
+                              tokenizer_2=tiny.train_tokenizer())

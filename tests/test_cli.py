@@ -72,7 +72,20 @@ def test_generate_pixart_image(tmp_path, capsys):
     assert '"model_family": "pixart"' in capsys.readouterr().out
 
 
+def test_generate_hunyuandit_image(tmp_path):
+    """The tiny HunyuanDiT (two text encoders, long skips): a .png on a CFG x ring mesh."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "h.png"
+    rc = cli.main(["--model", "tiny-hunyuandit", "--output", str(out), "--steps", "2", "--height", "32",
+                   "--width", "32", "--mesh", "cfg=2,ring=2", "--guidance-rescale", "0.5", "--no-progress"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (32, 32, 3) and image.std() > 1
+
+
 @pytest.mark.parametrize("argv,needle", [
+    (["--model", "tiny-hunyuandit", "--mesh", "pipefusion=2"], "long skip connections"),
     (["--model", "tiny-pixart", "--output", "x.mp4"], "makes images"),
     (["--model", "tiny-pixart", "--num-frames", "9"], "for video models"),
     (["--model", "tiny-pixart", "--height", "40"], "multiples of 16"),
@@ -88,7 +101,7 @@ def test_generate_pixart_image(tmp_path, capsys):
     (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])
 def test_bad_input(tmp_path, capsys, argv, needle):
-    out = tmp_path / ("o.png" if "tiny-pixart" in argv else "o.mp4")
+    out = tmp_path / ("o.png" if "tiny-pixart" in argv or "tiny-hunyuandit" in argv else "o.mp4")
     if "--output" not in argv:
         argv = argv + ["--output", str(out)]
     with pytest.raises(SystemExit) as e:

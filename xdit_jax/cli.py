@@ -3,7 +3,7 @@
     python scripts/generate.py --model THUDM/CogVideoX-2b --prompt "..." --mesh cfg=2 --output out.mp4
     python scripts/generate.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompt "..." --output cat.png
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
-    python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma
+    python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit: HunyuanDiT)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -24,15 +24,16 @@ VIDEO_SUFFIXES = (".mp4", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # per family: default output, guidance scale, steps (real / tiny), prompt tokens (real: the pipeline's own)
 DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4},
-            "pixart": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4}}
+            "pixart": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4},
+            "hunyuandit": {"output": "output.png", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4}}
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny",
-                    help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' "
-                         "(random, no download)")
+                    help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
+                         "'tiny-hunyuandit' (random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
@@ -40,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--height", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="denoising steps (CogVideoX 50, PixArt 20; 4 for the tiny models)")
-    ap.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (CogVideoX 6, PixArt 4.5)")
+                    help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50; 4 for the tiny models)")
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5)")
+    ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's guidance_rescale (0 = off)")
+    ap.add_argument("--no-resolution-binning", action="store_true",
+                    help="images: generate at the size asked, not at the model's closest trained size "
+                         "(diffusers' use_resolution_binning=False; always off for the tiny models)")
     ap.add_argument("--use-dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
     ap.add_argument("--max-sequence-length", type=int, default=None,
                     help="prompt tokens (CogVideoX 226, PixArt-alpha 120, PixArt-Sigma 300; 16 for the tiny models)")
@@ -261,14 +267,26 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
         dv = default_video(tc, vc)
         check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
                       args.num_frames or dv["num_frames"], len(args.prompts), spec, guidance)
-    else:
+    elif family == "pixart":
         from xdit_jax.pipelines.pixart import binned_size, check_request, default_size, read_configs
 
         if args.num_frames is not None:
             raise ValueError("--num-frames is for video models; this model makes images.")
         tc, vc = read_configs(model)
         ds = default_size(tc, vc)
-        h, w = binned_size(args.height or ds["height"], args.width or ds["width"], tc.sample_size)
+        h, w = args.height or ds["height"], args.width or ds["width"]
+        if not args.no_resolution_binning:
+            h, w = binned_size(h, w, tc.sample_size)
+        check_request(tc, vc, h, w, len(args.prompts), spec, guidance)
+    else:
+        from xdit_jax.pipelines.hunyuandit import binned_size, check_request, default_size, read_configs
+
+        if args.num_frames is not None:
+            raise ValueError("--num-frames is for video models; this model makes images.")
+        tc, vc = read_configs(model)
+        ds = default_size(tc, vc)
+        h, w = args.height or ds["height"], args.width or ds["width"]
+        h, w = (h // 16 * 16, w // 16 * 16) if args.no_resolution_binning else binned_size(h, w)
         check_request(tc, vc, h, w, len(args.prompts), spec, guidance)
 
 
@@ -332,6 +350,7 @@ def _main(argv=None) -> int:
         if spec.size > len(jax.devices()):
             raise ValueError(f"Mesh {spec} needs {spec.size} devices; {len(jax.devices())} are available.")
         if is_tiny:
+            args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
             fam = tiny.TINY_NAMES[args.model]
             call_on_process_zero("xdit_jax.tiny", "make_tiny_model", f"xdit_jax_tiny_{fam}", family=fam)
             model = tiny.default_tiny_dir(fam)
@@ -367,8 +386,10 @@ def _main(argv=None) -> int:
               seed=args.seed, progress=not args.no_progress)
     if family == "cogvideox":
         kw.update(num_frames=args.num_frames, use_dynamic_cfg=args.use_dynamic_cfg, max_sequence_length=msl or 226)
-    else:
-        kw.update(max_sequence_length=msl)
+    elif family == "pixart":
+        kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
+    else:  # HunyuanDiT: its text lengths are the model's (77 + 256)
+        kw.update(guidance_rescale=args.guidance_rescale, use_resolution_binning=not args.no_resolution_binning)
     try:
         result = pipe(args.prompts, args.negative_prompt, **kw)
     except ValueError as e:

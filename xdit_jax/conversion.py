@@ -46,6 +46,8 @@ MODEL_CLASSES = {
     # norm_type "ada_norm_single"; PixArtConfig refuses the other Transformer2DModel kinds)
     "Transformer2DModel": ("xdit_jax.models.pixart", "PixArtConfig"),
     "AutoencoderKL": ("xdit_jax.models.vae_kl", "AutoencoderKLConfig"),
+    "BertModel": ("xdit_jax.models.bert", "BertConfig"),
+    "HunyuanDiT2DModel": ("xdit_jax.models.hunyuandit", "HunyuanDiTConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2")
 
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
         dtype = None if args.dtype is None else np.dtype(__import__("ml_dtypes").bfloat16
                                                            if args.dtype == "bfloat16" else args.dtype)
         convert_pipeline(src, args.out, dtype=dtype, variant=args.variant, overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:  # ValueError: a bad config
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 TINY_NAME = "tiny"
-TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart"}
+TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -57,6 +57,20 @@ PIXART_SCHEDULER = dict(_class_name="DPMSolverMultistepScheduler", num_train_tim
                         thresholding=False, steps_offset=0, use_karras_sigmas=False)
 PIXART_MAX_SEQUENCE_LENGTH = 16
 
+# HunyuanDiT v1.2 shaped (no style / size conditions), 6 layers (layers 0-1 feed long skips to layers 4-5),
+# the released text lengths (77 BERT + 256 mT5 tokens), 64 x 64 images.
+HUNYUAN_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2,
+                           activation_fn="gelu-approximate", sample_size=8, hidden_size=16, num_layers=6,
+                           mlp_ratio=4.0, learn_sigma=True, cross_attention_dim=32, norm_type="layer_norm",
+                           cross_attention_dim_t5=32, pooled_projection_dim=16, text_len=77, text_len_t5=256,
+                           use_style_cond_and_image_meta_size=False)
+HUNYUAN_BERT = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    hidden_act="gelu", max_position_embeddings=80, type_vocab_size=2, layer_norm_eps=1e-12,
+                    model_type="bert")
+HUNYUAN_SCHEDULER = dict(_class_name="DDPMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03,
+                         beta_schedule="scaled_linear", clip_sample=False, prediction_type="v_prediction",
+                         steps_offset=1, variance_type="fixed_small", timestep_spacing="leading")
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -77,7 +91,21 @@ def train_tokenizer(vocab_size: int = 96):
                            extra_ids=0)
 
 
+def train_bert_tokenizer(vocab_size: int = 128):
+    """A BERT (WordPiece) tokenizer trained on the same sentences; a transformers tokenizer."""
+    from xdit_jax.models import bert
+
+    return bert.train_tokenizer(CORPUS * 4, vocab_size=vocab_size)
+
+
 def model_index(family: str = "cogvideox") -> dict:
+    if family == "hunyuandit":
+        return {"_class_name": "HunyuanDiTPipeline", "_diffusers_version": "0.32.0",
+                "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "BertModel"],
+                "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "BertTokenizer"],
+                "tokenizer_2": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "HunyuanDiT2DModel"],
+                "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
+                "feature_extractor": [None, None]}
     if family == "pixart":
         return {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
@@ -120,10 +148,22 @@ def _parts(family: str, transformer: dict | None):
     """{component: (class name, config dict, module maker)} of a tiny model."""
     from flax import nnx
 
-    from xdit_jax.models import cogvideox, pixart, t5, vae_cogvideox, vae_kl
+    from xdit_jax.models import bert, cogvideox, hunyuandit, pixart, t5, vae_cogvideox, vae_kl
 
     text = ("T5EncoderModel", TEXT_ENCODER,
             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0)))
+    if family == "hunyuandit":
+        tcfg = {**HUNYUAN_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("HunyuanDiT2DModel", tcfg,
+                            lambda: hunyuandit.HunyuanDiT2DModel(hunyuandit.HunyuanDiTConfig.from_dict(tcfg),
+                                                                 rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", PIXART_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(PIXART_VAE), jnp.float32)()),
+            "text_encoder": ("BertModel", HUNYUAN_BERT,
+                             lambda: bert.BertModel(bert.BertConfig.from_dict(HUNYUAN_BERT), rngs=nnx.Rngs(0))),
+            "text_encoder_2": text,
+        }, HUNYUAN_SCHEDULER
     if family == "pixart":
         tcfg = {**PIXART_TRANSFORMER, **(transformer or {})}
         return {
@@ -171,7 +211,11 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             save_params(tmp / name / "params", random_params(abstract, seed + len(name)))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-        train_tokenizer().save_pretrained(tmp / "tokenizer")
+        if family == "hunyuandit":
+            train_bert_tokenizer().save_pretrained(tmp / "tokenizer")
+            train_tokenizer().save_pretrained(tmp / "tokenizer_2")
+        else:
+            train_tokenizer().save_pretrained(tmp / "tokenizer")
         (tmp / "model_index.json").write_text(json.dumps(model_index(family), indent=2))
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",
                                               "components": {k: v[0] for k, v in parts.items()}}))

@@ -362,19 +362,21 @@ class PipelineBase:
 
         return NamedSharding(self.mesh, P())
 
-    def _text_encoder_fn(self):
-        """``fn(ids, mask or None) -> (B, L, d_model)`` hidden states, jitted once."""
-        if getattr(self, "_text_fn", None) is None:
+    def _text_encoder_fn(self, name: str = "text_encoder"):
+        """``fn(ids, mask or None) -> (B, L, d)`` hidden states of the text encoder ``self.<name>``,
+        jitted once."""
+        fns = self.__dict__.setdefault("_text_fns", {})
+        if name not in fns:
             from flax import nnx
 
-            graphdef, state = nnx.split(self.text_encoder)
+            graphdef, state = nnx.split(getattr(self, name))
 
             @jax.jit
             def enc(state, ids, mask):
                 return nnx.merge(graphdef, state)(ids, attention_mask=mask)
 
-            self._text_fn = lambda ids, mask=None: enc(state, ids, mask)
-        return self._text_fn
+            fns[name] = lambda ids, mask=None: enc(state, ids, mask)
+        return fns[name]
 
     def _put_replicated(self, x):
         return jax.device_put(x, self._replicated())

@@ -1,0 +1,109 @@
+"""The HunyuanDiT pipeline from a diffusers save_pretrained folder == diffusers' HunyuanDiTPipeline, on one
+device and on meshes (8 simulated CPU devices)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_hunyuandit, save_torch_pipeline
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline
+
+PROMPT = "A small dog running on a beach at sunset."
+NEG = "blurry, low quality"
+H, W, STEPS = 64, 96, 3
+
+_BUILT = {}
+
+
+def build(key, tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder), made once per (variant, scheduler)."""
+    if key not in _BUILT:
+        variant, scheduler = key
+        tp = make_torch_hunyuandit(variant, scheduler=scheduler)
+        folder = save_torch_pipeline(tp, tmp_path_factory.mktemp(f"hunyuandit-{variant}-{scheduler}"))
+        converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+        _BUILT[key] = (tp, HunyuanDiTPipeline.from_pretrained(converted), converted)
+    return _BUILT[key]
+
+
+def initial_latents(batch=1, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, 4, H // 8, W // 8)).astype(np.float32)
+
+
+def jax_noise(seed, shape, steps):
+    """The scheduler noise our step draws (``normal(fold_in(key(seed), i))``), to hand to diffusers."""
+    import jax
+
+    return [np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), shape)) for i in range(steps)]
+
+
+@pytest.mark.parametrize("variant", ["v1.2", "v1.1"])
+def test_images_match_diffusers_ddpm(variant, tmp_path_factory, monkeypatch):
+    """As shipped (DDPM, v-prediction): diffusers' step noise replaced by the noise our step draws."""
+    from diffusers.schedulers import scheduling_ddpm
+
+    tp, ours, _ = build((variant, "ddpm"), tmp_path_factory)
+    lat = initial_latents()
+    noise = iter(jax_noise(7, lat.shape, STEPS))
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(noise)))
+    with torch.no_grad():
+        ref = tp(prompt=PROMPT, negative_prompt=NEG, height=H, width=W, num_inference_steps=STEPS,
+                 latents=torch.from_numpy(lat), guidance_scale=5.0, use_resolution_binning=False,
+                 output_type="np").images
+    out = ours(PROMPT, NEG, height=H, width=W, num_inference_steps=STEPS, latents=lat, guidance_scale=5.0,
+               use_resolution_binning=False, seed=7, progress=False).images
+    assert out.shape == ref.shape == (1, H, W, 3)
+    # fp32 on both sides: 3 steps with CFG, then the VAE; pixels in [0, 1]. 1e-4 is ~1/40 of an 8-bit level,
+    # while a wrong mask, skip order or schedule moves pixels by 1e-2 or more.
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_latents_match_diffusers_dpm_rescale_batch(tmp_path_factory):
+    """DPM-Solver multistep, two prompts, guidance_rescale on."""
+    tp, ours, _ = build(("v1.2", "dpm"), tmp_path_factory)
+    prompts = [PROMPT, "A cat."]
+    lat = initial_latents(batch=2, seed=1)
+    kw = dict(height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0, guidance_rescale=0.7,
+              use_resolution_binning=False)
+    with torch.no_grad():
+        ref = tp(prompt=prompts, latents=torch.from_numpy(lat), output_type="latent", **kw).images.numpy()
+    out = ours(prompts, latents=lat, output_type="latent", progress=False, **kw).images
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
+MESHES = ["cfg=2", "ulysses=2", "ring=2", "cfg=2,ulysses=2,ring=2", "ulysses=3", "data=2,ulysses=2"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_meshes_match_one_device(mesh, tmp_path_factory):
+    _, ours, folder = build(("v1.2", "ddpm"), tmp_path_factory)
+    batch = 2 if "data=2" in mesh else 1
+    prompts = [PROMPT, "A cat."][:batch]
+    kw = dict(height=H, width=W, num_inference_steps=2, latents=initial_latents(batch=batch, seed=2),
+              use_resolution_binning=False, progress=False)
+    ref = ours(prompts, **kw).images
+    out = HunyuanDiTPipeline.from_pretrained(folder, mesh=mesh)(prompts, **kw).images
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)  # one device up to float rounding
+
+
+def test_binning_and_bad_input(tmp_path_factory):
+    from diffusers.pipelines.hunyuandit import pipeline_hunyuandit as ph
+
+    from xdit_jax.pipelines.hunyuandit import binned_size
+
+    def diffusers_bin(h, w):  # HunyuanDiTPipeline.__call__'s rule
+        h, w = int(h // 16 * 16), int(w // 16 * 16)
+        if (h, w) not in ph.SUPPORTED_SHAPE:
+            w, h = ph.map_to_standard_shapes(w, h)
+        return int(h), int(w)
+
+    for h, w in [(1024, 1024), (1000, 1000), (720, 1280), (900, 1200), (2000, 2000)] + \
+            [tuple(x) for x in np.random.default_rng(0).integers(256, 2500, size=(200, 2))]:
+        assert binned_size(h, w) == diffusers_bin(h, w), (h, w)
+    _, ours, folder = build(("v1.2", "ddpm"), tmp_path_factory)
+    with pytest.raises(ValueError, match="PipeFusion"):
+        HunyuanDiTPipeline.from_pretrained(folder, mesh="pipefusion=2")
+    with pytest.raises(ValueError, match="prompt_attention_mask"):
+        ours(prompt_embeds=np.zeros((1, 77, 32), np.float32), height=H, width=W, use_resolution_binning=False)

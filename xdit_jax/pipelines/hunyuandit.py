@@ -1,0 +1,339 @@
+"""HunyuanDiT text-to-image, diffusers' ``HunyuanDiTPipeline`` on a JAX mesh.
+
+    pipe = HunyuanDiTPipeline.from_pretrained("path/or/hub-id", mesh="cfg=2,ulysses=2", dtype="bfloat16")
+    out = pipe("An astronaut riding a horse", height=1024, width=1024, seed=42)
+    out.images   # (batch, height, width, 3) float in [0, 1]
+
+Two text encoders (a BERT, 77 tokens, and an mT5, 256 tokens, both with their masks), the
+transformer's image tokens sharded over (ring, ulysses) by
+:func:`xdit_jax.parallel.sequence.run_blocks` (its cross attention to the text is local), the
+scheduler step (DDPM as shipped, or DPM-Solver multistep) and CFG with ``guidance_rescale`` inside
+the jitted step, and the VAE decode split over the mesh.
+
+PipeFusion is refused: HunyuanDiT's long skip connections join layers that would sit on different
+stages. ``use_resolution_binning`` (default on, as in diffusers): a size that is not one of
+HunyuanDiT's trained shapes is replaced by the closest one (diffusers warns and returns that size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xdit_jax.conversion import read_json
+from xdit_jax.mesh import MeshSpec, build_mesh
+from xdit_jax.models import hunyuandit, vae_kl
+from xdit_jax.pipelines.denoise import (
+    PipelineBase,
+    StageTimer,
+    as_numpy,
+    check_size_and_mesh,
+    converted_folder,
+    load_component,
+    negative_prompts,
+    parse_dtype,
+    peak_memory_bytes,
+    pipeline_class_name,
+    tokenize,
+)
+from xdit_jax.schedulers import ddpm, dpmsolver
+
+log = logging.getLogger("xdit_jax")
+
+# scheduler class in scheduler_config.json -> (module, config class); both have the same API
+SCHEDULERS = {"DDPMScheduler": (ddpm, "DDPMConfig"), "DPMSolverMultistepScheduler": (dpmsolver, "DPMSolverConfig")}
+TEXT_LENGTHS = (77, 256)  # BERT, mT5 (diffusers' encode_prompt)
+
+# HunyuanDiT's trained shapes (width, height) per aspect ratio (diffusers' STANDARD_RATIO / _SHAPE)
+_STANDARD = [(1.0, [(1024, 1024), (1280, 1280)]),
+             (4 / 3, [(1024, 768), (1152, 864), (1280, 960)]),
+             (3 / 4, [(768, 1024), (864, 1152), (960, 1280)]),
+             (16 / 9, [(1280, 768)]),
+             (9 / 16, [(768, 1280)])]
+
+
+@dataclasses.dataclass
+class HunyuanDiTPipelineOutput:
+    """``images``: (B, H, W, 3) in [0, 1] for output_type="np"; the final latents (B, C, h, w) for
+    output_type="latent". ``timings``: seconds per stage."""
+
+    images: np.ndarray
+    timings: dict
+    peak_memory_bytes: int | None = None
+
+
+def binned_size(height: int, width: int) -> tuple[int, int]:
+    """diffusers' HunyuanDiT binning: sizes floored to multiples of 16; one that is not a trained shape
+    becomes the trained shape of the closest aspect ratio and, among those, the closest area."""
+    height, width = int(height // 16 * 16), int(width // 16 * 16)
+    if any((width, height) in shapes for _, shapes in _STANDARD):
+        return height, width
+    ratios = np.array([r for r, _ in _STANDARD])
+    shapes = _STANDARD[int(np.argmin(np.abs(ratios - width / height)))][1]
+    w, h = shapes[int(np.argmin(np.abs(np.array([a * b for a, b in shapes]) - width * height)))]
+    return h, w
+
+
+def rescale_guidance(pred, pred_text, guidance_rescale: float):
+    """diffusers' ``rescale_noise_cfg``: the guided prediction's per-sample std brought towards the text
+    prediction's (unbiased std over all but the batch axis, as torch's ``std``)."""
+    axes = tuple(range(1, pred.ndim))
+    std_text = jnp.std(pred_text, axis=axes, keepdims=True, ddof=1)
+    std_cfg = jnp.std(pred, axis=axes, keepdims=True, ddof=1)
+    return guidance_rescale * (pred * (std_text / std_cfg)) + (1 - guidance_rescale) * pred
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return (hunyuandit.HunyuanDiTConfig.from_dict(read_json(folder / "transformer" / "config.json")),
+            vae_kl.AutoencoderKLConfig.from_dict(read_json(folder / "vae" / "config.json")))
+
+
+def vae_scale_factor(vc) -> int:
+    return 2 ** (len(vc.block_out_channels) - 1)
+
+
+def default_size(tc, vc) -> dict:
+    s = tc.sample_size * vae_scale_factor(vc)
+    return {"height": s, "width": s}
+
+
+def refuse_pipefusion(mesh_spec, patches: int | None = None) -> None:
+    if MeshSpec.parse(mesh_spec).pipefusion > 1 or (patches or 1) > 1:
+        raise ValueError("HunyuanDiT cannot run PipeFusion here: its long skip connections join layers that would "
+                         "sit on different stages. Use cfg, data, ulysses and ring instead.")
+
+
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None,
+                  guidance_scale: float = 5.0) -> None:
+    """Refuse what the model cannot take, before any heavy work, saying what would work."""
+    refuse_pipefusion(mesh_spec)
+    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers, batch, mesh_spec,
+                        guidance_scale)
+
+
+class HunyuanDiTPipeline(PipelineBase):
+    """Text-to-image with HunyuanDiT (v1.0-1.2) — see the module docstring."""
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 text_encoder_2, tokenizer_2, scheduler, scheduler_config, dtype=jnp.float32, mesh=None,
+                 attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                 pipefusion_warmup_steps: int = 1):
+        refuse_pipefusion(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=None,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=hunyuandit.STACKED)
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.scheduler = scheduler  # the scheduler module (xdit_jax.schedulers.ddpm or .dpmsolver)
+        self.vae_scale_factor = vae_scale_factor(vae_config)
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> HunyuanDiTPipeline:
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        from transformers import AutoTokenizer
+
+        dtype = parse_dtype(dtype)
+        folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
+        kind = pipeline_class_name(folder)
+        if kind != "HunyuanDiTPipeline":
+            raise ValueError(f"{folder} holds a {kind or 'unknown'} pipeline, not HunyuanDiTPipeline.")
+        sched = read_json(folder / "scheduler" / "scheduler_config.json")
+        if sched.get("_class_name") not in SCHEDULERS:
+            raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; HunyuanDiT runs with "
+                             f"{', '.join(SCHEDULERS)} here.")
+        mod, cfg_name = SCHEDULERS[sched["_class_name"]]
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        refuse_pipefusion(dict(mesh_obj.shape), pipefusion_patches)  # before any weight is read
+        layers = hunyuandit.HunyuanDiTConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
+        parts = cls._load_parts(folder, mesh_obj, dtype, hunyuandit.STACKED, layers)
+        _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
+        return cls(**parts, text_encoder_2=text_encoder_2,
+                   tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"), scheduler=mod,
+                   scheduler_config=getattr(mod, cfg_name).from_dict(sched), dtype=dtype, mesh=mesh_obj,
+                   attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_prompt(self, prompts: list[str], which: int = 0, max_sequence_length: int | None = None):
+        """((B, L, d) embeddings, (B, L) mask) from the BERT (``which=0``, 77 tokens) or the mT5
+        (``which=1``, 256 tokens), as diffusers (no text preprocessing)."""
+        tok = (self.tokenizer, self.tokenizer_2)[which]
+        ids, mask = tokenize(tok, prompts, max_sequence_length or TEXT_LENGTHS[which])
+        ids = self._put_replicated(jnp.asarray(ids, jnp.int32))
+        mask = self._put_replicated(jnp.asarray(mask, jnp.int32))
+        fn = self._text_encoder_fn(("text_encoder", "text_encoder_2")[which])
+        return fn(ids, mask).astype(self.dtype), mask
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, meta, rng) ->
+        (latents, sched_state, i + 1, kv)``; ``texts``: (embeds, mask, embeds_t5, mask_t5)."""
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype, scheduler = self.dtype, self.scheduler
+        learn_sigma = self.transformer_config.learn_sigma
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, meta, rng):
+            model = nnx.merge(graphdef, tstate)
+            t = sched.timesteps[i]
+            x = self._model_batch(latents, do_cfg)
+            b = x.shape[0]
+            emb, mask, emb_t5, mask_t5 = texts
+            size, style = (None, None) if meta is None else (
+                jnp.broadcast_to(meta[0], (b,) + meta[0].shape[1:]), jnp.broadcast_to(meta[1], (b,)))
+            tokens_x, tokens, cond = model.embed(x.astype(dtype), jnp.broadcast_to(t, (b,)).astype(jnp.float32),
+                                                 emb, mask, emb_t5, mask_t5, size, style)
+            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
+            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
+            if learn_sigma:  # the variance channels are not used by the sampler
+                pred = pred[:, : latents.shape[1]]
+            if do_cfg:
+                uncond, text = jnp.split(pred, 2)
+                pred = uncond + guidance[0] * (text - uncond)
+                pred = jnp.where(guidance[1] > 0, rescale_guidance(pred, text, guidance[1]), pred)
+            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
+                if sched.needs_noise else None
+            latents, sched_state = scheduler.step(sched, i, pred, latents, sched_state, noise)
+            return latents.astype(jnp.float32), sched_state, i + 1, kv
+
+        donate = (1, 2, 4) if jax.default_backend() != "cpu" else ()
+        fn = jax.jit(step, donate_argnums=donate)
+        self._step_cache[key] = fn
+        return fn
+
+    def _decode_fn(self):
+        """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae)."""
+        if "fn" in self._decode_cache:
+            return self._decode_cache["fn"]
+        graphdef, state = nnx.split(self.vae)
+        scaling, dtype, mesh = self.vae_config.scaling_factor, self.dtype, self.mesh
+        tiling, slicing = self.vae_tiling, self.vae_slicing
+
+        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+        def dec(state, latents):
+            image = vae_kl.decode(nnx.merge(graphdef, state), (latents / scaling).astype(dtype), tiling=tiling,
+                                  slicing=slicing, mesh=mesh if mesh.size > 1 else None)
+            image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return jnp.transpose(image, (0, 2, 3, 1))  # (B, H, W, C)
+
+        self._decode_cache["fn"] = fn = lambda latents: dec(state, latents)
+        return fn
+
+    def default_size(self) -> dict:
+        return default_size(self.transformer_config, self.vae_config)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        s = self.vae_scale_factor
+        return (batch, self.transformer_config.in_channels, height // s, width // s)
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 *, height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 5.0, guidance_rescale: float = 0.0, prompt_embeds=None,
+                 prompt_attention_mask=None, prompt_embeds_2=None, prompt_attention_mask_2=None,
+                 negative_prompt_embeds=None, negative_prompt_attention_mask=None, negative_prompt_embeds_2=None,
+                 negative_prompt_attention_mask_2=None, latents=None, original_size=(1024, 1024),
+                 target_size=None, crops_coords_top_left=(0, 0), use_resolution_binning: bool = True,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> HunyuanDiTPipelineOutput:
+        ds = self.default_size()
+        height, width = height or ds["height"], width or ds["width"]
+        height, width = int(height // 16 * 16), int(width // 16 * 16)
+        if use_resolution_binning:
+            binned = binned_size(height, width)
+            if binned != (height, width):
+                log.warning("Reshaped to (height, width)=%s, the closest of HunyuanDiT's trained shapes.", binned)
+            height, width = binned
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Give a prompt or prompt_embeds (+ prompt_embeds_2 and both masks).")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        if prompt_embeds is not None and any(a is None for a in (prompt_attention_mask, prompt_embeds_2,
+                                                                  prompt_attention_mask_2)):
+            raise ValueError("prompt_embeds need prompt_attention_mask, prompt_embeds_2 and prompt_attention_mask_2 "
+                             "(HunyuanDiT reads both text encoders and their masks).")
+        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
+        do_cfg = guidance_scale > 1.0
+        timer = StageTimer()
+
+        # 1. text: both encoders, with masks; [negative; positive] for CFG
+        with timer.stage("text_encoding"):
+            given = ((prompt_embeds, prompt_attention_mask), (prompt_embeds_2, prompt_attention_mask_2))
+            neg_given = ((negative_prompt_embeds, negative_prompt_attention_mask),
+                         (negative_prompt_embeds_2, negative_prompt_attention_mask_2))
+            texts = []
+            for which in (0, 1):
+                emb, mask = given[which]
+                if emb is None:
+                    emb, mask = self.encode_prompt(prompts, which)
+                emb, mask = jnp.asarray(emb, self.dtype), jnp.asarray(mask, jnp.int32)
+                if do_cfg:
+                    nemb, nmask = neg_given[which]
+                    if nemb is None:
+                        nemb, nmask = self.encode_prompt(negative_prompts(negative_prompt, batch), which, emb.shape[1])
+                    elif nmask is None:
+                        raise ValueError("negative prompt embeddings need their attention masks.")
+                    nemb = jnp.asarray(nemb, self.dtype)
+                    if nemb.shape != emb.shape:
+                        raise ValueError(f"negative prompt embeddings {nemb.shape} and prompt embeddings {emb.shape} "
+                                         "must have the same shape.")
+                    emb = jnp.concatenate([nemb, emb])
+                    mask = jnp.concatenate([jnp.asarray(nmask, jnp.int32), mask])
+                texts += [jax.device_put(emb, self._batch_sharding(emb.ndim, do_cfg)),
+                          jax.device_put(mask, self._batch_sharding(mask.ndim, do_cfg))]
+            texts = tuple(texts)
+            jax.block_until_ready(texts)
+
+        # 2. latents (diffusers layout: B, C, h, w) and the size/style conditions
+        shape = self.latent_shape(batch, height, width)
+        sched = self.scheduler.make_schedule(self.scheduler_config, num_inference_steps)
+        rng = jax.random.key(seed)
+        latents = self._initial_latents(latents, shape, rng, self.scheduler.INIT_NOISE_SIGMA,
+                                        "batch, channels, height/8, width/8")
+        meta = None
+        if self.transformer_config.use_style_cond_and_image_meta_size:
+            size = list(original_size) + list(target_size or (height, width)) + list(crops_coords_top_left)
+            meta = (self._put_replicated(jnp.asarray([size], jnp.float32)),
+                    self._put_replicated(jnp.zeros((1,), jnp.int32)))
+
+        # 3. denoise: one jitted step per iteration
+        guidance = self._put_replicated(jnp.asarray([guidance_scale, guidance_rescale], jnp.float32))
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        with timer.stage("denoising"):
+            state = jax.device_put(self.scheduler.init_state(shape, jnp.float32), latents.sharding)
+            latents = self._denoise(do_cfg, latents, state, None, (texts, sched_arrays, guidance, meta, rng),
+                                    len(sched.timesteps), progress)
+
+        if output_type == "latent":
+            return HunyuanDiTPipelineOutput(images=as_numpy(latents), timings=timer.times,
+                                            peak_memory_bytes=peak_memory_bytes())
+        # 4. decode
+        with timer.stage("decoding"):
+            images = as_numpy(jax.block_until_ready(self._decode_fn()(latents)))
+        return HunyuanDiTPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
