@@ -31,8 +31,8 @@ from xdit_jax.parallel import pipefusion
 from xdit_jax.pipelines.denoise import (
     PipelineBase,
     StageTimer,
-    check_size_and_mesh,
     as_numpy,
+    check_size_and_mesh,
     converted_folder,
     negative_prompts,
     parse_dtype,
@@ -159,10 +159,7 @@ class CogVideoXPipeline(PipelineBase):
             latents, sched_state = schedulers.step(sched, i, pred, latents, sched_state, noise)
             return latents.astype(jnp.float32), sched_state, i + 1, kv
 
-        donate = (1, 2, 4) if jax.default_backend() != "cpu" else ()
-        fn = jax.jit(step, donate_argnums=donate)
-        self._step_cache[key] = fn
-        return fn
+        return self._jit_step(key, step)
 
     def _decode_fn(self):
         """Jitted VAE decode over the whole mesh (spatially sharded, xdit_jax.parallel.vae)."""

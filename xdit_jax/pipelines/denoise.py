@@ -288,6 +288,13 @@ class PipelineBase:
                                          backend=self.attention_backend,
                                          num_layers=self.transformer_config.num_layers)
 
+    def _jit_step(self, key, step):
+        """``jax.jit(step)`` cached under ``key``; the carry (latents, scheduler state, K/V buffers)
+        donated where the backend supports donation (not on the CPU)."""
+        donate = (1, 2, 4) if jax.default_backend() != "cpu" else ()
+        self._step_cache[key] = fn = jax.jit(step, donate_argnums=donate)
+        return fn
+
     def _denoise(self, do_cfg: bool, latents, sched_state, kv, args: tuple, num_steps: int, progress: bool):
         """The loop over the jitted step ``self._step_fn(do_cfg, warmup)(tstate, latents, sched_state, i,
         kv, *args) -> (latents, sched_state, i + 1, kv)``: PipeFusion's exact warm-up steps first, then

@@ -17,8 +17,6 @@ HunyuanDiT's trained shapes is replaced by the closest one (diffusers warns and 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import os
 
@@ -31,9 +29,9 @@ from jax.sharding import PartitionSpec as P
 
 from xdit_jax.conversion import read_json
 from xdit_jax.mesh import MeshSpec, build_mesh
-from xdit_jax.models import hunyuandit, vae_kl
+from xdit_jax.models import hunyuandit
+from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
-    PipelineBase,
     StageTimer,
     as_numpy,
     check_size_and_mesh,
@@ -45,6 +43,8 @@ from xdit_jax.pipelines.denoise import (
     pipeline_class_name,
     tokenize,
 )
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
+from xdit_jax.pipelines.image import default_size, resize_and_crop  # noqa: F401  (this family's API too)
 from xdit_jax.schedulers import ddpm, dpmsolver
 
 log = logging.getLogger("xdit_jax")
@@ -61,14 +61,7 @@ _STANDARD = [(1.0, [(1024, 1024), (1280, 1280)]),
              (9 / 16, [(768, 1280)])]
 
 
-@dataclasses.dataclass
-class HunyuanDiTPipelineOutput:
-    """``images``: (B, H, W, 3) in [0, 1] for output_type="np"; the final latents (B, C, h, w) for
-    output_type="latent". ``timings``: seconds per stage."""
-
-    images: np.ndarray
-    timings: dict
-    peak_memory_bytes: int | None = None
+HunyuanDiTPipelineOutput = ImagePipelineOutput
 
 
 def binned_size(height: int, width: int) -> tuple[int, int]:
@@ -94,20 +87,7 @@ def rescale_guidance(pred, pred_text, guidance_rescale: float):
 
 def read_configs(folder: str | os.PathLike):
     """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    return (hunyuandit.HunyuanDiTConfig.from_dict(read_json(folder / "transformer" / "config.json")),
-            vae_kl.AutoencoderKLConfig.from_dict(read_json(folder / "vae" / "config.json")))
-
-
-def vae_scale_factor(vc) -> int:
-    return 2 ** (len(vc.block_out_channels) - 1)
-
-
-def default_size(tc, vc) -> dict:
-    s = tc.sample_size * vae_scale_factor(vc)
-    return {"height": s, "width": s}
+    return image.read_configs(folder, hunyuandit.HunyuanDiTConfig)
 
 
 def refuse_pipefusion(mesh_spec, patches: int | None = None) -> None:
@@ -124,7 +104,7 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
                         guidance_scale)
 
 
-class HunyuanDiTPipeline(PipelineBase):
+class HunyuanDiTPipeline(ImagePipelineBase):
     """Text-to-image with HunyuanDiT (v1.0-1.2) — see the module docstring."""
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
@@ -139,7 +119,6 @@ class HunyuanDiTPipeline(PipelineBase):
                          pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=hunyuandit.STACKED)
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.scheduler = scheduler  # the scheduler module (xdit_jax.schedulers.ddpm or .dpmsolver)
-        self.vae_scale_factor = vae_scale_factor(vae_config)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
@@ -218,35 +197,7 @@ class HunyuanDiTPipeline(PipelineBase):
             latents, sched_state = scheduler.step(sched, i, pred, latents, sched_state, noise)
             return latents.astype(jnp.float32), sched_state, i + 1, kv
 
-        donate = (1, 2, 4) if jax.default_backend() != "cpu" else ()
-        fn = jax.jit(step, donate_argnums=donate)
-        self._step_cache[key] = fn
-        return fn
-
-    def _decode_fn(self):
-        """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae)."""
-        if "fn" in self._decode_cache:
-            return self._decode_cache["fn"]
-        graphdef, state = nnx.split(self.vae)
-        scaling, dtype, mesh = self.vae_config.scaling_factor, self.dtype, self.mesh
-        tiling, slicing = self.vae_tiling, self.vae_slicing
-
-        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
-        def dec(state, latents):
-            image = vae_kl.decode(nnx.merge(graphdef, state), (latents / scaling).astype(dtype), tiling=tiling,
-                                  slicing=slicing, mesh=mesh if mesh.size > 1 else None)
-            image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-            return jnp.transpose(image, (0, 2, 3, 1))  # (B, H, W, C)
-
-        self._decode_cache["fn"] = fn = lambda latents: dec(state, latents)
-        return fn
-
-    def default_size(self) -> dict:
-        return default_size(self.transformer_config, self.vae_config)
-
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        s = self.vae_scale_factor
-        return (batch, self.transformer_config.in_channels, height // s, width // s)
+        return self._jit_step(key, step)
 
     # ------------------------------------------------------------------ call
 

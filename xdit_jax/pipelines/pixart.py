@@ -21,26 +21,22 @@ it when ``beautifulsoup4``/``ftfy`` are missing).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from xdit_jax.conversion import read_json
 from xdit_jax.mesh import build_mesh
-from xdit_jax.models import pixart, vae_kl
+from xdit_jax.models import pixart
 from xdit_jax.parallel import pipefusion
+from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
-    PipelineBase,
     StageTimer,
-    check_size_and_mesh,
     as_numpy,
+    check_size_and_mesh,
     converted_folder,
     negative_prompts,
     parse_dtype,
@@ -48,6 +44,8 @@ from xdit_jax.pipelines.denoise import (
     pipeline_class_name,
     tokenize,
 )
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
+from xdit_jax.pipelines.image import default_size, resize_and_crop  # noqa: F401  (this family's API too)
 from xdit_jax.schedulers import dpmsolver
 
 # diffusers' defaults per pipeline class: prompt tokens
@@ -87,48 +85,12 @@ def binned_size(height: int, width: int, sample_size: int) -> tuple[int, int]:
     return bins[min(bins, key=lambda k: abs(float(k) - ar))]
 
 
-def resize_and_crop(images, height: int, width: int):
-    """diffusers' ``resize_and_crop_tensor`` on (B, C, H, W): bilinear resize (half-pixel centres, no
-    antialiasing, like torch's ``interpolate(align_corners=False)``) so the image covers
-    ``height x width``, then a center crop."""
-    b, c, h, w = images.shape
-    if (h, w) == (height, width):
-        return images
-    ratio = max(height / h, width / w)
-    rh, rw = int(h * ratio), int(w * ratio)
-    images = jax.image.resize(images, (b, c, rh, rw), method="linear", antialias=False)
-    y, x = (rh - height) // 2, (rw - width) // 2
-    return images[:, :, y:y + height, x:x + width]
-
-
-@dataclasses.dataclass
-class PixArtPipelineOutput:
-    """``images``: (B, H, W, 3) in [0, 1] for output_type="np"; the final latents (B, C, h, w),
-    diffusers' layout, for output_type="latent". ``timings``: seconds per stage."""
-
-    images: np.ndarray
-    timings: dict
-    peak_memory_bytes: int | None = None
+PixArtPipelineOutput = ImagePipelineOutput
 
 
 def read_configs(folder: str | os.PathLike):
     """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    return (pixart.PixArtConfig.from_dict(read_json(folder / "transformer" / "config.json")),
-            vae_kl.AutoencoderKLConfig.from_dict(read_json(folder / "vae" / "config.json")))
-
-
-def vae_scale_factor(vc) -> int:
-    return 2 ** (len(vc.block_out_channels) - 1)
-
-
-def default_size(tc, vc) -> dict:
-    """diffusers' default: the transformer's sample size times the VAE's factor (1024 x 1024 for the
-    1024px checkpoints)."""
-    s = tc.sample_size * vae_scale_factor(vc)
-    return {"height": s, "width": s}
+    return image.read_configs(folder, pixart.PixArtConfig)
 
 
 def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None,
@@ -138,7 +100,7 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
                         guidance_scale)
 
 
-class PixArtPipeline(PipelineBase):
+class PixArtPipeline(ImagePipelineBase):
     """Text-to-image with PixArt-alpha / PixArt-Sigma — see the module docstring."""
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
@@ -151,7 +113,6 @@ class PixArtPipeline(PipelineBase):
                          attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
                          pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=pixart.STACKED)
         self.max_sequence_length = int(max_sequence_length)
-        self.vae_scale_factor = vae_scale_factor(vae_config)
 
     # ------------------------------------------------------------------ loading
 
@@ -222,38 +183,7 @@ class PixArtPipeline(PipelineBase):
             latents, sched_state = dpmsolver.step(sched, i, pred, latents, sched_state)
             return latents.astype(jnp.float32), sched_state, i + 1, kv
 
-        donate = (1, 2, 4) if jax.default_backend() != "cpu" else ()
-        fn = jax.jit(step, donate_argnums=donate)
-        self._step_cache[key] = fn
-        return fn
-
-    def _decode_fn(self, size: tuple[int, int] | None = None):
-        """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae); ``size``:
-        resize and crop to this (height, width) (resolution binning)."""
-        if ("fn", size) in self._decode_cache:
-            return self._decode_cache[("fn", size)]
-        graphdef, state = nnx.split(self.vae)
-        scaling, dtype, mesh = self.vae_config.scaling_factor, self.dtype, self.mesh
-        tiling, slicing = self.vae_tiling, self.vae_slicing
-
-        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
-        def dec(state, latents):
-            image = vae_kl.decode(nnx.merge(graphdef, state), (latents / scaling).astype(dtype), tiling=tiling,
-                                  slicing=slicing, mesh=mesh if mesh.size > 1 else None)
-            if size is not None:
-                image = resize_and_crop(image.astype(jnp.float32), *size)
-            image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-            return jnp.transpose(image, (0, 2, 3, 1))  # (B, H, W, C)
-
-        self._decode_cache[("fn", size)] = fn = lambda latents: dec(state, latents)
-        return fn
-
-    def default_size(self) -> dict:
-        return default_size(self.transformer_config, self.vae_config)
-
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        s = self.vae_scale_factor
-        return (batch, self.transformer_config.in_channels, height // s, width // s)
+        return self._jit_step(key, step)
 
     def _added_cond(self, batch: int, height: int, width: int):
         """PixArt-alpha's micro-conditions (resolution, aspect ratio) where the transformer takes them."""
@@ -343,7 +273,7 @@ class PixArtPipeline(PipelineBase):
         return PixArtPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
 
     def _image_tokens(self, height: int, width: int) -> int:
-        p, s = self.transformer_config.patch_size, self.vae_scale_factor
+        p, s = self.transformer_config.patch_size, vae_scale_factor(self.vae_config)
         return (height // s // p) * (width // s // p)
 
     def _pipefusion_cache(self, step_batch: int, seq: int):

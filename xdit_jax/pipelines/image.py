@@ -1,0 +1,97 @@
+"""What the text-to-image families (PixArt, HunyuanDiT) share on top of :class:`PipelineBase`: an
+SD/SDXL ``AutoencoderKL`` whose decode is split over the mesh, the output, sizes and latent shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xdit_jax.models import vae_kl
+from xdit_jax.pipelines.denoise import PipelineBase
+
+
+@dataclasses.dataclass
+class ImagePipelineOutput:
+    """``images``: (B, H, W, 3) in [0, 1] for output_type="np"; the final latents (B, C, h, w),
+    diffusers' layout, for output_type="latent". ``timings``: seconds per stage."""
+
+    images: np.ndarray
+    timings: dict
+    peak_memory_bytes: int | None = None
+
+
+def read_configs(folder: str | os.PathLike, transformer_config_cls):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+    from pathlib import Path
+
+    from xdit_jax.conversion import read_json
+
+    folder = Path(folder)
+    return (transformer_config_cls.from_dict(read_json(folder / "transformer" / "config.json")),
+            vae_kl.AutoencoderKLConfig.from_dict(read_json(folder / "vae" / "config.json")))
+
+
+def vae_scale_factor(vc) -> int:
+    return 2 ** (len(vc.block_out_channels) - 1)
+
+
+def default_size(tc, vc) -> dict:
+    """diffusers' default: the transformer's sample size times the VAE's factor (1024 x 1024 for the
+    1024 px checkpoints)."""
+    s = tc.sample_size * vae_scale_factor(vc)
+    return {"height": s, "width": s}
+
+
+def resize_and_crop(images, height: int, width: int):
+    """diffusers' ``resize_and_crop_tensor`` on (B, C, H, W): bilinear resize (half-pixel centres, no
+    antialiasing, like torch's ``interpolate(align_corners=False)``) so the image covers
+    ``height x width``, then a center crop."""
+    b, c, h, w = images.shape
+    if (h, w) == (height, width):
+        return images
+    ratio = max(height / h, width / w)
+    rh, rw = int(h * ratio), int(w * ratio)
+    images = jax.image.resize(images, (b, c, rh, rw), method="linear", antialias=False)
+    y, x = (rh - height) // 2, (rw - width) // 2
+    return images[:, :, y:y + height, x:x + width]
+
+
+class ImagePipelineBase(PipelineBase):
+    """Sizes, latent shapes and the VAE decode of a text-to-image pipeline."""
+
+    def default_size(self) -> dict:
+        return default_size(self.transformer_config, self.vae_config)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        s = vae_scale_factor(self.vae_config)
+        return (batch, self.transformer_config.in_channels, height // s, width // s)
+
+    def _decode_fn(self, size: tuple[int, int] | None = None):
+        """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae) -> (B, H, W, 3)
+        in [0, 1]; ``size``: resized and cropped to this (height, width) (PixArt's resolution binning)."""
+        if ("fn", size) in self._decode_cache:
+            return self._decode_cache[("fn", size)]
+        graphdef, state = nnx.split(self.vae)
+        scaling, dtype, mesh = self.vae_config.scaling_factor, self.dtype, self.mesh
+        tiling, slicing = self.vae_tiling, self.vae_slicing
+
+        # Images come out replicated (they go to the host next).
+        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+        def dec(state, latents):
+            image = vae_kl.decode(nnx.merge(graphdef, state), (latents / scaling).astype(dtype), tiling=tiling,
+                                  slicing=slicing, mesh=mesh if mesh.size > 1 else None)
+            if size is not None:
+                image = resize_and_crop(image.astype(jnp.float32), *size)
+            image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return jnp.transpose(image, (0, 2, 3, 1))
+
+        self._decode_cache[("fn", size)] = fn = lambda latents: dec(state, latents)
+        return fn
