@@ -128,3 +128,25 @@ def test_peer_dies_mid_run(tmp_path):
     assert rc == 3 and "died" in out0, out0[-2000:]
     assert elapsed < 60
     assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_equal_one_image_family(tmp_path, monkeypatch):
+    """An image family across 2 processes: the tiny PixArt's tiny model is made by process 0 alone, its
+    .png equals the one-process one."""
+    import imageio.v3 as iio
+
+    args = ["--model", "tiny-pixart", "--no-progress", "--mesh", "cfg=2,ring=2", "--steps", "2", "--height", "32",
+            "--width", "48", "--prompt", "A dog on a beach."]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(cache))
+    assert cli.main(args + ["--output", str(tmp_path / "one.png")]) == 0
+    cache2 = tmp_path / "cache2"  # a fresh cache: the processes must make the tiny model themselves
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), *args, "--output",
+                               str(tmp_path / "two.png"), "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                               "2", "--process-id", str(i), "--dist-timeout", "120"], env=child_env(cache2),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    one, two = (iio.imread(tmp_path / n).astype(int) for n in ("one.png", "two.png"))
+    assert one.shape == two.shape == (32, 48, 3) and np.abs(one - two).max() <= 1  # as above
