@@ -87,7 +87,9 @@ def test_generate_hunyuandit_image(tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "tiny-hunyuandit", "--mesh", "pipefusion=2"], "long skip connections"),
     (["--model", "tiny-pixart", "--output", "x.mp4"], "makes images"),
-    (["--model", "tiny-pixart", "--num-frames", "9"], "for video models"),
+    (["--model", "tiny-pixart", "--num-frames", "9"], "--num-frames: not used by this pixart model"),
+    (["--model", "tiny-hunyuandit", "--max-sequence-length", "20"], "77 + 256"),
+    (["--guidance-rescale", "0.5"], "not used by this cogvideox model"),
     (["--model", "tiny-pixart", "--height", "40"], "multiples of 16"),
     (["--height", "50"], "multiples of 16"),
     (["--num-frames", "10"], "8k+1"),

@@ -258,6 +258,20 @@ def _family_of(model: str) -> str | None:
     return None
 
 
+def _check_family_flags(family: str, args) -> None:
+    """Flags that mean nothing for this family are refused rather than silently ignored."""
+    video_only = {"num_frames": "--num-frames", "fps": "--fps", "use_dynamic_cfg": "--use-dynamic-cfg"}
+    wrong = [flag for name, flag in video_only.items() if family != "cogvideox" and getattr(args, name)]
+    if family != "hunyuandit" and args.guidance_rescale:
+        wrong.append("--guidance-rescale")
+    if family == "cogvideox" and args.no_resolution_binning:
+        wrong.append("--no-resolution-binning")
+    if family == "hunyuandit" and args.max_sequence_length is not None:
+        wrong.append("--max-sequence-length (HunyuanDiT's text lengths are the model's: 77 + 256)")
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: not used by this {family} model; drop the flag.")
+
+
 def _check_request(family: str, model, args, spec, guidance: float) -> None:
     """The family's cheap checks of sizes and mesh, from the config.json files only."""
     if family == "cogvideox":
@@ -270,8 +284,6 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
     elif family == "pixart":
         from xdit_jax.pipelines.pixart import binned_size, check_request, default_size, read_configs
 
-        if args.num_frames is not None:
-            raise ValueError("--num-frames is for video models; this model makes images.")
         tc, vc = read_configs(model)
         ds = default_size(tc, vc)
         h, w = args.height or ds["height"], args.width or ds["width"]
@@ -281,8 +293,6 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
     else:
         from xdit_jax.pipelines.hunyuandit import binned_size, check_request, default_size, read_configs
 
-        if args.num_frames is not None:
-            raise ValueError("--num-frames is for video models; this model makes images.")
         tc, vc = read_configs(model)
         ds = default_size(tc, vc)
         h, w = args.height or ds["height"], args.width or ds["width"]
@@ -350,7 +360,6 @@ def _main(argv=None) -> int:
         if spec.size > len(jax.devices()):
             raise ValueError(f"Mesh {spec} needs {spec.size} devices; {len(jax.devices())} are available.")
         if is_tiny:
-            args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
             fam = tiny.TINY_NAMES[args.model]
             call_on_process_zero("xdit_jax.tiny", "make_tiny_model", f"xdit_jax_tiny_{fam}", family=fam)
             model = tiny.default_tiny_dir(fam)
@@ -360,6 +369,9 @@ def _main(argv=None) -> int:
             model = resolve_model(args.model)  # a local folder (a hub id is downloaded here)
         family = pipelines.family(pipeline_class_name(model))
         check_output(out, args.overwrite, family == "cogvideox")
+        _check_family_flags(family, args)
+        if is_tiny and family != "cogvideox":
+            args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
         d = DEFAULTS[family]
         guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
