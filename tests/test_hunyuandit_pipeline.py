@@ -107,3 +107,7 @@ def test_binning_and_bad_input(tmp_path_factory):
         HunyuanDiTPipeline.from_pretrained(folder, mesh="pipefusion=2")
     with pytest.raises(ValueError, match="prompt_attention_mask"):
         ours(prompt_embeds=np.zeros((1, 77, 32), np.float32), height=H, width=W, use_resolution_binning=False)
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    with pytest.raises(ValueError, match=r"prompt_embeds_2 \(1, 256, 8\) with mask"):
+        ours(prompt_embeds=z(1, 77, 32), prompt_attention_mask=z(1, 77), prompt_embeds_2=z(1, 256, 8),
+             prompt_attention_mask_2=z(1, 256), height=H, width=W, use_resolution_binning=False, guidance_scale=1.0)

@@ -163,6 +163,8 @@ def test_hub_class_names_and_bad_input(sigma, tmp_path):
 
     with pytest.raises(ValueError, match="prompt_attention_mask"):
         ours(prompt_embeds=np.zeros((1, MSL, 32), np.float32), **kw)
+    with pytest.raises(ValueError, match="T5 states"):
+        ours(prompt_embeds=np.zeros((1, MSL, 7), np.float32), prompt_attention_mask=np.ones((1, MSL)), **kw)
     with pytest.raises(ValueError, match="latents have shape"):
         ours(PROMPT, **{**kw, "latents": np.zeros((1, 4, 3, 3), np.float32)})
     with pytest.raises(ValueError, match="multiples of 16"):

@@ -51,7 +51,6 @@ log = logging.getLogger("xdit_jax")
 
 # scheduler class in scheduler_config.json -> (module, config class); both have the same API
 SCHEDULERS = {"DDPMScheduler": (ddpm, "DDPMConfig"), "DPMSolverMultistepScheduler": (dpmsolver, "DPMSolverConfig")}
-TEXT_LENGTHS = (77, 256)  # BERT, mT5 (diffusers' encode_prompt)
 
 # HunyuanDiT's trained shapes (width, height) per aspect ratio (diffusers' STANDARD_RATIO / _SHAPE)
 _STANDARD = [(1.0, [(1024, 1024), (1280, 1280)]),
@@ -152,10 +151,11 @@ class HunyuanDiTPipeline(ImagePipelineBase):
     # ------------------------------------------------------------------ stages
 
     def encode_prompt(self, prompts: list[str], which: int = 0, max_sequence_length: int | None = None):
-        """((B, L, d) embeddings, (B, L) mask) from the BERT (``which=0``, 77 tokens) or the mT5
-        (``which=1``, 256 tokens), as diffusers (no text preprocessing)."""
+        """((B, L, d) embeddings, (B, L) mask) from the BERT (``which=0``, the transformer's ``text_len``
+        tokens, 77) or the mT5 (``which=1``, ``text_len_t5``, 256), as diffusers (no text preprocessing)."""
         tok = (self.tokenizer, self.tokenizer_2)[which]
-        ids, mask = tokenize(tok, prompts, max_sequence_length or TEXT_LENGTHS[which])
+        tc = self.transformer_config
+        ids, mask = tokenize(tok, prompts, max_sequence_length or (tc.text_len, tc.text_len_t5)[which])
         ids = self._put_replicated(jnp.asarray(ids, jnp.int32))
         mask = self._put_replicated(jnp.asarray(mask, jnp.int32))
         fn = self._text_encoder_fn(("text_encoder", "text_encoder_2")[which])
@@ -244,6 +244,12 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                 if emb is None:
                     emb, mask = self.encode_prompt(prompts, which)
                 emb, mask = jnp.asarray(emb, self.dtype), jnp.asarray(mask, jnp.int32)
+                tc = self.transformer_config
+                want = ((tc.text_len, tc.cross_attention_dim), (tc.text_len_t5, tc.cross_attention_dim_t5))[which]
+                if emb.ndim != 3 or tuple(emb.shape[1:]) != want or mask.shape != emb.shape[:2]:
+                    name = ("prompt_embeds", "prompt_embeds_2")[which]
+                    raise ValueError(f"{name} {tuple(emb.shape)} with mask {tuple(mask.shape)}: this model takes "
+                                     f"(batch, {want[0]}, {want[1]}) and a (batch, {want[0]}) mask.")
                 if do_cfg:
                     nemb, nmask = neg_given[which]
                     if nemb is None:

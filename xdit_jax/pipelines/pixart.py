@@ -227,6 +227,10 @@ class PixArtPipeline(ImagePipelineBase):
             if prompt_embeds is None:
                 prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, msl)
             embeds, mask = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(prompt_attention_mask, jnp.int32)
+            channels = self.transformer_config.caption_channels
+            if embeds.ndim != 3 or embeds.shape[-1] != channels or mask.shape != embeds.shape[:2]:
+                raise ValueError(f"prompt_embeds {tuple(embeds.shape)} with mask {tuple(mask.shape)}: this model takes "
+                                 f"(batch, tokens, {channels}) T5 states and a (batch, tokens) mask.")
             if do_cfg:
                 if negative_prompt_embeds is None:
                     negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
