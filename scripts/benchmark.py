@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py [step] --model cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model pixart-cpu-small --compare diffusers --steps 7
+    python scripts/benchmark.py step --model hunyuandit-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model cogvideox-2b --mesh 1 --mesh cfg=2 --json
     python scripts/benchmark.py vae-memory ...        (xdit_jax.parallel.vae_bench)
 
@@ -33,9 +34,11 @@ def step_parser() -> argparse.ArgumentParser:
                     "Details: docs/benchmarks.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="models: CogVideoX tiny, cpu-small, cogvideox-2b, cogvideox-5b, cogvideox1.5-5b; PixArt pixart-tiny, "
-               "pixart-cpu-small, pixart-alpha-1024, pixart-sigma-1024 (configs/); or a config folder (--list)")
+               "pixart-cpu-small, pixart-alpha-1024, pixart-sigma-1024; HunyuanDiT hunyuandit-tiny, "
+               "hunyuandit-cpu-small, hunyuandit-v1.2 (configs/); or a config folder (--list)")
     p.add_argument("--model", default="cpu-small",
-                   help="preset (tiny, cpu-small, pixart-tiny, pixart-cpu-small), a full-size model in configs/ "
+                   help="preset (tiny, cpu-small, pixart-tiny, pixart-cpu-small, hunyuandit-tiny, "
+                        "hunyuandit-cpu-small), a full-size model in configs/ "
                         "(random weights), or a folder holding transformer/config.json [cpu-small]")
     p.add_argument("--mesh", action="append", default=None,
                    help="mesh spec, repeatable (e.g. --mesh 1 --mesh cfg=2); 1 = one device [1]")

@@ -419,3 +419,179 @@ def test_pixart_full_width_step_matches_diffusers(name):
     # fp32 both sides, outputs of order 2: a wrong condition, position or mask moves them by >1e-2
     assert ours["max_abs_diff_vs_diffusers"] < 1e-4 * max(1.0, ref["ref_abs_max"])
     assert ours["step_median_s"] > 0 and ref["step_median_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# HunyuanDiT
+# ----------------------------------------------------------------------------------------------
+
+def test_hunyuandit_tiny_rows_vs_diffusers():
+    """hunyuandit-tiny (v1.0/1.1 shaped: both text masks, image meta + style, learned sigma, 6 layers
+    with long skips) against diffusers on one device and a USP mesh (in-process: the session's 8
+    simulated devices), 1 timed step; PipeFusion is refused with a row that says why."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model="hunyuandit-tiny", meshes=[None, "cfg=2,ulysses=2",
+                                                                                      "pipefusion=2"],
+                                                      steps=1, compare="diffusers", settle=0, log=lambda s: None))
+    table = bench.format_table(rows)
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("cfg=2,ulysses=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"), ("single device", "xdit_jax"),
+        ("torch cpu", "diffusers")]
+    assert "16 image + 77 BERT + 256 mT5 tokens (6 / 6 in the prompt's masks)" in table and "step med s" in table
+    pf = by_mesh.pop("pipefusion=2")
+    assert "PipeFusion not supported for HunyuanDiT (long skips)" in pf["error"]
+    assert "skipped: ValueError: PipeFusion not supported for HunyuanDiT (long skips)" in table
+    for r in by_mesh.values():
+        assert "error" not in r, r.get("error")
+        assert r["kind"] == "step" and r["model"] == "hunyuandit-tiny" and r["family"] == "hunyuandit"
+        assert r["latent_shape"] == [2, 4, 8, 8] and r["image_tokens"] == 16 and r["text_tokens"] == 333
+        assert (r["bert_tokens"], r["t5_tokens"], r["bert_valid_tokens"], r["t5_valid_tokens"]) == (77, 256, 6, 6)
+        assert r["style_and_image_meta"] is True and r["layers"] == 6 and r["skip_layers"] == 2
+        assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
+        assert "video_tokens" not in r and "num_frames" not in r
+    one, usp = by_mesh["single device"], by_mesh["cfg=2,ulysses=2"]
+    for r in (one, usp):
+        assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and r["ratio_vs_diffusers"] > 0
+        assert r["flops_xla_cost_analysis"] > 0
+        # same weights and inputs (both texts and masks, meta sizes, style, the pipeline's RoPE): fp32,
+        # outputs of order 2; a wrong mask, skip order or RoPE moves them by > 0.1
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    # the compiled program's dots and convolutions (scans by trip count) are the analytic count
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    assert one["collective_bytes"] == 0
+    assert usp["collectives"]["all-to-all"] > 0 and usp["flops_hlo"] < one["flops_hlo"] / 2
+
+
+def _hunyuan_flops_by_hand(b, s, d, ff, layers, meta, p=2, cin=4, cout=8, l1=77, l2=256, dc=1024, d5=2048,
+                           pooled=1024):
+    txt = l1 + l2
+    per_block = (2 * b * d * d                                   # norm1's shift from the conditioning vector
+                 + 8 * b * s * d * d + 4 * b * s * s * d          # self-attention: q, k, v, out; QK^T, PV
+                 + 4 * b * s * d * d + 4 * b * txt * dc * d       # cross-attention: q, out; k, v on the text
+                 + 4 * b * s * txt * d                            # cross-attention QK^T, PV
+                 + 4 * b * s * d * ff)                            # MLP d -> ff -> d
+    skip = 2 * b * s * (2 * d) * d                                # skip_linear on [x; skip]
+    extra_in = pooled + (6 * 256 + d if meta else 0)
+    once = (2 * b * s * cin * p * p * d                           # patch embedding
+            + 2 * b * l2 * (d5 * 4 * d5 + 4 * d5 * dc)            # mT5 projection d5 -> 4 d5 -> dc
+            + 2 * b * (256 * d + d * d)                           # timestep embedding
+            + 2 * b * d5 * d5 + 2 * 2 * b * (l2 + 1) * d5 * d5    # pooler q (1 token), k, v ([mean; mT5])
+            + 2 * 2 * b * (l2 + 1) * d5 + 2 * b * d5 * pooled     # pooler QK^T, PV; c_proj
+            + 2 * b * (extra_in * 4 * d + 4 * d * d)              # extra embedder
+            + 2 * b * d * 2 * d + 2 * b * s * d * p * p * cout)   # norm_out modulation, output projection
+    return layers * per_block + (layers // 2 - 1) * skip + once
+
+
+def test_hunyuandit_analytic_flops_formula():
+    t, _ = bench.load_model_dir(bench.CONFIG_DIR / "hunyuandit-v1.2")
+    assert bench.family_of_config(t) == "hunyuandit"
+    d = 16 * 88
+    ff = int(d * 4.3637)
+    assert ff == 6144
+    for meta in (False, True):  # v1.2; v1.0/1.1 (image-meta sizes and style in the extra embedder)
+        cfg = dict(t, num_layers=4, use_style_cond_and_image_meta_size=meta)
+        f = bench.hunyuandit_analytic_flops(cfg, (2, 4, 64, 64))
+        assert f["total"] == _hunyuan_flops_by_hand(2, 1024, d, ff, 4, meta) and f["tokens"] == 1024
+        assert f["linear"] + f["attention"] == f["total"]
+    full = bench.hunyuandit_analytic_flops(t, (2, 4, 128, 128))
+    assert full["total"] == _hunyuan_flops_by_hand(2, 4096, d, ff, 40, False)
+
+
+def test_hunyuandit_workloads():
+    w = bench.load_workload("hunyuandit-cpu-small")
+    assert w.family == "hunyuandit" and w.transformer["num_layers"] == 4 and w.transformer["hidden_size"] == 1408
+    assert w.latent_shape() == (2, 4, 64, 64) and w.tokens() == (1024, 77 + 256)
+    x = bench.make_inputs(w)
+    assert list(x) == ["latents", "t", "embeds", "mask", "embeds_t5", "mask_t5"]  # v1.2: no meta, no style
+    assert x["embeds"].shape == (2, 77, 1024) and x["embeds_t5"].shape == (2, 256, 2048)
+    assert x["t"].dtype.kind == "f"
+    # CFG: the negative prompt "" first (BERT [CLS] [SEP], mT5 EOS), then the prompt's 40 + 40 tokens
+    assert x["mask"].sum(1).tolist() == [2, 40] and x["mask_t5"].sum(1).tolist() == [1, 40]
+    assert x["mask"][1, :40].all() and x["mask_t5"][0, 0] == 1
+    wt = bench.load_workload("hunyuandit-tiny")
+    xt = bench.make_inputs(wt)
+    assert xt["image_meta_size"].tolist() == [[1024, 1024, 64, 64, 0, 0]] * 2 and xt["style"].tolist() == [0, 0]
+    assert wt.transformer["num_layers"] % 2 == 0
+    wf = bench.load_workload("hunyuandit-v1.2")
+    assert (wf.height, wf.width) == (1024, 1024) and wf.tokens() == (4096, 333) and wf.transformer["num_layers"] == 40
+    wn = bench.load_workload(str(bench.CONFIG_DIR / "hunyuandit-v1.2"), height=768, width=1280, cfg=False)
+    assert wn.family == "hunyuandit" and wn.latent_shape() == (1, 4, 96, 160)
+    assert bench.make_inputs(wn)["mask"].sum(1).tolist() == [40]
+    with pytest.raises(ValueError, match="HunyuanDiT .text-to-image. model: it has no frames"):
+        bench.load_workload("hunyuandit-tiny", num_frames=9)
+
+
+def test_hunyuandit_config_folder_loads_in_diffusers_transformers_and_ours():
+    from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel
+    from transformers import BertConfig, T5Config
+
+    from xdit_jax.models import bert, hunyuandit, t5, vae_kl
+    from xdit_jax.pipelines import hunyuandit as hunyuandit_pipeline
+    from xdit_jax.schedulers import ddpm
+
+    folder = bench.CONFIG_DIR / "hunyuandit-v1.2"
+    t, defaults = bench.load_model_dir(folder)
+    cfg = hunyuandit.HunyuanDiTConfig.from_dict(t)
+    assert (cfg.inner_dim, cfg.ff_inner_dim, cfg.out_ch, cfg.num_layers) == (1408, 6144, 8, 40)
+    assert not cfg.use_style_cond_and_image_meta_size
+    assert HunyuanDiT2DModel.load_config(folder / "transformer")["num_layers"] == 40
+    vcfg = vae_kl.AutoencoderKLConfig.from_dict(bench.read_json(folder / "vae" / "config.json"))
+    assert AutoencoderKL.load_config(folder / "vae")["scaling_factor"] == vcfg.scaling_factor == 0.13025
+    b = bench.read_json(folder / "text_encoder" / "config.json")
+    assert bert.BertConfig.from_dict(b).hidden_size == BertConfig(**b).hidden_size == cfg.cross_attention_dim
+    m = bench.read_json(folder / "text_encoder_2" / "config.json")
+    assert t5.T5Config.from_dict(m).d_model == T5Config(**m).d_model == cfg.cross_attention_dim_t5
+    sched = bench.read_json(folder / "scheduler" / "scheduler_config.json")
+    ours, theirs = ddpm.DDPMConfig.from_dict(sched), DDPMScheduler.from_config(sched).config
+    for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type", "steps_offset",
+              "timestep_spacing", "variance_type", "clip_sample"):
+        assert theirs[k] == sched[k], k
+        if hasattr(ours, k):
+            assert getattr(ours, k) == sched[k], k
+    index = bench.read_json(folder / "model_index.json")
+    assert index["_class_name"] == "HunyuanDiTPipeline" and {"text_encoder_2", "tokenizer_2"} <= set(index)
+    assert hunyuandit_pipeline.default_size(*hunyuandit_pipeline.read_configs(folder)) == \
+        {"height": defaults["height"], "width": defaults["width"]} == {"height": 1024, "width": 1024}
+    assert defaults["hub_id"] == "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers"
+    assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (50, 5.0)
+
+
+# HunyuanDiT-v1.2 (d = 16 x 88 = 1408, ff 6144, 40 blocks), diffusers' modules: 21 blocks without a skip
+# of 34,091,712 (norm1 shift d^2 + d and its LayerNorm 2d; attn1 4(d^2 + d) + q/k norms 4 x 88; norm2 2d;
+# attn2 2(d^2 + d) + 2(1024 d + d) + 4 x 88; norm3 2d; MLP 2 d 6144 + 6144 + d) and 19 with one of
+# 38,063,680 (+ skip_norm 4d, skip_linear 2d^2 + d); time_extra_emb (timestep MLP, mT5 pooler, extra
+# embedder) 31,263,360; the mT5 projection 25,175,040; norm_out 3,967,744; text padding 333 x 1024;
+# proj_out 1408 x 32 + 32; patch embed 4 x 4 x 1408 + 1408.
+HUNYUANDIT_V12_PARAMS = 1_499_952_032
+
+
+def test_hunyuandit_full_size_parameter_count():
+    """The full-size config builds abstractly (nothing allocated) with HunyuanDiT's 1.5B parameters,
+    exactly as many as diffusers' model of the same config (built on torch's meta device)."""
+    import jax
+    import torch
+    from diffusers import HunyuanDiT2DModel
+    from flax import nnx
+
+    from xdit_jax.models import hunyuandit
+
+    t, _ = bench.load_model_dir(bench.CONFIG_DIR / "hunyuandit-v1.2")
+    cfg = hunyuandit.HunyuanDiTConfig.from_dict(t)
+    _, state = nnx.split(nnx.eval_shape(lambda: hunyuandit.HunyuanDiT2DModel(cfg, rngs=nnx.Rngs(0))))
+    ours = sum(x.size for x in jax.tree.leaves(state))
+    with torch.device("meta"):
+        tm = HunyuanDiT2DModel(**{k: v for k, v in t.items() if not k.startswith("_")})
+    assert ours == sum(p.numel() for p in tm.parameters()) == HUNYUANDIT_V12_PARAMS
+
+
+def test_hunyuandit_full_width_flops_compile_only():
+    """The released config at full width, 4 layers (one pushes a skip, two in the middle, one pops it)
+    at 128 x 128, compiled on abstract shapes (no weights): the compiled program's dots and
+    convolutions (scans by trip count) are the analytic count, the text projection, pooler and
+    skip_linear included."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model="hunyuandit-v1.2", layers=4, height=128, width=128,
+                                                      compile_only=True, log=lambda s: None))
+    (row,) = rows
+    assert "error" not in row and row["image_tokens"] == 64 and row["skip_layers"] == 1
+    assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
+    assert row["flops_xla_cost_analysis"] > 0

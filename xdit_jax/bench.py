@@ -17,8 +17,9 @@ What one benchmark row holds (see ``docs/benchmarks.md`` for the table and the r
   inputs, timed interleaved with ours in the same process; the ratio ours / diffusers per step.
 
 The step is built by :func:`build_step` alone, so it can later be swapped for the pipeline's full
-step on a mesh. What differs between model families (CogVideoX, PixArt-alpha / Sigma: inputs, the
-arguments of ``embed``, analytic FLOPs, the diffusers reference) is in :mod:`xdit_jax.bench_families`.
+step on a mesh. What differs between model families (CogVideoX, PixArt-alpha / Sigma, HunyuanDiT:
+inputs, the arguments of ``embed``, analytic FLOPs, the diffusers reference) is in
+:mod:`xdit_jax.bench_families`.
 Weights are passed to the jitted function as arguments (``nnx.split`` / ``nnx.merge``), never
 closed over as constants. Variants (:class:`Variant`) build the same step
 with other XLA options or, as trace-time experiments that leave the model files alone, another
@@ -43,8 +44,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from xdit_jax.bench_families import (FAMILIES, PIXART_TEXT_VALID, Family, TorchReference,  # noqa: F401
-                                     family_of_config, family_of_model, pixart_analytic_flops)
+from xdit_jax.bench_families import (FAMILIES, HUNYUAN_TEXT_VALID, PIXART_TEXT_VALID, Family,  # noqa: F401
+                                     TorchReference, family_of_config, family_of_model, hunyuandit_analytic_flops,
+                                     pixart_analytic_flops)
 from xdit_jax.bench_families import cogvideox_analytic_flops as analytic_flops  # noqa: F401
 from xdit_jax.bench_variants import (ATTENTION_VARIANTS, LINEAR_VARIANTS, Variant, attention_override,  # noqa: F401
                                      linear_override, parse_compiler_options, parse_variant)
@@ -53,6 +55,8 @@ from xdit_jax.hlo import matmul_flops as hlo_matmul_flops
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b")
 PIXART_MODELS = ("pixart-alpha-1024", "pixart-sigma-1024")
+HUNYUANDIT_MODELS = ("hunyuandit-v1.2",)
+IMAGE_FAMILIES = ("pixart", "hunyuandit")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -166,7 +170,9 @@ class Workload:
     source: str = ""
     family: str = "cogvideox"
     text_tokens: int | None = None  # PixArt: caption tokens (default: defaults.json's max_sequence_length)
-    text_valid: int | None = None  # PixArt: real tokens in the prompt's caption mask (PIXART_TEXT_VALID)
+    # real tokens in the prompt's text mask(s): PixArt's caption (PIXART_TEXT_VALID); HunyuanDiT's BERT
+    # and mT5 masks both (HUNYUAN_TEXT_VALID)
+    text_valid: int | None = None
 
     @property
     def fam(self) -> Family:
@@ -248,9 +254,31 @@ def _pixart_cpu_small_workload() -> Workload:
                     source="configs/pixart-sigma-1024, 2 layers", defaults=defaults)
 
 
+def _hunyuandit_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's HunyuanDiT (2 heads x 8, 6 layers: 2 push a skip, 2 in the middle, 2 pop one,
+    # the releases' 77 + 256 text tokens) made v1.0/1.1 shaped: every input path of the family (both
+    # text masks, image-meta sizes, style, learned sigma) runs.
+    t = dict(tiny.HUNYUAN_TRANSFORMER, use_style_cond_and_image_meta_size=True)
+    size = t["sample_size"] * 8
+    return Workload("hunyuandit-tiny", t, height=size, width=size, num_frames=1, family="hunyuandit",
+                    text_valid=6, source="xdit_jax.tiny's HunyuanDiT, 2 heads x 8, 6 layers, with image meta + style",
+                    defaults=dict(num_inference_steps=4, guidance_scale=5.0))
+
+
+def _hunyuandit_cpu_small_workload() -> Workload:
+    t, defaults = load_model_dir(CONFIG_DIR / "hunyuandit-v1.2")
+    t = dict(t, num_layers=4)
+    return Workload("hunyuandit-cpu-small", t, height=512, width=512, num_frames=1, family="hunyuandit",
+                    source="configs/hunyuandit-v1.2, 4 layers", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
-                                              "pixart-cpu-small": _pixart_cpu_small_workload}
+                                              "pixart-cpu-small": _pixart_cpu_small_workload,
+                                              "hunyuandit-tiny": _hunyuandit_tiny_workload,
+                                              "hunyuandit-cpu-small": _hunyuandit_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -264,6 +292,14 @@ PRESET_HELP.update({
 })
 for _m in PIXART_MODELS:
     PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at 1024x1024 (4096 image tokens)"
+PRESET_HELP.update({
+    "hunyuandit-tiny": "a 2x8-head, 6-layer HunyuanDiT (long skips, image meta + style) at 64x64: 16 image + "
+                       "77 BERT + 256 mT5 tokens (CI smoke test)",
+    "hunyuandit-cpu-small": f"HunyuanDiT-v1.2 width (16 heads x 88), 4 layers, 512x512: 1024 image + 77 BERT + 256 "
+                            f"mT5 tokens ({HUNYUAN_TEXT_VALID[0]} / {HUNYUAN_TEXT_VALID[1]} real)",
+})
+for _m in HUNYUANDIT_MODELS:
+    PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at 1024x1024 (4096 image tokens, no PipeFusion)"
 
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
@@ -278,16 +314,18 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
                 if CONFIG_DIR.is_dir() else sorted(PRESETS)
             raise ValueError(f"Unknown model {name!r}: give one of {', '.join(known)} or a config folder.")
         t, d = load_model_dir(folder)
-        if family_of_config(t) == "pixart":
+        family = family_of_config(t)
+        if family in IMAGE_FAMILIES:
             size = int(t.get("sample_size", 128)) * 8
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
-                         num_frames=1, defaults=d, source=str(folder), family="pixart")
+                         num_frames=1, defaults=d, source=str(folder), family=family)
         else:
             w = Workload(folder.name, t, height=int(d.get("height", t["sample_height"] * 8)),
                          width=int(d.get("width", t["sample_width"] * 8)),
                          num_frames=int(d.get("num_frames", t["sample_frames"])), defaults=d, source=str(folder))
-    if w.family == "pixart" and num_frames not in (None, 1):
-        raise ValueError(f"{w.name} is a PixArt (text-to-image) model: it has no frames (drop --frames).")
+    if w.family in IMAGE_FAMILIES and num_frames not in (None, 1):
+        raise ValueError(f"{w.name} is a {w.fam.title} (text-to-image) model: it has no frames "
+                         f"(drop --frames).")
     if layers is not None:
         w.transformer = dict(w.transformer, num_layers=int(layers))
     w.height, w.width = height or w.height, width or w.width
@@ -302,7 +340,8 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
 
 def workload_flops(w: Workload) -> dict[str, float]:
     """Analytic matmul FLOPs of one forward of ``w`` (the family's formula: :func:`analytic_flops` for
-    CogVideoX, :func:`pixart_analytic_flops` for PixArt; ``xdit_jax.bench_families``)."""
+    CogVideoX, :func:`pixart_analytic_flops` for PixArt, :func:`hunyuandit_analytic_flops` for HunyuanDiT;
+    ``xdit_jax.bench_families``)."""
     return w.fam.analytic_flops(w)
 
 
@@ -814,6 +853,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     patches = stage_tree = None
     layers = tcfg.num_layers
     if ms.pipefusion > 1:  # the stacked blocks split over the stages; a patched step (as many patches as stages)
+        family.refuse_pipefusion()  # HunyuanDiT: its long skips cross every stage boundary
         from xdit_jax.parallel import pipefusion
 
         pipefusion.check_mesh(ms, tcfg.num_layers)
@@ -1044,7 +1084,10 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"
     r0 = rows[0]
-    if "image_tokens" in r0:  # PixArt: image tokens self-attend, the caption is cross-attended
+    if "bert_tokens" in r0:  # HunyuanDiT: image tokens self-attend, the two texts are cross-attended
+        tokens = (f"{r0['image_tokens']} image + {r0['bert_tokens']} BERT + {r0['t5_tokens']} mT5 tokens "
+                  f"({r0['bert_valid_tokens']} / {r0['t5_valid_tokens']} in the prompt's masks)")
+    elif "image_tokens" in r0:  # PixArt: image tokens self-attend, the caption is cross-attended
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")
     else:

@@ -5,9 +5,10 @@ counts, its random inputs (numpy, batch first, in the order the jitted step take
 arguments of the model's ``embed`` (the step then runs ``embed`` -> the blocks over the mesh ->
 ``head``, as the pipelines do), the analytic FLOPs of one forward, and the diffusers reference
 (:class:`TorchReference`). Meshes, PipeFusion, variants, timing, memory, FLOP and collective
-counting are shared (``xdit_jax.bench``). Two families: CogVideoX (text-to-video, joint
-attention over text + video tokens) and PixArt-alpha / Sigma (text-to-image, self-attention over
-the image tokens, masked cross-attention to the caption).
+counting are shared (``xdit_jax.bench``). Three families: CogVideoX (text-to-video, joint
+attention over text + video tokens), PixArt-alpha / Sigma (text-to-image, self-attention over
+the image tokens, masked cross-attention to the caption) and HunyuanDiT (text-to-image,
+self-attention over the image tokens, cross-attention to BERT + mT5 text, long skips: no PipeFusion).
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ class Family:
     model_class_name: str = ""
     config_class_name: str = ""
     token_word: str = ""  # what the latent tokens are: "video" / "image"
+    title: str = ""  # the family's name in messages
+    no_pipefusion_why: str = ""  # why PipeFusion cannot split the model, where it cannot
+
+    @property
+    def supports_pipefusion(self) -> bool:
+        """Whether PipeFusion can split the model's layer stack (the model module's ``SUPPORTS_PIPEFUSION``)."""
+        return bool(getattr(self.module, "SUPPORTS_PIPEFUSION", True))
+
+    def refuse_pipefusion(self) -> None:
+        """Raise the row's error for a PipeFusion mesh where the model cannot run one."""
+        if not self.supports_pipefusion:
+            raise ValueError(f"PipeFusion not supported for {self.title} ({self.no_pipefusion_why}); use cfg, "
+                             f"data, ulysses and ring meshes.")
 
     @property
     def module(self):
@@ -196,6 +210,7 @@ class CogVideoX(Family):
     model_class_name = "CogVideoXTransformer3DModel"
     config_class_name = "CogVideoXConfig"
     token_word = "video"
+    title = "CogVideoX"
 
     def latent_shape(self, w):
         """(B, F, C, h, w) in diffusers' layout; 1.5 pads latent frames to a multiple of patch_size_t."""
@@ -352,6 +367,7 @@ class PixArt(Family):
     model_class_name = "PixArtTransformer2DModel"
     config_class_name = "PixArtConfig"
     token_word = "image"
+    title = "PixArt"
 
     def latent_shape(self, w):
         """(B, C, h, w) in diffusers' layout."""
@@ -412,20 +428,240 @@ class PixArt(Family):
         return PixArtTorchReference(transformer, dtype, seed=seed, device=device)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt())}
+# ============================================================================================
+# HunyuanDiT
+# ============================================================================================
+
+# A typical prompt's real tokens in the two text masks (BERT, mT5), both counting their special
+# tokens; the unconditional half is diffusers' default negative prompt "": BERT [CLS] [SEP] (2
+# tokens), mT5 its EOS (1 token).
+HUNYUAN_TEXT_VALID = (40, 40)
+HUNYUAN_NEGATIVE_VALID = (2, 1)
+HUNYUAN_TIME_PROJ = 256  # the sinusoidal timestep (and image-meta size) projection width
+HUNYUAN_POOLER_HEADS = 8
+
+
+def hunyuandit_ff_inner_dim(transformer: dict) -> int:
+    """diffusers' ``int(inner_dim * mlp_ratio)`` (mlp_ratio 4.3637 in the releases: 6144 at d = 1408)."""
+    d = int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"])
+    return int(d * float(transformer.get("mlp_ratio", 4.0)))
+
+
+def hunyuandit_analytic_flops(transformer: dict, latent_shape: tuple[int, ...]) -> dict[str, float]:
+    """Matmul FLOPs of one HunyuanDiT transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (both CFG halves), S = (h/p)(w/p) image tokens, d = heads * head_dim (= hidden_size),
+    L1 = text_len (BERT, 77), L2 = text_len_t5 (mT5, 256), L = L1 + L2 (all of them: masked positions
+    are replaced by a learned row, not dropped), d_c = cross_attention_dim, d_5 = cross_attention_dim_t5,
+    F = int(d * mlp_ratio), P = pooled_projection_dim, N = layers, of which N/2 - 1 have a skip. Per block:
+
+        shift of norm1 (from the conditioning vector)   2 B d^2
+        self-attention q, k, v, out                      8 B S d^2
+        self-attention QK^T and PV                       4 B S^2 d
+        cross-attention q, out                           4 B S d^2
+        cross-attention k, v (the text)                  4 B L d_c d
+        cross-attention QK^T and PV                      4 B S L d
+        feed-forward d->F->d                             4 B S d F
+        skip layers only: skip_linear 2d -> d            4 B S d^2
+
+    plus, once: patch embedding 2 B S (C_in p^2) d; the mT5 text projection d_5 -> 4 d_5 -> d_c
+    2 B L2 (4 d_5^2 + 4 d_5 d_c); the timestep embedding 2 B (256 d + d^2); the text pooler (one
+    query over the L2 + 1 tokens [mean; mT5]: q 2 B d_5^2, k and v 4 B (L2+1) d_5^2, QK^T and PV
+    4 B (L2+1) d_5, out 2 B d_5 P); the extra embedder E -> 4d -> d with E = P (+ 6 * 256 + d with the
+    v1.0/1.1 image-meta sizes and style) 2 B (4 E d + 4 d^2); the output modulation 2 B d (2d) and
+    projection 2 B S d (p^2 C_out). Norms, RoPE, softmax, GELU, the embedding lookup: element-wise.
+    """
+    b, c, h, w = latent_shape
+    t = transformer
+    p = int(t.get("patch_size", 2))
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    dc = int(t.get("cross_attention_dim", 1024))
+    d5 = int(t.get("cross_attention_dim_t5", 2048))
+    pooled = int(t.get("pooled_projection_dim", 1024))
+    l1, l2 = int(t.get("text_len", 77)), int(t.get("text_len_t5", 256))
+    txt = l1 + l2
+    layers = int(t["num_layers"])
+    skips = layers // 2 - 1
+    ff_dim = hunyuandit_ff_inner_dim(t)
+    cout = c * 2 if t.get("learn_sigma", True) else c
+    s = (h // p) * (w // p)
+    self_proj, self_attn = 8 * b * s * d * d, 4 * b * s * s * d
+    cross_proj, cross_attn = 4 * b * s * d * d + 4 * b * txt * dc * d, 4 * b * s * txt * d
+    ff = 4 * b * s * d * ff_dim
+    shift = 2 * b * d * d
+    skip = 4 * b * s * d * d
+    tp = HUNYUAN_TIME_PROJ
+    extra_in = pooled + ((6 * tp + d) if t.get("use_style_cond_and_image_meta_size", True) else 0)
+    pool = 2 * b * d5 * d5 + 4 * b * (l2 + 1) * d5 * d5 + 4 * b * (l2 + 1) * d5 + 2 * b * d5 * pooled
+    embed = (2 * b * s * (c * p * p) * d + 2 * b * l2 * (4 * d5 * d5 + 4 * d5 * dc) + 2 * b * (tp * d + d * d)
+             + pool + 2 * b * (4 * extra_in * d + 4 * d * d))
+    head = 2 * b * d * 2 * d + 2 * b * s * d * (p * p * cout)
+    block = shift + self_proj + self_attn + cross_proj + cross_attn + ff
+    attention = self_attn + cross_attn
+    total = layers * block + skips * skip + embed + head
+    attention_total = layers * attention + 4 * b * (l2 + 1) * d5  # + the pooler's
+    return {"total": float(total), "per_block": float(block), "attention": float(attention_total),
+            "linear": float(total - attention_total), "tokens": s}
+
+
+def hunyuandit_masks(step_batch: int, text_lens: tuple[int, int], valid: tuple[int, int], cfg: bool,
+                     negative: tuple[int, int] = HUNYUAN_NEGATIVE_VALID) -> tuple[np.ndarray, np.ndarray]:
+    """(BERT mask, mT5 mask), (B, L1) and (B, L2) int32, as the pipeline builds them: with CFG the first
+    half is the negative prompt "" (``negative`` real tokens), the second the prompt (``valid``)."""
+    out = []
+    for length, keep, neg in zip(text_lens, valid, negative):
+        mask = np.zeros((step_batch, length), np.int32)
+        mask[:, :max(1, min(keep, length))] = 1
+        if cfg:
+            mask[: step_batch // 2] = 0
+            mask[: step_batch // 2, :max(1, min(neg, length))] = 1
+        out.append(mask)
+    return out[0], out[1]
+
+
+def hunyuandit_rope(head_dim: int, grid_h: int, grid_w: int, patch_size: int):
+    """The pipeline's ``image_rotary_emb`` (torch): diffusers' ``get_2d_rotary_pos_embed`` over the crop
+    region of the grid in a ``512 // 8 // patch_size`` base grid."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+    base = 512 // 8 // patch_size
+    return get_2d_rotary_pos_embed(head_dim, get_resize_crop_region_for_grid((grid_h, grid_w), base),
+                                   (grid_h, grid_w), output_type="pt")
+
+
+class HunyuanDiTTorchReference(TorchReference):
+    """diffusers' ``HunyuanDiT2DModel`` (from the config keys it takes), called as ``HunyuanDiTPipeline``
+    calls it: both text states and masks, the timestep in the model's dtype, ``image_rotary_emb`` for
+    the latent grid and, for v1.0/1.1, ``image_meta_size`` and ``style``."""
+
+    def _make_model(self, cfg):
+        import inspect
+
+        from diffusers import HunyuanDiT2DModel
+
+        takes = inspect.signature(HunyuanDiT2DModel.__init__).parameters
+        return HunyuanDiT2DModel.from_config({k: v for k, v in cfg.items() if k in takes})
+
+    def set_inputs(self, inputs, w):
+        torch = self.torch
+        put = lambda k, dt=None: torch.from_numpy(inputs[k]).to(self.device, dt)
+        self.x = put("latents", self.dtype)
+        self.t = put("t", self.dtype)  # diffusers: t_expand in the latents' dtype
+        self.enc, self.mask = put("embeds", self.dtype), put("mask")
+        self.enc_t5, self.mask_t5 = put("embeds_t5", self.dtype), put("mask_t5")
+        self.meta = put("image_meta_size", self.dtype) if "image_meta_size" in inputs else None
+        self.style = put("style") if "style" in inputs else None
+        cfg = self.model.config
+        _, _, h, ww = inputs["latents"].shape
+        p = int(cfg.patch_size)
+        cos, sin = hunyuandit_rope(int(cfg.attention_head_dim), h // p, ww // p, p)
+        self.rope = (cos.to(self.device), sin.to(self.device))
+
+    def _forward(self):
+        return self.model(self.x, self.t, encoder_hidden_states=self.enc, text_embedding_mask=self.mask,
+                          encoder_hidden_states_t5=self.enc_t5, text_embedding_mask_t5=self.mask_t5,
+                          image_meta_size=self.meta, style=self.style, image_rotary_emb=self.rope,
+                          return_dict=False)[0]
+
+
+class HunyuanDiT(Family):
+    name = "hunyuandit"
+    module_name = "xdit_jax.models.hunyuandit"
+    model_class_name = "HunyuanDiT2DModel"
+    config_class_name = "HunyuanDiTConfig"
+    token_word = "image"
+    title = "HunyuanDiT"
+    no_pipefusion_why = "long skips"  # layer i feeds layer N-1-i, across every stage boundary
+
+    def latent_shape(self, w):
+        """(B, C, h, w) in diffusers' layout."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 4)), w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def text_lens(self, w) -> tuple[int, int]:
+        """(BERT, mT5) tokens: the config's text_len, text_len_t5 (the pipeline pads to them)."""
+        return int(w.transformer.get("text_len", 77)), int(w.transformer.get("text_len_t5", 256))
+
+    def text_len(self, w):
+        return sum(self.text_lens(w))
+
+    def text_valid(self, w) -> tuple[int, int]:
+        """Real tokens in the prompt's (BERT, mT5) masks: ``w.text_valid`` for both, else HUNYUAN_TEXT_VALID."""
+        valid = (int(w.text_valid),) * 2 if w.text_valid else HUNYUAN_TEXT_VALID
+        return tuple(min(v, n) for v, n in zip(valid, self.text_lens(w)))
+
+    def tokens(self, w):
+        _, _, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 2))
+        return (h // p) * (ww // p), self.text_len(w)
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # self-attention over the image tokens; the text is cross-attended
+
+    def check(self, cfg, shape):
+        self.module.check_input_shape(cfg, shape[2], shape[3])
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        (l1, l2), (v1, v2) = self.text_lens(w), self.text_valid(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "bert_tokens": l1, "t5_tokens": l2,
+                "bert_valid_tokens": v1, "t5_valid_tokens": v2, "layers": cfg.num_layers,
+                "skip_layers": cfg.n_down, "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+                "ff_inner_dim": cfg.ff_inner_dim, "height": w.height, "width": w.width,
+                "style_and_image_meta": cfg.use_style_cond_and_image_meta_size}
+
+    def make_inputs(self, w, seed=0):
+        """As ``HunyuanDiTPipeline`` passes them: latents (B, C, h, w), timesteps (B,) float, BERT states
+        (B, L1, cross_attention_dim) and mask (B, L1), mT5 states (B, L2, cross_attention_dim_t5) and mask
+        (B, L2) and, for v1.0/1.1 (use_style_cond_and_image_meta_size), image_meta_size (B, 6) [original
+        h, w (1024, 1024), target h, w, crop top, left (0, 0)] in pixels and style (B,) = 0."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        (l1, l2) = self.text_lens(w)
+        latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
+        bert = rng.standard_normal((b, l1, int(t.get("cross_attention_dim", 1024))), dtype=np.float32)
+        mt5 = rng.standard_normal((b, l2, int(t.get("cross_attention_dim_t5", 2048))), dtype=np.float32)
+        mask, mask_t5 = hunyuandit_masks(b, (l1, l2), self.text_valid(w), w.cfg)
+        inputs = {"latents": latents, "t": np.full((b,), 500.0, dtype=np.float32), "embeds": bert, "mask": mask,
+                  "embeds_t5": mt5, "mask_t5": mask_t5}
+        if t.get("use_style_cond_and_image_meta_size", True):
+            inputs["image_meta_size"] = np.tile(np.array([[1024, 1024, w.height, w.width, 0, 0]], np.float32),
+                                                (b, 1))
+            inputs["style"] = np.zeros((b,), np.int64)
+        return inputs
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["t"], inputs["embeds"].astype(dtype), inputs["mask"],
+                inputs["embeds_t5"].astype(dtype), inputs["mask_t5"], inputs.get("image_meta_size"),
+                inputs.get("style"))
+
+    def analytic_flops(self, w):
+        return hunyuandit_analytic_flops(w.transformer, self.latent_shape(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return HunyuanDiTTorchReference(transformer, dtype, seed=seed, device=device)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
+HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
-    """The family of a diffusers transformer ``config.json``: PixArt by its class name (the hub's
-    PixArt checkpoints say ``Transformer2DModel``) or its ``ada_norm_single`` norm, else CogVideoX."""
+    """The family of a diffusers transformer ``config.json``: HunyuanDiT by its class name or its
+    ``text_len_t5``; PixArt by its class name (the hub's PixArt checkpoints say ``Transformer2DModel``)
+    or its ``ada_norm_single`` norm; else CogVideoX."""
+    if transformer.get("_class_name") in HUNYUANDIT_CLASS_NAMES or "text_len_t5" in transformer:
+        return "hunyuandit"
     if transformer.get("_class_name") in PIXART_CLASS_NAMES or transformer.get("norm_type") == "ada_norm_single":
         return "pixart"
     return "cogvideox"
 
 
 def family_of_model(cfg: Any) -> Family:
-    """The family of a model config dataclass (``CogVideoXConfig``, ``PixArtConfig``)."""
+    """The family of a model config dataclass (``CogVideoXConfig``, ``PixArtConfig``, ``HunyuanDiTConfig``)."""
     for fam in FAMILIES.values():
         if type(cfg).__name__ == fam.config_class_name:
             return fam
