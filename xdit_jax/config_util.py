@@ -13,3 +13,19 @@ def known_fields(cls, d: Mapping[str, Any], exclude: tuple[str, ...] = ()) -> di
     frozen config stays hashable."""
     names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+
+
+class FromConfigDict:
+    """``from_dict`` / ``from_json`` for a config dataclass read from a diffusers/transformers JSON file
+    (unknown keys ignored, see :func:`known_fields`; validation belongs in ``__post_init__``)."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        return cls(**known_fields(cls, d))
+
+    @classmethod
+    def from_json(cls, path):
+        import json
+
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

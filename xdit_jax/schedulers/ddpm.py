@@ -75,15 +75,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import FromConfigDict
 from xdit_jax.schedulers.dpmsolver import _betas, _cumprod32, _exp32, _log32
 
 __all__ = [
@@ -108,7 +106,7 @@ _VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
 @dataclasses.dataclass(frozen=True)
-class DDPMConfig:
+class DDPMConfig(FromConfigDict):
     """diffusers' `scheduler_config.json` for `DDPMScheduler` (defaults = diffusers')."""
 
     num_train_timesteps: int = 1000
@@ -163,16 +161,6 @@ class DDPMConfig:
             bad(f"clip_sample_range must be > 0 with clip_sample=True, got {self.clip_sample_range!r}")
         if self.num_train_timesteps < 1:
             bad(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DDPMConfig:
-        """Read a diffusers scheduler config dict; unknown keys (`_class_name`, ...) are ignored."""
-        return cls(**known_fields(cls, d))
-
-    @classmethod
-    def from_json(cls, path) -> DDPMConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     @property
     def init_noise_sigma(self) -> float:

@@ -56,16 +56,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import FromConfigDict
 
 __all__ = [
     "INIT_NOISE_SIGMA",
@@ -93,7 +91,7 @@ _SOLVER_TYPE_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoin
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverConfig:
+class DPMSolverConfig(FromConfigDict):
     """diffusers' `scheduler_config.json` for `DPMSolverMultistepScheduler` (defaults = diffusers')."""
 
     num_train_timesteps: int = 1000
@@ -187,16 +185,6 @@ class DPMSolverConfig:
                 "(as the PixArt pipelines do) and use variance_type None")
         if self.num_train_timesteps < 2:
             bad(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DPMSolverConfig:
-        """Read a diffusers scheduler config dict; unknown keys (`_class_name`, ...) are ignored."""
-        return cls(**known_fields(cls, d))
-
-    @classmethod
-    def from_json(cls, path) -> DPMSolverConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     @property
     def init_noise_sigma(self) -> float:
