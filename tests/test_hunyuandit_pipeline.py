@@ -111,3 +111,23 @@ def test_binning_and_bad_input(tmp_path_factory):
     with pytest.raises(ValueError, match=r"prompt_embeds_2 \(1, 256, 8\) with mask"):
         ours(prompt_embeds=z(1, 77, 32), prompt_attention_mask=z(1, 77), prompt_embeds_2=z(1, 256, 8),
              prompt_attention_mask_2=z(1, 256), height=H, width=W, use_resolution_binning=False, guidance_scale=1.0)
+
+
+@pytest.mark.parametrize("family", ["hunyuandit", "pixart"])
+def test_image_step_compiles_once(family, caplog):
+    """Both image families: step 0 and the later steps share one executable on a CFG x sequence mesh."""
+    import logging
+
+    import jax
+
+    from xdit_jax import tiny
+    from xdit_jax.pipelines.pixart import PixArtPipeline
+
+    cls = HunyuanDiTPipeline if family == "hunyuandit" else PixArtPipeline
+    pipe = cls.from_pretrained(tiny.make_tiny_model(family=family), mesh="cfg=2,ring=2")
+    kw = dict(height=32, width=32, num_inference_steps=3, use_resolution_binning=False, output_type="latent",
+              progress=False)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        pipe(PROMPT, **kw)
+    compiles = [r for r in caplog.records if "Compiling jit(step)" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]

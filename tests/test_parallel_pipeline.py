@@ -95,15 +95,17 @@ def test_pallas_backend_equals_one_device(variant, mesh):
     assert np.abs(out - ref).max() <= 1e-4, mesh
 
 
-def test_step_compiles_once(variant, caplog):
+@pytest.mark.parametrize("mesh", ["cfg=2", "cfg=2,ring=2"])
+def test_step_compiles_once(variant, caplog, mesh):
     """Step 0 and the later steps share one executable: the loop's carry enters placed as the step
-    returns it (a scheduler state made off the mesh once cost a second compile of the whole step)."""
+    returns it (a scheduler state made off the mesh once cost a second compile of the whole step; on a
+    ring mesh the latents came back split over ring)."""
     import logging
 
     import jax
 
     folder, _ = variant
-    pipe = CogVideoXPipeline.from_pretrained(folder, mesh="cfg=2")
+    pipe = CogVideoXPipeline.from_pretrained(folder, mesh=mesh)
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         pipe(PROMPTS[:1], **{**KW, "num_inference_steps": 3}, output_type="latent")
     compiles = [r for r in caplog.records if "Compiling jit(step)" in r.getMessage()]

@@ -157,7 +157,7 @@ class CogVideoXPipeline(PipelineBase):
             noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
                 if sched.needs_noise else None
             latents, sched_state = schedulers.step(sched, i, pred, latents, sched_state, noise)
-            return latents.astype(jnp.float32), sched_state, i + 1, kv
+            return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
 

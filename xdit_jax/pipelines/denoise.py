@@ -274,6 +274,15 @@ class PipelineBase:
             x = x.reshape((-1,) + latents.shape[1:])
         return jax.lax.with_sharding_constraint(x, self._batch_sharding(x.ndim, do_cfg))
 
+    def _step_out(self, latents, sched_state, i, kv):
+        """(Traced.) The step's result ``(latents, sched_state, i + 1, kv)``, the latents and the
+        scheduler's latent-shaped state laid out as they entered (batch over ``data``): else XLA may
+        return them split as the head computed them (e.g. over ``ring``) and step 1 would compile the
+        whole step a second time. The next index stays on the device (the loop sends nothing)."""
+        place = lambda x: jax.lax.with_sharding_constraint(x, self._batch_sharding(x.ndim, False))  # noqa: E731
+        state = jax.tree.map(lambda x: place(x) if x.shape == latents.shape else x, sched_state)
+        return place(latents.astype(jnp.float32)), state, i + 1, kv
+
     def _blocks_over_mesh(self, blocks, tstate, x, tokens, cond, kv, warmup: bool):
         """(Traced.) ``blocks(params, x, tokens, cond)`` over the mesh: sequence parallel
         (:func:`xdit_jax.parallel.sequence.run_blocks`), or PipeFusion where ``kv`` holds its K/V

@@ -181,7 +181,7 @@ class PixArtPipeline(ImagePipelineBase):
             if learned_sigma:  # the variance channels are not used by the sampler
                 pred = pred[:, : latents.shape[1]]
             latents, sched_state = dpmsolver.step(sched, i, pred, latents, sched_state)
-            return latents.astype(jnp.float32), sched_state, i + 1, kv
+            return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
 
