@@ -226,3 +226,83 @@ def test_pallas_kernel_lowers_for_gpu_on_any_host():
     fn = jax.jit(lambda q, k, v, n: flash_attention(q, k, v, n, scale=0.125, interpret=False))
     text = fn.trace(x, x, x, jax.ShapeDtypeStruct((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
+
+
+# ----- joint attention with a context every device holds whole (Mochi's two streams) -----
+
+def _joint_reference(q, k, v, cq, ck, cv, c_mask):
+    """diffusers' rule, per sample: one softmax over the keys [sequence; unmasked context]."""
+    rows = jnp.concatenate([q, cq], axis=1)
+    keys, vals = jnp.concatenate([k, ck], axis=1), jnp.concatenate([v, cv], axis=1)
+    valid = jnp.concatenate([jnp.ones(k.shape[:2], bool), c_mask], axis=1)
+    out = local_attention(rows, keys, vals, kv_valid=valid)
+    return out[:, :q.shape[1]], out[:, q.shape[1]:]
+
+
+def sharded_joint_attention(spec, q, k, v, cq, ck, cv, c_mask, *, backend="xla", with_cq=True):
+    mesh = build_mesh(spec)
+    deg = mesh.shape["ring"] * mesh.shape["ulysses"]
+    s = q.shape[1]
+    s_pad = -(-s // deg) * deg
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+    cfg = AttentionConfig(mesh=mesh, backend=backend)
+    ctx = P(("data", "cfg"), None, None, None)
+    cm = P(("data", "cfg"), None)
+
+    def body(q, k, v, cq, ck, cv, c_mask):
+        with attention_context(cfg):
+            return attention(q, k, v, valid_len=s, context=(cq if with_cq else None, ck, cv, c_mask))
+
+    from xdit_jax.parallel.sequence import _shard_map as unchecked  # the pipeline's shard_map
+    out_c_spec = ctx if with_cq else None
+    fn = jax.jit(unchecked(body, mesh, (SEQ,) * 3 + (ctx,) * 3 + (cm,), (SEQ, out_c_spec)))
+    out, out_c = fn(pad(q), pad(k), pad(v), cq, ck, cv, c_mask)
+    assert out.shape == (q.shape[0], s_pad) + q.shape[2:]
+    return out[:, :s], out_c
+
+
+def _joint_inputs(b, s, sc, h, d=16, seed=11):
+    q, k, v = _qkv(b, s, h, d, seed=seed)
+    cq, ck, cv = _qkv(b, sc, h, d, seed=seed + 1)
+    lengths = np.array([3, sc, 0, 5][:b])  # prefix masks as T5 makes them; one sample with no caption
+    c_mask = jnp.asarray(np.arange(sc)[None] < lengths[:, None])
+    return q, k, v, cq, ck, cv, c_mask
+
+
+JOINT_CASES = [("one", 2), ("ulysses=2", 2), ("ring=2", 2), ("ring=3", 2), ("ulysses=3", 2),
+               ("ring=2,ulysses=2", 2), ("data=2,ring=2", 4), ("ring=4", 2)]
+
+
+@pytest.mark.parametrize("spec,b", JOINT_CASES, ids=[c[0] for c in JOINT_CASES])
+def test_joint_attention_matches_single_device(spec, b):
+    """Sequence rows and context rows equal one softmax over [sequence; valid context] keys, on every
+    mesh, with a real length the degree does not divide, heads not divisible by ulysses=3, ring=4's
+    last block only padding, and a sample whose caption is fully masked."""
+    s = 9 if spec == "ring=4" else 37
+    inputs = _joint_inputs(b, s, 7, 4)
+    ref, ref_c = _joint_reference(*inputs)
+    if spec == "one":
+        out, out_c = jax.jit(lambda *a: attention(*a[:3], context=a[3:]))(*inputs)
+    else:
+        out, out_c = sharded_joint_attention(spec, *inputs)
+    assert float(jnp.max(jnp.abs(out - ref))) <= TOL, spec
+    assert float(jnp.max(jnp.abs(out_c - ref_c))) <= TOL, spec
+
+
+def test_joint_attention_without_context_queries_and_pallas():
+    inputs = _joint_inputs(2, 37, 7, 3, seed=5)
+    ref, _ = _joint_reference(*inputs)
+    out, out_c = sharded_joint_attention("ring=2,ulysses=2", *inputs, with_cq=False)
+    assert out_c is None and float(jnp.max(jnp.abs(out - ref))) <= TOL
+    out, out_c = sharded_joint_attention("ring=2", *inputs, backend="pallas")
+    assert float(jnp.max(jnp.abs(out - ref))) <= TOL
+
+
+def test_joint_attention_rejects_bad_context():
+    q, k, v, cq, ck, cv, c_mask = _joint_inputs(2, 8, 5, 2)
+    with pytest.raises(ValueError, match="context mask must be bool"):
+        attention(q, k, v, context=(cq, ck, cv, c_mask.astype(jnp.int32)))
+    with pytest.raises(ValueError, match="context q/k/v"):
+        attention(q, k, v, context=(cq, ck[:, :, :1], cv, c_mask))
+    with pytest.raises(ValueError, match="kv_valid"):
+        attention(q, k, v, kv_valid=jnp.ones(8, bool), context=(cq, ck, cv, c_mask))

@@ -312,7 +312,7 @@ def merge_partials(out, lse, out_b, lse_b):
     return out * to_out(wa) + out_b * to_out(wb), new_lse
 
 
-def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None):
+def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None, return_lse=False):
     """q, k, v: the local contiguous chunk ``r`` (of ``ring``) of the sequence, (B, Sc, H, D).
 
     ``counts`` (PipeFusion's buffers, whose blocks are no contiguous chunks): a static array of the
@@ -322,7 +322,8 @@ def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None):
     move r -> r+1). Each step's block is sent on *before* it is used, so the transfer of block
     i+1 and the compute of block i are independent and XLA may overlap them. ``ring - 1`` sends of
     K and V in all: step 0 outside the loop, steps 1..ring-2 in a ``fori_loop``, the last outside
-    (it sends nothing). Partial results are kept in float32.
+    (it sends nothing). Partial results are kept in float32. ``return_lse``: return the float32
+    ``(out, lse)`` (for a further merge) instead of ``out`` in q's dtype.
     """
     sc = k.shape[1]
     r = lax.axis_index(RING_AXIS)
@@ -351,8 +352,8 @@ def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None):
     if ring > 2:
         nxt, out, lse = lax.fori_loop(1, ring - 1, body, (nxt, out, lse))
     o, l = compute(nxt, ring - 1)
-    out, _ = merge_partials(out, lse, o, l)
-    return out.astype(q.dtype)
+    out, lse = merge_partials(out, lse, o, l)
+    return (out, lse) if return_lse else out.astype(q.dtype)
 
 
 def _pad_heads(x, hp):
@@ -377,13 +378,79 @@ def _sequence_parallel_attention(q, k, v, *, ring, ulysses, valid_len, scale, ba
     return out
 
 
-def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=None):
+def _joint_attention(q, k, v, context, *, ring, ulysses, valid_len, scale, backend):
+    """Self-attention of the (sequence-sharded) q, k, v joined by a context every device holds whole.
+
+    ``context = (cq, ck, cv, c_mask)``: (B, Sc, H, D) each (``cq`` may be None) and a bool (B, Sc)
+    key mask. Every query — the local sequence rows and the context rows — attends to the keys of
+    the whole sequence and of the context: one partial over the sequence keys (the strategy of the
+    mesh, any backend; the context queries simply ride along as extra query rows) and one over the
+    context keys (the XLA kernel: an arbitrary mask), merged by the log-sum-exp rule. With
+    ``ulysses > 1`` each device handles its heads of the context (a local slice, no traffic) and the
+    context's output heads are all-gathered at the end. With ``ring > 1`` every ring device computes
+    the context rows in full (each sees every key block), a few extra rows next to the sequence's.
+    Returns ``(out (B, S_local, H, D), out_context (B, Sc, H, D) or None)``.
+    """
+    cq, ck, cv, c_mask = context
+    h = q.shape[2]
+    if ulysses > 1:
+        hp = -(-h // ulysses) * ulysses
+        per = hp // ulysses
+        q, k, v = (lax.all_to_all(_pad_heads(x, hp), ULYSSES_AXIS, 2, 1, tiled=True) for x in (q, k, v))
+        mine = lambda x: lax.dynamic_slice_in_dim(_pad_heads(x, hp), lax.axis_index(ULYSSES_AXIS) * per, per,
+                                                  axis=2)
+        ck, cv = mine(ck), mine(cv)
+        cq = None if cq is None else mine(cq)
+    n = q.shape[1]
+    rows = q if cq is None else jnp.concatenate([q, cq.astype(q.dtype)], axis=1)
+    if ring > 1:
+        out, lse = _ring_attention(rows, k, v, ring=ring, valid_len=valid_len, scale=scale, backend=backend,
+                                   return_lse=True)
+    else:
+        out, lse = block_attention(rows, k, v, valid_len=valid_len, scale=scale, backend=backend, need_lse=True,
+                                   out_dtype=jnp.float32)
+    out_c, lse_c = block_attention(rows, ck.astype(k.dtype), cv.astype(v.dtype), kv_valid=c_mask, scale=scale,
+                                   backend="xla", need_lse=True, out_dtype=jnp.float32)
+    out, _ = merge_partials(out, lse, out_c, lse_c)
+    out = out.astype(q.dtype)
+    seq_out, ctx_out = out[:, :n], (None if cq is None else out[:, n:])
+    if ulysses > 1:
+        seq_out = lax.all_to_all(seq_out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :h]
+        if ctx_out is not None:
+            ctx_out = lax.all_gather(ctx_out, ULYSSES_AXIS, axis=2, tiled=True)[:, :, :h]
+    return seq_out, ctx_out
+
+
+def _check_context(context, q):
+    if len(context) != 4:
+        raise ValueError("context must be (cq or None, ck, cv, c_mask).")
+    cq, ck, cv, c_mask = context
+    b, _, h, d = q.shape
+    if ck.ndim != 4 or ck.shape != cv.shape or ck.shape[0] != b or ck.shape[2:] != (h, d) \
+            or (cq is not None and cq.shape != ck.shape):
+        raise ValueError(f"context q/k/v must be (B, Sc, H, D) with q's B, H, D {(b, h, d)}; got "
+                         f"{None if cq is None else cq.shape}, {ck.shape}, {cv.shape}.")
+    c_mask = jnp.asarray(c_mask)
+    if c_mask.dtype != jnp.bool_ or c_mask.shape != (b, ck.shape[1]):
+        raise ValueError(f"context mask must be bool (B, Sc) = {(b, ck.shape[1])}; got {c_mask.dtype} "
+                         f"{c_mask.shape}.")
+    return cq, ck, cv, c_mask
+
+
+def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=None, context=None):
     """Attention over the joint sequence, sharded as the installed :class:`AttentionConfig` says.
 
     q, k, v: the LOCAL (B, S_local, H, D) shard (see the module docstring for the layout).
     ``valid_len``: static number of real tokens of the GLOBAL sequence (keys beyond are padding).
     ``scale``: logit scale, default ``D ** -0.5``. ``kv_valid``: a local key mask, only without
     sequence parallelism. Returns (B, S_local, H, D) in q's dtype.
+
+    ``context``: ``(cq, ck, cv, c_mask)``, tokens that every device holds whole (B, Sc, H, D) — a
+    text caption of a two-stream model such as Mochi — which join the attention: the sequence's
+    queries also attend to the context keys (``c_mask``: bool (B, Sc), True = may be attended), and
+    the context queries ``cq`` (None: not wanted) attend to the whole sequence and the context, as
+    diffusers' joint attention over ``[sequence; caption]`` does. Then returns ``(out, out_context)``
+    (``out_context`` None when ``cq`` is). Not with PipeFusion.
 
     With ``ring`` or ``ulysses`` > 1 this must be traced inside a ``shard_map`` over the installed
     mesh (it uses the collectives of the ``ring`` / ``ulysses`` axes).
@@ -398,6 +465,21 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
         raise TypeError(f"valid_len must be a static Python int, got {type(valid_len).__name__}.")
     ring, ulysses = cfg.degree(RING_AXIS), cfg.degree(ULYSSES_AXIS)
     cell = _KV_CELL.get()
+    if context is not None:
+        if cell is not None:
+            raise NotImplementedError("attention with a context (joint two-stream attention) does not run "
+                                      "under PipeFusion.")
+        if kv_valid is not None:
+            raise ValueError("attention with a context takes the sequence's padding as valid_len, not kv_valid.")
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"joint attention wants q and k of one length; got {q.shape[1]} and {k.shape[1]}.")
+        context = _check_context(context, q)
+        try:
+            return _joint_attention(q, k, v, context, ring=ring, ulysses=ulysses, valid_len=valid_len,
+                                    scale=scale, backend=cfg.backend)
+        except NameError as e:
+            raise RuntimeError(f"attention with ring={ring}, ulysses={ulysses} must run inside a shard_map "
+                               f"over the installed mesh (axes 'ring', 'ulysses' bound): {e}") from e
     if cell is not None:  # a PipeFusion stage: q, k, v are one patch; keys are the whole sequence
         if kv_valid is not None:
             raise NotImplementedError("PipeFusion takes padding masks only.")
