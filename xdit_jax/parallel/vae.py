@@ -18,12 +18,15 @@ take the model's own single-device decode function ``decode_fn(model, z)``.
     principle 1). Sizes the grid does not divide are padded up to equal blocks; the padded rows
     and columns are zeroed before every convolution that would read them (so they act as the
     convolution's own zero padding at the true border) and left out of the statistics; the
-    padded part of the output is cropped. Requires the decoder's spatial resolution to grow by
-    integer factors (true for every upsampling decoder) and halos no larger than a block. A layer
-    that reads every pixel of the plane (the spatial self-attention in the mid block of
-    diffusers' ``AutoencoderKL``) takes its keys and values through :func:`gather_plane`, which
-    all-gathers them over the grid and crops the padding: each device attends its own queries to
-    the keys of the whole (unpadded) plane, as one device does.
+    padded part of the output is cropped. A convolution that pads by replicating the edge
+    (``conv_halo(..., mode="edge")``, Mochi's causal convolutions) gets the edge row/column
+    instead, at the true border and in the padded rows/columns a kernel reads past it.
+    Requires the decoder's spatial resolution to grow by integer factors (true for every
+    upsampling decoder) and halos no larger than a block. A layer that reads every pixel of the
+    plane (the spatial self-attention in the mid block of diffusers' ``AutoencoderKL``) takes its
+    keys and values through :func:`gather_plane`, which all-gathers them over the grid and crops
+    the padding: each device attends its own queries to the keys of the whole (unpadded) plane,
+    as one device does.
   - ``"gspmd"``: sharding constraints on the input and output only; XLA's SPMD partitioner
     splits every convolution spatially (halo collective-permutes) and all-reduces the norm
     statistics. Needs no hooks at all, but measured 1.05-1.23x the per-device memory of
@@ -54,7 +57,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 H_AXIS, W_AXIS = "vae_h", "vae_w"
 
@@ -144,23 +148,30 @@ def _halo(x, axis: int, lo: int, hi: int, mesh_axis: str, n: int):
     return jnp.concatenate(parts, axis=axis) if len(parts) > 1 else x
 
 
-def conv_halo(x: jax.Array, padding) -> tuple[jax.Array, tuple[tuple[int, int], ...]]:
+def conv_halo(x: jax.Array, padding, mode: str = "zeros") -> tuple[jax.Array, tuple[tuple[int, int], ...]]:
     """Hook for a stride-1 'same' convolution over channels-last ``x`` (N, *spatial, C) whose last
-    two spatial dims are height and width, about to be zero-padded by ``padding`` (one (lo, hi)
-    per spatial dim).
+    two spatial dims are height and width, about to be padded by ``padding`` (one (lo, hi) per
+    spatial dim).
 
-    Returns ``(x, padding)`` to convolve with. On one device: unchanged. Under a shard context:
-    ``x`` with its padded rows/columns zeroed and the neighbours' halos attached along height and
-    width, and ``padding`` with those two entries set to (0, 0).
+    Returns ``(x, padding)`` to convolve with (the convolution zero-pads by the returned padding).
+
+    * ``mode="zeros"`` (torch's ``padding_mode="zeros"``): on one device unchanged. Under a shard
+      context ``x`` with its padded rows/columns zeroed and the neighbours' halos attached along
+      height and width, and ``padding`` with those two entries set to (0, 0).
+    * ``mode="edge"`` (``F.pad(..., mode="replicate")``): the hook pads every dim itself by
+      repeating the edge and returns all-zero ``padding``. Under a shard context the height and
+      width take the neighbours' halos inside the image; at the true image border (also inside a
+      block padded up to the grid) every row/column beyond it is the edge row/column.
     """
     shard = current_shard()
     padding = tuple(tuple(p) for p in padding)
+    if mode == "edge":
+        return _edge_halo(x, padding, shard)
+    if mode != "zeros":
+        raise ValueError(f"conv_halo: unknown mode {mode!r} (zeros or edge)")
     if shard is None:
         return x, padding
-    nd = x.ndim - 2
-    if nd < 2 or len(padding) != nd:
-        raise ValueError(f"conv_halo: need (N, ..., H, W, C) input with one padding per spatial dim, got "
-                         f"{x.shape} and {padding}")
+    nd = _check_conv_input(x, padding)
     new = list(padding)
     for k in (0, 1):
         axis, pidx = x.ndim - 3 + k, nd - 2 + k
@@ -173,6 +184,57 @@ def conv_halo(x: jax.Array, padding) -> tuple[jax.Array, tuple[tuple[int, int], 
             x = _halo(x, axis, lo, hi, mesh_axis, n)
             new[pidx] = (0, 0)
     return x, tuple(new)
+
+
+def _check_conv_input(x: jax.Array, padding) -> int:
+    nd = x.ndim - 2
+    if nd < 2 or len(padding) != nd:
+        raise ValueError(f"conv_halo: need (N, ..., H, W, C) input with one padding per spatial dim, got "
+                         f"{x.shape} and {padding}")
+    return nd
+
+
+def _edge_halo(x: jax.Array, padding, shard: SpatialShard | None):
+    """``conv_halo(..., mode="edge")``."""
+    zero = ((0, 0),) * len(padding)
+    if shard is None:
+        if any(lo or hi for lo, hi in padding):
+            x = jnp.pad(x, ((0, 0),) + padding + ((0, 0),), mode="edge")
+        return x, zero
+    nd = _check_conv_input(x, padding)
+    for k in (0, 1):
+        axis = x.ndim - 3 + k
+        lo, hi = padding[nd - 2 + k]
+        if not (lo or hi):
+            continue
+        n, mesh_axis, valid, start = _dim_info(shard, k, x.shape[axis])
+        if n == 1 and x.shape[axis] == valid:  # this dim is whole on every device: a plain edge pad
+            x = jnp.pad(x, [(0, 0)] * axis + [(lo, hi)] + [(0, 0)] * (x.ndim - axis - 1), mode="edge")
+            continue
+        if n > 1:
+            x = _halo(x, axis, lo, hi, mesh_axis, n)
+        else:
+            x = jnp.pad(x, [(0, 0)] * axis + [(lo, hi)] + [(0, 0)] * (x.ndim - axis - 1))
+        x = _clamp_rows(x, axis, start - lo, valid)
+    other = ((0, 0),) + padding[:nd - 2] + ((0, 0),) * 3  # the dims before height and width are local
+    if any(lo or hi for lo, hi in other):
+        x = jnp.pad(x, other, mode="edge")
+    return x, zero
+
+
+def _clamp_rows(x: jax.Array, axis: int, first, valid: int) -> jax.Array:
+    """Rows of ``x`` along ``axis`` (global rows ``first, first + 1, ...``) outside ``[0, valid)``
+    replaced by row 0 / row ``valid - 1``: edge padding at the true border. A window holding any
+    real row holds the edge row it needs (windows are contiguous); one of padding only is garbage
+    either way (its outputs are cropped)."""
+    length = x.shape[axis]
+    g = first + jnp.arange(length)
+    shape = [1] * x.ndim
+    shape[axis] = length
+    top = jax.lax.dynamic_slice_in_dim(x, jnp.clip(-first, 0, length - 1), 1, axis=axis)
+    bottom = jax.lax.dynamic_slice_in_dim(x, jnp.clip(valid - 1 - first, 0, length - 1), 1, axis=axis)
+    x = jnp.where((g >= valid).reshape(shape), bottom, x)
+    return jnp.where((g < 0).reshape(shape), top, x)
 
 
 def group_norm_stats(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -330,7 +392,7 @@ class TilingConfig:
     tile_overlap_factor_height: float = 1 / 6
     tile_overlap_factor_width: float = 1 / 5
 
-    def plan(self, spatial_ratio: int) -> "TilePlan":
+    def plan(self, spatial_ratio: int) -> TilePlan:
         """The integers diffusers derives (``tile_latent_min_*``, overlaps, blend extents, limits)."""
         th, tw = self.tile_sample_min_height, self.tile_sample_min_width
         fh, fw = self.tile_overlap_factor_height, self.tile_overlap_factor_width
