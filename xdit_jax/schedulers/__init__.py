@@ -1,5 +1,6 @@
 """Schedulers as small pure functions over arrays (host-side schedule + jittable step)."""
 
+from xdit_jax.schedulers import cogvideox, ddpm, dpmsolver, flow_match
 from xdit_jax.schedulers.cogvideox import (
     INIT_NOISE_SIGMA,
     Schedule,
@@ -15,8 +16,31 @@ from xdit_jax.schedulers.cogvideox import (
     step,
 )
 
+# diffusers scheduler class (scheduler_config.json's `_class_name`) -> (module, config class name).
+# Each module has `<Config>.from_dict`, `make_schedule(cfg, ...)`, `init_state(...)` and
+# `step(schedule, i, model_output, sample, state, ...)`; the CogVideoX config reads `_class_name`
+# itself to pick DDIM or DPM.
+SCHEDULERS = {
+    "CogVideoXDDIMScheduler": (cogvideox, "SchedulerConfig"),
+    "CogVideoXDPMScheduler": (cogvideox, "SchedulerConfig"),
+    "DDPMScheduler": (ddpm, "DDPMConfig"),
+    "DPMSolverMultistepScheduler": (dpmsolver, "DPMSolverConfig"),
+    "FlowMatchEulerDiscreteScheduler": (flow_match, "FlowMatchEulerConfig"),
+}
+
+
+def scheduler_from_config(d):
+    """(module, config) for a diffusers scheduler config dict, by its `_class_name` (see SCHEDULERS)."""
+    name = d.get("_class_name")
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler _class_name {name!r} is not supported; supported: {', '.join(SCHEDULERS)}")
+    module, cfg_name = SCHEDULERS[name]
+    return module, getattr(module, cfg_name).from_dict(d)
+
+
 __all__ = [
     "INIT_NOISE_SIGMA",
+    "SCHEDULERS",
     "Schedule",
     "SchedulerConfig",
     "alphas_cumprod",
@@ -27,5 +51,6 @@ __all__ = [
     "guidance_scales",
     "init_state",
     "make_schedule",
+    "scheduler_from_config",
     "step",
 ]
