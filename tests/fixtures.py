@@ -79,3 +79,17 @@ def make_torch_hunyuandit(variant: str = "v1.2", seed: int = 0, scheduler: str =
                               transformer=transformer, scheduler=sched, safety_checker=None, feature_extractor=None,
                               requires_safety_checker=False, text_encoder_2=text_encoder_2,
                               tokenizer_2=tiny.train_tokenizer())
+
+
+def make_torch_mochi(seed: int = 0, force_zeros_for_empty_prompt: bool = False):
+    """A tiny random diffusers Mochi pipeline (xdit_jax.tiny's Mochi configs)."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = randomize_(MochiTransformer3DModel(**tiny.MOCHI_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLMochi(**tiny.MOCHI_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 2, std=0.2)
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.MOCHI_SCHEDULER.items() if not k.startswith("_")})
+    return MochiPipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_tokenizer(),
+                         transformer=transformer, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)

@@ -3,7 +3,7 @@
     python scripts/generate.py --model THUDM/CogVideoX-2b --prompt "..." --mesh cfg=2 --output out.mp4
     python scripts/generate.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompt "..." --output cat.png
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
-    python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit: HunyuanDiT)
+    python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -25,7 +25,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # per family: default output, guidance scale, steps (real / tiny), prompt tokens (real: the pipeline's own)
 DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4},
             "pixart": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4},
-            "hunyuandit": {"output": "output.png", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4}}
+            "hunyuandit": {"output": "output.png", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4},
+            "mochi": {"output": "output.mp4", "guidance_scale": 4.5, "steps": 64, "tiny_steps": 4}}
+VIDEO_FAMILIES = ("cogvideox", "mochi")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,30 +35,32 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny",
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
-                         "'tiny-hunyuandit' (random, no download)")
+                         "'tiny-hunyuandit' / 'tiny-mochi' (random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
-    ap.add_argument("--num-frames", type=int, default=None, help="frames to generate (8k+1; model default)")
+    ap.add_argument("--num-frames", type=int, default=None, help="frames to generate (CogVideoX 8k+1, Mochi 6k+1; model default)")
     ap.add_argument("--height", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50; 4 for the tiny models)")
+                    help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50, Mochi 64; 4 for the tiny models)")
     ap.add_argument("--guidance-scale", type=float, default=None,
-                    help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5)")
+                    help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5, Mochi 4.5)")
     ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's guidance_rescale (0 = off)")
     ap.add_argument("--no-resolution-binning", action="store_true",
                     help="images: generate at the size asked, not at the model's closest trained size "
                          "(diffusers' use_resolution_binning=False; always off for the tiny models)")
     ap.add_argument("--use-dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
     ap.add_argument("--max-sequence-length", type=int, default=None,
-                    help="prompt tokens (CogVideoX 226, PixArt-alpha 120, PixArt-Sigma 300; 16 for the tiny models)")
+                    help="prompt tokens (CogVideoX 226, PixArt-alpha 120, PixArt-Sigma 300, Mochi 256; 16 for "
+                         "the tiny models)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--output", default=None, help="video: .mp4, .gif, or a folder for .png frames "
                     "(output.mp4); image: .png or .jpg (output.png)")
-    ap.add_argument("--fps", type=int, default=None, help="frames per second (model default: 8; 16 for 1.5)")
+    ap.add_argument("--fps", type=int, default=None,
+                    help="frames per second (model default: CogVideoX 8, 1.5 16; Mochi 30)")
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
@@ -260,11 +264,13 @@ def _family_of(model: str) -> str | None:
 
 def _check_family_flags(family: str, args) -> None:
     """Flags that mean nothing for this family are refused rather than silently ignored."""
-    video_only = {"num_frames": "--num-frames", "fps": "--fps", "use_dynamic_cfg": "--use-dynamic-cfg"}
-    wrong = [flag for name, flag in video_only.items() if family != "cogvideox" and getattr(args, name)]
+    video_only = {"num_frames": "--num-frames", "fps": "--fps"}
+    wrong = [flag for name, flag in video_only.items() if family not in VIDEO_FAMILIES and getattr(args, name)]
+    if family != "cogvideox" and args.use_dynamic_cfg:
+        wrong.append("--use-dynamic-cfg (CogVideoX's)")
     if family != "hunyuandit" and args.guidance_rescale:
         wrong.append("--guidance-rescale")
-    if family == "cogvideox" and args.no_resolution_binning:
+    if family in VIDEO_FAMILIES and args.no_resolution_binning:
         wrong.append("--no-resolution-binning")
     if family == "hunyuandit" and args.max_sequence_length is not None:
         wrong.append("--max-sequence-length (HunyuanDiT's text lengths are the model's: 77 + 256)")
@@ -274,9 +280,11 @@ def _check_family_flags(family: str, args) -> None:
 
 def _check_request(family: str, model, args, spec, guidance: float) -> None:
     """The family's cheap checks of sizes and mesh, from the config.json files only."""
-    if family == "cogvideox":
-        from xdit_jax.pipelines.cogvideox import check_request, default_video, read_configs
+    if family in VIDEO_FAMILIES:
+        from importlib import import_module
 
+        fam = import_module(f"xdit_jax.pipelines.{family}")
+        check_request, default_video, read_configs = fam.check_request, fam.default_video, fam.read_configs
         tc, vc = read_configs(model)
         dv = default_video(tc, vc)
         check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
@@ -315,7 +323,7 @@ def _main(argv=None) -> int:
         if args.output is None:
             args.output = DEFAULTS[early_family or "cogvideox"]["output"]
         out = Path(args.output)
-        check_output(out, args.overwrite, None if early_family is None else early_family == "cogvideox")
+        check_output(out, args.overwrite, None if early_family is None else early_family in VIDEO_FAMILIES)
         for name in ("steps", "num_frames", "height", "width", "max_sequence_length", "num_pipeline_patch",
                      "warmup_steps"):
             v = getattr(args, name)
@@ -368,10 +376,13 @@ def _main(argv=None) -> int:
 
             model = resolve_model(args.model)  # a local folder (a hub id is downloaded here)
         family = pipelines.family(pipeline_class_name(model))
-        check_output(out, args.overwrite, family == "cogvideox")
+        check_output(out, args.overwrite, family in VIDEO_FAMILIES)
         _check_family_flags(family, args)
-        if is_tiny and family != "cogvideox":
-            args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
+        if is_tiny and family not in VIDEO_FAMILIES:
+            args.no_resolution_binning = True
+        if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
+            args.height, args.width = args.height or 32, args.width or 48
+            args.num_frames = args.num_frames or 7  # the tiny models' sizes are nowhere near the trained shapes
         d = DEFAULTS[family]
         guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
@@ -398,6 +409,8 @@ def _main(argv=None) -> int:
               seed=args.seed, progress=not args.no_progress)
     if family == "cogvideox":
         kw.update(num_frames=args.num_frames, use_dynamic_cfg=args.use_dynamic_cfg, max_sequence_length=msl or 226)
+    elif family == "mochi":
+        kw.update(num_frames=args.num_frames, max_sequence_length=msl or 256)
     elif family == "pixart":
         kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
     else:  # HunyuanDiT: its text lengths are the model's (77 + 256)
@@ -409,7 +422,7 @@ def _main(argv=None) -> int:
         return 2
     if jax.process_index() == 0:
         times = {"loading": load_s, **result.timings}
-        if family == "cogvideox":
+        if family in VIDEO_FAMILIES:
             paths = output_paths(out, result.frames.shape[0])
             fps = args.fps or pipe.default_video()["fps"]
             for video, p in zip(result.frames, paths):

@@ -48,6 +48,8 @@ MODEL_CLASSES = {
     "AutoencoderKL": ("xdit_jax.models.vae_kl", "AutoencoderKLConfig"),
     "BertModel": ("xdit_jax.models.bert", "BertConfig"),
     "HunyuanDiT2DModel": ("xdit_jax.models.hunyuandit", "HunyuanDiTConfig"),
+    "MochiTransformer3DModel": ("xdit_jax.models.mochi", "MochiConfig"),
+    "AutoencoderKLMochi": ("xdit_jax.models.vae_mochi", "MochiVAEConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 TINY_NAME = "tiny"
-TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit"}
+TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -71,6 +71,20 @@ HUNYUAN_SCHEDULER = dict(_class_name="DDPMScheduler", num_train_timesteps=1000, 
                          beta_schedule="scaled_linear", clip_sample=False, prediction_type="v_prediction",
                          steps_offset=1, variance_type="fixed_small", timestep_spacing="leading")
 
+# Mochi 1 shaped: a caption stream narrower than the video stream (16 vs 32), 2 blocks (1 stacked + the
+# last), 12 latent channels; the VAE with Mochi's 6x temporal / 8x spatial expansion and 32-channel
+# GroupNorms (Mochi's norms have 32 groups), one resnet per level. 7 frames of 32 x 48: 2 x 4 x 6 latents.
+MOCHI_TRANSFORMER = dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                         pooled_projection_dim=16, in_channels=12, text_embed_dim=32, time_embed_dim=16,
+                         max_sequence_length=16)
+MOCHI_VAE = dict(in_channels=15, out_channels=3, encoder_block_out_channels=[32, 32, 32, 32],
+                 decoder_block_out_channels=[32, 32, 32, 32], latent_channels=12, layers_per_block=[1, 1, 1, 1, 1],
+                 temporal_expansions=[1, 2, 3], spatial_expansions=[2, 2, 2],
+                 add_attention_block=[False, True, True, True, True], scaling_factor=1.0)
+MOCHI_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
+                       use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                       max_image_seq_len=4096, invert_sigmas=True)
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -99,6 +113,12 @@ def train_bert_tokenizer(vocab_size: int = 128):
 
 
 def model_index(family: str = "cogvideox") -> dict:
+    if family == "mochi":
+        return {"_class_name": "MochiPipeline", "_diffusers_version": "0.32.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "MochiTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLMochi"],
+                "force_zeros_for_empty_prompt": False}
     if family == "hunyuandit":
         return {"_class_name": "HunyuanDiTPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "BertModel"],
@@ -148,7 +168,7 @@ def _parts(family: str, transformer: dict | None):
     """{component: (class name, config dict, module maker)} of a tiny model."""
     from flax import nnx
 
-    from xdit_jax.models import bert, cogvideox, hunyuandit, pixart, t5, vae_cogvideox, vae_kl
+    from xdit_jax.models import bert, cogvideox, hunyuandit, mochi, pixart, t5, vae_cogvideox, vae_kl, vae_mochi
 
     text = ("T5EncoderModel", TEXT_ENCODER,
             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0)))
@@ -164,6 +184,15 @@ def _parts(family: str, transformer: dict | None):
                              lambda: bert.BertModel(bert.BertConfig.from_dict(HUNYUAN_BERT), rngs=nnx.Rngs(0))),
             "text_encoder_2": text,
         }, HUNYUAN_SCHEDULER
+    if family == "mochi":
+        tcfg = {**MOCHI_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("MochiTransformer3DModel", tcfg,
+                            lambda: mochi.MochiTransformer3DModel(mochi.MochiConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLMochi", MOCHI_VAE,
+                    lambda: vae_mochi.module_fn(vae_mochi.MochiVAEConfig.from_dict(MOCHI_VAE), jnp.float32)()),
+            "text_encoder": text,
+        }, MOCHI_SCHEDULER
     if family == "pixart":
         tcfg = {**PIXART_TRANSFORMER, **(transformer or {})}
         return {
@@ -191,7 +220,7 @@ def _parts(family: str, transformer: dict | None):
 def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None,
                     family: str = "cogvideox") -> Path:
     """Write a converted xdit_jax folder holding a tiny random model of ``family`` ("cogvideox" or
-    "pixart"), once; reused after. ``transformer``: overrides of the tiny transformer config."""
+    "pixart", "hunyuandit", "mochi"), once; reused after. ``transformer``: overrides of the tiny transformer config."""
     from flax import nnx
 
     from xdit_jax.checkpoint import save_params

@@ -29,7 +29,14 @@ from flax import nnx
 
 from xdit_jax.config_util import known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
-from xdit_jax.models.layers import LayerNorm, TimestepEmbedding, linear, scan_modules, stack_modules, timestep_embedding
+from xdit_jax.models.layers import (
+    LayerNorm,
+    TimestepEmbedding,
+    linear,
+    scan_modules,
+    stack_modules,
+    timestep_embedding,
+)
 from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
@@ -52,7 +59,7 @@ class MochiConfig:
     max_sequence_length: int = 256
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MochiConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MochiConfig:
         cfg = cls(**known_fields(cls, d))
         if cfg.activation_fn != "swiglu" or cfg.qk_norm != "rms_norm":
             raise ValueError(f"Unsupported Mochi variant: activation {cfg.activation_fn!r}, qk_norm {cfg.qk_norm!r} "
@@ -161,7 +168,7 @@ class Attention(nnx.Module):
             self.to_add_out = linear(d, dc, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, c, c_mask, rope):
-        heads = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
+        heads = lambda y: y.reshape(*y.shape[:2], self.heads, -1)
         q = apply_rope(self.norm_q(heads(self.to_q(x))), *rope)
         k = apply_rope(self.norm_k(heads(self.to_k(x))), *rope)
         v = heads(self.to_v(x))

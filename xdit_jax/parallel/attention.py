@@ -32,6 +32,11 @@ global index ``>= valid_len`` are masked. Queries at padded positions give finit
 pipeline drops them). A key block made only of padding contributes nothing (its LSE is ``-inf``
 and every merge guards it), so it never makes NaNs.
 
+Joint attention with a context (``attention(..., context=(cq, ck, cv, mask))``): two-stream models
+(Mochi) keep their caption whole on every device; it joins the self-attention as extra keys (one
+partial over the caption's keys, merged by the log-sum-exp rule) and extra query rows (which ride
+along with the sequence's through the strategy above). Exact on every mesh (:func:`_joint_attention`).
+
 The kernel lives in one function, :func:`block_attention`: it returns the output *and* the LSE of
 one (query block, key block) pair with the keys' global offset, which is all the ring needs, so a
 cuDNN or Pallas flash kernel replaces it (``AttentionConfig.backend``).

@@ -10,11 +10,12 @@ PIPELINES = {
     "PixArtAlphaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "PixArtSigmaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "HunyuanDiTPipeline": ("xdit_jax.pipelines.hunyuandit", "HunyuanDiTPipeline", "hunyuandit"),
+    "MochiPipeline": ("xdit_jax.pipelines.mochi", "MochiPipeline", "mochi"),
 }
 
 
 def family(class_name: str) -> str:
-    """"cogvideox", "pixart" or "hunyuandit" for a diffusers pipeline class name; a clear error for the others."""
+    """"cogvideox", "pixart", "hunyuandit" or "mochi" for a diffusers pipeline class name; a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")
     return PIPELINES[class_name][2]

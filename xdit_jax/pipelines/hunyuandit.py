@@ -28,9 +28,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xdit_jax.conversion import read_json
-from xdit_jax.mesh import MeshSpec, build_mesh
+from xdit_jax.mesh import build_mesh
 from xdit_jax.models import hunyuandit
-from xdit_jax.pipelines import image
+from xdit_jax.pipelines import denoise, image
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     as_numpy,
@@ -90,9 +90,8 @@ def read_configs(folder: str | os.PathLike):
 
 
 def refuse_pipefusion(mesh_spec, patches: int | None = None) -> None:
-    if MeshSpec.parse(mesh_spec).pipefusion > 1 or (patches or 1) > 1:
-        raise ValueError("HunyuanDiT cannot run PipeFusion here: its long skip connections join layers that would "
-                         "sit on different stages. Use cfg, data, ulysses and ring instead.")
+    denoise.refuse_pipefusion("HunyuanDiT", "its long skip connections join layers that would sit on different "
+                              "stages", mesh_spec, patches)
 
 
 def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None,

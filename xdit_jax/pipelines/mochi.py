@@ -1,0 +1,300 @@
+"""Mochi 1 text-to-video, diffusers' ``MochiPipeline`` on a JAX mesh.
+
+    pipe = MochiPipeline.from_pretrained("path/or/hub-id", mesh="cfg=2,ulysses=4", dtype="bfloat16")
+    out = pipe("A small dog running on a beach.", num_frames=19, height=480, width=848, seed=42)
+    out.frames   # (batch, frames, height, width, 3) float in [0, 1]
+
+T5 (256 tokens, with its mask; ``force_zeros_for_empty_prompt`` as diffusers), the asymmetric
+transformer's video tokens sharded over (ring, ulysses) by
+:func:`xdit_jax.parallel.sequence.run_blocks` with the caption stream held whole by every device
+(:mod:`xdit_jax.models.mochi`), CFG and the flow-matching Euler step over Mochi's linear-quadratic
+sigmas inside the one jitted step, and the causal 3D VAE decode split over the mesh.
+
+Differences from diffusers, by design: the latents stay float32 between steps also in bf16
+(diffusers rounds them to the model dtype after each update); PipeFusion is refused (the caption
+stream is updated from attention over the whole video in every layer).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xdit_jax.conversion import read_json
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import mochi, vae_mochi
+from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
+from xdit_jax.pipelines.denoise import (
+    PipelineBase,
+    StageTimer,
+    as_numpy,
+    check_size_and_mesh,
+    converted_folder,
+    negative_prompts,
+    parse_dtype,
+    peak_memory_bytes,
+    pipeline_class_name,
+    refuse_pipefusion,
+    tokenize,
+)
+from xdit_jax.schedulers import flow_match
+
+log = logging.getLogger("xdit_jax")
+
+MochiPipelineOutput = CogVideoXPipelineOutput
+THRESHOLD_NOISE = 0.025  # diffusers' (and Genmo's) linear-quadratic schedule
+PIPEFUSION_REASON = ("the caption stream is updated in every layer from attention over the whole video, which a "
+                     "patch pipeline does not see")
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+    folder = Path(folder)
+    return (mochi.MochiConfig.from_dict(read_json(folder / "transformer" / "config.json")),
+            vae_mochi.MochiVAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
+
+
+def default_video(tc=None, vc=None) -> dict:
+    """diffusers' defaults: 480 x 848, 19 frames; Genmo's videos play at 30 fps."""
+    return {"height": 480, "width": 848, "num_frames": 19, "fps": 30}
+
+
+def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
+                  guidance_scale: float = 4.5) -> None:
+    """Refuse what the model cannot take, before any heavy work, saying what would work."""
+    refuse_pipefusion("Mochi", PIPEFUSION_REASON, mesh_spec)
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
+    check_size_and_mesh(height, width, vc.spatial_compression_ratio * tc.patch_size, tc.num_layers, batch,
+                        mesh_spec, guidance_scale)
+
+
+class MochiPipeline(PipelineBase):
+    """Text-to-video with Mochi 1 — see the module docstring."""
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
+                 force_zeros_for_empty_prompt: bool = False, pipefusion_patches: int | None = None,
+                 pipefusion_warmup_steps: int = 1):
+        refuse_pipefusion("Mochi", PIPEFUSION_REASON, dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
+                          pipefusion_patches)
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=None,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=mochi.STACKED)
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> MochiPipeline:
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        dtype = parse_dtype(dtype)
+        folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
+        kind = pipeline_class_name(folder)
+        if kind != "MochiPipeline":
+            raise ValueError(f"{folder} holds a {kind or 'unknown'} pipeline, not MochiPipeline.")
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        refuse_pipefusion("Mochi", PIPEFUSION_REASON, dict(mesh_obj.shape), pipefusion_patches)  # before loading
+        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+        layers = mochi.MochiConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
+        parts = cls._load_parts(folder, mesh_obj, dtype, mochi.STACKED, layers)
+        index = read_json(folder / "model_index.json")
+        return cls(**parts, scheduler_config=sched, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+                   force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 256):
+        """((B, L, d) T5 embeddings, (B, L) mask) as diffusers makes them; with
+        ``force_zeros_for_empty_prompt`` a batch whose last prompt is "" gets zero ids and an empty mask
+        (diffusers' rule, applied to the whole batch as there)."""
+        ids, mask = tokenize(self.tokenizer, prompts, max_sequence_length)
+        if self.force_zeros_for_empty_prompt and prompts and prompts[-1] == "":
+            ids, mask = np.zeros_like(ids), np.zeros_like(mask)
+        ids = self._put_replicated(jnp.asarray(ids, jnp.int32))
+        mask = self._put_replicated(jnp.asarray(mask, jnp.int32))
+        return self._text_encoder_fn()(ids, mask).astype(self.dtype), mask
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) ->
+        (latents, sched_state, i + 1, kv)``; ``texts``: (embeds, mask)."""
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype = self.dtype
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
+            model = nnx.merge(graphdef, tstate)
+            x = self._model_batch(latents, do_cfg)
+            b = x.shape[0]
+            embeds, mask = texts
+            t = jnp.broadcast_to(sched.timesteps[i], (b,))
+            tokens_x, tokens, cond = model.embed(x.astype(dtype), embeds, t, mask)
+            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
+            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)  # CFG and sampling in fp32
+            if do_cfg:
+                uncond, text = jnp.split(pred, 2)
+                pred = uncond + guidance * (text - uncond)
+            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
+                if sched.needs_noise else None
+            latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            return self._step_out(latents, sched_state, i, kv)
+
+        return self._jit_step(key, step)
+
+    def _decode_fn(self):
+        """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae) of the latents
+        (B, C, F, h, w), unscaled with the VAE's latents mean / std -> (B, F, H, W, 3) in [0, 1]."""
+        if "fn" in self._decode_cache:
+            return self._decode_cache["fn"]
+        graphdef, state = nnx.split(self.vae)
+        vc, dtype, mesh = self.vae_config, self.dtype, self.mesh
+        tiling, slicing = self.vae_tiling, self.vae_slicing
+
+        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+        def dec(state, latents):
+            z = vae_mochi.unscale_latents(vc, latents.astype(jnp.float32))
+            video = vae_mochi.decode(nnx.merge(graphdef, state), z.astype(dtype), tiling=tiling, slicing=slicing,
+                                     mesh=mesh if mesh.size > 1 else None)
+            video = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return jnp.transpose(video, (0, 2, 3, 4, 1))  # (B, F, H, W, C)
+
+        self._decode_cache["fn"] = fn = lambda latents: dec(state, latents)
+        return fn
+
+    def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 4.5):
+        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
+                      guidance_scale)
+
+    def default_video(self) -> dict:
+        return default_video()
+
+    def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        """(B, C, F, h, w), diffusers' layout."""
+        vc = self.vae_config
+        s, st = vc.spatial_compression_ratio, vc.temporal_compression_ratio
+        return (batch, self.transformer_config.in_channels, (num_frames - 1) // st + 1, height // s, width // s)
+
+    def output_frames(self, num_frames: int) -> int:
+        """Frames of the video made for ``num_frames``: ``(num_frames - 1) // 6 * 6 + 1`` (diffusers takes any
+        count and makes the latent frames ``(num_frames - 1) // 6 + 1``; e.g. its example's 84 gives 79)."""
+        st = self.vae_config.temporal_compression_ratio
+        return (num_frames - 1) // st * st + 1
+
+    def schedule(self, num_inference_steps: int):
+        """diffusers' sigmas for Mochi: Genmo's linear-quadratic schedule (threshold noise 0.025)."""
+        return flow_match.make_schedule(
+            self.scheduler_config, sigmas=flow_match.linear_quadratic_schedule(num_inference_steps, THRESHOLD_NOISE))
+
+    def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None, num_inference_steps: int = 64, guidance_scale: float = 4.5,
+                     max_sequence_length: int = 256):
+        """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it."""
+        dv = self.default_video()
+        height, width, num_frames = (dv[k] if v is None else v for k, v in
+                                     (("height", height), ("width", width), ("num_frames", num_frames)))
+        self.check_inputs(height, width, num_frames, batch, guidance_scale)
+        do_cfg = guidance_scale > 1.0
+        shape = self.latent_shape(batch, height, width, num_frames)
+        n = (2 if do_cfg else 1) * batch
+        sd = lambda shp, dt, cfg_major: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), cfg_major))
+        latents = sd(shape, jnp.float32, False)
+        texts = (sd((n, max_sequence_length, self.transformer_config.text_embed_dim), self.dtype, do_cfg),
+                 sd((n, max_sequence_length), jnp.int32, do_cfg))
+        sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps))
+        _, tstate = nnx.split(self.transformer)
+        return self._step_fn(do_cfg).lower(tstate, latents, flow_match.init_state(), jnp.int32(0), None, texts,
+                                           sched, jnp.float32(guidance_scale), jax.random.key(0)).compile()
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                 num_inference_steps: int = 64, guidance_scale: float = 4.5, prompt_embeds=None,
+                 prompt_attention_mask=None, negative_prompt_embeds=None, negative_prompt_attention_mask=None,
+                 latents=None, max_sequence_length: int = 256, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> MochiPipelineOutput:
+        dv = self.default_video()
+        height, width, num_frames = (dv[k] if v is None else v for k, v in
+                                     (("height", height), ("width", width), ("num_frames", num_frames)))
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Give a prompt or prompt_embeds (with prompt_attention_mask).")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        if prompt_embeds is not None and prompt_attention_mask is None:
+            raise ValueError("prompt_embeds need prompt_attention_mask (Mochi attends only to the caption's tokens).")
+        if negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+            raise ValueError("negative_prompt_embeds need negative_prompt_attention_mask.")
+        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        self.check_inputs(height, width, num_frames, batch, guidance_scale)
+        made = self.output_frames(num_frames)
+        if made != num_frames:
+            log.warning("num_frames=%d: the VAE makes %dk+1 frames; this video has %d (as diffusers').", num_frames,
+                        self.vae_config.temporal_compression_ratio, made)
+        do_cfg = guidance_scale > 1.0
+        timer = StageTimer()
+        tc = self.transformer_config
+
+        # 1. text: T5 with its mask; [negative; positive] for CFG
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, max_sequence_length)
+            emb, mask = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(prompt_attention_mask, jnp.int32)
+            if emb.ndim != 3 or emb.shape[2] != tc.text_embed_dim or mask.shape != emb.shape[:2]:
+                raise ValueError(f"prompt_embeds {tuple(emb.shape)} with mask {tuple(mask.shape)}: this model takes "
+                                 f"(batch, tokens, {tc.text_embed_dim}) and a (batch, tokens) mask.")
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
+                        negative_prompts(negative_prompt, batch), emb.shape[1])
+                nemb = jnp.asarray(negative_prompt_embeds, self.dtype)
+                if nemb.shape != emb.shape:
+                    raise ValueError(f"negative_prompt_embeds {nemb.shape} and prompt_embeds {emb.shape} must have "
+                                     "the same shape.")
+                emb = jnp.concatenate([nemb, emb])
+                mask = jnp.concatenate([jnp.asarray(negative_prompt_attention_mask, jnp.int32), mask])
+            texts = (jax.device_put(emb, self._batch_sharding(3, do_cfg)),
+                     jax.device_put(mask, self._batch_sharding(2, do_cfg)))
+            jax.block_until_ready(texts)
+
+        # 2. latents (diffusers' layout: B, C, F, h, w)
+        shape = self.latent_shape(batch, height, width, num_frames)
+        sched = self.schedule(num_inference_steps)
+        rng = jax.random.key(seed)
+        latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
+                                        "batch, channels, latent frames, height/8, width/8")
+
+        # 3. denoise: one jitted step per iteration
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        guidance = self._put_replicated(jnp.float32(guidance_scale))
+        with timer.stage("denoising"):
+            latents = self._denoise(do_cfg, latents, flow_match.init_state(), None,
+                                    (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress)
+
+        if output_type == "latent":
+            return MochiPipelineOutput(frames=as_numpy(latents), timings=timer.times,
+                                       peak_memory_bytes=peak_memory_bytes())
+        # 4. decode
+        with timer.stage("decoding"):
+            frames = as_numpy(jax.block_until_ready(self._decode_fn()(latents)))
+        return MochiPipelineOutput(frames=frames, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
