@@ -11,7 +11,6 @@ encoding and VAE decoding are their own jitted functions.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from pathlib import Path
@@ -21,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from xdit_jax import schedulers
 from xdit_jax.conversion import read_json
@@ -162,25 +160,14 @@ class CogVideoXPipeline(PipelineBase):
         return self._jit_step(key, step)
 
     def _decode_fn(self):
-        """Jitted VAE decode over the whole mesh (spatially sharded, xdit_jax.parallel.vae)."""
-        if "fn" in self._decode_cache:
-            return self._decode_cache["fn"]
-        graphdef, state = nnx.split(self.vae)
-        scaling, dtype, mesh = self.vae_config.scaling_factor, self.dtype, self.mesh
-        tiling, slicing = self.vae_tiling, self.vae_slicing
+        """Jitted VAE decode over the whole mesh of the latents (B, F, C, h, w) -> (B, F, H, W, 3) in [0, 1]."""
+        scaling, dtype = self.vae_config.scaling_factor, self.dtype
 
-        # Frames come out replicated (they go to the host next): the decoder's own spatial split need
-        # not be expressible as a sharding of the pipeline's mesh (e.g. cfg=2,ring=4 over a 4 x 2 grid).
-        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
-        def dec(state, latents):
+        def decode(vae, latents, **kw):
             z = jnp.transpose(latents, (0, 2, 1, 3, 4)) / scaling  # (B, C, F, h, w)
-            video = vae_cogvideox.decode(nnx.merge(graphdef, state), z.astype(dtype), tiling=tiling,
-                                         slicing=slicing, mesh=mesh if mesh.size > 1 else None)
-            video = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-            return jnp.transpose(video, (0, 2, 3, 4, 1))  # (B, F, H, W, C)
+            return vae_cogvideox.decode(vae, z.astype(dtype), **kw)
 
-        self._decode_cache["fn"] = fn = lambda latents: dec(state, latents)
-        return fn
+        return self._jit_decode("fn", decode)
 
     def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 6.0):
         check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,

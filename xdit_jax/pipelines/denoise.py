@@ -248,6 +248,42 @@ class PipelineBase:
         return dict(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
                     text_encoder=text_encoder, tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"))
 
+    @staticmethod
+    def _pipeline_folder(model, accepted, *, cache_dir=None, variant=None, revision=None):
+        """(converted folder, diffusers pipeline class) of ``model``; a clear error when the folder holds a
+        pipeline other than the ``accepted`` class names."""
+        folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
+        kind = pipeline_class_name(folder)
+        if kind not in accepted:
+            raise ValueError(f"{folder} holds a {kind or 'unknown'} pipeline, not {' or '.join(accepted)}.")
+        return folder, kind
+
+    def _jit_decode(self, key, decode, post=None):
+        """``fn(latents)``: the jitted VAE decode over the whole mesh (spatially split,
+        :mod:`xdit_jax.parallel.vae`): ``decode(vae, latents, tiling=, slicing=, mesh=)`` -> pixels in [-1, 1]
+        channels first ((B, C, H, W) or (B, C, F, H, W)); ``post`` (float32, same layout) before the
+        clip to [0, 1]; returned channels last, replicated (it goes to the host next: the decoder's own
+        split need not be a sharding of the pipeline's mesh, e.g. cfg=2,ring=4 over a 4 x 2 grid).
+        Cached under ``key``."""
+        if key in self._decode_cache:
+            return self._decode_cache[key]
+        from flax import nnx
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        graphdef, state = nnx.split(self.vae)
+        mesh, tiling, slicing = self.mesh, self.vae_tiling, self.vae_slicing
+
+        def dec(state, latents):
+            x = decode(nnx.merge(graphdef, state), latents, tiling=tiling, slicing=slicing,
+                       mesh=mesh if mesh.size > 1 else None).astype(jnp.float32)
+            x = post(x) if post is not None else x
+            return jnp.moveaxis(jnp.clip(x / 2 + 0.5, 0.0, 1.0), 1, -1)
+
+        dec = jax.jit(dec, out_shardings=NamedSharding(mesh, P()))
+        self._decode_cache[key] = fn = lambda latents: dec(state, latents)
+        return fn
+
     def enable_vae_tiling(self, tiling=True) -> None:
         """diffusers' ``vae.enable_tiling``: decode in overlapping blended tiles (``True``: diffusers'
         defaults, or a :class:`xdit_jax.parallel.vae.TilingConfig`; ``None``/``False`` turns it off)."""

@@ -35,12 +35,10 @@ from xdit_jax.pipelines.denoise import (
     StageTimer,
     as_numpy,
     check_size_and_mesh,
-    converted_folder,
     load_component,
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
-    pipeline_class_name,
     tokenize,
 )
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
@@ -127,10 +125,8 @@ class HunyuanDiTPipeline(ImagePipelineBase):
         from transformers import AutoTokenizer
 
         dtype = parse_dtype(dtype)
-        folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
-        kind = pipeline_class_name(folder)
-        if kind != "HunyuanDiTPipeline":
-            raise ValueError(f"{folder} holds a {kind or 'unknown'} pipeline, not HunyuanDiTPipeline.")
+        folder, _ = cls._pipeline_folder(model, ("HunyuanDiTPipeline",), cache_dir=cache_dir, variant=variant,
+                                         revision=revision)
         sched = read_json(folder / "scheduler" / "scheduler_config.json")
         if sched.get("_class_name") not in SCHEDULERS:
             raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; HunyuanDiT runs with "

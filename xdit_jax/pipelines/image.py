@@ -4,15 +4,10 @@ SD/SDXL ``AutoencoderKL`` whose decode is split over the mesh, the output, sizes
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from xdit_jax.models import vae_kl
 from xdit_jax.pipelines.denoise import PipelineBase
@@ -77,21 +72,10 @@ class ImagePipelineBase(PipelineBase):
     def _decode_fn(self, size: tuple[int, int] | None = None):
         """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae) -> (B, H, W, 3)
         in [0, 1]; ``size``: resized and cropped to this (height, width) (PixArt's resolution binning)."""
-        if ("fn", size) in self._decode_cache:
-            return self._decode_cache[("fn", size)]
-        graphdef, state = nnx.split(self.vae)
-        scaling, dtype, mesh = self.vae_config.scaling_factor, self.dtype, self.mesh
-        tiling, slicing = self.vae_tiling, self.vae_slicing
+        scaling, dtype = self.vae_config.scaling_factor, self.dtype
 
-        # Images come out replicated (they go to the host next).
-        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
-        def dec(state, latents):
-            image = vae_kl.decode(nnx.merge(graphdef, state), (latents / scaling).astype(dtype), tiling=tiling,
-                                  slicing=slicing, mesh=mesh if mesh.size > 1 else None)
-            if size is not None:
-                image = resize_and_crop(image.astype(jnp.float32), *size)
-            image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-            return jnp.transpose(image, (0, 2, 3, 1))
+        def decode(vae, latents, **kw):
+            return vae_kl.decode(vae, (latents / scaling).astype(dtype), **kw)
 
-        self._decode_cache[("fn", size)] = fn = lambda latents: dec(state, latents)
-        return fn
+        post = None if size is None else (lambda image: resize_and_crop(image, *size))
+        return self._jit_decode(("fn", size), decode, post)

@@ -17,7 +17,6 @@ stream is updated from attention over the whole video in every layer).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -26,8 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from xdit_jax.conversion import read_json
 from xdit_jax.mesh import build_mesh
@@ -38,11 +35,9 @@ from xdit_jax.pipelines.denoise import (
     StageTimer,
     as_numpy,
     check_size_and_mesh,
-    converted_folder,
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
-    pipeline_class_name,
     refuse_pipefusion,
     tokenize,
 )
@@ -101,10 +96,8 @@ class MochiPipeline(PipelineBase):
                         pipefusion_warmup_steps: int = 1) -> MochiPipeline:
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
         dtype = parse_dtype(dtype)
-        folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
-        kind = pipeline_class_name(folder)
-        if kind != "MochiPipeline":
-            raise ValueError(f"{folder} holds a {kind or 'unknown'} pipeline, not MochiPipeline.")
+        folder, _ = cls._pipeline_folder(model, ("MochiPipeline",), cache_dir=cache_dir, variant=variant,
+                                         revision=revision)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         refuse_pipefusion("Mochi", PIPEFUSION_REASON, dict(mesh_obj.shape), pipefusion_patches)  # before loading
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
@@ -160,24 +153,14 @@ class MochiPipeline(PipelineBase):
         return self._jit_step(key, step)
 
     def _decode_fn(self):
-        """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae) of the latents
-        (B, C, F, h, w), unscaled with the VAE's latents mean / std -> (B, F, H, W, 3) in [0, 1]."""
-        if "fn" in self._decode_cache:
-            return self._decode_cache["fn"]
-        graphdef, state = nnx.split(self.vae)
-        vc, dtype, mesh = self.vae_config, self.dtype, self.mesh
-        tiling, slicing = self.vae_tiling, self.vae_slicing
+        """Jitted VAE decode over the whole mesh of the latents (B, C, F, h, w), unscaled with the VAE's
+        latents mean / std -> (B, F, H, W, 3) in [0, 1]."""
+        vc, dtype = self.vae_config, self.dtype
 
-        @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
-        def dec(state, latents):
-            z = vae_mochi.unscale_latents(vc, latents.astype(jnp.float32))
-            video = vae_mochi.decode(nnx.merge(graphdef, state), z.astype(dtype), tiling=tiling, slicing=slicing,
-                                     mesh=mesh if mesh.size > 1 else None)
-            video = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-            return jnp.transpose(video, (0, 2, 3, 4, 1))  # (B, F, H, W, C)
+        def decode(vae, latents, **kw):
+            return vae_mochi.decode(vae, vae_mochi.unscale_latents(vc, latents.astype(jnp.float32)).astype(dtype), **kw)
 
-        self._decode_cache["fn"] = fn = lambda latents: dec(state, latents)
-        return fn
+        return self._jit_decode("fn", decode)
 
     def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 4.5):
         check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,

@@ -37,11 +37,9 @@ from xdit_jax.pipelines.denoise import (
     StageTimer,
     as_numpy,
     check_size_and_mesh,
-    converted_folder,
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
-    pipeline_class_name,
     tokenize,
 )
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
@@ -123,11 +121,8 @@ class PixArtPipeline(ImagePipelineBase):
                         pipefusion_warmup_steps: int = 1) -> PixArtPipeline:
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
         dtype = parse_dtype(dtype)
-        folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
-        kind = pipeline_class_name(folder)
-        if kind not in MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"{folder} holds a {kind or 'unknown'} pipeline, not PixArt "
-                             f"({', '.join(MAX_SEQUENCE_LENGTH)}).")
+        folder, kind = cls._pipeline_folder(model, tuple(MAX_SEQUENCE_LENGTH), cache_dir=cache_dir, variant=variant,
+                                            revision=revision)
         sched = read_json(folder / "scheduler" / "scheduler_config.json")
         if sched.get("_class_name") not in SCHEDULERS:
             raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; PixArt runs with "
