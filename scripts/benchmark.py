@@ -4,6 +4,7 @@
     python scripts/benchmark.py [step] --model cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model pixart-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model hunyuandit-cpu-small --compare diffusers --steps 7
+    python scripts/benchmark.py step --model mochi-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model cogvideox-2b --mesh 1 --mesh cfg=2 --json
     python scripts/benchmark.py vae-memory ...        (xdit_jax.parallel.vae_bench)
 
@@ -35,10 +36,11 @@ def step_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="models: CogVideoX tiny, cpu-small, cogvideox-2b, cogvideox-5b, cogvideox1.5-5b; PixArt pixart-tiny, "
                "pixart-cpu-small, pixart-alpha-1024, pixart-sigma-1024; HunyuanDiT hunyuandit-tiny, "
-               "hunyuandit-cpu-small, hunyuandit-v1.2 (configs/); or a config folder (--list)")
+               "hunyuandit-cpu-small, hunyuandit-v1.2; Mochi mochi-tiny, mochi-cpu-small, mochi-1-preview "
+               "(configs/); or a config folder (--list)")
     p.add_argument("--model", default="cpu-small",
                    help="preset (tiny, cpu-small, pixart-tiny, pixart-cpu-small, hunyuandit-tiny, "
-                        "hunyuandit-cpu-small), a full-size model in configs/ "
+                        "hunyuandit-cpu-small, mochi-tiny, mochi-cpu-small), a full-size model in configs/ "
                         "(random weights), or a folder holding transformer/config.json [cpu-small]")
     p.add_argument("--mesh", action="append", default=None,
                    help="mesh spec, repeatable (e.g. --mesh 1 --mesh cfg=2); 1 = one device [1]")
@@ -49,7 +51,7 @@ def step_parser() -> argparse.ArgumentParser:
                    help="also time diffusers' PyTorch transformer (same config, weights, inputs), interleaved")
     p.add_argument("--height", type=int, help="video / image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="video / image width in pixels")
-    p.add_argument("--frames", type=int, help="video frames (4k+1; CogVideoX only)")
+    p.add_argument("--frames", type=int, help="video frames (CogVideoX 4k+1, Mochi 6k+1; video models only)")
     p.add_argument("--layers", type=int, help="override the number of transformer layers")
     p.add_argument("--batch", type=int, default=1, help="prompts per step (x2 with CFG) [1]")
     p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance (batch not doubled)")

@@ -595,3 +595,154 @@ def test_hunyuandit_full_width_flops_compile_only():
     assert "error" not in row and row["image_tokens"] == 64 and row["skip_layers"] == 1
     assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
     assert row["flops_xla_cost_analysis"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Mochi
+# ----------------------------------------------------------------------------------------------
+
+def test_mochi_tiny_rows_vs_diffusers():
+    """mochi-tiny (3 blocks: 2 scanned + the last, 6 of 16 caption tokens real in the prompt's half, 1 in
+    the negative's) against diffusers on one device and the USP and ring meshes (in-process: the
+    session's 8 simulated devices), 1 timed step; PipeFusion is refused with a row that says why."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model="mochi-tiny", meshes=[None, "cfg=2,ulysses=2",
+                                                                                 "cfg=2,ring=2", "pipefusion=2"],
+                                                      steps=1, compare="diffusers", settle=0, log=lambda s: None))
+    table = bench.format_table(rows)
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("cfg=2,ring=2", "xdit_jax"), ("cfg=2,ulysses=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"),
+        ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    assert "24 video + 16 caption tokens (6 in the prompt's mask)" in table and "step med s" in table
+    pf = by_mesh.pop("pipefusion=2")
+    assert "PipeFusion not supported for Mochi (the caption stream is updated" in pf["error"]
+    assert "skipped: ValueError: PipeFusion not supported for Mochi" in table
+    for r in by_mesh.values():
+        assert "error" not in r, r.get("error")
+        assert r["kind"] == "step" and r["model"] == "mochi-tiny" and r["family"] == "mochi"
+        assert r["latent_shape"] == [2, 12, 2, 6, 8] and r["video_tokens"] == 24 and r["text_tokens"] == 16
+        assert r["text_valid_tokens"] == 6 and r["latent_frames"] == 2 and r["num_frames"] == 7
+        assert r["layers"] == 3 and r["caption_dim"] == 16
+        assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
+        assert 0 < r["flops_attention_padding"] < r["flops_analytic"]
+    ours = [by_mesh[m] for m in ("single device", "cfg=2,ulysses=2", "cfg=2,ring=2")]
+    for r in ours:
+        assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and r["ratio_vs_diffusers"] > 0
+        assert r["flops_xla_cost_analysis"] > 0
+        # same weights (random RoPE frequencies too) and inputs (the caption mask): fp32, outputs of order
+        # 2; a caption mask ignored or RoPE pairs rotated the other way move them by ~1
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one, usp, ring = ours
+    # the compiled program's dots and convolutions (the scan by trip count) are the analytic count plus the
+    # attention over the caption's padding, which our kernel computes masked and diffusers cuts out
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"] + one["flops_attention_padding"], rel=1e-9)
+    assert one["collective_bytes"] == 0
+    assert usp["collectives"]["all-to-all"] > 0 and usp["flops_hlo"] < one["flops_hlo"] / 2
+    assert ring["collectives"]["collective-permute"] > 0 and ring["flops_hlo"] < one["flops_hlo"] / 2
+
+
+def _mochi_flops_by_hand(b, s, valid, layers, txt=256, d=3072, dc=1536, dt=4096, tdim=256, c=12, p=2):
+    ff, ffc = 8192 * d // 3072, 4096 * dc // 1536  # (4 x dim x 2) // 3 at 3072 and 1536
+    first = (8 * b * d * d + 8 * b * d * dc                         # norm1 (d -> 4d), norm1_context (d -> 4 dc)
+             + 8 * b * s * d * d                                    # video q, k, v, out
+             + 6 * b * txt * dc * d + 2 * b * txt * d * dc          # caption q, k, v; to_add_out
+             + sum(4 * (s + v) ** 2 * d for v in valid)             # QK^T, PV over [video; valid caption]
+             + 2 * b * s * d * 2 * ff + 2 * b * s * ff * d          # SwiGLU d -> 2F, F -> d
+             + 2 * b * txt * dc * 2 * ffc + 2 * b * txt * ffc * dc)  # caption SwiGLU
+    last = (8 * b * d * d + 2 * b * d * dc + 8 * b * s * d * d + 4 * b * txt * dc * d
+            + sum(4 * s * (s + v) * d for v in valid) + 6 * b * s * d * ff)
+    once = (2 * b * s * c * p * p * d                               # patch embedding
+            + 2 * b * (tdim * d + d * d)                            # timestep embedding
+            + 2 * b * (txt + 1) * dt * 2 * dt + 2 * b * dt * dt     # pooler to_kv, to_q
+            + 4 * b * (txt + 1) * dt + 2 * b * dt * d               # pooler QK^T, PV; to_out
+            + 2 * b * txt * dt * dc                                 # caption_proj
+            + 2 * s * 3 * d // 2                                    # RoPE angles (S, 3) x (3, H, hd / 2)
+            + 2 * b * d * 2 * d + 2 * b * s * d * p * p * c)        # norm_out modulation, proj_out
+    padding = (layers - 1) * sum(4 * ((s + txt) ** 2 - (s + v) ** 2) * d for v in valid) \
+        + sum(4 * s * (txt - v) * d for v in valid)
+    return (layers - 1) * first + last + once, padding
+
+
+def test_mochi_analytic_flops_formula():
+    t, _ = bench.load_model_dir(bench.CONFIG_DIR / "mochi-1-preview")
+    assert bench.family_of_config(t) == "mochi"
+    f = bench.mochi_analytic_flops(dict(t, num_layers=4), (2, 12, 8, 16, 16), 256, [1, 40])
+    total, padding = _mochi_flops_by_hand(2, 512, [1, 40], 4)
+    assert f["total"] == total and f["attention_padding"] == padding and f["tokens"] == 512
+    assert f["linear"] + f["attention"] == f["total"]
+    assert bench.mochi_analytic_flops(t, (1, 12, 8, 16, 16), 256, 40)["total"] == \
+        _mochi_flops_by_hand(1, 512, [40], 48)[0]  # one count for every sample
+    # full size, 163 x 480 x 848 with CFG: 28 x 30 x 53 video tokens, ~3.3 PFLOP a step, 71% attention
+    full = bench.workload_flops(bench.load_workload("mochi-1-preview"))
+    assert full["total"] == _mochi_flops_by_hand(2, 44520, [1, 40], 48)[0]
+    assert full["total"] == pytest.approx(3310.17e12, rel=1e-5)
+    assert 0.70 < full["attention"] / full["total"] < 0.72 and full["attention_padding"] < 0.01 * full["total"]
+
+
+def test_mochi_workloads():
+    w = bench.load_workload("mochi-cpu-small")
+    assert w.family == "mochi" and w.transformer["num_layers"] == 2 and w.transformer["pooled_projection_dim"] == 1536
+    assert (w.vae_scale_spatial, w.vae_scale_temporal) == (8, 6)
+    assert w.latent_shape() == (2, 12, 8, 16, 16) and w.tokens() == (512, 256)
+    x = bench.make_inputs(w)
+    assert list(x) == ["latents", "embeds", "t", "mask"]  # MochiTransformer3DModel's argument order
+    assert x["embeds"].shape == (2, 256, 4096) and x["t"].dtype.kind == "f" and x["mask"].dtype.kind == "i"
+    # CFG: diffusers' default negative prompt "" first (its EOS), then a typical prompt's 40 tokens
+    assert x["mask"].sum(1).tolist() == [1, 40] and x["mask"][1, :40].all() and x["mask"][0, 0] == 1
+    wf = bench.load_workload("mochi-1-preview")
+    assert (wf.height, wf.width, wf.num_frames) == (480, 848, 163) and wf.transformer["num_layers"] == 48
+    assert wf.latent_shape() == (2, 12, 28, 60, 106) and wf.tokens() == (28 * 30 * 53, 256)
+    wn = bench.load_workload(str(bench.CONFIG_DIR / "mochi-1-preview"), height=480, width=480, num_frames=19,
+                             cfg=False)
+    assert wn.family == "mochi" and wn.latent_shape() == (1, 12, 4, 60, 60)
+    assert bench.make_inputs(wn)["mask"].sum(1).tolist() == [40]
+    assert bench.load_workload("mochi-tiny").latent_shape() == (2, 12, 2, 6, 8)
+
+
+# Mochi 1 preview (d = 24 x 128 = 3072, caption 1536, 48 blocks): ours has 10,022,959,024 parameters;
+# diffusers' model 4,718,720 more: the last block's caption query projection and norm (1536 x 3072 + 128),
+# whose output it drops (context_pre_only).
+MOCHI_1_PARAMS = 10_022_959_024
+MOCHI_LAST_BLOCK_CAPTION_QUERY = 1536 * 3072 + 128
+
+
+def test_mochi_full_size_parameter_count():
+    """The full-size config builds abstractly (nothing allocated) with Mochi 1's 10B parameters: diffusers'
+    model of the same config (on torch's meta device) less the last block's unused caption query."""
+    import jax
+    import torch
+    from diffusers import MochiTransformer3DModel
+    from flax import nnx
+
+    from xdit_jax.models import mochi
+
+    t, _ = bench.load_model_dir(bench.CONFIG_DIR / "mochi-1-preview")
+    cfg = mochi.MochiConfig.from_dict(t)
+    _, state = nnx.split(nnx.eval_shape(lambda: mochi.MochiTransformer3DModel(cfg, rngs=nnx.Rngs(0))))
+    ours = sum(x.size for x in jax.tree.leaves(state))
+    with torch.device("meta"):
+        tm = MochiTransformer3DModel(**{k: v for k, v in t.items() if not k.startswith("_")})
+    assert ours == sum(p.numel() for p in tm.parameters()) - MOCHI_LAST_BLOCK_CAPTION_QUERY == MOCHI_1_PARAMS
+
+
+def test_mochi_full_width_flops_compile_only():
+    """The released config at full width, 2 layers (one scanned, the last), 13 frames at 128 x 128, compiled
+    on abstract shapes (no weights): the compiled program's dots and convolutions are the analytic count
+    plus the masked attention over the caption's padding; a PipeFusion mesh is refused."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model="mochi-1-preview", layers=2, height=128, width=128,
+                                                      num_frames=13, meshes=[None, "pipefusion=2"],
+                                                      compile_only=True, log=lambda s: None))
+    by_mesh = {r["mesh"]: r for r in rows}
+    row = by_mesh["single device"]
+    assert "error" not in row and row["video_tokens"] == 3 * 8 * 8 and row["text_tokens"] == 256
+    assert row["flops_hlo"] == pytest.approx(row["flops_analytic"] + row["flops_attention_padding"], rel=1e-9)
+    assert row["flops_xla_cost_analysis"] > 0
+    assert "PipeFusion not supported for Mochi" in by_mesh["pipefusion=2"]["error"]
+
+
+def test_mochi_e2e_refused():
+    """--e2e times the CogVideoX pipeline only: a Mochi model gets one row saying so (its step benchmark works)."""
+    (row,) = bench.run_e2e_benchmark(bench.StepOptions(model="mochi-tiny", log=lambda s: None), steps=1)
+    assert row["kind"] == "e2e" and row["model"] == "mochi-tiny"
+    assert row["error"].startswith("NotImplementedError: --e2e times the CogVideoX pipeline only so far; mochi-tiny "
+                                   "is a mochi model")

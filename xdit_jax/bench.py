@@ -17,8 +17,8 @@ What one benchmark row holds (see ``docs/benchmarks.md`` for the table and the r
   inputs, timed interleaved with ours in the same process; the ratio ours / diffusers per step.
 
 The step is built by :func:`build_step` alone, so it can later be swapped for the pipeline's full
-step on a mesh. What differs between model families (CogVideoX, PixArt-alpha / Sigma, HunyuanDiT:
-inputs, the arguments of ``embed``, analytic FLOPs, the diffusers reference) is in
+step on a mesh. What differs between model families (CogVideoX, PixArt-alpha / Sigma, HunyuanDiT,
+Mochi: inputs, the arguments of ``embed``, analytic FLOPs, the diffusers reference) is in
 :mod:`xdit_jax.bench_families`.
 Weights are passed to the jitted function as arguments (``nnx.split`` / ``nnx.merge``), never
 closed over as constants. Variants (:class:`Variant`) build the same step
@@ -44,9 +44,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from xdit_jax.bench_families import (FAMILIES, HUNYUAN_TEXT_VALID, PIXART_TEXT_VALID, Family,  # noqa: F401
-                                     TorchReference, family_of_config, family_of_model, hunyuandit_analytic_flops,
-                                     pixart_analytic_flops)
+from xdit_jax.bench_families import (FAMILIES, HUNYUAN_TEXT_VALID, MOCHI_TEXT_VALID, PIXART_TEXT_VALID,  # noqa: F401
+                                     Family, TorchReference, family_of_config, family_of_model,
+                                     hunyuandit_analytic_flops, mochi_analytic_flops, pixart_analytic_flops)
 from xdit_jax.bench_families import cogvideox_analytic_flops as analytic_flops  # noqa: F401
 from xdit_jax.bench_variants import (ATTENTION_VARIANTS, LINEAR_VARIANTS, Variant, attention_override,  # noqa: F401
                                      linear_override, parse_compiler_options, parse_variant)
@@ -56,6 +56,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b")
 PIXART_MODELS = ("pixart-alpha-1024", "pixart-sigma-1024")
 HUNYUANDIT_MODELS = ("hunyuandit-v1.2",)
+MOCHI_MODELS = ("mochi-1-preview",)
 IMAGE_FAMILIES = ("pixart", "hunyuandit")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
@@ -169,9 +170,9 @@ class Workload:
     defaults: dict = dataclasses.field(default_factory=dict)
     source: str = ""
     family: str = "cogvideox"
-    text_tokens: int | None = None  # PixArt: caption tokens (default: defaults.json's max_sequence_length)
+    text_tokens: int | None = None  # PixArt, Mochi: caption tokens (default: defaults.json's max_sequence_length)
     # real tokens in the prompt's text mask(s): PixArt's caption (PIXART_TEXT_VALID); HunyuanDiT's BERT
-    # and mT5 masks both (HUNYUAN_TEXT_VALID)
+    # and mT5 masks both (HUNYUAN_TEXT_VALID); Mochi's T5 caption (MOCHI_TEXT_VALID)
     text_valid: int | None = None
 
     @property
@@ -188,7 +189,7 @@ class Workload:
 
     def latent_shape(self) -> tuple[int, ...]:
         """diffusers' layout: CogVideoX (B, F, C, h, w) (1.5 pads latent frames to a multiple of
-        patch_size_t), PixArt (B, C, h, w)."""
+        patch_size_t), PixArt and HunyuanDiT (B, C, h, w), Mochi (B, C, F, h, w)."""
         return self.fam.latent_shape(self)
 
     def tokens(self) -> tuple[int, int]:
@@ -211,6 +212,16 @@ def load_model_dir(folder: str | os.PathLike) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{folder}: no transformer/config.json (nor config.json) in it.")
     defaults = read_json(folder / "defaults.json") if (folder / "defaults.json").exists() else {}
     return read_json(tpath), defaults
+
+
+def mochi_vae_scales(folder: Path) -> tuple[int, int]:
+    """(spatial, temporal) compression of a Mochi folder's VAE: the products of its ``spatial_expansions``
+    and ``temporal_expansions`` (Mochi 1: 8 and 6); (8, 6) without a vae/config.json."""
+    vae = folder / "vae" / "config.json"
+    if not vae.exists():
+        return 8, 6
+    v = read_json(vae)
+    return math.prod(v.get("spatial_expansions", [2, 2, 2])), math.prod(v.get("temporal_expansions", [1, 2, 3]))
 
 
 def _tiny_workload() -> Workload:
@@ -274,11 +285,37 @@ def _hunyuandit_cpu_small_workload() -> Workload:
                     source="configs/hunyuandit-v1.2, 4 layers", defaults=defaults)
 
 
+def _mochi_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Mochi (2 heads x 16, a 16-wide caption stream, 16 T5 tokens) with 3 blocks, so that the
+    # stacked blocks' scan runs twice before the last block; 7 frames of 48 x 64 with the tiny VAE's 6x / 8x.
+    t = dict(tiny.MOCHI_TRANSFORMER, num_layers=3)
+    spatial = math.prod(tiny.MOCHI_VAE["spatial_expansions"])
+    temporal = math.prod(tiny.MOCHI_VAE["temporal_expansions"])
+    return Workload("mochi-tiny", t, height=48, width=64, num_frames=7, vae_scale_spatial=spatial,
+                    vae_scale_temporal=temporal, family="mochi", text_valid=6,
+                    source="xdit_jax.tiny's Mochi, 2 heads x 16, caption 16 wide, 3 layers",
+                    defaults={"num_inference_steps": 4, "guidance_scale": 4.5})
+
+
+def _mochi_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "mochi-1-preview"
+    t, defaults = load_model_dir(folder)
+    t = dict(t, num_layers=2)
+    spatial, temporal = mochi_vae_scales(folder)
+    return Workload("mochi-cpu-small", t, height=128, width=128, num_frames=43, vae_scale_spatial=spatial,
+                    vae_scale_temporal=temporal, family="mochi", text_valid=MOCHI_TEXT_VALID,
+                    source="configs/mochi-1-preview, 2 layers", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
                                               "hunyuandit-tiny": _hunyuandit_tiny_workload,
-                                              "hunyuandit-cpu-small": _hunyuandit_cpu_small_workload}
+                                              "hunyuandit-cpu-small": _hunyuandit_cpu_small_workload,
+                                              "mochi-tiny": _mochi_tiny_workload,
+                                              "mochi-cpu-small": _mochi_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -300,6 +337,15 @@ PRESET_HELP.update({
 })
 for _m in HUNYUANDIT_MODELS:
     PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at 1024x1024 (4096 image tokens, no PipeFusion)"
+PRESET_HELP.update({
+    "mochi-tiny": "a 2x16-head, 3-layer Mochi (caption stream 16 wide) at 7x48x64: 24 video + 16 caption tokens "
+                  "(6 real; CI smoke test)",
+    "mochi-cpu-small": f"Mochi 1 width (24 heads x 128, caption 1536), 2 layers, 43 frames at 128x128: 8x8x8 = 512 "
+                       f"video + 256 T5 tokens ({MOCHI_TEXT_VALID} real)",
+})
+for _m in MOCHI_MODELS:
+    PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 163x480x848 (28x30x53 = 44,520 video + 256 "
+                       f"T5 tokens, no PipeFusion)")
 
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
@@ -319,6 +365,11 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
             size = int(t.get("sample_size", 128)) * 8
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
                          num_frames=1, defaults=d, source=str(folder), family=family)
+        elif family == "mochi":  # no sample sizes in its config: defaults.json's, else diffusers' 480 x 848 x 19
+            spatial, temporal = mochi_vae_scales(folder)
+            w = Workload(folder.name, t, height=int(d.get("height", 480)), width=int(d.get("width", 848)),
+                         num_frames=int(d.get("num_frames", 19)), vae_scale_spatial=spatial,
+                         vae_scale_temporal=temporal, defaults=d, source=str(folder), family=family)
         else:
             w = Workload(folder.name, t, height=int(d.get("height", t["sample_height"] * 8)),
                          width=int(d.get("width", t["sample_width"] * 8)),
@@ -340,8 +391,8 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
 
 def workload_flops(w: Workload) -> dict[str, float]:
     """Analytic matmul FLOPs of one forward of ``w`` (the family's formula: :func:`analytic_flops` for
-    CogVideoX, :func:`pixart_analytic_flops` for PixArt, :func:`hunyuandit_analytic_flops` for HunyuanDiT;
-    ``xdit_jax.bench_families``)."""
+    CogVideoX, :func:`pixart_analytic_flops` for PixArt, :func:`hunyuandit_analytic_flops` for HunyuanDiT,
+    :func:`mochi_analytic_flops` for Mochi; ``xdit_jax.bench_families``)."""
     return w.fam.analytic_flops(w)
 
 
@@ -706,6 +757,9 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
     base = {"kind": "step", "model": w.name, "source": w.source, "dtype": dtype_name, "latent_shape": list(shape),
             **fam.row_fields(w, tcfg), "step_batch": w.step_batch, "flops_analytic": flops["total"],
             "flops_attention": flops["attention"],
+            # Mochi: attention FLOPs over the caption's padding, which our masked kernel computes and the
+            # analytic count (diffusers' work) leaves out; flops_hlo = flops_analytic + this on one device
+            **({"flops_attention_padding": flops["attention_padding"]} if "attention_padding" in flops else {}),
             "peak_tflops": peak, "peak_source": peak_src, "settle_s": settle, "warmup": opts.warmup,
             "matmul_precision": opts.matmul_precision, "compile_cache": opts.compile_cache, **env}
 
@@ -853,7 +907,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     patches = stage_tree = None
     layers = tcfg.num_layers
     if ms.pipefusion > 1:  # the stacked blocks split over the stages; a patched step (as many patches as stages)
-        family.refuse_pipefusion()  # HunyuanDiT: its long skips cross every stage boundary
+        family.refuse_pipefusion()  # HunyuanDiT: long skips cross every stage boundary; Mochi: its caption stream
         from xdit_jax.parallel import pipefusion
 
         pipefusion.check_mesh(ms, tcfg.num_layers)
@@ -1087,6 +1141,9 @@ def format_table(rows: list[dict]) -> str:
     if "bert_tokens" in r0:  # HunyuanDiT: image tokens self-attend, the two texts are cross-attended
         tokens = (f"{r0['image_tokens']} image + {r0['bert_tokens']} BERT + {r0['t5_tokens']} mT5 tokens "
                   f"({r0['bert_valid_tokens']} / {r0['t5_valid_tokens']} in the prompt's masks)")
+    elif r0.get("family") == "mochi":  # Mochi: the video tokens and the (masked) caption in one joint attention
+        tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
+                  f"({r0['text_valid_tokens']} in the prompt's mask)")
     elif "image_tokens" in r0:  # PixArt: image tokens self-attend, the caption is cross-attended
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")

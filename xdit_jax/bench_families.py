@@ -5,10 +5,12 @@ counts, its random inputs (numpy, batch first, in the order the jitted step take
 arguments of the model's ``embed`` (the step then runs ``embed`` -> the blocks over the mesh ->
 ``head``, as the pipelines do), the analytic FLOPs of one forward, and the diffusers reference
 (:class:`TorchReference`). Meshes, PipeFusion, variants, timing, memory, FLOP and collective
-counting are shared (``xdit_jax.bench``). Three families: CogVideoX (text-to-video, joint
+counting are shared (``xdit_jax.bench``). Four families: CogVideoX (text-to-video, joint
 attention over text + video tokens), PixArt-alpha / Sigma (text-to-image, self-attention over
-the image tokens, masked cross-attention to the caption) and HunyuanDiT (text-to-image,
-self-attention over the image tokens, cross-attention to BERT + mT5 text, long skips: no PipeFusion).
+the image tokens, masked cross-attention to the caption), HunyuanDiT (text-to-image,
+self-attention over the image tokens, cross-attention to BERT + mT5 text, long skips: no PipeFusion)
+and Mochi 1 (text-to-video, two streams: the video tokens and a narrower T5 caption stream meet in
+one joint attention, the caption's padding masked; no PipeFusion).
 """
 
 from __future__ import annotations
@@ -644,24 +646,221 @@ class HunyuanDiT(Family):
         return HunyuanDiTTorchReference(transformer, dtype, seed=seed, device=device)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT())}
+# ============================================================================================
+# Mochi 1
+# ============================================================================================
+
+# A typical prompt's T5 tokens in the conditional half's caption mask (as PixArt's: the same T5
+# tokenizer); the unconditional half is diffusers' default negative prompt "": 1 token, the EOS
+# (``force_zeros_for_empty_prompt`` is false in genmo/mochi-1-preview's model_index.json).
+MOCHI_TEXT_VALID = PIXART_TEXT_VALID
+MOCHI_POOLER_HEADS = 8  # MochiAttentionPool over the T5 states
+
+
+def mochi_ff_inner_dim(dim: int) -> int:
+    """The SwiGLU feed-forward's inner width in diffusers' Mochi blocks: ``(4 * dim * 2) // 3`` (8192 at 3072)."""
+    return (4 * dim * 2) // 3
+
+
+def mochi_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int,
+                         text_valid) -> dict[str, float]:
+    """Matmul FLOPs of one Mochi transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (both CFG halves), S = (F)(h/p)(w/p) video tokens, L = caption tokens (``text_len``, 256),
+    V_b = the real tokens of sample b's caption mask (``text_valid``: one count per sample, or one for
+    all), d = heads * head_dim (3072), d_c = pooled_projection_dim (the caption stream, 1536),
+    D = text_embed_dim (T5, 4096), T = time_embed_dim, F = (4d * 2) // 3 and F_c = (4 d_c * 2) // 3 (the
+    SwiGLU inner widths; the first projection is 2F wide: value and gate), N = layers. Per block
+    (the first N - 1):
+
+        modulation of both streams: norm1 d -> 4d, norm1_context d -> 4 d_c   8 B d^2 + 8 B d d_c
+        video q, k, v, out                                                    8 B S d^2
+        caption q, k, v (d_c -> d) and to_add_out (d -> d_c)                  8 B L d_c d
+        joint attention QK^T and PV over [video; valid caption]              4 d sum_b (S + V_b)^2
+        video feed-forward d -> 2F, F -> d                                    6 B S d F
+        caption feed-forward d_c -> 2 F_c, F_c -> d_c                         6 B L d_c F_c
+
+    The last block (``context_pre_only``) has no caption output and no caption MLP: norm1 8 B d^2,
+    norm1_context (one d -> d_c scale) 2 B d d_c, video q, k, v, out 8 B S d^2, caption k, v
+    4 B L d_c d, attention of the video rows only 4 d sum_b S (S + V_b), video feed-forward 6 B S d F.
+    (diffusers still computes the last block's caption queries and attention rows and drops them;
+    we count the work the output needs, which is what ours does.)
+
+    The joint attention counts the caption's valid tokens only: diffusers attends each sample over
+    [video; its real caption tokens] (the padding is cut out, not masked), so that is the model's work.
+    Ours holds the whole padded caption and masks its keys (one program for any mask); the extra it
+    computes, ``attention_padding`` below, is 4 d sum_b ((S + L)^2 - (S + V_b)^2) over the first N - 1
+    blocks plus 4 d sum_b S (L - V_b) in the last, and the compiled program's dot count is
+    ``total + attention_padding``. At full size it is ~1% (44,520 video tokens); at small shapes it is
+    not. The caption stream's linears run over all L tokens on both sides (the mask acts in the
+    attention only) and are counted so.
+
+    Plus, once: patch embedding 2 B S (C p^2) d; the timestep embedding 2 B (T d + d^2); the caption
+    pooler (one query, the masked mean, over L + 1 tokens [mean; T5], 8 heads: to_kv 4 B (L+1) D^2,
+    to_q 2 B D^2, QK^T and PV over all L + 1 keys 4 B (L+1) D, to_out 2 B D d); caption_proj
+    2 B L D d_c; the RoPE angles (positions (S, 3) x learned frequencies (3, H, head_dim / 2), one
+    table for the batch) 3 S d; the output modulation 2 B d (2d) and projection 2 B S d (p^2 C_out).
+    Norms, RoPE rotations, softmax, SiLU, the masked mean and the modulations themselves are element-wise.
+    """
+    b, c, f, h, w = latent_shape
+    t = transformer
+    p = int(t.get("patch_size", 2))
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    dc = int(t.get("pooled_projection_dim", 1536))
+    dtxt = int(t.get("text_embed_dim", 4096))
+    tdim = int(t.get("time_embed_dim", 256))
+    layers = int(t["num_layers"])
+    cout = int(t.get("out_channels") or c)
+    ff, ffc = mochi_ff_inner_dim(d), mochi_ff_inner_dim(dc)
+    s, txt = f * (h // p) * (w // p), text_len
+    valid = [int(text_valid)] * b if np.ndim(text_valid) == 0 else [int(v) for v in text_valid]
+    if len(valid) != b:
+        raise ValueError(f"text_valid: {len(valid)} counts for a batch of {b}.")
+    valid = [max(0, min(v, txt)) for v in valid]
+    video = 8 * b * s * d * d + 6 * b * s * d * ff
+    mod = 8 * b * d * d + 8 * b * d * dc
+    caption = 8 * b * txt * dc * d + 6 * b * txt * dc * ffc
+    attn = 4 * d * sum((s + v) ** 2 for v in valid)
+    last_attn = 4 * d * sum(s * (s + v) for v in valid)
+    last_lin = 8 * b * d * d + 2 * b * d * dc + 8 * b * s * d * d + 4 * b * txt * dc * d + 6 * b * s * d * ff
+    padding = (layers - 1) * 4 * d * sum((s + txt) ** 2 - (s + v) ** 2 for v in valid) \
+        + 4 * d * sum(s * (txt - v) for v in valid)
+    pool_attn = 4 * b * (txt + 1) * dtxt
+    pool = 4 * b * (txt + 1) * dtxt * dtxt + 2 * b * dtxt * dtxt + pool_attn + 2 * b * dtxt * d
+    embed = (2 * b * s * (c * p * p) * d + 2 * b * (tdim * d + d * d) + pool + 2 * b * txt * dtxt * dc
+             + 3 * s * d)
+    head = 2 * b * d * 2 * d + 2 * b * s * d * (p * p * cout)
+    block = mod + video + caption + attn
+    total = (layers - 1) * block + last_lin + last_attn + embed + head
+    attention = (layers - 1) * attn + last_attn + pool_attn
+    return {"total": float(total), "per_block": float(block), "attention": float(attention),
+            "linear": float(total - attention), "attention_padding": float(padding), "tokens": s}
+
+
+class MochiTorchReference(TorchReference):
+    """diffusers' ``MochiTransformer3DModel`` called as ``MochiPipeline`` calls it: latents, T5 states and the
+    timestep in the model's dtype (the pipeline's ``t.expand(B).to(latents.dtype)``), the bool caption
+    mask. Its RoPE frequencies (``pos_frequencies``, learned; zeros at init) are drawn at random, as a
+    checkpoint's are non-zero, so that the output check sees the rotation."""
+
+    def _make_model(self, cfg):
+        import inspect
+
+        from diffusers import MochiTransformer3DModel
+
+        torch = self.torch
+        takes = inspect.signature(MochiTransformer3DModel.__init__).parameters
+        model = MochiTransformer3DModel.from_config({k: v for k, v in cfg.items() if k in takes})
+        with torch.no_grad():
+            model.pos_frequencies.copy_(torch.randn(model.pos_frequencies.shape) * 0.1)
+        return model
+
+    def set_inputs(self, inputs, w):
+        torch = self.torch
+        put = lambda k, dt=None: torch.from_numpy(inputs[k]).to(self.device, dt)
+        self.x = put("latents", self.dtype)
+        self.enc = put("embeds", self.dtype)
+        self.t = put("t", self.dtype)
+        self.mask = put("mask").bool()
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
+                          encoder_attention_mask=self.mask, return_dict=False)[0]
+
+
+class Mochi(Family):
+    name = "mochi"
+    module_name = "xdit_jax.models.mochi"
+    model_class_name = "MochiTransformer3DModel"
+    config_class_name = "MochiConfig"
+    token_word = "video"
+    title = "Mochi"
+    # every layer's caption update attends to the whole video, which a patch pipeline does not see
+    no_pipefusion_why = "the caption stream is updated from attention over the whole video in every layer"
+
+    def latent_shape(self, w):
+        """(B, C, F, h, w) in diffusers' layout: (num_frames - 1) // 6 + 1 latent frames, H/8 x W/8."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 12)),
+                (w.num_frames - 1) // w.vae_scale_temporal + 1, w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, _, f, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 2))
+        return f * (h // p) * (ww // p), self.text_len(w)
+
+    def text_len(self, w):
+        """T5 tokens: the pipeline's ``max_sequence_length`` (256; defaults.json's, else the config's)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length")
+                   or w.transformer.get("max_sequence_length", 256))
+
+    def text_valid(self, w) -> int:
+        return min(int(w.text_valid or MOCHI_TEXT_VALID), self.text_len(w))
+
+    def mask(self, w) -> np.ndarray:
+        """(B, L) int32 caption mask: with CFG the negative prompt "" (1 token), then the prompt's."""
+        return pixart_mask(w.step_batch, self.text_len(w), self.text_valid(w), w.cfg)
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # the video tokens; the caption joins as a context every device holds
+
+    def check(self, cfg, shape):
+        self.module.check_input_shape(cfg, shape[3], shape[4])
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"family": self.name, "video_tokens": sv, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "latent_frames": self.latent_shape(w)[2], "layers": cfg.num_layers, "heads": cfg.num_attention_heads,
+                "head_dim": cfg.attention_head_dim, "caption_dim": cfg.pooled_projection_dim, "height": w.height,
+                "width": w.width, "num_frames": w.num_frames}
+
+    def make_inputs(self, w, seed=0):
+        """As ``MochiPipeline`` passes them: latents (B, C, F, h, w), T5 states (B, L, text_embed_dim),
+        timesteps (B,) float and the caption mask (B, L)."""
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
+        embeds = rng.standard_normal((b, self.text_len(w), int(w.transformer.get("text_embed_dim", 4096))),
+                                     dtype=np.float32)
+        return {"latents": latents, "embeds": embeds, "t": np.full((b,), 500.0, dtype=np.float32),
+                "mask": self.mask(w)}
+
+    def embed_args(self, inputs, dtype):
+        return inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], inputs["mask"]
+
+    def analytic_flops(self, w):
+        return mochi_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w),
+                                    self.mask(w).sum(axis=1).tolist())
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return MochiTorchReference(transformer, dtype, seed=seed, device=device)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
+MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
     """The family of a diffusers transformer ``config.json``: HunyuanDiT by its class name or its
-    ``text_len_t5``; PixArt by its class name (the hub's PixArt checkpoints say ``Transformer2DModel``)
-    or its ``ada_norm_single`` norm; else CogVideoX."""
+    ``text_len_t5``; Mochi by its class name or, without one, ``pooled_projection_dim`` together with
+    ``time_embed_dim`` (of the others, only HunyuanDiT has the first, only CogVideoX the second);
+    PixArt by its class name (the hub's PixArt checkpoints say ``Transformer2DModel``) or its
+    ``ada_norm_single`` norm; else CogVideoX."""
     if transformer.get("_class_name") in HUNYUANDIT_CLASS_NAMES or "text_len_t5" in transformer:
         return "hunyuandit"
+    if transformer.get("_class_name") in MOCHI_CLASS_NAMES or (
+            "pooled_projection_dim" in transformer and "time_embed_dim" in transformer):
+        return "mochi"
     if transformer.get("_class_name") in PIXART_CLASS_NAMES or transformer.get("norm_type") == "ada_norm_single":
         return "pixart"
     return "cogvideox"
 
 
 def family_of_model(cfg: Any) -> Family:
-    """The family of a model config dataclass (``CogVideoXConfig``, ``PixArtConfig``, ``HunyuanDiTConfig``)."""
+    """The family of a model config dataclass (``CogVideoXConfig``, ``PixArtConfig``, ``HunyuanDiTConfig``,
+    ``MochiConfig``)."""
     for fam in FAMILIES.values():
         if type(cfg).__name__ == fam.config_class_name:
             return fam
