@@ -93,3 +93,22 @@ def make_torch_mochi(seed: int = 0, force_zeros_for_empty_prompt: bool = False):
     sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.MOCHI_SCHEDULER.items() if not k.startswith("_")})
     return MochiPipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_tokenizer(),
                          transformer=transformer, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+
+
+def make_torch_flux(seed: int = 0, guidance_embeds: bool = True):
+    """A tiny random diffusers FLUX pipeline (xdit_jax.tiny's FLUX configs); ``guidance_embeds=False``:
+    schnell-like."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = randomize_(FluxTransformer2DModel(**dict(tiny.FLUX_TRANSFORMER, guidance_embeds=guidance_embeds)),
+                             seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
+    clip_kw = {k: v for k, v in tiny.FLUX_CLIP.items() if k != "model_type"}
+    text_encoder = randomize_(CLIPTextModel(CLIPTextConfig(**clip_kw)), seed + 2, std=0.2)
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder_2 = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 3, std=0.2)
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.FLUX_SCHEDULER.items() if not k.startswith("_")})
+    return FluxPipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_clip_tokenizer(),
+                        text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_tokenizer(), transformer=transformer)

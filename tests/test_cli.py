@@ -97,9 +97,26 @@ def test_generate_mochi_video(tmp_path, capsys):
     assert '"model_family": "mochi"' in capsys.readouterr().out
 
 
+def test_generate_flux_image(tmp_path, capsys):
+    """The tiny FLUX (two phases: text whole, then joint): a .png with true CFG on a CFG x ring mesh."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "f.png"
+    rc = cli.main(["--model", "tiny-flux", "--output", str(out), "--steps", "2", "--mesh", "cfg=2,ring=2",
+                   "--negative-prompt", "blurry", "--true-cfg-scale", "2", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (48, 64, 3) and image.std() > 1  # the tiny defaults: 48 x 64
+    assert '"model_family": "flux"' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "tiny-hunyuandit", "--mesh", "pipefusion=2"], "long skip connections"),
     (["--model", "tiny-mochi", "--mesh", "pipefusion=2"], "caption stream"),
+    (["--model", "tiny-flux", "--mesh", "pipefusion=2"], "double-stream blocks"),
+    (["--model", "tiny-flux", "--mesh", "cfg=2"], "cfg=2 splits"),
+    (["--model", "tiny-flux", "--no-resolution-binning"], "not used by this flux model"),
+    (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's)"),
     (["--model", "tiny-mochi", "--use-dynamic-cfg"], "--use-dynamic-cfg (CogVideoX's)"),
     (["--model", "tiny-mochi", "--output", "m.png"], "makes videos"),
     (["--model", "tiny-pixart", "--output", "x.mp4"], "makes images"),
@@ -119,7 +136,7 @@ def test_generate_mochi_video(tmp_path, capsys):
     (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])
 def test_bad_input(tmp_path, capsys, argv, needle):
-    out = tmp_path / ("o.png" if "tiny-pixart" in argv or "tiny-hunyuandit" in argv else "o.mp4")
+    out = tmp_path / ("o.png" if {"tiny-pixart", "tiny-hunyuandit", "tiny-flux"} & set(argv) else "o.mp4")
     if "--output" not in argv:
         argv = argv + ["--output", str(out)]
     with pytest.raises(SystemExit) as e:

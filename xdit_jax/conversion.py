@@ -50,6 +50,10 @@ MODEL_CLASSES = {
     "HunyuanDiT2DModel": ("xdit_jax.models.hunyuandit", "HunyuanDiTConfig"),
     "MochiTransformer3DModel": ("xdit_jax.models.mochi", "MochiConfig"),
     "AutoencoderKLMochi": ("xdit_jax.models.vae_mochi", "MochiVAEConfig"),
+    "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
+    # one module, two config classes: the config's class picks the module (with or without text_projection)
+    "CLIPTextModel": ("xdit_jax.models.clip", "CLIPTextConfig"),
+    "CLIPTextModelWithProjection": ("xdit_jax.models.clip", "CLIPTextWithProjectionConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2")
 

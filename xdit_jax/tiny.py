@@ -15,7 +15,8 @@ from pathlib import Path
 import jax.numpy as jnp
 
 TINY_NAME = "tiny"
-TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi"}
+TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
+              "tiny-flux": "flux"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -85,6 +86,21 @@ MOCHI_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_
                        use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                        max_image_seq_len=4096, invert_sigmas=True)
 
+# FLUX.1-dev shaped (guidance-distilled): 2 double- and 2 single-stream blocks, RoPE axes (4, 6, 6) over
+# 16-wide heads; the VAE with FLUX's shift and scale and no quant convs (4 latent channels: 16 packed);
+# CLIP (pooled, 32 wide) and the tiny T5 (32 wide, 16 tokens for the tiny model).
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                        axes_dims_rope=[4, 6, 6])
+FLUX_VAE = dict(PIXART_VAE, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False)
+FLUX_CLIP = dict(vocab_size=600, hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 bos_token_id=598, eos_token_id=2, pad_token_id=1, model_type="clip_text_model")
+FLUX_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
+                      use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -105,6 +121,14 @@ def train_tokenizer(vocab_size: int = 96):
                            extra_ids=0)
 
 
+def train_clip_tokenizer():
+    """CLIP's byte-level BPE (lower-cased, ``</w>`` word ends) trained on the same sentences (600 tokens:
+    ``FLUX_CLIP``'s vocabulary; EOS the last id)."""
+    from xdit_jax.models import clip
+
+    return clip.train_tokenizer(CORPUS * 4, vocab_size=FLUX_CLIP["vocab_size"])
+
+
 def train_bert_tokenizer(vocab_size: int = 128):
     """A BERT (WordPiece) tokenizer trained on the same sentences; a transformers tokenizer."""
     from xdit_jax.models import bert
@@ -113,6 +137,12 @@ def train_bert_tokenizer(vocab_size: int = 128):
 
 
 def model_index(family: str = "cogvideox") -> dict:
+    if family == "flux":
+        return {"_class_name": "FluxPipeline", "_diffusers_version": "0.32.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "mochi":
         return {"_class_name": "MochiPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -168,7 +198,8 @@ def _parts(family: str, transformer: dict | None):
     """{component: (class name, config dict, module maker)} of a tiny model."""
     from flax import nnx
 
-    from xdit_jax.models import bert, cogvideox, hunyuandit, mochi, pixart, t5, vae_cogvideox, vae_kl, vae_mochi
+    from xdit_jax.models import (bert, clip, cogvideox, flux, hunyuandit, mochi, pixart, t5, vae_cogvideox, vae_kl,
+                                 vae_mochi)
 
     text = ("T5EncoderModel", TEXT_ENCODER,
             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0)))
@@ -184,6 +215,17 @@ def _parts(family: str, transformer: dict | None):
                              lambda: bert.BertModel(bert.BertConfig.from_dict(HUNYUAN_BERT), rngs=nnx.Rngs(0))),
             "text_encoder_2": text,
         }, HUNYUAN_SCHEDULER
+    if family == "flux":
+        tcfg = {**FLUX_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("FluxTransformer2DModel", tcfg,
+                            lambda: flux.FluxTransformer2DModel(flux.FluxConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": ("CLIPTextModel", FLUX_CLIP,
+                             lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
+            "text_encoder_2": text,
+        }, FLUX_SCHEDULER
     if family == "mochi":
         tcfg = {**MOCHI_TRANSFORMER, **(transformer or {})}
         return {
@@ -242,6 +284,9 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
         if family == "hunyuandit":
             train_bert_tokenizer().save_pretrained(tmp / "tokenizer")
+            train_tokenizer().save_pretrained(tmp / "tokenizer_2")
+        elif family == "flux":
+            train_clip_tokenizer().save_pretrained(tmp / "tokenizer")
             train_tokenizer().save_pretrained(tmp / "tokenizer_2")
         else:
             train_tokenizer().save_pretrained(tmp / "tokenizer")

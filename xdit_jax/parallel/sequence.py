@@ -52,10 +52,13 @@ def _pad_axis(x, axis: int, to: int):
     return jnp.pad(x, pad)
 
 
-def run_blocks(blocks, params, joint, tokens, cond, mesh=None, *, backend: str = "xla"):
+def run_blocks(blocks, params, joint, tokens, cond, mesh=None, *, backend: str = "xla", with_context: bool = False):
     """``blocks(params, joint, tokens, cond)`` over ``mesh`` (None or one device: called directly).
 
     joint: (B, S, D) global; returns (B, S, D). B must be divisible by data x cfg.
+    ``with_context``: ``blocks`` returns ``(joint, context)``, ``context`` a pytree of per-sample arrays
+    (batch first) that every device of a sequence group holds whole (a two-stream model's text
+    stream, updated next to the sharded sequence); then returns ``(joint, context)``.
     """
     if mesh is None or mesh.size == 1:
         with attention_context(AttentionConfig(mesh=None, backend=backend, valid_len=None)):
@@ -80,5 +83,12 @@ def run_blocks(blocks, params, joint, tokens, cond, mesh=None, *, backend: str =
         with attention_context(cfg):
             return blocks(p, j, t, c)
 
-    out = _shard_map(local, mesh, (par_specs, seq, tok_specs, cond_specs), seq)(params, joint_p, tokens_p, cond)
-    return out[:, :s]
+    if not with_context:
+        out = _shard_map(local, mesh, (par_specs, seq, tok_specs, cond_specs), seq)(params, joint_p, tokens_p, cond)
+        return out[:, :s]
+    # The context's copies agree across a sequence group (up to the float order of ring merges): one is taken.
+    ctx_specs = jax.tree.map(lambda c: P(BATCH_AXES, *([None] * (c.ndim - 1))),
+                             jax.eval_shape(lambda: blocks(params, joint, tokens, cond)[1]))
+    out, ctx = _shard_map(local, mesh, (par_specs, seq, tok_specs, cond_specs), (seq, ctx_specs))(
+        params, joint_p, tokens_p, cond)
+    return out[:, :s], ctx

@@ -11,11 +11,13 @@ PIPELINES = {
     "PixArtSigmaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "HunyuanDiTPipeline": ("xdit_jax.pipelines.hunyuandit", "HunyuanDiTPipeline", "hunyuandit"),
     "MochiPipeline": ("xdit_jax.pipelines.mochi", "MochiPipeline", "mochi"),
+    "FluxPipeline": ("xdit_jax.pipelines.flux", "FluxPipeline", "flux"),
 }
 
 
 def family(class_name: str) -> str:
-    """"cogvideox", "pixart", "hunyuandit" or "mochi" for a diffusers pipeline class name; a clear error for the others."""
+    """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux") of a diffusers pipeline class name;
+    a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")
     return PIPELINES[class_name][2]

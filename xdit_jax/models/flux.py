@@ -1,0 +1,355 @@
+"""FLUX.1 transformer (diffusers ``FluxTransformer2DModel``) in Flax NNX.
+
+Two kinds of blocks, each stacked and run with one ``lax.scan``:
+
+* ``transformer_blocks`` (double-stream, 19 in FLUX.1): the text and the image tokens keep their own
+  weights (norms, q/k/v, output, MLP) and meet in one joint attention over ``[text; image]``. Here
+  the image tokens are the sharded sequence and the text (512 T5 tokens) is held whole by every
+  device, joining each attention as a *context*
+  (:func:`xdit_jax.parallel.attention.attention` with ``context=``), as Mochi's caption does.
+  :meth:`FluxTransformer2DModel.double_blocks` returns both streams.
+* ``single_transformer_blocks`` (single-stream, 38): one set of weights over the joint
+  ``[text; image]`` sequence, which the parallel engine shards as one sequence (as CogVideoX's).
+
+So a step runs the block stacks in two phases (:func:`xdit_jax.parallel.sequence.run_blocks` twice);
+between them the text joins the sequence. RoPE (3 axes over (t, y, x) ids, theta 10000) is applied
+to every token, text included (its ids are zeros in FluxPipeline: no rotation). PipeFusion is not
+supported (``SUPPORTS_PIPEFUSION = False``): the double-stream phase's text is updated from attention
+over the whole image in every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xdit_jax.config_util import known_fields
+from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
+from xdit_jax.models.layers import (
+    FeedForward,
+    LayerNorm,
+    TimestepEmbedding,
+    apply_rope,
+    gelu_tanh,
+    linear,
+    rope_1d,
+    scan_modules,
+    stack_modules,
+    timestep_embedding,
+)
+from xdit_jax.parallel.attention import attention
+
+STACKED = "transformer_blocks"
+SINGLE = "single_transformer_blocks"
+SUPPORTS_PIPEFUSION = False
+ROPE_THETA = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FluxConfig:
+        d = dict(d)
+        if "axes_dims_rope" in d:
+            d["axes_dims_rope"] = tuple(int(a) for a in d["axes_dims_rope"])
+        cfg = cls(**known_fields(cls, d))
+        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim or any(a % 2 for a in cfg.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must be even and sum to attention_head_dim "
+                             f"{cfg.attention_head_dim}.")
+        if cfg.patch_size != 1:
+            raise ValueError(f"patch_size={cfg.patch_size}: FLUX.1 checkpoints use 1 (the pipeline packs 2x2 latent "
+                             "patches itself).")
+        if cfg.num_layers < 1 or cfg.num_single_layers < 1:
+            raise ValueError("A FLUX transformer has at least one double- and one single-stream block.")
+        return cfg
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_ch(self) -> int:
+        return self.out_channels if self.out_channels is not None else self.in_channels
+
+
+class RMSNorm(nnx.Module):
+    """``torch.nn.RMSNorm`` with a weight (the per-head q/k norms); statistics in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class AdaNorm(nnx.Module):
+    """diffusers ``AdaLayerNormZero`` (``chunks=6``) / ``AdaLayerNormZeroSingle`` (3): a LayerNorm
+    without affine, shifted and scaled by the conditioning; returns (normed x, the other chunks)."""
+
+    def __init__(self, dim: int, chunks: int, *, dtype, rngs):
+        self.chunks = chunks
+        self.linear = linear(dim, chunks * dim, dtype=dtype, rngs=rngs)
+        self.norm = LayerNorm(dim, 1e-6, affine=False, dtype=dtype)
+
+    def __call__(self, x, temb):
+        shift, scale, *rest = jnp.split(self.linear(jax.nn.silu(temb)), self.chunks, axis=-1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None], rest
+
+
+def _heads(y, head_dim: int):
+    return y.reshape(*y.shape[:2], -1, head_dim)
+
+
+class Attention(nnx.Module):
+    """diffusers ``FluxAttention``: q/k/v with bias, per-head RMS norms; ``added``: the text stream's
+    own projections (double-stream blocks); ``pre_only``: no output projection (single-stream)."""
+
+    def __init__(self, cfg: FluxConfig, *, added: bool, pre_only: bool, dtype, rngs):
+        d, hd = cfg.inner_dim, cfg.attention_head_dim
+        self.head_dim, self.added, self.pre_only = hd, added, pre_only
+        self.to_q = linear(d, d, dtype=dtype, rngs=rngs)
+        self.to_k = linear(d, d, dtype=dtype, rngs=rngs)
+        self.to_v = linear(d, d, dtype=dtype, rngs=rngs)
+        self.norm_q = RMSNorm(hd, dtype=dtype)
+        self.norm_k = RMSNorm(hd, dtype=dtype)
+        if not pre_only:
+            self.to_out = linear(d, d, dtype=dtype, rngs=rngs)
+        if added:
+            self.add_q_proj = linear(d, d, dtype=dtype, rngs=rngs)
+            self.add_k_proj = linear(d, d, dtype=dtype, rngs=rngs)
+            self.add_v_proj = linear(d, d, dtype=dtype, rngs=rngs)
+            self.norm_added_q = RMSNorm(hd, dtype=dtype)
+            self.norm_added_k = RMSNorm(hd, dtype=dtype)
+            self.to_add_out = linear(d, d, dtype=dtype, rngs=rngs)
+
+    def qkv(self, x, rope):
+        hd = self.head_dim
+        q = apply_rope(self.norm_q(_heads(self.to_q(x), hd)), *rope)
+        k = apply_rope(self.norm_k(_heads(self.to_k(x), hd)), *rope)
+        return q, k, _heads(self.to_v(x), hd)
+
+    def joint(self, x, c, rope, c_rope):
+        """Double-stream: image ``x`` (sharded) and text ``c`` (whole), their RoPE tables ((S, hd) per
+        image token; (B, L, hd) for the text) -> (image out, text out)."""
+        hd = self.head_dim
+        q, k, v = self.qkv(x, rope)
+        rot = lambda y: apply_rope_batched(y, *c_rope)  # noqa: E731
+        cq = rot(self.norm_added_q(_heads(self.add_q_proj(c), hd)))
+        ck = rot(self.norm_added_k(_heads(self.add_k_proj(c), hd)))
+        cv = _heads(self.add_v_proj(c), hd)
+        mask = jnp.ones(c.shape[:2], bool)  # FluxPipeline attends to every T5 token, padding included
+        o, oc = attention(q, k, v, context=(cq, ck, cv, mask))
+        flat = lambda y: y.reshape(*y.shape[:2], -1)  # noqa: E731
+        return self.to_out(flat(o)), self.to_add_out(flat(oc))
+
+
+def apply_rope_batched(x, cos, sin):
+    """:func:`apply_rope` with per-sample (B, S, D) tables."""
+    xf = x.astype(jnp.float32)
+    x2 = xf.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-x2[..., 1], x2[..., 0]], axis=-1).reshape(x.shape)
+    return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+class DoubleBlock(nnx.Module):
+    """diffusers ``FluxTransformerBlock``."""
+
+    def __init__(self, cfg: FluxConfig, *, dtype, rngs):
+        d = cfg.inner_dim
+        self.norm1 = AdaNorm(d, 6, dtype=dtype, rngs=rngs)
+        self.norm1_context = AdaNorm(d, 6, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, added=True, pre_only=False, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
+        self.ff = FeedForward(d, dtype=dtype, rngs=rngs)
+        self.norm2_context = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
+        self.ff_context = FeedForward(d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, c, temb, rope, c_rope):
+        nx, (gate, shift_mlp, scale_mlp, gate_mlp) = self.norm1(x, temb)
+        nc, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(c, temb)
+        a, ac = self.attn.joint(nx, nc, rope, c_rope)
+        x = x + gate[:, None] * a
+        x = x + gate_mlp[:, None] * self.ff(self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+        c = c + c_gate[:, None] * ac
+        c = c + c_gate_mlp[:, None] * self.ff_context(self.norm2_context(c) * (1 + c_scale_mlp[:, None])
+                                                      + c_shift_mlp[:, None])
+        return x, c
+
+
+class SingleBlock(nnx.Module):
+    """diffusers ``FluxSingleTransformerBlock``: attention and an MLP in parallel on the joint sequence."""
+
+    def __init__(self, cfg: FluxConfig, *, dtype, rngs):
+        d = cfg.inner_dim
+        self.norm = AdaNorm(d, 3, dtype=dtype, rngs=rngs)
+        self.proj_mlp = linear(d, 4 * d, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, added=False, pre_only=True, dtype=dtype, rngs=rngs)
+        self.proj_out = linear(5 * d, d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, temb, rope):
+        h, (gate,) = self.norm(x, temb)
+        o = attention(*self.attn.qkv(h, rope))
+        y = jnp.concatenate([o.reshape(*o.shape[:2], -1), gelu_tanh(self.proj_mlp(h))], axis=-1)
+        return x + gate[:, None] * self.proj_out(y)
+
+
+class TextProjection(nnx.Module):
+    """diffusers ``PixArtAlphaTextProjection(act_fn="silu")`` (the pooled CLIP embedding)."""
+
+    def __init__(self, din: int, dout: int, *, dtype, rngs):
+        self.linear_1 = linear(din, dout, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(dout, dout, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nnx.Module):
+    """diffusers ``CombinedTimestep(Guidance)TextProjEmbeddings``: time (+ guidance) + pooled text."""
+
+    def __init__(self, cfg: FluxConfig, *, dtype, rngs):
+        d = cfg.inner_dim
+        self.timestep_embedder = TimestepEmbedding(256, d, dtype=dtype, rngs=rngs)
+        self.guidance_embedder = TimestepEmbedding(256, d, dtype=dtype, rngs=rngs) if cfg.guidance_embeds else None
+        self.text_embedder = TextProjection(cfg.pooled_projection_dim, d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, timestep, guidance, pooled):
+        proj = lambda t: timestep_embedding(t, 256, flip_sin_to_cos=True).astype(pooled.dtype)  # noqa: E731
+        emb = self.timestep_embedder(proj(timestep))
+        if self.guidance_embedder is not None:
+            emb = emb + self.guidance_embedder(proj(guidance))
+        return emb + self.text_embedder(pooled)
+
+
+def rope_tables(ids: np.ndarray, axes_dims) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers ``FluxPosEmbed``: (N, n_axes) position ids -> cos, sin (N, sum(axes_dims)) float32."""
+    ids = np.asarray(ids, np.float32)
+    tabs = [rope_1d(int(dim), ids[:, i], ROPE_THETA) for i, dim in enumerate(axes_dims)]
+    return (np.concatenate([t[0] for t in tabs], axis=-1).astype(np.float32),
+            np.concatenate([t[1] for t in tabs], axis=-1).astype(np.float32))
+
+
+def image_ids(grid_h: int, grid_w: int) -> np.ndarray:
+    """FluxPipeline's ``_prepare_latent_image_ids``: (h*w, 3) = (0, row, column) per packed latent token."""
+    ids = np.zeros((grid_h, grid_w, 3), np.float32)
+    ids[..., 1] = np.arange(grid_h)[:, None]
+    ids[..., 2] = np.arange(grid_w)[None, :]
+    return ids.reshape(-1, 3)
+
+
+class FluxTransformer2DModel(nnx.Module):
+    """``model(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+    guidance)`` as diffusers' forward: packed latents (B, N, in_channels), T5 states (B, L, 4096),
+    pooled CLIP (B, 768), timestep (B,) in [0, 1] (the pipeline's t / 1000), ids (N, 3) and (L, 3),
+    guidance (B,) or None (guidance-distilled checkpoints). Returns (B, N, out_channels)."""
+
+    def __init__(self, cfg: FluxConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg, self.dtype = cfg, dtype
+        d = cfg.inner_dim
+        self.time_text_embed = TimeTextEmbed(cfg, dtype=dtype, rngs=rngs)
+        self.context_embedder = linear(cfg.joint_attention_dim, d, dtype=dtype, rngs=rngs)
+        self.x_embedder = linear(cfg.in_channels, d, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = stack_modules(lambda r: DoubleBlock(cfg, dtype=dtype, rngs=r), cfg.num_layers, rngs)
+        self.single_transformer_blocks = stack_modules(lambda r: SingleBlock(cfg, dtype=dtype, rngs=r),
+                                                       cfg.num_single_layers, rngs)
+        self.norm_out_linear = linear(d, 2 * d, dtype=dtype, rngs=rngs)
+        self.norm_out = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
+        self.proj_out = linear(d, cfg.patch_size ** 2 * cfg.out_ch, dtype=dtype, rngs=rngs)
+
+    # -- embed -> double_blocks (image tokens sharded, text whole) -> single_blocks ([text; image]
+    #    sharded) -> head. The pipeline runs the two block phases over the mesh (run_blocks). --
+
+    def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+              guidance=None, rope=None):
+        """-> (image (B, N, D), tokens {"rope": image tables (N, hd)}, cond {"temb", "context" (B, L, D),
+        "context_rope": (B, L, hd) tables}, text_rope ((L, hd) tables, for the single-stream phase)).
+
+        The ids are host arrays (numpy; the tables are computed in float64 as diffusers does), or
+        ``rope`` gives the tables ``((img_cos, img_sin), (txt_cos, txt_sin))`` ready made (the pipeline
+        passes them into its jitted step; the ids are then ignored)."""
+        cfg, dtype = self.cfg, self.dtype
+        b = hidden_states.shape[0]
+        # t x 1000 and guidance x 1000 stay float32 (diffusers rounds them to the model dtype first: in
+        # bf16, t = 0.3 becomes 300 instead of 300.8 and its sinusoid moves by up to 0.8 rad)
+        t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,)) * 1000
+        if cfg.guidance_embeds:
+            if guidance is None:
+                raise ValueError("This FLUX checkpoint is guidance-distilled (guidance_embeds): pass guidance.")
+            guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32).reshape(-1), (b,)) * 1000
+        temb = self.time_text_embed(t, guidance, jnp.asarray(pooled_projections).astype(dtype))
+        x = self.x_embedder(hidden_states.astype(dtype))
+        c = self.context_embedder(encoder_hidden_states.astype(dtype))
+        if rope is None:
+            rope = (rope_tables(img_ids, cfg.axes_dims_rope), rope_tables(txt_ids, cfg.axes_dims_rope))
+        img_rope, txt_rope = (tuple(jnp.asarray(a, jnp.float32) for a in r) for r in rope)
+        c_rope = tuple(jnp.broadcast_to(a[None], (b,) + a.shape) for a in txt_rope)
+        return x, {"rope": img_rope}, {"temb": temb, "context": c, "context_rope": c_rope}, txt_rope
+
+    def double_blocks(self, x, tokens, cond):
+        """The double-stream stack on the image tokens (or a shard of them); -> (image, text)."""
+        temb, rope, c_rope = cond["temb"], tokens["rope"], cond["context_rope"]
+        return scan_modules(self.transformer_blocks, lambda blk, xc: blk(*xc, temb, rope, c_rope),
+                            (x, cond["context"]))
+
+    @staticmethod
+    def joint_tokens(tokens, text_rope):
+        """The single-stream phase's per-token tables: [text; image]."""
+        return {"rope": tuple(jnp.concatenate([t, i], axis=0) for t, i in zip(text_rope, tokens["rope"]))}
+
+    def single_blocks(self, joint, tokens, cond):
+        """The single-stream stack on the joint [text; image] sequence (or a contiguous shard of it)."""
+        temb, rope = cond["temb"], tokens["rope"]
+        return scan_modules(self.single_transformer_blocks, lambda blk, y: blk(y, temb, rope), joint)
+
+    def head(self, x, cond):
+        """Image tokens -> the prediction (B, N, patch^2 * out_channels)."""
+        scale, shift = jnp.split(self.norm_out_linear(jax.nn.silu(cond["temb"]).astype(x.dtype)), 2, axis=-1)
+        return self.proj_out(self.norm_out(x) * (1 + scale[:, None]) + shift[:, None])
+
+    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                 guidance=None):
+        x, tokens, cond, txt_rope = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                               img_ids, txt_ids, guidance)
+        x, c = self.double_blocks(x, tokens, cond)
+        joint = self.single_blocks(jnp.concatenate([c, x], axis=1), self.joint_tokens(tokens, txt_rope),
+                                   {"temb": cond["temb"]})
+        return self.head(joint[:, c.shape[1]:], cond)
+
+
+TORCH_RENAMES = [
+    (r"^norm_out_linear\.", "norm_out.linear."),
+    (r"\.attn\.to_out\.", ".attn.to_out.0."),
+    (r"\.(ff|ff_context)\.net_0\.", r".\1.net.0.proj."),
+    (r"\.(ff|ff_context)\.net_2\.", r".\1.net.2."),
+]
+
+
+def params_from_torch(flat: dict, cfg: FluxConfig, dtype=None) -> dict:
+    return map_state_dict(flat, expected_shapes(lambda: FluxTransformer2DModel(cfg)),
+                          stacked={STACKED: cfg.num_layers, SINGLE: cfg.num_single_layers}, renames=TORCH_RENAMES,
+                          dtype=dtype, what="FLUX transformer checkpoint")
+
+
+def build(cfg: FluxConfig, params: dict, dtype=jnp.float32) -> FluxTransformer2DModel:
+    return build_module(lambda: FluxTransformer2DModel(cfg, dtype=dtype), params)

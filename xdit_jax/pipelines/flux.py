@@ -1,0 +1,310 @@
+"""FLUX.1 text-to-image, diffusers' ``FluxPipeline`` on a JAX mesh.
+
+    pipe = FluxPipeline.from_pretrained("path/or/hub-id", mesh="ulysses=4", dtype="bfloat16")
+    out = pipe("A cat holding a sign that says hello world", height=1024, width=1024, seed=0)
+    out.images   # (batch, height, width, 3) float in [0, 1]
+
+CLIP-L (the pooled embedding) and T5 (512 tokens, no mask, as diffusers) encode the prompt; the
+packed latents (2 x 2 latent patches per token) go through the transformer in two phases over the
+mesh (:func:`transformer_over_mesh`): the double-stream blocks with the image tokens sharded over
+(ring, ulysses) and the text held whole by every device, then the single-stream blocks over the
+joint [text; image] sequence sharded as one. Guidance-distilled checkpoints (FLUX.1-dev) take
+``guidance_scale`` as an embedding; diffusers' "true CFG" (``true_cfg_scale > 1`` with a negative
+prompt) runs both halves in the batch (split over ``cfg=2``). The flow-matching Euler step with
+diffusers' sigmas (``linspace(1, 1/n, n)``, shifted by ``mu`` from the image size where the
+scheduler uses dynamic shifting) is in the jitted step; the VAE decode is split over the mesh.
+PipeFusion is refused (the double-stream text is updated from attention over the whole image).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xdit_jax.conversion import read_json
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import flux, vae_kl
+from xdit_jax.parallel.sequence import run_blocks
+from xdit_jax.pipelines import image
+from xdit_jax.pipelines.denoise import (
+    StageTimer,
+    as_numpy,
+    check_size_and_mesh,
+    load_component,
+    parse_dtype,
+    peak_memory_bytes,
+    refuse_pipefusion,
+    tokenize,
+)
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
+from xdit_jax.schedulers import flow_match
+
+log = logging.getLogger("xdit_jax")
+
+FluxPipelineOutput = ImagePipelineOutput
+PIPEFUSION_REASON = "its double-stream blocks update the text from attention over the whole image in every layer"
+DEFAULT_SAMPLE_SIZE = 128  # diffusers' FluxPipeline.default_sample_size (x the VAE factor: 1024 px)
+CLIP_TOKENS = 77
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+    return image.read_configs(folder, flux.FluxConfig)
+
+
+def default_size(tc=None, vc=None) -> dict:
+    s = DEFAULT_SAMPLE_SIZE * (vae_scale_factor(vc) if vc is not None else 8)
+    return {"height": s, "width": s}
+
+
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, guidance_scale: float = 1.0) -> None:
+    """Refuse what the model cannot take, before any heavy work. ``guidance_scale``: the CFG scale
+    that decides whether the batch doubles (true CFG), not FLUX.1-dev's embedded guidance."""
+    refuse_pipefusion("FLUX", PIPEFUSION_REASON, mesh_spec)
+    check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), tc.num_layers, batch, mesh_spec, guidance_scale)
+
+
+def pack_latents(latents):
+    """diffusers' ``_pack_latents``: (B, C, h, w) -> (B, (h/2)(w/2), 4C), 2 x 2 patches per token."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents, h: int, w: int):
+    """diffusers' ``_unpack_latents``: (B, (h/2)(w/2), 4C) -> (B, C, h, w) (h, w: latent sizes)."""
+    b, _, ch = latents.shape
+    x = latents.reshape(b, h // 2, w // 2, ch // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, ch // 4, h, w)
+
+
+def transformer_over_mesh(graphdef, state, args, mesh, backend: str = "xla", rope=None):
+    """(Traced.) The FLUX transformer on ``args`` = (hidden_states, encoder_hidden_states,
+    pooled_projections, timestep, img_ids, txt_ids, guidance) over ``mesh``: embed, the double-stream
+    blocks over the image tokens (text whole: ``run_blocks(..., with_context=True)``), the
+    single-stream blocks over [text; image], the head. Equals ``model(*args)`` on one device."""
+    model = nnx.merge(graphdef, state)
+    x, tokens, cond, txt_rope = model.embed(*args, rope=rope)
+    double = lambda p, y, t, c: nnx.merge(graphdef, p).double_blocks(y, t, c)  # noqa: E731
+    single = lambda p, y, t, c: nnx.merge(graphdef, p).single_blocks(y, t, c)  # noqa: E731
+    x, c = run_blocks(double, state, x, tokens, cond, mesh, backend=backend, with_context=True)
+    joint = run_blocks(single, state, jnp.concatenate([c, x], axis=1), model.joint_tokens(tokens, txt_rope),
+                       {"temb": cond["temb"]}, mesh, backend=backend)
+    return model.head(joint[:, c.shape[1]:], cond)
+
+
+class FluxPipeline(ImagePipelineBase):
+    """Text-to-image with FLUX.1 (dev, schnell) — see the module docstring."""
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 text_encoder_2, tokenizer_2, scheduler_config, dtype=jnp.float32, mesh=None,
+                 attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                 pipefusion_warmup_steps: int = 1):
+        refuse_pipefusion("FLUX", PIPEFUSION_REASON, dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
+                          pipefusion_patches)
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=None,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=flux.STACKED)
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> FluxPipeline:
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        from transformers import AutoTokenizer
+
+        dtype = parse_dtype(dtype)
+        folder, _ = cls._pipeline_folder(model, ("FluxPipeline",), cache_dir=cache_dir, variant=variant,
+                                         revision=revision)
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        refuse_pipefusion("FLUX", PIPEFUSION_REASON, dict(mesh_obj.shape), pipefusion_patches)  # before loading
+        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+        tc = flux.FluxConfig.from_dict(read_json(folder / "transformer" / "config.json"))
+        parts = cls._load_parts(folder, mesh_obj, dtype, flux.STACKED, tc.num_layers)
+        _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
+        return cls(**parts, text_encoder_2=text_encoder_2,
+                   tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"), scheduler_config=sched,
+                   dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    # ------------------------------------------------------------------ stages
+
+    def default_size(self) -> dict:
+        return default_size(self.transformer_config, self.vae_config)
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The VAE latent's (h, w) for an image size (multiples of 2: the packing's patches)."""
+        s = vae_scale_factor(self.vae_config)
+        return 2 * (height // (2 * s)), 2 * (width // (2 * s))
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """The packed latents (B, (h/2)(w/2), in_channels), diffusers' ``latents`` argument."""
+        h, w = self.latent_grid(height, width)
+        return (batch, (h // 2) * (w // 2), self.transformer_config.in_channels)
+
+    def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None,
+                      max_sequence_length: int = 512):
+        """((B, L, d) T5 states, (B, d_clip) pooled CLIP embedding) as diffusers makes them (T5 without
+        a mask; ``prompts_2`` go to T5, default ``prompts``)."""
+        ids, _ = tokenize(self.tokenizer, prompts, getattr(self.tokenizer, "model_max_length", CLIP_TOKENS))
+        ids_2, _ = tokenize(self.tokenizer_2, prompts_2 or prompts, max_sequence_length)
+        pooled = self._clip_pooled_fn()(self._put_replicated(jnp.asarray(ids, jnp.int32)))
+        t5 = self._text_encoder_fn("text_encoder_2")(self._put_replicated(jnp.asarray(ids_2, jnp.int32)))
+        return t5.astype(self.dtype), pooled.astype(self.dtype)
+
+    def _clip_pooled_fn(self):
+        fns = self.__dict__.setdefault("_text_fns", {})
+        if "clip_pooled" not in fns:
+            graphdef, state = nnx.split(self.text_encoder)
+            enc = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids).pooler_output)
+            fns["clip_pooled"] = lambda ids: enc(state, ids)
+        return fns["clip_pooled"]
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng) ->
+        (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, pooled CLIP); ``scales``:
+        (embedded guidance, true CFG scale); ``rope``: the image and text RoPE tables."""
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype, mesh, backend = self.dtype, self.mesh, self.attention_backend
+        guided = self.transformer_config.guidance_embeds
+
+        def step(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng):
+            x = self._model_batch(latents, do_cfg)
+            b = x.shape[0]
+            t = jnp.broadcast_to(sched.timesteps[i] / 1000, (b,))
+            g = jnp.broadcast_to(scales[0], (b,)) if guided else None
+            args = (x.astype(dtype), texts[0], texts[1], t, None, None, g)
+            pred = transformer_over_mesh(graphdef, tstate, args, mesh if mesh.size > 1 else None, backend,
+                                         rope=rope).astype(jnp.float32)
+            if do_cfg:  # diffusers' true CFG: [negative; positive]
+                neg, pos = jnp.split(pred, 2)
+                pred = neg + scales[1] * (pos - neg)
+            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
+                if sched.needs_noise else None
+            latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            return self._step_out(latents, sched_state, i, kv)
+
+        return self._jit_step(key, step)
+
+    def _decode_fn(self, size=None):
+        """Jitted VAE decode over the whole mesh of the packed latents -> (B, H, W, 3) in [0, 1];
+        ``size``: the latent grid (h, w)."""
+        vc, dtype = self.vae_config, self.dtype
+        h, w = size
+
+        def decode(vae, latents, **kw):
+            z = vae_kl.unscale_latents(vc, unpack_latents(latents.astype(jnp.float32), h, w))
+            return vae_kl.decode(vae, z.astype(dtype), **kw)
+
+        return self._jit_decode(("fn", size), decode)
+
+    def schedule(self, num_inference_steps: int, image_seq_len: int):
+        """diffusers' FluxPipeline schedule: sigmas linspace(1, 1/n, n), mu from the packed sequence length
+        (used where the scheduler shifts dynamically)."""
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        return flow_match.make_schedule(self.scheduler_config, sigmas=sigmas,
+                                        mu=self.scheduler_config.mu(image_seq_len))
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+                 *, height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
+                 guidance_scale: float = 3.5, true_cfg_scale: float = 1.0, prompt_embeds=None,
+                 pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 latents=None, max_sequence_length: int = 512, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> FluxPipelineOutput:
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Give a prompt or prompt_embeds (with pooled_prompt_embeds).")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds need pooled_prompt_embeds (FLUX reads the pooled CLIP embedding too).")
+        if max_sequence_length > 512:
+            raise ValueError(f"max_sequence_length cannot be greater than 512, got {max_sequence_length}.")
+        listify = lambda p: [p] if isinstance(p, str) else (list(p) if p is not None else None)  # noqa: E731
+        prompts = listify(prompt)
+        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        has_neg = negative_prompt is not None or (negative_prompt_embeds is not None
+                                                  and negative_pooled_prompt_embeds is not None)
+        do_cfg = true_cfg_scale > 1 and has_neg
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec,
+                      true_cfg_scale if has_neg else 1.0)
+        timer = StageTimer()
+        tc = self.transformer_config
+
+        # 1. text: T5 states + pooled CLIP; [negative; positive] for true CFG
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompts, listify(prompt_2),
+                                                                         max_sequence_length)
+            emb, pooled = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(pooled_prompt_embeds, self.dtype)
+            if emb.ndim != 3 or emb.shape[2] != tc.joint_attention_dim or pooled.shape != (emb.shape[0],
+                                                                                           tc.pooled_projection_dim):
+                raise ValueError(f"prompt_embeds {tuple(emb.shape)} with pooled {tuple(pooled.shape)}: this model "
+                                 f"takes (batch, tokens, {tc.joint_attention_dim}) and (batch, "
+                                 f"{tc.pooled_projection_dim}).")
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    neg = listify(negative_prompt)
+                    neg = neg * batch if len(neg) == 1 else neg
+                    neg_2 = listify(negative_prompt_2)
+                    negative_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+                        neg, (neg_2 * batch if neg_2 and len(neg_2) == 1 else neg_2), emb.shape[1])
+                nemb = jnp.asarray(negative_prompt_embeds, self.dtype)
+                npooled = jnp.asarray(negative_pooled_prompt_embeds, self.dtype)
+                if nemb.shape != emb.shape or npooled.shape != pooled.shape:
+                    raise ValueError(f"negative prompt embeddings {nemb.shape}, {npooled.shape} must have the "
+                                     f"shapes of the prompt's {emb.shape}, {pooled.shape}.")
+                emb, pooled = jnp.concatenate([nemb, emb]), jnp.concatenate([npooled, pooled])
+            texts = (jax.device_put(emb, self._batch_sharding(3, do_cfg)),
+                     jax.device_put(pooled, self._batch_sharding(2, do_cfg)))
+            jax.block_until_ready(texts)
+
+        # 2. latents (packed, diffusers' layout), RoPE tables, schedule
+        h, w = self.latent_grid(height, width)
+        shape = self.latent_shape(batch, height, width)
+        sched = self.schedule(num_inference_steps, shape[1])
+        rng = jax.random.key(seed)
+        if latents is None:
+            noise = jax.random.normal(rng, (batch, tc.in_channels // 4, h, w), jnp.float32)
+            latents = pack_latents(noise)
+        latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
+                                        "batch, (height/16) x (width/16) tokens, channels x 4")
+        rope = (flux.rope_tables(flux.image_ids(h // 2, w // 2), tc.axes_dims_rope),
+                flux.rope_tables(np.zeros((emb.shape[1], 3), np.float32), tc.axes_dims_rope))
+        rope = jax.tree.map(self._put_replicated, rope)
+
+        # 3. denoise: one jitted step per iteration
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        scales = self._put_replicated(jnp.asarray([guidance_scale, true_cfg_scale], jnp.float32))
+        with timer.stage("denoising"):
+            latents = self._denoise(do_cfg, latents, flow_match.init_state(), None,
+                                    (texts, sched_arrays, scales, rope, rng), len(sched.timesteps), progress)
+
+        if output_type == "latent":
+            return FluxPipelineOutput(images=as_numpy(latents), timings=timer.times,
+                                      peak_memory_bytes=peak_memory_bytes())
+        # 4. decode
+        with timer.stage("decoding"):
+            images = as_numpy(jax.block_until_ready(self._decode_fn((h, w))(latents)))
+        return FluxPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
