@@ -84,6 +84,8 @@ def test_bad_input(tmp_path_factory):
     _, ours, folder = build(tmp_path_factory)
     with pytest.raises(ValueError, match="PipeFusion"):
         MochiPipeline.from_pretrained(folder, mesh="pipefusion=2")
+    with pytest.raises(ValueError, match="num_steps >= 2"):  # diffusers divides by zero there
+        ours(PROMPT, num_frames=F, height=H, width=W, num_inference_steps=1)
     with pytest.raises(ValueError, match="num_frames must be >= 1"):
         ours(PROMPT, num_frames=0, height=H, width=W)
     with pytest.raises(ValueError, match="multiples of 16"):
@@ -93,6 +95,23 @@ def test_bad_input(tmp_path_factory):
     with pytest.raises(ValueError, match=r"this model takes \(batch, tokens, 32\)"):
         ours(prompt_embeds=np.zeros((1, MSL, 8), np.float32), prompt_attention_mask=np.ones((1, MSL)),
              num_frames=F, height=H, width=W, guidance_scale=1.0)
+
+
+def test_caption_mask_checks(tmp_path_factory, caplog):
+    """A negative mask of the wrong shape is refused; a non-prefix mask runs with a warning."""
+    import logging
+
+    _, ours, _ = build(tmp_path_factory)
+    emb, mask = np.zeros((1, MSL, 32), np.float32), np.ones((1, MSL), np.int64)
+    with pytest.raises(ValueError, match="negative_prompt_embeds .* with mask"):
+        ours(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=emb,
+             negative_prompt_attention_mask=mask[:, :-1], num_frames=F, height=H, width=W)
+    holes = mask.copy()
+    holes[0, 2] = 0
+    with caplog.at_level(logging.WARNING):
+        ours(prompt_embeds=emb, prompt_attention_mask=holes, num_frames=F, height=H, width=W, guidance_scale=1.0,
+             num_inference_steps=2, output_type="latent", progress=False)
+    assert any("keeps tokens after a masked one" in r.getMessage() for r in caplog.records)
 
 
 def test_step_compiles_once(caplog):

@@ -329,3 +329,24 @@ def test_joint_attention_cudnn_branch_plumbing(monkeypatch):
             out, out_c = sharded_joint_attention(spec, q, k, v, cq, ck, cv, c_mask, backend="cudnn")
         assert float(jnp.max(jnp.abs(out - ref))) <= TOL, spec
         assert float(jnp.max(jnp.abs(out_c - ref_c))) <= TOL, spec
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_lse_is_float32_on_gpu():
+    """On a GPU: the cuDNN kernel's LSE comes in float32 (not rounded to bf16), so the joint attention's
+    merge of the sequence and caption partials is as accurate in bf16 as the XLA kernel's."""
+    from xdit_jax.parallel.attention import _cudnn_f32_lse
+
+    q, k, v, cq, ck, cv, c_mask = _joint_inputs(2, 256, 64, 4, d=128, seed=3)
+    bf = lambda *xs: tuple(x.astype(jnp.bfloat16) for x in xs)  # noqa: E731
+    res = jax.jit(lambda q, k, v: _cudnn_f32_lse(q, k, v, None, 128 ** -0.5))(*bf(q, k, v))
+    assert res is not None and res[1].dtype == jnp.float32
+    _, ref_lse = local_attention(q, k, v, return_lse=True)
+    assert float(jnp.max(jnp.abs(res[1] - ref_lse))) < 1e-2  # bf16 inputs; an LSE rounded to bf16 is off by 0.06
+    ref, _ = _joint_reference(q, k, v, cq, ck, cv, c_mask)
+    errs = {}
+    for backend in ("xla", "cudnn"):
+        with attention_context(AttentionConfig(backend=backend)):
+            out, _ = jax.jit(lambda *a: attention(*a[:3], context=a[3:]))(*bf(q, k, v, cq, ck, cv), c_mask)
+        errs[backend] = float(jnp.mean(jnp.abs(out.astype(jnp.float32) - ref)))
+    assert errs["cudnn"] <= 1.5 * errs["xla"], errs

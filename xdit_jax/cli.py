@@ -394,12 +394,12 @@ def _main(argv=None) -> int:
         check_output(out, args.overwrite, family in VIDEO_FAMILIES)
         _check_family_flags(family, args)
         if is_tiny and family not in VIDEO_FAMILIES + ("flux",):
-            args.no_resolution_binning = True
+            args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
         if is_tiny and family == "flux":  # FLUX's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 48, args.width or 64
         if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
             args.height, args.width = args.height or 32, args.width or 48
-            args.num_frames = args.num_frames or 7  # the tiny models' sizes are nowhere near the trained shapes
+            args.num_frames = args.num_frames or 7
         d = DEFAULTS[family]
         guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights

@@ -233,16 +233,43 @@ def _xla_attention(q, k, v, mask, scale, out_dtype):
     return out, lse.reshape(b, h, sq)
 
 
+def _cudnn_f32_lse(q, k, v, kv_len, scale):
+    """cuDNN flash attention returning its softmax statistics in float32: (out, lse (B, H, Sq)), or None
+    where this jax has no such entry point. ``jax.nn.dot_product_attention(return_residual=True)``
+    rounds the statistics to the output dtype: in bf16 an LSE of 10-27 is then off by up to 0.06,
+    and every log-sum-exp merge (the ring's, the joint attention's) weighs its partials 3-6% wrong.
+    The kernel itself produces float32 statistics; jax's cuDNN module returns them as they are."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+    except ImportError:
+        return None
+    b, sq = q.shape[:2]
+    padded = kv_len is not None
+    try:
+        out, stats = fa.dot_product_attention(
+            q, k, v, q_seqlen=jnp.full((b,), sq, jnp.int32) if padded else None, kv_seqlen=kv_len,
+            scale=float(scale), mask_type=fa.MaskType.PADDING if padded else fa.MaskType.NO_MASK,
+            return_residual=True)
+    except (AttributeError, TypeError):  # another jax's private signature: the public entry point then
+        return None
+    return out, stats.astype(jnp.float32)  # (B, H, Sq): the kernel's own layout
+
+
 def _cudnn_attention(q, k, v, kv_len, scale, out_dtype, need_lse, implementation="cudnn"):
     """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU); kv_len: None or int32 (B,)
-    count of valid leading keys. Only prefix masks, which is what sequence padding needs.
+    count of valid leading keys. Only prefix masks, which is what sequence padding needs. The LSE
+    (``need_lse``) comes in float32 from jax's cuDNN module where it can (:func:`_cudnn_f32_lse`).
     ``implementation="xla"`` runs the same plumbing on any device (used by the tests)."""
-    res = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=kv_len,
-                                       implementation=implementation, return_residual=need_lse)
-    if not need_lse:
-        return res.astype(out_dtype), None
-    out, lse = res
-    lse = jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)  # (B, Sq, H) -> (B, H, Sq)
+    res = _cudnn_f32_lse(q, k, v, kv_len, scale) if need_lse and implementation == "cudnn" else None
+    if res is not None:
+        out, lse = res
+    else:
+        res = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=kv_len,
+                                           implementation=implementation, return_residual=need_lse)
+        if not need_lse:
+            return res.astype(out_dtype), None
+        out, lse = res
+        lse = jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)  # (B, Sq, H) -> (B, H, Sq)
     if kv_len is not None:  # a block with no valid key: whatever the kernel gave, it counts for nothing
         empty = (kv_len <= 0)
         lse = jnp.where(empty[:, None, None], -jnp.inf, lse)
@@ -390,7 +417,7 @@ def _joint_attention(q, k, v, context, *, ring, ulysses, valid_len, scale, backe
     key mask. Every query — the local sequence rows and the context rows — attends to the keys of
     the whole sequence and of the context: one partial over the sequence keys (the strategy of the
     mesh, any backend; the context queries simply ride along as extra query rows) and one over the
-    context keys (the XLA kernel: an arbitrary mask), merged by the log-sum-exp rule. With
+    context keys (:func:`_context_partial`: any mask), merged by the log-sum-exp rule. With
     ``ulysses > 1`` each device handles its heads of the context (a local slice, no traffic) and the
     context's output heads are all-gathered at the end. With ``ring > 1`` every ring device computes
     the context rows in full (each sees every key block), a few extra rows next to the sequence's.
@@ -471,8 +498,8 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     ``context``: ``(cq, ck, cv, c_mask)``, tokens that every device holds whole (B, Sc, H, D) — a
     text caption of a two-stream model such as Mochi — which join the attention: the sequence's
     queries also attend to the context keys (``c_mask``: bool (B, Sc), True = may be attended), and
-    the context queries ``cq`` (None: not wanted) attend to the whole sequence and the context, as
-    diffusers' joint attention over ``[sequence; caption]`` does. Then returns ``(out, out_context)``
+    the context queries ``cq`` (None: not wanted) attend to the whole sequence and the context: one
+    softmax over ``[sequence; kept context tokens]`` per sample. Then returns ``(out, out_context)``
     (``out_context`` None when ``cq`` is). Not with PipeFusion.
 
     With ``ring`` or ``ulysses`` > 1 this must be traced inside a ``shard_map`` over the installed

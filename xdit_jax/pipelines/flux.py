@@ -125,10 +125,12 @@ class FluxPipeline(ImagePipelineBase):
         from transformers import AutoTokenizer
 
         dtype = parse_dtype(dtype)
+        # before any conversion or weight read
+        refuse_pipefusion("FLUX", PIPEFUSION_REASON, dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
+                          pipefusion_patches)
         folder, _ = cls._pipeline_folder(model, ("FluxPipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        refuse_pipefusion("FLUX", PIPEFUSION_REASON, dict(mesh_obj.shape), pipefusion_patches)  # before loading
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         tc = flux.FluxConfig.from_dict(read_json(folder / "transformer" / "config.json"))
         parts = cls._load_parts(folder, mesh_obj, dtype, flux.STACKED, tc.num_layers)

@@ -125,6 +125,9 @@ class HunyuanDiTPipeline(ImagePipelineBase):
         from transformers import AutoTokenizer
 
         dtype = parse_dtype(dtype)
+        # before any conversion or weight read
+        refuse_pipefusion(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
+                          pipefusion_patches)
         folder, _ = cls._pipeline_folder(model, ("HunyuanDiTPipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
         sched = read_json(folder / "scheduler" / "scheduler_config.json")
@@ -133,7 +136,6 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                              f"{', '.join(SCHEDULERS)} here.")
         mod, cfg_name = SCHEDULERS[sched["_class_name"]]
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        refuse_pipefusion(dict(mesh_obj.shape), pipefusion_patches)  # before any weight is read
         layers = hunyuandit.HunyuanDiTConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
         parts = cls._load_parts(folder, mesh_obj, dtype, hunyuandit.STACKED, layers)
         _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))

@@ -11,8 +11,12 @@ transformer's video tokens sharded over (ring, ulysses) by
 sigmas inside the one jitted step, and the causal 3D VAE decode split over the mesh.
 
 Differences from diffusers, by design: the latents stay float32 between steps also in bf16
-(diffusers rounds them to the model dtype after each update); PipeFusion is refused (the caption
-stream is updated from attention over the whole video in every layer).
+(diffusers rounds them to the model dtype after each update), and so does the timestep the
+transformer sees (diffusers rounds it to bf16: 883.4 becomes 884); PipeFusion is refused (the
+caption stream is updated from attention over the whole video in every layer). A caption mask
+whose kept tokens are not a prefix (T5's never are; a hand-made ``prompt_attention_mask`` can be)
+is attention over the kept tokens here, while diffusers also moves their outputs to the front:
+a warning says so.
 """
 
 from __future__ import annotations
@@ -96,10 +100,12 @@ class MochiPipeline(PipelineBase):
                         pipefusion_warmup_steps: int = 1) -> MochiPipeline:
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
         dtype = parse_dtype(dtype)
+        # before any conversion or weight read
+        refuse_pipefusion("Mochi", PIPEFUSION_REASON, dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
+                          pipefusion_patches)
         folder, _ = cls._pipeline_folder(model, ("MochiPipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        refuse_pipefusion("Mochi", PIPEFUSION_REASON, dict(mesh_obj.shape), pipefusion_patches)  # before loading
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         layers = mochi.MochiConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
         parts = cls._load_parts(folder, mesh_obj, dtype, mochi.STACKED, layers)
@@ -234,6 +240,7 @@ class MochiPipeline(PipelineBase):
         if made != num_frames:
             log.warning("num_frames=%d: the VAE makes %dk+1 frames; this video has %d (as diffusers').", num_frames,
                         self.vae_config.temporal_compression_ratio, made)
+        sched = self.schedule(num_inference_steps)  # refuses a step count the schedule cannot take, first
         do_cfg = guidance_scale > 1.0
         timer = StageTimer()
         tc = self.transformer_config
@@ -251,18 +258,23 @@ class MochiPipeline(PipelineBase):
                     negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
                         negative_prompts(negative_prompt, batch), emb.shape[1])
                 nemb = jnp.asarray(negative_prompt_embeds, self.dtype)
-                if nemb.shape != emb.shape:
-                    raise ValueError(f"negative_prompt_embeds {nemb.shape} and prompt_embeds {emb.shape} must have "
-                                     "the same shape.")
+                nmask = jnp.asarray(negative_prompt_attention_mask, jnp.int32)
+                if nemb.shape != emb.shape or nmask.shape != mask.shape:
+                    raise ValueError(f"negative_prompt_embeds {nemb.shape} with mask {nmask.shape} must have the "
+                                     f"shapes of prompt_embeds {emb.shape} and its mask {mask.shape}.")
                 emb = jnp.concatenate([nemb, emb])
-                mask = jnp.concatenate([jnp.asarray(negative_prompt_attention_mask, jnp.int32), mask])
+                mask = jnp.concatenate([nmask, mask])
+            m = np.asarray(mask) != 0
+            if (m[:, 1:] & ~m[:, :-1]).any():
+                log.warning("A caption mask keeps tokens after a masked one: attention is over the kept tokens "
+                            "here, while diffusers' Mochi also moves their outputs to the front (it does so only "
+                            "for such hand-made masks; T5's masks are prefixes).")
             texts = (jax.device_put(emb, self._batch_sharding(3, do_cfg)),
                      jax.device_put(mask, self._batch_sharding(2, do_cfg)))
             jax.block_until_ready(texts)
 
         # 2. latents (diffusers' layout: B, C, F, h, w)
         shape = self.latent_shape(batch, height, width, num_frames)
-        sched = self.schedule(num_inference_steps)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, channels, latent frames, height/8, width/8")
