@@ -5,6 +5,7 @@
     python scripts/benchmark.py step --model pixart-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model hunyuandit-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model mochi-cpu-small --compare diffusers --steps 7
+    python scripts/benchmark.py step --model flux-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model cogvideox-2b --mesh 1 --mesh cfg=2 --json
     python scripts/benchmark.py vae-memory ...        (xdit_jax.parallel.vae_bench)
 
@@ -36,11 +37,12 @@ def step_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="models: CogVideoX tiny, cpu-small, cogvideox-2b, cogvideox-5b, cogvideox1.5-5b; PixArt pixart-tiny, "
                "pixart-cpu-small, pixart-alpha-1024, pixart-sigma-1024; HunyuanDiT hunyuandit-tiny, "
-               "hunyuandit-cpu-small, hunyuandit-v1.2; Mochi mochi-tiny, mochi-cpu-small, mochi-1-preview "
-               "(configs/); or a config folder (--list)")
+               "hunyuandit-cpu-small, hunyuandit-v1.2; Mochi mochi-tiny, mochi-cpu-small, mochi-1-preview; FLUX.1 "
+               "flux-tiny, flux-cpu-small, flux.1-dev, flux.1-schnell (configs/); or a config folder (--list)")
     p.add_argument("--model", default="cpu-small",
                    help="preset (tiny, cpu-small, pixart-tiny, pixart-cpu-small, hunyuandit-tiny, "
-                        "hunyuandit-cpu-small, mochi-tiny, mochi-cpu-small), a full-size model in configs/ "
+                        "hunyuandit-cpu-small, mochi-tiny, mochi-cpu-small, flux-tiny, flux-cpu-small), a "
+                        "full-size model in configs/ "
                         "(random weights), or a folder holding transformer/config.json [cpu-small]")
     p.add_argument("--mesh", action="append", default=None,
                    help="mesh spec, repeatable (e.g. --mesh 1 --mesh cfg=2); 1 = one device [1]")
@@ -52,9 +54,14 @@ def step_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="video / image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="video / image width in pixels")
     p.add_argument("--frames", type=int, help="video frames (CogVideoX 4k+1, Mochi 6k+1; video models only)")
-    p.add_argument("--layers", type=int, help="override the number of transformer layers")
+    p.add_argument("--layers", type=int, help="override the number of transformer layers (FLUX: N double- and N "
+                                              "single-stream blocks)")
     p.add_argument("--batch", type=int, default=1, help="prompts per step (x2 with CFG) [1]")
-    p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance (batch not doubled)")
+    p.add_argument("--no-cfg", dest="cfg", action="store_const", const=False, default=None,
+                   help="no classifier-free guidance (batch not doubled); FLUX's default")
+    p.add_argument("--cfg", dest="cfg", action="store_const", const=True,
+                   help="both CFG halves per prompt (batch doubled): the default except for FLUX, where it is "
+                        "diffusers' true CFG (a negative prompt, true_cfg_scale > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settle", type=float, default=None,
                    help="seconds to pause between timed calls (default 0.2 on CPU, 0 on accelerators)")
@@ -123,7 +130,7 @@ def main_step(argv: list[str]) -> int:
         model=args.model, meshes=args.mesh or [None], dtype=args.dtype, steps=args.steps, warmup=args.warmup,
         compare=None if args.compare == "none" else args.compare,
         variants=[bench.parse_variant(v) for v in args.variant], height=args.height, width=args.width,
-        num_frames=args.frames, layers=args.layers, batch=args.batch, cfg=not args.no_cfg, seed=args.seed,
+        num_frames=args.frames, layers=args.layers, batch=args.batch, cfg=args.cfg, seed=args.seed,
         settle=args.settle, matmul_precision=args.matmul_precision, compile_cache=args.compile_cache,
         compiler_options=bench.parse_compiler_options(args.xla_option), attention_backend=args.attention_backend,
         check=not args.no_check, compile_only=args.compile_only)

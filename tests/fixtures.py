@@ -109,6 +109,9 @@ def make_torch_flux(seed: int = 0, guidance_embeds: bool = True):
     text_encoder = randomize_(CLIPTextModel(CLIPTextConfig(**clip_kw)), seed + 2, std=0.2)
     te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
     text_encoder_2 = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 3, std=0.2)
-    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.FLUX_SCHEDULER.items() if not k.startswith("_")})
+    skw = {k: v for k, v in tiny.FLUX_SCHEDULER.items() if not k.startswith("_")}
+    if not guidance_embeds:  # FLUX.1-schnell's scheduler: a static shift of 1
+        skw.update(shift=1.0, use_dynamic_shifting=False)
+    sched = FlowMatchEulerDiscreteScheduler(**skw)
     return FluxPipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_clip_tokenizer(),
                         text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_tokenizer(), transformer=transformer)

@@ -746,3 +746,234 @@ def test_mochi_e2e_refused():
     assert row["kind"] == "e2e" and row["model"] == "mochi-tiny"
     assert row["error"].startswith("NotImplementedError: --e2e times the CogVideoX pipeline only so far; mochi-tiny "
                                    "is a mochi model")
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.1
+# ----------------------------------------------------------------------------------------------
+
+def test_flux_tiny_rows_vs_diffusers():
+    """flux-tiny (FLUX.1-dev shaped: embedded guidance; 15 image tokens, so every sequence mesh pads) against
+    diffusers on one device and the USP and Ulysses meshes (in-process: the session's 8 simulated devices),
+    one sample per prompt (FLUX's default), 1 timed step; then with true CFG (--cfg) on cfg meshes.
+    PipeFusion is refused with a row that says why."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model="flux-tiny", meshes=[None, "ulysses=2,ring=2", "ulysses=4",
+                                                                                "pipefusion=2", "cfg=2"],
+                                                      steps=1, compare="diffusers", settle=0, log=lambda s: None))
+    table = bench.format_table(rows)
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("cfg=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"), ("ring=2,ulysses=2", "xdit_jax"),
+        ("single device", "xdit_jax"), ("torch cpu", "diffusers"), ("ulysses=4", "xdit_jax")]
+    assert ("15 image + 16 T5 tokens (2 double- + 2 single-stream blocks, one sample per prompt)" in table
+            and "step med s" in table)
+    # one sample per prompt: nothing for a cfg axis to split (--cfg below)
+    assert by_mesh.pop("cfg=2")["error"].startswith("ValueError: A step batch of 1 cannot be split over data x cfg")
+    pf = by_mesh.pop("pipefusion=2")
+    assert "PipeFusion not supported for FLUX (the double-stream blocks update the text" in pf["error"]
+    assert "skipped: ValueError: PipeFusion not supported for FLUX" in table
+    for r in by_mesh.values():
+        assert "error" not in r, r.get("error")
+        assert r["kind"] == "step" and r["model"] == "flux-tiny" and r["family"] == "flux"
+        assert r["latent_shape"] == [1, 15, 16] and r["image_tokens"] == 15 and r["text_tokens"] == 16
+        assert r["step_batch"] == 1 and r["true_cfg"] is False and r["guidance_embeds"] is True
+        assert (r["layers"], r["double_layers"], r["single_layers"]) == (4, 2, 2)
+        assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
+        assert "video_tokens" not in r and "num_frames" not in r
+    ours = [by_mesh[m] for m in ("single device", "ring=2,ulysses=2", "ulysses=4")]
+    for r in ours:
+        assert r["step_path"] == "transformer_over_mesh"
+        assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and r["ratio_vs_diffusers"] > 0
+        # same weights and inputs (pooled text, embedded guidance, the pipeline's position ids): fp32, outputs
+        # of order 2 (measured 2e-6); a RoPE axis, stream swap or gate order moves them by O(1)
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one, usp, uly = ours
+    # the compiled program's dots (both scans by trip count) are the analytic count: no mask, no padding
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    assert one["collective_bytes"] == 0
+    assert usp["collectives"]["all-to-all"] > 0 and usp["collectives"]["collective-permute"] > 0
+    assert uly["collectives"]["all-to-all"] > 0
+    for r in (usp, uly):
+        assert r["flops_hlo"] < one["flops_hlo"] / 2
+
+    rows = bench.run_step_benchmark(bench.StepOptions(model="flux-tiny", meshes=[None, "cfg=2,ulysses=2",
+                                                                                "cfg=2,ring=2"],
+                                                      cfg=True, steps=1, compare="diffusers", settle=0,
+                                                      log=lambda s: None))
+    assert "true CFG" in bench.format_table(rows)
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert set(by_mesh) == {"single device", "cfg=2,ulysses=2", "cfg=2,ring=2", "torch cpu"}
+    for mesh in ("single device", "cfg=2,ulysses=2", "cfg=2,ring=2"):
+        r = by_mesh[mesh]
+        assert "error" not in r, r.get("error")
+        assert r["step_batch"] == 2 and r["latent_shape"] == [2, 15, 16] and r["true_cfg"] is True
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    assert by_mesh["cfg=2,ring=2"]["collectives"]["collective-permute"] > 0
+
+
+def _flux_flops_by_hand(b, s, txt, n, m, d=3072, c=64, dj=4096, pooled=768, guidance=True):
+    j = s + txt
+    double = (2 * 2 * b * d * 6 * d                    # norm1, norm1_context: d -> 6d each
+              + 4 * 2 * b * s * d * d                  # image q, k, v, out
+              + 4 * 2 * b * txt * d * d                # text q, k, v, to_add_out
+              + 2 * 2 * b * j * j * d                  # QK^T, PV over [text; image]
+              + 2 * 2 * b * s * d * 4 * d              # image MLP d -> 4d -> d
+              + 2 * 2 * b * txt * d * 4 * d)           # text MLP
+    single = (2 * b * d * 3 * d                        # norm: d -> 3d
+              + 3 * 2 * b * j * d * d                  # q, k, v
+              + 2 * b * j * d * 4 * d                  # proj_mlp d -> 4d
+              + 2 * b * j * 5 * d * d                  # proj_out 5d -> d
+              + 2 * 2 * b * j * j * d)                 # QK^T, PV
+    once = (2 * b * s * c * d + 2 * b * txt * dj * d   # x_embedder, context_embedder
+            + 2 * b * (256 * d + d * d) * (2 if guidance else 1)   # timestep (+ guidance) embedder
+            + 2 * b * (pooled * d + d * d)             # pooled-text embedder
+            + 2 * b * d * 2 * d + 2 * b * s * d * c)   # norm_out modulation, proj_out
+    return n * double + m * single + once
+
+
+def test_flux_analytic_flops_formula():
+    for name, guided, txt in [("flux.1-dev", True, 512), ("flux.1-schnell", False, 256)]:
+        t, _ = bench.load_model_dir(bench.CONFIG_DIR / name)
+        assert bench.family_of_config(t) == "flux"
+        assert bench.family_of_config({k: v for k, v in t.items() if k != "_class_name"}) == "flux"
+        f = bench.flux_analytic_flops(dict(t, num_layers=2, num_single_layers=3), (2, 256, 64), txt)
+        assert f["total"] == _flux_flops_by_hand(2, 256, txt, 2, 3, guidance=guided) and f["tokens"] == 256
+        assert f["linear"] + f["attention"] == f["total"]
+        assert f["attention"] == 5 * 4 * 2 * (256 + txt) ** 2 * 3072
+        # full size at 1024 x 1024, one sample: 64 x 64 = 4,096 image tokens
+        full = bench.workload_flops(bench.load_workload(name))
+        assert full["total"] == _flux_flops_by_hand(1, 4096, txt, 19, 38, guidance=guided)
+    assert bench.workload_flops(bench.load_workload("flux.1-dev"))["total"] == pytest.approx(74.3847e12, rel=1e-5)
+    assert bench.workload_flops(bench.load_workload("flux.1-schnell"))["total"] == pytest.approx(69.4666e12, rel=1e-5)
+
+
+def test_flux_workloads():
+    w = bench.load_workload("flux-cpu-small")
+    assert w.family == "flux" and not w.cfg and w.step_batch == 1
+    assert (w.transformer["num_layers"], w.transformer["num_single_layers"]) == (1, 1)
+    assert w.transformer["num_attention_heads"] * w.transformer["attention_head_dim"] == 3072
+    assert w.latent_shape() == (1, 256, 64) and w.tokens() == (256, 256)
+    x = bench.make_inputs(w)
+    # FluxTransformer2DModel's arguments; the position ids are host arrays (trace-time constants)
+    assert list(x) == ["latents", "embeds", "pooled", "t", "guidance", "img_ids", "txt_ids"]
+    assert bench.FAMILIES["flux"].host_inputs == ("img_ids", "txt_ids")
+    assert x["embeds"].shape == (1, 256, 4096) and x["pooled"].shape == (1, 768)
+    assert x["t"].tolist() == [0.5] and x["guidance"].tolist() == [3.5]
+    assert x["img_ids"].shape == (256, 3) and x["img_ids"][17].tolist() == [0, 1, 1] and not x["txt_ids"].any()
+    wc = bench.load_workload("flux-cpu-small", cfg=True, batch=2)  # diffusers' true CFG: both halves
+    assert wc.step_batch == 4 and bench.make_inputs(wc)["latents"].shape == (4, 256, 64)
+    wd = bench.load_workload("flux.1-dev")
+    assert (wd.height, wd.width) == (1024, 1024) and wd.tokens() == (4096, 512) and wd.latent_shape()[0] == 1
+    assert (wd.transformer["num_layers"], wd.transformer["num_single_layers"]) == (19, 38)
+    ws = bench.load_workload("flux.1-schnell", layers=2)
+    assert ws.tokens() == (4096, 256) and (ws.transformer["num_layers"], ws.transformer["num_single_layers"]) == (2, 2)
+    assert "guidance" not in bench.make_inputs(bench.load_workload("flux.1-schnell", height=256, width=256))
+    wf = bench.load_workload(str(bench.CONFIG_DIR / "flux.1-dev"), height=768, width=1360)
+    assert wf.family == "flux" and wf.latent_shape() == (1, 48 * 85, 64)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        bench.load_workload("flux-tiny", height=40).latent_shape()
+    with pytest.raises(ValueError, match="FLUX .text-to-image. model: it has no frames"):
+        bench.load_workload("flux-tiny", num_frames=9)
+    # the other families keep both CFG halves by default
+    assert bench.load_workload("pixart-tiny").cfg and bench.load_workload("tiny").step_batch == 2
+
+
+def test_flux_cfg_flags():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("xdit_benchmark_script_flux", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    parse = benchmark.step_parser().parse_args
+    assert parse([]).cfg is None and parse(["--cfg"]).cfg is True and parse(["--no-cfg"]).cfg is False
+    assert {"flux-tiny", "flux-cpu-small", "flux.1-dev", "flux.1-schnell"} <= set(bench.PRESET_HELP)
+
+
+def test_flux_config_folders_load_in_diffusers_transformers_and_ours():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, T5Config
+
+    from xdit_jax.models import clip, flux, t5, vae_kl
+    from xdit_jax.pipelines import flux as flux_pipeline
+    from xdit_jax.schedulers import flow_match
+
+    for name in bench.FLUX_MODELS:
+        dev = name == "flux.1-dev"
+        folder = bench.CONFIG_DIR / name
+        t, defaults = bench.load_model_dir(folder)
+        cfg = flux.FluxConfig.from_dict(t)
+        assert (cfg.inner_dim, cfg.num_layers, cfg.num_single_layers, cfg.out_ch) == (3072, 19, 38, 64)
+        assert cfg.guidance_embeds == dev and cfg.axes_dims_rope == (16, 56, 56)
+        theirs = FluxTransformer2DModel.load_config(folder / "transformer")
+        assert theirs["num_single_layers"] == 38 and theirs["guidance_embeds"] == dev
+        vcfg = vae_kl.AutoencoderKLConfig.from_dict(bench.read_json(folder / "vae" / "config.json"))
+        v = AutoencoderKL.load_config(folder / "vae")
+        assert v["scaling_factor"] == vcfg.scaling_factor == 0.3611 and v["shift_factor"] == vcfg.shift_factor == 0.1159
+        assert v["latent_channels"] * 4 == cfg.in_channels and not v["use_quant_conv"]
+        c = bench.read_json(folder / "text_encoder" / "config.json")
+        ours_clip = clip.CLIPTextConfig.from_dict(c)
+        assert ours_clip.hidden_size == CLIPTextConfig(**c).hidden_size == cfg.pooled_projection_dim == 768
+        assert (ours_clip.eos_token_id, ours_clip.max_position_embeddings, ours_clip.hidden_act) == (2, 77, "quick_gelu")
+        m = bench.read_json(folder / "text_encoder_2" / "config.json")
+        assert t5.T5Config.from_dict(m).d_model == T5Config(**m).d_model == cfg.joint_attention_dim
+        sched = bench.read_json(folder / "scheduler" / "scheduler_config.json")
+        ours, theirs = flow_match.FlowMatchEulerConfig.from_dict(sched), FlowMatchEulerDiscreteScheduler.from_config(
+            sched).config
+        for k in ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+                  "max_image_seq_len", "num_train_timesteps"):
+            assert theirs[k] == sched[k] == getattr(ours, k), k
+        assert (ours.shift, ours.use_dynamic_shifting) == ((3.0, True) if dev else (1.0, False))
+        index = bench.read_json(folder / "model_index.json")
+        assert index["_class_name"] == "FluxPipeline" and index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+        assert index["text_encoder"][1] == "CLIPTextModel" and index["tokenizer_2"][1] == "T5TokenizerFast"
+        assert flux_pipeline.default_size(*flux_pipeline.read_configs(folder)) == \
+            {"height": defaults["height"], "width": defaults["width"]} == {"height": 1024, "width": 1024}
+        assert defaults["hub_id"] == ("black-forest-labs/FLUX.1-dev" if dev else "black-forest-labs/FLUX.1-schnell")
+        assert (defaults["num_inference_steps"], defaults["guidance_scale"], defaults["max_sequence_length"]) == \
+            ((28, 3.5, 512) if dev else (4, 0.0, 256))
+
+
+# FLUX.1 (d = 24 x 128 = 3072): 19 double-stream blocks of 36 d^2 + 30 d + 4 x 128 parameters (two d -> 6d
+# modulations, image and text q/k/v/out and MLPs d -> 4d -> d with biases, the four q/k RMS norms), 38
+# single-stream blocks of 15 d^2 + 11 d + 2 x 128 (d -> 3d, q/k/v, d -> 4d, 5d -> d), the embedders (x 64 -> d,
+# context 4096 -> d, timestep 256 -> d -> d, pooled 768 -> d -> d) and the head (d -> 2d, d -> 64): schnell;
+# dev's guidance embedder 256 d + d^2 + 2d more.
+FLUX_PARAMS = {"flux.1-dev": 11_901_408_320, "flux.1-schnell": 11_891_178_560}
+
+
+def test_flux_full_size_parameter_count():
+    """Both full-size configs build abstractly (nothing allocated) with FLUX.1's 11.9B parameters, exactly as many
+    as diffusers' model of the same config (built on torch's meta device)."""
+    import jax
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from flax import nnx
+
+    from xdit_jax.models import flux
+
+    for name, want in FLUX_PARAMS.items():
+        t, _ = bench.load_model_dir(bench.CONFIG_DIR / name)
+        cfg = flux.FluxConfig.from_dict(t)
+        _, state = nnx.split(nnx.eval_shape(lambda cfg=cfg: flux.FluxTransformer2DModel(cfg, rngs=nnx.Rngs(0))))
+        ours = sum(x.size for x in jax.tree.leaves(state))
+        with torch.device("meta"):
+            tm = FluxTransformer2DModel(**{k: v for k, v in t.items() if not k.startswith("_")})
+        assert ours == sum(p.numel() for p in tm.parameters()) == want, name
+
+
+@pytest.mark.parametrize("name", ["flux.1-dev", "flux.1-schnell"])
+def test_flux_full_width_flops_compile_only(name):
+    """The released configs at full width, 1 double- + 1 single-stream block, 128 x 128 (64 image tokens and the
+    real T5 length), compiled on abstract shapes (no weights): the compiled program's dots are the analytic
+    count (with and without the guidance embedder); a PipeFusion mesh is refused."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model=name, layers=1, height=128, width=128,
+                                                      meshes=[None, "pipefusion=2"], compile_only=True,
+                                                      log=lambda s: None))
+    by_mesh = {r["mesh"]: r for r in rows}
+    row = by_mesh["single device"]
+    assert "error" not in row and row["image_tokens"] == 64 and row["text_tokens"] == (512 if "dev" in name else 256)
+    assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
+    assert row["flops_xla_cost_analysis"] > 0
+    assert "PipeFusion not supported for FLUX" in by_mesh["pipefusion=2"]["error"]

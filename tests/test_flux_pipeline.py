@@ -11,7 +11,7 @@ from xdit_jax.pipelines.flux import FluxPipeline
 
 PROMPT = "A small dog running on a beach at sunset."
 NEG = "blurry, low quality"
-H, W, STEPS, MSL = 48, 64, 3, 16  # 6 x 8 latents: 3 x 4 = 12 packed image tokens (+ 16 text)
+H, W, STEPS, MSL = 48, 80, 3, 16  # 6 x 10 latents: 3 x 5 = 15 packed image tokens (+ 16 text = 31 joint)
 
 _BUILT = {}
 
@@ -27,7 +27,7 @@ def build(tmp_path_factory, guided: bool = True):
 
 
 def initial_latents(batch=1, seed=0):
-    """Packed latents (B, 12, 16), diffusers' ``latents`` argument."""
+    """Packed latents (B, 15, 16), diffusers' ``latents`` argument."""
     return np.random.default_rng(seed).standard_normal((batch, (H // 16) * (W // 16), 16)).astype(np.float32)
 
 
@@ -54,8 +54,8 @@ def test_image_matches_diffusers(tmp_path_factory):
 
 @pytest.mark.parametrize("guided", [True, False])
 def test_latents_match_diffusers_true_cfg_batch(guided, tmp_path_factory):
-    """Two prompts with diffusers' true CFG (negative prompt, true_cfg_scale 2); schnell-like (no guidance
-    embedding) too."""
+    """Two prompts with diffusers' true CFG (negative prompt, true_cfg_scale 2); schnell-like too (no guidance
+    embedding, a static shift of 1)."""
     tp, ours, _ = build(tmp_path_factory, guided)
     prompts = [PROMPT, "A cat."]
     lat = initial_latents(batch=2, seed=1)
@@ -92,6 +92,13 @@ def test_bad_input(tmp_path_factory):
         ours(PROMPT, height=40, width=W)
     with pytest.raises(ValueError, match="pooled_prompt_embeds"):
         ours(prompt_embeds=np.zeros((1, MSL, 32), np.float32), height=H, width=W)
+    with pytest.raises(ValueError, match="come together"):
+        ours(PROMPT, negative_prompt_embeds=np.zeros((1, MSL, 32), np.float32), height=H, width=W)
+    with pytest.raises(ValueError, match="Give either negative_prompt"):
+        ours(PROMPT, negative_prompt=NEG, negative_prompt_embeds=np.zeros((1, MSL, 32), np.float32),
+             negative_pooled_prompt_embeds=np.zeros((1, 32), np.float32), height=H, width=W)
+    with pytest.raises(ValueError, match="true CFG"):
+        FluxPipeline.from_pretrained(folder, mesh="cfg=2")(PROMPT, negative_prompt=NEG, height=H, width=W)
     with pytest.raises(ValueError, match="greater than 512"):
         ours(PROMPT, height=H, width=W, max_sequence_length=600)
     with pytest.raises(ValueError, match="cfg=2 splits"):

@@ -20,7 +20,7 @@ TEXT = 5  # T5 tokens (512 in FLUX.1)
 BASE = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=3, joint_attention_dim=24, pooled_projection_dim=12, axes_dims_rope=(4, 6, 6))
 VARIANTS = {"dev": dict(BASE, guidance_embeds=True), "schnell": dict(BASE, guidance_embeds=False)}
-GRID = (3, 4)  # packed tokens: 12 image (+ 5 text = 17 joint tokens: padded by every degree below)
+GRID = (3, 5)  # 15 image tokens (padded in phase 1 by degrees 2 and 4) + 5 text = 20 joint (padded by 3)
 IDS = (flux.image_ids(*GRID), np.zeros((TEXT, 3), np.float32))  # host arrays, as the pipeline's
 
 

@@ -18,8 +18,8 @@ What one benchmark row holds (see ``docs/benchmarks.md`` for the table and the r
 
 The step is built by :func:`build_step` alone, so it can later be swapped for the pipeline's full
 step on a mesh. What differs between model families (CogVideoX, PixArt-alpha / Sigma, HunyuanDiT,
-Mochi: inputs, the arguments of ``embed``, analytic FLOPs, the diffusers reference) is in
-:mod:`xdit_jax.bench_families`.
+Mochi, FLUX.1: inputs, the arguments of ``embed``, analytic FLOPs, the diffusers reference, a forward
+over the mesh of its own where the model has one) is in :mod:`xdit_jax.bench_families`.
 Weights are passed to the jitted function as arguments (``nnx.split`` / ``nnx.merge``), never
 closed over as constants. Variants (:class:`Variant`) build the same step
 with other XLA options or, as trace-time experiments that leave the model files alone, another
@@ -45,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 
 from xdit_jax.bench_families import (FAMILIES, HUNYUAN_TEXT_VALID, MOCHI_TEXT_VALID, PIXART_TEXT_VALID,  # noqa: F401
-                                     Family, TorchReference, family_of_config, family_of_model,
+                                     Family, TorchReference, family_of_config, family_of_model, flux_analytic_flops,
                                      hunyuandit_analytic_flops, mochi_analytic_flops, pixart_analytic_flops)
 from xdit_jax.bench_families import cogvideox_analytic_flops as analytic_flops  # noqa: F401
 from xdit_jax.bench_variants import (ATTENTION_VARIANTS, LINEAR_VARIANTS, Variant, attention_override,  # noqa: F401
@@ -57,7 +57,8 @@ FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b")
 PIXART_MODELS = ("pixart-alpha-1024", "pixart-sigma-1024")
 HUNYUANDIT_MODELS = ("hunyuandit-v1.2",)
 MOCHI_MODELS = ("mochi-1-preview",)
-IMAGE_FAMILIES = ("pixart", "hunyuandit")  # text-to-image: no frames
+FLUX_MODELS = ("flux.1-dev", "flux.1-schnell")
+IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -164,13 +165,13 @@ class Workload:
     width: int
     num_frames: int
     batch: int = 1  # prompts; the step runs 2x this with CFG
-    cfg: bool = True
+    cfg: bool = True  # load_workload: the family's default (FLUX: one sample per prompt) unless asked
     vae_scale_spatial: int = 8
     vae_scale_temporal: int = 4
     defaults: dict = dataclasses.field(default_factory=dict)
     source: str = ""
     family: str = "cogvideox"
-    text_tokens: int | None = None  # PixArt, Mochi: caption tokens (default: defaults.json's max_sequence_length)
+    text_tokens: int | None = None  # PixArt, Mochi, FLUX: text tokens (default: defaults.json's max_sequence_length)
     # real tokens in the prompt's text mask(s): PixArt's caption (PIXART_TEXT_VALID); HunyuanDiT's BERT
     # and mT5 masks both (HUNYUAN_TEXT_VALID); Mochi's T5 caption (MOCHI_TEXT_VALID)
     text_valid: int | None = None
@@ -189,7 +190,7 @@ class Workload:
 
     def latent_shape(self) -> tuple[int, ...]:
         """diffusers' layout: CogVideoX (B, F, C, h, w) (1.5 pads latent frames to a multiple of
-        patch_size_t), PixArt and HunyuanDiT (B, C, h, w), Mochi (B, C, F, h, w)."""
+        patch_size_t), PixArt and HunyuanDiT (B, C, h, w), Mochi (B, C, F, h, w), FLUX packed (B, S, C)."""
         return self.fam.latent_shape(self)
 
     def tokens(self) -> tuple[int, int]:
@@ -309,13 +310,34 @@ def _mochi_cpu_small_workload() -> Workload:
                     source="configs/mochi-1-preview, 2 layers", defaults=defaults)
 
 
+def _flux_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's FLUX (FLUX.1-dev shaped: 2 heads x 16, 2 double- + 2 single-stream blocks, embedded
+    # guidance, RoPE axes 4 + 6 + 6) at 48 x 80: a 3 x 5 grid of packed tokens, so that the sequence meshes pad.
+    t = dict(tiny.FLUX_TRANSFORMER)
+    scale = 2 ** (len(tiny.FLUX_VAE["block_out_channels"]) - 1)
+    return Workload("flux-tiny", t, height=48, width=80, num_frames=1, vae_scale_spatial=scale, family="flux",
+                    text_tokens=16, source="xdit_jax.tiny's FLUX, 2 heads x 16, 2 + 2 blocks",
+                    defaults={"num_inference_steps": 4, "guidance_scale": 3.5, "max_sequence_length": 16})
+
+
+def _flux_cpu_small_workload() -> Workload:
+    t, defaults = load_model_dir(CONFIG_DIR / "flux.1-dev")
+    t = dict(t, num_layers=1, num_single_layers=1)
+    return Workload("flux-cpu-small", t, height=256, width=256, num_frames=1, family="flux", text_tokens=256,
+                    source="configs/flux.1-dev, 1 double- + 1 single-stream block", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
                                               "hunyuandit-tiny": _hunyuandit_tiny_workload,
                                               "hunyuandit-cpu-small": _hunyuandit_cpu_small_workload,
                                               "mochi-tiny": _mochi_tiny_workload,
-                                              "mochi-cpu-small": _mochi_cpu_small_workload}
+                                              "mochi-cpu-small": _mochi_cpu_small_workload,
+                                              "flux-tiny": _flux_tiny_workload,
+                                              "flux-cpu-small": _flux_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -346,11 +368,21 @@ PRESET_HELP.update({
 for _m in MOCHI_MODELS:
     PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 163x480x848 (28x30x53 = 44,520 video + 256 "
                        f"T5 tokens, no PipeFusion)")
+PRESET_HELP.update({
+    "flux-tiny": "a 2x16-head FLUX.1-dev-shaped model (2 double- + 2 single-stream blocks) at 48x80: 15 image + 16 "
+                 "text tokens, one sample per prompt (CI smoke test)",
+    "flux-cpu-small": "FLUX.1-dev width (24 heads x 128), 1 double- + 1 single-stream block, 256x256: 16x16 = 256 "
+                      "image + 256 T5 tokens, one sample per prompt",
+})
+for _m in FLUX_MODELS:
+    PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 1024x1024 (4096 image + "
+                       f"{512 if _m.endswith('dev') else 256} T5 tokens, one sample per prompt, no PipeFusion)")
 
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
-                  layers: int | None = None, batch: int = 1, cfg: bool = True) -> Workload:
-    """A preset (:data:`PRESETS`), a full-size model in ``configs/``, or a config folder path."""
+                  layers: int | None = None, batch: int = 1, cfg: bool | None = None) -> Workload:
+    """A preset (:data:`PRESETS`), a full-size model in ``configs/``, or a config folder path. ``cfg``:
+    both CFG halves per prompt; None: the family's default (:attr:`Family.default_cfg`: FLUX one sample)."""
     if name in PRESETS:
         w = PRESETS[name]()
     else:
@@ -378,10 +410,10 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
         raise ValueError(f"{w.name} is a {w.fam.title} (text-to-image) model: it has no frames "
                          f"(drop --frames).")
     if layers is not None:
-        w.transformer = dict(w.transformer, num_layers=int(layers))
+        w.transformer = w.fam.with_layers(w.transformer, int(layers))
     w.height, w.width = height or w.height, width or w.width
     w.num_frames = num_frames or w.num_frames
-    w.batch, w.cfg = batch, cfg
+    w.batch, w.cfg = batch, (w.fam.default_cfg if cfg is None else bool(cfg))
     return w
 
 
@@ -392,7 +424,7 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
 def workload_flops(w: Workload) -> dict[str, float]:
     """Analytic matmul FLOPs of one forward of ``w`` (the family's formula: :func:`analytic_flops` for
     CogVideoX, :func:`pixart_analytic_flops` for PixArt, :func:`hunyuandit_analytic_flops` for HunyuanDiT,
-    :func:`mochi_analytic_flops` for Mochi; ``xdit_jax.bench_families``)."""
+    :func:`mochi_analytic_flops` for Mochi, :func:`flux_analytic_flops` for FLUX; ``xdit_jax.bench_families``)."""
     return w.fam.analytic_flops(w)
 
 
@@ -454,14 +486,17 @@ def batch_sharding(mesh, ndim: int):
 
 def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
                patches: int | None = None, num_layers: int | None = None, family: Family | None = None,
-               input_names: tuple[str, ...] = ("latents", "embeds", "t")) -> tuple[Callable, str]:
+               input_names: tuple[str, ...] = ("latents", "embeds", "t"),
+               host_inputs: dict | None = None) -> tuple[Callable, str]:
     """The benchmarked step, ``(state, *inputs) -> noise_pred`` on the CFG batch, jitted; ``inputs``
     in the order of ``input_names`` (the keys of :func:`make_inputs`; CogVideoX: latents, embeds, t).
 
     The transformer forward for both CFG halves, weights as arguments, run as the pipeline runs
     it: ``embed`` -> ``xdit_jax.parallel.sequence.run_blocks`` over the mesh -> ``head`` (where
-    the tree has them; else the plain ``model(...)`` call). ``family`` (default CogVideoX) gives
-    the arguments of ``embed``. Returns (jitted step, which path).
+    the tree has them; else the plain ``model(...)`` call), or the family's own forward over the mesh
+    where it has one (:meth:`Family.mesh_forward`: FLUX's two block phases). ``family`` (default CogVideoX)
+    gives the arguments of ``embed``; ``host_inputs``: the family's host arrays (:attr:`Family.host_inputs`),
+    constants of the trace, not arguments. Returns (jitted step, which path).
     This is the one function to swap for the pipeline's full step (guidance + scheduler update).
     ``patches``: PipeFusion (:mod:`xdit_jax.parallel.pipefusion`), the step is then
     ``(state, *inputs, kv) -> (noise_pred, kv)``, a patched (not warm-up) step.
@@ -479,6 +514,7 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
         run_blocks = None
 
     staged = run_blocks is not None and all(hasattr(family.model_class, a) for a in ("embed", "blocks", "head"))
+    forward = family.mesh_forward()
 
     def blocks(params, joint, tokens, cond):
         return nnx.merge(graphdef, params).blocks(joint, tokens, cond)
@@ -487,7 +523,7 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
         kv = None
         if patches:
             args, kv = args[:-1], args[-1]
-        inputs = dict(zip(names, args))
+        inputs = dict(zip(names, args), **(host_inputs or {}))
         model = nnx.merge(graphdef, state)
         if mesh is not None:
             inputs["latents"] = jax.lax.with_sharding_constraint(inputs["latents"],
@@ -501,7 +537,9 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
             joint, kv = run_pipefusion(blocks, state, joint, tokens, cond, kv, mesh, patches=patches, warmup=False,
                                        stacked=family.stacked, backend=attention_backend, num_layers=num_layers)
             return model.head(joint, cond, shape).astype(jnp.float32), kv
-        if staged:
+        if forward is not None:
+            pred = forward(graphdef, state, embed_args, mesh, attention_backend)
+        elif staged:
             joint, tokens, cond = model.embed(*embed_args)
             joint = run_blocks(blocks, state, joint, tokens, cond, mesh, backend=attention_backend)
             pred = model.head(joint, cond, shape)
@@ -518,7 +556,8 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
                                             for n in ("state", *names, *(("kv",) if patches else ()))])
     if patches:
         return jax.jit(step, donate_argnums=(len(names) + 1,)), f"embed/run_pipefusion({patches} patches)/head"
-    return jax.jit(step), ("embed/run_blocks/head" if staged else "model()")
+    path = forward.__name__ if forward is not None else ("embed/run_blocks/head" if staged else "model()")
+    return jax.jit(step), path
 
 
 def init_random_state(cfg, dtype, seed: int = 0, sharding=None):
@@ -663,7 +702,7 @@ class StepOptions:
     num_frames: int | None = None
     layers: int | None = None
     batch: int = 1
-    cfg: bool = True
+    cfg: bool | None = None  # both CFG halves per prompt; None: the family's default (FLUX: one sample)
     seed: int = 0
     settle: float | None = None
     matmul_precision: str | None = None
@@ -751,11 +790,12 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
     if host_peak:  # every simulated CPU device shares the same cores: one peak for the whole host
         peak = measure_host_sgemm_tflops()
         peak_src = "measured: host BLAS sgemm 2048^3 via numpy, best of 5 (all simulated devices together)"
-    log(f"[bench] {w.name}: latents {shape}, {sv} {fam.token_word} + {st} text tokens, {tcfg.num_layers} layers, "
+    fields = fam.row_fields(w, tcfg)
+    log(f"[bench] {w.name}: latents {shape}, {sv} {fam.token_word} + {st} text tokens, {fields['layers']} layers, "
         f"{dtype_name} on {env['n_devices']} x {env['device_kind']} ({backend}); "
         f"analytic {flops['total'] / 1e9:.2f} GFLOP/step")
     base = {"kind": "step", "model": w.name, "source": w.source, "dtype": dtype_name, "latent_shape": list(shape),
-            **fam.row_fields(w, tcfg), "step_batch": w.step_batch, "flops_analytic": flops["total"],
+            **fields, "step_batch": w.step_batch, "flops_analytic": flops["total"],
             "flops_attention": flops["attention"],
             # Mochi: attention FLOPs over the caption's padding, which our masked kernel computes and the
             # analytic count (diffusers' work) leaves out; flops_hlo = flops_analytic + this on one device
@@ -899,7 +939,13 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     from xdit_jax.mesh import build_mesh
 
     family = family or family_of_model(tcfg)
-    names = tuple(inputs)
+    names = tuple(k for k in inputs if k not in family.host_inputs)
+    host = {k: inputs[k] for k in family.host_inputs if k in inputs}
+
+    b = inputs["latents"].shape[0]
+    if b % (ms.data * ms.cfg):  # before the inputs are placed (which would fail with a sharding error)
+        raise ValueError(f"A step batch of {b} cannot be split over data x cfg = {ms.data * ms.cfg} devices (--batch; "
+                         f"--cfg for both CFG halves where the family runs one sample per prompt by default).")
 
     timer = _Timer()
     mesh = build_mesh(ms) if ms.size > 1 else None
@@ -946,7 +992,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
                 args = tuple(jax.device_put(inputs[k]) for k in names)
             jax.block_until_ready(args)
     step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches,
-                                        tcfg.num_layers, family=family, input_names=names)
+                                        tcfg.num_layers, family=family, input_names=names, host_inputs=host)
     if patches:  # PipeFusion's K/V buffers: an argument (donated, given back by each step)
         from xdit_jax.parallel import pipefusion
 
@@ -1141,6 +1187,10 @@ def format_table(rows: list[dict]) -> str:
     if "bert_tokens" in r0:  # HunyuanDiT: image tokens self-attend, the two texts are cross-attended
         tokens = (f"{r0['image_tokens']} image + {r0['bert_tokens']} BERT + {r0['t5_tokens']} mT5 tokens "
                   f"({r0['bert_valid_tokens']} / {r0['t5_valid_tokens']} in the prompt's masks)")
+    elif r0.get("family") == "flux":  # FLUX: [text; image] in every attention of both block phases
+        tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} T5 tokens "
+                  f"({r0['double_layers']} double- + {r0['single_layers']} single-stream blocks, "
+                  f"{'true CFG' if r0.get('true_cfg') else 'one sample per prompt'})")
     elif r0.get("family") == "mochi":  # Mochi: the video tokens and the (masked) caption in one joint attention
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")

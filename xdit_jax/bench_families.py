@@ -5,17 +5,21 @@ counts, its random inputs (numpy, batch first, in the order the jitted step take
 arguments of the model's ``embed`` (the step then runs ``embed`` -> the blocks over the mesh ->
 ``head``, as the pipelines do), the analytic FLOPs of one forward, and the diffusers reference
 (:class:`TorchReference`). Meshes, PipeFusion, variants, timing, memory, FLOP and collective
-counting are shared (``xdit_jax.bench``). Four families: CogVideoX (text-to-video, joint
+counting are shared (``xdit_jax.bench``). Five families: CogVideoX (text-to-video, joint
 attention over text + video tokens), PixArt-alpha / Sigma (text-to-image, self-attention over
 the image tokens, masked cross-attention to the caption), HunyuanDiT (text-to-image,
-self-attention over the image tokens, cross-attention to BERT + mT5 text, long skips: no PipeFusion)
-and Mochi 1 (text-to-video, two streams: the video tokens and a narrower T5 caption stream meet in
-one joint attention, the caption's padding masked; no PipeFusion).
+self-attention over the image tokens, cross-attention to BERT + mT5 text, long skips: no PipeFusion),
+Mochi 1 (text-to-video, two streams: the video tokens and a narrower T5 caption stream meet in
+one joint attention, the caption's padding masked; no PipeFusion) and FLUX.1 (text-to-image, two
+block phases: double-stream blocks over the image with the T5 text whole, then single-stream
+blocks over [text; image]; its forward over the mesh is a function, :meth:`Family.mesh_forward`;
+one sample per prompt by default, :attr:`Family.default_cfg`; no PipeFusion).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,6 +40,10 @@ class Family:
     token_word: str = ""  # what the latent tokens are: "video" / "image"
     title: str = ""  # the family's name in messages
     no_pipefusion_why: str = ""  # why PipeFusion cannot split the model, where it cannot
+    default_cfg: bool = True  # the step's batch: both CFG halves per prompt unless the workload says otherwise
+    # inputs that are not arguments of the jitted step but host arrays read at trace time (FLUX's
+    # position ids: the model turns them into RoPE tables with numpy, as the pipeline does before its step)
+    host_inputs: tuple[str, ...] = ()
 
     @property
     def supports_pipefusion(self) -> bool:
@@ -68,6 +76,16 @@ class Family:
 
     def build(self, cfg, params: dict, dtype):
         return self.module.build(cfg, params, dtype)
+
+    def with_layers(self, transformer: dict, layers: int) -> dict:
+        """The transformer config with ``layers`` blocks (``--layers``)."""
+        return dict(transformer, num_layers=int(layers))
+
+    def mesh_forward(self) -> Callable | None:
+        """For a model whose forward over the mesh is not one ``embed`` -> ``run_blocks`` -> ``head``: a
+        function ``(graphdef, state, embed_args, mesh, backend) -> prediction`` (traced; ``mesh`` None on
+        one device) that the step calls instead. None (the default): the step runs the three itself."""
+        return None
 
     # -- the workload ---------------------------------------------------------------------------
     def latent_shape(self, w) -> tuple[int, ...]:
@@ -836,18 +854,220 @@ class Mochi(Family):
         return MochiTorchReference(transformer, dtype, seed=seed, device=device)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi())}
+# ============================================================================================
+# FLUX.1
+# ============================================================================================
+
+FLUX_TIME_PROJ = 256  # the sinusoidal timestep (and guidance) projection width
+# The transformer's ``timestep`` argument: FluxPipeline passes t / 1000 with t = 1000 sigma (0.5: mid-schedule,
+# exact in bf16 too, so diffusers' rounding of t to the model dtype changes nothing)
+FLUX_TIMESTEP = 0.5
+FLUX_GUIDANCE = 3.5  # FLUX.1-dev's embedded guidance (FluxPipeline's default guidance_scale)
+
+
+def flux_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one FLUX.1 transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (one sample per prompt; both halves with true CFG), S = (H/16)(W/16) image tokens (the
+    packed latents: 2 x 2 patches of the 8x VAE latent), L = T5 tokens (``text_len``: 512 for dev, 256 for
+    schnell; all of them: FluxPipeline attends to the T5 padding, no mask), J = S + L, d = heads x
+    head_dim (3072), C = in_channels (64 = 16 latent channels x 2 x 2), C_out = out_channels or C,
+    D_j = joint_attention_dim (T5, 4096), P = pooled_projection_dim (CLIP, 768), N double-stream and M
+    single-stream blocks (19 and 38). Per double-stream block (``FluxTransformerBlock``; the image and
+    the text tokens each through their own weights):
+
+        modulations norm1, norm1_context (d -> 6d each)     2 x 2 B d (6d)        = 24 B d^2
+        image q, k, v, out                                  4 x 2 B S d^2         =  8 B S d^2
+        text q, k, v, to_add_out                            4 x 2 B L d^2         =  8 B L d^2
+        joint attention QK^T and PV over [text; image]      2 x 2 B J^2 d         =  4 B J^2 d
+        image MLP d -> 4d -> d                              2 x 2 B S d (4d)      = 16 B S d^2
+        text MLP d -> 4d -> d                                                     = 16 B L d^2
+                                                   together 24 B d^2 + 24 B J d^2 + 4 B J^2 d
+
+    Per single-stream block (``FluxSingleTransformerBlock``, one set of weights over all J tokens):
+
+        modulation norm (d -> 3d)                           2 B d (3d)            =  6 B d^2
+        q, k, v                                             3 x 2 B J d^2         =  6 B J d^2
+        proj_mlp d -> 4d                                    2 B J d (4d)          =  8 B J d^2
+        proj_out over [attention; MLP] 5d -> d              2 B J (5d) d          = 10 B J d^2
+        attention QK^T and PV over J                                              =  4 B J^2 d
+                                                   together 6 B d^2 + 24 B J d^2 + 4 B J^2 d
+
+    (so a double and a single block cost alike per token: 24 d^2, the double's split over two weight sets).
+    Plus, once: x_embedder 2 B S C d; context_embedder 2 B L D_j d; the timestep embedder
+    (256 -> d -> d) 2 B (256 d + d^2), the same again for the guidance embedder where
+    ``guidance_embeds`` (dev; not schnell); the pooled-text embedder (P -> d -> d) 2 B (P d + d^2); the
+    head: norm_out's modulation (d -> 2d) 4 B d^2 and proj_out 2 B S d C_out. Norms, the q/k RMS norms,
+    RoPE (its tables come from the position ids on the host), the sinusoids, GELU, SiLU and the gates
+    are element-wise.
+    """
+    b, s, c = latent_shape
+    t = transformer
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    n, m = int(t["num_layers"]), int(t["num_single_layers"])
+    p = int(t.get("patch_size", 1))
+    cout = int(t.get("out_channels") or c)
+    dj, pooled = int(t.get("joint_attention_dim", 4096)), int(t.get("pooled_projection_dim", 768))
+    txt = int(text_len)
+    j = s + txt
+    attn = 4 * b * j * j * d
+    double = 24 * b * d * d + 24 * b * j * d * d
+    single = 6 * b * d * d + 24 * b * j * d * d
+    tp = FLUX_TIME_PROJ
+    time = 2 * b * (tp * d + d * d) * (2 if t.get("guidance_embeds", False) else 1)
+    embed = 2 * b * s * c * d + 2 * b * txt * dj * d + time + 2 * b * (pooled * d + d * d)
+    head = 4 * b * d * d + 2 * b * s * d * (p * p * cout)
+    total = n * (double + attn) + m * (single + attn) + embed + head
+    attention = (n + m) * attn
+    return {"total": float(total), "per_block": float(double + attn), "per_single_block": float(single + attn),
+            "attention": float(attention), "linear": float(total - attention), "tokens": s}
+
+
+class FluxTorchReference(TorchReference):
+    """diffusers' ``FluxTransformer2DModel`` called as ``FluxPipeline`` calls it: the packed latents, T5 states
+    and pooled CLIP embedding in the model's dtype, ``timestep`` = t / 1000 in the latents' dtype, ``img_ids``
+    (S, 3) and ``txt_ids`` (L, 3) in the model's dtype (diffusers makes the RoPE tables from them in float64)
+    and, where ``guidance_embeds``, ``guidance`` (B,) float32. With true CFG the pipeline calls it once per
+    half; here once on both halves (the same work, as ours)."""
+
+    def _make_model(self, cfg):
+        import inspect
+
+        from diffusers import FluxTransformer2DModel
+
+        takes = inspect.signature(FluxTransformer2DModel.__init__).parameters
+        return FluxTransformer2DModel.from_config({k: v for k, v in cfg.items() if k in takes})
+
+    def set_inputs(self, inputs, w):
+        torch = self.torch
+        put = lambda k, dt=None: torch.from_numpy(np.ascontiguousarray(inputs[k])).to(self.device, dt)
+        self.x = put("latents", self.dtype)
+        self.enc = put("embeds", self.dtype)
+        self.pooled = put("pooled", self.dtype)
+        self.t = put("t", self.dtype)
+        self.img_ids, self.txt_ids = put("img_ids", self.dtype), put("txt_ids", self.dtype)
+        self.guidance = put("guidance", torch.float32) if "guidance" in inputs else None
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, timestep=self.t, guidance=self.guidance,
+                          pooled_projections=self.pooled, encoder_hidden_states=self.enc, txt_ids=self.txt_ids,
+                          img_ids=self.img_ids, return_dict=False)[0]
+
+
+class Flux(Family):
+    name = "flux"
+    module_name = "xdit_jax.models.flux"
+    model_class_name = "FluxTransformer2DModel"
+    config_class_name = "FluxConfig"
+    token_word = "image"
+    title = "FLUX"
+    # every double-stream layer's text update attends to the whole image, which a patch pipeline does not see
+    no_pipefusion_why = "the double-stream blocks update the text from attention over the whole image in every layer"
+    # FLUX.1-dev is guidance-distilled (the scale is an embedding) and schnell takes none: FluxPipeline runs one
+    # sample per prompt; diffusers' true CFG (a negative prompt, true_cfg_scale > 1) doubles it (--cfg)
+    default_cfg = False
+    host_inputs = ("img_ids", "txt_ids")
+
+    def grid(self, w) -> tuple[int, int]:
+        """The packed token grid (H/16, W/16): 2 x 2 patches of the VAE latent."""
+        m = 2 * w.vae_scale_spatial
+        if w.height % m or w.width % m or w.height <= 0 or w.width <= 0:
+            raise ValueError(f"FLUX packs 2 x 2 patches of the {w.vae_scale_spatial}x VAE latent: height and width "
+                             f"must be positive multiples of {m}; got {w.height}x{w.width}.")
+        return w.height // m, w.width // m
+
+    def latent_shape(self, w):
+        """The packed latents (B, (H/16)(W/16), in_channels), FluxPipeline's ``latents`` and the
+        transformer's ``hidden_states``."""
+        gh, gw = self.grid(w)
+        return w.step_batch, gh * gw, int(w.transformer.get("in_channels", 64))
+
+    def tokens(self, w):
+        gh, gw = self.grid(w)
+        return gh * gw, self.text_len(w)
+
+    def text_len(self, w):
+        """T5 tokens: the pipeline's ``max_sequence_length`` (defaults.json's: dev 512, schnell 256)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or 512)
+
+    def guidance(self, w) -> float:
+        return float(w.defaults.get("guidance_scale") or FLUX_GUIDANCE)
+
+    def attention_tokens(self, w):
+        return sum(self.tokens(w))  # [text; image] in every attention of both phases
+
+    def check(self, cfg, shape):
+        if shape[2] != cfg.in_channels:
+            raise ValueError(f"packed latents {shape}: this FLUX transformer takes {cfg.in_channels} channels.")
+
+    def with_layers(self, transformer, layers):
+        """``--layers N``: N double-stream and N single-stream blocks."""
+        return dict(transformer, num_layers=int(layers), num_single_layers=int(layers))
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st,
+                "layers": cfg.num_layers + cfg.num_single_layers, "double_layers": cfg.num_layers,
+                "single_layers": cfg.num_single_layers, "heads": cfg.num_attention_heads,
+                "head_dim": cfg.attention_head_dim, "height": w.height, "width": w.width,
+                "guidance_embeds": cfg.guidance_embeds, "true_cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As ``FluxPipeline`` passes them: packed latents (B, S, in_channels), T5 states (B, L,
+        joint_attention_dim), the pooled CLIP embedding (B, pooled_projection_dim), the timestep t / 1000
+        (B,) float, where ``guidance_embeds`` the guidance scale (B,) float (defaults.json's, 3.5), and the
+        position ids: ``img_ids`` (S, 3) = (0, row, column) and ``txt_ids`` (L, 3) zeros (host arrays, not
+        step arguments: :attr:`Family.host_inputs`)."""
+        from xdit_jax.models.flux import image_ids
+
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b, txt = w.step_batch, self.text_len(w)
+        latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
+        embeds = rng.standard_normal((b, txt, int(t.get("joint_attention_dim", 4096))), dtype=np.float32)
+        pooled = rng.standard_normal((b, int(t.get("pooled_projection_dim", 768))), dtype=np.float32)
+        inputs = {"latents": latents, "embeds": embeds, "pooled": pooled,
+                  "t": np.full((b,), FLUX_TIMESTEP, dtype=np.float32)}
+        if t.get("guidance_embeds", False):
+            inputs["guidance"] = np.full((b,), self.guidance(w), dtype=np.float32)
+        inputs["img_ids"] = image_ids(*self.grid(w))
+        inputs["txt_ids"] = np.zeros((txt, 3), np.float32)
+        return inputs
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["pooled"].astype(dtype),
+                inputs["t"], inputs["img_ids"], inputs["txt_ids"], inputs.get("guidance"))
+
+    def mesh_forward(self):
+        """``xdit_jax.pipelines.flux.transformer_over_mesh``: the double-stream blocks over the image tokens
+        (the text whole on every device), then the single-stream blocks over [text; image], as the pipeline."""
+        from xdit_jax.pipelines.flux import transformer_over_mesh
+
+        return transformer_over_mesh
+
+    def analytic_flops(self, w):
+        return flux_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return FluxTorchReference(transformer, dtype, seed=seed, device=device)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
+FLUX_CLASS_NAMES = ("FluxTransformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
-    """The family of a diffusers transformer ``config.json``: HunyuanDiT by its class name or its
+    """The family of a diffusers transformer ``config.json``: FLUX by its class name or its
+    ``num_single_layers`` (no other family has one); HunyuanDiT by its class name or its
     ``text_len_t5``; Mochi by its class name or, without one, ``pooled_projection_dim`` together with
-    ``time_embed_dim`` (of the others, only HunyuanDiT has the first, only CogVideoX the second);
+    ``time_embed_dim`` (of the others, HunyuanDiT and FLUX have the first, only CogVideoX the second);
     PixArt by its class name (the hub's PixArt checkpoints say ``Transformer2DModel``) or its
     ``ada_norm_single`` norm; else CogVideoX."""
+    if transformer.get("_class_name") in FLUX_CLASS_NAMES or "num_single_layers" in transformer:
+        return "flux"
     if transformer.get("_class_name") in HUNYUANDIT_CLASS_NAMES or "text_len_t5" in transformer:
         return "hunyuandit"
     if transformer.get("_class_name") in MOCHI_CLASS_NAMES or (
@@ -860,7 +1080,7 @@ def family_of_config(transformer: dict) -> str:
 
 def family_of_model(cfg: Any) -> Family:
     """The family of a model config dataclass (``CogVideoXConfig``, ``PixArtConfig``, ``HunyuanDiTConfig``,
-    ``MochiConfig``)."""
+    ``MochiConfig``, ``FluxConfig``)."""
     for fam in FAMILIES.values():
         if type(cfg).__name__ == fam.config_class_name:
             return fam

@@ -422,6 +422,10 @@ def _main(argv=None) -> int:
         pipe.enable_vae_slicing()
     steps = args.steps or (d["tiny_steps"] if is_tiny else d["steps"])
     msl = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if is_tiny else None)
+    if family == "flux" and not is_tiny and not pipe.transformer_config.guidance_embeds:  # FLUX.1-schnell
+        steps, msl = args.steps or 4, msl or 256  # its model card's settings (timestep-distilled)
+    if family == "flux" and args.negative_prompt is not None and (args.true_cfg_scale or 1.0) <= 1.0:
+        print("note: --negative-prompt is used by FLUX only with --true-cfg-scale > 1", file=sys.stderr)
     kw = dict(height=args.height, width=args.width, num_inference_steps=steps, guidance_scale=guidance,
               seed=args.seed, progress=not args.no_progress)
     if family == "cogvideox":

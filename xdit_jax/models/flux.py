@@ -116,6 +116,11 @@ class AdaNorm(nnx.Module):
         return self.norm(x) * (1 + scale[:, None]) + shift[:, None], rest
 
 
+def _fp16_clip(x):
+    """diffusers' float16 guard (FLUX's activations overflow fp16): clip to its finite range."""
+    return jnp.clip(x, -65504, 65504) if x.dtype == jnp.float16 else x
+
+
 def _heads(y, head_dim: int):
     return y.reshape(*y.shape[:2], -1, head_dim)
 
@@ -193,7 +198,7 @@ class DoubleBlock(nnx.Module):
         c = c + c_gate[:, None] * ac
         c = c + c_gate_mlp[:, None] * self.ff_context(self.norm2_context(c) * (1 + c_scale_mlp[:, None])
                                                       + c_shift_mlp[:, None])
-        return x, c
+        return x, _fp16_clip(c)
 
 
 class SingleBlock(nnx.Module):
@@ -210,7 +215,7 @@ class SingleBlock(nnx.Module):
         h, (gate,) = self.norm(x, temb)
         o = attention(*self.attn.qkv(h, rope))
         y = jnp.concatenate([o.reshape(*o.shape[:2], -1), gelu_tanh(self.proj_mlp(h))], axis=-1)
-        return x + gate[:, None] * self.proj_out(y)
+        return _fp16_clip(x + gate[:, None] * self.proj_out(y))
 
 
 class TextProjection(nnx.Module):

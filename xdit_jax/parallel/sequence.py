@@ -86,7 +86,8 @@ def run_blocks(blocks, params, joint, tokens, cond, mesh=None, *, backend: str =
     if not with_context:
         out = _shard_map(local, mesh, (par_specs, seq, tok_specs, cond_specs), seq)(params, joint_p, tokens_p, cond)
         return out[:, :s]
-    # The context's copies agree across a sequence group (up to the float order of ring merges): one is taken.
+    # The context is replicated over the sequence axes: each device keeps its own copy (the copies of a ring
+    # group differ by the float order of its merges, a few ulps), as the global array's.
     ctx_specs = jax.tree.map(lambda c: P(BATCH_AXES, *([None] * (c.ndim - 1))),
                              jax.eval_shape(lambda: blocks(params, joint, tokens, cond)[1]))
     out, ctx = _shard_map(local, mesh, (par_specs, seq, tok_specs, cond_specs), (seq, ctx_specs))(
