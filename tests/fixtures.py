@@ -115,3 +115,24 @@ def make_torch_flux(seed: int = 0, guidance_embeds: bool = True):
     sched = FlowMatchEulerDiscreteScheduler(**skw)
     return FluxPipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_clip_tokenizer(),
                         text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_tokenizer(), transformer=transformer)
+
+
+def make_torch_sd3(seed: int = 0, with_t5: bool = True):
+    """A tiny random diffusers Stable Diffusion 3 pipeline (xdit_jax.tiny's SD3 configs); ``with_t5=False``:
+    without the T5 encoder (diffusers then uses zeros)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = randomize_(SD3Transformer2DModel(**tiny.SD3_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.SD3_VAE), seed + 1, std=0.1)
+    clips = [randomize_(CLIPTextModelWithProjection(CLIPTextConfig(**{k: v for k, v in c.items() if k != "model_type"})),
+                        seed + 2 + i, std=0.2) for i, c in enumerate((tiny.SD3_CLIP, tiny.SD3_CLIP_G))]
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    t5 = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 4, std=0.2) if with_t5 else None
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.SD3_SCHEDULER.items() if not k.startswith("_")})
+    return StableDiffusion3Pipeline(scheduler=sched, vae=vae, text_encoder=clips[0], tokenizer=tiny.train_clip_tokenizer(),
+                                    text_encoder_2=clips[1], tokenizer_2=tiny.train_clip_tokenizer(),
+                                    text_encoder_3=t5, tokenizer_3=tiny.train_tokenizer() if with_t5 else None,
+                                    transformer=transformer)

@@ -110,10 +110,23 @@ def test_generate_flux_image(tmp_path, capsys):
     assert '"model_family": "flux"' in capsys.readouterr().out
 
 
+def test_generate_sd3_image(tmp_path):
+    """The tiny Stable Diffusion 3 (three text encoders, joint blocks): a .png on a CFG x ulysses mesh."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "s.png"
+    rc = cli.main(["--model", "tiny-sd3", "--output", str(out), "--steps", "2", "--height", "48", "--width", "80",
+                   "--mesh", "cfg=2,ulysses=2", "--no-progress"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (48, 80, 3) and image.std() > 1
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "tiny-hunyuandit", "--mesh", "pipefusion=2"], "long skip connections"),
     (["--model", "tiny-mochi", "--mesh", "pipefusion=2"], "caption stream"),
     (["--model", "tiny-flux", "--mesh", "pipefusion=2"], "double-stream blocks"),
+    (["--model", "tiny-sd3", "--mesh", "pipefusion=2"], "joint blocks"),
     (["--model", "tiny-flux", "--mesh", "cfg=2"], "cfg=2 splits"),
     (["--model", "tiny-flux", "--no-resolution-binning"], "not used by this flux model"),
     (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's)"),
@@ -136,7 +149,7 @@ def test_generate_flux_image(tmp_path, capsys):
     (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])
 def test_bad_input(tmp_path, capsys, argv, needle):
-    out = tmp_path / ("o.png" if {"tiny-pixart", "tiny-hunyuandit", "tiny-flux"} & set(argv) else "o.mp4")
+    out = tmp_path / ("o.png" if {"tiny-pixart", "tiny-hunyuandit", "tiny-flux", "tiny-sd3"} & set(argv) else "o.mp4")
     if "--output" not in argv:
         argv = argv + ["--output", str(out)]
     with pytest.raises(SystemExit) as e:

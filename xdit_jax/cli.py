@@ -3,7 +3,7 @@
     python scripts/generate.py --model THUDM/CogVideoX-2b --prompt "..." --mesh cfg=2 --output out.mp4
     python scripts/generate.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompt "..." --output cat.png
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
-    python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux)
+    python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux, tiny-sd3)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -27,7 +27,8 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             "pixart": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4},
             "hunyuandit": {"output": "output.png", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4},
             "mochi": {"output": "output.mp4", "guidance_scale": 4.5, "steps": 64, "tiny_steps": 4},
-            "flux": {"output": "output.png", "guidance_scale": 3.5, "steps": 28, "tiny_steps": 4}}
+            "flux": {"output": "output.png", "guidance_scale": 3.5, "steps": 28, "tiny_steps": 4},
+            "sd3": {"output": "output.png", "guidance_scale": 7.0, "steps": 28, "tiny_steps": 4}}
 VIDEO_FAMILIES = ("cogvideox", "mochi")
 
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny",
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
-                         "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' (random, no download)")
+                         "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' (random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
@@ -44,11 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--height", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50, Mochi 64, FLUX 28; 4 for the tiny "
-                         "models)")
+                    help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50, Mochi 64, FLUX 28, SD3 28; 4 for "
+                         "the tiny models)")
     ap.add_argument("--guidance-scale", type=float, default=None,
-                    help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5, Mochi 4.5; FLUX.1-dev: its embedded "
-                         "guidance, 3.5)")
+                    help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5, Mochi 4.5, SD3 7; FLUX.1-dev: its "
+                         "embedded guidance, 3.5)")
     ap.add_argument("--true-cfg-scale", type=float, default=None,
                     help="FLUX: diffusers' true CFG with --negative-prompt (> 1 runs both halves; default 1 = off)")
     ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's guidance_rescale (0 = off)")
@@ -277,7 +278,7 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--true-cfg-scale (FLUX's)")
     if family != "hunyuandit" and args.guidance_rescale:
         wrong.append("--guidance-rescale")
-    if family in VIDEO_FAMILIES + ("flux",) and args.no_resolution_binning:
+    if family in VIDEO_FAMILIES + ("flux", "sd3") and args.no_resolution_binning:
         wrong.append("--no-resolution-binning")
     if family == "hunyuandit" and args.max_sequence_length is not None:
         wrong.append("--max-sequence-length (HunyuanDiT's text lengths are the model's: 77 + 256)")
@@ -305,6 +306,14 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
         if not args.no_resolution_binning:
             h, w = binned_size(h, w, tc.sample_size)
         check_request(tc, vc, h, w, len(args.prompts), spec, guidance)
+    elif family == "sd3":
+        from xdit_jax.pipelines.image import default_size
+        from xdit_jax.pipelines.sd3 import check_request, read_configs
+
+        tc, vc = read_configs(model)
+        ds = default_size(tc, vc)
+        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
+                      guidance)
     elif family == "flux":
         from xdit_jax.pipelines.flux import check_request, default_size, read_configs
 
@@ -393,7 +402,7 @@ def _main(argv=None) -> int:
         family = pipelines.family(pipeline_class_name(model))
         check_output(out, args.overwrite, family in VIDEO_FAMILIES)
         _check_family_flags(family, args)
-        if is_tiny and family not in VIDEO_FAMILIES + ("flux",):
+        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3"):
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
         if is_tiny and family == "flux":  # FLUX's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 48, args.width or 64
@@ -436,6 +445,8 @@ def _main(argv=None) -> int:
         kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
     elif family == "flux":
         kw.update(max_sequence_length=msl or 512, true_cfg_scale=args.true_cfg_scale or 1.0)
+    elif family == "sd3":
+        kw.update(max_sequence_length=msl or 256)
     else:  # HunyuanDiT: its text lengths are the model's (77 + 256)
         kw.update(guidance_rescale=args.guidance_rescale, use_resolution_binning=not args.no_resolution_binning)
     try:

@@ -51,11 +51,12 @@ MODEL_CLASSES = {
     "MochiTransformer3DModel": ("xdit_jax.models.mochi", "MochiConfig"),
     "AutoencoderKLMochi": ("xdit_jax.models.vae_mochi", "MochiVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
+    "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
     # one module, two config classes: the config's class picks the module (with or without text_projection)
     "CLIPTextModel": ("xdit_jax.models.clip", "CLIPTextConfig"),
     "CLIPTextModelWithProjection": ("xdit_jax.models.clip", "CLIPTextWithProjectionConfig"),
 }
-COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2")
+COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3")
 
 
 def model_class(class_name: str):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
-              "tiny-flux": "flux"}
+              "tiny-flux": "flux", "tiny-sd3": "sd3"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -101,6 +101,20 @@ FLUX_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_t
                       use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                       max_image_seq_len=4096)
 
+# Stable Diffusion 3 shaped: 2 joint blocks (the last context_pre_only) over 2 heads of 16, the pos-embed table
+# cropped from a 16 x 16 grid; CLIP-L and CLIP-G 16 wide (their penultimate states concatenated = 32 = the tiny
+# T5's width; pooled projections 16 + 16 = 32); the VAE with SD3's scale and shift, no quant convs.
+SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                       pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+SD3_VAE = dict(PIXART_VAE, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False)
+SD3_CLIP = dict(vocab_size=600, hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                bos_token_id=598, eos_token_id=2, pad_token_id=1, model_type="clip_text_model")
+SD3_CLIP_G = dict(SD3_CLIP, hidden_act="gelu", eos_token_id=599)
+SD3_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0)
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -137,6 +151,15 @@ def train_bert_tokenizer(vocab_size: int = 128):
 
 
 def model_index(family: str = "cogvideox") -> dict:
+    if family == "sd3":
+        return {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.32.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer_3": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "flux":
         return {"_class_name": "FluxPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -198,8 +221,8 @@ def _parts(family: str, transformer: dict | None):
     """{component: (class name, config dict, module maker)} of a tiny model."""
     from flax import nnx
 
-    from xdit_jax.models import (bert, clip, cogvideox, flux, hunyuandit, mochi, pixart, t5, vae_cogvideox, vae_kl,
-                                 vae_mochi)
+    from xdit_jax.models import (bert, clip, cogvideox, flux, hunyuandit, mochi, pixart, sd3, t5, vae_cogvideox,
+                                 vae_kl, vae_mochi)
 
     text = ("T5EncoderModel", TEXT_ENCODER,
             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0)))
@@ -215,6 +238,19 @@ def _parts(family: str, transformer: dict | None):
                              lambda: bert.BertModel(bert.BertConfig.from_dict(HUNYUAN_BERT), rngs=nnx.Rngs(0))),
             "text_encoder_2": text,
         }, HUNYUAN_SCHEDULER
+    if family == "sd3":
+        tcfg = {**SD3_TRANSFORMER, **(transformer or {})}
+        clip_with_projection = lambda c: lambda: clip.CLIPTextModelWithProjection(  # noqa: E731
+            clip.CLIPTextWithProjectionConfig.from_dict(c), rngs=nnx.Rngs(0))
+        return {
+            "transformer": ("SD3Transformer2DModel", tcfg,
+                            lambda: sd3.SD3Transformer2DModel(sd3.SD3Config.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", SD3_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(SD3_VAE), jnp.float32)()),
+            "text_encoder": ("CLIPTextModelWithProjection", SD3_CLIP, clip_with_projection(SD3_CLIP)),
+            "text_encoder_2": ("CLIPTextModelWithProjection", SD3_CLIP_G, clip_with_projection(SD3_CLIP_G)),
+            "text_encoder_3": text,
+        }, SD3_SCHEDULER
     if family == "flux":
         tcfg = {**FLUX_TRANSFORMER, **(transformer or {})}
         return {
@@ -288,6 +324,10 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
         elif family == "flux":
             train_clip_tokenizer().save_pretrained(tmp / "tokenizer")
             train_tokenizer().save_pretrained(tmp / "tokenizer_2")
+        elif family == "sd3":
+            train_clip_tokenizer().save_pretrained(tmp / "tokenizer")
+            train_clip_tokenizer().save_pretrained(tmp / "tokenizer_2")
+            train_tokenizer().save_pretrained(tmp / "tokenizer_3")
         else:
             train_tokenizer().save_pretrained(tmp / "tokenizer")
         (tmp / "model_index.json").write_text(json.dumps(model_index(family), indent=2))

@@ -1,0 +1,94 @@
+"""The Stable Diffusion 3 pipeline from a diffusers save_pretrained folder == diffusers' StableDiffusion3Pipeline,
+on one device and on meshes (8 simulated CPU devices)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_sd3, save_torch_pipeline
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.sd3 import StableDiffusion3Pipeline
+
+PROMPT = "A small dog running on a beach at sunset."
+NEG = "blurry, low quality"
+H, W, STEPS, MSL = 48, 80, 3, 16  # 6 x 10 latents: 3 x 5 = 15 image tokens (+ 77 CLIP + 16 T5 text tokens)
+
+_BUILT = {}
+
+
+def build(tmp_path_factory, with_t5: bool = True):
+    """(torch pipeline, our pipeline, our converted folder), made once per variant."""
+    if with_t5 not in _BUILT:
+        tp = make_torch_sd3(with_t5=with_t5)
+        folder = save_torch_pipeline(tp, tmp_path_factory.mktemp(f"sd3-{with_t5}"))
+        converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+        _BUILT[with_t5] = (tp, StableDiffusion3Pipeline.from_pretrained(converted), converted)
+    return _BUILT[with_t5]
+
+
+def initial_latents(batch=1, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, 4, H // 8, W // 8)).astype(np.float32)
+
+
+def _diffusers(tp, prompt, lat, output_type, **kw):
+    with torch.no_grad():
+        out = tp(prompt=prompt, height=H, width=W, num_inference_steps=STEPS, latents=torch.from_numpy(lat),
+                 max_sequence_length=MSL, output_type=output_type, **kw).images
+    return out.numpy() if output_type == "latent" else np.asarray(out)
+
+
+def test_image_matches_diffusers(tmp_path_factory):
+    tp, ours, _ = build(tmp_path_factory)
+    lat = initial_latents()
+    ref = _diffusers(tp, PROMPT, lat, "np", negative_prompt=NEG, guidance_scale=7.0)
+    out = ours(PROMPT, negative_prompt=NEG, height=H, width=W, num_inference_steps=STEPS, latents=lat,
+               max_sequence_length=MSL, guidance_scale=7.0, progress=False).images
+    assert out.shape == ref.shape == (1, H, W, 3)
+    # fp32 both sides: 3 steps with CFG, then the VAE (scale and shift); pixels in [0, 1]. 1e-4 is 1/40 of an
+    # 8-bit level, while a wrong CLIP layer, padding of the CLIP states, schedule or VAE shift moves pixels by
+    # 1e-2 or more.
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("with_t5", [True, False])
+def test_latents_match_diffusers_batch(with_t5, tmp_path_factory):
+    """Two prompts, prompt_2 for CLIP-G, clip_skip=1; a pipeline without T5 (zeros in its place) too."""
+    tp, ours, _ = build(tmp_path_factory, with_t5)
+    prompts = [PROMPT, "A cat."]
+    lat = initial_latents(batch=2, seed=1)
+    kw = dict(prompt_2=["a dog", "a cat"], clip_skip=1, guidance_scale=5.0)
+    ref = _diffusers(tp, prompts, lat, "latent", **kw)
+    out = ours(prompts, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
+               output_type="latent", progress=False, **kw).images
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
+SLOW = pytest.mark.slow
+MESHES = ["cfg=2,ulysses=2,ring=2", "ulysses=3", "data=2,ring=2", pytest.param("cfg=2", marks=SLOW)]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_meshes_match_one_device(mesh, tmp_path_factory):
+    _, ours, folder = build(tmp_path_factory)
+    batch = 2 if "data=2" in mesh else 1
+    prompts = [PROMPT, "A cat."][:batch]
+    kw = dict(height=H, width=W, num_inference_steps=2, latents=initial_latents(batch=batch, seed=2),
+              max_sequence_length=MSL, progress=False)
+    ref = ours(prompts, **kw).images
+    out = StableDiffusion3Pipeline.from_pretrained(folder, mesh=mesh)(prompts, **kw).images
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)  # one device up to float rounding
+
+
+def test_bad_input(tmp_path_factory):
+    _, ours, folder = build(tmp_path_factory)
+    with pytest.raises(ValueError, match="PipeFusion"):
+        StableDiffusion3Pipeline.from_pretrained(folder, mesh="pipefusion=2")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(PROMPT, height=40, width=W)
+    with pytest.raises(ValueError, match="come together"):
+        ours(prompt_embeds=np.zeros((1, 77 + MSL, 32), np.float32), height=H, width=W)
+    with pytest.raises(NotImplementedError, match="skip_guidance_layers"):
+        ours(PROMPT, height=H, width=W, skip_guidance_layers=[7])
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
+        ours(PROMPT, height=H, width=W, num_inference_steps=0)

@@ -1,0 +1,288 @@
+"""Stable Diffusion 3 / 3.5 text-to-image, diffusers' ``StableDiffusion3Pipeline`` on a JAX mesh.
+
+    pipe = StableDiffusion3Pipeline.from_pretrained("path/or/hub-id", mesh="cfg=2,ulysses=2", dtype="bfloat16")
+    out = pipe("A cat holding a sign that says hello world", height=1024, width=1024, seed=0)
+    out.images   # (batch, height, width, 3) float in [0, 1]
+
+Three text encoders as diffusers uses them: CLIP-L and CLIP-G (their penultimate hidden states,
+concatenated and zero-padded to T5's width; their projected pooled outputs concatenated) and T5
+(``max_sequence_length`` tokens, no mask; zeros where the pipeline has no T5, as diffusers). The
+MMDiT's image tokens are sharded over (ring, ulysses) by
+:func:`xdit_jax.parallel.sequence.run_blocks`, the text (77 + T5 tokens) is held whole by every
+device and joins each joint attention as a context (:mod:`xdit_jax.models.sd3`); CFG and the
+flow-matching Euler step are inside the one jitted step; the VAE decode is split over the mesh.
+PipeFusion is refused (the text stream is updated from attention over the whole image in every
+layer); ``skip_guidance_layers`` (SD3.5's skip-layer guidance) is not implemented.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xdit_jax.conversion import read_json
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import sd3, vae_kl
+from xdit_jax.pipelines import image
+from xdit_jax.pipelines.denoise import (
+    StageTimer,
+    as_numpy,
+    check_size_and_mesh,
+    load_component,
+    negative_prompts,
+    parse_dtype,
+    peak_memory_bytes,
+    refuse_pipefusion,
+    tokenize,
+)
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
+from xdit_jax.schedulers import flow_match
+
+log = logging.getLogger("xdit_jax")
+
+SD3PipelineOutput = ImagePipelineOutput
+PIPEFUSION_REASON = "its joint blocks update the text from attention over the whole image in every layer"
+CLIP_TOKENS = 77
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+    return image.read_configs(folder, sd3.SD3Config)
+
+
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, guidance_scale: float = 7.0) -> None:
+    """Refuse what the model cannot take, before any heavy work, saying what would work."""
+    refuse_pipefusion("Stable Diffusion 3", PIPEFUSION_REASON, mesh_spec)
+    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers, batch, mesh_spec,
+                        guidance_scale)
+
+
+class StableDiffusion3Pipeline(ImagePipelineBase):
+    """Text-to-image with SD3 / SD3.5 — see the module docstring."""
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3, scheduler_config, dtype=jnp.float32,
+                 mesh=None, attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                 pipefusion_warmup_steps: int = 1):
+        refuse_pipefusion("Stable Diffusion 3", PIPEFUSION_REASON,
+                          dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=None,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=sd3.STACKED)
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> StableDiffusion3Pipeline:
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id. A
+        folder without ``text_encoder_3`` (T5 dropped to save memory) runs with zeros in its place."""
+        from transformers import AutoTokenizer
+
+        dtype = parse_dtype(dtype)
+        # before any conversion or weight read
+        refuse_pipefusion("Stable Diffusion 3", PIPEFUSION_REASON,
+                          dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
+        folder, _ = cls._pipeline_folder(model, ("StableDiffusion3Pipeline",), cache_dir=cache_dir, variant=variant,
+                                         revision=revision)
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+        tc = sd3.SD3Config.from_dict(read_json(folder / "transformer" / "config.json"))
+        parts = cls._load_parts(folder, mesh_obj, dtype, sd3.STACKED, tc.num_layers)
+        replicated = NamedSharding(mesh_obj, P())
+        _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, replicated)
+        t5 = t5_tok = None
+        if (folder / "text_encoder_3" / "config.json").exists():
+            _, t5 = load_component(folder, "text_encoder_3", dtype, replicated)
+            t5_tok = AutoTokenizer.from_pretrained(folder / "tokenizer_3")
+        return cls(**parts, text_encoder_2=text_encoder_2,
+                   tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"), text_encoder_3=t5,
+                   tokenizer_3=t5_tok, scheduler_config=sched, dtype=dtype, mesh=mesh_obj,
+                   attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    # ------------------------------------------------------------------ stages
+
+    def _clip_fn(self, which: int, clip_skip: int | None):
+        """Jitted (hidden state ``-(clip_skip + 2)``, projected pooled output) of CLIP ``which`` (0: L, 1: G)."""
+        fns = self.__dict__.setdefault("_text_fns", {})
+        key = ("clip", which, clip_skip)
+        if key not in fns:
+            model = (self.text_encoder, self.text_encoder_2)[which]
+            graphdef, state = nnx.split(model)
+            layer = -((clip_skip or 0) + 2)
+
+            @jax.jit
+            def enc(state, ids):
+                out = nnx.merge(graphdef, state)(ids, output_hidden_states=True)
+                return out.hidden_states[layer], out.text_embeds
+
+            fns[key] = lambda ids: enc(state, ids)
+        return fns[key]
+
+    def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None,
+                      prompts_3: list[str] | None = None, max_sequence_length: int = 256,
+                      clip_skip: int | None = None):
+        """((B, 77 + L, d_t5) text states, (B, pooled) embeddings) as diffusers makes them."""
+        states, pooled = [], []
+        for which, (tok, ps) in enumerate(((self.tokenizer, prompts), (self.tokenizer_2, prompts_2 or prompts))):
+            ids, _ = tokenize(tok, ps, getattr(tok, "model_max_length", CLIP_TOKENS))
+            h, p = self._clip_fn(which, clip_skip)(self._put_replicated(jnp.asarray(ids, jnp.int32)))
+            states.append(h)
+            pooled.append(p)
+        tc = self.transformer_config
+        b = len(prompts)
+        if self.text_encoder_3 is None:
+            t5 = jnp.zeros((b, max_sequence_length, tc.joint_attention_dim), self.dtype)
+        else:
+            ids, _ = tokenize(self.tokenizer_3, prompts_3 or prompts, max_sequence_length)
+            t5 = self._text_encoder_fn("text_encoder_3")(self._put_replicated(jnp.asarray(ids, jnp.int32)))
+        clip = jnp.concatenate(states, axis=-1).astype(self.dtype)
+        if clip.shape[-1] > t5.shape[-1]:
+            raise ValueError(f"The CLIP states ({clip.shape[-1]} wide) are wider than T5's ({t5.shape[-1]}).")
+        clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+        return (jnp.concatenate([clip, t5.astype(self.dtype)], axis=1),
+                jnp.concatenate(pooled, axis=-1).astype(self.dtype))
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) ->
+        (latents, sched_state, i + 1, kv)``; ``texts``: (text states, pooled)."""
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype = self.dtype
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
+            model = nnx.merge(graphdef, tstate)
+            x = self._model_batch(latents, do_cfg)
+            t = jnp.broadcast_to(sched.timesteps[i], (x.shape[0],))
+            tokens_x, tokens, cond = model.embed(x.astype(dtype), texts[0], texts[1], t)
+            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
+            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
+            if do_cfg:
+                uncond, text = jnp.split(pred, 2)
+                pred = uncond + guidance * (text - uncond)
+            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
+                if sched.needs_noise else None
+            latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            return self._step_out(latents, sched_state, i, kv)
+
+        return self._jit_step(key, step)
+
+    def _decode_fn(self, size=None):
+        """Jitted VAE decode over the whole mesh -> (B, H, W, 3) in [0, 1]: ``latents / scaling + shift``."""
+        vc, dtype = self.vae_config, self.dtype
+
+        def decode(vae, latents, **kw):
+            return vae_kl.decode(vae, vae_kl.unscale_latents(vc, latents.astype(jnp.float32)).astype(dtype), **kw)
+
+        return self._jit_decode("fn", decode)
+
+    def schedule(self, num_inference_steps: int, height: int, width: int, sigmas=None):
+        """diffusers' schedule: the scheduler's own (``shift``), ``mu`` from the image tokens where it shifts
+        dynamically (SD3.5 Large Turbo configs do not; some fine-tunes do)."""
+        tc = self.transformer_config
+        s = vae_scale_factor(self.vae_config) * tc.patch_size
+        mu = self.scheduler_config.mu((height // s) * (width // s)) if self.scheduler_config.use_dynamic_shifting \
+            else None
+        return flow_match.make_schedule(self.scheduler_config, None if sigmas is not None else num_inference_steps,
+                                        sigmas=sigmas, mu=mu)
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, prompt_2=None, prompt_3=None,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_2=None, negative_prompt_3=None,
+                 *, height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
+                 sigmas=None, guidance_scale: float = 7.0, prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, latents=None,
+                 max_sequence_length: int = 256, clip_skip: int | None = None, skip_guidance_layers=None,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> SD3PipelineOutput:
+        if skip_guidance_layers:
+            raise NotImplementedError("skip_guidance_layers (skip-layer guidance) is not implemented here.")
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Give a prompt or prompt_embeds (with pooled_prompt_embeds).")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        if (prompt_embeds is None) != (pooled_prompt_embeds is None):
+            raise ValueError("prompt_embeds and pooled_prompt_embeds come together.")
+        if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
+            raise ValueError("negative_prompt_embeds and negative_pooled_prompt_embeds come together.")
+        if max_sequence_length > 512:
+            raise ValueError(f"max_sequence_length cannot be greater than 512, got {max_sequence_length}.")
+        listify = lambda p: [p] if isinstance(p, str) else (list(p) if p is not None else None)  # noqa: E731
+        prompts = listify(prompt)
+        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
+        sched = self.schedule(num_inference_steps, height, width, sigmas)  # refuses a bad step count first
+        do_cfg = guidance_scale > 1.0
+        timer = StageTimer()
+
+        # 1. text: CLIP-L + CLIP-G (+ T5); [negative; positive] for CFG
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds, pooled_prompt_embeds = self.encode_prompt(
+                    prompts, listify(prompt_2), listify(prompt_3), max_sequence_length, clip_skip)
+            emb, pooled = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(pooled_prompt_embeds, self.dtype)
+            tc = self.transformer_config
+            if emb.ndim != 3 or emb.shape[2] != tc.joint_attention_dim or pooled.shape != (emb.shape[0],
+                                                                                           tc.pooled_projection_dim):
+                raise ValueError(f"prompt_embeds {tuple(emb.shape)} with pooled {tuple(pooled.shape)}: this model "
+                                 f"takes (batch, tokens, {tc.joint_attention_dim}) and (batch, "
+                                 f"{tc.pooled_projection_dim}).")
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    neg = negative_prompts(negative_prompt, batch)
+                    neg_2 = negative_prompts(negative_prompt_2, batch) if negative_prompt_2 else neg
+                    neg_3 = negative_prompts(negative_prompt_3, batch) if negative_prompt_3 else neg
+                    negative_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+                        neg, neg_2, neg_3, emb.shape[1] - CLIP_TOKENS)
+                nemb = jnp.asarray(negative_prompt_embeds, self.dtype)
+                npooled = jnp.asarray(negative_pooled_prompt_embeds, self.dtype)
+                if nemb.shape != emb.shape or npooled.shape != pooled.shape:
+                    raise ValueError(f"negative prompt embeddings {nemb.shape}, {npooled.shape} must have the "
+                                     f"shapes of the prompt's {emb.shape}, {pooled.shape}.")
+                emb, pooled = jnp.concatenate([nemb, emb]), jnp.concatenate([npooled, pooled])
+            texts = (jax.device_put(emb, self._batch_sharding(3, do_cfg)),
+                     jax.device_put(pooled, self._batch_sharding(2, do_cfg)))
+            jax.block_until_ready(texts)
+
+        # 2. latents (diffusers' layout: B, C, h, w)
+        shape = self.latent_shape(batch, height, width)
+        rng = jax.random.key(seed)
+        latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
+                                        "batch, channels, height/8, width/8")
+
+        # 3. denoise: one jitted step per iteration
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        guidance = self._put_replicated(jnp.float32(guidance_scale))
+        with timer.stage("denoising"):
+            latents = self._denoise(do_cfg, latents, flow_match.init_state(), None,
+                                    (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress)
+
+        if output_type == "latent":
+            return SD3PipelineOutput(images=as_numpy(latents), timings=timer.times,
+                                     peak_memory_bytes=peak_memory_bytes())
+        # 4. decode
+        with timer.stage("decoding"):
+            images = as_numpy(jax.block_until_ready(self._decode_fn()(latents)))
+        return SD3PipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
