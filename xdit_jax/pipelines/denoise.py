@@ -370,6 +370,17 @@ class PipelineBase:
         carry = (latents, sched_state, jax.device_put(np.int32(0), self._replicated()), kv)
         return denoise_loop(one, carry, num_steps, progress=progress)[0]
 
+    def _denoise_and_decode(self, timer: StageTimer, do_cfg: bool, latents, sched_state, args: tuple,
+                            num_steps: int, progress: bool, output_type: str, decode):
+        """The denoising loop (:meth:`_denoise`, no PipeFusion buffers) timed as "denoising", then, unless
+        ``output_type == "latent"``, ``decode(latents)`` timed as "decoding"; the result on the host."""
+        with timer.stage("denoising"):
+            latents = self._denoise(do_cfg, latents, sched_state, None, args, num_steps, progress)
+        if output_type == "latent":
+            return as_numpy(latents)
+        with timer.stage("decoding"):
+            return as_numpy(jax.block_until_ready(decode(latents)))
+
     def _setup(self, dtype, mesh, attention_backend: str) -> None:
         import logging
 

@@ -42,7 +42,6 @@ from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
     StageTimer,
-    as_numpy,
     check_size_and_mesh,
     load_component,
     parse_dtype,
@@ -325,14 +324,7 @@ class FluxPipeline(ImagePipelineBase):
         # 3. denoise: one jitted step per iteration
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         scales = self._put_replicated(jnp.asarray([guidance_scale, true_cfg_scale], jnp.float32))
-        with timer.stage("denoising"):
-            latents = self._denoise(do_cfg, latents, flow_match.init_state(), None,
-                                    (texts, sched_arrays, scales, rope, rng), len(sched.timesteps), progress)
-
-        if output_type == "latent":
-            return FluxPipelineOutput(images=as_numpy(latents), timings=timer.times,
-                                      peak_memory_bytes=peak_memory_bytes())
-        # 4. decode
-        with timer.stage("decoding"):
-            images = as_numpy(jax.block_until_ready(self._decode_fn((h, w))(latents)))
-        return FluxPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+        out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
+                                       (texts, sched_arrays, scales, rope, rng), len(sched.timesteps), progress,
+                                       output_type, self._decode_fn((h, w)))
+        return FluxPipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())

@@ -37,7 +37,6 @@ from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
     PipelineBase,
     StageTimer,
-    as_numpy,
     check_size_and_mesh,
     negative_prompts,
     parse_dtype,
@@ -282,14 +281,7 @@ class MochiPipeline(PipelineBase):
         # 3. denoise: one jitted step per iteration
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         guidance = self._put_replicated(jnp.float32(guidance_scale))
-        with timer.stage("denoising"):
-            latents = self._denoise(do_cfg, latents, flow_match.init_state(), None,
-                                    (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress)
-
-        if output_type == "latent":
-            return MochiPipelineOutput(frames=as_numpy(latents), timings=timer.times,
-                                       peak_memory_bytes=peak_memory_bytes())
-        # 4. decode
-        with timer.stage("decoding"):
-            frames = as_numpy(jax.block_until_ready(self._decode_fn()(latents)))
-        return MochiPipelineOutput(frames=frames, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+        out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
+                                       (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
+                                       output_type, self._decode_fn())
+        return MochiPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())

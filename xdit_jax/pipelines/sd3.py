@@ -33,7 +33,6 @@ from xdit_jax.models import sd3, vae_kl
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
     StageTimer,
-    as_numpy,
     check_size_and_mesh,
     load_component,
     negative_prompts,
@@ -275,14 +274,7 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         # 3. denoise: one jitted step per iteration
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         guidance = self._put_replicated(jnp.float32(guidance_scale))
-        with timer.stage("denoising"):
-            latents = self._denoise(do_cfg, latents, flow_match.init_state(), None,
-                                    (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress)
-
-        if output_type == "latent":
-            return SD3PipelineOutput(images=as_numpy(latents), timings=timer.times,
-                                     peak_memory_bytes=peak_memory_bytes())
-        # 4. decode
-        with timer.stage("decoding"):
-            images = as_numpy(jax.block_until_ready(self._decode_fn()(latents)))
-        return SD3PipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+        out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
+                                       (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
+                                       output_type, self._decode_fn())
+        return SD3PipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
