@@ -6,6 +6,7 @@
     python scripts/benchmark.py step --model hunyuandit-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model mochi-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model flux-cpu-small --compare diffusers --steps 7
+    python scripts/benchmark.py step --model sd3-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model cogvideox-2b --mesh 1 --mesh cfg=2 --json
     python scripts/benchmark.py vae-memory ...        (xdit_jax.parallel.vae_bench)
 
@@ -38,10 +39,12 @@ def step_parser() -> argparse.ArgumentParser:
         epilog="models: CogVideoX tiny, cpu-small, cogvideox-2b, cogvideox-5b, cogvideox1.5-5b; PixArt pixart-tiny, "
                "pixart-cpu-small, pixart-alpha-1024, pixart-sigma-1024; HunyuanDiT hunyuandit-tiny, "
                "hunyuandit-cpu-small, hunyuandit-v1.2; Mochi mochi-tiny, mochi-cpu-small, mochi-1-preview; FLUX.1 "
-               "flux-tiny, flux-cpu-small, flux.1-dev, flux.1-schnell (configs/); or a config folder (--list)")
+               "flux-tiny, flux-cpu-small, flux.1-dev, flux.1-schnell; SD3 sd3-tiny, sd3-cpu-small, sd3-medium, "
+               "sd3.5-large (configs/); or a config folder (--list)")
     p.add_argument("--model", default="cpu-small",
                    help="preset (tiny, cpu-small, pixart-tiny, pixart-cpu-small, hunyuandit-tiny, "
-                        "hunyuandit-cpu-small, mochi-tiny, mochi-cpu-small, flux-tiny, flux-cpu-small), a "
+                        "hunyuandit-cpu-small, mochi-tiny, mochi-cpu-small, flux-tiny, flux-cpu-small, sd3-tiny, "
+                        "sd3-cpu-small), a "
                         "full-size model in configs/ "
                         "(random weights), or a folder holding transformer/config.json [cpu-small]")
     p.add_argument("--mesh", action="append", default=None,

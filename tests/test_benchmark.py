@@ -977,3 +977,205 @@ def test_flux_full_width_flops_compile_only(name):
     assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
     assert row["flops_xla_cost_analysis"] > 0
     assert "PipeFusion not supported for FLUX" in by_mesh["pipefusion=2"]["error"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stable Diffusion 3 / 3.5
+# ----------------------------------------------------------------------------------------------
+
+def test_sd3_tiny_rows_vs_diffusers():
+    """sd3-tiny (SD3.5 Medium shaped: a dual-attention block, rms q/k norms; 15 image tokens, so the sequence
+    meshes pad; 77 CLIP + 16 T5 tokens, no mask) against diffusers on one device and the USP and ring meshes
+    (in-process: the session's 8 simulated devices), both CFG halves, 1 timed step; PipeFusion is refused with
+    a row that says why."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model="sd3-tiny", meshes=[None, "cfg=2,ulysses=2",
+                                                                               "cfg=2,ring=2", "pipefusion=2"],
+                                                      steps=1, compare="diffusers", settle=0, log=lambda s: None))
+    table = bench.format_table(rows)
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("cfg=2,ring=2", "xdit_jax"), ("cfg=2,ulysses=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"),
+        ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    assert "15 image + 93 text tokens (77 CLIP + 16 T5, no mask)" in table and "step med s" in table
+    pf = by_mesh.pop("pipefusion=2")
+    assert "PipeFusion not supported for SD3 (its joint blocks update the text" in pf["error"]
+    assert "skipped: ValueError: PipeFusion not supported for SD3" in table
+    for r in by_mesh.values():
+        assert "error" not in r, r.get("error")
+        assert r["kind"] == "step" and r["model"] == "sd3-tiny" and r["family"] == "sd3"
+        assert r["latent_shape"] == [2, 4, 6, 10] and r["image_tokens"] == 15 and r["text_tokens"] == 93
+        assert r["t5_tokens"] == 16 and r["step_batch"] == 2 and r["layers"] == 3
+        assert r["qk_norm"] == "rms_norm" and r["dual_attention_layers"] == [0]
+        assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
+        assert "video_tokens" not in r and "num_frames" not in r
+    ours = [by_mesh[m] for m in ("single device", "cfg=2,ulysses=2", "cfg=2,ring=2")]
+    for r in ours:
+        assert r["step_path"] == "embed/run_blocks/head"
+        assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and r["ratio_vs_diffusers"] > 0
+        # same weights and inputs: fp32, outputs of order 1; a stream swap, gate order or position crop moves
+        # them by O(1)
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one, usp, ring = ours
+    # the compiled program's dots and convolutions (both scans by trip count) are the analytic count: no mask,
+    # the last block's text queries not computed
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    assert one["collective_bytes"] == 0
+    assert usp["collectives"]["all-to-all"] > 0 and usp["flops_hlo"] < one["flops_hlo"] / 2
+    assert ring["collectives"]["collective-permute"] > 0 and ring["flops_hlo"] < one["flops_hlo"] / 2
+
+
+def _sd3_flops_by_hand(b, s, txt, n, d, dual=(), c=16, p=2, dj=4096, pooled=2048):
+    j = s + txt
+    block = (2 * 2 * b * d * 6 * d                     # norm1, norm1_context: d -> 6d each
+             + 4 * 2 * b * s * d * d                   # image q, k, v, out
+             + 4 * 2 * b * txt * d * d                 # text q, k, v, to_add_out
+             + 2 * 2 * b * j * j * d                   # QK^T, PV over [image; text]
+             + 2 * 2 * b * s * d * 4 * d               # image MLP d -> 4d -> d
+             + 2 * 2 * b * txt * d * 4 * d)            # text MLP
+    last = (2 * b * d * 6 * d + 2 * b * d * 2 * d      # norm1 (d -> 6d), norm1_context (continuous, d -> 2d)
+            + 4 * 2 * b * s * d * d                    # image q, k, v, out
+            + 2 * 2 * b * txt * d * d                  # text k, v
+            + 2 * 2 * b * s * j * d                    # the image rows' QK^T, PV
+            + 2 * 2 * b * s * d * 4 * d)               # image MLP
+    dual_extra = (2 * b * d * 3 * d                    # norm1's 3 more chunks (d -> 9d)
+                  + 4 * 2 * b * s * d * d              # attn2 q, k, v, out
+                  + 2 * 2 * b * s * s * d)             # attn2 over the image
+    once = (2 * b * s * c * p * p * d + 2 * b * txt * dj * d   # patch conv, context_embedder
+            + 2 * b * (256 * d + d * d)                        # timestep embedder
+            + 2 * b * (pooled * d + d * d)                     # pooled-text embedder
+            + 2 * b * d * 2 * d + 2 * b * s * d * p * p * c)   # norm_out modulation, proj_out
+    return (n - 1) * block + last + len(dual) * dual_extra + once
+
+
+def test_sd3_analytic_flops_formula():
+    for name, d, n in [("sd3-medium", 1536, 24), ("sd3.5-large", 2432, 38)]:
+        t, _ = bench.load_model_dir(bench.CONFIG_DIR / name)
+        assert bench.family_of_config(t) == "sd3"
+        assert bench.family_of_config({k: v for k, v in t.items() if k != "_class_name"}) == "sd3"
+        f = bench.sd3_analytic_flops(dict(t, num_layers=3), (2, 16, 32, 32), 333)
+        assert f["total"] == _sd3_flops_by_hand(2, 256, 333, 3, d) and f["tokens"] == 256
+        assert f["linear"] + f["attention"] == f["total"]
+        assert f["attention"] == 2 * 4 * 2 * (256 + 333) ** 2 * d + 4 * 2 * 256 * (256 + 333) * d
+        # SD3.5 Medium's dual-attention blocks
+        f2 = bench.sd3_analytic_flops(dict(t, num_layers=3, dual_attention_layers=[0, 2]), (2, 16, 32, 32), 333)
+        assert f2["total"] == _sd3_flops_by_hand(2, 256, 333, 3, d, dual=(0, 2))
+        # full size at 1024 x 1024 with CFG: 64 x 64 = 4,096 image + 77 CLIP + 256 T5 tokens
+        full = bench.workload_flops(bench.load_workload(name))
+        assert full["total"] == _sd3_flops_by_hand(2, 4096, 333, n, d)
+    assert bench.workload_flops(bench.load_workload("sd3-medium"))["total"] == pytest.approx(17.7874e12, rel=1e-5)
+    assert bench.workload_flops(bench.load_workload("sd3.5-large"))["total"] == pytest.approx(62.2057e12, rel=1e-5)
+
+
+def test_sd3_workloads():
+    w = bench.load_workload("sd3-cpu-small")
+    assert w.family == "sd3" and w.cfg and w.step_batch == 2 and w.transformer["num_layers"] == 2
+    assert w.transformer["num_attention_heads"] * w.transformer["attention_head_dim"] == 1536
+    assert w.latent_shape() == (2, 16, 64, 64) and w.tokens() == (1024, 333)
+    x = bench.make_inputs(w)
+    assert list(x) == ["latents", "embeds", "pooled", "t"]  # SD3Transformer2DModel's argument order
+    assert x["embeds"].shape == (2, 333, 4096) and x["pooled"].shape == (2, 2048) and x["t"].tolist() == [500.0] * 2
+    for name in bench.SD3_MODELS:
+        wf = bench.load_workload(name)
+        assert (wf.height, wf.width) == (1024, 1024) and wf.tokens() == (4096, 333) and wf.step_batch == 2
+    assert bench.load_workload("sd3.5-large", layers=2).transformer["num_layers"] == 2
+    wn = bench.load_workload(str(bench.CONFIG_DIR / "sd3-medium"), height=768, width=1360, cfg=False)
+    assert wn.family == "sd3" and wn.latent_shape() == (1, 16, 96, 170) and wn.tokens() == (48 * 85, 333)
+    with pytest.raises(ValueError, match="SD3 .text-to-image. model: it has no frames"):
+        bench.load_workload("sd3-tiny", num_frames=9)
+    assert bench.load_workload("sd3-tiny").latent_shape() == (2, 4, 6, 10)
+    assert {"sd3-tiny", "sd3-cpu-small", "sd3-medium", "sd3.5-large"} <= set(bench.PRESET_HELP)
+
+
+def test_sd3_config_folders_load_in_diffusers_transformers_and_ours():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, T5Config
+
+    from xdit_jax.models import clip, sd3, t5, vae_kl
+    from xdit_jax.pipelines import sd3 as sd3_pipeline
+    from xdit_jax.schedulers import flow_match
+
+    for name in bench.SD3_MODELS:
+        large = name == "sd3.5-large"
+        folder = bench.CONFIG_DIR / name
+        t, defaults = bench.load_model_dir(folder)
+        cfg = sd3.SD3Config.from_dict(t)
+        assert (cfg.inner_dim, cfg.num_layers) == ((2432, 38) if large else (1536, 24))
+        assert cfg.qk_norm == ("rms_norm" if large else None) and cfg.dual_attention_layers == ()
+        assert (cfg.pos_embed_max_size, cfg.out_ch, cfg.pooled_projection_dim) == (192, 16, 2048)
+        theirs = SD3Transformer2DModel.load_config(folder / "transformer")
+        assert theirs["caption_projection_dim"] == cfg.inner_dim and theirs["qk_norm"] == cfg.qk_norm
+        tc, vc = sd3_pipeline.read_configs(folder)
+        assert tc == cfg and sd3_pipeline.vae_scale_factor(vc) == 8
+        vcfg = vae_kl.AutoencoderKLConfig.from_dict(bench.read_json(folder / "vae" / "config.json"))
+        v = AutoencoderKL.load_config(folder / "vae")
+        assert v["scaling_factor"] == vcfg.scaling_factor == 1.5305 and v["shift_factor"] == vcfg.shift_factor == 0.0609
+        assert v["latent_channels"] == cfg.in_channels == 16 and not v["use_quant_conv"]
+        widths = []
+        for sub, hidden, act in (("text_encoder", 768, "quick_gelu"), ("text_encoder_2", 1280, "gelu")):
+            c = bench.read_json(folder / sub / "config.json")
+            ours_clip = clip.CLIPTextConfig.from_dict(c)
+            assert ours_clip.hidden_size == CLIPTextConfig(**c).hidden_size == c["projection_dim"] == hidden
+            assert (ours_clip.max_position_embeddings, ours_clip.hidden_act) == (77, act)
+            assert c["architectures"] == ["CLIPTextModelWithProjection"]
+            widths.append(hidden)
+        assert sum(widths) == cfg.pooled_projection_dim  # the pooled CLIP-L and CLIP-G embeddings side by side
+        m = bench.read_json(folder / "text_encoder_3" / "config.json")
+        assert t5.T5Config.from_dict(m).d_model == T5Config(**m).d_model == cfg.joint_attention_dim
+        sched = bench.read_json(folder / "scheduler" / "scheduler_config.json")
+        ours = flow_match.FlowMatchEulerConfig.from_dict(sched)
+        theirs = FlowMatchEulerDiscreteScheduler.from_config(sched).config
+        assert theirs["shift"] == ours.shift == 3.0 and not ours.use_dynamic_shifting
+        assert theirs["num_train_timesteps"] == ours.num_train_timesteps == 1000
+        index = bench.read_json(folder / "model_index.json")
+        assert index["_class_name"] == "StableDiffusion3Pipeline"
+        assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+        assert index["text_encoder_3"][1] == "T5EncoderModel" and index["tokenizer_3"][1] == "T5TokenizerFast"
+        assert defaults["hub_id"] == ("stabilityai/stable-diffusion-3.5-large" if large
+                                      else "stabilityai/stable-diffusion-3-medium-diffusers")
+        assert (defaults["height"], defaults["width"], defaults["num_inference_steps"],
+                defaults["max_sequence_length"]) == (1024, 1024, 28, 256)
+        assert defaults["guidance_scale"] == (3.5 if large else 7.0)
+
+
+def test_sd3_full_width_flops_compile_only():
+    """SD3 Medium at full width, 2 layers (one scanned, the last), 128 x 128 (64 image + 333 text tokens),
+    compiled on abstract shapes (no weights): the compiled program's dots and convolutions are the analytic
+    count; a PipeFusion mesh is refused."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model="sd3-medium", layers=2, height=128, width=128,
+                                                      meshes=[None, "pipefusion=2"], compile_only=True,
+                                                      log=lambda s: None))
+    by_mesh = {r["mesh"]: r for r in rows}
+    row = by_mesh["single device"]
+    assert "error" not in row and row["image_tokens"] == 64 and row["text_tokens"] == 333
+    assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
+    assert row["flops_xla_cost_analysis"] > 0
+    assert "PipeFusion not supported for SD3" in by_mesh["pipefusion=2"]["error"]
+
+
+# SD3 Medium (d = 24 x 64 = 1536, 24 joint blocks) and SD3.5 Large (d = 38 x 64 = 2432, 38 blocks, q/k RMS norms):
+# ours has 2,025,967,168 and 8,050,710,400 parameters; diffusers' model the last block's text query projection
+# (d x d + d) more, and in SD3.5 its RMS norm (64), whose output it drops (context_pre_only).
+SD3_PARAMS = {"sd3-medium": (2_025_967_168, 1536 * 1536 + 1536),
+              "sd3.5-large": (8_050_710_400, 2432 * 2432 + 2432 + 64)}
+
+
+def test_sd3_full_size_parameter_count():
+    """Both full-size configs build abstractly (nothing allocated) with SD3 Medium's 2.0B and SD3.5 Large's 8.1B
+    parameters: diffusers' model of the same config (on torch's meta device) less the last block's unused
+    text query. (The 192 x 192 position table, a buffer in diffusers, is not counted on either side.)"""
+    import jax
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from flax import nnx
+
+    from xdit_jax.models import sd3
+
+    for name, (want, unused) in SD3_PARAMS.items():
+        t, _ = bench.load_model_dir(bench.CONFIG_DIR / name)
+        cfg = sd3.SD3Config.from_dict(t)
+        _, state = nnx.split(nnx.eval_shape(lambda cfg=cfg: sd3.SD3Transformer2DModel(cfg, rngs=nnx.Rngs(0))))
+        leaves = jax.tree_util.tree_leaves_with_path(state)
+        ours = sum(x.size for kp, x in leaves if not jax.tree_util.keystr(kp).startswith("['pos_embed']['pos_embed']"))
+        with torch.device("meta"):
+            tm = SD3Transformer2DModel(**{k: v for k, v in t.items() if not k.startswith("_")})
+        assert ours == sum(p.numel() for p in tm.parameters()) - unused == want, name

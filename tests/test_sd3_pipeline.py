@@ -90,5 +90,12 @@ def test_bad_input(tmp_path_factory):
         ours(prompt_embeds=np.zeros((1, 77 + MSL, 32), np.float32), height=H, width=W)
     with pytest.raises(NotImplementedError, match="skip_guidance_layers"):
         ours(PROMPT, height=H, width=W, skip_guidance_layers=[7])
+    with pytest.raises(ValueError, match="pos_embed_max_size"):  # 16 patches of 2 x 8 px at most: 256 px
+        ours(PROMPT, height=272, width=W)
+    with pytest.raises(ValueError, match="Give either negative_prompt"):
+        ours(PROMPT, negative_prompt=NEG, negative_prompt_embeds=np.zeros((1, 77 + MSL, 32), np.float32),
+             negative_pooled_prompt_embeds=np.zeros((1, 32), np.float32), height=H, width=W)
+    with pytest.raises(ValueError, match="prompt_2 has 2 entries"):
+        ours(PROMPT, prompt_2=["a", "b"], height=H, width=W)
     with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
         ours(PROMPT, height=H, width=W, num_inference_steps=0)

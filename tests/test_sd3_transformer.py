@@ -41,6 +41,9 @@ FWD = jax.jit(_fwd)
 def pair(request):
     torch.manual_seed(0)
     tm = randomize_(TorchModel(**VARIANTS[request.param]), seed=1, std=0.15)
+    with torch.no_grad():  # a stored table that is not the formula's: diffusers uses the checkpoint's buffer
+        tm.pos_embed.pos_embed.add_(0.05 * torch.randn(tm.pos_embed.pos_embed.shape, generator=torch.Generator()
+                                                       .manual_seed(2)))
     cfg = sd3.SD3Config.from_dict(dict(tm.config))
     return request.param, tm, cfg, sd3.build(cfg, sd3.params_from_torch(state_dict_np(tm), cfg))
 
@@ -115,8 +118,11 @@ def test_config_checkpoint_and_input_errors(pair):
     sd = state_dict_np(tm)
     last = cfg.num_layers - 1
     sd.pop(f"transformer_blocks.{last}.attn.add_q_proj.weight")  # unused by the last block: no error
-    sd.pop("pos_embed.pos_embed")  # a buffer we compute: no error
-    sd3.params_from_torch(dict(sd), cfg)
+    table = sd.pop("pos_embed.pos_embed")  # a checkpoint without the buffer: the formula's table
+    m = cfg.pos_embed_max_size
+    computed = sd3.params_from_torch(dict(sd), cfg)["pos_embed"]["pos_embed"]
+    np.testing.assert_array_equal(computed, sd3.pos_table(cfg.inner_dim, m, m, m, cfg.base_size)[None])
+    assert np.abs(computed - table).max() > 0.01  # the fixture's stored table differs (see pair)
     sd.pop("transformer_blocks.0.ff_context.net.0.proj.weight")
     sd.pop(f"transformer_blocks.{last}.norm1_context.linear.bias")
     sd["pos_embed.proj.weight"] = sd["pos_embed.proj.weight"][:, :-1]

@@ -18,7 +18,7 @@ What one benchmark row holds (see ``docs/benchmarks.md`` for the table and the r
 
 The step is built by :func:`build_step` alone, so it can later be swapped for the pipeline's full
 step on a mesh. What differs between model families (CogVideoX, PixArt-alpha / Sigma, HunyuanDiT,
-Mochi, FLUX.1: inputs, the arguments of ``embed``, analytic FLOPs, the diffusers reference, a forward
+Mochi, FLUX.1, SD3 / 3.5: inputs, the arguments of ``embed``, analytic FLOPs, the diffusers reference, a forward
 over the mesh of its own where the model has one) is in :mod:`xdit_jax.bench_families`.
 Weights are passed to the jitted function as arguments (``nnx.split`` / ``nnx.merge``), never
 closed over as constants. Variants (:class:`Variant`) build the same step
@@ -46,7 +46,8 @@ import numpy as np
 
 from xdit_jax.bench_families import (FAMILIES, HUNYUAN_TEXT_VALID, MOCHI_TEXT_VALID, PIXART_TEXT_VALID,  # noqa: F401
                                      Family, TorchReference, family_of_config, family_of_model, flux_analytic_flops,
-                                     hunyuandit_analytic_flops, mochi_analytic_flops, pixart_analytic_flops)
+                                     hunyuandit_analytic_flops, mochi_analytic_flops, pixart_analytic_flops,
+                                     sd3_analytic_flops)
 from xdit_jax.bench_families import cogvideox_analytic_flops as analytic_flops  # noqa: F401
 from xdit_jax.bench_variants import (ATTENTION_VARIANTS, LINEAR_VARIANTS, Variant, attention_override,  # noqa: F401
                                      linear_override, parse_compiler_options, parse_variant)
@@ -58,7 +59,8 @@ PIXART_MODELS = ("pixart-alpha-1024", "pixart-sigma-1024")
 HUNYUANDIT_MODELS = ("hunyuandit-v1.2",)
 MOCHI_MODELS = ("mochi-1-preview",)
 FLUX_MODELS = ("flux.1-dev", "flux.1-schnell")
-IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux")  # text-to-image: no frames
+SD3_MODELS = ("sd3-medium", "sd3.5-large")
+IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -171,7 +173,9 @@ class Workload:
     defaults: dict = dataclasses.field(default_factory=dict)
     source: str = ""
     family: str = "cogvideox"
-    text_tokens: int | None = None  # PixArt, Mochi, FLUX: text tokens (default: defaults.json's max_sequence_length)
+    # PixArt, Mochi, FLUX: text tokens; SD3: its T5 tokens (after the 77 CLIP ones); default: defaults.json's
+    # max_sequence_length
+    text_tokens: int | None = None
     # real tokens in the prompt's text mask(s): PixArt's caption (PIXART_TEXT_VALID); HunyuanDiT's BERT
     # and mT5 masks both (HUNYUAN_TEXT_VALID); Mochi's T5 caption (MOCHI_TEXT_VALID)
     text_valid: int | None = None
@@ -190,7 +194,7 @@ class Workload:
 
     def latent_shape(self) -> tuple[int, ...]:
         """diffusers' layout: CogVideoX (B, F, C, h, w) (1.5 pads latent frames to a multiple of
-        patch_size_t), PixArt and HunyuanDiT (B, C, h, w), Mochi (B, C, F, h, w), FLUX packed (B, S, C)."""
+        patch_size_t), PixArt, HunyuanDiT and SD3 (B, C, h, w), Mochi (B, C, F, h, w), FLUX packed (B, S, C)."""
         return self.fam.latent_shape(self)
 
     def tokens(self) -> tuple[int, int]:
@@ -329,6 +333,26 @@ def _flux_cpu_small_workload() -> Workload:
                     source="configs/flux.1-dev, 1 double- + 1 single-stream block", defaults=defaults)
 
 
+def _sd3_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's SD3 (2 heads x 16) made SD3.5 Medium shaped: 3 blocks (the first with the dual attention
+    # attn2, so two stacked runs, then the last), q/k RMS norms; 48 x 80: a 3 x 5 grid of image tokens, so that
+    # the sequence meshes pad; 77 CLIP + 16 T5 tokens.
+    t = dict(tiny.SD3_TRANSFORMER, num_layers=3, qk_norm="rms_norm", dual_attention_layers=[0])
+    scale = 2 ** (len(tiny.SD3_VAE["block_out_channels"]) - 1)
+    return Workload("sd3-tiny", t, height=48, width=80, num_frames=1, vae_scale_spatial=scale, family="sd3",
+                    text_tokens=16, source="xdit_jax.tiny's SD3, 2 heads x 16, 3 layers (1 dual), rms q/k norms",
+                    defaults={"num_inference_steps": 4, "guidance_scale": 7.0, "max_sequence_length": 16})
+
+
+def _sd3_cpu_small_workload() -> Workload:
+    t, defaults = load_model_dir(CONFIG_DIR / "sd3-medium")
+    t = dict(t, num_layers=2)
+    return Workload("sd3-cpu-small", t, height=512, width=512, num_frames=1, family="sd3", text_tokens=256,
+                    source="configs/sd3-medium, 2 layers", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -337,7 +361,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "mochi-tiny": _mochi_tiny_workload,
                                               "mochi-cpu-small": _mochi_cpu_small_workload,
                                               "flux-tiny": _flux_tiny_workload,
-                                              "flux-cpu-small": _flux_cpu_small_workload}
+                                              "flux-cpu-small": _flux_cpu_small_workload,
+                                              "sd3-tiny": _sd3_tiny_workload,
+                                              "sd3-cpu-small": _sd3_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -377,6 +403,15 @@ PRESET_HELP.update({
 for _m in FLUX_MODELS:
     PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 1024x1024 (4096 image + "
                        f"{512 if _m.endswith('dev') else 256} T5 tokens, one sample per prompt, no PipeFusion)")
+PRESET_HELP.update({
+    "sd3-tiny": "a 2x16-head, 3-layer SD3.5-Medium-shaped model (1 dual-attention block, rms q/k norms) at 48x80: "
+                "15 image + 77 CLIP + 16 T5 tokens (CI smoke test)",
+    "sd3-cpu-small": "SD3 Medium width (24 heads x 64), 2 layers, 512x512: 32x32 = 1024 image + 77 CLIP + 256 T5 "
+                     "tokens",
+})
+for _m in SD3_MODELS:
+    PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 1024x1024 (4096 image + 77 CLIP + 256 T5 "
+                       f"tokens, no PipeFusion)")
 
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
@@ -424,7 +459,8 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
 def workload_flops(w: Workload) -> dict[str, float]:
     """Analytic matmul FLOPs of one forward of ``w`` (the family's formula: :func:`analytic_flops` for
     CogVideoX, :func:`pixart_analytic_flops` for PixArt, :func:`hunyuandit_analytic_flops` for HunyuanDiT,
-    :func:`mochi_analytic_flops` for Mochi, :func:`flux_analytic_flops` for FLUX; ``xdit_jax.bench_families``)."""
+    :func:`mochi_analytic_flops` for Mochi, :func:`flux_analytic_flops` for FLUX, :func:`sd3_analytic_flops` for
+    SD3; ``xdit_jax.bench_families``)."""
     return w.fam.analytic_flops(w)
 
 
@@ -1191,6 +1227,9 @@ def format_table(rows: list[dict]) -> str:
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} T5 tokens "
                   f"({r0['double_layers']} double- + {r0['single_layers']} single-stream blocks, "
                   f"{'true CFG' if r0.get('true_cfg') else 'one sample per prompt'})")
+    elif r0.get("family") == "sd3":  # SD3: the image tokens and the whole text (no mask) in one joint attention
+        tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} text tokens "
+                  f"({r0['text_tokens'] - r0['t5_tokens']} CLIP + {r0['t5_tokens']} T5, no mask)")
     elif r0.get("family") == "mochi":  # Mochi: the video tokens and the (masked) caption in one joint attention
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")

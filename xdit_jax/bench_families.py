@@ -5,7 +5,7 @@ counts, its random inputs (numpy, batch first, in the order the jitted step take
 arguments of the model's ``embed`` (the step then runs ``embed`` -> the blocks over the mesh ->
 ``head``, as the pipelines do), the analytic FLOPs of one forward, and the diffusers reference
 (:class:`TorchReference`). Meshes, PipeFusion, variants, timing, memory, FLOP and collective
-counting are shared (``xdit_jax.bench``). Five families: CogVideoX (text-to-video, joint
+counting are shared (``xdit_jax.bench``). Six families: CogVideoX (text-to-video, joint
 attention over text + video tokens), PixArt-alpha / Sigma (text-to-image, self-attention over
 the image tokens, masked cross-attention to the caption), HunyuanDiT (text-to-image,
 self-attention over the image tokens, cross-attention to BERT + mT5 text, long skips: no PipeFusion),
@@ -13,7 +13,9 @@ Mochi 1 (text-to-video, two streams: the video tokens and a narrower T5 caption 
 one joint attention, the caption's padding masked; no PipeFusion) and FLUX.1 (text-to-image, two
 block phases: double-stream blocks over the image with the T5 text whole, then single-stream
 blocks over [text; image]; its forward over the mesh is a function, :meth:`Family.mesh_forward`;
-one sample per prompt by default, :attr:`Family.default_cfg`; no PipeFusion).
+one sample per prompt by default, :attr:`Family.default_cfg`; no PipeFusion) and Stable Diffusion 3 / 3.5
+(text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask; no
+PipeFusion).
 """
 
 from __future__ import annotations
@@ -1052,11 +1054,174 @@ class Flux(Family):
         return FluxTorchReference(transformer, dtype, seed=seed, device=device)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux())}
+# ============================================================================================
+# Stable Diffusion 3 / 3.5
+# ============================================================================================
+
+SD3_TIME_PROJ = 256  # the sinusoidal timestep projection width
+SD3_CLIP_TOKENS = 77  # the two CLIP encoders' tokens (concatenated along the width, padded to 4096) before T5's
+# The transformer's ``timestep`` argument: StableDiffusion3Pipeline passes the scheduler's t = 1000 sigma (float32)
+SD3_TIMESTEP = 500.0
+
+
+def sd3_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one SD3 / SD3.5 transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (both CFG halves), S = (h/p)(w/p) image tokens, L = text tokens (``text_len``: 77 CLIP + the T5
+    ``max_sequence_length``, 333 by default; all of them: SD3 attends to the padding, no mask), J = S + L,
+    d = heads x head_dim (= caption_projection_dim; 1536 for SD3 Medium, 2432 for SD3.5 Large), C = in_channels,
+    C_out = out_channels or C, D_j = joint_attention_dim (4096), P = pooled_projection_dim (2048), N = layers.
+    Per joint block (``JointTransformerBlock``, the first N - 1; image and text each through their own weights):
+
+        modulations norm1, norm1_context (AdaLayerNormZero, d -> 6d each)  2 x 2 B d (6d)   = 24 B d^2
+        image q, k, v, out                                                 4 x 2 B S d^2    =  8 B S d^2
+        text q, k, v, to_add_out                                           4 x 2 B L d^2    =  8 B L d^2
+        joint attention QK^T and PV over [image; text]                     2 x 2 B J^2 d    =  4 B J^2 d
+        image MLP d -> 4d -> d                                             2 x 2 B S d (4d) = 16 B S d^2
+        text MLP d -> 4d -> d                                                               = 16 B L d^2
+                                                                  together 24 B d^2 + 24 B J d^2 + 4 B J^2 d
+
+    The last block (``context_pre_only``) has no text output and no text MLP: norm1 12 B d^2, its text norm an
+    AdaLayerNormContinuous (d -> 2d) 4 B d^2, image q, k, v, out 8 B S d^2, text k, v 4 B L d^2, the attention
+    of the image rows only 4 B S J d, the image MLP 16 B S d^2. (diffusers computes the last block's text
+    queries and attention rows and drops them; we count the work the output needs, which is what ours does.)
+
+    A block in ``dual_attention_layers`` (SD3.5 Medium) also runs ``attn2``, a self-attention over the image
+    tokens with its own q, k, v, out, modulated by the 9-chunk ``SD35AdaLayerNormZeroX`` (norm1 d -> 9d):
+    + 6 B d^2 + 8 B S d^2 + 4 B S^2 d.
+
+    Plus, once: the patch embedding (a p x p conv) 2 B S (C p^2) d; context_embedder 2 B L D_j d; the timestep
+    embedder (256 -> d -> d) 2 B (256 d + d^2); the pooled-text embedder (P -> d -> d) 2 B (P d + d^2); the head:
+    norm_out's modulation (d -> 2d) 4 B d^2 and proj_out 2 B S d (p^2 C_out). The position table's crop (a slice),
+    norms, the q/k RMS norms (SD3.5), the sinusoids, GELU, SiLU and the gates are element-wise.
+    """
+    b, c, h, w = latent_shape
+    t = transformer
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    n = int(t["num_layers"])
+    p = int(t.get("patch_size", 2))
+    cout = int(t.get("out_channels") or c)
+    dj, pooled = int(t.get("joint_attention_dim", 4096)), int(t.get("pooled_projection_dim", 2048))
+    dual = {int(i) for i in (t.get("dual_attention_layers") or ())}
+    s, txt = (h // p) * (w // p), int(text_len)
+    j = s + txt
+    attn = 4 * b * j * j * d
+    block = 24 * b * d * d + 24 * b * j * d * d
+    last_attn = 4 * b * s * j * d
+    last = 12 * b * d * d + 4 * b * d * d + 8 * b * s * d * d + 4 * b * txt * d * d + 16 * b * s * d * d
+    dual_attn = 4 * b * s * s * d
+    dual_lin = 6 * b * d * d + 8 * b * s * d * d
+    n_dual = len([i for i in dual if 0 <= i < n])
+    tp = SD3_TIME_PROJ
+    embed = (2 * b * s * (c * p * p) * d + 2 * b * txt * dj * d + 2 * b * (tp * d + d * d)
+             + 2 * b * (pooled * d + d * d))
+    head = 4 * b * d * d + 2 * b * s * d * (p * p * cout)
+    attention = (n - 1) * attn + last_attn + n_dual * dual_attn
+    total = (n - 1) * (block + attn) + last + last_attn + n_dual * (dual_lin + dual_attn) + embed + head
+    return {"total": float(total), "per_block": float(block + attn), "attention": float(attention),
+            "linear": float(total - attention), "tokens": s}
+
+
+class SD3TorchReference(TorchReference):
+    """diffusers' ``SD3Transformer2DModel`` called as ``StableDiffusion3Pipeline`` calls it: latents, the joint
+    CLIP + T5 states and the pooled CLIP embeddings in the model's dtype, ``timestep`` the scheduler's t
+    expanded to the batch (float32; the model casts its sinusoid to the pooled embeddings' dtype)."""
+
+    def _make_model(self, cfg):
+        import inspect
+
+        from diffusers import SD3Transformer2DModel
+
+        takes = inspect.signature(SD3Transformer2DModel.__init__).parameters
+        return SD3Transformer2DModel.from_config({k: v for k, v in cfg.items() if k in takes})
+
+    def set_inputs(self, inputs, w):
+        torch = self.torch
+        put = lambda k, dt=None: torch.from_numpy(np.ascontiguousarray(inputs[k])).to(self.device, dt)
+        self.x = put("latents", self.dtype)
+        self.enc = put("embeds", self.dtype)
+        self.pooled = put("pooled", self.dtype)
+        self.t = put("t", torch.float32)
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, pooled_projections=self.pooled,
+                          timestep=self.t, return_dict=False)[0]
+
+
+class SD3(Family):
+    name = "sd3"
+    module_name = "xdit_jax.models.sd3"
+    model_class_name = "SD3Transformer2DModel"
+    config_class_name = "SD3Config"
+    token_word = "image"
+    title = "SD3"
+    # every joint block's text update attends to the whole image, which a patch pipeline does not see
+    no_pipefusion_why = "its joint blocks update the text from attention over the whole image in every layer"
+
+    def latent_shape(self, w):
+        """(B, C, H/8, W/8), diffusers' layout (the transformer patchifies it itself)."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 16)), w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, _, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 2))
+        return (h // p) * (ww // p), self.text_len(w)
+
+    def t5_len(self, w) -> int:
+        """T5 tokens: the pipeline's ``max_sequence_length`` (the workload's ``text_tokens``, else
+        defaults.json's, else 256)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or 256)
+
+    def text_len(self, w):
+        """The joint text: 77 CLIP tokens, then the T5 tokens."""
+        return SD3_CLIP_TOKENS + self.t5_len(w)
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # the image tokens; the text joins as a context every device holds
+
+    def check(self, cfg, shape):
+        self.module.check_input_shape(cfg, shape[2], shape[3])
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "t5_tokens": self.t5_len(w),
+                "layers": cfg.num_layers, "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+                "qk_norm": cfg.qk_norm, "dual_attention_layers": list(cfg.dual_attention_layers),
+                "height": w.height, "width": w.width}
+
+    def make_inputs(self, w, seed=0):
+        """As ``StableDiffusion3Pipeline`` passes them: latents (B, C, h, w), the joint text states (B, 77 + L,
+        joint_attention_dim: CLIP-L and CLIP-G side by side, zero-padded to T5's width, then T5), the pooled
+        CLIP embeddings (B, pooled_projection_dim) and the timestep t (B,) float."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
+        embeds = rng.standard_normal((b, self.text_len(w), int(t.get("joint_attention_dim", 4096))),
+                                     dtype=np.float32)
+        pooled = rng.standard_normal((b, int(t.get("pooled_projection_dim", 2048))), dtype=np.float32)
+        return {"latents": latents, "embeds": embeds, "pooled": pooled,
+                "t": np.full((b,), SD3_TIMESTEP, dtype=np.float32)}
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["pooled"].astype(dtype),
+                inputs["t"])
+
+    def analytic_flops(self, w):
+        return sd3_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return SD3TorchReference(transformer, dtype, seed=seed, device=device)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
+                                                          SD3())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
 FLUX_CLASS_NAMES = ("FluxTransformer2DModel",)
+SD3_CLASS_NAMES = ("SD3Transformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -1065,9 +1230,13 @@ def family_of_config(transformer: dict) -> str:
     ``text_len_t5``; Mochi by its class name or, without one, ``pooled_projection_dim`` together with
     ``time_embed_dim`` (of the others, HunyuanDiT and FLUX have the first, only CogVideoX the second);
     PixArt by its class name (the hub's PixArt checkpoints say ``Transformer2DModel``) or its
-    ``ada_norm_single`` norm; else CogVideoX."""
+    ``ada_norm_single`` norm; SD3 / SD3.5 by its class name or ``caption_projection_dim`` together with
+    ``pos_embed_max_size`` (no other family has the first); else CogVideoX."""
     if transformer.get("_class_name") in FLUX_CLASS_NAMES or "num_single_layers" in transformer:
         return "flux"
+    if transformer.get("_class_name") in SD3_CLASS_NAMES or (
+            "caption_projection_dim" in transformer and "pos_embed_max_size" in transformer):
+        return "sd3"
     if transformer.get("_class_name") in HUNYUANDIT_CLASS_NAMES or "text_len_t5" in transformer:
         return "hunyuandit"
     if transformer.get("_class_name") in MOCHI_CLASS_NAMES or (
@@ -1080,7 +1249,7 @@ def family_of_config(transformer: dict) -> str:
 
 def family_of_model(cfg: Any) -> Family:
     """The family of a model config dataclass (``CogVideoXConfig``, ``PixArtConfig``, ``HunyuanDiTConfig``,
-    ``MochiConfig``, ``FluxConfig``)."""
+    ``MochiConfig``, ``FluxConfig``, ``SD3Config``)."""
     for fam in FAMILIES.values():
         if type(cfg).__name__ == fam.config_class_name:
             return fam

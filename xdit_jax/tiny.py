@@ -102,17 +102,18 @@ FLUX_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_t
                       max_image_seq_len=4096)
 
 # Stable Diffusion 3 shaped: 2 joint blocks (the last context_pre_only) over 2 heads of 16, the pos-embed table
-# cropped from a 16 x 16 grid; CLIP-L and CLIP-G 16 wide (their penultimate states concatenated = 32 = the tiny
-# T5's width; pooled projections 16 + 16 = 32); the VAE with SD3's scale and shift, no quant convs.
+# cropped from a 16 x 16 grid; CLIP-L 8 and CLIP-G 16 wide (their penultimate states concatenated: 24, zero-padded
+# to the tiny T5's 32, as 768 + 1280 to 4096; pooled projections 16 + 16 = 32); the VAE with SD3's scale and
+# shift, no quant convs.
 SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
                        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
 SD3_VAE = dict(PIXART_VAE, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                use_post_quant_conv=False)
-SD3_CLIP = dict(vocab_size=600, hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=2,
+SD3_CLIP = dict(vocab_size=600, hidden_size=8, intermediate_size=32, projection_dim=16, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                 bos_token_id=598, eos_token_id=2, pad_token_id=1, model_type="clip_text_model")
-SD3_CLIP_G = dict(SD3_CLIP, hidden_act="gelu", eos_token_id=599)
+SD3_CLIP_G = dict(SD3_CLIP, hidden_size=16, hidden_act="gelu", eos_token_id=599)
 SD3_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0)
 
 

@@ -18,9 +18,9 @@ SD3.5 Large), ``transformer_blocks_part1``, ... (``SD3Transformer2DModel.runs`` 
 
 Positions: a fixed 2D sin-cos table over a ``pos_embed_max_size``² grid (positions ``i *
 base / max``, ``base = sample_size / patch_size``), cropped at the centre to the latent's grid
-(diffusers ``PatchEmbed.cropped_pos_embed``); computed on the host for the crop only (float32
-positions, float64 sinusoids, as diffusers) and added in :meth:`embed`, so the blocks need no
-per-token tables.
+(diffusers ``PatchEmbed.cropped_pos_embed``): the checkpoint's stored table, as diffusers loads it
+(:func:`pos_table` computes it where a checkpoint has none), added in :meth:`embed`, so the blocks
+need no per-token tables.
 
 PipeFusion is not supported (``SUPPORTS_PIPEFUSION = False``): the text stream is updated by every
 layer from attention over the whole image.
@@ -268,12 +268,23 @@ class TimeTextEmbed(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    """diffusers ``PatchEmbed``'s patchify conv (its position table is computed by :func:`pos_table`)."""
+    """diffusers ``PatchEmbed``: the patchify conv and the position table ``pos_embed`` (1, max², D) — the
+    checkpoint's own (a persistent buffer in diffusers; :func:`pos_table` where a checkpoint lacks it),
+    centre-cropped for the latent's grid in :meth:`crop`."""
 
     def __init__(self, cfg: SD3Config, *, dtype, rngs):
-        p = cfg.patch_size
+        p, m = cfg.patch_size, cfg.pos_embed_max_size
+        self.max_size = m
         self.proj = nnx.Conv(cfg.in_channels, cfg.inner_dim, kernel_size=(p, p), strides=(p, p), padding="VALID",
                              dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.pos_embed = nnx.Param(jnp.zeros((1, m * m, cfg.inner_dim), dtype))
+
+    def crop(self, grid_h: int, grid_w: int):
+        """diffusers ``cropped_pos_embed``: the centre (grid_h x grid_w) of the table, (grid_h * grid_w, D)."""
+        m = self.max_size
+        top, left = (m - grid_h) // 2, (m - grid_w) // 2
+        table = self.pos_embed[...].reshape(m, m, -1)[top:top + grid_h, left:left + grid_w]
+        return table.reshape(grid_h * grid_w, -1)
 
 
 def pos_table(dim: int, grid_h: int, grid_w: int, max_size: int, base_size: int) -> np.ndarray:
@@ -322,10 +333,7 @@ class SD3Transformer2DModel(nnx.Module):
         p = cfg.patch_size
         gh, gw = h // p, w // p
         x = self.pos_embed.proj(hidden_states.astype(dtype).transpose(0, 2, 3, 1)).reshape(b, gh * gw, -1)
-        pos = pos_table(cfg.inner_dim, gh, gw, cfg.pos_embed_max_size, cfg.base_size)
-        x = (x.astype(jnp.float32) + jnp.asarray(pos)[None]).astype(dtype)
-        # t stays float32 for the sinusoid (diffusers rounds it to the model dtype first: in bf16,
-        # t = 300.8 becomes 300)
+        x = (x.astype(jnp.float32) + self.pos_embed.crop(gh, gw).astype(jnp.float32)[None]).astype(dtype)
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
         temb = self.time_text_embed(t, jnp.asarray(pooled_projections).astype(dtype))
         c = self.context_embedder(jnp.asarray(encoder_hidden_states).astype(dtype))
@@ -373,7 +381,6 @@ def _torch_names(cfg: SD3Config):
         (r"\.(ff|ff_context)\.net_2\.", r".\1.net.2."),
     ]
     ignore = [
-        r"^pos_embed\.pos_embed$",  # the position table buffer (computed on the host for the crop)
         # the last block's text queries: computed by diffusers, their output thrown away
         rf"^{last.replace('.', chr(92) + '.')}attn\.(add_q_proj|norm_added_q)\.",
     ]
@@ -382,7 +389,12 @@ def _torch_names(cfg: SD3Config):
 
 
 def params_from_torch(flat: dict, cfg: SD3Config, dtype=None) -> dict:
+    """The params of a torch state dict; its position table ``pos_embed.pos_embed`` as stored (diffusers
+    loads that buffer; computed by :func:`pos_table` where a checkpoint has none)."""
     renames, ignore, stacked = _torch_names(cfg)
+    if "pos_embed.pos_embed" not in flat:
+        m = cfg.pos_embed_max_size
+        flat = {**flat, "pos_embed.pos_embed": pos_table(cfg.inner_dim, m, m, m, cfg.base_size)[None]}
     return map_state_dict(flat, expected_shapes(lambda: SD3Transformer2DModel(cfg)), stacked=stacked,
                           renames=renames, ignore=ignore, dtype=dtype, what="SD3 transformer checkpoint")
 

@@ -61,6 +61,7 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
     refuse_pipefusion("Stable Diffusion 3", PIPEFUSION_REASON, mesh_spec)
     check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers, batch, mesh_spec,
                         guidance_scale)
+    sd3.check_input_shape(tc, height // vae_scale_factor(vc), width // vae_scale_factor(vc))  # the position table
 
 
 class StableDiffusion3Pipeline(ImagePipelineBase):
@@ -135,6 +136,9 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                       clip_skip: int | None = None):
         """((B, 77 + L, d_t5) text states, (B, pooled) embeddings) as diffusers makes them."""
         states, pooled = [], []
+        for name, ps in (("prompt_2", prompts_2), ("prompt_3", prompts_3)):
+            if ps is not None and len(ps) != len(prompts):
+                raise ValueError(f"{name} has {len(ps)} entries for {len(prompts)} prompts.")
         for which, (tok, ps) in enumerate(((self.tokenizer, prompts), (self.tokenizer_2, prompts_2 or prompts))):
             ids, _ = tokenize(tok, ps, getattr(tok, "model_max_length", CLIP_TOKENS))
             h, p = self._clip_fn(which, clip_skip)(self._put_replicated(jnp.asarray(ids, jnp.int32)))
@@ -228,7 +232,15 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
             raise ValueError("negative_prompt_embeds and negative_pooled_prompt_embeds come together.")
         if max_sequence_length > 512:
             raise ValueError(f"max_sequence_length cannot be greater than 512, got {max_sequence_length}.")
-        listify = lambda p: [p] if isinstance(p, str) else (list(p) if p is not None else None)  # noqa: E731
+        # diffusers' check_inputs: text and its embeddings are alternatives
+        for text, given, name in ((prompt_2, prompt_embeds, "prompt_2"), (prompt_3, prompt_embeds, "prompt_3"),
+                                  (negative_prompt, negative_prompt_embeds, "negative_prompt"),
+                                  (negative_prompt_2, negative_prompt_embeds, "negative_prompt_2"),
+                                  (negative_prompt_3, negative_prompt_embeds, "negative_prompt_3")):
+            if text is not None and given is not None:
+                raise ValueError(f"Give either {name} or the embeddings it would make, not both.")
+        # diffusers: an empty prompt_2 / prompt_3 falls back to the prompt
+        listify = lambda p: [p] if isinstance(p, str) else (list(p) if p else None)  # noqa: E731
         prompts = listify(prompt)
         batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
         check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
@@ -250,6 +262,9 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                                  f"{tc.pooled_projection_dim}).")
             if do_cfg:
                 if negative_prompt_embeds is None:
+                    if emb.shape[1] <= CLIP_TOKENS:
+                        raise ValueError(f"prompt_embeds have {emb.shape[1]} tokens: SD3's are 77 CLIP + the T5 "
+                                         "tokens; give negative_prompt_embeds too.")
                     neg = negative_prompts(negative_prompt, batch)
                     neg_2 = negative_prompts(negative_prompt_2, batch) if negative_prompt_2 else neg
                     neg_3 = negative_prompts(negative_prompt_3, batch) if negative_prompt_3 else neg
