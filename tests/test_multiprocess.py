@@ -130,6 +130,7 @@ def test_peer_dies_mid_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the CogVideoX two-process cases cover the mechanism; kept for `pytest -m slow`
 def test_two_processes_equal_one_image_family(tmp_path, monkeypatch):
     """An image family across 2 processes: the tiny PixArt's tiny model is made by process 0 alone, its
     .png equals the one-process one."""

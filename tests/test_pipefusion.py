@@ -47,7 +47,11 @@ def sequential(folder):
     return {m: CogVideoXPipeline.from_pretrained(folder, pipefusion_patches=m)(PROMPTS, **KW).frames for m in (2, 3)}
 
 
-@pytest.mark.parametrize("mesh", ["pipefusion=2", "cfg=2,pipefusion=4", "pipefusion=3",  # 3: stages of 2, 1, 1
+SLOW = pytest.mark.slow  # cases another case covers (the default run stays under 20 minutes); `-m slow` runs them
+
+
+@pytest.mark.parametrize("mesh", [pytest.param("pipefusion=2", marks=SLOW), "cfg=2,pipefusion=4",
+                                  "pipefusion=3",  # 3: stages of 2, 1, 1
                                   "pipefusion=2,ring=2,ulysses=2"])
 def test_warmup_steps_equal_one_device(folder, one_device, mesh):
     out = CogVideoXPipeline.from_pretrained(folder, mesh=mesh, pipefusion_warmup_steps=KW["num_inference_steps"])(
@@ -55,11 +59,14 @@ def test_warmup_steps_equal_one_device(folder, one_device, mesh):
     assert np.abs(out - one_device).max() <= 1e-4
 
 
-@pytest.mark.parametrize("mesh,patches", [("pipefusion=2", 2), ("pipefusion=2", 3), ("pipefusion=4", 2),
+@pytest.mark.parametrize("mesh,patches", [("pipefusion=2", 2), pytest.param("pipefusion=2", 3, marks=SLOW),
+                                          pytest.param("pipefusion=4", 2, marks=SLOW),
                                           ("cfg=2,pipefusion=2", 2), ("data=2,pipefusion=2", 3),
-                                          ("pipefusion=3", 2), ("cfg=2,pipefusion=2,ulysses=2", 2),
+                                          pytest.param("pipefusion=3", 2, marks=SLOW),
+                                          ("cfg=2,pipefusion=2,ulysses=2", 2),
                                           ("pipefusion=2,ulysses=4", 3),  # 6 heads padded to 8
-                                          ("pipefusion=2,ring=4", 2), ("pipefusion=2,ring=2,ulysses=2", 3)])
+                                          pytest.param("pipefusion=2,ring=4", 2, marks=SLOW),
+                                          ("pipefusion=2,ring=2,ulysses=2", 3)])
 def test_patched_steps_equal_sequential_reference(folder, sequential, one_device, mesh, patches):
     pipe = CogVideoXPipeline.from_pretrained(folder, mesh=mesh, pipefusion_patches=patches)
     out = pipe(PROMPTS, **KW).frames
