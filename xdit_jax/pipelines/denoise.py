@@ -370,6 +370,41 @@ class PipelineBase:
         carry = (latents, sched_state, jax.device_put(np.int32(0), self._replicated()), kv)
         return denoise_loop(one, carry, num_steps, progress=progress)[0]
 
+    def _flow_step_fn(self, do_cfg: bool, warmup: bool, embed_args):
+        """The jitted step of a flow-matching family whose model runs embed -> blocks over the mesh -> head
+        (Mochi, SD3): ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) -> (latents,
+        sched_state, i + 1, kv)``; ``embed_args(x, texts, t)``: ``model.embed``'s arguments. CFG and the
+        Euler step in float32."""
+        from flax import nnx
+
+        from xdit_jax.schedulers import flow_match
+
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype = self.dtype
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
+            model = nnx.merge(graphdef, tstate)
+            x = self._model_batch(latents, do_cfg)
+            t = jnp.broadcast_to(sched.timesteps[i], (x.shape[0],))
+            tokens_x, tokens, cond = model.embed(*embed_args(x.astype(dtype), texts, t))
+            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
+            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
+            if do_cfg:
+                uncond, text = jnp.split(pred, 2)
+                pred = uncond + guidance * (text - uncond)
+            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
+                if sched.needs_noise else None
+            latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            return self._step_out(latents, sched_state, i, kv)
+
+        return self._jit_step(key, step)
+
     def _denoise_and_decode(self, timer: StageTimer, do_cfg: bool, latents, sched_state, args: tuple,
                             num_steps: int, progress: bool, output_type: str, decode):
         """The denoising loop (:meth:`_denoise`, no PipeFusion buffers) timed as "denoising", then, unless

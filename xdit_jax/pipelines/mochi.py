@@ -127,35 +127,8 @@ class MochiPipeline(PipelineBase):
         return self._text_encoder_fn()(ids, mask).astype(self.dtype), mask
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
-        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) ->
-        (latents, sched_state, i + 1, kv)``; ``texts``: (embeds, mask)."""
-        key = (do_cfg, warmup)
-        if key in self._step_cache:
-            return self._step_cache[key]
-        graphdef, _ = nnx.split(self.transformer)
-        dtype = self.dtype
-
-        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
-            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
-
-        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
-            model = nnx.merge(graphdef, tstate)
-            x = self._model_batch(latents, do_cfg)
-            b = x.shape[0]
-            embeds, mask = texts
-            t = jnp.broadcast_to(sched.timesteps[i], (b,))
-            tokens_x, tokens, cond = model.embed(x.astype(dtype), embeds, t, mask)
-            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
-            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)  # CFG and sampling in fp32
-            if do_cfg:
-                uncond, text = jnp.split(pred, 2)
-                pred = uncond + guidance * (text - uncond)
-            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
-                if sched.needs_noise else None
-            latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
-            return self._step_out(latents, sched_state, i, kv)
-
-        return self._jit_step(key, step)
+        """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (T5 embeds, mask)."""
+        return self._flow_step_fn(do_cfg, warmup, lambda x, texts, t: (x, texts[0], t, texts[1]))
 
     def _decode_fn(self):
         """Jitted VAE decode over the whole mesh of the latents (B, C, F, h, w), unscaled with the VAE's

@@ -159,33 +159,8 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                 jnp.concatenate(pooled, axis=-1).astype(self.dtype))
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
-        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) ->
-        (latents, sched_state, i + 1, kv)``; ``texts``: (text states, pooled)."""
-        key = (do_cfg, warmup)
-        if key in self._step_cache:
-            return self._step_cache[key]
-        graphdef, _ = nnx.split(self.transformer)
-        dtype = self.dtype
-
-        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
-            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
-
-        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
-            model = nnx.merge(graphdef, tstate)
-            x = self._model_batch(latents, do_cfg)
-            t = jnp.broadcast_to(sched.timesteps[i], (x.shape[0],))
-            tokens_x, tokens, cond = model.embed(x.astype(dtype), texts[0], texts[1], t)
-            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
-            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
-            if do_cfg:
-                uncond, text = jnp.split(pred, 2)
-                pred = uncond + guidance * (text - uncond)
-            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
-                if sched.needs_noise else None
-            latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
-            return self._step_out(latents, sched_state, i, kv)
-
-        return self._jit_step(key, step)
+        """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (text states, pooled)."""
+        return self._flow_step_fn(do_cfg, warmup, lambda x, texts, t: (x, texts[0], texts[1], t))
 
     def _decode_fn(self, size=None):
         """Jitted VAE decode over the whole mesh -> (B, H, W, 3) in [0, 1]: ``latents / scaling + shift``."""
