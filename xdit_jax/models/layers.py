@@ -153,3 +153,12 @@ def scan_modules(stacked, fn, carry):
 
     graphdef, state = nnx.split(stacked)
     return layer_scan(lambda c, s: fn(nnx.merge(graphdef, s), c), carry, state)
+
+
+def final_block(fn, carry):
+    """``fn(carry)``: the block that ends a stack after its scan (a two-stream model's
+    ``context_pre_only`` last block), through :func:`xdit_jax.parallel.pipefusion.final_block` (under
+    PipeFusion it runs on the last stage only, with its own K/V buffers)."""
+    from xdit_jax.parallel.pipefusion import final_block as staged
+
+    return staged(fn, carry)

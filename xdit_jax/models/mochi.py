@@ -13,8 +13,9 @@ The first ``num_layers - 1`` blocks are alike and stacked (one ``lax.scan``); th
 Mochi's learned 3D RoPE (``pos_frequencies``, per head), built per shard from the tokens' global
 (t, y, x) positions.
 
-PipeFusion is not supported for Mochi (``SUPPORTS_PIPEFUSION = False``): the caption stream is
-updated by every layer from attention over the whole video, which a patch pipeline does not see.
+PipeFusion splits the stacked blocks into stages; each video patch carries its own copy of the
+caption stream through them (:mod:`xdit_jax.parallel.pipefusion`), and the last block runs on the
+last stage (:func:`xdit_jax.models.layers.final_block`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
     LayerNorm,
     TimestepEmbedding,
+    final_block,
     linear,
     scan_modules,
     stack_modules,
@@ -40,7 +42,7 @@ from xdit_jax.models.layers import (
 from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
-SUPPORTS_PIPEFUSION = False
+SUPPORTS_PIPEFUSION = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,9 +323,8 @@ class MochiTransformer3DModel(nnx.Module):
         the caption stream is carried along whole."""
         rope = rope_tables(self.pos_frequencies[...], tokens["pos"])
         temb, mask = cond["temb"], cond["context_mask"]
-        x, c = scan_modules(self.transformer_blocks, lambda blk, xc: blk(*xc, temb, mask, rope),
-                            (x, cond["context"]))
-        return self.last_block(x, c, temb, mask, rope)[0]
+        xc = scan_modules(self.transformer_blocks, lambda blk, xc: blk(*xc, temb, mask, rope), (x, cond["context"]))
+        return final_block(lambda xc: self.last_block(*xc, temb, mask, rope)[0], xc)
 
     def head(self, x, cond, shape):
         cfg = self.cfg

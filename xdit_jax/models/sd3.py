@@ -22,8 +22,10 @@ base / max``, ``base = sample_size / patch_size``), cropped at the centre to the
 (:func:`pos_table` computes it where a checkpoint has none), added in :meth:`embed`, so the blocks
 need no per-token tables.
 
-PipeFusion is not supported (``SUPPORTS_PIPEFUSION = False``): the text stream is updated by every
-layer from attention over the whole image.
+PipeFusion splits the stacked blocks into stages; each image patch carries its own copy of the text
+stream through them (:mod:`xdit_jax.parallel.pipefusion`), and the last block runs on the last stage
+(:func:`xdit_jax.models.layers.final_block`). Only with one run of stacked blocks (SD3, SD3.5
+Large): SD3.5 Medium's dual-attention blocks make several runs, and attend twice per block.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from xdit_jax.models.layers import (
     FeedForward,
     LayerNorm,
     TimestepEmbedding,
+    final_block,
     linear,
     scan_modules,
     sincos_1d,
@@ -52,7 +55,7 @@ from xdit_jax.models.layers import (
 from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
-SUPPORTS_PIPEFUSION = False
+SUPPORTS_PIPEFUSION = True
 QK_NORMS = (None, "rms_norm")
 
 
@@ -346,7 +349,7 @@ class SD3Transformer2DModel(nnx.Module):
         xc = (x, cond["context"])
         for name, *_ in self.runs:
             xc = scan_modules(getattr(self, name), lambda blk, s: blk(*s, temb), xc)
-        return self.last_block(*xc, temb)[0]
+        return final_block(lambda xc: self.last_block(*xc, temb)[0], xc)
 
     def head(self, x, cond, shape):
         """Image tokens -> the prediction (B, C_out, H, W) (``shape``: the latents')."""

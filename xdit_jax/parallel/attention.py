@@ -35,7 +35,8 @@ and every merge guards it), so it never makes NaNs.
 Joint attention with a context (``attention(..., context=(cq, ck, cv, mask))``): two-stream models
 (Mochi) keep their caption whole on every device; it joins the self-attention as extra keys (one
 partial over the caption's keys, merged by the log-sum-exp rule) and extra query rows (which ride
-along with the sequence's through the strategy above). Exact on every mesh (:func:`_joint_attention`).
+along with the sequence's through the strategy above). Exact on every mesh (:func:`_over_heads`).
+Under PipeFusion the context joins the patch's attention over the buffers the same way.
 
 The kernel lives in one function, :func:`block_attention`: it returns the output *and* the LSE of
 one (query block, key block) pair with the keys' global offset, which is all the ring needs, so a
@@ -146,20 +147,9 @@ def kv_cache(k, v, layer, start, write, ring_counts=None):
         _KV_CELL.reset(token)
 
 
-def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulysses: int = 1, ring: int = 1):
-    """With ``ulysses > 1`` (PipeFusion x Ulysses) q, k, v hold this device's piece of the patch for
-    all heads; an ``all_to_all`` makes them the ring group's part of the patch for this device's heads
-    (the buffers hold the sequence for those heads), and another one brings the output back. With
-    ``ring > 1`` each ring position's buffer holds its part of every patch (so the patch is stored
-    locally) and the keys of all of them are visited by the ring, ``cell.ring_counts`` saying how
-    many of each are real."""
-    if cell.consumed:
-        raise RuntimeError("A PipeFusion layer called attention twice; one K/V buffer per layer.")
-    cell.consumed = True
-    heads = q.shape[2]
-    if ulysses > 1:
-        hp = -(-heads // ulysses) * ulysses
-        q, k, v = (lax.all_to_all(_pad_heads(x, hp), ULYSSES_AXIS, 2, 1, tiled=True) for x in (q, k, v))
+def _store(cell: KVCell, k, v):
+    """Store the patch's K/V in the cell's layer at ``cell.start`` (when ``cell.write``); return that
+    layer's whole buffers (B, S, H, D)."""
     b, n, h, d = k.shape
     at = (cell.layer, 0, cell.start, 0, 0)
     whole = []
@@ -169,14 +159,31 @@ def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulyss
         buf = lax.dynamic_update_slice(buf, jnp.where(cell.write, new.astype(buf.dtype)[None], old), at)
         setattr(cell, name, buf)
         whole.append(lax.dynamic_index_in_dim(buf, cell.layer, 0, keepdims=False))
-    if ring > 1:
-        out = _ring_attention(q, *whole, ring=ring, valid_len=None, scale=scale, backend=backend,
-                              counts=cell.ring_counts)
-    else:
-        out, _ = block_attention(q, *whole, valid_len=valid_len, scale=scale, backend=backend, need_lse=False)
-    if ulysses > 1:
-        out = lax.all_to_all(out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :heads]
-    return out
+    return whole
+
+
+def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulysses: int = 1, ring: int = 1,
+                      context=None):
+    """With ``ulysses > 1`` (PipeFusion x Ulysses) q, k, v hold this device's piece of the patch for
+    all heads; an ``all_to_all`` makes them the ring group's part of the patch for this device's heads
+    (the buffers hold the sequence for those heads), and another one brings the output back. With
+    ``ring > 1`` each ring position's buffer holds its part of every patch (so the patch is stored
+    locally) and the keys of all of them are visited by the ring, ``cell.ring_counts`` saying how
+    many of each are real. ``context``: as :func:`_over_heads`', joined to the buffers' keys."""
+    if cell.consumed:
+        raise RuntimeError("A PipeFusion layer called attention twice; one K/V buffer per layer.")
+    cell.consumed = True
+
+    def partial(rows, k, v, need_lse):
+        whole = _store(cell, k, v)
+        if ring > 1:
+            return _ring_attention(rows, *whole, ring=ring, valid_len=None, scale=scale, backend=backend,
+                                   counts=cell.ring_counts, return_lse=need_lse)
+        out = block_attention(rows, *whole, valid_len=valid_len, scale=scale, backend=backend, need_lse=need_lse,
+                              out_dtype=jnp.float32 if need_lse else None)
+        return out if need_lse else out[0]
+
+    return _over_heads(q, k, v, partial, ulysses=ulysses, context=context, scale=scale, backend=backend)
 
 
 def _degree(mesh, axis: str) -> int:
@@ -393,54 +400,34 @@ def _pad_heads(x, hp):
     return x if h == hp else jnp.pad(x, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
 
 
-def _sequence_parallel_attention(q, k, v, *, ring, ulysses, valid_len, scale, backend):
+def _over_heads(q, k, v, partial, *, ulysses, context=None, scale=None, backend="xla"):
+    """The Ulysses frame around a sequence partial: with ``ulysses > 1``, ``all_to_all`` from
+    sequence-sharded (B, S/(R*U), H, D) to head-sharded (B, S/R, Hp/U, D) (heads zero-padded to a
+    multiple of the degree: the ring group's contiguous chunk, in ulysses order, for this device's
+    heads), ``partial(rows, k, v, need_lse)`` there, and back (padded heads dropped).
+
+    ``context = (cq, ck, cv, c_mask)`` (bool (B, Sc) key mask): tokens every device holds whole;
+    each device takes its heads of them (a local slice, no traffic), the context queries ride along
+    as extra rows of the sequence's partial, one more partial over the context keys is merged by the
+    log-sum-exp rule, and the context's output heads are all-gathered at the end. Then returns
+    ``(out, out_context or None)``."""
     h = q.shape[2]
+    hp = -(-h // ulysses) * ulysses
     if ulysses > 1:
-        hp = -(-h // ulysses) * ulysses  # zero heads up to a multiple of the degree, dropped after
-        # (B, S/(R*U), Hp, D) -> (B, S/R, Hp/U, D): the ring group's contiguous chunk r, in ulysses
-        # order, for this device's heads.
         q, k, v = (lax.all_to_all(_pad_heads(x, hp), ULYSSES_AXIS, 2, 1, tiled=True) for x in (q, k, v))
-    if ring > 1:
-        out = _ring_attention(q, k, v, ring=ring, valid_len=valid_len, scale=scale, backend=backend)
-    else:
-        out, _ = block_attention(q, k, v, valid_len=valid_len, scale=scale, backend=backend,
-                                 need_lse=False)
-    if ulysses > 1:
-        out = lax.all_to_all(out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :h]
-    return out
-
-
-def _joint_attention(q, k, v, context, *, ring, ulysses, valid_len, scale, backend):
-    """Self-attention of the (sequence-sharded) q, k, v joined by a context every device holds whole.
-
-    ``context = (cq, ck, cv, c_mask)``: (B, Sc, H, D) each (``cq`` may be None) and a bool (B, Sc)
-    key mask. Every query — the local sequence rows and the context rows — attends to the keys of
-    the whole sequence and of the context: one partial over the sequence keys (the strategy of the
-    mesh, any backend; the context queries simply ride along as extra query rows) and one over the
-    context keys (:func:`_context_partial`: any mask), merged by the log-sum-exp rule. With
-    ``ulysses > 1`` each device handles its heads of the context (a local slice, no traffic) and the
-    context's output heads are all-gathered at the end. With ``ring > 1`` every ring device computes
-    the context rows in full (each sees every key block), a few extra rows next to the sequence's.
-    Returns ``(out (B, S_local, H, D), out_context (B, Sc, H, D) or None)``.
-    """
+    if context is None:
+        out = partial(q, k, v, False)
+        return lax.all_to_all(out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :h] if ulysses > 1 else out
     cq, ck, cv, c_mask = context
-    h = q.shape[2]
     if ulysses > 1:
-        hp = -(-h // ulysses) * ulysses
         per = hp // ulysses
-        q, k, v = (lax.all_to_all(_pad_heads(x, hp), ULYSSES_AXIS, 2, 1, tiled=True) for x in (q, k, v))
         mine = lambda x: lax.dynamic_slice_in_dim(_pad_heads(x, hp), lax.axis_index(ULYSSES_AXIS) * per, per,
                                                   axis=2)
         ck, cv = mine(ck), mine(cv)
         cq = None if cq is None else mine(cq)
     n = q.shape[1]
     rows = q if cq is None else jnp.concatenate([q, cq.astype(q.dtype)], axis=1)
-    if ring > 1:
-        out, lse = _ring_attention(rows, k, v, ring=ring, valid_len=valid_len, scale=scale, backend=backend,
-                                   return_lse=True)
-    else:
-        out, lse = block_attention(rows, k, v, valid_len=valid_len, scale=scale, backend=backend, need_lse=True,
-                                   out_dtype=jnp.float32)
+    out, lse = partial(rows, k, v, True)
     out_c, lse_c = _context_partial(rows, ck.astype(k.dtype), cv.astype(v.dtype), c_mask, scale, backend)
     out, _ = merge_partials(out, lse, out_c, lse_c)
     out = out.astype(q.dtype)
@@ -450,6 +437,26 @@ def _joint_attention(q, k, v, context, *, ring, ulysses, valid_len, scale, backe
         if ctx_out is not None:
             ctx_out = lax.all_gather(ctx_out, ULYSSES_AXIS, axis=2, tiled=True)[:, :, :h]
     return seq_out, ctx_out
+
+
+def _sequence_parallel_attention(q, k, v, *, ring, ulysses, valid_len, scale, backend, context=None):
+    """Ulysses (:func:`_over_heads`) around the ring (or one kernel call) over the ring group's chunk.
+
+    With a ``context`` (joint two-stream attention): every query — the local sequence rows and the
+    context rows — attends to the keys of the whole sequence and of the context; with ``ring > 1``
+    every ring device computes the context rows in full (each sees every key block), a few extra rows
+    next to the sequence's. Returns ``out`` (B, S_local, H, D), or ``(out, out_context (B, Sc, H, D) or
+    None)`` with a context."""
+
+    def partial(rows, k, v, need_lse):
+        if ring > 1:
+            return _ring_attention(rows, k, v, ring=ring, valid_len=valid_len, scale=scale, backend=backend,
+                                   return_lse=need_lse)
+        out = block_attention(rows, k, v, valid_len=valid_len, scale=scale, backend=backend, need_lse=need_lse,
+                              out_dtype=jnp.float32 if need_lse else None)
+        return out if need_lse else out[0]
+
+    return _over_heads(q, k, v, partial, ulysses=ulysses, context=context, scale=scale, backend=backend)
 
 
 def _context_partial(rows, ck, cv, c_mask, scale, backend):
@@ -500,7 +507,7 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     queries also attend to the context keys (``c_mask``: bool (B, Sc), True = may be attended), and
     the context queries ``cq`` (None: not wanted) attend to the whole sequence and the context: one
     softmax over ``[sequence; kept context tokens]`` per sample. Then returns ``(out, out_context)``
-    (``out_context`` None when ``cq`` is). Not with PipeFusion.
+    (``out_context`` None when ``cq`` is). Under PipeFusion the context joins the buffers' keys.
 
     With ``ring`` or ``ulysses`` > 1 this must be traced inside a ``shard_map`` over the installed
     mesh (it uses the collectives of the ``ring`` / ``ulysses`` axes).
@@ -516,25 +523,23 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     ring, ulysses = cfg.degree(RING_AXIS), cfg.degree(ULYSSES_AXIS)
     cell = _KV_CELL.get()
     if context is not None:
-        if cell is not None:
-            raise NotImplementedError("attention with a context (joint two-stream attention) does not run "
-                                      "under PipeFusion.")
         if kv_valid is not None:
             raise ValueError("attention with a context takes the sequence's padding as valid_len, not kv_valid.")
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"joint attention wants q and k of one length; got {q.shape[1]} and {k.shape[1]}.")
         context = _check_context(context, q)
-        try:
-            return _joint_attention(q, k, v, context, ring=ring, ulysses=ulysses, valid_len=valid_len,
-                                    scale=scale, backend=cfg.backend)
-        except NameError as e:
-            raise RuntimeError(f"attention with ring={ring}, ulysses={ulysses} must run inside a shard_map "
-                               f"over the installed mesh (axes 'ring', 'ulysses' bound): {e}") from e
     if cell is not None:  # a PipeFusion stage: q, k, v are one patch; keys are the whole sequence
         if kv_valid is not None:
             raise NotImplementedError("PipeFusion takes padding masks only.")
         return _cached_attention(cell, q, k, v, valid_len=valid_len, scale=scale, backend=cfg.backend,
-                                 ulysses=ulysses, ring=ring)
+                                 ulysses=ulysses, ring=ring, context=context)
+    if context is not None:
+        try:
+            return _sequence_parallel_attention(q, k, v, ring=ring, ulysses=ulysses, valid_len=valid_len,
+                                                scale=scale, backend=cfg.backend, context=context)
+        except NameError as e:
+            raise RuntimeError(f"attention with ring={ring}, ulysses={ulysses} must run inside a shard_map "
+                               f"over the installed mesh (axes 'ring', 'ulysses' bound): {e}") from e
     if ring == 1 and ulysses == 1:
         out, _ = block_attention(q, k, v, valid_len=valid_len, kv_valid=kv_valid, scale=scale,
                                  backend=cfg.backend, need_lse=False)

@@ -58,7 +58,12 @@ class StackCache:
     write: jax.Array
     real: jax.Array | None = None  # (layers,) bool: False for the padding of an uneven stage
     ring_counts: np.ndarray | None = None  # ring > 1: real keys in each ring position's buffer
+    first: jax.Array | bool = True  # this is the first stage: the scan starts from the model's own carry
+    recv: object = None  # the scan's carry as the previous stage left it (None: take the model's)
+    tail: tuple | None = None  # (k, v) buffers (1, B, S, H, D) of the final block, or None
+    stream: object = None  # set by layer_scan: its output carry, what goes on to the next stage
     used: bool = False
+    final_used: bool = False
 
 
 _STACK: contextvars.ContextVar[StackCache | None] = contextvars.ContextVar("xdit_jax_stack_cache", default=None)
@@ -87,6 +92,8 @@ def layer_scan(layer_fn, carry, stacked_state):
     if cache.used:
         raise NotImplementedError("PipeFusion supports models with one stacked block sequence.")
     cache.used = True
+    if cache.recv is not None:  # a later stage continues from where the previous one left the carry
+        carry = jax.tree.map(lambda own, got: jnp.where(cache.first, own, got.astype(own.dtype)), carry, cache.recv)
 
     def body(c, xs):  # the buffers ride in the carry: updated in place, one copy alive
         c, k, v = c
@@ -102,7 +109,36 @@ def layer_scan(layer_fn, carry, stacked_state):
     layers = jnp.arange(cache.k.shape[0], dtype=jnp.int32)
     real = cache.real if cache.real is not None else jnp.ones(layers.shape, bool)
     (carry, cache.k, cache.v), _ = lax.scan(body, (carry, cache.k, cache.v), (stacked_state, layers, real))
+    cache.stream = carry
     return carry
+
+
+def final_block(fn, carry):
+    """``fn(carry)``: a block that runs once after the stacked scan and ends the stack (a two-stream
+    model's ``context_pre_only`` last block, which drops the text stream); its result is what
+    ``blocks()`` returns.
+
+    Under PipeFusion (:func:`stack_cache` installed) its result counts on the last stage only (the
+    other stages pass the scan's carry on), attending to the whole sequence through its own K/V
+    buffer (``cache.tail``); elsewhere a plain call. Every stage computes it (one block more per
+    stage): under a ``lax.cond`` the stages that skip it would miss the collectives inside it (the
+    ring's ``ppermute`` spans the stages on some backends) and the others would wait for them.
+    """
+    cache = _STACK.get()
+    if cache is None:
+        return fn(carry)
+    if cache.tail is None:
+        raise RuntimeError("This model ends its stack with a final block: PipeFusion needs K/V buffers for it "
+                           "(init_cache(..., tail=True)).")
+    if cache.final_used:
+        raise NotImplementedError("PipeFusion supports one final block after the stacked scan.")
+    cache.final_used = True
+    with kv_cache(*cache.tail, 0, cache.start, cache.write, cache.ring_counts) as cell:
+        y = fn(carry)
+    if not cell.consumed:
+        raise RuntimeError("The final block called no attention: nothing to cache.")
+    cache.tail = (cell.k, cell.v)
+    return y
 
 
 def stage_layout(num_layers: int, stages: int) -> np.ndarray:
@@ -156,15 +192,23 @@ def cache_shape(layer_slots: int, batch: int, seq_len: int, heads: int, head_dim
             head_dim)
 
 
-def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim: int, dtype, patches: int):
+def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim: int, dtype, patches: int,
+               tail: bool = False, abstract: bool = False):
     """Zero K/V buffers :func:`cache_shape`, layers over ``pipefusion``, batch over (data, cfg), heads
-    over ``ulysses``."""
+    over ``ulysses``: ``(k, v)``, and with ``tail`` (a model with a :func:`final_block`) ``(k, v,
+    tail_k, tail_v)``, one final-block slot per stage (the last stage's is used). ``abstract``:
+    ShapeDtypeStructs instead (to compile without allocating)."""
     from jax.sharding import NamedSharding
 
-    shape = cache_shape(layers, batch, seq_len, heads, head_dim, patches, mesh.shape.get("ulysses", 1),
-                        mesh.shape.get("ring", 1))
+    u, r, n = (mesh.shape.get(a, 1) for a in ("ulysses", "ring", AXIS))
     sharding = NamedSharding(mesh, KV_SPEC)
-    return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
+    make = (lambda shp: jax.ShapeDtypeStruct(shp, dtype, sharding=sharding)) if abstract \
+        else (lambda shp: jnp.zeros(shp, dtype, device=sharding))
+    shape = cache_shape(layers, batch, seq_len, heads, head_dim, patches, u, r)
+    bufs = [make(shape), make(shape)]
+    if tail:
+        bufs += [make((n,) + shape[1:]), make((n,) + shape[1:])]
+    return tuple(bufs)
 
 
 def check_mesh(mesh_spec, num_layers: int) -> None:
@@ -193,11 +237,16 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     """One step of ``blocks(params, joint, tokens, cond)`` as a PipeFusion pipeline over ``mesh``.
 
     joint: (B, S, D) global; tokens: per-token tables (sequence on axis 0); cond: per-sample
-    arrays (batch on axis 0); cache: (k, v) from :func:`init_cache` (or the previous step); params:
+    arrays (batch on axis 0); cache: (k, v) or, for a model with a :func:`final_block`, (k, v, tail_k,
+    tail_v) from :func:`init_cache` (or the previous step); params:
     the model state whose subtree ``stacked`` holds the stacked blocks (split over the stages;
     padded by :func:`pad_stack` where the degree does not divide the model's ``num_layers``).
     ``patches``: the patches of the patched steps (they fix the buffers' layout); ``warmup``: this
     step runs the whole sequence at once (exact) and fills the buffers. Returns (out (B, S, D), cache).
+
+    What passes from stage to stage is the stacked scan's carry (:func:`layer_scan`): the patch's
+    tokens, and for a two-stream model the text stream that rides with them (each patch carries its
+    own copy of the text, updated by the stages from that patch's attention).
     """
     n = mesh.shape[AXIS] if mesh is not None else 1
     u = mesh.shape.get("ulysses", 1) if mesh is not None else 1
@@ -224,12 +273,10 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     if num_layers is not None and num_layers % n:
         real_all = stage_layout(num_layers, n) >= 0
 
-    def local(p, j, t, c, k, v):
+    def local(p, j, t, c, k, v, *tail):
         stage = lax.axis_index(AXIS) if n > 1 else 0
         seq_rank = (lax.axis_index("ring") * u if rr > 1 else 0) + (lax.axis_index("ulysses") if u > 1 else 0)
         mine = seq_rank * piece  # offset of this device's piece in a patch (chunk order ring-major, as run_blocks)
-        width = sp // (rr * u) if warmup else piece  # tokens this device runs per tick
-        zero = jnp.zeros((j.shape[0], width) + j.shape[2:], j.dtype)
         real = None
         if real_all is not None:  # this stage's slots of the padded stack
             real = lax.dynamic_slice_in_dim(jnp.asarray(real_all), stage * k.shape[0], k.shape[0])
@@ -238,9 +285,9 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
             take = lambda a, axis: jnp.take(a, idx, axis=axis)  # noqa: E731
             put = lambda out, y: out.at[:, idx].set(y)  # noqa: E731
 
-        def tick(i, carry):
-            recv, out, k, v = carry
-            patch = i - stage
+        def stage_call(patch, recv, k, v, tail):
+            """This stage's blocks on ``patch`` (its tokens' rows), continuing from ``recv`` (the previous
+            stage's carry; None: the model's own). -> (output, carry for the next stage, k, v, tail)."""
             active = (patch >= 0) & (patch < steps_through)
             if warmup:
                 x, tp, local_start = take(j, 1), jax.tree.map(lambda a: take(a, 0), t), 0
@@ -249,40 +296,58 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
                 x = lax.dynamic_slice_in_dim(j, start, piece, axis=1)
                 tp = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, piece, axis=0), t)
                 local_start = jnp.clip(patch, 0, patches - 1) * part  # this patch's part in the buffer
-            x = jnp.where(stage == 0, x, recv)
-            cache = StackCache(k=k, v=v, start=local_start, write=active, real=real, ring_counts=counts)
+            cache = StackCache(k=k, v=v, start=local_start, write=active, real=real, ring_counts=counts,
+                               first=stage == 0 if n > 1 else True,
+                               recv=recv, tail=tail or None)
             with stack_cache(cache), attention_context(AttentionConfig(mesh=mesh if u * rr > 1 else None,
                                                                        backend=backend, valid_len=valid_len)):
                 y = blocks(p, x, tp, c)
             if not cache.used:
                 raise RuntimeError("blocks() ran no layer_scan: PipeFusion needs the stacked block scan.")
-            done = active & (stage == n - 1)
-            new = put(out, y) if warmup else lax.dynamic_update_slice_in_dim(out, y, start, axis=1)
-            out = jnp.where(done, new, out)
-            if n > 1:  # stage r -> r + 1 (the first stage reads the next patch of the input instead)
-                y = lax.ppermute(y, AXIS, [(r, r + 1) for r in range(n - 1)])
-            return y, out, cache.k, cache.v
+            if tail and not cache.final_used:
+                raise RuntimeError("K/V buffers for a final block were given, but blocks() ran no final_block.")
+            return y, cache.stream, cache.k, cache.v, tuple(cache.tail or ())
 
-        _, out, k, v = lax.fori_loop(0, ticks, tick, (zero, jnp.zeros_like(j), k, v))
+        # The carry that flows between stages, as the model's scan shapes it (zeros before the first arrives).
+        stream0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                               jax.eval_shape(lambda: stage_call(0, None, k, v, tail)[1]))
+
+        def tick(i, carry):
+            recv, out, k, v, tail = carry
+            patch = i - stage
+            y, stream, k, v, tail = stage_call(patch, recv if n > 1 else None, k, v, tail)
+            done = (patch >= 0) & (patch < steps_through) & (stage == n - 1)
+            if warmup:
+                new = put(out, y)
+            else:
+                start = jnp.clip(patch, 0, patches - 1) * plen + mine
+                new = lax.dynamic_update_slice_in_dim(out, y, start, axis=1)
+            out = jnp.where(done, new, out)
+            if n > 1:  # stage r -> r + 1 (the first stage starts from the next patch of the input instead)
+                stream = jax.tree.map(lambda a: lax.ppermute(a, AXIS, [(r, r + 1) for r in range(n - 1)]), stream)
+            return stream, out, k, v, tail
+
+        _, out, k, v, tail = lax.fori_loop(0, ticks, tick, (stream0, jnp.zeros_like(j), k, v, tuple(tail)))
         # The last stage holds the output, each sequence device its pieces (zeros elsewhere): sum them.
         axes = tuple(a for a, size in ((AXIS, n), ("ring", rr), ("ulysses", u)) if size > 1)
         if axes:
             out = lax.psum(jnp.where(stage == n - 1, out, 0), axes)
-        return out, k, v
+        return (out, k, v, *tail)
 
     if mesh is None or mesh.size == 1:
-        out, k, v = local(params, joint_p, tokens_p, cond, *cache)
-        return out[:, :s], (k, v)
+        out, *cache = local(params, joint_p, tokens_p, cond, *cache)
+        return out[:, :s], tuple(cache)
     from xdit_jax.parallel.sequence import _shard_map
 
     stacked_spec = lambda path, _: P(AXIS) if starts_with(path, stacked) else P()
     par_specs = jax.tree_util.tree_map_with_path(stacked_spec, params)
     batch = lambda x: P(BATCH_AXES, *([None] * (x.ndim - 1)))
-    out, k, v = _shard_map(local, mesh,
-                           (par_specs, batch(joint_p), jax.tree.map(lambda _: P(), tokens_p),
-                            jax.tree.map(batch, cond), KV_SPEC, KV_SPEC),
-                           (batch(joint_p), KV_SPEC, KV_SPEC))(params, joint_p, tokens_p, cond, *cache)
-    return out[:, :s], (k, v)
+    kv_specs = (KV_SPEC,) * len(cache)
+    out, *cache = _shard_map(local, mesh,
+                             (par_specs, batch(joint_p), jax.tree.map(lambda _: P(), tokens_p),
+                              jax.tree.map(batch, cond), *kv_specs),
+                             (batch(joint_p), *kv_specs))(params, joint_p, tokens_p, cond, *cache)
+    return out[:, :s], tuple(cache)
 
 
 def starts_with(path, name: str) -> bool:

@@ -19,13 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from xdit_jax import schedulers
 from xdit_jax.conversion import read_json
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import cogvideox, vae_cogvideox
-from xdit_jax.parallel import pipefusion
 from xdit_jax.pipelines.denoise import (
     PipelineBase,
     StageTimer,
@@ -186,20 +184,12 @@ class CogVideoXPipeline(PipelineBase):
                 width // self.vae_scale_factor_spatial), additional
 
     def _kv_cache(self, latent_shape, step_batch: int, text_len: int, abstract: bool = False):
-        """PipeFusion's zero K/V buffers for these shapes (``abstract``: ShapeDtypeStructs), one slot per
-        layer of the stack padded to equal stages, the joint sequence padded to the patches."""
+        """PipeFusion's K/V buffers (:meth:`PipelineBase._pipefusion_buffers`) for the joint [text; video]
+        sequence of these shapes; None without PipeFusion."""
         tc = self.transformer_config
         f, (h, w) = latent_shape[1], latent_shape[3:]
-        pt = tc.patch_size_t or 1
-        seq = text_len + (f // pt) * (h // tc.patch_size) * (w // tc.patch_size)
-        args = (len(pipefusion.stage_layout(tc.num_layers, self.mesh_spec.pipefusion)), step_batch, seq,
-                tc.num_attention_heads, tc.attention_head_dim)
-        if not abstract:
-            return pipefusion.init_cache(self.mesh, *args, self.dtype, self.pipefusion_patches)
-        shape = pipefusion.cache_shape(*args, self.pipefusion_patches, self.mesh_spec.ulysses,
-                                       self.mesh_spec.ring)
-        buf = jax.ShapeDtypeStruct(shape, self.dtype, sharding=NamedSharding(self.mesh, pipefusion.KV_SPEC))
-        return buf, buf
+        seq = text_len + (f // (tc.patch_size_t or 1)) * (h // tc.patch_size) * (w // tc.patch_size)
+        return self._pipefusion_buffers(step_batch, seq, abstract)
 
     def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
                      num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 6.0,
@@ -220,7 +210,7 @@ class CogVideoXPipeline(PipelineBase):
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, False))
         _, tstate = nnx.split(self.transformer)
         # PipeFusion: the patched step (the warm-up step is the same program with one patch)
-        kv = self._kv_cache(shape, embeds.shape[0], seq, abstract=True) if self.uses_pipefusion else None
+        kv = self._kv_cache(shape, embeds.shape[0], seq, abstract=True)
         return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, latents, jnp.int32(0), kv, embeds, sched, guidance, jax.random.key(0)).compile()
 
@@ -273,7 +263,7 @@ class CogVideoXPipeline(PipelineBase):
 
         # 3. denoise: one jitted step per iteration
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, use_dynamic_cfg))
-        kv = self._kv_cache(shape, embeds.shape[0], embeds.shape[1]) if self.uses_pipefusion else None
+        kv = self._kv_cache(shape, embeds.shape[0], embeds.shape[1])
         with timer.stage("denoising"):
             state = jax.jit(schedulers.init_state, out_shardings=latents.sharding)(latents)
             args = (embeds, jax.tree.map(jnp.asarray, sched), guidance, rng)

@@ -214,14 +214,20 @@ class PipelineBase:
 
     def _init_parts(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                     scheduler_config, dtype, mesh, attention_backend: str, pipefusion_patches: int | None,
-                    pipefusion_warmup_steps: int, stacked: str) -> None:
+                    pipefusion_warmup_steps: int, stacked: str, stacked_layers: int | None = None,
+                    final_block: bool = False) -> None:
+        """``stacked``: the Flax name of the stacked blocks, ``stacked_layers`` how many (default: the
+        config's ``num_layers``); ``final_block``: the model ends its stack with one more block
+        (:func:`xdit_jax.parallel.pipefusion.final_block`), which PipeFusion gives K/V buffers too."""
         self.transformer, self.transformer_config = transformer, transformer_config
         self.vae, self.vae_config = vae, vae_config
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.scheduler_config = scheduler_config
         self.stacked = stacked
+        self.stacked_layers = transformer_config.num_layers if stacked_layers is None else int(stacked_layers)
+        self.final_block = bool(final_block)
         self._setup(dtype, mesh, attention_backend)
-        self._setup_pipefusion(transformer_config.num_layers, pipefusion_patches, pipefusion_warmup_steps,
+        self._setup_pipefusion(self.stacked_layers, pipefusion_patches, pipefusion_warmup_steps,
                                getattr(transformer, stacked))
         self._step_cache = {}
         self._decode_cache = {}
@@ -339,8 +345,21 @@ class PipelineBase:
             return run_blocks(blocks, tstate, x, tokens, cond, self.mesh, backend=self.attention_backend), None
         return pipefusion.run_pipefusion(blocks, tstate, x, tokens, cond, kv, self.mesh,
                                          patches=self.pipefusion_patches, warmup=warmup, stacked=self.stacked,
-                                         backend=self.attention_backend,
-                                         num_layers=self.transformer_config.num_layers)
+                                         backend=self.attention_backend, num_layers=self.stacked_layers)
+
+    def _pipefusion_buffers(self, step_batch: int, seq: int, abstract: bool = False):
+        """PipeFusion's zero K/V buffers (``abstract``: ShapeDtypeStructs) for a step batch of ``step_batch``
+        and a sequence of ``seq`` tokens: one slot per layer of the stack padded to equal stages, the
+        sequence padded to the patches, and a final block's where the model has one; None without
+        PipeFusion."""
+        from xdit_jax.parallel import pipefusion
+
+        if not self.uses_pipefusion:
+            return None
+        tc = self.transformer_config
+        slots = len(pipefusion.stage_layout(self.stacked_layers, self.mesh_spec.pipefusion))
+        return pipefusion.init_cache(self.mesh, slots, step_batch, seq, tc.num_attention_heads, tc.attention_head_dim,
+                                     self.dtype, self.pipefusion_patches, tail=self.final_block, abstract=abstract)
 
     def _jit_step(self, key, step):
         """``jax.jit(step)`` cached under ``key``; the carry (latents, scheduler state, K/V buffers)
@@ -406,11 +425,12 @@ class PipelineBase:
         return self._jit_step(key, step)
 
     def _denoise_and_decode(self, timer: StageTimer, do_cfg: bool, latents, sched_state, args: tuple,
-                            num_steps: int, progress: bool, output_type: str, decode):
-        """The denoising loop (:meth:`_denoise`, no PipeFusion buffers) timed as "denoising", then, unless
-        ``output_type == "latent"``, ``decode(latents)`` timed as "decoding"; the result on the host."""
+                            num_steps: int, progress: bool, output_type: str, decode, kv=None):
+        """The denoising loop (:meth:`_denoise`; ``kv``: PipeFusion's buffers or None) timed as "denoising",
+        then, unless ``output_type == "latent"``, ``decode(latents)`` timed as "decoding"; the result on the
+        host."""
         with timer.stage("denoising"):
-            latents = self._denoise(do_cfg, latents, sched_state, None, args, num_steps, progress)
+            latents = self._denoise(do_cfg, latents, sched_state, kv, args, num_steps, progress)
         if output_type == "latent":
             return as_numpy(latents)
         with timer.stage("decoding"):

@@ -31,7 +31,6 @@ from flax import nnx
 from xdit_jax.conversion import read_json
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import pixart
-from xdit_jax.parallel import pipefusion
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
     StageTimer,
@@ -252,8 +251,7 @@ class PixArtPipeline(ImagePipelineBase):
         # 3. denoise: one jitted step per iteration
         guidance = self._put_replicated(jnp.float32(guidance_scale))
         added = self._added_cond(batch, height, width)
-        kv = self._pipefusion_cache(embeds.shape[0], self._image_tokens(height, width)) if self.uses_pipefusion \
-            else None
+        kv = self._pipefusion_buffers(embeds.shape[0], self._image_tokens(height, width))
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         with timer.stage("denoising"):
             state = jax.device_put(dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order),
@@ -274,9 +272,3 @@ class PixArtPipeline(ImagePipelineBase):
     def _image_tokens(self, height: int, width: int) -> int:
         p, s = self.transformer_config.patch_size, vae_scale_factor(self.vae_config)
         return (height // s // p) * (width // s // p)
-
-    def _pipefusion_cache(self, step_batch: int, seq: int):
-        tc = self.transformer_config
-        return pipefusion.init_cache(self.mesh, len(pipefusion.stage_layout(tc.num_layers, self.mesh_spec.pipefusion)),
-                                     step_batch, seq, tc.num_attention_heads, tc.attention_head_dim, self.dtype,
-                                     self.pipefusion_patches)
