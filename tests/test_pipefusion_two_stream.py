@@ -13,6 +13,8 @@ Tolerance: fp32, only summation order differs (stage splits, patches, the ring's
 LSE merges, padded heads); outputs O(1); 2e-5 (measured <= 3e-6).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,21 +28,26 @@ from xdit_jax.parallel import pipefusion
 from xdit_jax.parallel.sequence import run_blocks
 
 
-def _perturbed(model, seed):
-    """The model's state with every parameter moved by N(0, 0.1): no zero-initialised gate or output
-    hides a wrong path."""
-    graphdef, state = nnx.split(model)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [a + 0.1 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
-    return graphdef, jax.tree.unflatten(tree, leaves)
+def _random_state(model_class, cfg, seed):
+    """(graphdef, state) of a model of ``cfg`` whose every parameter is drawn on the host: N(0, 1/fan_in)
+    for matrices, N(0, 0.1) for the rest (no zero-initialised gate or output hides a wrong path; no
+    compiled init: a few ms)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_class(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(a):
+        std = a.shape[-2] ** -0.5 if a.ndim >= 2 else 0.1
+        return jnp.asarray(std * rng.standard_normal(a.shape), a.dtype)
+
+    return graphdef, jax.tree.map(draw, abstract)
 
 
+@functools.cache
 def _mochi():
     # 4 blocks (3 stacked: uneven on 2 stages) of 3 heads (padded to 4 on ulysses=2); a caption with
     # padding in one sample: 2 x 2 x 3 latents = 6 ... 2 frames x 2 x 3 = 12 video tokens.
     cfg = mochi.MochiConfig.from_dict({**tiny.MOCHI_TRANSFORMER, "num_layers": 4, "num_attention_heads": 3})
-    graphdef, state = _perturbed(mochi.MochiTransformer3DModel(cfg, rngs=nnx.Rngs(0)), 1)
+    graphdef, state = _random_state(mochi.MochiTransformer3DModel, cfg, 1)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, cfg.in_channels, 2, 4, 6)), jnp.float32)
     text = jnp.asarray(rng.standard_normal((2, 5, cfg.text_embed_dim)), jnp.float32)
@@ -49,10 +56,11 @@ def _mochi():
     return cfg, graphdef, state, embed, cfg.num_layers - 1
 
 
+@functools.cache
 def _sd3():
     cfg = sd3.SD3Config.from_dict({**tiny.SD3_TRANSFORMER, "num_layers": 4, "num_attention_heads": 3,
                                    "caption_projection_dim": 48, "qk_norm": "rms_norm"})
-    graphdef, state = _perturbed(sd3.SD3Transformer2DModel(cfg, rngs=nnx.Rngs(0)), 2)
+    graphdef, state = _random_state(sd3.SD3Transformer2DModel, cfg, 2)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, cfg.in_channels, 6, 8)), jnp.float32)  # 3 x 4 = 12 image tokens
     text = jnp.asarray(rng.standard_normal((2, 5, cfg.joint_attention_dim)), jnp.float32)
@@ -64,18 +72,29 @@ def _sd3():
 FAMILIES = {"mochi": _mochi, "sd3": _sd3}
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("mesh,patches", [(None, 3), ("pipefusion=2", 2), ("pipefusion=3", 2),
-                                          ("cfg=2,pipefusion=2,ulysses=2", 3), ("pipefusion=2,ring=2", 2)])
+@functools.cache
+def _embedded(family):
+    _, graphdef, state, embed, _ = FAMILIES[family]()
+    return jax.jit(lambda st, e: nnx.merge(graphdef, st).embed(*e))(state, embed)
+
+
+SLOW = pytest.mark.slow  # cases another case covers (the default run stays under 20 minutes); `-m slow` runs them
+
+
+@pytest.mark.parametrize("family,mesh,patches", [
+    ("mochi", None, 3), ("mochi", "cfg=2,pipefusion=2,ulysses=2", 3), ("mochi", "pipefusion=2,ring=2", 2),
+    ("sd3", "pipefusion=3", 2), ("sd3", "pipefusion=2,ring=2", 2),
+    pytest.param("mochi", "pipefusion=2", 2, marks=SLOW), pytest.param("mochi", "pipefusion=3", 2, marks=SLOW),
+    pytest.param("sd3", None, 3, marks=SLOW), pytest.param("sd3", "pipefusion=2", 2, marks=SLOW),
+    pytest.param("sd3", "cfg=2,pipefusion=2,ulysses=2", 3, marks=SLOW)])
 def test_patches_with_buffers_of_the_same_input_are_exact(family, mesh, patches):
     cfg, graphdef, state, embed, stacked = FAMILIES[family]()
-    model = nnx.merge(graphdef, state)
-    x, tokens, cond = model.embed(*embed)
+    x, tokens, cond = _embedded(family)
 
     def blocks(p, y, t, c):
         return nnx.merge(graphdef, p).blocks(y, t, c)
 
-    ref = run_blocks(blocks, state, x, tokens, cond, None)
+    ref = jax.jit(lambda st: run_blocks(blocks, st, x, tokens, cond, None))(state)
     m = build_mesh(mesh)
     stages = m.shape["pipefusion"]
     state = pipefusion.pad_stack(state, "transformer_blocks", stages)
@@ -103,8 +122,7 @@ def test_stale_buffers_change_the_patched_pass():
     """The converse: buffers from another input (a previous step) change the patched result, so the
     test above can tell a pass that reads its buffers from one that does not."""
     cfg, graphdef, state, embed, stacked = _sd3()
-    model = nnx.merge(graphdef, state)
-    x, tokens, cond = model.embed(*embed)
+    x, tokens, cond = _embedded("sd3")
 
     def blocks(p, y, t, c):
         return nnx.merge(graphdef, p).blocks(y, t, c)
@@ -112,19 +130,65 @@ def test_stale_buffers_change_the_patched_pass():
     m = build_mesh("pipefusion=3")
     cache = pipefusion.init_cache(m, stacked, 2, x.shape[1], cfg.num_attention_heads, cfg.attention_head_dim,
                                   jnp.float32, 2, tail=True)
-    run = lambda warmup, j: pipefusion.run_pipefusion(blocks, state, j, tokens, cond, cache if warmup else c1, m,
-                                                      patches=2, warmup=warmup, stacked="transformer_blocks")
-    _, c1 = run(True, x + jax.random.normal(jax.random.key(3), x.shape))  # (a shift would be normed away)
-    patched, _ = run(False, x)
-    ref = run_blocks(blocks, state, x, tokens, cond, None)
+    run = jax.jit(lambda j, c, warmup: pipefusion.run_pipefusion(
+        blocks, state, j, tokens, cond, c, m, patches=2, warmup=warmup, stacked="transformer_blocks"),
+        static_argnums=2)
+    _, stale = run(x + jax.random.normal(jax.random.key(3), x.shape), cache, True)  # (a shift would be normed away)
+    patched, _ = run(x, stale, False)
+    ref = jax.jit(lambda st: run_blocks(blocks, st, x, tokens, cond, None))(state)
     assert float(jnp.abs(patched - ref).max()) > 1e-2
 
 
 def test_buffers_without_a_final_block_slot_are_refused():
     cfg, graphdef, state, embed, stacked = _mochi()
-    x, tokens, cond = nnx.merge(graphdef, state).embed(*embed)
+    x, tokens, cond = _embedded("mochi")
     cache = pipefusion.init_cache(build_mesh(None), stacked, 2, x.shape[1], cfg.num_attention_heads,
                                   cfg.attention_head_dim, jnp.float32, 2)
     with pytest.raises(RuntimeError, match="final block"):
         pipefusion.run_pipefusion(lambda p, y, t, c: nnx.merge(graphdef, p).blocks(y, t, c), state, x, tokens, cond,
                                   cache, None, patches=2, warmup=True, stacked="transformer_blocks")
+
+
+# ----- the pipelines: Mochi and SD3 on pipefusion meshes (tiny models with 4 blocks: 3 stacked + the last) -----
+
+PIPES = {
+    "mochi": dict(transformer={"num_layers": 4, "num_attention_heads": 3},
+                  call=dict(num_frames=7, height=32, width=48, max_sequence_length=16)),  # 2 x 2 x 3 = 12 tokens
+    "sd3": dict(transformer={"num_layers": 4, "num_attention_heads": 3, "caption_projection_dim": 48},
+                call=dict(height=48, width=80, max_sequence_length=16)),  # 3 x 5 = 15 image tokens
+}
+
+
+@pytest.fixture(scope="module", params=list(PIPES))
+def pipes(request, tmp_path_factory):
+    """(family, pipeline class, folder, kwargs, one device's latents, the sequential 2-patch rule's)."""
+    from xdit_jax import MochiPipeline, StableDiffusion3Pipeline
+
+    family = request.param
+    cls = {"mochi": MochiPipeline, "sd3": StableDiffusion3Pipeline}[family]
+    folder = tiny.make_tiny_model(tmp_path_factory.mktemp(family) / "m", transformer=PIPES[family]["transformer"],
+                                  family=family)
+    kw = dict(PIPES[family]["call"], num_inference_steps=3, output_type="latent", progress=False, seed=5)
+    prompts = ["A small dog running on a beach.", "A cat."]
+    out = "frames" if family == "mochi" else "images"
+    run = lambda pipe: getattr(pipe(prompts, **kw), out)  # noqa: E731
+    one = run(cls.from_pretrained(folder))
+    sequential = run(cls.from_pretrained(folder, pipefusion_patches=2))
+    return cls, folder, run, one, sequential
+
+
+def test_pipeline_warmup_steps_equal_one_device(pipes):
+    cls, folder, run, one, _ = pipes
+    out = run(cls.from_pretrained(folder, mesh="cfg=2,pipefusion=2,ulysses=2", pipefusion_warmup_steps=3))
+    assert np.abs(out - one).max() <= 2e-5 * np.abs(one).max()
+
+
+@pytest.mark.parametrize("mesh", ["pipefusion=2,ring=2", "data=2,pipefusion=3"])
+def test_pipeline_patched_steps_equal_sequential_reference(pipes, mesh):
+    cls, folder, run, one, sequential = pipes
+    if (cls.__name__ == "MochiPipeline") == (mesh == "data=2,pipefusion=3"):
+        pytest.skip("each family runs one of the two meshes (the model-level tests above run the rest)")
+    out = run(cls.from_pretrained(folder, mesh=mesh, pipefusion_patches=2))
+    scale = np.abs(one).max()
+    assert np.abs(out - sequential).max() <= 2e-5 * scale
+    assert np.abs(sequential - one).max() > 1e-3 * scale  # the displaced-patch rule is not the exact one

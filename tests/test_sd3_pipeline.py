@@ -1,13 +1,15 @@
 """The Stable Diffusion 3 pipeline from a diffusers save_pretrained folder == diffusers' StableDiffusion3Pipeline,
 on one device and on meshes (8 simulated CPU devices)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from tests.fixtures import make_torch_sd3, save_torch_pipeline
 from xdit_jax.pipelines.denoise import converted_folder
-from xdit_jax.pipelines.sd3 import StableDiffusion3Pipeline
+from xdit_jax.pipelines.sd3 import StableDiffusion3Pipeline, check_request
 
 PROMPT = "A small dog running on a beach at sunset."
 NEG = "blurry, low quality"
@@ -82,8 +84,17 @@ def test_meshes_match_one_device(mesh, tmp_path_factory):
 
 def test_bad_input(tmp_path_factory):
     _, ours, folder = build(tmp_path_factory)
-    with pytest.raises(ValueError, match="PipeFusion"):
+    with pytest.raises(ValueError, match="pipefusion=2 is more stages than the model's 1 layers"):  # 1 stacked
         StableDiffusion3Pipeline.from_pretrained(folder, mesh="pipefusion=2")
+    dual = dataclasses.replace(ours.transformer_config, num_layers=4, dual_attention_layers=(0, 1))
+    with pytest.raises(ValueError, match="This SD3.5 transformer cannot run PipeFusion here: its dual-attention"):
+        check_request(dual, ours.vae_config, H, W, 1, "pipefusion=2")
+    check_request(dual, ours.vae_config, H, W, 1, "ulysses=2")  # the other meshes are fine
+    parts = {k: getattr(ours, k) for k in ("transformer", "vae", "vae_config", "text_encoder", "tokenizer",
+                                           "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3",
+                                           "scheduler_config")}
+    with pytest.raises(ValueError, match="dual-attention"):  # patches asked for on one device
+        StableDiffusion3Pipeline(**parts, transformer_config=dual, pipefusion_patches=2)
     with pytest.raises(ValueError, match="multiples of 16"):
         ours(PROMPT, height=40, width=W)
     with pytest.raises(ValueError, match="come together"):

@@ -2,9 +2,13 @@
 
 from xdit_jax.mesh import MeshSpec, build_mesh
 from xdit_jax.pipelines.cogvideox import CogVideoXPipeline, CogVideoXPipelineOutput
+from xdit_jax.pipelines.flux import FluxPipeline, FluxPipelineOutput
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
+from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
+from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
 
-__all__ = ["CogVideoXPipeline", "CogVideoXPipelineOutput", "HunyuanDiTPipeline", "HunyuanDiTPipelineOutput",
-           "MeshSpec", "PixArtPipeline", "PixArtPipelineOutput", "build_mesh"]
+__all__ = ["CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
+           "HunyuanDiTPipelineOutput", "MeshSpec", "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline",
+           "PixArtPipelineOutput", "SD3PipelineOutput", "StableDiffusion3Pipeline", "build_mesh"]
 __version__ = "0.1.0"

@@ -989,12 +989,12 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     patches = stage_tree = None
     layers = tcfg.num_layers
     if ms.pipefusion > 1:  # the stacked blocks split over the stages; a patched step (as many patches as stages)
-        family.refuse_pipefusion()  # HunyuanDiT: long skips cross every stage boundary; Mochi: its caption stream
+        family.refuse_pipefusion(tcfg)  # HunyuanDiT: long skips cross every stage boundary
         from xdit_jax.parallel import pipefusion
 
-        pipefusion.check_mesh(ms, tcfg.num_layers)
+        pipefusion.check_mesh(ms, family.stacked_layers(tcfg))
         patches = ms.pipefusion
-        layers = len(pipefusion.stage_layout(tcfg.num_layers, ms.pipefusion))  # padded to equal stages
+        layers = len(pipefusion.stage_layout(family.stacked_layers(tcfg), ms.pipefusion))  # padded to equal stages
         row["pipefusion_patches"], row["pipefusion_layer_slots"] = patches, layers
         stage_tree = _stage_shardings(tcfg, dtype, NamedSharding(mesh, P(pipefusion.AXIS)), repl)
     if opts.compile_only:  # shapes only: nothing allocated, nothing run (full-size models on a small host)
@@ -1028,7 +1028,8 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
                 args = tuple(jax.device_put(inputs[k]) for k in names)
             jax.block_until_ready(args)
     step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches,
-                                        tcfg.num_layers, family=family, input_names=names, host_inputs=host)
+                                        family.stacked_layers(tcfg), family=family, input_names=names,
+                                        host_inputs=host)
     if patches:  # PipeFusion's K/V buffers: an argument (donated, given back by each step)
         from xdit_jax.parallel import pipefusion
 
@@ -1037,14 +1038,9 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         if seq is None:  # CogVideoX: joint attention over text + video tokens
             pt = tcfg.patch_size_t or 1
             seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
-        if opts.compile_only:
-            kv_shape = pipefusion.cache_shape(layers, lat[0], seq, tcfg.num_attention_heads, tcfg.attention_head_dim,
-                                              patches, ms.ulysses, ms.ring)
-            args = args + ((jax.ShapeDtypeStruct(kv_shape, dtype, sharding=NamedSharding(mesh, pipefusion.KV_SPEC)),)
-                           * 2,)
-        else:
-            args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
-                                                 tcfg.attention_head_dim, dtype, patches),)
+        args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
+                                             tcfg.attention_head_dim, dtype, patches, tail=family.final_block,
+                                             abstract=opts.compile_only),)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
     with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
         lowered = step.lower(state, *args)

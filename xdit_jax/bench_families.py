@@ -42,6 +42,7 @@ class Family:
     token_word: str = ""  # what the latent tokens are: "video" / "image"
     title: str = ""  # the family's name in messages
     no_pipefusion_why: str = ""  # why PipeFusion cannot split the model, where it cannot
+    final_block: bool = False  # the stack ends with one more block after its scan (pipefusion.final_block)
     default_cfg: bool = True  # the step's batch: both CFG halves per prompt unless the workload says otherwise
     # inputs that are not arguments of the jitted step but host arrays read at trace time (FLUX's
     # position ids: the model turns them into RoPE tables with numpy, as the pipeline does before its step)
@@ -52,8 +53,12 @@ class Family:
         """Whether PipeFusion can split the model's layer stack (the model module's ``SUPPORTS_PIPEFUSION``)."""
         return bool(getattr(self.module, "SUPPORTS_PIPEFUSION", True))
 
-    def refuse_pipefusion(self) -> None:
-        """Raise the row's error for a PipeFusion mesh where the model cannot run one."""
+    def stacked_layers(self, cfg) -> int:
+        """The blocks in the stacked scan that PipeFusion splits into stages."""
+        return cfg.num_layers - (1 if self.final_block else 0)
+
+    def refuse_pipefusion(self, cfg=None) -> None:
+        """Raise the row's error for a PipeFusion mesh where the model (of ``cfg``) cannot run one."""
         if not self.supports_pipefusion:
             raise ValueError(f"PipeFusion not supported for {self.title} ({self.no_pipefusion_why}); use cfg, "
                              f"data, ulysses and ring meshes.")
@@ -795,8 +800,7 @@ class Mochi(Family):
     config_class_name = "MochiConfig"
     token_word = "video"
     title = "Mochi"
-    # every layer's caption update attends to the whole video, which a patch pipeline does not see
-    no_pipefusion_why = "the caption stream is updated from attention over the whole video in every layer"
+    final_block = True  # the context_pre_only last block
 
     def latent_shape(self, w):
         """(B, C, F, h, w) in diffusers' layout: (num_frames - 1) // 6 + 1 latent frames, H/8 x W/8."""
@@ -963,8 +967,7 @@ class Flux(Family):
     config_class_name = "FluxConfig"
     token_word = "image"
     title = "FLUX"
-    # every double-stream layer's text update attends to the whole image, which a patch pipeline does not see
-    no_pipefusion_why = "the double-stream blocks update the text from attention over the whole image in every layer"
+    no_pipefusion_why = "two block stacks of different kinds; a PipeFusion stage runs one stacked scan"
     # FLUX.1-dev is guidance-distilled (the scale is an embedding) and schnell takes none: FluxPipeline runs one
     # sample per prompt; diffusers' true CFG (a negative prompt, true_cfg_scale > 1) doubles it (--cfg)
     default_cfg = False
@@ -1155,8 +1158,12 @@ class SD3(Family):
     config_class_name = "SD3Config"
     token_word = "image"
     title = "SD3"
-    # every joint block's text update attends to the whole image, which a patch pipeline does not see
-    no_pipefusion_why = "its joint blocks update the text from attention over the whole image in every layer"
+    final_block = True  # the context_pre_only last block
+
+    def refuse_pipefusion(self, cfg=None) -> None:
+        if cfg is not None and cfg.dual_attention_layers:
+            raise ValueError("PipeFusion not supported for SD3.5 transformers with dual_attention_layers (they attend "
+                             "twice per block and stack in runs); use cfg, data, ulysses and ring meshes.")
 
     def latent_shape(self, w):
         """(B, C, H/8, W/8), diffusers' layout (the transformer patchifies it itself)."""

@@ -14,8 +14,8 @@ Two kinds of blocks, each stacked and run with one ``lax.scan``:
 So a step runs the block stacks in two phases (:func:`xdit_jax.parallel.sequence.run_blocks` twice);
 between them the text joins the sequence. RoPE (3 axes over (t, y, x) ids, theta 10000) is applied
 to every token, text included (its ids are zeros in FluxPipeline: no rotation). PipeFusion is not
-supported (``SUPPORTS_PIPEFUSION = False``): the double-stream phase's text is updated from attention
-over the whole image in every layer.
+supported (``SUPPORTS_PIPEFUSION = False``): the two stacks (double-stream, then single-stream over the
+joint sequence) differ in kind, while a PipeFusion stage runs one stacked scan (plus one final block).
 """
 
 from __future__ import annotations

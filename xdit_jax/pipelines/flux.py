@@ -13,7 +13,7 @@ joint [text; image] sequence sharded as one. Guidance-distilled checkpoints (FLU
 prompt) runs both halves in the batch (split over ``cfg=2``). The flow-matching Euler step with
 diffusers' sigmas (``linspace(1, 1/n, n)``, shifted by ``mu`` from the image size where the
 scheduler uses dynamic shifting) is in the jitted step; the VAE decode is split over the mesh.
-PipeFusion is refused (the double-stream text is updated from attention over the whole image).
+PipeFusion is refused (two block stacks of different kinds; a stage runs one stacked scan).
 
 Known differences: t x 1000 and guidance x 1000 enter their sinusoids in float32 also in bf16
 (diffusers and BFL's sampler round them to bf16 first); with ``prompt_embeds`` of fewer than
@@ -55,7 +55,8 @@ from xdit_jax.schedulers import flow_match
 log = logging.getLogger("xdit_jax")
 
 FluxPipelineOutput = ImagePipelineOutput
-PIPEFUSION_REASON = "its double-stream blocks update the text from attention over the whole image in every layer"
+PIPEFUSION_REASON = ("its two block stacks (double-stream, then single-stream over the joint sequence) differ in "
+                     "kind, while a PipeFusion stage runs one stacked scan")
 DEFAULT_SAMPLE_SIZE = 128  # diffusers' FluxPipeline.default_sample_size (x the VAE factor: 1024 px)
 CLIP_TOKENS = 77
 

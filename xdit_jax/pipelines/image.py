@@ -69,6 +69,11 @@ class ImagePipelineBase(PipelineBase):
         s = vae_scale_factor(self.vae_config)
         return (batch, self.transformer_config.in_channels, height // s, width // s)
 
+    def _image_tokens(self, height: int, width: int) -> int:
+        """The transformer's image tokens (patches) for an image of ``height`` x ``width`` pixels."""
+        p, s = self.transformer_config.patch_size, vae_scale_factor(self.vae_config)
+        return (height // s // p) * (width // s // p)
+
     def _decode_fn(self, size: tuple[int, int] | None = None):
         """Jitted VAE decode over the whole mesh (spatially split, xdit_jax.parallel.vae) -> (B, H, W, 3)
         in [0, 1]; ``size``: resized and cropped to this (height, width) (PixArt's resolution binning)."""

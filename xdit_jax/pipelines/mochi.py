@@ -12,8 +12,9 @@ sigmas inside the one jitted step, and the causal 3D VAE decode split over the m
 
 Differences from diffusers, by design: the latents stay float32 between steps also in bf16
 (diffusers rounds them to the model dtype after each update), and so does the timestep the
-transformer sees (diffusers rounds it to bf16: 883.4 becomes 884); PipeFusion is refused (the
-caption stream is updated from attention over the whole video in every layer). A caption mask
+transformer sees (diffusers rounds it to bf16: 883.4 becomes 884). PipeFusion (``pipefusion`` mesh axis, or
+``pipefusion_patches``) splits the 47 stacked blocks into stages and the video into patches, each
+patch carrying its own copy of the caption stream; the last block runs on the last stage. A caption mask
 whose kept tokens are not a prefix (T5's never are; a hand-made ``prompt_attention_mask`` can be)
 is attention over the kept tokens here, while diffusers also moves their outputs to the front:
 a warning says so.
@@ -41,7 +42,6 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
-    refuse_pipefusion,
     tokenize,
 )
 from xdit_jax.schedulers import flow_match
@@ -50,8 +50,6 @@ log = logging.getLogger("xdit_jax")
 
 MochiPipelineOutput = CogVideoXPipelineOutput
 THRESHOLD_NOISE = 0.025  # diffusers' (and Genmo's) linear-quadratic schedule
-PIPEFUSION_REASON = ("the caption stream is updated in every layer from attention over the whole video, which a "
-                     "patch pipeline does not see")
 
 
 def read_configs(folder: str | os.PathLike):
@@ -69,11 +67,10 @@ def default_video(tc=None, vc=None) -> dict:
 def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
                   guidance_scale: float = 4.5) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work."""
-    refuse_pipefusion("Mochi", PIPEFUSION_REASON, mesh_spec)
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
-    check_size_and_mesh(height, width, vc.spatial_compression_ratio * tc.patch_size, tc.num_layers, batch,
-                        mesh_spec, guidance_scale)
+    check_size_and_mesh(height, width, vc.spatial_compression_ratio * tc.patch_size, tc.num_layers - 1, batch,
+                        mesh_spec, guidance_scale)  # PipeFusion's stages split the num_layers - 1 stacked blocks
 
 
 class MochiPipeline(PipelineBase):
@@ -83,13 +80,12 @@ class MochiPipeline(PipelineBase):
                  scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
                  force_zeros_for_empty_prompt: bool = False, pipefusion_patches: int | None = None,
                  pipefusion_warmup_steps: int = 1):
-        refuse_pipefusion("Mochi", PIPEFUSION_REASON, dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
-                          pipefusion_patches)
         self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
                          vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
                          scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=None,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=mochi.STACKED)
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=mochi.STACKED,
+                         stacked_layers=transformer_config.num_layers - 1, final_block=True)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
 
     @classmethod
@@ -97,17 +93,16 @@ class MochiPipeline(PipelineBase):
                         variant: str | None = None, revision: str | None = None,
                         attention_backend: str = "auto", pipefusion_patches: int | None = None,
                         pipefusion_warmup_steps: int = 1) -> MochiPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
+        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
+        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
         dtype = parse_dtype(dtype)
-        # before any conversion or weight read
-        refuse_pipefusion("Mochi", PIPEFUSION_REASON, dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
-                          pipefusion_patches)
         folder, _ = cls._pipeline_folder(model, ("MochiPipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         layers = mochi.MochiConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, mochi.STACKED, layers)
+        parts = cls._load_parts(folder, mesh_obj, dtype, mochi.STACKED, layers - 1)
         index = read_json(folder / "model_index.json")
         return cls(**parts, scheduler_config=sched, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
                    force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
@@ -181,8 +176,15 @@ class MochiPipeline(PipelineBase):
                  sd((n, max_sequence_length), jnp.int32, do_cfg))
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps))
         _, tstate = nnx.split(self.transformer)
-        return self._step_fn(do_cfg).lower(tstate, latents, flow_match.init_state(), jnp.int32(0), None, texts,
-                                           sched, jnp.float32(guidance_scale), jax.random.key(0)).compile()
+        kv = self._pipefusion_buffers(n, self._video_tokens(shape), abstract=True)  # PipeFusion: the patched step
+        return self._step_fn(do_cfg, warmup=kv is None).lower(
+            tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, jnp.float32(guidance_scale),
+            jax.random.key(0)).compile()
+
+    def _video_tokens(self, latent_shape) -> int:
+        """The transformer's video tokens for latents of ``latent_shape`` (B, C, F, h, w)."""
+        p = self.transformer_config.patch_size
+        return latent_shape[2] * (latent_shape[3] // p) * (latent_shape[4] // p)
 
     # ------------------------------------------------------------------ call
 
@@ -256,5 +258,6 @@ class MochiPipeline(PipelineBase):
         guidance = self._put_replicated(jnp.float32(guidance_scale))
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
-                                       output_type, self._decode_fn())
+                                       output_type, self._decode_fn(),
+                                       kv=self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape)))
         return MochiPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())

@@ -268,7 +268,3 @@ class PixArtPipeline(ImagePipelineBase):
             resize = requested if requested != (height, width) else None
             images = as_numpy(jax.block_until_ready(self._decode_fn(resize)(latents)))
         return PixArtPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
-
-    def _image_tokens(self, height: int, width: int) -> int:
-        p, s = self.transformer_config.patch_size, vae_scale_factor(self.vae_config)
-        return (height // s // p) * (width // s // p)

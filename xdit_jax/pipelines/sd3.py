@@ -11,8 +11,10 @@ MMDiT's image tokens are sharded over (ring, ulysses) by
 :func:`xdit_jax.parallel.sequence.run_blocks`, the text (77 + T5 tokens) is held whole by every
 device and joins each joint attention as a context (:mod:`xdit_jax.models.sd3`); CFG and the
 flow-matching Euler step are inside the one jitted step; the VAE decode is split over the mesh.
-PipeFusion is refused (the text stream is updated from attention over the whole image in every
-layer); ``skip_guidance_layers`` (SD3.5's skip-layer guidance) is not implemented.
+PipeFusion (``pipefusion`` mesh axis, or ``pipefusion_patches``) splits the stacked joint blocks into
+stages and the image into patches, each patch carrying its own copy of the text stream; the last
+block runs on the last stage (SD3, SD3.5 Large; refused for SD3.5 Medium, whose dual-attention blocks
+attend twice). ``skip_guidance_layers`` (SD3.5's skip-layer guidance) is not implemented.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from xdit_jax.schedulers import flow_match
 log = logging.getLogger("xdit_jax")
 
 SD3PipelineOutput = ImagePipelineOutput
-PIPEFUSION_REASON = "its joint blocks update the text from attention over the whole image in every layer"
+PIPEFUSION_REASON = ("its dual-attention blocks (SD3.5 Medium's dual_attention_layers) attend twice per block and "
+                     "split the stack in runs; PipeFusion keeps one K/V buffer per block of one stack")
 CLIP_TOKENS = 77
 
 
@@ -58,9 +61,10 @@ def read_configs(folder: str | os.PathLike):
 
 def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, guidance_scale: float = 7.0) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work."""
-    refuse_pipefusion("Stable Diffusion 3", PIPEFUSION_REASON, mesh_spec)
-    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers, batch, mesh_spec,
-                        guidance_scale)
+    if tc.dual_attention_layers:
+        refuse_pipefusion("This SD3.5 transformer", PIPEFUSION_REASON, mesh_spec)
+    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers - 1, batch, mesh_spec,
+                        guidance_scale)  # PipeFusion's stages split the num_layers - 1 stacked blocks
     sd3.check_input_shape(tc, height // vae_scale_factor(vc), width // vae_scale_factor(vc))  # the position table
 
 
@@ -71,13 +75,15 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                  text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3, scheduler_config, dtype=jnp.float32,
                  mesh=None, attention_backend: str = "auto", pipefusion_patches: int | None = None,
                  pipefusion_warmup_steps: int = 1):
-        refuse_pipefusion("Stable Diffusion 3", PIPEFUSION_REASON,
-                          dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
+        if transformer_config.dual_attention_layers:
+            refuse_pipefusion("This SD3.5 transformer", PIPEFUSION_REASON,
+                              dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
         self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
                          vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
                          scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=None,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=sd3.STACKED)
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=sd3.STACKED,
+                         stacked_layers=transformer_config.num_layers - 1, final_block=True)
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
 
@@ -87,19 +93,21 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                         attention_backend: str = "auto", pipefusion_patches: int | None = None,
                         pipefusion_warmup_steps: int = 1) -> StableDiffusion3Pipeline:
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id. A
-        folder without ``text_encoder_3`` (T5 dropped to save memory) runs with zeros in its place."""
+        folder without ``text_encoder_3`` (T5 dropped to save memory) runs with zeros in its place.
+        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
+        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
         from transformers import AutoTokenizer
 
         dtype = parse_dtype(dtype)
-        # before any conversion or weight read
-        refuse_pipefusion("Stable Diffusion 3", PIPEFUSION_REASON,
-                          dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
         folder, _ = cls._pipeline_folder(model, ("StableDiffusion3Pipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         tc = sd3.SD3Config.from_dict(read_json(folder / "transformer" / "config.json"))
-        parts = cls._load_parts(folder, mesh_obj, dtype, sd3.STACKED, tc.num_layers)
+        if tc.dual_attention_layers:  # before any weight is read
+            refuse_pipefusion("This SD3.5 transformer", PIPEFUSION_REASON,
+                              dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
+        parts = cls._load_parts(folder, mesh_obj, dtype, sd3.STACKED, tc.num_layers - 1)
         replicated = NamedSharding(mesh_obj, P())
         _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, replicated)
         t5 = t5_tok = None
@@ -266,5 +274,6 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         guidance = self._put_replicated(jnp.float32(guidance_scale))
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
-                                       output_type, self._decode_fn())
+                                       output_type, self._decode_fn(),
+                                       kv=self._pipefusion_buffers(len(emb), self._image_tokens(height, width)))
         return SD3PipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
