@@ -731,7 +731,7 @@ def test_mochi_full_size_parameter_count():
 def test_mochi_full_width_flops_compile_only():
     """The released config at full width, 2 layers (one scanned, the last), 13 frames at 128 x 128, compiled
     on abstract shapes (no weights): the compiled program's dots and convolutions are the analytic count
-    plus the masked attention over the caption's padding; a PipeFusion mesh is refused."""
+    plus the masked attention over the caption's padding; PipeFusion cannot split one scanned block in two."""
     rows = bench.run_step_benchmark(bench.StepOptions(model="mochi-1-preview", layers=2, height=128, width=128,
                                                       num_frames=13, meshes=[None, "pipefusion=2"],
                                                       compile_only=True, log=lambda s: None))
@@ -740,7 +740,7 @@ def test_mochi_full_width_flops_compile_only():
     assert "error" not in row and row["video_tokens"] == 3 * 8 * 8 and row["text_tokens"] == 256
     assert row["flops_hlo"] == pytest.approx(row["flops_analytic"] + row["flops_attention_padding"], rel=1e-9)
     assert row["flops_xla_cost_analysis"] > 0
-    assert "PipeFusion not supported for Mochi" in by_mesh["pipefusion=2"]["error"]
+    assert "pipefusion=2 is more stages than the model's 1 layers" in by_mesh["pipefusion=2"]["error"]
 
 
 def test_mochi_e2e_refused():
@@ -1143,7 +1143,7 @@ def test_sd3_config_folders_load_in_diffusers_transformers_and_ours():
 def test_sd3_full_width_flops_compile_only():
     """SD3 Medium at full width, 2 layers (one scanned, the last), 128 x 128 (64 image + 333 text tokens),
     compiled on abstract shapes (no weights): the compiled program's dots and convolutions are the analytic
-    count; a PipeFusion mesh is refused."""
+    count; PipeFusion cannot split one scanned block in two."""
     rows = bench.run_step_benchmark(bench.StepOptions(model="sd3-medium", layers=2, height=128, width=128,
                                                       meshes=[None, "pipefusion=2"], compile_only=True,
                                                       log=lambda s: None))
@@ -1152,7 +1152,7 @@ def test_sd3_full_width_flops_compile_only():
     assert "error" not in row and row["image_tokens"] == 64 and row["text_tokens"] == 333
     assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
     assert row["flops_xla_cost_analysis"] > 0
-    assert "PipeFusion not supported for SD3" in by_mesh["pipefusion=2"]["error"]
+    assert "pipefusion=2 is more stages than the model's 1 layers" in by_mesh["pipefusion=2"]["error"]
 
 
 # SD3 Medium (d = 24 x 64 = 1536, 24 joint blocks) and SD3.5 Large (d = 38 x 64 = 2432, 38 blocks, q/k RMS norms):

@@ -124,9 +124,9 @@ def test_generate_sd3_image(tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "tiny-hunyuandit", "--mesh", "pipefusion=2"], "long skip connections"),
-    (["--model", "tiny-mochi", "--mesh", "pipefusion=2"], "caption stream"),
-    (["--model", "tiny-flux", "--mesh", "pipefusion=2"], "double-stream blocks"),
-    (["--model", "tiny-sd3", "--mesh", "pipefusion=2"], "joint blocks"),
+    (["--model", "tiny-mochi", "--mesh", "pipefusion=2"], "more stages than the model's 1 layers"),  # 1 scanned
+    (["--model", "tiny-flux", "--mesh", "pipefusion=2"], "two block stacks"),
+    (["--model", "tiny-sd3", "--mesh", "pipefusion=2"], "more stages than the model's 1 layers"),
     (["--model", "tiny-flux", "--mesh", "cfg=2"], "cfg=2 splits"),
     (["--model", "tiny-flux", "--no-resolution-binning"], "not used by this flux model"),
     (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's)"),

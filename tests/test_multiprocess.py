@@ -85,7 +85,7 @@ def test_process_count_mismatch(tmp_path):
     """Process 1 claims a group of 4 against a coordinator of 2: both stop with an error, in bounded time."""
     port = free_port()
     base = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--no-progress", "--steps", "1", "--height",
-            "32", "--width", "48", "--num-frames", "1", "--output", str(tmp_path / "out"), "--dist-timeout", "20",
+            "32", "--width", "48", "--num-frames", "1", "--output", str(tmp_path / "out"), "--dist-timeout", "12",
             "--coordinator", f"127.0.0.1:{port}"]
     p0 = subprocess.Popen(base + ["--mesh", "cfg=2,ulysses=2", "--num-processes", "2", "--process-id", "0"],
                           env=child_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,7 +13,11 @@ KW = dict(height=32, width=48, num_frames=9, num_inference_steps=2, guidance_sca
 # 6 heads: ulysses=4 does not divide them (padded with empty heads).
 VARIANTS = {"sincos": dict(num_attention_heads=6), "rope": dict(num_attention_heads=6,
                                                                 use_rotary_positional_embeddings=True)}
-MESHES = ["cfg=2", "ulysses=2", "ring=2", "ring=3", "ulysses=2,ring=2", "ulysses=4", "cfg=2,ulysses=2,ring=2",
+# The single-axis meshes and plain USP are slow-marked: the combined meshes run the same strategies (and
+# the transformer's tests every mesh); `pytest -m slow` runs them. Keeps the default run under 20 minutes.
+SLOW = pytest.mark.slow
+MESHES = [pytest.param("cfg=2", marks=SLOW), pytest.param("ulysses=2", marks=SLOW), pytest.param("ring=2", marks=SLOW),
+          "ring=3", pytest.param("ulysses=2,ring=2", marks=SLOW), "ulysses=4", "cfg=2,ulysses=2,ring=2",
           "cfg=2,ring=4", "data=2,cfg=2,ulysses=2"]
 
 

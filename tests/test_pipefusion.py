@@ -50,7 +50,8 @@ def sequential(folder):
 SLOW = pytest.mark.slow  # cases another case covers (the default run stays under 20 minutes); `-m slow` runs them
 
 
-@pytest.mark.parametrize("mesh", [pytest.param("pipefusion=2", marks=SLOW), "cfg=2,pipefusion=4",
+@pytest.mark.parametrize("mesh", [pytest.param("pipefusion=2", marks=SLOW),
+                                  pytest.param("cfg=2,pipefusion=4", marks=SLOW),
                                   "pipefusion=3",  # 3: stages of 2, 1, 1
                                   "pipefusion=2,ring=2,ulysses=2"])
 def test_warmup_steps_equal_one_device(folder, one_device, mesh):
@@ -61,7 +62,7 @@ def test_warmup_steps_equal_one_device(folder, one_device, mesh):
 
 @pytest.mark.parametrize("mesh,patches", [("pipefusion=2", 2), pytest.param("pipefusion=2", 3, marks=SLOW),
                                           pytest.param("pipefusion=4", 2, marks=SLOW),
-                                          ("cfg=2,pipefusion=2", 2), ("data=2,pipefusion=2", 3),
+                                          pytest.param("cfg=2,pipefusion=2", 2, marks=SLOW), ("data=2,pipefusion=2", 3),
                                           pytest.param("pipefusion=3", 2, marks=SLOW),
                                           ("cfg=2,pipefusion=2,ulysses=2", 2),
                                           ("pipefusion=2,ulysses=4", 3),  # 6 heads padded to 8
@@ -87,8 +88,9 @@ def _tiny_blocks():
     return cfg, state, blocks, joint, tokens, temb
 
 
-@pytest.mark.parametrize("mesh,patches,backend", [(None, 3, "xla"), ("pipefusion=2", 2, "xla"),
-                                                  ("pipefusion=4", 3, "xla"), ("cfg=2,pipefusion=2", 4, "xla"),
+@pytest.mark.parametrize("mesh,patches,backend", [(None, 3, "xla"), pytest.param("pipefusion=2", 2, "xla", marks=SLOW),
+                                                  pytest.param("pipefusion=4", 3, "xla", marks=SLOW),
+                                                  ("cfg=2,pipefusion=2", 4, "xla"),
                                                   ("pipefusion=3", 2, "xla"), ("pipefusion=2,ulysses=2", 2, "xla"),
                                                   ("pipefusion=2,ring=2,ulysses=2", 3, "xla"),
                                                   ("pipefusion=2,ring=2", 2, "pallas")])

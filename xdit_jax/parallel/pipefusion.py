@@ -17,7 +17,12 @@ exactness of warm-up steps, on every mesh. Padding: patches have equal lengths, 
 
 Models take no part: the block stack's scan (:func:`layer_scan`) carries the buffers, and the
 attention op stores the patch and reads the buffers while
-:func:`xdit_jax.parallel.attention.kv_cache` is installed.
+:func:`xdit_jax.parallel.attention.kv_cache` is installed. What passes from stage to stage is the
+scan's carry: the patch's tokens, and for a two-stream model (Mochi, SD3) the text stream too, so
+each patch carries its own copy of the text through the stages (updated from that patch's
+attention, whose context — the text's own K/V — joins the buffers' keys). A block that ends the
+stack after the scan (their ``context_pre_only`` last block) goes through :func:`final_block`: its
+result counts on the last stage, and it has K/V buffers of its own.
 
 Other axes: ``data`` and ``cfg`` split the batch as everywhere. ``ulysses`` and ``ring`` (PipeFusion
 x USP, as xDiT's hybrid) split each patch over the sequence group; the buffers are split over
