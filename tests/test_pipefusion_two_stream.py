@@ -183,12 +183,13 @@ def test_pipeline_warmup_steps_equal_one_device(pipes):
     assert np.abs(out - one).max() <= 2e-5 * np.abs(one).max()
 
 
-@pytest.mark.parametrize("mesh", ["pipefusion=2,ring=2", "data=2,pipefusion=3"])
-def test_pipeline_patched_steps_equal_sequential_reference(pipes, mesh):
+# one mesh per family (the model-level tests above run the others)
+PATCHED_MESH = {"MochiPipeline": "pipefusion=2,ring=2", "StableDiffusion3Pipeline": "data=2,pipefusion=3"}
+
+
+def test_pipeline_patched_steps_equal_sequential_reference(pipes):
     cls, folder, run, one, sequential = pipes
-    if (cls.__name__ == "MochiPipeline") == (mesh == "data=2,pipefusion=3"):
-        pytest.skip("each family runs one of the two meshes (the model-level tests above run the rest)")
-    out = run(cls.from_pretrained(folder, mesh=mesh, pipefusion_patches=2))
+    out = run(cls.from_pretrained(folder, mesh=PATCHED_MESH[cls.__name__], pipefusion_patches=2))
     scale = np.abs(one).max()
     assert np.abs(out - sequential).max() <= 2e-5 * scale
     assert np.abs(sequential - one).max() > 1e-3 * scale  # the displaced-patch rule is not the exact one
