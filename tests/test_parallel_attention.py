@@ -239,7 +239,7 @@ def _joint_reference(q, k, v, cq, ck, cv, c_mask):
     return out[:, :q.shape[1]], out[:, q.shape[1]:]
 
 
-def sharded_joint_attention(spec, q, k, v, cq, ck, cv, c_mask, *, backend="xla", with_cq=True):
+def sharded_joint_attention(spec, q, k, v, cq, ck, cv, c_mask, *, backend="xla", with_cq=True, keep_all=False):
     mesh = build_mesh(spec)
     deg = mesh.shape["ring"] * mesh.shape["ulysses"]
     s = q.shape[1]
@@ -251,7 +251,8 @@ def sharded_joint_attention(spec, q, k, v, cq, ck, cv, c_mask, *, backend="xla",
 
     def body(q, k, v, cq, ck, cv, c_mask):
         with attention_context(cfg):
-            return attention(q, k, v, valid_len=s, context=(cq if with_cq else None, ck, cv, c_mask))
+            return attention(q, k, v, valid_len=s, context=(cq if with_cq else None, ck, cv,
+                                                            None if keep_all else c_mask))
 
     from xdit_jax.parallel.sequence import _shard_map as unchecked  # the pipeline's shard_map
     out_c_spec = ctx if with_cq else None
@@ -287,6 +288,19 @@ def test_joint_attention_matches_single_device(spec, b):
         out, out_c = sharded_joint_attention(spec, *inputs)
     assert float(jnp.max(jnp.abs(out - ref))) <= TOL, spec
     assert float(jnp.max(jnp.abs(out_c - ref_c))) <= TOL, spec
+
+
+@pytest.mark.parametrize("spec,backend", [("one", "xla"), ("ring=2,ulysses=2", "xla"), ("ulysses=2", "pallas")])
+def test_joint_attention_with_every_context_key_kept(spec, backend):
+    """No context mask (None: SD3's and FLUX's text) is the all-true mask, each backend's kernel used as it is."""
+    q, k, v, cq, ck, cv, _ = _joint_inputs(2, 37, 7, 4, seed=7)
+    full = jnp.ones(ck.shape[:2], bool)
+    ref, ref_c = _joint_reference(q, k, v, cq, ck, cv, full)
+    if spec == "one":
+        out, out_c = jax.jit(lambda *a: attention(*a[:3], context=(*a[3:], None)))(q, k, v, cq, ck, cv)
+    else:
+        out, out_c = sharded_joint_attention(spec, q, k, v, cq, ck, cv, full, backend=backend, keep_all=True)
+    assert float(jnp.max(jnp.abs(out - ref))) <= TOL and float(jnp.max(jnp.abs(out_c - ref_c))) <= TOL
 
 
 def test_joint_attention_without_context_queries_and_pallas():

@@ -162,8 +162,7 @@ class Attention(nnx.Module):
         cq = rot(self.norm_added_q(_heads(self.add_q_proj(c), hd)))
         ck = rot(self.norm_added_k(_heads(self.add_k_proj(c), hd)))
         cv = _heads(self.add_v_proj(c), hd)
-        mask = jnp.ones(c.shape[:2], bool)  # FluxPipeline attends to every T5 token, padding included
-        o, oc = attention(q, k, v, context=(cq, ck, cv, mask))
+        o, oc = attention(q, k, v, context=(cq, ck, cv, None))  # every T5 token, padding included
         flat = lambda y: y.reshape(*y.shape[:2], -1)  # noqa: E731
         return self.to_out(flat(o)), self.to_add_out(flat(oc))
 

@@ -212,8 +212,7 @@ class Attention(nnx.Module):
         ck = self._proj(self.add_k_proj, self.norm_added_k, c, hd)
         cv = _heads(self.add_v_proj(c), hd)
         cq = self._proj(self.add_q_proj, self.norm_added_q, c, hd) if self.context_out else None
-        mask = jnp.ones(c.shape[:2], bool)  # SD3 attends to every text token
-        o, oc = attention(q, k, v, context=(cq, ck, cv, mask))
+        o, oc = attention(q, k, v, context=(cq, ck, cv, None))  # SD3 attends to every text token
         return self.to_out(_flat(o)), (self.to_add_out(_flat(oc)) if self.context_out else None)
 
 

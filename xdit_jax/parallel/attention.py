@@ -406,8 +406,8 @@ def _over_heads(q, k, v, partial, *, ulysses, context=None, scale=None, backend=
     multiple of the degree: the ring group's contiguous chunk, in ulysses order, for this device's
     heads), ``partial(rows, k, v, need_lse)`` there, and back (padded heads dropped).
 
-    ``context = (cq, ck, cv, c_mask)`` (bool (B, Sc) key mask): tokens every device holds whole;
-    each device takes its heads of them (a local slice, no traffic), the context queries ride along
+    ``context = (cq, ck, cv, c_mask)`` (bool (B, Sc) key mask, or None: all kept): tokens every device
+    holds whole; each device takes its heads of them (a local slice, no traffic), the context queries ride along
     as extra rows of the sequence's partial, one more partial over the context keys is merged by the
     log-sum-exp rule, and the context's output heads are all-gathered at the end. Then returns
     ``(out, out_context or None)``."""
@@ -466,8 +466,11 @@ def _context_partial(rows, ck, cv, c_mask, scale, backend):
     the kept ones lead (a stable sort; the order of keys does not change attention), and cuDNN's
     flash kernel takes the per-sample count of kept keys: no (rows x Sc) float32 scores in memory
     (2.2 GB per layer for Mochi's 44k video rows x 256 caption tokens x 24 heads x 2). The Pallas
-    kernel takes one count for the whole batch, so it uses the XLA kernel here.
+    kernel takes one count for the whole batch, so it uses the XLA kernel here. ``c_mask`` None: every
+    context key is kept (SD3, FLUX): the backend's kernel as it is, no mask, no reordering.
     """
+    if c_mask is None:
+        return block_attention(rows, ck, cv, scale=scale, backend=backend, need_lse=True, out_dtype=jnp.float32)
     if backend == "cudnn":
         order = jnp.argsort(jnp.logical_not(c_mask), axis=1, stable=True)[:, :, None, None]
         ck, cv = jnp.take_along_axis(ck, order, axis=1), jnp.take_along_axis(cv, order, axis=1)
@@ -487,6 +490,8 @@ def _check_context(context, q):
             or (cq is not None and cq.shape != ck.shape):
         raise ValueError(f"context q/k/v must be (B, Sc, H, D) with q's B, H, D {(b, h, d)}; got "
                          f"{None if cq is None else cq.shape}, {ck.shape}, {cv.shape}.")
+    if c_mask is None:  # every context key kept
+        return cq, ck, cv, None
     c_mask = jnp.asarray(c_mask)
     if c_mask.dtype != jnp.bool_ or c_mask.shape != (b, ck.shape[1]):
         raise ValueError(f"context mask must be bool (B, Sc) = {(b, ck.shape[1])}; got {c_mask.dtype} "
@@ -504,7 +509,7 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
 
     ``context``: ``(cq, ck, cv, c_mask)``, tokens that every device holds whole (B, Sc, H, D) — a
     text caption of a two-stream model such as Mochi — which join the attention: the sequence's
-    queries also attend to the context keys (``c_mask``: bool (B, Sc), True = may be attended), and
+    queries also attend to the context keys (``c_mask``: bool (B, Sc), True = may be attended; None: all), and
     the context queries ``cq`` (None: not wanted) attend to the whole sequence and the context: one
     softmax over ``[sequence; kept context tokens]`` per sample. Then returns ``(out, out_context)``
     (``out_context`` None when ``cq`` is). Under PipeFusion the context joins the buffers' keys.
