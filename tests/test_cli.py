@@ -111,12 +111,14 @@ def test_generate_flux_image(tmp_path, capsys):
 
 
 def test_generate_sd3_image(tmp_path):
-    """The tiny Stable Diffusion 3 (three text encoders, joint blocks): a .png on a CFG x ulysses mesh."""
+    """The tiny Stable Diffusion 3 (three text encoders, joint blocks): a .png on a CFG x ulysses mesh, with
+    skip-layer guidance on the second step."""
     import imageio.v3 as iio
 
     out = tmp_path / "s.png"
     rc = cli.main(["--model", "tiny-sd3", "--output", str(out), "--steps", "2", "--height", "48", "--width", "80",
-                   "--mesh", "cfg=2,ulysses=2", "--no-progress"])
+                   "--mesh", "cfg=2,ulysses=2", "--skip-guidance-layers", "0", "--skip-layer-guidance-stop", "1",
+                   "--no-progress"])
     assert rc == 0
     image = iio.imread(out)
     assert image.shape == (48, 80, 3) and image.std() > 1
@@ -127,6 +129,8 @@ def test_generate_sd3_image(tmp_path):
     (["--model", "tiny-mochi", "--mesh", "pipefusion=2"], "more stages than the model's 1 layers"),  # 1 scanned
     (["--model", "tiny-flux", "--mesh", "pipefusion=2"], "two block stacks"),
     (["--model", "tiny-sd3", "--mesh", "pipefusion=2"], "more stages than the model's 1 layers"),
+    (["--model", "tiny-pixart", "--skip-guidance-layers", "1"], "--skip-guidance-layers (SD3's)"),
+    (["--model", "tiny-sd3", "--skip-guidance-layers", "9"], "block indices are 0..1"),
     (["--model", "tiny-flux", "--mesh", "cfg=2"], "cfg=2 splits"),
     (["--model", "tiny-flux", "--no-resolution-binning"], "not used by this flux model"),
     (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's)"),

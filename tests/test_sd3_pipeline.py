@@ -66,6 +66,25 @@ def test_latents_match_diffusers_batch(with_t5, tmp_path_factory):
     np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
 
 
+def test_skip_layer_guidance_matches_diffusers(tmp_path_factory):
+    """SD3.5's skip-layer guidance (block 0 left out on steps 1 and 2 of 3) == diffusers' latents; on a
+    cfg=2,ulysses=2 mesh (the skipping pass once per cfg group) == one device."""
+    tp, ours, folder = build(tmp_path_factory)
+    lat = initial_latents(seed=4)
+    kw = dict(skip_guidance_layers=[0], skip_layer_guidance_scale=2.8, skip_layer_guidance_stop=0.9,
+              guidance_scale=7.0)
+    ref = _diffusers(tp, PROMPT, lat, "latent", **kw)
+    plain = _diffusers(tp, PROMPT, lat, "latent", guidance_scale=7.0)
+    call = dict(height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
+                output_type="latent", progress=False, **kw)
+    out = ours(PROMPT, **call).images
+    scale = np.abs(ref).max()
+    assert np.abs(ref - plain).max() > 1e-2 * scale  # the guidance changes the result
+    np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0)  # as the other latent tests
+    mesh = StableDiffusion3Pipeline.from_pretrained(folder, mesh="cfg=2,ulysses=2")(PROMPT, **call).images
+    np.testing.assert_allclose(mesh, out, atol=2e-5 * scale, rtol=0)
+
+
 SLOW = pytest.mark.slow
 MESHES = ["cfg=2,ulysses=2,ring=2", "ulysses=3", "data=2,ring=2", pytest.param("cfg=2", marks=SLOW)]
 
@@ -99,8 +118,11 @@ def test_bad_input(tmp_path_factory):
         ours(PROMPT, height=40, width=W)
     with pytest.raises(ValueError, match="come together"):
         ours(prompt_embeds=np.zeros((1, 77 + MSL, 32), np.float32), height=H, width=W)
-    with pytest.raises(NotImplementedError, match="skip_guidance_layers"):
+    with pytest.raises(ValueError, match=r"skip_guidance_layers \[7\]: block indices are 0..1"):
         ours(PROMPT, height=H, width=W, skip_guidance_layers=[7])
+    with pytest.raises(ValueError, match="Skip-layer guidance runs one more transformer pass"):
+        StableDiffusion3Pipeline.from_pretrained(folder, pipefusion_patches=2)(PROMPT, height=H, width=W,
+                                                                              skip_guidance_layers=[0])
     with pytest.raises(ValueError, match="pos_embed_max_size"):  # 16 patches of 2 x 8 px at most: 256 px
         ours(PROMPT, height=272, width=W)
     with pytest.raises(ValueError, match="Give either negative_prompt"):

@@ -88,6 +88,25 @@ def test_matches_diffusers(pair):
         np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5, err_msg=f"{name} {shape}")
 
 
+@jax.jit(static_argnames="skip")
+def _fwd_skipping(m, x, enc, pooled, t, skip):
+    tokens_x, tokens, cond = m.embed(x, enc, pooled, t)
+    return m.head(m.blocks(tokens_x, tokens, cond, skip_layers=skip), cond, x.shape)
+
+
+def test_skip_layers_match_diffusers(pair):
+    """diffusers' ``skip_layers`` (skip-layer guidance's pass): a block inside a run, the first, the last."""
+    name, tm, cfg, model = pair
+    args = _inputs(cfg, *SHAPES[0])
+    full = _torch(tm, *args)
+    for skip in [(1,), (0, 2)]:
+        with torch.no_grad():
+            ref = tm(*(torch.from_numpy(a) for a in args), skip_layers=list(skip), return_dict=False)[0].numpy()
+        out = np.asarray(_fwd_skipping(model, *args, skip=skip))
+        assert np.abs(ref - full).max() > 0.1  # the skipped blocks matter
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5, err_msg=f"{name} skip {skip}")  # as above
+
+
 def test_bf16_close_to_fp32(pair):
     name, tm, cfg, m32 = pair
     m16 = sd3.build(cfg, sd3.params_from_torch(state_dict_np(tm), cfg, dtype=jnp.bfloat16), jnp.bfloat16)

@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--true-cfg-scale", type=float, default=None,
                     help="FLUX: diffusers' true CFG with --negative-prompt (> 1 runs both halves; default 1 = off)")
     ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's guidance_rescale (0 = off)")
+    ap.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="BLOCK",
+                    help="SD3: skip-layer guidance over these blocks (SD3.5 Medium: 7 8 9), as diffusers'")
+    ap.add_argument("--skip-layer-guidance-scale", type=float, default=2.8,
+                    help="SD3: the skip-layer guidance scale (with --skip-guidance-layers; default 2.8)")
+    ap.add_argument("--skip-layer-guidance-start", type=float, default=0.01,
+                    help="SD3: skip-layer guidance from this fraction of the steps (default 0.01)")
+    ap.add_argument("--skip-layer-guidance-stop", type=float, default=0.2,
+                    help="SD3: skip-layer guidance until this fraction of the steps (default 0.2)")
     ap.add_argument("--no-resolution-binning", action="store_true",
                     help="images: generate at the size asked, not at the model's closest trained size "
                          "(diffusers' use_resolution_binning=False; always off for the tiny models)")
@@ -278,6 +286,8 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--true-cfg-scale (FLUX's)")
     if family != "hunyuandit" and args.guidance_rescale:
         wrong.append("--guidance-rescale")
+    if family != "sd3" and args.skip_guidance_layers:
+        wrong.append("--skip-guidance-layers (SD3's)")
     if family in VIDEO_FAMILIES + ("flux", "sd3") and args.no_resolution_binning:
         wrong.append("--no-resolution-binning")
     if family == "hunyuandit" and args.max_sequence_length is not None:
@@ -446,7 +456,10 @@ def _main(argv=None) -> int:
     elif family == "flux":
         kw.update(max_sequence_length=msl or 512, true_cfg_scale=args.true_cfg_scale or 1.0)
     elif family == "sd3":
-        kw.update(max_sequence_length=msl or 256)
+        kw.update(max_sequence_length=msl or 256, skip_guidance_layers=args.skip_guidance_layers,
+                  skip_layer_guidance_scale=args.skip_layer_guidance_scale,
+                  skip_layer_guidance_start=args.skip_layer_guidance_start,
+                  skip_layer_guidance_stop=args.skip_layer_guidance_stop)
     else:  # HunyuanDiT: its text lengths are the model's (77 + 256)
         kw.update(guidance_rescale=args.guidance_rescale, use_resolution_binning=not args.no_resolution_binning)
     try:

@@ -146,12 +146,15 @@ def stack_modules(make, n: int, rngs: nnx.Rngs):
     return _make(rngs)
 
 
-def scan_modules(stacked, fn, carry):
+def scan_modules(stacked, fn, carry, layers: tuple[int, int] | None = None):
     """Run ``carry = fn(layer, carry)`` over a stacked module with ``lax.scan`` (through
-    :func:`xdit_jax.parallel.pipefusion.layer_scan`, which threads PipeFusion's per-layer K/V)."""
+    :func:`xdit_jax.parallel.pipefusion.layer_scan`, which threads PipeFusion's per-layer K/V);
+    ``layers``: only the stacked layers ``[start, stop)`` (a static slice)."""
     from xdit_jax.parallel.pipefusion import layer_scan
 
     graphdef, state = nnx.split(stacked)
+    if layers is not None:
+        state = jax.tree.map(lambda a: a[layers[0]:layers[1]], state)
     return layer_scan(lambda c, s: fn(nnx.merge(graphdef, s), c), carry, state)
 
 

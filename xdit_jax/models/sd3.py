@@ -341,13 +341,25 @@ class SD3Transformer2DModel(nnx.Module):
         c = self.context_embedder(jnp.asarray(encoder_hidden_states).astype(dtype))
         return x, {}, {"temb": temb, "context": c}
 
-    def blocks(self, x, tokens, cond):
+    def blocks(self, x, tokens, cond, skip_layers=()):
         """The stacked runs (one lax.scan each) then the last block, on the image tokens or a shard of
-        them; the text stream is carried along whole. Returns the image tokens."""
+        them; the text stream is carried along whole. Returns the image tokens. ``skip_layers``: block
+        indices left out (diffusers' ``skip_layers``, for skip-layer guidance): both streams pass them
+        unchanged (a static choice: the scans run over the blocks in between)."""
         temb = cond["temb"]
+        skip = frozenset(int(i) for i in skip_layers)
         xc = (x, cond["context"])
-        for name, *_ in self.runs:
-            xc = scan_modules(getattr(self, name), lambda blk, s: blk(*s, temb), xc)
+        for name, first, count, _ in self.runs:
+            start = first
+            for i in range(first, first + count + 1):  # scan each run of kept blocks
+                if i == first + count or i in skip:
+                    if i > start:
+                        xc = scan_modules(getattr(self, name), lambda blk, s: blk(*s, temb), xc,
+                                          layers=None if (start, i) == (first, first + count)
+                                          else (start - first, i - first))
+                    start = i + 1
+        if self.cfg.num_layers - 1 in skip:
+            return xc[0]
         return final_block(lambda xc: self.last_block(*xc, temb)[0], xc)
 
     def head(self, x, cond, shape):

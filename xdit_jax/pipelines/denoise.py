@@ -368,10 +368,12 @@ class PipelineBase:
         self._step_cache[key] = fn = jax.jit(step, donate_argnums=donate)
         return fn
 
-    def _denoise(self, do_cfg: bool, latents, sched_state, kv, args: tuple, num_steps: int, progress: bool):
+    def _denoise(self, do_cfg: bool, latents, sched_state, kv, args: tuple, num_steps: int, progress: bool,
+                 step_for=None):
         """The loop over the jitted step ``self._step_fn(do_cfg, warmup)(tstate, latents, sched_state, i,
         kv, *args) -> (latents, sched_state, i + 1, kv)``: PipeFusion's exact warm-up steps first, then
-        the patched ones. Returns the final latents."""
+        the patched ones; ``step_for(n)``: another step of the same signature for step ``n``, or None
+        (SD3's skip-layer guidance steps). Returns the final latents."""
         from flax import nnx
 
         _, tstate = nnx.split(self.transformer)
@@ -381,7 +383,8 @@ class PipelineBase:
 
         def one(carry, n):
             lat, st, i, kv = carry
-            fn = warm_fn if kv is None or n < warmup else step_fn
+            fn = (step_for(n) if step_for is not None else None) or (warm_fn if kv is None or n < warmup
+                                                                      else step_fn)
             return fn(tstate, lat, st, i, kv, *args)
 
         # The carry is placed as the step returns it, so that step 0 and the later steps share one
@@ -389,16 +392,21 @@ class PipelineBase:
         carry = (latents, sched_state, jax.device_put(np.int32(0), self._replicated()), kv)
         return denoise_loop(one, carry, num_steps, progress=progress)[0]
 
-    def _flow_step_fn(self, do_cfg: bool, warmup: bool, embed_args):
+    def _flow_step_fn(self, do_cfg: bool, warmup: bool, embed_args, skip_layers: tuple = ()):
         """The jitted step of a flow-matching family whose model runs embed -> blocks over the mesh -> head
         (Mochi, SD3): ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) -> (latents,
         sched_state, i + 1, kv)``; ``embed_args(x, texts, t)``: ``model.embed``'s arguments. CFG and the
-        Euler step in float32."""
+        Euler step in float32.
+
+        ``skip_layers`` (with CFG; SD3's skip-layer guidance, as diffusers'): one more pass of the prompt's
+        half with those blocks left out, ``pred += (text - skipped) * scale``; ``guidance`` is then
+        ``(cfg scale, skip-layer scale)``. On a ``cfg=2`` mesh the pass runs on the prompt's half twice,
+        once per cfg group (the time of one pass; a batch of its own would not split over cfg)."""
         from flax import nnx
 
         from xdit_jax.schedulers import flow_match
 
-        key = (do_cfg, warmup)
+        key = (do_cfg, warmup, tuple(skip_layers))
         if key in self._step_cache:
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
@@ -407,16 +415,30 @@ class PipelineBase:
         def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
 
-        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
-            model = nnx.merge(graphdef, tstate)
-            x = self._model_batch(latents, do_cfg)
+        def skipping(params, x, tokens, cond):
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond, skip_layers=skip_layers)
+
+        def predict(model, tstate, x, texts, i, sched, blocks, kv):
             t = jnp.broadcast_to(sched.timesteps[i], (x.shape[0],))
             tokens_x, tokens, cond = model.embed(*embed_args(x.astype(dtype), texts, t))
             tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
-            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
+            return model.head(tokens_x, cond, x.shape).astype(jnp.float32), kv
+
+        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
+            model = nnx.merge(graphdef, tstate)
+            scale, slg_scale = guidance if skip_layers else (guidance, None)
+            pred, kv = predict(model, tstate, self._model_batch(latents, do_cfg), texts, i, sched, blocks, kv)
             if do_cfg:
                 uncond, text = jnp.split(pred, 2)
-                pred = uncond + guidance * (text - uncond)
+                pred = uncond + scale * (text - uncond)
+                if skip_layers:  # the prompt's half (the second) of every text input, as the batch
+                    b = latents.shape[0]
+                    halves = jax.tree.map(lambda a: a[b:], texts)
+                    if self.mesh_spec.cfg == 2:
+                        halves = jax.tree.map(lambda a: jnp.concatenate([a, a]), halves)
+                    skipped, _ = predict(model, tstate, self._model_batch(latents, self.mesh_spec.cfg == 2),
+                                         halves, i, sched, skipping, None)
+                    pred = pred + (text - skipped[:b]) * slg_scale
             noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
                 if sched.needs_noise else None
             latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
@@ -425,12 +447,12 @@ class PipelineBase:
         return self._jit_step(key, step)
 
     def _denoise_and_decode(self, timer: StageTimer, do_cfg: bool, latents, sched_state, args: tuple,
-                            num_steps: int, progress: bool, output_type: str, decode, kv=None):
+                            num_steps: int, progress: bool, output_type: str, decode, kv=None, step_for=None):
         """The denoising loop (:meth:`_denoise`; ``kv``: PipeFusion's buffers or None) timed as "denoising",
         then, unless ``output_type == "latent"``, ``decode(latents)`` timed as "decoding"; the result on the
         host."""
         with timer.stage("denoising"):
-            latents = self._denoise(do_cfg, latents, sched_state, kv, args, num_steps, progress)
+            latents = self._denoise(do_cfg, latents, sched_state, kv, args, num_steps, progress, step_for)
         if output_type == "latent":
             return as_numpy(latents)
         with timer.stage("decoding"):

@@ -14,7 +14,9 @@ flow-matching Euler step are inside the one jitted step; the VAE decode is split
 PipeFusion (``pipefusion`` mesh axis, or ``pipefusion_patches``) splits the stacked joint blocks into
 stages and the image into patches, each patch carrying its own copy of the text stream; the last
 block runs on the last stage (SD3, SD3.5 Large; refused for SD3.5 Medium, whose dual-attention blocks
-attend twice). ``skip_guidance_layers`` (SD3.5's skip-layer guidance) is not implemented.
+attend twice). Skip-layer guidance (``skip_guidance_layers``, SD3.5 Medium's recommended [7, 8, 9]) as
+diffusers': on the steps between ``skip_layer_guidance_start`` and ``_stop`` (fractions of the steps) one
+more pass of the prompt's half with those blocks left out, ``pred += (text - skipped) * scale``.
 """
 
 from __future__ import annotations
@@ -166,9 +168,28 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         return (jnp.concatenate([clip, t5.astype(self.dtype)], axis=1),
                 jnp.concatenate(pooled, axis=-1).astype(self.dtype))
 
-    def _step_fn(self, do_cfg: bool, warmup: bool = True):
-        """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (text states, pooled)."""
-        return self._flow_step_fn(do_cfg, warmup, lambda x, texts, t: (x, texts[0], texts[1], t))
+    def _step_fn(self, do_cfg: bool, warmup: bool = True, skip_layers: tuple = ()):
+        """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (text states, pooled);
+        ``skip_layers``: a skip-layer guidance step (``guidance``: (cfg scale, skip-layer scale))."""
+        return self._flow_step_fn(do_cfg, warmup, lambda x, texts, t: (x, texts[0], texts[1], t), skip_layers)
+
+    def _skip_layer_steps(self, skip_guidance_layers, scale: float, start: float, stop: float, num_steps: int):
+        """``step_for(n)`` for the denoising loop: diffusers' skip-layer guidance step where ``num_steps * start
+        < n < num_steps * stop`` (strict, as diffusers), else None."""
+        n_layers = self.transformer_config.num_layers
+        layers = tuple(sorted({int(i) for i in skip_guidance_layers}))
+        if not all(0 <= i < n_layers for i in layers):
+            raise ValueError(f"skip_guidance_layers {list(skip_guidance_layers)}: block indices are 0..{n_layers - 1}.")
+        if self.uses_pipefusion:
+            raise ValueError("Skip-layer guidance runs one more transformer pass per step, which PipeFusion's K/V "
+                             "buffers do not hold; use cfg, data, ulysses and ring meshes with it.")
+        fn = self._step_fn(True, skip_layers=layers)
+        slg = self._put_replicated(jnp.float32(scale))
+
+        def with_slg(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
+            return fn(tstate, latents, sched_state, i, kv, texts, sched, (guidance, slg), rng)
+
+        return lambda n: with_slg if num_steps * start < n < num_steps * stop else None
 
     def _decode_fn(self, size=None):
         """Jitted VAE decode over the whole mesh -> (B, H, W, 3) in [0, 1]: ``latents / scaling + shift``."""
@@ -197,9 +218,9 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                  sigmas=None, guidance_scale: float = 7.0, prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, latents=None,
                  max_sequence_length: int = 256, clip_skip: int | None = None, skip_guidance_layers=None,
-                 seed: int = 0, output_type: str = "np", progress: bool = True) -> SD3PipelineOutput:
-        if skip_guidance_layers:
-            raise NotImplementedError("skip_guidance_layers (skip-layer guidance) is not implemented here.")
+                 skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_stop: float = 0.2,
+                 skip_layer_guidance_start: float = 0.01, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> SD3PipelineOutput:
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -272,8 +293,14 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         # 3. denoise: one jitted step per iteration
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         guidance = self._put_replicated(jnp.float32(guidance_scale))
+        step_for = None
+        if skip_guidance_layers and do_cfg:  # diffusers applies skip-layer guidance only with CFG
+            step_for = self._skip_layer_steps(skip_guidance_layers, skip_layer_guidance_scale,
+                                              skip_layer_guidance_start, skip_layer_guidance_stop,
+                                              len(sched.timesteps))
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(),
-                                       kv=self._pipefusion_buffers(len(emb), self._image_tokens(height, width)))
+                                       kv=self._pipefusion_buffers(len(emb), self._image_tokens(height, width)),
+                                       step_for=step_for)
         return SD3PipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
