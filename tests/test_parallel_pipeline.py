@@ -18,7 +18,7 @@ VARIANTS = {"sincos": dict(num_attention_heads=6), "rope": dict(num_attention_he
 SLOW = pytest.mark.slow
 MESHES = [pytest.param("cfg=2", marks=SLOW), pytest.param("ulysses=2", marks=SLOW), pytest.param("ring=2", marks=SLOW),
           "ring=3", pytest.param("ulysses=2,ring=2", marks=SLOW), "ulysses=4", "cfg=2,ulysses=2,ring=2",
-          "cfg=2,ring=4", "data=2,cfg=2,ulysses=2"]
+          pytest.param("cfg=2,ring=4", marks=SLOW), "data=2,cfg=2,ulysses=2"]
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -177,6 +177,7 @@ def pipes(request, tmp_path_factory):
     return cls, folder, run, one, sequential
 
 
+@pytest.mark.slow  # the model-level tests check warm-up == one device on these meshes; kept for `-m slow`
 def test_pipeline_warmup_steps_equal_one_device(pipes):
     cls, folder, run, one, _ = pipes
     out = run(cls.from_pretrained(folder, mesh="cfg=2,pipefusion=2,ulysses=2", pipefusion_warmup_steps=3))
