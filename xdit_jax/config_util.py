@@ -15,6 +15,19 @@ def known_fields(cls, d: Mapping[str, Any], exclude: tuple[str, ...] = ()) -> di
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
 
 
+class TransformerDims:
+    """The widths every DiT config derives the same way (a mixin of the transformer config dataclasses,
+    which hold ``num_attention_heads``, ``attention_head_dim``, ``in_channels``, ``out_channels``)."""
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_ch(self) -> int:
+        return self.out_channels if self.out_channels is not None else self.in_channels
+
+
 class FromConfigDict:
     """``from_dict`` / ``from_json`` for a config dataclass read from a diffusers/transformers JSON file
     (unknown keys ignored, see :func:`known_fields`; validation belongs in ``__post_init__``)."""

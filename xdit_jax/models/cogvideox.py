@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import TransformerDims, known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
     FeedForward,
@@ -37,7 +37,7 @@ STACKED = "transformer_blocks"  # the stacked blocks (one scan; PipeFusion split
 
 
 @dataclasses.dataclass(frozen=True)
-class CogVideoXConfig:
+class CogVideoXConfig(TransformerDims):
     num_attention_heads: int = 30
     attention_head_dim: int = 64
     in_channels: int = 16
@@ -78,14 +78,6 @@ class CogVideoXConfig:
         if cfg.activation_fn != "gelu-approximate" or cfg.timestep_activation_fn != "silu":
             raise ValueError(f"Unsupported activations {cfg.activation_fn!r}/{cfg.timestep_activation_fn!r}.")
         return cfg
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def out_ch(self) -> int:
-        return self.out_channels if self.out_channels is not None else self.in_channels
 
 
 # torch names that differ from the Flax path (regex on the derived torch name).

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import TransformerDims, known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
     FeedForward,
@@ -51,7 +51,7 @@ ROPE_THETA = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(TransformerDims):
     patch_size: int = 1
     in_channels: int = 64
     out_channels: int | None = None
@@ -79,14 +79,6 @@ class FluxConfig:
         if cfg.num_layers < 1 or cfg.num_single_layers < 1:
             raise ValueError("A FLUX transformer has at least one double- and one single-stream block.")
         return cfg
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def out_ch(self) -> int:
-        return self.out_channels if self.out_channels is not None else self.in_channels
 
 
 class RMSNorm(nnx.Module):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import TransformerDims, known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
     LayerNorm,
@@ -65,7 +65,7 @@ META_SIZES = 6  # image_meta_size: original (h, w), target (h, w), crop top-left
 
 
 @dataclasses.dataclass(frozen=True)
-class HunyuanDiTConfig:
+class HunyuanDiTConfig(TransformerDims):
     num_attention_heads: int = 16
     attention_head_dim: int = 88
     in_channels: int | None = None
@@ -105,10 +105,6 @@ class HunyuanDiTConfig:
             raise ValueError(f"cross_attention_dim_t5={cfg.cross_attention_dim_t5} must be divisible by the "
                              f"text pooler's {POOLER_HEADS} heads.")
         return cfg
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
 
     @property
     def out_ch(self) -> int:

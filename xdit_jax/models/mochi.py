@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import TransformerDims, known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
     LayerNorm,
@@ -46,7 +46,7 @@ SUPPORTS_PIPEFUSION = True
 
 
 @dataclasses.dataclass(frozen=True)
-class MochiConfig:
+class MochiConfig(TransformerDims):
     patch_size: int = 2
     num_attention_heads: int = 24
     attention_head_dim: int = 128
@@ -69,14 +69,6 @@ class MochiConfig:
         if cfg.num_layers < 2:
             raise ValueError(f"num_layers={cfg.num_layers}: a Mochi transformer has at least 2 blocks.")
         return cfg
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def out_ch(self) -> int:
-        return self.out_channels if self.out_channels is not None else self.in_channels
 
 
 # ----- norms: statistics and modulation in float32, the result in the input dtype -----

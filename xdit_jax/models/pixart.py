@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import TransformerDims, known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
     FeedForward,
@@ -43,7 +43,7 @@ TIME_PROJ_DIM = 256  # diffusers PixArtAlphaCombinedTimestepSizeEmbeddings: Time
 
 
 @dataclasses.dataclass(frozen=True)
-class PixArtConfig:
+class PixArtConfig(TransformerDims):
     num_attention_heads: int = 16
     attention_head_dim: int = 72
     in_channels: int = 4
@@ -87,13 +87,6 @@ class PixArtConfig:
                              f"(two D/3 resolution embeddings + one D/3 aspect-ratio embedding), got {cfg.inner_dim}.")
         return cfg
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def out_ch(self) -> int:
-        return self.out_channels if self.out_channels is not None else self.in_channels
 
     @property
     def learned_sigma(self) -> bool:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import TransformerDims, known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.flux import RMSNorm, TextProjection
 from xdit_jax.models.layers import (
@@ -60,7 +60,7 @@ QK_NORMS = (None, "rms_norm")
 
 
 @dataclasses.dataclass(frozen=True)
-class SD3Config:
+class SD3Config(TransformerDims):
     sample_size: int = 128
     patch_size: int = 2
     in_channels: int = 16
@@ -98,13 +98,6 @@ class SD3Config:
             raise ValueError("pos_embed_max_size must be set (every SD3 checkpoint crops its position table).")
         return cfg
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def out_ch(self) -> int:
-        return self.out_channels if self.out_channels is not None else self.in_channels
 
     @property
     def base_size(self) -> int:
