@@ -163,6 +163,6 @@ def test_unpadded_transformer_on_uneven_stages_is_refused(folder):
     kw = dict(transformer=one.transformer, transformer_config=one.transformer_config, vae=one.vae,
               vae_config=one.vae_config, text_encoder=one.text_encoder, tokenizer=one.tokenizer,
               scheduler_config=one.scheduler_config)
-    with pytest.raises(ValueError, match="holds 4 stacked layers, PipeFusion's stages need 6"):
+    with pytest.raises(ValueError, match="holds 4 stacked layers in transformer_blocks, PipeFusion.s stages need 6"):
         CogVideoXPipeline(**kw, mesh="pipefusion=3")
     CogVideoXPipeline(**kw, mesh="pipefusion=2")  # even stages: the same layout

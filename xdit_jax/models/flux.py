@@ -13,9 +13,11 @@ Two kinds of blocks, each stacked and run with one ``lax.scan``:
 
 So a step runs the block stacks in two phases (:func:`xdit_jax.parallel.sequence.run_blocks` twice);
 between them the text joins the sequence. RoPE (3 axes over (t, y, x) ids, theta 10000) is applied
-to every token, text included (its ids are zeros in FluxPipeline: no rotation). PipeFusion is not
-supported (``SUPPORTS_PIPEFUSION = False``): the two stacks (double-stream, then single-stream over the
-joint sequence) differ in kind, while a PipeFusion stage runs one stacked scan (plus one final block).
+to every token, text included (its ids are zeros in FluxPipeline: no rotation).
+
+PipeFusion runs :meth:`FluxTransformer2DModel.blocks`: both stacks with the text held whole (each patch
+carries it; the single-stream blocks take it as their attention's context), each stack split over all the
+stages (:func:`xdit_jax.parallel.pipefusion.run_pipefusion`'s looped pipeline).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
 SINGLE = "single_transformer_blocks"
-SUPPORTS_PIPEFUSION = False
+SUPPORTS_PIPEFUSION = True
+STACKS = (STACKED, SINGLE)  # PipeFusion's order: every stage holds part of both (a looped pipeline)
 ROPE_THETA = 10000.0
 
 
@@ -139,10 +142,12 @@ class Attention(nnx.Module):
             self.norm_added_k = RMSNorm(hd, dtype=dtype)
             self.to_add_out = linear(d, d, dtype=dtype, rngs=rngs)
 
-    def qkv(self, x, rope):
+    def qkv(self, x, rope, batched: bool = False):
+        """q, k (RMS-normed, rotated), v; ``rope``: (S, hd) tables, or (B, S, hd) with ``batched``."""
         hd = self.head_dim
-        q = apply_rope(self.norm_q(_heads(self.to_q(x), hd)), *rope)
-        k = apply_rope(self.norm_k(_heads(self.to_k(x), hd)), *rope)
+        rot = apply_rope_batched if batched else apply_rope
+        q = rot(self.norm_q(_heads(self.to_q(x), hd)), *rope)
+        k = rot(self.norm_k(_heads(self.to_k(x), hd)), *rope)
         return q, k, _heads(self.to_v(x), hd)
 
     def joint(self, x, c, rope, c_rope):
@@ -204,7 +209,18 @@ class SingleBlock(nnx.Module):
 
     def __call__(self, x, temb, rope):
         h, (gate,) = self.norm(x, temb)
-        o = attention(*self.attn.qkv(h, rope))
+        return self._out(x, h, attention(*self.attn.qkv(h, rope)), gate)
+
+    def pair(self, x, c, temb, rope, c_rope):
+        """The same block with the text ``c`` kept apart from the image tokens ``x`` (a patch of them under
+        PipeFusion): the text's tokens join the attention as its context, every other op is per token.
+        ``c_rope``: the text's (B, L, hd) tables. -> (image, text)."""
+        hx, (gate,) = self.norm(x, temb)
+        hc, _ = self.norm(c, temb)
+        o, oc = attention(*self.attn.qkv(hx, rope), context=(*self.attn.qkv(hc, c_rope, batched=True), None))
+        return self._out(x, hx, o, gate), self._out(c, hc, oc, gate)
+
+    def _out(self, x, h, o, gate):
         y = jnp.concatenate([o.reshape(*o.shape[:2], -1), gelu_tanh(self.proj_mlp(h))], axis=-1)
         return _fp16_clip(x + gate[:, None] * self.proj_out(y))
 
@@ -318,8 +334,19 @@ class FluxTransformer2DModel(nnx.Module):
         temb, rope = cond["temb"], tokens["rope"]
         return scan_modules(self.single_transformer_blocks, lambda blk, y: blk(y, temb, rope), joint)
 
-    def head(self, x, cond):
-        """Image tokens -> the prediction (B, N, patch^2 * out_channels)."""
+    def blocks(self, x, tokens, cond):
+        """Both stacks with the text held whole, the form PipeFusion runs (each patch carries the text):
+        the double-stream blocks' (image, text) go on into the single-stream blocks, where the text joins
+        each attention as a context (:meth:`SingleBlock.pair`) instead of the sharded sequence. Equals
+        :meth:`double_blocks` then :meth:`single_blocks` over [text; image]. -> the image tokens."""
+        temb, rope, c_rope = cond["temb"], tokens["rope"], cond["context_rope"]
+        xc = self.double_blocks(x, tokens, cond)
+        x, _ = scan_modules(self.single_transformer_blocks, lambda blk, xc: blk.pair(*xc, temb, rope, c_rope), xc)
+        return x
+
+    def head(self, x, cond, shape=None):
+        """Image tokens -> the prediction (B, N, patch^2 * out_channels); ``shape`` (the latents', as the
+        other families' heads take it) is not needed."""
         scale, shift = jnp.split(self.norm_out_linear(jax.nn.silu(cond["temb"]).astype(x.dtype)), 2, axis=-1)
         return self.proj_out(self.norm_out(x) * (1 + scale[:, None]) + shift[:, None])
 

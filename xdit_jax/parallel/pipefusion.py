@@ -67,8 +67,14 @@ class StackCache:
     recv: object = None  # the scan's carry as the previous stage left it (None: take the model's)
     tail: tuple | None = None  # (k, v) buffers (1, B, S, H, D) of the final block, or None
     stream: object = None  # set by layer_scan: its output carry, what goes on to the next stage
-    used: bool = False
+    stack: int = 0  # which of the model's stacked scans runs in this call (the others pass their carry on)
+    last: bool = True  # that scan is the model's last one (a final block after it counts)
+    scans: int = 0  # the stacked scans seen so far in this call
     final_used: bool = False
+
+    @property
+    def used(self) -> bool:
+        return self.scans > self.stack
 
 
 _STACK: contextvars.ContextVar[StackCache | None] = contextvars.ContextVar("xdit_jax_stack_cache", default=None)
@@ -88,15 +94,17 @@ def layer_scan(layer_fn, carry, stacked_state):
 
     While a PipeFusion stage is traced (:func:`stack_cache` installed) the stage's K/V buffers ride
     in the scan's carry and each layer's attention updates its layer of them in place (installed
-    with :func:`xdit_jax.parallel.attention.kv_cache`); otherwise a plain scan.
+    with :func:`xdit_jax.parallel.attention.kv_cache`); otherwise a plain scan. A model with several
+    stacks (FLUX: double-, then single-stream blocks) calls this once per stack; a PipeFusion call
+    runs one of them (``cache.stack``) and passes the carry through the others untouched.
     """
     cache = _STACK.get()
     if cache is None:
         carry, _ = lax.scan(lambda c, s: (layer_fn(c, s), None), carry, stacked_state)
         return carry
-    if cache.used:
-        raise NotImplementedError("PipeFusion supports models with one stacked block sequence.")
-    cache.used = True
+    index, cache.scans = cache.scans, cache.scans + 1
+    if index != cache.stack:  # another stack's turn (the code between stacks must pass the carry on unchanged)
+        return carry
     if cache.recv is not None:  # a later stage continues from where the previous one left the carry
         carry = jax.tree.map(lambda own, got: jnp.where(cache.first, own, got.astype(own.dtype)), carry, cache.recv)
 
@@ -132,6 +140,8 @@ def final_block(fn, carry):
     cache = _STACK.get()
     if cache is None:
         return fn(carry)
+    if not cache.last:  # a call for an earlier stack: its result is not used
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, carry))
     if cache.tail is None:
         raise RuntimeError("This model ends its stack with a final block: PipeFusion needs K/V buffers for it "
                            "(init_cache(..., tail=True)).")
@@ -160,16 +170,39 @@ def stage_layout(num_layers: int, stages: int) -> np.ndarray:
     return np.asarray(order, np.int32)
 
 
-def pad_stack(tree, stacked: str, stages: int, shardings=None):
-    """``tree`` (a model state or params dict) with the leaves under ``stacked`` laid out by
-    :func:`stage_layout` (padding slots hold a copy of layer 0; they are skipped), placed with
-    ``shardings`` (a pytree like ``tree``, or None). Unchanged where ``stages`` divides the layers."""
-    leaves = [leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(tree) if starts_with(kp, stacked)]
-    order = stage_layout(leaves[0].shape[0], stages)
-    if (order >= 0).all():
+def stack_names(stacked) -> tuple[str, ...]:
+    """The model's stacked block subtrees, in the order its scans run: a name, or a tuple of them."""
+    return (stacked,) if isinstance(stacked, str) else tuple(stacked)
+
+
+def stack_sizes(num_layers) -> tuple[int, ...]:
+    """Layers per stack: an int (one stack) or a tuple of them."""
+    return (int(num_layers),) if np.ndim(num_layers) == 0 else tuple(int(n) for n in num_layers)
+
+
+def stack_slots(num_layers, stages: int) -> tuple[int, ...]:
+    """Each stack's slots padded to equal stages (:func:`stage_layout`)."""
+    return tuple(len(stage_layout(n, stages)) for n in stack_sizes(num_layers))
+
+
+def pad_stack(tree, stacked, stages: int, shardings=None):
+    """``tree`` (a model state or params dict) with the leaves under each of the ``stacked`` names laid
+    out by :func:`stage_layout` (padding slots hold a copy of the stack's layer 0; they are skipped),
+    placed with ``shardings`` (a pytree like ``tree``, or None). Unchanged where ``stages`` divides the
+    layers of every stack."""
+    takes = {}
+    for name in stack_names(stacked):
+        leaves = [leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(tree) if starts_with(kp, name)]
+        order = stage_layout(leaves[0].shape[0], stages)
+        if not (order >= 0).all():
+            takes[name] = np.maximum(order, 0)
+    if not takes:
         return tree if shardings is None else jax.device_put(tree, shardings)
-    take = np.maximum(order, 0)
-    pad = lambda kp, x: jnp.take(x, take, axis=0) if starts_with(kp, stacked) else x
+
+    def pad(kp, x):
+        name = next((n for n in takes if starts_with(kp, n)), None)
+        return x if name is None else jnp.take(x, takes[name], axis=0)
+
     return jax.jit(lambda t: jax.tree_util.tree_map_with_path(pad, t), out_shardings=shardings)(tree)
 
 
@@ -197,31 +230,37 @@ def cache_shape(layer_slots: int, batch: int, seq_len: int, heads: int, head_dim
             head_dim)
 
 
-def init_cache(mesh, layers: int, batch: int, seq_len: int, heads: int, head_dim: int, dtype, patches: int,
+def init_cache(mesh, layers, batch: int, seq_len: int, heads: int, head_dim: int, dtype, patches: int,
                tail: bool = False, abstract: bool = False):
     """Zero K/V buffers :func:`cache_shape`, layers over ``pipefusion``, batch over (data, cfg), heads
-    over ``ulysses``: ``(k, v)``, and with ``tail`` (a model with a :func:`final_block`) ``(k, v,
-    tail_k, tail_v)``, one final-block slot per stage (the last stage's is used). ``abstract``:
-    ShapeDtypeStructs instead (to compile without allocating)."""
+    over ``ulysses``: ``(k, v)`` for a stack of ``layers`` slots; ``layers`` a tuple (a model with several
+    stacks): ``(k0, v0, k1, v1, ...)``, one pair per stack; with ``tail`` (a model with a
+    :func:`final_block`) then ``tail_k, tail_v``, one final-block slot per stage (the last stage's is
+    used). ``abstract``: ShapeDtypeStructs instead (to compile without allocating)."""
     from jax.sharding import NamedSharding
 
     u, r, n = (mesh.shape.get(a, 1) for a in ("ulysses", "ring", AXIS))
     sharding = NamedSharding(mesh, KV_SPEC)
     make = (lambda shp: jax.ShapeDtypeStruct(shp, dtype, sharding=sharding)) if abstract \
         else (lambda shp: jnp.zeros(shp, dtype, device=sharding))
-    shape = cache_shape(layers, batch, seq_len, heads, head_dim, patches, u, r)
-    bufs = [make(shape), make(shape)]
+    bufs = []
+    for slots in stack_sizes(layers):
+        shape = cache_shape(slots, batch, seq_len, heads, head_dim, patches, u, r)
+        bufs += [make(shape), make(shape)]
     if tail:
         bufs += [make((n,) + shape[1:]), make((n,) + shape[1:])]
     return tuple(bufs)
 
 
-def check_mesh(mesh_spec, num_layers: int) -> None:
-    """Refuse what this PipeFusion cannot run, saying what to use instead."""
+def check_mesh(mesh_spec, num_layers) -> None:
+    """Refuse what this PipeFusion cannot run, saying what to use instead. ``num_layers``: the stacked
+    layers, or a tuple of them per stack (each stack is split over all the stages)."""
     n = mesh_spec.pipefusion
-    if n > num_layers:
-        raise ValueError(f"pipefusion={n} is more stages than the model's {num_layers} layers; use at most "
-                         f"{num_layers}.")
+    fewest = min(stack_sizes(num_layers))
+    if n > fewest:
+        what = f"the model's {fewest} layers" if len(stack_sizes(num_layers)) == 1 else \
+            f"the {fewest} layers of the model's smallest block stack (each stack is split over every stage)"
+        raise ValueError(f"pipefusion={n} is more stages than {what}; use at most {fewest}.")
 
 
 def _buffer_tokens(patches: int, plen: int, ring: int, ulysses: int) -> np.ndarray:
@@ -237,25 +276,43 @@ def _buffer_tokens(patches: int, plen: int, ring: int, ulysses: int) -> np.ndarr
     return np.asarray(rows, np.int32)
 
 
-def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches: int, stacked: str,
-                   warmup: bool = False, backend: str = "xla", num_layers: int | None = None):
+def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches: int, stacked,
+                   warmup: bool = False, backend: str = "xla", num_layers=None):
     """One step of ``blocks(params, joint, tokens, cond)`` as a PipeFusion pipeline over ``mesh``.
 
     joint: (B, S, D) global; tokens: per-token tables (sequence on axis 0); cond: per-sample
-    arrays (batch on axis 0); cache: (k, v) or, for a model with a :func:`final_block`, (k, v, tail_k,
-    tail_v) from :func:`init_cache` (or the previous step); params:
-    the model state whose subtree ``stacked`` holds the stacked blocks (split over the stages;
-    padded by :func:`pad_stack` where the degree does not divide the model's ``num_layers``).
-    ``patches``: the patches of the patched steps (they fix the buffers' layout); ``warmup``: this
-    step runs the whole sequence at once (exact) and fills the buffers. Returns (out (B, S, D), cache).
+    arrays (batch on axis 0); cache: from :func:`init_cache` (or the previous step): (k, v) per stack,
+    then, for a model with a :func:`final_block`, (tail_k, tail_v); params: the model state whose
+    subtree ``stacked`` (a name, or a tuple of names, one per stack in the order ``blocks`` scans them)
+    holds the stacked blocks (split over the stages; padded by :func:`pad_stack` where the degree does
+    not divide a stack's layers, ``num_layers``: an int or a tuple per stack). ``patches``: the patches
+    of the patched steps (they fix the buffers' layout); ``warmup``: this step runs the whole sequence
+    at once (exact) and fills the buffers. Returns (out (B, S, D), cache).
 
     What passes from stage to stage is the stacked scan's carry (:func:`layer_scan`): the patch's
     tokens, and for a two-stream model the text stream that rides with them (each patch carries its
     own copy of the text, updated by the stages from that patch's attention).
+
+    Several stacks (FLUX: 19 double-stream, then 38 single-stream blocks) run *looped*: every stack is
+    split over all the stages, and a patch goes round the stages once per stack (stack ``q`` on stage
+    ``s`` is virtual stage ``q * n + s``; the last stage hands the carry to the first for the next
+    stack, so every stack's carry must have the same shapes, and the code between the stacks must pass
+    it on unchanged). Each tick runs only the stacks that have a patch on some stage then (segments of
+    the tick loop with a fixed set of stacks), so a device computes what a one-stack pipeline of the
+    same layers would, and the pipeline is ``q * n`` ticks longer (the fill of each round).
     """
     n = mesh.shape[AXIS] if mesh is not None else 1
     u = mesh.shape.get("ulysses", 1) if mesh is not None else 1
     rr = mesh.shape.get("ring", 1) if mesh is not None else 1
+    names = stack_names(stacked)
+    nstack = len(names)
+    sizes = stack_sizes(num_layers) if num_layers is not None else None
+    if sizes is not None and len(sizes) != nstack:
+        raise ValueError(f"num_layers {num_layers} gives {len(sizes)} stacks; stacked names {nstack}.")
+    tail_n = len(cache) - 2 * nstack
+    if tail_n not in (0, 2):
+        raise ValueError(f"{len(cache)} K/V buffers for {nstack} stacks: expected (k, v) per stack, then a final "
+                         "block's (k, v) or nothing (init_cache).")
     s = joint.shape[1]
     sp = cache[0].shape[2]
     if sp % (patches * u * rr) or sp < s:
@@ -273,26 +330,30 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     tokens_p = jax.tree.map(lambda t: pad(t, 0), tokens)
     valid_len = s if sp != s else None
     steps_through = 1 if warmup else patches  # what flows through the pipeline: the whole sequence, or patches
-    ticks = steps_through + n - 1
-    real_all = None
-    if num_layers is not None and num_layers % n:
-        real_all = stage_layout(num_layers, n) >= 0
+    ticks = steps_through + nstack * n - 1
+    real_all = [None if sizes is None or size % n == 0 else stage_layout(size, n) >= 0 for size in
+                (sizes or (0,) * nstack)]
+    # Stack q has a patch on some stage during ticks [q n, q n + steps_through + n - 1): the tick loop runs in
+    # segments with a fixed set of live stacks (each computed only while live).
+    windows = [(q * n, q * n + steps_through + n - 1) for q in range(nstack)]
+    edges = sorted({0, ticks, *(e for w in windows for e in w)})
+    segments = [(a, b, tuple(q for q, (lo, hi) in enumerate(windows) if lo <= a and b <= hi))
+                for a, b in zip(edges[:-1], edges[1:]) if a < b]
 
-    def local(p, j, t, c, k, v, *tail):
+    def local(p, j, t, c, *bufs):
         stage = lax.axis_index(AXIS) if n > 1 else 0
         seq_rank = (lax.axis_index("ring") * u if rr > 1 else 0) + (lax.axis_index("ulysses") if u > 1 else 0)
         mine = seq_rank * piece  # offset of this device's piece in a patch (chunk order ring-major, as run_blocks)
-        real = None
-        if real_all is not None:  # this stage's slots of the padded stack
-            real = lax.dynamic_slice_in_dim(jnp.asarray(real_all), stage * k.shape[0], k.shape[0])
+        kv = tuple(bufs[2 * q:2 * q + 2] for q in range(nstack))
+        tail = tuple(bufs[2 * nstack:])
         if warmup:
             idx = jnp.asarray(warm_tokens)[seq_rank]
             take = lambda a, axis: jnp.take(a, idx, axis=axis)  # noqa: E731
             put = lambda out, y: out.at[:, idx].set(y)  # noqa: E731
 
-        def stage_call(patch, recv, k, v, tail):
-            """This stage's blocks on ``patch`` (its tokens' rows), continuing from ``recv`` (the previous
-            stage's carry; None: the model's own). -> (output, carry for the next stage, k, v, tail)."""
+        def stage_call(q, patch, recv, k, v, tail):
+            """This stage's blocks of stack ``q`` on ``patch`` (its tokens' rows), continuing from ``recv``
+            (the carry handed on; None: the model's own). -> (output, carry to hand on, k, v, tail)."""
             active = (patch >= 0) & (patch < steps_through)
             if warmup:
                 x, tp, local_start = take(j, 1), jax.tree.map(lambda a: take(a, 0), t), 0
@@ -301,50 +362,75 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
                 x = lax.dynamic_slice_in_dim(j, start, piece, axis=1)
                 tp = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, piece, axis=0), t)
                 local_start = jnp.clip(patch, 0, patches - 1) * part  # this patch's part in the buffer
+            real = None
+            if real_all[q] is not None:  # this stage's slots of the padded stack
+                real = lax.dynamic_slice_in_dim(jnp.asarray(real_all[q]), stage * k.shape[0], k.shape[0])
+            last = q == nstack - 1
             cache = StackCache(k=k, v=v, start=local_start, write=active, real=real, ring_counts=counts,
-                               first=stage == 0 if n > 1 else True,
-                               recv=recv, tail=tail or None)
+                               first=(stage == 0 if n > 1 else True) if q == 0 else False,
+                               recv=recv, tail=(tail or None) if last else None, stack=q, last=last)
             with stack_cache(cache), attention_context(AttentionConfig(mesh=mesh if u * rr > 1 else None,
                                                                        backend=backend, valid_len=valid_len)):
                 y = blocks(p, x, tp, c)
-            if not cache.used:
-                raise RuntimeError("blocks() ran no layer_scan: PipeFusion needs the stacked block scan.")
-            if tail and not cache.final_used:
+            if cache.scans != nstack:
+                raise RuntimeError(f"blocks() ran {cache.scans} stacked scans (layer_scan); PipeFusion was given "
+                                   f"{nstack} stacks ({', '.join(names)}).")
+            if last and tail and not cache.final_used:
                 raise RuntimeError("K/V buffers for a final block were given, but blocks() ran no final_block.")
-            return y, cache.stream, cache.k, cache.v, tuple(cache.tail or ())
+            return y, cache.stream, cache.k, cache.v, (tuple(cache.tail or ()) if last else tail)
 
-        # The carry that flows between stages, as the model's scan shapes it (zeros before the first arrives).
-        stream0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                               jax.eval_shape(lambda: stage_call(0, None, k, v, tail)[1]))
+        # The carry that flows between stages, as the model's scans shape it (zeros before the first arrives).
+        shapes = [jax.eval_shape(lambda q=q: stage_call(q, 0, None, *kv[q], tail)[1]) for q in range(nstack)]
+        if any(jax.tree.structure(a) != jax.tree.structure(shapes[0]) or jax.tree.leaves(a) != jax.tree.leaves(
+                shapes[0]) for a in shapes[1:]):
+            raise ValueError(f"PipeFusion hands each stack's carry to the next one; these stacks' carries differ: "
+                             f"{shapes}.")
+        stream0 = tuple(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sh) for sh in shapes)
 
-        def tick(i, carry):
-            recv, out, k, v, tail = carry
-            patch = i - stage
-            y, stream, k, v, tail = stage_call(patch, recv if n > 1 else None, k, v, tail)
-            done = (patch >= 0) & (patch < steps_through) & (stage == n - 1)
-            if warmup:
-                new = put(out, y)
-            else:
-                start = jnp.clip(patch, 0, patches - 1) * plen + mine
-                new = lax.dynamic_update_slice_in_dim(out, y, start, axis=1)
-            out = jnp.where(done, new, out)
-            if n > 1:  # stage r -> r + 1 (the first stage starts from the next patch of the input instead)
-                stream = jax.tree.map(lambda a: lax.ppermute(a, AXIS, [(r, r + 1) for r in range(n - 1)]), stream)
-            return stream, out, k, v, tail
+        def tick_fn(live):
+            def tick(i, carry):
+                recv, out, kv, tail = carry
+                streams, kv = list(recv), list(kv)
+                for q in live:
+                    patch = i - q * n - stage
+                    if q == 0:
+                        got = recv[0] if n > 1 else None
+                    elif n > 1:  # the first stage continues the previous stack, from the last stage
+                        got = jax.tree.map(lambda a, b: jnp.where(stage == 0, a, b), recv[q - 1], recv[q])
+                    else:
+                        got = recv[q - 1]
+                    y, streams[q], k, v, tail = stage_call(q, patch, got, *kv[q], tail)
+                    kv[q] = (k, v)
+                    if q == nstack - 1:
+                        done = (patch >= 0) & (patch < steps_through) & (stage == n - 1)
+                        if warmup:
+                            new = put(out, y)
+                        else:
+                            start = jnp.clip(patch, 0, patches - 1) * plen + mine
+                            new = lax.dynamic_update_slice_in_dim(out, y, start, axis=1)
+                        out = jnp.where(done, new, out)
+                    if n > 1:  # stage r -> r + 1; the last stage -> the first where another stack follows
+                        perm = [(r, (r + 1) % n) for r in range(n if q < nstack - 1 else n - 1)]
+                        streams[q] = jax.tree.map(lambda a: lax.ppermute(a, AXIS, perm), streams[q])
+                return tuple(streams), out, tuple(kv), tail
+            return tick
 
-        _, out, k, v, tail = lax.fori_loop(0, ticks, tick, (stream0, jnp.zeros_like(j), k, v, tuple(tail)))
+        carry = (stream0, jnp.zeros_like(j), kv, tail)
+        for a, b, live in segments:
+            carry = lax.fori_loop(a, b, tick_fn(live), carry)
+        _, out, kv, tail = carry
         # The last stage holds the output, each sequence device its pieces (zeros elsewhere): sum them.
         axes = tuple(a for a, size in ((AXIS, n), ("ring", rr), ("ulysses", u)) if size > 1)
         if axes:
             out = lax.psum(jnp.where(stage == n - 1, out, 0), axes)
-        return (out, k, v, *tail)
+        return (out, *(b for pair in kv for b in pair), *tail)
 
     if mesh is None or mesh.size == 1:
         out, *cache = local(params, joint_p, tokens_p, cond, *cache)
         return out[:, :s], tuple(cache)
     from xdit_jax.parallel.sequence import _shard_map
 
-    stacked_spec = lambda path, _: P(AXIS) if starts_with(path, stacked) else P()
+    stacked_spec = lambda path, _: P(AXIS) if any(starts_with(path, name) for name in names) else P()
     par_specs = jax.tree_util.tree_map_with_path(stacked_spec, params)
     batch = lambda x: P(BATCH_AXES, *([None] * (x.ndim - 1)))
     kv_specs = (KV_SPEC,) * len(cache)
@@ -362,12 +448,13 @@ def starts_with(path, name: str) -> bool:
     return key == name
 
 
-def stacked_placement(mesh, num_layers: int, stacked: str):
-    """(sharding, prepare) to load a transformer whose blocks are stacked under ``stacked``: on a
-    pipefusion mesh each stage holds only its own layers — placed straight from the checkpoint where
-    the degree divides ``num_layers``, else read replicated and ``prepare`` pads the stack to equal
-    stages (:func:`pad_stack`) and splits it; elsewhere everything is replicated. The sharding is a
-    callable ``(key path, shape) -> sharding`` (:func:`xdit_jax.checkpoint.restore_params`)."""
+def stacked_placement(mesh, num_layers, stacked):
+    """(sharding, prepare) to load a transformer whose blocks are stacked under ``stacked`` (a name, or a
+    tuple of names with ``num_layers`` a tuple: one per stack): on a pipefusion mesh each stage holds
+    only its own layers — placed straight from the checkpoint where the degree divides every stack's
+    layers, else read replicated and ``prepare`` pads the stacks to equal stages (:func:`pad_stack`)
+    and splits them; elsewhere everything is replicated. The sharding is a callable ``(key path,
+    shape) -> sharding`` (:func:`xdit_jax.checkpoint.restore_params`)."""
     from jax.sharding import NamedSharding
 
     from xdit_jax.mesh import MeshSpec
@@ -378,11 +465,12 @@ def stacked_placement(mesh, num_layers: int, stacked: str):
         return replicated, None
     check_mesh(MeshSpec.parse(dict(mesh.shape)), num_layers)  # before any weight is read
     stage = NamedSharding(mesh, P(AXIS))
+    names = stack_names(stacked)
 
     def place(kp, *_):
-        return stage if starts_with(kp, stacked) else replicated
+        return stage if any(starts_with(kp, name) for name in names) else replicated
 
-    if num_layers % stages == 0:
+    if all(size % stages == 0 for size in stack_sizes(num_layers)):
         return place, None
     return replicated, lambda params: pad_stack(params, stacked, stages,
                                                 jax.tree_util.tree_map_with_path(place, params))

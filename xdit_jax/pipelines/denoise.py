@@ -214,27 +214,28 @@ class PipelineBase:
 
     def _init_parts(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                     scheduler_config, dtype, mesh, attention_backend: str, pipefusion_patches: int | None,
-                    pipefusion_warmup_steps: int, stacked: str, stacked_layers: int | None = None,
+                    pipefusion_warmup_steps: int, stacked, stacked_layers=None,
                     final_block: bool = False) -> None:
         """``stacked``: the Flax name of the stacked blocks, ``stacked_layers`` how many (default: the
-        config's ``num_layers``); ``final_block``: the model ends its stack with one more block
-        (:func:`xdit_jax.parallel.pipefusion.final_block`), which PipeFusion gives K/V buffers too."""
+        config's ``num_layers``), or tuples of both for a model with several stacks (FLUX); ``final_block``:
+        the model ends its stack with one more block (:func:`xdit_jax.parallel.pipefusion.final_block`),
+        which PipeFusion gives K/V buffers too."""
         self.transformer, self.transformer_config = transformer, transformer_config
         self.vae, self.vae_config = vae, vae_config
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.scheduler_config = scheduler_config
         self.stacked = stacked
-        self.stacked_layers = transformer_config.num_layers if stacked_layers is None else int(stacked_layers)
+        self.stacked_layers = transformer_config.num_layers if stacked_layers is None else (
+            int(stacked_layers) if isinstance(stacked_layers, int) else tuple(int(n) for n in stacked_layers))
         self.final_block = bool(final_block)
         self._setup(dtype, mesh, attention_backend)
-        self._setup_pipefusion(self.stacked_layers, pipefusion_patches, pipefusion_warmup_steps,
-                               getattr(transformer, stacked))
+        self._setup_pipefusion(pipefusion_patches, pipefusion_warmup_steps)
         self._step_cache = {}
         self._decode_cache = {}
         self.vae_tiling, self.vae_slicing = None, False
 
     @staticmethod
-    def _load_parts(folder, mesh, dtype, stacked: str, num_layers: int) -> dict:
+    def _load_parts(folder, mesh, dtype, stacked, num_layers) -> dict:
         """The transformer (its stacked blocks laid out for PipeFusion's stages on a pipefusion mesh),
         VAE, text encoder and tokenizer of a converted folder, as keyword arguments of ``__init__``."""
         from pathlib import Path
@@ -357,7 +358,7 @@ class PipelineBase:
         if not self.uses_pipefusion:
             return None
         tc = self.transformer_config
-        slots = len(pipefusion.stage_layout(self.stacked_layers, self.mesh_spec.pipefusion))
+        slots = pipefusion.stack_slots(self.stacked_layers, self.mesh_spec.pipefusion)
         return pipefusion.init_cache(self.mesh, slots, step_batch, seq, tc.num_attention_heads, tc.attention_head_dim,
                                      self.dtype, self.pipefusion_patches, tail=self.final_block, abstract=abstract)
 
@@ -473,10 +474,10 @@ class PipelineBase:
         self.mesh_spec = MeshSpec.parse(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh)
         self.mesh = mesh if hasattr(mesh, "axis_names") else build_mesh(self.mesh_spec)
 
-    def _setup_pipefusion(self, num_layers: int, patches: int | None, warmup_steps: int, stacked) -> None:
+    def _setup_pipefusion(self, patches: int | None, warmup_steps: int) -> None:
         """PipeFusion (xdit_jax.parallel.pipefusion): on a pipefusion mesh, or on any mesh when patches
         are asked for (one device: the sequential reference of the same rule). xDiT's defaults: as
-        many patches as stages, one warm-up step. ``stacked``: the model's stacked block module."""
+        many patches as stages, one warm-up step."""
         from flax import nnx
 
         from xdit_jax.parallel import pipefusion
@@ -489,13 +490,15 @@ class PipelineBase:
             raise ValueError(f"pipefusion_patches ({self.pipefusion_patches}) and pipefusion_warmup_steps "
                              f"({self.pipefusion_warmup_steps}) must be >= 1: the first step fills the K/V buffers.")
         if self.uses_pipefusion:
-            pipefusion.check_mesh(self.mesh_spec, num_layers)
-            slots = len(pipefusion.stage_layout(num_layers, pf))
-            held = jax.tree.leaves(nnx.state(stacked))[0].shape[0]
-            if held != slots:
-                raise ValueError(f"Mesh {self.mesh_spec}: the transformer holds {held} stacked layers, PipeFusion's "
-                                 f"stages need {slots} ({num_layers} padded to equal stages); "
-                                 "load it with from_pretrained(..., mesh=...), which lays them out.")
+            pipefusion.check_mesh(self.mesh_spec, self.stacked_layers)
+            sizes = pipefusion.stack_sizes(self.stacked_layers)
+            for name, size, slots in zip(pipefusion.stack_names(self.stacked), sizes,
+                                         pipefusion.stack_slots(sizes, pf)):
+                held = jax.tree.leaves(nnx.state(getattr(self.transformer, name)))[0].shape[0]
+                if held != slots:
+                    raise ValueError(f"Mesh {self.mesh_spec}: the transformer holds {held} stacked layers in {name}, "
+                                     f"PipeFusion's stages need {slots} ({size} padded to equal stages); "
+                                     "load it with from_pretrained(..., mesh=...), which lays them out.")
 
     def _batch_sharding(self, ndim: int, cfg_major: bool):
         """Batch axis over data (and cfg, for the doubled CFG batch); the rest replicated."""

@@ -8,12 +8,14 @@ CLIP-L (the pooled embedding) and T5 (512 tokens, no mask, as diffusers) encode 
 packed latents (2 x 2 latent patches per token) go through the transformer in two phases over the
 mesh (:func:`transformer_over_mesh`): the double-stream blocks with the image tokens sharded over
 (ring, ulysses) and the text held whole by every device, then the single-stream blocks over the
-joint [text; image] sequence sharded as one. Guidance-distilled checkpoints (FLUX.1-dev) take
+joint [text; image] sequence sharded as one. PipeFusion (``pipefusion`` axis, or ``pipefusion_patches``)
+splits both stacks over the stages, each patch of image tokens carrying its own copy of the text round
+the stages once per stack (:func:`xdit_jax.parallel.pipefusion.run_pipefusion`; xDiT's defaults: as many
+patches as stages, one exact warm-up step). Guidance-distilled checkpoints (FLUX.1-dev) take
 ``guidance_scale`` as an embedding; diffusers' "true CFG" (``true_cfg_scale > 1`` with a negative
 prompt) runs both halves in the batch (split over ``cfg=2``). The flow-matching Euler step with
 diffusers' sigmas (``linspace(1, 1/n, n)``, shifted by ``mu`` from the image size where the
 scheduler uses dynamic shifting) is in the jitted step; the VAE decode is split over the mesh.
-PipeFusion is refused (two block stacks of different kinds; a stage runs one stacked scan).
 
 Known differences: t x 1000 and guidance x 1000 enter their sinusoids in float32 also in bf16
 (diffusers and BFL's sampler round them to bf16 first); with ``prompt_embeds`` of fewer than
@@ -46,7 +48,6 @@ from xdit_jax.pipelines.denoise import (
     load_component,
     parse_dtype,
     peak_memory_bytes,
-    refuse_pipefusion,
     tokenize,
 )
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
@@ -55,8 +56,6 @@ from xdit_jax.schedulers import flow_match
 log = logging.getLogger("xdit_jax")
 
 FluxPipelineOutput = ImagePipelineOutput
-PIPEFUSION_REASON = ("its two block stacks (double-stream, then single-stream over the joint sequence) differ in "
-                     "kind, while a PipeFusion stage runs one stacked scan")
 DEFAULT_SAMPLE_SIZE = 128  # diffusers' FluxPipeline.default_sample_size (x the VAE factor: 1024 px)
 CLIP_TOKENS = 77
 
@@ -76,11 +75,15 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
     that decides whether the batch doubles (true CFG), not FLUX.1-dev's embedded guidance."""
     from xdit_jax.mesh import MeshSpec
 
-    refuse_pipefusion("FLUX", PIPEFUSION_REASON, mesh_spec)
     if MeshSpec.parse(mesh_spec).cfg == 2 and guidance_scale <= 1.0:
         raise ValueError("Mesh cfg=2 splits the two halves of true CFG, which FLUX runs only with a negative prompt "
                          "and true_cfg_scale > 1 (its guidance_scale is an embedding); drop cfg=2 or give both.")
-    check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), tc.num_layers, batch, mesh_spec, guidance_scale)
+    check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), stack_layers(tc), batch, mesh_spec, guidance_scale)
+
+
+def stack_layers(tc) -> tuple[int, int]:
+    """The layers of the two stacks PipeFusion splits over its stages (flux.STACKS' order)."""
+    return tc.num_layers, tc.num_single_layers
 
 
 def pack_latents(latents):
@@ -119,13 +122,12 @@ class FluxPipeline(ImagePipelineBase):
                  text_encoder_2, tokenizer_2, scheduler_config, dtype=jnp.float32, mesh=None,
                  attention_backend: str = "auto", pipefusion_patches: int | None = None,
                  pipefusion_warmup_steps: int = 1):
-        refuse_pipefusion("FLUX", PIPEFUSION_REASON, dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
-                          pipefusion_patches)
         self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
                          vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
                          scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=None,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=flux.STACKED)
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=flux.STACKS,
+                         stacked_layers=stack_layers(transformer_config))
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
 
     @classmethod
@@ -133,19 +135,18 @@ class FluxPipeline(ImagePipelineBase):
                         variant: str | None = None, revision: str | None = None,
                         attention_backend: str = "auto", pipefusion_patches: int | None = None,
                         pipefusion_warmup_steps: int = 1) -> FluxPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
+        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
+        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
         from transformers import AutoTokenizer
 
         dtype = parse_dtype(dtype)
-        # before any conversion or weight read
-        refuse_pipefusion("FLUX", PIPEFUSION_REASON, dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
-                          pipefusion_patches)
         folder, _ = cls._pipeline_folder(model, ("FluxPipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         tc = flux.FluxConfig.from_dict(read_json(folder / "transformer" / "config.json"))
-        parts = cls._load_parts(folder, mesh_obj, dtype, flux.STACKED, tc.num_layers)
+        parts = cls._load_parts(folder, mesh_obj, dtype, flux.STACKS, stack_layers(tc))
         _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
         return cls(**parts, text_encoder_2=text_encoder_2,
                    tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"), scheduler_config=sched,
@@ -188,7 +189,8 @@ class FluxPipeline(ImagePipelineBase):
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng) ->
         (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, pooled CLIP); ``scales``:
-        (embedded guidance, true CFG scale); ``rope``: the image and text RoPE tables."""
+        (embedded guidance, true CFG scale); ``rope``: the image and text RoPE tables; ``kv``: PipeFusion's
+        K/V buffers (``warmup``: an exact step that fills them) or None."""
         key = (do_cfg, warmup)
         if key in self._step_cache:
             return self._step_cache[key]
@@ -196,14 +198,24 @@ class FluxPipeline(ImagePipelineBase):
         dtype, mesh, backend = self.dtype, self.mesh, self.attention_backend
         guided = self.transformer_config.guidance_embeds
 
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.pipefusion)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
         def step(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng):
             x = self._model_batch(latents, do_cfg)
             b = x.shape[0]
             t = jnp.broadcast_to(sched.timesteps[i] / 1000, (b,))
             g = jnp.broadcast_to(scales[0], (b,)) if guided else None
             args = (x.astype(dtype), texts[0], texts[1], t, None, None, g)
-            pred = transformer_over_mesh(graphdef, tstate, args, mesh if mesh.size > 1 else None, backend,
-                                         rope=rope).astype(jnp.float32)
+            if kv is None:
+                pred = transformer_over_mesh(graphdef, tstate, args, mesh if mesh.size > 1 else None, backend,
+                                             rope=rope)
+            else:  # PipeFusion: both stacks with the text held whole (FluxTransformer2DModel.blocks)
+                model = nnx.merge(graphdef, tstate)
+                tokens_x, tokens, cond, _ = model.embed(*args, rope=rope)
+                tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
+                pred = model.head(tokens_x, cond)
+            pred = pred.astype(jnp.float32)
             if do_cfg:  # diffusers' true CFG: [negative; positive]
                 neg, pos = jnp.split(pred, 2)
                 pred = neg + scales[1] * (pos - neg)
@@ -327,5 +339,6 @@ class FluxPipeline(ImagePipelineBase):
         scales = self._put_replicated(jnp.asarray([guidance_scale, true_cfg_scale], jnp.float32))
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scales, rope, rng), len(sched.timesteps), progress,
-                                       output_type, self._decode_fn((h, w)))
+                                       output_type, self._decode_fn((h, w)),
+                                       kv=self._pipefusion_buffers(len(emb), shape[1]))
         return FluxPipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
