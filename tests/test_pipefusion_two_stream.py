@@ -21,25 +21,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.jax_util import random_state as _random_state
 from xdit_jax import tiny
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import mochi, sd3
 from xdit_jax.parallel import pipefusion
 from xdit_jax.parallel.sequence import run_blocks
-
-
-def _random_state(model_class, cfg, seed):
-    """(graphdef, state) of a model of ``cfg`` whose every parameter is drawn on the host: N(0, 1/fan_in)
-    for matrices, N(0, 0.1) for the rest (no zero-initialised gate or output hides a wrong path; no
-    compiled init: a few ms)."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_class(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def draw(a):
-        std = a.shape[-2] ** -0.5 if a.ndim >= 2 else 0.1
-        return jnp.asarray(std * rng.standard_normal(a.shape), a.dtype)
-
-    return graphdef, jax.tree.map(draw, abstract)
 
 
 @functools.cache
@@ -149,23 +136,27 @@ def test_buffers_without_a_final_block_slot_are_refused():
                                   cache, None, patches=2, warmup=True, stacked="transformer_blocks")
 
 
-# ----- the pipelines: Mochi and SD3 on pipefusion meshes (tiny models with 4 blocks: 3 stacked + the last) -----
+# ----- the pipelines: Mochi and SD3 (tiny models with 4 blocks: 3 stacked + the last) and FLUX on pipefusion
+# meshes -----
 
 PIPES = {
     "mochi": dict(transformer={"num_layers": 4, "num_attention_heads": 3},
                   call=dict(num_frames=7, height=32, width=48, max_sequence_length=16)),  # 2 x 2 x 3 = 12 tokens
     "sd3": dict(transformer={"num_layers": 4, "num_attention_heads": 3, "caption_projection_dim": 48},
                 call=dict(height=48, width=80, max_sequence_length=16)),  # 3 x 5 = 15 image tokens
+    # two stacks (3 double-, 4 single-stream blocks) in the looped pipeline (test_pipefusion_stacks.py)
+    "flux": dict(transformer={"num_layers": 3, "num_single_layers": 4, "num_attention_heads": 3},
+                 call=dict(height=48, width=80, max_sequence_length=16)),
 }
 
 
 @pytest.fixture(scope="module", params=list(PIPES))
 def pipes(request, tmp_path_factory):
     """(family, pipeline class, folder, kwargs, one device's latents, the sequential 2-patch rule's)."""
-    from xdit_jax import MochiPipeline, StableDiffusion3Pipeline
+    from xdit_jax import FluxPipeline, MochiPipeline, StableDiffusion3Pipeline
 
     family = request.param
-    cls = {"mochi": MochiPipeline, "sd3": StableDiffusion3Pipeline}[family]
+    cls = {"mochi": MochiPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
     folder = tiny.make_tiny_model(tmp_path_factory.mktemp(family) / "m", transformer=PIPES[family]["transformer"],
                                   family=family)
     kw = dict(PIPES[family]["call"], num_inference_steps=3, output_type="latent", progress=False, seed=5)
@@ -180,12 +171,14 @@ def pipes(request, tmp_path_factory):
 @pytest.mark.slow  # the model-level tests check warm-up == one device on these meshes; kept for `-m slow`
 def test_pipeline_warmup_steps_equal_one_device(pipes):
     cls, folder, run, one, _ = pipes
-    out = run(cls.from_pretrained(folder, mesh="cfg=2,pipefusion=2,ulysses=2", pipefusion_warmup_steps=3))
+    mesh = "pipefusion=2,ulysses=2" if cls.__name__ == "FluxPipeline" else "cfg=2,pipefusion=2,ulysses=2"  # no CFG
+    out = run(cls.from_pretrained(folder, mesh=mesh, pipefusion_warmup_steps=3))
     assert np.abs(out - one).max() <= 2e-5 * np.abs(one).max()
 
 
 # one mesh per family (the model-level tests above run the others)
-PATCHED_MESH = {"MochiPipeline": "pipefusion=2,ring=2", "StableDiffusion3Pipeline": "data=2,pipefusion=3"}
+PATCHED_MESH = {"MochiPipeline": "pipefusion=2,ring=2", "StableDiffusion3Pipeline": "data=2,pipefusion=3",
+                "FluxPipeline": "pipefusion=3,ulysses=2"}
 
 
 def test_pipeline_patched_steps_equal_sequential_reference(pipes):

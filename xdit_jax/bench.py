@@ -569,7 +569,7 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
         if patches:
             from xdit_jax.parallel.pipefusion import run_pipefusion
 
-            joint, tokens, cond = model.embed(*embed_args)
+            joint, tokens, cond = model.embed(*embed_args)[:3]  # (FLUX's embed also gives its text tables)
             joint, kv = run_pipefusion(blocks, state, joint, tokens, cond, kv, mesh, patches=patches, warmup=False,
                                        stacked=family.stacked, backend=attention_backend, num_layers=num_layers)
             return model.head(joint, cond, shape).astype(jnp.float32), kv
@@ -957,11 +957,13 @@ def _stage_shardings(tcfg, dtype, stage, repl):
     import jax
     from flax import nnx
 
-    from xdit_jax.parallel.pipefusion import starts_with
+    from xdit_jax.parallel.pipefusion import stack_names, starts_with
 
     fam = family_of_model(tcfg)
     _, state = nnx.split(nnx.eval_shape(lambda: fam.model_class(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
-    return jax.tree_util.tree_map_with_path(lambda kp, _: stage if starts_with(kp, fam.stacked) else repl, state)
+    names = stack_names(fam.stacked)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: stage if any(starts_with(kp, name) for name in names) else repl, state)
 
 
 def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params, opts: StepOptions, *,
@@ -987,15 +989,17 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     mesh = build_mesh(ms) if ms.size > 1 else None
     repl = NamedSharding(mesh, P()) if mesh is not None else None
     patches = stage_tree = None
-    layers = tcfg.num_layers
+    layers, slots_of = tcfg.num_layers, {}
     if ms.pipefusion > 1:  # the stacked blocks split over the stages; a patched step (as many patches as stages)
         family.refuse_pipefusion(tcfg)  # HunyuanDiT: long skips cross every stage boundary
         from xdit_jax.parallel import pipefusion
 
         pipefusion.check_mesh(ms, family.stacked_layers(tcfg))
         patches = ms.pipefusion
-        layers = len(pipefusion.stage_layout(family.stacked_layers(tcfg), ms.pipefusion))  # padded to equal stages
-        row["pipefusion_patches"], row["pipefusion_layer_slots"] = patches, layers
+        layers = pipefusion.stack_slots(family.stacked_layers(tcfg), ms.pipefusion)  # padded to equal stages
+        row["pipefusion_patches"], row["pipefusion_layer_slots"] = patches, layers[0] if len(layers) == 1 \
+            else list(layers)
+        slots_of = dict(zip(pipefusion.stack_names(family.stacked), layers))
         stage_tree = _stage_shardings(tcfg, dtype, NamedSharding(mesh, P(pipefusion.AXIS)), repl)
     if opts.compile_only:  # shapes only: nothing allocated, nothing run (full-size models on a small host)
         from flax import nnx
@@ -1005,8 +1009,9 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         shardings = stage_tree if patches else jax.tree.map(lambda _: repl, state)
 
         def abstract(kp, a, sh):
-            stacked = patches and pipefusion.starts_with(kp, family.stacked)
-            return jax.ShapeDtypeStruct(((layers,) + a.shape[1:]) if stacked else a.shape, a.dtype, sharding=sh)
+            name = next((n for n in slots_of if pipefusion.starts_with(kp, n)), None) if patches else None
+            return jax.ShapeDtypeStruct(((slots_of[name],) + a.shape[1:]) if name else a.shape, a.dtype,
+                                        sharding=sh)
 
         state = jax.tree_util.tree_map_with_path(abstract, state, shardings)
         args = tuple(jax.ShapeDtypeStruct(inputs[k].shape, inputs[k].dtype,

@@ -53,8 +53,9 @@ class Family:
         """Whether PipeFusion can split the model's layer stack (the model module's ``SUPPORTS_PIPEFUSION``)."""
         return bool(getattr(self.module, "SUPPORTS_PIPEFUSION", True))
 
-    def stacked_layers(self, cfg) -> int:
-        """The blocks in the stacked scan that PipeFusion splits into stages."""
+    def stacked_layers(self, cfg):
+        """The blocks in the stacked scan that PipeFusion splits into stages (a tuple, one per stack, for
+        a model with several: :attr:`stacked`)."""
         return cfg.num_layers - (1 if self.final_block else 0)
 
     def refuse_pipefusion(self, cfg=None) -> None:
@@ -72,8 +73,9 @@ class Family:
         return getattr(self.module, self.model_class_name)
 
     @property
-    def stacked(self) -> str:
-        return self.module.STACKED
+    def stacked(self):
+        """The stacked blocks' Flax name, or the names of several stacks (the module's ``STACKS``)."""
+        return getattr(self.module, "STACKS", self.module.STACKED)
 
     def config(self, transformer: dict):
         return getattr(self.module, self.config_class_name).from_dict(transformer)
@@ -106,7 +108,8 @@ class Family:
         raise NotImplementedError
 
     def attention_tokens(self, w) -> int:
-        """The length of the sequence the self-attention (and PipeFusion's K/V buffers) covers."""
+        """The tokens PipeFusion's K/V buffers hold: the sequence its patches split (a text every device
+        holds whole joins each attention as a context, outside the buffers)."""
         raise NotImplementedError
 
     def check(self, cfg, shape: tuple[int, ...]) -> None:
@@ -967,7 +970,6 @@ class Flux(Family):
     config_class_name = "FluxConfig"
     token_word = "image"
     title = "FLUX"
-    no_pipefusion_why = "two block stacks of different kinds; a PipeFusion stage runs one stacked scan"
     # FLUX.1-dev is guidance-distilled (the scale is an embedding) and schnell takes none: FluxPipeline runs one
     # sample per prompt; diffusers' true CFG (a negative prompt, true_cfg_scale > 1) doubles it (--cfg)
     default_cfg = False
@@ -999,11 +1001,15 @@ class Flux(Family):
         return float(w.defaults.get("guidance_scale") or FLUX_GUIDANCE)
 
     def attention_tokens(self, w):
-        return sum(self.tokens(w))  # [text; image] in every attention of both phases
+        return self.tokens(w)[0]  # the image tokens; under PipeFusion the text joins as a context
 
     def check(self, cfg, shape):
         if shape[2] != cfg.in_channels:
             raise ValueError(f"packed latents {shape}: this FLUX transformer takes {cfg.in_channels} channels.")
+
+    def stacked_layers(self, cfg):
+        """Both stacks (double-, single-stream): PipeFusion splits each over all the stages."""
+        return cfg.num_layers, cfg.num_single_layers
 
     def with_layers(self, transformer, layers):
         """``--layers N``: N double-stream and N single-stream blocks."""

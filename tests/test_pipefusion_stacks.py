@@ -1,0 +1,145 @@
+"""PipeFusion over several block stacks (FLUX: double-stream, then single-stream blocks), on 8 simulated CPU
+devices.
+
+The looped pipeline (xdit_jax/parallel/pipefusion.py): every stack is split over all the stages and a patch
+goes round the stages once per stack, the last stage handing the carry (image patch, its copy of the text)
+to the first. FLUX runs both stacks with the text held whole (``FluxTransformer2DModel.blocks``: the
+single-stream blocks take the text as their attention's context instead of sharding [text; image] as one).
+
+Checks: that form equals the two phases of the model (the path the diffusers parity tests cover); buffers
+filled by a warm-up pass on the same input make a patched pass equal the full pass on every mesh (a wrong
+hand-over between rounds, a stale text or a stack run on the wrong tick gives errors of order 0.1-1); the
+looped schedule computes per device what a one-stack pipeline would (only the live stacks each tick).
+
+Tolerance: fp32, only summation order differs (stage splits, patches, the LSE merges of the ring and the
+context, padded heads); outputs O(10); 2e-5 of the largest output (measured <= 4e-7 of it).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.jax_util import random_state as _random_state
+from xdit_jax import tiny
+from xdit_jax.bench import hlo_matmul_flops
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import flux, sd3
+from xdit_jax.parallel import pipefusion
+
+SLOW = pytest.mark.slow
+
+
+@functools.cache
+def _flux():
+    """3 double- (uneven on 2 stages) and 4 single-stream blocks (uneven on 3) of 3 heads (padded to 4 on
+    ulysses=2); 3 x 4 = 12 image tokens (padded to the patches), 5 text tokens with RoPE ids of their own
+    (FluxPipeline's are zeros: a rotated text would hide nothing)."""
+    cfg = flux.FluxConfig.from_dict({**tiny.FLUX_TRANSFORMER, "num_layers": 3, "num_single_layers": 4,
+                                     "num_attention_heads": 3})
+    graphdef, state = _random_state(flux.FluxTransformer2DModel, cfg, 3)
+    rng = np.random.default_rng(0)
+    hs = jnp.asarray(rng.standard_normal((2, 12, cfg.in_channels)), jnp.float32)
+    enc = jnp.asarray(rng.standard_normal((2, 5, cfg.joint_attention_dim)), jnp.float32)
+    pooled = jnp.asarray(rng.standard_normal((2, cfg.pooled_projection_dim)), jnp.float32)
+    txt_ids = np.zeros((5, 3), np.float32)
+    txt_ids[:, 1] = np.arange(5)
+    model = nnx.merge(graphdef, state)
+    x, tokens, cond, txt_rope = model.embed(hs, enc, pooled, jnp.array([0.25, 0.8]), flux.image_ids(3, 4), txt_ids,
+                                            jnp.array([3.5, 3.5]))
+
+    @jax.jit
+    def two_phases(st):  # as the model's forward runs them: the single-stream blocks over [text; image]
+        m = nnx.merge(graphdef, st)
+        y, c = m.double_blocks(x, tokens, cond)
+        joint = m.single_blocks(jnp.concatenate([c, y], 1), m.joint_tokens(tokens, txt_rope), {"temb": cond["temb"]})
+        return joint[:, c.shape[1]:]
+
+    return cfg, graphdef, state, (x, tokens, cond), two_phases(state)
+
+
+def _blocks(graphdef):
+    return lambda p, y, t, c: nnx.merge(graphdef, p).blocks(y, t, c)
+
+
+def _run(mesh, patches, warmup):
+    cfg, graphdef, state, (x, tokens, cond), _ = _flux()
+    m = build_mesh(mesh)
+    sizes = (cfg.num_layers, cfg.num_single_layers)
+    stages = m.shape["pipefusion"]
+    st = pipefusion.pad_stack(state, flux.STACKS, stages)
+    fn = jax.jit(lambda s, c: pipefusion.run_pipefusion(_blocks(graphdef), s, x, tokens, cond, c, m if mesh else None,
+                                                        patches=patches, warmup=warmup, stacked=flux.STACKS,
+                                                        num_layers=sizes))
+    cache = pipefusion.init_cache(m, pipefusion.stack_slots(sizes, stages), 2, x.shape[1], cfg.num_attention_heads,
+                                  cfg.attention_head_dim, jnp.float32, patches)
+    return fn, st, cache
+
+
+def test_flux_blocks_with_the_text_held_whole_equal_the_two_phases():
+    _, graphdef, state, (x, tokens, cond), ref = _flux()
+    out = jax.jit(lambda st: nnx.merge(graphdef, st).blocks(x, tokens, cond))(state)
+    scale = float(jnp.abs(ref).max())
+    assert scale > 1
+    assert float(jnp.abs(out - ref).max()) <= 2e-5 * scale
+
+
+@pytest.mark.parametrize("mesh,patches", [
+    (None, 3), ("pipefusion=2,ring=2", 2), ("pipefusion=3,ulysses=2", 3),
+    pytest.param("pipefusion=2", 2, marks=SLOW), pytest.param("pipefusion=3", 2, marks=SLOW),
+    pytest.param("cfg=2,pipefusion=2,ulysses=2", 3, marks=SLOW)])
+def test_flux_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
+    *_, ref = _flux()
+    warm_fn, st, cache = _run(mesh, patches, True)
+    patched_fn, _, _ = _run(mesh, patches, False)
+    warm, cache1 = warm_fn(st, cache)
+    patched, cache2 = patched_fn(st, cache1)
+    scale = float(jnp.abs(ref).max())
+    assert float(jnp.abs(warm - ref).max()) <= 2e-5 * scale
+    assert float(jnp.abs(patched - ref).max()) <= 2e-5 * scale
+    assert len(cache1) == 4  # (k, v) per stack, no final block
+    for a, b in zip(cache1, cache2):  # every layer slot of both stacks filled, and the same K/V written back
+        assert float(jnp.abs(a).max(axis=(1, 2, 3, 4)).min()) > 0.1
+        assert float(jnp.abs(b - a).max()) <= 2e-5 * float(jnp.abs(a).max())
+
+
+def test_looped_pipeline_runs_only_the_live_stacks():
+    """Per device, the patched step's matrix products are at most what a one-stack pipeline of the same
+    layers computes: (M + n - 1) ticks of 1/n of every stack, against M ticks of all of it on one device:
+    0.75 at M = n = 2 (XLA hoists each layer's conditioning out of the tick loop: a little less). Running
+    every stack on every one of the M + 2n - 1 ticks would give 1.25."""
+    cfg, graphdef, state, (x, tokens, cond), _ = _flux()
+    cfg = flux.FluxConfig.from_dict({**tiny.FLUX_TRANSFORMER, "num_layers": 2, "num_single_layers": 4,
+                                     "num_attention_heads": 3})  # both stacks split evenly over 2 stages
+    graphdef, state = _random_state(flux.FluxTransformer2DModel, cfg, 3)
+
+    def flops(mesh):
+        m = build_mesh(mesh)
+        cache = pipefusion.init_cache(m, (2, 4), 2, x.shape[1], cfg.num_attention_heads, cfg.attention_head_dim,
+                                      jnp.float32, 2, abstract=True)
+        fn = jax.jit(lambda s, c: pipefusion.run_pipefusion(_blocks(graphdef), s, x, tokens, cond, c,
+                                                            m if mesh else None, patches=2, stacked=flux.STACKS,
+                                                            num_layers=(2, 4)))
+        return hlo_matmul_flops(fn.lower(state, cache).compile().as_text())
+
+    ratio = flops("pipefusion=2") / flops(None)
+    assert 0.6 < ratio <= 0.75
+
+
+def test_a_blocks_function_with_fewer_scans_than_stacks_is_refused():
+    cfg = sd3.SD3Config.from_dict({**tiny.SD3_TRANSFORMER, "num_layers": 3})
+    graphdef, state = _random_state(sd3.SD3Transformer2DModel, cfg, 0)
+    rng = np.random.default_rng(0)
+    model = nnx.merge(graphdef, state)
+    x, tokens, cond = model.embed(jnp.asarray(rng.standard_normal((1, cfg.in_channels, 4, 4)), jnp.float32),
+                                  jnp.asarray(rng.standard_normal((1, 3, cfg.joint_attention_dim)), jnp.float32),
+                                  jnp.asarray(rng.standard_normal((1, cfg.pooled_projection_dim)), jnp.float32),
+                                  jnp.array([500.0]))
+    kv = pipefusion.init_cache(build_mesh(None), (2, 2), 1, x.shape[1], cfg.num_attention_heads,
+                               cfg.attention_head_dim, jnp.float32, 2, tail=True)
+    with pytest.raises(RuntimeError, match="ran 1 stacked scans"):
+        pipefusion.run_pipefusion(_blocks(graphdef), state, x, tokens, cond, kv, None, patches=2, warmup=True,
+                                  stacked=("transformer_blocks", "transformer_blocks"), num_layers=(2, 2))
