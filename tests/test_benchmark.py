@@ -992,10 +992,10 @@ def test_flux_full_width_flops_compile_only(name):
 # ----------------------------------------------------------------------------------------------
 
 def test_sd3_tiny_rows_vs_diffusers():
-    """sd3-tiny (SD3.5 Medium shaped: a dual-attention block, rms q/k norms; 15 image tokens, so the sequence
+    """sd3-tiny (SD3.5 Medium shaped: two dual-attention blocks, rms q/k norms; 15 image tokens, so the sequence
     meshes pad; 77 CLIP + 16 T5 tokens, no mask) against diffusers on one device and the USP and ring meshes
-    (in-process: the session's 8 simulated devices), both CFG halves, 1 timed step; PipeFusion is refused for
-    dual-attention blocks with a row that says why."""
+    (in-process: the session's 8 simulated devices), both CFG halves, 1 timed step; PipeFusion runs the two
+    runs of blocks (dual, plain) over 2 stages."""
     rows = bench.run_step_benchmark(bench.StepOptions(model="sd3-tiny", meshes=[None, "cfg=2,ulysses=2",
                                                                                "cfg=2,ring=2", "pipefusion=2"],
                                                       steps=1, compare="diffusers", settle=0, log=lambda s: None))
@@ -1006,14 +1006,16 @@ def test_sd3_tiny_rows_vs_diffusers():
         ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
     assert "15 image + 93 text tokens (77 CLIP + 16 T5, no mask)" in table and "step med s" in table
     pf = by_mesh.pop("pipefusion=2")
-    assert "PipeFusion not supported for SD3.5 transformers with dual_attention_layers" in pf["error"]
-    assert "skipped: ValueError: PipeFusion not supported for SD3.5" in table
+    assert "error" not in pf, pf.get("error")
+    assert pf["step_path"] == "embed/run_pipefusion(2 patches)/head" and pf["step_median_s"] > 0
+    assert pf["pipefusion_patches"] == 2 and pf["pipefusion_layer_slots"] == [2, 2]  # dual run, plain run
+    assert pf["collectives"]["collective-permute"] > 0 and pf["collectives"]["all-reduce"] > 0
     for r in by_mesh.values():
         assert "error" not in r, r.get("error")
         assert r["kind"] == "step" and r["model"] == "sd3-tiny" and r["family"] == "sd3"
         assert r["latent_shape"] == [2, 4, 6, 10] and r["image_tokens"] == 15 and r["text_tokens"] == 93
-        assert r["t5_tokens"] == 16 and r["step_batch"] == 2 and r["layers"] == 3
-        assert r["qk_norm"] == "rms_norm" and r["dual_attention_layers"] == [0]
+        assert r["t5_tokens"] == 16 and r["step_batch"] == 2 and r["layers"] == 5
+        assert r["qk_norm"] == "rms_norm" and r["dual_attention_layers"] == [0, 1]
         assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
         assert "video_tokens" not in r and "num_frames" not in r
     ours = [by_mesh[m] for m in ("single device", "cfg=2,ulysses=2", "cfg=2,ring=2")]

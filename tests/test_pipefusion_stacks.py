@@ -129,6 +129,68 @@ def test_looped_pipeline_runs_only_the_live_stacks():
     assert 0.6 < ratio <= 0.75
 
 
+@functools.cache
+def _sd35_medium():
+    """SD3.5 Medium shaped: blocks 0-2 dual attention (a run of 3, uneven on 2 stages), 3-4 plain (a run of
+    2), the last (5) dual as well (its K/V buffers two rows a stage); rms q/k norms, 3 heads; 3 x 4 = 12 image
+    tokens and 5 text tokens."""
+    cfg = sd3.SD3Config.from_dict({**tiny.SD3_TRANSFORMER, "num_layers": 6, "num_attention_heads": 3,
+                                   "caption_projection_dim": 48, "qk_norm": "rms_norm",
+                                   "dual_attention_layers": (0, 1, 2, 5)})
+    graphdef, state = _random_state(sd3.SD3Transformer2DModel, cfg, 4)
+    rng = np.random.default_rng(2)
+    args = (jnp.asarray(rng.standard_normal((2, cfg.in_channels, 6, 8)), jnp.float32),
+            jnp.asarray(rng.standard_normal((2, 5, cfg.joint_attention_dim)), jnp.float32),
+            jnp.asarray(rng.standard_normal((2, cfg.pooled_projection_dim)), jnp.float32), jnp.array([250.0, 800.0]))
+    x, tokens, cond = nnx.merge(graphdef, state).embed(*args)
+    ref = jax.jit(lambda st: nnx.merge(graphdef, st).blocks(x, tokens, cond))(state)
+    return cfg, graphdef, state, (x, tokens, cond), ref
+
+
+def test_sd3_stacks():
+    cfg = _sd35_medium()[0]
+    assert sd3.pipefusion_stacks(cfg) == dict(stacked=("transformer_blocks", "transformer_blocks_part1"),
+                                              stacked_layers=(3, 2), stack_attentions=(2, 1), tail_attentions=2)
+    plain = sd3.SD3Config.from_dict({**tiny.SD3_TRANSFORMER, "num_layers": 24})  # SD3 Medium, SD3.5 Large: one run
+    assert sd3.pipefusion_stacks(plain) == dict(stacked="transformer_blocks", stacked_layers=23,
+                                                stack_attentions=(1,), tail_attentions=1)
+
+
+@pytest.mark.parametrize("mesh,patches", [
+    ("pipefusion=2,ring=2", 2), ("cfg=2,pipefusion=2,ulysses=2", 3),
+    pytest.param(None, 3, marks=SLOW), pytest.param("pipefusion=2", 2, marks=SLOW)])
+def test_sd35_medium_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
+    """Two runs (dual-attention blocks, then plain ones) looped over the stages, two K/V buffers per dual
+    block and for the dual last block: a warm-up pass fills them and a patched pass equals the full one."""
+    cfg, graphdef, state, (x, tokens, cond), ref = _sd35_medium()
+    stacks = sd3.pipefusion_stacks(cfg)
+    m = build_mesh(mesh)
+    stages = m.shape["pipefusion"]
+    st = pipefusion.pad_stack(state, stacks["stacked"], stages)
+    cache = pipefusion.init_cache(m, pipefusion.stack_slots(stacks["stacked_layers"], stages), 2, x.shape[1],
+                                  cfg.num_attention_heads, cfg.attention_head_dim, jnp.float32, patches, tail=True,
+                                  attentions=stacks["stack_attentions"], tail_attentions=stacks["tail_attentions"])
+
+    def run(warmup):
+        return jax.jit(lambda s, c: pipefusion.run_pipefusion(
+            _blocks(graphdef), s, x, tokens, cond, c, m if mesh else None, patches=patches, warmup=warmup,
+            stacked=stacks["stacked"], num_layers=stacks["stacked_layers"]))
+
+    warm, cache1 = run(True)(st, cache)
+    patched, cache2 = run(False)(st, cache1)
+    scale = float(jnp.abs(ref).max())
+    assert scale > 0.5
+    assert float(jnp.abs(warm - ref).max()) <= 2e-5 * scale
+    assert float(jnp.abs(patched - ref).max()) <= 2e-5 * scale
+    dual_rows = 2 * len(pipefusion.stage_layout(3, stages))  # rows: slots (3 layers padded to the stages) x 2
+    assert [a.shape[0] for a in cache1] == [dual_rows, dual_rows, 2, 2, stages * 2, stages * 2]
+    for a, b in zip(cache1, cache2):
+        assert float(jnp.abs(b - a).max()) <= 2e-5 * float(jnp.abs(a).max())
+    for a in cache1[:4]:  # every row of both runs filled (both attentions of the dual blocks)
+        assert float(jnp.abs(a).max(axis=(1, 2, 3, 4)).min()) > 0.1
+    assert float(jnp.abs(cache1[4][-2:]).max(axis=(1, 2, 3, 4)).min()) > 0.1  # the last stage's two final rows
+
+
 def test_a_blocks_function_with_fewer_scans_than_stacks_is_refused():
     cfg = sd3.SD3Config.from_dict({**tiny.SD3_TRANSFORMER, "num_layers": 3})
     graphdef, state = _random_state(sd3.SD3Transformer2DModel, cfg, 0)

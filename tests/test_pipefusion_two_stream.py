@@ -136,13 +136,15 @@ def test_buffers_without_a_final_block_slot_are_refused():
                                   cache, None, patches=2, warmup=True, stacked="transformer_blocks")
 
 
-# ----- the pipelines: Mochi and SD3 (tiny models with 4 blocks: 3 stacked + the last) and FLUX on pipefusion
-# meshes -----
+# ----- the pipelines on pipefusion meshes: Mochi (4 blocks: 3 stacked + the last), SD3.5 Medium shaped and FLUX
+# (two stacks each: test_pipefusion_stacks.py) -----
 
 PIPES = {
     "mochi": dict(transformer={"num_layers": 4, "num_attention_heads": 3},
                   call=dict(num_frames=7, height=32, width=48, max_sequence_length=16)),  # 2 x 2 x 3 = 12 tokens
-    "sd3": dict(transformer={"num_layers": 4, "num_attention_heads": 3, "caption_projection_dim": 48},
+    # SD3.5 Medium shaped: runs of 3 dual-attention and 2 plain blocks (two stacks, looped), then the last
+    "sd3": dict(transformer={"num_layers": 6, "num_attention_heads": 3, "caption_projection_dim": 48,
+                             "dual_attention_layers": [0, 1, 2], "qk_norm": "rms_norm"},
                 call=dict(height=48, width=80, max_sequence_length=16)),  # 3 x 5 = 15 image tokens
     # two stacks (3 double-, 4 single-stream blocks) in the looped pipeline (test_pipefusion_stacks.py)
     "flux": dict(transformer={"num_layers": 3, "num_single_layers": 4, "num_attention_heads": 3},
@@ -177,7 +179,7 @@ def test_pipeline_warmup_steps_equal_one_device(pipes):
 
 
 # one mesh per family (the model-level tests above run the others)
-PATCHED_MESH = {"MochiPipeline": "pipefusion=2,ring=2", "StableDiffusion3Pipeline": "data=2,pipefusion=3",
+PATCHED_MESH = {"MochiPipeline": "pipefusion=2,ring=2", "StableDiffusion3Pipeline": "data=2,pipefusion=2",
                 "FluxPipeline": "pipefusion=3,ulysses=2"}
 
 

@@ -336,13 +336,13 @@ def _flux_cpu_small_workload() -> Workload:
 def _sd3_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
-    # xdit_jax.tiny's SD3 (2 heads x 16) made SD3.5 Medium shaped: 3 blocks (the first with the dual attention
-    # attn2, so two stacked runs, then the last), q/k RMS norms; 48 x 80: a 3 x 5 grid of image tokens, so that
-    # the sequence meshes pad; 77 CLIP + 16 T5 tokens.
-    t = dict(tiny.SD3_TRANSFORMER, num_layers=3, qk_norm="rms_norm", dual_attention_layers=[0])
+    # xdit_jax.tiny's SD3 (2 heads x 16) made SD3.5 Medium shaped: 5 blocks (the first two with the dual attention
+    # attn2, so two stacked runs of 2, then the last: PipeFusion runs on 2 stages), q/k RMS norms; 48 x 80: a 3 x 5
+    # grid of image tokens, so that the sequence meshes pad; 77 CLIP + 16 T5 tokens.
+    t = dict(tiny.SD3_TRANSFORMER, num_layers=5, qk_norm="rms_norm", dual_attention_layers=[0, 1])
     scale = 2 ** (len(tiny.SD3_VAE["block_out_channels"]) - 1)
     return Workload("sd3-tiny", t, height=48, width=80, num_frames=1, vae_scale_spatial=scale, family="sd3",
-                    text_tokens=16, source="xdit_jax.tiny's SD3, 2 heads x 16, 3 layers (1 dual), rms q/k norms",
+                    text_tokens=16, source="xdit_jax.tiny's SD3, 2 heads x 16, 5 layers (2 dual), rms q/k norms",
                     defaults={"num_inference_steps": 4, "guidance_scale": 7.0, "max_sequence_length": 16})
 
 
@@ -521,7 +521,7 @@ def batch_sharding(mesh, ndim: int):
 
 
 def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
-               patches: int | None = None, num_layers: int | None = None, family: Family | None = None,
+               patches: int | None = None, num_layers=None, family: Family | None = None, stacked=None,
                input_names: tuple[str, ...] = ("latents", "embeds", "t"),
                host_inputs: dict | None = None) -> tuple[Callable, str]:
     """The benchmarked step, ``(state, *inputs) -> noise_pred`` on the CFG batch, jitted; ``inputs``
@@ -535,7 +535,8 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
     constants of the trace, not arguments. Returns (jitted step, which path).
     This is the one function to swap for the pipeline's full step (guidance + scheduler update).
     ``patches``: PipeFusion (:mod:`xdit_jax.parallel.pipefusion`), the step is then
-    ``(state, *inputs, kv) -> (noise_pred, kv)``, a patched (not warm-up) step.
+    ``(state, *inputs, kv) -> (noise_pred, kv)``, a patched (not warm-up) step; ``stacked`` / ``num_layers``:
+    the stacks it splits (:meth:`Family.stacks`, :meth:`Family.stacked_layers`).
     """
     import jax
     import jax.numpy as jnp
@@ -571,7 +572,8 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
 
             joint, tokens, cond = model.embed(*embed_args)[:3]  # (FLUX's embed also gives its text tables)
             joint, kv = run_pipefusion(blocks, state, joint, tokens, cond, kv, mesh, patches=patches, warmup=False,
-                                       stacked=family.stacked, backend=attention_backend, num_layers=num_layers)
+                                       stacked=stacked or family.stacked, backend=attention_backend,
+                                       num_layers=num_layers)
             return model.head(joint, cond, shape).astype(jnp.float32), kv
         if forward is not None:
             pred = forward(graphdef, state, embed_args, mesh, attention_backend)
@@ -961,7 +963,7 @@ def _stage_shardings(tcfg, dtype, stage, repl):
 
     fam = family_of_model(tcfg)
     _, state = nnx.split(nnx.eval_shape(lambda: fam.model_class(tcfg, dtype=dtype, rngs=nnx.Rngs(0))))
-    names = stack_names(fam.stacked)
+    names = stack_names(fam.stacks(tcfg))
     return jax.tree_util.tree_map_with_path(
         lambda kp, _: stage if any(starts_with(kp, name) for name in names) else repl, state)
 
@@ -999,7 +1001,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         layers = pipefusion.stack_slots(family.stacked_layers(tcfg), ms.pipefusion)  # padded to equal stages
         row["pipefusion_patches"], row["pipefusion_layer_slots"] = patches, layers[0] if len(layers) == 1 \
             else list(layers)
-        slots_of = dict(zip(pipefusion.stack_names(family.stacked), layers))
+        slots_of = dict(zip(pipefusion.stack_names(family.stacks(tcfg)), layers))
         stage_tree = _stage_shardings(tcfg, dtype, NamedSharding(mesh, P(pipefusion.AXIS)), repl)
     if opts.compile_only:  # shapes only: nothing allocated, nothing run (full-size models on a small host)
         from flax import nnx
@@ -1024,7 +1026,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             else:
                 graphdef, state = init_random_state(tcfg, dtype, opts.seed, repl)
             if patches:  # split (and, for uneven stages, pad) the stacked blocks over the stages
-                state = pipefusion.pad_stack(state, family.stacked, ms.pipefusion, stage_tree)
+                state = pipefusion.pad_stack(state, family.stacks(tcfg), ms.pipefusion, stage_tree)
             jax.block_until_ready(state)
         with timer.stage("to_device"):
             if mesh is not None:
@@ -1033,7 +1035,8 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
                 args = tuple(jax.device_put(inputs[k]) for k in names)
             jax.block_until_ready(args)
     step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches,
-                                        family.stacked_layers(tcfg), family=family, input_names=names,
+                                        family.stacked_layers(tcfg), family=family, stacked=family.stacks(tcfg),
+                                        input_names=names,
                                         host_inputs=host)
     if patches:  # PipeFusion's K/V buffers: an argument (donated, given back by each step)
         from xdit_jax.parallel import pipefusion
@@ -1045,7 +1048,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
         args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
                                              tcfg.attention_head_dim, dtype, patches, tail=family.final_block,
-                                             abstract=opts.compile_only),)
+                                             abstract=opts.compile_only, **family.stack_attentions(tcfg)),)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
     with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
         lowered = step.lower(state, *args)

@@ -77,6 +77,14 @@ class Family:
         """The stacked blocks' Flax name, or the names of several stacks (the module's ``STACKS``)."""
         return getattr(self.module, "STACKS", self.module.STACKED)
 
+    def stacks(self, cfg):
+        """The stacks PipeFusion splits for the model of ``cfg`` (:attr:`stacked` unless they depend on it)."""
+        return self.stacked
+
+    def stack_attentions(self, cfg) -> dict:
+        """``init_cache``'s ``attentions`` / ``tail_attentions`` where a block attends more than once."""
+        return {}
+
     def config(self, transformer: dict):
         return getattr(self.module, self.config_class_name).from_dict(transformer)
 
@@ -1166,10 +1174,16 @@ class SD3(Family):
     title = "SD3"
     final_block = True  # the context_pre_only last block
 
-    def refuse_pipefusion(self, cfg=None) -> None:
-        if cfg is not None and cfg.dual_attention_layers:
-            raise ValueError("PipeFusion not supported for SD3.5 transformers with dual_attention_layers (they attend "
-                             "twice per block and stack in runs); use cfg, data, ulysses and ring meshes.")
+    def stacks(self, cfg):
+        """SD3.5 Medium's runs of stacked blocks (dual attention, then plain) are PipeFusion's stacks."""
+        return self.module.pipefusion_stacks(cfg)["stacked"]
+
+    def stacked_layers(self, cfg):
+        return self.module.pipefusion_stacks(cfg)["stacked_layers"]
+
+    def stack_attentions(self, cfg) -> dict:
+        st = self.module.pipefusion_stacks(cfg)
+        return {"attentions": st["stack_attentions"], "tail_attentions": st["tail_attentions"]}
 
     def latent_shape(self, w):
         """(B, C, H/8, W/8), diffusers' layout (the transformer patchifies it itself)."""

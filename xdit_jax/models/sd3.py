@@ -24,8 +24,9 @@ need no per-token tables.
 
 PipeFusion splits the stacked blocks into stages; each image patch carries its own copy of the text
 stream through them (:mod:`xdit_jax.parallel.pipefusion`), and the last block runs on the last stage
-(:func:`xdit_jax.models.layers.final_block`). Only with one run of stacked blocks (SD3, SD3.5
-Large): SD3.5 Medium's dual-attention blocks make several runs, and attend twice per block.
+(:func:`xdit_jax.models.layers.final_block`). SD3.5 Medium's runs are PipeFusion's stacks (each split
+over all the stages, looped), and its dual-attention blocks keep two K/V buffers each
+(:func:`pipefusion_stacks`).
 """
 
 from __future__ import annotations
@@ -366,6 +367,18 @@ class SD3Transformer2DModel(nnx.Module):
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
         x, tokens, cond = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
         return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
+
+
+def pipefusion_stacks(cfg: SD3Config) -> dict:
+    """PipeFusion's view of the block stack (keyword arguments of the pipelines' ``_init_parts``): the
+    stacked runs in order (``stacked`` names, ``stacked_layers``), the attentions each run's blocks make
+    (``stack_attentions``: 2 for dual attention) and the last block's (``tail_attentions``)."""
+    runs = cfg.runs()
+    one = len(runs) == 1
+    return dict(stacked=runs[0][0] if one else tuple(r[0] for r in runs),
+                stacked_layers=runs[0][2] if one else tuple(r[2] for r in runs),
+                stack_attentions=tuple(2 if r[3] else 1 for r in runs),
+                tail_attentions=2 if cfg.num_layers - 1 in cfg.dual_attention_layers else 1)
 
 
 def check_input_shape(cfg: SD3Config, latent_h: int, latent_w: int) -> None:

@@ -120,8 +120,9 @@ def current_config() -> AttentionConfig:
 @dataclasses.dataclass
 class KVCell:
     """PipeFusion (:mod:`xdit_jax.parallel.pipefusion`): the stage's K/V buffers of the whole padded
-    sequence, (layers, B, S, H, D), updated in place; the layer being traced, where the patch this
-    call sees starts, and whether to store its K/V (False on a pipeline's idle ticks)."""
+    sequence, (layers, B, S, H, D), updated in place; the layer being traced (its first buffer row:
+    a block that attends ``slots`` times uses rows ``layer .. layer + slots - 1`` in call order), where
+    the patch this call sees starts, and whether to store its K/V (False on a pipeline's idle ticks)."""
 
     k: jax.Array
     v: jax.Array
@@ -129,36 +130,43 @@ class KVCell:
     start: jax.Array
     write: jax.Array
     ring_counts: object = None  # with ring > 1: valid keys of each ring position's buffer (static)
-    consumed: bool = False
+    slots: int = 1  # the attentions the layer makes (SD3.5 Medium's dual-attention blocks: 2)
+    calls: int = 0
+
+    @property
+    def consumed(self) -> bool:
+        """Every attention of the layer ran (each stored its patch and read its buffer)."""
+        return self.calls == self.slots
 
 
 _KV_CELL: contextvars.ContextVar[KVCell | None] = contextvars.ContextVar("xdit_jax_kv_cell", default=None)
 
 
 @contextlib.contextmanager
-def kv_cache(k, v, layer, start, write, ring_counts=None):
+def kv_cache(k, v, layer, start, write, ring_counts=None, slots: int = 1):
     """While installed, :func:`attention` is given one patch of the sequence: it stores the patch's
     K/V in layer ``layer`` of the buffers at ``start`` (when ``write``; an offset into the local
-    buffer) and attends to that layer's whole buffer — with ring > 1, to every ring position's."""
-    token = _KV_CELL.set(KVCell(k, v, layer, start, write, ring_counts))
+    buffer) and attends to that layer's whole buffer — with ring > 1, to every ring position's.
+    ``slots``: the attentions the layer makes, each with its own buffer row (``layer + i``)."""
+    token = _KV_CELL.set(KVCell(k, v, layer, start, write, ring_counts, slots))
     try:
         yield _KV_CELL.get()
     finally:
         _KV_CELL.reset(token)
 
 
-def _store(cell: KVCell, k, v):
-    """Store the patch's K/V in the cell's layer at ``cell.start`` (when ``cell.write``); return that
-    layer's whole buffers (B, S, H, D)."""
+def _store(cell: KVCell, row, k, v):
+    """Store the patch's K/V in buffer row ``row`` at ``cell.start`` (when ``cell.write``); return that
+    row's whole buffers (B, S, H, D)."""
     b, n, h, d = k.shape
-    at = (cell.layer, 0, cell.start, 0, 0)
+    at = (row, 0, cell.start, 0, 0)
     whole = []
     for name, new in (("k", k), ("v", v)):
         buf = getattr(cell, name)
         old = lax.dynamic_slice(buf, at, (1, b, n, h, d))
         buf = lax.dynamic_update_slice(buf, jnp.where(cell.write, new.astype(buf.dtype)[None], old), at)
         setattr(cell, name, buf)
-        whole.append(lax.dynamic_index_in_dim(buf, cell.layer, 0, keepdims=False))
+        whole.append(lax.dynamic_index_in_dim(buf, row, 0, keepdims=False))
     return whole
 
 
@@ -171,11 +179,12 @@ def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulyss
     locally) and the keys of all of them are visited by the ring, ``cell.ring_counts`` saying how
     many of each are real. ``context``: as :func:`_over_heads`', joined to the buffers' keys."""
     if cell.consumed:
-        raise RuntimeError("A PipeFusion layer called attention twice; one K/V buffer per layer.")
-    cell.consumed = True
+        raise RuntimeError(f"A PipeFusion layer called attention {cell.calls + 1} times; it has K/V buffers for "
+                           f"{cell.slots} (init_cache's attentions).")
+    row, cell.calls = cell.layer + cell.calls, cell.calls + 1
 
     def partial(rows, k, v, need_lse):
-        whole = _store(cell, k, v)
+        whole = _store(cell, row, k, v)
         if ring > 1:
             return _ring_attention(rows, *whole, ring=ring, valid_len=None, scale=scale, backend=backend,
                                    counts=cell.ring_counts, return_lse=need_lse)

@@ -108,18 +108,25 @@ def layer_scan(layer_fn, carry, stacked_state):
     if cache.recv is not None:  # a later stage continues from where the previous one left the carry
         carry = jax.tree.map(lambda own, got: jnp.where(cache.first, own, got.astype(own.dtype)), carry, cache.recv)
 
+    layers_here = jax.tree.leaves(stacked_state)[0].shape[0]
+    per = cache.k.shape[0] // layers_here  # buffer rows per layer: one per attention the block makes
+    if per * layers_here != cache.k.shape[0]:
+        raise ValueError(f"K/V buffers of {cache.k.shape[0]} rows for {layers_here} stacked layers on this stage: "
+                         "init_cache takes the layer slots and the attentions per layer of each stack.")
+
     def body(c, xs):  # the buffers ride in the carry: updated in place, one copy alive
         c, k, v = c
         s, layer, real = xs
-        with kv_cache(k, v, layer, cache.start, cache.write, cache.ring_counts) as cell:
+        with kv_cache(k, v, layer * per, cache.start, cache.write, cache.ring_counts, per) as cell:
             out = layer_fn(c, s)
         if not cell.consumed:
-            raise RuntimeError("A PipeFusion block called no attention: nothing to cache.")
+            raise RuntimeError(f"A PipeFusion block made {cell.calls} attentions; its stack's K/V buffers hold "
+                               f"{per} per layer (init_cache's attentions).")
         if cache.real is not None:  # a padding layer of an uneven stage passes its input on
             out = jax.tree.map(lambda a, b: jnp.where(real, a, b), out, c)
         return (out, cell.k, cell.v), None
 
-    layers = jnp.arange(cache.k.shape[0], dtype=jnp.int32)
+    layers = jnp.arange(layers_here, dtype=jnp.int32)
     real = cache.real if cache.real is not None else jnp.ones(layers.shape, bool)
     (carry, cache.k, cache.v), _ = lax.scan(body, (carry, cache.k, cache.v), (stacked_state, layers, real))
     cache.stream = carry
@@ -148,10 +155,11 @@ def final_block(fn, carry):
     if cache.final_used:
         raise NotImplementedError("PipeFusion supports one final block after the stacked scan.")
     cache.final_used = True
-    with kv_cache(*cache.tail, 0, cache.start, cache.write, cache.ring_counts) as cell:
+    with kv_cache(*cache.tail, 0, cache.start, cache.write, cache.ring_counts, cache.tail[0].shape[0]) as cell:
         y = fn(carry)
     if not cell.consumed:
-        raise RuntimeError("The final block called no attention: nothing to cache.")
+        raise RuntimeError(f"The final block made {cell.calls} attentions; its K/V buffers hold "
+                           f"{cell.slots} (init_cache's tail_attentions).")
     cache.tail = (cell.k, cell.v)
     return y
 
@@ -231,12 +239,14 @@ def cache_shape(layer_slots: int, batch: int, seq_len: int, heads: int, head_dim
 
 
 def init_cache(mesh, layers, batch: int, seq_len: int, heads: int, head_dim: int, dtype, patches: int,
-               tail: bool = False, abstract: bool = False):
+               tail: bool = False, abstract: bool = False, attentions=None, tail_attentions: int = 1):
     """Zero K/V buffers :func:`cache_shape`, layers over ``pipefusion``, batch over (data, cfg), heads
     over ``ulysses``: ``(k, v)`` for a stack of ``layers`` slots; ``layers`` a tuple (a model with several
     stacks): ``(k0, v0, k1, v1, ...)``, one pair per stack; with ``tail`` (a model with a
     :func:`final_block`) then ``tail_k, tail_v``, one final-block slot per stage (the last stage's is
-    used). ``abstract``: ShapeDtypeStructs instead (to compile without allocating)."""
+    used). ``attentions``: per stack, the attentions each of its blocks makes (default 1; SD3.5 Medium's
+    dual-attention blocks 2), each with a buffer row of its own (``tail_attentions``: the final block's).
+    ``abstract``: ShapeDtypeStructs instead (to compile without allocating)."""
     from jax.sharding import NamedSharding
 
     u, r, n = (mesh.shape.get(a, 1) for a in ("ulysses", "ring", AXIS))
@@ -244,11 +254,15 @@ def init_cache(mesh, layers, batch: int, seq_len: int, heads: int, head_dim: int
     make = (lambda shp: jax.ShapeDtypeStruct(shp, dtype, sharding=sharding)) if abstract \
         else (lambda shp: jnp.zeros(shp, dtype, device=sharding))
     bufs = []
-    for slots in stack_sizes(layers):
-        shape = cache_shape(slots, batch, seq_len, heads, head_dim, patches, u, r)
+    slots_per = stack_sizes(layers)
+    pers = stack_sizes(attentions) if attentions is not None else (1,) * len(slots_per)
+    if len(pers) != len(slots_per):
+        raise ValueError(f"attentions {attentions} for {len(slots_per)} stacks.")
+    for slots, per in zip(slots_per, pers):
+        shape = cache_shape(slots * per, batch, seq_len, heads, head_dim, patches, u, r)
         bufs += [make(shape), make(shape)]
     if tail:
-        bufs += [make((n,) + shape[1:]), make((n,) + shape[1:])]
+        bufs += [make((n * tail_attentions,) + shape[1:]), make((n * tail_attentions,) + shape[1:])]
     return tuple(bufs)
 
 
@@ -364,7 +378,8 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
                 local_start = jnp.clip(patch, 0, patches - 1) * part  # this patch's part in the buffer
             real = None
             if real_all[q] is not None:  # this stage's slots of the padded stack
-                real = lax.dynamic_slice_in_dim(jnp.asarray(real_all[q]), stage * k.shape[0], k.shape[0])
+                per_stage = len(real_all[q]) // n
+                real = lax.dynamic_slice_in_dim(jnp.asarray(real_all[q]), stage * per_stage, per_stage)
             last = q == nstack - 1
             cache = StackCache(k=k, v=v, start=local_start, write=active, real=real, ring_counts=counts,
                                first=(stage == 0 if n > 1 else True) if q == 0 else False,

@@ -215,11 +215,12 @@ class PipelineBase:
     def _init_parts(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                     scheduler_config, dtype, mesh, attention_backend: str, pipefusion_patches: int | None,
                     pipefusion_warmup_steps: int, stacked, stacked_layers=None,
-                    final_block: bool = False) -> None:
+                    final_block: bool = False, stack_attentions=None, tail_attentions: int = 1) -> None:
         """``stacked``: the Flax name of the stacked blocks, ``stacked_layers`` how many (default: the
         config's ``num_layers``), or tuples of both for a model with several stacks (FLUX); ``final_block``:
         the model ends its stack with one more block (:func:`xdit_jax.parallel.pipefusion.final_block`),
-        which PipeFusion gives K/V buffers too."""
+        which PipeFusion gives K/V buffers too; ``stack_attentions`` (per stack) / ``tail_attentions``: the
+        attentions each block makes where more than one (SD3.5 Medium's dual attention), one buffer each."""
         self.transformer, self.transformer_config = transformer, transformer_config
         self.vae, self.vae_config = vae, vae_config
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -228,6 +229,7 @@ class PipelineBase:
         self.stacked_layers = transformer_config.num_layers if stacked_layers is None else (
             int(stacked_layers) if isinstance(stacked_layers, int) else tuple(int(n) for n in stacked_layers))
         self.final_block = bool(final_block)
+        self.stack_attentions, self.tail_attentions = stack_attentions, int(tail_attentions)
         self._setup(dtype, mesh, attention_backend)
         self._setup_pipefusion(pipefusion_patches, pipefusion_warmup_steps)
         self._step_cache = {}
@@ -360,7 +362,8 @@ class PipelineBase:
         tc = self.transformer_config
         slots = pipefusion.stack_slots(self.stacked_layers, self.mesh_spec.pipefusion)
         return pipefusion.init_cache(self.mesh, slots, step_batch, seq, tc.num_attention_heads, tc.attention_head_dim,
-                                     self.dtype, self.pipefusion_patches, tail=self.final_block, abstract=abstract)
+                                     self.dtype, self.pipefusion_patches, tail=self.final_block, abstract=abstract,
+                                     attentions=self.stack_attentions, tail_attentions=self.tail_attentions)
 
     def _jit_step(self, key, step):
         """``jax.jit(step)`` cached under ``key``; the carry (latents, scheduler state, K/V buffers)

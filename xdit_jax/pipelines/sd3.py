@@ -13,8 +13,9 @@ device and joins each joint attention as a context (:mod:`xdit_jax.models.sd3`);
 flow-matching Euler step are inside the one jitted step; the VAE decode is split over the mesh.
 PipeFusion (``pipefusion`` mesh axis, or ``pipefusion_patches``) splits the stacked joint blocks into
 stages and the image into patches, each patch carrying its own copy of the text stream; the last
-block runs on the last stage (SD3, SD3.5 Large; refused for SD3.5 Medium, whose dual-attention blocks
-attend twice). Skip-layer guidance (``skip_guidance_layers``, SD3.5 Medium's recommended [7, 8, 9]) as
+block runs on the last stage. SD3.5 Medium's two runs (dual-attention blocks 0-12, then plain ones) are
+each split over all the stages (a looped pipeline), its dual blocks keeping a K/V buffer per attention.
+Skip-layer guidance (``skip_guidance_layers``, SD3.5 Medium's recommended [7, 8, 9]) as
 diffusers': on the steps between ``skip_layer_guidance_start`` and ``_stop`` (fractions of the steps) one
 more pass of the prompt's half with those blocks left out, ``pred += (text - skipped) * scale``.
 """
@@ -42,7 +43,6 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
-    refuse_pipefusion,
     tokenize,
 )
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
@@ -51,8 +51,6 @@ from xdit_jax.schedulers import flow_match
 log = logging.getLogger("xdit_jax")
 
 SD3PipelineOutput = ImagePipelineOutput
-PIPEFUSION_REASON = ("its dual-attention blocks (SD3.5 Medium's dual_attention_layers) attend twice per block and "
-                     "split the stack in runs; PipeFusion keeps one K/V buffer per block of one stack")
 CLIP_TOKENS = 77
 
 
@@ -63,10 +61,9 @@ def read_configs(folder: str | os.PathLike):
 
 def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, guidance_scale: float = 7.0) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work."""
-    if tc.dual_attention_layers:
-        refuse_pipefusion("This SD3.5 transformer", PIPEFUSION_REASON, mesh_spec)
-    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers - 1, batch, mesh_spec,
-                        guidance_scale)  # PipeFusion's stages split the num_layers - 1 stacked blocks
+    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size,
+                        sd3.pipefusion_stacks(tc)["stacked_layers"], batch, mesh_spec,
+                        guidance_scale)  # PipeFusion's stages split each run of the num_layers - 1 stacked blocks
     sd3.check_input_shape(tc, height // vae_scale_factor(vc), width // vae_scale_factor(vc))  # the position table
 
 
@@ -77,15 +74,12 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                  text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3, scheduler_config, dtype=jnp.float32,
                  mesh=None, attention_backend: str = "auto", pipefusion_patches: int | None = None,
                  pipefusion_warmup_steps: int = 1):
-        if transformer_config.dual_attention_layers:
-            refuse_pipefusion("This SD3.5 transformer", PIPEFUSION_REASON,
-                              dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
         self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
                          vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
                          scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
                          attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=sd3.STACKED,
-                         stacked_layers=transformer_config.num_layers - 1, final_block=True)
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, final_block=True,
+                         **sd3.pipefusion_stacks(transformer_config))
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
 
@@ -106,10 +100,8 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         tc = sd3.SD3Config.from_dict(read_json(folder / "transformer" / "config.json"))
-        if tc.dual_attention_layers:  # before any weight is read
-            refuse_pipefusion("This SD3.5 transformer", PIPEFUSION_REASON,
-                              dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
-        parts = cls._load_parts(folder, mesh_obj, dtype, sd3.STACKED, tc.num_layers - 1)
+        stacks = sd3.pipefusion_stacks(tc)
+        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
         replicated = NamedSharding(mesh_obj, P())
         _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, replicated)
         t5 = t5_tok = None
