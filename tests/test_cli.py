@@ -125,9 +125,9 @@ def test_generate_sd3_image(tmp_path):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--model", "tiny-hunyuandit", "--mesh", "pipefusion=2"], "long skip connections"),
+    (["--model", "tiny-hunyuandit", "--mesh", "pipefusion=3"], "2 layers of the model's largest block stack"),
     (["--model", "tiny-mochi", "--mesh", "pipefusion=2"], "more stages than the model's 1 layers"),  # 1 scanned
-    (["--model", "tiny-flux", "--mesh", "pipefusion=3"], "2 layers of the model's smallest block stack"),
+    (["--model", "tiny-flux", "--mesh", "pipefusion=3"], "2 layers of the model's largest block stack"),
     (["--model", "tiny-sd3", "--mesh", "pipefusion=2"], "more stages than the model's 1 layers"),
     (["--model", "tiny-pixart", "--skip-guidance-layers", "1"], "--skip-guidance-layers (SD3's)"),
     (["--model", "tiny-sd3", "--skip-guidance-layers", "9"], "block indices are 0..1"),

@@ -184,7 +184,9 @@ def test_checkpoint_mismatch_is_reported(pair):
 
 def test_stacks_cover_every_layer_once(pair):
     name, tm, cfg, model = pair
-    assert hy.SUPPORTS_PIPEFUSION is False and hasattr(model, hy.STACKED)
+    assert hasattr(model, hy.STACKED)
+    # PipeFusion's stacks: those the config has, in the order the blocks run
+    assert hy.pipefusion_stacks(cfg)["stacked"] == tuple(n for n in hy.STACKS if getattr(model, n) is not None)
     layers = [first + i for _, first, count in hy.stacked_layout(cfg).values() for i in range(count)]
     assert layers == list(range(cfg.num_layers))
     skip = {i for i, blk in enumerate(tm.blocks) if blk.skip_linear is not None}

@@ -1,4 +1,5 @@
-"""PipeFusion over several block stacks (FLUX: double-stream, then single-stream blocks), on 8 simulated CPU
+"""PipeFusion over several block stacks (FLUX: double-stream, then single-stream blocks; SD3.5 Medium: its runs of
+dual-attention and plain blocks; HunyuanDiT: down, mid and skip blocks with long skips), on 8 simulated CPU
 devices.
 
 The looped pipeline (xdit_jax/parallel/pipefusion.py): every stack is split over all the stages and a patch
@@ -27,7 +28,7 @@ from tests.jax_util import random_state as _random_state
 from xdit_jax import tiny
 from xdit_jax.bench import hlo_matmul_flops
 from xdit_jax.mesh import build_mesh
-from xdit_jax.models import flux, sd3
+from xdit_jax.models import flux, hunyuandit, sd3
 from xdit_jax.parallel import pipefusion
 
 SLOW = pytest.mark.slow
@@ -189,6 +190,65 @@ def test_sd35_medium_patches_with_buffers_of_the_same_input_are_exact(mesh, patc
     for a in cache1[:4]:  # every row of both runs filled (both attentions of the dual blocks)
         assert float(jnp.abs(a).max(axis=(1, 2, 3, 4)).min()) > 0.1
     assert float(jnp.abs(cache1[4][-2:]).max(axis=(1, 2, 3, 4)).min()) > 0.1  # the last stage's two final rows
+
+
+@functools.cache
+def _hunyuandit():
+    """8 layers: down 0-2 (3: uneven on 2 stages), mid 3-4 (2: a padding slot on 3 stages), skip 5-7; 3 heads
+    (padded to 4 on ulysses=2); 3 x 4 = 12 image tokens; both texts with padding in one sample."""
+    cfg = hunyuandit.HunyuanDiTConfig.from_dict({**tiny.HUNYUAN_TRANSFORMER, "num_layers": 8, "num_attention_heads": 3,
+                                                 "hidden_size": 24, "pooled_projection_dim": 24})
+    graphdef, state = _random_state(hunyuandit.HunyuanDiT2DModel, cfg, 5)
+    rng = np.random.default_rng(3)
+    mask, mask_t5 = np.ones((2, 77), np.int32), np.ones((2, 256), np.int32)
+    mask[1, 9:], mask_t5[1, 20:] = 0, 0
+    args = (jnp.asarray(rng.standard_normal((2, 4, 6, 8)), jnp.float32), jnp.array([250.0, 800.0]),
+            jnp.asarray(rng.standard_normal((2, 77, 32)), jnp.float32), jnp.asarray(mask),
+            jnp.asarray(rng.standard_normal((2, 256, 32)), jnp.float32), jnp.asarray(mask_t5))
+    x, tokens, cond = jax.jit(lambda st: nnx.merge(graphdef, st).embed(*args))(state)
+    ref = jax.jit(lambda st: nnx.merge(graphdef, st).blocks(x, tokens, cond))(state)
+    return cfg, graphdef, state, (x, tokens, cond), ref
+
+
+def test_hunyuandit_blocks_with_the_skips_in_the_carry_equal_the_blocks():
+    cfg, graphdef, state, (x, tokens, cond), ref = _hunyuandit()
+    out = jax.jit(lambda st: nnx.merge(graphdef, st).pipefusion_blocks(x, tokens, cond))(state)
+    scale = float(jnp.abs(ref).max())
+    assert scale > 1
+    assert float(jnp.abs(out - ref).max()) <= 2e-5 * scale
+    assert hunyuandit.pipefusion_stacks(cfg) == dict(stacked=("blocks_down", "blocks_mid", "blocks_skip"),
+                                                     stacked_layers=(3, 2, 3))
+
+
+@pytest.mark.parametrize("mesh,patches", [
+    ("pipefusion=3,ulysses=2", 3), ("pipefusion=2,ring=2", 2),
+    pytest.param(None, 3, marks=SLOW), pytest.param("pipefusion=2", 2, marks=SLOW),
+    pytest.param("cfg=2,pipefusion=2,ulysses=2", 2, marks=SLOW)])
+def test_hunyuandit_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
+    """Down, mid and skip stacks looped over the stages, each patch's long skips riding in its carry: a
+    warm-up pass fills the buffers and a patched pass equals the full one (a skip popped in the wrong order,
+    lost at a stage boundary or taken from another patch moves the output by O(1))."""
+    cfg, graphdef, state, (x, tokens, cond), ref = _hunyuandit()
+    stacks = hunyuandit.pipefusion_stacks(cfg)
+    m = build_mesh(mesh)
+    stages = m.shape["pipefusion"]
+    st = pipefusion.pad_stack(state, stacks["stacked"], stages)
+    cache = pipefusion.init_cache(m, pipefusion.stack_slots(stacks["stacked_layers"], stages), 2, x.shape[1],
+                                  cfg.num_attention_heads, cfg.attention_head_dim, jnp.float32, patches)
+    blocks = lambda p, y, t, c: nnx.merge(graphdef, p).pipefusion_blocks(y, t, c)  # noqa: E731
+
+    def run(warmup):
+        return jax.jit(lambda s, c: pipefusion.run_pipefusion(
+            blocks, s, x, tokens, cond, c, m if mesh else None, patches=patches, warmup=warmup,
+            stacked=stacks["stacked"], num_layers=stacks["stacked_layers"]))
+
+    warm, cache1 = run(True)(st, cache)
+    patched, cache2 = run(False)(st, cache1)
+    scale = float(jnp.abs(ref).max())
+    assert float(jnp.abs(warm - ref).max()) <= 2e-5 * scale
+    assert float(jnp.abs(patched - ref).max()) <= 2e-5 * scale
+    for a, b in zip(cache1, cache2):
+        assert float(jnp.abs(b - a).max()) <= 2e-5 * float(jnp.abs(a).max())
 
 
 def test_a_blocks_function_with_fewer_scans_than_stacks_is_refused():

@@ -136,8 +136,8 @@ def test_buffers_without_a_final_block_slot_are_refused():
                                   cache, None, patches=2, warmup=True, stacked="transformer_blocks")
 
 
-# ----- the pipelines on pipefusion meshes: Mochi (4 blocks: 3 stacked + the last), SD3.5 Medium shaped and FLUX
-# (two stacks each: test_pipefusion_stacks.py) -----
+# ----- the pipelines on pipefusion meshes: Mochi (4 blocks: 3 stacked + the last), SD3.5 Medium shaped, FLUX
+# and HunyuanDiT (several stacks: test_pipefusion_stacks.py) -----
 
 PIPES = {
     "mochi": dict(transformer={"num_layers": 4, "num_attention_heads": 3},
@@ -149,16 +149,19 @@ PIPES = {
     # two stacks (3 double-, 4 single-stream blocks) in the looped pipeline (test_pipefusion_stacks.py)
     "flux": dict(transformer={"num_layers": 3, "num_single_layers": 4, "num_attention_heads": 3},
                  call=dict(height=48, width=80, max_sequence_length=16)),
+    # 8 layers: down, mid and skip stacks of 3, 2 and 3 (the long skips ride in each patch's carry)
+    "hunyuandit": dict(transformer={"num_layers": 8}, call=dict(height=48, width=64, use_resolution_binning=False)),
 }
 
 
 @pytest.fixture(scope="module", params=list(PIPES))
 def pipes(request, tmp_path_factory):
     """(family, pipeline class, folder, kwargs, one device's latents, the sequential 2-patch rule's)."""
-    from xdit_jax import FluxPipeline, MochiPipeline, StableDiffusion3Pipeline
+    from xdit_jax import FluxPipeline, HunyuanDiTPipeline, MochiPipeline, StableDiffusion3Pipeline
 
     family = request.param
-    cls = {"mochi": MochiPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+    cls = {"mochi": MochiPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline,
+           "hunyuandit": HunyuanDiTPipeline}[family]
     folder = tiny.make_tiny_model(tmp_path_factory.mktemp(family) / "m", transformer=PIPES[family]["transformer"],
                                   family=family)
     kw = dict(PIPES[family]["call"], num_inference_steps=3, output_type="latent", progress=False, seed=5)
@@ -180,7 +183,7 @@ def test_pipeline_warmup_steps_equal_one_device(pipes):
 
 # one mesh per family (the model-level tests above run the others)
 PATCHED_MESH = {"MochiPipeline": "pipefusion=2,ring=2", "StableDiffusion3Pipeline": "data=2,pipefusion=2",
-                "FluxPipeline": "pipefusion=3,ulysses=2"}
+                "FluxPipeline": "pipefusion=3,ulysses=2", "HunyuanDiTPipeline": "cfg=2,pipefusion=3"}
 
 
 def test_pipeline_patched_steps_equal_sequential_reference(pipes):

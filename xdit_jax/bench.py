@@ -556,6 +556,9 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
     def blocks(params, joint, tokens, cond):
         return nnx.merge(graphdef, params).blocks(joint, tokens, cond)
 
+    def pf_blocks(params, joint, tokens, cond):  # PipeFusion's form of the blocks (Family.pipefusion_method)
+        return getattr(nnx.merge(graphdef, params), family.pipefusion_method)(joint, tokens, cond)
+
     def step(state, *args):
         kv = None
         if patches:
@@ -571,7 +574,7 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
             from xdit_jax.parallel.pipefusion import run_pipefusion
 
             joint, tokens, cond = model.embed(*embed_args)[:3]  # (FLUX's embed also gives its text tables)
-            joint, kv = run_pipefusion(blocks, state, joint, tokens, cond, kv, mesh, patches=patches, warmup=False,
+            joint, kv = run_pipefusion(pf_blocks, state, joint, tokens, cond, kv, mesh, patches=patches, warmup=False,
                                        stacked=stacked or family.stacked, backend=attention_backend,
                                        num_layers=num_layers)
             return model.head(joint, cond, shape).astype(jnp.float32), kv
@@ -993,7 +996,6 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     patches = stage_tree = None
     layers, slots_of = tcfg.num_layers, {}
     if ms.pipefusion > 1:  # the stacked blocks split over the stages; a patched step (as many patches as stages)
-        family.refuse_pipefusion(tcfg)  # HunyuanDiT: long skips cross every stage boundary
         from xdit_jax.parallel import pipefusion
 
         pipefusion.check_mesh(ms, family.stacked_layers(tcfg))

@@ -41,28 +41,17 @@ class Family:
     config_class_name: str = ""
     token_word: str = ""  # what the latent tokens are: "video" / "image"
     title: str = ""  # the family's name in messages
-    no_pipefusion_why: str = ""  # why PipeFusion cannot split the model, where it cannot
     final_block: bool = False  # the stack ends with one more block after its scan (pipefusion.final_block)
+    pipefusion_method: str = "blocks"  # the model's method PipeFusion runs (the stacked scans on a patch)
     default_cfg: bool = True  # the step's batch: both CFG halves per prompt unless the workload says otherwise
     # inputs that are not arguments of the jitted step but host arrays read at trace time (FLUX's
     # position ids: the model turns them into RoPE tables with numpy, as the pipeline does before its step)
     host_inputs: tuple[str, ...] = ()
 
-    @property
-    def supports_pipefusion(self) -> bool:
-        """Whether PipeFusion can split the model's layer stack (the model module's ``SUPPORTS_PIPEFUSION``)."""
-        return bool(getattr(self.module, "SUPPORTS_PIPEFUSION", True))
-
     def stacked_layers(self, cfg):
         """The blocks in the stacked scan that PipeFusion splits into stages (a tuple, one per stack, for
         a model with several: :attr:`stacked`)."""
         return cfg.num_layers - (1 if self.final_block else 0)
-
-    def refuse_pipefusion(self, cfg=None) -> None:
-        """Raise the row's error for a PipeFusion mesh where the model (of ``cfg``) cannot run one."""
-        if not self.supports_pipefusion:
-            raise ValueError(f"PipeFusion not supported for {self.title} ({self.no_pipefusion_why}); use cfg, "
-                             f"data, ulysses and ring meshes.")
 
     @property
     def module(self):
@@ -610,7 +599,14 @@ class HunyuanDiT(Family):
     config_class_name = "HunyuanDiTConfig"
     token_word = "image"
     title = "HunyuanDiT"
-    no_pipefusion_why = "long skips"  # layer i feeds layer N-1-i, across every stage boundary
+    pipefusion_method = "pipefusion_blocks"  # the long skips ride in the carry (a register) across the stages
+
+    def stacks(self, cfg):
+        """The down, mid and skip stacks (where the model has long skips)."""
+        return self.module.pipefusion_stacks(cfg)["stacked"]
+
+    def stacked_layers(self, cfg):
+        return self.module.pipefusion_stacks(cfg)["stacked_layers"]
 
     def latent_shape(self, w):
         """(B, C, h, w) in diffusers' layout."""

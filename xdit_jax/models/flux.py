@@ -48,7 +48,6 @@ from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
 SINGLE = "single_transformer_blocks"
-SUPPORTS_PIPEFUSION = True
 STACKS = (STACKED, SINGLE)  # PipeFusion's order: every stage holds part of both (a looped pipeline)
 ROPE_THETA = 10000.0
 

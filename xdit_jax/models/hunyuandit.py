@@ -21,8 +21,10 @@ two layers in between do neither. Here three stacks, each run with one ``lax.sca
   down outputs in reverse order (last pushed = first popped).
 
 Everything in the blocks is per token except attention, so any contiguous shard of the image tokens
-runs them (:func:`xdit_jax.parallel.sequence.run_blocks`). PipeFusion cannot split the stack (a
-skip crosses every stage boundary): ``SUPPORTS_PIPEFUSION = False``, the pipeline refuses such meshes.
+runs them (:func:`xdit_jax.parallel.sequence.run_blocks`). PipeFusion runs
+:meth:`HunyuanDiT2DModel.pipefusion_blocks`: the three stacks looped over the stages, the long skips
+riding in the carry (a shift register each patch carries: a down block pushes, a skip block pops), so
+a skip crosses stage boundaries with the patch it belongs to.
 
 Self-attention goes through :func:`xdit_jax.parallel.attention.attention`; cross attention (and the
 embedding's attention pool) through :func:`xdit_jax.parallel.attention.cross_attention` (local under
@@ -47,18 +49,15 @@ from xdit_jax.models.layers import (
     apply_rope,
     gelu_tanh,
     linear,
+    scan_modules,
     stack_modules,
     timestep_embedding,
 )
 from xdit_jax.parallel.attention import attention, cross_attention
 
-# The three block stacks (see the module docstring). PipeFusion cannot split this model: the long
-# skips connect layer i to layer n - 1 - i, across any stage boundary. ``STACKED`` names the largest
-# stack for code that expects one stacked module; the pipeline must refuse PipeFusion (also
-# ``pipefusion_patches > 1`` on a mesh without a pipefusion axis) when ``SUPPORTS_PIPEFUSION`` is False.
+# The three block stacks (see the module docstring); ``STACKED`` names the one every config has.
 STACKS = ("blocks_down", "blocks_mid", "blocks_skip")
 STACKED = "blocks_mid"
-SUPPORTS_PIPEFUSION = False
 TIME_PROJ_DIM = 256  # Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0), time and size
 POOLER_HEADS = 8  # HunyuanDiTAttentionPool(num_heads=8)
 META_SIZES = 6  # image_meta_size: original (h, w), target (h, w), crop top-left (top, left)
@@ -449,6 +448,30 @@ class HunyuanDiT2DModel(nnx.Module):
             x, _ = _scan(self.blocks_skip, lambda blk, y, s: (blk(y, cond, rope, s), None), x, skips[::-1])
         return x
 
+    def pipefusion_blocks(self, x, tokens, cond):
+        """:meth:`blocks` in the form PipeFusion runs (equal to it): each stack's scan carries the image
+        tokens *and* the long skips, a register (d, B, S, D) of the down blocks' outputs: a down block pushes
+        its output at the front (the register shifts back by one), a skip block takes the front and shifts
+        the rest forward; the last pushed is the first popped, as diffusers' list, and no block needs its
+        index (a stage holds any run of layers). Every stack carries the same (tokens, register), so the
+        looped pipeline hands it from stack to stack (:func:`xdit_jax.parallel.pipefusion.run_pipefusion`)."""
+        rope = (tokens["rope_cos"], tokens["rope_sin"])
+        carry = (x, jnp.zeros((self.cfg.n_down,) + x.shape, x.dtype))
+
+        def push(blk, c):
+            y = blk(c[0], cond, rope)
+            return y, jnp.concatenate([y[None], c[1][:-1]])
+
+        def pop(blk, c):
+            return blk(c[0], cond, rope, c[1][0]), jnp.concatenate([c[1][1:], c[1][:1]])
+
+        if self.blocks_down is not None:
+            carry = scan_modules(self.blocks_down, push, carry)
+        carry = scan_modules(self.blocks_mid, lambda blk, c: (blk(c[0], cond, rope), c[1]), carry)
+        if self.blocks_skip is not None:
+            carry = scan_modules(self.blocks_skip, pop, carry)
+        return carry[0]
+
     def head(self, x, cond, shape):
         """Image tokens (B, S, D) -> the prediction (B, out_ch, H, W) for latents of ``shape``."""
         cfg = self.cfg
@@ -464,6 +487,13 @@ class HunyuanDiT2DModel(nnx.Module):
                                      encoder_hidden_states_t5, text_embedding_mask_t5, image_meta_size, style,
                                      image_rotary_emb)
         return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
+
+
+def pipefusion_stacks(cfg: HunyuanDiTConfig) -> dict:
+    """PipeFusion's stacks (``_init_parts``' ``stacked`` / ``stacked_layers``), in the order the blocks run:
+    down (where the model has long skips), mid, skip."""
+    stacks = [(name, n) for name, n in zip(STACKS, (cfg.n_down, 2, cfg.n_down)) if n]
+    return dict(stacked=tuple(n for n, _ in stacks), stacked_layers=tuple(k for _, k in stacks))
 
 
 def _check_text(states, length: int, dim: int, batch: int, name: str) -> None:

@@ -42,7 +42,6 @@ from xdit_jax.models.layers import (
 from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
-SUPPORTS_PIPEFUSION = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,7 +56,6 @@ from xdit_jax.models.layers import (
 from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
-SUPPORTS_PIPEFUSION = True
 QK_NORMS = (None, "rms_norm")
 
 

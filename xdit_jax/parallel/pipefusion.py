@@ -268,13 +268,14 @@ def init_cache(mesh, layers, batch: int, seq_len: int, heads: int, head_dim: int
 
 def check_mesh(mesh_spec, num_layers) -> None:
     """Refuse what this PipeFusion cannot run, saying what to use instead. ``num_layers``: the stacked
-    layers, or a tuple of them per stack (each stack is split over all the stages)."""
+    layers, or a tuple of them per stack (each stack is split over all the stages; a stack with fewer
+    layers than stages, e.g. HunyuanDiT's 2 middle blocks, leaves the others a padding slot)."""
     n = mesh_spec.pipefusion
-    fewest = min(stack_sizes(num_layers))
-    if n > fewest:
-        what = f"the model's {fewest} layers" if len(stack_sizes(num_layers)) == 1 else \
-            f"the {fewest} layers of the model's smallest block stack (each stack is split over every stage)"
-        raise ValueError(f"pipefusion={n} is more stages than {what}; use at most {fewest}.")
+    most = max(stack_sizes(num_layers))
+    if n > most:
+        what = f"the model's {most} layers" if len(stack_sizes(num_layers)) == 1 else \
+            f"the {most} layers of the model's largest block stack (each stack is split over every stage)"
+        raise ValueError(f"pipefusion={n} is more stages than {what}; use at most {most}.")
 
 
 def _buffer_tokens(patches: int, plen: int, ring: int, ulysses: int) -> np.ndarray:

@@ -174,15 +174,6 @@ def check_size_and_mesh(height: int, width: int, multiple: int, num_layers: int,
         pipefusion.check_mesh(ms, num_layers)
 
 
-def refuse_pipefusion(family: str, reason: str, mesh_spec, patches: int | None = None) -> None:
-    """For a model PipeFusion cannot split (``SUPPORTS_PIPEFUSION = False`` in its model file): a clear
-    error on a pipefusion mesh or when patches are asked for, before any weight is read."""
-    from xdit_jax.mesh import MeshSpec
-
-    if MeshSpec.parse(mesh_spec).pipefusion > 1 or (patches or 1) > 1:
-        raise ValueError(f"{family} cannot run PipeFusion here: {reason}. Use cfg, data, ulysses and ring instead.")
-
-
 def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, attention mask) as diffusers makes them: padded to max length, truncated with a warning."""
     import logging

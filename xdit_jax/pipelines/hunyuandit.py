@@ -10,8 +10,10 @@ transformer's image tokens sharded over (ring, ulysses) by
 scheduler step (DDPM as shipped, or DPM-Solver multistep) and CFG with ``guidance_rescale`` inside
 the jitted step, and the VAE decode split over the mesh.
 
-PipeFusion is refused: HunyuanDiT's long skip connections join layers that would sit on different
-stages. ``use_resolution_binning`` (default on, as in diffusers): a size that is not one of
+PipeFusion (``pipefusion`` mesh axis, or ``pipefusion_patches``) splits each of the three block stacks
+(down, mid, skip) over the stages, a patch going round the stages once per stack with its long skips
+riding in its carry (:meth:`xdit_jax.models.hunyuandit.HunyuanDiT2DModel.pipefusion_blocks`).
+``use_resolution_binning`` (default on, as in diffusers): a size that is not one of
 HunyuanDiT's trained shapes is replaced by the closest one (diffusers warns and returns that size).
 """
 
@@ -30,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from xdit_jax.conversion import read_json
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import hunyuandit
-from xdit_jax.pipelines import denoise, image
+from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     as_numpy,
@@ -87,17 +89,11 @@ def read_configs(folder: str | os.PathLike):
     return image.read_configs(folder, hunyuandit.HunyuanDiTConfig)
 
 
-def refuse_pipefusion(mesh_spec, patches: int | None = None) -> None:
-    denoise.refuse_pipefusion("HunyuanDiT", "its long skip connections join layers that would sit on different "
-                              "stages", mesh_spec, patches)
-
-
 def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None,
                   guidance_scale: float = 5.0) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work."""
-    refuse_pipefusion(mesh_spec)
-    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers, batch, mesh_spec,
-                        guidance_scale)
+    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size,
+                        hunyuandit.pipefusion_stacks(tc)["stacked_layers"], batch, mesh_spec, guidance_scale)
 
 
 class HunyuanDiTPipeline(ImagePipelineBase):
@@ -107,12 +103,12 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                  text_encoder_2, tokenizer_2, scheduler, scheduler_config, dtype=jnp.float32, mesh=None,
                  attention_backend: str = "auto", pipefusion_patches: int | None = None,
                  pipefusion_warmup_steps: int = 1):
-        refuse_pipefusion(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh, pipefusion_patches)
         self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
                          vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
                          scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=None,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=hunyuandit.STACKED)
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps,
+                         **hunyuandit.pipefusion_stacks(transformer_config))
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.scheduler = scheduler  # the scheduler module (xdit_jax.schedulers.ddpm or .dpmsolver)
 
@@ -121,13 +117,12 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                         variant: str | None = None, revision: str | None = None,
                         attention_backend: str = "auto", pipefusion_patches: int | None = None,
                         pipefusion_warmup_steps: int = 1) -> HunyuanDiTPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
+        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
+        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
         from transformers import AutoTokenizer
 
         dtype = parse_dtype(dtype)
-        # before any conversion or weight read
-        refuse_pipefusion(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh,
-                          pipefusion_patches)
         folder, _ = cls._pipeline_folder(model, ("HunyuanDiTPipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
         sched = read_json(folder / "scheduler" / "scheduler_config.json")
@@ -136,8 +131,9 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                              f"{', '.join(SCHEDULERS)} here.")
         mod, cfg_name = SCHEDULERS[sched["_class_name"]]
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        layers = hunyuandit.HunyuanDiTConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, hunyuandit.STACKED, layers)
+        stacks = hunyuandit.pipefusion_stacks(
+            hunyuandit.HunyuanDiTConfig.from_dict(read_json(folder / "transformer" / "config.json")))
+        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
         _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
         return cls(**parts, text_encoder_2=text_encoder_2,
                    tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"), scheduler=mod,
@@ -171,6 +167,9 @@ class HunyuanDiTPipeline(ImagePipelineBase):
         def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
 
+        def staged(params, x, tokens, cond):  # PipeFusion's form: the long skips ride in the carry
+            return nnx.merge(graphdef, params).pipefusion_blocks(x, tokens, cond)
+
         def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, meta, rng):
             model = nnx.merge(graphdef, tstate)
             t = sched.timesteps[i]
@@ -181,7 +180,8 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                 jnp.broadcast_to(meta[0], (b,) + meta[0].shape[1:]), jnp.broadcast_to(meta[1], (b,)))
             tokens_x, tokens, cond = model.embed(x.astype(dtype), jnp.broadcast_to(t, (b,)).astype(jnp.float32),
                                                  emb, mask, emb_t5, mask_t5, size, style)
-            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
+            tokens_x, kv = self._blocks_over_mesh(blocks if kv is None else staged, tstate, tokens_x, tokens, cond,
+                                                  kv, warmup)
             pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
             if learn_sigma:  # the variance channels are not used by the sampler
                 pred = pred[:, : latents.shape[1]]
@@ -281,7 +281,8 @@ class HunyuanDiTPipeline(ImagePipelineBase):
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         with timer.stage("denoising"):
             state = jax.device_put(self.scheduler.init_state(shape, jnp.float32), latents.sharding)
-            latents = self._denoise(do_cfg, latents, state, None, (texts, sched_arrays, guidance, meta, rng),
+            kv = self._pipefusion_buffers(texts[0].shape[0], self._image_tokens(height, width))
+            latents = self._denoise(do_cfg, latents, state, kv, (texts, sched_arrays, guidance, meta, rng),
                                     len(sched.timesteps), progress)
 
         if output_type == "latent":
