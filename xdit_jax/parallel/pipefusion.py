@@ -24,6 +24,13 @@ attention, whose context — the text's own K/V — joins the buffers' keys). A 
 stack after the scan (their ``context_pre_only`` last block) goes through :func:`final_block`: its
 result counts on the last stage, and it has K/V buffers of its own.
 
+Several stacks (FLUX's double- then single-stream blocks, SD3.5 Medium's runs of dual-attention and plain
+blocks, HunyuanDiT's down, mid and skip blocks) run *looped*: each stack is split over all the stages and a
+patch goes round them once per stack, the last stage handing the carry to the first
+(:func:`run_pipefusion`); the carry must then be alike for all stacks (FLUX: (patch, text); HunyuanDiT:
+(patch, its long skips)). A block that attends more than once (SD3.5 Medium's dual attention) keeps a
+buffer row per attention (:func:`init_cache`'s ``attentions``).
+
 Other axes: ``data`` and ``cfg`` split the batch as everywhere. ``ulysses`` and ``ring`` (PipeFusion
 x USP, as xDiT's hybrid) split each patch over the sequence group; the buffers are split over
 heads for Ulysses and by patch part for the ring (ring position ``r`` keeps part ``r`` of every
