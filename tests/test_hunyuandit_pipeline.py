@@ -107,8 +107,8 @@ def test_binning_and_bad_input(tmp_path_factory):
             [tuple(x) for x in np.random.default_rng(0).integers(256, 2500, size=(200, 2))]:
         assert binned_size(h, w) == diffusers_bin(h, w), (h, w)
     _, ours, folder = build(("v1.2", "ddpm"), tmp_path_factory)
-    with pytest.raises(ValueError, match="PipeFusion"):
-        HunyuanDiTPipeline.from_pretrained(folder, mesh="pipefusion=2")
+    with pytest.raises(ValueError, match="pipefusion=3 is more stages than the 2 layers of the model's largest block"):
+        HunyuanDiTPipeline.from_pretrained(folder, mesh="pipefusion=3")  # 6 layers: stacks of 2, before any read
     with pytest.raises(ValueError, match="prompt_attention_mask"):
         ours(prompt_embeds=np.zeros((1, 77, 32), np.float32), height=H, width=W, use_resolution_binning=False)
     z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
