@@ -101,6 +101,33 @@ def test_meshes_match_one_device(mesh, tmp_path_factory):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)  # one device up to float rounding
 
 
+def test_vae_tiles_where_the_untiled_decode_would_not_fit(tmp_path_factory, monkeypatch, caplog):
+    """Auto tiling (the default): where the device reports its free memory and the untiled decode's plan
+    needs more than 90% of it, the decode runs in tiles, with a warning, and gives what enable_vae_tiling()
+    gives; where it fits, or where the backend reports nothing (the CPU), the untiled decode."""
+    from xdit_jax.pipelines import denoise
+
+    _, ours, _ = build(tmp_path_factory)
+    kw = dict(height=H, width=W, num_inference_steps=1, latents=initial_latents(), max_sequence_length=MSL,
+              progress=False)
+    try:
+        untiled = ours(PROMPT, **kw).images  # the CPU reports no free memory: untiled
+        ours.enable_vae_tiling()
+        tiled = ours(PROMPT, **kw).images
+        assert np.abs(tiled - untiled).max() > 1e-4  # the 80-pixel width takes two of the tiny VAE's 64-pixel tiles
+        monkeypatch.setattr(denoise, "device_free_bytes", lambda device: 10 ** 12)
+        ours.enable_vae_tiling("auto")
+        np.testing.assert_array_equal(ours(PROMPT, **kw).images, untiled)
+        monkeypatch.setattr(denoise, "device_free_bytes", lambda device: 1 << 16)
+        ours.enable_vae_tiling("auto")
+        with caplog.at_level("WARNING", logger="xdit_jax"):
+            out = ours(PROMPT, **kw).images
+        np.testing.assert_array_equal(out, tiled)
+        assert "decoding in tiles" in caplog.text
+    finally:
+        ours.enable_vae_tiling("auto")
+
+
 def test_bad_input(tmp_path_factory):
     _, ours, folder = build(tmp_path_factory)
     with pytest.raises(ValueError, match="pipefusion=2 is more stages than the model's 1 layers"):  # 1 stacked

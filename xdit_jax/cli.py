@@ -81,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention-backend", choices=["auto", "xla", "cudnn", "pallas"], default="auto",
                     help="per-device attention kernel: auto = cuDNN flash attention on GPU in bf16, else XLA; "
                     "pallas = our Pallas (Triton) flash kernel")
-    ap.add_argument("--vae-tiling", action="store_true",
-                    help="decode in overlapping tiles (diffusers' enable_tiling): less memory for large videos")
+    tiles = ap.add_mutually_exclusive_group()
+    tiles.add_argument("--vae-tiling", action="store_true",
+                       help="decode in overlapping tiles (diffusers' enable_tiling): less memory for large videos "
+                            "(by default the decode tiles only where its untiled plan would not fit the device)")
+    tiles.add_argument("--no-vae-tiling", action="store_true",
+                       help="never decode in tiles, even where the untiled decode would not fit")
     ap.add_argument("--vae-slicing", action="store_true", help="decode one video of a batch at a time")
     ap.add_argument("--cache-dir", default=None, help="where diffusers folders are converted to (~/.cache/xdit_jax)")
     mp = ap.add_argument_group("several processes (jax.distributed); or XDIT_COORDINATOR, XDIT_NUM_PROCESSES, "
@@ -435,8 +439,8 @@ def _main(argv=None) -> int:
         print(f"PipeFusion: {spec.pipefusion} stage(s), {pipe.pipefusion_patches} patches; the first "
               f"{pipe.pipefusion_warmup_steps} step(s) exact, then patches attend to one-step-old K/V of later patches",
               file=sys.stderr)
-    if args.vae_tiling:
-        pipe.enable_vae_tiling()
+    if args.vae_tiling or args.no_vae_tiling:
+        pipe.enable_vae_tiling(bool(args.vae_tiling))
     if args.vae_slicing:
         pipe.enable_vae_slicing()
     steps = args.steps or (d["tiny_steps"] if is_tiny else d["steps"])

@@ -174,6 +174,33 @@ def check_size_and_mesh(height: int, width: int, multiple: int, num_layers: int,
         pipefusion.check_mesh(ms, num_layers)
 
 
+AUTO_TILING_SHARE = 0.9  # of the device's free memory an untiled decode may plan to use
+
+
+def device_free_bytes(device) -> int | None:
+    """The device allocator's limit minus what it holds, or None where the backend does not report it
+    (the CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 (backends without memory stats raise or return None)
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def decode_bytes(compiled) -> int | None:
+    """What a compiled decode adds to the device's memory: its temporaries and output (XLA's memory
+    analysis, per device), or None where the backend gives no analysis."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if ma is None:
+        return None
+    return int(getattr(ma, "temp_size_in_bytes", 0)) + int(getattr(ma, "output_size_in_bytes", 0))
+
+
 def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, attention mask) as diffusers makes them: padded to max length, truncated with a warning."""
     import logging
@@ -225,7 +252,7 @@ class PipelineBase:
         self._setup_pipefusion(pipefusion_patches, pipefusion_warmup_steps)
         self._step_cache = {}
         self._decode_cache = {}
-        self.vae_tiling, self.vae_slicing = None, False
+        self.vae_tiling, self.vae_slicing = "auto", False
 
     @staticmethod
     def _load_parts(folder, mesh, dtype, stacked, num_layers) -> dict:
@@ -264,7 +291,8 @@ class PipelineBase:
         channels first ((B, C, H, W) or (B, C, F, H, W)); ``post`` (float32, same layout) before the
         clip to [0, 1]; returned channels last, replicated (it goes to the host next: the decoder's own
         split need not be a sharding of the pipeline's mesh, e.g. cfg=2,ring=4 over a 4 x 2 grid).
-        Cached under ``key``."""
+        Cached under ``key``. With ``vae_tiling == "auto"`` (the default) the decode runs in tiles where its
+        untiled plan would not fit the device's free memory (:meth:`_auto_tiling`)."""
         if key in self._decode_cache:
             return self._decode_cache[key]
         from flax import nnx
@@ -272,22 +300,58 @@ class PipelineBase:
         from jax.sharding import PartitionSpec as P
 
         graphdef, state = nnx.split(self.vae)
-        mesh, tiling, slicing = self.mesh, self.vae_tiling, self.vae_slicing
+        mesh, slicing = self.mesh, self.vae_slicing
 
-        def dec(state, latents):
-            x = decode(nnx.merge(graphdef, state), latents, tiling=tiling, slicing=slicing,
-                       mesh=mesh if mesh.size > 1 else None).astype(jnp.float32)
-            x = post(x) if post is not None else x
-            return jnp.moveaxis(jnp.clip(x / 2 + 0.5, 0.0, 1.0), 1, -1)
+        def build(tiling):
+            def dec(state, latents):
+                x = decode(nnx.merge(graphdef, state), latents, tiling=tiling, slicing=slicing,
+                           mesh=mesh if mesh.size > 1 else None).astype(jnp.float32)
+                x = post(x) if post is not None else x
+                return jnp.moveaxis(jnp.clip(x / 2 + 0.5, 0.0, 1.0), 1, -1)
 
-        dec = jax.jit(dec, out_shardings=NamedSharding(mesh, P()))
-        self._decode_cache[key] = fn = lambda latents: dec(state, latents)
+            return jax.jit(dec, out_shardings=NamedSharding(mesh, P()))
+
+        if self.vae_tiling != "auto":
+            dec = build(self.vae_tiling)
+            self._decode_cache[key] = fn = lambda latents: dec(state, latents)
+            return fn
+        chosen = {}  # per latent shape: the untiled decode, or the tiled one where it would not fit
+
+        def fn(latents):
+            shape = (tuple(latents.shape), str(latents.dtype))
+            if shape not in chosen:
+                chosen[shape] = self._auto_tiling(build, state, latents)
+            return chosen[shape](state, latents)
+
+        self._decode_cache[key] = fn
         return fn
+
+    def _auto_tiling(self, build, state, latents):
+        """The decode for ``latents``: untiled where its compiled plan (XLA's memory analysis: temporaries and
+        output per device) fits in 90% of the device's free memory, or where the backend does not say how
+        much is free (the CPU); else tiled with the VAE's default tiles, and a warning that says so (a long
+        denoising is not lost to an out-of-memory decode; ``enable_vae_tiling(False)`` refuses tiles)."""
+        import logging
+
+        plain = build(None)
+        free = device_free_bytes(self.mesh.devices.flat[0])
+        if free is None:
+            return plain
+        compiled = plain.lower(state, latents).compile()
+        need = decode_bytes(compiled)
+        if need is None or need <= AUTO_TILING_SHARE * free:
+            return compiled
+        logging.getLogger("xdit_jax").warning(
+            "The VAE decode of latents %s needs about %.1f GiB per device untiled and %.1f GiB are free: decoding in "
+            "tiles (diffusers' enable_tiling; pipe.enable_vae_tiling(False) turns tiling off, --vae-tiling forces it).",
+            tuple(latents.shape), need / 2 ** 30, free / 2 ** 30)
+        return build(True)
 
     def enable_vae_tiling(self, tiling=True) -> None:
         """diffusers' ``vae.enable_tiling``: decode in overlapping blended tiles (``True``: diffusers'
-        defaults, or a :class:`xdit_jax.parallel.vae.TilingConfig`; ``None``/``False`` turns it off)."""
-        self.vae_tiling = tiling or None
+        defaults, or a :class:`xdit_jax.parallel.vae.TilingConfig`; ``None``/``False`` turns it off, even
+        where the untiled decode would not fit; ``"auto"``, the default: tiles only where it would not)."""
+        self.vae_tiling = "auto" if tiling == "auto" else (tiling or None)
         self._decode_cache.clear()
 
     def enable_vae_slicing(self, slicing: bool = True) -> None:
