@@ -62,22 +62,42 @@ def _flux():
     return cfg, graphdef, state, (x, tokens, cond), two_phases(state)
 
 
-def _blocks(graphdef):
-    return lambda p, y, t, c: nnx.merge(graphdef, p).blocks(y, t, c)
+def _blocks(graphdef, method="blocks"):
+    return lambda p, y, t, c: getattr(nnx.merge(graphdef, p), method)(y, t, c)
 
 
-def _run(mesh, patches, warmup):
-    cfg, graphdef, state, (x, tokens, cond), _ = _flux()
+def _warm_then_patched(model, module, mesh, patches, method="blocks", tail=False):
+    """``model`` = (cfg, graphdef, state, (x, tokens, cond), ref): a warm-up pass of ``run_pipefusion`` over
+    the stacks ``module.pipefusion_stacks(cfg)`` gives, then a patched pass over the buffers it filled; ->
+    (warm output, patched output, buffers after each, stages)."""
+    cfg, graphdef, state, (x, tokens, cond), _ = model
+    stacks = module.pipefusion_stacks(cfg)
     m = build_mesh(mesh)
-    sizes = (cfg.num_layers, cfg.num_single_layers)
     stages = m.shape["pipefusion"]
-    st = pipefusion.pad_stack(state, flux.STACKS, stages)
-    fn = jax.jit(lambda s, c: pipefusion.run_pipefusion(_blocks(graphdef), s, x, tokens, cond, c, m if mesh else None,
-                                                        patches=patches, warmup=warmup, stacked=flux.STACKS,
-                                                        num_layers=sizes))
-    cache = pipefusion.init_cache(m, pipefusion.stack_slots(sizes, stages), 2, x.shape[1], cfg.num_attention_heads,
-                                  cfg.attention_head_dim, jnp.float32, patches)
-    return fn, st, cache
+    st = pipefusion.pad_stack(state, stacks["stacked"], stages)
+    cache = pipefusion.init_cache(m, pipefusion.stack_slots(stacks["stacked_layers"], stages), 2, x.shape[1],
+                                  cfg.num_attention_heads, cfg.attention_head_dim, jnp.float32, patches, tail=tail,
+                                  attentions=stacks.get("stack_attentions"),
+                                  tail_attentions=stacks.get("tail_attentions", 1))
+
+    def run(warmup):
+        return jax.jit(lambda s, c: pipefusion.run_pipefusion(
+            _blocks(graphdef, method), s, x, tokens, cond, c,
+            m if mesh else None, patches=patches, warmup=warmup, stacked=stacks["stacked"],
+            num_layers=stacks["stacked_layers"]))
+
+    warm, cache1 = run(True)(st, cache)
+    patched, cache2 = run(False)(st, cache1)
+    return warm, patched, cache1, cache2, stages
+
+
+def _check_exact(ref, warm, patched, cache1, cache2):
+    scale = float(jnp.abs(ref).max())
+    assert scale > 0.5
+    assert float(jnp.abs(warm - ref).max()) <= 2e-5 * scale
+    assert float(jnp.abs(patched - ref).max()) <= 2e-5 * scale
+    for a, b in zip(cache1, cache2):  # the same K/V written back
+        assert float(jnp.abs(b - a).max()) <= 2e-5 * float(jnp.abs(a).max())
 
 
 def test_flux_blocks_with_the_text_held_whole_equal_the_two_phases():
@@ -94,18 +114,12 @@ def test_flux_blocks_with_the_text_held_whole_equal_the_two_phases():
     pytest.param("pipefusion=2", 2, marks=SLOW), pytest.param("pipefusion=3", 2, marks=SLOW),
     pytest.param("cfg=2,pipefusion=2,ulysses=2", 3, marks=SLOW)])
 def test_flux_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
-    *_, ref = _flux()
-    warm_fn, st, cache = _run(mesh, patches, True)
-    patched_fn, _, _ = _run(mesh, patches, False)
-    warm, cache1 = warm_fn(st, cache)
-    patched, cache2 = patched_fn(st, cache1)
-    scale = float(jnp.abs(ref).max())
-    assert float(jnp.abs(warm - ref).max()) <= 2e-5 * scale
-    assert float(jnp.abs(patched - ref).max()) <= 2e-5 * scale
+    model = _flux()
+    warm, patched, cache1, cache2, _ = _warm_then_patched(model, flux, mesh, patches)
+    _check_exact(model[-1], warm, patched, cache1, cache2)
     assert len(cache1) == 4  # (k, v) per stack, no final block
-    for a, b in zip(cache1, cache2):  # every layer slot of both stacks filled, and the same K/V written back
+    for a in cache1:  # every layer slot of both stacks filled
         assert float(jnp.abs(a).max(axis=(1, 2, 3, 4)).min()) > 0.1
-        assert float(jnp.abs(b - a).max()) <= 2e-5 * float(jnp.abs(a).max())
 
 
 def test_looped_pipeline_runs_only_the_live_stacks():
@@ -164,30 +178,11 @@ def test_sd3_stacks():
 def test_sd35_medium_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
     """Two runs (dual-attention blocks, then plain ones) looped over the stages, two K/V buffers per dual
     block and for the dual last block: a warm-up pass fills them and a patched pass equals the full one."""
-    cfg, graphdef, state, (x, tokens, cond), ref = _sd35_medium()
-    stacks = sd3.pipefusion_stacks(cfg)
-    m = build_mesh(mesh)
-    stages = m.shape["pipefusion"]
-    st = pipefusion.pad_stack(state, stacks["stacked"], stages)
-    cache = pipefusion.init_cache(m, pipefusion.stack_slots(stacks["stacked_layers"], stages), 2, x.shape[1],
-                                  cfg.num_attention_heads, cfg.attention_head_dim, jnp.float32, patches, tail=True,
-                                  attentions=stacks["stack_attentions"], tail_attentions=stacks["tail_attentions"])
-
-    def run(warmup):
-        return jax.jit(lambda s, c: pipefusion.run_pipefusion(
-            _blocks(graphdef), s, x, tokens, cond, c, m if mesh else None, patches=patches, warmup=warmup,
-            stacked=stacks["stacked"], num_layers=stacks["stacked_layers"]))
-
-    warm, cache1 = run(True)(st, cache)
-    patched, cache2 = run(False)(st, cache1)
-    scale = float(jnp.abs(ref).max())
-    assert scale > 0.5
-    assert float(jnp.abs(warm - ref).max()) <= 2e-5 * scale
-    assert float(jnp.abs(patched - ref).max()) <= 2e-5 * scale
+    model = _sd35_medium()
+    warm, patched, cache1, cache2, stages = _warm_then_patched(model, sd3, mesh, patches, tail=True)
+    _check_exact(model[-1], warm, patched, cache1, cache2)
     dual_rows = 2 * len(pipefusion.stage_layout(3, stages))  # rows: slots (3 layers padded to the stages) x 2
     assert [a.shape[0] for a in cache1] == [dual_rows, dual_rows, 2, 2, stages * 2, stages * 2]
-    for a, b in zip(cache1, cache2):
-        assert float(jnp.abs(b - a).max()) <= 2e-5 * float(jnp.abs(a).max())
     for a in cache1[:4]:  # every row of both runs filled (both attentions of the dual blocks)
         assert float(jnp.abs(a).max(axis=(1, 2, 3, 4)).min()) > 0.1
     assert float(jnp.abs(cache1[4][-2:]).max(axis=(1, 2, 3, 4)).min()) > 0.1  # the last stage's two final rows
@@ -229,27 +224,8 @@ def test_hunyuandit_patches_with_buffers_of_the_same_input_are_exact(mesh, patch
     """Down, mid and skip stacks looped over the stages, each patch's long skips riding in its carry: a
     warm-up pass fills the buffers and a patched pass equals the full one (a skip popped in the wrong order,
     lost at a stage boundary or taken from another patch moves the output by O(1))."""
-    cfg, graphdef, state, (x, tokens, cond), ref = _hunyuandit()
-    stacks = hunyuandit.pipefusion_stacks(cfg)
-    m = build_mesh(mesh)
-    stages = m.shape["pipefusion"]
-    st = pipefusion.pad_stack(state, stacks["stacked"], stages)
-    cache = pipefusion.init_cache(m, pipefusion.stack_slots(stacks["stacked_layers"], stages), 2, x.shape[1],
-                                  cfg.num_attention_heads, cfg.attention_head_dim, jnp.float32, patches)
-    blocks = lambda p, y, t, c: nnx.merge(graphdef, p).pipefusion_blocks(y, t, c)  # noqa: E731
-
-    def run(warmup):
-        return jax.jit(lambda s, c: pipefusion.run_pipefusion(
-            blocks, s, x, tokens, cond, c, m if mesh else None, patches=patches, warmup=warmup,
-            stacked=stacks["stacked"], num_layers=stacks["stacked_layers"]))
-
-    warm, cache1 = run(True)(st, cache)
-    patched, cache2 = run(False)(st, cache1)
-    scale = float(jnp.abs(ref).max())
-    assert float(jnp.abs(warm - ref).max()) <= 2e-5 * scale
-    assert float(jnp.abs(patched - ref).max()) <= 2e-5 * scale
-    for a, b in zip(cache1, cache2):
-        assert float(jnp.abs(b - a).max()) <= 2e-5 * float(jnp.abs(a).max())
+    model = _hunyuandit()
+    _check_exact(model[-1], *_warm_then_patched(model, hunyuandit, mesh, patches, "pipefusion_blocks")[:4])
 
 
 def test_a_blocks_function_with_fewer_scans_than_stacks_is_refused():

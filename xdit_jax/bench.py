@@ -44,13 +44,31 @@ from typing import Any, Callable
 
 import numpy as np
 
-from xdit_jax.bench_families import (FAMILIES, HUNYUAN_TEXT_VALID, MOCHI_TEXT_VALID, PIXART_TEXT_VALID,  # noqa: F401
-                                     Family, TorchReference, family_of_config, family_of_model, flux_analytic_flops,
-                                     hunyuandit_analytic_flops, mochi_analytic_flops, pixart_analytic_flops,
-                                     sd3_analytic_flops)
+from xdit_jax.bench_families import (  # noqa: F401
+    FAMILIES,
+    HUNYUAN_TEXT_VALID,
+    MOCHI_TEXT_VALID,
+    PIXART_TEXT_VALID,
+    Family,
+    TorchReference,
+    family_of_config,
+    family_of_model,
+    flux_analytic_flops,
+    hunyuandit_analytic_flops,
+    mochi_analytic_flops,
+    pixart_analytic_flops,
+    sd3_analytic_flops,
+)
 from xdit_jax.bench_families import cogvideox_analytic_flops as analytic_flops  # noqa: F401
-from xdit_jax.bench_variants import (ATTENTION_VARIANTS, LINEAR_VARIANTS, Variant, attention_override,  # noqa: F401
-                                     linear_override, parse_compiler_options, parse_variant)
+from xdit_jax.bench_variants import (  # noqa: F401
+    ATTENTION_VARIANTS,
+    LINEAR_VARIANTS,
+    Variant,
+    attention_override,
+    linear_override,
+    parse_compiler_options,
+    parse_variant,
+)
 from xdit_jax.hlo import matmul_flops as hlo_matmul_flops
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

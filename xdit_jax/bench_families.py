@@ -48,10 +48,16 @@ class Family:
     # position ids: the model turns them into RoPE tables with numpy, as the pipeline does before its step)
     host_inputs: tuple[str, ...] = ()
 
+    def _stacks(self, cfg) -> dict | None:
+        """The model module's ``pipefusion_stacks(cfg)`` (several stacks, or runs that depend on the config)."""
+        fn = getattr(self.module, "pipefusion_stacks", None)
+        return fn(cfg) if fn is not None else None
+
     def stacked_layers(self, cfg):
         """The blocks in the stacked scan that PipeFusion splits into stages (a tuple, one per stack, for
-        a model with several: :attr:`stacked`)."""
-        return cfg.num_layers - (1 if self.final_block else 0)
+        a model with several: :meth:`stacks`)."""
+        st = self._stacks(cfg)
+        return st["stacked_layers"] if st else cfg.num_layers - (1 if self.final_block else 0)
 
     @property
     def module(self):
@@ -67,12 +73,15 @@ class Family:
         return getattr(self.module, "STACKS", self.module.STACKED)
 
     def stacks(self, cfg):
-        """The stacks PipeFusion splits for the model of ``cfg`` (:attr:`stacked` unless they depend on it)."""
-        return self.stacked
+        """The stacks PipeFusion splits for the model of ``cfg`` (:attr:`stacked` unless the module says)."""
+        st = self._stacks(cfg)
+        return st["stacked"] if st else self.stacked
 
     def stack_attentions(self, cfg) -> dict:
         """``init_cache``'s ``attentions`` / ``tail_attentions`` where a block attends more than once."""
-        return {}
+        st = self._stacks(cfg) or {}
+        return {k: st[s] for k, s in (("attentions", "stack_attentions"), ("tail_attentions", "tail_attentions"))
+                if s in st}
 
     def config(self, transformer: dict):
         return getattr(self.module, self.config_class_name).from_dict(transformer)
@@ -601,13 +610,6 @@ class HunyuanDiT(Family):
     title = "HunyuanDiT"
     pipefusion_method = "pipefusion_blocks"  # the long skips ride in the carry (a register) across the stages
 
-    def stacks(self, cfg):
-        """The down, mid and skip stacks (where the model has long skips)."""
-        return self.module.pipefusion_stacks(cfg)["stacked"]
-
-    def stacked_layers(self, cfg):
-        return self.module.pipefusion_stacks(cfg)["stacked_layers"]
-
     def latent_shape(self, w):
         """(B, C, h, w) in diffusers' layout."""
         return (w.step_batch, int(w.transformer.get("in_channels", 4)), w.height // w.vae_scale_spatial,
@@ -1011,10 +1013,6 @@ class Flux(Family):
         if shape[2] != cfg.in_channels:
             raise ValueError(f"packed latents {shape}: this FLUX transformer takes {cfg.in_channels} channels.")
 
-    def stacked_layers(self, cfg):
-        """Both stacks (double-, single-stream): PipeFusion splits each over all the stages."""
-        return cfg.num_layers, cfg.num_single_layers
-
     def with_layers(self, transformer, layers):
         """``--layers N``: N double-stream and N single-stream blocks."""
         return dict(transformer, num_layers=int(layers), num_single_layers=int(layers))
@@ -1170,16 +1168,6 @@ class SD3(Family):
     title = "SD3"
     final_block = True  # the context_pre_only last block
 
-    def stacks(self, cfg):
-        """SD3.5 Medium's runs of stacked blocks (dual attention, then plain) are PipeFusion's stacks."""
-        return self.module.pipefusion_stacks(cfg)["stacked"]
-
-    def stacked_layers(self, cfg):
-        return self.module.pipefusion_stacks(cfg)["stacked_layers"]
-
-    def stack_attentions(self, cfg) -> dict:
-        st = self.module.pipefusion_stacks(cfg)
-        return {"attentions": st["stack_attentions"], "tail_attentions": st["tail_attentions"]}
 
     def latent_shape(self, w):
         """(B, C, H/8, W/8), diffusers' layout (the transformer patchifies it itself)."""

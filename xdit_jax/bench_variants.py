@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 from typing import Any, Callable
 
-
 FUSION_ENUM_OPTIONS = ("xla_cpu_experimental_ynn_fusion_type", "xla_cpu_experimental_xnn_fusion_type",
                        "xla_cpu_experimental_onednn_fusion_type")
 

@@ -222,8 +222,20 @@ def _parts(family: str, transformer: dict | None):
     """{component: (class name, config dict, module maker)} of a tiny model."""
     from flax import nnx
 
-    from xdit_jax.models import (bert, clip, cogvideox, flux, hunyuandit, mochi, pixart, sd3, t5, vae_cogvideox,
-                                 vae_kl, vae_mochi)
+    from xdit_jax.models import (
+        bert,
+        clip,
+        cogvideox,
+        flux,
+        hunyuandit,
+        mochi,
+        pixart,
+        sd3,
+        t5,
+        vae_cogvideox,
+        vae_kl,
+        vae_mochi,
+    )
 
     text = ("T5EncoderModel", TEXT_ENCODER,
             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0)))

@@ -252,6 +252,11 @@ class TimeTextEmbed(nnx.Module):
         return emb + self.text_embedder(pooled)
 
 
+def pipefusion_stacks(cfg: FluxConfig) -> dict:
+    """PipeFusion's stacks (``_init_parts``' ``stacked`` / ``stacked_layers``): double-, then single-stream."""
+    return dict(stacked=STACKS, stacked_layers=(cfg.num_layers, cfg.num_single_layers))
+
+
 def rope_tables(ids: np.ndarray, axes_dims) -> tuple[np.ndarray, np.ndarray]:
     """diffusers ``FluxPosEmbed``: (N, n_axes) position ids -> cos, sin (N, sum(axes_dims)) float32."""
     ids = np.asarray(ids, np.float32)

@@ -85,7 +85,8 @@ def measure(cfg, *, devices: int, frames: int, height: int, width: int, dtype: s
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from xdit_jax.models import vae_cogvideox as vae
     from xdit_jax.parallel.vae import choose_grid

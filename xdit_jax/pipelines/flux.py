@@ -78,12 +78,8 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
     if MeshSpec.parse(mesh_spec).cfg == 2 and guidance_scale <= 1.0:
         raise ValueError("Mesh cfg=2 splits the two halves of true CFG, which FLUX runs only with a negative prompt "
                          "and true_cfg_scale > 1 (its guidance_scale is an embedding); drop cfg=2 or give both.")
-    check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), stack_layers(tc), batch, mesh_spec, guidance_scale)
-
-
-def stack_layers(tc) -> tuple[int, int]:
-    """The layers of the two stacks PipeFusion splits over its stages (flux.STACKS' order)."""
-    return tc.num_layers, tc.num_single_layers
+    check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), flux.pipefusion_stacks(tc)["stacked_layers"], batch,
+                        mesh_spec, guidance_scale)
 
 
 def pack_latents(latents):
@@ -126,8 +122,8 @@ class FluxPipeline(ImagePipelineBase):
                          vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
                          scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
                          attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=flux.STACKS,
-                         stacked_layers=stack_layers(transformer_config))
+                         pipefusion_warmup_steps=pipefusion_warmup_steps,
+                         **flux.pipefusion_stacks(transformer_config))
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
 
     @classmethod
@@ -146,7 +142,8 @@ class FluxPipeline(ImagePipelineBase):
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         tc = flux.FluxConfig.from_dict(read_json(folder / "transformer" / "config.json"))
-        parts = cls._load_parts(folder, mesh_obj, dtype, flux.STACKS, stack_layers(tc))
+        stacks = flux.pipefusion_stacks(tc)
+        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
         _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
         return cls(**parts, text_encoder_2=text_encoder_2,
                    tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"), scheduler_config=sched,

@@ -43,8 +43,13 @@ from xdit_jax.pipelines.denoise import (
     peak_memory_bytes,
     tokenize,
 )
-from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
-from xdit_jax.pipelines.image import default_size, resize_and_crop  # noqa: F401  (this family's API too)
+from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
+    ImagePipelineBase,
+    ImagePipelineOutput,
+    default_size,
+    resize_and_crop,
+    vae_scale_factor,
+)
 from xdit_jax.schedulers import ddpm, dpmsolver
 
 log = logging.getLogger("xdit_jax")
