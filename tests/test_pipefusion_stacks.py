@@ -100,9 +100,13 @@ def _check_exact(ref, warm, patched, cache1, cache2):
         assert float(jnp.abs(b - a).max()) <= 2e-5 * float(jnp.abs(a).max())
 
 
-def test_flux_blocks_with_the_text_held_whole_equal_the_two_phases():
-    _, graphdef, state, (x, tokens, cond), ref = _flux()
-    out = jax.jit(lambda st: nnx.merge(graphdef, st).blocks(x, tokens, cond))(state)
+@pytest.mark.parametrize("family", ["flux", "hunyuandit"])
+def test_the_form_pipefusion_runs_equals_the_models_blocks(family):
+    """FLUX's blocks() with the text held whole == its two phases (the single-stream blocks over [text; image]);
+    HunyuanDiT's pipefusion_blocks (the long skips in a register) == its blocks (a list of skips)."""
+    make, method = {"flux": (_flux, "blocks"), "hunyuandit": (_hunyuandit, "pipefusion_blocks")}[family]
+    _, graphdef, state, (x, tokens, cond), ref = make()
+    out = jax.jit(lambda st: getattr(nnx.merge(graphdef, st), method)(x, tokens, cond))(state)
     scale = float(jnp.abs(ref).max())
     assert scale > 1
     assert float(jnp.abs(out - ref).max()) <= 2e-5 * scale
@@ -163,7 +167,10 @@ def _sd35_medium():
     return cfg, graphdef, state, (x, tokens, cond), ref
 
 
-def test_sd3_stacks():
+def test_stacks_of_the_configs():
+    assert hunyuandit.pipefusion_stacks(_hunyuandit()[0]) == dict(stacked=("blocks_down", "blocks_mid", "blocks_skip"),
+                                                                  stacked_layers=(3, 2, 3))
+    assert flux.pipefusion_stacks(_flux()[0]) == dict(stacked=flux.STACKS, stacked_layers=(3, 4))
     cfg = _sd35_medium()[0]
     assert sd3.pipefusion_stacks(cfg) == dict(stacked=("transformer_blocks", "transformer_blocks_part1"),
                                               stacked_layers=(3, 2), stack_attentions=(2, 1), tail_attentions=2)
@@ -204,16 +211,6 @@ def _hunyuandit():
     x, tokens, cond = jax.jit(lambda st: nnx.merge(graphdef, st).embed(*args))(state)
     ref = jax.jit(lambda st: nnx.merge(graphdef, st).blocks(x, tokens, cond))(state)
     return cfg, graphdef, state, (x, tokens, cond), ref
-
-
-def test_hunyuandit_blocks_with_the_skips_in_the_carry_equal_the_blocks():
-    cfg, graphdef, state, (x, tokens, cond), ref = _hunyuandit()
-    out = jax.jit(lambda st: nnx.merge(graphdef, st).pipefusion_blocks(x, tokens, cond))(state)
-    scale = float(jnp.abs(ref).max())
-    assert scale > 1
-    assert float(jnp.abs(out - ref).max()) <= 2e-5 * scale
-    assert hunyuandit.pipefusion_stacks(cfg) == dict(stacked=("blocks_down", "blocks_mid", "blocks_skip"),
-                                                     stacked_layers=(3, 2, 3))
 
 
 @pytest.mark.parametrize("mesh,patches", [
