@@ -328,13 +328,19 @@ class PipelineBase:
 
     def _auto_tiling(self, build, state, latents):
         """The decode for ``latents``: untiled where its compiled plan (XLA's memory analysis: temporaries and
-        output per device) fits in 90% of the device's free memory, or where the backend does not say how
-        much is free (the CPU); else tiled with the VAE's default tiles, and a warning that says so (a long
+        output per device) fits in 90% of the device's free memory (the least over the processes of a
+        multi-process run), or where the backend does not say how much is free (the CPU); else tiled with the VAE's default tiles, and a warning that says so (a long
         denoising is not lost to an out-of-memory decode; ``enable_vae_tiling(False)`` refuses tiles)."""
         import logging
 
         plain = build(None)
         free = device_free_bytes(self.mesh.devices.flat[0])
+        if jax.process_count() > 1:  # one decision for all processes (different programs would hang)
+            from jax.experimental import multihost_utils
+
+            mib = np.float32(-1 if free is None else free / 2 ** 20)  # (int64 would become int32 without x64)
+            got = np.asarray(multihost_utils.process_allgather(mib))
+            free = None if (got < 0).any() else int(got.min() * 2 ** 20)
         if free is None:
             return plain
         compiled = plain.lower(state, latents).compile()
