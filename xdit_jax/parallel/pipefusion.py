@@ -79,10 +79,6 @@ class StackCache:
     scans: int = 0  # the stacked scans seen so far in this call
     final_used: bool = False
 
-    @property
-    def used(self) -> bool:
-        return self.scans > self.stack
-
 
 _STACK: contextvars.ContextVar[StackCache | None] = contextvars.ContextVar("xdit_jax_stack_cache", default=None)
 
