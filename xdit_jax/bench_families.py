@@ -1168,7 +1168,6 @@ class SD3(Family):
     title = "SD3"
     final_block = True  # the context_pre_only last block
 
-
     def latent_shape(self, w):
         """(B, C, H/8, W/8), diffusers' layout (the transformer patchifies it itself)."""
         return (w.step_batch, int(w.transformer.get("in_channels", 16)), w.height // w.vae_scale_spatial,
