@@ -70,6 +70,7 @@ from xdit_jax.bench_variants import (  # noqa: F401
     parse_variant,
 )
 from xdit_jax.hlo import matmul_flops as hlo_matmul_flops
+from xdit_jax.hlo import memory_analysis_bytes
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b")
@@ -653,21 +654,6 @@ def xla_cost_flops(compiled) -> float | None:
         if isinstance(ca, (list, tuple)):
             ca = ca[0] if ca else {}
         return float(ca.get("flops")) if ca and ca.get("flops") is not None else None
-    except Exception:
-        return None
-
-
-def memory_analysis_bytes(compiled) -> dict[str, int] | None:
-    try:
-        m = compiled.memory_analysis()
-        if m is None:
-            return None
-        out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                               "alias_size_in_bytes", "temp_size_in_bytes",
-                                               "generated_code_size_in_bytes") if hasattr(m, k)}
-        out["peak_estimate_bytes"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
-                                      + out.get("temp_size_in_bytes", 0) - out.get("alias_size_in_bytes", 0))
-        return out
     except Exception:
         return None
 

@@ -237,3 +237,20 @@ def matmul_flops(hlo_text: str) -> float | None:
                     k = math.prod(lhs[int(c.strip().strip('"'))] for c in cm.group(1).split(",") if c.strip())
                     total += mc * 2.0 * n_out * k
     return total
+
+
+def memory_analysis_bytes(compiled) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled program (bytes per device: arguments, output, aliases,
+    temporaries, code) and ``peak_estimate_bytes`` from them, or None where the backend gives none."""
+    try:
+        m = compiled.memory_analysis()
+        if m is None:
+            return None
+        out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                               "alias_size_in_bytes", "temp_size_in_bytes",
+                                               "generated_code_size_in_bytes") if hasattr(m, k)}
+        out["peak_estimate_bytes"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
+                                      + out.get("temp_size_in_bytes", 0) - out.get("alias_size_in_bytes", 0))
+        return out
+    except Exception:
+        return None

@@ -192,13 +192,10 @@ def device_free_bytes(device) -> int | None:
 def decode_bytes(compiled) -> int | None:
     """What a compiled decode adds to the device's memory: its temporaries and output (XLA's memory
     analysis, per device), or None where the backend gives no analysis."""
-    try:
-        ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if ma is None:
-        return None
-    return int(getattr(ma, "temp_size_in_bytes", 0)) + int(getattr(ma, "output_size_in_bytes", 0))
+    from xdit_jax.hlo import memory_analysis_bytes
+
+    m = memory_analysis_bytes(compiled)
+    return None if m is None else m.get("temp_size_in_bytes", 0) + m.get("output_size_in_bytes", 0)
 
 
 def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
