@@ -97,9 +97,9 @@ def step_parser() -> argparse.ArgumentParser:
                         "--host-devices)")
     p.add_argument("--e2e", type=int, default=0, metavar="STEPS",
                    help="also run the whole pipeline (random weights) twice with STEPS denoising steps and report its "
-                        "stages: text encoding, denoising, decoding (CogVideoX only so far)")
+                        "stages: text encoding, denoising, decoding (every family; small stand-in tokenizers)")
     p.add_argument("--e2e-text-layers", type=int, default=None,
-                   help="T5 layers for --e2e (default: the config's; cpu-small uses 2)")
+                   help="T5 layers for --e2e (default: the config's; the cpu-small presets use 2)")
     p.add_argument("--json", action="store_true", help="one JSON object a line on stdout (table to stderr)")
     p.add_argument("--list", action="store_true", help="list the models and presets and exit")
     return p
@@ -140,7 +140,7 @@ def main_step(argv: list[str]) -> int:
     rows = bench.run_step_benchmark(opts) if args.steps > 0 else []
     table = bench.format_table(rows) if rows else ""
     if args.e2e:
-        text_layers = args.e2e_text_layers or (2 if args.model == "cpu-small" else None)
+        text_layers = args.e2e_text_layers or (2 if args.model.endswith("cpu-small") else None)
         e2e = bench.run_e2e_benchmark(opts, args.e2e, text_layers)
         rows += e2e
         table = (table + "\n" if table else "") + bench.format_e2e(e2e)

@@ -42,7 +42,7 @@ def test_tiny_rows_present_and_positive(tiny_rows):
     for label in ("cold", "warm"):
         assert e2e[f"{label}_total_s"] > 0
         assert {"text_encoding", "denoising", "decoding"} <= set(e2e[f"{label}_stages_s"])
-    assert e2e["frames_shape"] == [1, 9, 64, 96, 3]
+    assert e2e["output_shape"] == [1, 9, 64, 96, 3]
     for r in rows:
         assert r["kind"] == "step" and r["model"] == "tiny" and r["dtype"] == "float32"
         assert r["steps_timed"] == 2 and len(r["step_times_s"]) == 2
@@ -746,12 +746,22 @@ def test_mochi_full_width_flops_compile_only():
     assert "pipefusion=2 is more stages than the model's 1 layers" in by_mesh["pipefusion=2"]["error"]
 
 
-def test_mochi_e2e_refused():
-    """--e2e times the CogVideoX pipeline only: a Mochi model gets one row saying so (its step benchmark works)."""
-    (row,) = bench.run_e2e_benchmark(bench.StepOptions(model="mochi-tiny", log=lambda s: None), steps=1)
-    assert row["kind"] == "e2e" and row["model"] == "mochi-tiny"
-    assert row["error"].startswith("NotImplementedError: --e2e times the CogVideoX pipeline only so far; mochi-tiny "
-                                   "is a mochi model")
+@pytest.mark.parametrize("model,mesh,cfg,shape", [
+    ("mochi-tiny", None, None, [1, 7, 48, 64, 3]),  # video: the frames the workload asks for
+    ("flux-tiny", "cfg=2", True, [1, 48, 80, 3]),  # true CFG (a negative prompt) split over cfg=2
+])
+def test_e2e_every_family(model, mesh, cfg, shape):
+    """--e2e builds the family's pipeline from its configs with random weights and times its stages."""
+    opts = bench.StepOptions(model=model, meshes=[mesh], cfg=cfg, log=lambda s: None)
+    (row,) = bench.run_e2e_benchmark(opts, steps=2)
+    assert row["kind"] == "e2e" and row["model"] == model and "error" not in row, row.get("error")
+    assert row["output_shape"] == shape and row["mesh"] == (mesh or "single device")
+    for label in ("cold", "warm"):
+        assert {"text_encoding", "denoising", "decoding"} <= set(row[f"{label}_stages_s"])
+        assert row[f"{label}_total_s"] > 0 and row[f"{label}_stages_s"]["denoising"] > 0
+    if cfg:
+        assert row["call"]["true_cfg_scale"] > 1 and row["call"]["negative_prompt"] == ""
+    assert "end to end (" in bench.format_e2e([row])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -198,6 +198,9 @@ class Workload:
     # real tokens in the prompt's text mask(s): PixArt's caption (PIXART_TEXT_VALID); HunyuanDiT's BERT
     # and mT5 masks both (HUNYUAN_TEXT_VALID); Mochi's T5 caption (MOCHI_TEXT_VALID)
     text_valid: int | None = None
+    # the configs folder of the model's other components (text encoders, VAE, scheduler: --e2e builds the
+    # pipeline from it); None: xdit_jax.tiny's
+    folder: str | None = None
 
     @property
     def fam(self) -> Family:
@@ -263,7 +266,8 @@ def _tiny_workload() -> Workload:
 def _cpu_small_workload() -> Workload:
     t, defaults = load_model_dir(CONFIG_DIR / "cogvideox-2b")
     t = dict(t, num_layers=2)
-    return Workload("cpu-small", t, height=128, width=128, num_frames=49, source="configs/cogvideox-2b, 2 layers",
+    return Workload("cpu-small", t, height=128, width=128, num_frames=49, folder=str(CONFIG_DIR / "cogvideox-2b"),
+                    source="configs/cogvideox-2b, 2 layers",
                     defaults=defaults)
 
 
@@ -286,7 +290,8 @@ def _pixart_cpu_small_workload() -> Workload:
     t = dict(t, num_layers=2)
     return Workload("pixart-cpu-small", t, height=512, width=512, num_frames=1, family="pixart",
                     text_tokens=int(defaults.get("max_sequence_length", 300)), text_valid=PIXART_TEXT_VALID,
-                    source="configs/pixart-sigma-1024, 2 layers", defaults=defaults)
+                    folder=str(CONFIG_DIR / "pixart-sigma-1024"), source="configs/pixart-sigma-1024, 2 layers",
+                    defaults=defaults)
 
 
 def _hunyuandit_tiny_workload() -> Workload:
@@ -306,7 +311,8 @@ def _hunyuandit_cpu_small_workload() -> Workload:
     t, defaults = load_model_dir(CONFIG_DIR / "hunyuandit-v1.2")
     t = dict(t, num_layers=4)
     return Workload("hunyuandit-cpu-small", t, height=512, width=512, num_frames=1, family="hunyuandit",
-                    source="configs/hunyuandit-v1.2, 4 layers", defaults=defaults)
+                    folder=str(CONFIG_DIR / "hunyuandit-v1.2"), source="configs/hunyuandit-v1.2, 4 layers",
+                    defaults=defaults)
 
 
 def _mochi_tiny_workload() -> Workload:
@@ -330,7 +336,7 @@ def _mochi_cpu_small_workload() -> Workload:
     spatial, temporal = mochi_vae_scales(folder)
     return Workload("mochi-cpu-small", t, height=128, width=128, num_frames=43, vae_scale_spatial=spatial,
                     vae_scale_temporal=temporal, family="mochi", text_valid=MOCHI_TEXT_VALID,
-                    source="configs/mochi-1-preview, 2 layers", defaults=defaults)
+                    folder=str(folder), source="configs/mochi-1-preview, 2 layers", defaults=defaults)
 
 
 def _flux_tiny_workload() -> Workload:
@@ -349,7 +355,8 @@ def _flux_cpu_small_workload() -> Workload:
     t, defaults = load_model_dir(CONFIG_DIR / "flux.1-dev")
     t = dict(t, num_layers=1, num_single_layers=1)
     return Workload("flux-cpu-small", t, height=256, width=256, num_frames=1, family="flux", text_tokens=256,
-                    source="configs/flux.1-dev, 1 double- + 1 single-stream block", defaults=defaults)
+                    folder=str(CONFIG_DIR / "flux.1-dev"), defaults=defaults,
+                    source="configs/flux.1-dev, 1 double- + 1 single-stream block")
 
 
 def _sd3_tiny_workload() -> Workload:
@@ -369,7 +376,8 @@ def _sd3_cpu_small_workload() -> Workload:
     t, defaults = load_model_dir(CONFIG_DIR / "sd3-medium")
     t = dict(t, num_layers=2)
     return Workload("sd3-cpu-small", t, height=512, width=512, num_frames=1, family="sd3", text_tokens=256,
-                    source="configs/sd3-medium, 2 layers", defaults=defaults)
+                    folder=str(CONFIG_DIR / "sd3-medium"), source="configs/sd3-medium, 2 layers",
+                    defaults=defaults)
 
 
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
@@ -403,7 +411,7 @@ PRESET_HELP.update({
                             f"mT5 tokens ({HUNYUAN_TEXT_VALID[0]} / {HUNYUAN_TEXT_VALID[1]} real)",
 })
 for _m in HUNYUANDIT_MODELS:
-    PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at 1024x1024 (4096 image tokens, no PipeFusion)"
+    PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at 1024x1024 (4096 image tokens)"
 PRESET_HELP.update({
     "mochi-tiny": "a 2x16-head, 3-layer Mochi (caption stream 16 wide) at 7x48x64: 24 video + 16 caption tokens "
                   "(6 real; CI smoke test)",
@@ -412,7 +420,7 @@ PRESET_HELP.update({
 })
 for _m in MOCHI_MODELS:
     PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 163x480x848 (28x30x53 = 44,520 video + 256 "
-                       f"T5 tokens, no PipeFusion)")
+                       f"T5 tokens)")
 PRESET_HELP.update({
     "flux-tiny": "a 2x16-head FLUX.1-dev-shaped model (2 double- + 2 single-stream blocks) at 48x80: 15 image + 16 "
                  "text tokens, one sample per prompt (CI smoke test)",
@@ -421,16 +429,16 @@ PRESET_HELP.update({
 })
 for _m in FLUX_MODELS:
     PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 1024x1024 (4096 image + "
-                       f"{512 if _m.endswith('dev') else 256} T5 tokens, one sample per prompt, no PipeFusion)")
+                       f"{512 if _m.endswith('dev') else 256} T5 tokens, one sample per prompt)")
 PRESET_HELP.update({
-    "sd3-tiny": "a 2x16-head, 3-layer SD3.5-Medium-shaped model (1 dual-attention block, rms q/k norms) at 48x80: "
+    "sd3-tiny": "a 2x16-head, 5-layer SD3.5-Medium-shaped model (2 dual-attention blocks, rms q/k norms) at 48x80: "
                 "15 image + 77 CLIP + 16 T5 tokens (CI smoke test)",
     "sd3-cpu-small": "SD3 Medium width (24 heads x 64), 2 layers, 512x512: 32x32 = 1024 image + 77 CLIP + 256 T5 "
                      "tokens",
 })
 for _m in SD3_MODELS:
     PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 1024x1024 (4096 image + 77 CLIP + 256 T5 "
-                       f"tokens, no PipeFusion)")
+                       f"tokens)")
 
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
@@ -450,16 +458,18 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
         if family in IMAGE_FAMILIES:
             size = int(t.get("sample_size", 128)) * 8
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
-                         num_frames=1, defaults=d, source=str(folder), family=family)
+                         num_frames=1, defaults=d, source=str(folder), folder=str(folder), family=family)
         elif family == "mochi":  # no sample sizes in its config: defaults.json's, else diffusers' 480 x 848 x 19
             spatial, temporal = mochi_vae_scales(folder)
             w = Workload(folder.name, t, height=int(d.get("height", 480)), width=int(d.get("width", 848)),
                          num_frames=int(d.get("num_frames", 19)), vae_scale_spatial=spatial,
-                         vae_scale_temporal=temporal, defaults=d, source=str(folder), family=family)
+                         vae_scale_temporal=temporal, defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
         else:
             w = Workload(folder.name, t, height=int(d.get("height", t["sample_height"] * 8)),
                          width=int(d.get("width", t["sample_width"] * 8)),
-                         num_frames=int(d.get("num_frames", t["sample_frames"])), defaults=d, source=str(folder))
+                         num_frames=int(d.get("num_frames", t["sample_frames"])), defaults=d, source=str(folder),
+                         folder=str(folder))
     if w.family in IMAGE_FAMILIES and num_frames not in (None, 1):
         raise ValueError(f"{w.name} is a {w.fam.title} (text-to-image) model: it has no frames "
                          f"(drop --frames).")
@@ -1092,47 +1102,49 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
 # End to end: the pipeline's own stage timings (text encoding, denoising, decoding)
 # --------------------------------------------------------------------------------------------
 
-def _jit_init(make):
-    """The module ``make()`` builds, its parameters made by one jitted init (no eager op-by-op init)."""
-    import jax
-    from flax import nnx
+def pipeline_configs(w: Workload, folder: str | os.PathLike, text_layers: int | None = None) -> Path:
+    """Write into ``folder`` the configs of the workload's whole pipeline, for ``Pipeline.from_config``: its
+    configs folder's JSON files (xdit_jax.tiny's for the tiny presets) with the workload's transformer config
+    (its layers, its sizes) and, with ``text_layers``, every T5 encoder cut to that many layers."""
+    import shutil
 
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.split(make())[1])()
-    return nnx.merge(graphdef, state)
+    from xdit_jax import tiny
+    from xdit_jax.conversion import model_components
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if w.folder is None:
+        tiny.write_configs(folder, w.family, w.transformer)
+    else:
+        src = Path(w.folder)
+        if not (src / "model_index.json").exists():
+            raise FileNotFoundError(f"{src}: end to end needs the whole pipeline's configs (model_index.json, "
+                                    f"each component's config.json, the scheduler's); it has no model_index.json.")
+        for f in src.rglob("*.json"):
+            (folder / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, folder / f.relative_to(src))
+        (folder / "transformer" / "config.json").write_text(json.dumps(w.transformer, indent=2))
+    if text_layers:
+        for name, cls in model_components(folder).items():
+            if cls == "T5EncoderModel":
+                path = folder / name / "config.json"
+                path.write_text(json.dumps(dict(read_json(path), num_layers=int(text_layers)), indent=2))
+    return folder
 
 
 def build_random_pipeline(w: Workload, dtype_name: str, mesh=None, seed: int = 0, text_layers: int | None = None,
                           attention_backend: str = "xla"):
-    """A ``CogVideoXPipeline`` with random weights from the workload's configs (``tiny``: xdit_jax.tiny's
-    folder). The tokenizer is the small one of ``xdit_jax.tiny`` (ids are valid for any T5 vocabulary)."""
-    from flax import nnx
+    """The workload's pipeline (its family's) with random weights (``Pipeline.from_config`` of
+    :func:`pipeline_configs`; small stand-in tokenizers)."""
+    import tempfile
 
-    from xdit_jax import tiny
-    from xdit_jax.models import cogvideox, t5, vae_cogvideox
-    from xdit_jax.pipelines.cogvideox import CogVideoXPipeline
-    from xdit_jax.schedulers import SchedulerConfig
+    from xdit_jax.pipelines import pipeline_class
+    from xdit_jax.pipelines.denoise import pipeline_class_name
 
-    dtype = jnp_dtype(dtype_name)
-    if w.name == "tiny":
-        return CogVideoXPipeline.from_pretrained(tiny.make_tiny_model(), mesh=mesh, dtype=dtype_name,
-                                                 attention_backend=attention_backend)
-    folder = CONFIG_DIR / ("cogvideox-2b" if w.name == "cpu-small" else w.name)
-    if not (folder / "vae" / "config.json").exists():
-        raise FileNotFoundError(f"{folder}: end-to-end needs vae/, text_encoder/ and scheduler/ configs")
-    tcfg = cogvideox.CogVideoXConfig.from_dict(w.transformer)
-    vcfg = vae_cogvideox.CogVideoXVAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
-    tdict = read_json(folder / "text_encoder" / "config.json")
-    if text_layers:
-        tdict = dict(tdict, num_layers=text_layers)
-    ecfg = t5.T5Config.from_dict(tdict)
-    scfg = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-    transformer = _jit_init(lambda: cogvideox.CogVideoXTransformer3DModel(tcfg, dtype=dtype, rngs=nnx.Rngs(seed)))
-    vae = _jit_init(lambda: vae_cogvideox.CogVideoXVAEDecoder(vcfg, dtype=dtype))
-    text_encoder = _jit_init(lambda: t5.T5EncoderModel(ecfg, dtype=dtype, rngs=nnx.Rngs(seed + 1)))
-    return CogVideoXPipeline(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
-                             text_encoder=text_encoder, tokenizer=tiny.train_tokenizer(), scheduler_config=scfg,
-                             dtype=dtype, mesh=mesh, attention_backend=attention_backend)
+    with tempfile.TemporaryDirectory(prefix="xdit_jax_e2e_") as tmp:
+        folder = pipeline_configs(w, tmp, text_layers)
+        cls = pipeline_class(pipeline_class_name(folder))
+        return cls.from_config(folder, seed=seed, mesh=mesh, dtype=dtype_name, attention_backend=attention_backend)
 
 
 def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = None) -> list[dict]:
@@ -1147,15 +1159,11 @@ def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = N
     spec = opts.meshes[0] if opts.meshes else None
     ms = _mesh_spec(spec)
     attention_backend = select_attention_backend(opts.attention_backend, env["backend"], dtype_name)
-    row = {"kind": "e2e", "model": w.name, "impl": "xdit_jax pipeline", "mesh": str(ms), "dtype": dtype_name,
-           "height": w.height, "width": w.width, "num_frames": w.num_frames, "num_inference_steps": steps,
-           "guidance_scale": 6.0 if w.cfg else 1.0, "text_layers": text_layers,
+    call = w.fam.pipeline_call(w)
+    row = {"kind": "e2e", "model": w.name, "family": w.family, "impl": "xdit_jax pipeline", "mesh": str(ms),
+           "dtype": dtype_name, "height": w.height, "width": w.width, "num_frames": w.num_frames,
+           "num_inference_steps": steps, "call": call, "text_layers": text_layers,
            "attention_backend": attention_backend, **env}
-    if w.family != "cogvideox":
-        row["error"] = (f"NotImplementedError: --e2e times the CogVideoX pipeline only so far; {w.name} is a "
-                        f"{w.family} model (its step benchmark works)")
-        log(f"[bench] e2e: skipped ({row['error']})")
-        return [row]
     try:
         t0 = time.perf_counter()
         pipe = build_random_pipeline(w, dtype_name, mesh=None if ms.size == 1 else str(ms), seed=opts.seed,
@@ -1163,21 +1171,21 @@ def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = N
         row["build_s"] = time.perf_counter() - t0
         for label in ("cold", "warm"):
             t0 = time.perf_counter()
-            out = pipe(["A small dog running on a beach at sunset."] * w.batch, height=w.height, width=w.width,
-                       num_frames=w.num_frames, num_inference_steps=steps, guidance_scale=row["guidance_scale"],
-                       seed=opts.seed, progress=False)
+            out = pipe(["A small dog running on a beach at sunset."] * w.batch, num_inference_steps=steps,
+                       seed=opts.seed, progress=False, **call)
             row[f"{label}_total_s"] = time.perf_counter() - t0
             row[f"{label}_stages_s"] = {k: round(v, 4) for k, v in out.timings.items()}
             row[f"{label}_stages_s"]["other"] = round(row[f"{label}_total_s"] - sum(out.timings.values()), 4)
             log(f"[bench] e2e {label}: {row[f'{label}_total_s']:.2f}s " +
                 ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items()))
-        row["frames_shape"] = list(out.frames.shape)
+        result = out.frames if hasattr(out, "frames") else out.images
+        row["output_shape"] = list(result.shape)
         row["peak_memory_bytes"] = getattr(out, "peak_memory_bytes", None) or device_peak_bytes()
         row["host_peak_rss_bytes"] = host_peak_rss_bytes()
         warm = row["warm_stages_s"]
         if warm.get("denoising") and steps:
             row["warm_denoising_per_step_s"] = warm["denoising"] / steps
-        jax.block_until_ready(out.frames)
+        jax.block_until_ready(result)
     except Exception as e:  # the pipeline is evolving; report and go on
         row["error"] = f"{type(e).__name__}: {e}"
         log(f"[bench] e2e: failed ({row['error'].splitlines()[0][:200]})")
@@ -1190,7 +1198,9 @@ def format_e2e(rows: list[dict]) -> str:
         if "error" in r:
             out.append(f"end to end ({r['model']}, {r['mesh']}): failed: {r['error'].splitlines()[0][:150]}")
             continue
-        out.append(f"end to end ({r['model']}, {r['num_frames']}x{r['height']}x{r['width']}, "
+        size = f"{r['height']}x{r['width']}" if r.get("num_frames", 1) == 1 else \
+            f"{r['num_frames']}x{r['height']}x{r['width']}"
+        out.append(f"end to end ({r['model']}, {size}, "
                    f"{r['num_inference_steps']} steps, {r['dtype']}, {r['mesh']}; build {r['build_s']:.2f}s):")
         for label in ("cold", "warm"):
             st = ", ".join(f"{k} {v:.2f}" for k, v in r[f"{label}_stages_s"].items())

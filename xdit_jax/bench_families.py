@@ -8,14 +8,14 @@ arguments of the model's ``embed`` (the step then runs ``embed`` -> the blocks o
 counting are shared (``xdit_jax.bench``). Six families: CogVideoX (text-to-video, joint
 attention over text + video tokens), PixArt-alpha / Sigma (text-to-image, self-attention over
 the image tokens, masked cross-attention to the caption), HunyuanDiT (text-to-image,
-self-attention over the image tokens, cross-attention to BERT + mT5 text, long skips: no PipeFusion),
+self-attention over the image tokens, cross-attention to BERT + mT5 text, long skips),
 Mochi 1 (text-to-video, two streams: the video tokens and a narrower T5 caption stream meet in
-one joint attention, the caption's padding masked; no PipeFusion) and FLUX.1 (text-to-image, two
+one joint attention, the caption's padding masked) and FLUX.1 (text-to-image, two
 block phases: double-stream blocks over the image with the T5 text whole, then single-stream
 blocks over [text; image]; its forward over the mesh is a function, :meth:`Family.mesh_forward`;
-one sample per prompt by default, :attr:`Family.default_cfg`; no PipeFusion) and Stable Diffusion 3 / 3.5
-(text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask; no
-PipeFusion).
+one sample per prompt by default, :attr:`Family.default_cfg`) and Stable Diffusion 3 / 3.5
+(text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask). Every
+family runs every mesh axis, PipeFusion included, and its whole pipeline end to end (:meth:`Family.pipeline_call`).
 """
 
 from __future__ import annotations
@@ -140,6 +140,19 @@ class Family:
 
     def torch_reference(self, transformer: dict, dtype: str, seed: int = 0, device: str | None = None):
         raise NotImplementedError
+
+    # -- end to end -----------------------------------------------------------------------------
+    def pipeline_call(self, w) -> dict:
+        """The pipeline's keyword arguments that run the workload's shapes (``--e2e``): its size (frames),
+        its text length, CFG unless the workload runs one sample per prompt (the pipeline's default scale)."""
+        kw = {"height": w.height, "width": w.width}
+        if self.token_word == "video":
+            kw["num_frames"] = w.num_frames
+        if not w.cfg:
+            kw["guidance_scale"] = 1.0
+        if w.text_tokens:
+            kw["max_sequence_length"] = w.text_tokens
+        return kw
 
 
 # ============================================================================================
@@ -405,6 +418,9 @@ class PixArt(Family):
     token_word = "image"
     title = "PixArt"
 
+    def pipeline_call(self, w):
+        return dict(super().pipeline_call(w), use_resolution_binning=False)  # the workload's size, not a bin
+
     def latent_shape(self, w):
         """(B, C, h, w) in diffusers' layout."""
         return (w.step_batch, int(w.transformer.get("in_channels", 4)), w.height // w.vae_scale_spatial,
@@ -609,6 +625,9 @@ class HunyuanDiT(Family):
     token_word = "image"
     title = "HunyuanDiT"
     pipefusion_method = "pipefusion_blocks"  # the long skips ride in the carry (a register) across the stages
+
+    def pipeline_call(self, w):
+        return dict(super().pipeline_call(w), use_resolution_binning=False)  # the workload's size, not a bin
 
     def latent_shape(self, w):
         """(B, C, h, w) in diffusers' layout."""
@@ -980,6 +999,11 @@ class Flux(Family):
     # sample per prompt; diffusers' true CFG (a negative prompt, true_cfg_scale > 1) doubles it (--cfg)
     default_cfg = False
     host_inputs = ("img_ids", "txt_ids")
+
+    def pipeline_call(self, w):
+        """guidance_scale is an embedding here: CFG is diffusers' "true CFG" (a negative prompt, true_cfg_scale)."""
+        kw = {k: v for k, v in super().pipeline_call(w).items() if k != "guidance_scale"}
+        return dict(kw, negative_prompt="", true_cfg_scale=4.0) if w.cfg else kw
 
     def grid(self, w) -> tuple[int, int]:
         """The packed token grid (H/16, W/16): 2 x 2 patches of the VAE latent."""

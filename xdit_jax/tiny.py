@@ -151,6 +151,17 @@ def train_bert_tokenizer(vocab_size: int = 128):
     return bert.train_tokenizer(CORPUS * 4, vocab_size=vocab_size)
 
 
+def stand_in_tokenizer(class_name: str):
+    """A small tokenizer trained here of the kind a pipeline's ``class_name`` (model_index.json) names: CLIP's
+    BPE, BERT's WordPiece, else T5's Unigram. Its ids are valid for the full-size encoders' vocabularies and it
+    pads to the lengths the pipelines ask for, so a pipeline with random weights runs the real shapes."""
+    if class_name.startswith("CLIP"):
+        return train_clip_tokenizer()
+    if class_name.startswith("Bert"):
+        return train_bert_tokenizer()
+    return train_tokenizer()
+
+
 def model_index(family: str = "cogvideox") -> dict:
     if family == "sd3":
         return {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.32.0",
@@ -191,26 +202,66 @@ def model_index(family: str = "cogvideox") -> dict:
             "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
 
 
+def init_rule(path, shape: tuple[int, ...]) -> float | str:
+    """How a random parameter at key ``path`` is drawn: "ones" (1-D norm scales), "zeros" (biases), or the
+    standard deviation of a normal scaled by the fan-in (kernels: all axes but the output one, a stacked
+    layer axis left out; embeddings: their width)."""
+    import numpy as np
+
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name in ("scale", "weight") and len(shape) == 1:
+        return "ones"
+    if name == "bias":
+        return "zeros"
+    fan_in = int(np.prod(shape[:-1])) if name == "kernel" else shape[-1]
+    if name == "kernel" and len(shape) >= 3 and path and "transformer_blocks" in str(path[0]):
+        fan_in = int(np.prod(shape[1:-1]))  # stacked layers: skip the layer axis
+    return 1.0 / float(np.sqrt(max(fan_in, 1)))
+
+
 def random_params(params: dict, seed: int) -> dict:
-    """Fan-in scaled normal kernels/embeddings, unit norm scales, zero biases (pure dict in, out)."""
+    """Fan-in scaled normal kernels/embeddings, unit norm scales, zero biases (pure dict in, numpy float32 out;
+    :func:`init_rule`)."""
     import jax
     import numpy as np
 
     rng = np.random.default_rng(seed)
 
     def init(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
         shape = tuple(x.shape)
-        if name in ("scale", "weight") and len(shape) == 1:
-            return np.ones(shape, np.float32)
-        if name == "bias":
-            return np.zeros(shape, np.float32)
-        fan_in = int(np.prod(shape[:-1])) if name == "kernel" else shape[-1]
-        if name == "kernel" and len(shape) >= 3 and path and "transformer_blocks" in str(path[0]):
-            fan_in = int(np.prod(shape[1:-1]))  # stacked layers: skip the layer axis
-        return (rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+        rule = init_rule(path, shape)
+        if isinstance(rule, str):
+            return (np.ones if rule == "ones" else np.zeros)(shape, np.float32)
+        return (rng.standard_normal(shape) * rule).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(init, params)
+
+
+def random_params_on_device(abstract: dict, seed: int, dtype=None, sharding=None) -> dict:
+    """:func:`random_params`' rule drawn on the device by one jitted call (a full-size model in seconds, no
+    host copy): ``abstract`` a pure dict of shapes (``jax.ShapeDtypeStruct``); floating leaves in ``dtype``
+    (default: theirs); ``sharding`` one for every leaf or a callable ``(key path, shape) -> sharding``."""
+    import jax
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+    def make():
+        key = jax.random.key(seed)
+        out = []
+        for i, (path, x) in enumerate(flat):
+            shape = tuple(x.shape)
+            dt = dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+            rule = init_rule(path, shape)
+            if isinstance(rule, str):
+                out.append((jnp.ones if rule == "ones" else jnp.zeros)(shape, dt))
+            else:
+                out.append((jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * rule).astype(dt))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    if sharding is None:
+        return jax.jit(make)()
+    shardings = [sharding(path, tuple(x.shape)) if callable(sharding) else sharding for path, x in flat]
+    return jax.jit(make, out_shardings=jax.tree_util.tree_unflatten(treedef, shardings))()
 
 
 def default_tiny_dir(family: str = "cogvideox") -> Path:
@@ -308,6 +359,21 @@ def _parts(family: str, transformer: dict | None):
     }, SCHEDULER
 
 
+def write_configs(folder: str | os.PathLike, family: str = "cogvideox", transformer: dict | None = None) -> dict:
+    """Write the configs of a tiny ``family`` model into ``folder`` (diffusers' layout: model_index.json, each
+    component's config.json, the scheduler's), no weights: what ``Pipeline.from_config`` builds from. Returns
+    :func:`_parts`' {component: (class name, config, module maker)}."""
+    folder = Path(folder)
+    parts, scheduler = _parts(family, transformer)
+    for name, (_, cfg, _) in parts.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(model_index(family), indent=2))
+    return parts
+
+
 def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None,
                     family: str = "cogvideox") -> Path:
     """Write a converted xdit_jax folder holding a tiny random model of ``family`` ("cogvideox" or
@@ -323,27 +389,13 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(folder) as tmp:
-        parts, scheduler = _parts(family, transformer)
+        parts = write_configs(tmp, family, transformer)
         for name, (_, cfg, make) in parts.items():
-            (tmp / name).mkdir(parents=True)
-            (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2))
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / name / "params", random_params(abstract, seed + len(name)))
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-        if family == "hunyuandit":
-            train_bert_tokenizer().save_pretrained(tmp / "tokenizer")
-            train_tokenizer().save_pretrained(tmp / "tokenizer_2")
-        elif family == "flux":
-            train_clip_tokenizer().save_pretrained(tmp / "tokenizer")
-            train_tokenizer().save_pretrained(tmp / "tokenizer_2")
-        elif family == "sd3":
-            train_clip_tokenizer().save_pretrained(tmp / "tokenizer")
-            train_clip_tokenizer().save_pretrained(tmp / "tokenizer_2")
-            train_tokenizer().save_pretrained(tmp / "tokenizer_3")
-        else:
-            train_tokenizer().save_pretrained(tmp / "tokenizer")
-        (tmp / "model_index.json").write_text(json.dumps(model_index(family), indent=2))
+        for name, spec in model_index(family).items():
+            if name.startswith("tokenizer"):
+                stand_in_tokenizer(spec[1]).save_pretrained(tmp / name)
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",
                                               "components": {k: v[0] for k, v in parts.items()}}))
     return folder

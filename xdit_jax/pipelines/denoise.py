@@ -8,6 +8,7 @@ a value back to the host between steps (the arrays stay on device; only the fina
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import time
 from collections.abc import Callable
@@ -84,14 +85,22 @@ def parse_dtype(dtype):
     return jnp.dtype(dtype).type if dtype is not None else jnp.float32
 
 
+# The seed of PipelineBase.from_config's random weights while it builds a pipeline (None: read checkpoints).
+_RANDOM_WEIGHTS: contextvars.ContextVar[int | None] = contextvars.ContextVar("xdit_jax_random_weights",
+                                                                            default=None)
+
+
 def load_component(folder, name: str, dtype, sharding, prepare=None):
     """(config, module) of the converted component ``folder/name``; ``prepare(params)`` may re-lay
-    the parameters (e.g. PipeFusion's padded stack) before the module is built."""
+    the parameters (e.g. PipeFusion's padded stack) before the module is built. Under
+    ``PipelineBase.from_config``: :func:`random_component` instead."""
     from pathlib import Path
 
     from xdit_jax.checkpoint import restore_params
     from xdit_jax.conversion import MARKER, model_class, read_json
 
+    if _RANDOM_WEIGHTS.get() is not None:
+        return random_component(folder, name, dtype, sharding, prepare, seed=_RANDOM_WEIGHTS.get())
     folder = Path(folder)
     cls = read_json(folder / MARKER)["components"][name]
     mod, cfg_cls = model_class(cls)
@@ -100,6 +109,50 @@ def load_component(folder, name: str, dtype, sharding, prepare=None):
     if prepare is not None:
         params = prepare(params)
     return cfg, mod.build(cfg, params, dtype)
+
+
+def random_component(folder, name: str, dtype, sharding, prepare=None, seed: int = 0):
+    """(config, module) of the component ``name`` of a diffusers-layout folder of configs (model_index.json
+    names its class, ``name/config.json`` its config; no weights are read) with random parameters drawn on
+    the device (:func:`xdit_jax.tiny.random_params_on_device`) and placed as :func:`load_component` places
+    a checkpoint's."""
+    import zlib
+    from pathlib import Path
+
+    from flax import nnx
+
+    from xdit_jax import tiny
+    from xdit_jax.conversion import model_class, model_components, read_json
+    from xdit_jax.keymap import to_pure_dict
+
+    folder = Path(folder)
+    components = model_components(folder)
+    if name not in components:
+        raise ValueError(f"{folder}/model_index.json lists no {name!r} (it lists {', '.join(sorted(components))}).")
+    mod, cfg_cls = model_class(components[name])
+    cfg = cfg_cls.from_dict(read_json(folder / name / "config.json"))
+    abstract = to_pure_dict(nnx.state(mod.build(cfg, {}, dtype), nnx.Param))  # shapes only: nothing allocated
+    params = tiny.random_params_on_device(abstract, seed + zlib.crc32(name.encode()), dtype, sharding)
+    if prepare is not None:
+        params = prepare(params)
+    return cfg, mod.build(cfg, params, dtype)
+
+
+def load_tokenizer(folder, name: str = "tokenizer"):
+    """The tokenizer ``folder/name``; under ``PipelineBase.from_config`` a small stand-in of the kind
+    model_index.json names (:func:`xdit_jax.tiny.stand_in_tokenizer`)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from xdit_jax.conversion import read_json
+
+    if _RANDOM_WEIGHTS.get() is not None:
+        from xdit_jax import tiny
+
+        spec = read_json(Path(folder) / "model_index.json").get(name) or [None, "T5Tokenizer"]
+        return tiny.stand_in_tokenizer(str(spec[1]))
+    return AutoTokenizer.from_pretrained(Path(folder) / name)
 
 
 def converted_cache_dir(src, cache_dir=None):
@@ -128,6 +181,15 @@ def converted_folder(model, *, cache_dir=None, variant=None, revision=None):
     from xdit_jax.hub import resolve_model
     from xdit_jax.safetensors_io import CheckpointError
 
+    if _RANDOM_WEIGHTS.get() is not None:  # PipelineBase.from_config: the configs are all it reads
+        from pathlib import Path
+
+        folder = Path(model)
+        if not (folder / "model_index.json").exists():
+            raise CheckpointError(f"{folder} holds no model_index.json: from_config needs a folder of configs in "
+                                  f"diffusers' layout (model_index.json, each component's config.json, the "
+                                  f"scheduler's), as configs/ in this repository holds.")
+        return folder
     folder = resolve_model(model, revision=revision)
     if is_converted(folder):
         return folder
@@ -259,7 +321,6 @@ class PipelineBase:
 
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
-        from transformers import AutoTokenizer
 
         from xdit_jax.parallel import pipefusion
 
@@ -270,7 +331,21 @@ class PipelineBase:
         vcfg, vae = load_component(folder, "vae", dtype, replicated)
         _, text_encoder = load_component(folder, "text_encoder", dtype, replicated)
         return dict(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
-                    text_encoder=text_encoder, tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"))
+                    text_encoder=text_encoder, tokenizer=load_tokenizer(folder))
+
+    @classmethod
+    def from_config(cls, folder, *, seed: int = 0, **kwargs):
+        """A pipeline of ``folder``'s configs with random weights drawn on the device: benchmarks and trials
+        at full size without a checkpoint. ``folder``: diffusers' layout without weights (model_index.json,
+        each component's config.json, the scheduler's config), as ``configs/<model>`` in this repository;
+        the tokenizers are small stand-ins of the kinds it names (the token ids differ from the real
+        tokenizers', the shapes do not). ``kwargs``: ``from_pretrained``'s (mesh, dtype, attention_backend,
+        PipeFusion's settings)."""
+        token = _RANDOM_WEIGHTS.set(int(seed))
+        try:
+            return cls.from_pretrained(folder, **kwargs)
+        finally:
+            _RANDOM_WEIGHTS.reset(token)
 
     @staticmethod
     def _pipeline_folder(model, accepted, *, cache_dir=None, variant=None, revision=None):

@@ -38,6 +38,7 @@ from xdit_jax.pipelines.denoise import (
     as_numpy,
     check_size_and_mesh,
     load_component,
+    load_tokenizer,
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
@@ -125,8 +126,6 @@ class HunyuanDiTPipeline(ImagePipelineBase):
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
         ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
         ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        from transformers import AutoTokenizer
-
         dtype = parse_dtype(dtype)
         folder, _ = cls._pipeline_folder(model, ("HunyuanDiTPipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
@@ -141,7 +140,7 @@ class HunyuanDiTPipeline(ImagePipelineBase):
         parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
         _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
         return cls(**parts, text_encoder_2=text_encoder_2,
-                   tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"), scheduler=mod,
+                   tokenizer_2=load_tokenizer(folder, "tokenizer_2"), scheduler=mod,
                    scheduler_config=getattr(mod, cfg_name).from_dict(sched), dtype=dtype, mesh=mesh_obj,
                    attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
                    pipefusion_warmup_steps=pipefusion_warmup_steps)

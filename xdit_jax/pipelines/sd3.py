@@ -40,6 +40,7 @@ from xdit_jax.pipelines.denoise import (
     StageTimer,
     check_size_and_mesh,
     load_component,
+    load_tokenizer,
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
@@ -92,8 +93,6 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         folder without ``text_encoder_3`` (T5 dropped to save memory) runs with zeros in its place.
         ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
         ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        from transformers import AutoTokenizer
-
         dtype = parse_dtype(dtype)
         folder, _ = cls._pipeline_folder(model, ("StableDiffusion3Pipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
@@ -107,9 +106,9 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         t5 = t5_tok = None
         if (folder / "text_encoder_3" / "config.json").exists():
             _, t5 = load_component(folder, "text_encoder_3", dtype, replicated)
-            t5_tok = AutoTokenizer.from_pretrained(folder / "tokenizer_3")
+            t5_tok = load_tokenizer(folder, "tokenizer_3")
         return cls(**parts, text_encoder_2=text_encoder_2,
-                   tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"), text_encoder_3=t5,
+                   tokenizer_2=load_tokenizer(folder, "tokenizer_2"), text_encoder_3=t5,
                    tokenizer_3=t5_tok, scheduler_config=sched, dtype=dtype, mesh=mesh_obj,
                    attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
                    pipefusion_warmup_steps=pipefusion_warmup_steps)
