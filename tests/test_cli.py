@@ -124,6 +124,25 @@ def test_generate_sd3_image(tmp_path):
     assert image.shape == (48, 80, 3) and image.std() > 1
 
 
+def test_generate_random_weights(tmp_path, capsys):
+    """--random-weights: a pipeline from a folder of configs alone (no weights, no tokenizer files), on a mesh."""
+    import imageio.v3 as iio
+
+    from xdit_jax import tiny
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    tiny.write_configs(configs, "pixart")
+    out = tmp_path / "r.png"
+    rc = cli.main(["--model", str(configs), "--random-weights", "--output", str(out), "--steps", "2", "--height",
+                   "64", "--width", "64", "--no-resolution-binning", "--mesh", "cfg=2,ulysses=2", "--no-progress"])
+    assert rc == 0
+    assert iio.imread(out).shape == (64, 64, 3)
+    assert "random weights from" in capsys.readouterr().err
+    assert sorted(p.name for p in configs.iterdir()) == ["model_index.json", "scheduler", "text_encoder",
+                                                        "transformer", "vae"]  # nothing converted or written
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "tiny-hunyuandit", "--mesh", "pipefusion=3"], "2 layers of the model's largest block stack"),
     (["--model", "tiny-mochi", "--mesh", "pipefusion=2"], "more stages than the model's 1 layers"),  # 1 scanned

@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-cache", default=None,
                     help="persistent XLA compilation cache folder (default ~/.cache/xdit_jax/jax_cache; 'off' "
                          "disables): a second run with the same shapes does not compile again")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="build the pipeline from --model's configs alone with random weights (a folder of configs "
+                         "in diffusers' layout, e.g. configs/flux.1-dev): try a mesh's memory and speed at full "
+                         "size without a checkpoint; the output is noise")
     ap.add_argument("--json", action="store_true", help="also print the timings as one JSON line")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     # xDiT's flags, as aliases of --mesh
@@ -427,9 +431,16 @@ def _main(argv=None) -> int:
         guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
             _check_request(family, model, args, spec, guidance)
-        pipe = pipelines.pipeline_class(pipeline_class_name(model)).from_pretrained(
-            model, mesh=spec, dtype=dtype, cache_dir=args.cache_dir, attention_backend=args.attention_backend,
-            pipefusion_patches=args.num_pipeline_patch, pipefusion_warmup_steps=args.warmup_steps)
+        cls = pipelines.pipeline_class(pipeline_class_name(model))
+        kw = dict(mesh=spec, dtype=dtype, attention_backend=args.attention_backend,
+                  pipefusion_patches=args.num_pipeline_patch, pipefusion_warmup_steps=args.warmup_steps)
+        if args.random_weights:
+            if jax.process_index() == 0:
+                print(f"random weights from {model}'s configs (stand-in tokenizers): the output is noise",
+                      file=sys.stderr)
+            pipe = cls.from_config(model, seed=args.seed, **kw)
+        else:
+            pipe = cls.from_pretrained(model, cache_dir=args.cache_dir, **kw)
     except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError,
             DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
