@@ -1,13 +1,14 @@
-"""PipeFusion for the two-stream models whose text rides with each patch (Mochi 1, SD3), on 8 simulated
+"""PipeFusion for the two-stream models whose text rides with the patches (Mochi 1, SD3), on 8 simulated
 CPU devices.
 
-The mechanics (xdit_jax/parallel/pipefusion.py): every patch carries its own copy of the text stream
-through the stages, the context joins the cached attention, and the final (``context_pre_only``)
-block runs on the last stage with its own K/V buffers. Buffers filled by a warm-up step on the same
-input hold exactly the K/V each patch recomputes, and the text stream of every patch then sees
-exactly the keys of the whole pass; so a patched pass over them must equal the full pass, on every
-mesh (and the warm-up pass too). A wrong stream hand-over, a stale text, a missed final-block write
-or a wrong stage order gives errors of order 0.1-1.
+The mechanics (xdit_jax/parallel/pipefusion.py): the text is cut into slices, one riding with each patch
+through the stages (``text=``; its K/V kept in buffers as the image's, the slices padded to equal lengths
+and the padding masked), or each patch carries a copy of the whole text (without ``text``); the context
+joins the cached attention, and the final (``context_pre_only``) block runs on the last stage with its own
+K/V buffers. Buffers filled by a warm-up step on the same input hold exactly the K/V each patch recomputes,
+and every text row then sees exactly the keys of the whole pass; so a patched pass over them must equal the
+full pass, on every mesh (and the warm-up pass too). A wrong stream hand-over, a stale text, a text slice
+stored at the wrong place, a missed final-block write or a wrong stage order gives errors of order 0.1-1.
 
 Tolerance: fp32, only summation order differs (stage splits, patches, the ring's and the context's
 LSE merges, padded heads); outputs O(1); 2e-5 (measured <= 3e-6).
@@ -57,6 +58,7 @@ def _sd3():
 
 
 FAMILIES = {"mochi": _mochi, "sd3": _sd3}
+TEXT = {"mochi": mochi.PIPEFUSION_TEXT, "sd3": sd3.pipefusion_stacks(_sd3()[0])["pipefusion_text"]}
 
 
 @functools.cache
@@ -68,14 +70,17 @@ def _embedded(family):
 SLOW = pytest.mark.slow  # cases another case covers (the default run stays under 20 minutes); `-m slow` runs them
 
 
-@pytest.mark.parametrize("family,mesh,patches", [
-    ("mochi", "cfg=2,pipefusion=2,ulysses=2", 3), ("mochi", "pipefusion=2,ring=2", 2), ("sd3", "pipefusion=3", 2),
-    pytest.param("mochi", None, 3, marks=SLOW),
-    pytest.param("sd3", "pipefusion=2,ring=2", 2, marks=SLOW),  # SD3.5 Medium's test_pipefusion_stacks case
-    pytest.param("mochi", "pipefusion=2", 2, marks=SLOW), pytest.param("mochi", "pipefusion=3", 2, marks=SLOW),
-    pytest.param("sd3", None, 3, marks=SLOW), pytest.param("sd3", "pipefusion=2", 2, marks=SLOW),
-    pytest.param("sd3", "cfg=2,pipefusion=2,ulysses=2", 3, marks=SLOW)])
-def test_patches_with_buffers_of_the_same_input_are_exact(family, mesh, patches):
+# sliced: the text cut with the patches (5 tokens: 3 slices of 2, the last padded; Mochi's mask pads one sample);
+# False: a whole copy per patch
+@pytest.mark.parametrize("family,mesh,patches,sliced", [
+    ("mochi", "cfg=2,pipefusion=2,ulysses=2", 3, True), ("mochi", "pipefusion=2,ring=2", 2, True),
+    ("sd3", "pipefusion=3", 3, True), ("sd3", "pipefusion=3", 2, False),
+    pytest.param("mochi", None, 3, True, marks=SLOW), pytest.param("mochi", "pipefusion=2,ring=2", 2, False, marks=SLOW),
+    pytest.param("sd3", "pipefusion=2,ring=2", 2, True, marks=SLOW),  # SD3.5 Medium's test_pipefusion_stacks case
+    pytest.param("mochi", "pipefusion=2", 2, True, marks=SLOW), pytest.param("mochi", "pipefusion=3", 2, True, marks=SLOW),
+    pytest.param("sd3", None, 3, True, marks=SLOW), pytest.param("sd3", "pipefusion=2", 2, True, marks=SLOW),
+    pytest.param("sd3", "cfg=2,pipefusion=2,ulysses=2", 3, True, marks=SLOW)])
+def test_patches_with_buffers_of_the_same_input_are_exact(family, mesh, patches, sliced):
     cfg, graphdef, state, embed, stacked = FAMILIES[family]()
     x, tokens, cond = _embedded(family)
 
@@ -87,23 +92,28 @@ def test_patches_with_buffers_of_the_same_input_are_exact(family, mesh, patches)
     stages = m.shape["pipefusion"]
     state = pipefusion.pad_stack(state, "transformer_blocks", stages)
     slots = len(pipefusion.stage_layout(stacked, stages))
+    text = TEXT[family] if sliced else None
     cache = pipefusion.init_cache(m, slots, 2, x.shape[1], cfg.num_attention_heads, cfg.attention_head_dim,
-                                  jnp.float32, patches, tail=True)
+                                  jnp.float32, patches, tail=True, text_len=5 if sliced else None)
 
     def run(warmup):
         return jax.jit(lambda st, c: pipefusion.run_pipefusion(
             blocks, st, x, tokens, cond, c, m if mesh else None, patches=patches, warmup=warmup,
-            stacked="transformer_blocks", num_layers=stacked))
+            stacked="transformer_blocks", num_layers=stacked, text=text))
 
     warm, cache1 = run(True)(state, cache)
     patched, cache2 = run(False)(state, cache1)
     assert float(jnp.abs(ref).max()) > 0.5
     assert float(jnp.abs(warm - ref).max()) <= 2e-5
     assert float(jnp.abs(patched - ref).max()) <= 2e-5
-    for a, b in zip(cache1, cache2):  # the same K/V written back, the final block's included
+    for a, b in zip(cache1, cache2):  # the same K/V written back, the final block's and the text's included
         assert float(jnp.abs(b - a).max()) <= 2e-5
-    n = stages
-    assert float(jnp.abs(cache1[2][n - 1]).max()) > 0  # the last stage's final-block buffer was filled
+    g = 4 if sliced else 2  # buffers per stack: (k, v[, ck, cv])
+    assert len(cache1) == 2 * g
+    assert float(jnp.abs(cache1[g][stages - 1]).max()) > 0  # the last stage's final-block buffer was filled
+    if sliced:  # every real text row was written: the stack's (every layer) and the final block's text K
+        assert bool((jnp.abs(cache1[2][:, :, :5]).max(axis=(-1, -2)) > 0).all())
+        assert bool((jnp.abs(cache1[g + 2][stages - 1][:, :5]).max(axis=(-1, -2)) > 0).all())
 
 
 def test_stale_buffers_change_the_patched_pass():

@@ -552,7 +552,7 @@ def batch_sharding(mesh, ndim: int):
 def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
                patches: int | None = None, num_layers=None, family: Family | None = None, stacked=None,
                input_names: tuple[str, ...] = ("latents", "embeds", "t"),
-               host_inputs: dict | None = None) -> tuple[Callable, str]:
+               host_inputs: dict | None = None, text: tuple = ()) -> tuple[Callable, str]:
     """The benchmarked step, ``(state, *inputs) -> noise_pred`` on the CFG batch, jitted; ``inputs``
     in the order of ``input_names`` (the keys of :func:`make_inputs`; CogVideoX: latents, embeds, t).
 
@@ -605,7 +605,7 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
             joint, tokens, cond = model.embed(*embed_args)[:3]  # (FLUX's embed also gives its text tables)
             joint, kv = run_pipefusion(pf_blocks, state, joint, tokens, cond, kv, mesh, patches=patches, warmup=False,
                                        stacked=stacked or family.stacked, backend=attention_backend,
-                                       num_layers=num_layers)
+                                       num_layers=num_layers, text=text or None)
             return model.head(joint, cond, shape).astype(jnp.float32), kv
         if forward is not None:
             pred = forward(graphdef, state, embed_args, mesh, attention_backend)
@@ -885,7 +885,8 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
                        linear_variant=var.linear)
             try:
                 runners.append(_prepare_ours(row, tcfg, dtype, ms, var, inputs, params, opts,
-                                             family=fam, attention_tokens=fam.attention_tokens(w)))
+                                             family=fam, attention_tokens=fam.attention_tokens(w),
+                                             text_tokens=fam.text_len(w)))
             except Exception as e:  # e.g. a mesh the engine cannot run yet: report it, go on
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"[bench] {row['mesh']} {var.label}: skipped ({row['error'].splitlines()[0][:200]})")
@@ -986,9 +987,11 @@ def _stage_shardings(tcfg, dtype, stage, repl):
 
 
 def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params, opts: StepOptions, *,
-                  family: Family | None = None, attention_tokens: int | None = None) -> _Runner:
+                  family: Family | None = None, attention_tokens: int | None = None,
+                  text_tokens: int | None = None) -> _Runner:
     """Weights and inputs on the mesh, the step lowered and compiled; the row filled with what that tells.
-    ``attention_tokens``: the self-attention's sequence length (PipeFusion's K/V buffers)."""
+    ``attention_tokens``: the self-attention's sequence length (PipeFusion's K/V buffers); ``text_tokens``:
+    a two-stream model's text (sliced with PipeFusion's patches where the family says)."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -1052,7 +1055,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             jax.block_until_ready(args)
     step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches,
                                         family.stacked_layers(tcfg), family=family, stacked=family.stacks(tcfg),
-                                        input_names=names,
+                                        input_names=names, text=family.pipefusion_text(tcfg),
                                         host_inputs=host)
     if patches:  # PipeFusion's K/V buffers: an argument (donated, given back by each step)
         from xdit_jax.parallel import pipefusion
@@ -1064,7 +1067,8 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
         args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
                                              tcfg.attention_head_dim, dtype, patches, tail=family.final_block,
-                                             abstract=opts.compile_only, **family.stack_attentions(tcfg)),)
+                                             abstract=opts.compile_only, **family.stack_attentions(tcfg),
+                                             text_len=text_tokens if family.pipefusion_text(tcfg) else None),)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
     with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
         lowered = step.lower(state, *args)

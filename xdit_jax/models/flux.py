@@ -253,8 +253,10 @@ class TimeTextEmbed(nnx.Module):
 
 
 def pipefusion_stacks(cfg: FluxConfig) -> dict:
-    """PipeFusion's stacks (``_init_parts``' ``stacked`` / ``stacked_layers``): double-, then single-stream."""
-    return dict(stacked=STACKS, stacked_layers=(cfg.num_layers, cfg.num_single_layers))
+    """PipeFusion's stacks (``_init_parts``' ``stacked`` / ``stacked_layers``): double-, then single-stream; the
+    text (``cond``'s context and its RoPE tables) is sliced with the patches (``pipefusion_text``)."""
+    return dict(stacked=STACKS, stacked_layers=(cfg.num_layers, cfg.num_single_layers),
+                pipefusion_text=("context", "context_rope"))
 
 
 def rope_tables(ids: np.ndarray, axes_dims) -> tuple[np.ndarray, np.ndarray]:

@@ -42,6 +42,7 @@ from xdit_jax.models.layers import (
 from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
+PIPEFUSION_TEXT = ("context",)  # the caption stream, sliced with PipeFusion's patches (its mask stays whole)
 
 
 @dataclasses.dataclass(frozen=True)

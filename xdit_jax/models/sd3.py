@@ -371,13 +371,15 @@ class SD3Transformer2DModel(nnx.Module):
 def pipefusion_stacks(cfg: SD3Config) -> dict:
     """PipeFusion's view of the block stack (keyword arguments of the pipelines' ``_init_parts``): the
     stacked runs in order (``stacked`` names, ``stacked_layers``), the attentions each run's blocks make
-    (``stack_attentions``: 2 for dual attention) and the last block's (``tail_attentions``)."""
+    (``stack_attentions``: 2 for dual attention) and the last block's (``tail_attentions``); the text
+    (``cond``'s context) is sliced with the patches (``pipefusion_text``)."""
     runs = cfg.runs()
     one = len(runs) == 1
     return dict(stacked=runs[0][0] if one else tuple(r[0] for r in runs),
                 stacked_layers=runs[0][2] if one else tuple(r[2] for r in runs),
                 stack_attentions=tuple(2 if r[3] else 1 for r in runs),
-                tail_attentions=2 if cfg.num_layers - 1 in cfg.dual_attention_layers else 1)
+                tail_attentions=2 if cfg.num_layers - 1 in cfg.dual_attention_layers else 1,
+                pipefusion_text=("context",))
 
 
 def check_input_shape(cfg: SD3Config, latent_h: int, latent_w: int) -> None:

@@ -132,6 +132,13 @@ class KVCell:
     ring_counts: object = None  # with ring > 1: valid keys of each ring position's buffer (static)
     slots: int = 1  # the attentions the layer makes (SD3.5 Medium's dual-attention blocks: 2)
     calls: int = 0
+    # A two-stream model's text split into slices that ride with the patches (PipeFusion's ``text``): the
+    # buffers of the whole padded text's K/V (layers, B, L_pad, H, D), every head on every device; where this
+    # call's slice starts in them; how many of their rows are real text (static)
+    ck: jax.Array | None = None
+    cv: jax.Array | None = None
+    c_start: object = 0
+    c_valid: int | None = None
 
     @property
     def consumed(self) -> bool:
@@ -143,25 +150,31 @@ _KV_CELL: contextvars.ContextVar[KVCell | None] = contextvars.ContextVar("xdit_j
 
 
 @contextlib.contextmanager
-def kv_cache(k, v, layer, start, write, ring_counts=None, slots: int = 1):
+def kv_cache(k, v, layer, start, write, ring_counts=None, slots: int = 1, text=None):
     """While installed, :func:`attention` is given one patch of the sequence: it stores the patch's
     K/V in layer ``layer`` of the buffers at ``start`` (when ``write``; an offset into the local
     buffer) and attends to that layer's whole buffer — with ring > 1, to every ring position's.
-    ``slots``: the attentions the layer makes, each with its own buffer row (``layer + i``)."""
-    token = _KV_CELL.set(KVCell(k, v, layer, start, write, ring_counts, slots))
+    ``slots``: the attentions the layer makes, each with its own buffer row (``layer + i``).
+    ``text = (ck, cv, c_start, c_valid)``: the context a call passes is the patch's slice of the text,
+    stored at ``c_start`` in these buffers of the whole text, whose first ``c_valid`` rows are real; the
+    call's context keys are then the whole text's (its ``c_mask`` is the whole text's too)."""
+    cell = KVCell(k, v, layer, start, write, ring_counts, slots)
+    if text is not None:
+        cell.ck, cell.cv, cell.c_start, cell.c_valid = text
+    token = _KV_CELL.set(cell)
     try:
         yield _KV_CELL.get()
     finally:
         _KV_CELL.reset(token)
 
 
-def _store(cell: KVCell, row, k, v):
+def _store(cell: KVCell, row, k, v, names=("k", "v"), start=None):
     """Store the patch's K/V in buffer row ``row`` at ``cell.start`` (when ``cell.write``); return that
-    row's whole buffers (B, S, H, D)."""
+    row's whole buffers (B, S, H, D). ``names`` / ``start``: the text's buffers and where its slice goes."""
     b, n, h, d = k.shape
-    at = (row, 0, cell.start, 0, 0)
+    at = (row, 0, cell.start if start is None else start, 0, 0)
     whole = []
-    for name, new in (("k", k), ("v", v)):
+    for name, new in zip(names, (k, v)):
         buf = getattr(cell, name)
         old = lax.dynamic_slice(buf, at, (1, b, n, h, d))
         buf = lax.dynamic_update_slice(buf, jnp.where(cell.write, new.astype(buf.dtype)[None], old), at)
@@ -182,6 +195,16 @@ def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulyss
         raise RuntimeError(f"A PipeFusion layer called attention {cell.calls + 1} times; it has K/V buffers for "
                            f"{cell.slots} (init_cache's attentions).")
     row, cell.calls = cell.layer + cell.calls, cell.calls + 1
+    if context is not None and cell.ck is not None:  # the text's slice: stored, then the whole text attended
+        cq, ck, cv, c_mask = context
+        ck, cv = _store(cell, row, ck, cv, ("ck", "cv"), cell.c_start)
+        lp = ck.shape[1]
+        if c_mask is not None:
+            c_mask = jnp.pad(c_mask.astype(bool), ((0, 0), (0, lp - c_mask.shape[1])))
+        if cell.c_valid is not None and cell.c_valid < lp:
+            real = jnp.arange(lp) < cell.c_valid
+            c_mask = jnp.broadcast_to(real, (q.shape[0], lp)) if c_mask is None else c_mask & real
+        context = (cq, ck, cv, c_mask)
 
     def partial(rows, k, v, need_lse):
         whole = _store(cell, row, k, v)
@@ -490,7 +513,9 @@ def _context_partial(rows, ck, cv, c_mask, scale, backend):
                            out_dtype=jnp.float32)
 
 
-def _check_context(context, q):
+def _check_context(context, q, mask_len=None):
+    """``context`` checked; ``mask_len``: the mask's length where it is not the context's (PipeFusion's text
+    slice: the mask is the whole text's)."""
     if len(context) != 4:
         raise ValueError("context must be (cq or None, ck, cv, c_mask).")
     cq, ck, cv, c_mask = context
@@ -502,8 +527,9 @@ def _check_context(context, q):
     if c_mask is None:  # every context key kept
         return cq, ck, cv, None
     c_mask = jnp.asarray(c_mask)
-    if c_mask.dtype != jnp.bool_ or c_mask.shape != (b, ck.shape[1]):
-        raise ValueError(f"context mask must be bool (B, Sc) = {(b, ck.shape[1])}; got {c_mask.dtype} "
+    want = (b, ck.shape[1] if mask_len is None else mask_len)
+    if c_mask.dtype != jnp.bool_ or c_mask.shape != want:
+        raise ValueError(f"context mask must be bool (B, Sc) = {want}; got {c_mask.dtype} "
                          f"{c_mask.shape}.")
     return cq, ck, cv, c_mask
 
@@ -541,7 +567,7 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
             raise ValueError("attention with a context takes the sequence's padding as valid_len, not kv_valid.")
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"joint attention wants q and k of one length; got {q.shape[1]} and {k.shape[1]}.")
-        context = _check_context(context, q)
+        context = _check_context(context, q, cell.c_valid if cell is not None and cell.ck is not None else None)
     if cell is not None:  # a PipeFusion stage: q, k, v are one patch; keys are the whole sequence
         if kv_valid is not None:
             raise NotImplementedError("PipeFusion takes padding masks only.")

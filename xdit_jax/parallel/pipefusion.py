@@ -78,6 +78,15 @@ class StackCache:
     last: bool = True  # that scan is the model's last one (a final block after it counts)
     scans: int = 0  # the stacked scans seen so far in this call
     final_used: bool = False
+    # the text sliced with the patches (run_pipefusion's ``text``): its K/V buffers (layers, B, L_pad, H, D), where
+    # this call's slice starts, its real rows (the tail's text buffers follow the tail's K/V in ``tail``)
+    ck: jax.Array | None = None
+    cv: jax.Array | None = None
+    c_start: object = 0
+    c_valid: int | None = None
+
+    def text(self, ck, cv):
+        return None if ck is None else (ck, cv, self.c_start, self.c_valid)
 
 
 _STACK: contextvars.ContextVar[StackCache | None] = contextvars.ContextVar("xdit_jax_stack_cache", default=None)
@@ -118,20 +127,22 @@ def layer_scan(layer_fn, carry, stacked_state):
                          "init_cache takes the layer slots and the attentions per layer of each stack.")
 
     def body(c, xs):  # the buffers ride in the carry: updated in place, one copy alive
-        c, k, v = c
+        c, k, v, ck, cv = c
         s, layer, real = xs
-        with kv_cache(k, v, layer * per, cache.start, cache.write, cache.ring_counts, per) as cell:
+        with kv_cache(k, v, layer * per, cache.start, cache.write, cache.ring_counts, per,
+                      text=cache.text(ck, cv)) as cell:
             out = layer_fn(c, s)
         if not cell.consumed:
             raise RuntimeError(f"A PipeFusion block made {cell.calls} attentions; its stack's K/V buffers hold "
                                f"{per} per layer (init_cache's attentions).")
         if cache.real is not None:  # a padding layer of an uneven stage passes its input on
             out = jax.tree.map(lambda a, b: jnp.where(real, a, b), out, c)
-        return (out, cell.k, cell.v), None
+        return (out, cell.k, cell.v, cell.ck, cell.cv), None
 
     layers = jnp.arange(layers_here, dtype=jnp.int32)
     real = cache.real if cache.real is not None else jnp.ones(layers.shape, bool)
-    (carry, cache.k, cache.v), _ = lax.scan(body, (carry, cache.k, cache.v), (stacked_state, layers, real))
+    (carry, cache.k, cache.v, cache.ck, cache.cv), _ = lax.scan(
+        body, (carry, cache.k, cache.v, cache.ck, cache.cv), (stacked_state, layers, real))
     cache.stream = carry
     return carry
 
@@ -158,12 +169,14 @@ def final_block(fn, carry):
     if cache.final_used:
         raise NotImplementedError("PipeFusion supports one final block after the stacked scan.")
     cache.final_used = True
-    with kv_cache(*cache.tail, 0, cache.start, cache.write, cache.ring_counts, cache.tail[0].shape[0]) as cell:
+    tk, tv, *text = cache.tail  # (k, v), then the text's (ck, cv) where the text is sliced
+    with kv_cache(tk, tv, 0, cache.start, cache.write, cache.ring_counts, tk.shape[0],
+                  text=cache.text(*text) if text else None) as cell:
         y = fn(carry)
     if not cell.consumed:
         raise RuntimeError(f"The final block made {cell.calls} attentions; its K/V buffers hold "
                            f"{cell.slots} (init_cache's tail_attentions).")
-    cache.tail = (cell.k, cell.v)
+    cache.tail = (cell.k, cell.v) + ((cell.ck, cell.cv) if text else ())
     return y
 
 
@@ -232,6 +245,13 @@ def padded_length(seq_len: int, patches: int, ulysses: int = 1) -> int:
 # (layer slots, B, S_pad, H_pad, D). With ring > 1 the sequence axis is in ring-position-major order
 # (position r's part of every patch), not token order: only PipeFusion reads it.
 KV_SPEC = P(AXIS, BATCH_AXES, "ring", "ulysses")
+# The sliced text's buffers (layer slots, B, L_pad, H, D): whole on every device of a stage.
+TEXT_KV_SPEC = P(AXIS, BATCH_AXES)
+
+
+def text_length(text_len: int, patches: int) -> int:
+    """The text padded to ``patches`` equal slices (PipeFusion's ``text``: one slice rides with each patch)."""
+    return patches * -(-int(text_len) // patches)
 
 
 def cache_shape(layer_slots: int, batch: int, seq_len: int, heads: int, head_dim: int, patches: int,
@@ -242,30 +262,44 @@ def cache_shape(layer_slots: int, batch: int, seq_len: int, heads: int, head_dim
 
 
 def init_cache(mesh, layers, batch: int, seq_len: int, heads: int, head_dim: int, dtype, patches: int,
-               tail: bool = False, abstract: bool = False, attentions=None, tail_attentions: int = 1):
+               tail: bool = False, abstract: bool = False, attentions=None, tail_attentions: int = 1,
+               text_len: int | None = None):
     """Zero K/V buffers :func:`cache_shape`, layers over ``pipefusion``, batch over (data, cfg), heads
     over ``ulysses``: ``(k, v)`` for a stack of ``layers`` slots; ``layers`` a tuple (a model with several
     stacks): ``(k0, v0, k1, v1, ...)``, one pair per stack; with ``tail`` (a model with a
     :func:`final_block`) then ``tail_k, tail_v``, one final-block slot per stage (the last stage's is
     used). ``attentions``: per stack, the attentions each of its blocks makes (default 1; SD3.5 Medium's
     dual-attention blocks 2), each with a buffer row of its own (``tail_attentions``: the final block's).
+    ``text_len``: a two-stream model whose text is sliced with the patches (:func:`run_pipefusion`'s
+    ``text``): each stack's and the tail's pair is followed by the text's ``(ck, cv)`` (slots, B,
+    :func:`text_length`, H, D), whole on every device of a stage (:data:`TEXT_KV_SPEC`).
     ``abstract``: ShapeDtypeStructs instead (to compile without allocating)."""
     from jax.sharding import NamedSharding
 
     u, r, n = (mesh.shape.get(a, 1) for a in ("ulysses", "ring", AXIS))
-    sharding = NamedSharding(mesh, KV_SPEC)
-    make = (lambda shp: jax.ShapeDtypeStruct(shp, dtype, sharding=sharding)) if abstract \
-        else (lambda shp: jnp.zeros(shp, dtype, device=sharding))
+
+    def make(shp, spec=KV_SPEC):
+        sharding = NamedSharding(mesh, spec)
+        return jax.ShapeDtypeStruct(shp, dtype, sharding=sharding) if abstract else \
+            jnp.zeros(shp, dtype, device=sharding)
+
+    def group(slots):  # one stack's (or the tail's) buffers
+        shape = cache_shape(slots, batch, seq_len, heads, head_dim, patches, u, r)
+        bufs = [make(shape), make(shape)]
+        if text_len is not None:
+            tshape = (slots, batch, text_length(text_len, patches), heads, head_dim)
+            bufs += [make(tshape, TEXT_KV_SPEC), make(tshape, TEXT_KV_SPEC)]
+        return bufs
+
     bufs = []
     slots_per = stack_sizes(layers)
     pers = stack_sizes(attentions) if attentions is not None else (1,) * len(slots_per)
     if len(pers) != len(slots_per):
         raise ValueError(f"attentions {attentions} for {len(slots_per)} stacks.")
     for slots, per in zip(slots_per, pers):
-        shape = cache_shape(slots * per, batch, seq_len, heads, head_dim, patches, u, r)
-        bufs += [make(shape), make(shape)]
+        bufs += group(slots * per)
     if tail:
-        bufs += [make((n * tail_attentions,) + shape[1:]), make((n * tail_attentions,) + shape[1:])]
+        bufs += group(n * tail_attentions)
     return tuple(bufs)
 
 
@@ -295,7 +329,7 @@ def _buffer_tokens(patches: int, plen: int, ring: int, ulysses: int) -> np.ndarr
 
 
 def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches: int, stacked,
-                   warmup: bool = False, backend: str = "xla", num_layers=None):
+                   warmup: bool = False, backend: str = "xla", num_layers=None, text=None):
     """One step of ``blocks(params, joint, tokens, cond)`` as a PipeFusion pipeline over ``mesh``.
 
     joint: (B, S, D) global; tokens: per-token tables (sequence on axis 0); cond: per-sample
@@ -308,8 +342,13 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     at once (exact) and fills the buffers. Returns (out (B, S, D), cache).
 
     What passes from stage to stage is the stacked scan's carry (:func:`layer_scan`): the patch's
-    tokens, and for a two-stream model the text stream that rides with them (each patch carries its
-    own copy of the text, updated by the stages from that patch's attention).
+    tokens, and for a two-stream model the text stream that rides with them. ``text``: the keys of
+    ``cond`` that hold the text (B, L, ...) — the text is then cut into ``patches`` slices (padded to
+    :func:`text_length`; the padding masked as keys), patch ``m`` carrying slice ``m``, and its K/V are
+    kept in buffers as the image's (``init_cache(..., text_len=L)``): each text token is computed once
+    a step, and attends to the whole text (this step's slices before it, the last step's after). A
+    ``cond`` entry the model passes as its context's key mask stays whole (the attention pads it).
+    Without ``text`` each patch carries its own copy of the whole text (computed once per patch).
 
     Several stacks (FLUX: 19 double-stream, then 38 single-stream blocks) run *looped*: every stack is
     split over all the stages, and a patch goes round the stages once per stack (stack ``q`` on stage
@@ -327,10 +366,12 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     sizes = stack_sizes(num_layers) if num_layers is not None else None
     if sizes is not None and len(sizes) != nstack:
         raise ValueError(f"num_layers {num_layers} gives {len(sizes)} stacks; stacked names {nstack}.")
-    tail_n = len(cache) - 2 * nstack
-    if tail_n not in (0, 2):
-        raise ValueError(f"{len(cache)} K/V buffers for {nstack} stacks: expected (k, v) per stack, then a final "
-                         "block's (k, v) or nothing (init_cache).")
+    g = 4 if text else 2  # buffers per stack: (k, v), and the text's (ck, cv) where it is sliced
+    tail_n = len(cache) - g * nstack
+    if tail_n not in (0, g):
+        what = "(k, v, ck, cv)" if text else "(k, v)"
+        raise ValueError(f"{len(cache)} K/V buffers for {nstack} stacks: expected {what} per stack, then a final "
+                         f"block's {what} or nothing (init_cache{'(..., text_len=)' if text else ''}).")
     s = joint.shape[1]
     sp = cache[0].shape[2]
     if sp % (patches * u * rr) or sp < s:
@@ -343,6 +384,18 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     counts = np.array([sum(min(max(s - (m * plen + j * part), 0), part) for m in range(patches))
                        for j in range(rr)]) if rr > 1 else None
     warm_tokens = _buffer_tokens(patches, plen, rr, u) if warmup else None
+    text_keys, text_valid, tlen = tuple(text or ()), None, 0
+    if text_keys:
+        missing = [key for key in text_keys if key not in cond]
+        if missing:
+            raise ValueError(f"text={text_keys}: cond has no {missing} (it has {sorted(cond)}).")
+        text_valid, lpad = int(jax.tree.leaves(cond[text_keys[0]])[0].shape[1]), int(cache[2].shape[2])
+        if lpad != text_length(text_valid, patches):
+            raise ValueError(f"The text's K/V buffers hold {lpad} tokens, not {patches} equal slices of "
+                             f"{text_valid} (init_cache(..., text_len={text_valid})).")
+        tlen = lpad // patches
+        pad_text = lambda a: jnp.pad(a, [(0, 0), (0, lpad - a.shape[1])] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+        cond = {key: jax.tree.map(pad_text, a) if key in text_keys else a for key, a in cond.items()}
     pad = lambda x, axis: jnp.pad(x, [(0, 0)] * axis + [(0, sp - s)] + [(0, 0)] * (x.ndim - axis - 1))
     joint_p = pad(joint, 1)
     tokens_p = jax.tree.map(lambda t: pad(t, 0), tokens)
@@ -362,17 +415,20 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
         stage = lax.axis_index(AXIS) if n > 1 else 0
         seq_rank = (lax.axis_index("ring") * u if rr > 1 else 0) + (lax.axis_index("ulysses") if u > 1 else 0)
         mine = seq_rank * piece  # offset of this device's piece in a patch (chunk order ring-major, as run_blocks)
-        kv = tuple(bufs[2 * q:2 * q + 2] for q in range(nstack))
-        tail = tuple(bufs[2 * nstack:])
+        kv = tuple(bufs[g * q:g * q + g] for q in range(nstack))
+        tail = tuple(bufs[g * nstack:])
         if warmup:
             idx = jnp.asarray(warm_tokens)[seq_rank]
             take = lambda a, axis: jnp.take(a, idx, axis=axis)  # noqa: E731
             put = lambda out, y: out.at[:, idx].set(y)  # noqa: E731
 
-        def stage_call(q, patch, recv, k, v, tail):
+        def stage_call(q, patch, recv, bufs, tail):
             """This stage's blocks of stack ``q`` on ``patch`` (its tokens' rows), continuing from ``recv``
-            (the carry handed on; None: the model's own). -> (output, carry to hand on, k, v, tail)."""
+            (the carry handed on; None: the model's own); ``bufs``: the stack's (k, v[, ck, cv]).
+            -> (output, carry to hand on, bufs, tail)."""
             active = (patch >= 0) & (patch < steps_through)
+            k, v, ck, cv = (tuple(bufs) + (None, None))[:4]
+            cp, c_start = c, 0
             if warmup:
                 x, tp, local_start = take(j, 1), jax.tree.map(lambda a: take(a, 0), t), 0
             else:
@@ -380,6 +436,10 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
                 x = lax.dynamic_slice_in_dim(j, start, piece, axis=1)
                 tp = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, piece, axis=0), t)
                 local_start = jnp.clip(patch, 0, patches - 1) * part  # this patch's part in the buffer
+                if text_keys:  # the patch's slice of the text
+                    c_start = jnp.clip(patch, 0, patches - 1) * tlen
+                    cut = lambda a: lax.dynamic_slice_in_dim(a, c_start, tlen, axis=1)  # noqa: E731
+                    cp = {key: jax.tree.map(cut, a) if key in text_keys else a for key, a in c.items()}
             real = None
             if real_all[q] is not None:  # this stage's slots of the padded stack
                 per_stage = len(real_all[q]) // n
@@ -387,19 +447,21 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
             last = q == nstack - 1
             cache = StackCache(k=k, v=v, start=local_start, write=active, real=real, ring_counts=counts,
                                first=(stage == 0 if n > 1 else True) if q == 0 else False,
-                               recv=recv, tail=(tail or None) if last else None, stack=q, last=last)
+                               recv=recv, tail=(tail or None) if last else None, stack=q, last=last,
+                               ck=ck, cv=cv, c_start=c_start, c_valid=text_valid)
             with stack_cache(cache), attention_context(AttentionConfig(mesh=mesh if u * rr > 1 else None,
                                                                        backend=backend, valid_len=valid_len)):
-                y = blocks(p, x, tp, c)
+                y = blocks(p, x, tp, cp)
             if cache.scans != nstack:
                 raise RuntimeError(f"blocks() ran {cache.scans} stacked scans (layer_scan); PipeFusion was given "
                                    f"{nstack} stacks ({', '.join(names)}).")
             if last and tail and not cache.final_used:
                 raise RuntimeError("K/V buffers for a final block were given, but blocks() ran no final_block.")
-            return y, cache.stream, cache.k, cache.v, (tuple(cache.tail or ()) if last else tail)
+            out_bufs = (cache.k, cache.v) + ((cache.ck, cache.cv) if text_keys else ())
+            return y, cache.stream, out_bufs, (tuple(cache.tail or ()) if last else tail)
 
         # The carry that flows between stages, as the model's scans shape it (zeros before the first arrives).
-        shapes = [jax.eval_shape(lambda q=q: stage_call(q, 0, None, *kv[q], tail)[1]) for q in range(nstack)]
+        shapes = [jax.eval_shape(lambda q=q: stage_call(q, 0, None, kv[q], tail)[1]) for q in range(nstack)]
         if any(jax.tree.structure(a) != jax.tree.structure(shapes[0]) or jax.tree.leaves(a) != jax.tree.leaves(
                 shapes[0]) for a in shapes[1:]):
             raise ValueError(f"PipeFusion hands each stack's carry to the next one; these stacks' carries differ: "
@@ -418,8 +480,7 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
                         got = jax.tree.map(lambda a, b: jnp.where(stage == 0, a, b), recv[q - 1], recv[q])
                     else:
                         got = recv[q - 1]
-                    y, streams[q], k, v, tail = stage_call(q, patch, got, *kv[q], tail)
-                    kv[q] = (k, v)
+                    y, streams[q], kv[q], tail = stage_call(q, patch, got, kv[q], tail)
                     if q == nstack - 1:
                         done = (patch >= 0) & (patch < steps_through) & (stage == n - 1)
                         if warmup:
@@ -442,7 +503,7 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
         axes = tuple(a for a, size in ((AXIS, n), ("ring", rr), ("ulysses", u)) if size > 1)
         if axes:
             out = lax.psum(jnp.where(stage == n - 1, out, 0), axes)
-        return (out, *(b for pair in kv for b in pair), *tail)
+        return (out, *(b for group in kv for b in group), *tail)
 
     if mesh is None or mesh.size == 1:
         out, *cache = local(params, joint_p, tokens_p, cond, *cache)
@@ -452,7 +513,7 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     stacked_spec = lambda path, _: P(AXIS) if any(starts_with(path, name) for name in names) else P()
     par_specs = jax.tree_util.tree_map_with_path(stacked_spec, params)
     batch = lambda x: P(BATCH_AXES, *([None] * (x.ndim - 1)))
-    kv_specs = (KV_SPEC,) * len(cache)
+    kv_specs = ((KV_SPEC, KV_SPEC, TEXT_KV_SPEC, TEXT_KV_SPEC)[:g] * (len(cache) // g))
     out, *cache = _shard_map(local, mesh,
                              (par_specs, batch(joint_p), jax.tree.map(lambda _: P(), tokens_p),
                               jax.tree.map(batch, cond), *kv_specs),

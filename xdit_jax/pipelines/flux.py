@@ -336,5 +336,5 @@ class FluxPipeline(ImagePipelineBase):
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scales, rope, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn((h, w)),
-                                       kv=self._pipefusion_buffers(len(emb), shape[1]))
+                                       kv=self._pipefusion_buffers(len(emb), shape[1], text_len=emb.shape[1]))
         return FluxPipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())

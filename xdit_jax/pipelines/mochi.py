@@ -85,7 +85,8 @@ class MochiPipeline(PipelineBase):
                          scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
                          attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
                          pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=mochi.STACKED,
-                         stacked_layers=transformer_config.num_layers - 1, final_block=True)
+                         stacked_layers=transformer_config.num_layers - 1, final_block=True,
+                         pipefusion_text=mochi.PIPEFUSION_TEXT)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
 
     @classmethod
@@ -176,7 +177,8 @@ class MochiPipeline(PipelineBase):
                  sd((n, max_sequence_length), jnp.int32, do_cfg))
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps))
         _, tstate = nnx.split(self.transformer)
-        kv = self._pipefusion_buffers(n, self._video_tokens(shape), abstract=True)  # PipeFusion: the patched step
+        kv = self._pipefusion_buffers(n, self._video_tokens(shape), abstract=True,  # PipeFusion: the patched step
+                                      text_len=max_sequence_length)
         return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, jnp.float32(guidance_scale),
             jax.random.key(0)).compile()
@@ -259,5 +261,6 @@ class MochiPipeline(PipelineBase):
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(),
-                                       kv=self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape)))
+                                       kv=self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape),
+                                                                   text_len=texts[0].shape[1]))
         return MochiPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())

@@ -292,6 +292,7 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(),
-                                       kv=self._pipefusion_buffers(len(emb), self._image_tokens(height, width)),
+                                       kv=self._pipefusion_buffers(len(emb), self._image_tokens(height, width),
+                                                                   text_len=emb.shape[1]),
                                        step_for=step_for)
         return SD3PipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
