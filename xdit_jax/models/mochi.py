@@ -13,8 +13,8 @@ The first ``num_layers - 1`` blocks are alike and stacked (one ``lax.scan``); th
 Mochi's learned 3D RoPE (``pos_frequencies``, per head), built per shard from the tokens' global
 (t, y, x) positions.
 
-PipeFusion splits the stacked blocks into stages; each video patch carries its own copy of the
-caption stream through them (:mod:`xdit_jax.parallel.pipefusion`), and the last block runs on the
+PipeFusion splits the stacked blocks into stages; each video patch carries a slice of the caption
+stream through them (:mod:`xdit_jax.parallel.pipefusion`, :data:`PIPEFUSION_TEXT`), and the last block runs on the
 last stage (:func:`xdit_jax.models.layers.final_block`).
 """
 

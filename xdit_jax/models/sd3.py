@@ -22,8 +22,8 @@ base / max``, ``base = sample_size / patch_size``), cropped at the centre to the
 (:func:`pos_table` computes it where a checkpoint has none), added in :meth:`embed`, so the blocks
 need no per-token tables.
 
-PipeFusion splits the stacked blocks into stages; each image patch carries its own copy of the text
-stream through them (:mod:`xdit_jax.parallel.pipefusion`), and the last block runs on the last stage
+PipeFusion splits the stacked blocks into stages; each image patch carries a slice of the text stream
+through them (:mod:`xdit_jax.parallel.pipefusion`, ``pipefusion_stacks``' ``pipefusion_text``), and the last block runs on the last stage
 (:func:`xdit_jax.models.layers.final_block`). SD3.5 Medium's runs are PipeFusion's stacks (each split
 over all the stages, looped), and its dual-attention blocks keep two K/V buffers each
 (:func:`pipefusion_stacks`).

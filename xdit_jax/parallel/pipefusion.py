@@ -18,17 +18,19 @@ exactness of warm-up steps, on every mesh. Padding: patches have equal lengths, 
 Models take no part: the block stack's scan (:func:`layer_scan`) carries the buffers, and the
 attention op stores the patch and reads the buffers while
 :func:`xdit_jax.parallel.attention.kv_cache` is installed. What passes from stage to stage is the
-scan's carry: the patch's tokens, and for a two-stream model (Mochi, SD3) the text stream too, so
-each patch carries its own copy of the text through the stages (updated from that patch's
-attention, whose context — the text's own K/V — joins the buffers' keys). A block that ends the
-stack after the scan (their ``context_pre_only`` last block) goes through :func:`final_block`: its
-result counts on the last stage, and it has K/V buffers of its own.
+scan's carry: the patch's tokens, and for a two-stream model (Mochi, SD3, FLUX) the text stream too.
+The text is cut into as many slices as patches, slice ``m`` riding with patch ``m`` (``text=``; its K/V
+buffered like the image's, so each text token is computed once a step and attends, as the image's do,
+to this step's slices before it and the last step's after it); without ``text`` each patch carries a copy
+of the whole text (computed once per patch). A block that ends the stack after the scan (their
+``context_pre_only`` last block) goes through :func:`final_block`: its result counts on the last stage,
+and it has K/V buffers of its own.
 
 Several stacks (FLUX's double- then single-stream blocks, SD3.5 Medium's runs of dual-attention and plain
 blocks, HunyuanDiT's down, mid and skip blocks) run *looped*: each stack is split over all the stages and a
 patch goes round them once per stack, the last stage handing the carry to the first
-(:func:`run_pipefusion`); the carry must then be alike for all stacks (FLUX: (patch, text); HunyuanDiT:
-(patch, its long skips)). A block that attends more than once (SD3.5 Medium's dual attention) keeps a
+(:func:`run_pipefusion`); the carry must then be alike for all stacks (FLUX: (patch, its text slice);
+HunyuanDiT: (patch, its long skips)). A block that attends more than once (SD3.5 Medium's dual attention) keeps a
 buffer row per attention (:func:`init_cache`'s ``attentions``).
 
 Other axes: ``data`` and ``cfg`` split the batch as everywhere. ``ulysses`` and ``ring`` (PipeFusion

@@ -9,8 +9,8 @@ packed latents (2 x 2 latent patches per token) go through the transformer in tw
 mesh (:func:`transformer_over_mesh`): the double-stream blocks with the image tokens sharded over
 (ring, ulysses) and the text held whole by every device, then the single-stream blocks over the
 joint [text; image] sequence sharded as one. PipeFusion (``pipefusion`` axis, or ``pipefusion_patches``)
-splits both stacks over the stages, each patch of image tokens carrying its own copy of the text round
-the stages once per stack (:func:`xdit_jax.parallel.pipefusion.run_pipefusion`; xDiT's defaults: as many
+splits both stacks over the stages, each patch of image tokens carrying a slice of the text round the
+stages once per stack (the text's K/V buffered as the image's: every token computed once a step) (:func:`xdit_jax.parallel.pipefusion.run_pipefusion`; xDiT's defaults: as many
 patches as stages, one exact warm-up step). Guidance-distilled checkpoints (FLUX.1-dev) take
 ``guidance_scale`` as an embedding; diffusers' "true CFG" (``true_cfg_scale > 1`` with a negative
 prompt) runs both halves in the batch (split over ``cfg=2``). The flow-matching Euler step with

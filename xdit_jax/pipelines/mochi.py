@@ -14,7 +14,8 @@ Differences from diffusers, by design: the latents stay float32 between steps al
 (diffusers rounds them to the model dtype after each update), and so does the timestep the
 transformer sees (diffusers rounds it to bf16: 883.4 becomes 884). PipeFusion (``pipefusion`` mesh axis, or
 ``pipefusion_patches``) splits the 47 stacked blocks into stages and the video into patches, each
-patch carrying its own copy of the caption stream; the last block runs on the last stage. A caption mask
+patch carrying a slice of the caption stream (its K/V buffered as the video's); the last block runs on the
+last stage. A caption mask
 whose kept tokens are not a prefix (T5's never are; a hand-made ``prompt_attention_mask`` can be)
 is attention over the kept tokens here, while diffusers also moves their outputs to the front:
 a warning says so.

@@ -12,8 +12,8 @@ MMDiT's image tokens are sharded over (ring, ulysses) by
 device and joins each joint attention as a context (:mod:`xdit_jax.models.sd3`); CFG and the
 flow-matching Euler step are inside the one jitted step; the VAE decode is split over the mesh.
 PipeFusion (``pipefusion`` mesh axis, or ``pipefusion_patches``) splits the stacked joint blocks into
-stages and the image into patches, each patch carrying its own copy of the text stream; the last
-block runs on the last stage. SD3.5 Medium's two runs (dual-attention blocks 0-12, then plain ones) are
+stages and the image into patches, each patch carrying a slice of the text stream (the text's K/V
+buffered as the image's: each text token computed once a step); the last block runs on the last stage. SD3.5 Medium's two runs (dual-attention blocks 0-12, then plain ones) are
 each split over all the stages (a looped pipeline), its dual blocks keeping a K/V buffer per attention.
 Skip-layer guidance (``skip_guidance_layers``, SD3.5 Medium's recommended [7, 8, 9]) as
 diffusers': on the steps between ``skip_layer_guidance_start`` and ``_stop`` (fractions of the steps) one
