@@ -122,11 +122,13 @@ def test_config_checkpoint_and_input_errors(pair):
         assert key in str(e.value), key
 
 
-MESHES = ["ulysses=2", "ring=2", "ring=2,ulysses=2", "ulysses=3", "ring=4", "cfg=2,ulysses=2"]
+# (mesh, the caption sharded over the sequence group as the pipeline runs it, or held whole by every device)
+MESHES = [("ulysses=2", True), ("ring=2", True), ("ring=2,ulysses=2", True), ("ulysses=3", True), ("ring=4", True),
+          ("cfg=2,ulysses=2", True), ("ring=2,ulysses=2", False)]
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-def test_sequence_parallel_equals_one_device(pair, mesh):
+@pytest.mark.parametrize("mesh,sharded", MESHES)
+def test_sequence_parallel_equals_one_device(pair, mesh, sharded):
     _, cfg, model = pair
     shape = (2,) + SHAPES[0][1:]  # 18 video tokens: padded for every degree but 2, 3
     args = _inputs(cfg, *shape, seed=2)
@@ -139,7 +141,8 @@ def test_sequence_parallel_equals_one_device(pair, mesh):
         mdl = nnx.merge(graphdef, state)
         x, tokens, cond = mdl.embed(*args)
         blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)
-        return mdl.head(run_blocks(blocks, state, x, tokens, cond, m), cond, args[0].shape)
+        return mdl.head(run_blocks(blocks, state, x, tokens, cond, m, text=mochi.TEXT_KEYS if sharded else None),
+                        cond, args[0].shape)
 
     out = np.asarray(parallel(state, args))
     # fp32; only the order of float32 sums differs (ring's LSE merge, the caption partial, padded

@@ -74,7 +74,7 @@ def _warm_then_patched(model, module, mesh, patches, method="blocks", tail=False
     buffers after each, stages)."""
     cfg, graphdef, state, (x, tokens, cond), _ = model
     stacks = module.pipefusion_stacks(cfg)
-    text = stacks.get("pipefusion_text") if sliced else None
+    text = stacks.get("text_keys") if sliced else None
     text_len = jax.tree.leaves(cond[text[0]])[0].shape[1] if text else None
     m = build_mesh(mesh)
     stages = m.shape["pipefusion"]
@@ -157,7 +157,7 @@ def test_looped_pipeline_runs_only_the_live_stacks():
     # The text sliced with the patches: each text token computed once a step, not once a patch. A patch's rows
     # go from 6 image + 5 text = 11 to 6 + 3 (the text padded to 6) = 9: the linear layers' 9/11 = 0.82, the
     # attention's 9 x 18 / (11 x 17) = 0.87 (measured 0.852)
-    text = flux.pipefusion_stacks(cfg)["pipefusion_text"]
+    text = flux.pipefusion_stacks(cfg)["text_keys"]
     sliced, whole = flops("pipefusion=2", text), flops("pipefusion=2")
     assert 0.8 < sliced / whole <= 0.87
 
@@ -184,14 +184,14 @@ def test_stacks_of_the_configs():
     assert hunyuandit.pipefusion_stacks(_hunyuandit()[0]) == dict(stacked=("blocks_down", "blocks_mid", "blocks_skip"),
                                                                   stacked_layers=(3, 2, 3))
     assert flux.pipefusion_stacks(_flux()[0]) == dict(stacked=flux.STACKS, stacked_layers=(3, 4),
-                                                      pipefusion_text=("context", "context_rope"))
+                                                      text_keys=("context", "context_rope"))
     cfg = _sd35_medium()[0]
     assert sd3.pipefusion_stacks(cfg) == dict(stacked=("transformer_blocks", "transformer_blocks_part1"),
                                               stacked_layers=(3, 2), stack_attentions=(2, 1), tail_attentions=2,
-                                              pipefusion_text=("context",))
+                                              text_keys=("context",))
     plain = sd3.SD3Config.from_dict({**tiny.SD3_TRANSFORMER, "num_layers": 24})  # SD3 Medium, SD3.5 Large: one run
     assert sd3.pipefusion_stacks(plain) == dict(stacked="transformer_blocks", stacked_layers=23,
-                                                stack_attentions=(1,), tail_attentions=1, pipefusion_text=("context",))
+                                                stack_attentions=(1,), tail_attentions=1, text_keys=("context",))
 
 
 @pytest.mark.parametrize("mesh,patches", [

@@ -58,7 +58,7 @@ def _sd3():
 
 
 FAMILIES = {"mochi": _mochi, "sd3": _sd3}
-TEXT = {"mochi": mochi.PIPEFUSION_TEXT, "sd3": sd3.pipefusion_stacks(_sd3()[0])["pipefusion_text"]}
+TEXT = {"mochi": mochi.TEXT_KEYS, "sd3": sd3.pipefusion_stacks(_sd3()[0])["text_keys"]}
 
 
 @functools.cache

@@ -159,11 +159,13 @@ def test_config_checkpoint_and_input_errors(pair):
             sd3.params_from_torch(state_dict_np(tm), sd3.SD3Config.from_dict({**d, "dual_attention_layers": []}))
 
 
-MESHES = ["ulysses=2", "ring=2", "ring=2,ulysses=2", "ulysses=3", "cfg=2,ulysses=2"]
+# (mesh, the text sharded over the sequence group as the pipeline runs it, or held whole by every device)
+MESHES = [("ulysses=2", True), ("ring=2", True), ("ring=2,ulysses=2", True), ("ulysses=3", True),
+          ("cfg=2,ulysses=2", True), ("ring=2,ulysses=2", False)]
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-def test_sequence_parallel_equals_one_device(pair, mesh):
+@pytest.mark.parametrize("mesh,sharded", MESHES)
+def test_sequence_parallel_equals_one_device(pair, mesh, sharded):
     name, _, cfg, model = pair
     args = _inputs(cfg, *SHAPES[0], seed=2)  # 15 image tokens: padded by degrees 2 and 4
     ref = np.asarray(FWD(model, *args))
@@ -175,7 +177,8 @@ def test_sequence_parallel_equals_one_device(pair, mesh):
         mdl = nnx.merge(graphdef, state)
         x, tokens, cond = mdl.embed(*args)
         blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)
-        return mdl.head(run_blocks(blocks, state, x, tokens, cond, m), cond, args[0].shape)
+        return mdl.head(run_blocks(blocks, state, x, tokens, cond, m, text=sd3.TEXT_KEYS if sharded else None),
+                        cond, args[0].shape)
 
     out = np.asarray(parallel(state, args))
     # fp32; only the order of float32 sums differs (ring's LSE merge, the text partial, padded zero heads):

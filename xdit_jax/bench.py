@@ -611,7 +611,7 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
             pred = forward(graphdef, state, embed_args, mesh, attention_backend)
         elif staged:
             joint, tokens, cond = model.embed(*embed_args)
-            joint = run_blocks(blocks, state, joint, tokens, cond, mesh, backend=attention_backend)
+            joint = run_blocks(blocks, state, joint, tokens, cond, mesh, backend=attention_backend, text=text or None)
             pred = model.head(joint, cond, shape)
         else:
             from xdit_jax.parallel.attention import AttentionConfig, attention_context
@@ -1055,7 +1055,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             jax.block_until_ready(args)
     step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches,
                                         family.stacked_layers(tcfg), family=family, stacked=family.stacks(tcfg),
-                                        input_names=names, text=family.pipefusion_text(tcfg),
+                                        input_names=names, text=family.text_keys(tcfg),
                                         host_inputs=host)
     if patches:  # PipeFusion's K/V buffers: an argument (donated, given back by each step)
         from xdit_jax.parallel import pipefusion
@@ -1068,7 +1068,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
                                              tcfg.attention_head_dim, dtype, patches, tail=family.final_block,
                                              abstract=opts.compile_only, **family.stack_attentions(tcfg),
-                                             text_len=text_tokens if family.pipefusion_text(tcfg) else None),)
+                                             text_len=text_tokens if family.text_keys(tcfg) else None),)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
     with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
         lowered = step.lower(state, *args)

@@ -83,11 +83,10 @@ class Family:
         return {k: st[s] for k, s in (("attentions", "stack_attentions"), ("tail_attentions", "tail_attentions"))
                 if s in st}
 
-    def pipefusion_text(self, cfg) -> tuple[str, ...]:
-        """The ``cond`` keys of a two-stream model's text, which PipeFusion slices with the patches
-        (``pipefusion_stacks``' ``pipefusion_text``, else the module's ``PIPEFUSION_TEXT``)."""
-        st = self._stacks(cfg) or {}
-        return tuple(st.get("pipefusion_text", getattr(self.module, "PIPEFUSION_TEXT", ())))
+    def text_keys(self, cfg) -> tuple[str, ...]:
+        """The ``cond`` keys of a two-stream model's text (the module's ``TEXT_KEYS``): sliced with PipeFusion's
+        patches, sharded over the sequence group."""
+        return tuple(getattr(self.module, "TEXT_KEYS", ()))
 
     def config(self, transformer: dict):
         return getattr(self.module, self.config_class_name).from_dict(transformer)

@@ -49,6 +49,9 @@ from xdit_jax.parallel.attention import attention
 STACKED = "transformer_blocks"
 SINGLE = "single_transformer_blocks"
 STACKS = (STACKED, SINGLE)  # PipeFusion's order: every stage holds part of both (a looped pipeline)
+# The text stream in ``cond`` (the T5 states and their RoPE tables): sliced with PipeFusion's patches, sharded
+# over the sequence group in the double-stream phase (xdit_jax.parallel.sequence.run_blocks' ``text``)
+TEXT_KEYS = ("context", "context_rope")
 ROPE_THETA = 10000.0
 
 
@@ -253,10 +256,9 @@ class TimeTextEmbed(nnx.Module):
 
 
 def pipefusion_stacks(cfg: FluxConfig) -> dict:
-    """PipeFusion's stacks (``_init_parts``' ``stacked`` / ``stacked_layers``): double-, then single-stream; the
-    text (``cond``'s context and its RoPE tables) is sliced with the patches (``pipefusion_text``)."""
-    return dict(stacked=STACKS, stacked_layers=(cfg.num_layers, cfg.num_single_layers),
-                pipefusion_text=("context", "context_rope"))
+    """PipeFusion's stacks (``_init_parts``' ``stacked`` / ``stacked_layers``): double-, then single-stream; and
+    the text's ``cond`` keys (:data:`TEXT_KEYS`)."""
+    return dict(stacked=STACKS, stacked_layers=(cfg.num_layers, cfg.num_single_layers), text_keys=TEXT_KEYS)
 
 
 def rope_tables(ids: np.ndarray, axes_dims) -> tuple[np.ndarray, np.ndarray]:

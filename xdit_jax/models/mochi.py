@@ -14,8 +14,8 @@ Mochi's learned 3D RoPE (``pos_frequencies``, per head), built per shard from th
 (t, y, x) positions.
 
 PipeFusion splits the stacked blocks into stages; each video patch carries a slice of the caption
-stream through them (:mod:`xdit_jax.parallel.pipefusion`, :data:`PIPEFUSION_TEXT`), and the last block runs on the
-last stage (:func:`xdit_jax.models.layers.final_block`).
+stream through them (:mod:`xdit_jax.parallel.pipefusion`, :data:`TEXT_KEYS`), and the last block runs on
+the last stage (:func:`xdit_jax.models.layers.final_block`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ from xdit_jax.models.layers import (
 from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
-PIPEFUSION_TEXT = ("context",)  # the caption stream, sliced with PipeFusion's patches (its mask stays whole)
+# The caption stream in ``cond``: sliced with PipeFusion's patches, sharded over the sequence group (its mask stays
+# whole)
+TEXT_KEYS = ("context",)
 
 
 @dataclasses.dataclass(frozen=True)

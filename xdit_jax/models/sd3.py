@@ -23,8 +23,8 @@ base / max``, ``base = sample_size / patch_size``), cropped at the centre to the
 need no per-token tables.
 
 PipeFusion splits the stacked blocks into stages; each image patch carries a slice of the text stream
-through them (:mod:`xdit_jax.parallel.pipefusion`, ``pipefusion_stacks``' ``pipefusion_text``), and the last block runs on the last stage
-(:func:`xdit_jax.models.layers.final_block`). SD3.5 Medium's runs are PipeFusion's stacks (each split
+through them (:mod:`xdit_jax.parallel.pipefusion`, :data:`TEXT_KEYS`), and the last block runs on the last
+stage (:func:`xdit_jax.models.layers.final_block`). SD3.5 Medium's runs are PipeFusion's stacks (each split
 over all the stages, looped), and its dual-attention blocks keep two K/V buffers each
 (:func:`pipefusion_stacks`).
 """
@@ -56,6 +56,8 @@ from xdit_jax.models.layers import (
 from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
+# The text stream in ``cond`` (CLIP + T5 states): sliced with PipeFusion's patches, sharded over the sequence group
+TEXT_KEYS = ("context",)
 QK_NORMS = (None, "rms_norm")
 
 
@@ -371,15 +373,15 @@ class SD3Transformer2DModel(nnx.Module):
 def pipefusion_stacks(cfg: SD3Config) -> dict:
     """PipeFusion's view of the block stack (keyword arguments of the pipelines' ``_init_parts``): the
     stacked runs in order (``stacked`` names, ``stacked_layers``), the attentions each run's blocks make
-    (``stack_attentions``: 2 for dual attention) and the last block's (``tail_attentions``); the text
-    (``cond``'s context) is sliced with the patches (``pipefusion_text``)."""
+    (``stack_attentions``: 2 for dual attention) and the last block's (``tail_attentions``); the text's
+    ``cond`` keys (:data:`TEXT_KEYS`)."""
     runs = cfg.runs()
     one = len(runs) == 1
     return dict(stacked=runs[0][0] if one else tuple(r[0] for r in runs),
                 stacked_layers=runs[0][2] if one else tuple(r[2] for r in runs),
                 stack_attentions=tuple(2 if r[3] else 1 for r in runs),
                 tail_attentions=2 if cfg.num_layers - 1 in cfg.dual_attention_layers else 1,
-                pipefusion_text=("context",))
+                text_keys=TEXT_KEYS)
 
 
 def check_input_shape(cfg: SD3Config, latent_h: int, latent_w: int) -> None:

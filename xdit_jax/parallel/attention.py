@@ -90,6 +90,10 @@ class AttentionConfig:
     mesh: object | None = None
     backend: str = "xla"
     valid_len: int | None = None  # real tokens of the global sequence, when the caller padded it
+    # A joint attention's context sharded over (ring, ulysses) like the sequence (each device holds its slice,
+    # the slices padded to equal lengths): the real tokens of the whole context. None: every device holds it
+    # whole.
+    context_valid: int | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -432,7 +436,8 @@ def _pad_heads(x, hp):
     return x if h == hp else jnp.pad(x, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
 
 
-def _over_heads(q, k, v, partial, *, ulysses, context=None, scale=None, backend="xla"):
+def _over_heads(q, k, v, partial, *, ulysses, context=None, scale=None, backend="xla", ring: int = 1,
+                context_valid: int | None = None):
     """The Ulysses frame around a sequence partial: with ``ulysses > 1``, ``all_to_all`` from
     sequence-sharded (B, S/(R*U), H, D) to head-sharded (B, S/R, Hp/U, D) (heads zero-padded to a
     multiple of the degree: the ring group's contiguous chunk, in ulysses order, for this device's
@@ -442,7 +447,13 @@ def _over_heads(q, k, v, partial, *, ulysses, context=None, scale=None, backend=
     holds whole; each device takes its heads of them (a local slice, no traffic), the context queries ride along
     as extra rows of the sequence's partial, one more partial over the context keys is merged by the
     log-sum-exp rule, and the context's output heads are all-gathered at the end. Then returns
-    ``(out, out_context or None)``."""
+    ``(out, out_context or None)``.
+
+    ``context_valid`` (an int): the context is sharded over (ring, ulysses) like the sequence instead, each
+    device holding its slice (the slices padded to equal lengths, ``context_valid`` real tokens in all, the
+    mask ``c_mask`` the whole context's): the slices' heads are swapped as the sequence's (the ring group's
+    part of the context for this device's heads), the keys and values all-gathered over the ring (the whole
+    context), the slice's queries ride along, and their output goes back by the reverse swap."""
     h = q.shape[2]
     hp = -(-h // ulysses) * ulysses
     if ulysses > 1:
@@ -451,7 +462,20 @@ def _over_heads(q, k, v, partial, *, ulysses, context=None, scale=None, backend=
         out = partial(q, k, v, False)
         return lax.all_to_all(out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :h] if ulysses > 1 else out
     cq, ck, cv, c_mask = context
-    if ulysses > 1:
+    if context_valid is not None:  # slices of the context: this device's heads of the whole of it
+        if ulysses > 1:
+            swap = lambda x: lax.all_to_all(_pad_heads(x, hp), ULYSSES_AXIS, 2, 1, tiled=True)  # noqa: E731
+            ck, cv = swap(ck), swap(cv)
+            cq = None if cq is None else swap(cq)
+        if ring > 1:
+            ck, cv = (lax.all_gather(x, RING_AXIS, axis=1, tiled=True) for x in (ck, cv))
+        lp = ck.shape[1]
+        if c_mask is not None:
+            c_mask = jnp.pad(c_mask.astype(bool), ((0, 0), (0, lp - c_mask.shape[1])))
+        if context_valid < lp:
+            real = jnp.arange(lp) < context_valid
+            c_mask = jnp.broadcast_to(real, (q.shape[0], lp)) if c_mask is None else c_mask & real
+    elif ulysses > 1:
         per = hp // ulysses
         mine = lambda x: lax.dynamic_slice_in_dim(_pad_heads(x, hp), lax.axis_index(ULYSSES_AXIS) * per, per,
                                                   axis=2)
@@ -466,12 +490,15 @@ def _over_heads(q, k, v, partial, *, ulysses, context=None, scale=None, backend=
     seq_out, ctx_out = out[:, :n], (None if cq is None else out[:, n:])
     if ulysses > 1:
         seq_out = lax.all_to_all(seq_out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :h]
-        if ctx_out is not None:
+        if ctx_out is not None and context_valid is not None:  # back to this device's slice, every head
+            ctx_out = lax.all_to_all(ctx_out, ULYSSES_AXIS, 1, 2, tiled=True)[:, :, :h]
+        elif ctx_out is not None:
             ctx_out = lax.all_gather(ctx_out, ULYSSES_AXIS, axis=2, tiled=True)[:, :, :h]
     return seq_out, ctx_out
 
 
-def _sequence_parallel_attention(q, k, v, *, ring, ulysses, valid_len, scale, backend, context=None):
+def _sequence_parallel_attention(q, k, v, *, ring, ulysses, valid_len, scale, backend, context=None,
+                                 context_valid=None):
     """Ulysses (:func:`_over_heads`) around the ring (or one kernel call) over the ring group's chunk.
 
     With a ``context`` (joint two-stream attention): every query — the local sequence rows and the
@@ -488,7 +515,8 @@ def _sequence_parallel_attention(q, k, v, *, ring, ulysses, valid_len, scale, ba
                               out_dtype=jnp.float32 if need_lse else None)
         return out if need_lse else out[0]
 
-    return _over_heads(q, k, v, partial, ulysses=ulysses, context=context, scale=scale, backend=backend)
+    return _over_heads(q, k, v, partial, ulysses=ulysses, context=context, scale=scale, backend=backend, ring=ring,
+                       context_valid=context_valid)
 
 
 def _context_partial(rows, ck, cv, c_mask, scale, backend):
@@ -567,7 +595,11 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
             raise ValueError("attention with a context takes the sequence's padding as valid_len, not kv_valid.")
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"joint attention wants q and k of one length; got {q.shape[1]} and {k.shape[1]}.")
-        context = _check_context(context, q, cell.c_valid if cell is not None and cell.ck is not None else None)
+        if cell is not None:
+            mask_len = cell.c_valid if cell.ck is not None else None
+        else:
+            mask_len = cfg.context_valid if ring * ulysses > 1 else None
+        context = _check_context(context, q, mask_len)
     if cell is not None:  # a PipeFusion stage: q, k, v are one patch; keys are the whole sequence
         if kv_valid is not None:
             raise NotImplementedError("PipeFusion takes padding masks only.")
@@ -576,7 +608,8 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     if context is not None:
         try:
             return _sequence_parallel_attention(q, k, v, ring=ring, ulysses=ulysses, valid_len=valid_len,
-                                                scale=scale, backend=cfg.backend, context=context)
+                                                scale=scale, backend=cfg.backend, context=context,
+                                                context_valid=cfg.context_valid if ring * ulysses > 1 else None)
         except NameError as e:
             raise RuntimeError(f"attention with ring={ring}, ulysses={ulysses} must run inside a shard_map "
                                f"over the installed mesh (axes 'ring', 'ulysses' bound): {e}") from e

@@ -52,13 +52,19 @@ def _pad_axis(x, axis: int, to: int):
     return jnp.pad(x, pad)
 
 
-def run_blocks(blocks, params, joint, tokens, cond, mesh=None, *, backend: str = "xla", with_context: bool = False):
+def run_blocks(blocks, params, joint, tokens, cond, mesh=None, *, backend: str = "xla", with_context: bool = False,
+               text=None):
     """``blocks(params, joint, tokens, cond)`` over ``mesh`` (None or one device: called directly).
 
     joint: (B, S, D) global; returns (B, S, D). B must be divisible by data x cfg.
     ``with_context``: ``blocks`` returns ``(joint, context)``, ``context`` a pytree of per-sample arrays
-    (batch first) that every device of a sequence group holds whole (a two-stream model's text
-    stream, updated next to the sharded sequence); then returns ``(joint, context)``.
+    (batch first): a two-stream model's text stream, updated next to the sharded sequence; then returns
+    ``(joint, context)``.
+    ``text``: the keys of ``cond`` holding a two-stream model's text (B, L, ...), which is then sharded over
+    (ring, ulysses) like the sequence (padded to a multiple of the degree; the attention gathers the whole
+    text's keys, :class:`~xdit_jax.parallel.attention.AttentionConfig`'s ``context_valid``), so that each
+    device computes its slice of the text's per-token work; a context key mask in ``cond`` stays whole.
+    Without it every device of a sequence group holds the text whole (and computes all of it).
     """
     if mesh is None or mesh.size == 1:
         with attention_context(AttentionConfig(mesh=None, backend=backend, valid_len=None)):
@@ -76,8 +82,17 @@ def run_blocks(blocks, params, joint, tokens, cond, mesh=None, *, backend: str =
     tok_specs = jax.tree.map(lambda t: P(SEQ_AXES, *([None] * (t.ndim - 1))), tokens_p)
     cond_specs = jax.tree.map(lambda c: P(BATCH_AXES, *([None] * (c.ndim - 1))), cond)
     par_specs = jax.tree.map(lambda _: P(), params)
+    text_keys, text_len = tuple(text or ()) if sequence_degree(mesh) > 1 else (), None
+    if text_keys:
+        text_len = int(jax.tree.leaves(cond[text_keys[0]])[0].shape[1])
+        lp = padded_length(text_len, mesh)
+        cond = {key: jax.tree.map(lambda a: _pad_axis(a, 1, lp), a) if key in text_keys else a
+                for key, a in cond.items()}
+        text_spec = lambda c: P(BATCH_AXES, SEQ_AXES, *([None] * (c.ndim - 2)))  # noqa: E731
+        cond_specs = {key: jax.tree.map(text_spec, a) if key in text_keys else cond_specs[key]
+                      for key, a in cond.items()}
     cfg = AttentionConfig(mesh=mesh if sequence_degree(mesh) > 1 else None, backend=backend,
-                          valid_len=s if sp != s else None)
+                          valid_len=s if sp != s else None, context_valid=text_len)
 
     def local(p, j, t, c):
         with attention_context(cfg):
@@ -86,10 +101,14 @@ def run_blocks(blocks, params, joint, tokens, cond, mesh=None, *, backend: str =
     if not with_context:
         out = _shard_map(local, mesh, (par_specs, seq, tok_specs, cond_specs), seq)(params, joint_p, tokens_p, cond)
         return out[:, :s]
-    # The context is replicated over the sequence axes: each device keeps its own copy (the copies of a ring
-    # group differ by the float order of its merges, a few ulps), as the global array's.
-    ctx_specs = jax.tree.map(lambda c: P(BATCH_AXES, *([None] * (c.ndim - 1))),
-                             jax.eval_shape(lambda: blocks(params, joint, tokens, cond)[1]))
+    # A text held whole is replicated over the sequence axes: each device keeps its own copy (the copies of a
+    # ring group differ by the float order of its merges, a few ulps), as the global array's; a sharded text
+    # comes back in its slices.
+    spec = (lambda c: P(BATCH_AXES, SEQ_AXES, *([None] * (c.ndim - 2)))) if text_keys else \
+        (lambda c: P(BATCH_AXES, *([None] * (c.ndim - 1))))
+    ctx_specs = jax.tree.map(spec, jax.eval_shape(lambda: blocks(params, joint, tokens, cond)[1]))
     out, ctx = _shard_map(local, mesh, (par_specs, seq, tok_specs, cond_specs), (seq, ctx_specs))(
         params, joint_p, tokens_p, cond)
+    if text_keys:
+        ctx = jax.tree.map(lambda a: a[:, :text_len], ctx)
     return out[:, :s], ctx

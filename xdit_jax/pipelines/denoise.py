@@ -293,14 +293,15 @@ class PipelineBase:
                     scheduler_config, dtype, mesh, attention_backend: str, pipefusion_patches: int | None,
                     pipefusion_warmup_steps: int, stacked, stacked_layers=None,
                     final_block: bool = False, stack_attentions=None, tail_attentions: int = 1,
-                    pipefusion_text: tuple = ()) -> None:
+                    text_keys: tuple = ()) -> None:
         """``stacked``: the Flax name of the stacked blocks, ``stacked_layers`` how many (default: the
         config's ``num_layers``), or tuples of both for a model with several stacks (FLUX); ``final_block``:
         the model ends its stack with one more block (:func:`xdit_jax.parallel.pipefusion.final_block`),
         which PipeFusion gives K/V buffers too; ``stack_attentions`` (per stack) / ``tail_attentions``: the
         attentions each block makes where more than one (SD3.5 Medium's dual attention), one buffer each;
-        ``pipefusion_text``: the ``cond`` keys of a two-stream model's text, which PipeFusion slices with the
-        patches (:func:`xdit_jax.parallel.pipefusion.run_pipefusion`'s ``text``)."""
+        ``text_keys``: the ``cond`` keys of a two-stream model's text, which PipeFusion slices with the
+        patches (:func:`xdit_jax.parallel.pipefusion.run_pipefusion`'s ``text``) and sequence parallelism
+        shards over the sequence group (:func:`xdit_jax.parallel.sequence.run_blocks`' ``text``)."""
         self.transformer, self.transformer_config = transformer, transformer_config
         self.vae, self.vae_config = vae, vae_config
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -310,7 +311,7 @@ class PipelineBase:
             int(stacked_layers) if isinstance(stacked_layers, int) else tuple(int(n) for n in stacked_layers))
         self.final_block = bool(final_block)
         self.stack_attentions, self.tail_attentions = stack_attentions, int(tail_attentions)
-        self.pipefusion_text = tuple(pipefusion_text)
+        self.text_keys = tuple(text_keys)
         self._setup(dtype, mesh, attention_backend)
         self._setup_pipefusion(pipefusion_patches, pipefusion_warmup_steps)
         self._step_cache = {}
@@ -482,17 +483,18 @@ class PipelineBase:
         from xdit_jax.parallel.sequence import run_blocks
 
         if kv is None:
-            return run_blocks(blocks, tstate, x, tokens, cond, self.mesh, backend=self.attention_backend), None
+            return run_blocks(blocks, tstate, x, tokens, cond, self.mesh, backend=self.attention_backend,
+                              text=self.text_keys or None), None
         return pipefusion.run_pipefusion(blocks, tstate, x, tokens, cond, kv, self.mesh,
                                          patches=self.pipefusion_patches, warmup=warmup, stacked=self.stacked,
                                          backend=self.attention_backend, num_layers=self.stacked_layers,
-                                         text=self.pipefusion_text or None)
+                                         text=self.text_keys or None)
 
     def _pipefusion_buffers(self, step_batch: int, seq: int, abstract: bool = False, text_len: int | None = None):
         """PipeFusion's zero K/V buffers (``abstract``: ShapeDtypeStructs) for a step batch of ``step_batch``
         and a sequence of ``seq`` tokens: one slot per layer of the stack padded to equal stages, the
         sequence padded to the patches, and a final block's where the model has one; with
-        ``pipefusion_text``, the text's too (``text_len`` tokens); None without PipeFusion."""
+        ``text_keys``, the text's too (``text_len`` tokens); None without PipeFusion."""
         from xdit_jax.parallel import pipefusion
 
         if not self.uses_pipefusion:
@@ -502,7 +504,7 @@ class PipelineBase:
         return pipefusion.init_cache(self.mesh, slots, step_batch, seq, tc.num_attention_heads, tc.attention_head_dim,
                                      self.dtype, self.pipefusion_patches, tail=self.final_block, abstract=abstract,
                                      attentions=self.stack_attentions, tail_attentions=self.tail_attentions,
-                                     text_len=text_len if self.pipefusion_text else None)
+                                     text_len=text_len if self.text_keys else None)
 
     def _jit_step(self, key, step):
         """``jax.jit(step)`` cached under ``key``; the carry (latents, scheduler state, K/V buffers)

@@ -106,7 +106,8 @@ def transformer_over_mesh(graphdef, state, args, mesh, backend: str = "xla", rop
     x, tokens, cond, txt_rope = model.embed(*args, rope=rope)
     double = lambda p, y, t, c: nnx.merge(graphdef, p).double_blocks(y, t, c)  # noqa: E731
     single = lambda p, y, t, c: nnx.merge(graphdef, p).single_blocks(y, t, c)  # noqa: E731
-    x, c = run_blocks(double, state, x, tokens, cond, mesh, backend=backend, with_context=True)
+    x, c = run_blocks(double, state, x, tokens, cond, mesh, backend=backend, with_context=True,
+                      text=flux.TEXT_KEYS)
     joint = run_blocks(single, state, jnp.concatenate([c, x], axis=1), model.joint_tokens(tokens, txt_rope),
                        {"temb": cond["temb"]}, mesh, backend=backend)
     return model.head(joint[:, c.shape[1]:], cond)

@@ -87,7 +87,7 @@ class MochiPipeline(PipelineBase):
                          attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
                          pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=mochi.STACKED,
                          stacked_layers=transformer_config.num_layers - 1, final_block=True,
-                         pipefusion_text=mochi.PIPEFUSION_TEXT)
+                         text_keys=mochi.TEXT_KEYS)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
 
     @classmethod
