@@ -4,8 +4,8 @@ Two kinds of blocks, each stacked and run with one ``lax.scan``:
 
 * ``transformer_blocks`` (double-stream, 19 in FLUX.1): the text and the image tokens keep their own
   weights (norms, q/k/v, output, MLP) and meet in one joint attention over ``[text; image]``. Here
-  the image tokens are the sharded sequence and the text (512 T5 tokens) is held whole by every
-  device, joining each attention as a *context*
+  the image tokens are the sharded sequence and the text (512 T5 tokens) joins each attention as
+  a *context* (whole, or in slices of its own: :data:`TEXT_KEYS`)
   (:func:`xdit_jax.parallel.attention.attention` with ``context=``), as Mochi's caption does.
   :meth:`FluxTransformer2DModel.double_blocks` returns both streams.
 * ``single_transformer_blocks`` (single-stream, 38): one set of weights over the joint

@@ -3,8 +3,8 @@
 An asymmetric two-stream DiT: the video tokens (width ``heads x head_dim``, 3072 in Mochi 1) and
 the caption tokens (``pooled_projection_dim``, 1536) keep their own weights, norms and MLPs and
 meet in one joint attention over ``[video; caption]`` (the caption's padding masked). The
-parallel engine shards the video sequence; the caption, a few hundred tokens, is held whole by
-every device and joins the attention as a *context*
+parallel engine shards the video sequence; the caption, a few hundred tokens (sharded in slices of
+its own, :data:`TEXT_KEYS`, or whole), joins the attention as a *context*
 (:func:`xdit_jax.parallel.attention.attention` with ``context=``): the video rows see every key of
 both streams, the caption rows too, as on one device.
 

@@ -4,7 +4,8 @@ Every block is a two-stream *joint* block (diffusers ``JointTransformerBlock``):
 text tokens (both ``heads x head_dim`` wide) keep their own weights (AdaLN-Zero norms, q/k/v,
 output, MLP) and meet in one joint attention over ``[image; text]`` (no text mask: SD3 attends to
 all 333 CLIP + T5 tokens). As in Mochi and FLUX's double-stream phase, the parallel engine shards
-the image tokens; the text is held whole by every device and joins each attention as a *context*
+the image tokens; the text (sharded in slices of its own, :data:`TEXT_KEYS`, or whole) joins each
+attention as a *context*
 (:func:`xdit_jax.parallel.attention.attention` with ``context=``).
 
 The last block is ``context_pre_only`` (its text norm is an ``AdaLayerNormContinuous``; no text

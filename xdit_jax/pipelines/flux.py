@@ -7,10 +7,11 @@
 CLIP-L (the pooled embedding) and T5 (512 tokens, no mask, as diffusers) encode the prompt; the
 packed latents (2 x 2 latent patches per token) go through the transformer in two phases over the
 mesh (:func:`transformer_over_mesh`): the double-stream blocks with the image tokens sharded over
-(ring, ulysses) and the text held whole by every device, then the single-stream blocks over the
+(ring, ulysses) and the text in slices of its own, then the single-stream blocks over the
 joint [text; image] sequence sharded as one. PipeFusion (``pipefusion`` axis, or ``pipefusion_patches``)
 splits both stacks over the stages, each patch of image tokens carrying a slice of the text round the
-stages once per stack (the text's K/V buffered as the image's: every token computed once a step) (:func:`xdit_jax.parallel.pipefusion.run_pipefusion`; xDiT's defaults: as many
+stages once per stack (the text's K/V buffered as the image's: every token computed once a step)
+(:func:`xdit_jax.parallel.pipefusion.run_pipefusion`; xDiT's defaults: as many
 patches as stages, one exact warm-up step). Guidance-distilled checkpoints (FLUX.1-dev) take
 ``guidance_scale`` as an embedding; diffusers' "true CFG" (``true_cfg_scale > 1`` with a negative
 prompt) runs both halves in the batch (split over ``cfg=2``). The flow-matching Euler step with
@@ -21,8 +22,8 @@ Known differences: t x 1000 and guidance x 1000 enter their sinusoids in float32
 (diffusers and BFL's sampler round them to bf16 first); with ``prompt_embeds`` of fewer than
 ``max_sequence_length`` tokens and true CFG, the negative prompt is encoded at the prompt's length
 (both halves run in one batch; diffusers encodes it at ``max_sequence_length`` in a separate call).
-The double-stream phase holds the text whole on every device, so its text work is repeated per
-device: at 1024 px on 8 devices about a quarter more linear FLOPs than an even split.
+The double-stream phase shards the text over the sequence group with the image (``run_blocks(...,
+text=flux.TEXT_KEYS)``), so each device computes its slice of the text's work.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def unpack_latents(latents, h: int, w: int):
 def transformer_over_mesh(graphdef, state, args, mesh, backend: str = "xla", rope=None):
     """(Traced.) The FLUX transformer on ``args`` = (hidden_states, encoder_hidden_states,
     pooled_projections, timestep, img_ids, txt_ids, guidance) over ``mesh``: embed, the double-stream
-    blocks over the image tokens (text whole: ``run_blocks(..., with_context=True)``), the
+    blocks over the image tokens (the text sharded too: ``run_blocks(..., with_context=True, text=)``), the
     single-stream blocks over [text; image], the head. Equals ``model(*args)`` on one device."""
     model = nnx.merge(graphdef, state)
     x, tokens, cond, txt_rope = model.embed(*args, rope=rope)

@@ -6,7 +6,7 @@
 
 T5 (256 tokens, with its mask; ``force_zeros_for_empty_prompt`` as diffusers), the asymmetric
 transformer's video tokens sharded over (ring, ulysses) by
-:func:`xdit_jax.parallel.sequence.run_blocks` with the caption stream held whole by every device
+:func:`xdit_jax.parallel.sequence.run_blocks`, the caption stream too, in slices of its own
 (:mod:`xdit_jax.models.mochi`), CFG and the flow-matching Euler step over Mochi's linear-quadratic
 sigmas inside the one jitted step, and the causal 3D VAE decode split over the mesh.
 

@@ -8,12 +8,13 @@ Three text encoders as diffusers uses them: CLIP-L and CLIP-G (their penultimate
 concatenated and zero-padded to T5's width; their projected pooled outputs concatenated) and T5
 (``max_sequence_length`` tokens, no mask; zeros where the pipeline has no T5, as diffusers). The
 MMDiT's image tokens are sharded over (ring, ulysses) by
-:func:`xdit_jax.parallel.sequence.run_blocks`, the text (77 + T5 tokens) is held whole by every
-device and joins each joint attention as a context (:mod:`xdit_jax.models.sd3`); CFG and the
+:func:`xdit_jax.parallel.sequence.run_blocks`, the text (77 + T5 tokens) too, in slices of its own,
+joining each joint attention as a context (:mod:`xdit_jax.models.sd3`); CFG and the
 flow-matching Euler step are inside the one jitted step; the VAE decode is split over the mesh.
 PipeFusion (``pipefusion`` mesh axis, or ``pipefusion_patches``) splits the stacked joint blocks into
 stages and the image into patches, each patch carrying a slice of the text stream (the text's K/V
-buffered as the image's: each text token computed once a step); the last block runs on the last stage. SD3.5 Medium's two runs (dual-attention blocks 0-12, then plain ones) are
+buffered as the image's: each text token computed once a step); the last block runs on the last stage.
+SD3.5 Medium's two runs (dual-attention blocks 0-12, then plain ones) are
 each split over all the stages (a looped pipeline), its dual blocks keeping a K/V buffer per attention.
 Skip-layer guidance (``skip_guidance_layers``, SD3.5 Medium's recommended [7, 8, 9]) as
 diffusers': on the steps between ``skip_layer_guidance_start`` and ``_stop`` (fractions of the steps) one
