@@ -74,9 +74,9 @@ def _warm_then_patched(model, module, mesh, patches, method="blocks", tail=False
     buffers after each, stages)."""
     cfg, graphdef, state, (x, tokens, cond), _ = model
     stacks = module.pipefusion_stacks(cfg)
-    text = stacks.get("text_keys") if sliced else None
-    text_len = jax.tree.leaves(cond[text[0]])[0].shape[1] if text else None
     m = build_mesh(mesh)
+    text = stacks.get("text_keys") if sliced and pipefusion.slices_text(m) else None
+    text_len = jax.tree.leaves(cond[text[0]])[0].shape[1] if text else None
     stages = m.shape["pipefusion"]
     st = pipefusion.pad_stack(state, stacks["stacked"], stages)
     cache = pipefusion.init_cache(m, pipefusion.stack_slots(stacks["stacked_layers"], stages), 2, x.shape[1],
@@ -118,7 +118,6 @@ def test_the_form_pipefusion_runs_equals_the_models_blocks(family):
 
 @pytest.mark.parametrize("mesh,patches,sliced", [
     ("pipefusion=3,ulysses=2", 3, True), (None, 3, True), ("pipefusion=2,ring=2", 2, False),
-    pytest.param("pipefusion=2,ring=2", 2, True, marks=SLOW),  # the FLUX pipeline test runs this mesh
     pytest.param("pipefusion=2", 2, True, marks=SLOW), pytest.param("pipefusion=3", 2, True, marks=SLOW),
     pytest.param("cfg=2,pipefusion=2,ulysses=2", 3, True, marks=SLOW),
     pytest.param("pipefusion=3,ulysses=2", 3, False, marks=SLOW)])
@@ -131,6 +130,20 @@ def test_flux_patches_with_buffers_of_the_same_input_are_exact(mesh, patches, sl
     assert len(cache1) == (8 if sliced else 4)  # (k, v[, text k, text v]) per stack, no final block
     for a in cache1:  # every layer slot of both stacks filled
         assert float(jnp.abs(a).max(axis=(1, 2, 3, 4)).min()) > 0.1
+
+
+def test_text_slices_with_a_ring_are_refused():
+    """Not yet: on pipefusion=2,ring=2 the looped FLUX pipeline's patched step with sliced text came out wrong
+    (O(1), and an XLA:CPU abort in some runs; ring=2 alone and pipefusion=2 alone are exact), so the pipelines
+    carry the whole text per patch on ring meshes (pipefusion.slices_text) and run_pipefusion refuses."""
+    cfg, graphdef, state, (x, tokens, cond), _ = _flux()
+    m = build_mesh("pipefusion=2,ring=2")
+    assert not pipefusion.slices_text(m) and pipefusion.slices_text(build_mesh("pipefusion=2,ulysses=2"))
+    cache = pipefusion.init_cache(m, (2, 2), 2, x.shape[1], cfg.num_attention_heads, cfg.attention_head_dim,
+                                  jnp.float32, 2, abstract=True, text_len=5)
+    with pytest.raises(NotImplementedError, match="text slices with ring > 1"):
+        pipefusion.run_pipefusion(_blocks(graphdef), state, x, tokens, cond, cache, m, patches=2,
+                                  stacked=flux.STACKS, num_layers=(3, 4), text=flux.TEXT_KEYS)
 
 
 def test_looped_pipeline_runs_only_the_live_stacks():
@@ -195,7 +208,7 @@ def test_stacks_of_the_configs():
 
 
 @pytest.mark.parametrize("mesh,patches", [
-    ("pipefusion=2,ring=2", 2), pytest.param("cfg=2,pipefusion=2,ulysses=2", 3, marks=SLOW),
+    ("cfg=2,pipefusion=2,ulysses=2", 3), pytest.param("pipefusion=2,ring=2", 2, marks=SLOW),
     pytest.param(None, 3, marks=SLOW), pytest.param("pipefusion=2", 2, marks=SLOW)])
 def test_sd35_medium_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
     """Two runs (dual-attention blocks, then plain ones) looped over the stages, two K/V buffers per dual
@@ -204,14 +217,14 @@ def test_sd35_medium_patches_with_buffers_of_the_same_input_are_exact(mesh, patc
     warm, patched, cache1, cache2, stages = _warm_then_patched(model, sd3, mesh, patches, tail=True)
     _check_exact(model[-1], warm, patched, cache1, cache2)
     dual_rows = 2 * len(pipefusion.stage_layout(3, stages))  # rows: slots (3 layers padded to the stages) x 2
-    # (k, v, text k, text v) for each run, then the final block's
-    assert [a.shape[0] for a in cache1] == [dual_rows] * 4 + [2] * 4 + [stages * 2] * 4
-    for i, a in enumerate(cache1[:8]):  # every row of both runs filled (both attentions of the dual blocks)
+    g = 4 if pipefusion.slices_text(build_mesh(mesh)) else 2  # (k, v[, text k, text v]) per run, then the last's
+    assert [a.shape[0] for a in cache1] == [dual_rows] * g + [2] * g + [stages * 2] * g
+    for i, a in enumerate(cache1[:2 * g]):  # every row of both runs filled (both attentions of the dual blocks)
         rows = jnp.abs(a).max(axis=(1, 2, 3, 4))
-        if i in (2, 3):  # the dual run's text buffers: a dual block's second attention is the image's alone
+        if g == 4 and i in (2, 3):  # the dual run's text buffers: a dual block's second attention is the image's
             rows = rows[::2]
         assert float(rows.min()) > 0.1
-    for a in cache1[8:]:  # the last stage's final rows
+    for a in cache1[2 * g:]:  # the last stage's final rows
         assert float(jnp.abs(a[-2:]).max(axis=(1, 2, 3, 4)).max()) > 0.1
 
 

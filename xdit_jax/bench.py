@@ -552,7 +552,7 @@ def batch_sharding(mesh, ndim: int):
 def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
                patches: int | None = None, num_layers=None, family: Family | None = None, stacked=None,
                input_names: tuple[str, ...] = ("latents", "embeds", "t"),
-               host_inputs: dict | None = None, text: tuple = ()) -> tuple[Callable, str]:
+               host_inputs: dict | None = None, text: tuple = (), pf_text: tuple = ()) -> tuple[Callable, str]:
     """The benchmarked step, ``(state, *inputs) -> noise_pred`` on the CFG batch, jitted; ``inputs``
     in the order of ``input_names`` (the keys of :func:`make_inputs`; CogVideoX: latents, embeds, t).
 
@@ -605,7 +605,7 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
             joint, tokens, cond = model.embed(*embed_args)[:3]  # (FLUX's embed also gives its text tables)
             joint, kv = run_pipefusion(pf_blocks, state, joint, tokens, cond, kv, mesh, patches=patches, warmup=False,
                                        stacked=stacked or family.stacked, backend=attention_backend,
-                                       num_layers=num_layers, text=text or None)
+                                       num_layers=num_layers, text=pf_text or None)
             return model.head(joint, cond, shape).astype(jnp.float32), kv
         if forward is not None:
             pred = forward(graphdef, state, embed_args, mesh, attention_backend)
@@ -1053,13 +1053,14 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             else:
                 args = tuple(jax.device_put(inputs[k]) for k in names)
             jax.block_until_ready(args)
+    from xdit_jax.parallel import pipefusion
+
     step, row["step_path"] = build_step(graphdef, mesh, dtype, row["attention_backend"], patches,
                                         family.stacked_layers(tcfg), family=family, stacked=family.stacks(tcfg),
                                         input_names=names, text=family.text_keys(tcfg),
+                                        pf_text=family.text_keys(tcfg) if pipefusion.slices_text(mesh) else (),
                                         host_inputs=host)
     if patches:  # PipeFusion's K/V buffers: an argument (donated, given back by each step)
-        from xdit_jax.parallel import pipefusion
-
         lat = inputs["latents"].shape
         seq = attention_tokens
         if seq is None:  # CogVideoX: joint attention over text + video tokens
@@ -1068,7 +1069,8 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
                                              tcfg.attention_head_dim, dtype, patches, tail=family.final_block,
                                              abstract=opts.compile_only, **family.stack_attentions(tcfg),
-                                             text_len=text_tokens if family.text_keys(tcfg) else None),)
+                                             text_len=text_tokens if family.text_keys(tcfg) and
+                                             pipefusion.slices_text(mesh) else None),)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
     with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
         lowered = step.lower(state, *args)

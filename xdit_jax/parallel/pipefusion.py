@@ -22,7 +22,8 @@ scan's carry: the patch's tokens, and for a two-stream model (Mochi, SD3, FLUX) 
 The text is cut into as many slices as patches, slice ``m`` riding with patch ``m`` (``text=``; its K/V
 buffered like the image's, so each text token is computed once a step and attends, as the image's do,
 to this step's slices before it and the last step's after it); without ``text`` each patch carries a copy
-of the whole text (computed once per patch). A block that ends the stack after the scan (their
+of the whole text (computed once per patch; also what runs on ring > 1 meshes for now: :func:`slices_text`). A
+block that ends the stack after the scan (their
 ``context_pre_only`` last block) goes through :func:`final_block`: its result counts on the last stage,
 and it has K/V buffers of its own.
 
@@ -251,6 +252,12 @@ KV_SPEC = P(AXIS, BATCH_AXES, "ring", "ulysses")
 TEXT_KV_SPEC = P(AXIS, BATCH_AXES)
 
 
+def slices_text(mesh) -> bool:
+    """Whether PipeFusion slices a two-stream model's text with the patches on ``mesh`` (``run_pipefusion``'s
+    ``text``): not with ring > 1 yet, where each patch carries the whole text instead."""
+    return mesh is None or mesh.shape.get("ring", 1) == 1
+
+
 def text_length(text_len: int, patches: int) -> int:
     """The text padded to ``patches`` equal slices (PipeFusion's ``text``: one slice rides with each patch)."""
     return patches * -(-int(text_len) // patches)
@@ -387,6 +394,10 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
                        for j in range(rr)]) if rr > 1 else None
     warm_tokens = _buffer_tokens(patches, plen, rr, u) if warmup else None
     text_keys, text_valid, tlen = tuple(text or ()), None, 0
+    if text_keys and not slices_text(mesh):
+        raise NotImplementedError("PipeFusion's text slices with ring > 1 are not supported yet (a looped FLUX "
+                                  "pipeline on pipefusion=2,ring=2 gave a wrong patched step); pass text=None there "
+                                  "(each patch then carries the whole text).")
     if text_keys:
         missing = [key for key in text_keys if key not in cond]
         if missing:

@@ -488,7 +488,7 @@ class PipelineBase:
         return pipefusion.run_pipefusion(blocks, tstate, x, tokens, cond, kv, self.mesh,
                                          patches=self.pipefusion_patches, warmup=warmup, stacked=self.stacked,
                                          backend=self.attention_backend, num_layers=self.stacked_layers,
-                                         text=self.text_keys or None)
+                                         text=self._pipefusion_text())
 
     def _pipefusion_buffers(self, step_batch: int, seq: int, abstract: bool = False, text_len: int | None = None):
         """PipeFusion's zero K/V buffers (``abstract``: ShapeDtypeStructs) for a step batch of ``step_batch``
@@ -504,7 +504,13 @@ class PipelineBase:
         return pipefusion.init_cache(self.mesh, slots, step_batch, seq, tc.num_attention_heads, tc.attention_head_dim,
                                      self.dtype, self.pipefusion_patches, tail=self.final_block, abstract=abstract,
                                      attentions=self.stack_attentions, tail_attentions=self.tail_attentions,
-                                     text_len=text_len if self.text_keys else None)
+                                     text_len=text_len if self._pipefusion_text() else None)
+
+    def _pipefusion_text(self):
+        """The text keys PipeFusion slices with the patches on this mesh (None: each patch carries it whole)."""
+        from xdit_jax.parallel import pipefusion
+
+        return self.text_keys or None if pipefusion.slices_text(self.mesh) else None
 
     def _jit_step(self, key, step):
         """``jax.jit(step)`` cached under ``key``; the carry (latents, scheduler state, K/V buffers)
