@@ -561,7 +561,9 @@ def build_step(graphdef, mesh=None, dtype=None, attention_backend: str = "xla",
     the tree has them; else the plain ``model(...)`` call), or the family's own forward over the mesh
     where it has one (:meth:`Family.mesh_forward`: FLUX's two block phases). ``family`` (default CogVideoX)
     gives the arguments of ``embed``; ``host_inputs``: the family's host arrays (:attr:`Family.host_inputs`),
-    constants of the trace, not arguments. Returns (jitted step, which path).
+    constants of the trace, not arguments. ``text``: the family's text keys, sharded over the sequence group
+    (``run_blocks``' ``text``); ``pf_text``: those PipeFusion slices with the patches on this mesh (empty: each
+    patch carries the whole text). Returns (jitted step, which path).
     This is the one function to swap for the pipeline's full step (guidance + scheduler update).
     ``patches``: PipeFusion (:mod:`xdit_jax.parallel.pipefusion`), the step is then
     ``(state, *inputs, kv) -> (noise_pred, kv)``, a patched (not warm-up) step; ``stacked`` / ``num_layers``:
