@@ -193,7 +193,8 @@ def test_pipeline_warmup_steps_equal_one_device(pipes):
 
 
 # one mesh per family (the model-level tests above run the others); no ring for the two-stream families: their
-# text is sliced with the patches, as in the one-device reference, except on ring meshes (pipefusion.slices_text)
+# text is sliced with the patches, as in the one-device reference, except on the CPU's ring meshes
+# (pipefusion.slices_text)
 PATCHED_MESH = {"MochiPipeline": "pipefusion=2,ulysses=2", "StableDiffusion3Pipeline": "data=2,pipefusion=2",
                 "FluxPipeline": "pipefusion=2,ulysses=2", "HunyuanDiTPipeline": "cfg=2,pipefusion=3"}
 

@@ -22,7 +22,7 @@ scan's carry: the patch's tokens, and for a two-stream model (Mochi, SD3, FLUX) 
 The text is cut into as many slices as patches, slice ``m`` riding with patch ``m`` (``text=``; its K/V
 buffered like the image's, so each text token is computed once a step and attends, as the image's do,
 to this step's slices before it and the last step's after it); without ``text`` each patch carries a copy
-of the whole text (computed once per patch; also what runs on ring > 1 meshes for now: :func:`slices_text`). A
+of the whole text (computed once per patch; also what runs on CPU ring > 1 meshes: :func:`slices_text`). A
 block that ends the stack after the scan (their
 ``context_pre_only`` last block) goes through :func:`final_block`: its result counts on the last stage,
 and it has K/V buffers of its own.
@@ -49,6 +49,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -252,10 +253,27 @@ KV_SPEC = P(AXIS, BATCH_AXES, "ring", "ulysses")
 TEXT_KV_SPEC = P(AXIS, BATCH_AXES)
 
 
-def slices_text(mesh) -> bool:
+# XLA:CPU's concurrency-optimized HLO scheduler (on by default in jax 0.10): with it, the looped FLUX pipeline with
+# the text sliced on pipefusion=2,ring=2 (2 patches) ran nondeterministically on the CPU: the same compiled program
+# on the same inputs gave the exact patched step, an O(1) error, or a collective rendezvous that never completed
+# (9 processes of 11 failed, with 8 simulated devices; with 4 the same step was exact), while every other mesh and
+# patch count was exact, and with this flag set 7 processes of 7 (19 patched steps) were exact. A pure XLA program
+# cannot be nondeterministic: the fault is XLA:CPU's concurrent thunk execution, not the math (which the flag lets
+# the tests check). GPUs run a program's collectives in one stream order.
+CPU_RING_TEXT_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def slices_text(mesh, platform: str | None = None) -> bool:
     """Whether PipeFusion slices a two-stream model's text with the patches on ``mesh`` (``run_pipefusion``'s
-    ``text``): not with ring > 1 yet, where each patch carries the whole text instead."""
-    return mesh is None or mesh.shape.get("ring", 1) == 1
+    ``text``). Everywhere except on the CPU with ring > 1, unless ``XLA_FLAGS`` holds :data:`CPU_RING_TEXT_FLAG`
+    (an XLA:CPU fault, above); there each patch carries the whole text instead. ``platform``: the mesh's
+    devices' (default: theirs, or jax's default backend for an abstract mesh)."""
+    if mesh is None or mesh.shape.get("ring", 1) == 1:
+        return True
+    if platform is None:
+        devices = getattr(mesh, "devices", None)
+        platform = devices.flat[0].platform if isinstance(devices, np.ndarray) else jax.default_backend()
+    return platform != "cpu" or CPU_RING_TEXT_FLAG in os.environ.get("XLA_FLAGS", "")
 
 
 def text_length(text_len: int, patches: int) -> int:
@@ -395,9 +413,10 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     warm_tokens = _buffer_tokens(patches, plen, rr, u) if warmup else None
     text_keys, text_valid, tlen = tuple(text or ()), None, 0
     if text_keys and not slices_text(mesh):
-        raise NotImplementedError("PipeFusion's text slices with ring > 1 are not supported yet (a looped FLUX "
-                                  "pipeline on pipefusion=2,ring=2 gave a wrong patched step); pass text=None there "
-                                  "(each patch then carries the whole text).")
+        raise NotImplementedError("PipeFusion's text slices with ring > 1 on the CPU need "
+                                  f"XLA_FLAGS={CPU_RING_TEXT_FLAG} (set before jax starts: XLA:CPU's concurrent "
+                                  "runtime ran such a step nondeterministically); or pass text=None (each patch "
+                                  "then carries the whole text).")
     if text_keys:
         missing = [key for key in text_keys if key not in cond]
         if missing:
