@@ -109,8 +109,10 @@ def main_step(argv: list[str]) -> int:
     args = step_parser().parse_args(argv)
     # Process-wide XLA settings must be in the environment before jax is imported.
     flags = os.environ.get("XLA_FLAGS", "")
-    if args.host_devices:
-        flags += f" --xla_force_host_platform_device_count={args.host_devices}"
+    if args.host_devices:  # with XLA:CPU's concurrency-optimized scheduler off (see pipefusion.CPU_RING_TEXT_FLAG)
+        from xdit_jax.parallel.pipefusion import CPU_RING_TEXT_FLAG  # jax imported, its backends not started
+
+        flags += f" --xla_force_host_platform_device_count={args.host_devices} {CPU_RING_TEXT_FLAG}"
     if args.xla_flags:
         flags += " " + args.xla_flags
     if flags.strip():

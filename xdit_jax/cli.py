@@ -217,7 +217,9 @@ def _backends_initialized() -> bool:
 
 
 def ensure_devices(n: int) -> str | None:
-    """On a CPU-only machine, ask XLA for ``n`` simulated devices (before jax is imported)."""
+    """On a CPU-only machine, ask XLA for ``n`` simulated devices (before jax's backends start), with XLA:CPU's
+    concurrency-optimized scheduler off (``pipefusion.CPU_RING_TEXT_FLAG``: a step over simulated devices ran
+    nondeterministically with it; the same speed on one device)."""
     if n <= 1 or _backends_initialized():
         return None
     platforms = os.environ.get("JAX_PLATFORMS", "")
@@ -233,7 +235,9 @@ def ensure_devices(n: int) -> str | None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags:
         return None
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    from xdit_jax.parallel.pipefusion import CPU_RING_TEXT_FLAG  # XLA:CPU's concurrent runtime: see there
+
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n} {CPU_RING_TEXT_FLAG}".strip()
     return f"CPU only: simulating {n} CPU devices for the mesh"
 
 
