@@ -20,6 +20,7 @@ family runs every mesh axis, PipeFusion included, and its whole pipeline end to 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -222,16 +223,26 @@ class TorchReference:
         self.model = model.to(self.device)
         self.dtype = tdtype
 
-    def _make_model(self, cfg: dict):
-        from diffusers import CogVideoXTransformer3DModel
+    diffusers_class = "CogVideoXTransformer3DModel"
 
-        return CogVideoXTransformer3DModel(**cfg)
+    def _make_model(self, cfg: dict):
+        """diffusers' ``diffusers_class`` from the config keys its constructor takes (the hub's configs carry
+        more), weights drawn by its own init (seeded)."""
+        import inspect
+
+        import diffusers
+
+        cls = getattr(diffusers, self.diffusers_class)
+        takes = inspect.signature(cls.__init__).parameters
+        return cls.from_config({k: v for k, v in cfg.items() if k in takes})
+
+    def _put(self, inputs: dict, key: str, dtype=None):
+        """``inputs[key]`` as a torch tensor on the reference's device (in ``dtype``)."""
+        return self.torch.from_numpy(np.ascontiguousarray(inputs[key])).to(self.device, dtype)
 
     def set_inputs(self, inputs: dict, w):
-        torch = self.torch
-        self.x = torch.from_numpy(inputs["latents"]).to(self.device, self.dtype)
-        self.enc = torch.from_numpy(inputs["embeds"]).to(self.device, self.dtype)
-        self.t = torch.from_numpy(inputs["t"]).to(self.device)
+        self.x, self.enc = self._put(inputs, "latents", self.dtype), self._put(inputs, "embeds", self.dtype)
+        self.t = self._put(inputs, "t")
         self.rope = None
         if self.model.config.use_rotary_positional_embeddings:
             import types
@@ -393,21 +404,12 @@ class PixArtTorchReference(TorchReference):
     call it (the caption mask; ``added_cond_kwargs`` with None values where the model has no
     micro-conditions)."""
 
-    def _make_model(self, cfg):
-        import inspect
-
-        from diffusers import PixArtTransformer2DModel
-
-        takes = inspect.signature(PixArtTransformer2DModel.__init__).parameters
-        return PixArtTransformer2DModel.from_config({k: v for k, v in cfg.items() if k in takes})
+    diffusers_class = "PixArtTransformer2DModel"
 
     def set_inputs(self, inputs, w):
-        torch = self.torch
-        self.x = torch.from_numpy(inputs["latents"]).to(self.device, self.dtype)
-        self.enc = torch.from_numpy(inputs["embeds"]).to(self.device, self.dtype)
-        self.t = torch.from_numpy(inputs["t"]).to(self.device)
-        self.mask = torch.from_numpy(inputs["mask"]).to(self.device)
-        self.added = {k: (torch.from_numpy(inputs[k]).to(self.device, self.dtype) if k in inputs else None)
+        self.x, self.enc = self._put(inputs, "latents", self.dtype), self._put(inputs, "embeds", self.dtype)
+        self.t, self.mask = self._put(inputs, "t"), self._put(inputs, "mask")
+        self.added = {k: (self._put(inputs, k, self.dtype) if k in inputs else None)
                       for k in ("resolution", "aspect_ratio")}
 
     def _forward(self):
@@ -592,17 +594,10 @@ class HunyuanDiTTorchReference(TorchReference):
     calls it: both text states and masks, the timestep in the model's dtype, ``image_rotary_emb`` for
     the latent grid and, for v1.0/1.1, ``image_meta_size`` and ``style``."""
 
-    def _make_model(self, cfg):
-        import inspect
-
-        from diffusers import HunyuanDiT2DModel
-
-        takes = inspect.signature(HunyuanDiT2DModel.__init__).parameters
-        return HunyuanDiT2DModel.from_config({k: v for k, v in cfg.items() if k in takes})
+    diffusers_class = "HunyuanDiT2DModel"
 
     def set_inputs(self, inputs, w):
-        torch = self.torch
-        put = lambda k, dt=None: torch.from_numpy(inputs[k]).to(self.device, dt)
+        put = functools.partial(self._put, inputs)
         self.x = put("latents", self.dtype)
         self.t = put("t", self.dtype)  # diffusers: t_expand in the latents' dtype
         self.enc, self.mask = put("embeds", self.dtype), put("mask")
@@ -801,21 +796,16 @@ class MochiTorchReference(TorchReference):
     mask. Its RoPE frequencies (``pos_frequencies``, learned; zeros at init) are drawn at random, as a
     checkpoint's are non-zero, so that the output check sees the rotation."""
 
+    diffusers_class = "MochiTransformer3DModel"
+
     def _make_model(self, cfg):
-        import inspect
-
-        from diffusers import MochiTransformer3DModel
-
-        torch = self.torch
-        takes = inspect.signature(MochiTransformer3DModel.__init__).parameters
-        model = MochiTransformer3DModel.from_config({k: v for k, v in cfg.items() if k in takes})
-        with torch.no_grad():
-            model.pos_frequencies.copy_(torch.randn(model.pos_frequencies.shape) * 0.1)
+        model = super()._make_model(cfg)
+        with self.torch.no_grad():
+            model.pos_frequencies.copy_(self.torch.randn(model.pos_frequencies.shape) * 0.1)
         return model
 
     def set_inputs(self, inputs, w):
-        torch = self.torch
-        put = lambda k, dt=None: torch.from_numpy(inputs[k]).to(self.device, dt)
+        put = functools.partial(self._put, inputs)
         self.x = put("latents", self.dtype)
         self.enc = put("embeds", self.dtype)
         self.t = put("t", self.dtype)
@@ -969,17 +959,11 @@ class FluxTorchReference(TorchReference):
     and, where ``guidance_embeds``, ``guidance`` (B,) float32. With true CFG the pipeline calls it once per
     half; here once on both halves (the same work, as ours)."""
 
-    def _make_model(self, cfg):
-        import inspect
-
-        from diffusers import FluxTransformer2DModel
-
-        takes = inspect.signature(FluxTransformer2DModel.__init__).parameters
-        return FluxTransformer2DModel.from_config({k: v for k, v in cfg.items() if k in takes})
+    diffusers_class = "FluxTransformer2DModel"
 
     def set_inputs(self, inputs, w):
         torch = self.torch
-        put = lambda k, dt=None: torch.from_numpy(np.ascontiguousarray(inputs[k])).to(self.device, dt)
+        put = functools.partial(self._put, inputs)
         self.x = put("latents", self.dtype)
         self.enc = put("embeds", self.dtype)
         self.pooled = put("pooled", self.dtype)
@@ -1167,17 +1151,11 @@ class SD3TorchReference(TorchReference):
     CLIP + T5 states and the pooled CLIP embeddings in the model's dtype, ``timestep`` the scheduler's t
     expanded to the batch (float32; the model casts its sinusoid to the pooled embeddings' dtype)."""
 
-    def _make_model(self, cfg):
-        import inspect
-
-        from diffusers import SD3Transformer2DModel
-
-        takes = inspect.signature(SD3Transformer2DModel.__init__).parameters
-        return SD3Transformer2DModel.from_config({k: v for k, v in cfg.items() if k in takes})
+    diffusers_class = "SD3Transformer2DModel"
 
     def set_inputs(self, inputs, w):
         torch = self.torch
-        put = lambda k, dt=None: torch.from_numpy(np.ascontiguousarray(inputs[k])).to(self.device, dt)
+        put = functools.partial(self._put, inputs)
         self.x = put("latents", self.dtype)
         self.enc = put("embeds", self.dtype)
         self.pooled = put("pooled", self.dtype)
