@@ -146,6 +146,7 @@ def test_text_slices_with_a_ring_on_the_cpu_need_the_scheduler_flag():
     assert pipefusion.CPU_RING_TEXT_FLAG not in os.environ.get("XLA_FLAGS", "")
     assert not pipefusion.slices_text(m) and pipefusion.slices_text(build_mesh("pipefusion=2,ulysses=2"))
     assert pipefusion.slices_text(m, platform="gpu") and pipefusion.slices_text(None)
+    assert not pipefusion.slices_text(m.abstract_mesh)  # no devices: jax's default backend (here the CPU)
     cache = pipefusion.init_cache(m, (2, 2), 2, x.shape[1], cfg.num_attention_heads, cfg.attention_head_dim,
                                   jnp.float32, 2, abstract=True, text_len=5)
     with pytest.raises(NotImplementedError, match=pipefusion.CPU_RING_TEXT_FLAG):

@@ -270,9 +270,8 @@ def slices_text(mesh, platform: str | None = None) -> bool:
     devices' (default: theirs, or jax's default backend for an abstract mesh)."""
     if mesh is None or mesh.shape.get("ring", 1) == 1:
         return True
-    if platform is None:
-        devices = getattr(mesh, "devices", None)
-        platform = devices.flat[0].platform if isinstance(devices, np.ndarray) else jax.default_backend()
+    if platform is None:  # an AbstractMesh has no devices (its .devices raises)
+        platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else jax.default_backend()
     return platform != "cpu" or CPU_RING_TEXT_FLAG in os.environ.get("XLA_FLAGS", "")
 
 
