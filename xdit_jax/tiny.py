@@ -8,6 +8,7 @@ a small Unigram model trained here with the ``tokenizers`` library and wrapped a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -238,30 +239,37 @@ def random_params(params: dict, seed: int) -> dict:
 
 
 def random_params_on_device(abstract: dict, seed: int, dtype=None, sharding=None) -> dict:
-    """:func:`random_params`' rule drawn on the device by one jitted call (a full-size model in seconds, no
-    host copy): ``abstract`` a pure dict of shapes (``jax.ShapeDtypeStruct``); floating leaves in ``dtype``
-    (default: theirs); ``sharding`` one for every leaf or a callable ``(key path, shape) -> sharding``."""
+    """:func:`random_params`' rule drawn on the device, leaf by leaf (a full-size model in seconds, no host
+    copy): ``abstract`` a pure dict of shapes (``jax.ShapeDtypeStruct``); floating leaves in ``dtype``
+    (default: theirs); ``sharding`` one for every leaf or a callable ``(key path, shape) -> sharding``. Leaf
+    ``i`` is a normal drawn from ``fold_in(key(seed), i)``; one small program per distinct (shape, dtype,
+    sharding), compiled once (one program for the whole tree took seconds to compile: every leaf's RNG in it)."""
     import jax
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    key = jax.random.key(seed)
+    out = []
+    for i, (path, x) in enumerate(flat):
+        shape = tuple(x.shape)
+        dt = jnp.dtype(dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
+        where = sharding(path, shape) if callable(sharding) else sharding
+        rule = init_rule(path, shape)
+        if isinstance(rule, str):
+            out.append((jnp.ones if rule == "ones" else jnp.zeros)(shape, dt, device=where))
+        else:
+            out.append(_normal_drawer(shape, dt, where)(key, i, jnp.float32(rule)))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
-    def make():
-        key = jax.random.key(seed)
-        out = []
-        for i, (path, x) in enumerate(flat):
-            shape = tuple(x.shape)
-            dt = dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-            rule = init_rule(path, shape)
-            if isinstance(rule, str):
-                out.append((jnp.ones if rule == "ones" else jnp.zeros)(shape, dt))
-            else:
-                out.append((jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * rule).astype(dt))
-        return jax.tree_util.tree_unflatten(treedef, out)
 
-    if sharding is None:
-        return jax.jit(make)()
-    shardings = [sharding(path, tuple(x.shape)) if callable(sharding) else sharding for path, x in flat]
-    return jax.jit(make, out_shardings=jax.tree_util.tree_unflatten(treedef, shardings))()
+@functools.cache
+def _normal_drawer(shape: tuple[int, ...], dtype, sharding):
+    """A jitted ``(key, i, std) -> normal(fold_in(key, i), shape) * std`` in ``dtype``, placed by ``sharding``."""
+    import jax
+
+    def draw(key, i, std):
+        return (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * std).astype(dtype)
+
+    return jax.jit(draw) if sharding is None else jax.jit(draw, out_shardings=sharding)
 
 
 def default_tiny_dir(family: str = "cogvideox") -> Path:
