@@ -259,7 +259,7 @@ TEXT_KV_SPEC = P(AXIS, BATCH_AXES)
 # (9 processes of 11 failed, with 8 simulated devices; with 4 the same step was exact), while every other mesh and
 # patch count was exact, and with this flag set 7 processes of 7 (19 patched steps) were exact. A pure XLA program
 # cannot be nondeterministic: the fault is XLA:CPU's concurrent thunk execution, not the math (which the flag lets
-# the tests check). GPUs run a program's collectives in one stream order.
+# the tests check: tests/conftest.py sets the flag). GPUs run a program's collectives in one stream order.
 CPU_RING_TEXT_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
