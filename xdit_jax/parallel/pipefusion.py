@@ -257,9 +257,10 @@ TEXT_KV_SPEC = P(AXIS, BATCH_AXES)
 # the text sliced on pipefusion=2,ring=2 (2 patches) ran nondeterministically on the CPU: the same compiled program
 # on the same inputs gave the exact patched step, an O(1) error, or a collective rendezvous that never completed
 # (9 processes of 11 failed, with 8 simulated devices; with 4 the same step was exact), while every other mesh and
-# patch count was exact, and with this flag set 7 processes of 7 (19 patched steps) were exact. A pure XLA program
-# cannot be nondeterministic: the fault is XLA:CPU's concurrent thunk execution, not the math (which the flag lets
-# the tests check: tests/conftest.py sets the flag). GPUs run a program's collectives in one stream order.
+# patch count was exact, and with this flag set 7 processes of 7 (19 patched steps) were exact. Nothing in the
+# program varies between runs (no RNG, static loop bounds, no conditionals), so the fault is XLA:CPU's concurrent
+# thunk execution, not the math (which the flag lets the tests check: tests/conftest.py sets it, as generate.py and
+# benchmark.py do for simulated devices). GPUs issue a program's collectives in one stream order.
 CPU_RING_TEXT_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
