@@ -29,7 +29,7 @@ def ckpt(tmp_path_factory):
     tv = randomize_(AutoencoderKLCogVideoX(**TINY), seed=3, std=0.1)
     folder = tmp_path_factory.mktemp("vae")
     tv.save_pretrained(folder)
-    cfg = vae_mod.CogVideoXVAEConfig.from_json_file(folder / "config.json")
+    cfg = vae_mod.CogVideoXVAEConfig.from_json(folder / "config.json")
     return tv, cfg, folder
 
 

@@ -43,7 +43,7 @@ def ckpt(tmp_path_factory):
     tv = randomize_(AutoencoderKLMochi(**TINY), seed=3, std=0.1)
     folder = tmp_path_factory.mktemp("mochi_vae")
     tv.save_pretrained(folder)
-    cfg = vae_mod.MochiVAEConfig.from_json_file(folder / "config.json")
+    cfg = vae_mod.MochiVAEConfig.from_json(folder / "config.json")
     return tv, cfg, folder
 
 

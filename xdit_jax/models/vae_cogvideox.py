@@ -33,17 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import FromConfigDict
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.vae_layers import Conv, GroupNorm, group_norm, group_norm_stats  # noqa: F401
 from xdit_jax.parallel import vae as spatial
@@ -66,7 +63,7 @@ _ACTIVATIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class CogVideoXVAEConfig:
+class CogVideoXVAEConfig(FromConfigDict):
     """``vae/config.json`` of a CogVideoX pipeline (the ``AutoencoderKLCogVideoX`` arguments)."""
 
     in_channels: int = 3
@@ -91,16 +88,8 @@ class CogVideoXVAEConfig:
     use_post_quant_conv: bool = False
     invert_scale_latents: bool = False
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CogVideoXVAEConfig":
-        cfg = cls(**known_fields(cls, d))
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "CogVideoXVAEConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> None:
         if any(t != "CogVideoXUpBlock3D" for t in self.up_block_types):

@@ -52,18 +52,15 @@ as in diffusers.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import FromConfigDict
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.vae_layers import Conv, GroupNorm
 from xdit_jax.parallel import vae as spatial
@@ -89,7 +86,7 @@ _UP_BLOCK_TYPES = ("UpDecoderBlock2D", "UNetResUpDecoderBlock2D")  # get_up_bloc
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(FromConfigDict):
     """``vae/config.json`` of an SD / SDXL / PixArt pipeline (the ``AutoencoderKL`` arguments)."""
 
     in_channels: int = 3
@@ -111,16 +108,8 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AutoencoderKLConfig:
-        cfg = cls(**known_fields(cls, d))
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> AutoencoderKLConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> None:
         bad = [t for t in self.up_block_types if t not in _UP_BLOCK_TYPES]

@@ -50,18 +50,15 @@ default, :class:`MochiTilingConfig`), mapped onto :class:`xdit_jax.parallel.vae.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import known_fields
+from xdit_jax.config_util import FromConfigDict
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.vae_layers import Conv, GroupNorm
 from xdit_jax.parallel import vae as spatial
@@ -94,7 +91,7 @@ _LATENTS_STD = (0.9263795028493863, 0.9248894543193766, 0.9393059390890617, 0.95
 
 
 @dataclasses.dataclass(frozen=True)
-class MochiVAEConfig:
+class MochiVAEConfig(FromConfigDict):
     """``vae/config.json`` of a Mochi pipeline (the ``AutoencoderKLMochi`` arguments)."""
 
     in_channels: int = 15
@@ -111,16 +108,8 @@ class MochiVAEConfig:
     latents_std: tuple[float, ...] | None = _LATENTS_STD
     scaling_factor: float = 1.0
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MochiVAEConfig:
-        cfg = cls(**known_fields(cls, d))
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> MochiVAEConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> None:
         ch = self.decoder_block_out_channels

@@ -70,7 +70,7 @@ def _config(name: str):
     for folder in (repo_configs / name, Path(name)):
         for f in (folder / "vae" / "config.json", folder / "config.json"):
             if f.is_file():
-                return CogVideoXVAEConfig.from_json_file(f)
+                return CogVideoXVAEConfig.from_json(f)
     if name == "cogvideox-2b":
         return CogVideoXVAEConfig(**COGVIDEOX_2B)
     raise SystemExit(f"unknown --model {name!r}: tiny, cogvideox-2b, a name in configs/ or a folder "
