@@ -91,6 +91,9 @@ def step_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the diffusers side (default: torch's)")
     p.add_argument("--no-check", action="store_true", help="skip the ours-vs-diffusers output check")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="after timing, trace 2 more calls of our first build with jax.profiler into DIR "
+                        "(perfetto trace) and print where the device time goes (python -m xdit_jax.trace_summary)")
     p.add_argument("--compile-only", action="store_true",
                    help="lower and compile on abstract shapes only (no weights, no steps): compile time, XLA memory, "
                         "HLO FLOPs and collectives of full-size models on any host (simulate devices with "
@@ -138,7 +141,8 @@ def main_step(argv: list[str]) -> int:
         num_frames=args.frames, layers=args.layers, batch=args.batch, cfg=args.cfg, seed=args.seed,
         settle=args.settle, matmul_precision=args.matmul_precision, compile_cache=args.compile_cache,
         compiler_options=bench.parse_compiler_options(args.xla_option), attention_backend=args.attention_backend,
-        check=not args.no_check, compile_only=args.compile_only)
+        check=not args.no_check, compile_only=args.compile_only,
+        profile=args.profile)
     rows = bench.run_step_benchmark(opts) if args.steps > 0 else []
     table = bench.format_table(rows) if rows else ""
     if args.e2e:

@@ -17,11 +17,13 @@ SCRIPT = REPO / "scripts" / "benchmark.py"
 
 
 @pytest.fixture(scope="module")
-def tiny_rows():
-    """The tiny preset against diffusers, 2 timed steps, one extra variant, --json (a subprocess,
+def tiny_rows(tmp_path_factory):
+    """The tiny preset against diffusers, 2 timed steps, two extra variants, profiled, --json (a subprocess,
     as a user runs it: its own jax, one CPU device)."""
+    prof = tmp_path_factory.mktemp("profile")
     return _run(["step", "--model", "tiny", "--steps", "2", "--json", "--settle", "0", "--compare", "diffusers",
-                 "--variant", "heads:attention=heads_major", "--e2e", "1"])
+                 "--variant", "heads:attention=heads_major", "--variant", "unroll:scan=unroll", "--e2e", "1",
+                 "--profile", str(prof)])
 
 
 def _run(args):
@@ -35,8 +37,15 @@ def _run(args):
 
 def test_tiny_rows_present_and_positive(tiny_rows):
     rows, stderr = tiny_rows
-    assert [r["impl"] for r in rows] == ["xdit_jax", "heads", "diffusers", "xdit_jax pipeline"]
+    assert [r["impl"] for r in rows] == ["xdit_jax", "heads", "unroll", "diffusers", "xdit_jax pipeline"]
     assert "step med s" in stderr  # the table went to stderr
+    # --profile: two more calls of the first build traced (no device kernels on the CPU)
+    prof = rows[0]["profile"]
+    assert prof["calls"] == 2 and list(Path(prof["folder"]).rglob("perfetto_trace.json.gz"))
+    assert "no device kernel events" in stderr
+    # the variants of one mesh share the first's weights
+    assert rows[1]["stages_s"]["init_weights"] < 0.1 and rows[2]["stages_s"]["init_weights"] < 0.1
+    assert rows[2]["scan_variant"] == "unroll"
     e2e = rows.pop()
     assert e2e["kind"] == "e2e" and "error" not in e2e, e2e.get("error")
     for label in ("cold", "warm"):
@@ -51,7 +60,7 @@ def test_tiny_rows_present_and_positive(tiny_rows):
         assert r["stages_s"]["first_call"] > 0 and r["stages_s"]["timed_steps"] > 0
         # fp32 on the CPU: the roofline is the host's measured sgemm rate, for ours and diffusers alike
         assert r["peak_tflops"] > 0 and r["peak_source"].startswith("measured") and r["fraction_of_peak"] > 0
-    for r in rows[:2]:
+    for r in rows[:3]:
         assert r["compile_s"] > 0 and r["lower_s"] > 0
         assert r["ratio_vs_diffusers"] > 0
         assert r["peak_memory_bytes"] > 0 and r["peak_memory_source"] in ("xla_memory_analysis", "device_memory_stats")
@@ -77,6 +86,37 @@ def test_compile_only_sequence_parallel_reports_collectives():
     pf = rows[2]
     assert pf["pipefusion_patches"] == 2 and set(pf["collectives"]) >= {"collective-permute", "all-reduce"}
     assert pf["collectives"]["collective-permute"] > 0 and pf["collectives"].get("all-to-all", 0) == 0
+
+
+def test_trace_summary_groups_device_kernels(tmp_path):
+    """The profile summary: kernels on the device's stream lines only (the XLA Ops line repeats them),
+    summed by name and category, per step."""
+    import gzip
+
+    from xdit_jax import trace_summary
+
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #14(Compute)"}},
+            {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}}]
+    kernels = [("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 300.0), ("nvjet_sm90_tst_128x224", 100.0),
+               ("nvjet_sm90_tst_128x224", 100.0), ("loop_multiply_fusion", 40.0), ("memcpy128", 20.0),
+               ("ncclDevKernel_AllReduce", 10.0)]
+    events = meta + [{"ph": "X", "pid": 1, "tid": 7, "name": n, "dur": d, "ts": i} for i, (n, d) in enumerate(kernels)]
+    events += [{"ph": "X", "pid": 1, "tid": 8, "name": "fusion.1", "dur": 999.0, "ts": 0},
+               {"ph": "X", "pid": 2, "tid": 3, "name": "PjitFunction", "dur": 5000.0, "ts": 0}]
+    path = tmp_path / "plugins" / "profile" / "run" / "perfetto_trace.json.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = trace_summary.summarize(trace_summary.load_events(trace_summary.find_trace(tmp_path)), steps=2)
+    assert s["device_s_per_step"] == pytest.approx(285e-6)
+    assert s["categories"] == pytest.approx({"attention": 150e-6, "matmul": 100e-6, "other fusions": 20e-6,
+                                             "copy": 10e-6, "collective": 5e-6})
+    assert s["top"][1][:3] == ("nvjet_sm90_tst_128x224", pytest.approx(100e-6), 1)
+    assert "attention" in trace_summary.format_summary(s)
+    with pytest.raises(FileNotFoundError, match="create_perfetto_trace"):
+        trace_summary.find_trace(tmp_path / "plugins" / "nothing")
 
 
 def test_analytic_flops_formula():
@@ -185,6 +225,9 @@ def test_compiler_option_parsing():
     assert v.compiler_options == {"xla_cpu_enable_fast_math": False}
     with pytest.raises(ValueError):
         bench.parse_variant("x:attention=nope")
+    assert bench.parse_variant("u:scan=unroll").scan == "unroll"
+    with pytest.raises(ValueError, match="Unknown scan variant"):
+        bench.parse_variant("u:scan=sideways")
 
 
 def test_subcommands(monkeypatch, capsys):

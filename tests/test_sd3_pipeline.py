@@ -123,7 +123,28 @@ def test_vae_tiles_where_the_untiled_decode_would_not_fit(tmp_path_factory, monk
         with caplog.at_level("WARNING", logger="xdit_jax"):
             out = ours(PROMPT, **kw).images
         np.testing.assert_array_equal(out, tiled)
-        assert "decoding in tiles" in caplog.text
+        assert "decoding in tiles" in caplog.text and "needs about" in caplog.text
+        # room enough, but compiling the untiled decode runs out of memory (XLA's GPU autotuner): tiles;
+        # any other compile error is raised
+        monkeypatch.setattr(denoise, "device_free_bytes", lambda device: 10 ** 12)
+        compile_decode = denoise.compile_decode
+
+        def failing(message):
+            def fn(*a):
+                raise RuntimeError(message)
+            return fn
+
+        monkeypatch.setattr(denoise, "compile_decode", failing("NOT_FOUND: All configs failed during profiling"))
+        ours.enable_vae_tiling("auto")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="xdit_jax"):
+            np.testing.assert_array_equal(ours(PROMPT, **kw).images, tiled)
+        assert "compile ran out of device memory" in caplog.text
+        monkeypatch.setattr(denoise, "compile_decode", failing("INVALID_ARGUMENT: something else"))
+        ours.enable_vae_tiling("auto")
+        with pytest.raises(RuntimeError, match="something else"):
+            ours(PROMPT, **kw)
+        monkeypatch.setattr(denoise, "compile_decode", compile_decode)
     finally:
         ours.enable_vae_tiling("auto")
 

@@ -66,6 +66,7 @@ from xdit_jax.bench_variants import (  # noqa: F401
     Variant,
     attention_override,
     linear_override,
+    scan_override,
     parse_compiler_options,
     parse_variant,
 )
@@ -768,6 +769,7 @@ class StepOptions:
     attention_backend: str | None = None  # None / "auto": select_attention_backend
     check: bool = True
     compile_only: bool = False  # lower and compile on abstract shapes; no weights, no timed steps
+    profile: str | None = None  # folder: profile 2 more calls of our first build (jax.profiler, perfetto trace)
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
 
 
@@ -878,17 +880,18 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
     variants = [Variant(compiler_options=dict(opts.compiler_options))] + list(opts.variants)
     runners: list[_Runner] = []
     rows: list[dict] = []
+    weights: dict = {}  # by mesh: the variants of one mesh share one copy of the weights
     for spec in opts.meshes:
         ms = _mesh_spec(spec)
         for var in variants:
             row = dict(base, impl=var.label, mesh=str(ms), mesh_devices=ms.size,
                        attention_backend="xla" if var.attention else (var.attention_backend or opts.attention_backend),
                        compiler_options=var.compiler_options or None, attention_variant=var.attention,
-                       linear_variant=var.linear)
+                       linear_variant=var.linear, scan_variant=var.scan)
             try:
                 runners.append(_prepare_ours(row, tcfg, dtype, ms, var, inputs, params, opts,
                                              family=fam, attention_tokens=fam.attention_tokens(w),
-                                             text_tokens=fam.text_len(w)))
+                                             text_tokens=fam.text_len(w), weights=weights))
             except Exception as e:  # e.g. a mesh the engine cannot run yet: report it, go on
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"[bench] {row['mesh']} {var.label}: skipped ({row['error'].splitlines()[0][:200]})")
@@ -942,6 +945,8 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
             time.sleep(settle)
         log(f"[bench] step {i + 1}/{opts.steps}: " + ", ".join(f"{r.row['impl']}@{r.row['mesh']} {r.times[-1]:.3f}s"
                                                            for r in runners))
+    if opts.profile and runners and runners[0].call is not ref:
+        _profile(runners[0], opts.profile, log)
     ref_runner = runners[-1] if ref is not None else None
     for r in runners:
         row = r.row
@@ -974,6 +979,22 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
     return rows
 
 
+def _profile(runner, folder: str, log, calls: int = 2) -> dict:
+    """Trace ``calls`` more calls of ``runner`` into ``folder``; put the device-time summary in its row."""
+    import jax
+
+    from xdit_jax import trace_summary
+
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        for _ in range(calls):
+            runner.call()
+    summary = trace_summary.summarize(trace_summary.load_events(trace_summary.find_trace(folder)), calls)
+    runner.row["profile"] = {"folder": folder, "calls": calls, **{k: summary[k] for k in
+                             ("device_s_per_step", "categories")}, "top": summary["top"][:30]}
+    log("[bench] profile of " + f"{runner.row['impl']}@{runner.row['mesh']}:\n" + trace_summary.format_summary(summary))
+    return summary
+
+
 def _stage_shardings(tcfg, dtype, stage, repl):
     """Shardings for a transformer state under PipeFusion: ``stage`` for the stacked blocks, ``repl`` else."""
     import jax
@@ -990,10 +1011,11 @@ def _stage_shardings(tcfg, dtype, stage, repl):
 
 def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params, opts: StepOptions, *,
                   family: Family | None = None, attention_tokens: int | None = None,
-                  text_tokens: int | None = None) -> _Runner:
+                  text_tokens: int | None = None, weights: dict | None = None) -> _Runner:
     """Weights and inputs on the mesh, the step lowered and compiled; the row filled with what that tells.
     ``attention_tokens``: the self-attention's sequence length (PipeFusion's K/V buffers); ``text_tokens``:
-    a two-stream model's text (sliced with PipeFusion's patches where the family says)."""
+    a two-stream model's text (sliced with PipeFusion's patches where the family says); ``weights``: the
+    states placed so far by mesh, shared by the variants of one mesh (filled here)."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -1001,6 +1023,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     from xdit_jax.mesh import build_mesh
 
     family = family or family_of_model(tcfg)
+    weights = {} if weights is None else weights
     names = tuple(k for k in inputs if k not in family.host_inputs)
     host = {k: inputs[k] for k in family.host_inputs if k in inputs}
 
@@ -1042,13 +1065,16 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
                      for k in names)
     else:
         with timer.stage("init_weights"):
-            if params is not None:  # the diffusers model's weights
+            if str(ms) in weights:  # another variant on this mesh: the same weights, one copy on the devices
+                graphdef, state = weights[str(ms)]
+            elif params is not None:  # the diffusers model's weights
                 graphdef, state = state_from_params(tcfg, params, dtype, repl)
             else:
                 graphdef, state = init_random_state(tcfg, dtype, opts.seed, repl)
-            if patches:  # split (and, for uneven stages, pad) the stacked blocks over the stages
+            if patches and str(ms) not in weights:  # split (and, for uneven stages, pad) the stacked blocks
                 state = pipefusion.pad_stack(state, family.stacks(tcfg), ms.pipefusion, stage_tree)
             jax.block_until_ready(state)
+            weights[str(ms)] = graphdef, state
         with timer.stage("to_device"):
             if mesh is not None:
                 args = tuple(jax.device_put(inputs[k], batch_sharding(mesh, inputs[k].ndim)) for k in names)
@@ -1074,7 +1100,8 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
                                              text_len=text_tokens if family.text_keys(tcfg) and
                                              pipefusion.slices_text(mesh) else None),)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
-    with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear):
+    with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear), \
+            scan_override(var.scan):
         lowered = step.lower(state, *args)
     with timer.stage("compile"):
         compiled = lowered.compile(compiler_options=var.compiler_options) if var.compiler_options \

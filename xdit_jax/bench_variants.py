@@ -52,6 +52,7 @@ class Variant:
     attention: str | None = None  # an entry of ATTENTION_VARIANTS (experiment), None = the model's own
     attention_backend: str | None = None  # AttentionConfig.backend ("xla", "cudnn"); None = the run's
     linear: str | None = None  # an entry of LINEAR_VARIANTS (experiment), None = the model's own
+    scan: str | None = None  # an entry of SCAN_VARIANTS (experiment), None = a rolled lax.scan over the layers
 
 
 def parse_variant(spec: str) -> Variant:
@@ -60,7 +61,7 @@ def parse_variant(spec: str) -> Variant:
     alone — and ``backend=`` (the attention op's backend, "xla" or "cudnn")."""
     label, _, rest = spec.partition(":")
     items = [s for s in rest.split(";") if s.strip()]
-    attn = backend = linear = None
+    attn = backend = linear = scan = None
     opts = []
     for it in items:
         k, _, v = it.partition("=")
@@ -75,10 +76,14 @@ def parse_variant(spec: str) -> Variant:
             if v not in LINEAR_VARIANTS:
                 raise ValueError(f"Unknown linear variant {v!r}; known: {', '.join(LINEAR_VARIANTS)}.")
             linear = v
+        elif k == "scan":
+            if v not in SCAN_VARIANTS:
+                raise ValueError(f"Unknown scan variant {v!r}; known: {', '.join(SCAN_VARIANTS)}.")
+            scan = v
         else:
             opts.append(it)
     return Variant(label=label.strip() or "variant", compiler_options=parse_compiler_options(opts), attention=attn,
-                   attention_backend=backend, linear=linear)
+                   attention_backend=backend, linear=linear, scan=scan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,3 +244,32 @@ def linear_override(name: str | None):
         yield
     finally:
         nnx.Linear.__call__ = original
+
+
+SCAN_VARIANTS = ("unroll",)
+
+
+@contextlib.contextmanager
+def scan_override(name: str | None):
+    """While tracing, unroll the layer stacks' ``lax.scan`` (experiment ``unroll``): each layer reads its
+    weights through a static slice of the stacked arrays instead of a dynamic slice in a loop body (on a
+    GPU the loop copies every layer's weights out of the stack each step). Compile time grows with depth."""
+    if name is None:
+        yield
+        return
+    if name not in SCAN_VARIANTS:
+        raise ValueError(f"Unknown scan variant {name!r}; known: {', '.join(SCAN_VARIANTS)}.")
+    import functools
+    import types
+
+    import jax
+
+    from xdit_jax.parallel import pipefusion
+
+    original = pipefusion.lax
+    pipefusion.lax = types.SimpleNamespace(**{k: getattr(jax.lax, k) for k in dir(jax.lax) if not k.startswith("__")})
+    pipefusion.lax.scan = functools.partial(jax.lax.scan, unroll=True)
+    try:
+        yield
+    finally:
+        pipefusion.lax = original

@@ -251,6 +251,19 @@ def device_free_bytes(device) -> int | None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
+def compile_decode(fn, state, latents):
+    """The untiled decode compiled for ``latents`` (on a GPU this runs XLA's autotuner on the device)."""
+    return fn.lower(state, latents).compile()
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory (also inside XLA's autotuner, which then
+    reports that every config of a fusion failed)."""
+    text = str(error)
+    return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                                   "All configs failed during profiling"))
+
+
 def decode_bytes(compiled) -> int | None:
     """What a compiled decode adds to the device's memory: its temporaries and output (XLA's memory
     analysis, per device), or None where the backend gives no analysis."""
@@ -406,8 +419,11 @@ class PipelineBase:
     def _auto_tiling(self, build, state, latents):
         """The decode for ``latents``: untiled where its compiled plan (XLA's memory analysis: temporaries and
         output per device) fits in 90% of the device's free memory (the least over the processes of a
-        multi-process run), or where the backend does not say how much is free (the CPU); else tiled with the VAE's default tiles, and a warning that says so (a long
-        denoising is not lost to an out-of-memory decode; ``enable_vae_tiling(False)`` refuses tiles)."""
+        multi-process run), or where the backend does not say how much is free (the CPU); else, or where
+        compiling it already runs out of device memory (XLA's GPU autotuner: seen with Mochi's 163-frame
+        decode beside its transformer and T5-XXL on one H100), tiled with the VAE's default tiles, and a
+        warning that says so (a long denoising is not lost to an out-of-memory decode;
+        ``enable_vae_tiling(False)`` refuses tiles)."""
         import logging
 
         plain = build(None)
@@ -420,14 +436,27 @@ class PipelineBase:
             free = None if (got < 0).any() else int(got.min() * 2 ** 20)
         if free is None:
             return plain
-        compiled = plain.lower(state, latents).compile()
-        need = decode_bytes(compiled)
-        if need is None or need <= AUTO_TILING_SHARE * free:
+        try:
+            compiled = compile_decode(plain, state, latents)
+        except Exception as e:  # noqa: BLE001 (XLA's GPU autotuner profiles each fusion in scratch buffers:
+            if not out_of_memory(e):  # a decode that does not fit can fail already while it compiles)
+                raise
+            compiled, why = None, f"its compile ran out of device memory ({str(e).splitlines()[0][:160]})"
+        else:
+            need = decode_bytes(compiled)
+            why = None if need is None or need <= AUTO_TILING_SHARE * free else \
+                f"it needs about {need / 2 ** 30:.1f} GiB per device"
+        if jax.process_count() > 1:  # tiled if any process would not fit (one program everywhere)
+            from jax.experimental import multihost_utils
+
+            if np.asarray(multihost_utils.process_allgather(np.int32(why is not None))).any() and why is None:
+                why = "another process's does not fit"
+        if why is None:
             return compiled
         logging.getLogger("xdit_jax").warning(
-            "The VAE decode of latents %s needs about %.1f GiB per device untiled and %.1f GiB are free: decoding in "
-            "tiles (diffusers' enable_tiling; pipe.enable_vae_tiling(False) turns tiling off, --vae-tiling forces it).",
-            tuple(latents.shape), need / 2 ** 30, free / 2 ** 30)
+            "The VAE decode of latents %s untiled does not fit: %s, and %.1f GiB are free: decoding in tiles "
+            "(diffusers' enable_tiling; pipe.enable_vae_tiling(False) turns tiling off, --vae-tiling forces it).",
+            tuple(latents.shape), why, free / 2 ** 30)
         return build(True)
 
     def enable_vae_tiling(self, tiling=True) -> None:
