@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_KERNELS = "cudnn,pallas,pallas:128x64x4x3,pallas:64x64x4x2,pallas:128x128x8x2"
+DEFAULT_KERNELS = "cudnn,pallas,pallas:128x128x4x2,pallas:64x64x4x2,pallas:128x64x8x3,pallas:128x32x4x4"
 
 
 def make_kernel(name: str, scale: float):
