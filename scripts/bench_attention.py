@@ -1,4 +1,4 @@
-"""Time the per-device attention kernels alone on one shape: cuDNN, our Pallas kernel (several tiles), XLA.
+"""Time per-device attention kernels alone on one shape: cuDNN, Mosaic GPU (FlashAttention-3), Pallas, XLA.
 
     python scripts/bench_attention.py                                  # CogVideoX-5B at 49x480x720, CFG
     python scripts/bench_attention.py --shape 2,17776,30,64            # the 2B layer
@@ -7,7 +7,9 @@
 Each kernel runs ``block_attention`` as the model does (the joint sequence, no padding), warmed up,
 then ``--steps`` calls interleaved; the table shows the median, TFLOP/s (4 B S^2 H D per call) and
 the max difference from the first kernel. ``pallas:BQxBK[xWARPSxSTAGES]`` picks tiles, e.g.
-``pallas:128x64x4x3``. Off a GPU the Pallas kernel runs in the interpreter: tiny shapes only.
+``pallas:128x64x4x3``; ``mosaic:BQxBKV[xSTAGES]`` the tiles of jax's FlashAttention-3 Mosaic GPU kernel
+(H100/H200), e.g. ``mosaic:64x128x2``. Off a GPU the Pallas kernel runs in the interpreter and the Mosaic
+one's reference stands in: tiny shapes only.
 """
 
 from __future__ import annotations
@@ -21,19 +23,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_KERNELS = "cudnn,pallas,pallas:128x128x4x2,pallas:64x64x4x2,pallas:128x64x8x3,pallas:128x32x4x4"
+DEFAULT_KERNELS = ("cudnn,mosaic,mosaic:64x64x2,mosaic:64x128x3,mosaic:64x256x2,mosaic:128x128x2,mosaic:128x64x2,"
+                   "pallas")
 
 
 def make_kernel(name: str, scale: float):
     from xdit_jax.parallel.attention import block_attention
     from xdit_jax.parallel.pallas_attention import flash_attention
 
+    from xdit_jax.parallel.mosaic_attention import Tiles, fa3_attention
+
     if name.startswith("pallas:"):
         parts = [int(x) for x in name.split(":", 1)[1].split("x")]
         tiles = dict(zip(("block_q", "block_k", "num_warps", "num_stages"), parts))
         return lambda q, k, v: flash_attention(q, k, v, scale=scale, **tiles)[0]
-    if name not in ("xla", "cudnn", "pallas"):
-        raise SystemExit(f"unknown kernel {name!r}: use xla, cudnn, pallas or pallas:BQxBK[xWARPSxSTAGES]")
+    if name.startswith("mosaic:"):
+        tiles = Tiles.parse(name.split(":", 1)[1])
+        return lambda q, k, v: fa3_attention(q, k, v, scale=scale, tiles=tiles)[0]
+    if name not in ("xla", "cudnn", "pallas", "mosaic"):
+        raise SystemExit(f"unknown kernel {name!r}: use xla, cudnn, pallas, mosaic, pallas:BQxBK[xWARPSxSTAGES] "
+                         "or mosaic:BQxBKV[xSTAGES]")
     return functools.partial(lambda q, k, v, backend: block_attention(q, k, v, scale=scale, backend=backend,
                                                                       need_lse=False)[0], backend=name)
 

@@ -83,7 +83,7 @@ def step_parser() -> argparse.ArgumentParser:
                         "(KEY=VALUE), backend=xla|cudnn|pallas, and the experiments attention=heads_major|per_head_map|"
                         "per_head_map4|query_chunks|jax_dpa and linear=f32acc (patched at trace time; the model "
                         "files are unchanged)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cudnn", "pallas"],
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cudnn", "pallas", "mosaic"],
                    help="the attention op's per-device kernel: auto = cudnn (flash) on GPU in bf16/fp16, xla "
                         "elsewhere [auto]")
     p.add_argument("--host-devices", type=int, default=None,

@@ -50,7 +50,7 @@ def sharded_attention(spec, q, k, v, *, backend="xla", scale=None):
         with attention_context(cfg):
             return attention(q, k, v, valid_len=s, scale=scale)
 
-    if backend == "pallas":  # a pallas_call's outputs carry no varying-axes type: the pipeline's
+    if backend in ("pallas", "mosaic"):  # a kernel's outputs carry no varying-axes type: the pipeline's
         from xdit_jax.parallel.sequence import _shard_map as unchecked  # shard_map, check_vma=False
         fn = jax.jit(unchecked(body, mesh, (SEQ,) * 3, SEQ))
     else:
@@ -417,3 +417,109 @@ def test_cudnn_lse_is_float32_on_gpu():
             out, _ = jax.jit(lambda *a: attention(*a[:3], context=a[3:]))(*bf(q, k, v, cq, ck, cv), c_mask)
         errs[backend] = float(jnp.mean(jnp.abs(out.astype(jnp.float32) - ref)))
     assert errs["cudnn"] <= 1.5 * errs["xla"], errs
+
+
+# ----- the "mosaic" backend (jax's FlashAttention-3 Mosaic GPU kernel; its reference stands in off a GPU) -----
+# What is checked here is everything around the kernel: its shape contract (float16, head_dim % 64, key and
+# query tiles: the stand-in refuses anything else), the scale folded into q, the split of each block's valid
+# keys into whole key tiles (the kernel) and a remainder (the XLA kernel) merged by the LSE, the base-2 LSE,
+# empty blocks, and the ring's traced block offsets (one branch per count of valid keys). Inputs are rounded
+# to float16 first, so the only error left is the kernel's float16 output (half an ulp, 2^-11 relative),
+# rounded once per partial before the ring's float32 merge: tolerance 2^-10 of the largest output. A mask or
+# offset bug gives errors of O(0.1). Key blocks of 64+ keys so that the kernel part runs (tiles 64 x 64).
+
+def _fp16_qkv(b, s, h, d, seed):
+    return tuple(x.astype(jnp.float16).astype(jnp.float32) for x in _qkv(b, s, h, d, seed=seed))
+
+
+@pytest.fixture
+def mosaic_tiles(monkeypatch):
+    from xdit_jax.parallel import mosaic_attention
+
+    monkeypatch.setattr(mosaic_attention, "DEFAULT_TILES", mosaic_attention.Tiles(64, 64, 2))
+    return mosaic_attention
+
+
+def test_mosaic_kernel_prefix_counts_and_lse():
+    from xdit_jax.parallel.mosaic_attention import Tiles, fa3_attention
+
+    q, k, v = _fp16_qkv(2, 150, 3, 16, seed=12)  # head dim 16: padded to 64 inside
+    for n in (None, 128, 100, 63, 0):  # whole tiles only, tiles + remainder, remainder only, nothing
+        mask = None if n is None else jnp.arange(150) < n
+        ref, ref_lse = _xla_attention(q, k, v, mask, 0.25, jnp.float32)
+        out, lse = fa3_attention(q, k, v, n, scale=0.25, out_dtype=jnp.float32, tiles=Tiles(64, 64, 2))
+        assert out.shape == q.shape and lse.shape == (2, 3, 150)
+        if n == 0:
+            assert bool(jnp.all(out == 0)) and bool(jnp.all(jnp.isneginf(lse)))
+            continue
+        tol = 2.0 ** -10 * float(jnp.max(jnp.abs(ref))) + TOL
+        assert float(jnp.max(jnp.abs(out - ref))) <= tol, n
+        assert float(jnp.max(jnp.abs(lse - ref_lse))) <= TOL, n
+    with pytest.raises(ValueError, match="multiples of 64"):
+        Tiles(96, 32)
+    assert Tiles.parse("128x128x3") == Tiles(128, 128, 3)
+
+
+MOSAIC_CASES = [("one", 149), ("ulysses=2", 149), ("ring=2", 149), ("ring=3", 200), ("ring=4", 200),
+                ("ring=2,ulysses=2", 149)]
+
+
+@pytest.mark.parametrize("spec,s", MOSAIC_CASES, ids=[c[0] for c in MOSAIC_CASES])
+def test_mosaic_backend_matches_single_device(spec, s, mosaic_tiles):
+    """ring=3 (200 -> 201): a last block with one padded key; ring=4 (200 -> 280, blocks of 70): blocks of
+    70, 70, 60 and 0 valid keys."""
+    q, k, v = _fp16_qkv(2, s, 3, 16, seed=13)
+    ref = local_attention(q, k, v)
+    if spec == "one":
+        with attention_context(AttentionConfig(backend="mosaic")):
+            out = jax.jit(lambda *a: attention(*a))(q, k, v)
+    else:
+        out = sharded_attention(spec, q, k, v, backend="mosaic")
+    tol = 2.0 ** -10 * float(jnp.max(jnp.abs(ref))) + TOL
+    assert float(jnp.max(jnp.abs(out - ref))) <= tol, spec
+
+
+def test_mosaic_ring_over_pipefusion_counts(mosaic_tiles):
+    """PipeFusion's ring over its buffers: each ring position's block has its own count of valid leading
+    keys (static), the block offsets traced."""
+    from xdit_jax.parallel.attention import _ring_attention
+    from xdit_jax.parallel.sequence import _shard_map as unchecked
+
+    counts = (70, 50)
+    q, k, v = _fp16_qkv(2, 160, 3, 16, seed=14)  # two blocks of 80 keys
+    mesh = build_mesh("ring=2")
+    body = lambda q, k, v: _ring_attention(q, k, v, ring=2, valid_len=None, scale=None, backend="mosaic",  # noqa
+                                           counts=counts)
+    out = jax.jit(unchecked(body, mesh, (SEQ,) * 3, SEQ))(q, k, v)
+    keep = jnp.concatenate([jnp.arange(80) < counts[0], jnp.arange(80) < counts[1]])
+    ref = local_attention(q, k, v, kv_valid=keep)
+    tol = 2.0 ** -10 * float(jnp.max(jnp.abs(ref))) + TOL
+    assert float(jnp.max(jnp.abs(out - ref))) <= tol
+
+
+def test_mosaic_joint_attention(mosaic_tiles):
+    """Mochi's joint attention under the mosaic backend: a masked caption (the XLA kernel off a GPU, cuDNN
+    on one) and a caption with every key kept (the kernel)."""
+    q, k, v, cq, ck, cv, c_mask = (x if x.dtype == jnp.bool_ else x.astype(jnp.float16).astype(jnp.float32)
+                                   for x in _joint_inputs(2, 149, 7, 3, seed=15))
+    full = jnp.ones(ck.shape[:2], bool)
+    for mask, keep_all in ((c_mask, False), (full, True)):
+        ref, ref_c = _joint_reference(q, k, v, cq, ck, cv, mask)
+        out, out_c = sharded_joint_attention("ring=2,ulysses=2", q, k, v, cq, ck, cv, mask, backend="mosaic",
+                                             keep_all=keep_all)
+        tol = 2.0 ** -10 * max(float(jnp.max(jnp.abs(ref))), float(jnp.max(jnp.abs(ref_c)))) + TOL
+        assert float(jnp.max(jnp.abs(out - ref))) <= tol and float(jnp.max(jnp.abs(out_c - ref_c))) <= tol
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Mosaic GPU kernel needs an H100/H200")
+def test_mosaic_kernel_on_gpu():
+    """On a Hopper GPU: jax's FlashAttention-3 kernel through our plumbing (bf16, CogVideoX's head dim 64, a
+    padded sequence whose valid keys end mid-tile) against float32, and its LSE."""
+    q, k, v = _qkv(2, 1000, 4, 64, seed=16)
+    bf = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+    mask = jnp.arange(1000) < 990
+    ref, ref_lse = _xla_attention(q, k, v, mask, 0.125, jnp.float32)
+    out, lse = jax.jit(lambda q, k, v: block_attention(q, k, v, valid_len=990, scale=0.125, backend="mosaic",
+                                                       out_dtype=jnp.float32))(*bf)
+    assert float(jnp.max(jnp.abs(out - ref))) < 2e-2  # bf16 inputs
+    assert float(jnp.max(jnp.abs(lse - ref_lse))) < 2e-2

@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
-    ap.add_argument("--attention-backend", choices=["auto", "xla", "cudnn", "pallas"], default="auto",
+    ap.add_argument("--attention-backend", choices=["auto", "xla", "cudnn", "pallas", "mosaic"], default="auto",
                     help="per-device attention kernel: auto = cuDNN flash attention on GPU in bf16, else XLA; "
-                    "pallas = our Pallas (Triton) flash kernel")
+                    "pallas = our Pallas (Triton) flash kernel; mosaic = jax's FlashAttention-3 kernel (Mosaic GPU, "
+                    "H100/H200 only)")
     tiles = ap.add_mutually_exclusive_group()
     tiles.add_argument("--vae-tiling", action="store_true",
                        help="decode in overlapping tiles (diffusers' enable_tiling): less memory for large videos "

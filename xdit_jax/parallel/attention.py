@@ -40,7 +40,7 @@ Under PipeFusion the context joins the patch's attention over the buffers the sa
 
 The kernel lives in one function, :func:`block_attention`: it returns the output *and* the LSE of
 one (query block, key block) pair with the keys' global offset, which is all the ring needs, so a
-cuDNN or Pallas flash kernel replaces it (``AttentionConfig.backend``).
+cuDNN, Pallas or Mosaic GPU flash kernel replaces it (``AttentionConfig.backend``).
 """
 
 from __future__ import annotations
@@ -49,21 +49,23 @@ import collections.abc
 import contextlib
 import contextvars
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from xdit_jax.parallel.mosaic_attention import default_tiles, fa3_attention
 from xdit_jax.parallel.pallas_attention import flash_attention
 
 RING_AXIS = "ring"
 ULYSSES_AXIS = "ulysses"
-BACKENDS = ("xla", "cudnn", "pallas")
+BACKENDS = ("xla", "cudnn", "pallas", "mosaic")
 
 
 def resolve_backend(requested: str | None, dtype, platform: str | None = None) -> str:
-    """The per-device kernel for ``requested`` ("auto"/None, "xla", "cudnn"): auto picks cuDNN flash
+    """The per-device kernel for ``requested`` ("auto"/None or one of ``BACKENDS``): auto picks cuDNN flash
     attention on a GPU in bf16/fp16 — the XLA kernel materialises the (B, H, S, S) float32 scores,
     76 GB for CogVideoX-2B at 49x480x720 with CFG — and the XLA kernel elsewhere."""
     if requested not in (None, "", "auto"):
@@ -84,7 +86,8 @@ class AttentionConfig:
     (einsum + float32 softmax, any shape and dtype), ``"cudnn"`` (``jax.nn.dot_product_attention``
     with ``implementation="cudnn"``: GPU only, fp16/bf16, head dims cuDNN supports) or ``"pallas"``
     (:mod:`xdit_jax.parallel.pallas_attention`: a Pallas flash kernel, Triton on GPUs, the Pallas
-    interpreter elsewhere — slow, for tests).
+    interpreter elsewhere — slow, for tests) or ``"mosaic"`` (:mod:`xdit_jax.parallel.mosaic_attention`:
+    jax's FlashAttention-3 Mosaic GPU kernel, Hopper only; its reference stands in elsewhere — tests).
     """
 
     mesh: object | None = None
@@ -321,12 +324,14 @@ def _cudnn_attention(q, k, v, kv_len, scale, out_dtype, need_lse, implementation
 
 
 def block_attention(q, k, v, *, kv_start=0, valid_len=None, kv_valid=None, scale=None,
-                    backend="xla", need_lse=True, out_dtype=None):
+                    backend="xla", need_lse=True, out_dtype=None, kv_start_choices=None):
     """Attention of a query block on a key block whose first key has global index ``kv_start``.
 
     q: (B, Sq, H, D); k, v: (B, Sk, H, D). ``kv_start``: int or traced int32 scalar.
     ``valid_len``: static int or None; keys with global index ``>= valid_len`` are masked.
     ``kv_valid``: an extra bool (Sk,) or (B, Sk) key mask (xla backend only).
+    ``kv_start_choices``: the static values a traced ``kv_start`` can take (the ring's block offsets),
+    for kernels that need the count of valid keys static (``"mosaic"``: one branch per count).
     Returns ``(out, lse)``: out (B, Sq, H, D) in ``out_dtype`` (default q's dtype), lse (B, H, Sq)
     float32 (``-inf`` for rows with no valid key, whose out is 0) or None when ``need_lse`` is
     false and the backend can skip it. This is the one place a flash kernel plugs in.
@@ -337,9 +342,12 @@ def block_attention(q, k, v, *, kv_start=0, valid_len=None, kv_valid=None, scale
     out_dtype = q.dtype if out_dtype is None else out_dtype
     # Statically known: the whole block is valid (no mask to build).
     all_valid = valid_len is None or (isinstance(kv_start, int) and kv_start + sk <= valid_len)
-    if backend in ("cudnn", "pallas"):
+    if backend in ("cudnn", "pallas", "mosaic"):
         if kv_valid is not None:
             raise ValueError(f"backend={backend!r} takes only padding masks (valid_len), not kv_valid.")
+        if backend == "mosaic":
+            return _mosaic_block(q, k, v, kv_start, None if all_valid else valid_len, kv_start_choices,
+                                 float(scale), jnp.dtype(out_dtype))
         n = None  # valid leading keys of this block
         if not all_valid:
             n = jnp.clip(valid_len - jnp.asarray(kv_start, jnp.int32), 0, sk).astype(jnp.int32)
@@ -353,6 +361,26 @@ def block_attention(q, k, v, *, kv_start=0, valid_len=None, kv_valid=None, scale
     if kv_valid is not None:
         mask = kv_valid if mask is None else jnp.logical_and(kv_valid, mask)
     return _xla_attention(q, k, v, mask, scale, out_dtype)
+
+
+def _mosaic_block(q, k, v, kv_start, valid_len, kv_start_choices, scale, out_dtype):
+    """The ``"mosaic"`` kernel (:mod:`xdit_jax.parallel.mosaic_attention`) takes a static count of valid
+    leading keys: with a traced ``kv_start`` (the ring's blocks) one branch per count its choices give."""
+    sk = k.shape[1]
+    tiles = default_tiles()  # a static argument: a change of tiles retraces
+    run = lambda n: fa3_attention(q, k, v, n, scale=scale, out_dtype=out_dtype, tiles=tiles)  # noqa: E731
+    if valid_len is None:
+        return run(None)
+    if isinstance(kv_start, int):
+        return run(valid_len - kv_start)
+    if kv_start_choices is None:
+        raise ValueError("backend='mosaic' needs the values a traced kv_start can take (kv_start_choices).")
+    counts = sorted({min(max(valid_len - int(s), 0), sk) for s in kv_start_choices})
+    if len(counts) == 1:
+        return run(counts[0])
+    n = jnp.clip(valid_len - jnp.asarray(kv_start, jnp.int32), 0, sk)
+    index = jnp.searchsorted(jnp.asarray(counts, jnp.int32), n)
+    return lax.switch(index, [functools.partial(run, c) for c in counts])
 
 
 def local_attention(q, k, v, *, kv_valid=None, scale=None, return_lse=False, valid_len=None):
@@ -408,10 +436,12 @@ def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None, re
         j = (r - i) % ring
         if counts is not None and not (np.asarray(counts) == sc).all():  # n valid keys: start n before the end
             start, limit = sc - jnp.asarray(counts, jnp.int32)[j], sc
+            choices = tuple(sc - int(c) for c in counts)
         else:
             start, limit = j * sc, (None if counts is not None else valid_len)
+            choices = tuple(x * sc for x in range(ring))
         return block_attention(q, kv[0], kv[1], kv_start=start, valid_len=limit, scale=scale,
-                               backend=backend, need_lse=True, out_dtype=jnp.float32)
+                               backend=backend, need_lse=True, out_dtype=jnp.float32, kv_start_choices=choices)
 
     kv = (k, v)
     nxt = lax.ppermute(kv, RING_AXIS, perm)
@@ -526,12 +556,13 @@ def _context_partial(rows, ck, cv, c_mask, scale, backend):
     the kept ones lead (a stable sort; the order of keys does not change attention), and cuDNN's
     flash kernel takes the per-sample count of kept keys: no (rows x Sc) float32 scores in memory
     (2.2 GB per layer for Mochi's 44k video rows x 256 caption tokens x 24 heads x 2). The Pallas
-    kernel takes one count for the whole batch, so it uses the XLA kernel here. ``c_mask`` None: every
+    kernel takes one count for the whole batch, so it uses the XLA kernel here; the Mosaic kernel takes no
+    mask, so cuDNN's path on a GPU (:func:`_masks_on_cudnn`), the XLA kernel elsewhere. ``c_mask`` None: every
     context key is kept (SD3, FLUX): the backend's kernel as it is, no mask, no reordering.
     """
     if c_mask is None:
         return block_attention(rows, ck, cv, scale=scale, backend=backend, need_lse=True, out_dtype=jnp.float32)
-    if backend == "cudnn":
+    if _masks_on_cudnn(backend, rows.dtype):
         order = jnp.argsort(jnp.logical_not(c_mask), axis=1, stable=True)[:, :, None, None]
         ck, cv = jnp.take_along_axis(ck, order, axis=1), jnp.take_along_axis(cv, order, axis=1)
         n = jnp.sum(c_mask, axis=1, dtype=jnp.int32)
@@ -539,6 +570,14 @@ def _context_partial(rows, ck, cv, c_mask, scale, backend):
         return _cudnn_attention(rows, ck, cv, n, d ** -0.5 if scale is None else scale, jnp.float32, True)
     return block_attention(rows, ck, cv, kv_valid=c_mask, scale=scale, backend="xla", need_lse=True,
                            out_dtype=jnp.float32)
+
+
+def _masks_on_cudnn(backend: str, dtype) -> bool:
+    """Whether attentions with an arbitrary key mask (a caption's) go to cuDNN: under the cuDNN backend, and
+    under the Mosaic one on a GPU in bf16/fp16 (its kernel takes no mask; cuDNN is there and faster than the
+    XLA kernel's explicit scores)."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return backend == "cudnn" or (backend == "mosaic" and half and jax.default_backend() == "gpu")
 
 
 def _check_context(context, q, mask_len=None):
@@ -648,7 +687,8 @@ def cross_attention(q, k, v, *, kv_mask=None, scale=None):
 
     Kernel: cuDNN flash attention where the installed backend is ``cudnn`` (a GPU in bf16/fp16), the
     text mask as an additive bias of (B, 1, Sq, Sk) (an arbitrary per-sample mask, not only a prefix:
-    :func:`_cudnn_masked`); the XLA kernel otherwise (Pallas too: it takes prefix masks only). On an
+    :func:`_cudnn_masked`), also under the ``mosaic`` backend on a GPU; the XLA kernel otherwise (Pallas
+    too: it takes prefix masks only). On an
     H100 the XLA kernel's explicit float32 scores took a quarter of PixArt-Sigma's 1024px step.
     """
     if not (q.ndim == k.ndim == v.ndim == 4) or k.shape != v.shape or q.shape[0] != k.shape[0] \
@@ -660,7 +700,8 @@ def cross_attention(q, k, v, *, kv_mask=None, scale=None):
         if kv_mask.dtype != jnp.bool_ or kv_mask.shape not in ((k.shape[1],), (k.shape[0], k.shape[1])):
             raise ValueError(f"kv_mask must be bool (Sk,) or (B, Sk) = {(k.shape[0], k.shape[1])}; "
                              f"got {kv_mask.dtype} {kv_mask.shape}.")
-    if current_config().backend == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+    backend = current_config().backend
+    if _masks_on_cudnn(backend, q.dtype) and q.dtype in (jnp.bfloat16, jnp.float16):
         return _cudnn_masked(q, k, v, kv_mask, scale)
     out, _ = block_attention(q, k, v, kv_valid=kv_mask, scale=scale, backend="xla", need_lse=False)
     return out

@@ -646,10 +646,11 @@ class PipelineBase:
 
         self.dtype = dtype
         self.attention_backend = resolve_backend(attention_backend, dtype)
-        if self.attention_backend == "pallas" and jax.default_backend() != "gpu":
+        if self.attention_backend in ("pallas", "mosaic") and jax.default_backend() != "gpu":
+            stand_in = "Pallas' interpreter" if self.attention_backend == "pallas" else "jax's reference kernel"
             logging.getLogger("xdit_jax").warning(
-                "attention_backend='pallas' off a GPU runs in Pallas' interpreter: correct but very slow "
-                "(meant for tests); 'auto' picks the XLA kernel here.")
+                f"attention_backend={self.attention_backend!r} off a GPU runs in {stand_in}: correct but very "
+                "slow (meant for tests); 'auto' picks the XLA kernel here.")
         self.mesh_spec = MeshSpec.parse(dict(mesh.shape) if hasattr(mesh, "axis_names") else mesh)
         self.mesh = mesh if hasattr(mesh, "axis_names") else build_mesh(self.mesh_spec)
 
