@@ -1,0 +1,46 @@
+# The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
+# the 10-minute limit of a call, most important first). Run from the repository root on the device machine:
+#
+#     bash scripts/gpu_session.sh 1        # then 2, 3
+#
+# It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
+# command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
+# command (a call returns at most 8 files; what finished before a timeout still comes back).
+set -u
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
+python3 -c "import jax, jaxlib, flax; print('jax', jax.__version__, jaxlib.__version__, 'flax', flax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
+save() { tar czf "$OUT/part$part.tgz" -C "$O" .; }
+step() {  # step NAME TIMEOUT benchmark.py-step-args...
+  n=$1; t=$2; shift 2; echo "== $n"
+  timeout "$t" python3 scripts/benchmark.py step "$@" --json > "$O/$n.jsonl" 2> "$O/$n.log"; echo "rc=$?"
+  grep -A8 "^mesh" "$O/$n.log" | grep -v "^per row"; grep -E "check |skipped|Error|error:" "$O/$n.log" | head -5; save
+}
+case $part in
+1)  # the mosaic backend (jax's FlashAttention-3 kernel): correctness, the kernel alone, the 5B step
+  echo "== GPU-only tests"
+  JAX_PLATFORMS=cuda,cpu timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_parallel_attention.py \
+      -k "mosaic or cudnn or cross" 2>&1 | tail -6
+  echo "== attention kernels at the 5B layer (B,S,H,D = 2,17776,48,64)"
+  timeout 200 python3 scripts/bench_attention.py --steps 10 > "$O/attn.txt" 2> "$O/attn.log"; echo "rc=$?"
+  grep -E "skipped|Error" "$O/attn.log" | head -8; cat "$O/attn.txt"; save
+  step 5b-mosaic 240 --model cogvideox-5b --steps 5 --variant mosaic:backend=mosaic
+  ;;
+2)  # the rest of the mosaic backend, by family (head dims 64 and 128)
+  step 2b-mosaic 150 --model cogvideox-2b --steps 5 --variant mosaic:backend=mosaic
+  step flux-mosaic 180 --model flux.1-dev --steps 5 --variant mosaic:backend=mosaic
+  step sd35-mosaic 150 --model sd3.5-large --steps 5 --variant mosaic:backend=mosaic
+  step mochi-mosaic 120 --model mochi-1-preview --layers 8 --steps 3 --variant mosaic:backend=mosaic
+  ;;
+3)  # never run on a GPU: Mochi end to end (the VAE decode's compile-OOM fallback to tiles), FLUX.1-schnell,
+    # PixArt-alpha
+  step mochi-e2e 300 --model mochi-1-preview --steps 0 --e2e 2
+  step schnell-e2e 150 --model flux.1-schnell --steps 3 --e2e 4
+  step alpha-vs 120 --model pixart-alpha-1024 --steps 5 --compare diffusers
+  ;;
+*) echo "unknown part $part: use 1, 2 or 3"; exit 2 ;;
+esac
+ls -la "$O"
