@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
-# the 10-minute limit of a call, most important first). Run from the repository root on the device machine:
+# the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3
+#     bash scripts/gpu_session.sh 1        # then 2, 3, 4
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -20,27 +20,29 @@ step() {  # step NAME TIMEOUT benchmark.py-step-args...
   grep -A8 "^mesh" "$O/$n.log" | grep -v "^per row"; grep -E "check |skipped|Error|error:" "$O/$n.log" | head -5; save
 }
 case $part in
-1)  # the mosaic backend (jax's FlashAttention-3 kernel): correctness, the kernel alone, the 5B step
+1)  # the mosaic backend (jax's FlashAttention-3 kernel): correctness, the kernel alone; the 5B step with it and
+    # with unstacked weights (no per-layer weight copies out of the stacked arrays; compiles unrolled: slow)
   echo "== GPU-only tests"
   JAX_PLATFORMS=cuda,cpu timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_parallel_attention.py \
       -k "mosaic or cudnn or cross" 2>&1 | tail -6
   echo "== attention kernels at the 5B layer (B,S,H,D = 2,17776,48,64)"
-  timeout 200 python3 scripts/bench_attention.py --steps 10 > "$O/attn.txt" 2> "$O/attn.log"; echo "rc=$?"
+  timeout 150 python3 scripts/bench_attention.py --steps 10 > "$O/attn.txt" 2> "$O/attn.log"; echo "rc=$?"
   grep -E "skipped|Error" "$O/attn.log" | head -8; cat "$O/attn.txt"; save
-  step 5b-mosaic 240 --model cogvideox-5b --steps 5 --variant mosaic:backend=mosaic
+  step 5b 300 --model cogvideox-5b --steps 5 --variant mosaic:backend=mosaic --variant unstacked:scan=unstacked
   ;;
-2)  # the rest of the mosaic backend, by family (head dims 64 and 128)
-  step 2b-mosaic 150 --model cogvideox-2b --steps 5 --variant mosaic:backend=mosaic
-  step flux-mosaic 180 --model flux.1-dev --steps 5 --variant mosaic:backend=mosaic
-  step sd35-mosaic 150 --model sd3.5-large --steps 5 --variant mosaic:backend=mosaic
-  step mochi-mosaic 120 --model mochi-1-preview --layers 8 --steps 3 --variant mosaic:backend=mosaic
+2)  # FLUX.1-dev and SD3.5 Large: the weight copies were 11 % / 9 % of their steps; head_dim 128 under mosaic
+  step flux 300 --model flux.1-dev --steps 5 --variant mosaic:backend=mosaic --variant unstacked:scan=unstacked
+  step sd35 240 --model sd3.5-large --steps 5 --variant mosaic:backend=mosaic --variant unstacked:scan=unstacked
   ;;
-3)  # never run on a GPU: Mochi end to end (the VAE decode's compile-OOM fallback to tiles), FLUX.1-schnell,
-    # PixArt-alpha
+3)  # never run on a GPU: Mochi end to end (the VAE decode's compile-OOM fallback to tiles), FLUX.1-schnell; 2B
   step mochi-e2e 300 --model mochi-1-preview --steps 0 --e2e 2
   step schnell-e2e 150 --model flux.1-schnell --steps 3 --e2e 4
-  step alpha-vs 120 --model pixart-alpha-1024 --steps 5 --compare diffusers
+  step 2b 120 --model cogvideox-2b --steps 5 --variant mosaic:backend=mosaic
   ;;
-*) echo "unknown part $part: use 1, 2 or 3"; exit 2 ;;
+4)  # PixArt-alpha against diffusers; Mochi's step under mosaic (head_dim 128, the joint caption on cuDNN)
+  step alpha-vs 120 --model pixart-alpha-1024 --steps 5 --compare diffusers
+  step mochi 240 --model mochi-1-preview --layers 8 --steps 3 --variant mosaic:backend=mosaic
+  ;;
+*) echo "unknown part $part: use 1, 2, 3 or 4"; exit 2 ;;
 esac
 ls -la "$O"

@@ -22,7 +22,8 @@ def tiny_rows(tmp_path_factory):
     as a user runs it: its own jax, one CPU device)."""
     prof = tmp_path_factory.mktemp("profile")
     return _run(["step", "--model", "tiny", "--steps", "2", "--json", "--settle", "0", "--compare", "diffusers",
-                 "--variant", "heads:attention=heads_major", "--variant", "unroll:scan=unroll", "--e2e", "1",
+                 "--variant", "heads:attention=heads_major", "--variant", "unroll:scan=unroll",
+                 "--variant", "unstacked:scan=unstacked", "--e2e", "1",
                  "--profile", str(prof)])
 
 
@@ -37,15 +38,15 @@ def _run(args):
 
 def test_tiny_rows_present_and_positive(tiny_rows):
     rows, stderr = tiny_rows
-    assert [r["impl"] for r in rows] == ["xdit_jax", "heads", "unroll", "diffusers", "xdit_jax pipeline"]
+    assert [r["impl"] for r in rows] == ["xdit_jax", "heads", "unroll", "unstacked", "diffusers", "xdit_jax pipeline"]
     assert "step med s" in stderr  # the table went to stderr
     # --profile: two more calls of the first build traced (no device kernels on the CPU)
     prof = rows[0]["profile"]
     assert prof["calls"] == 2 and list(Path(prof["folder"]).rglob("perfetto_trace.json.gz"))
     assert "no device kernel events" in stderr
     # the variants of one mesh share the first's weights
-    assert rows[1]["stages_s"]["init_weights"] < 0.1 and rows[2]["stages_s"]["init_weights"] < 0.1
-    assert rows[2]["scan_variant"] == "unroll"
+    assert all(r["stages_s"]["init_weights"] < 0.1 for r in rows[1:4])
+    assert rows[2]["scan_variant"] == "unroll" and rows[3]["scan_variant"] == "unstacked"
     e2e = rows.pop()
     assert e2e["kind"] == "e2e" and "error" not in e2e, e2e.get("error")
     for label in ("cold", "warm"):
@@ -60,7 +61,7 @@ def test_tiny_rows_present_and_positive(tiny_rows):
         assert r["stages_s"]["first_call"] > 0 and r["stages_s"]["timed_steps"] > 0
         # fp32 on the CPU: the roofline is the host's measured sgemm rate, for ours and diffusers alike
         assert r["peak_tflops"] > 0 and r["peak_source"].startswith("measured") and r["fraction_of_peak"] > 0
-    for r in rows[:3]:
+    for r in rows[:4]:
         assert r["compile_s"] > 0 and r["lower_s"] > 0
         assert r["ratio_vs_diffusers"] > 0
         assert r["peak_memory_bytes"] > 0 and r["peak_memory_source"] in ("xla_memory_analysis", "device_memory_stats")

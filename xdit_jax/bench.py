@@ -1100,6 +1100,12 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
                                              text_len=text_tokens if family.text_keys(tcfg) and
                                              pipefusion.slices_text(mesh) else None),)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
+    if var.scan == "unstacked":  # the stacks' weights as separate per-layer arrays (a copy for this variant)
+        if patches:
+            raise ValueError(f"variant {var.label}: scan=unstacked runs without PipeFusion (its stages split stacks).")
+        from xdit_jax.models.layers import unstack_layers
+
+        state = unstack_layers(state, family.stacks(tcfg))
     with timer.stage("lower"), attention_override(var.attention), linear_override(var.linear), \
             scan_override(var.scan):
         lowered = step.lower(state, *args)

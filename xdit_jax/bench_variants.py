@@ -179,7 +179,7 @@ def attention_override(name: str | None):
     Patches ``xdit_jax.parallel.attention._xla_attention`` (q, k, v, mask, scale, out_dtype) ->
     (out, lse), or, in older trees, ``local_attention``. Masked calls go to the original kernel.
     """
-    if name is None:
+    if name in (None, "unstacked"):  # unstacked: the weights' layout (bench.py), nothing to patch here
         yield
         return
     from xdit_jax.parallel import attention as attn_mod
@@ -219,7 +219,7 @@ def linear_override(name: str | None):
     A no-op in float32. In bfloat16 on XLA:CPU it moves the GEMMs from the bf16-output path
     (no faster than fp32) to the bf16-input / f32-accumulate path (AMX / AVX512-BF16).
     """
-    if name is None:
+    if name in (None, "unstacked"):  # unstacked: the weights' layout (bench.py), nothing to patch here
         yield
         return
     if name not in LINEAR_VARIANTS:
@@ -246,15 +246,17 @@ def linear_override(name: str | None):
         nnx.Linear.__call__ = original
 
 
-SCAN_VARIANTS = ("unroll",)
+SCAN_VARIANTS = ("unroll", "unstacked")
 
 
 @contextlib.contextmanager
 def scan_override(name: str | None):
     """While tracing, unroll the layer stacks' ``lax.scan`` (experiment ``unroll``): each layer reads its
     weights through a static slice of the stacked arrays instead of a dynamic slice in a loop body (on a
-    GPU the loop copies every layer's weights out of the stack each step). Compile time grows with depth."""
-    if name is None:
+    GPU the loop copies every layer's weights out of the stack each step). Compile time grows with depth.
+    ``unstacked``: the stacks' weights held layer by layer (``layers.unstack_layers``: separate arrays, so not
+    even a static slice of a stack is left in the program), run unrolled."""
+    if name in (None, "unstacked"):  # unstacked: the weights' layout (bench.py), nothing to patch here
         yield
         return
     if name not in SCAN_VARIANTS:

@@ -48,10 +48,12 @@ from xdit_jax.models.layers import (
     TimestepEmbedding,
     apply_rope,
     gelu_tanh,
+    held_layers,
     linear,
     scan_modules,
     stack_modules,
     timestep_embedding,
+    unrolled_layers,
 )
 from xdit_jax.parallel.attention import attention, cross_attention
 
@@ -353,6 +355,8 @@ class AdaLayerNormContinuous(nnx.Module):
 def _scan(stacked, fn, carry, xs=None):
     """``carry, y = fn(layer, carry, x)`` over a stacked module (and ``xs``) with ``lax.scan``."""
     graphdef, state = nnx.split(stacked)
+    if held_layers(state):  # weights held layer by layer (layers.unstack_layers): unrolled
+        return unrolled_layers(graphdef, state, fn, carry, xs)
     return jax.lax.scan(lambda c, sx: fn(nnx.merge(graphdef, sx[0]), c, sx[1]), carry, (state, xs))
 
 
