@@ -979,7 +979,7 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
     return rows
 
 
-def _profile(runner, folder: str, log, calls: int = 2) -> dict:
+def _profile(runner, folder: str, log, calls: int = 2) -> None:
     """Trace ``calls`` more calls of ``runner`` into ``folder``; put the device-time summary in its row."""
     import jax
 
@@ -992,7 +992,6 @@ def _profile(runner, folder: str, log, calls: int = 2) -> dict:
     runner.row["profile"] = {"folder": folder, "calls": calls, **{k: summary[k] for k in
                              ("device_s_per_step", "categories")}, "top": summary["top"][:30]}
     log("[bench] profile of " + f"{runner.row['impl']}@{runner.row['mesh']}:\n" + trace_summary.format_summary(summary))
-    return summary
 
 
 def _stage_shardings(tcfg, dtype, stage, repl):
