@@ -77,8 +77,8 @@ MESHES = ["ulysses=2,ring=2", "ulysses=3", "data=2,ring=2", "cfg=2,ulysses=2",
 @pytest.mark.parametrize("mesh", MESHES)
 def test_meshes_match_one_device(mesh, tmp_path_factory):
     _, ours, folder = build(tmp_path_factory)
-    batch = 2 if "data=2" in mesh else 1
-    prompts = [PROMPT, "A cat."][:batch]
+    batch = 3 if "data=2" in mesh else 1  # 3 prompts: data=2 pads the transformer's batch to 4
+    prompts = [PROMPT, "A cat.", "A red car."][:batch]
     kw = dict(height=H, width=W, num_inference_steps=2, latents=initial_latents(batch=batch, seed=2),
               max_sequence_length=MSL, progress=False)
     if "cfg=2" in mesh:

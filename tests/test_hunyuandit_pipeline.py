@@ -76,15 +76,15 @@ def test_latents_match_diffusers_dpm_rescale_batch(tmp_path_factory):
 # The single-axis meshes are slow-marked: the combined mesh covers their axes here, and the transformer's
 # tests run every mesh; `pytest -m slow` runs them.
 SLOW = pytest.mark.slow
-MESHES = ["cfg=2,ulysses=2,ring=2", "ulysses=3", pytest.param("data=2,ulysses=2", marks=SLOW),
+MESHES = ["cfg=2,ulysses=2,ring=2", "ulysses=3", "data=2", pytest.param("data=2,ulysses=2", marks=SLOW),
           pytest.param("cfg=2", marks=SLOW), pytest.param("ulysses=2", marks=SLOW), pytest.param("ring=2", marks=SLOW)]
 
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_meshes_match_one_device(mesh, tmp_path_factory):
     _, ours, folder = build(("v1.2", "ddpm"), tmp_path_factory)
-    batch = 2 if "data=2" in mesh else 1
-    prompts = [PROMPT, "A cat."][:batch]
+    batch = {"data=2": 3}.get(mesh, 2 if "data=2" in mesh else 1)  # data=2 alone: 3 prompts, padded to 4
+    prompts = [PROMPT, "A cat.", "A red car."][:batch]
     kw = dict(height=H, width=W, num_inference_steps=2, latents=initial_latents(batch=batch, seed=2),
               use_resolution_binning=False, progress=False)
     ref = ours(prompts, **kw).images

@@ -68,7 +68,8 @@ def test_latents_match_diffusers_batch(with_t5, tmp_path_factory):
 
 def test_skip_layer_guidance_matches_diffusers(tmp_path_factory):
     """SD3.5's skip-layer guidance (block 0 left out on steps 1 and 2 of 3) == diffusers' latents; on a
-    cfg=2,ulysses=2 mesh (the skipping pass once per cfg group) == one device."""
+    data=2,cfg=2,ulysses=2 mesh (the skipping pass once per cfg group; the one prompt padded to the 2 of
+    data=2) == one device."""
     tp, ours, folder = build(tmp_path_factory)
     lat = initial_latents(seed=4)
     kw = dict(skip_guidance_layers=[0], skip_layer_guidance_scale=2.8, skip_layer_guidance_stop=0.9,
@@ -81,7 +82,7 @@ def test_skip_layer_guidance_matches_diffusers(tmp_path_factory):
     scale = np.abs(ref).max()
     assert np.abs(ref - plain).max() > 1e-2 * scale  # the guidance changes the result
     np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0)  # as the other latent tests
-    mesh = StableDiffusion3Pipeline.from_pretrained(folder, mesh="cfg=2,ulysses=2")(PROMPT, **call).images
+    mesh = StableDiffusion3Pipeline.from_pretrained(folder, mesh="data=2,cfg=2,ulysses=2")(PROMPT, **call).images
     np.testing.assert_allclose(mesh, out, atol=2e-5 * scale, rtol=0)
 
 

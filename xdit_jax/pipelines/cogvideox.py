@@ -146,7 +146,7 @@ class CogVideoXPipeline(PipelineBase):
             x = self._model_batch(latents, do_cfg)
             joint, tokens, temb = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (x.shape[0],)))
             joint, kv = self._blocks_over_mesh(blocks, tstate, joint, tokens, temb, kv, warmup)
-            pred = model.head(joint, temb, x.shape).astype(jnp.float32)
+            pred = self._real_rows(model.head(joint, temb, x.shape).astype(jnp.float32), latents.shape[0], do_cfg)
             if do_cfg:
                 uncond, cond = jnp.split(pred, 2)
                 pred = uncond + guidance[i] * (cond - uncond)
@@ -203,9 +203,9 @@ class CogVideoXPipeline(PipelineBase):
         do_cfg = guidance_scale > 1.0
         shape, _ = self.latent_shape(batch, height, width, num_frames)
         seq = max_sequence_length or tc.max_text_seq_length
-        sd = lambda shp, dt, cfg_major: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), cfg_major))
-        latents = sd(shape, jnp.float32, False)
-        embeds = sd(((2 if do_cfg else 1) * batch, seq, tc.text_embed_dim), self.dtype, do_cfg)
+        latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
+        embeds = jax.ShapeDtypeStruct(((2 if do_cfg else 1) * self._padded_batch(batch), seq, tc.text_embed_dim),
+                                      self.dtype, sharding=self._batch_sharding(3, do_cfg))
         sched = jax.tree.map(jnp.asarray, schedulers.make_schedule(self.scheduler_config, num_inference_steps))
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, False))
         _, tstate = nnx.split(self.transformer)
@@ -251,7 +251,7 @@ class CogVideoXPipeline(PipelineBase):
                 embeds = jnp.concatenate([negative_prompt_embeds, prompt_embeds])
             else:
                 embeds = prompt_embeds
-            embeds = jax.device_put(embeds, self._batch_sharding(embeds.ndim, do_cfg))
+            embeds = self._put_batch(embeds, do_cfg)
             jax.block_until_ready(embeds)
 
         # 2. latents (diffusers layout: B, F, C, h, w); 1.5 pads latent frames to patch_size_t

@@ -218,7 +218,8 @@ def pipeline_class_name(folder) -> str:
 def check_size_and_mesh(height: int, width: int, multiple: int, num_layers: int, batch: int, mesh_spec,
                         guidance_scale: float) -> None:
     """The checks every family makes before any heavy work: image size, and what the mesh needs
-    (prompts divisible by ``data``, guidance for ``cfg=2``, PipeFusion's stages)."""
+    (guidance for ``cfg=2``, PipeFusion's stages; any number of prompts fits ``data``: the transformer's
+    batch is padded, :meth:`PipelineBase._model_batch`)."""
     from xdit_jax.mesh import MeshSpec
     from xdit_jax.parallel import pipefusion
 
@@ -227,8 +228,6 @@ def check_size_and_mesh(height: int, width: int, multiple: int, num_layers: int,
         raise ValueError(f"height and width must be positive multiples of {m}; got {height}x{width} "
                          f"(e.g. {max(m, height // m * m)}x{max(m, width // m * m)}).")
     ms = MeshSpec.parse(mesh_spec)
-    if ms.data > 1 and batch % ms.data:
-        raise ValueError(f"Mesh data={ms.data} needs a number of prompts divisible by it; got {batch}.")
     if ms.cfg == 2 and guidance_scale <= 1.0:
         raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which needs "
                          "guidance_scale > 1; drop cfg=2 from the mesh or raise the guidance scale.")
@@ -480,27 +479,59 @@ class PipelineBase:
             latents = jnp.asarray(latents, jnp.float32)
             if latents.shape != tuple(shape):
                 raise ValueError(f"latents have shape {latents.shape}; expected {tuple(shape)} ({layout}).")
-        return jax.device_put(latents * init_noise_sigma, self._batch_sharding(latents.ndim, False))
+        return jax.device_put(latents * init_noise_sigma, self._latent_sharding(latents.shape))
+
+    def _padded_batch(self, batch: int) -> int:
+        """The transformer's batch for ``batch`` prompts: the next multiple of the ``data`` degree."""
+        d = self.mesh_spec.data
+        return -(-batch // d) * d
+
+    def _put_batch(self, x, do_cfg: bool):
+        """A text input of the step (``B`` rows, or ``2B`` for CFG: [negative; prompt]) placed as the
+        transformer's batch: each half padded to :meth:`_padded_batch` rows (copies of its last row,
+        dropped again after the transformer) and split over (cfg, data)."""
+        x = jnp.asarray(x)
+        halves = 2 if do_cfg else 1
+        b = x.shape[0] // halves
+        pad = self._padded_batch(b) - b
+        if pad:
+            x = x.reshape((halves, b) + x.shape[1:])
+            x = jnp.concatenate([x, jnp.repeat(x[:, -1:], pad, axis=1)], axis=1).reshape((-1,) + x.shape[2:])
+        return jax.device_put(x, self._batch_sharding(x.ndim, do_cfg))
 
     def _model_batch(self, latents, do_cfg: bool):
         """(Traced.) The transformer's batch: ``[latents; latents]`` for CFG, built as (2, B, ...) over
-        (cfg, data) so that no data moves, else the latents; the batch over (data[, cfg])."""
+        (cfg, data) so that no data moves, else the latents; the batch over (data[, cfg]). Where ``data``
+        does not divide B, the latents are padded to :meth:`_padded_batch` rows first (copies of the last;
+        :meth:`_real_rows` drops them from the prediction): the padded rows cost compute, never change
+        the real ones (each sample's forward is independent of the others)."""
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
         x = latents
+        pad = self._padded_batch(latents.shape[0]) - latents.shape[0]
+        if pad:
+            x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
         if do_cfg:
-            x = jnp.broadcast_to(latents[None], (2,) + latents.shape)
+            x = jnp.broadcast_to(x[None], (2,) + x.shape)
             x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P("cfg", "data")))
             x = x.reshape((-1,) + latents.shape[1:])
         return jax.lax.with_sharding_constraint(x, self._batch_sharding(x.ndim, do_cfg))
+
+    def _real_rows(self, pred, batch: int, do_cfg: bool):
+        """(Traced.) The transformer's output for the ``batch`` real samples (each CFG half): the rows
+        :meth:`_model_batch` padded dropped."""
+        halves = 2 if do_cfg else 1
+        if pred.shape[0] == halves * batch:
+            return pred
+        return pred.reshape((halves, -1) + pred.shape[1:])[:, :batch].reshape((halves * batch,) + pred.shape[1:])
 
     def _step_out(self, latents, sched_state, i, kv):
         """(Traced.) The step's result ``(latents, sched_state, i + 1, kv)``, the latents and the
         scheduler's latent-shaped state laid out as they entered (batch over ``data``): else XLA may
         return them split as the head computed them (e.g. over ``ring``) and step 1 would compile the
         whole step a second time. The next index stays on the device (the loop sends nothing)."""
-        place = lambda x: jax.lax.with_sharding_constraint(x, self._batch_sharding(x.ndim, False))  # noqa: E731
+        place = lambda x: jax.lax.with_sharding_constraint(x, self._latent_sharding(x.shape))  # noqa: E731
         state = jax.tree.map(lambda x: place(x) if x.shape == latents.shape else x, sched_state)
         return place(latents.astype(jnp.float32)), state, i + 1, kv
 
@@ -608,12 +639,13 @@ class PipelineBase:
             model = nnx.merge(graphdef, tstate)
             scale, slg_scale = guidance if skip_layers else (guidance, None)
             pred, kv = predict(model, tstate, self._model_batch(latents, do_cfg), texts, i, sched, blocks, kv)
+            pred = self._real_rows(pred, latents.shape[0], do_cfg)
             if do_cfg:
                 uncond, text = jnp.split(pred, 2)
                 pred = uncond + scale * (text - uncond)
                 if skip_layers:  # the prompt's half (the second) of every text input, as the batch
                     b = latents.shape[0]
-                    halves = jax.tree.map(lambda a: a[b:], texts)
+                    halves = jax.tree.map(lambda a: a[a.shape[0] // 2:], texts)
                     if self.mesh_spec.cfg == 2:
                         halves = jax.tree.map(lambda a: jnp.concatenate([a, a]), halves)
                     skipped, _ = predict(model, tstate, self._model_batch(latents, self.mesh_spec.cfg == 2),
@@ -687,6 +719,11 @@ class PipelineBase:
 
         axes = ("cfg", "data") if cfg_major else "data"
         return NamedSharding(self.mesh, P(axes, *([None] * (ndim - 1))))
+
+    def _latent_sharding(self, shape: tuple):
+        """The latents' (and the scheduler state's) layout: the batch over ``data`` where it divides it,
+        else replicated (the transformer's batch is then padded, :meth:`_model_batch`)."""
+        return self._batch_sharding(len(shape), False) if shape[0] % self.mesh_spec.data == 0 else self._replicated()
 
     def _replicated(self):
         from jax.sharding import NamedSharding

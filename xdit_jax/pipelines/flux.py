@@ -213,7 +213,7 @@ class FluxPipeline(ImagePipelineBase):
                 tokens_x, tokens, cond, _ = model.embed(*args, rope=rope)
                 tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
                 pred = model.head(tokens_x, cond)
-            pred = pred.astype(jnp.float32)
+            pred = self._real_rows(pred.astype(jnp.float32), latents.shape[0], do_cfg)
             if do_cfg:  # diffusers' true CFG: [negative; positive]
                 neg, pos = jnp.split(pred, 2)
                 pred = neg + scales[1] * (pos - neg)
@@ -314,8 +314,7 @@ class FluxPipeline(ImagePipelineBase):
                     raise ValueError(f"negative prompt embeddings {nemb.shape}, {npooled.shape} must have the "
                                      f"shapes of the prompt's {emb.shape}, {pooled.shape}.")
                 emb, pooled = jnp.concatenate([nemb, emb]), jnp.concatenate([npooled, pooled])
-            texts = (jax.device_put(emb, self._batch_sharding(3, do_cfg)),
-                     jax.device_put(pooled, self._batch_sharding(2, do_cfg)))
+            texts = (self._put_batch(emb, do_cfg), self._put_batch(pooled, do_cfg))
             jax.block_until_ready(texts)
 
         # 2. latents (packed, diffusers' layout), RoPE tables, schedule
@@ -338,5 +337,5 @@ class FluxPipeline(ImagePipelineBase):
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scales, rope, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn((h, w)),
-                                       kv=self._pipefusion_buffers(len(emb), shape[1], text_len=emb.shape[1]))
+                                       kv=self._pipefusion_buffers(len(texts[0]), shape[1], text_len=emb.shape[1]))
         return FluxPipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())

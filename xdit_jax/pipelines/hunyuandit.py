@@ -186,7 +186,7 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                                                  emb, mask, emb_t5, mask_t5, size, style)
             tokens_x, kv = self._blocks_over_mesh(blocks if kv is None else staged, tstate, tokens_x, tokens, cond,
                                                   kv, warmup)
-            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
+            pred = self._real_rows(model.head(tokens_x, cond, x.shape).astype(jnp.float32), latents.shape[0], do_cfg)
             if learn_sigma:  # the variance channels are not used by the sampler
                 pred = pred[:, : latents.shape[1]]
             if do_cfg:
@@ -263,8 +263,7 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                                          "must have the same shape.")
                     emb = jnp.concatenate([nemb, emb])
                     mask = jnp.concatenate([jnp.asarray(nmask, jnp.int32), mask])
-                texts += [jax.device_put(emb, self._batch_sharding(emb.ndim, do_cfg)),
-                          jax.device_put(mask, self._batch_sharding(mask.ndim, do_cfg))]
+                texts += [self._put_batch(emb, do_cfg), self._put_batch(mask, do_cfg)]
             texts = tuple(texts)
             jax.block_until_ready(texts)
 

@@ -171,11 +171,11 @@ class MochiPipeline(PipelineBase):
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
         do_cfg = guidance_scale > 1.0
         shape = self.latent_shape(batch, height, width, num_frames)
-        n = (2 if do_cfg else 1) * batch
-        sd = lambda shp, dt, cfg_major: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), cfg_major))
-        latents = sd(shape, jnp.float32, False)
-        texts = (sd((n, max_sequence_length, self.transformer_config.text_embed_dim), self.dtype, do_cfg),
-                 sd((n, max_sequence_length), jnp.int32, do_cfg))
+        n = (2 if do_cfg else 1) * self._padded_batch(batch)
+        sd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), do_cfg))
+        latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
+        texts = (sd((n, max_sequence_length, self.transformer_config.text_embed_dim), self.dtype),
+                 sd((n, max_sequence_length), jnp.int32))
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps))
         _, tstate = nnx.split(self.transformer)
         kv = self._pipefusion_buffers(n, self._video_tokens(shape), abstract=True,  # PipeFusion: the patched step
@@ -246,8 +246,7 @@ class MochiPipeline(PipelineBase):
                 log.warning("A caption mask keeps tokens after a masked one: attention is over the kept tokens "
                             "here, while diffusers' Mochi also moves their outputs to the front (it does so only "
                             "for such hand-made masks; T5's masks are prefixes).")
-            texts = (jax.device_put(emb, self._batch_sharding(3, do_cfg)),
-                     jax.device_put(mask, self._batch_sharding(2, do_cfg)))
+            texts = (self._put_batch(emb, do_cfg), self._put_batch(mask, do_cfg))
             jax.block_until_ready(texts)
 
         # 2. latents (diffusers' layout: B, C, F, h, w)

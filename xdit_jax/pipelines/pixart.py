@@ -173,7 +173,7 @@ class PixArtPipeline(ImagePipelineBase):
             tokens_x, tokens, cond = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (b,)), cond_extra,
                                                  mask)
             tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
-            pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
+            pred = self._real_rows(model.head(tokens_x, cond, x.shape).astype(jnp.float32), latents.shape[0], do_cfg)
             if do_cfg:
                 uncond, text = jnp.split(pred, 2)
                 pred = uncond + guidance * (text - uncond)
@@ -242,8 +242,7 @@ class PixArtPipeline(ImagePipelineBase):
                                      "must have the same shape.")
                 embeds = jnp.concatenate([neg, embeds])
                 mask = jnp.concatenate([jnp.asarray(negative_prompt_attention_mask, jnp.int32), mask])
-            embeds = jax.device_put(embeds, self._batch_sharding(embeds.ndim, do_cfg))
-            mask = jax.device_put(mask, self._batch_sharding(mask.ndim, do_cfg))
+            embeds, mask = self._put_batch(embeds, do_cfg), self._put_batch(mask, do_cfg)
             jax.block_until_ready(embeds)
 
         # 2. latents (diffusers layout: B, C, h, w)

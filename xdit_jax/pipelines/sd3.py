@@ -272,8 +272,7 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                     raise ValueError(f"negative prompt embeddings {nemb.shape}, {npooled.shape} must have the "
                                      f"shapes of the prompt's {emb.shape}, {pooled.shape}.")
                 emb, pooled = jnp.concatenate([nemb, emb]), jnp.concatenate([npooled, pooled])
-            texts = (jax.device_put(emb, self._batch_sharding(3, do_cfg)),
-                     jax.device_put(pooled, self._batch_sharding(2, do_cfg)))
+            texts = (self._put_batch(emb, do_cfg), self._put_batch(pooled, do_cfg))
             jax.block_until_ready(texts)
 
         # 2. latents (diffusers' layout: B, C, h, w)
@@ -293,7 +292,7 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(),
-                                       kv=self._pipefusion_buffers(len(emb), self._image_tokens(height, width),
+                                       kv=self._pipefusion_buffers(len(texts[0]), self._image_tokens(height, width),
                                                                    text_len=emb.shape[1]),
                                        step_for=step_for)
         return SD3PipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
