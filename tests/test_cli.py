@@ -40,12 +40,14 @@ def test_generate_mp4(tmp_path, capsys):
 
 
 def test_generate_png_folder_and_batch(tmp_path):
+    """Two prompts, two videos each, on data=3 (4 samples: the transformer's batch padded to 6)."""
     out = tmp_path / "frames"
     rc = cli.main(["--output", str(out), "--steps", "1", "--num-frames", "1", "--height", "32", "--width", "32",
-                   "--prompt", "a cat", "--prompt", "a dog", "--no-progress", "--mesh", "data=2",
-                   "--vae-slicing", "--vae-tiling"])
+                   "--prompt", "a cat", "--prompt", "a dog", "--num-videos-per-prompt", "2", "--no-progress",
+                   "--mesh", "data=3", "--vae-slicing", "--vae-tiling"])
     assert rc == 0
-    for i in range(2):
+    assert not (tmp_path / "frames_4").exists()
+    for i in range(4):
         pngs = sorted((tmp_path / f"frames_{i}").glob("*.png"))
         assert len(pngs) == 1
 
@@ -168,6 +170,7 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "/no/such/dir"], "does not exist"),
     (["--output", "x.avi"], ".mp4"),
     (["--steps", "0"], ">= 1"),
+    (["--num-images-per-prompt", "0"], "--num-images-per-prompt must be >= 1"),
     (["--mesh", "pipefusion=4"], "more stages than the model's 2 layers"),
     (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])
@@ -190,6 +193,12 @@ def test_existing_output_is_kept(tmp_path, capsys):
         cli.main(["--output", str(out)])
     assert "--overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"precious"
+    second = tmp_path / "p_1.png"  # the second image of a batch
+    second.write_bytes(b"precious")
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "tiny-pixart", "--output", str(tmp_path / "p.png"), "--num-images-per-prompt", "2"])
+    assert "p_1.png exists" in capsys.readouterr().err
+    assert second.read_bytes() == b"precious" and not (tmp_path / "p_0.png").exists()
 
 
 def test_script_help_runs():

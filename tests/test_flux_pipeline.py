@@ -54,15 +54,17 @@ def test_image_matches_diffusers(tmp_path_factory):
 
 @pytest.mark.parametrize("guided", [True, False])
 def test_latents_match_diffusers_true_cfg_batch(guided, tmp_path_factory):
-    """Two prompts with diffusers' true CFG (negative prompt, true_cfg_scale 2); schnell-like too (no guidance
-    embedding, a static shift of 1)."""
+    """Two prompts with diffusers' true CFG (negative prompt, true_cfg_scale 2), two images each where guided
+    (num_images_per_prompt, as diffusers' run of each prompt twice: its own num_images_per_prompt fails with
+    true CFG); schnell-like too (no guidance embedding, a static shift of 1)."""
     tp, ours, _ = build(tmp_path_factory, guided)
     prompts = [PROMPT, "A cat."]
-    lat = initial_latents(batch=2, seed=1)
-    ref = _diffusers(tp, prompts, lat, "latent", negative_prompt=NEG, true_cfg_scale=2.0, guidance_scale=3.5)
-    out = ours(prompts, negative_prompt=NEG, height=H, width=W, num_inference_steps=STEPS, latents=lat,
-               max_sequence_length=MSL, true_cfg_scale=2.0, guidance_scale=3.5, output_type="latent",
-               progress=False).images
+    per = 2 if guided else 1
+    lat = initial_latents(batch=2 * per, seed=1)
+    kw = dict(negative_prompt=NEG, true_cfg_scale=2.0, guidance_scale=3.5)
+    ref = _diffusers(tp, [p for p in prompts for _ in range(per)], lat, "latent", **kw)
+    out = ours(prompts, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
+               output_type="latent", progress=False, num_images_per_prompt=per, **kw).images
     scale = np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
 

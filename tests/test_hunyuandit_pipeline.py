@@ -60,15 +60,17 @@ def test_images_match_diffusers_ddpm(variant, tmp_path_factory, monkeypatch):
 
 
 def test_latents_match_diffusers_dpm_rescale_batch(tmp_path_factory):
-    """DPM-Solver multistep, two prompts, guidance_rescale on."""
+    """DPM-Solver multistep, two prompts, two images each (num_images_per_prompt, as diffusers' run of each
+    prompt twice: its own repeats the masks in another order than the embeddings), guidance_rescale on."""
     tp, ours, _ = build(("v1.2", "dpm"), tmp_path_factory)
     prompts = [PROMPT, "A cat."]
-    lat = initial_latents(batch=2, seed=1)
+    lat = initial_latents(batch=4, seed=1)
     kw = dict(height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0, guidance_rescale=0.7,
               use_resolution_binning=False)
     with torch.no_grad():
-        ref = tp(prompt=prompts, latents=torch.from_numpy(lat), output_type="latent", **kw).images.numpy()
-    out = ours(prompts, latents=lat, output_type="latent", progress=False, **kw).images
+        ref = tp(prompt=[p for p in prompts for _ in (0, 1)], latents=torch.from_numpy(lat), output_type="latent",
+                 **kw).images.numpy()
+    out = ours(prompts, latents=lat, output_type="latent", progress=False, num_images_per_prompt=2, **kw).images
     scale = np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
 

@@ -54,13 +54,16 @@ def test_video_matches_diffusers(tmp_path_factory):
 @pytest.mark.parametrize("force_zeros", [False, True])
 def test_latents_match_diffusers_batch(force_zeros, tmp_path_factory):
     """Two prompts, the default empty negative prompt; with force_zeros_for_empty_prompt the negative
-    captions are zero ids with an empty mask (diffusers' rule)."""
+    captions are zero ids with an empty mask (diffusers' rule); two videos a prompt without it
+    (num_videos_per_prompt, as diffusers' run of each prompt twice: its own repeats the masks in another
+    order than the embeddings)."""
     tp, ours, _ = build(tmp_path_factory, force_zeros)
     prompts = [PROMPT, "A cat."]
-    lat = initial_latents(batch=2, seed=1)
-    ref = _diffusers(tp, prompts, lat, "latent", guidance_scale=4.5)
+    per = 1 if force_zeros else 2
+    lat = initial_latents(batch=2 * per, seed=1)
+    ref = _diffusers(tp, [p for p in prompts for _ in range(per)], lat, "latent", guidance_scale=4.5)
     out = ours(prompts, num_frames=F, height=H, width=W, num_inference_steps=STEPS, latents=lat,
-               max_sequence_length=MSL, output_type="latent", progress=False).frames
+               max_sequence_length=MSL, output_type="latent", progress=False, num_videos_per_prompt=per).frames
     scale = np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
 

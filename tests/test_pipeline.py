@@ -55,14 +55,16 @@ def test_frames_match_diffusers(pipes, dynamic):
 
 
 def test_latents_match_diffusers(pipes):
+    """Two prompts, two videos each (num_videos_per_prompt; diffusers' CogVideoX ignores it, so its run gets
+    each prompt twice: a prompt's videos next to each other, the order of diffusers' embeddings)."""
     variant, tp, ours = pipes
-    lat = initial_latents(tp, variant, batch=2, seed=1)
+    lat = initial_latents(tp, variant, batch=4, seed=1)
     with torch.no_grad():
-        ref = tp(prompt=[PROMPT, "A cat sleeping on a sofa."], height=H, width=W, num_frames=FRAMES,
-                 num_inference_steps=STEPS, latents=torch.from_numpy(lat), guidance_scale=4.5,
-                 max_sequence_length=tiny.MAX_SEQUENCE_LENGTH, output_type="latent").frames.numpy()
+        ref = tp(prompt=[PROMPT, PROMPT, "A cat sleeping on a sofa.", "A cat sleeping on a sofa."], height=H,
+                 width=W, num_frames=FRAMES, num_inference_steps=STEPS, latents=torch.from_numpy(lat),
+                 guidance_scale=4.5, max_sequence_length=tiny.MAX_SEQUENCE_LENGTH, output_type="latent").frames.numpy()
     out = ours([PROMPT, "A cat sleeping on a sofa."], height=H, width=W, num_frames=FRAMES,
-               num_inference_steps=STEPS, latents=lat, guidance_scale=4.5,
+               num_inference_steps=STEPS, latents=lat, guidance_scale=4.5, num_videos_per_prompt=2,
                max_sequence_length=tiny.MAX_SEQUENCE_LENGTH, output_type="latent", progress=False).frames
     assert out.shape == ref.shape
     # latents are O(1); the same fp32 reasoning as above.

@@ -64,16 +64,18 @@ def test_images_match_diffusers(pipes):
 
 
 def test_latents_match_diffusers_batch_no_cfg(pipes):
-    """Two prompts of different lengths (different text masks), guidance off (no CFG batch)."""
+    """Two prompts of different lengths (different text masks), two images each (num_images_per_prompt, as
+    diffusers' run of each prompt twice), guidance off (no CFG batch)."""
     variant, tp, ours, _ = pipes
     prompts = [PROMPT, "A cat."]
-    lat = initial_latents(batch=2, seed=1)
+    lat = initial_latents(batch=4, seed=1)
     with torch.no_grad():
-        ref = tp(prompt=prompts, height=H, width=W, num_inference_steps=STEPS, latents=torch.from_numpy(lat),
+        ref = tp(prompt=[p for p in prompts for _ in (0, 1)], height=H, width=W, num_inference_steps=STEPS, latents=torch.from_numpy(lat),
                  guidance_scale=1.0, max_sequence_length=MSL, use_resolution_binning=False, clean_caption=False,
                  output_type="latent").images.numpy()
     out = ours(prompts, height=H, width=W, num_inference_steps=STEPS, latents=lat, guidance_scale=1.0,
-               max_sequence_length=MSL, use_resolution_binning=False, output_type="latent", progress=False).images
+               max_sequence_length=MSL, use_resolution_binning=False, output_type="latent", progress=False,
+               num_images_per_prompt=2).images
     # The first DPM-Solver++ step's x0 = (x - sigma eps) / alpha at t = 999 multiplies the model's output,
     # and its float32 rounding, by sigma / alpha ~ 156 (linear betas), so these latents are O(100):
     # compare at float32 rounding relative to their size (a wrong mask or schedule is off by >1e-2 of it).

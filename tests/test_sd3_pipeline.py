@@ -54,14 +54,18 @@ def test_image_matches_diffusers(tmp_path_factory):
 
 @pytest.mark.parametrize("with_t5", [True, False])
 def test_latents_match_diffusers_batch(with_t5, tmp_path_factory):
-    """Two prompts, prompt_2 for CLIP-G, clip_skip=1; a pipeline without T5 (zeros in its place) too."""
+    """Two prompts, prompt_2 for CLIP-G, clip_skip=1, two images each (num_images_per_prompt, as diffusers' run
+    of each prompt twice); a pipeline without T5 (zeros in its place) too."""
     tp, ours, _ = build(tmp_path_factory, with_t5)
     prompts = [PROMPT, "A cat."]
-    lat = initial_latents(batch=2, seed=1)
-    kw = dict(prompt_2=["a dog", "a cat"], clip_skip=1, guidance_scale=5.0)
-    ref = _diffusers(tp, prompts, lat, "latent", **kw)
+    per = 2 if with_t5 else 1
+    lat = initial_latents(batch=2 * per, seed=1)
+    kw = dict(clip_skip=1, guidance_scale=5.0)
+    rep = lambda ps: [p for p in ps for _ in range(per)]  # noqa: E731
+    ref = _diffusers(tp, rep(prompts), lat, "latent", prompt_2=rep(["a dog", "a cat"]), **kw)
     out = ours(prompts, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
-               output_type="latent", progress=False, **kw).images
+               output_type="latent", progress=False, prompt_2=["a dog", "a cat"], num_images_per_prompt=per,
+               **kw).images
     scale = np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
 

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
+    ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
+                    metavar="N", help="samples per prompt (diffusers' num_images_per_prompt / num_videos_per_prompt); "
+                    "written as OUTPUT_0, OUTPUT_1, ... when there are several")
     ap.add_argument("--num-frames", type=int, default=None, help="frames to generate (CogVideoX 8k+1, Mochi 6k+1; model default)")
     ap.add_argument("--height", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
@@ -139,8 +142,9 @@ def mesh_spec_from_args(args):
     return MeshSpec.parse(merged)
 
 
-def check_output(path: Path, overwrite: bool, video: bool | None = None) -> None:
-    """``video``: True for a video model, False for an image model, None when not yet known."""
+def check_output(path: Path, overwrite: bool, video: bool | None = None, samples: int = 1) -> None:
+    """``video``: True for a video model, False for an image model, None when not yet known; ``samples``:
+    how many outputs the run writes (:func:`output_paths`), none of which may exist unless ``overwrite``."""
     suffix = path.suffix.lower()
     if video is not False and (suffix in VIDEO_SUFFIXES or not suffix):
         pass
@@ -153,8 +157,10 @@ def check_output(path: Path, overwrite: bool, video: bool | None = None) -> None
         raise ValueError(f"--output {path}: this model makes images; use a .png or .jpg file.")
     else:
         raise ValueError(f"--output {path}: use .mp4/.gif or a folder (videos), .png/.jpg (images).")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"--output {path} exists; pass --overwrite to replace it or choose another name.")
+    taken = [p for p in output_paths(path, samples) if p.exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"--output {', '.join(map(str, taken))} exist{'s' if len(taken) == 1 else ''}; pass "
+                              "--overwrite to replace or choose another name.")
     if not path.absolute().parent.exists():
         raise FileNotFoundError(f"The folder of --output ({path.absolute().parent}) does not exist.")
 
@@ -370,12 +376,14 @@ def _main(argv=None) -> int:
         if args.output is None:
             args.output = DEFAULTS[early_family or "cogvideox"]["output"]
         out = Path(args.output)
-        check_output(out, args.overwrite, None if early_family is None else early_family in VIDEO_FAMILIES)
         for name in ("steps", "num_frames", "height", "width", "max_sequence_length", "num_pipeline_patch",
-                     "warmup_steps"):
+                     "warmup_steps", "per_prompt"):
             v = getattr(args, name)
             if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}.")
+                flag = "num-images-per-prompt" if name == "per_prompt" else name.replace('_', '-')
+                raise ValueError(f"--{flag} must be >= 1, got {v}.")
+        samples = len(args.prompts) * args.per_prompt
+        check_output(out, args.overwrite, None if early_family is None else early_family in VIDEO_FAMILIES, samples)
         if args.guidance_scale is not None and args.guidance_scale < 0:
             raise ValueError("--guidance-scale must be >= 0.")
     except (ValueError, FileExistsError, FileNotFoundError) as e:
@@ -423,7 +431,7 @@ def _main(argv=None) -> int:
 
             model = resolve_model(args.model)  # a local folder (a hub id is downloaded here)
         family = pipelines.family(pipeline_class_name(model))
-        check_output(out, args.overwrite, family in VIDEO_FAMILIES)
+        check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
         if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3"):
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
@@ -467,6 +475,7 @@ def _main(argv=None) -> int:
         print("note: --negative-prompt is used by FLUX only with --true-cfg-scale > 1", file=sys.stderr)
     kw = dict(height=args.height, width=args.width, num_inference_steps=steps, guidance_scale=guidance,
               seed=args.seed, progress=not args.no_progress)
+    kw["num_videos_per_prompt" if family in VIDEO_FAMILIES else "num_images_per_prompt"] = args.per_prompt
     if family == "cogvideox":
         kw.update(num_frames=args.num_frames, use_dynamic_cfg=args.use_dynamic_cfg, max_sequence_length=msl or 226)
     elif family == "mochi":

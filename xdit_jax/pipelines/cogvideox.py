@@ -33,6 +33,7 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
+    per_prompt,
     tokenize,
 )
 
@@ -220,7 +221,9 @@ class CogVideoXPipeline(PipelineBase):
                  *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
                  prompt_embeds=None, negative_prompt_embeds=None, latents=None, max_sequence_length: int = 226,
-                 seed: int = 0, output_type: str = "np", progress: bool = True) -> CogVideoXPipelineOutput:
+
+                 num_videos_per_prompt: int = 1, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> CogVideoXPipelineOutput:
         dv = self.default_video()
         height, width, num_frames = height or dv["height"], width or dv["width"], num_frames or dv["num_frames"]
         if output_type not in ("np", "latent"):
@@ -231,6 +234,7 @@ class CogVideoXPipeline(PipelineBase):
             raise ValueError("Give either prompt or prompt_embeds, not both.")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        per = per_prompt(num_videos_per_prompt, "num_videos_per_prompt")
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
         do_cfg = guidance_scale > 1.0
         timer = StageTimer()
@@ -251,11 +255,11 @@ class CogVideoXPipeline(PipelineBase):
                 embeds = jnp.concatenate([negative_prompt_embeds, prompt_embeds])
             else:
                 embeds = prompt_embeds
-            embeds = self._put_batch(embeds, do_cfg)
+            embeds = self._put_batch(embeds, do_cfg, per)
             jax.block_until_ready(embeds)
 
         # 2. latents (diffusers layout: B, F, C, h, w); 1.5 pads latent frames to patch_size_t
-        shape, additional = self.latent_shape(batch, height, width, num_frames)
+        shape, additional = self.latent_shape(batch * per, height, width, num_frames)
         sched = schedulers.make_schedule(self.scheduler_config, num_inference_steps)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, jax.random.fold_in(rng, 1 << 20), sched.init_noise_sigma,

@@ -215,6 +215,13 @@ def pipeline_class_name(folder) -> str:
     return str(read_json(Path(folder) / "model_index.json").get("_class_name", ""))
 
 
+def per_prompt(n, name: str = "num_images_per_prompt") -> int:
+    """diffusers' ``num_images_per_prompt`` / ``num_videos_per_prompt``, checked: a positive integer."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name} must be a positive integer; got {n!r}.")
+    return int(n)
+
+
 def check_size_and_mesh(height: int, width: int, multiple: int, num_layers: int, batch: int, mesh_spec,
                         guidance_scale: float) -> None:
     """The checks every family makes before any heavy work: image size, and what the mesh needs
@@ -486,17 +493,20 @@ class PipelineBase:
         d = self.mesh_spec.data
         return -(-batch // d) * d
 
-    def _put_batch(self, x, do_cfg: bool):
+    def _put_batch(self, x, do_cfg: bool, per_prompt: int = 1):
         """A text input of the step (``B`` rows, or ``2B`` for CFG: [negative; prompt]) placed as the
-        transformer's batch: each half padded to :meth:`_padded_batch` rows (copies of its last row,
-        dropped again after the transformer) and split over (cfg, data)."""
+        transformer's batch: each row repeated ``per_prompt`` times (diffusers' ``num_images_per_prompt``:
+        the samples of a prompt next to each other), each half padded to :meth:`_padded_batch` rows (copies
+        of its last row, dropped again after the transformer), split over (cfg, data)."""
         x = jnp.asarray(x)
         halves = 2 if do_cfg else 1
-        b = x.shape[0] // halves
-        pad = self._padded_batch(b) - b
+        x = x.reshape((halves, -1) + x.shape[1:])
+        if per_prompt > 1:
+            x = jnp.repeat(x, per_prompt, axis=1)
+        pad = self._padded_batch(x.shape[1]) - x.shape[1]
         if pad:
-            x = x.reshape((halves, b) + x.shape[1:])
-            x = jnp.concatenate([x, jnp.repeat(x[:, -1:], pad, axis=1)], axis=1).reshape((-1,) + x.shape[2:])
+            x = jnp.concatenate([x, jnp.repeat(x[:, -1:], pad, axis=1)], axis=1)
+        x = x.reshape((-1,) + x.shape[2:])
         return jax.device_put(x, self._batch_sharding(x.ndim, do_cfg))
 
     def _model_batch(self, latents, do_cfg: bool):

@@ -50,6 +50,7 @@ from xdit_jax.pipelines.denoise import (
     load_tokenizer,
     parse_dtype,
     peak_memory_bytes,
+    per_prompt,
     tokenize,
 )
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
@@ -250,7 +251,8 @@ class FluxPipeline(ImagePipelineBase):
                  *, height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
                  guidance_scale: float = 3.5, true_cfg_scale: float = 1.0, prompt_embeds=None,
                  pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-                 latents=None, max_sequence_length: int = 512, seed: int = 0, output_type: str = "np",
+                 latents=None, max_sequence_length: int = 512,
+                 num_images_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
                  progress: bool = True) -> FluxPipelineOutput:
         ds = self.default_size()
         height = ds["height"] if height is None else height
@@ -278,6 +280,7 @@ class FluxPipeline(ImagePipelineBase):
         listify = lambda p: [p] if isinstance(p, str) else (list(p) if p is not None else None)  # noqa: E731
         prompts = listify(prompt)
         batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
         has_neg = negative_prompt is not None or (negative_prompt_embeds is not None
                                                   and negative_pooled_prompt_embeds is not None)
         do_cfg = true_cfg_scale > 1 and has_neg
@@ -314,16 +317,16 @@ class FluxPipeline(ImagePipelineBase):
                     raise ValueError(f"negative prompt embeddings {nemb.shape}, {npooled.shape} must have the "
                                      f"shapes of the prompt's {emb.shape}, {pooled.shape}.")
                 emb, pooled = jnp.concatenate([nemb, emb]), jnp.concatenate([npooled, pooled])
-            texts = (self._put_batch(emb, do_cfg), self._put_batch(pooled, do_cfg))
+            texts = (self._put_batch(emb, do_cfg, per), self._put_batch(pooled, do_cfg, per))
             jax.block_until_ready(texts)
 
         # 2. latents (packed, diffusers' layout), RoPE tables, schedule
         h, w = self.latent_grid(height, width)
-        shape = self.latent_shape(batch, height, width)
+        shape = self.latent_shape(batch * per, height, width)
         sched = self.schedule(num_inference_steps, shape[1])
         rng = jax.random.key(seed)
         if latents is None:
-            noise = jax.random.normal(rng, (batch, tc.in_channels // 4, h, w), jnp.float32)
+            noise = jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32)
             latents = pack_latents(noise)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, (height/16) x (width/16) tokens, channels x 4")

@@ -42,6 +42,7 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
+    per_prompt,
     tokenize,
 )
 from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
@@ -209,7 +210,9 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                  negative_prompt_embeds=None, negative_prompt_attention_mask=None, negative_prompt_embeds_2=None,
                  negative_prompt_attention_mask_2=None, latents=None, original_size=(1024, 1024),
                  target_size=None, crops_coords_top_left=(0, 0), use_resolution_binning: bool = True,
-                 seed: int = 0, output_type: str = "np", progress: bool = True) -> HunyuanDiTPipelineOutput:
+
+                 num_images_per_prompt: int = 1, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> HunyuanDiTPipelineOutput:
         ds = self.default_size()
         height, width = height or ds["height"], width or ds["width"]
         height, width = int(height // 16 * 16), int(width // 16 * 16)
@@ -230,6 +233,7 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                              "(HunyuanDiT reads both text encoders and their masks).")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
         check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
         do_cfg = guidance_scale > 1.0
         timer = StageTimer()
@@ -263,12 +267,12 @@ class HunyuanDiTPipeline(ImagePipelineBase):
                                          "must have the same shape.")
                     emb = jnp.concatenate([nemb, emb])
                     mask = jnp.concatenate([jnp.asarray(nmask, jnp.int32), mask])
-                texts += [self._put_batch(emb, do_cfg), self._put_batch(mask, do_cfg)]
+                texts += [self._put_batch(emb, do_cfg, per), self._put_batch(mask, do_cfg, per)]
             texts = tuple(texts)
             jax.block_until_ready(texts)
 
         # 2. latents (diffusers layout: B, C, h, w) and the size/style conditions
-        shape = self.latent_shape(batch, height, width)
+        shape = self.latent_shape(batch * per, height, width)
         sched = self.scheduler.make_schedule(self.scheduler_config, num_inference_steps)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, self.scheduler.INIT_NOISE_SIGMA,

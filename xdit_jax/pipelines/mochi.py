@@ -43,6 +43,7 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
+    per_prompt,
     tokenize,
 )
 from xdit_jax.schedulers import flow_match
@@ -195,7 +196,8 @@ class MochiPipeline(PipelineBase):
                  *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                  num_inference_steps: int = 64, guidance_scale: float = 4.5, prompt_embeds=None,
                  prompt_attention_mask=None, negative_prompt_embeds=None, negative_prompt_attention_mask=None,
-                 latents=None, max_sequence_length: int = 256, seed: int = 0, output_type: str = "np",
+                 latents=None, max_sequence_length: int = 256,
+                 num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
                  progress: bool = True) -> MochiPipelineOutput:
         dv = self.default_video()
         height, width, num_frames = (dv[k] if v is None else v for k, v in
@@ -212,6 +214,7 @@ class MochiPipeline(PipelineBase):
             raise ValueError("negative_prompt_embeds need negative_prompt_attention_mask.")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        per = per_prompt(num_videos_per_prompt, "num_videos_per_prompt")
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
         made = self.output_frames(num_frames)
         if made != num_frames:
@@ -246,11 +249,11 @@ class MochiPipeline(PipelineBase):
                 log.warning("A caption mask keeps tokens after a masked one: attention is over the kept tokens "
                             "here, while diffusers' Mochi also moves their outputs to the front (it does so only "
                             "for such hand-made masks; T5's masks are prefixes).")
-            texts = (self._put_batch(emb, do_cfg), self._put_batch(mask, do_cfg))
+            texts = (self._put_batch(emb, do_cfg, per), self._put_batch(mask, do_cfg, per))
             jax.block_until_ready(texts)
 
         # 2. latents (diffusers' layout: B, C, F, h, w)
-        shape = self.latent_shape(batch, height, width, num_frames)
+        shape = self.latent_shape(batch * per, height, width, num_frames)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, channels, latent frames, height/8, width/8")

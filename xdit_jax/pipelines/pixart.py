@@ -39,6 +39,7 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
+    per_prompt,
     tokenize,
 )
 from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
@@ -198,7 +199,8 @@ class PixArtPipeline(ImagePipelineBase):
                  *, height: int | None = None, width: int | None = None, num_inference_steps: int = 20,
                  guidance_scale: float = 4.5, prompt_embeds=None, prompt_attention_mask=None,
                  negative_prompt_embeds=None, negative_prompt_attention_mask=None, latents=None,
-                 max_sequence_length: int | None = None, use_resolution_binning: bool = True, seed: int = 0,
+                 max_sequence_length: int | None = None, use_resolution_binning: bool = True,
+                 num_images_per_prompt: int = 1, seed: int = 0,
                  output_type: str = "np", progress: bool = True) -> PixArtPipelineOutput:
         ds = self.default_size()
         height, width = height or ds["height"], width or ds["width"]
@@ -216,6 +218,7 @@ class PixArtPipeline(ImagePipelineBase):
             raise ValueError("prompt_embeds need their prompt_attention_mask (PixArt's cross attention uses it).")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
         check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec,
                       guidance_scale)
         do_cfg = guidance_scale > 1.0
@@ -242,11 +245,11 @@ class PixArtPipeline(ImagePipelineBase):
                                      "must have the same shape.")
                 embeds = jnp.concatenate([neg, embeds])
                 mask = jnp.concatenate([jnp.asarray(negative_prompt_attention_mask, jnp.int32), mask])
-            embeds, mask = self._put_batch(embeds, do_cfg), self._put_batch(mask, do_cfg)
+            embeds, mask = self._put_batch(embeds, do_cfg, per), self._put_batch(mask, do_cfg, per)
             jax.block_until_ready(embeds)
 
         # 2. latents (diffusers layout: B, C, h, w)
-        shape = self.latent_shape(batch, height, width)
+        shape = self.latent_shape(batch * per, height, width)
         sched = dpmsolver.make_schedule(self.scheduler_config, num_inference_steps)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, dpmsolver.INIT_NOISE_SIGMA,

@@ -45,6 +45,7 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
+    per_prompt,
     tokenize,
 )
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
@@ -211,7 +212,8 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                  negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, latents=None,
                  max_sequence_length: int = 256, clip_skip: int | None = None, skip_guidance_layers=None,
                  skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_stop: float = 0.2,
-                 skip_layer_guidance_start: float = 0.01, seed: int = 0, output_type: str = "np",
+                 skip_layer_guidance_start: float = 0.01,
+                 num_images_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
                  progress: bool = True) -> SD3PipelineOutput:
         ds = self.default_size()
         height = ds["height"] if height is None else height
@@ -239,6 +241,7 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         listify = lambda p: [p] if isinstance(p, str) else (list(p) if p else None)  # noqa: E731
         prompts = listify(prompt)
         batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
         check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
         sched = self.schedule(num_inference_steps, height, width, sigmas)  # refuses a bad step count first
         do_cfg = guidance_scale > 1.0
@@ -272,11 +275,11 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                     raise ValueError(f"negative prompt embeddings {nemb.shape}, {npooled.shape} must have the "
                                      f"shapes of the prompt's {emb.shape}, {pooled.shape}.")
                 emb, pooled = jnp.concatenate([nemb, emb]), jnp.concatenate([npooled, pooled])
-            texts = (self._put_batch(emb, do_cfg), self._put_batch(pooled, do_cfg))
+            texts = (self._put_batch(emb, do_cfg, per), self._put_batch(pooled, do_cfg, per))
             jax.block_until_ready(texts)
 
         # 2. latents (diffusers' layout: B, C, h, w)
-        shape = self.latent_shape(batch, height, width)
+        shape = self.latent_shape(batch * per, height, width)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, channels, height/8, width/8")
