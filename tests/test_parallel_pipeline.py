@@ -72,6 +72,10 @@ THREE = PROMPTS + ["A red car on a wet street."]
 def test_call_errors(variant):
     folder, _ = variant
     pipe = CogVideoXPipeline.from_pretrained(folder, mesh="cfg=2")
+    with pytest.raises(ValueError, match="at least one prompt"):
+        pipe([], **KW)
+    with pytest.raises(ValueError, match="num_videos_per_prompt must be a positive integer"):
+        pipe(PROMPTS, **KW, num_videos_per_prompt=0)
     with pytest.raises(ValueError, match="guidance_scale > 1"):
         pipe(PROMPTS, **{**KW, "guidance_scale": 1.0})
 

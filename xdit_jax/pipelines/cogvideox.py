@@ -34,6 +34,7 @@ from xdit_jax.pipelines.denoise import (
     parse_dtype,
     peak_memory_bytes,
     per_prompt,
+    prompt_batch,
     tokenize,
 )
 
@@ -226,14 +227,7 @@ class CogVideoXPipeline(PipelineBase):
                  output_type: str = "np", progress: bool = True) -> CogVideoXPipelineOutput:
         dv = self.default_video()
         height, width, num_frames = height or dv["height"], width or dv["width"], num_frames or dv["num_frames"]
-        if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Give a prompt or prompt_embeds.")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Give either prompt or prompt_embeds, not both.")
-        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
-        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
         per = per_prompt(num_videos_per_prompt, "num_videos_per_prompt")
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
         do_cfg = guidance_scale > 1.0

@@ -215,6 +215,23 @@ def pipeline_class_name(folder) -> str:
     return str(read_json(Path(folder) / "model_index.json").get("_class_name", ""))
 
 
+def prompt_batch(prompt, prompt_embeds, output_type: str, embeds_need: str = "") -> tuple[list[str] | None, int]:
+    """The checks every family's call makes first (a prompt or its embeddings, not both, not none; the output
+    type): the prompts as a list (None where embeddings are given) and the batch. ``embeds_need``: what else
+    the embeddings need, for the message."""
+    if output_type not in ("np", "latent"):
+        raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError(f"Give a prompt or prompt_embeds{' ' + embeds_need if embeds_need else ''}.")
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("Give either prompt or prompt_embeds, not both.")
+    prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+    batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+    if batch < 1:
+        raise ValueError("Give at least one prompt (an empty list or empty prompt_embeds makes nothing).")
+    return prompts, batch
+
+
 def per_prompt(n, name: str = "num_images_per_prompt") -> int:
     """diffusers' ``num_images_per_prompt`` / ``num_videos_per_prompt``, checked: a positive integer."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:

@@ -51,6 +51,7 @@ from xdit_jax.pipelines.denoise import (
     parse_dtype,
     peak_memory_bytes,
     per_prompt,
+    prompt_batch,
     tokenize,
 )
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
@@ -257,12 +258,7 @@ class FluxPipeline(ImagePipelineBase):
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
-        if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Give a prompt or prompt_embeds (with pooled_prompt_embeds).")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type, "(with pooled_prompt_embeds)")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds need pooled_prompt_embeds (FLUX reads the pooled CLIP embedding too).")
         if max_sequence_length > 512:
@@ -278,8 +274,6 @@ class FluxPipeline(ImagePipelineBase):
         if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
             raise ValueError("negative_prompt_embeds and negative_pooled_prompt_embeds come together.")
         listify = lambda p: [p] if isinstance(p, str) else (list(p) if p is not None else None)  # noqa: E731
-        prompts = listify(prompt)
-        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
         per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
         has_neg = negative_prompt is not None or (negative_prompt_embeds is not None
                                                   and negative_pooled_prompt_embeds is not None)

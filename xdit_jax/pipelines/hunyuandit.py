@@ -43,6 +43,7 @@ from xdit_jax.pipelines.denoise import (
     parse_dtype,
     peak_memory_bytes,
     per_prompt,
+    prompt_batch,
     tokenize,
 )
 from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
@@ -221,18 +222,11 @@ class HunyuanDiTPipeline(ImagePipelineBase):
             if binned != (height, width):
                 log.warning("Reshaped to (height, width)=%s, the closest of HunyuanDiT's trained shapes.", binned)
             height, width = binned
-        if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Give a prompt or prompt_embeds (+ prompt_embeds_2 and both masks).")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type, "(+ prompt_embeds_2 and both masks)")
         if prompt_embeds is not None and any(a is None for a in (prompt_attention_mask, prompt_embeds_2,
                                                                   prompt_attention_mask_2)):
             raise ValueError("prompt_embeds need prompt_attention_mask, prompt_embeds_2 and prompt_attention_mask_2 "
                              "(HunyuanDiT reads both text encoders and their masks).")
-        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
-        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
         per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
         check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
         do_cfg = guidance_scale > 1.0

@@ -44,6 +44,7 @@ from xdit_jax.pipelines.denoise import (
     parse_dtype,
     peak_memory_bytes,
     per_prompt,
+    prompt_batch,
     tokenize,
 )
 from xdit_jax.schedulers import flow_match
@@ -202,18 +203,11 @@ class MochiPipeline(PipelineBase):
         dv = self.default_video()
         height, width, num_frames = (dv[k] if v is None else v for k, v in
                                      (("height", height), ("width", width), ("num_frames", num_frames)))
-        if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Give a prompt or prompt_embeds (with prompt_attention_mask).")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type, "(with prompt_attention_mask)")
         if prompt_embeds is not None and prompt_attention_mask is None:
             raise ValueError("prompt_embeds need prompt_attention_mask (Mochi attends only to the caption's tokens).")
         if negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
             raise ValueError("negative_prompt_embeds need negative_prompt_attention_mask.")
-        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
-        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
         per = per_prompt(num_videos_per_prompt, "num_videos_per_prompt")
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
         made = self.output_frames(num_frames)

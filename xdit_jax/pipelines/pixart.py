@@ -25,7 +25,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from xdit_jax.conversion import read_json
@@ -40,6 +39,7 @@ from xdit_jax.pipelines.denoise import (
     parse_dtype,
     peak_memory_bytes,
     per_prompt,
+    prompt_batch,
     tokenize,
 )
 from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
@@ -208,16 +208,9 @@ class PixArtPipeline(ImagePipelineBase):
         if use_resolution_binning:
             height, width = binned_size(height, width, self.transformer_config.sample_size)
         msl = max_sequence_length or self.max_sequence_length
-        if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Give a prompt or prompt_embeds.")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
         if prompt_embeds is not None and prompt_attention_mask is None:
             raise ValueError("prompt_embeds need their prompt_attention_mask (PixArt's cross attention uses it).")
-        prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
-        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
         per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
         check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec,
                       guidance_scale)

@@ -28,7 +28,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -46,6 +45,7 @@ from xdit_jax.pipelines.denoise import (
     parse_dtype,
     peak_memory_bytes,
     per_prompt,
+    prompt_batch,
     tokenize,
 )
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
@@ -218,12 +218,7 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
-        if output_type not in ("np", "latent"):
-            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("Give a prompt or prompt_embeds (with pooled_prompt_embeds).")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Give either prompt or prompt_embeds, not both.")
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type, "(with pooled_prompt_embeds)")
         if (prompt_embeds is None) != (pooled_prompt_embeds is None):
             raise ValueError("prompt_embeds and pooled_prompt_embeds come together.")
         if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
@@ -239,8 +234,6 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                 raise ValueError(f"Give either {name} or the embeddings it would make, not both.")
         # diffusers: an empty prompt_2 / prompt_3 falls back to the prompt
         listify = lambda p: [p] if isinstance(p, str) else (list(p) if p else None)  # noqa: E731
-        prompts = listify(prompt)
-        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
         per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
         check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
         sched = self.schedule(num_inference_steps, height, width, sigmas)  # refuses a bad step count first
