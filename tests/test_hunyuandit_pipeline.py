@@ -89,9 +89,12 @@ def test_meshes_match_one_device(mesh, tmp_path_factory):
     prompts = [PROMPT, "A cat.", "A red car."][:batch]
     kw = dict(height=H, width=W, num_inference_steps=2, latents=initial_latents(batch=batch, seed=2),
               use_resolution_binning=False, progress=False)
+    if mesh == "data=2":  # the padded batch (the decode is the other meshes' business)
+        kw["output_type"] = "latent"
     ref = ours(prompts, **kw).images
     out = HunyuanDiTPipeline.from_pretrained(folder, mesh=mesh)(prompts, **kw).images
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)  # one device up to float rounding
+    # one device up to float rounding: pixels in [0, 1]; latents relative to their size
+    np.testing.assert_allclose(out, ref, atol=2e-5 * max(1.0, np.abs(ref).max()), rtol=0)
 
 
 def test_binning_and_bad_input(tmp_path_factory):
