@@ -41,6 +41,7 @@ MODEL_CLASSES = {
     "CogVideoXTransformer3DModel": ("xdit_jax.models.cogvideox", "CogVideoXConfig"),
     "AutoencoderKLCogVideoX": ("xdit_jax.models.vae_cogvideox", "CogVideoXVAEConfig"),
     "T5EncoderModel": ("xdit_jax.models.t5", "T5Config"),
+    "UMT5EncoderModel": ("xdit_jax.models.t5", "UMT5Config"),  # Wan 2.1: T5 with a bias table per block
     "PixArtTransformer2DModel": ("xdit_jax.models.pixart", "PixArtConfig"),
     # the PixArt checkpoints on the hub name their transformer so (diffusers maps it to PixArt for
     # norm_type "ada_norm_single"; PixArtConfig refuses the other Transformer2DModel kinds)

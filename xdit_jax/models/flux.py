@@ -35,6 +35,7 @@ from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
     FeedForward,
     LayerNorm,
+    RMSNorm,
     TimestepEmbedding,
     apply_rope,
     gelu_tanh,
@@ -84,19 +85,6 @@ class FluxConfig(TransformerDims):
         if cfg.num_layers < 1 or cfg.num_single_layers < 1:
             raise ValueError("A FLUX transformer has at least one double- and one single-stream block.")
         return cfg
-
-
-class RMSNorm(nnx.Module):
-    """``torch.nn.RMSNorm`` with a weight (the per-head q/k norms); statistics in float32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, *, dtype=jnp.float32):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class AdaNorm(nnx.Module):

@@ -74,14 +74,41 @@ def gelu_tanh(x):
 
 class FeedForward(nnx.Module):
     """diffusers' ``FeedForward(dim, activation_fn="gelu-approximate")``: Linear, tanh-GELU, Linear
-    (submodules ``net_0`` / ``net_2``, the torch ``net.0.proj`` / ``net.2``)."""
+    (submodules ``net_0`` / ``net_2``, the torch ``net.0.proj`` / ``net.2``); ``inner``: diffusers'
+    ``inner_dim`` (default ``mult * dim``, which need not be an integer multiple of ``dim``)."""
 
-    def __init__(self, dim: int, mult: int = 4, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.net_0 = linear(dim, mult * dim, dtype=dtype, rngs=rngs)
-        self.net_2 = linear(mult * dim, dim, dtype=dtype, rngs=rngs)
+    def __init__(self, dim: int, mult: int = 4, *, inner: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = mult * dim if inner is None else inner
+        self.net_0 = linear(dim, inner, dtype=dtype, rngs=rngs)
+        self.net_2 = linear(inner, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.net_2(gelu_tanh(self.net_0(x)))
+
+
+class RMSNorm(nnx.Module):
+    """``torch.nn.RMSNorm`` with a weight (q/k norms); statistics in float32, output in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class PixArtAlphaTextProjection(nnx.Module):
+    """diffusers ``PixArtAlphaTextProjection(act_fn="gelu_tanh")``: linear_1 -> tanh-GELU -> linear_2
+    (PixArt's caption projection, Wan's text embedder)."""
+
+    def __init__(self, din: int, d: int, *, dtype, rngs):
+        self.linear_1 = linear(din, d, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(d, d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear_2(gelu_tanh(self.linear_1(x)))
 
 
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0,

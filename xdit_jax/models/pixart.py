@@ -28,8 +28,8 @@ from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models.layers import (
     FeedForward,
     LayerNorm,
+    PixArtAlphaTextProjection,
     TimestepEmbedding,
-    gelu_tanh,
     linear,
     scan_modules,
     sincos_1d,
@@ -166,15 +166,6 @@ class AdaLayerNormSingle(nnx.Module):
     def __call__(self, timestep, resolution, aspect_ratio, batch_size: int):
         embedded = self.emb(timestep, resolution, aspect_ratio, batch_size)
         return self.linear(jax.nn.silu(embedded)), embedded
-
-
-class PixArtAlphaTextProjection(nnx.Module):
-    def __init__(self, din: int, d: int, *, dtype, rngs):
-        self.linear_1 = linear(din, d, dtype=dtype, rngs=rngs)
-        self.linear_2 = linear(d, d, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.linear_2(gelu_tanh(self.linear_1(x)))
 
 
 class PatchEmbed(nnx.Module):

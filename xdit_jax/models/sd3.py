@@ -42,10 +42,11 @@ from flax import nnx
 
 from xdit_jax.config_util import TransformerDims, known_fields
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
-from xdit_jax.models.flux import RMSNorm, TextProjection
+from xdit_jax.models.flux import TextProjection
 from xdit_jax.models.layers import (
     FeedForward,
     LayerNorm,
+    RMSNorm,
     TimestepEmbedding,
     final_block,
     linear,

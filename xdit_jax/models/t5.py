@@ -1,10 +1,15 @@
-"""The T5 (v1.1) encoder — transformers' ``T5EncoderModel`` — in Flax NNX.
+"""The T5 (v1.1) encoder — transformers' ``T5EncoderModel`` — and its UMT5 variant
+(``UMT5EncoderModel``, the Wan 2.1 text encoder) in Flax NNX.
 
 CogVideoX encodes its prompts with it. Submodules carry the transformers names, so
 :func:`xdit_jax.keymap.map_state_dict` derives the key map; the only exceptions are tables below.
 The ``encoder.block`` collection is stacked on a leading layer axis and run with a scan. In
-transformers, block 0 owns the relative attention bias table (shared by all blocks); here it lives
-outside the stack, at ``encoder.relative_attention_bias``, and a rename points it at block 0's key.
+transformers' T5, block 0 owns the relative attention bias table (shared by all blocks); here it
+lives outside the stack, at ``encoder.relative_attention_bias``, and a rename points it at block 0's
+key. UMT5 (``cfg.per_layer_relative_bias``, set by ``model_type: "umt5"`` or :class:`UMT5Config`)
+differs from T5 v1.1 only there: every block owns its table, so the tables live inside the stacked
+blocks under their transformers names (``encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias``)
+and each layer of the scan looks its bias up from the shared bucket indices.
 
 Precision: parameters and activations in ``dtype`` (fp32 or bf16); attention scores, softmax and
 the norms' variance in fp32. Inference only (no dropout). Encoder only (bidirectional buckets).
@@ -38,11 +43,17 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
+    # UMT5: every block has its own relative attention bias table (T5: block 0's serves all blocks).
+    per_layer_relative_bias: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "T5Config":
-        """Read a transformers ``T5Config`` config.json dict; unknown keys are ignored."""
-        cfg = cls(**known_fields(cls, d))
+        """Read a transformers ``T5Config`` / ``UMT5Config`` config.json dict; unknown keys are ignored.
+        ``model_type: "umt5"`` selects the per-layer bias tables (as transformers' auto classes would)."""
+        kw = known_fields(cls, d)
+        if d.get("model_type") == "umt5":
+            kw["per_layer_relative_bias"] = True
+        cfg = cls(**kw)
         _ = cfg.act_fn  # fail early on an unsupported activation
         return cfg
 
@@ -65,6 +76,15 @@ class T5Config:
             raise ValueError(f"Unsupported T5 feed_forward_proj {self.feed_forward_proj!r}; "
                              f"expected '[gated-]ACT' with ACT one of {sorted(_ACTS)}.")
         return _ACTS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class UMT5Config(T5Config):
+    """transformers' ``UMT5EncoderModel`` (defaults: umt5-xxl as Wan 2.1 ships it): T5 v1.1 with a
+    relative attention bias table in every block."""
+
+    vocab_size: int = 256384
+    per_layer_relative_bias: bool = True
 
 
 _ACTS = {
@@ -96,6 +116,19 @@ def relative_position_bucket(relative_position: np.ndarray, num_buckets: int, ma
     return buckets + np.where(is_small, rp, large)
 
 
+def encoder_buckets(length: int, cfg: T5Config) -> np.ndarray:
+    """(L, L) bucket of query i attending to key j (numpy, static)."""
+    pos = np.arange(length)
+    return relative_position_bucket(pos[None, :] - pos[:, None], cfg.relative_attention_num_buckets,
+                                    cfg.relative_attention_max_distance)
+
+
+def bias_from_table(table: nnx.Embed, buckets) -> jax.Array:
+    """(1, H, L, L) fp32 bias: the (buckets, H) ``table`` looked up at the (L, L) ``buckets``."""
+    t = table.embedding[...].astype(jnp.float32)
+    return jnp.transpose(t[jnp.asarray(buckets, jnp.int32)], (2, 0, 1))[None]
+
+
 class T5LayerNorm(nnx.Module):
     """RMS norm without mean or bias; variance in fp32, result cast back to the weight dtype."""
 
@@ -122,9 +155,16 @@ class T5Attention(nnx.Module):
         self.k = _linear(cfg.d_model, inner, dtype, rngs)
         self.v = _linear(cfg.d_model, inner, dtype, rngs)
         self.o = _linear(inner, cfg.d_model, dtype, rngs)
+        self.own_bias = cfg.per_layer_relative_bias
+        if self.own_bias:  # UMT5
+            self.relative_attention_bias = nnx.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
+                                                     dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x, position_bias, key_mask):
-        """``position_bias`` (1, H, L, L) fp32; ``key_mask`` (B, 1, 1, L) bool or None."""
+        """``position_bias`` (1, H, L, L) fp32 — or, where the layer owns its bias table (UMT5), the
+        (L, L) int32 buckets to look it up at; ``key_mask`` (B, 1, 1, L) bool or None."""
+        if self.own_bias:
+            position_bias = bias_from_table(self.relative_attention_bias, position_bias)
         b, l, _ = x.shape
         q = self.q(x).reshape(b, l, self.n_heads, self.d_kv)
         k = self.k(x).reshape(b, l, self.n_heads, self.d_kv)
@@ -192,8 +232,9 @@ class T5Stack(nnx.Module):
     def __init__(self, cfg: T5Config, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.relative_attention_bias = nnx.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
-                                                 dtype=dtype, param_dtype=dtype, rngs=rngs)
+        if not cfg.per_layer_relative_bias:  # T5: one table for all blocks (UMT5: one in each block)
+            self.relative_attention_bias = nnx.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
+                                                     dtype=dtype, param_dtype=dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -204,15 +245,14 @@ class T5Stack(nnx.Module):
         self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype)
 
     def position_bias(self, length: int):
-        """(1, H, L, L) fp32 bias of query i attending to key j."""
-        pos = np.arange(length)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.relative_attention_num_buckets,
-                                           self.cfg.relative_attention_max_distance)
-        table = self.relative_attention_bias.embedding[...].astype(jnp.float32)  # (buckets, H)
-        return jnp.transpose(table[jnp.asarray(buckets, jnp.int32)], (2, 0, 1))[None]
+        """(1, H, L, L) fp32 bias of query i attending to key j (T5's shared table)."""
+        return bias_from_table(self.relative_attention_bias, encoder_buckets(length, self.cfg))
 
     def __call__(self, h, attention_mask=None):
-        bias = self.position_bias(h.shape[1])
+        if self.cfg.per_layer_relative_bias:  # each block looks its own table up at the same buckets
+            bias = jnp.asarray(encoder_buckets(h.shape[1], self.cfg), jnp.int32)
+        else:
+            bias = self.position_bias(h.shape[1])
         key_mask = None if attention_mask is None else (attention_mask != 0)[:, None, None, :]
         graphdef, state = nnx.split(self.block)
 
@@ -241,8 +281,9 @@ class T5EncoderModel(nnx.Module):
 # --- checkpoint conversion tables ---------------------------------------------------------------
 
 TORCH_RENAMES: list[tuple[str, str]] = [
-    # Block 0 owns the (shared) relative attention bias in transformers.
-    ("encoder.relative_attention_bias", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"),
+    # Block 0 owns the (shared) relative attention bias in transformers' T5 (UMT5: no rename, every
+    # block's table is in the stack under its own name).
+    (r"^encoder\.relative_attention_bias\.", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias."),
 ]
 
 TORCH_IGNORE: list[str] = [
@@ -252,19 +293,23 @@ TORCH_IGNORE: list[str] = [
 
 
 def params_from_torch(flat: dict[str, np.ndarray], cfg: T5Config, dtype=None) -> dict:
-    """Params pure dict for :class:`T5EncoderModel` from a transformers state dict (numpy arrays).
+    """Params pure dict for :class:`T5EncoderModel` from a transformers ``T5EncoderModel`` or (with
+    ``cfg.per_layer_relative_bias``) ``UMT5EncoderModel`` state dict (numpy arrays).
 
     ``dtype``: cast the floating tensors to it (``None``: float32).
     """
     mdtype = jnp.float32 if dtype is None else dtype
+    if "shared.weight" not in flat and "encoder.embed_tokens.weight" in flat:
+        # The two are tied; a checkpoint that kept only the encoder's name still holds the embedding.
+        flat = {("shared.weight" if k == "encoder.embed_tokens.weight" else k): v for k, v in flat.items()}
     return map_state_dict(
         flat,
         expected_shapes(lambda: T5EncoderModel(cfg, dtype=mdtype)),
         stacked={"encoder.block": cfg.num_layers},
-        renames=TORCH_RENAMES,
+        renames=[] if cfg.per_layer_relative_bias else TORCH_RENAMES,
         ignore=TORCH_IGNORE,
         dtype=dtype,
-        what="T5 text encoder checkpoint",
+        what=("UMT5" if cfg.per_layer_relative_bias else "T5") + " text encoder checkpoint",
     )
 
 

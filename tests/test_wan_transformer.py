@@ -1,0 +1,127 @@
+"""Wan transformer == diffusers WanTransformer3DModel; its sequence-parallel run == one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel as TorchModel
+from flax import nnx
+
+from tests.torch_util import randomize_, state_dict_np
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import wan
+from xdit_jax.parallel.sequence import run_blocks
+from xdit_jax.safetensors_io import CheckpointError
+
+# 2 heads x 12: the RoPE splits the head dim 4 (frames) + 4 (rows) + 4 (columns); ffn_dim not a multiple of
+# the width (as the releases: 8960 at 1536, 13824 at 5120).
+CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+              text_dim=8, freq_dim=16, ffn_dim=40, num_layers=2, cross_attn_norm=True,
+              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+L = 6  # caption tokens
+# (batch, latent frames, h, w): 3 x 3 x 5 = 45 video tokens, which no sequence degree below divides (padding),
+# not square (row / column order).
+SHAPE = (2, 3, 6, 10)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    tm = randomize_(TorchModel(**CONFIG), seed=1, std=0.15)
+    cfg = wan.WanConfig.from_dict(dict(tm.config))
+    model = wan.build(cfg, wan.params_from_torch(state_dict_np(tm), cfg))
+    fwd = jax.jit(lambda m, x, t, e: m(x, t, e))
+    return tm, cfg, model, fwd
+
+
+def _inputs(cfg, b, f, h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, cfg.in_channels, f, h, w)).astype(np.float32)
+    enc = rng.standard_normal((b, L, cfg.text_dim)).astype(np.float32)
+    enc[1, 4:] = 0  # WanPipeline zero-pads each caption's states after its tokens
+    t = np.array([999, 37][:b], dtype=np.int64)
+    return x, t, enc
+
+
+def _torch(tm, x, t, enc):
+    with torch.no_grad():
+        return tm(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(enc), return_dict=False)[0].numpy()
+
+
+def test_rope_table_matches_diffusers(pair):
+    tm, cfg, _, _ = pair
+    f, h, w = 3, 3, 5
+    cos, sin = tm.rope(torch.zeros(1, cfg.in_channels, f, 2 * h, 2 * w))
+    ours = wan.rope_table(cfg, f, h, w)
+    np.testing.assert_allclose(ours[0], cos[0, :, 0].numpy(), atol=1e-7, rtol=0)
+    np.testing.assert_allclose(ours[1], sin[0, :, 0].numpy(), atol=1e-7, rtol=0)
+
+
+def test_matches_diffusers(pair):
+    tm, cfg, model, fwd = pair
+    x, t, enc = _inputs(cfg, *SHAPE)
+    ref = _torch(tm, x, t, enc)
+    out = np.asarray(fwd(model, x, t, enc))
+    assert out.shape == ref.shape == x.shape
+    # fp32 on both sides, outputs O(1-5): 2e-5 allows reordered float32 sums over 2 blocks of width 24 (a layout,
+    # RoPE or modulation bug moves outputs by 1e-2 or more).
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_bf16_close_to_fp32(pair):
+    tm, cfg, model, fwd = pair
+    m16 = wan.build(cfg, wan.params_from_torch(state_dict_np(tm), cfg, dtype=jnp.bfloat16), jnp.bfloat16)
+    x, t, enc = _inputs(cfg, *SHAPE, seed=1)
+    ref = np.asarray(fwd(model, x, t, enc))
+    out = np.asarray(fwd(m16, x, t, enc).astype(jnp.float32))
+    # bf16: 8-bit mantissa (0.4% steps); through 2 blocks the error stays a few % of the output scale.
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_config_and_input_errors(pair):
+    tm, cfg, model, _ = pair
+    d = dict(tm.config)
+    for bad, needle in [(dict(image_dim=16), "image-to-video"), (dict(added_kv_proj_dim=16), "image-to-video"),
+                        (dict(qk_norm="rms_norm"), "rms_norm_across_heads")]:
+        with pytest.raises(ValueError, match=needle):
+            wan.WanConfig.from_dict({**d, **bad})
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        wan.check_input_shape(cfg, 3, 7, 8)
+    with pytest.raises(ValueError, match="rope_max_seq_len"):
+        wan.rope_table(cfg, 3, 65, 4)
+
+
+def test_checkpoint_mismatch_is_reported(pair):
+    tm, cfg, _, _ = pair
+    sd = state_dict_np(tm)
+    sd.pop("blocks.1.attn2.norm_k.weight")
+    sd["proj_out.weight"] = sd["proj_out.weight"][:, :-1]
+    sd["extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(CheckpointError) as e:
+        wan.params_from_torch(sd, cfg)
+    msg = str(e.value)
+    assert "blocks.1.attn2.norm_k.weight" in msg and "proj_out.weight" in msg and "extra.weight" in msg
+
+
+MESHES = ["ulysses=3", "ring=2,ulysses=2", "cfg=2,ring=2"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sequence_parallel_equals_one_device(pair, mesh):
+    tm, cfg, model, fwd = pair
+    x, t, enc = _inputs(cfg, *SHAPE, seed=2)
+    ref = np.asarray(fwd(model, x, t, enc))
+    graphdef, state = nnx.split(model)
+    m = build_mesh(mesh)
+
+    @jax.jit
+    def parallel(state, x, t, enc):
+        mdl = nnx.merge(graphdef, state)
+        tokens_x, tokens, cond = mdl.embed(x, t, enc)
+        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)  # noqa: E731
+        return mdl.head(run_blocks(blocks, state, tokens_x, tokens, cond, m), cond, x.shape)
+
+    out = np.asarray(parallel(state, x, t, enc))
+    # fp32; only the order of float32 sums differs (ring's LSE merge, zero-padded heads on ulysses=3): outputs O(1).
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=mesh)

@@ -1,0 +1,272 @@
+"""Wan 2.1 transformer (diffusers ``WanTransformer3DModel``, text-to-video) in Flax NNX.
+
+The video latents (B, C, F, H, W) become patch tokens (Conv3d patch embed, ``patch_size`` (1, 2, 2)); each
+block modulates a float32 LayerNorm with a per-block ``scale_shift_table`` plus the shared timestep
+projection (6 x D per sample), self-attends over the video tokens (q/k RMS-normed across all heads, then
+Wan's 3D RoPE: the head dim split into frame / height / width parts), cross-attends to the UMT5 caption
+(projected by ``condition_embedder.text_embedder``; no mask: WanPipeline zero-pads the states instead) and
+runs a tanh-GELU MLP. Submodules carry the diffusers names so the torch -> Flax key map is derived
+(:mod:`xdit_jax.keymap`); the table below lists what differs. The blocks are stacked on a leading layer axis
+and run with one ``lax.scan``.
+
+Self-attention goes through :func:`xdit_jax.parallel.attention.attention` (sequence-parallel over the video
+tokens; the RoPE tables are per-token ``tokens`` sharded with them), cross-attention through
+:func:`xdit_jax.parallel.attention.cross_attention` (local under every mesh: the caption is whole on every
+device, as PixArt's). No collective here.
+
+Not supported (a clear error): the image-to-video variants (``image_dim`` / ``added_kv_proj_dim``: CLIP image
+tokens with their own K/V) and Wan 2.2's per-token timesteps (``expand_timesteps``, TI2V-5B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xdit_jax.config_util import TransformerDims, known_fields
+from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
+from xdit_jax.models.layers import (
+    FeedForward,
+    LayerNorm,
+    PixArtAlphaTextProjection,
+    RMSNorm,
+    TimestepEmbedding,
+    apply_rope,
+    linear,
+    rope_1d,
+    scan_modules,
+    stack_modules,
+    timestep_embedding,
+)
+from xdit_jax.parallel.attention import attention, cross_attention
+
+# The stacked blocks (one scan; PipeFusion splits them into stages). diffusers calls them ``blocks``, the name of
+# the engine's method here, so the attribute is ``transformer_blocks`` and a rename maps it.
+STACKED = "transformer_blocks"
+ROPE_THETA = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig(TransformerDims):
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int | None = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WanConfig:
+        cfg = cls(**known_fields(cls, d))
+        if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
+            raise ValueError("Wan image-to-video transformers (image_dim / added_kv_proj_dim: CLIP image tokens) "
+                             "are not supported; use a text-to-video checkpoint (e.g. Wan2.1-T2V-1.3B / 14B).")
+        if cfg.qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"qk_norm={cfg.qk_norm!r} is not supported: Wan uses 'rms_norm_across_heads'.")
+        if len(cfg.patch_size) != 3:
+            raise ValueError(f"patch_size must be (t, h, w), got {cfg.patch_size}.")
+        return cfg
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """diffusers ``WanRotaryPosEmbed``: the head dim split into (frames, height, width) parts."""
+        hw = 2 * (self.attention_head_dim // 6)
+        return self.attention_head_dim - 2 * hw, hw, hw
+
+
+# torch names that differ from the Flax path (regex on the derived torch name).
+TORCH_RENAMES = [
+    (r"^transformer_blocks\.", "blocks."),
+    (r"\.to_out\.", ".to_out.0."),
+    (r"\.ffn\.net_0\.", ".ffn.net.0.proj."),
+    (r"\.ffn\.net_2\.", ".ffn.net.2."),
+]
+
+
+def rope_table(cfg: WanConfig, frames: int, grid_h: int, grid_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers ``WanRotaryPosEmbed`` for the video tokens (frames, h, w) row-major: (S, head_dim) cos and
+    sin tables, interleaved pairs (float64 frequencies rounded to float32, as there)."""
+    n = max(frames, grid_h, grid_w)
+    if n > cfg.rope_max_seq_len:
+        raise ValueError(f"{n} positions along one axis exceed the model's rope_max_seq_len={cfg.rope_max_seq_len}.")
+    parts = [rope_1d(d, np.arange(m), ROPE_THETA) for d, m in zip(cfg.rope_dims, (frames, grid_h, grid_w))]
+    shapes = ((frames, 1, 1), (1, grid_h, 1), (1, 1, grid_w))
+    tabs = []
+    for which in (0, 1):
+        grids = [np.broadcast_to(p[which].reshape(*s, -1), (frames, grid_h, grid_w, p[which].shape[1]))
+                 for p, s in zip(parts, shapes)]
+        tabs.append(np.concatenate(grids, axis=-1).reshape(frames * grid_h * grid_w, -1).astype(np.float32))
+    return tabs[0], tabs[1]
+
+
+class WanAttention(nnx.Module):
+    """diffusers ``WanAttention``: self-attention over the video tokens (with RoPE) when ``context`` is None,
+    else cross-attention to ``context``; q and k RMS-normed over all heads before the head split."""
+
+    def __init__(self, cfg: WanConfig, *, dtype, rngs):
+        d = cfg.inner_dim
+        self.heads = cfg.num_attention_heads
+        self.to_q = linear(d, d, dtype=dtype, rngs=rngs)
+        self.to_k = linear(d, d, dtype=dtype, rngs=rngs)
+        self.to_v = linear(d, d, dtype=dtype, rngs=rngs)
+        self.to_out = linear(d, d, dtype=dtype, rngs=rngs)
+        self.norm_q = RMSNorm(d, cfg.eps, dtype=dtype)
+        self.norm_k = RMSNorm(d, cfg.eps, dtype=dtype)
+
+    def __call__(self, x, rope=None, context=None):
+        b, s, _ = x.shape
+        src = x if context is None else context
+        heads = lambda y: y.reshape(b, y.shape[1], self.heads, -1)  # noqa: E731
+        q = heads(self.norm_q(self.to_q(x)))
+        k = heads(self.norm_k(self.to_k(src)))
+        v = heads(self.to_v(src))
+        if context is None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            o = attention(q, k, v)
+        else:
+            o = cross_attention(q, k, v)
+        return self.to_out(o.reshape(b, s, -1))
+
+
+class WanTransformerBlock(nnx.Module):
+    def __init__(self, cfg: WanConfig, *, dtype, rngs):
+        d = cfg.inner_dim
+        self.norm1 = LayerNorm(d, cfg.eps, affine=False, dtype=dtype)
+        self.attn1 = WanAttention(cfg, dtype=dtype, rngs=rngs)
+        self.attn2 = WanAttention(cfg, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(d, cfg.eps, affine=True, dtype=dtype) if cfg.cross_attn_norm else None
+        self.ffn = FeedForward(d, inner=cfg.ffn_dim, dtype=dtype, rngs=rngs)
+        self.norm3 = LayerNorm(d, cfg.eps, affine=False, dtype=dtype)
+        self.scale_shift_table = nnx.Param(jnp.zeros((1, 6, d), dtype))
+
+    def __call__(self, x, tokens, cond):
+        """x: the video tokens (B, S, D) or any contiguous piece of them; tokens: {"rope": (cos, sin)} for
+        those tokens; cond: see :meth:`WanTransformer3DModel.embed`."""
+        f32 = jnp.float32
+        mod = self.scale_shift_table[...].astype(f32) + cond["timestep_proj"].astype(f32)  # (B, 6, D)
+        shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
+        h = (self.norm1(x.astype(f32)) * (1 + scale) + shift).astype(x.dtype)
+        x = (x.astype(f32) + self.attn1(h, rope=tokens["rope"]) * gate).astype(x.dtype)
+        h = x if self.norm2 is None else self.norm2(x.astype(f32)).astype(x.dtype)
+        x = x + self.attn2(h, context=cond["context"])
+        h = (self.norm3(x.astype(f32)) * (1 + c_scale) + c_shift).astype(x.dtype)
+        return (x.astype(f32) + self.ffn(h).astype(f32) * c_gate).astype(x.dtype)
+
+
+class WanTimeTextEmbedding(nnx.Module):
+    """diffusers ``WanTimeTextImageEmbedding`` without the image embedder (text-to-video)."""
+
+    def __init__(self, cfg: WanConfig, *, dtype, rngs):
+        d = cfg.inner_dim
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = TimestepEmbedding(cfg.freq_dim, d, dtype=dtype, rngs=rngs)
+        self.time_proj = linear(d, 6 * d, dtype=dtype, rngs=rngs)
+        self.text_embedder = PixArtAlphaTextProjection(cfg.text_dim, d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, timestep, text, dtype):
+        t = timestep_embedding(timestep, self.freq_dim, True, 0)
+        temb = self.time_embedder(t.astype(dtype))
+        return temb, self.time_proj(jax.nn.silu(temb)), self.text_embedder(text.astype(dtype))
+
+
+class WanTransformer3DModel(nnx.Module):
+    """``model(hidden_states, timestep, encoder_hidden_states)`` as diffusers' forward.
+
+    hidden_states: (B, C, F, H, W) latents (diffusers' layout); timestep: (B,) or a scalar;
+    encoder_hidden_states: (B, L, text_dim) UMT5 states. Returns (B, out_channels, F, H, W).
+    """
+
+    def __init__(self, cfg: WanConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = dtype
+        d = cfg.inner_dim
+        p = tuple(cfg.patch_size)
+        self.patch_embedding = nnx.Conv(cfg.in_channels, d, kernel_size=p, strides=p, padding="VALID",
+                                        use_bias=True, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.condition_embedder = WanTimeTextEmbedding(cfg, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = stack_modules(lambda r: WanTransformerBlock(cfg, dtype=dtype, rngs=r),
+                                                cfg.num_layers, rngs)
+        self.norm_out = LayerNorm(d, cfg.eps, affine=False, dtype=dtype)
+        self.proj_out = linear(d, cfg.out_ch * int(np.prod(p)), dtype=dtype, rngs=rngs)
+        self.scale_shift_table = nnx.Param(jnp.zeros((1, 2, d), dtype))
+
+    # -- pieces: embed (global) -> blocks (per token, any contiguous shard) -> head (global) --
+    # The parallel engine (xdit_jax.parallel) shards the video tokens between embed and head.
+
+    def embed(self, hidden_states, timestep, encoder_hidden_states):
+        """-> (x, tokens, cond).
+
+        x: the video tokens (B, S, D), S = F' * H' * W' row-major (frames, rows, columns of patches).
+        tokens: ``{"rope": ((S, head_dim) cos, (S, head_dim) sin)}``. cond (batch first, sharded with the
+        batch): ``temb`` (B, D) for the head, ``timestep_proj`` (B, 6, D) the blocks' modulation,
+        ``context`` (B, L, D) the projected caption.
+        """
+        cfg, dtype = self.cfg, self.dtype
+        b, _, f, h, w = hidden_states.shape
+        check_input_shape(cfg, f, h, w)
+        pt, ph, pw = cfg.patch_size
+        x = self.patch_embedding(hidden_states.astype(dtype).transpose(0, 2, 3, 4, 1))  # (B, F', H', W', D)
+        grid = x.shape[1:4]
+        x = x.reshape(b, -1, cfg.inner_dim)
+        t = jnp.broadcast_to(jnp.asarray(timestep).reshape(-1), (b,))
+        temb, proj, context = self.condition_embedder(t, encoder_hidden_states, dtype)
+        cos, sin = rope_table(cfg, *grid)
+        cond = {"temb": temb, "timestep_proj": proj.reshape(b, 6, cfg.inner_dim), "context": context}
+        return x, {"rope": (jnp.asarray(cos), jnp.asarray(sin))}, cond
+
+    def blocks(self, x, tokens, cond):
+        """The block stack (one lax.scan) on the video tokens or a contiguous shard of them."""
+        return scan_modules(self.transformer_blocks, lambda blk, y: blk(y, tokens, cond), x)
+
+    def head(self, x, cond, shape):
+        """Video tokens (B, S, D) -> the prediction (B, out_channels, F, H, W) for latents of ``shape``."""
+        cfg = self.cfg
+        b, _, f, h, w = shape
+        pt, ph, pw = cfg.patch_size
+        f32 = jnp.float32
+        mod = self.scale_shift_table[...].astype(f32) + cond["temb"].astype(f32)[:, None]  # (B, 2, D)
+        shift, scale = jnp.split(mod, 2, axis=1)
+        x = self.proj_out((self.norm_out(x.astype(f32)) * (1 + scale) + shift).astype(x.dtype))
+        x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, cfg.out_ch)
+        x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, cfg.out_ch, f, h, w)
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states):
+        x, tokens, cond = self.embed(hidden_states, timestep, encoder_hidden_states)
+        return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
+
+
+def check_input_shape(cfg: WanConfig, latent_frames: int, latent_h: int, latent_w: int) -> None:
+    """Refuse latent shapes the model cannot take, with what to do instead."""
+    pt, ph, pw = cfg.patch_size
+    if latent_h % ph or latent_w % pw:
+        raise ValueError(f"Latent height/width {latent_h}x{latent_w} must be multiples of the patch size "
+                         f"{ph}x{pw} (pixel height and width multiples of {8 * ph}x{8 * pw}).")
+    if latent_frames % pt:
+        raise ValueError(f"{latent_frames} latent frames are not a multiple of the temporal patch size {pt}.")
+
+
+def params_from_torch(flat: dict, cfg: WanConfig, dtype=None) -> dict:
+    return map_state_dict(flat, expected_shapes(lambda: WanTransformer3DModel(cfg)),
+                          stacked={STACKED: cfg.num_layers}, renames=TORCH_RENAMES, dtype=dtype,
+                          what="Wan transformer checkpoint")
+
+
+def build(cfg: WanConfig, params: dict, dtype=jnp.float32) -> WanTransformer3DModel:
+    return build_module(lambda: WanTransformer3DModel(cfg, dtype=dtype), params)
