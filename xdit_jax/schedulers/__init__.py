@@ -1,6 +1,6 @@
 """Schedulers as small pure functions over arrays (host-side schedule + jittable step)."""
 
-from xdit_jax.schedulers import cogvideox, ddpm, dpmsolver, flow_match
+from xdit_jax.schedulers import cogvideox, ddpm, dpmsolver, flow_match, unipc
 from xdit_jax.schedulers.cogvideox import (
     INIT_NOISE_SIGMA,
     Schedule,
@@ -26,6 +26,7 @@ SCHEDULERS = {
     "DDPMScheduler": (ddpm, "DDPMConfig"),
     "DPMSolverMultistepScheduler": (dpmsolver, "DPMSolverConfig"),
     "FlowMatchEulerDiscreteScheduler": (flow_match, "FlowMatchEulerConfig"),
+    "UniPCMultistepScheduler": (unipc, "UniPCConfig"),
 }
 
 
