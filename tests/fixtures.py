@@ -136,3 +136,23 @@ def make_torch_sd3(seed: int = 0, with_t5: bool = True):
                                     text_encoder_2=clips[1], tokenizer_2=tiny.train_clip_tokenizer(),
                                     text_encoder_3=t5, tokenizer_3=tiny.train_tokenizer() if with_t5 else None,
                                     transformer=transformer)
+
+
+def make_torch_wan(seed: int = 0, scheduler: str = "unipc"):
+    """A tiny random diffusers Wan 2.1 pipeline (xdit_jax.tiny's Wan configs); ``scheduler`` "unipc" (the
+    checkpoints') or "flow_match" (FlowMatchEulerDiscreteScheduler, shift 3)."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
+                           WanTransformer3DModel)
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = randomize_(WanTransformer3DModel(**tiny.WAN_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLWan(**tiny.WAN_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.WAN_TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(UMT5EncoderModel(UMT5Config(**te_kw)), seed + 2, std=0.2)
+    if scheduler == "unipc":
+        sched = UniPCMultistepScheduler(**{k: v for k, v in tiny.WAN_SCHEDULER.items() if not k.startswith("_")})
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return WanPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae,
+                       transformer=transformer, scheduler=sched)

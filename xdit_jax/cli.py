@@ -3,7 +3,8 @@
     python scripts/generate.py --model THUDM/CogVideoX-2b --prompt "..." --mesh cfg=2 --output out.mp4
     python scripts/generate.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompt "..." --output cat.png
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
-    python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux, tiny-sd3)
+    python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
+                                                   # tiny-sd3, tiny-wan)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -28,8 +29,9 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             "hunyuandit": {"output": "output.png", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4},
             "mochi": {"output": "output.mp4", "guidance_scale": 4.5, "steps": 64, "tiny_steps": 4},
             "flux": {"output": "output.png", "guidance_scale": 3.5, "steps": 28, "tiny_steps": 4},
-            "sd3": {"output": "output.png", "guidance_scale": 7.0, "steps": 28, "tiny_steps": 4}}
-VIDEO_FAMILIES = ("cogvideox", "mochi")
+            "sd3": {"output": "output.png", "guidance_scale": 7.0, "steps": 28, "tiny_steps": 4},
+            "wan": {"output": "output.mp4", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4}}
+VIDEO_FAMILIES = ("cogvideox", "mochi", "wan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,21 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny",
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
-                         "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' (random, no download)")
+                         "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' (random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
                     metavar="N", help="samples per prompt (diffusers' num_images_per_prompt / num_videos_per_prompt); "
                     "written as OUTPUT_0, OUTPUT_1, ... when there are several")
-    ap.add_argument("--num-frames", type=int, default=None, help="frames to generate (CogVideoX 8k+1, Mochi 6k+1; model default)")
+    ap.add_argument("--num-frames", type=int, default=None, help="frames to generate (CogVideoX 8k+1, Mochi 6k+1, Wan 4k+1; model default)")
     ap.add_argument("--height", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50, Mochi 64, FLUX 28, SD3 28; 4 for "
+                    help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50, Mochi 64, FLUX 28, SD3 28, Wan 50; 4 for "
                          "the tiny models)")
     ap.add_argument("--guidance-scale", type=float, default=None,
-                    help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5, Mochi 4.5, SD3 7; FLUX.1-dev: its "
+                    help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5, Mochi 4.5, SD3 7, Wan 5; FLUX.1-dev: its "
                          "embedded guidance, 3.5)")
     ap.add_argument("--true-cfg-scale", type=float, default=None,
                     help="FLUX: diffusers' true CFG with --negative-prompt (> 1 runs both halves; default 1 = off)")
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(diffusers' use_resolution_binning=False; always off for the tiny models)")
     ap.add_argument("--use-dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
     ap.add_argument("--max-sequence-length", type=int, default=None,
-                    help="prompt tokens (CogVideoX 226, PixArt-alpha 120, PixArt-Sigma 300, Mochi 256; 16 for "
+                    help="prompt tokens (CogVideoX 226, PixArt-alpha 120, PixArt-Sigma 300, Mochi 256, Wan 512; 16 for "
                          "the tiny models)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", default=None, help="video: .mp4, .gif, or a folder for .png frames "
                     "(output.mp4); image: .png or .jpg (output.png)")
     ap.add_argument("--fps", type=int, default=None,
-                    help="frames per second (model default: CogVideoX 8, 1.5 16; Mochi 30)")
+                    help="frames per second (model default: CogVideoX 8, 1.5 16; Mochi 30; Wan 16)")
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
@@ -440,6 +442,9 @@ def _main(argv=None) -> int:
         if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
             args.height, args.width = args.height or 32, args.width or 48
             args.num_frames = args.num_frames or 7
+        if is_tiny and family == "wan":  # Wan's default 81 x 480 x 832 would be slow for a toy model
+            args.height, args.width = args.height or 32, args.width or 48
+            args.num_frames = args.num_frames or 9
         d = DEFAULTS[family]
         guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
@@ -480,6 +485,8 @@ def _main(argv=None) -> int:
         kw.update(num_frames=args.num_frames, use_dynamic_cfg=args.use_dynamic_cfg, max_sequence_length=msl or 226)
     elif family == "mochi":
         kw.update(num_frames=args.num_frames, max_sequence_length=msl or 256)
+    elif family == "wan":
+        kw.update(num_frames=args.num_frames, max_sequence_length=msl or 512)
     elif family == "pixart":
         kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
     elif family == "flux":

@@ -51,6 +51,8 @@ MODEL_CLASSES = {
     "HunyuanDiT2DModel": ("xdit_jax.models.hunyuandit", "HunyuanDiTConfig"),
     "MochiTransformer3DModel": ("xdit_jax.models.mochi", "MochiConfig"),
     "AutoencoderKLMochi": ("xdit_jax.models.vae_mochi", "MochiVAEConfig"),
+    "WanTransformer3DModel": ("xdit_jax.models.wan", "WanConfig"),
+    "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
     # one module, two config classes: the config's class picks the module (with or without text_projection)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
-              "tiny-flux": "flux", "tiny-sd3": "sd3"}
+              "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -117,6 +117,22 @@ SD3_CLIP = dict(vocab_size=600, hidden_size=8, intermediate_size=32, projection_
 SD3_CLIP_G = dict(SD3_CLIP, hidden_size=16, hidden_act="gelu", eos_token_id=599)
 SD3_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0)
 
+# Wan 2.1 shaped: 2 blocks over 2 heads of 12 (RoPE 4 + 4 + 4 of the head dim), an FFN not a multiple of the width,
+# the tiny UMT5 (T5 with a bias table per block) 32 wide; the causal VAE with Wan's 4x temporal / 8x spatial
+# expansion (both temporal upsamplings), 4 latent channels. 9 frames of 32 x 48: 3 x 4 x 6 latents.
+WAN_TRANSFORMER = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                       out_channels=4, text_dim=32, freq_dim=32, ffn_dim=40, num_layers=2, cross_attn_norm=True,
+                       qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+WAN_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+               temperal_downsample=[False, True, True], dropout=0.0, latents_mean=[0.1, -0.2, 0.3, 0.0],
+               latents_std=[1.5, 0.8, 1.2, 2.0])
+WAN_TEXT_ENCODER = dict(TEXT_ENCODER, model_type="umt5")
+WAN_SCHEDULER = dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=1000, beta_start=0.0001,
+                     beta_end=0.02, beta_schedule="linear", solver_order=2, prediction_type="flow_prediction",
+                     predict_x0=True, solver_type="bh2", lower_order_final=True, disable_corrector=[],
+                     final_sigmas_type="zero", use_flow_sigmas=True, flow_shift=3.0, timestep_spacing="linspace",
+                     steps_offset=0, thresholding=False)
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -164,6 +180,11 @@ def stand_in_tokenizer(class_name: str):
 
 
 def model_index(family: str = "cogvideox") -> dict:
+    if family == "wan":
+        return {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
+                "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
     if family == "sd3":
         return {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -294,10 +315,22 @@ def _parts(family: str, transformer: dict | None):
         vae_cogvideox,
         vae_kl,
         vae_mochi,
+        vae_wan,
+        wan,
     )
 
     text = ("T5EncoderModel", TEXT_ENCODER,
             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0)))
+    if family == "wan":
+        tcfg = {**WAN_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("WanTransformer3DModel", tcfg,
+                            lambda: wan.WanTransformer3DModel(wan.WanConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLWan", WAN_VAE,
+                    lambda: vae_wan.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE), jnp.float32)()),
+            "text_encoder": ("UMT5EncoderModel", WAN_TEXT_ENCODER,
+                             lambda: t5.T5EncoderModel(t5.UMT5Config.from_dict(WAN_TEXT_ENCODER), rngs=nnx.Rngs(0))),
+        }, WAN_SCHEDULER
     if family == "hunyuandit":
         tcfg = {**HUNYUAN_TRANSFORMER, **(transformer or {})}
         return {

@@ -13,11 +13,12 @@ PIPELINES = {
     "MochiPipeline": ("xdit_jax.pipelines.mochi", "MochiPipeline", "mochi"),
     "FluxPipeline": ("xdit_jax.pipelines.flux", "FluxPipeline", "flux"),
     "StableDiffusion3Pipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Pipeline", "sd3"),
+    "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),
 }
 
 
 def family(class_name: str) -> str:
-    """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3") of a diffusers pipeline class name;
+    """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")

@@ -325,6 +325,11 @@ class PipelineBase:
     PipeFusion's settings, the jitted text encoder, how batches are laid over the mesh, the
     transformer's block stack over the mesh and the loop over the jitted steps."""
 
+    # What the decode falls back to where its one-pass plan does not fit (:meth:`_auto_tiling`): "tiles"
+    # (diffusers' enable_tiling), or a value the family's decode takes as its ``tiling`` argument for an exact
+    # low-memory decode of its own (Wan: "frame by frame", a causal VAE's frames one latent frame at a time).
+    LOW_MEMORY_DECODE = "tiles"
+
     def _init_parts(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                     scheduler_config, dtype, mesh, attention_backend: str, pipefusion_patches: int | None,
                     pipefusion_warmup_steps: int, stacked, stacked_layers=None,
@@ -476,6 +481,12 @@ class PipelineBase:
                 why = "another process's does not fit"
         if why is None:
             return compiled
+        if self.LOW_MEMORY_DECODE != "tiles":  # the family's own exact low-memory decode (Wan: frame chunks)
+            logging.getLogger("xdit_jax").warning(
+                "The VAE decode of latents %s in one pass does not fit: %s, and %.1f GiB are free: decoding %s "
+                "(the same video; --vae-tiling decodes in tiles instead).", tuple(latents.shape), why,
+                free / 2 ** 30, self.LOW_MEMORY_DECODE)
+            return build(self.LOW_MEMORY_DECODE)
         logging.getLogger("xdit_jax").warning(
             "The VAE decode of latents %s untiled does not fit: %s, and %.1f GiB are free: decoding in tiles "
             "(diffusers' enable_tiling; pipe.enable_vae_tiling(False) turns tiling off, --vae-tiling forces it).",
@@ -630,7 +641,7 @@ class PipelineBase:
         carry = (latents, sched_state, jax.device_put(np.int32(0), self._replicated()), kv)
         return denoise_loop(one, carry, num_steps, progress=progress)[0]
 
-    def _flow_step_fn(self, do_cfg: bool, warmup: bool, embed_args, skip_layers: tuple = ()):
+    def _flow_step_fn(self, do_cfg: bool, warmup: bool, embed_args, skip_layers: tuple = (), scheduler=None):
         """The jitted step of a flow-matching family whose model runs embed -> blocks over the mesh -> head
         (Mochi, SD3): ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) -> (latents,
         sched_state, i + 1, kv)``; ``embed_args(x, texts, t)``: ``model.embed``'s arguments. CFG and the
@@ -639,10 +650,14 @@ class PipelineBase:
         ``skip_layers`` (with CFG; SD3's skip-layer guidance, as diffusers'): one more pass of the prompt's
         half with those blocks left out, ``pred += (text - skipped) * scale``; ``guidance`` is then
         ``(cfg scale, skip-layer scale)``. On a ``cfg=2`` mesh the pass runs on the prompt's half twice,
-        once per cfg group (the time of one pass; a batch of its own would not split over cfg)."""
+        once per cfg group (the time of one pass; a batch of its own would not split over cfg).
+        ``scheduler``: the scheduler module whose ``step(sched, i, pred, latents, state[, noise])`` updates the
+        latents (default :mod:`xdit_jax.schedulers.flow_match`; Wan's UniPC is another)."""
         from flax import nnx
 
         from xdit_jax.schedulers import flow_match
+
+        scheduler = flow_match if scheduler is None else scheduler
 
         key = (do_cfg, warmup, tuple(skip_layers))
         if key in self._step_cache:
@@ -678,9 +693,11 @@ class PipelineBase:
                     skipped, _ = predict(model, tstate, self._model_batch(latents, self.mesh_spec.cfg == 2),
                                          halves, i, sched, skipping, None)
                     pred = pred + (text - skipped[:b]) * slg_scale
-            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
-                if sched.needs_noise else None
-            latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            if getattr(sched, "needs_noise", False):
+                noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32)
+                latents, sched_state = scheduler.step(sched, i, pred, latents, sched_state, noise)
+            else:
+                latents, sched_state = scheduler.step(sched, i, pred, latents, sched_state)
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)

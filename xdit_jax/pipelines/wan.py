@@ -1,0 +1,278 @@
+"""Wan 2.1 text-to-video, diffusers' ``WanPipeline`` on a JAX mesh.
+
+    pipe = WanPipeline.from_pretrained("path/or/hub-id", mesh="cfg=2,ulysses=4", dtype="bfloat16")
+    out = pipe("A cat walks on the grass, realistic.", num_frames=81, height=480, width=832, seed=42)
+    out.frames   # (batch, frames, height, width, 3) float in [0, 1]
+
+UMT5 (512 tokens; each caption's states after its last token zeroed, as diffusers does), the transformer's
+video tokens sharded over (ring, ulysses) by :func:`xdit_jax.parallel.sequence.run_blocks` (the caption is
+whole on every device: cross-attention only) or pipelined by PipeFusion, CFG and the scheduler the checkpoint
+ships (UniPC with flow sigmas; flow-matching Euler also taken) inside the one jitted step, and the causal 3D
+VAE decode split over the mesh.
+
+Differences from diffusers, by design: the latents stay float32 between steps also in bf16 (as diffusers'
+WanPipeline keeps them), and so does the timestep the transformer sees. Not supported (a clear error): Wan 2.2's
+two-expert A14B checkpoints (``transformer_2`` / ``boundary_ratio``) and its ``expand_timesteps`` (TI2V-5B).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xdit_jax.conversion import read_json
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import vae_wan, wan
+from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
+from xdit_jax.pipelines.denoise import (
+    PipelineBase,
+    StageTimer,
+    check_size_and_mesh,
+    negative_prompts,
+    parse_dtype,
+    peak_memory_bytes,
+    per_prompt,
+    prompt_batch,
+    tokenize,
+)
+from xdit_jax.schedulers import flow_match, unipc
+
+log = logging.getLogger("xdit_jax")
+
+WanPipelineOutput = CogVideoXPipelineOutput
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default (UMT5)
+SCHEDULERS = {"UniPCMultistepScheduler": unipc, "FlowMatchEulerDiscreteScheduler": flow_match}
+LOW_MEMORY_DECODE = "frame by frame"
+
+
+def prompt_clean(text: str) -> str:
+    """diffusers' Wan ``prompt_clean``: ftfy's ``fix_text`` where ftfy is installed (as there), HTML entities
+    unescaped twice, runs of whitespace made one space, stripped."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+    folder = Path(folder)
+    return (wan.WanConfig.from_dict(read_json(folder / "transformer" / "config.json")),
+            vae_wan.WanVAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
+
+
+def default_video(tc=None, vc=None) -> dict:
+    """diffusers' defaults: 480 x 832, 81 frames; Wan's videos play at 16 fps."""
+    return {"height": 480, "width": 832, "num_frames": 81, "fps": 16}
+
+
+def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
+                  guidance_scale: float = 5.0) -> None:
+    """Refuse what the model cannot take, before any heavy work, saying what would work."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
+    check_size_and_mesh(height, width, vc.scale_factor_spatial * tc.patch_size[1], tc.num_layers, batch, mesh_spec,
+                        guidance_scale)
+
+
+def _check_index(index: dict, folder) -> None:
+    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
+        raise ValueError(f"{folder} is a Wan 2.2 two-expert (A14B) pipeline (transformer_2 / boundary_ratio); only "
+                         "single-transformer Wan text-to-video checkpoints (Wan 2.1 T2V 1.3B / 14B) are supported.")
+    if index.get("expand_timesteps"):
+        raise ValueError(f"{folder} uses expand_timesteps (Wan 2.2 TI2V-5B), which is not supported.")
+
+
+class WanPipeline(PipelineBase):
+    """Text-to-video with Wan 2.1 — see the module docstring."""
+
+    # Where the one-pass VAE decode would not fit the device, decode one latent frame at a time (the causal
+    # convolutions' last frames carried), as diffusers always does: the same video, ~1/10 of the memory
+    # (81 x 480 x 832 in bf16: 52 GiB one pass, 4.9 GiB frame by frame, XLA's memory analysis).
+    LOW_MEMORY_DECODE = LOW_MEMORY_DECODE
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
+                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=wan.STACKED)
+        self.scheduler = flow_match if isinstance(scheduler_config, flow_match.FlowMatchEulerConfig) else unipc
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> WanPipeline:
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
+        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
+        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
+        dtype = parse_dtype(dtype)
+        folder, _ = cls._pipeline_folder(model, ("WanPipeline",), cache_dir=cache_dir, variant=variant,
+                                         revision=revision)
+        _check_index(read_json(folder / "model_index.json"), folder)
+        sched = read_json(folder / "scheduler" / "scheduler_config.json")
+        name = sched.get("_class_name")
+        if name not in SCHEDULERS:
+            raise ValueError(f"{folder}/scheduler uses {name!r}; Wan runs with {' or '.join(SCHEDULERS)} here.")
+        module = SCHEDULERS[name]
+        scfg = (unipc.UniPCConfig if module is unipc else flow_match.FlowMatchEulerConfig).from_dict(sched)
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        layers = wan.WanConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
+        parts = cls._load_parts(folder, mesh_obj, dtype, wan.STACKED, layers)
+        return cls(**parts, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+        """(B, L, d) UMT5 states as diffusers makes them: the prompts cleaned (:func:`prompt_clean`), padded to
+        ``max_sequence_length``, encoded with their mask, and each caption's states after its tokens zeroed."""
+        ids, mask = tokenize(self.tokenizer, [prompt_clean(p) for p in prompts], max_sequence_length)
+        ids = self._put_replicated(jnp.asarray(ids, jnp.int32))
+        mask = self._put_replicated(jnp.asarray(mask, jnp.int32))
+        states = self._text_encoder_fn()(ids, mask)
+        return (states * (mask[..., None] > 0)).astype(self.dtype)
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (UMT5 states,)."""
+        return self._flow_step_fn(do_cfg, warmup, lambda x, texts, t: (x, t, texts[0]), scheduler=self.scheduler)
+
+    def _decode_fn(self):
+        """Jitted VAE decode over the whole mesh of the latents (B, C, F, h, w), unscaled with the VAE's
+        latents mean / std -> (B, F, H, W, 3) in [0, 1]."""
+        vc, dtype = self.vae_config, self.dtype
+
+        def decode(vae, latents, tiling=None, **kw):
+            frame_chunk = None
+            if tiling == LOW_MEMORY_DECODE:  # (diffusers' own loop: the same video at a tenth of the memory)
+                frame_chunk, tiling = 1, None
+            return vae_wan.decode(vae, vae_wan.unscale_latents(vc, latents.astype(jnp.float32)).astype(dtype),
+                                  frame_chunk=frame_chunk, tiling=tiling, **kw)
+
+        return self._jit_decode("fn", decode)
+
+    def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 5.0):
+        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
+                      guidance_scale)
+
+    def default_video(self) -> dict:
+        return default_video()
+
+    def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        """(B, C, F, h, w), diffusers' layout."""
+        vc = self.vae_config
+        s, st = vc.scale_factor_spatial, vc.scale_factor_temporal
+        return (batch, self.transformer_config.in_channels, (num_frames - 1) // st + 1, height // s, width // s)
+
+    def output_frames(self, num_frames: int) -> int:
+        """Frames of the video made for ``num_frames``: ``(num_frames - 1) // 4 * 4 + 1`` (diffusers rounds such
+        a count the same way, with a warning)."""
+        st = self.vae_config.scale_factor_temporal
+        return (num_frames - 1) // st * st + 1
+
+    def schedule(self, num_inference_steps: int):
+        return self.scheduler.make_schedule(self.scheduler_config, num_inference_steps)
+
+    def _init_state(self, shape):
+        if self.scheduler is unipc:  # (last sample, the previous converted model outputs)
+            return unipc.init_state(shape, jnp.float32, self.scheduler_config.solver_order)
+        return flow_match.init_state()
+
+    def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                     max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+        """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it."""
+        dv = self.default_video()
+        height, width, num_frames = (dv[k] if v is None else v for k, v in
+                                     (("height", height), ("width", width), ("num_frames", num_frames)))
+        self.check_inputs(height, width, num_frames, batch, guidance_scale)
+        do_cfg = guidance_scale > 1.0
+        shape = self.latent_shape(batch, height, width, num_frames)
+        n = (2 if do_cfg else 1) * self._padded_batch(batch)
+        sd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), do_cfg))  # noqa
+        latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
+        texts = (sd((n, max_sequence_length, self.transformer_config.text_dim), self.dtype),)
+        sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps))
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._latent_sharding(shape)),
+                             jax.eval_shape(lambda: self._init_state(shape)))
+        _, tstate = nnx.split(self.transformer)
+        kv = self._pipefusion_buffers(n, self._video_tokens(shape), abstract=True)
+        return self._step_fn(do_cfg, warmup=kv is None).lower(
+            tstate, latents, state, jnp.int32(0), kv, texts, sched, jnp.float32(guidance_scale),
+            jax.random.key(0)).compile()
+
+    def _video_tokens(self, latent_shape) -> int:
+        """The transformer's video tokens for latents of ``latent_shape`` (B, C, F, h, w)."""
+        pt, ph, pw = self.transformer_config.patch_size
+        return (latent_shape[2] // pt) * (latent_shape[3] // ph) * (latent_shape[4] // pw)
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 5.0, prompt_embeds=None,
+                 negative_prompt_embeds=None, latents=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                 num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> WanPipelineOutput:
+        dv = self.default_video()
+        height, width, num_frames = (dv[k] if v is None else v for k, v in
+                                     (("height", height), ("width", width), ("num_frames", num_frames)))
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
+        per = per_prompt(num_videos_per_prompt, "num_videos_per_prompt")
+        self.check_inputs(height, width, num_frames, batch, guidance_scale)
+        made = self.output_frames(num_frames)
+        if made != num_frames:
+            log.warning("num_frames=%d: the VAE makes %dk+1 frames; this video has %d (as diffusers').", num_frames,
+                        self.vae_config.scale_factor_temporal, made)
+        sched = self.schedule(num_inference_steps)  # refuses a step count the schedule cannot take, first
+        do_cfg = guidance_scale > 1.0
+        timer = StageTimer()
+        tc = self.transformer_config
+
+        # 1. text: UMT5; [negative; positive] for CFG
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds = self.encode_prompt(prompts, max_sequence_length)
+            emb = jnp.asarray(prompt_embeds, self.dtype)
+            if emb.ndim != 3 or emb.shape[2] != tc.text_dim:
+                raise ValueError(f"prompt_embeds {tuple(emb.shape)}: this model takes (batch, tokens, {tc.text_dim}).")
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    negative_prompt_embeds = self.encode_prompt(negative_prompts(negative_prompt, batch),
+                                                                emb.shape[1])
+                nemb = jnp.asarray(negative_prompt_embeds, self.dtype)
+                if nemb.shape != emb.shape:
+                    raise ValueError(f"negative_prompt_embeds {nemb.shape} must have the shape of prompt_embeds "
+                                     f"{emb.shape}.")
+                emb = jnp.concatenate([nemb, emb])
+            texts = (self._put_batch(emb, do_cfg, per),)
+            jax.block_until_ready(texts)
+
+        # 2. latents (diffusers' layout: B, C, F, h, w)
+        shape = self.latent_shape(batch * per, height, width, num_frames)
+        rng = jax.random.key(seed)
+        latents = self._initial_latents(latents, shape, rng, 1.0,
+                                        "batch, channels, latent frames, height/8, width/8")
+
+        # 3. denoise: one jitted step per iteration
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        guidance = self._put_replicated(jnp.float32(guidance_scale))
+        state = jax.device_put(self._init_state(shape), self._latent_sharding(shape))
+        out = self._denoise_and_decode(timer, do_cfg, latents, state, (texts, sched_arrays, guidance, rng),
+                                       len(sched.timesteps), progress, output_type, self._decode_fn(),
+                                       kv=self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape)))
+        return WanPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
