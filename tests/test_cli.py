@@ -99,6 +99,20 @@ def test_generate_mochi_video(tmp_path, capsys):
     assert '"model_family": "mochi"' in capsys.readouterr().out
 
 
+def test_generate_wan_video(tmp_path, capsys):
+    """The tiny Wan 2.1 (UMT5, UniPC, causal VAE): an .mp4 of 4k+1 frames on a PipeFusion x ulysses mesh (the second
+    step patched)."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "w.mp4"
+    rc = cli.main(["--model", "tiny-wan", "--output", str(out), "--steps", "2", "--mesh", "pipefusion=2,ulysses=2",
+                   "--no-progress", "--json"])
+    assert rc == 0
+    video = iio.imread(out)
+    assert video.shape == (9, 32, 48, 3) and video.std() > 1  # the tiny defaults: 9 x 32 x 48
+    assert '"model_family": "wan"' in capsys.readouterr().out
+
+
 def test_generate_flux_image(tmp_path, capsys):
     """The tiny FLUX (two phases: text whole, then joint): a .png with true CFG on a CFG x ring mesh."""
     import imageio.v3 as iio
@@ -157,6 +171,7 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's)"),
     (["--model", "tiny-mochi", "--use-dynamic-cfg"], "--use-dynamic-cfg (CogVideoX's)"),
     (["--model", "tiny-mochi", "--output", "m.png"], "makes videos"),
+    (["--model", "tiny-wan", "--mesh", "pipefusion=3"], "more stages than the model's 2 layers"),
     (["--model", "tiny-pixart", "--output", "x.mp4"], "makes images"),
     (["--model", "tiny-pixart", "--num-frames", "9"], "--num-frames: not used by this pixart model"),
     (["--model", "tiny-hunyuandit", "--max-sequence-length", "20"], "77 + 256"),
