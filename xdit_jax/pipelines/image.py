@@ -23,15 +23,17 @@ class ImagePipelineOutput:
     peak_memory_bytes: int | None = None
 
 
-def read_configs(folder: str | os.PathLike, transformer_config_cls):
-    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+def read_configs(folder: str | os.PathLike, transformer_config_cls, vae_config_cls=None):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files (the VAE's
+    config class: ``vae_config_cls``, by default the SD/SDXL ``AutoencoderKL``'s)."""
     from pathlib import Path
 
     from xdit_jax.conversion import read_json
 
     folder = Path(folder)
+    vae_config_cls = vae_config_cls or vae_kl.AutoencoderKLConfig
     return (transformer_config_cls.from_dict(read_json(folder / "transformer" / "config.json")),
-            vae_kl.AutoencoderKLConfig.from_dict(read_json(folder / "vae" / "config.json")))
+            vae_config_cls.from_dict(read_json(folder / "vae" / "config.json")))
 
 
 def vae_scale_factor(vc) -> int:

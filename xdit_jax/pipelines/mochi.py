@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ from flax import nnx
 from xdit_jax.conversion import read_json
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import mochi, vae_mochi
+from xdit_jax.pipelines import image
 from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
     PipelineBase,
@@ -57,9 +57,7 @@ THRESHOLD_NOISE = 0.025  # diffusers' (and Genmo's) linear-quadratic schedule
 
 def read_configs(folder: str | os.PathLike):
     """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
-    folder = Path(folder)
-    return (mochi.MochiConfig.from_dict(read_json(folder / "transformer" / "config.json")),
-            vae_mochi.MochiVAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
+    return image.read_configs(folder, mochi.MochiConfig, vae_mochi.MochiVAEConfig)
 
 
 def default_video(tc=None, vc=None) -> dict:

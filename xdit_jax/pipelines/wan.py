@@ -21,7 +21,6 @@ import html
 import logging
 import os
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from flax import nnx
 from xdit_jax.conversion import read_json
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import vae_wan, wan
+from xdit_jax.pipelines import image
 from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
     PipelineBase,
@@ -67,9 +67,7 @@ def prompt_clean(text: str) -> str:
 
 def read_configs(folder: str | os.PathLike):
     """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
-    folder = Path(folder)
-    return (wan.WanConfig.from_dict(read_json(folder / "transformer" / "config.json")),
-            vae_wan.WanVAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
+    return image.read_configs(folder, wan.WanConfig, vae_wan.WanVAEConfig)
 
 
 def default_video(tc=None, vc=None) -> dict:
