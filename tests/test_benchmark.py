@@ -1247,3 +1247,77 @@ def test_sd3_full_size_parameter_count():
         with torch.device("meta"):
             tm = SD3Transformer2DModel(**{k: v for k, v in t.items() if not k.startswith("_")})
         assert ours == sum(p.numel() for p in tm.parameters()) - unused == want, name
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan 2.1
+# ----------------------------------------------------------------------------------------------
+
+def test_wan_tiny_rows_vs_diffusers(monkeypatch):
+    """wan-tiny (18 video tokens; 16 UMT5 tokens, zero after the prompt's 6 and the negative's 1) against diffusers
+    on one device and PipeFusion (2 stages of one block, its K/V buffers over the video tokens only: the caption is
+    a cross-attention context; in-process: the session's 8 simulated devices), 1 timed step. (The sequence meshes:
+    tests/test_wan_transformer.py; the benchmark's wiring of them is the same for every family.)"""
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="wan-tiny", meshes=[None, "pipefusion=2"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    table = bench.format_table(rows)
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("pipefusion=2", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    assert "18 video + 16 caption tokens (6 of the prompt's, the rest zeros" in table
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["kind"] == "step" and r["model"] == "wan-tiny" and r["family"] == "wan"
+        assert r["latent_shape"] == [2, 4, 3, 4, 6] and r["video_tokens"] == 18 and r["text_tokens"] == 16
+        assert r["latent_frames"] == 3 and r["num_frames"] == 9 and r["layers"] == 2 and r["ffn_dim"] == 40
+        assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
+    pf, one = by_mesh["pipefusion=2"], by_mesh["single device"]
+    assert pf["step_path"] == "embed/run_pipefusion(2 patches)/head" and pf["pipefusion_layer_slots"] == 2
+    assert pf["collectives"]["collective-permute"] > 0 and pf["collectives"]["all-reduce"] > 0
+    assert one["step_path"] == "embed/run_blocks/head" and one["flops_xla_cost_analysis"] > 0
+    # same weights and inputs: fp32, outputs of order 2; RoPE parts or gates swapped move them by O(1)
+    assert one["max_abs_diff_vs_diffusers"] < 1e-4
+    # the compiled program's dots and convolutions (the scan by trip count) are the analytic count
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9) and one["collective_bytes"] == 0
+
+
+def _wan_flops_by_hand(b, s, txt, n, d, ffn, c=16, cout=16, dt=4096, tdim=256, patch=4):
+    block = (4 * 2 * b * s * d * d + 2 * 2 * b * s * s * d      # attn1: q, k, v, out; QK^T, PV
+             + 2 * 2 * b * s * d * d + 2 * 2 * b * txt * d * d  # attn2: q, out; k, v on the caption
+             + 2 * 2 * b * s * txt * d                          # attn2: QK^T, PV
+             + 2 * 2 * b * s * d * ffn)                         # FFN d -> F -> d
+    once = (2 * b * s * c * patch * d                           # patch embedding (Conv3d)
+            + 2 * b * (tdim * d + d * d) + 2 * b * d * 6 * d    # time_embedder, time_proj
+            + 2 * b * txt * (dt * d + d * d)                    # text_embedder
+            + 2 * b * s * d * cout * patch)                     # proj_out
+    return n * block + once
+
+
+def test_wan_analytic_flops_and_workloads():
+    for name, d, ffn, n, (h, w), s in [("wan2.1-t2v-1.3b", 1536, 8960, 30, (480, 832), 21 * 30 * 52),
+                                       ("wan2.1-t2v-14b", 5120, 13824, 40, (720, 1280), 21 * 45 * 80)]:
+        t, _ = bench.load_model_dir(bench.CONFIG_DIR / name)
+        assert bench.family_of_config(t) == "wan"
+        assert bench.family_of_config({k: v for k, v in t.items() if k != "_class_name"}) == "wan"
+        f = bench.wan_analytic_flops(dict(t, num_layers=3), (2, 16, 5, 16, 16), 512)
+        assert f["total"] == _wan_flops_by_hand(2, 320, 512, 3, d, ffn) and f["tokens"] == 320
+        assert f["linear"] + f["attention"] == f["total"]
+        wf = bench.load_workload(name)  # 81 frames at the release's size, CFG, 512 UMT5 tokens
+        assert (wf.height, wf.width, wf.num_frames) == (h, w, 81) and wf.family == "wan"
+        assert (wf.vae_scale_spatial, wf.vae_scale_temporal) == (8, 4) and wf.tokens() == (s, 512)
+        assert bench.workload_flops(wf)["total"] == _wan_flops_by_hand(2, s, 512, n, d, ffn)
+    assert bench.workload_flops(bench.load_workload("wan2.1-t2v-1.3b"))["total"] == pytest.approx(566.0036e12,
+                                                                                                   rel=1e-6)
+    w = bench.load_workload("wan-cpu-small")
+    assert w.transformer["num_layers"] == 2 and w.latent_shape() == (2, 16, 5, 16, 16) and w.tokens() == (320, 512)
+    x = bench.make_inputs(w)
+    assert list(x) == ["latents", "embeds", "t"] and x["t"].dtype == "int64" and x["embeds"].shape == (2, 512, 4096)
+    # WanPipeline's zero-padding: the negative prompt "" keeps 1 row (its EOS), the prompt 40
+    assert (abs(x["embeds"]).sum(-1) > 0).sum(1).tolist() == [1, bench.WAN_TEXT_VALID] == [1, 40]
+    wn = bench.load_workload(str(bench.CONFIG_DIR / "wan2.1-t2v-1.3b"), height=256, width=256, num_frames=33,
+                             cfg=False)
+    assert wn.latent_shape() == (1, 16, 9, 32, 32) and wn.tokens() == (9 * 16 * 16, 512)
+    assert (abs(bench.make_inputs(wn)["embeds"]).sum(-1) > 0).sum(1).tolist() == [40]
+    assert bench.load_workload("wan-tiny").latent_shape() == (2, 4, 3, 4, 6)
+    assert {"wan-tiny", "wan-cpu-small", *bench.WAN_MODELS} <= set(bench.PRESET_HELP)

@@ -18,8 +18,8 @@ What one benchmark row holds (see ``docs/benchmarks.md`` for the table and the r
 
 The step is built by :func:`build_step` alone, so it can later be swapped for the pipeline's full
 step on a mesh. What differs between model families (CogVideoX, PixArt-alpha / Sigma, HunyuanDiT,
-Mochi, FLUX.1, SD3 / 3.5: inputs, the arguments of ``embed``, analytic FLOPs, the diffusers reference, a forward
-over the mesh of its own where the model has one) is in :mod:`xdit_jax.bench_families`.
+Mochi, FLUX.1, SD3 / 3.5, Wan 2.1: inputs, the arguments of ``embed``, analytic FLOPs, the diffusers reference,
+a forward over the mesh of its own where the model has one) is in :mod:`xdit_jax.bench_families`.
 Weights are passed to the jitted function as arguments (``nnx.split`` / ``nnx.merge``), never
 closed over as constants. Variants (:class:`Variant`) build the same step
 with other XLA options or, as trace-time experiments that leave the model files alone, another
@@ -49,6 +49,7 @@ from xdit_jax.bench_families import (  # noqa: F401
     HUNYUAN_TEXT_VALID,
     MOCHI_TEXT_VALID,
     PIXART_TEXT_VALID,
+    WAN_TEXT_VALID,
     Family,
     TorchReference,
     family_of_config,
@@ -58,6 +59,8 @@ from xdit_jax.bench_families import (  # noqa: F401
     mochi_analytic_flops,
     pixart_analytic_flops,
     sd3_analytic_flops,
+    wan_analytic_flops,
+    wan_vae_scales,
 )
 from xdit_jax.bench_families import cogvideox_analytic_flops as analytic_flops  # noqa: F401
 from xdit_jax.bench_variants import (  # noqa: F401
@@ -66,9 +69,9 @@ from xdit_jax.bench_variants import (  # noqa: F401
     Variant,
     attention_override,
     linear_override,
-    scan_override,
     parse_compiler_options,
     parse_variant,
+    scan_override,
 )
 from xdit_jax.hlo import matmul_flops as hlo_matmul_flops
 from xdit_jax.hlo import memory_analysis_bytes
@@ -80,6 +83,7 @@ HUNYUANDIT_MODELS = ("hunyuandit-v1.2",)
 MOCHI_MODELS = ("mochi-1-preview",)
 FLUX_MODELS = ("flux.1-dev", "flux.1-schnell")
 SD3_MODELS = ("sd3-medium", "sd3.5-large")
+WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
@@ -193,11 +197,12 @@ class Workload:
     defaults: dict = dataclasses.field(default_factory=dict)
     source: str = ""
     family: str = "cogvideox"
-    # PixArt, Mochi, FLUX: text tokens; SD3: its T5 tokens (after the 77 CLIP ones); default: defaults.json's
+    # PixArt, Mochi, FLUX, Wan: text tokens; SD3: its T5 tokens (after the 77 CLIP ones); default: defaults.json's
     # max_sequence_length
     text_tokens: int | None = None
     # real tokens in the prompt's text mask(s): PixArt's caption (PIXART_TEXT_VALID); HunyuanDiT's BERT
-    # and mT5 masks both (HUNYUAN_TEXT_VALID); Mochi's T5 caption (MOCHI_TEXT_VALID)
+    # and mT5 masks both (HUNYUAN_TEXT_VALID); Mochi's T5 caption (MOCHI_TEXT_VALID); Wan's UMT5 caption, zero
+    # after these rows (WAN_TEXT_VALID)
     text_valid: int | None = None
     # the configs folder of the model's other components (text encoders, VAE, scheduler: --e2e builds the
     # pipeline from it); None: xdit_jax.tiny's
@@ -217,7 +222,7 @@ class Workload:
 
     def latent_shape(self) -> tuple[int, ...]:
         """diffusers' layout: CogVideoX (B, F, C, h, w) (1.5 pads latent frames to a multiple of
-        patch_size_t), PixArt, HunyuanDiT and SD3 (B, C, h, w), Mochi (B, C, F, h, w), FLUX packed (B, S, C)."""
+        patch_size_t), PixArt, HunyuanDiT and SD3 (B, C, h, w), Mochi and Wan (B, C, F, h, w), FLUX packed (B, S, C)."""
         return self.fam.latent_shape(self)
 
     def tokens(self) -> tuple[int, int]:
@@ -250,6 +255,13 @@ def mochi_vae_scales(folder: Path) -> tuple[int, int]:
         return 8, 6
     v = read_json(vae)
     return math.prod(v.get("spatial_expansions", [2, 2, 2])), math.prod(v.get("temporal_expansions", [1, 2, 3]))
+
+
+def wan_folder_vae_scales(folder: Path) -> tuple[int, int]:
+    """(spatial, temporal) compression of a Wan folder's VAE (``AutoencoderKLWan``: ``2 ** len`` and ``2 ** sum`` of
+    its ``temperal_downsample``; Wan 2.1: 8 and 4); (8, 4) without a vae/config.json."""
+    vae = folder / "vae" / "config.json"
+    return wan_vae_scales(read_json(vae) if vae.exists() else None)
 
 
 def _tiny_workload() -> Workload:
@@ -381,6 +393,28 @@ def _sd3_cpu_small_workload() -> Workload:
                     defaults=defaults)
 
 
+def _wan_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Wan 2.1 (2 heads x 12, 2 blocks, UMT5 32 wide) at its 9 frames of 32 x 48: 3 x 4 x 6 latents,
+    # 3 x 2 x 3 = 18 video tokens (so that the 4-way sequence meshes pad); 16 UMT5 tokens, 6 of the prompt's real.
+    spatial, temporal = wan_vae_scales(tiny.WAN_VAE)
+    return Workload("wan-tiny", dict(tiny.WAN_TRANSFORMER), height=32, width=48, num_frames=9,
+                    vae_scale_spatial=spatial, vae_scale_temporal=temporal, family="wan", text_tokens=16,
+                    text_valid=6, source="xdit_jax.tiny's Wan 2.1, 2 heads x 12, 2 layers",
+                    defaults={"num_inference_steps": 4, "guidance_scale": 5.0, "max_sequence_length": 16})
+
+
+def _wan_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "wan2.1-t2v-1.3b"
+    t, defaults = load_model_dir(folder)
+    t = dict(t, num_layers=2)
+    spatial, temporal = wan_folder_vae_scales(folder)
+    return Workload("wan-cpu-small", t, height=128, width=128, num_frames=17, vae_scale_spatial=spatial,
+                    vae_scale_temporal=temporal, family="wan", text_valid=WAN_TEXT_VALID, folder=str(folder),
+                    source="configs/wan2.1-t2v-1.3b, 2 layers", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -391,7 +425,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "flux-tiny": _flux_tiny_workload,
                                               "flux-cpu-small": _flux_cpu_small_workload,
                                               "sd3-tiny": _sd3_tiny_workload,
-                                              "sd3-cpu-small": _sd3_cpu_small_workload}
+                                              "sd3-cpu-small": _sd3_cpu_small_workload,
+                                              "wan-tiny": _wan_tiny_workload,
+                                              "wan-cpu-small": _wan_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -440,6 +476,16 @@ PRESET_HELP.update({
 for _m in SD3_MODELS:
     PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 1024x1024 (4096 image + 77 CLIP + 256 T5 "
                        f"tokens)")
+PRESET_HELP.update({
+    "wan-tiny": "a 2x12-head, 2-layer Wan 2.1 (UMT5 32 wide) at 9x32x48: 18 video + 16 caption tokens (6 real, "
+                "the rest zeros; CI smoke test)",
+    "wan-cpu-small": f"Wan 2.1 1.3B width (12 heads x 128, FFN 8960), 2 layers, 17 frames at 128x128: 5x8x8 = 320 "
+                     f"video + 512 UMT5 tokens ({WAN_TEXT_VALID} real, the rest zeros)",
+})
+PRESET_HELP["wan2.1-t2v-1.3b"] = ("full-size configs/wan2.1-t2v-1.3b with random weights at 81x480x832 "
+                                  "(21x30x52 = 32,760 video + 512 UMT5 tokens)")
+PRESET_HELP["wan2.1-t2v-14b"] = ("full-size configs/wan2.1-t2v-14b with random weights at 81x720x1280 "
+                                 "(21x45x80 = 75,600 video + 512 UMT5 tokens)")
 
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
@@ -466,6 +512,12 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
                          num_frames=int(d.get("num_frames", 19)), vae_scale_spatial=spatial,
                          vae_scale_temporal=temporal, defaults=d, source=str(folder), folder=str(folder),
                          family=family)
+        elif family == "wan":  # no sample sizes in its config: defaults.json's, else WanPipeline's 480 x 832 x 81
+            spatial, temporal = wan_folder_vae_scales(folder)
+            w = Workload(folder.name, t, height=int(d.get("height", 480)), width=int(d.get("width", 832)),
+                         num_frames=int(d.get("num_frames", 81)), vae_scale_spatial=spatial,
+                         vae_scale_temporal=temporal, defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
         else:
             w = Workload(folder.name, t, height=int(d.get("height", t["sample_height"] * 8)),
                          width=int(d.get("width", t["sample_width"] * 8)),
@@ -490,7 +542,7 @@ def workload_flops(w: Workload) -> dict[str, float]:
     """Analytic matmul FLOPs of one forward of ``w`` (the family's formula: :func:`analytic_flops` for
     CogVideoX, :func:`pixart_analytic_flops` for PixArt, :func:`hunyuandit_analytic_flops` for HunyuanDiT,
     :func:`mochi_analytic_flops` for Mochi, :func:`flux_analytic_flops` for FLUX, :func:`sd3_analytic_flops` for
-    SD3; ``xdit_jax.bench_families``)."""
+    SD3, :func:`wan_analytic_flops` for Wan; ``xdit_jax.bench_families``)."""
     return w.fam.analytic_flops(w)
 
 
@@ -1166,7 +1218,7 @@ def pipeline_configs(w: Workload, folder: str | os.PathLike, text_layers: int | 
         (folder / "transformer" / "config.json").write_text(json.dumps(w.transformer, indent=2))
     if text_layers:
         for name, cls in model_components(folder).items():
-            if cls == "T5EncoderModel":
+            if cls in ("T5EncoderModel", "UMT5EncoderModel"):
                 path = folder / name / "config.json"
                 path.write_text(json.dumps(dict(read_json(path), num_layers=int(text_layers)), indent=2))
     return folder
@@ -1293,6 +1345,9 @@ def format_table(rows: list[dict]) -> str:
     elif r0.get("family") == "mochi":  # Mochi: the video tokens and the (masked) caption in one joint attention
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")
+    elif r0.get("family") == "wan":  # Wan: the video tokens self-attend, the zero-padded caption is cross-attended
+        tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
+                  f"({r0['text_valid_tokens']} of the prompt's, the rest zeros, cross-attended)")
     elif "image_tokens" in r0:  # PixArt: image tokens self-attend, the caption is cross-attended
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")

@@ -5,16 +5,17 @@ counts, its random inputs (numpy, batch first, in the order the jitted step take
 arguments of the model's ``embed`` (the step then runs ``embed`` -> the blocks over the mesh ->
 ``head``, as the pipelines do), the analytic FLOPs of one forward, and the diffusers reference
 (:class:`TorchReference`). Meshes, PipeFusion, variants, timing, memory, FLOP and collective
-counting are shared (``xdit_jax.bench``). Six families: CogVideoX (text-to-video, joint
+counting are shared (``xdit_jax.bench``). Seven families: CogVideoX (text-to-video, joint
 attention over text + video tokens), PixArt-alpha / Sigma (text-to-image, self-attention over
 the image tokens, masked cross-attention to the caption), HunyuanDiT (text-to-image,
 self-attention over the image tokens, cross-attention to BERT + mT5 text, long skips),
 Mochi 1 (text-to-video, two streams: the video tokens and a narrower T5 caption stream meet in
-one joint attention, the caption's padding masked) and FLUX.1 (text-to-image, two
+one joint attention, the caption's padding masked), FLUX.1 (text-to-image, two
 block phases: double-stream blocks over the image with the T5 text whole, then single-stream
 blocks over [text; image]; its forward over the mesh is a function, :meth:`Family.mesh_forward`;
-one sample per prompt by default, :attr:`Family.default_cfg`) and Stable Diffusion 3 / 3.5
-(text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask). Every
+one sample per prompt by default, :attr:`Family.default_cfg`), Stable Diffusion 3 / 3.5
+(text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask) and Wan 2.1
+(text-to-video, self-attention over the video tokens, cross-attention to the zero-padded UMT5 caption, no mask). Every
 family runs every mesh axis, PipeFusion included, and its whole pipeline end to end (:meth:`Family.pipeline_call`).
 """
 
@@ -1232,13 +1233,168 @@ class SD3(Family):
         return SD3TorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# Wan 2.1
+# ============================================================================================
+
+# A typical prompt's UMT5 tokens (its EOS included) in the conditional half; the unconditional half is WanPipeline's
+# default negative prompt "": 1 token, the EOS. WanPipeline zeroes each caption's states after its tokens (there is
+# no mask: the transformer cross-attends to all max_sequence_length rows, the zeros included).
+WAN_TEXT_VALID = PIXART_TEXT_VALID
+# The transformer's ``timestep``: WanPipeline passes the UniPC scheduler's t expanded to the batch, int64 (its
+# flow sigmas times 1000, truncated); 500 is mid-schedule.
+WAN_TIMESTEP = 500
+
+
+def wan_vae_scales(vae: dict | None) -> tuple[int, int]:
+    """(spatial, temporal) compression of an ``AutoencoderKLWan`` config, as ``WanPipeline`` reads them:
+    ``2 ** len(temperal_downsample)`` and ``2 ** sum(temperal_downsample)`` (Wan 2.1: 8 and 4); (8, 4) without one."""
+    if not vae or "temperal_downsample" not in vae:
+        return 8, 4
+    down = [bool(x) for x in vae["temperal_downsample"]]
+    return 2 ** len(down), 2 ** sum(down)
+
+
+def wan_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one Wan 2.1 transformer forward (2 FLOPs per multiply-add), as diffusers'
+    ``WanTransformer3DModel`` (transformer_wan.py) computes it.
+
+    B = batch (both CFG halves), S = (F/p_t)(h/p_h)(w/p_w) video tokens, L = caption tokens (``text_len``, 512:
+    all of them, WanPipeline zero-pads the UMT5 states and passes no mask), d = heads x head_dim (1536 for 1.3B,
+    5120 for 14B), F = ffn_dim (8960 / 13824), D = text_dim (UMT5, 4096), T = freq_dim (256), C = in_channels,
+    C_out = out_channels or C, P = p_t p_h p_w, N = layers. Per block (``WanTransformerBlock``):
+
+        self-attention q, k, v, out (attn1)             4 x 2 B S d^2      =  8 B S d^2
+        self-attention QK^T and PV                      2 x 2 B S^2 d      =  4 B S^2 d
+        cross-attention q, out (attn2)                  2 x 2 B S d^2      =  4 B S d^2
+        cross-attention k, v on the caption             2 x 2 B L d^2      =  4 B L d^2
+        cross-attention QK^T and PV                     2 x 2 B S L d      =  4 B S L d
+        feed-forward d -> F -> d (tanh GELU)            2 x 2 B S d F      =  4 B S d F
+
+    (the block's modulation is the shared ``timestep_proj`` plus its own ``scale_shift_table``: an add, no matmul).
+    Plus, once: the patch embedding (a Conv3d, kernel = stride = patch) 2 B S (C P) d; the time embedder
+    (``TimestepEmbedding`` T -> d -> d) 2 B (T d + d^2); ``time_proj`` (d -> 6d) 12 B d^2; the text embedder
+    (``PixArtAlphaTextProjection`` D -> d -> d over the L tokens) 2 B L (D d + d^2); the head: ``proj_out``
+    2 B S d (C_out P) (its modulation is ``scale_shift_table`` + temb: an add). Norms (the q/k RMS norms across
+    heads, the float32 LayerNorms), RoPE (its tables on the host), the sinusoids, GELU and SiLU are element-wise.
+    """
+    b, c, f, h, w = latent_shape
+    t = transformer
+    pt, ph, pw = (int(x) for x in t.get("patch_size", (1, 2, 2)))
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    ffn = int(t.get("ffn_dim", 13824))
+    dtxt, tdim = int(t.get("text_dim", 4096)), int(t.get("freq_dim", 256))
+    layers = int(t["num_layers"])
+    cout = int(t.get("out_channels") or c)
+    patch = pt * ph * pw
+    s, txt = (f // pt) * (h // ph) * (w // pw), int(text_len)
+    self_proj, self_attn = 8 * b * s * d * d, 4 * b * s * s * d
+    cross_proj, cross_attn = 4 * b * s * d * d + 4 * b * txt * d * d, 4 * b * s * txt * d
+    ff = 4 * b * s * d * ffn
+    block = self_proj + self_attn + cross_proj + cross_attn + ff
+    embed = (2 * b * s * (c * patch) * d + 2 * b * (tdim * d + d * d) + 12 * b * d * d
+             + 2 * b * txt * (dtxt * d + d * d))
+    head = 2 * b * s * d * (cout * patch)
+    attention = layers * (self_attn + cross_attn)
+    total = layers * block + embed + head
+    return {"total": float(total), "per_block": float(block), "attention": float(attention),
+            "linear": float(total - attention), "tokens": s}
+
+
+def wan_text_states(rng, step_batch: int, text_len: int, width: int, valid: int, cfg: bool) -> np.ndarray:
+    """(B, L, width) float32 UMT5-like states as WanPipeline hands them to the transformer: each caption's rows
+    after its tokens zeroed (no mask); with CFG the first half is the negative prompt "" (1 token, its EOS), the
+    second the prompt (``valid`` tokens); without, the prompt."""
+    states = rng.standard_normal((step_batch, text_len, width), dtype=np.float32)
+    keep = pixart_mask(step_batch, text_len, valid, cfg)
+    return states * keep[..., None].astype(np.float32)
+
+
+class WanTorchReference(TorchReference):
+    """diffusers' ``WanTransformer3DModel`` called as ``WanPipeline`` calls it: latents and the zero-padded UMT5
+    states in the model's dtype, ``timestep`` the scheduler's int64 t expanded to the batch (``t.expand(B)``).
+    WanPipeline calls it once per CFG half; here once on both halves (the same work, as ours)."""
+
+    diffusers_class = "WanTransformer3DModel"
+
+    def set_inputs(self, inputs, w):
+        put = functools.partial(self._put, inputs)
+        self.x = put("latents", self.dtype)
+        self.enc = put("embeds", self.dtype)
+        self.t = put("t")  # int64, as the scheduler's
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, timestep=self.t, encoder_hidden_states=self.enc,
+                          return_dict=False)[0]
+
+
+class Wan(Family):
+    name = "wan"
+    module_name = "xdit_jax.models.wan"
+    model_class_name = "WanTransformer3DModel"
+    config_class_name = "WanConfig"
+    token_word = "video"
+    title = "Wan"
+
+    def latent_shape(self, w):
+        """(B, C, F, h, w) in diffusers' layout: (num_frames - 1) // 4 + 1 latent frames, H/8 x W/8."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 16)),
+                (w.num_frames - 1) // w.vae_scale_temporal + 1, w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, _, f, h, ww = self.latent_shape(w)
+        pt, ph, pw = (int(x) for x in w.transformer.get("patch_size", (1, 2, 2)))
+        return (f // pt) * (h // ph) * (ww // pw), self.text_len(w)
+
+    def text_len(self, w):
+        """UMT5 tokens: the pipeline's ``max_sequence_length`` (the workload's, else defaults.json's, else 512)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or 512)
+
+    def text_valid(self, w) -> int:
+        return min(int(w.text_valid or WAN_TEXT_VALID), self.text_len(w))
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # self-attention over the video tokens; the caption is a cross-attention context
+
+    def check(self, cfg, shape):
+        self.module.check_input_shape(cfg, shape[2], shape[3], shape[4])
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"family": self.name, "video_tokens": sv, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "latent_frames": self.latent_shape(w)[2], "layers": cfg.num_layers,
+                "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim, "ffn_dim": cfg.ffn_dim,
+                "height": w.height, "width": w.width, "num_frames": w.num_frames}
+
+    def make_inputs(self, w, seed=0):
+        """As ``WanPipeline`` passes them: latents (B, C, F, h, w), UMT5 states (B, L, text_dim) zero after each
+        caption's tokens (:func:`wan_text_states`) and the timestep (B,) int64."""
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
+        embeds = wan_text_states(rng, b, self.text_len(w), int(w.transformer.get("text_dim", 4096)),
+                                 self.text_valid(w), w.cfg)
+        return {"latents": latents, "embeds": embeds, "t": np.full((b,), WAN_TIMESTEP, dtype=np.int64)}
+
+    def embed_args(self, inputs, dtype):
+        return inputs["latents"].astype(dtype), inputs["t"], inputs["embeds"].astype(dtype)
+
+    def analytic_flops(self, w):
+        return wan_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return WanTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
-                                                          SD3())}
+                                                          SD3(), Wan())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
 FLUX_CLASS_NAMES = ("FluxTransformer2DModel",)
 SD3_CLASS_NAMES = ("SD3Transformer2DModel",)
+WAN_CLASS_NAMES = ("WanTransformer3DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -1248,7 +1404,10 @@ def family_of_config(transformer: dict) -> str:
     ``time_embed_dim`` (of the others, HunyuanDiT and FLUX have the first, only CogVideoX the second);
     PixArt by its class name (the hub's PixArt checkpoints say ``Transformer2DModel``) or its
     ``ada_norm_single`` norm; SD3 / SD3.5 by its class name or ``caption_projection_dim`` together with
-    ``pos_embed_max_size`` (no other family has the first); else CogVideoX."""
+    ``pos_embed_max_size`` (no other family has the first); Wan by its class name or ``ffn_dim`` together with
+    ``freq_dim`` (no other family has either); else CogVideoX."""
+    if transformer.get("_class_name") in WAN_CLASS_NAMES or ("ffn_dim" in transformer and "freq_dim" in transformer):
+        return "wan"
     if transformer.get("_class_name") in FLUX_CLASS_NAMES or "num_single_layers" in transformer:
         return "flux"
     if transformer.get("_class_name") in SD3_CLASS_NAMES or (
@@ -1266,7 +1425,7 @@ def family_of_config(transformer: dict) -> str:
 
 def family_of_model(cfg: Any) -> Family:
     """The family of a model config dataclass (``CogVideoXConfig``, ``PixArtConfig``, ``HunyuanDiTConfig``,
-    ``MochiConfig``, ``FluxConfig``, ``SD3Config``)."""
+    ``MochiConfig``, ``FluxConfig``, ``SD3Config``, ``WanConfig``)."""
     for fam in FAMILIES.values():
         if type(cfg).__name__ == fam.config_class_name:
             return fam
