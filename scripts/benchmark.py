@@ -7,6 +7,7 @@
     python scripts/benchmark.py step --model mochi-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model flux-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model sd3-cpu-small --compare diffusers --steps 7
+    python scripts/benchmark.py step --model wan-cpu-small --compare diffusers --steps 7
     python scripts/benchmark.py step --model cogvideox-2b --mesh 1 --mesh cfg=2 --json
     python scripts/benchmark.py vae-memory ...        (xdit_jax.parallel.vae_bench)
 
@@ -40,11 +41,12 @@ def step_parser() -> argparse.ArgumentParser:
                "pixart-cpu-small, pixart-alpha-1024, pixart-sigma-1024; HunyuanDiT hunyuandit-tiny, "
                "hunyuandit-cpu-small, hunyuandit-v1.2; Mochi mochi-tiny, mochi-cpu-small, mochi-1-preview; FLUX.1 "
                "flux-tiny, flux-cpu-small, flux.1-dev, flux.1-schnell; SD3 sd3-tiny, sd3-cpu-small, sd3-medium, "
-               "sd3.5-large (configs/); or a config folder (--list)")
+               "sd3.5-large; Wan 2.1 wan-tiny, wan-cpu-small, wan2.1-t2v-1.3b, wan2.1-t2v-14b (configs/); or a config "
+               "folder (--list)")
     p.add_argument("--model", default="cpu-small",
                    help="preset (tiny, cpu-small, pixart-tiny, pixart-cpu-small, hunyuandit-tiny, "
                         "hunyuandit-cpu-small, mochi-tiny, mochi-cpu-small, flux-tiny, flux-cpu-small, sd3-tiny, "
-                        "sd3-cpu-small), a "
+                        "sd3-cpu-small, wan-tiny, wan-cpu-small), a "
                         "full-size model in configs/ "
                         "(random weights), or a folder holding transformer/config.json [cpu-small]")
     p.add_argument("--mesh", action="append", default=None,
@@ -56,7 +58,7 @@ def step_parser() -> argparse.ArgumentParser:
                    help="also time diffusers' PyTorch transformer (same config, weights, inputs), interleaved")
     p.add_argument("--height", type=int, help="video / image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="video / image width in pixels")
-    p.add_argument("--frames", type=int, help="video frames (CogVideoX 4k+1, Mochi 6k+1; video models only)")
+    p.add_argument("--frames", type=int, help="video frames (CogVideoX 4k+1, Mochi 6k+1, Wan 4k+1; video models only)")
     p.add_argument("--layers", type=int, help="override the number of transformer layers (FLUX: N double- and N "
                                               "single-stream blocks)")
     p.add_argument("--batch", type=int, default=1, help="prompts per step (x2 with CFG) [1]")
