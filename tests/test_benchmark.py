@@ -792,7 +792,8 @@ def test_mochi_full_width_flops_compile_only():
 
 
 @pytest.mark.parametrize("model,mesh,cfg,shape", [
-    ("mochi-tiny", None, None, [1, 7, 48, 64, 3]),  # video: the frames the workload asks for
+    pytest.param("mochi-tiny", None, None, [1, 7, 48, 64, 3],  # video: the frames the workload asks for
+                 marks=pytest.mark.slow),  # (the tiny CogVideoX's e2e in test_tiny_rows covers the video path)
     ("flux-tiny", "cfg=2", True, [1, 48, 80, 3]),  # true CFG (a negative prompt) split over cfg=2
 ])
 def test_e2e_every_family(model, mesh, cfg, shape):

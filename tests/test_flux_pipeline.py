@@ -72,7 +72,7 @@ def test_latents_match_diffusers_true_cfg_batch(guided, tmp_path_factory):
 # The single-axis meshes are slow-marked: the combined mesh covers their axes here, and the transformer's
 # tests run every mesh; `pytest -m slow` runs them.
 SLOW = pytest.mark.slow
-MESHES = ["ulysses=2,ring=2", "ulysses=3", "data=2,ring=2", "cfg=2,ulysses=2",
+MESHES = [pytest.param("ulysses=2,ring=2", marks=SLOW), "ulysses=3", "data=2,ring=2", "cfg=2,ulysses=2",
           pytest.param("ulysses=2", marks=SLOW), pytest.param("ring=2", marks=SLOW)]
 
 
