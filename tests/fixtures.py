@@ -138,21 +138,29 @@ def make_torch_sd3(seed: int = 0, with_t5: bool = True):
                                     transformer=transformer)
 
 
-def make_torch_wan(seed: int = 0, scheduler: str = "unipc"):
-    """A tiny random diffusers Wan 2.1 pipeline (xdit_jax.tiny's Wan configs); ``scheduler`` "unipc" (the
-    checkpoints') or "flow_match" (FlowMatchEulerDiscreteScheduler, shift 3)."""
+def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"):
+    """A tiny random diffusers Wan pipeline (xdit_jax.tiny's Wan configs); ``scheduler`` "unipc" (the
+    checkpoints') or "flow_match" (FlowMatchEulerDiscreteScheduler, shift 3). ``variant``: "2.1"; "a14b" (Wan 2.2's
+    two experts: a second random transformer, boundary_ratio 0.875); "ti2v" (Wan 2.2 TI2V-5B's expand_timesteps and
+    Wan 2.2 VAE)."""
     from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
                            WanTransformer3DModel)
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
     transformer = randomize_(WanTransformer3DModel(**tiny.WAN_TRANSFORMER), seed, std=0.1)
-    vae = randomize_(AutoencoderKLWan(**tiny.WAN_VAE), seed + 1, std=0.1)
+    vae = randomize_(AutoencoderKLWan(**(tiny.WAN22_VAE if variant == "ti2v" else tiny.WAN_VAE)), seed + 1, std=0.1)
     te_kw = {k: v for k, v in tiny.WAN_TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
     text_encoder = randomize_(UMT5EncoderModel(UMT5Config(**te_kw)), seed + 2, std=0.2)
     if scheduler == "unipc":
         sched = UniPCMultistepScheduler(**{k: v for k, v in tiny.WAN_SCHEDULER.items() if not k.startswith("_")})
     else:
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    extra = {}
+    if variant == "a14b":
+        extra = dict(transformer_2=randomize_(WanTransformer3DModel(**tiny.WAN_TRANSFORMER), seed + 3, std=0.1),
+                     boundary_ratio=0.875)
+    elif variant == "ti2v":
+        extra = dict(expand_timesteps=True)
     return WanPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae,
-                       transformer=transformer, scheduler=sched)
+                       transformer=transformer, scheduler=sched, **extra)

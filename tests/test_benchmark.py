@@ -1310,6 +1310,13 @@ def test_wan_analytic_flops_and_workloads():
         assert bench.workload_flops(wf)["total"] == _wan_flops_by_hand(2, s, 512, n, d, ffn)
     assert bench.workload_flops(bench.load_workload("wan2.1-t2v-1.3b"))["total"] == pytest.approx(566.0036e12,
                                                                                                    rel=1e-6)
+    # Wan 2.2: A14B's step is one 14B expert's; TI2V-5B at 121 x 704 x 1280 through its 16x VAE, 48 channels
+    a14b = bench.load_workload("wan2.2-t2v-a14b")
+    assert bench.workload_flops(a14b)["total"] == bench.workload_flops(bench.load_workload("wan2.1-t2v-14b"))["total"]
+    ti2v = bench.load_workload("wan2.2-ti2v-5b")
+    assert (ti2v.vae_scale_spatial, ti2v.vae_scale_temporal) == (16, 4) and ti2v.latent_shape() == (2, 48, 31, 44, 80)
+    assert bench.workload_flops(ti2v)["total"] == _wan_flops_by_hand(2, 31 * 22 * 40, 512, 30, 3072, 14336, c=48,
+                                                                     cout=48)
     w = bench.load_workload("wan-cpu-small")
     assert w.transformer["num_layers"] == 2 and w.latent_shape() == (2, 16, 5, 16, 16) and w.tokens() == (320, 512)
     x = bench.make_inputs(w)

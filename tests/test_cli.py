@@ -113,6 +113,35 @@ def test_generate_wan_video(tmp_path, capsys):
     assert '"model_family": "wan"' in capsys.readouterr().out
 
 
+def test_generate_wan22_two_experts_random_weights(tmp_path, capsys):
+    """A tiny Wan 2.2 A14B layout (transformer_2, boundary_ratio) from configs alone: both experts drawn at random,
+    --guidance-scale-2 for the low-noise steps (2 steps at t = 999, 750: one each), on a cfg=2 mesh."""
+    import json
+    import shutil
+
+    import imageio.v3 as iio
+
+    from xdit_jax import tiny
+
+    configs = tmp_path / "wan22"
+    configs.mkdir()
+    tiny.write_configs(configs, "wan")
+    shutil.copytree(configs / "transformer", configs / "transformer_2")
+    index = json.loads((configs / "model_index.json").read_text())
+    index.update(transformer_2=index["transformer"], boundary_ratio=0.875)
+    (configs / "model_index.json").write_text(json.dumps(index))
+    out = tmp_path / "w.mp4"
+    rc = cli.main(["--model", str(configs), "--random-weights", "--output", str(out), "--steps", "2", "--height", "32",
+                   "--width", "48", "--num-frames", "5", "--max-sequence-length", "16", "--guidance-scale", "4",
+                   "--guidance-scale-2", "3", "--mesh", "cfg=2", "--no-progress"])
+    assert rc == 0
+    assert iio.imread(out).shape == (5, 32, 48, 3)
+    with pytest.raises(SystemExit) as e:  # refused before any weights for a one-transformer Wan
+        raise SystemExit(cli.main(["--model", "tiny-wan", "--guidance-scale-2", "3", "--output",
+                                   str(tmp_path / "x.mp4"), "--no-progress"]))
+    assert e.value.code == 2 and "two-expert Wan 2.2 A14B model" in capsys.readouterr().err
+
+
 def test_generate_flux_image(tmp_path, capsys):
     """The tiny FLUX (two phases: text whole, then joint): a .png with true CFG on a CFG x ring mesh."""
     import imageio.v3 as iio
@@ -169,6 +198,8 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-flux", "--mesh", "cfg=2"], "cfg=2 splits"),
     (["--model", "tiny-flux", "--no-resolution-binning"], "not used by this flux model"),
     (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's)"),
+    (["--model", "tiny-pixart", "--guidance-scale-2", "3"], "--guidance-scale-2 (Wan 2.2 A14B's)"),
+    (["--guidance-scale-2", "-1"], "--guidance-scale-2 must be >= 0"),
     (["--model", "tiny-mochi", "--use-dynamic-cfg"], "--use-dynamic-cfg (CogVideoX's)"),
     (["--model", "tiny-mochi", "--output", "m.png"], "makes videos"),
     (["--model", "tiny-wan", "--mesh", "pipefusion=3"], "more stages than the model's 2 layers"),

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tests.torch_util import randomize_, state_dict_np
+from xdit_jax import tiny
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import vae_wan as vae_mod
 from xdit_jax.safetensors_io import CheckpointError
@@ -31,9 +32,7 @@ TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temper
             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
 # Wan 2.2's variant, smaller still (3 up blocks, one temporal): residual up blocks (DupUp3D
 # shortcuts, the first dropping frame 0's first copy), decoder_base_dim, patch_size 2 (8x in all).
-TINY_22 = dict(TINY, base_dim=8, decoder_base_dim=8, dim_mult=[1, 2, 2], num_res_blocks=0,
-               temperal_downsample=[False, True], is_residual=True, patch_size=2, in_channels=12, out_channels=12,
-               scale_factor_spatial=8, scale_factor_temporal=2)
+TINY_22 = dict(tiny.WAN22_VAE, latents_mean=TINY["latents_mean"], latents_std=TINY["latents_std"])
 # 3 latent frames -> 9 frames; an odd 5x7 plane that none of 2, 4, 8 devices or a 2x2 grid divides.
 Z_MAIN = (1, 4, 3, 5, 7)
 Z_22 = (1, 4, 3, 2, 6)  # -> 5 frames of 16x48 (patched 8x24)

@@ -83,7 +83,7 @@ HUNYUANDIT_MODELS = ("hunyuandit-v1.2",)
 MOCHI_MODELS = ("mochi-1-preview",)
 FLUX_MODELS = ("flux.1-dev", "flux.1-schnell")
 SD3_MODELS = ("sd3-medium", "sd3.5-large")
-WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b")
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
@@ -258,8 +258,8 @@ def mochi_vae_scales(folder: Path) -> tuple[int, int]:
 
 
 def wan_folder_vae_scales(folder: Path) -> tuple[int, int]:
-    """(spatial, temporal) compression of a Wan folder's VAE (``AutoencoderKLWan``: ``2 ** len`` and ``2 ** sum`` of
-    its ``temperal_downsample``; Wan 2.1: 8 and 4); (8, 4) without a vae/config.json."""
+    """(spatial, temporal) compression of a Wan folder's VAE (:func:`wan_vae_scales`: Wan 2.1 8 and 4, Wan 2.2's
+    VAE 16 and 4); (8, 4) without a vae/config.json."""
     vae = folder / "vae" / "config.json"
     return wan_vae_scales(read_json(vae) if vae.exists() else None)
 
@@ -486,6 +486,10 @@ PRESET_HELP["wan2.1-t2v-1.3b"] = ("full-size configs/wan2.1-t2v-1.3b with random
                                   "(21x30x52 = 32,760 video + 512 UMT5 tokens)")
 PRESET_HELP["wan2.1-t2v-14b"] = ("full-size configs/wan2.1-t2v-14b with random weights at 81x720x1280 "
                                  "(21x45x80 = 75,600 video + 512 UMT5 tokens)")
+PRESET_HELP["wan2.2-t2v-a14b"] = ("full-size configs/wan2.2-t2v-a14b with random weights at 81x720x1280: one expert's "
+                                  "step (both are 14B Wan 2.1 shapes; 21x45x80 = 75,600 video + 512 UMT5 tokens)")
+PRESET_HELP["wan2.2-ti2v-5b"] = ("full-size configs/wan2.2-ti2v-5b with random weights at 121x704x1280 (Wan 2.2 VAE, "
+                                 "16x spatial: 31x22x40 = 27,280 video + 512 UMT5 tokens)")
 
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,

@@ -1247,12 +1247,11 @@ WAN_TIMESTEP = 500
 
 
 def wan_vae_scales(vae: dict | None) -> tuple[int, int]:
-    """(spatial, temporal) compression of an ``AutoencoderKLWan`` config, as ``WanPipeline`` reads them:
-    ``2 ** len(temperal_downsample)`` and ``2 ** sum(temperal_downsample)`` (Wan 2.1: 8 and 4); (8, 4) without one."""
-    if not vae or "temperal_downsample" not in vae:
-        return 8, 4
-    down = [bool(x) for x in vae["temperal_downsample"]]
-    return 2 ** len(down), 2 ** sum(down)
+    """(spatial, temporal) compression of an ``AutoencoderKLWan`` config, as ``WanPipeline`` reads them: its
+    ``scale_factor_spatial`` / ``scale_factor_temporal`` (AutoencoderKLWan's defaults 8 and 4; Wan 2.2's VAE 16 and
+    4); (8, 4) without a config."""
+    vae = vae or {}
+    return int(vae.get("scale_factor_spatial") or 8), int(vae.get("scale_factor_temporal") or 4)
 
 
 def wan_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5, Mochi 4.5, SD3 7, Wan 5; FLUX.1-dev: its "
                          "embedded guidance, 3.5)")
+    ap.add_argument("--guidance-scale-2", type=float, default=None,
+                    help="Wan 2.2 A14B (two experts): the CFG scale of the low-noise expert's steps (default: "
+                         "--guidance-scale; the model card's: 4 then 3)")
     ap.add_argument("--true-cfg-scale", type=float, default=None,
                     help="FLUX: diffusers' true CFG with --negative-prompt (> 1 runs both halves; default 1 = off)")
     ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's guidance_rescale (0 = off)")
@@ -303,6 +306,8 @@ def _check_family_flags(family: str, args) -> None:
     wrong = [flag for name, flag in video_only.items() if family not in VIDEO_FAMILIES and getattr(args, name)]
     if family != "cogvideox" and args.use_dynamic_cfg:
         wrong.append("--use-dynamic-cfg (CogVideoX's)")
+    if family != "wan" and args.guidance_scale_2 is not None:
+        wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
     if family != "flux" and args.true_cfg_scale is not None:
         wrong.append("--true-cfg-scale (FLUX's)")
     if family != "hunyuandit" and args.guidance_rescale:
@@ -326,6 +331,14 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
         check_request, default_video, read_configs = fam.check_request, fam.default_video, fam.read_configs
         tc, vc = read_configs(model)
         dv = default_video(tc, vc)
+        if family == "wan":
+            from xdit_jax.conversion import read_json
+
+            two = fam.pipeline_settings(read_json(Path(model) / "model_index.json"), model)["boundary_ratio"]
+            if args.guidance_scale_2 is not None and two is None:
+                raise ValueError("--guidance-scale-2 is for a two-expert Wan 2.2 A14B model (transformer_2 and "
+                                 f"boundary_ratio); {model} has one transformer.")
+            guidance = max(guidance, args.guidance_scale_2 or 0.0)
         check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
                       args.num_frames or dv["num_frames"], len(args.prompts), spec, guidance)
     elif family == "pixart":
@@ -386,8 +399,9 @@ def _main(argv=None) -> int:
                 raise ValueError(f"--{flag} must be >= 1, got {v}.")
         samples = len(args.prompts) * args.per_prompt
         check_output(out, args.overwrite, None if early_family is None else early_family in VIDEO_FAMILIES, samples)
-        if args.guidance_scale is not None and args.guidance_scale < 0:
-            raise ValueError("--guidance-scale must be >= 0.")
+        for flag in ("guidance_scale", "guidance_scale_2"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 0.")
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         ap.exit(2, f"error: {e}\n")
     if spec.size % group.num_processes:
@@ -466,7 +480,8 @@ def _main(argv=None) -> int:
     load_s = time.perf_counter() - t0
     if pipe.uses_pipefusion and jax.process_index() == 0:
         print(f"PipeFusion: {spec.pipefusion} stage(s), {pipe.pipefusion_patches} patches; the first "
-              f"{pipe.pipefusion_warmup_steps} step(s) exact, then patches attend to one-step-old K/V of later patches",
+              f"{pipe.pipefusion_warmup_steps} step(s) exact (again where a two-expert model switches), then patches "
+              "attend to one-step-old K/V of later patches",
               file=sys.stderr)
     if args.vae_tiling or args.no_vae_tiling:
         pipe.enable_vae_tiling(bool(args.vae_tiling))
@@ -487,6 +502,8 @@ def _main(argv=None) -> int:
         kw.update(num_frames=args.num_frames, max_sequence_length=msl or 256)
     elif family == "wan":
         kw.update(num_frames=args.num_frames, max_sequence_length=msl or 512)
+        if args.guidance_scale_2 is not None:
+            kw["guidance_scale_2"] = args.guidance_scale_2
     elif family == "pixart":
         kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
     elif family == "flux":

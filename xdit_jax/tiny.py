@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 
 TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
@@ -126,6 +128,10 @@ WAN_TRANSFORMER = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_he
 WAN_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
                temperal_downsample=[False, True, True], dropout=0.0, latents_mean=[0.1, -0.2, 0.3, 0.0],
                latents_std=[1.5, 0.8, 1.2, 2.0])
+# Wan 2.2's VAE (TI2V-5B's, residual up blocks, patch_size 2), small: 3 up blocks, one temporal; 8x / 2x in all.
+WAN22_VAE = dict(WAN_VAE, decoder_base_dim=8, dim_mult=[1, 2, 2], num_res_blocks=0, temperal_downsample=[False, True],
+                 is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=8,
+                 scale_factor_temporal=2)
 WAN_TEXT_ENCODER = dict(TEXT_ENCODER, model_type="umt5")
 WAN_SCHEDULER = dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=1000, beta_start=0.0001,
                      beta_end=0.02, beta_schedule="linear", solver_order=2, prediction_type="flow_prediction",
@@ -228,8 +234,6 @@ def init_rule(path, shape: tuple[int, ...]) -> float | str:
     """How a random parameter at key ``path`` is drawn: "ones" (1-D norm scales), "zeros" (biases), or the
     standard deviation of a normal scaled by the fan-in (kernels: all axes but the output one, a stacked
     layer axis left out; embeddings: their width)."""
-    import numpy as np
-
     name = str(getattr(path[-1], "key", path[-1]))
     if name in ("scale", "weight") and len(shape) == 1:
         return "ones"
@@ -245,7 +249,6 @@ def random_params(params: dict, seed: int) -> dict:
     """Fan-in scaled normal kernels/embeddings, unit norm scales, zero biases (pure dict in, numpy float32 out;
     :func:`init_rule`)."""
     import jax
-    import numpy as np
 
     rng = np.random.default_rng(seed)
 
@@ -264,7 +267,9 @@ def random_params_on_device(abstract: dict, seed: int, dtype=None, sharding=None
     copy): ``abstract`` a pure dict of shapes (``jax.ShapeDtypeStruct``); floating leaves in ``dtype``
     (default: theirs); ``sharding`` one for every leaf or a callable ``(key path, shape) -> sharding``. Leaf
     ``i`` is a normal drawn from ``fold_in(key(seed), i)``; one small program per distinct (shape, dtype,
-    sharding), compiled once (one program for the whole tree took seconds to compile: every leaf's RNG in it)."""
+    sharding), compiled once (one program for the whole tree took seconds to compile: every leaf's RNG in it).
+    Leaves of at most :data:`HOST_DRAWN` elements are drawn on the host instead (numpy, seeded by ``(seed, i)``)
+    and placed: a program per small shape would cost more to compile (~0.4 s each on a CPU) than their copy."""
     import jax
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
@@ -277,9 +282,15 @@ def random_params_on_device(abstract: dict, seed: int, dtype=None, sharding=None
         rule = init_rule(path, shape)
         if isinstance(rule, str):
             out.append((jnp.ones if rule == "ones" else jnp.zeros)(shape, dt, device=where))
+        elif math.prod(shape) <= HOST_DRAWN:
+            host = np.random.default_rng((seed, i)).standard_normal(shape, np.float32) * np.float32(rule)
+            out.append(jax.device_put(host.astype(dt), where))
         else:
             out.append(_normal_drawer(shape, dt, where)(key, i, jnp.float32(rule)))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+HOST_DRAWN = 1 << 18  # elements: random_params_on_device draws smaller leaves on the host
 
 
 @functools.cache

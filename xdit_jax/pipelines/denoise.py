@@ -360,9 +360,11 @@ class PipelineBase:
         self.vae_tiling, self.vae_slicing = "auto", False
 
     @staticmethod
-    def _load_parts(folder, mesh, dtype, stacked, num_layers) -> dict:
+    def _load_parts(folder, mesh, dtype, stacked, num_layers, transformers=("transformer",)) -> dict:
         """The transformer (its stacked blocks laid out for PipeFusion's stages on a pipefusion mesh),
-        VAE, text encoder and tokenizer of a converted folder, as keyword arguments of ``__init__``."""
+        VAE, text encoder and tokenizer of a converted folder, as keyword arguments of ``__init__``;
+        ``transformers``: the transformer components (a two-expert model's ``transformer_2`` too), each
+        placed alike, as ``name`` and ``name_config``."""
         from pathlib import Path
 
         from jax.sharding import NamedSharding
@@ -372,12 +374,13 @@ class PipelineBase:
 
         folder = Path(folder)
         tsharding, prepare = pipefusion.stacked_placement(mesh, num_layers, stacked)
-        tcfg, transformer = load_component(folder, "transformer", dtype, tsharding, prepare)
+        parts = {}
+        for name in transformers:
+            parts[f"{name}_config"], parts[name] = load_component(folder, name, dtype, tsharding, prepare)
         replicated = NamedSharding(mesh, P())
         vcfg, vae = load_component(folder, "vae", dtype, replicated)
         _, text_encoder = load_component(folder, "text_encoder", dtype, replicated)
-        return dict(transformer=transformer, transformer_config=tcfg, vae=vae, vae_config=vcfg,
-                    text_encoder=text_encoder, tokenizer=load_tokenizer(folder))
+        return dict(parts, vae=vae, vae_config=vcfg, text_encoder=text_encoder, tokenizer=load_tokenizer(folder))
 
     @classmethod
     def from_config(cls, folder, *, seed: int = 0, **kwargs):
@@ -618,23 +621,28 @@ class PipelineBase:
         return fn
 
     def _denoise(self, do_cfg: bool, latents, sched_state, kv, args: tuple, num_steps: int, progress: bool,
-                 step_for=None):
+                 step_for=None, stages=None):
         """The loop over the jitted step ``self._step_fn(do_cfg, warmup)(tstate, latents, sched_state, i,
         kv, *args) -> (latents, sched_state, i + 1, kv)``: PipeFusion's exact warm-up steps first, then
         the patched ones; ``step_for(n)``: another step of the same signature for step ``n``, or None
-        (SD3's skip-layer guidance steps). Returns the final latents."""
+        (SD3's skip-layer guidance steps). ``stages``: ``[(first step, tstate, args), ...]`` in step order, a
+        two-expert model's (Wan 2.2 A14B) transformers — the same program, other parameters and arguments from
+        each stage's first step on; PipeFusion's warm-up steps start again there (its K/V buffers hold the
+        previous expert's activations). Returns the final latents."""
         from flax import nnx
 
-        _, tstate = nnx.split(self.transformer)
+        if stages is None:
+            stages = [(0, nnx.split(self.transformer)[1], args)]
         warm_fn = self._step_fn(do_cfg)
         step_fn = self._step_fn(do_cfg, warmup=False) if kv is not None else warm_fn
         warmup = self.pipefusion_warmup_steps
 
         def one(carry, n):
             lat, st, i, kv = carry
-            fn = (step_for(n) if step_for is not None else None) or (warm_fn if kv is None or n < warmup
+            first, tstate, stage_args = next(s for s in reversed(stages) if s[0] <= n)
+            fn = (step_for(n) if step_for is not None else None) or (warm_fn if kv is None or n - first < warmup
                                                                       else step_fn)
-            return fn(tstate, lat, st, i, kv, *args)
+            return fn(tstate, lat, st, i, kv, *stage_args)
 
         # The carry is placed as the step returns it, so that step 0 and the later steps share one
         # executable; the step index stays on the device (the loop sends nothing to it).
@@ -703,12 +711,13 @@ class PipelineBase:
         return self._jit_step(key, step)
 
     def _denoise_and_decode(self, timer: StageTimer, do_cfg: bool, latents, sched_state, args: tuple,
-                            num_steps: int, progress: bool, output_type: str, decode, kv=None, step_for=None):
+                            num_steps: int, progress: bool, output_type: str, decode, kv=None, step_for=None,
+                            stages=None):
         """The denoising loop (:meth:`_denoise`; ``kv``: PipeFusion's buffers or None) timed as "denoising",
         then, unless ``output_type == "latent"``, ``decode(latents)`` timed as "decoding"; the result on the
         host."""
         with timer.stage("denoising"):
-            latents = self._denoise(do_cfg, latents, sched_state, kv, args, num_steps, progress, step_for)
+            latents = self._denoise(do_cfg, latents, sched_state, kv, args, num_steps, progress, step_for, stages)
         if output_type == "latent":
             return as_numpy(latents)
         with timer.stage("decoding"):

@@ -1,4 +1,4 @@
-"""Wan 2.1 text-to-video, diffusers' ``WanPipeline`` on a JAX mesh.
+"""Wan 2.1 / 2.2 text-to-video, diffusers' ``WanPipeline`` on a JAX mesh.
 
     pipe = WanPipeline.from_pretrained("path/or/hub-id", mesh="cfg=2,ulysses=4", dtype="bfloat16")
     out = pipe("A cat walks on the grass, realistic.", num_frames=81, height=480, width=832, seed=42)
@@ -10,9 +10,18 @@ whole on every device: cross-attention only) or pipelined by PipeFusion, CFG and
 ships (UniPC with flow sigmas; flow-matching Euler also taken) inside the one jitted step, and the causal 3D
 VAE decode split over the mesh.
 
+Wan 2.2: the two-expert A14B checkpoints (``transformer_2`` / ``boundary_ratio``) run ``transformer`` while the
+timestep is >= ``boundary_ratio * num_train_timesteps`` (the high-noise steps, ``guidance_scale``) and
+``transformer_2`` after (``guidance_scale_2``), both through one compiled step (same config: same program, other
+parameters); on a PipeFusion mesh the exact warm-up steps start again at the switch (the K/V buffers then hold the
+other expert's activations). TI2V-5B (``expand_timesteps``, the Wan 2.2 VAE) in text-to-video: diffusers gives
+every video token the same timestep there, which the transformer computes once per sample here (the same numbers).
+
 Differences from diffusers, by design: the latents stay float32 between steps also in bf16 (as diffusers'
-WanPipeline keeps them), and so does the timestep the transformer sees. Not supported (a clear error): Wan 2.2's
-two-expert A14B checkpoints (``transformer_2`` / ``boundary_ratio``) and its ``expand_timesteps`` (TI2V-5B).
+WanPipeline keeps them), and so does the timestep the transformer sees; a two-expert pipeline runs CFG when either
+guidance scale is > 1 (diffusers looks at ``guidance_scale`` only and then ignores ``guidance_scale_2``); TI2V-5B's
+default video is its model card's (121 x 704 x 1280 at 24 fps; diffusers' call defaults to 81 x 480 x 832). Not
+supported: image-to-video (WanImageToVideoPipeline; TI2V-5B with an image).
 """
 
 from __future__ import annotations
@@ -71,7 +80,10 @@ def read_configs(folder: str | os.PathLike):
 
 
 def default_video(tc=None, vc=None) -> dict:
-    """diffusers' defaults: 480 x 832, 81 frames; Wan's videos play at 16 fps."""
+    """diffusers' defaults: 480 x 832, 81 frames; Wan's videos play at 16 fps. With the Wan 2.2 VAE (TI2V-5B, a
+    residual VAE): its model card's 121 x 704 x 1280 at 24 fps."""
+    if vc is not None and vc.is_residual:
+        return {"height": 704, "width": 1280, "num_frames": 121, "fps": 24}
     return {"height": 480, "width": 832, "num_frames": 81, "fps": 16}
 
 
@@ -84,12 +96,40 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
                         guidance_scale)
 
 
-def _check_index(index: dict, folder) -> None:
-    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
-        raise ValueError(f"{folder} is a Wan 2.2 two-expert (A14B) pipeline (transformer_2 / boundary_ratio); only "
-                         "single-transformer Wan text-to-video checkpoints (Wan 2.1 T2V 1.3B / 14B) are supported.")
-    if index.get("expand_timesteps"):
-        raise ValueError(f"{folder} uses expand_timesteps (Wan 2.2 TI2V-5B), which is not supported.")
+def _listed(index: dict, name: str) -> bool:
+    spec = index.get(name)
+    return isinstance(spec, list) and len(spec) == 2 and spec[1] is not None
+
+
+def pipeline_settings(index: dict, folder) -> dict:
+    """``boundary_ratio`` (None: one transformer) and ``expand_timesteps`` of a WanPipeline's model_index.json,
+    refusing what diffusers' WanPipeline cannot run."""
+    ratio = index.get("boundary_ratio")
+    if not _listed(index, "transformer"):
+        raise ValueError(f"{folder}/model_index.json lists no transformer; a pipeline of transformer_2 alone is not "
+                         "supported (give the high-noise expert as transformer).")
+    if ratio is not None:
+        if not _listed(index, "transformer_2"):
+            raise ValueError(f"{folder}/model_index.json sets boundary_ratio={ratio} but lists no transformer_2 (the "
+                             "low-noise expert of a Wan 2.2 A14B pipeline).")
+        if not 0.0 <= float(ratio) <= 1.0:
+            raise ValueError(f"{folder}/model_index.json: boundary_ratio={ratio} must be within [0, 1].")
+    elif _listed(index, "transformer_2"):
+        log.warning("%s lists transformer_2 but no boundary_ratio: only transformer runs (as diffusers').", folder)
+    return {"boundary_ratio": None if ratio is None else float(ratio),
+            "expand_timesteps": bool(index.get("expand_timesteps", False))}
+
+
+def expert_stages(timesteps, boundary_timestep: float | None) -> list[tuple[int, int]]:
+    """[(first step, expert), ...] over the schedule's ``timesteps``: expert 0 (``transformer``) where
+    ``t >= boundary_timestep``, else 1 (``transformer_2``), as diffusers' WanPipeline picks them; one stage
+    (expert 0) without a boundary."""
+    import numpy as np
+
+    if boundary_timestep is None:
+        return [(0, 0)]
+    experts = [0 if t >= boundary_timestep else 1 for t in np.asarray(timesteps, np.float64)]
+    return [(n, e) for n, e in enumerate(experts) if n == 0 or experts[n - 1] != e]
 
 
 class WanPipeline(PipelineBase):
@@ -102,7 +142,18 @@ class WanPipeline(PipelineBase):
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                  scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
-                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
+                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1, transformer_2=None,
+                 transformer_2_config=None, boundary_ratio: float | None = None, expand_timesteps: bool = False):
+        """``transformer_2`` / ``boundary_ratio``: Wan 2.2 A14B's low-noise expert and where it takes over (its
+        config must equal ``transformer``'s); ``expand_timesteps``: TI2V-5B's flag (text-to-video: the same
+        numbers as a timestep per sample)."""
+        if (transformer_2 is None) != (boundary_ratio is None):
+            raise ValueError("transformer_2 and boundary_ratio go together (Wan 2.2 A14B's two experts).")
+        if transformer_2 is not None and transformer_2_config != transformer_config:
+            raise ValueError("transformer_2's config differs from transformer's; the two experts must share one "
+                             "architecture (Wan 2.2 A14B's do).")
+        self.transformer_2, self.boundary_ratio = transformer_2, boundary_ratio
+        self.expand_timesteps = bool(expand_timesteps)
         self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
                          vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
                          scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
@@ -121,7 +172,8 @@ class WanPipeline(PipelineBase):
         dtype = parse_dtype(dtype)
         folder, _ = cls._pipeline_folder(model, ("WanPipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
-        _check_index(read_json(folder / "model_index.json"), folder)
+        settings = pipeline_settings(read_json(folder / "model_index.json"), folder)
+        transformers = ("transformer",) if settings["boundary_ratio"] is None else ("transformer", "transformer_2")
         sched = read_json(folder / "scheduler" / "scheduler_config.json")
         name = sched.get("_class_name")
         if name not in SCHEDULERS:
@@ -130,9 +182,10 @@ class WanPipeline(PipelineBase):
         scfg = (unipc.UniPCConfig if module is unipc else flow_match.FlowMatchEulerConfig).from_dict(sched)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         layers = wan.WanConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, wan.STACKED, layers)
-        return cls(**parts, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
-                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+        parts = cls._load_parts(folder, mesh_obj, dtype, wan.STACKED, layers, transformers)
+        return cls(**parts, **settings, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj,
+                   attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                   pipefusion_warmup_steps=pipefusion_warmup_steps)
 
     # ------------------------------------------------------------------ stages
 
@@ -168,7 +221,13 @@ class WanPipeline(PipelineBase):
                       guidance_scale)
 
     def default_video(self) -> dict:
-        return default_video()
+        return default_video(self.transformer_config, self.vae_config)
+
+    def stages(self, timesteps) -> list[tuple[int, int]]:
+        """:func:`expert_stages` of this pipeline: [(first step, expert)], expert 1 = ``transformer_2``."""
+        boundary = None if self.boundary_ratio is None else \
+            self.boundary_ratio * self.scheduler_config.num_train_timesteps
+        return expert_stages(timesteps, boundary)
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         """(B, C, F, h, w), diffusers' layout."""
@@ -222,22 +281,29 @@ class WanPipeline(PipelineBase):
 
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 5.0, prompt_embeds=None,
-                 negative_prompt_embeds=None, latents=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-                 num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
-                 progress: bool = True) -> WanPipelineOutput:
+                 num_inference_steps: int = 50, guidance_scale: float = 5.0, guidance_scale_2: float | None = None,
+                 prompt_embeds=None, negative_prompt_embeds=None, latents=None,
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, num_videos_per_prompt: int = 1, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> WanPipelineOutput:
+        """``guidance_scale_2``: a two-expert (Wan 2.2 A14B) pipeline's guidance in its low-noise steps (default:
+        ``guidance_scale``, as diffusers')."""
+        if guidance_scale_2 is not None and self.boundary_ratio is None:
+            raise ValueError("guidance_scale_2 is only for a two-expert pipeline (Wan 2.2 A14B: transformer_2 and "
+                             "boundary_ratio); this one has one transformer.")
+        if self.boundary_ratio is not None and guidance_scale_2 is None:
+            guidance_scale_2 = guidance_scale
         dv = self.default_video()
         height, width, num_frames = (dv[k] if v is None else v for k, v in
                                      (("height", height), ("width", width), ("num_frames", num_frames)))
         prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
         per = per_prompt(num_videos_per_prompt, "num_videos_per_prompt")
-        self.check_inputs(height, width, num_frames, batch, guidance_scale)
+        self.check_inputs(height, width, num_frames, batch, max(guidance_scale, guidance_scale_2 or 0.0))
         made = self.output_frames(num_frames)
         if made != num_frames:
             log.warning("num_frames=%d: the VAE makes %dk+1 frames; this video has %d (as diffusers').", num_frames,
                         self.vae_config.scale_factor_temporal, made)
         sched = self.schedule(num_inference_steps)  # refuses a step count the schedule cannot take, first
-        do_cfg = guidance_scale > 1.0
+        do_cfg = guidance_scale > 1.0 or (guidance_scale_2 or 0.0) > 1.0
         timer = StageTimer()
         tc = self.transformer_config
 
@@ -268,9 +334,12 @@ class WanPipeline(PipelineBase):
 
         # 3. denoise: one jitted step per iteration
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
-        guidance = self._put_replicated(jnp.float32(guidance_scale))
+        experts = [(self.transformer, guidance_scale), (self.transformer_2, guidance_scale_2)]
+        stages = [(first, nnx.split(experts[e][0])[1],
+                   (texts, sched_arrays, self._put_replicated(jnp.float32(experts[e][1])), rng))
+                  for first, e in self.stages(sched.timesteps)]
         state = jax.device_put(self._init_state(shape), self._latent_sharding(shape))
-        out = self._denoise_and_decode(timer, do_cfg, latents, state, (texts, sched_arrays, guidance, rng),
-                                       len(sched.timesteps), progress, output_type, self._decode_fn(),
+        out = self._denoise_and_decode(timer, do_cfg, latents, state, stages[0][2], len(sched.timesteps), progress,
+                                       output_type, self._decode_fn(), stages=stages,
                                        kv=self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape)))
         return WanPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
