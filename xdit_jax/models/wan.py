@@ -14,8 +14,10 @@ tokens; the RoPE tables are per-token ``tokens`` sharded with them), cross-atten
 :func:`xdit_jax.parallel.attention.cross_attention` (local under every mesh: the caption is whole on every
 device, as PixArt's). No collective here.
 
-Not supported (a clear error): the image-to-video variants (``image_dim`` / ``added_kv_proj_dim``: CLIP image
-tokens with their own K/V) and Wan 2.2's per-token timesteps (``expand_timesteps``, TI2V-5B).
+Wan 2.2's transformers (A14B's two experts, TI2V-5B's 48-channel one) are this model. Not supported (a clear error):
+the image-to-video variants (``image_dim`` / ``added_kv_proj_dim``: CLIP image tokens with their own K/V); a
+timestep per token (diffusers' 2-D ``timestep``): the TI2V-5B text-to-video pipeline gives all tokens the same one,
+which :class:`xdit_jax.pipelines.wan.WanPipeline` passes per sample (the same numbers).
 """
 
 from __future__ import annotations
