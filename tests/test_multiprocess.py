@@ -27,7 +27,8 @@ def free_port() -> int:
 
 def child_env(cache):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each process simulates its own 2 devices
-    env.update(JAX_PLATFORMS="cpu", XDIT_JAX_CACHE=str(cache))
+    # (the suite's LLVM -O0, tests/conftest.py: compiling is most of a child's time too)
+    env.update(JAX_PLATFORMS="cpu", XDIT_JAX_CACHE=str(cache), XLA_FLAGS="--xla_backend_optimization_level=0")
     return env
 
 
