@@ -142,7 +142,7 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
     """A tiny random diffusers Wan pipeline (xdit_jax.tiny's Wan configs); ``scheduler`` "unipc" (the
     checkpoints') or "flow_match" (FlowMatchEulerDiscreteScheduler, shift 3). ``variant``: "2.1"; "a14b" (Wan 2.2's
     two experts: a second random transformer, boundary_ratio 0.875); "ti2v" (Wan 2.2 TI2V-5B's expand_timesteps and
-    Wan 2.2 VAE)."""
+    Wan 2.2 VAE); "i2v" (Wan 2.2 I2V-A14B's image-to-video: two experts taking 12 channels, no image encoder)."""
     from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
                            WanTransformer3DModel)
     from transformers import UMT5Config, UMT5EncoderModel
@@ -157,6 +157,14 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
     else:
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     extra = {}
+    if variant == "i2v":  # Wan 2.2 I2V-A14B's layout: no image encoder, latents + 4 mask + image latents in
+        kw = dict(tiny.WAN_TRANSFORMER, in_channels=12)
+        transformer = randomize_(WanTransformer3DModel(**kw), seed, std=0.1)
+        from diffusers import WanImageToVideoPipeline
+
+        return WanImageToVideoPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae,
+                                       transformer=transformer, scheduler=sched, boundary_ratio=0.875,
+                                       transformer_2=randomize_(WanTransformer3DModel(**kw), seed + 3, std=0.1))
     if variant == "a14b":
         extra = dict(transformer_2=randomize_(WanTransformer3DModel(**tiny.WAN_TRANSFORMER), seed + 3, std=0.1),
                      boundary_ratio=0.875)

@@ -139,3 +139,106 @@ def test_bad_input(tmp_path_factory):
                     scheduler_config=ours.scheduler_config, transformer_2=ours.transformer_2,
                     transformer_2_config=dataclasses.replace(ours.transformer_config, num_layers=1),
                     boundary_ratio=0.875)
+
+
+# ------------------------------------------------------------------ image-to-video (Wan 2.2 I2V-A14B's layout)
+
+def _image(seed, size=(W, H)):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_i2v_matches_diffusers(tmp_path_factory):
+    """The first frame encoded by the VAE's encoder, the mask and its latents beside the noise at every step, two
+    experts with their guidance scales: the video as diffusers' WanImageToVideoPipeline makes it."""
+    from xdit_jax.pipelines.wan import WanImageToVideoPipeline
+
+    tp, _, folder = build_i2v(tmp_path_factory)
+    ours = WanImageToVideoPipeline.from_pretrained(folder)
+    lat = initial_latents(F_A14B, 4, seed=3)
+    image = _image(0)
+    with torch.no_grad():
+        ref = np.asarray(tp(image=image, prompt=PROMPT, negative_prompt=NEG, num_frames=F_A14B, height=H, width=W,
+                            num_inference_steps=STEPS, latents=torch.from_numpy(lat), max_sequence_length=MSL,
+                            guidance_scale=4.0, guidance_scale_2=3.0, output_type="np").frames)
+    out = ours(image, PROMPT, NEG, num_frames=F_A14B, height=H, width=W, num_inference_steps=STEPS, latents=lat,
+               max_sequence_length=MSL, guidance_scale=4.0, guidance_scale_2=3.0, progress=False).frames
+    assert out.shape == ref.shape == (1, F_A14B, H, W, 3)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_i2v_last_image_and_resize_match_diffusers(tmp_path_factory):
+    """First and last frames given, both PIL images of another size (resized as diffusers does), latents out."""
+    tp, _, folder = build_i2v(tmp_path_factory)
+    ours = _I2V["pipe"]
+    lat = initial_latents(F_A14B, 4, seed=4)
+    first, last = _image(1, (40, 24)), _image(2, (64, 40))
+    with torch.no_grad():
+        ref = tp(image=first, last_image=last, prompt=PROMPT, negative_prompt=NEG, num_frames=F_A14B, height=H,
+                 width=W, num_inference_steps=STEPS, latents=torch.from_numpy(lat), max_sequence_length=MSL,
+                 guidance_scale=5.0, output_type="latent").frames.numpy()
+    out = ours(first, PROMPT, NEG, last_image=last, num_frames=F_A14B, height=H, width=W,
+               num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL, guidance_scale=5.0,
+               output_type="latent", progress=False).frames
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("mesh", ["cfg=2,ulysses=2", "data=2,pipefusion=2"])
+def test_i2v_meshes_match_one_device(mesh, tmp_path_factory):
+    """Two prompts (data=2: one each) on one image; PipeFusion with warm-up 2 of 4 steps: exact."""
+    from xdit_jax.pipelines.wan import WanImageToVideoPipeline
+
+    _, _, folder = build_i2v(tmp_path_factory)
+    prompts = [PROMPT, "A cat."]
+    kw = dict(num_frames=F_A14B, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=MSL,
+              latents=initial_latents(F_A14B, 4, batch=2, seed=5), guidance_scale=4.0, guidance_scale_2=3.0,
+              output_type="latent", progress=False)
+    ref = _I2V["pipe"](_image(3), prompts, **kw).frames
+    pipe = WanImageToVideoPipeline.from_pretrained(folder, mesh=mesh, pipefusion_warmup_steps=2)
+    out = pipe(_image(3), prompts, **kw).frames
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_i2v_bad_input(tmp_path_factory):
+    from xdit_jax.pipelines.wan import WanImageToVideoPipeline
+
+    _, _, folder = build_i2v(tmp_path_factory)
+    ours = _I2V["pipe"]
+    with pytest.raises(ValueError, match="needs an image"):
+        ours(prompt=PROMPT, num_frames=F_A14B, height=H, width=W)
+    with pytest.raises(ValueError, match="resize it first"):
+        ours(np.zeros((8, 8, 3), np.uint8), PROMPT, num_frames=F_A14B, height=H, width=W)
+    with pytest.raises(ValueError, match="not WanImageToVideoPipeline"):
+        WanImageToVideoPipeline.from_pretrained(build(tmp_path_factory, "a14b")[2])
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "image_encoder": ["transformers",
+                                                                                    "CLIPVisionModel"]}))
+    try:
+        with pytest.raises(ValueError, match="CLIP image tokens"):
+            WanImageToVideoPipeline.from_pretrained(folder)
+    finally:
+        (folder / "model_index.json").write_text(json.dumps(index))
+
+
+_I2V = {}
+
+
+def build_i2v(tmp_path_factory):
+    """(torch pipeline, None, our converted folder) of the tiny I2V model, made once; our one-device pipeline in
+    ``_I2V["pipe"]``."""
+    if "tp" not in _I2V:
+        from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+
+        from xdit_jax.pipelines.wan import WanImageToVideoPipeline
+
+        # diffusers' I2V module calls ftfy unguarded (not installed here); its T2V module's prompt_clean is the same
+        # function with the guard (and the one ours matches)
+        pipeline_wan_i2v.prompt_clean = pipeline_wan.prompt_clean
+
+        tp = make_torch_wan(variant="i2v")
+        folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("wan-i2v"))
+        converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+        _I2V.update(tp=tp, folder=converted, pipe=WanImageToVideoPipeline.from_pretrained(converted))
+    return _I2V["tp"], None, _I2V["folder"]

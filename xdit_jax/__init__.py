@@ -7,10 +7,10 @@ from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipeline
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
-from xdit_jax.pipelines.wan import WanPipeline, WanPipelineOutput
+from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
 
 __all__ = ["CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
            "HunyuanDiTPipelineOutput", "MeshSpec", "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline",
-           "PixArtPipelineOutput", "SD3PipelineOutput", "StableDiffusion3Pipeline", "WanPipeline", "WanPipelineOutput",
+           "PixArtPipelineOutput", "SD3PipelineOutput", "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "build_mesh"]
 __version__ = "0.1.0"

@@ -125,14 +125,18 @@ def staged_folder(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert_component(src: Path, class_name: str, *, dtype=None, variant=None):
-    """Read one diffusers component folder: returns (config dict, params pure dict)."""
+def convert_component(src: Path, class_name: str, *, dtype=None, variant=None, extras: dict | None = None):
+    """Read one diffusers component folder: returns (config dict, params pure dict). A module with
+    ``extra_params_from_torch(flat, cfg, dtype) -> {name: params}`` (the Wan VAE's encoder) adds those trees to
+    ``extras``, saved next to ``params`` under their names."""
     mod, cfg_cls = model_class(class_name)
     cfg_dict = read_json(src / "config.json")
     cfg = cfg_cls.from_dict(cfg_dict)
     flat = load_component_weights(src, variant)
     target = np.dtype(dtype) if dtype is not None else _source_dtype(flat)
     params = mod.params_from_torch(flat, cfg, dtype=target)
+    if extras is not None and hasattr(mod, "extra_params_from_torch"):
+        extras.update(mod.extra_params_from_torch(flat, cfg, dtype=target))
     return cfg_dict, params
 
 
@@ -151,11 +155,14 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype=No
         classes = {}
         for name, cls in comps.items():
             t0 = time.perf_counter()
-            cfg_dict, params = convert_component(src / name, cls, dtype=dtype, variant=variant)
+            extras = {}
+            cfg_dict, params = convert_component(src / name, cls, dtype=dtype, variant=variant, extras=extras)
             (tmp / name).mkdir()
             with open(tmp / name / "config.json", "w") as f:
                 json.dump(cfg_dict, f, indent=2)
             save_params(tmp / name / "params", params)
+            for extra, tree in extras.items():
+                save_params(tmp / name / extra, tree)
             n = sum(int(np.prod(a.shape)) for a in _leaves(params))
             log(f"converted {name} ({cls}): {n / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f}s")
             classes[name] = cls

@@ -577,6 +577,16 @@ def params_from_torch(flat: Mapping[str, np.ndarray], cfg: WanVAEConfig, dtype=N
                           what="VAE checkpoint")
 
 
+def extra_params_from_torch(flat: Mapping[str, np.ndarray], cfg: WanVAEConfig, dtype=None) -> dict:
+    """``{"encoder_params": ...}``: the encoder's params (:mod:`xdit_jax.models.vae_wan_encoder`, image-to-video),
+    which conversion saves next to the decoder's; empty for a checkpoint without encoder tensors."""
+    if not any(k.startswith("encoder.") for k in flat):
+        return {}
+    from xdit_jax.models import vae_wan_encoder
+
+    return {"encoder_params": vae_wan_encoder.params_from_torch(flat, cfg, dtype)}
+
+
 def build(cfg: WanVAEConfig, params: Mapping, dtype=jnp.float32) -> WanVAEDecoder:
     """The decoder module holding ``params`` (cast to ``dtype``)."""
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), dict(params))

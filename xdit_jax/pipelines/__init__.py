@@ -14,6 +14,7 @@ PIPELINES = {
     "FluxPipeline": ("xdit_jax.pipelines.flux", "FluxPipeline", "flux"),
     "StableDiffusion3Pipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Pipeline", "sd3"),
     "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),
+    "WanImageToVideoPipeline": ("xdit_jax.pipelines.wan", "WanImageToVideoPipeline", "wan"),
 }
 
 

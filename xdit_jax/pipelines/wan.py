@@ -169,9 +169,17 @@ class WanPipeline(PipelineBase):
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
         ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
         ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        dtype = parse_dtype(dtype)
         folder, _ = cls._pipeline_folder(model, ("WanPipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
+        return cls._from_folder(folder, mesh=mesh, dtype=dtype, attention_backend=attention_backend,
+                                pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    @classmethod
+    def _from_folder(cls, folder, *, mesh, dtype, attention_backend, pipefusion_patches, pipefusion_warmup_steps,
+                     extra=None):
+        """The pipeline of a converted (or, under ``from_config``, configs-only) folder; ``extra(parts, mesh,
+        dtype)``: more keyword arguments of ``__init__`` (the image-to-video pipeline's VAE encoder)."""
+        dtype = parse_dtype(dtype)
         settings = pipeline_settings(read_json(folder / "model_index.json"), folder)
         transformers = ("transformer",) if settings["boundary_ratio"] is None else ("transformer", "transformer_2")
         sched = read_json(folder / "scheduler" / "scheduler_config.json")
@@ -183,6 +191,8 @@ class WanPipeline(PipelineBase):
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         layers = wan.WanConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
         parts = cls._load_parts(folder, mesh_obj, dtype, wan.STACKED, layers, transformers)
+        if extra is not None:
+            parts.update(extra(parts, mesh_obj, dtype))
         return cls(**parts, **settings, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj,
                    attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
                    pipefusion_warmup_steps=pipefusion_warmup_steps)
@@ -199,8 +209,18 @@ class WanPipeline(PipelineBase):
         return (states * (mask[..., None] > 0)).astype(self.dtype)
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
-        """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (UMT5 states,)."""
-        return self._flow_step_fn(do_cfg, warmup, lambda x, texts, t: (x, t, texts[0]), scheduler=self.scheduler)
+        """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (UMT5 states,), and for image-to-video
+        the condition channels (mask and image latents), put after the latents' channels (diffusers' order)."""
+        def embed_args(x, texts, t):
+            if len(texts) > 1:
+                x = jnp.concatenate([x, texts[1].astype(x.dtype)], axis=1)
+            return x, t, texts[0]
+
+        return self._flow_step_fn(do_cfg, warmup, embed_args, scheduler=self.scheduler)
+
+    def _condition_shapes(self, latent_shape) -> tuple:
+        """Shapes of the step's inputs after the text (image-to-video: its condition); none for text-to-video."""
+        return ()
 
     def _decode_fn(self):
         """Jitted VAE decode over the whole mesh of the latents (B, C, F, h, w), unscaled with the VAE's
@@ -262,7 +282,8 @@ class WanPipeline(PipelineBase):
         n = (2 if do_cfg else 1) * self._padded_batch(batch)
         sd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), do_cfg))  # noqa
         latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
-        texts = (sd((n, max_sequence_length, self.transformer_config.text_dim), self.dtype),)
+        texts = (sd((n, max_sequence_length, self.transformer_config.text_dim), self.dtype),
+                 *(sd((n,) + shp[1:], jnp.float32) for shp in self._condition_shapes(shape)))
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps))
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._latent_sharding(shape)),
                              jax.eval_shape(lambda: self._init_state(shape)))
@@ -287,6 +308,18 @@ class WanPipeline(PipelineBase):
                  output_type: str = "np", progress: bool = True) -> WanPipelineOutput:
         """``guidance_scale_2``: a two-expert (Wan 2.2 A14B) pipeline's guidance in its low-noise steps (default:
         ``guidance_scale``, as diffusers')."""
+        return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              guidance_scale_2=guidance_scale_2, prompt_embeds=prompt_embeds,
+                              negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                              max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt,
+                              seed=seed, output_type=output_type, progress=progress)
+
+    def _generate(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps, guidance_scale,
+                  guidance_scale_2, prompt_embeds, negative_prompt_embeds, latents, max_sequence_length,
+                  num_videos_per_prompt, seed, output_type, progress, condition=None) -> WanPipelineOutput:
+        """The call; ``condition(latent_shape)``: the step's extra input of one video (1, C, T, h, w), the same for
+        every row (image-to-video), or None."""
         if guidance_scale_2 is not None and self.boundary_ratio is None:
             raise ValueError("guidance_scale_2 is only for a two-expert pipeline (Wan 2.2 A14B: transformer_2 and "
                              "boundary_ratio); this one has one transformer.")
@@ -326,8 +359,13 @@ class WanPipeline(PipelineBase):
             texts = (self._put_batch(emb, do_cfg, per),)
             jax.block_until_ready(texts)
 
-        # 2. latents (diffusers' layout: B, C, F, h, w)
+        # 2. latents (diffusers' layout: B, C, F, h, w); image-to-video: the condition of each row
         shape = self.latent_shape(batch * per, height, width, num_frames)
+        if condition is not None:
+            with timer.stage("image_encoding"):
+                cond = jnp.repeat(condition(shape), batch * per, axis=0)
+                texts = texts + (self._put_batch(jnp.concatenate([cond, cond]) if do_cfg else cond, do_cfg),)
+                jax.block_until_ready(texts)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, 1.0,
                                         "batch, channels, latent frames, height/8, width/8")
@@ -343,3 +381,160 @@ class WanPipeline(PipelineBase):
                                        output_type, self._decode_fn(), stages=stages,
                                        kv=self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape)))
         return WanPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+def preprocess_image(image, height: int, width: int) -> jnp.ndarray:
+    """An image as diffusers' ``VideoProcessor.preprocess`` makes it for the VAE: a PIL image resized to ``width`` x
+    ``height`` (Lanczos, as diffusers' default), or an array (H, W, 3) of that size (uint8, or float in [0, 1]);
+    -> (1, 3, height, width) float32 in [-1, 1]."""
+    import numpy as np
+
+    if hasattr(image, "convert") and hasattr(image, "resize"):  # a PIL image
+        from PIL import Image
+
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=Image.LANCZOS)
+        array = np.asarray(image.convert("RGB"), np.float32) / 255.0
+    else:
+        array = np.asarray(image)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"image: a PIL image or an array (height, width, 3); got shape {array.shape}.")
+        if array.shape[:2] != (height, width):
+            raise ValueError(f"image array {array.shape[:2]} is not {height} x {width}; resize it first (or pass a PIL "
+                             "image, resized as diffusers does).")
+        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    return jnp.asarray(array.transpose(2, 0, 1)[None] * 2.0 - 1.0)
+
+
+class WanImageToVideoPipeline(WanPipeline):
+    """Image-to-video with Wan 2.2 I2V-A14B's layout (diffusers' ``WanImageToVideoPipeline`` without an image
+    encoder): the first frame (and optionally the last) encoded by the Wan VAE's encoder, a mask of the given frames
+    and those latents concatenated to the noise latents' channels at every step (the transformer's ``in_channels``:
+    latents + 4 mask + latents). Everything else as :class:`WanPipeline` (two experts, meshes, PipeFusion).
+
+    Not supported (a clear error): Wan 2.1 I2V (a CLIP image encoder whose tokens the transformer cross-attends
+    with their own K/V) and TI2V-5B with an image (``expand_timesteps``: the first frame's tokens at timestep 0)."""
+
+    def __init__(self, *, vae_encoder, **kwargs):
+        super().__init__(**kwargs)
+        self.vae_encoder = vae_encoder
+        if self.transformer_config.in_channels != 2 * self.vae_config.z_dim + self.vae_config.scale_factor_temporal:
+            raise ValueError(f"transformer in_channels {self.transformer_config.in_channels} is not latents + mask + "
+                             f"image latents ({2 * self.vae_config.z_dim + self.vae_config.scale_factor_temporal}).")
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> WanImageToVideoPipeline:
+        """As :meth:`WanPipeline.from_pretrained`, for a ``WanImageToVideoPipeline`` folder; the VAE's encoder is
+        read from ``vae/encoder_params`` (written by conversion)."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.pipelines.denoise import _RANDOM_WEIGHTS
+
+        folder, _ = cls._pipeline_folder(model, ("WanImageToVideoPipeline",), cache_dir=cache_dir, variant=variant,
+                                         revision=revision)
+        index = read_json(folder / "model_index.json")
+        if _listed(index, "image_encoder"):
+            raise ValueError(f"{folder} conditions on CLIP image tokens (image_encoder: Wan 2.1 I2V), which is not "
+                             "supported yet; Wan 2.2 I2V-A14B (no image encoder) is.")
+        if index.get("expand_timesteps"):
+            raise ValueError(f"{folder}: TI2V-5B image-to-video (expand_timesteps: the first frame's tokens at "
+                             "timestep 0) is not supported yet; its text-to-video runs with WanPipeline.")
+        pipe = cls._from_folder(folder, mesh=mesh, dtype=dtype, attention_backend=attention_backend,
+                                pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps,
+                                extra=lambda parts, mesh_obj, dt: {"vae_encoder": _load_vae_encoder(
+                                    folder, parts["vae_config"], dt, NamedSharding(mesh_obj, P()),
+                                    _RANDOM_WEIGHTS.get())})
+        return pipe
+
+    def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
+        """(B, z_dim, F, h, w): the noise latents (the transformer's input adds the condition's channels)."""
+        shape = super().latent_shape(batch, height, width, num_frames)
+        return (shape[0], self.vae_config.z_dim) + shape[2:]
+
+    def _condition_shapes(self, latent_shape) -> tuple:
+        b, _, t, h, w = latent_shape
+        return ((b, self.vae_config.scale_factor_temporal + self.vae_config.z_dim, t, h, w),)
+
+    def _encode_fn(self):
+        """Jitted VAE encode (B, 3, F, H, W) in [-1, 1] -> scaled latents, replicated."""
+        if "encode" not in self._decode_cache:
+            from xdit_jax.models import vae_wan_encoder
+
+            graphdef, state = nnx.split(self.vae_encoder)
+            vc = self.vae_config
+
+            @jax.jit
+            def enc(state, video):
+                z = vae_wan_encoder.encode(nnx.merge(graphdef, state), video.astype(self.dtype))
+                return vae_wan_encoder.scale_latents(vc, z.astype(jnp.float32))
+
+            self._decode_cache["encode"] = lambda video: enc(state, self._put_replicated(video))
+        return self._decode_cache["encode"]
+
+    def image_condition(self, image, last_image, shape) -> jnp.ndarray:
+        """The condition (1, 4 + z_dim, T, h, w) of latents of ``shape``, as diffusers' ``prepare_latents``: the
+        video [image, zeros..., (last_image)] encoded and scaled, after a mask of the given frames (frame 0's
+        mask repeated ``scale_factor_temporal`` times, then folded into channels)."""
+        _, _, t, h, w = shape
+        st, s = self.vae_config.scale_factor_temporal, self.vae_config.scale_factor_spatial
+        height, width = h * s, w * s
+        frames = (t - 1) * st + 1
+        first = preprocess_image(image, height, width)[:, :, None]
+        parts = [first, jnp.zeros((1, 3, frames - 1 - (last_image is not None), height, width), jnp.float32)]
+        if last_image is not None:
+            parts.append(preprocess_image(last_image, height, width)[:, :, None])
+        latents = self._encode_fn()(jnp.concatenate(parts, axis=2))
+        given = jnp.zeros((frames,), jnp.float32).at[0].set(1.0)
+        if last_image is not None:
+            given = given.at[-1].set(1.0)
+        given = jnp.concatenate([jnp.repeat(given[:1], st), given[1:]])  # (st * t,)
+        mask = jnp.broadcast_to(given.reshape(t, st).T[None, :, :, None, None], (1, st, t, h, w))
+        return jnp.concatenate([mask, latents.astype(jnp.float32)], axis=1)
+
+    def __call__(self, image=None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, *, last_image=None, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 5.0, guidance_scale_2: float | None = None, prompt_embeds=None,
+                 negative_prompt_embeds=None, latents=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                 num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> WanPipelineOutput:
+        """``image``: the first frame (a PIL image, resized to ``width`` x ``height`` as diffusers does, or an
+        array of that size); ``last_image``: the last frame too (first-last-frame); the rest as
+        :meth:`WanPipeline.__call__`."""
+        if image is None:
+            raise ValueError("image-to-video needs an image (the first frame).")
+        return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              guidance_scale_2=guidance_scale_2, prompt_embeds=prompt_embeds,
+                              negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                              max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt,
+                              seed=seed, output_type=output_type, progress=progress,
+                              condition=lambda shape: self.image_condition(image, last_image, shape))
+
+
+def _load_vae_encoder(folder, vae_config, dtype, sharding, random_seed=None):
+    """The VAE's encoder of a converted folder (``vae/encoder_params``), or random (``from_config``)."""
+    import zlib
+
+    from xdit_jax.checkpoint import restore_params
+    from xdit_jax.keymap import to_pure_dict
+    from xdit_jax.models import vae_wan_encoder
+    from xdit_jax.safetensors_io import CheckpointError
+
+    if random_seed is not None:
+        from xdit_jax import tiny
+
+        abstract = to_pure_dict(nnx.state(vae_wan_encoder.build(vae_config, {}, dtype), nnx.Param))
+        params = tiny.random_params_on_device(abstract, random_seed + zlib.crc32(b"vae_encoder"), dtype, sharding)
+    else:
+        path = folder / "vae" / "encoder_params"
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing: this folder was converted without the VAE's encoder (an older "
+                                  "xdit_jax, or a checkpoint without encoder tensors); convert the diffusers folder "
+                                  "again (delete the cached conversion).")
+        params = restore_params(path, dtype=dtype, sharding=sharding)
+    return vae_wan_encoder.build(vae_config, params, dtype)
