@@ -113,33 +113,45 @@ def test_generate_wan_video(tmp_path, capsys):
     assert '"model_family": "wan"' in capsys.readouterr().out
 
 
-def test_generate_wan22_two_experts_random_weights(tmp_path, capsys):
-    """A tiny Wan 2.2 A14B layout (transformer_2, boundary_ratio) from configs alone: both experts drawn at random,
-    --guidance-scale-2 for the low-noise steps (2 steps at t = 999, 750: one each), on a cfg=2 mesh."""
+def test_generate_wan22_image_to_video_random_weights(tmp_path, capsys):
+    """A tiny Wan 2.2 I2V-A14B layout (WanImageToVideoPipeline: two experts taking latents + mask + image latents)
+    from configs alone, random weights (the VAE's encoder too): --image resized to the video, --guidance-scale-2
+    for the low-noise steps (2 steps at t = 999, 750: one each), on a cfg=2 mesh."""
     import json
     import shutil
 
     import imageio.v3 as iio
+    import numpy as np
 
     from xdit_jax import tiny
 
     configs = tmp_path / "wan22"
     configs.mkdir()
     tiny.write_configs(configs, "wan")
+    transformer = json.loads((configs / "transformer" / "config.json").read_text())
+    (configs / "transformer" / "config.json").write_text(json.dumps({**transformer, "in_channels": 12}))
     shutil.copytree(configs / "transformer", configs / "transformer_2")
     index = json.loads((configs / "model_index.json").read_text())
-    index.update(transformer_2=index["transformer"], boundary_ratio=0.875)
+    index.update(_class_name="WanImageToVideoPipeline", transformer_2=index["transformer"], boundary_ratio=0.875)
     (configs / "model_index.json").write_text(json.dumps(index))
+    image = tmp_path / "first.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
     out = tmp_path / "w.mp4"
-    rc = cli.main(["--model", str(configs), "--random-weights", "--output", str(out), "--steps", "2", "--height", "32",
-                   "--width", "48", "--num-frames", "5", "--max-sequence-length", "16", "--guidance-scale", "4",
-                   "--guidance-scale-2", "3", "--mesh", "cfg=2", "--no-progress"])
+    common = ["--model", str(configs), "--random-weights", "--steps", "2", "--height", "32", "--width", "48",
+              "--num-frames", "5", "--max-sequence-length", "16", "--no-progress"]
+    rc = cli.main(common + ["--output", str(out), "--image", str(image), "--guidance-scale", "4",
+                            "--guidance-scale-2", "3", "--mesh", "cfg=2"])
     assert rc == 0
     assert iio.imread(out).shape == (5, 32, 48, 3)
-    with pytest.raises(SystemExit) as e:  # refused before any weights for a one-transformer Wan
-        raise SystemExit(cli.main(["--model", "tiny-wan", "--guidance-scale-2", "3", "--output",
-                                   str(tmp_path / "x.mp4"), "--no-progress"]))
-    assert e.value.code == 2 and "two-expert Wan 2.2 A14B model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an image-to-video model without --image: refused
+        raise SystemExit(cli.main(common + ["--output", str(tmp_path / "y.mp4")]))
+    assert e.value.code == 2 and "give the first frame with --image" in capsys.readouterr().err
+    for argv, needle in [(["--model", "tiny-wan", "--guidance-scale-2", "3"], "two-expert Wan 2.2 A14B model"),
+                         (["--model", "tiny-wan", "--image", str(image)], "not an image-to-video model")]:
+        with pytest.raises(SystemExit) as e:  # refused before any weights for a one-transformer text-to-video Wan
+            raise SystemExit(cli.main(argv + ["--output", str(tmp_path / "x.mp4"), "--no-progress"]))
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "y.mp4").exists()
 
 
 def test_generate_flux_image(tmp_path, capsys):
@@ -200,6 +212,7 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's)"),
     (["--model", "tiny-pixart", "--guidance-scale-2", "3"], "--guidance-scale-2 (Wan 2.2 A14B's)"),
     (["--guidance-scale-2", "-1"], "--guidance-scale-2 must be >= 0"),
+    (["--image", "/no/such.png"], "--image /no/such.png is not a file"),
     (["--model", "tiny-mochi", "--use-dynamic-cfg"], "--use-dynamic-cfg (CogVideoX's)"),
     (["--model", "tiny-mochi", "--output", "m.png"], "makes videos"),
     (["--model", "tiny-wan", "--mesh", "pipefusion=3"], "more stages than the model's 2 layers"),

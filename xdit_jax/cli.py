@@ -13,6 +13,7 @@ devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
+    ap.add_argument("--image", default=None, metavar="PATH",
+                    help="image-to-video (a Wan I2V model): the first frame, resized to --width x --height")
+    ap.add_argument("--last-image", default=None, metavar="PATH",
+                    help="image-to-video: the last frame too (first-last-frame)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
                     metavar="N", help="samples per prompt (diffusers' num_images_per_prompt / num_videos_per_prompt); "
                     "written as OUTPUT_0, OUTPUT_1, ... when there are several")
@@ -397,6 +402,11 @@ def _main(argv=None) -> int:
             if v is not None and v < 1:
                 flag = "num-images-per-prompt" if name == "per_prompt" else name.replace('_', '-')
                 raise ValueError(f"--{flag} must be >= 1, got {v}.")
+        for flag in ("image", "last_image"):
+            if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
+                raise FileNotFoundError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a file.")
+        if args.last_image is not None and args.image is None:
+            raise ValueError("--last-image needs --image (the first frame).")
         samples = len(args.prompts) * args.per_prompt
         check_output(out, args.overwrite, None if early_family is None else early_family in VIDEO_FAMILIES, samples)
         for flag in ("guidance_scale", "guidance_scale_2"):
@@ -447,6 +457,11 @@ def _main(argv=None) -> int:
 
             model = resolve_model(args.model)  # a local folder (a hub id is downloaded here)
         family = pipelines.family(pipeline_class_name(model))
+        image_to_video = pipeline_class_name(model) == "WanImageToVideoPipeline"
+        if image_to_video and args.image is None:
+            raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
+        if not image_to_video and args.image is not None:
+            raise ValueError(f"--image: {args.model} is not an image-to-video model (a Wan I2V checkpoint is).")
         check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
         if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3"):
@@ -515,8 +530,15 @@ def _main(argv=None) -> int:
                   skip_layer_guidance_stop=args.skip_layer_guidance_stop)
     else:  # HunyuanDiT: its text lengths are the model's (77 + 256)
         kw.update(guidance_rescale=args.guidance_rescale, use_resolution_binning=not args.no_resolution_binning)
+    if image_to_video:
+        from PIL import Image
+
+        kw["last_image"] = None if args.last_image is None else Image.open(args.last_image).convert("RGB")
+        call = functools.partial(pipe, Image.open(args.image).convert("RGB"))
+    else:
+        call = pipe
     try:
-        result = pipe(args.prompts, negative_prompt=args.negative_prompt, **kw)
+        result = call(args.prompts, negative_prompt=args.negative_prompt, **kw)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
