@@ -1317,6 +1317,9 @@ def test_wan_analytic_flops_and_workloads():
     assert (ti2v.vae_scale_spatial, ti2v.vae_scale_temporal) == (16, 4) and ti2v.latent_shape() == (2, 48, 31, 44, 80)
     assert bench.workload_flops(ti2v)["total"] == _wan_flops_by_hand(2, 31 * 22 * 40, 512, 30, 3072, 14336, c=48,
                                                                      cout=48)
+    i2v = bench.load_workload("wan2.2-i2v-a14b")  # the step's input: noise, mask and image latents (16 + 4 + 16)
+    assert i2v.latent_shape() == (2, 36, 21, 60, 104)
+    assert bench.workload_flops(i2v)["total"] == _wan_flops_by_hand(2, 21 * 30 * 52, 512, 40, 5120, 13824, c=36)
     w = bench.load_workload("wan-cpu-small")
     assert w.transformer["num_layers"] == 2 and w.latent_shape() == (2, 16, 5, 16, 16) and w.tokens() == (320, 512)
     x = bench.make_inputs(w)
