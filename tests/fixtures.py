@@ -142,14 +142,16 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
     """A tiny random diffusers Wan pipeline (xdit_jax.tiny's Wan configs); ``scheduler`` "unipc" (the
     checkpoints') or "flow_match" (FlowMatchEulerDiscreteScheduler, shift 3). ``variant``: "2.1"; "a14b" (Wan 2.2's
     two experts: a second random transformer, boundary_ratio 0.875); "ti2v" (Wan 2.2 TI2V-5B's expand_timesteps and
-    Wan 2.2 VAE); "i2v" (Wan 2.2 I2V-A14B's image-to-video: two experts taking 12 channels, no image encoder)."""
+    Wan 2.2 VAE); "i2v" (Wan 2.2 I2V-A14B's image-to-video: two experts taking 12 channels, no image encoder);
+    "ti2v-image" (TI2V-5B's image-to-video pipeline)."""
     from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
                            WanTransformer3DModel)
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
     transformer = randomize_(WanTransformer3DModel(**tiny.WAN_TRANSFORMER), seed, std=0.1)
-    vae = randomize_(AutoencoderKLWan(**(tiny.WAN22_VAE if variant == "ti2v" else tiny.WAN_VAE)), seed + 1, std=0.1)
+    vae22 = dict(tiny.WAN22_VAE, num_res_blocks=1)  # (its encoder's residual down blocks need a resnet)
+    vae = randomize_(AutoencoderKLWan(**(vae22 if variant.startswith("ti2v") else tiny.WAN_VAE)), seed + 1, std=0.1)
     te_kw = {k: v for k, v in tiny.WAN_TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
     text_encoder = randomize_(UMT5EncoderModel(UMT5Config(**te_kw)), seed + 2, std=0.2)
     if scheduler == "unipc":
@@ -157,6 +159,11 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
     else:
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     extra = {}
+    if variant == "ti2v-image":  # TI2V-5B's image-to-video: expand_timesteps, the Wan 2.2 VAE, one transformer
+        from diffusers import WanImageToVideoPipeline
+
+        return WanImageToVideoPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae,
+                                       transformer=transformer, scheduler=sched, expand_timesteps=True)
     if variant == "i2v":  # Wan 2.2 I2V-A14B's layout: no image encoder, latents + 4 mask + image latents in
         kw = dict(tiny.WAN_TRANSFORMER, in_channels=12)
         transformer = randomize_(WanTransformer3DModel(**kw), seed, std=0.1)

@@ -210,8 +210,10 @@ def test_i2v_bad_input(tmp_path_factory):
         ours(prompt=PROMPT, num_frames=F_A14B, height=H, width=W)
     with pytest.raises(ValueError, match="resize it first"):
         ours(np.zeros((8, 8, 3), np.uint8), PROMPT, num_frames=F_A14B, height=H, width=W)
-    with pytest.raises(ValueError, match="not WanImageToVideoPipeline"):
+    with pytest.raises(ValueError, match="holds a text-to-video WanPipeline"):
         WanImageToVideoPipeline.from_pretrained(build(tmp_path_factory, "a14b")[2])
+    # TI2V-5B's folder says WanPipeline (expand_timesteps): it loads for image-to-video too, as in diffusers
+    assert WanImageToVideoPipeline.from_pretrained(build(tmp_path_factory, "ti2v")[2]).expand_timesteps
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "image_encoder": ["transformers",
                                                                                     "CLIPVisionModel"]}))
@@ -220,6 +222,44 @@ def test_i2v_bad_input(tmp_path_factory):
             WanImageToVideoPipeline.from_pretrained(folder)
     finally:
         (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def test_ti2v_image_to_video_matches_diffusers(tmp_path_factory):
+    """TI2V-5B with an image (expand_timesteps): the image's latent frame in place of frame 0 at every step, its
+    tokens at timestep 0, and in the result; the video as diffusers makes it, and on ring=2,ulysses=2 as on one
+    device."""
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+
+    from xdit_jax.pipelines.wan import WanImageToVideoPipeline
+
+    pipeline_wan_i2v.prompt_clean = pipeline_wan.prompt_clean  # (see build_i2v)
+    tp = make_torch_wan(variant="ti2v-image")
+    folder = converted_folder(save_torch_pipeline(tp, tmp_path_factory.mktemp("wan-ti2v-image")),
+                              cache_dir=tmp_path_factory.mktemp("cache"))
+    ours = WanImageToVideoPipeline.from_pretrained(folder)
+    lat = initial_latents(F_TI2V, 2, seed=6)
+    image = _image(4)
+    with torch.no_grad():
+        ref = np.asarray(tp(image=image, prompt=PROMPT, negative_prompt=NEG, num_frames=F_TI2V, height=H, width=W,
+                            num_inference_steps=STEPS, latents=torch.from_numpy(lat), max_sequence_length=MSL,
+                            guidance_scale=5.0, output_type="np").frames)
+    kw = dict(num_frames=F_TI2V, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
+              guidance_scale=5.0, progress=False)
+    out = ours(image, PROMPT, NEG, **kw).frames
+    assert out.shape == ref.shape == (1, F_TI2V, H, W, 3)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    # the latents too: the first frame's timestep reaches the later frames only through attention (here ~1e-3 of
+    # the latents' scale, below the pixels' tolerance once decoded)
+    with torch.no_grad():
+        ref_lat = tp(image=image, prompt=PROMPT, negative_prompt=NEG, num_frames=F_TI2V, height=H, width=W,
+                     num_inference_steps=STEPS, latents=torch.from_numpy(lat), max_sequence_length=MSL,
+                     guidance_scale=5.0, output_type="latent").frames.numpy()
+    out_lat = ours(image, PROMPT, NEG, output_type="latent", **kw).frames
+    np.testing.assert_allclose(out_lat, ref_lat, atol=2e-5 * np.abs(ref_lat).max(), rtol=0)
+    mesh = WanImageToVideoPipeline.from_pretrained(folder, mesh="ring=2,ulysses=2")
+    np.testing.assert_allclose(mesh(image, PROMPT, NEG, **kw).frames, out, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="last_image is not taken by TI2V-5B"):
+        ours(image, PROMPT, last_image=image, **kw)
 
 
 _I2V = {}

@@ -125,3 +125,31 @@ def test_sequence_parallel_equals_one_device(pair, mesh):
     out = np.asarray(parallel(state, x, t, enc))
     # fp32; only the order of float32 sums differs (ring's LSE merge, zero-padded heads on ulysses=3): outputs O(1).
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=mesh)
+
+
+def test_first_frame_timestep_matches_diffusers_per_token_timesteps(pair):
+    """TI2V-5B image-to-video: diffusers' (B, S) timestep with the first latent frame's tokens at 0, the rest at t ==
+    ours with ``first_frame_timestep``; on one device and with the tokens split over ring=2,ulysses=2 (45 tokens:
+    the first frame's 15 cut across shards)."""
+    tm, cfg, model, _ = pair
+    x, t, enc = _inputs(cfg, *SHAPE, seed=4)
+    f, h, w = SHAPE[1], SHAPE[2] // 2, SHAPE[3] // 2
+    per_token = np.repeat(t[:, None], f * h * w, axis=1)
+    per_token[:, : h * w] = 0
+    ref = _torch(tm, x, per_token, enc)
+    fwd = jax.jit(lambda m, x, t, e, t0: m(x, t, e, first_frame_timestep=t0))
+    t0 = np.zeros_like(t)
+    out = np.asarray(fwd(model, x, t, enc, t0))
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    assert np.abs(out - np.asarray(fwd(model, x, t, enc, t))).max() > 1e-2  # the first frame's timestep matters
+    graphdef, state = nnx.split(model)
+    m = build_mesh("ring=2,ulysses=2")
+
+    @jax.jit
+    def parallel(state, x, t, enc, t0):
+        mdl = nnx.merge(graphdef, state)
+        tokens_x, tokens, cond = mdl.embed(x, t, enc, t0)
+        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)  # noqa: E731
+        return mdl.head(run_blocks(blocks, state, tokens_x, tokens, cond, m), cond, x.shape)
+
+    np.testing.assert_allclose(np.asarray(parallel(state, x, t, enc, t0)), out, atol=1e-5, rtol=0)

@@ -305,6 +305,13 @@ def _family_of(model: str) -> str | None:
     return None
 
 
+def _expand_timesteps(model) -> bool:
+    """Whether a Wan folder is TI2V-5B's (``expand_timesteps``: text-to-video, or image-to-video with --image)."""
+    from xdit_jax.conversion import read_json
+
+    return bool(read_json(Path(model) / "model_index.json").get("expand_timesteps"))
+
+
 def _check_family_flags(family: str, args) -> None:
     """Flags that mean nothing for this family are refused rather than silently ignored."""
     video_only = {"num_frames": "--num-frames", "fps": "--fps"}
@@ -457,11 +464,13 @@ def _main(argv=None) -> int:
 
             model = resolve_model(args.model)  # a local folder (a hub id is downloaded here)
         family = pipelines.family(pipeline_class_name(model))
-        image_to_video = pipeline_class_name(model) == "WanImageToVideoPipeline"
+        image_to_video = pipeline_class_name(model) == "WanImageToVideoPipeline" or (
+            args.image is not None and family == "wan" and _expand_timesteps(model))  # TI2V-5B with an image
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         if not image_to_video and args.image is not None:
-            raise ValueError(f"--image: {args.model} is not an image-to-video model (a Wan I2V checkpoint is).")
+            raise ValueError(f"--image: {args.model} is not an image-to-video model (a Wan I2V checkpoint or Wan 2.2 "
+                             "TI2V-5B is).")
         check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
         if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3"):
@@ -478,7 +487,7 @@ def _main(argv=None) -> int:
         guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
             _check_request(family, model, args, spec, guidance)
-        cls = pipelines.pipeline_class(pipeline_class_name(model))
+        cls = pipelines.pipeline_class("WanImageToVideoPipeline" if image_to_video else pipeline_class_name(model))
         kw = dict(mesh=spec, dtype=dtype, attention_backend=args.attention_backend,
                   pipefusion_patches=args.num_pipeline_patch, pipefusion_warmup_steps=args.warmup_steps)
         if args.random_weights:

@@ -15,9 +15,10 @@ tokens; the RoPE tables are per-token ``tokens`` sharded with them), cross-atten
 device, as PixArt's). No collective here.
 
 Wan 2.2's transformers (A14B's two experts, TI2V-5B's 48-channel one) are this model. Not supported (a clear error):
-the image-to-video variants (``image_dim`` / ``added_kv_proj_dim``: CLIP image tokens with their own K/V); a
-timestep per token (diffusers' 2-D ``timestep``): the TI2V-5B text-to-video pipeline gives all tokens the same one,
-which :class:`xdit_jax.pipelines.wan.WanPipeline` passes per sample (the same numbers).
+Wan 2.1's image-to-video variant (``image_dim`` / ``added_kv_proj_dim``: CLIP image tokens with their own K/V);
+any timestep per token (diffusers' 2-D ``timestep``) but TI2V-5B's: all tokens at one timestep (text-to-video, passed
+per sample) or the first latent frame's at another (image-to-video, ``first_frame_timestep``: two modulations
+chosen per token, not a table per token).
 """
 
 from __future__ import annotations
@@ -160,8 +161,15 @@ class WanTransformerBlock(nnx.Module):
         """x: the video tokens (B, S, D) or any contiguous piece of them; tokens: {"rope": (cos, sin)} for
         those tokens; cond: see :meth:`WanTransformer3DModel.embed`."""
         f32 = jnp.float32
-        mod = self.scale_shift_table[...].astype(f32) + cond["timestep_proj"].astype(f32)  # (B, 6, D)
-        shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
+        table = self.scale_shift_table[...].astype(f32)
+        mod = table + cond["timestep_proj"].astype(f32)  # (B, 6, D)
+        if "first" in tokens:  # the first latent frame's tokens at their own timestep (TI2V image-to-video)
+            first = tokens["first"].astype(bool)[None, :, None]  # (1, S, 1)
+            mod_first = table + cond["timestep_proj_first"].astype(f32)
+            mod = [jnp.where(first, a, b) for a, b in zip(jnp.split(mod_first, 6, axis=1), jnp.split(mod, 6, axis=1))]
+        else:
+            mod = jnp.split(mod, 6, axis=1)
+        shift, scale, gate, c_shift, c_scale, c_gate = mod
         h = (self.norm1(x.astype(f32)) * (1 + scale) + shift).astype(x.dtype)
         x = (x.astype(f32) + self.attn1(h, rope=tokens["rope"]) * gate).astype(x.dtype)
         h = x if self.norm2 is None else self.norm2(x.astype(f32)).astype(x.dtype)
@@ -211,13 +219,17 @@ class WanTransformer3DModel(nnx.Module):
     # -- pieces: embed (global) -> blocks (per token, any contiguous shard) -> head (global) --
     # The parallel engine (xdit_jax.parallel) shards the video tokens between embed and head.
 
-    def embed(self, hidden_states, timestep, encoder_hidden_states):
+    def embed(self, hidden_states, timestep, encoder_hidden_states, first_frame_timestep=None):
         """-> (x, tokens, cond).
 
         x: the video tokens (B, S, D), S = F' * H' * W' row-major (frames, rows, columns of patches).
         tokens: ``{"rope": ((S, head_dim) cos, (S, head_dim) sin)}``. cond (batch first, sharded with the
         batch): ``temb`` (B, D) for the head, ``timestep_proj`` (B, 6, D) the blocks' modulation,
         ``context`` (B, L, D) the projected caption.
+
+        ``first_frame_timestep`` (B,): the tokens of the first latent frame at this timestep, the others at
+        ``timestep`` (diffusers' per-token timesteps of TI2V-5B's image-to-video, which are exactly so); then
+        ``tokens["first"]`` (S,) marks them and cond holds ``temb_first`` / ``timestep_proj_first`` too.
         """
         cfg, dtype = self.cfg, self.dtype
         b, _, f, h, w = hidden_states.shape
@@ -230,7 +242,13 @@ class WanTransformer3DModel(nnx.Module):
         temb, proj, context = self.condition_embedder(t, encoder_hidden_states, dtype)
         cos, sin = rope_table(cfg, *grid)
         cond = {"temb": temb, "timestep_proj": proj.reshape(b, 6, cfg.inner_dim), "context": context}
-        return x, {"rope": (jnp.asarray(cos), jnp.asarray(sin))}, cond
+        tokens = {"rope": (jnp.asarray(cos), jnp.asarray(sin))}
+        if first_frame_timestep is not None:
+            t0 = jnp.broadcast_to(jnp.asarray(first_frame_timestep).reshape(-1), (b,))
+            temb0, proj0, _ = self.condition_embedder(t0, encoder_hidden_states, dtype)
+            cond.update(temb_first=temb0, timestep_proj_first=proj0.reshape(b, 6, cfg.inner_dim))
+            tokens["first"] = jnp.asarray(np.arange(x.shape[1]) < grid[1] * grid[2], jnp.float32)
+        return x, tokens, cond
 
     def blocks(self, x, tokens, cond):
         """The block stack (one lax.scan) on the video tokens or a contiguous shard of them."""
@@ -244,13 +262,18 @@ class WanTransformer3DModel(nnx.Module):
         f32 = jnp.float32
         mod = self.scale_shift_table[...].astype(f32) + cond["temb"].astype(f32)[:, None]  # (B, 2, D)
         shift, scale = jnp.split(mod, 2, axis=1)
+        if "temb_first" in cond:  # the first latent frame's tokens (the first H' W') at their own timestep
+            first = (jnp.arange(x.shape[1]) < (h // ph) * (w // pw))[None, :, None]
+            mod0 = self.scale_shift_table[...].astype(f32) + cond["temb_first"].astype(f32)[:, None]
+            shift0, scale0 = jnp.split(mod0, 2, axis=1)
+            shift, scale = jnp.where(first, shift0, shift), jnp.where(first, scale0, scale)
         x = self.proj_out((self.norm_out(x.astype(f32)) * (1 + scale) + shift).astype(x.dtype))
         x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, cfg.out_ch)
         x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, cfg.out_ch, f, h, w)
 
-    def __call__(self, hidden_states, timestep, encoder_hidden_states):
-        x, tokens, cond = self.embed(hidden_states, timestep, encoder_hidden_states)
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, first_frame_timestep=None):
+        x, tokens, cond = self.embed(hidden_states, timestep, encoder_hidden_states, first_frame_timestep)
         return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
 
 

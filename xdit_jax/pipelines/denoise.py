@@ -712,12 +712,14 @@ class PipelineBase:
 
     def _denoise_and_decode(self, timer: StageTimer, do_cfg: bool, latents, sched_state, args: tuple,
                             num_steps: int, progress: bool, output_type: str, decode, kv=None, step_for=None,
-                            stages=None):
+                            stages=None, finish=None):
         """The denoising loop (:meth:`_denoise`; ``kv``: PipeFusion's buffers or None) timed as "denoising",
         then, unless ``output_type == "latent"``, ``decode(latents)`` timed as "decoding"; the result on the
         host."""
         with timer.stage("denoising"):
             latents = self._denoise(do_cfg, latents, sched_state, kv, args, num_steps, progress, step_for, stages)
+            if finish is not None:  # (a last touch of the latents, e.g. TI2V's given first frame)
+                latents = finish(latents)
         if output_type == "latent":
             return as_numpy(latents)
         with timer.stage("decoding"):

@@ -20,8 +20,10 @@ every video token the same timestep there, which the transformer computes once p
 Differences from diffusers, by design: the latents stay float32 between steps also in bf16 (as diffusers'
 WanPipeline keeps them), and so does the timestep the transformer sees; a two-expert pipeline runs CFG when either
 guidance scale is > 1 (diffusers looks at ``guidance_scale`` only and then ignores ``guidance_scale_2``); TI2V-5B's
-default video is its model card's (121 x 704 x 1280 at 24 fps; diffusers' call defaults to 81 x 480 x 832). Not
-supported: image-to-video (WanImageToVideoPipeline; TI2V-5B with an image).
+default video is its model card's (121 x 704 x 1280 at 24 fps; diffusers' call defaults to 81 x 480 x 832).
+
+Image-to-video: :class:`WanImageToVideoPipeline` (Wan 2.2 I2V-A14B; TI2V-5B with an image). Not supported: Wan 2.1
+I2V (CLIP image tokens).
 """
 
 from __future__ import annotations
@@ -210,8 +212,14 @@ class WanPipeline(PipelineBase):
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (UMT5 states,), and for image-to-video
-        the condition channels (mask and image latents), put after the latents' channels (diffusers' order)."""
+        the condition: channels (mask and image latents) put after the latents' (diffusers' order), or with
+        ``expand_timesteps`` (TI2V-5B) the image's latent frame put in place of frame 0, whose tokens then run at
+        timestep 0."""
+        first_frame = self.expand_timesteps
+
         def embed_args(x, texts, t):
+            if len(texts) > 1 and first_frame:  # TI2V-5B: the image's latent frame in place of frame 0, timestep 0
+                return x.at[:, :, :1].set(texts[1].astype(x.dtype)), t, texts[0], jnp.zeros_like(t)
             if len(texts) > 1:
                 x = jnp.concatenate([x, texts[1].astype(x.dtype)], axis=1)
             return x, t, texts[0]
@@ -377,8 +385,11 @@ class WanPipeline(PipelineBase):
                    (texts, sched_arrays, self._put_replicated(jnp.float32(experts[e][1])), rng))
                   for first, e in self.stages(sched.timesteps)]
         state = jax.device_put(self._init_state(shape), self._latent_sharding(shape))
+        finish = None
+        if condition is not None and self.expand_timesteps:  # the first frame is the image's, as in every step
+            finish = lambda lat: lat.at[:, :, :1].set(jnp.broadcast_to(cond[:, :, :1], lat[:, :, :1].shape))  # noqa
         out = self._denoise_and_decode(timer, do_cfg, latents, state, stages[0][2], len(sched.timesteps), progress,
-                                       output_type, self._decode_fn(), stages=stages,
+                                       output_type, self._decode_fn(), stages=stages, finish=finish,
                                        kv=self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape)))
         return WanPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
 
@@ -407,42 +418,48 @@ def preprocess_image(image, height: int, width: int) -> jnp.ndarray:
 
 
 class WanImageToVideoPipeline(WanPipeline):
-    """Image-to-video with Wan 2.2 I2V-A14B's layout (diffusers' ``WanImageToVideoPipeline`` without an image
-    encoder): the first frame (and optionally the last) encoded by the Wan VAE's encoder, a mask of the given frames
-    and those latents concatenated to the noise latents' channels at every step (the transformer's ``in_channels``:
-    latents + 4 mask + latents). Everything else as :class:`WanPipeline` (two experts, meshes, PipeFusion).
+    """Image-to-video with Wan 2.2 (diffusers' ``WanImageToVideoPipeline`` without an image encoder). I2V-A14B: the
+    first frame (and optionally the last) encoded by the Wan VAE's encoder, a mask of the given frames and those
+    latents concatenated to the noise latents' channels at every step (the transformer's ``in_channels``: latents +
+    4 mask + latents). TI2V-5B (``expand_timesteps``): the image's latent frame in place of the first latent frame at
+    every step, its tokens at timestep 0 (``first_frame_timestep``), and in the result. Everything else as
+    :class:`WanPipeline` (two experts, meshes, PipeFusion).
 
     Not supported (a clear error): Wan 2.1 I2V (a CLIP image encoder whose tokens the transformer cross-attends
-    with their own K/V) and TI2V-5B with an image (``expand_timesteps``: the first frame's tokens at timestep 0)."""
+    with their own K/V)."""
 
     def __init__(self, *, vae_encoder, **kwargs):
         super().__init__(**kwargs)
         self.vae_encoder = vae_encoder
-        if self.transformer_config.in_channels != 2 * self.vae_config.z_dim + self.vae_config.scale_factor_temporal:
-            raise ValueError(f"transformer in_channels {self.transformer_config.in_channels} is not latents + mask + "
-                             f"image latents ({2 * self.vae_config.z_dim + self.vae_config.scale_factor_temporal}).")
+        vc = self.vae_config
+        want = vc.z_dim if self.expand_timesteps else 2 * vc.z_dim + vc.scale_factor_temporal
+        if self.transformer_config.in_channels != want:
+            raise ValueError(f"transformer in_channels {self.transformer_config.in_channels} is not "
+                             f"{'the latents' if self.expand_timesteps else 'latents + mask + image latents'} "
+                             f"({want}).")
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
                         variant: str | None = None, revision: str | None = None,
                         attention_backend: str = "auto", pipefusion_patches: int | None = None,
                         pipefusion_warmup_steps: int = 1) -> WanImageToVideoPipeline:
-        """As :meth:`WanPipeline.from_pretrained`, for a ``WanImageToVideoPipeline`` folder; the VAE's encoder is
-        read from ``vae/encoder_params`` (written by conversion)."""
+        """As :meth:`WanPipeline.from_pretrained`, for a ``WanImageToVideoPipeline`` folder or TI2V-5B's (a
+        ``WanPipeline`` folder with ``expand_timesteps``, as diffusers loads it); the VAE's encoder is read from
+        ``vae/encoder_params`` (written by conversion)."""
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
         from xdit_jax.pipelines.denoise import _RANDOM_WEIGHTS
 
-        folder, _ = cls._pipeline_folder(model, ("WanImageToVideoPipeline",), cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
+        folder, kind = cls._pipeline_folder(model, ("WanImageToVideoPipeline", "WanPipeline"), cache_dir=cache_dir,
+                                            variant=variant, revision=revision)
         index = read_json(folder / "model_index.json")
+        if kind == "WanPipeline" and not index.get("expand_timesteps"):  # (TI2V-5B's folder says WanPipeline)
+            raise ValueError(f"{folder} holds a text-to-video WanPipeline, not a WanImageToVideoPipeline (of the "
+                             "WanPipeline folders only TI2V-5B's, with expand_timesteps, also takes an image).")
         if _listed(index, "image_encoder"):
             raise ValueError(f"{folder} conditions on CLIP image tokens (image_encoder: Wan 2.1 I2V), which is not "
                              "supported yet; Wan 2.2 I2V-A14B (no image encoder) is.")
-        if index.get("expand_timesteps"):
-            raise ValueError(f"{folder}: TI2V-5B image-to-video (expand_timesteps: the first frame's tokens at "
-                             "timestep 0) is not supported yet; its text-to-video runs with WanPipeline.")
         pipe = cls._from_folder(folder, mesh=mesh, dtype=dtype, attention_backend=attention_backend,
                                 pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps,
                                 extra=lambda parts, mesh_obj, dt: {"vae_encoder": _load_vae_encoder(
@@ -457,6 +474,8 @@ class WanImageToVideoPipeline(WanPipeline):
 
     def _condition_shapes(self, latent_shape) -> tuple:
         b, _, t, h, w = latent_shape
+        if self.expand_timesteps:  # TI2V-5B: the image's latent frame
+            return ((b, self.vae_config.z_dim, 1, h, w),)
         return ((b, self.vae_config.scale_factor_temporal + self.vae_config.z_dim, t, h, w),)
 
     def _encode_fn(self):
@@ -484,6 +503,10 @@ class WanImageToVideoPipeline(WanPipeline):
         height, width = h * s, w * s
         frames = (t - 1) * st + 1
         first = preprocess_image(image, height, width)[:, :, None]
+        if self.expand_timesteps:  # TI2V-5B: the image alone, one latent frame
+            if last_image is not None:
+                raise ValueError("last_image is not taken by TI2V-5B (expand_timesteps); give the first frame only.")
+            return self._encode_fn()(first).astype(jnp.float32)
         parts = [first, jnp.zeros((1, 3, frames - 1 - (last_image is not None), height, width), jnp.float32)]
         if last_image is not None:
             parts.append(preprocess_image(last_image, height, width)[:, :, None])
