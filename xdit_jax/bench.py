@@ -1270,7 +1270,7 @@ def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = N
         row["build_s"] = time.perf_counter() - t0
         for label in ("cold", "warm"):
             t0 = time.perf_counter()
-            out = pipe(["A small dog running on a beach at sunset."] * w.batch, num_inference_steps=steps,
+            out = pipe(prompt=["A small dog running on a beach at sunset."] * w.batch, num_inference_steps=steps,
                        seed=opts.seed, progress=False, **call)
             row[f"{label}_total_s"] = time.perf_counter() - t0
             row[f"{label}_stages_s"] = {k: round(v, 4) for k, v in out.timings.items()}

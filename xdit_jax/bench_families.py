@@ -1335,6 +1335,18 @@ class Wan(Family):
     token_word = "video"
     title = "Wan"
 
+    def pipeline_call(self, w):
+        """An image-to-video folder (``WanImageToVideoPipeline``) also gets its first frame (a random image)."""
+        import json
+        from pathlib import Path
+
+        kw = super().pipeline_call(w)
+        index = Path(w.folder) / "model_index.json" if w.folder else None
+        if index is not None and index.exists() and \
+                json.loads(index.read_text()).get("_class_name") == "WanImageToVideoPipeline":
+            kw["image"] = np.random.default_rng(0).integers(0, 256, (w.height, w.width, 3), dtype=np.uint8)
+        return kw
+
     def latent_shape(self, w):
         """(B, C, F, h, w) in diffusers' layout: (num_frames - 1) // 4 + 1 latent frames, H/8 x W/8."""
         return (w.step_batch, int(w.transformer.get("in_channels", 16)),
