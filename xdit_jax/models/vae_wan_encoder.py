@@ -24,6 +24,8 @@ call passes frame 0 through without the ``time_conv``, every later one convolves
 2. With chunks of even length that is one strided convolution over the whole stream ``x0, x1, ...`` (windows
 ``[x0 x1 x2], [x2 x3 x4], ...``) after frame 0 kept as it is: **one pass** over all frames here, the same numbers.
 AvgDown3D's front padding (to an even count per chunk) likewise equals one zero frame before the 1 + 2k frames.
+``encode(..., frame_chunk=4)`` runs diffusers' loop itself (a ``lax.scan`` over the chunks carrying the caches), the
+same latents with four frames' activations alive: what the image-to-video pipeline uses.
 """
 
 from __future__ import annotations
@@ -72,16 +74,25 @@ class WanDownsample(nnx.Module):
         self.resample = Conv(dim, dim, (3, 3), dtype=dtype)
         self.time_conv = WanCausalConv3d(dim, dim, (3, 1, 1), dtype=dtype) if mode == "downsample3d" else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cache=None):
+        """-> (y, cache): ``cache`` the last frame of the stream so far (the time_conv's; None without one). A
+        stream's start (``cache`` None) keeps its frame 0 and convolves windows from frame 0 on."""
         n, t, h, w, c = x.shape
         r = self.resample
         x = _strided_conv(x.reshape(n * t, h, w, c), r.kernel[...], r.bias[...], (2, 2), ((0, 1), (0, 1)))
         x = x.reshape((n, t) + x.shape[1:])
-        if self.time_conv is None or t == 1:
-            return x
+        if self.time_conv is None:
+            return x, None
         tc = self.time_conv
-        y = _strided_conv(x, tc.kernel[...], tc.bias[...], (2, 1, 1), ((0, 0), (0, 0), (0, 0)))
-        return jnp.concatenate([x[:, :1].astype(y.dtype), y], axis=1)
+        conv = lambda v: _strided_conv(v, tc.kernel[...], tc.bias[...], (2, 1, 1), ((0, 0),) * 3)  # noqa: E731
+        if cache is not None:
+            y = conv(jnp.concatenate([cache.astype(x.dtype), x], axis=1))
+        elif t == 1:
+            y = x
+        else:
+            y = conv(x)
+            y = jnp.concatenate([x[:, :1].astype(y.dtype), y], axis=1)
+        return y, x[:, -1:]
 
 
 def avg_down(x: jax.Array, out_dim: int, factor_t: int, factor_s: int) -> jax.Array:
@@ -114,13 +125,15 @@ class WanResidualDownBlock(nnx.Module):
         self.factor_t = 2 if temperal_downsample else 1
         self.factor_s = 2 if down_flag else 1
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cache=None):
+        cache = cache or {}
+        new = {}
         x_in = x
-        for resnet in self.resnets:
-            x = resnet(x)[0]
+        for i, resnet in enumerate(self.resnets):
+            x, new[f"resnet_{i}"] = resnet(x, cache.get(f"resnet_{i}"))
         if self.downsampler is not None:
-            x = self.downsampler(x)
-        return x + avg_down(x_in, self.out_dim, self.factor_t, self.factor_s).astype(x.dtype)
+            x, new["downsampler"] = self.downsampler(x, cache.get("downsampler"))
+        return x + avg_down(x_in, self.out_dim, self.factor_t, self.factor_s).astype(x.dtype), new
 
 
 class WanEncoder3d(nnx.Module):
@@ -152,14 +165,20 @@ class WanEncoder3d(nnx.Module):
         self.norm_out = WanRMSNorm(dims[-1], dtype=dtype)
         self.conv_out = WanCausalConv3d(dims[-1], 2 * cfg.z_dim, dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Frames (N, T, H, W, C_in) -> (N, T', H', W', 2 z_dim): the whole stream in one pass."""
-        x = self.conv_in(x)[0]
-        for block in self.down_blocks:
-            x = block(x)
-            x = x[0] if isinstance(x, tuple) else x  # (a resnet returns its cache too)
-        x = self.mid_block(x)[0]
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))[0]
+    def __call__(self, x: jax.Array, cache=None):
+        """Frames (N, T, H, W, C_in) -> ((N, T', H', W', 2 z_dim), cache): the stream's next frames after ``cache``
+        (None: its start), and the cache after them."""
+        cache = cache or {}
+        new = {}
+        x, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
+        for i, block in enumerate(self.down_blocks):
+            if isinstance(block, WanAttentionBlock):
+                x = block(x)
+            else:
+                x, new[f"down_{i}"] = block(x, cache.get(f"down_{i}"))
+        x, new["mid_block"] = self.mid_block(x, cache.get("mid_block"))
+        x, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(x)), cache.get("conv_out"))
+        return x, new
 
 
 class WanVAEEncoder(nnx.Module):
@@ -171,10 +190,11 @@ class WanVAEEncoder(nnx.Module):
         self.encoder = WanEncoder3d(cfg, dtype=dtype)
         self.quant_conv = WanCausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, (1, 1, 1), dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Frames (N, T, H, W, C_in), channels-last and patched -> the posterior's mean (N, T', h, w, z_dim)."""
-        moments = self.quant_conv(self.encoder(x.astype(self.dtype)))[0]
-        return moments[..., :self.config.z_dim]
+    def __call__(self, x: jax.Array, cache=None):
+        """Frames (N, T, H, W, C_in), channels-last and patched -> (the posterior's mean (N, T', h, w, z_dim), the
+        cache after them: :meth:`WanEncoder3d.__call__`)."""
+        y, cache = self.encoder(x.astype(self.dtype), cache)
+        return self.quant_conv(y)[0][..., :self.config.z_dim], cache
 
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
@@ -191,17 +211,32 @@ def patchify(x: jax.Array, patch_size: int) -> jax.Array:
     return x.reshape(b, c * p * p, t, h // p, w // p)
 
 
-def encode(model: WanVAEEncoder, x: jax.Array) -> jax.Array:
+def encode(model: WanVAEEncoder, x: jax.Array, *, frame_chunk: int | None = None) -> jax.Array:
     """Video (B, C, T, H, W) in [-1, 1] -> mean latents (B, z_dim, (T - 1) // 4 + 1, H / s, W / s) (s: the
     spatial compression), diffusers' ``encode(x).latent_dist.mode()``; not scaled (:func:`scale_latents`). Frames
-    past the last ``1 + 4k`` are dropped, as diffusers' loop (frame 0, then chunks of four) drops them."""
+    past the last ``1 + 4k`` are dropped, as diffusers' loop (frame 0, then chunks of four) drops them.
+
+    ``frame_chunk=4``: that loop itself (frame 0, then a ``lax.scan`` over chunks of four frames carrying each
+    causal convolution's last frames): the same latents with the activations of four frames alive instead of all
+    (a 81 x 720 x 1280 video's first activation alone is 81 x 720 x 1280 x 96 values); None: one pass."""
     cfg = model.config
     s = cfg.spatial_compression_ratio
     if x.ndim != 5 or x.shape[3] % s or x.shape[4] % s:
         raise ValueError(f"encode takes (batch, channels, frames, height, width) with height and width multiples "
                          f"of {s}; got {tuple(x.shape)}.")
+    if frame_chunk not in (None, CHUNK):
+        raise ValueError(f"frame_chunk must be None (one pass) or {CHUNK} (diffusers' chunks), got {frame_chunk}.")
     x = patchify(x[:, :, :1 + (x.shape[2] - 1) // CHUNK * CHUNK], cfg.patch)  # diffusers' chunks: 1, then 4s
-    z = model(jnp.transpose(x, (0, 2, 3, 4, 1)))
+    x = jnp.transpose(x, (0, 2, 3, 4, 1))
+    if frame_chunk is None or x.shape[1] == 1:
+        z = model(x)[0]
+    else:
+        z, cache = model(x[:, :1])
+        n, t = x.shape[:2]
+        chunks = jnp.moveaxis(x[:, 1:].reshape((n, (t - 1) // CHUNK, CHUNK) + x.shape[2:]), 1, 0)
+        cache, rest = jax.lax.scan(lambda c, chunk: model(chunk, c)[::-1], cache, chunks)
+        rest = jnp.moveaxis(rest, 0, 1)
+        z = jnp.concatenate([z, rest.reshape((n, -1) + rest.shape[3:]).astype(z.dtype)], axis=1)
     return jnp.transpose(z, (0, 4, 1, 2, 3))
 
 

@@ -479,7 +479,8 @@ class WanImageToVideoPipeline(WanPipeline):
         return ((b, self.vae_config.scale_factor_temporal + self.vae_config.z_dim, t, h, w),)
 
     def _encode_fn(self):
-        """Jitted VAE encode (B, 3, F, H, W) in [-1, 1] -> scaled latents, replicated."""
+        """Jitted VAE encode (B, 3, F, H, W) in [-1, 1] -> scaled latents, replicated (one device's work: the
+        encode runs once per video, frame 0 then chunks of four frames, as diffusers')."""
         if "encode" not in self._decode_cache:
             from xdit_jax.models import vae_wan_encoder
 
@@ -488,7 +489,9 @@ class WanImageToVideoPipeline(WanPipeline):
 
             @jax.jit
             def enc(state, video):
-                z = vae_wan_encoder.encode(nnx.merge(graphdef, state), video.astype(self.dtype))
+                # diffusers' chunks of four frames in a scan: the activations of 4 frames alive, not of all 81
+                z = vae_wan_encoder.encode(nnx.merge(graphdef, state), video.astype(self.dtype),
+                                           frame_chunk=vae_wan_encoder.CHUNK)
                 return vae_wan_encoder.scale_latents(vc, z.astype(jnp.float32))
 
             self._decode_cache["encode"] = lambda video: enc(state, self._put_replicated(video))
