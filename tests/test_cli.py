@@ -116,7 +116,7 @@ def test_generate_wan_video(tmp_path, capsys):
 def test_generate_wan22_image_to_video_random_weights(tmp_path, capsys):
     """A tiny Wan 2.2 I2V-A14B layout (WanImageToVideoPipeline: two experts taking latents + mask + image latents)
     from configs alone, random weights (the VAE's encoder too): --image resized to the video, --guidance-scale-2
-    for the low-noise steps (2 steps at t = 999, 750: one each), on a cfg=2 mesh."""
+    for the low-noise steps (2 steps at t = 999, 750: one each), on a cfg=2 mesh; a TI2V-5B layout with --image."""
     import json
     import shutil
 
@@ -146,6 +146,16 @@ def test_generate_wan22_image_to_video_random_weights(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # an image-to-video model without --image: refused
         raise SystemExit(cli.main(common + ["--output", str(tmp_path / "y.mp4")]))
     assert e.value.code == 2 and "give the first frame with --image" in capsys.readouterr().err
+    # TI2V-5B's folder (a WanPipeline with expand_timesteps, the Wan 2.2 VAE): --image picks image-to-video
+    ti2v = tmp_path / "ti2v"
+    ti2v.mkdir()
+    tiny.write_configs(ti2v, "wan")
+    (ti2v / "vae" / "config.json").write_text(json.dumps(dict(tiny.WAN22_VAE, num_res_blocks=1)))
+    index = json.loads((ti2v / "model_index.json").read_text())
+    (ti2v / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    rc = cli.main(common[:1] + [str(ti2v)] + common[2:] + ["--output", str(tmp_path / "t.mp4"), "--image", str(image),
+                                                           "--mesh", "ulysses=2"])
+    assert rc == 0 and iio.imread(tmp_path / "t.mp4").shape == (5, 32, 48, 3)
     for argv, needle in [(["--model", "tiny-wan", "--guidance-scale-2", "3"], "two-expert Wan 2.2 A14B model"),
                          (["--model", "tiny-wan", "--image", str(image)], "not an image-to-video model")]:
         with pytest.raises(SystemExit) as e:  # refused before any weights for a one-transformer text-to-video Wan
