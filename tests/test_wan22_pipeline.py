@@ -159,10 +159,7 @@ def test_i2v_matches_diffusers(tmp_path_factory):
     ours = WanImageToVideoPipeline.from_pretrained(folder)
     lat = initial_latents(F_A14B, 4, seed=3)
     image = _image(0)
-    with torch.no_grad():
-        ref = np.asarray(tp(image=image, prompt=PROMPT, negative_prompt=NEG, num_frames=F_A14B, height=H, width=W,
-                            num_inference_steps=STEPS, latents=torch.from_numpy(lat), max_sequence_length=MSL,
-                            guidance_scale=4.0, guidance_scale_2=3.0, output_type="np").frames)
+    ref = _diffusers(tp, lat, F_A14B, "np", image=image, guidance_scale=4.0, guidance_scale_2=3.0)
     out = ours(image, PROMPT, NEG, num_frames=F_A14B, height=H, width=W, num_inference_steps=STEPS, latents=lat,
                max_sequence_length=MSL, guidance_scale=4.0, guidance_scale_2=3.0, progress=False).frames
     assert out.shape == ref.shape == (1, F_A14B, H, W, 3)
@@ -175,10 +172,7 @@ def test_i2v_last_image_and_resize_match_diffusers(tmp_path_factory):
     ours = _I2V["pipe"]
     lat = initial_latents(F_A14B, 4, seed=4)
     first, last = _image(1, (40, 24)), _image(2, (64, 40))
-    with torch.no_grad():
-        ref = tp(image=first, last_image=last, prompt=PROMPT, negative_prompt=NEG, num_frames=F_A14B, height=H,
-                 width=W, num_inference_steps=STEPS, latents=torch.from_numpy(lat), max_sequence_length=MSL,
-                 guidance_scale=5.0, output_type="latent").frames.numpy()
+    ref = _diffusers(tp, lat, F_A14B, "latent", image=first, last_image=last, guidance_scale=5.0)
     out = ours(first, PROMPT, NEG, last_image=last, num_frames=F_A14B, height=H, width=W,
                num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL, guidance_scale=5.0,
                output_type="latent", progress=False).frames
@@ -239,10 +233,7 @@ def test_ti2v_image_to_video_matches_diffusers(tmp_path_factory):
     ours = WanImageToVideoPipeline.from_pretrained(folder)
     lat = initial_latents(F_TI2V, 2, seed=6)
     image = _image(4)
-    with torch.no_grad():
-        ref = np.asarray(tp(image=image, prompt=PROMPT, negative_prompt=NEG, num_frames=F_TI2V, height=H, width=W,
-                            num_inference_steps=STEPS, latents=torch.from_numpy(lat), max_sequence_length=MSL,
-                            guidance_scale=5.0, output_type="np").frames)
+    ref = _diffusers(tp, lat, F_TI2V, "np", image=image, guidance_scale=5.0)
     kw = dict(num_frames=F_TI2V, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
               guidance_scale=5.0, progress=False)
     out = ours(image, PROMPT, NEG, **kw).frames
@@ -250,10 +241,7 @@ def test_ti2v_image_to_video_matches_diffusers(tmp_path_factory):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
     # the latents too: the first frame's timestep reaches the later frames only through attention (here ~1e-3 of
     # the latents' scale, below the pixels' tolerance once decoded)
-    with torch.no_grad():
-        ref_lat = tp(image=image, prompt=PROMPT, negative_prompt=NEG, num_frames=F_TI2V, height=H, width=W,
-                     num_inference_steps=STEPS, latents=torch.from_numpy(lat), max_sequence_length=MSL,
-                     guidance_scale=5.0, output_type="latent").frames.numpy()
+    ref_lat = _diffusers(tp, lat, F_TI2V, "latent", image=image, guidance_scale=5.0)
     out_lat = ours(image, PROMPT, NEG, output_type="latent", **kw).frames
     np.testing.assert_allclose(out_lat, ref_lat, atol=2e-5 * np.abs(ref_lat).max(), rtol=0)
     mesh = WanImageToVideoPipeline.from_pretrained(folder, mesh="ring=2,ulysses=2")
