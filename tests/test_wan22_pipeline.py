@@ -208,14 +208,8 @@ def test_i2v_bad_input(tmp_path_factory):
         WanImageToVideoPipeline.from_pretrained(build(tmp_path_factory, "a14b")[2])
     # TI2V-5B's folder says WanPipeline (expand_timesteps): it loads for image-to-video too, as in diffusers
     assert WanImageToVideoPipeline.from_pretrained(build(tmp_path_factory, "ti2v")[2]).expand_timesteps
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "image_encoder": ["transformers",
-                                                                                    "CLIPVisionModel"]}))
-    try:
-        with pytest.raises(ValueError, match="CLIP image tokens"):
-            WanImageToVideoPipeline.from_pretrained(folder)
-    finally:
-        (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="image_embeds are CLIP image states"):  # (Wan 2.1's, not this model's)
+        ours(_image(0), PROMPT, image_embeds=np.zeros((5, 16), np.float32), num_frames=F_A14B, height=H, width=W)
 
 
 def test_ti2v_image_to_video_matches_diffusers(tmp_path_factory):

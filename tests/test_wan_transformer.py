@@ -82,7 +82,9 @@ def test_bf16_close_to_fp32(pair):
 def test_config_and_input_errors(pair):
     tm, cfg, model, _ = pair
     d = dict(tm.config)
-    for bad, needle in [(dict(image_dim=16), "image-to-video"), (dict(added_kv_proj_dim=16), "image-to-video"),
+    for bad, needle in [(dict(image_dim=16), "image-to-video"), (dict(added_kv_proj_dim=24), "image-to-video"),
+                        (dict(image_dim=16, added_kv_proj_dim=16), "model width"),
+                        (dict(pos_embed_seq_len=10), "needs image_dim"),
                         (dict(qk_norm="rms_norm"), "rms_norm_across_heads")]:
         with pytest.raises(ValueError, match=needle):
             wan.WanConfig.from_dict({**d, **bad})
@@ -148,8 +150,82 @@ def test_first_frame_timestep_matches_diffusers_per_token_timesteps(pair):
     @jax.jit
     def parallel(state, x, t, enc, t0):
         mdl = nnx.merge(graphdef, state)
-        tokens_x, tokens, cond = mdl.embed(x, t, enc, t0)
+        tokens_x, tokens, cond = mdl.embed(x, t, enc, first_frame_timestep=t0)
         blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)  # noqa: E731
         return mdl.head(run_blocks(blocks, state, tokens_x, tokens, cond, m), cond, x.shape)
 
     np.testing.assert_allclose(np.asarray(parallel(state, x, t, enc, t0)), out, atol=1e-5, rtol=0)
+
+
+# Wan 2.1 image-to-video: CLIP image states (width 16 here; 1280 in the releases) through the image embedder, and
+# attn2's own K/V for them (added_kv_proj_dim = the width). FLF2V adds a position table over two images' states.
+I2V = dict(CONFIG, image_dim=16, added_kv_proj_dim=24)
+IMG = 5  # image tokens per image (257 in the releases)
+TEXT = 512  # diffusers' WanAttnProcessor assumes 512 caption tokens (it splits image from text states by it)
+
+
+@pytest.fixture(scope="module", params=["i2v", "flf2v"])
+def i2v_pair(request):
+    config = I2V if request.param == "i2v" else dict(I2V, pos_embed_seq_len=2 * IMG)
+    torch.manual_seed(0)
+    tm = randomize_(TorchModel(**config), seed=3, std=0.15)
+    cfg = wan.WanConfig.from_dict(dict(tm.config))
+    model = wan.build(cfg, wan.params_from_torch(state_dict_np(tm), cfg))
+    return tm, cfg, model
+
+
+def _i2v_inputs(cfg, seed=0):
+    x, t, _ = _inputs(cfg, *SHAPE, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    b = SHAPE[0]
+    enc = rng.standard_normal((b, TEXT, cfg.text_dim)).astype(np.float32)
+    enc[:, 7:] = 0
+    per_row = 1 if cfg.pos_embed_seq_len is None else 2  # FLF2V: diffusers takes (2B, 257, .): each row's two images
+    img = rng.standard_normal((b * per_row, IMG, cfg.image_dim)).astype(np.float32)
+    return x, t, enc, img
+
+
+def test_image_to_video_matches_diffusers(i2v_pair):
+    """Ours takes one row of image states per sample: diffusers' FLF2V input (2B, 257, d) is (B, 2 x 257, d) here (the
+    view diffusers' image embedder makes)."""
+    tm, cfg, model = i2v_pair
+    x, t, enc, img = _i2v_inputs(cfg)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(enc), torch.from_numpy(img),
+                 return_dict=False)[0].numpy()
+    fwd = jax.jit(lambda m, x, t, e, i: m(x, t, e, i))
+    ours_img = img.reshape(SHAPE[0], -1, cfg.image_dim)
+    out = np.asarray(fwd(model, x, t, enc, ours_img))
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)  # as test_matches_diffusers
+    # the image states matter (a dropped image attention or embedder would not move the output)
+    assert np.abs(out - np.asarray(fwd(model, x, t, enc, ours_img[::-1]))).max() > 1e-2
+    graphdef, state = nnx.split(model)
+    m = build_mesh("ring=2,ulysses=2")
+
+    @jax.jit
+    def parallel(state, x, t, enc, img):
+        mdl = nnx.merge(graphdef, state)
+        tokens_x, tokens, cond = mdl.embed(x, t, enc, img)
+        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)  # noqa: E731
+        return mdl.head(run_blocks(blocks, state, tokens_x, tokens, cond, m), cond, x.shape)
+
+    np.testing.assert_allclose(np.asarray(parallel(state, x, t, enc, ours_img)), out, atol=1e-5, rtol=0)
+
+
+def test_image_to_video_inputs_and_checkpoint(i2v_pair):
+    tm, cfg, model = i2v_pair
+    x, t, enc, img = _i2v_inputs(cfg, seed=1)
+    img = img.reshape(SHAPE[0], -1, cfg.image_dim)
+    with pytest.raises(ValueError, match="required"):
+        model(x, t, enc)
+    with pytest.raises(ValueError, match="expected"):
+        model(x, t, enc, img[..., :-1])
+    if cfg.pos_embed_seq_len is not None:
+        with pytest.raises(ValueError, match="pos_embed_seq_len"):
+            model(x, t, enc, img[:, :IMG])
+    sd = state_dict_np(tm)
+    sd["blocks.0.attn2.norm_added_q.weight"] = np.ones(24, np.float32)  # in some I2V files; diffusers ignores it
+    wan.params_from_torch(sd, cfg)
+    sd.pop("blocks.1.attn2.add_v_proj.weight")
+    with pytest.raises(CheckpointError, match="add_v_proj"):
+        wan.params_from_torch(sd, cfg)

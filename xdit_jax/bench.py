@@ -83,7 +83,8 @@ HUNYUANDIT_MODELS = ("hunyuandit-v1.2",)
 MOCHI_MODELS = ("mochi-1-preview",)
 FLUX_MODELS = ("flux.1-dev", "flux.1-schnell")
 SD3_MODELS = ("sd3-medium", "sd3.5-large")
-WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.2-i2v-a14b")
+WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.2-i2v-a14b",
+              "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b-720p")
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
@@ -491,6 +492,13 @@ PRESET_HELP["wan2.2-t2v-a14b"] = ("full-size configs/wan2.2-t2v-a14b with random
 PRESET_HELP["wan2.2-i2v-a14b"] = ("full-size configs/wan2.2-i2v-a14b with random weights at 81x480x832: one expert's "
                                   "step, 36 input channels (noise, mask, image latents; 21x30x52 = 32,760 video + 512 "
                                   "UMT5 tokens)")
+PRESET_HELP["wan2.1-i2v-14b-480p"] = ("full-size configs/wan2.1-i2v-14b-480p with random weights at 81x480x832: "
+                                      "36 input channels, cross-attention to 512 UMT5 + 257 CLIP image states "
+                                      "(21x30x52 = 32,760 video tokens)")
+PRESET_HELP["wan2.1-i2v-14b-720p"] = ("full-size configs/wan2.1-i2v-14b-720p with random weights at 81x720x1280: "
+                                      "as 480p, 21x45x80 = 75,600 video tokens")
+PRESET_HELP["wan2.1-flf2v-14b-720p"] = ("full-size configs/wan2.1-flf2v-14b-720p with random weights at 81x720x1280: "
+                                        "first-last-frame, 2 x 257 CLIP image states (21x45x80 = 75,600 video tokens)")
 PRESET_HELP["wan2.2-ti2v-5b"] = ("full-size configs/wan2.2-ti2v-5b with random weights at 121x704x1280 (Wan 2.2 VAE, "
                                  "16x spatial: 31x22x40 = 27,280 video + 512 UMT5 tokens)")
 

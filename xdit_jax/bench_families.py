@@ -1254,7 +1254,8 @@ def wan_vae_scales(vae: dict | None) -> tuple[int, int]:
     return int(vae.get("scale_factor_spatial") or 8), int(vae.get("scale_factor_temporal") or 4)
 
 
-def wan_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+def wan_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int,
+                       image_tokens: int = 0) -> dict[str, float]:
     """Matmul FLOPs of one Wan 2.1 transformer forward (2 FLOPs per multiply-add), as diffusers'
     ``WanTransformer3DModel`` (transformer_wan.py) computes it.
 
@@ -1276,6 +1277,10 @@ def wan_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_le
     (``PixArtAlphaTextProjection`` D -> d -> d over the L tokens) 2 B L (D d + d^2); the head: ``proj_out``
     2 B S d (C_out P) (its modulation is ``scale_shift_table`` + temb: an add). Norms (the q/k RMS norms across
     heads, the float32 LayerNorms), RoPE (its tables on the host), the sinusoids, GELU and SiLU are element-wise.
+
+    Wan 2.1 image-to-video (``image_dim`` I, ``image_tokens`` M CLIP states: 257, FLF2V 514): the image embedder
+    (I -> I -> d over the M states) 2 B M (I^2 + I d) once, and per block attn2's added K/V on them 4 B M d^2 and
+    their QK^T and PV 4 B S M d.
     """
     b, c, f, h, w = latent_shape
     t = transformer
@@ -1290,9 +1295,12 @@ def wan_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_le
     self_proj, self_attn = 8 * b * s * d * d, 4 * b * s * s * d
     cross_proj, cross_attn = 4 * b * s * d * d + 4 * b * txt * d * d, 4 * b * s * txt * d
     ff = 4 * b * s * d * ffn
+    img, idim = int(image_tokens), int(t.get("image_dim") or 0)
+    cross_proj += 4 * b * img * d * d
+    cross_attn += 4 * b * s * img * d
     block = self_proj + self_attn + cross_proj + cross_attn + ff
     embed = (2 * b * s * (c * patch) * d + 2 * b * (tdim * d + d * d) + 12 * b * d * d
-             + 2 * b * txt * (dtxt * d + d * d))
+             + 2 * b * txt * (dtxt * d + d * d) + 2 * b * img * (idim * idim + idim * d))
     head = 2 * b * s * d * (cout * patch)
     attention = layers * (self_attn + cross_attn)
     total = layers * block + embed + head
@@ -1321,10 +1329,19 @@ class WanTorchReference(TorchReference):
         self.x = put("latents", self.dtype)
         self.enc = put("embeds", self.dtype)
         self.t = put("t")  # int64, as the scheduler's
+        self.img = None
+        if "image" in inputs:  # Wan 2.1 I2V: diffusers splits the states assuming 512 caption tokens
+            if inputs["embeds"].shape[1] != 512:
+                raise ValueError(f"diffusers' Wan image-to-video attention assumes 512 caption tokens; this workload "
+                                 f"has {inputs['embeds'].shape[1]} (drop --text-tokens).")
+            img = put("image", self.dtype)
+            if self.model.config.pos_embed_seq_len is not None:  # FLF2V: diffusers takes (2B, 257, I)
+                img = img.reshape(2 * img.shape[0], -1, img.shape[-1])
+            self.img = img
 
     def _forward(self):
         return self.model(hidden_states=self.x, timestep=self.t, encoder_hidden_states=self.enc,
-                          return_dict=False)[0]
+                          encoder_hidden_states_image=self.img, return_dict=False)[0]
 
 
 class Wan(Family):
@@ -1365,6 +1382,21 @@ class Wan(Family):
     def text_valid(self, w) -> int:
         return min(int(w.text_valid or WAN_TEXT_VALID), self.text_len(w))
 
+    def image_tokens(self, w) -> int:
+        """Wan 2.1 image-to-video: CLIP image states a row (the image encoder's (image_size / patch)^2 + 1, 257 for
+        ViT-H/14 at 224; FLF2V's ``pos_embed_seq_len``, two images'); 0 for the other Wans."""
+        import json
+        from pathlib import Path
+
+        t = w.transformer
+        if t.get("image_dim") is None:
+            return 0
+        if t.get("pos_embed_seq_len"):
+            return int(t["pos_embed_seq_len"])
+        enc = Path(w.folder) / "image_encoder" / "config.json" if w.folder else None
+        c = json.loads(enc.read_text()) if enc is not None and enc.exists() else {}
+        return (int(c.get("image_size", 224)) // int(c.get("patch_size", 14))) ** 2 + 1
+
     def attention_tokens(self, w):
         return self.tokens(w)[0]  # self-attention over the video tokens; the caption is a cross-attention context
 
@@ -1374,7 +1406,8 @@ class Wan(Family):
     def row_fields(self, w, cfg):
         sv, st = self.tokens(w)
         return {"family": self.name, "video_tokens": sv, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
-                "latent_frames": self.latent_shape(w)[2], "layers": cfg.num_layers,
+                "image_tokens": self.image_tokens(w), "latent_frames": self.latent_shape(w)[2],
+                "layers": cfg.num_layers,
                 "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim, "ffn_dim": cfg.ffn_dim,
                 "height": w.height, "width": w.width, "num_frames": w.num_frames}
 
@@ -1386,13 +1419,18 @@ class Wan(Family):
         latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
         embeds = wan_text_states(rng, b, self.text_len(w), int(w.transformer.get("text_dim", 4096)),
                                  self.text_valid(w), w.cfg)
-        return {"latents": latents, "embeds": embeds, "t": np.full((b,), WAN_TIMESTEP, dtype=np.int64)}
+        out = {"latents": latents, "embeds": embeds, "t": np.full((b,), WAN_TIMESTEP, dtype=np.int64)}
+        if self.image_tokens(w):  # Wan 2.1 I2V: CLIP image states, the same for both CFG halves (as the pipeline)
+            img = rng.standard_normal((1, self.image_tokens(w), int(w.transformer["image_dim"])), dtype=np.float32)
+            out["image"] = np.repeat(img, b, axis=0)
+        return out
 
     def embed_args(self, inputs, dtype):
-        return inputs["latents"].astype(dtype), inputs["t"], inputs["embeds"].astype(dtype)
+        image = inputs["image"].astype(dtype) if "image" in inputs else None
+        return inputs["latents"].astype(dtype), inputs["t"], inputs["embeds"].astype(dtype), image
 
     def analytic_flops(self, w):
-        return wan_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+        return wan_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w), self.image_tokens(w))
 
     def torch_reference(self, transformer, dtype, seed=0, device=None):
         return WanTorchReference(transformer, dtype, seed=seed, device=device)

@@ -351,6 +351,8 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
                 raise ValueError("--guidance-scale-2 is for a two-expert Wan 2.2 A14B model (transformer_2 and "
                                  f"boundary_ratio); {model} has one transformer.")
             guidance = max(guidance, args.guidance_scale_2 or 0.0)
+            if args.image is not None:  # Wan 2.1 FLF2V needs --last-image; Wan 2.1 I2V takes none
+                fam.check_last_image(tc, args.last_image is not None)
         check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
                       args.num_frames or dv["num_frames"], len(args.prompts), spec, guidance)
     elif family == "pixart":

@@ -55,11 +55,15 @@ MODEL_CLASSES = {
     "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
-    # one module, two config classes: the config's class picks the module (with or without text_projection)
+    # one module, four config classes: the config's class picks the tower and whether it has the projection
     "CLIPTextModel": ("xdit_jax.models.clip", "CLIPTextConfig"),
     "CLIPTextModelWithProjection": ("xdit_jax.models.clip", "CLIPTextWithProjectionConfig"),
+    # the vision tower (Wan 2.1 image-to-video's image_encoder); a CLIPVisionModel also reads weights saved
+    # with the projection (ignored, as transformers does)
+    "CLIPVisionModel": ("xdit_jax.models.clip", "CLIPVisionConfig"),
+    "CLIPVisionModelWithProjection": ("xdit_jax.models.clip", "CLIPVisionWithProjectionConfig"),
 }
-COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3")
+COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 
 
 def model_class(class_name: str):

@@ -1,5 +1,5 @@
-"""The CLIP text encoders — transformers' ``CLIPTextModel`` and ``CLIPTextModelWithProjection`` — in
-Flax NNX.
+"""CLIP in Flax NNX: transformers' text encoders (``CLIPTextModel``, ``CLIPTextModelWithProjection``)
+and vision towers (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``).
 
 Flux takes the pooled output of CLIP-L (``CLIPTextModel``, openai/clip-vit-large-patch14); SD3 and
 SDXL take the penultimate layer's hidden states and the projected pooled output of their CLIP
@@ -10,34 +10,55 @@ tokenizer with ``padding="max_length"``; diffusers passes no attention mask to C
     out = model(ids, output_hidden_states=True)        # SD3:  out.hidden_states[-2] (B, L, hidden)
                                                        #       out.text_embeds      (B, projection_dim)
 
+Wan 2.1 image-to-video conditions on the penultimate hidden states of laion's CLIP ViT-H/14 vision
+tower (``image_encoder``: hidden 1280, 32 layers, 16 heads, patch 14, ``gelu``, image 224 -> 16 x 16
+patches + the class token = 257 tokens). ``pixel_values`` (B, 3, 224, 224) channels-first, as
+``CLIPImageProcessor`` makes them::
+
+    out = model(pixel_values, output_hidden_states=True)   # diffusers: out.hidden_states[-2] (B, 257, 1280)
+    states = model.penultimate(pixel_values)               # the same, without running the last layer
+
 ``output_hidden_states`` is a static Python bool: close over it in the jitted function (the
 pipelines' ``_text_encoder_fn`` passes only ``attention_mask``, enough for Flux). The outputs are
 NamedTuples (pytrees), so they pass through ``jax.jit`` / ``nnx.jit`` as they are.
 
 Submodules carry the transformers names (``text_model.embeddings.token_embedding``,
 ``text_model.encoder.layers.{i}.self_attn.q_proj``, ``text_model.final_layer_norm``,
-``text_projection``), so :func:`xdit_jax.keymap.map_state_dict` derives the key map;
-``text_model.encoder.layers`` is stacked on a leading layer axis and run with one scan. Checkpoints
-on the hub (and transformers 4's ``save_pretrained``) hold ``text_model.*`` keys; transformers 5
-saves a ``CLIPTextModel`` without that prefix — both load. The ``embeddings.position_ids`` buffer
-older files hold is ignored.
+``text_projection``; ``vision_model.embeddings.{patch_embedding, class_embedding,
+position_embedding}``, ``vision_model.pre_layrnorm`` (sic), ``vision_model.encoder.layers.{i}``,
+``vision_model.post_layernorm``, ``visual_projection``), so :func:`xdit_jax.keymap.map_state_dict`
+derives the key map; ``*.encoder.layers`` is stacked on a leading layer axis and run with one scan
+(both towers share the layer code). Checkpoints on the hub (and transformers 4's ``save_pretrained``)
+hold ``text_model.*`` / ``vision_model.*`` keys; transformers 5 saves a ``CLIPTextModel`` /
+``CLIPVisionModel`` without that prefix (the ``WithProjection`` classes keep it) — both load. The
+``embeddings.position_ids`` buffer older files hold is ignored, and so is a ``visual_projection.weight``
+read as a plain ``CLIPVisionModel`` (as transformers does: Wan's model_index.json names
+``CLIPVisionModel``; its weights may have been saved with the projection).
 
-Attention is causal always; an ``attention_mask`` (B, L) (1: attend) removes padded keys too, as
+Text attention is causal always; an ``attention_mask`` (B, L) (1: attend) removes padded keys too, as
 transformers combines them: a query attends to key ``j`` iff ``j <= i`` and ``mask[j] != 0``.
 Disallowed scores are set to ``finfo(float32).min`` (fp32). With right padding (what CLIP
 tokenizers produce) every query keeps key 0, so every row is defined. A row with no allowed key
 (a left-padded query whose own and earlier keys are all masked) then attends uniformly to *every*
 key, as transformers' eager attention does; its default SDPA path may differ there. Such rows never
-reach the pooled output unless the EOS itself is masked.
+reach the pooled output unless the EOS itself is masked. Vision attention is unmasked (every query
+attends to every key).
 
 Pooled output (transformers' rule, kept exactly): with ``eos_token_id == 2`` (configs written before
 transformers PR #24773 — CLIP-L in the Flux checkpoints is one) the hidden state at the argmax of
 ``input_ids`` (the EOS is the highest id of CLIP's vocabulary); otherwise the first position whose id
-equals ``eos_token_id`` (position 0 if there is none).
+equals ``eos_token_id`` (position 0 if there is none). The vision tower's pooled output is
+``post_layernorm`` of the class token's last state; its ``last_hidden_state`` is the last layer's output
+*without* ``post_layernorm`` (transformers' ``CLIPVisionModel``), and its ``hidden_states`` are
+``(pre_layrnorm(embeddings), layer 1, ..., layer N)`` — ``hidden_states[-1] == last_hidden_state``.
+The image must have the config's ``image_size`` (transformers' ``interpolate_pos_encoding`` is not
+supported).
 
 Precision: parameters and activations in ``dtype`` (fp32 or bf16); attention scores, softmax,
-the residual sums inside a layer, the activation function and the LayerNorm statistics in fp32.
-Inference only (no dropout). The text towers only: no vision model.
+the residual sums inside a layer, the activation function, the LayerNorm statistics and the sum of
+the vision embeddings (patches + class token + positions, normalized by ``pre_layrnorm`` before the
+rounding) in fp32. Inference only (no dropout). No full ``CLIPModel`` (the two towers with the
+contrastive head).
 """
 
 from __future__ import annotations
@@ -62,8 +83,33 @@ _ACTS = {
 }
 
 
+class _CLIPTowerConfig:
+    """What the shared layers read from either tower's config (``hidden_size``, ``intermediate_size``,
+    ``num_attention_heads``, ``num_hidden_layers``, ``hidden_act``, ``layer_norm_eps``)."""
+
+    hidden_size: int
+    num_attention_heads: int
+    hidden_act: str
+
+    def _validate_tower(self):
+        if self.hidden_act not in _ACTS:
+            raise ValueError(f"Unsupported CLIP hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTS)} "
+                             "('quick_gelu': openai CLIP, 'gelu': laion CLIP).")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"CLIP hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def act_fn(self):
+        return _ACTS[self.hidden_act]
+
+
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(_CLIPTowerConfig):
     # Defaults are transformers' CLIPTextConfig defaults, so a config.json that omits a key reads alike.
     vocab_size: int = 49408
     hidden_size: int = 512
@@ -83,12 +129,7 @@ class CLIPTextConfig:
     with_projection: ClassVar[bool] = False
 
     def __post_init__(self):
-        if self.hidden_act not in _ACTS:
-            raise ValueError(f"Unsupported CLIP hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTS)} "
-                             "('quick_gelu': openai CLIP, 'gelu': laion CLIP).")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(f"CLIP hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}.")
+        self._validate_tower()
         if type(self.eos_token_id) is not int:  # not None, a list, or a bool
             raise ValueError(f"CLIP eos_token_id must be one integer (the pooled output is read at the EOS), "
                              f"got {self.eos_token_id!r}.")
@@ -104,18 +145,68 @@ class CLIPTextConfig:
                              f"{model_type!r}; a full CLIPModel (text and vision) is not supported.")
         return cls(**known_fields(cls, d))
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def act_fn(self):
-        return _ACTS[self.hidden_act]
-
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextWithProjectionConfig(CLIPTextConfig):
     """The config of a ``CLIPTextModelWithProjection`` (the same config.json; builds the projection)."""
+
+    with_projection: ClassVar[bool] = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig(_CLIPTowerConfig):
+    # Defaults are transformers' CLIPVisionConfig defaults (openai/clip-vit-base-patch32).
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    # "CLIPVisionModel" / "CLIPVisionModelWithProjection" map to this class / the subclass below.
+    with_projection: ClassVar[bool] = False
+
+    def __post_init__(self):
+        self._validate_tower()
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_channels", "image_size",
+                     "patch_size", "projection_dim"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"CLIP vision {name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.patch_size > self.image_size:
+            raise ValueError(f"CLIP vision patch_size {self.patch_size} exceeds image_size {self.image_size}.")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Read the ``config.json`` ``CLIPVisionModel[WithProjection].save_pretrained`` writes (model_type
+        ``clip_vision_model``); unknown keys are ignored. A full ``CLIPModel`` config (with a
+        ``vision_config``) and an unsupported ``hidden_act`` raise ``ValueError``."""
+        if "vision_config" in d or "text_config" in d:
+            raise ValueError("Got a full CLIPModel config (text_config / vision_config): only the vision tower "
+                             "(model_type 'clip_vision_model', CLIPVisionModel[WithProjection]) is supported; "
+                             "pass its vision_config.")
+        model_type = d.get("model_type", "clip_vision_model")
+        if model_type != "clip_vision_model":
+            raise ValueError(f"Expected a CLIP vision tower config (model_type 'clip_vision_model'), got model_type "
+                             f"{model_type!r}.")
+        return cls(**known_fields(cls, d))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        """Tokens per image: the patches and the class token."""
+        return self.num_patches + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionWithProjectionConfig(CLIPVisionConfig):
+    """The config of a ``CLIPVisionModelWithProjection`` (the same config.json; builds the projection)."""
 
     with_projection: ClassVar[bool] = True
 
@@ -133,6 +224,24 @@ class CLIPTextModelOutput(NamedTuple):
     ``pooler_output`` (not in transformers' output) is the unprojected pooled state."""
 
     text_embeds: jax.Array  # (B, projection_dim)
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+    pooler_output: jax.Array | None = None
+
+
+class CLIPVisionOutput(NamedTuple):
+    """``CLIPVisionModel``'s output (``out[0]`` is the last hidden state, as transformers)."""
+
+    last_hidden_state: jax.Array  # (B, num_positions, hidden): the last layer's output (no post_layernorm)
+    pooler_output: jax.Array  # (B, hidden): post_layernorm(last_hidden_state[:, 0])
+    hidden_states: tuple[jax.Array, ...] | None = None  # pre_layrnorm(embeddings), then each layer's output
+
+
+class CLIPVisionModelOutput(NamedTuple):
+    """``CLIPVisionModelWithProjection``'s output (``out[0]`` is ``image_embeds``, as transformers);
+    ``pooler_output`` (not in transformers' output) is the unprojected pooled state."""
+
+    image_embeds: jax.Array  # (B, projection_dim)
     last_hidden_state: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
     pooler_output: jax.Array | None = None
@@ -157,7 +266,7 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPAttention(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: _CLIPTowerConfig, *, dtype, rngs: nnx.Rngs):
         h = cfg.hidden_size
         self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.k_proj = linear(h, h, dtype=dtype, rngs=rngs)
@@ -165,21 +274,24 @@ class CLIPAttention(nnx.Module):
         self.q_proj = linear(h, h, dtype=dtype, rngs=rngs)
         self.out_proj = linear(h, h, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, allowed):
-        """``allowed``: bool, broadcastable to (B, 1, L, L): query i may attend to key j."""
+    def __call__(self, x, allowed=None):
+        """``allowed``: bool, broadcastable to (B, 1, L, L): query i may attend to key j (``None``: every
+        query attends to every key — the vision tower)."""
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, l, self.n_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, l, self.n_heads, self.head_dim)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(allowed, scores * (self.head_dim ** -0.5), jnp.finfo(jnp.float32).min)
+        scores = scores * (self.head_dim ** -0.5)
+        if allowed is not None:
+            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, self.n_heads * self.head_dim)
         return self.out_proj(out)
 
 
 class CLIPMLP(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: _CLIPTowerConfig, *, dtype, rngs: nnx.Rngs):
         self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
         self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.act = cfg.act_fn
@@ -190,14 +302,14 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: _CLIPTowerConfig, *, dtype, rngs: nnx.Rngs):
         self.dtype = dtype
         self.self_attn = CLIPAttention(cfg, dtype=dtype, rngs=rngs)
         self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype)
         self.mlp = CLIPMLP(cfg, dtype=dtype, rngs=rngs)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype)
 
-    def __call__(self, h, allowed):
+    def __call__(self, h, allowed=None):
         """Pre-norm block; the residual stream inside the block is fp32, rounded to ``dtype`` once."""
         f32 = jnp.float32
         r = h.astype(f32) + self.self_attn(self.layer_norm1(h), allowed).astype(f32)
@@ -206,18 +318,26 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: _CLIPTowerConfig, *, dtype, rngs: nnx.Rngs):
+        self.num_layers = cfg.num_hidden_layers
         self.layers = stack_modules(lambda r: CLIPEncoderLayer(cfg, dtype=dtype, rngs=r), cfg.num_hidden_layers, rngs)
 
-    def __call__(self, h, allowed, collect: bool = False):
-        """(last layer's output, stacked outputs of every layer (N, B, L, D) or None)."""
+    def __call__(self, h, allowed=None, collect: bool = False, stop: int | None = None):
+        """(the output of the last layer run, the stacked outputs of every layer run (n, B, L, D) or None).
+
+        ``stop``: run only the first ``stop`` layers (static; ``None``: all). The scan walks layer indices
+        and reads each layer's weights out of the full stack, so a partial run copies no slice of it."""
+        n = self.num_layers if stop is None else stop
+        if not 0 <= n <= self.num_layers:
+            raise ValueError(f"Cannot run {n} of the {self.num_layers} CLIP encoder layers.")
         graphdef, state = nnx.split(self.layers)
 
-        def body(x, s):
-            y = nnx.merge(graphdef, s)(x, allowed)
+        def body(x, i):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+            y = layer(x, allowed)
             return y, (y if collect else None)
 
-        return jax.lax.scan(body, h, state)
+        return jax.lax.scan(body, h, jnp.arange(n, dtype=jnp.int32))
 
 
 def attention_allowed(length: int, attention_mask=None):
@@ -294,49 +414,179 @@ class CLIPTextModelWithProjection(nnx.Module):
                                    out.pooler_output)
 
 
-def model_class(cfg: CLIPTextConfig):
-    """The module class ``cfg`` describes (:class:`CLIPTextWithProjectionConfig`: with the projection)."""
-    return CLIPTextModelWithProjection if cfg.with_projection else CLIPTextModel
+class CLIPVisionEmbeddings(nnx.Module):
+    """Patches (a Conv2d of stride ``patch_size``, no bias), the class token first, plus the positions."""
+
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        p, d = cfg.patch_size, cfg.hidden_size
+        self.patch_embedding = nnx.Conv(cfg.num_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                                        use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), dtype) * d ** -0.5)
+        self.position_embedding = nnx.Embed(cfg.num_positions, d, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, pixel_values):
+        """(B, C, H, W) channels-first -> (B, num_positions, hidden) in float32 (the sum is not rounded)."""
+        cfg = self.cfg
+        shape = tuple(pixel_values.shape)
+        if len(shape) != 4 or shape[1] != cfg.num_channels:
+            raise ValueError(f"pixel_values must have shape (batch, {cfg.num_channels}, height, width) "
+                             f"(channels first, as transformers), got {shape}.")
+        if shape[2:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"Input image size ({shape[2]}*{shape[3]}) doesn't match the CLIP vision model "
+                             f"({cfg.image_size}*{cfg.image_size}); resize the image (CLIPImageProcessor does).")
+        patches = self.patch_embedding(jnp.transpose(pixel_values, (0, 2, 3, 1)))  # (B, gh, gw, D), row-major
+        patches = patches.reshape(shape[0], -1, cfg.hidden_size).astype(jnp.float32)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(jnp.float32), (shape[0], 1, cfg.hidden_size))
+        positions = self.position_embedding.embedding[...].astype(jnp.float32)
+        return jnp.concatenate([cls, patches], axis=1) + positions
+
+
+class CLIPVisionTransformer(nnx.Module):
+    """transformers 4's ``CLIPVisionTransformer`` (the ``vision_model`` of both classes)."""
+
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embeddings = CLIPVisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype)
+        self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs)
+        self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype)
+
+    def _embed(self, pixel_values):
+        return self.pre_layrnorm(self.embeddings(jnp.asarray(pixel_values))).astype(self.dtype)
+
+    def __call__(self, pixel_values, output_hidden_states: bool = False) -> CLIPVisionOutput:
+        h0 = self._embed(pixel_values)
+        last, per_layer = self.encoder(h0, collect=output_hidden_states)
+        pooled = self.post_layernorm(last[:, 0])
+        hidden = None
+        if output_hidden_states:
+            hidden = (h0,) + tuple(per_layer[i] for i in range(per_layer.shape[0]))
+        return CLIPVisionOutput(last, pooled, hidden)
+
+    def hidden_state(self, pixel_values, index: int):
+        """``hidden_states[index]`` of ``__call__(pixel_values, output_hidden_states=True)`` (0: the
+        normalized embeddings, ``i``: layer ``i``'s output; negative counts from the end), running only
+        the layers it needs."""
+        n = self.cfg.num_hidden_layers
+        if not -(n + 1) <= index <= n:
+            raise IndexError(f"hidden_states has {n + 1} entries (embeddings and {n} layers); got index {index}.")
+        return self.encoder(self._embed(pixel_values), stop=index % (n + 1))[0]
+
+
+class _VisionTower:
+    """What both vision classes share (their ``vision_model`` is a :class:`CLIPVisionTransformer`)."""
+
+    vision_model: CLIPVisionTransformer
+
+    def penultimate(self, pixel_values):
+        """``hidden_states[-2]`` (the input of the last layer; Wan 2.1's image conditioning) (B,
+        num_positions, hidden) in ``dtype``, running the first ``num_hidden_layers - 1`` layers only."""
+        return self.vision_model.hidden_state(pixel_values, -2)
+
+    def hidden_state(self, pixel_values, index: int):
+        """``hidden_states[index]``, running only the layers it needs (:meth:`CLIPVisionTransformer.hidden_state`)."""
+        return self.vision_model.hidden_state(pixel_values, index)
+
+
+class CLIPVisionModel(_VisionTower, nnx.Module):
+    """``model(pixel_values, output_hidden_states=False) -> CLIPVisionOutput`` (``last_hidden_state``,
+    ``pooler_output``, ``hidden_states``), arrays in ``dtype``; ``pixel_values`` (B, C, image_size,
+    image_size). ``model.penultimate(pixel_values)``: ``hidden_states[-2]`` alone."""
+
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.cfg = cfg
+        self.dtype = dtype
+        self.vision_model = CLIPVisionTransformer(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, pixel_values, output_hidden_states: bool = False) -> CLIPVisionOutput:
+        return self.vision_model(pixel_values, output_hidden_states)
+
+
+class CLIPVisionModelWithProjection(_VisionTower, nnx.Module):
+    """``model(pixel_values, output_hidden_states=False) -> CLIPVisionModelOutput`` (``image_embeds``,
+    ``last_hidden_state``, ``hidden_states``, ``pooler_output``), arrays in ``dtype``;
+    ``model.penultimate(pixel_values)``: ``hidden_states[-2]`` alone."""
+
+    def __init__(self, cfg: CLIPVisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.cfg = cfg
+        self.dtype = dtype
+        self.vision_model = CLIPVisionTransformer(cfg, dtype=dtype, rngs=rngs)
+        self.visual_projection = linear(cfg.hidden_size, cfg.projection_dim, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, pixel_values, output_hidden_states: bool = False) -> CLIPVisionModelOutput:
+        out = self.vision_model(pixel_values, output_hidden_states)
+        return CLIPVisionModelOutput(self.visual_projection(out.pooler_output), out.last_hidden_state,
+                                     out.hidden_states, out.pooler_output)
+
+
+def model_class(cfg: CLIPTextConfig | CLIPVisionConfig):
+    """The module class ``cfg`` describes: its class picks the tower (text / vision) and whether the
+    projection is built (the ``...WithProjectionConfig`` subclasses)."""
+    if isinstance(cfg, CLIPVisionConfig):
+        return CLIPVisionModelWithProjection if cfg.with_projection else CLIPVisionModel
+    if isinstance(cfg, CLIPTextConfig):
+        return CLIPTextModelWithProjection if cfg.with_projection else CLIPTextModel
+    raise TypeError(f"Not a CLIP tower config: {type(cfg).__name__}.")
 
 
 # --- checkpoint conversion tables ---------------------------------------------------------------
 
 TORCH_IGNORE: list[str] = [
-    r"^(text_model\.)?embeddings\.position_ids$",  # a buffer older transformers saved
+    r"^(text_model\.|vision_model\.)?embeddings\.position_ids$",  # a buffer older transformers saved
 ]
-# transformers 5 saves a CLIPTextModel without the "text_model." prefix (and reads both).
-UNPREFIXED_RENAMES: list[tuple[str, str]] = [(r"^text_model\.", "")]
+# A CLIPVisionModelWithProjection's checkpoint read as a CLIPVisionModel: transformers drops the projection.
+VISION_IGNORE_PROJECTION = r"^visual_projection\.weight$"
+# The top-level names of each tower's own keys (what transformers 5 saves a CLIPTextModel / CLIPVisionModel
+# under, without the "text_model." / "vision_model." prefix; it reads both).
+TOWER_KEYS: dict[str, tuple[str, ...]] = {
+    "text_model": ("embeddings.", "encoder.", "final_layer_norm."),
+    "vision_model": ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm."),
+}
 
 
-def is_unprefixed(flat) -> bool:
-    """Whether the state dict holds the text tower's keys without ``text_model.`` (transformers 5's
-    ``CLIPTextModel.save_pretrained``)."""
-    return (not any(k.startswith("text_model.") for k in flat)
-            and any(k.startswith(("embeddings.", "encoder.", "final_layer_norm.")) for k in flat))
+def tower_name(cfg: CLIPTextConfig | CLIPVisionConfig) -> str:
+    """``"vision_model"`` or ``"text_model"``: the tower's submodule (and checkpoint prefix)."""
+    return "vision_model" if isinstance(cfg, CLIPVisionConfig) else "text_model"
 
 
-def params_from_torch(flat: dict[str, np.ndarray], cfg: CLIPTextConfig, dtype=None) -> dict:
-    """Params pure dict for :class:`CLIPTextModel` (or, for a :class:`CLIPTextWithProjectionConfig`,
-    :class:`CLIPTextModelWithProjection`) from a transformers state dict (numpy arrays).
+def is_unprefixed(flat, tower: str = "text_model") -> bool:
+    """Whether the state dict holds the ``tower``'s keys without its ``tower.`` prefix (transformers 5's
+    ``CLIPTextModel.save_pretrained`` / ``CLIPVisionModel.save_pretrained``)."""
+    return (not any(k.startswith(tower + ".") for k in flat)
+            and any(k.startswith(TOWER_KEYS[tower]) for k in flat))
+
+
+def params_from_torch(flat: dict[str, np.ndarray], cfg: CLIPTextConfig | CLIPVisionConfig, dtype=None) -> dict:
+    """Params pure dict for the module :func:`model_class` picks for ``cfg`` (:class:`CLIPTextModel`,
+    :class:`CLIPTextModelWithProjection`, :class:`CLIPVisionModel`, :class:`CLIPVisionModelWithProjection`)
+    from a transformers state dict (numpy arrays), with or without the tower's prefix.
 
     ``dtype``: cast the floating tensors to it (``None``: float32).
     """
     mdtype = jnp.float32 if dtype is None else dtype
     cls = model_class(cfg)
+    tower = tower_name(cfg)
+    ignore = list(TORCH_IGNORE)
+    if cls is CLIPVisionModel:
+        ignore.append(VISION_IGNORE_PROJECTION)
     return map_state_dict(
         flat,
         expected_shapes(lambda: cls(cfg, dtype=mdtype)),
-        stacked={"text_model.encoder.layers": cfg.num_hidden_layers},
-        renames=UNPREFIXED_RENAMES if is_unprefixed(flat) else [],
-        ignore=TORCH_IGNORE,
+        stacked={f"{tower}.encoder.layers": cfg.num_hidden_layers},
+        renames=[(rf"^{tower}\.", "")] if is_unprefixed(flat, tower) else [],
+        ignore=ignore,
         dtype=dtype,
-        what=f"CLIP text encoder checkpoint ({cls.__name__})",
+        what=f"CLIP {tower.split('_')[0]} tower checkpoint ({cls.__name__})",
     )
 
 
-def build(cfg: CLIPTextConfig, params: dict, dtype=jnp.float32):
-    """A :class:`CLIPTextModel` / :class:`CLIPTextModelWithProjection` (by ``cfg``'s class) holding
-    ``params`` (from :func:`params_from_torch`)."""
+def build(cfg: CLIPTextConfig | CLIPVisionConfig, params: dict, dtype=jnp.float32):
+    """The module :func:`model_class` picks for ``cfg`` holding ``params`` (from :func:`params_from_torch`;
+    ``{}``: abstract shapes only, what random-weight loading reads)."""
     cls = model_class(cfg)
     return build_module(lambda: cls(cfg, dtype=dtype), params)
 

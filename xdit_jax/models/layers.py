@@ -75,15 +75,19 @@ def gelu_tanh(x):
 class FeedForward(nnx.Module):
     """diffusers' ``FeedForward(dim, activation_fn="gelu-approximate")``: Linear, tanh-GELU, Linear
     (submodules ``net_0`` / ``net_2``, the torch ``net.0.proj`` / ``net.2``); ``inner``: diffusers'
-    ``inner_dim`` (default ``mult * dim``, which need not be an integer multiple of ``dim``)."""
+    ``inner_dim`` (default ``mult * dim``, which need not be an integer multiple of ``dim``); ``dim_out``:
+    its ``dim_out`` (default ``dim``); ``approximate=False``: ``activation_fn="gelu"`` (erf GELU)."""
 
-    def __init__(self, dim: int, mult: int = 4, *, inner: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, dim: int, mult: int = 4, *, inner: int | None = None, dim_out: int | None = None,
+                 approximate: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
         inner = mult * dim if inner is None else inner
+        self.approximate = approximate
         self.net_0 = linear(dim, inner, dtype=dtype, rngs=rngs)
-        self.net_2 = linear(inner, dim, dtype=dtype, rngs=rngs)
+        self.net_2 = linear(inner, dim if dim_out is None else dim_out, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.net_2(gelu_tanh(self.net_0(x)))
+        h = self.net_0(x)
+        return self.net_2(gelu_tanh(h) if self.approximate else jax.nn.gelu(h, approximate=False))
 
 
 class RMSNorm(nnx.Module):

@@ -14,11 +14,18 @@ tokens; the RoPE tables are per-token ``tokens`` sharded with them), cross-atten
 :func:`xdit_jax.parallel.attention.cross_attention` (local under every mesh: the caption is whole on every
 device, as PixArt's). No collective here.
 
-Wan 2.2's transformers (A14B's two experts, TI2V-5B's 48-channel one) are this model. Not supported (a clear error):
-Wan 2.1's image-to-video variant (``image_dim`` / ``added_kv_proj_dim``: CLIP image tokens with their own K/V);
-any timestep per token (diffusers' 2-D ``timestep``) but TI2V-5B's: all tokens at one timestep (text-to-video, passed
-per sample) or the first latent frame's at another (image-to-video, ``first_frame_timestep``: two modulations
-chosen per token, not a table per token).
+Wan 2.2's transformers (A14B's two experts, TI2V-5B's 48-channel one) are this model, and so are Wan 2.1's
+image-to-video ones (``image_dim`` / ``added_kv_proj_dim``): the CLIP image encoder's penultimate states
+(``encoder_hidden_states_image``, (B, 257, image_dim); FLF2V-14B's ``pos_embed_seq_len`` = 2 x 257: the first and
+last frames' states side by side, plus a learned position table) go through ``condition_embedder.image_embedder``
+(LayerNorm, GELU MLP, LayerNorm) and every block's cross-attention attends to them with their own K/V
+(``attn2.add_k_proj`` / ``add_v_proj``, K RMS-normed by ``norm_added_k``); the two cross-attentions' outputs add up
+before ``to_out``. diffusers concatenates image and text states and splits them again assuming 512 text tokens; here
+they stay two inputs, so any caption length works.
+
+Not supported (a clear error): any timestep per token (diffusers' 2-D ``timestep``) but TI2V-5B's: all tokens at one
+timestep (text-to-video, passed per sample) or the first latent frame's at another (image-to-video,
+``first_frame_timestep``: two modulations chosen per token, not a table per token).
 """
 
 from __future__ import annotations
@@ -76,14 +83,33 @@ class WanConfig(TransformerDims):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WanConfig:
         cfg = cls(**known_fields(cls, d))
-        if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
-            raise ValueError("Wan image-to-video transformers (image_dim / added_kv_proj_dim: CLIP image tokens) "
-                             "are not supported; use a text-to-video checkpoint (e.g. Wan2.1-T2V-1.3B / 14B).")
+        if (cfg.image_dim is None) != (cfg.added_kv_proj_dim is None):
+            raise ValueError(f"image_dim={cfg.image_dim} and added_kv_proj_dim={cfg.added_kv_proj_dim}: a Wan 2.1 "
+                             "image-to-video transformer sets both (the CLIP image states' width and their K/V "
+                             "projections'), a text-to-video one neither.")
+        if cfg.added_kv_proj_dim is not None and cfg.added_kv_proj_dim != cfg.inner_dim:
+            raise ValueError(f"added_kv_proj_dim={cfg.added_kv_proj_dim} must equal the model width "
+                             f"{cfg.inner_dim}: the image states reach attn2's add_k_proj / add_v_proj after the "
+                             "image embedder projects them to that width.")
+        if cfg.pos_embed_seq_len is not None and cfg.image_dim is None:
+            raise ValueError("pos_embed_seq_len is the image embedder's position table (Wan 2.1 FLF2V); it needs "
+                             "image_dim.")
         if cfg.qk_norm != "rms_norm_across_heads":
             raise ValueError(f"qk_norm={cfg.qk_norm!r} is not supported: Wan uses 'rms_norm_across_heads'.")
         if len(cfg.patch_size) != 3:
             raise ValueError(f"patch_size must be (t, h, w), got {cfg.patch_size}.")
         return cfg
+
+    @property
+    def takes_image(self) -> bool:
+        """Wan 2.1 image-to-video: CLIP image states (``encoder_hidden_states_image``) are an input."""
+        return self.image_dim is not None
+
+    @property
+    def image_tokens_per_video(self) -> int | None:
+        """Image states per video the embedder takes in a row: ``pos_embed_seq_len`` (FLF2V: two images' 257) or,
+        without a position table, any count (None)."""
+        return self.pos_embed_seq_len
 
     @property
     def rope_dims(self) -> tuple[int, int, int]:
@@ -96,8 +122,8 @@ class WanConfig(TransformerDims):
 TORCH_RENAMES = [
     (r"^transformer_blocks\.", "blocks."),
     (r"\.to_out\.", ".to_out.0."),
-    (r"\.ffn\.net_0\.", ".ffn.net.0.proj."),
-    (r"\.ffn\.net_2\.", ".ffn.net.2."),
+    (r"\.(ffn?)\.net_0\.", r".\1.net.0.proj."),  # the blocks' ffn, the image embedder's ff
+    (r"\.(ffn?)\.net_2\.", r".\1.net.2."),
 ]
 
 
@@ -121,7 +147,7 @@ class WanAttention(nnx.Module):
     """diffusers ``WanAttention``: self-attention over the video tokens (with RoPE) when ``context`` is None,
     else cross-attention to ``context``; q and k RMS-normed over all heads before the head split."""
 
-    def __init__(self, cfg: WanConfig, *, dtype, rngs):
+    def __init__(self, cfg: WanConfig, *, dtype, rngs, added_kv: bool = False):
         d = cfg.inner_dim
         self.heads = cfg.num_attention_heads
         self.to_q = linear(d, d, dtype=dtype, rngs=rngs)
@@ -130,8 +156,12 @@ class WanAttention(nnx.Module):
         self.to_out = linear(d, d, dtype=dtype, rngs=rngs)
         self.norm_q = RMSNorm(d, cfg.eps, dtype=dtype)
         self.norm_k = RMSNorm(d, cfg.eps, dtype=dtype)
+        if added_kv:  # Wan 2.1 I2V's attn2: the image states' own K/V
+            self.add_k_proj = linear(cfg.added_kv_proj_dim, d, dtype=dtype, rngs=rngs)
+            self.add_v_proj = linear(cfg.added_kv_proj_dim, d, dtype=dtype, rngs=rngs)
+            self.norm_added_k = RMSNorm(d, cfg.eps, dtype=dtype)
 
-    def __call__(self, x, rope=None, context=None):
+    def __call__(self, x, rope=None, context=None, context_img=None):
         b, s, _ = x.shape
         src = x if context is None else context
         heads = lambda y: y.reshape(b, y.shape[1], self.heads, -1)  # noqa: E731
@@ -143,6 +173,9 @@ class WanAttention(nnx.Module):
             o = attention(q, k, v)
         else:
             o = cross_attention(q, k, v)
+            if context_img is not None:  # a second softmax over the image states, added (diffusers' order)
+                k_img = heads(self.norm_added_k(self.add_k_proj(context_img)))
+                o = o + cross_attention(q, k_img, heads(self.add_v_proj(context_img)))
         return self.to_out(o.reshape(b, s, -1))
 
 
@@ -151,7 +184,7 @@ class WanTransformerBlock(nnx.Module):
         d = cfg.inner_dim
         self.norm1 = LayerNorm(d, cfg.eps, affine=False, dtype=dtype)
         self.attn1 = WanAttention(cfg, dtype=dtype, rngs=rngs)
-        self.attn2 = WanAttention(cfg, dtype=dtype, rngs=rngs)
+        self.attn2 = WanAttention(cfg, dtype=dtype, rngs=rngs, added_kv=cfg.takes_image)
         self.norm2 = LayerNorm(d, cfg.eps, affine=True, dtype=dtype) if cfg.cross_attn_norm else None
         self.ffn = FeedForward(d, inner=cfg.ffn_dim, dtype=dtype, rngs=rngs)
         self.norm3 = LayerNorm(d, cfg.eps, affine=False, dtype=dtype)
@@ -173,13 +206,38 @@ class WanTransformerBlock(nnx.Module):
         h = (self.norm1(x.astype(f32)) * (1 + scale) + shift).astype(x.dtype)
         x = (x.astype(f32) + self.attn1(h, rope=tokens["rope"]) * gate).astype(x.dtype)
         h = x if self.norm2 is None else self.norm2(x.astype(f32)).astype(x.dtype)
-        x = x + self.attn2(h, context=cond["context"])
+        x = x + self.attn2(h, context=cond["context"], context_img=cond.get("context_img"))
         h = (self.norm3(x.astype(f32)) * (1 + c_scale) + c_shift).astype(x.dtype)
         return (x.astype(f32) + self.ffn(h).astype(f32) * c_gate).astype(x.dtype)
 
 
+class WanImageEmbedding(nnx.Module):
+    """diffusers ``WanImageEmbedding``: (FLF2V: + a position table) -> LayerNorm -> Linear, exact GELU, Linear ->
+    LayerNorm (float32 norms with weights, eps 1e-5)."""
+
+    def __init__(self, cfg: WanConfig, *, dtype, rngs):
+        din, d = cfg.image_dim, cfg.inner_dim
+        self.dtype = dtype
+        self.norm1 = LayerNorm(din, 1e-5, affine=True, dtype=dtype)
+        self.ff = FeedForward(din, mult=1, dim_out=d, approximate=False, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(d, 1e-5, affine=True, dtype=dtype)
+        self.pos_embed = (nnx.Param(jnp.zeros((1, cfg.pos_embed_seq_len, din), dtype))
+                          if cfg.pos_embed_seq_len is not None else None)
+
+    def __call__(self, image):
+        x = image.astype(jnp.float32)
+        if self.pos_embed is not None:
+            if x.shape[1] != self.pos_embed.shape[1]:
+                raise ValueError(f"encoder_hidden_states_image has {x.shape[1]} tokens a row; this model's image "
+                                 f"embedder takes {self.pos_embed.shape[1]} (pos_embed_seq_len: the first and the "
+                                 "last frame's CLIP states side by side).")
+            x = x + self.pos_embed[...].astype(jnp.float32)
+        h = self.ff(self.norm1(x).astype(self.dtype))
+        return self.norm2(h.astype(jnp.float32)).astype(self.dtype)
+
+
 class WanTimeTextEmbedding(nnx.Module):
-    """diffusers ``WanTimeTextImageEmbedding`` without the image embedder (text-to-video)."""
+    """diffusers ``WanTimeTextImageEmbedding``: timestep, caption and (Wan 2.1 I2V) image embedders."""
 
     def __init__(self, cfg: WanConfig, *, dtype, rngs):
         d = cfg.inner_dim
@@ -187,18 +245,23 @@ class WanTimeTextEmbedding(nnx.Module):
         self.time_embedder = TimestepEmbedding(cfg.freq_dim, d, dtype=dtype, rngs=rngs)
         self.time_proj = linear(d, 6 * d, dtype=dtype, rngs=rngs)
         self.text_embedder = PixArtAlphaTextProjection(cfg.text_dim, d, dtype=dtype, rngs=rngs)
+        self.image_embedder = WanImageEmbedding(cfg, dtype=dtype, rngs=rngs) if cfg.takes_image else None
 
     def __call__(self, timestep, text, dtype):
         t = timestep_embedding(timestep, self.freq_dim, True, 0)
         temb = self.time_embedder(t.astype(dtype))
         return temb, self.time_proj(jax.nn.silu(temb)), self.text_embedder(text.astype(dtype))
 
+    def embed_image(self, image, dtype):
+        return self.image_embedder(image.astype(dtype))
+
 
 class WanTransformer3DModel(nnx.Module):
     """``model(hidden_states, timestep, encoder_hidden_states)`` as diffusers' forward.
 
     hidden_states: (B, C, F, H, W) latents (diffusers' layout); timestep: (B,) or a scalar;
-    encoder_hidden_states: (B, L, text_dim) UMT5 states. Returns (B, out_channels, F, H, W).
+    encoder_hidden_states: (B, L, text_dim) UMT5 states; encoder_hidden_states_image (Wan 2.1 I2V only, required
+    there): (B, N, image_dim) CLIP image states. Returns (B, out_channels, F, H, W).
     """
 
     def __init__(self, cfg: WanConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -219,13 +282,15 @@ class WanTransformer3DModel(nnx.Module):
     # -- pieces: embed (global) -> blocks (per token, any contiguous shard) -> head (global) --
     # The parallel engine (xdit_jax.parallel) shards the video tokens between embed and head.
 
-    def embed(self, hidden_states, timestep, encoder_hidden_states, first_frame_timestep=None):
+    def embed(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+              first_frame_timestep=None):
         """-> (x, tokens, cond).
 
         x: the video tokens (B, S, D), S = F' * H' * W' row-major (frames, rows, columns of patches).
         tokens: ``{"rope": ((S, head_dim) cos, (S, head_dim) sin)}``. cond (batch first, sharded with the
         batch): ``temb`` (B, D) for the head, ``timestep_proj`` (B, 6, D) the blocks' modulation,
-        ``context`` (B, L, D) the projected caption.
+        ``context`` (B, L, D) the projected caption, and for an image-to-video model ``context_img`` (B, N, D) the
+        embedded CLIP image states.
 
         ``first_frame_timestep`` (B,): the tokens of the first latent frame at this timestep, the others at
         ``timestep`` (diffusers' per-token timesteps of TI2V-5B's image-to-video, which are exactly so); then
@@ -242,6 +307,17 @@ class WanTransformer3DModel(nnx.Module):
         temb, proj, context = self.condition_embedder(t, encoder_hidden_states, dtype)
         cos, sin = rope_table(cfg, *grid)
         cond = {"temb": temb, "timestep_proj": proj.reshape(b, 6, cfg.inner_dim), "context": context}
+        if cfg.takes_image != (encoder_hidden_states_image is not None):
+            raise ValueError("encoder_hidden_states_image (CLIP image states) is required by a Wan 2.1 image-to-video "
+                             "transformer and taken by no other." if cfg.takes_image else
+                             "encoder_hidden_states_image given, but this transformer has no image embedder "
+                             "(image_dim is None).")
+        if cfg.takes_image:
+            img = jnp.asarray(encoder_hidden_states_image)
+            if img.ndim != 3 or img.shape[0] != b or img.shape[2] != cfg.image_dim:
+                raise ValueError(f"encoder_hidden_states_image {tuple(img.shape)}: expected ({b}, tokens, "
+                                 f"{cfg.image_dim}).")
+            cond["context_img"] = self.condition_embedder.embed_image(img, dtype)
         tokens = {"rope": (jnp.asarray(cos), jnp.asarray(sin))}
         if first_frame_timestep is not None:
             t0 = jnp.broadcast_to(jnp.asarray(first_frame_timestep).reshape(-1), (b,))
@@ -272,8 +348,10 @@ class WanTransformer3DModel(nnx.Module):
         x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, cfg.out_ch, f, h, w)
 
-    def __call__(self, hidden_states, timestep, encoder_hidden_states, first_frame_timestep=None):
-        x, tokens, cond = self.embed(hidden_states, timestep, encoder_hidden_states, first_frame_timestep)
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                 first_frame_timestep=None):
+        x, tokens, cond = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                                     first_frame_timestep)
         return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
 
 
@@ -287,9 +365,13 @@ def check_input_shape(cfg: WanConfig, latent_frames: int, latent_h: int, latent_
         raise ValueError(f"{latent_frames} latent frames are not a multiple of the temporal patch size {pt}.")
 
 
+# diffusers ignores the norm_added_q some I2V checkpoints carry (never used: the queries are the video's).
+TORCH_IGNORE = [r"^blocks\.\d+\.attn2\.norm_added_q\.weight$"]
+
+
 def params_from_torch(flat: dict, cfg: WanConfig, dtype=None) -> dict:
     return map_state_dict(flat, expected_shapes(lambda: WanTransformer3DModel(cfg)),
-                          stacked={STACKED: cfg.num_layers}, renames=TORCH_RENAMES, dtype=dtype,
+                          stacked={STACKED: cfg.num_layers}, renames=TORCH_RENAMES, ignore=TORCH_IGNORE, dtype=dtype,
                           what="Wan transformer checkpoint")
 
 

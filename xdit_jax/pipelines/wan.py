@@ -22,8 +22,8 @@ WanPipeline keeps them), and so does the timestep the transformer sees; a two-ex
 guidance scale is > 1 (diffusers looks at ``guidance_scale`` only and then ignores ``guidance_scale_2``); TI2V-5B's
 default video is its model card's (121 x 704 x 1280 at 24 fps; diffusers' call defaults to 81 x 480 x 832).
 
-Image-to-video: :class:`WanImageToVideoPipeline` (Wan 2.2 I2V-A14B; TI2V-5B with an image). Not supported: Wan 2.1
-I2V (CLIP image tokens).
+Image-to-video: :class:`WanImageToVideoPipeline` (Wan 2.1 I2V-14B 480P / 720P and FLF2V-14B with their CLIP image
+encoder; Wan 2.2 I2V-A14B; TI2V-5B with an image).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from xdit_jax.conversion import read_json
@@ -46,6 +47,7 @@ from xdit_jax.pipelines.denoise import (
     PipelineBase,
     StageTimer,
     check_size_and_mesh,
+    load_component,
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
@@ -126,8 +128,6 @@ def expert_stages(timesteps, boundary_timestep: float | None) -> list[tuple[int,
     """[(first step, expert), ...] over the schedule's ``timesteps``: expert 0 (``transformer``) where
     ``t >= boundary_timestep``, else 1 (``transformer_2``), as diffusers' WanPipeline picks them; one stage
     (expert 0) without a boundary."""
-    import numpy as np
-
     if boundary_timestep is None:
         return [(0, 0)]
     experts = [0 if t >= boundary_timestep else 1 for t in np.asarray(timesteps, np.float64)]
@@ -214,15 +214,15 @@ class WanPipeline(PipelineBase):
         """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (UMT5 states,), and for image-to-video
         the condition: channels (mask and image latents) put after the latents' (diffusers' order), or with
         ``expand_timesteps`` (TI2V-5B) the image's latent frame put in place of frame 0, whose tokens then run at
-        timestep 0."""
+        timestep 0; for Wan 2.1 I2V then the CLIP image states (``encoder_hidden_states_image``)."""
         first_frame = self.expand_timesteps
 
         def embed_args(x, texts, t):
             if len(texts) > 1 and first_frame:  # TI2V-5B: the image's latent frame in place of frame 0, timestep 0
-                return x.at[:, :, :1].set(texts[1].astype(x.dtype)), t, texts[0], jnp.zeros_like(t)
+                return x.at[:, :, :1].set(texts[1].astype(x.dtype)), t, texts[0], None, jnp.zeros_like(t)
             if len(texts) > 1:
                 x = jnp.concatenate([x, texts[1].astype(x.dtype)], axis=1)
-            return x, t, texts[0]
+            return x, t, texts[0], (texts[2] if len(texts) > 2 else None)
 
         return self._flow_step_fn(do_cfg, warmup, embed_args, scheduler=self.scheduler)
 
@@ -326,8 +326,9 @@ class WanPipeline(PipelineBase):
     def _generate(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps, guidance_scale,
                   guidance_scale_2, prompt_embeds, negative_prompt_embeds, latents, max_sequence_length,
                   num_videos_per_prompt, seed, output_type, progress, condition=None) -> WanPipelineOutput:
-        """The call; ``condition(latent_shape)``: the step's extra input of one video (1, C, T, h, w), the same for
-        every row (image-to-video), or None."""
+        """The call; ``condition(latent_shape)``: the step's extra inputs of one video (a tuple: (1, C, T, h, w) the
+        image condition, (1, N, d) the CLIP image states for Wan 2.1), the same for every row (image-to-video), or
+        None."""
         if guidance_scale_2 is not None and self.boundary_ratio is None:
             raise ValueError("guidance_scale_2 is only for a two-expert pipeline (Wan 2.2 A14B: transformer_2 and "
                              "boundary_ratio); this one has one transformer.")
@@ -371,8 +372,10 @@ class WanPipeline(PipelineBase):
         shape = self.latent_shape(batch * per, height, width, num_frames)
         if condition is not None:
             with timer.stage("image_encoding"):
-                cond = jnp.repeat(condition(shape), batch * per, axis=0)
-                texts = texts + (self._put_batch(jnp.concatenate([cond, cond]) if do_cfg else cond, do_cfg),)
+                conds = condition(shape)
+                for c in conds:  # (the unconditional half sees the same image, as diffusers')
+                    c = jnp.repeat(c, batch * per, axis=0)
+                    texts = texts + (self._put_batch(jnp.concatenate([c, c]) if do_cfg else c, do_cfg),)
                 jax.block_until_ready(texts)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, 1.0,
@@ -387,19 +390,31 @@ class WanPipeline(PipelineBase):
         state = jax.device_put(self._init_state(shape), self._latent_sharding(shape))
         finish = None
         if condition is not None and self.expand_timesteps:  # the first frame is the image's, as in every step
-            finish = lambda lat: lat.at[:, :, :1].set(jnp.broadcast_to(cond[:, :, :1], lat[:, :, :1].shape))  # noqa
+            first = conds[0][:, :, :1]
+            finish = lambda lat: lat.at[:, :, :1].set(jnp.broadcast_to(first, lat[:, :, :1].shape))  # noqa
         out = self._denoise_and_decode(timer, do_cfg, latents, state, stages[0][2], len(sched.timesteps), progress,
                                        output_type, self._decode_fn(), stages=stages, finish=finish,
                                        kv=self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape)))
         return WanPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
 
 
+def check_last_image(tc, given: bool) -> None:
+    """Wan 2.1's CLIP-conditioned transformers: FLF2V (``pos_embed_seq_len``) takes the first and the last frame's
+    states, I2V one image's; refuse the other count (diffusers fails on it deep inside the transformer)."""
+    if not tc.takes_image:
+        return
+    if tc.pos_embed_seq_len is not None and not given:
+        raise ValueError("This is a first-last-frame model (Wan 2.1 FLF2V: pos_embed_seq_len="
+                         f"{tc.pos_embed_seq_len}, two images' CLIP states): give last_image too.")
+    if tc.pos_embed_seq_len is None and given:
+        raise ValueError("last_image: this Wan 2.1 I2V model conditions on one image's CLIP states; first-last-frame "
+                         "videos need the FLF2V model (pos_embed_seq_len set).")
+
+
 def preprocess_image(image, height: int, width: int) -> jnp.ndarray:
     """An image as diffusers' ``VideoProcessor.preprocess`` makes it for the VAE: a PIL image resized to ``width`` x
     ``height`` (Lanczos, as diffusers' default), or an array (H, W, 3) of that size (uint8, or float in [0, 1]);
     -> (1, 3, height, width) float32 in [-1, 1]."""
-    import numpy as np
-
     if hasattr(image, "convert") and hasattr(image, "resize"):  # a PIL image
         from PIL import Image
 
@@ -418,25 +433,39 @@ def preprocess_image(image, height: int, width: int) -> jnp.ndarray:
 
 
 class WanImageToVideoPipeline(WanPipeline):
-    """Image-to-video with Wan 2.2 (diffusers' ``WanImageToVideoPipeline`` without an image encoder). I2V-A14B: the
-    first frame (and optionally the last) encoded by the Wan VAE's encoder, a mask of the given frames and those
-    latents concatenated to the noise latents' channels at every step (the transformer's ``in_channels``: latents +
-    4 mask + latents). TI2V-5B (``expand_timesteps``): the image's latent frame in place of the first latent frame at
-    every step, its tokens at timestep 0 (``first_frame_timestep``), and in the result. Everything else as
-    :class:`WanPipeline` (two experts, meshes, PipeFusion).
+    """Image-to-video, diffusers' ``WanImageToVideoPipeline``. Wan 2.1 I2V-14B and Wan 2.2 I2V-A14B: the first frame
+    (and optionally the last) encoded by the Wan VAE's encoder, a mask of the given frames and those latents
+    concatenated to the noise latents' channels at every step (the transformer's ``in_channels``: latents + 4 mask +
+    latents). Wan 2.1 also conditions on the image's CLIP states (``image_encoder``: the penultimate layer of a CLIP
+    ViT-H/14 on the image as ``image_processor`` prepares it; 257 tokens), which every block cross-attends with their
+    own K/V; FLF2V-14B (``pos_embed_seq_len``) on the first and the last frame's, side by side. TI2V-5B
+    (``expand_timesteps``): the image's latent frame in place of the first latent frame at every step, its tokens at
+    timestep 0 (``first_frame_timestep``), and in the result. Everything else as :class:`WanPipeline` (two experts,
+    meshes, PipeFusion); the image encoders run once per call, on one device's copy."""
 
-    Not supported (a clear error): Wan 2.1 I2V (a CLIP image encoder whose tokens the transformer cross-attends
-    with their own K/V)."""
-
-    def __init__(self, *, vae_encoder, **kwargs):
+    def __init__(self, *, vae_encoder, image_encoder=None, image_encoder_config=None, image_processor=None,
+                 **kwargs):
+        """``image_encoder`` / ``image_encoder_config`` (:class:`xdit_jax.models.clip.CLIPVisionConfig`) /
+        ``image_processor`` (transformers' ``CLIPImageProcessor``): Wan 2.1's CLIP image encoder and its
+        preprocessing, required by a transformer with ``image_dim`` and taken by no other."""
         super().__init__(**kwargs)
         self.vae_encoder = vae_encoder
-        vc = self.vae_config
+        vc, tc = self.vae_config, self.transformer_config
         want = vc.z_dim if self.expand_timesteps else 2 * vc.z_dim + vc.scale_factor_temporal
-        if self.transformer_config.in_channels != want:
-            raise ValueError(f"transformer in_channels {self.transformer_config.in_channels} is not "
+        if tc.in_channels != want:
+            raise ValueError(f"transformer in_channels {tc.in_channels} is not "
                              f"{'the latents' if self.expand_timesteps else 'latents + mask + image latents'} "
                              f"({want}).")
+        if tc.takes_image and (image_encoder is None or image_processor is None):
+            raise ValueError("This transformer (image_dim set: Wan 2.1 I2V) cross-attends to CLIP image states: give "
+                             "image_encoder, image_encoder_config and image_processor (the checkpoint's).")
+        if image_encoder is not None and not tc.takes_image:
+            raise ValueError("image_encoder given, but the transformer takes no image states (image_dim is None).")
+        if image_encoder is not None and image_encoder_config.hidden_size != tc.image_dim:
+            raise ValueError(f"image_encoder's hidden_size {image_encoder_config.hidden_size} is not the "
+                             f"transformer's image_dim {tc.image_dim}.")
+        self.image_encoder, self.image_encoder_config = image_encoder, image_encoder_config
+        self.image_processor = image_processor
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
@@ -457,15 +486,20 @@ class WanImageToVideoPipeline(WanPipeline):
         if kind == "WanPipeline" and not index.get("expand_timesteps"):  # (TI2V-5B's folder says WanPipeline)
             raise ValueError(f"{folder} holds a text-to-video WanPipeline, not a WanImageToVideoPipeline (of the "
                              "WanPipeline folders only TI2V-5B's, with expand_timesteps, also takes an image).")
-        if _listed(index, "image_encoder"):
-            raise ValueError(f"{folder} conditions on CLIP image tokens (image_encoder: Wan 2.1 I2V), which is not "
-                             "supported yet; Wan 2.2 I2V-A14B (no image encoder) is.")
-        pipe = cls._from_folder(folder, mesh=mesh, dtype=dtype, attention_backend=attention_backend,
+
+        def extra(parts, mesh_obj, dt):
+            replicated = NamedSharding(mesh_obj, P())
+            out = {"vae_encoder": _load_vae_encoder(folder, parts["vae_config"], dt, replicated,
+                                                    _RANDOM_WEIGHTS.get())}
+            if _listed(index, "image_encoder"):  # Wan 2.1 I2V / FLF2V: the CLIP vision tower and its preprocessing
+                cfg, encoder = load_component(folder, "image_encoder", dt, replicated)
+                out.update(image_encoder=encoder, image_encoder_config=cfg,
+                           image_processor=load_image_processor(folder))
+            return out
+
+        return cls._from_folder(folder, mesh=mesh, dtype=dtype, attention_backend=attention_backend,
                                 pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps,
-                                extra=lambda parts, mesh_obj, dt: {"vae_encoder": _load_vae_encoder(
-                                    folder, parts["vae_config"], dt, NamedSharding(mesh_obj, P()),
-                                    _RANDOM_WEIGHTS.get())})
-        return pipe
+                                extra=extra)
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         """(B, z_dim, F, h, w): the noise latents (the transformer's input adds the condition's channels)."""
@@ -476,7 +510,58 @@ class WanImageToVideoPipeline(WanPipeline):
         b, _, t, h, w = latent_shape
         if self.expand_timesteps:  # TI2V-5B: the image's latent frame
             return ((b, self.vae_config.z_dim, 1, h, w),)
-        return ((b, self.vae_config.scale_factor_temporal + self.vae_config.z_dim, t, h, w),)
+        shapes = ((b, self.vae_config.scale_factor_temporal + self.vae_config.z_dim, t, h, w),)
+        if self.image_encoder is not None:  # Wan 2.1: the CLIP image states (FLF2V: two images')
+            tc = self.transformer_config
+            tokens = tc.pos_embed_seq_len or self.image_encoder_config.num_positions
+            shapes += ((b, tokens, tc.image_dim),)
+        return shapes
+
+    def encode_image(self, images) -> jnp.ndarray:
+        """(1, N x 257, image_dim) float32: the penultimate CLIP states of ``images`` (a list: the first frame, or the
+        first and the last for FLF2V) side by side, as diffusers' ``encode_image`` (``hidden_states[-2]``) and its
+        image embedder's view make them. Images: PIL, or arrays (H, W, 3) uint8 or float in [0, 1]."""
+        arrays = [im for im in images if not (hasattr(im, "convert") and hasattr(im, "resize"))]
+        floats = any(np.asarray(a).dtype.kind == "f" for a in arrays)
+        pixels = self.image_processor(images=list(images), return_tensors="np",
+                                      **({"do_rescale": False} if floats else {}))["pixel_values"]
+        if "clip" not in self._decode_cache:
+            graphdef, state = nnx.split(self.image_encoder)
+
+            @jax.jit
+            def penultimate(state, pixels):
+                return nnx.merge(graphdef, state).penultimate(pixels.astype(self.dtype)).astype(jnp.float32)
+
+            self._decode_cache["clip"] = lambda px: penultimate(state, self._put_replicated(px))
+        states = self._decode_cache["clip"](jnp.asarray(pixels, jnp.float32))
+        return states.reshape(1, -1, states.shape[-1])
+
+    def conditions(self, image, last_image, shape, image_embeds=None) -> tuple:
+        """The step's inputs of one video beside the noise: (:meth:`image_condition`,) and for Wan 2.1 the CLIP image
+        states (:meth:`encode_image`, or ``image_embeds`` given)."""
+        cond = (self.image_condition(image, last_image, shape),)
+        if self.image_encoder is None:
+            return cond
+        if image_embeds is None:
+            image_embeds = self.encode_image([image] if last_image is None else [image, last_image])
+        return cond + (jnp.asarray(image_embeds, jnp.float32).reshape(1, -1, self.transformer_config.image_dim),)
+
+    def _check_images(self, last_image, image_embeds) -> None:
+        """Refuse what the image encoders cannot take, before any heavy work."""
+        tc = self.transformer_config
+        if image_embeds is not None and self.image_encoder is None:
+            raise ValueError("image_embeds are CLIP image states: only a Wan 2.1 image-to-video model (an image "
+                             "encoder, image_dim set) takes them.")
+        if self.image_encoder is None:
+            return
+        if image_embeds is None:
+            check_last_image(tc, last_image is not None)
+        if image_embeds is not None:
+            want = tc.pos_embed_seq_len or self.image_encoder_config.num_positions
+            got = np.shape(image_embeds)
+            if got[-1] != tc.image_dim or int(np.prod(got[:-1])) != want:
+                raise ValueError(f"image_embeds {got}: this model takes {want} CLIP states of width {tc.image_dim} "
+                                 f"per video (e.g. ({want}, {tc.image_dim})).")
 
     def _encode_fn(self):
         """Jitted VAE encode (B, 3, F, H, W) in [-1, 1] -> scaled latents, replicated (one device's work: the
@@ -527,19 +612,43 @@ class WanImageToVideoPipeline(WanPipeline):
                  guidance_scale: float = 5.0, guidance_scale_2: float | None = None, prompt_embeds=None,
                  negative_prompt_embeds=None, latents=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
                  num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
-                 progress: bool = True) -> WanPipelineOutput:
+                 progress: bool = True, image_embeds=None) -> WanPipelineOutput:
         """``image``: the first frame (a PIL image, resized to ``width`` x ``height`` as diffusers does, or an
-        array of that size); ``last_image``: the last frame too (first-last-frame); the rest as
-        :meth:`WanPipeline.__call__`."""
+        array of that size); ``last_image``: the last frame too (first-last-frame: Wan 2.2 I2V-A14B, Wan 2.1
+        FLF2V); ``image_embeds`` (Wan 2.1): CLIP image states to use instead of encoding ``image`` (diffusers'
+        argument; one video's, e.g. (257, 1280)); the rest as :meth:`WanPipeline.__call__`."""
         if image is None:
             raise ValueError("image-to-video needs an image (the first frame).")
+        self._check_images(last_image, image_embeds)
         return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                               guidance_scale_2=guidance_scale_2, prompt_embeds=prompt_embeds,
                               negative_prompt_embeds=negative_prompt_embeds, latents=latents,
                               max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt,
                               seed=seed, output_type=output_type, progress=progress,
-                              condition=lambda shape: self.image_condition(image, last_image, shape))
+                              condition=lambda shape: self.conditions(image, last_image, shape, image_embeds))
+
+
+def load_image_processor(folder):
+    """The checkpoint's ``image_processor`` (transformers' CLIP preprocessing: resize the short side, center crop,
+    normalize; its PIL backend, which needs no torch); under ``from_config`` without that folder, CLIP's defaults
+    (224 x 224, OpenAI's mean / std: the Wan 2.1 checkpoints')."""
+    from pathlib import Path
+
+    from xdit_jax.pipelines.denoise import _RANDOM_WEIGHTS
+    from xdit_jax.safetensors_io import CheckpointError
+
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:  # transformers 4
+        from transformers import CLIPImageProcessor as processor_class
+    path = Path(folder) / "image_processor"
+    if path.is_dir():
+        return processor_class.from_pretrained(path)
+    if _RANDOM_WEIGHTS.get() is not None:
+        return processor_class()
+    raise CheckpointError(f"{path} is missing: a Wan 2.1 image-to-video checkpoint ships its CLIP image processor "
+                          "there (preprocessor_config.json); download the folder again or copy it from the hub's.")
 
 
 def _load_vae_encoder(folder, vae_config, dtype, sharding, random_seed=None):
