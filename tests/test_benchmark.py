@@ -1309,6 +1309,7 @@ def test_wan21_image_to_video_rows_vs_diffusers(tmp_path, monkeypatch):
         assert one["image_tokens"] == (pos or 5) and one["text_tokens"] == 512 and one["latent_shape"] == [2, 12, 3,
                                                                                                             4, 6]
         assert one["max_abs_diff_vs_diffusers"] < 1e-4  # fp32, outputs of order 1 (as wan-tiny's)
+        assert f"+ {pos or 5} CLIP image states" in bench.format_table(rows)
         assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
         without = bench.wan_analytic_flops(json.loads((folder / "transformer" / "config.json").read_text()),
                                            tuple(one["latent_shape"]), 512)["total"]

@@ -1363,6 +1363,8 @@ def format_table(rows: list[dict]) -> str:
     elif r0.get("family") == "wan":  # Wan: the video tokens self-attend, the zero-padded caption is cross-attended
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} of the prompt's, the rest zeros, cross-attended)")
+        if r0.get("image_tokens"):  # Wan 2.1 I2V / FLF2V
+            tokens += f" + {r0['image_tokens']} CLIP image states (cross-attended)"
     elif "image_tokens" in r0:  # PixArt: image tokens self-attend, the caption is cross-attended
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")
