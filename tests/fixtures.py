@@ -144,7 +144,8 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
     two experts: a second random transformer, boundary_ratio 0.875); "ti2v" (Wan 2.2 TI2V-5B's expand_timesteps and
     Wan 2.2 VAE); "i2v" (Wan 2.2 I2V-A14B's image-to-video: two experts taking 12 channels, no image encoder);
     "ti2v-image" (TI2V-5B's image-to-video pipeline); "i2v-2.1" (Wan 2.1 I2V: one transformer taking 12 channels and
-    CLIP image states, a tiny CLIPVisionModel and CLIPImageProcessor at 28 x 28: 5 image tokens); "flf2v" (Wan 2.1
+    CLIP image states, a tiny CLIPVisionModel (3 layers) and CLIPImageProcessor at 28 x 28: 5 image tokens, as
+    xdit_jax.tiny's); "flf2v" (Wan 2.1
     FLF2V: the same with the image embedder's position table over two images' states, the encoder saved
     WithProjection as diffusers' conversion script does)."""
     from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
@@ -171,12 +172,10 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
         from diffusers import WanImageToVideoPipeline
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
-        kw = dict(tiny.WAN_TRANSFORMER, in_channels=12, image_dim=16, added_kv_proj_dim=24,
-                  pos_embed_seq_len=10 if variant == "flf2v" else None)
-        vcfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, projection_dim=8, num_hidden_layers=3,
-                                num_attention_heads=2, image_size=28, patch_size=14, hidden_act="gelu")
+        kw = dict(tiny.WAN_I2V_TRANSFORMER, pos_embed_seq_len=10 if variant == "flf2v" else None)
+        vcfg = CLIPVisionConfig(**dict(tiny.WAN_IMAGE_ENCODER, num_hidden_layers=3))
         encoder = (CLIPVisionModelWithProjection if variant == "flf2v" else CLIPVisionModel)(vcfg)
-        processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        processor = CLIPImageProcessor(**tiny.WAN_IMAGE_PROCESSOR)
         return WanImageToVideoPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae,
                                        transformer=randomize_(WanTransformer3DModel(**kw), seed, std=0.1),
                                        scheduler=sched, image_encoder=randomize_(encoder, seed + 4, std=0.2),

@@ -1286,21 +1286,15 @@ def test_wan_tiny_rows_vs_diffusers(monkeypatch):
 def test_wan21_image_to_video_rows_vs_diffusers(tmp_path, monkeypatch):
     """A tiny Wan 2.1 I2V config folder (5 CLIP image states of width 16: image_size 28, patch 14) and its FLF2V form
     (2 x 5 with the position table): the step against diffusers (which assumes 512 caption tokens) on one device,
-    and the analytic FLOPs (the image embedder, attn2's added K/V and their attention) == the compiled program's."""
+    the analytic FLOPs (the image embedder, attn2's added K/V and their attention) == the compiled program's, and
+    FLF2V end to end."""
     import json
 
     from xdit_jax import tiny
 
     monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)
     for pos in (None, 10):
-        folder = tmp_path / f"i2v-{pos}"
-        for comp, cfg in [("transformer", dict(tiny.WAN_TRANSFORMER, in_channels=12, image_dim=16,
-                                               added_kv_proj_dim=24, pos_embed_seq_len=pos)),
-                          ("vae", tiny.WAN_VAE), ("image_encoder", dict(model_type="clip_vision_model", image_size=28,
-                                                                        patch_size=14, hidden_size=16))]:
-            (folder / comp).mkdir(parents=True)
-            (folder / comp / "config.json").write_text(json.dumps(dict(cfg, _class_name="WanTransformer3DModel")
-                                                                  if comp == "transformer" else cfg))
+        folder = tiny.write_wan_i2v_configs(tmp_path / f"i2v-{pos}", flf2v=pos is not None)
         (folder / "defaults.json").write_text(json.dumps({"height": 32, "width": 48, "num_frames": 9}))
         rows = bench.run_step_benchmark(bench.StepOptions(model=str(folder), steps=1, compare="diffusers", settle=0,
                                                           log=lambda s: None))
@@ -1314,6 +1308,10 @@ def test_wan21_image_to_video_rows_vs_diffusers(tmp_path, monkeypatch):
         without = bench.wan_analytic_flops(json.loads((folder / "transformer" / "config.json").read_text()),
                                            tuple(one["latent_shape"]), 512)["total"]
         assert one["flops_analytic"] > without  # the image's share is counted
+    # --e2e on the FLF2V folder: random first and last frames through the CLIP and VAE encoders, then the video
+    (row,) = bench.run_e2e_benchmark(bench.StepOptions(model=str(folder), log=lambda s: None), steps=2)
+    assert "error" not in row, row.get("error")
+    assert row["output_shape"] == [1, 9, 32, 48, 3] and row["warm_stages_s"]["image_encoding"] > 0
 
 
 def _wan_flops_by_hand(b, s, txt, n, d, ffn, c=16, cout=16, dt=4096, tdim=256, patch=4):

@@ -157,24 +157,7 @@ def test_generate_wan22_image_to_video_random_weights(tmp_path, capsys):
                                                            "--mesh", "ulysses=2"])
     assert rc == 0 and iio.imread(tmp_path / "t.mp4").shape == (5, 32, 48, 3)
     # Wan 2.1 FLF2V's layout (CLIP image encoder, its processor's config, a position table over two images' states)
-    flf2v = tmp_path / "flf2v"
-    shutil.copytree(configs, flf2v)
-    shutil.rmtree(flf2v / "transformer_2")
-    (flf2v / "transformer" / "config.json").write_text(json.dumps({**transformer, "in_channels": 12, "image_dim": 16,
-                                                                   "added_kv_proj_dim": 24, "pos_embed_seq_len": 10}))
-    for comp, name, cfg in [("image_encoder", "config.json", dict(model_type="clip_vision_model", hidden_size=16,
-                                                                  intermediate_size=32, num_hidden_layers=2,
-                                                                  num_attention_heads=2, image_size=28,
-                                                                  patch_size=14, hidden_act="gelu")),
-                            ("image_processor", "preprocessor_config.json",
-                             dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}))]:
-        (flf2v / comp).mkdir()
-        (flf2v / comp / name).write_text(json.dumps(cfg))
-    index = json.loads((configs / "model_index.json").read_text())
-    index.pop("transformer_2"), index.pop("boundary_ratio")
-    index.update(image_encoder=["transformers", "CLIPVisionModel"], image_processor=["transformers",
-                                                                                     "CLIPImageProcessor"])
-    (flf2v / "model_index.json").write_text(json.dumps(index))
+    flf2v = tiny.write_wan_i2v_configs(tmp_path / "flf2v", flf2v=True)
     rc = cli.main(common[:1] + [str(flf2v)] + common[2:] + ["--output", str(tmp_path / "f.mp4"), "--image", str(image),
                                                             "--last-image", str(image), "--mesh", "ring=2"])
     assert rc == 0 and iio.imread(tmp_path / "f.mp4").shape == (5, 32, 48, 3)

@@ -1353,7 +1353,8 @@ class Wan(Family):
     title = "Wan"
 
     def pipeline_call(self, w):
-        """An image-to-video folder (``WanImageToVideoPipeline``) also gets its first frame (a random image)."""
+        """An image-to-video folder (``WanImageToVideoPipeline``) also gets its first frame (a random image), and a
+        first-last-frame one (Wan 2.1 FLF2V: ``pos_embed_seq_len``) its last frame too."""
         import json
         from pathlib import Path
 
@@ -1361,7 +1362,10 @@ class Wan(Family):
         index = Path(w.folder) / "model_index.json" if w.folder else None
         if index is not None and index.exists() and \
                 json.loads(index.read_text()).get("_class_name") == "WanImageToVideoPipeline":
-            kw["image"] = np.random.default_rng(0).integers(0, 256, (w.height, w.width, 3), dtype=np.uint8)
+            frames = np.random.default_rng(0).integers(0, 256, (2, w.height, w.width, 3), dtype=np.uint8)
+            kw["image"] = frames[0]
+            if w.transformer.get("pos_embed_seq_len"):
+                kw["last_image"] = frames[1]
         return kw
 
     def latent_shape(self, w):

@@ -426,6 +426,31 @@ def write_configs(folder: str | os.PathLike, family: str = "cogvideox", transfor
     return parts
 
 
+# Wan 2.1 image-to-video at tiny size: a 12-channel transformer (noise 4 + mask 4 + image latents 4) taking 16-wide CLIP
+# image states (added K/V of the model's width, 24), and a 2-layer CLIP vision tower at 28 x 28 (patch 14: 5 states).
+WAN_I2V_TRANSFORMER = dict(WAN_TRANSFORMER, in_channels=12, image_dim=16, added_kv_proj_dim=24)
+WAN_IMAGE_ENCODER = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=28, patch_size=14, hidden_act="gelu", projection_dim=8)
+WAN_IMAGE_PROCESSOR = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+
+
+def write_wan_i2v_configs(folder: str | os.PathLike, flf2v: bool = False) -> Path:
+    """The configs of a tiny Wan 2.1 image-to-video model (``WanImageToVideoPipeline`` with a CLIP ``image_encoder``
+    and its ``image_processor``) in ``folder``; ``flf2v``: first-last-frame (the image embedder's position table over
+    two images' 5 states). For ``from_config`` / ``--random-weights`` trials and tests."""
+    folder = Path(folder)
+    write_configs(folder, "wan", dict(WAN_I2V_TRANSFORMER, pos_embed_seq_len=10 if flf2v else None))
+    for name, file, cfg in [("image_encoder", "config.json", WAN_IMAGE_ENCODER),
+                            ("image_processor", "preprocessor_config.json", WAN_IMAGE_PROCESSOR)]:
+        (folder / name).mkdir(exist_ok=True)
+        (folder / name / file).write_text(json.dumps(cfg, indent=2))
+    index = dict(model_index("wan"), _class_name="WanImageToVideoPipeline",
+                 image_encoder=["transformers", "CLIPVisionModel"],
+                 image_processor=["transformers", "CLIPImageProcessor"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None,
                     family: str = "cogvideox") -> Path:
     """Write a converted xdit_jax folder holding a tiny random model of ``family`` ("cogvideox" or
