@@ -15,18 +15,29 @@ VARIANTS = {
     "2b": {},
     "5b": dict(use_rotary_positional_embeddings=True),
     "1.5": dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False),
+    # image-to-video (CogVideoXImageToVideoPipeline): the noise and the image's latents in; 5B-I2V's learned
+    # positional table (its size: the sample's, 64 x 96 and 9 frames here), 1.5-I2V's ofs embedding (and its VAE's
+    # invert_scale_latents)
+    "5b-i2v": dict(use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True, in_channels=8),
+    "1.5-i2v": dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False, in_channels=8,
+                    ofs_embed_dim=32),
 }
 
 
 def make_torch_pipeline(variant: str = "2b", seed: int = 0, scheduler: str = "ddim") -> CogVideoXPipeline:
     torch.manual_seed(seed)
-    transformer = randomize_(CogVideoXTransformer3DModel(**tiny.TRANSFORMER, **VARIANTS[variant]), seed, std=0.1)
-    vae_kw = {k: v for k, v in tiny.VAE.items()}
+    transformer = randomize_(CogVideoXTransformer3DModel(**{**tiny.TRANSFORMER, **VARIANTS[variant]}), seed, std=0.1)
+    vae_kw = dict(tiny.VAE, invert_scale_latents=variant == "1.5-i2v")
     vae = randomize_(AutoencoderKLCogVideoX(**vae_kw), seed + 1, std=0.1)
     te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
     text_encoder = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 2, std=0.2)
     sched_kw = {k: v for k, v in tiny.SCHEDULER.items() if not k.startswith("_")}
     sched_cls = CogVideoXDDIMScheduler if scheduler == "ddim" else CogVideoXDPMScheduler
+    if variant.endswith("i2v"):
+        from diffusers import CogVideoXImageToVideoPipeline
+
+        return CogVideoXImageToVideoPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae,
+                                             transformer=transformer, scheduler=sched_cls(**sched_kw))
     return CogVideoXPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae,
                              transformer=transformer, scheduler=sched_cls(**sched_kw))
 

@@ -216,6 +216,34 @@ def test_configs_load_in_diffusers_and_ours():
         assert {"height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps"} <= set(defaults)
 
 
+def test_cogvideox_image_to_video_rows_vs_diffusers(tmp_path, monkeypatch):
+    """Tiny CogVideoX I2V config folders: 5B-I2V's (its learned positional table at the sample size) and 1.5-I2V's
+    (ofs): the step against diffusers on one device, the analytic FLOPs (the ofs embedding counted) == the compiled
+    program's; 1.5-I2V end to end (a random first frame through the VAE's encoder)."""
+    import json
+
+    from xdit_jax import tiny
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)
+    for name, extra in [("5b-i2v", dict(use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)),
+                        ("1.5-i2v", dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False,
+                                         ofs_embed_dim=32))]:
+        folder = tmp_path / name
+        tiny.write_configs(folder, "cogvideox", dict(extra, in_channels=8))
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="CogVideoXImageToVideoPipeline")))
+        (folder / "defaults.json").write_text(json.dumps({"height": 64, "width": 96, "num_frames": 9}))
+        rows = bench.run_step_benchmark(bench.StepOptions(model=str(folder), steps=1, compare="diffusers", settle=0,
+                                                          log=lambda s: None))
+        assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+        one = next(r for r in rows if r["impl"] == "xdit_jax")
+        assert one["max_abs_diff_vs_diffusers"] < 1e-4, name  # fp32, outputs of order 1
+        assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9), name
+    (row,) = bench.run_e2e_benchmark(bench.StepOptions(model=str(folder), log=lambda s: None), steps=2)
+    assert "error" not in row, row.get("error")
+    assert row["output_shape"] == [1, 9, 64, 96, 3] and row["warm_stages_s"]["image_encoding"] > 0
+
+
 def test_compiler_option_parsing():
     opts = bench.parse_compiler_options(["xla_cpu_experimental_ynn_fusion_type=dot,eltwise",
                                          "xla_cpu_enable_fast_math=true", "xla_cpu_parallel_codegen_split_count=4"])

@@ -173,6 +173,33 @@ def test_generate_wan22_image_to_video_random_weights(tmp_path, capsys):
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "y.mp4").exists()
 
 
+def test_generate_cogvideox_image_to_video_random_weights(tmp_path, capsys):
+    """A tiny CogVideoX1.5-I2V configs folder (ofs, patch_size_t): --image runs image-to-video on ulysses=2;
+    --last-image is refused (CogVideoX takes the first frame only)."""
+    import json
+
+    import imageio.v3 as iio
+    import numpy as np
+
+    from xdit_jax import tiny
+
+    configs = tmp_path / "cogvideox-i2v"
+    tiny.write_configs(configs, "cogvideox", dict(use_rotary_positional_embeddings=True, patch_size_t=2,
+                                                  patch_bias=False, in_channels=8, ofs_embed_dim=32))
+    index = json.loads((configs / "model_index.json").read_text())
+    (configs / "model_index.json").write_text(json.dumps(dict(index, _class_name="CogVideoXImageToVideoPipeline")))
+    image = tmp_path / "first.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    common = ["--model", str(configs), "--random-weights", "--steps", "2", "--height", "64", "--width", "96",
+              "--num-frames", "9", "--no-progress", "--image", str(image)]
+    rc = cli.main(common + ["--output", str(tmp_path / "c.mp4"), "--mesh", "ulysses=2"])
+    assert rc == 0 and iio.imread(tmp_path / "c.mp4").shape == (9, 64, 96, 3)
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(cli.main(common + ["--output", str(tmp_path / "y.mp4"), "--last-image", str(image)]))
+    assert e.value.code == 2 and "first frame only" in capsys.readouterr().err
+    assert not (tmp_path / "y.mp4").exists()
+
+
 def test_generate_flux_image(tmp_path, capsys):
     """The tiny FLUX (two phases: text whole, then joint): a .png with true CFG on a CFG x ring mesh."""
     import imageio.v3 as iio

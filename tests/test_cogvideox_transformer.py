@@ -23,10 +23,24 @@ VARIANTS = {
     "5b": dict(BASE, use_rotary_positional_embeddings=True),
     "1.5": dict(BASE, use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False,
                 sample_width=12, sample_height=8),
+    # image-to-video: the noise and the image's latents (8 channels in); 5B-I2V's learned table over [text; video],
+    # 1.5-I2V's ofs embedding
+    "5b-i2v": dict(BASE, in_channels=8, use_rotary_positional_embeddings=True,
+                   use_learned_positional_embeddings=True),
+    "1.5-i2v": dict(BASE, in_channels=8, use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False,
+                    sample_width=12, sample_height=8, ofs_embed_dim=32),
 }
 # (batch, latent frames, latent h, latent w): the last case differs from the config's sample size,
 # so the position tables are rebuilt (diffusers' other branch) and RoPE gets a crop region.
-SHAPES = {"2b": [(2, 3, 6, 8), (1, 2, 4, 10)], "5b": [(2, 3, 6, 8), (1, 2, 4, 10)], "1.5": [(2, 4, 8, 12), (1, 2, 6, 4)]}
+# 5B-I2V: its learned table only at the sample size (60 x 90 latents in the release); 3 latent frames (9 video frames
+# = sample_frames) use it, 2 the sin-cos table diffusers builds instead.
+SHAPES = {"2b": [(2, 3, 6, 8), (1, 2, 4, 10)], "5b": [(2, 3, 6, 8), (1, 2, 4, 10)], "1.5": [(2, 4, 8, 12), (1, 2, 6, 4)],
+          "5b-i2v": [(2, 3, 6, 8), (1, 2, 6, 8)], "1.5-i2v": [(2, 4, 8, 12), (1, 2, 6, 4)]}
+OFS = 2.0  # CogVideoXImageToVideoPipeline's
+
+
+def ofs_of(cfg):
+    return OFS if cfg.ofs_embed_dim else None
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -44,14 +58,15 @@ def torch_forward(tm, x, enc, t):
         fake = types.SimpleNamespace(transformer=tm, vae_scale_factor_spatial=8)
         rope = TorchPipeline._prepare_rotary_positional_embeddings(fake, x.shape[3] * 8, x.shape[4] * 8,
                                                                    x.shape[1], "cpu")
+    ofs = torch.full((1,), OFS) if tm.config.ofs_embed_dim else None
     with torch.no_grad():
-        return tm(hidden_states=x, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope,
+        return tm(hidden_states=x, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope, ofs=ofs,
                   return_dict=False)[0].numpy()
 
 
 def test_matches_diffusers(pair):
     name, tm, cfg, model = pair
-    fwd = jax.jit(lambda m, x, e, t: m(x, e, t))
+    fwd = jax.jit(lambda m, x, e, t: m(x, e, t, ofs_of(cfg)))
     rng = np.random.default_rng(0)
     for b, f, h, w in SHAPES[name]:
         x = rng.standard_normal((b, f, cfg.in_channels, h, w)).astype(np.float32)
@@ -74,8 +89,8 @@ def test_bf16_close_to_fp32(pair):
     x = jnp.asarray(rng.standard_normal((b, f, cfg.in_channels, h, w)), jnp.float32)
     enc = jnp.asarray(rng.standard_normal((b, cfg.max_text_seq_length, cfg.text_embed_dim)), jnp.float32)
     t = jnp.array([500, 20][:b])
-    ref = np.asarray(model(x, enc, t))
-    out = np.asarray(m16(x, enc, t).astype(jnp.float32))
+    ref = np.asarray(model(x, enc, t, ofs_of(cfg)))
+    out = np.asarray(m16(x, enc, t, ofs_of(cfg)).astype(jnp.float32))
     # bf16 has an 8-bit mantissa (rel. step 2^-8 = 0.4%); through 2 blocks the error stays a few %
     # of the output scale.
     scale = np.abs(ref).max()
@@ -92,3 +107,47 @@ def test_checkpoint_mismatch_is_reported(pair):
         cogvideox.params_from_torch(sd, cfg)
     msg = str(e.value)
     assert "transformer_blocks.1.attn1.to_q.weight" in msg and "proj_out.weight" in msg and "extra.weight" in msg
+
+
+def test_image_to_video_inputs(pair):
+    """5B-I2V: the learned table only at the sample size and, at the sample frames, with the full caption; it matters
+    (zeroed, the output moves) and a sequence-parallel run equals one device. 1.5-I2V: ofs required, and it matters."""
+    name, tm, cfg, model = pair
+    if name not in ("5b-i2v", "1.5-i2v"):
+        with pytest.raises(ValueError, match="no ofs embedding"):
+            model(jnp.zeros((1, 2, cfg.in_channels, 6, 8)), jnp.zeros((1, 7, cfg.text_embed_dim)), jnp.ones(1), 2.0)
+        return
+    b, f, h, w = SHAPES[name][0]
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((b, f, cfg.in_channels, h, w)), jnp.float32)
+    enc = jnp.asarray(rng.standard_normal((b, cfg.max_text_seq_length, cfg.text_embed_dim)), jnp.float32)
+    t = jnp.array([500, 20][:b])
+    out = np.asarray(model(x, enc, t, ofs_of(cfg)))
+    if name == "1.5-i2v":
+        with pytest.raises(ValueError, match="ofs is required"):
+            model(x, enc, t)
+        assert np.abs(np.asarray(model(x, enc, t, 0.0)) - out).max() > 1e-3
+        return
+    with pytest.raises(ValueError, match="learned positional table"):
+        model(x[..., :4], enc, t)
+    with pytest.raises(ValueError, match="text tokens"):
+        model(x, enc[:, :5], t)
+    from flax import nnx
+
+    from xdit_jax.mesh import build_mesh
+    from xdit_jax.parallel.sequence import run_blocks
+
+    graphdef, state = nnx.split(model)
+    zeroed = nnx.clone(model)
+    zeroed.patch_embed.pos_embedding[...] = jnp.zeros_like(zeroed.patch_embed.pos_embedding[...])
+    assert np.abs(np.asarray(zeroed(x, enc, t)) - out).max() > 1e-3
+    mesh = build_mesh("ring=2,ulysses=2")
+
+    @jax.jit
+    def parallel(state, x, enc, t):
+        mdl = nnx.merge(graphdef, state)
+        joint, tokens, temb = mdl.embed(x, enc, t)
+        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)  # noqa: E731
+        return mdl.head(run_blocks(blocks, state, joint, tokens, temb, mesh), temb, x.shape)
+
+    np.testing.assert_allclose(np.asarray(parallel(state, x, enc, t)), out, atol=1e-5, rtol=0)

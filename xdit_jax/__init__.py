@@ -1,7 +1,7 @@
 """xdit_jax: parallel inference for diffusion transformers on JAX SPMD meshes."""
 
 from xdit_jax.mesh import MeshSpec, build_mesh
-from xdit_jax.pipelines.cogvideox import CogVideoXPipeline, CogVideoXPipelineOutput
+from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
 from xdit_jax.pipelines.flux import FluxPipeline, FluxPipelineOutput
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
@@ -9,7 +9,7 @@ from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
 from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
 
-__all__ = ["CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
+__all__ = ["CogVideoXImageToVideoPipeline", "CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
            "HunyuanDiTPipelineOutput", "MeshSpec", "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline",
            "PixArtPipelineOutput", "SD3PipelineOutput", "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "build_mesh"]

@@ -77,7 +77,7 @@ from xdit_jax.hlo import matmul_flops as hlo_matmul_flops
 from xdit_jax.hlo import memory_analysis_bytes
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b")
+FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v")
 PIXART_MODELS = ("pixart-alpha-1024", "pixart-sigma-1024")
 HUNYUANDIT_MODELS = ("hunyuandit-v1.2",)
 MOCHI_MODELS = ("mochi-1-preview",)

@@ -151,7 +151,8 @@ class Family:
     # -- end to end -----------------------------------------------------------------------------
     def pipeline_call(self, w) -> dict:
         """The pipeline's keyword arguments that run the workload's shapes (``--e2e``): its size (frames),
-        its text length, CFG unless the workload runs one sample per prompt (the pipeline's default scale)."""
+        its text length, CFG unless the workload runs one sample per prompt (the pipeline's default scale); an
+        image-to-video folder's first frame (a random image of the video's size)."""
         kw = {"height": w.height, "width": w.width}
         if self.token_word == "video":
             kw["num_frames"] = w.num_frames
@@ -159,7 +160,19 @@ class Family:
             kw["guidance_scale"] = 1.0
         if w.text_tokens:
             kw["max_sequence_length"] = w.text_tokens
+        if self.image_to_video(w):
+            kw["image"] = np.random.default_rng(0).integers(0, 256, (w.height, w.width, 3), dtype=np.uint8)
         return kw
+
+    @staticmethod
+    def image_to_video(w) -> bool:
+        """Whether the workload's folder holds an image-to-video pipeline (model_index.json's class name)."""
+        import json
+        from pathlib import Path
+
+        index = Path(w.folder) / "model_index.json" if w.folder else None
+        return index is not None and index.exists() and json.loads(index.read_text()).get("_class_name") in (
+            "WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")
 
 
 # ============================================================================================
@@ -179,8 +192,9 @@ def cogvideox_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], t
         two adaLN modulations      2 * 2 B T (6d)       = 24 B T d
 
     plus, once: patch embedding 2 B S_v C_in d, text projection 2 B S_t D_txt d, time embedding
-    2 B (d T + T^2), output modulation 2 B T (2d), output projection 2 B S_v d C_out.
-    Element-wise work (norms, softmax, GELU, RoPE) is left out: < 1% at these sizes.
+    2 B (d T + T^2), output modulation 2 B T (2d), output projection 2 B S_v d C_out; CogVideoX1.5-I2V's ofs
+    embedding (T -> T -> T on the one ``ofs`` value, as diffusers) 4 T^2. Element-wise work (norms, softmax, GELU,
+    RoPE, 5B-I2V's learned positional table: an add) is left out: < 1% at these sizes.
     """
     b, f, c, h, w = latent_shape
     p = int(transformer.get("patch_size", 2))
@@ -198,6 +212,8 @@ def cogvideox_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], t
     ff = 16 * b * s * d * d
     mod = 24 * b * tdim * d
     embed = 2 * b * sv * (c * p * p * pt) * d + 2 * b * st * dtxt * d + 2 * b * (d * tdim + tdim * tdim)
+    if transformer.get("ofs_embed_dim"):
+        embed += 4 * tdim * tdim
     head = 2 * b * tdim * 2 * d + 2 * b * sv * d * (cout * p * p * pt)
     block = proj + attn + ff + mod
     return {"total": float(layers * block + embed + head), "per_block": float(block),
@@ -256,8 +272,11 @@ class TorchReference:
                 fake, h * w.vae_scale_spatial, ww * w.vae_scale_spatial, f, self.device)
 
     def _forward(self):
+        ofs = None
+        if getattr(self.model.config, "ofs_embed_dim", None):  # CogVideoX1.5-I2V: its pipeline's constant
+            ofs = self.torch.full((1,), 2.0, device=self.device)
         return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
-                          image_rotary_emb=self.rope, return_dict=False)[0]
+                          image_rotary_emb=self.rope, ofs=ofs, return_dict=False)[0]
 
     def __call__(self):
         with self.torch.inference_mode():
@@ -315,10 +334,13 @@ class CogVideoX(Family):
         embeds = rng.standard_normal((w.step_batch, self.text_len(w), int(w.transformer.get("text_embed_dim", 4096))),
                                      dtype=np.float32)
         steps = np.full((w.step_batch,), 500, dtype=np.int64)
-        return {"latents": latents, "embeds": embeds, "t": steps}
+        out = {"latents": latents, "embeds": embeds, "t": steps}
+        if w.transformer.get("ofs_embed_dim"):  # CogVideoX1.5-I2V: CogVideoXImageToVideoPipeline's ofs
+            out["ofs"] = np.float32(2.0)
+        return out
 
     def embed_args(self, inputs, dtype):
-        return inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"]
+        return inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], inputs.get("ofs")
 
     def analytic_flops(self, w):
         return cogvideox_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
@@ -1353,19 +1375,11 @@ class Wan(Family):
     title = "Wan"
 
     def pipeline_call(self, w):
-        """An image-to-video folder (``WanImageToVideoPipeline``) also gets its first frame (a random image), and a
-        first-last-frame one (Wan 2.1 FLF2V: ``pos_embed_seq_len``) its last frame too."""
-        import json
-        from pathlib import Path
-
+        """As :meth:`Family.pipeline_call`; a first-last-frame folder (Wan 2.1 FLF2V: ``pos_embed_seq_len``) also gets
+        its last frame."""
         kw = super().pipeline_call(w)
-        index = Path(w.folder) / "model_index.json" if w.folder else None
-        if index is not None and index.exists() and \
-                json.loads(index.read_text()).get("_class_name") == "WanImageToVideoPipeline":
-            frames = np.random.default_rng(0).integers(0, 256, (2, w.height, w.width, 3), dtype=np.uint8)
-            kw["image"] = frames[0]
-            if w.transformer.get("pos_embed_seq_len"):
-                kw["last_image"] = frames[1]
+        if "image" in kw and w.transformer.get("pos_embed_seq_len"):
+            kw["last_image"] = np.random.default_rng(1).integers(0, 256, (w.height, w.width, 3), dtype=np.uint8)
         return kw
 
     def latent_shape(self, w):

@@ -33,6 +33,7 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             "sd3": {"output": "output.png", "guidance_scale": 7.0, "steps": 28, "tiny_steps": 4},
             "wan": {"output": "output.mp4", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4}}
 VIDEO_FAMILIES = ("cogvideox", "mochi", "wan")
+IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")  # (diffusers class names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
     ap.add_argument("--image", default=None, metavar="PATH",
-                    help="image-to-video (a Wan I2V model): the first frame, resized to --width x --height")
+                    help="image-to-video (a CogVideoX or Wan I2V model, Wan 2.2 TI2V-5B): the first frame, resized to "
+                         "--width x --height")
     ap.add_argument("--last-image", default=None, metavar="PATH",
-                    help="image-to-video: the last frame too (first-last-frame)")
+                    help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
                     metavar="N", help="samples per prompt (diffusers' num_images_per_prompt / num_videos_per_prompt); "
                     "written as OUTPUT_0, OUTPUT_1, ... when there are several")
@@ -466,13 +468,16 @@ def _main(argv=None) -> int:
 
             model = resolve_model(args.model)  # a local folder (a hub id is downloaded here)
         family = pipelines.family(pipeline_class_name(model))
-        image_to_video = pipeline_class_name(model) == "WanImageToVideoPipeline" or (
+        kind = pipeline_class_name(model)
+        image_to_video = kind in IMAGE_TO_VIDEO or (
             args.image is not None and family == "wan" and _expand_timesteps(model))  # TI2V-5B with an image
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         if not image_to_video and args.image is not None:
-            raise ValueError(f"--image: {args.model} is not an image-to-video model (a Wan I2V checkpoint or Wan 2.2 "
-                             "TI2V-5B is).")
+            raise ValueError(f"--image: {args.model} is not an image-to-video model (a CogVideoX or Wan I2V "
+                             "checkpoint, or Wan 2.2 TI2V-5B, is).")
+        if args.last_image is not None and kind == "CogVideoXImageToVideoPipeline":
+            raise ValueError("--last-image: CogVideoX image-to-video takes the first frame only.")
         check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
         if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3"):
@@ -489,7 +494,7 @@ def _main(argv=None) -> int:
         guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
             _check_request(family, model, args, spec, guidance)
-        cls = pipelines.pipeline_class("WanImageToVideoPipeline" if image_to_video else pipeline_class_name(model))
+        cls = pipelines.pipeline_class("WanImageToVideoPipeline" if image_to_video and family == "wan" else kind)
         kw = dict(mesh=spec, dtype=dtype, attention_backend=args.attention_backend,
                   pipefusion_patches=args.num_pipeline_patch, pipefusion_warmup_steps=args.warmup_steps)
         if args.random_weights:
@@ -544,7 +549,8 @@ def _main(argv=None) -> int:
     if image_to_video:
         from PIL import Image
 
-        kw["last_image"] = None if args.last_image is None else Image.open(args.last_image).convert("RGB")
+        if family == "wan":
+            kw["last_image"] = None if args.last_image is None else Image.open(args.last_image).convert("RGB")
         call = functools.partial(pipe, Image.open(args.image).convert("RGB"))
     else:
         call = pipe

@@ -1,7 +1,10 @@
 """CogVideoX transformer (diffusers ``CogVideoXTransformer3DModel``) in Flax NNX.
 
-All three released variants: 2B (3D sin-cos positions, Conv2d patch embed), 5B (3D RoPE) and
-1.5 (RoPE, ``patch_size_t=2``, Linear patch embed). Submodules carry the diffusers names so the
+All released variants: 2B (3D sin-cos positions, Conv2d patch embed), 5B (3D RoPE) and 1.5 (RoPE,
+``patch_size_t=2``, Linear patch embed), and the image-to-video ones: 5B-I2V (32 input channels: the noise and the
+image's latents; a learned positional table over the joint [text; video] sequence on top of RoPE, used as diffusers
+does: only at the checkpoint's ``sample_height`` x ``sample_width``, and replaced by the 3D sin-cos table where the
+frame count differs from ``sample_frames``) and 1.5-I2V (the ``ofs`` embedding added to the time embedding). Submodules carry the diffusers names so the
 torch -> Flax key map is derived (``xdit_jax.keymap``); the table below lists what differs.
 The blocks are stacked on a leading layer axis and run with one ``lax.scan``.
 Attention goes through :func:`xdit_jax.parallel.attention.attention` (never a collective here).
@@ -69,12 +72,12 @@ class CogVideoXConfig(TransformerDims):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CogVideoXConfig":
         cfg = cls(**known_fields(cls, d))
-        if cfg.use_learned_positional_embeddings:
-            raise ValueError("Learned positional embeddings (CogVideoX-5b-I2V) are image-to-video; "
-                             "only text-to-video CogVideoX checkpoints are supported.")
-        if cfg.ofs_embed_dim:
-            raise ValueError("This checkpoint has an 'ofs' embedding (CogVideoX1.5-5B-I2V, image-to-video); "
-                             "only text-to-video CogVideoX checkpoints are supported.")
+        if cfg.use_learned_positional_embeddings and not cfg.use_rotary_positional_embeddings:
+            raise ValueError("Learned positional embeddings without rotary ones: no CogVideoX checkpoint has them "
+                             "(diffusers refuses them too).")
+        if cfg.ofs_embed_dim and cfg.ofs_embed_dim != cfg.time_embed_dim:
+            raise ValueError(f"ofs_embed_dim {cfg.ofs_embed_dim} must equal time_embed_dim {cfg.time_embed_dim} "
+                             "(the ofs embedding is added to the time embedding).")
         if cfg.activation_fn != "gelu-approximate" or cfg.timestep_activation_fn != "silu":
             raise ValueError(f"Unsupported activations {cfg.activation_fn!r}/{cfg.timestep_activation_fn!r}.")
         return cfg
@@ -86,7 +89,7 @@ TORCH_RENAMES = [
     (r"\.ff\.net_0\.", ".ff.net.0.proj."),
     (r"\.ff\.net_2\.", ".ff.net.2."),
 ]
-# Non-persistent buffers some exports include.
+# Non-persistent buffers some exports include (5B-I2V's learned table is a parameter: loaded).
 TORCH_IGNORE = [r"^patch_embed\.pos_embedding$"]
 
 
@@ -170,6 +173,17 @@ class PatchEmbed(nnx.Module):
         else:
             self.proj = linear(cfg.in_channels * p * p * cfg.patch_size_t, cfg.inner_dim, dtype=dtype, rngs=rngs)
         self.text_proj = linear(cfg.text_embed_dim, cfg.inner_dim, dtype=dtype, rngs=rngs)
+        if cfg.use_learned_positional_embeddings:  # 5B-I2V: over [text; video] at the sample size
+            self.pos_embedding = nnx.Param(jnp.zeros((1, cfg.max_text_seq_length + learned_table_tokens(cfg),
+                                                      cfg.inner_dim), dtype))
+
+
+def learned_table_tokens(cfg: CogVideoXConfig) -> int:
+    """Video tokens of the learned positional table (5B-I2V): the checkpoint's sample video's."""
+    frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+    if cfg.patch_size_t is not None:
+        frames = (frames + cfg.patch_size_t - 1) // cfg.patch_size_t
+    return frames * (cfg.sample_height // cfg.patch_size) * (cfg.sample_width // cfg.patch_size)
 
 
 def sincos_table(cfg: CogVideoXConfig, frames: int, grid_h: int, grid_w: int) -> np.ndarray:
@@ -229,7 +243,8 @@ class CogVideoXTransformer3DModel(nnx.Module):
     """``model(hidden_states, encoder_hidden_states, timestep)`` as diffusers' forward.
 
     hidden_states: (B, F, C, H, W) latents (diffusers' layout); encoder_hidden_states: (B, L, text_dim);
-    timestep: (B,). Returns the prediction in the latents' layout.
+    timestep: (B,); ``ofs`` (1.5-I2V only, required there): a scalar or (B,) (the pipeline's 2.0). Returns the
+    prediction in the latents' layout.
     """
 
     def __init__(self, cfg: CogVideoXConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -238,6 +253,8 @@ class CogVideoXTransformer3DModel(nnx.Module):
         self.dtype = dtype
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
         self.time_embedding = TimestepEmbedding(cfg.inner_dim, cfg.time_embed_dim, dtype=dtype, rngs=rngs)
+        if cfg.ofs_embed_dim:  # 1.5-I2V
+            self.ofs_embedding = TimestepEmbedding(cfg.ofs_embed_dim, cfg.ofs_embed_dim, dtype=dtype, rngs=rngs)
         self.transformer_blocks = stack_modules(lambda r: CogVideoXBlock(cfg, dtype=dtype, rngs=r),
                                                 cfg.num_layers, rngs)
         self.norm_final = LayerNorm(cfg.inner_dim, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
@@ -248,7 +265,7 @@ class CogVideoXTransformer3DModel(nnx.Module):
     # -- pieces: embed (global) -> blocks (per token, any contiguous shard) -> head (global) --
     # The parallel engine (xdit_jax.parallel) shards the joint sequence between embed and head.
 
-    def embed(self, hidden_states, encoder_hidden_states, timestep):
+    def embed(self, hidden_states, encoder_hidden_states, timestep, ofs=None):
         """-> (joint, tokens, temb): the joint [text; video] sequence (B, S, D); per-token tables
         ``tokens`` ({"is_text": (S,) bool, "rope": ((S, hd), (S, hd)) or absent}); temb (B, E)."""
         cfg, dtype = self.cfg, self.dtype
@@ -257,6 +274,14 @@ class CogVideoXTransformer3DModel(nnx.Module):
         temb = timestep_embedding(jnp.asarray(timestep).reshape(-1), cfg.inner_dim, cfg.flip_sin_to_cos,
                                   cfg.freq_shift)
         temb = self.time_embedding(jnp.broadcast_to(temb, (b, cfg.inner_dim)).astype(dtype))
+        if bool(cfg.ofs_embed_dim) != (ofs is not None):
+            raise ValueError("ofs is required by a CogVideoX1.5 image-to-video transformer (ofs_embed_dim set; its "
+                             "pipeline passes 2.0) and taken by no other." if cfg.ofs_embed_dim else
+                             "ofs given, but this transformer has no ofs embedding (ofs_embed_dim is None).")
+        if ofs is not None:
+            o = timestep_embedding(jnp.asarray(ofs, jnp.float32).reshape(-1), cfg.ofs_embed_dim, cfg.flip_sin_to_cos,
+                                   cfg.freq_shift)
+            temb = temb + self.ofs_embedding(o.astype(dtype))
         enc = self.patch_embed.text_proj(encoder_hidden_states.astype(dtype))
         x = hidden_states.astype(dtype)
         if pt is None:
@@ -275,7 +300,19 @@ class CogVideoXTransformer3DModel(nnx.Module):
             hd = cfg.attention_head_dim
             tokens["rope"] = (jnp.asarray(np.concatenate([np.ones((text_len, hd), np.float32), cos])),
                               jnp.asarray(np.concatenate([np.zeros((text_len, hd), np.float32), sin])))
-        else:
+        if cfg.use_learned_positional_embeddings:  # 5B-I2V: RoPE and a positional table, as diffusers
+            if (h, w) != (cfg.sample_height, cfg.sample_width):
+                raise ValueError(f"This model's learned positional table (CogVideoX-5b-I2V) is for latents of "
+                                 f"{cfg.sample_height} x {cfg.sample_width} (a {cfg.sample_height * 8} x "
+                                 f"{cfg.sample_width * 8} video); got {h} x {w}. Generate at that size.")
+            if (f - 1) * cfg.temporal_compression_ratio + 1 == cfg.sample_frames:
+                if text_len != cfg.max_text_seq_length:
+                    raise ValueError(f"The learned positional table covers {cfg.max_text_seq_length} text tokens; "
+                                     f"got {text_len} (use max_sequence_length={cfg.max_text_seq_length}).")
+                joint = jnp.concatenate([enc, x], axis=1)
+                return joint + self.patch_embed.pos_embedding[...].astype(dtype), tokens, temb
+            # another frame count: diffusers computes the 3D sin-cos table of that size instead
+        if cfg.use_learned_positional_embeddings or not cfg.use_rotary_positional_embeddings:
             x = x + jnp.asarray(sincos_table(cfg, frames, h // p, w // p)).astype(dtype)[None]
         return jnp.concatenate([enc, x], axis=1), tokens, temb
 
@@ -299,8 +336,8 @@ class CogVideoXTransformer3DModel(nnx.Module):
         x = x.transpose(0, 1, 5, 4, 2, 6, 3, 7)
         return x.reshape(b, -1, x.shape[3], h, w)
 
-    def __call__(self, hidden_states, encoder_hidden_states, timestep):
-        joint, tokens, temb = self.embed(hidden_states, encoder_hidden_states, timestep)
+    def __call__(self, hidden_states, encoder_hidden_states, timestep, ofs=None):
+        joint, tokens, temb = self.embed(hidden_states, encoder_hidden_states, timestep, ofs)
         return self.head(self.blocks(joint, tokens, temb), temb, hidden_states.shape)
 
 
@@ -317,7 +354,8 @@ def check_input_shape(cfg: CogVideoXConfig, latent_frames: int, latent_h: int, l
 def params_from_torch(flat: dict, cfg: CogVideoXConfig, dtype=None) -> dict:
     return map_state_dict(flat, expected_shapes(lambda: CogVideoXTransformer3DModel(cfg)),
                           stacked={"transformer_blocks": cfg.num_layers}, renames=TORCH_RENAMES,
-                          ignore=TORCH_IGNORE, dtype=dtype, what="CogVideoX transformer checkpoint")
+                          ignore=[] if cfg.use_learned_positional_embeddings else TORCH_IGNORE, dtype=dtype,
+                          what="CogVideoX transformer checkpoint")
 
 
 def build(cfg: CogVideoXConfig, params: dict, dtype=jnp.float32) -> CogVideoXTransformer3DModel:

@@ -2,7 +2,9 @@
 
 Submodules carry diffusers' attribute names, so :func:`xdit_jax.keymap.map_state_dict` derives the
 key map (``decoder.up_blocks.0.resnets.1.conv1.conv.weight`` -> ``...conv1.conv.kernel``); the
-encoder's tensors are in :data:`TORCH_IGNORE`.
+encoder's tensors are in :data:`TORCH_IGNORE` (the encoder, for image-to-video, is
+:mod:`xdit_jax.models.vae_cogvideox_encoder`; conversion saves its params through
+:func:`extra_params_from_torch`).
 
 Layout: channels-last ``(N, T, H, W, C)`` inside; :func:`decode` takes and returns diffusers'
 ``(B, C, T, H, W)``. The latent video is decoded in chunks of ``frame_batch_size`` (2) latent
@@ -218,23 +220,37 @@ class CogVideoXSpatialNorm3D(nnx.Module):
 
 
 class CogVideoXResnetBlock3D(nnx.Module):
-    def __init__(self, in_channels: int, out_channels: int, *, groups: int, zq_channels: int,
-                 act_fn: str = "silu", dtype=jnp.float32):
+    """diffusers' resnet without ``temb`` (``temb_channels=0``, dropout 0). ``zq_channels``: the decoder's
+    spatial norms conditioned on the latent (their eps is 1e-6); None (diffusers' ``spatial_norm_dim=None``,
+    the encoder): plain GroupNorms with ``eps``."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, groups: int, zq_channels: int | None,
+                 act_fn: str = "silu", eps: float = 1e-6, dtype=jnp.float32):
         self.act_fn = act_fn.lower()
-        self.norm1 = CogVideoXSpatialNorm3D(in_channels, zq_channels, groups, dtype=dtype)
+
+        def norm(ch):
+            if zq_channels is None:
+                return GroupNorm(groups, ch, eps=eps, dtype=dtype)
+            return CogVideoXSpatialNorm3D(ch, zq_channels, groups, dtype=dtype)
+
+        self.norm1 = norm(in_channels)
         self.conv1 = CogVideoXCausalConv3d(in_channels, out_channels, 3, dtype=dtype)
-        self.norm2 = CogVideoXSpatialNorm3D(out_channels, zq_channels, groups, dtype=dtype)
+        self.norm2 = norm(out_channels)
         self.conv2 = CogVideoXCausalConv3d(out_channels, out_channels, 3, dtype=dtype)
         # diffusers' default (conv_shortcut=False): a plain 1x1x1 CogVideoXSafeConv3d.
         self.conv_shortcut = (Conv(in_channels, out_channels, (1, 1, 1), dtype=dtype)
                               if in_channels != out_channels else None)
 
-    def __call__(self, x, zq, cache=None):
+    def _norm(self, norm, x, zq):
+        return norm(x) if isinstance(norm, GroupNorm) else norm(x, zq)
+
+    def __call__(self, x, zq=None, cache=None):
+        """``zq``: the latent chunk for the spatial norms (None without them)."""
         cache = cache or {}
         act = _ACTIVATIONS[self.act_fn]
-        h = act(self.norm1(x, zq))
+        h = act(self._norm(self.norm1, x, zq))
         h, c1 = self.conv1(h, cache.get("conv1"))
-        h = act(self.norm2(h, zq))
+        h = act(self._norm(self.norm2, h, zq))
         h, c2 = self.conv2(h, cache.get("conv2"))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -263,15 +279,17 @@ class CogVideoXUpsample3D(nnx.Module):
 
 
 class CogVideoXMidBlock3D(nnx.Module):
-    def __init__(self, channels: int, num_layers: int, *, groups: int, zq_channels: int, act_fn: str,
-                 dtype=jnp.float32):
+    """Resnets at one width; ``zq_channels``/``eps`` as :class:`CogVideoXResnetBlock3D` (the encoder's: None)."""
+
+    def __init__(self, channels: int, num_layers: int, *, groups: int, zq_channels: int | None, act_fn: str,
+                 eps: float = 1e-6, dtype=jnp.float32):
         self.resnets = nnx.List([
             CogVideoXResnetBlock3D(channels, channels, groups=groups, zq_channels=zq_channels,
-                                   act_fn=act_fn, dtype=dtype)
+                                   act_fn=act_fn, eps=eps, dtype=dtype)
             for _ in range(num_layers)
         ])
 
-    def __call__(self, x, zq, cache=None):
+    def __call__(self, x, zq=None, cache=None):
         cache = cache or {}
         new = {}
         for i, resnet in enumerate(self.resnets):
@@ -432,6 +450,17 @@ def params_from_torch(flat: Mapping[str, np.ndarray], cfg: CogVideoXVAEConfig, d
     expected = expected_shapes(module_fn(cfg, dtype or jnp.float32))
     return map_state_dict(flat, expected, renames=TORCH_RENAMES, ignore=TORCH_IGNORE, dtype=dtype,
                           what="VAE checkpoint")
+
+
+def extra_params_from_torch(flat: Mapping[str, np.ndarray], cfg: CogVideoXVAEConfig, dtype=None) -> dict:
+    """``{"encoder_params": ...}``: the encoder's params (:mod:`xdit_jax.models.vae_cogvideox_encoder`,
+    image-to-video), which conversion saves next to the decoder's; empty for a checkpoint without encoder
+    tensors (a decode-only export)."""
+    if not any(k.startswith("encoder.") for k in flat):
+        return {}
+    from xdit_jax.models import vae_cogvideox_encoder
+
+    return {"encoder_params": vae_cogvideox_encoder.params_from_torch(flat, cfg, dtype)}
 
 
 def build(cfg: CogVideoXVAEConfig, params: Mapping, dtype=jnp.float32) -> CogVideoXVAEDecoder:

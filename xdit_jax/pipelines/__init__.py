@@ -7,6 +7,7 @@ import importlib
 # diffusers pipeline class (model_index.json's _class_name) -> (module, our class, family)
 PIPELINES = {
     "CogVideoXPipeline": ("xdit_jax.pipelines.cogvideox", "CogVideoXPipeline", "cogvideox"),
+    "CogVideoXImageToVideoPipeline": ("xdit_jax.pipelines.cogvideox", "CogVideoXImageToVideoPipeline", "cogvideox"),
     "PixArtAlphaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "PixArtSigmaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "HunyuanDiTPipeline": ("xdit_jax.pipelines.hunyuandit", "HunyuanDiTPipeline", "hunyuandit"),

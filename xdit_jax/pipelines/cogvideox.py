@@ -39,6 +39,7 @@ from xdit_jax.pipelines.denoise import (
 )
 
 log = logging.getLogger("xdit_jax")
+OFS = 2.0  # CogVideoXImageToVideoPipeline's ofs (CogVideoX1.5-I2V's transformer takes it)
 
 
 @dataclasses.dataclass
@@ -62,8 +63,12 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
         lo = (max(num_frames, 1) - 1) // step * step + 1
         raise ValueError(f"num_frames={num_frames}: the VAE produces {step}k+1 frames "
                          f"(1, {1 + step}, ..., 49, ...); try {lo} or {lo + step}.")
-    check_size_and_mesh(height, width, 2 ** (len(vc.block_out_channels) - 1) * tc.patch_size, tc.num_layers, batch,
-                        mesh_spec, guidance_scale)
+    s = 2 ** (len(vc.block_out_channels) - 1)
+    if tc.use_learned_positional_embeddings and (height, width) != (tc.sample_height * s, tc.sample_width * s):
+        raise ValueError(f"{height} x {width}: this model's learned positional table (CogVideoX-5b-I2V) is for "
+                         f"{tc.sample_height * s} x {tc.sample_width * s} videos only (as in diffusers); generate at "
+                         "that size.")
+    check_size_and_mesh(height, width, s * tc.patch_size, tc.num_layers, batch, mesh_spec, guidance_scale)
 
 
 def default_video(tc, vc) -> dict:
@@ -109,8 +114,13 @@ class CogVideoXPipeline(PipelineBase):
         ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default:
         the ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's
         ``--num_pipeline_patch`` / ``--warmup_steps``."""
+        from xdit_jax.pipelines.denoise import pipeline_class_name
+
         dtype = parse_dtype(dtype)
         folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
+        if pipeline_class_name(folder) == "CogVideoXImageToVideoPipeline":
+            raise ValueError(f"{folder} holds an image-to-video CogVideoX (CogVideoXImageToVideoPipeline); load it "
+                             "with xdit_jax.CogVideoXImageToVideoPipeline and give it an image.")
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
         parts = cls._load_parts(folder, mesh_obj, dtype, cogvideox.STACKED, layers)
@@ -130,23 +140,28 @@ class CogVideoXPipeline(PipelineBase):
         return self._text_encoder_fn()(ids).astype(self.dtype)
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
-        """The jitted step ``(tstate, latents, sched_state, i, kv, embeds, sched, guidance, rng) ->
-        (latents, sched_state, i + 1, kv)``; ``kv`` is PipeFusion's K/V buffers (None without it);
-        ``warmup``: with PipeFusion, an exact step over the whole sequence (else a patched one)."""
+        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) ->
+        (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states,), and for image-to-video the image's latents
+        (B, F, C, h, w), put after the latents' channels (diffusers' order); ``kv`` is PipeFusion's K/V buffers
+        (None without it); ``warmup``: with PipeFusion, an exact step over the whole sequence (else a patched
+        one). CogVideoX1.5-I2V's ``ofs`` is its pipeline's constant 2.0."""
         key = (do_cfg, warmup)
         if key in self._step_cache:
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
         dtype = self.dtype
+        ofs = OFS if self.transformer_config.ofs_embed_dim else None
 
         def blocks(params, joint, tokens, temb):  # runs on a local shard (xdit_jax.parallel.sequence)
             return nnx.merge(graphdef, params).blocks(joint, tokens, temb)
 
-        def step(tstate, latents, sched_state, i, kv, embeds, sched, guidance, rng):
+        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
             model = nnx.merge(graphdef, tstate)
             t = sched.timesteps[i]
-            x = self._model_batch(latents, do_cfg)
-            joint, tokens, temb = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (x.shape[0],)))
+            x = self._model_batch(latents, do_cfg).astype(dtype)
+            if len(texts) > 1:  # image-to-video: the image's latents beside the noise's channels
+                x = jnp.concatenate([x, texts[1].astype(dtype)], axis=2)
+            joint, tokens, temb = model.embed(x, texts[0], jnp.broadcast_to(t, (x.shape[0],)), ofs)
             joint, kv = self._blocks_over_mesh(blocks, tstate, joint, tokens, temb, kv, warmup)
             pred = self._real_rows(model.head(joint, temb, x.shape).astype(jnp.float32), latents.shape[0], do_cfg)
             if do_cfg:
@@ -206,15 +221,21 @@ class CogVideoXPipeline(PipelineBase):
         shape, _ = self.latent_shape(batch, height, width, num_frames)
         seq = max_sequence_length or tc.max_text_seq_length
         latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
-        embeds = jax.ShapeDtypeStruct(((2 if do_cfg else 1) * self._padded_batch(batch), seq, tc.text_embed_dim),
-                                      self.dtype, sharding=self._batch_sharding(3, do_cfg))
+        n = (2 if do_cfg else 1) * self._padded_batch(batch)
+        embeds = jax.ShapeDtypeStruct((n, seq, tc.text_embed_dim), self.dtype, sharding=self._batch_sharding(3, do_cfg))
+        texts = (embeds, *(jax.ShapeDtypeStruct((n,) + shp[1:], jnp.float32, sharding=self._batch_sharding(5, do_cfg))
+                           for shp in self._condition_shapes(shape)))
         sched = jax.tree.map(jnp.asarray, schedulers.make_schedule(self.scheduler_config, num_inference_steps))
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, False))
         _, tstate = nnx.split(self.transformer)
         # PipeFusion: the patched step (the warm-up step is the same program with one patch)
         kv = self._kv_cache(shape, embeds.shape[0], seq, abstract=True)
         return self._step_fn(do_cfg, warmup=kv is None).lower(
-            tstate, latents, latents, jnp.int32(0), kv, embeds, sched, guidance, jax.random.key(0)).compile()
+            tstate, latents, latents, jnp.int32(0), kv, texts, sched, guidance, jax.random.key(0)).compile()
+
+    def _condition_shapes(self, latent_shape) -> tuple:
+        """Shapes of the step's inputs after the text (image-to-video: the image's latents); none here."""
+        return ()
 
     # ------------------------------------------------------------------ call
 
@@ -225,6 +246,18 @@ class CogVideoXPipeline(PipelineBase):
 
                  num_videos_per_prompt: int = 1, seed: int = 0,
                  output_type: str = "np", progress: bool = True) -> CogVideoXPipelineOutput:
+        return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              use_dynamic_cfg=use_dynamic_cfg, prompt_embeds=prompt_embeds,
+                              negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                              max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt,
+                              seed=seed, output_type=output_type, progress=progress)
+
+    def _generate(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps, guidance_scale,
+                  use_dynamic_cfg, prompt_embeds, negative_prompt_embeds, latents, max_sequence_length,
+                  num_videos_per_prompt, seed, output_type, progress, condition=None) -> CogVideoXPipelineOutput:
+        """The call; ``condition(latent_shape, rng)``: the image's latents of one video (1, F, C, h, w), the same for
+        every row (image-to-video), or None."""
         dv = self.default_video()
         height, width, num_frames = height or dv["height"], width or dv["width"], num_frames or dv["num_frames"]
         prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
@@ -258,13 +291,19 @@ class CogVideoXPipeline(PipelineBase):
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, jax.random.fold_in(rng, 1 << 20), sched.init_noise_sigma,
                                         "batch, latent frames, channels, height/8, width/8")
+        texts = (embeds,)
+        if condition is not None:  # (the unconditional half sees the same image, as diffusers')
+            with timer.stage("image_encoding"):
+                c = jnp.repeat(condition(shape, jax.random.fold_in(rng, 2 << 20)), batch * per, axis=0)
+                texts += (self._put_batch(jnp.concatenate([c, c]) if do_cfg else c, do_cfg),)
+                jax.block_until_ready(texts)
 
         # 3. denoise: one jitted step per iteration
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, use_dynamic_cfg))
         kv = self._kv_cache(shape, embeds.shape[0], embeds.shape[1])
         with timer.stage("denoising"):
             state = jax.jit(schedulers.init_state, out_shardings=latents.sharding)(latents)
-            args = (embeds, jax.tree.map(jnp.asarray, sched), guidance, rng)
+            args = (texts, jax.tree.map(jnp.asarray, sched), guidance, rng)
             latents = self._denoise(do_cfg, latents, state, kv, args, num_inference_steps, progress)
 
         if output_type == "latent":
@@ -274,3 +313,115 @@ class CogVideoXPipeline(PipelineBase):
         with timer.stage("decoding"):
             frames = as_numpy(jax.block_until_ready(self._decode_fn()(latents[:, additional:])))
         return CogVideoXPipelineOutput(frames=frames, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+class CogVideoXImageToVideoPipeline(CogVideoXPipeline):
+    """Image-to-video, diffusers' ``CogVideoXImageToVideoPipeline`` (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V): the image
+    (resized as diffusers does) encoded by the VAE's encoder as a one-frame video, a sample of its latent distribution
+    scaled (``scaling_factor``; its inverse where the VAE config says ``invert_scale_latents``, as diffusers), followed
+    by zero frames, beside the noise latents' channels at every step (the transformer's ``in_channels``: twice the
+    latents'). CogVideoX1.5-I2V's ``ofs`` is 2.0 and its latent frames are padded in front to a multiple of
+    ``patch_size_t`` (dropped before decoding), as diffusers'. 5B-I2V's learned positional table fixes its size to
+    480 x 720. Everything else as :class:`CogVideoXPipeline` (every mesh, PipeFusion).
+
+    Seeds: the image latents' sample uses the call's ``seed`` (diffusers' ``generator``); the numbers differ from
+    torch's, the distribution does not."""
+
+    def __init__(self, *, vae_encoder, **kwargs):
+        super().__init__(**kwargs)
+        self.vae_encoder = vae_encoder
+        if self.transformer_config.in_channels != 2 * self.vae_config.latent_channels:
+            raise ValueError(f"transformer in_channels {self.transformer_config.in_channels} is not twice the VAE's "
+                             f"latent_channels {self.vae_config.latent_channels} (the noise and the image's latents): "
+                             "not an image-to-video CogVideoX.")
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> CogVideoXImageToVideoPipeline:
+        """As :meth:`CogVideoXPipeline.from_pretrained`, for a ``CogVideoXImageToVideoPipeline`` folder; the VAE's
+        encoder is read from ``vae/encoder_params`` (written by conversion)."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.models import vae_cogvideox_encoder
+        from xdit_jax.pipelines.denoise import load_vae_encoder
+
+        dtype = parse_dtype(dtype)
+        folder, _ = cls._pipeline_folder(model, ("CogVideoXImageToVideoPipeline",), cache_dir=cache_dir,
+                                         variant=variant, revision=revision)
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
+        parts = cls._load_parts(folder, mesh_obj, dtype, cogvideox.STACKED, layers)
+        encoder = load_vae_encoder(folder, parts["vae_config"], dtype, NamedSharding(mesh_obj, P()),
+                                   vae_cogvideox_encoder)
+        scfg = schedulers.SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+        return cls(**parts, vae_encoder=encoder, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj,
+                   attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    def latent_shape(self, batch: int, height: int, width: int, num_frames: int):
+        """As :meth:`CogVideoXPipeline.latent_shape`, with the noise's channels (half the transformer's input)."""
+        shape, additional = super().latent_shape(batch, height, width, num_frames)
+        return shape[:2] + (self.vae_config.latent_channels,) + shape[3:], additional
+
+    def _condition_shapes(self, latent_shape) -> tuple:
+        return (latent_shape,)
+
+    def _encode_fn(self):
+        """Jitted VAE encode of one image (1, 3, 1, H, W) in [-1, 1] and a noise draw -> its scaled latent sample
+        (1, 1, C, h, w), replicated (once per call: one device's work)."""
+        if "encode" not in self._decode_cache:
+            from xdit_jax.models import vae_cogvideox_encoder
+
+            graphdef, state = nnx.split(self.vae_encoder)
+            vc = self.vae_config
+            scale = 1.0 / vc.scaling_factor if vc.invert_scale_latents else vc.scaling_factor
+
+            @jax.jit
+            def enc(state, image, rng):
+                mean, logvar = vae_cogvideox_encoder.encode(nnx.merge(graphdef, state), image.astype(self.dtype))
+                z = vae_cogvideox_encoder.sample(mean, logvar, self._image_noise(mean.shape, rng))
+                return jnp.transpose(z.astype(jnp.float32), (0, 2, 1, 3, 4)) * scale  # (B, F, C, h, w)
+
+            self._decode_cache["encode"] = lambda image, rng: enc(state, self._put_replicated(image), rng)
+        return self._decode_cache["encode"]
+
+    @staticmethod
+    def _image_noise(shape, rng):
+        """The standard normal draw of the image latents' sample (diffusers' ``latent_dist.sample(generator)``)."""
+        return jax.random.normal(rng, shape, jnp.float32)
+
+    def image_condition(self, image, shape, rng) -> jnp.ndarray:
+        """The image's latents (1, F, C, h, w) for latents of ``shape`` (B, F, C, h, w), as diffusers'
+        ``prepare_latents``: the encoded image's sample at the first frame (after 1.5's padding frames, which
+        diffusers puts there too), zeros after."""
+        from xdit_jax.pipelines.denoise import preprocess_image
+
+        _, f, c, h, w = shape
+        s = self.vae_scale_factor_spatial
+        z = self._encode_fn()(preprocess_image(image, h * s, w * s)[:, :, None], rng)
+        pt = self.transformer_config.patch_size_t
+        if pt:  # diffusers' `first_frame = image_latents[:, : F % pt]` in front: nothing once F is a multiple
+            assert f % pt == 0
+        return jnp.concatenate([z, jnp.zeros((1, f - 1, c, h, w), jnp.float32)], axis=1)
+
+    def __call__(self, image=None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, *, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 6.0, use_dynamic_cfg: bool = False, prompt_embeds=None,
+                 negative_prompt_embeds=None, latents=None, max_sequence_length: int = 226,
+                 num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> CogVideoXPipelineOutput:
+        """``image``: the first frame (a PIL image, resized to ``width`` x ``height`` as diffusers does, or an array
+        of that size); the rest as :meth:`CogVideoXPipeline.__call__`."""
+        if image is None:
+            raise ValueError("image-to-video needs an image (the first frame).")
+        return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              use_dynamic_cfg=use_dynamic_cfg, prompt_embeds=prompt_embeds,
+                              negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                              max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt,
+                              seed=seed, output_type=output_type, progress=progress,
+                              condition=lambda shape, rng: self.image_condition(image, shape, rng))

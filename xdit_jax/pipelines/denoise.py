@@ -138,6 +138,56 @@ def random_component(folder, name: str, dtype, sharding, prepare=None, seed: int
     return cfg, mod.build(cfg, params, dtype)
 
 
+def load_vae_encoder(folder, vae_config, dtype, sharding, module):
+    """The VAE's encoder (image-to-video) of a converted folder, ``vae/encoder_params`` (conversion writes it:
+    ``extra_params_from_torch``), built by ``module`` (``build(vae_config, params, dtype)``); random under
+    :meth:`PipelineBase.from_config`."""
+    import zlib
+    from pathlib import Path
+
+    from flax import nnx
+
+    from xdit_jax.checkpoint import restore_params
+    from xdit_jax.keymap import to_pure_dict
+    from xdit_jax.safetensors_io import CheckpointError
+
+    if _RANDOM_WEIGHTS.get() is not None:
+        from xdit_jax import tiny
+
+        abstract = to_pure_dict(nnx.state(module.build(vae_config, {}, dtype), nnx.Param))
+        params = tiny.random_params_on_device(abstract, _RANDOM_WEIGHTS.get() + zlib.crc32(b"vae_encoder"), dtype,
+                                              sharding)
+    else:
+        path = Path(folder) / "vae" / "encoder_params"
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing: this folder was converted without the VAE's encoder (an older "
+                                  "xdit_jax, or a checkpoint without encoder tensors); convert the diffusers folder "
+                                  "again (delete the cached conversion).")
+        params = restore_params(path, dtype=dtype, sharding=sharding)
+    return module.build(vae_config, params, dtype)
+
+
+def preprocess_image(image, height: int, width: int) -> jax.Array:
+    """An image as diffusers' ``VideoProcessor.preprocess`` makes it for the VAE: a PIL image resized to ``width`` x
+    ``height`` (Lanczos, as diffusers' default), or an array (H, W, 3) of that size (uint8, or float in [0, 1]);
+    -> (1, 3, height, width) float32 in [-1, 1]."""
+    if hasattr(image, "convert") and hasattr(image, "resize"):  # a PIL image
+        from PIL import Image
+
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=Image.LANCZOS)
+        array = np.asarray(image.convert("RGB"), np.float32) / 255.0
+    else:
+        array = np.asarray(image)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"image: a PIL image or an array (height, width, 3); got shape {array.shape}.")
+        if array.shape[:2] != (height, width):
+            raise ValueError(f"image array {array.shape[:2]} is not {height} x {width}; resize it first (or pass a PIL "
+                             "image, resized as diffusers does).")
+        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    return jnp.asarray(array.transpose(2, 0, 1)[None] * 2.0 - 1.0)
+
+
 def load_tokenizer(folder, name: str = "tokenizer"):
     """The tokenizer ``folder/name``; under ``PipelineBase.from_config`` a small stand-in of the kind
     model_index.json names (:func:`xdit_jax.tiny.stand_in_tokenizer`)."""

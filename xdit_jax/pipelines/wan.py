@@ -48,10 +48,12 @@ from xdit_jax.pipelines.denoise import (
     StageTimer,
     check_size_and_mesh,
     load_component,
+    load_vae_encoder,
     negative_prompts,
     parse_dtype,
     peak_memory_bytes,
     per_prompt,
+    preprocess_image,
     prompt_batch,
     tokenize,
 )
@@ -411,27 +413,6 @@ def check_last_image(tc, given: bool) -> None:
                          "videos need the FLF2V model (pos_embed_seq_len set).")
 
 
-def preprocess_image(image, height: int, width: int) -> jnp.ndarray:
-    """An image as diffusers' ``VideoProcessor.preprocess`` makes it for the VAE: a PIL image resized to ``width`` x
-    ``height`` (Lanczos, as diffusers' default), or an array (H, W, 3) of that size (uint8, or float in [0, 1]);
-    -> (1, 3, height, width) float32 in [-1, 1]."""
-    if hasattr(image, "convert") and hasattr(image, "resize"):  # a PIL image
-        from PIL import Image
-
-        if image.size != (width, height):
-            image = image.resize((width, height), resample=Image.LANCZOS)
-        array = np.asarray(image.convert("RGB"), np.float32) / 255.0
-    else:
-        array = np.asarray(image)
-        if array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"image: a PIL image or an array (height, width, 3); got shape {array.shape}.")
-        if array.shape[:2] != (height, width):
-            raise ValueError(f"image array {array.shape[:2]} is not {height} x {width}; resize it first (or pass a PIL "
-                             "image, resized as diffusers does).")
-        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
-    return jnp.asarray(array.transpose(2, 0, 1)[None] * 2.0 - 1.0)
-
-
 class WanImageToVideoPipeline(WanPipeline):
     """Image-to-video, diffusers' ``WanImageToVideoPipeline``. Wan 2.1 I2V-14B and Wan 2.2 I2V-A14B: the first frame
     (and optionally the last) encoded by the Wan VAE's encoder, a mask of the given frames and those latents
@@ -478,7 +459,7 @@ class WanImageToVideoPipeline(WanPipeline):
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from xdit_jax.pipelines.denoise import _RANDOM_WEIGHTS
+        from xdit_jax.models import vae_wan_encoder
 
         folder, kind = cls._pipeline_folder(model, ("WanImageToVideoPipeline", "WanPipeline"), cache_dir=cache_dir,
                                             variant=variant, revision=revision)
@@ -489,8 +470,7 @@ class WanImageToVideoPipeline(WanPipeline):
 
         def extra(parts, mesh_obj, dt):
             replicated = NamedSharding(mesh_obj, P())
-            out = {"vae_encoder": _load_vae_encoder(folder, parts["vae_config"], dt, replicated,
-                                                    _RANDOM_WEIGHTS.get())}
+            out = {"vae_encoder": load_vae_encoder(folder, parts["vae_config"], dt, replicated, vae_wan_encoder)}
             if _listed(index, "image_encoder"):  # Wan 2.1 I2V / FLF2V: the CLIP vision tower and its preprocessing
                 cfg, encoder = load_component(folder, "image_encoder", dt, replicated)
                 out.update(image_encoder=encoder, image_encoder_config=cfg,
@@ -649,27 +629,3 @@ def load_image_processor(folder):
         return processor_class()
     raise CheckpointError(f"{path} is missing: a Wan 2.1 image-to-video checkpoint ships its CLIP image processor "
                           "there (preprocessor_config.json); download the folder again or copy it from the hub's.")
-
-
-def _load_vae_encoder(folder, vae_config, dtype, sharding, random_seed=None):
-    """The VAE's encoder of a converted folder (``vae/encoder_params``), or random (``from_config``)."""
-    import zlib
-
-    from xdit_jax.checkpoint import restore_params
-    from xdit_jax.keymap import to_pure_dict
-    from xdit_jax.models import vae_wan_encoder
-    from xdit_jax.safetensors_io import CheckpointError
-
-    if random_seed is not None:
-        from xdit_jax import tiny
-
-        abstract = to_pure_dict(nnx.state(vae_wan_encoder.build(vae_config, {}, dtype), nnx.Param))
-        params = tiny.random_params_on_device(abstract, random_seed + zlib.crc32(b"vae_encoder"), dtype, sharding)
-    else:
-        path = folder / "vae" / "encoder_params"
-        if not path.exists():
-            raise CheckpointError(f"{path} is missing: this folder was converted without the VAE's encoder (an older "
-                                  "xdit_jax, or a checkpoint without encoder tensors); convert the diffusers folder "
-                                  "again (delete the cached conversion).")
-        params = restore_params(path, dtype=dtype, sharding=sharding)
-    return vae_wan_encoder.build(vae_config, params, dtype)
