@@ -43,6 +43,8 @@ take the model's own single-device decode function ``decode_fn(model, z)``.
   (``lax.map``).
 
 :func:`decode` composes them: slices, then tiles, then the mesh.
+
+:func:`sharded_encode` splits a VAE *encoder* (image-to-video's) over the mesh the ``"gspmd"`` way.
 """
 
 from __future__ import annotations
@@ -373,6 +375,23 @@ def sharded_decode(decode_fn: DecodeFn, model, z: jax.Array, mesh: Mesh | None, 
     if ph or pw:
         out = out[..., : height * sh, : width * sw]
     return out
+
+
+def sharded_encode(encode_fn: DecodeFn, model, x: jax.Array, mesh: Mesh | None, *, factor: int = 8) -> jax.Array:
+    """``encode_fn(model, x)`` (a VAE encoder: pixels ``x`` (..., H, W) -> latents) with the image plane split over
+    every device of ``mesh`` by XLA's SPMD partitioner: ``x`` is laid out over an ``nh x nw`` grid of the devices
+    (:func:`choose_grid` on the latent plane, ``H / factor`` x ``W / factor``, as the decode splits it) and the
+    partitioner splits every convolution (strided ones too; halo exchanges) and reduces the norm statistics across
+    the grid — the ``"gspmd"`` strategy of :func:`sharded_decode`, which needs no hooks in the encoder. Exact up to
+    the order of float sums. The result's layout is left to the caller (e.g. the jit's ``out_shardings``).
+    Traceable: call it inside ``jax.jit``."""
+    n = 1 if mesh is None else int(np.asarray(mesh.devices).size)
+    if n == 1:
+        return encode_fn(model, x)
+    height, width = x.shape[-2:]
+    grid = choose_grid(n, max(height // factor, 1), max(width // factor, 1))
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(grid_mesh(mesh, grid), _spec(x.ndim, grid)))
+    return encode_fn(model, x)
 
 
 # ----------------------------------------------------------------------------------------------

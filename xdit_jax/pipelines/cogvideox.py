@@ -11,6 +11,7 @@ encoding and VAE decoding are their own jitted functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
@@ -371,17 +372,23 @@ class CogVideoXImageToVideoPipeline(CogVideoXPipeline):
 
     def _encode_fn(self):
         """Jitted VAE encode of one image (1, 3, 1, H, W) in [-1, 1] and a noise draw -> its scaled latent sample
-        (1, 1, C, h, w), replicated (once per call: one device's work)."""
+        (1, 1, C, h, w), replicated; the image plane split over every device of the mesh
+        (:func:`xdit_jax.parallel.vae.sharded_encode`)."""
         if "encode" not in self._decode_cache:
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
+
             from xdit_jax.models import vae_cogvideox_encoder
+            from xdit_jax.parallel.vae import sharded_encode
 
             graphdef, state = nnx.split(self.vae_encoder)
-            vc = self.vae_config
+            vc, mesh = self.vae_config, self.mesh
             scale = 1.0 / vc.scaling_factor if vc.invert_scale_latents else vc.scaling_factor
 
-            @jax.jit
+            @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
             def enc(state, image, rng):
-                mean, logvar = vae_cogvideox_encoder.encode(nnx.merge(graphdef, state), image.astype(self.dtype))
+                mean, logvar = sharded_encode(vae_cogvideox_encoder.encode, nnx.merge(graphdef, state),
+                                              image.astype(self.dtype), mesh, factor=self.vae_scale_factor_spatial)
                 z = vae_cogvideox_encoder.sample(mean, logvar, self._image_noise(mean.shape, rng))
                 return jnp.transpose(z.astype(jnp.float32), (0, 2, 1, 3, 4)) * scale  # (B, F, C, h, w)
 

@@ -28,6 +28,7 @@ encoder; Wan 2.2 I2V-A14B; TI2V-5B with an image).
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import os
@@ -544,19 +545,27 @@ class WanImageToVideoPipeline(WanPipeline):
                                  f"per video (e.g. ({want}, {tc.image_dim})).")
 
     def _encode_fn(self):
-        """Jitted VAE encode (B, 3, F, H, W) in [-1, 1] -> scaled latents, replicated (one device's work: the
-        encode runs once per video, frame 0 then chunks of four frames, as diffusers')."""
+        """Jitted VAE encode (B, 3, F, H, W) in [-1, 1] -> scaled latents, replicated: frame 0 then chunks of four
+        frames, as diffusers', the image plane split over every device of the mesh
+        (:func:`xdit_jax.parallel.vae.sharded_encode`)."""
         if "encode" not in self._decode_cache:
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
+
             from xdit_jax.models import vae_wan_encoder
+            from xdit_jax.parallel.vae import sharded_encode
 
             graphdef, state = nnx.split(self.vae_encoder)
-            vc = self.vae_config
+            vc, mesh = self.vae_config, self.mesh
 
-            @jax.jit
-            def enc(state, video):
+            def encode(model, video):
                 # diffusers' chunks of four frames in a scan: the activations of 4 frames alive, not of all 81
-                z = vae_wan_encoder.encode(nnx.merge(graphdef, state), video.astype(self.dtype),
-                                           frame_chunk=vae_wan_encoder.CHUNK)
+                return vae_wan_encoder.encode(model, video, frame_chunk=vae_wan_encoder.CHUNK)
+
+            @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+            def enc(state, video):
+                z = sharded_encode(encode, nnx.merge(graphdef, state), video.astype(self.dtype), mesh,
+                                   factor=vc.scale_factor_spatial)
                 return vae_wan_encoder.scale_latents(vc, z.astype(jnp.float32))
 
             self._decode_cache["encode"] = lambda video: enc(state, self._put_replicated(video))
