@@ -42,6 +42,15 @@ def make_torch_pipeline(variant: str = "2b", seed: int = 0, scheduler: str = "dd
                              transformer=transformer, scheduler=sched_cls(**sched_kw))
 
 
+def random_image(seed: int, size: tuple[int, int]):
+    """A PIL RGB image of ``size`` (width, height) with uniform random pixels (image-to-video's input)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
 def save_torch_pipeline(pipe: CogVideoXPipeline, folder: Path, **kw) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True, **kw)
     return folder

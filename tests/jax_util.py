@@ -18,3 +18,22 @@ def random_state(model_class, cfg, seed):
         return jnp.asarray(std * rng.standard_normal(a.shape), a.dtype)
 
     return graphdef, jax.tree.map(draw, abstract)
+
+
+def sequence_parallel_forward(model, mesh, text=None):
+    """A jitted ``f(x, *embed_args, **embed_kwargs)`` = ``model(x, ...)`` with its blocks run over ``mesh`` by
+    :func:`xdit_jax.parallel.sequence.run_blocks` (``text``: a two-stream model's text keys): the forward of the
+    transformers whose pieces are ``embed(x, ...) -> (x, tokens, cond)``, ``blocks(x, tokens, cond)`` and
+    ``head(x, cond, x's shape)`` (CogVideoX, Wan, Mochi, SD3)."""
+    from xdit_jax.parallel.sequence import run_blocks
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x, *args, **kwargs):
+        mdl = nnx.merge(graphdef, state)
+        y, tokens, cond = mdl.embed(x, *args, **kwargs)
+        blocks = lambda p, h, tk, c: nnx.merge(graphdef, p).blocks(h, tk, c)  # noqa: E731
+        return mdl.head(run_blocks(blocks, state, y, tokens, cond, mesh, text=text), cond, x.shape)
+
+    return lambda x, *args, **kwargs: forward(state, x, *args, **kwargs)

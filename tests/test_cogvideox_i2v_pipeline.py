@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_torch_pipeline, save_torch_pipeline
+from tests.fixtures import make_torch_pipeline, random_image, save_torch_pipeline
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline
 from xdit_jax.pipelines.denoise import converted_folder
 
@@ -36,10 +36,7 @@ def build(tmp_path_factory, variant: str):
 
 
 def _image(seed, size=(W, H)):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return random_image(seed, size)
 
 
 def _latents(variant, batch=1, seed=0):

@@ -134,20 +134,11 @@ def test_image_to_video_inputs(pair):
         model(x, enc[:, :5], t)
     from flax import nnx
 
+    from tests.jax_util import sequence_parallel_forward
     from xdit_jax.mesh import build_mesh
-    from xdit_jax.parallel.sequence import run_blocks
 
-    graphdef, state = nnx.split(model)
     zeroed = nnx.clone(model)
     zeroed.patch_embed.pos_embedding[...] = jnp.zeros_like(zeroed.patch_embed.pos_embedding[...])
     assert np.abs(np.asarray(zeroed(x, enc, t)) - out).max() > 1e-3
-    mesh = build_mesh("ring=2,ulysses=2")
-
-    @jax.jit
-    def parallel(state, x, enc, t):
-        mdl = nnx.merge(graphdef, state)
-        joint, tokens, temb = mdl.embed(x, enc, t)
-        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)  # noqa: E731
-        return mdl.head(run_blocks(blocks, state, joint, tokens, temb, mesh), temb, x.shape)
-
-    np.testing.assert_allclose(np.asarray(parallel(state, x, enc, t)), out, atol=1e-5, rtol=0)
+    parallel = sequence_parallel_forward(model, build_mesh("ring=2,ulysses=2"))
+    np.testing.assert_allclose(np.asarray(parallel(x, enc, t)), out, atol=1e-5, rtol=0)

@@ -7,12 +7,11 @@ import pytest
 import torch
 from diffusers import MochiTransformer3DModel as TorchModel
 from diffusers.models.transformers.transformer_mochi import MochiRoPE
-from flax import nnx
 
+from tests.jax_util import sequence_parallel_forward
 from tests.torch_util import randomize_, state_dict_np
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import mochi
-from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.safetensors_io import CheckpointError
 
 TEXT = 7  # caption tokens (256 in Mochi 1)
@@ -133,18 +132,8 @@ def test_sequence_parallel_equals_one_device(pair, mesh, sharded):
     shape = (2,) + SHAPES[0][1:]  # 18 video tokens: padded for every degree but 2, 3
     args = _inputs(cfg, *shape, seed=2)
     ref = np.asarray(FWD(model, *args))
-    graphdef, state = nnx.split(model)
-    m = build_mesh(mesh)
-
-    @jax.jit
-    def parallel(state, args):
-        mdl = nnx.merge(graphdef, state)
-        x, tokens, cond = mdl.embed(*args)
-        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)
-        return mdl.head(run_blocks(blocks, state, x, tokens, cond, m, text=mochi.TEXT_KEYS if sharded else None),
-                        cond, args[0].shape)
-
-    out = np.asarray(parallel(state, args))
+    parallel = sequence_parallel_forward(model, build_mesh(mesh), text=mochi.TEXT_KEYS if sharded else None)
+    out = np.asarray(parallel(*args))
     # fp32; only the order of float32 sums differs (ring's LSE merge, the caption partial, padded
     # zero heads); outputs O(1).
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=mesh)

@@ -7,12 +7,11 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel as TorchModel
 from diffusers.models.embeddings import PatchEmbed as TorchPatchEmbed
-from flax import nnx
 
+from tests.jax_util import sequence_parallel_forward
 from tests.torch_util import randomize_, state_dict_np
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import sd3
-from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.safetensors_io import CheckpointError
 
 TEXT = 7  # text tokens (77 CLIP + 256 T5 = 333 in SD3)
@@ -169,18 +168,8 @@ def test_sequence_parallel_equals_one_device(pair, mesh, sharded):
     name, _, cfg, model = pair
     args = _inputs(cfg, *SHAPES[0], seed=2)  # 15 image tokens: padded by degrees 2 and 4
     ref = np.asarray(FWD(model, *args))
-    graphdef, state = nnx.split(model)
-    m = build_mesh(mesh)
-
-    @jax.jit
-    def parallel(state, args):
-        mdl = nnx.merge(graphdef, state)
-        x, tokens, cond = mdl.embed(*args)
-        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)
-        return mdl.head(run_blocks(blocks, state, x, tokens, cond, m, text=sd3.TEXT_KEYS if sharded else None),
-                        cond, args[0].shape)
-
-    out = np.asarray(parallel(state, args))
+    parallel = sequence_parallel_forward(model, build_mesh(mesh), text=sd3.TEXT_KEYS if sharded else None)
+    out = np.asarray(parallel(*args))
     # fp32; only the order of float32 sums differs (ring's LSE merge, the text partial, padded zero heads):
     # measured 1.5e-6 on outputs O(3-5) (0 for ulysses=3, whose 3 heads need no padding).
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0, err_msg=f"{name} {mesh}")

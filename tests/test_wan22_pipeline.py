@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_torch_wan, save_torch_pipeline
+from tests.fixtures import make_torch_wan, random_image, save_torch_pipeline
 from xdit_jax.pipelines.denoise import converted_folder
 from xdit_jax.pipelines.wan import WanPipeline, expert_stages, pipeline_settings
 
@@ -144,10 +144,7 @@ def test_bad_input(tmp_path_factory):
 # ------------------------------------------------------------------ image-to-video (Wan 2.2 I2V-A14B's layout)
 
 def _image(seed, size=(W, H)):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return random_image(seed, size)
 
 
 def test_i2v_matches_diffusers(tmp_path_factory):

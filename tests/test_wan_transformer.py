@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel as TorchModel
-from flax import nnx
 
+from tests.jax_util import sequence_parallel_forward
 from tests.torch_util import randomize_, state_dict_np
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import wan
-from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.safetensors_io import CheckpointError
 
 # 2 heads x 12: the RoPE splits the head dim 4 (frames) + 4 (rows) + 4 (columns); ffn_dim not a multiple of
@@ -114,17 +113,7 @@ def test_sequence_parallel_equals_one_device(pair, mesh):
     tm, cfg, model, fwd = pair
     x, t, enc = _inputs(cfg, *SHAPE, seed=2)
     ref = np.asarray(fwd(model, x, t, enc))
-    graphdef, state = nnx.split(model)
-    m = build_mesh(mesh)
-
-    @jax.jit
-    def parallel(state, x, t, enc):
-        mdl = nnx.merge(graphdef, state)
-        tokens_x, tokens, cond = mdl.embed(x, t, enc)
-        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)  # noqa: E731
-        return mdl.head(run_blocks(blocks, state, tokens_x, tokens, cond, m), cond, x.shape)
-
-    out = np.asarray(parallel(state, x, t, enc))
+    out = np.asarray(sequence_parallel_forward(model, build_mesh(mesh))(x, t, enc))
     # fp32; only the order of float32 sums differs (ring's LSE merge, zero-padded heads on ulysses=3): outputs O(1).
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=mesh)
 
@@ -144,17 +133,8 @@ def test_first_frame_timestep_matches_diffusers_per_token_timesteps(pair):
     out = np.asarray(fwd(model, x, t, enc, t0))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
     assert np.abs(out - np.asarray(fwd(model, x, t, enc, t))).max() > 1e-2  # the first frame's timestep matters
-    graphdef, state = nnx.split(model)
-    m = build_mesh("ring=2,ulysses=2")
-
-    @jax.jit
-    def parallel(state, x, t, enc, t0):
-        mdl = nnx.merge(graphdef, state)
-        tokens_x, tokens, cond = mdl.embed(x, t, enc, first_frame_timestep=t0)
-        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)  # noqa: E731
-        return mdl.head(run_blocks(blocks, state, tokens_x, tokens, cond, m), cond, x.shape)
-
-    np.testing.assert_allclose(np.asarray(parallel(state, x, t, enc, t0)), out, atol=1e-5, rtol=0)
+    parallel = sequence_parallel_forward(model, build_mesh("ring=2,ulysses=2"))
+    np.testing.assert_allclose(np.asarray(parallel(x, t, enc, first_frame_timestep=t0)), out, atol=1e-5, rtol=0)
 
 
 # Wan 2.1 image-to-video: CLIP image states (width 16 here; 1280 in the releases) through the image embedder, and
@@ -199,17 +179,8 @@ def test_image_to_video_matches_diffusers(i2v_pair):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)  # as test_matches_diffusers
     # the image states matter (a dropped image attention or embedder would not move the output)
     assert np.abs(out - np.asarray(fwd(model, x, t, enc, ours_img[::-1]))).max() > 1e-2
-    graphdef, state = nnx.split(model)
-    m = build_mesh("ring=2,ulysses=2")
-
-    @jax.jit
-    def parallel(state, x, t, enc, img):
-        mdl = nnx.merge(graphdef, state)
-        tokens_x, tokens, cond = mdl.embed(x, t, enc, img)
-        blocks = lambda p, y, tk, c: nnx.merge(graphdef, p).blocks(y, tk, c)  # noqa: E731
-        return mdl.head(run_blocks(blocks, state, tokens_x, tokens, cond, m), cond, x.shape)
-
-    np.testing.assert_allclose(np.asarray(parallel(state, x, t, enc, ours_img)), out, atol=1e-5, rtol=0)
+    parallel = sequence_parallel_forward(model, build_mesh("ring=2,ulysses=2"))
+    np.testing.assert_allclose(np.asarray(parallel(x, t, enc, ours_img)), out, atol=1e-5, rtol=0)
 
 
 def test_image_to_video_inputs_and_checkpoint(i2v_pair):

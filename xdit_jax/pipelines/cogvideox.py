@@ -244,7 +244,6 @@ class CogVideoXPipeline(PipelineBase):
                  *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 6.0, use_dynamic_cfg: bool = False,
                  prompt_embeds=None, negative_prompt_embeds=None, latents=None, max_sequence_length: int = 226,
-
                  num_videos_per_prompt: int = 1, seed: int = 0,
                  output_type: str = "np", progress: bool = True) -> CogVideoXPipelineOutput:
         return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
@@ -293,10 +292,9 @@ class CogVideoXPipeline(PipelineBase):
         latents = self._initial_latents(latents, shape, jax.random.fold_in(rng, 1 << 20), sched.init_noise_sigma,
                                         "batch, latent frames, channels, height/8, width/8")
         texts = (embeds,)
-        if condition is not None:  # (the unconditional half sees the same image, as diffusers')
+        if condition is not None:
             with timer.stage("image_encoding"):
-                c = jnp.repeat(condition(shape, jax.random.fold_in(rng, 2 << 20)), batch * per, axis=0)
-                texts += (self._put_batch(jnp.concatenate([c, c]) if do_cfg else c, do_cfg),)
+                texts += (self._put_condition(condition(shape, jax.random.fold_in(rng, 2 << 20)), batch * per, do_cfg),)
                 jax.block_until_ready(texts)
 
         # 3. denoise: one jitted step per iteration

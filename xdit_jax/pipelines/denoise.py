@@ -590,6 +590,13 @@ class PipelineBase:
         x = x.reshape((-1,) + x.shape[2:])
         return jax.device_put(x, self._batch_sharding(x.ndim, do_cfg))
 
+    def _put_condition(self, c, rows: int, do_cfg: bool):
+        """A per-video input of the step (image-to-video's condition, one row) placed as :meth:`_put_batch` places the
+        text: repeated to ``rows``, the same in both CFG halves (the unconditional half sees the image too, as in
+        diffusers)."""
+        c = jnp.repeat(jnp.asarray(c), rows, axis=0)
+        return self._put_batch(jnp.concatenate([c, c]) if do_cfg else c, do_cfg)
+
     def _model_batch(self, latents, do_cfg: bool):
         """(Traced.) The transformer's batch: ``[latents; latents]`` for CFG, built as (2, B, ...) over
         (cfg, data) so that no data moves, else the latents; the batch over (data[, cfg]). Where ``data``

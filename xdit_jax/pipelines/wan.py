@@ -376,9 +376,7 @@ class WanPipeline(PipelineBase):
         if condition is not None:
             with timer.stage("image_encoding"):
                 conds = condition(shape)
-                for c in conds:  # (the unconditional half sees the same image, as diffusers')
-                    c = jnp.repeat(c, batch * per, axis=0)
-                    texts = texts + (self._put_batch(jnp.concatenate([c, c]) if do_cfg else c, do_cfg),)
+                texts += tuple(self._put_condition(c, batch * per, do_cfg) for c in conds)
                 jax.block_until_ready(texts)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, 1.0,
