@@ -82,6 +82,8 @@ def test_matches_diffusers(pair):
 
 def test_bf16_close_to_fp32(pair):
     name, tm, cfg, model = pair
+    if name.endswith("-i2v"):
+        pytest.skip("the image-to-video variants add no bf16 path of their own (5b / 1.5 cover it)")
     params = cogvideox.params_from_torch(state_dict_np(tm), cfg, dtype=jnp.bfloat16)
     m16 = cogvideox.build(cfg, params, dtype=jnp.bfloat16)
     b, f, h, w = SHAPES[name][0]

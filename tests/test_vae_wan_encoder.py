@@ -85,11 +85,12 @@ def test_bad_input():
         enc.params_from_torch(sd, cfg)
 
 
-@pytest.mark.parametrize("mesh", ["ulysses=4", "cfg=2,ring=3"])
-def test_sharded_encode_equals_one_device(mesh):
+@pytest.mark.parametrize("mesh,size", [("cfg=2,ring=3", (32, 48)), ("ring=3", (40, 56))])
+def test_sharded_encode_equals_one_device(mesh, size):
     """The encode split over the mesh by XLA's partitioner (image-to-video's, xdit_jax.parallel.vae.sharded_encode):
-    the same latents as one device, and the compiled program really exchanges halos (collective-permutes) instead of
-    running replicated. 6 devices over 32 x 48 pixels (4 x 6 latents): a split that divides neither side evenly."""
+    the same latents as one device, and the compiled program exchanges halos (collective-permutes) instead of running
+    replicated. 6 devices over 4 x 6 latents (a 2 x 3 grid); 3 over 5 x 7 latents: rows the grid does not divide at
+    any level."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -97,7 +98,7 @@ def test_sharded_encode_equals_one_device(mesh):
     from xdit_jax.parallel.vae import sharded_encode
 
     _, _, model = _pair(TINY, seed=3)
-    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 9, 32, 48)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 9) + size).astype(np.float32)
     ref = _ours(model, x, frame_chunk=4)
     m = build_mesh(mesh)
     graphdef, state = nnx.split(model)

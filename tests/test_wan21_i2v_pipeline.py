@@ -82,6 +82,23 @@ def test_i2v_matches_diffusers(tmp_path_factory):
     assert np.abs(_ours(ours, image, lat, "latent", guidance_scale=4.0) - ref_lat).max() > 1e-3 * np.abs(ref_lat).max()
 
 
+def test_image_inputs_reach_clip_as_diffusers_makes_them(tmp_path_factory):
+    """A float array in [0, 1] next to a PIL image (FLF2V's two frames) gives the PIL image's CLIP states (each
+    rescaled by itself); a transparent PNG is put on white first, as transformers' convert_to_rgb does."""
+    from PIL import Image
+
+    _, ours, _ = build(tmp_path_factory, "flf2v")
+    first, last = _image(5), _image(6)
+    ref = np.asarray(ours.encode_image([first, last]))
+    mixed = np.asarray(ours.encode_image([first, np.asarray(last, np.float32) / 255.0]))
+    np.testing.assert_allclose(mixed, ref, atol=1e-6, rtol=0)
+    rgba = first.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.random.default_rng(1).integers(0, 256, (H, W), dtype=np.uint8)))
+    white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    np.testing.assert_allclose(np.asarray(ours.encode_image([rgba, last])),
+                               np.asarray(ours.encode_image([white, last])), atol=1e-6, rtol=0)
+
+
 def test_flf2v_matches_diffusers(tmp_path_factory):
     """First and last frames (PIL, other sizes): the VAE condition of both and the two images' CLIP states side by
     side with the image embedder's position table; the encoder saved WithProjection (its projection unused)."""
@@ -116,6 +133,12 @@ def test_bad_input(tmp_path_factory):
         i2v(_image(0), PROMPT, last_image=_image(1), **kw)
     with pytest.raises(ValueError, match="image_embeds"):
         i2v(_image(0), PROMPT, image_embeds=np.zeros((6, 16), np.float32), **kw)
+    with pytest.raises(ValueError, match="num_frames >= 5"):
+        flf2v(_image(0), PROMPT, last_image=_image(1), **dict(kw, num_frames=3))
+    with pytest.raises(ValueError, match="uint8"):
+        i2v(np.zeros((H, W, 3), np.int64), PROMPT, **kw)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        i2v(np.full((H, W, 3), 2.0, np.float32), PROMPT, **kw)
     with pytest.raises(ValueError, match="image_encoder"):
         WanImageToVideoPipeline(vae_encoder=i2v.vae_encoder, transformer=i2v.transformer,
                                 transformer_config=i2v.transformer_config, vae=i2v.vae, vae_config=i2v.vae_config,

@@ -319,8 +319,9 @@ class CogVideoXImageToVideoPipeline(CogVideoXPipeline):
     (resized as diffusers does) encoded by the VAE's encoder as a one-frame video, a sample of its latent distribution
     scaled (``scaling_factor``; its inverse where the VAE config says ``invert_scale_latents``, as diffusers), followed
     by zero frames, beside the noise latents' channels at every step (the transformer's ``in_channels``: twice the
-    latents'). CogVideoX1.5-I2V's ``ofs`` is 2.0 and its latent frames are padded in front to a multiple of
-    ``patch_size_t`` (dropped before decoding), as diffusers'. 5B-I2V's learned positional table fixes its size to
+    latents'). CogVideoX1.5-I2V's ``ofs`` is 2.0 and its latent frames are padded to a multiple of ``patch_size_t``
+    with one more frame in front, dropped before decoding, as diffusers' (the image's latents sit at that frame 0,
+    as there). 5B-I2V's learned positional table fixes its size to
     480 x 720. Everything else as :class:`CogVideoXPipeline` (every mesh, PipeFusion).
 
     Seeds: the image latents' sample uses the call's ``seed`` (diffusers' ``generator``); the numbers differ from
@@ -400,8 +401,8 @@ class CogVideoXImageToVideoPipeline(CogVideoXPipeline):
 
     def image_condition(self, image, shape, rng) -> jnp.ndarray:
         """The image's latents (1, F, C, h, w) for latents of ``shape`` (B, F, C, h, w), as diffusers'
-        ``prepare_latents``: the encoded image's sample at the first frame (after 1.5's padding frames, which
-        diffusers puts there too), zeros after."""
+        ``prepare_latents``: the encoded image's sample at frame 0 (with 1.5's padding that is the extra frame in
+        front, dropped before decoding: as diffusers), zeros after."""
         from xdit_jax.pipelines.denoise import preprocess_image
 
         _, f, c, h, w = shape
@@ -423,6 +424,13 @@ class CogVideoXImageToVideoPipeline(CogVideoXPipeline):
         of that size); the rest as :meth:`CogVideoXPipeline.__call__`."""
         if image is None:
             raise ValueError("image-to-video needs an image (the first frame).")
+        tc = self.transformer_config
+        frames = num_frames or self.default_video()["num_frames"]
+        if tc.use_learned_positional_embeddings and frames == tc.sample_frames and prompt_embeds is None \
+                and max_sequence_length != tc.max_text_seq_length:
+            raise ValueError(f"max_sequence_length={max_sequence_length}: this model's learned positional table "
+                             f"(CogVideoX-5b-I2V) covers {tc.max_text_seq_length} text tokens at {tc.sample_frames} "
+                             f"frames; use max_sequence_length={tc.max_text_seq_length}.")
         return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                               use_dynamic_cfg=use_dynamic_cfg, prompt_embeds=prompt_embeds,

@@ -167,24 +167,47 @@ def load_vae_encoder(folder, vae_config, dtype, sharding, module):
     return module.build(vae_config, params, dtype)
 
 
-def preprocess_image(image, height: int, width: int) -> jax.Array:
-    """An image as diffusers' ``VideoProcessor.preprocess`` makes it for the VAE: a PIL image resized to ``width`` x
-    ``height`` (Lanczos, as diffusers' default), or an array (H, W, 3) of that size (uint8, or float in [0, 1]);
-    -> (1, 3, height, width) float32 in [-1, 1]."""
+def rgb_image(image):
+    """An image input checked and made RGB: a PIL image in RGB (transparency put on white, as transformers'
+    ``convert_to_rgb`` does; palette and grey images converted), or an array (H, W, 3) of uint8 or of floats in
+    [0, 1] (float32); anything else refused."""
     if hasattr(image, "convert") and hasattr(image, "resize"):  # a PIL image
+        from PIL import Image
+
+        if image.mode == "P":
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA"):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image: a PIL image or an array (height, width, 3); got shape {array.shape}.")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "f" and array.size and (array.min() < 0 or array.max() > 1):
+        raise ValueError(f"image: a float array must hold values in [0, 1] (got {array.min()} .. {array.max()}).")
+    if array.dtype.kind != "f":
+        raise ValueError(f"image array of {array.dtype}: give uint8 (0-255) or floats in [0, 1].")
+    return array.astype(np.float32)
+
+
+def preprocess_image(image, height: int, width: int) -> jax.Array:
+    """An image as diffusers' ``VideoProcessor.preprocess`` makes it for the VAE: a PIL image (:func:`rgb_image`)
+    resized to ``width`` x ``height`` (Lanczos, as diffusers' default), or an array (H, W, 3) of that size (uint8, or
+    floats in [0, 1]); -> (1, 3, height, width) float32 in [-1, 1]."""
+    image = rgb_image(image)
+    if not isinstance(image, np.ndarray):
         from PIL import Image
 
         if image.size != (width, height):
             image = image.resize((width, height), resample=Image.LANCZOS)
-        array = np.asarray(image.convert("RGB"), np.float32) / 255.0
+        array = np.asarray(image, np.float32) / 255.0
     else:
-        array = np.asarray(image)
-        if array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"image: a PIL image or an array (height, width, 3); got shape {array.shape}.")
-        if array.shape[:2] != (height, width):
-            raise ValueError(f"image array {array.shape[:2]} is not {height} x {width}; resize it first (or pass a PIL "
+        if image.shape[:2] != (height, width):
+            raise ValueError(f"image array {image.shape[:2]} is not {height} x {width}; resize it first (or pass a PIL "
                              "image, resized as diffusers does).")
-        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+        array = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image
     return jnp.asarray(array.transpose(2, 0, 1)[None] * 2.0 - 1.0)
 
 

@@ -56,6 +56,7 @@ from xdit_jax.pipelines.denoise import (
     per_prompt,
     preprocess_image,
     prompt_batch,
+    rgb_image,
     tokenize,
 )
 from xdit_jax.schedulers import flow_match, unipc
@@ -421,7 +422,8 @@ class WanImageToVideoPipeline(WanPipeline):
     own K/V; FLF2V-14B (``pos_embed_seq_len``) on the first and the last frame's, side by side. TI2V-5B
     (``expand_timesteps``): the image's latent frame in place of the first latent frame at every step, its tokens at
     timestep 0 (``first_frame_timestep``), and in the result. Everything else as :class:`WanPipeline` (two experts,
-    meshes, PipeFusion); the image encoders run once per call, on one device's copy."""
+    meshes, PipeFusion); the image encoders run once per call: the VAE's split over the mesh, the CLIP tower (float32)
+    replicated."""
 
     def __init__(self, *, vae_encoder, image_encoder=None, image_encoder_config=None, image_processor=None,
                  **kwargs):
@@ -441,6 +443,8 @@ class WanImageToVideoPipeline(WanPipeline):
                              "image_encoder, image_encoder_config and image_processor (the checkpoint's).")
         if image_encoder is not None and not tc.takes_image:
             raise ValueError("image_encoder given, but the transformer takes no image states (image_dim is None).")
+        if image_encoder is not None and image_encoder_config is None:
+            raise ValueError("image_encoder needs its image_encoder_config (xdit_jax.models.clip.CLIPVisionConfig).")
         if image_encoder is not None and image_encoder_config.hidden_size != tc.image_dim:
             raise ValueError(f"image_encoder's hidden_size {image_encoder_config.hidden_size} is not the "
                              f"transformer's image_dim {tc.image_dim}.")
@@ -471,7 +475,8 @@ class WanImageToVideoPipeline(WanPipeline):
             replicated = NamedSharding(mesh_obj, P())
             out = {"vae_encoder": load_vae_encoder(folder, parts["vae_config"], dt, replicated, vae_wan_encoder)}
             if _listed(index, "image_encoder"):  # Wan 2.1 I2V / FLF2V: the CLIP vision tower and its preprocessing
-                cfg, encoder = load_component(folder, "image_encoder", dt, replicated)
+                # in float32 whatever the pipeline's dtype (diffusers' recipe; 257 tokens once per call)
+                cfg, encoder = load_component(folder, "image_encoder", jnp.float32, replicated)
                 out.update(image_encoder=encoder, image_encoder_config=cfg,
                            image_processor=load_image_processor(folder))
             return out
@@ -499,17 +504,18 @@ class WanImageToVideoPipeline(WanPipeline):
     def encode_image(self, images) -> jnp.ndarray:
         """(1, N x 257, image_dim) float32: the penultimate CLIP states of ``images`` (a list: the first frame, or the
         first and the last for FLF2V) side by side, as diffusers' ``encode_image`` (``hidden_states[-2]``) and its
-        image embedder's view make them. Images: PIL, or arrays (H, W, 3) uint8 or float in [0, 1]."""
-        arrays = [im for im in images if not (hasattr(im, "convert") and hasattr(im, "resize"))]
-        floats = any(np.asarray(a).dtype.kind == "f" for a in arrays)
-        pixels = self.image_processor(images=list(images), return_tensors="np",
-                                      **({"do_rescale": False} if floats else {}))["pixel_values"]
+        image embedder's view make them. Images: PIL, or arrays (H, W, 3) uint8 or float in [0, 1] (rounded to uint8,
+        as the processor's PIL backend does with floats)."""
+        images = [rgb_image(im) for im in images]
+        images = [np.round(im * 255).astype(np.uint8) if isinstance(im, np.ndarray) and im.dtype != np.uint8 else im
+                  for im in images]
+        pixels = self.image_processor(images=images, return_tensors="np")["pixel_values"]
         if "clip" not in self._decode_cache:
             graphdef, state = nnx.split(self.image_encoder)
 
             @jax.jit
-            def penultimate(state, pixels):
-                return nnx.merge(graphdef, state).penultimate(pixels.astype(self.dtype)).astype(jnp.float32)
+            def penultimate(state, pixels):  # (the encoder's own dtype: float32, see from_pretrained)
+                return nnx.merge(graphdef, state).penultimate(pixels).astype(jnp.float32)
 
             self._decode_cache["clip"] = lambda px: penultimate(state, self._put_replicated(px))
         states = self._decode_cache["clip"](jnp.asarray(pixels, jnp.float32))
@@ -525,9 +531,12 @@ class WanImageToVideoPipeline(WanPipeline):
             image_embeds = self.encode_image([image] if last_image is None else [image, last_image])
         return cond + (jnp.asarray(image_embeds, jnp.float32).reshape(1, -1, self.transformer_config.image_dim),)
 
-    def _check_images(self, last_image, image_embeds) -> None:
+    def _check_images(self, last_image, image_embeds, num_frames: int) -> None:
         """Refuse what the image encoders cannot take, before any heavy work."""
         tc = self.transformer_config
+        if last_image is not None and self.output_frames(num_frames) < 2:
+            raise ValueError(f"last_image: a video of {self.output_frames(num_frames)} frame has no last frame apart "
+                             f"from the first; give num_frames >= {self.vae_config.scale_factor_temporal + 1}.")
         if image_embeds is not None and self.image_encoder is None:
             raise ValueError("image_embeds are CLIP image states: only a Wan 2.1 image-to-video model (an image "
                              "encoder, image_dim set) takes them.")
@@ -606,7 +615,7 @@ class WanImageToVideoPipeline(WanPipeline):
         argument; one video's, e.g. (257, 1280)); the rest as :meth:`WanPipeline.__call__`."""
         if image is None:
             raise ValueError("image-to-video needs an image (the first frame).")
-        self._check_images(last_image, image_embeds)
+        self._check_images(last_image, image_embeds, num_frames or self.default_video()["num_frames"])
         return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                               guidance_scale_2=guidance_scale_2, prompt_embeds=prompt_embeds,
