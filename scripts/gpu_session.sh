@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
 # the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3, 4
+#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -43,6 +43,11 @@ case $part in
   step alpha-vs 120 --model pixart-alpha-1024 --steps 5 --compare diffusers
   step mochi 240 --model mochi-1-preview --layers 8 --steps 3 --variant mosaic:backend=mosaic
   ;;
-*) echo "unknown part $part: use 1, 2, 3 or 4"; exit 2 ;;
+5)  # image-to-video, never run on a GPU (session 14): CogVideoX-5b-I2V end to end (the VAE encoder, bf16) and Wan 2.1
+    # I2V-14B-480P's step (attn2 also over 257 CLIP image states) and end to end (the CLIP tower in float32)
+  step cog-i2v-e2e 300 --model cogvideox-5b-i2v --steps 3 --e2e 2
+  step wan21-i2v 270 --model wan2.1-i2v-14b-480p --steps 3 --e2e 1
+  ;;
+*) echo "unknown part $part: use 1, 2, 3, 4 or 5"; exit 2 ;;
 esac
 ls -la "$O"
