@@ -110,7 +110,8 @@ def test_flf2v_matches_diffusers(tmp_path_factory):
     np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
-@pytest.mark.parametrize("mesh", ["cfg=2,ulysses=2", "data=2,pipefusion=2"])
+# (PipeFusion with an image condition: test_wan22_pipeline's I2V data=2,pipefusion=2 in the default run)
+@pytest.mark.parametrize("mesh", ["cfg=2,ulysses=2", pytest.param("data=2,pipefusion=2", marks=pytest.mark.slow)])
 def test_meshes_match_one_device(mesh, tmp_path_factory):
     """Two prompts (data=2: one each) on one image; PipeFusion with every step a warm-up step (exact: its patched
     steps would see one-step-old K/V, by design)."""
