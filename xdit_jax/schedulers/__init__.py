@@ -1,6 +1,6 @@
 """Schedulers as small pure functions over arrays (host-side schedule + jittable step)."""
 
-from xdit_jax.schedulers import cogvideox, ddpm, dpmsolver, flow_match, unipc
+from xdit_jax.schedulers import cogvideox, ddim, ddpm, dpmsolver, flow_match, unipc
 from xdit_jax.schedulers.cogvideox import (
     INIT_NOISE_SIGMA,
     Schedule,
@@ -23,6 +23,7 @@ from xdit_jax.schedulers.cogvideox import (
 SCHEDULERS = {
     "CogVideoXDDIMScheduler": (cogvideox, "SchedulerConfig"),
     "CogVideoXDPMScheduler": (cogvideox, "SchedulerConfig"),
+    "DDIMScheduler": (ddim, "DDIMConfig"),
     "DDPMScheduler": (ddpm, "DDPMConfig"),
     "DPMSolverMultistepScheduler": (dpmsolver, "DPMSolverConfig"),
     "FlowMatchEulerDiscreteScheduler": (flow_match, "FlowMatchEulerConfig"),
