@@ -177,11 +177,18 @@ class PatchEmbed(nnx.Module):
 
 class Attention(nnx.Module):
     """diffusers ``Attention`` (AttnProcessor2_0): self-attention over the image tokens when
-    ``context`` is None, else cross-attention of the image tokens to ``context``."""
+    ``context`` is None, else cross-attention of the image tokens to ``context``.
 
-    def __init__(self, cfg: PixArtConfig, kv_dim: int, *, dtype, rngs):
+    ``local``: the self-attention's keys are all on this device (Latte's temporal attention over the
+    frames of each patch position): it goes through :func:`cross_attention`, never the
+    sequence-parallel op (no collective, no PipeFusion buffer). A ``context`` of fewer samples than
+    ``x`` (a divisor: Latte's caption, one per video, for the frames of that video next to each other)
+    is projected once per sample and its K/V repeated."""
+
+    def __init__(self, cfg: PixArtConfig, kv_dim: int, *, local: bool = False, dtype, rngs):
         d = cfg.inner_dim
         self.heads = cfg.num_attention_heads
+        self.local = local
         self.to_q = linear(d, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
         self.to_k = linear(kv_dim, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
         self.to_v = linear(kv_dim, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
@@ -190,33 +197,44 @@ class Attention(nnx.Module):
     def __call__(self, x, context=None, context_mask=None):
         b, s, _ = x.shape
         src = x if context is None else context
-        heads = lambda y: y.reshape(b, y.shape[1], self.heads, -1)
+        heads = lambda y: y.reshape(y.shape[0], y.shape[1], self.heads, -1)  # noqa: E731
         q, k, v = heads(self.to_q(x)), heads(self.to_k(src)), heads(self.to_v(src))
-        o = attention(q, k, v) if context is None else cross_attention(q, k, v, kv_mask=context_mask)
+        if context is None:
+            o = cross_attention(q, k, v) if self.local else attention(q, k, v)
+        else:
+            if k.shape[0] != b:  # one context per group of b / B_ctx consecutive rows
+                k, v = (jnp.repeat(a, b // k.shape[0], axis=0) for a in (k, v))
+                if context_mask is not None:
+                    context_mask = jnp.repeat(context_mask, b // context_mask.shape[0], axis=0)
+            o = cross_attention(q, k, v, kv_mask=context_mask)
         return self.to_out(o.reshape(b, s, -1))
 
 
 class BasicTransformerBlock(nnx.Module):
-    """``BasicTransformerBlock(norm_type="ada_norm_single")``."""
+    """``BasicTransformerBlock(norm_type="ada_norm_single")``; ``cross=False``: without the
+    cross-attention (diffusers' ``cross_attention_dim=None``: Latte's temporal blocks); ``local``: its
+    self-attention is local to the device (:class:`Attention`)."""
 
-    def __init__(self, cfg: PixArtConfig, *, dtype, rngs):
+    def __init__(self, cfg: PixArtConfig, *, cross: bool = True, local: bool = False, dtype, rngs):
         d = cfg.inner_dim
         self.norm1 = LayerNorm(d, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
-        self.attn1 = Attention(cfg, d, dtype=dtype, rngs=rngs)
-        self.attn2 = Attention(cfg, cfg.cross_attention_dim, dtype=dtype, rngs=rngs)
+        self.attn1 = Attention(cfg, d, local=local, dtype=dtype, rngs=rngs)
+        self.attn2 = Attention(cfg, cfg.cross_attention_dim, dtype=dtype, rngs=rngs) if cross else None
         self.norm2 = LayerNorm(d, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
         self.ff = FeedForward(cfg.inner_dim, dtype=dtype, rngs=rngs)
         self.scale_shift_table = nnx.Param(jnp.zeros((6, d), dtype))
 
     def __call__(self, x, cond):
-        """x: the image tokens (B, S, D) or any contiguous piece of them; cond: see ``embed``."""
+        """x: the image tokens (B, S, D) or any contiguous piece of them; cond: see ``embed``
+        (``timestep`` (B, 6D); with the cross-attention ``context`` and ``context_mask``)."""
         b = x.shape[0]
         mod = self.scale_shift_table[...][None] + cond["timestep"].reshape(b, 6, -1)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod.astype(x.dtype), 6, axis=1)
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * self.attn1(h)
-        # PixArt: the cross-attention sees the un-normed, unmodulated tokens (norm2 is the MLP's norm).
-        x = x + self.attn2(x, cond["context"], cond["context_mask"])
+        if self.attn2 is not None:
+            # PixArt: the cross-attention sees the un-normed, unmodulated tokens (norm2 is the MLP's norm).
+            x = x + self.attn2(x, cond["context"], cond["context_mask"])
         h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * self.ff(h)
 
