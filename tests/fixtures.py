@@ -77,6 +77,21 @@ def make_torch_pixart(variant: str = "sigma", seed: int = 0):
                scheduler=sched)
 
 
+def make_torch_latte(seed: int = 0, video_length: int = 16):
+    """A tiny random diffusers LattePipeline (xdit_jax.tiny's Latte configs, Latte-1's DDIM); ``video_length``:
+    the frames diffusers' transformer can take (its frame table has that many rows; any count runs here)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline, LatteTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = randomize_(LatteTransformer3DModel(**dict(tiny.LATTE_TRANSFORMER, video_length=video_length)), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.LATTE_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 2, std=0.2)
+    sched = DDIMScheduler(**{k: v for k, v in tiny.LATTE_SCHEDULER.items() if not k.startswith("_")})
+    return LattePipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+                         scheduler=sched)
+
+
 def make_torch_hunyuandit(variant: str = "v1.2", seed: int = 0, scheduler: str = "ddpm"):
     """A tiny random diffusers HunyuanDiT pipeline (xdit_jax.tiny's configs); "v1.1": with the style and
     image-size conditions; ``scheduler``: "ddpm" (as shipped) or "dpm" (DPM-Solver multistep)."""

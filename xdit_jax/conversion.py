@@ -54,6 +54,7 @@ MODEL_CLASSES = {
     "WanTransformer3DModel": ("xdit_jax.models.wan", "WanConfig"),
     "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
+    "LatteTransformer3DModel": ("xdit_jax.models.latte", "LatteConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
     # one module, four config classes: the config's class picks the tower and whether it has the projection
     "CLIPTextModel": ("xdit_jax.models.clip", "CLIPTextConfig"),

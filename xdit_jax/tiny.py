@@ -19,7 +19,8 @@ import numpy as np
 
 TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
-              "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan"}
+              "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
+              "tiny-latte": "latte"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -60,6 +61,17 @@ PIXART_SCHEDULER = dict(_class_name="DPMSolverMultistepScheduler", num_train_tim
                         solver_type="midpoint", prediction_type="epsilon", lower_order_final=True,
                         thresholding=False, steps_offset=0, use_karras_sigmas=False)
 PIXART_MAX_SEQUENCE_LENGTH = 16
+
+# Latte-1 shaped (learned sigma, non-affine norms), 2 layer pairs over 2 heads of 8; sample size 4: 32 x 32 videos
+# by default (4 x 4 latents, 4 patch positions a frame); the SD VAE of the tiny PixArt; Latte-1's DDIM.
+LATTE_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                         cross_attention_dim=16, attention_bias=True, sample_size=4, patch_size=2,
+                         activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                         norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=32, video_length=16)
+LATTE_VAE = dict(PIXART_VAE, scaling_factor=0.18215)
+LATTE_SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                       beta_schedule="linear", clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                       prediction_type="epsilon", timestep_spacing="leading")
 
 # HunyuanDiT v1.2 shaped (no style / size conditions), 6 layers (layers 0-1 feed long skips to layers 4-5),
 # the released text lengths (77 BERT + 256 mT5 tokens), 64 x 64 images.
@@ -219,6 +231,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer_2": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "HunyuanDiT2DModel"],
                 "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
                 "feature_extractor": [None, None]}
+    if family == "latte":
+        return {"_class_name": "LattePipeline", "_diffusers_version": "0.32.0",
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+                "transformer": ["diffusers", "LatteTransformer3DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "pixart":
         return {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
@@ -319,6 +336,7 @@ def _parts(family: str, transformer: dict | None):
         cogvideox,
         flux,
         hunyuandit,
+        latte,
         mochi,
         pixart,
         sd3,
@@ -387,6 +405,16 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_mochi.module_fn(vae_mochi.MochiVAEConfig.from_dict(MOCHI_VAE), jnp.float32)()),
             "text_encoder": text,
         }, MOCHI_SCHEDULER
+    if family == "latte":
+        tcfg = {**LATTE_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("LatteTransformer3DModel", tcfg,
+                            lambda: latte.LatteTransformer3DModel(latte.LatteConfig.from_dict(tcfg),
+                                                                  rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", LATTE_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(LATTE_VAE), jnp.float32)()),
+            "text_encoder": text,
+        }, LATTE_SCHEDULER
     if family == "pixart":
         tcfg = {**PIXART_TRANSFORMER, **(transformer or {})}
         return {
