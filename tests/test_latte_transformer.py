@@ -113,3 +113,42 @@ def test_sequence_parallel_equals_one_device(pair, mesh):
     out = np.asarray(_parallel_forward(model, build_mesh(mesh))(x, enc, t))
     # fp32; only the order of float32 sums differs (ring's LSE merge, zero-padded heads): outputs O(1).
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=mesh)
+
+
+def test_hlo_flops_equal_analytic(pair):
+    """The compiled forward's matmul FLOPs (xdit_jax.hlo, loops counted) == bench_families' analytic count."""
+    from xdit_jax.bench_families import FAMILIES, family_of_config, latte_analytic_flops
+    from xdit_jax.hlo import matmul_flops
+
+    tm, cfg, model, fwd = pair
+    assert family_of_config(dict(tm.config)) == "latte" and FAMILIES["latte"].config(dict(tm.config)) == cfg
+    x, enc, t = _inputs(cfg, 2, FRAMES, 10, 14)
+    compiled = fwd.lower(model, x, enc, t, True).compile()
+    want = latte_analytic_flops(dict(tm.config), x.shape, L)["total"]
+    assert matmul_flops(compiled.as_text()) == pytest.approx(want, rel=1e-9)
+
+
+def test_full_size_config():
+    """configs/latte-1 loads in diffusers and here; the full-size model builds abstractly (nothing allocated) with
+    diffusers' parameter count (its model built on the meta device)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler
+
+    from xdit_jax.pipelines import latte as latte_pipeline
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "latte-1"
+    t = json.loads((folder / "transformer" / "config.json").read_text())
+    cfg = latte.LatteConfig.from_dict(t)
+    assert (cfg.inner_dim, cfg.num_layers, cfg.learned_sigma, cfg.video_length) == (1152, 28, True, 16)
+    _, state = nnx.split(nnx.eval_shape(lambda: latte.LatteTransformer3DModel(cfg, rngs=nnx.Rngs(0))))
+    ours = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state))
+    with torch.device("meta"):
+        tm = TorchModel.from_config(TorchModel.load_config(folder / "transformer"))
+    assert ours == sum(p.numel() for p in tm.parameters())
+    sched = DDIMScheduler.from_pretrained(folder / "scheduler")
+    assert not sched.config.clip_sample and sched.config.prediction_type == "epsilon"
+    tc, vc = latte_pipeline.read_configs(folder)
+    assert latte_pipeline.default_video(tc, vc) == {"height": 512, "width": 512, "num_frames": 16, "fps": 8}
+    assert vc.scaling_factor == 0.18215

@@ -1454,14 +1454,137 @@ class Wan(Family):
         return WanTorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# Latte
+# ============================================================================================
+
+def latte_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one Latte transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (both CFG halves), F frames, S = (h/p)(w/p) patch positions a frame, L caption tokens, d = heads
+    * head_dim, d_c = cross_attention_dim, C_cap = caption_channels, N layer pairs. Per pair:
+
+        spatial self-attention q, k, v, out      8 B F S d^2
+        spatial self-attention QK^T and PV       4 B F S^2 d
+        cross-attention q, out                   4 B F S d^2
+        cross-attention k, v (caption)           4 B L d_c d      (once per video: the frames share it)
+        cross-attention QK^T and PV              4 B F S L d
+        spatial feed-forward d->4d->d            16 B F S d^2
+        temporal self-attention q, k, v, out     8 B S F d^2
+        temporal QK^T and PV                     4 B S F^2 d
+        temporal feed-forward                    16 B S F d^2
+
+    plus, once: patch embedding 2 B F S (C_in p^2) d; timestep embedding 2 B (256 d + d^2) and adaln_single's
+    2 B d (6d); the caption projection 2 B L (C_cap d + d^2); the output projection 2 B F S d (p^2 C_out).
+    diffusers projects the caption's K/V once per frame (its caption is repeated over the frames): F times the
+    cross-attention k, v term here.
+    """
+    b, c, f, h, w = latent_shape
+    t = transformer
+    p = int(t.get("patch_size", 2))
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    dc = int(t.get("cross_attention_dim") or d)
+    layers = int(t["num_layers"])
+    cout = int(t.get("out_channels") or c)
+    cap = int(t.get("caption_channels") or 4096)
+    s, txt = (h // p) * (w // p), int(text_len)
+    n = b * f * s  # tokens
+    self_attn, cross_attn, temporal_attn = 4 * n * s * d, 4 * n * txt * d, 4 * n * f * d
+    spatial = 8 * n * d * d + self_attn + 4 * n * d * d + 4 * b * txt * dc * d + cross_attn + 16 * n * d * d
+    temporal = 8 * n * d * d + temporal_attn + 16 * n * d * d
+    block = spatial + temporal
+    embed = 2 * n * (c * p * p) * d + 2 * b * (PIXART_TIME_PROJ * d + d * d) + 2 * b * d * 6 * d \
+        + 2 * b * txt * (cap * d + d * d)
+    head = 2 * n * d * (p * p * cout)
+    attention = layers * (self_attn + cross_attn + temporal_attn)
+    total = layers * block + embed + head
+    return {"total": float(total), "per_block": float(block), "attention": float(attention),
+            "linear": float(total - attention), "tokens": f * s}
+
+
+class LatteTorchReference(TorchReference):
+    """diffusers' ``LatteTransformer3DModel`` called as ``LattePipeline`` calls it (no attention mask). Its frame
+    table has ``video_length`` rows: the reference is built with the workload's frame count there."""
+
+    diffusers_class = "LatteTransformer3DModel"
+
+    def set_inputs(self, inputs, w):
+        self.x, self.enc = self._put(inputs, "latents", self.dtype), self._put(inputs, "embeds", self.dtype)
+        self.t = self._put(inputs, "t")
+
+    def _forward(self):
+        return self.model(self.x, timestep=self.t, encoder_hidden_states=self.enc, return_dict=False)[0]
+
+
+class Latte(Family):
+    name = "latte"
+    module_name = "xdit_jax.models.latte"
+    model_class_name = "LatteTransformer3DModel"
+    config_class_name = "LatteConfig"
+    token_word = "video"
+    title = "Latte"
+
+    def pipeline_call(self, w):
+        kw = super().pipeline_call(w)
+        kw.pop("max_sequence_length", None)  # LattePipeline's T5 length is fixed (120)
+        return kw
+
+    def latent_shape(self, w):
+        """(B, C, F, h, w) in diffusers' layout: one latent frame per frame (an image VAE), H/8 x W/8."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 4)), w.num_frames, w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, _, f, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 2))
+        return f * (h // p) * (ww // p), self.text_len(w)
+
+    def text_len(self, w):
+        """T5 tokens the transformer sees: 120 (several prompts; one prompt's are cut to its real tokens)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or 120)
+
+    def attention_tokens(self, w):
+        _, _, _, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 2))
+        return (h // p) * (ww // p)  # PipeFusion's buffers: the patch positions (times the frames in the batch)
+
+    def check(self, cfg, shape):
+        self.module.check_input_shape(cfg, shape[3], shape[4])
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"family": self.name, "video_tokens": sv, "text_tokens": st, "latent_frames": self.latent_shape(w)[2],
+                "layers": cfg.num_layers, "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+                "height": w.height, "width": w.width, "num_frames": w.num_frames}
+
+    def make_inputs(self, w, seed=0):
+        """As ``LattePipeline`` passes them: latents (B, C, F, h, w), T5 states (B, L, caption_channels), t (B,)."""
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
+        embeds = rng.standard_normal((b, self.text_len(w), int(w.transformer.get("caption_channels", 4096))),
+                                     dtype=np.float32)
+        return {"latents": latents, "embeds": embeds, "t": np.full((b,), 500, dtype=np.int64)}
+
+    def embed_args(self, inputs, dtype):
+        return inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"]
+
+    def analytic_flops(self, w):
+        return latte_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return LatteTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
-                                                          SD3(), Wan())}
+                                                          SD3(), Wan(), Latte())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
 FLUX_CLASS_NAMES = ("FluxTransformer2DModel",)
 SD3_CLASS_NAMES = ("SD3Transformer2DModel",)
 WAN_CLASS_NAMES = ("WanTransformer3DModel",)
+LATTE_CLASS_NAMES = ("LatteTransformer3DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -1472,7 +1595,8 @@ def family_of_config(transformer: dict) -> str:
     PixArt by its class name (the hub's PixArt checkpoints say ``Transformer2DModel``) or its
     ``ada_norm_single`` norm; SD3 / SD3.5 by its class name or ``caption_projection_dim`` together with
     ``pos_embed_max_size`` (no other family has the first); Wan by its class name or ``ffn_dim`` together with
-    ``freq_dim`` (no other family has either); else CogVideoX."""
+    ``freq_dim`` (no other family has either); Latte by its class name or ``ada_norm_single`` with ``video_length``;
+    else CogVideoX."""
     if transformer.get("_class_name") in WAN_CLASS_NAMES or ("ffn_dim" in transformer and "freq_dim" in transformer):
         return "wan"
     if transformer.get("_class_name") in FLUX_CLASS_NAMES or "num_single_layers" in transformer:
@@ -1485,6 +1609,9 @@ def family_of_config(transformer: dict) -> str:
     if transformer.get("_class_name") in MOCHI_CLASS_NAMES or (
             "pooled_projection_dim" in transformer and "time_embed_dim" in transformer):
         return "mochi"
+    if transformer.get("_class_name") in LATTE_CLASS_NAMES or (
+            transformer.get("norm_type") == "ada_norm_single" and "video_length" in transformer):
+        return "latte"
     if transformer.get("_class_name") in PIXART_CLASS_NAMES or transformer.get("norm_type") == "ada_norm_single":
         return "pixart"
     return "cogvideox"
