@@ -110,3 +110,21 @@ def test_bad_input_is_refused(pipes):
         LattePipeline.from_pretrained(pipes[2], mesh="pipefusion=3")
     with pytest.raises(ValueError, match="cfg=2"):
         LattePipeline.from_pretrained(pipes[2], mesh="cfg=2")(PROMPT, guidance_scale=1.0, video_length=F)
+
+
+def test_generate_cli_video(pipes, tmp_path, capsys):
+    """generate.py on a Latte folder: an .mp4 of the asked frames and fps, on a sequence-parallel mesh."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    out = tmp_path / "latte.mp4"
+    rc = cli.main(["--model", str(pipes[2]), "--output", str(out), "--steps", "2", "--num-frames", str(F),
+                   "--height", str(H), "--width", str(W), "--fps", "4", "--mesh", "ring=2", "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(out).shape == (F, H, W, 3)
+    printed = capsys.readouterr().out
+    assert '"model_family": "latte"' in printed and "at 4 fps" in printed
+    with pytest.raises(SystemExit):  # Latte's T5 length is fixed
+        raise SystemExit(cli.main(["--model", str(pipes[2]), "--output", str(tmp_path / "x.mp4"),
+                                   "--max-sequence-length", "64"]))
+    assert not (tmp_path / "x.mp4").exists()

@@ -4,7 +4,7 @@
     python scripts/generate.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompt "..." --output cat.png
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
-                                                   # tiny-sd3, tiny-wan)
+                                                   # tiny-sd3, tiny-wan, tiny-latte)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -31,8 +31,9 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             "mochi": {"output": "output.mp4", "guidance_scale": 4.5, "steps": 64, "tiny_steps": 4},
             "flux": {"output": "output.png", "guidance_scale": 3.5, "steps": 28, "tiny_steps": 4},
             "sd3": {"output": "output.png", "guidance_scale": 7.0, "steps": 28, "tiny_steps": 4},
-            "wan": {"output": "output.mp4", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4}}
-VIDEO_FAMILIES = ("cogvideox", "mochi", "wan")
+            "wan": {"output": "output.mp4", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4},
+            "latte": {"output": "output.mp4", "guidance_scale": 7.5, "steps": 50, "tiny_steps": 4}}
+VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte")
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")  # (diffusers class names)
 
 
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny",
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
-                         "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' (random, no download)")
+                         "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' "
+                         "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
@@ -332,6 +334,8 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--no-resolution-binning")
     if family == "hunyuandit" and args.max_sequence_length is not None:
         wrong.append("--max-sequence-length (HunyuanDiT's text lengths are the model's: 77 + 256)")
+    if family == "latte" and args.max_sequence_length is not None:
+        wrong.append("--max-sequence-length (Latte's T5 length is fixed: 120, as diffusers')")
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: not used by this {family} model; drop the flag.")
 
@@ -487,6 +491,8 @@ def _main(argv=None) -> int:
         if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
             args.height, args.width = args.height or 32, args.width or 48
             args.num_frames = args.num_frames or 7
+        if is_tiny and family == "latte":  # 16 frames would be slow for a toy model
+            args.num_frames = args.num_frames or 4
         if is_tiny and family == "wan":  # Wan's default 81 x 480 x 832 would be slow for a toy model
             args.height, args.width = args.height or 32, args.width or 48
             args.num_frames = args.num_frames or 9
@@ -535,6 +541,8 @@ def _main(argv=None) -> int:
         kw.update(num_frames=args.num_frames, max_sequence_length=msl or 512)
         if args.guidance_scale_2 is not None:
             kw["guidance_scale_2"] = args.guidance_scale_2
+    elif family == "latte":
+        kw.update(num_frames=args.num_frames)
     elif family == "pixart":
         kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
     elif family == "flux":
