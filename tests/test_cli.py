@@ -263,6 +263,7 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-pixart", "--output", "x.mp4"], "makes images"),
     (["--model", "tiny-pixart", "--num-frames", "9"], "--num-frames: not used by this pixart model"),
     (["--model", "tiny-hunyuandit", "--max-sequence-length", "20"], "77 + 256"),
+    (["--model", "tiny-latte", "--max-sequence-length", "20"], "Latte's T5 length is fixed"),
     (["--guidance-rescale", "0.5"], "not used by this cogvideox model"),
     (["--model", "tiny-pixart", "--height", "40"], "multiples of 16"),
     (["--height", "50"], "multiples of 16"),
