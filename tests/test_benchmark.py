@@ -1403,3 +1403,31 @@ def test_wan_analytic_flops_and_workloads():
     assert (abs(bench.make_inputs(wn)["embeds"]).sum(-1) > 0).sum(1).tolist() == [40]
     assert bench.load_workload("wan-tiny").latent_shape() == (2, 4, 3, 4, 6)
     assert {"wan-tiny", "wan-cpu-small", *bench.WAN_MODELS} <= set(bench.PRESET_HELP)
+
+
+def test_latte_tiny_rows_vs_diffusers(monkeypatch):
+    """latte-tiny (3 frames x 6 patch positions, 16 T5 tokens) against diffusers on one device and ring=2 (the
+    patch positions over the ring, padded to 8; the temporal attention local), 1 timed step; the full-size preset's
+    shapes and FLOPs without compiling it."""
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="latte-tiny", meshes=[None, "ring=2"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("ring=2", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["kind"] == "step" and r["model"] == "latte-tiny" and r["family"] == "latte"
+        assert r["latent_shape"] == [2, 4, 3, 4, 6] and r["video_tokens"] == 18 and r["text_tokens"] == 16
+        assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
+    one, ring = by_mesh["single device"], by_mesh["ring=2"]
+    for r in (one, ring):
+        # same weights and inputs, fp32, outputs of order 1: a frame-order or layout slip moves them by O(1)
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4 and r["ratio_vs_diffusers"] > 0
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9) and one["collective_bytes"] == 0
+    assert ring["collectives"]["collective-permute"] > 0  # the spatial K/V round the ring; nothing else talks
+    w = bench.load_workload("latte-1")
+    assert (w.height, w.width, w.num_frames, w.latent_shape()) == (512, 512, 16, (2, 4, 16, 64, 64))
+    assert w.fam.tokens(w) == (16 * 32 * 32, 120)
+    assert {"latte-tiny", "latte-cpu-small", *bench.LATTE_MODELS} <= set(bench.PRESET_HELP)
+    assert bench.load_workload("latte-cpu-small").latent_shape() == (2, 4, 16, 16, 16)

@@ -85,6 +85,7 @@ FLUX_MODELS = ("flux.1-dev", "flux.1-schnell")
 SD3_MODELS = ("sd3-medium", "sd3.5-large")
 WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.2-i2v-a14b",
               "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b-720p")
+LATTE_MODELS = ("latte-1",)
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +417,25 @@ def _wan_cpu_small_workload() -> Workload:
                     source="configs/wan2.1-t2v-1.3b, 2 layers", defaults=defaults)
 
 
+def _latte_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Latte (2 heads x 8, 2 layer pairs, caption 32 wide) at 3 frames of 32 x 48: 4 x 6 latents,
+    # 2 x 3 = 6 patch positions a frame (so that the 4-way sequence meshes pad); 16 T5 tokens.
+    scale = 2 ** (len(tiny.LATTE_VAE["block_out_channels"]) - 1)
+    return Workload("latte-tiny", dict(tiny.LATTE_TRANSFORMER), height=32, width=48, num_frames=3,
+                    vae_scale_spatial=scale, family="latte", text_tokens=16,
+                    source="xdit_jax.tiny's Latte, 2 heads x 8, 2 layer pairs",
+                    defaults={"num_inference_steps": 4, "guidance_scale": 7.5})
+
+
+def _latte_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "latte-1"
+    t, defaults = load_model_dir(folder)
+    return Workload("latte-cpu-small", dict(t, num_layers=2), height=128, width=128, num_frames=16, family="latte",
+                    folder=str(folder), source="configs/latte-1, 2 layer pairs", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -428,7 +448,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "sd3-tiny": _sd3_tiny_workload,
                                               "sd3-cpu-small": _sd3_cpu_small_workload,
                                               "wan-tiny": _wan_tiny_workload,
-                                              "wan-cpu-small": _wan_cpu_small_workload}
+                                              "wan-cpu-small": _wan_cpu_small_workload,
+                                              "latte-tiny": _latte_tiny_workload,
+                                              "latte-cpu-small": _latte_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -501,6 +523,14 @@ PRESET_HELP["wan2.1-flf2v-14b-720p"] = ("full-size configs/wan2.1-flf2v-14b-720p
                                         "first-last-frame, 2 x 257 CLIP image states (21x45x80 = 75,600 video tokens)")
 PRESET_HELP["wan2.2-ti2v-5b"] = ("full-size configs/wan2.2-ti2v-5b with random weights at 121x704x1280 (Wan 2.2 VAE, "
                                  "16x spatial: 31x22x40 = 27,280 video + 512 UMT5 tokens)")
+PRESET_HELP.update({
+    "latte-tiny": "a 2x8-head Latte (2 spatial + temporal layer pairs, caption 32 wide) at 3x32x48: 3 frames x 6 "
+                  "patch positions + 16 T5 tokens (CI smoke test)",
+    "latte-cpu-small": "Latte-1 width (16 heads x 72), 2 layer pairs, 16 frames at 128x128: 16 frames x 8x8 = 1024 "
+                       "video + 120 T5 tokens",
+    "latte-1": "full-size configs/latte-1 with random weights at 16x512x512 (16 frames x 32x32 = 16,384 video + 120 "
+               "T5 tokens; spatial attention over a frame's 1024 patches, temporal over the 16 frames)",
+})
 
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
@@ -527,6 +557,11 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
                          num_frames=int(d.get("num_frames", 19)), vae_scale_spatial=spatial,
                          vae_scale_temporal=temporal, defaults=d, source=str(folder), folder=str(folder),
                          family=family)
+        elif family == "latte":  # the sample size (x 8) and video_length, as LattePipeline's defaults
+            size = int(t.get("sample_size", 64)) * 8
+            w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
+                         num_frames=int(d.get("num_frames", t.get("video_length", 16))), defaults=d,
+                         source=str(folder), folder=str(folder), family=family)
         elif family == "wan":  # no sample sizes in its config: defaults.json's, else WanPipeline's 480 x 832 x 81
             spatial, temporal = wan_folder_vae_scales(folder)
             w = Workload(folder.name, t, height=int(d.get("height", 480)), width=int(d.get("width", 832)),

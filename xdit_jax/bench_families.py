@@ -1504,13 +1504,20 @@ def latte_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_
 
 class LatteTorchReference(TorchReference):
     """diffusers' ``LatteTransformer3DModel`` called as ``LattePipeline`` calls it (no attention mask). Its frame
-    table has ``video_length`` rows: the reference is built with the workload's frame count there."""
+    table buffer has ``video_length`` rows and fails at another frame count: it is replaced by the table for the
+    workload's frames (:func:`xdit_jax.models.latte.temporal_table`: the same table's first rows, as ours)."""
 
     diffusers_class = "LatteTransformer3DModel"
 
     def set_inputs(self, inputs, w):
+        from xdit_jax.models.latte import temporal_table
+
         self.x, self.enc = self._put(inputs, "latents", self.dtype), self._put(inputs, "embeds", self.dtype)
         self.t = self._put(inputs, "t")
+        frames, dim = self.x.shape[2], self.model.temp_pos_embed.shape[-1]
+        if frames != self.model.temp_pos_embed.shape[1]:
+            table = self.torch.from_numpy(temporal_table(dim, frames))[None]
+            self.model.temp_pos_embed = table.to(self.device, self.model.temp_pos_embed.dtype)
 
     def _forward(self):
         return self.model(self.x, timestep=self.t, encoder_hidden_states=self.enc, return_dict=False)[0]
