@@ -53,6 +53,7 @@ MODEL_CLASSES = {
     "AutoencoderKLMochi": ("xdit_jax.models.vae_mochi", "MochiVAEConfig"),
     "WanTransformer3DModel": ("xdit_jax.models.wan", "WanConfig"),
     "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
+    "AutoencoderKLHunyuanVideo": ("xdit_jax.models.vae_hunyuan_video", "HunyuanVideoVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
     "LatteTransformer3DModel": ("xdit_jax.models.latte", "LatteConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),

@@ -182,29 +182,44 @@ class ResnetBlock2D(nnx.Module):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, *,
-              max_scores: int = ATTENTION_MAX_SCORES) -> jax.Array:
+              max_scores: int = ATTENTION_MAX_SCORES, q_frames: jax.Array | None = None,
+              k_frames: jax.Array | None = None) -> jax.Array:
     """One-head softmax attention: ``q`` (N, Lq, C), ``k``/``v`` (N, Lk, C) -> (N, Lq, C).
 
     Logits, softmax and the weighted sum in float32; returns ``q.dtype``. Queries are processed
     in chunks of at most ``max_scores // (N * Lk)`` (one ``lax.map``), which changes no number:
     every query's row is computed alone anyway.
+
+    ``q_frames`` (Lq,) / ``k_frames`` (Lk,) (int, both or neither): a query sees only the keys of
+    its own and earlier frames (``k_frames <= q_frames``; the others' logits are -inf, as diffusers'
+    ``prepare_causal_attention_mask`` adds). Every query must see at least one key.
     """
     n, lq, c = q.shape
     lk = k.shape[1]
     vf = v.astype(jnp.float32)
+    masked = q_frames is not None
+    if masked:
+        q_frames = jnp.asarray(q_frames, jnp.int32)
+        k_frames = jnp.asarray(k_frames, jnp.int32)
 
-    def attend(qc):
+    def attend(args):
+        qc, qf = args
         s = jnp.einsum("nqc,nkc->nqk", qc, k, preferred_element_type=jnp.float32) * scale
+        if masked:
+            s = jnp.where(k_frames[None, None, :] <= qf[None, :, None], s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1)
         return jnp.einsum("nqk,nkc->nqc", p, vf).astype(q.dtype)
 
     chunk = max(1, max_scores // max(n * lk, 1))
     if chunk >= lq:
-        return attend(q)
+        return attend((q, q_frames))
     num = -(-lq // chunk)
     qp = jnp.pad(q, ((0, 0), (0, num * chunk - lq), (0, 0)))
     qs = qp.reshape(n, num, chunk, c).swapaxes(0, 1)
-    out = jax.lax.map(attend, qs)  # (num, N, chunk, C)
+    # padded queries get the last frame's id (they see keys, no NaN; their rows are dropped)
+    qfs = (jnp.pad(q_frames, (0, num * chunk - lq), mode="edge").reshape(num, chunk) if masked
+           else jnp.zeros((num, 0), jnp.int32))
+    out = jax.lax.map(lambda a: attend((a[0], a[1] if masked else None)), (qs, qfs))  # (num, N, chunk, C)
     return out.swapaxes(0, 1).reshape(n, num * chunk, c)[:, :lq]
 
 
