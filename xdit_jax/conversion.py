@@ -64,6 +64,8 @@ MODEL_CLASSES = {
     # with the projection (ignored, as transformers does)
     "CLIPVisionModel": ("xdit_jax.models.clip", "CLIPVisionConfig"),
     "CLIPVisionModelWithProjection": ("xdit_jax.models.clip", "CLIPVisionWithProjectionConfig"),
+    # HunyuanVideo's text_encoder (llava-llama-3-8b's text part); a LlamaForCausalLM's model.* keys load too
+    "LlamaModel": ("xdit_jax.models.llama", "LlamaConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 
