@@ -101,6 +101,11 @@ class AdaNorm(nnx.Module):
         return self.norm(x) * (1 + scale[:, None]) + shift[:, None], rest
 
 
+def mlp_dim(cfg) -> int:
+    """The MLP width: diffusers' ``int(dim * mlp_ratio)`` (FLUX: 4; HunyuanVideo's config names it)."""
+    return int(cfg.inner_dim * getattr(cfg, "mlp_ratio", 4.0))
+
+
 def _fp16_clip(x):
     """diffusers' float16 guard (FLUX's activations overflow fp16): clip to its finite range."""
     return jnp.clip(x, -65504, 65504) if x.dtype == jnp.float16 else x
@@ -133,23 +138,26 @@ class Attention(nnx.Module):
             self.to_add_out = linear(d, d, dtype=dtype, rngs=rngs)
 
     def qkv(self, x, rope, batched: bool = False):
-        """q, k (RMS-normed, rotated), v; ``rope``: (S, hd) tables, or (B, S, hd) with ``batched``."""
+        """q, k (RMS-normed, rotated), v; ``rope``: (S, hd) tables, or (B, S, hd) with ``batched``, or None
+        (no rotation: HunyuanVideo's text tokens)."""
         hd = self.head_dim
-        rot = apply_rope_batched if batched else apply_rope
+        rot = (lambda y, *_: y) if rope is None else apply_rope_batched if batched else apply_rope
+        rope = () if rope is None else rope
         q = rot(self.norm_q(_heads(self.to_q(x), hd)), *rope)
         k = rot(self.norm_k(_heads(self.to_k(x), hd)), *rope)
         return q, k, _heads(self.to_v(x), hd)
 
-    def joint(self, x, c, rope, c_rope):
+    def joint(self, x, c, rope, c_rope, c_mask=None):
         """Double-stream: image ``x`` (sharded) and text ``c`` (whole), their RoPE tables ((S, hd) per
-        image token; (B, L, hd) for the text) -> (image out, text out)."""
+        image token; (B, L, hd) for the text, or None: not rotated) -> (image out, text out).
+        ``c_mask``: bool (B, L) text keys kept (None: every T5 token, padding included, as FLUX)."""
         hd = self.head_dim
         q, k, v = self.qkv(x, rope)
-        rot = lambda y: apply_rope_batched(y, *c_rope)  # noqa: E731
+        rot = (lambda y: y) if c_rope is None else lambda y: apply_rope_batched(y, *c_rope)  # noqa: E731
         cq = rot(self.norm_added_q(_heads(self.add_q_proj(c), hd)))
         ck = rot(self.norm_added_k(_heads(self.add_k_proj(c), hd)))
         cv = _heads(self.add_v_proj(c), hd)
-        o, oc = attention(q, k, v, context=(cq, ck, cv, None))  # every T5 token, padding included
+        o, oc = attention(q, k, v, context=(cq, ck, cv, c_mask))
         flat = lambda y: y.reshape(*y.shape[:2], -1)  # noqa: E731
         return self.to_out(flat(o)), self.to_add_out(flat(oc))
 
@@ -171,14 +179,14 @@ class DoubleBlock(nnx.Module):
         self.norm1_context = AdaNorm(d, 6, dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg, added=True, pre_only=False, dtype=dtype, rngs=rngs)
         self.norm2 = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
-        self.ff = FeedForward(d, dtype=dtype, rngs=rngs)
+        self.ff = FeedForward(d, inner=mlp_dim(cfg), dtype=dtype, rngs=rngs)
         self.norm2_context = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
-        self.ff_context = FeedForward(d, dtype=dtype, rngs=rngs)
+        self.ff_context = FeedForward(d, inner=mlp_dim(cfg), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, c, temb, rope, c_rope):
+    def __call__(self, x, c, temb, rope, c_rope, c_mask=None):
         nx, (gate, shift_mlp, scale_mlp, gate_mlp) = self.norm1(x, temb)
         nc, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(c, temb)
-        a, ac = self.attn.joint(nx, nc, rope, c_rope)
+        a, ac = self.attn.joint(nx, nc, rope, c_rope, c_mask)
         x = x + gate[:, None] * a
         x = x + gate_mlp[:, None] * self.ff(self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
         c = c + c_gate[:, None] * ac
@@ -193,21 +201,22 @@ class SingleBlock(nnx.Module):
     def __init__(self, cfg: FluxConfig, *, dtype, rngs):
         d = cfg.inner_dim
         self.norm = AdaNorm(d, 3, dtype=dtype, rngs=rngs)
-        self.proj_mlp = linear(d, 4 * d, dtype=dtype, rngs=rngs)
+        self.proj_mlp = linear(d, mlp_dim(cfg), dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg, added=False, pre_only=True, dtype=dtype, rngs=rngs)
-        self.proj_out = linear(5 * d, d, dtype=dtype, rngs=rngs)
+        self.proj_out = linear(d + mlp_dim(cfg), d, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, temb, rope):
         h, (gate,) = self.norm(x, temb)
         return self._out(x, h, attention(*self.attn.qkv(h, rope)), gate)
 
-    def pair(self, x, c, temb, rope, c_rope):
+    def pair(self, x, c, temb, rope, c_rope, c_mask=None):
         """The same block with the text ``c`` kept apart from the image tokens ``x`` (a patch of them under
         PipeFusion): the text's tokens join the attention as its context, every other op is per token.
-        ``c_rope``: the text's (B, L, hd) tables. -> (image, text)."""
+        ``c_rope``: the text's (B, L, hd) tables (None: not rotated); ``c_mask``: bool (B, L) text keys kept
+        (None: all). -> (image, text)."""
         hx, (gate,) = self.norm(x, temb)
         hc, _ = self.norm(c, temb)
-        o, oc = attention(*self.attn.qkv(hx, rope), context=(*self.attn.qkv(hc, c_rope, batched=True), None))
+        o, oc = attention(*self.attn.qkv(hx, rope), context=(*self.attn.qkv(hc, c_rope, batched=True), c_mask))
         return self._out(x, hx, o, gate), self._out(c, hc, oc, gate)
 
     def _out(self, x, h, o, gate):
