@@ -56,6 +56,7 @@ MODEL_CLASSES = {
     "AutoencoderKLHunyuanVideo": ("xdit_jax.models.vae_hunyuan_video", "HunyuanVideoVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
     "LatteTransformer3DModel": ("xdit_jax.models.latte", "LatteConfig"),
+    "HunyuanVideoTransformer3DModel": ("xdit_jax.models.hunyuan_video", "HunyuanVideoConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
     # one module, four config classes: the config's class picks the tower and whether it has the projection
     "CLIPTextModel": ("xdit_jax.models.clip", "CLIPTextConfig"),
