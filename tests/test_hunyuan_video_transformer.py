@@ -128,6 +128,18 @@ def test_config_and_checkpoint_errors(pair):
         assert k in str(e.value), k
 
 
+def test_diffusers_folder_converts(pair, batch2, tmp_path):
+    """A diffusers save_pretrained folder of the transformer converts (MODEL_CLASSES) into the same model."""
+    from xdit_jax.conversion import convert_component
+
+    tm, _, _ = pair
+    args, out, _ = batch2
+    tm.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    cfg_dict, params = convert_component(tmp_path / "transformer", "HunyuanVideoTransformer3DModel")
+    model = hv.build(hv.HunyuanVideoConfig.from_dict(cfg_dict), params)
+    np.testing.assert_array_equal(np.asarray(FWD(model, *args)), out)
+
+
 def test_full_size_parameter_count_matches_diffusers():
     with torch.device("meta"):
         tm = TorchModel(**HUB)
