@@ -80,10 +80,11 @@ def _torch(m, ids, mask):
 
 
 def _assert_fp32_close(out, ref):
-    # Every compared state is O(1) (max |value| a few units: RMSNorm'd embeddings with unit-scale random
-    # weights). Two fp32 implementations of a 3-layer net differ by accumulated rounding (summation order of
-    # the matmuls, exp/rsqrt/cos implementations), measured well under 1e-6 of the scale here; 1e-5 of it
-    # catches any real mistake (a wrong mask, rotary layout, head grouping or eps moves outputs by >= 1e-3).
+    # Every compared state is O(1) (max |value| 3-7 here). Two fp32 implementations of a 3-layer net differ by
+    # accumulated rounding (summation order of the matmuls, exp/rsqrt/cos implementations): measured <= 1.1e-6
+    # of the scale (3.5e-6 absolute) on last_hidden_state and hidden_states[-3], both variants. 1e-5 of the
+    # scale leaves ~10x room and still catches any real mistake (a wrong mask, rotary layout, head grouping,
+    # inv_freq band or eps moves outputs by >= 1e-3).
     out = np.asarray(out, np.float32)
     ref = np.asarray(ref, np.float32)
     assert out.shape == ref.shape
@@ -158,14 +159,15 @@ def test_bf16_close_to_fp32(gqa):
     out = _encode(model, ids, mask, output_hidden_states=True)
     assert out.last_hidden_state.dtype == out.hidden_states[-3].dtype == jnp.bfloat16
     # bf16 keeps an 8-bit mantissa (relative rounding ~2e-3 per rounding); weights, embeddings, every matmul
-    # input and each layer's output are rounded and the errors add up over 3 layers. Bounds: 3% of the
-    # output's scale (max), 2% of its mean |value| (mean) — a gross mistake (no causal mask, wrong rotary)
-    # moves outputs by O(1); fine-grained parity is the fp32 test's job.
+    # input and each layer's output are rounded and the errors add up over 3 layers. Measured against fp32
+    # transformers: max error 1.1-2.3% of each output's scale, mean error 0.9-1.6% of its mean |value|
+    # (last_hidden_state, hidden_states[-3]; both variants). Bounds 5% / 3% leave ~2x room; a gross mistake
+    # (no causal mask, a wrong rotary or head grouping) moves outputs by O(1): fine parity is the fp32 test's job.
     for ours, theirs in ((out.last_hidden_state, ref.last_hidden_state), (out.hidden_states[-3], ref.hidden_states[-3])):
         ours, theirs = np.asarray(ours, np.float32), theirs.numpy()
         scale = np.abs(theirs).max()
-        assert np.abs(ours - theirs).max() <= 3e-2 * scale, (np.abs(ours - theirs).max(), scale)
-        assert np.abs(ours - theirs).mean() <= 2e-2 * np.abs(theirs).mean()
+        assert np.abs(ours - theirs).max() <= 5e-2 * scale, (np.abs(ours - theirs).max(), scale)
+        assert np.abs(ours - theirs).mean() <= 3e-2 * np.abs(theirs).mean()
 
 
 def test_saved_folder_converts(gqa, tmp_path):
@@ -225,27 +227,18 @@ def test_param_count_full_size():
 
 # --- HunyuanVideo's prompt template ---------------------------------------------------------------
 
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<pad>", "<unk>"]
 PROMPTS = ["A cat walks on the grass, realistic", "a dog"]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    """A Llama-3-like fast tokenizer trained here (BPE, the chat special tokens, <|begin_of_text|> prepended,
-    right padding with <pad>); model_max_length unset, as the HunyuanVideo tokenizer's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Metaspace()
-    t.decoder = decoders.Metaspace()
-    corpus = [llama.HUNYUAN_VIDEO_TEMPLATE["template"].format(p) for p in PROMPTS] * 4
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False))
-    bos = t.token_to_id("<|begin_of_text|>")
-    t.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
-                                                     special_tokens=[("<|begin_of_text|>", bos)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|begin_of_text|>",
-                                                eos_token="<|end_of_text|>", pad_token="<pad>", unk_token="<unk>")
+    """A Llama-3-like tokenizer trained here on the templated prompts (llama.train_tokenizer)."""
+    t = llama.train_tokenizer([llama.HUNYUAN_VIDEO_TEMPLATE["template"].format(p) for p in PROMPTS] * 4)
+    assert t.padding_side == "right" and t.convert_ids_to_tokens(t("a dog").input_ids) == [
+        "<|begin_of_text|>", "▁a", "▁d", "o", "g"]
+    pieces = t.tokenize("<|start_header_id|>user<|end_header_id|>")  # the specials are kept whole
+    assert pieces[0] == "<|start_header_id|>" and pieces[-1] == "<|end_header_id|>" and len(pieces) <= 4
+    return t
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +296,14 @@ def test_prompt_embeds_match_diffusers(tok, template_models, crop):
         zeros, m = llama.llama_prompt_embeds(tok, model, PROMPTS, msl, template,
                                              encode=lambda i, m: jnp.zeros(i.shape + (3,)) + m[..., None])
         assert zeros.shape == (2, msl, 3) and (np.asarray(zeros)[..., 0] == m).all()
+
+
+def test_tokenizer_save_load(tok, tmp_path):
+    """The stand-in tokenizer round-trips through save_pretrained / AutoTokenizer (a pipeline's tokenizer/)."""
+    tok.save_pretrained(tmp_path / "tokenizer")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    texts = [llama.HUNYUAN_VIDEO_TEMPLATE["template"].format(p) for p in PROMPTS]
+    a, b = (t(texts, padding="max_length", max_length=100, truncation=True, return_tensors="np") for t in (tok, again))
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.attention_mask, b.attention_mask)
+    assert again.pad_token_id == tok.pad_token_id and again.padding_side == "right"

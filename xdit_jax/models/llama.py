@@ -414,3 +414,33 @@ def llama_prompt_embeds(tokenizer, model: LlamaModel, prompts: str | list[str], 
     if crop_start > 0:
         states, mask = states[:, crop_start:], mask[:, crop_start:]
     return states, mask
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>", "<pad>", "<unk>")
+
+
+def train_tokenizer(corpus, vocab_size: int = 300):
+    """A small Llama-3-like ``transformers.PreTrainedTokenizerFast`` trained on ``corpus`` with the ``tokenizers``
+    library (no download): BPE over Metaspace words, the chat special tokens of :data:`LLAMA3_SPECIAL_TOKENS`
+    kept whole (ids 0..6), ``<|begin_of_text|>`` prepended to every text, right padding with ``<pad>``,
+    ``model_max_length`` unset (as the HunyuanVideo tokenizer's). A stand-in for tests and random-weight runs:
+    characters the corpus lacks become ``<unk>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = list(corpus)
+    if not corpus:
+        raise ValueError("train_tokenizer needs a non-empty corpus.")
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(LLAMA3_SPECIAL_TOKENS),
+                                                      show_progress=False))
+    bos = LLAMA3_SPECIAL_TOKENS[0]
+    t.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                     special_tokens=[(bos, t.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token=bos, eos_token="<|end_of_text|>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="right")
