@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel as TorchModel
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoRotaryPosEmbed
+from flax import nnx
 
 from tests.jax_util import sequence_parallel_forward
 from tests.torch_util import randomize_, state_dict_np
@@ -162,3 +163,20 @@ def test_sequence_parallel_equals_one_device(pair, batch2, mesh):
     # fp32; only the order of float32 sums differs (ring's LSE merge, the text partial, padded zero heads);
     # outputs O(1).
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=mesh)
+
+
+@pytest.mark.slow  # ~12 s each here (FLUX's PipeFusion tests cover the mechanics in the fast run)
+@pytest.mark.parametrize("mesh,patches", [("pipefusion=2,ulysses=2", 2), ("pipefusion=2,ring=2", 3)])
+def test_pipefusion_patches_with_buffers_of_the_same_input_are_exact(pair, batch2, mesh, patches):
+    """PipeFusion drives the two stacks (pipefusion_stacks; the text sliced with the patches, its key mask whole):
+    a warm-up pass, then a patched pass over the buffers it filled, both == the blocks on one device."""
+    from tests.test_pipefusion_stacks import _check_exact, _warm_then_patched
+
+    _, cfg, model = pair
+    args, _, _ = batch2
+    x, tokens, cond = jax.jit(lambda m, *a: m.embed(*a))(model, *args)
+    graphdef, state = nnx.split(model)
+    ref = jax.jit(lambda st: nnx.merge(graphdef, st).blocks(x, tokens, cond))(state)
+    warm, patched, cache1, cache2, _ = _warm_then_patched((cfg, graphdef, state, (x, tokens, cond), ref), hv, mesh,
+                                                          patches)
+    _check_exact(ref, warm, patched, cache1, cache2)
