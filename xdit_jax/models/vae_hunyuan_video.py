@@ -3,7 +3,8 @@
 Submodules carry diffusers' attribute names, so :func:`xdit_jax.keymap.map_state_dict` derives the
 key map (``decoder.up_blocks.0.resnets.1.conv1.conv.weight`` -> ``...conv1.conv.kernel``,
 ``decoder.mid_block.attentions.0.to_out.0.weight`` -> ``...to_out.0.kernel``); the encoder's tensors
-and ``quant_conv`` are in :data:`TORCH_IGNORE` (the encoder can come later, as a second module).
+and ``quant_conv`` are in :data:`TORCH_IGNORE` here; the encoder is
+:mod:`xdit_jax.models.vae_hunyuan_video_encoder` (:func:`extra_params_from_torch`: conversion saves its params).
 
 Layout: channels-last ``(N, T, H, W, C)`` inside; :func:`decode` takes and returns diffusers'
 ``(B, C, T, H, W)``.
@@ -407,6 +408,16 @@ def params_from_torch(flat: Mapping[str, np.ndarray], cfg: HunyuanVideoVAEConfig
     expected = expected_shapes(module_fn(cfg, dtype or jnp.float32))
     return map_state_dict(flat, expected, renames=TORCH_RENAMES, ignore=TORCH_IGNORE, dtype=dtype,
                           what="VAE checkpoint")
+
+
+def extra_params_from_torch(flat: Mapping[str, np.ndarray], cfg: HunyuanVideoVAEConfig, dtype=None) -> dict:
+    """``{"encoder_params": ...}``: the encoder's params (:mod:`xdit_jax.models.vae_hunyuan_video_encoder`,
+    image-to-video), which conversion saves next to the decoder's; empty for a checkpoint without encoder tensors."""
+    if not any(k.startswith("encoder.") for k in flat):
+        return {}
+    from xdit_jax.models import vae_hunyuan_video_encoder
+
+    return {"encoder_params": vae_hunyuan_video_encoder.params_from_torch(flat, cfg, dtype)}
 
 
 def build(cfg: HunyuanVideoVAEConfig, params: Mapping, dtype=jnp.float32) -> HunyuanVideoVAEDecoder:
