@@ -96,8 +96,12 @@ class AdaNorm(nnx.Module):
         self.linear = linear(dim, chunks * dim, dtype=dtype, rngs=rngs)
         self.norm = LayerNorm(dim, 1e-6, affine=False, dtype=dtype)
 
-    def __call__(self, x, temb):
-        shift, scale, *rest = jnp.split(self.linear(jax.nn.silu(temb)), self.chunks, axis=-1)
+    def modulation(self, temb):
+        return jnp.split(self.linear(jax.nn.silu(temb)), self.chunks, axis=-1)
+
+    def __call__(self, x, temb, modulation=None):
+        """``modulation``: :meth:`modulation` of ``temb`` computed once for two streams of the same weights."""
+        shift, scale, *rest = self.modulation(temb) if modulation is None else modulation
         return self.norm(x) * (1 + scale[:, None]) + shift[:, None], rest
 
 
@@ -214,8 +218,9 @@ class SingleBlock(nnx.Module):
         PipeFusion): the text's tokens join the attention as its context, every other op is per token.
         ``c_rope``: the text's (B, L, hd) tables (None: not rotated); ``c_mask``: bool (B, L) text keys kept
         (None: all). -> (image, text)."""
-        hx, (gate,) = self.norm(x, temb)
-        hc, _ = self.norm(c, temb)
+        mod = self.norm.modulation(temb)
+        hx, (gate,) = self.norm(x, temb, mod)
+        hc, _ = self.norm(c, temb, mod)
         o, oc = attention(*self.attn.qkv(hx, rope), context=(*self.attn.qkv(hc, c_rope, batched=True), c_mask))
         return self._out(x, hx, o, gate), self._out(c, hc, oc, gate)
 
