@@ -180,3 +180,20 @@ def test_pipefusion_patches_with_buffers_of_the_same_input_are_exact(pair, batch
     warm, patched, cache1, cache2, _ = _warm_then_patched((cfg, graphdef, state, (x, tokens, cond), ref), hv, mesh,
                                                           patches)
     _check_exact(ref, warm, patched, cache1, cache2)
+
+
+def test_analytic_flops_equal_the_compiled_programs(batch2):
+    """bench_families.hunyuan_video_analytic_flops == the compiled forward's dots and convolutions (one device), on
+    abstract weights (no values) of 2 + 2 blocks: with one single-stream block XLA drops the last block's text
+    MLP and output (dead: only its keys and values are read), which a scan over the blocks keeps."""
+    from xdit_jax.bench_families import hunyuan_video_analytic_flops
+    from xdit_jax.hlo import matmul_flops
+
+    config = dict(CONFIG, num_layers=2, num_single_layers=2, num_refiner_layers=2)
+    cfg = hv.HunyuanVideoConfig.from_dict(config)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: hv.HunyuanVideoTransformer3DModel(cfg)))
+    args, _, _ = batch2
+    hlo = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).lower(abstract, *args).compile().as_text()
+    want = hunyuan_video_analytic_flops(config, args[0].shape, TEXT)
+    assert want["tokens"] == 5 * 2 * 7 and want["linear"] + want["attention"] == want["total"]
+    assert matmul_flops(hlo) == pytest.approx(want["total"], rel=1e-9)

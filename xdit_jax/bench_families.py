@@ -1583,6 +1583,62 @@ class Latte(Family):
         return LatteTorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# HunyuanVideo (the transformer's analytic FLOPs; its Family comes with its pipeline)
+# ============================================================================================
+
+HUNYUAN_VIDEO_TIME_PROJ = 256  # the sinusoidal timestep (and guidance) projection width
+
+
+def hunyuan_video_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one HunyuanVideo transformer forward (2 FLOPs per multiply-add).
+
+    Latents (B, C, F, H, W); S = (F/p_t)(H/p)(W/p) video tokens, L = Llama tokens (``text_len``: 256 in the
+    pipeline; every one computed, the padded ones masked as keys, not skipped), J = S + L, d = heads x head_dim
+    (3072), m = int(d x mlp_ratio) (4d), D_t = text_embed_dim (4096), P = pooled_projection_dim (768), N double-,
+    M single-stream and R refiner blocks (20, 40, 2). Per double-stream block (FLUX's, MLP width m):
+
+        modulations norm1, norm1_context (d -> 6d each)     2 x 2 B d (6d)        = 24 B d^2
+        q, k, v, out of both streams                        4 x 2 B J d^2         =  8 B J d^2
+        joint attention QK^T and PV over [video; text]      2 x 2 B J^2 d         =  4 B J^2 d
+        the two MLPs d -> m -> d                            2 x 2 B J d m         =  4 B J d m
+
+    Per single-stream block: modulation (d -> 3d) 6 B d^2; q, k, v 6 B J d^2; proj_mlp 2 B J d m; proj_out over
+    [attention; MLP] 2 B J (d + m) d; attention 4 B J^2 d: together 6 B d^2 + 8 B J d^2 + 4 B J d m + 4 B J^2 d.
+    Per token refiner block (on the L text tokens): q, k, v, out 8 B L d^2; attention 4 B L^2 d; the SiLU MLP
+    d -> m -> d 4 B L d m; its gates (d -> 2d) 4 B d^2. Plus, once: the patch embed (a Conv3d) 2 B S (C p_t p^2) d;
+    the refiner's proj_in 2 B L D_t d, its timestep embedder (256 -> d -> d) 2 B (256 d + d^2) and its text
+    embedder (D_t -> d -> d) 2 B (D_t d + d^2); the model's timestep embedder 2 B (256 d + d^2), the same again
+    for the guidance where ``guidance_embeds``, the pooled-text embedder 2 B (P d + d^2); the head: norm_out's
+    modulation (d -> 2d) 4 B d^2 and proj_out 2 B S d (p_t p^2 C_out). Norms, RoPE (host tables), the masked
+    mean, the sinusoids, GELU, SiLU and the gates are element-wise.
+    """
+    b, c, f, h, w = latent_shape
+    t = transformer
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    mlp = int(d * float(t.get("mlp_ratio", 4.0)))
+    n, m, r = int(t["num_layers"]), int(t["num_single_layers"]), int(t.get("num_refiner_layers", 2))
+    p, pt = int(t.get("patch_size", 2)), int(t.get("patch_size_t", 1))
+    cout = int(t.get("out_channels") or c)
+    dt, pooled = int(t.get("text_embed_dim", 4096)), int(t.get("pooled_projection_dim", 768))
+    s, txt = (f // pt) * (h // p) * (w // p), int(text_len)
+    j = s + txt
+    attn = 4 * b * j * j * d
+    double = 24 * b * d * d + 8 * b * j * d * d + 4 * b * j * d * mlp
+    single = 6 * b * d * d + 8 * b * j * d * d + 4 * b * j * d * mlp
+    refiner_attn = 4 * b * txt * txt * d
+    refiner = 8 * b * txt * d * d + 4 * b * txt * d * mlp + 4 * b * d * d
+    tp = HUNYUAN_VIDEO_TIME_PROJ
+    time = 2 * b * (tp * d + d * d)
+    embed = (2 * b * s * (c * pt * p * p) * d + 2 * b * txt * dt * d + time + 2 * b * (dt * d + d * d)
+             + time * (2 if t.get("guidance_embeds", True) else 1) + 2 * b * (pooled * d + d * d))
+    head = 4 * b * d * d + 2 * b * s * d * (pt * p * p * cout)
+    total = n * (double + attn) + m * (single + attn) + r * (refiner + refiner_attn) + embed + head
+    attention = (n + m) * attn + r * refiner_attn
+    return {"total": float(total), "per_block": float(double + attn), "per_single_block": float(single + attn),
+            "attention": float(attention), "linear": float(total - attention), "tokens": s}
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), Latte())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
