@@ -133,8 +133,11 @@ def test_bf16_close_to_fp32(pair, batch2):
     assert err < 0.05, err
 
 
-def test_config_and_checkpoint_errors(pair):
-    tm, cfg, _ = pair
+def test_config_checkpoint_and_input_errors(pair, batch2):
+    tm, cfg, model = pair
+    (x, t, text, mask, pooled, _), _, _ = batch2
+    with pytest.raises(ValueError, match="pass guidance"):
+        jax.eval_shape(lambda: model(x, t, text, mask, pooled, None))
     d = dict(tm.config)
     for bad, needle in [(dict(image_condition_type="token_replace"), "image-to-video"),
                         (dict(rope_axes_dim=[2, 2, 2]), "summing to attention_head_dim"),
