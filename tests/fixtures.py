@@ -230,3 +230,27 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
         extra = dict(expand_timesteps=True)
     return WanPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae,
                        transformer=transformer, scheduler=sched, **extra)
+
+
+def make_torch_hunyuan_video(seed: int = 0):
+    """A tiny random diffusers HunyuanVideoPipeline (xdit_jax.tiny's HunyuanVideo configs: Llama with the stand-in
+    Llama-3-like tokenizer, FLUX's tiny CLIP, the causal VAE, FlowMatchEuler with shift 7)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    transformer = randomize_(HunyuanVideoTransformer3DModel(**tiny.HUNYUAN_VIDEO_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLHunyuanVideo(**tiny.HUNYUAN_VIDEO_VAE), seed + 1, std=0.1)
+    llama_kw = {k: v for k, v in tiny.HUNYUAN_VIDEO_LLAMA.items() if k != "model_type"}
+    text_encoder = randomize_(LlamaModel(LlamaConfig(**llama_kw)), seed + 2, std=0.2)
+    clip_kw = {k: v for k, v in tiny.FLUX_CLIP.items() if k != "model_type"}
+    text_encoder_2 = randomize_(CLIPTextModel(CLIPTextConfig(**clip_kw)), seed + 3, std=0.2)
+    skw = {k: v for k, v in tiny.HUNYUAN_VIDEO_SCHEDULER.items() if not k.startswith("_")}
+    return HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tiny.train_llama_tokenizer(),
+                                transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(**skw),
+                                text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_clip_tokenizer())

@@ -4,7 +4,7 @@
     python scripts/generate.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompt "..." --output cat.png
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
-                                                   # tiny-sd3, tiny-wan, tiny-latte)
+                                                   # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -32,8 +32,11 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             "flux": {"output": "output.png", "guidance_scale": 3.5, "steps": 28, "tiny_steps": 4},
             "sd3": {"output": "output.png", "guidance_scale": 7.0, "steps": 28, "tiny_steps": 4},
             "wan": {"output": "output.mp4", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4},
-            "latte": {"output": "output.mp4", "guidance_scale": 7.5, "steps": 50, "tiny_steps": 4}}
-VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte")
+            "latte": {"output": "output.mp4", "guidance_scale": 7.5, "steps": 50, "tiny_steps": 4},
+            # (HunyuanVideo's guidance_scale is embedded; true CFG: --negative-prompt with --true-cfg-scale > 1)
+            "hunyuanvideo": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4}}
+VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte", "hunyuanvideo")
+FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")  # (diffusers class names)
 
 
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny",
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
-                         "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' "
+                         "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
+                         "'tiny-hunyuanvideo' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
@@ -55,20 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
                     metavar="N", help="samples per prompt (diffusers' num_images_per_prompt / num_videos_per_prompt); "
                     "written as OUTPUT_0, OUTPUT_1, ... when there are several")
-    ap.add_argument("--num-frames", type=int, default=None, help="frames to generate (CogVideoX 8k+1, Mochi 6k+1, Wan 4k+1; model default)")
+    ap.add_argument("--num-frames", type=int, default=None, help="frames to generate (CogVideoX 8k+1, Mochi 6k+1, Wan and HunyuanVideo 4k+1; model default)")
     ap.add_argument("--height", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50, Mochi 64, FLUX 28, SD3 28, Wan 50; 4 for "
+                    help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50, Mochi 64, FLUX 28, SD3 28, Wan 50, "
+                         "HunyuanVideo 50; 4 for "
                          "the tiny models)")
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5, Mochi 4.5, SD3 7, Wan 5; FLUX.1-dev: its "
-                         "embedded guidance, 3.5)")
+                         "embedded guidance, 3.5; HunyuanVideo: its embedded guidance, 6)")
     ap.add_argument("--guidance-scale-2", type=float, default=None,
                     help="Wan 2.2 A14B (two experts): the CFG scale of the low-noise expert's steps (default: "
                          "--guidance-scale; the model card's: 4 then 3)")
     ap.add_argument("--true-cfg-scale", type=float, default=None,
-                    help="FLUX: diffusers' true CFG with --negative-prompt (> 1 runs both halves; default 1 = off)")
+                    help="FLUX, HunyuanVideo: diffusers' true CFG with --negative-prompt (> 1 runs both halves; "
+                         "default 1 = off)")
     ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's guidance_rescale (0 = off)")
     ap.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="BLOCK",
                     help="SD3: skip-layer guidance over these blocks (SD3.5 Medium: 7 8 9), as diffusers'")
@@ -324,8 +330,8 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--use-dynamic-cfg (CogVideoX's)")
     if family != "wan" and args.guidance_scale_2 is not None:
         wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
-    if family != "flux" and args.true_cfg_scale is not None:
-        wrong.append("--true-cfg-scale (FLUX's)")
+    if family not in ("flux", "hunyuanvideo") and args.true_cfg_scale is not None:
+        wrong.append("--true-cfg-scale (FLUX's)")  # (HunyuanVideo's too)
     if family != "hunyuandit" and args.guidance_rescale:
         wrong.append("--guidance-rescale")
     if family != "sd3" and args.skip_guidance_layers:
@@ -345,7 +351,7 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
     if family in VIDEO_FAMILIES:
         from importlib import import_module
 
-        fam = import_module(f"xdit_jax.pipelines.{family}")
+        fam = import_module(f"xdit_jax.pipelines.{FAMILY_MODULES.get(family, family)}")
         check_request, default_video, read_configs = fam.check_request, fam.default_video, fam.read_configs
         tc, vc = read_configs(model)
         dv = default_video(tc, vc)
@@ -359,6 +365,8 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
             guidance = max(guidance, args.guidance_scale_2 or 0.0)
             if args.image is not None:  # Wan 2.1 FLF2V needs --last-image; Wan 2.1 I2V takes none
                 fam.check_last_image(tc, args.last_image is not None)
+        if family == "hunyuanvideo":  # the batch doubles only for true CFG (its guidance_scale is embedded)
+            guidance = (args.true_cfg_scale or 1.0) if args.negative_prompt is not None else 1.0
         check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
                       args.num_frames or dv["num_frames"], len(args.prompts), spec, guidance)
     elif family == "pixart":
@@ -491,6 +499,9 @@ def _main(argv=None) -> int:
         if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
             args.height, args.width = args.height or 32, args.width or 48
             args.num_frames = args.num_frames or 7
+        if is_tiny and family == "hunyuanvideo":  # HunyuanVideo's default 129 x 720 x 1280 would be slow for a toy
+            args.height, args.width = args.height or 32, args.width or 32
+            args.num_frames = args.num_frames or 5
         if is_tiny and family == "latte":  # 16 frames would be slow for a toy model
             args.num_frames = args.num_frames or 4
         if is_tiny and family == "wan":  # Wan's default 81 x 480 x 832 would be slow for a toy model
@@ -528,8 +539,9 @@ def _main(argv=None) -> int:
     msl = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if is_tiny else None)
     if family == "flux" and not is_tiny and not pipe.transformer_config.guidance_embeds:  # FLUX.1-schnell
         steps, msl = args.steps or 4, msl or 256  # its model card's settings (timestep-distilled)
-    if family == "flux" and args.negative_prompt is not None and (args.true_cfg_scale or 1.0) <= 1.0:
-        print("note: --negative-prompt is used by FLUX only with --true-cfg-scale > 1", file=sys.stderr)
+    if family in ("flux", "hunyuanvideo") and args.negative_prompt is not None and (args.true_cfg_scale or 1.0) <= 1.0:
+        print(f"note: --negative-prompt is used by {'FLUX' if family == 'flux' else 'HunyuanVideo'} only with "
+              "--true-cfg-scale > 1", file=sys.stderr)
     kw = dict(height=args.height, width=args.width, num_inference_steps=steps, guidance_scale=guidance,
               seed=args.seed, progress=not args.no_progress)
     kw["num_videos_per_prompt" if family in VIDEO_FAMILIES else "num_images_per_prompt"] = args.per_prompt
@@ -543,6 +555,8 @@ def _main(argv=None) -> int:
             kw["guidance_scale_2"] = args.guidance_scale_2
     elif family == "latte":
         kw.update(num_frames=args.num_frames)
+    elif family == "hunyuanvideo":
+        kw.update(num_frames=args.num_frames, max_sequence_length=msl or 256, true_cfg_scale=args.true_cfg_scale or 1.0)
     elif family == "pixart":
         kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
     elif family == "flux":

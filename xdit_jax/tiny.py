@@ -20,7 +20,7 @@ import numpy as np
 TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
               "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
-              "tiny-latte": "latte"}
+              "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -151,6 +151,27 @@ WAN_SCHEDULER = dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=
                      final_sigmas_type="zero", use_flow_sigmas=True, flow_shift=3.0, timestep_spacing="linspace",
                      steps_offset=0, thresholding=False)
 
+# HunyuanVideo shaped: 2 double- and 2 single-stream blocks and 1 token refiner block over 2 heads of 8 (RoPE axes
+# 2 + 2 + 4), the guidance embedded; 4 latent channels; the causal VAE (8x spatial, 4x temporal) 8/8/16/16 wide;
+# a 3-layer Llama 32 wide with GQA (hidden_states[-3]: the first layer's output) and FLUX's tiny CLIP (pooled, 32
+# wide). 5 frames of 32 x 32: 2 x 4 x 4 latents, 8 video tokens; the text 256 Llama tokens (after the template).
+HUNYUAN_VIDEO_TRANSFORMER = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                 num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0, patch_size=2,
+                                 patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32,
+                                 pooled_projection_dim=32, rope_theta=256.0, rope_axes_dim=[2, 2, 4])
+HUNYUAN_VIDEO_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["HunyuanVideoDownBlock3D"] * 4, up_block_types=["HunyuanVideoUpBlock3D"] * 4,
+                         block_out_channels=[8, 8, 16, 16], layers_per_block=1, act_fn="silu", norm_num_groups=4,
+                         scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+                         mid_block_add_attention=True)
+# The stand-in Llama tokenizer's vocabulary: 275 tokens puts the prompt's first token at position 95 of the templated
+# text, where diffusers' default template crops (crop_start 95, the count of the real Llama 3 tokenizer).
+LLAMA_VOCAB = 275
+HUNYUAN_VIDEO_LLAMA = dict(vocab_size=LLAMA_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=512,
+                           rope_theta=500000.0, bos_token_id=0, eos_token_id=1, pad_token_id=5, model_type="llama")
+HUNYUAN_VIDEO_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=7.0)
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -186,14 +207,25 @@ def train_bert_tokenizer(vocab_size: int = 128):
     return bert.train_tokenizer(CORPUS * 4, vocab_size=vocab_size)
 
 
+def train_llama_tokenizer():
+    """A Llama-3-like tokenizer (:func:`xdit_jax.models.llama.train_tokenizer`) trained on the same sentences, alone
+    and inside HunyuanVideo's prompt template (:data:`LLAMA_VOCAB` tokens)."""
+    from xdit_jax.models import llama
+
+    template = llama.HUNYUAN_VIDEO_TEMPLATE["template"]
+    return llama.train_tokenizer(CORPUS * 4 + [template.format(p) for p in CORPUS], vocab_size=LLAMA_VOCAB)
+
+
 def stand_in_tokenizer(class_name: str):
     """A small tokenizer trained here of the kind a pipeline's ``class_name`` (model_index.json) names: CLIP's
-    BPE, BERT's WordPiece, else T5's Unigram. Its ids are valid for the full-size encoders' vocabularies and it
+    BPE, BERT's WordPiece, Llama 3's BPE (HunyuanVideo), else T5's Unigram. Its ids are valid for the full-size encoders' vocabularies and it
     pads to the lengths the pipelines ask for, so a pipeline with random weights runs the real shapes."""
     if class_name.startswith("CLIP"):
         return train_clip_tokenizer()
     if class_name.startswith("Bert"):
         return train_bert_tokenizer()
+    if class_name.startswith("Llama"):
+        return train_llama_tokenizer()
     return train_tokenizer()
 
 
@@ -231,6 +263,13 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer_2": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "HunyuanDiT2DModel"],
                 "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
                 "feature_extractor": [None, None]}
+    if family == "hunyuanvideo":
+        return {"_class_name": "HunyuanVideoPipeline", "_diffusers_version": "0.32.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "LlamaModel"], "tokenizer": ["transformers", "LlamaTokenizerFast"],
+                "text_encoder_2": ["transformers", "CLIPTextModel"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
+                "vae": ["diffusers", "AutoencoderKLHunyuanVideo"]}
     if family == "latte":
         return {"_class_name": "LattePipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DDIMScheduler"],
@@ -405,6 +444,23 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_mochi.module_fn(vae_mochi.MochiVAEConfig.from_dict(MOCHI_VAE), jnp.float32)()),
             "text_encoder": text,
         }, MOCHI_SCHEDULER
+    if family == "hunyuanvideo":
+        from xdit_jax.models import hunyuan_video, llama, vae_hunyuan_video
+
+        tcfg = {**HUNYUAN_VIDEO_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("HunyuanVideoTransformer3DModel", tcfg,
+                            lambda: hunyuan_video.HunyuanVideoTransformer3DModel(
+                                hunyuan_video.HunyuanVideoConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLHunyuanVideo", HUNYUAN_VIDEO_VAE,
+                    lambda: vae_hunyuan_video.module_fn(
+                        vae_hunyuan_video.HunyuanVideoVAEConfig.from_dict(HUNYUAN_VIDEO_VAE), jnp.float32)()),
+            "text_encoder": ("LlamaModel", HUNYUAN_VIDEO_LLAMA,
+                             lambda: llama.LlamaModel(llama.LlamaConfig.from_dict(HUNYUAN_VIDEO_LLAMA),
+                                                      rngs=nnx.Rngs(0))),
+            "text_encoder_2": ("CLIPTextModel", FLUX_CLIP,
+                               lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
+        }, HUNYUAN_VIDEO_SCHEDULER
     if family == "latte":
         tcfg = {**LATTE_TRANSFORMER, **(transformer or {})}
         return {
