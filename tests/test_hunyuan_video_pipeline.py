@@ -161,3 +161,28 @@ def test_generate_cli_video(tmp_path, monkeypatch, capsys):
     assert video.shape == (F, H, W, 3) and video.std() > 1  # the tiny defaults: 5 frames of 32 x 32
     printed = capsys.readouterr().out
     assert '"model_family": "hunyuanvideo"' in printed and "at 24 fps" in printed
+
+
+def test_full_size_configs_folder():
+    """configs/hunyuanvideo (diffusers' layout of hunyuanvideo-community/HunyuanVideo) reads into the modules'
+    configs; its defaults are the pipeline's; the release's sizes pass the checks, bad ones are named."""
+    import json
+    from pathlib import Path
+
+    from xdit_jax.conversion import model_class, model_components
+    from xdit_jax.pipelines import hunyuan_video as hvp
+    from xdit_jax.schedulers import flow_match
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "hunyuanvideo"
+    for name, cls in model_components(root).items():
+        _, cfg_cls = model_class(cls)
+        cfg_cls.from_dict(json.loads((root / name / "config.json").read_text()))
+    tc, vc = hvp.read_configs(root)
+    assert (tc.num_layers, tc.num_single_layers, tc.text_embed_dim, tc.pooled_projection_dim) == (20, 40, 4096, 768)
+    assert flow_match.FlowMatchEulerConfig.from_json(root / "scheduler" / "scheduler_config.json").shift == 7.0
+    defaults = json.loads((root / "defaults.json").read_text())
+    dv = hvp.default_video(tc, vc)
+    assert {k: defaults[k] for k in dv} == dv == {"height": 720, "width": 1280, "num_frames": 129, "fps": 24}
+    hvp.check_request(tc, vc, 720, 1280, 129, 1, "cfg=2,ulysses=4", 2.0)
+    with pytest.raises(ValueError, match="more stages"):
+        hvp.check_request(tc, vc, 720, 1280, 129, 1, "pipefusion=64")
