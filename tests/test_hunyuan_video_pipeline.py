@@ -186,3 +186,28 @@ def test_full_size_configs_folder():
     hvp.check_request(tc, vc, 720, 1280, 129, 1, "cfg=2,ulysses=4", 2.0)
     with pytest.raises(ValueError, match="more stages"):
         hvp.check_request(tc, vc, 720, 1280, 129, 1, "pipefusion=64")
+
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of hunyuanvideo-tiny (12 video + 16 Llama tokens, 6 real) against diffusers'
+    transformer on one device and ring=2; the full-size folder read as HunyuanVideo (not FLUX: both have
+    num_single_layers) with its shapes and FLOPs, nothing compiled."""
+    from xdit_jax import bench
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="hunyuanvideo-tiny", meshes=[None, "ring=2"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("ring=2", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "hunyuanvideo" and r["latent_shape"] == [1, 4, 2, 4, 6] and r["video_tokens"] == 12
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["ring=2"]):
+        # same weights and inputs, fp32, outputs O(1): a text-mask or layout slip moves them by O(0.01) and more
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("hunyuanvideo")
+    assert w.family == "hunyuanvideo" and not w.cfg and w.latent_shape() == (1, 16, 33, 90, 160)
+    assert w.fam.tokens(w) == (33 * 45 * 80, 256)

@@ -86,6 +86,7 @@ SD3_MODELS = ("sd3-medium", "sd3.5-large")
 WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.2-i2v-a14b",
               "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b-720p")
 LATTE_MODELS = ("latte-1",)
+HUNYUAN_VIDEO_MODELS = ("hunyuanvideo",)
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
@@ -436,6 +437,26 @@ def _latte_cpu_small_workload() -> Workload:
                     folder=str(folder), source="configs/latte-1, 2 layer pairs", defaults=defaults)
 
 
+def _hunyuan_video_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's HunyuanVideo (2 heads x 8, 2 double- + 2 single-stream blocks, Llama states 32 wide) at 5 frames
+    # of 32 x 48: 2 x 4 x 6 latents, 2 x 2 x 3 = 12 video tokens (so that the 8-way sequence meshes pad); 16 Llama
+    # tokens (6 real).
+    return Workload("hunyuanvideo-tiny", dict(tiny.HUNYUAN_VIDEO_TRANSFORMER), height=32, width=48, num_frames=5,
+                    family="hunyuanvideo", text_tokens=16, text_valid=6, cfg=False,
+                    source="xdit_jax.tiny's HunyuanVideo, 2 heads x 8, 2 + 2 blocks",
+                    defaults={"num_inference_steps": 4, "guidance_scale": 6.0, "max_sequence_length": 16})
+
+
+def _hunyuan_video_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "hunyuanvideo"
+    t, defaults = load_model_dir(folder)
+    return Workload("hunyuanvideo-cpu-small", dict(t, num_layers=1, num_single_layers=1), height=128, width=128,
+                    num_frames=17, family="hunyuanvideo", cfg=False, folder=str(folder),
+                    source="configs/hunyuanvideo, 1 double- + 1 single-stream block", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -450,7 +471,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "wan-tiny": _wan_tiny_workload,
                                               "wan-cpu-small": _wan_cpu_small_workload,
                                               "latte-tiny": _latte_tiny_workload,
-                                              "latte-cpu-small": _latte_cpu_small_workload}
+                                              "latte-cpu-small": _latte_cpu_small_workload,
+                                              "hunyuanvideo-tiny": _hunyuan_video_tiny_workload,
+                                              "hunyuanvideo-cpu-small": _hunyuan_video_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -530,6 +553,12 @@ PRESET_HELP.update({
                        "video + 120 T5 tokens",
     "latte-1": "full-size configs/latte-1 with random weights at 16x512x512 (16 frames x 32x32 = 16,384 video + 120 "
                "T5 tokens; spatial attention over a frame's 1024 patches, temporal over the 16 frames)",
+    "hunyuanvideo-tiny": "a 2x8-head HunyuanVideo (2 double- + 2 single-stream blocks, Llama states 32 wide) at "
+                         "5x32x48: 12 video + 16 Llama tokens (6 real), one sample per prompt (CI smoke test)",
+    "hunyuanvideo-cpu-small": "HunyuanVideo width (24 heads x 128), 1 double- + 1 single-stream block, 17 frames at "
+                              "128x128: 5x8x8 = 320 video + 256 Llama tokens, one sample per prompt",
+    "hunyuanvideo": "full-size configs/hunyuanvideo with random weights at 129x720x1280 (33x45x80 = 118,800 video + "
+                    "256 Llama tokens, one sample per prompt)",
 })
 
 
@@ -562,6 +591,10 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
                          num_frames=int(d.get("num_frames", t.get("video_length", 16))), defaults=d,
                          source=str(folder), folder=str(folder), family=family)
+        elif family == "hunyuanvideo":  # no sample sizes in its config: defaults.json's, else diffusers' defaults
+            w = Workload(folder.name, t, height=int(d.get("height", 720)), width=int(d.get("width", 1280)),
+                         num_frames=int(d.get("num_frames", 129)), defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
         elif family == "wan":  # no sample sizes in its config: defaults.json's, else WanPipeline's 480 x 832 x 81
             spatial, temporal = wan_folder_vae_scales(folder)
             w = Workload(folder.name, t, height=int(d.get("height", 480)), width=int(d.get("width", 832)),

@@ -1584,7 +1584,7 @@ class Latte(Family):
 
 
 # ============================================================================================
-# HunyuanVideo (the transformer's analytic FLOPs; its Family comes with its pipeline)
+# HunyuanVideo
 # ============================================================================================
 
 HUNYUAN_VIDEO_TIME_PROJ = 256  # the sinusoidal timestep (and guidance) projection width
@@ -1639,8 +1639,119 @@ def hunyuan_video_analytic_flops(transformer: dict, latent_shape: tuple[int, ...
             "attention": float(attention), "linear": float(total - attention), "tokens": s}
 
 
+HUNYUAN_VIDEO_TIMESTEP = 500.0  # the transformer's ``timestep``: the scheduler's t (float32), mid-schedule
+HUNYUAN_VIDEO_GUIDANCE = 6.0  # HunyuanVideoPipeline's default guidance_scale (embedded: x 1000)
+HUNYUAN_VIDEO_TEXT_VALID = PIXART_TEXT_VALID  # real tokens of the prompt's Llama states (after the template's crop)
+
+
+class HunyuanVideoTorchReference(TorchReference):
+    """diffusers' ``HunyuanVideoTransformer3DModel`` called as ``HunyuanVideoPipeline`` calls it: latents, Llama
+    states, their mask and the pooled CLIP embedding in the model's dtype, the timestep in float32 (the latents'),
+    the guidance (scale x 1000) in the model's dtype. With true CFG the pipeline calls it once per half; here once
+    on both halves (the same work, as ours)."""
+
+    diffusers_class = "HunyuanVideoTransformer3DModel"
+
+    def set_inputs(self, inputs, w):
+        put = functools.partial(self._put, inputs)
+        self.x, self.enc, self.pooled = put("latents", self.dtype), put("embeds", self.dtype), put("pooled", self.dtype)
+        self.mask, self.t = put("mask", self.dtype), put("t")
+        self.guidance = put("guidance", self.dtype) if "guidance" in inputs else None
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, timestep=self.t, encoder_hidden_states=self.enc,
+                          encoder_attention_mask=self.mask, pooled_projections=self.pooled, guidance=self.guidance,
+                          return_dict=False)[0]
+
+
+class HunyuanVideo(Family):
+    name = "hunyuanvideo"
+    module_name = "xdit_jax.models.hunyuan_video"
+    model_class_name = "HunyuanVideoTransformer3DModel"
+    config_class_name = "HunyuanVideoConfig"
+    token_word = "video"
+    title = "HunyuanVideo"
+    # guidance-distilled (the scale is an embedding): HunyuanVideoPipeline runs one sample per prompt; diffusers'
+    # true CFG (a negative prompt, true_cfg_scale > 1) doubles it (--cfg)
+    default_cfg = False
+
+    def pipeline_call(self, w):
+        """guidance_scale is an embedding here: CFG is diffusers' "true CFG" (a negative prompt, true_cfg_scale)."""
+        kw = {k: v for k, v in super().pipeline_call(w).items() if k != "guidance_scale"}
+        return dict(kw, negative_prompt="", true_cfg_scale=6.0) if w.cfg else kw
+
+    def latent_shape(self, w):
+        """(B, C, F, h, w) in diffusers' layout: (num_frames - 1) // 4 + 1 latent frames, H/8 x W/8."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 16)),
+                (w.num_frames - 1) // w.vae_scale_temporal + 1, w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, _, f, h, ww = self.latent_shape(w)
+        p, pt = int(w.transformer.get("patch_size", 2)), int(w.transformer.get("patch_size_t", 1))
+        return (f // pt) * (h // p) * (ww // p), self.text_len(w)
+
+    def text_len(self, w):
+        """Llama tokens after the template's crop: the pipeline's ``max_sequence_length`` (256)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or 256)
+
+    def text_valid(self, w) -> int:
+        return min(int(w.text_valid or HUNYUAN_VIDEO_TEXT_VALID), self.text_len(w))
+
+    def mask(self, w) -> np.ndarray:
+        """(B, L) int32 text mask: with true CFG the negative prompt's (1 token), then the prompt's."""
+        return pixart_mask(w.step_batch, self.text_len(w), self.text_valid(w), w.cfg)
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # the video tokens; the text joins as a context
+
+    def check(self, cfg, shape):
+        if shape[1] != cfg.in_channels or shape[3] < cfg.patch_size or shape[4] < cfg.patch_size:
+            raise ValueError(f"latents {shape}: this HunyuanVideo transformer takes {cfg.in_channels} channels and "
+                             f"at least one {cfg.patch_size} x {cfg.patch_size} patch.")
+
+    def with_layers(self, transformer, layers):
+        """``--layers N``: N double-stream and N single-stream blocks."""
+        return dict(transformer, num_layers=int(layers), num_single_layers=int(layers))
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"family": self.name, "video_tokens": sv, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "latent_frames": self.latent_shape(w)[2], "layers": cfg.num_layers + cfg.num_single_layers,
+                "double_layers": cfg.num_layers, "single_layers": cfg.num_single_layers,
+                "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim, "height": w.height,
+                "width": w.width, "num_frames": w.num_frames, "true_cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As ``HunyuanVideoPipeline`` passes them: latents (B, C, F, h, w), Llama states (B, L, text_embed_dim),
+        their mask (B, L), the pooled CLIP embedding (B, pooled_projection_dim), the timestep (B,) float32 and,
+        where ``guidance_embeds``, the guidance (B,) = 6 x 1000."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        inputs = {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
+                  "embeds": rng.standard_normal((b, self.text_len(w), int(t.get("text_embed_dim", 4096))),
+                                                dtype=np.float32),
+                  "mask": self.mask(w),
+                  "pooled": rng.standard_normal((b, int(t.get("pooled_projection_dim", 768))), dtype=np.float32),
+                  "t": np.full((b,), HUNYUAN_VIDEO_TIMESTEP, dtype=np.float32)}
+        if t.get("guidance_embeds", True):
+            inputs["guidance"] = np.full((b,), HUNYUAN_VIDEO_GUIDANCE * 1000.0, dtype=np.float32)
+        return inputs
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["t"], inputs["embeds"].astype(dtype), inputs["mask"],
+                inputs["pooled"].astype(dtype), inputs.get("guidance"))
+
+    def analytic_flops(self, w):
+        return hunyuan_video_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return HunyuanVideoTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
-                                                          SD3(), Wan(), Latte())}
+                                                          SD3(), Wan(), Latte(), HunyuanVideo())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
@@ -1648,11 +1759,13 @@ FLUX_CLASS_NAMES = ("FluxTransformer2DModel",)
 SD3_CLASS_NAMES = ("SD3Transformer2DModel",)
 WAN_CLASS_NAMES = ("WanTransformer3DModel",)
 LATTE_CLASS_NAMES = ("LatteTransformer3DModel",)
+HUNYUAN_VIDEO_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
-    """The family of a diffusers transformer ``config.json``: FLUX by its class name or its
-    ``num_single_layers`` (no other family has one); HunyuanDiT by its class name or its
+    """The family of a diffusers transformer ``config.json``: HunyuanVideo by its class name or its
+    ``num_single_layers`` with ``num_refiner_layers``; FLUX by its class name or its
+    ``num_single_layers`` (no other family but HunyuanVideo has one); HunyuanDiT by its class name or its
     ``text_len_t5``; Mochi by its class name or, without one, ``pooled_projection_dim`` together with
     ``time_embed_dim`` (of the others, HunyuanDiT and FLUX have the first, only CogVideoX the second);
     PixArt by its class name (the hub's PixArt checkpoints say ``Transformer2DModel``) or its
@@ -1662,6 +1775,9 @@ def family_of_config(transformer: dict) -> str:
     else CogVideoX."""
     if transformer.get("_class_name") in WAN_CLASS_NAMES or ("ffn_dim" in transformer and "freq_dim" in transformer):
         return "wan"
+    if transformer.get("_class_name") in HUNYUAN_VIDEO_CLASS_NAMES or (
+            "num_single_layers" in transformer and "num_refiner_layers" in transformer):
+        return "hunyuanvideo"
     if transformer.get("_class_name") in FLUX_CLASS_NAMES or "num_single_layers" in transformer:
         return "flux"
     if transformer.get("_class_name") in SD3_CLASS_NAMES or (
