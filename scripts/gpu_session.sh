@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
 # the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5
+#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5, 6
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -48,6 +48,13 @@ case $part in
   step cog-i2v-e2e 300 --model cogvideox-5b-i2v --steps 3 --e2e 2
   step wan21-i2v 270 --model wan2.1-i2v-14b-480p --steps 3 --e2e 1
   ;;
-*) echo "unknown part $part: use 1, 2, 3, 4 or 5"; exit 2 ;;
+6)  # the families of session 15, never run on a GPU: Latte-1 against diffusers and end to end (the frames decoded
+    # over the mesh); HunyuanVideo at full width with 4 double + 4 single blocks, then end to end at 544 x 960 x 61
+  step latte-vs 240 --model latte-1 --steps 5 --compare diffusers
+  step latte-e2e 150 --model latte-1 --steps 0 --e2e 2
+  step hyv 180 --model hunyuanvideo --layers 4 --steps 3
+  step hyv-e2e 300 --model hunyuanvideo --height 544 --width 960 --frames 61 --steps 0 --e2e 2
+  ;;
+*) echo "unknown part $part: use 1, 2, 3, 4, 5 or 6"; exit 2 ;;
 esac
 ls -la "$O"
