@@ -253,7 +253,7 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-sd3", "--skip-guidance-layers", "9"], "block indices are 0..1"),
     (["--model", "tiny-flux", "--mesh", "cfg=2"], "cfg=2 splits"),
     (["--model", "tiny-flux", "--no-resolution-binning"], "not used by this flux model"),
-    (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's)"),
+    (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's and HunyuanVideo's)"),
     (["--model", "tiny-pixart", "--guidance-scale-2", "3"], "--guidance-scale-2 (Wan 2.2 A14B's)"),
     (["--guidance-scale-2", "-1"], "--guidance-scale-2 must be >= 0"),
     (["--image", "/no/such.png"], "--image /no/such.png is not a file"),

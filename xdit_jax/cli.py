@@ -331,7 +331,7 @@ def _check_family_flags(family: str, args) -> None:
     if family != "wan" and args.guidance_scale_2 is not None:
         wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
     if family not in ("flux", "hunyuanvideo") and args.true_cfg_scale is not None:
-        wrong.append("--true-cfg-scale (FLUX's)")  # (HunyuanVideo's too)
+        wrong.append("--true-cfg-scale (FLUX's and HunyuanVideo's)")
     if family != "hunyuandit" and args.guidance_rescale:
         wrong.append("--guidance-rescale")
     if family != "sd3" and args.skip_guidance_layers:
