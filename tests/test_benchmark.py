@@ -30,6 +30,9 @@ def tiny_rows(tmp_path_factory):
 def _run(args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
+    # one CPU device (no simulated devices); LLVM at -O0 as the rest of the suite (conftest): the rows are checked
+    # for numbers and presence, not speed
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     res = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, cwd=REPO,
                          env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -841,17 +844,17 @@ def test_e2e_every_family(model, mesh, cfg, shape):
 
 def test_flux_tiny_rows_vs_diffusers():
     """flux-tiny (FLUX.1-dev shaped: embedded guidance; 15 image tokens, so every sequence mesh pads) against
-    diffusers on one device and the USP and Ulysses meshes (in-process: the session's 8 simulated devices),
-    one sample per prompt (FLUX's default), 1 timed step; then with true CFG (--cfg) on cfg meshes.
+    diffusers on one device and the USP mesh (in-process: the session's 8 simulated devices),
+    one sample per prompt (FLUX's default), 1 timed step; then with true CFG (--cfg) on a cfg mesh.
     The PipeFusion row runs both stacks over 2 stages (a patched step)."""
-    rows = bench.run_step_benchmark(bench.StepOptions(model="flux-tiny", meshes=[None, "ulysses=2,ring=2", "ulysses=4",
-                                                                                "pipefusion=2", "cfg=2"],
+    rows = bench.run_step_benchmark(bench.StepOptions(model="flux-tiny", meshes=[None, "ulysses=2,ring=2", "pipefusion=2",
+                                                                                "cfg=2"],
                                                       steps=1, compare="diffusers", settle=0, log=lambda s: None))
     table = bench.format_table(rows)
     by_mesh = {r["mesh"]: r for r in rows}
     assert sorted((r["mesh"], r["impl"]) for r in rows) == [
         ("cfg=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"), ("ring=2,ulysses=2", "xdit_jax"),
-        ("single device", "xdit_jax"), ("torch cpu", "diffusers"), ("ulysses=4", "xdit_jax")]
+        ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
     assert ("15 image + 16 T5 tokens (2 double- + 2 single-stream blocks, one sample per prompt)" in table
             and "step med s" in table)
     # one sample per prompt: nothing for a cfg axis to split (--cfg below)
@@ -870,37 +873,34 @@ def test_flux_tiny_rows_vs_diffusers():
         assert (r["layers"], r["double_layers"], r["single_layers"]) == (4, 2, 2)
         assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
         assert "video_tokens" not in r and "num_frames" not in r
-    ours = [by_mesh[m] for m in ("single device", "ring=2,ulysses=2", "ulysses=4")]
+    ours = [by_mesh[m] for m in ("single device", "ring=2,ulysses=2")]
     for r in ours:
         assert r["step_path"] == "transformer_over_mesh"
         assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and r["ratio_vs_diffusers"] > 0
         # same weights and inputs (pooled text, embedded guidance, the pipeline's position ids): fp32, outputs
         # of order 2 (measured 2e-6); a RoPE axis, stream swap or gate order moves them by O(1)
         assert r["max_abs_diff_vs_diffusers"] < 1e-4
-    one, usp, uly = ours
+    one, usp = ours
     # the compiled program's dots (both scans by trip count) are the analytic count: no mask, no padding
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
     assert one["collective_bytes"] == 0
     assert usp["collectives"]["all-to-all"] > 0 and usp["collectives"]["collective-permute"] > 0
-    assert uly["collectives"]["all-to-all"] > 0
-    for r in (usp, uly):
-        assert r["flops_hlo"] < one["flops_hlo"] / 2
+    assert usp["flops_hlo"] < one["flops_hlo"] / 2
 
-    rows = bench.run_step_benchmark(bench.StepOptions(model="flux-tiny", meshes=[None, "cfg=2,ulysses=2",
-                                                                                "cfg=2,ring=2"],
+    rows = bench.run_step_benchmark(bench.StepOptions(model="flux-tiny", meshes=[None, "cfg=2,ulysses=2"],
                                                       cfg=True, steps=1, compare="diffusers", settle=0,
                                                       log=lambda s: None))
     assert "true CFG" in bench.format_table(rows)
     by_mesh = {r["mesh"]: r for r in rows}
-    assert set(by_mesh) == {"single device", "cfg=2,ulysses=2", "cfg=2,ring=2", "torch cpu"}
-    for mesh in ("single device", "cfg=2,ulysses=2", "cfg=2,ring=2"):
+    assert set(by_mesh) == {"single device", "cfg=2,ulysses=2", "torch cpu"}
+    for mesh in ("single device", "cfg=2,ulysses=2"):
         r = by_mesh[mesh]
         assert "error" not in r, r.get("error")
         assert r["step_batch"] == 2 and r["latent_shape"] == [2, 15, 16] and r["true_cfg"] is True
         assert r["max_abs_diff_vs_diffusers"] < 1e-4
     one = by_mesh["single device"]
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
-    assert by_mesh["cfg=2,ring=2"]["collectives"]["collective-permute"] > 0
+    assert by_mesh["cfg=2,ulysses=2"]["collectives"]["all-to-all"] > 0
 
 
 def _flux_flops_by_hand(b, s, txt, n, m, d=3072, c=64, dj=4096, pooled=768, guidance=True):
@@ -1077,16 +1077,16 @@ def test_flux_full_width_flops_compile_only(name):
 
 def test_sd3_tiny_rows_vs_diffusers():
     """sd3-tiny (SD3.5 Medium shaped: two dual-attention blocks, rms q/k norms; 15 image tokens, so the sequence
-    meshes pad; 77 CLIP + 16 T5 tokens, no mask) against diffusers on one device and the USP and ring meshes
+    meshes pad; 77 CLIP + 16 T5 tokens, no mask) against diffusers on one device and a cfg x USP mesh
     (in-process: the session's 8 simulated devices), both CFG halves, 1 timed step; PipeFusion runs the two
     runs of blocks (dual, plain) over 2 stages."""
-    rows = bench.run_step_benchmark(bench.StepOptions(model="sd3-tiny", meshes=[None, "cfg=2,ulysses=2",
-                                                                               "cfg=2,ring=2", "pipefusion=2"],
+    rows = bench.run_step_benchmark(bench.StepOptions(model="sd3-tiny", meshes=[None, "cfg=2,ulysses=2,ring=2",
+                                                                               "pipefusion=2"],
                                                       steps=1, compare="diffusers", settle=0, log=lambda s: None))
     table = bench.format_table(rows)
     by_mesh = {r["mesh"]: r for r in rows}
     assert sorted((r["mesh"], r["impl"]) for r in rows) == [
-        ("cfg=2,ring=2", "xdit_jax"), ("cfg=2,ulysses=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"),
+        ("cfg=2,ring=2,ulysses=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"),
         ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
     assert "15 image + 93 text tokens (77 CLIP + 16 T5, no mask)" in table and "step med s" in table
     pf = by_mesh.pop("pipefusion=2")
@@ -1102,20 +1102,20 @@ def test_sd3_tiny_rows_vs_diffusers():
         assert r["qk_norm"] == "rms_norm" and r["dual_attention_layers"] == [0, 1]
         assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
         assert "video_tokens" not in r and "num_frames" not in r
-    ours = [by_mesh[m] for m in ("single device", "cfg=2,ulysses=2", "cfg=2,ring=2")]
+    ours = [by_mesh[m] for m in ("single device", "cfg=2,ring=2,ulysses=2")]
     for r in ours:
         assert r["step_path"] == "embed/run_blocks/head"
         assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and r["ratio_vs_diffusers"] > 0
         # same weights and inputs: fp32, outputs of order 1; a stream swap, gate order or position crop moves
         # them by O(1)
         assert r["max_abs_diff_vs_diffusers"] < 1e-4
-    one, usp, ring = ours
+    one, usp = ours
     # the compiled program's dots and convolutions (both scans by trip count) are the analytic count: no mask,
     # the last block's text queries not computed
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
     assert one["collective_bytes"] == 0
-    assert usp["collectives"]["all-to-all"] > 0 and usp["flops_hlo"] < one["flops_hlo"] / 2
-    assert ring["collectives"]["collective-permute"] > 0 and ring["flops_hlo"] < one["flops_hlo"] / 2
+    assert usp["collectives"]["all-to-all"] > 0 and usp["collectives"]["collective-permute"] > 0
+    assert usp["flops_hlo"] < one["flops_hlo"] / 2
 
 
 def _sd3_flops_by_hand(b, s, txt, n, d, dual=(), c=16, p=2, dj=4096, pooled=2048):

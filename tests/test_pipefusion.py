@@ -60,7 +60,7 @@ def test_warmup_steps_equal_one_device(folder, one_device, mesh):
     assert np.abs(out - one_device).max() <= 1e-4
 
 
-@pytest.mark.parametrize("mesh,patches", [("pipefusion=2", 2), pytest.param("pipefusion=2", 3, marks=SLOW),
+@pytest.mark.parametrize("mesh,patches", [pytest.param("pipefusion=2", 2, marks=SLOW), pytest.param("pipefusion=2", 3, marks=SLOW),
                                           pytest.param("pipefusion=4", 2, marks=SLOW),
                                           pytest.param("cfg=2,pipefusion=2", 2, marks=SLOW), ("data=2,pipefusion=2", 3),
                                           pytest.param("pipefusion=3", 2, marks=SLOW),

@@ -63,7 +63,7 @@ def reference(model, z):
 # 5, so the default grid splits the width (7 over 8); (2, 4) splits both, padded both ways,
 # with halo corners; GSPMD as the alternative strategy.
 CASES = [
-    ("data=2", None, "shard_map"),
+    pytest.param("data=2", None, "shard_map", marks=pytest.mark.slow),  # the cfg=2,ulysses=4 cases split 8 ways
     ("ulysses=3", None, "shard_map"),
     ("x=2,y=2", None, "shard_map"),  # a mesh of other axis names than the pipeline's
     ("cfg=2,ulysses=4", None, "shard_map"),
