@@ -26,7 +26,6 @@ from xdit_jax.conversion import read_json
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import cogvideox, vae_cogvideox
 from xdit_jax.pipelines.denoise import (
-    PipelineBase,
     StageTimer,
     as_numpy,
     check_size_and_mesh,
@@ -38,6 +37,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
     tokenize,
 )
+from xdit_jax.pipelines.video import VideoPipelineBase
 
 log = logging.getLogger("xdit_jax")
 OFS = 2.0  # CogVideoXImageToVideoPipeline's ofs (CogVideoX1.5-I2V's transformer takes it)
@@ -89,8 +89,11 @@ def read_configs(folder: str | os.PathLike):
             vae_cogvideox.CogVideoXVAEConfig.from_dict(read_json(folder / "vae" / "config.json")))
 
 
-class CogVideoXPipeline(PipelineBase):
+class CogVideoXPipeline(VideoPipelineBase):
     """Text-to-video with CogVideoX (2B, 5B, 1.5) — see the module docstring."""
+
+    _check_request = staticmethod(check_request)
+    _default_video = staticmethod(default_video)
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                  scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
@@ -184,13 +187,6 @@ class CogVideoXPipeline(PipelineBase):
             return vae_cogvideox.decode(vae, z.astype(dtype), **kw)
 
         return self._jit_decode("fn", decode)
-
-    def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 6.0):
-        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
-                      guidance_scale)
-
-    def default_video(self) -> dict:
-        return default_video(self.transformer_config, self.vae_config)
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int):
         """((B, F, C, h, w) of the latents, latent frames added in front for patch_size_t)."""

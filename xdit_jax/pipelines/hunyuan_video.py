@@ -49,7 +49,6 @@ from xdit_jax.models import vae_hunyuan_video as hv_vae
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
-    PipelineBase,
     StageTimer,
     check_size_and_mesh,
     load_component,
@@ -61,6 +60,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
     tokenize,
 )
+from xdit_jax.pipelines.video import VideoPipelineBase
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -100,8 +100,12 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
                         hv.pipefusion_stacks(tc)["stacked_layers"], batch, mesh_spec, guidance_scale)
 
 
-class HunyuanVideoPipeline(PipelineBase):
+class HunyuanVideoPipeline(VideoPipelineBase):
     """Text-to-video with HunyuanVideo — see the module docstring."""
+
+    _check_request = staticmethod(check_request)
+    _default_video = staticmethod(default_video)
+    _vae = hv_vae  # framewise decode, diffusers' default
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                  text_encoder_2, tokenizer_2, scheduler_config, dtype=jnp.float32, mesh=None,
@@ -172,29 +176,6 @@ class HunyuanVideoPipeline(PipelineBase):
         guided = self.transformer_config.guidance_embeds
         return self._flow_step_fn(do_cfg, warmup, lambda x, texts, t: (x, t, texts[0], texts[1], texts[2],
                                                                        texts[3] if guided else None))
-
-    def _decode_fn(self):
-        """Jitted VAE decode (over the whole mesh) of the latents (B, C, F, h, w) divided by the VAE's scaling
-        factor, framewise as diffusers' default -> (B, F, H, W, 3) in [0, 1]."""
-        vc, dtype = self.vae_config, self.dtype
-
-        def decode(vae, latents, **kw):
-            return hv_vae.decode(vae, hv_vae.unscale_latents(vc, latents.astype(jnp.float32)).astype(dtype), **kw)
-
-        return self._jit_decode("fn", decode)
-
-    def check_inputs(self, height: int, width: int, num_frames: int, batch: int, true_cfg_scale: float = 1.0):
-        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
-                      true_cfg_scale)
-
-    def default_video(self) -> dict:
-        return default_video()
-
-    def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
-        """(B, C, (F - 1) // 4 + 1, H / 8, W / 8), diffusers' layout."""
-        vc = self.vae_config
-        s, st = vc.spatial_compression_ratio, vc.temporal_compression_ratio
-        return (batch, self.transformer_config.in_channels, (num_frames - 1) // st + 1, height // s, width // s)
 
     def _video_tokens(self, latent_shape) -> int:
         return int(np.prod(self.transformer.grid(latent_shape)))

@@ -44,7 +44,6 @@ from xdit_jax.models import latte, vae_kl
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
-    PipelineBase,
     StageTimer,
     check_size_and_mesh,
     negative_prompts,
@@ -54,6 +53,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
     tokenize,
 )
+from xdit_jax.pipelines.video import VideoPipelineBase
 from xdit_jax.schedulers import ddim, dpmsolver, scheduler_from_config
 
 log = logging.getLogger("xdit_jax")
@@ -84,8 +84,11 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
                         guidance_scale)
 
 
-class LattePipeline(PipelineBase):
+class LattePipeline(VideoPipelineBase):
     """Text-to-video with Latte — see the module docstring."""
+
+    _check_request = staticmethod(check_request)
+    _default_video = staticmethod(default_video)
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                  scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
@@ -212,13 +215,6 @@ class LattePipeline(PipelineBase):
             return out.transpose(0, 2, 1, 3, 4)  # channels first, as _jit_decode takes it
 
         return self._jit_decode("fn", decode)
-
-    def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 7.5):
-        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
-                      guidance_scale)
-
-    def default_video(self) -> dict:
-        return default_video(self.transformer_config, self.vae_config)
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         """(B, C, F, h, w), diffusers' layout."""

@@ -37,7 +37,6 @@ from xdit_jax.models import mochi, vae_mochi
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
-    PipelineBase,
     StageTimer,
     check_size_and_mesh,
     negative_prompts,
@@ -47,6 +46,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
     tokenize,
 )
+from xdit_jax.pipelines.video import VideoPipelineBase
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -74,8 +74,12 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
                         mesh_spec, guidance_scale)  # PipeFusion's stages split the num_layers - 1 stacked blocks
 
 
-class MochiPipeline(PipelineBase):
+class MochiPipeline(VideoPipelineBase):
     """Text-to-video with Mochi 1 — see the module docstring."""
+
+    _check_request = staticmethod(check_request)
+    _default_video = staticmethod(default_video)
+    _vae = vae_mochi
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                  scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
@@ -126,29 +130,6 @@ class MochiPipeline(PipelineBase):
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step (:meth:`PipelineBase._flow_step_fn`); ``texts``: (T5 embeds, mask)."""
         return self._flow_step_fn(do_cfg, warmup, lambda x, texts, t: (x, texts[0], t, texts[1]))
-
-    def _decode_fn(self):
-        """Jitted VAE decode over the whole mesh of the latents (B, C, F, h, w), unscaled with the VAE's
-        latents mean / std -> (B, F, H, W, 3) in [0, 1]."""
-        vc, dtype = self.vae_config, self.dtype
-
-        def decode(vae, latents, **kw):
-            return vae_mochi.decode(vae, vae_mochi.unscale_latents(vc, latents.astype(jnp.float32)).astype(dtype), **kw)
-
-        return self._jit_decode("fn", decode)
-
-    def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 4.5):
-        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
-                      guidance_scale)
-
-    def default_video(self) -> dict:
-        return default_video()
-
-    def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
-        """(B, C, F, h, w), diffusers' layout."""
-        vc = self.vae_config
-        s, st = vc.spatial_compression_ratio, vc.temporal_compression_ratio
-        return (batch, self.transformer_config.in_channels, (num_frames - 1) // st + 1, height // s, width // s)
 
     def output_frames(self, num_frames: int) -> int:
         """Frames of the video made for ``num_frames``: ``(num_frames - 1) // 6 * 6 + 1`` (diffusers takes any

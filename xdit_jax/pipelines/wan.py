@@ -45,7 +45,6 @@ from xdit_jax.models import vae_wan, wan
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
-    PipelineBase,
     StageTimer,
     check_size_and_mesh,
     load_component,
@@ -59,6 +58,7 @@ from xdit_jax.pipelines.denoise import (
     rgb_image,
     tokenize,
 )
+from xdit_jax.pipelines.video import VideoPipelineBase
 from xdit_jax.schedulers import flow_match, unipc
 
 log = logging.getLogger("xdit_jax")
@@ -138,8 +138,11 @@ def expert_stages(timesteps, boundary_timestep: float | None) -> list[tuple[int,
     return [(n, e) for n, e in enumerate(experts) if n == 0 or experts[n - 1] != e]
 
 
-class WanPipeline(PipelineBase):
+class WanPipeline(VideoPipelineBase):
     """Text-to-video with Wan 2.1 — see the module docstring."""
+
+    _check_request = staticmethod(check_request)
+    _default_video = staticmethod(default_video)
 
     # Where the one-pass VAE decode would not fit the device, decode one latent frame at a time (the causal
     # convolutions' last frames carried), as diffusers always does: the same video, ~1/10 of the memory
@@ -247,13 +250,6 @@ class WanPipeline(PipelineBase):
                                   frame_chunk=frame_chunk, tiling=tiling, **kw)
 
         return self._jit_decode("fn", decode)
-
-    def check_inputs(self, height: int, width: int, num_frames: int, batch: int, guidance_scale: float = 5.0):
-        check_request(self.transformer_config, self.vae_config, height, width, num_frames, batch, self.mesh_spec,
-                      guidance_scale)
-
-    def default_video(self) -> dict:
-        return default_video(self.transformer_config, self.vae_config)
 
     def stages(self, timesteps) -> list[tuple[int, int]]:
         """:func:`expert_stages` of this pipeline: [(first step, expert)], expert 1 = ``transformer_2``."""
