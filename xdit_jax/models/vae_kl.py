@@ -3,7 +3,8 @@
 The VAE of PixArt-alpha (the SD VAE) and PixArt-Sigma (the SDXL VAE). Submodules carry
 diffusers' attribute names (``decoder.up_blocks.0.resnets.1.conv1``,
 ``decoder.mid_block.attentions.0.to_out.0``, ...), so :func:`xdit_jax.keymap.map_state_dict`
-derives the key map; the encoder's and ``quant_conv``'s tensors are in :data:`TORCH_IGNORE`, and
+derives the key map; the encoder's and ``quant_conv``'s tensors are in :data:`TORCH_IGNORE` (conversion
+keeps the encoder's aside: :func:`extra_params_from_torch`, :mod:`xdit_jax.models.vae_kl_encoder`), and
 the pre-0.14 attention names some checkpoints still carry (``query``/``key``/``value``/
 ``proj_attn``) are renamed on load as diffusers does (:func:`_rename_deprecated_attention`).
 
@@ -394,7 +395,7 @@ def module_fn(cfg: AutoencoderKLConfig, dtype=jnp.float32):
     return lambda: AutoencoderKLDecoder(cfg, dtype=dtype)
 
 
-_DEPRECATED_ATTENTION = re.compile(r"^(decoder\.mid_block\.attentions\.\d+)\.(query|key|value|proj_attn)\.")
+_DEPRECATED_ATTENTION = re.compile(r"^((?:de|en)coder\.mid_block\.attentions\.\d+)\.(query|key|value|proj_attn)\.")
 _DEPRECATED_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -416,6 +417,18 @@ def params_from_torch(flat: Mapping[str, np.ndarray], cfg: AutoencoderKLConfig, 
     expected = expected_shapes(module_fn(cfg, dtype or jnp.float32))
     return map_state_dict(_rename_deprecated_attention(flat), expected, renames=TORCH_RENAMES,
                           ignore=TORCH_IGNORE, dtype=dtype, what="VAE checkpoint")
+
+
+def extra_params_from_torch(flat: Mapping[str, np.ndarray], cfg: AutoencoderKLConfig, dtype=None) -> dict:
+    """``{"encoder_params": ...}``: the encoder's params (:mod:`xdit_jax.models.vae_kl_encoder`, for the pipelines
+    that encode an image: FLUX.1 Kontext), which conversion saves next to the decoder's; empty for a checkpoint
+    without encoder tensors or with down blocks the encoder does not implement."""
+    from xdit_jax.models import vae_kl_encoder
+
+    if not vae_kl_encoder.has_encoder(flat) or any(t not in vae_kl_encoder._DOWN_BLOCK_TYPES
+                                                   for t in cfg.down_block_types):
+        return {}
+    return {"encoder_params": vae_kl_encoder.params_from_torch(flat, cfg, dtype)}
 
 
 def build(cfg: AutoencoderKLConfig, params: Mapping, dtype=jnp.float32) -> AutoencoderKLDecoder:
