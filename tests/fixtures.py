@@ -130,10 +130,11 @@ def make_torch_mochi(seed: int = 0, force_zeros_for_empty_prompt: bool = False):
                          transformer=transformer, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
 
 
-def make_torch_flux(seed: int = 0, guidance_embeds: bool = True):
+def make_torch_flux(seed: int = 0, guidance_embeds: bool = True, kontext: bool = False):
     """A tiny random diffusers FLUX pipeline (xdit_jax.tiny's FLUX configs); ``guidance_embeds=False``:
-    schnell-like."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    schnell-like; ``kontext``: a FluxKontextPipeline of the same parts."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -148,8 +149,9 @@ def make_torch_flux(seed: int = 0, guidance_embeds: bool = True):
     if not guidance_embeds:  # FLUX.1-schnell's scheduler: a static shift of 1
         skw.update(shift=1.0, use_dynamic_shifting=False)
     sched = FlowMatchEulerDiscreteScheduler(**skw)
-    return FluxPipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_clip_tokenizer(),
-                        text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_tokenizer(), transformer=transformer)
+    cls = FluxKontextPipeline if kontext else FluxPipeline
+    return cls(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_clip_tokenizer(),
+               text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_tokenizer(), transformer=transformer)
 
 
 def make_torch_sd3(seed: int = 0, with_t5: bool = True):

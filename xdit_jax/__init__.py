@@ -2,7 +2,7 @@
 
 from xdit_jax.mesh import MeshSpec, build_mesh
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
-from xdit_jax.pipelines.flux import FluxPipeline, FluxPipelineOutput
+from xdit_jax.pipelines.flux import FluxKontextPipeline, FluxPipeline, FluxPipelineOutput
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
@@ -11,7 +11,7 @@ from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
 from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
 
-__all__ = ["CogVideoXImageToVideoPipeline", "CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
+__all__ = ["CogVideoXImageToVideoPipeline", "CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
            "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline", "LattePipelineOutput", "MeshSpec", "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline",
            "PixArtPipelineOutput", "SD3PipelineOutput", "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "build_mesh"]

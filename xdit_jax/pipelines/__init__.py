@@ -13,6 +13,7 @@ PIPELINES = {
     "HunyuanDiTPipeline": ("xdit_jax.pipelines.hunyuandit", "HunyuanDiTPipeline", "hunyuandit"),
     "MochiPipeline": ("xdit_jax.pipelines.mochi", "MochiPipeline", "mochi"),
     "FluxPipeline": ("xdit_jax.pipelines.flux", "FluxPipeline", "flux"),
+    "FluxKontextPipeline": ("xdit_jax.pipelines.flux", "FluxKontextPipeline", "flux"),
     "StableDiffusion3Pipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Pipeline", "sd3"),
     "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),
     "WanImageToVideoPipeline": ("xdit_jax.pipelines.wan", "WanImageToVideoPipeline", "wan"),

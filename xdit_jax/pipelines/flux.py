@@ -119,6 +119,8 @@ def transformer_over_mesh(graphdef, state, args, mesh, backend: str = "xla", rop
 class FluxPipeline(ImagePipelineBase):
     """Text-to-image with FLUX.1 (dev, schnell) — see the module docstring."""
 
+    PIPELINE_CLASSES = ("FluxPipeline",)  # the diffusers pipelines (model_index.json) this class loads
+
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                  text_encoder_2, tokenizer_2, scheduler_config, dtype=jnp.float32, mesh=None,
                  attention_backend: str = "auto", pipefusion_patches: int | None = None,
@@ -139,8 +141,16 @@ class FluxPipeline(ImagePipelineBase):
         """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
         ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
         ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
+        return cls._from_pretrained(model, mesh=mesh, dtype=dtype, cache_dir=cache_dir, variant=variant,
+                                    revision=revision, attention_backend=attention_backend,
+                                    pipefusion_patches=pipefusion_patches,
+                                    pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    @classmethod
+    def _from_pretrained(cls, model, *, mesh, dtype, cache_dir, variant, revision, attention_backend,
+                         pipefusion_patches, pipefusion_warmup_steps):
         dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, ("FluxPipeline",), cache_dir=cache_dir, variant=variant,
+        folder, _ = cls._pipeline_folder(model, cls.PIPELINE_CLASSES, cache_dir=cache_dir, variant=variant,
                                          revision=revision)
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
@@ -148,10 +158,15 @@ class FluxPipeline(ImagePipelineBase):
         stacks = flux.pipefusion_stacks(tc)
         parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
         _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
-        return cls(**parts, text_encoder_2=text_encoder_2,
+        return cls(**parts, **cls._extra_parts(folder, mesh_obj, dtype), text_encoder_2=text_encoder_2,
                    tokenizer_2=load_tokenizer(folder, "tokenizer_2"), scheduler_config=sched,
                    dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
                    pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    @classmethod
+    def _extra_parts(cls, folder, mesh_obj, dtype) -> dict:
+        """More ``__init__`` arguments a subclass loads from the folder (Kontext: the VAE's encoder)."""
+        return {}
 
     # ------------------------------------------------------------------ stages
 
@@ -188,7 +203,8 @@ class FluxPipeline(ImagePipelineBase):
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng) ->
-        (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, pooled CLIP); ``scales``:
+        (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, pooled CLIP[, Kontext's packed image latents,
+        appended to the noisy ones and cropped from the prediction]); ``scales``:
         (embedded guidance, true CFG scale); ``rope``: the image and text RoPE tables; ``kv``: PipeFusion's
         K/V buffers (``warmup``: an exact step that fills them) or None."""
         key = (do_cfg, warmup)
@@ -203,6 +219,8 @@ class FluxPipeline(ImagePipelineBase):
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng):
             x = self._model_batch(latents, do_cfg)
+            if len(texts) > 2:  # Kontext: the reference image's packed latents after the noisy ones
+                x = jnp.concatenate([x, texts[2].astype(x.dtype)], axis=1)
             b = x.shape[0]
             t = jnp.broadcast_to(sched.timesteps[i] / 1000, (b,))
             g = jnp.broadcast_to(scales[0], (b,)) if guided else None
@@ -215,7 +233,7 @@ class FluxPipeline(ImagePipelineBase):
                 tokens_x, tokens, cond, _ = model.embed(*args, rope=rope)
                 tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
                 pred = model.head(tokens_x, cond)
-            pred = self._real_rows(pred.astype(jnp.float32), latents.shape[0], do_cfg)
+            pred = self._real_rows(pred.astype(jnp.float32)[:, :latents.shape[1]], latents.shape[0], do_cfg)
             if do_cfg:  # diffusers' true CFG: [negative; positive]
                 neg, pos = jnp.split(pred, 2)
                 pred = neg + scales[1] * (pos - neg)
@@ -255,6 +273,20 @@ class FluxPipeline(ImagePipelineBase):
                  latents=None, max_sequence_length: int = 512,
                  num_images_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
                  progress: bool = True) -> FluxPipelineOutput:
+        return self._generate(prompt, prompt_2, negative_prompt, negative_prompt_2, height=height, width=width,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              true_cfg_scale=true_cfg_scale, prompt_embeds=prompt_embeds,
+                              pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
+                              max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt,
+                              seed=seed, output_type=output_type, progress=progress)
+
+    def _generate(self, prompt, prompt_2, negative_prompt, negative_prompt_2, *, height, width, num_inference_steps,
+                  guidance_scale, true_cfg_scale, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                  negative_pooled_prompt_embeds, latents, max_sequence_length, num_images_per_prompt, seed,
+                  output_type, progress, condition=None) -> FluxPipelineOutput:
+        """The call; ``condition(batch, per, do_cfg, timer) -> (packed image latents placed as the step's batch,
+        their RoPE ids)`` (Kontext's reference image) or None."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -324,7 +356,11 @@ class FluxPipeline(ImagePipelineBase):
             latents = pack_latents(noise)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, (height/16) x (width/16) tokens, channels x 4")
-        rope = (flux.rope_tables(flux.image_ids(h // 2, w // 2), tc.axes_dims_rope),
+        ids = flux.image_ids(h // 2, w // 2)
+        if condition is not None:  # Kontext: the image tokens after the latents, their own ids
+            image_tokens, image_ids = condition(batch, per, do_cfg, timer)
+            texts, ids = texts + (image_tokens,), np.concatenate([ids, image_ids])
+        rope = (flux.rope_tables(ids, tc.axes_dims_rope),
                 flux.rope_tables(np.zeros((emb.shape[1], 3), np.float32), tc.axes_dims_rope))
         rope = jax.tree.map(self._put_replicated, rope)
 
@@ -334,5 +370,149 @@ class FluxPipeline(ImagePipelineBase):
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scales, rope, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn((h, w)),
-                                       kv=self._pipefusion_buffers(len(texts[0]), shape[1], text_len=emb.shape[1]))
+                                       kv=self._pipefusion_buffers(len(texts[0]), len(ids), text_len=emb.shape[1]))
         return FluxPipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+# diffusers' PREFERRED_KONTEXT_RESOLUTIONS: (width, height) pairs FLUX.1 Kontext was trained on.
+KONTEXT_RESOLUTIONS = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                       (1456, 720), (1504, 688), (1568, 672))
+
+
+def kontext_image_size(image_height: int, image_width: int, multiple: int = 16, auto_resize: bool = True):
+    """(height, width) diffusers' FluxKontextPipeline resizes a reference image of this size to: each side floored to
+    ``multiple`` (twice the VAE factor), then with ``auto_resize`` the trained resolution of the nearest aspect ratio
+    (:data:`KONTEXT_RESOLUTIONS`; the first of equals, as Python's ``min`` over (distance, w, h) picks)."""
+    h, w = image_height - image_height % multiple, image_width - image_width % multiple
+    if h < multiple or w < multiple:
+        raise ValueError(f"image of {image_height} x {image_width}: Kontext needs at least {multiple} x {multiple} "
+                         "pixels.")
+    if auto_resize:
+        _, w, h = min((abs(w / h - rw / rh), rw, rh) for rw, rh in KONTEXT_RESOLUTIONS)
+    return h // multiple * multiple, w // multiple * multiple
+
+
+def kontext_output_size(height: int, width: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
+    """diffusers' FluxKontextPipeline output size: the requested aspect ratio at ``max_area`` pixels, floored to
+    ``multiple``."""
+    ratio = width / height
+    w, h = round((max_area * ratio) ** 0.5), round((max_area / ratio) ** 0.5)
+    return h // multiple * multiple, w // multiple * multiple
+
+
+class FluxKontextPipeline(FluxPipeline):
+    """Image editing with FLUX.1 Kontext (diffusers' ``FluxKontextPipeline``): the reference image, VAE-encoded
+    (``latent_dist.mode()``, shifted and scaled) and packed as the latents are, is appended to the noisy latents'
+    tokens with RoPE ids of their own (first coordinate 1); the prediction keeps the noisy tokens. Everything else is
+    :class:`FluxPipeline`'s: the joint sequence (text, latents, image) is sharded over (ring, ulysses), true CFG over
+    ``cfg``, PipeFusion patches the image tokens with the latents'. The output size is the requested (default 1024 x
+    1024) aspect ratio at ``max_area`` pixels; the image is resized (Lanczos) to the trained resolution nearest its
+    aspect ratio (``_auto_resize``, diffusers' default) or to its own size floored to 16.
+
+    Known differences: an array image is taken as (H, W, 3) at the target size (diffusers reads a NumPy array as a
+    batch and resizes it with torch's interpolation); with several images, one per prompt, each prompt's samples
+    take its own image (diffusers tiles the images over the samples, which pairs them with other prompts when
+    ``num_images_per_prompt > 1``)."""
+
+    PIPELINE_CLASSES = ("FluxKontextPipeline",)
+
+    def __init__(self, *, vae_encoder=None, **kw):
+        super().__init__(**kw)
+        self.vae_encoder = vae_encoder
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> FluxKontextPipeline:
+        """As :meth:`FluxPipeline.from_pretrained`, with the VAE's encoder (``vae/encoder_params``, written by
+        conversion)."""
+        return cls._from_pretrained(model, mesh=mesh, dtype=dtype, cache_dir=cache_dir, variant=variant,
+                                    revision=revision, attention_backend=attention_backend,
+                                    pipefusion_patches=pipefusion_patches,
+                                    pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    @classmethod
+    def _extra_parts(cls, folder, mesh_obj, dtype) -> dict:
+        from xdit_jax.models import vae_kl_encoder
+        from xdit_jax.pipelines.denoise import load_vae_encoder
+
+        vc = vae_kl.AutoencoderKLConfig.from_dict(read_json(folder / "vae" / "config.json"))
+        # float32 as diffusers' recipe upcasts the VAE for encoding (force_upcast); one image, once per call
+        return {"vae_encoder": load_vae_encoder(folder, vc, jnp.float32, NamedSharding(mesh_obj, P()),
+                                                vae_kl_encoder)}
+
+    def encode_image(self, images) -> jax.Array:
+        """diffusers' ``_encode_vae_image``: images (N, 3, H, W) in [-1, 1] -> packed diffusion latents
+        (N, (h/2)(w/2), 4C), ``(mode - shift_factor) * scaling_factor``; the image plane split over the mesh."""
+        from xdit_jax.models import vae_kl_encoder
+        from xdit_jax.parallel.vae import sharded_encode
+
+        if self.vae_encoder is None:
+            raise ValueError("This pipeline has no VAE encoder; load it with FluxKontextPipeline.from_pretrained.")
+        fns = self.__dict__.setdefault("_text_fns", {})
+        if "vae_encode" not in fns:
+            graphdef, state = nnx.split(self.vae_encoder)
+            vc, mesh = self.vae_config, (self.mesh if self.mesh.size > 1 else None)
+
+            def encode(state, x):
+                mean = sharded_encode(lambda m, y: vae_kl_encoder.encode(m, y)[0], nnx.merge(graphdef, state), x,
+                                      mesh)
+                return pack_latents(vae_kl_encoder.scale_latents(vc, mean))
+
+            jitted = jax.jit(encode, out_shardings=NamedSharding(self.mesh, P()))
+            fns["vae_encode"] = lambda x: jitted(state, x)
+        return fns["vae_encode"](jnp.asarray(images, jnp.float32))
+
+    def __call__(self, image=None, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+                 *, true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 28, guidance_scale: float = 3.5, num_images_per_prompt: int = 1,
+                 latents=None, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, max_sequence_length: int = 512, max_area: int = 1024 ** 2,
+                 _auto_resize: bool = True, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> FluxPipelineOutput:
+        """diffusers' FluxKontextPipeline call. ``image``: a PIL image or an (H, W, 3) array (uint8, or floats in
+        [0, 1]), or a list of them, one per prompt; None generates from the text alone."""
+        from xdit_jax.pipelines.denoise import preprocess_image, rgb_image
+
+        ds = self.default_size()
+        h0 = ds["height"] if height is None else height
+        w0 = ds["width"] if width is None else width
+        if max_area < 1 or h0 < 1 or w0 < 1:
+            raise ValueError(f"height, width and max_area must be positive (got {h0}, {w0}, {max_area}).")
+        height, width = kontext_output_size(h0, w0, max_area, 2 * vae_scale_factor(self.vae_config))
+        if (height, width) != (h0, w0):
+            log.warning("Kontext: height and width adjusted to %d x %d (the requested aspect ratio at max_area=%d "
+                        "pixels, as diffusers does).", height, width, max_area)
+        condition = None
+        if image is not None:
+            images = [rgb_image(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
+            if not images:
+                raise ValueError("image: an empty list; give an image (or None to generate from the text alone).")
+            first = images[0]
+            ih, iw = (first.height, first.width) if hasattr(first, "height") else first.shape[:2]
+            multiple = 2 * vae_scale_factor(self.vae_config)
+            ih, iw = kontext_image_size(ih, iw, multiple, _auto_resize)
+            pixels = jnp.concatenate([preprocess_image(im, ih, iw) for im in images])
+
+            def condition(batch, per, do_cfg, timer):
+                if len(images) not in (1, batch):
+                    raise ValueError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt.")
+                with timer.stage("image_encoding"):
+                    packed = self.encode_image(pixels)  # (images, tokens, 4C)
+                    rows = jnp.repeat(packed, per * batch // len(images), axis=0)
+                    placed = self._put_batch(jnp.concatenate([rows, rows]) if do_cfg else rows, do_cfg)
+                    jax.block_until_ready(placed)
+                ids = flux.image_ids(ih // multiple, iw // multiple)
+                ids[:, 0] = 1
+                return placed, ids
+
+        return self._generate(prompt, prompt_2, negative_prompt, negative_prompt_2, height=height, width=width,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              true_cfg_scale=true_cfg_scale, prompt_embeds=prompt_embeds,
+                              pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
+                              max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt,
+                              seed=seed, output_type=output_type, progress=progress, condition=condition)
