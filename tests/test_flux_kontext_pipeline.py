@@ -114,3 +114,58 @@ def test_bad_input(tmp_path_factory):
         _ours(ours, np.zeros((50, 70, 3), np.uint8), PROMPT, initial_latents())
     with pytest.raises(ValueError, match="empty list"):
         _ours(ours, [], PROMPT, initial_latents())
+
+
+def test_generate_cli(tmp_path, capsys):
+    """generate.py on the tiny Kontext model: the --image edited on a ulysses mesh (48 x 64: the tiny default kept as
+    the output area); Kontext-only flags refused elsewhere, --last-image refused, nothing written."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    src = tmp_path / "in.png"
+    picture(6, size=(64, 48)).save(src)
+    out = tmp_path / "k.png"
+    rc = cli.main(["--model", "tiny-flux-kontext", "--image", str(src), "--output", str(out), "--steps", "2",
+                   "--mesh", "ulysses=2", "--no-auto-resize", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (48, 64, 3) and image.std() > 1
+    assert '"model_family": "flux"' in capsys.readouterr().out
+    for argv, needle in ((["--model", "tiny-flux", "--max-area", "4096"], "FLUX.1 Kontext only"),
+                         (["--model", "tiny-flux", "--image", str(src)], "takes no image"),
+                         (["--model", "tiny-flux-kontext", "--image", str(src), "--last-image", str(src)],
+                          "takes one image")):
+        bad = tmp_path / "bad.png"
+        assert cli.main(argv + ["--output", str(bad), "--no-progress"]) == 2
+        assert needle in capsys.readouterr().err and not bad.exists()
+
+
+def test_benchmark_rows_and_workload(tmp_path, monkeypatch):
+    """benchmark.py on a Kontext folder (defaults.json's reference_image): the step takes the reference image's tokens
+    after the latents' (ids (1, row, col)), against diffusers' transformer on the same inputs; FLOPs == the compiled
+    program's; the full-size workload at 1024 x 1024 (4096 + 4096 image tokens) and its e2e call."""
+    import json
+
+    from xdit_jax import bench, tiny
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)
+    folder = tmp_path / "kontext"
+    tiny.write_configs(folder, "flux-kontext")
+    (folder / "defaults.json").write_text(json.dumps({"height": 48, "width": 64, "max_sequence_length": MSL,
+                                                      "reference_image": True}))
+    rows = bench.run_step_benchmark(bench.StepOptions(model=str(folder), steps=1, compare="diffusers", settle=0,
+                                                      log=lambda s: None))
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    one = next(r for r in rows if r["impl"] == "xdit_jax")
+    assert one["image_tokens"] == 2 * 12 and one["text_tokens"] == MSL
+    assert one["max_abs_diff_vs_diffusers"] < 1e-4  # fp32, outputs of order 1 (the ids' first coordinate matters)
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("flux.1-kontext-dev")
+    assert w.family == "flux" and w.tokens() == (8192, 512) and w.latent_shape() == (1, 8192, 64)
+    ids = w.fam.make_inputs(w)["img_ids"]
+    assert ids.shape == (8192, 3) and (ids[:4096, 0] == 0).all() and (ids[4096:, 0] == 1).all()
+    call = w.fam.pipeline_call(w)
+    assert call["image"].shape == (1024, 1024, 3) and call["max_area"] == 1024 ** 2 and not call["_auto_resize"]
+    dev = bench.load_workload("flux.1-dev")
+    assert bench.workload_flops(w)["total"] > 2 * bench.workload_flops(dev)["total"]  # attention grows as tokens^2

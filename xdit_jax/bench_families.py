@@ -1015,6 +1015,9 @@ class Flux(Family):
     def pipeline_call(self, w):
         """guidance_scale is an embedding here: CFG is diffusers' "true CFG" (a negative prompt, true_cfg_scale)."""
         kw = {k: v for k, v in super().pipeline_call(w).items() if k != "guidance_scale"}
+        if self.reference_tokens(w):  # Kontext: a random reference image of the output's size, kept at that size
+            kw.update(image=np.random.default_rng(0).integers(0, 256, (w.height, w.width, 3), dtype=np.uint8),
+                      max_area=w.height * w.width, _auto_resize=False)
         return dict(kw, negative_prompt="", true_cfg_scale=4.0) if w.cfg else kw
 
     def grid(self, w) -> tuple[int, int]:
@@ -1025,15 +1028,21 @@ class Flux(Family):
                              f"must be positive multiples of {m}; got {w.height}x{w.width}.")
         return w.height // m, w.width // m
 
+    def reference_tokens(self, w) -> int:
+        """FLUX.1 Kontext (defaults.json's ``reference_image``): the reference image's packed tokens, appended to the
+        latents' (an image of the output's size: as many again); 0 for text-to-image."""
+        gh, gw = self.grid(w)
+        return gh * gw if w.defaults.get("reference_image") else 0
+
     def latent_shape(self, w):
         """The packed latents (B, (H/16)(W/16), in_channels), FluxPipeline's ``latents`` and the
-        transformer's ``hidden_states``."""
+        transformer's ``hidden_states`` (Kontext: the reference image's tokens after them)."""
         gh, gw = self.grid(w)
-        return w.step_batch, gh * gw, int(w.transformer.get("in_channels", 64))
+        return w.step_batch, gh * gw + self.reference_tokens(w), int(w.transformer.get("in_channels", 64))
 
     def tokens(self, w):
         gh, gw = self.grid(w)
-        return gh * gw, self.text_len(w)
+        return gh * gw + self.reference_tokens(w), self.text_len(w)
 
     def text_len(self, w):
         """T5 tokens: the pipeline's ``max_sequence_length`` (defaults.json's: dev 512, schnell 256)."""
@@ -1080,6 +1089,10 @@ class Flux(Family):
         if t.get("guidance_embeds", False):
             inputs["guidance"] = np.full((b,), self.guidance(w), dtype=np.float32)
         inputs["img_ids"] = image_ids(*self.grid(w))
+        if self.reference_tokens(w):  # Kontext: the reference image's ids (1, row, column)
+            ref = image_ids(*self.grid(w))
+            ref[:, 0] = 1
+            inputs["img_ids"] = np.concatenate([inputs["img_ids"], ref])
         inputs["txt_ids"] = np.zeros((txt, 3), np.float32)
         return inputs
 

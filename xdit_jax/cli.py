@@ -46,14 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="tiny",
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
-                         "'tiny-hunyuanvideo' "
+                         "'tiny-hunyuanvideo' / 'tiny-flux-kontext' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
     ap.add_argument("--image", default=None, metavar="PATH",
                     help="image-to-video (a CogVideoX or Wan I2V model, Wan 2.2 TI2V-5B): the first frame, resized to "
-                         "--width x --height")
+                         "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="FLUX, HunyuanVideo: diffusers' true CFG with --negative-prompt (> 1 runs both halves; "
                          "default 1 = off)")
     ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's guidance_rescale (0 = off)")
+    ap.add_argument("--max-area", type=int, default=None, metavar="PIXELS",
+                    help="FLUX.1 Kontext: the output's pixels (the --height x --width aspect ratio at this area, as "
+                         "diffusers' max_area; default 1048576 = 1024 x 1024)")
+    ap.add_argument("--no-auto-resize", action="store_true",
+                    help="FLUX.1 Kontext: keep the --image's own size (floored to 16) instead of the trained "
+                         "resolution of the nearest aspect ratio (diffusers' _auto_resize=False)")
     ap.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="BLOCK",
                     help="SD3: skip-layer guidance over these blocks (SD3.5 Medium: 7 8 9), as diffusers'")
     ap.add_argument("--skip-layer-guidance-scale", type=float, default=2.8,
@@ -387,13 +393,15 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
         check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
                       guidance)
     elif family == "flux":
-        from xdit_jax.pipelines.flux import check_request, default_size, read_configs
+        from xdit_jax.pipelines.flux import check_request, default_size, kontext_output_size, read_configs
 
         tc, vc = read_configs(model)
         ds = default_size(tc, vc)
         true_cfg = (args.true_cfg_scale or 1.0) if args.negative_prompt is not None else 1.0
-        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
-                      true_cfg)
+        h, w = args.height or ds["height"], args.width or ds["width"]
+        if getattr(args, "kontext", False):  # Kontext makes the aspect ratio at max_area, floored to 16
+            h, w = kontext_output_size(h, w, args.max_area or 1024 ** 2)
+        check_request(tc, vc, h, w, len(args.prompts), spec, true_cfg)
     else:
         from xdit_jax.pipelines.hunyuandit import binned_size, check_request, default_size, read_configs
 
@@ -420,7 +428,7 @@ def _main(argv=None) -> int:
             args.output = DEFAULTS[early_family or "cogvideox"]["output"]
         out = Path(args.output)
         for name in ("steps", "num_frames", "height", "width", "max_sequence_length", "num_pipeline_patch",
-                     "warmup_steps", "per_prompt"):
+                     "warmup_steps", "per_prompt", "max_area"):
             v = getattr(args, name)
             if v is not None and v < 1:
                 flag = "num-images-per-prompt" if name == "per_prompt" else name.replace('_', '-')
@@ -485,17 +493,24 @@ def _main(argv=None) -> int:
             args.image is not None and family == "wan" and _expand_timesteps(model))  # TI2V-5B with an image
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
-        if not image_to_video and args.image is not None:
-            raise ValueError(f"--image: {args.model} is not an image-to-video model (a CogVideoX or Wan I2V "
-                             "checkpoint, or Wan 2.2 TI2V-5B, is).")
-        if args.last_image is not None and kind == "CogVideoXImageToVideoPipeline":
-            raise ValueError("--last-image: CogVideoX image-to-video takes the first frame only.")
+        args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
+        if not image_to_video and not args.kontext and args.image is not None:
+            raise ValueError(f"--image: {args.model} takes no image (a CogVideoX or Wan I2V checkpoint, Wan 2.2 "
+                             "TI2V-5B, or FLUX.1 Kontext does).")
+        if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline"):
+            raise ValueError(f"--last-image: {'FLUX.1 Kontext' if args.kontext else 'CogVideoX image-to-video'} "
+                             "takes one image (--image).")
+        if not args.kontext and (args.max_area is not None or args.no_auto_resize):
+            raise ValueError(f"--{'max-area' if args.max_area is not None else 'no-auto-resize'}: FLUX.1 Kontext "
+                             f"only; {args.model} is not a Kontext checkpoint.")
         check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
         if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3"):
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
         if is_tiny and family == "flux":  # FLUX's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 48, args.width or 64
+            if args.kontext:  # (and Kontext's default output area too)
+                args.max_area = args.max_area or args.height * args.width
         if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
             args.height, args.width = args.height or 32, args.width or 48
             args.num_frames = args.num_frames or 7
@@ -561,6 +576,8 @@ def _main(argv=None) -> int:
         kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
     elif family == "flux":
         kw.update(max_sequence_length=msl or 512, true_cfg_scale=args.true_cfg_scale or 1.0)
+        if args.kontext:
+            kw.update(max_area=args.max_area or 1024 ** 2, _auto_resize=not args.no_auto_resize)
     elif family == "sd3":
         kw.update(max_sequence_length=msl or 256, skip_guidance_layers=args.skip_guidance_layers,
                   skip_layer_guidance_scale=args.skip_layer_guidance_scale,
@@ -574,6 +591,10 @@ def _main(argv=None) -> int:
         if family == "wan":
             kw["last_image"] = None if args.last_image is None else Image.open(args.last_image).convert("RGB")
         call = functools.partial(pipe, Image.open(args.image).convert("RGB"))
+    elif args.kontext:
+        from PIL import Image
+
+        call = functools.partial(pipe, None if args.image is None else Image.open(args.image).convert("RGB"))
     else:
         call = pipe
     try:

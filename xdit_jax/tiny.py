@@ -20,7 +20,7 @@ import numpy as np
 TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
               "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
-              "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo"}
+              "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -244,8 +244,9 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer_2": ["transformers", "CLIPTokenizer"],
                 "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer_3": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    if family == "flux":
-        return {"_class_name": "FluxPipeline", "_diffusers_version": "0.32.0",
+    if family in ("flux", "flux-kontext"):  # (FLUX.1 Kontext: the same parts, the VAE's encoder used too)
+        return {"_class_name": "FluxKontextPipeline" if family == "flux-kontext" else "FluxPipeline",
+                "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                 "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
@@ -424,7 +425,7 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder_2": ("CLIPTextModelWithProjection", SD3_CLIP_G, clip_with_projection(SD3_CLIP_G)),
             "text_encoder_3": text,
         }, SD3_SCHEDULER
-    if family == "flux":
+    if family in ("flux", "flux-kontext"):
         tcfg = {**FLUX_TRANSFORMER, **(transformer or {})}
         return {
             "transformer": ("FluxTransformer2DModel", tcfg,
@@ -557,6 +558,12 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
         for name, spec in model_index(family).items():
             if name.startswith("tokenizer"):
                 stand_in_tokenizer(spec[1]).save_pretrained(tmp / name)
+        if family == "flux-kontext":  # the VAE's encoder, as conversion writes it (vae/encoder_params)
+            from xdit_jax.models import vae_kl, vae_kl_encoder
+
+            make = vae_kl_encoder.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE))
+            abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
+            save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",
                                               "components": {k: v[0] for k, v in parts.items()}}))
     return folder
