@@ -88,6 +88,20 @@ def test_mesh_matches_one_device(tmp_path_factory):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)  # one device up to float rounding (measured 1.7e-6)
 
 
+def test_pipefusion_patches_the_image_tokens_with_the_latents(tmp_path_factory):
+    """pipefusion=2 (2 patches over [latents; image] tokens, one exact warm-up step) == the same patch rule run
+    sequentially on one device (test_pipefusion_two_stream's reference): the reference image's tokens are patched and
+    buffered as the latents' are."""
+    _, ours, folder = build(tmp_path_factory)
+    lat, image = initial_latents(seed=3), picture(7)
+    sequential = _ours(FluxKontextPipeline.from_pretrained(folder, pipefusion_patches=2), image, PROMPT, lat, "latent")
+    out = _ours(FluxKontextPipeline.from_pretrained(folder, mesh="pipefusion=2", pipefusion_patches=2), image, PROMPT,
+                lat, "latent")
+    # fp32, only the summation order differs (stage splits); measured 1.3e-7 of the latents' scale (the patch rule
+    # itself is 8e-3 of it away from the exact pass: a stale-K/V run differs)
+    assert np.abs(out - sequential).max() <= 2e-5 * np.abs(sequential).max()
+
+
 def test_sizes_as_diffusers():
     """The reference image's size (floored to 16, then the trained resolution of the nearest aspect ratio) and the
     output size (the requested aspect ratio at max_area) as diffusers computes them."""
