@@ -58,6 +58,7 @@ MODEL_CLASSES = {
     "LatteTransformer3DModel": ("xdit_jax.models.latte", "LatteConfig"),
     "HunyuanVideoTransformer3DModel": ("xdit_jax.models.hunyuan_video", "HunyuanVideoConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
+    "QwenImageTransformer2DModel": ("xdit_jax.models.qwenimage", "QwenImageConfig"),
     # one module, four config classes: the config's class picks the tower and whether it has the projection
     "CLIPTextModel": ("xdit_jax.models.clip", "CLIPTextConfig"),
     "CLIPTextModelWithProjection": ("xdit_jax.models.clip", "CLIPTextWithProjectionConfig"),
