@@ -68,6 +68,8 @@ MODEL_CLASSES = {
     "CLIPVisionModelWithProjection": ("xdit_jax.models.clip", "CLIPVisionWithProjectionConfig"),
     # HunyuanVideo's text_encoder (llava-llama-3-8b's text part); a LlamaForCausalLM's model.* keys load too
     "LlamaModel": ("xdit_jax.models.llama", "LlamaConfig"),
+    # Qwen-Image's text_encoder: the language model of Qwen2.5-VL (text path; visual.* and lm_head not read)
+    "Qwen2_5_VLForConditionalGeneration": ("xdit_jax.models.qwen2_5_vl", "Qwen25VLTextConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 
