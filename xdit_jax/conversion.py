@@ -53,6 +53,7 @@ MODEL_CLASSES = {
     "AutoencoderKLMochi": ("xdit_jax.models.vae_mochi", "MochiVAEConfig"),
     "WanTransformer3DModel": ("xdit_jax.models.wan", "WanConfig"),
     "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
+    "AutoencoderKLQwenImage": ("xdit_jax.models.vae_qwenimage", "QwenImageVAEConfig"),  # the Wan 2.1 VAE
     "AutoencoderKLHunyuanVideo": ("xdit_jax.models.vae_hunyuan_video", "HunyuanVideoVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
     "LatteTransformer3DModel": ("xdit_jax.models.latte", "LatteConfig"),
