@@ -1,0 +1,121 @@
+"""The Qwen-Image pipeline from a diffusers save_pretrained folder == diffusers' QwenImagePipeline (tiny random
+weights, fp32), on one device and on meshes (8 simulated CPU devices)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_qwenimage, save_torch_pipeline
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.qwenimage import QwenImagePipeline
+
+PROMPT = "A small dog running on a beach at sunset."
+PROMPTS = [PROMPT, "A cat."]
+NEGATIVE = "Waves crash."
+# 48 x 80: 6 x 10 latents, 3 x 5 = 15 packed tokens of 16 channels
+H, W, STEPS = 48, 80, 2
+LATENT = (15, 16)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder), made once."""
+    tp = make_torch_qwenimage()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("qwenimage"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))  # diffusers folder, converted
+    return tp, QwenImagePipeline.from_pretrained(converted), converted
+
+
+def initial_latents(batch=1, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch,) + LATENT).astype(np.float32)
+
+
+def run_torch(tp, prompt, latents, **kw):
+    kw = dict(dict(true_cfg_scale=1.0), **kw)
+    with torch.no_grad():
+        out = tp(prompt=prompt, height=H, width=W, num_inference_steps=STEPS, latents=torch.from_numpy(latents),
+                 **kw).images
+    return out.numpy() if kw.get("output_type") == "latent" else np.asarray(out)
+
+
+def run_ours(pipe, prompt, latents, **kw):
+    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, latents=latents, progress=False,
+                   true_cfg_scale=1.0), **kw)
+    return pipe(prompt, **kw).images
+
+
+# Latents O(3.5) after 2 Euler steps. Both sides fp32: measured 1.2e-6 for one prompt, 2.1e-6 for two prompts with
+# true CFG (6e-7 of the scale); the plain CFG combine instead of diffusers' norm-rescaled one moves them by 0.05, a
+# wrong text mask, template crop or RoPE position by 1e-2 and more.
+def _close_latents(out, ref):
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
+def test_one_prompt_image_matches_diffusers(pipes):
+    """One prompt without CFG: the latents, then the image."""
+    tp, ours, _ = pipes
+    lat = initial_latents()
+    _close_latents(run_ours(ours, PROMPT, lat, output_type="latent"), run_torch(tp, PROMPT, lat, output_type="latent"))
+    ref = run_torch(tp, PROMPT, lat, output_type="np")
+    out = run_ours(ours, PROMPT, lat)
+    assert out.shape == ref.shape == (1, H, W, 3)
+    # pixels in [0, 1] from the tiny VAE (measured 6e-8): 1e-4 is ~1/40 of an 8-bit level
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_two_prompts_and_true_cfg_match_diffusers(pipes):
+    """Two prompts of different lengths (each row's text mask) with true CFG (diffusers' default scale 4, one
+    negative prompt per prompt: the norm-rescaled combine, the negative's text of another length)."""
+    tp, ours, _ = pipes
+    _, mask = ours.encode_prompt(PROMPTS)
+    lengths = np.asarray(mask).sum(1)
+    assert lengths[0] > lengths[1] > 0  # the template cropped: the prompts' tokens
+    lat = initial_latents(batch=2, seed=1)
+    negs = [NEGATIVE, "Blurry."]
+    out = run_ours(ours, PROMPTS, lat, output_type="latent", negative_prompt=negs, true_cfg_scale=4.0)
+    ref = run_torch(tp, PROMPTS, lat, output_type="latent", negative_prompt=negs, true_cfg_scale=4.0)
+    assert out.shape == ref.shape == (2,) + LATENT
+    _close_latents(out, ref)
+    plain = run_ours(ours, PROMPTS, lat, output_type="latent")
+    assert np.abs(plain - out).max() > 1e-2  # true CFG changed the result
+
+
+def test_given_embeddings_as_prompt(pipes):
+    """prompt_embeds / prompt_embeds_mask (diffusers' arguments) == the prompt; without a mask: all tokens valid."""
+    _, ours, _ = pipes
+    emb, mask = ours.encode_prompt([PROMPT])
+    lat = initial_latents(seed=3)
+    ref = run_ours(ours, PROMPT, lat, output_type="latent")
+    out = run_ours(ours, None, lat, output_type="latent", prompt_embeds=np.asarray(emb),
+                   prompt_embeds_mask=np.asarray(mask))
+    np.testing.assert_array_equal(out, ref)
+    out = run_ours(ours, None, lat, output_type="latent", prompt_embeds=np.asarray(emb))
+    np.testing.assert_array_equal(out, ref)  # one prompt: its mask is all ones
+
+
+def test_bad_requests_refused(pipes):
+    _, ours, _ = pipes
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(PROMPT, height=40, width=W, num_inference_steps=1)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        ours(PROMPT, height=H, width=W, max_sequence_length=2000)
+    with pytest.raises(ValueError, match="embeddings"):
+        ours(None, prompt_embeds=np.zeros((1, 3, 7), np.float32), height=H, width=W)
+
+
+# cfg x ring x ulysses with true CFG (its two passes over cfg, the 15 image tokens over 4); ulysses=3 (uneven: 15
+# tokens and 2 heads padded); data x ulysses with two prompts. The latents to float32 rounding of sums in another order:
+# measured 9.5e-7, 2.5e-7, 2.5e-7 on latents O(3.7).
+MESHES = [("cfg=2,ring=2,ulysses=2", PROMPT, dict(negative_prompt=NEGATIVE, true_cfg_scale=4.0)),
+          pytest.param("ulysses=3", PROMPT, {}, marks=pytest.mark.slow),
+          pytest.param("data=2,ulysses=2", PROMPTS, {}, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("mesh,prompt,kw", MESHES)
+def test_meshes_match_one_device(pipes, mesh, prompt, kw):
+    _, ours, folder = pipes
+    lat = initial_latents(batch=1 if isinstance(prompt, str) else 2, seed=4)
+    ref = run_ours(ours, prompt, lat, output_type="latent", **kw)
+    out = run_ours(QwenImagePipeline.from_pretrained(folder, mesh=mesh), prompt, lat, output_type="latent", **kw)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
