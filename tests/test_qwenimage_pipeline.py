@@ -119,3 +119,48 @@ def test_meshes_match_one_device(pipes, mesh, prompt, kw):
     ref = run_ours(ours, prompt, lat, output_type="latent", **kw)
     out = run_ours(QwenImagePipeline.from_pretrained(folder, mesh=mesh), prompt, lat, output_type="latent", **kw)
     np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_full_size_configs_folder():
+    """configs/qwen-image (diffusers' layout of Qwen/Qwen-Image) reads into the modules' configs; the text encoder
+    is Qwen2.5-VL-7B's language model (parameter count == transformers' without the vision tower and lm_head); the
+    release's default size passes the checks, bad requests are named."""
+    import json
+    from pathlib import Path
+
+    import jax
+    import transformers
+
+    from xdit_jax.conversion import model_class, model_components
+    from xdit_jax.keymap import expected_shapes
+    from xdit_jax.models import llama
+    from xdit_jax.pipelines import qwenimage as qip
+    from xdit_jax.schedulers import flow_match
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "qwen-image"
+    cfgs = {}
+    for name, cls in model_components(root).items():
+        _, cfg_cls = model_class(cls)
+        cfgs[name] = cfg_cls.from_dict(json.loads((root / name / "config.json").read_text()))
+    tc, vc = qip.read_configs(root)
+    assert (tc.num_layers, tc.inner_dim, tc.joint_attention_dim, tc.axes_dims_rope) == (60, 3072, 3584, (16, 56, 56))
+    assert vc.z_dim == 16 and vc.spatial_compression_ratio == 8
+    te = cfgs["text_encoder"]
+    assert (te.hidden_size, te.num_hidden_layers, te.num_key_value_heads, te.qkv_bias) == (3584, 28, 4, True)
+    raw = {k: v for k, v in json.loads((root / "text_encoder" / "config.json").read_text()).items()
+           if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        tm = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**raw))
+    want = sum(p.numel() for p in tm.model.language_model.parameters())
+    got = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(expected_shapes(lambda: llama.LlamaModel(te))))
+    assert got == want  # 7.07B
+    sched = flow_match.FlowMatchEulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
+    assert sched.use_dynamic_shifting and sched.shift_terminal == 0.02 and sched.time_shift_type == "exponential"
+    defaults = json.loads((root / "defaults.json").read_text())
+    assert (defaults["height"], defaults["width"], defaults["num_inference_steps"], defaults["true_cfg_scale"]) == (
+        1328, 1328, 50, 4.0)
+    qip.check_request(tc, vc, 1328, 1328, 1, "cfg=2,ulysses=4", 4.0)
+    with pytest.raises(ValueError, match="more stages"):
+        qip.check_request(tc, vc, 1328, 1328, 1, "pipefusion=64")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        qip.check_request(tc, vc, 1320, 1328, 1)
