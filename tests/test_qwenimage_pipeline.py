@@ -164,3 +164,31 @@ def test_full_size_configs_folder():
         qip.check_request(tc, vc, 1328, 1328, 1, "pipefusion=64")
     with pytest.raises(ValueError, match="multiples of 16"):
         qip.check_request(tc, vc, 1320, 1328, 1)
+
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of qwenimage-tiny (15 image + 16 text tokens, true CFG: the negative half's text
+    masked) against diffusers' transformer on one device and on ulysses=2; the full-size folder read as Qwen-Image
+    (not FLUX: both have axes_dims_rope) with its shapes, nothing compiled."""
+    from xdit_jax import bench
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="qwenimage-tiny", meshes=[None, "ulysses=2"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("single device", "xdit_jax"), ("torch cpu", "diffusers"), ("ulysses=2", "xdit_jax")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "qwenimage" and r["latent_shape"] == [2, 15, 16] and r["image_tokens"] == 15
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["ulysses=2"]):
+        # same weights and inputs, fp32, outputs O(1): measured 4.8e-7 and 3.6e-7; a text-mask or RoPE slip moves
+        # them by O(0.01) and more
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("qwen-image")
+    assert w.family == "qwenimage" and w.cfg and w.latent_shape() == (2, 83 * 83, 64)
+    assert w.fam.tokens(w) == (83 * 83, 64)
+    small = bench.load_workload("qwenimage-cpu-small")
+    assert small.transformer["num_layers"] == 1 and small.latent_shape() == (2, 256, 64)
