@@ -224,3 +224,17 @@ def test_random_weights_from_configs(tmp_path):
     with pytest.raises(ValueError, match="shift_terminal"):
         run_ours(pipe, PROMPT, initial_latents(), num_inference_steps=1)
     assert type(pipe.tokenizer).__name__.startswith("Qwen2Tokenizer")
+
+
+@pytest.mark.slow
+def test_benchmark_e2e_true_cfg_over_cfg():
+    """--e2e builds the Qwen-Image pipeline from the tiny configs with random weights: true CFG (negative prompt " ",
+    diffusers' scale 4) split over cfg=2, the stages timed."""
+    from xdit_jax import bench
+
+    (row,) = bench.run_e2e_benchmark(bench.StepOptions(model="qwenimage-tiny", meshes=["cfg=2"], cfg=True,
+                                                       log=lambda s: None), steps=2)
+    assert "error" not in row, row.get("error")
+    assert row["output_shape"] == [1, H, W, 3] and row["mesh"] == "cfg=2"
+    assert row["call"]["true_cfg_scale"] == 4.0 and row["call"]["negative_prompt"] == " "
+    assert {"text_encoding", "denoising", "decoding"} <= set(row["warm_stages_s"])
