@@ -24,7 +24,9 @@ Differences from diffusers, on purpose: height and width must be multiples of 16
 with a warning); a string ``negative_prompt`` serves every prompt of a batch (diffusers' would fail for several
 prompts); the negative prompt's and the prompt's text are padded to one length (masked keys: the same result) to
 run as one batch; the timestep stays float32 in bf16 too; the text encoder's input is right-padded to a multiple
-of 32 tokens (fewer compiled shapes; the causal encoder's valid tokens do not see it). ``guidance_embeds``
+of 32 tokens (fewer compiled shapes; the causal encoder's valid tokens do not see it); with
+``num_images_per_prompt > 1`` each prompt's mask stays with its states (diffusers 0.42.1 repeats the states per
+prompt but the mask per batch, pairing prompts of different lengths with each other's masks). ``guidance_embeds``
 checkpoints are refused (:class:`xdit_jax.models.qwenimage.QwenImageConfig`: diffusers' transformer cannot take a
 guidance), so ``guidance_scale`` is ignored with a warning, as diffusers does for Qwen-Image.
 """
