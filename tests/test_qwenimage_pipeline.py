@@ -187,6 +187,7 @@ def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
         assert r["max_abs_diff_vs_diffusers"] < 1e-4
     one = by_mesh["single device"]
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    assert "15 image + 16 Qwen2.5-VL tokens" in bench.format_table(rows)
     w = bench.load_workload("qwen-image")
     assert w.family == "qwenimage" and w.cfg and w.latent_shape() == (2, 83 * 83, 64)
     assert w.fam.tokens(w) == (83 * 83, 64)

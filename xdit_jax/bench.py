@@ -1452,6 +1452,9 @@ def format_table(rows: list[dict]) -> str:
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} T5 tokens "
                   f"({r0['double_layers']} double- + {r0['single_layers']} single-stream blocks, "
                   f"{'true CFG' if r0.get('true_cfg') else 'one sample per prompt'})")
+    elif r0.get("family") == "qwenimage":  # Qwen-Image: [text; image] in every attention, the text a masked context
+        tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} Qwen2.5-VL tokens "
+                  f"({'true CFG: the negative half masked to 1' if r0.get('true_cfg') else 'one sample per prompt'})")
     elif r0.get("family") == "sd3":  # SD3: the image tokens and the whole text (no mask) in one joint attention
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} text tokens "
                   f"({r0['text_tokens'] - r0['t5_tokens']} CLIP + {r0['t5_tokens']} T5, no mask)")
