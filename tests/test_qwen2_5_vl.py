@@ -94,13 +94,16 @@ def test_stand_in_tokenizer_template_and_round_trip(tmp_path):
     assert type(back).__name__.startswith("Qwen2Tokenizer")
 
 
-def test_prompt_embeds_match_diffusers(pair):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_prompt_embeds_match_diffusers(pair, side):
     """Our qwen_prompt_embeds == diffusers' _get_qwen_prompt_embeds (the template, padding to the longest, hidden
-    states[-1], the 34-token crop, zero padding and the mask) on a batch of two lengths."""
+    states[-1], the 34-token crop, zero padding and the mask) on a batch of two lengths; a tokenizer padding on the
+    left too (both read the valid tokens by the mask)."""
     from diffusers import QwenImagePipeline
 
     tm, _, model = pair
     tok = _tokenizer()
+    tok.padding_side = side
     prompts = [tiny.CORPUS[1], "A cat."]
     fake = types.SimpleNamespace(tokenizer=tok, text_encoder=tm, prompt_template_encode=qv.PROMPT_TEMPLATE,
                                  prompt_template_encode_start_idx=qv.TEMPLATE_START, tokenizer_max_length=1024,

@@ -96,14 +96,12 @@ def params_from_torch(flat: dict, cfg: llama.LlamaConfig, dtype=None) -> dict:
 def tokenize_prompts(tokenizer, prompts: str | list[str], multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) (B, L) of the templated prompts as diffusers tokenizes them (padding to the longest, truncation
     at ``TOKENIZER_MAX_LENGTH + TEMPLATE_START``), then right-padded to a multiple of ``multiple`` tokens (fewer
-    compiled lengths; the causal encoder's valid tokens do not see padding on their right)."""
+    compiled lengths; the causal encoder's valid tokens do not see padding on their right, whichever side the
+    tokenizer pads: :func:`crop_states` reads the valid tokens by the mask, as diffusers)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     enc = tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts], max_length=TOKENIZER_MAX_LENGTH + TEMPLATE_START,
                     padding=True, truncation=True, return_tensors="np")
     ids, mask = np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"])
-    if getattr(tokenizer, "padding_side", "right") != "right":
-        raise ValueError("The Qwen tokenizer must pad on the right (its padding_side is "
-                         f"{tokenizer.padding_side!r}).")
     pad = -ids.shape[1] % max(int(multiple), 1)
     if pad:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
