@@ -272,3 +272,19 @@ def test_bf16_close_to_fp32(pipes):
     ref = run_ours(ours, PROMPT, lat, **kw)
     out = run_ours(QwenImagePipeline.from_pretrained(folder, dtype="bfloat16"), PROMPT, lat, **kw)
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.05
+
+
+@pytest.mark.slow
+def test_full_width_flops_compile_only():
+    """configs/qwen-image at full width, 2 blocks, 256 x 256 with true CFG, compiled on abstract shapes (no weights):
+    the compiled program's dots == the analytic count (measured 299.19 G both); cfg=2,ulysses=4 compiles too."""
+    from xdit_jax import bench
+
+    rows = bench.run_step_benchmark(bench.StepOptions(model="qwen-image", layers=2, height=256, width=256,
+                                                      meshes=[None, "cfg=2,ulysses=4"], compile_only=True,
+                                                      log=lambda s: None))
+    by_mesh = {r["mesh"]: r for r in rows}
+    one = by_mesh["single device"]
+    assert "error" not in one and one["image_tokens"] == 256 and one["text_tokens"] == 64
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    assert "error" not in by_mesh["cfg=2,ulysses=4"]
