@@ -256,3 +256,24 @@ def make_torch_hunyuan_video(seed: int = 0):
     return HunyuanVideoPipeline(text_encoder=text_encoder, tokenizer=tiny.train_llama_tokenizer(),
                                 transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(**skw),
                                 text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_clip_tokenizer())
+
+
+def make_torch_qwenimage(seed: int = 0):
+    """A tiny random diffusers QwenImagePipeline (xdit_jax.tiny's Qwen-Image configs: a Qwen2.5-VL with the stand-in
+    Qwen2 tokenizer, the Wan 2.1-shaped VAE, FlowMatchEuler with the dynamic exponential shift and terminal 0.02)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = randomize_(QwenImageTransformer2DModel(**tiny.QWEN_IMAGE_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLQwenImage(**tiny.QWEN_IMAGE_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.QWEN_IMAGE_TEXT_ENCODER.items() if k not in ("model_type", "architectures")}
+    text_encoder = randomize_(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**te_kw)), seed + 2, std=0.2)
+    skw = {k: v for k, v in tiny.QWEN_IMAGE_SCHEDULER.items() if not k.startswith("_")}
+    return QwenImagePipeline(text_encoder=text_encoder, tokenizer=tiny.train_qwen_tokenizer(), transformer=transformer,
+                             vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(**skw))

@@ -211,6 +211,20 @@ def test_generate_flux_image(tmp_path, capsys):
     assert '"model_family": "flux"' in capsys.readouterr().out
 
 
+def test_generate_qwenimage_image(tmp_path, capsys):
+    """The tiny Qwen-Image (Qwen2.5-VL text, true CFG with the negative prompt at diffusers' default 4): a .png on a
+    CFG x ring x ulysses mesh."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "q.png"
+    rc = cli.main(["--model", "tiny-qwenimage", "--output", str(out), "--steps", "2", "--mesh", "cfg=2,ring=2,ulysses=2",
+                   "--negative-prompt", "blurry", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (48, 80, 3) and image.std() > 1  # the tiny defaults: 48 x 80
+    assert '"model_family": "qwenimage"' in capsys.readouterr().out
+
+
 def test_generate_sd3_image(tmp_path):
     """The tiny Stable Diffusion 3 (three text encoders, joint blocks): a .png on a CFG x ulysses mesh, with
     skip-layer guidance on the second step."""
@@ -253,7 +267,9 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-sd3", "--skip-guidance-layers", "9"], "block indices are 0..1"),
     (["--model", "tiny-flux", "--mesh", "cfg=2"], "cfg=2 splits"),
     (["--model", "tiny-flux", "--no-resolution-binning"], "not used by this flux model"),
-    (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's and HunyuanVideo's)"),
+    (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's, HunyuanVideo's and Qwen-Image's)"),
+    (["--model", "tiny-qwenimage", "--guidance-scale", "3"], "not guidance-distilled"),
+    (["--model", "tiny-qwenimage", "--mesh", "cfg=2"], "cfg=2 splits"),
     (["--model", "tiny-pixart", "--guidance-scale-2", "3"], "--guidance-scale-2 (Wan 2.2 A14B's)"),
     (["--guidance-scale-2", "-1"], "--guidance-scale-2 must be >= 0"),
     (["--image", "/no/such.png"], "--image /no/such.png is not a file"),
@@ -279,7 +295,8 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])
 def test_bad_input(tmp_path, capsys, argv, needle):
-    out = tmp_path / ("o.png" if {"tiny-pixart", "tiny-hunyuandit", "tiny-flux", "tiny-sd3"} & set(argv) else "o.mp4")
+    out = tmp_path / ("o.png" if {"tiny-pixart", "tiny-hunyuandit", "tiny-flux", "tiny-sd3", "tiny-qwenimage"} & set(argv)
+                      else "o.mp4")
     if "--output" not in argv:
         argv = argv + ["--output", str(out)]
     with pytest.raises(SystemExit) as e:

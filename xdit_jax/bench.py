@@ -87,7 +87,8 @@ WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti
               "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b-720p")
 LATTE_MODELS = ("latte-1",)
 HUNYUAN_VIDEO_MODELS = ("hunyuanvideo",)
-IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3")  # text-to-image: no frames
+QWEN_IMAGE_MODELS = ("qwen-image",)
+IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -457,6 +458,24 @@ def _hunyuan_video_cpu_small_workload() -> Workload:
                     source="configs/hunyuanvideo, 1 double- + 1 single-stream block", defaults=defaults)
 
 
+def _qwen_image_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Qwen-Image (2 heads x 16, 2 blocks, Qwen2.5-VL states 32 wide, RoPE axes 4 + 6 + 6) at 48 x 80:
+    # a 3 x 5 grid of packed tokens, so that the sequence meshes pad; 16 text tokens; true CFG (its default)
+    return Workload("qwenimage-tiny", dict(tiny.QWEN_IMAGE_TRANSFORMER), height=48, width=80, num_frames=1,
+                    family="qwenimage", text_tokens=16, source="xdit_jax.tiny's Qwen-Image, 2 heads x 16, 2 blocks",
+                    defaults={"num_inference_steps": 4, "true_cfg_scale": 4.0, "max_sequence_length": 16})
+
+
+def _qwen_image_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "qwen-image"
+    t, defaults = load_model_dir(folder)
+    return Workload("qwenimage-cpu-small", dict(t, num_layers=1), height=256, width=256, num_frames=1,
+                    family="qwenimage", text_tokens=64, folder=str(folder), defaults=defaults,
+                    source="configs/qwen-image, 1 block")
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -473,7 +492,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "latte-tiny": _latte_tiny_workload,
                                               "latte-cpu-small": _latte_cpu_small_workload,
                                               "hunyuanvideo-tiny": _hunyuan_video_tiny_workload,
-                                              "hunyuanvideo-cpu-small": _hunyuan_video_cpu_small_workload}
+                                              "hunyuanvideo-cpu-small": _hunyuan_video_cpu_small_workload,
+                                              "qwenimage-tiny": _qwen_image_tiny_workload,
+                                              "qwenimage-cpu-small": _qwen_image_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -557,6 +578,12 @@ PRESET_HELP.update({
                          "5x32x48: 12 video + 16 Llama tokens (6 real), one sample per prompt (CI smoke test)",
     "hunyuanvideo-cpu-small": "HunyuanVideo width (24 heads x 128), 1 double- + 1 single-stream block, 17 frames at "
                               "128x128: 5x8x8 = 320 video + 256 Llama tokens, one sample per prompt",
+    "qwenimage-tiny": "a 2x16-head Qwen-Image (2 double-stream blocks, Qwen2.5-VL states 32 wide) at 48x80: 15 "
+                      "image + 16 text tokens, true CFG (CI smoke test)",
+    "qwenimage-cpu-small": "Qwen-Image width (24 heads x 128), 1 block at 256x256: 256 image + 64 text tokens, "
+                           "true CFG",
+    "qwen-image": "full-size configs/qwen-image with random weights at 1328x1328 (83x83 = 6,889 image + 64 text "
+                  "tokens, true CFG: 2 samples per prompt)",
     "hunyuanvideo": "full-size configs/hunyuanvideo with random weights at 129x720x1280 (33x45x80 = 118,800 video + "
                     "256 Llama tokens, one sample per prompt)",
 })
@@ -576,7 +603,10 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
             raise ValueError(f"Unknown model {name!r}: give one of {', '.join(known)} or a config folder.")
         t, d = load_model_dir(folder)
         family = family_of_config(t)
-        if family in IMAGE_FAMILIES:
+        if family == "qwenimage":  # no sample size in its config: defaults.json's, else diffusers' 1024 x 1024
+            w = Workload(folder.name, t, height=int(d.get("height", 1024)), width=int(d.get("width", 1024)),
+                         num_frames=1, defaults=d, source=str(folder), folder=str(folder), family=family)
+        elif family in IMAGE_FAMILIES:
             size = int(t.get("sample_size", 128)) * 8
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
                          num_frames=1, defaults=d, source=str(folder), folder=str(folder), family=family)
@@ -1422,6 +1452,9 @@ def format_table(rows: list[dict]) -> str:
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} T5 tokens "
                   f"({r0['double_layers']} double- + {r0['single_layers']} single-stream blocks, "
                   f"{'true CFG' if r0.get('true_cfg') else 'one sample per prompt'})")
+    elif r0.get("family") == "qwenimage":  # Qwen-Image: [text; image] in every attention, the text a masked context
+        tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} Qwen2.5-VL tokens "
+                  f"({'true CFG: the negative half masked to 1' if r0.get('true_cfg') else 'one sample per prompt'})")
     elif r0.get("family") == "sd3":  # SD3: the image tokens and the whole text (no mask) in one joint attention
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} text tokens "
                   f"({r0['text_tokens'] - r0['t5_tokens']} CLIP + {r0['t5_tokens']} T5, no mask)")

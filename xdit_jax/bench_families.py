@@ -1763,8 +1763,151 @@ class HunyuanVideo(Family):
         return HunyuanVideoTorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# Qwen-Image
+# ============================================================================================
+
+QWEN_IMAGE_TIME_PROJ = 256  # the sinusoidal timestep projection width
+# The transformer's ``timestep``: QwenImagePipeline passes t / 1000 (0.5: mid-schedule, exact in bf16)
+QWEN_IMAGE_TIMESTEP = 0.5
+# Qwen2.5-VL states of the prompt (after the template's 34): the prompt's own length, not padded to a fixed one; a
+# prompt of a sentence or two
+QWEN_IMAGE_TEXT_TOKENS = 64
+QWEN_IMAGE_TRUE_CFG = 4.0  # QwenImagePipeline's default true_cfg_scale
+
+
+def qwen_image_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one Qwen-Image transformer forward (2 FLOPs per multiply-add).
+
+    Packed latents (B, S, C): S = (H/16)(W/16) image tokens, C = in_channels (64); L = Qwen2.5-VL tokens
+    (``text_len``; every one computed, padded ones masked as keys, not skipped), J = S + L, d = heads x head_dim
+    (3072), D_j = joint_attention_dim (3584), C_out = out_channels (16), p = patch_size (2), N blocks (60). Per
+    block (FLUX's double-stream block):
+
+        modulations img_mod, txt_mod (d -> 6d each)         2 x 2 B d (6d)        = 24 B d^2
+        q, k, v, out of both streams                        4 x 2 B J d^2         =  8 B J d^2
+        joint attention QK^T and PV over [text; image]      2 x 2 B J^2 d         =  4 B J^2 d
+        the two MLPs d -> 4d -> d                           2 x 2 B J d (4d)      = 16 B J d^2
+                                                   together 24 B d^2 + 24 B J d^2 + 4 B J^2 d
+
+    Plus, once: img_in 2 B S C d; txt_in 2 B L D_j d; the timestep embedder (256 -> d -> d) 2 B (256 d + d^2);
+    the head: norm_out's modulation (d -> 2d) 4 B d^2 and proj_out 2 B S d (p^2 C_out). The text RMSNorm, the
+    q/k norms, RoPE (host tables), the sinusoids, GELU, SiLU and the gates are element-wise."""
+    b, s, c = latent_shape
+    t = transformer
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    n, p = int(t["num_layers"]), int(t.get("patch_size", 2))
+    cout = int(t.get("out_channels") or c)
+    dj, txt = int(t.get("joint_attention_dim", 3584)), int(text_len)
+    j = s + txt
+    attn = 4 * b * j * j * d
+    block = 24 * b * d * d + 24 * b * j * d * d
+    embed = 2 * b * s * c * d + 2 * b * txt * dj * d + 2 * b * (QWEN_IMAGE_TIME_PROJ * d + d * d)
+    head = 4 * b * d * d + 2 * b * s * d * (p * p * cout)
+    total = n * (block + attn) + embed + head
+    return {"total": float(total), "per_block": float(block + attn), "attention": float(n * attn),
+            "linear": float(total - n * attn), "tokens": s}
+
+
+class QwenImageTorchReference(TorchReference):
+    """diffusers' ``QwenImageTransformer2DModel`` called as ``QwenImagePipeline`` calls it: packed latents and
+    Qwen2.5-VL states in the model's dtype, their mask, ``timestep`` = t / 1000 in the latents' dtype, ``img_shapes``
+    [(1, H/16, W/16)] per sample. With true CFG the pipeline calls it once per half (each half's own text length);
+    here once on both halves, the negative prompt's text padded and masked (the same work as ours)."""
+
+    diffusers_class = "QwenImageTransformer2DModel"
+
+    def set_inputs(self, inputs, w):
+        put = functools.partial(self._put, inputs)
+        self.x, self.enc, self.t = put("latents", self.dtype), put("embeds", self.dtype), put("t", self.dtype)
+        self.mask = put("mask")
+        self.img_shapes = [[tuple(int(v) for v in inputs["img_shape"])]] * inputs["latents"].shape[0]
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, encoder_hidden_states_mask=self.mask,
+                          timestep=self.t, img_shapes=self.img_shapes, return_dict=False)[0]
+
+
+class QwenImage(Family):
+    name = "qwenimage"
+    module_name = "xdit_jax.models.qwenimage"
+    model_class_name = "QwenImageTransformer2DModel"
+    config_class_name = "QwenImageConfig"
+    token_word = "image"
+    title = "Qwen-Image"
+    # true CFG (QwenImagePipeline's default true_cfg_scale 4 with a negative prompt; its model card's use): both
+    # halves per prompt; --no-cfg for one sample (no negative prompt)
+    default_cfg = True
+    host_inputs = ("img_shape",)
+
+    def pipeline_call(self, w):
+        """Qwen-Image has no guidance_scale: CFG is diffusers' "true CFG" (a negative prompt, true_cfg_scale)."""
+        kw = {k: v for k, v in super().pipeline_call(w).items() if k != "guidance_scale"}
+        return dict(kw, negative_prompt=" ", true_cfg_scale=QWEN_IMAGE_TRUE_CFG) if w.cfg else \
+            dict(kw, true_cfg_scale=1.0)
+
+    def grid(self, w) -> tuple[int, int]:
+        """The packed token grid (H/16, W/16): 2 x 2 patches of the VAE latent."""
+        m = 2 * w.vae_scale_spatial
+        if w.height % m or w.width % m or w.height <= 0 or w.width <= 0:
+            raise ValueError(f"Qwen-Image packs 2 x 2 patches of the {w.vae_scale_spatial}x VAE latent: height and "
+                             f"width must be positive multiples of {m}; got {w.height}x{w.width}.")
+        return w.height // m, w.width // m
+
+    def latent_shape(self, w):
+        gh, gw = self.grid(w)
+        return w.step_batch, gh * gw, int(w.transformer.get("in_channels", 64))
+
+    def tokens(self, w):
+        gh, gw = self.grid(w)
+        return gh * gw, self.text_len(w)
+
+    def text_len(self, w):
+        return int(w.text_tokens or QWEN_IMAGE_TEXT_TOKENS)
+
+    def mask(self, w) -> np.ndarray:
+        """(B, L) int32 text mask: the prompt's tokens all valid (its states are cut to its length); with true CFG
+        the negative prompt " " first (1 token, padded to the prompt's length and masked)."""
+        return pixart_mask(w.step_batch, self.text_len(w), self.text_len(w), w.cfg)
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # the image tokens; the text joins as a context
+
+    def check(self, cfg, shape):
+        if shape[2] != cfg.in_channels:
+            raise ValueError(f"packed latents {shape}: this Qwen-Image transformer takes {cfg.in_channels} channels.")
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "layers": cfg.num_layers,
+                "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim, "height": w.height,
+                "width": w.width, "true_cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As ``QwenImagePipeline`` passes them: packed latents (B, S, in_channels), Qwen2.5-VL states (B, L,
+        joint_attention_dim), their mask (B, L), the timestep t / 1000 (B,) and the packed grid (1, H/16, W/16)
+        (a host array: the RoPE tables are made from it before the step, as the pipeline does)."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b, txt = w.step_batch, self.text_len(w)
+        return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
+                "embeds": rng.standard_normal((b, txt, int(t.get("joint_attention_dim", 3584))), dtype=np.float32),
+                "mask": self.mask(w), "t": np.full((b,), QWEN_IMAGE_TIMESTEP, dtype=np.float32),
+                "img_shape": np.array((1,) + self.grid(w), np.int64)}
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["mask"], inputs["t"],
+                tuple(int(v) for v in inputs["img_shape"]))
+
+    def analytic_flops(self, w):
+        return qwen_image_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return QwenImageTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
-                                                          SD3(), Wan(), Latte(), HunyuanVideo())}
+                                                          SD3(), Wan(), Latte(), HunyuanVideo(), QwenImage())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
@@ -1773,11 +1916,13 @@ SD3_CLASS_NAMES = ("SD3Transformer2DModel",)
 WAN_CLASS_NAMES = ("WanTransformer3DModel",)
 LATTE_CLASS_NAMES = ("LatteTransformer3DModel",)
 HUNYUAN_VIDEO_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
+QWEN_IMAGE_CLASS_NAMES = ("QwenImageTransformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
     """The family of a diffusers transformer ``config.json``: HunyuanVideo by its class name or its
-    ``num_single_layers`` with ``num_refiner_layers``; FLUX by its class name or its
+    ``num_single_layers`` with ``num_refiner_layers``; Qwen-Image by its class name or ``axes_dims_rope`` without
+    ``num_single_layers`` (FLUX has both); FLUX by its class name or its
     ``num_single_layers`` (no other family but HunyuanVideo has one); HunyuanDiT by its class name or its
     ``text_len_t5``; Mochi by its class name or, without one, ``pooled_projection_dim`` together with
     ``time_embed_dim`` (of the others, HunyuanDiT and FLUX have the first, only CogVideoX the second);
@@ -1788,6 +1933,9 @@ def family_of_config(transformer: dict) -> str:
     else CogVideoX."""
     if transformer.get("_class_name") in WAN_CLASS_NAMES or ("ffn_dim" in transformer and "freq_dim" in transformer):
         return "wan"
+    if transformer.get("_class_name") in QWEN_IMAGE_CLASS_NAMES or (
+            "axes_dims_rope" in transformer and "num_single_layers" not in transformer):
+        return "qwenimage"
     if transformer.get("_class_name") in HUNYUAN_VIDEO_CLASS_NAMES or (
             "num_single_layers" in transformer and "num_refiner_layers" in transformer):
         return "hunyuanvideo"

@@ -4,7 +4,8 @@
     python scripts/generate.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompt "..." --output cat.png
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
-                                                   # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo)
+                                                   # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
+                                                   # tiny-qwenimage)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -34,9 +35,13 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             "wan": {"output": "output.mp4", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4},
             "latte": {"output": "output.mp4", "guidance_scale": 7.5, "steps": 50, "tiny_steps": 4},
             # (HunyuanVideo's guidance_scale is embedded; true CFG: --negative-prompt with --true-cfg-scale > 1)
-            "hunyuanvideo": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4}}
+            "hunyuanvideo": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4},
+            # (Qwen-Image: no guidance_scale; true CFG 4 with --negative-prompt, diffusers' default)
+            "qwenimage": {"output": "output.png", "guidance_scale": None, "steps": 50, "tiny_steps": 4,
+                          "true_cfg_scale": 4.0}}
 VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte", "hunyuanvideo")
-FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
+FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}
+TRUE_CFG_FAMILIES = {"flux": "FLUX", "hunyuanvideo": "HunyuanVideo", "qwenimage": "Qwen-Image"}  # --true-cfg-scale  # xdit_jax.pipelines.<module> where it is not the family's name
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")  # (diffusers class names)
 
 
@@ -46,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="tiny",
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
-                         "'tiny-hunyuanvideo' / 'tiny-flux-kontext' "
+                         "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
@@ -64,17 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--steps", type=int, default=None,
                     help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50, Mochi 64, FLUX 28, SD3 28, Wan 50, "
-                         "HunyuanVideo 50; 4 for "
+                         "HunyuanVideo 50, Qwen-Image 50; 4 for "
                          "the tiny models)")
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5, Mochi 4.5, SD3 7, Wan 5; FLUX.1-dev: its "
-                         "embedded guidance, 3.5; HunyuanVideo: its embedded guidance, 6)")
+                         "embedded guidance, 3.5; HunyuanVideo: its embedded guidance, 6; not Qwen-Image's: "
+                         "--true-cfg-scale)")
     ap.add_argument("--guidance-scale-2", type=float, default=None,
                     help="Wan 2.2 A14B (two experts): the CFG scale of the low-noise expert's steps (default: "
                          "--guidance-scale; the model card's: 4 then 3)")
     ap.add_argument("--true-cfg-scale", type=float, default=None,
-                    help="FLUX, HunyuanVideo: diffusers' true CFG with --negative-prompt (> 1 runs both halves; "
-                         "default 1 = off)")
+                    help="FLUX, HunyuanVideo, Qwen-Image: diffusers' true CFG with --negative-prompt (> 1 runs "
+                         "both halves; default 1 = off, Qwen-Image 4)")
     ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's guidance_rescale (0 = off)")
     ap.add_argument("--max-area", type=int, default=None, metavar="PIXELS",
                     help="FLUX.1 Kontext: the output's pixels (the --height x --width aspect ratio at this area, as "
@@ -336,13 +342,16 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--use-dynamic-cfg (CogVideoX's)")
     if family != "wan" and args.guidance_scale_2 is not None:
         wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
-    if family not in ("flux", "hunyuanvideo") and args.true_cfg_scale is not None:
-        wrong.append("--true-cfg-scale (FLUX's and HunyuanVideo's)")
+    if family not in TRUE_CFG_FAMILIES and args.true_cfg_scale is not None:
+        wrong.append("--true-cfg-scale (FLUX's, HunyuanVideo's and Qwen-Image's)")
+    if family == "qwenimage" and args.guidance_scale is not None:
+        wrong.append("--guidance-scale (Qwen-Image is not guidance-distilled: its CFG is --true-cfg-scale with "
+                     "--negative-prompt)")
     if family != "hunyuandit" and args.guidance_rescale:
         wrong.append("--guidance-rescale")
     if family != "sd3" and args.skip_guidance_layers:
         wrong.append("--skip-guidance-layers (SD3's)")
-    if family in VIDEO_FAMILIES + ("flux", "sd3") and args.no_resolution_binning:
+    if family in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage") and args.no_resolution_binning:
         wrong.append("--no-resolution-binning")
     if family == "hunyuandit" and args.max_sequence_length is not None:
         wrong.append("--max-sequence-length (HunyuanDiT's text lengths are the model's: 77 + 256)")
@@ -392,6 +401,15 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
         ds = default_size(tc, vc)
         check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
                       guidance)
+    elif family == "qwenimage":
+        from xdit_jax.pipelines.qwenimage import check_request, default_size, read_configs
+
+        tc, vc = read_configs(model)
+        ds = default_size(tc, vc)
+        true_cfg = (args.true_cfg_scale or DEFAULTS[family]["true_cfg_scale"]) if args.negative_prompt is not None \
+            else 1.0
+        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
+                      true_cfg)
     elif family == "flux":
         from xdit_jax.pipelines.flux import check_request, default_size, kontext_output_size, read_configs
 
@@ -505,12 +523,14 @@ def _main(argv=None) -> int:
                              f"only; {args.model} is not a Kontext checkpoint.")
         check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
-        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3"):
+        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage"):
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
         if is_tiny and family == "flux":  # FLUX's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 48, args.width or 64
             if args.kontext:  # (and Kontext's default output area too)
                 args.max_area = args.max_area or args.height * args.width
+        if is_tiny and family == "qwenimage":  # Qwen-Image's default 1024 x 1024 would be slow for a toy model
+            args.height, args.width = args.height or 48, args.width or 80
         if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
             args.height, args.width = args.height or 32, args.width or 48
             args.num_frames = args.num_frames or 7
@@ -554,9 +574,10 @@ def _main(argv=None) -> int:
     msl = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if is_tiny else None)
     if family == "flux" and not is_tiny and not pipe.transformer_config.guidance_embeds:  # FLUX.1-schnell
         steps, msl = args.steps or 4, msl or 256  # its model card's settings (timestep-distilled)
-    if family in ("flux", "hunyuanvideo") and args.negative_prompt is not None and (args.true_cfg_scale or 1.0) <= 1.0:
-        print(f"note: --negative-prompt is used by {'FLUX' if family == 'flux' else 'HunyuanVideo'} only with "
-              "--true-cfg-scale > 1", file=sys.stderr)
+    true_cfg = args.true_cfg_scale or d.get("true_cfg_scale", 1.0)
+    if family in TRUE_CFG_FAMILIES and args.negative_prompt is not None and true_cfg <= 1.0:
+        print(f"note: --negative-prompt is used by {TRUE_CFG_FAMILIES[family]} only with --true-cfg-scale > 1",
+              file=sys.stderr)
     kw = dict(height=args.height, width=args.width, num_inference_steps=steps, guidance_scale=guidance,
               seed=args.seed, progress=not args.no_progress)
     kw["num_videos_per_prompt" if family in VIDEO_FAMILIES else "num_images_per_prompt"] = args.per_prompt
@@ -578,6 +599,8 @@ def _main(argv=None) -> int:
         kw.update(max_sequence_length=msl or 512, true_cfg_scale=args.true_cfg_scale or 1.0)
         if args.kontext:
             kw.update(max_area=args.max_area or 1024 ** 2, _auto_resize=not args.no_auto_resize)
+    elif family == "qwenimage":
+        kw.update(max_sequence_length=msl or 512, true_cfg_scale=true_cfg)
     elif family == "sd3":
         kw.update(max_sequence_length=msl or 256, skip_guidance_layers=args.skip_guidance_layers,
                   skip_layer_guidance_scale=args.skip_layer_guidance_scale,

@@ -53,11 +53,13 @@ MODEL_CLASSES = {
     "AutoencoderKLMochi": ("xdit_jax.models.vae_mochi", "MochiVAEConfig"),
     "WanTransformer3DModel": ("xdit_jax.models.wan", "WanConfig"),
     "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
+    "AutoencoderKLQwenImage": ("xdit_jax.models.vae_qwenimage", "QwenImageVAEConfig"),  # the Wan 2.1 VAE
     "AutoencoderKLHunyuanVideo": ("xdit_jax.models.vae_hunyuan_video", "HunyuanVideoVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
     "LatteTransformer3DModel": ("xdit_jax.models.latte", "LatteConfig"),
     "HunyuanVideoTransformer3DModel": ("xdit_jax.models.hunyuan_video", "HunyuanVideoConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
+    "QwenImageTransformer2DModel": ("xdit_jax.models.qwenimage", "QwenImageConfig"),
     # one module, four config classes: the config's class picks the tower and whether it has the projection
     "CLIPTextModel": ("xdit_jax.models.clip", "CLIPTextConfig"),
     "CLIPTextModelWithProjection": ("xdit_jax.models.clip", "CLIPTextWithProjectionConfig"),
@@ -67,6 +69,8 @@ MODEL_CLASSES = {
     "CLIPVisionModelWithProjection": ("xdit_jax.models.clip", "CLIPVisionWithProjectionConfig"),
     # HunyuanVideo's text_encoder (llava-llama-3-8b's text part); a LlamaForCausalLM's model.* keys load too
     "LlamaModel": ("xdit_jax.models.llama", "LlamaConfig"),
+    # Qwen-Image's text_encoder: the language model of Qwen2.5-VL (text path; visual.* and lm_head not read)
+    "Qwen2_5_VLForConditionalGeneration": ("xdit_jax.models.qwen2_5_vl", "Qwen25VLTextConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 

@@ -20,7 +20,8 @@ import numpy as np
 TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
               "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
-              "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext"}
+              "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext",
+              "tiny-qwenimage": "qwenimage"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -172,6 +173,31 @@ HUNYUAN_VIDEO_LLAMA = dict(vocab_size=LLAMA_VOCAB, hidden_size=32, intermediate_
                            rope_theta=500000.0, bos_token_id=0, eos_token_id=1, pad_token_id=5, model_type="llama")
 HUNYUAN_VIDEO_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=7.0)
 
+# Qwen-Image shaped: 2 double-stream blocks over 2 heads of 16 (RoPE axes 4 + 6 + 6), packed latents of 4 x 4
+# channels; the Wan 2.1 VAE at tiny width (8x spatial); a 2-layer Qwen2.5-VL language model 32 wide with GQA and
+# q/k/v biases (its vision tower tiny, never read); Qwen-Image's scheduler (dynamic exponential shift, terminal
+# 0.02). 48 x 80: 6 x 10 latents, 3 x 5 = 15 image tokens.
+QWEN_IMAGE_TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=32, guidance_embeds=False,
+                              axes_dims_rope=[4, 6, 6])
+QWEN_IMAGE_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0, input_channels=3,
+                      latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
+# The stand-in Qwen2 tokenizer's vocabulary (trained on the corpus and the template: 498 tokens, the template's
+# system part 34 tokens as with the real tokenizer)
+QWEN_VOCAB = 512
+QWEN_IMAGE_TEXT_ENCODER = dict(
+    model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+    text_config=dict(model_type="qwen2_5_vl_text", vocab_size=QWEN_VOCAB, hidden_size=32, intermediate_size=48,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                     max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                     rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1000000.0}),
+    vision_config=dict(model_type="qwen2_5_vl_vision", depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                       out_hidden_size=32, patch_size=2, window_size=4, fullatt_block_indexes=[0]))
+QWEN_IMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
+                            use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                            max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -216,6 +242,15 @@ def train_llama_tokenizer():
     return llama.train_tokenizer(CORPUS * 4 + [template.format(p) for p in CORPUS], vocab_size=LLAMA_VOCAB)
 
 
+def train_qwen_tokenizer():
+    """A Qwen2 tokenizer (:func:`xdit_jax.models.qwen2_5_vl.train_tokenizer`) trained on the same sentences, alone
+    and inside Qwen-Image's prompt template."""
+    from xdit_jax.models import qwen2_5_vl
+
+    return qwen2_5_vl.train_tokenizer(CORPUS * 4 + [qwen2_5_vl.PROMPT_TEMPLATE.format(p) for p in CORPUS],
+                                      vocab_size=QWEN_VOCAB)
+
+
 def stand_in_tokenizer(class_name: str):
     """A small tokenizer trained here of the kind a pipeline's ``class_name`` (model_index.json) names: CLIP's
     BPE, BERT's WordPiece, Llama 3's BPE (HunyuanVideo), else T5's Unigram. Its ids are valid for the full-size encoders' vocabularies and it
@@ -226,6 +261,8 @@ def stand_in_tokenizer(class_name: str):
         return train_bert_tokenizer()
     if class_name.startswith("Llama"):
         return train_llama_tokenizer()
+    if class_name.startswith("Qwen2"):
+        return train_qwen_tokenizer()
     return train_tokenizer()
 
 
@@ -271,6 +308,13 @@ def model_index(family: str = "cogvideox") -> dict:
                 "text_encoder_2": ["transformers", "CLIPTextModel"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
                 "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
                 "vae": ["diffusers", "AutoencoderKLHunyuanVideo"]}
+    if family == "qwenimage":
+        return {"_class_name": "QwenImagePipeline", "_diffusers_version": "0.35.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+                "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+                "vae": ["diffusers", "AutoencoderKLQwenImage"]}
     if family == "latte":
         return {"_class_name": "LattePipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DDIMScheduler"],
@@ -462,6 +506,21 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder_2": ("CLIPTextModel", FLUX_CLIP,
                                lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
         }, HUNYUAN_VIDEO_SCHEDULER
+    if family == "qwenimage":
+        from xdit_jax.models import llama, qwen2_5_vl, qwenimage, vae_qwenimage
+
+        tcfg = {**QWEN_IMAGE_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("QwenImageTransformer2DModel", tcfg,
+                            lambda: qwenimage.QwenImageTransformer2DModel(qwenimage.QwenImageConfig.from_dict(tcfg),
+                                                                          rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLQwenImage", QWEN_IMAGE_VAE,
+                    lambda: vae_qwenimage.WanVAEDecoder(vae_qwenimage.QwenImageVAEConfig.from_dict(QWEN_IMAGE_VAE),
+                                                        dtype=jnp.float32)),
+            "text_encoder": ("Qwen2_5_VLForConditionalGeneration", QWEN_IMAGE_TEXT_ENCODER,
+                             lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(QWEN_IMAGE_TEXT_ENCODER),
+                                                      rngs=nnx.Rngs(0))),
+        }, QWEN_IMAGE_SCHEDULER
     if family == "latte":
         tcfg = {**LATTE_TRANSFORMER, **(transformer or {})}
         return {

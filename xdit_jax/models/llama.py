@@ -74,6 +74,8 @@ class LlamaConfig:
     # config is static data of the module); "rope_type" (or the older "type") names the kind.
     rope_scaling: tuple | None = None
     attention_bias: bool = False
+    # Qwen2 (Qwen2.5-VL's language model, xdit_jax.models.qwen2_5_vl): biases on q/k/v only, not on o_proj
+    qkv_bias: bool = False
     mlp_bias: bool = False
     pad_token_id: int | None = None
 
@@ -189,9 +191,10 @@ class LlamaAttention(nnx.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         bias = cfg.attention_bias
-        self.q_proj = linear(h, self.n_heads * d, bias=bias, dtype=dtype, rngs=rngs)
-        self.k_proj = linear(h, self.n_kv * d, bias=bias, dtype=dtype, rngs=rngs)
-        self.v_proj = linear(h, self.n_kv * d, bias=bias, dtype=dtype, rngs=rngs)
+        qkv_bias = bias or cfg.qkv_bias
+        self.q_proj = linear(h, self.n_heads * d, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = linear(h, self.n_kv * d, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = linear(h, self.n_kv * d, bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = linear(self.n_heads * d, h, bias=bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, allowed):

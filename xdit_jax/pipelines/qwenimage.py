@@ -1,0 +1,337 @@
+"""Qwen-Image text-to-image, diffusers' ``QwenImagePipeline`` on a JAX mesh.
+
+    pipe = QwenImagePipeline.from_pretrained("Qwen/Qwen-Image", mesh="cfg=2,ulysses=4", dtype="bfloat16")
+    out = pipe("A coffee shop entrance with a chalkboard sign", negative_prompt=" ", true_cfg_scale=4.0,
+               height=1328, width=1328, seed=0)
+    out.images   # (batch, height, width, 3) float in [0, 1]
+
+As diffusers: the prompt inside Qwen2.5-VL's chat template (:data:`xdit_jax.models.qwen2_5_vl.PROMPT_TEMPLATE`),
+``hidden_states[-1]`` of the language model, each prompt's valid tokens less the template's first 34, padded to
+the longest with a mask (:func:`xdit_jax.models.qwen2_5_vl.qwen_prompt_embeds`), cut to ``max_sequence_length``
+(512); the mask reaches the transformer as its text key mask. Latents (B, 16, h, w) packed in 2 x 2 patches
+(B, (h/2)(w/2), 64); sigmas ``linspace(1, 1/n, n)`` with the scheduler's dynamic shift ``mu`` from the packed
+length (Qwen-Image's scheduler: exponential time shift, ``shift_terminal`` 0.02); the Euler step in the jitted step.
+True CFG when ``true_cfg_scale > 1`` and a negative prompt (or its embeddings) is given: the two passes one batch
+``[negative; prompt]`` over the ``cfg`` axis, combined as diffusers' ``neg + s (pos - neg)`` rescaled per token to
+the prompt's prediction's norm. The VAE (the Wan 2.1 decoder, one frame) decodes ``latents * std + mean``, split
+over the mesh.
+
+Over the mesh: prompts over ``data``, true CFG's halves over ``cfg``, the image tokens over ``ring`` x
+``ulysses`` (the text joins each attention as the masked context, sharded with the image:
+:data:`xdit_jax.models.qwenimage.TEXT_KEYS`), PipeFusion over the block stack (the text sliced with the patches).
+
+Differences from diffusers, on purpose: height and width must be multiples of 16 (diffusers rounds others down
+with a warning); a string ``negative_prompt`` serves every prompt of a batch (diffusers' would fail for several
+prompts); the negative prompt's and the prompt's text are padded to one length (masked keys: the same result) to
+run as one batch; the timestep stays float32 in bf16 too; the text encoder's input is right-padded to a multiple
+of 32 tokens (fewer compiled shapes; the causal encoder's valid tokens do not see it); with
+``num_images_per_prompt > 1`` each prompt's mask stays with its states (diffusers 0.42.1 repeats the states per
+prompt but the mask per batch, pairing prompts of different lengths with each other's masks). ``guidance_embeds``
+checkpoints are refused (:class:`xdit_jax.models.qwenimage.QwenImageConfig`: diffusers' transformer cannot take a
+guidance), so ``guidance_scale`` is ignored with a warning, as diffusers does for Qwen-Image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xdit_jax.conversion import read_json
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import qwen2_5_vl
+from xdit_jax.models import qwenimage as qi
+from xdit_jax.models import vae_qwenimage as qvae
+from xdit_jax.pipelines import image
+from xdit_jax.pipelines.denoise import (
+    StageTimer,
+    check_size_and_mesh,
+    negative_prompts,
+    parse_dtype,
+    peak_memory_bytes,
+    per_prompt,
+    prompt_batch,
+)
+from xdit_jax.pipelines.flux import pack_latents, unpack_latents
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput
+from xdit_jax.schedulers import flow_match
+
+log = logging.getLogger("xdit_jax")
+
+QwenImagePipelineOutput = ImagePipelineOutput
+DEFAULT_SAMPLE_SIZE = 128  # diffusers' QwenImagePipeline.default_sample_size (x the VAE factor 8: 1024 px)
+MAX_SEQUENCE_LENGTH = 1024  # diffusers' check_inputs' bound
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder."""
+    return image.read_configs(folder, qi.QwenImageConfig, qvae.QwenImageVAEConfig)
+
+
+def default_size(tc=None, vc=None) -> dict:
+    s = DEFAULT_SAMPLE_SIZE * (vc.spatial_compression_ratio if vc is not None else 8)
+    return {"height": s, "width": s}
+
+
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, true_cfg_scale: float = 1.0) -> None:
+    """Refuse what the model cannot take, before any heavy work. ``true_cfg_scale``: the scale that decides whether
+    the batch doubles (1.0 without a negative prompt)."""
+    from xdit_jax.mesh import MeshSpec
+
+    if MeshSpec.parse(mesh_spec).cfg == 2 and true_cfg_scale <= 1.0:
+        raise ValueError("Mesh cfg=2 splits the two passes of true CFG, which Qwen-Image runs only with a negative "
+                         "prompt and true_cfg_scale > 1; drop cfg=2 or give both.")
+    check_size_and_mesh(height, width, 2 * vc.spatial_compression_ratio, tc.num_layers, batch, mesh_spec,
+                        true_cfg_scale)
+
+
+def combine_true_cfg(neg, pos, scale):
+    """diffusers' QwenImagePipeline: ``comb = neg + s (pos - neg)``, rescaled per token so that its norm over the
+    channels is the prompt's prediction's (``comb * |pos| / |comb|``). float32."""
+    comb = neg + scale * (pos - neg)
+    return comb * (jnp.linalg.norm(pos, axis=-1, keepdims=True) / jnp.linalg.norm(comb, axis=-1, keepdims=True))
+
+
+def pad_text(emb, mask, length: int):
+    """(B, L, D) states and (B, L) mask right-padded to ``length`` tokens (zeros, masked)."""
+    pad = length - emb.shape[1]
+    if pad <= 0:
+        return emb, mask
+    return (jnp.concatenate([emb, jnp.zeros((emb.shape[0], pad, emb.shape[2]), emb.dtype)], axis=1),
+            jnp.concatenate([mask, jnp.zeros((mask.shape[0], pad), mask.dtype)], axis=1))
+
+
+class QwenImagePipeline(ImagePipelineBase):
+    """Text-to-image with Qwen-Image — see the module docstring."""
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
+                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, **qi.pipefusion_stacks(transformer_config))
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> QwenImagePipeline:
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
+        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
+        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
+        dtype = parse_dtype(dtype)
+        folder, _ = cls._pipeline_folder(model, ("QwenImagePipeline",), cache_dir=cache_dir, variant=variant,
+                                         revision=revision)
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+        tc = qi.QwenImageConfig.from_dict(read_json(folder / "transformer" / "config.json"))
+        stacks = qi.pipefusion_stacks(tc)
+        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
+        return cls(**parts, scheduler_config=sched, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    # ------------------------------------------------------------------ stages
+
+    def default_size(self) -> dict:
+        return default_size(self.transformer_config, self.vae_config)
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The VAE latent's (h, w) for an image size (multiples of 2: the packing's patches)."""
+        s = self.vae_config.spatial_compression_ratio
+        return 2 * (height // (2 * s)), 2 * (width // (2 * s))
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """The packed latents (B, (h/2)(w/2), in_channels), diffusers' ``latents`` argument."""
+        h, w = self.latent_grid(height, width)
+        return (batch, (h // 2) * (w // 2), self.transformer_config.in_channels)
+
+    def _image_tokens(self, height: int, width: int) -> int:
+        return self.latent_shape(1, height, width)[1]
+
+    def _qwen_fn(self):
+        """``fn(ids, mask) -> hidden_states[-1]`` of the Qwen2.5-VL language model, jitted once."""
+        fns = self.__dict__.setdefault("_text_fns", {})
+        if "qwen" not in fns:
+            graphdef, state = nnx.split(self.text_encoder)
+            enc = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask).last_hidden_state)
+            fns["qwen"] = lambda ids, mask: enc(state, self._put_replicated(jnp.asarray(ids, jnp.int32)),
+                                                self._put_replicated(jnp.asarray(mask, jnp.int32)))
+        return fns["qwen"]
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512):
+        """((B, L, d) states in the compute dtype, (B, L) int32 mask) as diffusers' ``encode_prompt``
+        (``num_images_per_prompt=1``), cut to ``max_sequence_length`` tokens."""
+        emb, mask = qwen2_5_vl.qwen_prompt_embeds(self.tokenizer, self.text_encoder, prompts, encode=self._qwen_fn())
+        return (jnp.asarray(emb[:, :max_sequence_length], self.dtype),
+                jnp.asarray(mask[:, :max_sequence_length], jnp.int32))
+
+    def _checked(self, emb, mask, what: str, max_sequence_length: int):
+        tc = self.transformer_config
+        emb = jnp.asarray(emb, self.dtype)
+        if emb.ndim != 3 or emb.shape[2] != tc.joint_attention_dim:
+            raise ValueError(f"{what} embeddings {tuple(emb.shape)}: this model takes (batch, tokens, "
+                             f"{tc.joint_attention_dim}).")
+        mask = jnp.ones(emb.shape[:2], jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
+        if mask.shape != emb.shape[:2]:
+            raise ValueError(f"{what} mask {tuple(mask.shape)} must be (batch, tokens) = {tuple(emb.shape[:2])}.")
+        return emb[:, :max_sequence_length], mask[:, :max_sequence_length]
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng) -> (latents,
+        sched_state, i + 1, kv)``; ``texts``: (states, mask), a row each; ``scale``: the true CFG scale; ``rope``:
+        the image and text RoPE tables; ``kv``: PipeFusion's K/V buffers (``warmup``: an exact step) or None."""
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype = self.dtype
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence / pipefusion)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng):
+            model = nnx.merge(graphdef, tstate)
+            x = self._model_batch(latents, do_cfg)
+            t = jnp.broadcast_to(sched.timesteps[i] / 1000, (x.shape[0],))
+            tokens_x, tokens, cond = model.embed(x.astype(dtype), texts[0], texts[1], t, rope=rope)
+            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
+            pred = self._real_rows(model.head(tokens_x, cond).astype(jnp.float32), latents.shape[0], do_cfg)
+            if do_cfg:  # [negative; prompt]
+                neg, pos = jnp.split(pred, 2)
+                pred = combine_true_cfg(neg, pos, scale)
+            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
+                if sched.needs_noise else None
+            latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            return self._step_out(latents, sched_state, i, kv)
+
+        return self._jit_step(key, step)
+
+    def _decode_fn(self, size=None):
+        """Jitted VAE decode over the whole mesh of the packed latents -> (B, H, W, 3) in [0, 1]; ``size``: the
+        latent grid (h, w)."""
+        vc, dtype = self.vae_config, self.dtype
+        h, w = size
+
+        def decode(vae, latents, **kw):
+            z = unpack_latents(latents.astype(jnp.float32), h, w)[:, :, None]  # (B, C, 1, h, w)
+            return qvae.decode(vae, qvae.unscale_latents(vc, z).astype(dtype), **kw)[:, :, 0]
+
+        return self._jit_decode(("fn", size), decode)
+
+    def schedule(self, num_inference_steps: int, image_seq_len: int, sigmas=None):
+        """diffusers' QwenImagePipeline schedule: sigmas ``linspace(1, 1/n, n)`` (or the caller's), ``mu`` from the
+        packed sequence length (used where the scheduler shifts dynamically)."""
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = self.scheduler_config.mu(image_seq_len) if self.scheduler_config.use_dynamic_shifting else None
+        return flow_match.make_schedule(self.scheduler_config, sigmas=sigmas, mu=mu)
+
+    def rope(self, height: int, width: int, text_len: int):
+        """The RoPE tables (image, text) for an image size and a text length, replicated on the mesh."""
+        h, w = self.latent_grid(height, width)
+        tables = qi.rope_tables(h // 2, w // 2, text_len, self.transformer_config.axes_dims_rope)
+        return jax.tree.map(self._put_replicated, tables)
+
+    def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
+                     num_inference_steps: int = 50, true_cfg_scale: float = 4.0, text_len: int = 64):
+        """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it
+        (``true_cfg_scale > 1``: the true CFG step, as with a negative prompt; ``text_len``: text tokens)."""
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        do_cfg = true_cfg_scale > 1.0
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec,
+                      true_cfg_scale)
+        tc = self.transformer_config
+        shape = self.latent_shape(batch, height, width)
+        n = (2 if do_cfg else 1) * self._padded_batch(batch)
+        sd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), do_cfg))  # noqa
+        latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
+        texts = (sd((n, text_len, tc.joint_attention_dim), self.dtype), sd((n, text_len), jnp.int32))
+        sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps, shape[1]))
+        _, tstate = nnx.split(self.transformer)
+        kv = self._pipefusion_buffers(n, shape[1], abstract=True, text_len=text_len)
+        return self._step_fn(do_cfg, warmup=kv is None).lower(
+            tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, jnp.float32(true_cfg_scale),
+            self.rope(height, width, text_len), jax.random.key(0)).compile()
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
+                 true_cfg_scale: float = 4.0, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, sigmas=None, guidance_scale: float | None = None,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, prompt_embeds_mask=None,
+                 negative_prompt_embeds=None, negative_prompt_embeds_mask=None, max_sequence_length: int = 512,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> QwenImagePipelineOutput:
+        """diffusers' arguments (``generator`` -> ``seed``; ``output_type`` "np" or "latent")."""
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type, "(and prompt_embeds_mask)")
+        if max_sequence_length > MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"max_sequence_length cannot be greater than {MAX_SEQUENCE_LENGTH}, got "
+                             f"{max_sequence_length}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Give either negative_prompt or negative_prompt_embeds, not both.")
+        if guidance_scale is not None:
+            log.warning("guidance_scale=%s is ignored: Qwen-Image is not guidance-distilled (use true_cfg_scale with "
+                        "a negative prompt), as in diffusers.", guidance_scale)
+        per = per_prompt(num_images_per_prompt)
+        has_neg = negative_prompt is not None or negative_prompt_embeds is not None
+        do_cfg = true_cfg_scale > 1 and has_neg
+        if true_cfg_scale > 1 and not has_neg:
+            log.warning("true_cfg_scale=%s has no effect without a negative prompt (as in diffusers).", true_cfg_scale)
+        elif has_neg and true_cfg_scale <= 1:
+            log.warning("The negative prompt is not used: true CFG needs true_cfg_scale > 1 (as in diffusers).")
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec,
+                      true_cfg_scale if do_cfg else 1.0)
+        timer = StageTimer()
+
+        # 1. text: Qwen2.5-VL states + mask; [negative; prompt] (padded to one length) for true CFG
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds, prompt_embeds_mask = self.encode_prompt(prompts, max_sequence_length)
+            emb, mask = self._checked(prompt_embeds, prompt_embeds_mask, "prompt", max_sequence_length)
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt(
+                        negative_prompts(negative_prompt, batch), max_sequence_length)
+                nemb, nmask = self._checked(negative_prompt_embeds, negative_prompt_embeds_mask, "negative_prompt",
+                                            max_sequence_length)
+                if nemb.shape[0] != emb.shape[0]:
+                    raise ValueError(f"negative prompt embeddings for {nemb.shape[0]} prompts, the prompt's for "
+                                     f"{emb.shape[0]}.")
+                n = max(emb.shape[1], nemb.shape[1])
+                (nemb, nmask), (emb, mask) = pad_text(nemb, nmask, n), pad_text(emb, mask, n)
+                emb, mask = jnp.concatenate([nemb, emb]), jnp.concatenate([nmask, mask])
+            texts = (self._put_batch(emb, do_cfg, per), self._put_batch(mask, do_cfg, per))
+            jax.block_until_ready(texts)
+
+        # 2. latents (packed, diffusers' layout), RoPE tables, schedule
+        tc = self.transformer_config
+        h, w = self.latent_grid(height, width)
+        shape = self.latent_shape(batch * per, height, width)
+        sched = self.schedule(num_inference_steps, shape[1], sigmas)
+        rng = jax.random.key(seed)
+        if latents is None:
+            latents = pack_latents(jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32))
+        latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
+                                        "batch, (height/16) x (width/16) tokens, channels x 4")
+        rope = self.rope(height, width, int(emb.shape[1]))
+
+        # 3. denoise: one jitted step per iteration; then the VAE
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        scale = self._put_replicated(jnp.float32(true_cfg_scale))
+        kv = self._pipefusion_buffers(texts[0].shape[0], shape[1], text_len=int(emb.shape[1]))
+        out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
+                                       (texts, sched_arrays, scale, rope, rng), len(sched.timesteps), progress,
+                                       output_type, self._decode_fn((h, w)), kv=kv)
+        return QwenImagePipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
