@@ -67,6 +67,7 @@ MODEL_CLASSES = {
     "CLIPVisionModelWithProjection": ("xdit_jax.models.clip", "CLIPVisionWithProjectionConfig"),
     # HunyuanVideo's text_encoder (llava-llama-3-8b's text part); a LlamaForCausalLM's model.* keys load too
     "LlamaModel": ("xdit_jax.models.llama", "LlamaConfig"),
+    "ZImageTransformer2DModel": ("xdit_jax.models.zimage", "ZImageConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 
