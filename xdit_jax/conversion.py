@@ -68,6 +68,9 @@ MODEL_CLASSES = {
     # HunyuanVideo's text_encoder (llava-llama-3-8b's text part); a LlamaForCausalLM's model.* keys load too
     "LlamaModel": ("xdit_jax.models.llama", "LlamaConfig"),
     "ZImageTransformer2DModel": ("xdit_jax.models.zimage", "ZImageConfig"),
+    # Z-Image's text_encoder (Qwen3-4B): Llama with q/k norms; a Qwen3ForCausalLM's model.* keys load too
+    "Qwen3Model": ("xdit_jax.models.qwen3", "Qwen3Config"),
+    "Qwen3ForCausalLM": ("xdit_jax.models.qwen3", "Qwen3Config"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 
