@@ -1,0 +1,124 @@
+"""The Z-Image pipeline from a diffusers save_pretrained folder == diffusers' ZImagePipeline (tiny random weights,
+fp32), on one device and on meshes (8 simulated CPU devices)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_zimage, save_torch_pipeline
+from xdit_jax.mesh import build_mesh
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.zimage import ZImagePipeline
+
+PROMPT = "A small dog running on a beach at sunset."
+PROMPTS = [PROMPT, "A cat."]  # 22 and 11 kept Qwen3 tokens: captions of 32 tokens, and of different lengths
+NEGATIVE = "Waves crash against black rocks."
+# 64 x 64 images: 4 x 8 x 8 latents, 16 image tokens (padded to 32 by the model); 2 steps; 64 Qwen3 tokens
+H, W, STEPS, TOKENS = 64, 64, 2, 64
+LATENT = (4, 8, 8)
+# CFG as diffusers with every option (a negative prompt each, one of them "": of another length): sigmas 1, 0.5 shifted by 3 -> 1, 0.75: (1000 - t) / 1000 = 0, 0.25, so a
+# truncation at 0.2 leaves the second step unguided; the norm capped at the positive prediction's
+CFG = dict(guidance_scale=3.0, negative_prompt=[NEGATIVE, ""], cfg_normalization=True, cfg_truncation=0.2)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder), made once."""
+    tp = make_torch_zimage()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("zimage"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))  # diffusers folder, converted
+    return tp, ZImagePipeline.from_pretrained(converted), converted
+
+
+def initial_latents(batch=1, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch,) + LATENT).astype(np.float32)
+
+
+def run_torch(tp, prompt, latents, **kw):
+    # diffusers' _encode_prompt writes the templated text into the lists it is given: hand it copies
+    prompt = list(prompt) if isinstance(prompt, list) else prompt
+    kw = {k: list(v) if isinstance(v, list) else v for k, v in kw.items()}
+    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS), **kw)
+    with torch.no_grad():
+        out = tp(prompt=prompt, latents=torch.from_numpy(latents), **kw).images
+    return out.numpy() if kw.get("output_type") == "latent" else out
+
+
+def run_ours(pipe, prompt, latents, **kw):
+    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, latents=latents, max_sequence_length=TOKENS,
+                   progress=False), **kw)
+    return pipe(prompt, **kw).images
+
+
+# Latents O(3) after 2 Euler steps, both sides fp32: measured 6.0e-6 (guidance 0) and 5.4e-6 (CFG 3, two prompts),
+# 1.8e-6 and 1.5e-6 of their scale — the rounding of
+# two fp32 implementations (Qwen3, the transformer's timestep sinusoids: tests/test_zimage_transformer.py). 1e-5 of
+# the scale leaves room; a wrong template, hidden state, kept token, pad token, shift or sign moves them by 1e-2+.
+def _close_latents(out, ref):
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
+def test_turbo_image_matches_diffusers(pipes):
+    """One prompt, guidance 0 (Z-Image-Turbo: no CFG): the latents, then the decoded image."""
+    tp, ours, _ = pipes
+    lat = initial_latents()
+    kw = dict(guidance_scale=0.0)
+    _close_latents(run_ours(ours, PROMPT, lat, output_type="latent", **kw),
+                   run_torch(tp, PROMPT, lat, output_type="latent", **kw))
+    ref = run_torch(tp, PROMPT, lat, output_type="np", **kw)
+    out = run_ours(ours, PROMPT, lat, **kw)
+    assert out.shape == ref.shape == (1, H, W, 3)
+    # pixels in [0, 1]: measured max |diff| 3.7e-6 (the VAE on latents 6e-6 apart)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def cfg_two_prompts(pipes):
+    tp, ours, _ = pipes
+    lat = initial_latents(2, seed=1)
+    ref = run_torch(tp, PROMPTS, lat, output_type="latent", **CFG)
+    return lat, ref, run_ours(ours, PROMPTS, lat, output_type="latent", **CFG)
+
+
+def test_cfg_prompts_of_different_lengths_match_diffusers(cfg_two_prompts):
+    """Two prompts of different lengths, CFG with a negative prompt, cfg_normalization and cfg_truncation."""
+    _, ref, out = cfg_two_prompts
+    _close_latents(out, ref)
+
+
+def test_mesh_equals_one_device(pipes, cfg_two_prompts):
+    """cfg x ring x ulysses (the halves over cfg, the 32 image tokens and the caption over ring 2 x ulysses 2)."""
+    _, _, folder = pipes
+    lat, _, one = cfg_two_prompts
+    pipe = ZImagePipeline.from_pretrained(folder, mesh=build_mesh("cfg=2,ring=2,ulysses=2"))
+    out = run_ours(pipe, PROMPTS, lat, output_type="latent", **CFG)
+    # float reordering only: measured max |diff| 1.9e-6 (latents O(3))
+    np.testing.assert_allclose(out, one, atol=2e-5, rtol=0)
+
+
+def test_prompt_embeds_as_diffusers_lists(pipes):
+    """diffusers' prompt_embeds / negative_prompt_embeds (lists of per-prompt kept tokens) == the prompts."""
+    tp, ours, _ = pipes
+    lat = initial_latents()
+    with torch.no_grad():
+        pe, ne = tp.encode_prompt([PROMPT], device=torch.device("cpu"), negative_prompt=[NEGATIVE],
+                                  max_sequence_length=TOKENS)
+    kw = dict(guidance_scale=2.0, num_inference_steps=1, output_type="latent")
+    out = run_ours(ours, None, lat, prompt_embeds=[e.numpy() for e in pe],
+                   negative_prompt_embeds=[e.numpy() for e in ne], **kw)
+    ref = run_torch(tp, PROMPT, lat, negative_prompt=NEGATIVE, **kw)
+    _close_latents(out, ref)
+
+
+def test_bad_requests(pipes):
+    _, ours, folder = pipes
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(PROMPT, height=72, width=64, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="guidance_scale > 0"):
+        ZImagePipeline.from_pretrained(folder, mesh=build_mesh("cfg=2"))(PROMPT, height=H, width=W,
+                                                                         guidance_scale=0.0)
+    with pytest.raises(NotImplementedError, match="PipeFusion"):
+        ZImagePipeline.from_pretrained(folder, mesh=build_mesh("pipefusion=2"))
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        ours(None, prompt_embeds=[np.zeros((3, 32), np.float32)], guidance_scale=1.0, height=H, width=W)
