@@ -122,3 +122,22 @@ def test_bad_requests(pipes):
         ZImagePipeline.from_pretrained(folder, mesh=build_mesh("pipefusion=2"))
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
         ours(None, prompt_embeds=[np.zeros((3, 32), np.float32)], guidance_scale=1.0, height=H, width=W)
+
+
+def test_cli_tiny_zimage(tmp_path, capsys, monkeypatch):
+    """scripts/generate.py --model tiny-zimage: a .png with CFG and a negative prompt on a cfg x ulysses 3 mesh (the
+    model's 32 image tokens padded to 33 over the 3 devices of a CFG half); a cfg=2 mesh without guidance refused."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "z.png"
+    rc = cli.main(["--model", "tiny-zimage", "--output", str(out), "--guidance-scale", "2", "--negative-prompt",
+                   "blurry", "--mesh", "cfg=2,ulysses=3", "--max-sequence-length", "48", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (64, 64, 3) and image.std() > 1  # the tiny defaults: 64 x 64
+    assert '"model_family": "zimage"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-zimage", "--output", str(tmp_path / "n.png"), "--mesh", "cfg=2", "--no-progress"])
+    assert rc == 2 and "guidance_scale > 0" in capsys.readouterr().err
