@@ -141,3 +141,34 @@ def test_cli_tiny_zimage(tmp_path, capsys, monkeypatch):
     assert '"model_family": "zimage"' in capsys.readouterr().out
     rc = cli.main(["--model", "tiny-zimage", "--output", str(tmp_path / "n.png"), "--mesh", "cfg=2", "--no-progress"])
     assert rc == 2 and "guidance_scale > 0" in capsys.readouterr().err
+
+
+def test_full_size_configs_folder():
+    """configs/z-image-turbo (diffusers' layout of Tongyi-MAI/Z-Image-Turbo) reads into the modules' configs; its
+    defaults are the CLI's; the release's sizes pass the checks, bad ones are named."""
+    import json
+    from pathlib import Path
+
+    from xdit_jax import cli
+    from xdit_jax.conversion import model_class, model_components
+    from xdit_jax.pipelines import zimage as zp
+    from xdit_jax.schedulers import flow_match
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "z-image-turbo"
+    cfgs = {}
+    for name, cls in model_components(root).items():
+        _, cfg_cls = model_class(cls)
+        cfgs[name] = cfg_cls.from_dict(json.loads((root / name / "config.json").read_text()))
+    tc, vc = zp.read_configs(root)
+    assert (tc.dim, tc.n_layers, tc.n_heads, tc.n_refiner_layers, tc.axes_dims) == (3840, 30, 30, 2, (32, 48, 48))
+    assert tc.cap_feat_dim == cfgs["text_encoder"].hidden_size == 2560 and cfgs["text_encoder"].qk_norm
+    assert vc.latent_channels == tc.in_channels == 16 and vc.shift_factor is not None
+    sched = flow_match.FlowMatchEulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
+    assert sched.shift == 3.0 and not sched.use_dynamic_shifting
+    defaults = json.loads((root / "defaults.json").read_text())
+    assert {k: defaults[k] for k in ("height", "width")} == zp.default_size(tc, vc) == {"height": 1024, "width": 1024}
+    assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (
+        cli.DEFAULTS["zimage"]["steps"], cli.DEFAULTS["zimage"]["guidance_scale"]) == (9, 0.0)
+    zp.check_request(tc, vc, 1024, 1024, 1, "cfg=2,ulysses=4", 5.0)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        zp.check_request(tc, vc, 1000, 1024)

@@ -13,7 +13,8 @@ scheduler (``shift``, or ``mu`` from the image tokens where it shifts dynamicall
 ``pos + g (pos - neg)`` (the negative prompt "" by default), ``cfg_normalization`` (the guided prediction's norm
 capped at that multiple of the positive one's, per sample) and ``cfg_truncation`` (no guidance on steps whose
 ``(1000 - t) / 1000`` exceeds it); the VAE (FLUX's 16-channel ``AutoencoderKL``) decodes ``latents /
-scaling_factor + shift_factor``. Turbo: 9 steps (8 transformer evaluations of note), guidance 0.
+scaling_factor + shift_factor``. Z-Image-Turbo: 9 steps at guidance 0 (its model card; the call's defaults are
+diffusers', 50 steps at guidance 5).
 
 Over the mesh: prompts over ``data``, CFG's halves over ``cfg``, the image tokens over ``ring`` x ``ulysses`` (the
 caption joins the main layers' attention as the masked context, sharded with them:
