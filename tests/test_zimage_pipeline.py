@@ -172,3 +172,30 @@ def test_full_size_configs_folder():
     zp.check_request(tc, vc, 1024, 1024, 1, "cfg=2,ulysses=4", 5.0)
     with pytest.raises(ValueError, match="multiples of 16"):
         zp.check_request(tc, vc, 1000, 1024)
+
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of zimage-tiny (24 image tokens padded to 32, a 32-token caption of which 20 kept)
+    against diffusers' transformer on one device and ring=2 x ulysses=2; the compiled program's FLOPs == the analytic
+    count; the full-size folder read as Z-Image with its shapes, nothing compiled."""
+    from xdit_jax import bench
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="zimage-tiny", meshes=[None, "ring=2,ulysses=2"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("ring=2,ulysses=2", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "zimage" and r["latent_shape"] == [1, 4, 8, 12] and r["image_tokens"] == 24
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["ring=2,ulysses=2"]):
+        # same weights and inputs, fp32, outputs O(1): measured 8.3e-7 (one device) and 7.2e-7 (ring 2 x ulysses 2);
+        # the bound leaves room for the timestep sinusoid's float32 exp (tests/test_zimage_transformer.py: 1.2e-4 at
+        # t x 1000 = 875, here 500); a mask, pad-token or RoPE slip moves them by O(0.01) and more
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("z-image-turbo")
+    assert w.family == "zimage" and not w.cfg and w.latent_shape() == (1, 16, 128, 128)
+    assert w.fam.tokens(w) == (64 * 64, 64)

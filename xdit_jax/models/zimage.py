@@ -455,18 +455,3 @@ def params_from_torch(flat: dict, cfg: ZImageConfig, dtype=None) -> dict:
 def build(cfg: ZImageConfig, params: dict, dtype=jnp.float32) -> ZImageTransformer2DModel:
     return build_module(lambda: ZImageTransformer2DModel(cfg, dtype=dtype), params)
 
-
-def analytic_flops(cfg: ZImageConfig, batch: int, image_tokens: int, caption_tokens: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one forward: ``image_tokens`` / ``caption_tokens`` as the model pads
-    them (multiples of 32; the caption as the array, every key computed)."""
-    d, f, hd = cfg.dim, cfg.ffn_dim, cfg.attention_head_dim
-    x, c = image_tokens, caption_tokens
-    per_token = 2 * (4 * d * d + 3 * d * f)
-    attn = lambda q, k: 2 * 2 * q * k * cfg.n_heads * hd  # noqa: E731
-    layers = cfg.n_layers * ((x + c) * per_token + attn(x + c, x + c))
-    refiners = cfg.n_refiner_layers * (x * per_token + attn(x, x) + c * per_token + attn(c, c))
-    mods = (cfg.n_layers + cfg.n_refiner_layers) * 2 * cfg.adaln_dim * 4 * d + 2 * cfg.adaln_dim * d
-    embeds = 2 * x * 4 * cfg.in_channels * d + 2 * c * cfg.cap_feat_dim * d + 2 * x * d * 4 * cfg.in_channels
-    temb = 2 * (256 * 1024 + 1024 * cfg.adaln_dim)
-    return float(batch * (layers + refiners + mods + embeds + temb))
-
