@@ -1,6 +1,7 @@
 """The Z-Image pipeline from a diffusers save_pretrained folder == diffusers' ZImagePipeline (tiny random weights,
 fp32), on one device and on meshes (8 simulated CPU devices)."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -109,6 +110,14 @@ def test_prompt_embeds_as_diffusers_lists(pipes):
                    negative_prompt_embeds=[e.numpy() for e in ne], **kw)
     ref = run_torch(tp, PROMPT, lat, negative_prompt=NEGATIVE, **kw)
     _close_latents(out, ref)
+
+
+def test_compile_step(pipes):
+    """The CFG step compiles for given shapes without running (the caption array rounded up to 32 tokens)."""
+    _, ours, _ = pipes
+    compiled = ours.compile_step(2, height=H, width=W, num_inference_steps=STEPS, guidance_scale=2.0, caption_tokens=40)
+    shapes = [a.shape for a in jax.tree.leaves(compiled.args_info) if hasattr(a, "shape")]
+    assert (4, 64, 32) in shapes and (2,) + LATENT in shapes  # [prompt; negative] x 2 captions of 64; the latents
 
 
 def test_bad_requests(pipes):
