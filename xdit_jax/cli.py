@@ -396,7 +396,7 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
         tc, vc = read_configs(model)
         ds = default_size(tc, vc)
         check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
-                      guidance, uses_pipefusion=(args.num_pipeline_patch or 1) > 1)
+                      guidance)
     elif family == "flux":
         from xdit_jax.pipelines.flux import check_request, default_size, read_configs
 

@@ -51,7 +51,8 @@ from xdit_jax.parallel.attention import attention
 ADALN_EMBED_DIM = 256
 SEQ_MULTI_OF = 32
 STACKED = "layers"
-REFINERS = ("noise_refiner", "context_refiner")
+# PipeFusion's stacks (looped over the stages): the noise refiner, then the main layers; both carry (image, caption)
+STACKS = ("noise_refiner", STACKED)
 # The caption in ``cond``: sharded over the sequence group with the image tokens (its key mask stays whole)
 TEXT_KEYS = ("context", "context_rope")
 
@@ -393,14 +394,13 @@ class ZImageTransformer2DModel(nnx.Module):
 
     def blocks(self, x, tokens, cond):
         """The noise refiner over the image tokens, then the main layers with the caption as the context; on the
-        image tokens (or a shard of them) -> the image tokens."""
+        image tokens (or a shard of them, or a PipeFusion patch) -> the image tokens. Both stacks carry (image,
+        caption) — the refiner passes the caption on untouched — so PipeFusion can loop them over its stages."""
         adaln, rope = cond["adaln"], self.image_rope(tokens, cond)
-        graphdef, state = nnx.split(self.noise_refiner)
-        # a plain scan, not scan_modules: PipeFusion counts the model's block stacks by their scans
-        x, _ = jax.lax.scan(lambda h, s: (nnx.merge(graphdef, s)(h, adaln, rope), None), x, state)
-        c_rope, c_mask = cond["context_rope"], cond["context_mask"]
-        x, _ = scan_modules(self.layers, lambda blk, xc: blk.pair(*xc, adaln, rope, c_rope, c_mask),
+        x, c = scan_modules(self.noise_refiner, lambda blk, xc: (blk(xc[0], adaln, rope), xc[1]),
                             (x, cond["context"]))
+        c_rope, c_mask = cond["context_rope"], cond["context_mask"]
+        x, _ = scan_modules(self.layers, lambda blk, xc: blk.pair(*xc, adaln, rope, c_rope, c_mask), (x, c))
         return x
 
     def head(self, x, cond, shape):
@@ -427,8 +427,9 @@ def pad_caption_list(feats: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pipefusion_stacks(cfg: ZImageConfig) -> dict:
-    """The stack PipeFusion would split (refused by the pipeline for now) and the caption's ``cond`` keys."""
-    return dict(stacked=STACKED, stacked_layers=cfg.n_layers, text_keys=TEXT_KEYS)
+    """PipeFusion's stacks (``_init_parts``' ``stacked`` / ``stacked_layers``): the noise refiner, then the main
+    layers; and the caption's ``cond`` keys (:data:`TEXT_KEYS`)."""
+    return dict(stacked=STACKS, stacked_layers=(cfg.n_refiner_layers, cfg.n_layers), text_keys=TEXT_KEYS)
 
 
 # ----- conversion -----

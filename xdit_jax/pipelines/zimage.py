@@ -18,11 +18,12 @@ diffusers', 50 steps at guidance 5).
 
 Over the mesh: prompts over ``data``, CFG's halves over ``cfg``, the image tokens over ``ring`` x ``ulysses`` (the
 caption joins the main layers' attention as the masked context, sharded with them:
-:data:`xdit_jax.models.zimage.TEXT_KEYS`). The CFG step runs both halves on every step (one program); on the steps
+:data:`xdit_jax.models.zimage.TEXT_KEYS`), PipeFusion over the noise refiner then the main layers (both stacks over
+all stages, looped: :func:`xdit_jax.models.zimage.pipefusion_stacks`; the caption sliced with the patches, its mask
+whole). The CFG step runs both halves on every step (one program); on the steps
 ``cfg_truncation`` leaves unguided its scale is 0, which gives diffusers' positive-only prediction exactly.
 
-Not supported: PipeFusion (refused with a clear error); a ``generator`` (``seed`` instead); output types other than
-"np" and "latent".
+Not supported: a ``generator`` (``seed`` instead); output types other than "np" and "latent".
 """
 
 from __future__ import annotations
@@ -67,19 +68,15 @@ def default_size(tc=None, vc=None) -> dict:
     return dict(DEFAULTS)
 
 
-def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, guidance_scale: float = 0.0,
-                  uses_pipefusion: bool = False) -> None:
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, guidance_scale: float = 0.0) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work."""
     from xdit_jax.mesh import MeshSpec
 
-    ms = MeshSpec.parse(mesh_spec)
-    if ms.pipefusion > 1 or uses_pipefusion:
-        raise NotImplementedError("PipeFusion is not implemented for Z-Image yet: use data / cfg / ring / ulysses "
-                                  "(sequence parallelism splits the image tokens any way).")
-    if ms.cfg == 2 and guidance_scale <= 0:
+    if MeshSpec.parse(mesh_spec).cfg == 2 and guidance_scale <= 0:
         raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which Z-Image runs only with "
                          "guidance_scale > 0 (Z-Image-Turbo: 0, no CFG); drop cfg=2 or raise the guidance scale.")
-    check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), tc.n_layers, batch, mesh_spec, 2.0)
+    check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), zimage.pipefusion_stacks(tc)["stacked_layers"], batch,
+                        mesh_spec, 2.0)
 
 
 def _as_caption(embeds, what: str, dim: int):
@@ -110,15 +107,15 @@ class ZImagePipeline(ImagePipelineBase):
                          scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
                          attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
                          pipefusion_warmup_steps=pipefusion_warmup_steps, **zimage.pipefusion_stacks(transformer_config))
-        if self.uses_pipefusion:
-            check_request(transformer_config, vae_config, 16, 16, uses_pipefusion=True)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
                         variant: str | None = None, revision: str | None = None,
                         attention_backend: str = "auto", pipefusion_patches: int | None = None,
                         pipefusion_warmup_steps: int = 1) -> ZImagePipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
+        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
+        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
         dtype = parse_dtype(dtype)
         folder, _ = cls._pipeline_folder(model, ("ZImagePipeline",), cache_dir=cache_dir, variant=variant,
                                          revision=revision)
@@ -126,8 +123,6 @@ class ZImagePipeline(ImagePipelineBase):
         sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         tc = zimage.ZImageConfig.from_dict(read_json(folder / "transformer" / "config.json"))
         stacks = zimage.pipefusion_stacks(tc)
-        if mesh_obj.shape.get("pipefusion", 1) > 1 or (pipefusion_patches or 1) > 1:
-            check_request(tc, None, 16, 16, uses_pipefusion=True)
         parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
         return cls(**parts, scheduler_config=sched, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
                    pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
@@ -233,8 +228,10 @@ class ZImagePipeline(ImagePipelineBase):
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps, (shape[2] // 2) * (shape[3] // 2)))
         guidance = (jnp.zeros((num_inference_steps,), jnp.float32), jnp.float32(0.0))
         _, tstate = nnx.split(self.transformer)
-        return self._step_fn(do_cfg).lower(tstate, latents, flow_match.init_state(), jnp.int32(0), None, texts,
-                                           sched, guidance, jax.random.key(0)).compile()
+        kv = self._pipefusion_buffers(n, zimage.ceil_to((shape[2] // 2) * (shape[3] // 2)), abstract=True, text_len=lc)
+        return self._step_fn(do_cfg, warmup=kv is None).lower(
+            tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, guidance,
+            jax.random.key(0)).compile()
 
     # ------------------------------------------------------------------ call
 
@@ -302,7 +299,9 @@ class ZImagePipeline(ImagePipelineBase):
 
         # 3. denoise: one jitted step per iteration; then the VAE
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        kv = self._pipefusion_buffers(texts[0].shape[0], zimage.ceil_to((shape[2] // 2) * (shape[3] // 2)),
+                                      text_len=length)
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
-                                       output_type, self._decode_fn())
+                                       output_type, self._decode_fn(), kv=kv)
         return ZImagePipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
