@@ -199,6 +199,14 @@ def test_full_size_configs_folder():
     assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (
         cli.DEFAULTS["zimage"]["steps"], cli.DEFAULTS["zimage"]["guidance_scale"]) == (9, 0.0)
     zp.check_request(tc, vc, 1024, 1024, 1, "cfg=2,ulysses=4", 5.0)
+    from flax import nnx
+
+    from xdit_jax.models import llama, zimage
+
+    count = lambda m: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    # abstract builds (nothing allocated): Z-Image's 6B transformer, Qwen3-4B (tied embeddings, no lm_head)
+    assert count(nnx.eval_shape(lambda: zimage.ZImageTransformer2DModel(tc))) == 6_154_908_736
+    assert count(nnx.eval_shape(lambda: llama.LlamaModel(cfgs["text_encoder"]))) == 4_022_468_096
     with pytest.raises(ValueError, match="multiples of 16"):
         zp.check_request(tc, vc, 1000, 1024)
 
