@@ -277,3 +277,18 @@ def make_torch_qwenimage(seed: int = 0):
     skw = {k: v for k, v in tiny.QWEN_IMAGE_SCHEDULER.items() if not k.startswith("_")}
     return QwenImagePipeline(text_encoder=text_encoder, tokenizer=tiny.train_qwen_tokenizer(), transformer=transformer,
                              vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(**skw))
+
+
+def make_torch_zimage(seed: int = 0):
+    """A tiny random diffusers ZImagePipeline (xdit_jax.tiny's Z-Image configs: Qwen3 with the stand-in Qwen2
+    tokenizer and its chat template, FLUX's tiny VAE with scaling and shift, FlowMatchEuler with shift 3)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    transformer = randomize_(ZImageTransformer2DModel(**tiny.ZIMAGE_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
+    text_encoder = randomize_(Qwen3Model(Qwen3Config(**tiny.ZIMAGE_QWEN3)), seed + 2, std=0.2)
+    skw = {k: v for k, v in tiny.ZIMAGE_SCHEDULER.items() if not k.startswith("_")}
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**skw), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tiny.train_qwen3_tokenizer(), transformer=transformer)

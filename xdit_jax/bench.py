@@ -88,7 +88,8 @@ WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti
 LATTE_MODELS = ("latte-1",)
 HUNYUAN_VIDEO_MODELS = ("hunyuanvideo",)
 QWEN_IMAGE_MODELS = ("qwen-image",)
-IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage")  # text-to-image: no frames
+ZIMAGE_MODELS = ("z-image-turbo",)
+IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -476,6 +477,25 @@ def _qwen_image_cpu_small_workload() -> Workload:
                     source="configs/qwen-image, 1 block")
 
 
+def _zimage_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Z-Image (2 heads x 16, 2 main + 1 + 1 refiner layers, caption 32 wide) at 64 x 96: a 4 x 6 grid
+    # of patches, 24 image tokens padded to 32 by the model; a 32-token caption array, 20 kept tokens (the rest
+    # masked as keys).
+    return Workload("zimage-tiny", dict(tiny.ZIMAGE_TRANSFORMER), height=64, width=96, num_frames=1, family="zimage",
+                    text_tokens=32, text_valid=20, cfg=False, source="xdit_jax.tiny's Z-Image, 2 heads x 16, 2 layers",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 0.0, "max_sequence_length": 64})
+
+
+def _zimage_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "z-image-turbo"
+    t, defaults = load_model_dir(folder)
+    return Workload("zimage-cpu-small", dict(t, n_layers=2, n_refiner_layers=1), height=256, width=256,
+                    num_frames=1, family="zimage", text_tokens=64, text_valid=50, cfg=False, folder=str(folder),
+                    source="configs/z-image-turbo, 2 layers + 1 + 1 refiner layers", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -494,7 +514,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "hunyuanvideo-tiny": _hunyuan_video_tiny_workload,
                                               "hunyuanvideo-cpu-small": _hunyuan_video_cpu_small_workload,
                                               "qwenimage-tiny": _qwen_image_tiny_workload,
-                                              "qwenimage-cpu-small": _qwen_image_cpu_small_workload}
+                                              "qwenimage-cpu-small": _qwen_image_cpu_small_workload,
+                                              "zimage-tiny": _zimage_tiny_workload,
+                                              "zimage-cpu-small": _zimage_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -586,6 +608,12 @@ PRESET_HELP.update({
                   "tokens, true CFG: 2 samples per prompt)",
     "hunyuanvideo": "full-size configs/hunyuanvideo with random weights at 129x720x1280 (33x45x80 = 118,800 video + "
                     "256 Llama tokens, one sample per prompt)",
+    "zimage-tiny": "a 2x16-head Z-Image (2 main + 1 noise + 1 context refiner layers, caption 32 wide) at 64x96: 24 "
+                   "image tokens (padded to 32) + 32 caption tokens (20 kept), no CFG (CI smoke test)",
+    "zimage-cpu-small": "Z-Image-Turbo width (30 heads x 128), 2 main + 1 + 1 refiner layers, 256x256: 16x16 = 256 "
+                        "image + 64 caption tokens (50 kept), no CFG",
+    "z-image-turbo": "full-size configs/z-image-turbo with random weights at 1024x1024 (64x64 = 4096 image + 64 "
+                     "caption tokens, no CFG: Turbo's guidance 0)",
 })
 
 

@@ -1906,8 +1906,146 @@ class QwenImage(Family):
         return QwenImageTorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# Z-Image
+# ============================================================================================
+
+ZIMAGE_TIMESTEP = 0.5  # the transformer's ``timestep``: ZImagePipeline's (1000 - t) / 1000, mid-schedule
+ZIMAGE_CAPTION_TOKENS = 64  # a typical prompt's kept Qwen3 tokens in the chat template (~50), padded to 32s
+ZIMAGE_FREQ_DIM = 256  # the timestep sinusoids' width (TimestepEmbedder's frequency_embedding_size)
+ZIMAGE_T_MID = 1024  # TimestepEmbedder's mid_size
+
+
+def zimage_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], caption_tokens: int) -> dict[str, float]:
+    """Matmul FLOPs of one Z-Image transformer forward (2 FLOPs per multiply-add).
+
+    Latents (B, C, H, W); X0 = (H/p)(W/p) image tokens, X = X0 padded to a multiple of 32 (the learned pad token),
+    L = the caption array's tokens padded to 32 (every one computed; those past a prompt's ``ceil32(n)`` masked as
+    keys), d = dim (3840), f = int(d / 3 * 8) (the SwiGLU width), a = min(d, 256) (the adaLN input), D_c =
+    cap_feat_dim (2560), N main layers and R refiner layers of each kind (30, 2). Per block: q, k, v, out 8 T d^2
+    over its T tokens, attention QK^T and PV 4 T^2 d (T: X for the noise refiner, L for the context refiner, X + L
+    for the main layers: the image queries and keys with the caption's), the SwiGLU FFN (w1, w3, w2) 6 T d f, and
+    in the modulated ones (noise refiner, main layers) the adaLN linear 2 B a (4d). Once: the timestep MLP
+    2 B (256 x 1024 + 1024 a), the patch embed 2 B X0 (p^2 C) d, the caption embed 2 B L D_c d, and the final
+    layer: its modulation 2 B a d and linear 2 B X0 d (p^2 C). Norms, RoPE (host tables), the pad tokens, tanh /
+    SiLU and the gates are element-wise."""
+    b, c, h, w = latent_shape
+    t = transformer
+    d, n, r = int(t.get("dim", 3840)), int(t.get("n_layers", 30)), int(t.get("n_refiner_layers", 2))
+    p = int((t.get("all_patch_size") or [2])[0])
+    f, a = int(d / 3 * 8), min(d, 256)
+    dc = int(t.get("cap_feat_dim", 2560))
+    x0 = (h // p) * (w // p)
+    x, cap = -(-x0 // 32) * 32, -(-int(caption_tokens) // 32) * 32
+
+    def block(tokens, modulated):
+        return b * (8 * tokens * d * d + 4 * tokens * tokens * d + 6 * tokens * d * f) + (
+            2 * b * a * 4 * d if modulated else 0)
+
+    attention = b * 4 * d * (n * (x + cap) ** 2 + r * (x * x + cap * cap))
+    main, noise, context = block(x + cap, True), block(x, True), block(cap, False)
+    once = 2 * b * (ZIMAGE_FREQ_DIM * ZIMAGE_T_MID + ZIMAGE_T_MID * a) + 2 * b * x0 * p * p * c * d \
+        + 2 * b * cap * dc * d + 2 * b * a * d + 2 * b * x0 * d * p * p * c
+    total = n * main + r * (noise + context) + once
+    return {"total": float(total), "per_block": float(main), "attention": float(attention),
+            "linear": float(total - attention), "tokens": x0}
+
+
+class ZImageTorchReference(TorchReference):
+    """diffusers' ``ZImageTransformer2DModel`` called as ``ZImagePipeline`` calls it: a list of (C, 1, h, w) latents,
+    the timestep (1000 - t) / 1000, a list of each prompt's kept caption features; the output list stacked. With CFG
+    the pipeline calls it on both halves in one list, as here."""
+
+    diffusers_class = "ZImageTransformer2DModel"
+
+    def set_inputs(self, inputs, w):
+        put = functools.partial(self._put, inputs)
+        x, enc = put("latents", self.dtype), put("embeds", self.dtype)
+        lens = inputs["lens"]
+        self.x = list(x.unsqueeze(2).unbind(0))
+        self.caps = [enc[i, :int(lens[i])] for i in range(enc.shape[0])]
+        self.t = put("t")
+
+    def _forward(self):
+        out = self.model(self.x, self.t, self.caps, return_dict=False)[0]
+        return self.torch.stack([o[:, 0] for o in out])
+
+
+class ZImage(Family):
+    name = "zimage"
+    module_name = "xdit_jax.models.zimage"
+    model_class_name = "ZImageTransformer2DModel"
+    config_class_name = "ZImageConfig"
+    token_word = "image"
+    title = "Z-Image"
+    # Z-Image-Turbo runs without CFG (guidance 0): one sample per prompt; --cfg doubles it (guidance > 0)
+    default_cfg = False
+
+    def pipeline_call(self, w):
+        """CFG runs for any guidance_scale > 0: 0 without it (Turbo), the pipeline's default scale with it."""
+        kw = {k: v for k, v in super().pipeline_call(w).items() if k != "guidance_scale"}
+        return kw if w.cfg else dict(kw, guidance_scale=0.0)
+
+    def latent_shape(self, w):
+        """(B, C, H/8, W/8), diffusers' layout."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 16)), w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, _, h, ww = self.latent_shape(w)
+        p = int((w.transformer.get("all_patch_size") or [2])[0])
+        return (h // p) * (ww // p), self.text_len(w)
+
+    def text_len(self, w):
+        """The caption array's tokens (the pipeline crops it to the batch's longest prompt rounded up to 32)."""
+        return int(w.text_tokens or ZIMAGE_CAPTION_TOKENS)
+
+    def text_valid(self, w) -> int:
+        return min(int(w.text_valid or self.text_len(w)), self.text_len(w))
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # the image tokens; the caption joins as a context
+
+    def check(self, cfg, shape):
+        if shape[1] != cfg.in_channels or shape[2] % cfg.patch_size or shape[3] % cfg.patch_size:
+            raise ValueError(f"latents {shape}: this Z-Image transformer takes {cfg.in_channels} channels and sizes "
+                             f"that are multiples of {cfg.patch_size}.")
+
+    def with_layers(self, transformer, layers):
+        """``--layers N``: N main layers (the two refiners kept)."""
+        return dict(transformer, n_layers=int(layers))
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "layers": cfg.n_layers, "refiner_layers": cfg.n_refiner_layers, "heads": cfg.n_heads,
+                "head_dim": cfg.attention_head_dim, "height": w.height, "width": w.width, "cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As ``ZImagePipeline`` passes them: latents (B, C, h, w), the caption features (B, L, cap_feat_dim) of which
+        the first ``lens`` rows are each prompt's kept tokens (the rest zeros), and the timestep (B,) float32."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b, txt = w.step_batch, self.text_len(w)
+        embeds = rng.standard_normal((b, txt, int(t.get("cap_feat_dim", 2560))), dtype=np.float32)
+        lens = np.full((b,), self.text_valid(w), np.int32)
+        embeds[:, self.text_valid(w):] = 0.0
+        return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32), "embeds": embeds,
+                "lens": lens, "t": np.full((b,), ZIMAGE_TIMESTEP, dtype=np.float32)}
+
+    def embed_args(self, inputs, dtype):
+        return inputs["latents"].astype(dtype), inputs["t"], inputs["embeds"].astype(dtype), inputs["lens"]
+
+    def analytic_flops(self, w):
+        return zimage_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return ZImageTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
-                                                          SD3(), Wan(), Latte(), HunyuanVideo(), QwenImage())}
+                                                          SD3(), Wan(), Latte(), HunyuanVideo(), QwenImage(),
+                                                          ZImage())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
@@ -1917,6 +2055,7 @@ WAN_CLASS_NAMES = ("WanTransformer3DModel",)
 LATTE_CLASS_NAMES = ("LatteTransformer3DModel",)
 HUNYUAN_VIDEO_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
 QWEN_IMAGE_CLASS_NAMES = ("QwenImageTransformer2DModel",)
+ZIMAGE_CLASS_NAMES = ("ZImageTransformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -1931,6 +2070,9 @@ def family_of_config(transformer: dict) -> str:
     ``pos_embed_max_size`` (no other family has the first); Wan by its class name or ``ffn_dim`` together with
     ``freq_dim`` (no other family has either); Latte by its class name or ``ada_norm_single`` with ``video_length``;
     else CogVideoX."""
+    if transformer.get("_class_name") in ZIMAGE_CLASS_NAMES or (
+            "cap_feat_dim" in transformer and "n_refiner_layers" in transformer):
+        return "zimage"
     if transformer.get("_class_name") in WAN_CLASS_NAMES or ("ffn_dim" in transformer and "freq_dim" in transformer):
         return "wan"
     if transformer.get("_class_name") in QWEN_IMAGE_CLASS_NAMES or (

@@ -71,6 +71,10 @@ MODEL_CLASSES = {
     "LlamaModel": ("xdit_jax.models.llama", "LlamaConfig"),
     # Qwen-Image's text_encoder: the language model of Qwen2.5-VL (text path; visual.* and lm_head not read)
     "Qwen2_5_VLForConditionalGeneration": ("xdit_jax.models.qwen2_5_vl", "Qwen25VLTextConfig"),
+    "ZImageTransformer2DModel": ("xdit_jax.models.zimage", "ZImageConfig"),
+    # Z-Image's text_encoder (Qwen3-4B): Llama with q/k norms; a Qwen3ForCausalLM's model.* keys load too
+    "Qwen3Model": ("xdit_jax.models.qwen3", "Qwen3Config"),
+    "Qwen3ForCausalLM": ("xdit_jax.models.qwen3", "Qwen3Config"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 

@@ -21,7 +21,7 @@ TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
               "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
               "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext",
-              "tiny-qwenimage": "qwenimage"}
+              "tiny-qwenimage": "qwenimage", "tiny-zimage": "zimage"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -197,6 +197,20 @@ QWEN_IMAGE_TEXT_ENCODER = dict(
 QWEN_IMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
                             use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
                             max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+# Z-Image shaped: 2 main layers and 1 noise + 1 context refiner layer over 2 heads of 16 (RoPE axes 4 + 6 + 6), 4
+# latent channels (FLUX's tiny VAE, 8x); a 3-layer Qwen3 32 wide with GQA, head_dim 16 (not hidden / heads) and q/k
+# norms (hidden_states[-2]: the second layer's output) on the stand-in Qwen2 tokenizer (:data:`QWEN3_VOCAB` tokens).
+# 64 x 64 images: 8 x 8 latents, 16 image tokens (padded to 32 with the pad token).
+QWEN3_VOCAB = 405  # train_qwen3_tokenizer: 400 BPE tokens, <|endoftext|> and the 4 chat special tokens
+ZIMAGE_TRANSFORMER = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=4, dim=32, n_layers=2,
+                          n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32,
+                          rope_theta=256.0, t_scale=1000.0, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])
+ZIMAGE_QWEN3 = dict(vocab_size=QWEN3_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                    max_position_embeddings=1024, rope_theta=1000000.0, tie_word_embeddings=True,
+                    use_sliding_window=False, attention_bias=False, model_type="qwen3")
+ZIMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
+                        use_dynamic_shifting=False)
 
 
 def train_tokenizer(vocab_size: int = 96):
@@ -251,10 +265,21 @@ def train_qwen_tokenizer():
                                       vocab_size=QWEN_VOCAB)
 
 
-def stand_in_tokenizer(class_name: str):
+def train_qwen3_tokenizer():
+    """A Qwen2-style byte-level BPE tokenizer with Qwen3's chat template (:func:`xdit_jax.models.qwen3.train_tokenizer`)
+    trained on the same sentences, alone and in the template (:data:`QWEN3_VOCAB` tokens)."""
+    from xdit_jax.models import qwen3
+
+    corpus = CORPUS * 4 + [f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n" for p in CORPUS]
+    return qwen3.train_tokenizer(corpus, vocab_size=QWEN3_VOCAB - len(qwen3.SPECIAL_TOKENS))
+
+
+def stand_in_tokenizer(class_name: str, text_encoder: str = ""):
     """A small tokenizer trained here of the kind a pipeline's ``class_name`` (model_index.json) names: CLIP's
-    BPE, BERT's WordPiece, Llama 3's BPE (HunyuanVideo), else T5's Unigram. Its ids are valid for the full-size encoders' vocabularies and it
-    pads to the lengths the pipelines ask for, so a pipeline with random weights runs the real shapes."""
+    BPE, BERT's WordPiece, Llama 3's BPE (HunyuanVideo), Qwen2's byte-level BPE (for a ``Qwen3*`` ``text_encoder``:
+    Z-Image's, with Qwen3's chat template; else Qwen-Image's), else T5's Unigram. Its ids are valid for the full-size
+    encoders' vocabularies and it pads to the lengths the pipelines ask for, so a pipeline with random weights runs
+    the real shapes."""
     if class_name.startswith("CLIP"):
         return train_clip_tokenizer()
     if class_name.startswith("Bert"):
@@ -262,7 +287,7 @@ def stand_in_tokenizer(class_name: str):
     if class_name.startswith("Llama"):
         return train_llama_tokenizer()
     if class_name.startswith("Qwen2"):
-        return train_qwen_tokenizer()
+        return train_qwen3_tokenizer() if text_encoder.startswith("Qwen3") else train_qwen_tokenizer()
     return train_tokenizer()
 
 
@@ -315,6 +340,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer": ["transformers", "Qwen2Tokenizer"],
                 "transformer": ["diffusers", "QwenImageTransformer2DModel"],
                 "vae": ["diffusers", "AutoencoderKLQwenImage"]}
+    if family == "zimage":
+        return {"_class_name": "ZImagePipeline", "_diffusers_version": "0.36.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Qwen3Model"], "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                "transformer": ["diffusers", "ZImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "latte":
         return {"_class_name": "LattePipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DDIMScheduler"],
@@ -521,6 +551,19 @@ def _parts(family: str, transformer: dict | None):
                              lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(QWEN_IMAGE_TEXT_ENCODER),
                                                       rngs=nnx.Rngs(0))),
         }, QWEN_IMAGE_SCHEDULER
+    if family == "zimage":
+        from xdit_jax.models import llama, qwen3, zimage
+
+        tcfg = {**ZIMAGE_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("ZImageTransformer2DModel", tcfg,
+                            lambda: zimage.ZImageTransformer2DModel(zimage.ZImageConfig.from_dict(tcfg),
+                                                                    rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": ("Qwen3Model", ZIMAGE_QWEN3,
+                             lambda: llama.LlamaModel(qwen3.Qwen3Config.from_dict(ZIMAGE_QWEN3), rngs=nnx.Rngs(0))),
+        }, ZIMAGE_SCHEDULER
     if family == "latte":
         tcfg = {**LATTE_TRANSFORMER, **(transformer or {})}
         return {
@@ -616,7 +659,8 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             save_params(tmp / name / "params", random_params(abstract, seed + len(name)))
         for name, spec in model_index(family).items():
             if name.startswith("tokenizer"):
-                stand_in_tokenizer(spec[1]).save_pretrained(tmp / name)
+                encoder = model_index(family).get(name.replace("tokenizer", "text_encoder"), [None, ""])[1]
+                stand_in_tokenizer(spec[1], encoder).save_pretrained(tmp / name)
         if family == "flux-kontext":  # the VAE's encoder, as conversion writes it (vae/encoder_params)
             from xdit_jax.models import vae_kl, vae_kl_encoder
 

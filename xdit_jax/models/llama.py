@@ -78,6 +78,8 @@ class LlamaConfig:
     qkv_bias: bool = False
     mlp_bias: bool = False
     pad_token_id: int | None = None
+    # Qwen3 (xdit_jax.models.qwen3): an RMSNorm over each head of q and of k (q_norm / k_norm) before the rotation
+    qk_norm: bool = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -196,13 +198,18 @@ class LlamaAttention(nnx.Module):
         self.k_proj = linear(h, self.n_kv * d, bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = linear(h, self.n_kv * d, bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = linear(self.n_heads * d, h, bias=bias, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
 
     def __call__(self, x, cos, sin, allowed):
         """``allowed``: bool (B or 1, 1, 1, L, L): query i may attend to key j."""
         b, l, _ = x.shape
         g = self.n_heads // self.n_kv
-        q = apply_rotary(self.q_proj(x).reshape(b, l, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).reshape(b, l, self.n_kv, self.head_dim), cos, sin)
+        q = self.q_proj(x).reshape(b, l, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, l, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = self.v_proj(x).reshape(b, l, self.n_kv, self.head_dim)
         q = q.reshape(b, l, self.n_kv, g, self.head_dim)  # query head h = kv head (h // g), member h % g
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)

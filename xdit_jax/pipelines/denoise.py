@@ -223,8 +223,10 @@ def load_tokenizer(folder, name: str = "tokenizer"):
     if _RANDOM_WEIGHTS.get() is not None:
         from xdit_jax import tiny
 
-        spec = read_json(Path(folder) / "model_index.json").get(name) or [None, "T5Tokenizer"]
-        return tiny.stand_in_tokenizer(str(spec[1]))
+        index = read_json(Path(folder) / "model_index.json")
+        spec = index.get(name) or [None, "T5Tokenizer"]
+        encoder = index.get(name.replace("tokenizer", "text_encoder")) or [None, ""]
+        return tiny.stand_in_tokenizer(str(spec[1]), str(encoder[1]))
     return AutoTokenizer.from_pretrained(Path(folder) / name)
 
 

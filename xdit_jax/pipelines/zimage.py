@@ -1,0 +1,307 @@
+"""Z-Image text-to-image (Tongyi-MAI/Z-Image-Turbo), diffusers' ``ZImagePipeline`` on a JAX mesh.
+
+    pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", mesh="ulysses=4", dtype="bfloat16")
+    out = pipe("A cat holding a sign that says hello world", num_inference_steps=9, guidance_scale=0.0, seed=0)
+    out.images   # (batch, height, width, 3) float in [0, 1]
+
+As diffusers: each prompt in Qwen3's chat template, ``hidden_states[-2]`` of the Qwen3 encoder, each prompt's kept
+(unpadded) tokens only (:func:`xdit_jax.models.qwen3.prompt_embeds`: here a padded array with the counts, the
+caption array cropped to the batch's longest prompt rounded up to 32 tokens, so a short prompt costs what it costs
+diffusers); latents (B, 16, H / 8, W / 8) (H, W multiples of 16); sigmas ``linspace(1, 1/n, n)`` shifted by the
+scheduler (``shift``, or ``mu`` from the image tokens where it shifts dynamically), the transformer fed
+``(1000 - t) / 1000`` and its output negated into the Euler step; CFG when ``guidance_scale > 0`` as
+``pos + g (pos - neg)`` (the negative prompt "" by default), ``cfg_normalization`` (the guided prediction's norm
+capped at that multiple of the positive one's, per sample) and ``cfg_truncation`` (no guidance on steps whose
+``(1000 - t) / 1000`` exceeds it); the VAE (FLUX's 16-channel ``AutoencoderKL``) decodes ``latents /
+scaling_factor + shift_factor``. Z-Image-Turbo: 9 steps at guidance 0 (its model card; the call's defaults are
+diffusers', 50 steps at guidance 5).
+
+Over the mesh: prompts over ``data``, CFG's halves over ``cfg``, the image tokens over ``ring`` x ``ulysses`` (the
+caption joins the main layers' attention as the masked context, sharded with them:
+:data:`xdit_jax.models.zimage.TEXT_KEYS`), PipeFusion over the noise refiner then the main layers (both stacks over
+all stages, looped: :func:`xdit_jax.models.zimage.pipefusion_stacks`; the caption sliced with the patches, its mask
+whole). The CFG step runs both halves on every step (one program); on the steps
+``cfg_truncation`` leaves unguided its scale is 0, which gives diffusers' positive-only prediction exactly.
+
+Not supported: a ``generator`` (``seed`` instead); output types other than "np" and "latent".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xdit_jax.conversion import read_json
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import qwen3, vae_kl, zimage
+from xdit_jax.pipelines import image
+from xdit_jax.pipelines.denoise import (
+    StageTimer,
+    check_size_and_mesh,
+    negative_prompts,
+    parse_dtype,
+    peak_memory_bytes,
+    per_prompt,
+    prompt_batch,
+)
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
+from xdit_jax.schedulers import flow_match
+
+log = logging.getLogger("xdit_jax")
+
+ZImagePipelineOutput = ImagePipelineOutput
+DEFAULTS = {"height": 1024, "width": 1024}
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder."""
+    return image.read_configs(folder, zimage.ZImageConfig)
+
+
+def default_size(tc=None, vc=None) -> dict:
+    """diffusers' default: 1024 x 1024."""
+    return dict(DEFAULTS)
+
+
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, guidance_scale: float = 0.0) -> None:
+    """Refuse what the model cannot take, before any heavy work, saying what would work."""
+    from xdit_jax.mesh import MeshSpec
+
+    if MeshSpec.parse(mesh_spec).cfg == 2 and guidance_scale <= 0:
+        raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which Z-Image runs only with "
+                         "guidance_scale > 0 (Z-Image-Turbo: 0, no CFG); drop cfg=2 or raise the guidance scale.")
+    check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), zimage.pipefusion_stacks(tc)["stacked_layers"], batch,
+                        mesh_spec, 2.0)
+
+
+def _as_caption(embeds, what: str, dim: int):
+    """diffusers' list of per-prompt (L_i, dim) features, or (padded (B, L, dim), counts (B,)) -> the latter."""
+    if isinstance(embeds, tuple) and len(embeds) == 2:
+        feats, lens = np.asarray(embeds[0], np.float32), np.asarray(embeds[1], np.int32)
+    else:
+        embeds = list(embeds)
+        if not embeds or any(np.ndim(e) != 2 for e in embeds):
+            raise ValueError(f"{what} must be a list of (tokens, {dim}) arrays, one per prompt (diffusers' "
+                             "layout), or a (padded (batch, tokens, dim), counts (batch,)) pair.")
+        feats, lens = zimage.pad_caption_list(embeds)
+    if feats.ndim != 3 or feats.shape[2] != dim or lens.shape != (feats.shape[0],) or (lens < 1).any() or \
+            (lens > feats.shape[1]).any():
+        raise ValueError(f"{what}: features {feats.shape} with counts {lens.tolist()}: this model takes (batch, "
+                         f"tokens, {dim}) with 1 <= count <= tokens.")
+    return feats, lens
+
+
+class ZImagePipeline(ImagePipelineBase):
+    """Text-to-image with Z-Image — see the module docstring."""
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
+                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, **zimage.pipefusion_stacks(transformer_config))
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> ZImagePipeline:
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
+        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
+        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
+        dtype = parse_dtype(dtype)
+        folder, _ = cls._pipeline_folder(model, ("ZImagePipeline",), cache_dir=cache_dir, variant=variant,
+                                         revision=revision)
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+        tc = zimage.ZImageConfig.from_dict(read_json(folder / "transformer" / "config.json"))
+        stacks = zimage.pipefusion_stacks(tc)
+        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
+        return cls(**parts, scheduler_config=sched, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    # ------------------------------------------------------------------ stages
+
+    def default_size(self) -> dict:
+        return default_size()
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """diffusers' (B, in_channels, 2 (H // 16), 2 (W // 16))."""
+        s = 2 * vae_scale_factor(self.vae_config)
+        return (batch, self.transformer_config.in_channels, 2 * (height // s), 2 * (width // s))
+
+    def _qwen_fn(self):
+        """``fn(ids, mask) -> hidden_states[-2]`` of the Qwen3 encoder (only the layers it needs), jitted once."""
+        fns = self.__dict__.setdefault("_text_fns", {})
+        if "qwen3" not in fns:
+            graphdef, state = nnx.split(self.text_encoder)
+            enc = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).hidden_state(
+                ids, mask, qwen3.HIDDEN_STATE_INDEX))
+            fns["qwen3"] = lambda ids, mask: enc(state, self._put_replicated(jnp.asarray(ids, jnp.int32)),
+                                                 self._put_replicated(jnp.asarray(mask, jnp.int32)))
+        return fns["qwen3"]
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512):
+        """(caption features (B, max n_i, cap_feat_dim), kept-token counts (B,)) as diffusers' ``_encode_prompt``."""
+        return qwen3.prompt_embeds(self.tokenizer, self.text_encoder, prompts, max_sequence_length,
+                                   encode=self._qwen_fn())
+
+    def schedule(self, num_inference_steps: int, image_seq_len: int, sigmas=None):
+        """diffusers' ZImagePipeline schedule: sigmas linspace(1, 1/n, n) (or the caller's), mu from the image tokens
+        (used where the scheduler shifts dynamically)."""
+        if sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps, dtype=np.float32)
+        cfg = self.scheduler_config
+        mu = cfg.mu(image_seq_len) if cfg.use_dynamic_shifting else None
+        return flow_match.make_schedule(cfg, sigmas=sigmas, mu=mu)
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng)``; ``texts``:
+        (caption features, counts), a row each ([prompt; negative] for CFG); ``guidance``: (per-step guidance scale
+        (steps,), cfg_normalization) float32."""
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype = self.dtype
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
+            del rng
+            model = nnx.merge(graphdef, tstate)
+            x = self._model_batch(latents, do_cfg)
+            t = jnp.broadcast_to((1000.0 - sched.timesteps[i]) / 1000.0, (x.shape[0],)).astype(jnp.float32)
+            h, tokens, cond = model.embed(x.astype(dtype), t, texts[0], texts[1])
+            h, kv = self._blocks_over_mesh(blocks, tstate, h, tokens, cond, kv, warmup)
+            pred = model.head(h, cond, x.shape).astype(jnp.float32)
+            pred = self._real_rows(pred, latents.shape[0], do_cfg)
+            if do_cfg:
+                pos, neg = jnp.split(pred, 2)
+                g, norm = guidance[0][i], guidance[1]
+                guided = pos + g * (pos - neg)
+                # cfg_normalization: the guided norm capped at norm x the positive one's, per sample
+                axes = tuple(range(1, pred.ndim))
+                pos_n = jnp.sqrt(jnp.sum(jnp.square(pos), axis=axes, keepdims=True))
+                new_n = jnp.sqrt(jnp.sum(jnp.square(guided), axis=axes, keepdims=True))
+                cap = pos_n * norm
+                capped = jnp.where(new_n > cap, guided * (cap / new_n), guided)
+                guided = jnp.where(norm > 0, capped, guided)
+                pred = jnp.where(g > 0, guided, pos)  # cfg_truncation's unguided steps: the positive prediction
+            latents, sched_state = flow_match.step(sched, i, -pred, latents, sched_state)
+            return self._step_out(latents, sched_state, i, kv)
+
+        return self._jit_step(key, step)
+
+    def _decode_fn(self):
+        """Jitted VAE decode over the whole mesh of ``latents / scaling_factor + shift_factor`` -> (B, H, W, 3)."""
+        vc, dtype = self.vae_config, self.dtype
+
+        def decode(vae, latents, **kw):
+            return vae_kl.decode(vae, vae_kl.unscale_latents(vc, latents.astype(jnp.float32)).astype(dtype), **kw)
+
+        return self._jit_decode("fn", decode)
+
+    def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
+                     num_inference_steps: int = 9, guidance_scale: float = 0.0, caption_tokens: int = 512):
+        """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it
+        (``guidance_scale > 0``: the CFG step); ``caption_tokens``: the caption array's length (rounded up to 32)."""
+        ds = self.default_size()
+        height, width = (ds[k] if v is None else v for k, v in (("height", height), ("width", width)))
+        do_cfg = guidance_scale > 0
+        tc = self.transformer_config
+        check_request(tc, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
+        shape = self.latent_shape(batch, height, width)
+        n = (2 if do_cfg else 1) * self._padded_batch(batch)
+        lc = zimage.ceil_to(caption_tokens)
+        sd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), do_cfg))  # noqa
+        latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
+        texts = (sd((n, lc, tc.cap_feat_dim), self.dtype), sd((n,), jnp.int32))
+        sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps, (shape[2] // 2) * (shape[3] // 2)))
+        guidance = (jnp.zeros((num_inference_steps,), jnp.float32), jnp.float32(0.0))
+        _, tstate = nnx.split(self.transformer)
+        kv = self._pipefusion_buffers(n, zimage.ceil_to((shape[2] // 2) * (shape[3] // 2)), abstract=True, text_len=lc)
+        return self._step_fn(do_cfg, warmup=kv is None).lower(
+            tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, guidance,
+            jax.random.key(0)).compile()
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, *, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, sigmas=None, guidance_scale: float = 5.0,
+                 cfg_normalization: bool | float = False, cfg_truncation: float | None = 1.0,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length: int = 512, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> ZImagePipelineOutput:
+        """diffusers' arguments and defaults (``generator`` -> ``seed``; ``output_type`` "np" or "latent");
+        ``prompt_embeds`` / ``negative_prompt_embeds``: diffusers' lists of per-prompt (tokens, cap_feat_dim)
+        arrays, or (padded array, counts) pairs."""
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        # (a list of per-prompt arrays of different lengths has no numpy shape: its length counts the prompts)
+        counted = None if prompt_embeds is None else (
+            prompt_embeds[0] if isinstance(prompt_embeds, tuple) else np.zeros((len(prompt_embeds), 0)))
+        prompts, batch = prompt_batch(prompt, counted, output_type)
+        per = per_prompt(num_images_per_prompt)
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        do_cfg = guidance_scale > 0
+        if prompt_embeds is not None and do_cfg and negative_prompt_embeds is None:
+            raise ValueError("When `prompt_embeds` is provided without `prompt`, `negative_prompt_embeds` must also "
+                             "be provided for classifier-free guidance (as diffusers).")
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
+        tc = self.transformer_config
+        timer = StageTimer()
+
+        # 1. text: the kept Qwen3 tokens of each prompt; [prompt; negative] for CFG, one caption length (x 32)
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds = self.encode_prompt(prompts, max_sequence_length)
+            caps = [_as_caption(prompt_embeds, "prompt_embeds", tc.cap_feat_dim)]
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    negative_prompt_embeds = self.encode_prompt(negative_prompts(negative_prompt, batch),
+                                                                max_sequence_length)
+                caps.append(_as_caption(negative_prompt_embeds, "negative_prompt_embeds", tc.cap_feat_dim))
+                if caps[1][0].shape[0] != batch:
+                    raise ValueError(f"negative_prompt_embeds has {caps[1][0].shape[0]} entries for {batch} prompts.")
+            if caps[0][0].shape[0] != batch:
+                raise ValueError(f"prompt_embeds has {caps[0][0].shape[0]} entries for {batch} prompts.")
+            length = zimage.ceil_to(max(int(c[1].max()) for c in caps))
+            feats = np.concatenate([np.pad(f[:, :length], ((0, 0), (0, length - min(f.shape[1], length)), (0, 0)))
+                                    for f, _ in caps])
+            lens = np.concatenate([c[1] for c in caps])
+            texts = (self._put_batch(jnp.asarray(feats, self.dtype), do_cfg, per),
+                     self._put_batch(jnp.asarray(lens, jnp.int32), do_cfg, per))
+            jax.block_until_ready(texts)
+
+        # 2. latents (diffusers' layout), schedule, guidance per step
+        shape = self.latent_shape(batch * per, height, width)
+        sched = self.schedule(num_inference_steps, (shape[2] // 2) * (shape[3] // 2), sigmas)
+        rng = jax.random.key(seed)
+        latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
+                                        "batch, channels, 2 (height // 16), 2 (width // 16)")
+        g = np.full((len(sched.timesteps),), guidance_scale, np.float32)
+        if do_cfg and cfg_truncation is not None and float(cfg_truncation) <= 1:
+            t_norm = (1000.0 - np.asarray(sched.timesteps, np.float32)) / 1000.0
+            g = np.where(t_norm > float(cfg_truncation), 0.0, g).astype(np.float32)
+        guidance = (self._put_replicated(jnp.asarray(g)),
+                    self._put_replicated(jnp.float32(float(cfg_normalization) if cfg_normalization else 0.0)))
+
+        # 3. denoise: one jitted step per iteration; then the VAE
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        kv = self._pipefusion_buffers(texts[0].shape[0], zimage.ceil_to((shape[2] // 2) * (shape[3] // 2)),
+                                      text_len=length)
+        out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
+                                       (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
+                                       output_type, self._decode_fn(), kv=kv)
+        return ZImagePipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
