@@ -78,7 +78,7 @@ def test_latents_match_diffusers_dpm_rescale_batch(tmp_path_factory):
 # The single-axis meshes are slow-marked: the combined mesh covers their axes here, and the transformer's
 # tests run every mesh; `pytest -m slow` runs them.
 SLOW = pytest.mark.slow
-MESHES = ["cfg=2,ulysses=2,ring=2", "ulysses=3", pytest.param("data=2", marks=SLOW), pytest.param("data=2,ulysses=2", marks=SLOW),
+MESHES = ["cfg=2,ulysses=2,ring=2", pytest.param("ulysses=3", marks=SLOW), pytest.param("data=2", marks=SLOW), pytest.param("data=2,ulysses=2", marks=SLOW),
           pytest.param("cfg=2", marks=SLOW), pytest.param("ulysses=2", marks=SLOW), pytest.param("ring=2", marks=SLOW)]
 
 

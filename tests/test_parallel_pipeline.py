@@ -51,7 +51,7 @@ def test_mesh_errors():
     assert build_mesh("ring=2,ulysses=3").devices.shape == (1, 1, 1, 2, 3)
 
 
-@pytest.mark.parametrize("mesh", ["data=2", "data=4,cfg=2"])
+@pytest.mark.parametrize("mesh", [pytest.param("data=2", marks=pytest.mark.slow), "data=4,cfg=2"])  # (the second pads too)
 def test_data_degree_need_not_divide_the_prompts(mesh, tmp_path_factory):
     """3 prompts on data=2 (padded to 4) and on data=4 (one sample a device, one padded): the one-device
     latents, the padded rows dropped."""

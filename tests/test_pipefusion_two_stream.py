@@ -73,7 +73,7 @@ SLOW = pytest.mark.slow  # cases another case covers (the default run stays unde
 # sliced: the text cut with the patches (5 tokens: 3 slices of 2, the last padded; Mochi's mask pads one sample);
 # False: a whole copy per patch
 @pytest.mark.parametrize("family,mesh,patches,sliced", [
-    ("mochi", "cfg=2,pipefusion=2,ulysses=2", 3, True),
+    pytest.param("mochi", "cfg=2,pipefusion=2,ulysses=2", 3, True, marks=SLOW),  # SD3.5 Medium's stacks case covers it
     pytest.param("mochi", "pipefusion=2,ring=2", 2, True, marks=SLOW),  # ring x PipeFusion: flux stacks, test_pipefusion
     pytest.param("mochi", "pipefusion=2,ring=2", 2, False, marks=SLOW),
     ("sd3", "pipefusion=3", 3, True), ("sd3", "pipefusion=3", 2, False),

@@ -522,11 +522,11 @@ def _main(argv=None) -> int:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
         if not image_to_video and not args.kontext and args.image is not None:
-            raise ValueError(f"--image: {args.model} takes no image (a CogVideoX or Wan I2V checkpoint, Wan 2.2 "
-                             "TI2V-5B, or FLUX.1 Kontext does).")
+            raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
+                             "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, or FLUX.1 Kontext does).")
         if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline"):
-            raise ValueError(f"--last-image: {'FLUX.1 Kontext' if args.kontext else 'CogVideoX image-to-video'} "
-                             "takes one image (--image).")
+            raise ValueError("--last-image: FLUX.1 Kontext takes one image (--image)." if args.kontext else
+                             "--last-image: CogVideoX image-to-video takes the first frame only.")
         if not args.kontext and (args.max_area is not None or args.no_auto_resize):
             raise ValueError(f"--{'max-area' if args.max_area is not None else 'no-auto-resize'}: FLUX.1 Kontext "
                              f"only; {args.model} is not a Kontext checkpoint.")
