@@ -67,6 +67,10 @@ MODEL_CLASSES = {
     "CLIPVisionModelWithProjection": ("xdit_jax.models.clip", "CLIPVisionWithProjectionConfig"),
     # HunyuanVideo's text_encoder (llava-llama-3-8b's text part); a LlamaForCausalLM's model.* keys load too
     "LlamaModel": ("xdit_jax.models.llama", "LlamaConfig"),
+    # SANA: its transformer, Gemma 2 text encoder (gemma-2-2b-it's Gemma2Model) and DC-AE
+    "SanaTransformer2DModel": ("xdit_jax.models.sana", "SanaConfig"),
+    "Gemma2Model": ("xdit_jax.models.gemma2", "Gemma2Config"),
+    "AutoencoderDC": ("xdit_jax.models.vae_dc", "AutoencoderDCConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 

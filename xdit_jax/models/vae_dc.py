@@ -98,6 +98,10 @@ class AutoencoderDCConfig:
         return cls(**known_fields(cls, d))
 
     @property
+    def block_out_channels(self) -> tuple:  # for xdit_jax.pipelines.image.vae_scale_factor
+        return self.decoder_block_out_channels
+
+    @property
     def spatial_compression_ratio(self) -> int:
         return 2 ** (len(self.decoder_block_out_channels) - 1)
 
@@ -323,11 +327,17 @@ def _decode_plain(model: AutoencoderDCDecoder, z):
     return jnp.transpose(model(jnp.transpose(z, (0, 2, 3, 1))), (0, 3, 1, 2))
 
 
-def decode(model: AutoencoderDCDecoder, z, *, mesh=None, grid=None):
-    """diffusers' ``AutoencoderDC.decode(z).sample`` (no tiling): latents (B, C, h, w), already divided by the
-    scaling factor -> images (B, 3, 32h, 32w), not clipped. ``mesh``: the plane split over its devices (the
-    ``"gspmd"`` strategy of :func:`xdit_jax.parallel.vae.sharded_decode`), equal to one device's decode."""
-    return spatial.sharded_decode(_decode_plain, model, z, mesh, grid=grid, strategy="gspmd")
+def decode(model: AutoencoderDCDecoder, z, *, tiling=None, slicing: bool = False, mesh=None, grid=None):
+    """diffusers' ``AutoencoderDC.decode(z).sample``: latents (B, C, h, w), already divided by the scaling factor
+    -> images (B, 3, 32h, 32w), not clipped. ``mesh``: the plane split over its devices (the ``"gspmd"`` strategy
+    of :func:`xdit_jax.parallel.vae.sharded_decode`), equal to one device's decode. ``slicing`` (or ``tiling=
+    "slices"``, the pipeline's low-memory fallback): one sample at a time. diffusers' tiled DC-AE decode is not
+    implemented: any other ``tiling`` is refused."""
+    if tiling not in (None, False, "slices"):
+        raise NotImplementedError("Tiled decoding of the DC-AE (AutoencoderDC.enable_tiling) is not implemented; "
+                                  "decode over more devices (--mesh) or one sample at a time (slicing) instead.")
+    return spatial.decode(_decode_plain, model, z, mesh=mesh, slicing=bool(slicing or tiling == "slices"),
+                          grid=grid, strategy="gspmd")
 
 
 def unscale_latents(cfg: AutoencoderDCConfig, latents):

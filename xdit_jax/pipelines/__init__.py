@@ -19,11 +19,12 @@ PIPELINES = {
     "WanImageToVideoPipeline": ("xdit_jax.pipelines.wan", "WanImageToVideoPipeline", "wan"),
     "LattePipeline": ("xdit_jax.pipelines.latte", "LattePipeline", "latte"),
     "HunyuanVideoPipeline": ("xdit_jax.pipelines.hunyuan_video", "HunyuanVideoPipeline", "hunyuanvideo"),
+    "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
 }
 
 
 def family(class_name: str) -> str:
-    """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo") of a diffusers pipeline class name;
+    """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo", "sana") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")

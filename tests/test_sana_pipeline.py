@@ -1,0 +1,98 @@
+"""The SANA pipeline from a diffusers save_pretrained folder == diffusers' SanaPipeline (latents and decoded
+image), on one device and on a mesh; resolution binning tables == diffusers'."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_sana, save_torch_pipeline
+from xdit_jax import tiny
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.sana import SanaPipeline
+
+PROMPT = "A small dog running on a beach at sunset."
+NEG = "blurry, low quality"
+H, W, STEPS = 32, 64, 3  # diffusers takes multiples of 32 only: 8 x 16 latents, 128 image tokens
+MSL = tiny.SANA_MAX_SEQUENCE_LENGTH
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    tp = make_torch_sana()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("sana"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))  # converted on first use
+    return tp, SanaPipeline.from_pretrained(converted), converted
+
+
+def initial_latents(batch=1, seed=0, h=H, w=W):
+    return np.random.default_rng(seed).standard_normal((batch, 4, h // 4, w // 4)).astype(np.float32)
+
+
+def test_image_matches_diffusers(pipes):
+    """Default complex human instruction (356 prompt tokens selected down to 16), a negative prompt, CFG, DPM-Solver++
+    with flow sigmas, DC-AE decode."""
+    tp, ours, _ = pipes
+    lat = initial_latents()
+    with torch.no_grad():
+        ref = tp(prompt=PROMPT, negative_prompt=NEG, height=H, width=W, num_inference_steps=STEPS,
+                 latents=torch.from_numpy(lat), max_sequence_length=MSL, use_resolution_binning=False,
+                 guidance_scale=4.5, output_type="np").images
+    out = ours(PROMPT, NEG, height=H, width=W, num_inference_steps=STEPS, latents=lat, guidance_scale=4.5,
+               max_sequence_length=MSL, use_resolution_binning=False, progress=False).images
+    assert out.shape == ref.shape == (1, H, W, 3)
+    # fp32 both sides, pixels in [0, 1]: measured 2.9e-6; 1e-4 is 1/40 of an 8-bit level, while a wrong token
+    # selection, mask or schedule moves pixels by >1e-2 (dropping the instruction moves them by 0.59).
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_latents_match_diffusers_batch_no_cfg(pipes):
+    """Two prompts of different lengths, two images each, no instruction, guidance off (no CFG batch). diffusers runs
+    each prompt twice instead of num_images_per_prompt=2: its encode_prompt repeats the embeddings per prompt but the
+    masks per batch ([P, P, C, C] with masks [P, C, P, C]), a mismatch we do not copy."""
+    tp, ours, _ = pipes
+    prompts = [PROMPT, "A cat."]
+    lat = initial_latents(batch=4, seed=1)
+    with torch.no_grad():
+        ref = tp(prompt=[p for p in prompts for _ in (0, 1)], height=H, width=W, num_inference_steps=STEPS,
+                 latents=torch.from_numpy(lat), guidance_scale=1.0, max_sequence_length=MSL,
+                 use_resolution_binning=False, complex_human_instruction=[], output_type="latent").images.numpy()
+    out = ours(prompts, height=H, width=W, num_inference_steps=STEPS, latents=lat, guidance_scale=1.0,
+               max_sequence_length=MSL, use_resolution_binning=False, complex_human_instruction=[],
+               output_type="latent", progress=False, num_images_per_prompt=2).images
+    # flow latents of scale 3.7: measured 1.5e-6.
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("mesh", ["cfg=2,ring=2,ulysses=2", pytest.param("ulysses=3", marks=pytest.mark.slow)])
+def test_mesh_matches_one_device(pipes, mesh):
+    _, ours, folder = pipes
+    lat = initial_latents(seed=2, h=36, w=48)  # 9 x 12 = 108 tokens: padded to 112 over ring x ulysses = 4, 111 over ulysses=3
+    kw = dict(height=36, width=48, num_inference_steps=2, latents=lat, max_sequence_length=MSL,
+              use_resolution_binning=False, complex_human_instruction=[], progress=False)
+    ref = ours(PROMPT, **kw).images
+    out = SanaPipeline.from_pretrained(folder, mesh=mesh)(PROMPT, **kw).images
+    # parallel output equals one device up to float rounding: measured 5.4e-7 (both meshes).
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+
+
+def test_resolution_binning_tables_match_diffusers():
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+    from diffusers.pipelines.sana.pipeline_sana import ASPECT_RATIO_4096_BIN
+
+    from xdit_jax.pipelines.sana import aspect_ratio_bins, binned_size
+
+    for s, table in {16: ASPECT_RATIO_512_BIN, 32: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_2048_BIN,
+                     128: ASPECT_RATIO_4096_BIN}.items():
+        assert aspect_ratio_bins(s) == {k: (int(h), int(w)) for k, (h, w) in table.items()}
+    assert binned_size(1000, 1500, 32) == (832, 1216) and binned_size(100, 100, 8) == (100, 100)
+
+
+def test_bad_requests(pipes):
+    _, ours, folder = pipes
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ours(PROMPT, height=30, width=48, use_resolution_binning=False, progress=False)
+    with pytest.raises(ValueError, match="PipeFusion"):
+        SanaPipeline.from_pretrained(folder, mesh="pipefusion=2")
+    with pytest.raises(ValueError, match="prompt_attention_mask"):
+        ours(prompt_embeds=np.zeros((1, 4, 24), np.float32), progress=False)
