@@ -96,3 +96,34 @@ def test_bad_requests(pipes):
         SanaPipeline.from_pretrained(folder, mesh="pipefusion=2")
     with pytest.raises(ValueError, match="prompt_attention_mask"):
         ours(prompt_embeds=np.zeros((1, 4, 24), np.float32), progress=False)
+
+
+def test_full_size_configs_folder():
+    """configs/sana-1600m-1024px reads into the modules' configs: the transformer has SANA 1600M's 1604.5M
+    parameters, the text encoder gemma-2-2b's 2614M, the DC-AE 32x compression; 1024 x 1024 passes the checks over
+    a mesh, PipeFusion is refused."""
+    from pathlib import Path
+
+    import jax
+    from flax import nnx
+
+    from xdit_jax.conversion import read_json
+    from xdit_jax.models import gemma2, sana, vae_dc
+    from xdit_jax.pipelines import sana as sp
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "sana-1600m-1024px"
+    tc, vc = sp.read_configs(root)
+    gc = gemma2.Gemma2Config.from_dict(read_json(root / "text_encoder" / "config.json"))
+    count = lambda make: sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(make), nnx.Param)))  # noqa: E731
+    assert count(lambda: sana.SanaTransformer2DModel(tc)) == 1_604_462_752
+    assert count(lambda: gemma2.Gemma2Model(gc)) == 2_614_341_888
+    assert vc.spatial_compression_ratio == 32 and tc.caption_channels == gc.hidden_size
+    defaults = read_json(root / "defaults.json")
+    assert sp.binned_size(defaults["height"], defaults["width"], tc.sample_size) == (1024, 1024)
+    sp.check_request(tc, vc, 1024, 1024, 1, "cfg=2,ulysses=4", defaults["guidance_scale"])
+    with pytest.raises(ValueError, match="PipeFusion"):
+        sp.check_request(tc, vc, 1024, 1024, 1, "pipefusion=2", 4.5)
+    from xdit_jax.schedulers import dpmsolver
+
+    scfg = dpmsolver.DPMSolverConfig.from_dict(read_json(root / "scheduler" / "scheduler_config.json"))
+    assert scfg.use_flow_sigmas and scfg.flow_shift == 3.0 and scfg.prediction_type == "flow_prediction"
