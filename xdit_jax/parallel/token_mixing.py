@@ -11,7 +11,8 @@ padded to a multiple of ``ring * ulysses``, split into contiguous chunks, the de
   sequence. The sums over m are reductions: each device sums its own tokens (padding masked out) into
   ``K^T V`` (B, H, D, Dv) and ``sum K`` (B, H, D), one ``psum`` over (ring, ulysses) adds them up, and every
   query row is then local. Traffic: ``B H D (Dv + 1)`` floats per device and call, independent of the
-  sequence length (SANA 1600M: 70 heads x 32 x 33 x 4 B = 296 KB per sample and block).
+  sequence length (SANA 1600M: 70 heads x 32 x 33 x 4 B = 296 KB per sample and block). As diffusers, V is padded
+  with a row of ones, so that one product gives both sums (and the queries' denominators).
 * :func:`grid_conv3x3`: a depthwise 3x3 convolution (zero padding 1) over the row-major ``(H, W)`` token grid.
   Output token ``g`` needs the inputs ``g - W - 1 .. g + W + 1`` of the flat sequence: a halo of ``W + 1``
   tokens on each side. When every chunk holds at least ``W + 1`` tokens the halos come from the two
@@ -81,16 +82,16 @@ def linear_attention(q, k, v, *, eps: float = 1e-15):
         start = _chunk_index(cfg) * n if axes else 0
         keep = (start + jnp.arange(n)) < cfg.valid_len
         kf = jnp.where(keep[None, :, None, None], kf, 0.0)
-    kv = jnp.einsum("bshd,bshe->bhde", kf, vf)  # sum over the local tokens
-    ksum = jnp.sum(kf, axis=1)  # (B, H, D)
+    # V padded with a row of ones (diffusers' trick): one product gives K^T V and the key sums, and one psum adds them
+    vf = jnp.concatenate([vf, jnp.ones(vf.shape[:-1] + (1,), vf.dtype)], axis=-1)
+    kv = jnp.einsum("bshd,bshe->bhde", kf, vf)  # (B, H, D, Dv + 1): sums over the local tokens
     if axes:
         try:
-            kv, ksum = lax.psum((kv, ksum), axes)
+            kv = lax.psum(kv, axes)
         except NameError as e:
             raise _unbound(axes, e) from e
-    num = jnp.einsum("bshd,bhde->bshe", qf, kv)
-    den = jnp.einsum("bshd,bhd->bsh", qf, ksum)[..., None]
-    return (num / (den + eps)).astype(q.dtype)
+    out = jnp.einsum("bshd,bhde->bshe", qf, kv)
+    return (out[..., :-1] / (out[..., -1:] + eps)).astype(q.dtype)
 
 
 def _conv_flat(ext, weight, start, n: int, grid):
