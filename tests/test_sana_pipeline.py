@@ -108,7 +108,7 @@ def test_full_size_configs_folder():
     from flax import nnx
 
     from xdit_jax.conversion import read_json
-    from xdit_jax.models import gemma2, sana, vae_dc
+    from xdit_jax.models import gemma2, sana
     from xdit_jax.pipelines import sana as sp
 
     root = Path(__file__).resolve().parents[1] / "configs" / "sana-1600m-1024px"
@@ -127,3 +127,29 @@ def test_full_size_configs_folder():
 
     scfg = dpmsolver.DPMSolverConfig.from_dict(read_json(root / "scheduler" / "scheduler_config.json"))
     assert scfg.use_flow_sigmas and scfg.flow_shift == 3.0 and scfg.prediction_type == "flow_prediction"
+
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of sana-tiny (96 image + 16 Gemma tokens, 6 real) against diffusers' transformer on
+    one device and ulysses=3 (the linear attention's psum and the conv's halos); HLO FLOPs == the analytic formula;
+    the full-size folder read as SANA with its shapes, nothing compiled."""
+    from xdit_jax import bench
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="sana-tiny", meshes=[None, "ulysses=3"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("single device", "xdit_jax"), ("torch cpu", "diffusers"), ("ulysses=3", "xdit_jax")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "sana" and r["latent_shape"] == [2, 4, 8, 12] and r["image_tokens"] == 96
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["ulysses=3"]):
+        # same weights and inputs, fp32, outputs O(1): measured 5.4e-7 (one device), 7.2e-7 (ulysses=3); a mask or
+        # layout slip moves them by O(0.01) and more
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("sana-1600m-1024px")
+    assert w.family == "sana" and w.cfg and w.latent_shape() == (2, 32, 32, 32)
+    assert w.fam.tokens(w) == (1024, 300)

@@ -87,7 +87,8 @@ WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti
               "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b-720p")
 LATTE_MODELS = ("latte-1",)
 HUNYUAN_VIDEO_MODELS = ("hunyuanvideo",)
-IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3")  # text-to-image: no frames
+SANA_MODELS = ("sana-1600m-1024px",)
+IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "sana")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -457,6 +458,26 @@ def _hunyuan_video_cpu_small_workload() -> Workload:
                     source="configs/hunyuanvideo, 1 double- + 1 single-stream block", defaults=defaults)
 
 
+def _sana_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's SANA (2 linear heads x 8, 2 blocks, Gemma states 24 wide; its DC-AE compresses 4x) at 32 x 48:
+    # 8 x 12 = 96 image tokens (the 8-way sequence meshes pad: 96 = 8 x 12, ulysses=3 / 5 do), 16 Gemma tokens (6 real).
+    scale = 2 ** (len(tiny.SANA_VAE["decoder_block_out_channels"]) - 1)
+    return Workload("sana-tiny", dict(tiny.SANA_TRANSFORMER), height=32, width=48, num_frames=1, vae_scale_spatial=scale,
+                    family="sana", text_tokens=tiny.SANA_MAX_SEQUENCE_LENGTH, text_valid=6,
+                    source="xdit_jax.tiny's SANA, 2 heads x 8, 2 blocks",
+                    defaults=dict(num_inference_steps=4, guidance_scale=4.5))
+
+
+def _sana_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "sana-1600m-1024px"
+    t, defaults = load_model_dir(folder)
+    return Workload("sana-cpu-small", dict(t, num_layers=2), height=512, width=512, num_frames=1,
+                    vae_scale_spatial=32, family="sana", text_tokens=int(defaults.get("max_sequence_length", 300)),
+                    folder=str(folder), source="configs/sana-1600m-1024px, 2 layers", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -473,7 +494,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "latte-tiny": _latte_tiny_workload,
                                               "latte-cpu-small": _latte_cpu_small_workload,
                                               "hunyuanvideo-tiny": _hunyuan_video_tiny_workload,
-                                              "hunyuanvideo-cpu-small": _hunyuan_video_cpu_small_workload}
+                                              "hunyuanvideo-cpu-small": _hunyuan_video_cpu_small_workload,
+                                              "sana-tiny": _sana_tiny_workload,
+                                              "sana-cpu-small": _sana_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -559,6 +582,11 @@ PRESET_HELP.update({
                               "128x128: 5x8x8 = 320 video + 256 Llama tokens, one sample per prompt",
     "hunyuanvideo": "full-size configs/hunyuanvideo with random weights at 129x720x1280 (33x45x80 = 118,800 video + "
                     "256 Llama tokens, one sample per prompt)",
+    "sana-tiny": "a 2x8-head, 2-block SANA (linear attention, GLUMBConv) at 32x48: 96 image + 16 Gemma tokens (6 real; "
+                 "CI smoke test)",
+    "sana-cpu-small": "SANA 1600M width (70 linear heads x 32), 2 blocks, 512x512: 16x16 = 256 image + 300 Gemma tokens",
+    "sana-1600m-1024px": "full-size configs/sana-1600m-1024px with random weights at 1024x1024 (32x32 = 1024 image + 300 "
+                         "Gemma tokens)",
 })
 
 
@@ -576,7 +604,15 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
             raise ValueError(f"Unknown model {name!r}: give one of {', '.join(known)} or a config folder.")
         t, d = load_model_dir(folder)
         family = family_of_config(t)
-        if family in IMAGE_FAMILIES:
+        if family == "sana":  # DC-AE: 2^(blocks - 1) = 32x
+            vae = folder / "vae" / "config.json"
+            blocks = read_json(vae).get("decoder_block_out_channels", [0] * 6) if vae.exists() else [0] * 6
+            spatial = 2 ** (len(blocks) - 1)
+            size = int(t.get("sample_size", 32)) * spatial
+            w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
+                         num_frames=1, vae_scale_spatial=spatial, defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
+        elif family in IMAGE_FAMILIES:
             size = int(t.get("sample_size", 128)) * 8
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
                          num_frames=1, defaults=d, source=str(folder), folder=str(folder), family=family)
