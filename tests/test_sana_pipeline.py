@@ -153,3 +153,20 @@ def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
     w = bench.load_workload("sana-1600m-1024px")
     assert w.family == "sana" and w.cfg and w.latent_shape() == (2, 32, 32, 32)
     assert w.fam.tokens(w) == (1024, 300)
+
+
+@pytest.mark.slow
+def test_benchmark_full_width_rows_vs_diffusers(monkeypatch):
+    """sana-cpu-small (SANA 1600M's width: 70 linear heads x 32, GLUMBConv 5600, 2 blocks, 512 x 512: 256 image + 300
+    text tokens) against diffusers on one device and cfg=2,ring=2,ulysses=2 (76 s on 2 cores: slow)."""
+    from xdit_jax import bench
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)
+    rows = bench.run_step_benchmark(bench.StepOptions(model="sana-cpu-small", meshes=[None, "cfg=2,ring=2,ulysses=2"],
+                                                      steps=1, compare="diffusers", settle=0, log=lambda s: None))
+    by_mesh = {r["mesh"]: r for r in rows}
+    for mesh in ("single device", "cfg=2,ring=2,ulysses=2"):
+        assert "error" not in by_mesh[mesh], by_mesh[mesh].get("error")
+        # fp32, outputs O(1): measured 2.5e-6 (one device), 2.1e-6 (the mesh)
+        assert by_mesh[mesh]["max_abs_diff_vs_diffusers"] < 1e-4
+    assert by_mesh["single device"]["flops_hlo"] == pytest.approx(by_mesh["single device"]["flops_analytic"], rel=1e-9)
