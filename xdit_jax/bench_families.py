@@ -14,10 +14,11 @@ one joint attention, the caption's padding masked), FLUX.1 (text-to-image, two
 block phases: double-stream blocks over the image with the T5 text whole, then single-stream
 blocks over [text; image]; its forward over the mesh is a function, :meth:`Family.mesh_forward`;
 one sample per prompt by default, :attr:`Family.default_cfg`), Stable Diffusion 3 / 3.5
-(text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask) and Wan 2.1
+(text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask), Wan 2.1
 (text-to-video, self-attention over the video tokens, cross-attention to the zero-padded UMT5 caption, no mask), and
 SANA (text-to-image, linear self-attention and GLUMBConv over the image tokens, masked cross-attention to Gemma 2
-states; no PipeFusion). Every other family runs every mesh axis, PipeFusion included, and its whole pipeline end to end (:meth:`Family.pipeline_call`).
+states). Every family runs every mesh axis, PipeFusion included (SANA: not PipeFusion), and its whole pipeline end
+to end (:meth:`Family.pipeline_call`).
 """
 
 from __future__ import annotations
