@@ -74,6 +74,22 @@ def test_generate_pixart_image(tmp_path, capsys):
     assert '"model_family": "pixart"' in capsys.readouterr().out
 
 
+def test_generate_sana_image(tmp_path, capsys):
+    """The tiny SANA (Gemma 2, linear attention, GLUMBConv, DC-AE): a .png of the requested size on a CFG x ring
+    mesh (the linear attention's psum and the grid convolution's halo over ring)."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "s.png"
+    rc = cli.main(["--model", "tiny-sana", "--output", str(out), "--steps", "2", "--height", "32", "--width", "48",
+                   "--mesh", "cfg=2,ring=2", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (32, 48, 3) and image.std() > 1
+    assert '"model_family": "sana"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-sana", "--output", str(tmp_path / "p.png"), "--mesh", "pipefusion=2"])
+    assert rc == 2 and "PipeFusion" in capsys.readouterr().err
+
+
 def test_generate_hunyuandit_image(tmp_path):
     """The tiny HunyuanDiT (two text encoders, long skips): a .png on a CFG x ring mesh."""
     import imageio.v3 as iio

@@ -89,7 +89,8 @@ LATTE_MODELS = ("latte-1",)
 HUNYUAN_VIDEO_MODELS = ("hunyuanvideo",)
 QWEN_IMAGE_MODELS = ("qwen-image",)
 ZIMAGE_MODELS = ("z-image-turbo",)
-IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage")  # text-to-image: no frames
+SANA_MODELS = ("sana-1600m-1024px",)
+IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -496,6 +497,26 @@ def _zimage_cpu_small_workload() -> Workload:
                     source="configs/z-image-turbo, 2 layers + 1 + 1 refiner layers", defaults=defaults)
 
 
+def _sana_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's SANA (2 linear heads x 8, 2 blocks, Gemma states 24 wide; its DC-AE compresses 4x) at 32 x 48:
+    # 8 x 12 = 96 image tokens (the 8-way sequence meshes pad: 96 = 8 x 12, ulysses=3 / 5 do), 16 Gemma tokens (6 real).
+    scale = 2 ** (len(tiny.SANA_VAE["decoder_block_out_channels"]) - 1)
+    return Workload("sana-tiny", dict(tiny.SANA_TRANSFORMER), height=32, width=48, num_frames=1, vae_scale_spatial=scale,
+                    family="sana", text_tokens=tiny.SANA_MAX_SEQUENCE_LENGTH, text_valid=6,
+                    source="xdit_jax.tiny's SANA, 2 heads x 8, 2 blocks",
+                    defaults=dict(num_inference_steps=4, guidance_scale=4.5))
+
+
+def _sana_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "sana-1600m-1024px"
+    t, defaults = load_model_dir(folder)
+    return Workload("sana-cpu-small", dict(t, num_layers=2), height=512, width=512, num_frames=1,
+                    vae_scale_spatial=32, family="sana", text_tokens=int(defaults.get("max_sequence_length", 300)),
+                    folder=str(folder), source="configs/sana-1600m-1024px, 2 layers", defaults=defaults)
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -516,7 +537,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "qwenimage-tiny": _qwen_image_tiny_workload,
                                               "qwenimage-cpu-small": _qwen_image_cpu_small_workload,
                                               "zimage-tiny": _zimage_tiny_workload,
-                                              "zimage-cpu-small": _zimage_cpu_small_workload}
+                                              "zimage-cpu-small": _zimage_cpu_small_workload,
+                                              "sana-tiny": _sana_tiny_workload,
+                                              "sana-cpu-small": _sana_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -614,6 +637,11 @@ PRESET_HELP.update({
                         "image + 64 caption tokens (50 kept), no CFG",
     "z-image-turbo": "full-size configs/z-image-turbo with random weights at 1024x1024 (64x64 = 4096 image + 64 "
                      "caption tokens, no CFG: Turbo's guidance 0)",
+    "sana-tiny": "a 2x8-head, 2-block SANA (linear attention, GLUMBConv) at 32x48: 96 image + 16 Gemma tokens (6 real; "
+                 "CI smoke test)",
+    "sana-cpu-small": "SANA 1600M width (70 linear heads x 32), 2 blocks, 512x512: 16x16 = 256 image + 300 Gemma tokens",
+    "sana-1600m-1024px": "full-size configs/sana-1600m-1024px with random weights at 1024x1024 (32x32 = 1024 image + 300 "
+                         "Gemma tokens)",
 })
 
 
@@ -634,6 +662,14 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
         if family == "qwenimage":  # no sample size in its config: defaults.json's, else diffusers' 1024 x 1024
             w = Workload(folder.name, t, height=int(d.get("height", 1024)), width=int(d.get("width", 1024)),
                          num_frames=1, defaults=d, source=str(folder), folder=str(folder), family=family)
+        elif family == "sana":  # DC-AE: 2^(blocks - 1) = 32x
+            vae = folder / "vae" / "config.json"
+            blocks = read_json(vae).get("decoder_block_out_channels", [0] * 6) if vae.exists() else [0] * 6
+            spatial = 2 ** (len(blocks) - 1)
+            size = int(t.get("sample_size", 32)) * spatial
+            w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
+                         num_frames=1, vae_scale_spatial=spatial, defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
         elif family in IMAGE_FAMILIES:
             size = int(t.get("sample_size", 128)) * 8
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),

@@ -14,9 +14,11 @@ one joint attention, the caption's padding masked), FLUX.1 (text-to-image, two
 block phases: double-stream blocks over the image with the T5 text whole, then single-stream
 blocks over [text; image]; its forward over the mesh is a function, :meth:`Family.mesh_forward`;
 one sample per prompt by default, :attr:`Family.default_cfg`), Stable Diffusion 3 / 3.5
-(text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask) and Wan 2.1
-(text-to-video, self-attention over the video tokens, cross-attention to the zero-padded UMT5 caption, no mask). Every
-family runs every mesh axis, PipeFusion included, and its whole pipeline end to end (:meth:`Family.pipeline_call`).
+(text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask), Wan 2.1
+(text-to-video, self-attention over the video tokens, cross-attention to the zero-padded UMT5 caption, no mask), and
+SANA (text-to-image, linear self-attention and GLUMBConv over the image tokens, masked cross-attention to Gemma 2
+states). Every family runs every mesh axis, PipeFusion included (SANA: not PipeFusion), and its whole pipeline end
+to end (:meth:`Family.pipeline_call`).
 """
 
 from __future__ import annotations
@@ -2043,9 +2045,124 @@ class ZImage(Family):
         return ZImageTorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# SANA
+# ============================================================================================
+
+SANA_TEXT_VALID = 40  # a typical prompt's Gemma tokens of the 300 the pipeline keeps (BOS + the last 299)
+
+
+def sana_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul and convolution FLOPs of one SANA transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (both CFG halves), S = (h/p)(w/p) image tokens, L = caption tokens, d = heads * head_dim (hd),
+    d_c = cross_attention_dim, C_cap = caption_channels, m = int(mlp_ratio d) (GLUMBConv's hidden width), layers N.
+    Per block:
+
+        linear self-attention q, k, v, out       8 B S d^2
+        linear attention K^T [V; 1] and Q (.)    4 B S d (hd + 1)
+        cross-attention q, out                   4 B S d^2
+        cross-attention k, v (caption)           4 B L d_c d
+        cross-attention QK^T and PV              4 B S L d
+        GLUMBConv 1x1 d -> 2m, 1x1 m -> d        6 B S d m
+        GLUMBConv depthwise 3x3 over 2m          36 B S m
+
+    plus, once: patch embedding 2 B S (C_in p^2) d; timestep embedding 2 B (256 d + d^2) and the block modulation
+    2 B d (6d); the caption projection 2 B L (C_cap d + d^2); the output projection 2 B S d (p^2 C_out). Norms,
+    ReLU, SiLU, the modulations: element-wise.
+    """
+    b, c, h, w = latent_shape
+    t = transformer
+    p = int(t.get("patch_size", 1))
+    heads, hd = int(t["num_attention_heads"]), int(t["attention_head_dim"])
+    d = heads * hd
+    dc = int(t.get("cross_attention_dim") or d)
+    m = int(float(t.get("mlp_ratio", 2.5)) * d)
+    layers = int(t["num_layers"])
+    cout = int(t.get("out_channels") or c)
+    cap = int(t.get("caption_channels", 2304))
+    s = (h // p) * (w // p)
+    txt = text_len
+    self_proj, self_attn = 8 * b * s * d * d, 4 * b * s * d * (hd + 1)
+    cross_proj, cross_attn = 4 * b * s * d * d + 4 * b * txt * dc * d, 4 * b * s * txt * d
+    ff = 6 * b * s * d * m + 36 * b * s * m
+    tp = PIXART_TIME_PROJ
+    embed = 2 * b * s * (c * p * p) * d + 2 * b * (tp * d + d * d) + 2 * b * d * 6 * d + 2 * b * txt * (cap * d + d * d)
+    head = 2 * b * s * d * (p * p * cout)
+    block = self_proj + self_attn + cross_proj + cross_attn + ff
+    attention = self_attn + cross_attn
+    return {"total": float(layers * block + embed + head), "per_block": float(block),
+            "attention": float(layers * attention),
+            "linear": float(layers * (block - attention) + embed + head), "tokens": s}
+
+
+class SanaTorchReference(TorchReference):
+    """diffusers' ``SanaTransformer2DModel``, called as ``SanaPipeline`` calls it (the caption mask)."""
+
+    diffusers_class = "SanaTransformer2DModel"
+
+    def set_inputs(self, inputs, w):
+        self.x, self.enc = self._put(inputs, "latents", self.dtype), self._put(inputs, "embeds", self.dtype)
+        self.t, self.mask = self._put(inputs, "t"), self._put(inputs, "mask")
+
+    def _forward(self):
+        return self.model(self.x, encoder_hidden_states=self.enc, timestep=self.t, encoder_attention_mask=self.mask,
+                          return_dict=False)[0]
+
+
+class Sana(PixArt):
+    """SANA: PixArt's workload shapes (image tokens, a masked caption); linear self-attention and GLUMBConv, so
+    PipeFusion is not run (the pipeline refuses it)."""
+
+    name = "sana"
+    module_name = "xdit_jax.models.sana"
+    model_class_name = "SanaTransformer2DModel"
+    config_class_name = "SanaConfig"
+    title = "SANA"
+
+    def tokens(self, w):
+        _, _, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 1))
+        return (h // p) * (ww // p), self.text_len(w)
+
+    def text_len(self, w):
+        return int(w.text_tokens or w.defaults.get("max_sequence_length", 300))
+
+    def text_valid(self, w) -> int:
+        return min(int(w.text_valid or SANA_TEXT_VALID), self.text_len(w))
+
+    def check(self, cfg, shape):
+        self.module.check_input_shape(cfg, shape[1], shape[2], shape[3])
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "layers": cfg.num_layers, "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+                "height": w.height, "width": w.width}
+
+    def make_inputs(self, w, seed=0):
+        """Latents (B, C, h, w), Gemma states (B, L, caption_channels), timesteps (B,) and the caption mask (B, L)
+        (the negative prompt "": its BOS only), as the pipeline passes them."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b, txt = w.step_batch, self.text_len(w)
+        return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
+                "embeds": rng.standard_normal((b, txt, int(t.get("caption_channels", 2304))), dtype=np.float32),
+                "t": np.full((b,), 500, dtype=np.int64), "mask": pixart_mask(b, txt, self.text_valid(w), w.cfg)}
+
+    def embed_args(self, inputs, dtype):
+        return inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], inputs["mask"]
+
+    def analytic_flops(self, w):
+        return sana_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return SanaTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), Latte(), HunyuanVideo(), QwenImage(),
-                                                          ZImage())}
+                                                          ZImage(), Sana())}
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
@@ -2056,6 +2173,7 @@ LATTE_CLASS_NAMES = ("LatteTransformer3DModel",)
 HUNYUAN_VIDEO_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
 QWEN_IMAGE_CLASS_NAMES = ("QwenImageTransformer2DModel",)
 ZIMAGE_CLASS_NAMES = ("ZImageTransformer2DModel",)
+SANA_CLASS_NAMES = ("SanaTransformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -2069,7 +2187,11 @@ def family_of_config(transformer: dict) -> str:
     ``ada_norm_single`` norm; SD3 / SD3.5 by its class name or ``caption_projection_dim`` together with
     ``pos_embed_max_size`` (no other family has the first); Wan by its class name or ``ffn_dim`` together with
     ``freq_dim`` (no other family has either); Latte by its class name or ``ada_norm_single`` with ``video_length``;
+    SANA by its class name or ``cross_attention_head_dim`` with ``mlp_ratio`` (no other family has the first);
     else CogVideoX."""
+    if transformer.get("_class_name") in SANA_CLASS_NAMES or (
+            "cross_attention_head_dim" in transformer and "mlp_ratio" in transformer):
+        return "sana"
     if transformer.get("_class_name") in ZIMAGE_CLASS_NAMES or (
             "cap_feat_dim" in transformer and "n_refiner_layers" in transformer):
         return "zimage"

@@ -5,7 +5,7 @@
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
                                                    # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
-                                                   # tiny-qwenimage, tiny-zimage, tiny-flux-kontext)
+                                                   # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -40,7 +40,8 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             "qwenimage": {"output": "output.png", "guidance_scale": None, "steps": 50, "tiny_steps": 4,
                           "true_cfg_scale": 4.0},
             # Z-Image-Turbo's settings (diffusers' ZImagePipeline defaults are 50 steps, CFG 5)
-            "zimage": {"output": "output.png", "guidance_scale": 0.0, "steps": 9, "tiny_steps": 2}}
+            "zimage": {"output": "output.png", "guidance_scale": 0.0, "steps": 9, "tiny_steps": 2},
+            "sana": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4}}
 VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte", "hunyuanvideo")
 FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
 TRUE_CFG_FAMILIES = {"flux": "FLUX", "hunyuanvideo": "HunyuanVideo", "qwenimage": "Qwen-Image"}  # --true-cfg-scale
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(diffusers' use_resolution_binning=False; always off for the tiny models)")
     ap.add_argument("--use-dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
     ap.add_argument("--max-sequence-length", type=int, default=None,
-                    help="prompt tokens (CogVideoX 226, PixArt-alpha 120, PixArt-Sigma 300, Mochi 256, Wan 512; 16 for "
+                    help="prompt tokens (CogVideoX 226, PixArt-alpha 120, PixArt-Sigma 300, SANA 300, Mochi 256, Wan 512; 16 for "
                          "the tiny models)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -395,6 +396,16 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
         if not args.no_resolution_binning:
             h, w = binned_size(h, w, tc.sample_size)
         check_request(tc, vc, h, w, len(args.prompts), spec, guidance)
+    elif family == "sana":
+        from xdit_jax.pipelines.image import default_size
+        from xdit_jax.pipelines.sana import binned_size, check_request, read_configs
+
+        tc, vc = read_configs(model)
+        ds = default_size(tc, vc)
+        h, w = args.height or ds["height"], args.width or ds["width"]
+        if not args.no_resolution_binning:
+            h, w = binned_size(h, w, tc.sample_size)
+        check_request(tc, vc, h, w, len(args.prompts), spec, guidance)
     elif family == "sd3":
         from xdit_jax.pipelines.image import default_size
         from xdit_jax.pipelines.sd3 import check_request, read_configs
@@ -606,6 +617,8 @@ def _main(argv=None) -> int:
         kw.update(num_frames=args.num_frames, max_sequence_length=msl or 256, true_cfg_scale=args.true_cfg_scale or 1.0)
     elif family == "pixart":
         kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
+    elif family == "sana":
+        kw.update(max_sequence_length=msl or 300, use_resolution_binning=not args.no_resolution_binning)
     elif family == "flux":
         kw.update(max_sequence_length=msl or 512, true_cfg_scale=args.true_cfg_scale or 1.0)
         if args.kontext:

@@ -75,6 +75,10 @@ MODEL_CLASSES = {
     # Z-Image's text_encoder (Qwen3-4B): Llama with q/k norms; a Qwen3ForCausalLM's model.* keys load too
     "Qwen3Model": ("xdit_jax.models.qwen3", "Qwen3Config"),
     "Qwen3ForCausalLM": ("xdit_jax.models.qwen3", "Qwen3Config"),
+    # SANA: its transformer, Gemma 2 text encoder (gemma-2-2b-it's Gemma2Model) and DC-AE
+    "SanaTransformer2DModel": ("xdit_jax.models.sana", "SanaConfig"),
+    "Gemma2Model": ("xdit_jax.models.gemma2", "Gemma2Config"),
+    "AutoencoderDC": ("xdit_jax.models.vae_dc", "AutoencoderDCConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 

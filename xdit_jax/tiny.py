@@ -21,7 +21,8 @@ TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
               "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
               "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext",
-              "tiny-qwenimage": "qwenimage", "tiny-zimage": "zimage"}
+              "tiny-qwenimage": "qwenimage", "tiny-zimage": "zimage",
+              "tiny-sana": "sana"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -213,6 +214,35 @@ ZIMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train
                         use_dynamic_shifting=False)
 
 
+# SANA shaped: 2 blocks of 2 linear heads x 8 (D = 16), cross 2 x 8, GLUMBConv x 2.5, patch 1; a 3-block DC-AE (4x:
+# sample size 8 -> 32 x 32 images) with an EfficientViT block at the deepest level; a 2-layer Gemma 2 (sliding,
+# full) whose vocabulary covers the stand-in tokenizer; SANA's DPM-Solver++ with flow sigmas (flow_shift 3).
+SANA_VOCAB = 512
+SANA_TRANSFORMER = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                        caption_channels=24, mlp_ratio=2.5, attention_bias=False, sample_size=8, patch_size=1,
+                        norm_elementwise_affine=False, norm_eps=1e-6)
+SANA_VAE = dict(in_channels=3, latent_channels=4, attention_head_dim=4,
+                encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
+                decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
+                encoder_block_out_channels=[8, 16, 16], decoder_block_out_channels=[8, 16, 16],
+                encoder_layers_per_block=[1, 1, 1], decoder_layers_per_block=[1, 1, 1],
+                encoder_qkv_multiscales=[[], [], [3]], decoder_qkv_multiscales=[[], [], [3]],
+                upsample_block_type="pixel_shuffle", downsample_block_type="pixel_unshuffle",
+                decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+SANA_GEMMA = dict(vocab_size=SANA_VOCAB, hidden_size=24, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+                  sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                  max_position_embeddings=2048, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                  model_type="gemma2")
+SANA_SCHEDULER = dict(_class_name="DPMSolverMultistepScheduler", num_train_timesteps=1000, beta_start=0.0001,
+                      beta_end=0.02, beta_schedule="linear", solver_order=2, algorithm_type="dpmsolver++",
+                      solver_type="midpoint", prediction_type="flow_prediction", lower_order_final=True,
+                      thresholding=False, steps_offset=0, use_karras_sigmas=False, use_flow_sigmas=True,
+                      flow_shift=3.0, timestep_spacing="linspace", final_sigmas_type="zero", euler_at_final=False)
+SANA_MAX_SEQUENCE_LENGTH = 16
+
+
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -274,9 +304,18 @@ def train_qwen3_tokenizer():
     return qwen3.train_tokenizer(corpus, vocab_size=QWEN3_VOCAB - len(qwen3.SPECIAL_TOKENS))
 
 
+def train_gemma_tokenizer():
+    """A Gemma-like tokenizer (:func:`xdit_jax.models.gemma2.train_tokenizer`) trained on the same sentences and
+    SANA's complex human instruction: 300 tokens, within the tiny Gemma's :data:`SANA_VOCAB`."""
+    from xdit_jax.models import gemma2
+
+    chi = "\n".join(gemma2.SANA_COMPLEX_HUMAN_INSTRUCTION)
+    return gemma2.train_tokenizer(CORPUS * 4 + [chi] * 4, vocab_size=300)
+
+
 def stand_in_tokenizer(class_name: str, text_encoder: str = ""):
     """A small tokenizer trained here of the kind a pipeline's ``class_name`` (model_index.json) names: CLIP's
-    BPE, BERT's WordPiece, Llama 3's BPE (HunyuanVideo), Qwen2's byte-level BPE (for a ``Qwen3*`` ``text_encoder``:
+    BPE, BERT's WordPiece, Llama 3's BPE (HunyuanVideo), Gemma's (SANA), Qwen2's byte-level BPE (for a ``Qwen3*`` ``text_encoder``:
     Z-Image's, with Qwen3's chat template; else Qwen-Image's), else T5's Unigram. Its ids are valid for the full-size
     encoders' vocabularies and it pads to the lengths the pipelines ask for, so a pipeline with random weights runs
     the real shapes."""
@@ -288,6 +327,8 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = ""):
         return train_llama_tokenizer()
     if class_name.startswith("Qwen2"):
         return train_qwen3_tokenizer() if text_encoder.startswith("Qwen3") else train_qwen_tokenizer()
+    if class_name.startswith("Gemma"):
+        return train_gemma_tokenizer()
     return train_tokenizer()
 
 
@@ -350,6 +391,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "scheduler": ["diffusers", "DDIMScheduler"],
                 "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
                 "transformer": ["diffusers", "LatteTransformer3DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if family == "sana":
+        return {"_class_name": "SanaPipeline", "_diffusers_version": "0.32.0",
+                "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+                "text_encoder": ["transformers", "Gemma2Model"], "tokenizer": ["transformers", "GemmaTokenizer"],
+                "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"]}
     if family == "pixart":
         return {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
@@ -574,6 +620,18 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(LATTE_VAE), jnp.float32)()),
             "text_encoder": text,
         }, LATTE_SCHEDULER
+    if family == "sana":
+        from xdit_jax.models import gemma2, sana, vae_dc
+
+        tcfg = {**SANA_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("SanaTransformer2DModel", tcfg,
+                            lambda: sana.SanaTransformer2DModel(sana.SanaConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderDC", SANA_VAE,
+                    lambda: vae_dc.module_fn(vae_dc.AutoencoderDCConfig.from_dict(SANA_VAE), jnp.float32)()),
+            "text_encoder": ("Gemma2Model", SANA_GEMMA,
+                             lambda: gemma2.Gemma2Model(gemma2.Gemma2Config.from_dict(SANA_GEMMA), rngs=nnx.Rngs(0))),
+        }, SANA_SCHEDULER
     if family == "pixart":
         tcfg = {**PIXART_TRANSFORMER, **(transformer or {})}
         return {

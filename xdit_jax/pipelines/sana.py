@@ -1,0 +1,267 @@
+"""SANA text-to-image, diffusers' ``SanaPipeline`` on a JAX mesh.
+
+    pipe = SanaPipeline.from_pretrained("path/or/hub-id", mesh="cfg=2,ulysses=2", dtype="bfloat16")
+    out = pipe("A cute cat sitting on a windowsill.", height=1024, width=1024, seed=42)
+    out.images   # (batch, height, width, 3) float in [0, 1]
+
+Parts: Gemma 2 text encoder (:mod:`xdit_jax.models.gemma2`; the prompt lower-cased and stripped, prefixed with
+the complex human instruction, its first token and last ``max_sequence_length - 1`` kept; the negative prompt
+without the instruction, all ``max_sequence_length`` tokens), the SANA transformer (:mod:`xdit_jax.models.sana`:
+its linear attention and GLUMBConv's grid convolution go over the sequence axes through
+:mod:`xdit_jax.parallel.token_mixing`), CFG over ``cfg``, DPM-Solver++ with flow sigmas (``flow_prediction``,
+``use_flow_sigmas``, ``flow_shift``) in the jitted step, and the DC-AE decode (:mod:`xdit_jax.models.vae_dc`) of
+``latents / scaling_factor`` split over the mesh.
+
+``use_resolution_binning`` (default on, as diffusers): the image is generated at the size of the aspect-ratio
+bin (diffusers' 512 / 1024 / 2048 / 4096 px tables for sample sizes 16 / 32 / 64 / 128) closest to the
+requested one, then resized and center-cropped back. Where diffusers has no table (it raises "Invalid sample
+size") the model runs at the requested size (the tiny test models).
+
+Not supported (refused): PipeFusion (the linear attention's sums and the convolution's halos would need stale
+buffers of their own), ``clean_caption`` (as PixArt), Sana Sprint / 1.5 / ControlNet transformers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from xdit_jax.conversion import read_json
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import gemma2, sana, vae_dc
+from xdit_jax.pipelines import image, pixart
+from xdit_jax.pipelines.denoise import (
+    StageTimer,
+    as_numpy,
+    check_size_and_mesh,
+    negative_prompts,
+    parse_dtype,
+    peak_memory_bytes,
+    per_prompt,
+    prompt_batch,
+)
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, resize_and_crop, vae_scale_factor
+from xdit_jax.schedulers import dpmsolver
+
+PIPELINE_CLASSES = ("SanaPipeline",)
+SCHEDULERS = ("DPMSolverMultistepScheduler",)
+MAX_SEQUENCE_LENGTH = 300
+
+# diffusers' ASPECT_RATIO_4096_BIN as (height, width) in units of 256 px, ordered by aspect ratio
+_BINS_4096 = [(8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22),
+              (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16), (16, 16),
+              (16, 15), (17, 15), (17, 14), (18, 14), (18, 13), (19, 13), (20, 12), (21, 12), (22, 11), (23, 11),
+              (24, 10), (25, 10), (26, 9), (27, 9), (28, 9), (29, 8), (30, 8), (31, 8), (32, 8)]
+
+SanaPipelineOutput = ImagePipelineOutput
+
+
+def aspect_ratio_bins(sample_size: int) -> dict[str, tuple[int, int]] | None:
+    """diffusers SanaPipeline's bin table for a transformer sample size (latent pixels, patch 1, 32x VAE):
+    16 -> 512 px, 32 -> 1024 px, 64 -> 2048 px (PixArt's tables), 128 -> 4096 px; None for others."""
+    if sample_size == 128:
+        return {str(round(h / w, 2)): (h * 256, w * 256) for h, w in _BINS_4096}
+    return pixart.aspect_ratio_bins({16: 64, 32: 128, 64: 256}.get(sample_size, -1))
+
+
+def binned_size(height: int, width: int, sample_size: int) -> tuple[int, int]:
+    """``classify_height_width_bin``: the bin whose ratio is closest to height / width; the size itself where
+    the sample size has no table."""
+    bins = aspect_ratio_bins(sample_size)
+    if bins is None:
+        return height, width
+    ar = height / width
+    return bins[min(bins, key=lambda k: abs(float(k) - ar))]
+
+
+def read_configs(folder: str | os.PathLike):
+    return image.read_configs(folder, sana.SanaConfig, vae_dc.AutoencoderDCConfig)
+
+
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None,
+                  guidance_scale: float = 4.5) -> None:
+    """Refuse what the model cannot take, before any heavy work, saying what would work."""
+    from xdit_jax.mesh import MeshSpec
+
+    if MeshSpec.parse(mesh_spec).pipefusion > 1:
+        raise ValueError("PipeFusion (pipefusion > 1) is not supported for SANA: its linear attention and "
+                         "GLUMBConv's grid convolution are not PipeFusion-aware; use ring / ulysses / cfg / data.")
+    check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers, batch, mesh_spec,
+                        guidance_scale)
+
+
+class SanaPipeline(ImagePipelineBase):
+    """Text-to-image with SANA — see the module docstring."""
+
+    LOW_MEMORY_DECODE = "slices"  # the DC-AE has no tiled decode here: one sample at a time where needed
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
+                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
+        if pipefusion_patches not in (None, 1):
+            raise ValueError("PipeFusion patches are not supported for SANA (linear attention / grid convolution).")
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=None,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=sana.STACKED)
+
+    def _setup_pipefusion(self, patches, warmup_steps) -> None:
+        if self.mesh_spec.pipefusion > 1:
+            raise ValueError("PipeFusion (pipefusion > 1) is not supported for SANA: its linear attention and "
+                             "GLUMBConv's grid convolution are not PipeFusion-aware; use ring / ulysses / cfg / data.")
+        super()._setup_pipefusion(patches, warmup_steps)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
+                        pipefusion_warmup_steps: int = 1) -> SanaPipeline:
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
+        dtype = parse_dtype(dtype)
+        folder, _ = cls._pipeline_folder(model, PIPELINE_CLASSES, cache_dir=cache_dir, variant=variant,
+                                         revision=revision)
+        sched = read_json(folder / "scheduler" / "scheduler_config.json")
+        if sched.get("_class_name") not in SCHEDULERS:
+            raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; SANA runs with "
+                             f"{', '.join(SCHEDULERS)} here (the scheduler the SANA checkpoints ship with).")
+        scfg = dpmsolver.DPMSolverConfig.from_dict(sched)
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        layers = sana.SanaConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
+        parts = cls._load_parts(folder, mesh_obj, dtype, sana.STACKED, layers)
+        return cls(**parts, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int, complex_human_instruction=None,
+                      select: bool = True):
+        """((B, L, hidden) Gemma 2 states, (B, L) mask) as diffusers' ``_get_gemma_prompt_embeds`` (+ the token
+        selection of ``encode_prompt`` for the prompt, ``select``)."""
+        enc = self._text_encoder_fn()
+
+        def encode(ids, mask):
+            return enc(self._put_replicated(ids.astype(jnp.int32)), self._put_replicated(mask.astype(jnp.int32)))
+
+        embeds, mask = gemma2.gemma_prompt_embeds(self.tokenizer, encode, [p.lower().strip() for p in prompts],
+                                                  max_sequence_length, complex_human_instruction, select=select)
+        return embeds.astype(self.dtype), jnp.asarray(mask, jnp.int32)
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype = self.dtype
+        learned_sigma = self.transformer_config.out_ch // 2 == self.transformer_config.in_channels
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, embeds, mask, sched, guidance):
+            model = nnx.merge(graphdef, tstate)
+            t = sched.timesteps[i]
+            x = self._model_batch(latents, do_cfg)
+            b = x.shape[0]
+            tokens_x, tokens, cond = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (b,)), mask)
+            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
+            pred = self._real_rows(model.head(tokens_x, cond, x.shape).astype(jnp.float32), latents.shape[0], do_cfg)
+            if do_cfg:
+                uncond, text = jnp.split(pred, 2)
+                pred = uncond + guidance * (text - uncond)
+            if learned_sigma:
+                pred = pred[:, : latents.shape[1]]
+            latents, sched_state = dpmsolver.step(sched, i, pred, latents, sched_state)
+            return self._step_out(latents, sched_state, i, kv)
+
+        return self._jit_step(key, step)
+
+    def _decode_fn(self, size: tuple[int, int] | None = None):
+        """Jitted DC-AE decode of ``latents / scaling_factor`` over the mesh -> (B, H, W, 3) in [0, 1];
+        ``size``: resized and cropped to it (resolution binning)."""
+        scaling, dtype = self.vae_config.scaling_factor, self.dtype
+
+        def decode(vae, latents, **kw):
+            return vae_dc.decode(vae, (latents / scaling).astype(dtype), **kw)
+
+        post = None if size is None else (lambda img: resize_and_crop(img, *size))
+        return self._jit_decode(("fn", size), decode, post)
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = "",
+                 *, height: int | None = None, width: int | None = None, num_inference_steps: int = 20,
+                 guidance_scale: float = 4.5, prompt_embeds=None, prompt_attention_mask=None,
+                 negative_prompt_embeds=None, negative_prompt_attention_mask=None, latents=None,
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, use_resolution_binning: bool = True,
+                 complex_human_instruction: list[str] | None = None, num_images_per_prompt: int = 1,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> SanaPipelineOutput:
+        """As diffusers' ``SanaPipeline.__call__``; ``complex_human_instruction`` None means diffusers' default
+        instruction (:data:`xdit_jax.models.gemma2.SANA_COMPLEX_HUMAN_INSTRUCTION`); pass ``[]`` for none."""
+        ds = self.default_size()
+        height, width = height or ds["height"], width or ds["width"]
+        requested = (height, width)
+        if use_resolution_binning:
+            height, width = binned_size(height, width, self.transformer_config.sample_size)
+        chi = gemma2.SANA_COMPLEX_HUMAN_INSTRUCTION if complex_human_instruction is None else complex_human_instruction
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
+        if prompt_embeds is not None and prompt_attention_mask is None:
+            raise ValueError("prompt_embeds need their prompt_attention_mask (SANA's cross attention uses it).")
+        per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec,
+                      guidance_scale)
+        do_cfg = guidance_scale > 1.0
+        timer = StageTimer()
+
+        # 1. text
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, max_sequence_length, chi)
+            embeds, mask = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(prompt_attention_mask, jnp.int32)
+            channels = self.transformer_config.caption_channels
+            if embeds.ndim != 3 or embeds.shape[-1] != channels or mask.shape != embeds.shape[:2]:
+                raise ValueError(f"prompt_embeds {tuple(embeds.shape)} with mask {tuple(mask.shape)}: this model takes "
+                                 f"(batch, tokens, {channels}) Gemma 2 states and a (batch, tokens) mask.")
+            if do_cfg:
+                if negative_prompt_embeds is None:
+                    negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
+                        negative_prompts(negative_prompt, batch), max_sequence_length, None, select=False)
+                elif negative_prompt_attention_mask is None:
+                    raise ValueError("negative_prompt_embeds need their negative_prompt_attention_mask.")
+                neg = jnp.asarray(negative_prompt_embeds, self.dtype)
+                if neg.shape != embeds.shape:
+                    raise ValueError(f"negative_prompt_embeds {neg.shape} and prompt_embeds {embeds.shape} must have "
+                                     "the same shape (diffusers concatenates them).")
+                embeds = jnp.concatenate([neg, embeds])
+                mask = jnp.concatenate([jnp.asarray(negative_prompt_attention_mask, jnp.int32), mask])
+            embeds, mask = self._put_batch(embeds, do_cfg, per), self._put_batch(mask, do_cfg, per)
+            jax.block_until_ready(embeds)
+
+        # 2. latents (diffusers layout: B, C, h, w)
+        shape = self.latent_shape(batch * per, height, width)
+        sched = dpmsolver.make_schedule(self.scheduler_config, num_inference_steps)
+        latents = self._initial_latents(latents, shape, jax.random.key(seed), dpmsolver.INIT_NOISE_SIGMA,
+                                        "batch, channels, height/32, width/32")
+
+        # 3. denoise: one jitted step per iteration
+        guidance = self._put_replicated(jnp.float32(guidance_scale))
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        with timer.stage("denoising"):
+            state = jax.device_put(dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order),
+                                   latents.sharding)
+            latents = self._denoise(do_cfg, latents, state, None, (embeds, mask, sched_arrays, guidance),
+                                    len(sched.timesteps), progress)
+
+        if output_type == "latent":
+            return SanaPipelineOutput(images=as_numpy(latents), timings=timer.times,
+                                      peak_memory_bytes=peak_memory_bytes())
+        # 4. decode
+        with timer.stage("decoding"):
+            resize = requested if requested != (height, width) else None
+            images = as_numpy(jax.block_until_ready(self._decode_fn(resize)(latents)))
+        return SanaPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
