@@ -682,13 +682,13 @@ def test_mochi_tiny_rows_vs_diffusers():
     the negative's) against diffusers on one device, the USP and ring meshes and PipeFusion (2 stages of
     one scanned block, the last block on the last stage; in-process: the session's 8 simulated devices), 1
     timed step."""
-    rows = bench.run_step_benchmark(bench.StepOptions(model="mochi-tiny", meshes=[None, "cfg=2,ulysses=2",
-                                                                                 "cfg=2,ring=2", "pipefusion=2"],
+    rows = bench.run_step_benchmark(bench.StepOptions(model="mochi-tiny", meshes=[None, "cfg=2,ulysses=2,ring=2",
+                                                                                 "pipefusion=2"],
                                                       steps=1, compare="diffusers", settle=0, log=lambda s: None))
     table = bench.format_table(rows)
     by_mesh = {r["mesh"]: r for r in rows}
     assert sorted((r["mesh"], r["impl"]) for r in rows) == [
-        ("cfg=2,ring=2", "xdit_jax"), ("cfg=2,ulysses=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"),
+        ("cfg=2,ring=2,ulysses=2", "xdit_jax"), ("pipefusion=2", "xdit_jax"),
         ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
     assert "24 video + 16 caption tokens (6 in the prompt's mask)" in table and "step med s" in table
     pf = by_mesh.pop("pipefusion=2")
@@ -704,20 +704,20 @@ def test_mochi_tiny_rows_vs_diffusers():
         assert r["layers"] == 3 and r["caption_dim"] == 16
         assert r["steps_timed"] == 1 and r["step_median_s"] > 0 and r["flops_analytic"] > 0
         assert 0 < r["flops_attention_padding"] < r["flops_analytic"]
-    ours = [by_mesh[m] for m in ("single device", "cfg=2,ulysses=2", "cfg=2,ring=2")]
+    ours = [by_mesh[m] for m in ("single device", "cfg=2,ring=2,ulysses=2")]
     for r in ours:
         assert r["compile_s"] > 0 and r["peak_memory_bytes"] > 0 and r["ratio_vs_diffusers"] > 0
         assert r["flops_xla_cost_analysis"] > 0
         # same weights (random RoPE frequencies too) and inputs (the caption mask): fp32, outputs of order
         # 2; a caption mask ignored or RoPE pairs rotated the other way move them by ~1
         assert r["max_abs_diff_vs_diffusers"] < 1e-4
-    one, usp, ring = ours
+    one, usp = ours
     # the compiled program's dots and convolutions (the scan by trip count) are the analytic count plus the
     # attention over the caption's padding, which our kernel computes masked and diffusers cuts out
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"] + one["flops_attention_padding"], rel=1e-9)
     assert one["collective_bytes"] == 0
-    assert usp["collectives"]["all-to-all"] > 0 and usp["flops_hlo"] < one["flops_hlo"] / 2
-    assert ring["collectives"]["collective-permute"] > 0 and ring["flops_hlo"] < one["flops_hlo"] / 2
+    assert usp["collectives"]["all-to-all"] > 0 and usp["collectives"]["collective-permute"] > 0
+    assert usp["flops_hlo"] < one["flops_hlo"] / 2
 
 
 def _mochi_flops_by_hand(b, s, valid, layers, txt=256, d=3072, dc=1536, dt=4096, tdim=256, c=12, p=2):

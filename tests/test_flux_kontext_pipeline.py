@@ -88,6 +88,7 @@ def test_mesh_matches_one_device(tmp_path_factory):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)  # one device up to float rounding (measured 1.7e-6)
 
 
+@pytest.mark.slow  # FLUX's PipeFusion tests run the mechanism; this one the image tokens' buffers (19 s)
 def test_pipefusion_patches_the_image_tokens_with_the_latents(tmp_path_factory):
     """pipefusion=2 (2 patches over [latents; image] tokens, one exact warm-up step) == the same patch rule run
     sequentially on one device (test_pipefusion_two_stream's reference): the reference image's tokens are patched and
@@ -131,8 +132,9 @@ def test_bad_input(tmp_path_factory):
 
 
 def test_generate_cli(tmp_path, capsys):
-    """generate.py on the tiny Kontext model: the --image edited on a ulysses mesh (48 x 64: the tiny default kept as
-    the output area); Kontext-only flags refused elsewhere, --last-image refused, nothing written."""
+    """generate.py on the tiny Kontext model: the --image edited (48 x 64: the tiny default kept as the output area;
+    the mesh: test_mesh_matches_one_device); Kontext-only flags refused elsewhere, --last-image refused, nothing
+    written."""
     import imageio.v3 as iio
 
     from xdit_jax import cli
@@ -141,7 +143,7 @@ def test_generate_cli(tmp_path, capsys):
     picture(6, size=(64, 48)).save(src)
     out = tmp_path / "k.png"
     rc = cli.main(["--model", "tiny-flux-kontext", "--image", str(src), "--output", str(out), "--steps", "2",
-                   "--mesh", "ulysses=2", "--no-auto-resize", "--no-progress", "--json"])
+                   "--no-auto-resize", "--no-progress", "--json"])
     assert rc == 0
     image = iio.imread(out)
     assert image.shape == (48, 64, 3) and image.std() > 1

@@ -17,7 +17,8 @@ VARIANTS = {"sincos": dict(num_attention_heads=6), "rope": dict(num_attention_he
 # the transformer's tests every mesh); `pytest -m slow` runs them. Keeps the default run under 20 minutes.
 SLOW = pytest.mark.slow
 MESHES = [pytest.param("cfg=2", marks=SLOW), pytest.param("ulysses=2", marks=SLOW), pytest.param("ring=2", marks=SLOW),
-          "ring=3", pytest.param("ulysses=2,ring=2", marks=SLOW), "ulysses=4", "cfg=2,ulysses=2,ring=2",
+          pytest.param("ring=3", marks=SLOW), pytest.param("ulysses=2,ring=2", marks=SLOW), "ulysses=4",
+          "cfg=2,ulysses=2,ring=2",
           pytest.param("cfg=2,ring=4", marks=SLOW), "data=2,cfg=2,ulysses=2"]
 
 

@@ -111,11 +111,11 @@ def test_hooks_are_plain_on_one_device():
 def test_vae_memory_bench_rows():
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = vae_bench.main(["--model", "tiny", "--devices", "1,2,4,8", "--frames", "1", "--height", "24",
+        rc = vae_bench.main(["--model", "tiny", "--devices", "1,4", "--frames", "1", "--height", "24",
                              "--width", "40", "--dtype", "float32", "--json"])
     assert rc == 0
     rows = [json.loads(line) for line in buf.getvalue().splitlines() if line.startswith("{")]
-    assert [r["devices"] for r in rows] == [1, 2, 4, 8]
+    assert [r["devices"] for r in rows] == [1, 4]
     for r in rows:
         assert r["bench"] == "vae_decode_memory"
         assert r["peak_bytes_per_device"] > 0 and r["temp_bytes"] > 0 and r["argument_bytes"] > 0

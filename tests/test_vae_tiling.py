@@ -114,6 +114,7 @@ def test_small_latent_is_not_tiled(vaes):
     np.testing.assert_allclose(_decode(model, z, tiling=SMALL_TILES), ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # tiling (vs diffusers) and the mesh split (test_vae_parallel) are each in the default run
 def test_tiled_on_mesh_equals_tiled_on_one_device(vaes):
     """Tiles decoded spatially sharded over 4 devices (3 does not divide their heights)."""
     _, model = vaes
