@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
 # the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5, 6
+#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5, 6, 7, 8
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -55,6 +55,17 @@ case $part in
   step hyv 180 --model hunyuanvideo --layers 4 --steps 3
   step hyv-e2e 300 --model hunyuanvideo --height 544 --width 960 --frames 61 --steps 0 --e2e 2
   ;;
-*) echo "unknown part $part: use 1, 2, 3, 4, 5 or 6"; exit 2 ;;
+7)  # the image families of session 16, never run on a GPU: Qwen-Image (20 of its 60 blocks beside diffusers' copy:
+    # both in bf16 would not fit whole), Z-Image-Turbo against diffusers
+  step qwen-vs 300 --model qwen-image --layers 20 --steps 3 --compare diffusers
+  step zimage-vs 240 --model z-image-turbo --steps 5 --compare diffusers
+  ;;
+8)  # SANA 1600M against diffusers (linear attention, the grid conv) and end to end (Gemma 2, DC-AE); FLUX.1
+    # Kontext-dev's step (4096 + 4096 image tokens at 1024 px)
+  step sana-vs 180 --model sana-1600m-1024px --steps 5 --compare diffusers
+  step sana-e2e 150 --model sana-1600m-1024px --steps 0 --e2e 2
+  step kontext 240 --model flux.1-kontext-dev --steps 3
+  ;;
+*) echo "unknown part $part: use 1 to 8"; exit 2 ;;
 esac
 ls -la "$O"
