@@ -71,6 +71,34 @@ class ImagePipelineBase(PipelineBase):
         s = vae_scale_factor(self.vae_config)
         return (batch, self.transformer_config.in_channels, height // s, width // s)
 
+    def _masked_text_batch(self, embeds, mask, do_cfg: bool, per: int, negative, negative_mask, encode_negative,
+                           what: str):
+        """The step's text of a cross-attention family (PixArt, SANA): ``embeds`` (B, L, caption_channels) ``what``
+        states and their (B, L) ``mask``, checked; with CFG ``[negative; prompt]`` (``encode_negative(L)`` makes the
+        negative's (states, mask) where not given), as diffusers concatenates them; placed as the transformer's batch
+        (:meth:`PipelineBase._put_batch`, ``per`` samples a prompt). Returns (embeds, mask)."""
+        import jax.numpy as jnp
+
+        embeds, mask = jnp.asarray(embeds, self.dtype), jnp.asarray(mask, jnp.int32)
+        channels = self.transformer_config.caption_channels
+        if embeds.ndim != 3 or embeds.shape[-1] != channels or mask.shape != embeds.shape[:2]:
+            raise ValueError(f"prompt_embeds {tuple(embeds.shape)} with mask {tuple(mask.shape)}: this model takes "
+                             f"(batch, tokens, {channels}) {what} states and a (batch, tokens) mask.")
+        if do_cfg:
+            if negative is None:
+                negative, negative_mask = encode_negative(embeds.shape[1])
+            elif negative_mask is None:
+                raise ValueError("negative_prompt_embeds need their negative_prompt_attention_mask.")
+            neg = jnp.asarray(negative, self.dtype)
+            if neg.shape != embeds.shape:
+                raise ValueError(f"negative_prompt_embeds {neg.shape} and prompt_embeds {embeds.shape} must have the "
+                                 "same shape (diffusers concatenates them).")
+            embeds = jnp.concatenate([neg, embeds])
+            mask = jnp.concatenate([jnp.asarray(negative_mask, jnp.int32), mask])
+        embeds, mask = self._put_batch(embeds, do_cfg, per), self._put_batch(mask, do_cfg, per)
+        jax.block_until_ready(embeds)
+        return embeds, mask
+
     def _image_tokens(self, height: int, width: int) -> int:
         """The transformer's image tokens (patches) for an image of ``height`` x ``width`` pixels."""
         p, s = self.transformer_config.patch_size, vae_scale_factor(self.vae_config)

@@ -221,25 +221,10 @@ class PixArtPipeline(ImagePipelineBase):
         with timer.stage("text_encoding"):
             if prompt_embeds is None:
                 prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, msl)
-            embeds, mask = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(prompt_attention_mask, jnp.int32)
-            channels = self.transformer_config.caption_channels
-            if embeds.ndim != 3 or embeds.shape[-1] != channels or mask.shape != embeds.shape[:2]:
-                raise ValueError(f"prompt_embeds {tuple(embeds.shape)} with mask {tuple(mask.shape)}: this model takes "
-                                 f"(batch, tokens, {channels}) T5 states and a (batch, tokens) mask.")
-            if do_cfg:
-                if negative_prompt_embeds is None:
-                    negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                        negative_prompts(negative_prompt, batch), embeds.shape[1])
-                elif negative_prompt_attention_mask is None:
-                    raise ValueError("negative_prompt_embeds need their negative_prompt_attention_mask.")
-                neg = jnp.asarray(negative_prompt_embeds, self.dtype)
-                if neg.shape != embeds.shape:
-                    raise ValueError(f"negative_prompt_embeds {neg.shape} and prompt_embeds {embeds.shape} "
-                                     "must have the same shape.")
-                embeds = jnp.concatenate([neg, embeds])
-                mask = jnp.concatenate([jnp.asarray(negative_prompt_attention_mask, jnp.int32), mask])
-            embeds, mask = self._put_batch(embeds, do_cfg, per), self._put_batch(mask, do_cfg, per)
-            jax.block_until_ready(embeds)
+            embeds, mask = self._masked_text_batch(
+                prompt_embeds, prompt_attention_mask, do_cfg, per, negative_prompt_embeds,
+                negative_prompt_attention_mask,
+                lambda length: self.encode_prompt(negative_prompts(negative_prompt, batch), length), "T5")
 
         # 2. latents (diffusers layout: B, C, h, w)
         shape = self.latent_shape(batch * per, height, width)

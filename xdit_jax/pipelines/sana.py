@@ -222,25 +222,11 @@ class SanaPipeline(ImagePipelineBase):
         with timer.stage("text_encoding"):
             if prompt_embeds is None:
                 prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, max_sequence_length, chi)
-            embeds, mask = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(prompt_attention_mask, jnp.int32)
-            channels = self.transformer_config.caption_channels
-            if embeds.ndim != 3 or embeds.shape[-1] != channels or mask.shape != embeds.shape[:2]:
-                raise ValueError(f"prompt_embeds {tuple(embeds.shape)} with mask {tuple(mask.shape)}: this model takes "
-                                 f"(batch, tokens, {channels}) Gemma 2 states and a (batch, tokens) mask.")
-            if do_cfg:
-                if negative_prompt_embeds is None:
-                    negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                        negative_prompts(negative_prompt, batch), max_sequence_length, None, select=False)
-                elif negative_prompt_attention_mask is None:
-                    raise ValueError("negative_prompt_embeds need their negative_prompt_attention_mask.")
-                neg = jnp.asarray(negative_prompt_embeds, self.dtype)
-                if neg.shape != embeds.shape:
-                    raise ValueError(f"negative_prompt_embeds {neg.shape} and prompt_embeds {embeds.shape} must have "
-                                     "the same shape (diffusers concatenates them).")
-                embeds = jnp.concatenate([neg, embeds])
-                mask = jnp.concatenate([jnp.asarray(negative_prompt_attention_mask, jnp.int32), mask])
-            embeds, mask = self._put_batch(embeds, do_cfg, per), self._put_batch(mask, do_cfg, per)
-            jax.block_until_ready(embeds)
+            embeds, mask = self._masked_text_batch(
+                prompt_embeds, prompt_attention_mask, do_cfg, per, negative_prompt_embeds,
+                negative_prompt_attention_mask,
+                lambda _: self.encode_prompt(negative_prompts(negative_prompt, batch), max_sequence_length, None,
+                                             select=False), "Gemma 2")
 
         # 2. latents (diffusers layout: B, C, h, w)
         shape = self.latent_shape(batch * per, height, width)
