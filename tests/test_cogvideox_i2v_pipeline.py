@@ -124,8 +124,9 @@ def test_bad_input(tmp_path_factory):
         ours(np.zeros((8, 8, 3), np.uint8), PROMPT, num_frames=F, height=H, width=W, max_sequence_length=MSL)
     from xdit_jax.pipelines.cogvideox import CogVideoXPipeline
 
-    with pytest.raises(ValueError, match="not CogVideoXImageToVideoPipeline"):
+    with pytest.raises(ValueError, match="not CogVideoXImageToVideoPipeline; load it with xdit_jax.CogVideoXPipeline"):
         CogVideoXImageToVideoPipeline.from_pretrained(converted_folder(
             save_torch_pipeline(make_torch_pipeline("5b"), tmp_path_factory.mktemp("t2v"))))
-    with pytest.raises(ValueError, match="holds an image-to-video CogVideoX"):
+    with pytest.raises(ValueError, match="holds a CogVideoXImageToVideoPipeline pipeline, not CogVideoXPipeline; "
+                                         "load it with xdit_jax.CogVideoXImageToVideoPipeline"):
         CogVideoXPipeline.from_pretrained(folder)

@@ -23,15 +23,12 @@ from flax import nnx
 
 from xdit_jax import schedulers
 from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import cogvideox, vae_cogvideox
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     as_numpy,
     check_size_and_mesh,
-    converted_folder,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
     per_prompt,
     prompt_batch,
@@ -95,42 +92,15 @@ class CogVideoXPipeline(VideoPipelineBase):
     _check_request = staticmethod(check_request)
     _default_video = staticmethod(default_video)
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
-                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=cogvideox.STACKED)
-        self.vae_scale_factor_spatial = 2 ** (len(vae_config.block_out_channels) - 1)
-        self.vae_scale_factor_temporal = int(vae_config.temporal_compression_ratio)
+    PIPELINE_CLASSES = ("CogVideoXPipeline",)
+    CONFIG = cogvideox.CogVideoXConfig
+    SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+    STACKED = cogvideox.STACKED
 
-    # ------------------------------------------------------------------ loading
-
-    @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> CogVideoXPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
-
-        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default:
-        the ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's
-        ``--num_pipeline_patch`` / ``--warmup_steps``."""
-        from xdit_jax.pipelines.denoise import pipeline_class_name
-
-        dtype = parse_dtype(dtype)
-        folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
-        if pipeline_class_name(folder) == "CogVideoXImageToVideoPipeline":
-            raise ValueError(f"{folder} holds an image-to-video CogVideoX (CogVideoXImageToVideoPipeline); load it "
-                             "with xdit_jax.CogVideoXImageToVideoPipeline and give it an image.")
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, cogvideox.STACKED, layers)
-        scfg = schedulers.SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        return cls(**parts, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
-                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+    def __init__(self, **parts):
+        super().__init__(**parts)
+        self.vae_scale_factor_spatial = 2 ** (len(self.vae_config.block_out_channels) - 1)
+        self.vae_scale_factor_temporal = int(self.vae_config.temporal_compression_ratio)
 
     # ------------------------------------------------------------------ stages
 
@@ -331,31 +301,19 @@ class CogVideoXImageToVideoPipeline(CogVideoXPipeline):
                              f"latent_channels {self.vae_config.latent_channels} (the noise and the image's latents): "
                              "not an image-to-video CogVideoX.")
 
+    PIPELINE_CLASSES = ("CogVideoXImageToVideoPipeline",)
+
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> CogVideoXImageToVideoPipeline:
-        """As :meth:`CogVideoXPipeline.from_pretrained`, for a ``CogVideoXImageToVideoPipeline`` folder; the VAE's
-        encoder is read from ``vae/encoder_params`` (written by conversion)."""
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """The VAE's encoder, read from ``vae/encoder_params`` (written by conversion)."""
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
         from xdit_jax.models import vae_cogvideox_encoder
         from xdit_jax.pipelines.denoise import load_vae_encoder
 
-        dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, ("CogVideoXImageToVideoPipeline",), cache_dir=cache_dir,
-                                         variant=variant, revision=revision)
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        layers = cogvideox.CogVideoXConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, cogvideox.STACKED, layers)
-        encoder = load_vae_encoder(folder, parts["vae_config"], dtype, NamedSharding(mesh_obj, P()),
-                                   vae_cogvideox_encoder)
-        scfg = schedulers.SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        return cls(**parts, vae_encoder=encoder, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj,
-                   attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+        vc = vae_cogvideox.CogVideoXVAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
+        return {"vae_encoder": load_vae_encoder(folder, vc, dtype, NamedSharding(mesh, P()), vae_cogvideox_encoder)}
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int):
         """As :meth:`CogVideoXPipeline.latent_shape`, with the noise's channels (half the transformer's input)."""

@@ -405,6 +405,88 @@ class PipelineBase:
     # low-memory decode of its own (Wan: "frame by frame", a causal VAE's frames one latent frame at a time).
     LOW_MEMORY_DECODE = "tiles"
 
+    # What a family's loading differs in (one ``__init__`` / ``from_pretrained`` serves every family that sets
+    # these; a family with more parts overrides :meth:`_extra_parts` and takes them in its ``__init__``):
+    PIPELINE_CLASSES: tuple[str, ...] = ()  # the diffusers pipeline classes (model_index.json) its folders hold
+    CONFIG = None  # its transformer's config class (``from_dict``)
+    MORE_TEXT_ENCODERS: tuple[str, ...] = ()  # suffixes of more (text_encoder_N, tokenizer_N) pairs, e.g. ("_2",)
+    SCHEDULERS: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)  # the diffusers schedulers it runs with
+
+    STACKED = None  # the Flax name of a one-stack family's stacked blocks (all num_layers of them)
+
+    @classmethod
+    def stacks(cls, transformer_config) -> dict:
+        """:meth:`_init_parts`' stack arguments (``stacked``, ``stacked_layers``, ``final_block``, ...) for a
+        transformer config: the family's block stacks as PipeFusion and the sequence-parallel loop see them.
+        Here the one stack :attr:`STACKED`; families with more set their model module's ``pipefusion_stacks``."""
+        return {"stacked": cls.STACKED}
+
+    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
+                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
+                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1, **more_encoders):
+        """The parts as :meth:`from_pretrained` loads them; ``more_encoders``: ``text_encoder_N`` / ``tokenizer_N``
+        of the family's :attr:`MORE_TEXT_ENCODERS` (None where a folder lacks an optional one)."""
+        names = [f"{part}{suffix}" for suffix in self.MORE_TEXT_ENCODERS for part in ("text_encoder", "tokenizer")]
+        unknown = sorted(set(more_encoders) - set(names))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected parts {unknown}; it takes {names or 'no more'}.")
+        for name in names:
+            setattr(self, name, more_encoders.get(name))
+        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
+                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
+                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
+                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
+                         pipefusion_warmup_steps=pipefusion_warmup_steps, **self.stacks(transformer_config))
+
+    @classmethod
+    def from_pretrained(cls, model, *, mesh=None, dtype="float32", cache_dir=None, variant: str | None = None,
+                        revision: str | None = None, attention_backend: str = "auto",
+                        pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
+        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
+        ``mesh``: a ``jax.sharding.Mesh`` or a spec such as ``"cfg=2,ulysses=2"``; ``pipefusion_patches`` /
+        ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the ``pipefusion`` degree) and exact
+        steps before the patched ones (default 1), xDiT's ``--num_pipeline_patch`` / ``--warmup_steps``."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.conversion import read_json
+        from xdit_jax.mesh import build_mesh
+
+        dtype = parse_dtype(dtype)
+        folder, kind = cls._pipeline_folder(model, cls.PIPELINE_CLASSES, cache_dir=cache_dir, variant=variant,
+                                            revision=revision)
+        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
+        tc = cls.CONFIG.from_dict(read_json(folder / "transformer" / "config.json"))
+        stacks = cls.stacks(tc)
+        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks.get("stacked_layers",
+                                                                                        tc.num_layers))
+        for suffix in cls.MORE_TEXT_ENCODERS:
+            parts[f"text_encoder{suffix}"] = load_component(folder, f"text_encoder{suffix}", dtype,
+                                                            NamedSharding(mesh_obj, P()))[1]
+            parts[f"tokenizer{suffix}"] = load_tokenizer(folder, f"tokenizer{suffix}")
+        parts.update(cls._scheduler_parts(folder))
+        parts.update(cls._extra_parts(folder, mesh_obj, dtype, kind))
+        return cls(**parts, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+
+    @classmethod
+    def _scheduler_parts(cls, folder) -> dict:
+        """``__init__``'s ``scheduler_config``: ``folder/scheduler``'s, one of the family's :attr:`SCHEDULERS`."""
+        from xdit_jax.conversion import read_json
+        from xdit_jax.schedulers import scheduler_from_config
+
+        sched = read_json(folder / "scheduler" / "scheduler_config.json")
+        if sched.get("_class_name") not in cls.SCHEDULERS:
+            raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; {cls.__name__} runs with "
+                             f"{' or '.join(cls.SCHEDULERS)} here (the schedulers its checkpoints ship with).")
+        return {"scheduler_config": scheduler_from_config(sched)[1]}
+
+    @classmethod
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """More ``__init__`` arguments a family reads from its folder (a VAE encoder, a flag of
+        model_index.json); ``kind``: the folder's diffusers pipeline class."""
+        return {}
+
     def _init_parts(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                     scheduler_config, dtype, mesh, attention_backend: str, pipefusion_patches: int | None,
                     pipefusion_warmup_steps: int, stacked, stacked_layers=None,
@@ -478,7 +560,10 @@ class PipelineBase:
         folder = converted_folder(model, cache_dir=cache_dir, variant=variant, revision=revision)
         kind = pipeline_class_name(folder)
         if kind not in accepted:
-            raise ValueError(f"{folder} holds a {kind or 'unknown'} pipeline, not {' or '.join(accepted)}.")
+            from xdit_jax.pipelines import PIPELINES
+
+            hint = f"; load it with xdit_jax.{PIPELINES[kind][1]}" if kind in PIPELINES else ""
+            raise ValueError(f"{folder} holds a {kind or 'unknown'} pipeline, not {' or '.join(accepted)}{hint}.")
         return folder, kind
 
     def _jit_decode(self, key, decode, post=None):

@@ -39,16 +39,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import flux, vae_kl
 from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     check_size_and_mesh,
-    load_component,
-    load_tokenizer,
-    parse_dtype,
     peak_memory_bytes,
     per_prompt,
     prompt_batch,
@@ -120,53 +116,9 @@ class FluxPipeline(ImagePipelineBase):
     """Text-to-image with FLUX.1 (dev, schnell) — see the module docstring."""
 
     PIPELINE_CLASSES = ("FluxPipeline",)  # the diffusers pipelines (model_index.json) this class loads
-
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 text_encoder_2, tokenizer_2, scheduler_config, dtype=jnp.float32, mesh=None,
-                 attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                 pipefusion_warmup_steps: int = 1):
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps,
-                         **flux.pipefusion_stacks(transformer_config))
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-
-    @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> FluxPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
-        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
-        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        return cls._from_pretrained(model, mesh=mesh, dtype=dtype, cache_dir=cache_dir, variant=variant,
-                                    revision=revision, attention_backend=attention_backend,
-                                    pipefusion_patches=pipefusion_patches,
-                                    pipefusion_warmup_steps=pipefusion_warmup_steps)
-
-    @classmethod
-    def _from_pretrained(cls, model, *, mesh, dtype, cache_dir, variant, revision, attention_backend,
-                         pipefusion_patches, pipefusion_warmup_steps):
-        dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, cls.PIPELINE_CLASSES, cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        tc = flux.FluxConfig.from_dict(read_json(folder / "transformer" / "config.json"))
-        stacks = flux.pipefusion_stacks(tc)
-        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
-        _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
-        return cls(**parts, **cls._extra_parts(folder, mesh_obj, dtype), text_encoder_2=text_encoder_2,
-                   tokenizer_2=load_tokenizer(folder, "tokenizer_2"), scheduler_config=sched,
-                   dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
-                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
-
-    @classmethod
-    def _extra_parts(cls, folder, mesh_obj, dtype) -> dict:
-        """More ``__init__`` arguments a subclass loads from the folder (Kontext: the VAE's encoder)."""
-        return {}
+    CONFIG = flux.FluxConfig
+    MORE_TEXT_ENCODERS = ("_2",)  # T5 (the first: CLIP)
+    stacks = staticmethod(flux.pipefusion_stacks)
 
     # ------------------------------------------------------------------ stages
 
@@ -422,19 +374,8 @@ class FluxKontextPipeline(FluxPipeline):
         self.vae_encoder = vae_encoder
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> FluxKontextPipeline:
-        """As :meth:`FluxPipeline.from_pretrained`, with the VAE's encoder (``vae/encoder_params``, written by
-        conversion)."""
-        return cls._from_pretrained(model, mesh=mesh, dtype=dtype, cache_dir=cache_dir, variant=variant,
-                                    revision=revision, attention_backend=attention_backend,
-                                    pipefusion_patches=pipefusion_patches,
-                                    pipefusion_warmup_steps=pipefusion_warmup_steps)
-
-    @classmethod
-    def _extra_parts(cls, folder, mesh_obj, dtype) -> dict:
+    def _extra_parts(cls, folder, mesh_obj, dtype, kind: str) -> dict:
+        """The VAE's encoder (``vae/encoder_params``, written by conversion)."""
         from xdit_jax.models import vae_kl_encoder
         from xdit_jax.pipelines.denoise import load_vae_encoder
 

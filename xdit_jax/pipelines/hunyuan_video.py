@@ -38,11 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import hunyuan_video as hv
 from xdit_jax.models import llama
 from xdit_jax.models import vae_hunyuan_video as hv_vae
@@ -51,10 +47,7 @@ from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     check_size_and_mesh,
-    load_component,
-    load_tokenizer,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
     per_prompt,
     prompt_batch,
@@ -107,37 +100,10 @@ class HunyuanVideoPipeline(VideoPipelineBase):
     _default_video = staticmethod(default_video)
     _vae = hv_vae  # framewise decode, diffusers' default
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 text_encoder_2, tokenizer_2, scheduler_config, dtype=jnp.float32, mesh=None,
-                 attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                 pipefusion_warmup_steps: int = 1):
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, **hv.pipefusion_stacks(transformer_config))
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-
-    @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> HunyuanVideoPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
-        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
-        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, ("HunyuanVideoPipeline",), cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        tc = hv.HunyuanVideoConfig.from_dict(read_json(folder / "transformer" / "config.json"))
-        stacks = hv.pipefusion_stacks(tc)
-        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
-        _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
-        return cls(**parts, text_encoder_2=text_encoder_2, tokenizer_2=load_tokenizer(folder, "tokenizer_2"),
-                   scheduler_config=sched, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
-                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+    PIPELINE_CLASSES = ("HunyuanVideoPipeline",)
+    CONFIG = hv.HunyuanVideoConfig
+    MORE_TEXT_ENCODERS = ("_2",)  # CLIP (the first: Llama)
+    stacks = staticmethod(hv.pipefusion_stacks)
 
     # ------------------------------------------------------------------ stages
 

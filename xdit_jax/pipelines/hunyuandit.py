@@ -26,21 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import hunyuandit
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     as_numpy,
     check_size_and_mesh,
-    load_component,
-    load_tokenizer,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
     per_prompt,
     prompt_batch,
@@ -53,7 +46,7 @@ from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
     resize_and_crop,
     vae_scale_factor,
 )
-from xdit_jax.schedulers import ddpm, dpmsolver
+from xdit_jax.schedulers import ddpm, dpmsolver, module_of
 
 log = logging.getLogger("xdit_jax")
 
@@ -107,45 +100,15 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
 class HunyuanDiTPipeline(ImagePipelineBase):
     """Text-to-image with HunyuanDiT (v1.0-1.2) — see the module docstring."""
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 text_encoder_2, tokenizer_2, scheduler, scheduler_config, dtype=jnp.float32, mesh=None,
-                 attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                 pipefusion_warmup_steps: int = 1):
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps,
-                         **hunyuandit.pipefusion_stacks(transformer_config))
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        self.scheduler = scheduler  # the scheduler module (xdit_jax.schedulers.ddpm or .dpmsolver)
+    PIPELINE_CLASSES = ("HunyuanDiTPipeline",)
+    CONFIG = hunyuandit.HunyuanDiTConfig
+    MORE_TEXT_ENCODERS = ("_2",)  # mT5 (the first: BERT)
+    SCHEDULERS = tuple(SCHEDULERS)
+    stacks = staticmethod(hunyuandit.pipefusion_stacks)
 
-    @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> HunyuanDiTPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
-        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
-        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, ("HunyuanDiTPipeline",), cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
-        sched = read_json(folder / "scheduler" / "scheduler_config.json")
-        if sched.get("_class_name") not in SCHEDULERS:
-            raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; HunyuanDiT runs with "
-                             f"{', '.join(SCHEDULERS)} here.")
-        mod, cfg_name = SCHEDULERS[sched["_class_name"]]
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        stacks = hunyuandit.pipefusion_stacks(
-            hunyuandit.HunyuanDiTConfig.from_dict(read_json(folder / "transformer" / "config.json")))
-        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
-        _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, NamedSharding(mesh_obj, P()))
-        return cls(**parts, text_encoder_2=text_encoder_2,
-                   tokenizer_2=load_tokenizer(folder, "tokenizer_2"), scheduler=mod,
-                   scheduler_config=getattr(mod, cfg_name).from_dict(sched), dtype=dtype, mesh=mesh_obj,
-                   attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+    def __init__(self, **parts):
+        super().__init__(**parts)
+        self.scheduler = module_of(self.scheduler_config)  # ddpm or dpmsolver
 
     # ------------------------------------------------------------------ stages
 

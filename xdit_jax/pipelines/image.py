@@ -71,6 +71,27 @@ class ImagePipelineBase(PipelineBase):
         s = vae_scale_factor(self.vae_config)
         return (batch, self.transformer_config.in_channels, height // s, width // s)
 
+    def _binned_text_request(self, prompt, prompt_embeds, prompt_attention_mask, height, width, binning: bool,
+                             num_images_per_prompt, guidance_scale, output_type, binned_size, check_request,
+                             what: str):
+        """The start of a resolution-binned cross-attention family's call (PixArt, SANA): the size asked for
+        (default: the model's), the size it runs at (``binned_size`` of it with ``binning``), the prompts and their
+        count, the samples per prompt; checked with the family's ``check_request``. ``what``: the family's name
+        in the errors. Returns (requested (h, w), (h, w), prompts, batch, per)."""
+        from xdit_jax.pipelines.denoise import per_prompt, prompt_batch
+
+        ds = self.default_size()
+        height, width = height or ds["height"], width or ds["width"]
+        requested = (height, width)
+        if binning:
+            height, width = binned_size(height, width, self.transformer_config.sample_size)
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
+        if prompt_embeds is not None and prompt_attention_mask is None:
+            raise ValueError(f"prompt_embeds need their prompt_attention_mask ({what}'s cross attention uses it).")
+        per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
+        return requested, (height, width), prompts, batch, per
+
     def _masked_text_batch(self, embeds, mask, do_cfg: bool, per: int, negative, negative_mask, encode_negative,
                            what: str):
         """The step's text of a cross-attention family (PixArt, SANA): ``embeds`` (B, L, caption_channels) ``what``

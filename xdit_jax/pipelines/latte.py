@@ -38,8 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import latte, vae_kl
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
@@ -47,14 +45,13 @@ from xdit_jax.pipelines.denoise import (
     StageTimer,
     check_size_and_mesh,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
     per_prompt,
     prompt_batch,
     tokenize,
 )
 from xdit_jax.pipelines.video import VideoPipelineBase
-from xdit_jax.schedulers import ddim, dpmsolver, scheduler_from_config
+from xdit_jax.schedulers import ddim, dpmsolver, module_of
 
 log = logging.getLogger("xdit_jax")
 
@@ -90,36 +87,15 @@ class LattePipeline(VideoPipelineBase):
     _check_request = staticmethod(check_request)
     _default_video = staticmethod(default_video)
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
-                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=latte.STACKED)
-        self.scheduler_module, self.scheduler_cfg = scheduler_config
-        self._temporal = True  # the current call's enable_temporal_attentions
+    PIPELINE_CLASSES = ("LattePipeline",)
+    CONFIG = latte.LatteConfig
+    SCHEDULERS = SCHEDULERS
+    STACKED = latte.STACKED
 
-    @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> LattePipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
-        dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, ("LattePipeline",), cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
-        sched = read_json(folder / "scheduler" / "scheduler_config.json")
-        if sched.get("_class_name") not in SCHEDULERS:
-            raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; Latte runs with "
-                             f"{', '.join(SCHEDULERS)} here (Latte-1 ships with DDIMScheduler).")
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        layers = latte.LatteConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, latte.STACKED, layers)
-        return cls(**parts, scheduler_config=scheduler_from_config(sched), dtype=dtype, mesh=mesh_obj,
-                   attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+    def __init__(self, **parts):
+        super().__init__(**parts)
+        self.scheduler_module, self.scheduler_cfg = module_of(self.scheduler_config), self.scheduler_config
+        self._temporal = True  # the current call's enable_temporal_attentions
 
     # ------------------------------------------------------------------ stages
 

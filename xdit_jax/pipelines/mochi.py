@@ -32,7 +32,6 @@ import numpy as np
 from flax import nnx
 
 from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import mochi, vae_mochi
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
@@ -40,7 +39,6 @@ from xdit_jax.pipelines.denoise import (
     StageTimer,
     check_size_and_mesh,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
     per_prompt,
     prompt_batch,
@@ -81,38 +79,24 @@ class MochiPipeline(VideoPipelineBase):
     _default_video = staticmethod(default_video)
     _vae = vae_mochi
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
-                 force_zeros_for_empty_prompt: bool = False, pipefusion_patches: int | None = None,
-                 pipefusion_warmup_steps: int = 1):
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=mochi.STACKED,
-                         stacked_layers=transformer_config.num_layers - 1, final_block=True,
-                         text_keys=mochi.TEXT_KEYS)
+    PIPELINE_CLASSES = ("MochiPipeline",)
+    CONFIG = mochi.MochiConfig
+
+    @staticmethod
+    def stacks(tc) -> dict:
+        """The blocks but the last (PipeFusion's final block: the text stream ends there)."""
+        return dict(stacked=mochi.STACKED, stacked_layers=tc.num_layers - 1, final_block=True,
+                    text_keys=mochi.TEXT_KEYS)
+
+    def __init__(self, *, force_zeros_for_empty_prompt: bool = False, **parts):
+        super().__init__(**parts)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> MochiPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
-        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
-        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, ("MochiPipeline",), cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        layers = mochi.MochiConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, mochi.STACKED, layers - 1)
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """model_index.json's ``force_zeros_for_empty_prompt``."""
         index = read_json(folder / "model_index.json")
-        return cls(**parts, scheduler_config=sched, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
-                   force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
-                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+        return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", False))}
 
     # ------------------------------------------------------------------ stages
 

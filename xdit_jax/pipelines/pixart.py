@@ -27,8 +27,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import pixart
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
@@ -36,10 +34,7 @@ from xdit_jax.pipelines.denoise import (
     as_numpy,
     check_size_and_mesh,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
-    per_prompt,
-    prompt_batch,
     tokenize,
 )
 from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
@@ -106,39 +101,19 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
 class PixArtPipeline(ImagePipelineBase):
     """Text-to-image with PixArt-alpha / PixArt-Sigma — see the module docstring."""
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
-                 max_sequence_length: int = 300, pipefusion_patches: int | None = None,
-                 pipefusion_warmup_steps: int = 1):
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=pixart.STACKED)
+    PIPELINE_CLASSES = tuple(MAX_SEQUENCE_LENGTH)
+    CONFIG = pixart.PixArtConfig
+    SCHEDULERS = SCHEDULERS
+    STACKED = pixart.STACKED
+
+    def __init__(self, *, max_sequence_length: int = 300, **parts):
+        super().__init__(**parts)
         self.max_sequence_length = int(max_sequence_length)
 
-    # ------------------------------------------------------------------ loading
-
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> PixArtPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
-        dtype = parse_dtype(dtype)
-        folder, kind = cls._pipeline_folder(model, tuple(MAX_SEQUENCE_LENGTH), cache_dir=cache_dir, variant=variant,
-                                            revision=revision)
-        sched = read_json(folder / "scheduler" / "scheduler_config.json")
-        if sched.get("_class_name") not in SCHEDULERS:
-            raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; PixArt runs with "
-                             f"{', '.join(SCHEDULERS)} here (the scheduler the PixArt checkpoints ship with).")
-        scfg = dpmsolver.DPMSolverConfig.from_dict(sched)
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        layers = pixart.PixArtConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, pixart.STACKED, layers)
-        return cls(**parts, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
-                   max_sequence_length=MAX_SEQUENCE_LENGTH[kind], pipefusion_patches=pipefusion_patches,
-                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """The text length of the folder's PixArt (alpha 120, Sigma 300 tokens)."""
+        return {"max_sequence_length": MAX_SEQUENCE_LENGTH[kind]}
 
     # ------------------------------------------------------------------ stages
 
@@ -202,18 +177,10 @@ class PixArtPipeline(ImagePipelineBase):
                  max_sequence_length: int | None = None, use_resolution_binning: bool = True,
                  num_images_per_prompt: int = 1, seed: int = 0,
                  output_type: str = "np", progress: bool = True) -> PixArtPipelineOutput:
-        ds = self.default_size()
-        height, width = height or ds["height"], width or ds["width"]
-        requested = (height, width)
-        if use_resolution_binning:
-            height, width = binned_size(height, width, self.transformer_config.sample_size)
+        requested, (height, width), prompts, batch, per = self._binned_text_request(
+            prompt, prompt_embeds, prompt_attention_mask, height, width, use_resolution_binning,
+            num_images_per_prompt, guidance_scale, output_type, binned_size, check_request, "PixArt")
         msl = max_sequence_length or self.max_sequence_length
-        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
-        if prompt_embeds is not None and prompt_attention_mask is None:
-            raise ValueError("prompt_embeds need their prompt_attention_mask (PixArt's cross attention uses it).")
-        per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
-        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec,
-                      guidance_scale)
         do_cfg = guidance_scale > 1.0
         timer = StageTimer()
 

@@ -41,8 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import qwen2_5_vl
 from xdit_jax.models import qwenimage as qi
 from xdit_jax.models import vae_qwenimage as qvae
@@ -51,7 +49,6 @@ from xdit_jax.pipelines.denoise import (
     StageTimer,
     check_size_and_mesh,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
     per_prompt,
     prompt_batch,
@@ -108,33 +105,9 @@ def pad_text(emb, mask, length: int):
 class QwenImagePipeline(ImagePipelineBase):
     """Text-to-image with Qwen-Image — see the module docstring."""
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
-                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, **qi.pipefusion_stacks(transformer_config))
-
-    @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> QwenImagePipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
-        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
-        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, ("QwenImagePipeline",), cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        tc = qi.QwenImageConfig.from_dict(read_json(folder / "transformer" / "config.json"))
-        stacks = qi.pipefusion_stacks(tc)
-        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
-        return cls(**parts, scheduler_config=sched, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
-                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+    PIPELINE_CLASSES = ("QwenImagePipeline",)
+    CONFIG = qi.QwenImageConfig
+    stacks = staticmethod(qi.pipefusion_stacks)
 
     # ------------------------------------------------------------------ stages
 

@@ -29,8 +29,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import gemma2, sana, vae_dc
 from xdit_jax.pipelines import image, pixart
 from xdit_jax.pipelines.denoise import (
@@ -38,10 +36,7 @@ from xdit_jax.pipelines.denoise import (
     as_numpy,
     check_size_and_mesh,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
-    per_prompt,
-    prompt_batch,
 )
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, resize_and_crop, vae_scale_factor
 from xdit_jax.schedulers import dpmsolver
@@ -98,44 +93,21 @@ class SanaPipeline(ImagePipelineBase):
 
     LOW_MEMORY_DECODE = "slices"  # the DC-AE has no tiled decode here: one sample at a time where needed
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
-                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1):
+    PIPELINE_CLASSES = PIPELINE_CLASSES
+    CONFIG = sana.SanaConfig
+    SCHEDULERS = SCHEDULERS
+    STACKED = sana.STACKED
+
+    def __init__(self, *, pipefusion_patches: int | None = None, **parts):
         if pipefusion_patches not in (None, 1):
             raise ValueError("PipeFusion patches are not supported for SANA (linear attention / grid convolution).")
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=None,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=sana.STACKED)
+        super().__init__(pipefusion_patches=None, **parts)
 
     def _setup_pipefusion(self, patches, warmup_steps) -> None:
         if self.mesh_spec.pipefusion > 1:
             raise ValueError("PipeFusion (pipefusion > 1) is not supported for SANA: its linear attention and "
                              "GLUMBConv's grid convolution are not PipeFusion-aware; use ring / ulysses / cfg / data.")
         super()._setup_pipefusion(patches, warmup_steps)
-
-    # ------------------------------------------------------------------ loading
-
-    @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> SanaPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id."""
-        dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, PIPELINE_CLASSES, cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
-        sched = read_json(folder / "scheduler" / "scheduler_config.json")
-        if sched.get("_class_name") not in SCHEDULERS:
-            raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; SANA runs with "
-                             f"{', '.join(SCHEDULERS)} here (the scheduler the SANA checkpoints ship with).")
-        scfg = dpmsolver.DPMSolverConfig.from_dict(sched)
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        layers = sana.SanaConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, sana.STACKED, layers)
-        return cls(**parts, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
-                   pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
 
     # ------------------------------------------------------------------ stages
 
@@ -203,18 +175,10 @@ class SanaPipeline(ImagePipelineBase):
                  seed: int = 0, output_type: str = "np", progress: bool = True) -> SanaPipelineOutput:
         """As diffusers' ``SanaPipeline.__call__``; ``complex_human_instruction`` None means diffusers' default
         instruction (:data:`xdit_jax.models.gemma2.SANA_COMPLEX_HUMAN_INSTRUCTION`); pass ``[]`` for none."""
-        ds = self.default_size()
-        height, width = height or ds["height"], width or ds["width"]
-        requested = (height, width)
-        if use_resolution_binning:
-            height, width = binned_size(height, width, self.transformer_config.sample_size)
+        requested, (height, width), prompts, batch, per = self._binned_text_request(
+            prompt, prompt_embeds, prompt_attention_mask, height, width, use_resolution_binning,
+            num_images_per_prompt, guidance_scale, output_type, binned_size, check_request, "SANA")
         chi = gemma2.SANA_COMPLEX_HUMAN_INSTRUCTION if complex_human_instruction is None else complex_human_instruction
-        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
-        if prompt_embeds is not None and prompt_attention_mask is None:
-            raise ValueError("prompt_embeds need their prompt_attention_mask (SANA's cross attention uses it).")
-        per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
-        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec,
-                      guidance_scale)
         do_cfg = guidance_scale > 1.0
         timer = StageTimer()
 

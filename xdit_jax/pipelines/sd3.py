@@ -32,8 +32,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import sd3, vae_kl
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
@@ -42,7 +40,6 @@ from xdit_jax.pipelines.denoise import (
     load_component,
     load_tokenizer,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
     per_prompt,
     prompt_batch,
@@ -73,47 +70,26 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
 class StableDiffusion3Pipeline(ImagePipelineBase):
     """Text-to-image with SD3 / SD3.5 — see the module docstring."""
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3, scheduler_config, dtype=jnp.float32,
-                 mesh=None, attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                 pipefusion_warmup_steps: int = 1):
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, final_block=True,
-                         **sd3.pipefusion_stacks(transformer_config))
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+    PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
+    CONFIG = sd3.SD3Config
+    MORE_TEXT_ENCODERS = ("_2",)  # CLIP-G (the first: CLIP-L); T5 (text_encoder_3) is optional: _extra_parts
+
+    @staticmethod
+    def stacks(tc) -> dict:
+        return dict(sd3.pipefusion_stacks(tc), final_block=True)
+
+    def __init__(self, *, text_encoder_3=None, tokenizer_3=None, **parts):
+        super().__init__(**parts)
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> StableDiffusion3Pipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id. A
-        folder without ``text_encoder_3`` (T5 dropped to save memory) runs with zeros in its place.
-        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
-        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        dtype = parse_dtype(dtype)
-        folder, _ = cls._pipeline_folder(model, ("StableDiffusion3Pipeline",), cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        sched = flow_match.FlowMatchEulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        tc = sd3.SD3Config.from_dict(read_json(folder / "transformer" / "config.json"))
-        stacks = sd3.pipefusion_stacks(tc)
-        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
-        replicated = NamedSharding(mesh_obj, P())
-        _, text_encoder_2 = load_component(folder, "text_encoder_2", dtype, replicated)
-        t5 = t5_tok = None
-        if (folder / "text_encoder_3" / "config.json").exists():
-            _, t5 = load_component(folder, "text_encoder_3", dtype, replicated)
-            t5_tok = load_tokenizer(folder, "tokenizer_3")
-        return cls(**parts, text_encoder_2=text_encoder_2,
-                   tokenizer_2=load_tokenizer(folder, "tokenizer_2"), text_encoder_3=t5,
-                   tokenizer_3=t5_tok, scheduler_config=sched, dtype=dtype, mesh=mesh_obj,
-                   attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """T5 where the folder has it: one without ``text_encoder_3`` (dropped to save memory) runs with zeros in
+        its place, as diffusers."""
+        if not (folder / "text_encoder_3" / "config.json").exists():
+            return {}
+        _, t5 = load_component(folder, "text_encoder_3", dtype, NamedSharding(mesh, P()))
+        return {"text_encoder_3": t5, "tokenizer_3": load_tokenizer(folder, "tokenizer_3")}
 
     # ------------------------------------------------------------------ stages
 

@@ -40,9 +40,18 @@ def scheduler_from_config(d):
     return module, getattr(module, cfg_name).from_dict(d)
 
 
+def module_of(config):
+    """The scheduler module (of :data:`SCHEDULERS`) whose config class ``config`` is."""
+    for module, cfg_name in SCHEDULERS.values():
+        if type(config) is getattr(module, cfg_name):
+            return module
+    raise TypeError(f"{type(config).__name__} is not a scheduler config of xdit_jax.schedulers.")
+
+
 __all__ = [
     "INIT_NOISE_SIGMA",
     "SCHEDULERS",
+    "module_of",
     "Schedule",
     "SchedulerConfig",
     "alphas_cumprod",
