@@ -458,15 +458,15 @@ class PipelineBase:
         mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
         tc = cls.CONFIG.from_dict(read_json(folder / "transformer" / "config.json"))
         stacks = cls.stacks(tc)
-        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks.get("stacked_layers",
-                                                                                        tc.num_layers))
+        scheduler = cls._scheduler_parts(folder)  # (the folder's own checks before the weights load)
+        extra = cls._extra_parts(folder, mesh_obj, dtype, kind)
+        parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"],
+                                stacks.get("stacked_layers", tc.num_layers), cls._transformer_names(folder))
         for suffix in cls.MORE_TEXT_ENCODERS:
             parts[f"text_encoder{suffix}"] = load_component(folder, f"text_encoder{suffix}", dtype,
                                                             NamedSharding(mesh_obj, P()))[1]
             parts[f"tokenizer{suffix}"] = load_tokenizer(folder, f"tokenizer{suffix}")
-        parts.update(cls._scheduler_parts(folder))
-        parts.update(cls._extra_parts(folder, mesh_obj, dtype, kind))
-        return cls(**parts, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
+        return cls(**parts, **scheduler, **extra, dtype=dtype, mesh=mesh_obj, attention_backend=attention_backend,
                    pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
 
     @classmethod
@@ -480,6 +480,11 @@ class PipelineBase:
             raise ValueError(f"{folder}/scheduler uses {sched.get('_class_name')!r}; {cls.__name__} runs with "
                              f"{' or '.join(cls.SCHEDULERS)} here (the schedulers its checkpoints ship with).")
         return {"scheduler_config": scheduler_from_config(sched)[1]}
+
+    @classmethod
+    def _transformer_names(cls, folder) -> tuple[str, ...]:
+        """The folder's transformer components, each loaded and placed alike (Wan 2.2 A14B: two experts)."""
+        return ("transformer",)
 
     @classmethod
     def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:

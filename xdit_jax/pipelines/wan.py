@@ -40,7 +40,6 @@ import numpy as np
 from flax import nnx
 
 from xdit_jax.conversion import read_json
-from xdit_jax.mesh import build_mesh
 from xdit_jax.models import vae_wan, wan
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
@@ -50,7 +49,6 @@ from xdit_jax.pipelines.denoise import (
     load_component,
     load_vae_encoder,
     negative_prompts,
-    parse_dtype,
     peak_memory_bytes,
     per_prompt,
     preprocess_image,
@@ -59,7 +57,7 @@ from xdit_jax.pipelines.denoise import (
     tokenize,
 )
 from xdit_jax.pipelines.video import VideoPipelineBase
-from xdit_jax.schedulers import flow_match, unipc
+from xdit_jax.schedulers import flow_match, module_of, unipc
 
 log = logging.getLogger("xdit_jax")
 
@@ -149,62 +147,36 @@ class WanPipeline(VideoPipelineBase):
     # (81 x 480 x 832 in bf16: 52 GiB one pass, 4.9 GiB frame by frame, XLA's memory analysis).
     LOW_MEMORY_DECODE = LOW_MEMORY_DECODE
 
-    def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, dtype=jnp.float32, mesh=None, attention_backend: str = "auto",
-                 pipefusion_patches: int | None = None, pipefusion_warmup_steps: int = 1, transformer_2=None,
-                 transformer_2_config=None, boundary_ratio: float | None = None, expand_timesteps: bool = False):
+    PIPELINE_CLASSES = ("WanPipeline",)
+    CONFIG = wan.WanConfig
+    SCHEDULERS = tuple(SCHEDULERS)
+    STACKED = wan.STACKED
+
+    def __init__(self, *, transformer_2=None, transformer_2_config=None, boundary_ratio: float | None = None,
+                 expand_timesteps: bool = False, **parts):
         """``transformer_2`` / ``boundary_ratio``: Wan 2.2 A14B's low-noise expert and where it takes over (its
         config must equal ``transformer``'s); ``expand_timesteps``: TI2V-5B's flag (text-to-video: the same
         numbers as a timestep per sample)."""
         if (transformer_2 is None) != (boundary_ratio is None):
             raise ValueError("transformer_2 and boundary_ratio go together (Wan 2.2 A14B's two experts).")
-        if transformer_2 is not None and transformer_2_config != transformer_config:
+        if transformer_2 is not None and transformer_2_config != parts.get("transformer_config"):
             raise ValueError("transformer_2's config differs from transformer's; the two experts must share one "
                              "architecture (Wan 2.2 A14B's do).")
         self.transformer_2, self.boundary_ratio = transformer_2, boundary_ratio
         self.expand_timesteps = bool(expand_timesteps)
-        self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
-                         vae_config=vae_config, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler_config=scheduler_config, dtype=dtype, mesh=mesh,
-                         attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                         pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=wan.STACKED)
-        self.scheduler = flow_match if isinstance(scheduler_config, flow_match.FlowMatchEulerConfig) else unipc
+        super().__init__(**parts)
+        self.scheduler = module_of(self.scheduler_config)  # flow_match or unipc
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> WanPipeline:
-        """Load a converted folder, a diffusers folder (converted on first use and cached), or a hub id.
-        ``pipefusion_patches`` / ``pipefusion_warmup_steps``: PipeFusion's patches per step (default: the
-        ``pipefusion`` degree) and exact steps before the patched ones (default 1), xDiT's settings."""
-        folder, _ = cls._pipeline_folder(model, ("WanPipeline",), cache_dir=cache_dir, variant=variant,
-                                         revision=revision)
-        return cls._from_folder(folder, mesh=mesh, dtype=dtype, attention_backend=attention_backend,
-                                pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps)
+    def _transformer_names(cls, folder) -> tuple[str, ...]:
+        """Both experts where model_index.json sets a boundary (checked by :func:`pipeline_settings`)."""
+        two = read_json(folder / "model_index.json").get("boundary_ratio") is not None
+        return ("transformer", "transformer_2") if two else ("transformer",)
 
     @classmethod
-    def _from_folder(cls, folder, *, mesh, dtype, attention_backend, pipefusion_patches, pipefusion_warmup_steps,
-                     extra=None):
-        """The pipeline of a converted (or, under ``from_config``, configs-only) folder; ``extra(parts, mesh,
-        dtype)``: more keyword arguments of ``__init__`` (the image-to-video pipeline's VAE encoder)."""
-        dtype = parse_dtype(dtype)
-        settings = pipeline_settings(read_json(folder / "model_index.json"), folder)
-        transformers = ("transformer",) if settings["boundary_ratio"] is None else ("transformer", "transformer_2")
-        sched = read_json(folder / "scheduler" / "scheduler_config.json")
-        name = sched.get("_class_name")
-        if name not in SCHEDULERS:
-            raise ValueError(f"{folder}/scheduler uses {name!r}; Wan runs with {' or '.join(SCHEDULERS)} here.")
-        module = SCHEDULERS[name]
-        scfg = (unipc.UniPCConfig if module is unipc else flow_match.FlowMatchEulerConfig).from_dict(sched)
-        mesh_obj = mesh if hasattr(mesh, "axis_names") else build_mesh(mesh)
-        layers = wan.WanConfig.from_dict(read_json(folder / "transformer" / "config.json")).num_layers
-        parts = cls._load_parts(folder, mesh_obj, dtype, wan.STACKED, layers, transformers)
-        if extra is not None:
-            parts.update(extra(parts, mesh_obj, dtype))
-        return cls(**parts, **settings, scheduler_config=scfg, dtype=dtype, mesh=mesh_obj,
-                   attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
-                   pipefusion_warmup_steps=pipefusion_warmup_steps)
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """model_index.json's ``boundary_ratio`` and ``expand_timesteps``."""
+        return pipeline_settings(read_json(folder / "model_index.json"), folder)
 
     # ------------------------------------------------------------------ stages
 
@@ -447,39 +419,31 @@ class WanImageToVideoPipeline(WanPipeline):
         self.image_encoder, self.image_encoder_config = image_encoder, image_encoder_config
         self.image_processor = image_processor
 
+    PIPELINE_CLASSES = ("WanImageToVideoPipeline", "WanPipeline")  # (TI2V-5B's folder says WanPipeline)
+
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
-                        variant: str | None = None, revision: str | None = None,
-                        attention_backend: str = "auto", pipefusion_patches: int | None = None,
-                        pipefusion_warmup_steps: int = 1) -> WanImageToVideoPipeline:
-        """As :meth:`WanPipeline.from_pretrained`, for a ``WanImageToVideoPipeline`` folder or TI2V-5B's (a
-        ``WanPipeline`` folder with ``expand_timesteps``, as diffusers loads it); the VAE's encoder is read from
-        ``vae/encoder_params`` (written by conversion)."""
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """As :class:`WanPipeline`'s, for a ``WanImageToVideoPipeline`` folder or TI2V-5B's (a ``WanPipeline`` folder
+        with ``expand_timesteps``, as diffusers loads it); the VAE's encoder (``vae/encoder_params``, written by
+        conversion) and Wan 2.1's CLIP image encoder."""
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
         from xdit_jax.models import vae_wan_encoder
 
-        folder, kind = cls._pipeline_folder(model, ("WanImageToVideoPipeline", "WanPipeline"), cache_dir=cache_dir,
-                                            variant=variant, revision=revision)
         index = read_json(folder / "model_index.json")
-        if kind == "WanPipeline" and not index.get("expand_timesteps"):  # (TI2V-5B's folder says WanPipeline)
+        if kind == "WanPipeline" and not index.get("expand_timesteps"):
             raise ValueError(f"{folder} holds a text-to-video WanPipeline, not a WanImageToVideoPipeline (of the "
                              "WanPipeline folders only TI2V-5B's, with expand_timesteps, also takes an image).")
-
-        def extra(parts, mesh_obj, dt):
-            replicated = NamedSharding(mesh_obj, P())
-            out = {"vae_encoder": load_vae_encoder(folder, parts["vae_config"], dt, replicated, vae_wan_encoder)}
-            if _listed(index, "image_encoder"):  # Wan 2.1 I2V / FLF2V: the CLIP vision tower and its preprocessing
-                # in float32 whatever the pipeline's dtype (diffusers' recipe; 257 tokens once per call)
-                cfg, encoder = load_component(folder, "image_encoder", jnp.float32, replicated)
-                out.update(image_encoder=encoder, image_encoder_config=cfg,
-                           image_processor=load_image_processor(folder))
-            return out
-
-        return cls._from_folder(folder, mesh=mesh, dtype=dtype, attention_backend=attention_backend,
-                                pipefusion_patches=pipefusion_patches, pipefusion_warmup_steps=pipefusion_warmup_steps,
-                                extra=extra)
+        replicated = NamedSharding(mesh, P())
+        vc = vae_wan.WanVAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
+        out = dict(super()._extra_parts(folder, mesh, dtype, kind),
+                   vae_encoder=load_vae_encoder(folder, vc, dtype, replicated, vae_wan_encoder))
+        if _listed(index, "image_encoder"):  # Wan 2.1 I2V / FLF2V: the CLIP vision tower and its preprocessing
+            # in float32 whatever the pipeline's dtype (diffusers' recipe; 257 tokens once per call)
+            cfg, encoder = load_component(folder, "image_encoder", jnp.float32, replicated)
+            out.update(image_encoder=encoder, image_encoder_config=cfg, image_processor=load_image_processor(folder))
+        return out
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         """(B, z_dim, F, h, w): the noise latents (the transformer's input adds the condition's channels)."""
