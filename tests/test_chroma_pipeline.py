@@ -1,0 +1,104 @@
+"""The Chroma pipeline from a diffusers save_pretrained folder == diffusers' ChromaPipeline (text encoding with its
+mask, latents with CFG, the decoded image), on one device and on a mesh (8 simulated CPU devices)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_chroma, save_torch_pipeline
+from xdit_jax.pipelines.chroma import ChromaPipeline
+from xdit_jax.pipelines.denoise import converted_folder
+
+PROMPT = "A small dog running on a beach at sunset."
+NEG = "blurry, low quality"
+H, W, STEPS, MSL = 48, 80, 2, 16  # 6 x 10 latents: 3 x 5 = 15 packed image tokens, 16 T5 tokens
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder)."""
+    tp = make_torch_chroma()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("chroma"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+    return tp, ChromaPipeline.from_pretrained(converted), converted
+
+
+def initial_latents(batch=1, seed=0):
+    """Packed latents (B, 15, 16), diffusers' ``latents`` argument."""
+    return np.random.default_rng(seed).standard_normal((batch, (H // 16) * (W // 16), 16)).astype(np.float32)
+
+
+def _diffusers(tp, prompt, lat, output_type, **kw):
+    with torch.no_grad():
+        out = tp(prompt=prompt, height=H, width=W, num_inference_steps=STEPS, latents=torch.from_numpy(lat),
+                 max_sequence_length=MSL, output_type=output_type, **kw).images
+    return out.numpy() if output_type == "latent" else np.asarray(out)
+
+
+def test_text_encoding_matches_diffusers(built):
+    """T5 with the tokenizer's mask; the transformer's mask: the prompt and one padding token."""
+    tp, ours, _ = built
+    prompts = [PROMPT, "A cat."]
+    with torch.no_grad():
+        ref, ref_mask = tp._get_t5_prompt_embeds(prompts, max_sequence_length=MSL)
+    emb, mask = ours.encode_prompt(prompts, MSL)
+    np.testing.assert_array_equal(np.asarray(mask), ref_mask.numpy())
+    assert 0 < ref_mask.numpy()[1].sum() < MSL  # the short prompt is padded: the mask matters
+    # fp32; states O(4); measured max |diff| 2.9e-6
+    np.testing.assert_allclose(np.asarray(emb), ref.numpy(), atol=1e-5, rtol=0)
+
+
+def test_image_matches_diffusers(built):
+    """Default real CFG (guidance 5, the empty negative prompt), dynamic shifting, FLUX's VAE shift and scale."""
+    tp, ours, _ = built
+    lat = initial_latents()
+    ref = _diffusers(tp, PROMPT, lat, "np")
+    out = ours(PROMPT, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
+               progress=False).images
+    assert out.shape == ref.shape == (1, H, W, 3)
+    # fp32 both sides, pixels in [0, 1]; measured max |diff| 1.8e-6. 2e-4 is 1/20 of an 8-bit level, while a wrong
+    # mask, schedule or VAE shift moves pixels by 1e-2 or more.
+    np.testing.assert_allclose(out, ref, atol=2e-4, rtol=0)
+
+
+def test_latents_match_diffusers_cfg_batch(built):
+    """Two prompts, a negative prompt, guidance 3, two images per prompt."""
+    tp, ours, _ = built
+    prompts = [PROMPT, "A cat."]
+    lat = initial_latents(batch=4, seed=1)
+    kw = dict(negative_prompt=NEG, guidance_scale=3.0)
+    ref = _diffusers(tp, prompts, lat, "latent", num_images_per_prompt=2, **kw)
+    out = ours(prompts, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
+               output_type="latent", progress=False, num_images_per_prompt=2, **kw).images
+    scale = np.abs(ref).max()
+    # fp32; latents O(5); measured max |diff| 2.7e-6 (the bound: 4.6e-4)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
+@pytest.mark.parametrize("mesh", ["cfg=2,ring=2,ulysses=2"])
+def test_mesh_matches_one_device(mesh, built):
+    _, ours, folder = built
+    kw = dict(negative_prompt=NEG, height=H, width=W, num_inference_steps=STEPS, latents=initial_latents(seed=2),
+              max_sequence_length=MSL, progress=False)
+    ref = ours(PROMPT, **kw).images
+    out = ChromaPipeline.from_pretrained(folder, mesh=mesh)(PROMPT, **kw).images
+    # one device up to float rounding; measured max |diff| 1.4e-6
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+
+
+def test_bad_input(built):
+    _, ours, folder = built
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(PROMPT, height=40, width=W)
+    with pytest.raises(ValueError, match="prompt_attention_mask"):
+        ours(prompt_embeds=np.zeros((1, MSL, 32), np.float32), height=H, width=W)
+    with pytest.raises(ValueError, match="mask"):
+        ours(prompt_embeds=np.zeros((1, MSL, 32), np.float32), prompt_attention_mask=np.ones((1, 4)), height=H,
+             width=W)
+    with pytest.raises(ValueError, match="Give either negative_prompt"):
+        ours(PROMPT, negative_prompt=NEG, negative_prompt_embeds=np.zeros((1, MSL, 32), np.float32),
+             negative_prompt_attention_mask=np.ones((1, MSL)), height=H, width=W)
+    with pytest.raises(ValueError, match="greater than 512"):
+        ours(PROMPT, height=H, width=W, max_sequence_length=600)
+    with pytest.raises(ValueError, match="cfg=2 splits"):
+        ChromaPipeline.from_pretrained(folder, mesh="cfg=2")(PROMPT, height=H, width=W, guidance_scale=1.0)
