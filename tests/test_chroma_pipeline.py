@@ -102,3 +102,23 @@ def test_bad_input(built):
         ours(PROMPT, height=H, width=W, max_sequence_length=600)
     with pytest.raises(ValueError, match="cfg=2 splits"):
         ChromaPipeline.from_pretrained(folder, mesh="cfg=2")(PROMPT, height=H, width=W, guidance_scale=1.0)
+
+
+def test_cli_tiny_chroma(tmp_path, capsys, monkeypatch):
+    """scripts/generate.py --model tiny-chroma: a .png with CFG and a negative prompt on a cfg x ulysses 3 mesh (12
+    image tokens padded to 15 over the 3 devices of a CFG half); a cfg=2 mesh without guidance refused."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "c.png"
+    rc = cli.main(["--model", "tiny-chroma", "--output", str(out), "--guidance-scale", "3", "--negative-prompt",
+                   "blurry", "--mesh", "cfg=2,ulysses=3", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (48, 64, 3) and image.std() > 1  # the tiny defaults: 48 x 64
+    assert '"model_family": "chroma"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-chroma", "--output", str(tmp_path / "n.png"), "--mesh", "cfg=2",
+                   "--guidance-scale", "1", "--no-progress"])
+    assert rc == 2 and "cfg=2 splits" in capsys.readouterr().err
