@@ -122,3 +122,29 @@ def test_cli_tiny_chroma(tmp_path, capsys, monkeypatch):
     rc = cli.main(["--model", "tiny-chroma", "--output", str(tmp_path / "n.png"), "--mesh", "cfg=2",
                    "--guidance-scale", "1", "--no-progress"])
     assert rc == 2 and "cfg=2 splits" in capsys.readouterr().err
+
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of chroma-tiny (15 image + 16 T5 tokens, 6 kept, both CFG halves) against diffusers'
+    transformer on one device and cfg=2 x ulysses=3; the compiled program's FLOPs == the analytic count; the
+    full-size folder read as Chroma (not FLUX) with its shapes, nothing compiled."""
+    from xdit_jax import bench
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="chroma-tiny", meshes=[None, "cfg=2,ulysses=3"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("cfg=2,ulysses=3", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "chroma" and r["image_tokens"] == 15 and r["text_tokens"] == 16
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["cfg=2,ulysses=3"]):
+        # same weights (diffusers' own init) and inputs, fp32: measured 7.2e-7 (one device), 4.8e-7 (cfg=2 x ulysses=3);
+        # a mask, RoPE or modulation-row slip moves them by O(0.01) and more
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("chroma1-hd")
+    assert w.family == "chroma" and w.cfg and w.fam.latent_shape(w) == (2, 4096, 64)
+    assert w.fam.tokens(w) == (4096, 512)
