@@ -148,3 +148,28 @@ def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
     w = bench.load_workload("chroma1-hd")
     assert w.family == "chroma" and w.cfg and w.fam.latent_shape(w) == (2, 4096, 64)
     assert w.fam.tokens(w) == (4096, 512)
+
+
+@pytest.mark.slow  # FLUX's PipeFusion cases cover the machinery in CI (tests/test_pipefusion_two_stream.py)
+def test_pipefusion_equals_sequential_rule_and_warmup_one_device(tmp_path_factory):
+    """PipeFusion on pipefusion=2,ulysses=2 (3 double- + 4 single-stream blocks, both stacks looped over the stages;
+    the modulation rows found by the layer counter the stages hand on): the patched steps == the displaced-patch
+    rule run sequentially on one device (2 patches), exact warm-up steps == one device."""
+    from xdit_jax import tiny
+
+    folder = tiny.make_tiny_model(tmp_path_factory.mktemp("chroma-pf") / "m", family="chroma",
+                                  transformer={"num_layers": 3, "num_single_layers": 4, "num_attention_heads": 3})
+    kw = dict(height=48, width=80, max_sequence_length=16, num_inference_steps=3, output_type="latent",
+              progress=False, seed=5, negative_prompt=NEG)
+    prompts = [PROMPT, "A cat."]
+    one = ChromaPipeline.from_pretrained(folder)(prompts, **kw).images
+    sequential = ChromaPipeline.from_pretrained(folder, pipefusion_patches=2)(prompts, **kw).images
+    mesh = "pipefusion=2,ulysses=2"
+    out = ChromaPipeline.from_pretrained(folder, mesh=mesh, pipefusion_patches=2)(prompts, **kw).images
+    warm = ChromaPipeline.from_pretrained(folder, mesh=mesh, pipefusion_warmup_steps=3)(prompts, **kw).images
+    scale = np.abs(one).max()
+    # fp32, float rounding only: measured 1.7e-6 (patched vs sequential) and 1.9e-6 (warm-up vs one device) of the
+    # latents' max 6.2; the displaced rule itself moves them by 0.6 of it
+    assert np.abs(out - sequential).max() <= 2e-5 * scale
+    assert np.abs(warm - one).max() <= 2e-5 * scale
+    assert np.abs(sequential - one).max() > 1e-3 * scale  # the displaced-patch rule is not the exact one

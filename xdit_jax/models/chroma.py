@@ -67,6 +67,11 @@ class ChromaConfig(flux.FluxConfig):
         return cfg
 
     @property
+    def kv_head_dim(self) -> int:
+        """The width of the attention's K/V (PipeFusion's buffers): the heads' and the additive mask's channels."""
+        return self.attention_head_dim + MASK_CHANNELS
+
+    @property
     def mod_rows(self) -> int:
         """The approximator's output rows: 3 per single-stream block, 2 x 6 per double-stream one, 2 final."""
         return 3 * self.num_single_layers + 12 * self.num_layers + 2
@@ -240,17 +245,18 @@ class ChromaTransformer2DModel(nnx.Module):
         dm, sm = self.double_mods(cond), self._mods(cond, 0, 3, cfg.num_single_layers)
         take = lambda m, i: jax.lax.dynamic_index_in_dim(m, i, axis=1, keepdims=False)  # noqa: E731
 
+        n = cfg.num_layers
+
         def double(blk, carry):
             x, c, i = carry
             return (*blk(x, c, take(dm, i), rope, c_rope, mask), i + 1)
 
-        def single(blk, carry):
+        def single(blk, carry):  # the counter goes on from the double-stream stack's (PipeFusion hands it on)
             x, c, i = carry
-            return (*blk.pair(x, c, take(sm, i), rope, c_rope, mask), i + 1)
+            return (*blk.pair(x, c, take(sm, i - n), rope, c_rope, mask), i + 1)
 
-        x, c, _ = scan_modules(self.transformer_blocks, double, (x, cond["context"], jnp.int32(0)))
-        x, _, _ = scan_modules(self.single_transformer_blocks, single, (x, c, jnp.int32(0)))
-        return x
+        carry = scan_modules(self.transformer_blocks, double, (x, cond["context"], jnp.int32(0)))
+        return scan_modules(self.single_transformer_blocks, single, carry)[0]
 
     def head(self, x, cond, shape=None):
         """Image tokens -> the prediction (B, N, patch^2 * out_channels)."""
