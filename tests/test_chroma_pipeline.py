@@ -105,8 +105,8 @@ def test_bad_input(built):
 
 
 def test_cli_tiny_chroma(tmp_path, capsys, monkeypatch):
-    """scripts/generate.py --model tiny-chroma: a .png with CFG and a negative prompt on a cfg x ulysses 3 mesh (12
-    image tokens padded to 15 over the 3 devices of a CFG half); a cfg=2 mesh without guidance refused."""
+    """scripts/generate.py --model tiny-chroma: a .png with CFG and a negative prompt (on one device: the meshes are
+    covered above); a cfg=2 mesh without guidance refused before any weight is read."""
     import imageio.v3 as iio
 
     from xdit_jax import cli
@@ -114,7 +114,7 @@ def test_cli_tiny_chroma(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "c.png"
     rc = cli.main(["--model", "tiny-chroma", "--output", str(out), "--guidance-scale", "3", "--negative-prompt",
-                   "blurry", "--mesh", "cfg=2,ulysses=3", "--no-progress", "--json"])
+                   "blurry", "--no-progress", "--json"])
     assert rc == 0
     image = iio.imread(out)
     assert image.shape == (48, 64, 3) and image.std() > 1  # the tiny defaults: 48 x 64
