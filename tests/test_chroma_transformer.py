@@ -106,3 +106,21 @@ def test_sequence_parallel_equals_one_device(pair, mesh):
     # fp32; only the order of float32 sums differs (ring's LSE merge, the text partial); outputs O(5);
     # measured max |diff| ~1e-6
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0, err_msg=mesh)
+
+
+def test_full_size_config_parameter_count_matches_diffusers():
+    """configs/chroma1-hd's transformer: our parameter tree holds as many weights as diffusers' model (meta device),
+    and the conversion's key map covers every one of its keys (shapes only, no weights made)."""
+    import json
+    from pathlib import Path
+
+    from xdit_jax.keymap import expected_shapes
+
+    hub = json.loads((Path(__file__).resolve().parents[1] / "configs/chroma1-hd/transformer/config.json").read_text())
+    hub = {k: v for k, v in hub.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        tm = TorchModel(**hub)
+    want = sum(p.numel() for p in tm.parameters())
+    cfg = chroma.ChromaConfig.from_dict(hub)
+    shapes = expected_shapes(lambda: chroma.ChromaTransformer2DModel(cfg))
+    assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)) == want  # 8.90B
