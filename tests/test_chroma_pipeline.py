@@ -173,3 +173,18 @@ def test_pipefusion_equals_sequential_rule_and_warmup_one_device(tmp_path_factor
     assert np.abs(out - sequential).max() <= 2e-5 * scale
     assert np.abs(warm - one).max() <= 2e-5 * scale
     assert np.abs(sequential - one).max() > 1e-3 * scale  # the displaced-patch rule is not the exact one
+
+
+@pytest.mark.slow  # a full-width compile (~15 s); the tiny row checks the count in CI
+def test_benchmark_full_width_flops_compile_only_and_e2e():
+    """chroma-cpu-small (Chroma1-HD's width, 1 + 2 blocks) compiled on abstract shapes: the compiled dots == the
+    analytic count; --e2e builds the tiny pipeline from its configs and runs CFG over cfg=2."""
+    from xdit_jax import bench
+
+    (row,) = bench.run_step_benchmark(bench.StepOptions(model="chroma-cpu-small", meshes=[None], compile_only=True,
+                                                        log=lambda s: None))
+    assert "error" not in row and row["image_tokens"] == 256 and row["text_tokens"] == 256
+    assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
+    (row,) = bench.run_e2e_benchmark(bench.StepOptions(model="chroma-tiny", meshes=["cfg=2"], log=lambda s: None),
+                                     steps=2)
+    assert "error" not in row and row["family"] == "chroma" and row["output_shape"] == [1, 48, 80, 3]
