@@ -24,8 +24,9 @@ The text joins every attention as the *context* (the double-stream blocks' joint
 single-stream blocks through :meth:`flux.SingleBlock.pair`, the same weights on the text kept apart from the
 image): the image tokens are the one sharded sequence of both stacks, the text sharded with them
 (``run_blocks(..., text=TEXT_KEYS)``; its mask channel is a text key too), as HunyuanVideo runs FLUX's blocks.
-Each block reads its modulation rows through a layer counter in the scan's carry (``lax.dynamic_index``), which
-PipeFusion's stages pass on with the carry.
+Each block reads its modulation rows through one layer counter in the scans' carry (``lax.dynamic_index``),
+counting on from the double-stream stack into the single-stream one, which PipeFusion's stages (and its looped
+stacks) hand on with the carry.
 """
 
 from __future__ import annotations
@@ -109,14 +110,13 @@ def _with_channel(y, col):
 
 class ChromaAttention(flux.Attention):
     """FLUX's attention with diffusers' additive text mask: ``c_mask`` the text tokens' float 0/1 (B, L) (the
-    module docstring), or None (no mask: FLUX's attention)."""
+    module docstring), or None (no mask: every text token kept, the extra channels then add nothing; they are
+    there all the same, so that K/V always have :attr:`ChromaConfig.kv_head_dim` channels, PipeFusion's buffers')."""
 
     def attend(self, q, k, v, cq, ck, cv, c_mask=None):
-        if c_mask is None:
-            return super().attend(q, k, v, cq, ck, cv)
         hd = q.shape[-1]
         scale = hd ** -0.5
-        m = c_mask.astype(jnp.float32)
+        m = jnp.ones(cq.shape[:2], jnp.float32) if c_mask is None else c_mask.astype(jnp.float32)
         ones = jnp.ones(q.shape[:2], jnp.float32)
         o, oc = attention(_with_channel(q, ones), _with_channel(k, None), _with_channel(v, None), scale=scale,
                           context=(_with_channel(cq, m), _with_channel(ck, -(1 - m) / scale),
