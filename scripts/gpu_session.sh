@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
 # the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5, 6, 7, 8
+#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5, 6, 7, 8, 9
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -66,6 +66,11 @@ case $part in
   step sana-e2e 150 --model sana-1600m-1024px --steps 0 --e2e 2
   step kontext 240 --model flux.1-kontext-dev --steps 3
   ;;
-*) echo "unknown part $part: use 1 to 8"; exit 2 ;;
+9)  # Chroma1-HD, never run on a GPU: the full model against diffusers (both CFG halves, the additive text mask as
+    # 8 extra q/k channels: head_dim 136 on cuDNN), then its step under mosaic
+  step chroma-vs 300 --model chroma1-hd --steps 5 --compare diffusers
+  step chroma 240 --model chroma1-hd --steps 3 --variant mosaic:backend=mosaic
+  ;;
+*) echo "unknown part $part: use 1 to 9"; exit 2 ;;
 esac
 ls -la "$O"

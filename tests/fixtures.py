@@ -154,6 +154,20 @@ def make_torch_flux(seed: int = 0, guidance_embeds: bool = True, kontext: bool =
                text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_tokenizer(), transformer=transformer)
 
 
+def make_torch_chroma(seed: int = 0):
+    """A tiny random diffusers ChromaPipeline (xdit_jax.tiny's Chroma configs: FLUX's tiny VAE, T5 and scheduler)."""
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = randomize_(ChromaTransformer2DModel(**tiny.CHROMA_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 3, std=0.2)
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.FLUX_SCHEDULER.items() if not k.startswith("_")})
+    return ChromaPipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_tokenizer(),
+                          transformer=transformer)
+
+
 def make_torch_sd3(seed: int = 0, with_t5: bool = True):
     """A tiny random diffusers Stable Diffusion 3 pipeline (xdit_jax.tiny's SD3 configs); ``with_t5=False``:
     without the T5 encoder (diffusers then uses zeros)."""

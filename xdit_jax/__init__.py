@@ -1,6 +1,7 @@
 """xdit_jax: parallel inference for diffusion transformers on JAX SPMD meshes."""
 
 from xdit_jax.mesh import MeshSpec, build_mesh
+from xdit_jax.pipelines.chroma import ChromaPipeline, ChromaPipelineOutput
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
 from xdit_jax.pipelines.flux import FluxKontextPipeline, FluxPipeline, FluxPipelineOutput
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
@@ -14,7 +15,7 @@ from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
 from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
-__all__ = ["CogVideoXImageToVideoPipeline", "CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
+__all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
            "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline", "LattePipelineOutput", "MeshSpec", "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline",
            "PixArtPipelineOutput", "QwenImagePipeline", "QwenImagePipelineOutput", "SanaPipeline", "SanaPipelineOutput", "SD3PipelineOutput", "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]

@@ -90,7 +90,8 @@ HUNYUAN_VIDEO_MODELS = ("hunyuanvideo",)
 QWEN_IMAGE_MODELS = ("qwen-image",)
 ZIMAGE_MODELS = ("z-image-turbo",)
 SANA_MODELS = ("sana-1600m-1024px",)
-IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana")  # text-to-image: no frames
+CHROMA_MODELS = ("chroma1-hd",)
+IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -378,6 +379,28 @@ def _flux_cpu_small_workload() -> Workload:
                     source="configs/flux.1-dev, 1 double- + 1 single-stream block")
 
 
+def _chroma_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Chroma (2 heads x 16, 2 double- + 2 single-stream blocks, a 2-layer approximator 32 wide) at
+    # 48 x 80: a 3 x 5 grid of packed tokens (the sequence meshes pad); 16 T5 tokens, 6 kept (+ one padding token)
+    t = dict(tiny.CHROMA_TRANSFORMER)
+    scale = 2 ** (len(tiny.FLUX_VAE["block_out_channels"]) - 1)
+    return Workload("chroma-tiny", t, height=48, width=80, num_frames=1, vae_scale_spatial=scale, family="chroma",
+                    text_tokens=16, text_valid=6, source="xdit_jax.tiny's Chroma, 2 heads x 16, 2 + 2 blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 5.0, "max_sequence_length": 16})
+
+
+def _chroma_cpu_small_workload() -> Workload:
+    t, defaults = load_model_dir(CONFIG_DIR / "chroma1-hd")
+    # 2 single-stream blocks: with one, XLA drops the last block's unused text MLP (its text output is discarded),
+    # which a scan over several does not (so the compiled FLOPs == the analytic count, as at full size)
+    t = dict(t, num_layers=1, num_single_layers=2)
+    return Workload("chroma-cpu-small", t, height=256, width=256, num_frames=1, family="chroma", text_tokens=256,
+                    folder=str(CONFIG_DIR / "chroma1-hd"), defaults=defaults,
+                    source="configs/chroma1-hd, 1 double- + 2 single-stream blocks")
+
+
 def _sd3_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
@@ -526,6 +549,8 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "mochi-cpu-small": _mochi_cpu_small_workload,
                                               "flux-tiny": _flux_tiny_workload,
                                               "flux-cpu-small": _flux_cpu_small_workload,
+                                              "chroma-tiny": _chroma_tiny_workload,
+                                              "chroma-cpu-small": _chroma_cpu_small_workload,
                                               "sd3-tiny": _sd3_tiny_workload,
                                               "sd3-cpu-small": _sd3_cpu_small_workload,
                                               "wan-tiny": _wan_tiny_workload,
@@ -575,6 +600,14 @@ PRESET_HELP.update({
                  "text tokens, one sample per prompt (CI smoke test)",
     "flux-cpu-small": "FLUX.1-dev width (24 heads x 128), 1 double- + 1 single-stream block, 256x256: 16x16 = 256 "
                       "image + 256 T5 tokens, one sample per prompt",
+})
+PRESET_HELP.update({
+    "chroma-tiny": "a 2x16-head Chroma (2 double- + 2 single-stream blocks, 2-layer approximator) at 48x80: 15 image "
+                   "+ 16 T5 tokens (6 real), both CFG halves (CI smoke test)",
+    "chroma-cpu-small": "Chroma1-HD width (24 heads x 128), 1 double- + 2 single-stream blocks, 256x256: 16x16 = 256 "
+                        "image + 256 T5 tokens (40 real), both CFG halves",
+    "chroma1-hd": "full-size configs/chroma1-hd with random weights at 1024x1024 (4096 image + 512 T5 tokens, both "
+                  "CFG halves)",
 })
 for _m in FLUX_MODELS:
     PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 1024x1024 (4096 image + "
@@ -1323,7 +1356,8 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             pt = tcfg.patch_size_t or 1
             seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
         args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
-                                             tcfg.attention_head_dim, dtype, patches, tail=family.final_block,
+                                             getattr(tcfg, "kv_head_dim", tcfg.attention_head_dim), dtype, patches,
+                                             tail=family.final_block,
                                              abstract=opts.compile_only, **family.stack_attentions(tcfg),
                                              text_len=text_tokens if family.text_keys(tcfg) and
                                              pipefusion.slices_text(mesh) else None),)

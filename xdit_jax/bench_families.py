@@ -2160,9 +2160,133 @@ class Sana(PixArt):
         return SanaTorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# Chroma
+# ============================================================================================
+
+CHROMA_TEXT_VALID = PIXART_TEXT_VALID  # a typical prompt's T5 tokens (the mask keeps them and one padding token)
+
+
+def chroma_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one Chroma transformer forward (2 FLOPs per multiply-add), with the pipeline's text mask.
+
+    FLUX.1's count (:func:`flux_analytic_flops`: B, S image tokens, L T5 tokens, J = S + L, d = heads x head_dim,
+    C, C_out, D_j) without the per-block modulation linears, the pooled-text and timestep embedders and the head's
+    modulation: a double- and a single-stream block each cost 24 B J d^2 in their linears. Their attention runs on
+    heads widened by the additive mask's channels (:data:`xdit_jax.models.chroma.MASK_CHANNELS`, 8: q, k and the
+    zero v alike), QK^T and PV over J: 4 B J^2 H (head_dim + 8). Once: x_embedder 2 B S C d, context_embedder
+    2 B L D_j d, proj_out 2 B S d C_out, and the approximator on its R = 3 M + 12 N + 2 rows (N double-, M
+    single-stream blocks): in_proj 2 B R a h, n_a residual layers of two h x h linears 4 B R h^2 each, out_proj
+    2 B R h d (a = approximator_num_channels, h = approximator_hidden_dim, n_a = approximator_layers). Norms,
+    RoPE, the sinusoids, GELU, SiLU and the gates are element-wise."""
+    from xdit_jax.models.chroma import MASK_CHANNELS
+
+    b, s, c = latent_shape
+    t = transformer
+    heads, hd = int(t["num_attention_heads"]), int(t["attention_head_dim"])
+    d = heads * hd
+    n, m = int(t["num_layers"]), int(t["num_single_layers"])
+    p = int(t.get("patch_size", 1))
+    cout = int(t.get("out_channels") or c)
+    dj = int(t.get("joint_attention_dim", 4096))
+    a, h, na = (int(t.get(k, v)) for k, v in (("approximator_num_channels", 64), ("approximator_hidden_dim", 5120),
+                                               ("approximator_layers", 5)))
+    txt = int(text_len)
+    j = s + txt
+    attn = 4 * b * j * j * heads * (hd + MASK_CHANNELS)
+    block = 24 * b * j * d * d
+    rows = 3 * m + 12 * n + 2
+    approximator = 2 * b * rows * (a * h + 2 * na * h * h + h * d)
+    embed = 2 * b * s * c * d + 2 * b * txt * dj * d + approximator
+    head = 2 * b * s * d * (p * p * cout)
+    total = (n + m) * (block + attn) + embed + head
+    attention = (n + m) * attn
+    return {"total": float(total), "per_block": float(block + attn), "per_single_block": float(block + attn),
+            "attention": float(attention), "linear": float(total - attention), "tokens": s}
+
+
+class ChromaTorchReference(TorchReference):
+    """diffusers' ``ChromaTransformer2DModel`` called as ``ChromaPipeline`` calls it: the packed latents and T5
+    states in the model's dtype, ``timestep`` = t / 1000, the ids, and the float mask over [text; image] (the
+    prompt's tokens and one padding token, then ones). The pipeline calls it once per CFG half; here once on
+    both (the same work, as ours)."""
+
+    diffusers_class = "ChromaTransformer2DModel"
+
+    def set_inputs(self, inputs, w):
+        put = functools.partial(self._put, inputs)
+        self.x, self.enc, self.t = put("latents", self.dtype), put("embeds", self.dtype), put("t", self.dtype)
+        self.img_ids, self.txt_ids = put("img_ids", self.dtype), put("txt_ids", self.dtype)
+        self.mask = put("mask", self.dtype)
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
+                          img_ids=self.img_ids, txt_ids=self.txt_ids, attention_mask=self.mask, return_dict=False)[0]
+
+
+class Chroma(Flux):
+    """FLUX.1's shapes (packed 2 x 2 latents, T5 tokens); real CFG (both halves per prompt, ChromaPipeline's
+    guidance 5); the text mask; one embed -> blocks -> head (the text as the context of both stacks)."""
+
+    name = "chroma"
+    module_name = "xdit_jax.models.chroma"
+    model_class_name = "ChromaTransformer2DModel"
+    config_class_name = "ChromaConfig"
+    title = "Chroma"
+    default_cfg = True
+
+    def pipeline_call(self, w):
+        return Family.pipeline_call(self, w)
+
+    def reference_tokens(self, w) -> int:
+        return 0
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "text_valid": self.text_valid(w),
+                "layers": cfg.num_layers + cfg.num_single_layers, "double_layers": cfg.num_layers,
+                "single_layers": cfg.num_single_layers, "heads": cfg.num_attention_heads,
+                "head_dim": cfg.attention_head_dim, "height": w.height, "width": w.width,
+                "approximator_layers": cfg.approximator_layers, "cfg": w.cfg}
+
+    def text_valid(self, w) -> int:
+        return min(int(w.text_valid or CHROMA_TEXT_VALID), self.text_len(w))
+
+    def make_inputs(self, w, seed=0):
+        """As ``ChromaPipeline`` passes them: packed latents (B, S, in_channels), T5 states (B, L,
+        joint_attention_dim), t / 1000 (B,), the float mask (B, L + S) (:meth:`text_valid` prompt tokens and one
+        padding token, then the image's ones), and the host ids."""
+        from xdit_jax.models.chroma import text_mask
+        from xdit_jax.models.flux import image_ids
+
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b, txt = w.step_batch, self.text_len(w)
+        latents = rng.standard_normal(self.latent_shape(w), dtype=np.float32)
+        embeds = rng.standard_normal((b, txt, int(t.get("joint_attention_dim", 4096))), dtype=np.float32)
+        tokenizer_mask = (np.arange(txt)[None] < self.text_valid(w)).repeat(b, 0).astype(np.int64)
+        mask = np.concatenate([np.asarray(text_mask(tokenizer_mask)), np.ones((b, latents.shape[1]), np.float32)], 1)
+        return {"latents": latents, "embeds": embeds, "t": np.full((b,), FLUX_TIMESTEP, dtype=np.float32),
+                "mask": mask, "img_ids": image_ids(*self.grid(w)), "txt_ids": np.zeros((txt, 3), np.float32)}
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], inputs["img_ids"],
+                inputs["txt_ids"], inputs["mask"])
+
+    def mesh_forward(self):
+        return None  # embed -> run_blocks(blocks, text=TEXT_KEYS) -> head
+
+    def analytic_flops(self, w):
+        return chroma_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return ChromaTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), Latte(), HunyuanVideo(), QwenImage(),
-                                                          ZImage(), Sana())}
+                                                          ZImage(), Sana(), Chroma())}
+CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
 MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
@@ -2188,6 +2312,7 @@ def family_of_config(transformer: dict) -> str:
     ``pos_embed_max_size`` (no other family has the first); Wan by its class name or ``ffn_dim`` together with
     ``freq_dim`` (no other family has either); Latte by its class name or ``ada_norm_single`` with ``video_length``;
     SANA by its class name or ``cross_attention_head_dim`` with ``mlp_ratio`` (no other family has the first);
+    Chroma by its class name or ``approximator_num_channels`` (before FLUX: it has ``num_single_layers`` too);
     else CogVideoX."""
     if transformer.get("_class_name") in SANA_CLASS_NAMES or (
             "cross_attention_head_dim" in transformer and "mlp_ratio" in transformer):
@@ -2200,6 +2325,8 @@ def family_of_config(transformer: dict) -> str:
     if transformer.get("_class_name") in QWEN_IMAGE_CLASS_NAMES or (
             "axes_dims_rope" in transformer and "num_single_layers" not in transformer):
         return "qwenimage"
+    if transformer.get("_class_name") in CHROMA_CLASS_NAMES or "approximator_num_channels" in transformer:
+        return "chroma"
     if transformer.get("_class_name") in HUNYUAN_VIDEO_CLASS_NAMES or (
             "num_single_layers" in transformer and "num_refiner_layers" in transformer):
         return "hunyuanvideo"

@@ -5,7 +5,8 @@
     python scripts/generate.py                     # a tiny random CogVideoX, made on the spot
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
                                                    # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
-                                                   # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana)
+                                                   # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana,
+                                                   # tiny-chroma)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -41,7 +42,9 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
                           "true_cfg_scale": 4.0},
             # Z-Image-Turbo's settings (diffusers' ZImagePipeline defaults are 50 steps, CFG 5)
             "zimage": {"output": "output.png", "guidance_scale": 0.0, "steps": 9, "tiny_steps": 2},
-            "sana": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4}}
+            "sana": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4},
+            # Chroma: real CFG (negative prompt default ""), diffusers' ChromaPipeline defaults
+            "chroma": {"output": "output.png", "guidance_scale": 5.0, "steps": 35, "tiny_steps": 2}}
 VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte", "hunyuanvideo")
 FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
 TRUE_CFG_FAMILIES = {"flux": "FLUX", "hunyuanvideo": "HunyuanVideo", "qwenimage": "Qwen-Image"}  # --true-cfg-scale
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="tiny",
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
-                         "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-zimage' "
+                         "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-zimage' / 'tiny-sana' / "
+                         "'tiny-chroma' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
@@ -72,12 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, default=None, help="multiple of 16 (model default)")
     ap.add_argument("--steps", type=int, default=None,
                     help="denoising steps (CogVideoX 50, PixArt 20, HunyuanDiT 50, Mochi 64, FLUX 28, SD3 28, Wan 50, "
-                         "HunyuanVideo 50, Qwen-Image 50, Z-Image-Turbo 9; 4 for "
+                         "HunyuanVideo 50, Qwen-Image 50, Z-Image-Turbo 9, Chroma 35; 4 for "
                          "the tiny models)")
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="CFG scale (CogVideoX 6, PixArt 4.5, HunyuanDiT 5, Mochi 4.5, SD3 7, Wan 5; FLUX.1-dev: its "
                          "embedded guidance, 3.5; HunyuanVideo: its embedded guidance, 6; Z-Image-Turbo 0: no CFG, "
-                         "Z-Image runs CFG for any scale > 0; not Qwen-Image's: --true-cfg-scale)")
+                         "Z-Image runs CFG for any scale > 0; Chroma 5, real CFG for > 1 (--negative-prompt, default ''); "
+                         "not Qwen-Image's: --true-cfg-scale)")
     ap.add_argument("--guidance-scale-2", type=float, default=None,
                     help="Wan 2.2 A14B (two experts): the CFG scale of the low-noise expert's steps (default: "
                          "--guidance-scale; the model card's: 4 then 3)")
@@ -354,7 +359,7 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--guidance-rescale")
     if family != "sd3" and args.skip_guidance_layers:
         wrong.append("--skip-guidance-layers (SD3's)")
-    if family in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage") and args.no_resolution_binning:
+    if family in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma") and args.no_resolution_binning:
         wrong.append("--no-resolution-binning")
     if family == "hunyuandit" and args.max_sequence_length is not None:
         wrong.append("--max-sequence-length (HunyuanDiT's text lengths are the model's: 77 + 256)")
@@ -425,6 +430,14 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
                       true_cfg)
     elif family == "zimage":
         from xdit_jax.pipelines.zimage import check_request, default_size, read_configs
+
+        tc, vc = read_configs(model)
+        ds = default_size(tc, vc)
+        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
+                      guidance)
+    elif family == "chroma":
+        from xdit_jax.pipelines.chroma import check_request, read_configs
+        from xdit_jax.pipelines.flux import default_size
 
         tc, vc = read_configs(model)
         ds = default_size(tc, vc)
@@ -543,7 +556,7 @@ def _main(argv=None) -> int:
                              f"only; {args.model} is not a Kontext checkpoint.")
         check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
-        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage"):
+        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma"):
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
         if is_tiny and family == "flux":  # FLUX's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 48, args.width or 64
@@ -551,6 +564,8 @@ def _main(argv=None) -> int:
                 args.max_area = args.max_area or args.height * args.width
         if is_tiny and family == "qwenimage":  # Qwen-Image's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 48, args.width or 80
+        if is_tiny and family == "chroma":  # Chroma's default 1024 x 1024 would be slow for a toy model
+            args.height, args.width = args.height or 48, args.width or 64
         if is_tiny and family == "zimage":  # Z-Image's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 64, args.width or 64
         if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
@@ -627,6 +642,8 @@ def _main(argv=None) -> int:
         kw.update(max_sequence_length=msl or 512, true_cfg_scale=true_cfg)
     elif family == "zimage":
         kw.update(max_sequence_length=args.max_sequence_length or 512)
+    elif family == "chroma":
+        kw.update(max_sequence_length=msl or 512)
     elif family == "sd3":
         kw.update(max_sequence_length=msl or 256, skip_guidance_layers=args.skip_guidance_layers,
                   skip_layer_guidance_scale=args.skip_layer_guidance_scale,

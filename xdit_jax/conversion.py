@@ -56,6 +56,7 @@ MODEL_CLASSES = {
     "AutoencoderKLQwenImage": ("xdit_jax.models.vae_qwenimage", "QwenImageVAEConfig"),  # the Wan 2.1 VAE
     "AutoencoderKLHunyuanVideo": ("xdit_jax.models.vae_hunyuan_video", "HunyuanVideoVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),
+    "ChromaTransformer2DModel": ("xdit_jax.models.chroma", "ChromaConfig"),
     "LatteTransformer3DModel": ("xdit_jax.models.latte", "LatteConfig"),
     "HunyuanVideoTransformer3DModel": ("xdit_jax.models.hunyuan_video", "HunyuanVideoConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),

@@ -22,7 +22,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
               "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext",
               "tiny-qwenimage": "qwenimage", "tiny-zimage": "zimage",
-              "tiny-sana": "sana"}
+              "tiny-sana": "sana", "tiny-chroma": "chroma"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -117,6 +117,13 @@ FLUX_CLIP = dict(vocab_size=600, hidden_size=32, intermediate_size=64, projectio
 FLUX_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
                       use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                       max_image_seq_len=4096)
+
+# Chroma shaped: FLUX's tiny transformer without the pooled CLIP / guidance (2 double- and 2 single-stream blocks,
+# 2 heads of 16), a 2-layer approximator 32 wide over 16 input channels; FLUX's tiny VAE and T5 (the tiny T5's
+# 16 tokens), the FLUX scheduler (dynamic shifting, as Chroma1-HD's).
+CHROMA_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                          num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6],
+                          approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2)
 
 # Stable Diffusion 3 shaped: 2 joint blocks (the last context_pre_only) over 2 heads of 16, the pos-embed table
 # cropped from a 16 x 16 grid; CLIP-L 8 and CLIP-G 16 wide (their penultimate states concatenated: 24, zero-padded
@@ -354,6 +361,12 @@ def model_index(family: str = "cogvideox") -> dict:
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                 "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if family == "chroma":
+        return {"_class_name": "ChromaPipeline", "_diffusers_version": "0.35.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "ChromaTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+                "image_encoder": [None, None], "feature_extractor": [None, None]}
     if family == "mochi":
         return {"_class_name": "MochiPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -555,6 +568,18 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder": ("CLIPTextModel", FLUX_CLIP,
                              lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
             "text_encoder_2": text,
+        }, FLUX_SCHEDULER
+    if family == "chroma":
+        from xdit_jax.models import chroma
+
+        tcfg = {**CHROMA_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("ChromaTransformer2DModel", tcfg,
+                            lambda: chroma.ChromaTransformer2DModel(chroma.ChromaConfig.from_dict(tcfg),
+                                                                    rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": text,
         }, FLUX_SCHEDULER
     if family == "mochi":
         tcfg = {**MOCHI_TRANSFORMER, **(transformer or {})}

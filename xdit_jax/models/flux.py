@@ -151,6 +151,11 @@ class Attention(nnx.Module):
         k = rot(self.norm_k(_heads(self.to_k(x), hd)), *rope)
         return q, k, _heads(self.to_v(x), hd)
 
+    def attend(self, q, k, v, cq, ck, cv, c_mask=None):
+        """The joint attention of the (sharded) tokens' q, k, v and the context's (whole, or in slices):
+        (tokens out, context out), heads kept. A subclass changes how ``c_mask`` enters (Chroma's additive mask)."""
+        return attention(q, k, v, context=(cq, ck, cv, c_mask))
+
     def joint(self, x, c, rope, c_rope, c_mask=None):
         """Double-stream: image ``x`` (sharded) and text ``c`` (whole), their RoPE tables ((S, hd) per
         image token; (B, L, hd) for the text, or None: not rotated) -> (image out, text out).
@@ -161,7 +166,7 @@ class Attention(nnx.Module):
         cq = rot(self.norm_added_q(_heads(self.add_q_proj(c), hd)))
         ck = rot(self.norm_added_k(_heads(self.add_k_proj(c), hd)))
         cv = _heads(self.add_v_proj(c), hd)
-        o, oc = attention(q, k, v, context=(cq, ck, cv, c_mask))
+        o, oc = self.attend(q, k, v, cq, ck, cv, c_mask)
         flat = lambda y: y.reshape(*y.shape[:2], -1)  # noqa: E731
         return self.to_out(flat(o)), self.to_add_out(flat(oc))
 
@@ -175,13 +180,21 @@ def apply_rope_batched(x, cos, sin):
 
 
 class DoubleBlock(nnx.Module):
-    """diffusers ``FluxTransformerBlock``."""
+    """diffusers ``FluxTransformerBlock``. ``ada_norm`` / ``attention_cls``: what a subclass swaps (Chroma: norms
+    that take their modulation, an attention with its additive text mask)."""
+
+    attention_cls = Attention
+
+    @staticmethod
+    def ada_norm(dim: int, chunks: int, stream: int, *, dtype, rngs):
+        """The adaLN of ``stream`` (0: image, 1: text)."""
+        return AdaNorm(dim, chunks, dtype=dtype, rngs=rngs)
 
     def __init__(self, cfg: FluxConfig, *, dtype, rngs):
         d = cfg.inner_dim
-        self.norm1 = AdaNorm(d, 6, dtype=dtype, rngs=rngs)
-        self.norm1_context = AdaNorm(d, 6, dtype=dtype, rngs=rngs)
-        self.attn = Attention(cfg, added=True, pre_only=False, dtype=dtype, rngs=rngs)
+        self.norm1 = self.ada_norm(d, 6, 0, dtype=dtype, rngs=rngs)
+        self.norm1_context = self.ada_norm(d, 6, 1, dtype=dtype, rngs=rngs)
+        self.attn = self.attention_cls(cfg, added=True, pre_only=False, dtype=dtype, rngs=rngs)
         self.norm2 = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
         self.ff = FeedForward(d, inner=mlp_dim(cfg), dtype=dtype, rngs=rngs)
         self.norm2_context = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
@@ -200,13 +213,17 @@ class DoubleBlock(nnx.Module):
 
 
 class SingleBlock(nnx.Module):
-    """diffusers ``FluxSingleTransformerBlock``: attention and an MLP in parallel on the joint sequence."""
+    """diffusers ``FluxSingleTransformerBlock``: attention and an MLP in parallel on the joint sequence
+    (``ada_norm`` / ``attention_cls``: as :class:`DoubleBlock`'s)."""
+
+    attention_cls = Attention
+    ada_norm = staticmethod(DoubleBlock.ada_norm)
 
     def __init__(self, cfg: FluxConfig, *, dtype, rngs):
         d = cfg.inner_dim
-        self.norm = AdaNorm(d, 3, dtype=dtype, rngs=rngs)
+        self.norm = self.ada_norm(d, 3, 0, dtype=dtype, rngs=rngs)
         self.proj_mlp = linear(d, mlp_dim(cfg), dtype=dtype, rngs=rngs)
-        self.attn = Attention(cfg, added=False, pre_only=True, dtype=dtype, rngs=rngs)
+        self.attn = self.attention_cls(cfg, added=False, pre_only=True, dtype=dtype, rngs=rngs)
         self.proj_out = linear(d + mlp_dim(cfg), d, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, temb, rope):
@@ -221,7 +238,7 @@ class SingleBlock(nnx.Module):
         mod = self.norm.modulation(temb)
         hx, (gate,) = self.norm(x, temb, mod)
         hc, _ = self.norm(c, temb, mod)
-        o, oc = attention(*self.attn.qkv(hx, rope), context=(*self.attn.qkv(hc, c_rope, batched=True), c_mask))
+        o, oc = self.attn.attend(*self.attn.qkv(hx, rope), *self.attn.qkv(hc, c_rope, batched=True), c_mask)
         return self._out(x, hx, o, gate), self._out(c, hc, oc, gate)
 
     def _out(self, x, h, o, gate):

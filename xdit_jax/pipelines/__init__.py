@@ -22,12 +22,13 @@ PIPELINES = {
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
     "ZImagePipeline": ("xdit_jax.pipelines.zimage", "ZImagePipeline", "zimage"),
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
+    "ChromaPipeline": ("xdit_jax.pipelines.chroma", "ChromaPipeline", "chroma"),
 }
 
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
-    "qwenimage", "zimage", "sana") of a diffusers pipeline class name;
+    "qwenimage", "zimage", "sana", "chroma") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")

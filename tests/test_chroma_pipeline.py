@@ -1,0 +1,190 @@
+"""The Chroma pipeline from a diffusers save_pretrained folder == diffusers' ChromaPipeline (text encoding with its
+mask, latents with CFG, the decoded image), on one device and on a mesh (8 simulated CPU devices)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_chroma, save_torch_pipeline
+from xdit_jax.pipelines.chroma import ChromaPipeline
+from xdit_jax.pipelines.denoise import converted_folder
+
+PROMPT = "A small dog running on a beach at sunset."
+NEG = "blurry, low quality"
+H, W, STEPS, MSL = 48, 80, 2, 16  # 6 x 10 latents: 3 x 5 = 15 packed image tokens, 16 T5 tokens
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder)."""
+    tp = make_torch_chroma()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("chroma"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+    return tp, ChromaPipeline.from_pretrained(converted), converted
+
+
+def initial_latents(batch=1, seed=0):
+    """Packed latents (B, 15, 16), diffusers' ``latents`` argument."""
+    return np.random.default_rng(seed).standard_normal((batch, (H // 16) * (W // 16), 16)).astype(np.float32)
+
+
+def _diffusers(tp, prompt, lat, output_type, **kw):
+    with torch.no_grad():
+        out = tp(prompt=prompt, height=H, width=W, num_inference_steps=STEPS, latents=torch.from_numpy(lat),
+                 max_sequence_length=MSL, output_type=output_type, **kw).images
+    return out.numpy() if output_type == "latent" else np.asarray(out)
+
+
+def test_text_encoding_matches_diffusers(built):
+    """T5 with the tokenizer's mask; the transformer's mask: the prompt and one padding token."""
+    tp, ours, _ = built
+    prompts = [PROMPT, "A cat."]
+    with torch.no_grad():
+        ref, ref_mask = tp._get_t5_prompt_embeds(prompts, max_sequence_length=MSL)
+    emb, mask = ours.encode_prompt(prompts, MSL)
+    np.testing.assert_array_equal(np.asarray(mask), ref_mask.numpy())
+    assert 0 < ref_mask.numpy()[1].sum() < MSL  # the short prompt is padded: the mask matters
+    # fp32; states O(4); measured max |diff| 2.9e-6
+    np.testing.assert_allclose(np.asarray(emb), ref.numpy(), atol=1e-5, rtol=0)
+
+
+def test_image_matches_diffusers(built):
+    """Default real CFG (guidance 5, the empty negative prompt), dynamic shifting, FLUX's VAE shift and scale."""
+    tp, ours, _ = built
+    lat = initial_latents()
+    ref = _diffusers(tp, PROMPT, lat, "np")
+    out = ours(PROMPT, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
+               progress=False).images
+    assert out.shape == ref.shape == (1, H, W, 3)
+    # fp32 both sides, pixels in [0, 1]; measured max |diff| 1.8e-6. 2e-4 is 1/20 of an 8-bit level, while a wrong
+    # mask, schedule or VAE shift moves pixels by 1e-2 or more.
+    np.testing.assert_allclose(out, ref, atol=2e-4, rtol=0)
+
+
+def test_latents_match_diffusers_cfg_batch(built):
+    """Two prompts, a negative prompt, guidance 3, two images per prompt."""
+    tp, ours, _ = built
+    prompts = [PROMPT, "A cat."]
+    lat = initial_latents(batch=4, seed=1)
+    kw = dict(negative_prompt=NEG, guidance_scale=3.0)
+    ref = _diffusers(tp, prompts, lat, "latent", num_images_per_prompt=2, **kw)
+    out = ours(prompts, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
+               output_type="latent", progress=False, num_images_per_prompt=2, **kw).images
+    scale = np.abs(ref).max()
+    # fp32; latents O(5); measured max |diff| 2.7e-6 (the bound: 4.6e-4)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
+@pytest.mark.parametrize("mesh", ["cfg=2,ring=2,ulysses=2"])
+def test_mesh_matches_one_device(mesh, built):
+    _, ours, folder = built
+    kw = dict(negative_prompt=NEG, height=H, width=W, num_inference_steps=STEPS, latents=initial_latents(seed=2),
+              max_sequence_length=MSL, progress=False)
+    ref = ours(PROMPT, **kw).images
+    out = ChromaPipeline.from_pretrained(folder, mesh=mesh)(PROMPT, **kw).images
+    # one device up to float rounding; measured max |diff| 1.4e-6
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+
+
+def test_bad_input(built):
+    _, ours, folder = built
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(PROMPT, height=40, width=W)
+    with pytest.raises(ValueError, match="prompt_attention_mask"):
+        ours(prompt_embeds=np.zeros((1, MSL, 32), np.float32), height=H, width=W)
+    with pytest.raises(ValueError, match="mask"):
+        ours(prompt_embeds=np.zeros((1, MSL, 32), np.float32), prompt_attention_mask=np.ones((1, 4)), height=H,
+             width=W)
+    with pytest.raises(ValueError, match="Give either negative_prompt"):
+        ours(PROMPT, negative_prompt=NEG, negative_prompt_embeds=np.zeros((1, MSL, 32), np.float32),
+             negative_prompt_attention_mask=np.ones((1, MSL)), height=H, width=W)
+    with pytest.raises(ValueError, match="greater than 512"):
+        ours(PROMPT, height=H, width=W, max_sequence_length=600)
+    with pytest.raises(ValueError, match="cfg=2 splits"):
+        ChromaPipeline.from_pretrained(folder, mesh="cfg=2")(PROMPT, height=H, width=W, guidance_scale=1.0)
+
+
+def test_cli_tiny_chroma(tmp_path, capsys, monkeypatch):
+    """scripts/generate.py --model tiny-chroma: a .png with CFG and a negative prompt (on one device: the meshes are
+    covered above); a cfg=2 mesh without guidance refused before any weight is read."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "c.png"
+    rc = cli.main(["--model", "tiny-chroma", "--output", str(out), "--guidance-scale", "3", "--negative-prompt",
+                   "blurry", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (48, 64, 3) and image.std() > 1  # the tiny defaults: 48 x 64
+    assert '"model_family": "chroma"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-chroma", "--output", str(tmp_path / "n.png"), "--mesh", "cfg=2",
+                   "--guidance-scale", "1", "--no-progress"])
+    assert rc == 2 and "cfg=2 splits" in capsys.readouterr().err
+
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of chroma-tiny (15 image + 16 T5 tokens, 6 kept, both CFG halves) against diffusers'
+    transformer on one device and cfg=2 x ulysses=3; the compiled program's FLOPs == the analytic count; the
+    full-size folder read as Chroma (not FLUX) with its shapes, nothing compiled."""
+    from xdit_jax import bench
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="chroma-tiny", meshes=[None, "cfg=2,ulysses=3"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("cfg=2,ulysses=3", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "chroma" and r["image_tokens"] == 15 and r["text_tokens"] == 16
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["cfg=2,ulysses=3"]):
+        # same weights (diffusers' own init) and inputs, fp32: measured 7.2e-7 (one device), 4.8e-7 (cfg=2 x ulysses=3);
+        # a mask, RoPE or modulation-row slip moves them by O(0.01) and more
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("chroma1-hd")
+    assert w.family == "chroma" and w.cfg and w.fam.latent_shape(w) == (2, 4096, 64)
+    assert w.fam.tokens(w) == (4096, 512)
+
+
+@pytest.mark.slow  # FLUX's PipeFusion cases cover the machinery in CI (tests/test_pipefusion_two_stream.py)
+def test_pipefusion_equals_sequential_rule_and_warmup_one_device(tmp_path_factory):
+    """PipeFusion on pipefusion=2,ulysses=2 (3 double- + 4 single-stream blocks, both stacks looped over the stages;
+    the modulation rows found by the layer counter the stages hand on): the patched steps == the displaced-patch
+    rule run sequentially on one device (2 patches), exact warm-up steps == one device."""
+    from xdit_jax import tiny
+
+    folder = tiny.make_tiny_model(tmp_path_factory.mktemp("chroma-pf") / "m", family="chroma",
+                                  transformer={"num_layers": 3, "num_single_layers": 4, "num_attention_heads": 3})
+    kw = dict(height=48, width=80, max_sequence_length=16, num_inference_steps=3, output_type="latent",
+              progress=False, seed=5, negative_prompt=NEG)
+    prompts = [PROMPT, "A cat."]
+    one = ChromaPipeline.from_pretrained(folder)(prompts, **kw).images
+    sequential = ChromaPipeline.from_pretrained(folder, pipefusion_patches=2)(prompts, **kw).images
+    mesh = "pipefusion=2,ulysses=2"
+    out = ChromaPipeline.from_pretrained(folder, mesh=mesh, pipefusion_patches=2)(prompts, **kw).images
+    warm = ChromaPipeline.from_pretrained(folder, mesh=mesh, pipefusion_warmup_steps=3)(prompts, **kw).images
+    scale = np.abs(one).max()
+    # fp32, float rounding only: measured 1.7e-6 (patched vs sequential) and 1.9e-6 (warm-up vs one device) of the
+    # latents' max 6.2; the displaced rule itself moves them by 0.6 of it
+    assert np.abs(out - sequential).max() <= 2e-5 * scale
+    assert np.abs(warm - one).max() <= 2e-5 * scale
+    assert np.abs(sequential - one).max() > 1e-3 * scale  # the displaced-patch rule is not the exact one
+
+
+@pytest.mark.slow  # a full-width compile (~15 s); the tiny row checks the count in CI
+def test_benchmark_full_width_flops_compile_only_and_e2e():
+    """chroma-cpu-small (Chroma1-HD's width, 1 + 2 blocks) compiled on abstract shapes: the compiled dots == the
+    analytic count; --e2e builds the tiny pipeline from its configs and runs CFG over cfg=2."""
+    from xdit_jax import bench
+
+    (row,) = bench.run_step_benchmark(bench.StepOptions(model="chroma-cpu-small", meshes=[None], compile_only=True,
+                                                        log=lambda s: None))
+    assert "error" not in row and row["image_tokens"] == 256 and row["text_tokens"] == 256
+    assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
+    (row,) = bench.run_e2e_benchmark(bench.StepOptions(model="chroma-tiny", meshes=["cfg=2"], log=lambda s: None),
+                                     steps=2)
+    assert "error" not in row and row["family"] == "chroma" and row["output_shape"] == [1, 48, 80, 3]

@@ -1,0 +1,193 @@
+"""Chroma text-to-image (lodestones/Chroma1-HD), diffusers' ``ChromaPipeline`` on a JAX mesh.
+
+    pipe = ChromaPipeline.from_pretrained("path/or/hub-id", mesh="cfg=2,ulysses=2", dtype="bfloat16")
+    out = pipe("A cat holding a sign that says hello world", negative_prompt="low quality", seed=0)
+    out.images   # (batch, height, width, 3) float in [0, 1]
+
+FLUX.1's pipeline (:class:`xdit_jax.pipelines.flux.FluxPipeline`: packed 2 x 2 latents, the flow-matching Euler
+schedule with ``mu`` from the packed sequence length, FLUX's VAE with its shift and scale, the decode split over
+the mesh) with Chroma's text and guidance: T5 alone encodes the prompt, reading the tokenizer's mask; the
+transformer's mask keeps the prompt's tokens and one padding token (:func:`xdit_jax.models.chroma.text_mask`,
+diffusers' additive float mask: :mod:`xdit_jax.models.chroma`); real classifier-free guidance with
+``guidance_scale`` (default 5.0) and a negative prompt (default ""), both halves in one batch, each with its own
+mask, split over ``cfg=2``. The transformer's image tokens are the sharded sequence over (ring, ulysses), the
+text sharded with them and joining each attention as the context (``run_blocks(..., text=chroma.TEXT_KEYS)``).
+
+Known differences: t x 1000 enters its sinusoid in float32 also in bf16 (diffusers rounds it to bf16 first);
+with ``prompt_embeds`` of fewer than ``max_sequence_length`` tokens and CFG, the negative prompt is encoded at the
+prompt's length (both halves run in one batch; diffusers encodes it at ``max_sequence_length`` separately);
+custom ``sigmas``, IP-Adapter images and callbacks are not taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xdit_jax.models import chroma, flux
+from xdit_jax.pipelines import image
+from xdit_jax.pipelines.denoise import (
+    StageTimer,
+    check_size_and_mesh,
+    negative_prompts,
+    peak_memory_bytes,
+    per_prompt,
+    prompt_batch,
+    tokenize,
+)
+from xdit_jax.pipelines.flux import FluxPipeline, pack_latents
+from xdit_jax.pipelines.image import ImagePipelineOutput, vae_scale_factor
+from xdit_jax.schedulers import flow_match
+
+log = logging.getLogger("xdit_jax")
+
+ChromaPipelineOutput = ImagePipelineOutput
+DEFAULT_STEPS = 35  # diffusers' ChromaPipeline defaults
+DEFAULT_GUIDANCE = 5.0
+
+
+def read_configs(folder: str | os.PathLike):
+    """(transformer config, VAE config) of a diffusers or converted folder."""
+    return image.read_configs(folder, chroma.ChromaConfig)
+
+
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None,
+                  guidance_scale: float = DEFAULT_GUIDANCE) -> None:
+    """Refuse what the model cannot take, before any heavy work (``cfg=2`` needs ``guidance_scale > 1``)."""
+    check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), chroma.pipefusion_stacks(tc)["stacked_layers"],
+                        batch, mesh_spec, guidance_scale)
+
+
+class ChromaPipeline(FluxPipeline):
+    """Text-to-image with Chroma — see the module docstring."""
+
+    PIPELINE_CLASSES = ("ChromaPipeline",)
+    CONFIG = chroma.ChromaConfig
+    MORE_TEXT_ENCODERS = ()  # T5 only (no CLIP)
+    stacks = staticmethod(chroma.pipefusion_stacks)
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512):
+        """((B, L, d) T5 states, (B, L) float32 mask) as diffusers' ``_get_t5_prompt_embeds``: T5 reads the
+        tokenizer's mask; the returned mask keeps the prompt's tokens and one padding token."""
+        ids, mask = tokenize(self.tokenizer, prompts, max_sequence_length)
+        states = self._text_encoder_fn()(self._put_replicated(jnp.asarray(ids, jnp.int32)),
+                                         self._put_replicated(jnp.asarray(mask, jnp.int32)))
+        return states.astype(self.dtype), chroma.text_mask(mask)
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng) ->
+        (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, their float mask); ``scale``: the CFG scale;
+        ``rope``: the image and text RoPE tables; ``kv``: PipeFusion's K/V buffers (``warmup``: an exact step
+        that fills them) or None."""
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype = self.dtype
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence / pipefusion)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng):
+            x = self._model_batch(latents, do_cfg)
+            t = jnp.broadcast_to(sched.timesteps[i] / 1000, (x.shape[0],))
+            model = nnx.merge(graphdef, tstate)
+            h, tokens, cond = model.embed(x.astype(dtype), texts[0], t, attention_mask=texts[1], rope=rope)
+            h, kv = self._blocks_over_mesh(blocks, tstate, h, tokens, cond, kv, warmup)
+            pred = self._real_rows(model.head(h, cond).astype(jnp.float32), latents.shape[0], do_cfg)
+            if do_cfg:  # [negative; positive]
+                neg, pos = jnp.split(pred, 2)
+                pred = neg + scale * (pos - neg)
+            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
+                if sched.needs_noise else None
+            latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            return self._step_out(latents, sched_state, i, kv)
+
+        return self._jit_step(key, step)
+
+    def _text(self, embeds, mask, what: str):
+        tc = self.transformer_config
+        embeds, mask = jnp.asarray(embeds, self.dtype), jnp.asarray(mask, jnp.float32)
+        if embeds.ndim != 3 or embeds.shape[2] != tc.joint_attention_dim or mask.shape != embeds.shape[:2]:
+            raise ValueError(f"{what} {tuple(embeds.shape)} with mask {tuple(mask.shape)}: this model takes "
+                             f"(batch, tokens, {tc.joint_attention_dim}) T5 states and a (batch, tokens) mask.")
+        return embeds, mask
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
+                 guidance_scale: float = DEFAULT_GUIDANCE, num_images_per_prompt: int = 1, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, prompt_attention_mask=None,
+                 negative_prompt_attention_mask=None, max_sequence_length: int = 512, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> ChromaPipelineOutput:
+        """diffusers' ChromaPipeline call (``prompt_attention_mask``: the mask ``encode_prompt`` returns, 1 for
+        the prompt's tokens and one padding token)."""
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        prompts, batch = prompt_batch(prompt, prompt_embeds, output_type, "(with prompt_attention_mask)")
+        if prompt_embeds is not None and prompt_attention_mask is None:
+            raise ValueError("prompt_embeds need prompt_attention_mask (Chroma masks the T5 padding).")
+        if negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+            raise ValueError("negative_prompt_embeds need negative_prompt_attention_mask.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Give either negative_prompt or negative_prompt_embeds, not both.")
+        if max_sequence_length > 512:
+            raise ValueError(f"max_sequence_length cannot be greater than 512, got {max_sequence_length}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        per = per_prompt(num_images_per_prompt, "num_images_per_prompt")
+        do_cfg = guidance_scale > 1
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
+        timer = StageTimer()
+        tc = self.transformer_config
+
+        # 1. text: T5 states + mask; [negative; positive] for CFG
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, max_sequence_length)
+            emb, mask = self._text(prompt_embeds, prompt_attention_mask, "prompt_embeds")
+            if do_cfg:  # one batch: the negative prompt's states take the prompt's length
+                if negative_prompt_embeds is None:
+                    negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
+                        negative_prompts(negative_prompt, batch), emb.shape[1])
+                nemb, nmask = self._text(negative_prompt_embeds, negative_prompt_attention_mask,
+                                         "negative_prompt_embeds")
+                if nemb.shape != emb.shape:
+                    raise ValueError(f"negative_prompt_embeds {nemb.shape} must have the shape of prompt_embeds "
+                                     f"{emb.shape} (both halves run in one batch).")
+                emb, mask = jnp.concatenate([nemb, emb]), jnp.concatenate([nmask, mask])
+            elif negative_prompt is not None or negative_prompt_embeds is not None:
+                log.warning("The negative prompt is not used: guidance needs guidance_scale > 1 (as in diffusers).")
+            texts = (self._put_batch(emb, do_cfg, per), self._put_batch(mask, do_cfg, per))
+            jax.block_until_ready(texts)
+
+        # 2. latents (packed, diffusers' layout), RoPE tables, schedule
+        h, w = self.latent_grid(height, width)
+        shape = self.latent_shape(batch * per, height, width)
+        sched = self.schedule(num_inference_steps, shape[1])
+        rng = jax.random.key(seed)
+        if latents is None:
+            latents = pack_latents(jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32))
+        latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
+                                        "batch, (height/16) x (width/16) tokens, channels x 4")
+        rope = (flux.rope_tables(flux.image_ids(h // 2, w // 2), tc.axes_dims_rope),
+                flux.rope_tables(np.zeros((emb.shape[1], 3), np.float32), tc.axes_dims_rope))
+        rope = jax.tree.map(self._put_replicated, rope)
+
+        # 3. denoise: one jitted step per iteration; then the VAE
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        scale = self._put_replicated(jnp.float32(guidance_scale))
+        out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
+                                       (texts, sched_arrays, scale, rope, rng), len(sched.timesteps), progress,
+                                       output_type, self._decode_fn((h, w)),
+                                       kv=self._pipefusion_buffers(len(texts[0]), shape[1], text_len=emb.shape[1]))
+        return ChromaPipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
