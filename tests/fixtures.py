@@ -309,3 +309,21 @@ def make_torch_sana(seed: int = 0):
     sched = DPMSolverMultistepScheduler(**{k: v for k, v in tiny.SANA_SCHEDULER.items() if not k.startswith("_")})
     return SanaPipeline(tokenizer=tiny.train_gemma_tokenizer(), text_encoder=text_encoder, vae=vae,
                         transformer=transformer, scheduler=sched)
+
+
+def make_torch_lumina2(seed: int = 0):
+    """A tiny random diffusers Lumina2Pipeline (xdit_jax.tiny's Lumina 2 configs: SANA's tiny Gemma 2 with eager
+    attention on the Gemma stand-in tokenizer, FLUX's tiny VAE with scaling and shift, FlowMatchEuler with dynamic
+    shifting)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    transformer = randomize_(Lumina2Transformer2DModel(**tiny.LUMINA2_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
+    gcfg = Gemma2Config(**{k: v for k, v in tiny.LUMINA2_GEMMA.items() if k != "model_type"})
+    gcfg._attn_implementation = "eager"
+    text_encoder = randomize_(Gemma2Model(gcfg), seed + 2, std=0.2)
+    skw = {k: v for k, v in tiny.LUMINA2_SCHEDULER.items() if not k.startswith("_")}
+    return Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**skw), vae=vae,
+                           text_encoder=text_encoder, tokenizer=tiny.train_gemma_tokenizer())

@@ -6,6 +6,7 @@ from xdit_jax.pipelines.flux import FluxKontextPipeline, FluxPipeline, FluxPipel
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
+from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOutput
@@ -15,7 +16,8 @@ from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipe
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
 __all__ = ["CogVideoXImageToVideoPipeline", "CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
-           "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline", "LattePipelineOutput", "MeshSpec", "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline",
+           "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline", "LattePipelineOutput", "Lumina2Pipeline",
+           "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline",
            "PixArtPipelineOutput", "QwenImagePipeline", "QwenImagePipelineOutput", "SanaPipeline", "SanaPipelineOutput", "SD3PipelineOutput", "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]
 __version__ = "0.1.0"

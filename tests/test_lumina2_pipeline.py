@@ -1,0 +1,164 @@
+"""The Lumina 2 pipeline from a diffusers save_pretrained folder == diffusers' Lumina2Pipeline (tiny random weights,
+fp32), on one device and on meshes (8 simulated CPU devices)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_lumina2, save_torch_pipeline
+from xdit_jax.mesh import build_mesh
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.lumina2 import Lumina2Pipeline
+
+PROMPT = "A small dog running on a beach at sunset."
+# with the system prompt: 110 and 97 Gemma stand-in tokens (captions of different lengths, one array of 128)
+PROMPTS = [PROMPT, "A cat."]
+NEGATIVE = "Waves crash against black rocks."
+# 64 x 64 images: 4 x 8 x 8 latents, 16 image tokens; 2 steps; 128 Gemma tokens
+H, W, STEPS, TOKENS = 64, 64, 2, 128
+LATENT = (4, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder), made once."""
+    tp = make_torch_lumina2()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("lumina2"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))  # diffusers folder, converted
+    return tp, Lumina2Pipeline.from_pretrained(converted), converted
+
+
+def initial_latents(batch=1, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch,) + LATENT).astype(np.float32)
+
+
+def run_torch(tp, prompt, latents, **kw):
+    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS), **kw)
+    with torch.no_grad():
+        out = tp(prompt=prompt, latents=torch.from_numpy(latents), **kw).images
+    return out.numpy() if kw.get("output_type") == "latent" else out
+
+
+def run_ours(pipe, prompt, latents, **kw):
+    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, latents=latents, max_sequence_length=TOKENS,
+                   progress=False), **kw)
+    return pipe(prompt, **kw).images
+
+
+# Latents O(3) after 2 Euler steps, both sides fp32: measured 1.4e-6 (one prompt, CFG 4 normalized), 9.5e-7 (two
+# prompts, truncated CFG), 1.3e-6 (prompt_embeds, 1 step) at latents 3.2-3.4 (Gemma 2's and the transformer's float32
+# rounding). 1e-5 of the scale leaves room; a wrong system prompt, hidden state, mask, shift, mu,
+# timestep or guidance rule moves them by 1e-2+.
+def _close_latents(out, ref):
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
+def test_image_matches_diffusers(pipes):
+    """One prompt at diffusers' defaults otherwise (CFG 4 with the "" negative prompt, cfg_normalization): the
+    latents, then the decoded image."""
+    tp, ours, _ = pipes
+    lat = initial_latents()
+    _close_latents(run_ours(ours, PROMPT, lat, output_type="latent"), run_torch(tp, PROMPT, lat, output_type="latent"))
+    ref = run_torch(tp, PROMPT, lat, output_type="np")
+    out = run_ours(ours, PROMPT, lat)
+    assert out.shape == ref.shape == (1, H, W, 3)
+    # pixels in [0, 1]: measured max |diff| 1.5e-6 (the VAE on latents 1.4e-6 apart)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+
+
+# two prompts of different lengths, a negative prompt each (one "": another length again), CFG truncated after the
+# first of 2 steps ((i + 1) / n > 0.5 on the second), no normalization
+CFG = dict(guidance_scale=3.0, negative_prompt=[NEGATIVE, ""], cfg_trunc_ratio=0.5, cfg_normalization=False)
+
+
+@pytest.fixture(scope="module")
+def cfg_two_prompts(pipes):
+    tp, ours, _ = pipes
+    lat = initial_latents(2, seed=1)
+    ref = run_torch(tp, PROMPTS, lat, output_type="latent", **CFG)
+    return lat, ref, run_ours(ours, PROMPTS, lat, output_type="latent", **CFG)
+
+
+def test_cfg_prompts_of_different_lengths_match_diffusers(cfg_two_prompts):
+    _, ref, out = cfg_two_prompts
+    _close_latents(out, ref)
+
+
+def test_mesh_equals_one_device(pipes, cfg_two_prompts):
+    """cfg x ring x ulysses (the halves over cfg, the 16 image tokens and the 128-token caption over ring 2 x
+    ulysses 2)."""
+    _, _, folder = pipes
+    lat, _, one = cfg_two_prompts
+    pipe = Lumina2Pipeline.from_pretrained(folder, mesh=build_mesh("cfg=2,ring=2,ulysses=2"))
+    out = run_ours(pipe, PROMPTS, lat, output_type="latent", **CFG)
+    # float reordering only: measured max |diff| 8.3e-7 (latents O(3))
+    np.testing.assert_allclose(out, one, atol=2e-5, rtol=0)
+
+
+def test_prompt_embeds_with_masks_as_diffusers(pipes):
+    """diffusers' encode_prompt outputs (padded states and masks, 128 tokens) == the prompts."""
+    tp, ours, _ = pipes
+    lat = initial_latents()
+    with torch.no_grad():
+        pe, pm, ne, nm = tp.encode_prompt(PROMPT, negative_prompt=NEGATIVE, device=torch.device("cpu"),
+                                          max_sequence_length=TOKENS)
+    kw = dict(guidance_scale=2.0, num_inference_steps=1, output_type="latent")
+    out = run_ours(ours, None, lat, prompt_embeds=pe.numpy(), prompt_attention_mask=pm.numpy(),
+                   negative_prompt_embeds=ne.numpy(), negative_prompt_attention_mask=nm.numpy(), **kw)
+    _close_latents(out, run_torch(tp, PROMPT, lat, negative_prompt=NEGATIVE, **kw))
+
+
+@pytest.mark.slow
+def test_images_per_prompt_over_data(pipes):
+    """num_images_per_prompt=2 of two prompts with CFG on data=2 == diffusers given each prompt twice. (diffusers'
+    own num_images_per_prompt repeats the states per prompt, [p0, p0, p1, p1], but tiles the masks, [m0, m1, m0, m1]:
+    prompts of different lengths get each other's masks there; here each sample keeps its prompt's mask.) Without
+    CFG (guidance 1) too."""
+    tp, _, folder = pipes
+    lat = initial_latents(4, seed=7)
+    pipe = Lumina2Pipeline.from_pretrained(folder, mesh=build_mesh("data=2"))
+    twice = [p for p in PROMPTS for _ in range(2)]
+    for g in (2.0, 1.0):
+        kw = dict(output_type="latent", guidance_scale=g)
+        # measured 9.8e-7 (CFG) and 8.3e-7 (none) at latents O(3.6-3.8)
+        _close_latents(run_ours(pipe, PROMPTS, lat, num_images_per_prompt=2, **kw), run_torch(tp, twice, lat, **kw))
+
+
+@pytest.mark.slow
+def test_pipefusion_matches_sequential_rule(pipes):
+    """pipefusion=2 over both stacks (the noise refiner's 1 layer, the main layers' 2, looped; the caption sliced with
+    the patches) with CFG: == the same patched rule run on one device (pipefusion_patches=2)."""
+    _, ours, folder = pipes
+    lat = initial_latents(1, seed=5)
+    kw = dict(output_type="latent", num_inference_steps=3, guidance_scale=2.0, negative_prompt=NEGATIVE)
+    exact = run_ours(ours, PROMPT, lat, **kw)
+    ref = run_ours(Lumina2Pipeline.from_pretrained(folder, pipefusion_patches=2), PROMPT, lat, **kw)
+    out = run_ours(Lumina2Pipeline.from_pretrained(folder, mesh=build_mesh("pipefusion=2")), PROMPT, lat, **kw)
+    atol = 2e-6 * np.abs(ref).max()  # measured 0 (the same program order), latents O(3.3)
+    np.testing.assert_allclose(out, ref, atol=atol, rtol=0)
+    assert np.abs(ref - exact).max() > 20 * atol  # the patched steps really ran (stale K/V differ: measured 5.5e-2)
+    cfg_pf = run_ours(Lumina2Pipeline.from_pretrained(folder, mesh=build_mesh("cfg=2,pipefusion=2,ulysses=2")),
+                      PROMPT, lat, **kw)
+    # with the CFG halves split and Ulysses inside each patch: float reordering, measured 6.0e-7
+    np.testing.assert_allclose(cfg_pf, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_compile_step_and_bad_requests(pipes):
+    _, ours, folder = pipes
+    compiled = ours.compile_step(2, height=H, width=W, num_inference_steps=STEPS, guidance_scale=2.0, caption_tokens=40)
+    shapes = [a.shape for a in jax.tree.leaves(compiled.args_info) if hasattr(a, "shape")]
+    assert (4, 64, 24) in shapes and (2,) + LATENT in shapes  # [prompt; negative] x 2 captions of 64; the latents
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(PROMPT, height=72, width=64, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="guidance_scale > 1"):
+        Lumina2Pipeline.from_pretrained(folder, mesh=build_mesh("cfg=2"))(PROMPT, height=H, width=W,
+                                                                          guidance_scale=1.0)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        ours(PROMPT, height=H, width=W, max_sequence_length=600)
+    with pytest.raises(ValueError, match="prompt_attention_mask"):
+        ours(None, prompt_embeds=np.zeros((1, 3, 24), np.float32), height=H, width=W)
+    with pytest.raises(ValueError, match="right padding"):
+        ours(None, prompt_embeds=np.zeros((1, 3, 24), np.float32), prompt_attention_mask=np.array([[0, 1, 1]]),
+             guidance_scale=1.0, height=H, width=W)
