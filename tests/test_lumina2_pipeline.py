@@ -162,3 +162,43 @@ def test_compile_step_and_bad_requests(pipes):
     with pytest.raises(ValueError, match="right padding"):
         ours(None, prompt_embeds=np.zeros((1, 3, 24), np.float32), prompt_attention_mask=np.array([[0, 1, 1]]),
              guidance_scale=1.0, height=H, width=W)
+
+
+def test_full_size_configs_folder():
+    """configs/lumina-image-2.0 (diffusers' layout of Alpha-VLLM/Lumina-Image-2.0) reads into the modules' configs;
+    its defaults are the CLI's; the release's sizes pass the checks, bad ones are named."""
+    import json
+    from pathlib import Path
+
+    from flax import nnx
+
+    from xdit_jax import cli
+    from xdit_jax.conversion import model_class, model_components
+    from xdit_jax.models import gemma2, lumina2
+    from xdit_jax.pipelines import lumina2 as lp
+    from xdit_jax.schedulers import flow_match
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "lumina-image-2.0"
+    cfgs = {}
+    for name, cls in model_components(root).items():
+        _, cfg_cls = model_class(cls)
+        cfgs[name] = cfg_cls.from_dict(json.loads((root / name / "config.json").read_text()))
+    tc, vc = lp.read_configs(root)
+    assert (tc.dim, tc.n_layers, tc.n_heads, tc.kv_heads, tc.n_refiner_layers) == (2304, 26, 24, 8, 2)
+    assert (tc.attention_head_dim, tc.ffn_dim, tc.adaln_dim) == (96, 9216, 1024)
+    assert tc.cap_feat_dim == cfgs["text_encoder"].hidden_size == 2304
+    assert vc.latent_channels == tc.in_channels == 16 and vc.shift_factor is not None
+    sched = flow_match.FlowMatchEulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
+    assert sched.shift == 6.0 and not sched.use_dynamic_shifting
+    defaults = json.loads((root / "defaults.json").read_text())
+    assert {k: defaults[k] for k in ("height", "width")} == lp.default_size(tc, vc) == {"height": 1024, "width": 1024}
+    assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (
+        cli.DEFAULTS["lumina2"]["steps"], cli.DEFAULTS["lumina2"]["guidance_scale"]) == (30, 4.0)
+    lp.check_request(tc, vc, 1024, 1024, 1, "cfg=2,ulysses=4", 4.0)
+    count = lambda m: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    # abstract builds (nothing allocated): the 2.6B transformer (diffusers' module of this config on the meta device:
+    # 2,609,769,152 too), Gemma 2 2B (tied embeddings)
+    assert count(nnx.eval_shape(lambda: lumina2.Lumina2Transformer2DModel(tc))) == 2_609_769_152
+    assert count(nnx.eval_shape(lambda: gemma2.Gemma2Model(cfgs["text_encoder"]))) == 2_614_341_888
+    with pytest.raises(ValueError, match="multiples of 16"):
+        lp.check_request(tc, vc, 1000, 1024)
