@@ -202,3 +202,31 @@ def test_full_size_configs_folder():
     assert count(nnx.eval_shape(lambda: gemma2.Gemma2Model(cfgs["text_encoder"]))) == 2_614_341_888
     with pytest.raises(ValueError, match="multiples of 16"):
         lp.check_request(tc, vc, 1000, 1024)
+
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of lumina2-tiny (24 image tokens, a 32-token caption of which 20 kept, CFG: 2
+    samples) against diffusers' transformer on one device and cfg=2,ulysses=3; the compiled program's FLOPs == the
+    analytic count; the full-size folder read as Lumina 2 (not Z-Image) with its shapes, nothing compiled."""
+    from xdit_jax import bench
+    from xdit_jax.bench_families import family_of_config
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="lumina2-tiny", meshes=[None, "cfg=2,ulysses=3"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("cfg=2,ulysses=3", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "lumina2" and r["latent_shape"] == [2, 4, 8, 12] and r["image_tokens"] == 24
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["cfg=2,ulysses=3"]):
+        # same weights and inputs, fp32, outputs O(1): measured 4.8e-7 (one device) and 4.8e-7 (cfg=2,ulysses=3); a
+        # mask, RoPE position or K/V-head slip moves them by O(0.01) and more
+        assert r["max_abs_diff_vs_diffusers"] < 1e-5
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("lumina-image-2.0")
+    assert w.family == "lumina2" and w.cfg and w.latent_shape() == (2, 16, 128, 128)
+    assert w.fam.tokens(w) == (64 * 64, 128)
+    assert family_of_config({k: v for k, v in w.transformer.items() if k != "_class_name"}) == "lumina2"
