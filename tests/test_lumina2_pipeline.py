@@ -104,7 +104,7 @@ def test_prompt_embeds_with_masks_as_diffusers(pipes):
     with torch.no_grad():
         pe, pm, ne, nm = tp.encode_prompt(PROMPT, negative_prompt=NEGATIVE, device=torch.device("cpu"),
                                           max_sequence_length=TOKENS)
-    kw = dict(guidance_scale=2.0, num_inference_steps=1, output_type="latent")
+    kw = dict(guidance_scale=2.0, output_type="latent")  # (2 steps: the first test's compiled step)
     out = run_ours(ours, None, lat, prompt_embeds=pe.numpy(), prompt_attention_mask=pm.numpy(),
                    negative_prompt_embeds=ne.numpy(), negative_prompt_attention_mask=nm.numpy(), **kw)
     _close_latents(out, run_torch(tp, PROMPT, lat, negative_prompt=NEGATIVE, **kw))
@@ -145,11 +145,16 @@ def test_pipefusion_matches_sequential_rule(pipes):
     np.testing.assert_allclose(cfg_pf, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
 
 
-def test_compile_step_and_bad_requests(pipes):
-    _, ours, folder = pipes
+@pytest.mark.slow
+def test_compile_step(pipes):
+    _, ours, _ = pipes
     compiled = ours.compile_step(2, height=H, width=W, num_inference_steps=STEPS, guidance_scale=2.0, caption_tokens=40)
     shapes = [a.shape for a in jax.tree.leaves(compiled.args_info) if hasattr(a, "shape")]
     assert (4, 64, 24) in shapes and (2,) + LATENT in shapes  # [prompt; negative] x 2 captions of 64; the latents
+
+
+def test_bad_requests(pipes):
+    _, ours, folder = pipes
     with pytest.raises(ValueError, match="multiples of 16"):
         ours(PROMPT, height=72, width=64, num_inference_steps=1, progress=False)
     with pytest.raises(ValueError, match="guidance_scale > 1"):

@@ -70,6 +70,7 @@ def test_matches_diffusers_with_captions_of_different_lengths(batch2):
     np.testing.assert_allclose(ours, ref, atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # (the unmasked path: tests/test_lumina2_pipeline.py's one-prompt run against diffusers)
 def test_each_prompt_alone_equals_the_batch(pair, batch2):
     """A prompt's output does not depend on the other prompts' caption lengths (the padded keys are masked), and
     diffusers' run of it alone (no mask: one length) is the same."""
@@ -83,6 +84,7 @@ def test_each_prompt_alone_equals_the_batch(pair, batch2):
     np.testing.assert_allclose(alone, ref, atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # (meshes in the default run: the pipeline's cfg=2,ring=2,ulysses=2, the bench's cfg=2,ulysses=3)
 def test_sequence_parallel_equals_one_device(pair, batch2):
     _, cfg, model = pair
     (x, t, caps, lens), ours, _ = batch2

@@ -183,9 +183,11 @@ class Lumina2Transformer2DModel(zimage.ZImageTransformer2DModel):
         lens = jnp.full((b,), length, jnp.int32) if cap_lens is None else jnp.asarray(cap_lens, jnp.int32).reshape(b)
         cap = self.cap_linear(self.cap_norm(cap.astype(dtype)))
         mask = jnp.arange(length)[None] < lens[:, None]
-        # the caption's token j at (j, 0, 0) (rows past n_i: masked keys, dropped queries)
+        # the caption's token j at (j, 0, 0) (rows past n_i: masked keys, dropped queries; their positions clipped to
+        # the table: a caption array padded past axes_lens[0] is fine, a prompt that long is not:
+        # check_caption_length)
         ids = np.zeros((length, 3), np.int64)
-        ids[:, 0] = np.arange(length)
+        ids[:, 0] = np.minimum(np.arange(length), cfg.axes_lens[0] - 1)
         c_rope = tuple(jnp.broadcast_to(jnp.asarray(a)[None], (b,) + a.shape) for a in position_tables(ids, cfg))
         graphdef, state = nnx.split(self.context_refiner)
         cap, _ = jax.lax.scan(lambda h, s: (nnx.merge(graphdef, s)(h, None, c_rope, kv_valid=mask), None), cap, state)
