@@ -231,6 +231,7 @@ def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
         assert r["max_abs_diff_vs_diffusers"] < 1e-5
     one = by_mesh["single device"]
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    assert {"lumina2-tiny", "lumina2-cpu-small", *bench.LUMINA2_MODELS} <= set(bench.PRESET_HELP)
     w = bench.load_workload("lumina-image-2.0")
     assert w.family == "lumina2" and w.cfg and w.latent_shape() == (2, 16, 128, 128)
     assert w.fam.tokens(w) == (64 * 64, 128)
