@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
 # the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5, 6, 7, 8
+#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5, 6, 7, 8, 9
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -66,6 +66,11 @@ case $part in
   step sana-e2e 150 --model sana-1600m-1024px --steps 0 --e2e 2
   step kontext 240 --model flux.1-kontext-dev --steps 3
   ;;
-*) echo "unknown part $part: use 1 to 8"; exit 2 ;;
+9)  # Lumina-Image 2.0 (session 17), never run on a GPU: its step against diffusers (CFG: 2 samples, 4096 image + 128
+    # caption tokens) and end to end (Gemma 2 with the system prompt, FLUX's VAE)
+  step lumina2-vs 240 --model lumina-image-2.0 --steps 5 --compare diffusers
+  step lumina2-e2e 150 --model lumina-image-2.0 --steps 0 --e2e 2
+  ;;
+*) echo "unknown part $part: use 1 to 9"; exit 2 ;;
 esac
 ls -la "$O"

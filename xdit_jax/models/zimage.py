@@ -30,6 +30,10 @@ attention: ``[image, caption]`` with diffusers' mask == the image sequence with 
 over the sequence group with it. The context refiner (the caption alone: at most 512 tokens, two layers) runs in
 :meth:`ZImageTransformer2DModel.embed`, through the attention op with its key mask, on every device. The
 omni (SigLIP) and ControlNet variants and more than one patch size are refused.
+
+Lumina 2 (:mod:`xdit_jax.models.lumina2`, the architecture Z-Image descends from) builds on these blocks, the
+timestep MLP, the final layer, RoPE and ``blocks`` / ``head``; the config properties ``kv_heads``, ``t_hidden``,
+``modulation_silu`` and ``rope_angles_f32`` select where the two differ.
 """
 
 from __future__ import annotations
