@@ -7,7 +7,7 @@
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -71,6 +71,11 @@ case $part in
   step chroma-vs 300 --model chroma1-hd --steps 5 --compare diffusers
   step chroma 240 --model chroma1-hd --steps 3 --variant mosaic:backend=mosaic
   ;;
-*) echo "unknown part $part: use 1 to 9"; exit 2 ;;
+10) # Lumina-Image 2.0 (session 17), never run on a GPU: its step against diffusers (CFG: 2 samples, 4096 image + 128
+    # caption tokens) and end to end (Gemma 2 with the system prompt, FLUX's VAE)
+  step lumina2-vs 240 --model lumina-image-2.0 --steps 5 --compare diffusers
+  step lumina2-e2e 150 --model lumina-image-2.0 --steps 0 --e2e 2
+  ;;
+*) echo "unknown part $part: use 1 to 10"; exit 2 ;;
 esac
 ls -la "$O"

@@ -3,8 +3,13 @@
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
-                       CogVideoXTransformer3DModel)
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+)
 from transformers import T5Config, T5EncoderModel
 
 from tests.torch_util import randomize_
@@ -59,8 +64,13 @@ def save_torch_pipeline(pipe: CogVideoXPipeline, folder: Path, **kw) -> Path:
 def make_torch_pixart(variant: str = "sigma", seed: int = 0):
     """A tiny random diffusers PixArt pipeline (xdit_jax.tiny's PixArt configs). "alpha": PixArt-alpha's
     1024px shape (sample_size 128, so the resolution / aspect-ratio micro-conditions are on)."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
 
     torch.manual_seed(seed)
     tkw = dict(tiny.PIXART_TRANSFORMER)
@@ -95,8 +105,13 @@ def make_torch_latte(seed: int = 0, video_length: int = 16):
 def make_torch_hunyuandit(variant: str = "v1.2", seed: int = 0, scheduler: str = "ddpm"):
     """A tiny random diffusers HunyuanDiT pipeline (xdit_jax.tiny's configs); "v1.1": with the style and
     image-size conditions; ``scheduler``: "ddpm" (as shipped) or "dpm" (DPM-Solver multistep)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, HunyuanDiT2DModel
-    from diffusers import HunyuanDiTPipeline
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        HunyuanDiT2DModel,
+        HunyuanDiTPipeline,
+    )
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
@@ -133,8 +148,13 @@ def make_torch_mochi(seed: int = 0, force_zeros_for_empty_prompt: bool = False):
 def make_torch_flux(seed: int = 0, guidance_embeds: bool = True, kontext: bool = False):
     """A tiny random diffusers FLUX pipeline (xdit_jax.tiny's FLUX configs); ``guidance_embeds=False``:
     schnell-like; ``kontext``: a FluxKontextPipeline of the same parts."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
-    from diffusers import FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -171,8 +191,12 @@ def make_torch_chroma(seed: int = 0):
 def make_torch_sd3(seed: int = 0, with_t5: bool = True):
     """A tiny random diffusers Stable Diffusion 3 pipeline (xdit_jax.tiny's SD3 configs); ``with_t5=False``:
     without the T5 encoder (diffusers then uses zeros)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -199,8 +223,13 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
     xdit_jax.tiny's); "flf2v" (Wan 2.1
     FLF2V: the same with the image embedder's position table over two images' states, the encoder saved
     WithProjection as diffusers' conversion script does)."""
-    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline,
-                           WanTransformer3DModel)
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
@@ -323,3 +352,21 @@ def make_torch_sana(seed: int = 0):
     sched = DPMSolverMultistepScheduler(**{k: v for k, v in tiny.SANA_SCHEDULER.items() if not k.startswith("_")})
     return SanaPipeline(tokenizer=tiny.train_gemma_tokenizer(), text_encoder=text_encoder, vae=vae,
                         transformer=transformer, scheduler=sched)
+
+
+def make_torch_lumina2(seed: int = 0):
+    """A tiny random diffusers Lumina2Pipeline (xdit_jax.tiny's Lumina 2 configs: SANA's tiny Gemma 2 with eager
+    attention on the Gemma stand-in tokenizer, FLUX's tiny VAE with scaling and shift, FlowMatchEuler with dynamic
+    shifting)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    transformer = randomize_(Lumina2Transformer2DModel(**tiny.LUMINA2_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
+    gcfg = Gemma2Config(**{k: v for k, v in tiny.LUMINA2_GEMMA.items() if k != "model_type"})
+    gcfg._attn_implementation = "eager"
+    text_encoder = randomize_(Gemma2Model(gcfg), seed + 2, std=0.2)
+    skw = {k: v for k, v in tiny.LUMINA2_SCHEDULER.items() if not k.startswith("_")}
+    return Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**skw), vae=vae,
+                           text_encoder=text_encoder, tokenizer=tiny.train_gemma_tokenizer())

@@ -90,6 +90,24 @@ def test_generate_sana_image(tmp_path, capsys):
     assert rc == 2 and "PipeFusion" in capsys.readouterr().err
 
 
+def test_generate_lumina2_image(tmp_path, capsys):
+    """The tiny Lumina 2 (Gemma 2 with the system prompt, Z-Image's blocks with grouped K/V, FLUX's VAE): a .png at the
+    tiny default size (sample_size 8 x 8 = 64) with CFG and a negative prompt, on one device (the meshes:
+    tests/test_lumina2_pipeline.py); cfg=2 without guidance (> 1) refused before loading."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "l.png"
+    rc = cli.main(["--model", "tiny-lumina2", "--output", str(out), "--negative-prompt", "blurry", "--no-progress",
+                   "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (64, 64, 3) and image.std() > 1
+    assert '"model_family": "lumina2"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-lumina2", "--output", str(tmp_path / "n.png"), "--mesh", "cfg=2",
+                   "--guidance-scale", "1", "--no-progress"])
+    assert rc == 2 and "guidance_scale > 1" in capsys.readouterr().err
+
+
 def test_generate_hunyuandit_image(tmp_path):
     """The tiny HunyuanDiT (two text encoders, long skips): a .png on a CFG x ring mesh."""
     import imageio.v3 as iio

@@ -12,8 +12,15 @@ from jax.sharding import PartitionSpec as P
 
 from xdit_jax.mesh import build_mesh
 from xdit_jax.parallel.attention import AttentionConfig, attention, attention_context
-from xdit_jax.parallel.comm import (attention_bytes, collective_stats, counts, ring_bytes, shape_bytes,
-                                    summarize, ulysses_bytes)
+from xdit_jax.parallel.comm import (
+    attention_bytes,
+    collective_stats,
+    counts,
+    ring_bytes,
+    shape_bytes,
+    summarize,
+    ulysses_bytes,
+)
 
 try:
     _shard_map = jax.shard_map

@@ -19,9 +19,17 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from xdit_jax.mesh import build_mesh
-from xdit_jax.parallel.attention import (AttentionConfig, attention, attention_context, block_attention,
-                                         current_config, local_attention, merge_partials, _cudnn_attention,
-                                         _xla_attention)
+from xdit_jax.parallel.attention import (
+    AttentionConfig,
+    _cudnn_attention,
+    _xla_attention,
+    attention,
+    attention_context,
+    block_attention,
+    current_config,
+    local_attention,
+    merge_partials,
+)
 
 try:
     _shard_map = jax.shard_map

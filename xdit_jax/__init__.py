@@ -7,6 +7,7 @@ from xdit_jax.pipelines.flux import FluxKontextPipeline, FluxPipeline, FluxPipel
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
+from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOutput
@@ -15,8 +16,12 @@ from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
 from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
-__all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline", "CogVideoXPipelineOutput", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
-           "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline", "LattePipelineOutput", "MeshSpec", "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline",
-           "PixArtPipelineOutput", "QwenImagePipeline", "QwenImagePipelineOutput", "SanaPipeline", "SanaPipelineOutput", "SD3PipelineOutput", "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
+__all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline",
+           "CogVideoXPipelineOutput", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput",
+           "HunyuanDiTPipeline", "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput",
+           "LattePipeline", "LattePipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec",
+           "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImagePipeline",
+           "QwenImagePipelineOutput", "SD3PipelineOutput", "SanaPipeline", "SanaPipelineOutput",
+           "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]
 __version__ = "0.1.0"

@@ -91,7 +91,9 @@ QWEN_IMAGE_MODELS = ("qwen-image",)
 ZIMAGE_MODELS = ("z-image-turbo",)
 SANA_MODELS = ("sana-1600m-1024px",)
 CHROMA_MODELS = ("chroma1-hd",)
-IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma")  # text-to-image: no frames
+LUMINA2_MODELS = ("lumina-image-2.0",)
+IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma",
+                  "lumina2")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -520,6 +522,26 @@ def _zimage_cpu_small_workload() -> Workload:
                     source="configs/z-image-turbo, 2 layers + 1 + 1 refiner layers", defaults=defaults)
 
 
+def _lumina2_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Lumina 2 (2 query heads x 16 over 1 K/V head, 2 main + 1 + 1 refiner layers, Gemma states 24
+    # wide) at 64 x 96: a 4 x 6 grid of patches, 24 image tokens; a 32-token caption array, 20 kept tokens (the rest
+    # masked as keys); CFG (the pipeline's default guidance 4): both halves per prompt.
+    return Workload("lumina2-tiny", dict(tiny.LUMINA2_TRANSFORMER), height=64, width=96, num_frames=1,
+                    family="lumina2", text_tokens=32, text_valid=20,
+                    source="xdit_jax.tiny's Lumina 2, 2 heads x 16 over 1 K/V head, 2 layers",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 4.0, "max_sequence_length": 128})
+
+
+def _lumina2_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "lumina-image-2.0"
+    t, defaults = load_model_dir(folder)
+    return Workload("lumina2-cpu-small", dict(t, num_layers=2, num_refiner_layers=1), height=256, width=256,
+                    num_frames=1, family="lumina2", text_tokens=128, text_valid=100, folder=str(folder),
+                    source="configs/lumina-image-2.0, 2 layers + 1 + 1 refiner layers", defaults=defaults)
+
+
 def _sana_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
@@ -564,7 +586,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "zimage-tiny": _zimage_tiny_workload,
                                               "zimage-cpu-small": _zimage_cpu_small_workload,
                                               "sana-tiny": _sana_tiny_workload,
-                                              "sana-cpu-small": _sana_cpu_small_workload}
+                                              "sana-cpu-small": _sana_cpu_small_workload,
+                                              "lumina2-tiny": _lumina2_tiny_workload,
+                                              "lumina2-cpu-small": _lumina2_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -675,6 +699,12 @@ PRESET_HELP.update({
     "sana-cpu-small": "SANA 1600M width (70 linear heads x 32), 2 blocks, 512x512: 16x16 = 256 image + 300 Gemma tokens",
     "sana-1600m-1024px": "full-size configs/sana-1600m-1024px with random weights at 1024x1024 (32x32 = 1024 image + 300 "
                          "Gemma tokens)",
+    "lumina2-tiny": "a 2x16-head Lumina 2 (1 K/V head; 2 main + 1 noise + 1 context refiner layers, caption 24 wide) at "
+                    "64x96: 24 image + 32 caption tokens (20 kept), CFG (CI smoke test)",
+    "lumina2-cpu-small": "Lumina-Image 2.0 width (24 heads x 96 over 8 K/V heads), 2 main + 1 + 1 refiner layers, "
+                         "256x256: 16x16 = 256 image + 128 caption tokens (100 kept), CFG",
+    "lumina-image-2.0": "full-size configs/lumina-image-2.0 with random weights at 1024x1024 (64x64 = 4096 image + 128 "
+                        "caption tokens, CFG: 2 samples per prompt)",
 })
 
 

@@ -2046,6 +2046,117 @@ class ZImage(Family):
 
 
 # ============================================================================================
+# Lumina 2 (Z-Image's blocks: the family below is Z-Image's with Lumina 2's sizes and inputs)
+# ============================================================================================
+
+LUMINA2_TIMESTEP = 0.5  # the transformer's ``timestep``: Lumina2Pipeline's 1 - t / 1000, mid-schedule
+# a typical prompt behind diffusers' system prompt: ~40 + ~60 Gemma tokens kept, the caption array cropped to 32s
+LUMINA2_CAPTION_TOKENS = 128
+LUMINA2_FREQ_DIM = 256  # the timestep sinusoids' width (Lumina2CombinedTimestepCaptionEmbedding's)
+
+
+def lumina2_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], caption_tokens: int) -> dict[str, float]:
+    """Matmul FLOPs of one Lumina 2 transformer forward (2 FLOPs per multiply-add).
+
+    Latents (B, C, H, W); X = (H/p)(W/p) image tokens (no pad tokens), L = the caption array's tokens (every one
+    computed; those past a prompt's count masked as keys), d = hidden_size (2304), H heads over K K/V heads of
+    d / H (24, 8), f = ``LuminaFeedForward``'s 4d rounded up to ``multiple_of`` (9216), a = min(d, 1024) (the adaLN
+    input and the timestep MLP's width), D_c = cap_feat_dim (2304), N main layers and R refiner layers of each kind
+    (26, 2). Per block over its T tokens: q and out 4 T d^2, k and v 4 T d (K d / H), attention QK^T and PV 4 T^2 d
+    (K/V repeated to the H heads first: T = X for the noise refiner, L for the context refiner, X + L for the main
+    layers), the SwiGLU FFN 6 T d f, and in the modulated ones (noise refiner, main layers) the adaLN linear
+    2 B a (4d). Once: the timestep MLP 2 B (256 a + a^2), the patch embed 2 B X (p^2 C) d, the caption embed
+    2 B L D_c d, and the final layer: its modulation 2 B a d and linear 2 B X d (p^2 C). Norms, RoPE (host
+    tables), tanh / SiLU and the gates are element-wise."""
+    from xdit_jax.models.lumina2 import Lumina2Config
+
+    b, c, h, w = latent_shape
+    cfg = Lumina2Config.from_dict(transformer)
+    d, n, r, p = cfg.dim, cfg.n_layers, cfg.n_refiner_layers, cfg.patch_size
+    f, a, dc = cfg.ffn_dim, cfg.adaln_dim, cfg.cap_feat_dim
+    dkv = cfg.kv_heads * cfg.attention_head_dim
+    x, cap = (h // p) * (w // p), int(caption_tokens)
+
+    def block(tokens, modulated):
+        return b * (4 * tokens * d * d + 4 * tokens * d * dkv + 4 * tokens * tokens * d + 6 * tokens * d * f) + (
+            2 * b * a * 4 * d if modulated else 0)
+
+    attention = b * 4 * d * (n * (x + cap) ** 2 + r * (x * x + cap * cap))
+    main, noise, context = block(x + cap, True), block(x, True), block(cap, False)
+    once = 2 * b * (LUMINA2_FREQ_DIM * a + a * a) + 2 * b * x * p * p * c * d + 2 * b * cap * dc * d \
+        + 2 * b * a * d + 2 * b * x * d * p * p * c
+    total = n * main + r * (noise + context) + once
+    return {"total": float(total), "per_block": float(main), "attention": float(attention),
+            "linear": float(total - attention), "tokens": x}
+
+
+class Lumina2TorchReference(TorchReference):
+    """diffusers' ``Lumina2Transformer2DModel`` called as ``Lumina2Pipeline`` calls it: latents (B, C, h, w), the
+    timestep 1 - t / 1000, the caption states (B, L, cap_feat_dim) with their attention mask (B, L); with CFG the
+    two halves in one batch (the pipeline makes two calls; the masked keys make the batch the same math)."""
+
+    diffusers_class = "Lumina2Transformer2DModel"
+
+    def set_inputs(self, inputs, w):
+        put = functools.partial(self._put, inputs)
+        self.x, self.enc = put("latents", self.dtype), put("embeds", self.dtype)
+        lens = np.asarray(inputs["lens"])
+        mask = (np.arange(self.enc.shape[1])[None] < lens[:, None]).astype(np.int64)
+        self.mask = self.torch.from_numpy(mask).to(self.x.device)
+        self.t = put("t")
+
+    def _forward(self):
+        return self.model(self.x, self.t, self.enc, self.mask, return_dict=False)[0]
+
+
+class Lumina2(ZImage):
+    name = "lumina2"
+    module_name = "xdit_jax.models.lumina2"
+    model_class_name = "Lumina2Transformer2DModel"
+    config_class_name = "Lumina2Config"
+    title = "Lumina 2"
+    default_cfg = True  # diffusers' default guidance 4: both halves per prompt
+
+    def pipeline_call(self, w):
+        """CFG runs for guidance_scale > 1: 1 without it, the pipeline's default scale (4) with it."""
+        return Family.pipeline_call(self, w)
+
+    def tokens(self, w):
+        _, _, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 2))
+        return (h // p) * (ww // p), self.text_len(w)
+
+    def text_len(self, w):
+        """The caption array's tokens (the pipeline crops it to the batch's longest prompt rounded up to 32)."""
+        return int(w.text_tokens or LUMINA2_CAPTION_TOKENS)
+
+    def check(self, cfg, shape):
+        if shape[1] != cfg.in_channels or shape[2] % cfg.patch_size or shape[3] % cfg.patch_size:
+            raise ValueError(f"latents {shape}: this Lumina 2 transformer takes {cfg.in_channels} channels and sizes "
+                             f"that are multiples of {cfg.patch_size}.")
+
+    def with_layers(self, transformer, layers):
+        """``--layers N``: N main layers (the two refiners kept)."""
+        return dict(transformer, num_layers=int(layers))
+
+    def row_fields(self, w, cfg):
+        return dict(super().row_fields(w, cfg), kv_heads=cfg.kv_heads)
+
+    def make_inputs(self, w, seed=0):
+        """As ``Lumina2Pipeline`` passes them: latents (B, C, h, w), the caption states (B, L, cap_feat_dim) of which
+        the first ``lens`` rows are each prompt's kept tokens (the rest zeros here), and the timestep (B,)."""
+        inputs = super().make_inputs(w, seed)
+        inputs["t"] = np.full_like(inputs["t"], LUMINA2_TIMESTEP)
+        return inputs
+
+    def analytic_flops(self, w):
+        return lumina2_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return Lumina2TorchReference(transformer, dtype, seed=seed, device=device)
+
+
+# ============================================================================================
 # SANA
 # ============================================================================================
 
@@ -2285,7 +2396,7 @@ class Chroma(Flux):
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), Latte(), HunyuanVideo(), QwenImage(),
-                                                          ZImage(), Sana(), Chroma())}
+                                                          ZImage(), Sana(), Chroma(), Lumina2())}
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
@@ -2298,6 +2409,7 @@ HUNYUAN_VIDEO_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
 QWEN_IMAGE_CLASS_NAMES = ("QwenImageTransformer2DModel",)
 ZIMAGE_CLASS_NAMES = ("ZImageTransformer2DModel",)
 SANA_CLASS_NAMES = ("SanaTransformer2DModel",)
+LUMINA2_CLASS_NAMES = ("Lumina2Transformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -2313,10 +2425,14 @@ def family_of_config(transformer: dict) -> str:
     ``freq_dim`` (no other family has either); Latte by its class name or ``ada_norm_single`` with ``video_length``;
     SANA by its class name or ``cross_attention_head_dim`` with ``mlp_ratio`` (no other family has the first);
     Chroma by its class name or ``approximator_num_channels`` (before FLUX: it has ``num_single_layers`` too);
-    else CogVideoX."""
+    Lumina 2 by its class name or ``cap_feat_dim`` with ``num_refiner_layers`` and ``multiple_of`` (Z-Image has the
+    first and ``n_refiner_layers``, HunyuanVideo the second without the others); else CogVideoX."""
     if transformer.get("_class_name") in SANA_CLASS_NAMES or (
             "cross_attention_head_dim" in transformer and "mlp_ratio" in transformer):
         return "sana"
+    if transformer.get("_class_name") in LUMINA2_CLASS_NAMES or (
+            "cap_feat_dim" in transformer and "num_refiner_layers" in transformer and "multiple_of" in transformer):
+        return "lumina2"
     if transformer.get("_class_name") in ZIMAGE_CLASS_NAMES or (
             "cap_feat_dim" in transformer and "n_refiner_layers" in transformer):
         return "zimage"

@@ -6,7 +6,7 @@
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
                                                    # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
                                                    # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana,
-                                                   # tiny-chroma)
+                                                   # tiny-chroma, tiny-lumina2)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -44,7 +44,9 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             "zimage": {"output": "output.png", "guidance_scale": 0.0, "steps": 9, "tiny_steps": 2},
             "sana": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4},
             # Chroma: real CFG (negative prompt default ""), diffusers' ChromaPipeline defaults
-            "chroma": {"output": "output.png", "guidance_scale": 5.0, "steps": 35, "tiny_steps": 2}}
+            "chroma": {"output": "output.png", "guidance_scale": 5.0, "steps": 35, "tiny_steps": 2},
+            # diffusers' Lumina2Pipeline defaults (CFG normalized, not truncated)
+            "lumina2": {"output": "output.png", "guidance_scale": 4.0, "steps": 30, "tiny_steps": 2}}
 VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte", "hunyuanvideo")
 FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
 TRUE_CFG_FAMILIES = {"flux": "FLUX", "hunyuanvideo": "HunyuanVideo", "qwenimage": "Qwen-Image"}  # --true-cfg-scale
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-zimage' / 'tiny-sana' / "
-                         "'tiny-chroma' "
+                         "'tiny-chroma' / 'tiny-lumina2' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
@@ -359,7 +361,7 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--guidance-rescale")
     if family != "sd3" and args.skip_guidance_layers:
         wrong.append("--skip-guidance-layers (SD3's)")
-    if family in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma") and args.no_resolution_binning:
+    if family in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma", "lumina2") and args.no_resolution_binning:
         wrong.append("--no-resolution-binning")
     if family == "hunyuandit" and args.max_sequence_length is not None:
         wrong.append("--max-sequence-length (HunyuanDiT's text lengths are the model's: 77 + 256)")
@@ -443,6 +445,13 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
         ds = default_size(tc, vc)
         check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
                       guidance)
+    elif family == "lumina2":
+        from xdit_jax.pipelines.lumina2 import check_request, default_size, read_configs
+
+        tc, vc = read_configs(model)
+        ds = default_size(tc, vc)
+        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
+                      guidance, args.max_sequence_length or 256)
     elif family == "flux":
         from xdit_jax.pipelines.flux import check_request, default_size, kontext_output_size, read_configs
 
@@ -556,7 +565,7 @@ def _main(argv=None) -> int:
                              f"only; {args.model} is not a Kontext checkpoint.")
         check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
-        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma"):
+        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma", "lumina2"):
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
         if is_tiny and family == "flux":  # FLUX's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 48, args.width or 64
@@ -644,6 +653,8 @@ def _main(argv=None) -> int:
         kw.update(max_sequence_length=args.max_sequence_length or 512)
     elif family == "chroma":
         kw.update(max_sequence_length=msl or 512)
+    elif family == "lumina2":  # (the tiny one too: its system prompt alone is ~95 stand-in tokens)
+        kw.update(max_sequence_length=args.max_sequence_length or 256)
     elif family == "sd3":
         kw.update(max_sequence_length=msl or 256, skip_guidance_layers=args.skip_guidance_layers,
                   skip_layer_guidance_scale=args.skip_layer_guidance_scale,

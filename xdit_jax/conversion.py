@@ -80,6 +80,8 @@ MODEL_CLASSES = {
     "SanaTransformer2DModel": ("xdit_jax.models.sana", "SanaConfig"),
     "Gemma2Model": ("xdit_jax.models.gemma2", "Gemma2Config"),
     "AutoencoderDC": ("xdit_jax.models.vae_dc", "AutoencoderDCConfig"),
+    # Lumina-Image 2.0 (its text encoder: Gemma2Model above; its VAE: FLUX's AutoencoderKL)
+    "Lumina2Transformer2DModel": ("xdit_jax.models.lumina2", "Lumina2Config"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 

@@ -22,7 +22,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
               "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext",
               "tiny-qwenimage": "qwenimage", "tiny-zimage": "zimage",
-              "tiny-sana": "sana", "tiny-chroma": "chroma"}
+              "tiny-sana": "sana", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -249,6 +249,19 @@ SANA_SCHEDULER = dict(_class_name="DPMSolverMultistepScheduler", num_train_times
                       flow_shift=3.0, timestep_spacing="linspace", final_sigmas_type="zero", euler_at_final=False)
 SANA_MAX_SEQUENCE_LENGTH = 16
 
+# Lumina 2 shaped: 2 main layers and 1 noise + 1 context refiner layer over 2 query heads of 16 sharing 1 K/V head
+# (RoPE axes 4 + 6 + 6), LuminaFeedForward 4 x 32 rounded to 16; 4 latent channels (FLUX's tiny VAE, 8x:
+# sample_size 8 -> 64 x 64 images, 16 image tokens); SANA's tiny Gemma 2 (hidden_states[-2]: its first layer's
+# output) on the Gemma stand-in tokenizer; FlowMatchEuler with dynamic shifting (diffusers' mu from the latent channels).
+LUMINA2_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+                           num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                           ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=[4, 6, 6],
+                           axes_lens=[300, 64, 64], cap_feat_dim=SANA_GEMMA["hidden_size"])
+LUMINA2_GEMMA = SANA_GEMMA
+LUMINA2_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=6.0,
+                         use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                         max_image_seq_len=4096)
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -409,6 +422,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
                 "text_encoder": ["transformers", "Gemma2Model"], "tokenizer": ["transformers", "GemmaTokenizer"],
                 "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"]}
+    if family == "lumina2":
+        return {"_class_name": "Lumina2Pipeline", "_diffusers_version": "0.33.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Gemma2Model"], "tokenizer": ["transformers", "GemmaTokenizer"],
+                "transformer": ["diffusers", "Lumina2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "pixart":
         return {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
@@ -657,6 +675,20 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder": ("Gemma2Model", SANA_GEMMA,
                              lambda: gemma2.Gemma2Model(gemma2.Gemma2Config.from_dict(SANA_GEMMA), rngs=nnx.Rngs(0))),
         }, SANA_SCHEDULER
+    if family == "lumina2":
+        from xdit_jax.models import gemma2, lumina2
+
+        tcfg = {**LUMINA2_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("Lumina2Transformer2DModel", tcfg,
+                            lambda: lumina2.Lumina2Transformer2DModel(lumina2.Lumina2Config.from_dict(tcfg),
+                                                                      rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": ("Gemma2Model", LUMINA2_GEMMA,
+                             lambda: gemma2.Gemma2Model(gemma2.Gemma2Config.from_dict(LUMINA2_GEMMA),
+                                                        rngs=nnx.Rngs(0))),
+        }, LUMINA2_SCHEDULER
     if family == "pixart":
         tcfg = {**PIXART_TRANSFORMER, **(transformer or {})}
         return {

@@ -190,6 +190,20 @@ class Gemma2Model(nnx.Module):
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, input_ids, attention_mask=None):
+        return self.norm(self._run(input_ids, attention_mask, self.cfg.num_hidden_layers))
+
+    def hidden_state(self, input_ids, attention_mask=None, index: int = -1):
+        """``hidden_states[index]`` of transformers' ``output_hidden_states=True`` (0: the embeddings, ``i``: layer
+        ``i``'s output, the last: ``last_hidden_state`` (normed); negative counts from the end), running only the
+        layers it needs. Lumina 2: ``index=-2``."""
+        n = self.cfg.num_hidden_layers
+        if not -(n + 1) <= index <= n:
+            raise IndexError(f"hidden_states has {n + 1} entries (embeddings and {n} layers); got index {index}.")
+        stop = index % (n + 1)
+        return self(input_ids, attention_mask) if stop == n else self._run(input_ids, attention_mask, stop)
+
+    def _run(self, input_ids, attention_mask, stop: int):
+        """The first ``stop`` layers' output (not normed)."""
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
@@ -202,14 +216,17 @@ class Gemma2Model(nnx.Module):
         is_sliding = jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])
         cos, sin = rotary_cos_sin(cfg, length)
         graphdef, state = nnx.split(self.layers)
+        if stop == 0:
+            return h
+        state = jax.tree.map(lambda a: a[:stop], state)
 
         def body(x, xs):
             layer_state, slide = xs
             allowed = jnp.where(slide, sliding, full)
             return nnx.merge(graphdef, layer_state)(x, cos, sin, allowed), None
 
-        h, _ = jax.lax.scan(body, h, (state, is_sliding))
-        return self.norm(h)
+        h, _ = jax.lax.scan(body, h, (state, is_sliding[:stop]))
+        return h
 
 
 # --- checkpoint conversion ---------------------------------------------------------------------

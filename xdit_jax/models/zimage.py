@@ -30,6 +30,10 @@ attention: ``[image, caption]`` with diffusers' mask == the image sequence with 
 over the sequence group with it. The context refiner (the caption alone: at most 512 tokens, two layers) runs in
 :meth:`ZImageTransformer2DModel.embed`, through the attention op with its key mask, on every device. The
 omni (SigLIP) and ControlNet variants and more than one patch size are refused.
+
+Lumina 2 (:mod:`xdit_jax.models.lumina2`, the architecture Z-Image descends from) builds on these blocks, the
+timestep MLP, the final layer, RoPE and ``blocks`` / ``head``; the config properties ``kv_heads``, ``t_hidden``,
+``modulation_silu`` and ``rope_angles_f32`` select where the two differ.
 """
 
 from __future__ import annotations
@@ -137,14 +141,29 @@ class ZImageConfig:
     def ffn_dim(self) -> int:
         return int(self.dim / 3 * 8)
 
+    # what the blocks shared with Lumina 2 (:mod:`xdit_jax.models.lumina2`) read where the two differ
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def t_hidden(self) -> int:  # the timestep MLP's hidden width
+        return 1024
+
+    modulation_silu = False  # adaLN_modulation is a bare Linear (Lumina 2: SiLU first)
+    rope_angles_f32 = True  # RoPE angles rounded to float32 before cos / sin (Lumina 2: float64)
+
 
 # ----- RoPE -----
 
-def axis_table(dim: int, end: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def axis_table(dim: int, end: int, theta: float, angles_f32: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """diffusers' ``RopeEmbedder.precompute_freqs_cis`` for one axis: cos, sin (end, dim // 2) float32 of the
-    angles ``pos * theta ** (-2i / dim)`` (computed in float64, rounded to float32 as diffusers)."""
+    angles ``pos * theta ** (-2i / dim)`` (computed in float64, rounded to float32 as diffusers' Z-Image where
+    ``angles_f32``; Lumina 2 keeps them in float64)."""
     freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    ang = np.outer(np.arange(end, dtype=np.float64), freqs).astype(np.float32).astype(np.float64)
+    ang = np.outer(np.arange(end, dtype=np.float64), freqs)
+    if angles_f32:
+        ang = ang.astype(np.float32).astype(np.float64)
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
@@ -156,7 +175,7 @@ def position_tables(ids: np.ndarray, cfg: ZImageConfig) -> tuple[np.ndarray, np.
         if ids[:, a].max(initial=0) >= e:
             raise ValueError(f"RoPE position {ids[:, a].max()} on axis {a} is past axes_lens[{a}] = {e} (too long a "
                              "caption or too large an image for this model).")
-        c, s = axis_table(d, e, cfg.rope_theta)
+        c, s = axis_table(d, e, cfg.rope_theta, cfg.rope_angles_f32)
         cos.append(c[ids[:, a]])
         sin.append(s[ids[:, a]])
     return np.concatenate(cos, 1), np.concatenate(sin, 1)
@@ -186,22 +205,29 @@ def apply_rotary(x, cos, sin):
 # ----- blocks -----
 
 class Attention(nnx.Module):
+    """Z-Image's and Lumina 2's attention (``cfg.kv_heads`` < heads: grouped K/V, each repeated for its
+    ``heads // kv_heads`` query heads before the attention op, as diffusers' ``Lumina2AttnProcessor2_0``)."""
+
     def __init__(self, cfg: ZImageConfig, *, dtype, rngs):
         d, hd = cfg.dim, cfg.attention_head_dim
-        self.heads, self.head_dim = cfg.n_heads, hd
+        self.heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, hd
         self.to_q = linear(d, d, bias=False, dtype=dtype, rngs=rngs)
-        self.to_k = linear(d, d, bias=False, dtype=dtype, rngs=rngs)
-        self.to_v = linear(d, d, bias=False, dtype=dtype, rngs=rngs)
+        self.to_k = linear(d, cfg.kv_heads * hd, bias=False, dtype=dtype, rngs=rngs)
+        self.to_v = linear(d, cfg.kv_heads * hd, bias=False, dtype=dtype, rngs=rngs)
         self.norm_q = RMSNorm(hd, 1e-5, dtype=dtype) if cfg.qk_norm else None
         self.norm_k = RMSNorm(hd, 1e-5, dtype=dtype) if cfg.qk_norm else None
         self.to_out = linear(d, d, bias=False, dtype=dtype, rngs=rngs)
 
     def qkv(self, h, rope):
         b, s, _ = h.shape
-        q, k, v = (p(h).reshape(b, s, self.heads, self.head_dim) for p in (self.to_q, self.to_k, self.to_v))
+        q = self.to_q(h).reshape(b, s, self.heads, self.head_dim)
+        k, v = (p(h).reshape(b, s, self.kv_heads, self.head_dim) for p in (self.to_k, self.to_v))
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
-        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.kv_heads != self.heads:
+            k, v = (jnp.repeat(a, self.heads // self.kv_heads, axis=2) for a in (k, v))
+        return q, k, v
 
     def out(self, o):
         return self.to_out(o.reshape(*o.shape[:2], -1))
@@ -218,8 +244,9 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    """diffusers ``ZImageTransformerBlock`` (``modulation``: the noise refiner's and the main layers'; the context
-    refiner's blocks have none)."""
+    """diffusers ``ZImageTransformerBlock`` and ``Lumina2TransformerBlock`` (``modulation``: the noise refiner's and
+    the main layers'; the context refiner's blocks have none). Lumina 2's ``norm1`` (``LuminaRMSNormZero``) is
+    ``attention_norm1`` with ``adaLN_modulation`` after a SiLU (``cfg.modulation_silu``)."""
 
     def __init__(self, cfg: ZImageConfig, modulation: bool, *, dtype, rngs):
         d = cfg.dim
@@ -230,12 +257,14 @@ class Block(nnx.Module):
         self.attention_norm2 = RMSNorm(d, cfg.norm_eps, dtype=dtype)
         self.ffn_norm2 = RMSNorm(d, cfg.norm_eps, dtype=dtype)
         self.adaLN_modulation = linear(cfg.adaln_dim, 4 * d, dtype=dtype, rngs=rngs) if modulation else None
+        self.silu_first = cfg.modulation_silu
 
     def modulation(self, adaln):
         """(scale_msa, gate_msa, scale_mlp, gate_mlp), each (B, 1, D); None without modulation."""
         if self.adaLN_modulation is None:
             return None
-        s1, g1, s2, g2 = jnp.split(self.adaLN_modulation(adaln)[:, None], 4, axis=-1)
+        s1, g1, s2, g2 = jnp.split(self.adaLN_modulation(jax.nn.silu(adaln) if self.silu_first else adaln)[:, None],
+                                   4, axis=-1)
         return 1.0 + s1, jnp.tanh(g1), 1.0 + s2, jnp.tanh(g2)
 
     def _pre(self, x, mod):
@@ -267,8 +296,8 @@ class Block(nnx.Module):
 
 class TimestepEmbedder(nnx.Module):
     def __init__(self, cfg: ZImageConfig, *, dtype, rngs):
-        self.mlp_0 = linear(256, 1024, dtype=dtype, rngs=rngs)
-        self.mlp_2 = linear(1024, cfg.adaln_dim, dtype=dtype, rngs=rngs)
+        self.mlp_0 = linear(256, cfg.t_hidden, dtype=dtype, rngs=rngs)
+        self.mlp_2 = linear(cfg.t_hidden, cfg.adaln_dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, t, dtype):
         # diffusers' float32 frequencies exp(-ln(10000) i / 128): the float32 exponent, its exp correctly rounded

@@ -152,27 +152,46 @@ class ZImagePipeline(ImagePipelineBase):
             del rng
             model = nnx.merge(graphdef, tstate)
             x = self._model_batch(latents, do_cfg)
-            t = jnp.broadcast_to((1000.0 - sched.timesteps[i]) / 1000.0, (x.shape[0],)).astype(jnp.float32)
+            t = jnp.broadcast_to(self._model_timestep(sched.timesteps[i]), (x.shape[0],)).astype(jnp.float32)
             h, tokens, cond = model.embed(x.astype(dtype), t, texts[0], texts[1])
             h, kv = self._blocks_over_mesh(blocks, tstate, h, tokens, cond, kv, warmup)
             pred = model.head(h, cond, x.shape).astype(jnp.float32)
             pred = self._real_rows(pred, latents.shape[0], do_cfg)
             if do_cfg:
                 pos, neg = jnp.split(pred, 2)
-                g, norm = guidance[0][i], guidance[1]
-                guided = pos + g * (pos - neg)
-                # cfg_normalization: the guided norm capped at norm x the positive one's, per sample
-                axes = tuple(range(1, pred.ndim))
-                pos_n = jnp.sqrt(jnp.sum(jnp.square(pos), axis=axes, keepdims=True))
-                new_n = jnp.sqrt(jnp.sum(jnp.square(guided), axis=axes, keepdims=True))
-                cap = pos_n * norm
-                capped = jnp.where(new_n > cap, guided * (cap / new_n), guided)
-                guided = jnp.where(norm > 0, capped, guided)
-                pred = jnp.where(g > 0, guided, pos)  # cfg_truncation's unguided steps: the positive prediction
+                pred = self._guided(pos, neg, guidance[0][i], guidance[1])
             latents, sched_state = flow_match.step(sched, i, -pred, latents, sched_state)
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
+
+    CFG_ABOVE = 0.0  # CFG runs where guidance_scale > this
+
+    def _check_request(self, height, width, batch, guidance_scale):
+        check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
+
+    @staticmethod
+    def _model_timestep(t):
+        """The transformer's timestep for the scheduler's ``t``: diffusers' ``(1000 - t) / 1000``."""
+        return (1000.0 - t) / 1000.0
+
+    @staticmethod
+    def _guided(pos, neg, g, norm):
+        """The guided prediction of a step: ``pos + g (pos - neg)``, its norm per sample capped at ``norm`` x the
+        positive one's (``norm`` > 0: cfg_normalization); ``g`` 0 (cfg_truncation's unguided steps): ``pos``."""
+        guided = pos + g * (pos - neg)
+        axes = tuple(range(1, pos.ndim))
+        pos_n = jnp.sqrt(jnp.sum(jnp.square(pos), axis=axes, keepdims=True))
+        new_n = jnp.sqrt(jnp.sum(jnp.square(guided), axis=axes, keepdims=True))
+        cap = pos_n * norm
+        capped = jnp.where(new_n > cap, guided * (cap / new_n), guided)
+        guided = jnp.where(norm > 0, capped, guided)
+        return jnp.where(g > 0, guided, pos)
+
+    @staticmethod
+    def _image_token_count(n: int) -> int:
+        """The transformer's image tokens for ``n`` patches: Z-Image pads them to a multiple of 32."""
+        return zimage.ceil_to(n)
 
     def _decode_fn(self):
         """Jitted VAE decode over the whole mesh of ``latents / scaling_factor + shift_factor`` -> (B, H, W, 3)."""
@@ -189,9 +208,9 @@ class ZImagePipeline(ImagePipelineBase):
         (``guidance_scale > 0``: the CFG step); ``caption_tokens``: the caption array's length (rounded up to 32)."""
         ds = self.default_size()
         height, width = (ds[k] if v is None else v for k, v in (("height", height), ("width", width)))
-        do_cfg = guidance_scale > 0
+        do_cfg = guidance_scale > self.CFG_ABOVE
         tc = self.transformer_config
-        check_request(tc, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
+        self._check_request(height, width, batch, guidance_scale)
         shape = self.latent_shape(batch, height, width)
         n = (2 if do_cfg else 1) * self._padded_batch(batch)
         lc = zimage.ceil_to(caption_tokens)
@@ -201,7 +220,8 @@ class ZImagePipeline(ImagePipelineBase):
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps, (shape[2] // 2) * (shape[3] // 2)))
         guidance = (jnp.zeros((num_inference_steps,), jnp.float32), jnp.float32(0.0))
         _, tstate = nnx.split(self.transformer)
-        kv = self._pipefusion_buffers(n, zimage.ceil_to((shape[2] // 2) * (shape[3] // 2)), abstract=True, text_len=lc)
+        kv = self._pipefusion_buffers(n, self._image_token_count((shape[2] // 2) * (shape[3] // 2)), abstract=True,
+                                      text_len=lc)
         return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, guidance,
             jax.random.key(0)).compile()
@@ -257,22 +277,31 @@ class ZImagePipeline(ImagePipelineBase):
                      self._put_batch(jnp.asarray(lens, jnp.int32), do_cfg, per))
             jax.block_until_ready(texts)
 
-        # 2. latents (diffusers' layout), schedule, guidance per step
-        shape = self.latent_shape(batch * per, height, width)
+        def per_step(timesteps):
+            g = np.full((len(timesteps),), guidance_scale, np.float32)
+            if do_cfg and cfg_truncation is not None and float(cfg_truncation) <= 1:
+                t_norm = (1000.0 - np.asarray(timesteps, np.float32)) / 1000.0
+                g = np.where(t_norm > float(cfg_truncation), 0.0, g).astype(np.float32)
+            return g, float(cfg_normalization) if cfg_normalization else 0.0
+
+        return self._generate(timer, texts, length, batch * per, do_cfg, height, width, num_inference_steps, sigmas,
+                              per_step, latents, seed, output_type, progress)
+
+    def _generate(self, timer, texts, length, batch, do_cfg, height, width, num_inference_steps, sigmas, per_step,
+                  latents, seed, output_type, progress):
+        """From the placed ``texts`` (caption features, counts) of caption ``length``: latents (diffusers' layout),
+        schedule, guidance per step (``per_step(timesteps) -> (scale per step, normalization)``), the jitted steps,
+        then the VAE."""
+        shape = self.latent_shape(batch, height, width)
         sched = self.schedule(num_inference_steps, (shape[2] // 2) * (shape[3] // 2), sigmas)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, channels, 2 (height // 16), 2 (width // 16)")
-        g = np.full((len(sched.timesteps),), guidance_scale, np.float32)
-        if do_cfg and cfg_truncation is not None and float(cfg_truncation) <= 1:
-            t_norm = (1000.0 - np.asarray(sched.timesteps, np.float32)) / 1000.0
-            g = np.where(t_norm > float(cfg_truncation), 0.0, g).astype(np.float32)
-        guidance = (self._put_replicated(jnp.asarray(g)),
-                    self._put_replicated(jnp.float32(float(cfg_normalization) if cfg_normalization else 0.0)))
+        g, norm = per_step(sched.timesteps)
+        guidance = (self._put_replicated(jnp.asarray(g, jnp.float32)), self._put_replicated(jnp.float32(norm)))
 
-        # 3. denoise: one jitted step per iteration; then the VAE
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
-        kv = self._pipefusion_buffers(texts[0].shape[0], zimage.ceil_to((shape[2] // 2) * (shape[3] // 2)),
+        kv = self._pipefusion_buffers(texts[0].shape[0], self._image_token_count((shape[2] // 2) * (shape[3] // 2)),
                                       text_len=length)
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
