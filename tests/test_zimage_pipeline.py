@@ -2,6 +2,7 @@
 fp32), on one device and on meshes (8 simulated CPU devices)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -86,6 +87,19 @@ def test_cfg_prompts_of_different_lengths_match_diffusers(cfg_two_prompts):
     """Two prompts of different lengths, CFG with a negative prompt, cfg_normalization and cfg_truncation."""
     _, ref, out = cfg_two_prompts
     _close_latents(out, ref)
+
+
+def test_unguided_steps_run_the_prompt_half_alone(pipes):
+    """The steps cfg_truncation leaves unguided run the prompt's half alone (diffusers skips the negative pass there;
+    on one device the parity test above runs that path: its second step), except where the halves run side by side
+    (cfg=2) or PipeFusion's buffers hold both."""
+    _, ours, _ = pipes
+    dim = ours.transformer_config.cap_feat_dim
+    texts = (ours._put_batch(jnp.zeros((4, 32, dim), ours.dtype), True), ours._put_batch(jnp.ones(4, jnp.int32), True))
+    pick = ours._unguided_steps(np.asarray([3.0, 0.0], np.float32), texts, True, None)
+    assert pick(0) is None and pick(1) is not None
+    assert ours._unguided_steps(np.asarray([3.0, 3.0], np.float32), texts, True, None) is None  # all guided
+    assert ours._unguided_steps(np.asarray([3.0, 0.0], np.float32), texts, True, kv=object()) is None  # PipeFusion
 
 
 def test_mesh_equals_one_device(pipes, cfg_two_prompts):

@@ -188,6 +188,23 @@ class ZImagePipeline(ImagePipelineBase):
         guided = jnp.where(norm > 0, capped, guided)
         return jnp.where(g > 0, guided, pos)
 
+    def _unguided_steps(self, g, texts, do_cfg: bool, kv):
+        """``step_for`` of :meth:`_denoise`: on the steps that CFG's truncation leaves unguided (scale 0), the step
+        of the prompt's half alone, as diffusers runs them (the negative half's pass skipped: half the work of those
+        steps). Only where the two halves would run one after the other: a ``cfg=2`` mesh runs them side by side
+        (nothing to save in time), and PipeFusion's K/V buffers hold both halves. None where nothing is skipped."""
+        unguided = set(np.flatnonzero(np.asarray(g) == 0).tolist()) if do_cfg else set()
+        if not unguided or kv is not None or self.mesh_spec.cfg > 1:
+            return None
+        rows = texts[0].shape[0] // 2  # [prompt; negative], each half padded alike (_put_batch)
+        prompt_texts = tuple(jax.device_put(t[:rows], self._batch_sharding(t.ndim, False)) for t in texts)
+        plain = self._step_fn(False)
+
+        def prompt_only(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
+            return plain(tstate, latents, sched_state, i, kv, prompt_texts, sched, guidance, rng)
+
+        return lambda n: prompt_only if n in unguided else None
+
     @staticmethod
     def _image_token_count(n: int) -> int:
         """The transformer's image tokens for ``n`` patches: Z-Image pads them to a multiple of 32."""
@@ -305,5 +322,6 @@ class ZImagePipeline(ImagePipelineBase):
                                       text_len=length)
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress,
-                                       output_type, self._decode_fn(), kv=kv)
+                                       output_type, self._decode_fn(), kv=kv,
+                                       step_for=self._unguided_steps(g, texts, do_cfg, kv))
         return ZImagePipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
