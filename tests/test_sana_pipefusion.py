@@ -39,7 +39,7 @@ def test_ops_with_buffers_of_this_step_equal_full_sequence(grid, patches):
     @jax.jit
     def run(q, k, v, x):
         bufs = token_mixing.MixingBuffers(jnp.zeros((1, b, patches, heads, d, d + 1)),
-                                          jnp.zeros((1, b, sp + 2 * (w + 1), c)))
+                                          jnp.zeros((1, b, sp + 2 * (w + 1), c)), w + 1)
         with attention_context(AttentionConfig(valid_len=s if sp != s else None)):
             ref = both(q, k, v, x)
             with token_mixing.mixing_state(bufs, 0, jnp.int32(0), True, patches=patches, plen=plen,
@@ -48,8 +48,8 @@ def test_ops_with_buffers_of_this_step_equal_full_sequence(grid, patches):
             outs = []
             for m in range(patches):
                 sl = lambda a: a[:, m * plen:(m + 1) * plen]  # noqa: E731
-                with token_mixing.mixing_state(token_mixing.MixingBuffers(cell.la, cell.conv), 0, jnp.int32(m), True,
-                                               patches=patches, plen=plen) as cell:
+                bufs = token_mixing.MixingBuffers(cell.la, cell.conv, w + 1)
+                with token_mixing.mixing_state(bufs, 0, jnp.int32(m), True, patches=patches, plen=plen) as cell:
                     outs.append(both(sl(q), sl(k), sl(v), sl(x)))
         return ref, warm, [jnp.concatenate([o[i] for o in outs], axis=1) for i in range(2)]
 
@@ -72,7 +72,7 @@ def test_ops_refuse_pipefusion_without_or_with_wrong_buffers():
             token_mixing.linear_attention(x, x, x)
         with pytest.raises(NotImplementedError, match="init_mixing"):
             token_mixing.grid_conv3x3(x[..., 0], jnp.zeros((3, 3, 2)), grid=(2, 2))
-    bufs = token_mixing.MixingBuffers(jnp.zeros((1, 1, 2, 2, 3, 4)), jnp.zeros((1, 1, 8 + 2 * 3, 2)))  # grid 2 wide
+    bufs = token_mixing.MixingBuffers(jnp.zeros((1, 1, 2, 2, 3, 4)), jnp.zeros((1, 1, 8 + 2 * 3, 2)), 3)  # 2 wide
     with token_mixing.mixing_state(bufs, 0, jnp.int32(0), True, patches=2, plen=4):
         with pytest.raises(ValueError, match="grid width 4"):  # a 2 x 4 grid: its halo is 5, the buffer's 3
             token_mixing.grid_conv3x3(jnp.zeros((1, 4, 2)), jnp.zeros((3, 3, 2)), grid=(2, 4))

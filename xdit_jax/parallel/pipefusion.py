@@ -155,7 +155,7 @@ def layer_scan(layer_fn, carry, stacked_state):
                 raise RuntimeError(f"A PipeFusion block made {mcell.la_calls} linear attentions and "
                                    f"{mcell.conv_calls} grid convolutions; its token-mixing buffers hold one of each "
                                    "per layer.")
-            mx = MixingBuffers(mcell.la, mcell.conv)
+            mx = MixingBuffers(mcell.la, mcell.conv, mx.halo)
         if cache.real is not None:  # a padding layer of an uneven stage passes its input on
             out = jax.tree.map(lambda a, b: jnp.where(real, a, b), out, c)
         return (out, cell.k, cell.v, cell.ck, cell.cv, mx), None
@@ -355,8 +355,8 @@ def init_mixing(mesh, layers: int, batch: int, seq_len: int, grid_width: int, he
     of :mod:`xdit_jax.parallel.token_mixing`), layers over ``pipefusion``, batch over (data, cfg), whole over the
     sequence group (:data:`MIX_SPEC`): ``la`` (layers, B, patches, heads, head_dim, head_dim + 1) float32 and
     ``conv`` (layers, B, S_pad + 2 (grid_width + 1), channels) ``dtype``, S_pad as the K/V buffers'
-    (:func:`padded_length`). They go last in :func:`run_pipefusion`'s cache, after the stack's (k, v) (SANA's:
-    :func:`init_cache` with ``attentions=0``: no softmax self-attention)."""
+    (:func:`padded_length`). :func:`run_pipefusion`'s cache is ``(MixingBuffers,)`` for a model without softmax
+    self-attention (SANA), else they go after the stack's (k, v)."""
     from jax.sharding import NamedSharding
 
     u, r = (mesh.shape.get(a, 1) for a in ("ulysses", "ring"))
@@ -367,7 +367,7 @@ def init_mixing(mesh, layers: int, batch: int, seq_len: int, grid_width: int, he
         return jax.ShapeDtypeStruct(shp, dt, sharding=sharding) if abstract else jnp.zeros(shp, dt, device=sharding)
 
     return MixingBuffers(make((layers, batch, patches, heads, head_dim, head_dim + 1), jnp.float32),
-                         make((layers, batch, sp + 2 * (int(grid_width) + 1), channels), dtype))
+                         make((layers, batch, sp + 2 * (int(grid_width) + 1), channels), dtype), int(grid_width) + 1)
 
 
 def check_mesh(mesh_spec, num_layers) -> None:
@@ -436,18 +436,20 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     g = 4 if text else 2  # buffers per stack: (k, v), and the text's (ck, cv) where it is sliced
     cache = tuple(cache)
     mix = cache[-1] if cache and isinstance(cache[-1], MixingBuffers) else None
-    if mix is not None:  # the token mixers' buffers (SANA): ride with the one stack's K/V
+    own_kv = False  # a model without softmax self-attention (SANA): its cache is the token mixers' buffers alone
+    if mix is not None:  # the token mixers' buffers: ride with the one stack's K/V
         cache = cache[:-1]
-        if nstack != 1 or text or len(cache) != g:
+        own_kv = not cache
+        if nstack != 1 or text or len(cache) not in (0, g):
             raise NotImplementedError("PipeFusion's token-mixing buffers (MixingBuffers) take one block stack, "
                                       "without a final block or sliced text.")
-    tail_n = len(cache) - g * nstack
+    tail_n = 0 if own_kv else len(cache) - g * nstack
     if tail_n not in (0, g):
         what = "(k, v, ck, cv)" if text else "(k, v)"
         raise ValueError(f"{len(cache)} K/V buffers for {nstack} stacks: expected {what} per stack, then a final "
                          f"block's {what} or nothing (init_cache{'(..., text_len=)' if text else ''}).")
     s = joint.shape[1]
-    sp = cache[0].shape[2]
+    sp = mix.conv.shape[2] - 2 * mix.halo if own_kv else cache[0].shape[2]
     if sp % (patches * u * rr) or sp < s:
         raise ValueError(f"The K/V buffers hold {sp} tokens: not {patches} equal patches over ring x ulysses = "
                          f"{rr * u} devices of a {s}-token sequence.")
@@ -496,6 +498,8 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
         mine = seq_rank * piece  # offset of this device's piece in a patch (chunk order ring-major, as run_blocks)
         if mix is not None:
             bufs, mx = bufs[:-1], bufs[-1]
+            if own_kv:  # no softmax attention: empty K/V buffers for layer_scan (they never leave this function)
+                bufs = (jnp.zeros((0,), mx.conv.dtype),) * 2
         kv = tuple(bufs[g * q:g * q + g] for q in range(nstack))
         if mix is not None:
             kv = (kv[0] + (mx,),)  # the one stack's (k, v, mixing buffers)
@@ -586,6 +590,8 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
         for a, b, live in segments:
             carry = lax.fori_loop(a, b, tick_fn(live), carry)
         _, out, kv, tail = carry
+        if own_kv:
+            kv = (kv[0][2:],)
         # The last stage holds the output, each sequence device its pieces (zeros elsewhere): sum them.
         axes = tuple(a for a, size in ((AXIS, n), ("ring", rr), ("ulysses", u)) if size > 1)
         if axes:
@@ -604,7 +610,7 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     batch = lambda x: P(BATCH_AXES, *([None] * (x.ndim - 1)))
     kv_specs = ((KV_SPEC, KV_SPEC, TEXT_KV_SPEC, TEXT_KV_SPEC)[:g] * (len(cache) // g))
     if mix is not None:
-        kv_specs += (MixingBuffers(MIX_SPEC, MIX_SPEC),)
+        kv_specs += (MixingBuffers(MIX_SPEC, MIX_SPEC, mix.halo),)
     out, *cache = _shard_map(local, mesh,
                              (par_specs, batch(joint_p), jax.tree.map(lambda _: P(), tokens_p),
                               jax.tree.map(batch, cond), *kv_specs),

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -74,15 +75,17 @@ def _chunk_index(cfg):
     return idx
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["la", "conv"], meta_fields=["halo"])
 @dataclasses.dataclass
 class MixingBuffers:
     """PipeFusion's buffers of the token mixers of a block stack (module docstring): ``la`` (layer slots, B, M, H,
-    D, Dv + 1) float32, the linear attention's per-patch partial sums; ``conv`` (layer slots, B, S_pad + 2 (W + 1),
-    C), the grid convolution's input. A pytree: it rides in PipeFusion's cache tuple (its last entry)."""
+    D, Dv + 1) float32, the linear attention's per-patch partial sums; ``conv`` (layer slots, B, S_pad + 2 halo,
+    C), the grid convolution's input; ``halo`` (static): W + 1 for a grid W tokens wide. A pytree: PipeFusion's
+    cache (alone for a model without softmax self-attention, else after the K/V buffers)."""
 
     la: jax.Array
     conv: jax.Array
+    halo: int
 
 
 @dataclasses.dataclass

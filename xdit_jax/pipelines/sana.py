@@ -17,8 +17,8 @@ bin (diffusers' 512 / 1024 / 2048 / 4096 px tables for sample sizes 16 / 32 / 64
 requested one, then resized and center-cropped back. Where diffusers has no table (it raises "Invalid sample
 size") the model runs at the requested size (the tiny test models).
 
-PipeFusion (``pipefusion=N``, or ``pipefusion_patches`` on any mesh): SANA has no softmax self-attention, so its
-K/V buffers are empty (``init_cache(..., attentions=0)``); the linear attention's per-patch sums and the grid
+PipeFusion (``pipefusion=N``, or ``pipefusion_patches`` on any mesh): SANA has no softmax self-attention, so it has
+no K/V buffers; the linear attention's per-patch sums and the grid
 convolution's input are buffered instead (:func:`xdit_jax.parallel.pipefusion.init_mixing`, the ops'
 :mod:`xdit_jax.parallel.token_mixing`). The cross-attention to the caption is local (every patch holds the caption).
 
@@ -108,8 +108,8 @@ class SanaPipeline(ImagePipelineBase):
 
     def _pipefusion_buffers(self, step_batch: int, height: int, width: int, abstract: bool = False):
         """PipeFusion's buffers for a step batch of ``step_batch`` images of ``height`` x ``width`` px (None
-        without PipeFusion): empty K/V buffers (no softmax self-attention), then the token mixers'
-        (:func:`xdit_jax.parallel.pipefusion.init_mixing`)."""
+        without PipeFusion): the token mixers' alone (:func:`xdit_jax.parallel.pipefusion.init_mixing`; no softmax
+        self-attention, so no K/V buffers)."""
         from xdit_jax.parallel import pipefusion
 
         if not self.uses_pipefusion:
@@ -118,9 +118,7 @@ class SanaPipeline(ImagePipelineBase):
         seq = self._image_tokens(height, width)
         grid_w = width // vae_scale_factor(self.vae_config) // tc.patch_size
         slots = pipefusion.stack_slots(self.stacked_layers, self.mesh_spec.pipefusion)[0]
-        kv = pipefusion.init_cache(self.mesh, slots, step_batch, seq, 1, 1, self.dtype, self.pipefusion_patches,
-                                   abstract=abstract, attentions=0)
-        return kv + (pipefusion.init_mixing(self.mesh, slots, step_batch, seq, grid_w, tc.num_attention_heads,
+        return (pipefusion.init_mixing(self.mesh, slots, step_batch, seq, grid_w, tc.num_attention_heads,
                                             tc.attention_head_dim, 2 * tc.ff_hidden, self.dtype,
                                             self.pipefusion_patches, abstract=abstract),)
 
