@@ -32,7 +32,11 @@ blocks, HunyuanDiT's down, mid and skip blocks) run *looped*: each stack is spli
 patch goes round them once per stack, the last stage handing the carry to the first
 (:func:`run_pipefusion`); the carry must then be alike for all stacks (FLUX: (patch, its text slice);
 HunyuanDiT: (patch, its long skips)). A block that attends more than once (SD3.5 Medium's dual attention) keeps a
-buffer row per attention (:func:`init_cache`'s ``attentions``).
+buffer row per attention (:func:`init_cache`'s ``attentions``). SANA's blocks mix tokens without softmax
+self-attention (linear attention, a 3x3 conv on the token grid): their cache is the ops' own buffers
+(:func:`init_mixing`, :class:`xdit_jax.parallel.token_mixing.MixingBuffers`: the linear attention's per-patch sums,
+the conv's input), which ride in the scan's carry as K/V do and follow the same rule (fresh before the patch, a step
+old after it; filled by the warm-up steps).
 
 Other axes: ``data`` and ``cfg`` split the batch as everywhere. ``ulysses`` and ``ring`` (PipeFusion
 x USP, as xDiT's hybrid) split each patch over the sequence group; the buffers are split over

@@ -106,7 +106,7 @@ class SanaPipeline(ImagePipelineBase):
                          attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
                          pipefusion_warmup_steps=pipefusion_warmup_steps, stacked=sana.STACKED)
 
-    def _pipefusion_buffers(self, step_batch: int, height: int, width: int, abstract: bool = False):
+    def _pipefusion_mixing_buffers(self, step_batch: int, height: int, width: int, abstract: bool = False):
         """PipeFusion's buffers for a step batch of ``step_batch`` images of ``height`` x ``width`` px (None
         without PipeFusion): the token mixers' alone (:func:`xdit_jax.parallel.pipefusion.init_mixing`; no softmax
         self-attention, so no K/V buffers)."""
@@ -247,7 +247,7 @@ class SanaPipeline(ImagePipelineBase):
         with timer.stage("denoising"):
             state = jax.device_put(dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order),
                                    latents.sharding)
-            kv = self._pipefusion_buffers(embeds.shape[0], height, width)
+            kv = self._pipefusion_mixing_buffers(embeds.shape[0], height, width)
             latents = self._denoise(do_cfg, latents, state, kv, (embeds, mask, sched_arrays, guidance),
                                     len(sched.timesteps), progress)
 
