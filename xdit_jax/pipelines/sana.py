@@ -119,8 +119,8 @@ class SanaPipeline(ImagePipelineBase):
         grid_w = width // vae_scale_factor(self.vae_config) // tc.patch_size
         slots = pipefusion.stack_slots(self.stacked_layers, self.mesh_spec.pipefusion)[0]
         return (pipefusion.init_mixing(self.mesh, slots, step_batch, seq, grid_w, tc.num_attention_heads,
-                                            tc.attention_head_dim, 2 * tc.ff_hidden, self.dtype,
-                                            self.pipefusion_patches, abstract=abstract),)
+                                       tc.attention_head_dim, 2 * tc.ff_hidden, self.dtype, self.pipefusion_patches,
+                                       abstract=abstract),)
 
     # ------------------------------------------------------------------ loading
 
