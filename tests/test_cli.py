@@ -90,7 +90,7 @@ def test_generate_sana_image(tmp_path, capsys):
     rc = cli.main(["--model", "tiny-sana", "--output", str(tmp_path / "p.png"), "--steps", "2", "--height", "32",
                    "--width", "48", "--mesh", "pipefusion=2", "--no-progress"])
     assert rc == 0 and iio.imread(tmp_path / "p.png").shape == (32, 48, 3)
-    assert "PipeFusion: 2 stage(s), 2 patches" in capsys.readouterr().out
+    assert "PipeFusion: 2 stage(s), 2 patches" in capsys.readouterr().err
 
 
 def test_generate_hunyuandit_image(tmp_path):
