@@ -38,7 +38,11 @@ lays it (:func:`xdit_jax.parallel.pipefusion._buffer_tokens`):
   after one step old; a halo longer than a patch simply reads more patches (no minimum patch length). Memory (the
   whole sequence rather than the patch boundaries, for simplicity): SANA 1600M at 1024 px (S = 1024, C = 2 x 5600,
   bf16) 1024 x 11200 x 2 B = 23 MB per sample and layer: 20 layers x 2 (CFG) = 0.92 GB per model, divided over the
-  ``pipefusion`` stages. A warm-up step stores the whole sequence and convolves it as the one-device op does.
+  ``pipefusion`` stages (compiled on cfg=2,pipefusion=2: 250 MB of buffers per device, the linear attention's 6 MB
+  of it). A warm-up step stores the whole sequence and convolves it as the one-device op does. The price of the
+  gather with ulysses / ring: on cfg=2,pipefusion=2,ulysses=2 the compiled step all-gathers 344 MB per device,
+  where cfg=2,ulysses=2 exchanges 59 MB of halos (a buffer split over the sequence group, with halos by
+  ``ppermute`` as without PipeFusion, would cut both; not done).
 """
 
 from __future__ import annotations
