@@ -405,7 +405,9 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
 
     joint: (B, S, D) global; tokens: per-token tables (sequence on axis 0); cond: per-sample
     arrays (batch on axis 0); cache: from :func:`init_cache` (or the previous step): (k, v) per stack,
-    then, for a model with a :func:`final_block`, (tail_k, tail_v); params: the model state whose
+    then, for a model with a :func:`final_block`, (tail_k, tail_v); a model with other token mixers (SANA) ends it
+    with their :class:`~xdit_jax.parallel.token_mixing.MixingBuffers` (:func:`init_mixing`; alone where its blocks
+    make no softmax self-attention: one stack, no final block, no sliced text); params: the model state whose
     subtree ``stacked`` (a name, or a tuple of names, one per stack in the order ``blocks`` scans them)
     holds the stacked blocks (split over the stages; padded by :func:`pad_stack` where the degree does
     not divide a stack's layers, ``num_layers``: an int or a tuple per stack). ``patches``: the patches
