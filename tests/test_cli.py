@@ -76,7 +76,7 @@ def test_generate_pixart_image(tmp_path, capsys):
 
 def test_generate_sana_image(tmp_path, capsys):
     """The tiny SANA (Gemma 2, linear attention, GLUMBConv, DC-AE): a .png of the requested size on a CFG x ring
-    mesh (the linear attention's psum and the grid convolution's halo over ring)."""
+    mesh (the linear attention's psum and the grid convolution's halo over ring), and on pipefusion=2."""
     import imageio.v3 as iio
 
     out = tmp_path / "s.png"
@@ -86,8 +86,11 @@ def test_generate_sana_image(tmp_path, capsys):
     image = iio.imread(out)
     assert image.shape == (32, 48, 3) and image.std() > 1
     assert '"model_family": "sana"' in capsys.readouterr().out
-    rc = cli.main(["--model", "tiny-sana", "--output", str(tmp_path / "p.png"), "--mesh", "pipefusion=2"])
-    assert rc == 2 and "PipeFusion" in capsys.readouterr().err
+    # PipeFusion (the linear attention's and the grid conv's buffers): one warm-up step, then a patched one
+    rc = cli.main(["--model", "tiny-sana", "--output", str(tmp_path / "p.png"), "--steps", "2", "--height", "32",
+                   "--width", "48", "--mesh", "pipefusion=2", "--no-progress"])
+    assert rc == 0 and iio.imread(tmp_path / "p.png").shape == (32, 48, 3)
+    assert "PipeFusion: 2 stage(s), 2 patches" in capsys.readouterr().err
 
 
 def test_generate_lumina2_image(tmp_path, capsys):

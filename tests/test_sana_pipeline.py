@@ -92,8 +92,8 @@ def test_bad_requests(pipes):
     _, ours, folder = pipes
     with pytest.raises(ValueError, match="multiples of 4"):
         ours(PROMPT, height=30, width=48, use_resolution_binning=False, progress=False)
-    with pytest.raises(ValueError, match="PipeFusion"):
-        SanaPipeline.from_pretrained(folder, mesh="pipefusion=2")
+    with pytest.raises(ValueError, match="pipefusion=3 is more stages than the model's 2 layers"):
+        SanaPipeline.from_pretrained(folder, mesh="pipefusion=3")
     with pytest.raises(ValueError, match="prompt_attention_mask"):
         ours(prompt_embeds=np.zeros((1, 4, 24), np.float32), progress=False)
 
@@ -101,7 +101,7 @@ def test_bad_requests(pipes):
 def test_full_size_configs_folder():
     """configs/sana-1600m-1024px reads into the modules' configs: the transformer has SANA 1600M's 1604.5M
     parameters, the text encoder gemma-2-2b's 2614M, the DC-AE 32x compression; 1024 x 1024 passes the checks over
-    a mesh, PipeFusion is refused."""
+    a mesh, PipeFusion too (up to 20 stages)."""
     from pathlib import Path
 
     import jax
@@ -121,8 +121,9 @@ def test_full_size_configs_folder():
     defaults = read_json(root / "defaults.json")
     assert sp.binned_size(defaults["height"], defaults["width"], tc.sample_size) == (1024, 1024)
     sp.check_request(tc, vc, 1024, 1024, 1, "cfg=2,ulysses=4", defaults["guidance_scale"])
-    with pytest.raises(ValueError, match="PipeFusion"):
-        sp.check_request(tc, vc, 1024, 1024, 1, "pipefusion=2", 4.5)
+    sp.check_request(tc, vc, 1024, 1024, 1, "cfg=2,pipefusion=4", 4.5)
+    with pytest.raises(ValueError, match="pipefusion=40 is more stages than the model's 20 layers"):
+        sp.check_request(tc, vc, 1024, 1024, 1, "pipefusion=40", 4.5)
     from xdit_jax.schedulers import dpmsolver
 
     scfg = dpmsolver.DPMSolverConfig.from_dict(read_json(root / "scheduler" / "scheduler_config.json"))
@@ -131,19 +132,24 @@ def test_full_size_configs_folder():
 
 def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
     """scripts/benchmark.py's step of sana-tiny (96 image + 16 Gemma tokens, 6 real) against diffusers' transformer on
-    one device and ulysses=3 (the linear attention's psum and the conv's halos); HLO FLOPs == the analytic formula;
-    the full-size folder read as SANA with its shapes, nothing compiled."""
+    one device and ulysses=3 (the linear attention's psum and the conv's halos); a PipeFusion row (pipefusion=2, a
+    patched step on zero buffers: runs, no diffusers comparison); HLO FLOPs == the analytic formula; the full-size
+    folder read as SANA with its shapes, nothing compiled."""
     from xdit_jax import bench
 
     monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
-    rows = bench.run_step_benchmark(bench.StepOptions(model="sana-tiny", meshes=[None, "ulysses=3"], steps=1,
-                                                      compare="diffusers", settle=0, log=lambda s: None))
+    rows = bench.run_step_benchmark(bench.StepOptions(model="sana-tiny", meshes=[None, "ulysses=3", "pipefusion=2"],
+                                                      steps=1, compare="diffusers", settle=0, log=lambda s: None))
     assert sorted((r["mesh"], r["impl"]) for r in rows) == [
-        ("single device", "xdit_jax"), ("torch cpu", "diffusers"), ("ulysses=3", "xdit_jax")]
+        ("pipefusion=2", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers"),
+        ("ulysses=3", "xdit_jax")]
     for r in rows:
         assert "error" not in r, r.get("error")
         assert r["family"] == "sana" and r["latent_shape"] == [2, 4, 8, 12] and r["image_tokens"] == 96
     by_mesh = {r["mesh"]: r for r in rows}
+    pf = by_mesh["pipefusion=2"]
+    assert pf["pipefusion_patches"] == 2 and pf["pipefusion_layer_slots"] == 2 and pf["step_median_s"] > 0
+    assert pf["step_path"] == "embed/run_pipefusion(2 patches)/head"
     for r in (by_mesh["single device"], by_mesh["ulysses=3"]):
         # same weights and inputs, fp32, outputs O(1): measured 5.4e-7 (one device), 7.2e-7 (ulysses=3); a mask or
         # layout slip moves them by O(0.01) and more

@@ -1385,12 +1385,14 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         if seq is None:  # CogVideoX: joint attention over text + video tokens
             pt = tcfg.patch_size_t or 1
             seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
-        args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
-                                             getattr(tcfg, "kv_head_dim", tcfg.attention_head_dim), dtype, patches,
-                                             tail=family.final_block,
-                                             abstract=opts.compile_only, **family.stack_attentions(tcfg),
-                                             text_len=text_tokens if family.text_keys(tcfg) and
-                                             pipefusion.slices_text(mesh) else None),)
+        kv = family.pipefusion_cache(tcfg, mesh, layers, lat, seq, dtype, patches, opts.compile_only)
+        if kv is None:
+            kv = pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
+                                       getattr(tcfg, "kv_head_dim", tcfg.attention_head_dim), dtype, patches,
+                                       tail=family.final_block, abstract=opts.compile_only,
+                                       **family.stack_attentions(tcfg), text_len=text_tokens
+                                       if family.text_keys(tcfg) and pipefusion.slices_text(mesh) else None)
+        args = args + (kv,)
     misses0, hits0 = _CACHE_EVENTS["misses"], _CACHE_EVENTS["hits"]
     if var.scan == "unstacked":  # the stacks' weights as separate per-layer arrays (a copy for this variant)
         if patches:

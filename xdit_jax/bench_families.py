@@ -17,7 +17,7 @@ one sample per prompt by default, :attr:`Family.default_cfg`), Stable Diffusion 
 (text-to-image, MMDiT: joint blocks over the image with the 77 CLIP + T5 text whole, no text mask), Wan 2.1
 (text-to-video, self-attention over the video tokens, cross-attention to the zero-padded UMT5 caption, no mask), and
 SANA (text-to-image, linear self-attention and GLUMBConv over the image tokens, masked cross-attention to Gemma 2
-states). Every family runs every mesh axis, PipeFusion included (SANA: not PipeFusion), and its whole pipeline end
+states). Every family runs every mesh axis, PipeFusion included, and its whole pipeline end
 to end (:meth:`Family.pipeline_call`).
 """
 
@@ -86,6 +86,12 @@ class Family:
         st = self._stacks(cfg) or {}
         return {k: st[s] for k, s in (("attentions", "stack_attentions"), ("tail_attentions", "tail_attentions"))
                 if s in st}
+
+    def pipefusion_cache(self, cfg, mesh, layers, latent_shape, seq: int, dtype, patches: int, abstract: bool):
+        """PipeFusion's cache where it is not :func:`xdit_jax.parallel.pipefusion.init_cache`'s K/V buffers (SANA:
+        the token mixers' buffers, :func:`xdit_jax.parallel.pipefusion.init_mixing`), else None; ``layers``: the
+        stacks' slots."""
+        return None
 
     def text_keys(self, cfg) -> tuple[str, ...]:
         """The ``cond`` keys of a two-stream model's text (the module's ``TEXT_KEYS``): sliced with PipeFusion's
@@ -2222,8 +2228,8 @@ class SanaTorchReference(TorchReference):
 
 
 class Sana(PixArt):
-    """SANA: PixArt's workload shapes (image tokens, a masked caption); linear self-attention and GLUMBConv, so
-    PipeFusion is not run (the pipeline refuses it)."""
+    """SANA: PixArt's workload shapes (image tokens, a masked caption); linear self-attention and GLUMBConv: under
+    PipeFusion no K/V buffers but the token mixers' (:meth:`pipefusion_cache`)."""
 
     name = "sana"
     module_name = "xdit_jax.models.sana"
@@ -2241,6 +2247,14 @@ class Sana(PixArt):
 
     def text_valid(self, w) -> int:
         return min(int(w.text_valid or SANA_TEXT_VALID), self.text_len(w))
+
+    def pipefusion_cache(self, cfg, mesh, layers, latent_shape, seq: int, dtype, patches: int, abstract: bool):
+        from xdit_jax.parallel import pipefusion
+
+        slots = pipefusion.stack_sizes(layers)[0]
+        return (pipefusion.init_mixing(mesh, slots, latent_shape[0], seq, latent_shape[3] // cfg.patch_size,
+                                       cfg.num_attention_heads, cfg.attention_head_dim, 2 * cfg.ff_hidden, dtype,
+                                       patches, abstract=abstract),)
 
     def check(self, cfg, shape):
         self.module.check_input_shape(cfg, shape[1], shape[2], shape[3])

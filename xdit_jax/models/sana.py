@@ -13,8 +13,10 @@ through :mod:`xdit_jax.parallel.token_mixing` (a psum of K^T V and sum K; a row 
 cross-attention through :func:`xdit_jax.parallel.attention.cross_attention` (local). No collective here.
 The blocks are stacked on a leading layer axis and run with one ``lax.scan``.
 
+PipeFusion needs nothing here: the ops keep its buffers (:mod:`xdit_jax.parallel.token_mixing`).
+
 Refused (clear errors): Sana Sprint's guidance embeddings, q/k norms (SANA 1.5 / Sprint), Sana 2.0 /
-ControlNet inputs; PipeFusion (the ops refuse it).
+ControlNet inputs.
 """
 
 from __future__ import annotations

@@ -32,7 +32,11 @@ blocks, HunyuanDiT's down, mid and skip blocks) run *looped*: each stack is spli
 patch goes round them once per stack, the last stage handing the carry to the first
 (:func:`run_pipefusion`); the carry must then be alike for all stacks (FLUX: (patch, its text slice);
 HunyuanDiT: (patch, its long skips)). A block that attends more than once (SD3.5 Medium's dual attention) keeps a
-buffer row per attention (:func:`init_cache`'s ``attentions``).
+buffer row per attention (:func:`init_cache`'s ``attentions``). SANA's blocks mix tokens without softmax
+self-attention (linear attention, a 3x3 conv on the token grid): their cache is the ops' own buffers
+(:func:`init_mixing`, :class:`xdit_jax.parallel.token_mixing.MixingBuffers`: the linear attention's per-patch sums,
+the conv's input), which ride in the scan's carry as K/V do and follow the same rule (fresh before the patch, a step
+old after it; filled by the warm-up steps).
 
 Other axes: ``data`` and ``cfg`` split the batch as everywhere. ``ulysses`` and ``ring`` (PipeFusion
 x USP, as xDiT's hybrid) split each patch over the sequence group; the buffers are split over
@@ -58,6 +62,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from xdit_jax.parallel.attention import AttentionConfig, attention_context, kv_cache
+from xdit_jax.parallel.token_mixing import MixingBuffers, mixing_state
 
 AXIS = "pipefusion"
 BATCH_AXES = ("data", "cfg")
@@ -88,6 +93,10 @@ class StackCache:
     cv: jax.Array | None = None
     c_start: object = 0
     c_valid: int | None = None
+    # SANA's token mixers (linear attention, grid conv): their buffers (token_mixing.MixingBuffers), and
+    # (patch, patches, patch length, warm-up token table or None) for token_mixing.mixing_state
+    mix: MixingBuffers | None = None
+    mix_info: tuple | None = None
 
     def text(self, ck, cv):
         return None if ck is None else (ck, cv, self.c_start, self.c_valid)
@@ -131,22 +140,34 @@ def layer_scan(layer_fn, carry, stacked_state):
                          "init_cache takes the layer slots and the attentions per layer of each stack.")
 
     def body(c, xs):  # the buffers ride in the carry: updated in place, one copy alive
-        c, k, v, ck, cv = c
+        c, k, v, ck, cv, mx = c
         s, layer, real = xs
-        with kv_cache(k, v, layer * per, cache.start, cache.write, cache.ring_counts, per,
-                      text=cache.text(ck, cv)) as cell:
+        with contextlib.ExitStack() as installed:
+            cell = installed.enter_context(kv_cache(k, v, layer * per, cache.start, cache.write, cache.ring_counts,
+                                                    per, text=cache.text(ck, cv)))
+            mcell = None
+            if mx is not None:  # the token mixers' buffers (SANA)
+                patch, patches, plen, warm = cache.mix_info
+                mcell = installed.enter_context(mixing_state(mx, layer, patch, cache.write, patches=patches,
+                                                             plen=plen, warm=warm))
             out = layer_fn(c, s)
         if not cell.consumed:
             raise RuntimeError(f"A PipeFusion block made {cell.calls} attentions; its stack's K/V buffers hold "
                                f"{per} per layer (init_cache's attentions).")
+        if mcell is not None:
+            if not mcell.consumed:
+                raise RuntimeError(f"A PipeFusion block made {mcell.la_calls} linear attentions and "
+                                   f"{mcell.conv_calls} grid convolutions; its token-mixing buffers hold one of each "
+                                   "per layer.")
+            mx = MixingBuffers(mcell.la, mcell.conv, mx.halo)
         if cache.real is not None:  # a padding layer of an uneven stage passes its input on
             out = jax.tree.map(lambda a, b: jnp.where(real, a, b), out, c)
-        return (out, cell.k, cell.v, cell.ck, cell.cv), None
+        return (out, cell.k, cell.v, cell.ck, cell.cv, mx), None
 
     layers = jnp.arange(layers_here, dtype=jnp.int32)
     real = cache.real if cache.real is not None else jnp.ones(layers.shape, bool)
-    (carry, cache.k, cache.v, cache.ck, cache.cv), _ = lax.scan(
-        body, (carry, cache.k, cache.v, cache.ck, cache.cv), (stacked_state, layers, real))
+    (carry, cache.k, cache.v, cache.ck, cache.cv, cache.mix), _ = lax.scan(
+        body, (carry, cache.k, cache.v, cache.ck, cache.cv, cache.mix), (stacked_state, layers, real))
     cache.stream = carry
     return carry
 
@@ -251,6 +272,8 @@ def padded_length(seq_len: int, patches: int, ulysses: int = 1) -> int:
 KV_SPEC = P(AXIS, BATCH_AXES, "ring", "ulysses")
 # The sliced text's buffers (layer slots, B, L_pad, H, D): whole on every device of a stage.
 TEXT_KV_SPEC = P(AXIS, BATCH_AXES)
+# The token mixers' buffers (token_mixing.MixingBuffers, layer slots first): whole on every device of a stage.
+MIX_SPEC = P(AXIS, BATCH_AXES)
 
 
 # XLA:CPU's concurrency-optimized HLO scheduler (on by default in jax 0.10): with it, the looped FLUX pipeline with
@@ -330,6 +353,27 @@ def init_cache(mesh, layers, batch: int, seq_len: int, heads: int, head_dim: int
     return tuple(bufs)
 
 
+def init_mixing(mesh, layers: int, batch: int, seq_len: int, grid_width: int, heads: int, head_dim: int,
+                channels: int, dtype, patches: int, abstract: bool = False) -> MixingBuffers:
+    """Zero buffers of a stack of token mixers (SANA's linear attention and GLUMBConv grid conv; module docstring
+    of :mod:`xdit_jax.parallel.token_mixing`), layers over ``pipefusion``, batch over (data, cfg), whole over the
+    sequence group (:data:`MIX_SPEC`): ``la`` (layers, B, patches, heads, head_dim, head_dim + 1) float32 and
+    ``conv`` (layers, B, S_pad + 2 (grid_width + 1), channels) ``dtype``, S_pad as the K/V buffers'
+    (:func:`padded_length`). :func:`run_pipefusion`'s cache is ``(MixingBuffers,)`` for a model without softmax
+    self-attention (SANA), else they go after the stack's (k, v)."""
+    from jax.sharding import NamedSharding
+
+    u, r = (mesh.shape.get(a, 1) for a in ("ulysses", "ring"))
+    sharding = NamedSharding(mesh, MIX_SPEC)
+    sp = padded_length(seq_len, patches, u * r)
+
+    def make(shp, dt):
+        return jax.ShapeDtypeStruct(shp, dt, sharding=sharding) if abstract else jnp.zeros(shp, dt, device=sharding)
+
+    return MixingBuffers(make((layers, batch, patches, heads, head_dim, head_dim + 1), jnp.float32),
+                         make((layers, batch, sp + 2 * (int(grid_width) + 1), channels), dtype), int(grid_width) + 1)
+
+
 def check_mesh(mesh_spec, num_layers) -> None:
     """Refuse what this PipeFusion cannot run, saying what to use instead. ``num_layers``: the stacked
     layers, or a tuple of them per stack (each stack is split over all the stages; a stack with fewer
@@ -361,7 +405,9 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
 
     joint: (B, S, D) global; tokens: per-token tables (sequence on axis 0); cond: per-sample
     arrays (batch on axis 0); cache: from :func:`init_cache` (or the previous step): (k, v) per stack,
-    then, for a model with a :func:`final_block`, (tail_k, tail_v); params: the model state whose
+    then, for a model with a :func:`final_block`, (tail_k, tail_v); a model with other token mixers (SANA) ends it
+    with their :class:`~xdit_jax.parallel.token_mixing.MixingBuffers` (:func:`init_mixing`; alone where its blocks
+    make no softmax self-attention: one stack, no final block, no sliced text); params: the model state whose
     subtree ``stacked`` (a name, or a tuple of names, one per stack in the order ``blocks`` scans them)
     holds the stacked blocks (split over the stages; padded by :func:`pad_stack` where the degree does
     not divide a stack's layers, ``num_layers``: an int or a tuple per stack). ``patches``: the patches
@@ -394,13 +440,22 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     if sizes is not None and len(sizes) != nstack:
         raise ValueError(f"num_layers {num_layers} gives {len(sizes)} stacks; stacked names {nstack}.")
     g = 4 if text else 2  # buffers per stack: (k, v), and the text's (ck, cv) where it is sliced
-    tail_n = len(cache) - g * nstack
+    cache = tuple(cache)
+    mix = cache[-1] if cache and isinstance(cache[-1], MixingBuffers) else None
+    own_kv = False  # a model without softmax self-attention (SANA): its cache is the token mixers' buffers alone
+    if mix is not None:  # the token mixers' buffers: ride with the one stack's K/V
+        cache = cache[:-1]
+        own_kv = not cache
+        if nstack != 1 or text or len(cache) not in (0, g):
+            raise NotImplementedError("PipeFusion's token-mixing buffers (MixingBuffers) take one block stack, "
+                                      "without a final block or sliced text.")
+    tail_n = 0 if own_kv else len(cache) - g * nstack
     if tail_n not in (0, g):
         what = "(k, v, ck, cv)" if text else "(k, v)"
         raise ValueError(f"{len(cache)} K/V buffers for {nstack} stacks: expected {what} per stack, then a final "
                          f"block's {what} or nothing (init_cache{'(..., text_len=)' if text else ''}).")
     s = joint.shape[1]
-    sp = cache[0].shape[2]
+    sp = mix.conv.shape[2] - 2 * mix.halo if own_kv else cache[0].shape[2]
     if sp % (patches * u * rr) or sp < s:
         raise ValueError(f"The K/V buffers hold {sp} tokens: not {patches} equal patches over ring x ulysses = "
                          f"{rr * u} devices of a {s}-token sequence.")
@@ -447,7 +502,13 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
         stage = lax.axis_index(AXIS) if n > 1 else 0
         seq_rank = (lax.axis_index("ring") * u if rr > 1 else 0) + (lax.axis_index("ulysses") if u > 1 else 0)
         mine = seq_rank * piece  # offset of this device's piece in a patch (chunk order ring-major, as run_blocks)
+        if mix is not None:
+            bufs, mx = bufs[:-1], bufs[-1]
+            if own_kv:  # no softmax attention: empty K/V buffers for layer_scan (they never leave this function)
+                bufs = (jnp.zeros((0,), mx.conv.dtype),) * 2
         kv = tuple(bufs[g * q:g * q + g] for q in range(nstack))
+        if mix is not None:
+            kv = (kv[0] + (mx,),)  # the one stack's (k, v, mixing buffers)
         tail = tuple(bufs[g * nstack:])
         if warmup:
             idx = jnp.asarray(warm_tokens)[seq_rank]
@@ -459,7 +520,8 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
             (the carry handed on; None: the model's own); ``bufs``: the stack's (k, v[, ck, cv]).
             -> (output, carry to hand on, bufs, tail)."""
             active = (patch >= 0) & (patch < steps_through)
-            k, v, ck, cv = (tuple(bufs) + (None, None))[:4]
+            mx = bufs[g] if len(bufs) > g else None
+            k, v, ck, cv = (tuple(bufs[:g]) + (None, None))[:4]
             cp, c_start = c, 0
             if warmup:
                 x, tp, local_start = take(j, 1), jax.tree.map(lambda a: take(a, 0), t), 0
@@ -480,7 +542,9 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
             cache = StackCache(k=k, v=v, start=local_start, write=active, real=real, ring_counts=counts,
                                first=(stage == 0 if n > 1 else True) if q == 0 else False,
                                recv=recv, tail=(tail or None) if last else None, stack=q, last=last,
-                               ck=ck, cv=cv, c_start=c_start, c_valid=text_valid)
+                               ck=ck, cv=cv, c_start=c_start, c_valid=text_valid, mix=mx,
+                               mix_info=(jnp.clip(patch, 0, patches - 1), patches, plen,
+                                         warm_tokens if warmup else None))
             with stack_cache(cache), attention_context(AttentionConfig(mesh=mesh if u * rr > 1 else None,
                                                                        backend=backend, valid_len=valid_len)):
                 y = blocks(p, x, tp, cp)
@@ -489,7 +553,8 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
                                    f"{nstack} stacks ({', '.join(names)}).")
             if last and tail and not cache.final_used:
                 raise RuntimeError("K/V buffers for a final block were given, but blocks() ran no final_block.")
-            out_bufs = (cache.k, cache.v) + ((cache.ck, cache.cv) if text_keys else ())
+            out_bufs = (cache.k, cache.v) + ((cache.ck, cache.cv) if text_keys else ()) + \
+                ((cache.mix,) if mx is not None else ())
             return y, cache.stream, out_bufs, (tuple(cache.tail or ()) if last else tail)
 
         # The carry that flows between stages, as the model's scans shape it (zeros before the first arrives).
@@ -531,12 +596,16 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
         for a, b, live in segments:
             carry = lax.fori_loop(a, b, tick_fn(live), carry)
         _, out, kv, tail = carry
+        if own_kv:
+            kv = (kv[0][2:],)
         # The last stage holds the output, each sequence device its pieces (zeros elsewhere): sum them.
         axes = tuple(a for a, size in ((AXIS, n), ("ring", rr), ("ulysses", u)) if size > 1)
         if axes:
             out = lax.psum(jnp.where(stage == n - 1, out, 0), axes)
         return (out, *(b for group in kv for b in group), *tail)
 
+    if mix is not None:
+        cache = cache + (mix,)
     if mesh is None or mesh.size == 1:
         out, *cache = local(params, joint_p, tokens_p, cond, *cache)
         return out[:, :s], tuple(cache)
@@ -546,6 +615,8 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     par_specs = jax.tree_util.tree_map_with_path(stacked_spec, params)
     batch = lambda x: P(BATCH_AXES, *([None] * (x.ndim - 1)))
     kv_specs = ((KV_SPEC, KV_SPEC, TEXT_KV_SPEC, TEXT_KV_SPEC)[:g] * (len(cache) // g))
+    if mix is not None:
+        kv_specs += (MixingBuffers(MIX_SPEC, MIX_SPEC, mix.halo),)
     out, *cache = _shard_map(local, mesh,
                              (par_specs, batch(joint_p), jax.tree.map(lambda _: P(), tokens_p),
                               jax.tree.map(batch, cond), *kv_specs),

@@ -20,12 +20,41 @@ padded to a multiple of ``ring * ulysses``, split into contiguous chunks, the de
   1024px, W = 32, C = 2 x 5600: 1.5 MB per sample and block in float32); else the whole grid is gathered
   (``all_gather``, ``B S C`` values: only for tiny grids over many devices). Both exact.
 
-PipeFusion (patches with stale K/V buffers) is not supported by either op: they refuse it.
+PipeFusion (:mod:`xdit_jax.parallel.pipefusion`; SANA): the ops keep buffers of their own, the analogue of the
+attention's K/V buffers, installed per layer by :func:`mixing_state` (PipeFusion's ``layer_scan`` does it; the
+buffers, a :class:`MixingBuffers`, ride in the scan's carry). A call is then given one patch of the sequence (this
+device's piece of it, with ring / ulysses), or in a warm-up step the whole sequence laid out as PipeFusion's warm-up
+lays it (:func:`xdit_jax.parallel.pipefusion._buffer_tokens`):
+
+* linear attention: ``la`` (layers, B, M, H, D, Dv + 1) float32, each patch's partial sum ``sum_m k_m^T [v_m; 1]``
+  (psum'ed over the sequence group, so every device of it holds the same). A patch's fresh partial sum replaces
+  its slot (when ``write``), the total is the sum over the slots (this step's for the patches before, the last
+  step's for those after) and the patch's queries are local. A warm-up step computes the total as the plain op
+  does and stores every patch's partial sum. SANA 1600M: 70 x 32 x 33 x 4 B = 296 KB per sample, patch and layer.
+* grid conv: ``conv`` (layers, B, W + 1 + S_pad + W + 1, C), the conv's INPUT for the whole padded sequence, with
+  ``W + 1`` zero rows at each end (so a patch's halo is one slice): every device of the sequence group holds it
+  whole. A patch is gathered over the sequence group (``all_gather``, ``plen C`` values per device), stored (when
+  ``write``), and each device convolves its piece with halos read from the buffer: the patches before fresh, those
+  after one step old; a halo longer than a patch simply reads more patches (no minimum patch length). Memory (the
+  whole sequence rather than the patch boundaries, for simplicity): SANA 1600M at 1024 px (S = 1024, C = 2 x 5600,
+  bf16) 1024 x 11200 x 2 B = 23 MB per sample and layer: 20 layers x 2 (CFG) = 0.92 GB per model, divided over the
+  ``pipefusion`` stages (compiled on cfg=2,pipefusion=2: 250 MB of buffers per device, the linear attention's 6 MB
+  of it). A warm-up step stores the whole sequence and convolves it as the one-device op does. The price of the
+  gather with ulysses / ring: on cfg=2,pipefusion=2,ulysses=2 the compiled step all-gathers 344 MB per device,
+  where cfg=2,ulysses=2 exchanges 59 MB of halos (a buffer split over the sequence group, with halos by
+  ``ppermute`` as without PipeFusion, would cut both; not done).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import functools
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from xdit_jax.parallel.attention import _KV_CELL, RING_AXIS, ULYSSES_AXIS, current_config
@@ -50,10 +79,84 @@ def _chunk_index(cfg):
     return idx
 
 
-def _refuse_pipefusion(what: str):
-    if _KV_CELL.get() is not None:
-        raise NotImplementedError(f"{what} under PipeFusion is not supported (its sums / halos would need stale "
-                                  "buffers of their own); use sequence parallelism (ring / ulysses) instead.")
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["la", "conv"], meta_fields=["halo"])
+@dataclasses.dataclass
+class MixingBuffers:
+    """PipeFusion's buffers of the token mixers of a block stack (module docstring): ``la`` (layer slots, B, M, H,
+    D, Dv + 1) float32, the linear attention's per-patch partial sums; ``conv`` (layer slots, B, S_pad + 2 halo,
+    C), the grid convolution's input; ``halo`` (static): W + 1 for a grid W tokens wide. A pytree: PipeFusion's
+    cache (alone for a model without softmax self-attention, else after the K/V buffers)."""
+
+    la: jax.Array
+    conv: jax.Array
+    halo: int
+
+
+@dataclasses.dataclass
+class MixCell:
+    """One layer's view of :class:`MixingBuffers` while a PipeFusion stage is traced: the buffers (updated in
+    place), the layer's row, the patch this call sees (traced; a patched step) or the warm-up's token table
+    (``warm``: (ring * ulysses, S_pad / (ring * ulysses)) global token indices, row = this device's sequence rank),
+    whether to store (False on idle ticks), the patches and their length."""
+
+    la: jax.Array
+    conv: jax.Array
+    layer: jax.Array
+    patch: jax.Array
+    write: jax.Array
+    patches: int
+    plen: int
+    warm: np.ndarray | None = None
+    la_calls: int = 0
+    conv_calls: int = 0
+
+    @property
+    def consumed(self) -> bool:
+        """The layer ran one linear attention and one grid convolution (SANA's block)."""
+        return self.la_calls == 1 and self.conv_calls == 1
+
+    def positions(self, cfg, n: int):
+        """Global token indices of this call's ``n`` local tokens."""
+        rank = _chunk_index(cfg)
+        if self.warm is not None:
+            if self.warm.shape[1] != n:
+                raise ValueError(f"A PipeFusion warm-up gave this device {n} tokens; its table holds "
+                                 f"{self.warm.shape[1]}.")
+            return jnp.asarray(self.warm)[rank]
+        return self.patch * self.plen + rank * n + jnp.arange(n)
+
+
+_MIX_CELL: contextvars.ContextVar[MixCell | None] = contextvars.ContextVar("xdit_jax_mix_cell", default=None)
+
+
+@contextlib.contextmanager
+def mixing_state(buffers: MixingBuffers, layer, patch, write, *, patches: int, plen: int, warm=None):
+    """While installed (PipeFusion's ``layer_scan``, per layer), :func:`linear_attention` and
+    :func:`grid_conv3x3` read and update layer ``layer`` of ``buffers`` (module docstring)."""
+    token = _MIX_CELL.set(MixCell(buffers.la, buffers.conv, layer, patch, write, int(patches), int(plen),
+                                  None if warm is None else np.asarray(warm)))
+    try:
+        yield _MIX_CELL.get()
+    finally:
+        _MIX_CELL.reset(token)
+
+
+def _mix_cell(what: str):
+    """The installed :class:`MixCell`, None outside PipeFusion; refuses PipeFusion without buffers for the op."""
+    cell = _MIX_CELL.get()
+    if cell is None and _KV_CELL.get() is not None:
+        raise NotImplementedError(f"{what} under PipeFusion needs buffers of its own: pass "
+                                  "pipefusion.init_mixing(...)'s MixingBuffers as the last entry of the cache.")
+    return cell
+
+
+def _row_update(buf, row, new, at, write):
+    """``buf`` with ``new`` (one layer's slice, without the layer axis) stored in layer ``row`` at offsets ``at``
+    where ``write``; and that layer's whole buffer."""
+    where = (row,) + tuple(at)
+    old = lax.dynamic_slice(buf, where, (1,) + new.shape)
+    buf = lax.dynamic_update_slice(buf, jnp.where(write, new.astype(buf.dtype)[None], old), where)
+    return buf, lax.dynamic_index_in_dim(buf, row, 0, keepdims=False)
 
 
 def _unbound(axes, e):
@@ -73,23 +176,43 @@ def linear_attention(q, k, v, *, eps: float = 1e-15):
     if not (q.ndim == k.ndim == v.ndim == 4) or q.shape != k.shape or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"linear_attention wants q, k (B,S,H,D) and v (B,S,H,Dv) of one sequence; "
                          f"got {q.shape}, {k.shape}, {v.shape}.")
-    _refuse_pipefusion("linear attention")
+    cell = _mix_cell("linear attention")
     cfg = current_config()
     axes, _ = _sequence_axes(cfg)
     qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
+    n = k.shape[1]
+    pos = cell.positions(cfg, n) if cell is not None else None
     if cfg.valid_len is not None:
-        n = k.shape[1]
-        start = _chunk_index(cfg) * n if axes else 0
-        keep = (start + jnp.arange(n)) < cfg.valid_len
-        kf = jnp.where(keep[None, :, None, None], kf, 0.0)
+        if pos is None:
+            pos = (_chunk_index(cfg) * n if axes else 0) + jnp.arange(n)
+        kf = jnp.where((pos < cfg.valid_len)[None, :, None, None], kf, 0.0)
     # V padded with a row of ones (diffusers' trick): one product gives K^T V and the key sums, and one psum adds them
     vf = jnp.concatenate([vf, jnp.ones(vf.shape[:-1] + (1,), vf.dtype)], axis=-1)
-    kv = jnp.einsum("bshd,bshe->bhde", kf, vf)  # (B, H, D, Dv + 1): sums over the local tokens
-    if axes:
+
+    def psum(x):
+        if not axes:
+            return x
         try:
-            kv = lax.psum(kv, axes)
+            return lax.psum(x, axes)
         except NameError as e:
             raise _unbound(axes, e) from e
+
+    kv = psum(jnp.einsum("bshd,bshe->bhde", kf, vf))  # (B, H, D, Dv + 1): sums over the tokens
+    if cell is not None:  # PipeFusion: per-patch partial sums in the layer's buffer
+        if cell.la_calls:
+            raise RuntimeError("A PipeFusion block called linear_attention twice; its buffers hold one per layer.")
+        cell.la_calls += 1
+        want = (cell.la.shape[1], cell.patches) + kv.shape[1:]
+        if cell.la.shape[1:] != want:
+            raise ValueError(f"The linear attention's PipeFusion buffer is {cell.la.shape[1:]} per layer; this call "
+                             f"needs {want} (pipefusion.init_mixing).")
+        if cell.warm is not None:  # the whole sequence: the total as the plain op, every patch's sum stored
+            onehot = (pos[:, None] // cell.plen == jnp.arange(cell.patches)[None]).astype(jnp.float32)
+            parts = psum(jnp.einsum("bshd,sm,bshe->bmhde", kf, onehot, vf))
+            cell.la, _ = _row_update(cell.la, cell.layer, parts, (0, 0, 0, 0, 0), cell.write)
+        else:  # this patch's fresh sum replaces its slot; the total sums the slots
+            cell.la, row = _row_update(cell.la, cell.layer, kv[:, None], (0, cell.patch, 0, 0, 0), cell.write)
+            kv = jnp.sum(row, axis=1)
     out = jnp.einsum("bshd,bhde->bshe", qf, kv)
     return (out[..., :-1] / (out[..., -1:] + eps)).astype(q.dtype)
 
@@ -111,6 +234,52 @@ def _conv_flat(ext, weight, start, n: int, grid):
     return out
 
 
+def _conv_whole(xf, wf, grid):
+    """The depthwise 3x3 conv of the whole (B, n >= H W, C) float32 sequence on one device (rows past the grid:
+    zeros out)."""
+    h, w = grid
+    b, n, c = xf.shape
+    if n < h * w:
+        raise ValueError(f"grid_conv3x3 on one device wants the whole grid of {h}x{w} tokens, got {n}.")
+    xi = xf[:, :h * w].reshape(b, h, w, c)
+    y = lax.conv_general_dilated(xi, wf[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    y = y.reshape(b, h * w, c)
+    return jnp.pad(y, ((0, 0), (0, n - h * w), (0, 0))) if n > h * w else y
+
+
+def _cached_conv(cell: MixCell, cfg, axes, x, wf, grid):
+    """PipeFusion's grid conv (module docstring): the call's tokens (gathered over the sequence group) stored in
+    the layer's buffer of the whole sequence's input, then this device's tokens convolved with halos from it."""
+    h, w = grid
+    halo = w + 1
+    b, n, c = x.shape
+    if cell.conv_calls:
+        raise RuntimeError("A PipeFusion block called grid_conv3x3 twice; its buffers hold one per layer.")
+    cell.conv_calls += 1
+    sp = cell.patches * cell.plen
+    if cell.conv.shape[1:] != (b, sp + 2 * halo, c):
+        raise ValueError(f"The grid conv's PipeFusion buffer is {cell.conv.shape[1:]} per layer; a {h}x{w} grid of "
+                         f"{c} channels over {cell.patches} patches of {cell.plen} tokens needs "
+                         f"{(b, sp + 2 * halo, c)} (pipefusion.init_mixing with grid width {w}).")
+    try:
+        got = lax.all_gather(x, axes, axis=1, tiled=True) if axes else x  # the group's tokens, rank order
+    except NameError as e:
+        raise _unbound(axes, e) from e
+    if cell.warm is not None:  # the whole sequence, in the warm-up's layout: back to token order
+        order = cell.warm.reshape(-1)
+        if not (order == np.arange(sp)).all():
+            got = jnp.take(got, jnp.asarray(np.argsort(order)), axis=1)
+        cell.conv, _ = _row_update(cell.conv, cell.layer, got, (0, halo, 0), cell.write)
+        y = _conv_whole(got.astype(jnp.float32), wf, grid)
+        return jnp.take(y, cell.positions(cfg, n), axis=1) if axes else y
+    start = cell.patch * cell.plen
+    cell.conv, row = _row_update(cell.conv, cell.layer, got, (0, halo + start, 0), cell.write)
+    mine = start + _chunk_index(cfg) * n  # this device's first token; the buffer holds token t at t + halo
+    ext = lax.dynamic_slice_in_dim(row, mine, n + 2 * halo, axis=1).astype(jnp.float32)
+    return _conv_flat(ext, wf, mine, n, grid)
+
+
 def grid_conv3x3(x, weight, bias=None, *, grid: tuple[int, int]):
     """Depthwise 3x3 convolution, stride 1, zero padding 1, of the tokens of a row-major ``grid = (H, W)``.
 
@@ -121,20 +290,15 @@ def grid_conv3x3(x, weight, bias=None, *, grid: tuple[int, int]):
     h, w = int(grid[0]), int(grid[1])
     if x.ndim != 3 or weight.shape != (3, 3, x.shape[-1]):
         raise ValueError(f"grid_conv3x3 wants x (B, S, C) and weight (3, 3, C); got {x.shape}, {weight.shape}.")
-    _refuse_pipefusion("the grid convolution")
+    cell = _mix_cell("the grid convolution")
     cfg = current_config()
     axes, degree = _sequence_axes(cfg)
     b, n, c = x.shape
     wf = weight.astype(jnp.float32)
-    if not axes:
-        if n < h * w:
-            raise ValueError(f"grid_conv3x3 on one device wants the whole grid of {h}x{w} tokens, got {n}.")
-        xi = x[:, :h * w].astype(jnp.float32).reshape(b, h, w, c)
-        y = lax.conv_general_dilated(xi, wf[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-        y = y.reshape(b, h * w, c)
-        if n > h * w:
-            y = jnp.pad(y, ((0, 0), (0, n - h * w), (0, 0)))
+    if cell is not None:
+        y = _cached_conv(cell, cfg, axes, x, wf, (h, w))
+    elif not axes:
+        y = _conv_whole(x.astype(jnp.float32), wf, (h, w))
     else:
         halo = w + 1
         xf = x.astype(jnp.float32)

@@ -17,8 +17,12 @@ bin (diffusers' 512 / 1024 / 2048 / 4096 px tables for sample sizes 16 / 32 / 64
 requested one, then resized and center-cropped back. Where diffusers has no table (it raises "Invalid sample
 size") the model runs at the requested size (the tiny test models).
 
-Not supported (refused): PipeFusion (the linear attention's sums and the convolution's halos would need stale
-buffers of their own), ``clean_caption`` (as PixArt), Sana Sprint / 1.5 / ControlNet transformers.
+PipeFusion (``pipefusion=N``, or ``pipefusion_patches`` on any mesh): SANA has no softmax self-attention, so it has
+no K/V buffers; the linear attention's per-patch sums and the grid
+convolution's input are buffered instead (:func:`xdit_jax.parallel.pipefusion.init_mixing`, the ops'
+:mod:`xdit_jax.parallel.token_mixing`). The cross-attention to the caption is local (every patch holds the caption).
+
+Not supported (refused): ``clean_caption`` (as PixArt), Sana Sprint / 1.5 / ControlNet transformers.
 """
 
 from __future__ import annotations
@@ -79,11 +83,6 @@ def read_configs(folder: str | os.PathLike):
 def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None,
                   guidance_scale: float = 4.5) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work."""
-    from xdit_jax.mesh import MeshSpec
-
-    if MeshSpec.parse(mesh_spec).pipefusion > 1:
-        raise ValueError("PipeFusion (pipefusion > 1) is not supported for SANA: its linear attention and "
-                         "GLUMBConv's grid convolution are not PipeFusion-aware; use ring / ulysses / cfg / data.")
     check_size_and_mesh(height, width, vae_scale_factor(vc) * tc.patch_size, tc.num_layers, batch, mesh_spec,
                         guidance_scale)
 
@@ -98,16 +97,21 @@ class SanaPipeline(ImagePipelineBase):
     SCHEDULERS = SCHEDULERS
     STACKED = sana.STACKED
 
-    def __init__(self, *, pipefusion_patches: int | None = None, **parts):
-        if pipefusion_patches not in (None, 1):
-            raise ValueError("PipeFusion patches are not supported for SANA (linear attention / grid convolution).")
-        super().__init__(pipefusion_patches=None, **parts)
+    def _pipefusion_mixing_buffers(self, step_batch: int, height: int, width: int, abstract: bool = False):
+        """PipeFusion's buffers for a step batch of ``step_batch`` images of ``height`` x ``width`` px (None
+        without PipeFusion): the token mixers' alone (:func:`xdit_jax.parallel.pipefusion.init_mixing`; no softmax
+        self-attention, so no K/V buffers)."""
+        from xdit_jax.parallel import pipefusion
 
-    def _setup_pipefusion(self, patches, warmup_steps) -> None:
-        if self.mesh_spec.pipefusion > 1:
-            raise ValueError("PipeFusion (pipefusion > 1) is not supported for SANA: its linear attention and "
-                             "GLUMBConv's grid convolution are not PipeFusion-aware; use ring / ulysses / cfg / data.")
-        super()._setup_pipefusion(patches, warmup_steps)
+        if not self.uses_pipefusion:
+            return None
+        tc = self.transformer_config
+        seq = self._image_tokens(height, width)
+        grid_w = width // vae_scale_factor(self.vae_config) // tc.patch_size
+        slots = pipefusion.stack_slots(self.stacked_layers, self.mesh_spec.pipefusion)[0]
+        return (pipefusion.init_mixing(self.mesh, slots, step_batch, seq, grid_w, tc.num_attention_heads,
+                                       tc.attention_head_dim, 2 * tc.ff_hidden, self.dtype, self.pipefusion_patches,
+                                       abstract=abstract),)
 
     # ------------------------------------------------------------------ stages
 
@@ -204,7 +208,8 @@ class SanaPipeline(ImagePipelineBase):
         with timer.stage("denoising"):
             state = jax.device_put(dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order),
                                    latents.sharding)
-            latents = self._denoise(do_cfg, latents, state, None, (embeds, mask, sched_arrays, guidance),
+            kv = self._pipefusion_mixing_buffers(embeds.shape[0], height, width)
+            latents = self._denoise(do_cfg, latents, state, kv, (embeds, mask, sched_arrays, guidance),
                                     len(sched.timesteps), progress)
 
         if output_type == "latent":
