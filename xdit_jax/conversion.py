@@ -79,6 +79,10 @@ MODEL_CLASSES = {
     "SanaTransformer2DModel": ("xdit_jax.models.sana", "SanaConfig"),
     "Gemma2Model": ("xdit_jax.models.gemma2", "Gemma2Config"),
     "AutoencoderDC": ("xdit_jax.models.vae_dc", "AutoencoderDCConfig"),
+    # FLUX.2: its transformer and VAE (AutoencoderKL with 32 latent channels and the latents' batch-norm statistics);
+    # klein's text encoder is Qwen3ForCausalLM (above)
+    "Flux2Transformer2DModel": ("xdit_jax.models.flux2", "Flux2Config"),
+    "AutoencoderKLFlux2": ("xdit_jax.models.vae_flux2", "AutoencoderKLFlux2Config"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 

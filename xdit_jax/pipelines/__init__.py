@@ -22,12 +22,13 @@ PIPELINES = {
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
     "ZImagePipeline": ("xdit_jax.pipelines.zimage", "ZImagePipeline", "zimage"),
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
+    "Flux2KleinPipeline": ("xdit_jax.pipelines.flux2", "Flux2KleinPipeline", "flux2"),
 }
 
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
-    "qwenimage", "zimage", "sana") of a diffusers pipeline class name;
+    "qwenimage", "zimage", "sana", "flux2") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")
