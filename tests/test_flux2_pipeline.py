@@ -1,0 +1,171 @@
+"""The FLUX.2 klein pipeline from a diffusers save_pretrained folder == diffusers' Flux2KleinPipeline (tiny random
+weights, fp32): its Qwen3 prompt embeddings, latents and decoded image; a cfg x ring x ulysses mesh == one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_flux2_klein, save_torch_pipeline
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import qwen3
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.flux2 import Flux2KleinPipeline, compute_empirical_mu
+
+PROMPT = "A small dog running on a beach at sunset."
+PROMPTS = [PROMPT, "A cat."]
+# 64 x 64 images: latents (16, 4, 4) = 16 image tokens; 2 steps; 32 Qwen3 tokens (every one kept, padding included)
+H, W, STEPS, TOKENS = 64, 64, 2, 32
+LATENT = (16, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder), made once."""
+    tp = make_torch_flux2_klein()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("flux2"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+    return tp, Flux2KleinPipeline.from_pretrained(converted), converted
+
+
+def initial_latents(batch=1, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch,) + LATENT).astype(np.float32)
+
+
+def run_torch(tp, prompt, latents, **kw):
+    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS), **kw)
+    with torch.no_grad():
+        out = tp(prompt=prompt, latents=torch.from_numpy(latents), **kw).images
+    return out.numpy() if kw.get("output_type") == "latent" else out
+
+
+def run_ours(pipe, prompt, latents, **kw):
+    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, latents=latents, max_sequence_length=TOKENS,
+                   progress=False), **kw)
+    return pipe(prompt, **kw).images
+
+
+def _close_latents(out, ref, what=""):
+    # Latents O(4.5) after 2 Euler steps, fp32 both sides: measured 1.4e-6 (CFG 3, one prompt), the rounding of two
+    # fp32 implementations; 1e-5 of the scale leaves room; a wrong layer, template, bn statistic, shift or patch
+    # order moves them by 1e-2+.
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"{what} max |latent| {scale}")
+
+
+def test_prompt_embeds_match_diffusers(pipes):
+    """``_get_qwen3_prompt_embeds``: the chat template without thinking, hidden states 9, 18, 27 (the last after the
+    final norm in this 27-layer encoder) stacked into the features; and other layer sets (the embeddings, negative
+    indices) against transformers' hidden_states."""
+    tp, ours, _ = pipes
+    with torch.no_grad():
+        ref = tp._get_qwen3_prompt_embeds(tp.text_encoder, tp.tokenizer, PROMPTS, max_sequence_length=TOKENS).numpy()
+    out = np.asarray(ours.encode_prompt(PROMPTS, TOKENS))
+    assert out.shape == ref.shape == (2, TOKENS, 72)
+    # fp32, hidden states O(20) after 27 random layers: measured 8e-6
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    ids, mask = qwen3.tokenize(ours.tokenizer, PROMPTS, TOKENS, enable_thinking=False)
+    layers = (0, 4, -2)
+    with torch.no_grad():
+        hs = tp.text_encoder(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                             output_hidden_states=True).hidden_states
+    ref = torch.stack([hs[k] for k in layers], dim=1).permute(0, 2, 1, 3).reshape(2, TOKENS, -1).numpy()
+    out = np.asarray(jax.jit(qwen3.stacked_hidden_states, static_argnums=3)(ours.text_encoder, jnp.asarray(ids),
+                                                                           jnp.asarray(mask), layers))
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    with pytest.raises(ValueError, match="text_encoder_out_layers"):
+        qwen3.stacked_hidden_states(ours.text_encoder, ids, mask, (9, 28))
+
+
+def test_empirical_mu_matches_diffusers():
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu as ref
+
+    for n, steps in [(16, 2), (4096, 4), (4301, 50), (1024, 28)]:
+        assert compute_empirical_mu(n, steps) == ref(n, steps)
+
+
+def test_cfg_image_matches_diffusers(pipes):
+    """One prompt, CFG 3 (negative ""): the latents (diffusers' de-normalised, unpatchified ones), then the image."""
+    tp, ours, _ = pipes
+    lat = initial_latents()
+    kw = dict(guidance_scale=3.0)
+    _close_latents(run_ours(ours, PROMPT, lat, output_type="latent", **kw),
+                   run_torch(tp, PROMPT, lat, output_type="latent", **kw))
+    ref = run_torch(tp, PROMPT, lat, output_type="np", **kw)
+    out = run_ours(ours, PROMPT, lat, **kw)
+    assert out.shape == ref.shape == (1, H, W, 3)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)  # pixels in [0, 1]: measured 2.4e-6
+
+
+@pytest.fixture(scope="module")
+def cfg_two_prompts(pipes):
+    tp, ours, _ = pipes
+    lat = initial_latents(2, seed=1)
+    kw = dict(output_type="latent", guidance_scale=2.5)
+    return lat, run_torch(tp, PROMPTS, lat, **kw), run_ours(ours, PROMPTS, lat, **kw)
+
+
+def test_two_prompts_match_diffusers(cfg_two_prompts):
+    _, ref, out = cfg_two_prompts
+    _close_latents(out, ref)
+
+
+def test_mesh_equals_one_device(pipes, cfg_two_prompts):
+    """cfg=2 x ring=2 x ulysses=2: the halves over cfg, 16 image / 32 text / 48 joint tokens over ring x ulysses
+    (2 heads: Ulysses pads them), the VAE decode split over the 8 devices."""
+    _, _, folder = pipes
+    lat, _, one = cfg_two_prompts
+    pipe = Flux2KleinPipeline.from_pretrained(folder, mesh=build_mesh("cfg=2,ring=2,ulysses=2"))
+    out = run_ours(pipe, PROMPTS, lat, output_type="latent", guidance_scale=2.5)
+    np.testing.assert_allclose(out, one, atol=2e-5, rtol=0)  # float reordering only, latents O(5)
+
+
+def test_distilled_and_prompt_embeds(pipes):
+    """``prompt_embeds`` == the prompt; a step-distilled checkpoint (is_distilled) runs without CFG at any guidance
+    scale, as diffusers (== guidance 1)."""
+    tp, ours, _ = pipes
+    lat = initial_latents(seed=2)
+    with torch.no_grad():
+        pe = tp._get_qwen3_prompt_embeds(tp.text_encoder, tp.tokenizer, [PROMPT], max_sequence_length=TOKENS)
+    kw = dict(output_type="latent", num_inference_steps=1)
+    ref = run_torch(tp, PROMPT, lat, guidance_scale=1.0, **kw)
+    _close_latents(run_ours(ours, None, lat, prompt_embeds=pe.numpy(), guidance_scale=1.0, **kw), ref)
+    ours.is_distilled = True
+    try:
+        np.testing.assert_array_equal(run_ours(ours, PROMPT, lat, guidance_scale=4.0, **kw),
+                                      run_ours(ours, PROMPT, lat, guidance_scale=1.0, **kw))
+    finally:
+        ours.is_distilled = False
+
+
+def test_bad_input(pipes):
+    _, ours, folder = pipes
+    lat = initial_latents()
+    with pytest.raises(NotImplementedError, match="reference images"):
+        run_ours(ours, PROMPT, lat, image=np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        run_ours(ours, PROMPT, None, height=72)
+    with pytest.raises(ValueError, match="expected"):
+        run_ours(ours, PROMPT, lat[:, :8])
+    with pytest.raises(ValueError, match="cfg=2"):
+        run_ours(Flux2KleinPipeline.from_pretrained(folder, mesh=build_mesh("cfg=2")), PROMPT, lat,
+                 guidance_scale=1.0)
+
+
+@pytest.mark.slow
+def test_pipefusion_matches_sequential_rule(pipes):
+    """pipefusion=2 over both stacks (2 + 2 blocks, looped; the text sliced with the patches) with CFG == the same
+    patched rule on one device (pipefusion_patches=2)."""
+    _, ours, folder = pipes
+    lat = initial_latents(1, seed=5)
+    kw = dict(output_type="latent", num_inference_steps=3, guidance_scale=2.0)
+    exact = run_ours(ours, PROMPT, lat, **kw)
+    ref = run_ours(Flux2KleinPipeline.from_pretrained(folder, pipefusion_patches=2), PROMPT, lat, **kw)
+    out = run_ours(Flux2KleinPipeline.from_pretrained(folder, mesh=build_mesh("pipefusion=2")), PROMPT, lat, **kw)
+    atol = 2e-6 * np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=atol, rtol=0)
+    assert np.abs(ref - exact).max() > 20 * atol  # the patched steps really ran (stale K/V differ)
+    cfg_pf = run_ours(Flux2KleinPipeline.from_pretrained(folder, mesh=build_mesh("cfg=2,pipefusion=2,ulysses=2")),
+                      PROMPT, lat, **kw)
+    np.testing.assert_allclose(cfg_pf, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
