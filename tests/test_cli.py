@@ -90,6 +90,22 @@ def test_generate_sana_image(tmp_path, capsys):
     assert rc == 2 and "PipeFusion" in capsys.readouterr().err
 
 
+def test_generate_flux2_klein_image(tmp_path, capsys):
+    """The tiny FLUX.2 klein (Qwen3's stacked hidden states, shared modulation, AutoencoderKLFlux2): a .png of the
+    requested size with CFG over cfg x ulysses=3 (uneven: 2 heads, 12 image + 32 text tokens padded)."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "k.png"
+    rc = cli.main(["--model", "tiny-flux2-klein", "--output", str(out), "--height", "48", "--width", "64",
+                   "--mesh", "cfg=2,ulysses=3", "--negative-prompt", "blurry", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (48, 64, 3) and image.std() > 1
+    assert '"model_family": "flux2"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-flux2-klein", "--output", str(tmp_path / "b.png"), "--height", "40"])
+    assert rc == 2 and "multiples of 16" in capsys.readouterr().err
+
+
 def test_generate_hunyuandit_image(tmp_path):
     """The tiny HunyuanDiT (two text encoders, long skips): a .png on a CFG x ring mesh."""
     import imageio.v3 as iio
