@@ -169,3 +169,43 @@ def test_pipefusion_matches_sequential_rule(pipes):
     cfg_pf = run_ours(Flux2KleinPipeline.from_pretrained(folder, mesh=build_mesh("cfg=2,pipefusion=2,ulysses=2")),
                       PROMPT, lat, **kw)
     np.testing.assert_allclose(cfg_pf, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_full_size_configs_folder():
+    """configs/flux.2-klein-4b (diffusers' layout of black-forest-labs/FLUX.2-klein-4B) reads into the modules'
+    configs; its defaults are the CLI's for a step-distilled klein; the release's sizes pass the checks."""
+    import json
+    from pathlib import Path
+
+    from flax import nnx
+
+    from xdit_jax import cli
+    from xdit_jax.conversion import model_class, model_components
+    from xdit_jax.models import flux2, llama
+    from xdit_jax.pipelines import flux2 as fp
+    from xdit_jax.schedulers import flow_match
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "flux.2-klein-4b"
+    cfgs = {}
+    for name, cls in model_components(root).items():
+        _, cfg_cls = model_class(cls)
+        cfgs[name] = cfg_cls.from_dict(json.loads((root / name / "config.json").read_text()))
+    tc, vc = fp.read_configs(root)
+    assert (tc.inner_dim, tc.num_layers, tc.num_single_layers, tc.axes_dims_rope) == (3072, 5, 20, (32,) * 4)
+    assert tc.joint_attention_dim == 3 * cfgs["text_encoder"].hidden_size == 7680 and not tc.guidance_embeds
+    assert vc.bn_channels == tc.in_channels == 128 and fp.is_distilled(root)
+    sched = flow_match.FlowMatchEulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
+    assert sched.use_dynamic_shifting
+    defaults = json.loads((root / "defaults.json").read_text())
+    assert {k: defaults[k] for k in ("height", "width")} == fp.default_size(tc, vc) == {"height": 1024, "width": 1024}
+    d = cli.DEFAULTS["flux2"]
+    assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (d["distilled_steps"],
+                                                                            d["distilled_guidance_scale"]) == (4, 1.0)
+    fp.check_request(tc, vc, 1024, 1024, 1, "ulysses=4", False)
+    count = lambda m: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    # abstract builds (nothing allocated): the 3.9B transformer ("4B"; == diffusers' built on the meta device),
+    # Qwen3-4B (tied embeddings)
+    assert count(nnx.eval_shape(lambda: flux2.Flux2Transformer2DModel(tc))) == 3_875_544_576
+    assert count(nnx.eval_shape(lambda: llama.LlamaModel(cfgs["text_encoder"]))) == 4_022_468_096
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fp.check_request(tc, vc, 1000, 1024)
