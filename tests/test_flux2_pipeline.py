@@ -209,3 +209,38 @@ def test_full_size_configs_folder():
     assert count(nnx.eval_shape(lambda: llama.LlamaModel(cfgs["text_encoder"]))) == 4_022_468_096
     with pytest.raises(ValueError, match="multiples of 16"):
         fp.check_request(tc, vc, 1000, 1024)
+
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of flux2-tiny (15 image + 16 text tokens) against diffusers' transformer on one
+    device and ring=2 x ulysses=2; the compiled program's FLOPs == the analytic count; the full-size folder read as
+    FLUX.2 (not FLUX.1) with its shapes, nothing compiled."""
+    from xdit_jax import bench
+    from xdit_jax.bench_families import family_of_config
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="flux2-tiny", meshes=[None, "ring=2,ulysses=2"], steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("ring=2,ulysses=2", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "flux2" and r["latent_shape"] == [1, 15, 16] and r["image_tokens"] == 15
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["ring=2,ulysses=2"]):
+        # same weights and inputs, fp32, outputs O(1): measured 2.4e-7 on both; a RoPE / modulation slip: O(0.1)
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("flux.2-klein-4b")
+    assert w.family == "flux2" and not w.cfg and w.latent_shape() == (1, 4096, 128)
+    assert w.fam.tokens(w) == (4096, 512)
+    assert family_of_config(json_config("flux.2-klein-4b")) == "flux2"
+    assert family_of_config(json_config("flux.1-dev")) == "flux"
+
+
+def json_config(name):
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parents[1] / "configs" / name / "transformer" / "config.json").read_text())
