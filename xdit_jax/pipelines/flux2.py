@@ -20,8 +20,14 @@ Over the mesh: prompts over ``data``, CFG's halves over ``cfg``, the transformer
 the single-stream blocks over the joint [text; image] sequence), PipeFusion over both stacks (the text sliced with
 the patches), the VAE decode split over all devices.
 
-Not supported: reference images (``image``: diffusers' multi-reference editing), the KV-cache variant, a
-``generator`` (``seed`` instead), output types other than "np" and "latent". Known difference: with
+Reference images (``image``: one or a list, diffusers' multi-reference editing): each checked (PIL, at least 64 px a
+side, aspect ratio at most 8), resized to 1024^2 pixels (Lanczos) when larger, centre-cropped to multiples of 16,
+encoded by the VAE's encoder (``latent_dist.mode()``, split over the mesh), patchified and normalised like the
+latents, packed with ids (10 (i + 1), row, column, 0) and appended to the noisy tokens at every step (both CFG
+halves); the prediction keeps the noisy tokens. The output size defaults to the first image's (cropped) size.
+
+Not supported: the KV-cache variant (``Flux2KleinKVPipeline``), a ``generator`` (``seed`` instead), output types
+other than "np" and "latent", reference images as arrays other than uint8 (H, W, 3). Known difference: with
 ``prompt_embeds`` of L tokens and CFG, the negative prompt is encoded at L tokens (both halves run in one batch;
 diffusers encodes it at ``max_sequence_length``).
 """
@@ -126,6 +132,39 @@ def unpack(latents, h: int, w: int):
     return latents.transpose(0, 2, 1).reshape(b, c, h, w)
 
 
+REFERENCE_MAX_AREA = 1024 * 1024  # diffusers resizes larger reference images down to this many pixels
+
+
+def reference_image(image, multiple: int = 16):
+    """diffusers' reference-image preparation: ``check_image_input`` (at least 64 px a side, aspect ratio <= 8), a
+    Lanczos resize to :data:`REFERENCE_MAX_AREA` pixels where larger, a centre crop to multiples of ``multiple``
+    (``Flux2ImageProcessor``'s ``resize_mode="crop"``), scaled to [-1, 1]: (1, 3, H, W) float32."""
+    import math
+
+    from PIL import Image
+
+    from xdit_jax.pipelines.denoise import rgb_image
+
+    img = rgb_image(image)
+    if not hasattr(img, "size") or isinstance(img, np.ndarray):
+        if img.dtype != np.uint8:
+            raise ValueError("image: give a PIL image or a uint8 (height, width, 3) array (diffusers takes PIL images).")
+        img = Image.fromarray(img)
+    w, h = img.size
+    if w < 64 or h < 64:
+        raise ValueError(f"Image too small: {w}x{h}. Both dimensions must be at least 64px.")
+    if max(w / h, h / w) > 8:
+        raise ValueError(f"Aspect ratio too extreme: {w}x{h}. Maximum allowed ratio is 8:1.")
+    if w * h > REFERENCE_MAX_AREA:
+        scale = math.sqrt(REFERENCE_MAX_AREA / (w * h))
+        img = img.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
+        w, h = img.size
+    cw, ch = w // multiple * multiple, h // multiple * multiple
+    left, top = (w - cw) // 2, (h - ch) // 2
+    img = img.crop((left, top, left + cw, top + ch))
+    return (np.asarray(img, np.float32) / 255.0 * 2.0 - 1.0).transpose(2, 0, 1)[None]
+
+
 def transformer_over_mesh(graphdef, state, args, mesh, backend: str = "xla", rope=None):
     """(Traced.) The FLUX.2 transformer on ``args`` = (hidden_states, encoder_hidden_states, timestep, img_ids,
     txt_ids, guidance) over ``mesh`` in FLUX.1's two phases (the double-stream blocks over the image tokens with the
@@ -148,7 +187,7 @@ class Flux2KleinPipeline(ImagePipelineBase):
     PIPELINE_CLASSES = ("Flux2KleinPipeline",)
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
-                 scheduler_config, is_distilled: bool = False, dtype=jnp.float32, mesh=None,
+                 scheduler_config, is_distilled: bool = False, vae_encoder=None, dtype=jnp.float32, mesh=None,
                  attention_backend: str = "auto", pipefusion_patches: int | None = None,
                  pipefusion_warmup_steps: int = 1):
         self._init_parts(transformer=transformer, transformer_config=transformer_config, vae=vae,
@@ -158,6 +197,7 @@ class Flux2KleinPipeline(ImagePipelineBase):
                          pipefusion_warmup_steps=pipefusion_warmup_steps,
                          **flux2.pipefusion_stacks(transformer_config))
         self.is_distilled = bool(is_distilled)
+        self.vae_encoder = vae_encoder
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, mesh=None, dtype="float32", cache_dir=None,
@@ -175,7 +215,18 @@ class Flux2KleinPipeline(ImagePipelineBase):
         tc = flux2.Flux2Config.from_dict(read_json(folder / "transformer" / "config.json"))
         stacks = flux2.pipefusion_stacks(tc)
         parts = cls._load_parts(folder, mesh_obj, dtype, stacks["stacked"], stacks["stacked_layers"])
-        return cls(**parts, scheduler_config=sched, is_distilled=is_distilled(folder), dtype=dtype, mesh=mesh_obj,
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.models import vae_kl_encoder
+        from xdit_jax.pipelines.denoise import _RANDOM_WEIGHTS, load_vae_encoder
+
+        vae_encoder = None  # (reference images only; float32, as diffusers' recipe upcasts the VAE)
+        if (folder / "vae" / "encoder_params").exists() or _RANDOM_WEIGHTS.get() is not None:
+            vae_encoder = load_vae_encoder(folder, parts["vae_config"], jnp.float32, NamedSharding(mesh_obj, P()),
+                                           vae_kl_encoder)
+        return cls(**parts, scheduler_config=sched, is_distilled=is_distilled(folder), vae_encoder=vae_encoder,
+                   dtype=dtype, mesh=mesh_obj,
                    attention_backend=attention_backend, pipefusion_patches=pipefusion_patches,
                    pipefusion_warmup_steps=pipefusion_warmup_steps)
 
@@ -215,6 +266,36 @@ class Flux2KleinPipeline(ImagePipelineBase):
         ids, mask = qwen3.tokenize(self.tokenizer, prompts, max_sequence_length, enable_thinking=False)
         return self._qwen_fn(text_encoder_out_layers)(ids, mask).astype(self.dtype)
 
+    def encode_image(self, pixels) -> jax.Array:
+        """diffusers' ``_encode_vae_image`` + normalisation: (1, 3, H, W) in [-1, 1] -> packed reference tokens
+        (H/16 x W/16, 128): ``latent_dist.mode()``, patchified, ``(z - bn_mean) / bn_std``; the image plane split
+        over the mesh."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.models import vae_kl_encoder
+        from xdit_jax.parallel.vae import sharded_encode
+
+        if self.vae_encoder is None:
+            raise ValueError("This folder has no VAE encoder (vae/encoder_params), which reference images need; "
+                             "convert the diffusers folder again (delete the cached conversion).")
+        key = ("vae_encode",)
+        if key not in self._decode_cache:
+            graphdef, state = nnx.split(self.vae_encoder)
+            vgraph, vstate = nnx.split(self.vae)
+            mesh = self.mesh if self.mesh.size > 1 else None
+
+            def encode(state, vstate, x):
+                mean = sharded_encode(lambda m, y: vae_kl_encoder.encode(m, y)[0], nnx.merge(graphdef, state), x,
+                                      mesh)
+                bn_mean, bn_std = vae_flux2.bn_stats(nnx.merge(vgraph, vstate))
+                z = (patchify(mean.astype(jnp.float32)) - bn_mean[None, :, None, None]) / bn_std[None, :, None, None]
+                return pack(z)[0]
+
+            jitted = jax.jit(encode, out_shardings=NamedSharding(self.mesh, P()))
+            self._decode_cache[key] = lambda x: jitted(state, vstate, x)
+        return self._decode_cache[key](jnp.asarray(pixels, jnp.float32))
+
     def schedule(self, num_inference_steps: int, image_seq_len: int, sigmas=None):
         """diffusers' schedule: sigmas linspace(1, 1/n, n) (or the caller's), ``mu = compute_empirical_mu``."""
         if sigmas is None:
@@ -237,6 +318,8 @@ class Flux2KleinPipeline(ImagePipelineBase):
         def step(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng):
             del rng
             x = self._model_batch(latents, do_cfg)
+            if len(texts) > 1:  # reference images: their tokens after the noisy ones (cropped from the prediction)
+                x = jnp.concatenate([x, texts[1].astype(x.dtype)], axis=1)
             t = jnp.broadcast_to(sched.timesteps[i] / 1000, (x.shape[0],))
             args = (x.astype(dtype), texts[0], t, None, None, None)
             if kv is None:
@@ -247,7 +330,7 @@ class Flux2KleinPipeline(ImagePipelineBase):
                 h, tokens, cond, _ = model.embed(*args, rope=rope)
                 h, kv = self._blocks_over_mesh(blocks, tstate, h, tokens, cond, kv, warmup)
                 pred = model.head(h, cond)
-            pred = self._real_rows(pred.astype(jnp.float32), latents.shape[0], do_cfg)
+            pred = self._real_rows(pred.astype(jnp.float32)[:, :latents.shape[1]], latents.shape[0], do_cfg)
             if do_cfg:  # [negative; prompt]
                 neg, pos = jnp.split(pred, 2)
                 pred = neg + scale * (pos - neg)
@@ -286,9 +369,15 @@ class Flux2KleinPipeline(ImagePipelineBase):
                  progress: bool = True) -> Flux2PipelineOutput:
         """diffusers' arguments and defaults (``generator`` -> ``seed``; ``output_type`` "np" or "latent");
         ``negative_prompt``: ours (diffusers always uses ""); ``latents``: diffusers' (B, in_channels, H/16, W/16)."""
+        refs = None
         if image is not None:
-            raise NotImplementedError("Flux2KleinPipeline: reference images (image=...) are not supported here; "
-                                      "this port is text-to-image only. Pass image=None.")
+            images = list(image) if isinstance(image, (list, tuple)) else [image]
+            if not images:
+                raise ValueError("image: an empty list; give a reference image (or None for text-to-image).")
+            multiple = 2 * vae_scale_factor(self.vae_config)
+            refs = [reference_image(im, multiple) for im in images]
+            height = refs[0].shape[2] if height is None else height
+            width = refs[0].shape[3] if width is None else width
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -336,14 +425,25 @@ class Flux2KleinPipeline(ImagePipelineBase):
         latents = self._initial_latents(pack(latents), (shape[0], h * w, shape[1]), rng, 1.0,
                                         "batch, tokens, channels")
         sched = self.schedule(num_inference_steps, h * w, sigmas)
-        rope = (flux2.rope_tables(flux2.image_ids(h, w), tc.axes_dims_rope, tc.rope_theta),
+        ids = flux2.image_ids(h, w)
+        if refs is not None:  # the reference images' tokens, the same in every row and both CFG halves
+            with timer.stage("image_encoding"):
+                tokens = [self.encode_image(r) for r in refs]
+                rows = jnp.broadcast_to(jnp.concatenate(tokens)[None], (batch * per,) + (sum(len(t) for t in tokens),
+                                                                                          tc.in_channels))
+                texts = texts + (self._put_batch(jnp.concatenate([rows, rows]) if do_cfg else rows, do_cfg),)
+                jax.block_until_ready(texts)
+            s = 2 * vae_scale_factor(self.vae_config)
+            ids = np.concatenate([ids] + [flux2.image_ids(r.shape[2] // s, r.shape[3] // s, t=10 * (k + 1))
+                                          for k, r in enumerate(refs)])
+        rope = (flux2.rope_tables(ids, tc.axes_dims_rope, tc.rope_theta),
                 flux2.rope_tables(flux2.text_ids(emb.shape[1]), tc.axes_dims_rope, tc.rope_theta))
         rope = jax.tree.map(self._put_replicated, rope)
 
         # 3. denoise: one jitted step per iteration; then the VAE
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         scale = self._put_replicated(jnp.float32(guidance_scale))
-        kv = self._pipefusion_buffers(texts[0].shape[0], h * w, text_len=emb.shape[1])
+        kv = self._pipefusion_buffers(texts[0].shape[0], len(ids), text_len=emb.shape[1])
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scale, rope, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(), kv=kv, finish=self._finish_fn((h, w)))
