@@ -121,6 +121,7 @@ def test_mesh_equals_one_device(pipes, cfg_two_prompts):
     np.testing.assert_allclose(out, one, atol=2e-5, rtol=0)  # float reordering only: measured 1.4e-6, latents O(4.5)
 
 
+@pytest.mark.slow
 def test_distilled_and_prompt_embeds(pipes):
     """``prompt_embeds`` == the prompt; a step-distilled checkpoint (is_distilled) runs without CFG at any guidance
     scale, as diffusers (== guidance 1)."""
@@ -262,23 +263,21 @@ def test_full_size_configs_folder():
 
 def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
     """scripts/benchmark.py's step of flux2-tiny (15 image + 16 text tokens) against diffusers' transformer on one
-    device and ring=2 x ulysses=2; the compiled program's FLOPs == the analytic count; the full-size folder read as
-    FLUX.2 (not FLUX.1) with its shapes, nothing compiled."""
+    device (ring=2 x ulysses=2 too in the slow set: measured the same 2.4e-7); the compiled program's FLOPs == the
+    analytic count; the full-size folder read as FLUX.2 (not FLUX.1) with its shapes, nothing compiled."""
     from xdit_jax import bench
     from xdit_jax.bench_families import family_of_config
 
     monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
-    rows = bench.run_step_benchmark(bench.StepOptions(model="flux2-tiny", meshes=[None, "ring=2,ulysses=2"], steps=1,
+    rows = bench.run_step_benchmark(bench.StepOptions(model="flux2-tiny", meshes=[None], steps=1,
                                                       compare="diffusers", settle=0, log=lambda s: None))
-    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
-        ("ring=2,ulysses=2", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [("single device", "xdit_jax"), ("torch cpu", "diffusers")]
     for r in rows:
         assert "error" not in r, r.get("error")
         assert r["family"] == "flux2" and r["latent_shape"] == [1, 15, 16] and r["image_tokens"] == 15
     by_mesh = {r["mesh"]: r for r in rows}
-    for r in (by_mesh["single device"], by_mesh["ring=2,ulysses=2"]):
-        # same weights and inputs, fp32, outputs O(1): measured 2.4e-7 on both; a RoPE / modulation slip: O(0.1)
-        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    # same weights and inputs, fp32, outputs O(1): measured 2.4e-7; a RoPE / modulation slip: O(0.1)
+    assert by_mesh["single device"]["max_abs_diff_vs_diffusers"] < 1e-4
     one = by_mesh["single device"]
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
     w = bench.load_workload("flux.2-klein-4b")
@@ -292,4 +291,5 @@ def json_config(name):
     import json
     from pathlib import Path
 
-    return json.loads((Path(__file__).resolve().parents[1] / "configs" / name / "transformer" / "config.json").read_text())
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return json.loads((root / name / "transformer" / "config.json").read_text())

@@ -222,7 +222,7 @@ class TimeGuidanceEmbed(nnx.Module):
 
 
 class NormOut(nnx.Module):
-    """diffusers ``AdaLayerNormContinuous(elementwise_affine=False, bias=False)``: (scale, shift) from ``silu(temb)``."""
+    """diffusers ``AdaLayerNormContinuous(elementwise_affine=False, bias=False)``: (scale, shift) of silu(temb)."""
 
     def __init__(self, d: int, eps: float, *, dtype, rngs):
         self.linear = linear(d, 2 * d, bias=False, dtype=dtype, rngs=rngs)

@@ -148,7 +148,7 @@ def reference_image(image, multiple: int = 16):
     img = rgb_image(image)
     if not hasattr(img, "size") or isinstance(img, np.ndarray):
         if img.dtype != np.uint8:
-            raise ValueError("image: give a PIL image or a uint8 (height, width, 3) array (diffusers takes PIL images).")
+            raise ValueError("image: give a PIL image or a uint8 (height, width, 3) array (diffusers takes PIL).")
         img = Image.fromarray(img)
     w, h = img.size
     if w < 64 or h < 64:
