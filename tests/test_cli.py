@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from xdit_jax import cli
@@ -104,6 +105,18 @@ def test_generate_flux2_klein_image(tmp_path, capsys):
     assert '"model_family": "flux2"' in capsys.readouterr().out
     rc = cli.main(["--model", "tiny-flux2-klein", "--output", str(tmp_path / "b.png"), "--height", "40"])
     assert rc == 2 and "multiples of 16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_flux2_klein_reference_image(tmp_path):
+    """--image: FLUX.2 klein's reference image (80 x 72: cropped to 80 x 64), on one device."""
+    import imageio.v3 as iio
+
+    ref = tmp_path / "ref.png"
+    iio.imwrite(ref, np.random.default_rng(0).integers(0, 256, (72, 80, 3), dtype=np.uint8))
+    rc = cli.main(["--model", "tiny-flux2-klein", "--output", str(tmp_path / "r.png"), "--image", str(ref),
+                   "--height", "64", "--width", "80", "--no-progress"])
+    assert rc == 0 and iio.imread(tmp_path / "r.png").shape == (64, 80, 3)
 
 
 def test_generate_hunyuandit_image(tmp_path):

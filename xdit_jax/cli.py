@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--negative-prompt", default=None)
     ap.add_argument("--image", default=None, metavar="PATH",
                     help="image-to-video (a CogVideoX or Wan I2V model, Wan 2.2 TI2V-5B): the first frame, resized to "
-                         "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does")
+                         "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does; "
+                         "FLUX.2 klein: a reference image (optional)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -554,9 +555,12 @@ def _main(argv=None) -> int:
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
-        if not image_to_video and not args.kontext and args.image is not None:
+        flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image
+        if not image_to_video and not args.kontext and not flux2_reference and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, or FLUX.1 Kontext does).")
+        if args.last_image is not None and kind == "Flux2KleinPipeline":
+            raise ValueError("--last-image: FLUX.2 klein takes its reference image with --image.")
         if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline"):
             raise ValueError("--last-image: FLUX.1 Kontext takes one image (--image)." if args.kontext else
                              "--last-image: CogVideoX image-to-video takes the first frame only.")
@@ -654,6 +658,10 @@ def _main(argv=None) -> int:
         kw.update(max_sequence_length=args.max_sequence_length or 512)
     elif family == "flux2":
         kw.update(max_sequence_length=args.max_sequence_length or (tiny.FLUX2_MAX_SEQUENCE_LENGTH if is_tiny else 512))
+        if args.image is not None:  # a reference image (diffusers' image=; the output takes its size unless given)
+            from PIL import Image
+
+            kw["image"] = Image.open(args.image).convert("RGB")
     elif family == "sd3":
         kw.update(max_sequence_length=msl or 256, skip_guidance_layers=args.skip_guidance_layers,
                   skip_layer_guidance_scale=args.skip_layer_guidance_scale,

@@ -754,10 +754,12 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             if name.startswith("tokenizer"):
                 encoder = model_index(family).get(name.replace("tokenizer", "text_encoder"), [None, ""])[1]
                 stand_in_tokenizer(spec[1], encoder).save_pretrained(tmp / name)
-        if family == "flux-kontext":  # the VAE's encoder, as conversion writes it (vae/encoder_params)
-            from xdit_jax.models import vae_kl, vae_kl_encoder
+        if family in ("flux-kontext", "flux2"):  # the VAE's encoder, as conversion writes it (vae/encoder_params)
+            from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder
 
-            make = vae_kl_encoder.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE))
+            vcfg = (vae_flux2.AutoencoderKLFlux2Config.from_dict(FLUX2_VAE) if family == "flux2"
+                    else vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE))
+            make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",
