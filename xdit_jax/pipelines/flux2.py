@@ -146,7 +146,7 @@ def reference_image(image, multiple: int = 16):
     from xdit_jax.pipelines.denoise import rgb_image
 
     img = rgb_image(image)
-    if not hasattr(img, "size") or isinstance(img, np.ndarray):
+    if isinstance(img, np.ndarray):  # (rgb_image: a PIL image, or a checked (H, W, 3) array)
         if img.dtype != np.uint8:
             raise ValueError("image: give a PIL image or a uint8 (height, width, 3) array (diffusers takes PIL).")
         img = Image.fromarray(img)
@@ -368,6 +368,7 @@ class Flux2KleinPipeline(ImagePipelineBase):
                  text_encoder_out_layers=qwen3.FLUX2_LAYERS, seed: int = 0, output_type: str = "np",
                  progress: bool = True) -> Flux2PipelineOutput:
         """diffusers' arguments and defaults (``generator`` -> ``seed``; ``output_type`` "np" or "latent");
+        ``image``: reference images (a PIL image or uint8 (H, W, 3) array, or a list; see the module docstring);
         ``negative_prompt``: ours (diffusers always uses ""); ``latents``: diffusers' (B, in_channels, H/16, W/16)."""
         refs = None
         if image is not None:
@@ -388,6 +389,9 @@ class Flux2KleinPipeline(ImagePipelineBase):
         do_cfg = self.do_classifier_free_guidance(guidance_scale)
         if guidance_scale > 1 and self.is_distilled:
             log.warning("Guidance scale %s is ignored for step-wise distilled models (as diffusers).", guidance_scale)
+        if not do_cfg and (negative_prompt is not None or negative_prompt_embeds is not None):
+            log.warning("The negative prompt is not used: CFG runs only with guidance_scale > 1 on a checkpoint "
+                        "that is not step-distilled.")
         tc = self.transformer_config
         check_request(tc, self.vae_config, height, width, batch, self.mesh_spec, do_cfg)
         timer = StageTimer()
