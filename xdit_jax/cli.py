@@ -451,8 +451,11 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
 
         tc, vc = read_configs(model)
         ds = default_size(tc, vc)
+        from xdit_jax.pipelines.denoise import pipeline_class_name
+
+        cfg_possible = pipeline_class_name(model) == "Flux2KleinPipeline" and not is_distilled(model)  # dev: none
         check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
-                      guidance > 1 and not is_distilled(model))
+                      guidance > 1 and cfg_possible)
     elif family == "flux":
         from xdit_jax.pipelines.flux import check_request, default_size, kontext_output_size, read_configs
 

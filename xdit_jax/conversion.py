@@ -83,6 +83,8 @@ MODEL_CLASSES = {
     # klein's text encoder is Qwen3ForCausalLM (above)
     "Flux2Transformer2DModel": ("xdit_jax.models.flux2", "Flux2Config"),
     "AutoencoderKLFlux2": ("xdit_jax.models.vae_flux2", "AutoencoderKLFlux2Config"),
+    # FLUX.2-dev's text_encoder: Mistral 3's language model (vision tower, projector and lm_head not read)
+    "Mistral3ForConditionalGeneration": ("xdit_jax.models.mistral3", "Mistral3TextConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 

@@ -231,6 +231,23 @@ FLUX2_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_
                        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                        max_image_seq_len=4096, time_shift_type="exponential")
 FLUX2_MAX_SEQUENCE_LENGTH = 32
+# FLUX.2 [dev] shaped: the klein transformer with the guidance embedding, its text from a 30-layer Mistral 3 language
+# model 24 wide (hidden_states 10, 20, 30: the last after the final norm) on the stand-in Llama tokenizer with a
+# Mistral-like chat template; a 1-layer Pixtral vision tower (not read by xdit_jax).
+FLUX2_DEV_TRANSFORMER = dict(FLUX2_TRANSFORMER, guidance_embeds=True)
+FLUX2_MISTRAL3 = dict(model_type="mistral3", spatial_merge_size=2,
+                      text_config=dict(model_type="mistral", vocab_size=384, hidden_size=24, intermediate_size=32,
+                                       num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=12,
+                                       rms_norm_eps=1e-5, max_position_embeddings=512, sliding_window=None,
+                                       rope_theta=1000000000.0, tie_word_embeddings=False),
+                      vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8))
+# A Mistral-like chat template for the stand-in tokenizer (system prompt, then the user's text; content lists)
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + message['content'][0]['text'] + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + message['content'][0]['text'] + '[/INST]' }}{%- endif %}"
+    "{%- endfor %}")
 
 # SANA shaped: 2 blocks of 2 linear heads x 8 (D = 16), cross 2 x 8, GLUMBConv x 2.5, patch 1; a 3-block DC-AE (4x:
 # sample size 8 -> 32 x 32 images) with an EfficientViT block at the deepest level; a 2-layer Gemma 2 (sliding,
@@ -302,6 +319,14 @@ def train_llama_tokenizer():
 
     template = llama.HUNYUAN_VIDEO_TEMPLATE["template"]
     return llama.train_tokenizer(CORPUS * 4 + [template.format(p) for p in CORPUS], vocab_size=LLAMA_VOCAB)
+
+
+def train_mistral3_tokenizer():
+    """The Llama-like stand-in (:func:`train_llama_tokenizer`) with :data:`MISTRAL3_CHAT_TEMPLATE` (FLUX.2-dev's
+    text encoder's stand-in; its ids fit :data:`FLUX2_MISTRAL3`'s vocabulary)."""
+    tok = train_llama_tokenizer()
+    tok.chat_template = MISTRAL3_CHAT_TEMPLATE
+    return tok
 
 
 def train_qwen_tokenizer():
@@ -407,7 +432,8 @@ def model_index(family: str = "cogvideox") -> dict:
     if family == "flux2":
         return {"_class_name": "Flux2KleinPipeline", "_diffusers_version": "0.37.0", "is_distilled": False,
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-                "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+                "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+                "tokenizer": ["transformers", "Qwen2TokenizerFast"],
                 "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"]}
     if family == "latte":
         return {"_class_name": "LattePipeline", "_diffusers_version": "0.32.0",

@@ -23,6 +23,7 @@ PIPELINES = {
     "ZImagePipeline": ("xdit_jax.pipelines.zimage", "ZImagePipeline", "zimage"),
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
     "Flux2KleinPipeline": ("xdit_jax.pipelines.flux2", "Flux2KleinPipeline", "flux2"),
+    "Flux2Pipeline": ("xdit_jax.pipelines.flux2", "Flux2Pipeline", "flux2"),
 }
 
 

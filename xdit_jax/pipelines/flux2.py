@@ -1,4 +1,5 @@
-"""FLUX.2 [klein] text-to-image, diffusers' ``Flux2KleinPipeline`` on a JAX mesh.
+"""FLUX.2 [klein] text-to-image, diffusers' ``Flux2KleinPipeline`` on a JAX mesh (and FLUX.2 [dev]'s
+``Flux2Pipeline``: :class:`Flux2Pipeline`, the same loop with Mistral 3's language model and embedded guidance).
 
     pipe = Flux2KleinPipeline.from_pretrained("black-forest-labs/FLUX.2-klein-4B", mesh="ulysses=4", dtype="bfloat16")
     out = pipe("A cat holding a sign that says hello world", num_inference_steps=4, seed=0)
@@ -44,7 +45,7 @@ from flax import nnx
 
 from xdit_jax.conversion import read_json
 from xdit_jax.mesh import build_mesh
-from xdit_jax.models import flux2, qwen3, vae_flux2, vae_kl
+from xdit_jax.models import flux2, mistral3, qwen3, vae_flux2, vae_kl
 from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
@@ -87,9 +88,9 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
     from xdit_jax.mesh import MeshSpec
 
     if MeshSpec.parse(mesh_spec).cfg == 2 and not do_cfg:
-        raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which FLUX.2 klein runs only "
-                         "with guidance_scale > 1 on a checkpoint that is not step-distilled (is_distilled); drop "
-                         "cfg=2 or raise the guidance scale.")
+        raise ValueError("Mesh cfg=2 splits the two halves of classifier-free guidance, which FLUX.2 runs only for "
+                         "klein with guidance_scale > 1 on a checkpoint that is not step-distilled (is_distilled; "
+                         "FLUX.2-dev embeds its guidance: no CFG); drop cfg=2 or raise the guidance scale.")
     check_size_and_mesh(height, width, 2 * vae_scale_factor(vc), flux2.pipefusion_stacks(tc)["stacked_layers"], batch,
                         mesh_spec, 2.0 if do_cfg else 1.0)
 
@@ -185,6 +186,9 @@ class Flux2KleinPipeline(ImagePipelineBase):
     """Text-to-image with FLUX.2 [klein] — see the module docstring."""
 
     PIPELINE_CLASSES = ("Flux2KleinPipeline",)
+    TEXT_LAYERS = qwen3.FLUX2_LAYERS  # the text encoder's hidden states stacked into the features
+    EMBEDDED_GUIDANCE = False  # klein passes no guidance to the transformer (FLUX.2-dev: the scale, embedded)
+    PACKED_LATENT_OUTPUT = False  # output_type="latent": klein's final latents (FLUX.2-dev: the packed tokens)
 
     def __init__(self, *, transformer, transformer_config, vae, vae_config, text_encoder, tokenizer,
                  scheduler_config, is_distilled: bool = False, vae_encoder=None, dtype=jnp.float32, mesh=None,
@@ -259,12 +263,16 @@ class Flux2KleinPipeline(ImagePipelineBase):
                                              self._put_replicated(jnp.asarray(mask, jnp.int32)))
         return fns[key]
 
-    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512,
-                      text_encoder_out_layers=qwen3.FLUX2_LAYERS):
-        """diffusers' ``_get_qwen3_prompt_embeds``: (B, max_sequence_length, len(layers) x hidden) in the model's
-        dtype."""
-        ids, mask = qwen3.tokenize(self.tokenizer, prompts, max_sequence_length, enable_thinking=False)
-        return self._qwen_fn(text_encoder_out_layers)(ids, mask).astype(self.dtype)
+    def _tokenize(self, prompts: list[str], max_sequence_length: int):
+        """(ids, mask) of the templated prompts: Qwen3's chat template without thinking."""
+        return qwen3.tokenize(self.tokenizer, prompts, max_sequence_length, enable_thinking=False)
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512, text_encoder_out_layers=None):
+        """diffusers' ``_get_qwen3_prompt_embeds`` (FLUX.2-dev: ``_get_mistral_3_small_prompt_embeds``): (B,
+        max_sequence_length, len(layers) x hidden) in the model's dtype."""
+        ids, mask = self._tokenize(prompts, max_sequence_length)
+        layers = self.TEXT_LAYERS if text_encoder_out_layers is None else tuple(text_encoder_out_layers)
+        return self._qwen_fn(layers)(ids, mask).astype(self.dtype)
 
     def encode_image(self, pixels) -> jax.Array:
         """diffusers' ``_encode_vae_image`` + normalisation: (1, 3, H, W) in [-1, 1] -> packed reference tokens
@@ -311,6 +319,7 @@ class Flux2KleinPipeline(ImagePipelineBase):
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
         dtype, mesh, backend = self.dtype, self.mesh, self.attention_backend
+        embedded = self.EMBEDDED_GUIDANCE
 
         def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.pipefusion)
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
@@ -321,7 +330,8 @@ class Flux2KleinPipeline(ImagePipelineBase):
             if len(texts) > 1:  # reference images: their tokens after the noisy ones (cropped from the prediction)
                 x = jnp.concatenate([x, texts[1].astype(x.dtype)], axis=1)
             t = jnp.broadcast_to(sched.timesteps[i] / 1000, (x.shape[0],))
-            args = (x.astype(dtype), texts[0], t, None, None, None)
+            args = (x.astype(dtype), texts[0], t, None, None,
+                    jnp.broadcast_to(scale, (x.shape[0],)) if embedded else None)
             if kv is None:
                 pred = transformer_over_mesh(graphdef, tstate, args, mesh if mesh.size > 1 else None, backend,
                                              rope=rope)
@@ -365,7 +375,7 @@ class Flux2KleinPipeline(ImagePipelineBase):
                  width: int | None = None, num_inference_steps: int = 50, sigmas=None, guidance_scale: float = 4.0,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, latents=None,
                  prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length: int = 512,
-                 text_encoder_out_layers=qwen3.FLUX2_LAYERS, seed: int = 0, output_type: str = "np",
+                 text_encoder_out_layers=None, seed: int = 0, output_type: str = "np",
                  progress: bool = True) -> Flux2PipelineOutput:
         """diffusers' arguments and defaults (``generator`` -> ``seed``; ``output_type`` "np" or "latent");
         ``image``: reference images (a PIL image or uint8 (H, W, 3) array, or a list; see the module docstring);
@@ -448,7 +458,48 @@ class Flux2KleinPipeline(ImagePipelineBase):
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         scale = self._put_replicated(jnp.float32(guidance_scale))
         kv = self._pipefusion_buffers(texts[0].shape[0], len(ids), text_len=emb.shape[1])
+        finish, decode = self._finish_fn((h, w)), self._decode_fn()
+        if self.PACKED_LATENT_OUTPUT:  # (the unpacking and de-normalisation are then the decode's first step)
+            finish, decode = None, (lambda lat, finish=finish, decode=decode: decode(finish(lat)))
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scale, rope, rng), len(sched.timesteps), progress,
-                                       output_type, self._decode_fn(), kv=kv, finish=self._finish_fn((h, w)))
+                                       output_type, decode, kv=kv, finish=finish)
         return Flux2PipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+class Flux2Pipeline(Flux2KleinPipeline):
+    """Text-to-image with FLUX.2 [dev] (diffusers' ``Flux2Pipeline``): :class:`Flux2KleinPipeline`'s loop with
+    Mistral 3's language model as the text encoder (a system message and the prompt in its chat template, hidden states
+    10, 20, 30 stacked: :mod:`xdit_jax.models.mistral3`) and the guidance scale embedded (guidance-distilled: one
+    sample per prompt, no CFG, no negative prompt). Reference images as klein's. Not supported: diffusers' prompt
+    upsampling (``caption_upsample_temperature``: generation with the VLM)."""
+
+    PIPELINE_CLASSES = ("Flux2Pipeline",)
+    TEXT_LAYERS = mistral3.FLUX2_DEV_LAYERS
+    EMBEDDED_GUIDANCE = True
+    PACKED_LATENT_OUTPUT = True  # diffusers' Flux2Pipeline returns the packed latents (B, tokens, 128)
+
+    def do_classifier_free_guidance(self, guidance_scale: float) -> bool:
+        return False
+
+    def _tokenize(self, prompts: list[str], max_sequence_length: int):
+        return mistral3.tokenize(self.tokenizer, prompts, max_sequence_length)
+
+    def __call__(self, prompt: str | list[str] | None = None, *, image=None, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int = 50, sigmas=None, guidance_scale: float = 4.0,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, max_sequence_length: int = 512,
+                 text_encoder_out_layers=None, caption_upsample_temperature=None, seed: int = 0,
+                 output_type: str = "np", progress: bool = True, negative_prompt=None) -> Flux2PipelineOutput:
+        """diffusers' Flux2Pipeline arguments and defaults (50 steps, embedded guidance 4)."""
+        if caption_upsample_temperature is not None:
+            raise NotImplementedError("caption_upsample_temperature (prompt upsampling with the Mistral VLM) is not "
+                                      "supported; upsample the prompt elsewhere and pass it.")
+        if negative_prompt is not None:
+            raise ValueError("FLUX.2-dev is guidance-distilled (its guidance_scale is an embedding): it takes no "
+                             "negative prompt.")
+        return super().__call__(prompt, image=image, height=height, width=width,
+                                num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+                                num_images_per_prompt=num_images_per_prompt, latents=latents,
+                                prompt_embeds=prompt_embeds, max_sequence_length=max_sequence_length,
+                                text_encoder_out_layers=text_encoder_out_layers, seed=seed, output_type=output_type,
+                                progress=progress)
