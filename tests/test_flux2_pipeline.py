@@ -346,3 +346,28 @@ def test_dev_image_and_mesh(dev_pipes):
     out = run_ours(Flux2Pipeline.from_pretrained(folder, mesh=build_mesh("data=2,ring=2,ulysses=2")), PROMPTS, lat,
                    **kw)
     np.testing.assert_allclose(out, one, atol=2e-5, rtol=0)  # float reordering only
+
+
+def test_dev_full_size_configs_folder():
+    """configs/flux.2-dev reads into the modules' configs (transformer 32.2B == diffusers' meta build; Mistral 3's
+    language model 5120 wide: 3 x 5120 = joint_attention_dim) and as the FLUX.2 bench family, guidance embedded."""
+    import json
+    from pathlib import Path
+
+    from flax import nnx
+
+    from xdit_jax import bench
+    from xdit_jax.conversion import model_class, model_components
+    from xdit_jax.models import flux2
+    from xdit_jax.pipelines import flux2 as fp
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "flux.2-dev"
+    cfgs = {name: model_class(cls)[1].from_dict(json.loads((root / name / "config.json").read_text()))
+            for name, cls in model_components(root).items()}
+    tc, vc = fp.read_configs(root)
+    assert tc.guidance_embeds and tc.joint_attention_dim == 3 * cfgs["text_encoder"].hidden_size == 15360
+    assert vc.bn_channels == tc.in_channels == 128 and not fp.is_distilled(root)
+    count = lambda m: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    assert count(nnx.eval_shape(lambda: flux2.Flux2Transformer2DModel(tc))) == 32_223_281_152
+    w = bench.load_workload("flux.2-dev")
+    assert w.family == "flux2" and not w.cfg and w.latent_shape() == (1, 4096, 128)

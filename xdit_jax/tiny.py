@@ -368,6 +368,8 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = ""):
         return train_bert_tokenizer()
     if class_name.startswith("Llama"):
         return train_llama_tokenizer()
+    if class_name.startswith("Pixtral") or text_encoder.startswith("Mistral3"):  # FLUX.2-dev's processor
+        return train_mistral3_tokenizer()
     if class_name.startswith("Qwen2"):
         return train_qwen3_tokenizer() if text_encoder.startswith("Qwen3") else train_qwen_tokenizer()
     if class_name.startswith("Gemma"):

@@ -479,6 +479,25 @@ class Flux2Pipeline(Flux2KleinPipeline):
     EMBEDDED_GUIDANCE = True
     PACKED_LATENT_OUTPUT = True  # diffusers' Flux2Pipeline returns the packed latents (B, tokens, 128)
 
+    @classmethod
+    def from_pretrained(cls, model, **kw) -> Flux2Pipeline:
+        """As :meth:`Flux2KleinPipeline.from_pretrained`. The hub's ``tokenizer`` folder holds a ``PixtralProcessor``
+        (which needs torchvision); its tokenizer is loaded, and where it carries no chat template the processor's
+        (``chat_template.jinja`` / ``chat_template.json`` next to it) is given to it."""
+        pipe = super().from_pretrained(model, **kw)
+        if getattr(pipe.tokenizer, "chat_template", None) is None:
+            folder, _ = cls._pipeline_folder(model, cls.PIPELINE_CLASSES, cache_dir=kw.get("cache_dir"),
+                                             variant=kw.get("variant"), revision=kw.get("revision"))
+            tok = folder / "tokenizer"
+            if (tok / "chat_template.jinja").exists():
+                pipe.tokenizer.chat_template = (tok / "chat_template.jinja").read_text()
+            elif (tok / "chat_template.json").exists():
+                pipe.tokenizer.chat_template = read_json(tok / "chat_template.json")["chat_template"]
+            else:
+                raise ValueError(f"{tok}: the tokenizer has no chat template (chat_template.jinja / .json), which "
+                                 "FLUX.2-dev's prompt encoding needs.")
+        return pipe
+
     def do_classifier_free_guidance(self, guidance_scale: float) -> bool:
         return False
 
