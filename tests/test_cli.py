@@ -119,6 +119,22 @@ def test_generate_flux2_klein_reference_image(tmp_path):
     assert rc == 0 and iio.imread(tmp_path / "r.png").shape == (64, 80, 3)
 
 
+@pytest.mark.slow
+def test_generate_flux2_dev_folder(tmp_path, capsys):
+    """A diffusers FLUX.2-dev folder (Flux2Pipeline, tiny random Mistral 3) runs as the flux2 family on ulysses=2;
+    cfg=2 is refused before loading (its guidance is embedded)."""
+    import imageio.v3 as iio
+
+    from tests.fixtures import make_torch_flux2_dev, save_torch_pipeline
+
+    folder = save_torch_pipeline(make_torch_flux2_dev(), tmp_path / "dev")
+    rc = cli.main(["--model", str(folder), "--output", str(tmp_path / "o.png"), "--height", "64", "--width", "64",
+                   "--steps", "2", "--max-sequence-length", "32", "--mesh", "ulysses=2", "--no-progress"])
+    assert rc == 0 and iio.imread(tmp_path / "o.png").shape == (64, 64, 3)
+    rc = cli.main(["--model", str(folder), "--output", str(tmp_path / "p.png"), "--mesh", "cfg=2"])
+    assert rc == 2 and "embeds its guidance" in capsys.readouterr().err
+
+
 def test_generate_hunyuandit_image(tmp_path):
     """The tiny HunyuanDiT (two text encoders, long skips): a .png on a CFG x ring mesh."""
     import imageio.v3 as iio
