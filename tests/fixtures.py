@@ -370,3 +370,50 @@ def make_torch_lumina2(seed: int = 0):
     skw = {k: v for k, v in tiny.LUMINA2_SCHEDULER.items() if not k.startswith("_")}
     return Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**skw), vae=vae,
                            text_encoder=text_encoder, tokenizer=tiny.train_gemma_tokenizer())
+
+
+def make_torch_flux2_klein(seed: int = 0, is_distilled: bool = False):
+    """A tiny random diffusers Flux2KleinPipeline (xdit_jax.tiny's FLUX.2 configs: Qwen3ForCausalLM with the stand-in
+    Qwen2 tokenizer and its chat template, AutoencoderKLFlux2 with random batch-norm statistics, FlowMatchEuler with
+    dynamic shifting)."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = randomize_(Flux2Transformer2DModel(**tiny.FLUX2_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLFlux2(**tiny.FLUX2_VAE), seed + 1, std=0.1)
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():  # statistics that move the latents (BatchNorm's are 0 and 1 at init)
+        vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.5)
+        vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=g) * 2 + 0.2)
+    text_encoder = randomize_(Qwen3ForCausalLM(Qwen3Config(**tiny.FLUX2_QWEN3)), seed + 2, std=0.2)
+    skw = {k: v for k, v in tiny.FLUX2_SCHEDULER.items() if not k.startswith("_")}
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**skw), vae=vae, text_encoder=text_encoder,
+                              tokenizer=tiny.train_qwen3_tokenizer(), transformer=transformer,
+                              is_distilled=is_distilled)
+
+
+def make_torch_flux2_dev(seed: int = 0):
+    """A tiny random diffusers Flux2Pipeline (FLUX.2-dev shaped: the guidance embedding; a 30-layer Mistral 3 language
+    model with a 1-layer Pixtral tower, the stand-in Llama tokenizer with a Mistral-like chat template in place of the
+    Pixtral processor, which needs torchvision)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = randomize_(Flux2Transformer2DModel(**tiny.FLUX2_DEV_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLFlux2(**tiny.FLUX2_VAE), seed + 1, std=0.1)
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.5)
+        vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=g) * 2 + 0.2)
+    cfg = {k: v for k, v in tiny.FLUX2_MISTRAL3.items() if k != "model_type"}
+    text_encoder = randomize_(Mistral3ForConditionalGeneration(Mistral3Config(**cfg)), seed + 2, std=0.2)
+    skw = {k: v for k, v in tiny.FLUX2_SCHEDULER.items() if not k.startswith("_")}
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**skw), vae=vae, text_encoder=text_encoder,
+                         tokenizer=tiny.train_mistral3_tokenizer(), transformer=transformer)

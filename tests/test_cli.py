@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from xdit_jax import cli
@@ -109,6 +110,50 @@ def test_generate_lumina2_image(tmp_path, capsys):
     rc = cli.main(["--model", "tiny-lumina2", "--output", str(tmp_path / "n.png"), "--mesh", "cfg=2",
                    "--guidance-scale", "1", "--no-progress"])
     assert rc == 2 and "guidance_scale > 1" in capsys.readouterr().err
+
+
+def test_generate_flux2_klein_image(tmp_path, capsys):
+    """The tiny FLUX.2 klein (Qwen3's stacked hidden states, shared modulation, AutoencoderKLFlux2): a .png of the
+    requested size with CFG over cfg x ulysses=3 (uneven: 2 heads, 12 image + 32 text tokens padded)."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "k.png"
+    rc = cli.main(["--model", "tiny-flux2-klein", "--output", str(out), "--height", "48", "--width", "64",
+                   "--mesh", "cfg=2,ulysses=3", "--negative-prompt", "blurry", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (48, 64, 3) and image.std() > 1
+    assert '"model_family": "flux2"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-flux2-klein", "--output", str(tmp_path / "b.png"), "--height", "40"])
+    assert rc == 2 and "multiples of 16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_flux2_klein_reference_image(tmp_path):
+    """--image: FLUX.2 klein's reference image (80 x 72: cropped to 80 x 64), on one device."""
+    import imageio.v3 as iio
+
+    ref = tmp_path / "ref.png"
+    iio.imwrite(ref, np.random.default_rng(0).integers(0, 256, (72, 80, 3), dtype=np.uint8))
+    rc = cli.main(["--model", "tiny-flux2-klein", "--output", str(tmp_path / "r.png"), "--image", str(ref),
+                   "--height", "64", "--width", "80", "--no-progress"])
+    assert rc == 0 and iio.imread(tmp_path / "r.png").shape == (64, 80, 3)
+
+
+@pytest.mark.slow
+def test_generate_flux2_dev_folder(tmp_path, capsys):
+    """A diffusers FLUX.2-dev folder (Flux2Pipeline, tiny random Mistral 3) runs as the flux2 family on ulysses=2;
+    cfg=2 is refused before loading (its guidance is embedded)."""
+    import imageio.v3 as iio
+
+    from tests.fixtures import make_torch_flux2_dev, save_torch_pipeline
+
+    folder = save_torch_pipeline(make_torch_flux2_dev(), tmp_path / "dev")
+    rc = cli.main(["--model", str(folder), "--output", str(tmp_path / "o.png"), "--height", "64", "--width", "64",
+                   "--steps", "2", "--max-sequence-length", "32", "--mesh", "ulysses=2", "--no-progress"])
+    assert rc == 0 and iio.imread(tmp_path / "o.png").shape == (64, 64, 3)
+    rc = cli.main(["--model", str(folder), "--output", str(tmp_path / "p.png"), "--mesh", "cfg=2"])
+    assert rc == 2 and "embeds its guidance" in capsys.readouterr().err
 
 
 def test_generate_hunyuandit_image(tmp_path):

@@ -18,10 +18,12 @@ from xdit_jax.safetensors_io import CheckpointError
 # to 2 stages); SD3 (three text encoders; 3 stacked blocks + the last, padded) on 2 stages; HunyuanDiT (BERT + mT5)
 # on one device; Wan (UMT5: a bias table per block) with 3 blocks on 2 stages; SANA (Gemma 2, DC-AE) on one device;
 # Chroma (the approximator's layer list; 3 double- + 2 single-stream blocks) on 2 stages; Lumina 2 (Z-Image's
-# stacks, Gemma 2, FLUX's VAE) on one device
+# stacks, Gemma 2, FLUX's VAE) on one device; FLUX.2 klein (Qwen3ForCausalLM, AutoencoderKLFlux2 with its batch-norm
+# statistics and encoder) on 2 stages
 CASES = {"flux": ("pipefusion=2", {"num_layers": 3}), "sd3": ("pipefusion=2", {"num_layers": 4}),
          "hunyuandit": (None, {}), "wan": ("pipefusion=2", {"num_layers": 3}), "sana": (None, {}),
-         "chroma": ("pipefusion=2", {"num_layers": 3}), "lumina2": (None, {})}
+         "chroma": ("pipefusion=2", {"num_layers": 3}), "lumina2": (None, {}),
+         "flux2": ("pipefusion=2", {"num_layers": 3})}
 MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -54,7 +56,11 @@ def test_random_pipeline_is_laid_out_as_a_checkpoint(family, tmp_path):
         if a is not None:
             assert _layout(b) == _layout(a), name
             compared += 1
-    assert compared == {"flux": 4, "sd3": 5, "hunyuandit": 4, "wan": 3, "sana": 3, "chroma": 3, "lumina2": 3}[family]
+    assert compared == {"flux": 4, "sd3": 5, "hunyuandit": 4, "wan": 3, "sana": 3, "chroma": 3, "lumina2": 3,
+                        "flux2": 3}[family]
+    if family == "flux2":  # the reference images' VAE encoder, and the batch-norm variances drawn as ones (not noise)
+        assert _layout(random.vae_encoder) == _layout(loaded.vae_encoder)
+        assert float(jnp.min(random.vae.bn.running_var[...].astype(jnp.float32))) == 1.0
     if mesh:  # the stacked blocks are split over the stages, as a checkpoint's
         specs = {v[2] for k, v in _layout(random.transformer).items() if "blocks" in k}
         assert ("pipefusion",) in specs

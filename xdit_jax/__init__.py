@@ -4,6 +4,7 @@ from xdit_jax.mesh import MeshSpec, build_mesh
 from xdit_jax.pipelines.chroma import ChromaPipeline, ChromaPipelineOutput
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
 from xdit_jax.pipelines.flux import FluxKontextPipeline, FluxPipeline, FluxPipelineOutput
+from xdit_jax.pipelines.flux2 import Flux2KleinPipeline, Flux2Pipeline, Flux2PipelineOutput
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
@@ -17,10 +18,11 @@ from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipe
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
 __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline",
-           "CogVideoXPipelineOutput", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput",
-           "HunyuanDiTPipeline", "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput",
-           "LattePipeline", "LattePipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec",
-           "MochiPipeline", "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImagePipeline",
+           "CogVideoXPipelineOutput", "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
+           "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
+           "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline",
+           "LattePipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
+           "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImagePipeline",
            "QwenImagePipelineOutput", "SD3PipelineOutput", "SanaPipeline", "SanaPipelineOutput",
            "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]

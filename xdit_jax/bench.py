@@ -92,8 +92,9 @@ ZIMAGE_MODELS = ("z-image-turbo",)
 SANA_MODELS = ("sana-1600m-1024px",)
 CHROMA_MODELS = ("chroma1-hd",)
 LUMINA2_MODELS = ("lumina-image-2.0",)
+FLUX2_MODELS = ("flux.2-klein-4b",)
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma",
-                  "lumina2")  # text-to-image: no frames
+                  "lumina2", "flux2")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -542,6 +543,25 @@ def _lumina2_cpu_small_workload() -> Workload:
                     source="configs/lumina-image-2.0, 2 layers + 1 + 1 refiner layers", defaults=defaults)
 
 
+def _flux2_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's FLUX.2 klein (2 heads x 16, 2 double- + 2 single-stream blocks, text 72 wide) at 48 x 80: a
+    # 3 x 5 grid of packed tokens (the sequence meshes pad), 16 text tokens, one sample per prompt (klein distilled).
+    t = dict(tiny.FLUX2_TRANSFORMER)
+    return Workload("flux2-tiny", t, height=48, width=80, num_frames=1, family="flux2", text_tokens=16, cfg=False,
+                    source="xdit_jax.tiny's FLUX.2 klein, 2 heads x 16, 2 + 2 blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 1.0, "max_sequence_length": 16})
+
+
+def _flux2_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "flux.2-klein-4b"
+    t, defaults = load_model_dir(folder)
+    return Workload("flux2-cpu-small", dict(t, num_layers=1, num_single_layers=1), height=256, width=256,
+                    num_frames=1, family="flux2", text_tokens=128, cfg=False, folder=str(folder), defaults=defaults,
+                    source="configs/flux.2-klein-4b, 1 double- + 1 single-stream block")
+
+
 def _sana_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
@@ -585,6 +605,8 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "qwenimage-cpu-small": _qwen_image_cpu_small_workload,
                                               "zimage-tiny": _zimage_tiny_workload,
                                               "zimage-cpu-small": _zimage_cpu_small_workload,
+                                              "flux2-tiny": _flux2_tiny_workload,
+                                              "flux2-cpu-small": _flux2_cpu_small_workload,
                                               "sana-tiny": _sana_tiny_workload,
                                               "sana-cpu-small": _sana_cpu_small_workload,
                                               "lumina2-tiny": _lumina2_tiny_workload,
@@ -694,6 +716,12 @@ PRESET_HELP.update({
                         "image + 64 caption tokens (50 kept), no CFG",
     "z-image-turbo": "full-size configs/z-image-turbo with random weights at 1024x1024 (64x64 = 4096 image + 64 "
                      "caption tokens, no CFG: Turbo's guidance 0)",
+    "flux2-tiny": "a 2x16-head FLUX.2-klein-shaped model (2 double- + 2 single-stream blocks) at 48x80: 15 image + 16 "
+                  "Qwen3 tokens, one sample per prompt (CI smoke test)",
+    "flux2-cpu-small": "FLUX.2 klein 4B width (24 heads x 128), 1 double- + 1 single-stream block, 256x256: 16x16 = "
+                       "256 image + 128 Qwen3 tokens, one sample per prompt",
+    "flux.2-klein-4b": "full-size configs/flux.2-klein-4b with random weights at 1024x1024 (64x64 = 4096 image + 512 "
+                       "Qwen3 tokens, step-distilled: one sample per prompt)",
     "sana-tiny": "a 2x8-head, 2-block SANA (linear attention, GLUMBConv) at 32x48: 96 image + 16 Gemma tokens (6 real; "
                  "CI smoke test)",
     "sana-cpu-small": "SANA 1600M width (70 linear heads x 32), 2 blocks, 512x512: 16x16 = 256 image + 300 Gemma tokens",
@@ -1578,8 +1606,9 @@ def format_table(rows: list[dict]) -> str:
     if "bert_tokens" in r0:  # HunyuanDiT: image tokens self-attend, the two texts are cross-attended
         tokens = (f"{r0['image_tokens']} image + {r0['bert_tokens']} BERT + {r0['t5_tokens']} mT5 tokens "
                   f"({r0['bert_valid_tokens']} / {r0['t5_valid_tokens']} in the prompt's masks)")
-    elif r0.get("family") == "flux":  # FLUX: [text; image] in every attention of both block phases
-        tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} T5 tokens "
+    elif r0.get("family") in ("flux", "flux2"):  # FLUX: [text; image] in every attention of both block phases
+        text = "T5" if r0["family"] == "flux" else "Qwen3"
+        tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} {text} tokens "
                   f"({r0['double_layers']} double- + {r0['single_layers']} single-stream blocks, "
                   f"{'true CFG' if r0.get('true_cfg') else 'one sample per prompt'})")
     elif r0.get("family") == "qwenimage":  # Qwen-Image: [text; image] in every attention, the text a masked context

@@ -2408,9 +2408,153 @@ class Chroma(Flux):
         return ChromaTorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# FLUX.2
+# ============================================================================================
+
+FLUX2_TIMESTEP = 0.5  # the transformer's ``timestep``: Flux2KleinPipeline's t / 1000, mid-schedule (exact in bf16)
+FLUX2_GUIDANCE = 4.0  # FLUX.2-dev's embedded guidance where ``guidance_embeds`` (klein: none)
+
+
+def flux2_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one FLUX.2 transformer forward (2 FLOPs per multiply-add).
+
+    B = batch, S = (H/16)(W/16) image tokens, L = text tokens (all of them: klein's Qwen3 padding included, no
+    mask), J = S + L, d = heads x head_dim (klein 4B: 3072), m = int(d x mlp_ratio) (SwiGLU's width, 3d), C =
+    in_channels (128), C_out = out_channels or C, D_j = joint_attention_dim (3 x the Qwen3 width), T =
+    timestep_guidance_channels (256), N double- and M single-stream blocks. Once per forward (shared by the
+    blocks): the three modulations of silu(temb): d -> 6d (image), d -> 6d (text), d -> 3d (single) = 30 B d^2.
+    Per double-stream block (``Flux2TransformerBlock``, no biases):
+
+        image q, k, v, out                                  4 x 2 B S d^2         =  8 B S d^2
+        text q, k, v, to_add_out                            4 x 2 B L d^2         =  8 B L d^2
+        joint attention QK^T and PV over [text; image]      2 x 2 B J^2 d         =  4 B J^2 d
+        image SwiGLU d -> 2m, m -> d                        2 B S d (2m) + 2 B S m d = 6 B S d m
+        text SwiGLU                                                               =  6 B L d m
+                                                   together 8 B J d^2 + 6 B J d m + 4 B J^2 d
+
+    Per single-stream block (``Flux2ParallelSelfAttention`` over all J tokens):
+
+        to_qkv_mlp_proj d -> 3d + 2m                        2 B J d (3d + 2m)
+        to_out [attention; SwiGLU] d + m -> d               2 B J (d + m) d
+        attention QK^T and PV over J                                              =  4 B J^2 d
+                                                   together 8 B J d^2 + 6 B J d m + 4 B J^2 d
+
+    Plus: x_embedder 2 B S C d; context_embedder 2 B L D_j d; the timestep embedder (T -> d -> d) 2 B (T d + d^2),
+    again for the guidance embedder where ``guidance_embeds`` (FLUX.2-dev); the head: norm_out's d -> 2d 4 B d^2 and
+    proj_out 2 B S d C_out. Norms, q/k RMS norms, RoPE, sinusoids, SiLU gates: element-wise.
+    """
+    b, s, c = latent_shape
+    t = transformer
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    mlp = int(d * float(t.get("mlp_ratio", 3.0)))
+    n, m = int(t["num_layers"]), int(t["num_single_layers"])
+    p = int(t.get("patch_size", 1))
+    cout = int(t.get("out_channels") or c)
+    dj, tp = int(t.get("joint_attention_dim", 15360)), int(t.get("timestep_guidance_channels", 256))
+    txt = int(text_len)
+    j = s + txt
+    attn = 4 * b * j * j * d
+    block = 8 * b * j * d * d + 6 * b * j * d * mlp
+    time = 2 * b * (tp * d + d * d) * (2 if t.get("guidance_embeds", True) else 1)
+    embed = 2 * b * s * c * d + 2 * b * txt * dj * d + time + 30 * b * d * d
+    head = 4 * b * d * d + 2 * b * s * d * (p * p * cout)
+    total = (n + m) * (block + attn) + embed + head
+    attention = (n + m) * attn
+    return {"total": float(total), "per_block": float(block + attn), "per_single_block": float(block + attn),
+            "attention": float(attention), "linear": float(total - attention), "tokens": s}
+
+
+class Flux2TorchReference(TorchReference):
+    """diffusers' ``Flux2Transformer2DModel`` called as ``Flux2KleinPipeline`` calls it: the packed latents and the
+    text states in the model's dtype, ``timestep`` t / 1000, ``img_ids`` (S, 4) and ``txt_ids`` (L, 4), ``guidance``
+    (B,) float32 only where ``guidance_embeds`` (klein passes None). With CFG the pipeline calls it once per half;
+    here once on both halves (the same work, as ours)."""
+
+    diffusers_class = "Flux2Transformer2DModel"
+
+    def set_inputs(self, inputs, w):
+        torch = self.torch
+        put = functools.partial(self._put, inputs)
+        self.x = put("latents", self.dtype)
+        self.enc = put("embeds", self.dtype)
+        self.t = put("t", self.dtype)
+        self.img_ids, self.txt_ids = put("img_ids", self.dtype), put("txt_ids", self.dtype)
+        self.guidance = put("guidance", torch.float32) if "guidance" in inputs else None
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t, img_ids=self.img_ids,
+                          txt_ids=self.txt_ids, guidance=self.guidance, return_dict=False)[0]
+
+
+class Flux2(Flux):
+    """FLUX.2 (klein): FLUX.1's packed-token workload (2 x 2 patches of the 8x latent: 128 channels), Qwen3's stacked
+    states as the text, 4-axis ids, no pooled embedding. Klein 4B / 9B are step-distilled: one sample per prompt by
+    default (``--cfg``: the base models' CFG, both halves)."""
+
+    name = "flux2"
+    module_name = "xdit_jax.models.flux2"
+    model_class_name = "Flux2Transformer2DModel"
+    config_class_name = "Flux2Config"
+    title = "FLUX.2"
+    default_cfg = False
+
+    def pipeline_call(self, w):
+        kw = Family.pipeline_call(self, w)
+        return dict(kw, guidance_scale=4.0) if w.cfg else kw
+
+    def reference_tokens(self, w) -> int:
+        return 0
+
+    def text_len(self, w):
+        """Qwen3 tokens: the pipeline's ``max_sequence_length`` (512; all of them reach the transformer)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or 512)
+
+    def guidance(self, w) -> float:
+        return FLUX2_GUIDANCE
+
+    def check(self, cfg, shape):
+        if shape[2] != cfg.in_channels:
+            raise ValueError(f"packed latents {shape}: this FLUX.2 transformer takes {cfg.in_channels} channels.")
+
+    def make_inputs(self, w, seed=0):
+        """As ``Flux2KleinPipeline`` passes them: packed latents (B, S, in_channels), the text states (B, L,
+        joint_attention_dim), t / 1000 (B,), guidance (B,) only where ``guidance_embeds``, and the position ids
+        ``img_ids`` (S, 4) = (0, row, column, 0), ``txt_ids`` (L, 4) = (0, 0, 0, l) (host arrays)."""
+        from xdit_jax.models.flux2 import image_ids, text_ids
+
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b, txt = w.step_batch, self.text_len(w)
+        inputs = {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
+                  "embeds": rng.standard_normal((b, txt, int(t.get("joint_attention_dim", 15360))), dtype=np.float32),
+                  "t": np.full((b,), FLUX2_TIMESTEP, dtype=np.float32)}
+        if t.get("guidance_embeds", True):
+            inputs["guidance"] = np.full((b,), self.guidance(w), dtype=np.float32)
+        inputs["img_ids"] = image_ids(*self.grid(w))
+        inputs["txt_ids"] = text_ids(txt)
+        return inputs
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], inputs["img_ids"],
+                inputs["txt_ids"], inputs.get("guidance"))
+
+    def mesh_forward(self):
+        """``xdit_jax.pipelines.flux2.transformer_over_mesh``: FLUX.1's two phases, as the pipeline."""
+        from xdit_jax.pipelines.flux2 import transformer_over_mesh
+
+        return transformer_over_mesh
+
+    def analytic_flops(self, w):
+        return flux2_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return Flux2TorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), Latte(), HunyuanVideo(), QwenImage(),
-                                                          ZImage(), Sana(), Chroma(), Lumina2())}
+                                                          ZImage(), Sana(), Chroma(), Lumina2(), Flux2())}
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
@@ -2424,6 +2568,7 @@ QWEN_IMAGE_CLASS_NAMES = ("QwenImageTransformer2DModel",)
 ZIMAGE_CLASS_NAMES = ("ZImageTransformer2DModel",)
 SANA_CLASS_NAMES = ("SanaTransformer2DModel",)
 LUMINA2_CLASS_NAMES = ("Lumina2Transformer2DModel",)
+FLUX2_CLASS_NAMES = ("Flux2Transformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -2440,7 +2585,9 @@ def family_of_config(transformer: dict) -> str:
     SANA by its class name or ``cross_attention_head_dim`` with ``mlp_ratio`` (no other family has the first);
     Chroma by its class name or ``approximator_num_channels`` (before FLUX: it has ``num_single_layers`` too);
     Lumina 2 by its class name or ``cap_feat_dim`` with ``num_refiner_layers`` and ``multiple_of`` (Z-Image has the
-    first and ``n_refiner_layers``, HunyuanVideo the second without the others); else CogVideoX."""
+    first and ``n_refiner_layers``, HunyuanVideo the second without the others);
+    FLUX.2 by its class name or ``num_single_layers`` with ``timestep_guidance_channels`` (checked before FLUX.1,
+    whose ``num_single_layers`` it shares); else CogVideoX."""
     if transformer.get("_class_name") in SANA_CLASS_NAMES or (
             "cross_attention_head_dim" in transformer and "mlp_ratio" in transformer):
         return "sana"
@@ -2455,6 +2602,9 @@ def family_of_config(transformer: dict) -> str:
     if transformer.get("_class_name") in QWEN_IMAGE_CLASS_NAMES or (
             "axes_dims_rope" in transformer and "num_single_layers" not in transformer):
         return "qwenimage"
+    if transformer.get("_class_name") in FLUX2_CLASS_NAMES or (
+            "num_single_layers" in transformer and "timestep_guidance_channels" in transformer):
+        return "flux2"
     if transformer.get("_class_name") in CHROMA_CLASS_NAMES or "approximator_num_channels" in transformer:
         return "chroma"
     if transformer.get("_class_name") in HUNYUAN_VIDEO_CLASS_NAMES or (

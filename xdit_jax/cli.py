@@ -6,7 +6,7 @@
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
                                                    # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
                                                    # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana,
-                                                   # tiny-chroma, tiny-lumina2)
+                                                   # tiny-chroma, tiny-lumina2, tiny-flux2-klein)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -46,7 +46,11 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             # Chroma: real CFG (negative prompt default ""), diffusers' ChromaPipeline defaults
             "chroma": {"output": "output.png", "guidance_scale": 5.0, "steps": 35, "tiny_steps": 2},
             # diffusers' Lumina2Pipeline defaults (CFG normalized, not truncated)
-            "lumina2": {"output": "output.png", "guidance_scale": 4.0, "steps": 30, "tiny_steps": 2}}
+            "lumina2": {"output": "output.png", "guidance_scale": 4.0, "steps": 30, "tiny_steps": 2},
+            # FLUX.2 klein: diffusers' defaults (50 steps, CFG 4) for the base models; a step-distilled checkpoint
+            # (is_distilled: FLUX.2-klein-4B / -9B) runs its model card's 4 steps at guidance 1 (--guidance-scale None)
+            "flux2": {"output": "output.png", "guidance_scale": 4.0, "steps": 50, "tiny_steps": 2,
+                      "distilled_steps": 4, "distilled_guidance_scale": 1.0}}
 VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte", "hunyuanvideo")
 FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
 TRUE_CFG_FAMILIES = {"flux": "FLUX", "hunyuanvideo": "HunyuanVideo", "qwenimage": "Qwen-Image"}  # --true-cfg-scale
@@ -60,14 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-zimage' / 'tiny-sana' / "
-                         "'tiny-chroma' / 'tiny-lumina2' "
+                         "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
     ap.add_argument("--image", default=None, metavar="PATH",
                     help="image-to-video (a CogVideoX or Wan I2V model, Wan 2.2 TI2V-5B): the first frame, resized to "
-                         "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does")
+                         "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does; "
+                         "FLUX.2 klein: a reference image (optional)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -344,6 +349,16 @@ def _expand_timesteps(model) -> bool:
     return bool(read_json(Path(model) / "model_index.json").get("expand_timesteps"))
 
 
+def _flux2_distilled(model) -> bool:
+    """A FLUX.2 klein folder's ``is_distilled`` (model_index.json), False where it cannot be read."""
+    try:
+        from xdit_jax.pipelines.flux2 import is_distilled
+
+        return is_distilled(model)
+    except Exception:  # noqa: BLE001 (a hub id not resolved yet: the pipeline's default)
+        return False
+
+
 def _check_family_flags(family: str, args) -> None:
     """Flags that mean nothing for this family are refused rather than silently ignored."""
     video_only = {"num_frames": "--num-frames", "fps": "--fps"}
@@ -361,7 +376,8 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--guidance-rescale")
     if family != "sd3" and args.skip_guidance_layers:
         wrong.append("--skip-guidance-layers (SD3's)")
-    if family in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma", "lumina2") and args.no_resolution_binning:
+    if family in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma", "lumina2", "flux2") and \
+            args.no_resolution_binning:
         wrong.append("--no-resolution-binning")
     if family == "hunyuandit" and args.max_sequence_length is not None:
         wrong.append("--max-sequence-length (HunyuanDiT's text lengths are the model's: 77 + 256)")
@@ -452,6 +468,16 @@ def _check_request(family: str, model, args, spec, guidance: float) -> None:
         ds = default_size(tc, vc)
         check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
                       guidance, args.max_sequence_length or 256)
+    elif family == "flux2":
+        from xdit_jax.pipelines.flux2 import check_request, default_size, is_distilled, read_configs
+
+        tc, vc = read_configs(model)
+        ds = default_size(tc, vc)
+        from xdit_jax.pipelines.denoise import pipeline_class_name
+
+        cfg_possible = pipeline_class_name(model) == "Flux2KleinPipeline" and not is_distilled(model)  # dev: none
+        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
+                      guidance > 1 and cfg_possible)
     elif family == "flux":
         from xdit_jax.pipelines.flux import check_request, default_size, kontext_output_size, read_configs
 
@@ -554,9 +580,12 @@ def _main(argv=None) -> int:
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
-        if not image_to_video and not args.kontext and args.image is not None:
+        flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image
+        if not image_to_video and not args.kontext and not flux2_reference and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, or FLUX.1 Kontext does).")
+        if args.last_image is not None and kind == "Flux2KleinPipeline":
+            raise ValueError("--last-image: FLUX.2 klein takes its reference image with --image.")
         if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline"):
             raise ValueError("--last-image: FLUX.1 Kontext takes one image (--image)." if args.kontext else
                              "--last-image: CogVideoX image-to-video takes the first frame only.")
@@ -565,7 +594,8 @@ def _main(argv=None) -> int:
                              f"only; {args.model} is not a Kontext checkpoint.")
         check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
-        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma", "lumina2"):
+        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma", "lumina2",
+                                                       "flux2"):
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
         if is_tiny and family == "flux":  # FLUX's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 48, args.width or 64
@@ -575,7 +605,7 @@ def _main(argv=None) -> int:
             args.height, args.width = args.height or 48, args.width or 80
         if is_tiny and family == "chroma":  # Chroma's default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 48, args.width or 64
-        if is_tiny and family == "zimage":  # Z-Image's default 1024 x 1024 would be slow for a toy model
+        if is_tiny and family in ("zimage", "flux2"):  # their default 1024 x 1024 would be slow for a toy model
             args.height, args.width = args.height or 64, args.width or 64
         if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
             args.height, args.width = args.height or 32, args.width or 48
@@ -590,6 +620,9 @@ def _main(argv=None) -> int:
             args.num_frames = args.num_frames or 9
         d = DEFAULTS[family]
         guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+        distilled = family == "flux2" and _flux2_distilled(model)
+        if distilled and args.guidance_scale is None:
+            guidance = d["distilled_guidance_scale"]
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
             _check_request(family, model, args, spec, guidance)
         cls = pipelines.pipeline_class("WanImageToVideoPipeline" if image_to_video and family == "wan" else kind)
@@ -616,7 +649,7 @@ def _main(argv=None) -> int:
         pipe.enable_vae_tiling(bool(args.vae_tiling))
     if args.vae_slicing:
         pipe.enable_vae_slicing()
-    steps = args.steps or (d["tiny_steps"] if is_tiny else d["steps"])
+    steps = args.steps or (d["tiny_steps"] if is_tiny else d["distilled_steps"] if distilled else d["steps"])
     msl = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if is_tiny else None)
     if family == "flux" and not is_tiny and not pipe.transformer_config.guidance_embeds:  # FLUX.1-schnell
         steps, msl = args.steps or 4, msl or 256  # its model card's settings (timestep-distilled)
@@ -655,6 +688,12 @@ def _main(argv=None) -> int:
         kw.update(max_sequence_length=msl or 512)
     elif family == "lumina2":  # (the tiny one too: its system prompt alone is ~95 stand-in tokens)
         kw.update(max_sequence_length=args.max_sequence_length or 256)
+    elif family == "flux2":
+        kw.update(max_sequence_length=args.max_sequence_length or (tiny.FLUX2_MAX_SEQUENCE_LENGTH if is_tiny else 512))
+        if args.image is not None:  # a reference image (diffusers' image=; the output takes its size unless given)
+            from PIL import Image
+
+            kw["image"] = Image.open(args.image).convert("RGB")
     elif family == "sd3":
         kw.update(max_sequence_length=msl or 256, skip_guidance_layers=args.skip_guidance_layers,
                   skip_layer_guidance_scale=args.skip_layer_guidance_scale,

@@ -82,6 +82,12 @@ MODEL_CLASSES = {
     "AutoencoderDC": ("xdit_jax.models.vae_dc", "AutoencoderDCConfig"),
     # Lumina-Image 2.0 (its text encoder: Gemma2Model above; its VAE: FLUX's AutoencoderKL)
     "Lumina2Transformer2DModel": ("xdit_jax.models.lumina2", "Lumina2Config"),
+    # FLUX.2: its transformer and VAE (AutoencoderKL with 32 latent channels and the latents' batch-norm statistics);
+    # klein's text encoder is Qwen3ForCausalLM (above)
+    "Flux2Transformer2DModel": ("xdit_jax.models.flux2", "Flux2Config"),
+    "AutoencoderKLFlux2": ("xdit_jax.models.vae_flux2", "AutoencoderKLFlux2Config"),
+    # FLUX.2-dev's text_encoder: Mistral 3's language model (vision tower, projector and lm_head not read)
+    "Mistral3ForConditionalGeneration": ("xdit_jax.models.mistral3", "Mistral3TextConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
 

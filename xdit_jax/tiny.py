@@ -22,7 +22,8 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
               "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext",
               "tiny-qwenimage": "qwenimage", "tiny-zimage": "zimage",
-              "tiny-sana": "sana", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2"}
+              "tiny-sana": "sana", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
+              "tiny-flux2-klein": "flux2"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -221,6 +222,41 @@ ZIMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train
                         use_dynamic_shifting=False)
 
 
+# FLUX.2 [klein] shaped: 2 double- and 2 single-stream blocks over 2 heads of 16 (RoPE axes 4 x 4, theta 2000), no
+# guidance embedding; a 4-block AutoencoderKLFlux2 (8x) with 4 latent channels (16 patchified, the batch-norm over
+# them), decoder widths of its own; a 27-layer Qwen3 24 wide (hidden_states 9, 18, 27: the last one after the final
+# norm) whose 3 x 24 = 72 features feed the transformer. 64 x 64 images: 4 x 4 = 16 image tokens.
+FLUX2_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                         num_attention_heads=2, joint_attention_dim=72, timestep_guidance_channels=32, mlp_ratio=3.0,
+                         axes_dims_rope=[4, 4, 4, 4], rope_theta=2000, eps=1e-6, guidance_embeds=False)
+FLUX2_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
+                 decoder_block_out_channels=[8, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+                 up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, norm_num_groups=4, sample_size=64,
+                 batch_norm_eps=1e-4, patch_size=[2, 2])
+FLUX2_QWEN3 = dict(ZIMAGE_QWEN3, hidden_size=24, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=12)
+FLUX2_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
+                       use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                       max_image_seq_len=4096, time_shift_type="exponential")
+FLUX2_MAX_SEQUENCE_LENGTH = 32
+# FLUX.2 [dev] shaped: the klein transformer with the guidance embedding, its text from a 30-layer Mistral 3 language
+# model 24 wide (hidden_states 10, 20, 30: the last after the final norm) on the stand-in Llama tokenizer with a
+# Mistral-like chat template; a 1-layer Pixtral vision tower (not read by xdit_jax).
+FLUX2_DEV_TRANSFORMER = dict(FLUX2_TRANSFORMER, guidance_embeds=True)
+FLUX2_MISTRAL3 = dict(model_type="mistral3", spatial_merge_size=2,
+                      text_config=dict(model_type="mistral", vocab_size=384, hidden_size=24, intermediate_size=32,
+                                       num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=12,
+                                       rms_norm_eps=1e-5, max_position_embeddings=512, sliding_window=None,
+                                       rope_theta=1000000000.0, tie_word_embeddings=False),
+                      vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8))
+# A Mistral-like chat template for the stand-in tokenizer (system prompt, then the user's text; content lists)
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + message['content'][0]['text'] + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + message['content'][0]['text'] + '[/INST]' }}{%- endif %}"
+    "{%- endfor %}")
+
 # SANA shaped: 2 blocks of 2 linear heads x 8 (D = 16), cross 2 x 8, GLUMBConv x 2.5, patch 1; a 3-block DC-AE (4x:
 # sample size 8 -> 32 x 32 images) with an EfficientViT block at the deepest level; a 2-layer Gemma 2 (sliding,
 # full) whose vocabulary covers the stand-in tokenizer; SANA's DPM-Solver++ with flow sigmas (flow_shift 3).
@@ -306,6 +342,14 @@ def train_llama_tokenizer():
     return llama.train_tokenizer(CORPUS * 4 + [template.format(p) for p in CORPUS], vocab_size=LLAMA_VOCAB)
 
 
+def train_mistral3_tokenizer():
+    """The Llama-like stand-in (:func:`train_llama_tokenizer`) with :data:`MISTRAL3_CHAT_TEMPLATE` (FLUX.2-dev's
+    text encoder's stand-in; its ids fit :data:`FLUX2_MISTRAL3`'s vocabulary)."""
+    tok = train_llama_tokenizer()
+    tok.chat_template = MISTRAL3_CHAT_TEMPLATE
+    return tok
+
+
 def train_qwen_tokenizer():
     """A Qwen2 tokenizer (:func:`xdit_jax.models.qwen2_5_vl.train_tokenizer`) trained on the same sentences, alone
     and inside Qwen-Image's prompt template."""
@@ -345,6 +389,8 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = ""):
         return train_bert_tokenizer()
     if class_name.startswith("Llama"):
         return train_llama_tokenizer()
+    if class_name.startswith("Pixtral") or text_encoder.startswith("Mistral3"):  # FLUX.2-dev's processor
+        return train_mistral3_tokenizer()
     if class_name.startswith("Qwen2"):
         return train_qwen3_tokenizer() if text_encoder.startswith("Qwen3") else train_qwen_tokenizer()
     if class_name.startswith("Gemma"):
@@ -412,6 +458,12 @@ def model_index(family: str = "cogvideox") -> dict:
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
                 "text_encoder": ["transformers", "Qwen3Model"], "tokenizer": ["transformers", "Qwen2Tokenizer"],
                 "transformer": ["diffusers", "ZImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if family == "flux2":
+        return {"_class_name": "Flux2KleinPipeline", "_diffusers_version": "0.37.0", "is_distilled": False,
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+                "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+                "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"]}
     if family == "latte":
         return {"_class_name": "LattePipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DDIMScheduler"],
@@ -443,9 +495,9 @@ def init_rule(path, shape: tuple[int, ...]) -> float | str:
     standard deviation of a normal scaled by the fan-in (kernels: all axes but the output one, a stacked
     layer axis left out; embeddings: their width)."""
     name = str(getattr(path[-1], "key", path[-1]))
-    if name in ("scale", "weight") and len(shape) == 1:
+    if name in ("scale", "weight", "running_var") and len(shape) == 1:
         return "ones"
-    if name == "bias":
+    if name in ("bias", "running_mean"):
         return "zeros"
     fan_in = int(np.prod(shape[:-1])) if name == "kernel" else shape[-1]
     if name == "kernel" and len(shape) >= 3 and path and "transformer_blocks" in str(path[0]):
@@ -653,6 +705,18 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder": ("Qwen3Model", ZIMAGE_QWEN3,
                              lambda: llama.LlamaModel(qwen3.Qwen3Config.from_dict(ZIMAGE_QWEN3), rngs=nnx.Rngs(0))),
         }, ZIMAGE_SCHEDULER
+    if family == "flux2":
+        from xdit_jax.models import flux2, llama, qwen3, vae_flux2
+
+        tcfg = {**FLUX2_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("Flux2Transformer2DModel", tcfg,
+                            lambda: flux2.Flux2Transformer2DModel(flux2.Flux2Config.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLFlux2", FLUX2_VAE,
+                    lambda: vae_flux2.module_fn(vae_flux2.AutoencoderKLFlux2Config.from_dict(FLUX2_VAE))()),
+            "text_encoder": ("Qwen3ForCausalLM", FLUX2_QWEN3,
+                             lambda: llama.LlamaModel(qwen3.Qwen3Config.from_dict(FLUX2_QWEN3), rngs=nnx.Rngs(0))),
+        }, FLUX2_SCHEDULER
     if family == "latte":
         tcfg = {**LATTE_TRANSFORMER, **(transformer or {})}
         return {
@@ -776,10 +840,12 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             if name.startswith("tokenizer"):
                 encoder = model_index(family).get(name.replace("tokenizer", "text_encoder"), [None, ""])[1]
                 stand_in_tokenizer(spec[1], encoder).save_pretrained(tmp / name)
-        if family == "flux-kontext":  # the VAE's encoder, as conversion writes it (vae/encoder_params)
-            from xdit_jax.models import vae_kl, vae_kl_encoder
+        if family in ("flux-kontext", "flux2"):  # the VAE's encoder, as conversion writes it (vae/encoder_params)
+            from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder
 
-            make = vae_kl_encoder.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE))
+            vcfg = (vae_flux2.AutoencoderKLFlux2Config.from_dict(FLUX2_VAE) if family == "flux2"
+                    else vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE))
+            make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",

@@ -123,23 +123,22 @@ class Attention(nnx.Module):
     """diffusers ``FluxAttention``: q/k/v with bias, per-head RMS norms; ``added``: the text stream's
     own projections (double-stream blocks); ``pre_only``: no output projection (single-stream)."""
 
-    def __init__(self, cfg: FluxConfig, *, added: bool, pre_only: bool, dtype, rngs):
+    def __init__(self, cfg: FluxConfig, *, added: bool, pre_only: bool, dtype, rngs, bias: bool = True,
+                 eps: float = 1e-6):
+        """``bias=False``: no biases anywhere (FLUX.2's ``Flux2Attention``); ``eps``: the q/k RMS norms'."""
         d, hd = cfg.inner_dim, cfg.attention_head_dim
         self.head_dim, self.added, self.pre_only = hd, added, pre_only
-        self.to_q = linear(d, d, dtype=dtype, rngs=rngs)
-        self.to_k = linear(d, d, dtype=dtype, rngs=rngs)
-        self.to_v = linear(d, d, dtype=dtype, rngs=rngs)
-        self.norm_q = RMSNorm(hd, dtype=dtype)
-        self.norm_k = RMSNorm(hd, dtype=dtype)
+        lin = lambda: linear(d, d, bias=bias, dtype=dtype, rngs=rngs)  # noqa: E731
+        self.to_q, self.to_k, self.to_v = lin(), lin(), lin()
+        self.norm_q = RMSNorm(hd, eps, dtype=dtype)
+        self.norm_k = RMSNorm(hd, eps, dtype=dtype)
         if not pre_only:
-            self.to_out = linear(d, d, dtype=dtype, rngs=rngs)
+            self.to_out = lin()
         if added:
-            self.add_q_proj = linear(d, d, dtype=dtype, rngs=rngs)
-            self.add_k_proj = linear(d, d, dtype=dtype, rngs=rngs)
-            self.add_v_proj = linear(d, d, dtype=dtype, rngs=rngs)
-            self.norm_added_q = RMSNorm(hd, dtype=dtype)
-            self.norm_added_k = RMSNorm(hd, dtype=dtype)
-            self.to_add_out = linear(d, d, dtype=dtype, rngs=rngs)
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = lin(), lin(), lin()
+            self.norm_added_q = RMSNorm(hd, eps, dtype=dtype)
+            self.norm_added_k = RMSNorm(hd, eps, dtype=dtype)
+            self.to_add_out = lin()
 
     def qkv(self, x, rope, batched: bool = False):
         """q, k (RMS-normed, rotated), v; ``rope``: (S, hd) tables, or (B, S, hd) with ``batched``, or None

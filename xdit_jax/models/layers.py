@@ -132,9 +132,10 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, downscale_freq
 class TimestepEmbedding(nnx.Module):
     """diffusers ``TimestepEmbedding`` (linear_1 -> SiLU -> linear_2)."""
 
-    def __init__(self, din: int, dout: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.linear_1 = linear(din, dout, dtype=dtype, rngs=rngs)
-        self.linear_2 = linear(dout, dout, dtype=dtype, rngs=rngs)
+    def __init__(self, din: int, dout: int, *, dtype=jnp.float32, rngs: nnx.Rngs, bias: bool = True):
+        """``bias=False``: diffusers' ``sample_proj_bias=False`` (FLUX.2)."""
+        self.linear_1 = linear(din, dout, bias=bias, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(dout, dout, bias=bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.silu(self.linear_1(x)))

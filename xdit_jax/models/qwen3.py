@@ -71,16 +71,19 @@ def build(cfg: llama.LlamaConfig, params: dict, dtype=jnp.float32) -> llama.Llam
     return llama.build(cfg, params, dtype)
 
 
-def format_prompts(tokenizer, prompts: list[str]) -> list[str]:
-    """Each prompt in the chat template as diffusers' ``_encode_prompt`` formats it."""
+def format_prompts(tokenizer, prompts: list[str], enable_thinking: bool = True) -> list[str]:
+    """Each prompt in the chat template as diffusers' ``_encode_prompt`` formats it (Z-Image: ``enable_thinking``;
+    FLUX.2 klein: without, which appends an empty think block)."""
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True, enable_thinking=True) for p in prompts]
+                                          add_generation_prompt=True, enable_thinking=enable_thinking)
+            for p in prompts]
 
 
-def tokenize(tokenizer, prompts: list[str], max_sequence_length: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer, prompts: list[str], max_sequence_length: int = 512,
+             enable_thinking: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) (B, max_sequence_length) of the templated prompts, padded and truncated as diffusers'."""
-    enc = tokenizer(format_prompts(tokenizer, prompts), padding="max_length", max_length=max_sequence_length,
-                    truncation=True, return_tensors="np")
+    enc = tokenizer(format_prompts(tokenizer, prompts, enable_thinking), padding="max_length",
+                    max_length=max_sequence_length, truncation=True, return_tensors="np")
     return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
 
 
@@ -109,6 +112,26 @@ def prompt_embeds(tokenizer, model: llama.LlamaModel, prompts: str | list[str], 
     else:
         states = encode(ids, mask)
     return compact(jax.device_get(states), mask)
+
+
+FLUX2_LAYERS = (9, 18, 27)  # diffusers' Flux2KleinPipeline: text_encoder_out_layers
+
+
+def stacked_hidden_states(model: llama.LlamaModel, input_ids, attention_mask=None, layers=FLUX2_LAYERS):
+    """diffusers' ``Flux2KleinPipeline._get_qwen3_prompt_embeds`` on ids: ``hidden_states[k]`` for each ``k`` of
+    ``layers`` (0: the embeddings, ``i``: layer ``i``'s output, the last: after the final norm; negative counts
+    from the end), stacked and folded into the features: (B, L, len(layers) x hidden), channel-major as
+    ``stack(dim=1).permute(0, 2, 1, 3).reshape``. Runs only the layers the deepest index needs."""
+    n = model.cfg.num_hidden_layers
+    layers = tuple(int(k) for k in layers)
+    if not layers or any(not -(n + 1) <= k <= n for k in layers):
+        raise ValueError(f"text_encoder_out_layers {layers}: this Qwen3 has {n + 1} hidden states (embeddings and "
+                         f"{n} layers); each index must be in [{-(n + 1)}, {n}].")
+    idx = [k % (n + 1) for k in layers]
+    h0, h, per_layer = model._run(input_ids, attention_mask, max(idx), True)
+    picked = [h0 if k == 0 else model.norm(h) if k == n else per_layer[k - 1] for k in idx]
+    out = jnp.stack(picked, axis=2)  # (B, L, n_layers, D)
+    return out.reshape(*out.shape[:2], -1)
 
 
 def train_tokenizer(corpus, vocab_size: int = 400):

@@ -291,7 +291,8 @@ class UpDecoderBlock2D(nnx.Module):
 
 class Decoder(nnx.Module):
     def __init__(self, cfg: AutoencoderKLConfig, *, dtype=jnp.float32):
-        ch = list(reversed(cfg.block_out_channels))
+        # (AutoencoderKLFlux2's decoder may have widths of its own: decoder_block_out_channels)
+        ch = list(reversed(getattr(cfg, "decoder_block_out_channels", None) or cfg.block_out_channels))
         groups, act = cfg.norm_num_groups, cfg.act_fn
         self.conv_in = _conv3x3(cfg.latent_channels, ch[0], dtype)
         self.mid_block = UNetMidBlock2D(ch[0], groups=groups, act_fn=act,

@@ -26,12 +26,14 @@ PIPELINES = {
     "Lumina2Pipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),
     # diffusers' earlier name of the same pipeline (still an alias there)
     "Lumina2Text2ImgPipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),
+    "Flux2KleinPipeline": ("xdit_jax.pipelines.flux2", "Flux2KleinPipeline", "flux2"),
+    "Flux2Pipeline": ("xdit_jax.pipelines.flux2", "Flux2Pipeline", "flux2"),
 }
 
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
-    "qwenimage", "zimage", "sana", "chroma", "lumina2") of a diffusers pipeline class name;
+    "qwenimage", "zimage", "sana", "chroma", "lumina2", "flux2") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")
