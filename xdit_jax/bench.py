@@ -1356,8 +1356,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
             pt = tcfg.patch_size_t or 1
             seq = inputs["embeds"].shape[1] + lat[1] // pt * (lat[3] // tcfg.patch_size) * (lat[4] // tcfg.patch_size)
         args = args + (pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
-                                             getattr(tcfg, "kv_head_dim", tcfg.attention_head_dim), dtype, patches,
-                                             tail=family.final_block,
+                                             tcfg.attention_head_dim, dtype, patches, tail=family.final_block,
                                              abstract=opts.compile_only, **family.stack_attentions(tcfg),
                                              text_len=text_tokens if family.text_keys(tcfg) and
                                              pipefusion.slices_text(mesh) else None),)
