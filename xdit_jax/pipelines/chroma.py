@@ -14,9 +14,11 @@ huggingface/diffusers#12116: :mod:`xdit_jax.models.chroma`); real classifier-fre
 mask, split over ``cfg=2``. The transformer's image tokens are the sharded sequence over (ring, ulysses), the
 text sharded with them and joining each attention as the context (``run_blocks(..., text=chroma.TEXT_KEYS)``).
 
-Known differences: t x 1000 enters its sinusoid in float32 also in bf16 (diffusers rounds it to bf16 first);
-with ``prompt_embeds`` of fewer than ``max_sequence_length`` tokens and CFG, the negative prompt is encoded at the
-prompt's length (both halves run in one batch; diffusers encodes it at ``max_sequence_length`` separately);
+Known differences: the text mask on padded prompts (a real key mask where diffusers 0.42.1 adds a float mask to the
+logits: above; the same where the prompts fill ``max_sequence_length``); t x 1000 enters its sinusoid in float32 also
+in bf16 (diffusers rounds it to bf16 first); with ``prompt_embeds`` of fewer than ``max_sequence_length`` tokens and
+CFG, the negative prompt is encoded at the prompt's length (both halves run in one batch; diffusers encodes it at
+``max_sequence_length`` separately; under the key mask that changes nothing unless the negative prompt is cut);
 custom ``sigmas``, IP-Adapter images and callbacks are not taken.
 """
 
