@@ -97,6 +97,19 @@ def test_matches_diffusers_without_mask(pair):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
 
 
+def test_approximator_rms_norm_bf16_matches_torch():
+    """torch's ``nn.RMSNorm(dim)`` (no eps) in bf16 takes float32's epsilon (1.2e-7, its compute dtype's), not
+    bf16's 7.8e-3: on small activations the two differ by O(1)."""
+    norm = chroma.Approximator(4, 4, 64, 1, dtype=jax.numpy.bfloat16, rngs=nnx.Rngs(0)).norms[0]
+    x = (np.random.default_rng(0).standard_normal((3, 64)) * 0.01).astype(np.float32)
+    tx = torch.from_numpy(x).bfloat16()
+    with torch.no_grad():
+        ref = torch.nn.RMSNorm(64).bfloat16()(tx).float().numpy()
+    out = np.asarray(norm(jax.numpy.asarray(tx.float().numpy(), jax.numpy.bfloat16)).astype(np.float32))
+    # bf16 outputs O(2.5); measured max |diff| 0 (with bf16's epsilon: 2.3)
+    np.testing.assert_allclose(out, ref, atol=2e-2, rtol=0)
+
+
 def test_config_and_checkpoint_errors(pair):
     tm, cfg, model = pair
     with pytest.raises(ValueError, match="multiple of 4"):
