@@ -66,8 +66,8 @@ case $part in
   step sana-e2e 150 --model sana-1600m-1024px --steps 0 --e2e 2
   step kontext 240 --model flux.1-kontext-dev --steps 3
   ;;
-9)  # Chroma1-HD, never run on a GPU: the full model against diffusers (both CFG halves, the additive text mask as
-    # 8 extra q/k channels: head_dim 136 on cuDNN), then its step under mosaic
+9)  # Chroma1-HD, never run on a GPU: the full model against diffusers (both CFG halves; diffusers on the text cropped
+    # to the kept tokens, as our key mask computes), then its step under mosaic
   step chroma-vs 300 --model chroma1-hd --steps 5 --compare diffusers
   step chroma 240 --model chroma1-hd --steps 3 --variant mosaic:backend=mosaic
   ;;

@@ -1,5 +1,10 @@
 """The Chroma pipeline from a diffusers save_pretrained folder == diffusers' ChromaPipeline (text encoding with its
-mask, latents with CFG, the decoded image), on one device and on a mesh (8 simulated CPU devices)."""
+mask, latents with CFG, the decoded image), on one device and on a mesh (8 simulated CPU devices).
+
+Our text mask is a real key mask (the reference implementation's; diffusers 0.42.1 adds its float mask to the
+logits, huggingface/diffusers#12116: xdit_jax/models/chroma.py). So: prompts that fill ``max_sequence_length``
+(masks all ones: diffusers' float mask is inert) == diffusers as it is; padded prompts == diffusers with its
+transformer run on each sample's text cropped to the kept tokens, no mask (:func:`_crop_text`)."""
 
 import numpy as np
 import pytest
@@ -10,7 +15,9 @@ from xdit_jax.pipelines.chroma import ChromaPipeline
 from xdit_jax.pipelines.denoise import converted_folder
 
 PROMPT = "A small dog running on a beach at sunset."
+FOX = "A red fox in the snowy forest at dawn."
 NEG = "blurry, low quality"
+SHORT = "A cat."  # 6 tokens: padded (7 kept of 16), as is the default negative prompt "" (2 kept)
 H, W, STEPS, MSL = 48, 80, 2, 16  # 6 x 10 latents: 3 x 5 = 15 packed image tokens, 16 T5 tokens
 
 
@@ -35,6 +42,22 @@ def _diffusers(tp, prompt, lat, output_type, **kw):
     return out.numpy() if output_type == "latent" else np.asarray(out)
 
 
+def _crop_text(forward):
+    """diffusers' transformer ``forward`` run per sample on the text cropped to the tokens its mask keeps, with no
+    mask (the text ids are zeros: cropping moves no position): what the real key mask computes."""
+
+    def cropped(*, hidden_states, encoder_hidden_states, timestep, txt_ids, attention_mask, **kw):
+        outs = []
+        for i in range(hidden_states.shape[0]):
+            kept = int(attention_mask[i, :encoder_hidden_states.shape[1]].count_nonzero())
+            outs.append(forward(hidden_states=hidden_states[i:i + 1], timestep=timestep[i:i + 1],
+                                encoder_hidden_states=encoder_hidden_states[i:i + 1, :kept], txt_ids=txt_ids[:kept],
+                                attention_mask=None, **kw)[0])
+        return (torch.cat(outs),)
+
+    return cropped
+
+
 def test_text_encoding_matches_diffusers(built):
     """T5 with the tokenizer's mask; the transformer's mask: the prompt and one padding token."""
     tp, ours, _ = built
@@ -48,41 +71,65 @@ def test_text_encoding_matches_diffusers(built):
     np.testing.assert_allclose(np.asarray(emb), ref.numpy(), atol=1e-5, rtol=0)
 
 
-def test_image_matches_diffusers(built):
-    """Default real CFG (guidance 5, the empty negative prompt), dynamic shifting, FLUX's VAE shift and scale."""
+def test_unpadded_image_and_latents_match_diffusers(built):
+    """Prompts and a negative prompt that fill the 16 tokens (every mask all ones: diffusers as it is), default real
+    CFG (guidance 5), dynamic shifting, FLUX's VAE shift and scale: the final latents and the image."""
     tp, ours, _ = built
-    lat = initial_latents()
-    ref = _diffusers(tp, PROMPT, lat, "np")
-    out = ours(PROMPT, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
-               progress=False).images
-    assert out.shape == ref.shape == (1, H, W, 3)
-    # fp32 both sides, pixels in [0, 1]; measured max |diff| 1.8e-6. 2e-4 is 1/20 of an 8-bit level, while a wrong
+    prompts = [PROMPT, FOX]
+    with torch.no_grad():
+        masks = [tp._get_t5_prompt_embeds(p, max_sequence_length=MSL)[1] for p in (prompts, NEG)]
+    assert all(bool((m == 1).all()) for m in masks)  # no padding: diffusers' float mask adds a per-row constant
+    lat = initial_latents(batch=2)
+    seen = {}
+
+    def last_latents(pipe, i, t, kw):
+        seen["latents"] = kw["latents"].numpy().copy()
+        return kw
+
+    ref = _diffusers(tp, prompts, lat, "np", negative_prompt=NEG, callback_on_step_end=last_latents)
+    kw = dict(negative_prompt=NEG, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
+              progress=False)
+    out = ours(prompts, **kw).images
+    assert out.shape == ref.shape == (2, H, W, 3)
+    # fp32 both sides, pixels in [0, 1]; measured max |diff| 2.8e-6. 2e-4 is 1/20 of an 8-bit level, while a wrong
     # mask, schedule or VAE shift moves pixels by 1e-2 or more.
     np.testing.assert_allclose(out, ref, atol=2e-4, rtol=0)
+    out = ours(prompts, output_type="latent", **kw).images
+    scale = np.abs(seen["latents"]).max()
+    # fp32; latents O(5); measured max |diff| 3.8e-6 (the bound: 4.8e-4)
+    np.testing.assert_allclose(out, seen["latents"], atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
 
 
-def test_latents_match_diffusers_cfg_batch(built):
-    """Two prompts, a negative prompt, guidance 3, two images per prompt."""
+def test_padded_latents_match_diffusers_on_cropped_text(built, monkeypatch):
+    """A padded prompt next to a full one, the default negative prompt "" (padded), guidance 3, two images per
+    prompt: == diffusers with its transformer on each sample's cropped text (:func:`_crop_text`); diffusers as it
+    is (its float mask added to the logits) differs."""
     tp, ours, _ = built
-    prompts = [PROMPT, "A cat."]
+    prompts = [PROMPT, SHORT]
     lat = initial_latents(batch=4, seed=1)
-    kw = dict(negative_prompt=NEG, guidance_scale=3.0)
-    ref = _diffusers(tp, prompts, lat, "latent", num_images_per_prompt=2, **kw)
+    kw = dict(guidance_scale=3.0, num_images_per_prompt=2)
     out = ours(prompts, height=H, width=W, num_inference_steps=STEPS, latents=lat, max_sequence_length=MSL,
-               output_type="latent", progress=False, num_images_per_prompt=2, **kw).images
+               output_type="latent", progress=False, **kw).images
+    bugged = _diffusers(tp, prompts, lat, "latent", **kw)
+    monkeypatch.setattr(tp.transformer, "forward", _crop_text(tp.transformer.forward))
+    ref = _diffusers(tp, prompts, lat, "latent", **kw)
     scale = np.abs(ref).max()
-    # fp32; latents O(5); measured max |diff| 2.7e-6 (the bound: 4.6e-4)
+    # fp32; latents O(5); measured max |diff| 2.1e-6 (the bound: 4.7e-4)
     np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    # diffusers' float mask (padded keys lowered by 1, not removed): measured max |diff| 0.64 of latents O(5) (each
+    # sample's 0.29 to 0.64: the negative prompt "" is padded for all four)
+    assert np.abs(out - bugged).max() > 1e-2 * scale
 
 
 @pytest.mark.parametrize("mesh", ["cfg=2,ring=2,ulysses=2"])
 def test_mesh_matches_one_device(mesh, built):
     _, ours, folder = built
-    kw = dict(negative_prompt=NEG, height=H, width=W, num_inference_steps=STEPS, latents=initial_latents(seed=2),
+    # padded prompt and negative prompt: the key mask (whole) with the text sharded over ring x ulysses
+    kw = dict(height=H, width=W, num_inference_steps=STEPS, latents=initial_latents(seed=2),
               max_sequence_length=MSL, progress=False)
-    ref = ours(PROMPT, **kw).images
-    out = ChromaPipeline.from_pretrained(folder, mesh=mesh)(PROMPT, **kw).images
-    # one device up to float rounding; measured max |diff| 1.4e-6
+    ref = ours(SHORT, **kw).images
+    out = ChromaPipeline.from_pretrained(folder, mesh=mesh)(SHORT, **kw).images
+    # one device up to float rounding; measured max |diff| 1.5e-6
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
 
 
@@ -125,9 +172,10 @@ def test_cli_tiny_chroma(tmp_path, capsys, monkeypatch):
 
 
 def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
-    """scripts/benchmark.py's step of chroma-tiny (15 image + 16 T5 tokens, 6 kept, both CFG halves) against diffusers'
-    transformer on one device and cfg=2 x ulysses=3; the compiled program's FLOPs == the analytic count; the
-    full-size folder read as Chroma (not FLUX) with its shapes, nothing compiled."""
+    """scripts/benchmark.py's step of chroma-tiny (15 image + 16 T5 tokens, 6 + one pad kept, both CFG halves) against
+    diffusers' transformer (on the text cropped to the 7 kept tokens, no mask: bench_families.ChromaTorchReference)
+    on one device and cfg=2 x ulysses=3; the compiled program's FLOPs == the analytic count; the full-size folder
+    read as Chroma (not FLUX) with its shapes, nothing compiled."""
     from xdit_jax import bench
 
     monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
@@ -140,7 +188,7 @@ def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
         assert r["family"] == "chroma" and r["image_tokens"] == 15 and r["text_tokens"] == 16
     by_mesh = {r["mesh"]: r for r in rows}
     for r in (by_mesh["single device"], by_mesh["cfg=2,ulysses=3"]):
-        # same weights (diffusers' own init) and inputs, fp32: measured 7.2e-7 (one device), 4.8e-7 (cfg=2 x ulysses=3);
+        # same weights (diffusers' own init) and inputs, fp32: measured 4.8e-7 (one device), 6.0e-7 (cfg=2 x ulysses=3);
         # a mask, RoPE or modulation-row slip moves them by O(0.01) and more
         assert r["max_abs_diff_vs_diffusers"] < 1e-4
     one = by_mesh["single device"]
@@ -168,8 +216,8 @@ def test_pipefusion_equals_sequential_rule_and_warmup_one_device(tmp_path_factor
     out = ChromaPipeline.from_pretrained(folder, mesh=mesh, pipefusion_patches=2)(prompts, **kw).images
     warm = ChromaPipeline.from_pretrained(folder, mesh=mesh, pipefusion_warmup_steps=3)(prompts, **kw).images
     scale = np.abs(one).max()
-    # fp32, float rounding only: measured 1.7e-6 (patched vs sequential) and 1.9e-6 (warm-up vs one device) of the
-    # latents' max 6.2; the displaced rule itself moves them by 0.6 of it
+    # fp32, float rounding only: measured 6.9e-6 (patched vs sequential) and 1.0e-5 (warm-up vs one device) of the
+    # latents' max 6.0 ("A cat." padded: the masked text partial); the displaced rule itself moves them by 0.7 of it
     assert np.abs(out - sequential).max() <= 2e-5 * scale
     assert np.abs(warm - one).max() <= 2e-5 * scale
     assert np.abs(sequential - one).max() > 1e-3 * scale  # the displaced-patch rule is not the exact one

@@ -1416,7 +1416,7 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
         kv = family.pipefusion_cache(tcfg, mesh, layers, lat, seq, dtype, patches, opts.compile_only)
         if kv is None:
             kv = pipefusion.init_cache(mesh, layers, lat[0], seq, tcfg.num_attention_heads,
-                                       getattr(tcfg, "kv_head_dim", tcfg.attention_head_dim), dtype, patches,
+                                       tcfg.attention_head_dim, dtype, patches,
                                        tail=family.final_block, abstract=opts.compile_only,
                                        **family.stack_attentions(tcfg), text_len=text_tokens
                                        if family.text_keys(tcfg) and pipefusion.slices_text(mesh) else None)

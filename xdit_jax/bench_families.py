@@ -2297,19 +2297,15 @@ def chroma_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text
 
     FLUX.1's count (:func:`flux_analytic_flops`: B, S image tokens, L T5 tokens, J = S + L, d = heads x head_dim,
     C, C_out, D_j) without the per-block modulation linears, the pooled-text and timestep embedders and the head's
-    modulation: a double- and a single-stream block each cost 24 B J d^2 in their linears. Their attention runs on
-    heads widened by the additive mask's channels (:data:`xdit_jax.models.chroma.MASK_CHANNELS`, 8: q, k and the
-    zero v alike), QK^T and PV over J: 4 B J^2 H (head_dim + 8). Once: x_embedder 2 B S C d, context_embedder
-    2 B L D_j d, proj_out 2 B S d C_out, and the approximator on its R = 3 M + 12 N + 2 rows (N double-, M
-    single-stream blocks): in_proj 2 B R a h, n_a residual layers of two h x h linears 4 B R h^2 each, out_proj
-    2 B R h d (a = approximator_num_channels, h = approximator_hidden_dim, n_a = approximator_layers). Norms,
-    RoPE, the sinusoids, GELU, SiLU and the gates are element-wise."""
-    from xdit_jax.models.chroma import MASK_CHANNELS
-
+    modulation: a double- and a single-stream block each cost 24 B J d^2 in their linears, their attention QK^T
+    and PV over J: 4 B J^2 d (the masked text keys are computed, then dropped). Once: x_embedder 2 B S C d,
+    context_embedder 2 B L D_j d, proj_out 2 B S d C_out, and the approximator on its R = 3 M + 12 N + 2 rows
+    (N double-, M single-stream blocks): in_proj 2 B R a h, n_a residual layers of two h x h linears 4 B R h^2
+    each, out_proj 2 B R h d (a = approximator_num_channels, h = approximator_hidden_dim, n_a =
+    approximator_layers). Norms, RoPE, the sinusoids, GELU, SiLU and the gates are element-wise."""
     b, s, c = latent_shape
     t = transformer
-    heads, hd = int(t["num_attention_heads"]), int(t["attention_head_dim"])
-    d = heads * hd
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
     n, m = int(t["num_layers"]), int(t["num_single_layers"])
     p = int(t.get("patch_size", 1))
     cout = int(t.get("out_channels") or c)
@@ -2318,7 +2314,7 @@ def chroma_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text
                                                ("approximator_layers", 5)))
     txt = int(text_len)
     j = s + txt
-    attn = 4 * b * j * j * heads * (hd + MASK_CHANNELS)
+    attn = 4 * b * j * j * d
     block = 24 * b * j * d * d
     rows = 3 * m + 12 * n + 2
     approximator = 2 * b * rows * (a * h + 2 * na * h * h + h * d)
@@ -2331,22 +2327,29 @@ def chroma_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text
 
 
 class ChromaTorchReference(TorchReference):
-    """diffusers' ``ChromaTransformer2DModel`` called as ``ChromaPipeline`` calls it: the packed latents and T5
-    states in the model's dtype, ``timestep`` = t / 1000, the ids, and the float mask over [text; image] (the
-    prompt's tokens and one padding token, then ones). The pipeline calls it once per CFG half; here once on
-    both (the same work, as ours)."""
+    """diffusers' ``ChromaTransformer2DModel`` as ``ChromaPipeline`` calls it (the packed latents and T5 states in
+    the model's dtype, ``timestep`` = t / 1000, the ids) on the text CROPPED to the tokens the mask keeps (the
+    prompt's and one padding token), with no mask: what ours computes with its real key mask (diffusers' own
+    float mask is added to the logits, not a mask: huggingface/diffusers#12116; :mod:`xdit_jax.models.chroma`).
+    Every sample keeps the same count here (:meth:`Chroma.make_inputs`): one call on the whole batch (both CFG
+    halves; the pipeline calls it once per half, the same work)."""
 
     diffusers_class = "ChromaTransformer2DModel"
 
     def set_inputs(self, inputs, w):
         put = functools.partial(self._put, inputs)
-        self.x, self.enc, self.t = put("latents", self.dtype), put("embeds", self.dtype), put("t", self.dtype)
-        self.img_ids, self.txt_ids = put("img_ids", self.dtype), put("txt_ids", self.dtype)
-        self.mask = put("mask", self.dtype)
+        text = inputs["embeds"].shape[1]
+        kept = {int(k) for k in np.count_nonzero(inputs["mask"][:, :text], axis=1)}
+        if len(kept) != 1:
+            raise ValueError(f"the reference crops the text to one kept length for the batch; got {sorted(kept)}.")
+        (kept,) = kept
+        self.x, self.t = put("latents", self.dtype), put("t", self.dtype)
+        self.enc = put("embeds", self.dtype)[:, :kept]
+        self.img_ids, self.txt_ids = put("img_ids", self.dtype), put("txt_ids", self.dtype)[:kept]
 
     def _forward(self):
         return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
-                          img_ids=self.img_ids, txt_ids=self.txt_ids, attention_mask=self.mask, return_dict=False)[0]
+                          img_ids=self.img_ids, txt_ids=self.txt_ids, attention_mask=None, return_dict=False)[0]
 
 
 class Chroma(Flux):

@@ -7,23 +7,26 @@ maps [timestep, guidance 0] sinusoids next to one "mod index" sinusoid per modul
 modulation vectors at once, (B, 3 * single + 12 * double + 2, D); each block and the final norm take their
 rows by index (diffusers' offsets: the single-stream blocks' 3 each first, then the double-stream blocks' 6
 image rows each, then their 6 text rows each, then the final norm's shift and scale). The blocks are FLUX's
-(:class:`flux.DoubleBlock`, :class:`flux.SingleBlock`) with norms that take their modulation
-(:class:`PrunedAdaNorm`) and an attention whose text mask enters as diffusers' does (:class:`ChromaAttention`).
+(:class:`flux.DoubleBlock`, :class:`flux.SingleBlock`, FLUX's attention) with norms that take their modulation
+(:class:`PrunedAdaNorm`).
 
-The text mask: ChromaPipeline keeps the prompt's T5 tokens and ONE padding token (``arange(L) <= sum(mask)``)
-as a float 0/1 vector, extends it with ones over the image tokens and each block makes ``m[q] * m[k]`` of it,
-which torch's SDPA takes as an *additive* float mask (diffusers 0.42.1; huggingface/diffusers#12116 calls it a
-bug, the checkpoints are run so): the logit of query q on key k gains ``m[q] m[k]``. Per row that is a shift
-(softmax ignores it) except where ``m[q] = 1`` and ``m[k] = 0``: a kept query sees a masked text key with its
-logit lowered by exactly 1; a masked query (padding text token) attends to everything unbiased. Here the bias
-rides in the attention's own dot product: q gains a channel ``m[q]`` and k one of ``-(1 - m[k]) / scale``
-(zero-padded to 8 channels, with a zero value channel: the logit becomes ``scale q.k - m[q] (1 - m[k])``),
-so it needs no mask support from the attention op and holds under every mesh (the channels are per token).
+The text mask: ChromaPipeline keeps the prompt's T5 tokens and ONE padding token (``arange(L) <= sum(mask)``,
+:func:`text_mask`). Here that is a real KEY mask, as in the model's reference implementation
+(lodestone-rock/flow) and ComfyUI: the text tokens past the kept pad token are removed as keys from every
+attention (the ``c_mask`` of :func:`xdit_jax.parallel.attention.attention`, FLUX / Qwen-Image's path, on every
+mesh). Their own query rows still run, but their outputs never reach a kept token (they are masked as keys in
+every later attention), so the image output equals the model run on the text cropped to the kept tokens with no
+mask (the text ids are all zeros: cropping moves no position). diffusers 0.42.1 does not do this: its
+transformer forms ``m[q] * m[k]`` of the float 0/1 mask and torch's SDPA ADDS that float tensor to the logits,
+so a padded key is not removed, only lowered by 1 for a kept query (huggingface/diffusers#12116 and #11724, the
+fix still in review in #13619). With an all-ones mask (no padding: a prompt that fills ``max_sequence_length``)
+the two agree; on padded prompts diffusers' output differs from ours (tests/test_chroma_transformer.py and
+README.md give the measured gap on the tiny models).
 
 The text joins every attention as the *context* (the double-stream blocks' joint attention, and the
 single-stream blocks through :meth:`flux.SingleBlock.pair`, the same weights on the text kept apart from the
 image): the image tokens are the one sharded sequence of both stacks, the text sharded with them
-(``run_blocks(..., text=TEXT_KEYS)``; its mask channel is a text key too), as HunyuanVideo runs FLUX's blocks.
+(``run_blocks(..., text=TEXT_KEYS)``; its key mask stays whole), as HunyuanVideo runs FLUX's blocks.
 Each block reads its modulation rows through one layer counter in the scans' carry (``lax.dynamic_index``),
 counting on from the double-stream stack into the single-stream one, which PipeFusion's stages (and its looped
 stacks) hand on with the carry.
@@ -42,15 +45,13 @@ from flax import nnx
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models import flux
 from xdit_jax.models.layers import LayerNorm, RMSNorm, linear, scan_modules, stack_modules, timestep_embedding
-from xdit_jax.parallel.attention import attention
 
 STACKED = "transformer_blocks"
 SINGLE = "single_transformer_blocks"
 STACKS = (STACKED, SINGLE)
-# The text stream in ``cond``: sliced with PipeFusion's patches / sharded over the sequence group; its mask
-# channel (``context_mask``, per text token) goes with it
-TEXT_KEYS = ("context", "context_rope", "context_mask")
-MASK_CHANNELS = 8  # the additive mask's extra q/k channel, zero-padded so the head dim stays a multiple of 8
+# The text stream in ``cond``: sliced with PipeFusion's patches / sharded over the sequence group (its key mask,
+# ``context_mask``, stays whole: the attention op takes the whole text's)
+TEXT_KEYS = flux.TEXT_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +67,6 @@ class ChromaConfig(flux.FluxConfig):
             raise ValueError(f"approximator_num_channels={cfg.approximator_num_channels} must be a multiple of 4 "
                              "(a quarter each for the timestep and the guidance sinusoids, half for the mod index).")
         return cfg
-
-    @property
-    def kv_head_dim(self) -> int:
-        """The width of the attention's K/V (PipeFusion's buffers): the heads' and the additive mask's channels."""
-        return self.attention_head_dim + MASK_CHANNELS
 
     @property
     def mod_rows(self) -> int:
@@ -100,52 +96,29 @@ def _pruned_norm(dim: int, chunks: int, stream: int, *, dtype, rngs):
     return PrunedAdaNorm(dim, chunks, 6 * stream, dtype=dtype)
 
 
-def _with_channel(y, col):
-    """(B, S, H, hd) -> (B, S, H, hd + MASK_CHANNELS): ``col`` (B, S) (or None: zeros) in the first new channel."""
-    z = jnp.zeros(y.shape[:-1] + (MASK_CHANNELS,), y.dtype)
-    if col is not None:
-        z = z.at[..., 0].set(jnp.broadcast_to(col[:, :, None], y.shape[:-1]).astype(y.dtype))
-    return jnp.concatenate([y, z], axis=-1)
-
-
-class ChromaAttention(flux.Attention):
-    """FLUX's attention with diffusers' additive text mask: ``c_mask`` the text tokens' float 0/1 (B, L) (the
-    module docstring), or None (no mask: every text token kept, the extra channels then add nothing; they are
-    there all the same, so that K/V always have :attr:`ChromaConfig.kv_head_dim` channels, PipeFusion's buffers')."""
-
-    def attend(self, q, k, v, cq, ck, cv, c_mask=None):
-        hd = q.shape[-1]
-        scale = hd ** -0.5
-        m = jnp.ones(cq.shape[:2], jnp.float32) if c_mask is None else c_mask.astype(jnp.float32)
-        ones = jnp.ones(q.shape[:2], jnp.float32)
-        o, oc = attention(_with_channel(q, ones), _with_channel(k, None), _with_channel(v, None), scale=scale,
-                          context=(_with_channel(cq, m), _with_channel(ck, -(1 - m) / scale),
-                                   _with_channel(cv, None), None))
-        return o[..., :hd], oc[..., :hd]
-
-
 class DoubleBlock(flux.DoubleBlock):
     """diffusers ``ChromaTransformerBlock``: FLUX's, its modulation given ((B, 12, D): 6 image, 6 text rows)."""
 
-    attention_cls = ChromaAttention
     ada_norm = staticmethod(_pruned_norm)
 
 
 class SingleBlock(flux.SingleBlock):
     """diffusers ``ChromaSingleTransformerBlock``: FLUX's, its modulation given ((B, 3, D))."""
 
-    attention_cls = ChromaAttention
     ada_norm = staticmethod(_pruned_norm)
 
 
 class Approximator(nnx.Module):
     """diffusers ``ChromaApproximator``: in_proj, ``n`` residual (RMSNorm -> Linear -> SiLU -> Linear), out_proj.
-    The RMSNorms are torch's ``nn.RMSNorm(dim)`` (eps: the input dtype's machine epsilon)."""
+    The RMSNorms are torch's ``nn.RMSNorm(dim)`` with no eps: its docs say the input dtype's machine epsilon, but
+    torch (2.13) takes the epsilon of the dtype it computes in, float32 for bf16 / fp16 too (1.2e-7, not bf16's
+    7.8e-3: that one tripled the bf16 error of the modulation rows, 0.031 vs diffusers' 0.0097 on Chroma1-HD's
+    approximator with diffusers' init)."""
 
     def __init__(self, din: int, dout: int, hidden: int, n: int, *, dtype, rngs):
         self.in_proj = linear(din, hidden, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([flux.TextProjection(hidden, hidden, dtype=dtype, rngs=rngs) for _ in range(n)])
-        self.norms = nnx.List([RMSNorm(hidden, float(jnp.finfo(dtype).eps), dtype=dtype) for _ in range(n)])
+        self.norms = nnx.List([RMSNorm(hidden, float(jnp.finfo(jnp.float32).eps), dtype=dtype) for _ in range(n)])
         self.out_proj = linear(hidden, dout, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
@@ -168,7 +141,8 @@ def approximator_input(cfg: ChromaConfig, t) -> jax.Array:
 
 def text_mask(tokenizer_mask) -> np.ndarray | jax.Array:
     """ChromaPipeline's ``_get_t5_prompt_embeds`` mask: the tokenizer's (B, L) 0/1 mask -> 1 for the first
-    ``sum + 1`` tokens (the prompt and one padding token), 0 after (float32)."""
+    ``sum + 1`` tokens (the prompt and one padding token), 0 after (float32, as diffusers returns it; the
+    transformer takes its nonzero entries as the text keys kept)."""
     m = jnp.asarray(tokenizer_mask)
     return (jnp.arange(m.shape[1])[None] <= jnp.sum(m, axis=1, keepdims=True)).astype(jnp.float32)
 
@@ -181,8 +155,10 @@ def pipefusion_stacks(cfg: ChromaConfig) -> dict:
 class ChromaTransformer2DModel(nnx.Module):
     """``model(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, attention_mask)`` as diffusers'
     forward: packed latents (B, N, in_channels), T5 states (B, L, joint_attention_dim), timestep (B,) in [0, 1]
-    (the pipeline's t / 1000), ids (N, 3) and (L, 3) (host arrays), ``attention_mask``: the pipeline's float
-    mask, (B, L + N) (its image part ones) or (B, L) for the text alone, or None. Returns (B, N, out_channels)."""
+    (the pipeline's t / 1000), ids (N, 3) and (L, 3) (host arrays), ``attention_mask``: the pipeline's 0/1 mask
+    (float, int or bool), (B, L + N) (its image part ones, not read) or (B, L) for the text alone, or None (every
+    text token kept); its nonzero text entries are the text keys kept (a real key mask, the module docstring).
+    Returns (B, N, out_channels)."""
 
     def __init__(self, cfg: ChromaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -203,7 +179,7 @@ class ChromaTransformer2DModel(nnx.Module):
     def embed(self, hidden_states, encoder_hidden_states, timestep, img_ids=None, txt_ids=None, attention_mask=None,
               rope=None):
         """-> (image (B, N, D), tokens {"rope": (N, hd) tables}, cond {"mods": the approximator's (B, rows, D),
-        "context" (B, L, D), "context_rope" (B, L, hd) tables, "context_mask" (B, L) float or absent}).
+        "context" (B, L, D), "context_rope" (B, L, hd) tables, "context_mask" bool (B, L) or absent}).
         ``rope``: ``((img_cos, img_sin), (txt_cos, txt_sin))`` ready made (else from the host ids)."""
         cfg, dtype = self.cfg, self.dtype
         b = hidden_states.shape[0]
@@ -218,11 +194,11 @@ class ChromaTransformer2DModel(nnx.Module):
         cond = {"mods": mods, "context": c,
                 "context_rope": tuple(jnp.broadcast_to(a[None], (b,) + a.shape) for a in txt_rope)}
         if attention_mask is not None:
-            m = jnp.asarray(attention_mask, jnp.float32)
+            m = jnp.asarray(attention_mask)
             if m.ndim != 2 or m.shape[0] != b or m.shape[1] not in (c.shape[1], c.shape[1] + x.shape[1]):
                 raise ValueError(f"attention_mask {tuple(m.shape)}: Chroma takes the pipeline's (batch, text tokens "
-                                 f"[+ image tokens]) = ({b}, {c.shape[1]} [+ {x.shape[1]}]) float mask.")
-            cond["context_mask"] = m[:, :c.shape[1]]
+                                 f"[+ image tokens]) = ({b}, {c.shape[1]} [+ {x.shape[1]}]) 0/1 mask.")
+            cond["context_mask"] = m[:, :c.shape[1]] != 0
         return x, {"rope": img_rope}, cond
 
     def _mods(self, cond, offset: int, rows: int, layers: int):

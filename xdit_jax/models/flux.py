@@ -152,7 +152,7 @@ class Attention(nnx.Module):
 
     def attend(self, q, k, v, cq, ck, cv, c_mask=None):
         """The joint attention of the (sharded) tokens' q, k, v and the context's (whole, or in slices):
-        (tokens out, context out), heads kept. A subclass changes how ``c_mask`` enters (Chroma's additive mask)."""
+        (tokens out, context out), heads kept; ``c_mask``: bool (B, Sc) context keys kept (None: all)."""
         return attention(q, k, v, context=(cq, ck, cv, c_mask))
 
     def joint(self, x, c, rope, c_rope, c_mask=None):
@@ -180,7 +180,7 @@ def apply_rope_batched(x, cos, sin):
 
 class DoubleBlock(nnx.Module):
     """diffusers ``FluxTransformerBlock``. ``ada_norm`` / ``attention_cls``: what a subclass swaps (Chroma: norms
-    that take their modulation, an attention with its additive text mask)."""
+    that take their modulation)."""
 
     attention_cls = Attention
 

@@ -7,15 +7,18 @@
 FLUX.1's pipeline (:class:`xdit_jax.pipelines.flux.FluxPipeline`: packed 2 x 2 latents, the flow-matching Euler
 schedule with ``mu`` from the packed sequence length, FLUX's VAE with its shift and scale, the decode split over
 the mesh) with Chroma's text and guidance: T5 alone encodes the prompt, reading the tokenizer's mask; the
-transformer's mask keeps the prompt's tokens and one padding token (:func:`xdit_jax.models.chroma.text_mask`,
-diffusers' additive float mask: :mod:`xdit_jax.models.chroma`); real classifier-free guidance with
+transformer's mask keeps the prompt's tokens and one padding token (:func:`xdit_jax.models.chroma.text_mask`) as
+a real key mask (the reference implementation's rule; diffusers adds its float mask to the logits instead,
+huggingface/diffusers#12116: :mod:`xdit_jax.models.chroma`); real classifier-free guidance with
 ``guidance_scale`` (default 5.0) and a negative prompt (default ""), both halves in one batch, each with its own
 mask, split over ``cfg=2``. The transformer's image tokens are the sharded sequence over (ring, ulysses), the
 text sharded with them and joining each attention as the context (``run_blocks(..., text=chroma.TEXT_KEYS)``).
 
-Known differences: t x 1000 enters its sinusoid in float32 also in bf16 (diffusers rounds it to bf16 first);
-with ``prompt_embeds`` of fewer than ``max_sequence_length`` tokens and CFG, the negative prompt is encoded at the
-prompt's length (both halves run in one batch; diffusers encodes it at ``max_sequence_length`` separately);
+Known differences: the text mask on padded prompts (a real key mask where diffusers 0.42.1 adds a float mask to the
+logits: above; the same where the prompts fill ``max_sequence_length``); t x 1000 enters its sinusoid in float32 also
+in bf16 (diffusers rounds it to bf16 first); with ``prompt_embeds`` of fewer than ``max_sequence_length`` tokens and
+CFG, the negative prompt is encoded at the prompt's length (both halves run in one batch; diffusers encodes it at
+``max_sequence_length`` separately; under the key mask that changes nothing unless the negative prompt is cut);
 custom ``sigmas``, IP-Adapter images and callbacks are not taken.
 """
 

@@ -774,9 +774,7 @@ class PipelineBase:
             return None
         tc = self.transformer_config
         slots = pipefusion.stack_slots(self.stacked_layers, self.mesh_spec.pipefusion)
-        # (``kv_head_dim``: where the attention's K/V are wider than the heads: Chroma's mask channels)
-        return pipefusion.init_cache(self.mesh, slots, step_batch, seq, tc.num_attention_heads,
-                                     getattr(tc, "kv_head_dim", tc.attention_head_dim),
+        return pipefusion.init_cache(self.mesh, slots, step_batch, seq, tc.num_attention_heads, tc.attention_head_dim,
                                      self.dtype, self.pipefusion_patches, tail=self.final_block, abstract=abstract,
                                      attentions=self.stack_attentions, tail_attentions=self.tail_attentions,
                                      text_len=text_len if self._pipefusion_text() else None)
