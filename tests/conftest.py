@@ -38,3 +38,26 @@ def pytest_sessionfinish(session, exitstatus):
         import shutil
 
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_configure(config):
+    """xdist's loadfile hands out the files in the order pytest_collection_modifyitems leaves them (not by test count)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """The test files longest first (``tests/file_times.json``, seconds measured by ``scripts/test_file_times.py``;
+    a file not listed counts as the median), each file's tests in their own order: with ``--dist loadfile`` a long
+    file handed out last would keep one worker busy while the other idles (longest-first is the classic greedy
+    schedule: the two workers finish within about the shortest file of each other)."""
+    import json
+    import statistics
+    from pathlib import Path
+
+    path = Path(__file__).with_name("file_times.json")
+    if not path.exists():
+        return
+    times = json.loads(path.read_text())
+    default = statistics.median(times.values()) if times else 0.0
+    items.sort(key=lambda item: -times.get(item.nodeid.split("::")[0], default))
