@@ -5,7 +5,7 @@ tests/conftest.py hands the files to the xdist workers: longest first, so that n
     python scripts/test_file_times.py report.txt > tests/file_times.json
 
 (Only the order matters: times measured on a loaded machine serve. Session 17's file: a 2-worker run of the 68 files
-then, beside other work, plus estimates for its seven new files from their single-process runs.)
+then, beside other work, plus its seven new files' single-process times on an idle machine x 3.25, that run's load factor.)
 """
 
 import json

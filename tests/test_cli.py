@@ -77,7 +77,7 @@ def test_generate_pixart_image(tmp_path, capsys):
 
 def test_generate_sana_image(tmp_path, capsys):
     """The tiny SANA (Gemma 2, linear attention, GLUMBConv, DC-AE): a .png of the requested size on a CFG x ring
-    mesh (the linear attention's psum and the grid convolution's halo over ring), and on pipefusion=2."""
+    mesh (the linear attention's psum and the grid convolution's halo over ring)."""
     import imageio.v3 as iio
 
     out = tmp_path / "s.png"
@@ -87,7 +87,16 @@ def test_generate_sana_image(tmp_path, capsys):
     image = iio.imread(out)
     assert image.shape == (32, 48, 3) and image.std() > 1
     assert '"model_family": "sana"' in capsys.readouterr().out
-    # PipeFusion (the linear attention's and the grid conv's buffers): one warm-up step, then a patched one
+
+
+# Slow (the default run's time): the CLI's PipeFusion flags run in test_generate_pipefusion, SANA's PipeFusion
+# numerics in tests/test_sana_pipefusion.py
+@pytest.mark.slow
+def test_generate_sana_image_pipefusion(tmp_path, capsys):
+    """The tiny SANA on pipefusion=2 (the linear attention's and the grid conv's buffers): one warm-up step, then a
+    patched one."""
+    import imageio.v3 as iio
+
     rc = cli.main(["--model", "tiny-sana", "--output", str(tmp_path / "p.png"), "--steps", "2", "--height", "32",
                    "--width", "48", "--mesh", "pipefusion=2", "--no-progress"])
     assert rc == 0 and iio.imread(tmp_path / "p.png").shape == (32, 48, 3)
@@ -157,12 +166,13 @@ def test_generate_flux2_dev_folder(tmp_path, capsys):
 
 
 def test_generate_hunyuandit_image(tmp_path):
-    """The tiny HunyuanDiT (two text encoders, long skips): a .png on a CFG x ring mesh."""
+    """The tiny HunyuanDiT (two text encoders, long skips): a .png, on one device (the CLI on meshes: the PixArt,
+    Qwen-Image, SANA, Mochi cases; HunyuanDiT's meshes: tests/test_hunyuandit_pipeline.py)."""
     import imageio.v3 as iio
 
     out = tmp_path / "h.png"
     rc = cli.main(["--model", "tiny-hunyuandit", "--output", str(out), "--steps", "2", "--height", "32",
-                   "--width", "32", "--mesh", "cfg=2,ring=2", "--guidance-rescale", "0.5", "--no-progress"])
+                   "--width", "32", "--guidance-rescale", "0.5", "--no-progress"])
     assert rc == 0
     image = iio.imread(out)
     assert image.shape == (32, 32, 3) and image.std() > 1
@@ -195,6 +205,9 @@ def test_generate_wan_video(tmp_path, capsys):
     assert '"model_family": "wan"' in capsys.readouterr().out
 
 
+# Slow (the default run's time): the CLI's image-to-video path with --random-weights runs in
+# test_generate_cogvideox_image_to_video_random_weights, Wan 2.2 I2V / TI2V in tests/test_wan22_pipeline.py
+@pytest.mark.slow
 def test_generate_wan22_image_to_video_random_weights(tmp_path, capsys):
     """A tiny Wan 2.2 I2V-A14B layout (WanImageToVideoPipeline: two experts taking latents + mask + image latents)
     from configs alone, random weights (the VAE's encoder too): --image resized to the video, --guidance-scale-2
@@ -281,11 +294,12 @@ def test_generate_cogvideox_image_to_video_random_weights(tmp_path, capsys):
 
 
 def test_generate_flux_image(tmp_path, capsys):
-    """The tiny FLUX (two phases: text whole, then joint): a .png with true CFG on a CFG x ring mesh."""
+    """The tiny FLUX (two phases: text whole, then joint): a .png with true CFG, on one device (the CLI on meshes: the
+    PixArt, Qwen-Image, SANA, Mochi cases; FLUX's meshes: tests/test_flux_pipeline.py)."""
     import imageio.v3 as iio
 
     out = tmp_path / "f.png"
-    rc = cli.main(["--model", "tiny-flux", "--output", str(out), "--steps", "2", "--mesh", "cfg=2,ring=2",
+    rc = cli.main(["--model", "tiny-flux", "--output", str(out), "--steps", "2",
                    "--negative-prompt", "blurry", "--true-cfg-scale", "2", "--no-progress", "--json"])
     assert rc == 0
     image = iio.imread(out)
@@ -308,13 +322,13 @@ def test_generate_qwenimage_image(tmp_path, capsys):
 
 
 def test_generate_sd3_image(tmp_path):
-    """The tiny Stable Diffusion 3 (three text encoders, joint blocks): a .png on a CFG x ulysses mesh, with
-    skip-layer guidance on the second step."""
+    """The tiny Stable Diffusion 3 (three text encoders, joint blocks): a .png with skip-layer guidance on the second
+    step, on one device (SD3's meshes: tests/test_sd3_pipeline.py)."""
     import imageio.v3 as iio
 
     out = tmp_path / "s.png"
     rc = cli.main(["--model", "tiny-sd3", "--output", str(out), "--steps", "2", "--height", "48", "--width", "80",
-                   "--mesh", "cfg=2,ulysses=2", "--skip-guidance-layers", "0", "--skip-layer-guidance-stop", "1",
+                   "--skip-guidance-layers", "0", "--skip-layer-guidance-stop", "1",
                    "--no-progress"])
     assert rc == 0
     image = iio.imread(out)

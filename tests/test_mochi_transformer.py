@@ -87,6 +87,7 @@ def test_masked_caption_tokens_change_nothing(pair):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # (the default run's time; bf16 vs fp32 of the other families' blocks: their transformer tests)
 def test_bf16_close_to_fp32(pair):
     tm, cfg, m32 = pair
     m16 = mochi.build(cfg, mochi.params_from_torch(state_dict_np(tm), cfg, dtype=jnp.bfloat16), jnp.bfloat16)
@@ -122,8 +123,11 @@ def test_config_checkpoint_and_input_errors(pair):
 
 
 # (mesh, the caption sharded over the sequence group as the pipeline runs it, or held whole by every device)
-MESHES = [("ulysses=2", True), ("ring=2", True), ("ring=2,ulysses=2", True), ("ulysses=3", True), ("ring=4", True),
-          ("cfg=2,ulysses=2", True), ("ring=2,ulysses=2", False)]
+# Slow-marked for the default run's time (`pytest -m slow` runs them): ulysses and ring alone (both inside the
+# ring x ulysses case), ring=4 (uneven padding: ulysses=3), cfg x ulysses (the batch split: the Mochi pipeline's meshes)
+MESHES = [pytest.param("ulysses=2", True, marks=pytest.mark.slow), pytest.param("ring=2", True, marks=pytest.mark.slow),
+          ("ring=2,ulysses=2", True), ("ulysses=3", True), pytest.param("ring=4", True, marks=pytest.mark.slow),
+          pytest.param("cfg=2,ulysses=2", True, marks=pytest.mark.slow), ("ring=2,ulysses=2", False)]
 
 
 @pytest.mark.parametrize("mesh,sharded", MESHES)

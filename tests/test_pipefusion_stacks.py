@@ -118,7 +118,9 @@ def test_the_form_pipefusion_runs_equals_the_models_blocks(family):
 
 
 @pytest.mark.parametrize("mesh,patches,sliced", [
-    ("pipefusion=3,ulysses=2", 3, True), pytest.param(None, 3, True, marks=SLOW), ("pipefusion=2,ring=2", 2, True),
+    # (uneven stages x ulysses in the default run: HunyuanDiT's pipefusion=3,ulysses=2 case below)
+    pytest.param("pipefusion=3,ulysses=2", 3, True, marks=SLOW), pytest.param(None, 3, True, marks=SLOW),
+    ("pipefusion=2,ring=2", 2, True),
     pytest.param("pipefusion=2,ring=2", 3, True, marks=SLOW), pytest.param("pipefusion=2,ring=2", 2, False, marks=SLOW),
     pytest.param("pipefusion=2", 2, True, marks=SLOW), pytest.param("pipefusion=3", 2, True, marks=SLOW),
     pytest.param("cfg=2,pipefusion=2,ulysses=2", 3, True, marks=SLOW),

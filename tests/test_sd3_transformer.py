@@ -106,6 +106,7 @@ def test_skip_layers_match_diffusers(pair):
         np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5, err_msg=f"{name} skip {skip}")  # as above
 
 
+@pytest.mark.slow  # (the default run's time; bf16 vs fp32 of the other families' blocks: their transformer tests)
 def test_bf16_close_to_fp32(pair):
     name, tm, cfg, m32 = pair
     m16 = sd3.build(cfg, sd3.params_from_torch(state_dict_np(tm), cfg, dtype=jnp.bfloat16), jnp.bfloat16)
