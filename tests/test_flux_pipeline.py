@@ -72,7 +72,10 @@ def test_latents_match_diffusers_true_cfg_batch(guided, tmp_path_factory):
 # The single-axis meshes are slow-marked: the combined mesh covers their axes here, and the transformer's
 # tests run every mesh; `pytest -m slow` runs them.
 SLOW = pytest.mark.slow
-MESHES = [pytest.param("ulysses=2,ring=2", marks=SLOW), "ulysses=3", "data=2,ring=2", "cfg=2,ulysses=2",
+# data, cfg and ring in one mesh (three prompts with true CFG: data=2 pads the batch to 4, each half on its cfg
+# group) and ulysses=3 run by default; the pairs they replace are slow-marked too.
+MESHES = ["ulysses=3", "data=2,cfg=2,ring=2", pytest.param("data=2,ring=2", marks=SLOW),
+          pytest.param("cfg=2,ulysses=2", marks=SLOW), pytest.param("ulysses=2,ring=2", marks=SLOW),
           pytest.param("ulysses=2", marks=SLOW), pytest.param("ring=2", marks=SLOW)]
 
 

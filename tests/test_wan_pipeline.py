@@ -72,7 +72,11 @@ def test_latents_match_diffusers_batch(scheduler, tmp_path_factory):
     np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
 
 
-MESHES = ["cfg=2,ulysses=2,ring=2", "ulysses=3", "data=2,ring=2", "pipefusion=2"]
+# data, cfg and ring in one mesh (three prompts: data=2 pads the batch to 4, each CFG half on its cfg group),
+# ulysses=3 and PipeFusion run by default; the two meshes the first replaces are slow-marked (`pytest -m slow`;
+# ulysses with ring: the transformer's tests).
+MESHES = ["ulysses=3", "data=2,cfg=2,ring=2", "pipefusion=2",
+          pytest.param("cfg=2,ulysses=2,ring=2", marks=pytest.mark.slow), pytest.param("data=2,ring=2", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("mesh", MESHES)
