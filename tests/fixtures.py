@@ -1,5 +1,6 @@
 """Tiny random diffusers CogVideoX pipelines written with save_pretrained (the oracle's side)."""
 
+import functools
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from diffusers import (
 )
 from transformers import T5Config, T5EncoderModel
 
-from tests.torch_util import randomize_
+from tests.torch_util import randomize_, state_dict_np
 from xdit_jax import tiny
 
 # The three transformer variants on the tiny shapes of xdit_jax.tiny.
@@ -59,6 +60,7 @@ def random_image(seed: int, size: tuple[int, int]):
 def save_torch_pipeline(pipe: CogVideoXPipeline, folder: Path, **kw) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True, **kw)
     return folder
+
 
 
 def make_torch_pixart(variant: str = "sigma", seed: int = 0):
@@ -417,3 +419,84 @@ def make_torch_flux2_dev(seed: int = 0):
     skw = {k: v for k, v in tiny.FLUX2_SCHEDULER.items() if not k.startswith("_")}
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**skw), vae=vae, text_encoder=text_encoder,
                          tokenizer=tiny.train_mistral3_tokenizer(), transformer=transformer)
+
+
+# ----- the preambles of the parity tests: a torch reference, converted and loaded on our side -----
+
+def torch_and_our_model(torch_cls, config: dict, module, config_cls):
+    """(torch model, our config, our model): ``torch_cls(**config)`` with random weights (torch seed 0, weights
+    seed 1, std 0.15), its config read by ``config_cls``, its state dict converted by ``module.params_from_torch``
+    and built by ``module.build`` (a transformer test's ``pair`` fixture)."""
+    torch.manual_seed(0)
+    tm = randomize_(torch_cls(**config), seed=1, std=0.15)
+    cfg = config_cls.from_dict(dict(tm.config))
+    return tm, cfg, module.build(cfg, module.params_from_torch(state_dict_np(tm), cfg))
+
+
+def assert_saved_folder_converts(tm, cfg, folder: Path, class_name: str, module, config_cls) -> None:
+    """``tm`` saved with save_pretrained converts (``convert_component``) to ``cfg`` and, leaf by leaf, to the very
+    params of ``module.params_from_torch``."""
+    import jax
+    import numpy as np
+
+    from xdit_jax.conversion import convert_component
+
+    tm.save_pretrained(folder / "transformer")
+    cfg_dict, params = convert_component(folder / "transformer", class_name)
+    assert config_cls.from_dict(cfg_dict) == cfg
+    ref = jax.tree.leaves(module.params_from_torch(state_dict_np(tm), cfg))
+    for a, b in zip(jax.tree.leaves(params), ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def torch_and_our_pipeline(make_torch, our_cls, tmp_path_factory, name: str):
+    """(torch pipeline, our pipeline, our converted folder): ``make_torch()``'s tiny pipeline saved with
+    save_pretrained, the diffusers folder converted, our ``our_cls`` loaded from it (a ``pipes`` fixture)."""
+    from xdit_jax.pipelines.denoise import converted_folder
+
+    tp = make_torch()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp(name))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))  # diffusers folder, converted
+    return tp, our_cls.from_pretrained(converted), converted
+
+
+def gaussian_latents(shape: tuple, batch: int = 1, seed: int = 0):
+    """Initial latents (batch, *shape) float32 from numpy's default_rng(seed), for both sides."""
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((batch,) + tuple(shape)).astype(np.float32)
+
+
+def run_torch_pipeline(tp, prompt, latents, call: dict, **kw):
+    """diffusers' pipeline ``tp`` from ``latents`` (numpy) with the test's ``call`` settings (``kw`` over them) ->
+    its images (numpy), or its latents for ``output_type="latent"``. Lists go in as copies: a diffusers prompt
+    encoder may write into the lists it is given (ZImagePipeline's _encode_prompt templates them in place)."""
+    import numpy as np
+
+    prompt = list(prompt) if isinstance(prompt, list) else prompt
+    kw = dict(call, **{k: list(v) if isinstance(v, list) else v for k, v in kw.items()})
+    with torch.no_grad():
+        out = tp(prompt=prompt, latents=torch.from_numpy(latents), **kw).images
+    return out.numpy() if kw.get("output_type") == "latent" else np.asarray(out)
+
+
+def run_our_pipeline(pipe, prompt, latents, call: dict, **kw):
+    """Our pipeline from ``latents`` with the test's ``call`` settings (``kw`` over them), no progress bar ->
+    ``.images``."""
+    return pipe(prompt, **dict(dict(call, latents=latents, progress=False), **kw)).images
+
+
+def pipeline_runs(latent: tuple, call: dict):
+    """A pipeline parity test's ``initial_latents(batch=1, seed=0)`` (of shape ``latent``), ``run_torch(tp,
+    prompt, latents, **kw)`` and ``run_ours(pipe, prompt, latents, **kw)`` at its ``call`` settings (height, width,
+    steps, ...)."""
+    return (functools.partial(gaussian_latents, latent), functools.partial(run_torch_pipeline, call=call),
+            functools.partial(run_our_pipeline, call=call))
+
+
+def assert_close_latents(out, ref, what: str = "") -> None:
+    """Latents after a few steps, both sides float32: within 1e-5 of their scale (max |ref|)."""
+    import numpy as np
+
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"{what} max |latent| {scale}".lstrip())

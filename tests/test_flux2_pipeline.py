@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_torch_flux2_klein, save_torch_pipeline
+from tests.fixtures import assert_close_latents, make_torch_flux2_klein, pipeline_runs, torch_and_our_pipeline
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import qwen3
-from xdit_jax.pipelines.denoise import converted_folder
 from xdit_jax.pipelines.flux2 import Flux2KleinPipeline, compute_empirical_mu
 
 PROMPT = "A small dog running on a beach at sunset."
@@ -23,35 +22,17 @@ LATENT = (16, 4, 4)
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     """(torch pipeline, our pipeline, our converted folder), made once."""
-    tp = make_torch_flux2_klein()
-    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("flux2"))
-    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
-    return tp, Flux2KleinPipeline.from_pretrained(converted), converted
+    return torch_and_our_pipeline(make_torch_flux2_klein, Flux2KleinPipeline, tmp_path_factory, "flux2")
 
 
-def initial_latents(batch=1, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch,) + LATENT).astype(np.float32)
+initial_latents, run_torch, run_ours = pipeline_runs(
+    LATENT, dict(height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS))
 
 
-def run_torch(tp, prompt, latents, **kw):
-    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS), **kw)
-    with torch.no_grad():
-        out = tp(prompt=prompt, latents=torch.from_numpy(latents), **kw).images
-    return out.numpy() if kw.get("output_type") == "latent" else out
-
-
-def run_ours(pipe, prompt, latents, **kw):
-    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, latents=latents, max_sequence_length=TOKENS,
-                   progress=False), **kw)
-    return pipe(prompt, **kw).images
-
-
-def _close_latents(out, ref, what=""):
-    # Latents O(4.5) after 2 Euler steps, fp32 both sides: measured 1.4e-6 (CFG 3, one prompt), the rounding of two
-    # fp32 implementations; 1e-5 of the scale leaves room; a wrong layer, template, bn statistic, shift or patch
-    # order moves them by 1e-2+.
-    scale = np.abs(ref).max()
-    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"{what} max |latent| {scale}")
+# Latents O(4.5) after 2 Euler steps, fp32 both sides: measured 1.4e-6 (CFG 3, one prompt), the rounding of two
+# fp32 implementations; 1e-5 of the scale leaves room; a wrong layer, template, bn statistic, shift or patch
+# order moves them by 1e-2+.
+_close_latents = assert_close_latents
 
 
 def test_prompt_embeds_match_diffusers(pipes):
@@ -306,10 +287,7 @@ def dev_pipes(tmp_path_factory):
     from tests.fixtures import make_torch_flux2_dev
     from xdit_jax.pipelines.flux2 import Flux2Pipeline
 
-    tp = make_torch_flux2_dev()
-    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("flux2dev"))
-    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
-    return tp, Flux2Pipeline.from_pretrained(converted), converted
+    return torch_and_our_pipeline(make_torch_flux2_dev, Flux2Pipeline, tmp_path_factory, "flux2dev")
 
 
 def test_dev_matches_diffusers(dev_pipes):

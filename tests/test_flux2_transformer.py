@@ -10,7 +10,8 @@ from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline as TP
 from flax import nnx
 
-from tests.torch_util import randomize_, state_dict_np
+from tests.fixtures import torch_and_our_model
+from tests.torch_util import state_dict_np
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import flux2
 from xdit_jax.pipelines.flux2 import pack, patchify, transformer_over_mesh, unpack, unpatchify
@@ -35,10 +36,7 @@ FWD = jax.jit(_fwd)
 # the guidance-embedded variant (FLUX.2-dev's path, klein has none) runs in the slow set
 @pytest.fixture(scope="module", params=["klein", pytest.param("guided", marks=pytest.mark.slow)])
 def pair(request):
-    torch.manual_seed(0)
-    tm = randomize_(TorchModel(**VARIANTS[request.param]), seed=1, std=0.15)
-    cfg = flux2.Flux2Config.from_dict(dict(tm.config))
-    return request.param, tm, cfg, flux2.build(cfg, flux2.params_from_torch(state_dict_np(tm), cfg))
+    return (request.param, *torch_and_our_model(TorchModel, VARIANTS[request.param], flux2, flux2.Flux2Config))
 
 
 def _inputs(cfg, b=2, seed=0):

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_torch_lumina2, save_torch_pipeline
+from tests.fixtures import assert_close_latents, make_torch_lumina2, pipeline_runs, torch_and_our_pipeline
 from xdit_jax.mesh import build_mesh
-from xdit_jax.pipelines.denoise import converted_folder
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline
 
 PROMPT = "A small dog running on a beach at sunset."
@@ -23,36 +22,18 @@ LATENT = (4, 8, 8)
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     """(torch pipeline, our pipeline, our converted folder), made once."""
-    tp = make_torch_lumina2()
-    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("lumina2"))
-    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))  # diffusers folder, converted
-    return tp, Lumina2Pipeline.from_pretrained(converted), converted
+    return torch_and_our_pipeline(make_torch_lumina2, Lumina2Pipeline, tmp_path_factory, "lumina2")
 
 
-def initial_latents(batch=1, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch,) + LATENT).astype(np.float32)
-
-
-def run_torch(tp, prompt, latents, **kw):
-    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS), **kw)
-    with torch.no_grad():
-        out = tp(prompt=prompt, latents=torch.from_numpy(latents), **kw).images
-    return out.numpy() if kw.get("output_type") == "latent" else out
-
-
-def run_ours(pipe, prompt, latents, **kw):
-    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, latents=latents, max_sequence_length=TOKENS,
-                   progress=False), **kw)
-    return pipe(prompt, **kw).images
+initial_latents, run_torch, run_ours = pipeline_runs(
+    LATENT, dict(height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS))
 
 
 # Latents O(3) after 2 Euler steps, both sides fp32: measured 1.4e-6 (one prompt, CFG 4 normalized), 9.5e-7 (two
 # prompts, truncated CFG), 1.3e-6 (prompt_embeds, 1 step) at latents 3.2-3.4 (Gemma 2's and the transformer's float32
 # rounding). 1e-5 of the scale leaves room; a wrong system prompt, hidden state, mask, shift, mu,
 # timestep or guidance rule moves them by 1e-2+.
-def _close_latents(out, ref):
-    scale = np.abs(ref).max()
-    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+_close_latents = assert_close_latents
 
 
 def test_image_matches_diffusers(pipes):

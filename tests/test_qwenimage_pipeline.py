@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_torch_qwenimage, save_torch_pipeline
-from xdit_jax.pipelines.denoise import converted_folder
+from tests.fixtures import assert_close_latents, make_torch_qwenimage, pipeline_runs, torch_and_our_pipeline
 from xdit_jax.pipelines.qwenimage import QwenImagePipeline
 
 PROMPT = "A small dog running on a beach at sunset."
@@ -20,36 +19,17 @@ LATENT = (15, 16)
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     """(torch pipeline, our pipeline, our converted folder), made once."""
-    tp = make_torch_qwenimage()
-    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("qwenimage"))
-    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))  # diffusers folder, converted
-    return tp, QwenImagePipeline.from_pretrained(converted), converted
+    return torch_and_our_pipeline(make_torch_qwenimage, QwenImagePipeline, tmp_path_factory, "qwenimage")
 
 
-def initial_latents(batch=1, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch,) + LATENT).astype(np.float32)
-
-
-def run_torch(tp, prompt, latents, **kw):
-    kw = dict(dict(true_cfg_scale=1.0), **kw)
-    with torch.no_grad():
-        out = tp(prompt=prompt, height=H, width=W, num_inference_steps=STEPS, latents=torch.from_numpy(latents),
-                 **kw).images
-    return out.numpy() if kw.get("output_type") == "latent" else np.asarray(out)
-
-
-def run_ours(pipe, prompt, latents, **kw):
-    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, latents=latents, progress=False,
-                   true_cfg_scale=1.0), **kw)
-    return pipe(prompt, **kw).images
+initial_latents, run_torch, run_ours = pipeline_runs(
+    LATENT, dict(height=H, width=W, num_inference_steps=STEPS, true_cfg_scale=1.0))
 
 
 # Latents O(3.5) after 2 Euler steps. Both sides fp32: measured 1.2e-6 for one prompt, 2.1e-6 for two prompts with
 # true CFG (6e-7 of the scale); the plain CFG combine instead of diffusers' norm-rescaled one moves them by 0.05, a
 # wrong text mask, template crop or RoPE position by 1e-2 and more.
-def _close_latents(out, ref):
-    scale = np.abs(ref).max()
-    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+_close_latents = assert_close_latents
 
 
 def test_one_prompt_image_matches_diffusers(pipes):

@@ -9,8 +9,9 @@ import torch
 from diffusers import QwenImageTransformer2DModel as TorchModel
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
+from tests.fixtures import torch_and_our_model
 from tests.jax_util import sequence_parallel_forward
-from tests.torch_util import randomize_, state_dict_np
+from tests.torch_util import state_dict_np
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import qwenimage as qi
 from xdit_jax.safetensors_io import CheckpointError
@@ -34,10 +35,7 @@ FWD = jax.jit(_fwd)
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    tm = randomize_(TorchModel(**CONFIG), seed=1, std=0.15)
-    cfg = qi.QwenImageConfig.from_dict(dict(tm.config))
-    return tm, cfg, qi.build(cfg, qi.params_from_torch(state_dict_np(tm), cfg))
+    return torch_and_our_model(TorchModel, CONFIG, qi, qi.QwenImageConfig)
 
 
 def _inputs(cfg, lengths, seed=0):

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_torch_zimage, save_torch_pipeline
+from tests.fixtures import assert_close_latents, make_torch_zimage, pipeline_runs, torch_and_our_pipeline
 from xdit_jax.mesh import build_mesh
-from xdit_jax.pipelines.denoise import converted_folder
 from xdit_jax.pipelines.zimage import ZImagePipeline
 
 PROMPT = "A small dog running on a beach at sunset."
@@ -26,39 +25,19 @@ CFG = dict(guidance_scale=3.0, negative_prompt=[NEGATIVE, ""], cfg_normalization
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     """(torch pipeline, our pipeline, our converted folder), made once."""
-    tp = make_torch_zimage()
-    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("zimage"))
-    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))  # diffusers folder, converted
-    return tp, ZImagePipeline.from_pretrained(converted), converted
+    return torch_and_our_pipeline(make_torch_zimage, ZImagePipeline, tmp_path_factory, "zimage")
 
 
-def initial_latents(batch=1, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch,) + LATENT).astype(np.float32)
-
-
-def run_torch(tp, prompt, latents, **kw):
-    # diffusers' _encode_prompt writes the templated text into the lists it is given: hand it copies
-    prompt = list(prompt) if isinstance(prompt, list) else prompt
-    kw = {k: list(v) if isinstance(v, list) else v for k, v in kw.items()}
-    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS), **kw)
-    with torch.no_grad():
-        out = tp(prompt=prompt, latents=torch.from_numpy(latents), **kw).images
-    return out.numpy() if kw.get("output_type") == "latent" else out
-
-
-def run_ours(pipe, prompt, latents, **kw):
-    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, latents=latents, max_sequence_length=TOKENS,
-                   progress=False), **kw)
-    return pipe(prompt, **kw).images
+# (diffusers' _encode_prompt writes the templated text into the lists it is given: run_torch_pipeline copies them)
+initial_latents, run_torch, run_ours = pipeline_runs(
+    LATENT, dict(height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS))
 
 
 # Latents O(3) after 2 Euler steps, both sides fp32: measured 6.0e-6 (guidance 0) and 5.4e-6 (CFG 3, two prompts),
 # 1.8e-6 and 1.5e-6 of their scale — the rounding of
 # two fp32 implementations (Qwen3, the transformer's timestep sinusoids: tests/test_zimage_transformer.py). 1e-5 of
 # the scale leaves room; a wrong template, hidden state, kept token, pad token, shift or sign moves them by 1e-2+.
-def _close_latents(out, ref):
-    scale = np.abs(ref).max()
-    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+_close_latents = assert_close_latents
 
 
 def test_turbo_image_matches_diffusers(pipes):

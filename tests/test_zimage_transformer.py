@@ -7,8 +7,9 @@ import pytest
 import torch
 from diffusers import ZImageTransformer2DModel as TorchModel
 
+from tests.fixtures import assert_saved_folder_converts, torch_and_our_model
 from tests.jax_util import sequence_parallel_forward
-from tests.torch_util import randomize_, state_dict_np
+from tests.torch_util import state_dict_np
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import zimage
 
@@ -31,10 +32,7 @@ FWD = jax.jit(_fwd)
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    tm = randomize_(TorchModel(**CONFIG), seed=1, std=0.15)
-    cfg = zimage.ZImageConfig.from_dict(dict(tm.config))
-    return tm, cfg, zimage.build(cfg, zimage.params_from_torch(state_dict_np(tm), cfg))
+    return torch_and_our_model(TorchModel, CONFIG, zimage, zimage.ZImageConfig)
 
 
 def _inputs(cfg, lens, seed=0):
@@ -92,15 +90,8 @@ def test_sequence_parallel_equals_one_device(pair, batch2):
 
 
 def test_saved_folder_converts(pair, tmp_path):
-    from xdit_jax.conversion import convert_component
-
     tm, cfg, model = pair
-    tm.save_pretrained(tmp_path / "transformer")
-    cfg_dict, params = convert_component(tmp_path / "transformer", "ZImageTransformer2DModel")
-    assert zimage.ZImageConfig.from_dict(cfg_dict) == cfg
-    ref = jax.tree.leaves(zimage.params_from_torch(state_dict_np(tm), cfg))
-    for a, b in zip(jax.tree.leaves(params), ref):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_saved_folder_converts(tm, cfg, tmp_path, "ZImageTransformer2DModel", zimage, zimage.ZImageConfig)
 
 
 def test_refused_variants_and_shapes(pair):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -295,6 +295,36 @@ class TorchReference:
 
     def to_numpy(self, out) -> np.ndarray:
         return out.float().cpu().numpy()
+
+
+class Arg(NamedTuple):
+    """One tensor argument of a reference model's call: ``inputs[key]`` on the reference's device, in ``dtype``
+    (``"model"``: the reference's compute dtype; a torch dtype's name; None: as given); ``optional``: None where
+    the inputs lack it."""
+
+    key: str
+    dtype: str | None = None
+    optional: bool = False
+
+
+LATENTS, EMBEDS = Arg("latents", "model"), Arg("embeds", "model")  # (the usual first two)
+
+
+class KeywordTorchReference(TorchReference):
+    """A reference whose model takes keyword tensors straight from the inputs, declared in ``call_args`` (the
+    model's argument name -> :class:`Arg`); one call on the whole batch."""
+
+    call_args: dict[str, Arg] = {}
+
+    def set_inputs(self, inputs, w):
+        def tensor(a: Arg):
+            dtype = self.dtype if a.dtype == "model" else None if a.dtype is None else getattr(self.torch, a.dtype)
+            return None if a.optional and a.key not in inputs else self._put(inputs, a.key, dtype)
+
+        self.kwargs = {name: tensor(a) for name, a in self.call_args.items()}
+
+    def _forward(self):
+        return self.model(**self.kwargs, return_dict=False)[0]
 
 
 class CogVideoX(Family):
@@ -821,7 +851,7 @@ def mochi_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_
             "linear": float(total - attention), "attention_padding": float(padding), "tokens": s}
 
 
-class MochiTorchReference(TorchReference):
+class MochiTorchReference(KeywordTorchReference):
     """diffusers' ``MochiTransformer3DModel`` called as ``MochiPipeline`` calls it: latents, T5 states and the
     timestep in the model's dtype (the pipeline's ``t.expand(B).to(latents.dtype)``), the bool caption
     mask. Its RoPE frequencies (``pos_frequencies``, learned; zeros at init) are drawn at random, as a
@@ -835,16 +865,8 @@ class MochiTorchReference(TorchReference):
             model.pos_frequencies.copy_(self.torch.randn(model.pos_frequencies.shape) * 0.1)
         return model
 
-    def set_inputs(self, inputs, w):
-        put = functools.partial(self._put, inputs)
-        self.x = put("latents", self.dtype)
-        self.enc = put("embeds", self.dtype)
-        self.t = put("t", self.dtype)
-        self.mask = put("mask").bool()
-
-    def _forward(self):
-        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
-                          encoder_attention_mask=self.mask, return_dict=False)[0]
+    call_args = {"hidden_states": LATENTS, "encoder_hidden_states": EMBEDS, "timestep": Arg("t", "model"),
+                 "encoder_attention_mask": Arg("mask", "bool")}
 
 
 class Mochi(Family):
@@ -983,7 +1005,7 @@ def flux_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_l
             "attention": float(attention), "linear": float(total - attention), "tokens": s}
 
 
-class FluxTorchReference(TorchReference):
+class FluxTorchReference(KeywordTorchReference):
     """diffusers' ``FluxTransformer2DModel`` called as ``FluxPipeline`` calls it: the packed latents, T5 states
     and pooled CLIP embedding in the model's dtype, ``timestep`` = t / 1000 in the latents' dtype, ``img_ids``
     (S, 3) and ``txt_ids`` (L, 3) in the model's dtype (diffusers makes the RoPE tables from them in float64)
@@ -992,20 +1014,10 @@ class FluxTorchReference(TorchReference):
 
     diffusers_class = "FluxTransformer2DModel"
 
-    def set_inputs(self, inputs, w):
-        torch = self.torch
-        put = functools.partial(self._put, inputs)
-        self.x = put("latents", self.dtype)
-        self.enc = put("embeds", self.dtype)
-        self.pooled = put("pooled", self.dtype)
-        self.t = put("t", self.dtype)
-        self.img_ids, self.txt_ids = put("img_ids", self.dtype), put("txt_ids", self.dtype)
-        self.guidance = put("guidance", torch.float32) if "guidance" in inputs else None
-
-    def _forward(self):
-        return self.model(hidden_states=self.x, timestep=self.t, guidance=self.guidance,
-                          pooled_projections=self.pooled, encoder_hidden_states=self.enc, txt_ids=self.txt_ids,
-                          img_ids=self.img_ids, return_dict=False)[0]
+    call_args = {"hidden_states": LATENTS, "timestep": Arg("t", "model"),
+                 "guidance": Arg("guidance", "float32", optional=True), "pooled_projections": Arg("pooled", "model"),
+                 "encoder_hidden_states": EMBEDS, "txt_ids": Arg("txt_ids", "model"),
+                 "img_ids": Arg("img_ids", "model")}
 
 
 class Flux(Family):
@@ -1190,24 +1202,15 @@ def sd3_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_le
             "linear": float(total - attention), "tokens": s}
 
 
-class SD3TorchReference(TorchReference):
+class SD3TorchReference(KeywordTorchReference):
     """diffusers' ``SD3Transformer2DModel`` called as ``StableDiffusion3Pipeline`` calls it: latents, the joint
     CLIP + T5 states and the pooled CLIP embeddings in the model's dtype, ``timestep`` the scheduler's t
     expanded to the batch (float32; the model casts its sinusoid to the pooled embeddings' dtype)."""
 
     diffusers_class = "SD3Transformer2DModel"
 
-    def set_inputs(self, inputs, w):
-        torch = self.torch
-        put = functools.partial(self._put, inputs)
-        self.x = put("latents", self.dtype)
-        self.enc = put("embeds", self.dtype)
-        self.pooled = put("pooled", self.dtype)
-        self.t = put("t", torch.float32)
-
-    def _forward(self):
-        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, pooled_projections=self.pooled,
-                          timestep=self.t, return_dict=False)[0]
+    call_args = {"hidden_states": LATENTS, "encoder_hidden_states": EMBEDS,
+                 "pooled_projections": Arg("pooled", "model"), "timestep": Arg("t", "float32")}
 
 
 class SD3(Family):
@@ -1665,7 +1668,7 @@ HUNYUAN_VIDEO_GUIDANCE = 6.0  # HunyuanVideoPipeline's default guidance_scale (e
 HUNYUAN_VIDEO_TEXT_VALID = PIXART_TEXT_VALID  # real tokens of the prompt's Llama states (after the template's crop)
 
 
-class HunyuanVideoTorchReference(TorchReference):
+class HunyuanVideoTorchReference(KeywordTorchReference):
     """diffusers' ``HunyuanVideoTransformer3DModel`` called as ``HunyuanVideoPipeline`` calls it: latents, Llama
     states, their mask and the pooled CLIP embedding in the model's dtype, the timestep in float32 (the latents'),
     the guidance (scale x 1000) in the model's dtype. With true CFG the pipeline calls it once per half; here once
@@ -1673,16 +1676,9 @@ class HunyuanVideoTorchReference(TorchReference):
 
     diffusers_class = "HunyuanVideoTransformer3DModel"
 
-    def set_inputs(self, inputs, w):
-        put = functools.partial(self._put, inputs)
-        self.x, self.enc, self.pooled = put("latents", self.dtype), put("embeds", self.dtype), put("pooled", self.dtype)
-        self.mask, self.t = put("mask", self.dtype), put("t")
-        self.guidance = put("guidance", self.dtype) if "guidance" in inputs else None
-
-    def _forward(self):
-        return self.model(hidden_states=self.x, timestep=self.t, encoder_hidden_states=self.enc,
-                          encoder_attention_mask=self.mask, pooled_projections=self.pooled, guidance=self.guidance,
-                          return_dict=False)[0]
+    call_args = {"hidden_states": LATENTS, "timestep": Arg("t"), "encoder_hidden_states": EMBEDS,
+                 "encoder_attention_mask": Arg("mask", "model"), "pooled_projections": Arg("pooled", "model"),
+                 "guidance": Arg("guidance", "model", optional=True)}
 
 
 class HunyuanVideo(Family):
@@ -2213,18 +2209,13 @@ def sana_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_l
             "linear": float(layers * (block - attention) + embed + head), "tokens": s}
 
 
-class SanaTorchReference(TorchReference):
+class SanaTorchReference(KeywordTorchReference):
     """diffusers' ``SanaTransformer2DModel``, called as ``SanaPipeline`` calls it (the caption mask)."""
 
     diffusers_class = "SanaTransformer2DModel"
 
-    def set_inputs(self, inputs, w):
-        self.x, self.enc = self._put(inputs, "latents", self.dtype), self._put(inputs, "embeds", self.dtype)
-        self.t, self.mask = self._put(inputs, "t"), self._put(inputs, "mask")
-
-    def _forward(self):
-        return self.model(self.x, encoder_hidden_states=self.enc, timestep=self.t, encoder_attention_mask=self.mask,
-                          return_dict=False)[0]
+    call_args = {"hidden_states": LATENTS, "encoder_hidden_states": EMBEDS, "timestep": Arg("t"),
+                 "encoder_attention_mask": Arg("mask")}
 
 
 class Sana(PixArt):
@@ -2468,7 +2459,7 @@ def flux2_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_
             "attention": float(attention), "linear": float(total - attention), "tokens": s}
 
 
-class Flux2TorchReference(TorchReference):
+class Flux2TorchReference(KeywordTorchReference):
     """diffusers' ``Flux2Transformer2DModel`` called as ``Flux2KleinPipeline`` calls it: the packed latents and the
     text states in the model's dtype, ``timestep`` t / 1000, ``img_ids`` (S, 4) and ``txt_ids`` (L, 4), ``guidance``
     (B,) float32 only where ``guidance_embeds`` (klein passes None). With CFG the pipeline calls it once per half;
@@ -2476,18 +2467,9 @@ class Flux2TorchReference(TorchReference):
 
     diffusers_class = "Flux2Transformer2DModel"
 
-    def set_inputs(self, inputs, w):
-        torch = self.torch
-        put = functools.partial(self._put, inputs)
-        self.x = put("latents", self.dtype)
-        self.enc = put("embeds", self.dtype)
-        self.t = put("t", self.dtype)
-        self.img_ids, self.txt_ids = put("img_ids", self.dtype), put("txt_ids", self.dtype)
-        self.guidance = put("guidance", torch.float32) if "guidance" in inputs else None
-
-    def _forward(self):
-        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t, img_ids=self.img_ids,
-                          txt_ids=self.txt_ids, guidance=self.guidance, return_dict=False)[0]
+    call_args = {"hidden_states": LATENTS, "encoder_hidden_states": EMBEDS, "timestep": Arg("t", "model"),
+                 "img_ids": Arg("img_ids", "model"), "txt_ids": Arg("txt_ids", "model"),
+                 "guidance": Arg("guidance", "float32", optional=True)}
 
 
 class Flux2(Flux):

@@ -15,45 +15,136 @@ devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_PROMPT = "A small dog running on a beach at sunset."
 VIDEO_SUFFIXES = (".mp4", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# per family: default output, guidance scale, steps (real / tiny), prompt tokens (real: the pipeline's own)
-DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4},
-            "pixart": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4},
-            "hunyuandit": {"output": "output.png", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4},
-            "mochi": {"output": "output.mp4", "guidance_scale": 4.5, "steps": 64, "tiny_steps": 4},
-            "flux": {"output": "output.png", "guidance_scale": 3.5, "steps": 28, "tiny_steps": 4},
-            "sd3": {"output": "output.png", "guidance_scale": 7.0, "steps": 28, "tiny_steps": 4},
-            "wan": {"output": "output.mp4", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4},
-            "latte": {"output": "output.mp4", "guidance_scale": 7.5, "steps": 50, "tiny_steps": 4},
-            # (HunyuanVideo's guidance_scale is embedded; true CFG: --negative-prompt with --true-cfg-scale > 1)
-            "hunyuanvideo": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4},
-            # (Qwen-Image: no guidance_scale; true CFG 4 with --negative-prompt, diffusers' default)
-            "qwenimage": {"output": "output.png", "guidance_scale": None, "steps": 50, "tiny_steps": 4,
-                          "true_cfg_scale": 4.0},
-            # Z-Image-Turbo's settings (diffusers' ZImagePipeline defaults are 50 steps, CFG 5)
-            "zimage": {"output": "output.png", "guidance_scale": 0.0, "steps": 9, "tiny_steps": 2},
-            "sana": {"output": "output.png", "guidance_scale": 4.5, "steps": 20, "tiny_steps": 4},
-            # Chroma: real CFG (negative prompt default ""), diffusers' ChromaPipeline defaults
-            "chroma": {"output": "output.png", "guidance_scale": 5.0, "steps": 35, "tiny_steps": 2},
-            # diffusers' Lumina2Pipeline defaults (CFG normalized, not truncated)
-            "lumina2": {"output": "output.png", "guidance_scale": 4.0, "steps": 30, "tiny_steps": 2},
-            # FLUX.2 klein: diffusers' defaults (50 steps, CFG 4) for the base models; a step-distilled checkpoint
-            # (is_distilled: FLUX.2-klein-4B / -9B) runs its model card's 4 steps at guidance 1 (--guidance-scale None)
-            "flux2": {"output": "output.png", "guidance_scale": 4.0, "steps": 50, "tiny_steps": 2,
-                      "distilled_steps": 4, "distilled_guidance_scale": 1.0}}
-VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte", "hunyuanvideo")
-FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
-TRUE_CFG_FAMILIES = {"flux": "FLUX", "hunyuanvideo": "HunyuanVideo", "qwenimage": "Qwen-Image"}  # --true-cfg-scale
+
+
+def _binned_by_sample_size(mod, tc, height: int, width: int, on: bool) -> tuple[int, int]:
+    """PixArt, SANA: the closest trained aspect-ratio bin of the checkpoint's sample size (when ``on``)."""
+    return mod.binned_size(height, width, tc.sample_size) if on else (height, width)
+
+
+def _binned_hunyuandit(mod, tc, height: int, width: int, on: bool) -> tuple[int, int]:
+    """HunyuanDiT: its fixed trained sizes (when ``on``), else the size floored to 16."""
+    return mod.binned_size(height, width) if on else (height // 16 * 16, width // 16 * 16)
+
+
+def _wan_request(mod, model, tc, args, height: int, width: int, guidance):
+    """Wan 2.2 A14B: the larger of its two experts' scales (--guidance-scale-2 only with two experts); Wan 2.1
+    image-to-video: FLF2V needs --last-image, I2V takes none."""
+    from xdit_jax.conversion import read_json
+
+    two = mod.pipeline_settings(read_json(Path(model) / "model_index.json"), model)["boundary_ratio"]
+    if args.guidance_scale_2 is not None and two is None:
+        raise ValueError("--guidance-scale-2 is for a two-expert Wan 2.2 A14B model (transformer_2 and "
+                         f"boundary_ratio); {model} has one transformer.")
+    if args.image is not None:
+        mod.check_last_image(tc, args.last_image is not None)
+    return height, width, max(guidance, args.guidance_scale_2 or 0.0)
+
+
+def _flux_request(mod, model, tc, args, height: int, width: int, guidance):
+    """FLUX.1 Kontext makes the aspect ratio at max_area, floored to 16."""
+    if getattr(args, "kontext", False):
+        height, width = mod.kontext_output_size(height, width, args.max_area or 1024 ** 2)
+    return height, width, guidance
+
+
+def _flux2_request(mod, model, tc, args, height: int, width: int, guidance):
+    """FLUX.2: whether CFG runs (a klein base model only; FLUX.2 dev and the step-distilled klein: none)."""
+    from xdit_jax.pipelines.denoise import pipeline_class_name
+
+    cfg_possible = pipeline_class_name(model) == "Flux2KleinPipeline" and not mod.is_distilled(model)
+    return height, width, guidance > 1 and cfg_possible
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the command line knows of one model family: its defaults, the flags it takes and how its size and
+    mesh are checked before any weights load. The family's pipeline module (``xdit_jax.pipelines.<module>``)
+    offers ``read_configs``, ``default_video`` (videos) or ``default_size`` (images) and ``check_request``
+    (``tc, vc, height, width, [num_frames,] batch, mesh, guidance[, max_sequence_length]``)."""
+
+    video: bool
+    guidance_scale: float | None  # --guidance-scale's default; None: the family takes none (true CFG instead)
+    steps: int  # --steps' default (real checkpoints)
+    tiny_steps: int = 4  # ... for the tiny model
+    module: str | None = None  # xdit_jax.pipelines.<module> where it is not the family's name
+    tiny_size: tuple[int, int] | None = None  # the tiny model's (height, width) where the real default is slow
+    tiny_frames: int | None = None  # the tiny model's frames where the real default is slow
+    max_sequence_length: int | None = None  # the call's prompt tokens (None: the pipeline's own)
+    tiny_max_sequence_length: str | None = "MAX_SEQUENCE_LENGTH"  # the tiny model's: a constant of xdit_jax.tiny
+    fixed_text_length: str | None = None  # why --max-sequence-length is refused (then the call is not given one)
+    binning: Callable | None = None  # (module, tc, h, w, on) -> the size generated; takes --no-resolution-binning
+    true_cfg: str | None = None  # its name where it takes --true-cfg-scale (the check's guidance: true CFG's)
+    true_cfg_scale: float = 1.0  # --true-cfg-scale's default
+    call_flags: tuple[str, ...] = ()  # arguments passed to the call as they are (under their own names)
+    check_max_sequence_length: bool = False  # check_request takes the prompt tokens too
+    check_hook: Callable | None = None  # (module, model, tc, args, h, w, guidance) -> (h, w, guidance to check)
+    distilled_steps: int | None = None  # a step-distilled checkpoint's --steps and --guidance-scale defaults
+    distilled_guidance_scale: float | None = None
+
+    @property
+    def output(self) -> str:
+        return "output.mp4" if self.video else "output.png"
+
+
+FAMILIES = {
+    "cogvideox": Family(video=True, guidance_scale=6.0, steps=50, max_sequence_length=226,
+                        call_flags=("use_dynamic_cfg",)),
+    "pixart": Family(video=False, guidance_scale=4.5, steps=20, binning=_binned_by_sample_size),
+    "hunyuandit": Family(video=False, guidance_scale=5.0, steps=50, binning=_binned_hunyuandit,
+                         fixed_text_length="HunyuanDiT's text lengths are the model's: 77 + 256",
+                         call_flags=("guidance_rescale",)),
+    "mochi": Family(video=True, guidance_scale=4.5, steps=64, tiny_size=(32, 48), tiny_frames=7,
+                    max_sequence_length=256),
+    "flux": Family(video=False, guidance_scale=3.5, steps=28, tiny_size=(48, 64), max_sequence_length=512,
+                   true_cfg="FLUX", check_hook=_flux_request),
+    "sd3": Family(video=False, guidance_scale=7.0, steps=28, max_sequence_length=256,
+                  call_flags=("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
+                              "skip_layer_guidance_stop")),
+    "wan": Family(video=True, guidance_scale=5.0, steps=50, tiny_size=(32, 48), tiny_frames=9, max_sequence_length=512,
+                  check_hook=_wan_request),
+    "latte": Family(video=True, guidance_scale=7.5, steps=50, tiny_frames=4,
+                    fixed_text_length="Latte's T5 length is fixed: 120, as diffusers'"),
+    # (HunyuanVideo's guidance_scale is embedded; true CFG: --negative-prompt with --true-cfg-scale > 1)
+    "hunyuanvideo": Family(video=True, guidance_scale=6.0, steps=50, module="hunyuan_video", tiny_size=(32, 32),
+                           tiny_frames=5, max_sequence_length=256, true_cfg="HunyuanVideo"),
+    # (Qwen-Image: no guidance_scale; true CFG 4 with --negative-prompt, diffusers' default)
+    "qwenimage": Family(video=False, guidance_scale=None, steps=50, tiny_size=(48, 80), max_sequence_length=512,
+                        true_cfg="Qwen-Image", true_cfg_scale=4.0),
+    # Z-Image-Turbo's settings (diffusers' ZImagePipeline defaults are 50 steps, CFG 5)
+    "zimage": Family(video=False, guidance_scale=0.0, steps=9, tiny_steps=2, tiny_size=(64, 64),
+                     max_sequence_length=512, tiny_max_sequence_length=None),
+    "sana": Family(video=False, guidance_scale=4.5, steps=20, max_sequence_length=300, binning=_binned_by_sample_size),
+    # Chroma: real CFG (negative prompt default ""), diffusers' ChromaPipeline defaults
+    "chroma": Family(video=False, guidance_scale=5.0, steps=35, tiny_steps=2, tiny_size=(48, 64),
+                     max_sequence_length=512),
+    # diffusers' Lumina2Pipeline defaults (CFG normalized, not truncated); the tiny model's prompt tokens are the
+    # real ones (its system prompt alone is ~95 stand-in tokens)
+    "lumina2": Family(video=False, guidance_scale=4.0, steps=30, tiny_steps=2, max_sequence_length=256,
+                      tiny_max_sequence_length=None, check_max_sequence_length=True),
+    # FLUX.2 klein: diffusers' defaults (50 steps, CFG 4) for the base models; a step-distilled checkpoint
+    # (is_distilled: FLUX.2-klein-4B / -9B) runs its model card's 4 steps at guidance 1 (--guidance-scale None)
+    "flux2": Family(video=False, guidance_scale=4.0, steps=50, tiny_steps=2, tiny_size=(64, 64),
+                    max_sequence_length=512, tiny_max_sequence_length="FLUX2_MAX_SEQUENCE_LENGTH",
+                    distilled_steps=4, distilled_guidance_scale=1.0, check_hook=_flux2_request),
+}
+# per family: default output, guidance scale, steps (real / tiny), ...: the table as plain dicts
+DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
+VIDEO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.video)
+TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_cfg}  # --true-cfg-scale
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")  # (diffusers class names)
 
 
@@ -361,141 +452,49 @@ def _flux2_distilled(model) -> bool:
 
 def _check_family_flags(family: str, args) -> None:
     """Flags that mean nothing for this family are refused rather than silently ignored."""
+    fam = FAMILIES[family]
     video_only = {"num_frames": "--num-frames", "fps": "--fps"}
-    wrong = [flag for name, flag in video_only.items() if family not in VIDEO_FAMILIES and getattr(args, name)]
-    if family != "cogvideox" and args.use_dynamic_cfg:
+    wrong = [flag for name, flag in video_only.items() if not fam.video and getattr(args, name)]
+    if "use_dynamic_cfg" not in fam.call_flags and args.use_dynamic_cfg:
         wrong.append("--use-dynamic-cfg (CogVideoX's)")
     if family != "wan" and args.guidance_scale_2 is not None:
         wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
-    if family not in TRUE_CFG_FAMILIES and args.true_cfg_scale is not None:
-        wrong.append("--true-cfg-scale (FLUX's, HunyuanVideo's and Qwen-Image's)")
-    if family == "qwenimage" and args.guidance_scale is not None:
-        wrong.append("--guidance-scale (Qwen-Image is not guidance-distilled: its CFG is --true-cfg-scale with "
+    if not fam.true_cfg and args.true_cfg_scale is not None:
+        *others, last = (f"{name}'s" for name in TRUE_CFG_FAMILIES.values())
+        wrong.append(f"--true-cfg-scale ({', '.join(others)} and {last})")
+    if fam.guidance_scale is None and args.guidance_scale is not None:
+        wrong.append(f"--guidance-scale ({fam.true_cfg} is not guidance-distilled: its CFG is --true-cfg-scale with "
                      "--negative-prompt)")
-    if family != "hunyuandit" and args.guidance_rescale:
+    if "guidance_rescale" not in fam.call_flags and args.guidance_rescale:
         wrong.append("--guidance-rescale")
-    if family != "sd3" and args.skip_guidance_layers:
+    if "skip_guidance_layers" not in fam.call_flags and args.skip_guidance_layers:
         wrong.append("--skip-guidance-layers (SD3's)")
-    if family in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma", "lumina2", "flux2") and \
-            args.no_resolution_binning:
+    if not fam.binning and args.no_resolution_binning:
         wrong.append("--no-resolution-binning")
-    if family == "hunyuandit" and args.max_sequence_length is not None:
-        wrong.append("--max-sequence-length (HunyuanDiT's text lengths are the model's: 77 + 256)")
-    if family == "latte" and args.max_sequence_length is not None:
-        wrong.append("--max-sequence-length (Latte's T5 length is fixed: 120, as diffusers')")
+    if fam.fixed_text_length and args.max_sequence_length is not None:
+        wrong.append(f"--max-sequence-length ({fam.fixed_text_length})")
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: not used by this {family} model; drop the flag.")
 
 
-def _check_request(family: str, model, args, spec, guidance: float) -> None:
+def _check_request(family: str, model, args, spec, guidance: float, max_sequence_length: int | None) -> None:
     """The family's cheap checks of sizes and mesh, from the config.json files only."""
-    if family in VIDEO_FAMILIES:
-        from importlib import import_module
+    from importlib import import_module
 
-        fam = import_module(f"xdit_jax.pipelines.{FAMILY_MODULES.get(family, family)}")
-        check_request, default_video, read_configs = fam.check_request, fam.default_video, fam.read_configs
-        tc, vc = read_configs(model)
-        dv = default_video(tc, vc)
-        if family == "wan":
-            from xdit_jax.conversion import read_json
-
-            two = fam.pipeline_settings(read_json(Path(model) / "model_index.json"), model)["boundary_ratio"]
-            if args.guidance_scale_2 is not None and two is None:
-                raise ValueError("--guidance-scale-2 is for a two-expert Wan 2.2 A14B model (transformer_2 and "
-                                 f"boundary_ratio); {model} has one transformer.")
-            guidance = max(guidance, args.guidance_scale_2 or 0.0)
-            if args.image is not None:  # Wan 2.1 FLF2V needs --last-image; Wan 2.1 I2V takes none
-                fam.check_last_image(tc, args.last_image is not None)
-        if family == "hunyuanvideo":  # the batch doubles only for true CFG (its guidance_scale is embedded)
-            guidance = (args.true_cfg_scale or 1.0) if args.negative_prompt is not None else 1.0
-        check_request(tc, vc, args.height or dv["height"], args.width or dv["width"],
-                      args.num_frames or dv["num_frames"], len(args.prompts), spec, guidance)
-    elif family == "pixart":
-        from xdit_jax.pipelines.pixart import binned_size, check_request, default_size, read_configs
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        h, w = args.height or ds["height"], args.width or ds["width"]
-        if not args.no_resolution_binning:
-            h, w = binned_size(h, w, tc.sample_size)
-        check_request(tc, vc, h, w, len(args.prompts), spec, guidance)
-    elif family == "sana":
-        from xdit_jax.pipelines.image import default_size
-        from xdit_jax.pipelines.sana import binned_size, check_request, read_configs
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        h, w = args.height or ds["height"], args.width or ds["width"]
-        if not args.no_resolution_binning:
-            h, w = binned_size(h, w, tc.sample_size)
-        check_request(tc, vc, h, w, len(args.prompts), spec, guidance)
-    elif family == "sd3":
-        from xdit_jax.pipelines.image import default_size
-        from xdit_jax.pipelines.sd3 import check_request, read_configs
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
-                      guidance)
-    elif family == "qwenimage":
-        from xdit_jax.pipelines.qwenimage import check_request, default_size, read_configs
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        true_cfg = (args.true_cfg_scale or DEFAULTS[family]["true_cfg_scale"]) if args.negative_prompt is not None \
-            else 1.0
-        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
-                      true_cfg)
-    elif family == "zimage":
-        from xdit_jax.pipelines.zimage import check_request, default_size, read_configs
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
-                      guidance)
-    elif family == "chroma":
-        from xdit_jax.pipelines.chroma import check_request, read_configs
-        from xdit_jax.pipelines.flux import default_size
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
-                      guidance)
-    elif family == "lumina2":
-        from xdit_jax.pipelines.lumina2 import check_request, default_size, read_configs
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
-                      guidance, args.max_sequence_length or 256)
-    elif family == "flux2":
-        from xdit_jax.pipelines.flux2 import check_request, default_size, is_distilled, read_configs
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        from xdit_jax.pipelines.denoise import pipeline_class_name
-
-        cfg_possible = pipeline_class_name(model) == "Flux2KleinPipeline" and not is_distilled(model)  # dev: none
-        check_request(tc, vc, args.height or ds["height"], args.width or ds["width"], len(args.prompts), spec,
-                      guidance > 1 and cfg_possible)
-    elif family == "flux":
-        from xdit_jax.pipelines.flux import check_request, default_size, kontext_output_size, read_configs
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        true_cfg = (args.true_cfg_scale or 1.0) if args.negative_prompt is not None else 1.0
-        h, w = args.height or ds["height"], args.width or ds["width"]
-        if getattr(args, "kontext", False):  # Kontext makes the aspect ratio at max_area, floored to 16
-            h, w = kontext_output_size(h, w, args.max_area or 1024 ** 2)
-        check_request(tc, vc, h, w, len(args.prompts), spec, true_cfg)
-    else:
-        from xdit_jax.pipelines.hunyuandit import binned_size, check_request, default_size, read_configs
-
-        tc, vc = read_configs(model)
-        ds = default_size(tc, vc)
-        h, w = args.height or ds["height"], args.width or ds["width"]
-        h, w = (h // 16 * 16, w // 16 * 16) if args.no_resolution_binning else binned_size(h, w)
-        check_request(tc, vc, h, w, len(args.prompts), spec, guidance)
+    fam = FAMILIES[family]
+    mod = import_module(f"xdit_jax.pipelines.{fam.module or family}")
+    tc, vc = mod.read_configs(model)
+    default = (mod.default_video if fam.video else mod.default_size)(tc, vc)
+    h, w = args.height or default["height"], args.width or default["width"]
+    if fam.binning:
+        h, w = fam.binning(mod, tc, h, w, not args.no_resolution_binning)
+    if fam.true_cfg:  # the batch doubles only for true CFG (FLUX's and HunyuanVideo's guidance_scale is embedded)
+        guidance = (args.true_cfg_scale or fam.true_cfg_scale) if args.negative_prompt is not None else 1.0
+    if fam.check_hook:
+        h, w, guidance = fam.check_hook(mod, model, tc, args, h, w, guidance)
+    frames = (args.num_frames or default["num_frames"],) if fam.video else ()
+    extra = (max_sequence_length,) if fam.check_max_sequence_length else ()
+    mod.check_request(tc, vc, h, w, *frames, len(args.prompts), spec, guidance, *extra)
 
 
 def _main(argv=None) -> int:
@@ -511,7 +510,7 @@ def _main(argv=None) -> int:
         spec = mesh_spec_from_args(args)
         early_family = _family_of(args.model)
         if args.output is None:
-            args.output = DEFAULTS[early_family or "cogvideox"]["output"]
+            args.output = FAMILIES[early_family or "cogvideox"].output
         out = Path(args.output)
         for name in ("steps", "num_frames", "height", "width", "max_sequence_length", "num_pipeline_patch",
                      "warmup_steps", "per_prompt", "max_area"):
@@ -594,37 +593,24 @@ def _main(argv=None) -> int:
                              f"only; {args.model} is not a Kontext checkpoint.")
         check_output(out, args.overwrite, family in VIDEO_FAMILIES, samples)
         _check_family_flags(family, args)
-        if is_tiny and family not in VIDEO_FAMILIES + ("flux", "sd3", "qwenimage", "zimage", "chroma", "lumina2",
-                                                       "flux2"):
+        fam = FAMILIES[family]
+        if is_tiny and fam.binning:
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
-        if is_tiny and family == "flux":  # FLUX's default 1024 x 1024 would be slow for a toy model
-            args.height, args.width = args.height or 48, args.width or 64
-            if args.kontext:  # (and Kontext's default output area too)
-                args.max_area = args.max_area or args.height * args.width
-        if is_tiny and family == "qwenimage":  # Qwen-Image's default 1024 x 1024 would be slow for a toy model
-            args.height, args.width = args.height or 48, args.width or 80
-        if is_tiny and family == "chroma":  # Chroma's default 1024 x 1024 would be slow for a toy model
-            args.height, args.width = args.height or 48, args.width or 64
-        if is_tiny and family in ("zimage", "flux2"):  # their default 1024 x 1024 would be slow for a toy model
-            args.height, args.width = args.height or 64, args.width or 64
-        if is_tiny and family == "mochi":  # Mochi's default 480 x 848 would be slow for a toy model
-            args.height, args.width = args.height or 32, args.width or 48
-            args.num_frames = args.num_frames or 7
-        if is_tiny and family == "hunyuanvideo":  # HunyuanVideo's default 129 x 720 x 1280 would be slow for a toy
-            args.height, args.width = args.height or 32, args.width or 32
-            args.num_frames = args.num_frames or 5
-        if is_tiny and family == "latte":  # 16 frames would be slow for a toy model
-            args.num_frames = args.num_frames or 4
-        if is_tiny and family == "wan":  # Wan's default 81 x 480 x 832 would be slow for a toy model
-            args.height, args.width = args.height or 32, args.width or 48
-            args.num_frames = args.num_frames or 9
-        d = DEFAULTS[family]
-        guidance = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+        if is_tiny and fam.tiny_size:  # the real default (e.g. 1024 x 1024) would be slow for a toy model
+            args.height, args.width = args.height or fam.tiny_size[0], args.width or fam.tiny_size[1]
+        if is_tiny and fam.tiny_frames:
+            args.num_frames = args.num_frames or fam.tiny_frames
+        if is_tiny and args.kontext:  # (and Kontext's default output area too)
+            args.max_area = args.max_area or args.height * args.width
+        guidance = fam.guidance_scale if args.guidance_scale is None else args.guidance_scale
         distilled = family == "flux2" and _flux2_distilled(model)
         if distilled and args.guidance_scale is None:
-            guidance = d["distilled_guidance_scale"]
+            guidance = fam.distilled_guidance_scale
+        tiny_msl = fam.tiny_max_sequence_length
+        msl = (args.max_sequence_length or (getattr(tiny, tiny_msl) if is_tiny and tiny_msl else None)
+               or fam.max_sequence_length)
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
-            _check_request(family, model, args, spec, guidance)
+            _check_request(family, model, args, spec, guidance, msl)
         cls = pipelines.pipeline_class("WanImageToVideoPipeline" if image_to_video and family == "wan" else kind)
         kw = dict(mesh=spec, dtype=dtype, attention_backend=args.attention_backend,
                   pipefusion_patches=args.num_pipeline_patch, pipefusion_warmup_steps=args.warmup_steps)
@@ -649,58 +635,32 @@ def _main(argv=None) -> int:
         pipe.enable_vae_tiling(bool(args.vae_tiling))
     if args.vae_slicing:
         pipe.enable_vae_slicing()
-    steps = args.steps or (d["tiny_steps"] if is_tiny else d["distilled_steps"] if distilled else d["steps"])
-    msl = args.max_sequence_length or (tiny.MAX_SEQUENCE_LENGTH if is_tiny else None)
+    steps = args.steps or (fam.tiny_steps if is_tiny else fam.distilled_steps if distilled else fam.steps)
     if family == "flux" and not is_tiny and not pipe.transformer_config.guidance_embeds:  # FLUX.1-schnell
-        steps, msl = args.steps or 4, msl or 256  # its model card's settings (timestep-distilled)
-    true_cfg = args.true_cfg_scale or d.get("true_cfg_scale", 1.0)
-    if family in TRUE_CFG_FAMILIES and args.negative_prompt is not None and true_cfg <= 1.0:
-        print(f"note: --negative-prompt is used by {TRUE_CFG_FAMILIES[family]} only with --true-cfg-scale > 1",
-              file=sys.stderr)
+        steps, msl = args.steps or 4, args.max_sequence_length or 256  # its model card's settings (timestep-distilled)
+    true_cfg = args.true_cfg_scale or fam.true_cfg_scale
+    if fam.true_cfg and args.negative_prompt is not None and true_cfg <= 1.0:
+        print(f"note: --negative-prompt is used by {fam.true_cfg} only with --true-cfg-scale > 1", file=sys.stderr)
     kw = dict(height=args.height, width=args.width, num_inference_steps=steps, guidance_scale=guidance,
               seed=args.seed, progress=not args.no_progress)
-    kw["num_videos_per_prompt" if family in VIDEO_FAMILIES else "num_images_per_prompt"] = args.per_prompt
-    if family == "cogvideox":
-        kw.update(num_frames=args.num_frames, use_dynamic_cfg=args.use_dynamic_cfg, max_sequence_length=msl or 226)
-    elif family == "mochi":
-        kw.update(num_frames=args.num_frames, max_sequence_length=msl or 256)
-    elif family == "wan":
-        kw.update(num_frames=args.num_frames, max_sequence_length=msl or 512)
-        if args.guidance_scale_2 is not None:
-            kw["guidance_scale_2"] = args.guidance_scale_2
-    elif family == "latte":
-        kw.update(num_frames=args.num_frames)
-    elif family == "hunyuanvideo":
-        kw.update(num_frames=args.num_frames, max_sequence_length=msl or 256, true_cfg_scale=args.true_cfg_scale or 1.0)
-    elif family == "pixart":
-        kw.update(max_sequence_length=msl, use_resolution_binning=not args.no_resolution_binning)
-    elif family == "sana":
-        kw.update(max_sequence_length=msl or 300, use_resolution_binning=not args.no_resolution_binning)
-    elif family == "flux":
-        kw.update(max_sequence_length=msl or 512, true_cfg_scale=args.true_cfg_scale or 1.0)
-        if args.kontext:
-            kw.update(max_area=args.max_area or 1024 ** 2, _auto_resize=not args.no_auto_resize)
-    elif family == "qwenimage":
-        kw.update(max_sequence_length=msl or 512, true_cfg_scale=true_cfg)
-    elif family == "zimage":
-        kw.update(max_sequence_length=args.max_sequence_length or 512)
-    elif family == "chroma":
-        kw.update(max_sequence_length=msl or 512)
-    elif family == "lumina2":  # (the tiny one too: its system prompt alone is ~95 stand-in tokens)
-        kw.update(max_sequence_length=args.max_sequence_length or 256)
-    elif family == "flux2":
-        kw.update(max_sequence_length=args.max_sequence_length or (tiny.FLUX2_MAX_SEQUENCE_LENGTH if is_tiny else 512))
-        if args.image is not None:  # a reference image (diffusers' image=; the output takes its size unless given)
-            from PIL import Image
+    kw["num_videos_per_prompt" if fam.video else "num_images_per_prompt"] = args.per_prompt
+    if fam.video:
+        kw["num_frames"] = args.num_frames
+    if not fam.fixed_text_length:
+        kw["max_sequence_length"] = msl
+    if fam.binning:
+        kw["use_resolution_binning"] = not args.no_resolution_binning
+    if fam.true_cfg:
+        kw["true_cfg_scale"] = true_cfg
+    kw.update({name: getattr(args, name) for name in fam.call_flags})
+    if family == "wan" and args.guidance_scale_2 is not None:
+        kw["guidance_scale_2"] = args.guidance_scale_2
+    if args.kontext:
+        kw.update(max_area=args.max_area or 1024 ** 2, _auto_resize=not args.no_auto_resize)
+    if family == "flux2" and args.image is not None:  # a reference image (diffusers' image=)
+        from PIL import Image
 
-            kw["image"] = Image.open(args.image).convert("RGB")
-    elif family == "sd3":
-        kw.update(max_sequence_length=msl or 256, skip_guidance_layers=args.skip_guidance_layers,
-                  skip_layer_guidance_scale=args.skip_layer_guidance_scale,
-                  skip_layer_guidance_start=args.skip_layer_guidance_start,
-                  skip_layer_guidance_stop=args.skip_layer_guidance_stop)
-    else:  # HunyuanDiT: its text lengths are the model's (77 + 256)
-        kw.update(guidance_rescale=args.guidance_rescale, use_resolution_binning=not args.no_resolution_binning)
+        kw["image"] = Image.open(args.image).convert("RGB")  # (the output takes its size unless given)
     if image_to_video:
         from PIL import Image
 

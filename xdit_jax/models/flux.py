@@ -72,19 +72,27 @@ class FluxConfig(TransformerDims):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FluxConfig:
-        d = dict(d)
-        if "axes_dims_rope" in d:
-            d["axes_dims_rope"] = tuple(int(a) for a in d["axes_dims_rope"])
-        cfg = cls(**known_fields(cls, d))
-        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim or any(a % 2 for a in cfg.axes_dims_rope):
-            raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must be even and sum to attention_head_dim "
-                             f"{cfg.attention_head_dim}.")
-        if cfg.patch_size != 1:
-            raise ValueError(f"patch_size={cfg.patch_size}: FLUX.1 checkpoints use 1 (the pipeline packs 2x2 latent "
-                             "patches itself).")
-        if cfg.num_layers < 1 or cfg.num_single_layers < 1:
-            raise ValueError("A FLUX transformer has at least one double- and one single-stream block.")
-        return cfg
+        return checked_config(cls, d, "FLUX.1", "packs")
+
+
+def checked_config(cls, d: dict[str, Any], model: str, patches: str):
+    """A FLUX.1 / FLUX.2 transformer config ``cls`` from its config.json dict, checked: ``axes_dims_rope`` even
+    sizes summing to the head dim, ``patch_size`` 1 (``patches``: what the ``model`` pipeline does to 2x2 latent
+    patches itself), both block stacks there."""
+    d = dict(d)
+    if "axes_dims_rope" in d:
+        d["axes_dims_rope"] = tuple(int(a) for a in d["axes_dims_rope"])
+    cfg = cls(**known_fields(cls, d))
+    if sum(cfg.axes_dims_rope) != cfg.attention_head_dim or any(a % 2 for a in cfg.axes_dims_rope):
+        raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must be even and sum to attention_head_dim "
+                         f"{cfg.attention_head_dim}.")
+    if cfg.patch_size != 1:
+        raise ValueError(f"patch_size={cfg.patch_size}: {model} checkpoints use 1 (the pipeline {patches} 2x2 latent "
+                         "patches itself).")
+    if cfg.num_layers < 1 or cfg.num_single_layers < 1:  # ("A FLUX transformer": FLUX.1's, also Chroma's)
+        raise ValueError(f"A {model.removesuffix('.1')} transformer has at least one double- and one single-stream "
+                         "block.")
+    return cfg
 
 
 class AdaNorm(nnx.Module):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.config_util import TransformerDims, known_fields
+from xdit_jax.config_util import TransformerDims
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models import flux
 from xdit_jax.models.layers import (
@@ -73,19 +73,7 @@ class Flux2Config(TransformerDims):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Flux2Config:
-        d = dict(d)
-        if "axes_dims_rope" in d:
-            d["axes_dims_rope"] = tuple(int(a) for a in d["axes_dims_rope"])
-        cfg = cls(**known_fields(cls, d))
-        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim or any(a % 2 for a in cfg.axes_dims_rope):
-            raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must be even and sum to attention_head_dim "
-                             f"{cfg.attention_head_dim}.")
-        if cfg.patch_size != 1:
-            raise ValueError(f"patch_size={cfg.patch_size}: FLUX.2 checkpoints use 1 (the pipeline patchifies 2x2 "
-                             "latent patches itself).")
-        if cfg.num_layers < 1 or cfg.num_single_layers < 1:
-            raise ValueError("A FLUX.2 transformer has at least one double- and one single-stream block.")
-        return cfg
+        return flux.checked_config(cls, d, "FLUX.2", "patchifies")
 
     @property
     def mlp_hidden(self) -> int:

@@ -29,9 +29,8 @@ import numpy as np
 from flax import nnx
 
 from xdit_jax.config_util import known_fields
-from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
+from xdit_jax.keymap import build_module
 from xdit_jax.models import zimage
-from xdit_jax.models.layers import RMSNorm, linear, stack_modules
 from xdit_jax.models.zimage import (  # noqa: F401  (re-exported: the shared pieces)
     STACKED,
     TEXT_KEYS,
@@ -142,21 +141,10 @@ class Lumina2Transformer2DModel(zimage.ZImageTransformer2DModel):
     """``model(hidden_states, timestep, cap_feats, cap_lens)``: latents (B, C, H, W), ``timestep`` (B,) as diffusers'
     pipeline passes it (``1 - t / 1000``), caption features (B, L, cap_feat_dim) of which the first ``cap_lens[i]``
     rows are prompt ``i``'s (None: all ``L``; :func:`lens_from_mask` turns diffusers' ``encoder_attention_mask``
-    into them) -> (B, out_channels, H, W). ``blocks`` / ``head`` / ``image_rope`` are Z-Image's."""
+    into them) -> (B, out_channels, H, W). ``__init__`` (but the pad tokens), ``blocks`` / ``head`` / ``image_rope``
+    and ``__call__`` are Z-Image's."""
 
-    def __init__(self, cfg: Lumina2Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.cfg, self.dtype = cfg, dtype
-        d, p = cfg.dim, cfg.patch_size
-        self.x_embedder = linear(p * p * cfg.in_channels, d, dtype=dtype, rngs=rngs)
-        self.final_layer = FinalLayer(cfg, dtype=dtype, rngs=rngs)
-        self.t_embedder = TimestepEmbedder(cfg, dtype=dtype, rngs=rngs)
-        self.cap_norm = RMSNorm(cfg.cap_feat_dim, cfg.norm_eps, dtype=dtype)
-        self.cap_linear = linear(cfg.cap_feat_dim, d, dtype=dtype, rngs=rngs)
-        n_ref = cfg.n_refiner_layers
-        self.noise_refiner = stack_modules(lambda r: Block(cfg, True, dtype=dtype, rngs=r), n_ref, rngs)
-        self.context_refiner = stack_modules(lambda r: Block(cfg, False, dtype=dtype, rngs=r), n_ref, rngs)
-        self.layers = stack_modules(lambda r: Block(cfg, True, dtype=dtype, rngs=r), cfg.n_layers, rngs)
+    pad_tokens = False
 
     def embed(self, hidden_states, timestep, cap_feats, cap_lens=None):
         """-> (image tokens (B, N, D), tokens {"rope_hw", "real"}, cond {"adaln", "context" (B, L, D),
@@ -204,10 +192,6 @@ class Lumina2Transformer2DModel(zimage.ZImageTransformer2DModel):
         cond = {"adaln": adaln, "context": cap, "context_rope": c_rope, "context_mask": mask, "t_rope": t_rope}
         return x, tokens, cond
 
-    def __call__(self, hidden_states, timestep, cap_feats, cap_lens=None):
-        x, tokens, cond = self.embed(hidden_states, timestep, cap_feats, cap_lens)
-        return self.head(self.blocks(x, tokens, cond), cond, jnp.shape(hidden_states))
-
 
 def check_caption_length(length: int, cfg: Lumina2Config) -> None:
     """The caption's positions (and the image's t = n_i) index the first RoPE axis: refuse captions past it."""
@@ -236,10 +220,8 @@ TORCH_RENAMES = [
 
 
 def params_from_torch(flat: dict, cfg: Lumina2Config, dtype=None) -> dict:
-    return map_state_dict(flat, expected_shapes(lambda: Lumina2Transformer2DModel(cfg)),
-                          stacked={STACKED: cfg.n_layers, "noise_refiner": cfg.n_refiner_layers,
-                                   "context_refiner": cfg.n_refiner_layers},
-                          renames=TORCH_RENAMES, dtype=dtype, what="Lumina 2 transformer checkpoint")
+    return zimage.params_from_torch(flat, cfg, dtype, model=Lumina2Transformer2DModel, renames=TORCH_RENAMES,
+                                    what="Lumina 2")
 
 
 def build(cfg: Lumina2Config, params: dict, dtype=jnp.float32) -> Lumina2Transformer2DModel:

@@ -329,6 +329,8 @@ class ZImageTransformer2DModel(nnx.Module):
     ``timestep`` (B,) as diffusers' pipeline passes it (``(1000 - t) / 1000``), caption features (B, L,
     cap_feat_dim) of which the first ``cap_lens[i]`` rows are prompt ``i``'s (None: all ``L``) -> (B, C, H, W)."""
 
+    pad_tokens = True  # the learned x_pad_token / cap_pad_token (Lumina 2 has none)
+
     def __init__(self, cfg: ZImageConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg, self.dtype = cfg, dtype
@@ -338,8 +340,9 @@ class ZImageTransformer2DModel(nnx.Module):
         self.t_embedder = TimestepEmbedder(cfg, dtype=dtype, rngs=rngs)
         self.cap_norm = RMSNorm(cfg.cap_feat_dim, cfg.norm_eps, dtype=dtype)
         self.cap_linear = linear(cfg.cap_feat_dim, d, dtype=dtype, rngs=rngs)
-        self.x_pad_token = nnx.Param(jnp.zeros((1, d), dtype))
-        self.cap_pad_token = nnx.Param(jnp.zeros((1, d), dtype))
+        if self.pad_tokens:
+            self.x_pad_token = nnx.Param(jnp.zeros((1, d), dtype))
+            self.cap_pad_token = nnx.Param(jnp.zeros((1, d), dtype))
         n_ref = cfg.n_refiner_layers
         self.noise_refiner = stack_modules(lambda r: Block(cfg, True, dtype=dtype, rngs=r), n_ref, rngs)
         self.context_refiner = stack_modules(lambda r: Block(cfg, False, dtype=dtype, rngs=r), n_ref, rngs)
@@ -475,11 +478,14 @@ TORCH_RENAMES = [
 ]
 
 
-def params_from_torch(flat: dict, cfg: ZImageConfig, dtype=None) -> dict:
-    return map_state_dict(flat, expected_shapes(lambda: ZImageTransformer2DModel(cfg)),
+def params_from_torch(flat: dict, cfg: ZImageConfig, dtype=None, *, model=ZImageTransformer2DModel,
+                      renames=TORCH_RENAMES, what: str = "Z-Image") -> dict:
+    """Our params from a diffusers state dict; ``model``, ``renames`` (our keys -> the checkpoint's) and ``what``:
+    another transformer of these three stacks (Lumina 2's, :func:`xdit_jax.models.lumina2.params_from_torch`)."""
+    return map_state_dict(flat, expected_shapes(lambda: model(cfg)),
                           stacked={STACKED: cfg.n_layers, "noise_refiner": cfg.n_refiner_layers,
                                    "context_refiner": cfg.n_refiner_layers},
-                          renames=TORCH_RENAMES, dtype=dtype, what="Z-Image transformer checkpoint")
+                          renames=renames, dtype=dtype, what=f"{what} transformer checkpoint")
 
 
 def build(cfg: ZImageConfig, params: dict, dtype=jnp.float32) -> ZImageTransformer2DModel:

@@ -43,7 +43,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
     tokenize,
 )
-from xdit_jax.pipelines.flux import FluxPipeline, pack_latents
+from xdit_jax.pipelines.flux import FluxPipeline, default_size, pack_latents  # noqa: F401  (this family's API too)
 from xdit_jax.pipelines.image import ImagePipelineOutput, vae_scale_factor
 from xdit_jax.schedulers import flow_match
 

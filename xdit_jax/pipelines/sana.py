@@ -42,7 +42,13 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     peak_memory_bytes,
 )
-from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, resize_and_crop, vae_scale_factor
+from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
+    ImagePipelineBase,
+    ImagePipelineOutput,
+    default_size,
+    resize_and_crop,
+    vae_scale_factor,
+)
 from xdit_jax.schedulers import dpmsolver
 
 PIPELINE_CLASSES = ("SanaPipeline",)

@@ -45,7 +45,12 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
     tokenize,
 )
-from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
+from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
+    ImagePipelineBase,
+    ImagePipelineOutput,
+    default_size,
+    vae_scale_factor,
+)
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
