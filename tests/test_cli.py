@@ -422,3 +422,12 @@ def test_script_help_runs():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--mesh" in r.stdout and "--ulysses_degree" in r.stdout
+
+
+def test_every_tiny_name_has_a_family():
+    """Each tiny model names a family the command line knows (tiny-flux-kontext: FLUX's), before anything loads."""
+    from xdit_jax import tiny
+
+    for name in tiny.TINY_NAMES:
+        assert cli._family_of(name) in cli.FAMILIES, name
+    assert cli._family_of("tiny-flux-kontext") == "flux"

@@ -422,8 +422,10 @@ def _family_of(model: str) -> str | None:
     """The model family, where it is known without jax or a download (tiny names, local folders)."""
     from xdit_jax import tiny
 
-    if model in tiny.TINY_NAMES and not Path(model).exists():
-        return tiny.TINY_NAMES[model]
+    if model in tiny.TINY_NAMES and not Path(model).exists():  # (its pipeline's family: tiny-flux-kontext is FLUX's)
+        from xdit_jax import pipelines
+
+        return pipelines.family(tiny.model_index(tiny.TINY_NAMES[model])["_class_name"])
     index = Path(model) / "model_index.json"
     if index.exists():
         from xdit_jax import pipelines
