@@ -91,6 +91,22 @@ def test_prompt_embeds_with_masks_as_diffusers(pipes):
     _close_latents(out, run_torch(tp, PROMPT, lat, negative_prompt=NEGATIVE, **kw))
 
 
+def test_long_prompt_is_truncated_with_diffusers_warning(pipes, caplog):
+    """A prompt past max_sequence_length: cut to it (the encoder's ids) with diffusers' warning naming the cut part;
+    a short one: no warning."""
+    import logging
+
+    _, ours, _ = pipes
+    with caplog.at_level(logging.WARNING, logger="xdit_jax"):
+        ours.encode_prompt(["a cat"], max_sequence_length=8)
+    assert "truncated" not in caplog.text
+    long = " ".join(["a small dog running on a beach at sunset"] * 4)
+    with caplog.at_level(logging.WARNING, logger="xdit_jax"):
+        embeds, mask = ours.encode_prompt([long], max_sequence_length=8)
+    assert embeds.shape[1] == mask.shape[1] == 8 and mask.all()
+    assert "truncated because `max_sequence_length` is set to 8 tokens" in caplog.text
+
+
 @pytest.mark.slow
 def test_images_per_prompt_over_data(pipes):
     """num_images_per_prompt=2 of two prompts with CFG on data=2 == diffusers given each prompt twice. (diffusers'

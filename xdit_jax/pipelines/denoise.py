@@ -373,17 +373,22 @@ def decode_bytes(compiled) -> int | None:
 
 def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, attention mask) as diffusers makes them: padded to max length, truncated with a warning."""
-    import logging
-
     enc = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
                     add_special_tokens=True, return_attention_mask=True, return_tensors="np")
+    warn_if_truncated(tokenizer, prompts, max_sequence_length)
+    return enc.input_ids, enc.attention_mask
+
+
+def warn_if_truncated(tokenizer, prompts: list[str], max_sequence_length: int) -> None:
+    """diffusers' warning where a prompt has more tokens than ``max_sequence_length`` (the part cut off)."""
+    import logging
+
     full = tokenizer(prompts, padding="longest", return_tensors="np").input_ids
-    if full.shape[-1] > enc.input_ids.shape[-1]:
+    if full.shape[-1] > max_sequence_length:
         removed = tokenizer.batch_decode(full[:, max_sequence_length - 1: -1])
         logging.getLogger("xdit_jax").warning(
             "The following part of your input was truncated because `max_sequence_length` is set to %d tokens: %s",
             max_sequence_length, removed)
-    return enc.input_ids, enc.attention_mask
 
 
 def negative_prompts(negative_prompt, batch: int) -> list[str]:

@@ -41,6 +41,7 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     per_prompt,
     prompt_batch,
+    warn_if_truncated,
 )
 from xdit_jax.pipelines.image import ImagePipelineOutput, vae_scale_factor
 from xdit_jax.pipelines.zimage import ZImagePipeline
@@ -112,6 +113,7 @@ class Lumina2Pipeline(ZImagePipeline):
         """((B, L, cap_feat_dim) Gemma 2 ``hidden_states[-2]``, (B, L) attention mask) as diffusers'
         ``_get_gemma_prompt_embeds`` (the texts as given: :func:`system_prompts` adds the system prompt)."""
         ids, mask = gemma2.tokenize_prompts(self.tokenizer, prompts, max_sequence_length)
+        warn_if_truncated(self.tokenizer, prompts, max_sequence_length)  # (with diffusers' warning)
         return np.asarray(self._gemma_fn()(ids, mask), np.float32), np.asarray(mask, np.int32)
 
     def schedule(self, num_inference_steps: int, image_seq_len: int, sigmas=None):
