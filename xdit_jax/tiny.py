@@ -203,6 +203,16 @@ QWEN_IMAGE_TEXT_ENCODER = dict(
                      rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1000000.0}),
     vision_config=dict(model_type="qwen2_5_vl_vision", depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
                        out_hidden_size=32, patch_size=2, window_size=4, fullatt_block_indexes=[0]))
+# Qwen-Image-Edit: the Qwen-Image text encoder with a vision tower of 2 blocks (block 1 full attention, block 0 in
+# windows of 2 x 2 merge units: window_size 8 / patch 2 / merge 2), 16 wide, merged to the language model's 32; the
+# stand-in tokenizer with the vision tokens at ids 3, 4, 5 (<|image_pad|> 4); the image processor at patch 2 x merge
+# 2 (multiples of 4 pixels) and at most 32 x 32 pixels (64 image tokens)
+QWEN_EDIT_TEXT_ENCODER = dict(
+    QWEN_IMAGE_TEXT_ENCODER, vision_start_token_id=3, image_token_id=4, vision_end_token_id=5, video_token_id=6,
+    vision_config=dict(model_type="qwen2_5_vl_vision", depth=2, hidden_size=16, intermediate_size=24, num_heads=2,
+                       out_hidden_size=32, patch_size=2, temporal_patch_size=2, spatial_merge_size=2, window_size=8,
+                       fullatt_block_indexes=[1]))
+QWEN_EDIT_PROCESSOR = dict(min_pixels=8 * 8, max_pixels=32 * 32, patch_size=2, temporal_patch_size=2, merge_size=2)
 QWEN_IMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
                             use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
                             max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
@@ -357,6 +367,15 @@ def train_qwen_tokenizer():
 
     return qwen2_5_vl.train_tokenizer(CORPUS * 4 + [qwen2_5_vl.PROMPT_TEMPLATE.format(p) for p in CORPUS],
                                       vocab_size=QWEN_VOCAB)
+
+
+def train_qwen_edit_tokenizer():
+    """The stand-in Qwen2 tokenizer with Qwen2.5-VL's vision tokens (ids 3, 4, 5), trained on the same sentences, alone
+    and inside Qwen-Image-Edit's templates."""
+    from xdit_jax.models import qwen2_5_vl as qv
+
+    return qv.train_tokenizer(CORPUS * 4 + [qv.EDIT_TEMPLATE.format(p) for p in CORPUS], vocab_size=QWEN_VOCAB,
+                              vision_tokens=True)
 
 
 def train_qwen3_tokenizer():
