@@ -23,7 +23,10 @@ SHAPES = [(1, 3, 5), (1, 2, 4), (1, 4, 3)]
 N = sum(f * h * w for f, h, w in SHAPES)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["edit", "zero_cond_t"])
+# without zero_cond_t (Qwen-Image-Edit, 2509): slow, its path in the default run is the Edit pipeline's parity with
+# diffusers and its cfg x ring x ulysses mesh (tests/test_qwenimage_edit_pipeline.py)
+@pytest.fixture(scope="module", params=[pytest.param(False, marks=pytest.mark.slow), True],
+                ids=["edit", "zero_cond_t"])
 def pair(request):
     torch.manual_seed(0)
     tm = randomize_(TorchModel(**CONFIG, zero_cond_t=request.param), seed=1, std=0.15)
@@ -66,11 +69,10 @@ def test_rope_tables_match_diffusers():
 
 def test_matches_diffusers(pair):
     cfg, model, args, ref = pair
-    out = np.asarray(jax.jit(lambda m, *a: m(*a, img_shapes=SHAPES))(model, *args))
+    out = np.asarray(FWD(model, *args, _rope(cfg), _flags(cfg)))
     assert out.shape == ref.shape == (2, N, 16)
     # fp32 both sides, outputs O(4.2), as test_qwenimage_transformer (5e-5 there): measured 2.0e-5 / 1.7e-5
     np.testing.assert_allclose(out, ref, atol=5e-5, rtol=0)
-    np.testing.assert_array_equal(np.asarray(FWD(model, *args, _rope(cfg), _flags(cfg))), out)  # the tables given
     if cfg.zero_cond_t:  # the condition tokens' modulation matters: the step's timestep for all moves the output
         other = np.asarray(FWD(model, *args, _rope(cfg), np.zeros(N, np.float32)))
         assert np.abs(other - ref).max() > 1e-2

@@ -89,7 +89,7 @@ MODEL_CLASSES = {
     # FLUX.2-dev's text_encoder: Mistral 3's language model (vision tower, projector and lm_head not read)
     "Mistral3ForConditionalGeneration": ("xdit_jax.models.mistral3", "Mistral3TextConfig"),
 }
-COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
+COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor")
 
 
 def model_class(class_name: str):
@@ -166,7 +166,11 @@ def convert_component(src: Path, class_name: str, *, dtype=None, variant=None, e
     target = np.dtype(dtype) if dtype is not None else _source_dtype(flat)
     params = mod.params_from_torch(flat, cfg, dtype=target)
     if extras is not None and hasattr(mod, "extra_params_from_torch"):
-        extras.update(mod.extra_params_from_torch(flat, cfg, dtype=target))
+        import inspect
+
+        more = {"config_dict": cfg_dict} if "config_dict" in inspect.signature(
+            mod.extra_params_from_torch).parameters else {}  # a part with its own config (Qwen2.5-VL's vision)
+        extras.update(mod.extra_params_from_torch(flat, cfg, dtype=target, **more))
     return cfg_dict, params
 
 

@@ -98,6 +98,18 @@ def _text_keys(flat: dict) -> dict:
     return out
 
 
+def extra_params_from_torch(flat: dict, cfg: llama.LlamaConfig, dtype=None, config_dict=None) -> dict:
+    """``{"vision_params": ...}``: the vision tower's params (:mod:`xdit_jax.models.qwen2_5_vl_vision`, what
+    Qwen-Image-Edit reads the input image with), which conversion saves next to the language model's; empty for a
+    checkpoint without ``visual.*`` tensors or without its config."""
+    from xdit_jax.models import qwen2_5_vl_vision as vv
+
+    if config_dict is None or not vv.vision_keys(flat):
+        return {}
+    vcfg = vv.VisionConfig.from_dict(config_dict)
+    return {"vision_params": vv.params_from_torch(flat, vcfg, dtype=dtype)}
+
+
 def mrope_section(d: dict[str, Any]) -> tuple[int, ...]:
     """The ``mrope_section`` of a ``Qwen2_5_VLForConditionalGeneration`` config dict (transformers' default (16, 24,
     24) where none is named)."""
