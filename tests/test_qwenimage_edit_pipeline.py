@@ -136,3 +136,23 @@ def test_plus_2511_two_images_match_diffusers(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(pp, "CONDITION_IMAGE_SIZE", AREA // 4)
     ref = run_torch(tp, imgs, PROMPT, lat, monkeypatch, plus=True, **kw)
     _close(out, ref)
+
+
+# slow: PipeFusion's machinery runs in the default suite (tests/test_pipefusion_two_stream.py, the T2I Qwen-Image's
+# text slicing) and the edit pipelines' joint sequence over a mesh in test_mesh_matches_one_device
+@pytest.mark.slow
+def test_plus_pipefusion_matches_sequential_rule(tmp_path_factory):
+    """pipefusion=2 on Plus 2511 (the 24 noisy + 24 condition tokens in two patches, zero_cond_t's flags patched with
+    them) == the same patched rule on one device (pipefusion_patches=2)."""
+    tp = make_torch_qwenimage_edit(plus=True, zero_cond_t=True)
+    folder = converted_folder(save_torch_pipeline(tp, tmp_path_factory.mktemp("plus_pf")),
+                              cache_dir=tmp_path_factory.mktemp("cache_plus_pf"))
+    img, lat = _image(60, 90, 0), initial_latents(seed=5)
+    kw = dict(output_type="latent", num_inference_steps=3)
+    exact = run_ours(QwenImageEditPlusPipeline.from_pretrained(folder), img, PROMPT, lat, **kw)
+    ref = run_ours(QwenImageEditPlusPipeline.from_pretrained(folder, pipefusion_patches=2), img, PROMPT, lat, **kw)
+    out = run_ours(QwenImageEditPlusPipeline.from_pretrained(folder, mesh="pipefusion=2"), img, PROMPT, lat, **kw)
+    # latents O(3.6): measured 2.4e-7; the stale K/V move them by 0.013
+    atol = 2e-6 * np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=atol, rtol=0)
+    assert np.abs(ref - exact).max() > 20 * atol
