@@ -156,3 +156,44 @@ def test_plus_pipefusion_matches_sequential_rule(tmp_path_factory):
     atol = 2e-6 * np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=atol, rtol=0)
     assert np.abs(ref - exact).max() > 20 * atol
+
+
+def test_full_size_configs_folders(tmp_path):
+    """configs/qwen-image-edit and -2511 read into the modules' configs (the vision tower of Qwen2.5-VL-7B: parameter
+    count == transformers'), the pipeline classes; a tiny configs folder of the Plus layout builds with random
+    weights (from_config: the vision tower and the VAE's encoder drawn too) and runs one step."""
+    import json
+    from pathlib import Path
+
+    import jax
+    import transformers
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from xdit_jax import tiny
+    from xdit_jax.keymap import expected_shapes
+    from xdit_jax.models import qwen2_5_vl_vision as vv
+    from xdit_jax.models import qwenimage as qi
+    from xdit_jax.pipelines import pipeline_class
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name, cls, zero in [("qwen-image-edit", QwenImageEditPipeline, False),
+                            ("qwen-image-edit-2511", QwenImageEditPlusPipeline, True)]:
+        index = json.loads((root / name / "model_index.json").read_text())
+        assert pipeline_class(index["_class_name"]) is cls
+        tc = qi.QwenImageConfig.from_dict(json.loads((root / name / "transformer" / "config.json").read_text()))
+        assert tc.zero_cond_t == zero
+        te = json.loads((root / name / "text_encoder" / "config.json").read_text())
+        vcfg = vv.VisionConfig.from_dict(te)
+        assert vcfg.out_hidden_size == tc.joint_attention_dim and vcfg.fullatt_block_indexes == (7, 15, 23, 31)
+        pcfg = vv.ProcessorConfig.from_dict(json.loads((root / name / "processor" / "preprocessor_config.json")
+                                                       .read_text()))
+        assert (pcfg.min_pixels, pcfg.max_pixels, pcfg.patch_size) == (3136, 12845056, 14)
+    with torch.device("meta"):
+        tm = Qwen2_5_VisionTransformerPretrainedModel(transformers.Qwen2_5_VLConfig(**te).vision_config)
+    got = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(expected_shapes(lambda: vv.Qwen25VisionTransformer(vcfg))))
+    assert got == sum(p.numel() for p in tm.parameters())  # 669M
+    tiny.write_configs(tmp_path, "qwenimage-edit-plus")
+    pipe = QwenImageEditPlusPipeline.from_config(tmp_path)
+    out = pipe(_image(60, 90, 0), PROMPT, num_inference_steps=2, vae_image_area=AREA, output_type="latent",
+               true_cfg_scale=1.0, progress=False).images
+    assert out.shape == (1,) + LATENT and np.isfinite(out).all()
