@@ -217,9 +217,11 @@ class QwenImagePipeline(ImagePipelineBase):
         return jax.tree.map(self._put_replicated, tables)
 
     def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
-                     num_inference_steps: int = 50, true_cfg_scale: float = 4.0, text_len: int = 64):
+                     num_inference_steps: int = 50, true_cfg_scale: float = 4.0, text_len: int = 64,
+                     condition_shapes=()):
         """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it
-        (``true_cfg_scale > 1``: the true CFG step, as with a negative prompt; ``text_len``: text tokens)."""
+        (``true_cfg_scale > 1``: the true CFG step, as with a negative prompt; ``text_len``: text tokens;
+        ``condition_shapes``: the edit pipelines' condition images' packed (1, h, w), their tokens appended)."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -232,12 +234,20 @@ class QwenImagePipeline(ImagePipelineBase):
         sd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), do_cfg))  # noqa
         latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
         texts = (sd((n, text_len, tc.joint_attention_dim), self.dtype), sd((n, text_len), jnp.int32))
+        h, w = self.latent_grid(height, width)
+        shapes = [(1, h // 2, w // 2)] + [tuple(int(v) for v in c) for c in condition_shapes]
+        seq = sum(f * a * b for f, a, b in shapes)
+        if condition_shapes:
+            texts = texts + (sd((n, seq - shape[1], tc.in_channels), self.dtype),)
+            if tc.zero_cond_t:
+                texts = texts + (jnp.asarray(qi.condition_flags(shapes)),)
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps, shape[1]))
         _, tstate = nnx.split(self.transformer)
-        kv = self._pipefusion_buffers(n, shape[1], abstract=True, text_len=text_len)
+        kv = self._pipefusion_buffers(n, seq, abstract=True, text_len=text_len)
+        rope = jax.tree.map(self._put_replicated, qi.rope_tables_multi(shapes, text_len, tc.axes_dims_rope))
         return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, jnp.float32(true_cfg_scale),
-            self.rope(height, width, text_len), jax.random.key(0)).compile()
+            rope, jax.random.key(0)).compile()
 
     # ------------------------------------------------------------------ call
 

@@ -225,6 +225,17 @@ class QwenImageEditPipeline(QwenImagePipeline):
         cw, ch = calculate_dimensions(vae_image_area, w / h)
         return (ch, cw), out
 
+    def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
+                     num_images: int = 1, **kw):
+        """:meth:`QwenImagePipeline.compile_step` with ``num_images`` condition images of the output's size (the
+        default: 1024 x 1024) appended."""
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        h, w = self.latent_grid(height, width)
+        return super().compile_step(batch, height=height, width=width,
+                                    condition_shapes=[(1, h // 2, w // 2)] * int(num_images), **kw)
+
     # ------------------------------------------------------------------ call
 
     def __call__(self, image=None, prompt: str | list[str] | None = None,
