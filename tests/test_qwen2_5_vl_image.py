@@ -86,6 +86,19 @@ def test_edit_plus_prompt_embeds_match_diffusers(parts, monkeypatch):
     np.testing.assert_allclose(emb, ref.numpy(), atol=1e-5 * np.abs(ref.numpy()).max(), rtol=0)
 
 
+def test_batch_rows_equal_one_prompt_each(parts):
+    """Several prompts with the same image (our extension: diffusers' processor takes one prompt per image): each
+    row == that prompt alone (the image tokens' features and 3-D positions per row, the shorter row padded)."""
+    tp, _, lm, vision, pcfg, section = parts
+    img, prompts = _image(40, 56), [PROMPT, "A cat."]
+    emb, mask = qv.qwen_edit_prompt_embeds(tp.tokenizer, lm, vision, prompts, [img], pcfg, section=section)
+    for i, p in enumerate(prompts):
+        one, one_mask = qv.qwen_edit_prompt_embeds(tp.tokenizer, lm, vision, p, [img], pcfg, section=section)
+        n = one.shape[1]
+        assert mask[i].sum() == n
+        np.testing.assert_allclose(emb[i, :n], one[0], atol=1e-5 * np.abs(one).max(), rtol=0)  # another batch shape
+
+
 def test_rope_index_matches_transformers(parts):
     """get_rope_index's positions for two rows of different lengths (padding on the right and on the left), each
     with two images."""

@@ -59,6 +59,10 @@ def test_config_and_keys(pair):
     old = dict(VISION, in_chans=3, spatial_patch_size=2)
     del old["patch_size"]
     assert vv.VisionConfig.from_dict({"vision_config": old}) == ours  # the older key names (Qwen-Image's config)
+    flat = {f"model.visual.{k}": v for k, v in state_dict_np(pair[0]).items()}
+    old_layout = {f"visual.{k}": v for k, v in state_dict_np(pair[0]).items()}  # Qwen/Qwen-Image's text encoder
+    a, b = vv.params_from_torch(flat, ours), vv.params_from_torch(old_layout, ours)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     with pytest.raises(ValueError, match="no Qwen2.5-VL vision tower"):
         vv.params_from_torch({"model.language_model.norm.weight": np.ones(4)}, ours)
 
