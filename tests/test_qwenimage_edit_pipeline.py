@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.fixtures import make_torch_qwenimage_edit, save_torch_pipeline
 from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.qwenimage import QwenImagePipeline
 from xdit_jax.pipelines.qwenimage_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
 
 PROMPT = "A small dog running on a beach at sunset."
@@ -110,7 +111,10 @@ def test_mesh_matches_one_device(edit):
 
 
 def test_bad_requests_refused(edit):
-    _, ours, _ = edit
+    _, ours, folder = edit
+    assert (folder / "text_encoder" / "vision_params").exists()  # conversion wrote the vision tower
+    with pytest.raises(ValueError, match="not QwenImagePipeline"):  # the loader names the folder's pipeline
+        QwenImagePipeline.from_pretrained(folder)
     with pytest.raises(ValueError, match="edits an image"):
         ours(None, PROMPT)
     with pytest.raises(ValueError, match="one image"):

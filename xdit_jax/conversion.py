@@ -155,10 +155,13 @@ def staged_folder(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert_component(src: Path, class_name: str, *, dtype=None, variant=None, extras: dict | None = None):
+def convert_component(src: Path, class_name: str, *, dtype=None, variant=None, extras: dict | None = None,
+                      pipeline: str | None = None):
     """Read one diffusers component folder: returns (config dict, params pure dict). A module with
     ``extra_params_from_torch(flat, cfg, dtype) -> {name: params}`` (the Wan VAE's encoder) adds those trees to
-    ``extras``, saved next to ``params`` under their names."""
+    ``extras``, saved next to ``params`` under their names; one that names ``config_dict`` / ``pipeline`` in its
+    signature gets the component's config dict / the folder's pipeline class (``pipeline``: model_index.json's
+    ``_class_name``, None when unknown)."""
     mod, cfg_cls = model_class(class_name)
     cfg_dict = read_json(src / "config.json")
     cfg = cfg_cls.from_dict(cfg_dict)
@@ -168,8 +171,8 @@ def convert_component(src: Path, class_name: str, *, dtype=None, variant=None, e
     if extras is not None and hasattr(mod, "extra_params_from_torch"):
         import inspect
 
-        more = {"config_dict": cfg_dict} if "config_dict" in inspect.signature(
-            mod.extra_params_from_torch).parameters else {}  # a part with its own config (Qwen2.5-VL's vision)
+        names = inspect.signature(mod.extra_params_from_torch).parameters
+        more = {k: v for k, v in (("config_dict", cfg_dict), ("pipeline", pipeline)) if k in names}
         extras.update(mod.extra_params_from_torch(flat, cfg, dtype=target, **more))
     return cfg_dict, params
 
@@ -190,7 +193,8 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype=No
         for name, cls in comps.items():
             t0 = time.perf_counter()
             extras = {}
-            cfg_dict, params = convert_component(src / name, cls, dtype=dtype, variant=variant, extras=extras)
+            cfg_dict, params = convert_component(src / name, cls, dtype=dtype, variant=variant, extras=extras,
+                                                 pipeline=read_json(src / "model_index.json").get("_class_name"))
             (tmp / name).mkdir()
             with open(tmp / name / "config.json", "w") as f:
                 json.dump(cfg_dict, f, indent=2)

@@ -98,13 +98,15 @@ def _text_keys(flat: dict) -> dict:
     return out
 
 
-def extra_params_from_torch(flat: dict, cfg: llama.LlamaConfig, dtype=None, config_dict=None) -> dict:
+def extra_params_from_torch(flat: dict, cfg: llama.LlamaConfig, dtype=None, config_dict=None,
+                            pipeline: str | None = None) -> dict:
     """``{"vision_params": ...}``: the vision tower's params (:mod:`xdit_jax.models.qwen2_5_vl_vision`, what
     Qwen-Image-Edit reads the input image with), which conversion saves next to the language model's; empty for a
-    checkpoint without ``visual.*`` tensors or without its config."""
+    checkpoint without ``visual.*`` tensors or without its config, and for a text-to-image folder (``pipeline``
+    QwenImagePipeline: 0.67B parameters it never reads)."""
     from xdit_jax.models import qwen2_5_vl_vision as vv
 
-    if config_dict is None or not vv.vision_keys(flat):
+    if config_dict is None or not vv.vision_keys(flat) or pipeline == "QwenImagePipeline":
         return {}
     vcfg = vv.VisionConfig.from_dict(config_dict)
     return {"vision_params": vv.params_from_torch(flat, vcfg, dtype=dtype)}
