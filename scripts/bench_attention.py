@@ -29,9 +29,8 @@ DEFAULT_KERNELS = ("cudnn,mosaic,mosaic:64x64x2,mosaic:64x128x3,mosaic:64x256x2,
 
 def make_kernel(name: str, scale: float):
     from xdit_jax.parallel.attention import block_attention
-    from xdit_jax.parallel.pallas_attention import flash_attention
-
     from xdit_jax.parallel.mosaic_attention import Tiles, fa3_attention
+    from xdit_jax.parallel.pallas_attention import flash_attention
 
     if name.startswith("pallas:"):
         parts = [int(x) for x in name.split(":", 1)[1].split("x")]

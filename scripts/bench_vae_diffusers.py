@@ -1,8 +1,13 @@
 #!/usr/bin/env python
 """Time diffusers' CogVideoX VAE decode (49x480x720, bf16, random weights) on a CUDA GPU, untiled and tiled:
 the reference row of docs/benchmarks.md next to `python -m xdit_jax.parallel.vae_bench --run`."""
-import time, json, torch, numpy as np
+import json
+import time
+
+import numpy as np
+import torch
 from diffusers import AutoencoderKLCogVideoX
+
 cfg = json.load(open("configs/cogvideox-2b/vae/config.json"))
 cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
 vae = AutoencoderKLCogVideoX(**cfg).to("cuda", torch.bfloat16).eval()

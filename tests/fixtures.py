@@ -324,6 +324,53 @@ def make_torch_qwenimage(seed: int = 0):
                              vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(**skw))
 
 
+def qwen_processor(image_processor, tokenizer):
+    """A transformers Qwen2VLProcessor without a video processor (transformers 5.23 checks the video processor's class
+    through a table that needs torchvision, absent here: the check is skipped for ``video_processor=None`` only)."""
+    from transformers import Qwen2VLProcessor
+
+    check = Qwen2VLProcessor.check_argument_for_proper_class
+
+    def lenient(self, name, arg):
+        return None if (name == "video_processor" and arg is None) else check(self, name, arg)
+
+    Qwen2VLProcessor.check_argument_for_proper_class = lenient
+    try:
+        proc = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+        proc.get_attributes = lambda: ["image_processor", "tokenizer"]  # save_pretrained: no video processor to save
+        return proc
+    finally:
+        Qwen2VLProcessor.check_argument_for_proper_class = check
+
+
+def make_torch_qwenimage_edit(seed: int = 0, plus: bool = False, zero_cond_t: bool = False):
+    """A tiny random diffusers QwenImageEditPipeline (``plus``: QwenImageEditPlusPipeline; ``zero_cond_t``: the
+    2511 transformer): Qwen-Image's tiny parts, the text encoder with xdit_jax.tiny's vision tower, the stand-in
+    tokenizer with the vision tokens and a Qwen2VLProcessor (the PIL image processor) over it."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    transformer = randomize_(QwenImageTransformer2DModel(**tiny.QWEN_IMAGE_TRANSFORMER, zero_cond_t=zero_cond_t),
+                             seed, std=0.1)
+    vae = randomize_(AutoencoderKLQwenImage(**tiny.QWEN_IMAGE_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.QWEN_EDIT_TEXT_ENCODER.items() if k not in ("model_type", "architectures")}
+    text_encoder = randomize_(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**te_kw)), seed + 2, std=0.2)
+    skw = {k: v for k, v in tiny.QWEN_IMAGE_SCHEDULER.items() if not k.startswith("_")}
+    tok = tiny.train_qwen_edit_tokenizer()
+    processor = qwen_processor(Qwen2VLImageProcessorPil(**tiny.QWEN_EDIT_PROCESSOR), tok)
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return cls(text_encoder=text_encoder, tokenizer=tok, processor=processor, transformer=transformer, vae=vae,
+               scheduler=FlowMatchEulerDiscreteScheduler(**skw))
+
+
 def make_torch_zimage(seed: int = 0):
     """A tiny random diffusers ZImagePipeline (xdit_jax.tiny's Z-Image configs: Qwen3 with the stand-in Qwen2
     tokenizer and its chat template, FLUX's tiny VAE with scaling and shift, FlowMatchEuler with shift 3)."""

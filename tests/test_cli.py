@@ -321,6 +321,26 @@ def test_generate_qwenimage_image(tmp_path, capsys):
     assert '"model_family": "qwenimage"' in capsys.readouterr().out
 
 
+def test_generate_qwenimage_edit_plus_two_images(tmp_path, capsys):
+    """The tiny Qwen-Image-Edit-2511 (zero_cond_t) with two --image (one 40 x 40, one 60 x 90: the output at the last
+    one's aspect ratio, 96 x 64 at the tiny area), on one device (the edit meshes:
+    tests/test_qwenimage_edit_pipeline.py)."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    paths = []
+    for i, (h, w) in enumerate([(40, 40), (60, 90)]):
+        paths.append(tmp_path / f"in{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    out = tmp_path / "e.png"
+    rc = cli.main(["--model", "tiny-qwenimage-edit-plus", "--output", str(out), "--steps", "2", "--image", str(paths[0]),
+                   "--image", str(paths[1]), "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (64, 96, 3) and image.std() > 1
+    assert '"model_family": "qwenimage"' in capsys.readouterr().out
+
+
 def test_generate_sd3_image(tmp_path):
     """The tiny Stable Diffusion 3 (three text encoders, joint blocks): a .png with skip-layer guidance on the second
     step, on one device (SD3's meshes: tests/test_sd3_pipeline.py)."""
@@ -366,6 +386,10 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-pixart", "--true-cfg-scale", "2"], "--true-cfg-scale (FLUX's, HunyuanVideo's and Qwen-Image's)"),
     (["--model", "tiny-qwenimage", "--guidance-scale", "3"], "not guidance-distilled"),
     (["--model", "tiny-qwenimage", "--mesh", "cfg=2"], "cfg=2 splits"),
+    (["--model", "tiny-qwenimage-edit"], "give the image to edit with --image"),
+    (["--model", "tiny-qwenimage-edit", "--image", str(ROOT / "README.md"), "--image", str(ROOT / "README.md")],
+     "takes one image"),
+    (["--model", "tiny-qwenimage", "--image", str(ROOT / "README.md")], "takes no image"),
     (["--model", "tiny-pixart", "--guidance-scale-2", "3"], "--guidance-scale-2 (Wan 2.2 A14B's)"),
     (["--guidance-scale-2", "-1"], "--guidance-scale-2 must be >= 0"),
     (["--image", "/no/such.png"], "--image /no/such.png is not a file"),
@@ -391,7 +415,8 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--mesh", "pipefusion=2", "--warmup-steps", "0"], ">= 1"),
 ])
 def test_bad_input(tmp_path, capsys, argv, needle):
-    out = tmp_path / ("o.png" if {"tiny-pixart", "tiny-hunyuandit", "tiny-flux", "tiny-sd3", "tiny-qwenimage"} & set(argv)
+    out = tmp_path / ("o.png" if {"tiny-pixart", "tiny-hunyuandit", "tiny-flux", "tiny-sd3", "tiny-qwenimage",
+                                  "tiny-qwenimage-edit"} & set(argv)
                       else "o.mp4")
     if "--output" not in argv:
         argv = argv + ["--output", str(out)]

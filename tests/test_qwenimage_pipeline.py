@@ -75,7 +75,8 @@ def test_given_embeddings_as_prompt(pipes):
 
 
 def test_bad_requests_refused(pipes):
-    _, ours, _ = pipes
+    _, ours, folder = pipes
+    assert not (folder / "text_encoder" / "vision_params").exists()  # text-to-image: the vision tower not converted
     with pytest.raises(ValueError, match="multiples of 16"):
         ours(PROMPT, height=40, width=W, num_inference_steps=1)
     with pytest.raises(ValueError, match="max_sequence_length"):

@@ -133,7 +133,7 @@ def test_img_shape_path_and_bf16(pair, batch2):
 def test_config_and_checkpoint_errors(pair):
     tm, cfg, _ = pair
     d = dict(tm.config)
-    for bad, needle in [(dict(zero_cond_t=True), "zero_cond_t"), (dict(use_layer3d_rope=True), "use_layer3d_rope"),
+    for bad, needle in [(dict(use_layer3d_rope=True), "use_layer3d_rope"),
                         (dict(use_additional_t_cond=True), "use_additional_t_cond"),
                         (dict(guidance_embeds=True), "guidance"),
                         (dict(axes_dims_rope=[4, 4, 4]), "summing to attention_head_dim")]:

@@ -6,7 +6,8 @@
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
                                                    # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
                                                    # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana,
-                                                   # tiny-chroma, tiny-lumina2, tiny-flux2-klein)
+                                                   # tiny-chroma, tiny-lumina2, tiny-flux2-klein,
+                                                   # tiny-qwenimage-edit(-plus) with --image)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -146,6 +147,7 @@ DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in F
 VIDEO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.video)
 TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_cfg}  # --true-cfg-scale
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")  # (diffusers class names)
+QWEN_EDIT = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")  # --image: the image(s) to edit, required
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,16 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="tiny",
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
-                         "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-zimage' / 'tiny-sana' / "
+                         "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-qwenimage-edit' / "
+                         "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / "
                          "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
-    ap.add_argument("--image", default=None, metavar="PATH",
+    ap.add_argument("--image", default=None, metavar="PATH", action="append",
                     help="image-to-video (a CogVideoX or Wan I2V model, Wan 2.2 TI2V-5B): the first frame, resized to "
                          "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does; "
-                         "FLUX.2 klein: a reference image (optional)")
+                         "FLUX.2 klein: a reference image (optional); Qwen-Image-Edit: the image to edit (required; "
+                         "Edit-2509 / 2511: repeat the flag for several images)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -503,6 +507,8 @@ def _main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     args.prompts = args.prompts or [DEFAULT_PROMPT]
+    args.images = list(args.image or [])  # --image may repeat (Qwen-Image-Edit-2509 / 2511); the others take one
+    args.image = args.images[0] if args.images else None
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         from xdit_jax.distributed import ProcessGroup
@@ -520,9 +526,9 @@ def _main(argv=None) -> int:
             if v is not None and v < 1:
                 flag = "num-images-per-prompt" if name == "per_prompt" else name.replace('_', '-')
                 raise ValueError(f"--{flag} must be >= 1, got {v}.")
-        for flag in ("image", "last_image"):
-            if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
-                raise FileNotFoundError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a file.")
+        for flag, path in [("image", p) for p in args.images] + [("last_image", args.last_image)]:
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"--{flag.replace('_', '-')} {path} is not a file.")
         if args.last_image is not None and args.image is None:
             raise ValueError("--last-image needs --image (the first frame).")
         samples = len(args.prompts) * args.per_prompt
@@ -582,9 +588,16 @@ def _main(argv=None) -> int:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
         flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image
-        if not image_to_video and not args.kontext and not flux2_reference and args.image is not None:
+        qwen_edit = kind in QWEN_EDIT  # an image model that edits the given image(s) (required)
+        if qwen_edit and args.image is None:
+            raise ValueError(f"{args.model} is a Qwen-Image-Edit model: give the image to edit with --image PATH.")
+        if len(args.images) > 1 and kind != "QwenImageEditPlusPipeline":
+            raise ValueError(f"--image given {len(args.images)} times: {args.model} takes one image (several: "
+                             "Qwen-Image-Edit-2509 / 2511).")
+        if not image_to_video and not args.kontext and not flux2_reference and not qwen_edit \
+                and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
-                             "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, or FLUX.1 Kontext does).")
+                             "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, FLUX.1 Kontext or Qwen-Image-Edit does).")
         if args.last_image is not None and kind == "Flux2KleinPipeline":
             raise ValueError("--last-image: FLUX.2 klein takes its reference image with --image.")
         if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline"):
@@ -598,7 +611,8 @@ def _main(argv=None) -> int:
         fam = FAMILIES[family]
         if is_tiny and fam.binning:
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
-        if is_tiny and fam.tiny_size:  # the real default (e.g. 1024 x 1024) would be slow for a toy model
+        if is_tiny and fam.tiny_size and not qwen_edit:  # the real default (1024 x 1024) would be slow for a toy
+            # model (Qwen-Image-Edit: the image's aspect ratio at a toy area, below)
             args.height, args.width = args.height or fam.tiny_size[0], args.width or fam.tiny_size[1]
         if is_tiny and fam.tiny_frames:
             args.num_frames = args.num_frames or fam.tiny_frames
@@ -659,6 +673,8 @@ def _main(argv=None) -> int:
         kw["guidance_scale_2"] = args.guidance_scale_2
     if args.kontext:
         kw.update(max_area=args.max_area or 1024 ** 2, _auto_resize=not args.no_auto_resize)
+    if qwen_edit and is_tiny:  # the image's aspect ratio at 96 x 64 pixels, not 1024^2: a toy model
+        kw.update(vae_image_area=96 * 64)
     if family == "flux2" and args.image is not None:  # a reference image (diffusers' image=)
         from PIL import Image
 
@@ -673,6 +689,11 @@ def _main(argv=None) -> int:
         from PIL import Image
 
         call = functools.partial(pipe, None if args.image is None else Image.open(args.image).convert("RGB"))
+    elif qwen_edit:  # the image(s) to edit; the output takes the (last) image's aspect ratio unless sized
+        from PIL import Image
+
+        images = [Image.open(p).convert("RGB") for p in args.images]
+        call = functools.partial(pipe, images if kind == "QwenImageEditPlusPipeline" else images[0])
     else:
         call = pipe
     try:

@@ -89,7 +89,7 @@ MODEL_CLASSES = {
     # FLUX.2-dev's text_encoder: Mistral 3's language model (vision tower, projector and lm_head not read)
     "Mistral3ForConditionalGeneration": ("xdit_jax.models.mistral3", "Mistral3TextConfig"),
 }
-COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor")
+COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor")
 
 
 def model_class(class_name: str):
@@ -155,10 +155,13 @@ def staged_folder(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert_component(src: Path, class_name: str, *, dtype=None, variant=None, extras: dict | None = None):
+def convert_component(src: Path, class_name: str, *, dtype=None, variant=None, extras: dict | None = None,
+                      pipeline: str | None = None):
     """Read one diffusers component folder: returns (config dict, params pure dict). A module with
     ``extra_params_from_torch(flat, cfg, dtype) -> {name: params}`` (the Wan VAE's encoder) adds those trees to
-    ``extras``, saved next to ``params`` under their names."""
+    ``extras``, saved next to ``params`` under their names; one that names ``config_dict`` / ``pipeline`` in its
+    signature gets the component's config dict / the folder's pipeline class (``pipeline``: model_index.json's
+    ``_class_name``, None when unknown)."""
     mod, cfg_cls = model_class(class_name)
     cfg_dict = read_json(src / "config.json")
     cfg = cfg_cls.from_dict(cfg_dict)
@@ -166,7 +169,11 @@ def convert_component(src: Path, class_name: str, *, dtype=None, variant=None, e
     target = np.dtype(dtype) if dtype is not None else _source_dtype(flat)
     params = mod.params_from_torch(flat, cfg, dtype=target)
     if extras is not None and hasattr(mod, "extra_params_from_torch"):
-        extras.update(mod.extra_params_from_torch(flat, cfg, dtype=target))
+        import inspect
+
+        names = inspect.signature(mod.extra_params_from_torch).parameters
+        more = {k: v for k, v in (("config_dict", cfg_dict), ("pipeline", pipeline)) if k in names}
+        extras.update(mod.extra_params_from_torch(flat, cfg, dtype=target, **more))
     return cfg_dict, params
 
 
@@ -186,7 +193,8 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, dtype=No
         for name, cls in comps.items():
             t0 = time.perf_counter()
             extras = {}
-            cfg_dict, params = convert_component(src / name, cls, dtype=dtype, variant=variant, extras=extras)
+            cfg_dict, params = convert_component(src / name, cls, dtype=dtype, variant=variant, extras=extras,
+                                                 pipeline=read_json(src / "model_index.json").get("_class_name"))
             (tmp / name).mkdir()
             with open(tmp / name / "config.json", "w") as f:
                 json.dump(cfg_dict, f, indent=2)

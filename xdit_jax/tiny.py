@@ -21,7 +21,8 @@ TINY_NAME = "tiny"
 TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "hunyuandit", "tiny-mochi": "mochi",
               "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
               "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext",
-              "tiny-qwenimage": "qwenimage", "tiny-zimage": "zimage",
+              "tiny-qwenimage": "qwenimage", "tiny-qwenimage-edit": "qwenimage-edit",
+              "tiny-qwenimage-edit-plus": "qwenimage-edit-plus", "tiny-zimage": "zimage",
               "tiny-sana": "sana", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
               "tiny-flux2-klein": "flux2"}
 
@@ -203,6 +204,16 @@ QWEN_IMAGE_TEXT_ENCODER = dict(
                      rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1000000.0}),
     vision_config=dict(model_type="qwen2_5_vl_vision", depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
                        out_hidden_size=32, patch_size=2, window_size=4, fullatt_block_indexes=[0]))
+# Qwen-Image-Edit: the Qwen-Image text encoder with a vision tower of 2 blocks (block 1 full attention, block 0 in
+# windows of 2 x 2 merge units: window_size 8 / patch 2 / merge 2), 16 wide, merged to the language model's 32; the
+# stand-in tokenizer with the vision tokens at ids 3, 4, 5 (<|image_pad|> 4); the image processor at patch 2 x merge
+# 2 (multiples of 4 pixels) and at most 32 x 32 pixels (64 image tokens)
+QWEN_EDIT_TEXT_ENCODER = dict(
+    QWEN_IMAGE_TEXT_ENCODER, vision_start_token_id=3, image_token_id=4, vision_end_token_id=5, video_token_id=6,
+    vision_config=dict(model_type="qwen2_5_vl_vision", depth=2, hidden_size=16, intermediate_size=24, num_heads=2,
+                       out_hidden_size=32, patch_size=2, temporal_patch_size=2, spatial_merge_size=2, window_size=8,
+                       fullatt_block_indexes=[1]))
+QWEN_EDIT_PROCESSOR = dict(min_pixels=8 * 8, max_pixels=32 * 32, patch_size=2, temporal_patch_size=2, merge_size=2)
 QWEN_IMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
                             use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
                             max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
@@ -359,6 +370,15 @@ def train_qwen_tokenizer():
                                       vocab_size=QWEN_VOCAB)
 
 
+def train_qwen_edit_tokenizer():
+    """The stand-in Qwen2 tokenizer with Qwen2.5-VL's vision tokens (ids 3, 4, 5), trained on the same sentences, alone
+    and inside Qwen-Image-Edit's templates."""
+    from xdit_jax.models import qwen2_5_vl as qv
+
+    return qv.train_tokenizer(CORPUS * 4 + [qv.EDIT_TEMPLATE.format(p) for p in CORPUS], vocab_size=QWEN_VOCAB,
+                              vision_tokens=True)
+
+
 def train_qwen3_tokenizer():
     """A Qwen2-style byte-level BPE tokenizer with Qwen3's chat template (:func:`xdit_jax.models.qwen3.train_tokenizer`)
     trained on the same sentences, alone and in the template (:data:`QWEN3_VOCAB` tokens)."""
@@ -377,7 +397,7 @@ def train_gemma_tokenizer():
     return gemma2.train_tokenizer(CORPUS * 4 + [chi] * 4, vocab_size=300)
 
 
-def stand_in_tokenizer(class_name: str, text_encoder: str = ""):
+def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = ""):
     """A small tokenizer trained here of the kind a pipeline's ``class_name`` (model_index.json) names: CLIP's
     BPE, BERT's WordPiece, Llama 3's BPE (HunyuanVideo), Gemma's (SANA), Qwen2's byte-level BPE (for a ``Qwen3*`` ``text_encoder``:
     Z-Image's, with Qwen3's chat template; else Qwen-Image's), else T5's Unigram. Its ids are valid for the full-size
@@ -391,6 +411,8 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = ""):
         return train_llama_tokenizer()
     if class_name.startswith("Pixtral") or text_encoder.startswith("Mistral3"):  # FLUX.2-dev's processor
         return train_mistral3_tokenizer()
+    if class_name.startswith("Qwen2") and pipeline.startswith("QwenImageEdit"):  # with Qwen2.5-VL's vision tokens
+        return train_qwen_edit_tokenizer()
     if class_name.startswith("Qwen2"):
         return train_qwen3_tokenizer() if text_encoder.startswith("Qwen3") else train_qwen_tokenizer()
     if class_name.startswith("Gemma"):
@@ -446,6 +468,10 @@ def model_index(family: str = "cogvideox") -> dict:
                 "text_encoder_2": ["transformers", "CLIPTextModel"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
                 "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
                 "vae": ["diffusers", "AutoencoderKLHunyuanVideo"]}
+    if family in ("qwenimage-edit", "qwenimage-edit-plus"):
+        return dict(model_index("qwenimage"), _diffusers_version="0.36.0",
+                    _class_name="QwenImageEditPlusPipeline" if family.endswith("plus") else "QwenImageEditPipeline",
+                    processor=["transformers", "Qwen2VLProcessor"])
     if family == "qwenimage":
         return {"_class_name": "QwenImagePipeline", "_diffusers_version": "0.35.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -677,10 +703,12 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder_2": ("CLIPTextModel", FLUX_CLIP,
                                lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
         }, HUNYUAN_VIDEO_SCHEDULER
-    if family == "qwenimage":
+    if family in ("qwenimage", "qwenimage-edit", "qwenimage-edit-plus"):
         from xdit_jax.models import llama, qwen2_5_vl, qwenimage, vae_qwenimage
 
-        tcfg = {**QWEN_IMAGE_TRANSFORMER, **(transformer or {})}
+        tcfg = {**QWEN_IMAGE_TRANSFORMER, **({"zero_cond_t": True} if family.endswith("plus") else {}),
+                **(transformer or {})}
+        tecfg = QWEN_IMAGE_TEXT_ENCODER if family == "qwenimage" else QWEN_EDIT_TEXT_ENCODER
         return {
             "transformer": ("QwenImageTransformer2DModel", tcfg,
                             lambda: qwenimage.QwenImageTransformer2DModel(qwenimage.QwenImageConfig.from_dict(tcfg),
@@ -688,8 +716,8 @@ def _parts(family: str, transformer: dict | None):
             "vae": ("AutoencoderKLQwenImage", QWEN_IMAGE_VAE,
                     lambda: vae_qwenimage.WanVAEDecoder(vae_qwenimage.QwenImageVAEConfig.from_dict(QWEN_IMAGE_VAE),
                                                         dtype=jnp.float32)),
-            "text_encoder": ("Qwen2_5_VLForConditionalGeneration", QWEN_IMAGE_TEXT_ENCODER,
-                             lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(QWEN_IMAGE_TEXT_ENCODER),
+            "text_encoder": ("Qwen2_5_VLForConditionalGeneration", tecfg,
+                             lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(tecfg),
                                                       rngs=nnx.Rngs(0))),
         }, QWEN_IMAGE_SCHEDULER
     if family == "zimage":
@@ -789,6 +817,9 @@ def write_configs(folder: str | os.PathLike, family: str = "cogvideox", transfor
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     (folder / "model_index.json").write_text(json.dumps(model_index(family), indent=2))
+    if family.startswith("qwenimage-edit"):  # the image processor's settings (Qwen2VLProcessor's save)
+        (folder / "processor").mkdir(exist_ok=True)
+        (folder / "processor" / "preprocessor_config.json").write_text(json.dumps(QWEN_EDIT_PROCESSOR, indent=2))
     return parts
 
 
@@ -839,7 +870,7 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
         for name, spec in model_index(family).items():
             if name.startswith("tokenizer"):
                 encoder = model_index(family).get(name.replace("tokenizer", "text_encoder"), [None, ""])[1]
-                stand_in_tokenizer(spec[1], encoder).save_pretrained(tmp / name)
+                stand_in_tokenizer(spec[1], encoder, model_index(family)["_class_name"]).save_pretrained(tmp / name)
         if family in ("flux-kontext", "flux2"):  # the VAE's encoder, as conversion writes it (vae/encoder_params)
             from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder
 
@@ -848,6 +879,16 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
+        if family.startswith("qwenimage-edit"):  # the Wan VAE's encoder and Qwen2.5-VL's vision tower
+            from xdit_jax.models import qwen2_5_vl_vision, vae_qwenimage, vae_wan_encoder
+
+            for path, make, extra in (
+                    ("vae/encoder_params", vae_wan_encoder.module_fn(
+                        vae_qwenimage.QwenImageVAEConfig.from_dict(QWEN_IMAGE_VAE)), 7),
+                    ("text_encoder/vision_params", lambda: qwen2_5_vl_vision.Qwen25VisionTransformer(
+                        qwen2_5_vl_vision.VisionConfig.from_dict(QWEN_EDIT_TEXT_ENCODER)), 8)):
+                abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
+                save_params(tmp / path, random_params(abstract, seed + extra))
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",
                                               "components": {k: v[0] for k, v in parts.items()}}))
     return folder

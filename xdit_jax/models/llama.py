@@ -174,11 +174,13 @@ def rotary_cos_sin(cfg: LlamaConfig, length: int):
 
 def apply_rotary(x, cos, sin):
     """transformers' ``apply_rotary_pos_emb`` (rotate_half: the two halves of each head); ``x`` (B, L, H, D),
-    computed in float32, returned in ``x``'s dtype."""
+    computed in float32, returned in ``x``'s dtype; ``cos`` / ``sin`` (L, D) for every row, or (B, L, D) per row
+    (Qwen2.5-VL's multimodal positions)."""
     xf = x.astype(jnp.float32)
     half = xf.shape[-1] // 2
     rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[:, None] + rot * sin[:, None]).astype(x.dtype)
+    cos, sin = (cos[:, :, None], sin[:, :, None]) if cos.ndim == 3 else (cos[:, None], sin[:, None])
+    return (xf * cos + rot * sin).astype(x.dtype)
 
 
 class LlamaOutput(NamedTuple):
@@ -276,15 +278,20 @@ class LlamaModel(nnx.Module):
                                     rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def _run(self, input_ids, attention_mask, stop: int, collect: bool):
-        """(embeddings, output of layer ``stop``, stacked outputs of layers 1..stop or None)."""
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}.")
-        length = input_ids.shape[1]
-        h0 = self.embed_tokens(input_ids)
+    def _run(self, input_ids, attention_mask, stop: int, collect: bool, inputs_embeds=None, rope=None):
+        """(embeddings, output of layer ``stop``, stacked outputs of layers 1..stop or None). ``inputs_embeds``
+        (B, L, hidden): the embeddings instead of ``input_ids``' (Qwen2.5-VL's image features in place);
+        ``rope``: (cos, sin) (B, L, head_dim) tables instead of positions ``0 .. L-1``."""
+        if inputs_embeds is not None:
+            h0 = jnp.asarray(inputs_embeds).astype(self.dtype)
+        else:
+            input_ids = jnp.asarray(input_ids, jnp.int32)
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}.")
+            h0 = self.embed_tokens(input_ids)
+        length = h0.shape[1]
         allowed = attention_allowed(length, attention_mask)
-        cos, sin = rotary_cos_sin(self.cfg, length)
+        cos, sin = rotary_cos_sin(self.cfg, length) if rope is None else rope
         graphdef, state = nnx.split(self.layers)
 
         def body(x, i):
@@ -296,9 +303,10 @@ class LlamaModel(nnx.Module):
         h, per_layer = jax.lax.scan(body, h0, jnp.arange(stop, dtype=jnp.int32))
         return h0, h, per_layer
 
-    def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False) -> LlamaOutput:
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False, inputs_embeds=None,
+                 rope=None) -> LlamaOutput:
         n = self.cfg.num_hidden_layers
-        h0, h, per_layer = self._run(input_ids, attention_mask, n, output_hidden_states)
+        h0, h, per_layer = self._run(input_ids, attention_mask, n, output_hidden_states, inputs_embeds, rope)
         last = self.norm(h)
         hidden = None
         if output_hidden_states:

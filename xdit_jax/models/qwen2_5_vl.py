@@ -36,6 +36,19 @@ PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the colo
 TEMPLATE_START = 34  # diffusers' prompt_template_encode_start_idx: the system part's tokens with Qwen2's tokenizer
 TOKENIZER_MAX_LENGTH = 1024  # diffusers' tokenizer_max_length (the templated text: + TEMPLATE_START)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")  # Qwen2.5-VL's image placeholders
+IMAGE_PAD = "<|image_pad|>"
+
+# Qwen-Image-Edit (diffusers' QwenImageEditPipeline / QwenImageEditPlusPipeline): the system part, then the image(s)
+# inside the user turn; both crop the first 64 tokens
+_EDIT_SYSTEM = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
+                "objects, background), then explain how the user's text instruction should alter or modify the image. "
+                "Generate a new image that meets the user's requirements while maintaining consistency with the "
+                "original input where appropriate.<|im_end|>\n<|im_start|>user\n")
+EDIT_TEMPLATE = _EDIT_SYSTEM + "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+EDIT_PLUS_TEMPLATE = _EDIT_SYSTEM + "{}<|im_end|>\n<|im_start|>assistant\n"
+EDIT_PLUS_PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+EDIT_TEMPLATE_START = 64
 
 
 class Qwen25VLTextConfig:
@@ -83,6 +96,29 @@ def _text_keys(flat: dict) -> dict:
         else:  # a bare Qwen2_5_VLTextModel / Qwen2Model save
             out[k] = v
     return out
+
+
+def extra_params_from_torch(flat: dict, cfg: llama.LlamaConfig, dtype=None, config_dict=None,
+                            pipeline: str | None = None) -> dict:
+    """``{"vision_params": ...}``: the vision tower's params (:mod:`xdit_jax.models.qwen2_5_vl_vision`, what
+    Qwen-Image-Edit reads the input image with), which conversion saves next to the language model's; empty for a
+    checkpoint without ``visual.*`` tensors or without its config, and for a text-to-image folder (``pipeline``
+    QwenImagePipeline: 0.67B parameters it never reads)."""
+    from xdit_jax.models import qwen2_5_vl_vision as vv
+
+    if config_dict is None or not vv.vision_keys(flat) or pipeline == "QwenImagePipeline":
+        return {}
+    vcfg = vv.VisionConfig.from_dict(config_dict)
+    return {"vision_params": vv.params_from_torch(flat, vcfg, dtype=dtype)}
+
+
+def mrope_section(d: dict[str, Any]) -> tuple[int, ...]:
+    """The ``mrope_section`` of a ``Qwen2_5_VLForConditionalGeneration`` config dict (transformers' default (16, 24,
+    24) where none is named)."""
+    t = d.get("text_config")
+    t = dict(d, **t) if isinstance(t, dict) else dict(d)
+    rp = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    return tuple(int(v) for v in rp.get("mrope_section", (16, 24, 24)))
 
 
 def params_from_torch(flat: dict, cfg: llama.LlamaConfig, dtype=None) -> dict:
@@ -142,9 +178,157 @@ def qwen_prompt_embeds(tokenizer, model: LlamaModel, prompts: str | list[str], e
     return emb, out_mask
 
 
+# --- image tokens and the multimodal RoPE (Qwen-Image-Edit) --------------------------------------------------
+
+def edit_texts(prompts: list[str], n_images: int, plus: bool) -> list[str]:
+    """The templated prompts of diffusers' QwenImageEditPipeline (``plus=False``: one image, its placeholder in the
+    template) / QwenImageEditPlusPipeline ("Picture i: <image>" for each image before the prompt)."""
+    if not plus:
+        if n_images != 1:
+            raise ValueError(f"Qwen-Image-Edit takes one image, got {n_images} (Qwen-Image-Edit-2509 / 2511: the "
+                             "QwenImageEditPlusPipeline).")
+        return [EDIT_TEMPLATE.format(p) for p in prompts]
+    pictures = "".join(EDIT_PLUS_PICTURE.format(i + 1) for i in range(n_images))
+    return [EDIT_PLUS_TEMPLATE.format(pictures + p) for p in prompts]
+
+
+def expand_image_tokens(text: str, counts: list[int]) -> str:
+    """Qwen2VLProcessor's text expansion: the i-th ``<|image_pad|>`` repeated ``counts[i]`` times (the image's merge
+    units)."""
+    parts = text.split(IMAGE_PAD)
+    if len(parts) - 1 != len(counts):
+        raise ValueError(f"{len(parts) - 1} image placeholders in the text, {len(counts)} images.")
+    out = parts[0]
+    for n, rest in zip(counts, parts[1:]):
+        out += IMAGE_PAD * int(n) + rest
+    return out
+
+
+def rope_index(ids: np.ndarray, mask: np.ndarray, image_token_id: int, grids, merge: int) -> np.ndarray:
+    """transformers' ``Qwen2_5_VLModel.get_rope_index`` for images: (3, B, L) int64 positions. The valid tokens of
+    each row, in runs of text and image tokens: a text run counts on from the current position on all three axes;
+    an image run of grid (t, h, w) takes (current + t', current + row, current + column) over its (h / merge) x
+    (w / merge) units, and the position moves on by max(h, w) / merge. The images' grids are read in order across the
+    rows (as transformers' iterator); padded tokens keep 0."""
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    pos = np.zeros((3,) + ids.shape, np.int64)
+    grid_iter = iter([tuple(int(v) for v in g) for g in grids])
+    for b in range(ids.shape[0]):
+        valid = mask[b] != 0
+        is_img = ids[b][valid] == image_token_id
+        out, cur, i, n = [], 0, 0, int(valid.sum())
+        while i < n:
+            j = i
+            while j < n and is_img[j] == is_img[i]:
+                j += 1
+            if not is_img[i]:
+                out.append(np.broadcast_to(np.arange(j - i) + cur, (3, j - i)))
+                cur += j - i
+            else:
+                t, h, w = next(grid_iter)
+                lh, lw = h // merge, w // merge
+                if t * lh * lw != j - i:
+                    raise ValueError(f"{j - i} image tokens in a run, the image's grid {(t, h, w)} makes "
+                                     f"{t * lh * lw}.")
+                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), indexing="ij")
+                out.append(np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + cur)
+                cur += max(h, w) // merge
+            i = j
+        if out:
+            pos[:, b, valid] = np.concatenate(out, axis=1)
+    return pos
+
+
+def mrope_cos_sin(positions: np.ndarray, cfg: llama.LlamaConfig, section) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) (B, L, head_dim) float32 of transformers' ``Qwen2_5_VLRotaryEmbedding`` for (3, B, L) positions:
+    the frequencies split by ``mrope_section``, chunk i from axis i % 3, repeated twice (rotate-half)."""
+    inv = llama.rope_inv_freq(cfg)
+    freqs = np.asarray(positions).astype(np.float32)[..., None] * inv  # (3, B, L, head_dim / 2), float32
+    chunks = np.split(freqs, np.cumsum(section)[:-1], axis=-1)
+    freqs = np.concatenate([c[i % 3] for i, c in enumerate(chunks)], axis=-1)
+    emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def tokenize_edit(tokenizer, texts: list[str], counts: list[int], multiple: int = 32):
+    """(ids, mask) (B, L) of templated texts with every image placeholder expanded (``counts``: each image's merge
+    units, the same images in every text), padded to the longest as Qwen2VLProcessor (no truncation), then
+    right-padded to a multiple of ``multiple`` (see :func:`tokenize_prompts`)."""
+    enc = tokenizer([expand_image_tokens(t, counts) for t in texts], padding=True, return_tensors="np")
+    ids, mask = np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"])
+    pad = -ids.shape[1] % max(int(multiple), 1)
+    if pad:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = np.concatenate([ids, np.full((ids.shape[0], pad), pad_id, ids.dtype)], axis=1)
+        mask = np.concatenate([mask, np.zeros((mask.shape[0], pad), mask.dtype)], axis=1)
+    return ids, mask
+
+
+def image_feature_index(ids: np.ndarray, image_token_id: int, n_features: int) -> np.ndarray:
+    """(B, L) int32: for each image token its row in the images' features (each row's image tokens read the
+    features from the first: the same images in every row), -1 elsewhere (transformers' ``masked_scatter`` per
+    row)."""
+    is_img = np.asarray(ids) == image_token_id
+    idx = np.cumsum(is_img, axis=1) - 1
+    counts = is_img.sum(1)
+    if (counts != n_features).any():
+        raise ValueError(f"image tokens per row {counts.tolist()}, image features {n_features}.")
+    return np.where(is_img, idx, -1).astype(np.int32)
+
+
+def encode_with_images(model: LlamaModel, ids, mask, features, feat_idx, rope):
+    """``hidden_states[-1]`` of the language model with the image features in place of the image tokens'
+    embeddings (``feat_idx``: :func:`image_feature_index`) and the (B, L, head_dim) RoPE tables ``rope``."""
+    emb = model.embed_tokens(jnp.asarray(ids, jnp.int32))
+    feats = jnp.asarray(features).astype(emb.dtype)[jnp.maximum(feat_idx, 0)]
+    emb = jnp.where((feat_idx >= 0)[..., None], feats, emb)
+    return model(None, mask, inputs_embeds=emb, rope=rope).last_hidden_state
+
+
+def qwen_edit_prompt_embeds(tokenizer, model: LlamaModel, vision, prompts: str | list[str], images,
+                            processor_cfg, *, plus: bool = False, section=(16, 24, 24), mrope: bool = True,
+                            encode=None, encode_vision=None):
+    """diffusers' ``QwenImageEditPipeline._get_qwen_prompt_embeds`` (``plus``: QwenImageEditPlusPipeline's) for
+    ``images`` (a list; PIL images or (H, W, 3) arrays, already resized as the pipeline does): each image through
+    :func:`xdit_jax.models.qwen2_5_vl_vision.preprocess` and the vision tower, the templated prompts with the images'
+    tokens expanded, the language model with the image features in place; ``hidden_states[-1]``, each row's valid
+    tokens less the first :data:`EDIT_TEMPLATE_START`. ``mrope``: the image tokens' 3-D positions
+    (:func:`rope_index`, what Qwen2.5-VL is trained with and transformers computes from ``mm_token_type_ids``);
+    False: positions ``0 .. L-1`` for every token, what transformers 5.23 does when diffusers 0.42.1 calls it
+    without ``mm_token_type_ids``. ``encode(ids, mask, features, feat_idx, cos, sin)`` /
+    ``encode_vision(pixels, layout)``: jitted functions (None: jitted here). -> (embeds (B, L', hidden), mask)."""
+    from xdit_jax.models import qwen2_5_vl_vision as vv
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    images = list(images)
+    if not images:
+        raise ValueError("Qwen-Image-Edit needs an image.")
+    pix, grids = zip(*(vv.preprocess(im, processor_cfg) for im in images))
+    merge = vision.cfg.spatial_merge_size
+    counts = [int(np.prod(g)) // merge ** 2 for g in grids]
+    if encode_vision is None:
+        gd, st = nnx.split(vision)
+        encode_vision = jax.jit(lambda x, lay: nnx.merge(gd, st)(x, lay))
+    features = encode_vision(np.concatenate(pix), vv.vision_layout(grids, vision.cfg))
+    ids, mask = tokenize_edit(tokenizer, edit_texts(prompts, len(images), plus), counts)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    feat_idx = image_feature_index(ids, image_token_id, sum(counts))
+    if mrope:
+        pos = rope_index(ids, mask, image_token_id, list(grids) * len(prompts), merge)
+    else:
+        pos = np.broadcast_to(np.arange(ids.shape[1]), (3,) + ids.shape)
+    cos, sin = mrope_cos_sin(pos, model.cfg, section)
+    if encode is None:
+        gd, st = nnx.split(model)
+        encode = jax.jit(lambda i, m, f, fi, c, s: encode_with_images(nnx.merge(gd, st), i, m, f, fi, (c, s)))
+    states = encode(ids, mask, features, feat_idx, cos, sin)
+    states = np.asarray(jax.device_get(states.astype(jnp.float32) if states.dtype == jnp.bfloat16 else states))
+    return crop_states(states, mask, EDIT_TEMPLATE_START)
+
+
 # --- tokenizer ----------------------------------------------------------------------------------
 
-def train_tokenizer(corpus, vocab_size: int = 600):
+def train_tokenizer(corpus, vocab_size: int = 600, vision_tokens: bool = False):
     """A small ``transformers.Qwen2Tokenizer`` (byte-level BPE, Qwen2's pre-tokenizer) trained on ``corpus`` with the
     ``tokenizers`` library (no download): the special tokens of :data:`SPECIAL_TOKENS` (ids 0..2, ``<|endoftext|>``
     the pad token), no BOS, right padding, as Qwen2's. With the template in the corpus and a vocabulary that merges
@@ -162,7 +346,8 @@ def train_tokenizer(corpus, vocab_size: int = 600):
     t.pre_tokenizer = base.backend_tokenizer.pre_tokenizer
     from tokenizers import pre_tokenizers as pt
 
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    special = list(SPECIAL_TOKENS) + (list(VISION_TOKENS) if vision_tokens else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pt.ByteLevel.alphabet())
     t.train_from_iterator(corpus, trainer)
     import json
@@ -170,6 +355,6 @@ def train_tokenizer(corpus, vocab_size: int = 600):
     model = json.loads(t.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, errors="replace")
-    tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tok.add_special_tokens({"additional_special_tokens": special[1:]})
     tok.padding_side = "right"
     return tok

@@ -18,9 +18,17 @@ class, read from Qwen's key names. What is Qwen-Image's own lives here:
   :func:`xdit_jax.parallel.attention.attention` with that key mask, the image tokens the sharded sequence
   (the text sharded too with ``text=TEXT_KEYS``, its mask whole).
 
-Edit / layered / ControlNet variants (``zero_cond_t``, ``use_additional_t_cond``, ``use_layer3d_rope``) and
-``guidance_embeds`` (diffusers' forward cannot take a guidance: its ``QwenTimestepProjEmbeddings`` has no
-guidance embedder) are refused.
+Qwen-Image-Edit (diffusers' ``QwenImageEditPipeline`` / ``QwenImageEditPlusPipeline``): the condition images'
+packed latents follow the noisy ones in the sequence, each image with its own RoPE positions (``img_shapes``: one
+(frames, grid_h, grid_w) per image; image ``i`` takes the frame index ``i``, every image is centred on its own
+grid, the text starts after the largest half-grid of them all). ``zero_cond_t`` (Qwen-Image-Edit-2511): the
+condition tokens are modulated by the embedding of timestep 0 (the noisy ones by the step's), the text and the
+output head by the step's; the per-token choice is a table of the sequence (``tokens["cond"]``), so it shards and
+patches with the tokens.
+
+The layered / ControlNet variants (``use_additional_t_cond``, ``use_layer3d_rope``) and ``guidance_embeds``
+(diffusers' forward cannot take a guidance: its ``QwenTimestepProjEmbeddings`` has no guidance embedder) are
+refused.
 """
 
 from __future__ import annotations
@@ -72,12 +80,11 @@ class QwenImageConfig(TransformerDims):
     def from_dict(cls, d: dict[str, Any]) -> QwenImageConfig:
         cfg = cls(**known_fields(cls, d))
         cfg = dataclasses.replace(cfg, axes_dims_rope=tuple(int(a) for a in cfg.axes_dims_rope))
-        for flag, what in (("zero_cond_t", "Qwen-Image-Edit-2509/2511's zero-timestep condition"),
-                           ("use_additional_t_cond", "Qwen-Image-Layered's additional timestep condition"),
+        for flag, what in (("use_additional_t_cond", "Qwen-Image-Layered's additional timestep condition"),
                            ("use_layer3d_rope", "Qwen-Image-Layered's layer 3-D RoPE")):
             if getattr(cfg, flag):
-                raise ValueError(f"{flag}=true: {what}, not supported (only the text-to-image Qwen-Image "
-                                 f"transformer, {flag} false).")
+                raise ValueError(f"{flag}=true: {what}, not supported (the Qwen-Image and Qwen-Image-Edit "
+                                 f"transformers, {flag} false).")
         if cfg.guidance_embeds:
             raise ValueError("guidance_embeds=true: diffusers' QwenImageTransformer2DModel has no guidance embedder "
                              "(its forward cannot take a guidance); only guidance_embeds false is supported.")
@@ -114,18 +121,70 @@ def rope_ids(grid_h: int, grid_w: int, text_len: int) -> tuple[np.ndarray, np.nd
     return ids.reshape(-1, 3), txt
 
 
+def rope_ids_multi(shapes, text_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers ``QwenEmbedRope`` (``scale_rope``) positions of several images (the edit pipelines' ``img_shapes``
+    of one sample: the noisy latents', then each condition image's (frames, grid_h, grid_w)): image ``i``'s frame ids
+    ``i .. i + frames - 1``, rows and columns centred on its grid; the text from the largest ``max(h // 2, w // 2)``
+    -> (image ids (sum f*h*w, 3), text ids (L, 3))."""
+    ids, start = [], 0
+    for i, (f, h, w) in enumerate(tuple(int(v) for v in s) for s in shapes):
+        one = np.zeros((f, h, w, 3), np.int64)
+        one[..., 0] = (i + np.arange(f))[:, None, None]
+        one[..., 1] = (np.arange(h) - (h - h // 2))[None, :, None]
+        one[..., 2] = (np.arange(w) - (w - w // 2))[None, None, :]
+        ids.append(one.reshape(-1, 3))
+        start = max(start, h // 2, w // 2)
+    txt = np.repeat((start + np.arange(text_len))[:, None], 3, axis=1)
+    return np.concatenate(ids), txt
+
+
+def _tables(ids, axes_dims):
+    parts = [_axis_table(ids[:, i], int(d), ROPE_THETA) for i, d in enumerate(axes_dims)]
+    return tuple(np.concatenate([p[j] for p in parts], axis=1) for j in (0, 1))
+
+
 def rope_tables(grid_h: int, grid_w: int, text_len: int, axes_dims) -> tuple[tuple, tuple]:
     """((img cos, img sin) (h*w, head_dim), (txt cos, txt sin) (L, head_dim)) float32, diffusers'
     ``QwenEmbedRope`` as real interleaved tables."""
-    def tables(ids):
-        parts = [_axis_table(ids[:, i], int(d), ROPE_THETA) for i, d in enumerate(axes_dims)]
-        return tuple(np.concatenate([p[j] for p in parts], axis=1) for j in (0, 1))
-
     img, txt = rope_ids(grid_h, grid_w, text_len)
-    return tables(img), tables(txt)
+    return _tables(img, axes_dims), _tables(txt, axes_dims)
+
+
+def rope_tables_multi(shapes, text_len: int, axes_dims) -> tuple[tuple, tuple]:
+    """:func:`rope_tables` of several images (:func:`rope_ids_multi`)."""
+    img, txt = rope_ids_multi(shapes, text_len)
+    return _tables(img, axes_dims), _tables(txt, axes_dims)
+
+
+def condition_flags(shapes) -> np.ndarray:
+    """(N,) float32: 1 on the condition images' tokens (every image after the first), the ``zero_cond_t``
+    choice of diffusers' ``modulate_index``."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    return np.concatenate([np.zeros(sizes[0], np.float32), np.ones(sum(sizes[1:]), np.float32)])
 
 
 # ----- the model -----
+
+class DoubleBlock(flux.DoubleBlock):
+    """diffusers ``QwenImageTransformerBlock``: FLUX's double-stream block; with ``temb0`` (``zero_cond_t``) the image
+    tokens where ``is_cond`` is 1 take the modulation of ``temb0`` (timestep 0), the others ``temb``'s."""
+
+    def __call__(self, x, c, temb, rope, c_rope, c_mask=None, temb0=None, is_cond=None):
+        if temb0 is None:
+            return super().__call__(x, c, temb, rope, c_rope, c_mask)
+        sel = (is_cond != 0)[None, :, None]
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = (
+            jnp.where(sel, m0[:, None], m[:, None])
+            for m, m0 in zip(self.norm1.modulation(temb), self.norm1.modulation(temb0)))
+        nx = self.norm1.norm(x) * (1 + scale) + shift
+        nc, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self.norm1_context(c, temb)
+        a, ac = self.attn.joint(nx, nc, rope, c_rope, c_mask)
+        x = x + gate * a
+        x = x + gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        c = c + c_gate[:, None] * ac
+        c = c + c_gate_mlp[:, None] * self.ff_context(self.norm2_context(c) * (1 + c_scale_mlp[:, None])
+                                                      + c_shift_mlp[:, None])
+        return x, c
 
 class TimeEmbed(nnx.Module):
     """diffusers ``QwenTimestepProjEmbeddings`` (without the additional condition): sinusoids of ``t * 1000``
@@ -154,7 +213,7 @@ class QwenImageTransformer2DModel(nnx.Module):
         self.txt_norm = RMSNorm(cfg.joint_attention_dim, 1e-6, dtype=dtype)
         self.img_in = linear(cfg.in_channels, d, dtype=dtype, rngs=rngs)
         self.txt_in = linear(cfg.joint_attention_dim, d, dtype=dtype, rngs=rngs)
-        self.transformer_blocks = stack_modules(lambda r: flux.DoubleBlock(cfg, dtype=dtype, rngs=r), cfg.num_layers,
+        self.transformer_blocks = stack_modules(lambda r: DoubleBlock(cfg, dtype=dtype, rngs=r), cfg.num_layers,
                                                 rngs)
         self.norm_out_linear = linear(d, 2 * d, dtype=dtype, rngs=rngs)
         self.norm_out = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
@@ -163,11 +222,14 @@ class QwenImageTransformer2DModel(nnx.Module):
     # -- embed (global) -> blocks (any contiguous shard of the image tokens; the text as the context) -> head --
 
     def embed(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shape=None,
-              rope=None):
-        """-> (image (B, N, D), tokens {"rope": (cos, sin) (N, head_dim)}, cond {"temb", "context" (B, L, D),
-        "context_rope": (B, L, head_dim) tables, "context_mask": bool (B, L) or None}). ``rope``: the tables
-        ``((img_cos, img_sin), (txt_cos, txt_sin))`` ready made (the pipeline passes them into its jitted step),
-        else computed on the host from ``img_shape``."""
+              rope=None, img_shapes=None, cond_flags=None):
+        """-> (image (B, N, D), tokens {"rope": (cos, sin) (N, head_dim)[, "cond": (N,) zero_cond_t's flags]}, cond
+        {"temb"[, "temb0": timestep 0's], "context" (B, L, D), "context_rope": (B, L, head_dim) tables,
+        "context_mask": bool (B, L) or None}). ``img_shape``: the noisy latents' (frames, grid_h, grid_w), or
+        ``img_shapes``: a list of them, the noisy latents' then each condition image's (the edit pipelines', one
+        sample's: every sample has the same). ``rope``: the tables ``((img_cos, img_sin), (txt_cos, txt_sin))`` ready
+        made and ``cond_flags`` (:func:`condition_flags`, ``zero_cond_t``) (the pipeline passes them into its jitted
+        step), else computed on the host from the shapes."""
         cfg, dtype = self.cfg, self.dtype
         b, n = hidden_states.shape[:2]
         l = encoder_hidden_states.shape[1]
@@ -176,27 +238,40 @@ class QwenImageTransformer2DModel(nnx.Module):
         temb = self.time_text_embed(t, dtype)
         x = self.img_in(jnp.asarray(hidden_states).astype(dtype))
         c = self.txt_in(self.txt_norm(jnp.asarray(encoder_hidden_states).astype(dtype)))
+        if img_shapes is None and img_shape is not None:
+            img_shapes = [img_shape]
+        if img_shapes is not None:
+            img_shapes = [tuple(int(v) for v in s) for s in img_shapes]
+            if sum(f * h * w for f, h, w in img_shapes) != n:
+                raise ValueError(f"img_shapes {img_shapes} do not describe the {n} image tokens (each (frames, "
+                                 "height/16, width/16); the noisy latents' first, then each condition image's).")
         if rope is None:
-            if img_shape is None:
-                raise ValueError("Pass img_shape (frames, grid_h, grid_w) or the RoPE tables.")
-            f, gh, gw = (int(v) for v in img_shape)
-            if f != 1 or gh * gw != n:
-                raise ValueError(f"img_shape {tuple(img_shape)} does not describe {n} image tokens of one frame "
-                                 "(the text-to-image transformer takes (1, height/16, width/16)).")
-            rope = rope_tables(gh, gw, l, cfg.axes_dims_rope)
+            if img_shapes is None:
+                raise ValueError("Pass img_shape(s) (frames, grid_h, grid_w) or the RoPE tables.")
+            rope = rope_tables_multi(img_shapes, l, cfg.axes_dims_rope)
         img_rope, txt_rope = (tuple(jnp.asarray(a, jnp.float32) for a in r) for r in rope)
         c_rope = tuple(jnp.broadcast_to(a[None], (b,) + a.shape) for a in txt_rope)
         mask = None if encoder_hidden_states_mask is None else jnp.asarray(encoder_hidden_states_mask) != 0
         if mask is not None and mask.shape != (b, l):
             raise ValueError(f"encoder_hidden_states_mask {tuple(mask.shape)} must be (batch, text tokens) = "
                              f"({b}, {l}).")
-        return x, {"rope": img_rope}, {"temb": temb, "context": c, "context_rope": c_rope, "context_mask": mask}
+        tokens = {"rope": img_rope}
+        cond = {"temb": temb, "context": c, "context_rope": c_rope, "context_mask": mask}
+        if cfg.zero_cond_t:
+            if cond_flags is None:
+                if img_shapes is None:
+                    raise ValueError("zero_cond_t: pass img_shapes (or cond_flags) to tell the condition tokens.")
+                cond_flags = condition_flags(img_shapes)
+            tokens["cond"] = jnp.asarray(cond_flags, jnp.float32)
+            cond["temb0"] = self.time_text_embed(jnp.zeros_like(t), dtype)
+        return x, tokens, cond
 
     def double_blocks(self, x, tokens, cond):
         """The double-stream stack on the image tokens (or a shard of them); -> (image, text)."""
         temb, rope, c_rope, mask = cond["temb"], tokens["rope"], cond["context_rope"], cond.get("context_mask")
-        return scan_modules(self.transformer_blocks, lambda blk, xc: blk(*xc, temb, rope, c_rope, mask),
-                            (x, cond["context"]))
+        temb0, flags = cond.get("temb0"), tokens.get("cond")
+        return scan_modules(self.transformer_blocks,
+                            lambda blk, xc: blk(*xc, temb, rope, c_rope, mask, temb0, flags), (x, cond["context"]))
 
     def blocks(self, x, tokens, cond):
         """The blocks on the image tokens (or a shard of them), the text joining each attention as the masked
@@ -205,14 +280,15 @@ class QwenImageTransformer2DModel(nnx.Module):
 
     def head(self, x, cond, shape=None):
         """Image tokens -> the prediction (B, N, patch^2 * out_channels) (diffusers' ``norm_out`` =
-        ``AdaLayerNormContinuous``: scale first, then shift); ``shape`` is not needed."""
+        ``AdaLayerNormContinuous``: scale first, then shift; the step's ``temb`` also under ``zero_cond_t``);
+        ``shape`` is not needed."""
         scale, shift = jnp.split(self.norm_out_linear(jax.nn.silu(cond["temb"]).astype(x.dtype)), 2, axis=-1)
         return self.proj_out(self.norm_out(x) * (1 + scale[:, None]) + shift[:, None])
 
     def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shape=None,
-                 rope=None):
+                 rope=None, img_shapes=None, cond_flags=None):
         x, tokens, cond = self.embed(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
-                                     img_shape, rope)
+                                     img_shape, rope, img_shapes, cond_flags)
         return self.head(self.blocks(x, tokens, cond), cond)
 
 

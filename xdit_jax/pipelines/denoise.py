@@ -226,7 +226,7 @@ def load_tokenizer(folder, name: str = "tokenizer"):
         index = read_json(Path(folder) / "model_index.json")
         spec = index.get(name) or [None, "T5Tokenizer"]
         encoder = index.get(name.replace("tokenizer", "text_encoder")) or [None, ""]
-        return tiny.stand_in_tokenizer(str(spec[1]), str(encoder[1]))
+        return tiny.stand_in_tokenizer(str(spec[1]), str(encoder[1]), str(index.get("_class_name", "")))
     return AutoTokenizer.from_pretrained(Path(folder) / name)
 
 

@@ -157,7 +157,8 @@ class QwenImagePipeline(ImagePipelineBase):
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng) -> (latents,
-        sched_state, i + 1, kv)``; ``texts``: (states, mask), a row each; ``scale``: the true CFG scale; ``rope``:
+        sched_state, i + 1, kv)``; ``texts``: (states, mask), a row each[, the edit pipelines' condition latents
+        (packed, a row each)[, ``zero_cond_t``'s per-token flags]]; ``scale``: the true CFG scale; ``rope``:
         the image and text RoPE tables; ``kv``: PipeFusion's K/V buffers (``warmup``: an exact step) or None."""
         key = (do_cfg, warmup)
         if key in self._step_cache:
@@ -171,10 +172,14 @@ class QwenImagePipeline(ImagePipelineBase):
         def step(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng):
             model = nnx.merge(graphdef, tstate)
             x = self._model_batch(latents, do_cfg)
+            if len(texts) > 2:  # the edit pipelines: the condition images' packed latents after the noisy ones
+                x = jnp.concatenate([x, texts[2].astype(x.dtype)], axis=1)
+            flags = texts[3] if len(texts) > 3 else None  # zero_cond_t: 1 on the condition tokens
             t = jnp.broadcast_to(sched.timesteps[i] / 1000, (x.shape[0],))
-            tokens_x, tokens, cond = model.embed(x.astype(dtype), texts[0], texts[1], t, rope=rope)
+            tokens_x, tokens, cond = model.embed(x.astype(dtype), texts[0], texts[1], t, rope=rope, cond_flags=flags)
             tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
-            pred = self._real_rows(model.head(tokens_x, cond).astype(jnp.float32), latents.shape[0], do_cfg)
+            pred = model.head(tokens_x, cond).astype(jnp.float32)[:, :latents.shape[1]]
+            pred = self._real_rows(pred, latents.shape[0], do_cfg)
             if do_cfg:  # [negative; prompt]
                 neg, pos = jnp.split(pred, 2)
                 pred = combine_true_cfg(neg, pos, scale)
@@ -212,9 +217,11 @@ class QwenImagePipeline(ImagePipelineBase):
         return jax.tree.map(self._put_replicated, tables)
 
     def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
-                     num_inference_steps: int = 50, true_cfg_scale: float = 4.0, text_len: int = 64):
+                     num_inference_steps: int = 50, true_cfg_scale: float = 4.0, text_len: int = 64,
+                     condition_shapes=()):
         """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it
-        (``true_cfg_scale > 1``: the true CFG step, as with a negative prompt; ``text_len``: text tokens)."""
+        (``true_cfg_scale > 1``: the true CFG step, as with a negative prompt; ``text_len``: text tokens;
+        ``condition_shapes``: the edit pipelines' condition images' packed (1, h, w), their tokens appended)."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -227,12 +234,20 @@ class QwenImagePipeline(ImagePipelineBase):
         sd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), do_cfg))  # noqa
         latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
         texts = (sd((n, text_len, tc.joint_attention_dim), self.dtype), sd((n, text_len), jnp.int32))
+        h, w = self.latent_grid(height, width)
+        shapes = [(1, h // 2, w // 2)] + [tuple(int(v) for v in c) for c in condition_shapes]
+        seq = sum(f * a * b for f, a, b in shapes)
+        if condition_shapes:
+            texts = texts + (sd((n, seq - shape[1], tc.in_channels), self.dtype),)
+            if tc.zero_cond_t:
+                texts = texts + (jnp.asarray(qi.condition_flags(shapes)),)
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps, shape[1]))
         _, tstate = nnx.split(self.transformer)
-        kv = self._pipefusion_buffers(n, shape[1], abstract=True, text_len=text_len)
+        kv = self._pipefusion_buffers(n, seq, abstract=True, text_len=text_len)
+        rope = jax.tree.map(self._put_replicated, qi.rope_tables_multi(shapes, text_len, tc.axes_dims_rope))
         return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, jnp.float32(true_cfg_scale),
-            self.rope(height, width, text_len), jax.random.key(0)).compile()
+            rope, jax.random.key(0)).compile()
 
     # ------------------------------------------------------------------ call
 
@@ -243,6 +258,25 @@ class QwenImagePipeline(ImagePipelineBase):
                  negative_prompt_embeds=None, negative_prompt_embeds_mask=None, max_sequence_length: int = 512,
                  seed: int = 0, output_type: str = "np", progress: bool = True) -> QwenImagePipelineOutput:
         """diffusers' arguments (``generator`` -> ``seed``; ``output_type`` "np" or "latent")."""
+        return self._generate(prompt, negative_prompt, true_cfg_scale=true_cfg_scale, height=height, width=width,
+                              num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+                              num_images_per_prompt=num_images_per_prompt, latents=latents,
+                              prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
+                              negative_prompt_embeds=negative_prompt_embeds,
+                              negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+                              max_sequence_length=max_sequence_length, seed=seed, output_type=output_type,
+                              progress=progress)
+
+    def _generate(self, prompt, negative_prompt, *, true_cfg_scale, height, width, num_inference_steps, sigmas,
+                  guidance_scale, num_images_per_prompt, latents, prompt_embeds, prompt_embeds_mask,
+                  negative_prompt_embeds, negative_prompt_embeds_mask, max_sequence_length, seed, output_type,
+                  progress, encode=None, condition=None, text_cut: int | None = None) -> QwenImagePipelineOutput:
+        """The call. The edit pipelines' hooks: ``encode(prompts) -> (states, mask)`` instead of
+        :meth:`encode_prompt` (the prompt with the images); ``condition(batch, per, do_cfg, timer) -> (the
+        condition images' packed latents placed as the step's batch, their img_shapes)``; ``text_cut``: the
+        states' length cut (default ``max_sequence_length``; the edit pipelines do not cut)."""
+        encode = encode if encode is not None else (lambda p: self.encode_prompt(p, max_sequence_length))
+        text_cut = max_sequence_length if text_cut is None else text_cut
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -271,14 +305,14 @@ class QwenImagePipeline(ImagePipelineBase):
         # 1. text: Qwen2.5-VL states + mask; [negative; prompt] (padded to one length) for true CFG
         with timer.stage("text_encoding"):
             if prompt_embeds is None:
-                prompt_embeds, prompt_embeds_mask = self.encode_prompt(prompts, max_sequence_length)
-            emb, mask = self._checked(prompt_embeds, prompt_embeds_mask, "prompt", max_sequence_length)
+                prompt_embeds, prompt_embeds_mask = encode(prompts)
+            emb, mask = self._checked(prompt_embeds, prompt_embeds_mask, "prompt", text_cut)
             if do_cfg:
                 if negative_prompt_embeds is None:
-                    negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt(
-                        negative_prompts(negative_prompt, batch), max_sequence_length)
+                    negative_prompt_embeds, negative_prompt_embeds_mask = encode(
+                        negative_prompts(negative_prompt, batch))
                 nemb, nmask = self._checked(negative_prompt_embeds, negative_prompt_embeds_mask, "negative_prompt",
-                                            max_sequence_length)
+                                            text_cut)
                 if nemb.shape[0] != emb.shape[0]:
                     raise ValueError(f"negative prompt embeddings for {nemb.shape[0]} prompts, the prompt's for "
                                      f"{emb.shape[0]}.")
@@ -298,12 +332,21 @@ class QwenImagePipeline(ImagePipelineBase):
             latents = pack_latents(jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32))
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, (height/16) x (width/16) tokens, channels x 4")
-        rope = self.rope(height, width, int(emb.shape[1]))
+        shapes = [(1, h // 2, w // 2)]
+        if condition is not None:  # the edit pipelines: the condition images' tokens after the latents'
+            image_tokens, image_shapes = condition(batch, per, do_cfg, timer)
+            shapes += list(image_shapes)
+            texts = texts + (image_tokens,)
+            if tc.zero_cond_t:
+                texts = texts + (self._put_replicated(jnp.asarray(qi.condition_flags(shapes))),)
+        seq = sum(f * a * b for f, a, b in shapes)
+        rope = jax.tree.map(self._put_replicated,
+                            qi.rope_tables_multi(shapes, int(emb.shape[1]), tc.axes_dims_rope))
 
         # 3. denoise: one jitted step per iteration; then the VAE
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         scale = self._put_replicated(jnp.float32(true_cfg_scale))
-        kv = self._pipefusion_buffers(texts[0].shape[0], shape[1], text_len=int(emb.shape[1]))
+        kv = self._pipefusion_buffers(texts[0].shape[0], seq, text_len=int(emb.shape[1]))
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scale, rope, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn((h, w)), kv=kv)
