@@ -142,6 +142,16 @@ def load_vae_encoder(folder, vae_config, dtype, sharding, module):
     """The VAE's encoder (image-to-video) of a converted folder, ``vae/encoder_params`` (conversion writes it:
     ``extra_params_from_torch``), built by ``module`` (``build(vae_config, params, dtype)``); random under
     :meth:`PipelineBase.from_config`."""
+    params = load_extra_params(folder, "vae/encoder_params", "the VAE's encoder (an older xdit_jax, or a checkpoint "
+                               "without encoder tensors)", lambda: module.build(vae_config, {}, dtype), "vae_encoder",
+                               dtype, sharding)
+    return module.build(vae_config, params, dtype)
+
+
+def load_extra_params(folder, subpath: str, missing: str, abstract_model, tag: str, dtype, sharding) -> dict:
+    """Parameters conversion writes beside a component (``subpath`` of the converted folder: a VAE's encoder, a
+    vision tower), or random ones of ``abstract_model()``'s shapes under :meth:`PipelineBase.from_config` (seeded by
+    ``tag``); a clear error naming ``missing`` where the folder lacks them."""
     import zlib
     from pathlib import Path
 
@@ -154,17 +164,14 @@ def load_vae_encoder(folder, vae_config, dtype, sharding, module):
     if _RANDOM_WEIGHTS.get() is not None:
         from xdit_jax import tiny
 
-        abstract = to_pure_dict(nnx.state(module.build(vae_config, {}, dtype), nnx.Param))
-        params = tiny.random_params_on_device(abstract, _RANDOM_WEIGHTS.get() + zlib.crc32(b"vae_encoder"), dtype,
-                                              sharding)
-    else:
-        path = Path(folder) / "vae" / "encoder_params"
-        if not path.exists():
-            raise CheckpointError(f"{path} is missing: this folder was converted without the VAE's encoder (an older "
-                                  "xdit_jax, or a checkpoint without encoder tensors); convert the diffusers folder "
-                                  "again (delete the cached conversion).")
-        params = restore_params(path, dtype=dtype, sharding=sharding)
-    return module.build(vae_config, params, dtype)
+        abstract = to_pure_dict(nnx.state(nnx.eval_shape(abstract_model), nnx.Param))
+        return tiny.random_params_on_device(abstract, _RANDOM_WEIGHTS.get() + zlib.crc32(tag.encode()), dtype,
+                                            sharding)
+    path = Path(folder) / subpath
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: this folder was converted without {missing}; convert the "
+                              "diffusers folder again (delete the cached conversion).")
+    return restore_params(path, dtype=dtype, sharding=sharding)
 
 
 def rgb_image(image):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from pathlib import Path
 
 import jax
@@ -51,7 +50,7 @@ from xdit_jax.conversion import read_json
 from xdit_jax.models import qwen2_5_vl as qv
 from xdit_jax.models import qwen2_5_vl_vision as vv
 from xdit_jax.models import vae_qwenimage as qvae
-from xdit_jax.pipelines.denoise import _RANDOM_WEIGHTS, load_vae_encoder, preprocess_image, rgb_image
+from xdit_jax.pipelines.denoise import load_extra_params, load_vae_encoder, preprocess_image, rgb_image
 from xdit_jax.pipelines.flux import pack_latents
 from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOutput
 
@@ -90,25 +89,10 @@ def _resize(image, width: int, height: int):
 def load_vision(folder, dtype, sharding) -> vv.Qwen25VisionTransformer:
     """Qwen2.5-VL's vision tower of a converted folder (``text_encoder/vision_params``, written by conversion); random
     under ``from_config``."""
-    from xdit_jax.checkpoint import restore_params
-    from xdit_jax.keymap import to_pure_dict
-    from xdit_jax.safetensors_io import CheckpointError
-
     cfg = vv.VisionConfig.from_dict(read_json(Path(folder) / "text_encoder" / "config.json"))
-    if _RANDOM_WEIGHTS.get() is not None:
-        from xdit_jax import tiny
-
-        abstract = to_pure_dict(nnx.state(nnx.eval_shape(lambda: vv.Qwen25VisionTransformer(cfg, dtype=dtype)),
-                                          nnx.Param))
-        params = tiny.random_params_on_device(abstract, _RANDOM_WEIGHTS.get() + zlib.crc32(b"vision"), dtype,
-                                              sharding)
-    else:
-        path = Path(folder) / "text_encoder" / "vision_params"
-        if not path.exists():
-            raise CheckpointError(f"{path} is missing: this folder was converted without Qwen2.5-VL's vision tower (an "
-                                  "older xdit_jax, or a text encoder without visual.* tensors); convert the diffusers "
-                                  "folder again (delete the cached conversion).")
-        params = restore_params(path, dtype=dtype, sharding=sharding)
+    params = load_extra_params(folder, "text_encoder/vision_params", "Qwen2.5-VL's vision tower (an older xdit_jax, "
+                               "or a text encoder without visual.* tensors)",
+                               lambda: vv.Qwen25VisionTransformer(cfg, dtype=dtype), "vision", dtype, sharding)
     return vv.build(cfg, params, dtype)
 
 
