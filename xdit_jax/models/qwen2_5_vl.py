@@ -129,6 +129,16 @@ def params_from_torch(flat: dict, cfg: llama.LlamaConfig, dtype=None) -> dict:
 
 # --- the prompt ---------------------------------------------------------------------------------
 
+def _pad_to_multiple(tokenizer, ids: np.ndarray, mask: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) right-padded (pad id, mask 0) to a multiple of ``multiple`` tokens."""
+    pad = -ids.shape[1] % max(int(multiple), 1)
+    if pad:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = np.concatenate([ids, np.full((ids.shape[0], pad), pad_id, ids.dtype)], axis=1)
+        mask = np.concatenate([mask, np.zeros((mask.shape[0], pad), mask.dtype)], axis=1)
+    return ids, mask
+
+
 def tokenize_prompts(tokenizer, prompts: str | list[str], multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) (B, L) of the templated prompts as diffusers tokenizes them (padding to the longest, truncation
     at ``TOKENIZER_MAX_LENGTH + TEMPLATE_START``), then right-padded to a multiple of ``multiple`` tokens (fewer
@@ -137,13 +147,7 @@ def tokenize_prompts(tokenizer, prompts: str | list[str], multiple: int = 32) ->
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     enc = tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts], max_length=TOKENIZER_MAX_LENGTH + TEMPLATE_START,
                     padding=True, truncation=True, return_tensors="np")
-    ids, mask = np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"])
-    pad = -ids.shape[1] % max(int(multiple), 1)
-    if pad:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = np.concatenate([ids, np.full((ids.shape[0], pad), pad_id, ids.dtype)], axis=1)
-        mask = np.concatenate([mask, np.zeros((mask.shape[0], pad), mask.dtype)], axis=1)
-    return ids, mask
+    return _pad_to_multiple(tokenizer, np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"]), multiple)
 
 
 def crop_states(states: np.ndarray, mask: np.ndarray, drop: int = TEMPLATE_START) -> tuple[np.ndarray, np.ndarray]:
@@ -255,13 +259,7 @@ def tokenize_edit(tokenizer, texts: list[str], counts: list[int], multiple: int 
     units, the same images in every text), padded to the longest as Qwen2VLProcessor (no truncation), then
     right-padded to a multiple of ``multiple`` (see :func:`tokenize_prompts`)."""
     enc = tokenizer([expand_image_tokens(t, counts) for t in texts], padding=True, return_tensors="np")
-    ids, mask = np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"])
-    pad = -ids.shape[1] % max(int(multiple), 1)
-    if pad:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = np.concatenate([ids, np.full((ids.shape[0], pad), pad_id, ids.dtype)], axis=1)
-        mask = np.concatenate([mask, np.zeros((mask.shape[0], pad), mask.dtype)], axis=1)
-    return ids, mask
+    return _pad_to_multiple(tokenizer, np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"]), multiple)
 
 
 def image_feature_index(ids: np.ndarray, image_token_id: int, n_features: int) -> np.ndarray:
