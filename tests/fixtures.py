@@ -277,6 +277,39 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
                        transformer=transformer, scheduler=sched, **extra)
 
 
+def make_torch_skyreels_v2(seed: int = 0, variant: str = "t2v"):
+    """A tiny random diffusers SkyReels-V2 pipeline: Wan's tiny UMT5, VAE and UniPC (xdit_jax.tiny) with a
+    SkyReelsV2Transformer3DModel of Wan's tiny width; ``variant`` "t2v" (SkyReelsV2Pipeline) or "df"
+    (SkyReelsV2DiffusionForcingPipeline: the fps embedding, inject_sample_info, as the DF checkpoints)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        SkyReelsV2DiffusionForcingPipeline,
+        SkyReelsV2Pipeline,
+        SkyReelsV2Transformer3DModel,
+        UniPCMultistepScheduler,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    kw = dict(tiny.SKYREELS_V2_TRANSFORMER, inject_sample_info=variant == "df")
+    transformer = randomize_(SkyReelsV2Transformer3DModel(**kw), seed, std=0.1)
+    vae = randomize_(AutoencoderKLWan(**tiny.WAN_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.WAN_TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(UMT5EncoderModel(UMT5Config(**te_kw)), seed + 2, std=0.2)
+    sched = UniPCMultistepScheduler(**{k: v for k, v in tiny.SKYREELS_V2_SCHEDULER.items()
+                                       if not k.startswith("_")})
+    import types
+
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing
+
+    for module in (pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing):  # (they call ftfy unguarded; ours
+        if not hasattr(module, "ftfy"):  # skips it where it is not installed, as Wan's: the same text then)
+            module.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+    cls = SkyReelsV2DiffusionForcingPipeline if variant == "df" else SkyReelsV2Pipeline
+    return cls(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+               scheduler=sched)
+
+
 def make_torch_hunyuan_video(seed: int = 0):
     """A tiny random diffusers HunyuanVideoPipeline (xdit_jax.tiny's HunyuanVideo configs: Llama with the stand-in
     Llama-3-like tokenizer, FLUX's tiny CLIP, the causal VAE, FlowMatchEuler with shift 7)."""

@@ -80,7 +80,10 @@ def test_matches_diffusers(pair, per_frame, block, fps):
         assert np.abs(out - np.asarray(fwd(causal, x, t[:, ::-1].copy(), enc, fps))).max() > 1e-2
 
 
-@pytest.mark.parametrize("mesh", ["ring=2,ulysses=4", "ring=3"])
+@pytest.mark.parametrize("mesh", ["ring=2,ulysses=4",
+                                  # (slow: the mask over a ring is also covered by the DF pipeline's cfg=2,ring=2,
+                                  # ulysses=2 in test_skyreels_v2_pipeline)
+                                  pytest.param("ring=3", marks=pytest.mark.slow)])
 def test_causal_sequence_parallel_equals_one_device(pair, mesh):
     """60 tokens: ring=2,ulysses=4 pads them to 64 and ring=3 cuts the causal blocks (30 tokens) across shards."""
     tm, cfg, model, causal, fwd = pair

@@ -160,6 +160,10 @@ WAN_SCHEDULER = dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=
                      predict_x0=True, solver_type="bh2", lower_order_final=True, disable_corrector=[],
                      final_sigmas_type="zero", use_flow_sigmas=True, flow_shift=3.0, timestep_spacing="linspace",
                      steps_offset=0, thresholding=False)
+# SkyReels-V2: Wan's tiny transformer as a SkyReelsV2Transformer3DModel (the DF checkpoints add inject_sample_info),
+# Wan's UniPC at SkyReels-V2 T2V's flow_shift 8.
+SKYREELS_V2_TRANSFORMER = dict(WAN_TRANSFORMER, inject_sample_info=False, num_frame_per_block=1)
+SKYREELS_V2_SCHEDULER = dict(WAN_SCHEDULER, flow_shift=8.0)
 
 # HunyuanVideo shaped: 2 double- and 2 single-stream blocks and 1 token refiner block over 2 heads of 8 (RoPE axes
 # 2 + 2 + 4), the guidance embedded; 4 latent channels; the causal VAE (8x spatial, 4x temporal) 8/8/16/16 wide;

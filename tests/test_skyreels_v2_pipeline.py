@@ -1,0 +1,129 @@
+"""SkyReels-V2 pipelines from diffusers save_pretrained folders == diffusers' SkyReelsV2Pipeline and
+SkyReelsV2DiffusionForcingPipeline (synchronous, asynchronous with the causal block mask), on one device and on meshes
+(8 simulated CPU devices)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_skyreels_v2, save_torch_pipeline
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.skyreels_v2 import SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Pipeline, timestep_matrix
+
+PROMPT = "A small dog running on a beach at sunset."
+H, W, STEPS, MSL = 32, 48, 3, 16  # 4 x 6 latents: 6 video tokens a latent frame
+
+_BUILT = {}
+
+
+def build(tmp_path_factory, variant: str):
+    """(torch pipeline, our pipeline, our converted folder), made once per variant ("t2v" or "df")."""
+    if variant not in _BUILT:
+        tp = make_torch_skyreels_v2(variant=variant)
+        folder = save_torch_pipeline(tp, tmp_path_factory.mktemp(f"skyreels-{variant}"))
+        converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+        cls = SkyReelsV2DiffusionForcingPipeline if variant == "df" else SkyReelsV2Pipeline
+        _BUILT[variant] = (tp, cls.from_pretrained(converted), converted)
+    return _BUILT[variant]
+
+
+def noise(frames, seed=0):
+    """diffusers' DF pipeline takes no latents (its prepare_latents returns one value where the loop unpacks four):
+    its own draw from a seeded generator, reproduced."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (1, 4, (frames - 1) // 4 + 1, H // 8, W // 8)
+    return randn_tensor(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).numpy()
+
+
+def test_t2v_video_matches_diffusers(tmp_path_factory):
+    tp, ours, _ = build(tmp_path_factory, "t2v")
+    lat = noise(9)
+    with torch.no_grad():
+        ref = np.asarray(tp(prompt=PROMPT, negative_prompt="blurry", num_frames=9, height=H, width=W,
+                            num_inference_steps=STEPS, latents=torch.from_numpy(lat), max_sequence_length=MSL,
+                            output_type="np").frames)
+    out = ours(PROMPT, "blurry", num_frames=9, height=H, width=W, num_inference_steps=STEPS, latents=lat,
+               max_sequence_length=MSL, progress=False).frames
+    assert out.shape == ref.shape == (1, 9, H, W, 3)
+    # fp32: 3 UniPC steps with CFG (diffusers' default guidance 6), the causal VAE; pixels in [0, 1]: 1e-4 is ~1/40 of
+    # an 8-bit level (measured 1.7e-6 in the latents of 3.7)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+# (num_frames, ar_step, causal_block_size, fps): synchronous; asynchronous without the mask (blocks of one frame,
+# 5 iterations of 3 steps over 3 frames); asynchronous with blocks of 2 frames (the causal mask: 4 latent frames,
+# 2 blocks, 4 iterations) at 16 fps (the fps embedding's other row)
+DF_CASES = [(9, 0, None, 24), (9, 1, 1, 24), (13, 1, 2, 16)]
+
+
+@pytest.mark.parametrize("frames,ar_step,block,fps", DF_CASES)
+def test_df_latents_match_diffusers(tmp_path_factory, frames, ar_step, block, fps):
+    tp, ours, _ = build(tmp_path_factory, "df")
+    kw = dict(num_frames=frames, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=MSL,
+              output_type="latent", ar_step=ar_step, causal_block_size=block, fps=fps, base_num_frames=frames,
+              guidance_scale=5.0)
+    tp.transformer._set_ar_attention(1)  # (diffusers keeps the last call's block size in the config)
+    with torch.no_grad():
+        ref = tp(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kw).frames.numpy()
+    out = ours(PROMPT, latents=noise(frames), progress=False, **kw).frames
+    scale = np.abs(ref).max()
+    # fp32 both sides over 3-5 iterations with CFG (measured 2.6e-6 of 3.7); a frame stepped at the wrong index,
+    # a missing mask or diffusers' aliased last sample not replicated (0.08) are far outside
+    np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
+def test_timestep_matrix_as_diffusers(tmp_path_factory):
+    """The host schedule == diffusers' generate_timestep_matrix, also where the window is shorter than the video
+    (the long-video loop's case: sliding valid intervals) and with frames already done."""
+    tp, ours, _ = build(tmp_path_factory, "df")
+    template = torch.tensor([999, 941, 800, 612, 400], dtype=torch.int64)
+    for args in [(6, 6, 0, 0, 1), (6, 6, 2, 0, 3), (10, 10, 2, 0, 2), (12, 6, 3, 0, 3), (8, 8, 1, 4, 2)]:
+        ref = tp.generate_timestep_matrix(args[0], template, args[1], args[2], args[3], args[4])
+        got = timestep_matrix(args[0], template.numpy(), *args[1:])
+        for r, g in zip(ref[:3], got[:3]):
+            np.testing.assert_array_equal(g, r.numpy(), err_msg=str(args))
+        assert got[3] == ref[3], args
+    with pytest.raises(ValueError, match="at least 3"):
+        timestep_matrix(12, template.numpy(), 4, 1, 0, 2)
+
+
+def test_df_meshes_match_one_device(tmp_path_factory):
+    """Asynchronous diffusion forcing with the causal mask (blocks of 2 frames: 12 tokens, cut across the shards) on
+    cfg=2,ring=2,ulysses=2 and ulysses=3 (24 tokens over 3)."""
+    _, df, df_folder = build(tmp_path_factory, "df")
+    kw = dict(num_frames=13, height=H, width=W, num_inference_steps=2, latents=noise(13, 2), max_sequence_length=MSL,
+              progress=False, output_type="latent", ar_step=1, causal_block_size=2, base_num_frames=13)
+    ref = df(PROMPT, **kw).frames
+    for mesh in ["cfg=2,ring=2,ulysses=2", "ulysses=3"]:
+        out = SkyReelsV2DiffusionForcingPipeline.from_pretrained(df_folder, mesh=mesh)(PROMPT, **kw).frames
+        np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0, err_msg=mesh)
+
+
+@pytest.mark.slow  # the T2V step is WanPipeline's (its meshes: test_wan_pipeline); the SkyReels transformer's blocks
+def test_t2v_mesh_matches_one_device(tmp_path_factory):  # over these axes: test_df_meshes_match_one_device
+    _, t2v, t2v_folder = build(tmp_path_factory, "t2v")
+    kw = dict(num_frames=9, height=H, width=W, num_inference_steps=2, latents=noise(9, 1), max_sequence_length=MSL,
+              progress=False, output_type="latent")
+    ref = t2v(PROMPT, **kw).frames
+    out = SkyReelsV2Pipeline.from_pretrained(t2v_folder, mesh="cfg=2,ring=2,ulysses=2")(PROMPT, **kw).frames
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_bad_input(tmp_path_factory):
+    _, df, df_folder = build(tmp_path_factory, "df")
+    kw = dict(height=H, width=W, num_inference_steps=2, max_sequence_length=MSL, progress=False)
+    with pytest.raises(ValueError, match="overlap_history"):
+        df(PROMPT, num_frames=17, base_num_frames=9, **kw)
+    with pytest.raises(NotImplementedError, match="long-video loop .* base_num_frames=9"):
+        df(PROMPT, num_frames=17, base_num_frames=9, overlap_history=5, **kw)
+    with pytest.raises(ValueError, match="not a multiple of causal_block_size=2"):
+        df(PROMPT, num_frames=9, base_num_frames=9, ar_step=1, causal_block_size=2, **kw)
+    with pytest.raises(ValueError, match="ar_step"):
+        df(PROMPT, num_frames=9, base_num_frames=9, ar_step=-1, **kw)
+    with pytest.raises(ValueError, match="causal_block_size"):
+        df(PROMPT, num_frames=9, base_num_frames=9, causal_block_size=0, **kw)
+    with pytest.raises(ValueError, match="pipefusion"):
+        SkyReelsV2DiffusionForcingPipeline.from_pretrained(df_folder, mesh="pipefusion=2")
+    with pytest.raises(ValueError, match="SkyReelsV2DiffusionForcingPipeline"):
+        SkyReelsV2Pipeline.from_pretrained(df_folder)
