@@ -96,12 +96,13 @@ def test_causal_sequence_parallel_equals_one_device(pair, mesh):
 def test_input_errors_and_checkpoint(pair):
     tm, cfg, model, causal, _ = pair
     x, t, enc = _inputs()
+    shapes = lambda m, *a, **k: jax.eval_shape(lambda: m(*a, **k))  # noqa: E731  (the checks run while tracing)
     with pytest.raises(ValueError, match="takes fps"):
-        model(x, t, enc)
+        shapes(model, x, t, enc)
     with pytest.raises(ValueError, match="per latent frame"):
-        model(x, t[:, :3], enc, fps=1)
+        shapes(model, x, t[:, :3], enc, fps=1)
     with pytest.raises(ValueError, match="multiple of the causal block size"):
-        sk.build(sk.with_causal_block_size(cfg, 3), nnx_params(model))(x, t, enc, fps=1)
+        shapes(sk.build(sk.with_causal_block_size(cfg, 3), nnx_params(model)), x, t, enc, fps=1)
     with pytest.raises(ValueError, match="causal_block_size"):
         sk.with_causal_block_size(cfg, 0)
     with pytest.raises(ValueError, match="num_frame_per_block"):
@@ -118,3 +119,25 @@ def nnx_params(model):
     from xdit_jax.keymap import to_pure_dict
 
     return to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_released_config_reads_and_counts():
+    """configs/skyreels-v2-df-1.3b-540p (from memory: the Wan 2.1 1.3B shape with the fps embedding): read as the
+    DF pipeline's, and our module of it has diffusers' parameter count (both built abstract: no weights)."""
+    import json
+    from pathlib import Path
+
+    from flax import nnx
+
+    from xdit_jax.pipelines.skyreels_v2 import read_configs
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "skyreels-v2-df-1.3b-540p"
+    tc, vc = read_configs(folder)
+    assert tc.inject_sample_info and tc.num_layers == 30 and vc.z_dim == 16
+    raw = {k: v for k, v in json.loads((folder / "transformer" / "config.json").read_text()).items()
+           if not k.startswith("_")}
+    with torch.device("meta"):
+        ref = sum(p.numel() for p in TorchModel(**raw).parameters())
+    abstract = nnx.eval_shape(lambda: sk.SkyReelsV2Transformer3DModel(tc))
+    ours = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert ours == ref, (ours, ref)

@@ -34,6 +34,8 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             "flux": {"output": "output.png", "guidance_scale": 3.5, "steps": 28, "tiny_steps": 4},
             "sd3": {"output": "output.png", "guidance_scale": 7.0, "steps": 28, "tiny_steps": 4},
             "wan": {"output": "output.mp4", "guidance_scale": 5.0, "steps": 50, "tiny_steps": 4},
+            # diffusers' SkyReelsV2Pipeline / SkyReelsV2DiffusionForcingPipeline defaults
+            "skyreels_v2": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4},
             "latte": {"output": "output.mp4", "guidance_scale": 7.5, "steps": 50, "tiny_steps": 4},
             # (HunyuanVideo's guidance_scale is embedded; true CFG: --negative-prompt with --true-cfg-scale > 1)
             "hunyuanvideo": {"output": "output.mp4", "guidance_scale": 6.0, "steps": 50, "tiny_steps": 4},
@@ -51,7 +53,10 @@ DEFAULTS = {"cogvideox": {"output": "output.mp4", "guidance_scale": 6.0, "steps"
             # (is_distilled: FLUX.2-klein-4B / -9B) runs its model card's 4 steps at guidance 1 (--guidance-scale None)
             "flux2": {"output": "output.png", "guidance_scale": 4.0, "steps": 50, "tiny_steps": 2,
                       "distilled_steps": 4, "distilled_guidance_scale": 1.0}}
-VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte", "hunyuanvideo")
+VIDEO_FAMILIES = ("cogvideox", "mochi", "wan", "latte", "hunyuanvideo", "skyreels_v2")
+# SkyReels-V2 diffusion forcing's flags (diffusers' argument names), for its DF pipeline only
+DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", "base_num_frames": "--base-num-frames",
+            "overlap_history": "--overlap-history", "addnoise_condition": "--addnoise-condition"}
 FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
 TRUE_CFG_FAMILIES = {"flux": "FLUX", "hunyuanvideo": "HunyuanVideo", "qwenimage": "Qwen-Image"}  # --true-cfg-scale
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")  # (diffusers class names)
@@ -64,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-zimage' / 'tiny-sana' / "
-                         "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' "
+                         "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
@@ -93,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance-scale-2", type=float, default=None,
                     help="Wan 2.2 A14B (two experts): the CFG scale of the low-noise expert's steps (default: "
                          "--guidance-scale; the model card's: 4 then 3)")
+    ap.add_argument("--ar-step", type=int, default=None,
+                    help="SkyReels-V2 diffusion forcing: diffusers' ar_step (0 = synchronous, the default; > 0: each "
+                         "causal block that many steps behind the one before, e.g. 5 with --causal-block-size 5)")
+    ap.add_argument("--causal-block-size", type=int, default=None,
+                    help="SkyReels-V2 diffusion forcing: latent frames per causal block (default: the checkpoint's "
+                         "num_frame_per_block); the latent frames must be a multiple of it")
+    ap.add_argument("--base-num-frames", type=int, default=None,
+                    help="SkyReels-V2 diffusion forcing: the frames of one window (diffusers' default 97; 121 for "
+                         "720P); longer videos (the overlap_history loop) are not implemented")
+    ap.add_argument("--overlap-history", type=int, default=None,
+                    help="SkyReels-V2 diffusion forcing: frames shared by consecutive windows of a long video "
+                         "(diffusers' overlap_history; the long-video loop is refused here)")
+    ap.add_argument("--addnoise-condition", type=float, default=None,
+                    help="SkyReels-V2 diffusion forcing: noise added to a long video's condition frames "
+                         "(diffusers' addnoise_condition; long videos only)")
     ap.add_argument("--true-cfg-scale", type=float, default=None,
                     help="FLUX, HunyuanVideo, Qwen-Image: diffusers' true CFG with --negative-prompt (> 1 runs "
                          "both halves; default 1 = off, Qwen-Image 4)")
@@ -124,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", default=None, help="video: .mp4, .gif, or a folder for .png frames "
                     "(output.mp4); image: .png or .jpg (output.png)")
     ap.add_argument("--fps", type=int, default=None,
-                    help="frames per second (model default: CogVideoX 8, 1.5 16; Mochi 30; Wan 16)")
+                    help="frames per second (model default: CogVideoX 8, 1.5 16; Mochi 30; Wan 16; SkyReels-V2 24, "
+                         "which diffusion forcing also gives its fps embedding: 16 or other)")
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
@@ -367,6 +388,9 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--use-dynamic-cfg (CogVideoX's)")
     if family != "wan" and args.guidance_scale_2 is not None:
         wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
+    if getattr(args, "kind", None) != "SkyReelsV2DiffusionForcingPipeline":
+        wrong += [f"{flag} (SkyReels-V2 diffusion forcing's)" for name, flag in DF_FLAGS.items()
+                  if getattr(args, name) is not None]
     if family not in TRUE_CFG_FAMILIES and args.true_cfg_scale is not None:
         wrong.append("--true-cfg-scale (FLUX's, HunyuanVideo's and Qwen-Image's)")
     if family == "qwenimage" and args.guidance_scale is not None:
@@ -575,6 +599,7 @@ def _main(argv=None) -> int:
             model = resolve_model(args.model)  # a local folder (a hub id is downloaded here)
         family = pipelines.family(pipeline_class_name(model))
         kind = pipeline_class_name(model)
+        args.kind = kind  # (which family flags apply: SkyReels-V2's DF flags to its DF pipeline only)
         image_to_video = kind in IMAGE_TO_VIDEO or (
             args.image is not None and family == "wan" and _expand_timesteps(model))  # TI2V-5B with an image
         if image_to_video and args.image is None:
@@ -615,6 +640,9 @@ def _main(argv=None) -> int:
             args.num_frames = args.num_frames or 5
         if is_tiny and family == "latte":  # 16 frames would be slow for a toy model
             args.num_frames = args.num_frames or 4
+        if is_tiny and family == "skyreels_v2":  # SkyReels-V2's default 97 x 544 x 960 would be slow for a toy model
+            args.height, args.width = args.height or 32, args.width or 48
+            args.num_frames = args.num_frames or 9
         if is_tiny and family == "wan":  # Wan's default 81 x 480 x 832 would be slow for a toy model
             args.height, args.width = args.height or 32, args.width or 48
             args.num_frames = args.num_frames or 9
@@ -668,6 +696,11 @@ def _main(argv=None) -> int:
         kw.update(num_frames=args.num_frames, max_sequence_length=msl or 512)
         if args.guidance_scale_2 is not None:
             kw["guidance_scale_2"] = args.guidance_scale_2
+    elif family == "skyreels_v2":
+        kw.update(num_frames=args.num_frames, max_sequence_length=msl or 512)
+        if kind == "SkyReelsV2DiffusionForcingPipeline":
+            kw.update({name: getattr(args, name) for name in DF_FLAGS if getattr(args, name) is not None})
+            kw["fps"] = args.fps or pipe.default_video()["fps"]
     elif family == "latte":
         kw.update(num_frames=args.num_frames)
     elif family == "hunyuanvideo":
@@ -715,7 +748,7 @@ def _main(argv=None) -> int:
         call = pipe
     try:
         result = call(args.prompts, negative_prompt=args.negative_prompt, **kw)
-    except ValueError as e:
+    except (ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

@@ -23,7 +23,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext",
               "tiny-qwenimage": "qwenimage", "tiny-zimage": "zimage",
               "tiny-sana": "sana", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
-              "tiny-flux2-klein": "flux2"}
+              "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -403,6 +403,11 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = ""):
 
 
 def model_index(family: str = "cogvideox") -> dict:
+    if family == "skyreels_v2":  # (the diffusion-forcing pipeline: the fps embedding, per-frame timesteps)
+        return {"_class_name": "SkyReelsV2DiffusionForcingPipeline", "_diffusers_version": "0.35.0",
+                "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "SkyReelsV2Transformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
     if family == "wan":
         return {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],
@@ -607,6 +612,19 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder": ("UMT5EncoderModel", WAN_TEXT_ENCODER,
                              lambda: t5.T5EncoderModel(t5.UMT5Config.from_dict(WAN_TEXT_ENCODER), rngs=nnx.Rngs(0))),
         }, WAN_SCHEDULER
+    if family == "skyreels_v2":
+        from xdit_jax.models import skyreels_v2
+
+        tcfg = {**SKYREELS_V2_TRANSFORMER, "inject_sample_info": True, **(transformer or {})}
+        return {
+            "transformer": ("SkyReelsV2Transformer3DModel", tcfg,
+                            lambda: skyreels_v2.SkyReelsV2Transformer3DModel(
+                                skyreels_v2.SkyReelsV2Config.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLWan", WAN_VAE,
+                    lambda: vae_wan.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE), jnp.float32)()),
+            "text_encoder": ("UMT5EncoderModel", WAN_TEXT_ENCODER,
+                             lambda: t5.T5EncoderModel(t5.UMT5Config.from_dict(WAN_TEXT_ENCODER), rngs=nnx.Rngs(0))),
+        }, SKYREELS_V2_SCHEDULER
     if family == "hunyuandit":
         tcfg = {**HUNYUAN_TRANSFORMER, **(transformer or {})}
         return {

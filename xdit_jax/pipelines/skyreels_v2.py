@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.models import skyreels_v2
+from xdit_jax.models import skyreels_v2, vae_wan
+from xdit_jax.pipelines import image
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     as_numpy,
@@ -50,13 +51,21 @@ from xdit_jax.pipelines.denoise import (
     per_prompt,
     prompt_batch,
 )
-from xdit_jax.pipelines.wan import WanPipeline, WanPipelineOutput
+from xdit_jax.pipelines.wan import WanPipeline, WanPipelineOutput, check_request  # noqa: F401  (the CLI's)
 from xdit_jax.schedulers import unipc
 
 log = logging.getLogger("xdit_jax")
 
 SkyReelsV2PipelineOutput = WanPipelineOutput
 MAX_SEQUENCE_LENGTH = 512
+
+
+DF_PIPELINE = "SkyReelsV2DiffusionForcingPipeline"
+
+
+def read_configs(folder):
+    """(transformer config, VAE config) of a diffusers or converted folder, from its config.json files."""
+    return image.read_configs(folder, skyreels_v2.SkyReelsV2Config, vae_wan.WanVAEConfig)
 
 
 def default_video(tc=None, vc=None) -> dict:
