@@ -207,8 +207,8 @@ def test_generate_wan_video(tmp_path, capsys):
 
 def test_generate_skyreels_v2_diffusion_forcing_video(tmp_path, capsys):
     """The tiny SkyReels-V2 diffusion forcing model: asynchronous (--ar-step 1) with causal blocks of 3 latent frames
-    (the 9 frames' 3: one block) and the fps embedding's 16 fps row, on one device (its meshes:
-    tests/test_skyreels_v2_pipeline.py); the long-video loop refused with its limit named."""
+    (the 9 frames' 3: one block) and the fps embedding's 16 fps row, on one device (its meshes and long videos:
+    tests/test_skyreels_v2_pipeline.py)."""
     import imageio.v3 as iio
 
     out = tmp_path / "s.mp4"
@@ -388,6 +388,7 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-mochi", "--output", "m.png"], "makes videos"),
     (["--model", "tiny-wan", "--mesh", "pipefusion=3"], "more stages than the model's 2 layers"),
     (["--model", "tiny-wan", "--ar-step", "5"], "--ar-step (SkyReels-V2 diffusion forcing's)"),
+    (["--model", "tiny-skyreels-v2", "--num-frames", "13", "--base-num-frames", "9"], "needs --overlap-history"),
     (["--model", "tiny-pixart", "--output", "x.mp4"], "makes images"),
     (["--model", "tiny-pixart", "--num-frames", "9"], "--num-frames: not used by this pixart model"),
     (["--model", "tiny-hunyuandit", "--max-sequence-length", "20"], "77 + 256"),

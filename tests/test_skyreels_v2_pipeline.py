@@ -73,6 +73,49 @@ def test_df_latents_match_diffusers(tmp_path_factory, frames, ar_step, block, fp
     np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
 
 
+@pytest.mark.parametrize("ar_step,block,overlap", [
+    pytest.param(0, 1, 5, marks=pytest.mark.slow),  # (slow: the (1, 2, 9) case covers it: async, truncation, 3 windows)
+    (1, 2, 9)])
+def test_df_long_video_matches_diffusers(tmp_path_factory, monkeypatch, ar_step, block, overlap):
+    """The long-video loop: 21 frames (6 latent) in windows of 13 (4 latent) overlapping by 5 (2 latent: 2 windows)
+    or 9 (3 latent, cut to one causal block of 2: 3 windows), the condition frames noised (addnoise_condition 20).
+    diffusers draws each window's noise from the generator and the condition noise from torch's global one: both
+    recorded and given to ours (its _window_noise / _condition_noise)."""
+    import jax.numpy as jnp
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_diffusion_forcing as df_module
+
+    tp, ours, _ = build(tmp_path_factory, "df")
+    windows, cond = [], []
+    draw = df_module.randn_tensor
+    def record(*a, **k):  # (a copy: diffusers denoises the tensor it gets in place)
+        windows.append(draw(*a, **k))
+        return windows[-1].clone()
+
+    monkeypatch.setattr(df_module, "randn_tensor", record)
+    real_like = torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda x, **k: cond.append(real_like(x, **k)) or cond[-1])
+    kw = dict(num_frames=21, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=MSL,
+              output_type="latent", ar_step=ar_step, causal_block_size=block, base_num_frames=13,
+              overlap_history=overlap, addnoise_condition=20.0, guidance_scale=5.0)
+    tp.transformer._set_ar_attention(1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = tp(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kw).frames.numpy()
+    monkeypatch.undo()
+    assert ref.shape[2] == 6 and len(windows) == (2 if overlap == 5 else 3)
+    per_window = len(cond) // (len(windows) - 1)  # (every window after the first has as many iterations here)
+    table = jnp.asarray(np.stack([c.numpy() for c in cond]).reshape((len(windows) - 1, per_window) + cond[0].shape))
+    monkeypatch.setattr(ours, "_window_noise", lambda key, k, shape: jnp.asarray(windows[k].numpy()))
+    monkeypatch.setattr(ours, "_condition_noise", lambda key, k, n, shape: table[k - 1, n])
+    ours._step_cache.clear()
+    out = ours(PROMPT, latents=windows[0].numpy(), progress=False, **kw).frames
+    ours._step_cache.clear()
+    scale = np.abs(ref).max()
+    # fp32, as test_df_latents_match_diffusers (measured 1.5e-6 / 1.8e-6 of 4.2); a wrong window plan, condition slice or noise
+    # mix moves whole frames by O(1)
+    np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
 def test_timestep_matrix_as_diffusers(tmp_path_factory):
     """The host schedule == diffusers' generate_timestep_matrix, also where the window is shorter than the video
     (the long-video loop's case: sliding valid intervals) and with frames already done."""
@@ -119,8 +162,10 @@ def test_bad_input(tmp_path_factory):
     kw = dict(height=H, width=W, num_inference_steps=2, max_sequence_length=MSL, progress=False)
     with pytest.raises(ValueError, match="overlap_history"):
         df(PROMPT, num_frames=17, base_num_frames=9, **kw)
-    with pytest.raises(NotImplementedError, match="long-video loop .* base_num_frames=9"):
-        df(PROMPT, num_frames=17, base_num_frames=9, overlap_history=5, **kw)
+    with pytest.raises(ValueError, match="must leave new frames"):
+        df(PROMPT, num_frames=17, base_num_frames=9, overlap_history=9, **kw)
+    with pytest.raises(ValueError, match="a window of 3 latent frames is not a multiple of causal_block_size=2"):
+        df(PROMPT, num_frames=21, base_num_frames=9, overlap_history=5, causal_block_size=2, **kw)
     with pytest.raises(ValueError, match="not a multiple of causal_block_size=2"):
         df(PROMPT, num_frames=9, base_num_frames=9, ar_step=1, causal_block_size=2, **kw)
     with pytest.raises(ValueError, match="ar_step"):

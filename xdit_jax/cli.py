@@ -106,13 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "num_frame_per_block); the latent frames must be a multiple of it")
     ap.add_argument("--base-num-frames", type=int, default=None,
                     help="SkyReels-V2 diffusion forcing: the frames of one window (diffusers' default 97; 121 for "
-                         "720P); longer videos (the overlap_history loop) are not implemented")
+                         "720P); a longer --num-frames runs the long-video loop (with --overlap-history)")
     ap.add_argument("--overlap-history", type=int, default=None,
                     help="SkyReels-V2 diffusion forcing: frames shared by consecutive windows of a long video "
-                         "(diffusers' overlap_history; the long-video loop is refused here)")
+                         "(diffusers' overlap_history; 17 or 37 recommended)")
     ap.add_argument("--addnoise-condition", type=float, default=None,
                     help="SkyReels-V2 diffusion forcing: noise added to a long video's condition frames "
-                         "(diffusers' addnoise_condition; long videos only)")
+                         "(diffusers' addnoise_condition, 20 recommended; long videos only)")
     ap.add_argument("--true-cfg-scale", type=float, default=None,
                     help="FLUX, HunyuanVideo, Qwen-Image: diffusers' true CFG with --negative-prompt (> 1 runs "
                          "both halves; default 1 = off, Qwen-Image 4)")
@@ -409,6 +409,10 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--max-sequence-length (Latte's T5 length is fixed: 120, as diffusers')")
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: not used by this {family} model; drop the flag.")
+    if getattr(args, "kind", None) == "SkyReelsV2DiffusionForcingPipeline" and args.overlap_history is None and \
+            (args.num_frames or 0) > (args.base_num_frames or 97):
+        raise ValueError(f"--num-frames {args.num_frames} > --base-num-frames {args.base_num_frames or 97}: a long "
+                         "video needs --overlap-history (frames shared by consecutive windows; 17 or 37 recommended).")
 
 
 def _check_request(family: str, model, args, spec, guidance: float) -> None:

@@ -27,9 +27,16 @@ run; it is replicated here (the state's last sample set to the step's result whe
 
 Differences from diffusers, by design: ``causal_block_size=None`` means the checkpoint's ``num_frame_per_block``
 (diffusers' ``_set_ar_attention`` changes the transformer's config for every later call); a latent frame count that
-``causal_block_size`` does not divide is refused (diffusers leaves the last frames as noise); any batch (diffusers'
-fps embedding broadcast needs one video); the long-video loop (``num_frames > base_num_frames`` with
-``overlap_history``) is not implemented here: refused, with the limit named.
+``causal_block_size`` does not divide is refused, in every window of a long video (diffusers leaves the last frames
+as noise); any batch (diffusers' fps embedding broadcast needs one video); ``latents`` is the first window's noise
+(diffusers' DF pipeline fails on any ``latents``).
+
+Long videos (``num_frames > base_num_frames`` with ``overlap_history``): diffusers' loop of windows of
+``base_num_frames``; each after the first starts from the last ``overlap_history`` frames made (cut to whole causal
+blocks), which stay fixed (already denoised, timestep 0) and enter the transformer with ``addnoise_condition`` x
+0.001 of fresh noise at timestep ``addnoise_condition``; the windows' new frames are appended. Each window's noise and
+the condition noise come from ``seed`` (:meth:`SkyReelsV2DiffusionForcingPipeline._window_noise` /
+``_condition_noise``; diffusers draws them from the generator and from torch's global generator).
 """
 
 from __future__ import annotations
@@ -163,13 +170,16 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
             self._causal_models[causal_block_size] = nnx.merge(graphdef, nnx.split(self.transformer)[1])
         return self._causal_models[causal_block_size]
 
-    def _df_step_fn(self, do_cfg: bool, causal_block_size: int):
-        """The jitted iteration ``(tstate, latents, sched_state, n, texts, sched, guidance, fps, t_matrix,
-        i_matrix, update) -> (latents, sched_state, n + 1)``: the transformer on all frames at row ``n``'s timesteps,
-        CFG, then each frame's scheduler step at its own step index, kept where row ``n`` updates the frame."""
-        key = ("df", do_cfg, causal_block_size)
-        if key in self._step_cache:
-            return self._step_cache[key]
+    def _df_step_fn(self, do_cfg: bool, causal_block_size: int, prefix: int = 0, addnoise: bool = False):
+        """The jitted iteration ``(tstate, latents, sched_state, n, texts, sched, guidance, fps, t_matrix, i_matrix,
+        update, window, key, addnoise_condition) -> (latents, sched_state, n + 1)``: the transformer on all frames at
+        row ``n``'s timesteps, CFG, then each frame's scheduler step at its own step index, kept where row ``n``
+        updates the frame. ``prefix`` (static): a long video's condition frames at the window's start; with
+        ``addnoise`` they enter the transformer noised (:meth:`_condition_noise`) at timestep
+        ``addnoise_condition``, as diffusers'."""
+        key_ = ("df", do_cfg, causal_block_size, prefix, addnoise)
+        if key_ in self._step_cache:
+            return self._step_cache[key_]
         model_ = self._transformer_for(causal_block_size)
         graphdef, _ = nnx.split(model_)
         dtype, scheduler = self.dtype, self.scheduler
@@ -178,10 +188,18 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
         def blocks(params, x, tokens, cond):
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
 
-        def step(tstate, latents, sched_state, n, texts, sched, guidance, fps, t_matrix, i_matrix, update):
+        def step(tstate, latents, sched_state, n, texts, sched, guidance, fps, t_matrix, i_matrix, update, window,
+                 key, addnoise_condition):
             model = nnx.merge(graphdef, tstate)
-            x = self._model_batch(latents, do_cfg)
-            t = jnp.broadcast_to(t_matrix[n].astype(jnp.float32)[None], (x.shape[0], latents.shape[2]))
+            x, t_row = latents, t_matrix[n].astype(jnp.float32)
+            if prefix and addnoise:  # diffusers: the clean condition frames noised a little, at a small timestep
+                b, c, _, h, w = latents.shape
+                factor = 0.001 * addnoise_condition
+                noise = self._condition_noise(key, window, n, (b, c, prefix, h, w))
+                x = x.at[:, :, :prefix].set(x[:, :, :prefix] * (1.0 - factor) + noise * factor)
+                t_row = t_row.at[:prefix].set(jnp.trunc(addnoise_condition))  # (into diffusers' int64 timesteps)
+            x = self._model_batch(x, do_cfg)
+            t = jnp.broadcast_to(t_row[None], (x.shape[0], latents.shape[2]))
             f = None if fps is None else jnp.broadcast_to(fps, (x.shape[0],))
             tokens_x, tokens, cond = model.embed(x.astype(dtype), t, texts[0], None, f)
             tokens_x, _ = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, None, True)
@@ -205,7 +223,34 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
             out_latents, out_state, n1, _ = self._step_out(latents, sched_state, n, None)
             return out_latents, out_state, n1
 
-        return self._jit_step(key, step)
+        return self._jit_step(key_, step)
+
+    def _window_noise(self, key, window: int, shape):
+        """The initial noise of a long video's window ``window`` >= 1 (diffusers draws it from the generator)."""
+        return jax.random.normal(jax.random.fold_in(key, window), shape, jnp.float32)
+
+    def _condition_noise(self, key, window, n, shape):
+        """(Traced.) The noise ``addnoise_condition`` mixes into the condition frames at iteration ``n`` of window
+        ``window`` (diffusers draws it with ``torch.randn_like``, from torch's global generator)."""
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 1 << 20), window), n)
+        return jax.random.normal(k, shape, jnp.float32)
+
+    @staticmethod
+    def windows(latent_frames: int, base_latent_frames: int, overlap_latent_frames: int | None,
+                causal_block_size: int) -> list[tuple[int, int]]:
+        """diffusers' long-video plan: ``[(frames, condition frames)]`` per window: the first ``base`` frames, then
+        windows that start with the last ``overlap`` frames made (cut to whole causal blocks) and add new ones; one
+        window ``(latent_frames, 0)`` for a short video (``overlap`` None)."""
+        if overlap_latent_frames is None:
+            return [(latent_frames, 0)]
+        base, ov = base_latent_frames, overlap_latent_frames
+        n_iter = 1 + (latent_frames - base - 1) // (base - ov) + 1
+        plan = [(base, 0)]
+        prefix = ov - ov % causal_block_size
+        for k in range(1, n_iter):
+            left = latent_frames - (k * (base - ov) + ov)
+            plan.append((min(left + ov, base), prefix))
+        return plan
 
     def __call__(self, prompt=None, negative_prompt=None, *, height: int | None = None, width: int | None = None,
                  num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 6.0,
@@ -216,8 +261,10 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
                  causal_block_size: int | None = None, fps: int = 24) -> SkyReelsV2PipelineOutput:
         """As diffusers' ``SkyReelsV2DiffusionForcingPipeline.__call__``: ``ar_step`` (0: synchronous),
         ``causal_block_size`` (latent frames per causal block; None: the checkpoint's ``num_frame_per_block``),
-        ``fps`` (16 or other: the fps embedding's row), ``base_num_frames`` / ``overlap_history`` /
-        ``addnoise_condition`` (the long-video loop: refused beyond ``base_num_frames``)."""
+        ``fps`` (16 or other: the fps embedding's row); ``num_frames > base_num_frames`` with ``overlap_history``:
+        the long-video loop (windows of ``base_num_frames``, each after the first starting from the last
+        ``overlap_history`` frames made, those noised by ``addnoise_condition``). ``latents``: the first window's
+        noise (B, C, latent frames of it, h, w); later windows' noise and the condition noise come from ``seed``."""
         dv = self.default_video()
         height, width, num_frames = (dv[k] if v is None else v for k, v in
                                      (("height", height), ("width", width), ("num_frames", num_frames)))
@@ -228,14 +275,11 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
         if num_frames > base_num_frames and overlap_history is None:
             raise ValueError("`overlap_history` is required when `num_frames` exceeds `base_num_frames` to ensure "
                              "smooth transitions in long video generation (diffusers' message; 17 or 37).")
-        if num_frames > base_num_frames:
-            raise NotImplementedError(
-                f"num_frames={num_frames} > base_num_frames={base_num_frames}: the long-video loop (overlap_history, "
-                f"addnoise_condition) is not implemented here; generate at most base_num_frames={base_num_frames} "
-                "frames per call.")
-        if addnoise_condition:
-            log.warning("addnoise_condition=%s only acts in the long-video loop; unused here (as in diffusers for "
-                        "num_frames <= base_num_frames).", addnoise_condition)
+        if addnoise_condition < 0:
+            raise ValueError(f"addnoise_condition={addnoise_condition} must be >= 0.")
+        if addnoise_condition > 60:
+            log.warning("addnoise_condition=%s is large and may make a long video inconsistent; 20 is recommended "
+                        "(diffusers' warning).", addnoise_condition)
         tc = self.transformer_config
         block = tc.num_frame_per_block if causal_block_size is None else causal_block_size
         skyreels_v2.with_causal_block_size(tc, block)  # (checks the value)
@@ -246,41 +290,68 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
         if made != num_frames:
             log.warning("num_frames=%d: the VAE makes %dk+1 frames; this video has %d (as diffusers').", num_frames,
                         self.vae_config.scale_factor_temporal, made)
-        shape = self.latent_shape(batch * per, height, width, made)
-        frames = shape[2]
-        if frames % block:
-            raise ValueError(f"{frames} latent frames ({made} frames) are not a multiple of causal_block_size={block}: "
-                             "give num_frames = 4 k + 1 with k + 1 a multiple of it (diffusers would leave the last "
-                             f"{frames % block} latent frames as noise).")
+        st = self.vae_config.scale_factor_temporal
+        full_shape = self.latent_shape(batch * per, height, width, made)
+        long_video = overlap_history is not None and made > base_num_frames
+        base = (base_num_frames - 1) // st + 1
+        overlap = None
+        if long_video:
+            overlap = (overlap_history - 1) // st + 1
+            if not 0 < overlap < base:
+                raise ValueError(f"overlap_history={overlap_history} ({overlap} latent frames) must leave new frames in "
+                                 f"each window of base_num_frames={base_num_frames} ({base} latent frames).")
+        plan = self.windows(full_shape[2], base, overlap, block)
+        for frames, _ in plan:
+            if frames % block:
+                raise ValueError(f"a window of {frames} latent frames is not a multiple of causal_block_size={block}: "
+                                 "choose num_frames (4 k + 1), base_num_frames and overlap_history so that every "
+                                 f"window is (diffusers would leave its last {frames % block} latent frames as noise).")
+        if long_video and plan[1][1] == 0:
+            raise ValueError(f"overlap_history={overlap_history} ({overlap} latent frames) is less than one causal "
+                             f"block ({block}): no condition frames would be kept.")
         sched = self.schedule(num_inference_steps)
-        t_mat, i_mat, upd, _ = timestep_matrix(frames, np.asarray(sched.timesteps), frames, ar_step, 0, block)
         do_cfg = guidance_scale > 1.0
         timer = StageTimer()
         with timer.stage("text_encoding"):
             texts = self._text_inputs(prompts, negative_prompt, prompt_embeds, negative_prompt_embeds, batch, per,
                                       do_cfg, max_sequence_length)
         rng = jax.random.key(seed)
-        latents = self._initial_latents(latents, shape, rng, 1.0,
-                                        "batch, channels, latent frames, height/8, width/8")
         put = lambda a: self._put_replicated(jnp.asarray(a))  # noqa: E731
         sched_arrays = jax.tree.map(put, sched)
         fps_row = put(np.int32(skyreels_v2.fps_index(fps))) if tc.inject_sample_info else None
-        matrices = (put(t_mat.astype(np.float32)), put(i_mat.astype(np.int32)), put(upd))
         tstate = nnx.split(self.transformer)[1]
-        step = self._df_step_fn(do_cfg, block)
-        args = (texts, sched_arrays, put(np.float32(guidance_scale)), fps_row) + matrices
-
-        def one(carry, n):
-            lat, st, i = carry
-            return step(tstate, lat, st, i, *args)
-
-        state = jax.device_put(self._init_state(shape), self._latent_sharding(shape))
+        made_latents = None
         with timer.stage("denoising"):
-            carry = (latents, state, jax.device_put(np.int32(0), self._replicated()))
-            latents = denoise_loop(one, carry, len(t_mat), progress=progress)[0]
+            for k, (frames, prefix) in enumerate(plan):
+                shape = full_shape[:2] + (frames,) + full_shape[3:]
+                if k == 0:
+                    lat = self._initial_latents(latents, shape, rng, 1.0,
+                                                "batch, channels, latent frames (of the first window), height/8, "
+                                                "width/8")
+                else:
+                    lat = self._window_noise(rng, k, shape)
+                    lat = lat.at[:, :, :prefix].set(made_latents[:, :, made_latents.shape[2] - overlap:][:, :, :prefix])
+                    lat = jax.device_put(lat, self._latent_sharding(shape))
+                t_mat, i_mat, upd, _ = timestep_matrix(frames, np.asarray(sched.timesteps), frames, ar_step, prefix,
+                                                       block)
+                step = self._df_step_fn(do_cfg, block, prefix, bool(addnoise_condition) and prefix > 0)
+                args = (texts, sched_arrays, put(np.float32(guidance_scale)), fps_row, put(t_mat.astype(np.float32)),
+                        put(i_mat.astype(np.int32)), put(upd), put(np.int32(k)), rng,
+                        put(np.float32(addnoise_condition)))
+
+                def one(carry, n, step=step, args=args):
+                    lat, st, i = carry
+                    return step(tstate, lat, st, i, *args)
+
+                state = jax.device_put(self._init_state(shape), self._latent_sharding(shape))
+                carry = (lat, state, jax.device_put(np.int32(0), self._replicated()))
+                desc = "denoising" if len(plan) == 1 else f"denoising window {k + 1}/{len(plan)}"
+                lat = denoise_loop(one, carry, len(t_mat), progress=progress, desc=desc)[0]
+                made_latents = lat if k == 0 else jnp.concatenate([made_latents, lat[:, :, overlap:]], axis=2)
+            made_latents = jax.device_put(made_latents, self._latent_sharding(made_latents.shape))
         if output_type == "latent":
-            out = as_numpy(latents)
+            out = as_numpy(made_latents)
         else:
             with timer.stage("decoding"):
-                out = as_numpy(jax.block_until_ready(self._decode_fn()(latents)))
+                out = as_numpy(jax.block_until_ready(self._decode_fn()(made_latents)))
         return SkyReelsV2PipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
