@@ -141,3 +141,23 @@ def test_released_config_reads_and_counts():
     abstract = nnx.eval_shape(lambda: sk.SkyReelsV2Transformer3DModel(tc))
     ours = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert ours == ref, (ours, ref)
+
+
+def test_image_states_match_diffusers():
+    """An image-to-video transformer (Wan 2.1 I2V's image embedder and attn2's added K/V; SkyReels-V2-I2V): == diffusers
+    (512 caption tokens: diffusers splits the image states from the text assuming 512)."""
+    config = dict(CONFIG, inject_sample_info=False, image_dim=16, added_kv_proj_dim=24)
+    torch.manual_seed(0)
+    tm = randomize_(TorchModel(**config), seed=5, std=0.15)
+    cfg = sk.SkyReelsV2Config.from_dict(dict(tm.config))
+    model = sk.build(cfg, sk.params_from_torch(state_dict_np(tm), cfg))
+    rng = np.random.default_rng(7)
+    x, t, _ = _inputs(seed=7, per_frame=False)
+    enc = rng.standard_normal((1, 512, CONFIG["text_dim"])).astype(np.float32)
+    enc[:, 9:] = 0
+    img = rng.standard_normal((1, 5, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(enc), torch.from_numpy(img),
+                 return_dict=False)[0].numpy()
+    out = np.asarray(jax.jit(lambda m, *a: m(*a))(model, x, t, enc, img))
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)  # as test_matches_diffusers

@@ -176,3 +176,29 @@ def test_bad_input(tmp_path_factory):
         SkyReelsV2DiffusionForcingPipeline.from_pretrained(df_folder, mesh="pipefusion=2")
     with pytest.raises(ValueError, match="SkyReelsV2DiffusionForcingPipeline"):
         SkyReelsV2Pipeline.from_pretrained(df_folder)
+
+
+@pytest.mark.slow  # (default run: its parts, WanImageToVideoPipeline in test_wan21_i2v_pipeline and the SkyReels
+def test_i2v_matches_diffusers(tmp_path_factory):  # transformer with image states in test_skyreels_transformer)
+    """SkyReelsV2ImageToVideoPipeline (Wan 2.1 I2V's structure, SkyReels' CLIPVisionModelWithProjection and
+    CLIPProcessor folders): the latents == diffusers' (512 caption tokens: diffusers' attention splits the image states
+    from the text assuming 512)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from tests.fixtures import random_image
+    from xdit_jax.pipelines.skyreels_v2 import SkyReelsV2ImageToVideoPipeline
+
+    tp = make_torch_skyreels_v2(variant="i2v")
+    folder = converted_folder(save_torch_pipeline(tp, tmp_path_factory.mktemp("skyreels-i2v")),
+                              cache_dir=tmp_path_factory.mktemp("cache"))
+    ours = SkyReelsV2ImageToVideoPipeline.from_pretrained(folder)
+    image = random_image(0, (40, 24))  # (another size: resized for the VAE, cropped for CLIP)
+    lat = randn_tensor((1, 4, 3, H // 8, W // 8), generator=torch.Generator().manual_seed(3)).numpy()
+    kw = dict(num_frames=9, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=512,
+              output_type="latent", guidance_scale=5.0)
+    with torch.no_grad():
+        ref = tp(image=image, prompt=PROMPT, negative_prompt="blurry", latents=torch.from_numpy(lat), **kw)
+    ref = ref.frames.numpy()
+    out = ours(image, PROMPT, "blurry", latents=lat, progress=False, **kw).frames
+    # fp32, 3 UniPC steps with CFG (measured 2.9e-6 of 3.7)
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)

@@ -59,7 +59,8 @@ DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", 
             "overlap_history": "--overlap-history", "addnoise_condition": "--addnoise-condition"}
 FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
 TRUE_CFG_FAMILIES = {"flux": "FLUX", "hunyuanvideo": "HunyuanVideo", "qwenimage": "Qwen-Image"}  # --true-cfg-scale
-IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")  # (diffusers class names)
+IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
+                  "SkyReelsV2ImageToVideoPipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -741,7 +742,7 @@ def _main(argv=None) -> int:
     if image_to_video:
         from PIL import Image
 
-        if family == "wan":
+        if family in ("wan", "skyreels_v2"):
             kw["last_image"] = None if args.last_image is None else Image.open(args.last_image).convert("RGB")
         call = functools.partial(pipe, Image.open(args.image).convert("RGB"))
     elif args.kontext:

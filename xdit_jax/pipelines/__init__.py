@@ -18,6 +18,8 @@ PIPELINES = {
     "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),
     "WanImageToVideoPipeline": ("xdit_jax.pipelines.wan", "WanImageToVideoPipeline", "wan"),
     "SkyReelsV2Pipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2Pipeline", "skyreels_v2"),
+    "SkyReelsV2ImageToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2ImageToVideoPipeline",
+                                       "skyreels_v2"),
     "SkyReelsV2DiffusionForcingPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2DiffusionForcingPipeline",
                                            "skyreels_v2"),
     "LattePipeline": ("xdit_jax.pipelines.latte", "LattePipeline", "latte"),

@@ -58,7 +58,12 @@ from xdit_jax.pipelines.denoise import (
     per_prompt,
     prompt_batch,
 )
-from xdit_jax.pipelines.wan import WanPipeline, WanPipelineOutput, check_request  # noqa: F401  (the CLI's)
+from xdit_jax.pipelines.wan import (  # noqa: F401  (check_request: the CLI's)
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanPipelineOutput,
+    check_request,
+)
 from xdit_jax.schedulers import unipc
 
 log = logging.getLogger("xdit_jax")
@@ -106,6 +111,25 @@ class SkyReelsV2Pipeline(WanPipeline):
                               negative_prompt_embeds=negative_prompt_embeds, latents=latents,
                               max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt,
                               seed=seed, output_type=output_type, progress=progress)
+
+
+class SkyReelsV2ImageToVideoPipeline(WanImageToVideoPipeline):
+    """Image-to-video with SkyReels-V2 (diffusers' ``SkyReelsV2ImageToVideoPipeline``: SkyReels-V2-I2V-1.3B / 14B):
+    Wan 2.1 I2V's pipeline (:class:`xdit_jax.pipelines.wan.WanImageToVideoPipeline`: the first (and last) frame through
+    the VAE encoder beside the noise, the CLIP image states cross-attended) with the SkyReels-V2 transformer and
+    SkyReels' defaults (544 x 960, 97 frames, 24 fps, guidance 5). The checkpoints' image encoder is a
+    ``CLIPVisionModelWithProjection`` (its penultimate states are read, the projection not) and their
+    ``image_processor`` a ``CLIPProcessor`` folder (its image preprocessing is read)."""
+
+    PIPELINE_CLASSES = ("SkyReelsV2ImageToVideoPipeline",)
+    CONFIG = skyreels_v2.SkyReelsV2Config
+    _default_video = staticmethod(default_video)
+
+    def __init__(self, **parts):
+        super().__init__(**parts)
+        if self.transformer_config.inject_sample_info:
+            raise ValueError("This transformer has an fps embedding (inject_sample_info): a diffusion-forcing "
+                             "checkpoint; diffusers' SkyReelsV2ImageToVideoPipeline passes no fps and fails on it.")
 
 
 def timestep_matrix(num_latent_frames: int, step_template, base_num_latent_frames: int, ar_step: int = 5,
