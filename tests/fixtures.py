@@ -281,7 +281,8 @@ def make_torch_skyreels_v2(seed: int = 0, variant: str = "t2v"):
     """A tiny random diffusers SkyReels-V2 pipeline: Wan's tiny UMT5, VAE and UniPC (xdit_jax.tiny) with a
     SkyReelsV2Transformer3DModel of Wan's tiny width; ``variant`` "t2v" (SkyReelsV2Pipeline) or "df"
     (SkyReelsV2DiffusionForcingPipeline: the fps embedding, inject_sample_info, as the DF checkpoints) or "i2v"
-    (SkyReelsV2ImageToVideoPipeline: Wan 2.1 I2V's tiny layout with a CLIP tower)."""
+    (SkyReelsV2ImageToVideoPipeline: Wan 2.1 I2V's tiny layout with a CLIP tower) or "df-i2v"
+    (SkyReelsV2DiffusionForcingImageToVideoPipeline: the "df" transformer, the image through the VAE)."""
     from diffusers import (
         AutoencoderKLWan,
         SkyReelsV2DiffusionForcingPipeline,
@@ -292,7 +293,7 @@ def make_torch_skyreels_v2(seed: int = 0, variant: str = "t2v"):
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    kw = dict(tiny.SKYREELS_V2_TRANSFORMER, inject_sample_info=variant == "df")
+    kw = dict(tiny.SKYREELS_V2_TRANSFORMER, inject_sample_info=variant.startswith("df"))
     transformer = randomize_(SkyReelsV2Transformer3DModel(**kw), seed, std=0.1)
     vae = randomize_(AutoencoderKLWan(**tiny.WAN_VAE), seed + 1, std=0.1)
     te_kw = {k: v for k, v in tiny.WAN_TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
@@ -322,6 +323,14 @@ def make_torch_skyreels_v2(seed: int = 0, variant: str = "t2v"):
             tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=sched,
             transformer=randomize_(SkyReelsV2Transformer3DModel(**kw), seed, std=0.1),
             image_encoder=randomize_(encoder, seed + 4, std=0.2), image_processor=processor)
+    if variant == "df-i2v":  # the DF checkpoints' transformer; the image only through the VAE
+        from diffusers import SkyReelsV2DiffusionForcingImageToVideoPipeline
+        from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_diffusion_forcing_i2v as df_i2v
+
+        if not hasattr(df_i2v, "ftfy"):
+            df_i2v.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+        return SkyReelsV2DiffusionForcingImageToVideoPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder,
+                                                              vae=vae, transformer=transformer, scheduler=sched)
     cls = SkyReelsV2DiffusionForcingPipeline if variant == "df" else SkyReelsV2Pipeline
     return cls(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
                scheduler=sched)

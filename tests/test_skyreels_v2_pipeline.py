@@ -202,3 +202,59 @@ def test_i2v_matches_diffusers(tmp_path_factory):  # transformer with image stat
     out = ours(image, PROMPT, "blurry", latents=lat, progress=False, **kw).frames
     # fp32, 3 UniPC steps with CFG (measured 2.9e-6 of 3.7)
     np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("frames,ar_step,block,extra", [
+    (9, 0, 1, {}),  # one-frame blocks: the image's latent frame held (pre-ready) through the schedule
+    # (slow, both: the default case covers the image's path; the blocks, the windows and the condition noise are
+    # test_df_latents_match_diffusers' and test_df_long_video_matches_diffusers')
+    # blocks of 2 frames: diffusers then denoises the image's frame with its block (its pre-ready count is in blocks)
+    pytest.param(13, 1, 2, {}, marks=pytest.mark.slow),
+    # a long video (21 frames in windows of 13 overlapping by 5: two full windows; diffusers' DF I2V fails on a shorter
+    # last window, its schedule made for base_num_frames), the image's frame noised by addnoise_condition
+    pytest.param(21, 1, 1, dict(base_num_frames=13, overlap_history=5, addnoise_condition=20.0),
+                 marks=pytest.mark.slow)])
+def test_df_i2v_matches_diffusers(tmp_path_factory, monkeypatch, frames, ar_step, block, extra):
+    """SkyReelsV2DiffusionForcingImageToVideoPipeline: the image's VAE latent frame as the first condition frame."""
+    import jax.numpy as jnp
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_diffusion_forcing_i2v as df_i2v
+
+    from tests.fixtures import random_image
+    from xdit_jax.pipelines.skyreels_v2 import SkyReelsV2DiffusionForcingImageToVideoPipeline
+
+    if "df-i2v" not in _BUILT:
+        tp = make_torch_skyreels_v2(variant="df-i2v")
+        folder = converted_folder(save_torch_pipeline(tp, tmp_path_factory.mktemp("skyreels-df-i2v")),
+                                  cache_dir=tmp_path_factory.mktemp("cache"))
+        _BUILT["df-i2v"] = (tp, SkyReelsV2DiffusionForcingImageToVideoPipeline.from_pretrained(folder), folder)
+    tp, ours, _ = _BUILT["df-i2v"]
+    windows, cond = [], []
+    draw = df_i2v.randn_tensor
+
+    def record(*a, **k):  # (a copy: diffusers denoises the tensor it gets in place)
+        windows.append(draw(*a, **k))
+        return windows[-1].clone()
+
+    monkeypatch.setattr(df_i2v, "randn_tensor", record)
+    real_like = torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda x, **k: cond.append(real_like(x, **k)) or cond[-1])
+    image = random_image(0, (40, 24))
+    kw = dict(num_frames=frames, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=MSL,
+              output_type="latent", ar_step=ar_step, causal_block_size=block, guidance_scale=5.0,
+              **dict(dict(base_num_frames=frames), **extra))
+    tp.transformer._set_ar_attention(1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = tp(image=image, prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kw).frames.numpy()
+    monkeypatch.undo()
+    if cond:  # (per window, told apart by its condition frames: the image's 1, then the overlap's 2)
+        tables = {f: jnp.asarray(np.stack([c.numpy() for c in cond if c.shape[2] == f]))
+                  for f in {c.shape[2] for c in cond}}
+        assert len(tables) == len(windows)
+        monkeypatch.setattr(ours, "_condition_noise", lambda key, k, n, shape: tables[shape[2]][n])
+    monkeypatch.setattr(ours, "_window_noise", lambda key, k, shape: jnp.asarray(windows[k].numpy()))
+    ours._step_cache.clear()
+    out = ours(image, PROMPT, latents=windows[0].numpy(), progress=False, **kw).frames
+    ours._step_cache.clear()
+    # fp32, as test_df_latents_match_diffusers, plus the VAE encode of the image
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)

@@ -15,6 +15,7 @@ from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOut
 from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput
 from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
 from xdit_jax.pipelines.skyreels_v2 import (
+    SkyReelsV2DiffusionForcingImageToVideoPipeline,
     SkyReelsV2DiffusionForcingPipeline,
     SkyReelsV2ImageToVideoPipeline,
     SkyReelsV2Pipeline,
@@ -30,7 +31,8 @@ __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipel
            "LattePipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImagePipeline",
            "QwenImagePipelineOutput", "SD3PipelineOutput", "SanaPipeline", "SanaPipelineOutput",
-           "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2ImageToVideoPipeline",
+           "SkyReelsV2DiffusionForcingImageToVideoPipeline", "SkyReelsV2DiffusionForcingPipeline",
+           "SkyReelsV2ImageToVideoPipeline",
            "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]

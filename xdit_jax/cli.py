@@ -60,7 +60,8 @@ DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", 
 FAMILY_MODULES = {"hunyuanvideo": "hunyuan_video"}  # xdit_jax.pipelines.<module> where it is not the family's name
 TRUE_CFG_FAMILIES = {"flux": "FLUX", "hunyuanvideo": "HunyuanVideo", "qwenimage": "Qwen-Image"}  # --true-cfg-scale
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
-                  "SkyReelsV2ImageToVideoPipeline")
+                  "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline")
+DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,7 +390,7 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--use-dynamic-cfg (CogVideoX's)")
     if family != "wan" and args.guidance_scale_2 is not None:
         wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
-    if getattr(args, "kind", None) != "SkyReelsV2DiffusionForcingPipeline":
+    if getattr(args, "kind", None) not in DIFFUSION_FORCING:
         wrong += [f"{flag} (SkyReels-V2 diffusion forcing's)" for name, flag in DF_FLAGS.items()
                   if getattr(args, name) is not None]
     if family not in TRUE_CFG_FAMILIES and args.true_cfg_scale is not None:
@@ -410,7 +411,7 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--max-sequence-length (Latte's T5 length is fixed: 120, as diffusers')")
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: not used by this {family} model; drop the flag.")
-    if getattr(args, "kind", None) == "SkyReelsV2DiffusionForcingPipeline" and args.overlap_history is None and \
+    if getattr(args, "kind", None) in DIFFUSION_FORCING and args.overlap_history is None and \
             (args.num_frames or 0) > (args.base_num_frames or 97):
         raise ValueError(f"--num-frames {args.num_frames} > --base-num-frames {args.base_num_frames or 97}: a long "
                          "video needs --overlap-history (frames shared by consecutive windows; 17 or 37 recommended).")
@@ -703,7 +704,7 @@ def _main(argv=None) -> int:
             kw["guidance_scale_2"] = args.guidance_scale_2
     elif family == "skyreels_v2":
         kw.update(num_frames=args.num_frames, max_sequence_length=msl or 512)
-        if kind == "SkyReelsV2DiffusionForcingPipeline":
+        if kind in DIFFUSION_FORCING:
             kw.update({name: getattr(args, name) for name in DF_FLAGS if getattr(args, name) is not None})
             kw["fps"] = args.fps or pipe.default_video()["fps"]
     elif family == "latte":

@@ -20,6 +20,8 @@ PIPELINES = {
     "SkyReelsV2Pipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2Pipeline", "skyreels_v2"),
     "SkyReelsV2ImageToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2ImageToVideoPipeline",
                                        "skyreels_v2"),
+    "SkyReelsV2DiffusionForcingImageToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2",
+                                                       "SkyReelsV2DiffusionForcingImageToVideoPipeline", "skyreels_v2"),
     "SkyReelsV2DiffusionForcingPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2DiffusionForcingPipeline",
                                            "skyreels_v2"),
     "LattePipeline": ("xdit_jax.pipelines.latte", "LattePipeline", "latte"),

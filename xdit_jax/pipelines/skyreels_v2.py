@@ -283,12 +283,28 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
                  output_type: str = "np", progress: bool = True, overlap_history: int | None = None,
                  addnoise_condition: float = 0.0, base_num_frames: int = 97, ar_step: int = 0,
                  causal_block_size: int | None = None, fps: int = 24) -> SkyReelsV2PipelineOutput:
+        """See :meth:`_generate_df`."""
+        return self._generate_df(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                 prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                 latents=latents, max_sequence_length=max_sequence_length,
+                                 num_videos_per_prompt=num_videos_per_prompt, seed=seed, output_type=output_type,
+                                 progress=progress, overlap_history=overlap_history,
+                                 addnoise_condition=addnoise_condition, base_num_frames=base_num_frames,
+                                 ar_step=ar_step, causal_block_size=causal_block_size, fps=fps)
+
+    def _generate_df(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps, guidance_scale,
+                     prompt_embeds, negative_prompt_embeds, latents, max_sequence_length, num_videos_per_prompt, seed,
+                     output_type, progress, overlap_history, addnoise_condition, base_num_frames, ar_step,
+                     causal_block_size, fps, condition=None) -> SkyReelsV2PipelineOutput:
         """As diffusers' ``SkyReelsV2DiffusionForcingPipeline.__call__``: ``ar_step`` (0: synchronous),
         ``causal_block_size`` (latent frames per causal block; None: the checkpoint's ``num_frame_per_block``),
         ``fps`` (16 or other: the fps embedding's row); ``num_frames > base_num_frames`` with ``overlap_history``:
         the long-video loop (windows of ``base_num_frames``, each after the first starting from the last
         ``overlap_history`` frames made, those noised by ``addnoise_condition``). ``latents``: the first window's
-        noise (B, C, latent frames of it, h, w); later windows' noise and the condition noise come from ``seed``."""
+        noise (B, C, latent frames of it, h, w); later windows' noise and the condition noise come from ``seed``.
+        ``condition(latent_shape)``: the first window's condition frames (1, C, P, h, w) (image-to-video: the image's
+        latent frame), held and noised as a long video's."""
         dv = self.default_video()
         height, width, num_frames = (dv[k] if v is None else v for k, v in
                                      (("height", height), ("width", width), ("num_frames", num_frames)))
@@ -344,7 +360,11 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
         sched_arrays = jax.tree.map(put, sched)
         fps_row = put(np.int32(skyreels_v2.fps_index(fps))) if tc.inject_sample_info else None
         tstate = nnx.split(self.transformer)[1]
-        made_latents = None
+        made_latents, cond = None, None
+        if condition is not None:
+            with timer.stage("image_encoding"):
+                cond = jax.block_until_ready(jnp.asarray(condition(full_shape[:2] + (plan[0][0],) + full_shape[3:]),
+                                                         jnp.float32))
         with timer.stage("denoising"):
             for k, (frames, prefix) in enumerate(plan):
                 shape = full_shape[:2] + (frames,) + full_shape[3:]
@@ -352,6 +372,10 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
                     lat = self._initial_latents(latents, shape, rng, 1.0,
                                                 "batch, channels, latent frames (of the first window), height/8, "
                                                 "width/8")
+                    if cond is not None:  # (image-to-video: the image's latent frame first, in every row)
+                        prefix = cond.shape[2]
+                        lat = lat.at[:, :, :prefix].set(jnp.broadcast_to(cond, shape[:2] + cond.shape[2:]))
+                        lat = jax.device_put(lat, self._latent_sharding(shape))
                 else:
                     lat = self._window_noise(rng, k, shape)
                     lat = lat.at[:, :, :prefix].set(made_latents[:, :, made_latents.shape[2] - overlap:][:, :, :prefix])
@@ -379,3 +403,73 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
             with timer.stage("decoding"):
                 out = as_numpy(jax.block_until_ready(self._decode_fn()(made_latents)))
         return SkyReelsV2PipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+class SkyReelsV2DiffusionForcingImageToVideoPipeline(SkyReelsV2DiffusionForcingPipeline):
+    """Diffusion forcing image-to-video (diffusers' ``SkyReelsV2DiffusionForcingImageToVideoPipeline``): the image
+    encoded by the Wan VAE's encoder (one latent frame, the distribution's mode, normalised) is the first window's first
+    latent frame, a condition frame as a long video's (kept where the causal blocks are single frames, at timestep 0,
+    noised by ``addnoise_condition``); everything else as :class:`SkyReelsV2DiffusionForcingPipeline`. No CLIP (diffusers'
+    pipeline uses none). ``last_image`` (diffusers' appended end frame) is not implemented: refused. A long video's
+    last window shorter than ``base_num_frames`` runs as in the text-to-video pipeline (diffusers' image-to-video one
+    makes its schedule for ``base_num_frames`` there and fails)."""
+
+    PIPELINE_CLASSES = ("SkyReelsV2DiffusionForcingImageToVideoPipeline",)
+
+    def __init__(self, *, vae_encoder, **parts):
+        super().__init__(**parts)
+        self.vae_encoder = vae_encoder
+        if self.transformer_config.in_channels != self.vae_config.z_dim:
+            raise ValueError(f"transformer in_channels {self.transformer_config.in_channels} is not the latents' "
+                             f"{self.vae_config.z_dim}: diffusion forcing image-to-video puts the image in a latent "
+                             "frame, not beside the noise.")
+
+    @classmethod
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """The VAE's encoder (``vae/encoder_params``, written by conversion)."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.conversion import read_json
+        from xdit_jax.models import vae_wan_encoder
+        from xdit_jax.pipelines.denoise import load_vae_encoder
+
+        vc = vae_wan.WanVAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
+        return dict(super()._extra_parts(folder, mesh, dtype, kind),
+                    vae_encoder=load_vae_encoder(folder, vc, dtype, NamedSharding(mesh, P()), vae_wan_encoder))
+
+    _encode_fn = WanImageToVideoPipeline._encode_fn
+
+    def image_condition(self, image, shape):
+        """(1, z_dim, 1, h, w): the image resized to the video's size (diffusers' ``VideoProcessor.preprocess``), encoded
+        alone and normalised with the VAE's latents mean / std."""
+        from xdit_jax.pipelines.denoise import preprocess_image
+
+        _, _, _, h, w = shape
+        s = self.vae_config.scale_factor_spatial
+        return self._encode_fn()(preprocess_image(image, h * s, w * s)[:, :, None]).astype(jnp.float32)
+
+    def __call__(self, image=None, prompt=None, negative_prompt=None, *, last_image=None, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 5.0, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, num_videos_per_prompt: int = 1, seed: int = 0,
+                 output_type: str = "np", progress: bool = True, overlap_history: int | None = None,
+                 addnoise_condition: float = 0.0, base_num_frames: int = 97, ar_step: int = 0,
+                 causal_block_size: int | None = None, fps: int = 24) -> SkyReelsV2PipelineOutput:
+        """``image``: the first frame (a PIL image, resized to ``width`` x ``height`` as diffusers does, or an array of
+        that size); the rest as :meth:`SkyReelsV2DiffusionForcingPipeline.__call__` (diffusers' default guidance here:
+        5)."""
+        if image is None:
+            raise ValueError("image-to-video needs an image (the first frame).")
+        if last_image is not None:
+            raise NotImplementedError("last_image (diffusers' end frame appended to the last window) is not "
+                                      "implemented for SkyReels-V2 diffusion forcing image-to-video here.")
+        return self._generate_df(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                 prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                 latents=latents, max_sequence_length=max_sequence_length,
+                                 num_videos_per_prompt=num_videos_per_prompt, seed=seed, output_type=output_type,
+                                 progress=progress, overlap_history=overlap_history,
+                                 addnoise_condition=addnoise_condition, base_num_frames=base_num_frames,
+                                 ar_step=ar_step, causal_block_size=causal_block_size, fps=fps,
+                                 condition=lambda shape: self.image_condition(image, shape))
