@@ -161,3 +161,26 @@ def test_image_states_match_diffusers():
                  return_dict=False)[0].numpy()
     out = np.asarray(jax.jit(lambda m, *a: m(*a))(model, x, t, enc, img))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)  # as test_matches_diffusers
+
+
+def test_segment_attention_key_chunks(monkeypatch):
+    """The block-causal attention over key chunks (long sequences) == in one piece: 45 keys in chunks of 8 (the last
+    padded), the keys starting at global index 16 with those >= 50 padding (valid_len), rows whose keys are all
+    masked (out 0, LSE -inf)."""
+    import jax.numpy as jnp
+
+    from xdit_jax.parallel import attention as att
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, 3, 8)), jnp.float32) for n in (30, 45, 45))
+    q_seg = jnp.asarray(np.repeat([0, 1, 2, 3, 4], 6), jnp.int32)
+    kv_seg = jnp.asarray(np.repeat([1, 2, 3], 15), jnp.int32)
+    kw = dict(kv_start=16, valid_len=50, segments=(q_seg, kv_seg), need_lse=True)
+    ref = att.block_attention(q, k, v, **kw)
+    monkeypatch.setattr(att, "SEGMENT_KEY_CHUNK", 8)
+    out = att.block_attention(q, k, v, **kw)
+    np.testing.assert_allclose(np.asarray(out[0]), np.asarray(ref[0]), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.isfinite(out[1]), np.isfinite(ref[1]))  # segment 0's rows see no key
+    fin = np.isfinite(ref[1])
+    assert not fin[:, :, :6].any() and fin[:, :, 6:].all()
+    np.testing.assert_allclose(np.asarray(out[1])[fin], np.asarray(ref[1])[fin], atol=1e-5, rtol=0)
