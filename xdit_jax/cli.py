@@ -6,7 +6,8 @@
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
                                                    # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
                                                    # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana,
-                                                   # tiny-chroma, tiny-lumina2, tiny-flux2-klein)
+                                                   # tiny-chroma, tiny-lumina2, tiny-flux2-klein,
+                                                   # tiny-skyreels-v2)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
