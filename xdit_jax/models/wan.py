@@ -23,7 +23,11 @@ last frames' states side by side, plus a learned position table) go through ``co
 before ``to_out``. diffusers concatenates image and text states and splits them again assuming 512 text tokens; here
 they stay two inputs, so any caption length works.
 
-Not supported (a clear error): any timestep per token (diffusers' 2-D ``timestep``) but TI2V-5B's: all tokens at one
+SkyReels-V2's transformer (:mod:`xdit_jax.models.skyreels_v2`) is this model too, with three switches the blocks and the
+head read: ``tokens["frame"]`` (a modulation per latent frame, ``cond`` holding (B, F, ...) tables),
+``tokens["segment"]`` (the block-causal self-attention) and float64-exact timestep sinusoids.
+
+Not supported here (a clear error): any timestep per token (diffusers' 2-D ``timestep``) but TI2V-5B's: all tokens at one
 timestep (text-to-video, passed per sample) or the first latent frame's at another (image-to-video,
 ``first_frame_timestep``: two modulations chosen per token, not a table per token).
 """
