@@ -213,7 +213,10 @@ def test_i2v_matches_diffusers(tmp_path_factory):  # transformer with image stat
     # a long video (21 frames in windows of 13 overlapping by 5: two full windows; diffusers' DF I2V fails on a shorter
     # last window, its schedule made for base_num_frames), the image's frame noised by addnoise_condition
     pytest.param(21, 1, 1, dict(base_num_frames=13, overlap_history=5, addnoise_condition=20.0),
-                 marks=pytest.mark.slow)])
+                 marks=pytest.mark.slow),
+    # a last image: its latent frame appended at timestep 0 (diffusers' latent output keeps it: compared without);
+    # (slow: the default case covers the image's path; this adds the appended frame, measured 1.9e-6 of 3.8)
+    pytest.param(9, 1, 2, dict(last_image=1), marks=pytest.mark.slow)])
 def test_df_i2v_matches_diffusers(tmp_path_factory, monkeypatch, frames, ar_step, block, extra):
     """SkyReelsV2DiffusionForcingImageToVideoPipeline: the image's VAE latent frame as the first condition frame."""
     import jax.numpy as jnp
@@ -239,6 +242,8 @@ def test_df_i2v_matches_diffusers(tmp_path_factory, monkeypatch, frames, ar_step
     real_like = torch.randn_like
     monkeypatch.setattr(torch, "randn_like", lambda x, **k: cond.append(real_like(x, **k)) or cond[-1])
     image = random_image(0, (40, 24))
+    if "last_image" in extra:
+        extra = dict(extra, last_image=random_image(extra["last_image"], (W, H)))
     kw = dict(num_frames=frames, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=MSL,
               output_type="latent", ar_step=ar_step, causal_block_size=block, guidance_scale=5.0,
               **dict(dict(base_num_frames=frames), **extra))
@@ -247,6 +252,8 @@ def test_df_i2v_matches_diffusers(tmp_path_factory, monkeypatch, frames, ar_step
     with torch.no_grad():
         ref = tp(image=image, prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kw).frames.numpy()
     monkeypatch.undo()
+    if "last_image" in extra:
+        ref = ref[:, :, :-1]
     if cond:  # (per window, told apart by its condition frames: the image's 1, then the overlap's 2)
         tables = {f: jnp.asarray(np.stack([c.numpy() for c in cond if c.shape[2] == f]))
                   for f in {c.shape[2] for c in cond}}

@@ -296,7 +296,7 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
     def _generate_df(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps, guidance_scale,
                      prompt_embeds, negative_prompt_embeds, latents, max_sequence_length, num_videos_per_prompt, seed,
                      output_type, progress, overlap_history, addnoise_condition, base_num_frames, ar_step,
-                     causal_block_size, fps, condition=None) -> SkyReelsV2PipelineOutput:
+                     causal_block_size, fps, condition=None, end_condition=None) -> SkyReelsV2PipelineOutput:
         """As diffusers' ``SkyReelsV2DiffusionForcingPipeline.__call__``: ``ar_step`` (0: synchronous),
         ``causal_block_size`` (latent frames per causal block; None: the checkpoint's ``num_frame_per_block``),
         ``fps`` (16 or other: the fps embedding's row); ``num_frames > base_num_frames`` with ``overlap_history``:
@@ -304,7 +304,9 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
         ``overlap_history`` frames made, those noised by ``addnoise_condition``). ``latents``: the first window's
         noise (B, C, latent frames of it, h, w); later windows' noise and the condition noise come from ``seed``.
         ``condition(latent_shape)``: the first window's condition frames (1, C, P, h, w) (image-to-video: the image's
-        latent frame), held and noised as a long video's."""
+        latent frame), held and noised as a long video's; ``end_condition(latent_shape)``: (1, C, 1, h, w) a last frame
+        appended to the (one) window at timestep 0, never updated, dropped from the result (image-to-video's
+        ``last_image``)."""
         dv = self.default_video()
         height, width, num_frames = (dv[k] if v is None else v for k, v in
                                      (("height", height), ("width", width), ("num_frames", num_frames)))
@@ -341,7 +343,13 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
                 raise ValueError(f"overlap_history={overlap_history} ({overlap} latent frames) must leave new frames in "
                                  f"each window of base_num_frames={base_num_frames} ({base} latent frames).")
         plan = self.windows(full_shape[2], base, overlap, block)
+        end = 0 if end_condition is None else 1
+        if end and long_video:
+            raise NotImplementedError("last_image with a long video (num_frames > base_num_frames) is not implemented "
+                                      "(diffusers' loop sizes its last window wrongly there); give num_frames <= "
+                                      f"base_num_frames={base_num_frames}.")
         for frames, _ in plan:
+            frames += end
             if frames % block:
                 raise ValueError(f"a window of {frames} latent frames is not a multiple of causal_block_size={block}: "
                                  "choose num_frames (4 k + 1), base_num_frames and overlap_history so that every "
@@ -360,11 +368,14 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
         sched_arrays = jax.tree.map(put, sched)
         fps_row = put(np.int32(skyreels_v2.fps_index(fps))) if tc.inject_sample_info else None
         tstate = nnx.split(self.transformer)[1]
-        made_latents, cond = None, None
-        if condition is not None:
+        made_latents, cond, end_cond = None, None, None
+        if condition is not None or end:
+            first_shape = full_shape[:2] + (plan[0][0],) + full_shape[3:]
             with timer.stage("image_encoding"):
-                cond = jax.block_until_ready(jnp.asarray(condition(full_shape[:2] + (plan[0][0],) + full_shape[3:]),
-                                                         jnp.float32))
+                if condition is not None:
+                    cond = jax.block_until_ready(jnp.asarray(condition(first_shape), jnp.float32))
+                if end:
+                    end_cond = jax.block_until_ready(jnp.asarray(end_condition(first_shape), jnp.float32))
         with timer.stage("denoising"):
             for k, (frames, prefix) in enumerate(plan):
                 shape = full_shape[:2] + (frames,) + full_shape[3:]
@@ -376,12 +387,19 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
                         prefix = cond.shape[2]
                         lat = lat.at[:, :, :prefix].set(jnp.broadcast_to(cond, shape[:2] + cond.shape[2:]))
                         lat = jax.device_put(lat, self._latent_sharding(shape))
+                    if end:  # (the last image's latent frame after the video's, as diffusers appends it)
+                        frames += 1
+                        shape = full_shape[:2] + (frames,) + full_shape[3:]
+                        lat = jnp.concatenate([lat, jnp.broadcast_to(end_cond, shape[:2] + (1,) + shape[3:])], axis=2)
+                        lat = jax.device_put(lat, self._latent_sharding(shape))
                 else:
                     lat = self._window_noise(rng, k, shape)
                     lat = lat.at[:, :, :prefix].set(made_latents[:, :, made_latents.shape[2] - overlap:][:, :, :prefix])
                     lat = jax.device_put(lat, self._latent_sharding(shape))
                 t_mat, i_mat, upd, _ = timestep_matrix(frames, np.asarray(sched.timesteps), frames, ar_step, prefix,
                                                        block)
+                if end:  # the appended last frame: timestep 0, never updated
+                    t_mat[:, -1], upd[:, -1] = 0, False
                 step = self._df_step_fn(do_cfg, block, prefix, bool(addnoise_condition) and prefix > 0)
                 args = (texts, sched_arrays, put(np.float32(guidance_scale)), fps_row, put(t_mat.astype(np.float32)),
                         put(i_mat.astype(np.int32)), put(upd), put(np.int32(k)), rng,
@@ -396,6 +414,8 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
                 desc = "denoising" if len(plan) == 1 else f"denoising window {k + 1}/{len(plan)}"
                 lat = denoise_loop(one, carry, len(t_mat), progress=progress, desc=desc)[0]
                 made_latents = lat if k == 0 else jnp.concatenate([made_latents, lat[:, :, overlap:]], axis=2)
+            if end:
+                made_latents = made_latents[:, :, :-1]
             made_latents = jax.device_put(made_latents, self._latent_sharding(made_latents.shape))
         if output_type == "latent":
             out = as_numpy(made_latents)
@@ -410,7 +430,9 @@ class SkyReelsV2DiffusionForcingImageToVideoPipeline(SkyReelsV2DiffusionForcingP
     encoded by the Wan VAE's encoder (one latent frame, the distribution's mode, normalised) is the first window's first
     latent frame, a condition frame as a long video's (kept where the causal blocks are single frames, at timestep 0,
     noised by ``addnoise_condition``); everything else as :class:`SkyReelsV2DiffusionForcingPipeline`. No CLIP (diffusers'
-    pipeline uses none). ``last_image`` (diffusers' appended end frame) is not implemented: refused. A long video's
+    pipeline uses none). ``last_image``: its latent frame appended after the video's at timestep 0 (never updated) and
+    dropped from the result (diffusers keeps it in ``output_type="latent"``); with a long video refused (diffusers'
+    loop sizes its last window wrongly there). A long video's
     last window shorter than ``base_num_frames`` runs as in the text-to-video pipeline (diffusers' image-to-video one
     makes its schedule for ``base_num_frames`` there and fails)."""
 
@@ -461,9 +483,6 @@ class SkyReelsV2DiffusionForcingImageToVideoPipeline(SkyReelsV2DiffusionForcingP
         5)."""
         if image is None:
             raise ValueError("image-to-video needs an image (the first frame).")
-        if last_image is not None:
-            raise NotImplementedError("last_image (diffusers' end frame appended to the last window) is not "
-                                      "implemented for SkyReels-V2 diffusion forcing image-to-video here.")
         return self._generate_df(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                  prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -472,4 +491,6 @@ class SkyReelsV2DiffusionForcingImageToVideoPipeline(SkyReelsV2DiffusionForcingP
                                  progress=progress, overlap_history=overlap_history,
                                  addnoise_condition=addnoise_condition, base_num_frames=base_num_frames,
                                  ar_step=ar_step, causal_block_size=causal_block_size, fps=fps,
-                                 condition=lambda shape: self.image_condition(image, shape))
+                                 condition=lambda shape: self.image_condition(image, shape),
+                                 end_condition=None if last_image is None else
+                                 (lambda shape: self.image_condition(last_image, shape)))
