@@ -323,6 +323,14 @@ def make_torch_skyreels_v2(seed: int = 0, variant: str = "t2v"):
             tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=sched,
             transformer=randomize_(SkyReelsV2Transformer3DModel(**kw), seed, std=0.1),
             image_encoder=randomize_(encoder, seed + 4, std=0.2), image_processor=processor)
+    if variant == "df-v2v":  # the DF checkpoints' transformer; the video only through the VAE
+        from diffusers import SkyReelsV2DiffusionForcingVideoToVideoPipeline
+        from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_diffusion_forcing_v2v as df_v2v
+
+        if not hasattr(df_v2v, "ftfy"):
+            df_v2v.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+        return SkyReelsV2DiffusionForcingVideoToVideoPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder,
+                                                              vae=vae, transformer=transformer, scheduler=sched)
     if variant == "df-i2v":  # the DF checkpoints' transformer; the image only through the VAE
         from diffusers import SkyReelsV2DiffusionForcingImageToVideoPipeline
         from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_diffusion_forcing_i2v as df_i2v

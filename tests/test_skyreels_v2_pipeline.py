@@ -265,3 +265,48 @@ def test_df_i2v_matches_diffusers(tmp_path_factory, monkeypatch, frames, ar_step
     ours._step_cache.clear()
     # fp32, as test_df_latents_match_diffusers, plus the VAE encode of the image
     np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("frames", [13, pytest.param(21, marks=pytest.mark.slow)])  # (slow: 2 windows; the loop's
+def test_df_v2v_matches_diffusers(tmp_path_factory, monkeypatch, frames):  # windows: test_df_long_video_*)
+    """SkyReelsV2DiffusionForcingVideoToVideoPipeline: a 9-frame video's last 5 frames (2 latent frames) continued by
+    windows of 13 frames (4 latent): one window (13) or two (21); the latents and the video (the given frames first)."""
+    import jax.numpy as jnp
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_diffusion_forcing_v2v as df_v2v
+
+    from tests.fixtures import random_image
+    from xdit_jax.pipelines.skyreels_v2 import SkyReelsV2DiffusionForcingVideoToVideoPipeline
+
+    if "df-v2v" not in _BUILT:
+        tp = make_torch_skyreels_v2(variant="df-v2v")
+        folder = converted_folder(save_torch_pipeline(tp, tmp_path_factory.mktemp("skyreels-df-v2v")),
+                                  cache_dir=tmp_path_factory.mktemp("cache"))
+        _BUILT["df-v2v"] = (tp, SkyReelsV2DiffusionForcingVideoToVideoPipeline.from_pretrained(folder), folder)
+    tp, ours, _ = _BUILT["df-v2v"]
+    windows = []
+    draw = df_v2v.randn_tensor
+
+    def record(*a, **k):  # (a copy: diffusers denoises the tensor it gets in place)
+        windows.append(draw(*a, **k))
+        return windows[-1].clone()
+
+    monkeypatch.setattr(df_v2v, "randn_tensor", record)
+    video = [random_image(i, (W, H)) for i in range(9)]
+    kw = dict(num_frames=frames, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=MSL,
+              ar_step=1, causal_block_size=1, base_num_frames=13, overlap_history=5, guidance_scale=5.0)
+    tp.transformer._set_ar_attention(1)
+    with torch.no_grad():
+        ref = tp(video=video, prompt=PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent",
+                 **kw).frames.numpy()
+    monkeypatch.undo()
+    monkeypatch.setattr(ours, "_window_noise", lambda key, k, shape: jnp.asarray(windows[k].numpy()))
+    ours._step_cache.clear()
+    out = ours(video, PROMPT, latents=windows[0].numpy(), progress=False, output_type="latent", **kw).frames
+    assert out.shape == ref.shape and out.shape[2] == (frames - 1) // 4 + 1
+    # fp32, as test_df_latents_match_diffusers, plus the VAE encode of the video's tail
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+    if frames == 13:  # the video: the given frames, then the decoded windows
+        vid = ours(video, PROMPT, latents=windows[0].numpy(), progress=False, **kw).frames
+        assert vid.shape == (1, 9 + frames, H, W, 3)
+        np.testing.assert_allclose(vid[0, 0], np.asarray(video[0]) / 255, atol=1 / 255 + 1e-6)  # (Lanczos at 1:1)
+    ours._step_cache.clear()

@@ -607,6 +607,9 @@ def _main(argv=None) -> int:
         family = pipelines.family(pipeline_class_name(model))
         kind = pipeline_class_name(model)
         args.kind = kind  # (which family flags apply: SkyReels-V2's DF flags to its DF pipeline only)
+        if kind == "SkyReelsV2DiffusionForcingVideoToVideoPipeline":
+            raise ValueError(f"{args.model} is a SkyReels-V2 video-to-video (video extension) model: generate.py takes "
+                             "no input video; use SkyReelsV2DiffusionForcingVideoToVideoPipeline from Python.")
         image_to_video = kind in IMAGE_TO_VIDEO or (
             args.image is not None and family == "wan" and _expand_timesteps(model))  # TI2V-5B with an image
         if image_to_video and args.image is None:

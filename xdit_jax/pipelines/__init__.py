@@ -22,6 +22,8 @@ PIPELINES = {
                                        "skyreels_v2"),
     "SkyReelsV2DiffusionForcingImageToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2",
                                                        "SkyReelsV2DiffusionForcingImageToVideoPipeline", "skyreels_v2"),
+    "SkyReelsV2DiffusionForcingVideoToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2",
+                                                       "SkyReelsV2DiffusionForcingVideoToVideoPipeline", "skyreels_v2"),
     "SkyReelsV2DiffusionForcingPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2DiffusionForcingPipeline",
                                            "skyreels_v2"),
     "LattePipeline": ("xdit_jax.pipelines.latte", "LattePipeline", "latte"),

@@ -41,6 +41,7 @@ the condition noise come from ``seed`` (:meth:`SkyReelsV2DiffusionForcingPipelin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -276,6 +277,17 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
             plan.append((min(left + ov, base), prefix))
         return plan
 
+    @staticmethod
+    def extension_windows(latent_frames: int, base_latent_frames: int, overlap_latent_frames: int,
+                          causal_block_size: int, first_prefix: int) -> list[tuple[int, int]]:
+        """diffusers' video-to-video plan: ``[(frames, condition frames)]``, the first window starting from the given
+        video's last ``first_prefix`` latent frames, the later ones from the last ``overlap`` made (cut to whole causal
+        blocks), each window ``min(left + overlap, base)`` frames."""
+        base, ov = base_latent_frames, overlap_latent_frames
+        n_iter = 1 + (latent_frames - base - 1) // (base - ov) + 1
+        return [(min(latent_frames - (k * (base - ov) + ov) + ov, base),
+                 first_prefix if k == 0 else ov - ov % causal_block_size) for k in range(n_iter)]
+
     def __call__(self, prompt=None, negative_prompt=None, *, height: int | None = None, width: int | None = None,
                  num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 6.0,
                  prompt_embeds=None, negative_prompt_embeds=None, latents=None,
@@ -296,7 +308,8 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
     def _generate_df(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps, guidance_scale,
                      prompt_embeds, negative_prompt_embeds, latents, max_sequence_length, num_videos_per_prompt, seed,
                      output_type, progress, overlap_history, addnoise_condition, base_num_frames, ar_step,
-                     causal_block_size, fps, condition=None, end_condition=None) -> SkyReelsV2PipelineOutput:
+                     causal_block_size, fps, condition=None, end_condition=None,
+                     extension: bool = False) -> SkyReelsV2PipelineOutput:
         """As diffusers' ``SkyReelsV2DiffusionForcingPipeline.__call__``: ``ar_step`` (0: synchronous),
         ``causal_block_size`` (latent frames per causal block; None: the checkpoint's ``num_frame_per_block``),
         ``fps`` (16 or other: the fps embedding's row); ``num_frames > base_num_frames`` with ``overlap_history``:
@@ -306,7 +319,8 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
         ``condition(latent_shape)``: the first window's condition frames (1, C, P, h, w) (image-to-video: the image's
         latent frame), held and noised as a long video's; ``end_condition(latent_shape)``: (1, C, 1, h, w) a last frame
         appended to the (one) window at timestep 0, never updated, dropped from the result (image-to-video's
-        ``last_image``)."""
+        ``last_image``); ``extension`` (video-to-video): ``condition`` is the given video's last latent frames and
+        the windows are diffusers' video-extension loop (:meth:`extension_windows`)."""
         dv = self.default_video()
         height, width, num_frames = (dv[k] if v is None else v for k, v in
                                      (("height", height), ("width", width), ("num_frames", num_frames)))
@@ -334,15 +348,29 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
                         self.vae_config.scale_factor_temporal, made)
         st = self.vae_config.scale_factor_temporal
         full_shape = self.latent_shape(batch * per, height, width, made)
-        long_video = overlap_history is not None and made > base_num_frames
+        long_video = overlap_history is not None and (made > base_num_frames or extension)
         base = (base_num_frames - 1) // st + 1
         overlap = None
+        if extension and overlap_history is None:
+            raise ValueError("video-to-video needs overlap_history: the given video's last frames the new ones "
+                             "continue from (diffusers' argument; 17 or 37 recommended).")
         if long_video:
             overlap = (overlap_history - 1) // st + 1
             if not 0 < overlap < base:
                 raise ValueError(f"overlap_history={overlap_history} ({overlap} latent frames) must leave new frames in "
                                  f"each window of base_num_frames={base_num_frames} ({base} latent frames).")
-        plan = self.windows(full_shape[2], base, overlap, block)
+        timer = StageTimer()
+        if extension:  # (the video's tail encoded first: its latent frame count sets the first window's condition)
+            with timer.stage("image_encoding"):
+                ext = jnp.asarray(condition(full_shape), jnp.float32)
+                ext = jax.block_until_ready(ext[:, :, :ext.shape[2] - ext.shape[2] % block])
+            if ext.shape[2] == 0:
+                raise ValueError(f"overlap_history={overlap_history}: the video's last frames make fewer latent frames "
+                                 f"than one causal block ({block}).")
+            condition = lambda shape: ext  # noqa: E731
+            plan = self.extension_windows(full_shape[2], base, overlap, block, ext.shape[2])
+        else:
+            plan = self.windows(full_shape[2], base, overlap, block)
         end = 0 if end_condition is None else 1
         if end and long_video:
             raise NotImplementedError("last_image with a long video (num_frames > base_num_frames) is not implemented "
@@ -354,12 +382,11 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
                 raise ValueError(f"a window of {frames} latent frames is not a multiple of causal_block_size={block}: "
                                  "choose num_frames (4 k + 1), base_num_frames and overlap_history so that every "
                                  f"window is (diffusers would leave its last {frames % block} latent frames as noise).")
-        if long_video and plan[1][1] == 0:
+        if len(plan) > 1 and plan[1][1] == 0:
             raise ValueError(f"overlap_history={overlap_history} ({overlap} latent frames) is less than one causal "
                              f"block ({block}): no condition frames would be kept.")
         sched = self.schedule(num_inference_steps)
         do_cfg = guidance_scale > 1.0
-        timer = StageTimer()
         with timer.stage("text_encoding"):
             texts = self._text_inputs(prompts, negative_prompt, prompt_embeds, negative_prompt_embeds, batch, per,
                                       do_cfg, max_sequence_length)
@@ -369,13 +396,15 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
         fps_row = put(np.int32(skyreels_v2.fps_index(fps))) if tc.inject_sample_info else None
         tstate = nnx.split(self.transformer)[1]
         made_latents, cond, end_cond = None, None, None
-        if condition is not None or end:
+        if (condition is not None and not extension) or end:
             first_shape = full_shape[:2] + (plan[0][0],) + full_shape[3:]
             with timer.stage("image_encoding"):
                 if condition is not None:
                     cond = jax.block_until_ready(jnp.asarray(condition(first_shape), jnp.float32))
                 if end:
                     end_cond = jax.block_until_ready(jnp.asarray(end_condition(first_shape), jnp.float32))
+        if extension:
+            cond = ext
         with timer.stage("denoising"):
             for k, (frames, prefix) in enumerate(plan):
                 shape = full_shape[:2] + (frames,) + full_shape[3:]
@@ -494,3 +523,55 @@ class SkyReelsV2DiffusionForcingImageToVideoPipeline(SkyReelsV2DiffusionForcingP
                                  condition=lambda shape: self.image_condition(image, shape),
                                  end_condition=None if last_image is None else
                                  (lambda shape: self.image_condition(last_image, shape)))
+
+
+class SkyReelsV2DiffusionForcingVideoToVideoPipeline(SkyReelsV2DiffusionForcingImageToVideoPipeline):
+    """Diffusion forcing video extension (diffusers' ``SkyReelsV2DiffusionForcingVideoToVideoPipeline``): the given
+    video's last ``overlap_history`` frames, encoded by the Wan VAE (normalised, cut to whole causal blocks), are the
+    first window's condition frames; ``num_frames`` latent-frame windows continue from them as a long video's; the
+    result is the given video followed by the decoded windows (their first frames re-decoded from the condition, as
+    diffusers'). ``latents`` (the first window's noise, diffusers' argument, which its pipeline fails on) is taken."""
+
+    PIPELINE_CLASSES = ("SkyReelsV2DiffusionForcingVideoToVideoPipeline",)
+
+    def video_tail(self, video, overlap_history: int, height: int, width: int):
+        """(the video in [-1, 1] (1, 3, T, H, W), its last ``overlap_history`` frames' normalised latents)."""
+        from xdit_jax.pipelines.denoise import preprocess_image
+
+        frames = jnp.concatenate([preprocess_image(f, height, width)[:, :, None] for f in video], axis=2)
+        return frames, self._encode_fn()(frames[:, :, -overlap_history:]).astype(jnp.float32)
+
+    def __call__(self, video=None, prompt=None, negative_prompt=None, *, height: int | None = None,
+                 width: int | None = None, num_frames: int = 120, num_inference_steps: int = 50,
+                 guidance_scale: float = 6.0, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, num_videos_per_prompt: int = 1, seed: int = 0,
+                 output_type: str = "np", progress: bool = True, overlap_history: int | None = None,
+                 addnoise_condition: float = 0.0, base_num_frames: int = 97, ar_step: int = 0,
+                 causal_block_size: int | None = None, fps: int = 24) -> SkyReelsV2PipelineOutput:
+        """``video``: the frames to extend (PIL images or (H, W, 3) arrays, resized to ``width`` x ``height`` as
+        diffusers does); ``num_frames``: the latent windows' frames (diffusers' default 120); the rest as
+        :meth:`SkyReelsV2DiffusionForcingPipeline.__call__`. ``.frames``: the given video, then the new frames."""
+        if video is None or len(video) == 0:
+            raise ValueError("video-to-video needs a video (a list of frames).")
+        dv = self.default_video()
+        height, width = height or dv["height"], width or dv["width"]
+        given = {}
+
+        def tail(shape):
+            given["video"], z = self.video_tail(video, overlap_history, height, width)
+            return z
+
+        out = self._generate_df(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                latents=latents, max_sequence_length=max_sequence_length,
+                                num_videos_per_prompt=num_videos_per_prompt, seed=seed, output_type=output_type,
+                                progress=progress, overlap_history=overlap_history,
+                                addnoise_condition=addnoise_condition, base_num_frames=base_num_frames,
+                                ar_step=ar_step, causal_block_size=causal_block_size, fps=fps, condition=tail,
+                                extension=True)
+        if output_type != "latent":
+            first = np.clip(np.moveaxis(np.asarray(given["video"]), 1, -1) / 2 + 0.5, 0.0, 1.0)
+            first = np.broadcast_to(first, (out.frames.shape[0],) + first.shape[1:])
+            out = dataclasses.replace(out, frames=np.concatenate([first, out.frames], axis=1))
+        return out
