@@ -1,6 +1,8 @@
-"""SkyReels-V2 text-to-video, diffusers' ``SkyReelsV2Pipeline`` and ``SkyReelsV2DiffusionForcingPipeline`` on a JAX
-mesh: Wan 2.1's pipeline (:mod:`xdit_jax.pipelines.wan`: UMT5, the Wan VAE, UniPC with flow sigmas, every mesh) with
-the SkyReels-V2 transformer (:mod:`xdit_jax.models.skyreels_v2`).
+"""SkyReels-V2, diffusers' ``SkyReelsV2Pipeline``, ``SkyReelsV2ImageToVideoPipeline``,
+``SkyReelsV2DiffusionForcingPipeline``, ``SkyReelsV2DiffusionForcingImageToVideoPipeline`` and
+``SkyReelsV2DiffusionForcingVideoToVideoPipeline`` on a JAX mesh: Wan 2.1's pipeline (:mod:`xdit_jax.pipelines.wan`:
+UMT5, the Wan VAE, UniPC with flow sigmas, every mesh) with the SkyReels-V2 transformer
+(:mod:`xdit_jax.models.skyreels_v2`). The image- and video-to-video classes are documented where they are defined.
 
     pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained("/models/SkyReels-V2-DF-1.3B-540P-Diffusers",
                                                               mesh="cfg=2,ulysses=4")
