@@ -14,8 +14,8 @@
 * The timestep sinusoids of ``get_1d_sincos_pos_embed_from_grid``, which diffusers computes in float64 here
   (:func:`xdit_jax.models.wan.sincos_timestep_embedding`: float32, rounded as float64's would be).
 
-Not taken: image-to-video transformers (``image_dim``) are Wan 2.1 I2V's structure and load, but their pipelines are
-not here yet.
+The image-to-video transformers (``image_dim``: SkyReels-V2-I2V) are Wan 2.1 I2V's structure (CLIP image states,
+attn2's added K/V), inherited as they are.
 """
 
 from __future__ import annotations
