@@ -279,6 +279,73 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
                        transformer=transformer, scheduler=sched, **extra)
 
 
+def make_torch_skyreels_v2(seed: int = 0, variant: str = "t2v"):
+    """A tiny random diffusers SkyReels-V2 pipeline: Wan's tiny UMT5, VAE and UniPC (xdit_jax.tiny) with a
+    SkyReelsV2Transformer3DModel of Wan's tiny width; ``variant`` "t2v" (SkyReelsV2Pipeline) or "df"
+    (SkyReelsV2DiffusionForcingPipeline: the fps embedding, inject_sample_info, as the DF checkpoints) or "i2v"
+    (SkyReelsV2ImageToVideoPipeline: Wan 2.1 I2V's tiny layout with a CLIP tower) or "df-i2v"
+    (SkyReelsV2DiffusionForcingImageToVideoPipeline: the "df" transformer, the image through the VAE)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        SkyReelsV2DiffusionForcingPipeline,
+        SkyReelsV2Pipeline,
+        SkyReelsV2Transformer3DModel,
+        UniPCMultistepScheduler,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    kw = dict(tiny.SKYREELS_V2_TRANSFORMER, inject_sample_info=variant.startswith("df"))
+    transformer = randomize_(SkyReelsV2Transformer3DModel(**kw), seed, std=0.1)
+    vae = randomize_(AutoencoderKLWan(**tiny.WAN_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.WAN_TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(UMT5EncoderModel(UMT5Config(**te_kw)), seed + 2, std=0.2)
+    sched = UniPCMultistepScheduler(**{k: v for k, v in tiny.SKYREELS_V2_SCHEDULER.items()
+                                       if not k.startswith("_")})
+    import types
+
+    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing
+
+    for module in (pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing):  # (they call ftfy unguarded; ours
+        if not hasattr(module, "ftfy"):  # skips it where it is not installed, as Wan's: the same text then)
+            module.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+    if variant == "i2v":  # Wan 2.1 I2V's layout: 12 channels in, CLIP image states (SkyReels' WithProjection tower,
+        # its CLIPProcessor: a CLIP tokenizer beside the image preprocessing)
+        from diffusers import SkyReelsV2ImageToVideoPipeline
+        from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_i2v
+        from transformers import CLIPImageProcessor, CLIPProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        if not hasattr(pipeline_skyreels_v2_i2v, "ftfy"):
+            pipeline_skyreels_v2_i2v.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+        kw = dict(tiny.WAN_I2V_TRANSFORMER, inject_sample_info=False)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**dict(tiny.WAN_IMAGE_ENCODER, num_hidden_layers=3)))
+        processor = CLIPProcessor(image_processor=CLIPImageProcessor(**tiny.WAN_IMAGE_PROCESSOR),
+                                  tokenizer=tiny.train_clip_tokenizer())
+        return SkyReelsV2ImageToVideoPipeline(
+            tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=sched,
+            transformer=randomize_(SkyReelsV2Transformer3DModel(**kw), seed, std=0.1),
+            image_encoder=randomize_(encoder, seed + 4, std=0.2), image_processor=processor)
+    if variant == "df-v2v":  # the DF checkpoints' transformer; the video only through the VAE
+        from diffusers import SkyReelsV2DiffusionForcingVideoToVideoPipeline
+        from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_diffusion_forcing_v2v as df_v2v
+
+        if not hasattr(df_v2v, "ftfy"):
+            df_v2v.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+        return SkyReelsV2DiffusionForcingVideoToVideoPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder,
+                                                              vae=vae, transformer=transformer, scheduler=sched)
+    if variant == "df-i2v":  # the DF checkpoints' transformer; the image only through the VAE
+        from diffusers import SkyReelsV2DiffusionForcingImageToVideoPipeline
+        from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2_diffusion_forcing_i2v as df_i2v
+
+        if not hasattr(df_i2v, "ftfy"):
+            df_i2v.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+        return SkyReelsV2DiffusionForcingImageToVideoPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder,
+                                                              vae=vae, transformer=transformer, scheduler=sched)
+    cls = SkyReelsV2DiffusionForcingPipeline if variant == "df" else SkyReelsV2Pipeline
+    return cls(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+               scheduler=sched)
+
+
 def make_torch_hunyuan_video(seed: int = 0):
     """A tiny random diffusers HunyuanVideoPipeline (xdit_jax.tiny's HunyuanVideo configs: Llama with the stand-in
     Llama-3-like tokenizer, FLUX's tiny CLIP, the causal VAE, FlowMatchEuler with shift 7)."""

@@ -205,6 +205,21 @@ def test_generate_wan_video(tmp_path, capsys):
     assert '"model_family": "wan"' in capsys.readouterr().out
 
 
+def test_generate_skyreels_v2_diffusion_forcing_video(tmp_path, capsys):
+    """The tiny SkyReels-V2 diffusion forcing model: asynchronous (--ar-step 1) with causal blocks of 3 latent frames
+    (the 9 frames' 3: one block) and the fps embedding's 16 fps row, on one device (its meshes and long videos:
+    tests/test_skyreels_v2_pipeline.py)."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "s.mp4"
+    rc = cli.main(["--model", "tiny-skyreels-v2", "--output", str(out), "--steps", "2", "--ar-step", "1",
+                   "--causal-block-size", "3", "--fps", "16", "--no-progress", "--json"])
+    assert rc == 0
+    video = iio.imread(out)
+    assert video.shape == (9, 32, 48, 3) and video.std() > 1  # the tiny defaults: 9 x 32 x 48
+    assert '"model_family": "skyreels_v2"' in capsys.readouterr().out
+
+
 # Slow (the default run's time): the CLI's image-to-video path with --random-weights runs in
 # test_generate_cogvideox_image_to_video_random_weights, Wan 2.2 I2V / TI2V in tests/test_wan22_pipeline.py
 @pytest.mark.slow
@@ -396,6 +411,8 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-mochi", "--use-dynamic-cfg"], "--use-dynamic-cfg (CogVideoX's)"),
     (["--model", "tiny-mochi", "--output", "m.png"], "makes videos"),
     (["--model", "tiny-wan", "--mesh", "pipefusion=3"], "more stages than the model's 2 layers"),
+    (["--model", "tiny-wan", "--ar-step", "5"], "--ar-step (SkyReels-V2 diffusion forcing's)"),
+    (["--model", "tiny-skyreels-v2", "--num-frames", "13", "--base-num-frames", "9"], "needs --overlap-history"),
     (["--model", "tiny-pixart", "--output", "x.mp4"], "makes images"),
     (["--model", "tiny-pixart", "--num-frames", "9"], "--num-frames: not used by this pixart model"),
     (["--model", "tiny-hunyuandit", "--max-sequence-length", "20"], "77 + 256"),

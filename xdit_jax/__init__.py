@@ -15,6 +15,14 @@ from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOut
 from xdit_jax.pipelines.qwenimage_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput
 from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
+from xdit_jax.pipelines.skyreels_v2 import (
+    SkyReelsV2DiffusionForcingImageToVideoPipeline,
+    SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2DiffusionForcingVideoToVideoPipeline,
+    SkyReelsV2ImageToVideoPipeline,
+    SkyReelsV2Pipeline,
+    SkyReelsV2PipelineOutput,
+)
 from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
@@ -24,7 +32,10 @@ __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipel
            "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline",
            "LattePipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
-           "QwenImageEditPlusPipeline", "QwenImagePipeline", "QwenImagePipelineOutput", "SD3PipelineOutput", "SanaPipeline", "SanaPipelineOutput",
+           "QwenImageEditPlusPipeline", "QwenImagePipeline", "QwenImagePipelineOutput", "SD3PipelineOutput",
+           "SanaPipeline", "SanaPipelineOutput", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+           "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
+           "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]
 __version__ = "0.1.0"

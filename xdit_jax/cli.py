@@ -7,7 +7,7 @@
                                                    # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
                                                    # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana,
                                                    # tiny-chroma, tiny-lumina2, tiny-flux2-klein,
-                                                   # tiny-qwenimage-edit(-plus) with --image)
+                                                   # tiny-qwenimage-edit(-plus) with --image, tiny-skyreels-v2)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -117,6 +117,9 @@ FAMILIES = {
                               "skip_layer_guidance_stop")),
     "wan": Family(video=True, guidance_scale=5.0, steps=50, tiny_size=(32, 48), tiny_frames=9, max_sequence_length=512,
                   check_hook=_wan_request),
+    # diffusers' SkyReelsV2Pipeline / SkyReelsV2DiffusionForcingPipeline defaults
+    "skyreels_v2": Family(video=True, guidance_scale=6.0, steps=50, tiny_size=(32, 48), tiny_frames=9,
+                          max_sequence_length=512),
     "latte": Family(video=True, guidance_scale=7.5, steps=50, tiny_frames=4,
                     fixed_text_length="Latte's T5 length is fixed: 120, as diffusers'"),
     # (HunyuanVideo's guidance_scale is embedded; true CFG: --negative-prompt with --true-cfg-scale > 1)
@@ -146,7 +149,12 @@ FAMILIES = {
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
 VIDEO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.video)
 TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_cfg}  # --true-cfg-scale
-IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")  # (diffusers class names)
+IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
+                  "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline")
+DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline")
+# SkyReels-V2 diffusion forcing's flags (diffusers' argument names), for its DF pipelines only
+DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", "base_num_frames": "--base-num-frames",
+            "overlap_history": "--overlap-history", "addnoise_condition": "--addnoise-condition"}
 QWEN_EDIT = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")  # --image: the image(s) to edit, required
 
 
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-qwenimage-edit' / "
                          "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / "
-                         "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' "
+                         "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
@@ -188,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance-scale-2", type=float, default=None,
                     help="Wan 2.2 A14B (two experts): the CFG scale of the low-noise expert's steps (default: "
                          "--guidance-scale; the model card's: 4 then 3)")
+    ap.add_argument("--ar-step", type=int, default=None,
+                    help="SkyReels-V2 diffusion forcing: diffusers' ar_step (0 = synchronous, the default; > 0: each "
+                         "causal block that many steps behind the one before, e.g. 5 with --causal-block-size 5)")
+    ap.add_argument("--causal-block-size", type=int, default=None,
+                    help="SkyReels-V2 diffusion forcing: latent frames per causal block (default: the checkpoint's "
+                         "num_frame_per_block); the latent frames must be a multiple of it")
+    ap.add_argument("--base-num-frames", type=int, default=None,
+                    help="SkyReels-V2 diffusion forcing: the frames of one window (diffusers' default 97; 121 for "
+                         "720P); a longer --num-frames runs the long-video loop (with --overlap-history)")
+    ap.add_argument("--overlap-history", type=int, default=None,
+                    help="SkyReels-V2 diffusion forcing: frames shared by consecutive windows of a long video "
+                         "(diffusers' overlap_history; 17 or 37 recommended)")
+    ap.add_argument("--addnoise-condition", type=float, default=None,
+                    help="SkyReels-V2 diffusion forcing: noise added to a long video's condition frames "
+                         "(diffusers' addnoise_condition, 20 recommended; long videos only)")
     ap.add_argument("--true-cfg-scale", type=float, default=None,
                     help="FLUX, HunyuanVideo, Qwen-Image: diffusers' true CFG with --negative-prompt (> 1 runs "
                          "both halves; default 1 = off, Qwen-Image 4)")
@@ -219,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", default=None, help="video: .mp4, .gif, or a folder for .png frames "
                     "(output.mp4); image: .png or .jpg (output.png)")
     ap.add_argument("--fps", type=int, default=None,
-                    help="frames per second (model default: CogVideoX 8, 1.5 16; Mochi 30; Wan 16)")
+                    help="frames per second (model default: CogVideoX 8, 1.5 16; Mochi 30; Wan 16; SkyReels-V2 24, "
+                         "which diffusion forcing also gives its fps embedding: 16 or other)")
     ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     ap.add_argument("--mesh", default=None, help="device mesh, e.g. 'cfg=2' or 'data=2,cfg=2' "
                     "(axes: data, cfg, pipefusion, ring, ulysses)")
@@ -465,6 +489,9 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--use-dynamic-cfg (CogVideoX's)")
     if family != "wan" and args.guidance_scale_2 is not None:
         wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
+    if getattr(args, "kind", None) not in DIFFUSION_FORCING:
+        wrong += [f"{flag} (SkyReels-V2 diffusion forcing's)" for name, flag in DF_FLAGS.items()
+                  if getattr(args, name) is not None]
     if not fam.true_cfg and args.true_cfg_scale is not None:
         *others, last = (f"{name}'s" for name in TRUE_CFG_FAMILIES.values())
         wrong.append(f"--true-cfg-scale ({', '.join(others)} and {last})")
@@ -481,6 +508,10 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append(f"--max-sequence-length ({fam.fixed_text_length})")
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: not used by this {family} model; drop the flag.")
+    if getattr(args, "kind", None) in DIFFUSION_FORCING and args.overlap_history is None and \
+            (args.num_frames or 0) > (args.base_num_frames or 97):
+        raise ValueError(f"--num-frames {args.num_frames} > --base-num-frames {args.base_num_frames or 97}: a long "
+                         "video needs --overlap-history (frames shared by consecutive windows; 17 or 37 recommended).")
 
 
 def _check_request(family: str, model, args, spec, guidance: float, max_sequence_length: int | None) -> None:
@@ -582,6 +613,10 @@ def _main(argv=None) -> int:
             model = resolve_model(args.model)  # a local folder (a hub id is downloaded here)
         family = pipelines.family(pipeline_class_name(model))
         kind = pipeline_class_name(model)
+        args.kind = kind  # (which family flags apply: SkyReels-V2's DF flags to its DF pipelines only)
+        if kind == "SkyReelsV2DiffusionForcingVideoToVideoPipeline":
+            raise ValueError(f"{args.model} is a SkyReels-V2 video-to-video (video extension) model: generate.py takes "
+                             "no input video; use SkyReelsV2DiffusionForcingVideoToVideoPipeline from Python.")
         image_to_video = kind in IMAGE_TO_VIDEO or (
             args.image is not None and family == "wan" and _expand_timesteps(model))  # TI2V-5B with an image
         if image_to_video and args.image is None:
@@ -671,6 +706,9 @@ def _main(argv=None) -> int:
     kw.update({name: getattr(args, name) for name in fam.call_flags})
     if family == "wan" and args.guidance_scale_2 is not None:
         kw["guidance_scale_2"] = args.guidance_scale_2
+    if kind in DIFFUSION_FORCING:  # (diffusers' names; fps: its fps embedding too)
+        kw.update({name: getattr(args, name) for name in DF_FLAGS if getattr(args, name) is not None})
+        kw["fps"] = args.fps or pipe.default_video()["fps"]
     if args.kontext:
         kw.update(max_area=args.max_area or 1024 ** 2, _auto_resize=not args.no_auto_resize)
     if qwen_edit and is_tiny:  # the image's aspect ratio at 96 x 64 pixels, not 1024^2: a toy model
@@ -682,7 +720,7 @@ def _main(argv=None) -> int:
     if image_to_video:
         from PIL import Image
 
-        if family == "wan":
+        if family in ("wan", "skyreels_v2"):
             kw["last_image"] = None if args.last_image is None else Image.open(args.last_image).convert("RGB")
         call = functools.partial(pipe, Image.open(args.image).convert("RGB"))
     elif args.kontext:
@@ -698,7 +736,7 @@ def _main(argv=None) -> int:
         call = pipe
     try:
         result = call(args.prompts, negative_prompt=args.negative_prompt, **kw)
-    except ValueError as e:
+    except (ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

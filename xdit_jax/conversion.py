@@ -53,6 +53,8 @@ MODEL_CLASSES = {
     "AutoencoderKLMochi": ("xdit_jax.models.vae_mochi", "MochiVAEConfig"),
     "WanTransformer3DModel": ("xdit_jax.models.wan", "WanConfig"),
     "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
+    # SkyReels-V2: Wan 2.1's transformer with per-frame timesteps, the fps embedding and the causal block mask
+    "SkyReelsV2Transformer3DModel": ("xdit_jax.models.skyreels_v2", "SkyReelsV2Config"),
     "AutoencoderKLQwenImage": ("xdit_jax.models.vae_qwenimage", "QwenImageVAEConfig"),  # the Wan 2.1 VAE
     "AutoencoderKLHunyuanVideo": ("xdit_jax.models.vae_hunyuan_video", "HunyuanVideoVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),

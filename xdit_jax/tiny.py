@@ -24,7 +24,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-qwenimage": "qwenimage", "tiny-qwenimage-edit": "qwenimage-edit",
               "tiny-qwenimage-edit-plus": "qwenimage-edit-plus", "tiny-zimage": "zimage",
               "tiny-sana": "sana", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
-              "tiny-flux2-klein": "flux2"}
+              "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -161,6 +161,10 @@ WAN_SCHEDULER = dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=
                      predict_x0=True, solver_type="bh2", lower_order_final=True, disable_corrector=[],
                      final_sigmas_type="zero", use_flow_sigmas=True, flow_shift=3.0, timestep_spacing="linspace",
                      steps_offset=0, thresholding=False)
+# SkyReels-V2: Wan's tiny transformer as a SkyReelsV2Transformer3DModel (the DF checkpoints add inject_sample_info),
+# Wan's UniPC at SkyReels-V2 T2V's flow_shift 8.
+SKYREELS_V2_TRANSFORMER = dict(WAN_TRANSFORMER, inject_sample_info=False, num_frame_per_block=1)
+SKYREELS_V2_SCHEDULER = dict(WAN_SCHEDULER, flow_shift=8.0)
 
 # HunyuanVideo shaped: 2 double- and 2 single-stream blocks and 1 token refiner block over 2 heads of 8 (RoPE axes
 # 2 + 2 + 4), the guidance embedded; 4 latent channels; the causal VAE (8x spatial, 4x temporal) 8/8/16/16 wide;
@@ -421,6 +425,11 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = 
 
 
 def model_index(family: str = "cogvideox") -> dict:
+    if family == "skyreels_v2":  # (the diffusion-forcing pipeline: the fps embedding, per-frame timesteps)
+        return {"_class_name": "SkyReelsV2DiffusionForcingPipeline", "_diffusers_version": "0.35.0",
+                "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "SkyReelsV2Transformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
     if family == "wan":
         return {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],
@@ -629,6 +638,19 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder": ("UMT5EncoderModel", WAN_TEXT_ENCODER,
                              lambda: t5.T5EncoderModel(t5.UMT5Config.from_dict(WAN_TEXT_ENCODER), rngs=nnx.Rngs(0))),
         }, WAN_SCHEDULER
+    if family == "skyreels_v2":
+        from xdit_jax.models import skyreels_v2
+
+        tcfg = {**SKYREELS_V2_TRANSFORMER, "inject_sample_info": True, **(transformer or {})}
+        return {
+            "transformer": ("SkyReelsV2Transformer3DModel", tcfg,
+                            lambda: skyreels_v2.SkyReelsV2Transformer3DModel(
+                                skyreels_v2.SkyReelsV2Config.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLWan", WAN_VAE,
+                    lambda: vae_wan.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE), jnp.float32)()),
+            "text_encoder": ("UMT5EncoderModel", WAN_TEXT_ENCODER,
+                             lambda: t5.T5EncoderModel(t5.UMT5Config.from_dict(WAN_TEXT_ENCODER), rngs=nnx.Rngs(0))),
+        }, SKYREELS_V2_SCHEDULER
     if family == "hunyuandit":
         tcfg = {**HUNYUAN_TRANSFORMER, **(transformer or {})}
         return {

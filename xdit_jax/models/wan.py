@@ -23,7 +23,11 @@ last frames' states side by side, plus a learned position table) go through ``co
 before ``to_out``. diffusers concatenates image and text states and splits them again assuming 512 text tokens; here
 they stay two inputs, so any caption length works.
 
-Not supported (a clear error): any timestep per token (diffusers' 2-D ``timestep``) but TI2V-5B's: all tokens at one
+SkyReels-V2's transformer (:mod:`xdit_jax.models.skyreels_v2`) is this model too, with three switches the blocks and the
+head read: ``tokens["frame"]`` (a modulation per latent frame, ``cond`` holding (B, F, ...) tables),
+``tokens["segment"]`` (the block-causal self-attention) and float64-exact timestep sinusoids.
+
+Not supported here (a clear error): any timestep per token (diffusers' 2-D ``timestep``) but TI2V-5B's: all tokens at one
 timestep (text-to-video, passed per sample) or the first latent frame's at another (image-to-video,
 ``first_frame_timestep``: two modulations chosen per token, not a table per token).
 """
@@ -127,6 +131,26 @@ TORCH_RENAMES = [
 ]
 
 
+def sincos_timestep_embedding(t, dim: int):
+    """diffusers ``get_1d_sincos_pos_embed_from_grid(dim, t, flip_sin_to_cos=True)`` ([cos, sin]), which computes in
+    float64 (SkyReels-V2's ``SkyReelsV2Timesteps``), to float32 rounding without float64: each frequency split in a
+    13-bit head and a tail, the timestep in its integer part and fraction, so that ``floor(t) * head`` is exact for
+    ``t < 2048`` and the rest is small; ``sin(a + b)`` by the sum formulas. (A plain float32 product is off by up to
+    6e-5 rad at t = 999.)"""
+    half = dim // 2
+    omega = 1.0 / 10000.0 ** (np.arange(half, dtype=np.float64) / (dim / 2.0))
+    om32 = omega.astype(np.float32)
+    head = (om32.view(np.uint32) & np.uint32(~((1 << 10) - 1) & 0xFFFFFFFF)).view(np.float32)  # 13 significant bits
+    tail = (omega - head.astype(np.float64)).astype(np.float32)
+    t = jnp.asarray(t).astype(jnp.float32).reshape(-1)
+    ti = jnp.floor(t)
+    a = ti[:, None] * jnp.asarray(head)[None]  # exact
+    b = ti[:, None] * jnp.asarray(tail)[None] + (t - ti)[:, None] * jnp.asarray(om32)[None]
+    sin = jnp.sin(a) * jnp.cos(b) + jnp.cos(a) * jnp.sin(b)
+    cos = jnp.cos(a) * jnp.cos(b) - jnp.sin(a) * jnp.sin(b)
+    return jnp.concatenate([cos, sin], axis=-1)
+
+
 def rope_table(cfg: WanConfig, frames: int, grid_h: int, grid_w: int) -> tuple[np.ndarray, np.ndarray]:
     """diffusers ``WanRotaryPosEmbed`` for the video tokens (frames, h, w) row-major: (S, head_dim) cos and
     sin tables, interleaved pairs (float64 frequencies rounded to float32, as there)."""
@@ -161,7 +185,7 @@ class WanAttention(nnx.Module):
             self.add_v_proj = linear(cfg.added_kv_proj_dim, d, dtype=dtype, rngs=rngs)
             self.norm_added_k = RMSNorm(d, cfg.eps, dtype=dtype)
 
-    def __call__(self, x, rope=None, context=None, context_img=None):
+    def __call__(self, x, rope=None, context=None, context_img=None, segments=None):
         b, s, _ = x.shape
         src = x if context is None else context
         heads = lambda y: y.reshape(b, y.shape[1], self.heads, -1)  # noqa: E731
@@ -170,7 +194,7 @@ class WanAttention(nnx.Module):
         v = heads(self.to_v(src))
         if context is None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            o = attention(q, k, v)
+            o = attention(q, k, v, segments=segments)
         else:
             o = cross_attention(q, k, v)
             if context_img is not None:  # a second softmax over the image states, added (diffusers' order)
@@ -195,16 +219,19 @@ class WanTransformerBlock(nnx.Module):
         those tokens; cond: see :meth:`WanTransformer3DModel.embed`."""
         f32 = jnp.float32
         table = self.scale_shift_table[...].astype(f32)
-        mod = table + cond["timestep_proj"].astype(f32)  # (B, 6, D)
-        if "first" in tokens:  # the first latent frame's tokens at their own timestep (TI2V image-to-video)
+        if "frame" in tokens:  # a timestep per latent frame (SkyReels-V2's diffusion forcing): (B, F, 6, D)
+            proj, frame = cond["timestep_proj"].astype(f32), tokens["frame"]
+            mod = [table[:, j][:, None] + jnp.take(proj[:, :, j], frame, axis=1) for j in range(6)]  # (B, S, D)
+        elif "first" in tokens:  # the first latent frame's tokens at their own timestep (TI2V image-to-video)
+            mod = table + cond["timestep_proj"].astype(f32)  # (B, 6, D)
             first = tokens["first"].astype(bool)[None, :, None]  # (1, S, 1)
             mod_first = table + cond["timestep_proj_first"].astype(f32)
             mod = [jnp.where(first, a, b) for a, b in zip(jnp.split(mod_first, 6, axis=1), jnp.split(mod, 6, axis=1))]
         else:
-            mod = jnp.split(mod, 6, axis=1)
+            mod = jnp.split(table + cond["timestep_proj"].astype(f32), 6, axis=1)
         shift, scale, gate, c_shift, c_scale, c_gate = mod
         h = (self.norm1(x.astype(f32)) * (1 + scale) + shift).astype(x.dtype)
-        x = (x.astype(f32) + self.attn1(h, rope=tokens["rope"]) * gate).astype(x.dtype)
+        x = (x.astype(f32) + self.attn1(h, rope=tokens["rope"], segments=tokens.get("segment")) * gate).astype(x.dtype)
         h = x if self.norm2 is None else self.norm2(x.astype(f32)).astype(x.dtype)
         x = x + self.attn2(h, context=cond["context"], context_img=cond.get("context_img"))
         h = (self.norm3(x.astype(f32)) * (1 + c_scale) + c_shift).astype(x.dtype)
@@ -246,11 +273,20 @@ class WanTimeTextEmbedding(nnx.Module):
         self.time_proj = linear(d, 6 * d, dtype=dtype, rngs=rngs)
         self.text_embedder = PixArtAlphaTextProjection(cfg.text_dim, d, dtype=dtype, rngs=rngs)
         self.image_embedder = WanImageEmbedding(cfg, dtype=dtype, rngs=rngs) if cfg.takes_image else None
+        self.float64_sinusoids = bool(getattr(cfg, "float64_sinusoids", False))
+
+    def embed_time(self, timestep, dtype):
+        """(N,) timesteps -> (temb (N, D), timestep_proj (N, 6 D))."""
+        if self.float64_sinusoids:  # SkyReels-V2: diffusers' get_1d_sincos_pos_embed_from_grid in float64
+            t = sincos_timestep_embedding(timestep, self.freq_dim)
+        else:
+            t = timestep_embedding(timestep, self.freq_dim, True, 0)
+        temb = self.time_embedder(t.astype(dtype))
+        return temb, self.time_proj(jax.nn.silu(temb))
 
     def __call__(self, timestep, text, dtype):
-        t = timestep_embedding(timestep, self.freq_dim, True, 0)
-        temb = self.time_embedder(t.astype(dtype))
-        return temb, self.time_proj(jax.nn.silu(temb)), self.text_embedder(text.astype(dtype))
+        temb, proj = self.embed_time(timestep, dtype)
+        return temb, proj, self.text_embedder(text.astype(dtype))
 
     def embed_image(self, image, dtype):
         return self.image_embedder(image.astype(dtype))
@@ -336,8 +372,14 @@ class WanTransformer3DModel(nnx.Module):
         b, _, f, h, w = shape
         pt, ph, pw = cfg.patch_size
         f32 = jnp.float32
-        mod = self.scale_shift_table[...].astype(f32) + cond["temb"].astype(f32)[:, None]  # (B, 2, D)
-        shift, scale = jnp.split(mod, 2, axis=1)
+        if cond["temb"].ndim == 3:  # a timestep per latent frame (SkyReels-V2): each token its frame's (B, S, D)
+            frame = jnp.arange(x.shape[1]) // ((h // ph) * (w // pw))
+            temb = jnp.take(cond["temb"].astype(f32), frame, axis=1)
+            table = self.scale_shift_table[...].astype(f32)
+            shift, scale = table[:, 0][:, None] + temb, table[:, 1][:, None] + temb
+        else:
+            mod = self.scale_shift_table[...].astype(f32) + cond["temb"].astype(f32)[:, None]  # (B, 2, D)
+            shift, scale = jnp.split(mod, 2, axis=1)
         if "temb_first" in cond:  # the first latent frame's tokens (the first H' W') at their own timestep
             first = (jnp.arange(x.shape[1]) < (h // ph) * (w // pw))[None, :, None]
             mod0 = self.scale_shift_table[...].astype(f32) + cond["temb_first"].astype(f32)[:, None]

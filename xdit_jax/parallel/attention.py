@@ -238,8 +238,9 @@ def _degree(mesh, axis: str) -> int:
 # The kernel: one (query block, key block) pair.
 # --------------------------------------------------------------------------------------------
 
-def _xla_attention(q, k, v, mask, scale, out_dtype):
-    """Reference kernel. mask: None or bool broadcastable to (B, Sk). Returns (out, lse (B,H,Sq) f32).
+def _xla_attention(q, k, v, mask, scale, out_dtype, qk_mask=None):
+    """Reference kernel. mask: None or bool broadcastable to (B, Sk); qk_mask: None or bool (Sq, Sk), a mask per
+    (query, key) pair (the block-causal mask of :func:`attention`'s ``segments``). Returns (out, lse (B,H,Sq) f32).
 
     One (batch, head) pair at a time on the CPU (``lax.map``: the (Sq, Sk) scores stay in cache and
     the memory is one head's, not the whole (B, H, Sq, Sk) tensor), all at once elsewhere. The
@@ -259,6 +260,8 @@ def _xla_attention(q, k, v, mask, scale, out_dtype):
         logits = jnp.einsum("...qd,...kd->...qk", qh, kh, preferred_element_type=jnp.float32)
         if vm is not None:
             logits = jnp.where(vm[..., None, :], logits, -jnp.inf)
+        if qk_mask is not None:
+            logits = jnp.where(qk_mask, logits, -jnp.inf)
         m = jnp.max(logits, axis=-1, keepdims=True)
         m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row with every key masked: keep exp() finite
         p = jnp.exp(logits - m)
@@ -324,7 +327,7 @@ def _cudnn_attention(q, k, v, kv_len, scale, out_dtype, need_lse, implementation
 
 
 def block_attention(q, k, v, *, kv_start=0, valid_len=None, kv_valid=None, scale=None,
-                    backend="xla", need_lse=True, out_dtype=None, kv_start_choices=None):
+                    backend="xla", need_lse=True, out_dtype=None, kv_start_choices=None, segments=None):
     """Attention of a query block on a key block whose first key has global index ``kv_start``.
 
     q: (B, Sq, H, D); k, v: (B, Sk, H, D). ``kv_start``: int or traced int32 scalar.
@@ -332,6 +335,10 @@ def block_attention(q, k, v, *, kv_start=0, valid_len=None, kv_valid=None, scale
     ``kv_valid``: an extra bool (Sk,) or (B, Sk) key mask (xla backend only).
     ``kv_start_choices``: the static values a traced ``kv_start`` can take (the ring's block offsets),
     for kernels that need the count of valid keys static (``"mosaic"``: one branch per count).
+    ``segments``: None or ``(q_segments (Sq,), kv_segments (Sk,))`` int32: key j is visible to query i only where
+    ``kv_segments[j] <= q_segments[i]`` (a block-causal mask, :func:`attention`); it runs on the XLA kernel
+    whatever ``backend`` says (no flash kernel here takes a mask per query), over chunks of
+    :data:`SEGMENT_KEY_CHUNK` keys where there are more.
     Returns ``(out, lse)``: out (B, Sq, H, D) in ``out_dtype`` (default q's dtype), lse (B, H, Sq)
     float32 (``-inf`` for rows with no valid key, whose out is 0) or None when ``need_lse`` is
     false and the backend can skip it. This is the one place a flash kernel plugs in.
@@ -342,6 +349,14 @@ def block_attention(q, k, v, *, kv_start=0, valid_len=None, kv_valid=None, scale
     out_dtype = q.dtype if out_dtype is None else out_dtype
     # Statically known: the whole block is valid (no mask to build).
     all_valid = valid_len is None or (isinstance(kv_start, int) and kv_start + sk <= valid_len)
+    qk_mask = None
+    if segments is not None:
+        q_seg, kv_seg = segments
+        if sk > SEGMENT_KEY_CHUNK:
+            return _segment_attention_chunked(q, k, v, jnp.asarray(q_seg), jnp.asarray(kv_seg), kv_start,
+                                              None if all_valid else valid_len, scale, out_dtype)
+        qk_mask = jnp.asarray(kv_seg)[None, :] <= jnp.asarray(q_seg)[:, None]
+        backend = "xla"
     if backend in ("cudnn", "pallas", "mosaic"):
         if kv_valid is not None:
             raise ValueError(f"backend={backend!r} takes only padding masks (valid_len), not kv_valid.")
@@ -360,7 +375,37 @@ def block_attention(q, k, v, *, kv_start=0, valid_len=None, kv_valid=None, scale
         mask = (jnp.asarray(kv_start, jnp.int32) + jnp.arange(sk, dtype=jnp.int32)) < valid_len
     if kv_valid is not None:
         mask = kv_valid if mask is None else jnp.logical_and(kv_valid, mask)
-    return _xla_attention(q, k, v, mask, scale, out_dtype)
+    return _xla_attention(q, k, v, mask, scale, out_dtype, qk_mask)
+
+
+# Keys per step of the block-causal (segments) attention's loop: its scores are (B, H, Sq, this) float32 at a time,
+# not (B, H, Sq, Sk) (SkyReels-V2-DF-1.3B at 97 x 544 x 960 with CFG, one device: 10 GB a step, not 250 GB).
+SEGMENT_KEY_CHUNK = 2048
+
+
+def _segment_attention_chunked(q, k, v, q_seg, kv_seg, kv_start, valid_len, scale, out_dtype):
+    """:func:`block_attention` with ``segments`` over key chunks of :data:`SEGMENT_KEY_CHUNK` (a ``lax.scan``, the
+    partials merged by the log-sum-exp rule): the same result, the memory of one chunk's scores."""
+    b, sk, h, d = k.shape
+    c = SEGMENT_KEY_CHUNK
+    n = -(-sk // c)
+    pad = n * c - sk
+    if pad:  # padded keys: a segment id above every query's, so masked
+        k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
+        kv_seg = jnp.pad(kv_seg, (0, pad), constant_values=jnp.iinfo(jnp.int32).max)
+    chunks = lambda x: jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)  # noqa: E731
+    starts = jnp.arange(n, dtype=jnp.int32) * c
+
+    def body(carry, xs):
+        kc, vc, segc, j0 = xs
+        mask = None if valid_len is None else \
+            (jnp.asarray(kv_start, jnp.int32) + j0 + jnp.arange(c, dtype=jnp.int32)) < valid_len
+        o, lse = _xla_attention(q, kc, vc, mask, scale, jnp.float32, segc[None, :] <= q_seg[:, None])
+        return merge_partials(*carry, o, lse), None
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((b, h, q.shape[1]), -jnp.inf, jnp.float32))
+    (out, lse), _ = lax.scan(body, init, (chunks(k), chunks(v), kv_seg.reshape(n, c), starts))
+    return out.astype(out_dtype), lse
 
 
 def _mosaic_block(q, k, v, kv_start, valid_len, kv_start_choices, scale, out_dtype):
@@ -415,7 +460,7 @@ def merge_partials(out, lse, out_b, lse_b):
     return out * to_out(wa) + out_b * to_out(wb), new_lse
 
 
-def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None, return_lse=False):
+def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None, return_lse=False, segments=None):
     """q, k, v: the local contiguous chunk ``r`` (of ``ring``) of the sequence, (B, Sc, H, D).
 
     ``counts`` (PipeFusion's buffers, whose blocks are no contiguous chunks): a static array of the
@@ -441,9 +486,10 @@ def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None, re
             start, limit = j * sc, (None if counts is not None else valid_len)
             choices = tuple(x * sc for x in range(ring))
         return block_attention(q, kv[0], kv[1], kv_start=start, valid_len=limit, scale=scale,
-                               backend=backend, need_lse=True, out_dtype=jnp.float32, kv_start_choices=choices)
+                               backend=backend, need_lse=True, out_dtype=jnp.float32, kv_start_choices=choices,
+                               segments=None if segments is None else (segments, kv[2]))
 
-    kv = (k, v)
+    kv = (k, v) if segments is None else (k, v, segments)
     nxt = lax.ppermute(kv, RING_AXIS, perm)
     out, lse = compute(kv, 0)
 
@@ -528,21 +574,25 @@ def _over_heads(q, k, v, partial, *, ulysses, context=None, scale=None, backend=
 
 
 def _sequence_parallel_attention(q, k, v, *, ring, ulysses, valid_len, scale, backend, context=None,
-                                 context_valid=None):
+                                 context_valid=None, segments=None):
     """Ulysses (:func:`_over_heads`) around the ring (or one kernel call) over the ring group's chunk.
 
     With a ``context`` (joint two-stream attention): every query — the local sequence rows and the
     context rows — attends to the keys of the whole sequence and of the context; with ``ring > 1``
     every ring device computes the context rows in full (each sees every key block), a few extra rows
     next to the sequence's. Returns ``out`` (B, S_local, H, D), or ``(out, out_context (B, Sc, H, D) or
-    None)`` with a context."""
+    None)`` with a context. ``segments`` (S_local,) int32: block-causal segment ids of the local tokens
+    (:func:`attention`), all-gathered over ``ulysses`` to the ring group's chunk the swap gives each device."""
+    if segments is not None and ulysses > 1:
+        segments = lax.all_gather(segments, ULYSSES_AXIS, axis=0, tiled=True)
 
     def partial(rows, k, v, need_lse):
         if ring > 1:
             return _ring_attention(rows, k, v, ring=ring, valid_len=valid_len, scale=scale, backend=backend,
-                                   return_lse=need_lse)
+                                   return_lse=need_lse, segments=segments)
         out = block_attention(rows, k, v, valid_len=valid_len, scale=scale, backend=backend, need_lse=need_lse,
-                              out_dtype=jnp.float32 if need_lse else None)
+                              out_dtype=jnp.float32 if need_lse else None,
+                              segments=None if segments is None else (segments, segments))
         return out if need_lse else out[0]
 
     return _over_heads(q, k, v, partial, ulysses=ulysses, context=context, scale=scale, backend=backend, ring=ring,
@@ -601,7 +651,7 @@ def _check_context(context, q, mask_len=None):
     return cq, ck, cv, c_mask
 
 
-def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=None, context=None):
+def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=None, context=None, segments=None):
     """Attention over the joint sequence, sharded as the installed :class:`AttentionConfig` says.
 
     q, k, v: the LOCAL (B, S_local, H, D) shard (see the module docstring for the layout).
@@ -616,6 +666,12 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     softmax over ``[sequence; kept context tokens]`` per sample. Then returns ``(out, out_context)``
     (``out_context`` None when ``cq`` is). Under PipeFusion the context joins the buffers' keys.
 
+    ``segments``: int32 (S_local,), one id per local token (sharded with them, global ids): a block-causal mask,
+    key j visible to query i only where ``segments[j] <= segments[i]`` (SkyReels-V2's diffusion forcing: a
+    token's causal block of frames). Exact on every ``ulysses`` / ``ring`` mesh (the ids all-gathered over
+    ``ulysses``, travelling the ring with their K/V); not with a context nor under PipeFusion (refused). The XLA
+    kernel computes it whatever the backend (:func:`block_attention`).
+
     With ``ring`` or ``ulysses`` > 1 this must be traced inside a ``shard_map`` over the installed
     mesh (it uses the collectives of the ``ring`` / ``ulysses`` axes).
     """
@@ -629,6 +685,16 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
         raise TypeError(f"valid_len must be a static Python int, got {type(valid_len).__name__}.")
     ring, ulysses = cfg.degree(RING_AXIS), cfg.degree(ULYSSES_AXIS)
     cell = _KV_CELL.get()
+    if segments is not None:
+        if context is not None or kv_valid is not None:
+            raise ValueError("attention's block-causal segments take neither a context nor kv_valid.")
+        if cell is not None:
+            raise NotImplementedError("PipeFusion does not take a block-causal mask (segments): its patches attend "
+                                      "to stale K/V of later blocks; run diffusion forcing without pipefusion.")
+        segments = jnp.asarray(segments, jnp.int32)
+        if segments.shape != (q.shape[1],) or q.shape[1] != k.shape[1]:
+            raise ValueError(f"segments must be (S_local,) = ({q.shape[1]},) for self-attention; got "
+                             f"{segments.shape}, k of length {k.shape[1]}.")
     if context is not None:
         if kv_valid is not None:
             raise ValueError("attention with a context takes the sequence's padding as valid_len, not kv_valid.")
@@ -654,7 +720,8 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
                                f"over the installed mesh (axes 'ring', 'ulysses' bound): {e}") from e
     if ring == 1 and ulysses == 1:
         out, _ = block_attention(q, k, v, valid_len=valid_len, kv_valid=kv_valid, scale=scale,
-                                 backend=cfg.backend, need_lse=False)
+                                 backend=cfg.backend, need_lse=False,
+                                 segments=None if segments is None else (segments, segments))
         return out
     if kv_valid is not None:
         raise ValueError("kv_valid is a local key mask; with sequence parallelism pass valid_len.")
@@ -663,7 +730,7 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
                          f"q and k must have the same local length, got {q.shape[1]} and {k.shape[1]}.")
     try:
         return _sequence_parallel_attention(q, k, v, ring=ring, ulysses=ulysses, valid_len=valid_len,
-                                            scale=scale, backend=cfg.backend)
+                                            scale=scale, backend=cfg.backend, segments=segments)
     except NameError as e:  # unbound axis name: traced outside shard_map
         raise RuntimeError(f"attention with ring={ring}, ulysses={ulysses} must run inside a shard_map "
                            f"over the installed mesh (axes 'ring', 'ulysses' bound): {e}") from e

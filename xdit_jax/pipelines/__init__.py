@@ -17,6 +17,15 @@ PIPELINES = {
     "StableDiffusion3Pipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Pipeline", "sd3"),
     "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),
     "WanImageToVideoPipeline": ("xdit_jax.pipelines.wan", "WanImageToVideoPipeline", "wan"),
+    "SkyReelsV2Pipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2Pipeline", "skyreels_v2"),
+    "SkyReelsV2ImageToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2ImageToVideoPipeline",
+                                       "skyreels_v2"),
+    "SkyReelsV2DiffusionForcingImageToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2",
+                                                       "SkyReelsV2DiffusionForcingImageToVideoPipeline", "skyreels_v2"),
+    "SkyReelsV2DiffusionForcingVideoToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2",
+                                                       "SkyReelsV2DiffusionForcingVideoToVideoPipeline", "skyreels_v2"),
+    "SkyReelsV2DiffusionForcingPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2DiffusionForcingPipeline",
+                                           "skyreels_v2"),
     "LattePipeline": ("xdit_jax.pipelines.latte", "LattePipeline", "latte"),
     "HunyuanVideoPipeline": ("xdit_jax.pipelines.hunyuan_video", "HunyuanVideoPipeline", "hunyuanvideo"),
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
@@ -35,7 +44,7 @@ PIPELINES = {
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
-    "qwenimage", "zimage", "sana", "chroma", "lumina2", "flux2") of a diffusers pipeline class name;
+    "qwenimage", "zimage", "sana", "chroma", "lumina2", "flux2", "skyreels_v2") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")

@@ -319,26 +319,11 @@ class WanPipeline(VideoPipelineBase):
         sched = self.schedule(num_inference_steps)  # refuses a step count the schedule cannot take, first
         do_cfg = guidance_scale > 1.0 or (guidance_scale_2 or 0.0) > 1.0
         timer = StageTimer()
-        tc = self.transformer_config
 
         # 1. text: UMT5; [negative; positive] for CFG
         with timer.stage("text_encoding"):
-            if prompt_embeds is None:
-                prompt_embeds = self.encode_prompt(prompts, max_sequence_length)
-            emb = jnp.asarray(prompt_embeds, self.dtype)
-            if emb.ndim != 3 or emb.shape[2] != tc.text_dim:
-                raise ValueError(f"prompt_embeds {tuple(emb.shape)}: this model takes (batch, tokens, {tc.text_dim}).")
-            if do_cfg:
-                if negative_prompt_embeds is None:
-                    negative_prompt_embeds = self.encode_prompt(negative_prompts(negative_prompt, batch),
-                                                                emb.shape[1])
-                nemb = jnp.asarray(negative_prompt_embeds, self.dtype)
-                if nemb.shape != emb.shape:
-                    raise ValueError(f"negative_prompt_embeds {nemb.shape} must have the shape of prompt_embeds "
-                                     f"{emb.shape}.")
-                emb = jnp.concatenate([nemb, emb])
-            texts = (self._put_batch(emb, do_cfg, per),)
-            jax.block_until_ready(texts)
+            texts = self._text_inputs(prompts, negative_prompt, prompt_embeds, negative_prompt_embeds, batch, per,
+                                      do_cfg, max_sequence_length)
 
         # 2. latents (diffusers' layout: B, C, F, h, w); image-to-video: the condition of each row
         shape = self.latent_shape(batch * per, height, width, num_frames)
@@ -366,6 +351,27 @@ class WanPipeline(VideoPipelineBase):
                                        output_type, self._decode_fn(), stages=stages, finish=finish,
                                        kv=self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape)))
         return WanPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+    def _text_inputs(self, prompts, negative_prompt, prompt_embeds, negative_prompt_embeds, batch: int, per: int,
+                     do_cfg: bool, max_sequence_length: int) -> tuple:
+        """(UMT5 states,) of the step: the prompts' (or ``prompt_embeds``), [negative; positive] for CFG, placed as
+        the transformer's batch (each row ``per`` times)."""
+        tc = self.transformer_config
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompts, max_sequence_length)
+        emb = jnp.asarray(prompt_embeds, self.dtype)
+        if emb.ndim != 3 or emb.shape[2] != tc.text_dim:
+            raise ValueError(f"prompt_embeds {tuple(emb.shape)}: this model takes (batch, tokens, {tc.text_dim}).")
+        if do_cfg:
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds = self.encode_prompt(negative_prompts(negative_prompt, batch), emb.shape[1])
+            nemb = jnp.asarray(negative_prompt_embeds, self.dtype)
+            if nemb.shape != emb.shape:
+                raise ValueError(f"negative_prompt_embeds {nemb.shape} must have the shape of prompt_embeds "
+                                 f"{emb.shape}.")
+            emb = jnp.concatenate([nemb, emb])
+        texts = (self._put_batch(emb, do_cfg, per),)
+        return jax.block_until_ready(texts)
 
 
 def check_last_image(tc, given: bool) -> None:
