@@ -339,14 +339,14 @@ def make_torch_zimage(seed: int = 0):
                           tokenizer=tiny.train_qwen3_tokenizer(), transformer=transformer)
 
 
-def make_torch_sana(seed: int = 0):
-    """A tiny random diffusers SanaPipeline (xdit_jax.tiny's SANA configs; Gemma 2 with eager attention, its logit
-    soft-capping)."""
+def make_torch_sana(seed: int = 0, **transformer):
+    """A tiny random diffusers SanaPipeline (xdit_jax.tiny's SANA configs, ``transformer``: overrides of the
+    transformer's; Gemma 2 with eager attention, its logit soft-capping)."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
     torch.manual_seed(seed)
-    transformer = randomize_(SanaTransformer2DModel(**tiny.SANA_TRANSFORMER), seed, std=0.1)
+    transformer = randomize_(SanaTransformer2DModel(**{**tiny.SANA_TRANSFORMER, **transformer}), seed, std=0.1)
     vae = randomize_(AutoencoderDC(**tiny.SANA_VAE), seed + 1, std=0.1)
     gcfg = Gemma2Config(**{k: v for k, v in tiny.SANA_GEMMA.items() if k != "model_type"})
     gcfg._attn_implementation = "eager"

@@ -22,7 +22,10 @@ no K/V buffers; the linear attention's per-patch sums and the grid
 convolution's input are buffered instead (:func:`xdit_jax.parallel.pipefusion.init_mixing`, the ops'
 :mod:`xdit_jax.parallel.token_mixing`). The cross-attention to the caption is local (every patch holds the caption).
 
-Not supported (refused): ``clean_caption`` (as PixArt), Sana Sprint / 1.5 / ControlNet transformers.
+SANA 1.5 (``qk_norm``) runs here; a transformer config's ``timestep_scale`` multiplies the timestep (as diffusers').
+Sana Sprint folders (model_index SanaSprintPipeline) are not this class's.
+
+Not supported (refused): ``clean_caption`` (as PixArt), ControlNet transformers.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class SanaPipeline(ImagePipelineBase):
         graphdef, _ = nnx.split(self.transformer)
         dtype = self.dtype
         learned_sigma = self.transformer_config.out_ch // 2 == self.transformer_config.in_channels
+        timestep_scale = self.transformer_config.timestep_scale  # diffusers' SanaPipeline: t * timestep_scale
 
         def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
@@ -150,6 +154,7 @@ class SanaPipeline(ImagePipelineBase):
             t = sched.timesteps[i]
             x = self._model_batch(latents, do_cfg)
             b = x.shape[0]
+            t = t if timestep_scale == 1.0 else t * timestep_scale
             tokens_x, tokens, cond = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (b,)), mask)
             tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
             pred = self._real_rows(model.head(tokens_x, cond, x.shape).astype(jnp.float32), latents.shape[0], do_cfg)
