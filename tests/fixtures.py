@@ -356,6 +356,18 @@ def make_torch_sana(seed: int = 0, **transformer):
                         transformer=transformer, scheduler=sched)
 
 
+def make_torch_sana_sprint(seed: int = 0):
+    """A tiny random diffusers SanaSprintPipeline: SANA's tiny parts, the Sprint transformer (q/k norms, guidance
+    embedding) and the SCM scheduler (xdit_jax.tiny's SANA_SPRINT_*)."""
+    from diffusers import SanaSprintPipeline, SCMScheduler
+
+    sana = make_torch_sana(seed, **{k: v for k, v in tiny.SANA_SPRINT_TRANSFORMER.items()
+                                    if k not in tiny.SANA_TRANSFORMER})
+    sched = SCMScheduler(**{k: v for k, v in tiny.SANA_SPRINT_SCHEDULER.items() if not k.startswith("_")})
+    return SanaSprintPipeline(tokenizer=sana.tokenizer, text_encoder=sana.text_encoder, vae=sana.vae,
+                              transformer=sana.transformer, scheduler=sched)
+
+
 def make_torch_lumina2(seed: int = 0):
     """A tiny random diffusers Lumina2Pipeline (xdit_jax.tiny's Lumina 2 configs: SANA's tiny Gemma 2 with eager
     attention on the Gemma stand-in tokenizer, FLUX's tiny VAE with scaling and shift, FlowMatchEuler with dynamic

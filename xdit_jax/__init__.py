@@ -12,7 +12,7 @@ from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOutput
-from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput
+from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput, SanaSprintPipeline
 from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
 from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
@@ -23,7 +23,7 @@ __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipel
            "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline",
            "LattePipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImagePipeline",
-           "QwenImagePipelineOutput", "SD3PipelineOutput", "SanaPipeline", "SanaPipelineOutput",
+           "QwenImagePipelineOutput", "SD3PipelineOutput", "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline",
            "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]
 __version__ = "0.1.0"
