@@ -80,3 +80,19 @@ def test_mesh_matches_one_device(pipes):
     # parallel output equals one device up to float rounding (the step noise is drawn whole, then split): measured 6.3e-7
     # (ulysses=3: 4.2e-7).
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+
+
+def test_custom_timesteps_and_refusals(pipes):
+    """Custom angles (diffusers' set_timesteps(timesteps=...)) equal to the default ones give the default run; what
+    diffusers refuses is refused (intermediate angle with 3 steps, custom angles with max_timesteps, a negative
+    prompt: Sprint has none)."""
+    _, ours, _ = pipes
+    kw = dict(height=H, width=W, latents=initial_latents(seed=5), max_sequence_length=MSL, use_resolution_binning=False,
+              complex_human_instruction=[], output_type="latent", progress=False, seed=1)
+    ref = ours(PROMPT, **kw).images
+    out = ours(PROMPT, timesteps=[1.5708, 1.3, 0.0], max_timesteps=None, intermediate_timesteps=None, **kw).images
+    np.testing.assert_array_equal(out, ref)
+    for bad, needle in [(dict(num_inference_steps=3), "Intermediate"), (dict(timesteps=[1.5, 1.0, 0.0]), "max_timesteps"),
+                        (dict(negative_prompt="blurry"), "negative prompt")]:
+        with pytest.raises(ValueError, match=needle):
+            ours(PROMPT, **{**kw, **bad})

@@ -23,7 +23,7 @@ convolution's input are buffered instead (:func:`xdit_jax.parallel.pipefusion.in
 :mod:`xdit_jax.parallel.token_mixing`). The cross-attention to the caption is local (every patch holds the caption).
 
 SANA 1.5 (``qk_norm``) runs here; a transformer config's ``timestep_scale`` multiplies the timestep (as diffusers').
-Sana Sprint folders (model_index SanaSprintPipeline) are not this class's.
+Sana Sprint: :class:`SanaSprintPipeline` below (its own folders, model_index SanaSprintPipeline).
 
 Not supported (refused): ``clean_caption`` (as PixArt), ControlNet transformers.
 """
