@@ -102,7 +102,7 @@ def test_generate_sana_sprint_image(tmp_path, capsys):
     assert len(paths) == 2 and all(iio.imread(p).shape == (32, 48, 3) for p in paths)
     text = capsys.readouterr().out
     assert '"model_family": "sana-sprint"' in text
-    for extra, needle in [(["--mesh", "cfg=2"], "cfg"), (["--negative-prompt", "blurry"], "negative prompt")]:
+    for extra, needle in [(["--mesh", "cfg=2"], "embeds its guidance"), (["--negative-prompt", "blurry"], "negative prompt")]:
         rc = cli.main(["--model", "tiny-sana-sprint", "--output", str(tmp_path / "x.png"), "--no-progress", *extra])
         assert rc == 2 and needle in capsys.readouterr().err
 

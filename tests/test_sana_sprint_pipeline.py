@@ -96,3 +96,8 @@ def test_custom_timesteps_and_refusals(pipes):
                         (dict(negative_prompt="blurry"), "negative prompt")]:
         with pytest.raises(ValueError, match=needle):
             ours(PROMPT, **{**kw, **bad})
+    from xdit_jax.mesh import MeshSpec
+    from xdit_jax.pipelines.sana import check_sprint_mesh
+
+    with pytest.raises(ValueError, match="embeds its guidance"):
+        check_sprint_mesh(MeshSpec(cfg=2))

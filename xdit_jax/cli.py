@@ -44,6 +44,7 @@ def _sana_sprint_request(mod, model, tc, args, height: int, width: int, guidance
     """Sana Sprint: the guidance is embedded, never a CFG batch (a cfg axis is refused)."""
     if args.negative_prompt is not None:
         raise ValueError("--negative-prompt: Sana Sprint has no negative prompt (its guidance is embedded).")
+    mod.check_sprint_mesh(mesh_spec_from_args(args))
     return height, width, 1.0
 
 

@@ -237,6 +237,12 @@ class SanaPipeline(ImagePipelineBase):
 
 SPRINT_PIPELINE_CLASSES = ("SanaSprintPipeline",)
 SPRINT_SCHEDULERS = ("SCMScheduler",)
+SPRINT_NO_CFG = "Sana Sprint embeds its guidance (no CFG batch): drop cfg from the mesh"
+
+
+def check_sprint_mesh(mesh_spec) -> None:
+    if mesh_spec is not None and mesh_spec.cfg > 1:
+        raise ValueError(f"Mesh {mesh_spec}: {SPRINT_NO_CFG} (data, ring, ulysses and pipefusion split it).")
 
 
 def sprint_binned_size(height: int, width: int, sample_size: int) -> tuple[int, int]:
@@ -313,6 +319,7 @@ class SanaSprintPipeline(SanaPipeline):
         ``negative_prompt``: None only (diffusers' Sprint takes none: the guidance is embedded)."""
         if negative_prompt is not None:
             raise ValueError("Sana Sprint takes no negative prompt: its guidance is embedded, there is no CFG batch.")
+        check_sprint_mesh(self.mesh_spec)
         requested, (height, width), prompts, batch, per = self._binned_text_request(
             prompt, prompt_embeds, prompt_attention_mask, height, width, use_resolution_binning,
             num_images_per_prompt, 1.0, output_type, sprint_binned_size, check_request, "Sana Sprint")
