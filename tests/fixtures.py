@@ -453,14 +453,14 @@ def make_torch_zimage(seed: int = 0):
                           tokenizer=tiny.train_qwen3_tokenizer(), transformer=transformer)
 
 
-def make_torch_sana(seed: int = 0):
-    """A tiny random diffusers SanaPipeline (xdit_jax.tiny's SANA configs; Gemma 2 with eager attention, its logit
-    soft-capping)."""
+def make_torch_sana(seed: int = 0, **transformer):
+    """A tiny random diffusers SanaPipeline (xdit_jax.tiny's SANA configs, ``transformer``: overrides of the
+    transformer's; Gemma 2 with eager attention, its logit soft-capping)."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
     torch.manual_seed(seed)
-    transformer = randomize_(SanaTransformer2DModel(**tiny.SANA_TRANSFORMER), seed, std=0.1)
+    transformer = randomize_(SanaTransformer2DModel(**{**tiny.SANA_TRANSFORMER, **transformer}), seed, std=0.1)
     vae = randomize_(AutoencoderDC(**tiny.SANA_VAE), seed + 1, std=0.1)
     gcfg = Gemma2Config(**{k: v for k, v in tiny.SANA_GEMMA.items() if k != "model_type"})
     gcfg._attn_implementation = "eager"
@@ -468,6 +468,18 @@ def make_torch_sana(seed: int = 0):
     sched = DPMSolverMultistepScheduler(**{k: v for k, v in tiny.SANA_SCHEDULER.items() if not k.startswith("_")})
     return SanaPipeline(tokenizer=tiny.train_gemma_tokenizer(), text_encoder=text_encoder, vae=vae,
                         transformer=transformer, scheduler=sched)
+
+
+def make_torch_sana_sprint(seed: int = 0):
+    """A tiny random diffusers SanaSprintPipeline: SANA's tiny parts, the Sprint transformer (q/k norms, guidance
+    embedding) and the SCM scheduler (xdit_jax.tiny's SANA_SPRINT_*)."""
+    from diffusers import SanaSprintPipeline, SCMScheduler
+
+    sana = make_torch_sana(seed, **{k: v for k, v in tiny.SANA_SPRINT_TRANSFORMER.items()
+                                    if k not in tiny.SANA_TRANSFORMER})
+    sched = SCMScheduler(**{k: v for k, v in tiny.SANA_SPRINT_SCHEDULER.items() if not k.startswith("_")})
+    return SanaSprintPipeline(tokenizer=sana.tokenizer, text_encoder=sana.text_encoder, vae=sana.vae,
+                              transformer=sana.transformer, scheduler=sched)
 
 
 def make_torch_lumina2(seed: int = 0):

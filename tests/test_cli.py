@@ -89,6 +89,24 @@ def test_generate_sana_image(tmp_path, capsys):
     assert '"model_family": "sana"' in capsys.readouterr().out
 
 
+def test_generate_sana_sprint_image(tmp_path, capsys):
+    """The tiny Sana Sprint (guidance embedded, SCM's default 2 steps) on data=2,ulysses=2 with two prompts; a cfg
+    axis and a negative prompt refused before loading (no CFG batch)."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "s.png"
+    rc = cli.main(["--model", "tiny-sana-sprint", "--output", str(out), "--height", "32", "--width", "48",
+                   "--prompt", "A cat.", "--prompt", "A dog.", "--mesh", "data=2,ulysses=2", "--no-progress", "--json"])
+    assert rc == 0
+    paths = sorted(tmp_path.glob("s*.png"))
+    assert len(paths) == 2 and all(iio.imread(p).shape == (32, 48, 3) for p in paths)
+    text = capsys.readouterr().out
+    assert '"model_family": "sana-sprint"' in text
+    for extra, needle in [(["--mesh", "cfg=2"], "embeds its guidance"), (["--negative-prompt", "blurry"], "negative prompt")]:
+        rc = cli.main(["--model", "tiny-sana-sprint", "--output", str(tmp_path / "x.png"), "--no-progress", *extra])
+        assert rc == 2 and needle in capsys.readouterr().err
+
+
 # Slow (the default run's time): the CLI's PipeFusion flags run in test_generate_pipefusion, SANA's PipeFusion
 # numerics in tests/test_sana_pipefusion.py
 @pytest.mark.slow

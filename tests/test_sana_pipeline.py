@@ -63,6 +63,24 @@ def test_latents_match_diffusers_batch_no_cfg(pipes):
     np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
+def test_qk_norm_timestep_scale_matches_diffusers(tmp_path_factory):
+    """SANA 1.5's transformer (q/k RMSNorms in both attentions) on SanaPipeline, with a timestep_scale (diffusers'
+    SanaPipeline multiplies the timestep by it): CFG, 2 steps, image."""
+    tp = make_torch_sana(seed=3, qk_norm="rms_norm_across_heads", timestep_scale=0.5)
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("sana15"))
+    ours = SanaPipeline.from_pretrained(converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache15")))
+    lat = initial_latents(seed=4)
+    kw = dict(height=H, width=W, num_inference_steps=2, guidance_scale=4.5, max_sequence_length=MSL,
+              use_resolution_binning=False)
+    with torch.no_grad():
+        ref = tp(prompt=PROMPT, negative_prompt=NEG, latents=torch.from_numpy(lat), output_type="np", **kw).images
+    out = ours(PROMPT, NEG, latents=lat, progress=False, **kw).images
+    assert out.shape == ref.shape == (1, H, W, 3)
+    # as test_image_matches_diffusers (fp32, pixels in [0, 1]): measured 2.1e-6; without the timestep_scale the
+    # pixels move by 0.18.
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("mesh", ["cfg=2,ring=2,ulysses=2", pytest.param("ulysses=3", marks=pytest.mark.slow)])
 def test_mesh_matches_one_device(pipes, mesh):
     _, ours, folder = pipes
@@ -176,3 +194,35 @@ def test_benchmark_full_width_rows_vs_diffusers(monkeypatch):
         # fp32, outputs O(1): measured 2.5e-6 (one device), 2.1e-6 (the mesh)
         assert by_mesh[mesh]["max_abs_diff_vs_diffusers"] < 1e-4
     assert by_mesh["single device"]["flops_hlo"] == pytest.approx(by_mesh["single device"]["flops_analytic"], rel=1e-9)
+
+
+@pytest.mark.parametrize("name,pipeline,scheduler", [("sana1.5-1.6b-1024px", "SanaPipeline", "dpmsolver"),
+                                                     ("sana-sprint-1.6b-1024px", "SanaSprintPipeline", "scm")])
+def test_sana15_and_sprint_configs_folders(name, pipeline, scheduler):
+    """configs/sana1.5-1.6b-1024px and configs/sana-sprint-1.6b-1024px: the transformer (q/k norms; Sprint's guidance
+    embedder) holds as many weights as diffusers' build of the same config.json (meta device); the folder names our
+    pipeline class and a scheduler we run; 1024 x 1024 passes the request checks."""
+    import json
+    from pathlib import Path
+
+    import jax
+    from diffusers import SanaTransformer2DModel as TorchModel
+    from flax import nnx
+
+    from xdit_jax.models import sana
+    from xdit_jax.pipelines import pipeline_class
+    from xdit_jax.pipelines import sana as sp
+    from xdit_jax.pipelines.denoise import pipeline_class_name
+    from xdit_jax.schedulers import scheduler_from_config
+
+    root = Path(__file__).resolve().parents[1] / "configs" / name
+    tc, vc = sp.read_configs(root)
+    hub = json.loads((root / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        ref = sum(p.numel() for p in TorchModel(**{k: v for k, v in hub.items() if not k.startswith("_")}).parameters())
+    state = nnx.state(nnx.eval_shape(lambda: sana.SanaTransformer2DModel(tc)), nnx.Param)
+    assert sum(x.size for x in jax.tree.leaves(state)) == ref
+    assert pipeline_class(pipeline_class_name(root)).__name__ == pipeline
+    module, _ = scheduler_from_config(json.loads((root / "scheduler" / "scheduler_config.json").read_text()))
+    assert module.__name__.endswith(scheduler)
+    sp.check_request(tc, vc, 1024, 1024, 2, None, 1.0)

@@ -21,40 +21,54 @@ from xdit_jax.parallel.sequence import _shard_map, padded_length
 BASE = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
             sample_size=8, patch_size=1)
-VARIANTS = {"plain": BASE, "pos": dict(BASE, interpolation_scale=1.0, patch_size=2, out_channels=None)}
+# SANA 1.5's q/k RMSNorms (both attentions); Sana Sprint's: those and the guidance embedding.
+QK = dict(qk_norm="rms_norm_across_heads")
+VARIANTS = {"plain": BASE, "pos": dict(BASE, interpolation_scale=1.0, patch_size=2, out_channels=None),
+            "qk": dict(BASE, **QK), "sprint": dict(BASE, **QK, guidance_embeds=True)}
 L = 6
 SHAPES = [(2, 8, 8), (2, 6, 10)]  # the second: not square, 60 / 30 tokens (padding under ulysses=3 / ring x ulysses)
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+# "qk" is slow-marked (the default run's time): "sprint" runs the q/k norms too, and SanaPipeline with them ==
+# diffusers in tests/test_sana_pipeline.py.
+@pytest.fixture(scope="module", params=[pytest.param(v, marks=pytest.mark.slow) if v == "qk" else v for v in VARIANTS])
 def pair(request):
     torch.manual_seed(0)
     tm = randomize_(TorchModel(**VARIANTS[request.param]), seed=1, std=0.2)
     cfg = sana.SanaConfig.from_dict(dict(tm.config))
     model = sana.build(cfg, sana.params_from_torch(state_dict_np(tm), cfg))
-    fwd = jax.jit(lambda m, x, e, t, msk: m(x, e, t, msk))
+    if cfg.guidance_embeds:  # the guidance as Sprint's pipeline passes it: scale x guidance_embeds_scale
+        fwd = jax.jit(lambda m, x, e, t, msk: m(x, e, t, msk, guidance=GUIDANCE[: x.shape[0]]))
+    else:
+        fwd = jax.jit(lambda m, x, e, t, msk: m(x, e, t, msk))
     return request.param, tm, cfg, model, fwd
+
+
+GUIDANCE = np.array([0.45, 0.7], np.float32)
 
 
 def _inputs(cfg, b, h, w, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((b, cfg.in_channels, h, w)).astype(np.float32)
     enc = rng.standard_normal((b, L, cfg.caption_channels)).astype(np.float32)
-    t = np.array([999, 37][:b], dtype=np.int64)
+    # Sprint's timesteps are the trig-flow's sin / (sin + cos) in [0, 1]
+    t = np.array([0.93, 0.41][:b], np.float32) if cfg.guidance_embeds else np.array([999, 37][:b], dtype=np.int64)
     return x, enc, t
 
 
 def _torch(tm, x, enc, t, mask):
     tt = lambda a: None if a is None else torch.from_numpy(np.asarray(a))
+    g = tt(GUIDANCE[: x.shape[0]]) if tm.config.guidance_embeds else None
     with torch.no_grad():
         return tm(tt(x), encoder_hidden_states=tt(enc), timestep=tt(t), encoder_attention_mask=tt(mask),
-                  return_dict=False)[0].numpy()
+                  guidance=g, return_dict=False)[0].numpy()
 
 
 # fp32 both sides, outputs O(1-10): 1e-4 allows reordered float32 sums (linear attention's K^T V over 64 tokens,
-# the 3x3 conv's 9 products) over 2 blocks; measured <= 2.1e-5 on outputs of scale 2-5 (a layout / mask /
-# conv-edge bug gives >1e-2). A fully masked caption (second row of the last mask): diffusers' -10000 bias (ulp
-# 1e-3 at that size) carries rounding into the softmax weights: measured 1.2e-4 - 2.8e-4.
+# the 3x3 conv's 9 products) over 2 blocks; measured <= 2.1e-5 on outputs of scale 2-5 ("qk" / "sprint", with the
+# q/k RMSNorms and the guidance embedder: <= 7.5e-6; a layout / mask / conv-edge bug gives >1e-2). A fully masked
+# caption (second row of the last mask): diffusers' -10000 bias (ulp
+# 1e-3 at that size) carries rounding into the softmax weights: measured 1.2e-4 - 3.3e-4.
 MASKS = [(None, 1e-4), (np.array([[1] * L, [1] * 3 + [0] * (L - 3)]), 1e-4), (np.array([[1] * 2 + [0] * 4, [0] * L]), 1e-3)]
 
 
@@ -69,9 +83,10 @@ def test_matches_diffusers(pair):
             np.testing.assert_allclose(out, ref, atol=atol, rtol=1e-4, err_msg=f"{name} {(b, h, w)} {mask}")
 
 
-@pytest.mark.parametrize("pair", ["plain"], indirect=True)
-@pytest.mark.parametrize("mesh_spec", ["ulysses=3", "cfg=2,ring=2,ulysses=2"])
+@pytest.mark.parametrize("pair,mesh_spec", [("plain", "ulysses=3"), ("plain", "cfg=2,ring=2,ulysses=2"),
+                                            ("sprint", "cfg=2,ring=2,ulysses=2")], indirect=["pair"])
 def test_sequence_parallel_equals_one_device(pair, mesh_spec):
+    """("sprint": the q/k norms are per token, so they hold on every shard; the guidance rides with the batch.)"""
     name, tm, cfg, model, fwd = pair
     mesh = build_mesh(mesh_spec)
     par = sequence_parallel_forward(model, mesh)
@@ -79,7 +94,8 @@ def test_sequence_parallel_equals_one_device(pair, mesh_spec):
         x, enc, t = _inputs(cfg, b, h, w, seed=2)
         mask = MASKS[1][0]
         ref = np.asarray(fwd(model, x, enc, t, mask))
-        out = np.asarray(par(x, enc, t, mask))
+        extra = (GUIDANCE[:b],) if cfg.guidance_embeds else ()
+        out = np.asarray(par(x, enc, t, mask, *extra))
         # Float reordering only (the psum's partial sums, the conv's flat form): measured 4.8e-7 (ulysses=3),
         # 1.4e-6 (cfg=2,ring=2,ulysses=2).
         np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5, err_msg=f"{mesh_spec} {(b, h, w)}")
@@ -131,11 +147,13 @@ def test_ops_over_mesh_equal_one_device(mesh_spec):
 def test_config_and_input_errors(pair):
     name, tm, cfg, model, _ = pair
     d = dict(tm.config)
-    for bad, needle in [(dict(guidance_embeds=True), "Sprint"), (dict(qk_norm="rms_norm_across_heads"), "qk_norm"),
-                        (dict(cross_attention_dim=cfg.inner_dim + 1), "cross_attention_dim"),
-                        (dict(timestep_scale=2.0), "timestep_scale")]:
+    for bad, needle in [(dict(qk_norm="rms_norm"), "qk_norm"), (dict(qk_norm="layer_norm"), "qk_norm"),
+                        (dict(cross_attention_dim=cfg.inner_dim + 1), "cross_attention_dim")]:
         with pytest.raises(ValueError, match=needle):
             sana.SanaConfig.from_dict({**d, **bad})
+    x, enc, t = _inputs(cfg, 1, 4, 4)
+    with pytest.raises(ValueError, match="guidance"):  # Sprint's model without guidance, or guidance to another
+        model(x, enc, t, None, guidance=None if cfg.guidance_embeds else GUIDANCE[:1])
     with pytest.raises(ValueError, match="channels"):
         sana.check_input_shape(cfg, cfg.in_channels + 1, 8, 8)
     if cfg.patch_size == 2:

@@ -13,7 +13,7 @@ from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOutput
 from xdit_jax.pipelines.qwenimage_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
-from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput
+from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput, SanaSprintPipeline
 from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Pipeline
 from xdit_jax.pipelines.skyreels_v2 import (
     SkyReelsV2DiffusionForcingImageToVideoPipeline,
@@ -33,7 +33,7 @@ __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipel
            "LattePipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
            "QwenImageEditPlusPipeline", "QwenImagePipeline", "QwenImagePipelineOutput", "SD3PipelineOutput",
-           "SanaPipeline", "SanaPipelineOutput", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+           "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
            "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput",

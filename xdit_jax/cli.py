@@ -6,7 +6,7 @@
     python scripts/generate.py --model tiny-pixart # a tiny random PixArt-Sigma (tiny-hunyuandit, tiny-mochi, tiny-flux,
                                                    # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
                                                    # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana,
-                                                   # tiny-chroma, tiny-lumina2, tiny-flux2-klein,
+                                                   # tiny-sana-sprint, tiny-chroma, tiny-lumina2, tiny-flux2-klein,
                                                    # tiny-qwenimage-edit(-plus) with --image, tiny-skyreels-v2)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
@@ -34,6 +34,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 def _binned_by_sample_size(mod, tc, height: int, width: int, on: bool) -> tuple[int, int]:
     """PixArt, SANA: the closest trained aspect-ratio bin of the checkpoint's sample size (when ``on``)."""
     return mod.binned_size(height, width, tc.sample_size) if on else (height, width)
+
+
+def _binned_sana_sprint(mod, tc, height: int, width: int, on: bool) -> tuple[int, int]:
+    """Sana Sprint: the 1024 px bins for sample size 32 (its pipeline's only table; when ``on``)."""
+    return mod.sprint_binned_size(height, width, tc.sample_size) if on else (height, width)
+
+
+def _sana_sprint_request(mod, model, tc, args, height: int, width: int, guidance):
+    """Sana Sprint: the guidance is embedded, never a CFG batch (a cfg axis is refused)."""
+    if args.negative_prompt is not None:
+        raise ValueError("--negative-prompt: Sana Sprint has no negative prompt (its guidance is embedded).")
+    mod.check_sprint_mesh(mesh_spec_from_args(args))
+    return height, width, 1.0
 
 
 def _binned_hunyuandit(mod, tc, height: int, width: int, on: bool) -> tuple[int, int]:
@@ -132,6 +145,9 @@ FAMILIES = {
     "zimage": Family(video=False, guidance_scale=0.0, steps=9, tiny_steps=2, tiny_size=(64, 64),
                      max_sequence_length=512, tiny_max_sequence_length=None),
     "sana": Family(video=False, guidance_scale=4.5, steps=20, max_sequence_length=300, binning=_binned_by_sample_size),
+    # Sana Sprint: diffusers' SanaSprintPipeline defaults (2 steps, guidance 4.5 embedded; SCM angles 1.5708, 1.3)
+    "sana-sprint": Family(video=False, guidance_scale=4.5, steps=2, tiny_steps=2, module="sana",
+                          max_sequence_length=300, binning=_binned_sana_sprint, check_hook=_sana_sprint_request),
     # Chroma: real CFG (negative prompt default ""), diffusers' ChromaPipeline defaults
     "chroma": Family(video=False, guidance_scale=5.0, steps=35, tiny_steps=2, tiny_size=(48, 64),
                      max_sequence_length=512),
@@ -165,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="diffusers folder, converted xdit_jax folder, hub id, or 'tiny' / 'tiny-pixart' / "
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-qwenimage-edit' / "
-                         "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / "
+                         "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / 'tiny-sana-sprint' / "
                          "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",

@@ -23,7 +23,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-latte": "latte", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-flux-kontext": "flux-kontext",
               "tiny-qwenimage": "qwenimage", "tiny-qwenimage-edit": "qwenimage-edit",
               "tiny-qwenimage-edit-plus": "qwenimage-edit-plus", "tiny-zimage": "zimage",
-              "tiny-sana": "sana", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
+              "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
               "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2"}
 
 CORPUS = [
@@ -299,6 +299,12 @@ SANA_SCHEDULER = dict(_class_name="DPMSolverMultistepScheduler", num_train_times
                       thresholding=False, steps_offset=0, use_karras_sigmas=False, use_flow_sigmas=True,
                       flow_shift=3.0, timestep_spacing="linspace", final_sigmas_type="zero", euler_at_final=False)
 SANA_MAX_SEQUENCE_LENGTH = 16
+# Sana Sprint shaped: SANA's tiny transformer with the q/k RMSNorms and the guidance embedding; its SCM scheduler
+# (the config diffusers' conversion writes).
+SANA_SPRINT_TRANSFORMER = dict(SANA_TRANSFORMER, qk_norm="rms_norm_across_heads", guidance_embeds=True,
+                               guidance_embeds_scale=0.1)
+SANA_SPRINT_SCHEDULER = dict(_class_name="SCMScheduler", num_train_timesteps=1000, prediction_type="trigflow",
+                             sigma_data=0.5)
 
 # Lumina 2 shaped: 2 main layers and 1 noise + 1 context refiner layer over 2 query heads of 16 sharing 1 K/V head
 # (RoPE axes 4 + 6 + 6), LuminaFeedForward 4 x 32 rounded to 16; 4 latent channels (FLUX's tiny VAE, 8x:
@@ -507,6 +513,11 @@ def model_index(family: str = "cogvideox") -> dict:
     if family == "sana":
         return {"_class_name": "SanaPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+                "text_encoder": ["transformers", "Gemma2Model"], "tokenizer": ["transformers", "GemmaTokenizer"],
+                "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"]}
+    if family == "sana-sprint":
+        return {"_class_name": "SanaSprintPipeline", "_diffusers_version": "0.33.0",
+                "scheduler": ["diffusers", "SCMScheduler"],
                 "text_encoder": ["transformers", "Gemma2Model"], "tokenizer": ["transformers", "GemmaTokenizer"],
                 "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"]}
     if family == "lumina2":
@@ -777,10 +788,11 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(LATTE_VAE), jnp.float32)()),
             "text_encoder": text,
         }, LATTE_SCHEDULER
-    if family == "sana":
+    if family in ("sana", "sana-sprint"):
         from xdit_jax.models import gemma2, sana, vae_dc
 
-        tcfg = {**SANA_TRANSFORMER, **(transformer or {})}
+        sprint = family == "sana-sprint"
+        tcfg = {**(SANA_SPRINT_TRANSFORMER if sprint else SANA_TRANSFORMER), **(transformer or {})}
         return {
             "transformer": ("SanaTransformer2DModel", tcfg,
                             lambda: sana.SanaTransformer2DModel(sana.SanaConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
@@ -788,7 +800,7 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_dc.module_fn(vae_dc.AutoencoderDCConfig.from_dict(SANA_VAE), jnp.float32)()),
             "text_encoder": ("Gemma2Model", SANA_GEMMA,
                              lambda: gemma2.Gemma2Model(gemma2.Gemma2Config.from_dict(SANA_GEMMA), rngs=nnx.Rngs(0))),
-        }, SANA_SCHEDULER
+        }, SANA_SPRINT_SCHEDULER if sprint else SANA_SCHEDULER
     if family == "lumina2":
         from xdit_jax.models import gemma2, lumina2
 

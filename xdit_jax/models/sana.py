@@ -15,8 +15,13 @@ The blocks are stacked on a leading layer axis and run with one ``lax.scan``.
 
 PipeFusion needs nothing here: the ops keep its buffers (:mod:`xdit_jax.parallel.token_mixing`).
 
-Refused (clear errors): Sana Sprint's guidance embeddings, q/k norms (SANA 1.5 / Sprint), Sana 2.0 /
-ControlNet inputs.
+SANA 1.5 / Sprint: ``qk_norm="rms_norm_across_heads"`` puts an RMSNorm (eps 1e-5, weight) over each token's whole
+q and k projection in both attentions (per token, so local on any sequence shard and in PipeFusion's patches).
+Sprint's ``guidance_embeds``: the timestep embedder's output plus a guidance embedder's (the pipeline passes
+``guidance_scale * guidance_embeds_scale``; pass ``guidance=`` to the model). ``timestep_scale`` is read by the
+pipelines (SanaPipeline multiplies the timestep by it, as diffusers; its Sprint pipeline does not), never here.
+
+Refused (clear errors): other qk_norm kinds, ControlNet inputs.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ from xdit_jax.models.layers import (
     LayerNorm,
     PixArtAlphaTextProjection,
     RMSNorm,
+    TimestepEmbedding,
     linear,
     scan_modules,
     stack_modules,
+    timestep_embedding,
 )
-from xdit_jax.models.pixart import AdaLayerNormSingle, sincos_2d_table, text_key_mask
+from xdit_jax.models.pixart import TIME_PROJ_DIM, AdaLayerNormSingle, sincos_2d_table, text_key_mask
 from xdit_jax.parallel.attention import cross_attention
 from xdit_jax.parallel.token_mixing import grid_conv3x3, linear_attention
 
@@ -72,11 +79,11 @@ class SanaConfig(TransformerDims):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SanaConfig":
         cfg = cls(**known_fields(cls, d))
-        if cfg.guidance_embeds:
-            raise ValueError("guidance_embeds=True (Sana Sprint's guidance embedding) is not supported; only the "
-                             "plain SANA text-to-image transformer is.")
-        if cfg.qk_norm is not None:
-            raise ValueError(f"qk_norm={cfg.qk_norm!r} (SANA 1.5 / Sprint) is not supported; only qk_norm=None.")
+        if cfg.qk_norm not in QK_NORMS:
+            # diffusers' other kinds normalize over dim_head (or are LayerNorms) where SANA's processors hand the
+            # norm the (B, S, heads * dim_head) projection: only the across-heads RMSNorm is what checkpoints use.
+            raise ValueError(f"qk_norm={cfg.qk_norm!r} is not supported; supported: None, 'rms_norm_across_heads' "
+                             "(SANA 1.5 / Sprint).")
         if cfg.cross_attention_dim is None:
             raise ValueError("A SANA transformer without cross-attention (cross_attention_dim=None) is not supported.")
         if cfg.num_cross_attention_heads * cfg.cross_attention_head_dim != cfg.inner_dim:
@@ -86,8 +93,6 @@ class SanaConfig(TransformerDims):
         if cfg.cross_attention_dim != cfg.inner_dim:
             raise ValueError(f"cross_attention_dim={cfg.cross_attention_dim} must equal the inner dim {cfg.inner_dim}: "
                              "the caption projection outputs that width.")
-        if cfg.timestep_scale != 1.0:
-            raise ValueError(f"timestep_scale={cfg.timestep_scale} (Sana Sprint) is not supported; only 1.0.")
         return cfg
 
     @property
@@ -98,6 +103,10 @@ class SanaConfig(TransformerDims):
     def ff_hidden(self) -> int:
         return int(self.mlp_ratio * self.inner_dim)
 
+
+# q/k norms of both attentions: diffusers' ``Attention(qk_norm=...)``; "rms_norm_across_heads" is an RMSNorm (eps
+# 1e-5, with weight) over the whole (heads * dim_head) projection of each token.
+QK_NORMS = (None, "rms_norm_across_heads")
 
 TORCH_RENAMES = [(r"\.to_out\.", ".to_out.0.")]
 TORCH_IGNORE = [r"^patch_embed\.pos_embed$"]
@@ -147,6 +156,18 @@ class GLUMBConv(nnx.Module):
         return self.conv_point(h * jax.nn.silu(gate))
 
 
+def _qk_norms(cfg: SanaConfig, d: int, dtype):
+    if cfg.qk_norm is None:
+        return None, None
+    return RMSNorm(d, 1e-5, dtype=dtype), RMSNorm(d, 1e-5, dtype=dtype)
+
+
+def _apply_qk_norms(attn, q, k):
+    if attn.norm_q is None:
+        return q, k
+    return attn.norm_q(q), attn.norm_k(k)
+
+
 class LinearSelfAttention(nnx.Module):
     """``Attention`` with SanaLinearAttnProcessor2_0: ReLU(q), ReLU(k), linear attention (float32)."""
 
@@ -157,11 +178,13 @@ class LinearSelfAttention(nnx.Module):
         self.to_k = linear(d, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
         self.to_v = linear(d, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
         self.to_out = linear(d, d, dtype=dtype, rngs=rngs)
+        self.norm_q, self.norm_k = _qk_norms(cfg, d, dtype)
 
     def __call__(self, x):
         b, s, _ = x.shape
         heads = lambda y: y.reshape(b, s, self.heads, -1)  # noqa: E731
-        q, k, v = jax.nn.relu(heads(self.to_q(x))), jax.nn.relu(heads(self.to_k(x))), heads(self.to_v(x))
+        q, k = _apply_qk_norms(self, self.to_q(x), self.to_k(x))  # per token: local on any sequence shard
+        q, k, v = jax.nn.relu(heads(q)), jax.nn.relu(heads(k)), heads(self.to_v(x))
         return self.to_out(linear_attention(q, k, v).reshape(b, s, -1))
 
 
@@ -175,13 +198,33 @@ class CrossAttention(nnx.Module):
         self.to_k = linear(cfg.cross_attention_dim, d, dtype=dtype, rngs=rngs)
         self.to_v = linear(cfg.cross_attention_dim, d, dtype=dtype, rngs=rngs)
         self.to_out = linear(d, d, dtype=dtype, rngs=rngs)
+        self.norm_q, self.norm_k = _qk_norms(cfg, d, dtype)  # kv_heads = heads in diffusers: both over d
 
     def __call__(self, x, context, context_mask):
         b, s, _ = x.shape
         heads = lambda y: y.reshape(y.shape[0], y.shape[1], self.heads, -1)  # noqa: E731
-        o = cross_attention(heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context)),
-                            kv_mask=context_mask)
+        q, k = _apply_qk_norms(self, self.to_q(x), self.to_k(context))
+        o = cross_attention(heads(q), heads(k), heads(self.to_v(context)), kv_mask=context_mask)
         return self.to_out(o.reshape(b, s, -1))
+
+
+class SanaCombinedTimestepGuidanceEmbeddings(nnx.Module):
+    """Sana Sprint's ``time_embed`` (``guidance_embeds=True``): sinusoids (256, cos first) of the timestep and of
+    the guidance, each through its own TimestepEmbedding, summed -> (the (B, 6D) modulation ``linear(silu(.))``,
+    the sum as the embedded timestep). The guidance arrives already scaled (``guidance_embeds_scale``: the
+    pipeline's multiply, as diffusers')."""
+
+    def __init__(self, cfg: SanaConfig, *, dtype, rngs):
+        d = cfg.inner_dim
+        self.dtype = dtype
+        self.timestep_embedder = TimestepEmbedding(TIME_PROJ_DIM, d, dtype=dtype, rngs=rngs)
+        self.guidance_embedder = TimestepEmbedding(TIME_PROJ_DIM, d, dtype=dtype, rngs=rngs)
+        self.linear = linear(d, 6 * d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, timestep, guidance):
+        proj = lambda v: timestep_embedding(v, TIME_PROJ_DIM, True, 0).astype(self.dtype)  # noqa: E731
+        cond = self.timestep_embedder(proj(timestep)) + self.guidance_embedder(proj(guidance))
+        return self.linear(jax.nn.silu(cond)), cond
 
 
 class SanaTransformerBlock(nnx.Module):
@@ -218,7 +261,8 @@ class SanaTransformer2DModel(nnx.Module):
         self.dtype = dtype
         d = cfg.inner_dim
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
-        self.time_embed = AdaLayerNormSingle(cfg, dtype=dtype, rngs=rngs)
+        self.time_embed = (SanaCombinedTimestepGuidanceEmbeddings(cfg, dtype=dtype, rngs=rngs) if cfg.guidance_embeds
+                           else AdaLayerNormSingle(cfg, dtype=dtype, rngs=rngs))
         self.caption_projection = PixArtAlphaTextProjection(cfg.caption_channels, d, dtype=dtype, rngs=rngs)
         self.caption_norm = RMSNorm(d, 1e-5, dtype=dtype)
         self.transformer_blocks = stack_modules(lambda r: SanaTransformerBlock(cfg, dtype=dtype, rngs=r),
@@ -227,7 +271,7 @@ class SanaTransformer2DModel(nnx.Module):
         self.scale_shift_table = nnx.Param(jnp.zeros((2, d), dtype))
         self.proj_out = linear(d, cfg.patch_size * cfg.patch_size * cfg.out_ch, dtype=dtype, rngs=rngs)
 
-    def embed(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None):
+    def embed(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None, guidance=None):
         """-> (x, tokens, cond). x: (B, S, D) image tokens, row-major over the (H/p, W/p) grid. tokens: ``{}``.
         cond (batch first): ``timestep`` (B, 6D), ``embedded_timestep`` (B, D), ``context`` (B, L, D),
         ``context_mask`` (B, L) bool, ``grid`` (B, H/p, W/p, 0): an empty array whose static shape carries
@@ -242,7 +286,18 @@ class SanaTransformer2DModel(nnx.Module):
             pos = sincos_2d_table(cfg.inner_dim, gh, gw, cfg.sample_size // p, cfg.interpolation_scale)
             x = (x.astype(jnp.float32) + jnp.asarray(pos)[None]).astype(dtype)
         t = jnp.broadcast_to(jnp.asarray(timestep).reshape(-1), (b,))
-        t6, embedded = self.time_embed(t, None, None, b)
+        if cfg.guidance_embeds:
+            if guidance is None:
+                raise ValueError("This SANA transformer embeds the guidance (guidance_embeds=True, Sana Sprint): "
+                                 "pass guidance (the scale times guidance_embeds_scale).")
+            t6, embedded = self.time_embed(t, jnp.broadcast_to(jnp.asarray(guidance).reshape(-1), (b,)))
+        else:
+            # diffusers' forward takes the plain path only when guidance is None; a guidance passed to a model
+            # without the embedder fails there (AdaLayerNormSingle has no such argument): refused here too.
+            if guidance is not None:
+                raise ValueError("guidance was given, but this SANA transformer has no guidance embedding "
+                                 "(guidance_embeds=False).")
+            t6, embedded = self.time_embed(t, None, None, b)
         context = self.caption_projection(encoder_hidden_states.astype(dtype)).reshape(b, -1, cfg.inner_dim)
         context = self.caption_norm(context)
         cond = {"timestep": t6, "embedded_timestep": embedded, "context": context,
@@ -264,8 +319,9 @@ class SanaTransformer2DModel(nnx.Module):
         x = x.reshape(b, h // p, w // p, p, p, cfg.out_ch).transpose(0, 5, 1, 3, 2, 4)
         return x.reshape(b, cfg.out_ch, h, w)
 
-    def __call__(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None):
-        x, tokens, cond = self.embed(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask)
+    def __call__(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None, guidance=None):
+        x, tokens, cond = self.embed(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask,
+                                     guidance)
         return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
 
 

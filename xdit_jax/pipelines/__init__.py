@@ -33,6 +33,7 @@ PIPELINES = {
     "QwenImageEditPlusPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPlusPipeline", "qwenimage"),
     "ZImagePipeline": ("xdit_jax.pipelines.zimage", "ZImagePipeline", "zimage"),
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
+    "SanaSprintPipeline": ("xdit_jax.pipelines.sana", "SanaSprintPipeline", "sana-sprint"),
     "ChromaPipeline": ("xdit_jax.pipelines.chroma", "ChromaPipeline", "chroma"),
     "Lumina2Pipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),
     # diffusers' earlier name of the same pipeline (still an alias there)
@@ -44,7 +45,8 @@ PIPELINES = {
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
-    "qwenimage", "zimage", "sana", "chroma", "lumina2", "flux2", "skyreels_v2") of a diffusers pipeline class name;
+    "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2") of a diffusers pipeline
+    class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")

@@ -22,7 +22,10 @@ no K/V buffers; the linear attention's per-patch sums and the grid
 convolution's input are buffered instead (:func:`xdit_jax.parallel.pipefusion.init_mixing`, the ops'
 :mod:`xdit_jax.parallel.token_mixing`). The cross-attention to the caption is local (every patch holds the caption).
 
-Not supported (refused): ``clean_caption`` (as PixArt), Sana Sprint / 1.5 / ControlNet transformers.
+SANA 1.5 (``qk_norm``) runs here; a transformer config's ``timestep_scale`` multiplies the timestep (as diffusers').
+Sana Sprint: :class:`SanaSprintPipeline` below (its own folders, model_index SanaSprintPipeline).
+
+Not supported (refused): ``clean_caption`` (as PixArt), ControlNet transformers.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
     resize_and_crop,
     vae_scale_factor,
 )
-from xdit_jax.schedulers import dpmsolver
+from xdit_jax.schedulers import dpmsolver, scm
 
 PIPELINE_CLASSES = ("SanaPipeline",)
 SCHEDULERS = ("DPMSolverMultistepScheduler",)
@@ -141,6 +144,7 @@ class SanaPipeline(ImagePipelineBase):
         graphdef, _ = nnx.split(self.transformer)
         dtype = self.dtype
         learned_sigma = self.transformer_config.out_ch // 2 == self.transformer_config.in_channels
+        timestep_scale = self.transformer_config.timestep_scale  # diffusers' SanaPipeline: t * timestep_scale
 
         def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
@@ -150,6 +154,7 @@ class SanaPipeline(ImagePipelineBase):
             t = sched.timesteps[i]
             x = self._model_batch(latents, do_cfg)
             b = x.shape[0]
+            t = t if timestep_scale == 1.0 else t * timestep_scale
             tokens_x, tokens, cond = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(t, (b,)), mask)
             tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
             pred = self._real_rows(model.head(tokens_x, cond, x.shape).astype(jnp.float32), latents.shape[0], do_cfg)
@@ -217,6 +222,135 @@ class SanaPipeline(ImagePipelineBase):
             kv = self._pipefusion_mixing_buffers(embeds.shape[0], height, width)
             latents = self._denoise(do_cfg, latents, state, kv, (embeds, mask, sched_arrays, guidance),
                                     len(sched.timesteps), progress)
+
+        if output_type == "latent":
+            return SanaPipelineOutput(images=as_numpy(latents), timings=timer.times,
+                                      peak_memory_bytes=peak_memory_bytes())
+        # 4. decode
+        with timer.stage("decoding"):
+            resize = requested if requested != (height, width) else None
+            images = as_numpy(jax.block_until_ready(self._decode_fn(resize)(latents)))
+        return SanaPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+# ---------------------------------------------------------------------------------------------- Sana Sprint
+
+SPRINT_PIPELINE_CLASSES = ("SanaSprintPipeline",)
+SPRINT_SCHEDULERS = ("SCMScheduler",)
+SPRINT_NO_CFG = "Sana Sprint embeds its guidance (no CFG batch): drop cfg from the mesh"
+
+
+def check_sprint_mesh(mesh_spec) -> None:
+    if mesh_spec is not None and mesh_spec.cfg > 1:
+        raise ValueError(f"Mesh {mesh_spec}: {SPRINT_NO_CFG} (data, ring, ulysses and pipefusion split it).")
+
+
+def sprint_binned_size(height: int, width: int, sample_size: int) -> tuple[int, int]:
+    """SanaSprintPipeline's binning: the 1024 px table for sample size 32 (the only one it has: diffusers raises
+    "Invalid sample size" for others, where this runs at the requested size, as :func:`binned_size` does)."""
+    return binned_size(height, width, 32) if sample_size == 32 else (height, width)
+
+
+class SanaSprintPipeline(SanaPipeline):
+    """Sana Sprint text-to-image, diffusers' ``SanaSprintPipeline`` on a JAX mesh: the SANA transformer with its
+    guidance embedding (no CFG batch: ``guidance_scale * guidance_embeds_scale`` is embedded), the SCM scheduler
+    (:mod:`xdit_jax.schedulers.scm`; by default 2 steps at angles 1.5708 and 1.3).
+
+    Each step, as diffusers' loop (angle s, sigma_data d, the latents x carried in units of d)::
+
+        c = sin(s) / (sin(s) + cos(s))                    # the transformer's timestep, in [0, 1]
+        x_in = x / d * sqrt(c**2 + (1 - c)**2)
+        F = ((1 - 2c) x_in + (1 - 2c + 2c**2) transformer(x_in, c, guidance)) / sqrt(c**2 + (1 - c)**2)
+        x, x0 = scm.step(F * d, x)                        # x0 = cos(s) x - sin(s) F d; x = cos(t) x0 + sin(t) d noise
+
+    The initial latents are the (given or drawn) standard normal ones times d; the image is decoded from the last
+    step's x0 / d (diffusers' ``denoised``). ``timestep_scale`` is not applied (diffusers' Sprint pipeline does not
+    read it). Text: as :class:`SanaPipeline`'s prompt (no negative prompt). PipeFusion and sequence parallelism as
+    SanaPipeline (the same transformer and buffers).
+    """
+
+    PIPELINE_CLASSES = SPRINT_PIPELINE_CLASSES
+    SCHEDULERS = SPRINT_SCHEDULERS
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        key = ("sprint", do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
+        graphdef, _ = nnx.split(self.transformer)
+        dtype = self.dtype
+        sigma_data = float(self.scheduler_config.sigma_data)
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.sequence)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
+
+        def step(tstate, latents, sched_state, i, kv, embeds, mask, sched, guidance, rng):
+            model = nnx.merge(graphdef, tstate)
+            s = sched.timesteps[i]
+            c = jnp.sin(s) / (jnp.cos(s) + jnp.sin(s))
+            norm = jnp.sqrt(c ** 2 + (1 - c) ** 2)
+            x_in = latents / sigma_data * norm
+            x = self._model_batch(x_in, False)
+            b = x.shape[0]
+            tokens_x, tokens, cond = model.embed(x.astype(dtype), embeds, jnp.broadcast_to(c, (b,)), mask,
+                                                 jnp.broadcast_to(guidance, (b,)))
+            tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
+            pred = self._real_rows(model.head(tokens_x, cond, x.shape), latents.shape[0], False)
+            pred = ((1 - 2 * c) * x_in + (1 - 2 * c + 2 * c ** 2) * pred.astype(x_in.dtype)) / norm
+            pred = pred.astype(jnp.float32) * sigma_data
+            noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32)
+            prev, x0 = scm.step(sched, i, pred, latents, sched_state, noise)
+            # diffusers decodes the last step's x0 (equal to prev where the last angle is 0, the default schedules)
+            latents = jnp.where(i == sched.num_inference_steps - 1, x0, prev)
+            return self._step_out(latents, x0, i, kv)
+
+        return self._jit_step(key, step)
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt=None, *, num_inference_steps: int = 2,
+                 timesteps=None,
+                 max_timesteps: float | None = scm.MAX_TIMESTEPS,
+                 intermediate_timesteps: float | None = scm.INTERMEDIATE_TIMESTEPS, guidance_scale: float = 4.5,
+                 height: int | None = None, width: int | None = None, prompt_embeds=None, prompt_attention_mask=None,
+                 latents=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH, use_resolution_binning: bool = True,
+                 complex_human_instruction: list[str] | None = None, num_images_per_prompt: int = 1, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> SanaPipelineOutput:
+        """As diffusers' ``SanaSprintPipeline.__call__`` (``timesteps``: n + 1 custom angles, with
+        ``max_timesteps=None``; ``intermediate_timesteps`` only for 2 steps: pass None for others, as diffusers);
+        ``seed`` draws the initial latents and each step's noise (``normal(fold_in(key(seed), i))``);
+        ``negative_prompt``: None only (diffusers' Sprint takes none: the guidance is embedded)."""
+        if negative_prompt is not None:
+            raise ValueError("Sana Sprint takes no negative prompt: its guidance is embedded, there is no CFG batch.")
+        check_sprint_mesh(self.mesh_spec)
+        requested, (height, width), prompts, batch, per = self._binned_text_request(
+            prompt, prompt_embeds, prompt_attention_mask, height, width, use_resolution_binning,
+            num_images_per_prompt, 1.0, output_type, sprint_binned_size, check_request, "Sana Sprint")
+        sched = scm.make_schedule(self.scheduler_config, num_inference_steps, timesteps=timesteps,
+                                  max_timesteps=max_timesteps, intermediate_timesteps=intermediate_timesteps)
+        chi = gemma2.SANA_COMPLEX_HUMAN_INSTRUCTION if complex_human_instruction is None else complex_human_instruction
+        timer = StageTimer()
+
+        # 1. text (no CFG batch)
+        with timer.stage("text_encoding"):
+            if prompt_embeds is None:
+                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, max_sequence_length, chi)
+            embeds, mask = self._masked_text_batch(prompt_embeds, prompt_attention_mask, False, per, None, None,
+                                                   None, "Gemma 2")
+
+        # 2. latents (diffusers layout: B, C, h, w), in units of sigma_data
+        shape = self.latent_shape(batch * per, height, width)
+        rng = jax.random.key(seed)
+        latents = self._initial_latents(latents, shape, rng, self.scheduler_config.sigma_data,
+                                        "batch, channels, height/32, width/32")
+
+        # 3. denoise: one jitted step per iteration; the guidance as diffusers (in the text's dtype, then scaled)
+        g = jnp.asarray(guidance_scale, self.dtype) * self.transformer_config.guidance_embeds_scale
+        guidance = self._put_replicated(g)
+        sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
+        with timer.stage("denoising"):
+            state = jax.device_put(scm.init_state(shape), latents.sharding)
+            kv = self._pipefusion_mixing_buffers(embeds.shape[0], height, width)
+            latents = self._denoise(False, latents, state, kv, (embeds, mask, sched_arrays, guidance, rng),
+                                    len(sched), progress)
+            latents = latents / self.scheduler_config.sigma_data
 
         if output_type == "latent":
             return SanaPipelineOutput(images=as_numpy(latents), timings=timer.times,

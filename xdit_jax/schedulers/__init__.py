@@ -1,6 +1,6 @@
 """Schedulers as small pure functions over arrays (host-side schedule + jittable step)."""
 
-from xdit_jax.schedulers import cogvideox, ddim, ddpm, dpmsolver, flow_match, unipc
+from xdit_jax.schedulers import cogvideox, ddim, ddpm, dpmsolver, flow_match, scm, unipc
 from xdit_jax.schedulers.cogvideox import (
     INIT_NOISE_SIGMA,
     Schedule,
@@ -27,6 +27,7 @@ SCHEDULERS = {
     "DDPMScheduler": (ddpm, "DDPMConfig"),
     "DPMSolverMultistepScheduler": (dpmsolver, "DPMSolverConfig"),
     "FlowMatchEulerDiscreteScheduler": (flow_match, "FlowMatchEulerConfig"),
+    "SCMScheduler": (scm, "SCMConfig"),
     "UniPCMultistepScheduler": (unipc, "UniPCConfig"),
 }
 
