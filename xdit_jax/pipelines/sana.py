@@ -168,6 +168,17 @@ class SanaPipeline(ImagePipelineBase):
 
         return self._jit_step(key, step)
 
+    def _output(self, latents, output_type: str, requested, height: int, width: int, timer) -> SanaPipelineOutput:
+        """The call's result: the latents (``output_type="latent"``), or the decoded images resized back to the
+        ``requested`` size where resolution binning changed it."""
+        if output_type == "latent":
+            return SanaPipelineOutput(images=as_numpy(latents), timings=timer.times,
+                                      peak_memory_bytes=peak_memory_bytes())
+        with timer.stage("decoding"):
+            resize = requested if requested != (height, width) else None
+            images = as_numpy(jax.block_until_ready(self._decode_fn(resize)(latents)))
+        return SanaPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
     def _decode_fn(self, size: tuple[int, int] | None = None):
         """Jitted DC-AE decode of ``latents / scaling_factor`` over the mesh -> (B, H, W, 3) in [0, 1];
         ``size``: resized and cropped to it (resolution binning)."""
@@ -223,14 +234,7 @@ class SanaPipeline(ImagePipelineBase):
             latents = self._denoise(do_cfg, latents, state, kv, (embeds, mask, sched_arrays, guidance),
                                     len(sched.timesteps), progress)
 
-        if output_type == "latent":
-            return SanaPipelineOutput(images=as_numpy(latents), timings=timer.times,
-                                      peak_memory_bytes=peak_memory_bytes())
-        # 4. decode
-        with timer.stage("decoding"):
-            resize = requested if requested != (height, width) else None
-            images = as_numpy(jax.block_until_ready(self._decode_fn(resize)(latents)))
-        return SanaPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+        return self._output(latents, output_type, requested, height, width, timer)
 
 
 # ---------------------------------------------------------------------------------------------- Sana Sprint
@@ -352,11 +356,4 @@ class SanaSprintPipeline(SanaPipeline):
                                     len(sched), progress)
             latents = latents / self.scheduler_config.sigma_data
 
-        if output_type == "latent":
-            return SanaPipelineOutput(images=as_numpy(latents), timings=timer.times,
-                                      peak_memory_bytes=peak_memory_bytes())
-        # 4. decode
-        with timer.stage("decoding"):
-            resize = requested if requested != (height, width) else None
-            images = as_numpy(jax.block_until_ready(self._decode_fn(resize)(latents)))
-        return SanaPipelineOutput(images=images, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+        return self._output(latents, output_type, requested, height, width, timer)
