@@ -1,7 +1,7 @@
 """Per-file test times from a pytest ``--durations=0`` report, for tests/file_times.json (the order in which
 tests/conftest.py hands the files to the xdist workers: longest first, so that no long file starts last).
 
-    python -m pytest -q -n 2 --dist loadfile --durations=0 > report.txt
+    python -m pytest -q -n 3 --dist loadfile --durations=0 > report.txt
     python scripts/test_file_times.py report.txt > tests/file_times.json
 
 (Only the order matters: times measured on a loaded machine serve. Session 18's file: a 2-worker run of the whole
