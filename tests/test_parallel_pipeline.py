@@ -81,6 +81,12 @@ def test_call_errors(variant):
         pipe(PROMPTS, **{**KW, "guidance_scale": 1.0})
 
 
+# The step's communication, the Pallas backend and the one-compile rule on the RoPE variant; the sin-cos variant
+# (its position table, the same strategies) is slow-marked here (`pytest -m slow`) and runs its meshes above.
+ROPE_ONLY = pytest.mark.parametrize("variant", ["rope", pytest.param("sincos", marks=SLOW)], indirect=True)
+
+
+@ROPE_ONLY
 @pytest.mark.parametrize("mesh", ["ulysses=2", "ring=3", "cfg=2,ulysses=2,ring=2"])
 def test_step_communication(variant, mesh):
     """The compiled step sends what the strategy should: per layer, Ulysses' four all-to-alls and the
@@ -111,6 +117,7 @@ def test_step_communication(variant, mesh):
     assert sum(s["total_bytes"] for s in outside) < joint_bytes
 
 
+@ROPE_ONLY
 @pytest.mark.parametrize("mesh", ["cfg=2,ulysses=2,ring=2"])
 def test_pallas_backend_equals_one_device(variant, mesh):
     """The Pallas flash kernel (interpreted on the CPU) as the attention backend of a USP mesh."""
@@ -119,6 +126,7 @@ def test_pallas_backend_equals_one_device(variant, mesh):
     assert np.abs(out - ref).max() <= 1e-4, mesh
 
 
+@ROPE_ONLY
 @pytest.mark.parametrize("mesh", ["cfg=2", "cfg=2,ring=2"])
 def test_step_compiles_once(variant, caplog, mesh):
     """Step 0 and the later steps share one executable: the loop's carry enters placed as the step

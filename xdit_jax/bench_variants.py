@@ -176,8 +176,9 @@ ATTENTION_VARIANTS: dict[str, Callable] = {
 def attention_override(name: str | None):
     """While tracing, route the model's single-device attention kernel through ``ATTENTION_VARIANTS[name]``.
 
-    Patches ``xdit_jax.parallel.attention._xla_attention`` (q, k, v, mask, scale, out_dtype) ->
-    (out, lse), or, in older trees, ``local_attention``. Masked calls go to the original kernel.
+    Patches ``xdit_jax.parallel.attention._xla_attention`` (q, k, v, mask, scale, out_dtype[, qk_mask]) ->
+    (out, lse), or, in older trees, ``local_attention``. Masked calls (a key mask or a per-pair ``qk_mask``) go to
+    the original kernel.
     """
     if name in (None, "unstacked"):  # unstacked: the weights' layout (bench.py), nothing to patch here
         yield
@@ -188,9 +189,9 @@ def attention_override(name: str | None):
     if hasattr(attn_mod, "_xla_attention"):
         target, original = "_xla_attention", attn_mod._xla_attention
 
-        def patched(q, k, v, mask, scale, out_dtype):
-            if mask is not None:
-                return original(q, k, v, mask, scale, out_dtype)
+        def patched(q, k, v, mask, scale, out_dtype, *args, **kw):
+            if mask is not None or any(a is not None for a in (*args, *kw.values())):
+                return original(q, k, v, mask, scale, out_dtype, *args, **kw)
             out, lse = fn(q, k, v, scale)
             return out.astype(out_dtype), lse
     else:
