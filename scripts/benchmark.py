@@ -37,17 +37,12 @@ def step_parser() -> argparse.ArgumentParser:
                     "Subcommands: step (this, the default) and vae-memory (see 'benchmark.py vae-memory --help'). "
                     "Details: docs/benchmarks.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="models: CogVideoX tiny, cpu-small, cogvideox-2b, cogvideox-5b, cogvideox1.5-5b; PixArt pixart-tiny, "
-               "pixart-cpu-small, pixart-alpha-1024, pixart-sigma-1024; HunyuanDiT hunyuandit-tiny, "
-               "hunyuandit-cpu-small, hunyuandit-v1.2; Mochi mochi-tiny, mochi-cpu-small, mochi-1-preview; FLUX.1 "
-               "flux-tiny, flux-cpu-small, flux.1-dev, flux.1-schnell; SD3 sd3-tiny, sd3-cpu-small, sd3-medium, "
-               "sd3.5-large; Wan 2.1 wan-tiny, wan-cpu-small, wan2.1-t2v-1.3b, wan2.1-t2v-14b (configs/); or a config "
-               "folder (--list)")
+        epilog="models: a preset (<family>-tiny: CI smoke tests; <family>-cpu-small: one or two blocks at a "
+               "full-size width), a full-size model in configs/ with random weights, or a config folder; --list "
+               "names them all with their shapes")
     p.add_argument("--model", default="cpu-small",
-                   help="preset (tiny, cpu-small, pixart-tiny, pixart-cpu-small, hunyuandit-tiny, "
-                        "hunyuandit-cpu-small, mochi-tiny, mochi-cpu-small, flux-tiny, flux-cpu-small, sd3-tiny, "
-                        "sd3-cpu-small, wan-tiny, wan-cpu-small), a "
-                        "full-size model in configs/ "
+                   help="preset (tiny, cpu-small, <family>-tiny, <family>-cpu-small, ...: --list), a full-size model "
+                        "in configs/ "
                         "(random weights), or a folder holding transformer/config.json [cpu-small]")
     p.add_argument("--mesh", action="append", default=None,
                    help="mesh spec, repeatable (e.g. --mesh 1 --mesh cfg=2); 1 = one device [1]")

@@ -7,7 +7,7 @@
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -76,6 +76,13 @@ case $part in
   step lumina2-vs 240 --model lumina-image-2.0 --steps 5 --compare diffusers
   step lumina2-e2e 150 --model lumina-image-2.0 --steps 0 --e2e 2
   ;;
-*) echo "unknown part $part: use 1 to 10"; exit 2 ;;
+11) # the session-18 families, never run on a GPU: SkyReels-V2 DF 1.3B (a timestep per latent frame, causal blocks
+    # of 5 frames over 51,000 tokens: the segment mask on the XLA path) against diffusers; Qwen-Image-Edit-2511 (4096
+    # noisy + 4096 condition tokens, zero_cond_t; 20 of 60 blocks beside diffusers' copy); Sana Sprint end to end
+  step skyreels-vs 300 --model skyreels-v2-df-1.3b-540p --steps 3 --compare diffusers
+  step edit-vs 240 --model qwen-image-edit-2511 --layers 20 --steps 3 --compare diffusers
+  step sprint-e2e 120 --model sana-sprint-1.6b-1024px --steps 3 --e2e 2
+  ;;
+*) echo "unknown part $part: use 1 to 11"; exit 2 ;;
 esac
 ls -la "$O"

@@ -447,6 +447,21 @@ def _wan_cpu_small_workload() -> Workload:
                     source="configs/wan2.1-t2v-1.3b, 2 layers", defaults=defaults)
 
 
+def _skyreels_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's SkyReels-V2 (Wan 2.1's tiny blocks + the fps embedding) stepping as the diffusion-forcing
+    # pipeline: 13 frames of 32 x 48 -> 4 x 4 x 6 latents, 4 x 2 x 3 = 24 video tokens, a timestep per latent frame,
+    # causal blocks of 2 frames (the block mask over the sequence meshes); 16 UMT5 tokens, 6 real.
+    spatial, temporal = wan_vae_scales(tiny.WAN_VAE)
+    t = dict(tiny.SKYREELS_V2_TRANSFORMER, inject_sample_info=True, num_frame_per_block=2)
+    return Workload("skyreels-tiny", t, height=32, width=48, num_frames=13, vae_scale_spatial=spatial,
+                    vae_scale_temporal=temporal, family="skyreels_v2", text_tokens=16, text_valid=6,
+                    source="xdit_jax.tiny's SkyReels-V2, 2 heads x 12, 2 layers, diffusion forcing",
+                    defaults={"num_inference_steps": 4, "guidance_scale": 6.0, "max_sequence_length": 16, "fps": 24,
+                              "causal_block_size": 2})
+
+
 def _latte_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
@@ -494,6 +509,19 @@ def _qwen_image_tiny_workload() -> Workload:
     return Workload("qwenimage-tiny", dict(tiny.QWEN_IMAGE_TRANSFORMER), height=48, width=80, num_frames=1,
                     family="qwenimage", text_tokens=16, source="xdit_jax.tiny's Qwen-Image, 2 heads x 16, 2 blocks",
                     defaults={"num_inference_steps": 4, "true_cfg_scale": 4.0, "max_sequence_length": 16})
+
+
+def _qwen_image_edit_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # qwenimage-tiny stepping as Qwen-Image-Edit-2511 (QwenImageEditPlusPipeline, zero_cond_t): one condition image
+    # of the output's aspect at a VAE image area of 48 x 80 pixels (diffusers' rounding of each side to 32: 64 x 64, a
+    # 4 x 4 packed grid after the noisy 3 x 5: 31 image tokens), its timestep-0 modulation; 16 text tokens
+    return Workload("qwenimage-edit-tiny", dict(tiny.QWEN_IMAGE_TRANSFORMER, zero_cond_t=True), height=48, width=80,
+                    num_frames=1, family="qwenimage", text_tokens=16,
+                    source="xdit_jax.tiny's Qwen-Image as Edit-2511, 2 heads x 16, 2 blocks",
+                    defaults={"num_inference_steps": 4, "true_cfg_scale": 4.0, "tiny_family": "qwenimage-edit-plus",
+                              "vae_image_area": 48 * 80})
 
 
 def _qwen_image_cpu_small_workload() -> Workload:
@@ -582,6 +610,17 @@ def _sana_cpu_small_workload() -> Workload:
                     folder=str(folder), source="configs/sana-1600m-1024px, 2 layers", defaults=defaults)
 
 
+def _sana_sprint_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Sana Sprint (the SANA tiny blocks with q/k RMS norms across heads and the guidance embedding)
+    # at sana-tiny's 32 x 48: 96 image + 16 Gemma tokens (6 real), one sample per prompt (the guidance embedded)
+    w = _sana_tiny_workload()
+    return dataclasses.replace(w, name="sana-sprint-tiny", transformer=dict(tiny.SANA_SPRINT_TRANSFORMER),
+                               cfg=False, source="xdit_jax.tiny's Sana Sprint, 2 heads x 8, 2 blocks",
+                               defaults=dict(num_inference_steps=2, guidance_scale=4.5, tiny_family="sana-sprint"))
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -597,18 +636,21 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "sd3-cpu-small": _sd3_cpu_small_workload,
                                               "wan-tiny": _wan_tiny_workload,
                                               "wan-cpu-small": _wan_cpu_small_workload,
+                                              "skyreels-tiny": _skyreels_tiny_workload,
                                               "latte-tiny": _latte_tiny_workload,
                                               "latte-cpu-small": _latte_cpu_small_workload,
                                               "hunyuanvideo-tiny": _hunyuan_video_tiny_workload,
                                               "hunyuanvideo-cpu-small": _hunyuan_video_cpu_small_workload,
                                               "qwenimage-tiny": _qwen_image_tiny_workload,
                                               "qwenimage-cpu-small": _qwen_image_cpu_small_workload,
+                                              "qwenimage-edit-tiny": _qwen_image_edit_tiny_workload,
                                               "zimage-tiny": _zimage_tiny_workload,
                                               "zimage-cpu-small": _zimage_cpu_small_workload,
                                               "flux2-tiny": _flux2_tiny_workload,
                                               "flux2-cpu-small": _flux2_cpu_small_workload,
                                               "sana-tiny": _sana_tiny_workload,
                                               "sana-cpu-small": _sana_cpu_small_workload,
+                                              "sana-sprint-tiny": _sana_sprint_tiny_workload,
                                               "lumina2-tiny": _lumina2_tiny_workload,
                                               "lumina2-cpu-small": _lumina2_cpu_small_workload}
 PRESET_HELP = {
@@ -692,6 +734,12 @@ PRESET_HELP["wan2.1-flf2v-14b-720p"] = ("full-size configs/wan2.1-flf2v-14b-720p
 PRESET_HELP["wan2.2-ti2v-5b"] = ("full-size configs/wan2.2-ti2v-5b with random weights at 121x704x1280 (Wan 2.2 VAE, "
                                  "16x spatial: 31x22x40 = 27,280 video + 512 UMT5 tokens)")
 PRESET_HELP.update({
+    "skyreels-tiny": "a 2x12-head, 2-layer SkyReels-V2 (Wan 2.1's tiny blocks, the fps embedding) stepping as the "
+                     "diffusion-forcing pipeline at 13x32x48: 24 video tokens, a timestep per latent frame, causal "
+                     "blocks of 2 frames, 16 caption tokens (6 real; CI smoke test)",
+    "skyreels-v2-df-1.3b-540p": "full-size configs/skyreels-v2-df-1.3b-540p with random weights at 97x544x960 "
+                                "(25x34x60 = 51,000 video + 512 UMT5 tokens; a timestep per latent frame, causal "
+                                "blocks of 5 frames, the fps embedding)",
     "latte-tiny": "a 2x8-head Latte (2 spatial + temporal layer pairs, caption 32 wide) at 3x32x48: 3 frames x 6 "
                   "patch positions + 16 T5 tokens (CI smoke test)",
     "latte-cpu-small": "Latte-1 width (16 heads x 72), 2 layer pairs, 16 frames at 128x128: 16 frames x 8x8 = 1024 "
@@ -706,6 +754,12 @@ PRESET_HELP.update({
                       "image + 16 text tokens, true CFG (CI smoke test)",
     "qwenimage-cpu-small": "Qwen-Image width (24 heads x 128), 1 block at 256x256: 256 image + 64 text tokens, "
                            "true CFG",
+    "qwenimage-edit-tiny": "qwenimage-tiny as Qwen-Image-Edit-2511: 15 noisy + 16 condition-image tokens (zero_cond_t) "
+                           "+ 16 text tokens, true CFG (CI smoke test)",
+    "qwen-image-edit": "full-size configs/qwen-image-edit with random weights at 1024x1024: 4096 noisy + 4096 "
+                       "condition tokens + 64 text and 1369 image tokens (Qwen2.5-VL's view of the image), true CFG",
+    "qwen-image-edit-2511": "full-size configs/qwen-image-edit-2511 with random weights at 1024x1024: 4096 noisy + "
+                            "4096 condition tokens (zero_cond_t) + 64 text and 196 image tokens, true CFG",
     "qwen-image": "full-size configs/qwen-image with random weights at 1328x1328 (83x83 = 6,889 image + 64 text "
                   "tokens, true CFG: 2 samples per prompt)",
     "hunyuanvideo": "full-size configs/hunyuanvideo with random weights at 129x720x1280 (33x45x80 = 118,800 video + "
@@ -725,6 +779,12 @@ PRESET_HELP.update({
     "sana-tiny": "a 2x8-head, 2-block SANA (linear attention, GLUMBConv) at 32x48: 96 image + 16 Gemma tokens (6 real; "
                  "CI smoke test)",
     "sana-cpu-small": "SANA 1600M width (70 linear heads x 32), 2 blocks, 512x512: 16x16 = 256 image + 300 Gemma tokens",
+    "sana-sprint-tiny": "sana-tiny as Sana Sprint (q/k RMS norms, the guidance embedded): 96 image + 16 Gemma tokens, "
+                        "one sample per prompt (CI smoke test)",
+    "sana-sprint-1.6b-1024px": "full-size configs/sana-sprint-1.6b-1024px with random weights at 1024x1024 (32x32 = "
+                               "1024 image + 300 Gemma tokens, one sample per prompt: the guidance embedded)",
+    "sana1.5-1.6b-1024px": "full-size configs/sana1.5-1.6b-1024px with random weights at 1024x1024 (32x32 = 1024 "
+                           "image + 300 Gemma tokens, CFG)",
     "sana-1600m-1024px": "full-size configs/sana-1600m-1024px with random weights at 1024x1024 (32x32 = 1024 image + 300 "
                          "Gemma tokens)",
     "lumina2-tiny": "a 2x16-head Lumina 2 (1 K/V head; 2 main + 1 noise + 1 context refiner layers, caption 24 wide) at "
@@ -780,8 +840,10 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
             w = Workload(folder.name, t, height=int(d.get("height", 720)), width=int(d.get("width", 1280)),
                          num_frames=int(d.get("num_frames", 129)), defaults=d, source=str(folder), folder=str(folder),
                          family=family)
-        elif family == "wan":  # no sample sizes in its config: defaults.json's, else WanPipeline's 480 x 832 x 81
+        elif family in ("wan", "skyreels_v2"):  # no sample sizes in its config: defaults.json's, else 480 x 832 x 81
             spatial, temporal = wan_folder_vae_scales(folder)
+            if family == "skyreels_v2" and d.get("causal_block_size"):  # as the DF pipeline sets it on the model
+                t = dict(t, num_frame_per_block=int(d["causal_block_size"]))
             w = Workload(folder.name, t, height=int(d.get("height", 480)), width=int(d.get("width", 832)),
                          num_frames=int(d.get("num_frames", 81)), vae_scale_spatial=spatial,
                          vae_scale_temporal=temporal, defaults=d, source=str(folder), folder=str(folder),
@@ -798,7 +860,8 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
         w.transformer = w.fam.with_layers(w.transformer, int(layers))
     w.height, w.width = height or w.height, width or w.width
     w.num_frames = num_frames or w.num_frames
-    w.batch, w.cfg = batch, (w.fam.default_cfg if cfg is None else bool(cfg))
+    w.batch, w.cfg = batch, (w.fam.cfg_default(w) if cfg is None else bool(cfg))
+    w.fam.check_cfg(w)
     return w
 
 
@@ -1477,7 +1540,7 @@ def pipeline_configs(w: Workload, folder: str | os.PathLike, text_layers: int | 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if w.folder is None:
-        tiny.write_configs(folder, w.family, w.transformer)
+        tiny.write_configs(folder, w.defaults.get("tiny_family", w.family), w.transformer)
     else:
         src = Path(w.folder)
         if not (src / "model_index.json").exists():
@@ -1525,7 +1588,8 @@ def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = N
     call = w.fam.pipeline_call(w)
     row = {"kind": "e2e", "model": w.name, "family": w.family, "impl": "xdit_jax pipeline", "mesh": str(ms),
            "dtype": dtype_name, "height": w.height, "width": w.width, "num_frames": w.num_frames,
-           "num_inference_steps": steps, "call": call, "text_layers": text_layers,
+           "num_inference_steps": steps, "text_layers": text_layers,
+           "call": {k: f"array{tuple(v.shape)} {v.dtype}" if isinstance(v, np.ndarray) else v for k, v in call.items()},
            "attention_backend": attention_backend, **env}
     try:
         t0 = time.perf_counter()
@@ -1612,7 +1676,9 @@ def format_table(rows: list[dict]) -> str:
                   f"({r0['double_layers']} double- + {r0['single_layers']} single-stream blocks, "
                   f"{'true CFG' if r0.get('true_cfg') else 'one sample per prompt'})")
     elif r0.get("family") == "qwenimage":  # Qwen-Image: [text; image] in every attention, the text a masked context
-        tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} Qwen2.5-VL tokens "
+        cond = r0.get("condition_tokens")
+        tokens = (f"{r0['image_tokens']} image{f' (of them {cond} condition-image)' if cond else ''} + "
+                  f"{r0['text_tokens']} Qwen2.5-VL tokens "
                   f"({'true CFG: the negative half masked to 1' if r0.get('true_cfg') else 'one sample per prompt'})")
     elif r0.get("family") == "sd3":  # SD3: the image tokens and the whole text (no mask) in one joint attention
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} text tokens "
@@ -1620,9 +1686,12 @@ def format_table(rows: list[dict]) -> str:
     elif r0.get("family") == "mochi":  # Mochi: the video tokens and the (masked) caption in one joint attention
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")
-    elif r0.get("family") == "wan":  # Wan: the video tokens self-attend, the zero-padded caption is cross-attended
+    elif r0.get("family") in ("wan", "skyreels_v2"):  # the video tokens self-attend, the caption is cross-attended
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} of the prompt's, the rest zeros, cross-attended)")
+        if r0.get("diffusion_forcing"):  # SkyReels-V2 DF
+            tokens += (f", a timestep per latent frame, causal blocks of {r0['causal_block']} frames"
+                       if r0.get("causal_block", 1) > 1 else ", a timestep per latent frame")
         if r0.get("image_tokens"):  # Wan 2.1 I2V / FLF2V
             tokens += f" + {r0['image_tokens']} CLIP image states (cross-attended)"
     elif "image_tokens" in r0:  # PixArt: image tokens self-attend, the caption is cross-attended

@@ -52,6 +52,13 @@ class Family:
     # position ids: the model turns them into RoPE tables with numpy, as the pipeline does before its step)
     host_inputs: tuple[str, ...] = ()
 
+    def cfg_default(self, w) -> bool:
+        """Whether the workload steps both CFG halves per prompt unless asked (:attr:`default_cfg`)."""
+        return self.default_cfg
+
+    def check_cfg(self, w) -> None:
+        """Refuse a CFG choice the model cannot take (the workload's ``cfg`` as set)."""
+
     def _stacks(self, cfg) -> dict | None:
         """The model module's ``pipefusion_stacks(cfg)`` (several stacks, or runs that depend on the config)."""
         fn = getattr(self.module, "pipefusion_stacks", None)
@@ -173,14 +180,24 @@ class Family:
         return kw
 
     @staticmethod
-    def image_to_video(w) -> bool:
-        """Whether the workload's folder holds an image-to-video pipeline (model_index.json's class name)."""
+    def pipeline_class(w) -> str | None:
+        """The pipeline the workload's folder holds (model_index.json's ``_class_name``), else a tiny preset's
+        (the pipeline of ``xdit_jax.tiny``'s family ``defaults["tiny_family"]``), else None."""
         import json
         from pathlib import Path
 
         index = Path(w.folder) / "model_index.json" if w.folder else None
-        return index is not None and index.exists() and json.loads(index.read_text()).get("_class_name") in (
-            "WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")
+        if index is not None and index.exists():
+            return json.loads(index.read_text()).get("_class_name")
+        if w.defaults.get("tiny_family"):
+            from xdit_jax import tiny
+
+            return tiny.model_index(w.defaults["tiny_family"])["_class_name"]
+        return None
+
+    def image_to_video(self, w) -> bool:
+        """Whether the workload's folder holds an image-to-video pipeline (model_index.json's class name)."""
+        return self.pipeline_class(w) in ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")
 
 
 # ============================================================================================
@@ -1479,6 +1496,110 @@ class Wan(Family):
 
 
 # ============================================================================================
+# SkyReels-V2 (Wan's blocks; diffusion forcing: a timestep per latent frame, the fps embedding, causal blocks)
+# ============================================================================================
+
+SKYREELS_FPS = 24  # the DF pipelines' default fps: the fps embedding's row 1 (16 fps is row 0)
+
+
+def skyreels_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int, per_frame: bool,
+                            image_tokens: int = 0) -> dict[str, float]:
+    """Matmul FLOPs of one SkyReels-V2 transformer forward: :func:`wan_analytic_flops` (the same blocks; the causal
+    blocks' mask is applied to full score matrices, so their attention counts whole), where with a timestep per latent
+    frame (``per_frame``, diffusion forcing) the time embedder and ``time_proj`` run on the B F' frames' timesteps:
+    2 B F' (T d + d^2) + 12 B F' d^2 instead of B's; plus, with ``inject_sample_info``, the fps projection
+    (``FeedForward`` d -> d -> 6d on the fps embedding's row): 14 B d^2."""
+    out = wan_analytic_flops(transformer, latent_shape, text_len, image_tokens)
+    b, f = latent_shape[0], latent_shape[2] // int(transformer.get("patch_size", (1, 2, 2))[0])
+    d = int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"])
+    tdim = int(transformer.get("freq_dim", 256))
+    extra = (f - 1) * (2 * b * (tdim * d + d * d) + 12 * b * d * d) if per_frame else 0
+    if transformer.get("inject_sample_info"):
+        extra += 14 * b * d * d
+    return dict(out, total=out["total"] + extra, linear=out["linear"] + extra)
+
+
+class SkyReelsV2TorchReference(WanTorchReference):
+    """diffusers' ``SkyReelsV2Transformer3DModel`` as the diffusion-forcing pipelines call it: Wan's inputs with a
+    (B, F') timestep and ``enable_diffusion_forcing=True`` (one sample a call), ``fps`` the embedding's rows (a
+    list, as the pipeline)."""
+
+    diffusers_class = "SkyReelsV2Transformer3DModel"
+
+    def set_inputs(self, inputs, w):
+        super().set_inputs(inputs, w)
+        self.fps = [int(v) for v in inputs["fps"]] if "fps" in inputs else None
+        self.forcing = inputs["t"].ndim == 2
+
+    def _forward(self):
+        if not self.forcing:
+            return self.model(hidden_states=self.x, timestep=self.t, encoder_hidden_states=self.enc,
+                              encoder_hidden_states_image=self.img, fps=self.fps, return_dict=False)[0]
+        # diffusers adds the fps projection repeated over the frames, which broadcasts with one sample only: the DF
+        # pipelines call it per CFG half, batch 1; here once per sample (the same work as ours on the batch)
+        outs = [self.model(hidden_states=self.x[i:i + 1], timestep=self.t[i:i + 1],
+                           encoder_hidden_states=self.enc[i:i + 1],
+                           encoder_hidden_states_image=None if self.img is None else self.img[i:i + 1],
+                           enable_diffusion_forcing=True, fps=None if self.fps is None else self.fps[i:i + 1],
+                           return_dict=False)[0] for i in range(self.x.shape[0])]
+        return self.torch.cat(outs)
+
+
+class SkyReelsV2(Wan):
+    """SkyReels-V2: Wan's workload shapes; a diffusion-forcing folder (its model_index says so, or the transformer
+    has ``inject_sample_info``) steps with a timestep per latent frame (a ramp, as the asynchronous schedule's) and
+    the fps embedding, its causal blocks from defaults.json's ``causal_block_size`` (the pipeline sets the
+    transformer's ``num_frame_per_block`` to it)."""
+
+    name = "skyreels_v2"
+    module_name = "xdit_jax.models.skyreels_v2"
+    model_class_name = "SkyReelsV2Transformer3DModel"
+    config_class_name = "SkyReelsV2Config"
+    title = "SkyReels-V2"
+
+    def forcing(self, w) -> bool:
+        """Whether the workload steps as the diffusion-forcing pipelines: a timestep per latent frame."""
+        cls = self.pipeline_class(w)
+        return "DiffusionForcing" in cls if cls else bool(w.transformer.get("inject_sample_info"))
+
+    def pipeline_call(self, w):
+        kw = super().pipeline_call(w)
+        if self.forcing(w):
+            kw["fps"] = int(w.defaults.get("fps", SKYREELS_FPS))
+            if w.defaults.get("causal_block_size"):
+                kw["causal_block_size"] = int(w.defaults["causal_block_size"])
+        return kw
+
+    def row_fields(self, w, cfg):
+        return dict(super().row_fields(w, cfg), diffusion_forcing=self.forcing(w),
+                    causal_block=cfg.num_frame_per_block)
+
+    def make_inputs(self, w, seed=0):
+        """Wan's (:meth:`Wan.make_inputs`); diffusion forcing: ``t`` (B, F') int64, a ramp from 999 down over the
+        latent frames (every frame its own timestep), and ``fps`` (B,) the embedding's row."""
+        out = super().make_inputs(w, seed)
+        if self.forcing(w):
+            b, _, f = self.latent_shape(w)[:3]
+            frames = f // int(w.transformer.get("patch_size", (1, 2, 2))[0])
+            ramp = np.linspace(999, WAN_TIMESTEP, frames).astype(np.int64)
+            out["t"] = np.broadcast_to(ramp, (b, frames)).copy()
+        if w.transformer.get("inject_sample_info"):
+            fps = int(w.defaults.get("fps", SKYREELS_FPS))
+            out["fps"] = np.full((w.step_batch,), self.module.fps_index(fps), np.int64)
+        return out
+
+    def embed_args(self, inputs, dtype):
+        return super().embed_args(inputs, dtype) + ((inputs["fps"] if "fps" in inputs else None),)
+
+    def analytic_flops(self, w):
+        return skyreels_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w), self.forcing(w),
+                                       self.image_tokens(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return SkyReelsV2TorchReference(transformer, dtype, seed=seed, device=device)
+
+
+# ============================================================================================
 # Latte
 # ============================================================================================
 
@@ -1813,11 +1934,21 @@ def qwen_image_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], 
             "linear": float(total - n * attn), "tokens": s}
 
 
+QWEN_EDIT_PIPELINES = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+
+
+def qwen_img_shapes(img_shape: np.ndarray) -> list[tuple[int, ...]]:
+    """The host array ``img_shape`` ((3,) one grid, or (K, 3): the noisy latents' then the condition images') as the
+    transformer's ``img_shapes`` of one sample."""
+    return [tuple(int(v) for v in row) for row in np.asarray(img_shape).reshape(-1, 3)]
+
+
 class QwenImageTorchReference(TorchReference):
     """diffusers' ``QwenImageTransformer2DModel`` called as ``QwenImagePipeline`` calls it: packed latents and
     Qwen2.5-VL states in the model's dtype, their mask, ``timestep`` = t / 1000 in the latents' dtype, ``img_shapes``
-    [(1, H/16, W/16)] per sample. With true CFG the pipeline calls it once per half (each half's own text length);
-    here once on both halves, the negative prompt's text padded and masked (the same work as ours)."""
+    [(1, H/16, W/16)] per sample (the edit pipelines': the condition image's grid after it). With true CFG the
+    pipeline calls it once per half (each half's own text length); here once on both halves, the negative prompt's
+    text padded and masked (the same work as ours)."""
 
     diffusers_class = "QwenImageTransformer2DModel"
 
@@ -1825,7 +1956,7 @@ class QwenImageTorchReference(TorchReference):
         put = functools.partial(self._put, inputs)
         self.x, self.enc, self.t = put("latents", self.dtype), put("embeds", self.dtype), put("t", self.dtype)
         self.mask = put("mask")
-        self.img_shapes = [[tuple(int(v) for v in inputs["img_shape"])]] * inputs["latents"].shape[0]
+        self.img_shapes = [qwen_img_shapes(inputs["img_shape"])] * inputs["latents"].shape[0]
 
     def _forward(self):
         return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, encoder_hidden_states_mask=self.mask,
@@ -1845,8 +1976,11 @@ class QwenImage(Family):
     host_inputs = ("img_shape",)
 
     def pipeline_call(self, w):
-        """Qwen-Image has no guidance_scale: CFG is diffusers' "true CFG" (a negative prompt, true_cfg_scale)."""
+        """Qwen-Image has no guidance_scale: CFG is diffusers' "true CFG" (a negative prompt, true_cfg_scale); an edit
+        pipeline also gets an image (random, of the output's size)."""
         kw = {k: v for k, v in super().pipeline_call(w).items() if k != "guidance_scale"}
+        if self.edit(w):
+            kw["image"] = np.random.default_rng(0).integers(0, 256, (w.height, w.width, 3), dtype=np.uint8)
         return dict(kw, negative_prompt=" ", true_cfg_scale=QWEN_IMAGE_TRUE_CFG) if w.cfg else \
             dict(kw, true_cfg_scale=1.0)
 
@@ -1858,16 +1992,66 @@ class QwenImage(Family):
                              f"width must be positive multiples of {m}; got {w.height}x{w.width}.")
         return w.height // m, w.width // m
 
+    def edit(self, w) -> str | None:
+        """The edit pipeline the workload steps as (its folder's, or the preset's), else None."""
+        cls = self.pipeline_class(w)
+        return cls if cls in QWEN_EDIT_PIPELINES else None
+
+    def _image_sizes(self, w) -> tuple[tuple[int, int], tuple[int, int]]:
+        """An edit workload's one condition image (an image of the output's aspect ratio), as the pipelines size it:
+        ((height, width) for the VAE: ``vae_image_area`` pixels (1024^2; defaults.json may say), (height, width) that
+        Qwen2.5-VL sees: the same (Edit), or at ``condition_image_area`` (384^2, Plus), before its processor's
+        resize)."""
+        from xdit_jax.pipelines import qwenimage_edit as qe
+
+        ratio = w.width / w.height
+        vw, vh = qe.calculate_dimensions(int(w.defaults.get("vae_image_area", qe.VAE_IMAGE_AREA)), ratio)
+        if self.edit(w) == "QwenImageEditPipeline":
+            return (vh, vw), (vh, vw)
+        cw, ch = qe.calculate_dimensions(int(w.defaults.get("condition_image_area", qe.CONDITION_IMAGE_AREA)), ratio)
+        return (vh, vw), (ch, cw)
+
+    def condition_grid(self, w) -> tuple[int, int] | None:
+        """An edit workload's condition image's packed grid (its VAE size / 16), else None."""
+        if not self.edit(w):
+            return None
+        (vh, vw), _ = self._image_sizes(w)
+        m = 2 * w.vae_scale_spatial
+        return vh // m, vw // m
+
+    def vision_tokens(self, w) -> int:
+        """An edit workload's Qwen2.5-VL image tokens in the prompt (its processor's resize to multiples of patch x
+        merge within its pixel bounds, one token per merged patch), else 0."""
+        if not self.edit(w):
+            return 0
+        import json
+        from pathlib import Path
+
+        from xdit_jax.models import qwen2_5_vl_vision as qv
+
+        conf = Path(w.folder) / "processor" / "preprocessor_config.json" if w.folder else None
+        proc = qv.ProcessorConfig.from_dict(json.loads(conf.read_text())) if conf is not None and conf.exists() \
+            else qv.ProcessorConfig()
+        _, (ch, cw) = self._image_sizes(w)
+        f = proc.patch_size * proc.merge_size
+        h, ww = qv.smart_resize(ch, cw, f, proc.min_pixels, proc.max_pixels)
+        return (h // f) * (ww // f)
+
+    def image_grids(self, w) -> list[tuple[int, int, int]]:
+        """The transformer's ``img_shapes`` of one sample: the noisy latents' grid, then an edit's condition image's."""
+        cond = self.condition_grid(w)
+        return [(1,) + self.grid(w)] + ([(1,) + cond] if cond else [])
+
     def latent_shape(self, w):
-        gh, gw = self.grid(w)
-        return w.step_batch, gh * gw, int(w.transformer.get("in_channels", 64))
+        return w.step_batch, sum(f * h * ww for f, h, ww in self.image_grids(w)), int(w.transformer.get("in_channels",
+                                                                                                        64))
 
     def tokens(self, w):
-        gh, gw = self.grid(w)
-        return gh * gw, self.text_len(w)
+        return self.latent_shape(w)[1], self.text_len(w)
 
     def text_len(self, w):
-        return int(w.text_tokens or QWEN_IMAGE_TEXT_TOKENS)
+        """Qwen2.5-VL states: the workload's, else a prompt's 64 (+ an edit's image tokens in its template)."""
+        return int(w.text_tokens or QWEN_IMAGE_TEXT_TOKENS + self.vision_tokens(w))
 
     def mask(self, w) -> np.ndarray:
         """(B, L) int32 text mask: the prompt's tokens all valid (its states are cut to its length); with true CFG
@@ -1883,28 +2067,37 @@ class QwenImage(Family):
 
     def row_fields(self, w, cfg):
         si, st = self.tokens(w)
+        cond = self.condition_grid(w)
         return {"family": self.name, "image_tokens": si, "text_tokens": st, "layers": cfg.num_layers,
                 "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim, "height": w.height,
-                "width": w.width, "true_cfg": w.cfg}
+                "width": w.width, "true_cfg": w.cfg, "edit": self.edit(w),
+                "condition_tokens": cond[0] * cond[1] if cond else 0, "zero_cond_t": bool(cfg.zero_cond_t)}
 
     def make_inputs(self, w, seed=0):
-        """As ``QwenImagePipeline`` passes them: packed latents (B, S, in_channels), Qwen2.5-VL states (B, L,
-        joint_attention_dim), their mask (B, L), the timestep t / 1000 (B,) and the packed grid (1, H/16, W/16)
-        (a host array: the RoPE tables are made from it before the step, as the pipeline does)."""
+        """As ``QwenImagePipeline`` passes them: packed latents (B, S, in_channels) (an edit's: the condition image's
+        packed latents after the noisy ones), Qwen2.5-VL states (B, L, joint_attention_dim), their mask (B, L), the
+        timestep t / 1000 (B,) and the packed grids (K, 3) (:meth:`image_grids`; a host array: the RoPE tables are
+        made from it before the step, as the pipeline does)."""
         t = w.transformer
         rng = np.random.default_rng(seed)
         b, txt = w.step_batch, self.text_len(w)
         return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
                 "embeds": rng.standard_normal((b, txt, int(t.get("joint_attention_dim", 3584))), dtype=np.float32),
                 "mask": self.mask(w), "t": np.full((b,), QWEN_IMAGE_TIMESTEP, dtype=np.float32),
-                "img_shape": np.array((1,) + self.grid(w), np.int64)}
+                "img_shape": np.array(self.image_grids(w), np.int64)}
 
     def embed_args(self, inputs, dtype):
-        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["mask"], inputs["t"],
-                tuple(int(v) for v in inputs["img_shape"]))
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["mask"], inputs["t"], None,
+                None, qwen_img_shapes(inputs["img_shape"]))
 
     def analytic_flops(self, w):
-        return qwen_image_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+        out = qwen_image_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+        if w.transformer.get("zero_cond_t"):  # timestep 0's embedding and every block's image modulation of it
+            t = w.transformer
+            b, d = w.step_batch, int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+            extra = 2 * b * (QWEN_IMAGE_TIME_PROJ * d + d * d) + int(t["num_layers"]) * 12 * b * d * d
+            out = dict(out, total=out["total"] + extra, linear=out["linear"] + extra)
+        return out
 
     def torch_reference(self, transformer, dtype, seed=0, device=None):
         return QwenImageTorchReference(transformer, dtype, seed=seed, device=device)
@@ -2209,13 +2402,18 @@ def sana_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_l
             "linear": float(layers * (block - attention) + embed + head), "tokens": s}
 
 
+SANA_SPRINT_TIMESTEP = 0.5  # Sprint's transformer timestep: the SCM angle's sin / (cos + sin), in (0, 1); mid-way
+SANA_SPRINT_GUIDANCE = 4.5  # SanaSprintPipeline's default guidance_scale (embedded, x guidance_embeds_scale)
+
+
 class SanaTorchReference(KeywordTorchReference):
-    """diffusers' ``SanaTransformer2DModel``, called as ``SanaPipeline`` calls it (the caption mask)."""
+    """diffusers' ``SanaTransformer2DModel``, called as ``SanaPipeline`` calls it (the caption mask); Sprint's
+    (``guidance_embeds``) as ``SanaSprintPipeline``: with the scaled guidance."""
 
     diffusers_class = "SanaTransformer2DModel"
 
     call_args = {"hidden_states": LATENTS, "encoder_hidden_states": EMBEDS, "timestep": Arg("t"),
-                 "encoder_attention_mask": Arg("mask")}
+                 "encoder_attention_mask": Arg("mask"), "guidance": Arg("guidance", "model", optional=True)}
 
 
 class Sana(PixArt):
@@ -2239,6 +2437,23 @@ class Sana(PixArt):
     def text_valid(self, w) -> int:
         return min(int(w.text_valid or SANA_TEXT_VALID), self.text_len(w))
 
+    @staticmethod
+    def sprint(w) -> bool:
+        """Sana Sprint: the guidance embedded (``guidance_embeds``), one sample per prompt, SCM timesteps."""
+        return bool(w.transformer.get("guidance_embeds"))
+
+    def cfg_default(self, w):
+        return False if self.sprint(w) else self.default_cfg
+
+    def check_cfg(self, w):
+        if self.sprint(w) and w.cfg:
+            raise ValueError(f"{w.name}: Sana Sprint embeds its guidance (no CFG batch): drop --cfg.")
+
+    def pipeline_call(self, w):
+        """As :meth:`Family.pipeline_call`; Sprint without guidance_scale 1 (its guidance is embedded, never off)."""
+        kw = super().pipeline_call(w)
+        return {k: v for k, v in kw.items() if k != "guidance_scale"} if self.sprint(w) else kw
+
     def pipefusion_cache(self, cfg, mesh, layers, latent_shape, seq: int, dtype, patches: int, abstract: bool):
         from xdit_jax.parallel import pipefusion
 
@@ -2254,23 +2469,36 @@ class Sana(PixArt):
         si, st = self.tokens(w)
         return {"family": self.name, "image_tokens": si, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
                 "layers": cfg.num_layers, "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
-                "height": w.height, "width": w.width}
+                "height": w.height, "width": w.width, "sprint": self.sprint(w)}
 
     def make_inputs(self, w, seed=0):
         """Latents (B, C, h, w), Gemma states (B, L, caption_channels), timesteps (B,) and the caption mask (B, L)
-        (the negative prompt "": its BOS only), as the pipeline passes them."""
+        (the negative prompt "": its BOS only), as the pipeline passes them; Sprint: the timestep a float in (0, 1)
+        and ``guidance`` (B,) = guidance_scale x guidance_embeds_scale, as ``SanaSprintPipeline``."""
         t = w.transformer
         rng = np.random.default_rng(seed)
         b, txt = w.step_batch, self.text_len(w)
-        return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
-                "embeds": rng.standard_normal((b, txt, int(t.get("caption_channels", 2304))), dtype=np.float32),
-                "t": np.full((b,), 500, dtype=np.int64), "mask": pixart_mask(b, txt, self.text_valid(w), w.cfg)}
+        out = {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
+               "embeds": rng.standard_normal((b, txt, int(t.get("caption_channels", 2304))), dtype=np.float32),
+               "t": np.full((b,), 500, dtype=np.int64), "mask": pixart_mask(b, txt, self.text_valid(w), w.cfg)}
+        if self.sprint(w):
+            scale = float(w.defaults.get("guidance_scale", SANA_SPRINT_GUIDANCE))
+            out["t"] = np.full((b,), SANA_SPRINT_TIMESTEP, np.float32)
+            out["guidance"] = np.full((b,), scale * float(t.get("guidance_embeds_scale", 0.1)), np.float32)
+        return out
 
     def embed_args(self, inputs, dtype):
-        return inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], inputs["mask"]
+        guidance = inputs["guidance"].astype(dtype) if "guidance" in inputs else None
+        return inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], inputs["mask"], guidance
 
     def analytic_flops(self, w):
-        return sana_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+        out = sana_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+        if self.sprint(w):  # Sprint's guidance embedder (256 -> d -> d) beside the timestep's
+            t = w.transformer
+            b, d = self.latent_shape(w)[0], int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+            extra = 2 * b * (PIXART_TIME_PROJ * d + d * d)
+            out = dict(out, total=out["total"] + extra, linear=out["linear"] + extra)
+        return out
 
     def torch_reference(self, transformer, dtype, seed=0, device=None):
         return SanaTorchReference(transformer, dtype, seed=seed, device=device)
@@ -2538,8 +2766,8 @@ class Flux2(Flux):
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
-                                                          SD3(), Wan(), Latte(), HunyuanVideo(), QwenImage(),
-                                                          ZImage(), Sana(), Chroma(), Lumina2(), Flux2())}
+                                                          SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
+                                                          QwenImage(), ZImage(), Sana(), Chroma(), Lumina2(), Flux2())}
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
@@ -2547,6 +2775,7 @@ MOCHI_CLASS_NAMES = ("MochiTransformer3DModel",)
 FLUX_CLASS_NAMES = ("FluxTransformer2DModel",)
 SD3_CLASS_NAMES = ("SD3Transformer2DModel",)
 WAN_CLASS_NAMES = ("WanTransformer3DModel",)
+SKYREELS_V2_CLASS_NAMES = ("SkyReelsV2Transformer3DModel",)
 LATTE_CLASS_NAMES = ("LatteTransformer3DModel",)
 HUNYUAN_VIDEO_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
 QWEN_IMAGE_CLASS_NAMES = ("QwenImageTransformer2DModel",)
@@ -2566,7 +2795,8 @@ def family_of_config(transformer: dict) -> str:
     PixArt by its class name (the hub's PixArt checkpoints say ``Transformer2DModel``) or its
     ``ada_norm_single`` norm; SD3 / SD3.5 by its class name or ``caption_projection_dim`` together with
     ``pos_embed_max_size`` (no other family has the first); Wan by its class name or ``ffn_dim`` together with
-    ``freq_dim`` (no other family has either); Latte by its class name or ``ada_norm_single`` with ``video_length``;
+    ``freq_dim`` (no other family has either), SkyReels-V2 (before Wan) by its class name or
+    ``inject_sample_info``; Latte by its class name or ``ada_norm_single`` with ``video_length``;
     SANA by its class name or ``cross_attention_head_dim`` with ``mlp_ratio`` (no other family has the first);
     Chroma by its class name or ``approximator_num_channels`` (before FLUX: it has ``num_single_layers`` too);
     Lumina 2 by its class name or ``cap_feat_dim`` with ``num_refiner_layers`` and ``multiple_of`` (Z-Image has the
@@ -2582,6 +2812,8 @@ def family_of_config(transformer: dict) -> str:
     if transformer.get("_class_name") in ZIMAGE_CLASS_NAMES or (
             "cap_feat_dim" in transformer and "n_refiner_layers" in transformer):
         return "zimage"
+    if transformer.get("_class_name") in SKYREELS_V2_CLASS_NAMES or "inject_sample_info" in transformer:
+        return "skyreels_v2"
     if transformer.get("_class_name") in WAN_CLASS_NAMES or ("ffn_dim" in transformer and "freq_dim" in transformer):
         return "wan"
     if transformer.get("_class_name") in QWEN_IMAGE_CLASS_NAMES or (

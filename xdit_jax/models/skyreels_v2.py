@@ -149,6 +149,16 @@ def with_causal_block_size(cfg: SkyReelsV2Config, causal_block_size: int | None)
     return dataclasses.replace(cfg, num_frame_per_block=int(causal_block_size))
 
 
+def check_input_shape(cfg: SkyReelsV2Config, latent_frames: int, latent_h: int, latent_w: int) -> None:
+    """Wan's shape check (:func:`xdit_jax.models.wan.check_input_shape`), and with causal blocks whole blocks of
+    latent frames (the model's own refusal, before anything is traced)."""
+    wan.check_input_shape(cfg, latent_frames, latent_h, latent_w)
+    frames, n = latent_frames // cfg.patch_size[0], cfg.num_frame_per_block
+    if n > 1 and frames % n:
+        raise ValueError(f"{frames} latent frames are not a multiple of the causal block size num_frame_per_block={n} "
+                         f"(diffusers' mask needs whole blocks): pick num_frames so that the latent frames divide.")
+
+
 def params_from_torch(flat: dict, cfg: SkyReelsV2Config, dtype=None) -> dict:
     return map_state_dict(flat, expected_shapes(lambda: SkyReelsV2Transformer3DModel(cfg)),
                           stacked={STACKED: cfg.num_layers}, renames=TORCH_RENAMES, ignore=wan.TORCH_IGNORE,
