@@ -1,5 +1,6 @@
 """Tiny random diffusers CogVideoX pipelines written with save_pretrained (the oracle's side)."""
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -626,3 +627,20 @@ def assert_close_latents(out, ref, what: str = "") -> None:
 
     scale = np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"{what} max |latent| {scale}".lstrip())
+
+
+@contextlib.contextmanager
+def step_compiles_once(caplog):
+    """Asserts that the pipeline run inside compiles its denoising step once: step 0 and the later steps share one
+    executable (a carry entering placed otherwise than the step returns it, e.g. a scheduler state made off the mesh
+    or latents coming back split over ring, costs a second compile of the whole step). Folded into the families'
+    mesh tests (two steps are enough to see it) instead of a pipeline run of its own."""
+    import logging
+
+    import jax
+
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        start = len(caplog.records)
+        yield
+        compiles = [r.getMessage()[:200] for r in caplog.records[start:] if "Compiling jit(step)" in r.getMessage()]
+    assert len(compiles) == 1, compiles

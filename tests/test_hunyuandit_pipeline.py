@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_torch_hunyuandit, save_torch_pipeline
+from tests.fixtures import make_torch_hunyuandit, save_torch_pipeline, step_compiles_once
 from xdit_jax.pipelines.denoise import converted_folder
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline
 
@@ -83,7 +83,8 @@ MESHES = ["cfg=2,ulysses=2,ring=2", pytest.param("ulysses=3", marks=SLOW), pytes
 
 
 @pytest.mark.parametrize("mesh", MESHES)
-def test_meshes_match_one_device(mesh, tmp_path_factory):
+def test_meshes_match_one_device(mesh, tmp_path_factory, caplog):
+    """The mesh run == one device up to float rounding, its step compiled once (step 0 and 1 share it)."""
     _, ours, folder = build(("v1.2", "ddpm"), tmp_path_factory)
     batch = {"data=2": 3}.get(mesh, 2 if "data=2" in mesh else 1)  # data=2 alone: 3 prompts, padded to 4
     prompts = [PROMPT, "A cat.", "A red car."][:batch]
@@ -92,7 +93,9 @@ def test_meshes_match_one_device(mesh, tmp_path_factory):
     if mesh == "data=2":  # the padded batch (the decode is the other meshes' business)
         kw["output_type"] = "latent"
     ref = ours(prompts, **kw).images
-    out = HunyuanDiTPipeline.from_pretrained(folder, mesh=mesh)(prompts, **kw).images
+    pipe = HunyuanDiTPipeline.from_pretrained(folder, mesh=mesh)
+    with step_compiles_once(caplog):
+        out = pipe(prompts, **kw).images
     # one device up to float rounding: pixels in [0, 1]; latents relative to their size
     np.testing.assert_allclose(out, ref, atol=2e-5 * max(1.0, np.abs(ref).max()), rtol=0)
 
@@ -120,23 +123,3 @@ def test_binning_and_bad_input(tmp_path_factory):
     with pytest.raises(ValueError, match=r"prompt_embeds_2 \(1, 256, 8\) with mask"):
         ours(prompt_embeds=z(1, 77, 32), prompt_attention_mask=z(1, 77), prompt_embeds_2=z(1, 256, 8),
              prompt_attention_mask_2=z(1, 256), height=H, width=W, use_resolution_binning=False, guidance_scale=1.0)
-
-
-@pytest.mark.parametrize("family", ["hunyuandit", "pixart"])
-def test_image_step_compiles_once(family, caplog):
-    """Both image families: step 0 and the later steps share one executable on a CFG x sequence mesh."""
-    import logging
-
-    import jax
-
-    from xdit_jax import tiny
-    from xdit_jax.pipelines.pixart import PixArtPipeline
-
-    cls = HunyuanDiTPipeline if family == "hunyuandit" else PixArtPipeline
-    pipe = cls.from_pretrained(tiny.make_tiny_model(family=family), mesh="cfg=2,ring=2")
-    kw = dict(height=32, width=32, num_inference_steps=3, use_resolution_binning=False, output_type="latent",
-              progress=False)
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        pipe(PROMPT, **kw)
-    compiles = [r for r in caplog.records if "Compiling jit(step)" in r.getMessage()]
-    assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]

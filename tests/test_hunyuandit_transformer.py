@@ -104,7 +104,8 @@ def test_rope_tables_match_the_pipeline():
 def test_matches_diffusers(pair):
     name, tm, cfg, model = pair
     assert cfg.out_ch == (8 if name == "v11" else 4)
-    for b, h, w in SHAPES:
+    # one grid per variant (one compile each: the default run's time); both grids are padded under the meshes below
+    for b, h, w in SHAPES[:1] if name == "v11" else SHAPES[1:]:
         args = _inputs(cfg, b, h, w)
         ref = _torch(tm, cfg, *args)
         out = np.asarray(FWD(model, *args))
@@ -130,6 +131,7 @@ def test_rotary_override_and_two_layers():
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow  # bf16 numerics run in the default set on CogVideoX 5b and FLUX schnell (the same layers' casts)
 def test_bf16_close_to_fp32():
     tm = _torch_model(VARIANTS["v11"])
     cfg = hy.HunyuanDiTConfig.from_dict(dict(tm.config))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import make_torch_mochi, save_torch_pipeline
+from tests.fixtures import make_torch_mochi, save_torch_pipeline, step_compiles_once
 from xdit_jax.pipelines.denoise import converted_folder
 from xdit_jax.pipelines.mochi import MochiPipeline
 
@@ -79,14 +79,17 @@ MESHES = ["ulysses=3", "data=2,cfg=2,ring=2", pytest.param("cfg=2,ulysses=2,ring
 
 
 @pytest.mark.parametrize("mesh", MESHES)
-def test_meshes_match_one_device(mesh, tmp_path_factory):
+def test_meshes_match_one_device(mesh, tmp_path_factory, caplog):
+    """The mesh run == one device up to float rounding, its step compiled once (step 0 and 1 share it)."""
     _, ours, folder = build(tmp_path_factory)
     batch = 3 if "data=2" in mesh else 1  # 3 prompts: data=2 pads the transformer's batch to 4
     prompts = [PROMPT, "A cat.", "A red car."][:batch]
     kw = dict(num_frames=F, height=H, width=W, num_inference_steps=2, latents=initial_latents(batch=batch, seed=2),
               max_sequence_length=MSL, progress=False)
     ref = ours(prompts, **kw).frames
-    out = MochiPipeline.from_pretrained(folder, mesh=mesh)(prompts, **kw).frames
+    pipe = MochiPipeline.from_pretrained(folder, mesh=mesh)
+    with step_compiles_once(caplog):
+        out = pipe(prompts, **kw).frames
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)  # one device up to float rounding
 
 
@@ -122,19 +125,3 @@ def test_caption_mask_checks(tmp_path_factory, caplog):
         ours(prompt_embeds=emb, prompt_attention_mask=holes, num_frames=F, height=H, width=W, guidance_scale=1.0,
              num_inference_steps=2, output_type="latent", progress=False)
     assert any("keeps tokens after a masked one" in r.getMessage() for r in caplog.records)
-
-
-def test_step_compiles_once(caplog):
-    """Step 0 and the later steps share one executable on a CFG x sequence mesh."""
-    import logging
-
-    import jax
-
-    from xdit_jax import tiny
-
-    pipe = MochiPipeline.from_pretrained(tiny.make_tiny_model(family="mochi"), mesh="cfg=2,ring=2")
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        pipe(PROMPT, num_frames=F, height=H, width=W, num_inference_steps=3, max_sequence_length=MSL,
-             output_type="latent", progress=False)
-    compiles = [r for r in caplog.records if "Compiling jit(step)" in r.getMessage()]
-    assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
