@@ -82,3 +82,15 @@ def test_preprocess_matches_processor(size):
     assert tuple(ref["image_grid_thw"][0]) == grid
     # values O(2); float32 rounding of (x / 255 - mean) / std
     np.testing.assert_allclose(out, ref["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_segment_attention_query_chunks():
+    """Long segments (a whole image in the full-attention blocks) run over query chunks: the same rows as at once,
+    with uneven segments (a padded last chunk, masked padded keys)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jax.numpy.asarray(rng.standard_normal((23, 2, 4)), jax.numpy.float32) for _ in range(3))
+    idx, valid, inv = vv._segments(np.array([0, 9, 23]))  # segments of 9 and 14 tokens: padded to 14
+    whole = np.asarray(vv.segment_attention(q, k, v, idx, valid, inv))
+    chunked = np.asarray(vv.segment_attention(q, k, v, idx, valid, inv, query_chunk=4))  # 4 chunks, the last padded
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)  # fp32: measured equal up to the dot's blocking
+    assert whole.shape == (23, 2, 4)
