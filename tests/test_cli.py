@@ -238,6 +238,26 @@ def test_generate_skyreels_v2_diffusion_forcing_video(tmp_path, capsys):
     assert '"model_family": "skyreels_v2"' in capsys.readouterr().out
 
 
+def test_generate_skyreels_v2_video_extension(tmp_path, capsys):
+    """--video on a diffusion forcing checkpoint: diffusers' video-to-video pipeline (the same weights) extends a gif of
+    9 frames by the tiny default's 9, conditioned on its last 5 (--overlap-history); the output starts with the video
+    (its pipeline's parity: tests/test_skyreels_v2_pipeline.py)."""
+    import imageio.v3 as iio
+
+    given = (np.random.default_rng(0).random((9, 32, 48, 3)) * 255).astype(np.uint8)
+    iio.imwrite(tmp_path / "in.gif", given, duration=60, loop=0)
+    assert len(cli.read_video(tmp_path / "in.gif")) == 9
+    (tmp_path / "frames").mkdir()
+    for i in (2, 0, 1):  # a folder of frames: read in name order
+        iio.imwrite(tmp_path / "frames" / f"f{i}.png", given[i])
+    np.testing.assert_array_equal(np.stack(cli.read_video(tmp_path / "frames")), given[:3])
+    out = tmp_path / "x.mp4"
+    rc = cli.main(["--model", "tiny-skyreels-v2", "--video", str(tmp_path / "in.gif"), "--overlap-history", "5",
+                   "--output", str(out), "--steps", "2", "--no-progress"])
+    assert rc == 0
+    assert iio.imread(out).shape == (18, 32, 48, 3) and "18 frames" in capsys.readouterr().out
+
+
 # Slow (the default run's time): the CLI's image-to-video path with --random-weights runs in
 # test_generate_cogvideox_image_to_video_random_weights, Wan 2.2 I2V / TI2V in tests/test_wan22_pipeline.py
 @pytest.mark.slow
@@ -431,6 +451,10 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-wan", "--mesh", "pipefusion=3"], "more stages than the model's 2 layers"),
     (["--model", "tiny-wan", "--ar-step", "5"], "--ar-step (SkyReels-V2 diffusion forcing's)"),
     (["--model", "tiny-skyreels-v2", "--num-frames", "13", "--base-num-frames", "9"], "needs --overlap-history"),
+    (["--model", "tiny-skyreels-v2", "--video", str(ROOT / "README.md")], "give --overlap-history"),
+    (["--model", "tiny-wan", "--video", str(ROOT / "README.md")], "does not extend videos"),
+    (["--video", "/no/such.mp4"], "neither a video file nor a folder"),
+    (["--video", str(ROOT / "README.md"), "--image", str(ROOT / "README.md")], "give one of them"),
     (["--model", "tiny-pixart", "--output", "x.mp4"], "makes images"),
     (["--model", "tiny-pixart", "--num-frames", "9"], "--num-frames: not used by this pixart model"),
     (["--model", "tiny-hunyuandit", "--max-sequence-length", "20"], "77 + 256"),

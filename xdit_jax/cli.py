@@ -167,7 +167,9 @@ VIDEO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.video)
 TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_cfg}  # --true-cfg-scale
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline")
-DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline")
+DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+                     "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
+VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
 # SkyReels-V2 diffusion forcing's flags (diffusers' argument names), for its DF pipelines only
 DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", "base_num_frames": "--base-num-frames",
             "overlap_history": "--overlap-history", "addnoise_condition": "--addnoise-condition"}
@@ -192,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does; "
                          "FLUX.2 klein: a reference image (optional); Qwen-Image-Edit: the image to edit (required; "
                          "Edit-2509 / 2511: repeat the flag for several images)")
+    ap.add_argument("--video", default=None, metavar="PATH",
+                    help="SkyReels-V2 diffusion forcing: a video to extend (.mp4 / .gif, or a folder of frames in name "
+                         "order), resized to --width x --height; conditions on its last --overlap-history frames; the "
+                         "output is the video followed by --num-frames new ones (diffusers' video-to-video pipeline)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -351,6 +357,28 @@ def output_paths(path: Path, batch: int) -> list[Path]:
     if batch == 1:
         return [path]
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(batch)]
+
+
+def read_video(path: Path) -> list:
+    """The frames of a video file (.mp4 / .gif / whatever imageio reads) or of a folder of images (.png / .jpg /
+    .jpeg / .webp, in name order) as RGB uint8 (H, W, 3) arrays."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not files:
+            raise ValueError(f"--video {path}: a folder with no .png / .jpg / .webp frames.")
+        frames = [iio.imread(p) for p in files]
+    else:
+        try:
+            frames = list(iio.imread(path, index=None))
+        except Exception as e:  # noqa: BLE001 (any reader's failure: say which file)
+            raise ValueError(f"--video {path}: cannot read it as a video ({e}).") from e
+    frames = [np.repeat(f[..., None], 3, -1) if f.ndim == 2 else f[..., :3] for f in frames]
+    if not frames or any(f.shape != frames[0].shape for f in frames):
+        raise ValueError(f"--video {path}: no frames, or frames of different sizes.")
+    return [np.asarray(f, np.uint8) for f in frames]
 
 
 def write_image(image, path: Path) -> None:
@@ -576,6 +604,10 @@ def _main(argv=None) -> int:
         for flag, path in [("image", p) for p in args.images] + [("last_image", args.last_image)]:
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"--{flag.replace('_', '-')} {path} is not a file.")
+        if args.video is not None and not Path(args.video).exists():
+            raise FileNotFoundError(f"--video {args.video} is neither a video file nor a folder of frames.")
+        if args.video is not None and args.image is not None:
+            raise ValueError("--video and --image: a video extension starts from the video; give one of them.")
         if args.last_image is not None and args.image is None:
             raise ValueError("--last-image needs --image (the first frame).")
         samples = len(args.prompts) * args.per_prompt
@@ -630,9 +662,19 @@ def _main(argv=None) -> int:
         family = pipelines.family(pipeline_class_name(model))
         kind = pipeline_class_name(model)
         args.kind = kind  # (which family flags apply: SkyReels-V2's DF flags to its DF pipelines only)
-        if kind == "SkyReelsV2DiffusionForcingVideoToVideoPipeline":
-            raise ValueError(f"{args.model} is a SkyReels-V2 video-to-video (video extension) model: generate.py takes "
-                             "no input video; use SkyReelsV2DiffusionForcingVideoToVideoPipeline from Python.")
+        if args.video is not None and kind in ("SkyReelsV2DiffusionForcingPipeline", VIDEO_TO_VIDEO):
+            kind = args.kind = VIDEO_TO_VIDEO  # a DF checkpoint extends the video (diffusers loads the same weights)
+        elif args.image is not None and kind == "SkyReelsV2DiffusionForcingPipeline":  # (and starts from an image)
+            kind = args.kind = "SkyReelsV2DiffusionForcingImageToVideoPipeline"
+        elif args.video is not None:
+            raise ValueError(f"--video: {args.model} does not extend videos (a SkyReels-V2 diffusion forcing "
+                             "checkpoint does).")
+        elif kind == VIDEO_TO_VIDEO:
+            raise ValueError(f"{args.model} is a SkyReels-V2 video-to-video (video extension) model: give the video "
+                             "to extend with --video PATH.")
+        if kind == VIDEO_TO_VIDEO and args.overlap_history is None:
+            raise ValueError("--video: give --overlap-history, the video's last frames the extension conditions on "
+                             "(17 or 37 recommended).")
         image_to_video = kind in IMAGE_TO_VIDEO or (
             args.image is not None and family == "wan" and _expand_timesteps(model))  # TI2V-5B with an image
         if image_to_video and args.image is None:
@@ -743,6 +785,8 @@ def _main(argv=None) -> int:
         from PIL import Image
 
         call = functools.partial(pipe, None if args.image is None else Image.open(args.image).convert("RGB"))
+    elif kind == VIDEO_TO_VIDEO:
+        call = functools.partial(pipe, read_video(Path(args.video)))
     elif qwen_edit:  # the image(s) to edit; the output takes the (last) image's aspect ratio unless sized
         from PIL import Image
 

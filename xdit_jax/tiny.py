@@ -882,6 +882,10 @@ def write_wan_i2v_configs(folder: str | os.PathLike, flf2v: bool = False) -> Pat
     return folder
 
 
+# The tiny folders' contents: a folder made by an older version is made again (2: SkyReels-V2's VAE encoder)
+TINY_VERSION = 2
+
+
 def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None,
                     family: str = "cogvideox") -> Path:
     """Write a converted xdit_jax folder holding a tiny random model of ``family`` ("cogvideox" or
@@ -894,7 +898,13 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
 
     folder = Path(folder) if folder is not None else default_tiny_dir(family)
     if (folder / MARKER).exists():
-        return folder
+        try:
+            made = json.loads((folder / MARKER).read_text()).get("tiny")
+        except (OSError, ValueError):
+            made = None
+        if made == TINY_VERSION:
+            return folder
+        # made by an older xdit_jax (a part missing since added, e.g. SkyReels-V2's VAE encoder): made again
     folder.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(folder) as tmp:
         parts = write_configs(tmp, family, transformer)
@@ -913,6 +923,12 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
+        if family == "skyreels_v2":  # the Wan VAE's encoder (diffusion forcing from an image or a video)
+            from xdit_jax.models import vae_wan, vae_wan_encoder
+
+            make = vae_wan_encoder.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE))
+            abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
+            save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
         if family.startswith("qwenimage-edit"):  # the Wan VAE's encoder and Qwen2.5-VL's vision tower
             from xdit_jax.models import qwen2_5_vl_vision, vae_qwenimage, vae_wan_encoder
 
@@ -923,6 +939,7 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
                         qwen2_5_vl_vision.VisionConfig.from_dict(QWEN_EDIT_TEXT_ENCODER)), 8)):
                 abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
                 save_params(tmp / path, random_params(abstract, seed + extra))
-        (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": "tiny random",
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "tiny": TINY_VERSION,
+                                              "source": "tiny random",
                                               "components": {k: v[0] for k, v in parts.items()}}))
     return folder

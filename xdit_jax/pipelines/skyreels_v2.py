@@ -467,7 +467,8 @@ class SkyReelsV2DiffusionForcingImageToVideoPipeline(SkyReelsV2DiffusionForcingP
     last window shorter than ``base_num_frames`` runs as in the text-to-video pipeline (diffusers' image-to-video one
     makes its schedule for ``base_num_frames`` there and fails)."""
 
-    PIPELINE_CLASSES = ("SkyReelsV2DiffusionForcingImageToVideoPipeline",)
+    # (diffusers loads it from the diffusion-forcing checkpoints too: the same parts, the VAE's encoder used)
+    PIPELINE_CLASSES = ("SkyReelsV2DiffusionForcingImageToVideoPipeline", DF_PIPELINE)
 
     def __init__(self, *, vae_encoder, **parts):
         super().__init__(**parts)
@@ -534,7 +535,7 @@ class SkyReelsV2DiffusionForcingVideoToVideoPipeline(SkyReelsV2DiffusionForcingI
     result is the given video followed by the decoded windows (their first frames re-decoded from the condition, as
     diffusers'). ``latents`` (the first window's noise, diffusers' argument, which its pipeline fails on) is taken."""
 
-    PIPELINE_CLASSES = ("SkyReelsV2DiffusionForcingVideoToVideoPipeline",)
+    PIPELINE_CLASSES = ("SkyReelsV2DiffusionForcingVideoToVideoPipeline", DF_PIPELINE)  # (as the I2V pipeline)
 
     def video_tail(self, video, overlap_history: int, height: int, width: int):
         """(the video in [-1, 1] (1, 3, T, H, W), its last ``overlap_history`` frames' normalised latents)."""
