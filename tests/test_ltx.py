@@ -2,6 +2,7 @@
 sequence-parallel run == one device; VAE decode == diffusers AutoencoderKLLTXVideo; the pipelines == diffusers."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -100,3 +101,80 @@ def test_config_and_input_errors(pair):
     x, text, t, mask = _inputs()
     with pytest.raises(ValueError, match="num_frames x height x width"):
         model(x, text, t, mask, 2, 2, 3)
+
+
+# ----- the VAE decoder -----
+
+from diffusers import AutoencoderKLLTXVideo  # noqa: E402
+
+from tests.torch_util import randomize_, state_dict_np  # noqa: E402
+from xdit_jax.models import vae_ltx  # noqa: E402
+
+ENCODER = dict(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+               layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, True, False))
+# 0.9.0's decoder layout (widths change: conv_in resnets with the LayerNorm shortcut; a block without upsampler)
+VAE_090 = dict(ENCODER, decoder_block_out_channels=(8, 16, 32, 32), decoder_layers_per_block=(1, 1, 1, 1, 1),
+               decoder_spatio_temporal_scaling=(True, True, True, False))
+# 0.9.5's: timestep-conditioned, residual upsamplers with upscale_factor 2, every block upsampling
+VAE_095 = dict(ENCODER, decoder_block_out_channels=(8, 16, 32), decoder_layers_per_block=(1, 1, 1, 1),
+               decoder_spatio_temporal_scaling=(True, True, True), decoder_inject_noise=(False,) * 4,
+               upsample_residual=(True, True, True), upsample_factor=(2, 2, 2), timestep_conditioning=True,
+               spatial_compression_ratio=32, temporal_compression_ratio=8)
+
+# 0.9.1's: timestep-conditioned, noise injected in the first three blocks (its scales zeroed for the comparison:
+# the noise is torch's generator there, a JAX key here)
+VAE_091 = dict(VAE_095, decoder_inject_noise=(True, True, True, False))
+VAES = {"0.9.0": VAE_090, "0.9.1": VAE_091, "0.9.5": VAE_095}
+
+
+def _vae_pair(kw, seed=3):
+    torch.manual_seed(0)
+    tv = randomize_(AutoencoderKLLTXVideo(**kw), seed=seed, std=0.15)
+    with torch.no_grad():  # the per-channel statistics are buffers: set them too
+        tv.latents_mean.copy_(torch.linspace(-0.5, 0.5, 8))
+        tv.latents_std.copy_(torch.linspace(0.5, 1.5, 8))
+        for name, p in tv.named_parameters():
+            if "per_channel_scale" in name:
+                p.zero_()
+    cfg = vae_ltx.LTXVAEConfig.from_dict(dict(tv.config))
+    return tv, cfg, vae_ltx.build(cfg, vae_ltx.params_from_torch(state_dict_np(tv), cfg))
+
+
+DECODE = jax.jit(lambda m, z, t: vae_ltx.decode(m, z, t))
+
+
+@pytest.mark.parametrize("variant", ["0.9.0", pytest.param("0.9.1", marks=pytest.mark.slow), "0.9.5"])
+def test_vae_decode_matches_diffusers(variant):
+    tv, cfg, model = _vae_pair(VAES[variant])
+    z = np.random.default_rng(5).standard_normal((2, 8, 2, 2, 3)).astype(np.float32)
+    t = np.array([0.05, 0.025], np.float32) if cfg.timestep_conditioning else None
+    with torch.no_grad():
+        ref = tv.decode(torch.from_numpy(z), None if t is None else torch.from_numpy(t)).sample.numpy()
+    out = np.asarray(DECODE(model, z, t))
+    assert out.shape == ref.shape == vae_ltx.decoded_shape(cfg, z.shape) == (2, 3, 9, 64, 96)
+    # fp32 both sides, outputs up to 6: measured 1.6e-5 (0.9.0), 1.0e-5 (0.9.1), 5.7e-6 (0.9.5): float32 sums of
+    # 3x3x3 convolutions ordered otherwise; 1e-4: 6x the worst measured
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(vae_ltx.denormalize(model, z)),
+                               tv.latents_mean.view(1, -1, 1, 1, 1).numpy() + z * tv.latents_std.view(
+                                   1, -1, 1, 1, 1).numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant,mesh", [("0.9.5", "cfg=2,ulysses=3"),
+                                          pytest.param("0.9.0", "ring=2,ulysses=2", marks=pytest.mark.slow),
+                                          pytest.param("0.9.1", "ring=2,ulysses=2", marks=pytest.mark.slow)])
+def test_vae_decode_over_mesh_equals_one_device(variant, mesh):
+    """The image plane split over the mesh's devices (explicit halos; 0.9.1's noise: XLA's partitioning)."""
+    tv, cfg, model = _vae_pair(VAES[variant])
+    if cfg.injects_noise:  # the noise planes on: they must be the global ones on every shard
+        for blk in model.decoder.up_blocks:
+            for r in blk.resnets:
+                if r.inject_noise:
+                    r.per_channel_scale1[...] = jnp.full_like(r.per_channel_scale1[...], 0.3)
+    z = np.random.default_rng(6).standard_normal((2, 8, 2, 2, 3)).astype(np.float32)
+    t = np.array([0.05, 0.025], np.float32) if cfg.timestep_conditioning else None
+    ref = np.asarray(DECODE(model, z, t))
+    m = build_mesh(mesh)
+    out = np.asarray(jax.jit(lambda mdl, z, t: vae_ltx.decode(mdl, z, t, mesh=m))(model, z, t))
+    # fp32; measured 4.5e-6 (0.9.5), 1.4e-5 (0.9.0), 7e-6 (0.9.1) on outputs up to 6: the order of conv sums
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
