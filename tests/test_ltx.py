@@ -231,3 +231,52 @@ def test_pipeline_mesh_equals_one_device(pipes, mesh):
     out = par(PROMPT, latents=lat, progress=False, **kw).frames
     # fp32; the order of float32 sums (ring merge, the decode's halos): measured 2.6e-6 (ulysses=3: 2.1e-6)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+# 0.9.5's encoder: LTXVideo095DownBlock3D with the space-to-depth downsamplers
+VAE_095_ENCODER = dict(VAE_095, block_out_channels=(8, 16, 32, 64, 64), layers_per_block=(1, 1, 1, 1, 1),
+                       down_block_types=("LTXVideo095DownBlock3D",) * 4,
+                       spatio_temporal_scaling=(True, True, True, True),
+                       downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"))
+
+
+@pytest.mark.parametrize("variant", ["0.9.0", pytest.param("0.9.5", marks=pytest.mark.slow)])
+def test_vae_encoder_matches_diffusers(variant):
+    from xdit_jax.models import vae_ltx_encoder
+
+    tv, cfg, _ = _vae_pair(VAE_090 if variant == "0.9.0" else VAE_095_ENCODER)
+    enc = vae_ltx_encoder.build(cfg, vae_ltx_encoder.params_from_torch(state_dict_np(tv), cfg))
+    x = np.random.default_rng(7).uniform(-1, 1, (1, 3, 9, 64, 96)).astype(np.float32)
+    with torch.no_grad():
+        dist = tv.encode(torch.from_numpy(x)).latent_dist
+    mean, logvar = jax.jit(vae_ltx_encoder.encode)(enc, x)
+    assert mean.shape == tuple(dist.mean.shape) == (1, 8, 2, 2, 3)
+    # fp32 both sides, means up to 7: measured 1.8e-6 (0.9.0), 7.3e-6 (0.9.5); logvar 7e-7 / 2.7e-6
+    np.testing.assert_allclose(np.asarray(mean), dist.mean.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(logvar), dist.logvar.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def i2v_pipes(tmp_path_factory):
+    from xdit_jax import LTXImageToVideoPipeline
+
+    return torch_and_our_pipeline(lambda: make_torch_ltx(i2v=True), LTXImageToVideoPipeline, tmp_path_factory,
+                                  "ltx_i2v")
+
+
+def test_i2v_pipeline_matches_diffusers(i2v_pipes):
+    """diffusers' LTXImageToVideoPipeline from the same latents (their first frame the image's): the first frame's
+    tokens at timestep 0 and kept through the steps; then our run from an image: its first latent frame is the
+    image's normalized encoding (a posterior sample: JAX's key, not torch's generator)."""
+    from tests.fixtures import assert_close_latents, random_image
+
+    tp, pipe, _ = i2v_pipes
+    lat = np.random.default_rng(2).standard_normal((1,) + LATENT).astype(np.float32)
+    ref = _torch_run(tp, lat, output_type="latent")
+    out = pipe(PROMPT, latents=lat, output_type="latent", progress=False, **CALL).frames
+    assert_close_latents(out, ref)  # float32, 2 steps: measured 1.3e-6 on latents up to 2.7
+    np.testing.assert_array_equal(out[:, :6], lat[:, :6])  # the first latent frame (2 x 3 tokens) is kept as given
+    image = random_image(3, (96, 64))
+    first = pipe(PROMPT, image=image, output_type="latent", progress=False, **CALL).frames
+    cond = np.asarray(pipe.encode_image(image, 64, 96, jax.random.key(0)))  # (1, C, 1, 2, 3)
+    np.testing.assert_allclose(first[:, :6], cond[:, :, 0].reshape(1, 8, 6).transpose(0, 2, 1), rtol=0, atol=0)

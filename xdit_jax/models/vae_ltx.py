@@ -393,3 +393,13 @@ def decoded_shape(cfg: LTXVAEConfig, latent_shape: tuple[int, ...]) -> tuple[int
     b, _, t, h, w = latent_shape
     s = cfg.spatial_ratio
     return (b, cfg.out_channels, cfg.num_frames(t), h * s, w * s)
+
+
+def extra_params_from_torch(flat: Mapping[str, np.ndarray], cfg: LTXVAEConfig, dtype=None) -> dict:
+    """``{"encoder_params": ...}``: the encoder's params (:mod:`xdit_jax.models.vae_ltx_encoder`, image-to-video),
+    which conversion saves next to the decoder's; empty for a checkpoint without encoder tensors."""
+    if not any(k.startswith("encoder.") for k in flat):
+        return {}
+    from xdit_jax.models import vae_ltx_encoder
+
+    return {"encoder_params": vae_ltx_encoder.params_from_torch(flat, cfg, dtype)}
