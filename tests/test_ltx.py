@@ -273,10 +273,10 @@ def test_i2v_pipeline_matches_diffusers(i2v_pipes):
     tp, pipe, _ = i2v_pipes
     lat = np.random.default_rng(2).standard_normal((1,) + LATENT).astype(np.float32)
     ref = _torch_run(tp, lat, output_type="latent")
-    out = pipe(PROMPT, latents=lat, output_type="latent", progress=False, **CALL).frames
+    out = pipe(prompt=PROMPT, latents=lat, output_type="latent", progress=False, **CALL).frames
     assert_close_latents(out, ref)  # float32, 2 steps: measured 1.3e-6 on latents up to 2.7
     np.testing.assert_array_equal(out[:, :6], lat[:, :6])  # the first latent frame (2 x 3 tokens) is kept as given
     image = random_image(3, (96, 64))
-    first = pipe(PROMPT, image=image, output_type="latent", progress=False, **CALL).frames
+    first = pipe(image, PROMPT, output_type="latent", progress=False, **CALL).frames
     cond = np.asarray(pipe.encode_image(image, 64, 96, jax.random.key(0)))  # (1, C, 1, 2, 3)
     np.testing.assert_allclose(first[:, :6], cond[:, :, 0].reshape(1, 8, 6).transpose(0, 2, 1), rtol=0, atol=0)

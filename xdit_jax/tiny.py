@@ -566,7 +566,7 @@ def init_rule(path, shape: tuple[int, ...]) -> float | str:
         return "ones"
     if name in ("bias", "running_mean"):
         return "zeros"
-    fan_in = int(np.prod(shape[:-1])) if name == "kernel" else shape[-1]
+    fan_in = int(np.prod(shape[:-1])) if name == "kernel" else (shape[-1] if shape else 1)  # (0-d: a scalar)
     if name == "kernel" and len(shape) >= 3 and path and "transformer_blocks" in str(path[0]):
         fan_in = int(np.prod(shape[1:-1]))  # stacked layers: skip the layer axis
     return 1.0 / float(np.sqrt(max(fan_in, 1)))
@@ -943,6 +943,12 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             vcfg = (vae_flux2.AutoencoderKLFlux2Config.from_dict(FLUX2_VAE) if family == "flux2"
                     else vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE))
             make = vae_kl_encoder.module_fn(vcfg)
+            abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
+            save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
+        if family == "ltx":  # the VAE's encoder (image-to-video: --image)
+            from xdit_jax.models import vae_ltx, vae_ltx_encoder
+
+            make = vae_ltx_encoder.module_fn(vae_ltx.LTXVAEConfig.from_dict(LTX_VAE))
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
         if family.startswith("qwenimage-edit"):  # the Wan VAE's encoder and Qwen2.5-VL's vision tower

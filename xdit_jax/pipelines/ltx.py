@@ -101,7 +101,7 @@ class LTXPipeline(VideoPipelineBase):
     _default_video = staticmethod(default_video)
     _vae = vae_ltx
 
-    PIPELINE_CLASSES = ("LTXPipeline",)
+    PIPELINE_CLASSES = ("LTXPipeline", "LTXImageToVideoPipeline")  # (the same parts: either loads either)
     CONFIG = ltx.LTXConfig
     STACKED = ltx.STACKED
     I2V = False
@@ -329,12 +329,18 @@ class LTXPipeline(VideoPipelineBase):
 class LTXImageToVideoPipeline(LTXPipeline):
     """Image-to-video with LTX-Video: the image is the first frame — see the module docstring."""
 
-    PIPELINE_CLASSES = ("LTXImageToVideoPipeline",)
+    PIPELINE_CLASSES = ("LTXImageToVideoPipeline", "LTXPipeline")
     I2V = True
 
     def __init__(self, *, vae_encoder=None, **parts):
         super().__init__(**parts)
         self.vae_encoder = vae_encoder
+
+    def __call__(self, image=None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, **kwargs) -> LTXPipelineOutput:
+        """As diffusers' ``LTXImageToVideoPipeline.__call__(image, prompt, ...)``: the first frame (a PIL image or an
+        array (H, W, 3), resized to the video's size) and :meth:`LTXPipeline.__call__`'s arguments."""
+        return super().__call__(prompt, negative_prompt, image=image, **kwargs)
 
     @classmethod
     def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
