@@ -280,3 +280,15 @@ def test_i2v_pipeline_matches_diffusers(i2v_pipes):
     first = pipe(image, PROMPT, output_type="latent", progress=False, **CALL).frames
     cond = np.asarray(pipe.encode_image(image, 64, 96, jax.random.key(0)))  # (1, C, 1, 2, 3)
     np.testing.assert_allclose(first[:, :6], cond[:, :, 0].reshape(1, 8, 6).transpose(0, 2, 1), rtol=0, atol=0)
+
+
+def test_pipeline_refusals(pipes):
+    _, pipe, folder = pipes
+    with pytest.raises(NotImplementedError, match="PipeFusion is not supported for LTX-Video"):
+        LTXPipeline.from_pretrained(folder, pipefusion_patches=2)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        pipe(PROMPT, **dict(CALL, height=48))
+    with pytest.raises(ValueError, match="LTXImageToVideoPipeline"):
+        pipe(PROMPT, image=np.zeros((64, 96, 3), np.uint8), **CALL)
+    with pytest.raises(ValueError, match="packed latents"):
+        pipe(PROMPT, latents=np.zeros((1, 8, 2, 2, 3), np.float32), **CALL)

@@ -106,6 +106,13 @@ class LTXPipeline(VideoPipelineBase):
     STACKED = ltx.STACKED
     I2V = False
 
+    def __init__(self, **parts):
+        super().__init__(**parts)
+        if self.uses_pipefusion:
+            raise NotImplementedError("PipeFusion is not supported for LTX-Video (its per-token RoPE tables and the "
+                                      "image frame's timestep mask are not wired through the patches); split the "
+                                      "video tokens with ulysses / ring instead (e.g. mesh='ulysses=4').")
+
     # ------------------------------------------------------------------ shapes
 
     def latent_grid(self, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
@@ -333,8 +340,8 @@ class LTXImageToVideoPipeline(LTXPipeline):
     I2V = True
 
     def __init__(self, *, vae_encoder=None, **parts):
-        super().__init__(**parts)
         self.vae_encoder = vae_encoder
+        super().__init__(**parts)
 
     def __call__(self, image=None, prompt: str | list[str] | None = None,
                  negative_prompt: str | list[str] | None = None, **kwargs) -> LTXPipelineOutput:
