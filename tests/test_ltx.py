@@ -59,6 +59,7 @@ def test_matches_diffusers(pair):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow  # (the default run's time: test_i2v_pipeline_matches_diffusers runs the same per-token timesteps)
 def test_first_frame_timestep_matches_per_token_timesteps(pair):
     """diffusers' image-to-video: a (B, S) timestep, t * (1 - mask) with the first latent frame's tokens at 0."""
     tm, cfg, model = pair
@@ -84,7 +85,10 @@ def _parallel(model, mesh):
     return lambda *a: forward(state, *a)
 
 
-@pytest.mark.parametrize("mesh", ["cfg=2,ring=2,ulysses=2", pytest.param("ulysses=3", marks=pytest.mark.slow)])
+# (slow-marked for the default run's time: the pipeline's and the bench row's meshes run these blocks over
+# cfg=2,ring=2,ulysses=2 and ulysses=3 in the default set)
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["cfg=2,ring=2,ulysses=2", "ulysses=3"])
 def test_sequence_parallel_equals_one_device(pair, mesh):
     _, cfg, model = pair
     x, text, t, mask = _inputs(seed=2)
@@ -143,7 +147,10 @@ def _vae_pair(kw, seed=3):
 DECODE = jax.jit(lambda m, z, t: vae_ltx.decode(m, z, t))
 
 
-@pytest.mark.parametrize("variant", ["0.9.0", pytest.param("0.9.1", marks=pytest.mark.slow), "0.9.5"])
+# (0.9.5 slow-marked for the default run's time: the pipeline tests decode with the tiny 0.9.5-layout VAE against
+# diffusers' frames)
+@pytest.mark.parametrize("variant", ["0.9.0", pytest.param("0.9.1", marks=pytest.mark.slow),
+                                     pytest.param("0.9.5", marks=pytest.mark.slow)])
 def test_vae_decode_matches_diffusers(variant):
     tv, cfg, model = _vae_pair(VAES[variant])
     z = np.random.default_rng(5).standard_normal((2, 8, 2, 2, 3)).astype(np.float32)
@@ -292,3 +299,38 @@ def test_pipeline_refusals(pipes):
         pipe(PROMPT, image=np.zeros((64, 96, 3), np.uint8), **CALL)
     with pytest.raises(ValueError, match="packed latents"):
         pipe(PROMPT, latents=np.zeros((1, 8, 2, 2, 3), np.float32), **CALL)
+
+
+def test_bench_tiny_row_vs_diffusers():
+    """The ltx-tiny benchmark preset (2 layers, 18 video + 16 T5 tokens, 6 real) against diffusers' transformer, on one
+    device (``meshes``: a ulysses=3 row in the slow variant), 1 timed step."""
+    _bench_rows([None])
+
+
+@pytest.mark.slow
+def test_bench_tiny_rows_on_a_mesh_vs_diffusers():
+    """As above with ulysses=3 (18 tokens over 3, the 2 heads zero-padded to 3)."""
+    _bench_rows([None, "ulysses=3"])
+
+
+def _bench_rows(meshes):
+    from xdit_jax import bench
+
+    rows = bench.run_step_benchmark(bench.StepOptions(model="ltx-tiny", meshes=meshes, steps=1,
+                                                      compare="diffusers", settle=0, log=lambda s: None))
+    names = ["single device" if m is None else m for m in meshes]
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == sorted([(m, "xdit_jax") for m in names]
+                                                                  + [("torch cpu", "diffusers")])
+    assert "18+16 tokens" in bench.format_table(rows)
+    ours = [next(r for r in rows if r["mesh"] == m) for m in names]
+    one = ours[0]
+    for r in ours:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "ltx" and r["latent_shape"] == [2, 18, 8] and r["video_tokens"] == 18
+        assert r["text_valid_tokens"] == 6 and r["latent_frames"] == 3 and r["step_median_s"] > 0
+        # fp32, outputs O(1): measured 4.8e-7 (one device and cfg=2,ring=2,ulysses=2)
+        assert r["max_abs_diff_vs_diffusers"] < 1e-5
+    # the compiled program's dots are the analytic count (measured equal)
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9) and one["collective_bytes"] == 0
+    for r in ours[1:]:
+        assert r["collectives"]["all-to-all"] > 0
