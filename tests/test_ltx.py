@@ -334,3 +334,34 @@ def _bench_rows(meshes):
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9) and one["collective_bytes"] == 0
     for r in ours[1:]:
         assert r["collectives"]["all-to-all"] > 0
+
+
+@pytest.mark.slow
+def test_config_folders_match_diffusers():
+    """configs/ltx-video-0.9.x: our transformer, VAE decoder and encoder built from the files have diffusers'
+    parameter counts (its builds of the same files, on the meta device); the bench reads them as LTX workloads."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKLLTXVideo as TorchVAE
+
+    from xdit_jax import bench
+    from xdit_jax.models import vae_ltx_encoder
+
+    def ours(make):
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(nnx.eval_shape(make), nnx.Param)))
+
+    for name in ("ltx-video-0.9.0", "ltx-video-0.9.1"):
+        folder = Path(bench.CONFIG_DIR) / name
+        t = json.loads((folder / "transformer" / "config.json").read_text())
+        v = json.loads((folder / "vae" / "config.json").read_text())
+        strip = lambda d: {k: x for k, x in d.items() if not k.startswith("_")}  # noqa: E731
+        with torch.device("meta"):
+            tt, tv = TorchModel(**strip(t)), TorchVAE(**strip(v))
+        tc, vc = ltx.LTXConfig.from_dict(t), vae_ltx.LTXVAEConfig.from_dict(v)
+        assert ours(lambda: ltx.LTXVideoTransformer3DModel(tc)) == sum(p.numel() for p in tt.parameters())
+        # (ours holds the latents' mean / std as parameters: diffusers' buffers)
+        assert ours(vae_ltx.module_fn(vc)) == sum(p.numel() for p in tv.decoder.parameters()) + 2 * 128
+        assert ours(vae_ltx_encoder.module_fn(vc)) == sum(p.numel() for p in tv.encoder.parameters())
+        w = bench.load_workload(name)
+        assert w.family == "ltx" and w.tokens() == (21 * 16 * 22, 128) and w.latent_shape() == (2, 7392, 128)
