@@ -21,7 +21,9 @@ frame; its tokens at timestep 0 in the transformer (diffusers' ``t * (1 - condit
 the scheduler steps (only the later frames are stepped).
 
 Differences from diffusers, by design: the latents stay float32 between steps also in bf16, and so does the
-timestep the transformer sees. PipeFusion is refused (LTX's per-token tables travel with the tokens; not wired).
+timestep the transformer sees. PipeFusion (``pipefusion`` mesh axis, or ``pipefusion_patches``) splits the
+stacked blocks into stages and the video into patches (the RoPE tables and the image frame's mask travel with each
+patch; the caption is cross-attended whole).
 """
 
 from __future__ import annotations
@@ -69,13 +71,8 @@ def default_video(tc=None, vc=None) -> dict:
 def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
                   guidance_scale: float = 3.0) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work."""
-    from xdit_jax.mesh import MeshSpec
-
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
-    if MeshSpec.parse(mesh_spec).pipefusion > 1:
-        raise ValueError("PipeFusion is not supported for LTX-Video; split the video tokens with ulysses / ring "
-                         "instead (e.g. --mesh ulysses=4).")
     check_size_and_mesh(height, width, vc.spatial_ratio * tc.patch_size, tc.num_layers, batch, mesh_spec,
                         guidance_scale)
 
@@ -106,12 +103,6 @@ class LTXPipeline(VideoPipelineBase):
     STACKED = ltx.STACKED
     I2V = False
 
-    def __init__(self, **parts):
-        super().__init__(**parts)
-        if self.uses_pipefusion:
-            raise NotImplementedError("PipeFusion is not supported for LTX-Video (its per-token RoPE tables and the "
-                                      "image frame's timestep mask are not wired through the patches); split the "
-                                      "video tokens with ulysses / ring instead (e.g. mesh='ulysses=4').")
 
     # ------------------------------------------------------------------ shapes
 
@@ -154,7 +145,7 @@ class LTXPipeline(VideoPipelineBase):
         embeds, mask, rope_interpolation_scale); ``guidance``: (scale, rescale). The latent grid is the call's
         (``self._grid``, part of the cache key)."""
         grid, i2v = self._grid, self.I2V
-        key = ("ltx", do_cfg, grid, i2v)
+        key = ("ltx", do_cfg, warmup, grid, i2v)
         if key in self._step_cache:
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
@@ -238,8 +229,9 @@ class LTXPipeline(VideoPipelineBase):
                  sd((n, max_sequence_length), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.float32))
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps, shape[1]))
         _, tstate = nnx.split(self.transformer)
-        return self._step_fn(do_cfg).lower(
-            tstate, latents, flow_match.init_state(), jnp.int32(0), None, texts, sched,
+        kv = self._pipefusion_buffers(n, shape[1], abstract=True)  # PipeFusion: the patched step
+        return self._step_fn(do_cfg, warmup=kv is None).lower(
+            tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched,
             jnp.asarray([guidance_scale, 0.0], jnp.float32), jax.random.key(0)).compile()
 
     # ------------------------------------------------------------------ call
@@ -322,7 +314,8 @@ class LTXPipeline(VideoPipelineBase):
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         guidance = self._put_replicated(jnp.asarray([guidance_scale, guidance_rescale], jnp.float32))
         with timer.stage("denoising"):
-            latents = self._denoise(do_cfg, latents, flow_match.init_state(), None,
+            kv = self._pipefusion_buffers(texts[0].shape[0], shape[1])
+            latents = self._denoise(do_cfg, latents, flow_match.init_state(), kv,
                                     (texts, sched_arrays, guidance, rng), len(sched.timesteps), progress)
         if output_type == "latent":
             out = np.asarray(jax.device_get(latents))
