@@ -148,6 +148,30 @@ def make_torch_mochi(seed: int = 0, force_zeros_for_empty_prompt: bool = False):
                          transformer=transformer, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
 
 
+def make_torch_ltx(seed: int = 0, i2v: bool = False):
+    """A tiny random diffusers LTX-Video pipeline (xdit_jax.tiny's LTX configs); ``i2v``: LTXImageToVideoPipeline."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXImageToVideoPipeline,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = randomize_(LTXVideoTransformer3DModel(**tiny.LTX_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLLTXVideo(**tiny.LTX_VAE), seed + 1, std=0.1)
+    with torch.no_grad():  # the latents' per-channel statistics (buffers)
+        vae.latents_mean.copy_(torch.linspace(-0.2, 0.2, vae.latents_mean.numel()))
+        vae.latents_std.copy_(torch.linspace(0.6, 1.4, vae.latents_std.numel()))
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 2, std=0.2)
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.LTX_SCHEDULER.items() if not k.startswith("_")})
+    cls = LTXImageToVideoPipeline if i2v else LTXPipeline
+    return cls(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_tokenizer(),
+               transformer=transformer)
+
+
 def make_torch_flux(seed: int = 0, guidance_embeds: bool = True, kontext: bool = False):
     """A tiny random diffusers FLUX pipeline (xdit_jax.tiny's FLUX configs); ``guidance_embeds=False``:
     schnell-like; ``kontext``: a FluxKontextPipeline of the same parts."""

@@ -223,6 +223,23 @@ def test_generate_wan_video(tmp_path, capsys):
     assert '"model_family": "wan"' in capsys.readouterr().out
 
 
+def test_generate_ltx_image_to_video(tmp_path, capsys):
+    """The tiny LTX-Video with --image (LTXImageToVideoPipeline on the text-to-video folder: the VAE's encoder) and
+    --fps (its frame_rate), on one device (its meshes and the text-to-video path: tests/test_ltx.py)."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    image = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "l.mp4"
+    rc = cli.main(["--model", "tiny-ltx", "--output", str(out), "--image", str(image), "--fps", "24",
+                   "--guidance-rescale", "0.5", "--no-progress", "--json"])
+    assert rc == 0
+    video = iio.imread(out)
+    assert video.shape == (9, 64, 96, 3) and video.std() > 1  # the tiny defaults: 9 x 64 x 96
+    assert '"model_family": "ltx"' in capsys.readouterr().out
+
+
 def test_generate_skyreels_v2_diffusion_forcing_video(tmp_path, capsys):
     """The tiny SkyReels-V2 diffusion forcing model: asynchronous (--ar-step 1) with causal blocks of 3 latent frames
     (the 9 frames' 3: one block) and the fps embedding's 16 fps row, on one device (its meshes and long videos:

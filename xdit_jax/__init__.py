@@ -8,6 +8,7 @@ from xdit_jax.pipelines.flux2 import Flux2KleinPipeline, Flux2Pipeline, Flux2Pip
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
+from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipelineOutput
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
@@ -30,7 +31,7 @@ __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipel
            "CogVideoXPipelineOutput", "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
            "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
            "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline",
-           "LattePipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
+           "LattePipelineOutput", "LTXImageToVideoPipeline", "LTXPipeline", "LTXPipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
            "QwenImageEditPlusPipeline", "QwenImagePipeline", "QwenImagePipelineOutput", "SD3PipelineOutput",
            "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",

@@ -93,6 +93,7 @@ SANA_MODELS = ("sana-1600m-1024px",)
 CHROMA_MODELS = ("chroma1-hd",)
 LUMINA2_MODELS = ("lumina-image-2.0",)
 FLUX2_MODELS = ("flux.2-klein-4b",)
+LTX_MODELS = ("ltx-video-0.9.0", "ltx-video-0.9.1")
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma",
                   "lumina2", "flux2")  # text-to-image: no frames
 
@@ -462,6 +463,35 @@ def _skyreels_tiny_workload() -> Workload:
                               "causal_block_size": 2})
 
 
+def ltx_vae_scales(vae: dict) -> tuple[int, int]:
+    """(spatial, temporal) compression of an LTX-Video VAE config (32, 8 for the releases)."""
+    from xdit_jax.models.vae_ltx import LTXVAEConfig
+
+    cfg = LTXVAEConfig.from_dict(vae)
+    return cfg.spatial_ratio, cfg.temporal_ratio
+
+
+def _ltx_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's LTX-Video (2 heads x 8, 2 blocks, T5 32 wide) at 17 frames of 64 x 96: 3 x 2 x 3 = 18 video
+    # tokens (so that the 4-way sequence meshes pad); 16 T5 tokens, 6 of the prompt's real.
+    spatial, temporal = ltx_vae_scales(tiny.LTX_VAE)
+    return Workload("ltx-tiny", dict(tiny.LTX_TRANSFORMER), height=64, width=96, num_frames=17,
+                    vae_scale_spatial=spatial, vae_scale_temporal=temporal, family="ltx", text_tokens=16,
+                    text_valid=6, source="xdit_jax.tiny's LTX-Video, 2 heads x 8, 2 layers",
+                    defaults={"num_inference_steps": 4, "guidance_scale": 3.0, "max_sequence_length": 16})
+
+
+def _ltx_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "ltx-video-0.9.0"
+    t, defaults = load_model_dir(folder)
+    spatial, temporal = ltx_vae_scales(read_json(folder / "vae" / "config.json"))
+    return Workload("ltx-cpu-small", dict(t, num_layers=2), height=256, width=256, num_frames=41,
+                    vae_scale_spatial=spatial, vae_scale_temporal=temporal, family="ltx", folder=str(folder),
+                    source="configs/ltx-video-0.9.0, 2 layers", defaults=defaults)
+
+
 def _latte_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
@@ -634,6 +664,8 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "chroma-cpu-small": _chroma_cpu_small_workload,
                                               "sd3-tiny": _sd3_tiny_workload,
                                               "sd3-cpu-small": _sd3_cpu_small_workload,
+                                              "ltx-tiny": _ltx_tiny_workload,
+                                              "ltx-cpu-small": _ltx_cpu_small_workload,
                                               "wan-tiny": _wan_tiny_workload,
                                               "wan-cpu-small": _wan_cpu_small_workload,
                                               "skyreels-tiny": _skyreels_tiny_workload,
@@ -708,6 +740,15 @@ PRESET_HELP.update({
 })
 for _m in SD3_MODELS:
     PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 1024x1024 (4096 image + 77 CLIP + 256 T5 "
+                       f"tokens)")
+PRESET_HELP.update({
+    "ltx-tiny": "a 2x8-head, 2-layer LTX-Video (T5 32 wide) at 17x64x96: 3x2x3 = 18 video + 16 T5 tokens (6 real; CI "
+                "smoke test)",
+    "ltx-cpu-small": "LTX-Video 2B width (32 heads x 64), 2 layers, 41 frames at 256x256: 6x8x8 = 384 video + 128 T5 "
+                     "tokens (40 real)",
+})
+for _m in LTX_MODELS:
+    PRESET_HELP[_m] = (f"full-size configs/{_m} with random weights at 161x512x704 (21x16x22 = 7,392 video + 128 T5 "
                        f"tokens)")
 PRESET_HELP.update({
     "wan-tiny": "a 2x12-head, 2-layer Wan 2.1 (UMT5 32 wide) at 9x32x48: 18 video + 16 caption tokens (6 real, "
@@ -839,6 +880,12 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
         elif family == "hunyuanvideo":  # no sample sizes in its config: defaults.json's, else diffusers' defaults
             w = Workload(folder.name, t, height=int(d.get("height", 720)), width=int(d.get("width", 1280)),
                          num_frames=int(d.get("num_frames", 129)), defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
+        elif family == "ltx":  # no sample sizes in its config: defaults.json's, else LTXPipeline's 512 x 704 x 161
+            spatial, temporal = ltx_vae_scales(read_json(folder / "vae" / "config.json"))
+            w = Workload(folder.name, t, height=int(d.get("height", 512)), width=int(d.get("width", 704)),
+                         num_frames=int(d.get("num_frames", 161)), vae_scale_spatial=spatial,
+                         vae_scale_temporal=temporal, defaults=d, source=str(folder), folder=str(folder),
                          family=family)
         elif family in ("wan", "skyreels_v2"):  # no sample sizes in its config: defaults.json's, else 480 x 832 x 81
             spatial, temporal = wan_folder_vae_scales(folder)

@@ -2765,9 +2765,145 @@ class Flux2(Flux):
         return Flux2TorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# LTX-Video
+# ============================================================================================
+
+LTX_TEXT_VALID = PIXART_TEXT_VALID  # a typical prompt's T5 tokens (the same tokenizer as PixArt's)
+LTX_TIMESTEP = 500.0  # the transformer's ``timestep``: LTXPipeline passes the scheduler's t (x 1000), mid-schedule
+LTX_FRAME_RATE = 25  # LTXPipeline's default frame_rate (the RoPE's temporal scale: VAE ratio / frame rate)
+LTX_TIME_PROJ = 256  # AdaLayerNormSingle's sinusoid width
+
+
+def ltx_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one LTX-Video transformer forward (2 FLOPs per multiply-add).
+
+    B = batch (both CFG halves), S = video tokens (the packed latents: (F)(h)(w), patches of 1), L = T5 tokens
+    (all of them: the cross-attention masks the padding additively, as diffusers), d = heads x head_dim (2048),
+    D_x = cross_attention_dim (d), D = caption_channels (T5, 4096), C = in_channels (128), N = layers. Per block:
+
+        self-attention q, k, v, out                    8 B S d^2
+        self-attention QK^T and PV                     4 B S^2 d
+        cross-attention q, out                         4 B S d^2
+        cross-attention k, v over the caption          4 B L D_x d
+        cross-attention QK^T and PV                    4 B S L d
+        feed-forward d -> 4d -> d (tanh-GELU)          16 B S d^2
+
+    Plus, once: proj_in 2 B S C d; the timestep embedding 2 B (256 d + d^2) and its 6d modulation 12 B d^2; the
+    caption projection 2 B L (D d + d^2); proj_out 2 B S d C_out. Norms, RoPE (tables and rotations), softmax and
+    the modulations themselves are element-wise.
+    """
+    b, s, c = latent_shape
+    t = transformer
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    dx = int(t.get("cross_attention_dim", d))
+    dcap = int(t.get("caption_channels", 4096))
+    layers = int(t["num_layers"])
+    cout = int(t.get("out_channels") or c)
+    txt = text_len
+    attn = 4 * b * s * s * d + 4 * b * s * txt * d
+    block = 8 * b * s * d * d + 4 * b * s * d * d + 4 * b * txt * dx * d + 16 * b * s * d * d + attn
+    embed = 2 * b * s * c * d + 2 * b * (LTX_TIME_PROJ * d + d * d) + 12 * b * d * d + 2 * b * txt * (dcap * d + d * d)
+    head = 2 * b * s * d * cout
+    total = layers * block + embed + head
+    return {"total": float(total), "per_block": float(block), "attention": float(layers * attn),
+            "linear": float(total - layers * attn), "tokens": s}
+
+
+class LTXTorchReference(TorchReference):
+    """diffusers' ``LTXVideoTransformer3DModel`` called as ``LTXPipeline`` calls it: packed latents and T5 states
+    in the model's dtype, the float32 timestep (B,), the caption mask, the latent grid (num_frames, height, width)
+    and ``rope_interpolation_scale`` (VAE temporal ratio / frame rate, spatial ratio, spatial ratio)."""
+
+    diffusers_class = "LTXVideoTransformer3DModel"
+
+    def set_inputs(self, inputs, w):
+        put = functools.partial(self._put, inputs)
+        self.x, self.enc, self.t, self.mask = put("latents", self.dtype), put("embeds", self.dtype), put("t"), \
+            put("mask")
+        self.grid = tuple(int(v) for v in inputs["grid"])
+        self.scale = tuple(float(v) for v in inputs["rope_scale"])
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
+                          encoder_attention_mask=self.mask, num_frames=self.grid[0], height=self.grid[1],
+                          width=self.grid[2], rope_interpolation_scale=self.scale, return_dict=False)[0]
+
+
+class LTX(Family):
+    name = "ltx"
+    module_name = "xdit_jax.models.ltx"
+    model_class_name = "LTXVideoTransformer3DModel"
+    config_class_name = "LTXConfig"
+    token_word = "video"
+    title = "LTX-Video"
+    host_inputs = ("grid", "rope_scale")
+
+    def grid(self, w) -> tuple[int, int, int]:
+        """The latent grid (frames, rows, columns): (F - 1) // 8 + 1 latent frames, H / 32 x W / 32."""
+        return ((w.num_frames - 1) // w.vae_scale_temporal + 1, w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def latent_shape(self, w):
+        f, h, ww = self.grid(w)
+        return w.step_batch, f * h * ww, int(w.transformer.get("in_channels", 128))
+
+    def tokens(self, w):
+        return self.latent_shape(w)[1], self.text_len(w)
+
+    def text_len(self, w):
+        """T5 tokens: the pipeline's ``max_sequence_length`` (128; defaults.json's)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or 128)
+
+    def text_valid(self, w) -> int:
+        return min(int(w.text_valid or LTX_TEXT_VALID), self.text_len(w))
+
+    def mask(self, w) -> np.ndarray:
+        """(B, L) int32 caption mask: with CFG the negative prompt "" (1 token), then the prompt's."""
+        return pixart_mask(w.step_batch, self.text_len(w), self.text_valid(w), w.cfg)
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # the video tokens; the caption is cross-attended, whole on every device
+
+    def check(self, cfg, shape):
+        if shape[2] != cfg.in_channels:
+            raise ValueError(f"packed latents {shape}: this LTX-Video transformer takes {cfg.in_channels} channels.")
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"family": self.name, "video_tokens": sv, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "latent_frames": self.grid(w)[0], "layers": cfg.num_layers, "heads": cfg.num_attention_heads,
+                "head_dim": cfg.attention_head_dim, "height": w.height, "width": w.width, "num_frames": w.num_frames}
+
+    def make_inputs(self, w, seed=0):
+        """As ``LTXPipeline`` passes them: packed latents (B, S, C), T5 states (B, L, caption_channels), the caption
+        mask (B, L), timesteps (B,) float, and (host arrays, constants of the trace) the latent grid and the RoPE
+        scale at 25 fps."""
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
+                "embeds": rng.standard_normal((b, self.text_len(w), int(w.transformer.get("caption_channels", 4096))),
+                                              dtype=np.float32),
+                "mask": self.mask(w), "t": np.full((b,), LTX_TIMESTEP, dtype=np.float32),
+                "grid": np.array(self.grid(w), np.int64),
+                "rope_scale": np.array([w.vae_scale_temporal / LTX_FRAME_RATE, w.vae_scale_spatial,
+                                        w.vae_scale_spatial], np.float32)}
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], inputs["mask"],
+                *(int(v) for v in inputs["grid"]), tuple(float(v) for v in inputs["rope_scale"]))
+
+    def analytic_flops(self, w):
+        return ltx_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return LTXTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
-                                                          QwenImage(), ZImage(), Sana(), Chroma(), Lumina2(), Flux2())}
+                                                          QwenImage(), ZImage(), Sana(), Chroma(), Lumina2(), Flux2(),
+                                                          LTX())}
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
@@ -2783,6 +2919,7 @@ ZIMAGE_CLASS_NAMES = ("ZImageTransformer2DModel",)
 SANA_CLASS_NAMES = ("SanaTransformer2DModel",)
 LUMINA2_CLASS_NAMES = ("Lumina2Transformer2DModel",)
 FLUX2_CLASS_NAMES = ("Flux2Transformer2DModel",)
+LTX_CLASS_NAMES = ("LTXVideoTransformer3DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -2802,7 +2939,11 @@ def family_of_config(transformer: dict) -> str:
     Lumina 2 by its class name or ``cap_feat_dim`` with ``num_refiner_layers`` and ``multiple_of`` (Z-Image has the
     first and ``n_refiner_layers``, HunyuanVideo the second without the others);
     FLUX.2 by its class name or ``num_single_layers`` with ``timestep_guidance_channels`` (checked before FLUX.1,
-    whose ``num_single_layers`` it shares); else CogVideoX."""
+    whose ``num_single_layers`` it shares); LTX-Video by its class name or ``caption_channels`` with ``patch_size_t``
+    and ``qk_norm`` (PixArt has the first only); else CogVideoX."""
+    if transformer.get("_class_name") in LTX_CLASS_NAMES or (
+            "caption_channels" in transformer and "patch_size_t" in transformer and "qk_norm" in transformer):
+        return "ltx"
     if transformer.get("_class_name") in SANA_CLASS_NAMES or (
             "cross_attention_head_dim" in transformer and "mlp_ratio" in transformer):
         return "sana"

@@ -7,7 +7,8 @@
                                                    # tiny-sd3, tiny-wan, tiny-latte, tiny-hunyuanvideo,
                                                    # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana,
                                                    # tiny-sana-sprint, tiny-chroma, tiny-lumina2, tiny-flux2-klein,
-                                                   # tiny-qwenimage-edit(-plus) with --image, tiny-skyreels-v2)
+                                                   # tiny-qwenimage-edit(-plus) with --image, tiny-skyreels-v2,
+                                                   # tiny-ltx (--image: image-to-video))
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -108,6 +109,8 @@ class Family:
     check_hook: Callable | None = None  # (module, model, tc, args, h, w, guidance) -> (h, w, guidance to check)
     distilled_steps: int | None = None  # a step-distilled checkpoint's --steps and --guidance-scale defaults
     distilled_guidance_scale: float | None = None
+    image_pipeline: str | None = None  # the diffusers class --image loads a text-to-video folder as (its I2V)
+    fps_call_arg: str | None = None  # the call argument --fps also sets (the model conditions on the frame rate)
 
     @property
     def output(self) -> str:
@@ -133,6 +136,10 @@ FAMILIES = {
     # diffusers' SkyReelsV2Pipeline / SkyReelsV2DiffusionForcingPipeline defaults
     "skyreels_v2": Family(video=True, guidance_scale=6.0, steps=50, tiny_size=(32, 48), tiny_frames=9,
                           max_sequence_length=512),
+    # diffusers' LTXPipeline defaults; --image: LTXImageToVideoPipeline on the same folder; --fps: its frame_rate
+    "ltx": Family(video=True, guidance_scale=3.0, steps=50, tiny_steps=2, tiny_size=(64, 96), tiny_frames=9,
+                  max_sequence_length=128, call_flags=("guidance_rescale",),
+                  image_pipeline="LTXImageToVideoPipeline", fps_call_arg="frame_rate"),
     "latte": Family(video=True, guidance_scale=7.5, steps=50, tiny_frames=4,
                     fixed_text_length="Latte's T5 length is fixed: 120, as diffusers'"),
     # (HunyuanVideo's guidance_scale is embedded; true CFG: --negative-prompt with --true-cfg-scale > 1)
@@ -166,7 +173,8 @@ DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in F
 VIDEO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.video)
 TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_cfg}  # --true-cfg-scale
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
-                  "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline")
+                  "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+                  "LTXImageToVideoPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
@@ -236,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--true-cfg-scale", type=float, default=None,
                     help="FLUX, HunyuanVideo, Qwen-Image: diffusers' true CFG with --negative-prompt (> 1 runs "
                          "both halves; default 1 = off, Qwen-Image 4)")
-    ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's guidance_rescale (0 = off)")
+    ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's and LTX-Video's guidance_rescale (0 = off)")
     ap.add_argument("--max-area", type=int, default=None, metavar="PIXELS",
                     help="FLUX.1 Kontext: the output's pixels (the --height x --width aspect ratio at this area, as "
                          "diffusers' max_area; default 1048576 = 1024 x 1024)")
@@ -676,7 +684,8 @@ def _main(argv=None) -> int:
             raise ValueError("--video: give --overlap-history, the video's last frames the extension conditions on "
                              "(17 or 37 recommended).")
         image_to_video = kind in IMAGE_TO_VIDEO or (
-            args.image is not None and family == "wan" and _expand_timesteps(model))  # TI2V-5B with an image
+            args.image is not None and family == "wan" and _expand_timesteps(model)) or (  # TI2V-5B with an image
+            args.image is not None and FAMILIES[family].image_pipeline is not None)  # (LTX-Video: its I2V pipeline)
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
@@ -720,7 +729,9 @@ def _main(argv=None) -> int:
                or fam.max_sequence_length)
         if (Path(model) / "transformer" / "config.json").exists():  # cheap checks before loading any weights
             _check_request(family, model, args, spec, guidance, msl)
-        cls = pipelines.pipeline_class("WanImageToVideoPipeline" if image_to_video and family == "wan" else kind)
+        i2v_class = FAMILIES[family].image_pipeline if image_to_video else None
+        cls = pipelines.pipeline_class("WanImageToVideoPipeline" if image_to_video and family == "wan" else
+                                       i2v_class or kind)
         kw = dict(mesh=spec, dtype=dtype, attention_backend=args.attention_backend,
                   pipefusion_patches=args.num_pipeline_patch, pipefusion_warmup_steps=args.warmup_steps)
         if args.random_weights:
@@ -762,6 +773,8 @@ def _main(argv=None) -> int:
     if fam.true_cfg:
         kw["true_cfg_scale"] = true_cfg
     kw.update({name: getattr(args, name) for name in fam.call_flags})
+    if fam.fps_call_arg and args.fps:
+        kw[fam.fps_call_arg] = args.fps
     if family == "wan" and args.guidance_scale_2 is not None:
         kw["guidance_scale_2"] = args.guidance_scale_2
     if kind in DIFFUSION_FORCING:  # (diffusers' names; fps: its fps embedding too)

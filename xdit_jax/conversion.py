@@ -51,6 +51,8 @@ MODEL_CLASSES = {
     "HunyuanDiT2DModel": ("xdit_jax.models.hunyuandit", "HunyuanDiTConfig"),
     "MochiTransformer3DModel": ("xdit_jax.models.mochi", "MochiConfig"),
     "AutoencoderKLMochi": ("xdit_jax.models.vae_mochi", "MochiVAEConfig"),
+    "LTXVideoTransformer3DModel": ("xdit_jax.models.ltx", "LTXConfig"),
+    "AutoencoderKLLTXVideo": ("xdit_jax.models.vae_ltx", "LTXVAEConfig"),
     "WanTransformer3DModel": ("xdit_jax.models.wan", "WanConfig"),
     "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
     # SkyReels-V2: Wan 2.1's transformer with per-frame timesteps, the fps embedding and the causal block mask

@@ -24,7 +24,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-qwenimage": "qwenimage", "tiny-qwenimage-edit": "qwenimage-edit",
               "tiny-qwenimage-edit-plus": "qwenimage-edit-plus", "tiny-zimage": "zimage",
               "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
-              "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2"}
+              "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -104,6 +104,22 @@ MOCHI_VAE = dict(in_channels=15, out_channels=3, encoder_block_out_channels=[32,
 MOCHI_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
                        use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                        max_image_seq_len=4096, invert_sigmas=True)
+
+# LTX-Video shaped: 2 blocks of 2 heads x 8 (16 wide: RoPE's dim % 6 padding in use), 8 latent channels, the
+# tiny T5 (32 wide); the VAE with 0.9.5's decoder (timestep-conditioned, residual upsamplers, upscale factor 2:
+# 32x spatial, 8x temporal) and 0.9.0's encoder (for image-to-video). 9 frames of 64 x 96: 2 x 2 x 3 latents.
+LTX_TRANSFORMER = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                       cross_attention_dim=16, num_layers=2, caption_channels=32)
+LTX_VAE = dict(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=[8, 8, 8, 8],
+               layers_per_block=[1, 1, 1, 1, 1], spatio_temporal_scaling=[True, True, True, False],
+               decoder_block_out_channels=[8, 16, 32], decoder_layers_per_block=[1, 1, 1, 1],
+               decoder_spatio_temporal_scaling=[True, True, True], decoder_inject_noise=[False] * 4,
+               upsample_residual=[True, True, True], upsample_factor=[2, 2, 2], timestep_conditioning=True,
+               spatial_compression_ratio=32, temporal_compression_ratio=8)
+# LTX-Video's scheduler config (dynamic shifting from the video tokens, shift_terminal 0.1)
+LTX_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
+                     use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
+                     max_image_seq_len=4096, shift_terminal=0.1)
 
 # FLUX.1-dev shaped (guidance-distilled): 2 double- and 2 single-stream blocks, RoPE axes (4, 6, 6) over
 # 16-wide heads; the VAE with FLUX's shift and scale and no quant convs (4 latent channels: 16 packed);
@@ -463,6 +479,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "ChromaTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
                 "image_encoder": [None, None], "feature_extractor": [None, None]}
+    if family == "ltx":
+        return {"_class_name": "LTXPipeline", "_diffusers_version": "0.32.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "LTXVideoTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLLTXVideo"]}
     if family == "mochi":
         return {"_class_name": "MochiPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -545,7 +566,7 @@ def init_rule(path, shape: tuple[int, ...]) -> float | str:
         return "ones"
     if name in ("bias", "running_mean"):
         return "zeros"
-    fan_in = int(np.prod(shape[:-1])) if name == "kernel" else shape[-1]
+    fan_in = int(np.prod(shape[:-1])) if name == "kernel" else (shape[-1] if shape else 1)  # (0-d: a scalar)
     if name == "kernel" and len(shape) >= 3 and path and "transformer_blocks" in str(path[0]):
         fan_in = int(np.prod(shape[1:-1]))  # stacked layers: skip the layer axis
     return 1.0 / float(np.sqrt(max(fan_in, 1)))
@@ -710,6 +731,17 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
             "text_encoder": text,
         }, FLUX_SCHEDULER
+    if family == "ltx":
+        from xdit_jax.models import ltx, vae_ltx
+
+        tcfg = {**LTX_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("LTXVideoTransformer3DModel", tcfg,
+                            lambda: ltx.LTXVideoTransformer3DModel(ltx.LTXConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLLTXVideo", LTX_VAE,
+                    lambda: vae_ltx.module_fn(vae_ltx.LTXVAEConfig.from_dict(LTX_VAE), jnp.float32)()),
+            "text_encoder": text,
+        }, LTX_SCHEDULER
     if family == "mochi":
         tcfg = {**MOCHI_TRANSFORMER, **(transformer or {})}
         return {
@@ -882,7 +914,8 @@ def write_wan_i2v_configs(folder: str | os.PathLike, flf2v: bool = False) -> Pat
     return folder
 
 
-# The tiny folders' contents: a folder made by an older version is made again (2: SkyReels-V2's VAE encoder)
+# The tiny folders' contents: a folder made by an older version is made again (2: SkyReels-V2's and LTX's VAE
+# encoders)
 TINY_VERSION = 2
 
 
@@ -923,10 +956,11 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family == "skyreels_v2":  # the Wan VAE's encoder (diffusion forcing from an image or a video)
-            from xdit_jax.models import vae_wan, vae_wan_encoder
+        if family in ("skyreels_v2", "ltx"):  # the VAE's encoder (SkyReels-V2 DF from an image / a video; LTX I2V)
+            from xdit_jax.models import vae_ltx, vae_ltx_encoder, vae_wan, vae_wan_encoder
 
-            make = vae_wan_encoder.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE))
+            make = (vae_ltx_encoder.module_fn(vae_ltx.LTXVAEConfig.from_dict(LTX_VAE)) if family == "ltx"
+                    else vae_wan_encoder.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE)))
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
         if family.startswith("qwenimage-edit"):  # the Wan VAE's encoder and Qwen2.5-VL's vision tower

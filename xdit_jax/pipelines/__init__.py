@@ -12,6 +12,8 @@ PIPELINES = {
     "PixArtSigmaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "HunyuanDiTPipeline": ("xdit_jax.pipelines.hunyuandit", "HunyuanDiTPipeline", "hunyuandit"),
     "MochiPipeline": ("xdit_jax.pipelines.mochi", "MochiPipeline", "mochi"),
+    "LTXPipeline": ("xdit_jax.pipelines.ltx", "LTXPipeline", "ltx"),
+    "LTXImageToVideoPipeline": ("xdit_jax.pipelines.ltx", "LTXImageToVideoPipeline", "ltx"),
     "FluxPipeline": ("xdit_jax.pipelines.flux", "FluxPipeline", "flux"),
     "FluxKontextPipeline": ("xdit_jax.pipelines.flux", "FluxKontextPipeline", "flux"),
     "StableDiffusion3Pipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Pipeline", "sd3"),
@@ -45,7 +47,8 @@ PIPELINES = {
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
-    "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2") of a diffusers pipeline
+    "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx") of a diffusers
+    pipeline
     class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
