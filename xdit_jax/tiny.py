@@ -38,6 +38,14 @@ CORPUS = [
 TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
                    text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9,
                    patch_size=2, max_text_seq_length=16, temporal_compression_ratio=4)
+# ConsisID (CogVideoX-5B-I2V's transformer + the face branch) at tiny size: 3 heads x 16 (the face cross-attention takes
+# 2/3 of the width, 32, as LFE_output_dim); 4 blocks with a cross-attention after blocks 0 and 2; the extractor's 2
+# scales of 2 layers each.
+CONSISID_TRANSFORMER = dict(TRANSFORMER, num_attention_heads=3, in_channels=8, num_layers=4,
+                            use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True,
+                            is_train_face=True, cross_attn_interval=2, cross_attn_dim_head=8, cross_attn_num_heads=2,
+                            LFE_id_dim=12, LFE_vit_dim=16, LFE_depth=4, LFE_dim_head=8, LFE_num_heads=2,
+                            LFE_num_id_token=3, LFE_num_querie=4, LFE_output_dim=32, LFE_ff_mult=2, LFE_num_scale=2)
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
            down_block_types=["CogVideoXDownBlock3D"] * 4, up_block_types=["CogVideoXUpBlock3D"] * 4,
            layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=64,
