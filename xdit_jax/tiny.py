@@ -24,7 +24,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-qwenimage": "qwenimage", "tiny-qwenimage-edit": "qwenimage-edit",
               "tiny-qwenimage-edit-plus": "qwenimage-edit-plus", "tiny-zimage": "zimage",
               "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
-              "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2"}
+              "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-consisid": "consisid"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -439,6 +439,11 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = 
 
 
 def model_index(family: str = "cogvideox") -> dict:
+    if family == "consisid":
+        return {"_class_name": "ConsisIDPipeline", "_diffusers_version": "0.33.0",
+                "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+                "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "ConsisIDTransformer3DModel"],
+                "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
     if family == "skyreels_v2":  # (the diffusion-forcing pipeline: the fps embedding, per-frame timesteps)
         return {"_class_name": "SkyReelsV2DiffusionForcingPipeline", "_diffusers_version": "0.35.0",
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],
@@ -833,6 +838,19 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(PIXART_VAE), jnp.float32)()),
             "text_encoder": text,
         }, PIXART_SCHEDULER
+    if family == "consisid":  # (DDIM: the parity tests' scheduler; the release's CogVideoXDPMScheduler draws noise)
+        from xdit_jax.models import consisid
+
+        tcfg = {**CONSISID_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("ConsisIDTransformer3DModel", tcfg,
+                            lambda: consisid.ConsisIDTransformer3DModel(consisid.ConsisIDConfig.from_dict(tcfg),
+                                                                        rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLCogVideoX", VAE,
+                    lambda: vae_cogvideox.CogVideoXVAEDecoder(vae_cogvideox.CogVideoXVAEConfig.from_dict(VAE),
+                                                              dtype=jnp.float32)),
+            "text_encoder": text,
+        }, SCHEDULER
     if family != "cogvideox":
         raise ValueError(f"Unknown tiny model family {family!r}; use one of {sorted(set(TINY_NAMES.values()))}.")
     tcfg = {**TRANSFORMER, **(transformer or {})}
@@ -913,6 +931,13 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             if name.startswith("tokenizer"):
                 encoder = model_index(family).get(name.replace("tokenizer", "text_encoder"), [None, ""])[1]
                 stand_in_tokenizer(spec[1], encoder, model_index(family)["_class_name"]).save_pretrained(tmp / name)
+        if family == "consisid":  # the CogVideoX VAE's encoder (image-to-video), as conversion writes it
+            from xdit_jax.models import vae_cogvideox, vae_cogvideox_encoder
+
+            vcfg = vae_cogvideox.CogVideoXVAEConfig.from_dict(VAE)
+            make = vae_cogvideox_encoder.module_fn(vcfg, jnp.float32)
+            abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
+            save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
         if family in ("flux-kontext", "flux2"):  # the VAE's encoder, as conversion writes it (vae/encoder_params)
             from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder
 
