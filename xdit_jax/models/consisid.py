@@ -32,6 +32,7 @@ from xdit_jax.models.cogvideox import CogVideoXConfig
 from xdit_jax.models.layers import LayerNorm, linear, stack_modules
 
 STACKED = cogvideox.STACKED
+check_input_shape = cogvideox.check_input_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +229,7 @@ class ConsisIDTransformer3DModel(cogvideox.CogVideoXTransformer3DModel):
                              f"(batch={id_cond.shape[0]}, tokens, {cfg.LFE_vit_dim}).")
         return self.local_facial_extractor(id_cond, vit)
 
-    def embed(self, hidden_states, encoder_hidden_states, timestep, ofs=None, *, id_cond=None, id_vit_hidden=None,
+    def embed(self, hidden_states, encoder_hidden_states, timestep, ofs=None, id_cond=None, id_vit_hidden=None, *,
               face=None):
         """-> (joint, tokens, cond): CogVideoX's embedding; ``cond`` {"temb", "face"} (``face``: the identity
         tokens, given or computed from ``id_cond`` / ``id_vit_hidden``, broadcast to the batch)."""
@@ -274,9 +275,9 @@ class ConsisIDTransformer3DModel(cogvideox.CogVideoXTransformer3DModel):
     def head(self, joint, cond, shape):
         return super().head(joint, cond["temb"], shape)
 
-    def __call__(self, hidden_states, encoder_hidden_states, timestep, id_cond=None, id_vit_hidden=None):
-        joint, tokens, cond = self.embed(hidden_states, encoder_hidden_states, timestep, id_cond=id_cond,
-                                         id_vit_hidden=id_vit_hidden)
+    def __call__(self, hidden_states, encoder_hidden_states, timestep, ofs=None, id_cond=None, id_vit_hidden=None):
+        """(``ofs``: CogVideoX's argument, None here: a ConsisID transformer has no ofs embedding.)"""
+        joint, tokens, cond = self.embed(hidden_states, encoder_hidden_states, timestep, ofs, id_cond, id_vit_hidden)
         return self.head(self.blocks(joint, tokens, cond), cond, hidden_states.shape)
 
 
