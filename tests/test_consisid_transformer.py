@@ -89,3 +89,24 @@ def test_bad_input(pair):
     id_cond, vit = face_inputs(cfg)
     with pytest.raises(ValueError, match="expected 2 arrays"):
         model(x, enc, jnp.array([1]), id_cond=id_cond, id_vit_hidden=vit[:1])
+
+
+def test_full_size_config():
+    """configs/consisid-preview builds abstractly (nothing allocated) with as many parameters as diffusers' model of
+    the same config (on torch's meta device; its learned positional table, 17776 x 3072, is a persistent buffer there,
+    a parameter here), 6.22B (CogVideoX-5b-I2V's 5.63B + the face branch's 0.59B); the bench reads it as the consisid
+    family."""
+    from flax import nnx
+
+    from xdit_jax import bench
+    from xdit_jax.pipelines.consisid import read_configs
+
+    folder = bench.CONFIG_DIR / "consisid-preview"
+    tc, _ = read_configs(folder)
+    _, state = nnx.split(nnx.eval_shape(lambda: consisid.ConsisIDTransformer3DModel(tc, rngs=nnx.Rngs(0))))
+    ours = sum(x.size for x in jax.tree.leaves(state))
+    with torch.device("meta"):
+        tm = TorchModel.from_config(TorchModel.load_config(folder / "transformer"))
+    assert ours == sum(p.numel() for p in tm.state_dict().values()) == 6_217_102_912
+    assert bench.family_of_config(bench.load_model_dir(folder)[0]) == "consisid"
+    assert bench.load_workload("consisid-preview").tokens() == (13 * 30 * 45, 226)
