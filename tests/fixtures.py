@@ -49,6 +49,20 @@ def make_torch_pipeline(variant: str = "2b", seed: int = 0, scheduler: str = "dd
                              transformer=transformer, scheduler=sched_cls(**sched_kw))
 
 
+def make_torch_consisid(seed: int = 0, scheduler: str = "ddim"):
+    """diffusers' ConsisIDPipeline at tiny size (xdit_jax.tiny.CONSISID_TRANSFORMER, the CogVideoX VAE, T5;
+    ``scheduler`` "ddim" or "dpm", the release's CogVideoXDPMScheduler, whose steps draw noise: torch's there, JAX's
+    here). Imported from its module: the package's name needs OpenCV (only for kps_cond)."""
+    from diffusers import ConsisIDTransformer3DModel
+    from diffusers.pipelines.consisid.pipeline_consisid import ConsisIDPipeline
+
+    tp = make_torch_pipeline("5b-i2v", seed, scheduler=scheduler)
+    torch.manual_seed(seed)
+    transformer = randomize_(ConsisIDTransformer3DModel(**tiny.CONSISID_TRANSFORMER), seed, std=0.1)
+    return ConsisIDPipeline(tokenizer=tp.tokenizer, text_encoder=tp.text_encoder, vae=tp.vae, transformer=transformer,
+                            scheduler=tp.scheduler)
+
+
 def random_image(seed: int, size: tuple[int, int]):
     """A PIL RGB image of ``size`` (width, height) with uniform random pixels (image-to-video's input)."""
     import numpy as np

@@ -532,3 +532,34 @@ def test_every_tiny_name_has_a_family():
     for name in tiny.TINY_NAMES:
         assert cli._family_of(name) in cli.FAMILIES, name
     assert cli._family_of("tiny-flux-kontext") == "flux"
+
+
+def test_generate_consisid(tmp_path, capsys):
+    """The tiny ConsisID: --image (the face) and --id-embeds (its embeddings, an .npz as diffusers' face models make
+    them) to a video on one device (its meshes: tests/test_consisid_pipeline.py); refused without --id-embeds (saying
+    how to make it), with PipeFusion, and --id-embeds refused for other models."""
+    import imageio.v3 as iio
+
+    from xdit_jax import tiny
+
+    cfg, rng = tiny.CONSISID_TRANSFORMER, np.random.default_rng(0)
+    ids = tmp_path / "ids.npz"
+    np.savez(ids, id_cond=rng.standard_normal((1, cfg["LFE_id_dim"])).astype(np.float32),
+             id_vit_hidden=rng.standard_normal((cfg["LFE_num_scale"], 1, 5, cfg["LFE_vit_dim"])).astype(np.float32))
+    face = tmp_path / "face.png"
+    iio.imwrite(face, rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    common = ["--model", "tiny-consisid", "--image", str(face), "--steps", "2", "--no-progress"]
+    for argv, needle in [([], "--id-embeds FILE.npz with the arrays id_cond and id_vit_hidden"),
+                         (["--id-embeds", str(ids), "--mesh", "pipefusion=2"], "does not run with PipeFusion"),
+                         (["--id-embeds", str(tmp_path / "none.npz")], "no such file")]:
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(cli.main(common + argv + ["--output", str(tmp_path / "x.mp4")]))
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(cli.main(["--id-embeds", str(ids), "--output", str(tmp_path / "x.mp4")]))
+    assert e.value.code == 2 and "--id-embeds (ConsisID's)" in capsys.readouterr().err
+    out = tmp_path / "c.mp4"
+    assert cli.main(common + ["--id-embeds", str(ids), "--output", str(out), "--json"]) == 0
+    video = iio.imread(out)
+    assert video.shape == (9, 64, 96, 3) and video.std() > 1  # the tiny defaults: the learned table's 9 x 64 x 96
+    assert '"model_family": "consisid"' in capsys.readouterr().out

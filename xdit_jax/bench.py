@@ -287,6 +287,19 @@ def _tiny_workload() -> Workload:
                     defaults=dict(num_inference_steps=4, guidance_scale=6.0))
 
 
+def _consisid_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's ConsisID (3 heads x 16, 4 blocks, face cross-attentions after blocks 0 and 2; the extractor's 2
+    # scales of 577 face-ViT states) at its learned table's 9 x 64 x 96: 72 video + 16 text tokens
+    t = dict(tiny.CONSISID_TRANSFORMER)
+    scale = 2 ** (len(tiny.VAE["block_out_channels"]) - 1)
+    return Workload("consisid-tiny", t, height=t["sample_height"] * scale, width=t["sample_width"] * scale,
+                    num_frames=t["sample_frames"], vae_scale_spatial=scale, family="consisid",
+                    source="xdit_jax.tiny's ConsisID, 3 heads x 16, 4 layers",
+                    defaults=dict(num_inference_steps=4, guidance_scale=6.0))
+
+
 def _cpu_small_workload() -> Workload:
     t, defaults = load_model_dir(CONFIG_DIR / "cogvideox-2b")
     t = dict(t, num_layers=2)
@@ -684,10 +697,13 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "sana-cpu-small": _sana_cpu_small_workload,
                                               "sana-sprint-tiny": _sana_sprint_tiny_workload,
                                               "lumina2-tiny": _lumina2_tiny_workload,
-                                              "lumina2-cpu-small": _lumina2_cpu_small_workload}
+                                              "lumina2-cpu-small": _lumina2_cpu_small_workload,
+                                              "consisid-tiny": _consisid_tiny_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
+    "consisid-tiny": "xdit_jax.tiny's ConsisID (3x16 heads, 4 layers, 2 face cross-attentions) at 9x64x96: 72 video + "
+                     "16 text tokens, the face extractor over 2 x 577 ViT states",
 }
 for _m in FULL_MODELS:
     PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at its default resolution"
@@ -899,7 +915,7 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
             w = Workload(folder.name, t, height=int(d.get("height", t["sample_height"] * 8)),
                          width=int(d.get("width", t["sample_width"] * 8)),
                          num_frames=int(d.get("num_frames", t["sample_frames"])), defaults=d, source=str(folder),
-                         folder=str(folder))
+                         folder=str(folder), family=family)
     if w.family in IMAGE_FAMILIES and num_frames not in (None, 1):
         raise ValueError(f"{w.name} is a {w.fam.title} (text-to-image) model: it has no frames "
                          f"(drop --frames).")
@@ -1466,6 +1482,8 @@ def _prepare_ours(row: dict, tcfg, dtype, ms, var: Variant, inputs: dict, params
     repl = NamedSharding(mesh, P()) if mesh is not None else None
     patches = stage_tree = None
     layers, slots_of = tcfg.num_layers, {}
+    if ms.pipefusion > 1 and family.pipefusion_refused:
+        raise ValueError(f"{family.title} does not run with PipeFusion ({family.pipefusion_refused}).")
     if ms.pipefusion > 1:  # the stacked blocks split over the stages; a patched step (as many patches as stages)
         from xdit_jax.parallel import pipefusion
 

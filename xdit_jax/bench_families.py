@@ -47,6 +47,7 @@ class Family:
     title: str = ""  # the family's name in messages
     final_block: bool = False  # the stack ends with one more block after its scan (pipefusion.final_block)
     pipefusion_method: str = "blocks"  # the model's method PipeFusion runs (the stacked scans on a patch)
+    pipefusion_refused: str | None = None  # why the family does not run with PipeFusion (None: it does)
     default_cfg: bool = True  # the step's batch: both CFG halves per prompt unless the workload says otherwise
     # inputs that are not arguments of the jitted step but host arrays read at trace time (FLUX's
     # position ids: the model turns them into RoPE tables with numpy, as the pipeline does before its step)
@@ -402,6 +403,130 @@ class CogVideoX(Family):
 
     def torch_reference(self, transformer, dtype, seed=0, device=None):
         return TorchReference(transformer, dtype, seed=seed, device=device)
+
+
+class ConsisID(CogVideoX):
+    """CogVideoX-5B-I2V's step plus the face branch: random face inputs (``id_cond`` (B, id_dim), ``id_vit_hidden``
+    (B, scales, 577, vit_dim), batch first), the extractor inside the step as diffusers runs it (the pipeline runs it
+    once per call). PipeFusion refused, as the pipeline does."""
+
+    name = "consisid"
+    module_name = "xdit_jax.models.consisid"
+    model_class_name = "ConsisIDTransformer3DModel"
+    config_class_name = "ConsisIDConfig"
+    title = "ConsisID"
+    pipefusion_refused = "the face cross-attentions sit between the stacked blocks"
+
+    def make_inputs(self, w, seed=0):
+        out = super().make_inputs(w, seed)
+        t = w.transformer
+        if t.get("is_train_face"):
+            rng = np.random.default_rng(seed + 1)
+            out["id_cond"] = rng.standard_normal((w.step_batch, int(t.get("LFE_id_dim", 1280))), dtype=np.float32)
+            out["id_vit_hidden"] = rng.standard_normal(
+                (w.step_batch, int(t.get("LFE_num_scale", 5)), CONSISID_VIT_TOKENS, int(t.get("LFE_vit_dim", 1024))),
+                dtype=np.float32)
+        return out
+
+    def embed_args(self, inputs, dtype):
+        args = super().embed_args(inputs, dtype)
+        if "id_cond" not in inputs:
+            return args
+        vit = inputs["id_vit_hidden"]
+        return args + (inputs["id_cond"], [vit[:, k] for k in range(vit.shape[1])])
+
+    def analytic_flops(self, w):
+        base = super().analytic_flops(w)
+        if not w.transformer.get("is_train_face"):
+            return base
+        face = consisid_face_flops(w.transformer, w.step_batch, base["tokens"])
+        return dict(base, total=base["total"] + face["total"], attention=base["attention"] + face["attention"],
+                    linear=base["linear"] + face["linear"])
+
+    def pipeline_call(self, w) -> dict:
+        """The pipeline's call: CogVideoX image-to-video's (a random first frame) and random face embeddings."""
+        kw = super().pipeline_call(w)
+        t, rng = w.transformer, np.random.default_rng(1)
+        kw["image"] = rng.integers(0, 256, (w.height, w.width, 3), dtype=np.uint8)
+        if t.get("is_train_face"):
+            kw["id_cond"] = rng.standard_normal((1, int(t.get("LFE_id_dim", 1280))), dtype=np.float32)
+            kw["id_vit_hidden"] = rng.standard_normal(
+                (int(t.get("LFE_num_scale", 5)), 1, CONSISID_VIT_TOKENS, int(t.get("LFE_vit_dim", 1024))),
+                dtype=np.float32)
+        return kw
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return ConsisIDTorchReference(transformer, dtype, seed=seed, device=device)
+
+
+# ============================================================================================
+# ConsisID (CogVideoX-5B-I2V + the face branch)
+# ============================================================================================
+
+CONSISID_VIT_TOKENS = 577  # the face ViT's states per scale (EVA-CLIP-L-14-336: 24 x 24 patches + CLS)
+
+
+def consisid_face_flops(transformer: dict, batch: int, tokens: int, vit_tokens: int = CONSISID_VIT_TOKENS) -> dict:
+    """Matmul FLOPs of ConsisID's face branch in one forward (2 FLOPs per multiply-add), as diffusers runs it (the
+    extractor every step). B = batch, V = LFE_vit_dim, Q = LFE_num_querie, n = LFE_num_id_token, N = ``vit_tokens``,
+    q = Q + n (the extractor's latents), c = n + N (its context), i = LFE heads x dim_head, s scales, D layers:
+
+        id mapping (id_dim -> V -> V -> nV)          2 B (id_dim V + V^2 + V nV)
+        scale mappings (3 Linear V -> V on N)        s * 6 B N V^2
+        per layer: q, [c; q] -> kv, out              2 B (q V i + (c + q) V 2i + q i V)
+                   QK^T and PV                       4 B q (c + q) i
+                   feed-forward V -> mV -> V         4 B q V (mV)
+        output projection                            2 B Q V out
+
+    and the L / k face cross-attentions, over all S = ``tokens`` joint tokens as xdit_jax runs them (the text rows'
+    results are dropped; diffusers runs only the video rows: 1.3% fewer at ConsisID's 226 + 17550), each
+    2 B (S d j + Q out 2j + S j d) + 4 B S Q j (j = cross heads x dim_head, d the model width)."""
+    t = transformer
+    b, s_tok = int(batch), int(tokens)
+    v, q_n, n_id = int(t.get("LFE_vit_dim", 1024)), int(t.get("LFE_num_querie", 32)), int(t.get("LFE_num_id_token", 5))
+    out, idd = int(t.get("LFE_output_dim", 2048)), int(t.get("LFE_id_dim", 1280))
+    i_l = int(t.get("LFE_num_heads", 16)) * int(t.get("LFE_dim_head", 64))
+    depth, scales, mult = int(t.get("LFE_depth", 10)), int(t.get("LFE_num_scale", 5)), int(t.get("LFE_ff_mult", 4))
+    q, c = q_n + n_id, n_id + int(vit_tokens)
+    lfe = 2 * b * (idd * v + v * v + v * n_id * v) + scales * 6 * b * int(vit_tokens) * v * v
+    lfe += depth * (2 * b * (q * v * i_l + (c + q) * v * 2 * i_l + q * i_l * v) + 4 * b * q * (c + q) * i_l
+                    + 4 * b * q * v * mult * v)
+    lfe += 2 * b * q_n * v * out
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    j = int(t.get("cross_attn_num_heads", 16)) * int(t.get("cross_attn_dim_head", 128))
+    ca_attn = 4 * b * s_tok * q_n * j
+    ca_lin = 2 * b * (s_tok * d * j + q_n * out * 2 * j + s_tok * j * d)
+    n_ca = int(t["num_layers"]) // int(t.get("cross_attn_interval", 2))
+    return {"total": float(lfe + n_ca * (ca_attn + ca_lin)), "attention": float(n_ca * ca_attn),
+            "linear": float(lfe + n_ca * ca_lin)}
+
+
+class ConsisIDTorchReference(TorchReference):
+    """diffusers' ``ConsisIDTransformer3DModel`` with the face inputs (the extractor run in the forward, as there)."""
+
+    diffusers_class = "ConsisIDTransformer3DModel"
+
+    def set_inputs(self, inputs: dict, w):
+        import types
+
+        from diffusers.pipelines.consisid.pipeline_consisid import ConsisIDPipeline  # (the package's name needs cv2)
+
+        self.x, self.enc = self._put(inputs, "latents", self.dtype), self._put(inputs, "embeds", self.dtype)
+        self.t = self._put(inputs, "t")
+        fake = types.SimpleNamespace(transformer=self.model, vae_scale_factor_spatial=w.vae_scale_spatial)
+        _, f, _, h, ww = inputs["latents"].shape
+        self.rope = ConsisIDPipeline._prepare_rotary_positional_embeddings(
+            fake, h * w.vae_scale_spatial, ww * w.vae_scale_spatial, f, self.device) \
+            if self.model.config.use_rotary_positional_embeddings else None
+        self.face = {}
+        if "id_cond" in inputs:
+            vit = self._put(inputs, "id_vit_hidden", self.dtype)
+            self.face = {"id_cond": self._put(inputs, "id_cond", self.dtype),
+                         "id_vit_hidden": [vit[:, k] for k in range(vit.shape[1])]}
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, encoder_hidden_states=self.enc, timestep=self.t,
+                          image_rotary_emb=self.rope, return_dict=False, **self.face)[0]
 
 
 # ============================================================================================
@@ -2903,7 +3028,8 @@ class LTX(Family):
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
                                                           QwenImage(), ZImage(), Sana(), Chroma(), Lumina2(), Flux2(),
-                                                          LTX())}
+                                                          LTX(), ConsisID())}
+CONSISID_CLASS_NAMES = ("ConsisIDTransformer3DModel",)
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 HUNYUANDIT_CLASS_NAMES = ("HunyuanDiT2DModel",)
@@ -2940,7 +3066,8 @@ def family_of_config(transformer: dict) -> str:
     first and ``n_refiner_layers``, HunyuanVideo the second without the others);
     FLUX.2 by its class name or ``num_single_layers`` with ``timestep_guidance_channels`` (checked before FLUX.1,
     whose ``num_single_layers`` it shares); LTX-Video by its class name or ``caption_channels`` with ``patch_size_t``
-    and ``qk_norm`` (PixArt has the first only); else CogVideoX."""
+    and ``qk_norm`` (PixArt has the first only); ConsisID by its class name or ``is_train_face``; else
+    CogVideoX."""
     if transformer.get("_class_name") in LTX_CLASS_NAMES or (
             "caption_channels" in transformer and "patch_size_t" in transformer and "qk_norm" in transformer):
         return "ltx"
@@ -2983,6 +3110,8 @@ def family_of_config(transformer: dict) -> str:
         return "latte"
     if transformer.get("_class_name") in PIXART_CLASS_NAMES or transformer.get("norm_type") == "ada_norm_single":
         return "pixart"
+    if transformer.get("_class_name") in CONSISID_CLASS_NAMES or "is_train_face" in transformer:
+        return "consisid"
     return "cogvideox"
 
 

@@ -8,7 +8,8 @@
                                                    # tiny-qwenimage, tiny-zimage, tiny-flux-kontext, tiny-sana,
                                                    # tiny-sana-sprint, tiny-chroma, tiny-lumina2, tiny-flux2-klein,
                                                    # tiny-qwenimage-edit(-plus) with --image, tiny-skyreels-v2,
-                                                   # tiny-ltx (--image: image-to-video))
+                                                   # tiny-ltx (--image: image-to-video),
+                                                   # tiny-consisid with --image and --id-embeds)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -84,6 +85,23 @@ def _flux2_request(mod, model, tc, args, height: int, width: int, guidance):
     return height, width, guidance > 1 and cfg_possible
 
 
+def _consisid_request(mod, model, tc, args, height: int, width: int, guidance):
+    """ConsisID: the face's embeddings from --id-embeds (made by face models outside xdit_jax), read and checked."""
+    _consisid_call(args)
+    return height, width, guidance
+
+
+def _consisid_call(args) -> dict:
+    """ConsisID's call arguments id_cond / id_vit_hidden from --id-embeds FILE.npz; refused without it."""
+    from xdit_jax.pipelines.consisid import ID_EMBEDS_HELP, load_id_embeds
+
+    if args.id_embeds is None:
+        raise ValueError("ConsisID needs the face's embeddings: --id-embeds FILE.npz with the arrays id_cond and "
+                         "id_vit_hidden (and --image, the aligned face image). " + ID_EMBEDS_HELP)
+    id_cond, id_vit_hidden = load_id_embeds(args.id_embeds)
+    return {"id_cond": id_cond, "id_vit_hidden": id_vit_hidden}
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """What the command line knows of one model family: its defaults, the flags it takes and how its size and
@@ -111,6 +129,7 @@ class Family:
     distilled_guidance_scale: float | None = None
     image_pipeline: str | None = None  # the diffusers class --image loads a text-to-video folder as (its I2V)
     fps_call_arg: str | None = None  # the call argument --fps also sets (the model conditions on the frame rate)
+    call_hook: Callable | None = None  # (args) -> more call arguments (ConsisID: the face's embeddings)
 
     @property
     def output(self) -> str:
@@ -167,6 +186,10 @@ FAMILIES = {
     "flux2": Family(video=False, guidance_scale=4.0, steps=50, tiny_steps=2, tiny_size=(64, 64),
                     max_sequence_length=512, tiny_max_sequence_length="FLUX2_MAX_SEQUENCE_LENGTH",
                     distilled_steps=4, distilled_guidance_scale=1.0, check_hook=_flux2_request),
+    # ConsisID (CogVideoX-5B-I2V + the face branch): diffusers' ConsisIDPipeline defaults; --image (the aligned face)
+    # and --id-embeds (its embeddings, from face models outside xdit_jax) required
+    "consisid": Family(video=True, guidance_scale=6.0, steps=50, max_sequence_length=226,
+                       call_flags=("use_dynamic_cfg",), check_hook=_consisid_request, call_hook=_consisid_call),
 }
 # per family: default output, guidance scale, steps (real / tiny), ...: the table as plain dicts
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
@@ -174,7 +197,7 @@ VIDEO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.video)
 TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_cfg}  # --true-cfg-scale
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
-                  "LTXImageToVideoPipeline")
+                  "LTXImageToVideoPipeline", "ConsisIDPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
@@ -192,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-qwenimage-edit' / "
                          "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / 'tiny-sana-sprint' / "
-                         "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' "
+                         "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' / 'tiny-consisid' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
@@ -206,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="SkyReels-V2 diffusion forcing: a video to extend (.mp4 / .gif, or a folder of frames in name "
                          "order), resized to --width x --height; conditions on its last --overlap-history frames; the "
                          "output is the video followed by --num-frames new ones (diffusers' video-to-video pipeline)")
+    ap.add_argument("--id-embeds", default=None, metavar="FILE.npz",
+                    help="ConsisID: the face's embeddings, arrays id_cond (1, 1280) and id_vit_hidden (5, 1, 577, "
+                         "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
+                         "outside xdit_jax); --image: the aligned face image it returns")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -541,6 +568,8 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--use-dynamic-cfg (CogVideoX's)")
     if family != "wan" and args.guidance_scale_2 is not None:
         wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
+    if fam.call_hook is None and args.id_embeds is not None:
+        wrong.append("--id-embeds (ConsisID's)")
     if getattr(args, "kind", None) not in DIFFUSION_FORCING:
         wrong += [f"{flag} (SkyReels-V2 diffusion forcing's)" for name, flag in DF_FLAGS.items()
                   if getattr(args, name) is not None]
@@ -702,7 +731,8 @@ def _main(argv=None) -> int:
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, FLUX.1 Kontext or Qwen-Image-Edit does).")
         if args.last_image is not None and kind == "Flux2KleinPipeline":
             raise ValueError("--last-image: FLUX.2 klein takes its reference image with --image.")
-        if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline"):
+        if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline",
+                                                    "ConsisIDPipeline"):
             raise ValueError("--last-image: FLUX.1 Kontext takes one image (--image)." if args.kontext else
                              "--last-image: CogVideoX image-to-video takes the first frame only.")
         if not args.kontext and (args.max_area is not None or args.no_auto_resize):
@@ -808,6 +838,8 @@ def _main(argv=None) -> int:
     else:
         call = pipe
     try:
+        if fam.call_hook:
+            kw.update(fam.call_hook(args))
         result = call(args.prompts, negative_prompt=args.negative_prompt, **kw)
     except (ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -40,6 +40,8 @@ MARKER = "xdit_jax.json"
 MODEL_CLASSES = {
     "CogVideoXTransformer3DModel": ("xdit_jax.models.cogvideox", "CogVideoXConfig"),
     "AutoencoderKLCogVideoX": ("xdit_jax.models.vae_cogvideox", "CogVideoXVAEConfig"),
+    # ConsisID: CogVideoX-5B-I2V's transformer with the face extractor and cross-attentions
+    "ConsisIDTransformer3DModel": ("xdit_jax.models.consisid", "ConsisIDConfig"),
     "T5EncoderModel": ("xdit_jax.models.t5", "T5Config"),
     "UMT5EncoderModel": ("xdit_jax.models.t5", "UMT5Config"),  # Wan 2.1: T5 with a bias table per block
     "PixArtTransformer2DModel": ("xdit_jax.models.pixart", "PixArtConfig"),

@@ -24,7 +24,8 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-qwenimage": "qwenimage", "tiny-qwenimage-edit": "qwenimage-edit",
               "tiny-qwenimage-edit-plus": "qwenimage-edit-plus", "tiny-zimage": "zimage",
               "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
-              "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx"}
+              "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx",
+              "tiny-consisid": "consisid"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -38,6 +39,14 @@ CORPUS = [
 TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
                    text_embed_dim=32, num_layers=2, sample_width=12, sample_height=8, sample_frames=9,
                    patch_size=2, max_text_seq_length=16, temporal_compression_ratio=4)
+# ConsisID (CogVideoX-5B-I2V's transformer + the face branch) at tiny size: 3 heads x 16 (the face cross-attention takes
+# 2/3 of the width, 32, as LFE_output_dim); 4 blocks with a cross-attention after blocks 0 and 2; the extractor's 2
+# scales of 2 layers each.
+CONSISID_TRANSFORMER = dict(TRANSFORMER, num_attention_heads=3, in_channels=8, num_layers=4,
+                            use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True,
+                            is_train_face=True, cross_attn_interval=2, cross_attn_dim_head=8, cross_attn_num_heads=2,
+                            LFE_id_dim=12, LFE_vit_dim=16, LFE_depth=4, LFE_dim_head=8, LFE_num_heads=2,
+                            LFE_num_id_token=3, LFE_num_querie=4, LFE_output_dim=32, LFE_ff_mult=2, LFE_num_scale=2)
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16],
            down_block_types=["CogVideoXDownBlock3D"] * 4, up_block_types=["CogVideoXUpBlock3D"] * 4,
            layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=64,
@@ -447,6 +456,11 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = 
 
 
 def model_index(family: str = "cogvideox") -> dict:
+    if family == "consisid":
+        return {"_class_name": "ConsisIDPipeline", "_diffusers_version": "0.33.0",
+                "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+                "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "ConsisIDTransformer3DModel"],
+                "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
     if family == "skyreels_v2":  # (the diffusion-forcing pipeline: the fps embedding, per-frame timesteps)
         return {"_class_name": "SkyReelsV2DiffusionForcingPipeline", "_diffusers_version": "0.35.0",
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],
@@ -857,6 +871,19 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(PIXART_VAE), jnp.float32)()),
             "text_encoder": text,
         }, PIXART_SCHEDULER
+    if family == "consisid":  # (DDIM: the parity tests' scheduler; the release's CogVideoXDPMScheduler draws noise)
+        from xdit_jax.models import consisid
+
+        tcfg = {**CONSISID_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("ConsisIDTransformer3DModel", tcfg,
+                            lambda: consisid.ConsisIDTransformer3DModel(consisid.ConsisIDConfig.from_dict(tcfg),
+                                                                        rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLCogVideoX", VAE,
+                    lambda: vae_cogvideox.CogVideoXVAEDecoder(vae_cogvideox.CogVideoXVAEConfig.from_dict(VAE),
+                                                              dtype=jnp.float32)),
+            "text_encoder": text,
+        }, SCHEDULER
     if family != "cogvideox":
         raise ValueError(f"Unknown tiny model family {family!r}; use one of {sorted(set(TINY_NAMES.values()))}.")
     tcfg = {**TRANSFORMER, **(transformer or {})}
@@ -948,6 +975,13 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             if name.startswith("tokenizer"):
                 encoder = model_index(family).get(name.replace("tokenizer", "text_encoder"), [None, ""])[1]
                 stand_in_tokenizer(spec[1], encoder, model_index(family)["_class_name"]).save_pretrained(tmp / name)
+        if family == "consisid":  # the CogVideoX VAE's encoder (image-to-video), as conversion writes it
+            from xdit_jax.models import vae_cogvideox, vae_cogvideox_encoder
+
+            vcfg = vae_cogvideox.CogVideoXVAEConfig.from_dict(VAE)
+            make = vae_cogvideox_encoder.module_fn(vcfg, jnp.float32)
+            abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
+            save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
         if family in ("flux-kontext", "flux2"):  # the VAE's encoder, as conversion writes it (vae/encoder_params)
             from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder
 

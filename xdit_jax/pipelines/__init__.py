@@ -8,6 +8,7 @@ import importlib
 PIPELINES = {
     "CogVideoXPipeline": ("xdit_jax.pipelines.cogvideox", "CogVideoXPipeline", "cogvideox"),
     "CogVideoXImageToVideoPipeline": ("xdit_jax.pipelines.cogvideox", "CogVideoXImageToVideoPipeline", "cogvideox"),
+    "ConsisIDPipeline": ("xdit_jax.pipelines.consisid", "ConsisIDPipeline", "consisid"),
     "PixArtAlphaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "PixArtSigmaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "HunyuanDiTPipeline": ("xdit_jax.pipelines.hunyuandit", "HunyuanDiTPipeline", "hunyuandit"),
@@ -47,9 +48,8 @@ PIPELINES = {
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
-    "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx") of a diffusers
-    pipeline
-    class name;
+    "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid") of
+    a diffusers pipeline class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")

@@ -135,7 +135,8 @@ class CogVideoXPipeline(VideoPipelineBase):
             x = self._model_batch(latents, do_cfg).astype(dtype)
             if len(texts) > 1:  # image-to-video: the image's latents beside the noise's channels
                 x = jnp.concatenate([x, texts[1].astype(dtype)], axis=2)
-            joint, tokens, temb = model.embed(x, texts[0], jnp.broadcast_to(t, (x.shape[0],)), ofs)
+            joint, tokens, temb = model.embed(x, texts[0], jnp.broadcast_to(t, (x.shape[0],)), ofs,
+                                              **self._embed_extra(texts))
             joint, kv = self._blocks_over_mesh(blocks, tstate, joint, tokens, temb, kv, warmup)
             pred = self._real_rows(model.head(joint, temb, x.shape).astype(jnp.float32), latents.shape[0], do_cfg)
             if do_cfg:
@@ -147,6 +148,11 @@ class CogVideoXPipeline(VideoPipelineBase):
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
+
+    def _embed_extra(self, texts) -> dict:
+        """(Traced.) More keyword arguments of the transformer's ``embed`` from the step's ``texts`` (ConsisID: the
+        identity tokens); none here."""
+        return {}
 
     def _decode_fn(self):
         """Jitted VAE decode over the whole mesh of the latents (B, F, C, h, w) -> (B, F, H, W, 3) in [0, 1]."""
@@ -190,7 +196,8 @@ class CogVideoXPipeline(VideoPipelineBase):
         latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
         n = (2 if do_cfg else 1) * self._padded_batch(batch)
         embeds = jax.ShapeDtypeStruct((n, seq, tc.text_embed_dim), self.dtype, sharding=self._batch_sharding(3, do_cfg))
-        texts = (embeds, *(jax.ShapeDtypeStruct((n,) + shp[1:], jnp.float32, sharding=self._batch_sharding(5, do_cfg))
+        texts = (embeds, *(jax.ShapeDtypeStruct((n,) + shp[1:], jnp.float32,
+                                                sharding=self._batch_sharding(len(shp), do_cfg))
                            for shp in self._condition_shapes(shape)))
         sched = jax.tree.map(jnp.asarray, schedulers.make_schedule(self.scheduler_config, num_inference_steps))
         guidance = jnp.asarray(schedulers.guidance_scales(sched, guidance_scale, False))
@@ -201,7 +208,8 @@ class CogVideoXPipeline(VideoPipelineBase):
             tstate, latents, latents, jnp.int32(0), kv, texts, sched, guidance, jax.random.key(0)).compile()
 
     def _condition_shapes(self, latent_shape) -> tuple:
-        """Shapes of the step's inputs after the text (image-to-video: the image's latents); none here."""
+        """Shapes of the step's inputs after the text (image-to-video: the image's latents, ConsisID: its identity
+        tokens too), each one row; none here."""
         return ()
 
     # ------------------------------------------------------------------ call
@@ -223,7 +231,8 @@ class CogVideoXPipeline(VideoPipelineBase):
                   use_dynamic_cfg, prompt_embeds, negative_prompt_embeds, latents, max_sequence_length,
                   num_videos_per_prompt, seed, output_type, progress, condition=None) -> CogVideoXPipelineOutput:
         """The call; ``condition(latent_shape, rng)``: the image's latents of one video (1, F, C, h, w), the same for
-        every row (image-to-video), or None."""
+        every row (image-to-video), or a tuple of such one-row inputs of the step (ConsisID: and its identity
+        tokens), or None."""
         dv = self.default_video()
         height, width, num_frames = height or dv["height"], width or dv["width"], num_frames or dv["num_frames"]
         prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
@@ -260,7 +269,9 @@ class CogVideoXPipeline(VideoPipelineBase):
         texts = (embeds,)
         if condition is not None:
             with timer.stage("image_encoding"):
-                texts += (self._put_condition(condition(shape, jax.random.fold_in(rng, 2 << 20)), batch * per, do_cfg),)
+                conds = condition(shape, jax.random.fold_in(rng, 2 << 20))
+                texts += tuple(self._put_condition(c, batch * per, do_cfg)
+                               for c in (conds if isinstance(conds, tuple) else (conds,)))
                 jax.block_until_ready(texts)
 
         # 3. denoise: one jitted step per iteration
@@ -367,15 +378,8 @@ class CogVideoXImageToVideoPipeline(CogVideoXPipeline):
             assert f % pt == 0
         return jnp.concatenate([z, jnp.zeros((1, f - 1, c, h, w), jnp.float32)], axis=1)
 
-    def __call__(self, image=None, prompt: str | list[str] | None = None,
-                 negative_prompt: str | list[str] | None = None, *, height: int | None = None,
-                 width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 6.0, use_dynamic_cfg: bool = False, prompt_embeds=None,
-                 negative_prompt_embeds=None, latents=None, max_sequence_length: int = 226,
-                 num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
-                 progress: bool = True) -> CogVideoXPipelineOutput:
-        """``image``: the first frame (a PIL image, resized to ``width`` x ``height`` as diffusers does, or an array
-        of that size); the rest as :meth:`CogVideoXPipeline.__call__`."""
+    def _check_image_call(self, image, num_frames, prompt_embeds, max_sequence_length) -> None:
+        """Refuse an image-to-video call without an image, or with a prompt length the learned table cannot take."""
         if image is None:
             raise ValueError("image-to-video needs an image (the first frame).")
         tc = self.transformer_config
@@ -385,6 +389,17 @@ class CogVideoXImageToVideoPipeline(CogVideoXPipeline):
             raise ValueError(f"max_sequence_length={max_sequence_length}: this model's learned positional table "
                              f"(CogVideoX-5b-I2V) covers {tc.max_text_seq_length} text tokens at {tc.sample_frames} "
                              f"frames; use max_sequence_length={tc.max_text_seq_length}.")
+
+    def __call__(self, image=None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, *, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 6.0, use_dynamic_cfg: bool = False, prompt_embeds=None,
+                 negative_prompt_embeds=None, latents=None, max_sequence_length: int = 226,
+                 num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> CogVideoXPipelineOutput:
+        """``image``: the first frame (a PIL image, resized to ``width`` x ``height`` as diffusers does, or an array
+        of that size); the rest as :meth:`CogVideoXPipeline.__call__`."""
+        self._check_image_call(image, num_frames, prompt_embeds, max_sequence_length)
         return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                               use_dynamic_cfg=use_dynamic_cfg, prompt_embeds=prompt_embeds,
