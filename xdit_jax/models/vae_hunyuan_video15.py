@@ -248,7 +248,10 @@ def decode(model: HunyuanVideo15VAEDecoder, z, *, tiling=None, slicing: bool = F
            strategy: str = "shard_map"):
     """``vae.decode(z).sample`` of diffusers (no tiling, its default): latents (B, C_latent, T, h, w), already
     unscaled (:func:`unscale_latents`) -> frames (B, C_out, num_frames(T), h * s, w * s), the image plane split
-    over ``mesh`` (equal to the one-device decode)."""
+    over ``mesh`` (equal to the one-device decode). ``tiling="slices"``: the pipeline's low-memory fallback, one
+    sample of the batch at a time (the same frames)."""
+    if tiling == "slices":
+        tiling, slicing = None, True
     if tiling:
         raise ValueError("Tiled decoding (diffusers' enable_tiling) is not supported for the HunyuanVideo-1.5 VAE "
                          "here: decode untiled (enable_vae_tiling(False)), split over the mesh.")
