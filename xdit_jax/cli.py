@@ -138,6 +138,11 @@ FAMILIES = {
     # (HunyuanVideo's guidance_scale is embedded; true CFG: --negative-prompt with --true-cfg-scale > 1)
     "hunyuanvideo": Family(video=True, guidance_scale=6.0, steps=50, module="hunyuan_video", tiny_size=(32, 32),
                            tiny_frames=5, max_sequence_length=256, true_cfg="HunyuanVideo"),
+    # HunyuanVideo-1.5 (T2V): CFG by the guider (its release scale 6.0 as --guidance-scale's default; the negative
+    # prompt "" as diffusers'), 1000 Qwen tokens after the template's 108
+    "hunyuan_video15": Family(video=True, guidance_scale=6.0, steps=50, tiny_steps=2, tiny_size=(32, 48),
+                              tiny_frames=5, max_sequence_length=1000,
+                              tiny_max_sequence_length="HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH"),
     # (Qwen-Image: no guidance_scale; true CFG 4 with --negative-prompt, diffusers' default)
     "qwenimage": Family(video=False, guidance_scale=None, steps=50, tiny_size=(48, 80), max_sequence_length=512,
                         true_cfg="Qwen-Image", true_cfg_scale=4.0),

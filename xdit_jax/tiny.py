@@ -212,6 +212,7 @@ HUNYUAN_VIDEO15_BYT5 = dict(model_type="t5", vocab_size=384, d_model=16, d_kv=8,
                             relative_attention_num_buckets=32, relative_attention_max_distance=128,
                             feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
                             pad_token_id=0, eos_token_id=1)
+HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH = 64  # the tiny model's Qwen tokens in the CLI (the real default: 1000)
 HUNYUAN_VIDEO15_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=5.0)
 HUNYUAN_VIDEO15_GUIDER = dict(_class_name="ClassifierFreeGuidance", guidance_scale=6.0)
 # Qwen2.5-VL's chat template for text messages (a string content: the system turn, the user turn, the generation
