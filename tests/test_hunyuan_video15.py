@@ -301,3 +301,51 @@ def test_pipefusion_matches_sequential_rule(pipes):
     atol = 2e-6 * np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=atol, rtol=0)
     assert np.abs(ref - exact).max() > 20 * atol
+
+
+# ----- the benchmark's family -----
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of hunyuanvideo15-tiny (48 video + 16 Qwen + 256 ByT5 tokens, CFG) against
+    diffusers' transformer, on one device and on cfg=2 x ulysses=3; the compiled FLOPs == the analytic formula; the
+    full-size folder read as HunyuanVideo-1.5 with its shapes (nothing compiled)."""
+    from xdit_jax import bench
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="hunyuanvideo15-tiny", meshes=[None, "cfg=2,ulysses=3"],
+                                                      steps=1, compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("cfg=2,ulysses=3", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "hunyuan_video15" and r["latent_shape"] == [2, 9, 2, 4, 6] and r["video_tokens"] == 48
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["cfg=2,ulysses=3"]):
+        # same weights and inputs, fp32, outputs O(1): measured 3.6e-7 on one device
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    w = bench.load_workload("hunyuanvideo-1.5-480p")
+    assert w.family == "hunyuan_video15" and w.cfg and w.latent_shape() == (2, 65, 31, 30, 53)
+    assert w.fam.tokens(w) == (31 * 30 * 53, 1000 + 256)
+
+
+def test_full_size_configs_folder():
+    """configs/hunyuanvideo-1.5-480p reads into the modules' configs; its defaults are the pipeline's; the release's
+    size passes the checks."""
+    import json
+    from pathlib import Path
+
+    from xdit_jax.conversion import model_class, model_components
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "hunyuanvideo-1.5-480p"
+    for name, cls in model_components(root).items():
+        if name != "guider":
+            model_class(cls)[1].from_dict(json.loads((root / name / "config.json").read_text()))
+    tc, vc = pipe15.read_configs(root)
+    assert (tc.num_layers, tc.in_channels, vc.latent_channels, vc.spatial_compression_ratio) == (54, 65, 32, 16)
+    defaults = json.loads((root / "defaults.json").read_text())
+    dv = pipe15.default_video(tc, vc)
+    assert {k: defaults[k] for k in dv} == dv == {"height": 480, "width": 848, "num_frames": 121, "fps": 15}
+    assert pipe15.check_guider(json.loads((root / "guider" / "guider_config.json").read_text()))["guidance_scale"] == 6
+    pipe15.check_request(tc, vc, 480, 848, 121, 1, "cfg=2,ulysses=4", 6.0)
