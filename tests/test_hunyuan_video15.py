@@ -272,6 +272,8 @@ def test_pipeline_bad_input_is_refused(pipes):
                                                                      guidance_scale=1.0)
     with pytest.raises(ValueError, match="guidance_rescale"):
         pipe15.check_guider({"guidance_scale": 6.0, "guidance_rescale": 0.7})
+    with pytest.raises(ValueError, match="tiled decode"):
+        ours.enable_vae_tiling(True)
 
 
 @pytest.mark.slow

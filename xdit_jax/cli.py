@@ -68,6 +68,14 @@ def _wan_request(mod, model, tc, args, height: int, width: int, guidance):
     return height, width, max(guidance, args.guidance_scale_2 or 0.0)
 
 
+def _hunyuan_video15_request(mod, model, tc, args, height: int, width: int, guidance):
+    """HunyuanVideo-1.5: its VAE decodes untiled (split over the mesh; one sample at a time where that does not fit):
+    --vae-tiling is refused before any weights load."""
+    if args.vae_tiling:
+        raise ValueError(mod.NO_VAE_TILING)
+    return height, width, guidance
+
+
 def _flux_request(mod, model, tc, args, height: int, width: int, guidance):
     """FLUX.1 Kontext makes the aspect ratio at max_area, floored to 16."""
     if getattr(args, "kontext", False):
@@ -142,7 +150,8 @@ FAMILIES = {
     # prompt "" as diffusers'), 1000 Qwen tokens after the template's 108
     "hunyuan_video15": Family(video=True, guidance_scale=6.0, steps=50, tiny_steps=2, tiny_size=(32, 48),
                               tiny_frames=5, max_sequence_length=1000,
-                              tiny_max_sequence_length="HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH"),
+                              tiny_max_sequence_length="HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH",
+                              check_hook=_hunyuan_video15_request),
     # (Qwen-Image: no guidance_scale; true CFG 4 with --negative-prompt, diffusers' default)
     "qwenimage": Family(video=False, guidance_scale=None, steps=50, tiny_size=(48, 80), max_sequence_length=512,
                         true_cfg="Qwen-Image", true_cfg_scale=4.0),
