@@ -66,6 +66,8 @@ MODEL_CLASSES = {
     "HunyuanVideo15Transformer3DModel": ("xdit_jax.models.hunyuan_video15", "HunyuanVideo15Config"),
     "AutoencoderKLHunyuanVideo15": ("xdit_jax.models.vae_hunyuan_video15", "HunyuanVideo15VAEConfig"),
     "Qwen2_5_VLTextModel": ("xdit_jax.models.qwen2_5_vl", "Qwen25VLTextConfig"),
+    # HunyuanVideo-1.5 image-to-video's image_encoder (siglip-so400m-patch14-384's vision tower)
+    "SiglipVisionModel": ("xdit_jax.models.siglip", "SiglipVisionConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
     "QwenImageTransformer2DModel": ("xdit_jax.models.qwenimage", "QwenImageConfig"),
     # one module, four config classes: the config's class picks the tower and whether it has the projection
@@ -97,7 +99,8 @@ MODEL_CLASSES = {
     "Mistral3ForConditionalGeneration": ("xdit_jax.models.mistral3", "Mistral3TextConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
-                     "guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a config, no weights)
+                     "guider", "feature_extractor")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a config; its
+# I2V's SiglipImageProcessor)
 
 
 def model_class(class_name: str):

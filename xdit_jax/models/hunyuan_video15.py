@@ -16,12 +16,11 @@ diffusers' source; what is the same math is 1.0's (and FLUX's) code:
   sum over the set of visible keys and the text is not rotated, so the order is immaterial: here the text is
   ``[ByT5; Qwen]`` with their masks as the key mask of the context (:func:`xdit_jax.parallel.attention.attention`),
   and the video tokens are the sequence sharded over ring x ulysses (the text sharded too: ``TEXT_KEYS``).
-* text-to-video only: diffusers' T2V pipeline passes zero image embeddings, which the model multiplies by 0 and
-  masks out entirely (the 729 ``image_embedder`` tokens are invisible keys), so they are not computed here. The
-  ``image_embedder`` parameters are loaded (a converted folder keeps them) but not used; image-to-video
-  (``HunyuanVideo15ImageToVideoPipeline``, SigLIP vision states) is not supported yet. ``use_meanflow``'s
-  ``timestep_r`` embedder (the super-resolution models') is never passed by the T2V pipeline: its weights are
-  ignored at conversion.
+* text-to-video: diffusers' T2V pipeline passes zero image embeddings, which the model multiplies by 0 and masks
+  out entirely (the 729 ``image_embedder`` tokens are invisible keys), so they are not computed here
+  (``image_embeds=None``). Image-to-video's SigLIP states (``image_embeds``) go through ``image_embedder`` (+ the
+  type-2 row) and join the context in front, all visible. ``use_meanflow``'s ``timestep_r`` embedder (the
+  distilled / super-resolution models') is not supported: its weights are ignored at conversion.
 """
 
 from __future__ import annotations
@@ -109,14 +108,17 @@ class ByT5TextProjection(nnx.Module):
 
 
 class ImageProjection(nnx.Module):
-    """diffusers ``HunyuanVideo15ImageProjection`` (image-to-video's vision states): held for conversion, unused
-    by text-to-video (module docstring)."""
+    """diffusers ``HunyuanVideo15ImageProjection`` (image-to-video's SigLIP states): LayerNorm, Linear, GELU (erf),
+    Linear, LayerNorm; unused by text-to-video (module docstring)."""
 
     def __init__(self, din: int, dout: int, *, dtype, rngs):
         self.norm_in = LayerNorm(din, 1e-5, dtype=dtype)
         self.linear_1 = linear(din, din, dtype=dtype, rngs=rngs)
         self.linear_2 = linear(din, dout, dtype=dtype, rngs=rngs)
         self.norm_out = LayerNorm(dout, 1e-5, dtype=dtype)
+
+    def __call__(self, x):
+        return self.norm_out(self.linear_2(jax.nn.gelu(self.linear_1(self.norm_in(x)), approximate=False)))
 
 
 class TimeEmbedding(nnx.Module):
@@ -161,9 +163,11 @@ class HunyuanVideo15Transformer3DModel(hv.HunyuanVideoTransformer3DModel):
         self.proj_out = linear(d, cfg.patch_size_t * cfg.patch_size ** 2 * cfg.out_ch, dtype=dtype, rngs=rngs)
 
     def embed(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
-              encoder_attention_mask_2, rope=None):
+              encoder_attention_mask_2, image_embeds=None, rope=None):
         """-> (video (B, N, D), tokens {"rope"}, cond {"temb", "context" (B, L2 + L, D): [ByT5; Qwen],
-        "context_mask" bool (B, L2 + L)})."""
+        "context_mask" bool (B, L2 + L)}). ``image_embeds`` (B, 729, image_embed_dim): image-to-video's SigLIP
+        states, all visible, in front of the text ([image; ByT5; Qwen]); None: text-to-video (diffusers' zero image
+        embeddings, which it masks out)."""
         cfg, dtype = self.cfg, self.dtype
         b = hidden_states.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
@@ -178,8 +182,12 @@ class HunyuanVideo15Transformer3DModel(hv.HunyuanVideoTransformer3DModel):
         if rope is None:
             rope = hv.rope_tables(*self.grid(hidden_states.shape), cfg.rope_axes_dim, cfg.rope_theta)
         rope = tuple(jnp.asarray(a, jnp.float32) for a in rope)
-        return x, {"rope": rope}, {"temb": temb, "context": jnp.concatenate([context_2, context], axis=1),
-                                   "context_mask": jnp.concatenate([mask_2, mask], axis=1)}
+        parts, masks = [context_2, context], [mask_2, mask]
+        if image_embeds is not None:
+            image = self.image_embedder(jnp.asarray(image_embeds).astype(dtype)) + types[2]
+            parts, masks = [image] + parts, [jnp.ones(image.shape[:2], bool)] + masks
+        return x, {"rope": rope}, {"temb": temb, "context": jnp.concatenate(parts, axis=1),
+                                   "context_mask": jnp.concatenate(masks, axis=1)}
 
     def blocks(self, x, tokens, cond):
         """The double-stream stack on the video tokens (or a shard of them), the text as the masked context;
@@ -190,9 +198,9 @@ class HunyuanVideo15Transformer3DModel(hv.HunyuanVideoTransformer3DModel):
         return x
 
     def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                 encoder_hidden_states_2, encoder_attention_mask_2):
+                 encoder_hidden_states_2, encoder_attention_mask_2, image_embeds=None):
         x, tokens, cond = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                                     encoder_hidden_states_2, encoder_attention_mask_2)
+                                     encoder_hidden_states_2, encoder_attention_mask_2, image_embeds)
         return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
 
 

@@ -1,7 +1,8 @@
 """The decoder of diffusers' ``AutoencoderKLHunyuanVideo15`` (HunyuanVideo-1.5) in Flax NNX (decode only).
 
 Submodules carry diffusers' names, so :func:`xdit_jax.keymap.map_state_dict` derives the key map; the encoder's
-tensors are ignored (text-to-video decodes only). Channels-last ``(N, T, H, W, C)`` inside; :func:`decode` takes
+tensors are :mod:`xdit_jax.models.vae_hunyuan_video15_encoder`'s (:func:`extra_params_from_torch`: conversion saves
+them beside the decoder's). Channels-last ``(N, T, H, W, C)`` inside; :func:`decode` takes
 and returns diffusers' ``(B, C, T, H, W)``.
 
 The network (``HunyuanVideo15Decoder3D``), checked against diffusers' source; the pieces whose math another VAE
@@ -274,6 +275,16 @@ def module_fn(cfg: HunyuanVideo15VAEConfig, dtype=jnp.float32):
 def params_from_torch(flat: Mapping[str, np.ndarray], cfg: HunyuanVideo15VAEConfig, dtype=None) -> dict:
     return map_state_dict(flat, expected_shapes(module_fn(cfg, dtype or jnp.float32)), ignore=TORCH_IGNORE,
                           dtype=dtype, what="HunyuanVideo-1.5 VAE checkpoint")
+
+
+def extra_params_from_torch(flat: Mapping[str, np.ndarray], cfg: HunyuanVideo15VAEConfig, dtype=None) -> dict:
+    """``{"encoder_params": ...}``: the encoder's params (:mod:`xdit_jax.models.vae_hunyuan_video15_encoder`,
+    image-to-video), which conversion saves next to the decoder's; empty without encoder tensors."""
+    if not any(k.startswith("encoder.") for k in flat):
+        return {}
+    from xdit_jax.models import vae_hunyuan_video15_encoder
+
+    return {"encoder_params": vae_hunyuan_video15_encoder.params_from_torch(flat, cfg, dtype)}
 
 
 def build(cfg: HunyuanVideo15VAEConfig, params: Mapping, dtype=jnp.float32) -> HunyuanVideo15VAEDecoder:
