@@ -654,3 +654,18 @@ def make_torch_hunyuan_video15(seed: int = 0):
                                   transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(**skw),
                                   text_encoder_2=text_encoder_2, tokenizer_2=tiny.byt5_tokenizer(),
                                   guider=ClassifierFreeGuidance(**gkw))
+
+
+def make_torch_hunyuan_video15_i2v(seed: int = 0):
+    """The tiny HunyuanVideo15Pipeline's parts as diffusers' HunyuanVideo15ImageToVideoPipeline, with a tiny SigLIP
+    vision tower (xdit_jax.tiny.HUNYUAN_VIDEO15_SIGLIP) and its image processor at 28 x 28."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    t2v = make_torch_hunyuan_video15(seed)
+    skw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_SIGLIP.items() if k != "model_type"}
+    image_encoder = randomize_(SiglipVisionModel(SiglipVisionConfig(**skw)), seed + 4, std=0.2)
+    size = tiny.HUNYUAN_VIDEO15_SIGLIP["image_size"]
+    return HunyuanVideo15ImageToVideoPipeline(
+        **{k: v for k, v in t2v.components.items()}, image_encoder=image_encoder,
+        feature_extractor=SiglipImageProcessor(size={"height": size, "width": size}))

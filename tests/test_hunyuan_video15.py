@@ -351,3 +351,83 @@ def test_full_size_configs_folder():
     assert {k: defaults[k] for k in dv} == dv == {"height": 480, "width": 848, "num_frames": 121, "fps": 15}
     assert pipe15.check_guider(json.loads((root / "guider" / "guider_config.json").read_text()))["guidance_scale"] == 6
     pipe15.check_request(tc, vc, 480, 848, 121, 1, "cfg=2,ulysses=4", 6.0)
+
+
+# ----- image-to-video (HunyuanVideo15ImageToVideoPipeline) -----
+
+def test_transformer_with_image_states_matches_diffusers(pair, batch2):
+    """Image-to-video's SigLIP states through image_embedder (+ the type-2 row), all visible in front of the text."""
+    tm, cfg, model = pair
+    (x, t, text, mask, text2, mask2), _, _ = batch2
+    img = np.random.default_rng(9).standard_normal((2, 3, cfg.image_embed_dim)).astype(np.float32)
+    tt = torch.from_numpy
+    with torch.no_grad():
+        ref = tm(tt(x), tt(t), tt(text), tt(mask), encoder_hidden_states_2=tt(text2),
+                 encoder_attention_mask_2=tt(mask2), image_embeds=tt(img), return_dict=False)[0].numpy()
+    # fp32, outputs O(2.5): measured 4.3e-6 (as the text-only forward)
+    np.testing.assert_allclose(np.asarray(FWD(model, x, t, text, mask, text2, mask2, img)), ref, atol=5e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_siglip_and_vae_encoder_match_transformers_and_diffusers(vae_pair):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from xdit_jax.models import siglip
+    from xdit_jax.models import vae_hunyuan_video15_encoder as enc
+
+    skw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_SIGLIP.items() if k != "model_type"}
+    tm = randomize_(SiglipVisionModel(SiglipVisionConfig(**skw)), seed=3, std=0.2).eval()
+    cfg = siglip.SiglipVisionConfig.from_dict(tm.config.to_dict())
+    sd = state_dict_np(tm)
+    x = np.random.default_rng(0).standard_normal((2, 3, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+    for flat in (sd, {"vision_model." + k: v for k, v in sd.items()}):  # transformers 5's keys and the older prefix
+        out = np.asarray(siglip.build(cfg, siglip.params_from_torch(flat, cfg))(x))
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)  # fp32, outputs O(3): measured 1.3e-6
+    tv, vcfg, _ = vae_pair
+    model = enc.build(vcfg, enc.params_from_torch(state_dict_np(tv), vcfg))
+    for frames in (1, 5):
+        v = np.random.default_rng(frames).uniform(-1, 1, (1, 3, frames, 32, 48)).astype(np.float32)
+        with torch.no_grad():
+            ref = tv.encode(torch.from_numpy(v)).latent_dist.mode().numpy()
+        out = np.asarray(enc.jit_encode(model, jnp.asarray(v)))
+        # fp32, latents O(25) through 3 downsamplings: measured 2.7e-5 (1e-6 of the scale)
+        np.testing.assert_allclose(out, ref, atol=2e-6 * np.abs(ref).max(), rtol=0, err_msg=str(frames))
+
+
+@pytest.fixture(scope="module")
+def i2v_pipes(tmp_path_factory):
+    from tests.fixtures import make_torch_hunyuan_video15_i2v
+    from xdit_jax.pipelines.hunyuan_video15 import HunyuanVideo15ImageToVideoPipeline
+
+    return torch_and_our_pipeline(make_torch_hunyuan_video15_i2v, HunyuanVideo15ImageToVideoPipeline,
+                                  tmp_path_factory, "hv15i2v")
+
+
+@pytest.mark.slow
+def test_image_to_video_pipeline_matches_diffusers(i2v_pipes):
+    """A 40 x 60 image: the 48 x 72 bucket of target_size 64, resized and cropped; its SigLIP states in both CFG
+    halves, its latents as the first frame's condition: the latents (2 steps) and the frames."""
+    from PIL import Image
+
+    tp, ours, folder = i2v_pipes
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    lat = np.random.default_rng(1).standard_normal((1, 4, 2, 6, 9)).astype(np.float32)
+    call = dict(num_frames=F, num_inference_steps=STEPS)
+    tp.tokenizer_max_length = TEXT
+    try:
+        with torch.no_grad():
+            ref = tp(image=img, prompt=PROMPT, latents=torch.from_numpy(lat), output_type="latent", **call).frames
+    finally:
+        tp.tokenizer_max_length = pipe15.MAX_SEQUENCE_LENGTH
+    ref = ref.numpy()
+    kw = dict(call, latents=lat, progress=False, max_sequence_length=TEXT)
+    assert_close_latents(ours(img, PROMPT, output_type="latent", **kw).frames, ref)  # measured 1.7e-6 of 3.1
+    frames = ours(img, PROMPT, **kw).frames
+    assert frames.shape == (1, F, 48, 72, 3)
+    np.testing.assert_allclose(frames, _torch_frames(tp, ref), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="sizes the video from the image"):
+        ours(img, PROMPT, height=48, width=72, **kw)
+    out = ours.__class__.from_pretrained(folder, mesh="cfg=2,ulysses=2")(img, PROMPT, output_type="latent", **kw)
+    np.testing.assert_allclose(out.frames, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)

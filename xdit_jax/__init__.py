@@ -6,7 +6,11 @@ from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideo
 from xdit_jax.pipelines.flux import FluxKontextPipeline, FluxPipeline, FluxPipelineOutput
 from xdit_jax.pipelines.flux2 import Flux2KleinPipeline, Flux2Pipeline, Flux2PipelineOutput
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
-from xdit_jax.pipelines.hunyuan_video15 import HunyuanVideo15Pipeline, HunyuanVideo15PipelineOutput
+from xdit_jax.pipelines.hunyuan_video15 import (
+    HunyuanVideo15ImageToVideoPipeline,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15PipelineOutput,
+)
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
@@ -30,7 +34,7 @@ from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline",
            "CogVideoXPipelineOutput", "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
            "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
-           "HunyuanDiTPipelineOutput", "HunyuanVideo15Pipeline", "HunyuanVideo15PipelineOutput",
+           "HunyuanDiTPipelineOutput", "HunyuanVideo15ImageToVideoPipeline", "HunyuanVideo15Pipeline", "HunyuanVideo15PipelineOutput",
            "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline",
            "LattePipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",

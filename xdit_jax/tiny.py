@@ -214,6 +214,10 @@ HUNYUAN_VIDEO15_BYT5 = dict(model_type="t5", vocab_size=384, d_model=16, d_kv=8,
                             pad_token_id=0, eos_token_id=1)
 HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH = 64  # the tiny model's Qwen tokens in the CLI (the real default: 1000)
 HUNYUAN_VIDEO15_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=5.0)
+# HunyuanVideo-1.5 image-to-video's SigLIP vision tower at tiny size: 2 layers 8 wide (the transformer's
+# image_embed_dim) at 28 x 28, patch 14: 4 image states
+HUNYUAN_VIDEO15_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=16,
+                              num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
 HUNYUAN_VIDEO15_GUIDER = dict(_class_name="ClassifierFreeGuidance", guidance_scale=6.0)
 # Qwen2.5-VL's chat template for text messages (a string content: the system turn, the user turn, the generation
 # prompt), which diffusers' HunyuanVideo-1.5 pipeline renders through tokenizer.apply_chat_template

@@ -29,6 +29,8 @@ PIPELINES = {
     "LattePipeline": ("xdit_jax.pipelines.latte", "LattePipeline", "latte"),
     "HunyuanVideoPipeline": ("xdit_jax.pipelines.hunyuan_video", "HunyuanVideoPipeline", "hunyuanvideo"),
     "HunyuanVideo15Pipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15Pipeline", "hunyuan_video15"),
+    "HunyuanVideo15ImageToVideoPipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15ImageToVideoPipeline",
+                                           "hunyuan_video15"),
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
     "QwenImageEditPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPipeline", "qwenimage"),
     "QwenImageEditPlusPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPlusPipeline", "qwenimage"),

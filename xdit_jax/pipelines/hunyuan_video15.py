@@ -104,17 +104,23 @@ def crop_size_list(base_size: int, patch_size: int, max_ratio: float = 4.0) -> l
     return out
 
 
-def default_size(target_size: int, spatial: int) -> tuple[int, int]:
-    """(height, width) as diffusers' ``calculate_default_height_width(9, 16, target_size)``: of the buckets whose
-    first / second entry ratio is at least 9 / 16 (``get_closest_ratio``), the closest; diffusers reads the bucket's
-    first entry as the height."""
+def bucket_size(target_size: int, spatial: int, height: float, width: float) -> tuple[int, int]:
+    """diffusers' ``calculate_default_height_width(height, width, target_size)``: of the buckets of about
+    ``target_size**2`` pixels (:func:`crop_size_list`) whose first / second entry ratio lies on the same side of
+    ``height / width`` as 1 (``get_closest_ratio``), the closest; diffusers reads the bucket's first entry as the
+    height."""
     buckets = crop_size_list(target_size, spatial)
     ratios = np.array([round(float(h) / float(w), 5) for h, w in buckets])
-    aspect = DEFAULT_ASPECT[1] / DEFAULT_ASPECT[0]
+    aspect = float(height) / float(width)
     diff = ratios - aspect
     pick = [(i, x) for i, x in enumerate(diff) if (x <= 0 if aspect >= 1 else x >= 0)]
     i = min(pick, key=lambda p: abs(p[1]))[0]
     return buckets[i]
+
+
+def default_size(target_size: int, spatial: int) -> tuple[int, int]:
+    """(height, width) of text-to-video: :func:`bucket_size` of diffusers' default 16:9."""
+    return bucket_size(target_size, spatial, DEFAULT_ASPECT[1], DEFAULT_ASPECT[0])
 
 
 def read_configs(folder: str | os.PathLike):
@@ -295,7 +301,7 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
                     raise ValueError(f"negative prompt embeddings {[tuple(a.shape) for a in neg]} must have the "
                                      f"prompt's shapes {[tuple(a.shape) for a in texts]}.")
                 texts = tuple(jnp.concatenate([a, b]) for a, b in zip(neg, texts))
-            texts = tuple(self._put_batch(x, do_cfg, per) for x in texts)
+            texts = tuple(self._put_batch(x, do_cfg, per) for x in texts) + self._extra_texts(batch * per, do_cfg)
             jax.block_until_ready(texts)
 
         # 2. latents (diffusers' layout: B, C, F, h, w)
@@ -308,11 +314,16 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         scale_arr = self._put_replicated(jnp.float32(scale))
         kv = self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape),
-                                      text_len=texts[0].shape[1] + texts[2].shape[1])
+                                      text_len=texts[0].shape[1] + texts[2].shape[1] +
+                                      (texts[4].shape[1] if len(texts) > 4 else 0))
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scale_arr, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(), kv=kv)
         return HunyuanVideo15PipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+    def _extra_texts(self, batch: int, do_cfg: bool) -> tuple:
+        """More inputs of the step after the text's (image-to-video's image), placed as the batch: none here."""
+        return ()
 
     def _checked(self, emb, mask, emb2, mask2, what: str):
         """(Qwen states, int32 mask, ByT5 states, int32 mask), the states in the compute dtype, shapes checked."""
@@ -345,3 +356,150 @@ def check_guider(g: dict) -> dict:
 def cfg_enabled(guider: dict, scale: float) -> bool:
     """diffusers' ``ClassifierFreeGuidance._is_cfg_enabled`` over the whole schedule: enabled and the scale not 1."""
     return bool(guider.get("enabled", True)) and not math.isclose(scale, 1.0)
+
+
+def resize_and_crop(image, height: int, width: int):
+    """diffusers' ``VideoProcessor.resize(image, height, width, resize_mode="crop")``: the image scaled (Lanczos) to
+    cover ``width`` x ``height``, centred, the excess cropped; a PIL image in RGB."""
+    from PIL import Image
+
+    from xdit_jax.pipelines.denoise import rgb_image
+
+    image = rgb_image(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image if image.dtype == np.uint8 else (image * 255).round().astype(np.uint8))
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio > src_ratio else image.width * height // image.height
+    src_h = height if ratio <= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), resample=Image.LANCZOS)
+    out = Image.new("RGB", (width, height))
+    out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    return out
+
+
+class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
+    """Image-to-video with HunyuanVideo-1.5 (diffusers' ``HunyuanVideo15ImageToVideoPipeline``): the size is the
+    ``target_size`` bucket nearest the image's aspect ratio (:func:`bucket_size`), the image resized and centre-cropped
+    to it (:func:`resize_and_crop`); its SigLIP states (``feature_extractor`` then ``image_encoder``'s
+    ``last_hidden_state``) join the transformer's context in both CFG halves; its VAE latents (the encoder's mode x
+    ``scaling_factor``) are the first latent frame of the condition channels, the mask channel 1 there and 0 after.
+    The rest as :class:`HunyuanVideo15Pipeline`. A ``use_meanflow`` transformer (the step-distilled models') is
+    refused."""
+
+    PIPELINE_CLASSES = ("HunyuanVideo15ImageToVideoPipeline",)
+
+    def __init__(self, *, image_encoder=None, feature_extractor=None, vae_encoder=None, **parts):
+        super().__init__(**parts)
+        if self.transformer_config.use_meanflow:
+            raise ValueError("use_meanflow: this HunyuanVideo-1.5 transformer takes the MeanFlow timestep_r (a "
+                             "step-distilled model), which is not supported here.")
+        self.image_encoder, self.feature_extractor, self.vae_encoder = image_encoder, feature_extractor, vae_encoder
+
+    @classmethod
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.models import vae_hunyuan_video15_encoder as enc
+        from xdit_jax.pipelines.denoise import _RANDOM_WEIGHTS, load_component, load_vae_encoder
+
+        replicated = NamedSharding(mesh, P())
+        icfg, image_encoder = load_component(folder, "image_encoder", dtype, replicated)
+        if _RANDOM_WEIGHTS.get() is not None or not (folder / "feature_extractor").is_dir():
+            from transformers import SiglipImageProcessor
+
+            feature_extractor = SiglipImageProcessor(size={"height": icfg.image_size, "width": icfg.image_size})
+        else:
+            from transformers import AutoImageProcessor
+
+            feature_extractor = AutoImageProcessor.from_pretrained(folder / "feature_extractor")
+        vc = vae15.HunyuanVideo15VAEConfig.from_dict(
+            __import__("json").loads((folder / "vae" / "config.json").read_text()))
+        return dict(super()._extra_parts(folder, mesh, dtype, kind), image_encoder=image_encoder,
+                    feature_extractor=feature_extractor,
+                    vae_encoder=load_vae_encoder(folder, vc, dtype, replicated, enc))
+
+    def encode_image(self, image, height: int, width: int):
+        """(SigLIP states (1, tokens, image_embed_dim) in the compute dtype, the condition (1, latent + 1, 1, h, w):
+        the image's scaled latents and the mask channel's 1) of an image already resized to ``height`` x
+        ``width``."""
+        from xdit_jax.models import vae_hunyuan_video15_encoder as enc
+        from xdit_jax.pipelines.denoise import preprocess_image
+
+        pixels = self.feature_extractor.preprocess(images=image, do_resize=True, return_tensors="np",
+                                                   do_convert_rgb=True)["pixel_values"]
+        fns = self.__dict__.setdefault("_image_fns", {})
+        if not fns:
+            from flax import nnx
+
+            gi, si = nnx.split(self.image_encoder)
+            ge, se = nnx.split(self.vae_encoder)
+            fns["siglip"] = jax.jit(lambda s, x: nnx.merge(gi, s)(x))
+            fns["vae"] = jax.jit(lambda s, x: enc.encode(nnx.merge(ge, s), x))
+            fns["states"] = (si, se)
+        si, se = fns["states"]
+        states = fns["siglip"](si, self._put_replicated(jnp.asarray(pixels, self.dtype)))
+        video = preprocess_image(image, height, width)[:, :, None].astype(self.dtype)
+        latents = fns["vae"](se, self._put_replicated(video)).astype(jnp.float32) * self.vae_config.scaling_factor
+        cond = jnp.concatenate([latents, jnp.ones(latents.shape[:1] + (1,) + latents.shape[2:], jnp.float32)], 1)
+        return states.astype(self.dtype), cond
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """The step of :class:`HunyuanVideo15Pipeline` with the image: ``texts`` ends with the SigLIP states and the
+        first frame's condition (latents + mask channel); the later frames' condition is zero."""
+
+        def embed_args(x, texts, t):
+            emb, mask, emb2, mask2, image, first = texts
+            rest = jnp.zeros(first.shape[:2] + (x.shape[2] - 1,) + x.shape[3:], x.dtype)
+            cond = jnp.concatenate([first.astype(x.dtype), rest], axis=2)
+            return (jnp.concatenate([x, cond], axis=1), t, emb, mask, emb2, mask2, image)
+
+        return self._flow_step_fn(do_cfg, warmup, embed_args)
+
+    def compile_step(self, *args, **kwargs):
+        raise NotImplementedError("compile_step: HunyuanVideo15ImageToVideoPipeline's step takes the image's states; "
+                                  "compile the text-to-video step (HunyuanVideo15Pipeline) for the same shapes.")
+
+    def __call__(self, image, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 *, num_frames: int = 121, num_inference_steps: int = 50, sigmas=None,
+                 guidance_scale: float | None = None, num_videos_per_prompt: int = 1, latents=None,
+                 prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
+                 negative_prompt_embeds_mask=None, prompt_embeds_2=None, prompt_embeds_mask_2=None,
+                 negative_prompt_embeds_2=None, negative_prompt_embeds_mask_2=None,
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, seed: int = 0, output_type: str = "np",
+                 progress: bool = True, height: int | None = None, width: int | None = None):
+        """diffusers' arguments (``image``: a PIL image or an (H, W, 3) array; the size comes from it: ``height`` /
+        ``width`` are refused, as diffusers takes none)."""
+        if height is not None or width is not None:
+            raise ValueError("height / width: HunyuanVideo-1.5 image-to-video sizes the video from the image (the "
+                             "target_size bucket nearest its aspect ratio), as diffusers; drop them.")
+        if image is None:
+            raise ValueError("image: HunyuanVideo15ImageToVideoPipeline needs the first frame's image.")
+        from xdit_jax.pipelines.denoise import rgb_image
+
+        picture = rgb_image(image)
+        h0, w0 = (picture.shape[:2] if isinstance(picture, np.ndarray) else (picture.height, picture.width))
+        height, width = bucket_size(self.transformer_config.target_size, self.vae_config.spatial_compression_ratio,
+                                    h0, w0)
+        picture = resize_and_crop(picture, height, width)
+        self._image = picture
+        try:
+            return super().__call__(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                                    num_inference_steps=num_inference_steps, sigmas=sigmas,
+                                    guidance_scale=guidance_scale, num_videos_per_prompt=num_videos_per_prompt,
+                                    latents=latents, prompt_embeds=prompt_embeds,
+                                    prompt_embeds_mask=prompt_embeds_mask,
+                                    negative_prompt_embeds=negative_prompt_embeds,
+                                    negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+                                    prompt_embeds_2=prompt_embeds_2, prompt_embeds_mask_2=prompt_embeds_mask_2,
+                                    negative_prompt_embeds_2=negative_prompt_embeds_2,
+                                    negative_prompt_embeds_mask_2=negative_prompt_embeds_mask_2,
+                                    max_sequence_length=max_sequence_length, seed=seed, output_type=output_type,
+                                    progress=progress)
+        finally:
+            self._image = None
+
+    def _extra_texts(self, batch: int, do_cfg: bool) -> tuple:
+        """The image's (SigLIP states, first-frame condition), each row of the step's batch the same."""
+        states, cond = self.encode_image(self._image, self._image.height, self._image.width)
+        return tuple(self._put_condition(a, batch, do_cfg) for a in (states, cond))
