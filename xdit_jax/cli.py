@@ -70,9 +70,15 @@ def _wan_request(mod, model, tc, args, height: int, width: int, guidance):
 
 def _hunyuan_video15_request(mod, model, tc, args, height: int, width: int, guidance):
     """HunyuanVideo-1.5: its VAE decodes untiled (split over the mesh; one sample at a time where that does not fit):
-    --vae-tiling is refused before any weights load."""
+    --vae-tiling is refused before any weights load; image-to-video takes its size from the image and one image."""
     if args.vae_tiling:
         raise ValueError(mod.NO_VAE_TILING)
+    if getattr(args, "kind", None) == "HunyuanVideo15ImageToVideoPipeline":
+        if args.height or args.width:
+            raise ValueError("--height / --width: HunyuanVideo-1.5 image-to-video sizes the video from the image (the "
+                             "target_size bucket nearest its aspect ratio), as diffusers; drop them.")
+        if args.last_image is not None:
+            raise ValueError("--last-image: HunyuanVideo-1.5 image-to-video takes the first frame only.")
     return height, width, guidance
 
 
@@ -179,7 +185,8 @@ FAMILIES = {
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
 VIDEO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.video)
 TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_cfg}  # --true-cfg-scale
-IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
+IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline", "HunyuanVideo15ImageToVideoPipeline",
+                  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline")
 # SkyReels-V2 diffusion forcing's flags (diffusers' argument names), for its DF pipelines only

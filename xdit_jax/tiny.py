@@ -973,6 +973,27 @@ def write_wan_i2v_configs(folder: str | os.PathLike, flf2v: bool = False) -> Pat
     return folder
 
 
+def write_hunyuan_video15_i2v_configs(folder: str | os.PathLike) -> Path:
+    """The configs of a tiny HunyuanVideo-1.5 image-to-video model (``HunyuanVideo15ImageToVideoPipeline``: the
+    text-to-video parts, a SigLIP ``image_encoder`` (:data:`HUNYUAN_VIDEO15_SIGLIP`) and its ``feature_extractor``) in
+    ``folder``. For ``from_config`` / ``--random-weights`` trials and tests."""
+    folder = Path(folder)
+    write_configs(folder, "hunyuan_video15")
+    size = HUNYUAN_VIDEO15_SIGLIP["image_size"]
+    for name, file, cfg in [("image_encoder", "config.json", HUNYUAN_VIDEO15_SIGLIP),
+                            ("feature_extractor", "preprocessor_config.json",
+                             {"image_processor_type": "SiglipImageProcessor", "size": {"height": size, "width": size},
+                              "do_resize": True, "do_rescale": True, "do_normalize": True,
+                              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2})]:
+        (folder / name).mkdir(exist_ok=True)
+        (folder / name / file).write_text(json.dumps(cfg, indent=2))
+    index = dict(model_index("hunyuan_video15"), _class_name="HunyuanVideo15ImageToVideoPipeline",
+                 image_encoder=["transformers", "SiglipVisionModel"],
+                 feature_extractor=["transformers", "SiglipImageProcessor"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None,
                     family: str = "cogvideox") -> Path:
     """Write a converted xdit_jax folder holding a tiny random model of ``family`` ("cogvideox" or

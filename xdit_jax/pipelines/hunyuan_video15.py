@@ -34,7 +34,9 @@ Differences from diffusers, on purpose: ``num_frames`` must be 4k + 1 (diffusers
 latents and the timestep stay float32 in bf16 too (diffusers rounds the timestep to bf16); a string
 ``negative_prompt`` serves every prompt of a batch. The guider's ``guidance_rescale``, ``use_original_formulation``
 and a ``start`` / ``stop`` range other than the whole schedule are refused (the released guider uses none).
-Image-to-video (``HunyuanVideo15ImageToVideoPipeline``) is not supported.
+
+Image-to-video: :class:`HunyuanVideo15ImageToVideoPipeline` (diffusers' ``HunyuanVideo15ImageToVideoPipeline``; the
+SigLIP vision tower :mod:`xdit_jax.models.siglip`, the VAE encoder :mod:`xdit_jax.models.vae_hunyuan_video15_encoder`).
 """
 
 from __future__ import annotations
