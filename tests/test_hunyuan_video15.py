@@ -355,6 +355,7 @@ def test_full_size_configs_folder():
 
 # ----- image-to-video (HunyuanVideo15ImageToVideoPipeline) -----
 
+@pytest.mark.slow  # (the default set's budget; I2V is covered end to end by the slow pipeline test below)
 def test_transformer_with_image_states_matches_diffusers(pair, batch2):
     """Image-to-video's SigLIP states through image_embedder (+ the type-2 row), all visible in front of the text."""
     tm, cfg, model = pair
