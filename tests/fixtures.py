@@ -667,6 +667,49 @@ def assert_close_latents(out, ref, what: str = "") -> None:
     np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"{what} max |latent| {scale}".lstrip())
 
 
+def make_torch_hunyuan_video15(seed: int = 0):
+    """A tiny random diffusers HunyuanVideo15Pipeline (xdit_jax.tiny's HunyuanVideo-1.5 configs: the Qwen2.5-VL
+    language model on the stand-in Qwen2 tokenizer with the chat template, ByT5 on the byte-level tokenizer, the
+    DC-AE-style causal VAE, FlowMatchEuler with shift 5, ClassifierFreeGuidance at 6)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = randomize_(HunyuanVideo15Transformer3DModel(**tiny.HUNYUAN_VIDEO15_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLHunyuanVideo15(**tiny.HUNYUAN_VIDEO15_VAE), seed + 1, std=0.1)
+    qkw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_QWEN.items() if k != "model_type"}
+    text_encoder = randomize_(Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**qkw)), seed + 2, std=0.2)
+    bkw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_BYT5.items() if k != "model_type"}
+    text_encoder_2 = randomize_(T5EncoderModel(T5Config(**bkw)), seed + 3, std=0.2)
+    skw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_SCHEDULER.items() if not k.startswith("_")}
+    gkw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_GUIDER.items() if not k.startswith("_")}
+    return HunyuanVideo15Pipeline(text_encoder=text_encoder, tokenizer=tiny.train_hunyuan_video15_tokenizer(),
+                                  transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(**skw),
+                                  text_encoder_2=text_encoder_2, tokenizer_2=tiny.byt5_tokenizer(),
+                                  guider=ClassifierFreeGuidance(**gkw))
+
+
+def make_torch_hunyuan_video15_i2v(seed: int = 0):
+    """The tiny HunyuanVideo15Pipeline's parts as diffusers' HunyuanVideo15ImageToVideoPipeline, with a tiny SigLIP
+    vision tower (xdit_jax.tiny.HUNYUAN_VIDEO15_SIGLIP) and its image processor at 28 x 28."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    t2v = make_torch_hunyuan_video15(seed)
+    skw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_SIGLIP.items() if k != "model_type"}
+    image_encoder = randomize_(SiglipVisionModel(SiglipVisionConfig(**skw)), seed + 4, std=0.2)
+    size = tiny.HUNYUAN_VIDEO15_SIGLIP["image_size"]
+    return HunyuanVideo15ImageToVideoPipeline(
+        **{k: v for k, v in t2v.components.items()}, image_encoder=image_encoder,
+        feature_extractor=SiglipImageProcessor(size={"height": size, "width": size}))
+
+
 @contextlib.contextmanager
 def step_compiles_once(caplog):
     """Asserts that the pipeline run inside compiles its denoising step once: step 0 and the later steps share one

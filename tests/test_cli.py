@@ -240,6 +240,43 @@ def test_generate_ltx_image_to_video(tmp_path, capsys):
     assert '"model_family": "ltx"' in capsys.readouterr().out
 
 
+def test_generate_hunyuan_video15_video(tmp_path, capsys):
+    """The tiny HunyuanVideo-1.5 (Qwen2.5-VL + ByT5 glyph text, the guider's CFG, the DC-AE-style causal VAE): an .mp4
+    of 4k+1 frames, CFG's two passes over cfg and the video tokens over ulysses=3 (uneven)."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "h.mp4"
+    rc = cli.main(["--model", "tiny-hunyuanvideo15", "--prompt", 'A sign that reads "OPEN".', "--output", str(out),
+                   "--mesh", "cfg=2,ulysses=3", "--no-progress", "--json"])
+    assert rc == 0
+    video = iio.imread(out)
+    assert video.shape == (5, 32, 48, 3) and video.std() > 1  # the tiny defaults: 5 x 32 x 48, 2 steps
+    assert '"model_family": "hunyuan_video15"' in capsys.readouterr().out
+
+
+@pytest.mark.slow  # (~15 s; the I2V pipeline's parity: tests/test_hunyuan_video15.py)
+def test_generate_hunyuan_video15_image_to_video_random_weights(tmp_path, capsys):
+    """A tiny HunyuanVideo-1.5 I2V configs folder with --random-weights and --image: the video takes the image's
+    bucket (40 x 60 -> 48 x 72); --height is refused (the size comes from the image)."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    from xdit_jax import tiny
+
+    folder = tiny.write_hunyuan_video15_i2v_configs(tmp_path / "i2v")
+    image = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "i.mp4"
+    base = ["--model", str(folder), "--random-weights", "--image", str(image), "--steps", "2", "--num-frames", "5",
+            "--max-sequence-length", "32", "--no-progress"]
+    assert cli.main(base + ["--output", str(out), "--height", "48"]) == 2
+    assert "sizes the video from the image" in capsys.readouterr().err
+    assert cli.main(base + ["--output", str(out), "--json"]) == 0
+    video = iio.imread(out)
+    assert video.shape == (5, 48, 72, 3)
+    assert '"model_family": "hunyuan_video15"' in capsys.readouterr().out
+
+
 def test_generate_skyreels_v2_diffusion_forcing_video(tmp_path, capsys):
     """The tiny SkyReels-V2 diffusion forcing model: asynchronous (--ar-step 1) with causal blocks of 3 latent frames
     (the 9 frames' 3: one block) and the fps embedding's 16 fps row, on one device (its meshes and long videos:

@@ -7,6 +7,11 @@ from xdit_jax.pipelines.consisid import ConsisIDPipeline
 from xdit_jax.pipelines.flux import FluxKontextPipeline, FluxPipeline, FluxPipelineOutput
 from xdit_jax.pipelines.flux2 import Flux2KleinPipeline, Flux2Pipeline, Flux2PipelineOutput
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
+from xdit_jax.pipelines.hunyuan_video15 import (
+    HunyuanVideo15ImageToVideoPipeline,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15PipelineOutput,
+)
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
 from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipelineOutput
@@ -31,8 +36,10 @@ from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline",
            "CogVideoXPipelineOutput", "ConsisIDPipeline", "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
            "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
-           "HunyuanDiTPipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline",
-           "LattePipelineOutput", "LTXImageToVideoPipeline", "LTXPipeline", "LTXPipelineOutput", "Lumina2Pipeline", "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
+           "HunyuanDiTPipelineOutput", "HunyuanVideo15ImageToVideoPipeline", "HunyuanVideo15Pipeline",
+           "HunyuanVideo15PipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline",
+           "LattePipelineOutput", "LTXImageToVideoPipeline", "LTXPipeline", "LTXPipelineOutput", "Lumina2Pipeline",
+           "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
            "QwenImageEditPlusPipeline", "QwenImagePipeline", "QwenImagePipelineOutput", "SD3PipelineOutput",
            "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",

@@ -87,6 +87,7 @@ WAN_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti
               "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b-720p")
 LATTE_MODELS = ("latte-1",)
 HUNYUAN_VIDEO_MODELS = ("hunyuanvideo",)
+HUNYUAN_VIDEO15_MODELS = ("hunyuanvideo-1.5-480p",)
 QWEN_IMAGE_MODELS = ("qwen-image",)
 ZIMAGE_MODELS = ("z-image-turbo",)
 SANA_MODELS = ("sana-1600m-1024px",)
@@ -544,6 +545,25 @@ def _hunyuan_video_cpu_small_workload() -> Workload:
                     source="configs/hunyuanvideo, 1 double- + 1 single-stream block", defaults=defaults)
 
 
+def _hunyuan_video15_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's HunyuanVideo-1.5 (2 heads x 8, 2 blocks, Qwen states 32 wide, ByT5 16 wide) at 5 frames of
+    # 32 x 48: 2 x 4 x 6 latents (patch 1) = 48 video tokens; 16 Qwen tokens (6 real) + 256 ByT5 (16 real); CFG
+    return Workload("hunyuanvideo15-tiny", dict(tiny.HUNYUAN_VIDEO15_TRANSFORMER), height=32, width=48, num_frames=5,
+                    family="hunyuan_video15", text_tokens=16, text_valid=6,
+                    source="xdit_jax.tiny's HunyuanVideo-1.5, 2 heads x 8, 2 blocks",
+                    defaults={"num_inference_steps": 4, "guidance_scale": 6.0, "max_sequence_length": 16})
+
+
+def _hunyuan_video15_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "hunyuanvideo-1.5-480p"
+    t, defaults = load_model_dir(folder)
+    return Workload("hunyuanvideo15-cpu-small", dict(t, num_layers=1), height=128, width=128, num_frames=17,
+                    vae_scale_spatial=16, family="hunyuan_video15", text_tokens=64, folder=str(folder),
+                    source="configs/hunyuanvideo-1.5-480p, 1 block", defaults=defaults)
+
+
 def _qwen_image_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
@@ -686,6 +706,8 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "latte-cpu-small": _latte_cpu_small_workload,
                                               "hunyuanvideo-tiny": _hunyuan_video_tiny_workload,
                                               "hunyuanvideo-cpu-small": _hunyuan_video_cpu_small_workload,
+                                              "hunyuanvideo15-tiny": _hunyuan_video15_tiny_workload,
+                                              "hunyuanvideo15-cpu-small": _hunyuan_video15_cpu_small_workload,
                                               "qwenimage-tiny": _qwen_image_tiny_workload,
                                               "qwenimage-cpu-small": _qwen_image_cpu_small_workload,
                                               "qwenimage-edit-tiny": _qwen_image_edit_tiny_workload,
@@ -807,6 +829,12 @@ PRESET_HELP.update({
                          "5x32x48: 12 video + 16 Llama tokens (6 real), one sample per prompt (CI smoke test)",
     "hunyuanvideo-cpu-small": "HunyuanVideo width (24 heads x 128), 1 double- + 1 single-stream block, 17 frames at "
                               "128x128: 5x8x8 = 320 video + 256 Llama tokens, one sample per prompt",
+    "hunyuanvideo15-tiny": "a 2x8-head HunyuanVideo-1.5 (2 double-stream blocks, Qwen states 32 wide, ByT5 16 wide) "
+                           "at 5x32x48: 48 video + 16 Qwen (6 real) + 256 ByT5 (16 real) tokens, CFG (CI smoke test)",
+    "hunyuanvideo15-cpu-small": "HunyuanVideo-1.5 width (16 heads x 128), 1 block, 17 frames at 128x128: 5x8x8 = 320 "
+                                "video + 64 Qwen + 256 ByT5 tokens, CFG",
+    "hunyuanvideo-1.5-480p": "full-size configs/hunyuanvideo-1.5-480p with random weights at 121x480x848 (31x30x53 = "
+                             "49,290 video + 1000 Qwen + 256 ByT5 tokens, CFG: 2 samples per prompt)",
     "qwenimage-tiny": "a 2x16-head Qwen-Image (2 double-stream blocks, Qwen2.5-VL states 32 wide) at 48x80: 15 "
                       "image + 16 text tokens, true CFG (CI smoke test)",
     "qwenimage-cpu-small": "Qwen-Image width (24 heads x 128), 1 block at 256x256: 256 image + 64 text tokens, "
@@ -892,6 +920,12 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
             size = int(t.get("sample_size", 64)) * 8
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
                          num_frames=int(d.get("num_frames", t.get("video_length", 16))), defaults=d,
+                         source=str(folder), folder=str(folder), family=family)
+        elif family == "hunyuan_video15":  # the size: defaults.json's, else diffusers' 480 x 848 x 121; 16x VAE
+            vae = folder / "vae" / "config.json"
+            spatial = int(read_json(vae).get("spatial_compression_ratio", 16)) if vae.exists() else 16
+            w = Workload(folder.name, t, height=int(d.get("height", 480)), width=int(d.get("width", 848)),
+                         num_frames=int(d.get("num_frames", 121)), vae_scale_spatial=spatial, defaults=d,
                          source=str(folder), folder=str(folder), family=family)
         elif family == "hunyuanvideo":  # no sample sizes in its config: defaults.json's, else diffusers' defaults
             w = Workload(folder.name, t, height=int(d.get("height", 720)), width=int(d.get("width", 1280)),

@@ -2014,6 +2014,145 @@ class HunyuanVideo(Family):
 
 
 # ============================================================================================
+# HunyuanVideo-1.5
+# ============================================================================================
+
+HUNYUAN_VIDEO15_BYT5_TOKENS = 256  # HunyuanVideo15Pipeline's tokenizer_2_max_length
+HUNYUAN_VIDEO15_BYT5_HIDDEN = 2048  # the ByT5 projection's fixed width (HunyuanVideo15ByT5TextProjection)
+HUNYUAN_VIDEO15_GLYPH_VALID = 16  # real ByT5 tokens of a prompt with a quoted word (the negative prompt "": none)
+HUNYUAN_VIDEO15_VISION_TOKENS = 729  # the zero image embeddings diffusers' T2V pipeline passes (masked, unused)
+
+
+def hunyuan_video15_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int,
+                                   text_2_len: int = HUNYUAN_VIDEO15_BYT5_TOKENS) -> dict[str, float]:
+    """Matmul FLOPs of one HunyuanVideo-1.5 transformer forward (text-to-video; 2 FLOPs per multiply-add).
+
+    Latents (B, C, F, H, W) (C = in_channels: 65, the latents with the zero condition channels); S = (F/p_t)(H/p)(W/p)
+    video tokens, L = Qwen tokens (``text_len``: 1000), L2 = ByT5 tokens (256), J = S + L + L2 (every text token
+    computed; the padding masked as keys, not skipped; the 729 image tokens of image-to-video are not computed),
+    d = heads x head_dim (2048), m = int(d x mlp_ratio), D_t = text_embed_dim (3584), D_2 = text_embed_2_dim (1472),
+    H_2 = 2048 (the ByT5 projection), N blocks (54), R refiner blocks (2). Per double-stream block (FLUX's):
+    24 B d^2 (modulations) + 8 B J d^2 (q, k, v, out of both streams) + 4 B J d m (the two MLPs) + 4 B J^2 d (the
+    joint attention). Per refiner block (on the L Qwen tokens, MLP 4d): 8 B L d^2 + 4 B L^2 d + 4 B L d (4d) + 4 B d^2.
+    Plus, once: the patch embed 2 B S (C p_t p^2) d; the refiner's proj_in 2 B L D_t d, its timestep embedder
+    2 B (256 d + d^2) and its pooled-text embedder 2 B (D_t d + d^2); the model's timestep embedder 2 B (256 d + d^2);
+    the ByT5 projection 2 B L2 (D_2 H_2 + H_2^2 + H_2 d); the head 4 B d^2 + 2 B S d (p_t p^2 C_out). Norms, RoPE,
+    the condition-type rows (a lookup), the masked mean and the activations are element-wise."""
+    b, c, f, h, w = latent_shape
+    t = transformer
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    mlp = int(d * float(t.get("mlp_ratio", 4.0)))
+    n, r = int(t["num_layers"]), int(t.get("num_refiner_layers", 2))
+    p, pt = int(t.get("patch_size", 1)), int(t.get("patch_size_t", 1))
+    cout = int(t.get("out_channels") or c)
+    dt, d2, h2 = int(t.get("text_embed_dim", 3584)), int(t.get("text_embed_2_dim", 1472)), HUNYUAN_VIDEO15_BYT5_HIDDEN
+    s, txt, txt2 = (f // pt) * (h // p) * (w // p), int(text_len), int(text_2_len)
+    j = s + txt + txt2
+    attn = 4 * b * j * j * d
+    double = 24 * b * d * d + 8 * b * j * d * d + 4 * b * j * d * mlp
+    refiner_attn = 4 * b * txt * txt * d
+    refiner = 8 * b * txt * d * d + 4 * b * txt * d * (4 * d) + 4 * b * d * d
+    time = 2 * b * (HUNYUAN_VIDEO_TIME_PROJ * d + d * d)
+    embed = (2 * b * s * (c * pt * p * p) * d + 2 * b * txt * dt * d + time + 2 * b * (dt * d + d * d) + time
+             + 2 * b * txt2 * (d2 * h2 + h2 * h2 + h2 * d))
+    head = 4 * b * d * d + 2 * b * s * d * (pt * p * p * cout)
+    total = n * (double + attn) + r * (refiner + refiner_attn) + embed + head
+    attention = n * attn + r * refiner_attn
+    return {"total": float(total), "per_block": float(double + attn), "attention": float(attention),
+            "linear": float(total - attention), "tokens": s}
+
+
+class HunyuanVideo15TorchReference(KeywordTorchReference):
+    """diffusers' ``HunyuanVideo15Transformer3DModel`` called as ``HunyuanVideo15Pipeline`` calls it: the latents with
+    the zero condition channels, the timestep, the Qwen and ByT5 states with their masks (the model's dtype), the
+    zero image embeddings (text-to-video). The pipeline calls it once per guider half; here once on both halves."""
+
+    diffusers_class = "HunyuanVideo15Transformer3DModel"
+
+    call_args = {"hidden_states": LATENTS, "timestep": Arg("t"), "encoder_hidden_states": EMBEDS,
+                 "encoder_attention_mask": Arg("mask", "model"), "encoder_hidden_states_2": Arg("embeds_2", "model"),
+                 "encoder_attention_mask_2": Arg("mask_2", "model")}
+
+    def set_inputs(self, inputs, w):
+        super().set_inputs(inputs, w)
+        b = inputs["latents"].shape[0]
+        self.kwargs["image_embeds"] = self.torch.zeros(b, HUNYUAN_VIDEO15_VISION_TOKENS,
+                                                       int(w.transformer.get("image_embed_dim", 1152)),
+                                                       dtype=self.dtype, device=self.device)
+
+
+class HunyuanVideo15(HunyuanVideo):
+    """HunyuanVideo-1.5 text-to-video: the guider's CFG (both halves per prompt by default), one double-stream stack,
+    the text [ByT5; Qwen] as the masked context."""
+
+    name = "hunyuan_video15"
+    module_name = "xdit_jax.models.hunyuan_video15"
+    model_class_name = "HunyuanVideo15Transformer3DModel"
+    config_class_name = "HunyuanVideo15Config"
+    title = "HunyuanVideo-1.5"
+    default_cfg = True
+
+    def pipeline_call(self, w):
+        return Family.pipeline_call(self, w)  # (guidance_scale: the guider's; 1.0 runs one pass)
+
+    def text_len(self, w):
+        """Qwen tokens after the template's crop: the pipeline's ``max_sequence_length`` (1000)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or 1000)
+
+    def tokens(self, w):
+        s, _ = super().tokens(w)
+        return s, self.text_len(w) + HUNYUAN_VIDEO15_BYT5_TOKENS
+
+    def check(self, cfg, shape):
+        if shape[1] != cfg.in_channels:
+            raise ValueError(f"latents {shape}: this HunyuanVideo-1.5 transformer takes {cfg.in_channels} channels "
+                             "(the latents, the condition latents and the mask).")
+
+    def with_layers(self, transformer, layers):
+        """``--layers N``: N double-stream blocks."""
+        return dict(transformer, num_layers=int(layers))
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"family": self.name, "video_tokens": sv, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "latent_frames": self.latent_shape(w)[2], "layers": cfg.num_layers, "heads": cfg.num_attention_heads,
+                "head_dim": cfg.attention_head_dim, "height": w.height, "width": w.width, "num_frames": w.num_frames,
+                "cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As ``HunyuanVideo15Pipeline`` passes them: latents (B, in_channels, F, h, w) (noise, then the zero
+        condition channels), Qwen states (B, L, text_embed_dim) and mask (the prompt's valid tokens; with CFG the
+        negative prompt's first), ByT5 states (B, 256, text_embed_2_dim) and mask (a quoted word's bytes in the
+        prompt; none in the negative prompt ""), the timestep (B,) float32."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        shape = self.latent_shape(w)
+        latents = np.zeros(shape, np.float32)
+        c = int(t.get("out_channels") or 32)
+        latents[:, :c] = rng.standard_normal((shape[0], c) + shape[2:], dtype=np.float32)
+        return {"latents": latents,
+                "embeds": rng.standard_normal((b, self.text_len(w), int(t.get("text_embed_dim", 3584))),
+                                              dtype=np.float32),
+                "mask": self.mask(w),
+                "embeds_2": rng.standard_normal((b, HUNYUAN_VIDEO15_BYT5_TOKENS, int(t.get("text_embed_2_dim", 1472))),
+                                                dtype=np.float32),
+                "mask_2": pixart_mask(b, HUNYUAN_VIDEO15_BYT5_TOKENS, HUNYUAN_VIDEO15_GLYPH_VALID, False) * (
+                    np.arange(b)[:, None] >= (b // 2 if w.cfg else 0)).astype(np.int32),
+                "t": np.full((b,), HUNYUAN_VIDEO_TIMESTEP, dtype=np.float32)}
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["t"], inputs["embeds"].astype(dtype), inputs["mask"],
+                inputs["embeds_2"].astype(dtype), inputs["mask_2"])
+
+    def analytic_flops(self, w):
+        return hunyuan_video15_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return HunyuanVideo15TorchReference(transformer, dtype, seed=seed, device=device)
+
+
+# ============================================================================================
 # Qwen-Image
 # ============================================================================================
 
@@ -3027,8 +3166,8 @@ class LTX(Family):
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
-                                                          QwenImage(), ZImage(), Sana(), Chroma(), Lumina2(), Flux2(),
-                                                          LTX(), ConsisID())}
+                                                          HunyuanVideo15(), QwenImage(), ZImage(), Sana(), Chroma(),
+                                                          Lumina2(), Flux2(), LTX(), ConsisID())}
 CONSISID_CLASS_NAMES = ("ConsisIDTransformer3DModel",)
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
@@ -3040,6 +3179,7 @@ WAN_CLASS_NAMES = ("WanTransformer3DModel",)
 SKYREELS_V2_CLASS_NAMES = ("SkyReelsV2Transformer3DModel",)
 LATTE_CLASS_NAMES = ("LatteTransformer3DModel",)
 HUNYUAN_VIDEO_CLASS_NAMES = ("HunyuanVideoTransformer3DModel",)
+HUNYUAN_VIDEO15_CLASS_NAMES = ("HunyuanVideo15Transformer3DModel",)
 QWEN_IMAGE_CLASS_NAMES = ("QwenImageTransformer2DModel",)
 ZIMAGE_CLASS_NAMES = ("ZImageTransformer2DModel",)
 SANA_CLASS_NAMES = ("SanaTransformer2DModel",)
@@ -3066,8 +3206,10 @@ def family_of_config(transformer: dict) -> str:
     first and ``n_refiner_layers``, HunyuanVideo the second without the others);
     FLUX.2 by its class name or ``num_single_layers`` with ``timestep_guidance_channels`` (checked before FLUX.1,
     whose ``num_single_layers`` it shares); LTX-Video by its class name or ``caption_channels`` with ``patch_size_t``
-    and ``qk_norm`` (PixArt has the first only); ConsisID by its class name or ``is_train_face``; else
-    CogVideoX."""
+    and ``qk_norm`` (PixArt has the first only); ConsisID by its class name or ``is_train_face``;
+    HunyuanVideo-1.5 by its class name or ``text_embed_2_dim`` (no other family has it); else CogVideoX."""
+    if transformer.get("_class_name") in HUNYUAN_VIDEO15_CLASS_NAMES or "text_embed_2_dim" in transformer:
+        return "hunyuan_video15"
     if transformer.get("_class_name") in LTX_CLASS_NAMES or (
             "caption_channels" in transformer and "patch_size_t" in transformer and "qk_norm" in transformer):
         return "ltx"

@@ -70,6 +70,20 @@ def _wan_request(mod, model, tc, args, height: int, width: int, guidance):
     return height, width, max(guidance, args.guidance_scale_2 or 0.0)
 
 
+def _hunyuan_video15_request(mod, model, tc, args, height: int, width: int, guidance):
+    """HunyuanVideo-1.5: its VAE decodes untiled (split over the mesh; one sample at a time where that does not fit):
+    --vae-tiling is refused before any weights load; image-to-video takes its size from the image and one image."""
+    if args.vae_tiling:
+        raise ValueError(mod.NO_VAE_TILING)
+    if getattr(args, "kind", None) == "HunyuanVideo15ImageToVideoPipeline":
+        if args.height or args.width:
+            raise ValueError("--height / --width: HunyuanVideo-1.5 image-to-video sizes the video from the image (the "
+                             "target_size bucket nearest its aspect ratio), as diffusers; drop them.")
+        if args.last_image is not None:
+            raise ValueError("--last-image: HunyuanVideo-1.5 image-to-video takes the first frame only.")
+    return height, width, guidance
+
+
 def _flux_request(mod, model, tc, args, height: int, width: int, guidance):
     """FLUX.1 Kontext makes the aspect ratio at max_area, floored to 16."""
     if getattr(args, "kontext", False):
@@ -164,6 +178,12 @@ FAMILIES = {
     # (HunyuanVideo's guidance_scale is embedded; true CFG: --negative-prompt with --true-cfg-scale > 1)
     "hunyuanvideo": Family(video=True, guidance_scale=6.0, steps=50, module="hunyuan_video", tiny_size=(32, 32),
                            tiny_frames=5, max_sequence_length=256, true_cfg="HunyuanVideo"),
+    # HunyuanVideo-1.5 (T2V): CFG by the guider (its release scale 6.0 as --guidance-scale's default; the negative
+    # prompt "" as diffusers'), 1000 Qwen tokens after the template's 108
+    "hunyuan_video15": Family(video=True, guidance_scale=6.0, steps=50, tiny_steps=2, tiny_size=(32, 48),
+                              tiny_frames=5, max_sequence_length=1000,
+                              tiny_max_sequence_length="HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH",
+                              check_hook=_hunyuan_video15_request),
     # (Qwen-Image: no guidance_scale; true CFG 4 with --negative-prompt, diffusers' default)
     "qwenimage": Family(video=False, guidance_scale=None, steps=50, tiny_size=(48, 80), max_sequence_length=512,
                         true_cfg="Qwen-Image", true_cfg_scale=4.0),
@@ -197,7 +217,7 @@ VIDEO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.video)
 TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_cfg}  # --true-cfg-scale
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
-                  "LTXImageToVideoPipeline", "ConsisIDPipeline")
+                  "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)

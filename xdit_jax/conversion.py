@@ -65,6 +65,13 @@ MODEL_CLASSES = {
     "ChromaTransformer2DModel": ("xdit_jax.models.chroma", "ChromaConfig"),
     "LatteTransformer3DModel": ("xdit_jax.models.latte", "LatteConfig"),
     "HunyuanVideoTransformer3DModel": ("xdit_jax.models.hunyuan_video", "HunyuanVideoConfig"),
+    # HunyuanVideo-1.5: its transformer, VAE and text_encoder (a bare Qwen2_5_VLTextModel save); text_encoder_2 is
+    # ByT5 (T5EncoderModel above)
+    "HunyuanVideo15Transformer3DModel": ("xdit_jax.models.hunyuan_video15", "HunyuanVideo15Config"),
+    "AutoencoderKLHunyuanVideo15": ("xdit_jax.models.vae_hunyuan_video15", "HunyuanVideo15VAEConfig"),
+    "Qwen2_5_VLTextModel": ("xdit_jax.models.qwen2_5_vl", "Qwen25VLTextConfig"),
+    # HunyuanVideo-1.5 image-to-video's image_encoder (siglip-so400m-patch14-384's vision tower)
+    "SiglipVisionModel": ("xdit_jax.models.siglip", "SiglipVisionConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
     "QwenImageTransformer2DModel": ("xdit_jax.models.qwenimage", "QwenImageConfig"),
     # one module, four config classes: the config's class picks the tower and whether it has the projection
@@ -95,7 +102,9 @@ MODEL_CLASSES = {
     # FLUX.2-dev's text_encoder: Mistral 3's language model (vision tower, projector and lm_head not read)
     "Mistral3ForConditionalGeneration": ("xdit_jax.models.mistral3", "Mistral3TextConfig"),
 }
-COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor")
+COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
+                     "guider", "feature_extractor")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a config; its
+# I2V's SiglipImageProcessor)
 
 
 def model_class(class_name: str):

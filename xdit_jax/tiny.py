@@ -25,7 +25,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-qwenimage-edit-plus": "qwenimage-edit-plus", "tiny-zimage": "zimage",
               "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
               "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx",
-              "tiny-consisid": "consisid"}
+              "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -211,6 +211,44 @@ HUNYUAN_VIDEO_LLAMA = dict(vocab_size=LLAMA_VOCAB, hidden_size=32, intermediate_
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=512,
                            rope_theta=500000.0, bos_token_id=0, eos_token_id=1, pad_token_id=5, model_type="llama")
 HUNYUAN_VIDEO_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=7.0)
+
+# HunyuanVideo-1.5 shaped: 2 double-stream blocks and 2 token refiner blocks over 2 heads of 8 (RoPE axes 2 + 2 + 4),
+# patch 1; the transformer takes the 4 latent channels, 4 zero condition channels and the mask channel (9); the VAE
+# (8x spatial, 4x temporal: 3 up blocks of DC-AE depth-to-space, 2 of them in time) 32/16/16/8 wide; a 3-layer
+# Qwen2.5-VL language model 32 wide with GQA (hidden_states[-3]: the first layer's output) and a 2-layer ByT5
+# (T5 v1.1, gated GELU) 16 wide on the byte-level ByT5Tokenizer (384 ids); the guider's scale 6.0 (the releases',
+# from memory). 5 frames of 32 x 48: 2 x 4 x 6 latents, 48 video tokens; the text 1000 Qwen tokens
+# (after the 108-token crop) and 256 ByT5 tokens, as diffusers' defaults.
+HUNYUAN_VIDEO15_TRANSFORMER = dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                   num_layers=2, num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1,
+                                   qk_norm="rms_norm", text_embed_dim=32, text_embed_2_dim=16, image_embed_dim=8,
+                                   rope_theta=256.0, rope_axes_dim=[2, 2, 4], target_size=64, task_type="t2v",
+                                   use_meanflow=False)
+HUNYUAN_VIDEO15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16, 16, 32],
+                           layers_per_block=1, spatial_compression_ratio=8, temporal_compression_ratio=4,
+                           downsample_match_channel=True, upsample_match_channel=True, scaling_factor=1.03682)
+HUNYUAN_VIDEO15_QWEN = dict(model_type="qwen2_5_vl_text", vocab_size=512, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                            max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2],
+                                             "rope_theta": 1000000.0})
+HUNYUAN_VIDEO15_BYT5 = dict(model_type="t5", vocab_size=384, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                            relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                            pad_token_id=0, eos_token_id=1)
+HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH = 64  # the tiny model's Qwen tokens in the CLI (the real default: 1000)
+HUNYUAN_VIDEO15_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=5.0)
+# HunyuanVideo-1.5 image-to-video's SigLIP vision tower at tiny size: 2 layers 8 wide (the transformer's
+# image_embed_dim) at 28 x 28, patch 14: 4 image states
+HUNYUAN_VIDEO15_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=16,
+                              num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
+HUNYUAN_VIDEO15_GUIDER = dict(_class_name="ClassifierFreeGuidance", guidance_scale=6.0)
+# Qwen2.5-VL's chat template for text messages (a string content: the system turn, the user turn, the generation
+# prompt), which diffusers' HunyuanVideo-1.5 pipeline renders through tokenizer.apply_chat_template
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a "
+    "helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # Qwen-Image shaped: 2 double-stream blocks over 2 heads of 16 (RoPE axes 4 + 6 + 6), packed latents of 4 x 4
 # channels; the Wan 2.1 VAE at tiny width (8x spatial); a 2-layer Qwen2.5-VL language model 32 wide with GQA and
@@ -405,6 +443,23 @@ def train_qwen_tokenizer():
                                       vocab_size=QWEN_VOCAB)
 
 
+def train_hunyuan_video15_tokenizer():
+    """The stand-in Qwen2 tokenizer (:func:`xdit_jax.models.qwen2_5_vl.train_tokenizer`, trained on the same
+    sentences) with Qwen2.5-VL's chat template (:data:`QWEN25VL_CHAT_TEMPLATE`): HunyuanVideo-1.5's text tokenizer."""
+    from xdit_jax.models import qwen2_5_vl
+
+    tok = qwen2_5_vl.train_tokenizer(CORPUS * 4, vocab_size=HUNYUAN_VIDEO15_QWEN["vocab_size"])
+    tok.chat_template = QWEN25VL_CHAT_TEMPLATE
+    return tok
+
+
+def byt5_tokenizer():
+    """transformers' ``ByT5Tokenizer`` (byte-level: nothing to train or download)."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
 def train_qwen_edit_tokenizer():
     """The stand-in Qwen2 tokenizer with Qwen2.5-VL's vision tokens (ids 3, 4, 5), trained on the same sentences, alone
     and inside Qwen-Image-Edit's templates."""
@@ -446,6 +501,10 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = 
         return train_llama_tokenizer()
     if class_name.startswith("Pixtral") or text_encoder.startswith("Mistral3"):  # FLUX.2-dev's processor
         return train_mistral3_tokenizer()
+    if class_name.startswith("ByT5"):
+        return byt5_tokenizer()
+    if class_name.startswith("Qwen2") and pipeline.startswith("HunyuanVideo15"):  # with the chat template
+        return train_hunyuan_video15_tokenizer()
     if class_name.startswith("Qwen2") and pipeline.startswith("QwenImageEdit"):  # with Qwen2.5-VL's vision tokens
         return train_qwen_edit_tokenizer()
     if class_name.startswith("Qwen2"):
@@ -466,6 +525,16 @@ def model_index(family: str = "cogvideox") -> dict:
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],
                 "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "SkyReelsV2Transformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+    if family == "hunyuan_video15":
+        return {"_class_name": "HunyuanVideo15Pipeline", "_diffusers_version": "0.36.0",
+                "guider": ["diffusers", "ClassifierFreeGuidance"],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Qwen2_5_VLTextModel"],
+                "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                "text_encoder_2": ["transformers", "T5EncoderModel"],
+                "tokenizer_2": ["transformers", "ByT5Tokenizer"],
+                "transformer": ["diffusers", "HunyuanVideo15Transformer3DModel"],
+                "vae": ["diffusers", "AutoencoderKLHunyuanVideo15"]}
     if family == "wan":
         return {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],
@@ -782,6 +851,24 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder_2": ("CLIPTextModel", FLUX_CLIP,
                                lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
         }, HUNYUAN_VIDEO_SCHEDULER
+    if family == "hunyuan_video15":
+        from xdit_jax.models import hunyuan_video15, llama, qwen2_5_vl, vae_hunyuan_video15
+
+        tcfg = {**HUNYUAN_VIDEO15_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("HunyuanVideo15Transformer3DModel", tcfg,
+                            lambda: hunyuan_video15.HunyuanVideo15Transformer3DModel(
+                                hunyuan_video15.HunyuanVideo15Config.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLHunyuanVideo15", HUNYUAN_VIDEO15_VAE,
+                    lambda: vae_hunyuan_video15.module_fn(
+                        vae_hunyuan_video15.HunyuanVideo15VAEConfig.from_dict(HUNYUAN_VIDEO15_VAE), jnp.float32)()),
+            "text_encoder": ("Qwen2_5_VLTextModel", HUNYUAN_VIDEO15_QWEN,
+                             lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(HUNYUAN_VIDEO15_QWEN),
+                                                      rngs=nnx.Rngs(0))),
+            "text_encoder_2": ("T5EncoderModel", HUNYUAN_VIDEO15_BYT5,
+                               lambda: t5.T5EncoderModel(t5.T5Config.from_dict(HUNYUAN_VIDEO15_BYT5),
+                                                         rngs=nnx.Rngs(0))),
+        }, HUNYUAN_VIDEO15_SCHEDULER
     if family in ("qwenimage", "qwenimage-edit", "qwenimage-edit-plus"):
         from xdit_jax.models import llama, qwen2_5_vl, qwenimage, vae_qwenimage
 
@@ -910,6 +997,9 @@ def write_configs(folder: str | os.PathLike, family: str = "cogvideox", transfor
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     (folder / "model_index.json").write_text(json.dumps(model_index(family), indent=2))
+    if family == "hunyuan_video15":  # the guider's config (diffusers' ClassifierFreeGuidance save)
+        (folder / "guider").mkdir(exist_ok=True)
+        (folder / "guider" / "guider_config.json").write_text(json.dumps(HUNYUAN_VIDEO15_GUIDER, indent=2))
     if family.startswith("qwenimage-edit"):  # the image processor's settings (Qwen2VLProcessor's save)
         (folder / "processor").mkdir(exist_ok=True)
         (folder / "processor" / "preprocessor_config.json").write_text(json.dumps(QWEN_EDIT_PROCESSOR, indent=2))
@@ -937,6 +1027,27 @@ def write_wan_i2v_configs(folder: str | os.PathLike, flf2v: bool = False) -> Pat
     index = dict(model_index("wan"), _class_name="WanImageToVideoPipeline",
                  image_encoder=["transformers", "CLIPVisionModel"],
                  image_processor=["transformers", "CLIPImageProcessor"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def write_hunyuan_video15_i2v_configs(folder: str | os.PathLike) -> Path:
+    """The configs of a tiny HunyuanVideo-1.5 image-to-video model (``HunyuanVideo15ImageToVideoPipeline``: the
+    text-to-video parts, a SigLIP ``image_encoder`` (:data:`HUNYUAN_VIDEO15_SIGLIP`) and its ``feature_extractor``) in
+    ``folder``. For ``from_config`` / ``--random-weights`` trials and tests."""
+    folder = Path(folder)
+    write_configs(folder, "hunyuan_video15")
+    size = HUNYUAN_VIDEO15_SIGLIP["image_size"]
+    for name, file, cfg in [("image_encoder", "config.json", HUNYUAN_VIDEO15_SIGLIP),
+                            ("feature_extractor", "preprocessor_config.json",
+                             {"image_processor_type": "SiglipImageProcessor", "size": {"height": size, "width": size},
+                              "do_resize": True, "do_rescale": True, "do_normalize": True,
+                              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2})]:
+        (folder / name).mkdir(exist_ok=True)
+        (folder / name / file).write_text(json.dumps(cfg, indent=2))
+    index = dict(model_index("hunyuan_video15"), _class_name="HunyuanVideo15ImageToVideoPipeline",
+                 image_encoder=["transformers", "SiglipVisionModel"],
+                 feature_extractor=["transformers", "SiglipImageProcessor"])
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
