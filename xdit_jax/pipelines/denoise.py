@@ -407,6 +407,34 @@ def negative_prompts(negative_prompt, batch: int) -> list[str]:
     return neg
 
 
+def masked_text_for_cfg(pipe, prompts, batch: int, width: int, do_cfg: bool, max_sequence_length: int,
+                        prompt_embeds=None, prompt_attention_mask=None, negative_prompt=None,
+                        negative_prompt_embeds=None, negative_prompt_attention_mask=None):
+    """A masked text as the step takes it (Mochi's, LTX-Video's T5): ``(states (B, L, width) in the pipeline's dtype,
+    mask (B, L) int32)``, encoded by ``pipe.encode_prompt(prompts, length) -> (states, mask)`` where not given; with
+    CFG the negative prompt's first (encoded at the prompt's length), ``[negative; positive]``. States of another
+    width or a mask of another shape are refused."""
+    import jax.numpy as jnp
+
+    if prompt_embeds is None:
+        prompt_embeds, prompt_attention_mask = pipe.encode_prompt(prompts, max_sequence_length)
+    emb, mask = jnp.asarray(prompt_embeds, pipe.dtype), jnp.asarray(prompt_attention_mask, jnp.int32)
+    if emb.ndim != 3 or emb.shape[2] != width or mask.shape != emb.shape[:2]:
+        raise ValueError(f"prompt_embeds {tuple(emb.shape)} with mask {tuple(mask.shape)}: this model takes "
+                         f"(batch, tokens, {width}) and a (batch, tokens) mask.")
+    if not do_cfg:
+        return emb, mask
+    if negative_prompt_embeds is None:
+        negative_prompt_embeds, negative_prompt_attention_mask = pipe.encode_prompt(
+            negative_prompts(negative_prompt, batch), emb.shape[1])
+    nemb = jnp.asarray(negative_prompt_embeds, pipe.dtype)
+    nmask = jnp.asarray(negative_prompt_attention_mask, jnp.int32)
+    if nemb.shape != emb.shape or nmask.shape != mask.shape:
+        raise ValueError(f"negative_prompt_embeds {nemb.shape} with mask {nmask.shape} must have the "
+                         f"shapes of prompt_embeds {emb.shape} and its mask {mask.shape}.")
+    return jnp.concatenate([nemb, emb]), jnp.concatenate([nmask, mask])
+
+
 class PipelineBase:
     """What every family's pipeline shares: its parts, compute dtype, attention backend, the mesh,
     PipeFusion's settings, the jitted text encoder, how batches are laid over the mesh, the

@@ -42,7 +42,7 @@ from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     check_size_and_mesh,
-    negative_prompts,
+    masked_text_for_cfg,
     peak_memory_bytes,
     per_prompt,
     preprocess_image,
@@ -283,22 +283,9 @@ class LTXPipeline(VideoPipelineBase):
 
         # 1. text: T5 with its mask; [negative; positive] for CFG
         with timer.stage("text_encoding"):
-            if prompt_embeds is None:
-                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, max_sequence_length)
-            emb, mask = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(prompt_attention_mask, jnp.int32)
-            if emb.ndim != 3 or emb.shape[2] != tc.caption_channels or mask.shape != emb.shape[:2]:
-                raise ValueError(f"prompt_embeds {tuple(emb.shape)} with mask {tuple(mask.shape)}: this model takes "
-                                 f"(batch, tokens, {tc.caption_channels}) and a (batch, tokens) mask.")
-            if do_cfg:
-                if negative_prompt_embeds is None:
-                    negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                        negative_prompts(negative_prompt, batch), emb.shape[1])
-                nemb = jnp.asarray(negative_prompt_embeds, self.dtype)
-                nmask = jnp.asarray(negative_prompt_attention_mask, jnp.int32)
-                if nemb.shape != emb.shape or nmask.shape != mask.shape:
-                    raise ValueError(f"negative_prompt_embeds {nemb.shape} with mask {nmask.shape} must have the "
-                                     f"shapes of prompt_embeds {emb.shape} and its mask {mask.shape}.")
-                emb, mask = jnp.concatenate([nemb, emb]), jnp.concatenate([nmask, mask])
+            emb, mask = masked_text_for_cfg(self, prompts, batch, tc.caption_channels, do_cfg, max_sequence_length,
+                                            prompt_embeds, prompt_attention_mask, negative_prompt,
+                                            negative_prompt_embeds, negative_prompt_attention_mask)
             scale = jnp.asarray([vc.temporal_ratio / frame_rate, vc.spatial_ratio, vc.spatial_ratio], jnp.float32)
             texts = (self._put_batch(emb, do_cfg, per), self._put_batch(mask, do_cfg, per),
                      self._put_replicated(scale))

@@ -38,7 +38,7 @@ from xdit_jax.pipelines.cogvideox import CogVideoXPipelineOutput
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     check_size_and_mesh,
-    negative_prompts,
+    masked_text_for_cfg,
     peak_memory_bytes,
     per_prompt,
     prompt_batch,
@@ -184,23 +184,9 @@ class MochiPipeline(VideoPipelineBase):
 
         # 1. text: T5 with its mask; [negative; positive] for CFG
         with timer.stage("text_encoding"):
-            if prompt_embeds is None:
-                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts, max_sequence_length)
-            emb, mask = jnp.asarray(prompt_embeds, self.dtype), jnp.asarray(prompt_attention_mask, jnp.int32)
-            if emb.ndim != 3 or emb.shape[2] != tc.text_embed_dim or mask.shape != emb.shape[:2]:
-                raise ValueError(f"prompt_embeds {tuple(emb.shape)} with mask {tuple(mask.shape)}: this model takes "
-                                 f"(batch, tokens, {tc.text_embed_dim}) and a (batch, tokens) mask.")
-            if do_cfg:
-                if negative_prompt_embeds is None:
-                    negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                        negative_prompts(negative_prompt, batch), emb.shape[1])
-                nemb = jnp.asarray(negative_prompt_embeds, self.dtype)
-                nmask = jnp.asarray(negative_prompt_attention_mask, jnp.int32)
-                if nemb.shape != emb.shape or nmask.shape != mask.shape:
-                    raise ValueError(f"negative_prompt_embeds {nemb.shape} with mask {nmask.shape} must have the "
-                                     f"shapes of prompt_embeds {emb.shape} and its mask {mask.shape}.")
-                emb = jnp.concatenate([nemb, emb])
-                mask = jnp.concatenate([nmask, mask])
+            emb, mask = masked_text_for_cfg(self, prompts, batch, tc.text_embed_dim, do_cfg, max_sequence_length,
+                                            prompt_embeds, prompt_attention_mask, negative_prompt,
+                                            negative_prompt_embeds, negative_prompt_attention_mask)
             m = np.asarray(mask) != 0
             if (m[:, 1:] & ~m[:, :-1]).any():
                 log.warning("A caption mask keeps tokens after a masked one: attention is over the kept tokens "
