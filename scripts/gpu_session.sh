@@ -7,7 +7,7 @@
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -83,6 +83,14 @@ case $part in
   step edit-vs 240 --model qwen-image-edit-2511 --layers 20 --steps 3 --compare diffusers
   step sprint-e2e 120 --model sana-sprint-1.6b-1024px --steps 3 --e2e 2
   ;;
-*) echo "unknown part $part: use 1 to 11"; exit 2 ;;
+12) # the session-19 families, never run on a GPU: LTX-Video 0.9.1 (7,392 tokens: a light step) and ConsisID (CogVideoX-5B
+    # I2V + the face branch) against diffusers, end to end for LTX (its 32x VAE with timestep conditioning);
+    # HunyuanVideo-1.5 480p with 12 of its 54 blocks (49,290 video tokens)
+  step ltx-vs 240 --model ltx-video-0.9.1 --steps 5 --compare diffusers
+  step ltx-e2e 150 --model ltx-video-0.9.1 --steps 0 --e2e 2
+  step consisid-vs 240 --model consisid-preview --steps 3 --compare diffusers
+  step hv15 240 --model hunyuanvideo-1.5-480p --layers 12 --steps 3
+  ;;
+*) echo "unknown part $part: use 1 to 12"; exit 2 ;;
 esac
 ls -la "$O"
