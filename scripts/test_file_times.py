@@ -4,9 +4,9 @@ tests/conftest.py hands the files to the xdist workers: longest first, so that n
     python -m pytest -q -n 3 --dist loadfile --durations=0 > report.txt
     python scripts/test_file_times.py report.txt > tests/file_times.json
 
-(Only the order matters: times measured on a loaded machine serve. Session 18's file: a 2-worker run of the whole
-default suite beside three helpers (40:52 wall, 36:49 CPU); session 17's had test_cli and test_benchmark at ~15% each,
-this one at 2.2% and 2.9%: the spread is even, the longest file ~4%.)
+(Only the order matters: times measured on a loaded machine serve. Session 19's file: a 3-worker fresh-clone run of
+the default suite (20:30 wall, 36:34 CPU, beside some other tests); test_cli and test_benchmark lead at ~6.5% each
+(the families' CLI and bench-row tests), the rest is spread evenly; a file not listed counts as the median.)
 """
 
 import json
