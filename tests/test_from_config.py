@@ -19,11 +19,17 @@ from xdit_jax.safetensors_io import CheckpointError
 # on one device; Wan (UMT5: a bias table per block) with 3 blocks on 2 stages; SANA (Gemma 2, DC-AE) on one device;
 # Chroma (the approximator's layer list; 3 double- + 2 single-stream blocks) on 2 stages; Lumina 2 (Z-Image's
 # stacks, Gemma 2, FLUX's VAE) on one device; FLUX.2 klein (Qwen3ForCausalLM, AutoencoderKLFlux2 with its batch-norm
-# statistics and encoder) on 2 stages
+# statistics and encoder) on 2 stages; LTX-Video (T5, its VAE with the encoder) with 3 blocks on 2 stages;
+# HunyuanVideo-1.5 (Qwen2.5-VL + ByT5) on one device; ConsisID (the face branch, the VAE encoder) on one device;
+# SkyReels-V2 DF (the fps embedding; PipeFusion refused) on one device
 CASES = {"flux": ("pipefusion=2", {"num_layers": 3}), "sd3": ("pipefusion=2", {"num_layers": 4}),
          "hunyuandit": (None, {}), "wan": ("pipefusion=2", {"num_layers": 3}), "sana": (None, {}),
          "chroma": ("pipefusion=2", {"num_layers": 3}), "lumina2": (None, {}),
-         "flux2": ("pipefusion=2", {"num_layers": 3})}
+         "flux2": ("pipefusion=2", {"num_layers": 3}), "ltx": ("pipefusion=2", {"num_layers": 3}),
+         "hunyuan_video15": (None, {}), "consisid": (None, {}),
+         "skyreels_v2": (None, {})}
+# (the parts besides MODULES that conversion writes next to a component: built alike too)
+EXTRA = {"flux2": ("vae_encoder",), "consisid": ("vae_encoder",)}
 MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -57,9 +63,10 @@ def test_random_pipeline_is_laid_out_as_a_checkpoint(family, tmp_path):
             assert _layout(b) == _layout(a), name
             compared += 1
     assert compared == {"flux": 4, "sd3": 5, "hunyuandit": 4, "wan": 3, "sana": 3, "chroma": 3, "lumina2": 3,
-                        "flux2": 3}[family]
-    if family == "flux2":  # the reference images' VAE encoder, and the batch-norm variances drawn as ones (not noise)
-        assert _layout(random.vae_encoder) == _layout(loaded.vae_encoder)
+                        "flux2": 3, "ltx": 3, "hunyuan_video15": 4, "consisid": 3, "skyreels_v2": 3}[family]
+    for name in EXTRA.get(family, ()):  # e.g. FLUX.2's reference images' VAE encoder
+        assert _layout(getattr(random, name)) == _layout(getattr(loaded, name)), name
+    if family == "flux2":  # the batch-norm variances drawn as ones (not noise)
         assert float(jnp.min(random.vae.bn.running_var[...].astype(jnp.float32))) == 1.0
     if mesh:  # the stacked blocks are split over the stages, as a checkpoint's
         specs = {v[2] for k, v in _layout(random.transformer).items() if "blocks" in k}
