@@ -297,6 +297,7 @@ def _consisid_tiny_workload() -> Workload:
     scale = 2 ** (len(tiny.VAE["block_out_channels"]) - 1)
     return Workload("consisid-tiny", t, height=t["sample_height"] * scale, width=t["sample_width"] * scale,
                     num_frames=t["sample_frames"], vae_scale_spatial=scale, family="consisid",
+                    text_tokens=int(t["max_text_seq_length"]),  # (its learned table's: --e2e passes it on)
                     source="xdit_jax.tiny's ConsisID, 3 heads x 16, 4 layers",
                     defaults=dict(num_inference_steps=4, guidance_scale=6.0))
 
