@@ -71,10 +71,7 @@ def _wan_request(mod, model, tc, args, height: int, width: int, guidance):
 
 
 def _hunyuan_video15_request(mod, model, tc, args, height: int, width: int, guidance):
-    """HunyuanVideo-1.5: its VAE decodes untiled (split over the mesh; one sample at a time where that does not fit):
-    --vae-tiling is refused before any weights load; image-to-video takes its size from the image and one image."""
-    if args.vae_tiling:
-        raise ValueError(mod.NO_VAE_TILING)
+    """HunyuanVideo-1.5 image-to-video takes its size from the image, and one image."""
     if getattr(args, "kind", None) == "HunyuanVideo15ImageToVideoPipeline":
         if args.height or args.width:
             raise ValueError("--height / --width: HunyuanVideo-1.5 image-to-video sizes the video from the image (the "

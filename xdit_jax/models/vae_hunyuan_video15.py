@@ -29,7 +29,8 @@ here already has are reused:
 
 Decode: the image plane split over the mesh (:func:`xdit_jax.parallel.vae.sharded_decode`: the depth-to-space
 is per pixel, the convolutions fetch their halo). diffusers' ``enable_tiling`` (off by default, as in its T2V
-pipeline) is not supported: ``tiling`` is refused with a clear error.
+pipeline): spatial tiles of 256 pixels overlapping by a quarter, every frame of a tile at once, blended as diffusers'
+``tiled_decode`` (:class:`HunyuanVideo15TilingConfig`); each tile split over the mesh in turn.
 """
 
 from __future__ import annotations
@@ -245,18 +246,47 @@ def _decode_plain(model: HunyuanVideo15VAEDecoder, z):
     return jnp.transpose(model(jnp.transpose(z, (0, 2, 3, 4, 1))), (0, 4, 1, 2, 3))
 
 
+@dataclasses.dataclass(frozen=True)
+class HunyuanVideo15TilingConfig:
+    """diffusers' ``AutoencoderKLHunyuanVideo15.enable_tiling`` arguments (its defaults): spatial tiles of
+    ``tile_latent_min_*`` latents (None: ``tile_sample_min_* // ratio``) decoding to ``tile_sample_min_*`` pixels,
+    overlapping by ``tile_overlap_factor`` (no temporal tiles). (diffusers keeps its latent tile at 256 // ratio when
+    only the pixel size is given, which then no longer matches the tiles' pixels; here it follows the pixel size.)"""
+
+    tile_sample_min_height: int = 256
+    tile_sample_min_width: int = 256
+    tile_overlap_factor: float = 0.25
+    tile_latent_min_height: int | None = None
+    tile_latent_min_width: int | None = None
+
+    def plan(self, spatial_ratio: int) -> spatial.TilePlan:
+        """The integers of diffusers' ``tiled_decode``: latent tiles, a latent stride of ``int(tile * (1 -
+        overlap))``, ``int(min * overlap)`` pixels blended, ``min - blend`` kept."""
+        th, tw, f = self.tile_sample_min_height, self.tile_sample_min_width, self.tile_overlap_factor
+        lh = self.tile_latent_min_height or th // spatial_ratio
+        lw = self.tile_latent_min_width or tw // spatial_ratio
+        bh, bw = int(th * f), int(tw * f)
+        return spatial.TilePlan(tile_latent=(lh, lw), stride=(int(lh * (1 - f)), int(lw * (1 - f))),
+                                blend_extent=(bh, bw), row_limit=(th - bh, tw - bw))
+
+
+def default_tiling(cfg: HunyuanVideo15VAEConfig) -> HunyuanVideo15TilingConfig:
+    """diffusers' defaults (``__init__`` and ``enable_tiling()``): 256-pixel tiles overlapping by a quarter."""
+    return HunyuanVideo15TilingConfig()
+
+
 def decode(model: HunyuanVideo15VAEDecoder, z, *, tiling=None, slicing: bool = False, mesh=None, grid=None,
            strategy: str = "shard_map"):
-    """``vae.decode(z).sample`` of diffusers (no tiling, its default): latents (B, C_latent, T, h, w), already
-    unscaled (:func:`unscale_latents`) -> frames (B, C_out, num_frames(T), h * s, w * s), the image plane split
-    over ``mesh`` (equal to the one-device decode). ``tiling="slices"``: the pipeline's low-memory fallback, one
-    sample of the batch at a time (the same frames)."""
+    """``vae.decode(z).sample`` of diffusers: latents (B, C_latent, T, h, w), already unscaled
+    (:func:`unscale_latents`) -> frames (B, C_out, num_frames(T), h * s, w * s), the image plane split over ``mesh``
+    (equal to the one-device decode). ``tiling``: diffusers' ``enable_tiling`` (True: its defaults, or a
+    :class:`HunyuanVideo15TilingConfig`), used where the latent exceeds a tile, as in diffusers; the frames then
+    equal diffusers' tiled decode. ``tiling="slices"``: one sample of the batch at a time (the same frames)."""
     if tiling == "slices":
         tiling, slicing = None, True
-    if tiling:
-        raise ValueError("Tiled decoding (diffusers' enable_tiling) is not supported for the HunyuanVideo-1.5 VAE "
-                         "here: decode untiled (enable_vae_tiling(False)), split over the mesh.")
-    return spatial.decode(_decode_plain, model, z, mesh=mesh, tiling=None, slicing=slicing, grid=grid,
+    sizes = tiling if isinstance(tiling, HunyuanVideo15TilingConfig) else default_tiling(model.config)
+    plan = sizes.plan(model.config.spatial_compression_ratio) if tiling else None
+    return spatial.decode(_decode_plain, model, z, mesh=mesh, tiling=plan, slicing=slicing, grid=grid,
                           strategy=strategy)
 
 

@@ -79,9 +79,6 @@ CROP_START = 108  # diffusers' prompt_template_encode_start_idx
 MAX_SEQUENCE_LENGTH = 1000  # diffusers' tokenizer_max_length (after the crop)
 BYT5_MAX_LENGTH = 256  # diffusers' tokenizer_2_max_length
 DEFAULT_ASPECT = (16, 9)  # diffusers' default_aspect_ratio (width, height)
-NO_VAE_TILING = ("--vae-tiling / enable_vae_tiling(True): the HunyuanVideo-1.5 VAE's tiled decode (diffusers' "
-                 "enable_tiling) is not supported here; it decodes untiled, split over the mesh (one sample at a time "
-                 "where that does not fit).")
 
 
 def extract_glyph_texts(prompt: str) -> str | None:
@@ -157,7 +154,6 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
     _check_request = staticmethod(check_request)
     _default_video = staticmethod(default_video)
     _vae = vae15
-    LOW_MEMORY_DECODE = "slices"  # one sample at a time (vae15.decode has no spatial tiles)
 
     PIPELINE_CLASSES = ("HunyuanVideo15Pipeline",)
     CONFIG = hv15.HunyuanVideo15Config
@@ -176,12 +172,6 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         if not path.exists():
             path = folder / "guider" / "config.json"
         return {"guider": read_json(path) if path.exists() else {}}
-
-    def enable_vae_tiling(self, tiling=True) -> None:
-        """Only ``"auto"`` / False / None: the VAE has no tiled decode here (:data:`NO_VAE_TILING`)."""
-        if tiling and tiling != "auto":
-            raise ValueError(NO_VAE_TILING)
-        super().enable_vae_tiling(tiling)
 
     # ------------------------------------------------------------------ stages
 
