@@ -861,7 +861,8 @@ class PipelineBase:
         carry = (latents, sched_state, jax.device_put(np.int32(0), self._replicated()), kv)
         return denoise_loop(one, carry, num_steps, progress=progress)[0]
 
-    def _flow_step_fn(self, do_cfg: bool, warmup: bool, embed_args, skip_layers: tuple = (), scheduler=None):
+    def _flow_step_fn(self, do_cfg: bool, warmup: bool, embed_args, skip_layers: tuple = (), scheduler=None,
+                      combine=None):
         """The jitted step of a flow-matching family whose model runs embed -> blocks over the mesh -> head
         (Mochi, SD3): ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) -> (latents,
         sched_state, i + 1, kv)``; ``embed_args(x, texts, t)``: ``model.embed``'s arguments. CFG and the
@@ -872,14 +873,16 @@ class PipelineBase:
         ``(cfg scale, skip-layer scale)``. On a ``cfg=2`` mesh the pass runs on the prompt's half twice,
         once per cfg group (the time of one pass; a batch of its own would not split over cfg).
         ``scheduler``: the scheduler module whose ``step(sched, i, pred, latents, state[, noise])`` updates the
-        latents (default :mod:`xdit_jax.schedulers.flow_match`; Wan's UniPC is another)."""
+        latents (default :mod:`xdit_jax.schedulers.flow_match`; Wan's UniPC is another). ``combine(uncond, text,
+        guidance, i)``: the guided prediction of another guider (default ``uncond + guidance * (text - uncond)``;
+        HunyuanVideo-1.5's :func:`~xdit_jax.pipelines.hunyuan_video15.guided`)."""
         from flax import nnx
 
         from xdit_jax.schedulers import flow_match
 
         scheduler = flow_match if scheduler is None else scheduler
 
-        key = (do_cfg, warmup, tuple(skip_layers))
+        key = (do_cfg, warmup, tuple(skip_layers), combine)
         if key in self._step_cache:
             return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
@@ -904,7 +907,7 @@ class PipelineBase:
             pred = self._real_rows(pred, latents.shape[0], do_cfg)
             if do_cfg:
                 uncond, text = jnp.split(pred, 2)
-                pred = uncond + scale * (text - uncond)
+                pred = uncond + scale * (text - uncond) if combine is None else combine(uncond, text, guidance, i)
                 if skip_layers:  # the prompt's half (the second) of every text input, as the batch
                     b = latents.shape[0]
                     halves = jax.tree.map(lambda a: a[a.shape[0] // 2:], texts)

@@ -16,9 +16,12 @@ As diffusers (0.42):
   where more than one, as ``Text "a". Text "b". ``; tokenized (byte-level, 256 tokens) and encoded by the T5
   encoder, with its mask; a prompt without quotes gives zeros and an all-zero mask (its ByT5 tokens then take no
   part);
-* the guider (``guider/config.json``, diffusers' ``ClassifierFreeGuidance``): CFG when enabled and
-  ``guidance_scale != 1``, the negative prompt ("" by default) encoded as the prompt is; ``pred = uncond + scale
-  (cond - uncond)``, the two passes one batch ``[negative; prompt]`` over the ``cfg`` mesh axis;
+* the guider (``guider/config.json``, diffusers' ``ClassifierFreeGuidance``, all of its options): CFG when enabled,
+  ``guidance_scale`` not 1 (0 with ``use_original_formulation``) and the step within ``[int(start n), int(stop n))``
+  of the n steps, the negative prompt ("" by default) encoded as the prompt is; ``pred = uncond + scale (cond -
+  uncond)`` (``cond + ...`` with ``use_original_formulation``), the cond prediction alone outside the range, then
+  ``rescale_noise_cfg`` by ``guidance_rescale`` (:func:`guided`, :func:`guided_rescaled`); the two passes one batch ``[negative; prompt]``
+  over the ``cfg`` mesh axis (a step outside the range still runs both and takes the prompt's);
 * sigmas ``linspace(1, 0, steps + 1)[:-1]`` shifted by the scheduler's ``shift``, the Euler step, in one jitted
   step; latents (B, latent_channels, (F - 1) // 4 + 1, H / 16, W / 16); the transformer's input is the latents,
   the zero condition latents (T2V: ``latent_channels`` zeros) and the zero mask channel, concatenated
@@ -32,8 +35,7 @@ over the block stack.
 
 Differences from diffusers, on purpose: ``num_frames`` must be 4k + 1 (diffusers rounds others down silently); the
 latents and the timestep stay float32 in bf16 too (diffusers rounds the timestep to bf16); a string
-``negative_prompt`` serves every prompt of a batch. The guider's ``guidance_rescale``, ``use_original_formulation``
-and a ``start`` / ``stop`` range other than the whole schedule are refused (the released guider uses none).
+``negative_prompt`` serves every prompt of a batch.
 
 Image-to-video: :class:`HunyuanVideo15ImageToVideoPipeline` (diffusers' ``HunyuanVideo15ImageToVideoPipeline``; the
 SigLIP vision tower :mod:`xdit_jax.models.siglip`, the VAE encoder :mod:`xdit_jax.models.vae_hunyuan_video15_encoder`).
@@ -217,7 +219,7 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
             cond = jnp.zeros((x.shape[0], extra) + x.shape[2:], x.dtype)
             return (jnp.concatenate([x, cond], axis=1), t) + tuple(texts)
 
-        return self._flow_step_fn(do_cfg, warmup, embed_args)
+        return self._flow_step_fn(do_cfg, warmup, embed_args, combine=self._guided())
 
     def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
                      num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float | None = None,
@@ -229,8 +231,8 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         height, width, num_frames = (dv[k] if v is None else v for k, v in
                                      (("height", height), ("width", width), ("num_frames", num_frames)))
         scale = self.guider["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        do_cfg = cfg_enabled(self.guider, scale)
-        self.check_inputs(height, width, num_frames, batch, scale if do_cfg else 1.0)
+        do_cfg = cfg_enabled(self.guider, scale, num_inference_steps)
+        self.check_inputs(height, width, num_frames, batch, 2.0 if do_cfg else 1.0)
         tc = self.transformer_config
         shape = self.latent_shape(batch, height, width, num_frames)
         n = (2 if do_cfg else 1) * self._padded_batch(batch)
@@ -243,7 +245,8 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         kv = self._pipefusion_buffers(n, self._video_tokens(shape), abstract=True,
                                       text_len=max_sequence_length + BYT5_MAX_LENGTH)
         return self._step_fn(do_cfg, warmup=kv is None).lower(
-            tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, jnp.float32(scale),
+            tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched,
+            jnp.asarray(guidance_vector(self.guider, scale, num_inference_steps)),
             jax.random.key(0)).compile()
 
     # ------------------------------------------------------------------ call
@@ -274,9 +277,9 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
             raise ValueError("negative_prompt_embeds need all four: negative_prompt_embeds(_2) and their masks.")
         per = per_prompt(num_videos_per_prompt, "num_videos_per_prompt")
         scale = self.guider["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        do_cfg = cfg_enabled(self.guider, scale)
-        self.check_inputs(height, width, num_frames, batch, scale if do_cfg else 1.0)
         sched = self.schedule(num_inference_steps, sigmas)
+        do_cfg = cfg_enabled(self.guider, scale, len(sched.timesteps))
+        self.check_inputs(height, width, num_frames, batch, 2.0 if do_cfg else 1.0)
         timer = StageTimer()
 
         # 1. text: Qwen states + mask, ByT5 states + mask; [negative; prompt] for CFG
@@ -304,7 +307,7 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
 
         # 3. denoise: one jitted step per iteration; then the VAE
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
-        scale_arr = self._put_replicated(jnp.float32(scale))
+        scale_arr = self._put_replicated(jnp.asarray(guidance_vector(self.guider, scale, len(sched.timesteps))))
         kv = self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape),
                                       text_len=texts[0].shape[1] + texts[2].shape[1] +
                                       (texts[4].shape[1] if len(texts) > 4 else 0))
@@ -312,6 +315,10 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
                                        (texts, sched_arrays, scale_arr, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(), kv=kv)
         return HunyuanVideo15PipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+    def _guided(self):
+        """The step's guidance combination for this guider (:func:`guided` or :func:`guided_rescaled`)."""
+        return guided_rescaled if self.guider["guidance_rescale"] > 0 else guided
 
     def _extra_texts(self, batch: int, do_cfg: bool) -> tuple:
         """More inputs of the step after the text's (image-to-video's image), placed as the batch: none here."""
@@ -332,22 +339,63 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
 
 
 def check_guider(g: dict) -> dict:
-    """The guider's config (diffusers' ``ClassifierFreeGuidance`` defaults filled in); what is not supported here
-    refused."""
+    """The guider's config (diffusers' ``ClassifierFreeGuidance`` defaults filled in); another guider class, or values
+    out of range, refused."""
     cls = g.get("_class_name", "ClassifierFreeGuidance")
     if cls != "ClassifierFreeGuidance":
         raise ValueError(f"guider {cls!r}: HunyuanVideo15Pipeline here runs diffusers' ClassifierFreeGuidance only.")
     g = dict({"guidance_scale": 7.5, "guidance_rescale": 0.0, "use_original_formulation": False, "start": 0.0,
               "stop": 1.0, "enabled": True}, **g)
-    if g["guidance_rescale"] or g["use_original_formulation"] or g["start"] > 0.0 or g["stop"] < 1.0:
-        raise ValueError(f"guider {g}: guidance_rescale, use_original_formulation and a start / stop range are not "
-                         "supported here (the released HunyuanVideo-1.5 guider uses none of them).")
+    if not 0.0 <= g["start"] < 1.0 or not g["start"] <= g["stop"] <= 1.0:
+        raise ValueError(f"guider start {g['start']} / stop {g['stop']}: fractions of the schedule with 0 <= start < 1 "
+                         "and start <= stop <= 1 (diffusers' ClassifierFreeGuidance).")
+    if not 0.0 <= g["guidance_rescale"] <= 1.0:
+        raise ValueError(f"guider guidance_rescale {g['guidance_rescale']}: a mix factor in [0, 1].")
     return g
 
 
-def cfg_enabled(guider: dict, scale: float) -> bool:
-    """diffusers' ``ClassifierFreeGuidance._is_cfg_enabled`` over the whole schedule: enabled and the scale not 1."""
-    return bool(guider.get("enabled", True)) and not math.isclose(scale, 1.0)
+def guided_steps(guider: dict, num_steps: int) -> tuple[int, int]:
+    """The steps ``[first, stop)`` where diffusers' ``ClassifierFreeGuidance`` guides: ``int(start n)``,
+    ``int(stop n)``."""
+    return int(guider["start"] * num_steps), int(guider["stop"] * num_steps)
+
+
+def cfg_enabled(guider: dict, scale: float, num_steps: int | None = None) -> bool:
+    """Whether CFG's two passes run at all (diffusers' ``ClassifierFreeGuidance._is_cfg_enabled`` at some step):
+    enabled, the scale not 1 (not 0 with ``use_original_formulation``), and the guided range of ``num_steps`` not
+    empty."""
+    neutral = 0.0 if guider.get("use_original_formulation") else 1.0
+    if not guider.get("enabled", True) or math.isclose(scale, neutral):
+        return False
+    if num_steps is None:
+        return True
+    first, stop = guided_steps(guider, num_steps)
+    return first < stop
+
+
+def guidance_vector(guider: dict, scale: float, num_steps: int):
+    """The step's ``guidance`` argument for :func:`guided`: (scale, rescale, original formulation, first guided
+    step, stop step), float32."""
+    first, stop = guided_steps(guider, num_steps)
+    return np.asarray([scale, guider["guidance_rescale"], float(bool(guider["use_original_formulation"])), first,
+                       stop], np.float32)
+
+
+def guided(uncond, text, guidance, i):
+    """diffusers' ``ClassifierFreeGuidance.forward`` at step ``i`` without ``guidance_rescale`` (``guidance``:
+    :func:`guidance_vector`): within the guided steps ``base + scale (text - uncond)`` (base: ``uncond``, or
+    ``text`` with the original formulation), outside them ``text``."""
+    scale, original, first, stop = guidance[0], guidance[2], guidance[3], guidance[4]
+    pred = jnp.where(original > 0, text, uncond) + scale * (text - uncond)
+    return jnp.where((i >= first) & (i < stop), pred, text)
+
+
+def guided_rescaled(uncond, text, guidance, i):
+    """:func:`guided`, then diffusers' ``rescale_noise_cfg`` towards ``text`` by the guider's ``guidance_rescale``
+    (a step of its own: selecting between the two in one program changes XLA's fusion of the plain sum)."""
+    from xdit_jax.pipelines.hunyuandit import rescale_guidance
+
+    return rescale_guidance(guided(uncond, text, guidance, i), text, guidance[1])
 
 
 def resize_and_crop(image, height: int, width: int):
@@ -446,7 +494,7 @@ class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
             cond = jnp.concatenate([first.astype(x.dtype), rest], axis=2)
             return (jnp.concatenate([x, cond], axis=1), t, emb, mask, emb2, mask2, image)
 
-        return self._flow_step_fn(do_cfg, warmup, embed_args)
+        return self._flow_step_fn(do_cfg, warmup, embed_args, combine=self._guided())
 
     def compile_step(self, *args, **kwargs):
         raise NotImplementedError("compile_step: HunyuanVideo15ImageToVideoPipeline's step takes the image's states; "
