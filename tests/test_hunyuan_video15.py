@@ -502,3 +502,10 @@ def test_image_to_video_pipeline_matches_diffusers(i2v_pipes):
         ours(img, PROMPT, height=48, width=72, **kw)
     out = ours.__class__.from_pretrained(folder, mesh="cfg=2,ulysses=2")(img, PROMPT, output_type="latent", **kw)
     np.testing.assert_allclose(out.frames, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    # compile_step for the image's bucket: the step's image inputs shaped as the call places them (CFG doubles them)
+    compiled = ours.compile_step(1, height=48, width=72, num_frames=F, num_inference_steps=STEPS,
+                                 max_sequence_length=TEXT)
+    states, cond = ours.encode_image(pipe15.resize_and_crop(img, 48, 72), 48, 72)
+    texts = compiled.args_info[0][5]
+    assert [(t.shape, t.dtype) for t in texts[4:]] == [((2,) + a.shape[1:], a.dtype) for a in (states, cond)]
+    assert compiled.cost_analysis()["flops"] > 0

@@ -240,10 +240,11 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
         texts = (sd((n, max_sequence_length, tc.text_embed_dim), self.dtype), sd((n, max_sequence_length), jnp.int32),
                  sd((n, BYT5_MAX_LENGTH, tc.text_embed_2_dim), self.dtype), sd((n, BYT5_MAX_LENGTH), jnp.int32))
+        texts += self._extra_text_specs(n, shape, sd)
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps))
         _, tstate = nnx.split(self.transformer)
         kv = self._pipefusion_buffers(n, self._video_tokens(shape), abstract=True,
-                                      text_len=max_sequence_length + BYT5_MAX_LENGTH)
+                                      text_len=sum(t.shape[1] for t in texts[::2]))
         return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched,
             jnp.asarray(guidance_vector(self.guider, scale, num_inference_steps)),
@@ -309,8 +310,7 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         scale_arr = self._put_replicated(jnp.asarray(guidance_vector(self.guider, scale, len(sched.timesteps))))
         kv = self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape),
-                                      text_len=texts[0].shape[1] + texts[2].shape[1] +
-                                      (texts[4].shape[1] if len(texts) > 4 else 0))
+                                      text_len=sum(t.shape[1] for t in texts[:5:2]))
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scale_arr, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(), kv=kv)
@@ -322,6 +322,11 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
 
     def _extra_texts(self, batch: int, do_cfg: bool) -> tuple:
         """More inputs of the step after the text's (image-to-video's image), placed as the batch: none here."""
+        return ()
+
+    def _extra_text_specs(self, rows: int, shape: tuple, spec) -> tuple:
+        """The abstract :meth:`_extra_texts` of :meth:`compile_step` (``spec(shape, dtype)``: placed as the batch):
+        none here."""
         return ()
 
     def _checked(self, emb, mask, emb2, mask2, what: str):
@@ -496,9 +501,12 @@ class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
 
         return self._flow_step_fn(do_cfg, warmup, embed_args, combine=self._guided())
 
-    def compile_step(self, *args, **kwargs):
-        raise NotImplementedError("compile_step: HunyuanVideo15ImageToVideoPipeline's step takes the image's states; "
-                                  "compile the text-to-video step (HunyuanVideo15Pipeline) for the same shapes.")
+    def _extra_text_specs(self, rows: int, shape: tuple, spec) -> tuple:
+        """The image's inputs for :meth:`compile_step`: SigLIP states (rows, patches, image_embed_dim) and the first
+        frame's condition (rows, latent + 1, 1, h, w); ``height`` / ``width`` there: the image's bucket."""
+        ic = self.image_encoder.cfg
+        return (spec((rows, ic.num_patches, self.transformer_config.image_embed_dim), self.dtype),
+                spec((rows, shape[1] + 1, 1) + shape[3:], jnp.float32))
 
     def __call__(self, image, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  *, num_frames: int = 121, num_inference_steps: int = 50, sigmas=None,
