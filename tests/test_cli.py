@@ -241,13 +241,14 @@ def test_generate_ltx_image_to_video(tmp_path, capsys):
 
 
 def test_generate_hunyuan_video15_video(tmp_path, capsys):
-    """The tiny HunyuanVideo-1.5 (Qwen2.5-VL + ByT5 glyph text, the guider's CFG, the DC-AE-style causal VAE): an .mp4
-    of 4k+1 frames, CFG's two passes over cfg and the video tokens over ulysses=3 (uneven)."""
+    """The tiny HunyuanVideo-1.5 (Qwen2.5-VL + ByT5 glyph text, the guider's CFG with --guidance-rescale, the
+    DC-AE-style causal VAE): an .mp4 of 4k+1 frames, CFG's two passes over cfg and the video tokens over ulysses=3
+    (uneven)."""
     import imageio.v3 as iio
 
     out = tmp_path / "h.mp4"
     rc = cli.main(["--model", "tiny-hunyuanvideo15", "--prompt", 'A sign that reads "OPEN".', "--output", str(out),
-                   "--mesh", "cfg=2,ulysses=3", "--no-progress", "--json"])
+                   "--mesh", "cfg=2,ulysses=3", "--guidance-rescale", "0.5", "--no-progress", "--json"])
     assert rc == 0
     video = iio.imread(out)
     assert video.shape == (5, 32, 48, 3) and video.std() > 1  # the tiny defaults: 5 x 32 x 48, 2 steps

@@ -180,7 +180,7 @@ FAMILIES = {
     "hunyuan_video15": Family(video=True, guidance_scale=6.0, steps=50, tiny_steps=2, tiny_size=(32, 48),
                               tiny_frames=5, max_sequence_length=1000,
                               tiny_max_sequence_length="HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH",
-                              check_hook=_hunyuan_video15_request),
+                              call_flags=("guidance_rescale",), check_hook=_hunyuan_video15_request),
     # (Qwen-Image: no guidance_scale; true CFG 4 with --negative-prompt, diffusers' default)
     "qwenimage": Family(video=False, guidance_scale=None, steps=50, tiny_size=(48, 80), max_sequence_length=512,
                         true_cfg="Qwen-Image", true_cfg_scale=4.0),
@@ -288,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--true-cfg-scale", type=float, default=None,
                     help="FLUX, HunyuanVideo, Qwen-Image: diffusers' true CFG with --negative-prompt (> 1 runs "
                          "both halves; default 1 = off, Qwen-Image 4)")
-    ap.add_argument("--guidance-rescale", type=float, default=0.0, help="HunyuanDiT's and LTX-Video's guidance_rescale (0 = off)")
+    ap.add_argument("--guidance-rescale", type=float, default=None,
+                    help="HunyuanDiT's, LTX-Video's and HunyuanVideo-1.5's guidance_rescale (0 = off, the default; "
+                         "HunyuanVideo-1.5: its guider's)")
     ap.add_argument("--max-area", type=int, default=None, metavar="PIXELS",
                     help="FLUX.1 Kontext: the output's pixels (the --height x --width aspect ratio at this area, as "
                          "diffusers' max_area; default 1048576 = 1024 x 1024)")
@@ -819,7 +821,7 @@ def _main(argv=None) -> int:
         kw["use_resolution_binning"] = not args.no_resolution_binning
     if fam.true_cfg:
         kw["true_cfg_scale"] = true_cfg
-    kw.update({name: getattr(args, name) for name in fam.call_flags})
+    kw.update({name: getattr(args, name) for name in fam.call_flags if getattr(args, name) is not None})
     if fam.fps_call_arg and args.fps:
         kw[fam.fps_call_arg] = args.fps
     if family == "wan" and args.guidance_scale_2 is not None:

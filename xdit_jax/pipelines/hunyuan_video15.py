@@ -255,14 +255,32 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_frames: int | None = None,
                  num_inference_steps: int = 50, sigmas=None, guidance_scale: float | None = None,
+                 guidance_rescale: float | None = None,
                  num_videos_per_prompt: int = 1, latents=None, prompt_embeds=None, prompt_embeds_mask=None,
                  negative_prompt_embeds=None, negative_prompt_embeds_mask=None, prompt_embeds_2=None,
                  prompt_embeds_mask_2=None, negative_prompt_embeds_2=None, negative_prompt_embeds_mask_2=None,
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH, seed: int = 0, output_type: str = "np",
                  progress: bool = True) -> HunyuanVideo15PipelineOutput:
         """diffusers' arguments (``generator`` -> ``seed``; ``output_type`` "np" or "latent"); ``guidance_scale``:
-        the guider's (None: ``guider/config.json``'s); ``max_sequence_length``: diffusers' ``tokenizer_max_length``
-        (1000)."""
+        the guider's (None: ``guider/config.json``'s), as ``guidance_rescale`` (diffusers sets both on the guider);
+        ``max_sequence_length``: diffusers' ``tokenizer_max_length`` (1000)."""
+        if guidance_rescale is not None:  # this call's guider
+            saved, self.guider = self.guider, check_guider(dict(self.guider, guidance_rescale=guidance_rescale))
+            try:
+                return HunyuanVideo15Pipeline.__call__(self, prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                                     num_inference_steps=num_inference_steps, sigmas=sigmas,
+                                     guidance_scale=guidance_scale, num_videos_per_prompt=num_videos_per_prompt,
+                                     latents=latents, prompt_embeds=prompt_embeds,
+                                     prompt_embeds_mask=prompt_embeds_mask,
+                                     negative_prompt_embeds=negative_prompt_embeds,
+                                     negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+                                     prompt_embeds_2=prompt_embeds_2, prompt_embeds_mask_2=prompt_embeds_mask_2,
+                                     negative_prompt_embeds_2=negative_prompt_embeds_2,
+                                     negative_prompt_embeds_mask_2=negative_prompt_embeds_mask_2,
+                                     max_sequence_length=max_sequence_length, seed=seed, output_type=output_type,
+                                     progress=progress)
+            finally:
+                self.guider = saved
         dv = self.default_video()
         height, width, num_frames = (dv[k] if v is None else v for k, v in
                                      (("height", height), ("width", width), ("num_frames", num_frames)))
@@ -510,7 +528,8 @@ class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
 
     def __call__(self, image, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  *, num_frames: int = 121, num_inference_steps: int = 50, sigmas=None,
-                 guidance_scale: float | None = None, num_videos_per_prompt: int = 1, latents=None,
+                 guidance_scale: float | None = None, guidance_rescale: float | None = None,
+                 num_videos_per_prompt: int = 1, latents=None,
                  prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
                  negative_prompt_embeds_mask=None, prompt_embeds_2=None, prompt_embeds_mask_2=None,
                  negative_prompt_embeds_2=None, negative_prompt_embeds_mask_2=None,
@@ -534,7 +553,8 @@ class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
         try:
             return super().__call__(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
                                     num_inference_steps=num_inference_steps, sigmas=sigmas,
-                                    guidance_scale=guidance_scale, num_videos_per_prompt=num_videos_per_prompt,
+                                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                    num_videos_per_prompt=num_videos_per_prompt,
                                     latents=latents, prompt_embeds=prompt_embeds,
                                     prompt_embeds_mask=prompt_embeds_mask,
                                     negative_prompt_embeds=negative_prompt_embeds,
