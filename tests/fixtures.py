@@ -695,13 +695,17 @@ def make_torch_hunyuan_video15(seed: int = 0):
                                   guider=ClassifierFreeGuidance(**gkw))
 
 
-def make_torch_hunyuan_video15_i2v(seed: int = 0):
+def make_torch_hunyuan_video15_i2v(seed: int = 0, meanflow: bool = False):
     """The tiny HunyuanVideo15Pipeline's parts as diffusers' HunyuanVideo15ImageToVideoPipeline, with a tiny SigLIP
-    vision tower (xdit_jax.tiny.HUNYUAN_VIDEO15_SIGLIP) and its image processor at 28 x 28."""
-    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    vision tower (xdit_jax.tiny.HUNYUAN_VIDEO15_SIGLIP) and its image processor at 28 x 28; ``meanflow``: the
+    transformer a ``use_meanflow`` one (a step-distilled model's layout)."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Transformer3DModel
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     t2v = make_torch_hunyuan_video15(seed)
+    if meanflow:
+        t2v.transformer = randomize_(HunyuanVideo15Transformer3DModel(
+            **dict(tiny.HUNYUAN_VIDEO15_TRANSFORMER, use_meanflow=True)), seed, std=0.1)
     skw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_SIGLIP.items() if k != "model_type"}
     image_encoder = randomize_(SiglipVisionModel(SiglipVisionConfig(**skw)), seed + 4, std=0.2)
     size = tiny.HUNYUAN_VIDEO15_SIGLIP["image_size"]

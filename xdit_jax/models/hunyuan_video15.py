@@ -19,8 +19,8 @@ diffusers' source; what is the same math is 1.0's (and FLUX's) code:
 * text-to-video: diffusers' T2V pipeline passes zero image embeddings, which the model multiplies by 0 and masks
   out entirely (the 729 ``image_embedder`` tokens are invisible keys), so they are not computed here
   (``image_embeds=None``). Image-to-video's SigLIP states (``image_embeds``) go through ``image_embedder`` (+ the
-  type-2 row) and join the context in front, all visible. ``use_meanflow``'s ``timestep_r`` embedder (the
-  distilled / super-resolution models') is not supported: its weights are ignored at conversion.
+  type-2 row) and join the context in front, all visible. ``use_meanflow`` (the step-distilled models): a second
+  time embedder for MeanFlow's ``timestep_r`` (the next step's timestep), its embedding added to the timestep's.
 """
 
 from __future__ import annotations
@@ -122,13 +122,23 @@ class ImageProjection(nnx.Module):
 
 
 class TimeEmbedding(nnx.Module):
-    """diffusers ``HunyuanVideo15TimeEmbedding`` without ``timestep_r``: sinusoids (256, flip) -> MLP."""
+    """diffusers ``HunyuanVideo15TimeEmbedding``: sinusoids (256, flip) -> MLP; with ``meanflow``, MeanFlow's
+    ``timestep_r`` through a second embedder of its own, added."""
 
-    def __init__(self, d: int, *, dtype, rngs):
+    def __init__(self, d: int, *, meanflow: bool = False, dtype, rngs):
         self.timestep_embedder = TimestepEmbedding(256, d, dtype=dtype, rngs=rngs)
+        if meanflow:
+            self.timestep_embedder_r = TimestepEmbedding(256, d, dtype=dtype, rngs=rngs)
 
-    def __call__(self, timestep, dtype):
-        return self.timestep_embedder(timestep_embedding(timestep, 256, flip_sin_to_cos=True).astype(dtype))
+    def __call__(self, timestep, dtype, timestep_r=None):
+        emb = self.timestep_embedder(timestep_embedding(timestep, 256, flip_sin_to_cos=True).astype(dtype))
+        if timestep_r is not None:
+            if not hasattr(self, "timestep_embedder_r"):
+                raise ValueError("timestep_r: this HunyuanVideo-1.5 transformer has no MeanFlow embedder "
+                                 "(use_meanflow false in its config).")
+            emb = emb + self.timestep_embedder_r(timestep_embedding(timestep_r, 256, flip_sin_to_cos=True)
+                                                 .astype(dtype))
+        return emb
 
 
 class CondTypeEmbed(nnx.Module):
@@ -154,7 +164,7 @@ class HunyuanVideo15Transformer3DModel(hv.HunyuanVideoTransformer3DModel):
         self.image_embedder = ImageProjection(cfg.image_embed_dim, d, dtype=dtype, rngs=rngs)
         self.context_embedder = hv.TokenRefiner(cfg.refiner, dtype=dtype, rngs=rngs)
         self.context_embedder_2 = ByT5TextProjection(cfg.text_embed_2_dim, BYT5_HIDDEN, d, dtype=dtype, rngs=rngs)
-        self.time_embed = TimeEmbedding(d, dtype=dtype, rngs=rngs)
+        self.time_embed = TimeEmbedding(d, meanflow=cfg.use_meanflow, dtype=dtype, rngs=rngs)
         self.cond_type_embed = CondTypeEmbed(d, dtype=dtype)
         self.transformer_blocks = stack_modules(lambda r: flux.DoubleBlock(cfg, dtype=dtype, rngs=r), cfg.num_layers,
                                                 rngs)
@@ -163,15 +173,17 @@ class HunyuanVideo15Transformer3DModel(hv.HunyuanVideoTransformer3DModel):
         self.proj_out = linear(d, cfg.patch_size_t * cfg.patch_size ** 2 * cfg.out_ch, dtype=dtype, rngs=rngs)
 
     def embed(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2,
-              encoder_attention_mask_2, image_embeds=None, rope=None):
+              encoder_attention_mask_2, image_embeds=None, rope=None, timestep_r=None):
         """-> (video (B, N, D), tokens {"rope"}, cond {"temb", "context" (B, L2 + L, D): [ByT5; Qwen],
         "context_mask" bool (B, L2 + L)}). ``image_embeds`` (B, 729, image_embed_dim): image-to-video's SigLIP
         states, all visible, in front of the text ([image; ByT5; Qwen]); None: text-to-video (diffusers' zero image
-        embeddings, which it masks out)."""
+        embeddings, which it masks out). ``timestep_r`` (B,): a MeanFlow model's (``use_meanflow``) second timestep,
+        the next step's (diffusers' image-to-video pipeline passes it; None: not embedded, as its text-to-video)."""
         cfg, dtype = self.cfg, self.dtype
         b = hidden_states.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
-        temb = self.time_embed(t, dtype)
+        r = None if timestep_r is None else jnp.broadcast_to(jnp.asarray(timestep_r, jnp.float32).reshape(-1), (b,))
+        temb = self.time_embed(t, dtype, r)
         mask = jnp.asarray(encoder_attention_mask) != 0
         mask_2 = jnp.asarray(encoder_attention_mask_2) != 0
         types = self.cond_type_embed.embedding[...]
@@ -198,9 +210,10 @@ class HunyuanVideo15Transformer3DModel(hv.HunyuanVideoTransformer3DModel):
         return x
 
     def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                 encoder_hidden_states_2, encoder_attention_mask_2, image_embeds=None):
+                 encoder_hidden_states_2, encoder_attention_mask_2, image_embeds=None, timestep_r=None):
         x, tokens, cond = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                                     encoder_hidden_states_2, encoder_attention_mask_2, image_embeds)
+                                     encoder_hidden_states_2, encoder_attention_mask_2, image_embeds,
+                                     timestep_r=timestep_r)
         return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
 
 
@@ -210,14 +223,14 @@ def pipefusion_stacks(cfg: HunyuanVideo15Config) -> dict:
 
 
 TORCH_RENAMES = list(hv.TORCH_RENAMES)
-# the meanflow time embedder (timestep_r: the super-resolution models'; the T2V pipeline never passes it)
-TORCH_IGNORE = (r"^time_embed\.timestep_embedder_r\.", r"^time_embed\.time_proj_r\.")
+# a MeanFlow time embedder in a checkpoint whose config says use_meanflow false: unused (diffusers builds none)
+TORCH_IGNORE = (r"^time_embed\.timestep_embedder_r\.",)
 
 
 def params_from_torch(flat: dict, cfg: HunyuanVideo15Config, dtype=None) -> dict:
     return map_state_dict(flat, expected_shapes(lambda: HunyuanVideo15Transformer3DModel(cfg)),
                           stacked={STACKED: cfg.num_layers, REFINER: cfg.num_refiner_layers},
-                          renames=TORCH_RENAMES, ignore=TORCH_IGNORE, dtype=dtype,
+                          renames=TORCH_RENAMES, ignore=() if cfg.use_meanflow else TORCH_IGNORE, dtype=dtype,
                           what="HunyuanVideo-1.5 transformer checkpoint")
 
 

@@ -862,7 +862,7 @@ class PipelineBase:
         return denoise_loop(one, carry, num_steps, progress=progress)[0]
 
     def _flow_step_fn(self, do_cfg: bool, warmup: bool, embed_args, skip_layers: tuple = (), scheduler=None,
-                      combine=None):
+                      combine=None, embed_step: bool = False):
         """The jitted step of a flow-matching family whose model runs embed -> blocks over the mesh -> head
         (Mochi, SD3): ``(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng) -> (latents,
         sched_state, i + 1, kv)``; ``embed_args(x, texts, t)``: ``model.embed``'s arguments. CFG and the
@@ -875,7 +875,9 @@ class PipelineBase:
         ``scheduler``: the scheduler module whose ``step(sched, i, pred, latents, state[, noise])`` updates the
         latents (default :mod:`xdit_jax.schedulers.flow_match`; Wan's UniPC is another). ``combine(uncond, text,
         guidance, i)``: the guided prediction of another guider (default ``uncond + guidance * (text - uncond)``;
-        HunyuanVideo-1.5's :func:`~xdit_jax.pipelines.hunyuan_video15.guided`)."""
+        HunyuanVideo-1.5's :func:`~xdit_jax.pipelines.hunyuan_video15.guided`). ``embed_step``: ``embed_args`` also
+        takes the step index and the schedule (``embed_args(x, texts, t, i, sched)``; a MeanFlow model's next
+        timestep)."""
         from flax import nnx
 
         from xdit_jax.schedulers import flow_match
@@ -896,7 +898,8 @@ class PipelineBase:
 
         def predict(model, tstate, x, texts, i, sched, blocks, kv):
             t = jnp.broadcast_to(sched.timesteps[i], (x.shape[0],))
-            tokens_x, tokens, cond = model.embed(*embed_args(x.astype(dtype), texts, t))
+            args = embed_args(x.astype(dtype), texts, t, *((i, sched) if embed_step else ()))
+            tokens_x, tokens, cond = model.embed(*args)
             tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
             return model.head(tokens_x, cond, x.shape).astype(jnp.float32), kv
 

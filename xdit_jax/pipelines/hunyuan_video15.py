@@ -20,8 +20,9 @@ As diffusers (0.42):
   ``guidance_scale`` not 1 (0 with ``use_original_formulation``) and the step within ``[int(start n), int(stop n))``
   of the n steps, the negative prompt ("" by default) encoded as the prompt is; ``pred = uncond + scale (cond -
   uncond)`` (``cond + ...`` with ``use_original_formulation``), the cond prediction alone outside the range, then
-  ``rescale_noise_cfg`` by ``guidance_rescale`` (:func:`guided`, :func:`guided_rescaled`); the two passes one batch ``[negative; prompt]``
-  over the ``cfg`` mesh axis (a step outside the range still runs both and takes the prompt's);
+  ``rescale_noise_cfg`` by ``guidance_rescale`` (:func:`guided`, :func:`guided_rescaled`); the two passes one
+  batch ``[negative; prompt]`` over the ``cfg`` mesh axis (a step outside the range still runs both and takes the
+  prompt's);
 * sigmas ``linspace(1, 0, steps + 1)[:-1]`` shifted by the scheduler's ``shift``, the Euler step, in one jitted
   step; latents (B, latent_channels, (F - 1) // 4 + 1, H / 16, W / 16); the transformer's input is the latents,
   the zero condition latents (T2V: ``latent_channels`` zeros) and the zero mask channel, concatenated
@@ -267,18 +268,15 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         if guidance_rescale is not None:  # this call's guider
             saved, self.guider = self.guider, check_guider(dict(self.guider, guidance_rescale=guidance_rescale))
             try:
-                return HunyuanVideo15Pipeline.__call__(self, prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
-                                     num_inference_steps=num_inference_steps, sigmas=sigmas,
-                                     guidance_scale=guidance_scale, num_videos_per_prompt=num_videos_per_prompt,
-                                     latents=latents, prompt_embeds=prompt_embeds,
-                                     prompt_embeds_mask=prompt_embeds_mask,
-                                     negative_prompt_embeds=negative_prompt_embeds,
-                                     negative_prompt_embeds_mask=negative_prompt_embeds_mask,
-                                     prompt_embeds_2=prompt_embeds_2, prompt_embeds_mask_2=prompt_embeds_mask_2,
-                                     negative_prompt_embeds_2=negative_prompt_embeds_2,
-                                     negative_prompt_embeds_mask_2=negative_prompt_embeds_mask_2,
-                                     max_sequence_length=max_sequence_length, seed=seed, output_type=output_type,
-                                     progress=progress)
+                return HunyuanVideo15Pipeline.__call__(
+                    self, prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                    num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+                    num_videos_per_prompt=num_videos_per_prompt, latents=latents, prompt_embeds=prompt_embeds,
+                    prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds=negative_prompt_embeds,
+                    negative_prompt_embeds_mask=negative_prompt_embeds_mask, prompt_embeds_2=prompt_embeds_2,
+                    prompt_embeds_mask_2=prompt_embeds_mask_2, negative_prompt_embeds_2=negative_prompt_embeds_2,
+                    negative_prompt_embeds_mask_2=negative_prompt_embeds_mask_2,
+                    max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, progress=progress)
             finally:
                 self.guider = saved
         dv = self.default_video()
@@ -446,16 +444,13 @@ class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
     to it (:func:`resize_and_crop`); its SigLIP states (``feature_extractor`` then ``image_encoder``'s
     ``last_hidden_state``) join the transformer's context in both CFG halves; its VAE latents (the encoder's mode x
     ``scaling_factor``) are the first latent frame of the condition channels, the mask channel 1 there and 0 after.
-    The rest as :class:`HunyuanVideo15Pipeline`. A ``use_meanflow`` transformer (the step-distilled models') is
-    refused."""
+    The rest as :class:`HunyuanVideo15Pipeline`. A ``use_meanflow`` transformer (the step-distilled models') gets
+    MeanFlow's ``timestep_r``: the next step's timestep (0 at the last), as diffusers."""
 
     PIPELINE_CLASSES = ("HunyuanVideo15ImageToVideoPipeline",)
 
     def __init__(self, *, image_encoder=None, feature_extractor=None, vae_encoder=None, **parts):
         super().__init__(**parts)
-        if self.transformer_config.use_meanflow:
-            raise ValueError("use_meanflow: this HunyuanVideo-1.5 transformer takes the MeanFlow timestep_r (a "
-                             "step-distilled model), which is not supported here.")
         self.image_encoder, self.feature_extractor, self.vae_encoder = image_encoder, feature_extractor, vae_encoder
 
     @classmethod
@@ -511,13 +506,17 @@ class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15Pipeline):
         """The step of :class:`HunyuanVideo15Pipeline` with the image: ``texts`` ends with the SigLIP states and the
         first frame's condition (latents + mask channel); the later frames' condition is zero."""
 
-        def embed_args(x, texts, t):
+        meanflow = self.transformer_config.use_meanflow
+
+        def embed_args(x, texts, t, i, sched):
             emb, mask, emb2, mask2, image, first = texts
             rest = jnp.zeros(first.shape[:2] + (x.shape[2] - 1,) + x.shape[3:], x.dtype)
             cond = jnp.concatenate([first.astype(x.dtype), rest], axis=2)
-            return (jnp.concatenate([x, cond], axis=1), t, emb, mask, emb2, mask2, image)
+            n = sched.timesteps.shape[0]  # MeanFlow's timestep_r: the next step's timestep, 0 after the last
+            r = jnp.where(i + 1 < n, sched.timesteps[jnp.minimum(i + 1, n - 1)], 0.0) if meanflow else None
+            return (jnp.concatenate([x, cond], axis=1), t, emb, mask, emb2, mask2, image, None, r)
 
-        return self._flow_step_fn(do_cfg, warmup, embed_args, combine=self._guided())
+        return self._flow_step_fn(do_cfg, warmup, embed_args, combine=self._guided(), embed_step=True)
 
     def _extra_text_specs(self, rows: int, shape: tuple, spec) -> tuple:
         """The image's inputs for :meth:`compile_step`: SigLIP states (rows, patches, image_embed_dim) and the first
