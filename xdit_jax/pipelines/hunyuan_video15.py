@@ -245,7 +245,7 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps))
         _, tstate = nnx.split(self.transformer)
         kv = self._pipefusion_buffers(n, self._video_tokens(shape), abstract=True,
-                                      text_len=sum(t.shape[1] for t in texts[::2]))
+                                      text_len=context_tokens(texts))
         return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched,
             jnp.asarray(guidance_vector(self.guider, scale, num_inference_steps)),
@@ -265,18 +265,12 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         """diffusers' arguments (``generator`` -> ``seed``; ``output_type`` "np" or "latent"); ``guidance_scale``:
         the guider's (None: ``guider/config.json``'s), as ``guidance_rescale`` (diffusers sets both on the guider);
         ``max_sequence_length``: diffusers' ``tokenizer_max_length`` (1000)."""
-        if guidance_rescale is not None:  # this call's guider
+        if guidance_rescale is not None:  # this call's guider: the same call under it
+            call = dict(locals())  # every argument, as given
+            del call["self"], call["guidance_rescale"]
             saved, self.guider = self.guider, check_guider(dict(self.guider, guidance_rescale=guidance_rescale))
             try:
-                return HunyuanVideo15Pipeline.__call__(
-                    self, prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
-                    num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
-                    num_videos_per_prompt=num_videos_per_prompt, latents=latents, prompt_embeds=prompt_embeds,
-                    prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds=negative_prompt_embeds,
-                    negative_prompt_embeds_mask=negative_prompt_embeds_mask, prompt_embeds_2=prompt_embeds_2,
-                    prompt_embeds_mask_2=prompt_embeds_mask_2, negative_prompt_embeds_2=negative_prompt_embeds_2,
-                    negative_prompt_embeds_mask_2=negative_prompt_embeds_mask_2,
-                    max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, progress=progress)
+                return HunyuanVideo15Pipeline.__call__(self, **call)
             finally:
                 self.guider = saved
         dv = self.default_video()
@@ -326,7 +320,7 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         scale_arr = self._put_replicated(jnp.asarray(guidance_vector(self.guider, scale, len(sched.timesteps))))
         kv = self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape),
-                                      text_len=sum(t.shape[1] for t in texts[:5:2]))
+                                      text_len=context_tokens(texts))
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scale_arr, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(), kv=kv)
@@ -373,6 +367,12 @@ def check_guider(g: dict) -> dict:
     if not 0.0 <= g["guidance_rescale"] <= 1.0:
         raise ValueError(f"guider guidance_rescale {g['guidance_rescale']}: a mix factor in [0, 1].")
     return g
+
+
+def context_tokens(texts: tuple) -> int:
+    """The context's tokens in the step's ``texts`` (states at the even places: Qwen, ByT5[, the image's SigLIP]; the
+    masks and image-to-video's first-frame condition at the odd ones)."""
+    return sum(t.shape[1] for t in texts[::2])
 
 
 def guided_steps(guider: dict, num_steps: int) -> tuple[int, int]:
