@@ -42,6 +42,8 @@ MODEL_CLASSES = {
     "AutoencoderKLCogVideoX": ("xdit_jax.models.vae_cogvideox", "CogVideoXVAEConfig"),
     # ConsisID: CogVideoX-5B-I2V's transformer with the face extractor and cross-attentions
     "ConsisIDTransformer3DModel": ("xdit_jax.models.consisid", "ConsisIDConfig"),
+    # CogView3-Plus: CogVideoX's blocks with weight-free norms, 2D positions and size conditions
+    "CogView3PlusTransformer2DModel": ("xdit_jax.models.cogview3plus", "CogView3PlusConfig"),
     "T5EncoderModel": ("xdit_jax.models.t5", "T5Config"),
     "UMT5EncoderModel": ("xdit_jax.models.t5", "UMT5Config"),  # Wan 2.1: T5 with a bias table per block
     "PixArtTransformer2DModel": ("xdit_jax.models.pixart", "PixArtConfig"),

@@ -75,6 +75,17 @@ PIXART_SCHEDULER = dict(_class_name="DPMSolverMultistepScheduler", num_train_tim
                         thresholding=False, steps_offset=0, use_karras_sigmas=False)
 PIXART_MAX_SEQUENCE_LENGTH = 16
 
+# CogView3-Plus shaped: 2 blocks of 2 heads x 16, 4 latent channels (the release: 16), size conditions of 8 sinusoids
+# per number; sample size 8: 64 x 64 images by default (8 x 8 latents, 16 image tokens), a position table of 8 x 8
+# patches (images up to 128 x 128); the SD VAE of the tiny PixArt with use_quant_conv off as the release's, its
+# the tiny CogVideoX's DDIM.
+COGVIEW3_TRANSFORMER = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+                            num_attention_heads=2, text_embed_dim=32, time_embed_dim=32, condition_dim=8,
+                            pos_embed_max_size=8, sample_size=8)
+COGVIEW3_VAE = dict(PIXART_VAE, scaling_factor=0.7, use_quant_conv=False, use_post_quant_conv=False)
+COGVIEW3_SCHEDULER = SCHEDULER
+COGVIEW3_MAX_SEQUENCE_LENGTH = 16
+
 # Latte-1 shaped (learned sigma, non-affine norms), 2 layer pairs over 2 heads of 8; sample size 4: 32 x 32 videos
 # by default (4 x 4 latents, 4 patch positions a frame); the SD VAE of the tiny PixArt; Latte-1's DDIM.
 LATTE_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,

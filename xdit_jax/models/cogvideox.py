@@ -68,6 +68,7 @@ class CogVideoXConfig(TransformerDims):
     use_rotary_positional_embeddings: bool = False
     use_learned_positional_embeddings: bool = False
     patch_bias: bool = True
+    qk_norm_affine: bool = True  # (not a diffusers field) CogView3-Plus's blocks: q/k LayerNorms without weights
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CogVideoXConfig":
@@ -119,8 +120,8 @@ class Attention(nnx.Module):
         self.to_q = linear(d, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
         self.to_k = linear(d, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
         self.to_v = linear(d, d, bias=cfg.attention_bias, dtype=dtype, rngs=rngs)
-        self.norm_q = LayerNorm(hd, 1e-6, dtype=dtype)
-        self.norm_k = LayerNorm(hd, 1e-6, dtype=dtype)
+        self.norm_q = LayerNorm(hd, 1e-6, cfg.qk_norm_affine, dtype=dtype)
+        self.norm_k = LayerNorm(hd, 1e-6, cfg.qk_norm_affine, dtype=dtype)
         self.to_out = linear(d, d, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, rope):
@@ -152,11 +153,13 @@ class CogVideoXBlock(nnx.Module):
 
 
 class AdaLayerNormOut(nnx.Module):
-    """diffusers ``AdaLayerNorm(chunk_dim=1)``: shift, scale from the time embedding."""
+    """diffusers ``AdaLayerNorm(chunk_dim=1)``: shift, scale from the time embedding (``eps``: the norm's, default
+    the config's ``norm_eps``)."""
 
-    def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs):
+    def __init__(self, cfg: CogVideoXConfig, *, dtype, rngs, eps: float | None = None):
         self.linear = linear(cfg.time_embed_dim, 2 * cfg.inner_dim, dtype=dtype, rngs=rngs)
-        self.norm = LayerNorm(cfg.inner_dim, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
+        self.norm = LayerNorm(cfg.inner_dim, cfg.norm_eps if eps is None else eps, cfg.norm_elementwise_affine,
+                              dtype=dtype)
 
     def __call__(self, x, temb):
         shift, scale = jnp.split(self.linear(jax.nn.silu(temb)), 2, axis=-1)

@@ -128,6 +128,12 @@ def sincos_2d_table(dim: int, grid_h: int, grid_w: int, base_size: int, interpol
     (w) coordinate, the second the row (h). Positions are float32 as torch computes them."""
     pos_h = np.arange(grid_h, dtype=np.float32) / np.float32(grid_h / base_size) / np.float32(interpolation_scale)
     pos_w = np.arange(grid_w, dtype=np.float32) / np.float32(grid_w / base_size) / np.float32(interpolation_scale)
+    return sincos_2d_grid(dim, pos_h, pos_w)
+
+
+def sincos_2d_grid(dim: int, pos_h: np.ndarray, pos_w: np.ndarray) -> np.ndarray:
+    """diffusers ``get_2d_sincos_pos_embed_from_grid`` on the grid of row positions ``pos_h`` x column positions
+    ``pos_w``: (len(pos_h) * len(pos_w), dim) float32, tokens row-major; the first half encodes the column."""
     ww, hh = np.meshgrid(pos_w, pos_h, indexing="xy")  # (grid_h, grid_w) each
     table = np.concatenate([sincos_1d(dim // 2, ww.reshape(-1)), sincos_1d(dim // 2, hh.reshape(-1))], axis=1)
     return table.astype(np.float32)

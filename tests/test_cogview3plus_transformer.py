@@ -1,0 +1,68 @@
+"""CogView3-Plus transformer == diffusers CogView3PlusTransformer2DModel (tiny random weights, fp32)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import CogView3PlusTransformer2DModel as TorchModel
+
+from tests.fixtures import assert_saved_folder_converts, torch_and_our_model
+from tests.torch_util import state_dict_np
+from xdit_jax import tiny
+from xdit_jax.models import cogview3plus
+from xdit_jax.safetensors_io import CheckpointError
+
+# (batch, latent h, latent w, text tokens): a square grid, and a non-square one (the table's corner, not its centre)
+SHAPES = [(2, 8, 8, 7), (1, 6, 10, 5)]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return torch_and_our_model(TorchModel, tiny.COGVIEW3_TRANSFORMER, cogview3plus, cogview3plus.CogView3PlusConfig)
+
+
+def test_matches_diffusers(pair):
+    tm, cfg, model = pair
+    fwd = jax.jit(lambda m, *a: m(*a))
+    rng = np.random.default_rng(0)
+    for b, h, w, text in SHAPES:
+        x = rng.standard_normal((b, cfg.in_channels, h, w)).astype(np.float32)
+        enc = rng.standard_normal((b, text, cfg.text_embed_dim)).astype(np.float32)
+        t = np.array([999, 37][:b], dtype=np.int64)
+        sizes = [np.array([[8 * h, 8 * w], [512, 384]][:b], np.float32), np.array([[8 * h, 8 * w]] * b, np.float32),
+                 np.array([[0, 0], [16, 8]][:b], np.float32)]  # original, target, crop
+        with torch.no_grad():
+            ref = tm(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(enc),
+                     timestep=torch.from_numpy(t), original_size=torch.from_numpy(sizes[0]),
+                     target_size=torch.from_numpy(sizes[1]), crop_coords=torch.from_numpy(sizes[2]),
+                     return_dict=False)[0].numpy()
+        out = np.asarray(fwd(model, jnp.asarray(x), jnp.asarray(enc), jnp.asarray(t), *map(jnp.asarray, sizes)))
+        assert out.shape == ref.shape == (b, cfg.out_ch, h, w)
+        # fp32 on both sides, outputs O(1): measured below; a position, modulation-order or patch-layout bug moves
+        # them by 1e-1+
+        scale = np.abs(ref).max()
+        err = np.abs(out - ref).max()
+        print(f"{(b, h, w, text)}: max |diff| {err:.2e} of max |ref| {scale:.2f}")
+        np.testing.assert_allclose(out, ref, atol=1e-5 * max(scale, 1.0), rtol=0, err_msg=str((b, h, w, text)))
+
+
+def test_saved_folder_converts(pair, tmp_path):
+    """save_pretrained's folder converts (MODEL_CLASSES) to the same params; a broken checkpoint is reported."""
+    tm, cfg, _ = pair
+    assert_saved_folder_converts(tm, cfg, tmp_path, "CogView3PlusTransformer2DModel", cogview3plus,
+                                 cogview3plus.CogView3PlusConfig)
+    sd = state_dict_np(tm)
+    sd.pop("transformer_blocks.1.attn1.to_q.weight")
+    sd["proj_out.weight"] = sd["proj_out.weight"][:, :-1]
+    with pytest.raises(CheckpointError) as e:
+        cogview3plus.params_from_torch(sd, cfg)
+    assert "transformer_blocks.1.attn1.to_q.weight" in str(e.value) and "proj_out.weight" in str(e.value)
+
+
+def test_bad_sizes_are_refused(pair):
+    _, cfg, _ = pair
+    with pytest.raises(ValueError, match="position table"):
+        cogview3plus.check_input_shape(cfg, 18, 8)  # 9 x 4 patches > 8
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        cogview3plus.check_input_shape(cfg, 7, 8)
