@@ -104,6 +104,21 @@ def make_torch_pixart(variant: str = "sigma", seed: int = 0):
                scheduler=sched)
 
 
+def make_torch_cogview3(seed: int = 0):
+    """A tiny random diffusers CogView3PlusPipeline (xdit_jax.tiny's CogView3 configs: the tiny T5 and tokenizer, an
+    SD-style AutoencoderKL without quant convs, the CogVideoX DDIM)."""
+    from diffusers import AutoencoderKL, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = randomize_(CogView3PlusTransformer2DModel(**tiny.COGVIEW3_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.COGVIEW3_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 2, std=0.2)
+    sched = CogVideoXDDIMScheduler(**{k: v for k, v in tiny.COGVIEW3_SCHEDULER.items() if not k.startswith("_")})
+    return CogView3PlusPipeline(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae,
+                                transformer=transformer, scheduler=sched)
+
+
 def make_torch_latte(seed: int = 0, video_length: int = 16):
     """A tiny random diffusers LattePipeline (xdit_jax.tiny's Latte configs, Latte-1's DDIM); ``video_length``:
     the frames diffusers' transformer can take (its frame table has that many rows; any count runs here)."""

@@ -25,7 +25,8 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-qwenimage-edit-plus": "qwenimage-edit-plus", "tiny-zimage": "zimage",
               "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
               "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx",
-              "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15"}
+              "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
+              "tiny-cogview3": "cogview3"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -573,6 +574,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "ChromaTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
                 "image_encoder": [None, None], "feature_extractor": [None, None]}
+    if family == "cogview3":
+        return {"_class_name": "CogView3PlusPipeline", "_diffusers_version": "0.31.0",
+                "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+                "transformer": ["diffusers", "CogView3PlusTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "ltx":
         return {"_class_name": "LTXPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -959,6 +965,18 @@ def _parts(family: str, transformer: dict | None):
                              lambda: gemma2.Gemma2Model(gemma2.Gemma2Config.from_dict(LUMINA2_GEMMA),
                                                         rngs=nnx.Rngs(0))),
         }, LUMINA2_SCHEDULER
+    if family == "cogview3":
+        from xdit_jax.models import cogview3plus
+
+        tcfg = {**COGVIEW3_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("CogView3PlusTransformer2DModel", tcfg,
+                            lambda: cogview3plus.CogView3PlusTransformer2DModel(
+                                cogview3plus.CogView3PlusConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", COGVIEW3_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(COGVIEW3_VAE), jnp.float32)()),
+            "text_encoder": text,
+        }, COGVIEW3_SCHEDULER
     if family == "pixart":
         tcfg = {**PIXART_TRANSFORMER, **(transformer or {})}
         return {

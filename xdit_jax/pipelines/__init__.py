@@ -9,6 +9,7 @@ PIPELINES = {
     "CogVideoXPipeline": ("xdit_jax.pipelines.cogvideox", "CogVideoXPipeline", "cogvideox"),
     "CogVideoXImageToVideoPipeline": ("xdit_jax.pipelines.cogvideox", "CogVideoXImageToVideoPipeline", "cogvideox"),
     "ConsisIDPipeline": ("xdit_jax.pipelines.consisid", "ConsisIDPipeline", "consisid"),
+    "CogView3PlusPipeline": ("xdit_jax.pipelines.cogview3", "CogView3PlusPipeline", "cogview3"),
     "PixArtAlphaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "PixArtSigmaPipeline": ("xdit_jax.pipelines.pixart", "PixArtPipeline", "pixart"),
     "HunyuanDiTPipeline": ("xdit_jax.pipelines.hunyuandit", "HunyuanDiTPipeline", "hunyuandit"),
@@ -52,7 +53,7 @@ PIPELINES = {
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
     "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid",
-    "hunyuan_video15") of a diffusers pipeline class name;
+    "hunyuan_video15", "cogview3") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")
