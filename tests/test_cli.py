@@ -75,6 +75,20 @@ def test_generate_pixart_image(tmp_path, capsys):
     assert '"model_family": "pixart"' in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_generate_cogview3_image(tmp_path, capsys):
+    """The tiny CogView3-Plus: a .png of the requested size with a negative prompt, on a CFG x ring mesh."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "c.png"
+    rc = cli.main(["--model", "tiny-cogview3", "--output", str(out), "--height", "32", "--width", "48",
+                   "--negative-prompt", "blurry", "--mesh", "cfg=2,ring=2", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (32, 48, 3) and image.std() > 1
+    assert '"model_family": "cogview3"' in capsys.readouterr().out
+
+
 def test_generate_sana_image(tmp_path, capsys):
     """The tiny SANA (Gemma 2, linear attention, GLUMBConv, DC-AE): a .png of the requested size on a CFG x ring
     mesh (the linear attention's psum and the grid convolution's halo over ring)."""
@@ -516,6 +530,7 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-latte", "--max-sequence-length", "20"], "Latte's T5 length is fixed"),
     (["--guidance-rescale", "0.5"], "not used by this cogvideox model"),
     (["--model", "tiny-pixart", "--height", "40"], "multiples of 16"),
+    (["--model", "tiny-cogview3", "--height", "144"], "position table"),  # (8 x 8 patches in the tiny model)
     (["--height", "50"], "multiples of 16"),
     (["--num-frames", "10"], "8k+1"),
     (["--mesh", "cfg=3"], "cfg must be 1 or 2"),
@@ -530,7 +545,7 @@ def test_generate_random_weights(tmp_path, capsys):
 ])
 def test_bad_input(tmp_path, capsys, argv, needle):
     out = tmp_path / ("o.png" if {"tiny-pixart", "tiny-hunyuandit", "tiny-flux", "tiny-sd3", "tiny-qwenimage",
-                                  "tiny-qwenimage-edit"} & set(argv)
+                                  "tiny-qwenimage-edit", "tiny-cogview3"} & set(argv)
                       else "o.mp4")
     if "--output" not in argv:
         argv = argv + ["--output", str(out)]

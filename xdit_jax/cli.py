@@ -151,6 +151,9 @@ FAMILIES = {
     "cogvideox": Family(video=True, guidance_scale=6.0, steps=50, max_sequence_length=226,
                         call_flags=("use_dynamic_cfg",)),
     "pixart": Family(video=False, guidance_scale=4.5, steps=20, binning=_binned_by_sample_size),
+    # CogView3-Plus: 50 steps, the model card's guidance 7 (diffusers' call default: 5); 224 T5 tokens
+    "cogview3": Family(video=False, guidance_scale=7.0, steps=50, tiny_steps=2, max_sequence_length=224,
+                       tiny_max_sequence_length="COGVIEW3_MAX_SEQUENCE_LENGTH"),
     "hunyuandit": Family(video=False, guidance_scale=5.0, steps=50, binning=_binned_hunyuandit,
                          fixed_text_length="HunyuanDiT's text lengths are the model's: 77 + 256",
                          call_flags=("guidance_rescale",)),
@@ -232,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "'tiny-hunyuandit' / 'tiny-mochi' / 'tiny-flux' / 'tiny-sd3' / 'tiny-wan' / 'tiny-latte' / "
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-qwenimage-edit' / "
                          "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / 'tiny-sana-sprint' / "
-                         "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' / 'tiny-consisid' "
+                         "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' / 'tiny-consisid' / "
+                         "'tiny-cogview3' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
