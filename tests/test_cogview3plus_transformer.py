@@ -66,3 +66,27 @@ def test_bad_sizes_are_refused(pair):
         cogview3plus.check_input_shape(cfg, 18, 8)  # 9 x 4 patches > 8
     with pytest.raises(ValueError, match="multiples of the patch size"):
         cogview3plus.check_input_shape(cfg, 7, 8)
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of cogview3-tiny (15 image + 16 T5 tokens, both CFG halves) against diffusers'
+    transformer on one device and cfg=2 x ulysses=3; the compiled program's FLOPs == the analytic count; a diffusers
+    config is read as CogView3-Plus."""
+    from xdit_jax import bench
+    from xdit_jax.bench_families import family_of_config
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="cogview3-tiny", meshes=[None, "cfg=2,ulysses=3"],
+                                                      steps=1, compare="diffusers", settle=0, log=lambda s: None))
+    by_mesh = {r["mesh"]: r for r in rows}
+    assert sorted(by_mesh) == ["cfg=2,ulysses=3", "single device", "torch cpu"]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "cogview3" and r["image_tokens"] == 15 and r["text_tokens"] == 16
+    for m in ("single device", "cfg=2,ulysses=3"):  # fp32, outputs O(1)
+        print(m, by_mesh[m]["max_abs_diff_vs_diffusers"])
+        assert by_mesh[m]["max_abs_diff_vs_diffusers"] < 1e-5, m
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    assert family_of_config(dict(TorchModel(**tiny.COGVIEW3_TRANSFORMER).config)) == "cogview3"

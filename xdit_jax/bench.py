@@ -96,7 +96,7 @@ LUMINA2_MODELS = ("lumina-image-2.0",)
 FLUX2_MODELS = ("flux.2-klein-4b",)
 LTX_MODELS = ("ltx-video-0.9.0", "ltx-video-0.9.1")
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma",
-                  "lumina2", "flux2")  # text-to-image: no frames
+                  "lumina2", "flux2", "cogview3")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -322,6 +322,18 @@ def _pixart_tiny_workload() -> Workload:
                     text_tokens=tiny.PIXART_MAX_SEQUENCE_LENGTH, text_valid=6,
                     source="xdit_jax.tiny's PixArt, 3 heads x 8, with micro-conditions",
                     defaults=dict(num_inference_steps=4, guidance_scale=4.5))
+
+
+def _cogview3_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's CogView3-Plus (2 heads x 16, 2 blocks) at 48 x 80: a 3 x 5 patch grid (the sequence meshes pad
+    # the 15 image + 16 T5 tokens), both CFG halves
+    t = dict(tiny.COGVIEW3_TRANSFORMER)
+    return Workload("cogview3-tiny", t, height=48, width=80, num_frames=1, family="cogview3",
+                    text_tokens=tiny.COGVIEW3_MAX_SEQUENCE_LENGTH,
+                    source="xdit_jax.tiny's CogView3-Plus, 2 heads x 16, 2 layers",
+                    defaults=dict(num_inference_steps=2, guidance_scale=5.0))
 
 
 def _pixart_cpu_small_workload() -> Workload:
@@ -688,6 +700,7 @@ def _sana_sprint_tiny_workload() -> Workload:
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
+                                              "cogview3-tiny": _cogview3_tiny_workload,
                                               "hunyuandit-tiny": _hunyuandit_tiny_workload,
                                               "hunyuandit-cpu-small": _hunyuandit_cpu_small_workload,
                                               "mochi-tiny": _mochi_tiny_workload,
@@ -735,6 +748,8 @@ PRESET_HELP.update({
     "pixart-cpu-small": f"PixArt-Sigma XL width (16 heads x 72), 2 layers, 512x512: 1024 image + 300 text tokens "
                         f"({PIXART_TEXT_VALID} real)",
 })
+PRESET_HELP["cogview3-tiny"] = ("a 2x16-head, 2-layer CogView3-Plus at 48x80: 15 image + 16 T5 tokens in one joint "
+                                "attention, both CFG halves (CI smoke test)")
 for _m in PIXART_MODELS:
     PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at 1024x1024 (4096 image tokens)"
 PRESET_HELP.update({

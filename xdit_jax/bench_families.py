@@ -691,6 +691,81 @@ class PixArt(Family):
 
 
 # ============================================================================================
+# CogView3-Plus
+# ============================================================================================
+
+COGVIEW3_SIZES = ("original_size", "target_size", "crop_coords")  # the size conditions, diffusers' argument order
+
+
+def cogview3_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one CogView3-Plus transformer forward: CogVideoX's (its blocks, one frame, patch_size_t 1:
+    the 12-way modulation linear is CogVideoX's two 6-way ones) plus the size conditions' embedder, 2 B (6 c T + T^2)
+    (c = condition_dim, T = time_embed_dim)."""
+    b, c, h, w = latent_shape
+    out = cogvideox_analytic_flops(dict(transformer, patch_size_t=None), (b, 1, c, h, w), text_len)
+    tdim = int(transformer.get("time_embed_dim", 512))
+    extra = 2 * b * (6 * int(transformer.get("condition_dim", 256)) * tdim + tdim * tdim)
+    return dict(out, total=out["total"] + extra, linear=out["linear"] + extra)
+
+
+class CogView3TorchReference(KeywordTorchReference):
+    """diffusers' ``CogView3PlusTransformer2DModel`` as ``CogView3PlusPipeline`` calls it (the size conditions in the
+    text states' dtype, as the pipeline makes them)."""
+
+    diffusers_class = "CogView3PlusTransformer2DModel"
+    call_args = {"hidden_states": LATENTS, "encoder_hidden_states": EMBEDS, "timestep": Arg("t"),
+                 **{name: Arg(name, "model") for name in COGVIEW3_SIZES}}
+
+
+class CogView3(PixArt):
+    """PixArt's image latents (B, C, h, w), CogVideoX's joint [text; image] attention (PipeFusion's buffers hold
+    both), the size conditions at the image's size."""
+
+    name = "cogview3"
+    module_name = "xdit_jax.models.cogview3plus"
+    model_class_name = "CogView3PlusTransformer2DModel"
+    config_class_name = "CogView3PlusConfig"
+    title = "CogView3-Plus"
+
+    def pipeline_call(self, w):
+        return Family.pipeline_call(self, w)  # (no resolution binning)
+
+    def text_len(self, w):
+        return int(w.text_tokens or w.defaults.get("max_sequence_length", 224))
+
+    def attention_tokens(self, w):
+        return sum(self.tokens(w))  # joint attention over text + image
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "layers": cfg.num_layers,
+                "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim, "height": w.height,
+                "width": w.width}
+
+    def make_inputs(self, w, seed=0):
+        """Latents (B, C, h, w), T5 states (B, L, text_embed_dim), timesteps (B,) and the size conditions (B, 2) each
+        (the image's size twice, crop (0, 0)), as the pipeline passes them."""
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        embeds = rng.standard_normal((b, self.text_len(w), int(w.transformer.get("text_embed_dim", 4096))),
+                                     dtype=np.float32)
+        size = np.tile(np.array([[w.height, w.width]], np.float32), (b, 1))
+        return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32), "embeds": embeds,
+                "t": np.full((b,), 500, dtype=np.int64), "original_size": size, "target_size": size.copy(),
+                "crop_coords": np.zeros((b, 2), np.float32)}
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"],
+                *(inputs[name] for name in COGVIEW3_SIZES))
+
+    def analytic_flops(self, w):
+        return cogview3_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return CogView3TorchReference(transformer, dtype, seed=seed, device=device)
+
+
+# ============================================================================================
 # HunyuanDiT
 # ============================================================================================
 
@@ -3167,7 +3242,7 @@ class LTX(Family):
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
                                                           HunyuanVideo15(), QwenImage(), ZImage(), Sana(), Chroma(),
-                                                          Lumina2(), Flux2(), LTX(), ConsisID())}
+                                                          Lumina2(), Flux2(), LTX(), ConsisID(), CogView3())}
 CONSISID_CLASS_NAMES = ("ConsisIDTransformer3DModel",)
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
@@ -3186,6 +3261,7 @@ SANA_CLASS_NAMES = ("SanaTransformer2DModel",)
 LUMINA2_CLASS_NAMES = ("Lumina2Transformer2DModel",)
 FLUX2_CLASS_NAMES = ("Flux2Transformer2DModel",)
 LTX_CLASS_NAMES = ("LTXVideoTransformer3DModel",)
+COGVIEW3_CLASS_NAMES = ("CogView3PlusTransformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -3207,7 +3283,10 @@ def family_of_config(transformer: dict) -> str:
     FLUX.2 by its class name or ``num_single_layers`` with ``timestep_guidance_channels`` (checked before FLUX.1,
     whose ``num_single_layers`` it shares); LTX-Video by its class name or ``caption_channels`` with ``patch_size_t``
     and ``qk_norm`` (PixArt has the first only); ConsisID by its class name or ``is_train_face``;
-    HunyuanVideo-1.5 by its class name or ``text_embed_2_dim`` (no other family has it); else CogVideoX."""
+    HunyuanVideo-1.5 by its class name or ``text_embed_2_dim`` (no other family has it); CogView3-Plus by its class
+    name or ``condition_dim`` (no other family has it); else CogVideoX."""
+    if transformer.get("_class_name") in COGVIEW3_CLASS_NAMES or "condition_dim" in transformer:
+        return "cogview3"
     if transformer.get("_class_name") in HUNYUAN_VIDEO15_CLASS_NAMES or "text_embed_2_dim" in transformer:
         return "hunyuan_video15"
     if transformer.get("_class_name") in LTX_CLASS_NAMES or (
