@@ -1,6 +1,7 @@
 """The CogView3-Plus pipeline from a diffusers save_pretrained folder == diffusers' CogView3PlusPipeline (tiny random
 weights, fp32), on one device and on a mesh (8 simulated CPU devices)."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -78,11 +79,21 @@ def test_pipefusion_equals_one_device(pipes, reference):
     _, _, folder = pipes
     lat, _, _, one_device = reference
     pf = CogView3PlusPipeline.from_pretrained(folder, mesh="pipefusion=2,ulysses=2")
+    assert pf.compile_step(1, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS) is not None
     out = run_ours(pf, PROMPT, lat, output_type="latent")
     scale = np.abs(one_device).max()
     assert np.abs(out - one_device).max() < 0.05 * scale
     exact = CogView3PlusPipeline.from_pretrained(folder, mesh="pipefusion=2", pipefusion_warmup_steps=STEPS)
     assert_close_latents(run_ours(exact, PROMPT, lat, output_type="latent"), one_device, "PipeFusion warm-up only")
+
+
+def test_compile_step(pipes, reference):
+    """The CFG step compiles for the call's shapes without running (the program the call above ran: the persistent
+    compilation cache has it)."""
+    _, ours, _ = pipes
+    compiled = ours.compile_step(1, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=TOKENS)
+    shapes = [a.shape for a in jax.tree.leaves(compiled.args_info) if hasattr(a, "shape")]
+    assert (2, TOKENS, 32) in shapes and (1, 4, 8, 8) in shapes and (3, 2) in shapes
 
 
 def test_bad_requests_are_refused(pipes):
