@@ -90,3 +90,19 @@ def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
     one = by_mesh["single device"]
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
     assert family_of_config(dict(TorchModel(**tiny.COGVIEW3_TRANSFORMER).config)) == "cogview3"
+
+
+def test_full_size_configs():
+    """configs/cogview3-plus-3b reads as CogView3-Plus: 4096 image + 224 T5 tokens at 1024 x 1024, both CFG halves;
+    2048 x 2048 fits the position table, more does not (nothing built)."""
+    from xdit_jax import bench
+    from xdit_jax.pipelines import cogview3
+
+    w = bench.load_workload("cogview3-plus-3b")
+    assert w.family == "cogview3" and w.cfg and w.fam.latent_shape(w) == (2, 16, 128, 128)
+    assert w.fam.tokens(w) == (4096, 224)
+    tc, vc = cogview3.read_configs(bench.CONFIG_DIR / "cogview3-plus-3b")
+    assert tc.inner_dim == 2560 and cogview3.default_size(tc, vc) == {"height": 1024, "width": 1024}
+    cogview3.check_request(tc, vc, 2048, 2048, 1, "cfg=2,ulysses=4", 7.0)
+    with pytest.raises(ValueError, match="position table"):
+        cogview3.check_request(tc, vc, 2064, 1024, 1, None, 7.0)

@@ -79,6 +79,7 @@ from xdit_jax.hlo import memory_analysis_bytes
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FULL_MODELS = ("cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v")
 PIXART_MODELS = ("pixart-alpha-1024", "pixart-sigma-1024")
+COGVIEW3_MODELS = ("cogview3-plus-3b",)
 HUNYUANDIT_MODELS = ("hunyuandit-v1.2",)
 MOCHI_MODELS = ("mochi-1-preview",)
 FLUX_MODELS = ("flux.1-dev", "flux.1-schnell")
@@ -750,6 +751,8 @@ PRESET_HELP.update({
 })
 PRESET_HELP["cogview3-tiny"] = ("a 2x16-head, 2-layer CogView3-Plus at 48x80: 15 image + 16 T5 tokens in one joint "
                                 "attention, both CFG halves (CI smoke test)")
+for _m in COGVIEW3_MODELS:
+    PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at 1024x1024 (4096 image + 224 T5 tokens)"
 for _m in PIXART_MODELS:
     PRESET_HELP[_m] = f"full-size configs/{_m} with random weights at 1024x1024 (4096 image tokens)"
 PRESET_HELP.update({
