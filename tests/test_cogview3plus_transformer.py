@@ -106,3 +106,18 @@ def test_full_size_configs():
     cogview3.check_request(tc, vc, 2048, 2048, 1, "cfg=2,ulysses=4", 7.0)
     with pytest.raises(ValueError, match="position table"):
         cogview3.check_request(tc, vc, 2064, 1024, 1, None, 7.0)
+
+
+@pytest.mark.slow
+def test_bf16_close_to_fp32(pair):
+    """bf16 weights and activations (norm statistics in fp32): within a few % of the fp32 output's scale."""
+    tm, cfg, model = pair
+    m16 = cogview3plus.build(cfg, cogview3plus.params_from_torch(state_dict_np(tm), cfg, dtype=jnp.bfloat16),
+                             dtype=jnp.bfloat16)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, cfg.in_channels, 8, 8)), jnp.float32)
+    enc = jnp.asarray(rng.standard_normal((2, 7, cfg.text_embed_dim)), jnp.float32)
+    args = (x, enc, jnp.array([500, 20]), jnp.array([64.0, 64.0]), jnp.array([64.0, 64.0]), jnp.zeros(2))
+    ref = np.asarray(model(*args))
+    out = np.asarray(m16(*args).astype(jnp.float32))
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
