@@ -72,6 +72,8 @@ MODEL_CLASSES = {
     "Qwen2_5_VLTextModel": ("xdit_jax.models.qwen2_5_vl", "Qwen25VLTextConfig"),
     # HunyuanVideo-1.5 image-to-video's image_encoder (siglip-so400m-patch14-384's vision tower)
     "SiglipVisionModel": ("xdit_jax.models.siglip", "SiglipVisionConfig"),
+    # HunyuanImage-2.1: its transformer and VAE (its text encoders: Qwen2.5-VL's and ByT5, as HunyuanVideo-1.5's)
+    "HunyuanImageTransformer2DModel": ("xdit_jax.models.hunyuanimage", "HunyuanImageConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
     "QwenImageTransformer2DModel": ("xdit_jax.models.qwenimage", "QwenImageConfig"),
     # one module, four config classes: the config's class picks the tower and whether it has the projection

@@ -238,6 +238,13 @@ HUNYUAN_VIDEO15_BYT5 = dict(model_type="t5", vocab_size=384, d_model=16, d_kv=8,
                             pad_token_id=0, eos_token_id=1)
 HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH = 64  # the tiny model's Qwen tokens in the CLI (the real default: 1000)
 HUNYUAN_VIDEO15_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=5.0)
+# HunyuanImage-2.1 shaped: 2 double-stream and 2 single-stream blocks, 1 token refiner block over 2 heads of 8 (RoPE
+# axes 4 + 4), patch 1 x 1, on 8 latent channels; the text encoders HunyuanVideo-1.5's tiny Qwen2.5-VL (32 wide) and
+# ByT5 (16 wide).
+HUNYUANIMAGE_TRANSFORMER = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                                num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0,
+                                patch_size=[1, 1], qk_norm="rms_norm", guidance_embeds=False, text_embed_dim=32,
+                                text_embed_2_dim=16, rope_theta=256.0, rope_axes_dim=[4, 4], use_meanflow=False)
 # HunyuanVideo-1.5 image-to-video's SigLIP vision tower at tiny size: 2 layers 8 wide (the transformer's
 # image_embed_dim) at 28 x 28, patch 14: 4 image states
 HUNYUAN_VIDEO15_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=16,

@@ -1,0 +1,122 @@
+"""HunyuanImage-2.1 (text-to-image) == diffusers on tiny random weights (fp32): the transformer
+(HunyuanImageTransformer2DModel); a mesh == one device (8 simulated CPU devices)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import HunyuanImageTransformer2DModel
+
+from tests.fixtures import assert_saved_folder_converts, torch_and_our_model
+from tests.jax_util import sequence_parallel_forward
+from tests.torch_util import state_dict_np
+from xdit_jax import tiny
+from xdit_jax.mesh import build_mesh
+from xdit_jax.models import hunyuanimage as hyi
+from xdit_jax.safetensors_io import CheckpointError
+
+# ----- the transformer -----
+
+CONFIG = dict(tiny.HUNYUANIMAGE_TRANSFORMER, text_embed_dim=12, text_embed_2_dim=10)
+L, L2 = 7, 5  # Qwen and ByT5 tokens (1000 and 128 in the pipeline)
+SHAPE = (6, 5)  # latent height, width (patch 1): 30 image tokens, padded by ring x ulysses = 4 and by 3
+
+
+def _fwd(m, *a):
+    return m(*a)
+
+
+FWD = jax.jit(_fwd)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return torch_and_our_model(HunyuanImageTransformer2DModel, CONFIG, hyi, hyi.HunyuanImageConfig)
+
+
+def _inputs(cfg, seed=0):
+    """A batch of two: Qwen lengths 7 and 3; ByT5 lengths 0 (no quoted text: all padding) and 4."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, cfg.in_channels, *SHAPE)).astype(np.float32)
+    t = np.array([500.0, 937.5], np.float32)
+    text = rng.standard_normal((2, L, cfg.text_embed_dim)).astype(np.float32)
+    mask = (np.arange(L)[None] < np.array([7, 3])[:, None]).astype(np.int64)
+    text2 = rng.standard_normal((2, L2, cfg.text_embed_2_dim or 1)).astype(np.float32)
+    mask2 = (np.arange(L2)[None] < np.array([0, 4])[:, None]).astype(np.int64)
+    return x, t, text, mask, text2, mask2
+
+
+@pytest.fixture(scope="module")
+def batch2(pair):
+    tm, cfg, model = pair
+    args = _inputs(cfg)
+    tt = torch.from_numpy
+    x, t, text, mask, text2, mask2 = args
+    with torch.no_grad():
+        ref = tm(tt(x), tt(t), tt(text), tt(mask), encoder_hidden_states_2=tt(text2),
+                 encoder_attention_mask_2=tt(mask2), return_dict=False)[0].numpy()
+    return args, np.asarray(FWD(model, *args)), ref
+
+
+def test_transformer_matches_diffusers(batch2):
+    _, out, ref = batch2
+    assert out.shape == ref.shape == (2, 8) + SHAPE
+    # fp32 both sides, outputs O(3): measured 8.7e-6. diffusers reorders the text ([valid ByT5, valid Qwen,
+    # padding]); ours keeps [ByT5; Qwen] with the padding masked: only the order of the softmax sums differs.
+    np.testing.assert_allclose(out, ref, atol=5e-5, rtol=0)
+
+
+def test_transformer_padding_changes_nothing(pair, batch2):
+    """The padded Qwen and ByT5 tokens reach no valid key: new values there leave the output as it was."""
+    _, _, model = pair
+    (x, t, text, mask, text2, mask2), out, _ = batch2
+    rng = np.random.default_rng(5)
+    text, text2 = text.copy(), text2.copy()
+    text[1, 3:] = 100 * rng.standard_normal(text[1, 3:].shape)
+    text2[0] = 100 * rng.standard_normal(text2[0].shape)
+    np.testing.assert_array_equal(np.asarray(FWD(model, x, t, text, mask, text2, mask2)), out)
+
+
+@pytest.mark.slow  # (the default run: the pipeline's cfg=2,ring=2,ulysses=2)
+@pytest.mark.parametrize("mesh", ["ulysses=3", "ring=2,ulysses=2"])
+def test_transformer_sequence_parallel_equals_one_device(pair, batch2, mesh):
+    _, _, model = pair
+    args, ref, _ = batch2
+    out = np.asarray(sequence_parallel_forward(model, build_mesh(mesh), text=hyi.TEXT_KEYS)(*args))
+    # fp32; only the order of float32 sums differs (the padded sequence, ulysses' head split); outputs O(3):
+    # measured 7.2e-7 on ring=2,ulysses=2
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=mesh)
+
+
+def test_transformer_config_checkpoint_errors_and_folder(pair, tmp_path):
+    tm, cfg, _ = pair
+    d = dict(tm.config)
+    for bad, err, needle in [(dict(rope_axes_dim=[2, 2, 12]), ValueError, "2 even sizes"),
+                             (dict(qk_norm="layer_norm"), ValueError, "rms_norm"),
+                             (dict(guidance_embeds=True), NotImplementedError, "guidance-distilled"),
+                             (dict(use_meanflow=True), NotImplementedError, "MeanFlow"),
+                             (dict(patch_size=[1, 1, 1], rope_axes_dim=[4, 2, 2]), NotImplementedError, "2-D")]:
+        with pytest.raises(err, match=needle):
+            hyi.HunyuanImageConfig.from_dict({**d, **bad})
+    sd = state_dict_np(tm)
+    gone = ["context_embedder_2.linear_3.weight", "time_guidance_embed.timestep_embedder.linear_1.weight",
+            "single_transformer_blocks.1.proj_mlp.bias"]
+    for k in gone:
+        sd.pop(k)
+    with pytest.raises(CheckpointError) as e:
+        hyi.params_from_torch(sd, cfg)
+    for k in gone:
+        assert k in str(e.value), k
+    assert_saved_folder_converts(tm, cfg, tmp_path, "HunyuanImageTransformer2DModel", hyi, hyi.HunyuanImageConfig)
+
+
+def test_transformer_without_byt5_matches_diffusers():
+    """No context_embedder_2 (text_embed_2_dim null): the Qwen states alone, as diffusers."""
+    tm, cfg, model = torch_and_our_model(HunyuanImageTransformer2DModel,
+                                         dict(CONFIG, text_embed_2_dim=None, num_layers=1, num_single_layers=1),
+                                         hyi, hyi.HunyuanImageConfig)
+    x, t, text, mask, _, _ = _inputs(cfg, seed=3)
+    tt = torch.from_numpy
+    with torch.no_grad():
+        ref = tm(tt(x), tt(t), tt(text), tt(mask), return_dict=False)[0].numpy()
+    np.testing.assert_allclose(np.asarray(FWD(model, x, t, text, mask)), ref, atol=5e-5, rtol=0)
