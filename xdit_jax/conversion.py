@@ -74,6 +74,7 @@ MODEL_CLASSES = {
     "SiglipVisionModel": ("xdit_jax.models.siglip", "SiglipVisionConfig"),
     # HunyuanImage-2.1: its transformer and VAE (its text encoders: Qwen2.5-VL's and ByT5, as HunyuanVideo-1.5's)
     "HunyuanImageTransformer2DModel": ("xdit_jax.models.hunyuanimage", "HunyuanImageConfig"),
+    "AutoencoderKLHunyuanImage": ("xdit_jax.models.vae_hunyuanimage", "HunyuanImageVAEConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
     "QwenImageTransformer2DModel": ("xdit_jax.models.qwenimage", "QwenImageConfig"),
     # one module, four config classes: the config's class picks the tower and whether it has the projection

@@ -245,6 +245,11 @@ HUNYUANIMAGE_TRANSFORMER = dict(in_channels=8, out_channels=8, num_attention_hea
                                 num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0,
                                 patch_size=[1, 1], qk_norm="rms_norm", guidance_embeds=False, text_embed_dim=32,
                                 text_embed_2_dim=16, rope_theta=256.0, rope_axes_dim=[4, 4], use_meanflow=False)
+# its VAE: 8x in space (not the release's 32x: 3 upsamplers, not 5), 64/32/32/32 wide (the GroupNorms' 32 groups),
+# 8 latent channels
+HUNYUANIMAGE_VAE = dict(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=[32, 32, 32, 64],
+                        layers_per_block=1, spatial_compression_ratio=8, sample_size=64, scaling_factor=0.75289,
+                        downsample_match_channel=True, upsample_match_channel=True)
 # HunyuanVideo-1.5 image-to-video's SigLIP vision tower at tiny size: 2 layers 8 wide (the transformer's
 # image_embed_dim) at 28 x 28, patch 14: 4 image states
 HUNYUAN_VIDEO15_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=16,
