@@ -1,5 +1,7 @@
 """HunyuanImage-2.1 (text-to-image) == diffusers on tiny random weights (fp32): the transformer
-(HunyuanImageTransformer2DModel), the VAE decoder (AutoencoderKLHunyuanImage); a mesh == one device (8 simulated CPU devices)."""
+(HunyuanImageTransformer2DModel), the VAE decoder (AutoencoderKLHunyuanImage), the guider
+(AdaptiveProjectedMixGuidance) and HunyuanImagePipeline end to end (latents and images); meshes == one device (8
+simulated CPU devices)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,13 +10,21 @@ import pytest
 import torch
 from diffusers import AutoencoderKLHunyuanImage, HunyuanImageTransformer2DModel
 
-from tests.fixtures import assert_saved_folder_converts, torch_and_our_model
+from tests.fixtures import (
+    assert_close_latents,
+    assert_saved_folder_converts,
+    make_torch_hunyuanimage,
+    torch_and_our_model,
+    torch_and_our_pipeline,
+)
 from tests.jax_util import sequence_parallel_forward
 from tests.torch_util import randomize_, state_dict_np
 from xdit_jax import tiny
 from xdit_jax.mesh import build_mesh
 from xdit_jax.models import hunyuanimage as hyi
 from xdit_jax.models import vae_hunyuanimage as vae_hyi
+from xdit_jax.pipelines import hunyuanimage as pipe_hyi
+from xdit_jax.pipelines.hunyuanimage import HunyuanImagePipeline
 from xdit_jax.safetensors_io import CheckpointError
 
 # ----- the transformer -----
@@ -181,3 +191,124 @@ def test_vae_bad_configs_and_checkpoint(vae_pair):
     sd.pop("decoder.mid_block.attentions.0.proj.weight")
     with pytest.raises(CheckpointError, match="attentions.0.proj.weight"):
         vae_hyi.params_from_torch(sd, cfg)
+
+
+# ----- the guider -----
+
+GUIDERS = [dict(guidance_scale=3.5, adaptive_projected_guidance_start_step=1),  # momentum -0.5, norm cap 10
+           dict(guidance_scale=5.0, adaptive_projected_guidance_start_step=0, adaptive_projected_guidance_momentum=None,
+                adaptive_projected_guidance_rescale=0.0, eta=0.5, guidance_rescale=0.6),
+           dict(guidance_scale=3.0, use_original_formulation=True, adaptive_projected_guidance_start_step=1,
+                adaptive_projected_guidance_rescale=2.0, start=0.25, stop=0.75),
+           dict(guidance_scale=4.0, adaptive_projected_guidance_scale=1.0, adaptive_projected_guidance_start_step=0),
+           dict(guidance_scale=1.0), dict(guidance_scale=6.0, stop=0.1)]
+
+
+def test_guider_options_match_diffusers():
+    """apg_mix (+ rescale) at each of 5 steps == diffusers' AdaptiveProjectedMixGuidance (prepare_inputs, forward) for
+    its options (momentum or none, the norm cap, eta, the original formulation, a start / stop range, APG's start
+    step, a neutral APG scale, guidance_rescale); the momentum buffer carried as the pipeline carries it."""
+    from diffusers.guiders import AdaptiveProjectedMixGuidance
+
+    rng = np.random.default_rng(0)
+    steps = 5
+    preds = [(rng.standard_normal((2, 4, 3, 5)).astype(np.float32),
+              2 * rng.standard_normal((2, 4, 3, 5)).astype(np.float32)) for _ in range(steps)]
+    fn = jax.jit(pipe_hyi.apg_mix)
+    for g in GUIDERS:
+        ref_guider = AdaptiveProjectedMixGuidance(**g)
+        ours = pipe_hyi.check_guider(dict(g))
+        vec = jnp.asarray(pipe_hyi.guidance_vector(ours, steps))
+        buf, any_on = jnp.zeros(preds[0][0].shape), False
+        for i, (cond, uncond) in enumerate(preds):
+            ref_guider.set_state(step=i, num_inference_steps=steps, timestep=torch.tensor(1.0))
+            ref_guider.prepare_inputs({"x": (torch.zeros(1), torch.zeros(1))})  # (resets the momentum at step 0)
+            on = ref_guider._is_cfg_enabled()
+            any_on |= on
+            ref = ref_guider.forward(torch.from_numpy(cond), torch.from_numpy(uncond) if on else None).pred.numpy()
+            out, buf = fn(jnp.asarray(uncond), jnp.asarray(cond), buf, vec, jnp.int32(i))
+            if ours["guidance_rescale"] > 0:
+                from xdit_jax.pipelines.hunyuandit import rescale_guidance
+
+                out = rescale_guidance(out, jnp.asarray(cond), vec[1])
+            # fp32 (diffusers' projection in float64), values O(25): measured 5.7e-6 on APG steps, CFG steps exact
+            np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=0, err_msg=f"{g} step {i}")
+        assert pipe_hyi.cfg_enabled(ours, steps) == any_on, g
+    with pytest.raises(ValueError, match="AdaptiveProjectedMixGuidance only"):
+        pipe_hyi.check_guider({"_class_name": "ClassifierFreeGuidance"})
+    with pytest.raises(ValueError, match="start <= stop"):
+        pipe_hyi.check_guider({"start": 0.6, "stop": 0.4})
+
+
+# ----- the pipeline -----
+
+PROMPT = 'A neon sign that reads "OPEN" above a door, \'Cafe\' in the window.'
+H, W, STEPS = 64, 48, 2
+LATENT = (8, 8, 6)
+TEXT = 64  # Qwen tokens after the drop in the pipeline runs (diffusers' tokenizer_max_length, 1000 by default)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder), made once."""
+    return torch_and_our_pipeline(make_torch_hunyuanimage, HunyuanImagePipeline, tmp_path_factory, "hyi")
+
+
+def _run_torch(tp, prompt, latents, **kw):
+    tp.tokenizer_max_length = TEXT
+    try:
+        with torch.no_grad():
+            out = tp(prompt=prompt, height=H, width=W, num_inference_steps=STEPS, latents=torch.from_numpy(latents),
+                     **dict(dict(output_type="np"), **kw)).images
+    finally:
+        tp.tokenizer_max_length = pipe_hyi.MAX_SEQUENCE_LENGTH
+    return out.numpy() if kw.get("output_type") == "latent" else np.asarray(out)
+
+
+def _torch_images(tp, latents):
+    """diffusers' pipeline's last stage: ``vae.decode(latents / scaling_factor)``, post-processed to np images."""
+    with torch.no_grad():
+        image = tp.vae.decode(torch.from_numpy(latents) / tp.vae.config.scaling_factor, return_dict=False)[0]
+    return np.asarray(tp.image_processor.postprocess(image, output_type="np"))
+
+
+def _run_ours(pipe, prompt, latents, **kw):
+    kw = dict(dict(height=H, width=W, num_inference_steps=STEPS, latents=latents, progress=False,
+                   max_sequence_length=TEXT), **kw)
+    return pipe(prompt, **kw).images
+
+
+def _latents(seed=0):
+    return np.random.default_rng(seed).standard_normal((1,) + LATENT).astype(np.float32)
+
+
+def test_glyph_texts_as_diffusers():
+    from diffusers.pipelines.hunyuan_image import pipeline_hunyuanimage as ref
+
+    for p in [PROMPT, "no quotes", 'twice "a" and "a"', "'x'", "“a” ‘b’ \"a\" 'c'"]:
+        assert pipe_hyi.extract_glyph_text(p) == ref.extract_glyph_text(p), p
+
+
+def test_pipeline_matches_diffusers(pipes):
+    """The OCR guider (the prompt has quoted text: CFG at step 0, APG with momentum at step 1, the negative prompt
+    ""), 2 steps: the latents, then the images."""
+    tp, ours, _ = pipes
+    lat = _latents()
+    ref_latents = _run_torch(tp, PROMPT, lat, output_type="latent")
+    out_latents = _run_ours(ours, PROMPT, lat, output_type="latent")
+    assert_close_latents(out_latents, ref_latents)  # measured 2.4e-6 of 3.5
+    ref = _torch_images(tp, ref_latents)
+    out = _run_ours(ours, PROMPT, lat)
+    assert out.shape == ref.shape == (1, H, W, 3)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)  # images in [0, 1]: measured 3.1e-6
+
+
+def test_pipeline_mesh_equals_one_device(pipes):
+    """cfg=2 (the guider's two passes) x ring=2 x ulysses=2: the same latents as one device."""
+    _, ours, folder = pipes
+    lat = _latents(seed=4)
+    ref = _run_ours(ours, PROMPT, lat, output_type="latent")
+    out = _run_ours(HunyuanImagePipeline.from_pretrained(folder, mesh="cfg=2,ring=2,ulysses=2"), PROMPT, lat,
+                    output_type="latent")
+    # measured 2.4e-6 of 3.6 (the order of float32 sums: the padded sequence, ulysses' head split)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)

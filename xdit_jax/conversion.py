@@ -106,8 +106,8 @@ MODEL_CLASSES = {
     "Mistral3ForConditionalGeneration": ("xdit_jax.models.mistral3", "Mistral3TextConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
-                     "guider", "feature_extractor")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a config; its
-# I2V's SiglipImageProcessor)
+                     "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a
+# config; its I2V's SiglipImageProcessor; HunyuanImage-2.1's AdaptiveProjectedMixGuidance guider and ocr_guider)
 
 
 def model_class(class_name: str):
