@@ -122,6 +122,7 @@ def test_transformer_config_checkpoint_errors_and_folder(pair, tmp_path):
     assert_saved_folder_converts(tm, cfg, tmp_path, "HunyuanImageTransformer2DModel", hyi, hyi.HunyuanImageConfig)
 
 
+@pytest.mark.slow  # (the default set's budget)
 def test_transformer_without_byt5_matches_diffusers():
     """No context_embedder_2 (text_embed_2_dim null): the Qwen states alone, as diffusers."""
     tm, cfg, model = torch_and_our_model(HunyuanImageTransformer2DModel,
@@ -312,3 +313,83 @@ def test_pipeline_mesh_equals_one_device(pipes):
                     output_type="latent")
     # measured 2.4e-6 of 3.6 (the order of float32 sums: the padded sequence, ulysses' head split)
     np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_pipeline_bad_input_is_refused(pipes):
+    _, ours, folder = pipes
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ours(PROMPT, height=36, width=W)
+    with pytest.raises(ValueError, match="prompt_embeds_mask"):
+        ours(prompt_embeds=np.zeros((1, TEXT, 32), np.float32), height=H, width=W)
+    with pytest.raises(ValueError, match="cfg=2"):  # guidance 1: one pass, nothing for the cfg axis to split
+        HunyuanImagePipeline.from_pretrained(folder, mesh="cfg=2")(PROMPT, height=H, width=W, guidance_scale=1.0,
+                                                                   max_sequence_length=TEXT)
+    with pytest.raises(ValueError, match="Mesh .* needs|devices"):
+        HunyuanImagePipeline.from_pretrained(folder, mesh="ulysses=16")
+
+
+@pytest.mark.slow
+def test_text_encoders_match_transformers(pipes):
+    """encode_prompt == diffusers': Qwen2.5-VL's hidden_states[-3] of the templated prompt less its first 34 tokens
+    (with its mask), ByT5's states of the glyph text (with its mask); a prompt without quotes: zero ByT5 states, mask
+    0."""
+    tp, ours, _ = pipes
+    prompts = [PROMPT, "A cat."]
+    with torch.no_grad():
+        ref = tp.encode_prompt(prompts, device="cpu", batch_size=2)
+    out = ours.encode_prompt(prompts)
+    assert out[0].shape == (2, 1000, 32) and out[2].shape == (2, 128, 16)
+    for o, r, what in zip(out, ref, ["qwen", "qwen mask", "byt5", "byt5 mask"]):
+        np.testing.assert_allclose(np.asarray(o, np.float32), r.numpy(), atol=5e-5, rtol=0, err_msg=what)
+    assert np.asarray(out[3])[0].sum() > 0 and np.asarray(out[3])[1].sum() == 0  # "A cat." has no glyph text
+
+
+@pytest.mark.slow
+def test_pipeline_plain_guider_two_prompts_and_no_cfg_match_diffusers(pipes):
+    """Prompts without quoted text: the plain guider (momentum -0.5, APG at step 1), two prompts; then the guider off
+    (guidance_scale 1: one pass)."""
+    tp, ours, _ = pipes
+    lat = np.random.default_rng(1).standard_normal((2,) + LATENT).astype(np.float32)
+    prompts = ["A cat on a sofa.", "Waves on black rocks at sunset, cinematic."]
+    assert_close_latents(_run_ours(ours, prompts, lat, output_type="latent"),
+                         _run_torch(tp, prompts, lat, output_type="latent"))
+    saved = tp.guider
+    tp.guider = type(saved)(guidance_scale=1.0)
+    try:
+        ref = _run_torch(tp, prompts, lat, output_type="latent")
+    finally:
+        tp.guider = saved
+    assert_close_latents(_run_ours(ours, prompts, lat, output_type="latent", guidance_scale=1.0), ref)
+
+
+@pytest.mark.slow
+def test_pipefusion_matches_sequential_rule(pipes):
+    """pipefusion=2 over the double- and single-stream stacks (the text sliced with the patches), the APG momentum
+    carried, == the same patched rule on one device (pipefusion_patches=2); the patched steps differ from the exact
+    ones."""
+    _, ours, folder = pipes
+    lat = _latents(seed=5)
+    kw = dict(output_type="latent", num_inference_steps=3)
+    exact = _run_ours(ours, PROMPT, lat, **kw)
+    ref = _run_ours(HunyuanImagePipeline.from_pretrained(folder, pipefusion_patches=2), PROMPT, lat, **kw)
+    out = _run_ours(HunyuanImagePipeline.from_pretrained(folder, mesh="pipefusion=2,cfg=2"), PROMPT, lat, **kw)
+    atol = 2e-6 * np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=atol, rtol=0)
+    assert np.abs(ref - exact).max() > 20 * atol
+
+
+@pytest.mark.slow
+def test_cli_tiny_hunyuanimage(tmp_path, capsys):
+    """The tiny model from the command line: a png, the OCR guider's two passes over cfg, the image tokens over
+    ulysses=3 (uneven)."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    out = tmp_path / "h.png"
+    rc = cli.main(["--model", "tiny-hunyuanimage", "--prompt", 'A sign that reads "OPEN".', "--output", str(out),
+                   "--mesh", "cfg=2,ulysses=3", "--no-progress", "--json"])
+    assert rc == 0
+    img = iio.imread(out)
+    assert img.shape == (64, 64, 3) and img.std() > 1
+    assert '"model_family": "hunyuanimage"' in capsys.readouterr().out

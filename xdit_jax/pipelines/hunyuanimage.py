@@ -404,8 +404,13 @@ class HunyuanImagePipeline(ImagePipelineBase):
         per = per_prompt(num_images_per_prompt)
         sched = self.schedule(num_inference_steps, sigmas)
         n = len(sched.timesteps)
-        # the same size checks before any heavy work (the guider, hence cfg=2's use, is known after the text)
-        check_request(self.transformer_config, self.vae_config, height, width, batch, None)
+        # the checks before any heavy work; the guider (hence cfg=2's use) as the prompts' quotes pick it (checked
+        # again on the ByT5 states, diffusers' rule, after the text)
+        guess = (self.guider if prompts is None or self.ocr_guider is None or
+                 all(extract_glyph_text(p) is None for p in prompts) else self.ocr_guider)
+        guess = guess if guidance_scale is None else dict(guess, guidance_scale=float(guidance_scale))
+        check_request(self.transformer_config, self.vae_config, height, width, batch,
+                      self.mesh_spec if prompts is not None else None, 2.0 if cfg_enabled(guess, n) else 1.0)
         timer = StageTimer()
 
         # 1. text: Qwen states + mask, ByT5 states + mask; the guider; [negative; prompt] for CFG
