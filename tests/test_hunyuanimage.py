@@ -135,6 +135,22 @@ def test_transformer_without_byt5_matches_diffusers():
     np.testing.assert_allclose(np.asarray(FWD(model, x, t, text, mask)), ref, atol=5e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_full_size_parameter_counts_match_diffusers():
+    """diffusers' HunyuanImage-2.1 shapes (its transformer defaults with the ByT5 projection of 1472; the VAE at this
+    module's defaults: 32x, 64 channels): our transformer's and VAE decoder's parameters count as diffusers'."""
+    with torch.device("meta"):
+        tm = HunyuanImageTransformer2DModel(text_embed_2_dim=1472)
+        vcfg = vae_hyi.HunyuanImageVAEConfig()
+        tv = AutoencoderKLHunyuanImage(**{k: getattr(vcfg, k) for k in vcfg.__dataclass_fields__})
+    cfg = hyi.HunyuanImageConfig.from_dict(dict(tm.config))
+    shapes = hyi.expected_shapes(lambda: hyi.HunyuanImageTransformer2DModel(cfg))
+    count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))  # noqa: E731
+    assert count(shapes) == sum(p.numel() for p in tm.parameters())  # 17.4B
+    vshapes = hyi.expected_shapes(vae_hyi.module_fn(vcfg))
+    assert count(vshapes) == sum(p.numel() for p in tv.decoder.parameters())
+
+
 # ----- the VAE decoder -----
 
 @pytest.fixture(scope="module")
