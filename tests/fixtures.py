@@ -710,6 +710,35 @@ def make_torch_hunyuan_video15(seed: int = 0):
                                   guider=ClassifierFreeGuidance(**gkw))
 
 
+def make_torch_hunyuanimage(seed: int = 0):
+    """A tiny random diffusers HunyuanImagePipeline (xdit_jax.tiny's HunyuanImage-2.1 configs; HunyuanVideo-1.5's tiny
+    Qwen2.5-VL language model on its tokenizer and ByT5 on the byte-level tokenizer; FlowMatchEuler with shift 5; the
+    guider and the OCR guider AdaptiveProjectedMixGuidance)."""
+    from diffusers import (
+        AdaptiveProjectedMixGuidance,
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = randomize_(HunyuanImageTransformer2DModel(**tiny.HUNYUANIMAGE_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLHunyuanImage(**tiny.HUNYUANIMAGE_VAE), seed + 1, std=0.1)
+    qkw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_QWEN.items() if k != "model_type"}
+    text_encoder = randomize_(Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**qkw)), seed + 2, std=0.2)
+    bkw = {k: v for k, v in tiny.HUNYUAN_VIDEO15_BYT5.items() if k != "model_type"}
+    text_encoder_2 = randomize_(T5EncoderModel(T5Config(**bkw)), seed + 3, std=0.2)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    return HunyuanImagePipeline(text_encoder=text_encoder, tokenizer=tiny.train_hunyuan_video15_tokenizer(),
+                                transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(**strip(tiny.HUNYUANIMAGE_SCHEDULER)),
+                                text_encoder_2=text_encoder_2, tokenizer_2=tiny.byt5_tokenizer(),
+                                guider=AdaptiveProjectedMixGuidance(**strip(tiny.HUNYUANIMAGE_GUIDER)),
+                                ocr_guider=AdaptiveProjectedMixGuidance(**strip(tiny.HUNYUANIMAGE_OCR_GUIDER)))
+
+
 def make_torch_hunyuan_video15_i2v(seed: int = 0, meanflow: bool = False):
     """The tiny HunyuanVideo15Pipeline's parts as diffusers' HunyuanVideo15ImageToVideoPipeline, with a tiny SigLIP
     vision tower (xdit_jax.tiny.HUNYUAN_VIDEO15_SIGLIP) and its image processor at 28 x 28; ``meanflow``: the

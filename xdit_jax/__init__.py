@@ -14,6 +14,7 @@ from xdit_jax.pipelines.hunyuan_video15 import (
     HunyuanVideo15PipelineOutput,
 )
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
+from xdit_jax.pipelines.hunyuanimage import HunyuanImagePipeline, HunyuanImagePipelineOutput
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
 from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipelineOutput
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
@@ -38,7 +39,8 @@ __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipel
            "CogVideoXPipelineOutput", "CogView3PipelineOutput", "CogView3PlusPipeline", "ConsisIDPipeline",
            "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
            "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
-           "HunyuanDiTPipelineOutput", "HunyuanVideo15ImageToVideoPipeline", "HunyuanVideo15Pipeline",
+           "HunyuanDiTPipelineOutput", "HunyuanImagePipeline", "HunyuanImagePipelineOutput",
+           "HunyuanVideo15ImageToVideoPipeline", "HunyuanVideo15Pipeline",
            "HunyuanVideo15PipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline",
            "LattePipelineOutput", "LTXImageToVideoPipeline", "LTXPipeline", "LTXPipelineOutput", "Lumina2Pipeline",
            "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",

@@ -81,6 +81,16 @@ def _hunyuan_video15_request(mod, model, tc, args, height: int, width: int, guid
     return height, width, guidance
 
 
+def _hunyuanimage_request(mod, model, tc, args, height: int, width: int, guidance):
+    """HunyuanImage-2.1: whether the guider the prompts pick (the OCR guider for quoted text) runs CFG."""
+    return height, width, mod.request_guidance(model, args.prompts, args.guidance_scale)
+
+
+def _hunyuanimage_call(args) -> dict:
+    """HunyuanImage-2.1: --guidance-scale overrides the picked guider's scale; unset, the guider's own."""
+    return {"guidance_scale": args.guidance_scale}
+
+
 def _flux_request(mod, model, tc, args, height: int, width: int, guidance):
     """FLUX.1 Kontext makes the aspect ratio at max_area, floored to 16."""
     if getattr(args, "kontext", False):
@@ -184,6 +194,11 @@ FAMILIES = {
                               tiny_frames=5, max_sequence_length=1000,
                               tiny_max_sequence_length="HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH",
                               call_flags=("guidance_rescale",), check_hook=_hunyuan_video15_request),
+    # HunyuanImage-2.1: CFG / APG by the guiders (their configs' scales unless --guidance-scale; the negative prompt ""
+    # as diffusers'), 1000 Qwen tokens after the template's 34, 2048 x 2048 by default (a 64 x 64 toy for the tiny)
+    "hunyuanimage": Family(video=False, guidance_scale=3.5, steps=50, tiny_steps=2, tiny_size=(64, 64),
+                           max_sequence_length=1000, tiny_max_sequence_length="HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH",
+                           check_hook=_hunyuanimage_request, call_hook=_hunyuanimage_call),
     # (Qwen-Image: no guidance_scale; true CFG 4 with --negative-prompt, diffusers' default)
     "qwenimage": Family(video=False, guidance_scale=None, steps=50, tiny_size=(48, 80), max_sequence_length=512,
                         true_cfg="Qwen-Image", true_cfg_scale=4.0),
@@ -591,7 +606,7 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--use-dynamic-cfg (CogVideoX's)")
     if family != "wan" and args.guidance_scale_2 is not None:
         wrong.append("--guidance-scale-2 (Wan 2.2 A14B's)")
-    if fam.call_hook is None and args.id_embeds is not None:
+    if fam.call_hook is not _consisid_call and args.id_embeds is not None:
         wrong.append("--id-embeds (ConsisID's)")
     if getattr(args, "kind", None) not in DIFFUSION_FORCING:
         wrong += [f"{flag} (SkyReels-V2 diffusion forcing's)" for name, flag in DF_FLAGS.items()

@@ -74,6 +74,9 @@ MODEL_CLASSES = {
     "Qwen2_5_VLTextModel": ("xdit_jax.models.qwen2_5_vl", "Qwen25VLTextConfig"),
     # HunyuanVideo-1.5 image-to-video's image_encoder (siglip-so400m-patch14-384's vision tower)
     "SiglipVisionModel": ("xdit_jax.models.siglip", "SiglipVisionConfig"),
+    # HunyuanImage-2.1: its transformer and VAE (its text encoders: Qwen2.5-VL's and ByT5, as HunyuanVideo-1.5's)
+    "HunyuanImageTransformer2DModel": ("xdit_jax.models.hunyuanimage", "HunyuanImageConfig"),
+    "AutoencoderKLHunyuanImage": ("xdit_jax.models.vae_hunyuanimage", "HunyuanImageVAEConfig"),
     "SD3Transformer2DModel": ("xdit_jax.models.sd3", "SD3Config"),
     "QwenImageTransformer2DModel": ("xdit_jax.models.qwenimage", "QwenImageConfig"),
     # one module, four config classes: the config's class picks the tower and whether it has the projection
@@ -105,8 +108,8 @@ MODEL_CLASSES = {
     "Mistral3ForConditionalGeneration": ("xdit_jax.models.mistral3", "Mistral3TextConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
-                     "guider", "feature_extractor")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a config; its
-# I2V's SiglipImageProcessor)
+                     "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a
+# config; its I2V's SiglipImageProcessor; HunyuanImage-2.1's AdaptiveProjectedMixGuidance guider and ocr_guider)
 
 
 def model_class(class_name: str):

@@ -26,7 +26,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
               "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx",
               "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
-              "tiny-cogview3": "cogview3"}
+              "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -250,6 +250,28 @@ HUNYUAN_VIDEO15_BYT5 = dict(model_type="t5", vocab_size=384, d_model=16, d_kv=8,
                             pad_token_id=0, eos_token_id=1)
 HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH = 64  # the tiny model's Qwen tokens in the CLI (the real default: 1000)
 HUNYUAN_VIDEO15_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=5.0)
+# HunyuanImage-2.1 shaped: 2 double-stream and 2 single-stream blocks, 1 token refiner block over 2 heads of 8 (RoPE
+# axes 4 + 4), patch 1 x 1, on 8 latent channels; the text encoders HunyuanVideo-1.5's tiny Qwen2.5-VL (32 wide) and
+# ByT5 (16 wide).
+HUNYUANIMAGE_TRANSFORMER = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                                num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0,
+                                patch_size=[1, 1], qk_norm="rms_norm", guidance_embeds=False, text_embed_dim=32,
+                                text_embed_2_dim=16, rope_theta=256.0, rope_axes_dim=[4, 4], use_meanflow=False)
+# its VAE: 8x in space (not the release's 32x: 3 upsamplers, not 5), 64/32/32/32 wide (the GroupNorms' 32 groups),
+# 8 latent channels
+HUNYUANIMAGE_VAE = dict(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=[32, 32, 32, 64],
+                        layers_per_block=1, spatial_compression_ratio=8, sample_size=64, scaling_factor=0.75289,
+                        downsample_match_channel=True, upsample_match_channel=True)
+# its guiders (diffusers' AdaptiveProjectedMixGuidance): APG from the second step on
+# (adaptive_projected_guidance_start_step 0; the class's default 5 would leave a 2-step test on CFG), the rest the
+# class's defaults; the OCR guider (prompts
+# with quoted text) another scale and momentum. The scheduler's shift: 5.0 (from memory, not checked against the
+# release).
+HUNYUANIMAGE_GUIDER = dict(_class_name="AdaptiveProjectedMixGuidance", guidance_scale=3.5,
+                           adaptive_projected_guidance_start_step=0)
+HUNYUANIMAGE_OCR_GUIDER = dict(_class_name="AdaptiveProjectedMixGuidance", guidance_scale=4.5,
+                               adaptive_projected_guidance_momentum=-0.3, adaptive_projected_guidance_start_step=0)
+HUNYUANIMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=5.0)
 # HunyuanVideo-1.5 image-to-video's SigLIP vision tower at tiny size: 2 layers 8 wide (the transformer's
 # image_embed_dim) at 28 x 28, patch 14: 4 image states
 HUNYUAN_VIDEO15_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=16,
@@ -515,7 +537,7 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = 
         return train_mistral3_tokenizer()
     if class_name.startswith("ByT5"):
         return byt5_tokenizer()
-    if class_name.startswith("Qwen2") and pipeline.startswith("HunyuanVideo15"):  # with the chat template
+    if class_name.startswith("Qwen2") and pipeline.startswith(("HunyuanVideo15", "HunyuanImage")):  # (chat template)
         return train_hunyuan_video15_tokenizer()
     if class_name.startswith("Qwen2") and pipeline.startswith("QwenImageEdit"):  # with Qwen2.5-VL's vision tokens
         return train_qwen_edit_tokenizer()
@@ -537,6 +559,17 @@ def model_index(family: str = "cogvideox") -> dict:
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],
                 "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "SkyReelsV2Transformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+    if family == "hunyuanimage":
+        return {"_class_name": "HunyuanImagePipeline", "_diffusers_version": "0.36.0",
+                "guider": ["diffusers", "AdaptiveProjectedMixGuidance"],
+                "ocr_guider": ["diffusers", "AdaptiveProjectedMixGuidance"],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Qwen2_5_VLTextModel"],
+                "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                "text_encoder_2": ["transformers", "T5EncoderModel"],
+                "tokenizer_2": ["transformers", "ByT5Tokenizer"],
+                "transformer": ["diffusers", "HunyuanImageTransformer2DModel"],
+                "vae": ["diffusers", "AutoencoderKLHunyuanImage"]}
     if family == "hunyuan_video15":
         return {"_class_name": "HunyuanVideo15Pipeline", "_diffusers_version": "0.36.0",
                 "guider": ["diffusers", "ClassifierFreeGuidance"],
@@ -868,6 +901,24 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder_2": ("CLIPTextModel", FLUX_CLIP,
                                lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
         }, HUNYUAN_VIDEO_SCHEDULER
+    if family == "hunyuanimage":
+        from xdit_jax.models import hunyuanimage, llama, qwen2_5_vl, vae_hunyuanimage
+
+        tcfg = {**HUNYUANIMAGE_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("HunyuanImageTransformer2DModel", tcfg,
+                            lambda: hunyuanimage.HunyuanImageTransformer2DModel(
+                                hunyuanimage.HunyuanImageConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLHunyuanImage", HUNYUANIMAGE_VAE,
+                    lambda: vae_hunyuanimage.module_fn(
+                        vae_hunyuanimage.HunyuanImageVAEConfig.from_dict(HUNYUANIMAGE_VAE), jnp.float32)()),
+            "text_encoder": ("Qwen2_5_VLTextModel", HUNYUAN_VIDEO15_QWEN,
+                             lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(HUNYUAN_VIDEO15_QWEN),
+                                                      rngs=nnx.Rngs(0))),
+            "text_encoder_2": ("T5EncoderModel", HUNYUAN_VIDEO15_BYT5,
+                               lambda: t5.T5EncoderModel(t5.T5Config.from_dict(HUNYUAN_VIDEO15_BYT5),
+                                                         rngs=nnx.Rngs(0))),
+        }, HUNYUANIMAGE_SCHEDULER
     if family == "hunyuan_video15":
         from xdit_jax.models import hunyuan_video15, llama, qwen2_5_vl, vae_hunyuan_video15
 
@@ -1026,6 +1077,10 @@ def write_configs(folder: str | os.PathLike, family: str = "cogvideox", transfor
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     (folder / "model_index.json").write_text(json.dumps(model_index(family), indent=2))
+    if family == "hunyuanimage":  # the guiders' configs (diffusers' AdaptiveProjectedMixGuidance saves)
+        for name, cfg in (("guider", HUNYUANIMAGE_GUIDER), ("ocr_guider", HUNYUANIMAGE_OCR_GUIDER)):
+            (folder / name).mkdir(exist_ok=True)
+            (folder / name / "guider_config.json").write_text(json.dumps(cfg, indent=2))
     if family == "hunyuan_video15":  # the guider's config (diffusers' ClassifierFreeGuidance save)
         (folder / "guider").mkdir(exist_ok=True)
         (folder / "guider" / "guider_config.json").write_text(json.dumps(HUNYUAN_VIDEO15_GUIDER, indent=2))
