@@ -25,7 +25,8 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-qwenimage-edit-plus": "qwenimage-edit-plus", "tiny-zimage": "zimage",
               "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
               "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx",
-              "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15"}
+              "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
+              "tiny-cogview4": "cogview4"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -519,6 +520,8 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = 
     Z-Image's, with Qwen3's chat template; else Qwen-Image's), else T5's Unigram. Its ids are valid for the full-size
     encoders' vocabularies and it pads to the lengths the pipelines ask for, so a pipeline with random weights runs
     the real shapes."""
+    if text_encoder.startswith("Glm"):  # CogView4's GLM-4 (a PreTrainedTokenizerFast padding on the left)
+        return train_glm_tokenizer()
     if class_name.startswith("CLIP"):
         return train_clip_tokenizer()
     if class_name.startswith("Bert"):
@@ -624,6 +627,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer": ["transformers", "Qwen2Tokenizer"],
                 "transformer": ["diffusers", "QwenImageTransformer2DModel"],
                 "vae": ["diffusers", "AutoencoderKLQwenImage"]}
+    if family == "cogview4":
+        return {"_class_name": "CogView4Pipeline", "_diffusers_version": "0.33.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "GlmModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+                "transformer": ["diffusers", "CogView4Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "zimage":
         return {"_class_name": "ZImagePipeline", "_diffusers_version": "0.36.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -912,6 +920,19 @@ def _parts(family: str, transformer: dict | None):
                              lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(tecfg),
                                                       rngs=nnx.Rngs(0))),
         }, QWEN_IMAGE_SCHEDULER
+    if family == "cogview4":
+        from xdit_jax.models import cogview4, glm, llama
+
+        tcfg = {**COGVIEW4_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("CogView4Transformer2DModel", tcfg,
+                            lambda: cogview4.CogView4Transformer2DModel(cogview4.CogView4Config.from_dict(tcfg),
+                                                                        rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": ("GlmModel", COGVIEW4_GLM,
+                             lambda: llama.LlamaModel(glm.GlmConfig.from_dict(COGVIEW4_GLM), rngs=nnx.Rngs(0))),
+        }, COGVIEW4_SCHEDULER
     if family == "zimage":
         from xdit_jax.models import llama, qwen3, zimage
 
