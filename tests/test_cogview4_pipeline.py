@@ -147,3 +147,24 @@ def test_compile_step(pipes):
     compiled = ours.compile_step(2, height=H, width=W, num_inference_steps=STEPS, text_tokens=48)
     shapes = [a.shape for a in jax.tree.leaves(compiled.args_info) if hasattr(a, "shape")]
     assert (4, 48, 32) in shapes and (2,) + LATENT in shapes
+
+
+@pytest.mark.slow
+def test_cli_tiny_cogview4(tmp_path, capsys, monkeypatch):
+    """scripts/generate.py --model tiny-cogview4: a .png with CFG and a negative prompt on cfg x ulysses 3 (the 16
+    image tokens padded to 18 over the 3 devices of a CFG half); cfg=2 without guidance (> 1) refused."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "c.png"
+    rc = cli.main(["--model", "tiny-cogview4", "--output", str(out), "--negative-prompt", "blurry", "--mesh",
+                   "cfg=2,ulysses=3", "--no-progress", "--json"])
+    assert rc == 0
+    image = iio.imread(out)
+    assert image.shape == (64, 64, 3) and image.std() > 1
+    assert '"model_family": "cogview4"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-cogview4", "--output", str(tmp_path / "n.png"), "--mesh", "cfg=2",
+                   "--guidance-scale", "1", "--no-progress"])
+    assert rc == 2 and "guidance_scale > 1" in capsys.readouterr().err
