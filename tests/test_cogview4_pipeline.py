@@ -168,3 +168,37 @@ def test_cli_tiny_cogview4(tmp_path, capsys, monkeypatch):
     rc = cli.main(["--model", "tiny-cogview4", "--output", str(tmp_path / "n.png"), "--mesh", "cfg=2",
                    "--guidance-scale", "1", "--no-progress"])
     assert rc == 2 and "guidance_scale > 1" in capsys.readouterr().err
+
+
+def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
+    """scripts/benchmark.py's step of cogview4-tiny (24 image + 32 text tokens, CFG) against diffusers' transformer on
+    one device and cfg=2,ring=2,ulysses=2; the compiled program's FLOPs == the analytic count."""
+    from xdit_jax import bench
+    from xdit_jax.bench_families import family_of_config
+    from xdit_jax.tiny import COGVIEW4_TRANSFORMER
+
+    assert family_of_config(dict(COGVIEW4_TRANSFORMER)) == "cogview4"
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model="cogview4-tiny", meshes=[None, "cfg=2,ring=2,ulysses=2"],
+                                                      steps=1, compare="diffusers", settle=0, log=lambda s: None))
+    assert sorted((r["mesh"], r["impl"]) for r in rows) == [
+        ("cfg=2,ring=2,ulysses=2", "xdit_jax"), ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["family"] == "cogview4" and r["latent_shape"] == [2, 4, 8, 12] and r["image_tokens"] == 24
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in (by_mesh["single device"], by_mesh["cfg=2,ring=2,ulysses=2"]):
+        assert r["max_abs_diff_vs_diffusers"] < 1e-4
+    one = by_mesh["single device"]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_benchmark_e2e_tiny():
+    """--e2e builds cogview4-tiny's pipeline from its configs with random weights and times its stages (cfg=2)."""
+    from xdit_jax import bench
+
+    opts = bench.StepOptions(model="cogview4-tiny", meshes=["cfg=2,ulysses=2"], log=lambda s: None)
+    (row,) = bench.run_e2e_benchmark(opts, steps=2)
+    assert row["kind"] == "e2e" and "error" not in row, row.get("error")
+    assert row["output_shape"] == [1, 64, 96, 3]
