@@ -202,3 +202,21 @@ def test_benchmark_e2e_tiny():
     (row,) = bench.run_e2e_benchmark(opts, steps=2)
     assert row["kind"] == "e2e" and "error" not in row, row.get("error")
     assert row["output_shape"] == [1, 64, 96, 3]
+
+
+@pytest.mark.slow
+def test_random_pipeline_is_laid_out_as_a_checkpoint(tmp_path):
+    """``from_config`` (random weights from configs alone) builds the modules ``from_pretrained`` builds from a tiny
+    checkpoint of the same configs, on pipefusion=2 (tests/test_from_config.py's rule)."""
+    from tests.test_from_config import _layout
+    from xdit_jax import tiny
+
+    ckpt = tiny.make_tiny_model(tmp_path / "ckpt", family="cogview4")
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    tiny.write_configs(configs, "cogview4")
+    loaded = CogView4Pipeline.from_pretrained(ckpt, mesh="pipefusion=2", dtype="bfloat16")
+    random = CogView4Pipeline.from_config(configs, mesh="pipefusion=2", dtype="bfloat16", seed=3)
+    for name in ("transformer", "vae", "text_encoder"):
+        assert _layout(getattr(random, name)) == _layout(getattr(loaded, name)), name
+    assert type(random.tokenizer).__name__ == type(loaded.tokenizer).__name__
