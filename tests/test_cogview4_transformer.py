@@ -61,6 +61,7 @@ def test_matches_diffusers(batch):
     assert diff < 2e-5 * np.abs(ref).max()
 
 
+@pytest.mark.slow  # (the default run covers the mask end to end: tests/test_cogview4_pipeline.py's CFG halves)
 def test_text_mask_equals_the_shorter_prompt_alone(pair, batch):
     """Sample 1 with its text cut to 16 tokens, alone == in the batch with 16 masked tokens after them."""
     tm, cfg, model = pair
