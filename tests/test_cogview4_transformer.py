@@ -106,28 +106,40 @@ def test_refused_shapes(pair):
               np.zeros(2), np.zeros(2), np.zeros(2))
 
 
-@pytest.mark.slow
-def test_full_size_shapes_match_diffusers_and_transformers():
-    """CogView4-6B's transformer and glm-4-9b's GlmModel at full size, built abstractly (nothing allocated): our
-    parameter counts == diffusers' / transformers' modules on the meta device (6.37B and 8.78B)."""
+def test_full_size_configs_folder():
+    """configs/cogview4-6b (diffusers' layout of THUDM/CogView4-6B) reads into our configs; the transformer and
+    glm-4-9b built abstractly (nothing allocated) count the parameters of diffusers' / transformers' modules of the
+    same configs on the meta device (6.37B and 8.78B); its defaults are the CLI's; the release's size passes."""
+    import json
+    from pathlib import Path
+
     from flax import nnx
     from transformers import GlmConfig, GlmModel
 
+    from xdit_jax import cli
     from xdit_jax.models import glm, llama
+    from xdit_jax.pipelines import cogview4 as cp
 
-    tc = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=28, attention_head_dim=128,
-              num_attention_heads=32, text_embed_dim=4096, time_embed_dim=512, condition_dim=256, pos_embed_max_size=128,
-              sample_size=128, rope_axes_dim=[256, 256])
-    gc = dict(hidden_size=4096, intermediate_size=13696, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
-              partial_rotary_factor=0.5, rope_theta=10000.0, attention_bias=True, num_hidden_layers=40,
-              vocab_size=151552)
+    root = Path(__file__).resolve().parents[1] / "configs" / "cogview4-6b"
+    tc, vc = cp.read_configs(root)
+    gd = json.loads((root / "text_encoder" / "config.json").read_text())
+    gc = glm.GlmConfig.from_dict(gd)
+    assert (tc.inner_dim, tc.num_layers, tc.text_embed_dim, gc.hidden_size, gc.rotary_dim) == (4096, 28, 4096, 4096, 64)
+    assert vc.latent_channels == tc.in_channels == 16 and cp.default_size(tc, vc) == {"height": 1024, "width": 1024}
+    defaults = json.loads((root / "defaults.json").read_text())
+    assert (defaults["num_inference_steps"], defaults["guidance_scale"], defaults["max_sequence_length"]) == (
+        cli.DEFAULTS["cogview4"]["steps"], cli.DEFAULTS["cogview4"]["guidance_scale"],
+        cli.DEFAULTS["cogview4"]["max_sequence_length"]) == (50, 5.0, 1024)
+    cp.check_request(tc, vc, 1024, 1024, 1, "cfg=2,ulysses=4", 5.0)
     count = lambda m: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    td = json.loads((root / "transformer" / "config.json").read_text())
     with torch.device("meta"):
-        tm, gm = TorchModel(**tc), GlmModel(GlmConfig(**gc))
-    ours = count(nnx.eval_shape(lambda: cogview4.CogView4Transformer2DModel(cogview4.CogView4Config.from_dict(tc))))
-    assert ours == sum(p.numel() for p in tm.parameters()) == 6_369_118_272
-    ours = count(nnx.eval_shape(lambda: llama.LlamaModel(glm.GlmConfig.from_dict(dict(gc, model_type="glm")))))
-    assert ours == sum(p.numel() for p in gm.parameters()) == 8_779_194_368
+        tm = TorchModel(**{k: v for k, v in td.items() if not k.startswith("_")})
+        gm = GlmModel(GlmConfig(**{k: v for k, v in gd.items() if k not in ("architectures", "model_type")}))
+    assert count(nnx.eval_shape(lambda: cogview4.CogView4Transformer2DModel(tc))) == \
+        sum(p.numel() for p in tm.parameters()) == 6_369_118_272
+    assert count(nnx.eval_shape(lambda: llama.LlamaModel(gc))) == sum(p.numel() for p in gm.parameters()) \
+        == 8_779_194_368
 
 
 @pytest.mark.slow
@@ -144,3 +156,19 @@ def test_bf16_close_to_fp32(pair, batch):
     out = np.asarray(FWD(m16, *args)).astype(np.float32)
     # measured 0.6% of the output scale (3.1)
     assert np.abs(out - ours).max() < 0.03 * np.abs(ours).max()
+
+
+@pytest.mark.slow
+def test_full_width_flops_compile_only():
+    """configs/cogview4-6b at full width, 2 blocks, 256 x 256, compiled on abstract shapes (no weights) on one device,
+    cfg=2,ulysses=2 and pipefusion=2: the one-device program's FLOPs == the analytic count."""
+    from xdit_jax import bench
+
+    rows = bench.run_step_benchmark(bench.StepOptions(model="cogview4-6b", layers=2, height=256, width=256,
+                                                      meshes=[None, "cfg=2,ulysses=2", "pipefusion=2"],
+                                                      compile_only=True, log=lambda s: None))
+    for r in rows:
+        assert "error" not in r or r["error"] is None, r.get("error")
+        assert r["image_tokens"] == 256 and r["text_tokens"] == 128
+    one = rows[0]
+    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)

@@ -863,6 +863,8 @@ PRESET_HELP.update({
                     "256 Llama tokens, one sample per prompt)",
     "cogview4-tiny": "a 2x16-head CogView4 (2 blocks, GLM states 32 wide) at 64x96: 24 image + 32 text tokens, CFG "
                      "(CI smoke test)",
+    "cogview4-6b": "full-size configs/cogview4-6b with random weights at 1024x1024 (64x64 = 4096 image + 128 GLM "
+                   "tokens, CFG: 2 samples per prompt)",
     "zimage-tiny": "a 2x16-head Z-Image (2 main + 1 noise + 1 context refiner layers, caption 32 wide) at 64x96: 24 "
                    "image tokens (padded to 32) + 32 caption tokens (20 kept), no CFG (CI smoke test)",
     "zimage-cpu-small": "Z-Image-Turbo width (30 heads x 128), 2 main + 1 + 1 refiner layers, 256x256: 16x16 = 256 "
