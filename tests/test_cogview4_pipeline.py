@@ -118,11 +118,12 @@ def test_pipefusion_matches_sequential_rule(pipes):
     exact = run_ours(ours, PROMPT, lat, **kw)
     ref = run_ours(CogView4Pipeline.from_pretrained(folder, pipefusion_patches=2), PROMPT, lat, **kw)
     out = run_ours(CogView4Pipeline.from_pretrained(folder, mesh=build_mesh("pipefusion=2")), PROMPT, lat, **kw)
-    atol = 2e-6 * np.abs(ref).max()
+    atol = 2e-6 * np.abs(ref).max()  # measured 0 (the same program order), latents O(3.3)
     np.testing.assert_allclose(out, ref, atol=atol, rtol=0)
-    assert np.abs(ref - exact).max() > 20 * atol  # the patched steps really ran (stale K/V)
+    assert np.abs(ref - exact).max() > 20 * atol  # the patched steps really ran (stale K/V differ: measured 0.02)
     cfg_pf = run_ours(CogView4Pipeline.from_pretrained(folder, mesh=build_mesh("cfg=2,pipefusion=2,ulysses=2")),
                       PROMPT, lat, **kw)
+    # the CFG halves split and Ulysses inside each patch: float reordering, measured 1.4e-6
     np.testing.assert_allclose(cfg_pf, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
 
 
