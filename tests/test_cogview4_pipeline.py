@@ -57,7 +57,8 @@ def test_cfg_two_prompts_match_diffusers(cfg_two_prompts):
     """Two prompts (left-padded to the longer, then to 32 GLM tokens), CFG 5 with the default negative prompt "" (16
     tokens: the two halves of different lengths), SDXL conditions of their own: the latents after 2 steps."""
     _, ref, out = cfg_two_prompts
-    print(f"CogView4 pipeline latents: max |diff| {np.abs(out - ref).max():.2e} at scale {np.abs(ref).max():.2f}")
+    # latents O(3.2) after 2 Euler steps, both sides fp32: measured max |diff| 2.7e-6 (8.5e-7 of the scale); a wrong
+    # padding side, hidden state, mu, timestep or size condition moves them by 1e-2 and more
     assert_close_latents(out, ref)
 
 
@@ -69,8 +70,7 @@ def test_image_matches_diffusers(pipes):
     ref = run_torch(tp, PROMPT, lat, output_type="np", **kw)
     out = run_ours(ours, PROMPT, lat, **kw)
     assert out.shape == ref.shape == (1, H, W, 3)
-    print(f"CogView4 pipeline image: max |diff| {np.abs(out - ref).max():.2e}")
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)  # pixels in [0, 1]: measured max |diff| 1.9e-6
 
 
 def test_mesh_equals_one_device(pipes, cfg_two_prompts):
@@ -171,6 +171,7 @@ def test_cli_tiny_cogview4(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "guidance_scale > 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # (the default run's budget; the transformer's parity and mesh tests are the default ones)
 def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
     """scripts/benchmark.py's step of cogview4-tiny (24 image + 32 text tokens, CFG) against diffusers' transformer on
     one device and cfg=2,ring=2,ulysses=2; the compiled program's FLOPs == the analytic count."""

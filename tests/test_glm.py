@@ -62,7 +62,7 @@ def test_hidden_states_match_transformers(tok, pair):
     got = np.asarray(glm.prompt_embeds(tok, model, PROMPTS, 1024))
     assert got.shape == want.shape
     diff = np.abs(got - want).max()
-    print(f"GLM hidden_states[-2]: max |diff| {diff:.2e} at scale {np.abs(want).max():.2f}")
+    # fp32: measured max |diff| 5.8e-6 at values up to 8.0 (7e-7 of the scale)
     assert diff < 1e-5 * max(np.abs(want).max(), 1.0)
 
 
