@@ -507,6 +507,22 @@ def make_torch_zimage(seed: int = 0):
                           tokenizer=tiny.train_qwen3_tokenizer(), transformer=transformer)
 
 
+def make_torch_cogview4(seed: int = 0):
+    """A tiny random diffusers CogView4Pipeline (xdit_jax.tiny's CogView4 configs: GlmModel on the stand-in tokenizer
+    padding on the left, FLUX's tiny VAE, FlowMatchEuler with CogView4's dynamic linear time shift)."""
+    from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    torch.manual_seed(seed)
+    transformer = randomize_(CogView4Transformer2DModel(**tiny.COGVIEW4_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
+    gkw = {k: v for k, v in tiny.COGVIEW4_GLM.items() if k != "model_type"}
+    text_encoder = randomize_(GlmModel(GlmConfig(**gkw)), seed + 2, std=0.2).eval()
+    skw = {k: v for k, v in tiny.COGVIEW4_SCHEDULER.items() if not k.startswith("_")}
+    return CogView4Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**skw), vae=vae, text_encoder=text_encoder,
+                            tokenizer=tiny.train_glm_tokenizer(), transformer=transformer)
+
+
 def make_torch_sana(seed: int = 0, **transformer):
     """A tiny random diffusers SanaPipeline (xdit_jax.tiny's SANA configs, ``transformer``: overrides of the
     transformer's; Gemma 2 with eager attention, its logit soft-capping)."""

@@ -4,6 +4,7 @@ from xdit_jax.mesh import MeshSpec, build_mesh
 from xdit_jax.pipelines.chroma import ChromaPipeline, ChromaPipelineOutput
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
 from xdit_jax.pipelines.cogview3 import CogView3PipelineOutput, CogView3PlusPipeline
+from xdit_jax.pipelines.cogview4 import CogView4Pipeline, CogView4PipelineOutput
 from xdit_jax.pipelines.consisid import ConsisIDPipeline
 from xdit_jax.pipelines.flux import FluxKontextPipeline, FluxPipeline, FluxPipelineOutput
 from xdit_jax.pipelines.flux2 import Flux2KleinPipeline, Flux2Pipeline, Flux2PipelineOutput
@@ -36,7 +37,8 @@ from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipe
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
 __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline",
-           "CogVideoXPipelineOutput", "CogView3PipelineOutput", "CogView3PlusPipeline", "ConsisIDPipeline",
+           "CogVideoXPipelineOutput", "CogView3PipelineOutput", "CogView3PlusPipeline", "CogView4Pipeline",
+           "CogView4PipelineOutput", "ConsisIDPipeline",
            "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
            "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
            "HunyuanDiTPipelineOutput", "HunyuanImagePipeline", "HunyuanImagePipelineOutput",

@@ -96,7 +96,7 @@ CHROMA_MODELS = ("chroma1-hd",)
 LUMINA2_MODELS = ("lumina-image-2.0",)
 FLUX2_MODELS = ("flux.2-klein-4b",)
 LTX_MODELS = ("ltx-video-0.9.0", "ltx-video-0.9.1")
-IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma",
+IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma", "cogview4",
                   "lumina2", "flux2", "cogview3")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
@@ -628,6 +628,16 @@ def _zimage_cpu_small_workload() -> Workload:
                     source="configs/z-image-turbo, 2 layers + 1 + 1 refiner layers", defaults=defaults)
 
 
+def _cogview4_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's CogView4 (2 heads x 16, 2 blocks, GLM states 32 wide) at 64 x 96: a 4 x 6 grid of patches, 24
+    # image tokens; 32 text tokens; CFG (the pipeline's default guidance 5): both halves per prompt.
+    return Workload("cogview4-tiny", dict(tiny.COGVIEW4_TRANSFORMER), height=64, width=96, num_frames=1,
+                    family="cogview4", text_tokens=32, source="xdit_jax.tiny's CogView4, 2 heads x 16, 2 blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 5.0})
+
+
 def _lumina2_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
@@ -734,6 +744,7 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "sana-cpu-small": _sana_cpu_small_workload,
                                               "sana-sprint-tiny": _sana_sprint_tiny_workload,
                                               "lumina2-tiny": _lumina2_tiny_workload,
+                                              "cogview4-tiny": _cogview4_tiny_workload,
                                               "lumina2-cpu-small": _lumina2_cpu_small_workload,
                                               "consisid-tiny": _consisid_tiny_workload}
 PRESET_HELP = {
@@ -868,6 +879,10 @@ PRESET_HELP.update({
                   "tokens, true CFG: 2 samples per prompt)",
     "hunyuanvideo": "full-size configs/hunyuanvideo with random weights at 129x720x1280 (33x45x80 = 118,800 video + "
                     "256 Llama tokens, one sample per prompt)",
+    "cogview4-tiny": "a 2x16-head CogView4 (2 blocks, GLM states 32 wide) at 64x96: 24 image + 32 text tokens, CFG "
+                     "(CI smoke test)",
+    "cogview4-6b": "full-size configs/cogview4-6b with random weights at 1024x1024 (64x64 = 4096 image + 128 GLM "
+                   "tokens, CFG: 2 samples per prompt)",
     "zimage-tiny": "a 2x16-head Z-Image (2 main + 1 noise + 1 context refiner layers, caption 32 wide) at 64x96: 24 "
                    "image tokens (padded to 32) + 32 caption tokens (20 kept), no CFG (CI smoke test)",
     "zimage-cpu-small": "Z-Image-Turbo width (30 heads x 128), 2 main + 1 + 1 refiner layers, 256x256: 16x16 = 256 "

@@ -3239,10 +3239,121 @@ class LTX(Family):
         return LTXTorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# CogView4
+# ============================================================================================
+
+COGVIEW4_TIMESTEP = 500.0  # the transformer's ``timestep``: the scheduler's, mid-schedule
+COGVIEW4_TEXT_TOKENS = 128  # a typical prompt's GLM tokens, left-padded to a multiple of 16
+
+
+def cogview4_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one CogView4 transformer forward (2 FLOPs per multiply-add).
+
+    Latents (B, C, H, W); X = (H/p)(W/p) image tokens, L text tokens, S = X + L, d = heads x head_dim, T =
+    time_embed_dim, c = condition_dim, D_txt = text_embed_dim, N blocks. Per block (one set of weights over text and
+    image): q, k, v, out 8 B S d^2, attention QK^T and PV 4 B S^2 d, the feed-forward d -> 4d -> d 16 B S d^2, the
+    modulation Linear T -> 12 d 24 B T d. Once: the patch embed 2 B X (p^2 C) d, the text projection 2 B L D_txt d,
+    the timestep MLP 2 B (d T + T^2), the size conditions' MLP 2 B (6 c T + T^2), the output modulation 2 B T (2 d)
+    and projection 2 B X d (p^2 C_out). Norms, RoPE (host tables), SiLU / GELU and the gates are element-wise."""
+    b, c, h, w = latent_shape
+    t = transformer
+    p = int(t.get("patch_size", 2))
+    d = int(t.get("num_attention_heads", 32)) * int(t.get("attention_head_dim", 128))
+    tdim, cdim = int(t.get("time_embed_dim", 512)), int(t.get("condition_dim", 256))
+    dtxt, layers = int(t.get("text_embed_dim", 4096)), int(t.get("num_layers", 28))
+    cout = int(t.get("out_channels") or c)
+    x, length = (h // p) * (w // p), int(text_len)
+    s = x + length
+    attn = 4 * b * s * s * d
+    block = 8 * b * s * d * d + attn + 16 * b * s * d * d + 24 * b * tdim * d
+    once = 2 * b * x * p * p * c * d + 2 * b * length * dtxt * d + 2 * b * (d * tdim + tdim * tdim) \
+        + 2 * b * (6 * cdim * tdim + tdim * tdim) + 2 * b * tdim * 2 * d + 2 * b * x * d * p * p * cout
+    total = layers * block + once
+    return {"total": float(total), "per_block": float(block), "attention": float(layers * attn),
+            "linear": float(total - layers * attn), "tokens": x}
+
+
+class CogView4TorchReference(TorchReference):
+    """diffusers' ``CogView4Transformer2DModel`` called as ``CogView4Pipeline`` calls it: latents (B, C, h, w), the
+    GLM states (B, L, text_embed_dim), the timestep, the size conditions (B, 2) each. With CFG the pipeline makes two
+    calls (its halves at their own lengths); here both halves share the text length, one batch."""
+
+    diffusers_class = "CogView4Transformer2DModel"
+
+    def set_inputs(self, inputs, w):
+        put = functools.partial(self._put, inputs)
+        self.x, self.enc = put("latents", self.dtype), put("embeds", self.dtype)
+        self.t, sizes = put("t"), put("sizes", self.dtype)
+        self.sizes = (sizes[:, 0:2], sizes[:, 2:4], sizes[:, 4:6])
+
+    def _forward(self):
+        return self.model(self.x, self.enc, self.t, *self.sizes, return_dict=False)[0]
+
+
+class CogView4(Family):
+    name = "cogview4"
+    module_name = "xdit_jax.models.cogview4"
+    model_class_name = "CogView4Transformer2DModel"
+    config_class_name = "CogView4Config"
+    token_word = "image"
+    title = "CogView4"
+
+    def latent_shape(self, w):
+        """(B, C, H/8, W/8), diffusers' layout."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 16)), w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, _, h, ww = self.latent_shape(w)
+        p = int(w.transformer.get("patch_size", 2))
+        return (h // p) * (ww // p), self.text_len(w)
+
+    def text_len(self, w):
+        return int(w.text_tokens or COGVIEW4_TEXT_TOKENS)
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # the image tokens; the text joins as a context
+
+    def check(self, cfg, shape):
+        if shape[1] != cfg.in_channels or shape[2] % cfg.patch_size or shape[3] % cfg.patch_size:
+            raise ValueError(f"latents {shape}: this CogView4 transformer takes {cfg.in_channels} channels and sizes "
+                             f"that are multiples of {cfg.patch_size}.")
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "layers": cfg.num_layers,
+                "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim, "height": w.height,
+                "width": w.width, "cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As ``CogView4Pipeline`` passes them: latents (B, C, h, w), the GLM states (B, L, text_embed_dim), the
+        timestep (B,) and the size conditions (B, 6): original (h, w), target (h, w), crop (top, left)."""
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        embeds = rng.standard_normal((b, self.text_len(w), int(w.transformer.get("text_embed_dim", 4096))),
+                                     dtype=np.float32)
+        sizes = np.tile(np.asarray([w.height, w.width, w.height, w.width, 0, 0], np.float32), (b, 1))
+        return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32), "embeds": embeds,
+                "t": np.full((b,), COGVIEW4_TIMESTEP, dtype=np.float32), "sizes": sizes}
+
+    def embed_args(self, inputs, dtype):
+        sizes = inputs["sizes"]
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], sizes[:, 0:2],
+                sizes[:, 2:4], sizes[:, 4:6])
+
+    def analytic_flops(self, w):
+        return cogview4_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return CogView4TorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
                                                           HunyuanVideo15(), QwenImage(), ZImage(), Sana(), Chroma(),
-                                                          Lumina2(), Flux2(), LTX(), ConsisID(), CogView3())}
+                                                          Lumina2(), Flux2(), LTX(), ConsisID(), CogView3(),
+                                                          CogView4())}
 CONSISID_CLASS_NAMES = ("ConsisIDTransformer3DModel",)
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
@@ -3262,6 +3373,7 @@ LUMINA2_CLASS_NAMES = ("Lumina2Transformer2DModel",)
 FLUX2_CLASS_NAMES = ("Flux2Transformer2DModel",)
 LTX_CLASS_NAMES = ("LTXVideoTransformer3DModel",)
 COGVIEW3_CLASS_NAMES = ("CogView3PlusTransformer2DModel",)
+COGVIEW4_CLASS_NAMES = ("CogView4Transformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -3283,8 +3395,12 @@ def family_of_config(transformer: dict) -> str:
     FLUX.2 by its class name or ``num_single_layers`` with ``timestep_guidance_channels`` (checked before FLUX.1,
     whose ``num_single_layers`` it shares); LTX-Video by its class name or ``caption_channels`` with ``patch_size_t``
     and ``qk_norm`` (PixArt has the first only); ConsisID by its class name or ``is_train_face``;
-    HunyuanVideo-1.5 by its class name or ``text_embed_2_dim`` (no other family has it); CogView3-Plus by its class
-    name or ``condition_dim`` (no other family has it); else CogVideoX."""
+    HunyuanVideo-1.5 by its class name or ``text_embed_2_dim`` (no other family has it); CogView4 by its class name
+    or ``condition_dim`` with ``rope_axes_dim``; CogView3-Plus by its class name or ``condition_dim`` alone (no other
+    family has either); else CogVideoX."""
+    if transformer.get("_class_name") in COGVIEW4_CLASS_NAMES or (
+            "condition_dim" in transformer and "rope_axes_dim" in transformer):
+        return "cogview4"
     if transformer.get("_class_name") in COGVIEW3_CLASS_NAMES or "condition_dim" in transformer:
         return "cogview3"
     if transformer.get("_class_name") in HUNYUAN_VIDEO15_CLASS_NAMES or "text_embed_2_dim" in transformer:

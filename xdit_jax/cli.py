@@ -9,7 +9,8 @@
                                                    # tiny-sana-sprint, tiny-chroma, tiny-lumina2, tiny-flux2-klein,
                                                    # tiny-qwenimage-edit(-plus) with --image, tiny-skyreels-v2,
                                                    # tiny-ltx (--image: image-to-video),
-                                                   # tiny-consisid with --image and --id-embeds)
+                                                   # tiny-consisid with --image and --id-embeds,
+                                                   # tiny-cogview4)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -202,6 +203,10 @@ FAMILIES = {
     # (Qwen-Image: no guidance_scale; true CFG 4 with --negative-prompt, diffusers' default)
     "qwenimage": Family(video=False, guidance_scale=None, steps=50, tiny_size=(48, 80), max_sequence_length=512,
                         true_cfg="Qwen-Image", true_cfg_scale=4.0),
+    # diffusers' CogView4Pipeline defaults (CFG 5 with the negative prompt "" by default; the prompt's GLM tokens up to
+    # 1024, padded to the batch's longest only: the tiny model's are the real ones)
+    "cogview4": Family(video=False, guidance_scale=5.0, steps=50, tiny_steps=2, tiny_size=(64, 64),
+                       max_sequence_length=1024, tiny_max_sequence_length=None),
     # Z-Image-Turbo's settings (diffusers' ZImagePipeline defaults are 50 steps, CFG 5)
     "zimage": Family(video=False, guidance_scale=0.0, steps=9, tiny_steps=2, tiny_size=(64, 64),
                      max_sequence_length=512, tiny_max_sequence_length=None),
@@ -251,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-qwenimage-edit' / "
                          "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / 'tiny-sana-sprint' / "
                          "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' / 'tiny-consisid' / "
-                         "'tiny-cogview3' "
+                         "'tiny-cogview3' / 'tiny-cogview4' / 'tiny-hunyuanimage' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")

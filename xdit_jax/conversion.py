@@ -100,6 +100,11 @@ MODEL_CLASSES = {
     "AutoencoderDC": ("xdit_jax.models.vae_dc", "AutoencoderDCConfig"),
     # Lumina-Image 2.0 (its text encoder: Gemma2Model above; its VAE: FLUX's AutoencoderKL)
     "Lumina2Transformer2DModel": ("xdit_jax.models.lumina2", "Lumina2Config"),
+    # CogView4: its transformer and text_encoder (glm-4-9b's GlmModel; a GlmForCausalLM's model.* keys load too); its
+    # VAE: AutoencoderKL with 16 latent channels (above)
+    "CogView4Transformer2DModel": ("xdit_jax.models.cogview4", "CogView4Config"),
+    "GlmModel": ("xdit_jax.models.glm", "GlmConfig"),
+    "GlmForCausalLM": ("xdit_jax.models.glm", "GlmConfig"),
     # FLUX.2: its transformer and VAE (AutoencoderKL with 32 latent channels and the latents' batch-norm statistics);
     # klein's text encoder is Qwen3ForCausalLM (above)
     "Flux2Transformer2DModel": ("xdit_jax.models.flux2", "Flux2Config"),

@@ -26,7 +26,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
               "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx",
               "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
-              "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage"}
+              "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage", "tiny-cogview4": "cogview4"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -334,6 +334,23 @@ ZIMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train
                         use_dynamic_shifting=False)
 
 
+# CogView4 shaped: 2 blocks over 2 heads of 16 (the image RoPE: 8 + 8 of each head, rope_axes_dim 16 x 16), time
+# embedding 24 wide, conditions 8 wide each (6 x 8 = 48 pooled), 4 latent channels (FLUX's tiny VAE, 8x, decoded as
+# latents / scaling_factor as CogView4Pipeline does); a 3-layer GLM 32 wide (2 KV heads of 16, RoPE on the first 8
+# features in interleaved pairs, q/k/v biases, fused gate_up_proj; hidden_states[-2]: the second layer's output) on
+# the Llama-3-like stand-in tokenizer padding on the left. 64 x 64 images: 8 x 8 latents, 16 image tokens.
+COGVIEW4_TRANSFORMER = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+                            num_attention_heads=2, text_embed_dim=32, time_embed_dim=24, condition_dim=8,
+                            pos_embed_max_size=16, sample_size=8, rope_axes_dim=[16, 16])
+COGVIEW4_GLM = dict(vocab_size=LLAMA_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1.5625e-07,
+                    max_position_embeddings=1024, attention_bias=True, pad_token_id=5, eos_token_id=1,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                    model_type="glm")
+COGVIEW4_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
+                          use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                          max_image_seq_len=4096, time_shift_type="linear")
+
 # FLUX.2 [klein] shaped: 2 double- and 2 single-stream blocks over 2 heads of 16 (RoPE axes 4 x 4, theta 2000), no
 # guidance embedding; a 4-block AutoencoderKLFlux2 (8x) with 4 latent channels (16 patchified, the batch-norm over
 # them), decoder widths of its own; a 27-layer Qwen3 24 wide (hidden_states 9, 18, 27: the last one after the final
@@ -460,6 +477,15 @@ def train_llama_tokenizer():
     return llama.train_tokenizer(CORPUS * 4 + [template.format(p) for p in CORPUS], vocab_size=LLAMA_VOCAB)
 
 
+def train_glm_tokenizer():
+    """The Llama-3-like stand-in (:func:`train_llama_tokenizer`'s corpus) padding on the left as GLM-4's
+    (:func:`xdit_jax.models.glm.train_tokenizer`; <pad> is id 5)."""
+    from xdit_jax.models import glm, llama
+
+    template = llama.HUNYUAN_VIDEO_TEMPLATE["template"]
+    return glm.train_tokenizer(CORPUS * 4 + [template.format(p) for p in CORPUS], vocab_size=LLAMA_VOCAB)
+
+
 def train_mistral3_tokenizer():
     """The Llama-like stand-in (:func:`train_llama_tokenizer`) with :data:`MISTRAL3_CHAT_TEMPLATE` (FLUX.2-dev's
     text encoder's stand-in; its ids fit :data:`FLUX2_MISTRAL3`'s vocabulary)."""
@@ -527,6 +553,8 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = 
     Z-Image's, with Qwen3's chat template; else Qwen-Image's), else T5's Unigram. Its ids are valid for the full-size
     encoders' vocabularies and it pads to the lengths the pipelines ask for, so a pipeline with random weights runs
     the real shapes."""
+    if text_encoder.startswith("Glm"):  # CogView4's GLM-4 (a PreTrainedTokenizerFast padding on the left)
+        return train_glm_tokenizer()
     if class_name.startswith("CLIP"):
         return train_clip_tokenizer()
     if class_name.startswith("Bert"):
@@ -648,6 +676,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer": ["transformers", "Qwen2Tokenizer"],
                 "transformer": ["diffusers", "QwenImageTransformer2DModel"],
                 "vae": ["diffusers", "AutoencoderKLQwenImage"]}
+    if family == "cogview4":
+        return {"_class_name": "CogView4Pipeline", "_diffusers_version": "0.33.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "GlmModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+                "transformer": ["diffusers", "CogView4Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "zimage":
         return {"_class_name": "ZImagePipeline", "_diffusers_version": "0.36.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -954,6 +987,19 @@ def _parts(family: str, transformer: dict | None):
                              lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(tecfg),
                                                       rngs=nnx.Rngs(0))),
         }, QWEN_IMAGE_SCHEDULER
+    if family == "cogview4":
+        from xdit_jax.models import cogview4, glm, llama
+
+        tcfg = {**COGVIEW4_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("CogView4Transformer2DModel", tcfg,
+                            lambda: cogview4.CogView4Transformer2DModel(cogview4.CogView4Config.from_dict(tcfg),
+                                                                        rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": ("GlmModel", COGVIEW4_GLM,
+                             lambda: llama.LlamaModel(glm.GlmConfig.from_dict(COGVIEW4_GLM), rngs=nnx.Rngs(0))),
+        }, COGVIEW4_SCHEDULER
     if family == "zimage":
         from xdit_jax.models import llama, qwen3, zimage
 

@@ -80,6 +80,11 @@ class LlamaConfig:
     pad_token_id: int | None = None
     # Qwen3 (xdit_jax.models.qwen3): an RMSNorm over each head of q and of k (q_norm / k_norm) before the rotation
     qk_norm: bool = False
+    # GLM (xdit_jax.models.glm): the rotation on the first partial_rotary_factor x head_dim features of each head
+    # only, of interleaved pairs (2i, 2i + 1) instead of the two halves; gate and up in one gate_up_proj
+    partial_rotary_factor: float = 1.0
+    rope_interleaved: bool = False
+    fused_gate_up: bool = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -98,6 +103,9 @@ class LlamaConfig:
                              f"num_key_value_heads {self.num_key_value_heads} (grouped-query attention).")
         if self.head_dim % 2:
             raise ValueError(f"Llama head_dim {self.head_dim} must be even (rotary embeddings rotate pairs).")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim < 2:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} of head_dim {self.head_dim} must "
+                             "give an even rotary width in [2, head_dim].")
         if self.hidden_act != "silu":
             raise ValueError(f"Unsupported Llama hidden_act {self.hidden_act!r}; only 'silu' (SwiGLU) is supported.")
         params = self.rope_params
@@ -141,15 +149,20 @@ class LlamaConfig:
         return dict(self.rope_scaling or ())
 
     @property
+    def rotary_dim(self) -> int:
+        """The rotated features of each head (transformers' ``int(head_dim * partial_rotary_factor)``)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def rope_type(self) -> str:
         p = self.rope_params
         return p.get("rope_type", p.get("type", "default"))
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """(head_dim // 2,) float32 inverse frequencies, as transformers' ``LlamaRotaryEmbedding`` computes
+    """(rotary_dim // 2,) float32 inverse frequencies, as transformers' ``LlamaRotaryEmbedding`` computes
     them (``compute_default_rope_parameters`` / ``_compute_llama3_parameters``); float64 here, rounded once."""
-    dim = cfg.head_dim
+    dim = getattr(cfg, "rotary_dim", cfg.head_dim)  # (Gemma 2's config: the whole head)
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if cfg.rope_type == "llama3":
         p = cfg.rope_params
@@ -166,21 +179,31 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
 
 
 def rotary_cos_sin(cfg: LlamaConfig, length: int):
-    """(L, head_dim) float32 cos and sin for positions ``0 .. L-1`` (the frequencies repeated twice)."""
+    """(L, rotary_dim) float32 cos and sin for positions ``0 .. L-1``: the frequencies repeated twice (the two
+    halves), or each twice in a row where ``cfg.rope_interleaved`` (GLM's pairs)."""
     freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))[None]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    emb = jnp.repeat(freqs, 2, axis=-1) if getattr(cfg, "rope_interleaved", False) else jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rotary(x, cos, sin):
+def apply_rotary(x, cos, sin, interleaved: bool = False):
     """transformers' ``apply_rotary_pos_emb`` (rotate_half: the two halves of each head); ``x`` (B, L, H, D),
-    computed in float32, returned in ``x``'s dtype; ``cos`` / ``sin`` (L, D) for every row, or (B, L, D) per row
-    (Qwen2.5-VL's multimodal positions)."""
+    computed in float32, returned in ``x``'s dtype; ``cos`` / ``sin`` (L, R) for every row, or (B, L, R) per row
+    (Qwen2.5-VL's multimodal positions). ``R`` < ``D`` (a partial rotary factor): the first ``R`` features are
+    rotated, the rest pass. ``interleaved``: GLM's rotation of the pairs ``(2i, 2i + 1)``."""
+    r = cos.shape[-1]
     xf = x.astype(jnp.float32)
-    half = xf.shape[-1] // 2
-    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    xr, rest = xf[..., :r], xf[..., r:]
+    if interleaved:
+        pairs = xr.reshape(*xr.shape[:-1], r // 2, 2)
+        rot = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(xr.shape)
+    else:
+        rot = jnp.concatenate([-xr[..., r // 2:], xr[..., :r // 2]], axis=-1)
     cos, sin = (cos[:, :, None], sin[:, :, None]) if cos.ndim == 3 else (cos[:, None], sin[:, None])
-    return (xf * cos + rot * sin).astype(x.dtype)
+    out = xr * cos + rot * sin
+    if r < xf.shape[-1]:
+        out = jnp.concatenate([out, rest], axis=-1)
+    return out.astype(x.dtype)
 
 
 class LlamaOutput(NamedTuple):
@@ -202,6 +225,7 @@ class LlamaAttention(nnx.Module):
         self.o_proj = linear(self.n_heads * d, h, bias=bias, dtype=dtype, rngs=rngs)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.interleaved = cfg.rope_interleaved
 
     def __call__(self, x, cos, sin, allowed):
         """``allowed``: bool (B or 1, 1, 1, L, L): query i may attend to key j."""
@@ -211,7 +235,7 @@ class LlamaAttention(nnx.Module):
         k = self.k_proj(x).reshape(b, l, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.interleaved), apply_rotary(k, cos, sin, self.interleaved)
         v = self.v_proj(x).reshape(b, l, self.n_kv, self.head_dim)
         q = q.reshape(b, l, self.n_kv, g, self.head_dim)  # query head h = kv head (h // g), member h % g
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
@@ -222,17 +246,25 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; ``cfg.fused_gate_up``: GLM's one ``gate_up_proj`` (the gate its
+    first half)."""
 
     def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = linear(h, i, bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = linear(h, i, bias=bias, dtype=dtype, rngs=rngs)
+        if cfg.fused_gate_up:
+            self.gate_up_proj = linear(h, 2 * i, bias=bias, dtype=dtype, rngs=rngs)
+        else:
+            self.gate_proj = linear(h, i, bias=bias, dtype=dtype, rngs=rngs)
+            self.up_proj = linear(h, i, bias=bias, dtype=dtype, rngs=rngs)
         self.down_proj = linear(i, h, bias=bias, dtype=dtype, rngs=rngs)
+        self.fused = cfg.fused_gate_up
 
     def __call__(self, x):
-        gate = self.gate_proj(x)
-        y = jax.nn.silu(gate.astype(jnp.float32)) * self.up_proj(x).astype(jnp.float32)
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        y = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
         return self.down_proj(y.astype(gate.dtype))
 
 
