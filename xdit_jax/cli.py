@@ -10,7 +10,7 @@
                                                    # tiny-qwenimage-edit(-plus) with --image, tiny-skyreels-v2,
                                                    # tiny-ltx (--image: image-to-video),
                                                    # tiny-consisid with --image and --id-embeds,
-                                                   # tiny-cogview4)
+                                                   # tiny-cogview3, tiny-cogview4, tiny-hunyuanimage)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
