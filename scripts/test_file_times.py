@@ -4,9 +4,9 @@ tests/conftest.py hands the files to the xdist workers: longest first, so that n
     python -m pytest -q -n 3 --dist loadfile --durations=0 > report.txt
     python scripts/test_file_times.py report.txt > tests/file_times.json
 
-(Only the order matters: times measured on a loaded machine serve. Session 19's file: a 3-worker fresh-clone run of
-the default suite (20:30 wall, 36:34 CPU, beside some other tests); test_cli and test_benchmark lead at ~6.5% each
-(the families' CLI and bench-row tests), the rest is spread evenly; a file not listed counts as the median.)
+(Only the order matters: times measured on a loaded machine serve. Session 21's file: a 3-worker fresh-clone run of
+the default suite with CogView3-Plus, CogView4 and HunyuanImage-2.1 (18:44 pytest wall, 35:37 user CPU); a file not
+listed counts as the median.)
 """
 
 import json
