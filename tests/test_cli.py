@@ -427,6 +427,12 @@ def test_generate_flux_image(tmp_path, capsys):
     image = iio.imread(out)
     assert image.shape == (48, 64, 3) and image.std() > 1  # the tiny defaults: 48 x 64
     assert '"model_family": "flux"' in capsys.readouterr().out
+    # image-to-image from it (FluxImg2ImgPipeline on the text-to-image folder): 2 steps at strength 0.5 run 1
+    out2 = tmp_path / "f2.png"
+    rc = cli.main(["--model", "tiny-flux", "--output", str(out2), "--steps", "2", "--image", str(out), "--strength",
+                   "0.5", "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(out2).shape == (48, 64, 3)
+    assert '"image_encoding"' in capsys.readouterr().out
 
 
 def test_generate_qwenimage_image(tmp_path, capsys):
@@ -512,6 +518,8 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-qwenimage-edit", "--image", str(ROOT / "README.md"), "--image", str(ROOT / "README.md")],
      "takes one image"),
     (["--model", "tiny-qwenimage", "--image", str(ROOT / "README.md")], "takes no image"),
+    (["--model", "tiny-pixart", "--strength", "0.5"], "--strength: image-to-image only"),
+    (["--model", "tiny-flux", "--image", str(ROOT / "README.md"), "--strength", "0"], "--strength must be in (0, 1]"),
     (["--model", "tiny-pixart", "--guidance-scale-2", "3"], "--guidance-scale-2 (Wan 2.2 A14B's)"),
     (["--guidance-scale-2", "-1"], "--guidance-scale-2 must be >= 0"),
     (["--image", "/no/such.png"], "--image /no/such.png is not a file"),

@@ -424,3 +424,33 @@ def test_dtypes_and_noise():
     assert st.needs_noise
     with pytest.raises(ValueError, match="pass noise"):
         step(st, 0, jnp.ones(SHAPE), jnp.ones(SHAPE))
+
+
+@pytest.mark.parametrize("n,strength", [(4, 0.6), (28, 0.6), (50, 0.75), (3, 1.0), (10, 0.05), (7, 0.33)])
+def test_image_to_image_start_matches_diffusers(n, strength):
+    """strength_start / from_step / scale_noise == diffusers' img2img get_timesteps (FluxImg2ImgPipeline's, shared
+    by the SD3 one), set_begin_index and scale_noise at the first remaining timestep."""
+    from types import SimpleNamespace
+
+    from diffusers import FluxImg2ImgPipeline
+
+    cfg = dict(shift=3.0)
+    ref = FlowMatchEulerDiscreteScheduler(**cfg)
+    ref.set_timesteps(n)
+    timesteps, left = FluxImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=ref), n, strength, "cpu")
+    sched = fm.from_step(fm.make_schedule(FlowMatchEulerConfig.from_dict(cfg), n), fm.strength_start(n, strength))
+    assert sched.num_inference_steps == left == len(sched.timesteps)
+    np.testing.assert_array_equal(sched.timesteps, timesteps.numpy())
+    np.testing.assert_array_equal(sched.sigmas, ref.sigmas[n - left:].numpy())
+    x, noise = (np.random.default_rng(i).standard_normal((2, 4, 3, 5)).astype(np.float32) for i in (0, 1))
+    want = ref.scale_noise(torch.from_numpy(x), timesteps[:1].repeat(2), torch.from_numpy(noise)).numpy()
+    np.testing.assert_allclose(np.asarray(fm.scale_noise(sched, x, noise)), want, atol=1e-6, rtol=0)
+    if left == n:  # the whole schedule: a start at 0
+        assert fm.strength_start(n, strength) == 0
+
+
+def test_image_to_image_start_refusals():
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        fm.strength_start(10, 1.2)
+    with pytest.raises(ValueError, match="No denoising step left"):
+        fm.from_step(fm.make_schedule(FlowMatchEulerConfig(), 4), 4)

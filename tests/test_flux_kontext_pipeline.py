@@ -149,9 +149,10 @@ def test_generate_cli(tmp_path, capsys):
     assert image.shape == (48, 64, 3) and image.std() > 1
     assert '"model_family": "flux"' in capsys.readouterr().out
     for argv, needle in ((["--model", "tiny-flux", "--max-area", "4096"], "FLUX.1 Kontext only"),
-                         (["--model", "tiny-flux", "--image", str(src)], "takes no image"),
+                         (["--model", "tiny-flux", "--image", str(src), "--last-image", str(src)],
+                          "image-to-image take one image"),  # (FLUX.1 image-to-image: tests/test_cli.py)
                          (["--model", "tiny-flux-kontext", "--image", str(src), "--last-image", str(src)],
-                          "takes one image")):
+                          "take one image")):
         bad = tmp_path / "bad.png"
         assert cli.main(argv + ["--output", str(bad), "--no-progress"]) == 2
         assert needle in capsys.readouterr().err and not bad.exists()

@@ -112,3 +112,101 @@ def test_bad_input(tmp_path_factory):
         ours(PROMPT, height=H, width=W, max_sequence_length=600)
     with pytest.raises(ValueError, match="cfg=2 splits"):
         FluxPipeline.from_pretrained(folder, mesh="cfg=2")(PROMPT, height=H, width=W)  # no negative prompt
+
+
+# ---------------------------------------------------------------------------------------------- image-to-image
+
+def _img2img(tmp_path_factory):
+    """(diffusers' FluxImg2ImgPipeline of the FLUX parts, ours loaded from the text-to-image folder)."""
+    from diffusers import FluxImg2ImgPipeline as TorchImg2Img
+
+    from xdit_jax.pipelines.flux import FluxImg2ImgPipeline
+
+    if "img2img" not in _BUILT:
+        tp, _, folder = build(tmp_path_factory)
+        _BUILT["img2img"] = (TorchImg2Img(**tp.components), FluxImg2ImgPipeline.from_pretrained(folder))
+    return _BUILT["img2img"]
+
+
+def picture(seed, size=(70, 50)):
+    """A PIL image (width x height), resized to W x H by both pipelines (Lanczos)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _torch_draws(monkeypatch, ours, seed, shapes):
+    """Our pipeline's normal draws replaced by torch's from ``generator`` ``seed`` in diffusers' order (the VAE
+    posterior's sample, then the noise), so both runs start from the same noised latents."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.randn(s, generator=g).numpy() for s in shapes]
+
+    def normal(key, shape):
+        d = draws.pop(0)
+        assert d.shape == tuple(shape)
+        return d
+    monkeypatch.setattr(ours, "_normal", normal)
+    return draws
+
+
+def test_img2img_matches_diffusers(tmp_path_factory, monkeypatch):
+    """strength 0.6 of 4 steps: 3 steps run from the image noised to the second sigma (diffusers' get_timesteps:
+    t_start = int(4 - 2.4) = 1), the posterior sampled; the same draws both sides."""
+    tp, ours = _img2img(tmp_path_factory)
+    image, lat_shape = picture(1), (1, tp.vae.config.latent_channels, H // 8, W // 8)
+    draws = _torch_draws(monkeypatch, ours, 3, [lat_shape, lat_shape])
+    kw = dict(image=image, height=H, width=W, strength=0.6, num_inference_steps=4, guidance_scale=3.5,
+              max_sequence_length=MSL)
+    with torch.no_grad():
+        ref = np.asarray(tp(PROMPT, generator=torch.Generator().manual_seed(3), output_type="np", **kw).images)
+    out = ours(PROMPT, progress=False, **kw)
+    assert not draws and out.timings["denoising"] > 0 and "image_encoding" in out.timings
+    assert out.images.shape == ref.shape == (1, H, W, 3)
+    # fp32 both sides, test_image_matches_diffusers' bound (2e-4 = 1/20 of an 8-bit level). Measured 3.1e-6; starting
+    # one sigma later moved pixels by 0.51, the posterior's mode instead of its sample by 0.16.
+    np.testing.assert_allclose(out.images, ref, atol=2e-4, rtol=0)
+
+
+@pytest.mark.slow  # (another batch shape to compile; the rule is test_img2img_matches_diffusers')
+def test_img2img_latents_batch_and_mesh(tmp_path_factory, monkeypatch):
+    """Two prompts x 2 images each from one picture, true CFG, strength 1 (all steps, pure noise at the first
+    sigma): == diffusers; the same on cfg=2,ring=2,ulysses=2 (the image's encode split over the mesh) == one device;
+    given latents are used as they are (no image encoded)."""
+    from xdit_jax.pipelines.flux import FluxImg2ImgPipeline
+
+    tp, ours = _img2img(tmp_path_factory)
+    image, lat_shape = picture(2), (1, tp.vae.config.latent_channels, H // 8, W // 8)
+    kw = dict(image=image, height=H, width=W, strength=1.0, num_inference_steps=3, guidance_scale=3.5,
+              num_images_per_prompt=2, negative_prompt=[NEG, NEG], true_cfg_scale=2.0, max_sequence_length=MSL)
+    prompts = [PROMPT, "A cat."]  # (a negative per prompt: diffusers' img2img repeats a single one only once)
+    _torch_draws(monkeypatch, ours, 4, [lat_shape, (4,) + lat_shape[1:]])
+    with torch.no_grad():
+        ref = tp(prompts, generator=torch.Generator().manual_seed(4), output_type="latent", **kw).images.numpy()
+    out = ours(prompts, output_type="latent", progress=False, **kw).images
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+    _, _, folder = build(tmp_path_factory)
+    monkeypatch.undo()  # JAX draws from here on
+    one = ours(prompts, output_type="latent", progress=False, seed=5, **kw).images
+    mesh = FluxImg2ImgPipeline.from_pretrained(folder, mesh="cfg=2,ring=2,ulysses=2")
+    np.testing.assert_allclose(mesh(prompts, output_type="latent", progress=False, seed=5, **kw).images, one,
+                               atol=2e-5 * np.abs(one).max(), rtol=0)
+    given = initial_latents(batch=4, seed=6)
+    with torch.no_grad():
+        ref = tp(prompts, latents=torch.from_numpy(given), output_type="latent", **kw).images.numpy()
+    out = ours(prompts, latents=given, output_type="latent", progress=False, **kw).images
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_img2img_bad_input(tmp_path_factory):
+    _, ours = _img2img(tmp_path_factory)
+    with pytest.raises(ValueError, match="needs image="):
+        ours(PROMPT, height=H, width=W)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        ours(PROMPT, image=picture(1), height=H, width=W, strength=1.5)
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        ours(PROMPT, image=picture(1), height=H, width=W, strength=0.0, num_inference_steps=4)
+    with pytest.raises(ValueError, match="2 images for 1 prompts"):
+        ours(PROMPT, image=[picture(1), picture(2)], height=H, width=W, num_inference_steps=2)

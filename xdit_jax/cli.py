@@ -235,6 +235,10 @@ FAMILIES = {
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
 VIDEO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.video)
 TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_cfg}  # --true-cfg-scale
+# text-to-image pipelines whose folders --image runs image-to-image (diffusers' class for it): SDEdit, --strength
+IMAGE_TO_IMAGE = {"FluxPipeline": "FluxImg2ImgPipeline", "StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline",
+                  "FluxImg2ImgPipeline": "FluxImg2ImgPipeline",
+                  "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Img2ImgPipeline"}
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                   "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline")
@@ -264,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image", default=None, metavar="PATH", action="append",
                     help="image-to-video (a CogVideoX or Wan I2V model, Wan 2.2 TI2V-5B): the first frame, resized to "
                          "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does; "
+                         "FLUX.1 (dev / schnell) and SD3: image-to-image from it (resized to the output size; "
+                         "--strength); "
                          "FLUX.2 klein: a reference image (optional); Qwen-Image-Edit: the image to edit (required; "
                          "Edit-2509 / 2511: repeat the flag for several images)")
     ap.add_argument("--video", default=None, metavar="PATH",
@@ -274,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ConsisID: the face's embeddings, arrays id_cond (1, 1280) and id_vit_hidden (5, 1, 577, "
                          "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
                          "outside xdit_jax); --image: the aligned face image it returns")
+    ap.add_argument("--strength", type=float, default=None,
+                    help="image-to-image (FLUX.1 or SD3 with --image): how far the image is noised, the last fraction of the "
+                         "--steps that run, in (0, 1] (diffusers' strength; default 0.6)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -761,6 +770,16 @@ def _main(argv=None) -> int:
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
+        if args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 image-to-image (SDEdit)
+            kind = args.kind = IMAGE_TO_IMAGE[kind]
+        img2img = kind in IMAGE_TO_IMAGE.values()
+        if img2img and args.image is None:
+            raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
+                             "--image PATH.")
+        if args.strength is not None and not img2img:
+            raise ValueError("--strength: image-to-image only (a FLUX.1 or SD3 model with --image).")
+        if args.strength is not None and not 0.0 < args.strength <= 1.0:
+            raise ValueError(f"--strength must be in (0, 1], got {args.strength}.")
         flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image
         qwen_edit = kind in QWEN_EDIT  # an image model that edits the given image(s) (required)
         if qwen_edit and args.image is None:
@@ -768,15 +787,16 @@ def _main(argv=None) -> int:
         if len(args.images) > 1 and kind != "QwenImageEditPlusPipeline":
             raise ValueError(f"--image given {len(args.images)} times: {args.model} takes one image (several: "
                              "Qwen-Image-Edit-2509 / 2511).")
-        if not image_to_video and not args.kontext and not flux2_reference and not qwen_edit \
+        if not image_to_video and not args.kontext and not flux2_reference and not qwen_edit and not img2img \
                 and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, FLUX.1 Kontext or Qwen-Image-Edit does).")
         if args.last_image is not None and kind == "Flux2KleinPipeline":
             raise ValueError("--last-image: FLUX.2 klein takes its reference image with --image.")
         if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline",
-                                                    "ConsisIDPipeline"):
-            raise ValueError("--last-image: FLUX.1 Kontext takes one image (--image)." if args.kontext else
+                                                    "ConsisIDPipeline", *IMAGE_TO_IMAGE.values()):
+            raise ValueError("--last-image: FLUX.1 Kontext and image-to-image take one image (--image)."
+                             if args.kontext or img2img else
                              "--last-image: CogVideoX image-to-video takes the first frame only.")
         if not args.kontext and (args.max_area is not None or args.no_auto_resize):
             raise ValueError(f"--{'max-area' if args.max_area is not None else 'no-auto-resize'}: FLUX.1 Kontext "
@@ -855,6 +875,10 @@ def _main(argv=None) -> int:
         kw["fps"] = args.fps or pipe.default_video()["fps"]
     if args.kontext:
         kw.update(max_area=args.max_area or 1024 ** 2, _auto_resize=not args.no_auto_resize)
+    if kind in IMAGE_TO_IMAGE.values():  # (diffusers' image= and strength)
+        from PIL import Image
+
+        kw.update(image=Image.open(args.image).convert("RGB"), strength=0.6 if args.strength is None else args.strength)
     if qwen_edit and is_tiny:  # the image's aspect ratio at 96 x 64 pixels, not 1024^2: a toy model
         kw.update(vae_image_area=96 * 64)
     if family == "flux2" and args.image is not None:  # a reference image (diffusers' image=)

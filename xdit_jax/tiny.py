@@ -1183,8 +1183,8 @@ def write_hunyuan_video15_i2v_configs(folder: str | os.PathLike) -> Path:
 
 
 # The tiny folders' contents: a folder made by an older version is made again (2: SkyReels-V2's and LTX's VAE
-# encoders)
-TINY_VERSION = 2
+# encoders; 3: FLUX.1's and SD3's, for image-to-image)
+TINY_VERSION = 3
 
 
 def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None,
@@ -1223,11 +1223,11 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_cogvideox_encoder.module_fn(vcfg, jnp.float32)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in ("flux-kontext", "flux2"):  # the VAE's encoder, as conversion writes it (vae/encoder_params)
-            from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder
+        if family in ("flux", "flux-kontext", "flux2", "sd3"):  # the VAE's encoder, as conversion writes it
+            from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder  # (vae/encoder_params)
 
             vcfg = (vae_flux2.AutoencoderKLFlux2Config.from_dict(FLUX2_VAE) if family == "flux2"
-                    else vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE))
+                    else vae_kl.AutoencoderKLConfig.from_dict(SD3_VAE if family == "sd3" else FLUX_VAE))
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))

@@ -35,10 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from xdit_jax.conversion import read_json
 from xdit_jax.models import flux, vae_kl
 from xdit_jax.parallel.sequence import run_blocks
 from xdit_jax.pipelines import image
@@ -50,7 +47,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
     tokenize,
 )
-from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, VaeEncoding, vae_scale_factor
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -236,9 +233,11 @@ class FluxPipeline(ImagePipelineBase):
     def _generate(self, prompt, prompt_2, negative_prompt, negative_prompt_2, *, height, width, num_inference_steps,
                   guidance_scale, true_cfg_scale, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                   negative_pooled_prompt_embeds, latents, max_sequence_length, num_images_per_prompt, seed,
-                  output_type, progress, condition=None) -> FluxPipelineOutput:
+                  output_type, progress, condition=None, init=None) -> FluxPipelineOutput:
         """The call; ``condition(batch, per, do_cfg, timer) -> (packed image latents placed as the step's batch,
-        their RoPE ids)`` (Kontext's reference image) or None."""
+        their RoPE ids)`` (Kontext's reference image) or None; ``init(sched, latents, batch, per, rng, timer) ->
+        (schedule, packed initial latents)`` (image-to-image: the steps left by ``strength`` and the noised image's
+        latents; ``latents`` as given, or None) or None."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -303,6 +302,8 @@ class FluxPipeline(ImagePipelineBase):
         shape = self.latent_shape(batch * per, height, width)
         sched = self.schedule(num_inference_steps, shape[1])
         rng = jax.random.key(seed)
+        if init is not None:
+            sched, latents = init(sched, latents, batch, per, rng, timer)
         if latents is None:
             noise = jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32)
             latents = pack_latents(noise)
@@ -353,7 +354,7 @@ def kontext_output_size(height: int, width: int, max_area: int, multiple: int = 
     return h // multiple * multiple, w // multiple * multiple
 
 
-class FluxKontextPipeline(FluxPipeline):
+class FluxKontextPipeline(VaeEncoding, FluxPipeline):
     """Image editing with FLUX.1 Kontext (diffusers' ``FluxKontextPipeline``): the reference image, VAE-encoded
     (``latent_dist.mode()``, shifted and scaled) and packed as the latents are, is appended to the noisy latents'
     tokens with RoPE ids of their own (first coordinate 1); the prediction keeps the noisy tokens. Everything else is
@@ -369,42 +370,11 @@ class FluxKontextPipeline(FluxPipeline):
 
     PIPELINE_CLASSES = ("FluxKontextPipeline",)
 
-    def __init__(self, *, vae_encoder=None, **kw):
-        super().__init__(**kw)
-        self.vae_encoder = vae_encoder
-
-    @classmethod
-    def _extra_parts(cls, folder, mesh_obj, dtype, kind: str) -> dict:
-        """The VAE's encoder (``vae/encoder_params``, written by conversion)."""
-        from xdit_jax.models import vae_kl_encoder
-        from xdit_jax.pipelines.denoise import load_vae_encoder
-
-        vc = vae_kl.AutoencoderKLConfig.from_dict(read_json(folder / "vae" / "config.json"))
-        # float32 as diffusers' recipe upcasts the VAE for encoding (force_upcast); one image, once per call
-        return {"vae_encoder": load_vae_encoder(folder, vc, jnp.float32, NamedSharding(mesh_obj, P()),
-                                                vae_kl_encoder)}
-
     def encode_image(self, images) -> jax.Array:
-        """diffusers' ``_encode_vae_image``: images (N, 3, H, W) in [-1, 1] -> packed diffusion latents
-        (N, (h/2)(w/2), 4C), ``(mode - shift_factor) * scaling_factor``; the image plane split over the mesh."""
-        from xdit_jax.models import vae_kl_encoder
-        from xdit_jax.parallel.vae import sharded_encode
-
-        if self.vae_encoder is None:
-            raise ValueError("This pipeline has no VAE encoder; load it with FluxKontextPipeline.from_pretrained.")
-        fns = self.__dict__.setdefault("_text_fns", {})
-        if "vae_encode" not in fns:
-            graphdef, state = nnx.split(self.vae_encoder)
-            vc, mesh = self.vae_config, (self.mesh if self.mesh.size > 1 else None)
-
-            def encode(state, x):
-                mean = sharded_encode(lambda m, y: vae_kl_encoder.encode(m, y)[0], nnx.merge(graphdef, state), x,
-                                      mesh)
-                return pack_latents(vae_kl_encoder.scale_latents(vc, mean))
-
-            jitted = jax.jit(encode, out_shardings=NamedSharding(self.mesh, P()))
-            fns["vae_encode"] = lambda x: jitted(state, x)
-        return fns["vae_encode"](jnp.asarray(images, jnp.float32))
+        """diffusers' ``_encode_vae_image`` (``sample_mode="argmax"``): images (N, 3, H, W) in [-1, 1] -> packed
+        diffusion latents (N, (h/2)(w/2), 4C), ``(mode - shift_factor) * scaling_factor``; the image plane split over
+        the mesh."""
+        return pack_latents(self.image_latents(images))
 
     def __call__(self, image=None, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
                  negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
@@ -457,3 +427,46 @@ class FluxKontextPipeline(FluxPipeline):
                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
                               max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt,
                               seed=seed, output_type=output_type, progress=progress, condition=condition)
+
+
+class FluxImg2ImgPipeline(VaeEncoding, FluxPipeline):
+    """Image-to-image with FLUX.1 (diffusers' ``FluxImg2ImgPipeline``; SDEdit) on a FLUX.1 text-to-image folder: the
+    image, resized to the output size and VAE-encoded (a sample of the posterior, as diffusers), is noised to the
+    sigma where the last ``strength`` of the ``num_inference_steps`` schedule starts, and only those steps run. The
+    rest is :class:`FluxPipeline`'s (the same jitted step, meshes, PipeFusion, true CFG).
+
+    Known differences: the noise and the posterior's sample are JAX draws from ``seed`` (diffusers': torch's
+    ``generator``); an array image is taken as (H, W, 3) at the output size; with several images, one per prompt,
+    each prompt's samples take its own image (diffusers tiles the images over the samples, which pairs them with
+    other prompts when ``num_images_per_prompt > 1``)."""
+
+    PIPELINE_CLASSES = ("FluxImg2ImgPipeline", "FluxPipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+                 *, image=None, true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 strength: float = 0.6, num_inference_steps: int = 28, guidance_scale: float = 7.0,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, max_sequence_length: int = 512,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> FluxPipelineOutput:
+        """diffusers' FluxImg2ImgPipeline call and defaults (``generator`` -> ``seed``). ``image``: a PIL image or an
+        (H, W, 3) array (uint8, or floats in [0, 1]), or a list of them, one per prompt; ``latents``: packed initial
+        latents used as given (no image encoded, as diffusers)."""
+        start = self.strength_start(image, num_inference_steps, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+
+        def init(sched, given, batch, per, rng, timer):
+            sched = flow_match.from_step(sched, start)
+            if given is not None:
+                return sched, given
+            return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng, timer))
+
+        return self._generate(prompt, prompt_2, negative_prompt, negative_prompt_2, height=height, width=width,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              true_cfg_scale=true_cfg_scale, prompt_embeds=prompt_embeds,
+                              pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
+                              max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt,
+                              seed=seed, output_type=output_type, progress=progress, init=init)

@@ -373,7 +373,8 @@ class HunyuanImagePipeline(ImagePipelineBase):
 
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50, sigmas=None,
-                 guidance_scale: float | None = None, distilled_guidance_scale: float | None = None, num_images_per_prompt: int = 1, latents=None,
+                 guidance_scale: float | None = None, distilled_guidance_scale: float | None = None,
+                 num_images_per_prompt: int = 1, latents=None,
                  prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
                  negative_prompt_embeds_mask=None, prompt_embeds_2=None, prompt_embeds_mask_2=None,
                  negative_prompt_embeds_2=None, negative_prompt_embeds_mask_2=None,

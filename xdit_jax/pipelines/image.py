@@ -7,10 +7,12 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from xdit_jax.models import vae_kl
 from xdit_jax.pipelines.denoise import PipelineBase
+from xdit_jax.schedulers import flow_match
 
 
 @dataclasses.dataclass
@@ -135,3 +137,100 @@ class ImagePipelineBase(PipelineBase):
 
         post = None if size is None else (lambda image: resize_and_crop(image, *size))
         return self._jit_decode(("fn", size), decode, post)
+
+
+class VaeEncoding:
+    """A mixin for the pipelines that encode an image with an SD/SDXL/FLUX ``AutoencoderKL`` (FLUX.1 Kontext's
+    reference, the image-to-image pipelines' start): the VAE's encoder (``vae/encoder_params``, written by
+    conversion) in float32, as diffusers' recipes upcast the VAE for encoding (force_upcast); the image plane split
+    over the mesh. Put it before the pipeline class: ``class FluxImg2ImgPipeline(VaeEncoding, FluxPipeline)``."""
+
+    def __init__(self, *, vae_encoder=None, **kw):
+        super().__init__(**kw)
+        self.vae_encoder = vae_encoder
+
+    @classmethod
+    def _extra_parts(cls, folder, mesh_obj, dtype, kind: str) -> dict:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.conversion import read_json
+        from xdit_jax.models import vae_kl_encoder
+        from xdit_jax.pipelines.denoise import load_vae_encoder
+
+        vc = vae_kl.AutoencoderKLConfig.from_dict(read_json(folder / "vae" / "config.json"))
+        return {**super()._extra_parts(folder, mesh_obj, dtype, kind),
+                "vae_encoder": load_vae_encoder(folder, vc, jnp.float32, NamedSharding(mesh_obj, P()),
+                                                vae_kl_encoder)}
+
+    def _moments(self, images):
+        """The encoder's (mean, std) of images (N, 3, H, W) in [-1, 1]: (N, C, H/f, W/f) each, unscaled."""
+        from flax import nnx
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.models import vae_kl_encoder
+        from xdit_jax.parallel.vae import sharded_encode
+
+        if self.vae_encoder is None:
+            raise ValueError(f"This pipeline has no VAE encoder; load it with {type(self).__name__}.from_pretrained.")
+        fns = self.__dict__.setdefault("_text_fns", {})
+        if "vae_encode" not in fns:
+            graphdef, state = nnx.split(self.vae_encoder)
+            mesh = self.mesh if self.mesh.size > 1 else None
+
+            def encode(state, x):
+                mean, logvar = sharded_encode(vae_kl_encoder.encode, nnx.merge(graphdef, state), x, mesh)
+                return mean, jnp.exp(0.5 * logvar)
+
+            jitted = jax.jit(encode, out_shardings=NamedSharding(self.mesh, P()))
+            fns["vae_encode"] = lambda x: jitted(state, x)
+        return fns["vae_encode"](jnp.asarray(images, jnp.float32))
+
+    def image_latents(self, images, key=None) -> jax.Array:
+        """Images (N, 3, H, W) in [-1, 1] -> diffusion latents (N, C, H/f, W/f), ``(z - shift_factor) *
+        scaling_factor``: ``z`` the posterior's mode, or with ``key`` a sample of it (``mean + std * eps``, diffusers'
+        ``retrieve_latents`` default, the image-to-image pipelines')."""
+        from xdit_jax.models import vae_kl_encoder
+
+        mean, std = self._moments(images)
+        z = mean if key is None else mean + std * self._normal(key, mean.shape)
+        return vae_kl_encoder.scale_latents(self.vae_config, z)
+
+    def _normal(self, key, shape) -> jax.Array:
+        """Standard normal draws (float32): the posterior's sample and image-to-image's noise."""
+        return jax.random.normal(key, shape, jnp.float32)
+
+    # ------------------------------------------------------------------ image-to-image
+
+    @staticmethod
+    def strength_start(image, num_inference_steps: int, strength: float) -> int:
+        """Image-to-image's checks (an image given, steps left) and its first step (diffusers' ``get_timesteps``)."""
+        if image is None or (isinstance(image, (list, tuple)) and not image):
+            raise ValueError("An image-to-image pipeline needs image=, the picture to start from (the text-to-image "
+                             "pipeline generates from the text alone).")
+        start = flow_match.strength_start(num_inference_steps, strength)
+        if start >= num_inference_steps:
+            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no "
+                             "denoising step; raise either.")
+        return start
+
+    def noised_image_latents(self, image, height: int, width: int, sched, batch: int, per: int, rng,
+                             timer) -> jax.Array:
+        """diffusers' img2img ``prepare_latents``: the image(s) (one, or one per prompt: a PIL image or an (H, W, 3)
+        array each) resized to ``height`` x ``width``, encoded (the posterior sampled) and noised to the schedule's
+        first sigma (:func:`xdit_jax.schedulers.flow_match.scale_noise`) -> (batch x per, C, h, w), each prompt's
+        ``per`` samples from its image."""
+        from xdit_jax.pipelines.denoise import preprocess_image
+
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if len(images) not in (1, batch):
+            raise ValueError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt.")
+        with timer.stage("image_encoding"):
+            pixels = jnp.concatenate([preprocess_image(im, height, width) for im in images])
+            clean = self.image_latents(pixels, key=jax.random.fold_in(rng, 1))
+            clean = jnp.repeat(clean, batch * per // len(images), axis=0)
+            noise = self._normal(jax.random.fold_in(rng, 2), clean.shape)
+            noised = flow_match.scale_noise(sched, clean, noise)
+            jax.block_until_ready(noised)
+        return noised

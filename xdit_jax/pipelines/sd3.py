@@ -48,6 +48,7 @@ from xdit_jax.pipelines.denoise import (
 from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
     ImagePipelineBase,
     ImagePipelineOutput,
+    VaeEncoding,
     default_size,
     vae_scale_factor,
 )
@@ -195,7 +196,10 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                  skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_stop: float = 0.2,
                  skip_layer_guidance_start: float = 0.01,
                  num_images_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
-                 progress: bool = True) -> SD3PipelineOutput:
+                 progress: bool = True, _init=None) -> SD3PipelineOutput:
+        """diffusers' StableDiffusion3Pipeline call and defaults (``generator`` -> ``seed``); ``_init(sched, latents,
+        batch, per, rng, timer) -> (schedule, initial latents)``: image-to-image's start
+        (:class:`StableDiffusion3Img2ImgPipeline`)."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -255,6 +259,8 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         # 2. latents (diffusers' layout: B, C, h, w)
         shape = self.latent_shape(batch * per, height, width)
         rng = jax.random.key(seed)
+        if _init is not None:
+            sched, latents = _init(sched, latents, batch, per, rng, timer)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, channels, height/8, width/8")
 
@@ -273,3 +279,55 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                                                                    text_len=emb.shape[1]),
                                        step_for=step_for)
         return SD3PipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+class StableDiffusion3Img2ImgPipeline(VaeEncoding, StableDiffusion3Pipeline):
+    """Image-to-image with SD3 / SD3.5 (diffusers' ``StableDiffusion3Img2ImgPipeline``; SDEdit) on an SD3 text-to-image
+    folder: the image, resized to the output size and VAE-encoded (a sample of the posterior, as diffusers), is noised
+    to the sigma where the last ``strength`` of the ``num_inference_steps`` schedule starts, and only those steps run;
+    the rest is :class:`StableDiffusion3Pipeline`'s (its jitted step, meshes, PipeFusion, skip-layer guidance).
+
+    Known differences: the noise and the posterior's sample are JAX draws from ``seed`` (diffusers': torch's
+    ``generator``); an array image is taken as (H, W, 3) at the output size; with several images, one per prompt,
+    each prompt's samples take its own image (diffusers tiles the images over the samples)."""
+
+    PIPELINE_CLASSES = ("StableDiffusion3Img2ImgPipeline", "StableDiffusion3Pipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, prompt_2=None, prompt_3=None, *, image=None,
+                 height: int | None = None, width: int | None = None, strength: float = 0.6,
+                 num_inference_steps: int = 50, sigmas=None, guidance_scale: float = 7.0,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_2=None, negative_prompt_3=None,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip: int | None = None,
+                 max_sequence_length: int = 256, skip_guidance_layers=None, skip_layer_guidance_scale: float = 2.8,
+                 skip_layer_guidance_stop: float = 0.2, skip_layer_guidance_start: float = 0.01, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> SD3PipelineOutput:
+        """diffusers' StableDiffusion3Img2ImgPipeline call and defaults (``generator`` -> ``seed``). ``image``: a PIL
+        image or an (H, W, 3) array (uint8, or floats in [0, 1]), or a list of them, one per prompt; ``latents``:
+        initial latents used as given (no image encoded, as diffusers). Also the text-to-image pipeline's skip-layer
+        guidance (off by default; diffusers' image-to-image has none), over the steps that run."""
+        n = len(sigmas) if sigmas is not None else num_inference_steps
+        start = self.strength_start(image, n, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+
+        def init(sched, given, batch, per, rng, timer):
+            sched = flow_match.from_step(sched, start)
+            if given is not None:
+                return sched, given
+            return sched, self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)
+
+        return super().__call__(prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2, negative_prompt_3,
+                                height=height, width=width, num_inference_steps=num_inference_steps, sigmas=sigmas,
+                                guidance_scale=guidance_scale, prompt_embeds=prompt_embeds,
+                                pooled_prompt_embeds=pooled_prompt_embeds,
+                                negative_prompt_embeds=negative_prompt_embeds,
+                                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
+                                max_sequence_length=max_sequence_length, clip_skip=clip_skip,
+                                skip_guidance_layers=skip_guidance_layers,
+                                skip_layer_guidance_scale=skip_layer_guidance_scale,
+                                skip_layer_guidance_stop=skip_layer_guidance_stop,
+                                skip_layer_guidance_start=skip_layer_guidance_start,
+                                num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type,
+                                progress=progress, _init=init)

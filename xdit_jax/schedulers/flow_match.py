@@ -382,6 +382,34 @@ def make_schedule(cfg: FlowMatchEulerConfig, num_inference_steps: int | None = N
     )
 
 
+def strength_start(num_inference_steps: int, strength: float) -> int:
+    """The first step an image-to-image run takes (diffusers' img2img ``get_timesteps``): the last
+    ``min(n * strength, n)`` steps of the ``n`` run, so ``strength`` 1 starts from pure noise and 0 runs none."""
+    if isinstance(strength, bool) or not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength!r}.")
+    n = int(num_inference_steps)
+    return int(max(n - min(n * float(strength), n), 0))
+
+
+def from_step(sched: FlowMatchSchedule, start: int) -> FlowMatchSchedule:
+    """The schedule's steps from index ``start`` on (diffusers' ``set_begin_index(start)`` with the timesteps
+    sliced as img2img pipelines do); at least one step must remain."""
+    start = int(start)
+    if not 0 <= start < sched.num_inference_steps:
+        raise ValueError(f"No denoising step left: starting at step {start} of {sched.num_inference_steps} (raise "
+                         "strength or num_inference_steps).")
+    return dataclasses.replace(sched, num_inference_steps=sched.num_inference_steps - start,
+                               timesteps=sched.timesteps[start:], sigmas=sched.sigmas[start:], dt=sched.dt[start:],
+                               c_x0=sched.c_x0[start:])
+
+
+def scale_noise(sched: FlowMatchSchedule, sample, noise):
+    """diffusers' ``scale_noise`` at the schedule's first step: ``sigma * noise + (1 - sigma) * sample`` (float32),
+    the clean ``sample`` (an image's latents) noised to where a :func:`from_step` schedule starts."""
+    sigma = jnp.float32(sched.sigmas[0])
+    return sigma * jnp.asarray(noise, jnp.float32) + (1.0 - sigma) * jnp.asarray(sample, jnp.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure step function (jit-friendly; `i` may be a traced int).
 
