@@ -150,6 +150,24 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
                         mesh_spec, guidance_scale)
 
 
+
+def byt5_states(pipe, glyphs: list[str | None], max_length: int):
+    """(ByT5 states (B, max_length, d) in the pipeline's dtype, their int32 mask) of the glyph texts, one per prompt
+    (None: the prompt quotes nothing: zeros and an all-zero mask), as diffusers' HunyuanVideo-1.5 / HunyuanImage-2.1
+    ``_get_byt5_prompt_embeds``: ``pipe.tokenizer_2`` padded to ``max_length``, ``pipe.text_encoder_2`` (T5)."""
+    emb = np.zeros((len(glyphs), max_length, pipe.text_encoder_2.cfg.d_model), np.float32)
+    mask = np.zeros((len(glyphs), max_length), np.int32)
+    rows = [i for i, g in enumerate(glyphs) if g is not None]
+    if rows:
+        tok = pipe.tokenizer_2([glyphs[i] for i in rows], padding="max_length", max_length=max_length,
+                               truncation=True, add_special_tokens=True, return_tensors="np")
+        out = np.asarray(pipe._text_encoder_fn("text_encoder_2")(
+            pipe._put_replicated(jnp.asarray(tok.input_ids, jnp.int32)),
+            pipe._put_replicated(jnp.asarray(tok.attention_mask, jnp.int32))).astype(jnp.float32))
+        emb[rows], mask[rows] = out, tok.attention_mask
+    return jnp.asarray(emb).astype(pipe.dtype), jnp.asarray(mask)
+
+
 class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
     """Text-to-video with HunyuanVideo-1.5 — see the module docstring. (1.0's pipeline lends the Qwen encoder's
     jitted ``hidden_states[-3]`` and the schedule.)"""
@@ -191,19 +209,8 @@ class HunyuanVideo15Pipeline(HunyuanVideoPipeline):
         states = self._llama_fn()(ids, mask)[:, crop_start:]
         mask = jnp.asarray(mask[:, crop_start:], jnp.int32)
 
-        d2 = self.text_encoder_2.cfg.d_model
-        emb2 = np.zeros((len(prompts), byt5_max_length, d2), np.float32)
-        mask2 = np.zeros((len(prompts), byt5_max_length), np.int32)
-        glyphs = [(i, g) for i, g in enumerate(extract_glyph_texts(p) for p in prompts) if g is not None]
-        if glyphs:
-            tok = self.tokenizer_2([g for _, g in glyphs], padding="max_length", max_length=byt5_max_length,
-                                   truncation=True, add_special_tokens=True, return_tensors="np")
-            out = np.asarray(self._text_encoder_fn("text_encoder_2")(
-                self._put_replicated(jnp.asarray(tok.input_ids, jnp.int32)),
-                self._put_replicated(jnp.asarray(tok.attention_mask, jnp.int32))).astype(jnp.float32))
-            rows = [i for i, _ in glyphs]
-            emb2[rows], mask2[rows] = out, tok.attention_mask
-        return (states.astype(self.dtype), mask, jnp.asarray(emb2).astype(self.dtype), jnp.asarray(mask2))
+        emb2, mask2 = byt5_states(self, [extract_glyph_texts(p) for p in prompts], byt5_max_length)
+        return states.astype(self.dtype), mask, emb2, mask2
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
         """(B, latent_channels, (F - 1) // 4 + 1, H / s, W / s) (the transformer takes 2 x + 1 channels more)."""

@@ -61,6 +61,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
 )
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline
+from xdit_jax.pipelines.hunyuan_video15 import byt5_states
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput
 from xdit_jax.schedulers import flow_match
 
@@ -273,19 +274,8 @@ class HunyuanImagePipeline(ImagePipelineBase):
         states = self._llama_fn()(ids, mask)[:, DROP_IDX:]
         mask = jnp.asarray(mask[:, DROP_IDX:], jnp.int32)
 
-        d2 = self.text_encoder_2.cfg.d_model
-        emb2 = np.zeros((len(prompts), BYT5_MAX_LENGTH, d2), np.float32)
-        mask2 = np.zeros((len(prompts), BYT5_MAX_LENGTH), np.int32)
-        glyphs = [(i, g) for i, g in enumerate(extract_glyph_text(p) for p in prompts) if g is not None]
-        if glyphs:
-            tok = self.tokenizer_2([g for _, g in glyphs], padding="max_length", max_length=BYT5_MAX_LENGTH,
-                                   truncation=True, add_special_tokens=True, return_tensors="np")
-            out = np.asarray(self._text_encoder_fn("text_encoder_2")(
-                self._put_replicated(jnp.asarray(tok.input_ids, jnp.int32)),
-                self._put_replicated(jnp.asarray(tok.attention_mask, jnp.int32))).astype(jnp.float32))
-            rows = [i for i, _ in glyphs]
-            emb2[rows], mask2[rows] = out, tok.attention_mask
-        return (states.astype(self.dtype), mask, jnp.asarray(emb2).astype(self.dtype), jnp.asarray(mask2))
+        emb2, mask2 = byt5_states(self, [extract_glyph_text(p) for p in prompts], BYT5_MAX_LENGTH)
+        return states.astype(self.dtype), mask, emb2, mask2
 
     def _checked(self, emb, mask, emb2, mask2, what: str):
         """(Qwen states, int32 mask, ByT5 states, int32 mask), the states in the compute dtype, shapes checked."""
