@@ -519,6 +519,8 @@ def test_generate_random_weights(tmp_path, capsys):
      "takes one image"),
     (["--model", "tiny-qwenimage", "--image", str(ROOT / "README.md")], "takes no image"),
     (["--model", "tiny-pixart", "--strength", "0.5"], "--strength: image-to-image only"),
+    (["--model", "tiny-sd3", "--image", str(ROOT / "README.md"), "--mask", str(ROOT / "README.md")],
+     "--mask: inpainting takes a FLUX.1 model"),
     (["--model", "tiny-flux", "--image", str(ROOT / "README.md"), "--strength", "0"], "--strength must be in (0, 1]"),
     (["--model", "tiny-pixart", "--guidance-scale-2", "3"], "--guidance-scale-2 (Wan 2.2 A14B's)"),
     (["--guidance-scale-2", "-1"], "--guidance-scale-2 must be >= 0"),

@@ -6,7 +6,13 @@ from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideo
 from xdit_jax.pipelines.cogview3 import CogView3PipelineOutput, CogView3PlusPipeline
 from xdit_jax.pipelines.cogview4 import CogView4Pipeline, CogView4PipelineOutput
 from xdit_jax.pipelines.consisid import ConsisIDPipeline
-from xdit_jax.pipelines.flux import FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline, FluxPipelineOutput
+from xdit_jax.pipelines.flux import (
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxPipelineOutput,
+)
 from xdit_jax.pipelines.flux2 import Flux2KleinPipeline, Flux2Pipeline, Flux2PipelineOutput
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
 from xdit_jax.pipelines.hunyuan_video15 import (
@@ -40,7 +46,8 @@ __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipel
            "CogVideoXPipelineOutput", "CogView3PipelineOutput", "CogView3PlusPipeline", "CogView4Pipeline",
            "CogView4PipelineOutput", "ConsisIDPipeline",
            "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
-           "FluxImg2ImgPipeline", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput", "HunyuanDiTPipeline",
+           "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput",
+           "HunyuanDiTPipeline",
            "HunyuanDiTPipelineOutput", "HunyuanImagePipeline", "HunyuanImagePipelineOutput",
            "HunyuanVideo15ImageToVideoPipeline", "HunyuanVideo15Pipeline",
            "HunyuanVideo15PipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput", "LattePipeline",

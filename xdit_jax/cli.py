@@ -281,8 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
                          "outside xdit_jax); --image: the aligned face image it returns")
     ap.add_argument("--strength", type=float, default=None,
-                    help="image-to-image (FLUX.1 or SD3 with --image): how far the image is noised, the last fraction of the "
-                         "--steps that run, in (0, 1] (diffusers' strength; default 0.6)")
+                    help="image-to-image (FLUX.1 or SD3 with --image) and inpainting: how far the image is noised, the "
+                         "last fraction of the --steps that run, in (0, 1] (diffusers' strength; default 0.6)")
+    ap.add_argument("--mask", default=None, metavar="PATH",
+                    help="inpainting (a FLUX.1 model with --image): white repaints, black keeps (diffusers' "
+                         "FluxInpaintPipeline; --strength as image-to-image's)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -690,7 +693,7 @@ def _main(argv=None) -> int:
             if v is not None and v < 1:
                 flag = "num-images-per-prompt" if name == "per_prompt" else name.replace('_', '-')
                 raise ValueError(f"--{flag} must be >= 1, got {v}.")
-        for flag, path in [("image", p) for p in args.images] + [("last_image", args.last_image)]:
+        for flag, path in [("image", p) for p in args.images] + [("last_image", args.last_image), ("mask", args.mask)]:
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"--{flag.replace('_', '-')} {path} is not a file.")
         if args.video is not None and not Path(args.video).exists():
@@ -770,9 +773,13 @@ def _main(argv=None) -> int:
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
-        if args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 image-to-image (SDEdit)
+        if args.mask is not None and (args.image is None or kind not in ("FluxPipeline", "FluxInpaintPipeline")):
+            raise ValueError("--mask: inpainting takes a FLUX.1 model and the image to repaint (--image).")
+        if args.mask is not None:
+            kind = args.kind = "FluxInpaintPipeline"
+        elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 image-to-image (SDEdit)
             kind = args.kind = IMAGE_TO_IMAGE[kind]
-        img2img = kind in IMAGE_TO_IMAGE.values()
+        img2img = kind in IMAGE_TO_IMAGE.values() or kind == "FluxInpaintPipeline"
         if img2img and args.image is None:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
@@ -794,7 +801,8 @@ def _main(argv=None) -> int:
         if args.last_image is not None and kind == "Flux2KleinPipeline":
             raise ValueError("--last-image: FLUX.2 klein takes its reference image with --image.")
         if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline",
-                                                    "ConsisIDPipeline", *IMAGE_TO_IMAGE.values()):
+                                                    "ConsisIDPipeline", "FluxInpaintPipeline",
+                                                    *IMAGE_TO_IMAGE.values()):
             raise ValueError("--last-image: FLUX.1 Kontext and image-to-image take one image (--image)."
                              if args.kontext or img2img else
                              "--last-image: CogVideoX image-to-video takes the first frame only.")
@@ -875,10 +883,12 @@ def _main(argv=None) -> int:
         kw["fps"] = args.fps or pipe.default_video()["fps"]
     if args.kontext:
         kw.update(max_area=args.max_area or 1024 ** 2, _auto_resize=not args.no_auto_resize)
-    if kind in IMAGE_TO_IMAGE.values():  # (diffusers' image= and strength)
+    if img2img:  # (diffusers' image= and strength; inpainting's mask_image=)
         from PIL import Image
 
         kw.update(image=Image.open(args.image).convert("RGB"), strength=0.6 if args.strength is None else args.strength)
+        if args.mask is not None:
+            kw["mask_image"] = Image.open(args.mask)
     if qwen_edit and is_tiny:  # the image's aspect ratio at 96 x 64 pixels, not 1024^2: a toy model
         kw.update(vae_image_area=96 * 64)
     if family == "flux2" and args.image is not None:  # a reference image (diffusers' image=)

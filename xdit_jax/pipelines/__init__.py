@@ -19,6 +19,7 @@ PIPELINES = {
     "FluxPipeline": ("xdit_jax.pipelines.flux", "FluxPipeline", "flux"),
     "FluxKontextPipeline": ("xdit_jax.pipelines.flux", "FluxKontextPipeline", "flux"),
     "FluxImg2ImgPipeline": ("xdit_jax.pipelines.flux", "FluxImg2ImgPipeline", "flux"),
+    "FluxInpaintPipeline": ("xdit_jax.pipelines.flux", "FluxInpaintPipeline", "flux"),
     "StableDiffusion3Pipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Pipeline", "sd3"),
     "StableDiffusion3Img2ImgPipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Img2ImgPipeline", "sd3"),
     "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),

@@ -153,7 +153,9 @@ class FluxPipeline(ImagePipelineBase):
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng) ->
         (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, pooled CLIP[, Kontext's packed image latents,
-        appended to the noisy ones and cropped from the prediction]); ``scales``:
+        appended to the noisy ones and cropped from the prediction][, inpainting's {"image", "noise", "mask"}: after
+        each update the kept region is the image noised to the next sigma, diffusers' FluxInpaintPipeline]);
+        ``scales``:
         (embedded guidance, true CFG scale); ``rope``: the image and text RoPE tables; ``kv``: PipeFusion's
         K/V buffers (``warmup``: an exact step that fills them) or None."""
         key = (do_cfg, warmup)
@@ -167,6 +169,8 @@ class FluxPipeline(ImagePipelineBase):
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng):
+            blend = texts[-1] if isinstance(texts[-1], dict) else None
+            texts = texts[:-1] if blend is not None else texts
             x = self._model_batch(latents, do_cfg)
             if len(texts) > 2:  # Kontext: the reference image's packed latents after the noisy ones
                 x = jnp.concatenate([x, texts[2].astype(x.dtype)], axis=1)
@@ -189,6 +193,10 @@ class FluxPipeline(ImagePipelineBase):
             noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
                 if sched.needs_noise else None
             latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            if blend is not None:  # inpainting: outside the mask, the image at the next sigma (0 after the last step)
+                s = sched.sigmas[i + 1]
+                kept = s * blend["noise"] + (1.0 - s) * blend["image"]
+                latents = ((1.0 - blend["mask"]) * kept + blend["mask"] * latents).astype(latents.dtype)
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
@@ -237,7 +245,7 @@ class FluxPipeline(ImagePipelineBase):
         """The call; ``condition(batch, per, do_cfg, timer) -> (packed image latents placed as the step's batch,
         their RoPE ids)`` (Kontext's reference image) or None; ``init(sched, latents, batch, per, rng, timer) ->
         (schedule, packed initial latents)`` (image-to-image: the steps left by ``strength`` and the noised image's
-        latents; ``latents`` as given, or None) or None."""
+        latents; ``latents`` as given, or None; inpainting returns a third item, the step's blend inputs) or None."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -302,8 +310,9 @@ class FluxPipeline(ImagePipelineBase):
         shape = self.latent_shape(batch * per, height, width)
         sched = self.schedule(num_inference_steps, shape[1])
         rng = jax.random.key(seed)
-        if init is not None:
-            sched, latents = init(sched, latents, batch, per, rng, timer)
+        if init is not None:  # (image-to-image; inpainting adds what its step blends in after each update)
+            sched, latents, *blend = init(sched, latents, batch, per, rng, timer)
+            texts = texts + tuple(blend)
         if latents is None:
             noise = jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32)
             latents = pack_latents(noise)
@@ -461,7 +470,66 @@ class FluxImg2ImgPipeline(VaeEncoding, FluxPipeline):
             sched = flow_match.from_step(sched, start)
             if given is not None:
                 return sched, given
-            return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng, timer))
+            return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng,
+                                                                 timer)[0])
+
+        return self._generate(prompt, prompt_2, negative_prompt, negative_prompt_2, height=height, width=width,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              true_cfg_scale=true_cfg_scale, prompt_embeds=prompt_embeds,
+                              pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
+                              max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt,
+                              seed=seed, output_type=output_type, progress=progress, init=init)
+
+
+class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
+    """Inpainting with FLUX.1 (diffusers' ``FluxInpaintPipeline``) on a FLUX.1 text-to-image folder: image-to-image's
+    start (:class:`FluxImg2ImgPipeline`: the image encoded and noised to where the last ``strength`` of the schedule
+    starts) and, inside the jitted step after each update, the region outside ``mask_image`` (white: repaint, black:
+    keep; binarized at 0.5) set to the image's latents noised to the next sigma, so only the masked region is
+    generated. The mask is resized as diffusers' mask processor does and sampled onto the latent grid (nearest).
+
+    Known differences: the noise and the posterior's sample are JAX draws from ``seed``; ``padding_mask_crop`` and
+    ``masked_image_latents`` (which FLUX.1's inpainting step does not use) are refused; given ``latents`` are packed
+    (B, tokens, 4C) and serve, as diffusers', as both the initial latents and the kept region's noise; array images are
+    taken at the output size; several images (one per prompt) pair with their own prompt's samples."""
+
+    PIPELINE_CLASSES = ("FluxInpaintPipeline", "FluxPipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+                 *, image=None, mask_image=None, masked_image_latents=None, true_cfg_scale: float = 1.0,
+                 height: int | None = None, width: int | None = None, padding_mask_crop: int | None = None,
+                 strength: float = 0.6, num_inference_steps: int = 28, guidance_scale: float = 7.0,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, max_sequence_length: int = 512,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> FluxPipelineOutput:
+        """diffusers' FluxInpaintPipeline call and defaults (``generator`` -> ``seed``). ``image``: as
+        :class:`FluxImg2ImgPipeline`'s; ``mask_image``: a PIL image, or an (H, W) array at the output size (uint8, or
+        floats in [0, 1]), one for every prompt's image."""
+        from xdit_jax.pipelines.image import preprocess_mask
+
+        if mask_image is None:
+            raise ValueError("FluxInpaintPipeline needs mask_image= (white: repaint, black: keep).")
+        if padding_mask_crop is not None or masked_image_latents is not None:
+            raise NotImplementedError("padding_mask_crop and masked_image_latents are not supported here: give the "
+                                      "image and its mask at the output size.")
+        start = self.strength_start(image, num_inference_steps, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        f = vae_scale_factor(self.vae_config)
+        mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
+
+        def init(sched, given, batch, per, rng, timer):
+            sched = flow_match.from_step(sched, start)
+            noised, clean, noise = self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)
+            if given is not None:  # diffusers: the given latents are the noise too
+                noised = noise = unpack_latents(jnp.asarray(given, jnp.float32), height // f, width // f)
+            parts = {"image": clean, "noise": noise, "mask": jnp.broadcast_to(jnp.asarray(mask), clean.shape)}
+            blend = {k: jax.device_put(pack_latents(v), self._latent_sharding(clean.shape[:1] + (1, 1)))
+                     for k, v in parts.items()}
+            return sched, pack_latents(noised), blend
 
         return self._generate(prompt, prompt_2, negative_prompt, negative_prompt_2, height=height, width=width,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

@@ -216,11 +216,11 @@ class VaeEncoding:
         return start
 
     def noised_image_latents(self, image, height: int, width: int, sched, batch: int, per: int, rng,
-                             timer) -> jax.Array:
-        """diffusers' img2img ``prepare_latents``: the image(s) (one, or one per prompt: a PIL image or an (H, W, 3)
-        array each) resized to ``height`` x ``width``, encoded (the posterior sampled) and noised to the schedule's
-        first sigma (:func:`xdit_jax.schedulers.flow_match.scale_noise`) -> (batch x per, C, h, w), each prompt's
-        ``per`` samples from its image."""
+                             timer) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """diffusers' img2img / inpaint ``prepare_latents``: the image(s) (one, or one per prompt: a PIL image or an
+        (H, W, 3) array each) resized to ``height`` x ``width``, encoded (the posterior sampled) and noised to the
+        schedule's first sigma (:func:`xdit_jax.schedulers.flow_match.scale_noise`) -> (noised, clean, noise) latents,
+        (batch x per, C, h, w) each, each prompt's ``per`` samples from its image."""
         from xdit_jax.pipelines.denoise import preprocess_image
 
         images = image if isinstance(image, (list, tuple)) else [image]
@@ -233,4 +233,25 @@ class VaeEncoding:
             noise = self._normal(jax.random.fold_in(rng, 2), clean.shape)
             noised = flow_match.scale_noise(sched, clean, noise)
             jax.block_until_ready(noised)
-        return noised
+        return noised, clean, noise
+
+
+def preprocess_mask(mask, height: int, width: int) -> np.ndarray:
+    """An inpainting mask as diffusers' ``mask_processor`` makes it: a PIL image resized to ``width`` x ``height``
+    (Lanczos), then grey, or an array (H, W) / (H, W, 1) of that size (uint8, or floats in [0, 1]); binarized at 0.5
+    -> (1, 1, height, width) float32 of 0 (keep) and 1 (repaint)."""
+    if hasattr(mask, "convert") and hasattr(mask, "resize"):  # a PIL image
+        from PIL import Image
+
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), resample=Image.LANCZOS)
+        array = np.asarray(mask.convert("L"), np.float32) / 255.0
+    else:
+        array = np.asarray(mask)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[..., 0]
+        if array.ndim != 2 or array.shape != (height, width):
+            raise ValueError(f"mask_image array {array.shape}: give (height, width) = ({height}, {width}) values (or a "
+                             "PIL image, resized as diffusers does).")
+        array = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    return (array >= 0.5).astype(np.float32)[None, None]

@@ -316,7 +316,7 @@ class StableDiffusion3Img2ImgPipeline(VaeEncoding, StableDiffusion3Pipeline):
             sched = flow_match.from_step(sched, start)
             if given is not None:
                 return sched, given
-            return sched, self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)
+            return sched, self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)[0]
 
         return super().__call__(prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2, negative_prompt_3,
                                 height=height, width=width, num_inference_steps=num_inference_steps, sigmas=sigmas,
