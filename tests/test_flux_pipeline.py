@@ -241,3 +241,22 @@ def test_inpaint_matches_diffusers(tmp_path_factory, monkeypatch):
     np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
     with pytest.raises(ValueError, match="needs mask_image="):
         ours(PROMPT, image=image, height=H, width=W)
+
+
+@pytest.mark.slow  # (the step's compile on a mesh; the blend is per token, local to every shard)
+def test_inpaint_mesh_matches_one_device(tmp_path_factory):
+    """Two prompts, a mask array, true CFG: cfg=2,ring=2,ulysses=2 and pipefusion=2 (its warm-up step only, so exact)
+    == one device."""
+    from xdit_jax.pipelines.flux import FluxInpaintPipeline
+
+    _, _, folder = build(tmp_path_factory)
+    mask = np.zeros((H, W), np.float32)
+    mask[8:40, 16:72] = 1.0
+    kw = dict(image=picture(6), mask_image=mask, height=H, width=W, strength=0.9, num_inference_steps=3,
+              guidance_scale=3.5, negative_prompt=NEG, true_cfg_scale=2.0, max_sequence_length=MSL,
+              output_type="latent", progress=False, seed=8)
+    prompts = [PROMPT, "A cat."]
+    one = FluxInpaintPipeline.from_pretrained(folder)(prompts, **kw).images
+    for mesh, extra in (("cfg=2,ring=2,ulysses=2", {}), ("pipefusion=2", {"pipefusion_warmup_steps": 3})):
+        out = FluxInpaintPipeline.from_pretrained(folder, mesh=mesh, **extra)(prompts, **kw).images
+        np.testing.assert_allclose(out, one, atol=2e-5 * np.abs(one).max(), rtol=0, err_msg=mesh)
