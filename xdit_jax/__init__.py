@@ -30,7 +30,12 @@ from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOutput
 from xdit_jax.pipelines.qwenimage_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput, SanaSprintPipeline
-from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+from xdit_jax.pipelines.sd3 import (
+    SD3PipelineOutput,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
+)
 from xdit_jax.pipelines.skyreels_v2 import (
     SkyReelsV2DiffusionForcingImageToVideoPipeline,
     SkyReelsV2DiffusionForcingPipeline,
@@ -58,7 +63,8 @@ __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipel
            "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
            "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
-           "StableDiffusion3Img2ImgPipeline", "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline",
+           "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline",
+           "WanImageToVideoPipeline", "WanPipeline",
            "WanPipelineOutput",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]
 __version__ = "0.1.0"

@@ -239,6 +239,10 @@ TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_
 IMAGE_TO_IMAGE = {"FluxPipeline": "FluxImg2ImgPipeline", "StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline",
                   "FluxImg2ImgPipeline": "FluxImg2ImgPipeline",
                   "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Img2ImgPipeline"}
+# ... and --mask inpainting
+INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "StableDiffusion3InpaintPipeline",
+           "FluxInpaintPipeline": "FluxInpaintPipeline",
+           "StableDiffusion3InpaintPipeline": "StableDiffusion3InpaintPipeline"}
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                   "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline")
@@ -284,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="image-to-image (FLUX.1 or SD3 with --image) and inpainting: how far the image is noised, the "
                          "last fraction of the --steps that run, in (0, 1] (diffusers' strength; default 0.6)")
     ap.add_argument("--mask", default=None, metavar="PATH",
-                    help="inpainting (a FLUX.1 model with --image): white repaints, black keeps (diffusers' "
-                         "FluxInpaintPipeline; --strength as image-to-image's)")
+                    help="inpainting (a FLUX.1 or SD3 model with --image): white repaints, black keeps (diffusers' "
+                         "FluxInpaintPipeline / StableDiffusion3InpaintPipeline; --strength as image-to-image's)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -773,13 +777,13 @@ def _main(argv=None) -> int:
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
-        if args.mask is not None and (args.image is None or kind not in ("FluxPipeline", "FluxInpaintPipeline")):
-            raise ValueError("--mask: inpainting takes a FLUX.1 model and the image to repaint (--image).")
+        if args.mask is not None and (args.image is None or kind not in INPAINT):
+            raise ValueError("--mask: inpainting takes a FLUX.1 or SD3 model and the image to repaint (--image).")
         if args.mask is not None:
-            kind = args.kind = "FluxInpaintPipeline"
+            kind = args.kind = INPAINT[kind]
         elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 image-to-image (SDEdit)
             kind = args.kind = IMAGE_TO_IMAGE[kind]
-        img2img = kind in IMAGE_TO_IMAGE.values() or kind == "FluxInpaintPipeline"
+        img2img = kind in IMAGE_TO_IMAGE.values() or kind in INPAINT.values()
         if img2img and args.image is None:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
@@ -801,8 +805,8 @@ def _main(argv=None) -> int:
         if args.last_image is not None and kind == "Flux2KleinPipeline":
             raise ValueError("--last-image: FLUX.2 klein takes its reference image with --image.")
         if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline",
-                                                    "ConsisIDPipeline", "FluxInpaintPipeline",
-                                                    *IMAGE_TO_IMAGE.values()):
+                                                    "ConsisIDPipeline", *IMAGE_TO_IMAGE.values(),
+                                                    *INPAINT.values()):
             raise ValueError("--last-image: FLUX.1 Kontext and image-to-image take one image (--image)."
                              if args.kontext or img2img else
                              "--last-image: CogVideoX image-to-video takes the first frame only.")

@@ -22,6 +22,7 @@ PIPELINES = {
     "FluxInpaintPipeline": ("xdit_jax.pipelines.flux", "FluxInpaintPipeline", "flux"),
     "StableDiffusion3Pipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Pipeline", "sd3"),
     "StableDiffusion3Img2ImgPipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Img2ImgPipeline", "sd3"),
+    "StableDiffusion3InpaintPipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3InpaintPipeline", "sd3"),
     "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),
     "WanImageToVideoPipeline": ("xdit_jax.pipelines.wan", "WanImageToVideoPipeline", "wan"),
     "SkyReelsV2Pipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2Pipeline", "skyreels_v2"),

@@ -877,7 +877,8 @@ class PipelineBase:
         guidance, i)``: the guided prediction of another guider (default ``uncond + guidance * (text - uncond)``;
         HunyuanVideo-1.5's :func:`~xdit_jax.pipelines.hunyuan_video15.guided`). ``embed_step``: ``embed_args`` also
         takes the step index and the schedule (``embed_args(x, texts, t, i, sched)``; a MeanFlow model's next
-        timestep)."""
+        timestep). A :class:`~xdit_jax.schedulers.flow_match.KeptRegion` at the end of ``texts`` (inpainting) is
+        applied after each update."""
         from flax import nnx
 
         from xdit_jax.schedulers import flow_match
@@ -904,6 +905,7 @@ class PipelineBase:
             return model.head(tokens_x, cond, x.shape).astype(jnp.float32), kv
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
+            texts, kept = flow_match.split_kept(texts)  # (inpainting's kept region)
             model = nnx.merge(graphdef, tstate)
             scale, slg_scale = guidance if skip_layers else (guidance, None)
             pred, kv = predict(model, tstate, self._model_batch(latents, do_cfg), texts, i, sched, blocks, kv)
@@ -924,6 +926,8 @@ class PipelineBase:
                 latents, sched_state = scheduler.step(sched, i, pred, latents, sched_state, noise)
             else:
                 latents, sched_state = scheduler.step(sched, i, pred, latents, sched_state)
+            if kept is not None:  # inpainting: outside the mask, the image at the next sigma
+                latents = kept.apply(sched, i, latents)
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)

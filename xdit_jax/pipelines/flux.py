@@ -153,8 +153,8 @@ class FluxPipeline(ImagePipelineBase):
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng) ->
         (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, pooled CLIP[, Kontext's packed image latents,
-        appended to the noisy ones and cropped from the prediction][, inpainting's {"image", "noise", "mask"}: after
-        each update the kept region is the image noised to the next sigma, diffusers' FluxInpaintPipeline]);
+        appended to the noisy ones and cropped from the prediction][, inpainting's
+        :class:`~xdit_jax.schedulers.flow_match.KeptRegion`]);
         ``scales``:
         (embedded guidance, true CFG scale); ``rope``: the image and text RoPE tables; ``kv``: PipeFusion's
         K/V buffers (``warmup``: an exact step that fills them) or None."""
@@ -169,8 +169,7 @@ class FluxPipeline(ImagePipelineBase):
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng):
-            blend = texts[-1] if isinstance(texts[-1], dict) else None
-            texts = texts[:-1] if blend is not None else texts
+            texts, kept = flow_match.split_kept(texts)
             x = self._model_batch(latents, do_cfg)
             if len(texts) > 2:  # Kontext: the reference image's packed latents after the noisy ones
                 x = jnp.concatenate([x, texts[2].astype(x.dtype)], axis=1)
@@ -193,10 +192,8 @@ class FluxPipeline(ImagePipelineBase):
             noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
                 if sched.needs_noise else None
             latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
-            if blend is not None:  # inpainting: outside the mask, the image at the next sigma (0 after the last step)
-                s = sched.sigmas[i + 1]
-                kept = s * blend["noise"] + (1.0 - s) * blend["image"]
-                latents = ((1.0 - blend["mask"]) * kept + blend["mask"] * latents).astype(latents.dtype)
+            if kept is not None:  # inpainting: outside the mask, the image at the next sigma
+                latents = kept.apply(sched, i, latents)
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
@@ -526,10 +523,7 @@ class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
             noised, clean, noise = self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)
             if given is not None:  # diffusers: the given latents are the noise too
                 noised = noise = unpack_latents(jnp.asarray(given, jnp.float32), height // f, width // f)
-            parts = {"image": clean, "noise": noise, "mask": jnp.broadcast_to(jnp.asarray(mask), clean.shape)}
-            blend = {k: jax.device_put(pack_latents(v), self._latent_sharding(clean.shape[:1] + (1, 1)))
-                     for k, v in parts.items()}
-            return sched, pack_latents(noised), blend
+            return sched, pack_latents(noised), self.kept_region(clean, noise, mask, pack_latents)
 
         return self._generate(prompt, prompt_2, negative_prompt, negative_prompt_2, height=height, width=width,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

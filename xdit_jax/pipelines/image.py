@@ -235,6 +235,13 @@ class VaeEncoding:
             jax.block_until_ready(noised)
         return noised, clean, noise
 
+    def kept_region(self, clean, noise, mask, layout=None) -> flow_match.KeptRegion:
+        """Inpainting's :class:`~xdit_jax.schedulers.flow_match.KeptRegion` of (B, C, h, w) clean latents, their noise
+        and a (1, 1, h, w) mask, each put in the latents' ``layout`` (e.g. FLUX's packing) and placement."""
+        layout = layout or (lambda x: x)
+        parts = [layout(jnp.broadcast_to(jnp.asarray(a, jnp.float32), clean.shape)) for a in (clean, noise, mask)]
+        return flow_match.KeptRegion(*(jax.device_put(a, self._latent_sharding(a.shape)) for a in parts))
+
 
 def preprocess_mask(mask, height: int, width: int) -> np.ndarray:
     """An inpainting mask as diffusers' ``mask_processor`` makes it: a PIL image resized to ``width`` x ``height``

@@ -198,8 +198,8 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
                  num_images_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
                  progress: bool = True, _init=None) -> SD3PipelineOutput:
         """diffusers' StableDiffusion3Pipeline call and defaults (``generator`` -> ``seed``); ``_init(sched, latents,
-        batch, per, rng, timer) -> (schedule, initial latents)``: image-to-image's start
-        (:class:`StableDiffusion3Img2ImgPipeline`)."""
+        batch, per, rng, timer) -> (schedule, initial latents[, kept region])``: image-to-image's and inpainting's start
+        (:class:`StableDiffusion3Img2ImgPipeline`, :class:`StableDiffusion3InpaintPipeline`)."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -259,8 +259,9 @@ class StableDiffusion3Pipeline(ImagePipelineBase):
         # 2. latents (diffusers' layout: B, C, h, w)
         shape = self.latent_shape(batch * per, height, width)
         rng = jax.random.key(seed)
-        if _init is not None:
-            sched, latents = _init(sched, latents, batch, per, rng, timer)
+        if _init is not None:  # (inpainting returns its kept region too, a step input)
+            sched, latents, *kept = _init(sched, latents, batch, per, rng, timer)
+            texts = texts + tuple(kept)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, channels, height/8, width/8")
 
@@ -331,3 +332,68 @@ class StableDiffusion3Img2ImgPipeline(VaeEncoding, StableDiffusion3Pipeline):
                                 skip_layer_guidance_start=skip_layer_guidance_start,
                                 num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type,
                                 progress=progress, _init=init)
+
+
+class StableDiffusion3InpaintPipeline(VaeEncoding, StableDiffusion3Pipeline):
+    """Inpainting with SD3 / SD3.5 (diffusers' ``StableDiffusion3InpaintPipeline``, a 16-channel transformer) on an SD3
+    text-to-image folder: image-to-image's start and, in the jitted step after each update, the region outside
+    ``mask_image`` (white: repaint, black: keep; resized and binarized as diffusers' mask processor, sampled onto the
+    latent grid) set to the image's latents noised to the next sigma
+    (:class:`~xdit_jax.schedulers.flow_match.KeptRegion`). Skip-layer guidance applies too (diffusers' has none).
+
+    Known differences: the noise and the posterior's sample are JAX draws from ``seed``; ``padding_mask_crop`` and
+    ``masked_image_latents`` (unused by a 16-channel transformer) are refused; given ``latents`` serve, as diffusers',
+    as both the initial latents and the kept region's noise; several images (one per prompt) pair with their own
+    prompt's samples."""
+
+    PIPELINE_CLASSES = ("StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, prompt_2=None, prompt_3=None, *, image=None,
+                 mask_image=None, masked_image_latents=None, height: int | None = None, width: int | None = None,
+                 padding_mask_crop: int | None = None, strength: float = 0.6, num_inference_steps: int = 50,
+                 sigmas=None, guidance_scale: float = 7.0, negative_prompt: str | list[str] | None = None,
+                 negative_prompt_2=None, negative_prompt_3=None, num_images_per_prompt: int = 1, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, clip_skip: int | None = None, max_sequence_length: int = 256,
+                 skip_guidance_layers=None, skip_layer_guidance_scale: float = 2.8,
+                 skip_layer_guidance_stop: float = 0.2, skip_layer_guidance_start: float = 0.01, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> SD3PipelineOutput:
+        """diffusers' StableDiffusion3InpaintPipeline call and defaults (``generator`` -> ``seed``); ``image`` as
+        :class:`StableDiffusion3Img2ImgPipeline`'s, ``mask_image`` a PIL image or an (H, W) array at the output size
+        (uint8, or floats in [0, 1]), one for every prompt's image."""
+        from xdit_jax.pipelines.image import preprocess_mask
+
+        if mask_image is None:
+            raise ValueError("StableDiffusion3InpaintPipeline needs mask_image= (white: repaint, black: keep).")
+        if padding_mask_crop is not None or masked_image_latents is not None:
+            raise NotImplementedError("padding_mask_crop and masked_image_latents are not supported here: give the "
+                                      "image and its mask at the output size.")
+        if self.transformer_config.in_channels != self.vae_config.latent_channels:
+            raise NotImplementedError(f"A transformer of {self.transformer_config.in_channels} input channels (an "
+                                      "inpainting model taking the mask and masked image) is not supported; the "
+                                      "text-to-image transformers are.")
+        n = len(sigmas) if sigmas is not None else num_inference_steps
+        start = self.strength_start(image, n, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        f = vae_scale_factor(self.vae_config)
+        mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
+
+        def init(sched, given, batch, per, rng, timer):
+            sched = flow_match.from_step(sched, start)
+            noised, clean, noise = self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)
+            if given is not None:  # diffusers: the given latents are the noise too
+                noised = noise = jnp.asarray(given, jnp.float32)
+            return sched, noised, self.kept_region(clean, noise, mask)
+
+        return StableDiffusion3Pipeline.__call__(
+            self, prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2, negative_prompt_3, height=height,
+            width=width, num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            latents=latents, max_sequence_length=max_sequence_length, clip_skip=clip_skip,
+            skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
+            skip_layer_guidance_stop=skip_layer_guidance_stop, skip_layer_guidance_start=skip_layer_guidance_start,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, progress=progress,
+            _init=init)

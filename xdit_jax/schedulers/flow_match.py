@@ -410,6 +410,31 @@ def scale_noise(sched: FlowMatchSchedule, sample, noise):
     return sigma * jnp.asarray(noise, jnp.float32) + (1.0 - sigma) * jnp.asarray(sample, jnp.float32)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["image", "noise", "mask"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class KeptRegion:
+    """Inpainting's kept region (diffusers' inpaint pipelines of the flow-matching families): the image's clean
+    latents, the noise they were noised with and the mask (1: repaint, 0: keep), each of the latents' shape. It rides
+    at the end of a jitted step's text inputs (:func:`split_kept`); after each update :meth:`apply` sets the kept
+    region to the image noised to the next sigma (the clean image after the last step)."""
+
+    image: jax.Array
+    noise: jax.Array
+    mask: jax.Array
+
+    def apply(self, sched: FlowMatchSchedule, i, latents):
+        s = _at(sched.sigmas, i + 1)
+        kept = s * self.noise + (1.0 - s) * self.image
+        return ((1.0 - self.mask) * kept + self.mask * latents.astype(jnp.float32)).astype(latents.dtype)
+
+
+def split_kept(texts):
+    """(a step's text inputs, their trailing :class:`KeptRegion` or None)."""
+    if isinstance(texts, tuple) and texts and isinstance(texts[-1], KeptRegion):
+        return texts[:-1], texts[-1]
+    return texts, None
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure step function (jit-friendly; `i` may be a traced int).
 
