@@ -17,7 +17,7 @@ CONFIG = dict(in_visual_dim=4, in_text_dim=12, in_text_dim2=10, time_dim=16, out
               model_dim=32, ff_dim=48, num_text_blocks=2, num_visual_blocks=2, axes_dims=(4, 6, 6))
 SHAPE = (1, 3, 6, 8)  # (B, T, H, W): 3 x 3 x 4 = 36 visual tokens
 L = 7
-SCALE = (1, 2, 2)
+SCALE = (1.0, 1.0, 1.0)  # the default (the pipeline test runs diffusers' (1, 3.16, 3.16))
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_matches_diffusers_and_text_mask(pair):
     tm, cfg, model, fwd = pair
     x, enc, t, pooled = _inputs()
     ref = _torch(tm, x, enc, t, pooled)
-    out = np.asarray(fwd(model, x, enc, t, pooled, None))
-    # fp32 both sides, outputs O(1): float32 reorderings through 4 blocks of width 32, and q / k rounded to bfloat16
+    out = np.asarray(fwd(model, x, enc, t, pooled, np.ones((1, L), bool)))  # (one compile with the masked call)
+    # fp32 both sides, outputs O(1) (measured 6.9e-6 of 3.7): float32 reorderings through 4 blocks of width 32, and q / k rounded to bfloat16
     # after the RoPE on both sides (a flipped rounding would move the output by ~1e-4)
     np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
     # the text padded with masked tokens (CFG's batch) == the text alone (diffusers' separate call)
@@ -66,11 +66,10 @@ def test_matches_diffusers_and_text_mask(pair):
 
 def test_sequence_parallel_equals_one_device(pair):
     """36 visual tokens over ring=2,ulysses=4 (padded to 40), the text whole on every device."""
-    import jax
 
     tm, cfg, model, fwd = pair
     x, enc, t, pooled = _inputs(seed=3)
-    ref = np.asarray(jax.jit(lambda m, *a: m(*a))(model, x, enc, t, pooled))  # (the default scale_factor: static)
+    ref = np.asarray(fwd(model, x, enc, t, pooled, np.ones((1, L), bool)))
     out = np.asarray(sequence_parallel_forward(model, build_mesh("ring=2,ulysses=4"))(x, enc, t, pooled))
     np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
 

@@ -97,6 +97,23 @@ class Kandinsky5Config:
     def heads(self) -> int:
         return self.model_dim // self.head_dim
 
+    # the names the shared pipeline code reads (PipeFusion's K/V buffers, the latent shape)
+    @property
+    def num_attention_heads(self) -> int:
+        return self.heads
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_visual_blocks
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_visual_dim
+
     @property
     def visual_embed_dim(self) -> int:
         return 2 * self.in_visual_dim + 1 if self.visual_cond else self.in_visual_dim

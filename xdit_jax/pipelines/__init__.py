@@ -36,6 +36,7 @@ PIPELINES = {
     "HunyuanVideoPipeline": ("xdit_jax.pipelines.hunyuan_video", "HunyuanVideoPipeline", "hunyuanvideo"),
     "HunyuanVideo15Pipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15Pipeline", "hunyuan_video15"),
     "HunyuanImagePipeline": ("xdit_jax.pipelines.hunyuanimage", "HunyuanImagePipeline", "hunyuanimage"),
+    "Kandinsky5T2VPipeline": ("xdit_jax.pipelines.kandinsky5", "Kandinsky5T2VPipeline", "kandinsky5"),
     "HunyuanVideo15ImageToVideoPipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15ImageToVideoPipeline",
                                            "hunyuan_video15"),
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
@@ -57,7 +58,7 @@ PIPELINES = {
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
     "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid",
-    "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4") of a diffusers pipeline class name;
+    "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4", "kandinsky5") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")

@@ -1,0 +1,78 @@
+"""The Kandinsky 5.0 pipeline from a diffusers save_pretrained folder == diffusers' Kandinsky5T2VPipeline (tiny random
+weights, fp32, 2 steps): latents and video with CFG; a cfg=2,ring=2,ulysses=2 mesh == one device."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_kandinsky5, save_torch_pipeline
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.kandinsky5 import Kandinsky5T2VPipeline
+
+PROMPT = "A small dog running on a beach at sunset."
+NEGATIVE = "A cat."  # shorter than the prompt: the CFG batch pads it with masked tokens
+# 5 frames of 32 x 32: 2 x 4 x 4 latents (channels last), 8 visual tokens; ~246 Qwen tokens after the 128 cut
+F, H, W, STEPS = 5, 32, 32, 2
+LATENT = (2, 4, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder), made once."""
+    tp = make_torch_kandinsky5()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("kandinsky5"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+    return tp, Kandinsky5T2VPipeline.from_pretrained(converted), converted
+
+
+def initial_latents(batch=1, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch,) + LATENT).astype(np.float32)
+
+
+def run_torch(tp, prompt, latents, **kw):
+    with torch.no_grad():
+        out = tp(prompt=prompt, num_frames=F, height=H, width=W, num_inference_steps=STEPS,
+                 latents=torch.from_numpy(latents.copy()), **kw).frames  # (it steps them in place)
+    return out.numpy() if kw.get("output_type") == "latent" else np.asarray(out)
+
+
+def run_ours(pipe, prompt, latents, **kw):
+    kw = dict(dict(num_frames=F, height=H, width=W, num_inference_steps=STEPS, latents=latents, progress=False), **kw)
+    return pipe(prompt, **kw).frames
+
+
+def test_cfg_video_matches_diffusers(pipes):
+    """Guidance 5 with a shorter negative prompt: the latents, then the video."""
+    tp, ours, _ = pipes
+    lat = initial_latents()
+    ref = run_torch(tp, PROMPT, lat, negative_prompt=NEGATIVE, output_type="latent")
+    out = run_ours(ours, PROMPT, lat, negative_prompt=NEGATIVE, output_type="latent")
+    assert out.shape == ref.shape == (1,) + LATENT
+    # latents O(7) after 2 Euler steps, both sides fp32: measured 2.0e-5 (2.8e-6 of their scale), the two fp32
+    # implementations' rounding (Qwen, CLIP, the transformer, bf16-rounded q / k); a wrong crop, mask, shift or scale
+    # factor moves them by 1e-2 and more
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    ref = run_torch(tp, PROMPT, lat, negative_prompt=NEGATIVE, output_type="np")
+    out = run_ours(ours, PROMPT, lat, negative_prompt=NEGATIVE)
+    assert out.shape == ref.shape == (1, F, H, W, 3)
+    # pixels in [0, 1] from the tiny VAE (measured 7.4e-6)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # (the default tests: the transformer's ring=2,ulysses=4 == one device)
+def test_mesh_equals_one_device(pipes):
+    tp, ours, converted = pipes
+    lat = initial_latents(seed=1)
+    ref = run_ours(ours, PROMPT, lat, output_type="latent")
+    mesh = Kandinsky5T2VPipeline.from_pretrained(converted, mesh="cfg=2,ring=2,ulysses=2")
+    out = run_ours(mesh, PROMPT, lat, output_type="latent")
+    # measured 6.8e-6 of 10.9
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_bad_input(pipes):
+    _, ours, _ = pipes
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        ours.check_inputs(H, W, 6, 1, 5.0)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours.check_inputs(40, W, F, 1, 5.0)
