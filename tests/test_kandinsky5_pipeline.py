@@ -60,14 +60,30 @@ def test_cfg_video_matches_diffusers(pipes):
 
 
 @pytest.mark.slow  # (the default tests: the transformer's ring=2,ulysses=4 == one device)
-def test_mesh_equals_one_device(pipes):
+@pytest.mark.parametrize("mesh,warmup", [("cfg=2,ring=2,ulysses=2", 1),
+                                         ("pipefusion=2,ulysses=2", 2)])  # (PipeFusion: both steps exact)
+def test_mesh_equals_one_device(pipes, mesh, warmup):
     tp, ours, converted = pipes
     lat = initial_latents(seed=1)
     ref = run_ours(ours, PROMPT, lat, output_type="latent")
-    mesh = Kandinsky5T2VPipeline.from_pretrained(converted, mesh="cfg=2,ring=2,ulysses=2")
-    out = run_ours(mesh, PROMPT, lat, output_type="latent")
-    # measured 6.8e-6 of 10.9
-    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    pipe = Kandinsky5T2VPipeline.from_pretrained(converted, mesh=mesh, pipefusion_warmup_steps=warmup)
+    out = run_ours(pipe, PROMPT, lat, output_type="latent")
+    # measured 6.8e-6 of 10.9 (cfg=2,ring=2,ulysses=2)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0, err_msg=mesh)
+
+
+@pytest.mark.slow
+def test_pipefusion_patched_steps_equal_sequential_reference(pipes):
+    """64 x 64 (2 x 4 x 4 tokens), 3 steps: pipefusion=2's patched steps (stale K/V of the later patch) == the same rule
+    run sequentially on one device, and != the exact run."""
+    _, ours, converted = pipes
+    lat = np.random.default_rng(2).standard_normal((1, 2, 8, 8, 4)).astype(np.float32)
+    kw = dict(height=64, width=64, num_inference_steps=3, output_type="latent")
+    exact = run_ours(ours, PROMPT, lat, **kw)
+    seq = run_ours(Kandinsky5T2VPipeline.from_pretrained(converted, pipefusion_patches=2), PROMPT, lat, **kw)
+    out = run_ours(Kandinsky5T2VPipeline.from_pretrained(converted, mesh="pipefusion=2"), PROMPT, lat, **kw)
+    np.testing.assert_allclose(out, seq, atol=1e-5 * np.abs(seq).max(), rtol=0)
+    assert np.abs(seq - exact).max() > 1e-2
 
 
 def test_bad_input(pipes):
