@@ -92,3 +92,11 @@ def test_bad_input(pipes):
         ours.check_inputs(H, W, 6, 1, 5.0)
     with pytest.raises(ValueError, match="multiples of 16"):
         ours.check_inputs(40, W, F, 1, 5.0)
+
+
+def test_other_kandinsky5_pipelines_refused():
+    from xdit_jax import pipelines
+
+    for name in ("Kandinsky5I2VPipeline", "Kandinsky5I2IPipeline"):
+        with pytest.raises(ValueError, match="not supported here"):
+            pipelines.pipeline_class(name)
