@@ -815,3 +815,15 @@ def make_torch_kandinsky5(seed: int = 0):
                                  tokenizer=tiny.train_qwen_tokenizer(), text_encoder_2=text_encoder_2,
                                  tokenizer_2=tiny.train_clip_tokenizer(),
                                  scheduler=FlowMatchEulerDiscreteScheduler(**skw))
+
+
+def make_torch_kandinsky5_t2i(seed: int = 0):
+    """A tiny random diffusers Kandinsky5T2IPipeline: :func:`make_torch_kandinsky5`'s transformer and text encoders with
+    FLUX's tiny AutoencoderKL (4 latent channels here)."""
+    from diffusers import AutoencoderKL, Kandinsky5T2IPipeline
+
+    t2v = make_torch_kandinsky5(seed)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 4, std=0.1)
+    return Kandinsky5T2IPipeline(transformer=t2v.transformer, vae=vae, text_encoder=t2v.text_encoder,
+                                 tokenizer=t2v.tokenizer, text_encoder_2=t2v.text_encoder_2,
+                                 tokenizer_2=t2v.tokenizer_2, scheduler=t2v.scheduler)

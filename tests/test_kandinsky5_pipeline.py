@@ -97,6 +97,32 @@ def test_bad_input(pipes):
 def test_other_kandinsky5_pipelines_refused():
     from xdit_jax import pipelines
 
-    for name in ("Kandinsky5I2VPipeline", "Kandinsky5I2IPipeline"):
+    for name in ("Kandinsky5I2VPipeline", "Kandinsky5I2IPipeline"):  # (T2I: Kandinsky5T2IPipeline)
         with pytest.raises(ValueError, match="not supported here"):
             pipelines.pipeline_class(name)
+
+
+@pytest.mark.slow  # (another variant on the same transformer)
+def test_text_to_image_matches_diffusers(tmp_path_factory):
+    """Kandinsky5T2IPipeline, 2 steps at 32 x 32 with CFG 3.5 and the default negative "": latents, then the image."""
+    from tests.fixtures import make_torch_kandinsky5_t2i
+    from xdit_jax.pipelines.kandinsky5_t2i import Kandinsky5T2IPipeline
+
+    tp = make_torch_kandinsky5_t2i()
+    tp.resolutions = [(32, 32)]  # (diffusers snaps other sizes to its list: 1024 x 1024 for a square)
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("kandinsky5_t2i"))
+    ours = Kandinsky5T2IPipeline.from_pretrained(converted_folder(folder, cache_dir=tmp_path_factory.mktemp("c")))
+    ours.resolutions = ((32, 32),)
+    lat = np.random.default_rng(3).standard_normal((1, 1, 4, 4, 4)).astype(np.float32)
+    kw = dict(height=32, width=32, num_inference_steps=STEPS)
+    with torch.no_grad():
+        ref = tp(PROMPT, latents=torch.from_numpy(lat.copy()), output_type="latent", **kw).image.numpy()
+        ref_img = np.asarray(tp(PROMPT, latents=torch.from_numpy(lat.copy()), output_type="np", **kw).image)
+    out = ours(PROMPT, latents=lat, output_type="latent", progress=False, **kw).images
+    assert out.shape == ref.shape == (1, 1, 4, 4, 4)
+    # measured 8.7e-5 of 6.9 in 2 of 64 entries, ~3e-6 elsewhere: a q / k entry rounded to the other bfloat16
+    # neighbour after the RoPE (diffusers rounds them so; the fp32 inputs differ by ulps) moves a few outputs by ~1e-4
+    np.testing.assert_allclose(out, ref, atol=3e-5 * np.abs(ref).max(), rtol=0)
+    img = ours(PROMPT, latents=lat, progress=False, **kw).images
+    assert img.shape == ref_img.shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(img, ref_img, atol=1e-4, rtol=0)  # (measured 3.1e-5)

@@ -199,6 +199,9 @@ FAMILIES = {
     # default negative prompt, 512 Qwen tokens after the template's 128)
     "kandinsky5": Family(video=True, guidance_scale=5.0, steps=50, tiny_steps=2, tiny_size=(32, 32), tiny_frames=5,
                          max_sequence_length=512),
+    # Kandinsky 5.0 T2I: diffusers' Kandinsky5T2IPipeline defaults (1024 x 1024, 50 steps, CFG 3.5, negative prompt "")
+    "kandinsky5-t2i": Family(video=False, guidance_scale=3.5, steps=50, tiny_steps=2, module="kandinsky5_t2i",
+                             max_sequence_length=512),
     # HunyuanImage-2.1: CFG / APG by the guiders (their configs' scales unless --guidance-scale; the negative prompt ""
     # as diffusers'), 1000 Qwen tokens after the template's 34, 2048 x 2048 by default (a 64 x 64 toy for the tiny)
     "hunyuanimage": Family(video=False, guidance_scale=3.5, steps=50, tiny_steps=2, tiny_size=(64, 64),

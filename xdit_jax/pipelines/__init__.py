@@ -37,6 +37,7 @@ PIPELINES = {
     "HunyuanVideo15Pipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15Pipeline", "hunyuan_video15"),
     "HunyuanImagePipeline": ("xdit_jax.pipelines.hunyuanimage", "HunyuanImagePipeline", "hunyuanimage"),
     "Kandinsky5T2VPipeline": ("xdit_jax.pipelines.kandinsky5", "Kandinsky5T2VPipeline", "kandinsky5"),
+    "Kandinsky5T2IPipeline": ("xdit_jax.pipelines.kandinsky5_t2i", "Kandinsky5T2IPipeline", "kandinsky5-t2i"),
     "HunyuanVideo15ImageToVideoPipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15ImageToVideoPipeline",
                                            "hunyuan_video15"),
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
@@ -56,19 +57,18 @@ PIPELINES = {
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
 REFUSED = {
-    "Kandinsky5I2VPipeline": "Kandinsky 5.0 image-to-video is not supported here (text-to-video only: "
-                             "Kandinsky5T2VPipeline).",
-    "Kandinsky5I2IPipeline": "Kandinsky 5.0 image-to-image is not supported here (text-to-video only: "
-                             "Kandinsky5T2VPipeline).",
-    "Kandinsky5T2IPipeline": "Kandinsky 5.0 text-to-image is not supported here (text-to-video only: "
-                             "Kandinsky5T2VPipeline).",
+    "Kandinsky5I2VPipeline": "Kandinsky 5.0 image-to-video is not supported here (text-to-video and "
+                             "text-to-image only: Kandinsky5T2VPipeline, Kandinsky5T2IPipeline).",
+    "Kandinsky5I2IPipeline": "Kandinsky 5.0 image-to-image is not supported here (text-to-video and "
+                             "text-to-image only: Kandinsky5T2VPipeline, Kandinsky5T2IPipeline).",
 }
 
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
     "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid",
-    "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4", "kandinsky5") of a diffusers pipeline class name;
+    "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4", "kandinsky5",
+    "kandinsky5-t2i") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name in REFUSED:
         raise ValueError(REFUSED[class_name])

@@ -133,6 +133,8 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
 
     PIPELINE_CLASSES = ("Kandinsky5T2VPipeline",)
     CONFIG = k5.Kandinsky5Config
+    PROMPT_TEMPLATE, TEMPLATE_START, DEFAULT_NEGATIVE = PROMPT_TEMPLATE, TEMPLATE_START, DEFAULT_NEGATIVE
+    _scale_factor = staticmethod(scale_factor)
     MORE_TEXT_ENCODERS = ("_2",)  # CLIP (the first: Qwen2.5-VL)
     stacks = staticmethod(k5.pipefusion_stacks)
 
@@ -157,15 +159,16 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
 
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512):
         """((B, L, d) Qwen states, (B, d_clip) pooled CLIP) as diffusers' ``encode_prompt``: every row L tokens
-        (the batch's longest templated prompt less :data:`TEMPLATE_START`)."""
+        (the batch's longest templated prompt less the template's first tokens, :data:`TEMPLATE_START`)."""
         prompts = [prompt_clean(p) for p in prompts]
-        enc = self.tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts], max_length=TEMPLATE_START +
-                             max_sequence_length, truncation=True, padding=True, return_tensors="np")
+        start = self.TEMPLATE_START
+        enc = self.tokenizer([self.PROMPT_TEMPLATE.format(p) for p in prompts], max_length=start + max_sequence_length,
+                             truncation=True, padding=True, return_tensors="np")
         ids = np.asarray(enc["input_ids"])
-        if ids.shape[1] <= TEMPLATE_START:
+        if ids.shape[1] <= start:
             raise ValueError(f"The templated prompts have {ids.shape[1]} tokens, not more than the template's "
-                             f"{TEMPLATE_START} that are cut: this tokenizer is not Kandinsky 5.0's.")
-        emb = self._qwen_fn()(ids)[:, TEMPLATE_START:]
+                             f"{start} that are cut: this tokenizer is not Kandinsky 5.0's.")
+        emb = self._qwen_fn()(ids)[:, start:]
         clip_ids, _ = tokenize(self.tokenizer_2, prompts, CLIP_TOKENS)
         pooled = self._clip_pooled_fn()(clip_ids)
         return emb.astype(self.dtype), pooled.astype(self.dtype)
@@ -226,7 +229,7 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
         do_cfg = guidance_scale > 1.0
         tc = self.transformer_config
-        self._scale = scale_factor(height, width)
+        self._scale = self._scale_factor(height, width)
         shape = self.latent_shape(batch, height, width, num_frames)
         n = (2 if do_cfg else 1) * self._padded_batch(batch)
         sd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), do_cfg))  # noqa
@@ -253,6 +256,16 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
         dv = self.default_video()
         height, width, num_frames = (dv[k] if v is None else v for k, v in
                                      (("height", height), ("width", width), ("num_frames", num_frames)))
+        out, timer = self._generate(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
+                                    guidance_scale, num_videos_per_prompt, latents, prompt_embeds_qwen,
+                                    prompt_embeds_clip, negative_prompt_embeds_qwen, negative_prompt_embeds_clip,
+                                    max_sequence_length, seed, output_type, progress)
+        return Kandinsky5PipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+    def _generate(self, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+                  num_per_prompt, latents, prompt_embeds_qwen, prompt_embeds_clip, negative_prompt_embeds_qwen,
+                  negative_prompt_embeds_clip, max_sequence_length, seed, output_type, progress):
+        """The call's work (videos; the text-to-image pipeline's with one frame) -> (output, timer)."""
         prompts, batch = prompt_batch(prompt, prompt_embeds_qwen, output_type, "(with prompt_embeds_clip)")
         if prompt_embeds_qwen is not None and prompt_embeds_clip is None:
             raise ValueError("prompt_embeds_qwen need prompt_embeds_clip (the pooled CLIP embedding).")
@@ -262,10 +275,10 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
             raise ValueError(f"max_sequence_length must be in 1..{MAX_SEQUENCE_LENGTH}, got {max_sequence_length}.")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-        per = per_prompt(num_videos_per_prompt, "num_videos_per_prompt")
+        per = per_prompt(num_per_prompt, "num_videos_per_prompt")
         do_cfg = guidance_scale > 1.0
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
-        self._scale = scale_factor(height, width)
+        self._scale = self._scale_factor(height, width)
         sched = self.schedule(num_inference_steps)
         timer = StageTimer()
 
@@ -277,7 +290,7 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
             mask = jnp.ones(emb.shape[:2], bool)
             if do_cfg:
                 if negative_prompt_embeds_qwen is None:
-                    neg = negative_prompts(DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt, batch)
+                    neg = negative_prompts(self.DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt, batch)
                     negative_prompt_embeds_qwen, negative_prompt_embeds_clip = self.encode_prompt(
                         neg, max_sequence_length)
                 n_emb, n_pooled = self._texts(negative_prompt_embeds_qwen, negative_prompt_embeds_clip,
@@ -296,7 +309,7 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
         shape = self.latent_shape(batch * per, height, width, num_frames)
         rng = jax.random.key(seed)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
-                                        "batch, (frames - 1) // 4 + 1, height/8, width/8, channels")
+                                        "batch, latent frames, height/8, width/8, channels")
 
         # 3. denoise: one jitted step per iteration; then the VAE
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
@@ -305,4 +318,4 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scale, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn(), kv=kv)
-        return Kandinsky5PipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+        return out, timer
