@@ -53,8 +53,8 @@ def test_matches_diffusers_and_text_mask(pair):
     x, enc, t, pooled = _inputs()
     ref = _torch(tm, x, enc, t, pooled)
     out = np.asarray(fwd(model, x, enc, t, pooled, np.ones((1, L), bool)))  # (one compile with the masked call)
-    # fp32 both sides, outputs O(1) (measured 6.9e-6 of 3.7): float32 reorderings through 4 blocks of width 32, and q / k rounded to bfloat16
-    # after the RoPE on both sides (a flipped rounding would move the output by ~1e-4)
+    # fp32 both sides, outputs O(1) (measured 6.9e-6 of 3.7): float32 reorderings through 4 blocks of width 32, and
+    # q / k rounded to bfloat16 after the RoPE on both sides (a flipped rounding would move the output by ~1e-4)
     np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
     # the text padded with masked tokens (CFG's batch) == the text alone (diffusers' separate call)
     ref5 = _torch(tm, x, enc[:, :5], t, pooled)

@@ -80,7 +80,8 @@ DEFAULT_NEGATIVE = ("Static, 2D cartoon, cartoon, 2d animation, paintings, image
 
 
 def prompt_clean(text: str) -> str:
-    """diffusers' ``prompt_clean``: ftfy's fix (where installed), HTML entities unescaped twice, whitespace collapsed."""
+    """diffusers' ``prompt_clean``: ftfy's fix (where installed), HTML entities unescaped twice, whitespace
+    collapsed."""
     try:
         import ftfy
 
