@@ -169,7 +169,12 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
         if ids.shape[1] <= start:
             raise ValueError(f"The templated prompts have {ids.shape[1]} tokens, not more than the template's "
                              f"{start} that are cut: this tokenizer is not Kandinsky 5.0's.")
-        emb = self._qwen_fn()(ids)[:, start:]
+        n = ids.shape[1]
+        pad = -n % 64  # one compile per 64 tokens: with causal attention and no mask, appended tokens change none before
+        if pad:
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = np.concatenate([ids, np.full((ids.shape[0], pad), pad_id, ids.dtype)], axis=1)
+        emb = self._qwen_fn()(ids)[:, start:n]
         clip_ids, _ = tokenize(self.tokenizer_2, prompts, CLIP_TOKENS)
         pooled = self._clip_pooled_fn()(clip_ids)
         return emb.astype(self.dtype), pooled.astype(self.dtype)
