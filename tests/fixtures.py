@@ -789,3 +789,41 @@ def step_compiles_once(caplog):
         yield
         compiles = [r.getMessage()[:200] for r in caplog.records[start:] if "Compiling jit(step)" in r.getMessage()]
     assert len(compiles) == 1, compiles
+
+
+def make_torch_kandinsky5(seed: int = 0):
+    """A tiny random diffusers Kandinsky5T2VPipeline (xdit_jax.tiny's Kandinsky 5.0 configs: Qwen-Image's tiny
+    Qwen2.5-VL with its stand-in Qwen2 tokenizer (as the pipeline's ``tokenizer``: it takes the processor's
+    ``images=None, videos=None``), FLUX's tiny CLIP, HunyuanVideo's tiny VAE, FlowMatchEuler with shift 5)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        Kandinsky5T2VPipeline,
+        Kandinsky5Transformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = randomize_(Kandinsky5Transformer3DModel(**tiny.KANDINSKY5_TRANSFORMER), seed, std=0.15)
+    vae = randomize_(AutoencoderKLHunyuanVideo(**tiny.HUNYUAN_VIDEO_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.QWEN_IMAGE_TEXT_ENCODER.items() if k not in ("model_type", "architectures")}
+    text_encoder = randomize_(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**te_kw)), seed + 2, std=0.2)
+    clip_kw = {k: v for k, v in tiny.FLUX_CLIP.items() if k != "model_type"}
+    text_encoder_2 = randomize_(CLIPTextModel(CLIPTextConfig(**clip_kw)), seed + 3, std=0.2)
+    skw = {k: v for k, v in tiny.KANDINSKY5_SCHEDULER.items() if not k.startswith("_")}
+    return Kandinsky5T2VPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder,
+                                 tokenizer=tiny.train_qwen_tokenizer(), text_encoder_2=text_encoder_2,
+                                 tokenizer_2=tiny.train_clip_tokenizer(),
+                                 scheduler=FlowMatchEulerDiscreteScheduler(**skw))
+
+
+def make_torch_kandinsky5_t2i(seed: int = 0):
+    """A tiny random diffusers Kandinsky5T2IPipeline: :func:`make_torch_kandinsky5`'s transformer and text encoders with
+    FLUX's tiny AutoencoderKL (4 latent channels here)."""
+    from diffusers import AutoencoderKL, Kandinsky5T2IPipeline
+
+    t2v = make_torch_kandinsky5(seed)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 4, std=0.1)
+    return Kandinsky5T2IPipeline(transformer=t2v.transformer, vae=vae, text_encoder=t2v.text_encoder,
+                                 tokenizer=t2v.tokenizer, text_encoder_2=t2v.text_encoder_2,
+                                 tokenizer_2=t2v.tokenizer_2, scheduler=t2v.scheduler)

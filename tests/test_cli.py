@@ -543,6 +543,7 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-cogview3", "--height", "144"], "position table"),  # (8 x 8 patches in the tiny model)
     (["--height", "50"], "multiples of 16"),
     (["--num-frames", "10"], "8k+1"),
+    (["--model", "tiny-kandinsky5", "--num-frames", "6"], "4k + 1"),
     (["--mesh", "cfg=3"], "cfg must be 1 or 2"),
     (["--mesh", "tensor=2"], "Unknown mesh axis"),
     (["--mesh", "data=64"], "devices"),

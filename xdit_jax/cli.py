@@ -10,7 +10,7 @@
                                                    # tiny-qwenimage-edit(-plus) with --image, tiny-skyreels-v2,
                                                    # tiny-ltx (--image: image-to-video),
                                                    # tiny-consisid with --image and --id-embeds,
-                                                   # tiny-cogview3, tiny-cogview4, tiny-hunyuanimage)
+                                                   # tiny-cogview3, tiny-cogview4, tiny-hunyuanimage, tiny-kandinsky5)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -195,6 +195,13 @@ FAMILIES = {
                               tiny_frames=5, max_sequence_length=1000,
                               tiny_max_sequence_length="HUNYUAN_VIDEO15_MAX_SEQUENCE_LENGTH",
                               call_flags=("guidance_rescale",), check_hook=_hunyuan_video15_request),
+    # Kandinsky 5.0 T2V: diffusers' Kandinsky5T2VPipeline defaults (512 x 768, 121 frames, 50 steps, CFG 5 with its
+    # default negative prompt, 512 Qwen tokens after the template's 128)
+    "kandinsky5": Family(video=True, guidance_scale=5.0, steps=50, tiny_steps=2, tiny_size=(32, 32), tiny_frames=5,
+                         max_sequence_length=512),
+    # Kandinsky 5.0 T2I: diffusers' Kandinsky5T2IPipeline defaults (1024 x 1024, 50 steps, CFG 3.5, negative prompt "")
+    "kandinsky5-t2i": Family(video=False, guidance_scale=3.5, steps=50, tiny_steps=2, module="kandinsky5_t2i",
+                             max_sequence_length=512),
     # HunyuanImage-2.1: CFG / APG by the guiders (their configs' scales unless --guidance-scale; the negative prompt ""
     # as diffusers'), 1000 Qwen tokens after the template's 34, 2048 x 2048 by default (a 64 x 64 toy for the tiny)
     "hunyuanimage": Family(video=False, guidance_scale=3.5, steps=50, tiny_steps=2, tiny_size=(64, 64),
@@ -264,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-qwenimage-edit' / "
                          "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / 'tiny-sana-sprint' / "
                          "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' / 'tiny-consisid' / "
-                         "'tiny-cogview3' / 'tiny-cogview4' / 'tiny-hunyuanimage' "
+                         "'tiny-cogview3' / 'tiny-cogview4' / 'tiny-hunyuanimage' / 'tiny-kandinsky5' "
                          "(random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")

@@ -61,6 +61,8 @@ MODEL_CLASSES = {
     "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
     # SkyReels-V2: Wan 2.1's transformer with per-frame timesteps, the fps embedding and the causal block mask
     "SkyReelsV2Transformer3DModel": ("xdit_jax.models.skyreels_v2", "SkyReelsV2Config"),
+    # Kandinsky 5.0: a text stack, then visual blocks cross-attending to it (HunyuanVideo's VAE, Qwen2.5-VL + CLIP)
+    "Kandinsky5Transformer3DModel": ("xdit_jax.models.kandinsky5", "Kandinsky5Config"),
     "AutoencoderKLQwenImage": ("xdit_jax.models.vae_qwenimage", "QwenImageVAEConfig"),  # the Wan 2.1 VAE
     "AutoencoderKLHunyuanVideo": ("xdit_jax.models.vae_hunyuan_video", "HunyuanVideoVAEConfig"),
     "FluxTransformer2DModel": ("xdit_jax.models.flux", "FluxConfig"),

@@ -26,7 +26,8 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-sana": "sana", "tiny-sana-sprint": "sana-sprint", "tiny-chroma": "chroma", "tiny-lumina2": "lumina2",
               "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx",
               "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
-              "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage", "tiny-cogview4": "cogview4"}
+              "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage", "tiny-cogview4": "cogview4",
+              "tiny-kandinsky5": "kandinsky5"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -223,6 +224,15 @@ HUNYUAN_VIDEO_LLAMA = dict(vocab_size=LLAMA_VOCAB, hidden_size=32, intermediate_
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=512,
                            rope_theta=500000.0, bos_token_id=0, eos_token_id=1, pad_token_id=5, model_type="llama")
 HUNYUAN_VIDEO_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=7.0)
+
+# Kandinsky 5.0 T2V shaped: 2 text and 2 visual blocks over 2 heads of 16 (RoPE axes 4 + 6 + 6), patch (1, 2, 2); the
+# text Qwen-Image's tiny Qwen2.5-VL (32 wide, its stand-in tokenizer: Kandinsky's template makes 374 tokens, 128 cut as
+# diffusers cuts them), FLUX's tiny CLIP (pooled, 32 wide), HunyuanVideo's tiny causal VAE, FlowMatchEuler with shift 5
+# (the Lite checkpoints'). 5 frames of 32 x 32: 2 x 4 x 4 latents, 2 x 2 x 2 = 8 visual tokens.
+KANDINSKY5_TRANSFORMER = dict(in_visual_dim=4, in_text_dim=32, in_text_dim2=32, time_dim=16, out_visual_dim=4,
+                              patch_size=[1, 2, 2], model_dim=32, ff_dim=48, num_text_blocks=2, num_visual_blocks=2,
+                              axes_dims=[4, 6, 6], visual_cond=False, attention_type="regular")
+KANDINSKY5_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=5.0)
 
 # HunyuanVideo-1.5 shaped: 2 double-stream blocks and 2 token refiner blocks over 2 heads of 8 (RoPE axes 2 + 2 + 4),
 # patch 1; the transformer takes the 4 latent channels, 4 zero condition channels and the mask channel (9); the VAE
@@ -658,6 +668,14 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer_2": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "HunyuanDiT2DModel"],
                 "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None],
                 "feature_extractor": [None, None]}
+    if family == "kandinsky5":
+        return {"_class_name": "Kandinsky5T2VPipeline", "_diffusers_version": "0.36.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+                "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                "text_encoder_2": ["transformers", "CLIPTextModel"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "transformer": ["diffusers", "Kandinsky5Transformer3DModel"],
+                "vae": ["diffusers", "AutoencoderKLHunyuanVideo"]}
     if family == "hunyuanvideo":
         return {"_class_name": "HunyuanVideoPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -934,6 +952,23 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder_2": ("CLIPTextModel", FLUX_CLIP,
                                lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
         }, HUNYUAN_VIDEO_SCHEDULER
+    if family == "kandinsky5":
+        from xdit_jax.models import kandinsky5, llama, qwen2_5_vl, vae_hunyuan_video
+
+        tcfg = {**KANDINSKY5_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("Kandinsky5Transformer3DModel", tcfg,
+                            lambda: kandinsky5.Kandinsky5Transformer3DModel(
+                                kandinsky5.Kandinsky5Config.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLHunyuanVideo", HUNYUAN_VIDEO_VAE,
+                    lambda: vae_hunyuan_video.module_fn(
+                        vae_hunyuan_video.HunyuanVideoVAEConfig.from_dict(HUNYUAN_VIDEO_VAE), jnp.float32)()),
+            "text_encoder": ("Qwen2_5_VLForConditionalGeneration", QWEN_IMAGE_TEXT_ENCODER,
+                             lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(QWEN_IMAGE_TEXT_ENCODER),
+                                                      rngs=nnx.Rngs(0))),
+            "text_encoder_2": ("CLIPTextModel", FLUX_CLIP,
+                               lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
+        }, KANDINSKY5_SCHEDULER
     if family == "hunyuanimage":
         from xdit_jax.models import hunyuanimage, llama, qwen2_5_vl, vae_hunyuanimage
 

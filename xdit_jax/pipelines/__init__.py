@@ -38,6 +38,8 @@ PIPELINES = {
     "HunyuanVideoPipeline": ("xdit_jax.pipelines.hunyuan_video", "HunyuanVideoPipeline", "hunyuanvideo"),
     "HunyuanVideo15Pipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15Pipeline", "hunyuan_video15"),
     "HunyuanImagePipeline": ("xdit_jax.pipelines.hunyuanimage", "HunyuanImagePipeline", "hunyuanimage"),
+    "Kandinsky5T2VPipeline": ("xdit_jax.pipelines.kandinsky5", "Kandinsky5T2VPipeline", "kandinsky5"),
+    "Kandinsky5T2IPipeline": ("xdit_jax.pipelines.kandinsky5_t2i", "Kandinsky5T2IPipeline", "kandinsky5-t2i"),
     "HunyuanVideo15ImageToVideoPipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15ImageToVideoPipeline",
                                            "hunyuan_video15"),
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
@@ -55,12 +57,23 @@ PIPELINES = {
     "Flux2Pipeline": ("xdit_jax.pipelines.flux2", "Flux2Pipeline", "flux2"),
 }
 
+# diffusers pipelines of a supported family refused on purpose (the reason in the error)
+REFUSED = {
+    "Kandinsky5I2VPipeline": "Kandinsky 5.0 image-to-video is not supported here (text-to-video and "
+                             "text-to-image only: Kandinsky5T2VPipeline, Kandinsky5T2IPipeline).",
+    "Kandinsky5I2IPipeline": "Kandinsky 5.0 image-to-image is not supported here (text-to-video and "
+                             "text-to-image only: Kandinsky5T2VPipeline, Kandinsky5T2IPipeline).",
+}
+
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
     "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid",
-    "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4") of a diffusers pipeline class name;
+    "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4", "kandinsky5",
+    "kandinsky5-t2i") of a diffusers pipeline class name;
     a clear error for the others."""
+    if class_name in REFUSED:
+        raise ValueError(REFUSED[class_name])
     if class_name not in PIPELINES:
         raise ValueError(f"{class_name or 'This'} pipeline is not supported; supported: {', '.join(PIPELINES)}.")
     return PIPELINES[class_name][2]
