@@ -1,7 +1,7 @@
 """xdit_jax: parallel inference for diffusion transformers on JAX SPMD meshes."""
 
 from xdit_jax.mesh import MeshSpec, build_mesh
-from xdit_jax.pipelines.chroma import ChromaPipeline, ChromaPipelineOutput
+from xdit_jax.pipelines.chroma import ChromaImg2ImgPipeline, ChromaPipeline, ChromaPipelineOutput
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
 from xdit_jax.pipelines.cogview3 import CogView3PipelineOutput, CogView3PlusPipeline
 from xdit_jax.pipelines.cogview4 import CogView4Pipeline, CogView4PipelineOutput
@@ -36,7 +36,8 @@ from xdit_jax.pipelines.skyreels_v2 import (
 from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
-__all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline",
+__all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline",
+           "CogVideoXPipeline",
            "CogVideoXPipelineOutput", "CogView3PipelineOutput", "CogView3PlusPipeline", "CogView4Pipeline",
            "CogView4PipelineOutput", "ConsisIDPipeline",
            "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",

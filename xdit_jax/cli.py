@@ -238,7 +238,8 @@ TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_
 # text-to-image pipelines whose folders --image runs image-to-image (diffusers' class for it): SDEdit, --strength
 IMAGE_TO_IMAGE = {"FluxPipeline": "FluxImg2ImgPipeline", "StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline",
                   "FluxImg2ImgPipeline": "FluxImg2ImgPipeline",
-                  "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Img2ImgPipeline"}
+                  "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Img2ImgPipeline",
+                  "ChromaPipeline": "ChromaImg2ImgPipeline", "ChromaImg2ImgPipeline": "ChromaImg2ImgPipeline"}
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                   "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline")
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image", default=None, metavar="PATH", action="append",
                     help="image-to-video (a CogVideoX or Wan I2V model, Wan 2.2 TI2V-5B): the first frame, resized to "
                          "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does; "
-                         "FLUX.1 (dev / schnell) and SD3: image-to-image from it (resized to the output size; "
+                         "FLUX.1 (dev / schnell), SD3 and Chroma: image-to-image from it (resized to the output size; "
                          "--strength); "
                          "FLUX.2 klein: a reference image (optional); Qwen-Image-Edit: the image to edit (required; "
                          "Edit-2509 / 2511: repeat the flag for several images)")
@@ -281,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
                          "outside xdit_jax); --image: the aligned face image it returns")
     ap.add_argument("--strength", type=float, default=None,
-                    help="image-to-image (FLUX.1 or SD3 with --image): how far the image is noised, the last fraction of the "
-                         "--steps that run, in (0, 1] (diffusers' strength; default 0.6)")
+                    help="image-to-image (FLUX.1, SD3 or Chroma with --image): how far the image is noised, the last "
+                         "fraction of the --steps that run, in (0, 1] (diffusers' strength; default 0.6, Chroma 0.9)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -777,7 +778,7 @@ def _main(argv=None) -> int:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
         if args.strength is not None and not img2img:
-            raise ValueError("--strength: image-to-image only (a FLUX.1 or SD3 model with --image).")
+            raise ValueError("--strength: image-to-image only (a FLUX.1, SD3 or Chroma model with --image).")
         if args.strength is not None and not 0.0 < args.strength <= 1.0:
             raise ValueError(f"--strength must be in (0, 1], got {args.strength}.")
         flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image
@@ -878,7 +879,9 @@ def _main(argv=None) -> int:
     if kind in IMAGE_TO_IMAGE.values():  # (diffusers' image= and strength)
         from PIL import Image
 
-        kw.update(image=Image.open(args.image).convert("RGB"), strength=0.6 if args.strength is None else args.strength)
+        kw.update(image=Image.open(args.image).convert("RGB"))
+        if args.strength is not None:  # (else diffusers' default: 0.6; Chroma 0.9)
+            kw.update(strength=args.strength)
     if qwen_edit and is_tiny:  # the image's aspect ratio at 96 x 64 pixels, not 1024^2: a toy model
         kw.update(vae_image_area=96 * 64)
     if family == "flux2" and args.image is not None:  # a reference image (diffusers' image=)

@@ -46,6 +46,7 @@ PIPELINES = {
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
     "SanaSprintPipeline": ("xdit_jax.pipelines.sana", "SanaSprintPipeline", "sana-sprint"),
     "ChromaPipeline": ("xdit_jax.pipelines.chroma", "ChromaPipeline", "chroma"),
+    "ChromaImg2ImgPipeline": ("xdit_jax.pipelines.chroma", "ChromaImg2ImgPipeline", "chroma"),
     "Lumina2Pipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),
     # diffusers' earlier name of the same pipeline (still an alias there)
     "Lumina2Text2ImgPipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),
