@@ -21,7 +21,7 @@ from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipe
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
-from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOutput
+from xdit_jax.pipelines.qwenimage import QwenImageImg2ImgPipeline, QwenImagePipeline, QwenImagePipelineOutput
 from xdit_jax.pipelines.qwenimage_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput, SanaSprintPipeline
 from xdit_jax.pipelines.sd3 import SD3PipelineOutput, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
@@ -48,7 +48,8 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "C
            "LattePipelineOutput", "LTXImageToVideoPipeline", "LTXPipeline", "LTXPipelineOutput", "Lumina2Pipeline",
            "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
-           "QwenImageEditPlusPipeline", "QwenImagePipeline", "QwenImagePipelineOutput", "SD3PipelineOutput",
+           "QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline", "QwenImagePipeline", "QwenImagePipelineOutput",
+           "SD3PipelineOutput",
            "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
            "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",

@@ -239,7 +239,9 @@ TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_
 IMAGE_TO_IMAGE = {"FluxPipeline": "FluxImg2ImgPipeline", "StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline",
                   "FluxImg2ImgPipeline": "FluxImg2ImgPipeline",
                   "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Img2ImgPipeline",
-                  "ChromaPipeline": "ChromaImg2ImgPipeline", "ChromaImg2ImgPipeline": "ChromaImg2ImgPipeline"}
+                  "ChromaPipeline": "ChromaImg2ImgPipeline", "ChromaImg2ImgPipeline": "ChromaImg2ImgPipeline",
+                  "QwenImagePipeline": "QwenImageImg2ImgPipeline",
+                  "QwenImageImg2ImgPipeline": "QwenImageImg2ImgPipeline"}
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                   "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline")
@@ -269,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image", default=None, metavar="PATH", action="append",
                     help="image-to-video (a CogVideoX or Wan I2V model, Wan 2.2 TI2V-5B): the first frame, resized to "
                          "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does; "
-                         "FLUX.1 (dev / schnell), SD3 and Chroma: image-to-image from it (resized to the output size; "
-                         "--strength); "
+                         "FLUX.1 (dev / schnell), SD3, Chroma and Qwen-Image: image-to-image from it (resized to the "
+                         "output size; --strength); "
                          "FLUX.2 klein: a reference image (optional); Qwen-Image-Edit: the image to edit (required; "
                          "Edit-2509 / 2511: repeat the flag for several images)")
     ap.add_argument("--video", default=None, metavar="PATH",
@@ -282,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
                          "outside xdit_jax); --image: the aligned face image it returns")
     ap.add_argument("--strength", type=float, default=None,
-                    help="image-to-image (FLUX.1, SD3 or Chroma with --image): how far the image is noised, the last "
-                         "fraction of the --steps that run, in (0, 1] (diffusers' strength; default 0.6, Chroma 0.9)")
+                    help="image-to-image (FLUX.1, SD3, Chroma or Qwen-Image with --image): how far the image is noised, "
+                         "the last fraction of the --steps that run, in (0, 1] (diffusers' strength; default 0.6, "
+                         "Chroma 0.9)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -771,14 +774,14 @@ def _main(argv=None) -> int:
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
-        if args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 image-to-image (SDEdit)
+        if args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 / Chroma / Qwen-Image image-to-image
             kind = args.kind = IMAGE_TO_IMAGE[kind]
         img2img = kind in IMAGE_TO_IMAGE.values()
         if img2img and args.image is None:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
         if args.strength is not None and not img2img:
-            raise ValueError("--strength: image-to-image only (a FLUX.1, SD3 or Chroma model with --image).")
+            raise ValueError("--strength: image-to-image only (a FLUX.1, SD3, Chroma or Qwen-Image model with --image).")
         if args.strength is not None and not 0.0 < args.strength <= 1.0:
             raise ValueError(f"--strength must be in (0, 1], got {args.strength}.")
         flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image
