@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
                          "outside xdit_jax); --image: the aligned face image it returns")
     ap.add_argument("--strength", type=float, default=None,
-                    help="image-to-image (FLUX.1, SD3, Chroma or Qwen-Image with --image): how far the image is noised, "
-                         "the last fraction of the --steps that run, in (0, 1] (diffusers' strength; default 0.6, "
+                    help="image-to-image (FLUX.1, SD3, Chroma or Qwen-Image with --image): how far the image is "
+                         "noised, the last fraction of the --steps that run, in (0, 1] (diffusers' strength; default 0.6, "
                          "Chroma 0.9)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
@@ -781,7 +781,8 @@ def _main(argv=None) -> int:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
         if args.strength is not None and not img2img:
-            raise ValueError("--strength: image-to-image only (a FLUX.1, SD3, Chroma or Qwen-Image model with --image).")
+            raise ValueError("--strength: image-to-image only (a FLUX.1, SD3, Chroma or Qwen-Image model with "
+                             "--image).")
         if args.strength is not None and not 0.0 < args.strength <= 1.0:
             raise ValueError(f"--strength must be in (0, 1], got {args.strength}.")
         flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image
