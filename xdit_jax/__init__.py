@@ -33,7 +33,12 @@ from xdit_jax.pipelines.skyreels_v2 import (
     SkyReelsV2Pipeline,
     SkyReelsV2PipelineOutput,
 )
-from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
+from xdit_jax.pipelines.wan import (
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanPipelineOutput,
+    WanVideoToVideoPipeline,
+)
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
 __all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline",
@@ -54,6 +59,6 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "C
            "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Img2ImgPipeline", "StableDiffusion3Pipeline", "WanImageToVideoPipeline", "WanPipeline",
-           "WanPipelineOutput",
+           "WanPipelineOutput", "WanVideoToVideoPipeline",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]
 __version__ = "0.1.0"

@@ -248,6 +248,7 @@ IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  #
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
+WAN_V2V = "WanVideoToVideoPipeline"  # --video on a Wan text-to-video folder: video-to-video (SDEdit), --strength
 # SkyReels-V2 diffusion forcing's flags (diffusers' argument names), for its DF pipelines only
 DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", "base_num_frames": "--base-num-frames",
             "overlap_history": "--overlap-history", "addnoise_condition": "--addnoise-condition"}
@@ -278,15 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--video", default=None, metavar="PATH",
                     help="SkyReels-V2 diffusion forcing: a video to extend (.mp4 / .gif, or a folder of frames in name "
                          "order), resized to --width x --height; conditions on its last --overlap-history frames; the "
-                         "output is the video followed by --num-frames new ones (diffusers' video-to-video pipeline)")
+                         "output is the video followed by --num-frames new ones (diffusers' video-to-video pipeline); "
+                         "Wan text-to-video: video-to-video from it (diffusers' WanVideoToVideoPipeline; --strength; "
+                         "the output has its frames)")
     ap.add_argument("--id-embeds", default=None, metavar="FILE.npz",
                     help="ConsisID: the face's embeddings, arrays id_cond (1, 1280) and id_vit_hidden (5, 1, 577, "
                          "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
                          "outside xdit_jax); --image: the aligned face image it returns")
     ap.add_argument("--strength", type=float, default=None,
                     help="image-to-image (FLUX.1, SD3, Chroma or Qwen-Image with --image): how far the image is "
-                         "noised, the last fraction of the --steps that run, in (0, 1] (diffusers' strength; default 0.6, "
-                         "Chroma 0.9)")
+                         "noised, the last fraction of the --steps that run, in (0, 1] (diffusers' strength; default "
+                         "0.6, Chroma 0.9); Wan with --video: video-to-video's (int(steps x S) steps run; default 0.8)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -757,14 +760,21 @@ def _main(argv=None) -> int:
         args.kind = kind  # (which family flags apply: SkyReels-V2's DF flags to its DF pipelines only)
         if args.video is not None and kind in ("SkyReelsV2DiffusionForcingPipeline", VIDEO_TO_VIDEO):
             kind = args.kind = VIDEO_TO_VIDEO  # a DF checkpoint extends the video (diffusers loads the same weights)
+        elif args.video is not None and kind in ("WanPipeline", WAN_V2V):  # Wan video-to-video (SDEdit)
+            if args.num_frames is not None:
+                raise ValueError("--num-frames: Wan video-to-video makes as many frames as the --video has.")
+            kind = args.kind = WAN_V2V
         elif args.image is not None and kind == "SkyReelsV2DiffusionForcingPipeline":  # (and starts from an image)
             kind = args.kind = "SkyReelsV2DiffusionForcingImageToVideoPipeline"
         elif args.video is not None:
             raise ValueError(f"--video: {args.model} does not extend videos (a SkyReels-V2 diffusion forcing "
-                             "checkpoint does).")
+                             "checkpoint does) nor run video-to-video (a Wan text-to-video one does).")
         elif kind == VIDEO_TO_VIDEO:
             raise ValueError(f"{args.model} is a SkyReels-V2 video-to-video (video extension) model: give the video "
                              "to extend with --video PATH.")
+        elif kind == WAN_V2V:
+            raise ValueError(f"{args.model} is a Wan video-to-video folder: give the video to start from with "
+                             "--video PATH.")
         if kind == VIDEO_TO_VIDEO and args.overlap_history is None:
             raise ValueError("--video: give --overlap-history, the video's last frames the extension conditions on "
                              "(17 or 37 recommended).")
@@ -780,9 +790,9 @@ def _main(argv=None) -> int:
         if img2img and args.image is None:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
-        if args.strength is not None and not img2img:
-            raise ValueError("--strength: image-to-image only (a FLUX.1, SD3, Chroma or Qwen-Image model with "
-                             "--image).")
+        if args.strength is not None and not img2img and kind != WAN_V2V:
+            raise ValueError("--strength: image-to-image (a FLUX.1, SD3, Chroma or Qwen-Image model with --image) "
+                             "and Wan video-to-video (--video) only.")
         if args.strength is not None and not 0.0 < args.strength <= 1.0:
             raise ValueError(f"--strength must be in (0, 1], got {args.strength}.")
         flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image
@@ -903,6 +913,10 @@ def _main(argv=None) -> int:
 
         call = functools.partial(pipe, None if args.image is None else Image.open(args.image).convert("RGB"))
     elif kind == VIDEO_TO_VIDEO:
+        call = functools.partial(pipe, read_video(Path(args.video)))
+    elif kind == WAN_V2V:  # the output has the video's frames (diffusers'); strength: its default 0.8 unless given
+        kw.pop("num_frames", None)
+        kw.update({} if args.strength is None else {"strength": args.strength})
         call = functools.partial(pipe, read_video(Path(args.video)))
     elif qwen_edit:  # the image(s) to edit; the output takes the (last) image's aspect ratio unless sized
         from PIL import Image

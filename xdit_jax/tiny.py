@@ -1183,7 +1183,7 @@ def write_hunyuan_video15_i2v_configs(folder: str | os.PathLike) -> Path:
 
 
 # The tiny folders' contents: a folder made by an older version is made again (2: SkyReels-V2's and LTX's VAE
-# encoders; 3: FLUX.1's and SD3's, for image-to-image; 4: Chroma's and Qwen-Image's, the same)
+# encoders; 3: FLUX.1's and SD3's, for image-to-image; 4: Chroma's, Qwen-Image's and Wan's, the same)
 TINY_VERSION = 4
 
 
@@ -1231,7 +1231,8 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in ("skyreels_v2", "ltx"):  # the VAE's encoder (SkyReels-V2 DF from an image / a video; LTX I2V)
+        if family in ("skyreels_v2", "ltx", "wan"):  # the VAE's encoder (SkyReels-V2 DF from an image / a video; LTX
+            # I2V; Wan video-to-video)
             from xdit_jax.models import vae_ltx, vae_ltx_encoder, vae_wan, vae_wan_encoder
 
             make = (vae_ltx_encoder.module_fn(vae_ltx.LTXVAEConfig.from_dict(LTX_VAE)) if family == "ltx"

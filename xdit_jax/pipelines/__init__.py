@@ -23,6 +23,7 @@ PIPELINES = {
     "StableDiffusion3Img2ImgPipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Img2ImgPipeline", "sd3"),
     "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),
     "WanImageToVideoPipeline": ("xdit_jax.pipelines.wan", "WanImageToVideoPipeline", "wan"),
+    "WanVideoToVideoPipeline": ("xdit_jax.pipelines.wan", "WanVideoToVideoPipeline", "wan"),
     "SkyReelsV2Pipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2Pipeline", "skyreels_v2"),
     "SkyReelsV2ImageToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2ImageToVideoPipeline",
                                        "skyreels_v2"),
