@@ -912,12 +912,16 @@ def _main(argv=None) -> int:
         from PIL import Image
 
         call = functools.partial(pipe, None if args.image is None else Image.open(args.image).convert("RGB"))
-    elif kind == VIDEO_TO_VIDEO:
-        call = functools.partial(pipe, read_video(Path(args.video)))
-    elif kind == WAN_V2V:  # the output has the video's frames (diffusers'); strength: its default 0.8 unless given
-        kw.pop("num_frames", None)
-        kw.update({} if args.strength is None else {"strength": args.strength})
-        call = functools.partial(pipe, read_video(Path(args.video)))
+    elif kind in (VIDEO_TO_VIDEO, WAN_V2V):
+        try:
+            frames = read_video(Path(args.video))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if kind == WAN_V2V:  # the output has the video's frames (diffusers'); strength: its default 0.8 unless given
+            kw.pop("num_frames", None)
+            kw.update({} if args.strength is None else {"strength": args.strength})
+        call = functools.partial(pipe, frames)
     elif qwen_edit:  # the image(s) to edit; the output takes the (last) image's aspect ratio unless sized
         from PIL import Image
 
