@@ -236,3 +236,59 @@ def test_benchmark_full_width_flops_compile_only_and_e2e():
     (row,) = bench.run_e2e_benchmark(bench.StepOptions(model="chroma-tiny", meshes=["cfg=2"], log=lambda s: None),
                                      steps=2)
     assert "error" not in row and row["family"] == "chroma" and row["output_shape"] == [1, 48, 80, 3]
+
+
+# ---------------------------------------------------------------------------------------------- image-to-image
+
+def test_img2img_matches_diffusers(built, monkeypatch):
+    """diffusers' ChromaImg2ImgPipeline of the same parts, ours loaded from the text-to-image folder: two prompts and
+    a negative prompt that fill the 16 tokens (diffusers' image-to-image adds its float mask to the logits: inert on
+    all-ones masks), real CFG, strength 0.6 of 4 steps (t_start = int(4 - 2.4) = 1: 3 steps), the posterior sampled;
+    the same torch draws both sides (the posterior's sample, then the noise)."""
+    from diffusers import ChromaImg2ImgPipeline as TorchImg2Img
+
+    from tests.test_flux_pipeline import _torch_draws, picture
+    from xdit_jax.pipelines.chroma import ChromaImg2ImgPipeline
+
+    tp, _, folder = built
+    tp = TorchImg2Img(**tp.components)
+    ours = ChromaImg2ImgPipeline.from_pretrained(folder)
+    lat = (1, tp.vae.config.latent_channels, H // 8, W // 8)
+    draws = _torch_draws(monkeypatch, ours, 3, [lat, (2,) + lat[1:]])
+    kw = dict(image=picture(1), height=H, width=W, strength=0.6, num_inference_steps=4, negative_prompt=NEG,
+              max_sequence_length=MSL)
+    prompts = [PROMPT, FOX]
+    with torch.no_grad():
+        ref = np.asarray(tp(prompts, generator=torch.Generator().manual_seed(3), output_type="np", **kw).images)
+    out = ours(prompts, progress=False, **kw)
+    assert not draws and "image_encoding" in out.timings
+    assert out.images.shape == ref.shape == (2, H, W, 3)
+    # fp32 both sides, test_unpadded_image_and_latents_match_diffusers' bound (2e-4 = 1/20 of an 8-bit level; FLUX's
+    # image-to-image test shows what a wrong start sigma or an unsampled posterior does: 0.5 / 0.16 of the pixels).
+    # Measured 2.9e-6.
+    np.testing.assert_allclose(out.images, ref, atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="needs image="):
+        ours(PROMPT, height=H, width=W)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        ours(PROMPT, image=picture(1), height=H, width=W, strength=1.5)
+
+
+@pytest.mark.slow  # (the tiny folder and another compile; FLUX's CLI image-to-image run is in CI: tests/test_cli.py)
+def test_img2img_cli(tmp_path, capsys, monkeypatch):
+    """--image on tiny-chroma: ChromaImg2ImgPipeline (diffusers' default strength 0.9); --strength out of range
+    refused."""
+    import imageio.v3 as iio
+
+    from tests.test_flux_pipeline import picture
+    from xdit_jax import cli
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    src, out = tmp_path / "in.png", tmp_path / "c.png"
+    picture(1).save(src)
+    rc = cli.main(["--model", "tiny-chroma", "--output", str(out), "--steps", "3", "--image", str(src),
+                   "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(out).shape == (48, 64, 3)
+    assert '"image_encoding"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-chroma", "--output", str(tmp_path / "n.png"), "--image", str(src), "--strength",
+                   "1.5", "--no-progress"])
+    assert rc == 2 and "--strength must be in (0, 1]" in capsys.readouterr().err

@@ -269,3 +269,70 @@ def test_full_width_flops_compile_only():
     assert "error" not in one and one["image_tokens"] == 256 and one["text_tokens"] == 64
     assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
     assert "error" not in by_mesh["cfg=2,ulysses=4"]
+
+
+# ---------------------------------------------------------------------------------------------- image-to-image
+
+def test_img2img_matches_diffusers(pipes, monkeypatch):
+    """diffusers' QwenImageImg2ImgPipeline of the same parts, ours loaded from the text-to-image folder: true CFG
+    (its default 4 with a negative prompt), strength 0.6 of 4 steps (t_start = int(4 - 2.4) = 1: 3 steps), the
+    image encoded by the Wan 2.1 encoder as one frame with the posterior sampled (diffusers' ``retrieve_latents``
+    default) and normalized by latents_mean / latents_std; the same torch draws both sides (the posterior's sample,
+    then the noise: (1, 16, 1, 6, 10) there, (1, 16, 6, 10) here, the same values)."""
+    from diffusers import QwenImageImg2ImgPipeline as TorchImg2Img
+
+    from tests.test_flux_pipeline import _torch_draws, picture
+    from xdit_jax.pipelines.qwenimage import QwenImageImg2ImgPipeline
+
+    tp, _, folder = pipes
+    tp = TorchImg2Img(**tp.components)
+    ours = QwenImageImg2ImgPipeline.from_pretrained(folder)
+    lat = (1, tp.vae.config.z_dim, H // 8, W // 8)
+    draws = _torch_draws(monkeypatch, ours, 3, [lat, lat])
+    kw = dict(image=picture(1), height=H, width=W, strength=0.6, num_inference_steps=4, negative_prompt=NEGATIVE)
+    with torch.no_grad():
+        ref = tp(PROMPT, generator=torch.Generator().manual_seed(3), output_type="latent", **kw).images.numpy()
+    out = ours(PROMPT, output_type="latent", progress=False, **kw)
+    assert not draws and "image_encoding" in out.timings
+    assert out.images.shape == ref.shape == (1,) + LATENT
+    # fp32 both sides, the latents' bound above. Measured 1.3e-6 of 2.4; the posterior's mode instead of its sample
+    # moved them by 0.80
+    _close_latents(out.images, ref)
+    with pytest.raises(ValueError, match="needs image="):
+        ours(PROMPT, height=H, width=W)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        ours(PROMPT, image=picture(1), height=H, width=W, strength=-0.5)
+
+
+@pytest.mark.slow  # (another pipeline to compile on a mesh; the rule is test_img2img_matches_diffusers')
+def test_img2img_mesh_and_cli(pipes, tmp_path, capsys, monkeypatch):
+    """cfg=2,ring=2,ulysses=2 (the image's encode split over the mesh) == one device, two prompts x 2 samples with
+    true CFG, JAX draws; given latents used as given; CLI --image on tiny-qwenimage (QwenImageImg2ImgPipeline)."""
+    import imageio.v3 as iio
+    from diffusers import QwenImageImg2ImgPipeline as TorchImg2Img
+
+    from tests.test_flux_pipeline import picture
+    from xdit_jax import cli
+    from xdit_jax.pipelines.qwenimage import QwenImageImg2ImgPipeline
+
+    tp, _, folder = pipes
+    kw = dict(image=picture(2), height=H, width=W, strength=0.7, num_inference_steps=3, negative_prompt=NEGATIVE,
+              num_images_per_prompt=2, output_type="latent", progress=False, seed=5)
+    one = QwenImageImg2ImgPipeline.from_pretrained(folder)
+    ref = one(PROMPTS, **kw).images
+    out = QwenImageImg2ImgPipeline.from_pretrained(folder, mesh="cfg=2,ring=2,ulysses=2")(PROMPTS, **kw).images
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    given = initial_latents(seed=6)  # used as given (no image encoded), from the strength's step: == diffusers
+    kw = dict(image=picture(2), height=H, width=W, strength=0.7, num_inference_steps=3, negative_prompt=NEGATIVE)
+    with torch.no_grad():
+        want = TorchImg2Img(**tp.components)(PROMPT, latents=torch.from_numpy(given), output_type="latent",
+                                             **kw).images.numpy()
+    _close_latents(one(PROMPT, latents=given, output_type="latent", progress=False, **kw).images, want)
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    src, dst = tmp_path / "in.png", tmp_path / "q.png"
+    picture(1).save(src)
+    rc = cli.main(["--model", "tiny-qwenimage", "--output", str(dst), "--steps", "2", "--image", str(src),
+                   "--strength", "0.5", "--negative-prompt", "blurry", "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(dst).shape == (48, 80, 3)
+    assert '"image_encoding"' in capsys.readouterr().out

@@ -408,3 +408,35 @@ def test_bad_schedule_raises():
     with pytest.raises(ValueError, match="non-finite pc_d at step indices \\[7\\]"):
         make_schedule(UniPCConfig.from_dict(dict(WAN, solver_order=3, lower_order_final=False,
                                                  final_sigmas_type="sigma_min")), 8)
+
+
+@pytest.mark.parametrize("n,start,kw", [(8, 3, {}), (6, 1, dict(solver_order=3)), (5, 4, {}),
+                                        (7, 2, dict(disable_corrector=[3]))])
+def test_from_step_matches_diffusers_started_late(n, start, kw):
+    """from_step == diffusers' scheduler run from timesteps[start] without set_begin_index (Wan video-to-video: its
+    step index found from the timestep, no history yet): timesteps, orders and every sample."""
+    from xdit_jax.schedulers.unipc import from_step
+
+    d = dict(WAN, **kw)
+    ref = UniPCMultistepScheduler.from_config(d)
+    ref.set_timesteps(n)
+    x_init = np.random.default_rng(start).standard_normal(SHAPE).astype(np.float32)
+    ac = ref.alphas_cumprod.numpy().astype(np.float64)
+    x, want, orders = torch.from_numpy(x_init.copy()), [], []
+    for t in ref.timesteps[start:]:
+        x = ref.step(torch.from_numpy(_fake_model(x.numpy(), int(t), ac, d["prediction_type"])), t, x,
+                     return_dict=False)[0]
+        want.append(x.numpy().copy())
+        orders.append(ref.this_order)
+    cfg = UniPCConfig.from_dict(d)
+    sched = from_step(cfg, make_schedule(cfg, n), start)
+    np.testing.assert_array_equal(sched.timesteps, ref.timesteps.numpy()[start:])
+    assert sched.orders == tuple(orders) and len(sched) == n - start
+    x, state = jnp.asarray(x_init), init_state(SHAPE, solver_order=cfg.solver_order)
+    for i in range(len(sched)):
+        x, state = step(sched, i, _fake_model(np.asarray(x), int(sched.timesteps[i]), ac, cfg.prediction_type), x,
+                        state)
+        np.testing.assert_allclose(np.asarray(x), want[i], rtol=TOL, atol=TOL * max(1.0, np.abs(want[i]).max()),
+                                   err_msg=f"step {i}")
+    with pytest.raises(ValueError, match="No denoising step left"):
+        from_step(cfg, sched, len(sched))

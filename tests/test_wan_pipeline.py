@@ -132,3 +132,92 @@ def test_decode_frame_by_frame_where_one_pass_does_not_fit(tmp_path_factory, mon
     ours._decode_cache.clear()
     assert any("decoding frame by frame" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)  # the same convolutions, one frame at a time
+
+
+# ---------------------------------------------------------------------------------------------- video-to-video
+
+def test_video_to_video_matches_diffusers(tmp_path_factory, monkeypatch):
+    """diffusers' WanVideoToVideoPipeline of the same parts, ours loaded from the text-to-video folder: 9 frames
+    resized from 70 x 50, CFG, UniPC, strength 0.8 of 4 steps (its own rule: int(4 x 0.8) = 3 steps from
+    timesteps[1], the scheduler's history started afresh there), the video encoded by the Wan VAE (the posterior's
+    mode); the same torch noise both sides."""
+    from diffusers import WanVideoToVideoPipeline as TorchV2V
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_video2video
+
+    from tests.test_flux_pipeline import _torch_draws, picture
+    from xdit_jax.pipelines.wan import WanVideoToVideoPipeline
+
+    # (diffusers 0.42.1's video-to-video calls ftfy unguarded; absent here: the text-to-video module's guarded clean)
+    monkeypatch.setattr(pipeline_wan_video2video, "basic_clean", pipeline_wan.basic_clean)
+    tp, _, folder = build(tmp_path_factory)
+    tp = TorchV2V(**{k: v for k, v in tp.components.items() if k in ("tokenizer", "text_encoder", "vae", "scheduler",
+                                                                       "transformer")})
+    ours = WanVideoToVideoPipeline.from_pretrained(folder)
+    video = [picture(10 + i) for i in range(F)]
+    draws = _torch_draws(monkeypatch, ours, 3, [(1, 4, (F - 1) // 4 + 1, H // 8, W // 8)])
+    kw = dict(video=video, prompt=PROMPT, negative_prompt=NEG, height=H, width=W, strength=0.8, num_inference_steps=4,
+              guidance_scale=5.0, max_sequence_length=MSL)
+    with torch.no_grad():
+        ref = tp(generator=torch.Generator().manual_seed(3), output_type="latent", **kw).frames.numpy()
+    out = ours(output_type="latent", progress=False, **kw)
+    assert not draws and "video_encoding" in out.timings
+    assert out.frames.shape == ref.shape == (1, 4, (F - 1) // 4 + 1, H // 8, W // 8)
+    scale = np.abs(ref).max()
+    # fp32 both sides, the latents' bound (1e-5 of their scale). Measured 1.9e-6 of 3.3; image-to-image's start rule
+    # (4 steps, not 3) moved them by 0.34, the UniPC schedule sliced with its history orders (not started afresh) by 3.2
+    np.testing.assert_allclose(out.frames, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    with pytest.raises(ValueError, match="needs video="):
+        ours(prompt=PROMPT, height=H, width=W)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        ours(video, PROMPT, height=H, width=W, strength=1.2)
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        ours(video, PROMPT, height=H, width=W, strength=0.2, num_inference_steps=4)
+
+
+@pytest.mark.slow  # (another pipeline to compile on a mesh, the tiny folder; the rule is the test above's)
+def test_video_to_video_mesh_flow_match_and_cli(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    """cfg=2,ring=2,ulysses=2 (the video's encode split over the mesh) == one device with JAX draws, two prompts x
+    2 videos; the flow-matching Euler folder == diffusers (given latents: used as given from the strength's step);
+    CLI --video on tiny-wan (WanVideoToVideoPipeline), --num-frames refused there."""
+    import imageio.v3 as iio
+    from diffusers import WanVideoToVideoPipeline as TorchV2V
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_video2video
+
+    from tests.test_flux_pipeline import picture
+    from xdit_jax import cli
+    from xdit_jax.pipelines.wan import WanVideoToVideoPipeline
+
+    monkeypatch.setattr(pipeline_wan_video2video, "basic_clean", pipeline_wan.basic_clean)
+    _, _, folder = build(tmp_path_factory)
+    video = [picture(20 + i) for i in range(F)]
+    kw = dict(negative_prompt=NEG, height=H, width=W, strength=0.7, num_inference_steps=4, num_videos_per_prompt=2,
+              max_sequence_length=MSL, output_type="latent", progress=False, seed=5)
+    one = WanVideoToVideoPipeline.from_pretrained(folder)(video, [PROMPT, "A cat."], **kw).frames
+    mesh = WanVideoToVideoPipeline.from_pretrained(folder, mesh="cfg=2,ring=2,ulysses=2")
+    out = mesh(video, [PROMPT, "A cat."], **kw).frames
+    np.testing.assert_allclose(out, one, atol=1e-5 * np.abs(one).max(), rtol=0)
+
+    tp, _, fm_folder = build(tmp_path_factory, "flow_match")
+    tp = TorchV2V(**{k: v for k, v in tp.components.items() if k in ("tokenizer", "text_encoder", "vae", "scheduler",
+                                                                       "transformer")})
+    lat = initial_latents(seed=7)
+    kw = dict(prompt=PROMPT, negative_prompt=NEG, height=H, width=W, strength=0.6, num_inference_steps=5,
+              max_sequence_length=MSL, output_type="latent")
+    with torch.no_grad():
+        ref = tp(latents=torch.from_numpy(lat), **kw).frames.numpy()
+    got = WanVideoToVideoPipeline.from_pretrained(fm_folder)(latents=lat, progress=False, **kw).frames
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, im in enumerate(video):
+        im.save(frames / f"{i:02d}.png")
+    dst = tmp_path / "v.mp4"
+    rc = cli.main(["--model", "tiny-wan", "--output", str(dst), "--steps", "2", "--video", str(frames), "--strength",
+                   "0.5", "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(dst, index=None).shape[0] == F
+    assert '"video_encoding"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-wan", "--output", str(tmp_path / "n.mp4"), "--video", str(frames),
+                   "--num-frames", "5", "--no-progress"])
+    assert rc == 2 and "--num-frames: Wan video-to-video" in capsys.readouterr().err

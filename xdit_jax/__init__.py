@@ -1,7 +1,7 @@
 """xdit_jax: parallel inference for diffusion transformers on JAX SPMD meshes."""
 
 from xdit_jax.mesh import MeshSpec, build_mesh
-from xdit_jax.pipelines.chroma import ChromaPipeline, ChromaPipelineOutput
+from xdit_jax.pipelines.chroma import ChromaImg2ImgPipeline, ChromaPipeline, ChromaPipelineOutput
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
 from xdit_jax.pipelines.cogview3 import CogView3PipelineOutput, CogView3PlusPipeline
 from xdit_jax.pipelines.cogview4 import CogView4Pipeline, CogView4PipelineOutput
@@ -29,7 +29,7 @@ from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipe
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
-from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOutput
+from xdit_jax.pipelines.qwenimage import QwenImageImg2ImgPipeline, QwenImagePipeline, QwenImagePipelineOutput
 from xdit_jax.pipelines.qwenimage_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput, SanaSprintPipeline
 from xdit_jax.pipelines.sd3 import (
@@ -46,10 +46,16 @@ from xdit_jax.pipelines.skyreels_v2 import (
     SkyReelsV2Pipeline,
     SkyReelsV2PipelineOutput,
 )
-from xdit_jax.pipelines.wan import WanImageToVideoPipeline, WanPipeline, WanPipelineOutput
+from xdit_jax.pipelines.wan import (
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanPipelineOutput,
+    WanVideoToVideoPipeline,
+)
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
-__all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline", "CogVideoXPipeline",
+__all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline",
+           "CogVideoXPipeline",
            "CogVideoXPipelineOutput", "CogView3PipelineOutput", "CogView3PlusPipeline", "CogView4Pipeline",
            "CogView4PipelineOutput", "ConsisIDPipeline",
            "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
@@ -63,12 +69,12 @@ __all__ = ["ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipel
            "LattePipelineOutput", "LTXImageToVideoPipeline", "LTXPipeline", "LTXPipelineOutput", "Lumina2Pipeline",
            "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
-           "QwenImageEditPlusPipeline", "QwenImagePipeline", "QwenImagePipelineOutput", "SD3PipelineOutput",
+           "QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline", "QwenImagePipeline", "QwenImagePipelineOutput",
+           "SD3PipelineOutput",
            "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
            "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline",
-           "WanImageToVideoPipeline", "WanPipeline",
-           "WanPipelineOutput",
+           "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput", "WanVideoToVideoPipeline",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]
 __version__ = "0.1.0"

@@ -245,7 +245,10 @@ TRUE_CFG_FAMILIES = {name: f.true_cfg for name, f in FAMILIES.items() if f.true_
 # text-to-image pipelines whose folders --image runs image-to-image (diffusers' class for it): SDEdit, --strength
 IMAGE_TO_IMAGE = {"FluxPipeline": "FluxImg2ImgPipeline", "StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline",
                   "FluxImg2ImgPipeline": "FluxImg2ImgPipeline",
-                  "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Img2ImgPipeline"}
+                  "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Img2ImgPipeline",
+                  "ChromaPipeline": "ChromaImg2ImgPipeline", "ChromaImg2ImgPipeline": "ChromaImg2ImgPipeline",
+                  "QwenImagePipeline": "QwenImageImg2ImgPipeline",
+                  "QwenImageImg2ImgPipeline": "QwenImageImg2ImgPipeline"}
 # ... and --mask inpainting
 INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "StableDiffusion3InpaintPipeline",
            "FluxInpaintPipeline": "FluxInpaintPipeline",
@@ -256,6 +259,7 @@ IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  #
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
+WAN_V2V = "WanVideoToVideoPipeline"  # --video on a Wan text-to-video folder: video-to-video (SDEdit), --strength
 # SkyReels-V2 diffusion forcing's flags (diffusers' argument names), for its DF pipelines only
 DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", "base_num_frames": "--base-num-frames",
             "overlap_history": "--overlap-history", "addnoise_condition": "--addnoise-condition"}
@@ -279,21 +283,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image", default=None, metavar="PATH", action="append",
                     help="image-to-video (a CogVideoX or Wan I2V model, Wan 2.2 TI2V-5B): the first frame, resized to "
                          "--width x --height; FLUX.1 Kontext: the image to edit (optional), resized as diffusers does; "
-                         "FLUX.1 (dev / schnell) and SD3: image-to-image from it (resized to the output size; "
-                         "--strength); "
+                         "FLUX.1 (dev / schnell), SD3, Chroma and Qwen-Image: image-to-image from it (resized to the "
+                         "output size; --strength); "
                          "FLUX.2 klein: a reference image (optional); Qwen-Image-Edit: the image to edit (required; "
                          "Edit-2509 / 2511: repeat the flag for several images)")
     ap.add_argument("--video", default=None, metavar="PATH",
                     help="SkyReels-V2 diffusion forcing: a video to extend (.mp4 / .gif, or a folder of frames in name "
                          "order), resized to --width x --height; conditions on its last --overlap-history frames; the "
-                         "output is the video followed by --num-frames new ones (diffusers' video-to-video pipeline)")
+                         "output is the video followed by --num-frames new ones (diffusers' video-to-video pipeline); "
+                         "Wan text-to-video: video-to-video from it (diffusers' WanVideoToVideoPipeline; --strength; "
+                         "the output has its frames)")
     ap.add_argument("--id-embeds", default=None, metavar="FILE.npz",
                     help="ConsisID: the face's embeddings, arrays id_cond (1, 1280) and id_vit_hidden (5, 1, 577, "
                          "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
                          "outside xdit_jax); --image: the aligned face image it returns")
     ap.add_argument("--strength", type=float, default=None,
-                    help="image-to-image (FLUX.1 or SD3 with --image) and inpainting: how far the image is noised, the "
-                         "last fraction of the --steps that run, in (0, 1] (diffusers' strength; default 0.6)")
+                    help="image-to-image (FLUX.1, SD3, Chroma or Qwen-Image with --image): how far the image is "
+                         "noised, the last fraction of the --steps that run, in (0, 1] (diffusers' strength; default "
+                         "0.6, Chroma 0.9); Wan with --video: video-to-video's (int(steps x S) steps run; default 0.8)")
     ap.add_argument("--mask", default=None, metavar="PATH",
                     help="inpainting (a FLUX.1 or SD3 model with --image): white repaints, black keeps (diffusers' "
                          "FluxInpaintPipeline / StableDiffusion3InpaintPipeline; --strength as image-to-image's)")
@@ -767,14 +774,21 @@ def _main(argv=None) -> int:
         args.kind = kind  # (which family flags apply: SkyReels-V2's DF flags to its DF pipelines only)
         if args.video is not None and kind in ("SkyReelsV2DiffusionForcingPipeline", VIDEO_TO_VIDEO):
             kind = args.kind = VIDEO_TO_VIDEO  # a DF checkpoint extends the video (diffusers loads the same weights)
+        elif args.video is not None and kind in ("WanPipeline", WAN_V2V):  # Wan video-to-video (SDEdit)
+            if args.num_frames is not None:
+                raise ValueError("--num-frames: Wan video-to-video makes as many frames as the --video has.")
+            kind = args.kind = WAN_V2V
         elif args.image is not None and kind == "SkyReelsV2DiffusionForcingPipeline":  # (and starts from an image)
             kind = args.kind = "SkyReelsV2DiffusionForcingImageToVideoPipeline"
         elif args.video is not None:
             raise ValueError(f"--video: {args.model} does not extend videos (a SkyReels-V2 diffusion forcing "
-                             "checkpoint does).")
+                             "checkpoint does) nor run video-to-video (a Wan text-to-video one does).")
         elif kind == VIDEO_TO_VIDEO:
             raise ValueError(f"{args.model} is a SkyReels-V2 video-to-video (video extension) model: give the video "
                              "to extend with --video PATH.")
+        elif kind == WAN_V2V:
+            raise ValueError(f"{args.model} is a Wan video-to-video folder: give the video to start from with "
+                             "--video PATH.")
         if kind == VIDEO_TO_VIDEO and args.overlap_history is None:
             raise ValueError("--video: give --overlap-history, the video's last frames the extension conditions on "
                              "(17 or 37 recommended).")
@@ -788,14 +802,15 @@ def _main(argv=None) -> int:
             raise ValueError("--mask: inpainting takes a FLUX.1 or SD3 model and the image to repaint (--image).")
         if args.mask is not None:
             kind = args.kind = INPAINT[kind]
-        elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 image-to-image (SDEdit)
+        elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 / Chroma / Qwen-Image image-to-image
             kind = args.kind = IMAGE_TO_IMAGE[kind]
         img2img = kind in IMAGE_TO_IMAGE.values() or kind in INPAINT.values()
         if img2img and args.image is None:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
-        if args.strength is not None and not img2img:
-            raise ValueError("--strength: image-to-image only (a FLUX.1 or SD3 model with --image).")
+        if args.strength is not None and not img2img and kind != WAN_V2V:
+            raise ValueError("--strength: image-to-image (a FLUX.1, SD3, Chroma or Qwen-Image model with --image) "
+                             "and Wan video-to-video (--video) only.")
         if args.strength is not None and not 0.0 < args.strength <= 1.0:
             raise ValueError(f"--strength must be in (0, 1], got {args.strength}.")
         flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image
@@ -897,7 +912,9 @@ def _main(argv=None) -> int:
     if img2img:  # (diffusers' image= and strength; inpainting's mask_image=)
         from PIL import Image
 
-        kw.update(image=Image.open(args.image).convert("RGB"), strength=0.6 if args.strength is None else args.strength)
+        kw.update(image=Image.open(args.image).convert("RGB"))
+        if args.strength is not None:  # (else diffusers' default: 0.6; Chroma 0.9)
+            kw.update(strength=args.strength)
         if args.mask is not None:
             kw["mask_image"] = Image.open(args.mask)
     if qwen_edit and is_tiny:  # the image's aspect ratio at 96 x 64 pixels, not 1024^2: a toy model
@@ -916,8 +933,16 @@ def _main(argv=None) -> int:
         from PIL import Image
 
         call = functools.partial(pipe, None if args.image is None else Image.open(args.image).convert("RGB"))
-    elif kind == VIDEO_TO_VIDEO:
-        call = functools.partial(pipe, read_video(Path(args.video)))
+    elif kind in (VIDEO_TO_VIDEO, WAN_V2V):
+        try:
+            frames = read_video(Path(args.video))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if kind == WAN_V2V:  # the output has the video's frames (diffusers'); strength: its default 0.8 unless given
+            kw.pop("num_frames", None)
+            kw.update({} if args.strength is None else {"strength": args.strength})
+        call = functools.partial(pipe, frames)
     elif qwen_edit:  # the image(s) to edit; the output takes the (last) image's aspect ratio unless sized
         from PIL import Image
 

@@ -1218,8 +1218,8 @@ def write_hunyuan_video15_i2v_configs(folder: str | os.PathLike) -> Path:
 
 
 # The tiny folders' contents: a folder made by an older version is made again (2: SkyReels-V2's and LTX's VAE
-# encoders; 3: FLUX.1's and SD3's, for image-to-image)
-TINY_VERSION = 3
+# encoders; 3: FLUX.1's and SD3's, for image-to-image; 4: Chroma's, Qwen-Image's and Wan's, the same)
+TINY_VERSION = 4
 
 
 def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, transformer: dict | None = None,
@@ -1258,7 +1258,7 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_cogvideox_encoder.module_fn(vcfg, jnp.float32)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in ("flux", "flux-kontext", "flux2", "sd3"):  # the VAE's encoder, as conversion writes it
+        if family in ("flux", "flux-kontext", "flux2", "sd3", "chroma"):  # the VAE's encoder, as conversion writes it
             from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder  # (vae/encoder_params)
 
             vcfg = (vae_flux2.AutoencoderKLFlux2Config.from_dict(FLUX2_VAE) if family == "flux2"
@@ -1266,21 +1266,23 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in ("skyreels_v2", "ltx"):  # the VAE's encoder (SkyReels-V2 DF from an image / a video; LTX I2V)
+        if family in ("skyreels_v2", "ltx", "wan"):  # the VAE's encoder (SkyReels-V2 DF from an image / a video; LTX
+            # I2V; Wan video-to-video)
             from xdit_jax.models import vae_ltx, vae_ltx_encoder, vae_wan, vae_wan_encoder
 
             make = (vae_ltx_encoder.module_fn(vae_ltx.LTXVAEConfig.from_dict(LTX_VAE)) if family == "ltx"
                     else vae_wan_encoder.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE)))
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family.startswith("qwenimage-edit"):  # the Wan VAE's encoder and Qwen2.5-VL's vision tower
-            from xdit_jax.models import qwen2_5_vl_vision, vae_qwenimage, vae_wan_encoder
+        if family.startswith("qwenimage"):  # the Wan VAE's encoder (image-to-image, Edit), Qwen2.5-VL's vision tower
+            from xdit_jax.models import qwen2_5_vl_vision, vae_qwenimage, vae_wan_encoder  # (Edit)
 
             for path, make, extra in (
                     ("vae/encoder_params", vae_wan_encoder.module_fn(
                         vae_qwenimage.QwenImageVAEConfig.from_dict(QWEN_IMAGE_VAE)), 7),
                     ("text_encoder/vision_params", lambda: qwen2_5_vl_vision.Qwen25VisionTransformer(
-                        qwen2_5_vl_vision.VisionConfig.from_dict(QWEN_EDIT_TEXT_ENCODER)), 8)):
+                        qwen2_5_vl_vision.VisionConfig.from_dict(QWEN_EDIT_TEXT_ENCODER)), 8))[
+                    :2 if family.startswith("qwenimage-edit") else 1]:
                 abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
                 save_params(tmp / path, random_params(abstract, seed + extra))
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "tiny": TINY_VERSION,

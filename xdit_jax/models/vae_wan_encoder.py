@@ -190,11 +190,13 @@ class WanVAEEncoder(nnx.Module):
         self.encoder = WanEncoder3d(cfg, dtype=dtype)
         self.quant_conv = WanCausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, (1, 1, 1), dtype=dtype)
 
-    def __call__(self, x: jax.Array, cache=None):
+    def __call__(self, x: jax.Array, cache=None, *, moments: bool = False):
         """Frames (N, T, H, W, C_in), channels-last and patched -> (the posterior's mean (N, T', h, w, z_dim), the
-        cache after them: :meth:`WanEncoder3d.__call__`)."""
+        cache after them: :meth:`WanEncoder3d.__call__`); ``moments``: the mean and the log-variance, unclamped
+        (N, T', h, w, 2 z_dim)."""
         y, cache = self.encoder(x.astype(self.dtype), cache)
-        return self.quant_conv(y)[0][..., :self.config.z_dim], cache
+        y = self.quant_conv(y)[0]
+        return (y if moments else y[..., :self.config.z_dim]), cache
 
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
@@ -211,14 +213,17 @@ def patchify(x: jax.Array, patch_size: int) -> jax.Array:
     return x.reshape(b, c * p * p, t, h // p, w // p)
 
 
-def encode(model: WanVAEEncoder, x: jax.Array, *, frame_chunk: int | None = None) -> jax.Array:
+def encode(model: WanVAEEncoder, x: jax.Array, *, frame_chunk: int | None = None, moments: bool = False):
     """Video (B, C, T, H, W) in [-1, 1] -> mean latents (B, z_dim, (T - 1) // 4 + 1, H / s, W / s) (s: the
     spatial compression), diffusers' ``encode(x).latent_dist.mode()``; not scaled (:func:`scale_latents`). Frames
     past the last ``1 + 4k`` are dropped, as diffusers' loop (frame 0, then chunks of four) drops them.
 
     ``frame_chunk=4``: that loop itself (frame 0, then a ``lax.scan`` over chunks of four frames carrying each
     causal convolution's last frames): the same latents with the activations of four frames alive instead of all
-    (a 81 x 720 x 1280 video's first activation alone is 81 x 720 x 1280 x 96 values); None: one pass."""
+    (a 81 x 720 x 1280 video's first activation alone is 81 x 720 x 1280 x 96 values); None: one pass.
+
+    ``moments``: diffusers' ``latent_dist`` instead, ``(mean, logvar)`` each (B, z_dim, T', h, w), ``logvar`` clamped
+    to [-30, 20] as its ``DiagonalGaussianDistribution`` (the image-to-image pipelines sample it)."""
     cfg = model.config
     s = cfg.spatial_compression_ratio
     if x.ndim != 5 or x.shape[3] % s or x.shape[4] % s:
@@ -229,15 +234,19 @@ def encode(model: WanVAEEncoder, x: jax.Array, *, frame_chunk: int | None = None
     x = patchify(x[:, :, :1 + (x.shape[2] - 1) // CHUNK * CHUNK], cfg.patch)  # diffusers' chunks: 1, then 4s
     x = jnp.transpose(x, (0, 2, 3, 4, 1))
     if frame_chunk is None or x.shape[1] == 1:
-        z = model(x)[0]
+        z = model(x, moments=moments)[0]
     else:
-        z, cache = model(x[:, :1])
+        z, cache = model(x[:, :1], moments=moments)
         n, t = x.shape[:2]
         chunks = jnp.moveaxis(x[:, 1:].reshape((n, (t - 1) // CHUNK, CHUNK) + x.shape[2:]), 1, 0)
-        cache, rest = jax.lax.scan(lambda c, chunk: model(chunk, c)[::-1], cache, chunks)
+        cache, rest = jax.lax.scan(lambda c, chunk: model(chunk, c, moments=moments)[::-1], cache, chunks)
         rest = jnp.moveaxis(rest, 0, 1)
         z = jnp.concatenate([z, rest.reshape((n, -1) + rest.shape[3:]).astype(z.dtype)], axis=1)
-    return jnp.transpose(z, (0, 4, 1, 2, 3))
+    z = jnp.transpose(z, (0, 4, 1, 2, 3))
+    if not moments:
+        return z
+    mean, logvar = jnp.split(z.astype(jnp.float32), 2, axis=1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
 
 
 def scale_latents(cfg: WanVAEConfig, latents: jax.Array) -> jax.Array:

@@ -25,6 +25,7 @@ PIPELINES = {
     "StableDiffusion3InpaintPipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3InpaintPipeline", "sd3"),
     "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),
     "WanImageToVideoPipeline": ("xdit_jax.pipelines.wan", "WanImageToVideoPipeline", "wan"),
+    "WanVideoToVideoPipeline": ("xdit_jax.pipelines.wan", "WanVideoToVideoPipeline", "wan"),
     "SkyReelsV2Pipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2Pipeline", "skyreels_v2"),
     "SkyReelsV2ImageToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2ImageToVideoPipeline",
                                        "skyreels_v2"),
@@ -43,6 +44,7 @@ PIPELINES = {
     "HunyuanVideo15ImageToVideoPipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15ImageToVideoPipeline",
                                            "hunyuan_video15"),
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
+    "QwenImageImg2ImgPipeline": ("xdit_jax.pipelines.qwenimage", "QwenImageImg2ImgPipeline", "qwenimage"),
     "QwenImageEditPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPipeline", "qwenimage"),
     "QwenImageEditPlusPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPlusPipeline", "qwenimage"),
     "ZImagePipeline": ("xdit_jax.pipelines.zimage", "ZImagePipeline", "zimage"),
@@ -50,6 +52,7 @@ PIPELINES = {
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
     "SanaSprintPipeline": ("xdit_jax.pipelines.sana", "SanaSprintPipeline", "sana-sprint"),
     "ChromaPipeline": ("xdit_jax.pipelines.chroma", "ChromaPipeline", "chroma"),
+    "ChromaImg2ImgPipeline": ("xdit_jax.pipelines.chroma", "ChromaImg2ImgPipeline", "chroma"),
     "Lumina2Pipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),
     # diffusers' earlier name of the same pipeline (still an alias there)
     "Lumina2Text2ImgPipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),

@@ -44,7 +44,7 @@ from xdit_jax.pipelines.denoise import (
     tokenize,
 )
 from xdit_jax.pipelines.flux import FluxPipeline, default_size, pack_latents  # noqa: F401  (this family's API too)
-from xdit_jax.pipelines.image import ImagePipelineOutput, vae_scale_factor
+from xdit_jax.pipelines.image import ImagePipelineOutput, VaeEncoding, vae_scale_factor
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -130,9 +130,10 @@ class ChromaPipeline(FluxPipeline):
                  guidance_scale: float = DEFAULT_GUIDANCE, num_images_per_prompt: int = 1, latents=None,
                  prompt_embeds=None, negative_prompt_embeds=None, prompt_attention_mask=None,
                  negative_prompt_attention_mask=None, max_sequence_length: int = 512, seed: int = 0,
-                 output_type: str = "np", progress: bool = True) -> ChromaPipelineOutput:
+                 output_type: str = "np", progress: bool = True, _init=None) -> ChromaPipelineOutput:
         """diffusers' ChromaPipeline call (``prompt_attention_mask``: the mask ``encode_prompt`` returns, 1 for
-        the prompt's tokens and one padding token)."""
+        the prompt's tokens and one padding token); ``_init(sched, latents, batch, per, rng, timer) -> (schedule,
+        packed initial latents)``: image-to-image's start (:class:`ChromaImg2ImgPipeline`)."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -178,6 +179,8 @@ class ChromaPipeline(FluxPipeline):
         shape = self.latent_shape(batch * per, height, width)
         sched = self.schedule(num_inference_steps, shape[1])
         rng = jax.random.key(seed)
+        if _init is not None:
+            sched, latents = _init(sched, latents, batch, per, rng, timer)
         if latents is None:
             latents = pack_latents(jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32))
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
@@ -194,3 +197,51 @@ class ChromaPipeline(FluxPipeline):
                                        output_type, self._decode_fn((h, w)),
                                        kv=self._pipefusion_buffers(len(texts[0]), shape[1], text_len=emb.shape[1]))
         return ChromaPipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+class ChromaImg2ImgPipeline(VaeEncoding, ChromaPipeline):
+    """Image-to-image with Chroma (diffusers' ``ChromaImg2ImgPipeline``; SDEdit) on a Chroma text-to-image folder: the
+    image, resized to the output size and VAE-encoded (FLUX's VAE; a sample of the posterior, as diffusers), is
+    noised to the sigma where the last ``strength`` of the ``num_inference_steps`` schedule starts
+    (:func:`xdit_jax.schedulers.flow_match.strength_start`, diffusers' ``get_timesteps``), and only those steps run;
+    the rest is :class:`ChromaPipeline`'s (its jitted step, real CFG, the key mask, meshes, PipeFusion).
+
+    Known differences: :class:`ChromaPipeline`'s; the noise and the posterior's sample are JAX draws from ``seed``
+    (diffusers': torch's ``generator``); an array image is taken as (H, W, 3) at the output size; with several
+    images, one per prompt, each prompt's samples take its own image (diffusers tiles the images over the samples).
+    diffusers 0.42.1's image-to-image turns the text mask into floats that it adds to the logits (no key masked,
+    even where its text-to-image masks): ours keeps the text-to-image pipeline's real key mask, the same where the
+    prompts fill ``max_sequence_length``."""
+
+    PIPELINE_CLASSES = ("ChromaImg2ImgPipeline", "ChromaPipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
+                 image=None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                 strength: float = 0.9, num_images_per_prompt: int = 1, latents=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, prompt_attention_mask=None, negative_prompt_attention_mask=None,
+                 max_sequence_length: int = 512, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> ChromaPipelineOutput:
+        """diffusers' ChromaImg2ImgPipeline call and defaults (35 steps, guidance 5, strength 0.9; ``generator`` ->
+        ``seed``). ``image``: a PIL image or an (H, W, 3) array (uint8, or floats in [0, 1]), or a list of them, one
+        per prompt; ``latents``: packed initial latents used as given (no image encoded, as diffusers)."""
+        start = self.strength_start(image, num_inference_steps, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+
+        def init(sched, given, batch, per, rng, timer):
+            sched = flow_match.from_step(sched, start)
+            if given is not None:
+                return sched, given
+            return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng,
+                                                                 timer)[0])
+
+        return super().__call__(prompt, negative_prompt, height=height, width=width,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                num_images_per_prompt=num_images_per_prompt, latents=latents,
+                                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                prompt_attention_mask=prompt_attention_mask,
+                                negative_prompt_attention_mask=negative_prompt_attention_mask,
+                                max_sequence_length=max_sequence_length, seed=seed, output_type=output_type,
+                                progress=progress, _init=init)

@@ -191,10 +191,14 @@ class VaeEncoding:
         """Images (N, 3, H, W) in [-1, 1] -> diffusion latents (N, C, H/f, W/f), ``(z - shift_factor) *
         scaling_factor``: ``z`` the posterior's mode, or with ``key`` a sample of it (``mean + std * eps``, diffusers'
         ``retrieve_latents`` default, the image-to-image pipelines')."""
-        from xdit_jax.models import vae_kl_encoder
-
         mean, std = self._moments(images)
         z = mean if key is None else mean + std * self._normal(key, mean.shape)
+        return self._scale_latents(z)
+
+    def _scale_latents(self, z) -> jax.Array:
+        """The encoder's latents -> the diffusion model's: ``(z - shift_factor) * scaling_factor``."""
+        from xdit_jax.models import vae_kl_encoder
+
         return vae_kl_encoder.scale_latents(self.vae_config, z)
 
     def _normal(self, key, shape) -> jax.Array:
@@ -241,6 +245,69 @@ class VaeEncoding:
         layout = layout or (lambda x: x)
         parts = [layout(jnp.broadcast_to(jnp.asarray(a, jnp.float32), clean.shape)) for a in (clean, noise, mask)]
         return flow_match.KeptRegion(*(jax.device_put(a, self._latent_sharding(a.shape)) for a in parts))
+
+
+class WanVaeEncoding(VaeEncoding):
+    """:class:`VaeEncoding` for the Wan 2.1-style causal 3-D VAE (``AutoencoderKLWan``; Qwen-Image's
+    ``AutoencoderKLQwenImage``: the same encoder, one frame), whose latents are normalized by ``latents_mean`` /
+    ``latents_std``: the encoder (``vae/encoder_params``, :mod:`xdit_jax.models.vae_wan_encoder`) in the pipeline's
+    dtype, as diffusers runs it; the plane split over the mesh. Images (N, 3, H, W) are encoded as one frame and give
+    (N, C, H/f, W/f); videos (N, 3, T, H, W) give (N, C, T', H/f, W/f). ``VAE_ENCODER_CONFIG``: the VAE config class
+    (``from_dict`` of ``vae/config.json``)."""
+
+    VAE_ENCODER_CONFIG = None
+
+    @classmethod
+    def _extra_parts(cls, folder, mesh_obj, dtype, kind: str) -> dict:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.conversion import read_json
+        from xdit_jax.models import vae_wan, vae_wan_encoder
+        from xdit_jax.pipelines.denoise import load_vae_encoder
+
+        config = cls.VAE_ENCODER_CONFIG or vae_wan.WanVAEConfig
+        vc = config.from_dict(read_json(folder / "vae" / "config.json"))
+        return {**super(VaeEncoding, cls)._extra_parts(folder, mesh_obj, dtype, kind),
+                "vae_encoder": load_vae_encoder(folder, vc, dtype, NamedSharding(mesh_obj, P()), vae_wan_encoder)}
+
+    def _moments(self, images):
+        """The encoder's (mean, std), float32, unnormalized: images (N, 3, H, W) -> (N, C, h, w) each (one frame);
+        videos (N, 3, T, H, W) -> (N, C, T', h, w)."""
+        from flax import nnx
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.models import vae_wan_encoder
+        from xdit_jax.parallel.vae import sharded_encode
+
+        if self.vae_encoder is None:
+            raise ValueError(f"This pipeline has no VAE encoder; load it with {type(self).__name__}.from_pretrained.")
+        fns = self.__dict__.setdefault("_text_fns", {})
+        if "vae_moments" not in fns:
+            graphdef, state = nnx.split(self.vae_encoder)
+            mesh = self.mesh if self.mesh.size > 1 else None
+            factor, dtype = self.vae_encoder.config.spatial_compression_ratio, self.vae_encoder.dtype
+
+            def encode(state, x):
+                frames = x[:, :, None] if x.ndim == 4 else x
+                mean, logvar = sharded_encode(lambda m, y: vae_wan_encoder.encode(m, y, moments=True),
+                                              nnx.merge(graphdef, state), frames.astype(dtype), mesh, factor=factor)
+                if x.ndim == 4:
+                    mean, logvar = mean[:, :, 0], logvar[:, :, 0]
+                return mean, jnp.exp(0.5 * logvar)
+
+            jitted = jax.jit(encode, out_shardings=NamedSharding(self.mesh, P()))
+            fns["vae_moments"] = lambda x: jitted(state, self._put_replicated(jnp.asarray(x, jnp.float32)))
+        return fns["vae_moments"](images)
+
+    def _scale_latents(self, z) -> jax.Array:
+        """``(z - latents_mean) / latents_std`` per channel (float32), as diffusers' image-to-image pipelines."""
+        from xdit_jax.models import vae_wan_encoder
+
+        if z.ndim == 4:
+            return vae_wan_encoder.scale_latents(self.vae_config, z[:, :, None].astype(jnp.float32))[:, :, 0]
+        return vae_wan_encoder.scale_latents(self.vae_config, z.astype(jnp.float32))
 
 
 def preprocess_mask(mask, height: int, width: int) -> np.ndarray:

@@ -170,7 +170,8 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
             raise ValueError(f"The templated prompts have {ids.shape[1]} tokens, not more than the template's "
                              f"{start} that are cut: this tokenizer is not Kandinsky 5.0's.")
         n = ids.shape[1]
-        pad = -n % 64  # one compile per 64 tokens: with causal attention and no mask, appended tokens change none before
+        # one compile per 64 tokens: with causal attention and no mask, appended tokens change none before them
+        pad = -n % 64
         if pad:
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             ids = np.concatenate([ids, np.full((ids.shape[0], pad), pad_id, ids.dtype)], axis=1)

@@ -54,7 +54,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
 )
 from xdit_jax.pipelines.flux import pack_latents, unpack_latents
-from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, WanVaeEncoding
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -270,11 +270,14 @@ class QwenImagePipeline(ImagePipelineBase):
     def _generate(self, prompt, negative_prompt, *, true_cfg_scale, height, width, num_inference_steps, sigmas,
                   guidance_scale, num_images_per_prompt, latents, prompt_embeds, prompt_embeds_mask,
                   negative_prompt_embeds, negative_prompt_embeds_mask, max_sequence_length, seed, output_type,
-                  progress, encode=None, condition=None, text_cut: int | None = None) -> QwenImagePipelineOutput:
+                  progress, encode=None, condition=None, text_cut: int | None = None,
+                  init=None) -> QwenImagePipelineOutput:
         """The call. The edit pipelines' hooks: ``encode(prompts) -> (states, mask)`` instead of
         :meth:`encode_prompt` (the prompt with the images); ``condition(batch, per, do_cfg, timer) -> (the
         condition images' packed latents placed as the step's batch, their img_shapes)``; ``text_cut``: the
-        states' length cut (default ``max_sequence_length``; the edit pipelines do not cut)."""
+        states' length cut (default ``max_sequence_length``; the edit pipelines do not cut); ``init(sched, latents,
+        batch, per, rng, timer) -> (schedule, packed initial latents)``: image-to-image's start
+        (:class:`QwenImageImg2ImgPipeline`)."""
         encode = encode if encode is not None else (lambda p: self.encode_prompt(p, max_sequence_length))
         text_cut = max_sequence_length if text_cut is None else text_cut
         ds = self.default_size()
@@ -328,6 +331,8 @@ class QwenImagePipeline(ImagePipelineBase):
         shape = self.latent_shape(batch * per, height, width)
         sched = self.schedule(num_inference_steps, shape[1], sigmas)
         rng = jax.random.key(seed)
+        if init is not None:
+            sched, latents = init(sched, latents, batch, per, rng, timer)
         if latents is None:
             latents = pack_latents(jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32))
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
@@ -351,3 +356,53 @@ class QwenImagePipeline(ImagePipelineBase):
                                        (texts, sched_arrays, scale, rope, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn((h, w)), kv=kv)
         return QwenImagePipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+class QwenImageImg2ImgPipeline(WanVaeEncoding, QwenImagePipeline):
+    """Image-to-image with Qwen-Image (diffusers' ``QwenImageImg2ImgPipeline``; SDEdit) on a Qwen-Image text-to-image
+    folder: the image, resized to the output size and encoded by the VAE's Wan 2.1 encoder as one frame (a sample of
+    the posterior, as diffusers' ``retrieve_latents`` default; normalized by ``latents_mean`` / ``latents_std``), is
+    noised to the sigma where the last ``strength`` of the schedule starts
+    (:func:`xdit_jax.schedulers.flow_match.strength_start`, diffusers' ``get_timesteps``), and only those steps run;
+    the rest is :class:`QwenImagePipeline`'s (its jitted step, true CFG, meshes, PipeFusion).
+
+    Known differences: :class:`QwenImagePipeline`'s; the noise and the posterior's sample are JAX draws from ``seed``
+    (diffusers': torch's ``generator``); an array image is taken as (H, W, 3) at the output size; with several
+    images, one per prompt, each prompt's samples take its own image (diffusers tiles the images over the samples);
+    image latents given as ``image`` are not taken."""
+
+    PIPELINE_CLASSES = ("QwenImageImg2ImgPipeline", "QwenImagePipeline")
+    VAE_ENCODER_CONFIG = qvae.QwenImageVAEConfig
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
+                 true_cfg_scale: float = 4.0, image=None, height: int | None = None, width: int | None = None,
+                 strength: float = 0.6, num_inference_steps: int = 50, sigmas=None,
+                 guidance_scale: float | None = None, num_images_per_prompt: int = 1, latents=None,
+                 prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
+                 negative_prompt_embeds_mask=None, max_sequence_length: int = 512, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> QwenImagePipelineOutput:
+        """diffusers' QwenImageImg2ImgPipeline call and defaults (50 steps, true CFG 4 with a negative prompt, strength
+        0.6; ``generator`` -> ``seed``). ``image``: a PIL image or an (H, W, 3) array (uint8, or floats in [0, 1]),
+        or a list of them, one per prompt; ``latents``: packed initial latents used as given (no image encoded, as
+        diffusers)."""
+        n = len(sigmas) if sigmas is not None else num_inference_steps
+        start = self.strength_start(image, n, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+
+        def init(sched, given, batch, per, rng, timer):
+            sched = flow_match.from_step(sched, start)
+            if given is not None:
+                return sched, given
+            return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng,
+                                                                 timer)[0])
+
+        return self._generate(prompt, negative_prompt, true_cfg_scale=true_cfg_scale, height=height, width=width,
+                              num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+                              num_images_per_prompt=num_images_per_prompt, latents=latents,
+                              prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
+                              negative_prompt_embeds=negative_prompt_embeds,
+                              negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+                              max_sequence_length=max_sequence_length, seed=seed, output_type=output_type,
+                              progress=progress, init=init)

@@ -50,8 +50,9 @@ from xdit_jax.conversion import read_json
 from xdit_jax.models import qwen2_5_vl as qv
 from xdit_jax.models import qwen2_5_vl_vision as vv
 from xdit_jax.models import vae_qwenimage as qvae
-from xdit_jax.pipelines.denoise import load_extra_params, load_vae_encoder, preprocess_image, rgb_image
+from xdit_jax.pipelines.denoise import load_extra_params, preprocess_image, rgb_image
 from xdit_jax.pipelines.flux import pack_latents
+from xdit_jax.pipelines.image import WanVaeEncoding
 from xdit_jax.pipelines.qwenimage import QwenImagePipeline, QwenImagePipelineOutput
 
 log = logging.getLogger("xdit_jax")
@@ -107,16 +108,17 @@ def load_processor_config(folder) -> vv.ProcessorConfig:
     return vv.ProcessorConfig()
 
 
-class QwenImageEditPipeline(QwenImagePipeline):
+class QwenImageEditPipeline(WanVaeEncoding, QwenImagePipeline):
     """Image editing with Qwen-Image-Edit — see the module docstring."""
 
     PIPELINE_CLASSES = ("QwenImageEditPipeline",)
+    VAE_ENCODER_CONFIG = qvae.QwenImageVAEConfig
     PLUS = False
 
     def __init__(self, *, vae_encoder=None, vision=None, processor_config=None, mrope_section=(16, 24, 24),
                  mrope: bool = True, **kw):
-        super().__init__(**kw)
-        self.vae_encoder, self.vision = vae_encoder, vision
+        super().__init__(vae_encoder=vae_encoder, **kw)
+        self.vision = vision
         self.processor_config = processor_config if processor_config is not None else vv.ProcessorConfig()
         self.mrope_section, self.mrope = tuple(mrope_section), bool(mrope)
 
@@ -132,11 +134,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
     def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
         """The VAE's encoder (``vae/encoder_params``), Qwen2.5-VL's vision tower (``text_encoder/vision_params``),
         the image processor's settings."""
-        from xdit_jax.models import vae_wan_encoder
-
         replicated = NamedSharding(mesh, P())
-        vc = qvae.QwenImageVAEConfig.from_dict(read_json(Path(folder) / "vae" / "config.json"))
-        return {"vae_encoder": load_vae_encoder(folder, vc, dtype, replicated, vae_wan_encoder),
+        return {**super()._extra_parts(folder, mesh, dtype, kind),  # the VAE's encoder (WanVaeEncoding)
                 "vision": load_vision(folder, dtype, replicated),
                 "processor_config": load_processor_config(folder),
                 "mrope_section": qv.mrope_section(read_json(Path(folder) / "text_encoder" / "config.json"))}
@@ -170,26 +169,10 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return jnp.asarray(emb, self.dtype), jnp.asarray(mask, jnp.int32)
 
     def encode_image(self, pixels) -> jax.Array:
-        """diffusers' ``_encode_vae_image`` + ``_pack_latents``: (N, 3, H, W) in [-1, 1] -> packed normalized latents
-        (N, (H/16)(W/16), 4 z_dim), the image plane split over the mesh."""
-        from xdit_jax.models import vae_wan_encoder
-        from xdit_jax.parallel.vae import sharded_encode
-
-        if self.vae_encoder is None:
-            raise ValueError("This pipeline has no VAE encoder; load it with from_pretrained.")
-        fns = self.__dict__.setdefault("_text_fns", {})
-        if "vae_encode" not in fns:
-            graphdef, state = nnx.split(self.vae_encoder)
-            vc, mesh, dtype = self.vae_config, (self.mesh if self.mesh.size > 1 else None), self.dtype
-
-            def encode(state, x):
-                z = sharded_encode(lambda m, y: vae_wan_encoder.encode(m, y), nnx.merge(graphdef, state),
-                                   x[:, :, None].astype(dtype), mesh, factor=vc.spatial_compression_ratio)
-                return pack_latents(vae_wan_encoder.scale_latents(vc, z.astype(jnp.float32))[:, :, 0])
-
-            jitted = jax.jit(encode, out_shardings=NamedSharding(self.mesh, P()))
-            fns["vae_encode"] = lambda x: jitted(state, self._put_replicated(jnp.asarray(x, jnp.float32)))
-        return fns["vae_encode"](pixels)
+        """diffusers' ``_encode_vae_image`` (``latent_dist.mode()``) + ``_pack_latents``: (N, 3, H, W) in [-1, 1] ->
+        packed normalized latents (N, (H/16)(W/16), 4 z_dim), the image plane split over the mesh
+        (:class:`xdit_jax.pipelines.image.WanVaeEncoding`)."""
+        return pack_latents(self.image_latents(pixels))
 
     def _sizes(self, images, vae_image_area: int, condition_image_area: int):
         """(output size (height, width) before the caller's, [(VL image, VAE pixels (1, 3, H, W))] per image)."""

@@ -56,6 +56,7 @@ from xdit_jax.pipelines.denoise import (
     rgb_image,
     tokenize,
 )
+from xdit_jax.pipelines.image import WanVaeEncoding
 from xdit_jax.pipelines.video import VideoPipelineBase
 from xdit_jax.schedulers import flow_match, module_of, unipc
 
@@ -297,10 +298,11 @@ class WanPipeline(VideoPipelineBase):
 
     def _generate(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps, guidance_scale,
                   guidance_scale_2, prompt_embeds, negative_prompt_embeds, latents, max_sequence_length,
-                  num_videos_per_prompt, seed, output_type, progress, condition=None) -> WanPipelineOutput:
+                  num_videos_per_prompt, seed, output_type, progress, condition=None, init=None) -> WanPipelineOutput:
         """The call; ``condition(latent_shape)``: the step's extra inputs of one video (a tuple: (1, C, T, h, w) the
         image condition, (1, N, d) the CLIP image states for Wan 2.1), the same for every row (image-to-video), or
-        None."""
+        None; ``init(sched, latents, latent_shape, rng, timer) -> (schedule, initial latents)``: video-to-video's
+        start (:class:`WanVideoToVideoPipeline`), or None."""
         if guidance_scale_2 is not None and self.boundary_ratio is None:
             raise ValueError("guidance_scale_2 is only for a two-expert pipeline (Wan 2.2 A14B: transformer_2 and "
                              "boundary_ratio); this one has one transformer.")
@@ -333,6 +335,8 @@ class WanPipeline(VideoPipelineBase):
                 texts += tuple(self._put_condition(c, batch * per, do_cfg) for c in conds)
                 jax.block_until_ready(texts)
         rng = jax.random.key(seed)
+        if init is not None:
+            sched, latents = init(sched, latents, shape, rng, timer)
         latents = self._initial_latents(latents, shape, rng, 1.0,
                                         "batch, channels, latent frames, height/8, width/8")
 
@@ -385,6 +389,91 @@ def check_last_image(tc, given: bool) -> None:
     if tc.pos_embed_seq_len is None and given:
         raise ValueError("last_image: this Wan 2.1 I2V model conditions on one image's CLIP states; first-last-frame "
                          "videos need the FLF2V model (pos_embed_seq_len set).")
+
+
+def _resizable(frame, height: int, width: int):
+    """A uint8 (H, W, 3) frame of another size as a PIL image (resized by ``preprocess_image`` as diffusers resizes
+    PIL frames); anything else as it is."""
+    if isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.shape[:2] != (height, width):
+        from PIL import Image
+
+        return Image.fromarray(frame)
+    return frame
+
+
+class WanVideoToVideoPipeline(WanVaeEncoding, WanPipeline):
+    """Video-to-video with Wan 2.1 (diffusers' ``WanVideoToVideoPipeline``; SDEdit on videos) on a Wan text-to-video
+    folder: the video's frames, resized to ``height`` x ``width``, are encoded by the Wan VAE (the posterior's mode,
+    ``sample_mode="argmax"`` as diffusers; normalized by ``latents_mean`` / ``latents_std``) and noised to the sigma
+    where the last ``int(num_inference_steps * strength)`` steps start
+    (:func:`xdit_jax.schedulers.flow_match.video_strength_start`, diffusers' rule for this pipeline); only those
+    steps run, the scheduler (UniPC or flow-matching Euler) started there afresh as diffusers' (no begin index:
+    :func:`xdit_jax.schedulers.unipc.from_step`). The rest is :class:`WanPipeline`'s (its jitted step, CFG over
+    ``cfg``, meshes, PipeFusion). The output has the video's frame count (4k + 1 of them: frames past the last such
+    are dropped by the encoder, as diffusers').
+
+    Known differences: the noise is a JAX draw from ``seed`` (diffusers': torch's ``generator``); custom
+    ``timesteps`` are not taken; ``num_videos_per_prompt`` is honoured (diffusers' pipeline forces 1); two-expert
+    (Wan 2.2 A14B) folders are refused (diffusers' pipeline has no second transformer)."""
+
+    PIPELINE_CLASSES = ("WanVideoToVideoPipeline", "WanPipeline")
+
+    def __call__(self, video=None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, *, height: int | None = None,
+                 width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 5.0, strength: float = 0.8,
+                 num_videos_per_prompt: int = 1, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> WanPipelineOutput:
+        """diffusers' WanVideoToVideoPipeline call and defaults (480 x 832: :meth:`default_video`, 50 steps, guidance 5,
+        strength 0.8;
+        ``generator`` -> ``seed``). ``video``: the frames, a list of PIL images or (H, W, 3) arrays (uint8, resized as
+        PIL images where their size differs; or floats in [0, 1] at ``height`` x ``width``), or an array
+        (T, H, W, 3); ``latents``: initial latents
+        (B, C, T', h, w) used as given (no video encoded, as diffusers; ``video`` may then be None)."""
+        if self.boundary_ratio is not None:
+            raise NotImplementedError("Video-to-video on a two-expert (Wan 2.2 A14B) folder: diffusers' "
+                                      "WanVideoToVideoPipeline has no transformer_2; use a one-transformer Wan.")
+        if self.scheduler is unipc and not self.scheduler_config.use_flow_sigmas:
+            raise NotImplementedError("Video-to-video needs a flow-sigma scheduler (Wan's UniPC with use_flow_sigmas, "
+                                      "or flow-matching Euler).")
+        if video is None and latents is None:
+            raise ValueError("WanVideoToVideoPipeline needs video=, the frames to start from (or latents=).")
+        if video is not None and latents is not None:
+            raise ValueError("Give either video or latents, not both (as diffusers).")
+        frames = None if video is None else list(video)
+        if frames is not None and not frames:
+            raise ValueError("video= has no frames.")
+        start = flow_match.video_strength_start(num_inference_steps, strength)
+        if start >= num_inference_steps:
+            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no "
+                             "denoising step (int(steps x strength) = 0); raise either.")
+        dv = self.default_video()
+        height = dv["height"] if height is None else height
+        width = dv["width"] if width is None else width
+        s = self.vae_config.scale_factor_temporal
+        num_frames = len(frames) if frames is not None else (np.shape(latents)[2] - 1) * s + 1
+
+        def init(sched, given, shape, rng, timer):
+            sched = (unipc.from_step(self.scheduler_config, sched, start) if self.scheduler is unipc
+                     else flow_match.from_step(sched, start))
+            if given is not None:
+                return sched, given
+            with timer.stage("video_encoding"):
+                pixels = jnp.concatenate([preprocess_image(_resizable(f, height, width), height, width)[:, :, None]
+                                          for f in frames], axis=2)
+                clean = self.image_latents(pixels)  # (1, C, T', h, w): the posterior's mode
+                clean = jnp.broadcast_to(clean, shape)
+                noised = flow_match.scale_noise(sched, clean, self._normal(jax.random.fold_in(rng, 2), shape))
+                jax.block_until_ready(noised)
+            return sched, noised
+
+        return self._generate(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              guidance_scale_2=None, prompt_embeds=prompt_embeds,
+                              negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                              max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt,
+                              seed=seed, output_type=output_type, progress=progress, init=init)
 
 
 class WanImageToVideoPipeline(WanPipeline):

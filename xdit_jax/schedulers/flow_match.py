@@ -391,6 +391,16 @@ def strength_start(num_inference_steps: int, strength: float) -> int:
     return int(max(n - min(n * float(strength), n), 0))
 
 
+def video_strength_start(num_inference_steps: int, strength: float) -> int:
+    """The first step a video-to-video run takes (diffusers' ``WanVideoToVideoPipeline.get_timesteps``, AnimateDiff's
+    rule): the last ``int(n * strength)`` steps, rounded down before the subtraction (image-to-image's
+    :func:`strength_start` rounds after it: n=4, strength 0.6 runs 2 steps here, 3 there)."""
+    if isinstance(strength, bool) or not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength!r}.")
+    n = int(num_inference_steps)
+    return max(n - min(int(n * float(strength)), n), 0)
+
+
 def from_step(sched: FlowMatchSchedule, start: int) -> FlowMatchSchedule:
     """The schedule's steps from index ``start`` on (diffusers' ``set_begin_index(start)`` with the timesteps
     sliced as img2img pipelines do); at least one step must remain."""

@@ -429,8 +429,26 @@ def make_schedule(cfg: UniPCConfig, num_inference_steps: int | None = None, *,
     if not np.all(np.isfinite(sig)):
         raise ValueError(f"non-finite sigmas {sig.tolist()} for {n} steps (a single step stretched to "
                          "shift_terminal divides 0 by 0, as in diffusers)")
+    return _assemble(cfg, ts, sig)
+
+
+def from_step(cfg: UniPCConfig, sched: UniPCSchedule, start: int) -> UniPCSchedule:
+    """The schedule's steps from index ``start`` on, as diffusers' scheduler runs them when a pipeline starts at
+    ``timesteps[start]`` (video-to-video: no history yet, so the warm-up orders start again, the corrector is off
+    at the first step; the sigmas and the ``lower_order_final`` count as in the whole schedule)."""
+    start = int(start)
+    if not 0 <= start < sched.num_inference_steps:
+        raise ValueError(f"No denoising step left: starting at step {start} of {sched.num_inference_steps} (raise "
+                         "strength or num_inference_steps).")
+    return _assemble(cfg, sched.timesteps[start:], sched.sigmas[start:], offset=start)
+
+
+def _assemble(cfg: UniPCConfig, ts: np.ndarray, sig: np.ndarray, offset: int = 0) -> UniPCSchedule:
+    """The schedule of timesteps ``ts`` and sigmas ``sig`` (one more: the final), the steps' coefficients computed;
+    ``offset``: the index of its first step in diffusers' schedule (``disable_corrector`` counts from there)."""
+    n = len(ts)
     orders = _step_orders(cfg, n)
-    disabled = {int(k) for k in cfg.disable_corrector}
+    disabled = {int(k) - offset for k in cfg.disable_corrector}
     corr_orders = tuple(orders[i - 1] if i > 0 and i - 1 not in disabled else 0 for i in range(n))
     num_prev = max(max(p - 1 for p in orders), max(corr_orders))
     width = cfg.solver_order - 1
