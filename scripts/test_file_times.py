@@ -5,8 +5,8 @@ tests/conftest.py hands the files to the xdist workers: longest first, so that n
     python scripts/test_file_times.py report.txt > tests/file_times.json
 
 (Only the order matters: times measured on a loaded machine serve. Session 21's file: a 3-worker fresh-clone run of
-the default suite with CogView3-Plus, CogView4 and HunyuanImage-2.1 (18:44 pytest wall, 35:37 user CPU); a file not
-listed counts as the median.)
+the default suite with the four new families and the image-to-image / inpainting pipelines (17:32 pytest wall, 33:30
+user CPU); a file not listed counts as the median.)
 """
 
 import json

@@ -420,17 +420,16 @@ class WanVideoToVideoPipeline(WanVaeEncoding, WanPipeline):
 
     def __call__(self, video=None, prompt: str | list[str] | None = None,
                  negative_prompt: str | list[str] | None = None, *, height: int | None = None,
-                 width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 5.0, strength: float = 0.8,
+                 width: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                 strength: float = 0.8,
                  num_videos_per_prompt: int = 1, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH, seed: int = 0, output_type: str = "np",
                  progress: bool = True) -> WanPipelineOutput:
         """diffusers' WanVideoToVideoPipeline call and defaults (480 x 832: :meth:`default_video`, 50 steps, guidance 5,
-        strength 0.8;
-        ``generator`` -> ``seed``). ``video``: the frames, a list of PIL images or (H, W, 3) arrays (uint8, resized as
-        PIL images where their size differs; or floats in [0, 1] at ``height`` x ``width``), or an array
-        (T, H, W, 3); ``latents``: initial latents
-        (B, C, T', h, w) used as given (no video encoded, as diffusers; ``video`` may then be None)."""
+        strength 0.8; ``generator`` -> ``seed``). ``video``: the frames, a list of PIL images or (H, W, 3) arrays
+        (uint8, resized as PIL images where their size differs; or floats in [0, 1] at ``height`` x ``width``), or an
+        array (T, H, W, 3); ``latents``: initial latents (B, C, T', h, w) used as given (no video encoded, as
+        diffusers; ``video`` may then be None)."""
         if self.boundary_ratio is not None:
             raise NotImplementedError("Video-to-video on a two-expert (Wan 2.2 A14B) folder: diffusers' "
                                       "WanVideoToVideoPipeline has no transformer_2; use a one-transformer Wan.")
