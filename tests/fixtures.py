@@ -333,6 +333,17 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
                        transformer=transformer, scheduler=sched, **extra)
 
 
+def make_torch_wan_vace(seed: int = 0):
+    """A tiny random diffusers WanVACEPipeline: Wan's tiny UMT5, VAE and UniPC (:func:`make_torch_wan`'s) with a
+    WanVACETransformer3DModel of xdit_jax.tiny.WAN_VACE_TRANSFORMER."""
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    parts = make_torch_wan(seed).components
+    transformer = randomize_(WanVACETransformer3DModel(**tiny.WAN_VACE_TRANSFORMER), seed + 5, std=0.1)
+    return WanVACEPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
+                           transformer=transformer, scheduler=parts["scheduler"])
+
+
 def make_torch_skyreels_v2(seed: int = 0, variant: str = "t2v"):
     """A tiny random diffusers SkyReels-V2 pipeline: Wan's tiny UMT5, VAE and UniPC (xdit_jax.tiny) with a
     SkyReelsV2Transformer3DModel of Wan's tiny width; ``variant`` "t2v" (SkyReelsV2Pipeline) or "df"

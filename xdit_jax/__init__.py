@@ -52,6 +52,7 @@ from xdit_jax.pipelines.wan import (
     WanPipelineOutput,
     WanVideoToVideoPipeline,
 )
+from xdit_jax.pipelines.wan_vace import WanVACEPipeline
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
 __all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline",
@@ -76,5 +77,5 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "C
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline",
            "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput", "WanVideoToVideoPipeline",
-           "ZImagePipeline", "ZImagePipelineOutput", "build_mesh"]
+           "ZImagePipeline", "ZImagePipelineOutput", "build_mesh", "WanVACEPipeline"]
 __version__ = "0.1.0"

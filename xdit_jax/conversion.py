@@ -59,6 +59,8 @@ MODEL_CLASSES = {
     "AutoencoderKLLTXVideo": ("xdit_jax.models.vae_ltx", "LTXVAEConfig"),
     "WanTransformer3DModel": ("xdit_jax.models.wan", "WanConfig"),
     "AutoencoderKLWan": ("xdit_jax.models.vae_wan", "WanVAEConfig"),
+    # Wan VACE: Wan 2.1's transformer plus the VACE blocks that turn a control video into hints
+    "WanVACETransformer3DModel": ("xdit_jax.models.wan_vace", "WanVACEConfig"),
     # SkyReels-V2: Wan 2.1's transformer with per-frame timesteps, the fps embedding and the causal block mask
     "SkyReelsV2Transformer3DModel": ("xdit_jax.models.skyreels_v2", "SkyReelsV2Config"),
     # Kandinsky 5.0: a text stack, then visual blocks cross-attending to it (HunyuanVideo's VAE, Qwen2.5-VL + CLIP)

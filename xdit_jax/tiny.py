@@ -1289,3 +1289,8 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
                                               "source": "tiny random",
                                               "components": {k: v[0] for k, v in parts.items()}}))
     return folder
+
+
+# Wan VACE at tiny size: Wan's tiny transformer with a VACE stack of 2 blocks (hints after layers 0 and 1) taking the
+# control latents: inactive 4 + reactive 4 latent channels + the mask folded 8 x 8 into 64.
+WAN_VACE_TRANSFORMER = dict(WAN_TRANSFORMER, vace_layers=[0, 1], vace_in_channels=72)

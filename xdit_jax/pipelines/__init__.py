@@ -26,6 +26,7 @@ PIPELINES = {
     "WanPipeline": ("xdit_jax.pipelines.wan", "WanPipeline", "wan"),
     "WanImageToVideoPipeline": ("xdit_jax.pipelines.wan", "WanImageToVideoPipeline", "wan"),
     "WanVideoToVideoPipeline": ("xdit_jax.pipelines.wan", "WanVideoToVideoPipeline", "wan"),
+    "WanVACEPipeline": ("xdit_jax.pipelines.wan_vace", "WanVACEPipeline", "wan"),
     "SkyReelsV2Pipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2Pipeline", "skyreels_v2"),
     "SkyReelsV2ImageToVideoPipeline": ("xdit_jax.pipelines.skyreels_v2", "SkyReelsV2ImageToVideoPipeline",
                                        "skyreels_v2"),

@@ -1,0 +1,141 @@
+"""Wan VACE: the transformer == diffusers' WanVACETransformer3DModel; WanVACEPipeline from a diffusers folder ==
+diffusers' WanVACEPipeline (a control video, its mask and a reference image); a sequence-parallel mesh == one device."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from tests.torch_util import randomize_, state_dict_np
+from xdit_jax.models import wan_vace
+
+# 3 layers with hints after layers 0 and 2 given out of order ([2, 0]: diffusers pops the hints in the main loop's
+# order), 6 control channels, control latents of one frame fewer than the video's (zero tokens appended).
+CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+              text_dim=8, freq_dim=16, ffn_dim=40, num_layers=3, cross_attn_norm=True,
+              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64, vace_layers=[2, 0], vace_in_channels=6)
+
+
+def test_transformer_matches_diffusers():
+    from diffusers import WanVACETransformer3DModel
+
+    tm = randomize_(WanVACETransformer3DModel(**CONFIG), seed=1, std=0.15)
+    cfg = wan_vace.WanVACEConfig.from_dict(dict(tm.config))
+    model = wan_vace.build(cfg, wan_vace.params_from_torch(state_dict_np(tm), cfg))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 3, 6, 10)).astype(np.float32)
+    enc = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    ctrl = rng.standard_normal((2, 6, 2, 6, 10)).astype(np.float32)
+    t = np.array([999, 37])
+    fwd = jax.jit(lambda m, *a: m(*a))
+    for scale in (np.array([0.7, 1.3], np.float32), None):
+        with torch.no_grad():
+            ref = tm(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(enc),
+                     control_hidden_states=torch.from_numpy(ctrl),
+                     control_hidden_states_scale=None if scale is None else torch.from_numpy(scale),
+                     return_dict=False)[0].numpy()
+        out = np.asarray(fwd(model, x, t, enc, None, ctrl, scale))
+        # fp32 both sides, outputs O(3): measured 7e-7; a hint after the wrong layer or unscaled moves them by 1e-1
+        np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    with pytest.raises(ValueError, match="must include layer 0"):
+        wan_vace.WanVACEConfig.from_dict(dict(CONFIG, vace_layers=[1, 2]))
+    with pytest.raises(ValueError, match="one scale per VACE layer"):
+        model(x, t, enc, None, ctrl, np.ones(3, np.float32))
+
+
+# ------------------------------------------------------------------------------------------------------- pipeline
+
+PROMPT, NEG = "A small dog running on a beach at sunset.", "blurry"
+F, H, W, MSL = 9, 32, 48, 16  # 3 x 4 x 6 latents; + 1 reference frame
+_BUILT = {}
+
+
+def build(tmp_path_factory):
+    from tests.fixtures import make_torch_wan_vace, save_torch_pipeline
+    from xdit_jax.pipelines.denoise import converted_folder
+    from xdit_jax.pipelines.wan_vace import WanVACEPipeline
+
+    if not _BUILT:
+        tp = make_torch_wan_vace()
+        folder = converted_folder(save_torch_pipeline(tp, tmp_path_factory.mktemp("wan-vace")),
+                                  cache_dir=tmp_path_factory.mktemp("cache"))
+        _BUILT["vace"] = (tp, WanVACEPipeline.from_pretrained(folder), folder)
+    return _BUILT["vace"]
+
+
+def conditions(seed=0):
+    """9 frames at 48 x 32 (PIL, as given to both), a mask white (generate) on the right half with grey levels
+    around the 0.5 threshold, and a 40 x 20 reference image (fitted into 48 x 24 on the white canvas)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    video = [Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) for _ in range(F)]
+    mask = []
+    for i in range(F):
+        m = np.zeros((H, W), np.uint8)
+        m[:, W // 2:] = 255
+        m[: 8 + i, :8] = 120 + 2 * i
+        mask.append(Image.fromarray(m).convert("RGB"))
+    ref = Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    return video, mask, [ref]
+
+
+def _patch_ftfy(monkeypatch):
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_vace
+
+    monkeypatch.setattr(pipeline_wan_vace, "basic_clean", pipeline_wan.basic_clean)
+
+
+def test_pipeline_matches_diffusers(tmp_path_factory, monkeypatch):
+    """2 UniPC steps with CFG, conditioning_scale per layer; the same initial latents (1 reference + 3 frames) both
+    sides; latents and the decoded video (the reference frame dropped)."""
+    _patch_ftfy(monkeypatch)
+    tp, ours, _ = build(tmp_path_factory)
+    video, mask, refs = conditions()
+    lat = np.random.default_rng(1).standard_normal((1, 4, 1 + (F - 1) // 4 + 1, H // 8, W // 8)).astype(np.float32)
+    kw = dict(prompt=PROMPT, negative_prompt=NEG, video=video, mask=mask, reference_images=refs,
+              conditioning_scale=[0.8, 1.2], height=H, width=W, num_frames=F, num_inference_steps=2,
+              guidance_scale=5.0, max_sequence_length=MSL)
+    with torch.no_grad():
+        ref_lat = tp(latents=torch.from_numpy(lat), output_type="latent", **kw).frames.numpy()
+        ref_np = np.asarray(tp(latents=torch.from_numpy(lat), output_type="np", **kw).frames)
+    out_lat = ours(latents=lat, output_type="latent", progress=False, **kw).frames
+    out_np = ours(latents=lat, progress=False, **kw).frames
+    assert out_lat.shape == ref_lat.shape == lat.shape and out_np.shape == ref_np.shape == (1, F, H, W, 3)
+    scale = np.abs(ref_lat).max()
+    # fp32 both sides: the control latents (two VAE encodes, the reference's), 2 steps, the VAE decode. 1e-5 of the
+    # latents' scale, 1e-4 on pixels in [0, 1]
+    np.testing.assert_allclose(out_lat, ref_lat, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    np.testing.assert_allclose(out_np, ref_np, atol=1e-4, rtol=0)
+
+
+def test_bad_input(tmp_path_factory):
+    _, ours, folder = build(tmp_path_factory)
+    from xdit_jax.pipelines.wan_vace import WanVACEPipeline
+
+    video, mask, _ = conditions()
+    with pytest.raises(ValueError, match="mask can only be given with a video"):
+        ours(PROMPT, mask=mask, height=H, width=W)
+    with pytest.raises(ValueError, match="one mask frame a frame"):
+        ours(PROMPT, video=video, mask=mask[:5], height=H, width=W)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        ours(PROMPT, video=video[:8], height=H, width=W)
+    with pytest.raises(ValueError, match="2 VACE layers"):
+        ours(PROMPT, video=video, height=H, width=W, conditioning_scale=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="resize them"):
+        ours(PROMPT, video=video, height=H, width=64)
+    with pytest.raises(NotImplementedError, match="pipefusion mesh"):
+        WanVACEPipeline.from_pretrained(folder, mesh="pipefusion=2")
+
+
+@pytest.mark.slow  # (the pipeline compiled again on an 8-device mesh)
+def test_mesh_matches_one_device(tmp_path_factory):
+    from xdit_jax.pipelines.wan_vace import WanVACEPipeline
+
+    _, ours, folder = build(tmp_path_factory)
+    video, mask, refs = conditions(seed=2)
+    kw = dict(video=video, mask=mask, reference_images=refs, height=H, width=W, num_inference_steps=2,
+              max_sequence_length=MSL, output_type="latent", progress=False, seed=3)
+    one = ours(PROMPT, NEG, **kw).frames
+    out = WanVACEPipeline.from_pretrained(folder, mesh="cfg=2,ulysses=2,ring=2")(PROMPT, NEG, **kw).frames
+    np.testing.assert_allclose(out, one, atol=1e-5 * np.abs(one).max(), rtol=0)
