@@ -102,22 +102,22 @@ class WanVACETransformer3DModel(wan.WanTransformer3DModel):
             raise ValueError("control_hidden_states is required by a VACE transformer (the conditioning latents).")
         if first_frame_timestep is not None:
             raise NotImplementedError("first_frame_timestep (TI2V-5B) is not a VACE input.")
-        x, tokens, cond = super().embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)
-        b = x.shape[0]
+        b = hidden_states.shape[0]
         ctrl = jnp.asarray(control_hidden_states)
         if ctrl.ndim != 5 or ctrl.shape[0] != b or ctrl.shape[1] != cfg.vace_in_channels:
             raise ValueError(f"control_hidden_states {tuple(ctrl.shape)}: expected ({b}, {cfg.vace_in_channels}, "
                              "frames, height, width).")
         wan.check_input_shape(cfg, *ctrl.shape[2:])
-        c = self.vace_patch_embedding(ctrl.astype(dtype).transpose(0, 2, 3, 4, 1)).reshape(b, -1, cfg.inner_dim)
-        if c.shape[1] > x.shape[1]:
-            raise ValueError(f"control_hidden_states make {c.shape[1]} tokens, more than the video's {x.shape[1]}.")
-        c = jnp.pad(c, ((0, 0), (0, x.shape[1] - c.shape[1]), (0, 0)))  # diffusers' zero padding
         scale = jnp.ones((cfg.num_vace,), dtype) if control_hidden_states_scale is None else \
             jnp.asarray(control_hidden_states_scale).astype(dtype)
         if scale.shape not in ((cfg.num_vace,), (b, cfg.num_vace)):
             raise ValueError(f"control_hidden_states_scale {tuple(scale.shape)}: one scale per VACE layer "
                              f"({cfg.num_vace},).")
+        x, tokens, cond = super().embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)
+        c = self.vace_patch_embedding(ctrl.astype(dtype).transpose(0, 2, 3, 4, 1)).reshape(b, -1, cfg.inner_dim)
+        if c.shape[1] > x.shape[1]:
+            raise ValueError(f"control_hidden_states make {c.shape[1]} tokens, more than the video's {x.shape[1]}.")
+        c = jnp.pad(c, ((0, 0), (0, x.shape[1] - c.shape[1]), (0, 0)))  # diffusers' zero padding
         cond["vace_scale"] = jnp.broadcast_to(scale, (b, cfg.num_vace))
         return jnp.concatenate([x, c.astype(x.dtype)], axis=-1), tokens, cond
 

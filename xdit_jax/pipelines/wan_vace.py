@@ -180,12 +180,17 @@ class WanVACEPipeline(WanVaeEncoding, WanPipeline):
         m = (jnp.ones_like(pixels) if mask is None
              else jnp.clip((self._frames(mask, height, width, "mask") + 1) / 2, 0.0, 1.0))
         binary = jnp.where(m > 0.5, 1.0, 0.0)
-        both = self.image_latents(jnp.concatenate([pixels * (1 - binary), pixels * binary]))  # (2, C, T', h, w)
-        latents = jnp.concatenate([both[:1], both[1:]], axis=1)[0]
         refs = reference_images or []
-        for image in refs:  # each prepended: the last reference comes first, as diffusers' loop leaves them
-            z = self.image_latents(jnp.asarray(reference_canvas(image, height, width, s))[None])[0][:, None]
-            latents = jnp.concatenate([jnp.concatenate([z, jnp.zeros_like(z)]), latents], axis=1)
+        # One encode (one compiled program): the inactive and reactive videos and each reference as a still video,
+        # whose first latent frame is the image's alone (the causal VAE encodes frame 0 by itself, as diffusers'
+        # one-frame encode of the reference does).
+        stills = [jnp.broadcast_to(jnp.asarray(reference_canvas(image, height, width, s))[None, :, None],
+                                   pixels.shape) for image in refs]
+        z = self.image_latents(jnp.concatenate([pixels * (1 - binary), pixels * binary] + stills))  # (2 + r, C, ...)
+        latents = jnp.concatenate([z[0], z[1]])
+        for k in range(len(refs)):  # each prepended: the last reference comes first, as diffusers' loop leaves them
+            ref = z[2 + k][:, :1]
+            latents = jnp.concatenate([jnp.concatenate([ref, jnp.zeros_like(ref)]), latents], axis=1)
         t_lat = (frames + st - 1) // st
         folded = mask_latents(np.asarray(m[0, 0]), t_lat, s, self.transformer_config.patch_size[1])
         folded = np.concatenate([np.zeros((folded.shape[0], len(refs)) + folded.shape[2:], np.float32), folded], 1)
