@@ -149,3 +149,46 @@ def test_mesh_matches_one_device(tmp_path_factory):
     one = ours(PROMPT, NEG, **kw).frames
     out = WanVACEPipeline.from_pretrained(folder, mesh="cfg=2,ulysses=2,ring=2")(PROMPT, NEG, **kw).frames
     np.testing.assert_allclose(out, one, atol=1e-5 * np.abs(one).max(), rtol=0)
+
+
+@pytest.mark.slow  # (the pipeline loaded and compiled again by the CLI)
+def test_cli(tmp_path_factory, tmp_path, capsys):
+    """--video / --mask (folders of frames) / --reference-image / --conditioning-scale on a VACE folder -> an mp4 of
+    the video's frames at its size; the VACE flags refused on another family, a mask without a video refused."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    _, _, folder = build(tmp_path_factory)
+    video, mask, refs = conditions(seed=4)
+    for name, frames in (("video", video), ("mask", mask)):
+        (tmp_path / name).mkdir()
+        for i, f in enumerate(frames):
+            f.save(tmp_path / name / f"{i:03d}.png")
+    refs[0].save(tmp_path / "ref.png")
+    out = tmp_path / "out.mp4"
+    rc = cli.main(["--model", str(folder), "--video", str(tmp_path / "video"), "--mask", str(tmp_path / "mask"),
+                   "--reference-image", str(tmp_path / "ref.png"), "--conditioning-scale", "0.5", "--steps", "2",
+                   "--max-sequence-length", str(MSL), "--output", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert iio.imread(out, index=None).shape[:3] == (F, H, W)
+    rc = cli.main(["--model", str(folder), "--mask", str(tmp_path / "mask"), "--output", str(tmp_path / "b.mp4")])
+    assert rc == 2 and "goes with a control --video" in capsys.readouterr().err
+    rc = cli.main(["--model", "tiny-wan", "--reference-image", str(tmp_path / "ref.png"), "--output",
+                   str(tmp_path / "c.mp4")])
+    assert rc == 2 and "Wan VACE only" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # (another control shape to compile)
+def test_without_video_or_reference_matches_diffusers(tmp_path_factory, monkeypatch):
+    """No video, mask or reference (diffusers' grey zeros video and all-ones mask: text-to-video through VACE), one
+    float conditioning_scale, no CFG: the latents == diffusers' (the same initial latents)."""
+    _patch_ftfy(monkeypatch)
+    tp, ours, _ = build(tmp_path_factory)
+    lat = np.random.default_rng(5).standard_normal((1, 4, (F - 1) // 4 + 1, H // 8, W // 8)).astype(np.float32)
+    kw = dict(prompt=PROMPT, conditioning_scale=0.7, height=H, width=W, num_frames=F, num_inference_steps=2,
+              guidance_scale=1.0, max_sequence_length=MSL, output_type="latent")
+    with torch.no_grad():
+        ref = tp(latents=torch.from_numpy(lat), **kw).frames.numpy()
+    out = ours(latents=lat, progress=False, **kw).frames
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)

@@ -260,6 +260,7 @@ DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionF
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
 WAN_V2V = "WanVideoToVideoPipeline"  # --video on a Wan text-to-video folder: video-to-video (SDEdit), --strength
+WAN_VACE = "WanVACEPipeline"  # a Wan VACE folder: --video / --mask (videos) / --reference-image, all optional
 # SkyReels-V2 diffusion forcing's flags (diffusers' argument names), for its DF pipelines only
 DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", "base_num_frames": "--base-num-frames",
             "overlap_history": "--overlap-history", "addnoise_condition": "--addnoise-condition"}
@@ -304,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mask", default=None, metavar="PATH",
                     help="inpainting (a FLUX.1 or SD3 model with --image): white repaints, black keeps (diffusers' "
                          "FluxInpaintPipeline / StableDiffusion3InpaintPipeline; --strength as image-to-image's)")
+    ap.add_argument("--reference-image", default=None, metavar="PATH", action="append", dest="reference_images",
+                    help="Wan VACE: a reference image (repeat the flag for several), fitted into the frame; with "
+                         "--video (the control video) and --mask (a video or folder of frames: white generates, black "
+                         "keeps the control video), both optional (diffusers' WanVACEPipeline)")
+    ap.add_argument("--conditioning-scale", type=float, default=None,
+                    help="Wan VACE: the control hints' scale (diffusers' conditioning_scale; default 1)")
     ap.add_argument("--last-image", default=None, metavar="PATH",
                     help="image-to-video: the last frame too (first-last-frame: Wan 2.1 FLF2V, Wan 2.2 I2V-A14B)")
     ap.add_argument("--num-images-per-prompt", "--num-videos-per-prompt", type=int, default=1, dest="per_prompt",
@@ -668,6 +675,23 @@ def _check_family_flags(family: str, args) -> None:
                          "video needs --overlap-history (frames shared by consecutive windows; 17 or 37 recommended).")
 
 
+def _read_vace_inputs(args) -> None:
+    """Wan VACE's inputs as PIL images (resized by the pipeline as diffusers resizes PIL frames): ``args.vace_video`` /
+    ``vace_mask`` (frames or None) and ``vace_references`` (or None); the output size defaults to the video's (rounded
+    down to multiples of 16), its frame count to the video's."""
+    from PIL import Image
+
+    if args.mask is not None and args.video is None:
+        raise ValueError("--mask: Wan VACE's mask goes with a control --video.")
+    args.vace_video = None if args.video is None else [Image.fromarray(f) for f in read_video(Path(args.video))]
+    args.vace_mask = None if args.mask is None else [Image.fromarray(f) for f in read_video(Path(args.mask))]
+    args.vace_references = [Image.open(p).convert("RGB") for p in args.reference_images] if args.reference_images \
+        else None
+    if args.vace_video is not None:
+        width, height = args.vace_video[0].size
+        args.height, args.width = args.height or height // 16 * 16, args.width or width // 16 * 16
+
+
 def _check_request(family: str, model, args, spec, guidance: float, max_sequence_length: int | None) -> None:
     """The family's cheap checks of sizes and mesh, from the config.json files only."""
     from importlib import import_module
@@ -711,8 +735,9 @@ def _main(argv=None) -> int:
             if v is not None and v < 1:
                 flag = "num-images-per-prompt" if name == "per_prompt" else name.replace('_', '-')
                 raise ValueError(f"--{flag} must be >= 1, got {v}.")
-        for flag, path in [("image", p) for p in args.images] + [("last_image", args.last_image), ("mask", args.mask)]:
-            if path is not None and not Path(path).is_file():
+        for flag, path in [("image", p) for p in args.images] + [("last_image", args.last_image), ("mask", args.mask)] \
+                + [("reference_image", p) for p in args.reference_images or []]:
+            if path is not None and not Path(path).is_file() and not (flag == "mask" and Path(path).is_dir()):
                 raise FileNotFoundError(f"--{flag.replace('_', '-')} {path} is not a file.")
         if args.video is not None and not Path(args.video).exists():
             raise FileNotFoundError(f"--video {args.video} is neither a video file nor a folder of frames.")
@@ -780,6 +805,8 @@ def _main(argv=None) -> int:
             kind = args.kind = WAN_V2V
         elif args.image is not None and kind == "SkyReelsV2DiffusionForcingPipeline":  # (and starts from an image)
             kind = args.kind = "SkyReelsV2DiffusionForcingImageToVideoPipeline"
+        elif kind == WAN_VACE:  # (the control video optional; read now: its size is the default output size)
+            _read_vace_inputs(args)
         elif args.video is not None:
             raise ValueError(f"--video: {args.model} does not extend videos (a SkyReels-V2 diffusion forcing "
                              "checkpoint does) nor run video-to-video (a Wan text-to-video one does).")
@@ -798,9 +825,13 @@ def _main(argv=None) -> int:
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
-        if args.mask is not None and (args.image is None or kind not in INPAINT):
+        if kind != WAN_VACE and (args.reference_images or args.conditioning_scale is not None):
+            raise ValueError("--reference-image / --conditioning-scale: Wan VACE only (a WanVACEPipeline folder).")
+        if kind != WAN_VACE and args.mask is not None and Path(args.mask).is_dir():
+            raise ValueError(f"--mask {args.mask}: inpainting takes an image file (a folder of mask frames: Wan VACE).")
+        if args.mask is not None and kind != WAN_VACE and (args.image is None or kind not in INPAINT):
             raise ValueError("--mask: inpainting takes a FLUX.1 or SD3 model and the image to repaint (--image).")
-        if args.mask is not None:
+        if args.mask is not None and kind != WAN_VACE:
             kind = args.kind = INPAINT[kind]
         elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 / Chroma / Qwen-Image image-to-image
             kind = args.kind = IMAGE_TO_IMAGE[kind]
@@ -943,6 +974,11 @@ def _main(argv=None) -> int:
             kw.pop("num_frames", None)
             kw.update({} if args.strength is None else {"strength": args.strength})
         call = functools.partial(pipe, frames)
+    elif kind == WAN_VACE:
+        kw.update(video=args.vace_video, mask=args.vace_mask, reference_images=args.vace_references)
+        if args.conditioning_scale is not None:
+            kw["conditioning_scale"] = args.conditioning_scale
+        call = pipe
     elif qwen_edit:  # the image(s) to edit; the output takes the (last) image's aspect ratio unless sized
         from PIL import Image
 

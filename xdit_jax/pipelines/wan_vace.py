@@ -83,7 +83,8 @@ def reference_canvas(image, height: int, width: int, factor: int = 8) -> np.ndar
 
 def mask_latents(mask: np.ndarray, latent_frames: int, factor: int, patch: int) -> np.ndarray:
     """diffusers' ``prepare_masks`` of one video: mask (T, H, W) (its first channel, in [0, 1]) -> (factor^2, T', h, w):
-    each ``factor`` x ``factor`` pixel block folded into channels, the frames taken nearest-exact to ``latent_frames``."""
+    each ``factor`` x ``factor`` pixel block folded into channels, the frames taken nearest-exact to
+    ``latent_frames``."""
     t, height, width = mask.shape
     h = height // (factor * patch) * patch
     w = width // (factor * patch) * patch
@@ -109,10 +110,10 @@ class WanVACEPipeline(WanVaeEncoding, WanPipeline):
         if self.expand_timesteps:
             raise NotImplementedError("expand_timesteps (TI2V-5B) is not a VACE setting.")
         if self.uses_pipefusion:
-            raise NotImplementedError("Wan VACE does not run on a pipefusion mesh: every main layer's hint comes out of "
-                                      "the whole VACE stack, which PipeFusion's stage split of the main stack would have "
-                                      "to run before its first stage and carry along with the patches; use ulysses / "
-                                      "ring / cfg / data.")
+            raise NotImplementedError("Wan VACE does not run on a pipefusion mesh: every main layer's hint comes out "
+                                      "of the whole VACE stack, which PipeFusion's stage split of the main stack would "
+                                      "have to run before its first stage and carry along with the patches; use "
+                                      "ulysses / ring / cfg / data.")
         want = 2 * vc.z_dim + vc.scale_factor_spatial ** 2
         if tc.vace_in_channels != want:
             raise ValueError(f"transformer vace_in_channels {tc.vace_in_channels} is not inactive + reactive latents "
@@ -217,13 +218,15 @@ class WanVACEPipeline(WanVaeEncoding, WanPipeline):
             if mask is not None:
                 mask = list(mask)
                 if len(mask) != len(video):
-                    raise ValueError(f"video has {len(video)} frames and mask {len(mask)}; give one mask frame a frame.")
+                    raise ValueError(f"video has {len(video)} frames and mask {len(mask)}; give one mask frame a "
+                                     "frame.")
             if num_frames is None:
                 num_frames = len(video)
             if self.output_frames(num_frames) != len(video):
                 raise ValueError(f"video has {len(video)} frames; the conditioning must have the generated video's "
-                                 f"{self.output_frames(num_frames)} frames ({self.vae_config.scale_factor_temporal}k + 1"
-                                 "): give num_frames=len(video) with a 4k + 1 frame count.")
+                                 f"{self.output_frames(num_frames)} frames "
+                                 f"({self.vae_config.scale_factor_temporal}k + 1): give num_frames=len(video) with a "
+                                 "4k + 1 frame count.")
         if reference_images is not None and not isinstance(reference_images, (list, tuple)):
             reference_images = [reference_images]
         refs = [r for r in (reference_images or []) if r is not None]
