@@ -48,7 +48,7 @@ def test_transformer_matches_diffusers():
 # ------------------------------------------------------------------------------------------------------- pipeline
 
 PROMPT, NEG = "A small dog running on a beach at sunset.", "blurry"
-F, H, W, MSL = 5, 32, 48, 16  # 2 x 4 x 6 latents; + 1 reference frame
+F, H, W, MSL = 5, 32, 48, 16  # 2 x 4 x 6 latents; + 2 reference frames
 _BUILT = {}
 
 
@@ -63,7 +63,8 @@ def build(tmp_path_factory):
 
 def conditions(seed=0):
     """5 frames at 48 x 32 (PIL, as given to both), a mask white (generate) on the right half with grey levels
-    around the 0.5 threshold, and a 40 x 20 reference image (fitted into 48 x 24 on the white canvas)."""
+    around the 0.5 threshold, and two reference images: 40 x 20 (fitted into 48 x 24 on the white canvas) and 20 x 36
+    (its own size rounded to 16 x 32, then fitted into 16 x 32: the order of the two reference frames matters)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -74,8 +75,8 @@ def conditions(seed=0):
         m[:, W // 2:] = 255
         m[: 8 + i, :8] = 120 + 2 * i
         mask.append(Image.fromarray(m).convert("RGB"))
-    ref = Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8))
-    return video, mask, [ref]
+    refs = [Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for size in ((20, 40, 3), (36, 20, 3))]
+    return video, mask, refs
 
 
 def _patch_ftfy(monkeypatch):
@@ -83,19 +84,19 @@ def _patch_ftfy(monkeypatch):
 
 
 def test_pipeline_matches_diffusers(tmp_path_factory, monkeypatch):
-    """2 UniPC steps with CFG, conditioning_scale per layer; the same initial latents (1 reference + 2 frames) both
+    """2 UniPC steps with CFG, conditioning_scale per layer; the same initial latents (2 references + 2 frames) both
     sides; latents and the decoded video (the reference frame dropped)."""
     _patch_ftfy(monkeypatch)
     tp, ours, _ = build(tmp_path_factory)
     video, mask, refs = conditions()
-    lat = np.random.default_rng(1).standard_normal((1, 4, 1 + (F - 1) // 4 + 1, H // 8, W // 8)).astype(np.float32)
+    lat = np.random.default_rng(1).standard_normal((1, 4, 2 + (F - 1) // 4 + 1, H // 8, W // 8)).astype(np.float32)
     kw = dict(prompt=PROMPT, negative_prompt=NEG, video=video, mask=mask, reference_images=refs,
               conditioning_scale=[0.8, 1.2], height=H, width=W, num_frames=F, num_inference_steps=2,
               guidance_scale=5.0, max_sequence_length=MSL)
     seen = {}
     decode = tp.vae.decode
 
-    def record(z, *a, **k):  # diffusers' latents as it decodes them: the reference frame dropped, unscaled
+    def record(z, *a, **k):  # diffusers' latents as it decodes them: the reference frames dropped, unscaled
         seen["torch"] = z.float().numpy()
         return decode(z, *a, **k)
 
@@ -112,7 +113,7 @@ def test_pipeline_matches_diffusers(tmp_path_factory, monkeypatch):
     out = ours(latents=lat, progress=False, **kw).frames
     assert out.shape == ref.shape == (1, F, H, W, 3) and seen["ours"].shape == lat.shape
     vc = ours.vae_config
-    ours_z = seen["ours"][:, :, 1:] * np.asarray(vc.latents_std).reshape(1, -1, 1, 1, 1) + np.asarray(
+    ours_z = seen["ours"][:, :, 2:] * np.asarray(vc.latents_std).reshape(1, -1, 1, 1, 1) + np.asarray(
         vc.latents_mean).reshape(1, -1, 1, 1, 1)
     scale = np.abs(seen["torch"]).max()
     # fp32 both sides: the control latents (two VAE encodes, the reference's), 2 steps, the VAE decode. Latents within

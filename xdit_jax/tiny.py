@@ -1294,3 +1294,14 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
 # Wan VACE at tiny size: Wan's tiny transformer with a VACE stack of 2 blocks (hints after layers 0 and 1) taking the
 # control latents: inactive 4 + reactive 4 latent channels + the mask folded 8 x 8 into 64.
 WAN_VACE_TRANSFORMER = dict(WAN_TRANSFORMER, vace_layers=[0, 1], vace_in_channels=72)
+
+
+def write_wan_vace_configs(folder: str | os.PathLike) -> Path:
+    """The configs of a tiny Wan VACE model (``WanVACEPipeline``: :data:`WAN_VACE_TRANSFORMER` with Wan's tiny UMT5,
+    VAE and UniPC) in ``folder``, for ``from_config`` / ``--random-weights`` trials."""
+    folder = Path(folder)
+    write_configs(folder, "wan", WAN_VACE_TRANSFORMER)
+    index = dict(model_index("wan"), _class_name="WanVACEPipeline",
+                 transformer=["diffusers", "WanVACETransformer3DModel"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
