@@ -150,6 +150,7 @@ def test_mesh_matches_one_device(tmp_path_factory):
     one = ours(PROMPT, NEG, **kw).frames
     out = WanVACEPipeline.from_pretrained(folder, mesh="cfg=2,ulysses=2,ring=2")(PROMPT, NEG, **kw).frames
     np.testing.assert_allclose(out, one, atol=1e-5 * np.abs(one).max(), rtol=0)
+    print(f"mesh vs one device: max diff {np.abs(out - one).max():.2e} of {np.abs(one).max():.2f}")
 
 
 @pytest.mark.slow  # (the pipeline loaded and compiled again by the CLI)
@@ -193,3 +194,4 @@ def test_without_video_or_reference_matches_diffusers(tmp_path_factory, monkeypa
         ref = tp(latents=torch.from_numpy(lat), **kw).frames.numpy()
     out = ours(latents=lat, progress=False, **kw).frames
     np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    print(f"no video / mask / reference: max diff {np.abs(out - ref).max():.2e} of {np.abs(ref).max():.2f}")
