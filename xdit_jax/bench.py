@@ -96,8 +96,10 @@ CHROMA_MODELS = ("chroma1-hd",)
 LUMINA2_MODELS = ("lumina-image-2.0",)
 FLUX2_MODELS = ("flux.2-klein-4b",)
 LTX_MODELS = ("ltx-video-0.9.0", "ltx-video-0.9.1")
+HUNYUAN_IMAGE_MODELS = ("hunyuanimage-2.1",)
+KANDINSKY5_MODELS = ("kandinsky5-t2v-lite-5s",)
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma", "cogview4",
-                  "lumina2", "flux2", "cogview3")  # text-to-image: no frames
+                  "lumina2", "flux2", "cogview3", "hunyuanimage")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -708,6 +710,30 @@ def _sana_sprint_tiny_workload() -> Workload:
                                defaults=dict(num_inference_steps=2, guidance_scale=4.5, tiny_family="sana-sprint"))
 
 
+def _hunyuan_image_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's HunyuanImage-2.1 (2 heads x 8, 2 double- + 2 single-stream blocks, 1 refiner block, Qwen states
+    # 32 wide, ByT5 16 wide; its VAE 8x) at 32 x 48: a 4 x 6 latent grid (patch 1), 24 image tokens (the 8-way sequence
+    # meshes pad); 16 Qwen tokens (6 real) + 128 ByT5 (16 real in the prompt's half); the guider's CFG
+    return Workload("hunyuanimage-tiny", dict(tiny.HUNYUANIMAGE_TRANSFORMER), height=32, width=48, num_frames=1,
+                    vae_scale_spatial=int(tiny.HUNYUANIMAGE_VAE["spatial_compression_ratio"]), family="hunyuanimage",
+                    text_tokens=16, text_valid=6, source="xdit_jax.tiny's HunyuanImage-2.1, 2 heads x 8, 2 + 2 blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 3.5, "max_sequence_length": 16})
+
+
+def _kandinsky5_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Kandinsky 5.0 (2 heads x 16, 2 text + 2 visual blocks, Qwen and CLIP 32 wide) with the release's
+    # visual_cond (9 input channels: 4 noise + 4 zero condition + the zero mask) at 5 frames of 32 x 48: 2 x 4 x 6
+    # latents, 2 x 2 x 3 = 12 visual tokens; 16 Qwen tokens (the negative prompt's 6 in its half, padded), CFG
+    return Workload("kandinsky5-tiny", dict(tiny.KANDINSKY5_TRANSFORMER, visual_cond=True), height=32, width=48,
+                    num_frames=5, family="kandinsky5", text_tokens=16, text_valid=6,
+                    source="xdit_jax.tiny's Kandinsky 5.0, 2 heads x 16, 2 + 2 blocks, visual_cond",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 5.0})
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -746,7 +772,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "lumina2-tiny": _lumina2_tiny_workload,
                                               "cogview4-tiny": _cogview4_tiny_workload,
                                               "lumina2-cpu-small": _lumina2_cpu_small_workload,
-                                              "consisid-tiny": _consisid_tiny_workload}
+                                              "consisid-tiny": _consisid_tiny_workload,
+                                              "hunyuanimage-tiny": _hunyuan_image_tiny_workload,
+                                              "kandinsky5-tiny": _kandinsky5_tiny_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -914,6 +942,17 @@ PRESET_HELP.update({
                         "caption tokens, CFG: 2 samples per prompt)",
 })
 
+PRESET_HELP.update({
+    "hunyuanimage-tiny": "a 2x8-head HunyuanImage-2.1 (2 double- + 2 single-stream blocks, Qwen states 32 wide, ByT5 16 "
+                         "wide) at 32x48: 24 image + 16 Qwen (6 real) + 128 ByT5 (16 real) tokens, CFG (CI smoke test)",
+    "hunyuanimage-2.1": "full-size configs/hunyuanimage-2.1 with random weights at 2048x2048 (32x VAE: 64x64 = 4096 "
+                        "image + 1000 Qwen + 128 ByT5 tokens, CFG: 2 samples per prompt)",
+    "kandinsky5-tiny": "a 2x16-head Kandinsky 5.0 (2 text + 2 visual blocks, visual_cond) at 5x32x48: 12 visual + 16 "
+                       "Qwen tokens (the negative prompt's 6), CFG (CI smoke test)",
+    "kandinsky5-t2v-lite-5s": "full-size configs/kandinsky5-t2v-lite-5s with random weights at 121x512x768 (5 s at 24 "
+                              "fps: 31x32x48 = 47,616 visual + 64 Qwen tokens, CFG: 2 samples per prompt)",
+})
+
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                   layers: int | None = None, batch: int = 1, cfg: bool | None = None) -> Workload:
@@ -939,6 +978,16 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
             size = int(t.get("sample_size", 32)) * spatial
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
                          num_frames=1, vae_scale_spatial=spatial, defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
+        elif family == "hunyuanimage":  # the size: defaults.json's, else diffusers' 2048 x 2048; its 32x VAE
+            vae = folder / "vae" / "config.json"
+            spatial = int(read_json(vae).get("spatial_compression_ratio", 32)) if vae.exists() else 32
+            w = Workload(folder.name, t, height=int(d.get("height", 2048)), width=int(d.get("width", 2048)),
+                         num_frames=1, vae_scale_spatial=spatial, defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
+        elif family == "kandinsky5":  # the size: defaults.json's, else diffusers' 512 x 768 x 121; HunyuanVideo's VAE
+            w = Workload(folder.name, t, height=int(d.get("height", 512)), width=int(d.get("width", 768)),
+                         num_frames=int(d.get("num_frames", 121)), defaults=d, source=str(folder), folder=str(folder),
                          family=family)
         elif family in IMAGE_FAMILIES:
             size = int(t.get("sample_size", 128)) * 8
