@@ -943,8 +943,9 @@ PRESET_HELP.update({
 })
 
 PRESET_HELP.update({
-    "hunyuanimage-tiny": "a 2x8-head HunyuanImage-2.1 (2 double- + 2 single-stream blocks, Qwen states 32 wide, ByT5 16 "
-                         "wide) at 32x48: 24 image + 16 Qwen (6 real) + 128 ByT5 (16 real) tokens, CFG (CI smoke test)",
+    "hunyuanimage-tiny": "a 2x8-head HunyuanImage-2.1 (2 double- + 2 single-stream blocks, Qwen states 32 wide, ByT5 "
+                         "16 wide) at 32x48: 24 image + 16 Qwen (6 real) + 128 ByT5 (16 real) tokens, CFG (CI smoke "
+                         "test)",
     "hunyuanimage-2.1": "full-size configs/hunyuanimage-2.1 with random weights at 2048x2048 (32x VAE: 64x64 = 4096 "
                         "image + 1000 Qwen + 128 ByT5 tokens, CFG: 2 samples per prompt)",
     "kandinsky5-tiny": "a 2x16-head Kandinsky 5.0 (2 text + 2 visual blocks, visual_cond) at 5x32x48: 12 visual + 16 "

@@ -3353,7 +3353,8 @@ class CogView4(Family):
 # HunyuanImage-2.1 (HunyuanVideo's double- + single-stream blocks on images, [ByT5; Qwen] as the masked context)
 # ============================================================================================
 
-HUNYUAN_IMAGE_TEXT_TOKENS = 1000  # HunyuanImagePipeline's tokenizer_max_length: Qwen states padded to it (after the drop)
+# HunyuanImagePipeline's tokenizer_max_length: the Qwen states padded to it (after the template's drop)
+HUNYUAN_IMAGE_TEXT_TOKENS = 1000
 HUNYUAN_IMAGE_BYT5_TOKENS = 128  # its tokenizer_2_max_length: the ByT5 states, padded (zeros without quoted text)
 HUNYUAN_IMAGE_GLYPH_VALID = 16  # real ByT5 tokens of a prompt with a quoted word (the negative prompt "": none)
 
@@ -3706,8 +3707,8 @@ def family_of_config(transformer: dict) -> str:
     HunyuanVideo-1.5 by its class name or ``text_embed_2_dim`` (no other family has it); CogView4 by its class name
     or ``condition_dim`` with ``rope_axes_dim``; CogView3-Plus by its class name or ``condition_dim`` alone (no other
     family has either); HunyuanImage-2.1 by its class name or ``num_single_layers`` with ``text_embed_2_dim`` or a
-    2-D ``rope_axes_dim`` (before HunyuanVideo-1.5, which has the second only, and HunyuanVideo: 3-D RoPE); Kandinsky 5.0 by its class name or ``in_visual_dim`` (no other family
-    has it); else CogVideoX."""
+    2-D ``rope_axes_dim`` (before HunyuanVideo-1.5, which has the second only, and HunyuanVideo: 3-D RoPE);
+    Kandinsky 5.0 by its class name or ``in_visual_dim`` (no other family has it); else CogVideoX."""
     if transformer.get("_class_name") in HUNYUAN_IMAGE_CLASS_NAMES or ("num_single_layers" in transformer and (
             "text_embed_2_dim" in transformer or len(transformer.get("rope_axes_dim") or ()) == 2)):
         return "hunyuanimage"
