@@ -16,15 +16,17 @@ def _rows(monkeypatch, model, meshes):
     rows = bench.run_step_benchmark(bench.StepOptions(model=model, meshes=meshes, steps=1, compare="diffusers",
                                                       settle=0, log=lambda s: None))
     by_mesh = {r["mesh"]: r for r in rows}
-    assert sorted(by_mesh) == sorted(["single device", "torch cpu"] + [m for m in meshes if m])
+    names = [m or "single device" for m in meshes]
+    assert sorted(by_mesh) == sorted(["torch cpu"] + names)
     for r in rows:
         assert "error" not in r, r.get("error")
-    for m in ["single device"] + [m for m in meshes if m]:
+    for m in names:
         # same weights and inputs, fp32, outputs O(1) (max |diffusers| 1.9 / 1.5; measured 3.6e-7 on one device): a
         # timestep, mask or token-layout slip moves them by O(0.01) and more
         assert by_mesh[m]["max_abs_diff_vs_diffusers"] < 1e-5, m
-    one = by_mesh["single device"]
-    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)  # the formula counts every dot
+    if "single device" in by_mesh:
+        one = by_mesh["single device"]
+        assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)  # the formula counts every dot
     return by_mesh
 
 

@@ -722,6 +722,27 @@ def _hunyuan_image_tiny_workload() -> Workload:
                     defaults={"num_inference_steps": 2, "guidance_scale": 3.5, "max_sequence_length": 16})
 
 
+def _hunyuan_image_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "hunyuanimage-2.1"
+    t, defaults = load_model_dir(folder)
+    # 16 of the release's 28 heads (2048 wide: the fp32 weights of both sides fit this shared host), 1 double- + 1
+    # single-stream block, 1 refiner block; 512 x 512 through the 32x VAE: 16 x 16 = 256 image + 64 Qwen + 128 ByT5
+    return Workload("hunyuanimage-cpu-small", dict(t, num_attention_heads=16, num_layers=1, num_single_layers=1,
+                                                   num_refiner_layers=1), height=512, width=512, num_frames=1,
+                    vae_scale_spatial=32, family="hunyuanimage", text_tokens=64, folder=str(folder), defaults=defaults,
+                    source="configs/hunyuanimage-2.1 at 16 heads, 1 + 1 blocks, 1 refiner block")
+
+
+def _kandinsky5_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "kandinsky5-t2v-lite-5s"
+    t, defaults = load_model_dir(folder)
+    # the release's width (28 heads x 64, ff 7168), its 2 text blocks, 2 visual blocks; 17 frames of 128 x 128: 5 x 8 x
+    # 8 = 320 visual + 64 Qwen tokens, CFG
+    return Workload("kandinsky5-cpu-small", dict(t, num_visual_blocks=2), height=128, width=128, num_frames=17,
+                    family="kandinsky5", text_tokens=64, folder=str(folder), defaults=defaults,
+                    source="configs/kandinsky5-t2v-lite-5s, 2 visual blocks")
+
+
 def _kandinsky5_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
@@ -774,7 +795,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "lumina2-cpu-small": _lumina2_cpu_small_workload,
                                               "consisid-tiny": _consisid_tiny_workload,
                                               "hunyuanimage-tiny": _hunyuan_image_tiny_workload,
-                                              "kandinsky5-tiny": _kandinsky5_tiny_workload}
+                                              "kandinsky5-tiny": _kandinsky5_tiny_workload,
+                                              "hunyuanimage-cpu-small": _hunyuan_image_cpu_small_workload,
+                                              "kandinsky5-cpu-small": _kandinsky5_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -950,6 +973,10 @@ PRESET_HELP.update({
                         "image + 1000 Qwen + 128 ByT5 tokens, CFG: 2 samples per prompt)",
     "kandinsky5-tiny": "a 2x16-head Kandinsky 5.0 (2 text + 2 visual blocks, visual_cond) at 5x32x48: 12 visual + 16 "
                        "Qwen tokens (the negative prompt's 6), CFG (CI smoke test)",
+    "hunyuanimage-cpu-small": "HunyuanImage-2.1 at 16 heads x 128, 1 double- + 1 single-stream block, 1 refiner block, "
+                              "512x512: 16x16 = 256 image + 64 Qwen + 128 ByT5 tokens, CFG",
+    "kandinsky5-cpu-small": "Kandinsky 5.0 T2V Lite width (28 heads x 64, ff 7168), 2 text + 2 visual blocks, 17 frames "
+                            "at 128x128: 5x8x8 = 320 visual + 64 Qwen tokens, CFG",
     "kandinsky5-t2v-lite-5s": "full-size configs/kandinsky5-t2v-lite-5s with random weights at 121x512x768 (5 s at 24 "
                               "fps: 31x32x48 = 47,616 visual + 64 Qwen tokens, CFG: 2 samples per prompt)",
 })
