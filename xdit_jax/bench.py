@@ -1482,7 +1482,7 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
             try:
                 runners.append(_prepare_ours(row, tcfg, dtype, ms, var, inputs, params, opts,
                                              family=fam, attention_tokens=fam.attention_tokens(w),
-                                             text_tokens=fam.text_len(w), weights=weights))
+                                             text_tokens=fam.kv_text_tokens(w), weights=weights))
             except Exception as e:  # e.g. a mesh the engine cannot run yet: report it, go on
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"[bench] {row['mesh']} {var.label}: skipped ({row['error'].splitlines()[0][:200]})")

@@ -136,6 +136,11 @@ class Family:
     def text_len(self, w) -> int:
         raise NotImplementedError
 
+    def kv_text_tokens(self, w) -> int:
+        """The text tokens of a two-stream model's context (:meth:`text_keys`) that PipeFusion's K/V buffers slice with
+        the patches: :meth:`text_len` unless the context joins more texts (HunyuanVideo-1.5, HunyuanImage: ByT5's)."""
+        return self.text_len(w)
+
     def attention_tokens(self, w) -> int:
         """The tokens PipeFusion's K/V buffers hold: the sequence its patches split (a text every device
         holds whole joins each attention as a context, outside the buffers)."""
@@ -2178,6 +2183,9 @@ class HunyuanVideo15(HunyuanVideo):
         s, _ = super().tokens(w)
         return s, self.text_len(w) + HUNYUAN_VIDEO15_BYT5_TOKENS
 
+    def kv_text_tokens(self, w):
+        return self.tokens(w)[1]  # the context [ByT5; Qwen]
+
     def check(self, cfg, shape):
         if shape[1] != cfg.in_channels:
             raise ValueError(f"latents {shape}: this HunyuanVideo-1.5 transformer takes {cfg.in_channels} channels "
@@ -3444,6 +3452,9 @@ class HunyuanImage(HunyuanVideo):
     def text_len(self, w):
         """Qwen tokens after the template's drop: the pipeline's ``max_sequence_length`` (1000)."""
         return int(w.text_tokens or w.defaults.get("max_sequence_length") or HUNYUAN_IMAGE_TEXT_TOKENS)
+
+    def kv_text_tokens(self, w):
+        return self.tokens(w)[1]  # the context [ByT5; Qwen]
 
     def check(self, cfg, shape):
         ph, pw = cfg.patch_size
