@@ -91,3 +91,19 @@ def test_full_size_parameter_count(name):
     shapes = w.fam.module.expected_shapes(lambda: w.fam.model_class(cfg))
     ours = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
     assert ours == sum(p.numel() for p in tm.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kw", [("hunyuanimage-2.1", dict(height=256, width=256)),
+                                     ("kandinsky5-t2v-lite-5s", dict(height=128, width=128, num_frames=17))])
+def test_full_width_flops_compile_only(name, kw):
+    """The full-size folders at full width with 2 blocks a stack, small sizes, compiled on abstract shapes (no
+    weights): the compiled program's dots are the analytic count; PipeFusion over 2 stages compiles (the text K/V
+    buffers of HunyuanImage's [ByT5; Qwen] context)."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model=name, layers=2, meshes=[None, "cfg=2,pipefusion=2"],
+                                                      compile_only=True, log=lambda s: None, **kw))
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in rows:
+        assert "error" not in r, r.get("error")
+    row = by_mesh["single device"]
+    assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
