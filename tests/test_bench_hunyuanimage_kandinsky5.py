@@ -30,12 +30,24 @@ def _rows(monkeypatch, model, meshes):
     return by_mesh
 
 
+@pytest.mark.slow  # (the default set's budget: 4-10 s on this shared host; the workloads below stay in it)
 def test_hunyuanimage_rows_vs_diffusers(monkeypatch):
     """hunyuanimage-tiny: [ByT5; Qwen] as the masked context (the negative half without glyph tokens), the guider's
-    CFG batch; the release folder at 2048 x 2048 through the 32x VAE."""
+    CFG batch."""
     one = _rows(monkeypatch, "hunyuanimage-tiny", [None])["single device"]
     assert one["family"] == "hunyuanimage" and one["latent_shape"] == [2, 8, 4, 6]
     assert (one["image_tokens"], one["text_tokens"]) == (24, 16 + 128)
+
+
+def test_hunyuanimage_workloads():
+    """The tiny preset's and the release folder's shapes (2048 x 2048 through the 32x VAE) and inputs, the family of
+    a config without a class name; nothing compiled."""
+    w = bench.load_workload("hunyuanimage-tiny")
+    assert w.latent_shape() == (2, 8, 4, 6) and w.fam.tokens(w) == (24, 16 + 128)
+    assert [a.shape for a in w.fam.make_inputs(w).values()] == [(2, 8, 4, 6), (2,), (2, 16, 32), (2, 16),
+                                                                (2, 128, 16), (2, 128)]
+    assert w.fam.analytic_flops(w)["total"] == 2 * w.fam.analytic_flops(bench.load_workload("hunyuanimage-tiny",
+                                                                                            cfg=False))["total"]
 
     w = bench.load_workload("hunyuanimage-2.1")
     assert w.family == "hunyuanimage" and w.cfg and w.vae_scale_spatial == 32
