@@ -42,6 +42,8 @@ def test_hunyuanimage_rows_vs_diffusers(monkeypatch):
 def test_hunyuanimage_workloads():
     """The tiny preset's and the release folder's shapes (2048 x 2048 through the 32x VAE) and inputs, the family of
     a config without a class name; nothing compiled."""
+    assert {"hunyuanimage-tiny", "hunyuanimage-cpu-small", *bench.HUNYUAN_IMAGE_MODELS, "kandinsky5-tiny",
+            "kandinsky5-cpu-small", *bench.KANDINSKY5_MODELS} <= set(bench.PRESET_HELP)
     w = bench.load_workload("hunyuanimage-tiny")
     assert w.latent_shape() == (2, 8, 4, 6) and w.fam.tokens(w) == (24, 16 + 128)
     assert [a.shape for a in w.fam.make_inputs(w).values()] == [(2, 8, 4, 6), (2,), (2, 16, 32), (2, 16),
