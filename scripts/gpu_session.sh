@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
 # the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3, 4, 5, 6, 7, 8, 9
+#     bash scripts/gpu_session.sh 1        # then 2, 3, ..., 13
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -91,6 +91,13 @@ case $part in
   step consisid-vs 240 --model consisid-preview --steps 3 --compare diffusers
   step hv15 240 --model hunyuanvideo-1.5-480p --layers 12 --steps 3
   ;;
-*) echo "unknown part $part: use 1 to 12"; exit 2 ;;
+13) # the session-22 rows, never run on a GPU: HunyuanImage-2.1 at 2048 x 2048 (4,096 image + 1,128 text tokens, CFG) with
+    # 10 + 10 of its 20 + 40 blocks beside diffusers' copy (17.4B in bf16 twice would not fit), then its full step
+    # alone; Kandinsky 5.0 T2V Lite 5 s at 512 x 768 (47,616 visual tokens, CFG; diffusers called per half)
+  step hyimage-vs 300 --model hunyuanimage-2.1 --layers 10 --steps 3 --compare diffusers
+  step hyimage 180 --model hunyuanimage-2.1 --steps 3
+  step k5-vs 300 --model kandinsky5-t2v-lite-5s --steps 3 --compare diffusers
+  ;;
+*) echo "unknown part $part: use 1 to 13"; exit 2 ;;
 esac
 ls -la "$O"

@@ -96,8 +96,10 @@ CHROMA_MODELS = ("chroma1-hd",)
 LUMINA2_MODELS = ("lumina-image-2.0",)
 FLUX2_MODELS = ("flux.2-klein-4b",)
 LTX_MODELS = ("ltx-video-0.9.0", "ltx-video-0.9.1")
+HUNYUAN_IMAGE_MODELS = ("hunyuanimage-2.1",)
+KANDINSKY5_MODELS = ("kandinsky5-t2v-lite-5s",)
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma", "cogview4",
-                  "lumina2", "flux2", "cogview3")  # text-to-image: no frames
+                  "lumina2", "flux2", "cogview3", "hunyuanimage")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -708,6 +710,51 @@ def _sana_sprint_tiny_workload() -> Workload:
                                defaults=dict(num_inference_steps=2, guidance_scale=4.5, tiny_family="sana-sprint"))
 
 
+def _hunyuan_image_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's HunyuanImage-2.1 (2 heads x 8, 2 double- + 2 single-stream blocks, 1 refiner block, Qwen states
+    # 32 wide, ByT5 16 wide; its VAE 8x) at 32 x 48: a 4 x 6 latent grid (patch 1), 24 image tokens (the 8-way sequence
+    # meshes pad); 16 Qwen tokens (6 real) + 128 ByT5 (16 real in the prompt's half); the guider's CFG
+    return Workload("hunyuanimage-tiny", dict(tiny.HUNYUANIMAGE_TRANSFORMER), height=32, width=48, num_frames=1,
+                    vae_scale_spatial=int(tiny.HUNYUANIMAGE_VAE["spatial_compression_ratio"]), family="hunyuanimage",
+                    text_tokens=16, text_valid=6, source="xdit_jax.tiny's HunyuanImage-2.1, 2 heads x 8, 2 + 2 blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 3.5, "max_sequence_length": 16})
+
+
+def _hunyuan_image_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "hunyuanimage-2.1"
+    t, defaults = load_model_dir(folder)
+    # 16 of the release's 28 heads (2048 wide: the fp32 weights of both sides fit this shared host), 1 double- + 1
+    # single-stream block, 1 refiner block; 512 x 512 through the 32x VAE: 16 x 16 = 256 image + 64 Qwen + 128 ByT5
+    return Workload("hunyuanimage-cpu-small", dict(t, num_attention_heads=16, num_layers=1, num_single_layers=1,
+                                                   num_refiner_layers=1), height=512, width=512, num_frames=1,
+                    vae_scale_spatial=32, family="hunyuanimage", text_tokens=64, folder=str(folder), defaults=defaults,
+                    source="configs/hunyuanimage-2.1 at 16 heads, 1 + 1 blocks, 1 refiner block")
+
+
+def _kandinsky5_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "kandinsky5-t2v-lite-5s"
+    t, defaults = load_model_dir(folder)
+    # the release's width (28 heads x 64, ff 7168), its 2 text blocks, 2 visual blocks; 17 frames of 128 x 128: 5 x 8 x
+    # 8 = 320 visual + 64 Qwen tokens, CFG
+    return Workload("kandinsky5-cpu-small", dict(t, num_visual_blocks=2), height=128, width=128, num_frames=17,
+                    family="kandinsky5", text_tokens=64, folder=str(folder), defaults=defaults,
+                    source="configs/kandinsky5-t2v-lite-5s, 2 visual blocks")
+
+
+def _kandinsky5_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Kandinsky 5.0 (2 heads x 16, 2 text + 2 visual blocks, Qwen and CLIP 32 wide) with the release's
+    # visual_cond (9 input channels: 4 noise + 4 zero condition + the zero mask) at 5 frames of 32 x 48: 2 x 4 x 6
+    # latents, 2 x 2 x 3 = 12 visual tokens; 16 Qwen tokens (the negative prompt's 6 in its half, padded), CFG
+    return Workload("kandinsky5-tiny", dict(tiny.KANDINSKY5_TRANSFORMER, visual_cond=True), height=32, width=48,
+                    num_frames=5, family="kandinsky5", text_tokens=16, text_valid=6,
+                    source="xdit_jax.tiny's Kandinsky 5.0, 2 heads x 16, 2 + 2 blocks, visual_cond",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 5.0})
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -746,7 +793,11 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "lumina2-tiny": _lumina2_tiny_workload,
                                               "cogview4-tiny": _cogview4_tiny_workload,
                                               "lumina2-cpu-small": _lumina2_cpu_small_workload,
-                                              "consisid-tiny": _consisid_tiny_workload}
+                                              "consisid-tiny": _consisid_tiny_workload,
+                                              "hunyuanimage-tiny": _hunyuan_image_tiny_workload,
+                                              "kandinsky5-tiny": _kandinsky5_tiny_workload,
+                                              "hunyuanimage-cpu-small": _hunyuan_image_cpu_small_workload,
+                                              "kandinsky5-cpu-small": _kandinsky5_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -914,6 +965,22 @@ PRESET_HELP.update({
                         "caption tokens, CFG: 2 samples per prompt)",
 })
 
+PRESET_HELP.update({
+    "hunyuanimage-tiny": "a 2x8-head HunyuanImage-2.1 (2 double- + 2 single-stream blocks, Qwen states 32 wide, ByT5 "
+                         "16 wide) at 32x48: 24 image + 16 Qwen (6 real) + 128 ByT5 (16 real) tokens, CFG (CI smoke "
+                         "test)",
+    "hunyuanimage-2.1": "full-size configs/hunyuanimage-2.1 with random weights at 2048x2048 (32x VAE: 64x64 = 4096 "
+                        "image + 1000 Qwen + 128 ByT5 tokens, CFG: 2 samples per prompt)",
+    "kandinsky5-tiny": "a 2x16-head Kandinsky 5.0 (2 text + 2 visual blocks, visual_cond) at 5x32x48: 12 visual + 16 "
+                       "Qwen tokens (the negative prompt's 6), CFG (CI smoke test)",
+    "hunyuanimage-cpu-small": "HunyuanImage-2.1 at 16 heads x 128, 1 double- + 1 single-stream block, 1 refiner block, "
+                              "512x512: 16x16 = 256 image + 64 Qwen + 128 ByT5 tokens, CFG",
+    "kandinsky5-cpu-small": "Kandinsky 5.0 T2V Lite width (28 heads x 64, ff 7168), 2 text + 2 visual blocks, 17 frames "
+                            "at 128x128: 5x8x8 = 320 visual + 64 Qwen tokens, CFG",
+    "kandinsky5-t2v-lite-5s": "full-size configs/kandinsky5-t2v-lite-5s with random weights at 121x512x768 (5 s at 24 "
+                              "fps: 31x32x48 = 47,616 visual + 64 Qwen tokens, CFG: 2 samples per prompt)",
+})
+
 
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                   layers: int | None = None, batch: int = 1, cfg: bool | None = None) -> Workload:
@@ -939,6 +1006,16 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
             size = int(t.get("sample_size", 32)) * spatial
             w = Workload(folder.name, t, height=int(d.get("height", size)), width=int(d.get("width", size)),
                          num_frames=1, vae_scale_spatial=spatial, defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
+        elif family == "hunyuanimage":  # the size: defaults.json's, else diffusers' 2048 x 2048; its 32x VAE
+            vae = folder / "vae" / "config.json"
+            spatial = int(read_json(vae).get("spatial_compression_ratio", 32)) if vae.exists() else 32
+            w = Workload(folder.name, t, height=int(d.get("height", 2048)), width=int(d.get("width", 2048)),
+                         num_frames=1, vae_scale_spatial=spatial, defaults=d, source=str(folder), folder=str(folder),
+                         family=family)
+        elif family == "kandinsky5":  # the size: defaults.json's, else diffusers' 512 x 768 x 121; HunyuanVideo's VAE
+            w = Workload(folder.name, t, height=int(d.get("height", 512)), width=int(d.get("width", 768)),
+                         num_frames=int(d.get("num_frames", 121)), defaults=d, source=str(folder), folder=str(folder),
                          family=family)
         elif family in IMAGE_FAMILIES:
             size = int(t.get("sample_size", 128)) * 8
@@ -1405,7 +1482,7 @@ def run_step_benchmark(opts: StepOptions) -> list[dict]:
             try:
                 runners.append(_prepare_ours(row, tcfg, dtype, ms, var, inputs, params, opts,
                                              family=fam, attention_tokens=fam.attention_tokens(w),
-                                             text_tokens=fam.text_len(w), weights=weights))
+                                             text_tokens=fam.kv_text_tokens(w), weights=weights))
             except Exception as e:  # e.g. a mesh the engine cannot run yet: report it, go on
                 row["error"] = f"{type(e).__name__}: {e}"
                 log(f"[bench] {row['mesh']} {var.label}: skipped ({row['error'].splitlines()[0][:200]})")

@@ -136,6 +136,11 @@ class Family:
     def text_len(self, w) -> int:
         raise NotImplementedError
 
+    def kv_text_tokens(self, w) -> int:
+        """The text tokens of a two-stream model's context (:meth:`text_keys`) that PipeFusion's K/V buffers slice with
+        the patches: :meth:`text_len` unless the context joins more texts (HunyuanVideo-1.5, HunyuanImage: ByT5's)."""
+        return self.text_len(w)
+
     def attention_tokens(self, w) -> int:
         """The tokens PipeFusion's K/V buffers hold: the sequence its patches split (a text every device
         holds whole joins each attention as a context, outside the buffers)."""
@@ -2178,6 +2183,9 @@ class HunyuanVideo15(HunyuanVideo):
         s, _ = super().tokens(w)
         return s, self.text_len(w) + HUNYUAN_VIDEO15_BYT5_TOKENS
 
+    def kv_text_tokens(self, w):
+        return self.tokens(w)[1]  # the context [ByT5; Qwen]
+
     def check(self, cfg, shape):
         if shape[1] != cfg.in_channels:
             raise ValueError(f"latents {shape}: this HunyuanVideo-1.5 transformer takes {cfg.in_channels} channels "
@@ -3349,11 +3357,321 @@ class CogView4(Family):
         return CogView4TorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# HunyuanImage-2.1 (HunyuanVideo's double- + single-stream blocks on images, [ByT5; Qwen] as the masked context)
+# ============================================================================================
+
+# HunyuanImagePipeline's tokenizer_max_length: the Qwen states padded to it (after the template's drop)
+HUNYUAN_IMAGE_TEXT_TOKENS = 1000
+HUNYUAN_IMAGE_BYT5_TOKENS = 128  # its tokenizer_2_max_length: the ByT5 states, padded (zeros without quoted text)
+HUNYUAN_IMAGE_GLYPH_VALID = 16  # real ByT5 tokens of a prompt with a quoted word (the negative prompt "": none)
+
+
+def hunyuan_image_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int,
+                                 text_2_len: int = HUNYUAN_IMAGE_BYT5_TOKENS) -> dict[str, float]:
+    """Matmul FLOPs of one HunyuanImage-2.1 transformer forward (2 FLOPs per multiply-add).
+
+    Latents (B, C, H, W); S = (H/p_h)(W/p_w) image tokens, L = Qwen tokens (``text_len``: 1000), L2 = ByT5 tokens
+    (128; none without ``text_embed_2_dim``), J = S + L + L2 (every text token computed; the padding masked as keys,
+    not skipped), d = heads x head_dim (3584), m = int(d x mlp_ratio), D_t = text_embed_dim (3584), D_2 =
+    text_embed_2_dim (1472), H_2 = 2048 (the ByT5 projection), N double-, M single-stream and R refiner blocks (20, 40,
+    2). Per double-stream block (FLUX's): 24 B d^2 (modulations) + 8 B J d^2 (q, k, v, out of both streams) + 4 B J d m
+    (the two MLPs) + 4 B J^2 d (the joint attention). Per single-stream block: 6 B d^2 + 8 B J d^2 + 4 B J d m +
+    4 B J^2 d. Per refiner block (on the L Qwen tokens, MLP 4d as diffusers builds it): 8 B L d^2 + 4 B L^2 d +
+    4 B L d (4d) + 4 B d^2. Plus, once: the patch embed 2 B S (C p_h p_w) d; the refiner's proj_in 2 B L D_t d, its
+    timestep embedder 2 B (256 d + d^2) and its pooled-text embedder 2 B (D_t d + d^2); the model's timestep embedder
+    2 B (256 d + d^2); the ByT5 projection 2 B L2 (D_2 H_2 + H_2^2 + H_2 d); the head 4 B d^2 + 2 B S d (p_h p_w
+    C_out). Norms, RoPE (host tables), the masked mean and the activations are element-wise."""
+    b, c, h, w = latent_shape
+    t = transformer
+    d = int(t.get("num_attention_heads", 28)) * int(t.get("attention_head_dim", 128))
+    mlp = int(d * float(t.get("mlp_ratio", 4.0)))
+    n, m, r = int(t.get("num_layers", 20)), int(t.get("num_single_layers", 40)), int(t.get("num_refiner_layers", 2))
+    ph, pw = (int(p) for p in t.get("patch_size", (1, 1)))
+    cout = int(t.get("out_channels") or c)
+    dt, d2, h2 = int(t.get("text_embed_dim", 3584)), t.get("text_embed_2_dim"), HUNYUAN_VIDEO15_BYT5_HIDDEN
+    s, txt, txt2 = (h // ph) * (w // pw), int(text_len), int(text_2_len) if d2 else 0
+    j = s + txt + txt2
+    attn = 4 * b * j * j * d
+    double = 24 * b * d * d + 8 * b * j * d * d + 4 * b * j * d * mlp
+    single = 6 * b * d * d + 8 * b * j * d * d + 4 * b * j * d * mlp
+    refiner_attn = 4 * b * txt * txt * d
+    refiner = 8 * b * txt * d * d + 4 * b * txt * d * (4 * d) + 4 * b * d * d
+    time = 2 * b * (HUNYUAN_VIDEO_TIME_PROJ * d + d * d)
+    embed = 2 * b * s * (c * ph * pw) * d + 2 * b * txt * dt * d + time + 2 * b * (dt * d + d * d) + time
+    if d2:
+        embed += 2 * b * txt2 * (int(d2) * h2 + h2 * h2 + h2 * d)
+    head = 4 * b * d * d + 2 * b * s * d * (ph * pw * cout)
+    total = n * (double + attn) + m * (single + attn) + r * (refiner + refiner_attn) + embed + head
+    attention = (n + m) * attn + r * refiner_attn
+    return {"total": float(total), "per_block": float(double + attn), "per_single_block": float(single + attn),
+            "attention": float(attention), "linear": float(total - attention), "tokens": s}
+
+
+class HunyuanImageTorchReference(KeywordTorchReference):
+    """diffusers' ``HunyuanImageTransformer2DModel`` called as ``HunyuanImagePipeline`` calls it: latents (B, C, h, w),
+    the timestep, the Qwen and ByT5 states with their masks (the model's dtype). The guider calls it once per CFG
+    half; here once on both halves (the same work)."""
+
+    diffusers_class = "HunyuanImageTransformer2DModel"
+
+    call_args = {"hidden_states": LATENTS, "timestep": Arg("t"), "encoder_hidden_states": EMBEDS,
+                 "encoder_attention_mask": Arg("mask", "model"),
+                 "encoder_hidden_states_2": Arg("embeds_2", "model", optional=True),
+                 "encoder_attention_mask_2": Arg("mask_2", "model", optional=True)}
+
+
+class HunyuanImage(HunyuanVideo):
+    """HunyuanImage-2.1 text-to-image: the guider's CFG (both halves per prompt by default), double- then
+    single-stream blocks, the text [ByT5; Qwen] as the masked context; latents through the 32x VAE."""
+
+    name = "hunyuanimage"
+    module_name = "xdit_jax.models.hunyuanimage"
+    model_class_name = "HunyuanImageTransformer2DModel"
+    config_class_name = "HunyuanImageConfig"
+    token_word = "image"
+    title = "HunyuanImage-2.1"
+    default_cfg = True
+
+    def pipeline_call(self, w):
+        return Family.pipeline_call(self, w)  # (guidance_scale: the guider's; 1.0 runs one pass)
+
+    def latent_shape(self, w):
+        """(B, C, H / 32, W / 32) (the VAE's factor: the workload's), diffusers' layout."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 64)), w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def byt5_len(self, w) -> int:
+        return HUNYUAN_IMAGE_BYT5_TOKENS if w.transformer.get("text_embed_2_dim") else 0
+
+    def tokens(self, w):
+        _, _, h, ww = self.latent_shape(w)
+        ph, pw = (int(p) for p in w.transformer.get("patch_size", (1, 1)))
+        return (h // ph) * (ww // pw), self.text_len(w) + self.byt5_len(w)
+
+    def text_len(self, w):
+        """Qwen tokens after the template's drop: the pipeline's ``max_sequence_length`` (1000)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or HUNYUAN_IMAGE_TEXT_TOKENS)
+
+    def kv_text_tokens(self, w):
+        return self.tokens(w)[1]  # the context [ByT5; Qwen]
+
+    def check(self, cfg, shape):
+        ph, pw = cfg.patch_size
+        if shape[1] != cfg.in_channels or shape[2] < ph or shape[3] < pw:
+            raise ValueError(f"latents {shape}: this HunyuanImage transformer takes {cfg.in_channels} channels and "
+                             f"at least one {ph} x {pw} patch.")
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "layers": cfg.num_layers + cfg.num_single_layers, "double_layers": cfg.num_layers,
+                "single_layers": cfg.num_single_layers, "heads": cfg.num_attention_heads,
+                "head_dim": cfg.attention_head_dim, "height": w.height, "width": w.width, "cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As ``HunyuanImagePipeline`` passes them: latents (B, C, h, w), Qwen states (B, L, text_embed_dim) and mask
+        (the prompt's valid tokens; with CFG the negative prompt's first), ByT5 states (B, 128, text_embed_2_dim) and
+        mask (a quoted word's bytes in the prompt; none in the negative prompt ""), the timestep (B,) float32."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        inputs = {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
+                  "t": np.full((b,), HUNYUAN_VIDEO_TIMESTEP, dtype=np.float32),
+                  "embeds": rng.standard_normal((b, self.text_len(w), int(t.get("text_embed_dim", 3584))),
+                                                dtype=np.float32),
+                  "mask": self.mask(w)}
+        if self.byt5_len(w):
+            l2 = self.byt5_len(w)
+            inputs["embeds_2"] = rng.standard_normal((b, l2, int(t["text_embed_2_dim"])), dtype=np.float32)
+            inputs["mask_2"] = pixart_mask(b, l2, HUNYUAN_IMAGE_GLYPH_VALID, False) * (
+                np.arange(b)[:, None] >= (b // 2 if w.cfg else 0)).astype(np.int32)
+        return inputs
+
+    def embed_args(self, inputs, dtype):
+        e2 = inputs.get("embeds_2")
+        return (inputs["latents"].astype(dtype), inputs["t"], inputs["embeds"].astype(dtype), inputs["mask"],
+                None if e2 is None else e2.astype(dtype), inputs.get("mask_2"))
+
+    def analytic_flops(self, w):
+        return hunyuan_image_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w), self.byt5_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return HunyuanImageTorchReference(transformer, dtype, seed=seed, device=device)
+
+
+# ============================================================================================
+# Kandinsky 5.0 (a text stack, then visual blocks: self-attention, cross-attention to the text, feed-forward)
+# ============================================================================================
+
+KANDINSKY5_TIMESTEP = 500.0  # the transformer's ``timestep``: the scheduler's t (0..1000), mid-schedule
+# Qwen2.5-VL states after the template's 128: the prompt's own tokens, padded to the batch's longest (no fixed
+# length); a typical prompt's count
+KANDINSKY5_TEXT_TOKENS = 64
+# the default negative prompt's tokens (an estimate: no Qwen tokenizer offline); the CFG batch pads them to the
+# prompt's length with masked tokens (diffusers calls each half at its own length)
+KANDINSKY5_NEGATIVE_TOKENS = 26
+
+
+def kandinsky5_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one Kandinsky 5.0 transformer forward (2 FLOPs per multiply-add).
+
+    Latents channels-last (B, F, H, W, C_v) (C_v = visual_embed_dim: 2 C + 1 with ``visual_cond``); S =
+    (F/p_t)(H/p_h)(W/p_w) visual tokens, L text tokens (every one computed; the CFG batch's padding masked as keys),
+    d = model_dim (1792), f = ff_dim (7168), T = time_dim (512), D_t = in_text_dim (3584), D_2 = in_text_dim2 (768),
+    P = p_t p_h p_w, N visual and R text blocks (32, 2). Per visual block: self-attention q, k, v, out 8 B S d^2 and
+    QK^T / PV 4 B S^2 d; cross-attention q and out 4 B S d^2, k and v on the text 4 B L d^2, QK^T / PV 4 B S L d; the
+    feed-forward d -> f -> d 4 B S d f; the modulation T -> 9d 18 B T d. Per text block: q, k, v, out 8 B L d^2,
+    attention 4 B L^2 d, feed-forward 4 B L d f, modulation T -> 6d 12 B T d. Plus, once: the timestep MLP
+    (d -> T -> T) 2 B (d T + T^2), the pooled CLIP embedding 2 B D_2 T, the text embedding 2 B L D_t d, the visual
+    embedding 2 B S (P C_v) d, the output modulation (T -> 2d) 4 B T d and projection 2 B S d (P C_out). Norms, RoPE,
+    the sinusoids, GELU, SiLU and the gates are element-wise."""
+    b, f, h, w, cv = latent_shape
+    t = transformer
+    d, ff, tdim = int(t.get("model_dim", 2048)), int(t.get("ff_dim", 5120)), int(t.get("time_dim", 512))
+    dt, d2 = int(t.get("in_text_dim", 3584)), int(t.get("in_text_dim2", 768))
+    pt, ph, pw = (int(p) for p in t.get("patch_size", (1, 2, 2)))
+    n, r = int(t.get("num_visual_blocks", 32)), int(t.get("num_text_blocks", 2))
+    cout = int(t.get("out_visual_dim", 4))
+    s, txt, p = (f // pt) * (h // ph) * (w // pw), int(text_len), pt * ph * pw
+    self_attn, cross_attn, text_attn = 4 * b * s * s * d, 4 * b * s * txt * d, 4 * b * txt * txt * d
+    visual = 8 * b * s * d * d + 4 * b * s * d * d + 4 * b * txt * d * d + 4 * b * s * d * ff + 18 * b * tdim * d
+    text = 8 * b * txt * d * d + 4 * b * txt * d * ff + 12 * b * tdim * d
+    once = (2 * b * (d * tdim + tdim * tdim) + 2 * b * d2 * tdim + 2 * b * txt * dt * d + 2 * b * s * p * cv * d
+            + 4 * b * tdim * d + 2 * b * s * d * p * cout)
+    attention = n * (self_attn + cross_attn) + r * text_attn
+    total = n * (visual + self_attn + cross_attn) + r * (text + text_attn) + once
+    return {"total": float(total), "per_block": float(visual + self_attn + cross_attn), "attention": float(attention),
+            "linear": float(total - attention), "tokens": s}
+
+
+class Kandinsky5TorchReference(TorchReference):
+    """diffusers' ``Kandinsky5Transformer3DModel`` called as ``Kandinsky5T2VPipeline`` calls it: one call per CFG half
+    with that half's text at its own length (no text mask: the padded tokens of our batch cropped), the text RoPE at
+    0..L-1, the visual RoPE at the latent grid's positions, the pipeline's RoPE scale factor; here one call per sample
+    (the same work)."""
+
+    diffusers_class = "Kandinsky5Transformer3DModel"
+
+    def set_inputs(self, inputs, w):
+        put = functools.partial(self._put, inputs)
+        self.x, self.enc, self.pooled = put("latents", self.dtype), put("embeds", self.dtype), put("pooled", self.dtype)
+        self.t = put("t", self.dtype)
+        self.valid = [int(v) for v in inputs["mask"].sum(axis=1)]
+        self.scale = tuple(float(v) for v in inputs["rope_scale"])
+        pt, ph, pw = (int(p) for p in w.transformer.get("patch_size", (1, 2, 2)))
+        _, f, h, ww, _ = inputs["latents"].shape
+        self.visual_pos = [self.torch.arange(n, device=self.device) for n in (f // pt, h // ph, ww // pw)]
+
+    def _forward(self):
+        outs = [self.model(hidden_states=self.x[i:i + 1], encoder_hidden_states=self.enc[i:i + 1, :n],
+                           timestep=self.t[i:i + 1], pooled_projections=self.pooled[i:i + 1],
+                           visual_rope_pos=self.visual_pos, text_rope_pos=self.torch.arange(n, device=self.device),
+                           scale_factor=self.scale, return_dict=False) for i, n in enumerate(self.valid)]
+        # (return_dict=False: this model returns the tensor itself, not a tuple)
+        return self.torch.cat(outs)
+
+
+class Kandinsky5(Family):
+    """Kandinsky 5.0 text-to-video (T2V): CFG (both halves per prompt, the default negative prompt), the text stack
+    whole on every device, the visual blocks over the mesh."""
+
+    name = "kandinsky5"
+    module_name = "xdit_jax.models.kandinsky5"
+    model_class_name = "Kandinsky5Transformer3DModel"
+    config_class_name = "Kandinsky5Config"
+    token_word = "video"
+    title = "Kandinsky 5.0"
+    host_inputs = ("rope_scale",)
+
+    def with_layers(self, transformer, layers):
+        """``--layers N``: N visual blocks (the 2 text blocks kept)."""
+        return dict(transformer, num_visual_blocks=int(layers))
+
+    def latent_shape(self, w):
+        """Channels last, as diffusers': (B, (F - 1) // 4 + 1, H / 8, W / 8, C_v), C_v = 2 C + 1 with
+        ``visual_cond`` (the zero condition latents and mask)."""
+        t = w.transformer
+        c = int(t.get("in_visual_dim", 4))
+        return (w.step_batch, (w.num_frames - 1) // w.vae_scale_temporal + 1, w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial, 2 * c + 1 if t.get("visual_cond") else c)
+
+    def tokens(self, w):
+        _, f, h, ww, _ = self.latent_shape(w)
+        pt, ph, pw = (int(p) for p in w.transformer.get("patch_size", (1, 2, 2)))
+        return (f // pt) * (h // ph) * (ww // pw), self.text_len(w)
+
+    def text_len(self, w):
+        return int(w.text_tokens or KANDINSKY5_TEXT_TOKENS)
+
+    def negative_len(self, w) -> int:
+        return min(int(w.text_valid or KANDINSKY5_NEGATIVE_TOKENS), self.text_len(w))
+
+    def mask(self, w) -> np.ndarray:
+        """(B, L) int32 text mask: with CFG the negative prompt's tokens first (padded to the prompt's), then the
+        prompt's (all of them)."""
+        b, n = w.step_batch, self.text_len(w)
+        mask = np.ones((b, n), np.int32)
+        if w.cfg:
+            mask[:b // 2, self.negative_len(w):] = 0
+        return mask
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # the visual tokens; the text joins the cross-attention as a context
+
+    def check(self, cfg, shape):
+        pt, ph, pw = cfg.patch_size
+        if shape[-1] != cfg.visual_embed_dim or shape[1] % pt or shape[2] % ph or shape[3] % pw:
+            raise ValueError(f"latents {shape}: this Kandinsky 5.0 transformer takes {cfg.visual_embed_dim} channels "
+                             f"and a latent grid of whole {pt} x {ph} x {pw} patches.")
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"family": self.name, "video_tokens": sv, "text_tokens": st,
+                "negative_text_tokens": self.negative_len(w) if w.cfg else None,
+                "latent_frames": self.latent_shape(w)[1], "layers": cfg.num_visual_blocks,
+                "text_layers": cfg.num_text_blocks, "heads": cfg.heads, "head_dim": cfg.head_dim, "height": w.height,
+                "width": w.width, "num_frames": w.num_frames, "cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As ``Kandinsky5T2VPipeline`` passes them: channels-last latents (noise, then with ``visual_cond`` the zero
+        condition latents and mask), Qwen states (B, L, in_text_dim) with their mask (our CFG batch's padding), the
+        CLIP pooled vector (B, in_text_dim2), the timestep (B,) and the RoPE scale factor of the size (a host
+        constant: diffusers' ``_get_scale_factor``)."""
+        from xdit_jax.pipelines.kandinsky5 import scale_factor
+
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        shape = self.latent_shape(w)
+        c = int(t.get("in_visual_dim", 4))
+        latents = np.zeros(shape, np.float32)
+        latents[..., :c] = rng.standard_normal(shape[:-1] + (c,), dtype=np.float32)
+        return {"latents": latents,
+                "embeds": rng.standard_normal((b, self.text_len(w), int(t.get("in_text_dim", 3584))),
+                                              dtype=np.float32),
+                "t": np.full((b,), KANDINSKY5_TIMESTEP, dtype=np.float32),
+                "pooled": rng.standard_normal((b, int(t.get("in_text_dim2", 768))), dtype=np.float32),
+                "mask": self.mask(w),
+                "rope_scale": np.asarray(scale_factor(w.height, w.width), np.float32)}
+
+    def embed_args(self, inputs, dtype):
+        scale = tuple(float(v) for v in np.asarray(inputs["rope_scale"]))
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"],
+                inputs["pooled"].astype(dtype), scale, inputs["mask"])
+
+    def analytic_flops(self, w):
+        return kandinsky5_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return Kandinsky5TorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
                                                           HunyuanVideo15(), QwenImage(), ZImage(), Sana(), Chroma(),
                                                           Lumina2(), Flux2(), LTX(), ConsisID(), CogView3(),
-                                                          CogView4())}
+                                                          CogView4(), HunyuanImage(), Kandinsky5())}
 CONSISID_CLASS_NAMES = ("ConsisIDTransformer3DModel",)
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
@@ -3374,6 +3692,8 @@ FLUX2_CLASS_NAMES = ("Flux2Transformer2DModel",)
 LTX_CLASS_NAMES = ("LTXVideoTransformer3DModel",)
 COGVIEW3_CLASS_NAMES = ("CogView3PlusTransformer2DModel",)
 COGVIEW4_CLASS_NAMES = ("CogView4Transformer2DModel",)
+HUNYUAN_IMAGE_CLASS_NAMES = ("HunyuanImageTransformer2DModel",)
+KANDINSKY5_CLASS_NAMES = ("Kandinsky5Transformer3DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -3397,7 +3717,14 @@ def family_of_config(transformer: dict) -> str:
     and ``qk_norm`` (PixArt has the first only); ConsisID by its class name or ``is_train_face``;
     HunyuanVideo-1.5 by its class name or ``text_embed_2_dim`` (no other family has it); CogView4 by its class name
     or ``condition_dim`` with ``rope_axes_dim``; CogView3-Plus by its class name or ``condition_dim`` alone (no other
-    family has either); else CogVideoX."""
+    family has either); HunyuanImage-2.1 by its class name or ``num_single_layers`` with ``text_embed_2_dim`` or a
+    2-D ``rope_axes_dim`` (before HunyuanVideo-1.5, which has the second only, and HunyuanVideo: 3-D RoPE);
+    Kandinsky 5.0 by its class name or ``in_visual_dim`` (no other family has it); else CogVideoX."""
+    if transformer.get("_class_name") in HUNYUAN_IMAGE_CLASS_NAMES or ("num_single_layers" in transformer and (
+            "text_embed_2_dim" in transformer or len(transformer.get("rope_axes_dim") or ()) == 2)):
+        return "hunyuanimage"
+    if transformer.get("_class_name") in KANDINSKY5_CLASS_NAMES or "in_visual_dim" in transformer:
+        return "kandinsky5"
     if transformer.get("_class_name") in COGVIEW4_CLASS_NAMES or (
             "condition_dim" in transformer and "rope_axes_dim" in transformer):
         return "cogview4"
