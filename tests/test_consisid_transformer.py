@@ -112,7 +112,8 @@ def test_full_size_config():
     assert bench.load_workload("consisid-preview").tokens() == (13 * 30 * 45, 226)
 
 
-@pytest.mark.parametrize("mesh,patches", [("pipefusion=3", 2),  # stages of 2, 1, 1 blocks (padding slots between)
+@pytest.mark.parametrize("mesh,patches", [("pipefusion=2", 2),  # block 2's cross-attention on the second stage
+                                          pytest.param("pipefusion=3", 2, marks=pytest.mark.slow),  # 2, 1, 1 blocks
                                           pytest.param(None, 3, marks=pytest.mark.slow),
                                           pytest.param("pipefusion=4", 2, marks=pytest.mark.slow),
                                           pytest.param("cfg=2,pipefusion=2,ulysses=2", 3, marks=pytest.mark.slow),
@@ -121,8 +122,8 @@ def test_pipefusion_blocks(pair, mesh, patches):
     """PipeFusion's form of the blocks (pipefusion_blocks: the next block's index in the scan's carry, the face
     cross-attention picked by it) == blocks; and PipeFusion's patched pass with K/V buffers filled by a warm-up step
     on the same input == the full pass: every stage applied the cross-attentions of its own blocks (block 2's on the
-    second stage of pipefusion=3, whose first stage holds blocks 0 and 1). Measured <= 2.4e-7 of max |x| ~2.5 on
-    every mesh; 1e-5 of the scale as above (the cross-attentions move it by more than 1e-3 of it: asserted)."""
+    second stage, whose first holds blocks 0 and 1: the index came with the carry; pipefusion=3's uneven stages too). Measured <= 2.4e-7 of max |x| ~2.5 on
+    every mesh; 1e-5 of the scale as above (the cross-attentions move it by more than 1e-3 of it: asserted once)."""
     from flax import nnx
 
     from xdit_jax.mesh import build_mesh
@@ -140,9 +141,10 @@ def test_pipefusion_blocks(pair, mesh, patches):
     staged = lambda p, j, t, c: nnx.merge(graphdef, p).pipefusion_blocks(j, t, c)  # noqa: E731
     ref = np.asarray(run_blocks(blocks, state, joint, tokens, cond, None))
     scale = np.abs(ref).max()
-    no_face = np.asarray(jax.jit(lambda p: cogvideox.CogVideoXTransformer3DModel.blocks(
-        nnx.merge(graphdef, p), joint, tokens, cond["temb"]))(state))
-    assert np.abs(no_face - ref).max() > 1e-3 * scale  # the cross-attentions matter
+    if mesh is None:  # (once, slow) the cross-attentions matter here
+        no_face = np.asarray(jax.jit(lambda p: cogvideox.CogVideoXTransformer3DModel.blocks(
+            nnx.merge(graphdef, p), joint, tokens, cond["temb"]))(state))
+        assert np.abs(no_face - ref).max() > 1e-3 * scale
     m = build_mesh(mesh)
     stages = m.shape["pipefusion"]
     padded = pipefusion.pad_stack(state, consisid.STACKED, stages)
