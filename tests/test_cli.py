@@ -605,7 +605,7 @@ def test_every_tiny_name_has_a_family():
 def test_generate_consisid(tmp_path, capsys):
     """The tiny ConsisID: --image (the face) and --id-embeds (its embeddings, an .npz as diffusers' face models make
     them) to a video on one device (its meshes: tests/test_consisid_pipeline.py); refused without --id-embeds (saying
-    how to make it), with PipeFusion, and --id-embeds refused for other models."""
+    how to make it), and --id-embeds refused for other models."""
     import imageio.v3 as iio
 
     from xdit_jax import tiny
@@ -618,7 +618,6 @@ def test_generate_consisid(tmp_path, capsys):
     iio.imwrite(face, rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
     common = ["--model", "tiny-consisid", "--image", str(face), "--steps", "2", "--no-progress"]
     for argv, needle in [([], "--id-embeds FILE.npz with the arrays id_cond and id_vit_hidden"),
-                         (["--id-embeds", str(ids), "--mesh", "pipefusion=2"], "does not run with PipeFusion"),
                          (["--id-embeds", str(tmp_path / "none.npz")], "no such file")]:
         with pytest.raises(SystemExit) as e:
             raise SystemExit(cli.main(common + argv + ["--output", str(tmp_path / "x.mp4")]))

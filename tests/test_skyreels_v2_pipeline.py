@@ -1,6 +1,7 @@
 """SkyReels-V2 pipelines from diffusers save_pretrained folders == diffusers' SkyReelsV2Pipeline and
 SkyReelsV2DiffusionForcingPipeline (synchronous, asynchronous with the causal block mask), on one device and on meshes
-(8 simulated CPU devices)."""
+(8 simulated CPU devices); diffusion forcing on PipeFusion (slow): warm-up iterations == one device, patched ones == the
+displaced-patch rule run sequentially on one device, and == one device where the patches fall between causal blocks."""
 
 import numpy as np
 import pytest
@@ -172,8 +173,8 @@ def test_bad_input(tmp_path_factory):
         df(PROMPT, num_frames=9, base_num_frames=9, ar_step=-1, **kw)
     with pytest.raises(ValueError, match="causal_block_size"):
         df(PROMPT, num_frames=9, base_num_frames=9, causal_block_size=0, **kw)
-    with pytest.raises(ValueError, match="pipefusion"):
-        SkyReelsV2DiffusionForcingPipeline.from_pretrained(df_folder, mesh="pipefusion=2")
+    with pytest.raises(ValueError, match="pipefusion=3 is more stages than the model's 2 layers"):
+        SkyReelsV2DiffusionForcingPipeline.from_pretrained(df_folder, mesh="pipefusion=3")
     with pytest.raises(ValueError, match="SkyReelsV2DiffusionForcingPipeline"):
         SkyReelsV2Pipeline.from_pretrained(df_folder)
 
@@ -310,3 +311,70 @@ def test_df_v2v_matches_diffusers(tmp_path_factory, monkeypatch, frames):  # win
         assert vid.shape == (1, 9 + frames, H, W, 3)
         np.testing.assert_allclose(vid[0, 0], np.asarray(video[0]) / 255, atol=1 / 255 + 1e-6)  # (Lanczos at 1:1)
     ours._step_cache.clear()
+
+
+# PipeFusion in diffusion forcing: asynchronous with the causal mask (blocks of 2 frames, 12 tokens; 4 latent frames,
+# 24 tokens: 2 patches of 16, the first cutting block 1), 3 steps (4 iterations)
+PF_KW = dict(num_frames=13, height=H, width=W, num_inference_steps=STEPS, max_sequence_length=MSL, progress=False,
+             output_type="latent", ar_step=1, causal_block_size=2, base_num_frames=13, guidance_scale=5.0)
+
+
+def _pf_pipe(folder, **kw):
+    return SkyReelsV2DiffusionForcingPipeline.from_pretrained(folder, **kw)
+
+
+@pytest.mark.slow
+def test_df_pipefusion_warmup_iterations_equal_one_device(tmp_path_factory):
+    """Every iteration a warm-up one (the whole sequence at once, the buffered keys masked by their blocks) == one
+    device, on pipefusion=2 and pipefusion=2,ring=2 (the segment ids in the ring's buffer order)."""
+    _, df, df_folder = build(tmp_path_factory, "df")
+    kw = dict(PF_KW, latents=noise(13, 4))
+    ref = df(PROMPT, **kw).frames
+    for mesh in ["pipefusion=2", "pipefusion=2,ring=2"]:
+        out = _pf_pipe(df_folder, mesh=mesh, pipefusion_warmup_steps=100)(PROMPT, **kw).frames
+        # fp32, only summation order differs (measured <= 1.8e-6 of 3.3); as the other meshes
+        np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0, err_msg=mesh)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["pipefusion=2", "cfg=2,pipefusion=2,ulysses=2", "pipefusion=2,ring=2"])
+def test_df_pipefusion_patched_equal_sequential_reference(tmp_path_factory, mesh):
+    """One exact iteration, then patched ones (each patch's queries: this iteration's keys of the patches up to its
+    own, the last iteration's after it, both masked by the causal blocks) == the same rule run sequentially on one
+    device (2 patches); and the rule differs from one device (a boundary cuts block 1: its stale keys are visible)."""
+    _, df, df_folder = build(tmp_path_factory, "df")
+    kw = dict(PF_KW, latents=noise(13, 4))
+    if "seq" not in _BUILT:
+        _BUILT["seq"] = (df(PROMPT, **kw).frames, _pf_pipe(df_folder, pipefusion_patches=2)(PROMPT, **kw).frames)
+    one, seq = _BUILT["seq"]
+    out = _pf_pipe(df_folder, mesh=mesh, pipefusion_patches=2)(PROMPT, **kw).frames
+    scale = np.abs(one).max()
+    # measured <= 1.3e-6 of 3.3 (0 on pipefusion=2); the rule itself differs from one device by 5.2e-3
+    np.testing.assert_allclose(out, seq, atol=2e-5 * scale, rtol=0)
+    assert np.abs(seq - one).max() > 1e-3 * scale
+
+
+@pytest.mark.slow
+def test_df_pipefusion_aligned_patches_are_exact(tmp_path_factory):
+    """Patch boundaries between causal blocks: 29 frames (8 latent, 48 tokens) in blocks of 4 frames (24 tokens), 2
+    patches of 24: a patch's queries see only their own block and the earlier ones, all this iteration's, so the
+    patched iterations equal one device (the stale K/V of the later patch are masked)."""
+    _, df, df_folder = build(tmp_path_factory, "df")
+    kw = dict(PF_KW, num_frames=29, base_num_frames=29, causal_block_size=4, latents=noise(29, 5))
+    ref = df(PROMPT, **kw).frames
+    out = _pf_pipe(df_folder, mesh="pipefusion=2", pipefusion_patches=2)(PROMPT, **kw).frames
+    # measured 1.7e-6 of 3.4 (3 patches, which cut the blocks, differ from one device by 6.9e-3)
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.slow
+def test_df_pipefusion_long_video(tmp_path_factory):
+    """The long-video loop on pipefusion=2 (3 windows of 4 latent frames, condition frames noised): each window's own
+    buffers and warm-up iteration; == the same rule run sequentially on one device."""
+    _, df, df_folder = build(tmp_path_factory, "df")
+    kw = dict(PF_KW, num_frames=21, overlap_history=9, addnoise_condition=20.0, latents=noise(13, 6))
+    seq = _pf_pipe(df_folder, pipefusion_patches=2)(PROMPT, **kw).frames
+    out = _pf_pipe(df_folder, mesh="pipefusion=2")(PROMPT, **kw).frames
+    assert out.shape[2] == 6
+    # measured 0 of 3.1 (the rule differs from one device by 7.4e-3 here)
+    np.testing.assert_allclose(out, seq, atol=2e-5 * np.abs(seq).max(), rtol=0)

@@ -413,14 +413,14 @@ class CogVideoX(Family):
 class ConsisID(CogVideoX):
     """CogVideoX-5B-I2V's step plus the face branch: random face inputs (``id_cond`` (B, id_dim), ``id_vit_hidden``
     (B, scales, 577, vit_dim), batch first), the extractor inside the step as diffusers runs it (the pipeline runs it
-    once per call). PipeFusion refused, as the pipeline does."""
+    once per call). PipeFusion runs the model's pipefusion_blocks, as the pipeline does."""
 
     name = "consisid"
     module_name = "xdit_jax.models.consisid"
     model_class_name = "ConsisIDTransformer3DModel"
     config_class_name = "ConsisIDConfig"
     title = "ConsisID"
-    pipefusion_refused = "the face cross-attentions sit between the stacked blocks"
+    pipefusion_method = "pipefusion_blocks"  # the next block's index rides in the carry (the face cross-attentions)
 
     def make_inputs(self, w, seed=0):
         out = super().make_inputs(w, seed)

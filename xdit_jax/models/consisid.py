@@ -13,6 +13,8 @@ ConsisID (BestWishYsh/ConsisID-preview) is CogVideoX-5B-I2V's transformer (RoPE 
 The blocks are CogVideoX's. The stack runs as one ``lax.scan`` over groups of k blocks (the group's first block, its
 cross-attention, the group's other blocks in an inner scan). The cross-attention is per video token against the
 short identity tokens, which every device holds whole: on a sequence shard it is local and exact, no collective.
+PipeFusion runs :meth:`ConsisIDTransformer3DModel.pipefusion_blocks` instead (equal to it: one scan over the blocks,
+the next block's index in the carry that goes from stage to stage, the cross-attentions picked by it).
 The inputs ``id_cond`` / ``id_vit_hidden`` come from face models (insightface, facexlib, EVA-CLIP: diffusers'
 ``consisid_utils.prepare_face_models`` / ``process_face_embeddings_infer``) that are not part of xdit_jax.
 """
@@ -29,7 +31,7 @@ from flax import nnx
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models import cogvideox
 from xdit_jax.models.cogvideox import CogVideoXConfig
-from xdit_jax.models.layers import LayerNorm, linear, stack_modules
+from xdit_jax.models.layers import LayerNorm, linear, scan_modules, stack_modules
 
 STACKED = cogvideox.STACKED
 check_input_shape = cogvideox.check_input_shape
@@ -271,6 +273,35 @@ class ConsisIDTransformer3DModel(cogvideox.CogVideoXTransformer3DModel):
             return x, None
 
         return jax.lax.scan(group, joint, (bstate, cstate))[0]
+
+    def pipefusion_blocks(self, joint, tokens, cond):
+        """:meth:`blocks` in the form PipeFusion runs (equal to it): one scan over the blocks
+        (:func:`~xdit_jax.models.layers.scan_modules`) whose carry is (tokens, the index of the next block); after
+        block ``i`` with ``i % cross_attn_interval == 0`` the face cross-attention ``i // cross_attn_interval`` (its
+        weights replicated, picked by the index) is added to the video tokens, as diffusers. The index rides in the
+        carry that PipeFusion hands from stage to stage, so a stage holding any run of blocks applies the
+        cross-attentions diffusers applies after those blocks (an uneven stage's padding layers pass the carry on
+        unchanged). The cross-attention is token-local (each token against the few identity tokens, no
+        collective): a patch, or its shard over ring x ulysses, runs it on its own rows."""
+        cfg = self.cfg
+        temb = cond["temb"]
+        if not cfg.is_train_face:
+            return super().blocks(joint, tokens, temb)
+        k = cfg.cross_attn_interval
+        face, is_video = cond["face"], ~tokens["is_text"][None, :, None]
+        cdef, cstate = nnx.split(self.perceiver_cross_attention)
+
+        def cross(x, i):
+            ca = nnx.merge(cdef, jax.tree.map(lambda a: a[i // k], cstate))(face, x)
+            return x + jnp.where(is_video, cfg.local_face_scale * ca, jnp.zeros((), x.dtype)).astype(x.dtype)
+
+        def layer(blk, carry):
+            x, i = carry
+            x = blk(x, temb, tokens)
+            x = jax.lax.cond(i % k == 0, cross, lambda x, i: x, x, i)  # (k - 1 of k blocks skip it)
+            return x, i + 1
+
+        return scan_modules(self.transformer_blocks, layer, (joint, jnp.zeros((), jnp.int32)))[0]
 
     def head(self, joint, cond, shape):
         return super().head(joint, cond["temb"], shape)

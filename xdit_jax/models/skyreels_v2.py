@@ -8,7 +8,7 @@
   ``_set_ar_attention(causal_block_size)``): a token attends to the tokens of its own block of
   ``num_frame_per_block`` latent frames and of the blocks before it. The tokens' block ids (``tokens["segment"]``)
   go to :func:`xdit_jax.parallel.attention.attention` as ``segments``, which keeps the mask exact under
-  Ulysses and ring (PipeFusion refuses it).
+  Ulysses and ring, and applies it to PipeFusion's buffered keys (``run_pipefusion(..., segments="segment")``).
 * The fps embedding (``inject_sample_info``: the diffusion-forcing checkpoints): ``fps_embedding`` (2 rows: 16 fps
   and the rest) through ``fps_projection`` (Linear, SiLU, Linear to 6 x D), added to every frame's modulation.
 * The timestep sinusoids of ``get_1d_sincos_pos_embed_from_grid``, which diffusers computes in float64 here

@@ -146,6 +146,9 @@ class KVCell:
     cv: jax.Array | None = None
     c_start: object = 0
     c_valid: int | None = None
+    # A block-causal mask (attention's ``segments``): the segment ids of this device's buffer keys (S_buf,) int32, in
+    # the buffer's order (with ring > 1 its ring position's part of every patch); None: the model passes no segments
+    kv_segments: jax.Array | None = None
 
     @property
     def consumed(self) -> bool:
@@ -157,15 +160,17 @@ _KV_CELL: contextvars.ContextVar[KVCell | None] = contextvars.ContextVar("xdit_j
 
 
 @contextlib.contextmanager
-def kv_cache(k, v, layer, start, write, ring_counts=None, slots: int = 1, text=None):
+def kv_cache(k, v, layer, start, write, ring_counts=None, slots: int = 1, text=None, segments=None):
     """While installed, :func:`attention` is given one patch of the sequence: it stores the patch's
     K/V in layer ``layer`` of the buffers at ``start`` (when ``write``; an offset into the local
     buffer) and attends to that layer's whole buffer — with ring > 1, to every ring position's.
     ``slots``: the attentions the layer makes, each with its own buffer row (``layer + i``).
     ``text = (ck, cv, c_start, c_valid)``: the context a call passes is the patch's slice of the text,
     stored at ``c_start`` in these buffers of the whole text, whose first ``c_valid`` rows are real; the
-    call's context keys are then the whole text's (its ``c_mask`` is the whole text's too)."""
-    cell = KVCell(k, v, layer, start, write, ring_counts, slots)
+    call's context keys are then the whole text's (its ``c_mask`` is the whole text's too). ``segments``: the
+    block-causal segment ids of the buffer's keys (:attr:`KVCell.kv_segments`), for a model that passes
+    :func:`attention` its tokens' ``segments``."""
+    cell = KVCell(k, v, layer, start, write, ring_counts, slots, kv_segments=segments)
     if text is not None:
         cell.ck, cell.cv, cell.c_start, cell.c_valid = text
     token = _KV_CELL.set(cell)
@@ -191,13 +196,16 @@ def _store(cell: KVCell, row, k, v, names=("k", "v"), start=None):
 
 
 def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulysses: int = 1, ring: int = 1,
-                      context=None):
+                      context=None, segments=None):
     """With ``ulysses > 1`` (PipeFusion x Ulysses) q, k, v hold this device's piece of the patch for
     all heads; an ``all_to_all`` makes them the ring group's part of the patch for this device's heads
     (the buffers hold the sequence for those heads), and another one brings the output back. With
     ``ring > 1`` each ring position's buffer holds its part of every patch (so the patch is stored
     locally) and the keys of all of them are visited by the ring, ``cell.ring_counts`` saying how
-    many of each are real. ``context``: as :func:`_over_heads`', joined to the buffers' keys."""
+    many of each are real. ``context``: as :func:`_over_heads`', joined to the buffers' keys. ``segments``: the
+    patch's block-causal segment ids (this device's piece, all-gathered over ``ulysses`` as the queries are), masked
+    against the buffer keys' ids (``cell.kv_segments``): a query sees the keys of its block and the blocks before it,
+    fresh or a step old as the buffers hold them."""
     if cell.consumed:
         raise RuntimeError(f"A PipeFusion layer called attention {cell.calls + 1} times; it has K/V buffers for "
                            f"{cell.slots} (init_cache's attentions).")
@@ -213,13 +221,18 @@ def _cached_attention(cell: KVCell, q, k, v, *, valid_len, scale, backend, ulyss
             c_mask = jnp.broadcast_to(real, (q.shape[0], lp)) if c_mask is None else c_mask & real
         context = (cq, ck, cv, c_mask)
 
+    if segments is not None and ulysses > 1:  # the rows the swap gives this device: the ring group's part
+        segments = lax.all_gather(segments, ULYSSES_AXIS, axis=0, tiled=True)
+
     def partial(rows, k, v, need_lse):
         whole = _store(cell, row, k, v)
         if ring > 1:
             return _ring_attention(rows, *whole, ring=ring, valid_len=None, scale=scale, backend=backend,
-                                   counts=cell.ring_counts, return_lse=need_lse)
+                                   counts=cell.ring_counts, return_lse=need_lse, segments=segments,
+                                   kv_segments=cell.kv_segments)
         out = block_attention(rows, *whole, valid_len=valid_len, scale=scale, backend=backend, need_lse=need_lse,
-                              out_dtype=jnp.float32 if need_lse else None)
+                              out_dtype=jnp.float32 if need_lse else None,
+                              segments=None if segments is None else (segments, cell.kv_segments))
         return out if need_lse else out[0]
 
     return _over_heads(q, k, v, partial, ulysses=ulysses, context=context, scale=scale, backend=backend)
@@ -460,7 +473,8 @@ def merge_partials(out, lse, out_b, lse_b):
     return out * to_out(wa) + out_b * to_out(wb), new_lse
 
 
-def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None, return_lse=False, segments=None):
+def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None, return_lse=False, segments=None,
+                    kv_segments=None):
     """q, k, v: the local contiguous chunk ``r`` (of ``ring``) of the sequence, (B, Sc, H, D).
 
     ``counts`` (PipeFusion's buffers, whose blocks are no contiguous chunks): a static array of the
@@ -471,7 +485,8 @@ def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None, re
     i+1 and the compute of block i are independent and XLA may overlap them. ``ring - 1`` sends of
     K and V in all: step 0 outside the loop, steps 1..ring-2 in a ``fori_loop``, the last outside
     (it sends nothing). Partial results are kept in float32. ``return_lse``: return the float32
-    ``(out, lse)`` (for a further merge) instead of ``out`` in q's dtype.
+    ``(out, lse)`` (for a further merge) instead of ``out`` in q's dtype. ``segments``: the queries' block-causal
+    ids; ``kv_segments``: the local keys' (travelling the ring with them; default ``segments``: self-attention).
     """
     sc = k.shape[1]
     r = lax.axis_index(RING_AXIS)
@@ -489,7 +504,7 @@ def _ring_attention(q, k, v, *, ring, valid_len, scale, backend, counts=None, re
                                backend=backend, need_lse=True, out_dtype=jnp.float32, kv_start_choices=choices,
                                segments=None if segments is None else (segments, kv[2]))
 
-    kv = (k, v) if segments is None else (k, v, segments)
+    kv = (k, v) if segments is None else (k, v, segments if kv_segments is None else kv_segments)
     nxt = lax.ppermute(kv, RING_AXIS, perm)
     out, lse = compute(kv, 0)
 
@@ -669,8 +684,9 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     ``segments``: int32 (S_local,), one id per local token (sharded with them, global ids): a block-causal mask,
     key j visible to query i only where ``segments[j] <= segments[i]`` (SkyReels-V2's diffusion forcing: a
     token's causal block of frames). Exact on every ``ulysses`` / ``ring`` mesh (the ids all-gathered over
-    ``ulysses``, travelling the ring with their K/V); not with a context nor under PipeFusion (refused). The XLA
-    kernel computes it whatever the backend (:func:`block_attention`).
+    ``ulysses``, travelling the ring with their K/V); under PipeFusion against the buffered keys' ids
+    (:func:`kv_cache`'s ``segments``); not with a context. The XLA kernel computes it whatever the backend
+    (:func:`block_attention`).
 
     With ``ring`` or ``ulysses`` > 1 this must be traced inside a ``shard_map`` over the installed
     mesh (it uses the collectives of the ``ring`` / ``ulysses`` axes).
@@ -688,9 +704,9 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
     if segments is not None:
         if context is not None or kv_valid is not None:
             raise ValueError("attention's block-causal segments take neither a context nor kv_valid.")
-        if cell is not None:
-            raise NotImplementedError("PipeFusion does not take a block-causal mask (segments): its patches attend "
-                                      "to stale K/V of later blocks; run diffusion forcing without pipefusion.")
+        if cell is not None and cell.kv_segments is None:
+            raise NotImplementedError("This PipeFusion stage has no segment ids for its buffered keys "
+                                      "(run_pipefusion's segments=): a block-causal mask needs them.")
         segments = jnp.asarray(segments, jnp.int32)
         if segments.shape != (q.shape[1],) or q.shape[1] != k.shape[1]:
             raise ValueError(f"segments must be (S_local,) = ({q.shape[1]},) for self-attention; got "
@@ -709,7 +725,7 @@ def attention(q, k, v, *, valid_len: int | None = None, scale=None, kv_valid=Non
         if kv_valid is not None:
             raise NotImplementedError("PipeFusion takes padding masks only.")
         return _cached_attention(cell, q, k, v, valid_len=valid_len, scale=scale, backend=cfg.backend,
-                                 ulysses=ulysses, ring=ring, context=context)
+                                 ulysses=ulysses, ring=ring, context=context, segments=segments)
     if context is not None:
         try:
             return _sequence_parallel_attention(q, k, v, ring=ring, ulysses=ulysses, valid_len=valid_len,

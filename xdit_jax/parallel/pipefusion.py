@@ -97,6 +97,8 @@ class StackCache:
     # (patch, patches, patch length, warm-up token table or None) for token_mixing.mixing_state
     mix: MixingBuffers | None = None
     mix_info: tuple | None = None
+    # a block-causal mask (run_pipefusion's ``segments``): the segment ids of this device's buffer keys, or None
+    kv_segments: jax.Array | None = None
 
     def text(self, ck, cv):
         return None if ck is None else (ck, cv, self.c_start, self.c_valid)
@@ -144,7 +146,7 @@ def layer_scan(layer_fn, carry, stacked_state):
         s, layer, real = xs
         with contextlib.ExitStack() as installed:
             cell = installed.enter_context(kv_cache(k, v, layer * per, cache.start, cache.write, cache.ring_counts,
-                                                    per, text=cache.text(ck, cv)))
+                                                    per, text=cache.text(ck, cv), segments=cache.kv_segments))
             mcell = None
             if mx is not None:  # the token mixers' buffers (SANA)
                 patch, patches, plen, warm = cache.mix_info
@@ -196,7 +198,7 @@ def final_block(fn, carry):
     cache.final_used = True
     tk, tv, *text = cache.tail  # (k, v), then the text's (ck, cv) where the text is sliced
     with kv_cache(tk, tv, 0, cache.start, cache.write, cache.ring_counts, tk.shape[0],
-                  text=cache.text(*text) if text else None) as cell:
+                  text=cache.text(*text) if text else None, segments=cache.kv_segments) as cell:
         y = fn(carry)
     if not cell.consumed:
         raise RuntimeError(f"The final block made {cell.calls} attentions; its K/V buffers hold "
@@ -400,7 +402,7 @@ def _buffer_tokens(patches: int, plen: int, ring: int, ulysses: int) -> np.ndarr
 
 
 def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches: int, stacked,
-                   warmup: bool = False, backend: str = "xla", num_layers=None, text=None):
+                   warmup: bool = False, backend: str = "xla", num_layers=None, text=None, segments=None):
     """One step of ``blocks(params, joint, tokens, cond)`` as a PipeFusion pipeline over ``mesh``.
 
     joint: (B, S, D) global; tokens: per-token tables (sequence on axis 0); cond: per-sample
@@ -422,6 +424,13 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     a step, and attends to the whole text (this step's slices before it, the last step's after). A
     ``cond`` entry the model passes as its context's key mask stays whole (the attention pads it).
     Without ``text`` each patch carries its own copy of the whole text (computed once per patch).
+
+    ``segments``: the key of ``tokens`` holding the tokens' block-causal segment ids, for a model that passes them to
+    :func:`~xdit_jax.parallel.attention.attention` (SkyReels-V2's diffusion forcing; ignored where ``tokens`` has no
+    such key): the buffered keys are masked by their ids as in the full sequence, so a patch's queries see the keys
+    of their own causal block and the blocks before it — this step's where they lie in the patches up to its own, the
+    last step's where they lie in later patches (a block cut by a patch boundary). Where the boundaries fall between
+    blocks no stale key is visible at all.
 
     Several stacks (FLUX: 19 double-stream, then 38 single-stream blocks) run *looped*: every stack is
     split over all the stages, and a patch goes round the stages once per stack (stack ``q`` on stage
@@ -466,6 +475,8 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
     counts = np.array([sum(min(max(s - (m * plen + j * part), 0), part) for m in range(patches))
                        for j in range(rr)]) if rr > 1 else None
     warm_tokens = _buffer_tokens(patches, plen, rr, u) if warmup else None
+    seg_key = segments if segments is not None and segments in tokens else None
+    ring_buffers = _buffer_tokens(patches, plen, rr, 1) if seg_key else None  # each ring position's buffer tokens
     text_keys, text_valid, tlen = tuple(text or ()), None, 0
     if text_keys and not slices_text(mesh):
         raise NotImplementedError("PipeFusion's text slices with ring > 1 on the CPU need "
@@ -506,6 +517,10 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
             bufs, mx = bufs[:-1], bufs[-1]
             if own_kv:  # no softmax attention: empty K/V buffers for layer_scan (they never leave this function)
                 bufs = (jnp.zeros((0,), mx.conv.dtype),) * 2
+        kv_seg = None
+        if seg_key:  # the buffer keys' segment ids, in this ring position's buffer order (padding: masked anyway)
+            kv_seg = jnp.take(jnp.asarray(t[seg_key], jnp.int32),
+                              jnp.asarray(ring_buffers)[lax.axis_index("ring") if rr > 1 else 0], axis=0)
         kv = tuple(bufs[g * q:g * q + g] for q in range(nstack))
         if mix is not None:
             kv = (kv[0] + (mx,),)  # the one stack's (k, v, mixing buffers)
@@ -544,7 +559,7 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
                                recv=recv, tail=(tail or None) if last else None, stack=q, last=last,
                                ck=ck, cv=cv, c_start=c_start, c_valid=text_valid, mix=mx,
                                mix_info=(jnp.clip(patch, 0, patches - 1), patches, plen,
-                                         warm_tokens if warmup else None))
+                                         warm_tokens if warmup else None), kv_segments=kv_seg)
             with stack_cache(cache), attention_context(AttentionConfig(mesh=mesh if u * rr > 1 else None,
                                                                        backend=backend, valid_len=valid_len)):
                 y = blocks(p, x, tp, cp)

@@ -127,7 +127,7 @@ class CogVideoXPipeline(VideoPipelineBase):
         ofs = OFS if self.transformer_config.ofs_embed_dim else None
 
         def blocks(params, joint, tokens, temb):  # runs on a local shard (xdit_jax.parallel.sequence)
-            return nnx.merge(graphdef, params).blocks(joint, tokens, temb)
+            return self._model_blocks(nnx.merge(graphdef, params), joint, tokens, temb)
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
             model = nnx.merge(graphdef, tstate)
@@ -148,6 +148,10 @@ class CogVideoXPipeline(VideoPipelineBase):
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
+
+    def _model_blocks(self, model, joint, tokens, temb):
+        """(Traced, on a local shard.) The transformer's block stack; ConsisID's takes PipeFusion's form there."""
+        return model.blocks(joint, tokens, temb)
 
     def _embed_extra(self, texts) -> dict:
         """(Traced.) More keyword arguments of the transformer's ``embed`` from the step's ``texts`` (ConsisID: the

@@ -17,8 +17,10 @@ insightface's antelopev2 detector and ArcFace, facexlib's parsing, EVA-CLIP-L-14
 face image to pass as ``image``. Those face models are not part of xdit_jax; run them with diffusers and hand over
 the arrays (the CLI reads them from an ``.npz``: ``--id-embeds``). ``kps_cond`` (is_kps checkpoints) is not taken.
 
-PipeFusion is refused: the face cross-attentions sit between the stacked blocks (a scan over groups of blocks), which
-PipeFusion's stage split does not know.
+PipeFusion runs (as CogVideoX's, patches of the joint [text; video] sequence) with the transformer's
+:meth:`~xdit_jax.models.consisid.ConsisIDTransformer3DModel.pipefusion_blocks`: one scan over the blocks whose carry
+holds the next block's index, so each stage applies the face cross-attentions that diffusers applies after its
+blocks; they are token-local, so each patch runs them on its own rows.
 """
 
 from __future__ import annotations
@@ -36,8 +38,6 @@ from xdit_jax.models import consisid, vae_cogvideox
 from xdit_jax.pipelines import cogvideox
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipelineOutput
 
-NO_PIPEFUSION = ("ConsisID does not run with PipeFusion (its face cross-attentions sit between the stacked blocks); "
-                 "use cfg, ring, ulysses or data instead.")
 ID_EMBEDS_HELP = ("Make them from a face photo with diffusers' ConsisID face models (insightface, facexlib, EVA-CLIP; "
                   "not part of xdit_jax): `from diffusers.pipelines.consisid.consisid_utils import "
                   "prepare_face_models, process_face_embeddings_infer`; `id_cond, id_vit_hidden, image, _ = "
@@ -47,9 +47,7 @@ ID_EMBEDS_HELP = ("Make them from a face photo with diffusers' ConsisID face mod
 
 def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
                   guidance_scale: float = 6.0) -> None:
-    """CogVideoX's checks (:func:`xdit_jax.pipelines.cogvideox.check_request`); PipeFusion refused."""
-    if mesh_spec is not None and getattr(mesh_spec, "pipefusion", 1) > 1:
-        raise ValueError(NO_PIPEFUSION)
+    """CogVideoX's checks (:func:`xdit_jax.pipelines.cogvideox.check_request`)."""
     cogvideox.check_request(tc, vc, height, width, num_frames, batch, mesh_spec, guidance_scale)
 
 
@@ -88,14 +86,12 @@ class ConsisIDPipeline(CogVideoXImageToVideoPipeline):
         if self.vae_config.invert_scale_latents:
             raise ValueError("This VAE has invert_scale_latents; diffusers' ConsisIDPipeline scales the image's latents "
                              "by scaling_factor regardless, and no ConsisID checkpoint has it.")
-        if self.uses_pipefusion:
-            raise ValueError(NO_PIPEFUSION)
 
-    @classmethod
-    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
-        if dict(mesh.shape).get("pipefusion", 1) > 1:  # (before the weights load)
-            raise ValueError(NO_PIPEFUSION)
-        return super()._extra_parts(folder, mesh, dtype, kind)
+    def _model_blocks(self, model, joint, tokens, cond):
+        """PipeFusion runs the form whose scan carries the next block's index (the face cross-attentions)."""
+        if self.uses_pipefusion:
+            return model.pipefusion_blocks(joint, tokens, cond)
+        return model.blocks(joint, tokens, cond)
 
     def _embed_extra(self, texts) -> dict:
         return {"face": texts[2]} if self.transformer_config.is_train_face else {}

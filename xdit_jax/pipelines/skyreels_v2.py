@@ -18,7 +18,18 @@ together; ``ar_step > 0`` with ``causal_block_size`` (asynchronous): the blocks 
 start one after the other, each ``ar_step`` steps behind the one before, and the transformer's self-attention is
 block-causal. One jitted step per iteration: the transformer with a timestep per frame (CFG), then every frame's
 scheduler step (UniPC's state per frame: the scheduler vmapped over the frame axis, each frame at its own step index),
-kept only for the frames updated. Every mesh but PipeFusion (whose stale K/V would break the causal mask; refused).
+kept only for the frames updated. Every mesh, PipeFusion too (below).
+
+PipeFusion in diffusion forcing: the displaced-patch rule of :mod:`xdit_jax.parallel.pipefusion` over the iterations
+of each window. The window's token layout (its frames, hence the sequence and the patches) is fixed for all its
+iterations, so the buffers hold the same tokens' K/V from one iteration to the next; each window starts with fresh
+buffers and ``pipefusion_warmup_steps`` exact iterations (a long video's windows, and the last window's other length,
+never read another window's K/V). A frame's K/V change between iterations only through its latents (frames not updated
+keep theirs) and its timestep, as any step's do. With the block-causal mask (``causal_block_size`` > 1) the buffered
+keys carry their causal block's id (:func:`~xdit_jax.parallel.pipefusion.run_pipefusion`'s ``segments``): a patch's
+queries see only their own block's keys and earlier blocks'; patches follow the frame order, so the earlier blocks' keys
+are this iteration's, and a stale key is visible only where a patch boundary cuts the query's own block (none where
+the boundaries fall between blocks). Tested against the same rule run sequentially on one device.
 
 diffusers' per-frame UniPC (as the SkyReels-V2 release's loop) steps ``latents[:, :, f]``, a view of the latents, and
 keeps that view as its ``last_sample`` where the corrector did not run (step 0): the in-place update of the latents with
@@ -181,10 +192,6 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
 
     def __init__(self, **parts):
         super().__init__(**parts)
-        if self.uses_pipefusion:
-            raise ValueError("SkyReels-V2 diffusion forcing does not run on a pipefusion mesh: PipeFusion's patches "
-                             "attend to the previous step's K/V of the later frames, which the block-causal mask "
-                             "and the per-frame schedule do not allow; use ulysses / ring / cfg / data.")
         self._causal_models = {}
 
     def _transformer_for(self, causal_block_size: int):
@@ -197,14 +204,17 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
             self._causal_models[causal_block_size] = nnx.merge(graphdef, nnx.split(self.transformer)[1])
         return self._causal_models[causal_block_size]
 
-    def _df_step_fn(self, do_cfg: bool, causal_block_size: int, prefix: int = 0, addnoise: bool = False):
-        """The jitted iteration ``(tstate, latents, sched_state, n, texts, sched, guidance, fps, t_matrix, i_matrix,
-        update, window, key, addnoise_condition) -> (latents, sched_state, n + 1)``: the transformer on all frames at
+    def _df_step_fn(self, do_cfg: bool, causal_block_size: int, prefix: int = 0, addnoise: bool = False,
+                    warmup: bool = True):
+        """The jitted iteration ``(tstate, latents, sched_state, n, kv, texts, sched, guidance, fps, t_matrix,
+        i_matrix, update, window, key, addnoise_condition) -> (latents, sched_state, n + 1, kv)``: the transformer on
+        all frames at
         row ``n``'s timesteps, CFG, then each frame's scheduler step at its own step index, kept where row ``n``
         updates the frame. ``prefix`` (static): a long video's condition frames at the window's start; with
         ``addnoise`` they enter the transformer noised (:meth:`_condition_noise`) at timestep
-        ``addnoise_condition``, as diffusers'."""
-        key_ = ("df", do_cfg, causal_block_size, prefix, addnoise)
+        ``addnoise_condition``, as diffusers'. ``kv``: PipeFusion's K/V buffers (None without it); ``warmup``: with
+        PipeFusion, an exact iteration over the whole sequence (else a patched one)."""
+        key_ = ("df", do_cfg, causal_block_size, prefix, addnoise, warmup)
         if key_ in self._step_cache:
             return self._step_cache[key_]
         model_ = self._transformer_for(causal_block_size)
@@ -215,7 +225,7 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
         def blocks(params, x, tokens, cond):
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
 
-        def step(tstate, latents, sched_state, n, texts, sched, guidance, fps, t_matrix, i_matrix, update, window,
+        def step(tstate, latents, sched_state, n, kv, texts, sched, guidance, fps, t_matrix, i_matrix, update, window,
                  key, addnoise_condition):
             model = nnx.merge(graphdef, tstate)
             x, t_row = latents, t_matrix[n].astype(jnp.float32)
@@ -229,7 +239,15 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
             t = jnp.broadcast_to(t_row[None], (x.shape[0], latents.shape[2]))
             f = None if fps is None else jnp.broadcast_to(fps, (x.shape[0],))
             tokens_x, tokens, cond = model.embed(x.astype(dtype), t, texts[0], None, f)
-            tokens_x, _ = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, None, True)
+            if kv is None:
+                tokens_x, _ = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, None, True)
+            else:  # PipeFusion, the buffered keys masked by their causal blocks' ids
+                from xdit_jax.parallel import pipefusion
+
+                tokens_x, kv = pipefusion.run_pipefusion(
+                    blocks, tstate, tokens_x, tokens, cond, kv, self.mesh, patches=self.pipefusion_patches,
+                    warmup=warmup, stacked=self.stacked, backend=self.attention_backend,
+                    num_layers=self.stacked_layers, text=self._pipefusion_text(), segments="segment")
             pred = model.head(tokens_x, cond, x.shape).astype(jnp.float32)
             pred = self._real_rows(pred, latents.shape[0], do_cfg)
             if do_cfg:
@@ -247,8 +265,7 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
             upd = update[n][None, None, :, None, None]
             latents = jnp.where(upd, new, latents)
             sched_state = jax.tree.map(lambda a, b: jnp.where(upd, a, b), tuple(new_state), tuple(sched_state))
-            out_latents, out_state, n1, _ = self._step_out(latents, sched_state, n, None)
-            return out_latents, out_state, n1
+            return self._step_out(latents, sched_state, n, kv)
 
         return self._jit_step(key_, step)
 
@@ -431,17 +448,22 @@ class SkyReelsV2DiffusionForcingPipeline(SkyReelsV2Pipeline):
                                                        block)
                 if end:  # the appended last frame: timestep 0, never updated
                     t_mat[:, -1], upd[:, -1] = 0, False
-                step = self._df_step_fn(do_cfg, block, prefix, bool(addnoise_condition) and prefix > 0)
+                noised = bool(addnoise_condition) and prefix > 0
+                warm_step = self._df_step_fn(do_cfg, block, prefix, noised)
+                # PipeFusion: this window's own buffers, its first iterations exact (they fill them)
+                kv = self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape))
+                step = warm_step if kv is None else self._df_step_fn(do_cfg, block, prefix, noised, warmup=False)
                 args = (texts, sched_arrays, put(np.float32(guidance_scale)), fps_row, put(t_mat.astype(np.float32)),
                         put(i_mat.astype(np.int32)), put(upd), put(np.int32(k)), rng,
                         put(np.float32(addnoise_condition)))
 
-                def one(carry, n, step=step, args=args):
-                    lat, st, i = carry
-                    return step(tstate, lat, st, i, *args)
+                def one(carry, n, step=step, warm_step=warm_step, args=args):
+                    lat, st, i, kv = carry
+                    fn = warm_step if kv is None or n < self.pipefusion_warmup_steps else step
+                    return fn(tstate, lat, st, i, kv, *args)
 
                 state = jax.device_put(self._init_state(shape), self._latent_sharding(shape))
-                carry = (lat, state, jax.device_put(np.int32(0), self._replicated()))
+                carry = (lat, state, jax.device_put(np.int32(0), self._replicated()), kv)
                 desc = "denoising" if len(plan) == 1 else f"denoising window {k + 1}/{len(plan)}"
                 lat = denoise_loop(one, carry, len(t_mat), progress=progress, desc=desc)[0]
                 made_latents = lat if k == 0 else jnp.concatenate([made_latents, lat[:, :, overlap:]], axis=2)
