@@ -164,7 +164,7 @@ def _unbound(axes, e):
                         f"(xdit_jax.parallel.sequence.run_blocks): {e}")
 
 
-def linear_attention(q, k, v, *, eps: float = 1e-15):
+def linear_attention(q, k, v, *, eps: float = 1e-15, q_rot=None, k_rot=None):
     """Linear attention of the LOCAL (B, S, H, D) queries on the keys/values of the whole sequence.
 
     q, k: already through the kernel feature map (non-negative, e.g. ReLU); v: (B, S, H, Dv). The math is
@@ -172,6 +172,11 @@ def linear_attention(q, k, v, *, eps: float = 1e-15):
     tokens first, then applied to the queries; the denominator is the same product with a row of ones
     appended to V. Returns (B, S, H, Dv) in q's dtype. Padded keys (global index >= ``valid_len``) are
     left out of the sums.
+
+    ``q_rot`` / ``k_rot`` (SANA-Video's SanaLinearAttnProcessor3_0): the numerator ``sum_m (q_rot_n . k_rot_m) v_m``
+    from the rotated (RoPE) queries and keys, the denominator ``sum_m q_n . k_m`` from the plain ones. The two sums
+    over the tokens, ``K_rot^T V`` and ``sum K``, are packed as the plain op's into one (B, H, D, Dv + 1) array (one
+    psum; the same PipeFusion buffer).
     """
     if not (q.ndim == k.ndim == v.ndim == 4) or q.shape != k.shape or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"linear_attention wants q, k (B,S,H,D) and v (B,S,H,Dv) of one sequence; "
@@ -179,15 +184,34 @@ def linear_attention(q, k, v, *, eps: float = 1e-15):
     cell = _mix_cell("linear attention")
     cfg = current_config()
     axes, _ = _sequence_axes(cfg)
+    rot = q_rot is not None or k_rot is not None
+    if rot and (q_rot is None or k_rot is None or q_rot.shape != q.shape or k_rot.shape != k.shape):
+        raise ValueError("linear_attention wants both q_rot and k_rot, shaped as q and k.")
     qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
+    krf = k_rot.astype(jnp.float32) if rot else None
     n = k.shape[1]
     pos = cell.positions(cfg, n) if cell is not None else None
     if cfg.valid_len is not None:
         if pos is None:
             pos = (_chunk_index(cfg) * n if axes else 0) + jnp.arange(n)
-        kf = jnp.where((pos < cfg.valid_len)[None, :, None, None], kf, 0.0)
-    # V padded with a row of ones (diffusers' trick): one product gives K^T V and the key sums, and one psum adds them
-    vf = jnp.concatenate([vf, jnp.ones(vf.shape[:-1] + (1,), vf.dtype)], axis=-1)
+        keep = (pos < cfg.valid_len)[None, :, None, None]
+        kf = jnp.where(keep, kf, 0.0)
+        krf = jnp.where(keep, krf, 0.0) if rot else None
+    if rot:  # numerator keys rotated, denominator keys plain: [K_rot^T V | sum K], the plain op's packing
+        def token_sums(onehot=None):
+            if onehot is None:
+                return jnp.concatenate([jnp.einsum("bshd,bshe->bhde", krf, vf),
+                                        jnp.sum(kf, axis=1)[..., None]], axis=-1)
+            return jnp.concatenate([jnp.einsum("bshd,sm,bshe->bmhde", krf, onehot, vf),
+                                    jnp.einsum("bshd,sm->bmhd", kf, onehot)[..., None]], axis=-1)
+    else:
+        # V padded with a row of ones (diffusers' trick): one product gives K^T V and the key sums, one psum adds them
+        vf = jnp.concatenate([vf, jnp.ones(vf.shape[:-1] + (1,), vf.dtype)], axis=-1)
+
+        def token_sums(onehot=None):
+            if onehot is None:
+                return jnp.einsum("bshd,bshe->bhde", kf, vf)
+            return jnp.einsum("bshd,sm,bshe->bmhde", kf, onehot, vf)
 
     def psum(x):
         if not axes:
@@ -197,7 +221,7 @@ def linear_attention(q, k, v, *, eps: float = 1e-15):
         except NameError as e:
             raise _unbound(axes, e) from e
 
-    kv = psum(jnp.einsum("bshd,bshe->bhde", kf, vf))  # (B, H, D, Dv + 1): sums over the tokens
+    kv = psum(token_sums())  # (B, H, D, Dv + 1): sums over the tokens
     if cell is not None:  # PipeFusion: per-patch partial sums in the layer's buffer
         if cell.la_calls:
             raise RuntimeError("A PipeFusion block called linear_attention twice; its buffers hold one per layer.")
@@ -208,21 +232,34 @@ def linear_attention(q, k, v, *, eps: float = 1e-15):
                              f"needs {want} (pipefusion.init_mixing).")
         if cell.warm is not None:  # the whole sequence: the total as the plain op, every patch's sum stored
             onehot = (pos[:, None] // cell.plen == jnp.arange(cell.patches)[None]).astype(jnp.float32)
-            parts = psum(jnp.einsum("bshd,sm,bshe->bmhde", kf, onehot, vf))
+            parts = psum(token_sums(onehot))
             cell.la, _ = _row_update(cell.la, cell.layer, parts, (0, 0, 0, 0, 0), cell.write)
         else:  # this patch's fresh sum replaces its slot; the total sums the slots
             cell.la, row = _row_update(cell.la, cell.layer, kv[:, None], (0, cell.patch, 0, 0, 0), cell.write)
             kv = jnp.sum(row, axis=1)
+    if rot:
+        num = jnp.einsum("bshd,bhde->bshe", q_rot.astype(jnp.float32), kv[..., :-1])
+        den = jnp.einsum("bshd,bhd->bsh", qf, kv[..., -1])[..., None]
+        return (num / (den + eps)).astype(q.dtype)
     out = jnp.einsum("bshd,bhde->bshe", qf, kv)
     return (out[..., :-1] / (out[..., -1:] + eps)).astype(q.dtype)
 
 
+def _frames_grid(grid):
+    """(F, H, W) of a 2-D ``(H, W)`` grid (one frame) or of a 3-D ``(F, H, W)`` one (frames of H x W tokens)."""
+    if len(grid) not in (2, 3):
+        raise ValueError(f"A token grid is (H, W) or (F, H, W); got {tuple(grid)}.")
+    return tuple(int(g) for g in ((1,) * (3 - len(grid)) + tuple(grid)))
+
+
 def _conv_flat(ext, weight, start, n: int, grid):
     """Depthwise 3x3 conv of the ``n`` tokens at global flat indices ``start ..`` from ``ext`` (B, n + 2(W+1), C),
-    which holds the global tokens ``start - W - 1 .. start + n + W`` (anything outside the grid masked)."""
-    h, w = grid
+    which holds the global tokens ``start - W - 1 .. start + n + W`` (anything outside the grid masked; with
+    frames, ``grid = (F, H, W)``, each frame's own grid: nothing reaches across a frame's top or bottom edge)."""
+    f, h, w = _frames_grid(grid)
     g = start + jnp.arange(n)
     row, col = g // w, g % w
+    row = row if f == 1 else row % h  # the row within its frame
     out = None
     for di in (-1, 0, 1):
         for dj in (-1, 0, 1):
@@ -235,23 +272,23 @@ def _conv_flat(ext, weight, start, n: int, grid):
 
 
 def _conv_whole(xf, wf, grid):
-    """The depthwise 3x3 conv of the whole (B, n >= H W, C) float32 sequence on one device (rows past the grid:
-    zeros out)."""
-    h, w = grid
+    """The depthwise 3x3 conv of the whole (B, n >= F H W, C) float32 sequence on one device, frame by frame (rows
+    past the grid: zeros out)."""
+    f, h, w = _frames_grid(grid)
     b, n, c = xf.shape
-    if n < h * w:
-        raise ValueError(f"grid_conv3x3 on one device wants the whole grid of {h}x{w} tokens, got {n}.")
-    xi = xf[:, :h * w].reshape(b, h, w, c)
+    if n < f * h * w:
+        raise ValueError(f"grid_conv3x3 on one device wants the whole grid of {f}x{h}x{w} tokens, got {n}.")
+    xi = xf[:, :f * h * w].reshape(b * f, h, w, c)
     y = lax.conv_general_dilated(xi, wf[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-    y = y.reshape(b, h * w, c)
-    return jnp.pad(y, ((0, 0), (0, n - h * w), (0, 0))) if n > h * w else y
+    y = y.reshape(b, f * h * w, c)
+    return jnp.pad(y, ((0, 0), (0, n - f * h * w), (0, 0))) if n > f * h * w else y
 
 
 def _cached_conv(cell: MixCell, cfg, axes, x, wf, grid):
     """PipeFusion's grid conv (module docstring): the call's tokens (gathered over the sequence group) stored in
     the layer's buffer of the whole sequence's input, then this device's tokens convolved with halos from it."""
-    h, w = grid
+    h, w = grid[-2:]
     halo = w + 1
     b, n, c = x.shape
     if cell.conv_calls:
@@ -280,14 +317,16 @@ def _cached_conv(cell: MixCell, cfg, axes, x, wf, grid):
     return _conv_flat(ext, wf, mine, n, grid)
 
 
-def grid_conv3x3(x, weight, bias=None, *, grid: tuple[int, int]):
-    """Depthwise 3x3 convolution, stride 1, zero padding 1, of the tokens of a row-major ``grid = (H, W)``.
+def grid_conv3x3(x, weight, bias=None, *, grid: tuple[int, ...]):
+    """Depthwise 3x3 convolution, stride 1, zero padding 1, of the tokens of a row-major ``grid = (H, W)``; or of
+    each frame of a ``grid = (F, H, W)`` of frames (SANA-Video's GLUMBTempConv: its spatial conv is per frame; the
+    halo is still ``W + 1`` tokens, what would cross a frame's edge is masked).
 
     x: the LOCAL (B, S_local, C) shard of the (padded) flat sequence of ``H * W`` tokens; weight: (3, 3, C)
     (kernel rows, columns); bias: (C,) or None. Returns (B, S_local, C) in x's dtype (products summed in
     float32). On one device without padding this is one ``conv_general_dilated`` with ``C`` groups.
     """
-    h, w = int(grid[0]), int(grid[1])
+    grid = _frames_grid(grid)
     if x.ndim != 3 or weight.shape != (3, 3, x.shape[-1]):
         raise ValueError(f"grid_conv3x3 wants x (B, S, C) and weight (3, 3, C); got {x.shape}, {weight.shape}.")
     cell = _mix_cell("the grid convolution")
@@ -296,25 +335,68 @@ def grid_conv3x3(x, weight, bias=None, *, grid: tuple[int, int]):
     b, n, c = x.shape
     wf = weight.astype(jnp.float32)
     if cell is not None:
-        y = _cached_conv(cell, cfg, axes, x, wf, (h, w))
+        y = _cached_conv(cell, cfg, axes, x, wf, grid)
     elif not axes:
-        y = _conv_whole(x.astype(jnp.float32), wf, (h, w))
+        y = _conv_whole(x.astype(jnp.float32), wf, grid)
     else:
-        halo = w + 1
-        xf = x.astype(jnp.float32)
-        start = _chunk_index(cfg) * n
-        try:
-            if n >= halo:  # the halos are the neighbouring chunks' edges
-                prev = lax.ppermute(xf[:, n - halo:], axes, [(i, i + 1) for i in range(degree - 1)])
-                nxt = lax.ppermute(xf[:, :halo], axes, [(i + 1, i) for i in range(degree - 1)])
-                ext = jnp.concatenate([prev, xf, nxt], axis=1)
-            else:  # chunks shorter than a row: gather the grid
-                whole = lax.all_gather(xf, axes, axis=1, tiled=True)
-                whole = jnp.pad(whole, ((0, 0), (halo, halo), (0, 0)))
-                ext = lax.dynamic_slice_in_dim(whole, start, n + 2 * halo, axis=1)
-        except NameError as e:
-            raise _unbound(axes, e) from e
-        y = _conv_flat(ext, wf, start, n, (h, w))
+        ext, start = _with_halos(x.astype(jnp.float32), grid[2] + 1, cfg, axes, degree)
+        y = _conv_flat(ext, wf, start, n, grid)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def _with_halos(xf, halo: int, cfg, axes, degree: int):
+    """(ext, start): this device's (B, n, C) chunk with the ``halo`` tokens before and after it of the global flat
+    sequence (zeros past its ends), and its first token's global index. When every chunk holds at least ``halo``
+    tokens the halos are the neighbouring chunks' edges (two ``ppermute``s), else the sequence is gathered."""
+    n = xf.shape[1]
+    start = _chunk_index(cfg) * n
+    try:
+        if n >= halo:  # the halos are the neighbouring chunks' edges
+            prev = lax.ppermute(xf[:, n - halo:], axes, [(i, i + 1) for i in range(degree - 1)])
+            nxt = lax.ppermute(xf[:, :halo], axes, [(i + 1, i) for i in range(degree - 1)])
+            ext = jnp.concatenate([prev, xf, nxt], axis=1)
+        else:  # chunks shorter than the halo: gather the sequence
+            whole = lax.all_gather(xf, axes, axis=1, tiled=True)
+            whole = jnp.pad(whole, ((0, 0), (halo, halo), (0, 0)))
+            ext = lax.dynamic_slice_in_dim(whole, start, n + 2 * halo, axis=1)
+    except NameError as e:
+        raise _unbound(axes, e) from e
+    return ext, start
+
+
+def frame_conv3(x, weight, *, grid: tuple[int, int, int]):
+    """A kernel-3 convolution over the frames of a row-major ``grid = (F, H, W)`` with full channel mixing, zero
+    padding 1, no bias: ``out[f, i, j] = sum_dt x[f + dt, i, j] @ weight[dt + 1]`` over the frames ``f + dt`` in
+    ``[0, F)`` (SANA-Video's ``conv_temp``, an ``nn.Conv2d(C, C, (3, 1))`` over (frames, tokens of a frame)).
+
+    x: the LOCAL (B, S_local, C) shard of the (padded) flat sequence of ``F H W`` tokens; weight: (3, C, C_out).
+    Token ``g`` needs ``g - H W`` and ``g + H W``: a halo of one frame (``H W`` tokens) on each side, from the
+    neighbouring chunks by two ``ppermute``s where each chunk holds at least a frame (``2 B H W C`` values per device
+    and call), else the sequence gathered (exact either way). Returns (B, S_local, C_out) in x's dtype (float32
+    products). PipeFusion: refused (no buffer for it).
+    """
+    f, h, w = _frames_grid(grid)
+    if x.ndim != 3 or weight.ndim != 3 or weight.shape[:2] != (3, x.shape[-1]):
+        raise ValueError(f"frame_conv3 wants x (B, S, C) and weight (3, C, C_out); got {x.shape}, {weight.shape}.")
+    if _mix_cell("the frame convolution") is not None:
+        raise NotImplementedError("frame_conv3 under PipeFusion: its buffers hold no frame convolution input "
+                                  "(SANA-Video runs with sequence parallelism, not PipeFusion).")
+    cfg = current_config()
+    axes, degree = _sequence_axes(cfg)
+    xf, wf = x.astype(jnp.float32), weight.astype(jnp.float32)
+    hw = h * w
+    n = x.shape[1]
+    if axes:
+        ext, start = _with_halos(xf, hw, cfg, axes, degree)
+    else:
+        ext, start = jnp.pad(xf, ((0, 0), (hw, hw), (0, 0))), 0
+    frame = (start + jnp.arange(n)) // hw
+    out = None
+    for dt in (-1, 0, 1):
+        src = lax.slice_in_dim(ext, hw + dt * hw, hw + dt * hw + n, axis=1)
+        ok = ((frame + dt >= 0) & (frame + dt < f))[None, :, None]
+        term = jnp.where(ok, jnp.einsum("bsc,cd->bsd", src, wf[dt + 1]), 0.0)
+        out = term if out is None else out + term
+    return out.astype(x.dtype)

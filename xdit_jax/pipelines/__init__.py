@@ -51,6 +51,7 @@ PIPELINES = {
     "CogView4Pipeline": ("xdit_jax.pipelines.cogview4", "CogView4Pipeline", "cogview4"),
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
     "SanaSprintPipeline": ("xdit_jax.pipelines.sana", "SanaSprintPipeline", "sana-sprint"),
+    "SanaVideoPipeline": ("xdit_jax.pipelines.sana_video", "SanaVideoPipeline", "sana-video"),
     "ChromaPipeline": ("xdit_jax.pipelines.chroma", "ChromaPipeline", "chroma"),
     "ChromaImg2ImgPipeline": ("xdit_jax.pipelines.chroma", "ChromaImg2ImgPipeline", "chroma"),
     "Lumina2Pipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),
