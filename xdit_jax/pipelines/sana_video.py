@@ -106,7 +106,9 @@ def default_video(tc=None, vc=None) -> dict:
 
 
 def check_mesh(mesh_spec) -> None:
-    if mesh_spec is not None and mesh_spec.pipefusion > 1:
+    from xdit_jax.mesh import MeshSpec
+
+    if MeshSpec.parse(mesh_spec).pipefusion > 1:
         raise ValueError(f"Mesh {mesh_spec}: {NO_PIPEFUSION}.")
 
 
@@ -145,6 +147,12 @@ class SanaVideoPipeline(VideoPipelineBase):
     _step_fn = sana.SanaPipeline._step_fn
     latent_shape = wan.WanPipeline.latent_shape
     output_frames = wan.WanPipeline.output_frames
+
+    @classmethod
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """Nothing more; a PipeFusion mesh refused here, before the weights load."""
+        check_mesh(dict(mesh.shape))
+        return {}
 
     def _setup_pipefusion(self, patches, warmup_steps) -> None:
         super()._setup_pipefusion(patches, warmup_steps)
@@ -212,7 +220,7 @@ class SanaVideoPipeline(VideoPipelineBase):
             raise ValueError(f"frames={frames} and num_frames={num_frames} disagree; give one.")
         dv = self.default_video()
         height, width = height or dv["height"], width or dv["width"]
-        num_frames = frames or num_frames or dv["num_frames"]
+        num_frames = next((v for v in (frames, num_frames) if v is not None), dv["num_frames"])
         requested = (height, width)
         if use_resolution_binning:
             height, width = binned_size(height, width, self.transformer_config.sample_size)
