@@ -54,6 +54,28 @@ def test_matches_diffusers(pair):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_first_frame_timestep_matches_diffusers(pair):
+    """SanaImageToVideoPipeline's per-token timesteps ``t * (1 - mask)`` (the first latent frame's tokens at 0) ==
+    ``first_frame_timestep``; and over cfg=2,ring=2,ulysses=2 (the mask rides with the sharded tokens)."""
+    tm, cfg, model, _ = pair
+    x, enc, t = _inputs(cfg, seed=3)
+    b, f, h, w = SHAPE
+    mask = np.zeros((b, 1, f, h // 2, w // 2), np.float32)
+    mask[:, :, 0] = 1.0
+    with torch.no_grad():
+        tt = torch.from_numpy(t.astype(np.float32)).view(b, 1, 1, 1, 1) * (1 - torch.from_numpy(mask))
+        ref = tm(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(enc), timestep=tt,
+                 encoder_attention_mask=torch.from_numpy(MASK), return_dict=False)[0].numpy()
+    zero = np.zeros_like(t, np.float32)
+    out = np.asarray(jax.jit(lambda m, *a: m(*a, first_frame_timestep=zero))(model, x, enc, t.astype(np.float32),
+                                                                             MASK))
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+    par = sequence_parallel_forward(model, build_mesh("cfg=2,ring=2,ulysses=2"))
+    out_par = np.asarray(par(x, enc, t.astype(np.float32), MASK, first_frame_timestep=zero))
+    np.testing.assert_allclose(out_par, out, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mesh_spec", ["cfg=2,ring=2,ulysses=2", pytest.param("ulysses=3", marks=pytest.mark.slow)])
 def test_sequence_parallel_equals_one_device(pair, mesh_spec):
     tm, cfg, model, fwd = pair

@@ -241,13 +241,19 @@ class SanaTransformerBlock(nnx.Module):
         self.ff = self.FEED_FORWARD(cfg, dtype=dtype, rngs=rngs)
         self.scale_shift_table = nnx.Param(jnp.zeros((6, d), dtype))
 
-    def __call__(self, x, cond, rope=None):
+    def __call__(self, x, cond, rope=None, first=None):
         """x: the image tokens (B, S, D) or this device's shard of them (padded); cond: see ``embed``; ``rope``:
-        the self-attention's (cos, sin) tables of these tokens (SANA-Video), or None."""
+        the self-attention's (cos, sin) tables of these tokens (SANA-Video), or None; ``first``: (S,) 1 where a token
+        takes ``cond["timestep_first"]``'s modulation instead (SANA-Video image-to-video's first frame), or None."""
         b = x.shape[0]
         grid = tuple(cond["grid"].shape[1:-1])  # (H, W), or SANA-Video's (F, H, W)
         mod = self.scale_shift_table[...][None] + cond["timestep"].reshape(b, 6, -1)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod.astype(x.dtype), 6, axis=1)
+        mods = jnp.split(mod.astype(x.dtype), 6, axis=1)
+        if first is not None:  # per token: the first frame's modulation where marked
+            mod0 = self.scale_shift_table[...][None] + cond["timestep_first"].reshape(b, 6, -1)
+            mods = [jnp.where(first[None, :, None] > 0, m0, m) for m0, m in
+                    zip(jnp.split(mod0.astype(x.dtype), 6, axis=1), mods)]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * (self.attn1(h) if rope is None else self.attn1(h, rope))
         x = x + self.attn2(x, cond["context"], cond["context_mask"])  # un-normed tokens, as diffusers

@@ -134,10 +134,15 @@ class SanaVideoTransformer3DModel(sana.SanaTransformer2DModel):
         pt, ph, pw = cfg.patch_size
         self.proj_out = sana.linear(d, pt * ph * pw * cfg.out_ch, dtype=dtype, rngs=rngs)
 
-    def embed(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None, guidance=None):
+    def embed(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None, guidance=None,
+              first_frame_timestep=None):
         """-> (x, tokens, cond). x: (B, S, D) video tokens, row-major over the (F/pt, H/ph, W/pw) grid. tokens:
         ``{"rope": ((S, head_dim) cos, (S, head_dim) sin)}`` (sharded with the sequence). cond: SANA's, with
-        ``grid`` (B, F/pt, H/ph, W/pw, 0) carrying the token grid to the blocks' convolutions."""
+        ``grid`` (B, F/pt, H/ph, W/pw, 0) carrying the token grid to the blocks' convolutions.
+
+        ``first_frame_timestep`` (B,): the tokens of the first latent frame at this timestep, the others at
+        ``timestep`` (SanaImageToVideoPipeline's per-token timesteps ``t * (1 - mask)``, which are exactly so); then
+        ``tokens["first"]`` (S,) marks them and cond holds ``timestep_first`` / ``embedded_timestep_first`` too."""
         cfg, dtype = self.cfg, self.dtype
         b, c, f, h, w = hidden_states.shape
         check_input_shape(cfg, c, f, h, w)
@@ -147,10 +152,16 @@ class SanaVideoTransformer3DModel(sana.SanaTransformer2DModel):
         cond = self.embed_conditions(b, encoder_hidden_states, timestep, encoder_attention_mask, guidance)
         cond["grid"] = jnp.zeros((b, *grid, 0), dtype)
         cos, sin = rope_table(cfg, *grid)
-        return x, {"rope": (jnp.asarray(cos), jnp.asarray(sin))}, cond
+        tokens = {"rope": (jnp.asarray(cos), jnp.asarray(sin))}
+        if first_frame_timestep is not None:
+            c0 = self.embed_conditions(b, encoder_hidden_states, first_frame_timestep, encoder_attention_mask, guidance)
+            cond.update(timestep_first=c0["timestep"], embedded_timestep_first=c0["embedded_timestep"])
+            tokens["first"] = (jnp.arange(x.shape[1]) < grid[1] * grid[2]).astype(jnp.float32)
+        return x, tokens, cond
 
     def blocks(self, x, tokens, cond):
-        return sana.scan_modules(self.transformer_blocks, lambda blk, y: blk(y, cond, tokens["rope"]), x)
+        return sana.scan_modules(self.transformer_blocks,
+                                 lambda blk, y: blk(y, cond, tokens["rope"], tokens.get("first")), x)
 
     def head(self, x, cond, shape):
         cfg = self.cfg
@@ -158,9 +169,21 @@ class SanaVideoTransformer3DModel(sana.SanaTransformer2DModel):
         pt, ph, pw = cfg.patch_size
         mod = self.scale_shift_table[...][None] + cond["embedded_timestep"][:, None]
         shift, scale = jnp.split(mod.astype(x.dtype), 2, axis=1)
+        if "embedded_timestep_first" in cond:  # the first latent frame's tokens at their own timestep
+            first = (jnp.arange(x.shape[1]) < (h // ph) * (w // pw))[None, :, None]
+            mod0 = self.scale_shift_table[...][None] + cond["embedded_timestep_first"][:, None]
+            shift0, scale0 = jnp.split(mod0.astype(x.dtype), 2, axis=1)
+            shift, scale = jnp.where(first, shift0, shift), jnp.where(first, scale0, scale)
         x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)
         x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, cfg.out_ch).transpose(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, cfg.out_ch, f, h, w)
+
+
+    def __call__(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None, guidance=None,
+                 first_frame_timestep=None):
+        x, tokens, cond = self.embed(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, guidance,
+                                     first_frame_timestep)
+        return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
 
 
 def check_input_shape(cfg: SanaVideoConfig, channels: int, frames: int, latent_h: int, latent_w: int) -> None:
