@@ -569,6 +569,16 @@ def make_torch_sana_video(seed: int = 0):
                              transformer=transformer, scheduler=sched)
 
 
+def make_torch_sana_video_i2v(seed: int = 0):
+    """A tiny random diffusers SanaImageToVideoPipeline: :func:`make_torch_sana_video`'s parts with
+    FlowMatchEulerDiscreteScheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaImageToVideoPipeline
+
+    t2v = make_torch_sana_video(seed)
+    return SanaImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                    transformer=t2v.transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
 def make_torch_lumina2(seed: int = 0):
     """A tiny random diffusers Lumina2Pipeline (xdit_jax.tiny's Lumina 2 configs: SANA's tiny Gemma 2 with eager
     attention on the Gemma stand-in tokenizer, FLUX's tiny VAE with scaling and shift, FlowMatchEuler with dynamic

@@ -149,6 +149,11 @@ def test_generate_sana_video(tmp_path, capsys):
     assert '"model_family": "sana-video"' in capsys.readouterr().out
     rc = cli.main(["--model", "tiny-sana-video", "--output", str(tmp_path / "x.mp4"), "--mesh", "pipefusion=2"])
     assert rc == 2 and "PipeFusion" in capsys.readouterr().err
+    image = tmp_path / "first.png"  # --image: SanaImageToVideoPipeline on the same folder
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8))
+    rc = cli.main(["--model", "tiny-sana-video", "--output", str(tmp_path / "i.mp4"), "--image", str(image),
+                   "--no-progress"])
+    assert rc == 0 and iio.imread(tmp_path / "i.mp4").shape == (9, 32, 64, 3)
 
 
 def test_generate_lumina2_image(tmp_path, capsys):

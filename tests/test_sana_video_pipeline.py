@@ -53,6 +53,47 @@ def test_video_matches_diffusers(pipes):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
 
 
+def _i2v_parity(tp_i2v, ours, lat, image, **kw):
+    """diffusers' SanaImageToVideoPipeline and ours from the same latents and image: (ours, diffusers') latents."""
+    call = dict(CALL, complex_human_instruction=[], **kw)
+    with torch.no_grad():
+        ref = tp_i2v(image=image, prompt=PROMPT, negative_prompt=NEG, latents=torch.from_numpy(lat),
+                     output_type="latent", **call).frames.numpy()
+    out = ours(image, PROMPT, NEG, latents=lat, output_type="latent", progress=False, **call).frames
+    return out, ref
+
+
+@pytest.mark.slow  # (~8 s: its own step, text and VAE encoder compiles)
+def test_image_to_video_matches_diffusers(pipes):
+    """SanaImageToVideoPipeline on the text-to-video folder (as diffusers loads SANA-Video_2B_480p_diffusers; its
+    DPM-Solver++): the image's VAE latents in frame 0, that frame's tokens at timestep 0, frames 1.. stepped."""
+    from diffusers import SanaImageToVideoPipeline as TorchI2V
+
+    from tests.fixtures import random_image
+    from xdit_jax.pipelines.sana_video import SanaImageToVideoPipeline
+
+    tp, _, folder = pipes
+    image = random_image(5, (W, H))
+    out, ref = _i2v_parity(TorchI2V(**tp.components), SanaImageToVideoPipeline.from_pretrained(folder),
+                           initial_latents(seed=3), image)
+    scale = np.abs(ref).max()
+    # flow latents, fp32: measured 4.1e-6 at a scale of 4.1 (flow-matching Euler below: 4.4e-6 at 3.7)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
+@pytest.mark.slow
+def test_image_to_video_flow_match_matches_diffusers(tmp_path_factory):
+    """SanaImageToVideoPipeline's own scheduler (flow-matching Euler, shift 3) in its own folder."""
+    from tests.fixtures import make_torch_sana_video_i2v, random_image
+    from xdit_jax.pipelines.sana_video import SanaImageToVideoPipeline
+
+    tp, ours, _ = torch_and_our_pipeline(make_torch_sana_video_i2v, SanaImageToVideoPipeline, tmp_path_factory,
+                                         "sana_video_i2v")
+    out, ref = _i2v_parity(tp, ours, initial_latents(seed=4), random_image(6, (W, H)))
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["cfg=2,ring=2,ulysses=2", "ulysses=3"])
 def test_mesh_matches_one_device(pipes, mesh):

@@ -223,9 +223,10 @@ FAMILIES = {
     "sana-sprint": Family(video=False, guidance_scale=4.5, steps=2, tiny_steps=2, module="sana",
                           max_sequence_length=300, binning=_binned_sana_sprint, check_hook=_sana_sprint_request),
     # SANA-Video: diffusers' SanaVideoPipeline defaults (480 x 832, 81 frames, 50 steps, CFG 6, 300 Gemma tokens;
-    # resolution binning for sample sizes 30 / 22)
+    # resolution binning for sample sizes 30 / 22); --image: SanaImageToVideoPipeline on the same folder
     "sana-video": Family(video=True, guidance_scale=6.0, steps=50, tiny_steps=2, module="sana_video",
-                         tiny_size=(32, 64), tiny_frames=9, max_sequence_length=300, binning=_binned_by_sample_size),
+                         tiny_size=(32, 64), tiny_frames=9, max_sequence_length=300, binning=_binned_by_sample_size,
+                         image_pipeline="SanaImageToVideoPipeline"),
     # Chroma: real CFG (negative prompt default ""), diffusers' ChromaPipeline defaults
     "chroma": Family(video=False, guidance_scale=5.0, steps=35, tiny_steps=2, tiny_size=(48, 64),
                      max_sequence_length=512),
@@ -260,7 +261,8 @@ INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "S
            "StableDiffusion3InpaintPipeline": "StableDiffusion3InpaintPipeline"}
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
-                  "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline")
+                  "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline",
+                  "SanaImageToVideoPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)

@@ -1292,8 +1292,8 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in ("skyreels_v2", "ltx", "wan"):  # the VAE's encoder (SkyReels-V2 DF from an image / a video; LTX
-            # I2V; Wan video-to-video)
+        if family in ("skyreels_v2", "ltx", "wan", "sana-video"):  # the VAE's encoder (SkyReels-V2 DF from an image /
+            # a video; LTX I2V; Wan video-to-video; SANA-Video image-to-video)
             from xdit_jax.models import vae_ltx, vae_ltx_encoder, vae_wan, vae_wan_encoder
 
             make = (vae_ltx_encoder.module_fn(vae_ltx.LTXVAEConfig.from_dict(LTX_VAE)) if family == "ltx"

@@ -52,6 +52,7 @@ PIPELINES = {
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
     "SanaSprintPipeline": ("xdit_jax.pipelines.sana", "SanaSprintPipeline", "sana-sprint"),
     "SanaVideoPipeline": ("xdit_jax.pipelines.sana_video", "SanaVideoPipeline", "sana-video"),
+    "SanaImageToVideoPipeline": ("xdit_jax.pipelines.sana_video", "SanaImageToVideoPipeline", "sana-video"),
     "ChromaPipeline": ("xdit_jax.pipelines.chroma", "ChromaPipeline", "chroma"),
     "ChromaImg2ImgPipeline": ("xdit_jax.pipelines.chroma", "ChromaImg2ImgPipeline", "chroma"),
     "Lumina2Pipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),

@@ -38,11 +38,12 @@ from xdit_jax.pipelines.denoise import (
     negative_prompts,
     peak_memory_bytes,
     per_prompt,
+    preprocess_image,
     prompt_batch,
 )
-from xdit_jax.pipelines.image import resize_and_crop
+from xdit_jax.pipelines.image import WanVaeEncoding, resize_and_crop
 from xdit_jax.pipelines.video import VideoPipelineBase
-from xdit_jax.schedulers import dpmsolver
+from xdit_jax.schedulers import dpmsolver, flow_match, module_of
 
 log = logging.getLogger("xdit_jax")
 
@@ -216,6 +217,33 @@ class SanaVideoPipeline(VideoPipelineBase):
         """As diffusers' ``SanaVideoPipeline.__call__`` (``frames``, or ``num_frames`` as the other video pipelines
         here); ``complex_human_instruction`` None means diffusers' default
         (:data:`SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION`); pass ``[]`` for none."""
+        return self._generate(prompt, negative_prompt, height=height, width=width, frames=frames,
+                              num_frames=num_frames, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, prompt_embeds=prompt_embeds,
+                              prompt_attention_mask=prompt_attention_mask,
+                              negative_prompt_embeds=negative_prompt_embeds,
+                              negative_prompt_attention_mask=negative_prompt_attention_mask, latents=latents,
+                              max_sequence_length=max_sequence_length, use_resolution_binning=use_resolution_binning,
+                              complex_human_instruction=complex_human_instruction,
+                              num_videos_per_prompt=num_videos_per_prompt, seed=seed, output_type=output_type,
+                              progress=progress)
+
+    # the scheduler's parts (the image-to-video pipeline's: flow-matching Euler)
+    def _schedule(self, num_inference_steps: int):
+        return dpmsolver.make_schedule(self.scheduler_config, num_inference_steps)
+
+    def _scheduler_state(self, shape):
+        return dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order)
+
+    def _step_args(self, embeds, mask, sched_arrays, guidance, seed: int) -> tuple:
+        return embeds, mask, sched_arrays, guidance
+
+    def _generate(self, prompt, negative_prompt, *, height, width, frames, num_frames, num_inference_steps,
+                  guidance_scale, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                  negative_prompt_attention_mask, latents, max_sequence_length, use_resolution_binning,
+                  complex_human_instruction, num_videos_per_prompt, seed, output_type, progress,
+                  image=None) -> SanaVideoPipelineOutput:
+        """The call; ``image``: image-to-video's first frame (its latents put in latent frame 0)."""
         if frames is not None and num_frames is not None and frames != num_frames:
             raise ValueError(f"frames={frames} and num_frames={num_frames} disagree; give one.")
         dv = self.default_video()
@@ -235,6 +263,7 @@ class SanaVideoPipeline(VideoPipelineBase):
                         self.vae_config.scale_factor_temporal, made)
         chi = SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION if complex_human_instruction is None else complex_human_instruction
         do_cfg = guidance_scale > 1.0
+        sched = self._schedule(num_inference_steps)  # refuses a step count the schedule cannot take, first
         timer = StageTimer()
 
         # 1. text: Gemma 2; [negative; prompt] for CFG
@@ -247,22 +276,104 @@ class SanaVideoPipeline(VideoPipelineBase):
                 lambda _: self.encode_prompt(negative_prompts(negative_prompt, batch), max_sequence_length, None,
                                              select=False), "Gemma 2")
 
-        # 2. latents (diffusers' layout: B, C, F, h, w)
+        # 2. latents (diffusers' layout: B, C, F, h, w); image-to-video: the image's latents in frame 0
         shape = self.latent_shape(batch * per, height, width, num_frames)
-        sched = dpmsolver.make_schedule(self.scheduler_config, num_inference_steps)
         latents = self._initial_latents(latents, shape, jax.random.key(seed), dpmsolver.INIT_NOISE_SIGMA,
                                         "batch, channels, (frames - 1) / 4 + 1, height / 8, width / 8")
+        if image is not None:
+            with timer.stage("image_encoding"):
+                first = self.image_latents(preprocess_image(image, height, width))[:, :, None]  # (1, C, 1, h, w)
+                latents = jax.device_put(latents.at[:, :, :1].set(jnp.broadcast_to(first, latents[:, :, :1].shape)),
+                                         latents.sharding)
 
         # 3. denoise (one jitted step per iteration), 4. decode
         guidance = self._put_replicated(jnp.float32(guidance_scale))
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
-        state = jax.device_put(dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order),
-                               latents.sharding)
+        state = jax.tree.map(lambda a: jax.device_put(a, latents.sharding), self._scheduler_state(shape))
         resize = requested if requested != (height, width) else None
-        video = self._denoise_and_decode(timer, do_cfg, latents, state, (embeds, mask, sched_arrays, guidance),
+        video = self._denoise_and_decode(timer, do_cfg, latents, state,
+                                         self._step_args(embeds, mask, sched_arrays, guidance, seed),
                                          len(sched.timesteps), progress, output_type, self._decode_fn(resize))
         return SanaVideoPipelineOutput(frames=video, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
 
 
-__all__ = ["SanaVideoPipeline", "SanaVideoPipelineOutput", "SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION", "binned_size",
-           "check_request", "default_video", "read_configs"]
+# ---------------------------------------------------------------------------------------------- image-to-video
+
+# (diffusers loads the text-to-video folders, e.g. SANA-Video_2B_480p_diffusers, as SanaImageToVideoPipeline too)
+I2V_PIPELINE_CLASSES = ("SanaImageToVideoPipeline", "SanaVideoPipeline")
+I2V_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+
+
+class _KeepFirstFrame:
+    """The scheduler's step of every latent frame but the first (the image's), as diffusers steps ``latents[:, :,
+    1:]`` and puts frame 0 back. Both schedulers' updates are elementwise in the latents (DPM-Solver's multistep
+    state too), so stepping all frames and restoring frame 0 gives frames 1.. the same numbers."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def step(self, sched, i, pred, latents, state=(), *noise):
+        prev, state = self.module.step(sched, i, pred, latents, state, *noise)
+        return prev.at[:, :, :1].set(latents[:, :, :1].astype(prev.dtype)), state
+
+
+class SanaImageToVideoPipeline(WanVaeEncoding, SanaVideoPipeline):
+    """Image-to-video with SANA-Video, diffusers' ``SanaImageToVideoPipeline``: the image (resized to the video's
+    size as diffusers' ``VideoProcessor.preprocess``) encoded by the Wan VAE's encoder (the posterior's mode,
+    normalized by the latents mean / std) into latent frame 0 of the initial latents; each step the transformer sees
+    frame 0's tokens at timestep 0 and the others at ``t`` (diffusers' per-token ``t * (1 - mask)``), flow-matching
+    Euler updates frames 1.. (frame 0 kept); the whole video decoded. Text, CFG, binning and meshes as
+    :class:`SanaVideoPipeline`."""
+
+    PIPELINE_CLASSES = I2V_PIPELINE_CLASSES
+    SCHEDULERS = I2V_SCHEDULERS
+
+    def _schedule(self, num_inference_steps: int):
+        return module_of(self.scheduler_config).make_schedule(self.scheduler_config, num_inference_steps)
+
+    def _scheduler_state(self, shape):
+        if module_of(self.scheduler_config) is dpmsolver:
+            return dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order)
+        return flow_match.init_state()
+
+    def _step_args(self, embeds, mask, sched_arrays, guidance, seed: int) -> tuple:
+        return (embeds, mask), sched_arrays, guidance, jax.random.key(seed)
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        """:meth:`PipelineBase._flow_step_fn` with the first frame's tokens at timestep 0 and its latents kept."""
+        def embed_args(x, texts, t):
+            return x, texts[0], t, texts[1], None, jnp.zeros_like(t)
+
+        return self._flow_step_fn(do_cfg, warmup, embed_args,
+                                  scheduler=_KeepFirstFrame(module_of(self.scheduler_config)))
+
+    def compile_step(self, *args, **kwargs):
+        raise NotImplementedError("compile_step: SanaImageToVideoPipeline's step is SanaVideoPipeline's model with "
+                                  "flow-matching Euler; compile the text-to-video pipeline's for its shapes.")
+
+    def __call__(self, image, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = "",
+                 *, height: int | None = None, width: int | None = None, frames: int | None = None,
+                 num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 6.0,
+                 prompt_embeds=None, prompt_attention_mask=None, negative_prompt_embeds=None,
+                 negative_prompt_attention_mask=None, latents=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                 use_resolution_binning: bool = True, complex_human_instruction: list[str] | None = None,
+                 num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> SanaVideoPipelineOutput:
+        """As diffusers' ``SanaImageToVideoPipeline.__call__``: ``image`` a PIL image or an (H, W, 3) array of the
+        video's size; the rest as :meth:`SanaVideoPipeline.__call__`."""
+        if image is None:
+            raise ValueError("SanaImageToVideoPipeline needs image=, the video's first frame.")
+        return self._generate(prompt, negative_prompt, height=height, width=width, frames=frames,
+                              num_frames=num_frames, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, prompt_embeds=prompt_embeds,
+                              prompt_attention_mask=prompt_attention_mask,
+                              negative_prompt_embeds=negative_prompt_embeds,
+                              negative_prompt_attention_mask=negative_prompt_attention_mask, latents=latents,
+                              max_sequence_length=max_sequence_length, use_resolution_binning=use_resolution_binning,
+                              complex_human_instruction=complex_human_instruction,
+                              num_videos_per_prompt=num_videos_per_prompt, seed=seed, output_type=output_type,
+                              progress=progress, image=image)
+
+
+__all__ = ["SanaImageToVideoPipeline", "SanaVideoPipeline", "SanaVideoPipelineOutput",
+           "SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION", "binned_size", "check_request", "default_video", "read_configs"]
