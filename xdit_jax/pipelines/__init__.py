@@ -75,7 +75,7 @@ def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
     "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid",
     "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4", "kandinsky5",
-    "kandinsky5-t2i") of a diffusers pipeline class name;
+    "kandinsky5-t2i", "sana-video") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name in REFUSED:
         raise ValueError(REFUSED[class_name])
