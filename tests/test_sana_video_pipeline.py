@@ -103,6 +103,7 @@ def test_mesh_matches_one_device(pipes, mesh):
     kw = dict(CALL, latents=initial_latents(seed=2), complex_human_instruction=[], progress=False)
     ref = ours(PROMPT, **kw).frames
     out = SanaVideoPipeline.from_pretrained(folder, mesh=mesh)(PROMPT, **kw).frames
+    # pixels in [0, 1], float reordering only: measured 6e-8 (both meshes)
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
 
 
