@@ -107,6 +107,23 @@ def test_mesh_matches_one_device(pipes, mesh):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_binned_decode_resizes_as_diffusers(pipes):
+    """Resolution binning's way back: each decoded frame resized and center-cropped to the requested size, as
+    diffusers' ``resize_and_crop_tensor`` (bilinear, no antialias) before postprocessing."""
+    tp, ours, _ = pipes
+    lat = initial_latents(seed=7)
+    with torch.no_grad():
+        vc = tp.vae.config
+        z = torch.from_numpy(lat) * torch.tensor(vc.latents_std).view(1, -1, 1, 1, 1) + torch.tensor(
+            vc.latents_mean).view(1, -1, 1, 1, 1)
+        video = tp.video_processor.resize_and_crop_tensor(tp.vae.decode(z, return_dict=False)[0], 40, 24)
+        ref = tp.video_processor.postprocess_video(video, output_type="np")
+    out = as_numpy(ours._decode_fn((24, 40))(ours._put_replicated(lat)))
+    assert out.shape == ref.shape == (1, FRAMES, 24, 40, 3)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
 def test_resolution_binning_tables_match_diffusers():
     from diffusers.pipelines.sana_video.pipeline_sana_video import ASPECT_RATIO_480_BIN, ASPECT_RATIO_720_BIN
 
