@@ -24,7 +24,7 @@ from xdit_jax.safetensors_io import CheckpointError
 # SkyReels-V2 DF (the fps embedding; PipeFusion refused) on one device; CogView3-Plus (CogVideoX's blocks, regrouped
 # modulation linears) with 3 blocks on 2 stages; HunyuanImage-2.1 (Qwen2.5-VL + ByT5, two stacks) on 2 stages;
 # Kandinsky 5.0 (Qwen2.5-VL + CLIP, the text stack beside the staged visual one) on 2 stages; SANA-Video (Gemma 2,
-# the Wan VAE; PipeFusion refused) on one device
+# the Wan VAE) on one device
 CASES = {"flux": ("pipefusion=2", {"num_layers": 3}), "sd3": ("pipefusion=2", {"num_layers": 4}),
          "hunyuandit": (None, {}), "wan": ("pipefusion=2", {"num_layers": 3}), "sana": (None, {}),
          "chroma": ("pipefusion=2", {"num_layers": 3}), "lumina2": (None, {}),

@@ -87,11 +87,19 @@ def test_image_to_video_flow_match_matches_diffusers(tmp_path_factory):
     from tests.fixtures import make_torch_sana_video_i2v, random_image
     from xdit_jax.pipelines.sana_video import SanaImageToVideoPipeline
 
-    tp, ours, _ = torch_and_our_pipeline(make_torch_sana_video_i2v, SanaImageToVideoPipeline, tmp_path_factory,
-                                         "sana_video_i2v")
-    out, ref = _i2v_parity(tp, ours, initial_latents(seed=4), random_image(6, (W, H)))
+    tp, ours, folder = torch_and_our_pipeline(make_torch_sana_video_i2v, SanaImageToVideoPipeline, tmp_path_factory,
+                                              "sana_video_i2v")
+    lat, image = initial_latents(seed=4), random_image(6, (W, H))
+    out, ref = _i2v_parity(tp, ours, lat, image)
     scale = np.abs(ref).max()
     np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    # PipeFusion (the first frame's timestep mask travels with the patches): pipefusion=2 == the sequential rule
+    kw = dict(CALL, num_inference_steps=3, latents=lat, complex_human_instruction=[], progress=False,
+              output_type="latent")
+    seq = SanaImageToVideoPipeline.from_pretrained(folder, pipefusion_patches=2)(image, PROMPT, **kw).frames
+    pf = SanaImageToVideoPipeline.from_pretrained(folder, mesh="pipefusion=2")(image, PROMPT, **kw).frames
+    np.testing.assert_allclose(pf, seq, atol=2e-5 * np.abs(seq).max(), rtol=0)
+    np.testing.assert_array_equal(seq[:, :, :1], out[:, :, :1])  # frame 0: the image's latents, kept
 
 
 @pytest.mark.slow
@@ -153,13 +161,27 @@ def test_bad_requests(pipes):
         ours(PROMPT, **dict(CALL, frames=None, num_frames=0))
     with pytest.raises(ValueError, match="disagree"):
         ours(PROMPT, **dict(CALL, num_frames=5))
-    with pytest.raises(ValueError, match="PipeFusion"):  # (before the weights load)
-        SanaVideoPipeline.from_pretrained(folder, mesh="pipefusion=2")
-    with pytest.raises(ValueError, match="PipeFusion"):  # (the CLI's check)
-        check_request(ours.transformer_config, ours.vae_config, H, W, FRAMES, mesh_spec="pipefusion=2")
+    with pytest.raises(ValueError, match="more stages than the model's 2 layers"):
+        check_request(ours.transformer_config, ours.vae_config, H, W, FRAMES, mesh_spec="pipefusion=4")
+
+
+def _pf_run(folder, lat, steps=3, **load):
+    kw = dict(CALL, num_inference_steps=steps, latents=lat, complex_human_instruction=[], progress=False,
+              output_type="latent")
+    return SanaVideoPipeline.from_pretrained(folder, **load)(PROMPT, **kw).frames
 
 
 @pytest.mark.slow
-def test_pipefusion_patches_refused(pipes):
-    with pytest.raises(NotImplementedError, match="PipeFusion"):
-        SanaVideoPipeline.from_pretrained(pipes[2], pipefusion_patches=2)
+@pytest.mark.parametrize("mesh", ["pipefusion=2", "cfg=2,pipefusion=2,ulysses=2"])
+def test_pipefusion_matches_sequential_rule(pipes, mesh):
+    """PipeFusion (SANA's rule; the frame conv's input in the conv buffer's last channels, a halo of one frame = 8
+    tokens, 2 patches of 12): pipefusion=2 (and x CFG x Ulysses) == the same rule run sequentially on one device;
+    warm-up-only == the plain run; the patched steps really differ from it."""
+    folder = pipes[2]
+    lat = initial_latents(seed=5)
+    exact, ref = _pf_run(folder, lat), _pf_run(folder, lat, pipefusion_patches=2)
+    out = _pf_run(folder, lat, mesh=mesh)
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+    assert np.abs(ref - exact).max() > 1e-2
+    warm = _pf_run(folder, lat, pipefusion_patches=2, pipefusion_warmup_steps=3)
+    np.testing.assert_allclose(warm, exact, atol=1e-6 * np.abs(exact).max(), rtol=0)

@@ -17,7 +17,8 @@ Sequence parallelism: the flat (frames x rows x columns) token sequence is split
 (ring, ulysses), as every video family here; the halos are over that flat axis (the grid conv's ``W + 1`` tokens,
 the frame conv's ``H W``), the RoPE tables sharded with the tokens. Not causal: no block mask.
 
-PipeFusion: refused (the frame conv has no PipeFusion buffer; the pipeline says so). ControlNet inputs: refused.
+PipeFusion needs nothing here either: the ops keep its buffers (the frame conv's input in the conv buffer's last
+channels, :func:`xdit_jax.parallel.token_mixing.frame_conv3`). ControlNet inputs: refused.
 """
 
 from __future__ import annotations

@@ -43,6 +43,13 @@ lays it (:func:`xdit_jax.parallel.pipefusion._buffer_tokens`):
   gather with ulysses / ring: on cfg=2,pipefusion=2,ulysses=2 the compiled step all-gathers 344 MB per device,
   where cfg=2,ulysses=2 exchanges 59 MB of halos (a buffer split over the sequence group, with halos by
   ``ppermute`` as without PipeFusion, would cut both; not done).
+* frame conv (SANA-Video, :func:`frame_conv3`): its input in the same ``conv`` buffer's LAST channels (the grid
+  conv's in the first), read and written as the grid conv's; the buffer's halo is then one frame (``H W`` tokens,
+  ``MixingBuffers.halo``, ``pipefusion.init_mixing(halo=)``).
+
+Sequence axis: a video is one flat (frames x rows x columns) token sequence, split in contiguous chunks; the grid conv
+takes ``grid=(F, H, W)`` (per frame: nothing reaches across a frame's top or bottom edge), the frame conv's halo is
+one frame of that flat sequence.
 """
 
 from __future__ import annotations
@@ -109,11 +116,15 @@ class MixCell:
     warm: np.ndarray | None = None
     la_calls: int = 0
     conv_calls: int = 0
+    halo: int = 0  # the conv buffer's zero rows at each end (MixingBuffers.halo)
+    frame_calls: int = 0  # SANA-Video's frame convolutions (their input: the conv buffer's last channels)
+    conv_channels: int = 0  # the conv buffer's channels the calls used
 
     @property
     def consumed(self) -> bool:
         """The layer ran one linear attention and one grid convolution (SANA's block)."""
-        return self.la_calls == 1 and self.conv_calls == 1
+        return (self.la_calls == 1 and self.conv_calls == 1 and self.frame_calls <= 1
+                and self.conv_channels == self.conv.shape[-1])
 
     def positions(self, cfg, n: int):
         """Global token indices of this call's ``n`` local tokens."""
@@ -134,7 +145,7 @@ def mixing_state(buffers: MixingBuffers, layer, patch, write, *, patches: int, p
     """While installed (PipeFusion's ``layer_scan``, per layer), :func:`linear_attention` and
     :func:`grid_conv3x3` read and update layer ``layer`` of ``buffers`` (module docstring)."""
     token = _MIX_CELL.set(MixCell(buffers.la, buffers.conv, layer, patch, write, int(patches), int(plen),
-                                  None if warm is None else np.asarray(warm)))
+                                  None if warm is None else np.asarray(warm), halo=int(buffers.halo)))
     try:
         yield _MIX_CELL.get()
     finally:
@@ -285,20 +296,19 @@ def _conv_whole(xf, wf, grid):
     return jnp.pad(y, ((0, 0), (0, n - f * h * w), (0, 0))) if n > f * h * w else y
 
 
-def _cached_conv(cell: MixCell, cfg, axes, x, wf, grid):
-    """PipeFusion's grid conv (module docstring): the call's tokens (gathered over the sequence group) stored in
-    the layer's buffer of the whole sequence's input, then this device's tokens convolved with halos from it."""
-    h, w = grid[-2:]
-    halo = w + 1
+def _cached_stencil(cell: MixCell, cfg, axes, x, channel: int, need: int, flat, whole, what: str):
+    """PipeFusion's convolutions (module docstring): the call's tokens (gathered over the sequence group) stored in
+    the layer's buffer of the whole sequence's input at channels ``channel ..``, then this device's tokens convolved
+    with halos of ``need`` tokens read from it (``flat(ext, start, n)``; a warm-up step: ``whole(sequence)``)."""
     b, n, c = x.shape
-    if cell.conv_calls:
-        raise RuntimeError("A PipeFusion block called grid_conv3x3 twice; its buffers hold one per layer.")
-    cell.conv_calls += 1
+    halo = cell.halo
     sp = cell.patches * cell.plen
-    if cell.conv.shape[1:] != (b, sp + 2 * halo, c):
-        raise ValueError(f"The grid conv's PipeFusion buffer is {cell.conv.shape[1:]} per layer; a {h}x{w} grid of "
-                         f"{c} channels over {cell.patches} patches of {cell.plen} tokens needs "
-                         f"{(b, sp + 2 * halo, c)} (pipefusion.init_mixing with grid width {w}).")
+    if cell.conv.shape[1:2] != (b,) or cell.conv.shape[2] != sp + 2 * halo or channel + c > cell.conv.shape[-1] \
+            or need > halo:
+        raise ValueError(f"The convolutions' PipeFusion buffer is {cell.conv.shape[1:]} per layer with a halo of "
+                         f"{halo}; {what} over {cell.patches} patches of {cell.plen} tokens needs ({b}, {sp} + 2 x "
+                         f">= {need}, >= {channel + c}) (pipefusion.init_mixing).")
+    cell.conv_channels += c
     try:
         got = lax.all_gather(x, axes, axis=1, tiled=True) if axes else x  # the group's tokens, rank order
     except NameError as e:
@@ -307,14 +317,23 @@ def _cached_conv(cell: MixCell, cfg, axes, x, wf, grid):
         order = cell.warm.reshape(-1)
         if not (order == np.arange(sp)).all():
             got = jnp.take(got, jnp.asarray(np.argsort(order)), axis=1)
-        cell.conv, _ = _row_update(cell.conv, cell.layer, got, (0, halo, 0), cell.write)
-        y = _conv_whole(got.astype(jnp.float32), wf, grid)
+        cell.conv, _ = _row_update(cell.conv, cell.layer, got, (0, halo, channel), cell.write)
+        y = whole(got.astype(jnp.float32))
         return jnp.take(y, cell.positions(cfg, n), axis=1) if axes else y
     start = cell.patch * cell.plen
-    cell.conv, row = _row_update(cell.conv, cell.layer, got, (0, halo + start, 0), cell.write)
+    cell.conv, row = _row_update(cell.conv, cell.layer, got, (0, halo + start, channel), cell.write)
     mine = start + _chunk_index(cfg) * n  # this device's first token; the buffer holds token t at t + halo
-    ext = lax.dynamic_slice_in_dim(row, mine, n + 2 * halo, axis=1).astype(jnp.float32)
-    return _conv_flat(ext, wf, mine, n, grid)
+    ext = lax.dynamic_slice(row, (0, mine + halo - need, channel), (b, n + 2 * need, c)).astype(jnp.float32)
+    return flat(ext, mine, n)
+
+
+def _cached_conv(cell: MixCell, cfg, axes, x, wf, grid):
+    """PipeFusion's grid conv: its input in the conv buffer's first channels (halo ``W + 1``)."""
+    if cell.conv_calls:
+        raise RuntimeError("A PipeFusion block called grid_conv3x3 twice; its buffers hold one per layer.")
+    cell.conv_calls += 1
+    return _cached_stencil(cell, cfg, axes, x, 0, grid[-1] + 1, lambda ext, s, n: _conv_flat(ext, wf, s, n, grid),
+                           lambda xs: _conv_whole(xs, wf, grid), f"a grid conv of grid width {grid[-1]}")
 
 
 def grid_conv3x3(x, weight, bias=None, *, grid: tuple[int, ...]):
@@ -375,23 +394,39 @@ def frame_conv3(x, weight, *, grid: tuple[int, int, int]):
     Token ``g`` needs ``g - H W`` and ``g + H W``: a halo of one frame (``H W`` tokens) on each side, from the
     neighbouring chunks by two ``ppermute``s where each chunk holds at least a frame (``2 B H W C`` values per device
     and call), else the sequence gathered (exact either way). Returns (B, S_local, C_out) in x's dtype (float32
-    products). PipeFusion: refused (no buffer for it).
+    products). PipeFusion: its input is kept in the LAST ``C`` channels of the conv buffer (whose halo must then be
+    at least ``H W``; the grid conv's input in the first channels), read and written as the grid conv's.
     """
     f, h, w = _frames_grid(grid)
     if x.ndim != 3 or weight.ndim != 3 or weight.shape[:2] != (3, x.shape[-1]):
         raise ValueError(f"frame_conv3 wants x (B, S, C) and weight (3, C, C_out); got {x.shape}, {weight.shape}.")
-    if _mix_cell("the frame convolution") is not None:
-        raise NotImplementedError("frame_conv3 under PipeFusion: its buffers hold no frame convolution input "
-                                  "(SANA-Video runs with sequence parallelism, not PipeFusion).")
+    cell = _mix_cell("the frame convolution")
     cfg = current_config()
     axes, degree = _sequence_axes(cfg)
-    xf, wf = x.astype(jnp.float32), weight.astype(jnp.float32)
+    wf = weight.astype(jnp.float32)
     hw = h * w
     n = x.shape[1]
-    if axes:
-        ext, start = _with_halos(xf, hw, cfg, axes, degree)
+    flat = lambda ext, start, m: _frame_flat(ext, wf, start, m, (f, h, w))  # noqa: E731
+    if cell is not None:  # PipeFusion: its input in the conv buffer's last channels (halo H W)
+        if cell.frame_calls:
+            raise RuntimeError("A PipeFusion block called frame_conv3 twice; its buffers hold one per layer.")
+        cell.frame_calls += 1
+        out = _cached_stencil(cell, cfg, axes, x, cell.conv.shape[-1] - x.shape[-1], hw, flat,
+                              lambda xs: flat(jnp.pad(xs, ((0, 0), (hw, hw), (0, 0))), 0, xs.shape[1]),
+                              f"a frame conv of {f} frames x {h}x{w}")
+    elif axes:
+        ext, start = _with_halos(x.astype(jnp.float32), hw, cfg, axes, degree)
+        out = flat(ext, start, n)
     else:
-        ext, start = jnp.pad(xf, ((0, 0), (hw, hw), (0, 0))), 0
+        out = flat(jnp.pad(x.astype(jnp.float32), ((0, 0), (hw, hw), (0, 0))), 0, n)
+    return out.astype(x.dtype)
+
+
+def _frame_flat(ext, wf, start, n: int, grid):
+    """The frame conv of the ``n`` tokens at global flat indices ``start ..`` from ``ext`` (B, n + 2 H W, C), which
+    holds the global tokens ``start - H W .. start + n + H W - 1`` (frames outside ``[0, F)`` masked)."""
+    f, h, w = grid
+    hw = h * w
     frame = (start + jnp.arange(n)) // hw
     out = None
     for dt in (-1, 0, 1):
@@ -399,4 +434,4 @@ def frame_conv3(x, weight, *, grid: tuple[int, int, int]):
         ok = ((frame + dt >= 0) & (frame + dt < f))[None, :, None]
         term = jnp.where(ok, jnp.einsum("bsc,cd->bsd", src, wf[dt + 1]), 0.0)
         out = term if out is None else out + term
-    return out.astype(x.dtype)
+    return out

@@ -17,8 +17,12 @@ split over the mesh.
 video is made at the bin's size, then each frame resized and center-cropped back. Where diffusers has no table (it
 raises "Invalid sample size") the model runs at the requested size (the tiny test models).
 
-Refused (clear errors): PipeFusion (the frame conv has no PipeFusion buffer), a VAE other than AutoencoderKLWan
-(diffusers also takes a DC-AE or LTX-2's), ``clean_caption``. The latents stay float32 between steps.
+PipeFusion (``pipefusion=N`` or ``pipefusion_patches``): SANA's rule (no K/V; buffers of the linear attention's
+per-patch sums and of the grid conv's input), the frame conv's input kept in the same conv buffer's last channels
+with a halo of one frame.
+
+Refused (clear errors): a VAE other than AutoencoderKLWan (diffusers also takes a DC-AE or LTX-2's),
+``clean_caption``. The latents stay float32 between steps.
 """
 
 from __future__ import annotations
@@ -51,8 +55,6 @@ SanaVideoPipelineOutput = CogVideoXPipelineOutput
 PIPELINE_CLASSES = ("SanaVideoPipeline",)
 SCHEDULERS = ("DPMSolverMultistepScheduler",)
 MAX_SEQUENCE_LENGTH = 300
-NO_PIPEFUSION = ("SANA-Video does not run with PipeFusion here: its feed-forward's frame convolution has no PipeFusion "
-                 "buffer; split the video tokens with ulysses / ring instead")
 
 # diffusers SanaVideoPipeline's default ``complex_human_instruction`` (data)
 SANA_VIDEO_COMPLEX_HUMAN_INSTRUCTION = [
@@ -106,13 +108,6 @@ def default_video(tc=None, vc=None) -> dict:
     return {"height": 480, "width": 832, "num_frames": 81, "fps": 16}
 
 
-def check_mesh(mesh_spec) -> None:
-    from xdit_jax.mesh import MeshSpec
-
-    if MeshSpec.parse(mesh_spec).pipefusion > 1:
-        raise ValueError(f"Mesh {mesh_spec}: {NO_PIPEFUSION}.")
-
-
 def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
                   guidance_scale: float = 6.0) -> None:
     """Refuse what the model cannot take, before any heavy work, saying what would work."""
@@ -121,7 +116,6 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
     if not hasattr(vc, "scale_factor_temporal"):
         raise ValueError(f"SANA-Video runs with the Wan VAE (AutoencoderKLWan) here; this folder's VAE config is "
                          f"{type(vc).__name__}.")
-    check_mesh(mesh_spec)
     check_size_and_mesh(height, width, vc.scale_factor_spatial * tc.patch_size[1], tc.num_layers, batch, mesh_spec,
                         guidance_scale)
     lat_f = (num_frames - 1) // vc.scale_factor_temporal + 1
@@ -149,16 +143,21 @@ class SanaVideoPipeline(VideoPipelineBase):
     latent_shape = wan.WanPipeline.latent_shape
     output_frames = wan.WanPipeline.output_frames
 
-    @classmethod
-    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
-        """Nothing more; a PipeFusion mesh refused here, before the weights load."""
-        check_mesh(dict(mesh.shape))
-        return {}
+    def _pipefusion_mixing_buffers(self, step_batch: int, latent_shape, abstract: bool = False):
+        """PipeFusion's buffers (None without PipeFusion): SANA's token mixers' (the linear attention's per-patch
+        sums; the grid conv's input) and the frame conv's input in the same conv buffer's last channels, whose halo
+        is then one frame (:func:`xdit_jax.parallel.token_mixing.frame_conv3`)."""
+        from xdit_jax.parallel import pipefusion
 
-    def _setup_pipefusion(self, patches, warmup_steps) -> None:
-        super()._setup_pipefusion(patches, warmup_steps)
-        if self.uses_pipefusion:
-            raise NotImplementedError(f"{NO_PIPEFUSION} (pipefusion_patches={self.pipefusion_patches}).")
+        if not self.uses_pipefusion:
+            return None
+        tc = self.transformer_config
+        pt, ph, pw = tc.patch_size
+        f, h, w = latent_shape[2] // pt, latent_shape[3] // ph, latent_shape[4] // pw
+        slots = pipefusion.stack_slots(self.stacked_layers, self.mesh_spec.pipefusion)[0]
+        return (pipefusion.init_mixing(self.mesh, slots, step_batch, f * h * w, w, tc.num_attention_heads,
+                                       tc.attention_head_dim, 2 * tc.ff_hidden + tc.inner_dim, self.dtype,
+                                       self.pipefusion_patches, abstract=abstract, halo=max(w + 1, h * w)),)
 
     def _decode_fn(self, size: tuple[int, int] | None = None):
         """Jitted Wan VAE decode over the mesh of the latents (B, C, F, h, w), unscaled with the VAE's latents mean /
@@ -201,8 +200,9 @@ class SanaVideoPipeline(VideoPipelineBase):
                              jax.eval_shape(lambda: dpmsolver.init_state(shape, jnp.float32,
                                                                          self.scheduler_config.solver_order)))
         _, tstate = nnx.split(self.transformer)
-        return self._step_fn(do_cfg).lower(tstate, latents, state, jnp.int32(0), None, embeds, mask, sched,
-                                           jnp.float32(guidance_scale)).compile()
+        kv = self._pipefusion_mixing_buffers(n, shape, abstract=True)
+        return self._step_fn(do_cfg, warmup=kv is None).lower(tstate, latents, state, jnp.int32(0), kv, embeds, mask,
+                                                              sched, jnp.float32(guidance_scale)).compile()
 
     # ------------------------------------------------------------------ call
 
@@ -293,7 +293,8 @@ class SanaVideoPipeline(VideoPipelineBase):
         resize = requested if requested != (height, width) else None
         video = self._denoise_and_decode(timer, do_cfg, latents, state,
                                          self._step_args(embeds, mask, sched_arrays, guidance, seed),
-                                         len(sched.timesteps), progress, output_type, self._decode_fn(resize))
+                                         len(sched.timesteps), progress, output_type, self._decode_fn(resize),
+                                         kv=self._pipefusion_mixing_buffers(embeds.shape[0], shape))
         return SanaVideoPipelineOutput(frames=video, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
 
 
