@@ -83,7 +83,8 @@ def test_image_to_video_matches_diffusers(pipes):
 
 @pytest.mark.slow
 def test_image_to_video_flow_match_matches_diffusers(tmp_path_factory):
-    """SanaImageToVideoPipeline's own scheduler (flow-matching Euler, shift 3) in its own folder."""
+    """SanaImageToVideoPipeline's own scheduler (flow-matching Euler, shift 3) in its own folder; its PipeFusion run;
+    SanaVideoPipeline on that folder (text-to-video with flow-matching Euler)."""
     from tests.fixtures import make_torch_sana_video_i2v, random_image
     from xdit_jax.pipelines.sana_video import SanaImageToVideoPipeline
 
@@ -100,6 +101,15 @@ def test_image_to_video_flow_match_matches_diffusers(tmp_path_factory):
     pf = SanaImageToVideoPipeline.from_pretrained(folder, mesh="pipefusion=2")(image, PROMPT, **kw).frames
     np.testing.assert_allclose(pf, seq, atol=2e-5 * np.abs(seq).max(), rtol=0)
     np.testing.assert_array_equal(seq[:, :, :1], out[:, :, :1])  # frame 0: the image's latents, kept
+    # SanaVideoPipeline with this folder's flow-matching Euler (diffusers' text-to-video pipeline runs it too)
+    from diffusers import SanaVideoPipeline as TorchT2V
+
+    with torch.no_grad():
+        ref = TorchT2V(**tp.components)(prompt=PROMPT, negative_prompt=NEG, latents=torch.from_numpy(lat),
+                                        output_type="latent", complex_human_instruction=[], **CALL).frames.numpy()
+    out = SanaVideoPipeline.from_pretrained(folder)(PROMPT, NEG, latents=lat, output_type="latent",
+                                                    complex_human_instruction=[], progress=False, **CALL).frames
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
 
 
 @pytest.mark.slow

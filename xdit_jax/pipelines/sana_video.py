@@ -9,8 +9,9 @@ prompt lower-cased and stripped, prefixed with SANA-Video's own complex human in
 ``max_sequence_length - 1`` kept; the negative prompt without it), the SANA-Video transformer
 (:mod:`xdit_jax.models.sana_video`: SANA's blocks with 3-D RoPE in the linear attention's numerator and a frame
 conv in the feed-forward; the flat frames x rows x columns token sequence split over (ring, ulysses), the convs'
-halos over it), CFG over ``cfg``, DPM-Solver++ with flow sigmas in the jitted step (SANA's step: the same
-function), and the Wan 2.1 VAE decode (:mod:`xdit_jax.models.vae_wan`, the latents unscaled by its mean / std)
+halos over it), CFG over ``cfg``, the folder's scheduler in the jitted step (DPM-Solver++ with flow sigmas:
+SANA's step, the same function; or flow-matching Euler, the image-to-video pipeline's, which diffusers' text-to-video
+pipeline runs too), and the Wan 2.1 VAE decode (:mod:`xdit_jax.models.vae_wan`, the latents unscaled by its mean / std)
 split over the mesh.
 
 ``use_resolution_binning`` (default on, as diffusers): sample size 30 -> diffusers' 480 px table, 22 -> 720 px; the
@@ -52,8 +53,9 @@ from xdit_jax.schedulers import dpmsolver, flow_match, module_of
 log = logging.getLogger("xdit_jax")
 
 SanaVideoPipelineOutput = CogVideoXPipelineOutput
-PIPELINE_CLASSES = ("SanaVideoPipeline",)
-SCHEDULERS = ("DPMSolverMultistepScheduler",)
+PIPELINE_CLASSES = ("SanaVideoPipeline", "SanaImageToVideoPipeline")  # (diffusers loads either folder as either)
+# (DPM-Solver++: SanaVideoPipeline's; flow-matching Euler: SanaImageToVideoPipeline's; diffusers runs either)
+SCHEDULERS = ("DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
 MAX_SEQUENCE_LENGTH = 300
 
 # diffusers SanaVideoPipeline's default ``complex_human_instruction`` (data)
@@ -136,10 +138,9 @@ class SanaVideoPipeline(VideoPipelineBase):
     SCHEDULERS = SCHEDULERS
     STACKED = sana_video.STACKED
 
-    # the SANA family's prompt encoding, text batch and step; the Wan family's latent layout
+    # the SANA family's prompt encoding and text batch; the Wan family's latent layout
     encode_prompt = sana.SanaPipeline.encode_prompt
     _masked_text_batch = image.ImagePipelineBase._masked_text_batch
-    _step_fn = sana.SanaPipeline._step_fn
     latent_shape = wan.WanPipeline.latent_shape
     output_frames = wan.WanPipeline.output_frames
 
@@ -195,14 +196,14 @@ class SanaVideoPipeline(VideoPipelineBase):
         latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
         embeds = sd((n, max_sequence_length, self.transformer_config.caption_channels), self.dtype)
         mask = sd((n, max_sequence_length), jnp.int32)
-        sched = jax.tree.map(jnp.asarray, dpmsolver.make_schedule(self.scheduler_config, num_inference_steps))
+        sched = jax.tree.map(jnp.asarray, self._schedule(num_inference_steps))
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._latent_sharding(shape)),
-                             jax.eval_shape(lambda: dpmsolver.init_state(shape, jnp.float32,
-                                                                         self.scheduler_config.solver_order)))
+                             jax.eval_shape(lambda: self._scheduler_state(shape)))
         _, tstate = nnx.split(self.transformer)
         kv = self._pipefusion_mixing_buffers(n, shape, abstract=True)
-        return self._step_fn(do_cfg, warmup=kv is None).lower(tstate, latents, state, jnp.int32(0), kv, embeds, mask,
-                                                              sched, jnp.float32(guidance_scale)).compile()
+        args = self._step_args(embeds, mask, sched, jnp.float32(guidance_scale), 0)
+        return self._step_fn(do_cfg, warmup=kv is None).lower(tstate, latents, state, jnp.int32(0), kv,
+                                                              *args).compile()
 
     # ------------------------------------------------------------------ call
 
@@ -228,15 +229,34 @@ class SanaVideoPipeline(VideoPipelineBase):
                               num_videos_per_prompt=num_videos_per_prompt, seed=seed, output_type=output_type,
                               progress=progress)
 
-    # the scheduler's parts (the image-to-video pipeline's: flow-matching Euler)
+    # the step: SANA's (DPM-Solver++, text-to-video), else PipelineBase._flow_step_fn's with the folder's scheduler
+    @property
+    def _sana_step(self) -> bool:
+        return module_of(self.scheduler_config) is dpmsolver
+
     def _schedule(self, num_inference_steps: int):
-        return dpmsolver.make_schedule(self.scheduler_config, num_inference_steps)
+        return module_of(self.scheduler_config).make_schedule(self.scheduler_config, num_inference_steps)
 
     def _scheduler_state(self, shape):
-        return dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order)
+        if module_of(self.scheduler_config) is dpmsolver:
+            return dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order)
+        return flow_match.init_state()
 
     def _step_args(self, embeds, mask, sched_arrays, guidance, seed: int) -> tuple:
-        return embeds, mask, sched_arrays, guidance
+        if self._sana_step:
+            return embeds, mask, sched_arrays, guidance
+        return (embeds, mask), sched_arrays, guidance, jax.random.key(seed)
+
+    def _embed_args(self, x, texts, t):
+        return x, texts[0], t, texts[1]
+
+    def _step_scheduler(self):
+        return module_of(self.scheduler_config)
+
+    def _step_fn(self, do_cfg: bool, warmup: bool = True):
+        if self._sana_step:
+            return sana.SanaPipeline._step_fn(self, do_cfg, warmup)
+        return self._flow_step_fn(do_cfg, warmup, self._embed_args, scheduler=self._step_scheduler())
 
     def _generate(self, prompt, negative_prompt, *, height, width, frames, num_frames, num_inference_steps,
                   guidance_scale, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
@@ -329,28 +349,13 @@ class SanaImageToVideoPipeline(WanVaeEncoding, SanaVideoPipeline):
     PIPELINE_CLASSES = I2V_PIPELINE_CLASSES
     SCHEDULERS = I2V_SCHEDULERS
 
-    def _schedule(self, num_inference_steps: int):
-        return module_of(self.scheduler_config).make_schedule(self.scheduler_config, num_inference_steps)
+    _sana_step = False  # (PipelineBase._flow_step_fn with the first frame's tokens at timestep 0, its latents kept)
 
-    def _scheduler_state(self, shape):
-        if module_of(self.scheduler_config) is dpmsolver:
-            return dpmsolver.init_state(shape, jnp.float32, self.scheduler_config.solver_order)
-        return flow_match.init_state()
+    def _embed_args(self, x, texts, t):
+        return x, texts[0], t, texts[1], None, jnp.zeros_like(t)
 
-    def _step_args(self, embeds, mask, sched_arrays, guidance, seed: int) -> tuple:
-        return (embeds, mask), sched_arrays, guidance, jax.random.key(seed)
-
-    def _step_fn(self, do_cfg: bool, warmup: bool = True):
-        """:meth:`PipelineBase._flow_step_fn` with the first frame's tokens at timestep 0 and its latents kept."""
-        def embed_args(x, texts, t):
-            return x, texts[0], t, texts[1], None, jnp.zeros_like(t)
-
-        return self._flow_step_fn(do_cfg, warmup, embed_args,
-                                  scheduler=_KeepFirstFrame(module_of(self.scheduler_config)))
-
-    def compile_step(self, *args, **kwargs):
-        raise NotImplementedError("compile_step: SanaImageToVideoPipeline's step is SanaVideoPipeline's model with "
-                                  "flow-matching Euler; compile the text-to-video pipeline's for its shapes.")
+    def _step_scheduler(self):
+        return _KeepFirstFrame(module_of(self.scheduler_config))
 
     def __call__(self, image, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = "",
                  *, height: int | None = None, width: int | None = None, frames: int | None = None,
