@@ -563,6 +563,33 @@ def make_torch_sana_sprint(seed: int = 0):
                               transformer=sana.transformer, scheduler=sched)
 
 
+def make_torch_sana_video(seed: int = 0):
+    """A tiny random diffusers SanaVideoPipeline: xdit_jax.tiny's SANA-Video transformer, Wan's tiny VAE (its
+    latents mean / std), SANA's tiny Gemma 2 (eager attention) and DPM-Solver++ (SANA_SCHEDULER)."""
+    from diffusers import AutoencoderKLWan, DPMSolverMultistepScheduler, SanaVideoPipeline, SanaVideoTransformer3DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    transformer = randomize_(SanaVideoTransformer3DModel(**tiny.SANA_VIDEO_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKLWan(**tiny.WAN_VAE), seed + 1, std=0.1)
+    gcfg = Gemma2Config(**{k: v for k, v in tiny.SANA_GEMMA.items() if k != "model_type"})
+    gcfg._attn_implementation = "eager"
+    text_encoder = randomize_(Gemma2Model(gcfg), seed + 2, std=0.2)
+    sched = DPMSolverMultistepScheduler(**{k: v for k, v in tiny.SANA_SCHEDULER.items() if not k.startswith("_")})
+    return SanaVideoPipeline(tokenizer=tiny.train_gemma_tokenizer(), text_encoder=text_encoder, vae=vae,
+                             transformer=transformer, scheduler=sched)
+
+
+def make_torch_sana_video_i2v(seed: int = 0):
+    """A tiny random diffusers SanaImageToVideoPipeline: :func:`make_torch_sana_video`'s parts with
+    FlowMatchEulerDiscreteScheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaImageToVideoPipeline
+
+    t2v = make_torch_sana_video(seed)
+    return SanaImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                    transformer=t2v.transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
 def make_torch_lumina2(seed: int = 0):
     """A tiny random diffusers Lumina2Pipeline (xdit_jax.tiny's Lumina 2 configs: SANA's tiny Gemma 2 with eager
     attention on the Gemma stand-in tokenizer, FLUX's tiny VAE with scaling and shift, FlowMatchEuler with dynamic

@@ -135,6 +135,30 @@ def test_generate_sana_image_pipefusion(tmp_path, capsys):
     assert "PipeFusion: 2 stage(s), 2 patches" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_generate_sana_video(tmp_path, capsys):
+    """The tiny SANA-Video (Gemma 2, RoPE'd linear attention, per-frame and frame convs, Wan's VAE): a 9-frame .mp4 on a
+    CFG x ring x ulysses mesh, on pipefusion=2, and with --image (SanaImageToVideoPipeline). (Slow: making the tiny
+    folder alone takes ~10 s.)"""
+    import imageio.v3 as iio
+
+    out = tmp_path / "v.mp4"
+    rc = cli.main(["--model", "tiny-sana-video", "--output", str(out), "--mesh", "cfg=2,ring=2,ulysses=2",
+                   "--no-progress", "--json"])
+    assert rc == 0
+    assert iio.imread(out).shape == (9, 32, 64, 3)
+    assert '"model_family": "sana-video"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-sana-video", "--output", str(tmp_path / "p.mp4"), "--mesh", "pipefusion=2",
+                   "--no-progress"])
+    assert rc == 0 and iio.imread(tmp_path / "p.mp4").shape == (9, 32, 64, 3)
+    assert "PipeFusion: 2 stage(s), 2 patches" in capsys.readouterr().err
+    image = tmp_path / "first.png"  # --image: SanaImageToVideoPipeline on the same folder
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8))
+    rc = cli.main(["--model", "tiny-sana-video", "--output", str(tmp_path / "i.mp4"), "--image", str(image),
+                   "--no-progress"])
+    assert rc == 0 and iio.imread(tmp_path / "i.mp4").shape == (9, 32, 64, 3)
+
+
 def test_generate_lumina2_image(tmp_path, capsys):
     """The tiny Lumina 2 (Gemma 2 with the system prompt, Z-Image's blocks with grouped K/V, FLUX's VAE): a .png at the
     tiny default size (sample_size 8 x 8 = 64) with CFG and a negative prompt, on one device (the meshes:

@@ -23,14 +23,15 @@ from xdit_jax.safetensors_io import CheckpointError
 # HunyuanVideo-1.5 (Qwen2.5-VL + ByT5) on one device; ConsisID (the face branch, the VAE encoder) on one device;
 # SkyReels-V2 DF (the fps embedding; PipeFusion refused) on one device; CogView3-Plus (CogVideoX's blocks, regrouped
 # modulation linears) with 3 blocks on 2 stages; HunyuanImage-2.1 (Qwen2.5-VL + ByT5, two stacks) on 2 stages;
-# Kandinsky 5.0 (Qwen2.5-VL + CLIP, the text stack beside the staged visual one) on 2 stages
+# Kandinsky 5.0 (Qwen2.5-VL + CLIP, the text stack beside the staged visual one) on 2 stages; SANA-Video (Gemma 2,
+# the Wan VAE) on one device
 CASES = {"flux": ("pipefusion=2", {"num_layers": 3}), "sd3": ("pipefusion=2", {"num_layers": 4}),
          "hunyuandit": (None, {}), "wan": ("pipefusion=2", {"num_layers": 3}), "sana": (None, {}),
          "chroma": ("pipefusion=2", {"num_layers": 3}), "lumina2": (None, {}),
          "flux2": ("pipefusion=2", {"num_layers": 3}), "ltx": ("pipefusion=2", {"num_layers": 3}),
          "hunyuan_video15": (None, {}), "consisid": (None, {}), "hunyuanimage": ("pipefusion=2", {}),
          "skyreels_v2": (None, {}), "cogview3": ("pipefusion=2", {"num_layers": 3}),
-         "kandinsky5": ("pipefusion=2", {})}
+         "kandinsky5": ("pipefusion=2", {}), "sana-video": (None, {})}
 # (the parts besides MODULES that conversion writes next to a component: built alike too)
 EXTRA = {"flux2": ("vae_encoder",), "consisid": ("vae_encoder",)}
 MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -67,7 +68,7 @@ def test_random_pipeline_is_laid_out_as_a_checkpoint(family, tmp_path):
             compared += 1
     assert compared == {"flux": 4, "sd3": 5, "hunyuandit": 4, "wan": 3, "sana": 3, "chroma": 3, "lumina2": 3,
                         "flux2": 3, "ltx": 3, "hunyuan_video15": 4, "consisid": 3, "skyreels_v2": 3,
-                        "cogview3": 3, "hunyuanimage": 4, "kandinsky5": 4}[family]
+                        "cogview3": 3, "hunyuanimage": 4, "kandinsky5": 4, "sana-video": 3}[family]
     for name in EXTRA.get(family, ()):  # e.g. FLUX.2's reference images' VAE encoder
         assert _layout(getattr(random, name)) == _layout(getattr(loaded, name)), name
     if family == "flux2":  # the batch-norm variances drawn as ones (not noise)

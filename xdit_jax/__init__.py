@@ -32,6 +32,7 @@ from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.qwenimage import QwenImageImg2ImgPipeline, QwenImagePipeline, QwenImagePipelineOutput
 from xdit_jax.pipelines.qwenimage_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput, SanaSprintPipeline
+from xdit_jax.pipelines.sana_video import SanaImageToVideoPipeline, SanaVideoPipeline, SanaVideoPipelineOutput
 from xdit_jax.pipelines.sd3 import (
     SD3PipelineOutput,
     StableDiffusion3Img2ImgPipeline,
@@ -72,7 +73,9 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "C
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
            "QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline", "QwenImagePipeline", "QwenImagePipelineOutput",
            "SD3PipelineOutput",
-           "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+           "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SanaImageToVideoPipeline", "SanaVideoPipeline",
+           "SanaVideoPipelineOutput",
+           "SkyReelsV2DiffusionForcingImageToVideoPipeline",
            "SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline",

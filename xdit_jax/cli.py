@@ -10,7 +10,8 @@
                                                    # tiny-qwenimage-edit(-plus) with --image, tiny-skyreels-v2,
                                                    # tiny-ltx (--image: image-to-video),
                                                    # tiny-consisid with --image and --id-embeds,
-                                                   # tiny-cogview3, tiny-cogview4, tiny-hunyuanimage, tiny-kandinsky5)
+                                                   # tiny-cogview3, tiny-cogview4, tiny-hunyuanimage, tiny-kandinsky5,
+                                                   # tiny-sana-video)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -221,6 +222,11 @@ FAMILIES = {
     # Sana Sprint: diffusers' SanaSprintPipeline defaults (2 steps, guidance 4.5 embedded; SCM angles 1.5708, 1.3)
     "sana-sprint": Family(video=False, guidance_scale=4.5, steps=2, tiny_steps=2, module="sana",
                           max_sequence_length=300, binning=_binned_sana_sprint, check_hook=_sana_sprint_request),
+    # SANA-Video: diffusers' SanaVideoPipeline defaults (480 x 832, 81 frames, 50 steps, CFG 6, 300 Gemma tokens;
+    # resolution binning for sample sizes 30 / 22); --image: SanaImageToVideoPipeline on the same folder
+    "sana-video": Family(video=True, guidance_scale=6.0, steps=50, tiny_steps=2, module="sana_video",
+                         tiny_size=(32, 64), tiny_frames=9, max_sequence_length=300, binning=_binned_by_sample_size,
+                         image_pipeline="SanaImageToVideoPipeline"),
     # Chroma: real CFG (negative prompt default ""), diffusers' ChromaPipeline defaults
     "chroma": Family(video=False, guidance_scale=5.0, steps=35, tiny_steps=2, tiny_size=(48, 64),
                      max_sequence_length=512),
@@ -255,7 +261,8 @@ INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "S
            "StableDiffusion3InpaintPipeline": "StableDiffusion3InpaintPipeline"}
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
-                  "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline")
+                  "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline",
+                  "SanaImageToVideoPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
@@ -276,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "'tiny-hunyuanvideo' / 'tiny-flux-kontext' / 'tiny-qwenimage' / 'tiny-qwenimage-edit' / "
                          "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / 'tiny-sana-sprint' / "
                          "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' / 'tiny-consisid' / "
-                         "'tiny-cogview3' / 'tiny-cogview4' / 'tiny-hunyuanimage' / 'tiny-kandinsky5' "
-                         "(random, no download)")
+                         "'tiny-cogview3' / 'tiny-cogview4' / 'tiny-hunyuanimage' / 'tiny-kandinsky5' / "
+                         "'tiny-sana-video' (random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)

@@ -102,6 +102,8 @@ MODEL_CLASSES = {
     "SanaTransformer2DModel": ("xdit_jax.models.sana", "SanaConfig"),
     "Gemma2Model": ("xdit_jax.models.gemma2", "Gemma2Config"),
     "AutoencoderDC": ("xdit_jax.models.vae_dc", "AutoencoderDCConfig"),
+    # SANA-Video (its text encoder: Gemma2Model above; its VAE: AutoencoderKLWan)
+    "SanaVideoTransformer3DModel": ("xdit_jax.models.sana_video", "SanaVideoConfig"),
     # Lumina-Image 2.0 (its text encoder: Gemma2Model above; its VAE: FLUX's AutoencoderKL)
     "Lumina2Transformer2DModel": ("xdit_jax.models.lumina2", "Lumina2Config"),
     # CogView4: its transformer and text_encoder (glm-4-9b's GlmModel; a GlmForCausalLM's model.* keys load too); its

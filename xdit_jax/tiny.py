@@ -27,7 +27,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx",
               "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
               "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage", "tiny-cogview4": "cogview4",
-              "tiny-kandinsky5": "kandinsky5"}
+              "tiny-kandinsky5": "kandinsky5", "tiny-sana-video": "sana-video"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -429,6 +429,14 @@ SANA_SPRINT_TRANSFORMER = dict(SANA_TRANSFORMER, qk_norm="rms_norm_across_heads"
                                guidance_embeds_scale=0.1)
 SANA_SPRINT_SCHEDULER = dict(_class_name="SCMScheduler", num_train_timesteps=1000, prediction_type="trigflow",
                              sigma_data=0.5)
+# SANA-Video shaped: 2 blocks of 2 linear heads x 12 (D = 24; RoPE 4 + 4 + 4 of the head dim), cross 2 x 12, the
+# q/k RMSNorms, GLUMBTempConv x 2.5, patch (1, 2, 2); Wan's tiny VAE (4 latent channels, 4x / 8x); SANA's tiny Gemma 2
+# and DPM-Solver++. 9 frames of 32 x 48: 3 x 4 x 6 latents, 3 x 2 x 3 = 18 video tokens.
+SANA_VIDEO_TRANSFORMER = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+                              num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=12,
+                              cross_attention_dim=24, caption_channels=24, mlp_ratio=2.5, attention_bias=False,
+                              sample_size=8, patch_size=[1, 2, 2], norm_elementwise_affine=False, norm_eps=1e-6,
+                              qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
 
 # Lumina 2 shaped: 2 main layers and 1 noise + 1 context refiner layer over 2 query heads of 16 sharing 1 K/V head
 # (RoPE axes 4 + 6 + 6), LuminaFeedForward 4 x 32 rounded to 16; 4 latent channels (FLUX's tiny VAE, 8x:
@@ -725,6 +733,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "scheduler": ["diffusers", "SCMScheduler"],
                 "text_encoder": ["transformers", "Gemma2Model"], "tokenizer": ["transformers", "GemmaTokenizer"],
                 "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"]}
+    if family == "sana-video":
+        return {"_class_name": "SanaVideoPipeline", "_diffusers_version": "0.36.0",
+                "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+                "text_encoder": ["transformers", "Gemma2Model"], "tokenizer": ["transformers", "GemmaTokenizer"],
+                "transformer": ["diffusers", "SanaVideoTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
     if family == "lumina2":
         return {"_class_name": "Lumina2Pipeline", "_diffusers_version": "0.33.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -1083,6 +1096,19 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder": ("Gemma2Model", SANA_GEMMA,
                              lambda: gemma2.Gemma2Model(gemma2.Gemma2Config.from_dict(SANA_GEMMA), rngs=nnx.Rngs(0))),
         }, SANA_SPRINT_SCHEDULER if sprint else SANA_SCHEDULER
+    if family == "sana-video":
+        from xdit_jax.models import gemma2, sana_video
+
+        tcfg = {**SANA_VIDEO_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("SanaVideoTransformer3DModel", tcfg,
+                            lambda: sana_video.SanaVideoTransformer3DModel(sana_video.SanaVideoConfig.from_dict(tcfg),
+                                                                           rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLWan", WAN_VAE,
+                    lambda: vae_wan.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE), jnp.float32)()),
+            "text_encoder": ("Gemma2Model", SANA_GEMMA,
+                             lambda: gemma2.Gemma2Model(gemma2.Gemma2Config.from_dict(SANA_GEMMA), rngs=nnx.Rngs(0))),
+        }, SANA_SCHEDULER
     if family == "lumina2":
         from xdit_jax.models import gemma2, lumina2
 
@@ -1266,8 +1292,8 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in ("skyreels_v2", "ltx", "wan"):  # the VAE's encoder (SkyReels-V2 DF from an image / a video; LTX
-            # I2V; Wan video-to-video)
+        if family in ("skyreels_v2", "ltx", "wan", "sana-video"):  # the VAE's encoder (SkyReels-V2 DF from an image /
+            # a video; LTX I2V; Wan video-to-video; SANA-Video image-to-video)
             from xdit_jax.models import vae_ltx, vae_ltx_encoder, vae_wan, vae_wan_encoder
 
             make = (vae_ltx_encoder.module_fn(vae_ltx.LTXVAEConfig.from_dict(LTX_VAE)) if family == "ltx"

@@ -228,22 +228,34 @@ class SanaCombinedTimestepGuidanceEmbeddings(nnx.Module):
 
 
 class SanaTransformerBlock(nnx.Module):
+    # the self-attention and feed-forward modules (SANA-Video's block takes its own: RoPE, the frame conv)
+    SELF_ATTENTION = LinearSelfAttention
+    FEED_FORWARD = GLUMBConv
+
     def __init__(self, cfg: SanaConfig, *, dtype, rngs):
         d = cfg.inner_dim
         self.norm1 = LayerNorm(d, cfg.norm_eps, False, dtype=dtype)
-        self.attn1 = LinearSelfAttention(cfg, dtype=dtype, rngs=rngs)
+        self.attn1 = self.SELF_ATTENTION(cfg, dtype=dtype, rngs=rngs)
         self.norm2 = LayerNorm(d, cfg.norm_eps, cfg.norm_elementwise_affine, dtype=dtype)
         self.attn2 = CrossAttention(cfg, dtype=dtype, rngs=rngs)
-        self.ff = GLUMBConv(cfg, dtype=dtype, rngs=rngs)
+        self.ff = self.FEED_FORWARD(cfg, dtype=dtype, rngs=rngs)
         self.scale_shift_table = nnx.Param(jnp.zeros((6, d), dtype))
 
-    def __call__(self, x, cond):
-        """x: the image tokens (B, S, D) or this device's shard of them (padded); cond: see ``embed``."""
+    def __call__(self, x, cond, rope=None, first=None):
+        """x: the image tokens (B, S, D) or this device's shard of them (padded); cond: see ``embed``; ``rope``:
+        the self-attention's (cos, sin) tables of these tokens (SANA-Video), or None; ``first``: (S,) 1 where a token
+        takes ``cond["timestep_first"]``'s modulation instead (SANA-Video image-to-video's first frame), or None."""
         b = x.shape[0]
-        grid = tuple(cond["grid"].shape[1:3])
+        grid = tuple(cond["grid"].shape[1:-1])  # (H, W), or SANA-Video's (F, H, W)
         mod = self.scale_shift_table[...][None] + cond["timestep"].reshape(b, 6, -1)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod.astype(x.dtype), 6, axis=1)
-        x = x + gate_msa * self.attn1(self.norm1(x) * (1 + scale_msa) + shift_msa)
+        mods = jnp.split(mod.astype(x.dtype), 6, axis=1)
+        if first is not None:  # per token: the first frame's modulation where marked
+            mod0 = self.scale_shift_table[...][None] + cond["timestep_first"].reshape(b, 6, -1)
+            mods = [jnp.where(first[None, :, None] > 0, m0, m) for m0, m in
+                    zip(jnp.split(mod0.astype(x.dtype), 6, axis=1), mods)]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * (self.attn1(h) if rope is None else self.attn1(h, rope))
         x = x + self.attn2(x, cond["context"], cond["context_mask"])  # un-normed tokens, as diffusers
         return x + gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp, grid)
 
@@ -285,6 +297,14 @@ class SanaTransformer2DModel(nnx.Module):
         if cfg.interpolation_scale is not None:
             pos = sincos_2d_table(cfg.inner_dim, gh, gw, cfg.sample_size // p, cfg.interpolation_scale)
             x = (x.astype(jnp.float32) + jnp.asarray(pos)[None]).astype(dtype)
+        cond = self.embed_conditions(b, encoder_hidden_states, timestep, encoder_attention_mask, guidance)
+        cond["grid"] = jnp.zeros((b, gh, gw, 0), dtype)
+        return x, {}, cond
+
+    def embed_conditions(self, b: int, encoder_hidden_states, timestep, encoder_attention_mask=None, guidance=None):
+        """``embed``'s cond without the grid: the timestep's modulation and embedding, the projected caption and its
+        key mask (SANA-Video's the same)."""
+        cfg, dtype = self.cfg, self.dtype
         t = jnp.broadcast_to(jnp.asarray(timestep).reshape(-1), (b,))
         if cfg.guidance_embeds:
             if guidance is None:
@@ -300,10 +320,8 @@ class SanaTransformer2DModel(nnx.Module):
             t6, embedded = self.time_embed(t, None, None, b)
         context = self.caption_projection(encoder_hidden_states.astype(dtype)).reshape(b, -1, cfg.inner_dim)
         context = self.caption_norm(context)
-        cond = {"timestep": t6, "embedded_timestep": embedded, "context": context,
-                "context_mask": text_key_mask(encoder_attention_mask, b, context.shape[1]),
-                "grid": jnp.zeros((b, gh, gw, 0), dtype)}
-        return x, {}, cond
+        return {"timestep": t6, "embedded_timestep": embedded, "context": context,
+                "context_mask": text_key_mask(encoder_attention_mask, b, context.shape[1])}
 
     def blocks(self, x, tokens, cond):
         del tokens

@@ -356,13 +356,14 @@ def init_cache(mesh, layers, batch: int, seq_len: int, heads: int, head_dim: int
 
 
 def init_mixing(mesh, layers: int, batch: int, seq_len: int, grid_width: int, heads: int, head_dim: int,
-                channels: int, dtype, patches: int, abstract: bool = False) -> MixingBuffers:
+                channels: int, dtype, patches: int, abstract: bool = False, halo: int | None = None) -> MixingBuffers:
     """Zero buffers of a stack of token mixers (SANA's linear attention and GLUMBConv grid conv; module docstring
     of :mod:`xdit_jax.parallel.token_mixing`), layers over ``pipefusion``, batch over (data, cfg), whole over the
     sequence group (:data:`MIX_SPEC`): ``la`` (layers, B, patches, heads, head_dim, head_dim + 1) float32 and
     ``conv`` (layers, B, S_pad + 2 (grid_width + 1), channels) ``dtype``, S_pad as the K/V buffers'
     (:func:`padded_length`). :func:`run_pipefusion`'s cache is ``(MixingBuffers,)`` for a model without softmax
-    self-attention (SANA), else they go after the stack's (k, v)."""
+    self-attention (SANA), else they go after the stack's (k, v). ``halo`` (default ``grid_width + 1``): more zero
+    rows at each end (SANA-Video: one frame, ``H W``, for its frame conv, whose input takes the last channels)."""
     from jax.sharding import NamedSharding
 
     u, r = (mesh.shape.get(a, 1) for a in ("ulysses", "ring"))
@@ -372,8 +373,9 @@ def init_mixing(mesh, layers: int, batch: int, seq_len: int, grid_width: int, he
     def make(shp, dt):
         return jax.ShapeDtypeStruct(shp, dt, sharding=sharding) if abstract else jnp.zeros(shp, dt, device=sharding)
 
+    halo = int(grid_width) + 1 if halo is None else int(halo)
     return MixingBuffers(make((layers, batch, patches, heads, head_dim, head_dim + 1), jnp.float32),
-                         make((layers, batch, sp + 2 * (int(grid_width) + 1), channels), dtype), int(grid_width) + 1)
+                         make((layers, batch, sp + 2 * halo, channels), dtype), halo)
 
 
 def check_mesh(mesh_spec, num_layers) -> None:

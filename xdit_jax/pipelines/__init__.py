@@ -52,6 +52,8 @@ PIPELINES = {
     "CogView4Pipeline": ("xdit_jax.pipelines.cogview4", "CogView4Pipeline", "cogview4"),
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
     "SanaSprintPipeline": ("xdit_jax.pipelines.sana", "SanaSprintPipeline", "sana-sprint"),
+    "SanaVideoPipeline": ("xdit_jax.pipelines.sana_video", "SanaVideoPipeline", "sana-video"),
+    "SanaImageToVideoPipeline": ("xdit_jax.pipelines.sana_video", "SanaImageToVideoPipeline", "sana-video"),
     "ChromaPipeline": ("xdit_jax.pipelines.chroma", "ChromaPipeline", "chroma"),
     "ChromaImg2ImgPipeline": ("xdit_jax.pipelines.chroma", "ChromaImg2ImgPipeline", "chroma"),
     "Lumina2Pipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),
@@ -74,7 +76,7 @@ def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
     "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid",
     "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4", "kandinsky5",
-    "kandinsky5-t2i") of a diffusers pipeline class name;
+    "kandinsky5-t2i", "sana-video") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name in REFUSED:
         raise ValueError(REFUSED[class_name])
