@@ -259,8 +259,8 @@ class ChromaInpaintPipeline(VaeEncoding, ChromaPipeline):
     inpainting, as its image-to-image, adds a float mask to the logits, ours is the text-to-image pipeline's real key
     mask, the same where the prompts fill ``max_sequence_length``; several images pair with their own prompt's
     samples); ``true_cfg_scale`` is taken and ignored, as diffusers does (its CFG is ``guidance_scale > 1``);
-    ``padding_mask_crop``, ``masked_image_latents`` (which Chroma's inpainting step does not use), custom ``sigmas``
-    and IP-Adapter images are refused; given ``latents`` serve, as diffusers', as both the initial latents and the
+    ``padding_mask_crop``, ``masked_image_latents`` (which Chroma's inpainting step does not use) and custom
+    ``sigmas`` are refused, IP-Adapter images not taken; given ``latents`` serve, as diffusers', as both the initial latents and the
     kept region's noise (no noise drawn), (B, C, h, w) as diffusers' inpainting takes them, or packed (B, tokens,
     4C)."""
 

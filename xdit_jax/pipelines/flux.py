@@ -513,7 +513,6 @@ class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
         f = vae_scale_factor(self.vae_config)
         mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
 
-
         def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too, as diffusers)
             sched = flow_match.from_step(sched, start)
             return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given,

@@ -289,6 +289,7 @@ class VaeEncoding:
         parts.insert(1, noise)
         return flow_match.KeptRegion(*(jax.device_put(a, self._latent_sharding(a.shape)) for a in parts))
 
+
 class WanVaeEncoding(VaeEncoding):
     """:class:`VaeEncoding` for the Wan 2.1-style causal 3-D VAE (``AutoencoderKLWan``; Qwen-Image's
     ``AutoencoderKLQwenImage``: the same encoder, one frame), whose latents are normalized by ``latents_mean`` /
