@@ -262,7 +262,9 @@ class ChromaInpaintPipeline(VaeEncoding, ChromaPipeline):
     ``padding_mask_crop``, ``masked_image_latents`` (which Chroma's inpainting step does not use) and custom
     ``sigmas`` are refused, IP-Adapter images not taken; given ``latents`` serve, as diffusers', as both the initial latents and the
     kept region's noise (no noise drawn), (B, C, h, w) as diffusers' inpainting takes them, or packed (B, tokens,
-    4C)."""
+    4C). diffusers 0.42.1's pipeline reads ``transformer.config.guidance_embeds``, which a Chroma transformer's config
+    has not (an AttributeError on every call; its tests set it False): nothing it computes from it reaches the
+    transformer, so ours has no such input."""
 
     PIPELINE_CLASSES = ("ChromaInpaintPipeline", "ChromaPipeline")
 
