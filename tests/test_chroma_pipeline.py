@@ -292,3 +292,110 @@ def test_img2img_cli(tmp_path, capsys, monkeypatch):
     rc = cli.main(["--model", "tiny-chroma", "--output", str(tmp_path / "n.png"), "--image", str(src), "--strength",
                    "1.5", "--no-progress"])
     assert rc == 2 and "--strength must be in (0, 1]" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- inpainting
+
+def test_inpaint_matches_diffusers(built, monkeypatch):
+    """diffusers' ChromaInpaintPipeline of the same parts, ours from the text-to-image folder: two prompts and a
+    negative prompt that fill the 16 tokens (its float mask inert; the text shapes of the tests above: compiled once),
+    real CFG (guidance 4), strength 0.8 of 4 steps (3 run), a PIL mask resized and binarized as diffusers' (the left
+    latent columns kept); the same torch draws both sides (the posterior's sample, the noise; diffusers' third, the
+    masked image's encode, feeds nothing its step uses)."""
+    from diffusers import ChromaInpaintPipeline as TorchInpaint
+    from diffusers.configuration_utils import FrozenDict
+    from PIL import Image
+
+    from tests.test_flux_pipeline import _torch_draws, picture
+    from xdit_jax.pipelines.chroma import ChromaInpaintPipeline
+
+    tp, _, folder = built
+    tp = TorchInpaint(**tp.components)
+    ours = ChromaInpaintPipeline.from_pretrained(folder)
+    lat = (1, tp.vae.config.latent_channels, H // 8, W // 8)
+    mask = np.zeros((50, 70), np.uint8)
+    mask[:, 30:] = 255  # resized to 48 x 80: columns from ~34 on repainted
+    image, mask = picture(5), Image.fromarray(mask)
+    draws = _torch_draws(monkeypatch, ours, 7, [lat, (2,) + lat[1:]])
+    kw = dict(image=image, mask_image=mask, height=H, width=W, strength=0.8, num_inference_steps=4,
+              guidance_scale=4.0, negative_prompt=[NEG, NEG], max_sequence_length=MSL)
+    # diffusers 0.42.1's ChromaInpaintPipeline reads transformer.config.guidance_embeds, which a Chroma transformer's
+    # config lacks (AttributeError); False: the guidance it makes then is None, and it passes none to the transformer
+    monkeypatch.setattr(tp.transformer, "_internal_dict",
+                        FrozenDict({**tp.transformer.config, "guidance_embeds": False}))
+    with torch.no_grad():
+        ref = tp([PROMPT, FOX], generator=torch.Generator().manual_seed(7), output_type="latent", **kw).images.numpy()
+    out = ours([PROMPT, FOX], output_type="latent", progress=False, **kw)
+    assert not draws and "image_encoding" in out.timings and out.images.shape == ref.shape == (2, 15, 16)
+    scale = np.abs(ref).max()
+    # fp32, test_unpadded_image_and_latents_match_diffusers' latent bound. Measured 1.9e-6 of 3.6;
+    # without the kept region (an all-repaint mask on our side) 4.0.
+    np.testing.assert_allclose(out.images, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    with pytest.raises(ValueError, match="needs mask_image="):
+        ours(PROMPT, image=image, height=H, width=W)
+    with pytest.raises(ValueError, match="needs image="):
+        ours(PROMPT, mask_image=mask, height=H, width=W)
+    with pytest.raises(ValueError, match=r"mask_image array \(8, 8\)"):
+        ours(PROMPT, image=image, mask_image=np.zeros((8, 8)), height=H, width=W)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        ours(PROMPT, image=image, mask_image=mask, height=H, width=W, strength=1.5)
+
+
+@pytest.mark.slow  # (another compile per mesh, the CLI's tiny folder; the rule is test_inpaint_matches_diffusers')
+def test_inpaint_mesh_given_latents_and_cli(built, tmp_path, capsys, monkeypatch):
+    """cfg=2,ring=2,ulysses=2 and pipefusion=2 (its warm-up steps only: exact) == one device, two prompts x 2 samples,
+    a mask array, CFG, JAX draws; given packed latents == diffusers' (the start and the kept region's noise: only the
+    posterior's sample drawn, no noise); CLI --image --mask on tiny-chroma (ChromaInpaintPipeline)."""
+    import imageio.v3 as iio
+    from diffusers import ChromaInpaintPipeline as TorchInpaint
+    from diffusers.configuration_utils import FrozenDict
+    from PIL import Image
+
+    from tests.test_flux_pipeline import _torch_draws, picture
+    from xdit_jax import cli
+    from xdit_jax.pipelines.chroma import ChromaInpaintPipeline, pack_latents
+
+    tp, _, folder = built
+    mask = np.zeros((H, W), np.float32)
+    mask[8:40, 16:72] = 1.0
+    kw = dict(image=picture(6), mask_image=mask, height=H, width=W, strength=0.9, num_inference_steps=3,
+              guidance_scale=4.0, negative_prompt=[NEG, NEG], max_sequence_length=MSL, num_images_per_prompt=2,
+              output_type="latent", progress=False, seed=8)
+    prompts = [PROMPT, FOX]
+    ours = ChromaInpaintPipeline.from_pretrained(folder)
+    one = ours(prompts, **kw).images
+    for mesh, extra in (("cfg=2,ring=2,ulysses=2", {}), ("pipefusion=2", {"pipefusion_warmup_steps": 3})):
+        out = ChromaInpaintPipeline.from_pretrained(folder, mesh=mesh, **extra)(prompts, **kw).images
+        np.testing.assert_allclose(out, one, atol=2e-5 * np.abs(one).max(), rtol=0, err_msg=mesh)
+
+    with pytest.raises(ValueError, match=r"latents \(2, 15, 16\): this request's initial latents are \(1, 4, 6, "
+                                         r"10\) \(packed: \(1, 15, 16\)\)"):
+        ours(PROMPT, latents=initial_latents(batch=2), **{**kw, "negative_prompt": NEG, "num_images_per_prompt": 1})
+    tp = TorchInpaint(**tp.components)
+    monkeypatch.setattr(tp.transformer, "_internal_dict",
+                        FrozenDict({**tp.transformer.config, "guidance_embeds": False}))
+    lat = (1, tp.vae.config.latent_channels, H // 8, W // 8)
+    draws = _torch_draws(monkeypatch, ours, 9, [lat])  # the posterior's sample only
+    given = np.random.default_rng(10).standard_normal(lat).astype(np.float32)  # (diffusers' inpainting: unpacked)
+    kw = dict(image=picture(6), mask_image=Image.fromarray((mask * 255).astype(np.uint8)), height=H, width=W,
+              strength=0.6, num_inference_steps=4, guidance_scale=4.0, negative_prompt=NEG, max_sequence_length=MSL)
+    with torch.no_grad():
+        ref = tp(PROMPT, latents=torch.from_numpy(given), generator=torch.Generator().manual_seed(9),
+                 output_type="latent", **kw).images.numpy()
+    out = ours(PROMPT, latents=given, output_type="latent", progress=False, **kw).images
+    assert not draws
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    _torch_draws(monkeypatch, ours, 9, [lat])  # the same latents packed: the same result
+    packed = ours(PROMPT, latents=pack_latents(given), output_type="latent", progress=False, **kw).images
+    np.testing.assert_allclose(packed, out, atol=1e-6 * np.abs(out).max(), rtol=0)
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    src, msk, dst = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "c.png"
+    picture(1).save(src)
+    m = np.zeros((48, 64), np.uint8)
+    m[:, 32:] = 255
+    Image.fromarray(m).save(msk)
+    rc = cli.main(["--model", "tiny-chroma", "--output", str(dst), "--steps", "3", "--image", str(src), "--mask",
+                   str(msk), "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(dst).shape == (48, 64, 3)
+    assert '"image_encoding"' in capsys.readouterr().out

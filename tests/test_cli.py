@@ -546,7 +546,7 @@ def test_generate_random_weights(tmp_path, capsys):
      "--strength must be in (0, 1]"),  # (Qwen-Image image-to-image)
     (["--model", "tiny-pixart", "--strength", "0.5"], "--strength: image-to-image (a FLUX.1"),
     (["--model", "tiny-pixart", "--image", str(ROOT / "README.md"), "--mask", str(ROOT / "README.md")],
-     "--mask: inpainting takes a FLUX.1 or SD3 model"),
+     "--mask: inpainting takes a FLUX.1, SD3, Chroma or Qwen-Image model"),
     (["--model", "tiny-flux", "--image", str(ROOT / "README.md"), "--strength", "0"], "--strength must be in (0, 1]"),
     (["--model", "tiny-pixart", "--guidance-scale-2", "3"], "--guidance-scale-2 (Wan 2.2 A14B's)"),
     (["--guidance-scale-2", "-1"], "--guidance-scale-2 must be >= 0"),

@@ -260,3 +260,35 @@ def test_inpaint_mesh_matches_one_device(tmp_path_factory):
     for mesh, extra in (("cfg=2,ring=2,ulysses=2", {}), ("pipefusion=2", {"pipefusion_warmup_steps": 3})):
         out = FluxInpaintPipeline.from_pretrained(folder, mesh=mesh, **extra)(prompts, **kw).images
         np.testing.assert_allclose(out, one, atol=2e-5 * np.abs(one).max(), rtol=0, err_msg=mesh)
+
+
+
+@pytest.mark.slow  # (the torch run; the rule is test_inpaint_matches_diffusers')
+def test_inpaint_given_latents_match_diffusers(tmp_path_factory, monkeypatch):
+    """Given latents, (B, C, h, w) as diffusers' inpainting takes them (it packs them): the start and the kept
+    region's noise, no noise drawn (only the posterior's sample, the first torch draw) == diffusers; the same latents
+    packed give the same."""
+    from diffusers import FluxInpaintPipeline as TorchInpaint
+    from PIL import Image
+
+    from xdit_jax.pipelines.flux import FluxInpaintPipeline, pack_latents
+
+    tp, _, folder = build(tmp_path_factory)
+    tp = TorchInpaint(**tp.components)
+    ours = FluxInpaintPipeline.from_pretrained(folder)
+    lat = (1, tp.vae.config.latent_channels, H // 8, W // 8)
+    given = np.random.default_rng(9).standard_normal(lat).astype(np.float32)
+    mask = np.zeros((H, W), np.uint8)
+    mask[:, 40:] = 255
+    kw = dict(image=picture(5), mask_image=Image.fromarray(mask), height=H, width=W, strength=0.7,
+              num_inference_steps=4, guidance_scale=3.5, max_sequence_length=MSL)
+    draws = _torch_draws(monkeypatch, ours, 7, [lat])
+    with torch.no_grad():
+        ref = tp(PROMPT, latents=torch.from_numpy(given), generator=torch.Generator().manual_seed(7),
+                 output_type="latent", **kw).images.numpy()
+    out = ours(PROMPT, latents=given, output_type="latent", progress=False, **kw).images
+    assert not draws
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    _torch_draws(monkeypatch, ours, 7, [lat])
+    packed = ours(PROMPT, latents=pack_latents(given), output_type="latent", progress=False, **kw).images
+    np.testing.assert_allclose(packed, out, atol=1e-6 * np.abs(out).max(), rtol=0)

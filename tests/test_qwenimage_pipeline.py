@@ -336,3 +336,91 @@ def test_img2img_mesh_and_cli(pipes, tmp_path, capsys, monkeypatch):
                    "--strength", "0.5", "--negative-prompt", "blurry", "--no-progress", "--json"])
     assert rc == 0 and iio.imread(dst).shape == (48, 80, 3)
     assert '"image_encoding"' in capsys.readouterr().out
+
+
+def test_inpaint_matches_diffusers(pipes, monkeypatch):
+    """diffusers' QwenImageInpaintPipeline of the same parts, ours from the text-to-image folder: true CFG (its
+    default 4 with a negative prompt), strength 0.8 of 4 steps (3 run), a PIL mask resized and binarized as
+    diffusers' (the left latent columns kept); the same torch draws both sides (the posterior's sample, the noise;
+    diffusers' third, the masked image's encode, feeds nothing its step uses)."""
+    from diffusers import QwenImageInpaintPipeline as TorchInpaint
+    from PIL import Image
+
+    from tests.test_flux_pipeline import _torch_draws, picture
+    from xdit_jax.pipelines.qwenimage import QwenImageInpaintPipeline
+
+    tp, _, folder = pipes
+    tp = TorchInpaint(**tp.components)
+    ours = QwenImageInpaintPipeline.from_pretrained(folder)
+    lat = (1, tp.vae.config.z_dim, H // 8, W // 8)
+    mask = np.zeros((50, 70), np.uint8)
+    mask[:, 30:] = 255  # resized to 48 x 80: columns from ~34 on repainted
+    image, mask = picture(5), Image.fromarray(mask)
+    draws = _torch_draws(monkeypatch, ours, 7, [lat, lat])
+    kw = dict(image=image, mask_image=mask, height=H, width=W, strength=0.8, num_inference_steps=4,
+              negative_prompt=NEGATIVE)
+    with torch.no_grad():
+        ref = tp(PROMPT, generator=torch.Generator().manual_seed(7), output_type="latent", **kw).images.numpy()
+    out = ours(PROMPT, output_type="latent", progress=False, **kw)
+    assert not draws and "image_encoding" in out.timings and out.images.shape == ref.shape == (1,) + LATENT
+    # fp32 both sides, the latents' bound above. Measured 1.7e-6 of 4.0; without the kept region (an
+    # all-repaint mask on our side) 4.1
+    _close_latents(out.images, ref)
+    with pytest.raises(ValueError, match="needs mask_image="):
+        ours(PROMPT, image=image, height=H, width=W)
+    with pytest.raises(ValueError, match="needs image="):
+        ours(PROMPT, mask_image=mask, height=H, width=W)
+    with pytest.raises(ValueError, match=r"mask_image array \(8, 8\)"):
+        ours(PROMPT, image=image, mask_image=np.zeros((8, 8)), height=H, width=W)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        ours(PROMPT, image=image, mask_image=mask, height=H, width=W, strength=1.5)
+
+
+@pytest.mark.slow  # (another compile per mesh, the CLI's tiny folder; the rule is test_inpaint_matches_diffusers')
+def test_inpaint_mesh_given_latents_and_cli(pipes, tmp_path, capsys, monkeypatch):
+    """cfg=2,ring=2,ulysses=2 and pipefusion=2 (its warm-up steps only: exact) == one device, two prompts x 2 samples,
+    a mask array, true CFG, JAX draws; given packed latents: the start and the kept region's noise (only the
+    posterior's sample drawn), so the kept tokens end as the image's latents (diffusers 0.42.1 fails on given latents
+    here); CLI --image --mask on tiny-qwenimage (QwenImageInpaintPipeline)."""
+    import imageio.v3 as iio
+    import jax
+    from PIL import Image
+
+    from tests.test_flux_pipeline import picture
+    from xdit_jax import cli
+    from xdit_jax.pipelines.denoise import StageTimer
+    from xdit_jax.pipelines.flux import pack_latents
+    from xdit_jax.pipelines.qwenimage import QwenImageInpaintPipeline
+
+    _, _, folder = pipes
+    mask = np.zeros((H, W), np.float32)
+    mask[:, 32:] = 1.0  # latent columns 4.. repainted: packed token columns 2.. (the first two kept whole)
+    kw = dict(image=picture(6), mask_image=mask, height=H, width=W, strength=0.9, num_inference_steps=3,
+              negative_prompt=NEGATIVE, num_images_per_prompt=2, output_type="latent", progress=False, seed=8)
+    ours = QwenImageInpaintPipeline.from_pretrained(folder)
+    one = ours(PROMPTS, **kw).images
+    for mesh, extra in (("cfg=2,ring=2,ulysses=2", {}), ("pipefusion=2", {"pipefusion_warmup_steps": 3})):
+        out = QwenImageInpaintPipeline.from_pretrained(folder, mesh=mesh, **extra)(PROMPTS, **kw).images
+        np.testing.assert_allclose(out, one, atol=1e-5 * np.abs(one).max(), rtol=0, err_msg=mesh)
+
+    drawn = []
+    normal = ours._normal
+    monkeypatch.setattr(ours, "_normal", lambda key, shape: drawn.append(shape) or normal(key, shape))
+    kw.update(num_images_per_prompt=1, latents=initial_latents(seed=10))
+    out = ours(PROMPT, **kw).images
+    assert len(drawn) == 1  # the posterior's sample; no noise
+    clean = pack_latents(ours.clean_image_latents(kw["image"], H, W, 1, 1, jax.random.key(8), StageTimer()))
+    kept = pack_latents(np.broadcast_to(1 - mask[None, None, ::8, ::8], (1, 16, H // 8, W // 8)))[0, :, 0] == 1
+    assert kept.sum() == 6  # 2 token columns x 3 rows
+    np.testing.assert_allclose(out[:, kept], np.asarray(clean)[:, kept], atol=1e-6, rtol=0)
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    src, msk, dst = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "q.png"
+    picture(1).save(src)
+    m = np.zeros((48, 80), np.uint8)
+    m[:, 40:] = 255
+    Image.fromarray(m).save(msk)
+    rc = cli.main(["--model", "tiny-qwenimage", "--output", str(dst), "--steps", "2", "--image", str(src), "--mask",
+                   str(msk), "--strength", "0.9", "--negative-prompt", "blurry", "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(dst).shape == (48, 80, 3)
+    assert '"image_encoding"' in capsys.readouterr().out

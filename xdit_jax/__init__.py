@@ -1,7 +1,12 @@
 """xdit_jax: parallel inference for diffusion transformers on JAX SPMD meshes."""
 
 from xdit_jax.mesh import MeshSpec, build_mesh
-from xdit_jax.pipelines.chroma import ChromaImg2ImgPipeline, ChromaPipeline, ChromaPipelineOutput
+from xdit_jax.pipelines.chroma import (
+    ChromaImg2ImgPipeline,
+    ChromaInpaintPipeline,
+    ChromaPipeline,
+    ChromaPipelineOutput,
+)
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
 from xdit_jax.pipelines.cogview3 import CogView3PipelineOutput, CogView3PlusPipeline
 from xdit_jax.pipelines.cogview4 import CogView4Pipeline, CogView4PipelineOutput
@@ -29,7 +34,12 @@ from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipe
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
-from xdit_jax.pipelines.qwenimage import QwenImageImg2ImgPipeline, QwenImagePipeline, QwenImagePipelineOutput
+from xdit_jax.pipelines.qwenimage import (
+    QwenImageImg2ImgPipeline,
+    QwenImageInpaintPipeline,
+    QwenImagePipeline,
+    QwenImagePipelineOutput,
+)
 from xdit_jax.pipelines.qwenimage_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput, SanaSprintPipeline
 from xdit_jax.pipelines.sana_video import SanaImageToVideoPipeline, SanaVideoPipeline, SanaVideoPipelineOutput
@@ -56,7 +66,8 @@ from xdit_jax.pipelines.wan import (
 from xdit_jax.pipelines.wan_vace import WanVACEPipeline
 from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
 
-__all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "CogVideoXImageToVideoPipeline",
+__all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "ChromaPipelineOutput",
+           "CogVideoXImageToVideoPipeline",
            "CogVideoXPipeline",
            "CogVideoXPipelineOutput", "CogView3PipelineOutput", "CogView3PlusPipeline", "CogView4Pipeline",
            "CogView4PipelineOutput", "ConsisIDPipeline",
@@ -71,7 +82,8 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaPipeline", "ChromaPipelineOutput", "C
            "LattePipelineOutput", "LTXImageToVideoPipeline", "LTXPipeline", "LTXPipelineOutput", "Lumina2Pipeline",
            "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
-           "QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline", "QwenImagePipeline", "QwenImagePipelineOutput",
+           "QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImagePipeline",
+           "QwenImagePipelineOutput",
            "SD3PipelineOutput",
            "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SanaImageToVideoPipeline", "SanaVideoPipeline",
            "SanaVideoPipelineOutput",

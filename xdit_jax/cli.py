@@ -258,7 +258,9 @@ IMAGE_TO_IMAGE = {"FluxPipeline": "FluxImg2ImgPipeline", "StableDiffusion3Pipeli
 # ... and --mask inpainting
 INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "StableDiffusion3InpaintPipeline",
            "FluxInpaintPipeline": "FluxInpaintPipeline",
-           "StableDiffusion3InpaintPipeline": "StableDiffusion3InpaintPipeline"}
+           "StableDiffusion3InpaintPipeline": "StableDiffusion3InpaintPipeline",
+           "ChromaPipeline": "ChromaInpaintPipeline", "ChromaInpaintPipeline": "ChromaInpaintPipeline",
+           "QwenImagePipeline": "QwenImageInpaintPipeline", "QwenImageInpaintPipeline": "QwenImageInpaintPipeline"}
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                   "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline",
@@ -310,8 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "noised, the last fraction of the --steps that run, in (0, 1] (diffusers' strength; default "
                          "0.6, Chroma 0.9); Wan with --video: video-to-video's (int(steps x S) steps run; default 0.8)")
     ap.add_argument("--mask", default=None, metavar="PATH",
-                    help="inpainting (a FLUX.1 or SD3 model with --image): white repaints, black keeps (diffusers' "
-                         "FluxInpaintPipeline / StableDiffusion3InpaintPipeline; --strength as image-to-image's)")
+                    help="inpainting (a FLUX.1, SD3, Chroma or Qwen-Image model with --image): white repaints, "
+                         "black keeps (diffusers' FluxInpaintPipeline / StableDiffusion3InpaintPipeline / "
+                         "ChromaInpaintPipeline / QwenImageInpaintPipeline; --strength as image-to-image's, default "
+                         "0.6)")
     ap.add_argument("--reference-image", default=None, metavar="PATH", action="append", dest="reference_images",
                     help="Wan VACE: a reference image (repeat the flag for several), fitted into the frame; with "
                          "--video (the control video) and --mask (a video or folder of frames: white generates, black "
@@ -837,7 +841,8 @@ def _main(argv=None) -> int:
         if kind != WAN_VACE and args.mask is not None and Path(args.mask).is_dir():
             raise ValueError(f"--mask {args.mask}: inpainting takes an image file (a folder of mask frames: Wan VACE).")
         if args.mask is not None and kind != WAN_VACE and (args.image is None or kind not in INPAINT):
-            raise ValueError("--mask: inpainting takes a FLUX.1 or SD3 model and the image to repaint (--image).")
+            raise ValueError("--mask: inpainting takes a FLUX.1, SD3, Chroma or Qwen-Image model and the image to "
+                             "repaint (--image).")
         if args.mask is not None and kind != WAN_VACE:
             kind = args.kind = INPAINT[kind]
         elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 / Chroma / Qwen-Image image-to-image

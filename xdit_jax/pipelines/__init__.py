@@ -46,6 +46,7 @@ PIPELINES = {
                                            "hunyuan_video15"),
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
     "QwenImageImg2ImgPipeline": ("xdit_jax.pipelines.qwenimage", "QwenImageImg2ImgPipeline", "qwenimage"),
+    "QwenImageInpaintPipeline": ("xdit_jax.pipelines.qwenimage", "QwenImageInpaintPipeline", "qwenimage"),
     "QwenImageEditPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPipeline", "qwenimage"),
     "QwenImageEditPlusPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPlusPipeline", "qwenimage"),
     "ZImagePipeline": ("xdit_jax.pipelines.zimage", "ZImagePipeline", "zimage"),
@@ -56,6 +57,7 @@ PIPELINES = {
     "SanaImageToVideoPipeline": ("xdit_jax.pipelines.sana_video", "SanaImageToVideoPipeline", "sana-video"),
     "ChromaPipeline": ("xdit_jax.pipelines.chroma", "ChromaPipeline", "chroma"),
     "ChromaImg2ImgPipeline": ("xdit_jax.pipelines.chroma", "ChromaImg2ImgPipeline", "chroma"),
+    "ChromaInpaintPipeline": ("xdit_jax.pipelines.chroma", "ChromaInpaintPipeline", "chroma"),
     "Lumina2Pipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),
     # diffusers' earlier name of the same pipeline (still an alias there)
     "Lumina2Text2ImgPipeline": ("xdit_jax.pipelines.lumina2", "Lumina2Pipeline", "lumina2"),

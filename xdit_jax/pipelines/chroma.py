@@ -44,7 +44,7 @@ from xdit_jax.pipelines.denoise import (
     tokenize,
 )
 from xdit_jax.pipelines.flux import FluxPipeline, default_size, pack_latents  # noqa: F401  (this family's API too)
-from xdit_jax.pipelines.image import ImagePipelineOutput, VaeEncoding, vae_scale_factor
+from xdit_jax.pipelines.image import ImagePipelineOutput, VaeEncoding, forward_call, vae_scale_factor
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -86,7 +86,8 @@ class ChromaPipeline(FluxPipeline):
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng) ->
-        (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, their float mask); ``scale``: the CFG scale;
+        (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, their float mask[, inpainting's
+        :class:`~xdit_jax.schedulers.flow_match.KeptRegion`]); ``scale``: the CFG scale;
         ``rope``: the image and text RoPE tables; ``kv``: PipeFusion's K/V buffers (``warmup``: an exact step
         that fills them) or None."""
         key = (do_cfg, warmup)
@@ -99,6 +100,7 @@ class ChromaPipeline(FluxPipeline):
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng):
+            texts, kept = flow_match.split_kept(texts)  # (inpainting's kept region)
             x = self._model_batch(latents, do_cfg)
             t = jnp.broadcast_to(sched.timesteps[i] / 1000, (x.shape[0],))
             model = nnx.merge(graphdef, tstate)
@@ -111,6 +113,8 @@ class ChromaPipeline(FluxPipeline):
             noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
                 if sched.needs_noise else None
             latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            if kept is not None:  # inpainting: outside the mask, the image at the next sigma
+                latents = kept.apply(sched, i, latents)
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
@@ -133,7 +137,8 @@ class ChromaPipeline(FluxPipeline):
                  output_type: str = "np", progress: bool = True, _init=None) -> ChromaPipelineOutput:
         """diffusers' ChromaPipeline call (``prompt_attention_mask``: the mask ``encode_prompt`` returns, 1 for
         the prompt's tokens and one padding token); ``_init(sched, latents, batch, per, rng, timer) -> (schedule,
-        packed initial latents)``: image-to-image's start (:class:`ChromaImg2ImgPipeline`)."""
+        packed initial latents[, inpainting's kept region])``: image-to-image's start (:class:`ChromaImg2ImgPipeline`,
+        :class:`ChromaInpaintPipeline`)."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -179,8 +184,9 @@ class ChromaPipeline(FluxPipeline):
         shape = self.latent_shape(batch * per, height, width)
         sched = self.schedule(num_inference_steps, shape[1])
         rng = jax.random.key(seed)
-        if _init is not None:
-            sched, latents = _init(sched, latents, batch, per, rng, timer)
+        if _init is not None:  # (inpainting returns its kept region too, a step input)
+            sched, latents, *kept = _init(sched, latents, batch, per, rng, timer)
+            texts = texts + tuple(kept)
         if latents is None:
             latents = pack_latents(jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32))
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
@@ -237,11 +243,61 @@ class ChromaImg2ImgPipeline(VaeEncoding, ChromaPipeline):
             return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng,
                                                                  timer)[0])
 
-        return super().__call__(prompt, negative_prompt, height=height, width=width,
-                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                num_images_per_prompt=num_images_per_prompt, latents=latents,
-                                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                prompt_attention_mask=prompt_attention_mask,
-                                negative_prompt_attention_mask=negative_prompt_attention_mask,
-                                max_sequence_length=max_sequence_length, seed=seed, output_type=output_type,
-                                progress=progress, _init=init)
+        return forward_call(ChromaPipeline.__call__, self, locals(), _init=init)
+
+
+class ChromaInpaintPipeline(VaeEncoding, ChromaPipeline):
+    """Inpainting with Chroma (diffusers' ``ChromaInpaintPipeline``) on a Chroma text-to-image folder: image-to-image's
+    start (:class:`ChromaImg2ImgPipeline`: the image encoded and noised to where the last ``strength`` of the schedule
+    starts) and, inside the jitted step after each update, the region outside ``mask_image`` (white: repaint, black:
+    keep; resized and binarized as diffusers' mask processor, sampled onto the latent grid: torch's nearest) set to
+    the image's latents noised to the next sigma (:class:`~xdit_jax.schedulers.flow_match.KeptRegion`), so only the
+    masked region is generated. The rest is :class:`ChromaPipeline`'s (its jitted step, real CFG with
+    ``guidance_scale``, the key mask, meshes, PipeFusion).
+
+    Known differences: :class:`ChromaImg2ImgPipeline`'s (JAX draws from ``seed``; the text mask: diffusers 0.42.1's
+    inpainting, as its image-to-image, adds a float mask to the logits, ours is the text-to-image pipeline's real key
+    mask, the same where the prompts fill ``max_sequence_length``; several images pair with their own prompt's
+    samples); ``true_cfg_scale`` is taken and ignored, as diffusers does (its CFG is ``guidance_scale > 1``);
+    ``padding_mask_crop``, ``masked_image_latents`` (which Chroma's inpainting step does not use) and custom
+    ``sigmas`` are refused, IP-Adapter images not taken; given ``latents`` serve, as diffusers', as both the initial latents and the
+    kept region's noise (no noise drawn), (B, C, h, w) as diffusers' inpainting takes them, or packed (B, tokens,
+    4C). diffusers 0.42.1's pipeline reads ``transformer.config.guidance_embeds``, which a Chroma transformer's config
+    has not (an AttributeError on every call; its tests set it False): nothing it computes from it reaches the
+    transformer, so ours has no such input."""
+
+    PIPELINE_CLASSES = ("ChromaInpaintPipeline", "ChromaPipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
+                 true_cfg_scale: float = 1.0, image=None, mask_image=None, masked_image_latents=None,
+                 height: int | None = None, width: int | None = None, padding_mask_crop: int | None = None,
+                 strength: float = 0.6, num_inference_steps: int = 28, sigmas=None, guidance_scale: float = 7.0,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 prompt_attention_mask=None, negative_prompt_attention_mask=None, max_sequence_length: int = 256,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> ChromaPipelineOutput:
+        """diffusers' ChromaInpaintPipeline call and defaults (28 steps, guidance 7, strength 0.6, 256 tokens;
+        ``generator`` -> ``seed``). ``image``: as :class:`ChromaImg2ImgPipeline`'s; ``mask_image``: a PIL image, or an
+        (H, W) array at the output size (uint8, or floats in [0, 1]), one for every prompt's image."""
+        from xdit_jax.pipelines.image import preprocess_mask
+
+        if mask_image is None:
+            raise ValueError("ChromaInpaintPipeline needs mask_image= (white: repaint, black: keep).")
+        if padding_mask_crop is not None or masked_image_latents is not None or sigmas is not None:
+            raise NotImplementedError("padding_mask_crop, masked_image_latents and custom sigmas are not supported "
+                                      "here: give the image and its mask at the output size.")
+        if true_cfg_scale != 1.0:
+            log.warning("true_cfg_scale=%s is ignored: Chroma's CFG is guidance_scale > 1 (as in diffusers).",
+                        true_cfg_scale)
+        start = self.strength_start(image, num_inference_steps, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        f = vae_scale_factor(self.vae_config)
+        mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
+
+        def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too, as diffusers)
+            sched = flow_match.from_step(sched, start)
+            return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given,
+                                               pack_latents))
+
+        return forward_call(ChromaPipeline.__call__, self, locals(), _init=init)

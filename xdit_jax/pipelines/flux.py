@@ -47,7 +47,13 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
     tokenize,
 )
-from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, VaeEncoding, vae_scale_factor
+from xdit_jax.pipelines.image import (
+    ImagePipelineBase,
+    ImagePipelineOutput,
+    VaeEncoding,
+    forward_call,
+    vae_scale_factor,
+)
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -426,13 +432,7 @@ class FluxKontextPipeline(VaeEncoding, FluxPipeline):
                 ids[:, 0] = 1
                 return placed, ids
 
-        return self._generate(prompt, prompt_2, negative_prompt, negative_prompt_2, height=height, width=width,
-                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              true_cfg_scale=true_cfg_scale, prompt_embeds=prompt_embeds,
-                              pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
-                              max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt,
-                              seed=seed, output_type=output_type, progress=progress, condition=condition)
+        return forward_call(FluxPipeline._generate, self, locals(), condition=condition)
 
 
 class FluxImg2ImgPipeline(VaeEncoding, FluxPipeline):
@@ -470,13 +470,7 @@ class FluxImg2ImgPipeline(VaeEncoding, FluxPipeline):
             return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng,
                                                                  timer)[0])
 
-        return self._generate(prompt, prompt_2, negative_prompt, negative_prompt_2, height=height, width=width,
-                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              true_cfg_scale=true_cfg_scale, prompt_embeds=prompt_embeds,
-                              pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
-                              max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt,
-                              seed=seed, output_type=output_type, progress=progress, init=init)
+        return forward_call(FluxPipeline._generate, self, locals(), init=init)
 
 
 class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
@@ -487,9 +481,10 @@ class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
     generated. The mask is resized as diffusers' mask processor does and sampled onto the latent grid (nearest).
 
     Known differences: the noise and the posterior's sample are JAX draws from ``seed``; ``padding_mask_crop`` and
-    ``masked_image_latents`` (which FLUX.1's inpainting step does not use) are refused; given ``latents`` are packed
-    (B, tokens, 4C) and serve, as diffusers', as both the initial latents and the kept region's noise; array images are
-    taken at the output size; several images (one per prompt) pair with their own prompt's samples."""
+    ``masked_image_latents`` (which FLUX.1's inpainting step does not use) are refused; given ``latents`` serve, as
+    diffusers', as both the initial latents and the kept region's noise (no noise drawn), (B, C, h, w) as diffusers'
+    inpainting takes them (unlike its image-to-image: packed) or packed (B, tokens, 4C); array images are taken at
+    the output size; several images (one per prompt) pair with their own prompt's samples."""
 
     PIPELINE_CLASSES = ("FluxInpaintPipeline", "FluxPipeline")
 
@@ -518,17 +513,9 @@ class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
         f = vae_scale_factor(self.vae_config)
         mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
 
-        def init(sched, given, batch, per, rng, timer):
+        def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too, as diffusers)
             sched = flow_match.from_step(sched, start)
-            noised, clean, noise = self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)
-            if given is not None:  # diffusers: the given latents are the noise too
-                noised = noise = unpack_latents(jnp.asarray(given, jnp.float32), height // f, width // f)
-            return sched, pack_latents(noised), self.kept_region(clean, noise, mask, pack_latents)
+            return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given,
+                                               pack_latents))
 
-        return self._generate(prompt, prompt_2, negative_prompt, negative_prompt_2, height=height, width=width,
-                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              true_cfg_scale=true_cfg_scale, prompt_embeds=prompt_embeds,
-                              pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
-                              max_sequence_length=max_sequence_length, num_images_per_prompt=num_images_per_prompt,
-                              seed=seed, output_type=output_type, progress=progress, init=init)
+        return forward_call(FluxPipeline._generate, self, locals(), init=init)

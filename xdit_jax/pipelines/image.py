@@ -139,6 +139,17 @@ class ImagePipelineBase(PipelineBase):
         return self._jit_decode(("fn", size), decode, post)
 
 
+def forward_call(call, pipe, args: dict, **hooks):
+    """``call(pipe, ...)``: a base pipeline's call (unbound, e.g. ``FluxPipeline._generate``) given, for each of its
+    parameters, the value of that name in ``args`` (a subclass call's ``locals()``: its arguments, as it adjusted
+    them) and the ``hooks`` (the subclass's start: image-to-image's, inpainting's, a condition); the subclasses'
+    one way to forward their calls."""
+    import inspect
+
+    names = [n for n in inspect.signature(call).parameters if n != "self" and n not in hooks]
+    return call(pipe, **{n: args[n] for n in names if n in args}, **hooks)
+
+
 class VaeEncoding:
     """A mixin for the pipelines that encode an image with an SD/SDXL/FLUX ``AutoencoderKL`` (FLUX.1 Kontext's
     reference, the image-to-image pipelines' start): the VAE's encoder (``vae/encoder_params``, written by
@@ -221,10 +232,20 @@ class VaeEncoding:
 
     def noised_image_latents(self, image, height: int, width: int, sched, batch: int, per: int, rng,
                              timer) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """diffusers' img2img / inpaint ``prepare_latents``: the image(s) (one, or one per prompt: a PIL image or an
-        (H, W, 3) array each) resized to ``height`` x ``width``, encoded (the posterior sampled) and noised to the
-        schedule's first sigma (:func:`xdit_jax.schedulers.flow_match.scale_noise`) -> (noised, clean, noise) latents,
-        (batch x per, C, h, w) each, each prompt's ``per`` samples from its image."""
+        """diffusers' img2img / inpaint ``prepare_latents``: :meth:`clean_image_latents` noised to the schedule's first
+        sigma (:func:`xdit_jax.schedulers.flow_match.scale_noise`; the noise drawn after the posterior's sample, as
+        diffusers) -> (noised, clean, noise) latents, (batch x per, C, h, w) each."""
+        clean = self.clean_image_latents(image, height, width, batch, per, rng, timer)
+        with timer.stage("image_encoding"):
+            noise = self._normal(jax.random.fold_in(rng, 2), clean.shape)
+            noised = flow_match.scale_noise(sched, clean, noise)
+            jax.block_until_ready(noised)
+        return noised, clean, noise
+
+    def clean_image_latents(self, image, height: int, width: int, batch: int, per: int, rng, timer) -> jax.Array:
+        """The image(s) (one, or one per prompt: a PIL image or an (H, W, 3) array each) resized to ``height`` x
+        ``width`` and encoded (the posterior sampled) -> (batch x per, C, h, w) latents, each prompt's ``per`` samples
+        from its image."""
         from xdit_jax.pipelines.denoise import preprocess_image
 
         images = image if isinstance(image, (list, tuple)) else [image]
@@ -234,16 +255,38 @@ class VaeEncoding:
             pixels = jnp.concatenate([preprocess_image(im, height, width) for im in images])
             clean = self.image_latents(pixels, key=jax.random.fold_in(rng, 1))
             clean = jnp.repeat(clean, batch * per // len(images), axis=0)
-            noise = self._normal(jax.random.fold_in(rng, 2), clean.shape)
-            noised = flow_match.scale_noise(sched, clean, noise)
-            jax.block_until_ready(noised)
-        return noised, clean, noise
+            jax.block_until_ready(clean)
+        return clean
 
-    def kept_region(self, clean, noise, mask, layout=None) -> flow_match.KeptRegion:
+    def inpaint_start(self, image, mask, height: int, width: int, sched, batch: int, per: int, rng, timer,
+                      given=None, pack=None) -> tuple[jax.Array, flow_match.KeptRegion]:
+        """Inpainting's start (diffusers' inpaint ``prepare_latents``): (initial latents, :meth:`kept_region`), the
+        latents in the layout ``pack`` makes of (B, C, h, w) (e.g. FLUX's packing) and the (1, 1, h, w) ``mask``.
+        Given ``latents`` serve, as diffusers', as both the initial latents and the kept region's noise: no noise is
+        drawn then (the posterior's sample still is, first, as diffusers). They are (B, C, h, w), as diffusers' inpaint
+        pipelines take them (packing them as their noise), or already in the ``pack`` layout."""
+        pack = pack or (lambda x: x)
+        if given is None:
+            noised, clean, noise = self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)
+            return pack(noised), self.kept_region(clean, noise, mask, pack)
+        clean = self.clean_image_latents(image, height, width, batch, per, rng, timer)
+        given = jnp.asarray(given, jnp.float32)
+        packed = tuple(pack(clean).shape)
+        if tuple(given.shape) not in (tuple(clean.shape), packed):
+            raise ValueError(f"latents {tuple(given.shape)}: this request's initial latents are {tuple(clean.shape)}"
+                             + (f" (packed: {packed})." if packed != tuple(clean.shape) else "."))
+        if given.shape == clean.shape:
+            given = pack(given)
+        return given, self.kept_region(clean, given, mask, pack, packed=True)
+
+    def kept_region(self, clean, noise, mask, layout=None, packed: bool = False) -> flow_match.KeptRegion:
         """Inpainting's :class:`~xdit_jax.schedulers.flow_match.KeptRegion` of (B, C, h, w) clean latents, their noise
-        and a (1, 1, h, w) mask, each put in the latents' ``layout`` (e.g. FLUX's packing) and placement."""
+        and a (1, 1, h, w) mask, each put in the latents' ``layout`` (e.g. FLUX's packing) and placement (``packed``:
+        the noise is in that layout already)."""
         layout = layout or (lambda x: x)
-        parts = [layout(jnp.broadcast_to(jnp.asarray(a, jnp.float32), clean.shape)) for a in (clean, noise, mask)]
+        parts = [layout(jnp.broadcast_to(jnp.asarray(a, jnp.float32), clean.shape)) for a in (clean, mask)]
+        noise = jnp.asarray(noise, jnp.float32) if packed else layout(jnp.asarray(noise, jnp.float32))
+        parts.insert(1, noise)
         return flow_match.KeptRegion(*(jax.device_put(a, self._latent_sharding(a.shape)) for a in parts))
 
 

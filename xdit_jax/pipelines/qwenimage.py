@@ -54,7 +54,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
 )
 from xdit_jax.pipelines.flux import pack_latents, unpack_latents
-from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, WanVaeEncoding
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, WanVaeEncoding, forward_call
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -158,7 +158,8 @@ class QwenImagePipeline(ImagePipelineBase):
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng) -> (latents,
         sched_state, i + 1, kv)``; ``texts``: (states, mask), a row each[, the edit pipelines' condition latents
-        (packed, a row each)[, ``zero_cond_t``'s per-token flags]]; ``scale``: the true CFG scale; ``rope``:
+        (packed, a row each)[, ``zero_cond_t``'s per-token flags]][, inpainting's
+        :class:`~xdit_jax.schedulers.flow_match.KeptRegion`]; ``scale``: the true CFG scale; ``rope``:
         the image and text RoPE tables; ``kv``: PipeFusion's K/V buffers (``warmup``: an exact step) or None."""
         key = (do_cfg, warmup)
         if key in self._step_cache:
@@ -170,6 +171,7 @@ class QwenImagePipeline(ImagePipelineBase):
             return nnx.merge(graphdef, params).blocks(x, tokens, cond)
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, scale, rope, rng):
+            texts, kept = flow_match.split_kept(texts)  # (inpainting's kept region)
             model = nnx.merge(graphdef, tstate)
             x = self._model_batch(latents, do_cfg)
             if len(texts) > 2:  # the edit pipelines: the condition images' packed latents after the noisy ones
@@ -186,6 +188,8 @@ class QwenImagePipeline(ImagePipelineBase):
             noise = jax.random.normal(jax.random.fold_in(rng, i), latents.shape, jnp.float32) \
                 if sched.needs_noise else None
             latents, sched_state = flow_match.step(sched, i, pred, latents, sched_state, noise)
+            if kept is not None:  # inpainting: outside the mask, the image at the next sigma
+                latents = kept.apply(sched, i, latents)
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
@@ -276,8 +280,8 @@ class QwenImagePipeline(ImagePipelineBase):
         :meth:`encode_prompt` (the prompt with the images); ``condition(batch, per, do_cfg, timer) -> (the
         condition images' packed latents placed as the step's batch, their img_shapes)``; ``text_cut``: the
         states' length cut (default ``max_sequence_length``; the edit pipelines do not cut); ``init(sched, latents,
-        batch, per, rng, timer) -> (schedule, packed initial latents)``: image-to-image's start
-        (:class:`QwenImageImg2ImgPipeline`)."""
+        batch, per, rng, timer) -> (schedule, packed initial latents[, inpainting's kept region])``: image-to-image's
+        start (:class:`QwenImageImg2ImgPipeline`, :class:`QwenImageInpaintPipeline`)."""
         encode = encode if encode is not None else (lambda p: self.encode_prompt(p, max_sequence_length))
         text_cut = max_sequence_length if text_cut is None else text_cut
         ds = self.default_size()
@@ -331,8 +335,10 @@ class QwenImagePipeline(ImagePipelineBase):
         shape = self.latent_shape(batch * per, height, width)
         sched = self.schedule(num_inference_steps, shape[1], sigmas)
         rng = jax.random.key(seed)
-        if init is not None:
-            sched, latents = init(sched, latents, batch, per, rng, timer)
+        if init is not None:  # (inpainting returns its kept region too, a step input: the last of the texts)
+            sched, latents, *kept = init(sched, latents, batch, per, rng, timer)
+        else:
+            kept = []
         if latents is None:
             latents = pack_latents(jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32))
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
@@ -344,6 +350,7 @@ class QwenImagePipeline(ImagePipelineBase):
             texts = texts + (image_tokens,)
             if tc.zero_cond_t:
                 texts = texts + (self._put_replicated(jnp.asarray(qi.condition_flags(shapes))),)
+        texts = texts + tuple(kept)
         seq = sum(f * a * b for f, a, b in shapes)
         rope = jax.tree.map(self._put_replicated,
                             qi.rope_tables_multi(shapes, int(emb.shape[1]), tc.axes_dims_rope))
@@ -398,11 +405,57 @@ class QwenImageImg2ImgPipeline(WanVaeEncoding, QwenImagePipeline):
             return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng,
                                                                  timer)[0])
 
-        return self._generate(prompt, negative_prompt, true_cfg_scale=true_cfg_scale, height=height, width=width,
-                              num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
-                              num_images_per_prompt=num_images_per_prompt, latents=latents,
-                              prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
-                              negative_prompt_embeds=negative_prompt_embeds,
-                              negative_prompt_embeds_mask=negative_prompt_embeds_mask,
-                              max_sequence_length=max_sequence_length, seed=seed, output_type=output_type,
-                              progress=progress, init=init)
+        return forward_call(QwenImagePipeline._generate, self, locals(), init=init)
+
+
+class QwenImageInpaintPipeline(WanVaeEncoding, QwenImagePipeline):
+    """Inpainting with Qwen-Image (diffusers' ``QwenImageInpaintPipeline``) on a Qwen-Image text-to-image folder:
+    image-to-image's start (:class:`QwenImageImg2ImgPipeline`: the image encoded by the Wan 2.1 encoder as one frame
+    and noised to where the last ``strength`` of the schedule starts) and, inside the jitted step after each update,
+    the region outside ``mask_image`` (white: repaint, black: keep; resized and binarized as diffusers' mask
+    processor, sampled onto the latent grid: torch's nearest) set to the image's latents noised to the next sigma
+    (:class:`~xdit_jax.schedulers.flow_match.KeptRegion`), so only the masked region is generated. The rest is
+    :class:`QwenImagePipeline`'s (its jitted step, true CFG, meshes, PipeFusion).
+
+    Known differences: :class:`QwenImageImg2ImgPipeline`'s (JAX draws from ``seed``; several images pair with their
+    own prompt's samples); ``padding_mask_crop`` and ``masked_image_latents`` (which Qwen-Image's inpainting step does
+    not use) are refused; given ``latents``, (B, C, h, w) or packed (B, tokens, 4C), serve as both the initial latents
+    and the kept region's noise (no noise drawn), as diffusers' other inpainting pipelines (FLUX.1, Chroma) take them:
+    diffusers 0.42.1's Qwen-Image one returns them alone from ``prepare_latents``, where three values are unpacked,
+    and fails."""
+
+    PIPELINE_CLASSES = ("QwenImageInpaintPipeline", "QwenImagePipeline")
+    VAE_ENCODER_CONFIG = qvae.QwenImageVAEConfig
+
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
+                 true_cfg_scale: float = 4.0, image=None, mask_image=None, masked_image_latents=None,
+                 height: int | None = None, width: int | None = None, padding_mask_crop: int | None = None,
+                 strength: float = 0.6, num_inference_steps: int = 50, sigmas=None,
+                 guidance_scale: float | None = None, num_images_per_prompt: int = 1, latents=None,
+                 prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
+                 negative_prompt_embeds_mask=None, max_sequence_length: int = 512, seed: int = 0,
+                 output_type: str = "np", progress: bool = True) -> QwenImagePipelineOutput:
+        """diffusers' QwenImageInpaintPipeline call and defaults (50 steps, true CFG 4 with a negative prompt,
+        strength 0.6; ``generator`` -> ``seed``). ``image``: as :class:`QwenImageImg2ImgPipeline`'s; ``mask_image``: a
+        PIL image, or an (H, W) array at the output size (uint8, or floats in [0, 1]), one for every prompt's image."""
+        from xdit_jax.pipelines.image import preprocess_mask
+
+        if mask_image is None:
+            raise ValueError("QwenImageInpaintPipeline needs mask_image= (white: repaint, black: keep).")
+        if padding_mask_crop is not None or masked_image_latents is not None:
+            raise NotImplementedError("padding_mask_crop and masked_image_latents are not supported here: give the "
+                                      "image and its mask at the output size.")
+        n = len(sigmas) if sigmas is not None else num_inference_steps
+        start = self.strength_start(image, n, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        f = self.vae_config.spatial_compression_ratio
+        mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
+
+        def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too)
+            sched = flow_match.from_step(sched, start)
+            return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given,
+                                               pack_latents))
+
+        return forward_call(QwenImagePipeline._generate, self, locals(), init=init)

@@ -50,6 +50,7 @@ from xdit_jax.pipelines.image import (  # noqa: F401  (this family's API too)
     ImagePipelineOutput,
     VaeEncoding,
     default_size,
+    forward_call,
     vae_scale_factor,
 )
 from xdit_jax.schedulers import flow_match
@@ -319,19 +320,7 @@ class StableDiffusion3Img2ImgPipeline(VaeEncoding, StableDiffusion3Pipeline):
                 return sched, given
             return sched, self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)[0]
 
-        return super().__call__(prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2, negative_prompt_3,
-                                height=height, width=width, num_inference_steps=num_inference_steps, sigmas=sigmas,
-                                guidance_scale=guidance_scale, prompt_embeds=prompt_embeds,
-                                pooled_prompt_embeds=pooled_prompt_embeds,
-                                negative_prompt_embeds=negative_prompt_embeds,
-                                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latents=latents,
-                                max_sequence_length=max_sequence_length, clip_skip=clip_skip,
-                                skip_guidance_layers=skip_guidance_layers,
-                                skip_layer_guidance_scale=skip_layer_guidance_scale,
-                                skip_layer_guidance_stop=skip_layer_guidance_stop,
-                                skip_layer_guidance_start=skip_layer_guidance_start,
-                                num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type,
-                                progress=progress, _init=init)
+        return forward_call(StableDiffusion3Pipeline.__call__, self, locals(), _init=init)
 
 
 class StableDiffusion3InpaintPipeline(VaeEncoding, StableDiffusion3Pipeline):
@@ -380,20 +369,8 @@ class StableDiffusion3InpaintPipeline(VaeEncoding, StableDiffusion3Pipeline):
         f = vae_scale_factor(self.vae_config)
         mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
 
-        def init(sched, given, batch, per, rng, timer):
+        def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too, as diffusers)
             sched = flow_match.from_step(sched, start)
-            noised, clean, noise = self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)
-            if given is not None:  # diffusers: the given latents are the noise too
-                noised = noise = jnp.asarray(given, jnp.float32)
-            return sched, noised, self.kept_region(clean, noise, mask)
+            return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given))
 
-        return StableDiffusion3Pipeline.__call__(
-            self, prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2, negative_prompt_3, height=height,
-            width=width, num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
-            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            latents=latents, max_sequence_length=max_sequence_length, clip_skip=clip_skip,
-            skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
-            skip_layer_guidance_stop=skip_layer_guidance_stop, skip_layer_guidance_start=skip_layer_guidance_start,
-            num_images_per_prompt=num_images_per_prompt, seed=seed, output_type=output_type, progress=progress,
-            _init=init)
+        return forward_call(StableDiffusion3Pipeline.__call__, self, locals(), _init=init)
