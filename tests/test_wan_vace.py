@@ -1,12 +1,15 @@
 """Wan VACE: the transformer == diffusers' WanVACETransformer3DModel; WanVACEPipeline from a diffusers folder ==
-diffusers' WanVACEPipeline (a control video, its mask and a reference image); a sequence-parallel mesh == one device."""
+diffusers' WanVACEPipeline (a control video, its mask and a reference image); a sequence-parallel mesh == one device;
+PipeFusion (slow): warm-up steps == one device, patched steps == the sequential stale-K/V rule."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from diffusers import WanVACETransformer3DModel
 from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_vace
+from flax import nnx
 
 from tests.fixtures import make_torch_wan_vace, save_torch_pipeline
 from tests.torch_util import randomize_, state_dict_np
@@ -43,6 +46,52 @@ def test_transformer_matches_diffusers():
         wan_vace.WanVACEConfig.from_dict(dict(CONFIG, vace_layers=[1, 2]))
     with pytest.raises(ValueError, match="one scale per VACE layer"):
         model(x, t, enc, None, ctrl, np.ones(3, np.float32))
+
+
+@pytest.mark.slow  # (five PipeFusion programs compiled)
+@pytest.mark.parametrize("mesh,patches", [("pipefusion=3", 3), ("pipefusion=2,ulysses=2", 2), (None, 3)])
+def test_pipefusion_patches_with_buffers_of_the_same_input_are_exact(mesh, patches):
+    """The two stacks looped over the stages (the VACE stack's 2 blocks: a padding slot on 3 stages; the main 3:
+    uneven on 2), the hints riding with the patches in the carry: a warm-up pass fills both stacks' K/V buffers and
+    a patched pass over them on the same input equals the model's blocks (a hint added after the wrong layer, lost
+    at a stage boundary or taken from another patch moves the output by O(0.1-1)). 45 video tokens, the control's
+    30 with zeros appended."""
+    from tests.jax_util import random_state
+    from xdit_jax.mesh import build_mesh
+    from xdit_jax.parallel import pipefusion
+
+    cfg = wan_vace.WanVACEConfig.from_dict(CONFIG)
+    graphdef, state = random_state(wan_vace.WanVACETransformer3DModel, cfg, 4)
+    rng = np.random.default_rng(3)
+    model = nnx.merge(graphdef, state)
+    x, tokens, cond = model.embed(rng.standard_normal((2, 4, 3, 6, 10)).astype(np.float32), np.array([999, 37]),
+                                  rng.standard_normal((2, 5, 8)).astype(np.float32),
+                                  control_hidden_states=rng.standard_normal((2, 6, 2, 6, 10)).astype(np.float32),
+                                  control_hidden_states_scale=np.array([0.7, 1.3], np.float32))
+    ref = jax.jit(lambda st: nnx.merge(graphdef, st).blocks(x, tokens, cond))(state)
+    stacks = wan_vace.pipefusion_stacks(cfg)
+    m = build_mesh(mesh)
+    stages = m.shape["pipefusion"]
+    st = pipefusion.pad_stack(state, stacks["stacked"], stages)
+    cache = pipefusion.init_cache(m, pipefusion.stack_slots(stacks["stacked_layers"], stages), 2, x.shape[1],
+                                  cfg.num_attention_heads, cfg.attention_head_dim, jnp.float32, patches)
+
+    def run(warmup):
+        return jax.jit(lambda s, c: pipefusion.run_pipefusion(
+            lambda p, y, t, c: nnx.merge(graphdef, p).blocks(y, t, c), s, x, tokens, cond, c, m if mesh else None,
+            patches=patches, warmup=warmup, stacked=stacks["stacked"], num_layers=stacks["stacked_layers"]))
+
+    warm, cache1 = run(True)(st, cache)
+    patched, cache2 = run(False)(st, cache1)
+    scale = float(jnp.abs(ref).max())
+    assert ref.shape == x.shape[:2] + (cfg.inner_dim,) and scale > 0.5
+    # fp32, only the summation order differs (stage splits, patches, Ulysses); measured: see the commit message
+    for out in (warm, patched):
+        np.testing.assert_allclose(out, ref, atol=2e-5 * scale, rtol=0)
+    for a, b in zip(cache1, cache2):  # the same K/V written back, in both stacks' buffers
+        assert float(jnp.abs(b - a).max()) <= 2e-5 * float(jnp.abs(a).max())
+    print(f"{mesh}, {patches} patches: warm-up {float(jnp.abs(warm - ref).max()):.1e}, patched "
+          f"{float(jnp.abs(patched - ref).max()):.1e} of {scale:.2f}")
 
 
 # ------------------------------------------------------------------------------------------------------- pipeline
@@ -137,8 +186,6 @@ def test_bad_input(tmp_path_factory):
         ours(PROMPT, video=video, height=H, width=W, conditioning_scale=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="resize them"):
         ours(PROMPT, video=video, height=H, width=64)
-    with pytest.raises(NotImplementedError, match="pipefusion mesh"):
-        WanVACEPipeline.from_pretrained(folder, mesh="pipefusion=2")
 
 
 @pytest.mark.slow  # (the pipeline compiled again on an 8-device mesh)
@@ -151,6 +198,33 @@ def test_mesh_matches_one_device(tmp_path_factory):
     out = WanVACEPipeline.from_pretrained(folder, mesh="cfg=2,ulysses=2,ring=2")(PROMPT, NEG, **kw).frames
     np.testing.assert_allclose(out, one, atol=1e-5 * np.abs(one).max(), rtol=0)
     print(f"mesh vs one device: max diff {np.abs(out - one).max():.2e} of {np.abs(one).max():.2f}")
+
+
+@pytest.mark.slow  # (three more pipelines compiled, on meshes)
+def test_pipefusion(tmp_path_factory):
+    """PipeFusion over both stacks (the VACE stack's 2 blocks, then the main stack's 2, looped over the stages; the
+    hints riding with the patches), CFG, a reference image: warm-up steps only == one device; 1 warm-up + 2 patched
+    steps == the same patched rule run sequentially on one device (pipefusion_patches=2), on pipefusion=2 and on
+    cfg=2,pipefusion=2,ulysses=2. 18 video tokens (a reference frame + 2 frames, 2 x 3 each) padded to two patches
+    of 16."""
+    _, ours, folder = build(tmp_path_factory)
+    video, mask, refs = conditions(seed=6)
+    kw = dict(video=video, mask=mask, reference_images=refs[:1], conditioning_scale=[0.9, 1.1], height=H, width=W,
+              num_inference_steps=3, max_sequence_length=MSL, output_type="latent", progress=False, seed=7)
+    exact = ours(PROMPT, NEG, **kw).frames
+    warm = WanVACEPipeline.from_pretrained(folder, mesh="pipefusion=2", pipefusion_warmup_steps=3)
+    out = warm(PROMPT, NEG, **kw).frames
+    np.testing.assert_allclose(out, exact, atol=1e-5 * np.abs(exact).max(), rtol=0)
+    print(f"pipefusion=2, warm-up steps only vs one device: max diff {np.abs(out - exact).max():.2e} of "
+          f"{np.abs(exact).max():.2f}")
+    ref = WanVACEPipeline.from_pretrained(folder, pipefusion_patches=2)(PROMPT, NEG, **kw).frames
+    atol = 1e-5 * np.abs(ref).max()
+    assert np.abs(ref - exact).max() > 20 * atol  # the patched steps really ran (stale K/V; measured 3.4e-3 of 3.7)
+    for mesh in ("pipefusion=2", "cfg=2,pipefusion=2,ulysses=2"):
+        out = WanVACEPipeline.from_pretrained(folder, mesh=mesh)(PROMPT, NEG, **kw).frames
+        np.testing.assert_allclose(out, ref, atol=atol, rtol=0, err_msg=mesh)
+        print(f"{mesh} vs the sequential rule: max diff {np.abs(out - ref).max():.2e} of {np.abs(ref).max():.2f} "
+              f"(patched vs exact: {np.abs(ref - exact).max():.2e})")
 
 
 @pytest.mark.slow  # (the pipeline loaded and compiled again by the CLI)

@@ -14,8 +14,9 @@ feature axis ((B, S, 2 D), one sequence to shard) and :meth:`blocks` unpacks the
 then the main stack (one scan) with the hints added, and returns the video tokens (B, S, D) for :meth:`head`.
 
 diffusers keeps ``vace_blocks.0.proj_in`` inside the first VACE block; here it is ``vace_proj_in`` so that the VACE
-blocks stack (the key map renames it). Not supported: PipeFusion (the hints of every main layer come out of the whole
-VACE stack, which would have to run before the first stage and travel with the patches; the pipeline refuses it).
+blocks stack (the key map renames it). PipeFusion runs the two stacks looped over the stages
+(:func:`pipefusion_stacks`): the VACE stack on a patch's control rows, then the main stack, the patch's hints riding
+with it in the scans' carry (:meth:`WanVACETransformer3DModel.blocks`); each stack has its own stale K/V buffers.
 """
 
 from __future__ import annotations
@@ -121,35 +122,40 @@ class WanVACETransformer3DModel(wan.WanTransformer3DModel):
         cond["vace_scale"] = jnp.broadcast_to(scale, (b, cfg.num_vace))
         return jnp.concatenate([x, c.astype(x.dtype)], axis=-1), tokens, cond
 
-    def vace_hints(self, x, c, tokens, cond):
-        """The VACE stack on the control tokens c (B, S, D) beside the video tokens x -> hints (num_vace, B, S, D)."""
-        c = self.vace_proj_in(c) + x
-        hints = jnp.zeros((self.cfg.num_vace,) + c.shape, c.dtype)
-
-        def layer(blk, carry):
-            c, hints, j = carry
-            c, hint = blk(c, tokens, cond)
-            return c, jax.lax.dynamic_update_index_in_dim(hints, hint.astype(hints.dtype), j, 0), j + 1
-
-        return scan_modules(self.vace_blocks, layer, (c, hints, jnp.int32(0)))[1]
-
     def blocks(self, x, tokens, cond):
-        """Both stacks on the packed tokens (B, S, 2 D) or a contiguous shard of them -> the video tokens (B, S, D)."""
-        d = self.cfg.inner_dim
+        """Both stacks on the packed tokens (B, S, 2 D) or a contiguous shard of them -> the video tokens (B, S, D).
+
+        One carry for both scans, as PipeFusion's looped stacks need it (:func:`xdit_jax.parallel.pipefusion.
+        run_pipefusion`: each stack split over all the stages, the last stage handing the carry to the first):
+        (video tokens, control tokens, the hints register (num_vace, B, S, D), a layer counter). The VACE blocks
+        run on the control tokens and write hint ``n`` (the counter); then the main blocks run on the video tokens,
+        main layer ``n - num_vace`` adding its hint where it has one. The code between the scans passes the carry
+        on unchanged, and the counter rides in the carry (an uneven stage's padding layers leave it as it is), so no
+        block needs to know where its stage starts."""
+        cfg = self.cfg
+        d, nv = cfg.inner_dim, cfg.num_vace
         x, c = x[..., :d], x[..., d:]
-        hints = self.vace_hints(x, c, tokens, cond)
-        index = jnp.asarray(self.cfg.hint_of_layer())
+        c = self.vace_proj_in(c) + x
+        carry = (x, c, jnp.zeros((nv,) + c.shape, c.dtype), jnp.int32(0))
+
+        def vace_layer(blk, carry):
+            x, c, hints, n = carry
+            c, hint = blk(c, tokens, cond)
+            return x, c, jax.lax.dynamic_update_index_in_dim(hints, hint.astype(hints.dtype), n, 0), n + 1
+
+        index = jnp.asarray(np.concatenate([np.full((nv,), -1, np.int32), cfg.hint_of_layer()]))
         scale = cond["vace_scale"]
 
-        def layer(blk, carry):
-            x, i = carry
+        def main_layer(blk, carry):
+            x, c, hints, n = carry
             x = blk(x, tokens, cond)
-            j = index[i]
+            j = index[n]
             jj = jnp.maximum(j, 0)
             hinted = x + hints[jj] * scale[:, jj][:, None, None].astype(x.dtype)
-            return jnp.where(j >= 0, hinted, x), i + 1
+            return jnp.where(j >= 0, hinted, x), c, hints, n + 1
 
-        return scan_modules(self.transformer_blocks, layer, (x, jnp.int32(0)))[0]
+        carry = scan_modules(self.vace_blocks, vace_layer, carry)
+        return scan_modules(self.transformer_blocks, main_layer, carry)[0]
 
     def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
                  control_hidden_states=None, control_hidden_states_scale=None):
@@ -157,6 +163,12 @@ class WanVACETransformer3DModel(wan.WanTransformer3DModel):
                                      control_hidden_states=control_hidden_states,
                                      control_hidden_states_scale=control_hidden_states_scale)
         return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape)
+
+
+def pipefusion_stacks(cfg: WanVACEConfig) -> dict:
+    """PipeFusion's stacks (``_init_parts``' ``stacked`` / ``stacked_layers``) in the order :meth:`blocks` scans them:
+    the VACE blocks, then the main blocks."""
+    return dict(stacked=(VACE_STACKED, wan.STACKED), stacked_layers=(cfg.num_vace, cfg.num_layers))
 
 
 TORCH_RENAMES = [(r"^vace_proj_in\.", "vace_blocks.0.proj_in.")] + wan.TORCH_RENAMES

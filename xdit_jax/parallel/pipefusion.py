@@ -609,7 +609,10 @@ def run_pipefusion(blocks, params, joint, tokens, cond, cache, mesh, *, patches:
                 return tuple(streams), out, tuple(kv), tail
             return tick
 
-        carry = (stream0, jnp.zeros_like(j), kv, tail)
+        # The output's rows as the last stack returns them (its features may differ from the input's: Wan VACE's
+        # blocks take the video and control tokens side by side and return the video's).
+        y_aval = jax.eval_shape(lambda: stage_call(nstack - 1, 0, None, kv[-1], tail)[0])
+        carry = (stream0, jnp.zeros(j.shape[:2] + y_aval.shape[2:], y_aval.dtype), kv, tail)
         for a, b, live in segments:
             carry = lax.fori_loop(a, b, tick_fn(live), carry)
         _, out, kv, tail = carry

@@ -17,9 +17,10 @@ too; they are dropped before the VAE decode (``output_type="latent"`` returns th
 ``conditioning_scale``: the hints' scale, one float or one per VACE layer.
 
 The denoising is :class:`~xdit_jax.pipelines.wan.WanPipeline`'s (UniPC or flow-matching Euler, CFG over ``cfg``, the
-control tokens sharded over (ring, ulysses) with the video's). Not supported: PipeFusion (refused), Wan 2.2
-two-expert VACE folders (refused: no such checkpoint here to test), a video of another size than ``height`` x
-``width`` (diffusers then conditions on a smaller video whose tokens no longer line up with the latents'; refused).
+control tokens sharded over (ring, ulysses) with the video's; PipeFusion runs the VACE stack then the main stack
+looped over the stages, a patch's hints riding with it). Not supported: Wan 2.2 two-expert VACE folders (refused:
+no such checkpoint here to test), a video of another size than ``height`` x ``width`` (diffusers then conditions on a
+smaller video whose tokens no longer line up with the latents'; refused).
 Differences by design: the noise is a JAX draw from ``seed``; ``num_frames`` defaults to the video's frame count.
 """
 
@@ -100,6 +101,7 @@ class WanVACEPipeline(WanVaeEncoding, WanPipeline):
 
     PIPELINE_CLASSES = ("WanVACEPipeline",)
     CONFIG = wan_vace.WanVACEConfig
+    stacks = staticmethod(wan_vace.pipefusion_stacks)  # PipeFusion: the VACE stack, then the main one, looped
 
     def __init__(self, *, vae_encoder=None, **parts):
         super().__init__(vae_encoder=vae_encoder, **parts)
@@ -109,11 +111,6 @@ class WanVACEPipeline(WanVaeEncoding, WanPipeline):
                                       "VACE checkpoint.")
         if self.expand_timesteps:
             raise NotImplementedError("expand_timesteps (TI2V-5B) is not a VACE setting.")
-        if self.uses_pipefusion:
-            raise NotImplementedError("Wan VACE does not run on a pipefusion mesh: every main layer's hint comes out "
-                                      "of the whole VACE stack, which PipeFusion's stage split of the main stack would "
-                                      "have to run before its first stage and carry along with the patches; use "
-                                      "ulysses / ring / cfg / data.")
         want = 2 * vc.z_dim + vc.scale_factor_spatial ** 2
         if tc.vace_in_channels != want:
             raise ValueError(f"transformer vace_in_channels {tc.vace_in_channels} is not inactive + reactive latents "
