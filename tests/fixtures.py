@@ -245,8 +245,9 @@ def make_torch_hidream(seed: int = 0, scheduler: str = "flow_match"):
     torch.manual_seed(seed)
     transformer = randomize_(HiDreamImageTransformer2DModel(**tiny.HIDREAM_TRANSFORMER), seed, std=0.1)
     vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
-    clips = [randomize_(CLIPTextModelWithProjection(CLIPTextConfig(**{k: v for k, v in c.items() if k != "model_type"})),
-                        seed + 2 + i, std=0.2) for i, c in enumerate((tiny.HIDREAM_CLIP, tiny.HIDREAM_CLIP_G))]
+    clip_cfg = lambda c: CLIPTextConfig(**{k: v for k, v in c.items() if k != "model_type"})  # noqa: E731
+    clips = [randomize_(CLIPTextModelWithProjection(clip_cfg(c)), seed + 2 + i, std=0.2)
+             for i, c in enumerate((tiny.HIDREAM_CLIP, tiny.HIDREAM_CLIP_G))]
     te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
     t5 = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 4, std=0.2)
     llama_kw = {k: v for k, v in tiny.HUNYUAN_VIDEO_LLAMA.items() if k != "model_type"}

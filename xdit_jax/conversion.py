@@ -120,8 +120,9 @@ MODEL_CLASSES = {
     "LlamaForCausalLM": ("xdit_jax.models.llama", "LlamaConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
-                     "guider", "feature_extractor", "ocr_guider", "tokenizer_4")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a
+                     "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a
 # config; its I2V's SiglipImageProcessor; HunyuanImage-2.1's AdaptiveProjectedMixGuidance guider and ocr_guider)
+COPIED_COMPONENTS += ("tokenizer_4",)  # HiDream-I1's Llama-3.1 tokenizer
 
 
 def model_class(class_name: str):

@@ -445,7 +445,8 @@ LUMINA2_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_trai
 
 # HiDream-I1 shaped: 2 double- and 2 single-stream blocks over 4 heads of 16 (width 64; RoPE axes 8 + 4 + 4: the
 # whole head, as the release's 64 + 32 + 32 of 128), 3 routed experts (2 active) and the shared one; max_resolution
-# 8 x 8 latent pixels (16 tokens: a non-square latent pads to it); each block's Llama layer of the 3 (hidden_states[1:]).
+# 8 x 8 latent pixels (16 tokens: a non-square latent pads to it); each block's Llama layer of the 3
+# (hidden_states[1:]).
 # SD3's tiny CLIP-L / CLIP-G with 128 positions (HiDream's Long-CLIPs take up to 218 tokens; pooled 16 + 16), the
 # tiny T5, HunyuanVideo's tiny Llama (as a LlamaForCausalLM), FLUX's tiny VAE (8x, 4 latent channels), FlowMatch Euler
 # with a static shift (HiDream-I1-Dev/Fast's kind; -Full ships a flow UniPC). The pipeline's default_sample_size is
@@ -754,7 +755,8 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer": ["transformers", "CLIPTokenizer"],
                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                 "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer_3": ["transformers", "T5TokenizerFast"],
+                "text_encoder_3": ["transformers", "T5EncoderModel"],
+                "tokenizer_3": ["transformers", "T5TokenizerFast"],
                 "text_encoder_4": ["transformers", "LlamaForCausalLM"],
                 "tokenizer_4": ["transformers", "PreTrainedTokenizerFast"],
                 "transformer": ["diffusers", "HiDreamImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
