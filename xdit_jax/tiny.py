@@ -447,9 +447,9 @@ LUMINA2_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_trai
 # whole head, as the release's 64 + 32 + 32 of 128), 3 routed experts (2 active) and the shared one; max_resolution
 # 8 x 8 latent pixels (16 tokens: a non-square latent pads to it); each block's Llama layer of the 3
 # (hidden_states[1:]).
-# SD3's tiny CLIP-L / CLIP-G with 128 positions (HiDream's Long-CLIPs take up to 218 tokens; pooled 16 + 16), the
+# SD3's tiny CLIP-L / CLIP-G with 128 positions (diffusers gives them up to 218 tokens; pooled 16 + 16), the
 # tiny T5, HunyuanVideo's tiny Llama (as a LlamaForCausalLM), FLUX's tiny VAE (8x, 4 latent channels), FlowMatch Euler
-# with a static shift (HiDream-I1-Dev/Fast's kind; -Full ships a flow UniPC). The pipeline's default_sample_size is
+# with a static shift (the tests also run the flow UniPC the pipeline takes). The pipeline's default_sample_size is
 # 128 (1024 x 1024): the tests set 8 (64 x 64 pixels, 8 x 8 latents).
 HIDREAM_TRANSFORMER = dict(patch_size=2, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
                            num_attention_heads=4, caption_channels=[32, 32], text_emb_dim=32, num_routed_experts=3,

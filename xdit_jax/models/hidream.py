@@ -56,6 +56,8 @@ ROPE_THETA = 10000.0
 
 @dataclasses.dataclass(frozen=True)
 class HiDreamConfig:
+    """diffusers' config.json fields (a saved config lists them all; the defaults here are the released shape's)."""
+
     patch_size: int = 2
     in_channels: int = 16
     out_channels: int | None = None

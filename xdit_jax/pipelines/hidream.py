@@ -11,8 +11,8 @@ the pad token is the EOS). The transformer (:mod:`xdit_jax.models.hidream`) runs
 text held whole as their attention's context, then the single-stream blocks over the joint [image; T5; Llama]
 sequence sharded as one, each block's Llama layer its attention's context. CFG (``guidance_scale > 1``: [negative;
 positive]) splits over ``cfg=2``. The noise prediction is the model's output negated, as diffusers; the scheduler is
-the folder's: UniPC (HiDream-I1-Full's flow UniPC) or flow-matching Euler (Dev, Fast; ``mu`` from
-``max_resolution``'s token count where it shifts dynamically), its step inside the jitted step.
+the folder's: UniPC (flow sigmas) or flow-matching Euler (``mu`` from ``max_resolution``'s token count where it
+shifts dynamically), its step inside the jitted step.
 
 As diffusers, the requested size keeps its aspect ratio and is rescaled to ``default_sample_size x VAE factor``
 squared pixels (1024 x 1024 for the release), floored to 16; a non-square latent is padded to ``max_resolution``'s
@@ -49,11 +49,17 @@ log = logging.getLogger("xdit_jax")
 
 HiDreamImagePipelineOutput = ImagePipelineOutput
 DEFAULT_SAMPLE_SIZE = 128  # diffusers' HiDreamImagePipeline.default_sample_size
-CLIP_MAX_TOKENS = 218  # diffusers' cap on the CLIP prompts' length (HiDream's CLIPs are Long-CLIPs, 248 positions)
+CLIP_MAX_TOKENS = 218  # diffusers' cap on the CLIP prompts' length (min(max_sequence_length, 218))
 
 
 def read_configs(folder: str | os.PathLike):
     return image.read_configs(folder, hidream.HiDreamConfig)
+
+
+def default_size(tc=None, vc=None) -> dict:
+    """diffusers' default: ``default_sample_size`` x the VAE factor (1024 x 1024)."""
+    s = DEFAULT_SAMPLE_SIZE * (vae_scale_factor(vc) if vc is not None else 8)
+    return {"height": s, "width": s}
 
 
 def run_size(height: int, width: int, vae_factor: int, default_sample_size: int = DEFAULT_SAMPLE_SIZE):
