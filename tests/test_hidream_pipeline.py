@@ -59,7 +59,7 @@ def test_size_rule_and_refusals():
     assert run_size(512, 512, 8) == (1024, 1024)  # (rescaled to the 1024^2 area, as diffusers)
     tc = hidream.HiDreamConfig.from_dict(tiny.HIDREAM_TRANSFORMER)
     vc = vae_kl.AutoencoderKLConfig.from_dict(tiny.FLUX_VAE)
-    with pytest.raises(NotImplementedError, match="PipeFusion"):
+    with pytest.raises(ValueError, match="PipeFusion"):
         check_request(tc, vc, 64, 64, mesh_spec="pipefusion=2", default_sample_size=8)
     with pytest.raises(ValueError, match="too extreme"):  # 8 x 4096 at 64^2 pixels: 0 x 1440
         check_request(tc, vc, 8, 4096, default_sample_size=8)
@@ -111,3 +111,19 @@ def test_batch_negative_prompt_and_bf16(tmp_path_factory):
     # own bf16 pipeline is mean 0.054, max 1.0 away from its fp32 here (latents O(5.6)); ours: mean 0.052, max 1.9
     d = np.abs(low - out)
     assert np.isfinite(low).all() and d.mean() < 0.1, (d.mean(), d.max())
+
+
+def test_cli_refuses_pipefusion_before_loading(tmp_path, capsys):
+    """The CLI's family and its checks from the config files alone (no weights in the folder)."""
+    import json
+
+    from xdit_jax import cli
+
+    for name, cfg in (("transformer", dict(tiny.HIDREAM_TRANSFORMER, _class_name="HiDreamImageTransformer2DModel")),
+                      ("vae", dict(tiny.FLUX_VAE, _class_name="AutoencoderKL"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model_index.json").write_text(json.dumps(tiny.model_index("hidream")))
+    rc = cli.main(["--model", str(tmp_path), "--mesh", "pipefusion=2", "--output", str(tmp_path / "o.png")])
+    assert rc == 2 and "PipeFusion" in capsys.readouterr().err
+    assert cli.DEFAULTS["hidream"]["steps"] == 50 and cli.DEFAULTS["hidream"]["guidance_scale"] == 5.0

@@ -75,8 +75,8 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
     """Refuse what the model cannot take (PipeFusion, a size that leaves no latent), before any heavy work."""
     from xdit_jax.mesh import MeshSpec
 
-    if MeshSpec.parse(mesh_spec).pipefusion > 1:
-        raise NotImplementedError("HiDream does not run under PipeFusion here (each block takes its own Llama layer "
+    if MeshSpec.parse(mesh_spec).pipefusion > 1:  # (a ValueError: a mesh that does not fit, before any weights load)
+        raise ValueError("HiDream does not run under PipeFusion here (each block takes its own Llama layer "
                                   "as context); use cfg, data, ring and ulysses.")
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive; got {height}x{width}.")
