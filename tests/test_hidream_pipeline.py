@@ -127,3 +127,5 @@ def test_cli_refuses_pipefusion_before_loading(tmp_path, capsys):
     rc = cli.main(["--model", str(tmp_path), "--mesh", "pipefusion=2", "--output", str(tmp_path / "o.png")])
     assert rc == 2 and "PipeFusion" in capsys.readouterr().err
     assert cli.DEFAULTS["hidream"]["steps"] == 50 and cli.DEFAULTS["hidream"]["guidance_scale"] == 5.0
+    with pytest.raises(ValueError, match="no text_encoder_4 / tokenizer_4"):  # (a folder without the Llama encoder)
+        HiDreamImagePipeline._extra_parts(tmp_path, None, None, "HiDreamImagePipeline")

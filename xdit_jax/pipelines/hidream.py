@@ -113,6 +113,21 @@ class HiDreamImagePipeline(ImagePipelineBase):
     stacks = staticmethod(hidream.pipefusion_stacks)
     default_sample_size = DEFAULT_SAMPLE_SIZE  # (diffusers' attribute: the size rule's side in latent pixels)
 
+    @classmethod
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """(No more parts; the check that the Llama encoder is in the folder, before any weights load.)"""
+        from pathlib import Path
+
+        missing = [n for n in ("text_encoder_4", "tokenizer_4") if not (Path(folder) / n).is_dir()]
+        if missing:
+            raise ValueError(f"{folder} has no {' / '.join(missing)}: the Llama-3.1 encoder is not in this folder "
+                             "(diffusers' example loads meta-llama/Meta-Llama-3.1-8B-Instruct's LlamaForCausalLM and "
+                             "tokenizer and passes them to from_pretrained). Save them (save_pretrained) into the diffusers "
+                             "folder as text_encoder_4/ and tokenizer_4/, name them in model_index.json "
+                             '("text_encoder_4": ["transformers", "LlamaForCausalLM"], "tokenizer_4": ["transformers", '
+                             '"PreTrainedTokenizerFast"]) and load it again.')
+        return {}
+
     def _setup_pipefusion(self, patches, warmup_steps) -> None:
         if self.mesh_spec.pipefusion > 1 or (patches or 1) > 1:
             raise NotImplementedError("HiDream does not run under PipeFusion here (each block takes its own Llama "
