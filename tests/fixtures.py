@@ -230,6 +230,41 @@ def make_torch_flux(seed: int = 0, guidance_embeds: bool = True, kontext: bool =
                text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_tokenizer(), transformer=transformer)
 
 
+def make_torch_hidream(seed: int = 0, scheduler: str = "flow_match"):
+    """A tiny random diffusers HiDreamImagePipeline (xdit_jax.tiny's HiDream configs; ``default_sample_size``
+    set to the tiny one); ``scheduler="unipc"``: HiDream-I1-Full's flow UniPC (shift 3) instead of FlowMatch Euler."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        HiDreamImagePipeline,
+        HiDreamImageTransformer2DModel,
+        UniPCMultistepScheduler,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = randomize_(HiDreamImageTransformer2DModel(**tiny.HIDREAM_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
+    clip_cfg = lambda c: CLIPTextConfig(**{k: v for k, v in c.items() if k != "model_type"})  # noqa: E731
+    clips = [randomize_(CLIPTextModelWithProjection(clip_cfg(c)), seed + 2 + i, std=0.2)
+             for i, c in enumerate((tiny.HIDREAM_CLIP, tiny.HIDREAM_CLIP_G))]
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    t5 = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 4, std=0.2)
+    llama_kw = {k: v for k, v in tiny.HUNYUAN_VIDEO_LLAMA.items() if k != "model_type"}
+    llama = randomize_(LlamaForCausalLM(LlamaConfig(**llama_kw)), seed + 5, std=0.2)
+    if scheduler == "unipc":
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.HIDREAM_SCHEDULER.items()
+                                                   if not k.startswith("_")})
+    tp = HiDreamImagePipeline(scheduler=sched, vae=vae, text_encoder=clips[0], tokenizer=tiny.train_clip_tokenizer(),
+                              text_encoder_2=clips[1], tokenizer_2=tiny.train_clip_tokenizer(), text_encoder_3=t5,
+                              tokenizer_3=tiny.train_tokenizer(), text_encoder_4=llama,
+                              tokenizer_4=tiny.train_llama_tokenizer(), transformer=transformer)
+    tp.default_sample_size = tiny.HIDREAM_SAMPLE_SIZE
+    return tp
+
+
 def make_torch_chroma(seed: int = 0):
     """A tiny random diffusers ChromaPipeline (xdit_jax.tiny's Chroma configs: FLUX's tiny VAE, T5 and scheduler)."""
     from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler

@@ -243,6 +243,11 @@ FAMILIES = {
     # and --id-embeds (its embeddings, from face models outside xdit_jax) required
     "consisid": Family(video=True, guidance_scale=6.0, steps=50, max_sequence_length=226,
                        call_flags=("use_dynamic_cfg",), check_hook=_consisid_request, call_hook=_consisid_call),
+    # HiDream-I1: diffusers' HiDreamImagePipeline defaults (50 steps, CFG 5 with the negative prompt "", 128 tokens for
+    # each text encoder; the size's aspect ratio at 1024 x 1024 pixels). The model cards' settings differ per variant
+    # (HiDream-I1's inference script: Full 50 steps at CFG 5, Dev 28 and Fast 16 at guidance 0): give --steps and
+    # --guidance-scale.
+    "hidream": Family(video=False, guidance_scale=5.0, steps=50, tiny_steps=2, max_sequence_length=128),
 }
 # per family: default output, guidance scale, steps (real / tiny), ...: the table as plain dicts
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}

@@ -117,10 +117,14 @@ MODEL_CLASSES = {
     "AutoencoderKLFlux2": ("xdit_jax.models.vae_flux2", "AutoencoderKLFlux2Config"),
     # FLUX.2-dev's text_encoder: Mistral 3's language model (vision tower, projector and lm_head not read)
     "Mistral3ForConditionalGeneration": ("xdit_jax.models.mistral3", "Mistral3TextConfig"),
+    # HiDream-I1: its transformer; its text_encoder_4 (Llama-3.1-8B-Instruct, a LlamaForCausalLM: model.* keys)
+    "HiDreamImageTransformer2DModel": ("xdit_jax.models.hidream", "HiDreamConfig"),
+    "LlamaForCausalLM": ("xdit_jax.models.llama", "LlamaConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
                      "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a
 # config; its I2V's SiglipImageProcessor; HunyuanImage-2.1's AdaptiveProjectedMixGuidance guider and ocr_guider)
+COPIED_COMPONENTS += ("tokenizer_4",)  # HiDream-I1's Llama-3.1 tokenizer
 
 
 def model_class(class_name: str):

@@ -451,6 +451,24 @@ LUMINA2_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_trai
                          use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                          max_image_seq_len=4096)
 
+# HiDream-I1 shaped: 2 double- and 2 single-stream blocks over 4 heads of 16 (width 64; RoPE axes 8 + 4 + 4: the
+# whole head, as the release's 64 + 32 + 32 of 128), 3 routed experts (2 active) and the shared one; max_resolution
+# 8 x 8 latent pixels (16 tokens: a non-square latent pads to it); each block's Llama layer of the 3
+# (hidden_states[1:]).
+# SD3's tiny CLIP-L / CLIP-G with 128 positions (diffusers gives them up to 218 tokens; pooled 16 + 16), the
+# tiny T5, HunyuanVideo's tiny Llama (as a LlamaForCausalLM), FLUX's tiny VAE (8x, 4 latent channels), FlowMatch Euler
+# with a static shift (the tests also run the flow UniPC the pipeline takes). The pipeline's default_sample_size is
+# 128 (1024 x 1024): the tests set 8 (64 x 64 pixels, 8 x 8 latents).
+HIDREAM_TRANSFORMER = dict(patch_size=2, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                           num_attention_heads=4, caption_channels=[32, 32], text_emb_dim=32, num_routed_experts=3,
+                           num_activated_experts=2, axes_dims_rope=[8, 4, 4], max_resolution=[8, 8],
+                           llama_layers=[0, 2, 1, 2])
+HIDREAM_CLIP = dict(SD3_CLIP, max_position_embeddings=128)
+HIDREAM_CLIP_G = dict(SD3_CLIP_G, max_position_embeddings=128)
+HIDREAM_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
+                         use_dynamic_shifting=False)
+HIDREAM_SAMPLE_SIZE = 8
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -743,6 +761,18 @@ def model_index(family: str = "cogvideox") -> dict:
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
                 "text_encoder": ["transformers", "Gemma2Model"], "tokenizer": ["transformers", "GemmaTokenizer"],
                 "transformer": ["diffusers", "Lumina2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if family == "hidream":
+        return {"_class_name": "HiDreamImagePipeline", "_diffusers_version": "0.33.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "text_encoder_3": ["transformers", "T5EncoderModel"],
+                "tokenizer_3": ["transformers", "T5TokenizerFast"],
+                "text_encoder_4": ["transformers", "LlamaForCausalLM"],
+                "tokenizer_4": ["transformers", "PreTrainedTokenizerFast"],
+                "transformer": ["diffusers", "HiDreamImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "pixart":
         return {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
