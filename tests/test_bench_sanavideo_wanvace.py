@@ -130,3 +130,14 @@ def test_full_width_flops_compile_only(name, kw):
         assert "error" not in r, r.get("error")
     row = by_mesh["single device"]
     assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,mesh", [("sana-video-tiny", "cfg=2"), ("wan-vace-tiny", None)])
+def test_e2e(model, mesh):
+    """--e2e builds the family's pipeline from xdit_jax.tiny's configs with random weights and times its stages
+    (Wan VACE: WanVACEPipeline without a video, as diffusers: a zero video, the mask all ones)."""
+    (row,) = bench.run_e2e_benchmark(bench.StepOptions(model=model, meshes=[mesh], log=lambda s: None), steps=2)
+    assert row["kind"] == "e2e" and "error" not in row, row.get("error")
+    assert row["output_shape"] == [1, 9, 32, 48, 3] and row["mesh"] == (mesh or "single device")
+    assert row["warm_stages_s"]["denoising"] > 0

@@ -767,7 +767,8 @@ def _sana_video_tiny_workload() -> Workload:
     return Workload("sana-video-tiny", dict(tiny.SANA_VIDEO_TRANSFORMER), height=32, width=48, num_frames=9,
                     vae_scale_spatial=spatial, vae_scale_temporal=temporal, family="sana_video", text_tokens=16,
                     text_valid=6, source="xdit_jax.tiny's SANA-Video, 2 heads x 12, 2 blocks",
-                    defaults={"num_inference_steps": 2, "guidance_scale": 6.0, "max_sequence_length": 16})
+                    defaults={"num_inference_steps": 2, "guidance_scale": 6.0, "max_sequence_length": 16,
+                              "tiny_family": "sana-video"})
 
 
 def _sana_video_cpu_small_workload() -> Workload:
@@ -1823,7 +1824,10 @@ def pipeline_configs(w: Workload, folder: str | os.PathLike, text_layers: int | 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if w.folder is None:
+    if w.folder is None and w.family == "wan_vace":  # xdit_jax.tiny's Wan VACE folder (WanVACEPipeline)
+        tiny.write_wan_vace_configs(folder)
+        (folder / "transformer" / "config.json").write_text(json.dumps(w.transformer, indent=2))
+    elif w.folder is None:
         tiny.write_configs(folder, w.defaults.get("tiny_family", w.family), w.transformer)
     else:
         src = Path(w.folder)
