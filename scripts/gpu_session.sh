@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
 # the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3, ..., 13
+#     bash scripts/gpu_session.sh 1        # then 2, 3, ..., 14
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -98,6 +98,14 @@ case $part in
   step hyimage 180 --model hunyuanimage-2.1 --steps 3
   step k5-vs 300 --model kandinsky5-t2v-lite-5s --steps 3 --compare diffusers
   ;;
-*) echo "unknown part $part: use 1 to 13"; exit 2 ;;
+14) # the session-22 video rows, never run on a GPU: SANA-Video 2B at 81 x 480 x 832 (32,760 video + 300 Gemma tokens,
+    # CFG; linear attention, the frame conv) against diffusers; Wan2.1-VACE-14B at 81 x 480 x 832 (32,760 video + 512
+    # UMT5 tokens, CFG, random control latents) with 20 of its 40 blocks (VACE blocks after 0, 5, 10, 15) beside
+    # diffusers' copy (its 17.3B in bf16 twice would not fit), then its full step (40 + 8 VACE blocks) alone
+  step sanavideo-vs 300 --model sana-video-2b-480p --steps 3 --compare diffusers
+  step vace-vs 300 --model wan2.1-vace-14b --layers 20 --steps 3 --compare diffusers
+  step vace 240 --model wan2.1-vace-14b --steps 3
+  ;;
+*) echo "unknown part $part: use 1 to 14"; exit 2 ;;
 esac
 ls -la "$O"

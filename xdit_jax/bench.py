@@ -98,6 +98,8 @@ FLUX2_MODELS = ("flux.2-klein-4b",)
 LTX_MODELS = ("ltx-video-0.9.0", "ltx-video-0.9.1")
 HUNYUAN_IMAGE_MODELS = ("hunyuanimage-2.1",)
 KANDINSKY5_MODELS = ("kandinsky5-t2v-lite-5s",)
+SANA_VIDEO_MODELS = ("sana-video-2b-480p",)
+WAN_VACE_MODELS = ("wan2.1-vace-14b", "wan2.1-vace-1.3b")
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma", "cogview4",
                   "lumina2", "flux2", "cogview3", "hunyuanimage")  # text-to-image: no frames
 
@@ -755,6 +757,57 @@ def _kandinsky5_tiny_workload() -> Workload:
                     defaults={"num_inference_steps": 2, "guidance_scale": 5.0})
 
 
+def _sana_video_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's SANA-Video (2 linear heads x 12, 2 blocks, the frame conv, Gemma states 24 wide) at 9 frames of
+    # 32 x 48 through Wan's tiny VAE (8x, 4x): 3 x 4 x 6 latents, 3 x 2 x 3 = 18 video tokens (the 4-way sequence
+    # meshes pad); 16 Gemma tokens, 6 of the prompt's real; CFG
+    spatial, temporal = wan_vae_scales(tiny.WAN_VAE)
+    return Workload("sana-video-tiny", dict(tiny.SANA_VIDEO_TRANSFORMER), height=32, width=48, num_frames=9,
+                    vae_scale_spatial=spatial, vae_scale_temporal=temporal, family="sana_video", text_tokens=16,
+                    text_valid=6, source="xdit_jax.tiny's SANA-Video, 2 heads x 12, 2 blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 6.0, "max_sequence_length": 16,
+                              "tiny_family": "sana-video"})
+
+
+def _sana_video_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "sana-video-2b-480p"
+    t, defaults = load_model_dir(folder)
+    spatial, temporal = wan_folder_vae_scales(folder)
+    # the release's width (20 linear heads x 112, GLUMBTempConv x 3), 2 blocks; 17 frames of 128 x 128: 5 x 8 x 8 = 320
+    # video + 300 Gemma tokens, CFG
+    return Workload("sana-video-cpu-small", dict(t, num_layers=2), height=128, width=128, num_frames=17,
+                    vae_scale_spatial=spatial, vae_scale_temporal=temporal, family="sana_video",
+                    text_tokens=int(defaults.get("max_sequence_length", 300)), folder=str(folder), defaults=defaults,
+                    source="configs/sana-video-2b-480p, 2 blocks")
+
+
+def _wan_vace_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Wan VACE (Wan's tiny 2 heads x 12, 2 blocks, + 2 VACE blocks: hints after layers 0 and 1; 72
+    # control channels) at 9 frames of 32 x 48: 3 x 4 x 6 latents, 18 video tokens (the 4-way sequence meshes pad), the
+    # random control latents at the same frames; 16 UMT5 tokens, 6 real; CFG
+    spatial, temporal = wan_vae_scales(tiny.WAN_VAE)
+    return Workload("wan-vace-tiny", dict(tiny.WAN_VACE_TRANSFORMER), height=32, width=48, num_frames=9,
+                    vae_scale_spatial=spatial, vae_scale_temporal=temporal, family="wan_vace", text_tokens=16,
+                    text_valid=6, source="xdit_jax.tiny's Wan VACE, 2 heads x 12, 2 + 2 VACE blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 5.0, "max_sequence_length": 16})
+
+
+def _wan_vace_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "wan2.1-vace-1.3b"
+    t, defaults = load_model_dir(folder)
+    spatial, temporal = wan_folder_vae_scales(folder)
+    # Wan2.1-VACE-1.3B's width (12 heads x 128, ffn 8960, 96 control channels), 4 blocks with its every-2nd-layer VACE
+    # blocks (0, 2); 17 frames of 128 x 128: 5 x 8 x 8 = 320 video + 512 UMT5 tokens (40 real), CFG
+    return Workload("wan-vace-cpu-small", FAMILIES["wan_vace"].with_layers(t, 4), height=128, width=128,
+                    num_frames=17, vae_scale_spatial=spatial, vae_scale_temporal=temporal, family="wan_vace",
+                    text_valid=WAN_TEXT_VALID, folder=str(folder), defaults=defaults,
+                    source="configs/wan2.1-vace-1.3b, 4 blocks + 2 VACE blocks")
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -797,7 +850,11 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "hunyuanimage-tiny": _hunyuan_image_tiny_workload,
                                               "kandinsky5-tiny": _kandinsky5_tiny_workload,
                                               "hunyuanimage-cpu-small": _hunyuan_image_cpu_small_workload,
-                                              "kandinsky5-cpu-small": _kandinsky5_cpu_small_workload}
+                                              "kandinsky5-cpu-small": _kandinsky5_cpu_small_workload,
+                                              "sana-video-tiny": _sana_video_tiny_workload,
+                                              "sana-video-cpu-small": _sana_video_cpu_small_workload,
+                                              "wan-vace-tiny": _wan_vace_tiny_workload,
+                                              "wan-vace-cpu-small": _wan_vace_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -982,6 +1039,24 @@ PRESET_HELP.update({
 })
 
 
+PRESET_HELP.update({
+    "sana-video-tiny": "a 2x12-head SANA-Video (2 blocks, the frame conv, Gemma states 24 wide) at 9x32x48: 18 video "
+                       "+ 16 Gemma tokens (6 real), CFG (CI smoke test)",
+    "sana-video-cpu-small": "SANA-Video 2B width (20 linear heads x 112, GLUMBTempConv x3), 2 blocks, 17 frames at "
+                            "128x128: 5x8x8 = 320 video + 300 Gemma tokens, CFG",
+    "sana-video-2b-480p": "full-size configs/sana-video-2b-480p with random weights at 81x480x832 (21x30x52 = 32,760 "
+                          "video + 300 Gemma tokens, CFG: 2 samples per prompt)",
+    "wan-vace-tiny": "a 2x12-head Wan VACE (2 blocks + 2 VACE blocks, 72 control channels) at 9x32x48: 18 video + 16 "
+                     "UMT5 tokens (6 real), random control latents, CFG (CI smoke test)",
+    "wan-vace-cpu-small": "Wan2.1-VACE-1.3B width (12 heads x 128, ffn 8960), 4 blocks + 2 VACE blocks, 17 frames at "
+                          "128x128: 5x8x8 = 320 video + 512 UMT5 tokens, random control latents (96 channels), CFG",
+    "wan2.1-vace-14b": "full-size configs/wan2.1-vace-14b with random weights at 81x480x832 (21x30x52 = 32,760 video + "
+                       "512 UMT5 tokens, 40 blocks + 8 VACE blocks, random control latents, CFG: 2 samples per prompt)",
+    "wan2.1-vace-1.3b": "full-size configs/wan2.1-vace-1.3b with random weights at 81x480x832 (32,760 video + 512 UMT5 "
+                        "tokens, 30 blocks + 15 VACE blocks, random control latents, CFG)",
+})
+
+
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                   layers: int | None = None, batch: int = 1, cfg: bool | None = None) -> Workload:
     """A preset (:data:`PRESETS`), a full-size model in ``configs/``, or a config folder path. ``cfg``:
@@ -1048,7 +1123,7 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
                          num_frames=int(d.get("num_frames", 161)), vae_scale_spatial=spatial,
                          vae_scale_temporal=temporal, defaults=d, source=str(folder), folder=str(folder),
                          family=family)
-        elif family in ("wan", "skyreels_v2"):  # no sample sizes in its config: defaults.json's, else 480 x 832 x 81
+        elif family in ("wan", "skyreels_v2", "wan_vace", "sana_video"):  # defaults.json's, else 480 x 832 x 81
             spatial, temporal = wan_folder_vae_scales(folder)
             if family == "skyreels_v2" and d.get("causal_block_size"):  # as the DF pipeline sets it on the model
                 t = dict(t, num_frame_per_block=int(d["causal_block_size"]))
@@ -1749,7 +1824,10 @@ def pipeline_configs(w: Workload, folder: str | os.PathLike, text_layers: int | 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if w.folder is None:
+    if w.folder is None and w.family == "wan_vace":  # xdit_jax.tiny's Wan VACE folder (WanVACEPipeline)
+        tiny.write_wan_vace_configs(folder)
+        (folder / "transformer" / "config.json").write_text(json.dumps(w.transformer, indent=2))
+    elif w.folder is None:
         tiny.write_configs(folder, w.defaults.get("tiny_family", w.family), w.transformer)
     else:
         src = Path(w.folder)
@@ -1896,7 +1974,8 @@ def format_table(rows: list[dict]) -> str:
     elif r0.get("family") == "mochi":  # Mochi: the video tokens and the (masked) caption in one joint attention
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")
-    elif r0.get("family") in ("wan", "skyreels_v2"):  # the video tokens self-attend, the caption is cross-attended
+    elif r0.get("family") in ("wan", "skyreels_v2", "wan_vace"):  # the video tokens self-attend, the caption is
+        # cross-attended
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} of the prompt's, the rest zeros, cross-attended)")
         if r0.get("diffusion_forcing"):  # SkyReels-V2 DF
@@ -1904,6 +1983,12 @@ def format_table(rows: list[dict]) -> str:
                        if r0.get("causal_block", 1) > 1 else ", a timestep per latent frame")
         if r0.get("image_tokens"):  # Wan 2.1 I2V / FLF2V
             tokens += f" + {r0['image_tokens']} CLIP image states (cross-attended)"
+        if r0.get("vace_layers"):  # Wan VACE: the control tokens through their own blocks
+            tokens += (f"; {len(r0['vace_layers'])} VACE blocks on as many {r0['control_channels']}-channel control "
+                       f"tokens")
+    elif r0.get("family") == "sana_video":  # linear self-attention over the video tokens, the caption cross-attended
+        tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
+                  f"({r0['text_valid_tokens']} in the prompt's mask)")
     elif "image_tokens" in r0:  # PixArt: image tokens self-attend, the caption is cross-attended
         tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")

@@ -3667,11 +3667,221 @@ class Kandinsky5(Family):
         return Kandinsky5TorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# SANA-Video (SANA's linear-attention blocks on video: Wan's 3-D RoPE in the numerator, GLUMBConv + a frame conv)
+# ============================================================================================
+
+
+def sana_video_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul and convolution FLOPs of one SANA-Video transformer forward (2 FLOPs per multiply-add):
+    :func:`sana_analytic_flops`' terms on the video tokens, with what SANA-Video changes.
+
+    Latents (B, C, F, h, w); S = (F/p_t)(h/p_h)(w/p_w) video tokens, P = p_t p_h p_w, d = heads x hd (2240),
+    m = int(mlp_ratio d) (6720 at the release's 3.0). Per block, against SANA's:
+
+        linear attention with RoPE (SanaLinearAttnProcessor3_0): K_rot^T V 2 B S d hd, Q_rot (K_rot^T V)
+        2 B S d hd, the denominator Q . sum K 2 B S d (the key sum is a reduction)   2 B S d (2 hd + 1)
+        (SANA's K^T [V; 1] and Q (.): 4 B S d (hd + 1))
+        GLUMBTempConv's frame conv (kernel 3 over the frames, d -> d, no bias)       6 B S d^2
+
+    the rest as SANA's (q, k, v, out 8 B S d^2; cross-attention 4 B S d^2 + 4 B L d_c d + 4 B S L d; GLUMBConv
+    6 B S d m + 36 B S m, its 3x3 depthwise conv per frame). Once: the Conv3d patch embedding 2 B S (C P) d, the
+    timestep embedding and its modulation, the caption projection, the output projection 2 B S d (P C_out)."""
+    b, c, f, h, w = latent_shape
+    t = transformer
+    pt, ph, pw = (int(p) for p in t.get("patch_size", (1, 2, 2)))
+    heads, hd = int(t.get("num_attention_heads", 20)), int(t.get("attention_head_dim", 112))
+    d = heads * hd
+    dc = int(t.get("cross_attention_dim") or d)
+    m = int(float(t.get("mlp_ratio", 2.5)) * d)
+    layers = int(t.get("num_layers", 20))
+    cout, cap, p = int(t.get("out_channels") or c), int(t.get("caption_channels", 2304)), pt * ph * pw
+    s, txt = (f // pt) * (h // ph) * (w // pw), int(text_len)
+    self_proj, self_attn = 8 * b * s * d * d, 2 * b * s * d * (2 * hd + 1)
+    cross_proj, cross_attn = 4 * b * s * d * d + 4 * b * txt * dc * d, 4 * b * s * txt * d
+    ff = 6 * b * s * d * m + 36 * b * s * m + 6 * b * s * d * d
+    tp = PIXART_TIME_PROJ
+    embed = 2 * b * s * (c * p) * d + 2 * b * (tp * d + d * d) + 2 * b * d * 6 * d + 2 * b * txt * (cap * d + d * d)
+    head = 2 * b * s * d * (p * cout)
+    block = self_proj + self_attn + cross_proj + cross_attn + ff
+    attention = self_attn + cross_attn
+    total = layers * block + embed + head
+    return {"total": float(total), "per_block": float(block), "attention": float(layers * attention),
+            "linear": float(total - layers * attention), "tokens": s}
+
+
+class SanaVideoTorchReference(KeywordTorchReference):
+    """diffusers' ``SanaVideoTransformer3DModel`` called as ``SanaVideoPipeline`` calls it: latents (B, C, F, h, w),
+    the Gemma states with their mask, the timestep expanded to the CFG batch (one call on both halves, as there)."""
+
+    diffusers_class = "SanaVideoTransformer3DModel"
+
+    call_args = {"hidden_states": LATENTS, "encoder_hidden_states": EMBEDS, "timestep": Arg("t"),
+                 "encoder_attention_mask": Arg("mask")}
+
+
+class SanaVideo(Sana):
+    """SANA-Video text-to-video: SANA's workload (a masked Gemma 2 caption of 300 tokens, CFG) on video latents through
+    Wan's VAE (8x, 4x); under PipeFusion the token mixers' buffers with a halo of one frame (the frame conv)."""
+
+    name = "sana_video"
+    module_name = "xdit_jax.models.sana_video"
+    model_class_name = "SanaVideoTransformer3DModel"
+    config_class_name = "SanaVideoConfig"
+    token_word = "video"
+    title = "SANA-Video"
+
+    @staticmethod
+    def sprint(w) -> bool:
+        return False
+
+    def latent_shape(self, w):
+        """(B, C, (F - 1) // 4 + 1, H / 8, W / 8), diffusers' layout."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 16)),
+                (w.num_frames - 1) // w.vae_scale_temporal + 1, w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def grid(self, w) -> tuple[int, int, int]:
+        _, _, f, h, ww = self.latent_shape(w)
+        pt, ph, pw = (int(p) for p in w.transformer.get("patch_size", (1, 2, 2)))
+        return f // pt, h // ph, ww // pw
+
+    def tokens(self, w):
+        f, h, ww = self.grid(w)
+        return f * h * ww, self.text_len(w)
+
+    def pipefusion_cache(self, cfg, mesh, layers, latent_shape, seq: int, dtype, patches: int, abstract: bool):
+        from xdit_jax.parallel import pipefusion
+
+        pt, ph, pw = cfg.patch_size
+        h, ww = latent_shape[3] // ph, latent_shape[4] // pw
+        slots = pipefusion.stack_sizes(layers)[0]
+        return (pipefusion.init_mixing(mesh, slots, latent_shape[0], seq, ww, cfg.num_attention_heads,
+                                       cfg.attention_head_dim, 2 * cfg.ff_hidden + cfg.inner_dim, dtype, patches,
+                                       abstract=abstract, halo=max(ww + 1, h * ww)),)
+
+    def check(self, cfg, shape):
+        self.module.check_input_shape(cfg, shape[1], shape[2], shape[3], shape[4])
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"family": self.name, "video_tokens": sv, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "latent_frames": self.latent_shape(w)[2], "layers": cfg.num_layers,
+                "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim, "height": w.height,
+                "width": w.width, "num_frames": w.num_frames}
+
+    def analytic_flops(self, w):
+        return sana_video_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return SanaVideoTorchReference(transformer, dtype, seed=seed, device=device)
+
+
+# ============================================================================================
+# Wan VACE (Wan 2.1 + a stack of VACE blocks on the control latents, their hints added after every vace_layers' block)
+# ============================================================================================
+
+
+def wan_vace_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int,
+                            control_channels: int | None = None) -> dict[str, float]:
+    """Matmul FLOPs of one Wan VACE transformer forward (2 FLOPs per multiply-add): :func:`wan_analytic_flops` (the
+    main stack of N blocks, its embeddings and head) plus the VACE branch, as diffusers' ``WanVACETransformer3DModel``
+    computes it. With S, L, d, F, P as there, V = len(vace_layers) (8 for 14B: every 5th layer), C_v =
+    vace_in_channels (96): the control patch embedding (a Conv3d) 2 B S (C_v P) d; the first VACE block's
+    ``proj_in`` 2 B S d^2; per VACE block a whole Wan block on the control tokens (8 B S d^2 + 4 B S^2 d + 4 B S d^2 +
+    4 B L d^2 + 4 B S L d + 4 B S d F) and its ``proj_out`` (the hint) 2 B S d^2. The control tokens are as many as
+    the video's (fewer control frames are zero-padded to S, and run). Adding the scaled hints is element-wise."""
+    b, _, f, h, w = latent_shape
+    t = transformer
+    out = wan_analytic_flops(t, latent_shape, text_len)
+    pt, ph, pw = (int(x) for x in t.get("patch_size", (1, 2, 2)))
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    ffn = int(t.get("ffn_dim", 13824))
+    nv = len(t.get("vace_layers", (0, 5, 10, 15, 20, 25, 30, 35)))
+    cv = int(control_channels or t.get("vace_in_channels", 96))
+    s, txt = (f // pt) * (h // ph) * (w // pw), int(text_len)
+    attn = 4 * b * s * s * d + 4 * b * s * txt * d
+    block = 8 * b * s * d * d + 4 * b * s * d * d + 4 * b * txt * d * d + 4 * b * s * d * ffn + attn
+    vace = 2 * b * s * (cv * pt * ph * pw) * d + 2 * b * s * d * d + nv * (block + 2 * b * s * d * d)
+    total = out["total"] + vace
+    attention = out["attention"] + nv * attn
+    return dict(out, total=float(total), attention=float(attention), linear=float(total - attention),
+                per_vace_block=float(block + 2 * b * s * d * d), vace=float(vace))
+
+
+class WanVACETorchReference(WanTorchReference):
+    """diffusers' ``WanVACETransformer3DModel`` called as ``WanVACEPipeline`` calls it: Wan's inputs plus the control
+    latents (the same for both CFG halves) and the conditioning scale per VACE layer (1-D, the pipeline's)."""
+
+    diffusers_class = "WanVACETransformer3DModel"
+
+    def set_inputs(self, inputs, w):
+        super().set_inputs(inputs, w)
+        self.control = self._put(inputs, "control", self.dtype)
+        self.scale = self._put(inputs, "control_scale", self.dtype)[0]
+
+    def _forward(self):
+        return self.model(hidden_states=self.x, timestep=self.t, encoder_hidden_states=self.enc,
+                          control_hidden_states=self.control, control_hidden_states_scale=self.scale,
+                          return_dict=False)[0]
+
+
+class WanVACE(Wan):
+    """Wan VACE (``WanVACEPipeline``): Wan 2.1's workload plus the control latents (random here: the inactive and
+    reactive video latents and the folded mask, ``vace_in_channels``) at the video's frames, conditioning scale 1;
+    the VACE stack then the main stack over the mesh (PipeFusion: both looped over the stages)."""
+
+    name = "wan_vace"
+    module_name = "xdit_jax.models.wan_vace"
+    model_class_name = "WanVACETransformer3DModel"
+    config_class_name = "WanVACEConfig"
+    title = "Wan VACE"
+
+    def with_layers(self, transformer, layers):
+        """``--layers N``: N main blocks, the VACE layers cut to those below N (layer 0 kept)."""
+        vace = [i for i in transformer.get("vace_layers", (0, 5, 10, 15, 20, 25, 30, 35)) if i < int(layers)]
+        return dict(transformer, num_layers=int(layers), vace_layers=vace or [0])
+
+    def image_tokens(self, w):
+        return 0
+
+    def check(self, cfg, shape):
+        from xdit_jax.models import wan
+
+        wan.check_input_shape(cfg, shape[2], shape[3], shape[4])
+
+    def row_fields(self, w, cfg):
+        return dict(super().row_fields(w, cfg), vace_layers=list(cfg.vace_layers),
+                    control_channels=cfg.vace_in_channels)
+
+    def make_inputs(self, w, seed=0):
+        """Wan's (:meth:`Wan.make_inputs`) plus ``control`` (B, vace_in_channels, F, h, w) float32 random, the same
+        for both CFG halves (as the pipeline repeats it), and ``control_scale`` (B, V) ones (conditioning_scale 1)."""
+        out = super().make_inputs(w, seed)
+        b, _, f, h, ww = self.latent_shape(w)
+        t = w.transformer
+        rng = np.random.default_rng(seed + 1)
+        control = rng.standard_normal((1, int(t.get("vace_in_channels", 96)), f, h, ww), dtype=np.float32)
+        nv = len(t.get("vace_layers", (0, 5, 10, 15, 20, 25, 30, 35)))
+        return dict(out, control=np.repeat(control, b, axis=0), control_scale=np.ones((b, nv), np.float32))
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["t"], inputs["embeds"].astype(dtype), None, None,
+                inputs["control"].astype(dtype), inputs["control_scale"])
+
+    def analytic_flops(self, w):
+        return wan_vace_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return WanVACETorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
                                                           HunyuanVideo15(), QwenImage(), ZImage(), Sana(), Chroma(),
                                                           Lumina2(), Flux2(), LTX(), ConsisID(), CogView3(),
-                                                          CogView4(), HunyuanImage(), Kandinsky5())}
+                                                          CogView4(), HunyuanImage(), Kandinsky5(), SanaVideo(),
+                                                          WanVACE())}
 CONSISID_CLASS_NAMES = ("ConsisIDTransformer3DModel",)
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
@@ -3694,6 +3904,8 @@ COGVIEW3_CLASS_NAMES = ("CogView3PlusTransformer2DModel",)
 COGVIEW4_CLASS_NAMES = ("CogView4Transformer2DModel",)
 HUNYUAN_IMAGE_CLASS_NAMES = ("HunyuanImageTransformer2DModel",)
 KANDINSKY5_CLASS_NAMES = ("Kandinsky5Transformer3DModel",)
+SANA_VIDEO_CLASS_NAMES = ("SanaVideoTransformer3DModel",)
+WAN_VACE_CLASS_NAMES = ("WanVACETransformer3DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -3719,7 +3931,14 @@ def family_of_config(transformer: dict) -> str:
     or ``condition_dim`` with ``rope_axes_dim``; CogView3-Plus by its class name or ``condition_dim`` alone (no other
     family has either); HunyuanImage-2.1 by its class name or ``num_single_layers`` with ``text_embed_2_dim`` or a
     2-D ``rope_axes_dim`` (before HunyuanVideo-1.5, which has the second only, and HunyuanVideo: 3-D RoPE);
-    Kandinsky 5.0 by its class name or ``in_visual_dim`` (no other family has it); else CogVideoX."""
+    Kandinsky 5.0 by its class name or ``in_visual_dim`` (no other family has it); SANA-Video (before SANA) by its
+    class name or ``cross_attention_head_dim`` with ``rope_max_seq_len`` (SANA has the first only, Wan the second);
+    Wan VACE (before Wan) by its class name or ``vace_layers``; else CogVideoX."""
+    if transformer.get("_class_name") in SANA_VIDEO_CLASS_NAMES or (
+            "cross_attention_head_dim" in transformer and "rope_max_seq_len" in transformer):
+        return "sana_video"
+    if transformer.get("_class_name") in WAN_VACE_CLASS_NAMES or "vace_layers" in transformer:
+        return "wan_vace"
     if transformer.get("_class_name") in HUNYUAN_IMAGE_CLASS_NAMES or ("num_single_layers" in transformer and (
             "text_embed_2_dim" in transformer or len(transformer.get("rope_axes_dim") or ()) == 2)):
         return "hunyuanimage"
