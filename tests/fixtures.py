@@ -828,6 +828,20 @@ def make_torch_kandinsky5(seed: int = 0):
                                  scheduler=FlowMatchEulerDiscreteScheduler(**skw))
 
 
+def make_torch_kandinsky5_i2v(seed: int = 0):
+    """A tiny random diffusers Kandinsky5I2VPipeline: :func:`make_torch_kandinsky5`'s parts with its transformer made
+    image-conditioned (``visual_cond``: 2 * 4 + 1 input channels, the release's layout)."""
+    from diffusers import Kandinsky5I2VPipeline, Kandinsky5Transformer3DModel
+
+    t2v = make_torch_kandinsky5(seed)
+    torch.manual_seed(seed + 5)
+    transformer = randomize_(Kandinsky5Transformer3DModel(**dict(tiny.KANDINSKY5_TRANSFORMER, visual_cond=True)),
+                             seed + 5, std=0.15)
+    return Kandinsky5I2VPipeline(transformer=transformer, vae=t2v.vae, text_encoder=t2v.text_encoder,
+                                 tokenizer=t2v.tokenizer, text_encoder_2=t2v.text_encoder_2,
+                                 tokenizer_2=t2v.tokenizer_2, scheduler=t2v.scheduler)
+
+
 def make_torch_kandinsky5_t2i(seed: int = 0):
     """A tiny random diffusers Kandinsky5T2IPipeline: :func:`make_torch_kandinsky5`'s transformer and text encoders with
     FLUX's tiny AutoencoderKL (4 latent channels here)."""

@@ -206,10 +206,17 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
 
         def embed_args(x, texts, t):
             if tc.visual_cond:  # (a T2V pass of an image-conditioned model: zero condition and mask, as diffusers)
-                x = jnp.concatenate([x, jnp.zeros_like(x), jnp.zeros(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+                x = jnp.concatenate([x, jnp.zeros_like(x), self._cond_mask(x)], axis=-1)
             return x, texts[0], t, texts[2], sf, texts[1]
 
-        return self._flow_step_fn(do_cfg, warmup, embed_args)
+        return self._flow_step_fn(do_cfg, warmup, embed_args, scheduler=self._scheduler)
+
+    _scheduler = None  # (the Euler step of flow_match; image-to-video's keeps its first frame)
+
+    @staticmethod
+    def _cond_mask(x):
+        """The ``visual_cond`` mask channel (B, F, h, w, 1) of an image-conditioned model: zeros (no given frame)."""
+        return jnp.zeros(x.shape[:-1] + (1,), x.dtype)
 
     def _video_tokens(self, latent_shape) -> int:
         return int(np.prod(self.transformer.grid(latent_shape)))

@@ -1,0 +1,95 @@
+"""Kandinsky 5.0 image-to-video through Kandinsky5I2VPipeline == diffusers' Kandinsky5I2VPipeline (tiny random weights,
+an image-conditioned transformer (visual_cond), fp32, 2 steps) with the same torch draws (the noise, then the image
+latents' sample, from one generator): latents (first-frame normalization included) and video; a mesh == one device."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_kandinsky5_i2v, random_image, save_torch_pipeline
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.kandinsky5_i2v import Kandinsky5I2VPipeline, normalize_first_frame
+
+PROMPT = "A small dog running on a beach at sunset."
+# 17 frames of 32 x 32: 5 x 4 x 4 latents (channels last; the first-frame normalization needs >= 5), 20 visual tokens
+F, H, W, STEPS = 17, 32, 32, 2
+LATENT = (5, 4, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(torch pipeline, our pipeline, our converted folder), made once."""
+    tp = make_torch_kandinsky5_i2v()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("kandinsky5_i2v"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+    return tp, Kandinsky5I2VPipeline.from_pretrained(converted), converted
+
+
+def torch_draws(seed, batch=1):
+    """diffusers' draws from ``torch.Generator().manual_seed(seed)``: the noise (B, F', h, w, C), then the image
+    latents' sample noise (1, C, 1, h, w) -> channels last (1, 1, h, w, C)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((batch,) + LATENT, generator=g)
+    eps = torch.randn((1, LATENT[-1], 1) + LATENT[1:3], generator=g)
+    return noise.numpy(), eps.permute(0, 2, 3, 4, 1).numpy()
+
+
+def run_torch(tp, image, seed, **kw):
+    with torch.no_grad():
+        out = tp(image=image, prompt=PROMPT, num_frames=F, height=H, width=W, num_inference_steps=STEPS,
+                 generator=torch.Generator().manual_seed(seed), **kw).frames
+    return out.numpy() if kw.get("output_type") == "latent" else np.asarray(out)
+
+
+def run_ours(pipe, image, seed, **kw):
+    noise, eps = torch_draws(seed)
+    pipe._image_noise = lambda shape, rng: eps
+    kw = dict(dict(num_frames=F, height=H, width=W, num_inference_steps=STEPS, latents=noise, progress=False), **kw)
+    return pipe(image, PROMPT, **kw).frames
+
+
+def test_video_matches_diffusers(pipes):
+    """Guidance 5 with diffusers' default negative prompt: the latents, then the video."""
+    tp, ours, _ = pipes
+    image = random_image(0, (W, H))
+    ref = run_torch(tp, image, 0, output_type="latent")
+    out = run_ours(ours, image, 0, output_type="latent")
+    assert out.shape == ref.shape == (1,) + LATENT
+    print("latents", np.abs(out - ref).max(), np.abs(ref).max())
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    ref = run_torch(tp, image, 0, output_type="np")
+    out = run_ours(ours, image, 0)
+    assert out.shape == ref.shape == (1, F, H, W, 3)
+    print("video", np.abs(out - ref).max())
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_normalize_first_frame_matches_diffusers():
+    from diffusers import Kandinsky5I2VPipeline as TorchPipe
+
+    x = np.random.default_rng(0).standard_normal((2, 7, 2, 3, 4)).astype(np.float32)
+    x[:, :4] = 0.5 * x[:, :4] + 0.3  # (the clamps bind)
+    ref = TorchPipe.normalize_first_frame(TorchPipe, torch.from_numpy(x.copy())).numpy()
+    np.testing.assert_allclose(np.asarray(normalize_first_frame(x)), ref, atol=1e-6, rtol=0)
+
+
+def test_bad_input(pipes):
+    _, ours, _ = pipes
+    with pytest.raises(ValueError, match="image must be given"):
+        ours(None, PROMPT, num_frames=F, height=H, width=W)
+    with pytest.raises(ValueError, match="latent frames"):
+        ours(random_image(0, (W, H)), PROMPT, num_frames=9, height=H, width=W)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(random_image(0, (W, H)), PROMPT, num_frames=F, height=40, width=W)
+    with pytest.raises(ValueError, match="is not 32 x 32"):
+        ours(np.zeros((16, 16, 3), np.uint8), PROMPT, num_frames=F, height=H, width=W, progress=False)
+
+
+@pytest.mark.slow
+def test_mesh_equals_one_device(pipes):
+    _, ours, converted = pipes
+    image = random_image(1, (W, H))
+    ref = run_ours(ours, image, 1, output_type="latent")
+    pipe = Kandinsky5I2VPipeline.from_pretrained(converted, mesh="cfg=2,ring=2,ulysses=2")
+    out = run_ours(pipe, image, 1, output_type="latent")
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
