@@ -35,10 +35,20 @@ def torch_draws(seed, batch=1):
 
 
 def run_torch(tp, image, seed, **kw):
+    """diffusers' (final latents after its first-frame normalization, video): one run, the latents of the last step
+    taken by its callback."""
+    last = {}
+
+    def keep(pipe, i, t, kw):
+        last["latents"] = kw["latents"][..., :LATENT[-1]].clone()
+        return {}
+
     with torch.no_grad():
-        out = tp(image=image, prompt=PROMPT, num_frames=F, height=H, width=W, num_inference_steps=STEPS,
-                 generator=torch.Generator().manual_seed(seed), **kw).frames
-    return out.numpy() if kw.get("output_type") == "latent" else np.asarray(out)
+        video = tp(image=image, prompt=PROMPT, num_frames=F, height=H, width=W, num_inference_steps=STEPS,
+                   generator=torch.Generator().manual_seed(seed), output_type="np", callback_on_step_end=keep,
+                   **kw).frames
+        latents = tp.normalize_first_frame(last["latents"])
+    return latents.numpy(), np.asarray(video)
 
 
 def run_ours(pipe, image, seed, **kw):
@@ -48,20 +58,45 @@ def run_ours(pipe, image, seed, **kw):
     return pipe(image, PROMPT, **kw).frames
 
 
-def test_video_matches_diffusers(pipes):
-    """Guidance 5 with diffusers' default negative prompt: the latents, then the video."""
+def test_latents_match_diffusers(pipes):
+    """No guidance, diffusers' prompt embeddings given to both (the text path: the text-to-video pipeline's default
+    test): the final latents, first-frame normalization included (the video: the slow test below)."""
     tp, ours, _ = pipes
     image = random_image(0, (W, H))
-    ref = run_torch(tp, image, 0, output_type="latent")
-    out = run_ours(ours, image, 0, output_type="latent")
+    with torch.no_grad():
+        qwen, clip, cu = tp.encode_prompt(PROMPT, max_sequence_length=512)
+        ref = tp(image=image, prompt=PROMPT, prompt_embeds_qwen=qwen, prompt_embeds_clip=clip, prompt_cu_seqlens=cu,
+                 num_frames=F, height=H, width=W, num_inference_steps=STEPS, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0), output_type="latent").frames.numpy()
+    noise, eps = torch_draws(0)
+    ours._image_noise = lambda shape, rng: eps
+    out = ours(image, prompt_embeds_qwen=qwen.numpy(), prompt_embeds_clip=clip.numpy(), num_frames=F, height=H,
+               width=W, num_inference_steps=STEPS, guidance_scale=1.0, latents=noise, output_type="latent",
+               progress=False).frames
     assert out.shape == ref.shape == (1,) + LATENT
-    print("latents", np.abs(out - ref).max(), np.abs(ref).max())
-    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
-    ref = run_torch(tp, image, 0, output_type="np")
-    out = run_ours(ours, image, 0)
+    # latents O(4) after 2 Euler steps, fp32 both: measured 3.1e-5 (7e-6 of their scale); both sides round q / k to
+    # bfloat16 after the RoPE (diffusers' apply_rotary), so an ulp of difference before it can flip one entry to the
+    # other bfloat16 neighbour and move outputs by ~1e-5 of the scale (the text-to-image test's note)
+    np.testing.assert_allclose(out, ref, atol=3e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.slow  # (the default test: latents without guidance)
+def test_cfg_video_matches_diffusers(pipes):
+    """Guidance 5 with diffusers' default negative prompt, the prompt encoded by each: latents, then the video (17
+    frames: the VAE's temporal tiles)."""
+    tp, ours, _ = pipes
+    image = random_image(2, (W, H))
+    ref_latents, ref = run_torch(tp, image, 2)
+    out = run_ours(ours, image, 2, output_type="latent")
+    assert out.shape == ref_latents.shape == (1,) + LATENT
+    # measured 1.05e-3 of 12.0 (9e-5 of the scale; image / seed 0: 3.9e-5): the bfloat16 q / k flips above, amplified
+    # by guidance 5 (uncond + 5 (text - uncond)) and spread over the first 4 frames by the first-frame normalization
+    # (before it: 5.9e-4); a wrong mask, frame or normalization moves them by 1e-1 and more
+    np.testing.assert_allclose(out, ref_latents, atol=2e-4 * np.abs(ref_latents).max(), rtol=0)
+    out = run_ours(ours, image, 2)
     assert out.shape == ref.shape == (1, F, H, W, 3)
     print("video", np.abs(out - ref).max())
-    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out, ref, atol=1e-3, rtol=0)
 
 
 def test_normalize_first_frame_matches_diffusers():

@@ -255,7 +255,8 @@ INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "S
            "StableDiffusion3InpaintPipeline": "StableDiffusion3InpaintPipeline"}
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
-                  "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline")
+                  "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline",
+                  "Kandinsky5I2VPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
@@ -855,6 +856,12 @@ def _main(argv=None) -> int:
                 and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, FLUX.1 Kontext or Qwen-Image-Edit does).")
+        if kind == "Kandinsky5I2VPipeline":  # (the pipeline's rules, before loading it)
+            if args.last_image is not None:
+                raise ValueError("--last-image: Kandinsky 5.0 image-to-video takes the first frame only.")
+            if args.num_frames is not None and 1 < (args.num_frames - 1) // 4 + 1 <= 4:
+                raise ValueError(f"--num-frames {args.num_frames}: Kandinsky 5.0 image-to-video takes 1 or >= 17 "
+                                 "frames (its first-frame normalization needs 5 latent frames).")
         if args.last_image is not None and kind == "Flux2KleinPipeline":
             raise ValueError("--last-image: FLUX.2 klein takes its reference image with --image.")
         if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline",

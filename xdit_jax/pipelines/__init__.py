@@ -64,8 +64,9 @@ PIPELINES = {
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
 REFUSED = {
-    "Kandinsky5I2IPipeline": "Kandinsky 5.0 image-to-image is not supported here (text-to-video and "
-                             "text-to-image only: Kandinsky5T2VPipeline, Kandinsky5T2IPipeline).",
+    "Kandinsky5I2IPipeline": "Kandinsky 5.0 image-to-image is not supported here (text-to-video, text-to-image "
+                             "and image-to-video only: Kandinsky5T2VPipeline, Kandinsky5T2IPipeline, "
+                             "Kandinsky5I2VPipeline).",
 }
 
 

@@ -143,25 +143,30 @@ class Kandinsky5I2VPipeline(Kandinsky5T2VPipeline):
         ``latent_dist.sample(generator)``)."""
         return jax.random.normal(rng, shape, jnp.float32)
 
-    def image_latents(self, image, batch: int, height: int, width: int, rng) -> jax.Array:
-        """The images' scaled latent samples (n, 1, h, w, C), n = 1 (one image for all) or ``batch`` (a list)."""
+    @staticmethod
+    def preprocess(image, height: int, width: int) -> jax.Array:
+        """The image(s) as the VAE takes them, (n, 3, H, W) in [-1, 1] (diffusers' ``video_processor.preprocess``:
+        a PIL image resized, Lanczos; an array (H, W, 3) of that size); ``image`` one, or a list of one per video."""
         from xdit_jax.pipelines.denoise import preprocess_image
 
         images = list(image) if isinstance(image, (list, tuple)) else [image]
-        if len(images) not in (1, batch):
-            raise ValueError(f"{len(images)} images for {batch} videos: give one image, or one per video.")
-        x = jnp.concatenate([preprocess_image(im, height, width) for im in images])[:, :, None]
+        return jnp.concatenate([preprocess_image(im, height, width) for im in images])
+
+    def image_latents(self, images, rng) -> jax.Array:
+        """Preprocessed images (n, 3, H, W) (:meth:`preprocess`) -> their scaled latent samples (n, 1, h, w, C)."""
         vc = self.vae_config
         s = vc.spatial_compression_ratio
-        shape = (len(images), 1, height // s, width // s, vc.latent_channels)
-        return self._encode_fn()(x, self._image_noise(shape, rng))
+        n, _, height, width = images.shape
+        shape = (n, 1, height // s, width // s, vc.latent_channels)
+        return self._encode_fn()(images[:, :, None], self._image_noise(shape, rng))
 
     def _initial_latents(self, latents, shape: tuple, key, init_noise_sigma: float, layout: str):
         """The noise (or the given latents) with frame 0 the image's latents, as diffusers' ``prepare_latents``."""
         noise = super()._initial_latents(latents, shape, key, init_noise_sigma, layout)
-        b, _, h, w, _ = shape
-        s = self.vae_config.spatial_compression_ratio
-        z = self.image_latents(self._image, b, h * s, w * s, jax.random.fold_in(key, 1))
+        b = shape[0]
+        if self._image.shape[0] not in (1, b):
+            raise ValueError(f"{self._image.shape[0]} images for {b} videos: give one image, or one per video.")
+        z = self.image_latents(self._image, jax.random.fold_in(key, 1))
         first = jnp.broadcast_to(z, (b,) + z.shape[1:])
         return jax.device_put(noise.at[:, :1].set(first), self._latent_sharding(shape))
 
@@ -174,8 +179,9 @@ class Kandinsky5I2VPipeline(Kandinsky5T2VPipeline):
 
     # ------------------------------------------------------------------ call
 
-    def __call__(self, image=None, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-                 *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+    def __call__(self, image=None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, *, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 5.0, num_videos_per_prompt: int = 1,
                  latents=None, prompt_embeds_qwen=None, prompt_embeds_clip=None, negative_prompt_embeds_qwen=None,
                  negative_prompt_embeds_clip=None, max_sequence_length: int = 512, seed: int = 0,
@@ -186,7 +192,9 @@ class Kandinsky5I2VPipeline(Kandinsky5T2VPipeline):
             raise ValueError("image must be given: Kandinsky 5.0 image-to-video starts from it (its first frame).")
         if isinstance(image, np.ndarray) and image.ndim == 4:
             image = list(image)
-        self._image = image
+        dv = self.default_video()
+        self._image = self.preprocess(image, dv["height"] if height is None else height,
+                                      dv["width"] if width is None else width)  # (a bad image refused before work)
         try:
             return super().__call__(prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
