@@ -630,3 +630,49 @@ def test_generate_consisid(tmp_path, capsys):
     video = iio.imread(out)
     assert video.shape == (9, 64, 96, 3) and video.std() > 1  # the tiny defaults: the learned table's 9 x 64 x 96
     assert '"model_family": "consisid"' in capsys.readouterr().out
+
+
+def _kandinsky5_i2v_configs(tmp_path):
+    """A tiny Kandinsky 5.0 I2V configs folder (an image-conditioned transformer: visual_cond) and a first frame."""
+    import json
+
+    import imageio.v3 as iio
+
+    from xdit_jax import tiny
+
+    configs = tmp_path / "kandinsky5-i2v"
+    tiny.write_configs(configs, "kandinsky5", dict(visual_cond=True))
+    index = json.loads((configs / "model_index.json").read_text())
+    (configs / "model_index.json").write_text(json.dumps(dict(index, _class_name="Kandinsky5I2VPipeline")))
+    image = tmp_path / "first.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    return configs, image
+
+
+def test_kandinsky5_image_to_video_refusals(tmp_path, capsys):
+    """A Kandinsky 5.0 I2V folder: no --image, --last-image, 9 frames (2 latent frames: diffusers' first-frame
+    normalization has no reference) refused before loading (the run: the slow test below)."""
+    configs, image = _kandinsky5_i2v_configs(tmp_path)
+    base = ["--model", str(configs), "--random-weights", "--output", str(tmp_path / "k.mp4"), "--no-progress"]
+    for extra, message in ([[], "give the first frame with --image"],
+                           [["--image", str(image), "--last-image", str(image)], "first frame only"],
+                           [["--image", str(image), "--num-frames", "9"], "1 or >= 17 frames"]):
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(cli.main(base + extra))
+        assert e.value.code == 2 and message in capsys.readouterr().err, extra
+    assert not (tmp_path / "k.mp4").exists()
+
+
+@pytest.mark.slow  # (the pipeline's parity: tests/test_kandinsky5_i2v_pipeline.py)
+def test_generate_kandinsky5_image_to_video_random_weights(tmp_path, capsys):
+    """--image on a Kandinsky 5.0 I2V folder with --random-weights (the VAE's encoder too): 17 frames of 32 x 32 on
+    ulysses=2."""
+    import imageio.v3 as iio
+
+    configs, image = _kandinsky5_i2v_configs(tmp_path)
+    out = tmp_path / "k.mp4"
+    rc = cli.main(["--model", str(configs), "--random-weights", "--image", str(image), "--steps", "2", "--height", "32",
+                   "--width", "32", "--num-frames", "17", "--max-sequence-length", "32", "--mesh", "ulysses=2",
+                   "--no-progress", "--output", str(out), "--json"])
+    assert rc == 0 and iio.imread(out).shape == (17, 32, 32, 3)
+    assert '"model_family": "kandinsky5"' in capsys.readouterr().out

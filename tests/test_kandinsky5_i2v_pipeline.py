@@ -95,8 +95,7 @@ def test_cfg_video_matches_diffusers(pipes):
     np.testing.assert_allclose(out, ref_latents, atol=2e-4 * np.abs(ref_latents).max(), rtol=0)
     out = run_ours(ours, image, 2)
     assert out.shape == ref.shape == (1, F, H, W, 3)
-    print("video", np.abs(out - ref).max())
-    np.testing.assert_allclose(out, ref, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(out, ref, atol=1e-3, rtol=0)  # (pixels in [0, 1]: measured 1.2e-4)
 
 
 def test_normalize_first_frame_matches_diffusers():
