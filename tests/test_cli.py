@@ -1,5 +1,6 @@
 """scripts/generate.py: writes a playable video of the requested size; bad input fails fast and clearly."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -676,3 +677,42 @@ def test_generate_kandinsky5_image_to_video_random_weights(tmp_path, capsys):
                    "--no-progress", "--output", str(out), "--json"])
     assert rc == 0 and iio.imread(out).shape == (17, 32, 32, 3)
     assert '"model_family": "kandinsky5"' in capsys.readouterr().out
+
+
+def test_kandinsky5_image_to_image_refusals(tmp_path, capsys):
+    """A Kandinsky 5.0 I2I folder: no --image and --last-image refused before loading (the run: the slow test below)."""
+    configs, image = _kandinsky5_i2v_configs(tmp_path)
+    index = json.loads((configs / "model_index.json").read_text())
+    (configs / "model_index.json").write_text(json.dumps(dict(index, _class_name="Kandinsky5I2IPipeline")))
+    base = ["--model", str(configs), "--random-weights", "--output", str(tmp_path / "k.png"), "--no-progress"]
+    for extra, message in ([[], "give the image to edit with --image"],
+                           [["--image", str(image), "--last-image", str(image)], "takes one image"]):
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(cli.main(base + extra))
+        assert e.value.code == 2 and message in capsys.readouterr().err, extra
+    assert not (tmp_path / "k.png").exists()
+
+
+@pytest.mark.slow  # (the pipeline's parity: tests/test_kandinsky5_i2i_pipeline.py)
+def test_generate_kandinsky5_image_to_image(tmp_path, capsys):
+    """--image on the tiny diffusers Kandinsky5I2IPipeline saved (converted on first use): a .png of the image's size
+    (32 x 32, snapped to the instance's resolution list: diffusers' has no toy sizes, so 1024 x 1024 here would be
+    slow; the run takes the list's nearest: the test patches it)."""
+    import imageio.v3 as iio
+
+    from tests.fixtures import make_torch_kandinsky5_i2i, save_torch_pipeline
+    from xdit_jax.pipelines import kandinsky5_t2i
+
+    folder = save_torch_pipeline(make_torch_kandinsky5_i2i(), tmp_path / "k5-i2i")
+    image = tmp_path / "in.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "k.png"
+    old = kandinsky5_t2i.Kandinsky5T2IPipeline.resolutions
+    kandinsky5_t2i.Kandinsky5T2IPipeline.resolutions = ((32, 32),)
+    try:
+        rc = cli.main(["--model", str(folder), "--image", str(image), "--steps", "2", "--no-progress", "--output",
+                       str(out), "--json"])
+    finally:
+        kandinsky5_t2i.Kandinsky5T2IPipeline.resolutions = old
+    assert rc == 0 and iio.imread(out).shape == (32, 32, 3)
+    assert '"model_family": "kandinsky5-t2i"' in capsys.readouterr().out
