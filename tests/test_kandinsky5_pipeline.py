@@ -94,11 +94,13 @@ def test_bad_input(pipes):
         ours.check_inputs(40, W, F, 1, 5.0)
 
 
-def test_other_kandinsky5_pipelines_refused():
+def test_kandinsky5_pipeline_classes():
     from xdit_jax import pipelines
+    from xdit_jax.pipelines.kandinsky5_i2i import Kandinsky5I2IPipeline
+    from xdit_jax.pipelines.kandinsky5_i2v import Kandinsky5I2VPipeline
 
-    with pytest.raises(ValueError, match="not supported here"):  # (T2I, I2V: Kandinsky5T2IPipeline, ...I2VPipeline)
-        pipelines.pipeline_class("Kandinsky5I2IPipeline")
+    assert pipelines.pipeline_class("Kandinsky5I2VPipeline") is Kandinsky5I2VPipeline
+    assert pipelines.pipeline_class("Kandinsky5I2IPipeline") is Kandinsky5I2IPipeline
 
 
 @pytest.mark.slow  # (another variant on the same transformer)

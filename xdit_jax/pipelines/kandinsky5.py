@@ -26,8 +26,8 @@ stack.
 Differences from diffusers, on purpose: ``num_frames`` must be 4k + 1 (diffusers rounds others down with a warning);
 an over-long prompt is cut by the tokenizer's truncation (diffusers cuts the text at the decoded tail first, which
 can differ by a token); the latents and the timestep stay float32 in bf16 too. Refused: the sparse "nabla"
-attention of the 10 s checkpoints (:class:`~xdit_jax.models.kandinsky5.Kandinsky5Config`), the image-to-image
-pipeline (image-to-video: :mod:`xdit_jax.pipelines.kandinsky5_i2v`).
+attention of the 10 s checkpoints (:class:`~xdit_jax.models.kandinsky5.Kandinsky5Config`). Image-to-video and
+image-to-image: :mod:`xdit_jax.pipelines.kandinsky5_i2v`, :mod:`xdit_jax.pipelines.kandinsky5_i2i`.
 """
 
 from __future__ import annotations
