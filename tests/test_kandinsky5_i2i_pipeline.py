@@ -62,17 +62,18 @@ def test_image_matches_diffusers(pipes):
 
 
 @pytest.mark.slow
-def test_mesh_equals_one_device(pipes):
+@pytest.mark.parametrize("mesh", ["cfg=2,ring=2,ulysses=2", "pipefusion=2"])
+def test_mesh_equals_one_device(pipes, mesh):
     _, ours, converted = pipes
     image = random_image(2, (W, H))
     noise, eps = torch_draws(2)
     ours._image_noise = lambda shape, rng: eps
     kw = dict(num_inference_steps=2, latents=noise, progress=False, output_type="latent")
     ref = ours(image, PROMPT, **kw).images
-    pipe = Kandinsky5I2IPipeline.from_pretrained(converted, mesh="cfg=2,ring=2,ulysses=2")
+    pipe = Kandinsky5I2IPipeline.from_pretrained(converted, mesh=mesh, pipefusion_warmup_steps=2)
     pipe.resolutions, pipe._image_noise = ours.resolutions, ours._image_noise
     out = pipe(image, PROMPT, **kw).images
-    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0, err_msg=mesh)
 
 
 def test_bad_input(pipes):

@@ -120,10 +120,12 @@ def test_bad_input(pipes):
 
 
 @pytest.mark.slow
-def test_mesh_equals_one_device(pipes):
+@pytest.mark.parametrize("mesh,warmup", [("cfg=2,ring=2,ulysses=2", 1),
+                                         ("pipefusion=2,ulysses=2", 2)])  # (PipeFusion: both steps exact)
+def test_mesh_equals_one_device(pipes, mesh, warmup):
     _, ours, converted = pipes
     image = random_image(1, (W, H))
     ref = run_ours(ours, image, 1, output_type="latent")
-    pipe = Kandinsky5I2VPipeline.from_pretrained(converted, mesh="cfg=2,ring=2,ulysses=2")
+    pipe = Kandinsky5I2VPipeline.from_pretrained(converted, mesh=mesh, pipefusion_warmup_steps=warmup)
     out = run_ours(pipe, image, 1, output_type="latent")
-    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0, err_msg=mesh)
