@@ -108,7 +108,8 @@ def test_normalize_first_frame_matches_diffusers():
 
 
 def test_bad_input(pipes):
-    _, ours, _ = pipes
+    _, ours, converted = pipes
+    assert not (converted / "text_encoder" / "vision_params").exists()  # (conversion: Qwen2.5-VL reads text only)
     with pytest.raises(ValueError, match="image must be given"):
         ours(None, PROMPT, num_frames=F, height=H, width=W)
     with pytest.raises(ValueError, match="latent frames"):
