@@ -890,6 +890,40 @@ def make_torch_kandinsky5(seed: int = 0):
                                  scheduler=FlowMatchEulerDiscreteScheduler(**skw))
 
 
+def make_torch_kandinsky5_i2v(seed: int = 0):
+    """A tiny random diffusers Kandinsky5I2VPipeline: :func:`make_torch_kandinsky5`'s parts with its transformer made
+    image-conditioned (``visual_cond``: 2 * 4 + 1 input channels, the release's layout)."""
+    from diffusers import Kandinsky5I2VPipeline, Kandinsky5Transformer3DModel
+
+    t2v = make_torch_kandinsky5(seed)
+    torch.manual_seed(seed + 5)
+    transformer = randomize_(Kandinsky5Transformer3DModel(**dict(tiny.KANDINSKY5_TRANSFORMER, visual_cond=True)),
+                             seed + 5, std=0.15)
+    return Kandinsky5I2VPipeline(transformer=transformer, vae=t2v.vae, text_encoder=t2v.text_encoder,
+                                 tokenizer=t2v.tokenizer, text_encoder_2=t2v.text_encoder_2,
+                                 tokenizer_2=t2v.tokenizer_2, scheduler=t2v.scheduler)
+
+
+def make_torch_kandinsky5_i2i(seed: int = 0):
+    """A tiny random diffusers Kandinsky5I2IPipeline: :func:`make_torch_kandinsky5_t2i`'s VAE and CLIP, an
+    image-conditioned transformer (``visual_cond``), Qwen-Image-Edit's tiny Qwen2.5-VL (with its vision tower) and a
+    Qwen2VLProcessor over its tokenizer as the pipeline's ``tokenizer`` (as the release)."""
+    from diffusers import Kandinsky5I2IPipeline, Kandinsky5Transformer3DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    t2i = make_torch_kandinsky5_t2i(seed)
+    torch.manual_seed(seed + 5)
+    transformer = randomize_(Kandinsky5Transformer3DModel(**dict(tiny.KANDINSKY5_TRANSFORMER, visual_cond=True)),
+                             seed + 5, std=0.15)
+    te_kw = {k: v for k, v in tiny.QWEN_EDIT_TEXT_ENCODER.items() if k not in ("model_type", "architectures")}
+    text_encoder = randomize_(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**te_kw)), seed + 6, std=0.2)
+    processor = qwen_processor(Qwen2VLImageProcessorPil(**tiny.QWEN_EDIT_PROCESSOR), tiny.train_qwen_edit_tokenizer())
+    return Kandinsky5I2IPipeline(transformer=transformer, vae=t2i.vae, text_encoder=text_encoder, tokenizer=processor,
+                                 text_encoder_2=t2i.text_encoder_2, tokenizer_2=t2i.tokenizer_2,
+                                 scheduler=t2i.scheduler)
+
+
 def make_torch_kandinsky5_t2i(seed: int = 0):
     """A tiny random diffusers Kandinsky5T2IPipeline: :func:`make_torch_kandinsky5`'s transformer and text encoders with
     FLUX's tiny AutoencoderKL (4 latent channels here)."""

@@ -1,5 +1,6 @@
 """scripts/generate.py: writes a playable video of the requested size; bad input fails fast and clearly."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -654,3 +655,88 @@ def test_generate_consisid(tmp_path, capsys):
     video = iio.imread(out)
     assert video.shape == (9, 64, 96, 3) and video.std() > 1  # the tiny defaults: the learned table's 9 x 64 x 96
     assert '"model_family": "consisid"' in capsys.readouterr().out
+
+
+def _kandinsky5_i2v_configs(tmp_path):
+    """A tiny Kandinsky 5.0 I2V configs folder (an image-conditioned transformer: visual_cond) and a first frame."""
+    import json
+
+    import imageio.v3 as iio
+
+    from xdit_jax import tiny
+
+    configs = tmp_path / "kandinsky5-i2v"
+    tiny.write_configs(configs, "kandinsky5", dict(visual_cond=True))
+    index = json.loads((configs / "model_index.json").read_text())
+    (configs / "model_index.json").write_text(json.dumps(dict(index, _class_name="Kandinsky5I2VPipeline")))
+    image = tmp_path / "first.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    return configs, image
+
+
+def test_kandinsky5_image_to_video_refusals(tmp_path, capsys):
+    """A Kandinsky 5.0 I2V folder: no --image, --last-image, 9 frames (2 latent frames: diffusers' first-frame
+    normalization has no reference) refused before loading (the run: the slow test below)."""
+    configs, image = _kandinsky5_i2v_configs(tmp_path)
+    base = ["--model", str(configs), "--random-weights", "--output", str(tmp_path / "k.mp4"), "--no-progress"]
+    for extra, message in ([[], "give the first frame with --image"],
+                           [["--image", str(image), "--last-image", str(image)], "first frame only"],
+                           [["--image", str(image), "--num-frames", "9"], "1 or >= 17 frames"]):
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(cli.main(base + extra))
+        assert e.value.code == 2 and message in capsys.readouterr().err, extra
+    assert not (tmp_path / "k.mp4").exists()
+
+
+@pytest.mark.slow  # (the pipeline's parity: tests/test_kandinsky5_i2v_pipeline.py)
+def test_generate_kandinsky5_image_to_video_random_weights(tmp_path, capsys):
+    """--image on a Kandinsky 5.0 I2V folder with --random-weights (the VAE's encoder too): 17 frames of 32 x 32 on
+    ulysses=2."""
+    import imageio.v3 as iio
+
+    configs, image = _kandinsky5_i2v_configs(tmp_path)
+    out = tmp_path / "k.mp4"
+    rc = cli.main(["--model", str(configs), "--random-weights", "--image", str(image), "--steps", "2", "--height", "32",
+                   "--width", "32", "--num-frames", "17", "--max-sequence-length", "32", "--mesh", "ulysses=2",
+                   "--no-progress", "--output", str(out), "--json"])
+    assert rc == 0 and iio.imread(out).shape == (17, 32, 32, 3)
+    assert '"model_family": "kandinsky5"' in capsys.readouterr().out
+
+
+def test_kandinsky5_image_to_image_refusals(tmp_path, capsys):
+    """A Kandinsky 5.0 I2I folder: no --image and --last-image refused before loading (the run: the slow test below)."""
+    configs, image = _kandinsky5_i2v_configs(tmp_path)
+    index = json.loads((configs / "model_index.json").read_text())
+    (configs / "model_index.json").write_text(json.dumps(dict(index, _class_name="Kandinsky5I2IPipeline")))
+    base = ["--model", str(configs), "--random-weights", "--output", str(tmp_path / "k.png"), "--no-progress"]
+    for extra, message in ([[], "give the image to edit with --image"],
+                           [["--image", str(image), "--last-image", str(image)], "takes one image"]):
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(cli.main(base + extra))
+        assert e.value.code == 2 and message in capsys.readouterr().err, extra
+    assert not (tmp_path / "k.png").exists()
+
+
+@pytest.mark.slow  # (the pipeline's parity: tests/test_kandinsky5_i2i_pipeline.py)
+def test_generate_kandinsky5_image_to_image(tmp_path, capsys):
+    """--image on the tiny diffusers Kandinsky5I2IPipeline saved (converted on first use): a .png of the image's size
+    (32 x 32, snapped to the instance's resolution list: diffusers' has no toy sizes, so 1024 x 1024 here would be
+    slow; the run takes the list's nearest: the test patches it)."""
+    import imageio.v3 as iio
+
+    from tests.fixtures import make_torch_kandinsky5_i2i, save_torch_pipeline
+    from xdit_jax.pipelines import kandinsky5_t2i
+
+    folder = save_torch_pipeline(make_torch_kandinsky5_i2i(), tmp_path / "k5-i2i")
+    image = tmp_path / "in.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "k.png"
+    old = kandinsky5_t2i.Kandinsky5T2IPipeline.resolutions
+    kandinsky5_t2i.Kandinsky5T2IPipeline.resolutions = ((32, 32),)
+    try:
+        rc = cli.main(["--model", str(folder), "--image", str(image), "--steps", "2", "--no-progress", "--output",
+                       str(out), "--json"])
+    finally:
+        kandinsky5_t2i.Kandinsky5T2IPipeline.resolutions = old
+    assert rc == 0 and iio.imread(out).shape == (32, 32, 3)
+    assert '"model_family": "kandinsky5-t2i"' in capsys.readouterr().out

@@ -94,12 +94,13 @@ def test_bad_input(pipes):
         ours.check_inputs(40, W, F, 1, 5.0)
 
 
-def test_other_kandinsky5_pipelines_refused():
+def test_kandinsky5_pipeline_classes():
     from xdit_jax import pipelines
+    from xdit_jax.pipelines.kandinsky5_i2i import Kandinsky5I2IPipeline
+    from xdit_jax.pipelines.kandinsky5_i2v import Kandinsky5I2VPipeline
 
-    for name in ("Kandinsky5I2VPipeline", "Kandinsky5I2IPipeline"):  # (T2I: Kandinsky5T2IPipeline)
-        with pytest.raises(ValueError, match="not supported here"):
-            pipelines.pipeline_class(name)
+    assert pipelines.pipeline_class("Kandinsky5I2VPipeline") is Kandinsky5I2VPipeline
+    assert pipelines.pipeline_class("Kandinsky5I2IPipeline") is Kandinsky5I2IPipeline
 
 
 @pytest.mark.slow  # (another variant on the same transformer)

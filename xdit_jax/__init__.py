@@ -29,6 +29,8 @@ from xdit_jax.pipelines.hunyuan_video15 import (
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.hunyuanimage import HunyuanImagePipeline, HunyuanImagePipelineOutput
 from xdit_jax.pipelines.kandinsky5 import Kandinsky5PipelineOutput, Kandinsky5T2VPipeline
+from xdit_jax.pipelines.kandinsky5_i2i import Kandinsky5I2IPipeline
+from xdit_jax.pipelines.kandinsky5_i2v import Kandinsky5I2VPipeline
 from xdit_jax.pipelines.kandinsky5_t2i import Kandinsky5ImagePipelineOutput, Kandinsky5T2IPipeline
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
 from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipelineOutput
@@ -78,7 +80,8 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "HunyuanDiTPipelineOutput", "HunyuanImagePipeline", "HunyuanImagePipelineOutput",
            "HunyuanVideo15ImageToVideoPipeline", "HunyuanVideo15Pipeline",
            "HunyuanVideo15PipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput",
-           "Kandinsky5ImagePipelineOutput", "Kandinsky5PipelineOutput", "Kandinsky5T2IPipeline",
+           "Kandinsky5I2IPipeline", "Kandinsky5I2VPipeline", "Kandinsky5ImagePipelineOutput",
+           "Kandinsky5PipelineOutput", "Kandinsky5T2IPipeline",
            "Kandinsky5T2VPipeline", "LattePipeline",
            "LattePipelineOutput", "LTXImageToVideoPipeline", "LTXPipeline", "LTXPipelineOutput", "Lumina2Pipeline",
            "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",

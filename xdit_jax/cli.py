@@ -269,7 +269,7 @@ INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "S
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                   "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline",
-                  "SanaImageToVideoPipeline")
+                  "SanaImageToVideoPipeline", "Kandinsky5I2VPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
@@ -868,10 +868,22 @@ def _main(argv=None) -> int:
         if len(args.images) > 1 and kind != "QwenImageEditPlusPipeline":
             raise ValueError(f"--image given {len(args.images)} times: {args.model} takes one image (several: "
                              "Qwen-Image-Edit-2509 / 2511).")
+        k5_edit = kind == "Kandinsky5I2IPipeline"  # (Kandinsky 5.0 image-to-image: the image to edit, required)
+        if k5_edit and args.image is None:
+            raise ValueError(f"{args.model} is a Kandinsky 5.0 image-to-image model: give the image to edit with "
+                             "--image PATH.")
+        if k5_edit and args.last_image is not None:
+            raise ValueError("--last-image: Kandinsky 5.0 image-to-image takes one image (--image).")
         if not image_to_video and not args.kontext and not flux2_reference and not qwen_edit and not img2img \
-                and args.image is not None:
+                and not k5_edit and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, FLUX.1 Kontext or Qwen-Image-Edit does).")
+        if kind == "Kandinsky5I2VPipeline":  # (the pipeline's rules, before loading it)
+            if args.last_image is not None:
+                raise ValueError("--last-image: Kandinsky 5.0 image-to-video takes the first frame only.")
+            if args.num_frames is not None and 1 < (args.num_frames - 1) // 4 + 1 <= 4:
+                raise ValueError(f"--num-frames {args.num_frames}: Kandinsky 5.0 image-to-video takes 1 or >= 17 "
+                                 "frames (its first-frame normalization needs 5 latent frames).")
         if args.last_image is not None and kind == "Flux2KleinPipeline":
             raise ValueError("--last-image: FLUX.2 klein takes its reference image with --image.")
         if args.last_image is not None and kind in ("CogVideoXImageToVideoPipeline", "FluxKontextPipeline",
@@ -996,6 +1008,10 @@ def _main(argv=None) -> int:
         if args.conditioning_scale is not None:
             kw["conditioning_scale"] = args.conditioning_scale
         call = pipe
+    elif kind == "Kandinsky5I2IPipeline":  # the image to edit; the output takes its size unless sized
+        from PIL import Image
+
+        call = functools.partial(pipe, Image.open(args.images[0]).convert("RGB"))
     elif qwen_edit:  # the image(s) to edit; the output takes the (last) image's aspect ratio unless sized
         from PIL import Image
 

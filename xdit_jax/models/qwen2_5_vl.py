@@ -98,15 +98,19 @@ def _text_keys(flat: dict) -> dict:
     return out
 
 
+# pipelines whose Qwen2.5-VL reads text only (conversion leaves the vision tower out)
+TEXT_ONLY_PIPELINES = ("QwenImagePipeline", "Kandinsky5T2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2VPipeline")
+
+
 def extra_params_from_torch(flat: dict, cfg: llama.LlamaConfig, dtype=None, config_dict=None,
                             pipeline: str | None = None) -> dict:
     """``{"vision_params": ...}``: the vision tower's params (:mod:`xdit_jax.models.qwen2_5_vl_vision`, what
     Qwen-Image-Edit reads the input image with), which conversion saves next to the language model's; empty for a
-    checkpoint without ``visual.*`` tensors or without its config, and for a text-to-image folder (``pipeline``
-    QwenImagePipeline: 0.67B parameters it never reads)."""
+    checkpoint without ``visual.*`` tensors or without its config, and for the folders whose pipeline reads text only
+    (:data:`TEXT_ONLY_PIPELINES`: 0.67B parameters they never read)."""
     from xdit_jax.models import qwen2_5_vl_vision as vv
 
-    if config_dict is None or not vv.vision_keys(flat) or pipeline == "QwenImagePipeline":
+    if config_dict is None or not vv.vision_keys(flat) or pipeline in TEXT_ONLY_PIPELINES:
         return {}
     vcfg = vv.VisionConfig.from_dict(config_dict)
     return {"vision_params": vv.params_from_torch(flat, vcfg, dtype=dtype)}

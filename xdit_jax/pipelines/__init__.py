@@ -42,6 +42,8 @@ PIPELINES = {
     "HunyuanImagePipeline": ("xdit_jax.pipelines.hunyuanimage", "HunyuanImagePipeline", "hunyuanimage"),
     "Kandinsky5T2VPipeline": ("xdit_jax.pipelines.kandinsky5", "Kandinsky5T2VPipeline", "kandinsky5"),
     "Kandinsky5T2IPipeline": ("xdit_jax.pipelines.kandinsky5_t2i", "Kandinsky5T2IPipeline", "kandinsky5-t2i"),
+    "Kandinsky5I2VPipeline": ("xdit_jax.pipelines.kandinsky5_i2v", "Kandinsky5I2VPipeline", "kandinsky5"),
+    "Kandinsky5I2IPipeline": ("xdit_jax.pipelines.kandinsky5_i2i", "Kandinsky5I2IPipeline", "kandinsky5-t2i"),
     "HunyuanVideo15ImageToVideoPipeline": ("xdit_jax.pipelines.hunyuan_video15", "HunyuanVideo15ImageToVideoPipeline",
                                            "hunyuan_video15"),
     "QwenImagePipeline": ("xdit_jax.pipelines.qwenimage", "QwenImagePipeline", "qwenimage"),
@@ -68,10 +70,6 @@ PIPELINES = {
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
 REFUSED = {
-    "Kandinsky5I2VPipeline": "Kandinsky 5.0 image-to-video is not supported here (text-to-video and "
-                             "text-to-image only: Kandinsky5T2VPipeline, Kandinsky5T2IPipeline).",
-    "Kandinsky5I2IPipeline": "Kandinsky 5.0 image-to-image is not supported here (text-to-video and "
-                             "text-to-image only: Kandinsky5T2VPipeline, Kandinsky5T2IPipeline).",
 }
 
 

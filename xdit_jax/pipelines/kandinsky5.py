@@ -26,8 +26,8 @@ stack.
 Differences from diffusers, on purpose: ``num_frames`` must be 4k + 1 (diffusers rounds others down with a warning);
 an over-long prompt is cut by the tokenizer's truncation (diffusers cuts the text at the decoded tail first, which
 can differ by a token); the latents and the timestep stay float32 in bf16 too. Refused: the sparse "nabla"
-attention of the 10 s checkpoints (:class:`~xdit_jax.models.kandinsky5.Kandinsky5Config`), the image-to-video and
-image-to-image pipelines.
+attention of the 10 s checkpoints (:class:`~xdit_jax.models.kandinsky5.Kandinsky5Config`). Image-to-video and
+image-to-image: :mod:`xdit_jax.pipelines.kandinsky5_i2v`, :mod:`xdit_jax.pipelines.kandinsky5_i2i`.
 """
 
 from __future__ import annotations
@@ -206,10 +206,26 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
 
         def embed_args(x, texts, t):
             if tc.visual_cond:  # (a T2V pass of an image-conditioned model: zero condition and mask, as diffusers)
-                x = jnp.concatenate([x, jnp.zeros_like(x), jnp.zeros(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+                x = jnp.concatenate([x, *self._visual_cond(x, texts)], axis=-1)
             return x, texts[0], t, texts[2], sf, texts[1]
 
-        return self._flow_step_fn(do_cfg, warmup, embed_args)
+        return self._flow_step_fn(do_cfg, warmup, embed_args, scheduler=self._scheduler)
+
+    _scheduler = None  # (the Euler step of flow_match; image-to-video's keeps its first frame)
+
+    def _visual_cond(self, x, texts) -> tuple:
+        """The ``visual_cond`` channels of an image-conditioned model beside the latents ``x``: (condition, mask
+        (B, F, h, w, 1)); here zeros and :meth:`_cond_mask`."""
+        return jnp.zeros_like(x), self._cond_mask(x)
+
+    @staticmethod
+    def _cond_mask(x):
+        """The ``visual_cond`` mask channel (B, F, h, w, 1) of an image-conditioned model: zeros (no given frame)."""
+        return jnp.zeros(x.shape[:-1] + (1,), x.dtype)
+
+    def _step_extras(self, batch: int, do_cfg: bool, per: int) -> tuple:
+        """More inputs of the jitted step after (states, mask, pooled) (``texts[3:]``, placed as the batch): none."""
+        return ()
 
     def _video_tokens(self, latent_shape) -> int:
         return int(np.prod(self.transformer.grid(latent_shape)))
@@ -243,6 +259,7 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
         latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
         texts = (sd((n, text_len, tc.in_text_dim), self.dtype), sd((n, text_len), jnp.bool_),
                  sd((n, tc.in_text_dim2), self.dtype))
+        texts += tuple(sd((n,) + a.shape[1:], a.dtype) for a in self._step_extras(batch, do_cfg, 1))
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps))
         _, tstate = nnx.split(self.transformer)
         kv = self._pipefusion_buffers(n, self._video_tokens(shape), abstract=True)
@@ -310,6 +327,7 @@ class Kandinsky5T2VPipeline(VideoPipelineBase):
                 mask = jnp.concatenate([pad(jnp.ones(n_emb.shape[:2], bool)), pad(mask)])
                 pooled = jnp.concatenate([n_pooled, pooled])
             texts = tuple(self._put_batch(x, do_cfg, per) for x in (emb, mask, pooled))
+            texts += self._step_extras(batch, do_cfg, per)
             jax.block_until_ready(texts)
 
         # 2. latents (diffusers' layout: B, F', h, w, C)
