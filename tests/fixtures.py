@@ -230,6 +230,20 @@ def make_torch_flux(seed: int = 0, guidance_embeds: bool = True, kontext: bool =
                text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_tokenizer(), transformer=transformer)
 
 
+def make_torch_flux_conditioned(kind: str, seed: int = 0):
+    """A tiny random diffusers FluxFillPipeline (``kind="fill"``) or FluxControlPipeline (``"control"``): the tiny
+    FLUX parts (make_torch_flux's) with xdit_jax.tiny's Fill / Control transformer (more input channels)."""
+    from diffusers import FluxControlPipeline, FluxFillPipeline, FluxTransformer2DModel
+
+    base = make_torch_flux(seed)
+    config = tiny.FLUX_FILL_TRANSFORMER if kind == "fill" else tiny.FLUX_CONTROL_TRANSFORMER
+    torch.manual_seed(seed)
+    transformer = randomize_(FluxTransformer2DModel(**config), seed, std=0.1)
+    cls = FluxFillPipeline if kind == "fill" else FluxControlPipeline
+    parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    return cls(**{name: base.components[name] for name in parts}, transformer=transformer)
+
+
 def make_torch_chroma(seed: int = 0):
     """A tiny random diffusers ChromaPipeline (xdit_jax.tiny's Chroma configs: FLUX's tiny VAE, T5 and scheduler)."""
     from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
