@@ -230,12 +230,13 @@ def make_torch_flux(seed: int = 0, guidance_embeds: bool = True, kontext: bool =
                text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_tokenizer(), transformer=transformer)
 
 
-def make_torch_flux_conditioned(kind: str, seed: int = 0):
+def make_torch_flux_conditioned(kind: str, seed: int = 0, base=None):
     """A tiny random diffusers FluxFillPipeline (``kind="fill"``) or FluxControlPipeline (``"control"``): the tiny
-    FLUX parts (make_torch_flux's) with xdit_jax.tiny's Fill / Control transformer (more input channels)."""
+    FLUX parts (make_torch_flux's, or those of the pipeline ``base``) with xdit_jax.tiny's Fill / Control transformer
+    (more input channels)."""
     from diffusers import FluxControlPipeline, FluxFillPipeline, FluxTransformer2DModel
 
-    base = make_torch_flux(seed)
+    base = base or make_torch_flux(seed)
     config = tiny.FLUX_FILL_TRANSFORMER if kind == "fill" else tiny.FLUX_CONTROL_TRANSFORMER
     torch.manual_seed(seed)
     transformer = randomize_(FluxTransformer2DModel(**config), seed, std=0.1)

@@ -35,39 +35,52 @@ def _mask():
     return Image.fromarray(mask)
 
 
-def _both(tp, ours, kw, torch_seed):
-    """(diffusers' final latents and image, ours) for one call; diffusers' latents from its step-end callback."""
+def _embeds(batch, seed):
+    """Random (T5 states, pooled CLIP) prompt embeddings for both sides: the text encoders are test_flux_pipeline's
+    (their compiles kept out of these tests)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((batch, MSL, 32)).astype(np.float32),
+            rng.standard_normal((batch, 32)).astype(np.float32))
+
+
+def _compare(tp, ours, kw, torch_seed, image: bool = True):
+    """diffusers' call (its final latents from its step-end callback) == ours: the packed latents (1e-4 of their scale)
+    and with ``image`` the decoded pixels (2e-4: 1/20 of an 8-bit level); fp32 both sides, test_flux_pipeline's
+    bounds. Returns the (latent, pixel) max abs diffs and the latents' scale."""
     seen = {}
 
     def grab(pipe, i, t, kwargs):
         seen["latents"] = kwargs["latents"].numpy().copy()
         return kwargs
+    torch_kw = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
     with torch.no_grad():
-        ref = np.asarray(tp(PROMPT, generator=torch.Generator().manual_seed(torch_seed), output_type="np",
-                            callback_on_step_end=grab, **kw).images)
-    out_lat = ours(PROMPT, output_type="latent", progress=False, **kw).images
-    out = ours(PROMPT, progress=False, **kw).images
-    return seen["latents"], ref, out_lat, out
+        ref = np.asarray(tp(generator=torch.Generator().manual_seed(torch_seed), output_type="np",
+                            callback_on_step_end=grab, **torch_kw).images)
+    out_lat = ours(output_type="latent", progress=False, **kw).images
+    scale = np.abs(seen["latents"]).max()
+    np.testing.assert_allclose(out_lat, seen["latents"], atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    diffs = [np.abs(out_lat - seen["latents"]).max(), None, scale]
+    if image:
+        out = ours(progress=False, **kw).images
+        np.testing.assert_allclose(out, ref, atol=2e-4, rtol=0)
+        diffs[1] = np.abs(out - ref).max()
+    return diffs
 
 
 def test_fill_matches_diffusers(tmp_path_factory, monkeypatch):
-    """strength 0.75 of 2 steps... (int(2 - 1.5) = 0: both run) with the image noised to the first sigma; the mask's
+    """strength 0.75 of 2 steps (int(2 - 1.5) = 0: both run) from the image noised to the first sigma; the mask's
     region repainted; the same torch draws both sides (the image's posterior sample, the noise, the masked image's
-    sample), twice (our latent and image outputs)."""
+    sample), twice (our latent and image outputs). Measured: latents 7.7e-5 of 2.7, pixels 5.3e-5; the mask folded
+    transposed (8 x 8 block's rows and columns swapped) moves the latents by 1.7."""
     tp, ours, _ = build("fill", tmp_path_factory)
-    c = tp.vae.config.latent_channels
-    shape = (1, c, H // 8, W // 8)
+    shape = (1, tp.vae.config.latent_channels, H // 8, W // 8)
     draws = _torch_draws(monkeypatch, ours, 11, [shape] * 3)
     draws += [d.copy() for d in draws]  # the second call takes the same draws
-    kw = dict(image=picture(3), mask_image=_mask(), height=H, width=W, strength=0.75, num_inference_steps=2,
-              guidance_scale=30.0, max_sequence_length=MSL)
-    ref_lat, ref, out_lat, out = _both(tp, ours, kw, 11)
+    emb, pooled = _embeds(1, 0)
+    kw = dict(prompt_embeds=emb, pooled_prompt_embeds=pooled, image=picture(3), mask_image=_mask(), height=H,
+              width=W, strength=0.75, num_inference_steps=2, guidance_scale=30.0)
+    _compare(tp, ours, kw, 11)
     assert not draws
-    scale = np.abs(ref_lat).max()
-    # fp32 both sides (test_flux_pipeline's bounds): latents 1e-4 of their scale, pixels 2e-4 (1/20 of an 8-bit
-    # level). A mask folded in the wrong order moved the latents by ~0.3 of their scale.
-    np.testing.assert_allclose(out_lat, ref_lat, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
-    np.testing.assert_allclose(out, ref, atol=2e-4, rtol=0)
     with pytest.raises(ValueError, match="needs mask_image="):
         ours(PROMPT, image=picture(3), height=H, width=W)
     with pytest.raises(ValueError, match="needs image="):
@@ -76,3 +89,89 @@ def test_fill_matches_diffusers(tmp_path_factory, monkeypatch):
         ours(PROMPT, image=picture(3), mask_image=np.zeros((8, 8), np.float32), height=H, width=W)
     with pytest.raises(ValueError, match="multiples of 16"):
         ours(PROMPT, image=picture(3), mask_image=_mask(), height=40, width=W)
+
+
+def _control_kw(tp, ours, monkeypatch, copies):
+    """Two prompts' embeddings, one control image (resized to the output size; repeated to both samples, each encoded
+    with its own posterior sample: diffusers' only draw with given latents), 2 steps from given packed latents."""
+    c = tp.vae.config.latent_channels
+    draws = _torch_draws(monkeypatch, ours, 12, [(2, c, H // 8, W // 8)])
+    draws += [d.copy() for d in draws * (copies - 1)]
+    emb, pooled = _embeds(2, 1)
+    lat = np.random.default_rng(13).standard_normal((2, (H // 16) * (W // 16), 4 * c)).astype(np.float32)
+    return draws, dict(prompt_embeds=emb, pooled_prompt_embeds=pooled, control_image=picture(4), height=H, width=W,
+                       num_inference_steps=2, guidance_scale=3.5, latents=lat)
+
+
+def control_on_fill_parts(tmp_path_factory):
+    """(diffusers' FluxControlPipeline, ours) on the Fill pipelines' parts (both sides: the same VAE and text encoders;
+    ours shares their compiled encoders) with a Control transformer converted directly: the default test's budget
+    (no second folder written, converted and loaded; :func:`build`'s "control" pipeline is the slow tests')."""
+    from xdit_jax.models import flux
+    from xdit_jax.pipelines.flux_fill import FluxControlPipeline
+
+    if "control-on-fill" not in _BUILT:
+        from tests.torch_util import state_dict_np
+        from xdit_jax import tiny
+
+        tp_fill, fill, _ = build("fill", tmp_path_factory)
+        tp = make_torch_flux_conditioned("control", base=tp_fill)
+        cfg = flux.FluxConfig.from_dict(dict(tiny.FLUX_CONTROL_TRANSFORMER))
+        transformer = flux.build(cfg, flux.params_from_torch(state_dict_np(tp.transformer), cfg))
+        ours = FluxControlPipeline(transformer=transformer, transformer_config=cfg, vae=fill.vae,
+                                   vae_config=fill.vae_config, vae_encoder=fill.vae_encoder,
+                                   text_encoder=fill.text_encoder, tokenizer=fill.tokenizer,
+                                   text_encoder_2=fill.text_encoder_2, tokenizer_2=fill.tokenizer_2,
+                                   scheduler_config=fill.scheduler_config, mesh=fill.mesh)
+        ours._text_fns = fill.__dict__.setdefault("_text_fns", {})
+        _BUILT["control-on-fill"] = (tp, ours)
+    return _BUILT["control-on-fill"]
+
+
+def test_control_matches_diffusers(tmp_path_factory, monkeypatch):
+    """The latents (the decode is FluxPipeline's, compared in test_control_image_matches_diffusers, slow).
+    Measured: 1.3e-6 of 3.0."""
+    tp, ours = control_on_fill_parts(tmp_path_factory)
+    draws, kw = _control_kw(tp, ours, monkeypatch, 1)
+    _compare(tp, ours, kw, 12, image=False)
+    assert not draws
+    with pytest.raises(ValueError, match="needs control_image="):
+        ours(PROMPT, height=H, width=W)
+    given = {k: kw[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "height", "width")}  # (no text compiled)
+    with pytest.raises(ValueError, match="image array"):
+        ours(control_image=np.zeros((8, 8, 3), np.uint8), **given)
+    with pytest.raises(ValueError, match="3 images for 2 prompts"):
+        ours(control_image=[picture(1)] * 3, **given)
+
+
+@pytest.mark.slow  # (the decode's compile; the rule is test_control_matches_diffusers')
+def test_control_image_matches_diffusers(tmp_path_factory, monkeypatch):
+    tp, ours, _ = build("control", tmp_path_factory)
+    draws, kw = _control_kw(tp, ours, monkeypatch, 2)
+    _compare(tp, ours, kw, 12)
+    assert not draws
+
+
+@pytest.mark.slow  # (the steps' compiles on meshes; the concatenation is per token, local to every shard)
+@pytest.mark.parametrize("kind", ["fill", "control"])
+def test_meshes_match_one_device(kind, tmp_path_factory):
+    """Two prompts with true CFG (our extension: both halves see the conditioning): cfg=2,ring=2,ulysses=2,
+    ulysses=3 (the 15 image tokens padded) and pipefusion=2 (its warm-up steps only, so exact) == one device; the
+    other pipeline refuses the folder (its model_index class)."""
+    from xdit_jax.pipelines.flux_fill import FluxControlPipeline, FluxFillPipeline
+
+    _, ours, folder = build(kind, tmp_path_factory)
+    cls = type(ours)
+    kw = dict(height=H, width=W, num_inference_steps=2, guidance_scale=3.5, negative_prompt="blurry",
+              true_cfg_scale=2.0, max_sequence_length=MSL, output_type="latent", progress=False, seed=5)
+    kw.update(dict(image=picture(6), mask_image=_mask(), strength=0.9) if kind == "fill" else
+              dict(control_image=picture(7)))
+    prompts = [PROMPT, "A cat."]
+    one = ours(prompts, **kw).images
+    for mesh, extra in (("cfg=2,ring=2,ulysses=2", {}), ("ulysses=3", {}),
+                        ("pipefusion=2", {"pipefusion_warmup_steps": 2})):
+        out = cls.from_pretrained(folder, mesh=mesh, **extra)(prompts, **kw).images
+        np.testing.assert_allclose(out, one, atol=2e-5 * np.abs(one).max(), rtol=0, err_msg=mesh)
+    other = FluxControlPipeline if kind == "fill" else FluxFillPipeline
+    with pytest.raises(ValueError, match=f"pipeline, not {other.__name__}"):
+        other.from_pretrained(folder)
