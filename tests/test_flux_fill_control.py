@@ -67,19 +67,25 @@ def _compare(tp, ours, kw, torch_seed, image: bool = True):
     return diffs
 
 
-def test_fill_matches_diffusers(tmp_path_factory, monkeypatch):
+def _fill_kw(tp, ours, monkeypatch, copies):
     """strength 0.75 of 2 steps (int(2 - 1.5) = 0: both run) from the image noised to the first sigma; the mask's
     region repainted; the same torch draws both sides (the image's posterior sample, the noise, the masked image's
-    sample), twice (our latent and image outputs). Measured: latents 7.7e-5 of 2.7, pixels 5.3e-5; the mask folded
-    transposed (8 x 8 block's rows and columns swapped) moves the latents by 1.7."""
-    tp, ours, _ = build("fill", tmp_path_factory)
+    sample) for ``copies`` calls of ours."""
     shape = (1, tp.vae.config.latent_channels, H // 8, W // 8)
     draws = _torch_draws(monkeypatch, ours, 11, [shape] * 3)
-    draws += [d.copy() for d in draws]  # the second call takes the same draws
+    draws += [d.copy() for d in draws * (copies - 1)]
     emb, pooled = _embeds(1, 0)
-    kw = dict(prompt_embeds=emb, pooled_prompt_embeds=pooled, image=picture(3), mask_image=_mask(), height=H,
-              width=W, strength=0.75, num_inference_steps=2, guidance_scale=30.0)
-    _compare(tp, ours, kw, 11)
+    return draws, dict(prompt_embeds=emb, pooled_prompt_embeds=pooled, image=picture(3), mask_image=_mask(), height=H,
+                       width=W, strength=0.75, num_inference_steps=2, guidance_scale=30.0)
+
+
+def test_fill_matches_diffusers(tmp_path_factory, monkeypatch):
+    """The latents (the decode is FluxPipeline's, compared in test_images_match_diffusers, slow). Measured: 7.7e-5 of
+    2.7 (pixels 5.3e-5); the mask folded transposed (each 8 x 8 block's rows and columns swapped) moves the latents by
+    1.7."""
+    tp, ours, _ = build("fill", tmp_path_factory)
+    draws, kw = _fill_kw(tp, ours, monkeypatch, 1)
+    _compare(tp, ours, kw, 11, image=False)
     assert not draws
     with pytest.raises(ValueError, match="needs mask_image="):
         ours(PROMPT, image=picture(3), height=H, width=W)
@@ -129,7 +135,7 @@ def control_on_fill_parts(tmp_path_factory):
 
 
 def test_control_matches_diffusers(tmp_path_factory, monkeypatch):
-    """The latents (the decode is FluxPipeline's, compared in test_control_image_matches_diffusers, slow).
+    """The latents (the decode is FluxPipeline's, compared in test_images_match_diffusers, slow).
     Measured: 6.0e-6 of 4.3 (pixels, slow: 4.3e-6); another control image moves the latents by 0.82."""
     tp, ours = control_on_fill_parts(tmp_path_factory)
     draws, kw = _control_kw(tp, ours, monkeypatch, 1)
@@ -144,11 +150,14 @@ def test_control_matches_diffusers(tmp_path_factory, monkeypatch):
         ours(control_image=[picture(1)] * 3, **given)
 
 
-@pytest.mark.slow  # (the decode's compile; the rule is test_control_matches_diffusers')
-def test_control_image_matches_diffusers(tmp_path_factory, monkeypatch):
-    tp, ours, _ = build("control", tmp_path_factory)
-    draws, kw = _control_kw(tp, ours, monkeypatch, 2)
-    _compare(tp, ours, kw, 12)
+@pytest.mark.slow  # (the decode's compile; the rule is test_fill_matches_diffusers')
+@pytest.mark.parametrize("kind", ["fill", "control"])
+def test_images_match_diffusers(kind, tmp_path_factory, monkeypatch):
+    """The latents and the decoded images; Control from its own folder (the default test's pipeline shares Fill's
+    parts)."""
+    tp, ours, _ = build(kind, tmp_path_factory)
+    draws, kw = (_fill_kw if kind == "fill" else _control_kw)(tp, ours, monkeypatch, 2)
+    _compare(tp, ours, kw, 11 if kind == "fill" else 12)
     assert not draws
 
 
