@@ -229,3 +229,18 @@ def test_cli_fill_and_control(tmp_path_factory, tmp_path, capsys):
     assert cli.main(["--model", str(control), "--control-image", image, "--output", str(out), "--mesh", "ulysses=2"]
                     + size) == 0
     assert iio.imread(out).shape == (H, W, 3)
+
+
+@pytest.mark.slow  # (the rule is test_fill_matches_diffusers')
+def test_fill_given_latents_match_diffusers(tmp_path_factory, monkeypatch):
+    """Given packed latents (diffusers' Fill takes them packed) start the steps as they are: no image noised, the
+    masked image's posterior sample the only draw; strength 1 (diffusers' default), two samples of one prompt."""
+    tp, ours, _ = build("fill", tmp_path_factory)
+    c = tp.vae.config.latent_channels
+    draws = _torch_draws(monkeypatch, ours, 14, [(1, c, H // 8, W // 8)])
+    emb, pooled = _embeds(1, 2)
+    lat = np.random.default_rng(15).standard_normal((2, (H // 16) * (W // 16), 4 * c)).astype(np.float32)
+    kw = dict(prompt_embeds=emb, pooled_prompt_embeds=pooled, image=picture(5), mask_image=_mask(), height=H,
+              width=W, num_inference_steps=2, guidance_scale=30.0, num_images_per_prompt=2, latents=lat)
+    _compare(tp, ours, kw, 14, image=False)
+    assert not draws
