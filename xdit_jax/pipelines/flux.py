@@ -181,7 +181,7 @@ class FluxPipeline(ImagePipelineBase):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng) ->
         (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, pooled CLIP[, Kontext's packed image latents,
         appended to the noisy ones and cropped from the prediction][, inpainting's
-        :class:`~xdit_jax.schedulers.flow_match.KeptRegion`]);
+        :class:`~xdit_jax.schedulers.flow_match.KeptRegion`][, Fill's / Control's :class:`ChannelCondition`]);
         ``scales``:
         (embedded guidance, true CFG scale); ``rope``: the image and text RoPE tables; ``kv``: PipeFusion's
         K/V buffers (``warmup``: an exact step that fills them) or None."""
