@@ -134,27 +134,41 @@ def control_on_fill_parts(tmp_path_factory):
     return _BUILT["control-on-fill"]
 
 
-def test_control_matches_diffusers(tmp_path_factory, monkeypatch):
-    """The latents (the decode is FluxPipeline's, compared in test_images_match_diffusers, slow).
-    Measured: 6.0e-6 of 4.3 (pixels, slow: 4.3e-6); another control image moves the latents by 0.82."""
+def test_control_condition_matches_diffusers(tmp_path_factory, monkeypatch):
+    """What Control adds to FLUX.1's step, its conditioning tokens, == diffusers' (prepare_image, the VAE posterior's
+    sample, shift and scale, packing): one control image for 2 prompts x 2 samples, each encoded with its own draw
+    (the same torch draw both sides). The 2-step latents and image == diffusers in test_images_match_diffusers (slow;
+    measured 6.0e-6 of 4.3, pixels 4.3e-6; another control image moves the latents by 0.82)."""
+    import jax
+
     tp, ours = control_on_fill_parts(tmp_path_factory)
-    draws, kw = _control_kw(tp, ours, monkeypatch, 1)
-    _compare(tp, ours, kw, 12, image=False)
-    assert not draws
+    c, vc = tp.vae.config.latent_channels, tp.vae.config
+    draws = _torch_draws(monkeypatch, ours, 12, [(4, c, H // 8, W // 8)])
+    image = picture(4)
+    with torch.no_grad():
+        pixels = tp.prepare_image(image=image, width=W, height=H, batch_size=4, num_images_per_prompt=2,
+                                  device="cpu", dtype=torch.float32)
+        z = tp.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(12))
+        ref = tp._pack_latents((z - vc.shift_factor) * vc.scaling_factor, 4, c, H // 8, W // 8).numpy()
+    out = np.asarray(ours.control_condition(image, H, W, 2, 2, jax.random.key(0)).tokens)
+    assert not draws and out.shape == ref.shape == (4, (H // 16) * (W // 16), 4 * c)
+    # fp32: the VAE encoder (test_vae_kl_encoder's tolerance) at the latents' scale
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    kw = dict(prompt_embeds=np.zeros((2, MSL, 32), np.float32), pooled_prompt_embeds=np.zeros((2, 32), np.float32),
+              height=H, width=W)
     with pytest.raises(ValueError, match="needs control_image="):
         ours(PROMPT, height=H, width=W)
-    given = {k: kw[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "height", "width")}  # (no text compiled)
-    with pytest.raises(ValueError, match="image array"):
-        ours(control_image=np.zeros((8, 8, 3), np.uint8), **given)
+    with pytest.raises(ValueError, match="image array"):  # (embeddings given: no text encoder compiled)
+        ours(control_image=np.zeros((8, 8, 3), np.uint8), **kw)
     with pytest.raises(ValueError, match="3 images for 2 prompts"):
-        ours(control_image=[picture(1)] * 3, **given)
+        ours(control_image=[picture(1)] * 3, **kw)
 
 
 @pytest.mark.slow  # (the decode's compile; the rule is test_fill_matches_diffusers')
 @pytest.mark.parametrize("kind", ["fill", "control"])
 def test_images_match_diffusers(kind, tmp_path_factory, monkeypatch):
-    """The latents and the decoded images; Control from its own folder (the default test's pipeline shares Fill's
-    parts)."""
+    """The latents and the decoded images (Control: test_control_condition_matches_diffusers' rule, from its own
+    folder)."""
     tp, ours, _ = build(kind, tmp_path_factory)
     draws, kw = (_fill_kw if kind == "fill" else _control_kw)(tp, ours, monkeypatch, 2)
     _compare(tp, ours, kw, 11 if kind == "fill" else 12)
