@@ -263,6 +263,19 @@ def make_torch_hidream(seed: int = 0, scheduler: str = "flow_match"):
                               tokenizer_4=tiny.train_llama_tokenizer(), transformer=transformer)
     tp.default_sample_size = tiny.HIDREAM_SAMPLE_SIZE
     return tp
+def make_torch_flux_conditioned(kind: str, seed: int = 0, base=None):
+    """A tiny random diffusers FluxFillPipeline (``kind="fill"``) or FluxControlPipeline (``"control"``): the tiny
+    FLUX parts (make_torch_flux's, or those of the pipeline ``base``) with xdit_jax.tiny's Fill / Control transformer
+    (more input channels)."""
+    from diffusers import FluxControlPipeline, FluxFillPipeline, FluxTransformer2DModel
+
+    base = base or make_torch_flux(seed)
+    config = tiny.FLUX_FILL_TRANSFORMER if kind == "fill" else tiny.FLUX_CONTROL_TRANSFORMER
+    torch.manual_seed(seed)
+    transformer = randomize_(FluxTransformer2DModel(**config), seed, std=0.1)
+    cls = FluxFillPipeline if kind == "fill" else FluxControlPipeline
+    parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    return cls(**{name: base.components[name] for name in parts}, transformer=transformer)
 
 
 def make_torch_chroma(seed: int = 0):

@@ -279,6 +279,9 @@ WAN_VACE = "WanVACEPipeline"  # a Wan VACE folder: --video / --mask (videos) / -
 DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", "base_num_frames": "--base-num-frames",
             "overlap_history": "--overlap-history", "addnoise_condition": "--addnoise-condition"}
 QWEN_EDIT = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")  # --image: the image(s) to edit, required
+FLUX_FILL = "FluxFillPipeline"  # a FLUX.1 Fill folder: --image and --mask, both required (inpainting; --strength)
+FLUX_CONTROL = "FluxControlPipeline"  # a FLUX.1 Canny / Depth folder: --control-image, required
+INPAINT[FLUX_FILL] = FLUX_FILL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,12 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--strength", type=float, default=None,
                     help="image-to-image (FLUX.1, SD3, Chroma or Qwen-Image with --image): how far the image is "
                          "noised, the last fraction of the --steps that run, in (0, 1] (diffusers' strength; default "
-                         "0.6, Chroma 0.9); Wan with --video: video-to-video's (int(steps x S) steps run; default 0.8)")
+                         "0.6, Chroma 0.9, FLUX.1 Fill 1); Wan with --video: video-to-video's (int(steps x S) steps "
+                         "run; default 0.8)")
     ap.add_argument("--mask", default=None, metavar="PATH",
-                    help="inpainting (a FLUX.1, SD3, Chroma or Qwen-Image model with --image): white repaints, "
-                         "black keeps (diffusers' FluxInpaintPipeline / StableDiffusion3InpaintPipeline / "
+                    help="inpainting (a FLUX.1, SD3, Chroma or Qwen-Image model with --image; a FLUX.1 Fill model "
+                         "needs it): white repaints, black keeps (diffusers' FluxInpaintPipeline / FluxFillPipeline / "
+                         "StableDiffusion3InpaintPipeline / "
                          "ChromaInpaintPipeline / QwenImageInpaintPipeline; --strength as image-to-image's, default "
                          "0.6)")
+    ap.add_argument("--control-image", default=None, metavar="PATH",
+                    help="FLUX.1 Control (Canny / Depth, a FluxControlPipeline folder): the edge or depth map to "
+                         "follow (made outside xdit_jax, as with diffusers), resized to the output size")
     ap.add_argument("--reference-image", default=None, metavar="PATH", action="append", dest="reference_images",
                     help="Wan VACE: a reference image (repeat the flag for several), fitted into the frame; with "
                          "--video (the control video) and --mask (a video or folder of frames: white generates, black "
@@ -752,6 +760,7 @@ def _main(argv=None) -> int:
                 flag = "num-images-per-prompt" if name == "per_prompt" else name.replace('_', '-')
                 raise ValueError(f"--{flag} must be >= 1, got {v}.")
         for flag, path in [("image", p) for p in args.images] + [("last_image", args.last_image), ("mask", args.mask)] \
+                + [("control_image", args.control_image)] \
                 + [("reference_image", p) for p in args.reference_images or []]:
             if path is not None and not Path(path).is_file() and not (flag == "mask" and Path(path).is_dir()):
                 raise FileNotFoundError(f"--{flag.replace('_', '-')} {path} is not a file.")
@@ -841,6 +850,15 @@ def _main(argv=None) -> int:
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
+        if kind == FLUX_FILL and (args.image is None or args.mask is None):
+            raise ValueError(f"{args.model} is a FLUX.1 Fill model: give the image with --image PATH and the region "
+                             "to repaint (white) with --mask PATH.")
+        if kind == FLUX_CONTROL and args.control_image is None:
+            raise ValueError(f"{args.model} is a FLUX.1 Control (Canny / Depth) model: give the edge or depth map "
+                             "with --control-image PATH.")
+        if kind != FLUX_CONTROL and args.control_image is not None:
+            raise ValueError("--control-image: FLUX.1 Control (Canny / Depth) models only (a FluxControlPipeline "
+                             "folder).")
         if kind != WAN_VACE and (args.reference_images or args.conditioning_scale is not None):
             raise ValueError("--reference-image / --conditioning-scale: Wan VACE only (a WanVACEPipeline folder).")
         if kind != WAN_VACE and args.mask is not None and Path(args.mask).is_dir():
@@ -908,6 +926,8 @@ def _main(argv=None) -> int:
         if is_tiny and args.kontext:  # (and Kontext's default output area too)
             args.max_area = args.max_area or args.height * args.width
         guidance = fam.guidance_scale if args.guidance_scale is None else args.guidance_scale
+        if kind == FLUX_FILL and args.guidance_scale is None:
+            guidance = 30.0  # diffusers' FluxFillPipeline default (and 50 steps, below)
         distilled = family == "flux2" and _flux2_distilled(model)
         if distilled and args.guidance_scale is None:
             guidance = fam.distilled_guidance_scale
@@ -945,6 +965,8 @@ def _main(argv=None) -> int:
     steps = args.steps or (fam.tiny_steps if is_tiny else fam.distilled_steps if distilled else fam.steps)
     if family == "flux" and not is_tiny and not pipe.transformer_config.guidance_embeds:  # FLUX.1-schnell
         steps, msl = args.steps or 4, args.max_sequence_length or 256  # its model card's settings (timestep-distilled)
+    if kind == FLUX_FILL and not args.steps and not is_tiny:
+        steps = 50
     true_cfg = args.true_cfg_scale or fam.true_cfg_scale
     if fam.true_cfg and args.negative_prompt is not None and true_cfg <= 1.0:
         print(f"note: --negative-prompt is used by {fam.true_cfg} only with --true-cfg-scale > 1", file=sys.stderr)
@@ -977,6 +999,10 @@ def _main(argv=None) -> int:
             kw.update(strength=args.strength)
         if args.mask is not None:
             kw["mask_image"] = Image.open(args.mask)
+    if kind == FLUX_CONTROL:  # (diffusers' control_image=)
+        from PIL import Image
+
+        kw["control_image"] = Image.open(args.control_image).convert("RGB")
     if qwen_edit and is_tiny:  # the image's aspect ratio at 96 x 64 pixels, not 1024^2: a toy model
         kw.update(vae_image_area=96 * 64)
     if family == "flux2" and args.image is not None:  # a reference image (diffusers' image=)

@@ -157,6 +157,11 @@ FLUX_CLIP = dict(vocab_size=600, hidden_size=32, intermediate_size=64, projectio
 FLUX_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
                       use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                       max_image_seq_len=4096)
+# FLUX.1 Fill / Control (Canny, Depth) shaped: the tiny FLUX transformer over 16 packed latent channels in and out,
+# taking more in: Fill the masked image's 16 and the mask folded 8 x 8 (the tiny VAE's factor) and packed, 256
+# (FLUX.1-Fill-dev: 64 + 64 + 256 = 384); Control the control image's 16 (FLUX.1-Canny/Depth-dev: 64 + 64 = 128).
+FLUX_FILL_TRANSFORMER = dict(FLUX_TRANSFORMER, in_channels=16 + 16 + 256, out_channels=16)
+FLUX_CONTROL_TRANSFORMER = dict(FLUX_TRANSFORMER, in_channels=32, out_channels=16)
 
 # Chroma shaped: FLUX's tiny transformer without the pooled CLIP / guidance (2 double- and 2 single-stream blocks,
 # 2 heads of 16), a 2-layer approximator 32 wide over 16 input channels; FLUX's tiny VAE and T5 (the tiny T5's

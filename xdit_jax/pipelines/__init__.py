@@ -20,6 +20,8 @@ PIPELINES = {
     "FluxKontextPipeline": ("xdit_jax.pipelines.flux", "FluxKontextPipeline", "flux"),
     "FluxImg2ImgPipeline": ("xdit_jax.pipelines.flux", "FluxImg2ImgPipeline", "flux"),
     "FluxInpaintPipeline": ("xdit_jax.pipelines.flux", "FluxInpaintPipeline", "flux"),
+    "FluxFillPipeline": ("xdit_jax.pipelines.flux_fill", "FluxFillPipeline", "flux"),
+    "FluxControlPipeline": ("xdit_jax.pipelines.flux_fill", "FluxControlPipeline", "flux"),
     "StableDiffusion3Pipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Pipeline", "sd3"),
     "StableDiffusion3Img2ImgPipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Img2ImgPipeline", "sd3"),
     "StableDiffusion3InpaintPipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3InpaintPipeline", "sd3"),

@@ -28,6 +28,8 @@ text=flux.TEXT_KEYS)``), so each device computes its slice of the text's work.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 
@@ -99,6 +101,24 @@ def unpack_latents(latents, h: int, w: int):
     return x.reshape(b, ch // 4, h, w)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class ChannelCondition:
+    """FLUX.1 Fill's / Control's conditioning: packed tokens (B, N, C') that ride at the end of the jitted step's text
+    inputs (:func:`split_channels`) and are laid out as the latents (one row per sample, batch over ``data``); each
+    step appends them to the latents' channels (``torch.cat(..., dim=2)`` as diffusers) before ``x_embedder``, so
+    they go wherever the latent tokens go (sequence shards, PipeFusion patches)."""
+
+    tokens: jax.Array
+
+
+def split_channels(texts):
+    """(a step's text inputs, their trailing :class:`ChannelCondition` or None)."""
+    if isinstance(texts, tuple) and texts and isinstance(texts[-1], ChannelCondition):
+        return texts[:-1], texts[-1]
+    return texts, None
+
+
 def transformer_over_mesh(graphdef, state, args, mesh, backend: str = "xla", rope=None):
     """(Traced.) The FLUX transformer on ``args`` = (hidden_states, encoder_hidden_states,
     pooled_projections, timestep, img_ids, txt_ids, guidance) over ``mesh``: embed, the double-stream
@@ -134,9 +154,10 @@ class FluxPipeline(ImagePipelineBase):
         return 2 * (height // (2 * s)), 2 * (width // (2 * s))
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        """The packed latents (B, (h/2)(w/2), in_channels), diffusers' ``latents`` argument."""
+        """The packed latents (B, (h/2)(w/2), out_channels), diffusers' ``latents`` argument (Fill / Control: the
+        transformer's input adds their conditioning's channels, :class:`ChannelCondition`)."""
         h, w = self.latent_grid(height, width)
-        return (batch, (h // 2) * (w // 2), self.transformer_config.in_channels)
+        return (batch, (h // 2) * (w // 2), self.transformer_config.out_ch)
 
     def encode_prompt(self, prompts: list[str], prompts_2: list[str] | None = None,
                       max_sequence_length: int = 512):
@@ -160,7 +181,7 @@ class FluxPipeline(ImagePipelineBase):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng) ->
         (latents, sched_state, i + 1, kv)``; ``texts``: (T5 states, pooled CLIP[, Kontext's packed image latents,
         appended to the noisy ones and cropped from the prediction][, inpainting's
-        :class:`~xdit_jax.schedulers.flow_match.KeptRegion`]);
+        :class:`~xdit_jax.schedulers.flow_match.KeptRegion`][, Fill's / Control's :class:`ChannelCondition`]);
         ``scales``:
         (embedded guidance, true CFG scale); ``rope``: the image and text RoPE tables; ``kv``: PipeFusion's
         K/V buffers (``warmup``: an exact step that fills them) or None."""
@@ -176,7 +197,10 @@ class FluxPipeline(ImagePipelineBase):
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng):
             texts, kept = flow_match.split_kept(texts)
+            texts, channels = split_channels(texts)
             x = self._model_batch(latents, do_cfg)
+            if channels is not None:  # Fill / Control: the conditioning's channels after the latents' (per token)
+                x = jnp.concatenate([x, self._model_batch(channels.tokens, do_cfg).astype(x.dtype)], axis=-1)
             if len(texts) > 2:  # Kontext: the reference image's packed latents after the noisy ones
                 x = jnp.concatenate([x, texts[2].astype(x.dtype)], axis=1)
             b = x.shape[0]
@@ -317,7 +341,7 @@ class FluxPipeline(ImagePipelineBase):
             sched, latents, *blend = init(sched, latents, batch, per, rng, timer)
             texts = texts + tuple(blend)
         if latents is None:
-            noise = jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32)
+            noise = jax.random.normal(rng, (batch * per, shape[2] // 4, h, w), jnp.float32)
             latents = pack_latents(noise)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, (height/16) x (width/16) tokens, channels x 4")
