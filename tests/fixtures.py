@@ -263,6 +263,8 @@ def make_torch_hidream(seed: int = 0, scheduler: str = "flow_match"):
                               tokenizer_4=tiny.train_llama_tokenizer(), transformer=transformer)
     tp.default_sample_size = tiny.HIDREAM_SAMPLE_SIZE
     return tp
+
+
 def make_torch_flux_conditioned(kind: str, seed: int = 0, base=None):
     """A tiny random diffusers FluxFillPipeline (``kind="fill"``) or FluxControlPipeline (``"control"``): the tiny
     FLUX parts (make_torch_flux's, or those of the pipeline ``base``) with xdit_jax.tiny's Fill / Control transformer
