@@ -278,26 +278,13 @@ class ChromaInpaintPipeline(VaeEncoding, ChromaPipeline):
         """diffusers' ChromaInpaintPipeline call and defaults (28 steps, guidance 7, strength 0.6, 256 tokens;
         ``generator`` -> ``seed``). ``image``: as :class:`ChromaImg2ImgPipeline`'s; ``mask_image``: a PIL image, or an
         (H, W) array at the output size (uint8, or floats in [0, 1]), one for every prompt's image."""
-        from xdit_jax.pipelines.image import preprocess_mask
-
-        if mask_image is None:
-            raise ValueError("ChromaInpaintPipeline needs mask_image= (white: repaint, black: keep).")
         if padding_mask_crop is not None or masked_image_latents is not None or sigmas is not None:
             raise NotImplementedError("padding_mask_crop, masked_image_latents and custom sigmas are not supported "
                                       "here: give the image and its mask at the output size.")
         if true_cfg_scale != 1.0:
             log.warning("true_cfg_scale=%s is ignored: Chroma's CFG is guidance_scale > 1 (as in diffusers).",
                         true_cfg_scale)
-        start = self.strength_start(image, num_inference_steps, strength)
-        ds = self.default_size()
-        height = ds["height"] if height is None else height
-        width = ds["width"] if width is None else width
-        f = vae_scale_factor(self.vae_config)
-        mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
-
-        def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too, as diffusers)
-            sched = flow_match.from_step(sched, start)
-            return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given,
-                                               pack_latents))
+        height, width, init = self.inpaint_init(image, mask_image, height, width, num_inference_steps, strength,
+                                                vae_scale_factor(self.vae_config), pack_latents)
 
         return forward_call(ChromaPipeline.__call__, self, locals(), _init=init)

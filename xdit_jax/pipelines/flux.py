@@ -523,23 +523,10 @@ class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
         """diffusers' FluxInpaintPipeline call and defaults (``generator`` -> ``seed``). ``image``: as
         :class:`FluxImg2ImgPipeline`'s; ``mask_image``: a PIL image, or an (H, W) array at the output size (uint8, or
         floats in [0, 1]), one for every prompt's image."""
-        from xdit_jax.pipelines.image import preprocess_mask
-
-        if mask_image is None:
-            raise ValueError("FluxInpaintPipeline needs mask_image= (white: repaint, black: keep).")
         if padding_mask_crop is not None or masked_image_latents is not None:
             raise NotImplementedError("padding_mask_crop and masked_image_latents are not supported here: give the "
                                       "image and its mask at the output size.")
-        start = self.strength_start(image, num_inference_steps, strength)
-        ds = self.default_size()
-        height = ds["height"] if height is None else height
-        width = ds["width"] if width is None else width
-        f = vae_scale_factor(self.vae_config)
-        mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
-
-        def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too, as diffusers)
-            sched = flow_match.from_step(sched, start)
-            return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given,
-                                               pack_latents))
+        height, width, init = self.inpaint_init(image, mask_image, height, width, num_inference_steps, strength,
+                                                vae_scale_factor(self.vae_config), pack_latents)
 
         return forward_call(FluxPipeline._generate, self, locals(), init=init)

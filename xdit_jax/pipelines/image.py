@@ -258,6 +258,26 @@ class VaeEncoding:
             jax.block_until_ready(clean)
         return clean
 
+    def inpaint_init(self, image, mask_image, height, width, num_inference_steps: int, strength: float, factor: int,
+                     pack=None):
+        """Inpainting's checks and start hook, one for every inpainting pipeline: (height, width, ``init``), the size
+        defaulted as the text-to-image pipeline's and ``init(sched, given, batch, per, rng, timer)`` -> (the schedule
+        from diffusers' strength step on, initial latents, :meth:`kept_region`); the mask (white: repaint) taken at
+        the latent size (``factor``: the VAE's), the latents in ``pack``'s layout."""
+        if mask_image is None:
+            raise ValueError(f"{type(self).__name__} needs mask_image= (white: repaint, black: keep).")
+        start = self.strength_start(image, num_inference_steps, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        mask = preprocess_mask(mask_image, height, width)[:, :, ::factor, ::factor]  # (torch's nearest, exact factor)
+
+        def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too, as diffusers)
+            sched = flow_match.from_step(sched, start)
+            return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given, pack))
+
+        return height, width, init
+
     def inpaint_start(self, image, mask, height: int, width: int, sched, batch: int, per: int, rng, timer,
                       given=None, pack=None) -> tuple[jax.Array, flow_match.KeptRegion]:
         """Inpainting's start (diffusers' inpaint ``prepare_latents``): (initial latents, :meth:`kept_region`), the

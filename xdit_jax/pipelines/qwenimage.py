@@ -438,24 +438,11 @@ class QwenImageInpaintPipeline(WanVaeEncoding, QwenImagePipeline):
         """diffusers' QwenImageInpaintPipeline call and defaults (50 steps, true CFG 4 with a negative prompt,
         strength 0.6; ``generator`` -> ``seed``). ``image``: as :class:`QwenImageImg2ImgPipeline`'s; ``mask_image``: a
         PIL image, or an (H, W) array at the output size (uint8, or floats in [0, 1]), one for every prompt's image."""
-        from xdit_jax.pipelines.image import preprocess_mask
-
-        if mask_image is None:
-            raise ValueError("QwenImageInpaintPipeline needs mask_image= (white: repaint, black: keep).")
         if padding_mask_crop is not None or masked_image_latents is not None:
             raise NotImplementedError("padding_mask_crop and masked_image_latents are not supported here: give the "
                                       "image and its mask at the output size.")
         n = len(sigmas) if sigmas is not None else num_inference_steps
-        start = self.strength_start(image, n, strength)
-        ds = self.default_size()
-        height = ds["height"] if height is None else height
-        width = ds["width"] if width is None else width
-        f = self.vae_config.spatial_compression_ratio
-        mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
-
-        def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too)
-            sched = flow_match.from_step(sched, start)
-            return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given,
-                                               pack_latents))
+        height, width, init = self.inpaint_init(image, mask_image, height, width, n, strength,
+                                                self.vae_config.spatial_compression_ratio, pack_latents)
 
         return forward_call(QwenImagePipeline._generate, self, locals(), init=init)

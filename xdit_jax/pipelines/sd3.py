@@ -350,10 +350,6 @@ class StableDiffusion3InpaintPipeline(VaeEncoding, StableDiffusion3Pipeline):
         """diffusers' StableDiffusion3InpaintPipeline call and defaults (``generator`` -> ``seed``); ``image`` as
         :class:`StableDiffusion3Img2ImgPipeline`'s, ``mask_image`` a PIL image or an (H, W) array at the output size
         (uint8, or floats in [0, 1]), one for every prompt's image."""
-        from xdit_jax.pipelines.image import preprocess_mask
-
-        if mask_image is None:
-            raise ValueError("StableDiffusion3InpaintPipeline needs mask_image= (white: repaint, black: keep).")
         if padding_mask_crop is not None or masked_image_latents is not None:
             raise NotImplementedError("padding_mask_crop and masked_image_latents are not supported here: give the "
                                       "image and its mask at the output size.")
@@ -362,15 +358,7 @@ class StableDiffusion3InpaintPipeline(VaeEncoding, StableDiffusion3Pipeline):
                                       "inpainting model taking the mask and masked image) is not supported; the "
                                       "text-to-image transformers are.")
         n = len(sigmas) if sigmas is not None else num_inference_steps
-        start = self.strength_start(image, n, strength)
-        ds = self.default_size()
-        height = ds["height"] if height is None else height
-        width = ds["width"] if width is None else width
-        f = vae_scale_factor(self.vae_config)
-        mask = preprocess_mask(mask_image, height, width)[:, :, ::f, ::f]  # (torch's nearest at an exact factor)
-
-        def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too, as diffusers)
-            sched = flow_match.from_step(sched, start)
-            return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given))
+        height, width, init = self.inpaint_init(image, mask_image, height, width, n, strength,
+                                                vae_scale_factor(self.vae_config))
 
         return forward_call(StableDiffusion3Pipeline.__call__, self, locals(), _init=init)
