@@ -30,9 +30,9 @@ def pair():
     return tm, cfg, model
 
 
-def _inputs(seed=0, b=2):
+def _inputs(seed=0, b=2, latent=LATENT):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((b, 4) + LATENT).astype(np.float32)
+    x = rng.standard_normal((b, 4) + tuple(latent)).astype(np.float32)
     t5 = rng.standard_normal((b, 5, 12)).astype(np.float32)
     llama = rng.standard_normal((3, b, 4, 20)).astype(np.float32)
     pooled = rng.standard_normal((b, 12)).astype(np.float32)
@@ -119,7 +119,9 @@ def test_pipefusion_blocks(pair, mesh, patches):
     from xdit_jax.parallel.sequence import run_blocks
 
     _, cfg, model = pair
-    args = _inputs(seed=2)
+    # 3 patches: square 12 x 12 latents (36 tokens: patches of 16, 16 and 4 real tokens; no key mask); 2: the
+    # non-square 6 tokens padded to 16 (keys zeroed)
+    args = _inputs(seed=2, latent=(12, 12) if patches == 3 else LATENT)
     graphdef, state = nnx.split(model)
     x, tokens, cond = jax.jit(lambda m: m.embed(*args))(model)
     ref = np.asarray(jax.jit(lambda m: m(*args))(model))
@@ -147,7 +149,7 @@ def test_pipefusion_blocks(pair, mesh, patches):
 
     warm, cache1 = run(True)(padded, x, cache)
     patched, _ = run(False)(padded, x, cache1)
-    # fp32; only summation order differs (stages, shards): measured <= 5.7e-6 on outputs O(8) (every mesh here; also
-    # pipefusion=2,ring=2)
+    # fp32; only summation order differs (stages, shards): measured <= 6.7e-6 on outputs O(8) (every mesh here; also
+    # pipefusion=2,ring=2 and pipefusion=2,ring=2,ulysses=2)
     for got in (warm, patched):
         np.testing.assert_allclose(np.asarray(head(model, got)), ref, atol=1e-5 * scale, rtol=0, err_msg=mesh)
