@@ -20,7 +20,12 @@ single-stream blocks over the joint [image; text] sequence. What differs from FL
   are padded to ``max_resolution``'s token count with their keys zeroed (not masked: diffusers multiplies the keys by
   the mask, the padded tokens keep their values), as diffusers does.
 
-PipeFusion is refused: the per-block Llama context does not fit the looped two-stack form FLUX uses.
+PipeFusion runs :meth:`HiDreamImageTransformer2DModel.blocks`: both stacks with the text stream held whole (each
+patch carries it; the single-stream blocks take it, with their Llama layer, as their attention's context:
+:meth:`SingleBlock.pair`), each stack split over all the stages (FLUX's looped form). Every device holds every
+block's projected Llama layer (``cond``); the index of the next block rides in the scans' carry with the patch and the
+text (as ConsisID's), so a stage holding any run of blocks picks their layers (an uneven stage's padding layers pass
+the carry on unchanged).
 """
 
 from __future__ import annotations
@@ -272,6 +277,22 @@ class SingleBlock(nnx.Module):
         x = x + g[:, None] * self.attn1.to_out(_flat(o))
         return x + g_m[:, None] * self.ff_i(_modulate(self.norm3_i, x, sh_m, sc_m))
 
+    def pair(self, x, c, extra, temb, rope, kmask=None):
+        """The same block with the text stream ``c`` kept apart from the image tokens ``x`` (a patch of them under
+        PipeFusion): ``[c; extra]`` join the attention as its context (the text not rotated, its keys kept; the
+        Llama layer's outputs dropped), every other op is per token. -> (image, text)."""
+        sh, sc, g, sh_m, sc_m, g_m = jnp.split(self.adaLN_modulation(jax.nn.silu(temb)), 6, axis=-1)
+        nx = _modulate(self.norm1_i, x, sh, sc)
+        nc = _modulate(self.norm1_i, jnp.concatenate([c, extra], axis=1), sh, sc)
+        o, oc = attention(*self.attn1.qkv(nx, rope, kmask), context=(*self.attn1.qkv(nc), None))
+        oc = oc[:, :c.shape[1]]
+
+        def out(y, o):
+            y = y + g[:, None] * self.attn1.to_out(_flat(o))
+            return y + g_m[:, None] * self.ff_i(_modulate(self.norm3_i, y, sh_m, sc_m))
+
+        return out(x, o), out(c, oc)
+
 
 class CaptionProjection(nnx.Module):
     """diffusers' ``TextProjection`` (a Linear without bias, ``.linear``)."""
@@ -398,6 +419,14 @@ class HiDreamImageTransformer2DModel(nnx.Module):
 
     def double_blocks(self, x, tokens, cond):
         """The double-stream stack on the image tokens (or a shard of them); -> (image, text stream)."""
+        x, c, _ = scan_modules(self.double_stream_blocks, self._double_layer(tokens, cond),
+                               (x, cond["context"], jnp.int32(0)))
+        return x, c
+
+    @staticmethod
+    def _double_layer(tokens, cond):
+        """A double-stream block on the carry (image, text stream, the block's index): its Llama layer picked by the
+        index, appended to the text for the block (its outputs dropped)."""
         temb, rope, kmask = cond["temb"], tokens["rope"], tokens.get("kmask")
         lc = cond["context"].shape[1]
 
@@ -407,8 +436,7 @@ class HiDreamImageTransformer2DModel(nnx.Module):
             x, c = blk(x, jnp.concatenate([c, extra], axis=1), temb, rope, kmask)
             return x, c[:, :lc], i + 1
 
-        x, c, _ = scan_modules(self.double_stream_blocks, layer, (x, cond["context"], jnp.int32(0)))
-        return x, c
+        return layer
 
     @staticmethod
     def joint_tokens(tokens, text_len: int):
@@ -431,6 +459,26 @@ class HiDreamImageTransformer2DModel(nnx.Module):
 
         return scan_modules(self.single_stream_blocks, layer, (joint, jnp.int32(0)))[0]
 
+    def blocks(self, x, tokens, cond):
+        """Both stacks with the text stream held whole, the form PipeFusion runs (each patch carries the text): the
+        double-stream blocks' (image, text, index) go on into the single-stream blocks, where the text and the
+        block's Llama layer join each attention as the context (:meth:`SingleBlock.pair`) instead of the sharded
+        sequence. The carry is alike for both stacks, its index counting the blocks of both (single-stream block
+        ``j`` sees ``num_layers + j``). Equals :meth:`double_blocks` then :meth:`single_blocks` over [image; text].
+        -> the image tokens."""
+        temb, rope, kmask = cond["temb"], tokens["rope"], tokens.get("kmask")
+        nd = self.cfg.num_layers
+
+        def single(blk, carry):
+            x, c, i = carry
+            extra = jax.lax.dynamic_index_in_dim(cond["llama_single"], i - nd, axis=1, keepdims=False)
+            x, c = blk.pair(x, c, extra, temb, rope, kmask)
+            return x, c, i + 1
+
+        carry = scan_modules(self.double_stream_blocks, self._double_layer(tokens, cond),
+                             (x, cond["context"], jnp.int32(0)))
+        return scan_modules(self.single_stream_blocks, single, carry)[0]
+
     def head(self, x, cond, shape):
         """Image tokens (the real ones first) -> the prediction (B, C, h, w); ``shape``: the latents'."""
         return unpatchify(self.final_layer(x, cond["temb"]), self.cfg.patch_size, shape[-2], shape[-1])
@@ -446,7 +494,8 @@ class HiDreamImageTransformer2DModel(nnx.Module):
 
 
 def pipefusion_stacks(cfg: HiDreamConfig) -> dict:
-    """The block stacks as the sequence-parallel loop sees them (PipeFusion refused by the pipeline)."""
+    """PipeFusion's stacks (``_init_parts``' ``stacked`` / ``stacked_layers``): double-, then single-stream, looped
+    over the stages (:meth:`HiDreamImageTransformer2DModel.blocks`; the text rides whole with each patch)."""
     return dict(stacked=(DOUBLE, SINGLE), stacked_layers=(cfg.num_layers, cfg.num_single_layers))
 
 

@@ -16,8 +16,11 @@ shifts dynamically), its step inside the jitted step.
 
 As diffusers, the requested size keeps its aspect ratio and is rescaled to ``default_sample_size x VAE factor``
 squared pixels (1024 x 1024 for the release), floored to 16; a non-square latent is padded to ``max_resolution``'s
-token count (the model's key mask). PipeFusion is refused (each block takes its own Llama layer as context, which
-the looped two-stack form does not carry).
+token count (the model's key mask). PipeFusion (``pipefusion`` axis, or ``pipefusion_patches``) splits both stacks
+over the stages as FLUX's (:meth:`~xdit_jax.models.hidream.HiDreamImageTransformer2DModel.blocks`): each patch of image
+tokens carries the whole text stream and the index of its next block round the stages once per stack; every device
+holds every block's Llama layer, picked by that index (xDiT's defaults: as many patches as stages, one exact warm-up
+step).
 """
 
 from __future__ import annotations
@@ -72,12 +75,8 @@ def run_size(height: int, width: int, vae_factor: int, default_sample_size: int 
 
 def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, guidance_scale: float = 5.0,
                   default_sample_size: int = DEFAULT_SAMPLE_SIZE) -> None:
-    """Refuse what the model cannot take (PipeFusion, a size that leaves no latent), before any heavy work."""
-    from xdit_jax.mesh import MeshSpec
-
-    if MeshSpec.parse(mesh_spec).pipefusion > 1:  # (a ValueError: a mesh that does not fit, before any weights load)
-        raise ValueError("HiDream does not run under PipeFusion here (each block takes its own Llama layer "
-                                  "as context); use cfg, data, ring and ulysses.")
+    """Refuse what the model cannot take (a size that leaves no latent, more PipeFusion stages than a stack's
+    layers), before any heavy work."""
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive; got {height}x{width}.")
     f = vae_scale_factor(vc)
@@ -86,7 +85,8 @@ def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=Non
         raise ValueError(f"{height}x{width} rescaled to {default_sample_size * f}^2 pixels leaves {h}x{w}: the aspect "
                          "ratio is too extreme.")
     hidream.patch_layout(tc, 2 * (h // (2 * f)), 2 * (w // (2 * f)))
-    check_size_and_mesh(h, w, 2 * f, tc.num_layers, batch, mesh_spec, guidance_scale)
+    check_size_and_mesh(h, w, 2 * f, hidream.pipefusion_stacks(tc)["stacked_layers"], batch, mesh_spec,
+                        guidance_scale)
 
 
 def transformer_over_mesh(graphdef, state, args, mesh, backend: str = "xla", layout=None):
@@ -122,17 +122,14 @@ class HiDreamImagePipeline(ImagePipelineBase):
         if missing:
             raise ValueError(f"{folder} has no {' / '.join(missing)}: the Llama-3.1 encoder is not in this folder "
                              "(diffusers' example loads meta-llama/Meta-Llama-3.1-8B-Instruct's LlamaForCausalLM and "
-                             "tokenizer and passes them to from_pretrained). Save them (save_pretrained) into the diffusers "
-                             "folder as text_encoder_4/ and tokenizer_4/, name them in model_index.json "
+                             "tokenizer and passes them to from_pretrained). Save them (save_pretrained) into the "
+                             "diffusers folder as text_encoder_4/ and tokenizer_4/, name them in model_index.json "
                              '("text_encoder_4": ["transformers", "LlamaForCausalLM"], "tokenizer_4": ["transformers", '
                              '"PreTrainedTokenizerFast"]) and load it again.')
         return {}
 
     def _setup_pipefusion(self, patches, warmup_steps) -> None:
-        if self.mesh_spec.pipefusion > 1 or (patches or 1) > 1:
-            raise NotImplementedError("HiDream does not run under PipeFusion here (each block takes its own Llama "
-                                      "layer as context); use cfg, data, ring and ulysses.")
-        self.pipefusion_patches, self.pipefusion_warmup_steps, self.uses_pipefusion = 1, int(warmup_steps), False
+        super()._setup_pipefusion(patches, warmup_steps)
         self.scheduler = module_of(self.scheduler_config)
         if self.tokenizer_4 is not None:
             self.tokenizer_4.pad_token = self.tokenizer_4.eos_token  # (diffusers' __init__)
@@ -196,19 +193,31 @@ class HiDreamImagePipeline(ImagePipelineBase):
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scale, layout, rng)``; ``texts``:
-        (T5 states, Llama states (B, n, Ll, d): batch first for the mesh), pooled)."""
-        if do_cfg in self._step_cache:
-            return self._step_cache[do_cfg]
+        (T5 states, Llama states (B, n, Ll, d): batch first for the mesh), pooled); ``kv``: PipeFusion's K/V
+        buffers (``warmup``: an exact step that fills them) or None."""
+        key = (do_cfg, warmup)
+        if key in self._step_cache:
+            return self._step_cache[key]
         graphdef, _ = nnx.split(self.transformer)
         dtype, mesh, backend, scheduler = self.dtype, self.mesh, self.attention_backend, self.scheduler
+
+        def blocks(params, x, tokens, cond):  # on a local shard (xdit_jax.parallel.pipefusion)
+            return nnx.merge(graphdef, params).blocks(x, tokens, cond)
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, scale, layout, rng):
             x = self._model_batch(latents, do_cfg)
             t = jnp.broadcast_to(sched.timesteps[i], (x.shape[0],))
             args = (x.astype(dtype), t, texts[0], jnp.swapaxes(texts[1], 0, 1), texts[2])
             rope, mask = layout
-            pred = transformer_over_mesh(graphdef, tstate, args, mesh if mesh.size > 1 else None, backend,
-                                         (int(rope[0].shape[0]), rope, mask))
+            layout_ = (int(rope[0].shape[0]), rope, mask)
+            if kv is None:
+                pred = transformer_over_mesh(graphdef, tstate, args, mesh if mesh.size > 1 else None, backend,
+                                             layout_)
+            else:  # PipeFusion: both stacks, the text whole with each patch (HiDreamImageTransformer2DModel.blocks)
+                model = nnx.merge(graphdef, tstate)
+                x_tokens, tokens, cond = model.embed(*args, layout=layout_)
+                x_tokens, kv = self._blocks_over_mesh(blocks, tstate, x_tokens, tokens, cond, kv, warmup)
+                pred = model.head(x_tokens, cond, args[0].shape)
             pred = -self._real_rows(pred.astype(jnp.float32), latents.shape[0], do_cfg)
             if do_cfg:  # [negative; positive]
                 neg, pos = jnp.split(pred, 2)
@@ -216,8 +225,7 @@ class HiDreamImagePipeline(ImagePipelineBase):
             latents, sched_state = scheduler.step(sched, i, pred, latents, sched_state)
             return self._step_out(latents, sched_state, i, kv)
 
-        self._step_cache[do_cfg] = fn = jax.jit(step, donate_argnums=(1, 2) if jax.default_backend() != "cpu" else ())
-        return fn
+        return self._jit_step(key, step)
 
     def _decode_fn(self, size=None):
         vc, dtype = self.vae_config, self.dtype
@@ -315,5 +323,6 @@ class HiDreamImagePipeline(ImagePipelineBase):
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         scale = self._put_replicated(jnp.asarray(guidance_scale, jnp.float32))
         out = self._denoise_and_decode(timer, do_cfg, latents, state, (texts, sched_arrays, scale, layout, rng),
-                                       len(sched.timesteps), progress, output_type, self._decode_fn())
+                                       len(sched.timesteps), progress, output_type, self._decode_fn(),
+                                       kv=self._pipefusion_buffers(len(texts[0]), int(rope[0].shape[0])))
         return HiDreamImagePipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
