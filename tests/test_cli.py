@@ -494,6 +494,7 @@ def test_generate_qwenimage_edit_plus_two_images(tmp_path, capsys):
     assert '"model_family": "qwenimage"' in capsys.readouterr().out
 
 
+@pytest.mark.slow  # (15 s; SD3's skip-layer guidance vs diffusers: tests/test_sd3_pipeline.py, by default)
 def test_generate_sd3_image(tmp_path):
     """The tiny Stable Diffusion 3 (three text encoders, joint blocks): a .png with skip-layer guidance on the second
     step, on one device (SD3's meshes: tests/test_sd3_pipeline.py)."""

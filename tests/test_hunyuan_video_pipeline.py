@@ -145,6 +145,7 @@ def test_bad_input_is_refused(pipes):
                                                                    true_cfg_scale=3.0)
 
 
+@pytest.mark.slow  # (17 s; the pipeline's parity and mesh tests above run by default, test_cli.py the CLI)
 def test_generate_cli_video(tmp_path, monkeypatch, capsys):
     """generate.py --model tiny-hunyuanvideo (random weights, the stand-in tokenizers): an .mp4 of 4k+1 frames at
     24 fps, on a sequence-parallel mesh."""
