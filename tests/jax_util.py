@@ -37,3 +37,29 @@ def sequence_parallel_forward(model, mesh, text=None):
         return mdl.head(run_blocks(blocks, state, y, tokens, cond, mesh, text=text), cond, x.shape)
 
     return lambda x, *args, **kwargs: forward(state, x, *args, **kwargs)
+
+
+def bench_rows_vs_diffusers(monkeypatch, model, meshes, tol=1e-5):
+    """scripts/benchmark.py's step rows of the preset ``model`` on ``meshes`` (None: one device) against diffusers'
+    transformer on the same weights and inputs, one timed step, by mesh name ("single device", "torch cpu", ...):
+    every row present and without error; each of ours within ``tol`` of diffusers (fp32, outputs O(1): the bench
+    families measured 4e-7 - 8e-7, where a timestep, mask, RoPE or token-layout slip moves them by O(0.01) and more);
+    on one device, the compiled program's dot FLOPs == the analytic formula (it counts every dot)."""
+    import pytest
+
+    from xdit_jax import bench
+
+    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
+    rows = bench.run_step_benchmark(bench.StepOptions(model=model, meshes=meshes, steps=1, compare="diffusers",
+                                                      settle=0, log=lambda s: None))
+    by_mesh = {r["mesh"]: r for r in rows}
+    names = [m or "single device" for m in meshes]
+    assert sorted(by_mesh) == sorted(["torch cpu"] + names)
+    for r in rows:
+        assert "error" not in r, r.get("error")
+    for m in names:
+        assert by_mesh[m]["max_abs_diff_vs_diffusers"] < tol, m
+    if "single device" in by_mesh:
+        one = by_mesh["single device"]
+        assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
+    return by_mesh

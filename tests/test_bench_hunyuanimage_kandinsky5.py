@@ -7,27 +7,11 @@ import numpy as np
 import pytest
 from diffusers import HunyuanImageTransformer2DModel, Kandinsky5Transformer3DModel  # noqa: F401 (the references)
 
+from tests.jax_util import bench_rows_vs_diffusers
 from xdit_jax import bench
 from xdit_jax.bench_families import family_of_config
 
-
-def _rows(monkeypatch, model, meshes):
-    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
-    rows = bench.run_step_benchmark(bench.StepOptions(model=model, meshes=meshes, steps=1, compare="diffusers",
-                                                      settle=0, log=lambda s: None))
-    by_mesh = {r["mesh"]: r for r in rows}
-    names = [m or "single device" for m in meshes]
-    assert sorted(by_mesh) == sorted(["torch cpu"] + names)
-    for r in rows:
-        assert "error" not in r, r.get("error")
-    for m in names:
-        # same weights and inputs, fp32, outputs O(1) (max |diffusers| 1.9 / 1.5; measured 3.6e-7 on one device): a
-        # timestep, mask or token-layout slip moves them by O(0.01) and more
-        assert by_mesh[m]["max_abs_diff_vs_diffusers"] < 1e-5, m
-    if "single device" in by_mesh:
-        one = by_mesh["single device"]
-        assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)  # the formula counts every dot
-    return by_mesh
+_rows = bench_rows_vs_diffusers
 
 
 @pytest.mark.slow  # (the default set's budget: 4-10 s on this shared host; the workloads below stay in it)

@@ -6,24 +6,10 @@ full-size folder read with its pipeline's shapes (nothing compiled)."""
 import numpy as np
 import pytest
 
+from tests.jax_util import bench_rows_vs_diffusers
 from xdit_jax import bench
 
-
-def _rows(monkeypatch, model, meshes):
-    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
-    rows = bench.run_step_benchmark(bench.StepOptions(model=model, meshes=meshes, steps=1, compare="diffusers",
-                                                      settle=0, log=lambda s: None))
-    by_mesh = {r["mesh"]: r for r in rows}
-    assert sorted(by_mesh) == sorted(["single device", "torch cpu"] + [m for m in meshes if m])
-    for r in rows:
-        assert "error" not in r, r.get("error")
-    for m in ["single device"] + [m for m in meshes if m]:
-        # same weights and inputs, fp32, outputs O(1) (measured 4.8e-7 - 6.0e-7): a timestep, mask or token-layout
-        # slip moves them by O(0.01) and more
-        assert by_mesh[m]["max_abs_diff_vs_diffusers"] < 1e-5, m
-    one = by_mesh["single device"]
-    assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
-    return by_mesh
+_rows = bench_rows_vs_diffusers
 
 
 def test_skyreels_rows_vs_diffusers(monkeypatch):

@@ -6,27 +6,11 @@ analytic formula, a sequence mesh, PipeFusion, the full-size parameter counts ==
 import numpy as np
 import pytest
 
+from tests.jax_util import bench_rows_vs_diffusers
 from xdit_jax import bench
 from xdit_jax.bench_families import family_of_config
 
-
-def _rows(monkeypatch, model, meshes):
-    monkeypatch.setattr(bench, "measure_host_sgemm_tflops", lambda: 0.1)  # the host's roofline: not under test here
-    rows = bench.run_step_benchmark(bench.StepOptions(model=model, meshes=meshes, steps=1, compare="diffusers",
-                                                      settle=0, log=lambda s: None))
-    by_mesh = {r["mesh"]: r for r in rows}
-    names = [m or "single device" for m in meshes]
-    assert sorted(by_mesh) == sorted(["torch cpu"] + names)
-    for r in rows:
-        assert "error" not in r, r.get("error")
-    for m in names:
-        # same weights and inputs, fp32, outputs O(1) (max |diffusers| 2.1 / 1.7; measured 7.7e-7 / 5.4e-7 on one
-        # device): a RoPE, mask, hint-order or timestep slip moves them by O(0.01) and more
-        assert by_mesh[m]["max_abs_diff_vs_diffusers"] < 1e-5, m
-    if "single device" in by_mesh:
-        one = by_mesh["single device"]
-        assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)  # the formula counts every dot
-    return by_mesh
+_rows = bench_rows_vs_diffusers
 
 
 def test_sana_video_workloads():
