@@ -63,3 +63,18 @@ def bench_rows_vs_diffusers(monkeypatch, model, meshes, tol=1e-5):
         one = by_mesh["single device"]
         assert one["flops_hlo"] == pytest.approx(one["flops_analytic"], rel=1e-9)
     return by_mesh
+
+
+def assert_inpainting_refusals(pipe, prompt, image, mask, height, width):
+    """An inpainting pipeline's bad input, each refused with what to give: no mask, no image, a mask array of
+    another size, a strength out of [0, 1]."""
+    import pytest
+
+    with pytest.raises(ValueError, match="needs mask_image="):
+        pipe(prompt, image=image, height=height, width=width)
+    with pytest.raises(ValueError, match="needs image="):
+        pipe(prompt, mask_image=mask, height=height, width=width)
+    with pytest.raises(ValueError, match=r"mask_image array \(8, 8\)"):
+        pipe(prompt, image=image, mask_image=np.zeros((8, 8)), height=height, width=width)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        pipe(prompt, image=image, mask_image=mask, height=height, width=width, strength=1.5)

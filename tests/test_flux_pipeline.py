@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.fixtures import make_torch_flux, save_torch_pipeline
+from tests.jax_util import assert_inpainting_refusals
 from xdit_jax.pipelines.denoise import converted_folder
 from xdit_jax.pipelines.flux import FluxPipeline
 
@@ -239,8 +240,7 @@ def test_inpaint_matches_diffusers(tmp_path_factory, monkeypatch):
     # fp32, test_latents_match_diffusers_true_cfg_batch's bound. Measured 5.4e-6 of 3.6; without the kept region
     # (an all-repaint mask on our side) 3.4.
     np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
-    with pytest.raises(ValueError, match="needs mask_image="):
-        ours(PROMPT, image=image, height=H, width=W)
+    assert_inpainting_refusals(ours, PROMPT, image, mask, H, W)
 
 
 @pytest.mark.slow  # (the step's compile on a mesh; the blend is per token, local to every shard)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.fixtures import make_torch_sd3, save_torch_pipeline
+from tests.jax_util import assert_inpainting_refusals
 from xdit_jax.pipelines.denoise import converted_folder
 from xdit_jax.pipelines.sd3 import StableDiffusion3Pipeline, check_request
 
@@ -263,3 +264,4 @@ def test_inpaint_matches_diffusers(tmp_path_factory, monkeypatch):
     # fp32, the bound of the tests above. Measured 1.3e-5 of 7.7; without the kept region (an all-repaint mask on our
     # side) 9.2.
     np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    assert_inpainting_refusals(ours, PROMPT, image, Image.fromarray(mask), H, W)
