@@ -482,17 +482,7 @@ class FluxImg2ImgPipeline(VaeEncoding, FluxPipeline):
         """diffusers' FluxImg2ImgPipeline call and defaults (``generator`` -> ``seed``). ``image``: a PIL image or an
         (H, W, 3) array (uint8, or floats in [0, 1]), or a list of them, one per prompt; ``latents``: packed initial
         latents used as given (no image encoded, as diffusers)."""
-        start = self.strength_start(image, num_inference_steps, strength)
-        ds = self.default_size()
-        height = ds["height"] if height is None else height
-        width = ds["width"] if width is None else width
-
-        def init(sched, given, batch, per, rng, timer):
-            sched = flow_match.from_step(sched, start)
-            if given is not None:
-                return sched, given
-            return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng,
-                                                                 timer)[0])
+        height, width, init = self.img2img_init(image, height, width, num_inference_steps, strength, pack_latents)
 
         return forward_call(FluxPipeline._generate, self, locals(), init=init)
 

@@ -258,6 +258,25 @@ class VaeEncoding:
             jax.block_until_ready(clean)
         return clean
 
+    def img2img_init(self, image, height, width, num_inference_steps: int, strength: float, pack=None):
+        """Image-to-image's checks and start hook, one for every image-to-image pipeline: (height, width, ``init``),
+        the size defaulted as the text-to-image pipeline's and ``init(sched, given, batch, per, rng, timer)`` -> (the
+        schedule from diffusers' strength step on, the initial latents: ``given`` as they are, else the image's
+        latents noised to that step, in ``pack``'s layout)."""
+        start = self.strength_start(image, num_inference_steps, strength)
+        ds = self.default_size()
+        height = ds["height"] if height is None else height
+        width = ds["width"] if width is None else width
+        pack = pack or (lambda x: x)
+
+        def init(sched, given, batch, per, rng, timer):
+            sched = flow_match.from_step(sched, start)
+            if given is not None:
+                return sched, given
+            return sched, pack(self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)[0])
+
+        return height, width, init
+
     def inpaint_init(self, image, mask_image, height, width, num_inference_steps: int, strength: float, factor: int,
                      pack=None):
         """Inpainting's checks and start hook, one for every inpainting pipeline: (height, width, ``init``), the size

@@ -393,17 +393,7 @@ class QwenImageImg2ImgPipeline(WanVaeEncoding, QwenImagePipeline):
         or a list of them, one per prompt; ``latents``: packed initial latents used as given (no image encoded, as
         diffusers)."""
         n = len(sigmas) if sigmas is not None else num_inference_steps
-        start = self.strength_start(image, n, strength)
-        ds = self.default_size()
-        height = ds["height"] if height is None else height
-        width = ds["width"] if width is None else width
-
-        def init(sched, given, batch, per, rng, timer):
-            sched = flow_match.from_step(sched, start)
-            if given is not None:
-                return sched, given
-            return sched, pack_latents(self.noised_image_latents(image, height, width, sched, batch, per, rng,
-                                                                 timer)[0])
+        height, width, init = self.img2img_init(image, height, width, n, strength, pack_latents)
 
         return forward_call(QwenImagePipeline._generate, self, locals(), init=init)
 

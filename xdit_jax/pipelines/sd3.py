@@ -309,16 +309,7 @@ class StableDiffusion3Img2ImgPipeline(VaeEncoding, StableDiffusion3Pipeline):
         initial latents used as given (no image encoded, as diffusers). Also the text-to-image pipeline's skip-layer
         guidance (off by default; diffusers' image-to-image has none), over the steps that run."""
         n = len(sigmas) if sigmas is not None else num_inference_steps
-        start = self.strength_start(image, n, strength)
-        ds = self.default_size()
-        height = ds["height"] if height is None else height
-        width = ds["width"] if width is None else width
-
-        def init(sched, given, batch, per, rng, timer):
-            sched = flow_match.from_step(sched, start)
-            if given is not None:
-                return sched, given
-            return sched, self.noised_image_latents(image, height, width, sched, batch, per, rng, timer)[0]
+        height, width, init = self.img2img_init(image, height, width, n, strength)
 
         return forward_call(StableDiffusion3Pipeline.__call__, self, locals(), _init=init)
 
