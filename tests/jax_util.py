@@ -65,6 +65,22 @@ def bench_rows_vs_diffusers(monkeypatch, model, meshes, tol=1e-5):
     return by_mesh
 
 
+def full_size_parameter_counts(name):
+    """The bench folder ``name`` at full size: our module's parameter count (shapes only, nothing allocated) and
+    diffusers' model of the same config built on torch's meta device, as ``(ours, diffusers)``."""
+    import diffusers
+    import torch
+
+    from xdit_jax import bench
+
+    w = bench.load_workload(name)
+    cls = getattr(diffusers, w.fam.model_class_name)
+    with torch.device("meta"):
+        tm = cls.from_config({k: v for k, v in w.transformer.items() if not k.startswith("_")})
+    shapes = w.fam.module.expected_shapes(lambda: w.fam.model_class(w.fam.config(w.transformer)))
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)), sum(p.numel() for p in tm.parameters())
+
+
 def assert_inpainting_refusals(pipe, prompt, image, mask, height, width):
     """An inpainting pipeline's bad input, each refused with what to give: no mask, no image, a mask array of
     another size, a strength out of [0, 1]."""

@@ -3,11 +3,10 @@ transformer on the same weights and inputs, the compiled program's FLOPs == the 
 folders read with their pipelines' shapes (nothing compiled); slow: a sequence mesh, the full-size parameter counts ==
 diffusers' on the meta device."""
 
-import numpy as np
 import pytest
 from diffusers import HunyuanImageTransformer2DModel, Kandinsky5Transformer3DModel  # noqa: F401 (the references)
 
-from tests.jax_util import bench_rows_vs_diffusers
+from tests.jax_util import bench_rows_vs_diffusers, full_size_parameter_counts
 from xdit_jax import bench
 from xdit_jax.bench_families import family_of_config
 
@@ -77,18 +76,8 @@ def test_sequence_mesh_rows_vs_diffusers(monkeypatch, model, mesh):
 @pytest.mark.parametrize("name", ["hunyuanimage-2.1", "kandinsky5-t2v-lite-5s"])
 def test_full_size_parameter_count(name):
     """The full-size folders: our module's parameters (shapes only) count diffusers' on the meta device."""
-    import diffusers
-    import jax
-    import torch
-
-    w = bench.load_workload(name)
-    cls = getattr(diffusers, w.fam.model_class_name)
-    with torch.device("meta"):
-        tm = cls.from_config({k: v for k, v in w.transformer.items() if not k.startswith("_")})
-    cfg = w.fam.config(w.transformer)
-    shapes = w.fam.module.expected_shapes(lambda: w.fam.model_class(cfg))
-    ours = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
-    assert ours == sum(p.numel() for p in tm.parameters())
+    ours, theirs = full_size_parameter_counts(name)
+    assert ours == theirs
 
 
 @pytest.mark.slow

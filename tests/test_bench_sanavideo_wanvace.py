@@ -6,7 +6,7 @@ analytic formula, a sequence mesh, PipeFusion, the full-size parameter counts ==
 import numpy as np
 import pytest
 
-from tests.jax_util import bench_rows_vs_diffusers
+from tests.jax_util import bench_rows_vs_diffusers, full_size_parameter_counts
 from xdit_jax import bench
 from xdit_jax.bench_families import family_of_config
 
@@ -86,18 +86,8 @@ def test_pipefusion_rows_run(monkeypatch, model):
 @pytest.mark.parametrize("name", ["sana-video-2b-480p", "wan2.1-vace-14b", "wan2.1-vace-1.3b"])
 def test_full_size_parameter_count(name):
     """The full-size folders: our module's parameters (shapes only) count diffusers' on the meta device."""
-    import diffusers
-    import jax
-    import torch
-
-    w = bench.load_workload(name)
-    cls = getattr(diffusers, w.fam.model_class_name)
-    with torch.device("meta"):
-        tm = cls.from_config({k: v for k, v in w.transformer.items() if not k.startswith("_")})
-    cfg = w.fam.config(w.transformer)
-    shapes = w.fam.module.expected_shapes(lambda: w.fam.model_class(cfg))
-    ours = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
-    assert ours == sum(p.numel() for p in tm.parameters())
+    ours, theirs = full_size_parameter_counts(name)
+    assert ours == theirs
 
 
 @pytest.mark.slow
