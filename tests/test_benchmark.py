@@ -845,7 +845,7 @@ def test_e2e_every_family(model, mesh, cfg, shape):
 def test_flux_tiny_rows_vs_diffusers():
     """flux-tiny (FLUX.1-dev shaped: embedded guidance; 15 image tokens, so every sequence mesh pads) against
     diffusers on one device and the USP mesh (in-process: the session's 8 simulated devices),
-    one sample per prompt (FLUX's default), 1 timed step; then with true CFG (--cfg) on a cfg mesh.
+    one sample per prompt (FLUX's default), 1 timed step (true CFG: the next test, slow).
     The PipeFusion row runs both stacks over 2 stages (a patched step)."""
     rows = bench.run_step_benchmark(bench.StepOptions(model="flux-tiny", meshes=[None, "ulysses=2,ring=2", "pipefusion=2",
                                                                                 "cfg=2"],
@@ -857,7 +857,7 @@ def test_flux_tiny_rows_vs_diffusers():
         ("single device", "xdit_jax"), ("torch cpu", "diffusers")]
     assert ("15 image + 16 T5 tokens (2 double- + 2 single-stream blocks, one sample per prompt)" in table
             and "step med s" in table)
-    # one sample per prompt: nothing for a cfg axis to split (--cfg below)
+    # one sample per prompt: nothing for a cfg axis to split (--cfg: the next test)
     assert by_mesh.pop("cfg=2")["error"].startswith("ValueError: A step batch of 1 cannot be split over data x cfg")
     pf = by_mesh.pop("pipefusion=2")
     assert "error" not in pf, pf.get("error")
@@ -887,6 +887,10 @@ def test_flux_tiny_rows_vs_diffusers():
     assert usp["collectives"]["all-to-all"] > 0 and usp["collectives"]["collective-permute"] > 0
     assert usp["flops_hlo"] < one["flops_hlo"] / 2
 
+
+@pytest.mark.slow  # (the default run's time: FLUX's true CFG vs diffusers is tests/test_flux_pipeline.py's, default)
+def test_flux_tiny_true_cfg_rows_vs_diffusers():
+    """flux-tiny with true CFG (--cfg: the negative prompt's batch) on one device and a cfg x ulysses mesh."""
     rows = bench.run_step_benchmark(bench.StepOptions(model="flux-tiny", meshes=[None, "cfg=2,ulysses=2"],
                                                       cfg=True, steps=1, compare="diffusers", settle=0,
                                                       log=lambda s: None))
