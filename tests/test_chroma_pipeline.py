@@ -393,3 +393,12 @@ def test_inpaint_mesh_given_latents_and_cli(built, tmp_path, capsys, monkeypatch
                    str(msk), "--no-progress", "--json"])
     assert rc == 0 and iio.imread(dst).shape == (48, 64, 3)
     assert '"image_encoding"' in capsys.readouterr().out
+    # --padding-mask-crop: the region around a mask of the picture's size inpainted, the picture's size out
+    m = np.zeros((50, 70), np.uint8)
+    m[10:30, 20:50] = 255
+    Image.fromarray(m).save(msk)
+    rc = cli.main(["--model", "tiny-chroma", "--output", str(dst), "--overwrite", "--steps", "3", "--image", str(src),
+                   "--mask", str(msk), "--padding-mask-crop", "4", "--no-progress"])
+    out = iio.imread(dst)
+    assert rc == 0 and out.shape == (50, 70, 3)
+    np.testing.assert_array_equal(out[m == 0], np.asarray(picture(1))[m == 0])  # (a PNG: lossless)

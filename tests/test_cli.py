@@ -550,6 +550,8 @@ def test_generate_random_weights(tmp_path, capsys):
     (["--model", "tiny-pixart", "--image", str(ROOT / "README.md"), "--mask", str(ROOT / "README.md")],
      "--mask: inpainting takes a FLUX.1, SD3, Chroma or Qwen-Image model"),
     (["--model", "tiny-flux", "--image", str(ROOT / "README.md"), "--strength", "0"], "--strength must be in (0, 1]"),
+    (["--model", "tiny-flux", "--image", str(ROOT / "README.md"), "--padding-mask-crop", "4"],
+     "--padding-mask-crop PX (>= 0): inpainting only"),
     (["--model", "tiny-pixart", "--guidance-scale-2", "3"], "--guidance-scale-2 (Wan 2.2 A14B's)"),
     (["--guidance-scale-2", "-1"], "--guidance-scale-2 must be >= 0"),
     (["--image", "/no/such.png"], "--image /no/such.png is not a file"),

@@ -243,6 +243,48 @@ def test_inpaint_matches_diffusers(tmp_path_factory, monkeypatch):
     assert_inpainting_refusals(ours, PROMPT, image, mask, H, W)
 
 
+@pytest.mark.slow  # (two more torch runs; the crop's steps are tests/test_mask_crop.py's, by default)
+def test_inpaint_padding_mask_crop_matches_diffusers(tmp_path_factory, monkeypatch):
+    """padding_mask_crop: a 120 x 90 picture inpainted only around its mask (the box grown by 6 px, widened to 80:48,
+    cropped and resized to 80 x 48, the result pasted back): the last latents == diffusers' (the same torch draws;
+    ours also returns them as output_type="latent", which diffusers refuses with the crop), the
+    pasted picture == diffusers' PIL output up to a level of 8 bits, the original outside the mask exactly."""
+    from diffusers import FluxInpaintPipeline as TorchInpaint
+    from PIL import Image
+
+    from xdit_jax.pipelines.flux import FluxInpaintPipeline
+
+    tp, _, folder = build(tmp_path_factory)
+    tp = TorchInpaint(**tp.components)
+    ours = FluxInpaintPipeline.from_pretrained(folder)
+    mask = np.zeros((90, 120), np.uint8)
+    mask[30:52, 20:60] = 255
+    image, mask = picture(11, size=(120, 90)), Image.fromarray(mask)
+    kw = dict(image=image, mask_image=mask, height=H, width=W, strength=0.8, num_inference_steps=4,
+              guidance_scale=3.5, max_sequence_length=MSL, padding_mask_crop=6)
+    shapes = [(1, tp.vae.config.latent_channels, H // 8, W // 8)] * 2
+    last = {}
+
+    def keep_latents(pipe, i, t, tensors):  # diffusers takes only PIL output with the crop: its last latents
+        last["latents"] = tensors["latents"].numpy()
+        return tensors
+
+    with torch.no_grad():
+        want = tp(PROMPT, generator=torch.Generator().manual_seed(7), callback_on_step_end=keep_latents, **kw).images
+    _torch_draws(monkeypatch, ours, 7, shapes)
+    out = ours(PROMPT, output_type="latent", progress=False, **kw).images  # (packed, as diffusers')
+    ref = last["latents"]
+    # the inpaint test's bound; measured 5.2e-6 of 4.0, and 3 of the 32,400 pixel values one level off
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    _torch_draws(monkeypatch, ours, 7, shapes)
+    pixels = (ours(PROMPT, progress=False, **kw).images[0] * 255).round().astype(int)
+    want = np.asarray(want[0]).astype(int)
+    assert pixels.shape == want.shape == (90, 120, 3)
+    assert np.abs(pixels - want).max() <= 1  # fp32 pixels rounding to neighbouring levels at most
+    keep = np.asarray(mask) == 0
+    np.testing.assert_array_equal(pixels[keep], np.asarray(image).astype(int)[keep])
+
+
 @pytest.mark.slow  # (the step's compile on a mesh; the blend is per token, local to every shard)
 def test_inpaint_mesh_matches_one_device(tmp_path_factory):
     """Two prompts, a mask array, true CFG: cfg=2,ring=2,ulysses=2 and pipefusion=2 (its warm-up step only, so exact)

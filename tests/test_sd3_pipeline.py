@@ -265,3 +265,61 @@ def test_inpaint_matches_diffusers(tmp_path_factory, monkeypatch):
     # side) 9.2.
     np.testing.assert_allclose(out, ref, atol=1e-4 * scale, rtol=0, err_msg=f"max |latent| {scale}")
     assert_inpainting_refusals(ours, PROMPT, image, Image.fromarray(mask), H, W)
+
+
+@pytest.mark.slow  # (another torch run; the crop's steps are tests/test_mask_crop.py's, by default)
+def test_inpaint_padding_mask_crop_matches_diffusers(tmp_path_factory, monkeypatch):
+    """padding_mask_crop on a 100 x 70 picture (the mask's box grown by 4 px, widened to the output's 80:48, inpainted
+    at 80 x 48 and pasted back): the last latents == diffusers', and the picture == diffusers' latents decoded with the
+    VAE's shift and pasted back by diffusers' own processor, up to a level of 8 bits; the original outside the mask.
+    (diffusers 0.42.1's SD3 inpainting decodes without the VAE's shift_factor, unlike its text-to-image pipeline and
+    its own encode: ours decodes as the text-to-image pipeline does.)"""
+    from diffusers import StableDiffusion3InpaintPipeline as TorchInpaint
+    from PIL import Image
+
+    from xdit_jax.pipelines.sd3 import StableDiffusion3InpaintPipeline
+
+    tp, _, folder = build(tmp_path_factory)
+    tp = TorchInpaint(**tp.components)
+    ours = StableDiffusion3InpaintPipeline.from_pretrained(folder)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    mask = np.zeros((70, 100), np.uint8)
+    mask[10:30, 50:90] = 255
+    mask_image = Image.fromarray(mask)
+
+    def torch_draws():
+        g = torch.Generator().manual_seed(5)
+        draws = [torch.randn((1, 4, H // 8, W // 8), generator=g).numpy() for _ in range(2)]
+        monkeypatch.setattr(ours, "_normal", lambda key, shape: draws.pop(0))
+        return draws
+
+    kw = dict(image=image, mask_image=mask_image, height=H, width=W, strength=0.8, num_inference_steps=4,
+              guidance_scale=5.0, negative_prompt=NEG, max_sequence_length=MSL, padding_mask_crop=4)
+    last = {}
+
+    def keep_latents(pipe, i, t, tensors):  # diffusers takes only PIL output with the crop: its last latents
+        last["latents"] = tensors["latents"]
+        return tensors
+
+    tp.transformer.register_to_config(in_channels=16)  # (as test_inpaint_matches_diffusers)
+    try:
+        with torch.no_grad():
+            tp(PROMPT, generator=torch.Generator().manual_seed(5), callback_on_step_end=keep_latents, **kw)
+            vc = tp.vae.config
+            decoded = tp.vae.decode(last["latents"] / vc.scaling_factor + vc.shift_factor).sample
+    finally:
+        tp.transformer.register_to_config(in_channels=4)
+    proc = tp.image_processor
+    box = tp.mask_processor.get_crop_region(mask_image, W, H, pad=4)
+    want = np.asarray(proc.apply_overlay(mask_image, image, proc.postprocess(decoded, "pil")[0], box)).astype(int)
+    draws = torch_draws()
+    out = ours(PROMPT, output_type="latent", progress=False, **kw).images
+    ref = last["latents"].numpy()
+    # the inpaint test's bound; measured 5.2e-6 of 5.8
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    draws = torch_draws()
+    pixels = (ours(PROMPT, progress=False, **kw).images[0] * 255).round().astype(int)
+    assert not draws and pixels.shape == want.shape == (70, 100, 3)
+    assert np.abs(pixels - want).max() <= 1  # fp32 pixels rounding to neighbouring levels at most
+    keep = mask == 0
+    np.testing.assert_array_equal(pixels[keep], np.asarray(image).astype(int)[keep])

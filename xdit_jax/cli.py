@@ -326,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "StableDiffusion3InpaintPipeline / "
                          "ChromaInpaintPipeline / QwenImageInpaintPipeline; --strength as image-to-image's, default "
                          "0.6)")
+    ap.add_argument("--padding-mask-crop", type=int, default=None, metavar="PX",
+                    help="inpainting (--mask): repaint only the region around the mask, grown by PX pixels and "
+                         "widened to the output's aspect ratio, at the output size, then paste it back into the "
+                         "picture (diffusers' padding_mask_crop; the output is the picture's size)")
     ap.add_argument("--control-image", default=None, metavar="PATH",
                     help="FLUX.1 Control (Canny / Depth, a FluxControlPipeline folder): the edge or depth map to "
                          "follow (made outside xdit_jax, as with diffusers), resized to the output size")
@@ -871,6 +875,9 @@ def _main(argv=None) -> int:
         elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 / Chroma / Qwen-Image image-to-image
             kind = args.kind = IMAGE_TO_IMAGE[kind]
         img2img = kind in IMAGE_TO_IMAGE.values() or kind in INPAINT.values()
+        if args.padding_mask_crop is not None and (kind not in INPAINT.values() or args.padding_mask_crop < 0):
+            raise ValueError("--padding-mask-crop PX (>= 0): inpainting only (a FLUX.1, SD3, Chroma or Qwen-Image "
+                             "model with --image and --mask).")
         if img2img and args.image is None:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
@@ -999,6 +1006,8 @@ def _main(argv=None) -> int:
             kw.update(strength=args.strength)
         if args.mask is not None:
             kw["mask_image"] = Image.open(args.mask)
+        if args.padding_mask_crop is not None:
+            kw["padding_mask_crop"] = args.padding_mask_crop
     if kind == FLUX_CONTROL:  # (diffusers' control_image=)
         from PIL import Image
 

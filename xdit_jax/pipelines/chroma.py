@@ -247,14 +247,14 @@ class ChromaInpaintPipeline(VaeEncoding, ChromaPipeline):
 
     Known differences: :class:`ChromaImg2ImgPipeline`'s (JAX draws from ``seed``; the text mask: diffusers 0.42.1's
     inpainting, as its image-to-image, adds a float mask to the logits, ours is the text-to-image pipeline's real key
-    mask, the same where the prompts fill ``max_sequence_length``; several images pair with their own prompt's
-    samples); ``true_cfg_scale`` is taken and ignored, as diffusers does (its CFG is ``guidance_scale > 1``);
-    ``padding_mask_crop``, ``masked_image_latents`` (which Chroma's inpainting step does not use) and custom
-    ``sigmas`` are refused, IP-Adapter images not taken; given ``latents`` serve, as diffusers', as both the initial latents and the
-    kept region's noise (no noise drawn), (B, C, h, w) as diffusers' inpainting takes them, or packed (B, tokens,
-    4C). diffusers 0.42.1's pipeline reads ``transformer.config.guidance_embeds``, which a Chroma transformer's config
-    has not (an AttributeError on every call; its tests set it False): nothing it computes from it reaches the
-    transformer, so ours has no such input."""
+    mask, the same where the prompts fill ``max_sequence_length``; several images pair with their own prompt's samples);
+    ``true_cfg_scale`` is taken and ignored, as diffusers does (its CFG is ``guidance_scale > 1``);
+    ``masked_image_latents`` (which Chroma's inpainting step does not use) and custom ``sigmas`` are refused, IP-Adapter
+    images not taken (``padding_mask_crop``: as diffusers, a PIL image and mask); given ``latents`` serve, as
+    diffusers', as both the initial latents and the kept region's noise (no noise drawn), (B, C, h, w) as diffusers'
+    inpainting takes them, or packed (B, tokens, 4C). diffusers 0.42.1's pipeline reads
+    ``transformer.config.guidance_embeds``, which a Chroma transformer's config has not (an AttributeError on every
+    call; its tests set it False): nothing it computes from it reaches the transformer, so ours has no such input."""
 
     PIPELINE_CLASSES = ("ChromaInpaintPipeline", "ChromaPipeline")
 
@@ -268,13 +268,14 @@ class ChromaInpaintPipeline(VaeEncoding, ChromaPipeline):
         """diffusers' ChromaInpaintPipeline call and defaults (28 steps, guidance 7, strength 0.6, 256 tokens;
         ``generator`` -> ``seed``). ``image``: as :class:`ChromaImg2ImgPipeline`'s; ``mask_image``: a PIL image, or an
         (H, W) array at the output size (uint8, or floats in [0, 1]), one for every prompt's image."""
-        if padding_mask_crop is not None or masked_image_latents is not None or sigmas is not None:
-            raise NotImplementedError("padding_mask_crop, masked_image_latents and custom sigmas are not supported "
-                                      "here: give the image and its mask at the output size.")
+        if masked_image_latents is not None or sigmas is not None:
+            raise NotImplementedError("masked_image_latents and custom sigmas are not supported here: give the image "
+                                      "and its mask.")
         if true_cfg_scale != 1.0:
             log.warning("true_cfg_scale=%s is ignored: Chroma's CFG is guidance_scale > 1 (as in diffusers).",
                         true_cfg_scale)
-        height, width, init = self.inpaint_init(image, mask_image, height, width, num_inference_steps, strength,
-                                                vae_scale_factor(self.vae_config), pack_latents)
+        height, width, init, finish = self.inpaint_init(
+            image, mask_image, height, width, num_inference_steps, strength, vae_scale_factor(self.vae_config),
+            pack_latents, padding_mask_crop=padding_mask_crop)
 
-        return forward_call(ChromaPipeline.__call__, self, locals(), _init=init)
+        return finish(forward_call(ChromaPipeline.__call__, self, locals(), _init=init), output_type)

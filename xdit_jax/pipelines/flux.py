@@ -494,8 +494,9 @@ class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
     keep; binarized at 0.5) set to the image's latents noised to the next sigma, so only the masked region is
     generated. The mask is resized as diffusers' mask processor does and sampled onto the latent grid (nearest).
 
-    Known differences: the noise and the posterior's sample are JAX draws from ``seed``; ``padding_mask_crop`` and
-    ``masked_image_latents`` (which FLUX.1's inpainting step does not use) are refused; given ``latents`` serve, as
+    Known differences: the noise and the posterior's sample are JAX draws from ``seed``; ``masked_image_latents``
+    (which FLUX.1's inpainting step does not use) is refused (``padding_mask_crop``: as diffusers, a PIL image and
+    mask, :mod:`xdit_jax.pipelines.mask_crop`); given ``latents`` serve, as
     diffusers', as both the initial latents and the kept region's noise (no noise drawn), (B, C, h, w) as diffusers'
     inpainting takes them (unlike its image-to-image: packed) or packed (B, tokens, 4C); array images are taken at
     the output size; several images (one per prompt) pair with their own prompt's samples."""
@@ -513,10 +514,10 @@ class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
         """diffusers' FluxInpaintPipeline call and defaults (``generator`` -> ``seed``). ``image``: as
         :class:`FluxImg2ImgPipeline`'s; ``mask_image``: a PIL image, or an (H, W) array at the output size (uint8, or
         floats in [0, 1]), one for every prompt's image."""
-        if padding_mask_crop is not None or masked_image_latents is not None:
-            raise NotImplementedError("padding_mask_crop and masked_image_latents are not supported here: give the "
-                                      "image and its mask at the output size.")
-        height, width, init = self.inpaint_init(image, mask_image, height, width, num_inference_steps, strength,
-                                                vae_scale_factor(self.vae_config), pack_latents)
+        if masked_image_latents is not None:
+            raise NotImplementedError("masked_image_latents is not supported here: give the image and its mask.")
+        height, width, init, finish = self.inpaint_init(
+            image, mask_image, height, width, num_inference_steps, strength, vae_scale_factor(self.vae_config),
+            pack_latents, padding_mask_crop=padding_mask_crop)
 
-        return forward_call(FluxPipeline._generate, self, locals(), init=init)
+        return finish(forward_call(FluxPipeline._generate, self, locals(), init=init), output_type)

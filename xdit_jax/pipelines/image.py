@@ -12,6 +12,7 @@ import numpy as np
 
 from xdit_jax.models import vae_kl
 from xdit_jax.pipelines.denoise import PipelineBase
+from xdit_jax.pipelines.mask_crop import MaskCrop
 from xdit_jax.schedulers import flow_match
 
 
@@ -278,24 +279,29 @@ class VaeEncoding:
         return height, width, init
 
     def inpaint_init(self, image, mask_image, height, width, num_inference_steps: int, strength: float, factor: int,
-                     pack=None):
-        """Inpainting's checks and start hook, one for every inpainting pipeline: (height, width, ``init``), the size
-        defaulted as the text-to-image pipeline's and ``init(sched, given, batch, per, rng, timer)`` -> (the schedule
-        from diffusers' strength step on, initial latents, :meth:`kept_region`); the mask (white: repaint) taken at
-        the latent size (``factor``: the VAE's), the latents in ``pack``'s layout."""
+                     pack=None, padding_mask_crop: int | None = None):
+        """Inpainting's checks and start hook, one for every inpainting pipeline: (height, width, ``init``,
+        ``finish``), the size defaulted as the text-to-image pipeline's and ``init(sched, given, batch, per, rng,
+        timer)`` -> (the schedule from diffusers' strength step on, initial latents, :meth:`kept_region`); the mask
+        (white: repaint) taken at the latent size (``factor``: the VAE's), the latents in ``pack``'s layout.
+        ``padding_mask_crop``: only the region around the mask (:class:`~xdit_jax.pipelines.mask_crop.MaskCrop`) is
+        inpainted, and ``finish(output, output_type)`` pastes the decoded images back into the original."""
         if mask_image is None:
             raise ValueError(f"{type(self).__name__} needs mask_image= (white: repaint, black: keep).")
         start = self.strength_start(image, num_inference_steps, strength)
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
+        crop = MaskCrop.of(image, mask_image, height, width, padding_mask_crop)
+        if crop is not None:
+            image, mask_image = crop.image, crop.mask
         mask = preprocess_mask(mask_image, height, width)[:, :, ::factor, ::factor]  # (torch's nearest, exact factor)
 
         def init(sched, given, batch, per, rng, timer):  # (given latents: the kept region's noise too, as diffusers)
             sched = flow_match.from_step(sched, start)
             return (sched, *self.inpaint_start(image, mask, height, width, sched, batch, per, rng, timer, given, pack))
 
-        return height, width, init
+        return height, width, init, (crop.finish if crop is not None else lambda out, output_type: out)
 
     def inpaint_start(self, image, mask, height: int, width: int, sched, batch: int, per: int, rng, timer,
                       given=None, pack=None) -> tuple[jax.Array, flow_match.KeptRegion]:

@@ -407,12 +407,12 @@ class QwenImageInpaintPipeline(WanVaeEncoding, QwenImagePipeline):
     (:class:`~xdit_jax.schedulers.flow_match.KeptRegion`), so only the masked region is generated. The rest is
     :class:`QwenImagePipeline`'s (its jitted step, true CFG, meshes, PipeFusion).
 
-    Known differences: :class:`QwenImageImg2ImgPipeline`'s (JAX draws from ``seed``; several images pair with their
-    own prompt's samples); ``padding_mask_crop`` and ``masked_image_latents`` (which Qwen-Image's inpainting step does
-    not use) are refused; given ``latents``, (B, C, h, w) or packed (B, tokens, 4C), serve as both the initial latents
-    and the kept region's noise (no noise drawn), as diffusers' other inpainting pipelines (FLUX.1, Chroma) take them:
-    diffusers 0.42.1's Qwen-Image one returns them alone from ``prepare_latents``, where three values are unpacked,
-    and fails."""
+    Known differences: :class:`QwenImageImg2ImgPipeline`'s (JAX draws from ``seed``; several images pair with their own
+    prompt's samples); ``masked_image_latents`` (which Qwen-Image's inpainting step does not use) is refused
+    (``padding_mask_crop``: as diffusers, a PIL image and mask); given ``latents``, (B, C, h, w) or packed (B, tokens,
+    4C), serve as both the initial latents and the kept region's noise (no noise drawn), as diffusers' other inpainting
+    pipelines (FLUX.1, Chroma) take them: diffusers 0.42.1's Qwen-Image one returns them alone from ``prepare_latents``,
+    where three values are unpacked, and fails."""
 
     PIPELINE_CLASSES = ("QwenImageInpaintPipeline", "QwenImagePipeline")
     VAE_ENCODER_CONFIG = qvae.QwenImageVAEConfig
@@ -428,11 +428,11 @@ class QwenImageInpaintPipeline(WanVaeEncoding, QwenImagePipeline):
         """diffusers' QwenImageInpaintPipeline call and defaults (50 steps, true CFG 4 with a negative prompt,
         strength 0.6; ``generator`` -> ``seed``). ``image``: as :class:`QwenImageImg2ImgPipeline`'s; ``mask_image``: a
         PIL image, or an (H, W) array at the output size (uint8, or floats in [0, 1]), one for every prompt's image."""
-        if padding_mask_crop is not None or masked_image_latents is not None:
-            raise NotImplementedError("padding_mask_crop and masked_image_latents are not supported here: give the "
-                                      "image and its mask at the output size.")
+        if masked_image_latents is not None:
+            raise NotImplementedError("masked_image_latents is not supported here: give the image and its mask.")
         n = len(sigmas) if sigmas is not None else num_inference_steps
-        height, width, init = self.inpaint_init(image, mask_image, height, width, n, strength,
-                                                self.vae_config.spatial_compression_ratio, pack_latents)
+        height, width, init, finish = self.inpaint_init(
+            image, mask_image, height, width, n, strength, self.vae_config.spatial_compression_ratio, pack_latents,
+            padding_mask_crop=padding_mask_crop)
 
-        return forward_call(QwenImagePipeline._generate, self, locals(), init=init)
+        return finish(forward_call(QwenImagePipeline._generate, self, locals(), init=init), output_type)

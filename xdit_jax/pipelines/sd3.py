@@ -321,10 +321,12 @@ class StableDiffusion3InpaintPipeline(VaeEncoding, StableDiffusion3Pipeline):
     latent grid) set to the image's latents noised to the next sigma
     (:class:`~xdit_jax.schedulers.flow_match.KeptRegion`). Skip-layer guidance applies too (diffusers' has none).
 
-    Known differences: the noise and the posterior's sample are JAX draws from ``seed``; ``padding_mask_crop`` and
-    ``masked_image_latents`` (unused by a 16-channel transformer) are refused; given ``latents`` serve, as diffusers',
-    as both the initial latents and the kept region's noise; several images (one per prompt) pair with their own
-    prompt's samples."""
+    Known differences: the noise and the posterior's sample are JAX draws from ``seed``; ``masked_image_latents``
+    (unused by a 16-channel transformer) is refused (``padding_mask_crop``: as diffusers, a PIL image and mask); given
+    ``latents`` serve, as diffusers', as both the initial latents and the kept region's noise; several images (one per
+    prompt) pair with their own prompt's samples. diffusers 0.42.1's SD3 inpainting decodes without the VAE's
+    ``shift_factor`` (unlike its text-to-image pipeline and its own encode); ours decodes as the text-to-image pipeline
+    does."""
 
     PIPELINE_CLASSES = ("StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline")
 
@@ -341,15 +343,15 @@ class StableDiffusion3InpaintPipeline(VaeEncoding, StableDiffusion3Pipeline):
         """diffusers' StableDiffusion3InpaintPipeline call and defaults (``generator`` -> ``seed``); ``image`` as
         :class:`StableDiffusion3Img2ImgPipeline`'s, ``mask_image`` a PIL image or an (H, W) array at the output size
         (uint8, or floats in [0, 1]), one for every prompt's image."""
-        if padding_mask_crop is not None or masked_image_latents is not None:
-            raise NotImplementedError("padding_mask_crop and masked_image_latents are not supported here: give the "
-                                      "image and its mask at the output size.")
+        if masked_image_latents is not None:
+            raise NotImplementedError("masked_image_latents is not supported here: give the image and its mask.")
         if self.transformer_config.in_channels != self.vae_config.latent_channels:
             raise NotImplementedError(f"A transformer of {self.transformer_config.in_channels} input channels (an "
                                       "inpainting model taking the mask and masked image) is not supported; the "
                                       "text-to-image transformers are.")
         n = len(sigmas) if sigmas is not None else num_inference_steps
-        height, width, init = self.inpaint_init(image, mask_image, height, width, n, strength,
-                                                vae_scale_factor(self.vae_config))
+        height, width, init, finish = self.inpaint_init(
+            image, mask_image, height, width, n, strength, vae_scale_factor(self.vae_config),
+            padding_mask_crop=padding_mask_crop)
 
-        return forward_call(StableDiffusion3Pipeline.__call__, self, locals(), _init=init)
+        return finish(forward_call(StableDiffusion3Pipeline.__call__, self, locals(), _init=init), output_type)
