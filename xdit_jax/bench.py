@@ -813,8 +813,8 @@ def _hidream_tiny_workload() -> Workload:
     from xdit_jax import tiny
 
     # xdit_jax.tiny's HiDream-I1 (4 heads x 16, 2 double- + 2 single-stream blocks, 3 routed experts (2 active) + the
-    # shared one, T5 / Llama states 32 wide, 3 Llama layers) at 64 x 64: 8 x 8 latents, 16 image tokens; 16 T5 + 16 Llama
-    # tokens (the text stream 32); CFG
+    # shared one, T5 / Llama states 32 wide, 3 Llama layers) at 64 x 64: 8 x 8 latents, 16 image tokens; 16 T5 + 16
+    # Llama tokens (the text stream 32); CFG
     return Workload("hidream-tiny", dict(tiny.HIDREAM_TRANSFORMER), height=64, width=64, num_frames=1,
                     family="hidream", text_tokens=16, source="xdit_jax.tiny's HiDream-I1, 4 heads x 16, 2 + 2 blocks",
                     defaults={"num_inference_steps": 2, "guidance_scale": 5.0, "max_sequence_length": 16})
