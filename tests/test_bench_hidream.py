@@ -78,3 +78,14 @@ def test_full_width_flops_compile_only():
         assert "error" not in r, r.get("error")
     row = by_mesh["single device"]
     assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_e2e():
+    """--e2e builds HiDreamImagePipeline from xdit_jax.tiny's configs with random weights (its default_sample_size set
+    to the workload's area: 64 x 64, as the tests) and times its stages, CFG over cfg=2."""
+    (row,) = bench.run_e2e_benchmark(bench.StepOptions(model="hidream-tiny", meshes=["cfg=2"], log=lambda s: None),
+                                     steps=2)
+    assert row["kind"] == "e2e" and "error" not in row, row.get("error")
+    assert row["output_shape"] == [1, 64, 64, 3] and row["mesh"] == "cfg=2"
+    assert row["warm_stages_s"]["denoising"] > 0

@@ -1917,6 +1917,7 @@ def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = N
         t0 = time.perf_counter()
         pipe = build_random_pipeline(w, dtype_name, mesh=None if ms.size == 1 else str(ms), seed=opts.seed,
                                      text_layers=text_layers, attention_backend=attention_backend)
+        w.fam.prepare_pipeline(pipe, w)
         row["build_s"] = time.perf_counter() - t0
         for label in ("cold", "warm"):
             t0 = time.perf_counter()

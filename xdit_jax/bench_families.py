@@ -201,6 +201,9 @@ class Family:
             return tiny.model_index(w.defaults["tiny_family"])["_class_name"]
         return None
 
+    def prepare_pipeline(self, pipe, w) -> None:
+        """Set on the built pipeline what its folder cannot say (``--e2e``); nothing by default."""
+
     def image_to_video(self, w) -> bool:
         """Whether the workload's folder holds an image-to-video pipeline (model_index.json's class name)."""
         return self.pipeline_class(w) in ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")
@@ -4070,6 +4073,13 @@ class HiDream(Family):
         from xdit_jax.pipelines.hidream import transformer_over_mesh
 
         return transformer_over_mesh
+
+    def prepare_pipeline(self, pipe, w):
+        """diffusers' size rule rescales every size to ``default_sample_size`` x 8 squared pixels (a pipeline
+        attribute, 128: 1024 x 1024): set to the workload's area (the tiny preset's 8: 64 x 64, as its tests)."""
+        import math
+
+        pipe.default_sample_size = math.isqrt(w.height * w.width) // w.vae_scale_spatial
 
     def analytic_flops(self, w):
         return hidream_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
