@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
 # the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3, ..., 14
+#     bash scripts/gpu_session.sh 1        # then 2, 3, ..., 15
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -106,6 +106,12 @@ case $part in
   step vace-vs 300 --model wan2.1-vace-14b --layers 20 --steps 3 --compare diffusers
   step vace 240 --model wan2.1-vace-14b --steps 3
   ;;
-*) echo "unknown part $part: use 1 to 14"; exit 2 ;;
+15) # the session-23 image row, never run on a GPU: HiDream-I1-Full at 1024 x 1024 (4,096 image + 128 T5 + 128 Llama
+    # tokens, CFG; the mixture of experts run densely) with 8 + 8 of its 16 + 32 blocks beside diffusers' copy (6.0B a
+    # side: its 17.1B in bf16 twice would not fit), then its full step (34 GB of bf16 weights) alone
+  step hidream-vs 300 --model hidream-i1-full --layers 8 --steps 3 --compare diffusers
+  step hidream 240 --model hidream-i1-full --steps 3
+  ;;
+*) echo "unknown part $part: use 1 to 15"; exit 2 ;;
 esac
 ls -la "$O"

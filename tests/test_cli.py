@@ -743,3 +743,17 @@ def test_generate_kandinsky5_image_to_image(tmp_path, capsys):
         kandinsky5_t2i.Kandinsky5T2IPipeline.resolutions = old
     assert rc == 0 and iio.imread(out).shape == (32, 32, 3)
     assert '"model_family": "kandinsky5-t2i"' in capsys.readouterr().out
+
+
+@pytest.mark.slow  # (the pipeline's parity: tests/test_hidream_pipeline.py)
+def test_generate_hidream(tmp_path, capsys):
+    """tiny-hidream (two CLIPs, T5 and Llama as xdit_jax.tiny's HiDream-I1; its default_sample_size 8): diffusers' size
+    rule keeps 48 x 80's aspect ratio at 64 x 64 pixels' area (not the release's 1024 x 1024, 768 x 1280), CFG over
+    cfg=2."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "h.png"
+    rc = cli.main(["--model", "tiny-hidream", "--output", str(out), "--height", "48", "--width", "80", "--mesh", "cfg=2",
+                   "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(out).shape == (48, 80, 3)
+    assert '"model_family": "hidream"' in capsys.readouterr().out

@@ -100,8 +100,9 @@ HUNYUAN_IMAGE_MODELS = ("hunyuanimage-2.1",)
 KANDINSKY5_MODELS = ("kandinsky5-t2v-lite-5s",)
 SANA_VIDEO_MODELS = ("sana-video-2b-480p",)
 WAN_VACE_MODELS = ("wan2.1-vace-14b", "wan2.1-vace-1.3b")
+HIDREAM_MODELS = ("hidream-i1-full",)
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma", "cogview4",
-                  "lumina2", "flux2", "cogview3", "hunyuanimage")  # text-to-image: no frames
+                  "lumina2", "flux2", "cogview3", "hunyuanimage", "hidream")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -808,6 +809,27 @@ def _wan_vace_cpu_small_workload() -> Workload:
                     source="configs/wan2.1-vace-1.3b, 4 blocks + 2 VACE blocks")
 
 
+def _hidream_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's HiDream-I1 (4 heads x 16, 2 double- + 2 single-stream blocks, 3 routed experts (2 active) + the
+    # shared one, T5 / Llama states 32 wide, 3 Llama layers) at 64 x 64: 8 x 8 latents, 16 image tokens; 16 T5 + 16
+    # Llama tokens (the text stream 32); CFG
+    return Workload("hidream-tiny", dict(tiny.HIDREAM_TRANSFORMER), height=64, width=64, num_frames=1,
+                    family="hidream", text_tokens=16, source="xdit_jax.tiny's HiDream-I1, 4 heads x 16, 2 + 2 blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 5.0, "max_sequence_length": 16})
+
+
+def _hidream_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "hidream-i1-full"
+    t, defaults = load_model_dir(folder)
+    # the release's width (20 heads x 128, 4 routed experts of 6912 + the shared 3584), 1 double- + 1 single-stream
+    # block (their Llama layers 0 and 16); 128 x 128: 8 x 8 = 64 image + 64 T5 + 64 Llama tokens, CFG (0.35 TFLOP)
+    return Workload("hidream-cpu-small", FAMILIES["hidream"].with_layers(t, 1), height=128, width=128, num_frames=1,
+                    family="hidream", text_tokens=64, folder=str(folder), defaults=defaults,
+                    source="configs/hidream-i1-full, 1 + 1 blocks")
+
+
 PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small": _cpu_small_workload,
                                               "pixart-tiny": _pixart_tiny_workload,
                                               "pixart-cpu-small": _pixart_cpu_small_workload,
@@ -854,7 +876,9 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "sana-video-tiny": _sana_video_tiny_workload,
                                               "sana-video-cpu-small": _sana_video_cpu_small_workload,
                                               "wan-vace-tiny": _wan_vace_tiny_workload,
-                                              "wan-vace-cpu-small": _wan_vace_cpu_small_workload}
+                                              "wan-vace-cpu-small": _wan_vace_cpu_small_workload,
+                                              "hidream-tiny": _hidream_tiny_workload,
+                                              "hidream-cpu-small": _hidream_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -1054,6 +1078,16 @@ PRESET_HELP.update({
                        "512 UMT5 tokens, 40 blocks + 8 VACE blocks, random control latents, CFG: 2 samples per prompt)",
     "wan2.1-vace-1.3b": "full-size configs/wan2.1-vace-1.3b with random weights at 81x480x832 (32,760 video + 512 UMT5 "
                         "tokens, 30 blocks + 15 VACE blocks, random control latents, CFG)",
+})
+
+
+PRESET_HELP.update({
+    "hidream-tiny": "a 4x16-head HiDream-I1 (2 double- + 2 single-stream blocks, 3 routed experts) at 64x64: 16 image "
+                    "+ 16 T5 + 16 Llama tokens, CFG (CI smoke test)",
+    "hidream-cpu-small": "HiDream-I1 width (20 heads x 128, 4 routed experts, 2 active: run densely), 1 double- + 1 "
+                         "single-stream block at 128x128: 64 image + 64 T5 + 64 Llama tokens, CFG",
+    "hidream-i1-full": "full-size configs/hidream-i1-full with random weights at 1024x1024 (64x64 = 4,096 image + 128 "
+                       "T5 + 128 Llama tokens, 16 + 32 blocks, CFG: 2 samples per prompt)",
 })
 
 
@@ -1883,6 +1917,7 @@ def run_e2e_benchmark(opts: StepOptions, steps: int, text_layers: int | None = N
         t0 = time.perf_counter()
         pipe = build_random_pipeline(w, dtype_name, mesh=None if ms.size == 1 else str(ms), seed=opts.seed,
                                      text_layers=text_layers, attention_backend=attention_backend)
+        w.fam.prepare_pipeline(pipe, w)
         row["build_s"] = time.perf_counter() - t0
         for label in ("cold", "warm"):
             t0 = time.perf_counter()
@@ -1986,6 +2021,11 @@ def format_table(rows: list[dict]) -> str:
         if r0.get("vace_layers"):  # Wan VACE: the control tokens through their own blocks
             tokens += (f"; {len(r0['vace_layers'])} VACE blocks on as many {r0['control_channels']}-channel control "
                        f"tokens")
+    elif r0.get("family") == "hidream":  # HiDream-I1: [T5; Llama] text stream, a Llama layer per block
+        tokens = (f"{r0['image_tokens']} image + {r0['t5_tokens']} T5 + {r0['llama_tokens']} Llama tokens "
+                  f"({r0['double_layers']} double- + {r0['single_layers']} single-stream blocks, each with a Llama "
+                  f"layer's {r0['llama_tokens']} more; MoE {r0['routed_experts']} experts run densely, "
+                  f"{r0['active_experts']} active)")
     elif r0.get("family") == "sana_video":  # linear self-attention over the video tokens, the caption cross-attended
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")

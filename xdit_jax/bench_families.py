@@ -201,6 +201,9 @@ class Family:
             return tiny.model_index(w.defaults["tiny_family"])["_class_name"]
         return None
 
+    def prepare_pipeline(self, pipe, w) -> None:
+        """Set on the built pipeline what its folder cannot say (``--e2e``); nothing by default."""
+
     def image_to_video(self, w) -> bool:
         """Whether the workload's folder holds an image-to-video pipeline (model_index.json's class name)."""
         return self.pipeline_class(w) in ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")
@@ -3876,12 +3879,221 @@ class WanVACE(Wan):
         return WanVACETorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# HiDream-I1 (FLUX-like double- then single-stream blocks, a mixture-of-experts feed-forward, a Llama layer per block)
+# ============================================================================================
+
+HIDREAM_TIME_PROJ = 256  # the sinusoidal timestep projection width
+HIDREAM_TIMESTEP = 500.0  # the transformer's ``timesteps``: the scheduler's t (0..1000, float32), mid-schedule
+HIDREAM_TEXT_TOKENS = 128  # HiDreamImagePipeline's max_sequence_length: T5 and Llama each padded to it
+
+
+def hidream_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int,
+                           llama_len: int | None = None) -> dict[str, float]:
+    """Matmul FLOPs of one HiDream-I1 transformer forward as :mod:`xdit_jax.models.hidream` computes it (2 FLOPs per
+    multiply-add): the mixture of experts **dense**, every routed expert on every token (diffusers' ``moe_infer``
+    runs each token through its top k only: ``moe_dense_excess`` is the difference).
+
+    Latents (B, C, h, w); S = (h/p)(w/p) image tokens (a non-square latent: ``max_resolution``'s token count, the
+    padding computed), L_t T5 and L_l Llama tokens (128 each: the pipeline pads both), the text stream C_t = L_t + L_l
+    ([T5; the last block's Llama layer]), d = heads x hd (2560), E routed experts (4), k active (2), m =
+    swiglu(4d) (6912: 2/3 of 4d rounded up to 256), m_s = swiglu(2d) (3584, the shared expert), N double- and M
+    single-stream blocks (16, 32). The feed-forward of T tokens: MoE(T) = 2 T d E (gate) + 6 T E d m (the experts,
+    dense) + 2 T E d (their gate-weighted sum, an einsum) + 6 T d m_s (the shared expert); SwiGLU(T) = 6 T d m.
+
+    Per double-stream block (the text [stream; the block's Llama layer], C_t + L_l tokens, through its own weights
+    and one joint attention with the image; the Llama rows computed to the end of the block, then dropped):
+
+        adaLN (d -> 12d)                      24 B d^2
+        image q, k, v, out                    8 B S d^2
+        text q, k, v, out                     8 B (C_t + L_l) d^2
+        joint attention QK^T and PV           4 B J^2 d,  J = S + C_t + L_l
+        image MoE, text SwiGLU                B MoE(S) + B SwiGLU(C_t + L_l)
+
+    Per single-stream block over the joint T = S + C_t tokens, the block's Llama layer joining as keys / values:
+
+        adaLN (d -> 6d)                       12 B d^2
+        q, k, v, out on T                     8 B T d^2
+        k, v on the Llama layer               4 B L_l d^2  (its q is computed and dead: XLA drops it)
+        attention QK^T and PV                 4 B T (T + L_l) d
+        MoE                                   B MoE(T)
+
+    Plus, once: x_embedder 2 B S (C p^2) d; the timestep embedder (256 -> d -> d) 2 B (256 d + d^2); the pooled
+    embedder (P -> d -> d, P = text_emb_dim) 2 B (P d + d^2); the T5 projection 2 B L_t D_t5 d; each block's Llama
+    projection 2 B (N + M) L_l D_l d; the head's modulation (d -> 2d) 4 B d^2 and projection 2 B S d (p^2 C_out).
+    Norms, the q/k RMS norms, RoPE, the softmax gate's top k, SiLU and the gates are element-wise."""
+    from xdit_jax.models.hidream import swiglu_dim
+
+    b, c, h, w = latent_shape
+    t = transformer
+    p = int(t.get("patch_size", 2))
+    d = int(t.get("num_attention_heads", 20)) * int(t.get("attention_head_dim", 128))
+    n, mm = int(t.get("num_layers", 16)), int(t.get("num_single_layers", 32))
+    e, k = int(t.get("num_routed_experts", 4)), int(t.get("num_activated_experts", 2))
+    d5, dl = (int(x) for x in t.get("caption_channels", (4096, 4096)))
+    pooled, cout = int(t.get("text_emb_dim", 2048)), int(t.get("out_channels") or c)
+    m, ms = swiglu_dim(4 * d), swiglu_dim(2 * d)
+    if h == w:
+        s = (h // p) * (w // p)
+    else:
+        res = t.get("max_resolution", (128, 128))
+        s = int(res[0]) * int(res[1]) // p ** 2
+    lt = int(text_len)
+    ll = lt if llama_len is None else int(llama_len)
+    ct = lt + ll
+
+    def swiglu(tokens):
+        return 6 * b * tokens * d * m
+
+    def moe(tokens):
+        if e == 0:
+            return swiglu(tokens)
+        return 2 * b * tokens * d * e + 6 * b * tokens * e * d * m + 2 * b * tokens * e * d + 6 * b * tokens * d * ms
+
+    jd, js = s + ct + ll, s + ct
+    attn_d, attn_s = 4 * b * jd * jd * d, 4 * b * js * (js + ll) * d
+    double = 24 * b * d * d + 8 * b * s * d * d + 8 * b * (ct + ll) * d * d + moe(s) + swiglu(ct + ll)
+    single = 12 * b * d * d + 8 * b * js * d * d + 4 * b * ll * d * d + moe(js)
+    tp = HIDREAM_TIME_PROJ
+    embed = (2 * b * s * (c * p * p) * d + 2 * b * (tp * d + d * d) + 2 * b * (pooled * d + d * d)
+             + 2 * b * lt * d5 * d + 2 * b * (n + mm) * ll * dl * d)
+    head = 4 * b * d * d + 2 * b * s * d * (p * p * cout)
+    total = n * (double + attn_d) + mm * (single + attn_s) + embed + head
+    attention = n * attn_d + mm * attn_s
+    excess = 6 * b * (e - k) * d * m * (n * s + mm * js) if e else 0
+    return {"total": float(total), "per_block": float(double + attn_d), "per_single_block": float(single + attn_s),
+            "attention": float(attention), "linear": float(total - attention), "tokens": s,
+            "moe_dense_excess": float(excess)}
+
+
+class HiDreamTorchReference(KeywordTorchReference):
+    """diffusers' ``HiDreamImageTransformer2DModel`` called as ``HiDreamImagePipeline`` calls it: latents (B, C, h,
+    w), the timestep (B,) float32, the T5 states, the Llama states (layers, B, L, d_llama: every layer stacked, as the
+    pipeline's ``prompt_embeds_llama3``) and the pooled CLIP embedding in the model's dtype; one call on both CFG
+    halves (as there)."""
+
+    diffusers_class = "HiDreamImageTransformer2DModel"
+
+    call_args = {"hidden_states": LATENTS, "timesteps": Arg("t"),
+                 "encoder_hidden_states_t5": Arg("t5", "model"),
+                 "encoder_hidden_states_llama3": Arg("llama", "model"), "pooled_embeds": Arg("pooled", "model")}
+
+    def set_inputs(self, inputs, w):
+        super().set_inputs(inputs, w)
+        self.kwargs["encoder_hidden_states_llama3"] = self.kwargs["encoder_hidden_states_llama3"].transpose(0, 1)
+
+
+class HiDream(Family):
+    """HiDream-I1 text-to-image (Full's CFG: both halves per prompt): double-stream blocks over the image tokens with
+    the text whole as their attention's context, then single-stream blocks over [image; T5; Llama], each block's
+    Llama layer as extra keys / values (:func:`xdit_jax.pipelines.hidream.transformer_over_mesh`); PipeFusion: both
+    stacks looped over the stages, each patch carrying the whole text stream."""
+
+    name = "hidream"
+    module_name = "xdit_jax.models.hidream"
+    model_class_name = "HiDreamImageTransformer2DModel"
+    config_class_name = "HiDreamConfig"
+    token_word = "image"
+    title = "HiDream-I1"
+
+    def with_layers(self, transformer, layers):
+        """``--layers N``: N double- and N single-stream blocks, each keeping its Llama layer."""
+        n = int(layers)
+        ll = list(transformer.get("llama_layers", ()))
+        nd = int(transformer.get("num_layers", 16))
+        return dict(transformer, num_layers=n, num_single_layers=n, llama_layers=ll[:n] + ll[nd:nd + n])
+
+    def latent_shape(self, w):
+        """(B, C, H / 8, W / 8), diffusers' layout."""
+        return (w.step_batch, int(w.transformer.get("in_channels", 16)), w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def image_tokens(self, w) -> int:
+        """The model's image tokens: the patches of a square latent, ``max_resolution``'s count for another."""
+        _, _, h, ww = self.latent_shape(w)
+        t = w.transformer
+        p = int(t.get("patch_size", 2))
+        if h == ww:
+            return (h // p) * (ww // p)
+        res = t.get("max_resolution", (128, 128))
+        return int(res[0]) * int(res[1]) // p ** 2
+
+    def text_len(self, w):
+        """T5 tokens (the Llama's as many): the pipeline's ``max_sequence_length`` (128)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or HIDREAM_TEXT_TOKENS)
+
+    def llama_layers(self, w) -> int:
+        """The Llama hidden layers the inputs hold: the highest the blocks read, + 1 (32: Llama-3.1-8B's)."""
+        return max(int(i) for i in w.transformer["llama_layers"]) + 1
+
+    def tokens(self, w):
+        return self.image_tokens(w), 2 * self.text_len(w)  # the text stream [T5; Llama]
+
+    def attention_tokens(self, w):
+        return self.image_tokens(w)  # PipeFusion's buffers: the image tokens; the text joins as a context
+
+    def check(self, cfg, shape):
+        from xdit_jax.models import hidream
+
+        if shape[1] != cfg.in_channels:
+            raise ValueError(f"latents {shape}: this HiDream transformer takes {cfg.in_channels} channels.")
+        hidream.patch_layout(cfg, shape[2], shape[3])
+
+    def row_fields(self, w, cfg):
+        si, st = self.tokens(w)
+        return {"family": self.name, "image_tokens": si, "text_tokens": st, "t5_tokens": self.text_len(w),
+                "llama_tokens": self.text_len(w), "layers": cfg.num_layers + cfg.num_single_layers,
+                "double_layers": cfg.num_layers, "single_layers": cfg.num_single_layers,
+                "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+                "routed_experts": cfg.num_routed_experts, "active_experts": cfg.num_activated_experts,
+                "height": w.height, "width": w.width, "cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As ``HiDreamImagePipeline`` passes them: latents (B, C, h, w), the T5 states (B, L, caption_channels[0]),
+        the Llama states batch first (B, layers, L, caption_channels[1]: the step swaps them to the model's (layers, B,
+        L, d)), the pooled CLIP pair (B, text_emb_dim), the timestep (B,) float32. No text masks (the pipeline passes
+        none to the transformer)."""
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b, lt = w.step_batch, self.text_len(w)
+        d5, dl = (int(x) for x in t.get("caption_channels", (4096, 4096)))
+        return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
+                "t5": rng.standard_normal((b, lt, d5), dtype=np.float32),
+                "llama": rng.standard_normal((b, self.llama_layers(w), lt, dl), dtype=np.float32),
+                "pooled": rng.standard_normal((b, int(t.get("text_emb_dim", 2048))), dtype=np.float32),
+                "t": np.full((b,), HIDREAM_TIMESTEP, dtype=np.float32)}
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["t"], inputs["t5"].astype(dtype),
+                inputs["llama"].astype(dtype).swapaxes(0, 1), inputs["pooled"].astype(dtype))
+
+    def mesh_forward(self):
+        """``xdit_jax.pipelines.hidream.transformer_over_mesh``: the double-stream blocks over the image tokens (the
+        text whole), then the single-stream blocks over [image; text], as the pipeline."""
+        from xdit_jax.pipelines.hidream import transformer_over_mesh
+
+        return transformer_over_mesh
+
+    def prepare_pipeline(self, pipe, w):
+        """diffusers' size rule rescales every size to ``default_sample_size`` x 8 squared pixels (a pipeline
+        attribute, 128: 1024 x 1024): set to the workload's area (the tiny preset's 8: 64 x 64, as its tests)."""
+        import math
+
+        pipe.default_sample_size = math.isqrt(w.height * w.width) // w.vae_scale_spatial
+
+    def analytic_flops(self, w):
+        return hidream_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return HiDreamTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
                                                           HunyuanVideo15(), QwenImage(), ZImage(), Sana(), Chroma(),
                                                           Lumina2(), Flux2(), LTX(), ConsisID(), CogView3(),
                                                           CogView4(), HunyuanImage(), Kandinsky5(), SanaVideo(),
-                                                          WanVACE())}
+                                                          WanVACE(), HiDream())}
 CONSISID_CLASS_NAMES = ("ConsisIDTransformer3DModel",)
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
@@ -3906,6 +4118,7 @@ HUNYUAN_IMAGE_CLASS_NAMES = ("HunyuanImageTransformer2DModel",)
 KANDINSKY5_CLASS_NAMES = ("Kandinsky5Transformer3DModel",)
 SANA_VIDEO_CLASS_NAMES = ("SanaVideoTransformer3DModel",)
 WAN_VACE_CLASS_NAMES = ("WanVACETransformer3DModel",)
+HIDREAM_CLASS_NAMES = ("HiDreamImageTransformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -3933,7 +4146,10 @@ def family_of_config(transformer: dict) -> str:
     2-D ``rope_axes_dim`` (before HunyuanVideo-1.5, which has the second only, and HunyuanVideo: 3-D RoPE);
     Kandinsky 5.0 by its class name or ``in_visual_dim`` (no other family has it); SANA-Video (before SANA) by its
     class name or ``cross_attention_head_dim`` with ``rope_max_seq_len`` (SANA has the first only, Wan the second);
-    Wan VACE (before Wan) by its class name or ``vace_layers``; else CogVideoX."""
+    Wan VACE (before Wan) by its class name or ``vace_layers``; HiDream-I1 (before FLUX and HunyuanImage) by its class
+    name or ``llama_layers`` (no other family has it); else CogVideoX."""
+    if transformer.get("_class_name") in HIDREAM_CLASS_NAMES or "llama_layers" in transformer:
+        return "hidream"
     if transformer.get("_class_name") in SANA_VIDEO_CLASS_NAMES or (
             "cross_attention_head_dim" in transformer and "rope_max_seq_len" in transformer):
         return "sana_video"

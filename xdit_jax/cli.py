@@ -11,7 +11,7 @@
                                                    # tiny-ltx (--image: image-to-video),
                                                    # tiny-consisid with --image and --id-embeds,
                                                    # tiny-cogview3, tiny-cogview4, tiny-hunyuanimage, tiny-kandinsky5,
-                                                   # tiny-sana-video)
+                                                   # tiny-sana-video, tiny-hidream)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -141,6 +141,9 @@ class Family:
     tiny_frames: int | None = None  # the tiny model's frames where the real default is slow
     max_sequence_length: int | None = None  # the call's prompt tokens (None: the pipeline's own)
     tiny_max_sequence_length: str | None = "MAX_SEQUENCE_LENGTH"  # the tiny model's: a constant of xdit_jax.tiny
+    # the tiny model's default_sample_size (a constant of xdit_jax.tiny) where the pipeline's size rule rescales every
+    # size to that area (HiDream-I1: diffusers' 128, 1024 x 1024 pixels), set on the pipeline and in the early check
+    tiny_sample_size: str | None = None
     fixed_text_length: str | None = None  # why --max-sequence-length is refused (then the call is not given one)
     binning: Callable | None = None  # (module, tc, h, w, on) -> the size generated; takes --no-resolution-binning
     true_cfg: str | None = None  # its name where it takes --true-cfg-scale (the check's guidance: true CFG's)
@@ -247,7 +250,8 @@ FAMILIES = {
     # each text encoder; the size's aspect ratio at 1024 x 1024 pixels). The model cards' settings differ per variant
     # (HiDream-I1's inference script: Full 50 steps at CFG 5, Dev 28 and Fast 16 at guidance 0): give --steps and
     # --guidance-scale.
-    "hidream": Family(video=False, guidance_scale=5.0, steps=50, tiny_steps=2, max_sequence_length=128),
+    "hidream": Family(video=False, guidance_scale=5.0, steps=50, tiny_steps=2, max_sequence_length=128,
+                      tiny_sample_size="HIDREAM_SAMPLE_SIZE"),
 }
 # per family: default output, guidance scale, steps (real / tiny), ...: the table as plain dicts
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
@@ -294,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / 'tiny-sana-sprint' / "
                          "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' / 'tiny-consisid' / "
                          "'tiny-cogview3' / 'tiny-cogview4' / 'tiny-hunyuanimage' / 'tiny-kandinsky5' / "
-                         "'tiny-sana-video' (random, no download)")
+                         "'tiny-sana-video' / 'tiny-hidream' (random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
@@ -737,7 +741,11 @@ def _check_request(family: str, model, args, spec, guidance: float, max_sequence
         h, w, guidance = fam.check_hook(mod, model, tc, args, h, w, guidance)
     frames = (args.num_frames or default["num_frames"],) if fam.video else ()
     extra = (max_sequence_length,) if fam.check_max_sequence_length else ()
-    mod.check_request(tc, vc, h, w, *frames, len(args.prompts), spec, guidance, *extra)
+    kw = {}
+    tiny = import_module("xdit_jax.tiny")
+    if fam.tiny_sample_size and args.model in tiny.TINY_NAMES and not Path(args.model).exists():  # (its area)
+        kw["default_sample_size"] = getattr(tiny, fam.tiny_sample_size)
+    mod.check_request(tc, vc, h, w, *frames, len(args.prompts), spec, guidance, *extra, **kw)
 
 
 def _main(argv=None) -> int:
@@ -955,6 +963,8 @@ def _main(argv=None) -> int:
             pipe = cls.from_config(model, seed=args.seed, **kw)
         else:
             pipe = cls.from_pretrained(model, cache_dir=args.cache_dir, **kw)
+        if is_tiny and fam.tiny_sample_size:  # (HiDream-I1's size rule at the tiny model's area, as its tests)
+            pipe.default_sample_size = getattr(tiny, fam.tiny_sample_size)
     except (CheckpointError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError,
             DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-flux2-klein": "flux2", "tiny-skyreels-v2": "skyreels_v2", "tiny-ltx": "ltx",
               "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
               "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage", "tiny-cogview4": "cogview4",
-              "tiny-kandinsky5": "kandinsky5", "tiny-sana-video": "sana-video"}
+              "tiny-kandinsky5": "kandinsky5", "tiny-sana-video": "sana-video", "tiny-hidream": "hidream"}
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -600,7 +600,7 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = 
         return train_clip_tokenizer()
     if class_name.startswith("Bert"):
         return train_bert_tokenizer()
-    if class_name.startswith("Llama"):
+    if class_name.startswith("Llama") or text_encoder.startswith("Llama"):  # (HiDream's: PreTrainedTokenizerFast)
         return train_llama_tokenizer()
     if class_name.startswith("Pixtral") or text_encoder.startswith("Mistral3"):  # FLUX.2-dev's processor
         return train_mistral3_tokenizer()
@@ -1180,6 +1180,25 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(PIXART_VAE), jnp.float32)()),
             "text_encoder": text,
         }, PIXART_SCHEDULER
+    if family == "hidream":  # (the CLI's tiny-hidream: make_torch_hidream's configs, FlowMatch Euler)
+        from xdit_jax.models import hidream, llama
+
+        tcfg = {**HIDREAM_TRANSFORMER, **(transformer or {})}
+        clip_with_projection = lambda c: lambda: clip.CLIPTextModelWithProjection(  # noqa: E731
+            clip.CLIPTextWithProjectionConfig.from_dict(c), rngs=nnx.Rngs(0))
+        return {
+            "transformer": ("HiDreamImageTransformer2DModel", tcfg,
+                            lambda: hidream.HiDreamImageTransformer2DModel(hidream.HiDreamConfig.from_dict(tcfg),
+                                                                           rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": ("CLIPTextModelWithProjection", HIDREAM_CLIP, clip_with_projection(HIDREAM_CLIP)),
+            "text_encoder_2": ("CLIPTextModelWithProjection", HIDREAM_CLIP_G, clip_with_projection(HIDREAM_CLIP_G)),
+            "text_encoder_3": text,
+            "text_encoder_4": ("LlamaForCausalLM", HUNYUAN_VIDEO_LLAMA,
+                               lambda: llama.LlamaModel(llama.LlamaConfig.from_dict(HUNYUAN_VIDEO_LLAMA),
+                                                        rngs=nnx.Rngs(0))),
+        }, HIDREAM_SCHEDULER
     if family == "consisid":  # (DDIM: the parity tests' scheduler; the release's CogVideoXDPMScheduler draws noise)
         from xdit_jax.models import consisid
 

@@ -25,7 +25,10 @@ patch carries it; the single-stream blocks take it, with their Llama layer, as t
 :meth:`SingleBlock.pair`), each stack split over all the stages (FLUX's looped form). Every device holds every
 block's projected Llama layer (``cond``); the index of the next block rides in the scans' carry with the patch and the
 text (as ConsisID's), so a stage holding any run of blocks picks their layers (an uneven stage's padding layers pass
-the carry on unchanged).
+the carry on unchanged). The text is not cut into per-patch slices as FLUX's (``run_pipefusion``'s ``text=``, its
+slices' K/V buffered): each block's Llama layer joins the attention beside the text stream, and the buffered-slice path
+stores the whole context an attention is given at the slice's offset, so the Llama layer could not stay whole and
+fresh next to a slice (slicing it too would make its K/V a step old for the later patches: another rule).
 """
 
 from __future__ import annotations

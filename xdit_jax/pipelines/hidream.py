@@ -115,10 +115,14 @@ class HiDreamImagePipeline(ImagePipelineBase):
 
     @classmethod
     def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
-        """(No more parts; the check that the Llama encoder is in the folder, before any weights load.)"""
+        """(No more parts; the check that the Llama encoder is in the folder, before any weights load. With random
+        weights (``from_config``) its config alone: the tokenizers are stand-ins.)"""
         from pathlib import Path
 
-        missing = [n for n in ("text_encoder_4", "tokenizer_4") if not (Path(folder) / n).is_dir()]
+        from xdit_jax.pipelines.denoise import _RANDOM_WEIGHTS
+
+        needed = ("text_encoder_4",) if _RANDOM_WEIGHTS.get() is not None else ("text_encoder_4", "tokenizer_4")
+        missing = [n for n in needed if not (Path(folder) / n).is_dir()]
         if missing:
             raise ValueError(f"{folder} has no {' / '.join(missing)}: the Llama-3.1 encoder is not in this folder "
                              "(diffusers' example loads meta-llama/Meta-Llama-3.1-8B-Instruct's LlamaForCausalLM and "
