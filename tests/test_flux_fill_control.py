@@ -225,7 +225,7 @@ def test_cli_refuses(tmp_path_factory, tmp_path, capsys):
 @pytest.mark.slow  # (two CLI runs: the text encoders' compiles)
 def test_cli_fill_and_control(tmp_path_factory, tmp_path, capsys):
     """The CLI picks FluxFillPipeline / FluxControlPipeline by the folder's model_index class: --image + --mask, and
-    --control-image (required) on a mesh."""
+    --control-image (required) on a mesh; with --image --mask too, FluxControlInpaintPipeline."""
     import imageio.v3 as iio
 
     from xdit_jax import cli
@@ -243,6 +243,10 @@ def test_cli_fill_and_control(tmp_path_factory, tmp_path, capsys):
     assert cli.main(["--model", str(control), "--control-image", image, "--output", str(out), "--mesh", "ulysses=2"]
                     + size) == 0
     assert iio.imread(out).shape == (H, W, 3)
+    out = tmp_path / "control-inpaint.png"  # --image (and --mask) on a Control folder: its image-to-image (inpainting)
+    assert cli.main(["--model", str(control), "--control-image", image, "--image", image, "--mask", mask, "--output",
+                     str(out), "--json"] + size) == 0
+    assert iio.imread(out).shape == (H, W, 3) and '"image_encoding"' in capsys.readouterr().out
 
 
 @pytest.mark.slow  # (the rule is test_fill_matches_diffusers')
@@ -258,3 +262,38 @@ def test_fill_given_latents_match_diffusers(tmp_path_factory, monkeypatch):
               width=W, num_inference_steps=2, guidance_scale=30.0, num_images_per_prompt=2, latents=lat)
     _compare(tp, ours, kw, 14, image=False)
     assert not draws
+
+
+@pytest.mark.slow  # (two more steps' compiles; the control condition's rule is test_control_condition_matches_diffusers')
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_control_img2img_and_inpaint_match_diffusers(kind, tmp_path_factory, monkeypatch):
+    """diffusers' FluxControlImg2ImgPipeline / FluxControlInpaintPipeline on the Control folder's parts == ours loaded
+    from it: strength 0.6 of 4 steps (3 run, from the second sigma), one prompt x 2 samples, a control image and an image (and a mask);
+    the same torch draws in diffusers' order (Inpaint: the masked image's sample first, which its step does not use
+    and ours does not draw; then the control images', the image's, the noise)."""
+    import diffusers
+
+    from xdit_jax.pipelines import flux_fill
+
+    tp, _, folder = build("control", tmp_path_factory)
+    name = {"img2img": "FluxControlImg2ImgPipeline", "inpaint": "FluxControlInpaintPipeline"}[kind]
+    tp = getattr(diffusers, name)(**tp.components)
+    ours = getattr(flux_fill, name).from_pretrained(folder)
+    one = (1, tp.vae.config.latent_channels, H // 8, W // 8)
+    two = (2,) + one[1:]
+    shapes = ([one] if kind == "inpaint" else []) + [two, one, two]
+    draws = _torch_draws(monkeypatch, ours, 16, shapes)
+    if kind == "inpaint":
+        draws.pop(0)
+    emb, pooled = _embeds(1, 3)
+    kw = dict(prompt_embeds=emb, pooled_prompt_embeds=pooled, image=picture(9), control_image=picture(4), height=H,
+              width=W, strength=0.6, num_inference_steps=4, guidance_scale=3.5, num_images_per_prompt=2)
+    if kind == "inpaint":
+        kw["mask_image"] = _mask()
+    # fp32, _compare's bound (1e-4 of the latents' scale)
+    diffs = _compare(tp, ours, kw, 16, image=False)
+    assert not draws  # measured: img2img 5.2e-6 of 2.8, inpaint 5.8e-6 of 3.1
+    # the image matters (another image moves the latents far beyond the bound)
+    monkeypatch.undo()
+    other = ours(output_type="latent", progress=False, **{**kw, "image": picture(10)}).images
+    assert np.abs(other - ours(output_type="latent", progress=False, **kw).images).max() > 1e-2 * diffs[2]

@@ -19,7 +19,12 @@ from xdit_jax.pipelines.flux import (
     FluxPipelineOutput,
 )
 from xdit_jax.pipelines.flux2 import Flux2KleinPipeline, Flux2Pipeline, Flux2PipelineOutput
-from xdit_jax.pipelines.flux_fill import FluxControlPipeline, FluxFillPipeline
+from xdit_jax.pipelines.flux_fill import (
+    FluxControlImg2ImgPipeline,
+    FluxControlInpaintPipeline,
+    FluxControlPipeline,
+    FluxFillPipeline,
+)
 from xdit_jax.pipelines.hidream import HiDreamImagePipeline, HiDreamImagePipelineOutput
 from xdit_jax.pipelines.hunyuan_video import HunyuanVideoPipeline, HunyuanVideoPipelineOutput
 from xdit_jax.pipelines.hunyuan_video15 import (
@@ -77,7 +82,7 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "CogView4PipelineOutput", "ConsisIDPipeline",
            "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
            "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput",
-           "FluxControlPipeline", "FluxFillPipeline",
+           "FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline", "FluxFillPipeline",
            "HiDreamImagePipeline", "HiDreamImagePipelineOutput", "HunyuanDiTPipeline",
            "HunyuanDiTPipelineOutput", "HunyuanImagePipeline", "HunyuanImagePipelineOutput",
            "HunyuanVideo15ImageToVideoPipeline", "HunyuanVideo15Pipeline",

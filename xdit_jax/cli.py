@@ -286,6 +286,11 @@ QWEN_EDIT = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")  # --image: t
 FLUX_FILL = "FluxFillPipeline"  # a FLUX.1 Fill folder: --image and --mask, both required (inpainting; --strength)
 FLUX_CONTROL = "FluxControlPipeline"  # a FLUX.1 Canny / Depth folder: --control-image, required
 INPAINT[FLUX_FILL] = FLUX_FILL
+# a Control folder with --image: image-to-image (and --mask: inpainting) guided by the control image
+CONTROL = (FLUX_CONTROL, "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline")
+IMAGE_TO_IMAGE.update({c: "FluxControlImg2ImgPipeline" for c in CONTROL[:2]})
+INPAINT.update({c: "FluxControlInpaintPipeline" for c in (CONTROL[0], CONTROL[2])})
+NO_MASK_CROP = (FLUX_FILL, "FluxControlInpaintPipeline")  # (diffusers' pipelines without padding_mask_crop)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -865,10 +870,10 @@ def _main(argv=None) -> int:
         if kind == FLUX_FILL and (args.image is None or args.mask is None):
             raise ValueError(f"{args.model} is a FLUX.1 Fill model: give the image with --image PATH and the region "
                              "to repaint (white) with --mask PATH.")
-        if kind == FLUX_CONTROL and args.control_image is None:
+        if kind in CONTROL and args.control_image is None:
             raise ValueError(f"{args.model} is a FLUX.1 Control (Canny / Depth) model: give the edge or depth map "
                              "with --control-image PATH.")
-        if kind != FLUX_CONTROL and args.control_image is not None:
+        if kind not in CONTROL and args.control_image is not None:
             raise ValueError("--control-image: FLUX.1 Control (Canny / Depth) models only (a FluxControlPipeline "
                              "folder).")
         if kind != WAN_VACE and (args.reference_images or args.conditioning_scale is not None):
@@ -883,9 +888,10 @@ def _main(argv=None) -> int:
         elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 / Chroma / Qwen-Image image-to-image
             kind = args.kind = IMAGE_TO_IMAGE[kind]
         img2img = kind in IMAGE_TO_IMAGE.values() or kind in INPAINT.values()
-        if args.padding_mask_crop is not None and (kind not in INPAINT.values() or args.padding_mask_crop < 0):
+        if args.padding_mask_crop is not None and (kind not in INPAINT.values() or kind in NO_MASK_CROP
+                                                   or args.padding_mask_crop < 0):
             raise ValueError("--padding-mask-crop PX (>= 0): inpainting only (a FLUX.1, SD3, Chroma or Qwen-Image "
-                             "model with --image and --mask).")
+                             "model with --image and --mask; not FLUX.1 Fill or Control).")
         if img2img and args.image is None:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
@@ -1018,7 +1024,7 @@ def _main(argv=None) -> int:
             kw["mask_image"] = Image.open(args.mask)
         if args.padding_mask_crop is not None:
             kw["padding_mask_crop"] = args.padding_mask_crop
-    if kind == FLUX_CONTROL:  # (diffusers' control_image=)
+    if args.control_image is not None:  # (diffusers' control_image=; Control folders only, checked above)
         from PIL import Image
 
         kw["control_image"] = Image.open(args.control_image).convert("RGB")

@@ -22,6 +22,8 @@ PIPELINES = {
     "FluxInpaintPipeline": ("xdit_jax.pipelines.flux", "FluxInpaintPipeline", "flux"),
     "FluxFillPipeline": ("xdit_jax.pipelines.flux_fill", "FluxFillPipeline", "flux"),
     "FluxControlPipeline": ("xdit_jax.pipelines.flux_fill", "FluxControlPipeline", "flux"),
+    "FluxControlImg2ImgPipeline": ("xdit_jax.pipelines.flux_fill", "FluxControlImg2ImgPipeline", "flux"),
+    "FluxControlInpaintPipeline": ("xdit_jax.pipelines.flux_fill", "FluxControlInpaintPipeline", "flux"),
     "StableDiffusion3Pipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Pipeline", "sd3"),
     "StableDiffusion3Img2ImgPipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3Img2ImgPipeline", "sd3"),
     "StableDiffusion3InpaintPipeline": ("xdit_jax.pipelines.sd3", "StableDiffusion3InpaintPipeline", "sd3"),

@@ -141,7 +141,7 @@ class FluxControlPipeline(_Conditioned):
     """Structural control with FLUX.1 Canny / Depth (diffusers' ``FluxControlPipeline``) — see the module docstring.
     ``control_image``: the edge / depth map (the user's preprocessing), resized to the output size."""
 
-    PIPELINE_CLASSES = ("FluxControlPipeline",)
+    PIPELINE_CLASSES = ("FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline")
 
     def _extra_channels(self) -> int:
         return self.transformer_config.out_ch
@@ -160,7 +160,7 @@ class FluxControlPipeline(_Conditioned):
         mean, std = self._moments(pixels)
         rows = batch * per // len(images)
         mean, std = jnp.repeat(mean, rows, axis=0), jnp.repeat(std, rows, axis=0)
-        latents = self._scale_latents(mean + std * self._normal(jax.random.fold_in(rng, 1), mean.shape))
+        latents = self._scale_latents(mean + std * self._normal(jax.random.fold_in(rng, 4), mean.shape))
         return self._placed(pack_latents(latents))
 
     def __call__(self, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
@@ -173,17 +173,83 @@ class FluxControlPipeline(_Conditioned):
         """diffusers' FluxControlPipeline call and defaults (``generator`` -> ``seed``). ``control_image``: a PIL image
         or an (H, W, 3) array at the output size (uint8, or floats in [0, 1]), or one per prompt; ``latents``: packed
         initial latents (B, tokens, 4C)."""
+        height, width = self._control_size(control_image, height, width)
+        return forward_call(FluxPipeline._generate, self, locals(), init=self._with_control(control_image, height,
+                                                                                            width))
+
+    def _control_size(self, control_image, height, width) -> tuple[int, int]:
+        """The checks of every Control call and the output size (the text-to-image pipeline's default)."""
         self._check_channels()
         if control_image is None:
-            raise ValueError("FluxControlPipeline needs control_image= (the Canny edge or depth map to follow).")
+            raise ValueError(f"{type(self).__name__} needs control_image= (the Canny edge or depth map to follow).")
         ds = self.default_size()
-        height = ds["height"] if height is None else height
-        width = ds["width"] if width is None else width
+        return ds["height"] if height is None else height, ds["width"] if width is None else width
 
-        def init(sched, given, batch, per, rng, timer):  # (the control image's draw first, as diffusers)
+    def _with_control(self, control_image, height: int, width: int, start=None):
+        """The start hook: the control image's condition (its draw first, as diffusers), then ``start``'s (image-to-
+        image's or inpainting's: the schedule, the initial latents[, the kept region]) if any."""
+
+        def init(sched, given, batch, per, rng, timer):
             with timer.stage("image_encoding"):
                 condition = self.control_condition(control_image, height, width, batch, per, rng)
                 jax.block_until_ready(condition)
-            return sched, given, condition
+            if start is None:
+                return sched, given, condition
+            sched, given, *kept = start(sched, given, batch, per, rng, timer)
+            return (sched, given, condition, *kept)  # (the step splits the kept region off first, then this)
 
+        return init
+
+
+class FluxControlImg2ImgPipeline(FluxControlPipeline):
+    """FLUX.1 Canny / Depth image-to-image (diffusers' ``FluxControlImg2ImgPipeline``) on a FLUX.1 Control folder:
+    image-to-image's start (:class:`~xdit_jax.pipelines.flux.FluxImg2ImgPipeline`'s: the image encoded and noised to
+    where the last ``strength`` of the schedule starts) with the control image's channels in every step. The draws:
+    the control image's posterior sample, then the image's, then the noise (diffusers' order)."""
+
+    PIPELINE_CLASSES = ("FluxControlImg2ImgPipeline", "FluxControlPipeline", "FluxControlInpaintPipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+                 *, image=None, control_image=None, true_cfg_scale: float = 1.0, height: int | None = None,
+                 width: int | None = None, strength: float = 0.6, num_inference_steps: int = 28,
+                 guidance_scale: float = 7.0, num_images_per_prompt: int = 1, latents=None, prompt_embeds=None,
+                 pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 max_sequence_length: int = 512, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> FluxPipelineOutput:
+        """diffusers' FluxControlImg2ImgPipeline call and defaults (``generator`` -> ``seed``; strength 0.6, 28 steps,
+        guidance 7). ``image`` as :class:`FluxImg2ImgPipeline`'s, ``control_image`` as
+        :class:`FluxControlPipeline`'s; ``latents``: packed initial latents, used as given (no image noised)."""
+        height, width = self._control_size(control_image, height, width)
+        height, width, start = self.img2img_init(image, height, width, num_inference_steps, strength, pack_latents)
+        init = self._with_control(control_image, height, width, start)
+        return forward_call(FluxPipeline._generate, self, locals(), init=init)
+
+
+class FluxControlInpaintPipeline(FluxControlPipeline):
+    """FLUX.1 Canny / Depth inpainting (diffusers' ``FluxControlInpaintPipeline``) on a FLUX.1 Control folder:
+    :class:`~xdit_jax.pipelines.flux.FluxInpaintPipeline`'s start and kept region (white repaints, black keeps) with the
+    control image's channels in every step. The draws: the control image's posterior sample, the image's, the noise
+    (diffusers draws the masked image's sample first, which nothing of its step uses: not drawn here)."""
+
+    PIPELINE_CLASSES = ("FluxControlInpaintPipeline", "FluxControlPipeline", "FluxControlImg2ImgPipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
+                 *, image=None, control_image=None, mask_image=None, masked_image_latents=None,
+                 true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 strength: float = 0.6, num_inference_steps: int = 28, guidance_scale: float = 7.0,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, max_sequence_length: int = 512,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> FluxPipelineOutput:
+        """diffusers' FluxControlInpaintPipeline call and defaults (``generator`` -> ``seed``; strength 0.6, 28 steps,
+        guidance 7). ``image`` / ``mask_image`` as :class:`FluxInpaintPipeline`'s, ``control_image`` as
+        :class:`FluxControlPipeline`'s; ``latents``: the initial latents and the kept region's noise (no noise
+        drawn), (B, C, h, w) or packed."""
+        if masked_image_latents is not None:
+            raise NotImplementedError("masked_image_latents is not supported here: give image= and mask_image=.")
+        height, width = self._control_size(control_image, height, width)
+        height, width, start, _ = self.inpaint_init(image, mask_image, height, width, num_inference_steps, strength,
+                                                    vae_scale_factor(self.vae_config), pack_latents)
+        init = self._with_control(control_image, height, width, start)
         return forward_call(FluxPipeline._generate, self, locals(), init=init)
