@@ -1257,6 +1257,26 @@ def write_wan_i2v_configs(folder: str | os.PathLike, flf2v: bool = False) -> Pat
     return folder
 
 
+# ChronoEdit at tiny size: Wan 2.1 I2V's tiny layout as a ChronoEditTransformer3DModel, heads of 16 (16 % 6 = 4: its
+# RoPE's split of the head dim, 6 + 5 + 5, differs from Wan's 8 + 4 + 4 as it would for such a width) and the two
+# frames at RoPE positions 0 and 4.
+CHRONOEDIT_TRANSFORMER = dict(WAN_I2V_TRANSFORMER, attention_head_dim=16, added_kv_proj_dim=32,
+                              rope_temporal_skip_len=5)
+
+
+def write_chronoedit_configs(folder: str | os.PathLike) -> Path:
+    """The configs of a tiny ChronoEdit model (``ChronoEditPipeline``: Wan 2.1 I2V's tiny parts, a CLIP
+    ``image_encoder`` and its ``image_processor``, :data:`CHRONOEDIT_TRANSFORMER`) in ``folder``. For ``from_config`` /
+    ``--random-weights`` trials and tests."""
+    folder = write_wan_i2v_configs(folder)
+    (folder / "transformer" / "config.json").write_text(json.dumps(CHRONOEDIT_TRANSFORMER, indent=2))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="ChronoEditPipeline", _diffusers_version="0.36.0",
+                 transformer=["diffusers", "ChronoEditTransformer3DModel"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def write_hunyuan_video15_i2v_configs(folder: str | os.PathLike) -> Path:
     """The configs of a tiny HunyuanVideo-1.5 image-to-video model (``HunyuanVideo15ImageToVideoPipeline``: the
     text-to-video parts, a SigLIP ``image_encoder`` (:data:`HUNYUAN_VIDEO15_SIGLIP`) and its ``feature_extractor``) in
