@@ -162,3 +162,25 @@ def test_bad_input(tmp_path_factory):
         ours(image, PROMPT, height=40, width=W, max_sequence_length=MSL)
     with pytest.raises(ValueError, match="latents have shape"):
         ours(image, PROMPT, latents=_latents(frames=3), **kw)
+
+
+@pytest.mark.slow
+def test_cli_random_weights(tmp_path, capsys):
+    """generate.py on a tiny ChronoEdit configs folder with --random-weights: --image required; the edit written as a
+    PNG of the asked size, on cfg=2."""
+    from PIL import Image
+
+    from xdit_jax import cli, tiny
+
+    configs = tiny.write_chronoedit_configs(tmp_path / "chronoedit")
+    image = tmp_path / "in.png"
+    random_image(9, (40, 24)).save(image)
+    out = tmp_path / "edit.png"
+    base = ["--model", str(configs), "--random-weights", "--no-progress", "--output", str(out)]
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(cli.main(base))
+    assert e.value.code == 2 and "give the image to edit with --image" in capsys.readouterr().err
+    rc = cli.main(base + ["--image", str(image), "--steps", "2", "--height", "32", "--width", "48",
+                          "--max-sequence-length", "16", "--mesh", "cfg=2", "--json"])
+    assert rc == 0 and Image.open(out).size == (48, 32)
+    assert '"model_family": "chronoedit"' in capsys.readouterr().out
