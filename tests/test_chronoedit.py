@@ -143,8 +143,8 @@ def test_meshes_match_one_device(mesh, reasoning, tmp_path_factory):
     np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
-@pytest.mark.slow
 def test_bad_input(tmp_path_factory):
+    """Refused before any heavy work (the latents' shape: after the image's VAE encode, compiled by the test above)."""
     _, ours, _ = build(tmp_path_factory)
     image = random_image(0, (W, H))
     kw = dict(height=H, width=W, max_sequence_length=MSL)
@@ -161,7 +161,8 @@ def test_bad_input(tmp_path_factory):
     with pytest.raises(ValueError, match="multiples"):
         ours(image, PROMPT, height=40, width=W, max_sequence_length=MSL)
     with pytest.raises(ValueError, match="latents have shape"):
-        ours(image, PROMPT, latents=_latents(frames=3), **kw)
+        ours(image, prompt_embeds=np.zeros((1, MSL, 32), np.float32), image_embeds=np.zeros((5, 16), np.float32),
+             guidance_scale=1.0, latents=_latents(frames=3), **kw)
 
 
 @pytest.mark.slow
