@@ -136,10 +136,11 @@ class ChronoEditPipeline(WanImageToVideoPipeline):
     def _keep_end_frames(self, latents, sched_state, kv, args, do_cfg: bool):
         """The loop's carry and the step's inputs with only the first and last latent frames."""
         shape = latents.shape[:2] + (2,) + latents.shape[3:]
-        place = lambda x: jax.device_put(_end_frames(x), self._latent_sharding(shape))  # noqa: E731
+        # (jitted with the result's layout: the arrays may span processes)
+        place = jax.jit(_end_frames, out_shardings=self._latent_sharding(shape))
         state = jax.tree.map(lambda s: place(s) if s.shape == latents.shape else s, sched_state)
         texts = args[0]
-        cond = jax.device_put(_end_frames(texts[1]), self._batch_sharding(texts[1].ndim, do_cfg))
+        cond = jax.jit(_end_frames, out_shardings=self._batch_sharding(texts[1].ndim, do_cfg))(texts[1])
         if kv is not None:
             kv = self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape))
         return place(latents), state, kv, ((texts[0], cond) + tuple(texts[2:]),) + tuple(args[1:])
@@ -155,9 +156,9 @@ class ChronoEditPipeline(WanImageToVideoPipeline):
         def decode(latents):
             if latents.shape[2] <= 2:
                 return base(latents)
-            reason = base(latents[:, :, :-1])
-            edit = base(_end_frames(latents))
-            return jnp.concatenate([reason, edit[:, 1:]], axis=1)
+            reason = base(jax.jit(lambda x: x[:, :, :-1])(latents))  # (jitted: the arrays may span processes)
+            edit = base(jax.jit(_end_frames)(latents))
+            return jax.jit(lambda a, b: jnp.concatenate([a, b[:, 1:]], axis=1))(reason, edit)
 
         return decode
 
