@@ -166,22 +166,26 @@ def test_bad_input(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cli_random_weights(tmp_path, capsys):
-    """generate.py on a tiny ChronoEdit configs folder with --random-weights: --image required; the edit written as a
-    PNG of the asked size, on cfg=2."""
+def test_cli(tmp_path, capsys, monkeypatch):
+    """generate.py: --model tiny-chronoedit (made in a fresh cache) with --image writes the edit as a PNG of the tiny
+    default size, on cfg=2; --image is required; a configs folder with --random-weights runs too."""
     from PIL import Image
 
     from xdit_jax import cli, tiny
 
-    configs = tiny.write_chronoedit_configs(tmp_path / "chronoedit")
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
     image = tmp_path / "in.png"
     random_image(9, (40, 24)).save(image)
     out = tmp_path / "edit.png"
-    base = ["--model", str(configs), "--random-weights", "--no-progress", "--output", str(out)]
+    base = ["--model", "tiny-chronoedit", "--no-progress", "--output", str(out)]
     with pytest.raises(SystemExit) as e:
         raise SystemExit(cli.main(base))
     assert e.value.code == 2 and "give the image to edit with --image" in capsys.readouterr().err
-    rc = cli.main(base + ["--image", str(image), "--steps", "2", "--height", "32", "--width", "48",
-                          "--max-sequence-length", "16", "--mesh", "cfg=2", "--json"])
-    assert rc == 0 and Image.open(out).size == (48, 32)
+    assert cli.main(base + ["--image", str(image), "--mesh", "cfg=2", "--json"]) == 0
+    assert Image.open(out).size == (48, 32)
     assert '"model_family": "chronoedit"' in capsys.readouterr().out
+    configs = tiny.write_chronoedit_configs(tmp_path / "chronoedit")
+    assert cli.main(["--model", str(configs), "--random-weights", "--image", str(image), "--steps", "2", "--height",
+                     "16", "--width", "32", "--max-sequence-length", "16", "--no-progress", "--overwrite",
+                     "--output", str(out)]) == 0
+    assert Image.open(out).size == (32, 16)
