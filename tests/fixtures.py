@@ -383,6 +383,23 @@ def make_torch_wan(seed: int = 0, scheduler: str = "unipc", variant: str = "2.1"
                        transformer=transformer, scheduler=sched, **extra)
 
 
+def make_torch_chronoedit(seed: int = 0):
+    """A tiny random diffusers ChronoEditPipeline: Wan 2.1 I2V's tiny parts (:func:`make_torch_wan`'s "i2v-2.1": UMT5,
+    VAE, UniPC, the CLIP tower and processor) with a ChronoEditTransformer3DModel of
+    xdit_jax.tiny.CHRONOEDIT_TRANSFORMER."""
+    from diffusers import ChronoEditPipeline, ChronoEditTransformer3DModel
+    from diffusers.pipelines.chronoedit import pipeline_chronoedit
+    from diffusers.pipelines.wan import pipeline_wan
+
+    # (ChronoEdit's module calls ftfy unguarded, not installed here; Wan's T2V prompt_clean is the same with the guard)
+    pipeline_chronoedit.prompt_clean = pipeline_wan.prompt_clean
+    parts = make_torch_wan(seed, variant="i2v-2.1").components
+    transformer = randomize_(ChronoEditTransformer3DModel(**tiny.CHRONOEDIT_TRANSFORMER), seed + 6, std=0.1)
+    return ChronoEditPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
+                              image_encoder=parts["image_encoder"], image_processor=parts["image_processor"],
+                              transformer=transformer, vae=parts["vae"], scheduler=parts["scheduler"])
+
+
 def make_torch_wan_vace(seed: int = 0):
     """A tiny random diffusers WanVACEPipeline: Wan's tiny UMT5, VAE and UniPC (:func:`make_torch_wan`'s) with a
     WanVACETransformer3DModel of xdit_jax.tiny.WAN_VACE_TRANSFORMER."""

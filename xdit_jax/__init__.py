@@ -7,6 +7,7 @@ from xdit_jax.pipelines.chroma import (
     ChromaPipeline,
     ChromaPipelineOutput,
 )
+from xdit_jax.pipelines.chronoedit import ChronoEditPipeline, ChronoEditPipelineOutput
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
 from xdit_jax.pipelines.cogview3 import CogView3PipelineOutput, CogView3PlusPipeline
 from xdit_jax.pipelines.cogview4 import CogView4Pipeline, CogView4PipelineOutput
@@ -103,5 +104,6 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline",
            "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput", "WanVideoToVideoPipeline",
-           "ZImagePipeline", "ZImagePipelineOutput", "build_mesh", "WanVACEPipeline"]
+           "ZImagePipeline", "ZImagePipelineOutput", "build_mesh", "WanVACEPipeline",
+           "ChronoEditPipeline", "ChronoEditPipelineOutput"]
 __version__ = "0.1.0"

@@ -252,6 +252,10 @@ FAMILIES = {
     # --guidance-scale.
     "hidream": Family(video=False, guidance_scale=5.0, steps=50, tiny_steps=2, max_sequence_length=128,
                       tiny_sample_size="HIDREAM_SAMPLE_SIZE"),
+    # ChronoEdit: diffusers' ChronoEditPipeline defaults (480 x 832, 50 steps, CFG 5, 512 UMT5 tokens); --image: the
+    # image to edit (required), resized to the output size; the edit (the last of its 5 frames) is written
+    "chronoedit": Family(video=False, guidance_scale=5.0, steps=50, tiny_steps=2, tiny_size=(32, 48),
+                         max_sequence_length=512),
 }
 # per family: default output, guidance scale, steps (real / tiny), ...: the table as plain dicts
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
@@ -285,6 +289,7 @@ DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", 
 QWEN_EDIT = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")  # --image: the image(s) to edit, required
 FLUX_FILL = "FluxFillPipeline"  # a FLUX.1 Fill folder: --image and --mask, both required (inpainting; --strength)
 FLUX_CONTROL = "FluxControlPipeline"  # a FLUX.1 Canny / Depth folder: --control-image, required
+CHRONOEDIT = "ChronoEditPipeline"  # --image: the image to edit, required (the output: the edited image)
 INPAINT[FLUX_FILL] = FLUX_FILL
 # a Control folder with --image: image-to-image (and --mask: inpainting) guided by the control image
 CONTROL = (FLUX_CONTROL, "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline")
@@ -913,8 +918,12 @@ def _main(argv=None) -> int:
                              "--image PATH.")
         if k5_edit and args.last_image is not None:
             raise ValueError("--last-image: Kandinsky 5.0 image-to-image takes one image (--image).")
+        chrono_edit = kind == CHRONOEDIT
+        if chrono_edit and (args.image is None or args.last_image is not None):
+            raise ValueError(f"{args.model} is a ChronoEdit model: give the image to edit with --image PATH (one "
+                             "image; no --last-image).")
         if not image_to_video and not args.kontext and not flux2_reference and not qwen_edit and not img2img \
-                and not k5_edit and args.image is not None:
+                and not k5_edit and not chrono_edit and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, FLUX.1 Kontext or Qwen-Image-Edit does).")
         if kind == "Kandinsky5I2VPipeline":  # (the pipeline's rules, before loading it)
@@ -1059,6 +1068,10 @@ def _main(argv=None) -> int:
         if args.conditioning_scale is not None:
             kw["conditioning_scale"] = args.conditioning_scale
         call = pipe
+    elif kind == CHRONOEDIT:  # the image to edit, resized to the output size (diffusers' 480 x 832 unless sized)
+        from PIL import Image
+
+        call = functools.partial(pipe, Image.open(args.images[0]).convert("RGB"))
     elif kind == "Kandinsky5I2IPipeline":  # the image to edit; the output takes its size unless sized
         from PIL import Image
 

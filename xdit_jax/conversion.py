@@ -63,6 +63,8 @@ MODEL_CLASSES = {
     "WanVACETransformer3DModel": ("xdit_jax.models.wan_vace", "WanVACEConfig"),
     # SkyReels-V2: Wan 2.1's transformer with per-frame timesteps, the fps embedding and the causal block mask
     "SkyReelsV2Transformer3DModel": ("xdit_jax.models.skyreels_v2", "SkyReelsV2Config"),
+    # ChronoEdit: Wan 2.1 I2V's transformer with its own RoPE (two frames at positions 0 and rope_temporal_skip_len - 1)
+    "ChronoEditTransformer3DModel": ("xdit_jax.models.chronoedit", "ChronoEditConfig"),
     # Kandinsky 5.0: a text stack, then visual blocks cross-attending to it (HunyuanVideo's VAE, Qwen2.5-VL + CLIP)
     "Kandinsky5Transformer3DModel": ("xdit_jax.models.kandinsky5", "Kandinsky5Config"),
     "AutoencoderKLQwenImage": ("xdit_jax.models.vae_qwenimage", "QwenImageVAEConfig"),  # the Wan 2.1 VAE

@@ -649,6 +649,13 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer_2": ["transformers", "ByT5Tokenizer"],
                 "transformer": ["diffusers", "HunyuanVideo15Transformer3DModel"],
                 "vae": ["diffusers", "AutoencoderKLHunyuanVideo15"]}
+    if family == "chronoedit":
+        return {"_class_name": "ChronoEditPipeline", "_diffusers_version": "0.36.0",
+                "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "ChronoEditTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+                "image_encoder": ["transformers", "CLIPVisionModel"],
+                "image_processor": ["transformers", "CLIPImageProcessor"]}
     if family == "wan":
         return {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],
@@ -901,6 +908,21 @@ def _parts(family: str, transformer: dict | None):
                     lambda: vae_wan.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE), jnp.float32)()),
             "text_encoder": ("UMT5EncoderModel", WAN_TEXT_ENCODER,
                              lambda: t5.T5EncoderModel(t5.UMT5Config.from_dict(WAN_TEXT_ENCODER), rngs=nnx.Rngs(0))),
+        }, WAN_SCHEDULER
+    if family == "chronoedit":  # Wan 2.1 I2V's tiny parts with ChronoEdit's transformer and the CLIP tower
+        from xdit_jax.models import chronoedit
+
+        tcfg = {**CHRONOEDIT_TRANSFORMER, **(transformer or {})}
+        vision = clip.CLIPVisionConfig.from_dict(WAN_IMAGE_ENCODER)
+        return {
+            "transformer": ("ChronoEditTransformer3DModel", tcfg,
+                            lambda: chronoedit.ChronoEditTransformer3DModel(chronoedit.ChronoEditConfig.from_dict(tcfg),
+                                                                            rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLWan", WAN_VAE,
+                    lambda: vae_wan.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE), jnp.float32)()),
+            "text_encoder": ("UMT5EncoderModel", WAN_TEXT_ENCODER,
+                             lambda: t5.T5EncoderModel(t5.UMT5Config.from_dict(WAN_TEXT_ENCODER), rngs=nnx.Rngs(0))),
+            "image_encoder": ("CLIPVisionModel", WAN_IMAGE_ENCODER, lambda: clip.CLIPVisionModel(vision)),
         }, WAN_SCHEDULER
     if family == "skyreels_v2":
         from xdit_jax.models import skyreels_v2
@@ -1245,6 +1267,9 @@ def write_configs(folder: str | os.PathLike, family: str = "cogvideox", transfor
     if family == "hunyuan_video15":  # the guider's config (diffusers' ClassifierFreeGuidance save)
         (folder / "guider").mkdir(exist_ok=True)
         (folder / "guider" / "guider_config.json").write_text(json.dumps(HUNYUAN_VIDEO15_GUIDER, indent=2))
+    if family == "chronoedit":  # the CLIP image processor's settings
+        (folder / "image_processor").mkdir(exist_ok=True)
+        (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(WAN_IMAGE_PROCESSOR, indent=2))
     if family.startswith("qwenimage-edit"):  # the image processor's settings (Qwen2VLProcessor's save)
         (folder / "processor").mkdir(exist_ok=True)
         (folder / "processor" / "preprocessor_config.json").write_text(json.dumps(QWEN_EDIT_PROCESSOR, indent=2))
@@ -1272,6 +1297,29 @@ def write_wan_i2v_configs(folder: str | os.PathLike, flf2v: bool = False) -> Pat
     index = dict(model_index("wan"), _class_name="WanImageToVideoPipeline",
                  image_encoder=["transformers", "CLIPVisionModel"],
                  image_processor=["transformers", "CLIPImageProcessor"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+# ChronoEdit at tiny size: Wan 2.1 I2V's tiny layout as a ChronoEditTransformer3DModel, heads of 16 (16 % 6 = 4: its
+# RoPE's split of the head dim, 6 + 5 + 5, differs from Wan's 8 + 4 + 4 as it would for such a width) and the two
+# frames at RoPE positions 0 and 4.
+CHRONOEDIT_TRANSFORMER = dict(WAN_I2V_TRANSFORMER, attention_head_dim=16, added_kv_proj_dim=32,
+                              rope_temporal_skip_len=5)
+
+
+TINY_NAMES["tiny-chronoedit"] = "chronoedit"
+
+
+def write_chronoedit_configs(folder: str | os.PathLike) -> Path:
+    """The configs of a tiny ChronoEdit model (``ChronoEditPipeline``: Wan 2.1 I2V's tiny parts, a CLIP
+    ``image_encoder`` and its ``image_processor``, :data:`CHRONOEDIT_TRANSFORMER`) in ``folder``. For ``from_config`` /
+    ``--random-weights`` trials and tests."""
+    folder = write_wan_i2v_configs(folder)
+    (folder / "transformer" / "config.json").write_text(json.dumps(CHRONOEDIT_TRANSFORMER, indent=2))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="ChronoEditPipeline", _diffusers_version="0.36.0",
+                 transformer=["diffusers", "ChronoEditTransformer3DModel"])
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
@@ -1352,6 +1400,12 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
 
             make = (vae_ltx_encoder.module_fn(vae_ltx.LTXVAEConfig.from_dict(LTX_VAE)) if family == "ltx"
                     else vae_wan_encoder.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE)))
+            abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
+            save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
+        if family == "chronoedit":  # the Wan VAE's encoder (the image to edit)
+            from xdit_jax.models import vae_wan, vae_wan_encoder
+
+            make = vae_wan_encoder.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE))
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
         if family.startswith("qwenimage"):  # the Wan VAE's encoder (image-to-image, Edit), Qwen2.5-VL's vision tower
