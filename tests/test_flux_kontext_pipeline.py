@@ -186,3 +186,55 @@ def test_benchmark_rows_and_workload(tmp_path, monkeypatch):
     assert call["image"].shape == (1024, 1024, 3) and call["max_area"] == 1024 ** 2 and not call["_auto_resize"]
     dev = bench.load_workload("flux.1-dev")
     assert bench.workload_flops(w)["total"] > 2 * bench.workload_flops(dev)["total"]  # attention grows as tokens^2
+
+
+@pytest.mark.slow  # (another step's compile and torch run; inpainting's rule is test_flux_pipeline's, by default)
+@pytest.mark.parametrize("reference", [False, True])
+def test_inpaint_matches_diffusers(tmp_path_factory, monkeypatch, reference):
+    """diffusers' FluxKontextInpaintPipeline on the Kontext folder's parts: an 80 x 48 picture (the output's size) with
+    a mask, strength 0.6 of 4 steps (3 run), true CFG; Kontext's reference tokens the picture's, or a 70 x 50
+    image_reference's (48 x 64, its own tokens); the image's latents the posterior's mode, the noise the one draw (the
+    same torch draw both sides)."""
+    from diffusers import FluxKontextInpaintPipeline as TorchInpaint
+
+    from tests.test_flux_pipeline import _torch_draws
+    from xdit_jax.pipelines.flux import FluxKontextInpaintPipeline
+
+    tp, _, folder = build(tmp_path_factory)
+    tp = TorchInpaint(**tp.components)
+    ours = FluxKontextInpaintPipeline.from_pretrained(folder)
+    mask = np.zeros((H, W), np.uint8)
+    mask[8:40, 24:64] = 255
+    kw = dict(image=picture(3, size=(W, H)), mask_image=Image.fromarray(mask), strength=0.6, num_inference_steps=4,
+              guidance_scale=3.5, negative_prompt=NEG, true_cfg_scale=2.0, max_sequence_length=MSL,
+              _auto_resize=False)
+    if reference:
+        kw["image_reference"] = picture(4)
+    draws = _torch_draws(monkeypatch, ours, 5, [(1, 16 // 4, H // 8, W // 8)])
+    with torch.no_grad():
+        ref = tp(prompt=PROMPT, generator=torch.Generator().manual_seed(5), output_type="latent", **kw).images.numpy()
+    out = ours(prompt=PROMPT, output_type="latent", progress=False, **kw).images
+    assert not draws and out.shape == ref.shape
+    # fp32, test_latents_match_diffusers_true_cfg_two_images' bound; measured below 1e-5 of the latents' scale
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    with pytest.raises(NotImplementedError, match="padding_mask_crop"):
+        ours(prompt=PROMPT, padding_mask_crop=4, **kw)
+
+
+@pytest.mark.slow  # (a CLI run: the text encoders' and the step's compiles)
+def test_cli_inpaint(tmp_path, monkeypatch):
+    """--image --mask on tiny-flux-kontext: FluxKontextInpaintPipeline, the output at the image's (Kontext) size."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    src, msk, dst = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "k.png"
+    picture(1, size=(W, H)).save(src)
+    mask = np.zeros((H, W), np.uint8)
+    mask[:, 40:] = 255
+    Image.fromarray(mask).save(msk)
+    assert cli.main(["--model", "tiny-flux-kontext", "--image", str(src), "--mask", str(msk), "--steps", "2",
+                     "--strength", "0.9", "--no-auto-resize", "--output", str(dst), "--no-progress"]) == 0
+    out = iio.imread(dst)
+    assert out.shape == (H, W, 3) and out.std() > 1

@@ -15,6 +15,7 @@ from xdit_jax.pipelines.consisid import ConsisIDPipeline
 from xdit_jax.pipelines.flux import (
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
+    FluxKontextInpaintPipeline,
     FluxKontextPipeline,
     FluxPipeline,
     FluxPipelineOutput,
@@ -82,7 +83,8 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "CogVideoXPipelineOutput", "CogView3PipelineOutput", "CogView3PlusPipeline", "CogView4Pipeline",
            "CogView4PipelineOutput", "ConsisIDPipeline",
            "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
-           "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput",
+           "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextInpaintPipeline",
+           "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput",
            "FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline", "FluxFillPipeline",
            "HiDreamImagePipeline", "HiDreamImagePipelineOutput", "HunyuanDiTPipeline",
            "HunyuanDiTPipelineOutput", "HunyuanImagePipeline", "HunyuanImagePipelineOutput",

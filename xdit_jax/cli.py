@@ -295,7 +295,8 @@ INPAINT[FLUX_FILL] = FLUX_FILL
 CONTROL = (FLUX_CONTROL, "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline")
 IMAGE_TO_IMAGE.update({c: "FluxControlImg2ImgPipeline" for c in CONTROL[:2]})
 INPAINT.update({c: "FluxControlInpaintPipeline" for c in (CONTROL[0], CONTROL[2])})
-NO_MASK_CROP = (FLUX_FILL, "FluxControlInpaintPipeline")  # (diffusers' pipelines without padding_mask_crop)
+INPAINT["FluxKontextPipeline"] = "FluxKontextInpaintPipeline"  # a Kontext folder with --image --mask
+NO_MASK_CROP = (FLUX_FILL, "FluxControlInpaintPipeline", "FluxKontextInpaintPipeline")  # (not taken / refused here)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -886,8 +887,8 @@ def _main(argv=None) -> int:
         if kind != WAN_VACE and args.mask is not None and Path(args.mask).is_dir():
             raise ValueError(f"--mask {args.mask}: inpainting takes an image file (a folder of mask frames: Wan VACE).")
         if args.mask is not None and kind != WAN_VACE and (args.image is None or kind not in INPAINT):
-            raise ValueError("--mask: inpainting takes a FLUX.1, SD3, Chroma or Qwen-Image model and the image to "
-                             "repaint (--image).")
+            raise ValueError("--mask: inpainting takes a FLUX.1 (Kontext too), SD3, Chroma or Qwen-Image model and "
+                             "the image to repaint (--image).")
         if args.mask is not None and kind != WAN_VACE:
             kind = args.kind = INPAINT[kind]
         elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 / Chroma / Qwen-Image image-to-image
@@ -1049,6 +1050,9 @@ def _main(argv=None) -> int:
         if family in ("wan", "skyreels_v2"):
             kw["last_image"] = None if args.last_image is None else Image.open(args.last_image).convert("RGB")
         call = functools.partial(pipe, Image.open(args.image).convert("RGB"))
+    elif args.kontext and img2img:  # Kontext inpainting: image= and mask_image= above (diffusers' argument order:
+        def call(prompts, **k):  # image, image_reference, mask_image, prompt)
+            return pipe(prompt=prompts, **k)
     elif args.kontext:
         from PIL import Image
 

@@ -18,6 +18,7 @@ PIPELINES = {
     "LTXImageToVideoPipeline": ("xdit_jax.pipelines.ltx", "LTXImageToVideoPipeline", "ltx"),
     "FluxPipeline": ("xdit_jax.pipelines.flux", "FluxPipeline", "flux"),
     "FluxKontextPipeline": ("xdit_jax.pipelines.flux", "FluxKontextPipeline", "flux"),
+    "FluxKontextInpaintPipeline": ("xdit_jax.pipelines.flux", "FluxKontextInpaintPipeline", "flux"),
     "FluxImg2ImgPipeline": ("xdit_jax.pipelines.flux", "FluxImg2ImgPipeline", "flux"),
     "FluxInpaintPipeline": ("xdit_jax.pipelines.flux", "FluxInpaintPipeline", "flux"),
     "FluxFillPipeline": ("xdit_jax.pipelines.flux_fill", "FluxFillPipeline", "flux"),

@@ -346,9 +346,9 @@ class FluxPipeline(ImagePipelineBase):
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, (height/16) x (width/16) tokens, channels x 4")
         ids = flux.image_ids(h // 2, w // 2)
-        if condition is not None:  # Kontext: the image tokens after the latents, their own ids
+        if condition is not None:  # Kontext: the image tokens after the latents, their own ids (before the kept region)
             image_tokens, image_ids = condition(batch, per, do_cfg, timer)
-            texts, ids = texts + (image_tokens,), np.concatenate([ids, image_ids])
+            texts, ids = texts[:2] + (image_tokens,) + texts[2:], np.concatenate([ids, image_ids])
         rope = (flux.rope_tables(ids, tc.axes_dims_rope),
                 flux.rope_tables(np.zeros((emb.shape[1], 3), np.float32), tc.axes_dims_rope))
         rope = jax.tree.map(self._put_replicated, rope)
@@ -412,6 +412,35 @@ class FluxKontextPipeline(VaeEncoding, FluxPipeline):
         the mesh."""
         return pack_latents(self.image_latents(images))
 
+    def reference_condition(self, image, auto_resize: bool = True):
+        """(``condition(batch, per, do_cfg, timer) -> (packed image tokens placed as the step's batch, their RoPE
+        ids)``, (height, width) the image is taken at) for a PIL image or an (H, W, 3) array, or a list of them, one
+        per prompt: resized to :func:`kontext_image_size` of the first, VAE-encoded (the mode) and packed."""
+        from xdit_jax.pipelines.denoise import preprocess_image, rgb_image
+
+        images = [rgb_image(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
+        if not images:
+            raise ValueError("image: an empty list; give an image (or None to generate from the text alone).")
+        first = images[0]
+        ih, iw = (first.height, first.width) if hasattr(first, "height") else first.shape[:2]
+        multiple = 2 * vae_scale_factor(self.vae_config)
+        ih, iw = kontext_image_size(ih, iw, multiple, auto_resize)
+        pixels = jnp.concatenate([preprocess_image(im, ih, iw) for im in images])
+
+        def condition(batch, per, do_cfg, timer):
+            if len(images) not in (1, batch):
+                raise ValueError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt.")
+            with timer.stage("image_encoding"):
+                packed = self.encode_image(pixels)  # (images, tokens, 4C)
+                rows = jnp.repeat(packed, per * batch // len(images), axis=0)
+                placed = self._put_batch(jnp.concatenate([rows, rows]) if do_cfg else rows, do_cfg)
+                jax.block_until_ready(placed)
+            ids = flux.image_ids(ih // multiple, iw // multiple)
+            ids[:, 0] = 1
+            return placed, ids
+
+        return condition, (ih, iw)
+
     def __call__(self, image=None, prompt: str | list[str] | None = None, prompt_2: str | list[str] | None = None,
                  negative_prompt: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None,
                  *, true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
@@ -422,8 +451,6 @@ class FluxKontextPipeline(VaeEncoding, FluxPipeline):
                  progress: bool = True) -> FluxPipelineOutput:
         """diffusers' FluxKontextPipeline call. ``image``: a PIL image or an (H, W, 3) array (uint8, or floats in
         [0, 1]), or a list of them, one per prompt; None generates from the text alone."""
-        from xdit_jax.pipelines.denoise import preprocess_image, rgb_image
-
         ds = self.default_size()
         h0 = ds["height"] if height is None else height
         w0 = ds["width"] if width is None else width
@@ -433,29 +460,7 @@ class FluxKontextPipeline(VaeEncoding, FluxPipeline):
         if (height, width) != (h0, w0):
             log.warning("Kontext: height and width adjusted to %d x %d (the requested aspect ratio at max_area=%d "
                         "pixels, as diffusers does).", height, width, max_area)
-        condition = None
-        if image is not None:
-            images = [rgb_image(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
-            if not images:
-                raise ValueError("image: an empty list; give an image (or None to generate from the text alone).")
-            first = images[0]
-            ih, iw = (first.height, first.width) if hasattr(first, "height") else first.shape[:2]
-            multiple = 2 * vae_scale_factor(self.vae_config)
-            ih, iw = kontext_image_size(ih, iw, multiple, _auto_resize)
-            pixels = jnp.concatenate([preprocess_image(im, ih, iw) for im in images])
-
-            def condition(batch, per, do_cfg, timer):
-                if len(images) not in (1, batch):
-                    raise ValueError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt.")
-                with timer.stage("image_encoding"):
-                    packed = self.encode_image(pixels)  # (images, tokens, 4C)
-                    rows = jnp.repeat(packed, per * batch // len(images), axis=0)
-                    placed = self._put_batch(jnp.concatenate([rows, rows]) if do_cfg else rows, do_cfg)
-                    jax.block_until_ready(placed)
-                ids = flux.image_ids(ih // multiple, iw // multiple)
-                ids[:, 0] = 1
-                return placed, ids
-
+        condition = None if image is None else self.reference_condition(image, _auto_resize)[0]
         return forward_call(FluxPipeline._generate, self, locals(), condition=condition)
 
 
@@ -521,3 +526,44 @@ class FluxInpaintPipeline(VaeEncoding, FluxPipeline):
             pack_latents, padding_mask_crop=padding_mask_crop)
 
         return finish(forward_call(FluxPipeline._generate, self, locals(), init=init), output_type)
+
+
+class FluxKontextInpaintPipeline(FluxKontextPipeline):
+    """Inpainting with FLUX.1 Kontext (diffusers' ``FluxKontextInpaintPipeline``) on a Kontext folder:
+    :class:`FluxInpaintPipeline`'s start and kept region (white repaints, black keeps) at the image's Kontext size
+    (:func:`kontext_image_size`: the output takes it), and Kontext's reference tokens: ``image_reference``'s latents if
+    given (at its own Kontext size), else the image's. As diffusers, the image's latents are the posterior's mode (the
+    only draw is the noise; diffusers' second, the masked image's sample, feeds nothing of the step) and ``strength``
+    defaults to 1 (the kept region still blended in after each step).
+
+    Known differences: :class:`FluxInpaintPipeline`'s (JAX draws from ``seed``, given ``latents``);
+    ``padding_mask_crop`` is refused (diffusers crops the image it has resized with coordinates from the mask at its
+    own size)."""
+
+    PIPELINE_CLASSES = ("FluxKontextInpaintPipeline", "FluxKontextPipeline")
+    IMAGE_LATENTS_MODE = True
+
+    def __call__(self, image=None, image_reference=None, mask_image=None, prompt: str | list[str] | None = None,
+                 prompt_2: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 negative_prompt_2: str | list[str] | None = None, *, true_cfg_scale: float = 1.0,
+                 height: int | None = None, width: int | None = None, strength: float = 1.0,
+                 padding_mask_crop: int | None = None, num_inference_steps: int = 28, guidance_scale: float = 3.5,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, max_sequence_length: int = 512,
+                 max_area: int = 1024 ** 2, _auto_resize: bool = True, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> FluxPipelineOutput:
+        """diffusers' FluxKontextInpaintPipeline call and defaults (``generator`` -> ``seed``). ``image``: the picture
+        to repaint (a PIL image or an (H, W, 3) array, or one per prompt; it sets the output size, so ``height`` /
+        ``width`` / ``max_area`` change nothing, as in diffusers); ``mask_image``: a PIL image, or an array at that
+        size; ``image_reference``: the Kontext reference, default the image."""
+        if padding_mask_crop is not None:
+            raise NotImplementedError("padding_mask_crop is not supported by Kontext inpainting here: crop the image "
+                                      "and its mask first.")
+        if image is None:
+            raise ValueError("FluxKontextInpaintPipeline needs image= (the picture to repaint) and mask_image=.")
+        condition, (height, width) = self.reference_condition(image, _auto_resize)
+        if image_reference is not None:
+            condition = self.reference_condition(image_reference, _auto_resize)[0]
+        height, width, init, _ = self.inpaint_init(image, mask_image, height, width, num_inference_steps, strength,
+                                                   vae_scale_factor(self.vae_config), pack_latents)
+        return forward_call(FluxPipeline._generate, self, locals(), init=init, condition=condition)

@@ -157,6 +157,8 @@ class VaeEncoding:
     conversion) in float32, as diffusers' recipes upcast the VAE for encoding (force_upcast); the image plane split
     over the mesh. Put it before the pipeline class: ``class FluxImg2ImgPipeline(VaeEncoding, FluxPipeline)``."""
 
+    IMAGE_LATENTS_MODE = False  # image-to-image / inpainting latents: the posterior's mode (no draw), not a sample
+
     def __init__(self, *, vae_encoder=None, **kw):
         super().__init__(**kw)
         self.vae_encoder = vae_encoder
@@ -254,7 +256,7 @@ class VaeEncoding:
             raise ValueError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt.")
         with timer.stage("image_encoding"):
             pixels = jnp.concatenate([preprocess_image(im, height, width) for im in images])
-            clean = self.image_latents(pixels, key=jax.random.fold_in(rng, 1))
+            clean = self.image_latents(pixels, key=None if self.IMAGE_LATENTS_MODE else jax.random.fold_in(rng, 1))
             clean = jnp.repeat(clean, batch * per // len(images), axis=0)
             jax.block_until_ready(clean)
         return clean
