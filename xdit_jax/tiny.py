@@ -474,6 +474,17 @@ HIDREAM_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_trai
                          use_dynamic_shifting=False)
 HIDREAM_SAMPLE_SIZE = 8
 
+# Cosmos-Predict2 shaped: 2 blocks over 2 heads of 12 (RoPE 4 + 4 + 4), adaLN-LoRA 8 wide, the learnable positions;
+# the tiny T5 (32 wide) and Wan's tiny VAE (4 latent channels, 4x / 8x); FlowMatchEuler with Karras sigmas (the
+# pipelines register sigma_max 80 / sigma_min 0.002). Video2World's transformer takes the condition mask (in 5).
+COSMOS_TRANSFORMER = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+                          mlp_ratio=2.0, text_embed_dim=32, adaln_lora_dim=8, max_size=[8, 32, 32], patch_size=[1, 2, 2],
+                          rope_scale=[2.0, 1.0, 1.0], concat_padding_mask=True, extra_pos_embed_type="learnable")
+COSMOS_V2W_TRANSFORMER = dict(COSMOS_TRANSFORMER, in_channels=5)
+COSMOS_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
+                        use_karras_sigmas=True, sigma_max=80.0, sigma_min=0.002, sigma_data=1.0,
+                        final_sigmas_type="sigma_min")
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -649,6 +660,12 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer_2": ["transformers", "ByT5Tokenizer"],
                 "transformer": ["diffusers", "HunyuanVideo15Transformer3DModel"],
                 "vae": ["diffusers", "AutoencoderKLHunyuanVideo15"]}
+    if family in ("cosmos", "cosmos-v2w"):  # (no safety checker: cosmos_guardrail is not run here)
+        return {"_class_name": "Cosmos2VideoToWorldPipeline" if family == "cosmos-v2w" else "Cosmos2TextToImagePipeline",
+                "_diffusers_version": "0.34.0", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "CosmosTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+                "safety_checker": [None, None]}
     if family == "wan":
         return {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],

@@ -81,6 +81,11 @@ class CosmosConfig(TransformerDims):
         return cfg
 
     @property
+    def text_dim(self) -> int:
+        """The caption states' width (the pipelines' name for it)."""
+        return self.text_embed_dim
+
+    @property
     def patch_in(self) -> int:
         """Channels the patch embedding takes: the latents' (with Video2World's condition mask) + the padding mask."""
         return self.in_channels + (1 if self.concat_padding_mask else 0)
