@@ -11,6 +11,11 @@ from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideo
 from xdit_jax.pipelines.cogview3 import CogView3PipelineOutput, CogView3PlusPipeline
 from xdit_jax.pipelines.cogview4 import CogView4Pipeline, CogView4PipelineOutput
 from xdit_jax.pipelines.consisid import ConsisIDPipeline
+from xdit_jax.pipelines.cosmos import (
+    Cosmos2TextToImagePipeline,
+    Cosmos2VideoToWorldPipeline,
+    CosmosPipelineOutput,
+)
 from xdit_jax.pipelines.flux import (
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
@@ -99,4 +104,5 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline",
            "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput", "WanVideoToVideoPipeline",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh", "WanVACEPipeline"]
+__all__ += ["Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosPipelineOutput"]
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
               "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage", "tiny-cogview4": "cogview4",
               "tiny-kandinsky5": "kandinsky5", "tiny-sana-video": "sana-video"}
+TINY_NAMES.update({"tiny-cosmos": "cosmos", "tiny-cosmos-v2w": "cosmos-v2w"})
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -909,6 +910,19 @@ def _parts(family: str, transformer: dict | None):
 
     text = ("T5EncoderModel", TEXT_ENCODER,
             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0)))
+    if family in ("cosmos", "cosmos-v2w"):
+        from xdit_jax.models import cosmos
+
+        base = COSMOS_V2W_TRANSFORMER if family == "cosmos-v2w" else COSMOS_TRANSFORMER
+        tcfg = {**base, **(transformer or {})}
+        return {
+            "transformer": ("CosmosTransformer3DModel", tcfg,
+                            lambda: cosmos.CosmosTransformer3DModel(cosmos.CosmosConfig.from_dict(tcfg),
+                                                                    rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLWan", WAN_VAE,
+                    lambda: vae_wan.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE), jnp.float32)()),
+            "text_encoder": text,
+        }, COSMOS_SCHEDULER
     if family == "wan":
         tcfg = {**WAN_TRANSFORMER, **(transformer or {})}
         return {
@@ -1344,7 +1358,7 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in ("skyreels_v2", "ltx", "wan", "sana-video"):  # the VAE's encoder (SkyReels-V2 DF from an image /
+        if family in ("skyreels_v2", "ltx", "wan", "sana-video", "cosmos-v2w"):  # the VAE's encoder (SkyReels-V2 DF from an image /
             # a video; LTX I2V; Wan video-to-video; SANA-Video image-to-video)
             from xdit_jax.models import vae_ltx, vae_ltx_encoder, vae_wan, vae_wan_encoder
 

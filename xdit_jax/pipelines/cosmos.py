@@ -100,8 +100,8 @@ def cosmos_schedule(cfg: flow_match.FlowMatchEulerConfig, n: int) -> flow_match.
         dt=(sig[1:] - sig[:-1]).astype(np.float32), c_x0=(np.float32(1) - sig[1:]).astype(np.float32))
 
 
-def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
-                  guidance_scale: float = 7.0) -> None:
+def check_video_request(tc, vc, height: int, width: int, num_frames: int, batch: int = 1, mesh_spec=None,
+                        guidance_scale: float = 7.0) -> None:
     """Refuse what the model cannot take (height / width multiples of 16, the latents within ``max_size``)."""
     wan.check_request(tc, vc, height, width, num_frames, batch, mesh_spec, guidance_scale)
     s, st = vc.scale_factor_spatial, vc.scale_factor_temporal
@@ -109,6 +109,16 @@ def check_request(tc, vc, height: int, width: int, num_frames: int, batch: int =
     if any(g > m for g, m in zip(grid, tc.max_patches)):
         raise ValueError(f"{num_frames} frames of {height} x {width} make {grid[0]} x {grid[1]} x {grid[2]} patches; "
                          f"this model's max_size {tc.max_size} allows {tc.max_patches}.")
+
+
+def check_request(tc, vc, height: int, width: int, batch: int = 1, mesh_spec=None, guidance_scale: float = 7.0):
+    """:func:`check_video_request` for one image (the command line's image-family signature)."""
+    check_video_request(tc, vc, height, width, 1, batch, mesh_spec, guidance_scale)
+
+
+def default_size(tc=None, vc=None) -> dict:
+    """diffusers' Cosmos2TextToImagePipeline default: 768 x 1360."""
+    return {"height": 768, "width": 1360}
 
 
 def default_image(tc=None, vc=None) -> dict:
@@ -126,7 +136,7 @@ class _CosmosBase(wan.WanPipeline):
     CONFIG = cosmos.CosmosConfig
     SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
     STACKED = cosmos.STACKED
-    _check_request = staticmethod(check_request)
+    _check_request = staticmethod(check_video_request)
 
     @classmethod
     def from_pretrained(cls, model, **kw):
@@ -326,8 +336,8 @@ class Cosmos2VideoToWorldPipeline(WanVaeEncoding, _CosmosBase):
         """The standard normal draw of the posterior's sample (diffusers' ``latent_dist.sample(generator)``)."""
         return jax.random.normal(rng, shape, jnp.float32)
 
-    def __call__(self, image=None, video=None, prompt: str | list[str] | None = None,
-                 negative_prompt: str | list[str] | None = None, *, height: int | None = None,
+    def __call__(self, image=None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, *, video=None, height: int | None = None,
                  width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 35,
                  guidance_scale: float = 7.0, fps: int = 16, num_videos_per_prompt: int = 1, latents=None,
                  prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
