@@ -157,6 +157,8 @@ def model_components(folder: Path) -> dict[str, str]:
             continue
         if name in COPIED_COMPONENTS:
             continue
+        if name == "safety_checker":  # (Cosmos' cosmos_guardrail: not run here, not converted)
+            continue
         out[name] = spec[1]
     return out
 

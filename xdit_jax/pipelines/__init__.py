@@ -75,6 +75,9 @@ PIPELINES = {
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
 REFUSED = {
 }
+REFUSED.update({name: f"{name} is Cosmos 1.0 (the AutoencoderKLCosmos VAE and Cosmos 1.0's transformer): not supported; "
+                      "xdit_jax runs Cosmos-Predict2 (Cosmos2TextToImagePipeline, Cosmos2VideoToWorldPipeline)."
+                for name in ("CosmosTextToWorldPipeline", "CosmosVideoToWorldPipeline")})
 
 
 def family(class_name: str) -> str:
