@@ -178,3 +178,20 @@ def test_bad_input_and_refusals(tmp_path_factory):
         Cosmos2TextToImagePipeline.from_pretrained(other)
     with pytest.raises(NotImplementedError, match="Cosmos 2.5"):
         cosmos.CosmosConfig.from_dict({"img_context_dim_in": 1152})
+
+
+@pytest.mark.slow
+def test_cli_tiny_cosmos(tmp_path, monkeypatch):
+    """The command line: tiny-cosmos (an image) and tiny-cosmos-v2w with --image and --fps on ulysses=3 (a video)."""
+    from xdit_jax import cli
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "a.png"
+    assert cli.main(["--model", "tiny-cosmos", "--prompt", PROMPT, "--output", str(out), "--no-progress"]) == 0
+    assert out.exists()
+    image = tmp_path / "first.png"
+    random_image(0, (48, 40)).save(image)
+    out = tmp_path / "b.mp4"
+    assert cli.main(["--model", "tiny-cosmos-v2w", "--prompt", PROMPT, "--image", str(image), "--fps", "8",
+                     "--mesh", "ulysses=3", "--output", str(out), "--no-progress"]) == 0
+    assert out.exists()

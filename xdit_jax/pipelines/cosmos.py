@@ -310,6 +310,12 @@ class Cosmos2VideoToWorldPipeline(WanVaeEncoding, _CosmosBase):
     def _condition_shapes(self, latent_shape) -> tuple:
         return (latent_shape,)
 
+    def compile_step(self, batch: int = 1, *, cond_latent_frames: int = 1, fps: int = 16, **kw):
+        """:meth:`WanPipeline.compile_step` for a Video2World call with ``cond_latent_frames`` given latent frames
+        (1: an image) at ``fps``."""
+        self._cond_frames, self._fps = int(cond_latent_frames), fps
+        return super().compile_step(batch, **kw)
+
     def video_condition(self, image, video, shape, rng, height: int, width: int, num_frames: int):
         """(conditioning latents (1, C, T', h, w), conditioned latent frames), as diffusers' ``prepare_latents``:
         the frames (the image, or the video's last ``num_frames``) padded with the last one to ``num_frames``,
