@@ -222,7 +222,7 @@ class _CosmosBase(wan.WanPipeline):
                          guidance_scale, prompt_embeds, negative_prompt_embeds, latents, max_sequence_length, per,
                          seed, output_type, progress, condition=None, fps=None):
         prompts, batch = prompt_batch(prompt, prompt_embeds, output_type)
-        per = per_prompt(per, "num_images_per_prompt")
+        per = per_prompt(per, "num_videos_per_prompt" if condition is not None else "num_images_per_prompt")
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
         sched = self.schedule(num_inference_steps)
         do_cfg = guidance_scale > 1.0
