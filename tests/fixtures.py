@@ -966,3 +966,72 @@ def make_torch_kandinsky5_t2i(seed: int = 0):
     return Kandinsky5T2IPipeline(transformer=t2v.transformer, vae=vae, text_encoder=t2v.text_encoder,
                                  tokenizer=t2v.tokenizer, text_encoder_2=t2v.text_encoder_2,
                                  tokenizer_2=t2v.tokenizer_2, scheduler=t2v.scheduler)
+
+
+class CosmosSafetyStandIn:
+    """A stand-in for NVIDIA's cosmos_guardrail (not installed): passes every prompt and video, as diffusers' tests
+    run the Cosmos pipelines (``DummyCosmosSafetyChecker``)."""
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames):
+        return frames
+
+
+def cosmos_torchvision_stand_in() -> None:
+    """diffusers' CosmosTransformer3DModel resizes the padding mask with torchvision (not installed here): the same
+    nearest-neighbour resize with torch's interpolate."""
+    from diffusers.models.transformers import transformer_cosmos
+
+    class _Functional:
+        @staticmethod
+        def resize(x, size, interpolation=None):
+            return torch.nn.functional.interpolate(x, size=list(size), mode="nearest")
+
+    class _Transforms:
+        functional = _Functional
+        InterpolationMode = type("InterpolationMode", (), {"NEAREST": "nearest"})
+
+    transformer_cosmos.transforms = _Transforms
+
+
+def make_torch_cosmos(seed: int = 0, v2w: bool = False):
+    """A tiny random diffusers Cosmos2TextToImagePipeline (``v2w``: Cosmos2VideoToWorldPipeline) from
+    xdit_jax.tiny's Cosmos configs: T5 32 wide, Wan's tiny VAE, Karras FlowMatchEuler; the safety checker a
+    stand-in (:class:`CosmosSafetyStandIn`)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        Cosmos2TextToImagePipeline,
+        Cosmos2VideoToWorldPipeline,
+        CosmosTransformer3DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
+
+    cosmos_torchvision_stand_in()
+    torch.manual_seed(seed)
+    kw = tiny.COSMOS_V2W_TRANSFORMER if v2w else tiny.COSMOS_TRANSFORMER
+    transformer = randomize_(CosmosTransformer3DModel(**kw), seed, std=0.1)
+    vae = randomize_(AutoencoderKLWan(**tiny.WAN_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
+    text_encoder = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 2, std=0.2)
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.COSMOS_SCHEDULER.items()
+                                               if not k.startswith("_") and not k.startswith("sigma")
+                                               and k != "final_sigmas_type"})
+    cls = Cosmos2VideoToWorldPipeline if v2w else Cosmos2TextToImagePipeline
+    return cls(tokenizer=tiny.train_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+               scheduler=sched, safety_checker=CosmosSafetyStandIn())
+
+
+def save_torch_cosmos(tp, folder: Path) -> Path:
+    """save_pretrained without the safety checker (model_index.json: ``safety_checker`` [null, null])."""
+    checker = tp.safety_checker
+    tp.register_modules(safety_checker=None)
+    try:
+        tp.save_pretrained(folder, safe_serialization=True)
+    finally:
+        tp.register_modules(safety_checker=checker)
+    return folder

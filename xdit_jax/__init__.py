@@ -12,6 +12,11 @@ from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideo
 from xdit_jax.pipelines.cogview3 import CogView3PipelineOutput, CogView3PlusPipeline
 from xdit_jax.pipelines.cogview4 import CogView4Pipeline, CogView4PipelineOutput
 from xdit_jax.pipelines.consisid import ConsisIDPipeline
+from xdit_jax.pipelines.cosmos import (
+    Cosmos2TextToImagePipeline,
+    Cosmos2VideoToWorldPipeline,
+    CosmosPipelineOutput,
+)
 from xdit_jax.pipelines.flux import (
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
@@ -108,4 +113,5 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput", "WanVideoToVideoPipeline",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh", "WanVACEPipeline",
            "ChronoEditPipeline", "ChronoEditPipelineOutput"]
+__all__ += ["Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosPipelineOutput"]
 __version__ = "0.1.0"

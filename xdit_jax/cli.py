@@ -256,6 +256,12 @@ FAMILIES = {
     # image to edit (required), resized to the output size; the edit (the last of its 5 frames) is written
     "chronoedit": Family(video=False, guidance_scale=5.0, steps=50, tiny_steps=2, tiny_size=(32, 48),
                          max_sequence_length=512),
+    # Cosmos-Predict2: diffusers' Cosmos2TextToImagePipeline / Cosmos2VideoToWorldPipeline defaults (35 steps, CFG 7
+    # with Cosmos' long default negative prompt, 512 T5 tokens); Video2World: --image (the first frame), --fps (16)
+    "cosmos": Family(video=False, guidance_scale=7.0, steps=35, tiny_steps=2, tiny_size=(32, 32),
+                     max_sequence_length=512),
+    "cosmos-v2w": Family(video=True, guidance_scale=7.0, steps=35, tiny_steps=2, module="cosmos_v2w",
+                         tiny_size=(32, 32), tiny_frames=9, max_sequence_length=512, fps_call_arg="fps"),
 }
 # per family: default output, guidance scale, steps (real / tiny), ...: the table as plain dicts
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
@@ -277,7 +283,7 @@ INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "S
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                   "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline",
-                  "SanaImageToVideoPipeline", "Kandinsky5I2VPipeline")
+                  "SanaImageToVideoPipeline", "Kandinsky5I2VPipeline", "Cosmos2VideoToWorldPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)

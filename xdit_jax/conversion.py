@@ -122,6 +122,8 @@ MODEL_CLASSES = {
     # HiDream-I1: its transformer; its text_encoder_4 (Llama-3.1-8B-Instruct, a LlamaForCausalLM: model.* keys)
     "HiDreamImageTransformer2DModel": ("xdit_jax.models.hidream", "HiDreamConfig"),
     "LlamaForCausalLM": ("xdit_jax.models.llama", "LlamaConfig"),
+    # Cosmos-Predict2 (Text2Image / Video2World): its transformer; T5 and the Wan VAE above
+    "CosmosTransformer3DModel": ("xdit_jax.models.cosmos", "CosmosConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
                      "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a
@@ -156,6 +158,8 @@ def model_components(folder: Path) -> dict[str, str]:
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
             continue
         if name in COPIED_COMPONENTS:
+            continue
+        if name == "safety_checker":  # (Cosmos' cosmos_guardrail: not run here, not converted)
             continue
         out[name] = spec[1]
     return out

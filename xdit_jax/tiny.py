@@ -28,6 +28,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
               "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage", "tiny-cogview4": "cogview4",
               "tiny-kandinsky5": "kandinsky5", "tiny-sana-video": "sana-video", "tiny-hidream": "hidream"}
+TINY_NAMES.update({"tiny-cosmos": "cosmos", "tiny-cosmos-v2w": "cosmos-v2w"})
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -474,6 +475,17 @@ HIDREAM_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_trai
                          use_dynamic_shifting=False)
 HIDREAM_SAMPLE_SIZE = 8
 
+# Cosmos-Predict2 shaped: 2 blocks over 2 heads of 12 (RoPE 4 + 4 + 4), adaLN-LoRA 8 wide, the learnable positions;
+# the tiny T5 (32 wide) and Wan's tiny VAE (4 latent channels, 4x / 8x); FlowMatchEuler with Karras sigmas (the
+# pipelines register sigma_max 80 / sigma_min 0.002). Video2World's transformer takes the condition mask (in 5).
+COSMOS_TRANSFORMER = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+                          mlp_ratio=2.0, text_embed_dim=32, adaln_lora_dim=8, max_size=[8, 32, 32], patch_size=[1, 2, 2],
+                          rope_scale=[2.0, 1.0, 1.0], concat_padding_mask=True, extra_pos_embed_type="learnable")
+COSMOS_V2W_TRANSFORMER = dict(COSMOS_TRANSFORMER, in_channels=5)
+COSMOS_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
+                        use_karras_sigmas=True, sigma_max=80.0, sigma_min=0.002, sigma_data=1.0,
+                        final_sigmas_type="sigma_min")
+
 
 def train_tokenizer(vocab_size: int = 96):
     """A T5-style (Unigram + ``</s>``) tokenizer trained on a few sentences; a transformers tokenizer."""
@@ -656,6 +668,12 @@ def model_index(family: str = "cogvideox") -> dict:
                 "transformer": ["diffusers", "ChronoEditTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
                 "image_encoder": ["transformers", "CLIPVisionModel"],
                 "image_processor": ["transformers", "CLIPImageProcessor"]}
+    if family in ("cosmos", "cosmos-v2w"):  # (no safety checker: cosmos_guardrail is not run here)
+        return {"_class_name": "Cosmos2VideoToWorldPipeline" if family == "cosmos-v2w" else "Cosmos2TextToImagePipeline",
+                "_diffusers_version": "0.34.0", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "CosmosTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+                "safety_checker": [None, None]}
     if family == "wan":
         return {"_class_name": "WanPipeline", "_diffusers_version": "0.33.0",
                 "scheduler": ["diffusers", "UniPCMultistepScheduler"],
@@ -899,6 +917,19 @@ def _parts(family: str, transformer: dict | None):
 
     text = ("T5EncoderModel", TEXT_ENCODER,
             lambda: t5.T5EncoderModel(t5.T5Config.from_dict(TEXT_ENCODER), rngs=nnx.Rngs(0)))
+    if family in ("cosmos", "cosmos-v2w"):
+        from xdit_jax.models import cosmos
+
+        base = COSMOS_V2W_TRANSFORMER if family == "cosmos-v2w" else COSMOS_TRANSFORMER
+        tcfg = {**base, **(transformer or {})}
+        return {
+            "transformer": ("CosmosTransformer3DModel", tcfg,
+                            lambda: cosmos.CosmosTransformer3DModel(cosmos.CosmosConfig.from_dict(tcfg),
+                                                                    rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKLWan", WAN_VAE,
+                    lambda: vae_wan.module_fn(vae_wan.WanVAEConfig.from_dict(WAN_VAE), jnp.float32)()),
+            "text_encoder": text,
+        }, COSMOS_SCHEDULER
     if family == "wan":
         tcfg = {**WAN_TRANSFORMER, **(transformer or {})}
         return {
@@ -1394,7 +1425,7 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_kl_encoder.module_fn(vcfg)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in ("skyreels_v2", "ltx", "wan", "sana-video"):  # the VAE's encoder (SkyReels-V2 DF from an image /
+        if family in ("skyreels_v2", "ltx", "wan", "sana-video", "cosmos-v2w"):  # the VAE's encoder (SkyReels-V2 DF from an image /
             # a video; LTX I2V; Wan video-to-video; SANA-Video image-to-video)
             from xdit_jax.models import vae_ltx, vae_ltx_encoder, vae_wan, vae_wan_encoder
 

@@ -72,18 +72,23 @@ PIPELINES = {
     "Flux2Pipeline": ("xdit_jax.pipelines.flux2", "Flux2Pipeline", "flux2"),
     "HiDreamImagePipeline": ("xdit_jax.pipelines.hidream", "HiDreamImagePipeline", "hidream"),
     "ChronoEditPipeline": ("xdit_jax.pipelines.chronoedit", "ChronoEditPipeline", "chronoedit"),
+    "Cosmos2TextToImagePipeline": ("xdit_jax.pipelines.cosmos", "Cosmos2TextToImagePipeline", "cosmos"),
+    "Cosmos2VideoToWorldPipeline": ("xdit_jax.pipelines.cosmos", "Cosmos2VideoToWorldPipeline", "cosmos-v2w"),
 }
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
 REFUSED = {
 }
+REFUSED.update({name: f"{name} is Cosmos 1.0 (the AutoencoderKLCosmos VAE and Cosmos 1.0's transformer): not supported; "
+                      "xdit_jax runs Cosmos-Predict2 (Cosmos2TextToImagePipeline, Cosmos2VideoToWorldPipeline)."
+                for name in ("CosmosTextToWorldPipeline", "CosmosVideoToWorldPipeline")})
 
 
 def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
     "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid",
     "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4", "kandinsky5",
-    "kandinsky5-t2i", "sana-video", "hidream") of a diffusers pipeline class name;
+    "kandinsky5-t2i", "sana-video", "hidream", "cosmos", "cosmos-v2w") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name in REFUSED:
         raise ValueError(REFUSED[class_name])
