@@ -297,3 +297,19 @@ def test_control_img2img_and_inpaint_match_diffusers(kind, tmp_path_factory, mon
     monkeypatch.undo()
     other = ours(output_type="latent", progress=False, **{**kw, "image": picture(10)}).images
     assert np.abs(other - ours(output_type="latent", progress=False, **kw).images).max() > 1e-2 * diffs[2]
+
+
+@pytest.mark.slow  # (two CLI runs on tiny random folders)
+def test_cli_tiny_names(tmp_path, monkeypatch):
+    """tiny-flux-fill (--image --mask) and tiny-flux-control (--control-image; with --image: image-to-image) run."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    image, mask = _files(tmp_path)
+    for name, extra in (("tiny-flux-fill", ["--image", image, "--mask", mask]),
+                        ("tiny-flux-control", ["--control-image", image, "--image", image, "--strength", "0.7"])):
+        out = tmp_path / f"{name}.png"
+        assert cli.main(["--model", name, "--steps", "2", "--output", str(out), "--no-progress"] + extra) == 0
+        assert iio.imread(out).shape == (48, 64, 3)  # the tiny FLUX default size

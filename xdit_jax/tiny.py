@@ -29,6 +29,9 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage", "tiny-cogview4": "cogview4",
               "tiny-kandinsky5": "kandinsky5", "tiny-sana-video": "sana-video", "tiny-hidream": "hidream"}
 TINY_NAMES.update({"tiny-cosmos": "cosmos", "tiny-cosmos-v2w": "cosmos-v2w"})
+TINY_NAMES.update({"tiny-flux-fill": "flux-fill", "tiny-flux-control": "flux-control"})  # (FLUX.1 Fill / Canny, Depth)
+FLUX_KINDS = {"flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline", "flux-fill": "FluxFillPipeline",
+              "flux-control": "FluxControlPipeline"}  # tiny FLUX.1 folders: the same parts, these classes
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -688,8 +691,8 @@ def model_index(family: str = "cogvideox") -> dict:
                 "tokenizer_2": ["transformers", "CLIPTokenizer"],
                 "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer_3": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    if family in ("flux", "flux-kontext"):  # (FLUX.1 Kontext: the same parts, the VAE's encoder used too)
-        return {"_class_name": "FluxKontextPipeline" if family == "flux-kontext" else "FluxPipeline",
+    if family in FLUX_KINDS:  # (FLUX.1 Kontext / Fill / Control: the same parts, the VAE's encoder used too)
+        return {"_class_name": FLUX_KINDS[family],
                 "_diffusers_version": "0.32.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -993,8 +996,9 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder_2": ("CLIPTextModelWithProjection", SD3_CLIP_G, clip_with_projection(SD3_CLIP_G)),
             "text_encoder_3": text,
         }, SD3_SCHEDULER
-    if family in ("flux", "flux-kontext"):
-        tcfg = {**FLUX_TRANSFORMER, **(transformer or {})}
+    if family in FLUX_KINDS:
+        base = {"flux-fill": FLUX_FILL_TRANSFORMER, "flux-control": FLUX_CONTROL_TRANSFORMER}.get(family, FLUX_TRANSFORMER)
+        tcfg = {**base, **(transformer or {})}
         return {
             "transformer": ("FluxTransformer2DModel", tcfg,
                             lambda: flux.FluxTransformer2DModel(flux.FluxConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
@@ -1417,7 +1421,7 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_cogvideox_encoder.module_fn(vcfg, jnp.float32)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in ("flux", "flux-kontext", "flux2", "sd3", "chroma"):  # the VAE's encoder, as conversion writes it
+        if family in (*FLUX_KINDS, "flux2", "sd3", "chroma"):  # the VAE's encoder, as conversion writes it
             from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder  # (vae/encoder_params)
 
             vcfg = (vae_flux2.AutoencoderKLFlux2Config.from_dict(FLUX2_VAE) if family == "flux2"
