@@ -548,7 +548,7 @@ def test_generate_random_weights(tmp_path, capsys):
      "--strength must be in (0, 1]"),  # (Qwen-Image image-to-image)
     (["--model", "tiny-pixart", "--strength", "0.5"], "--strength: image-to-image (a FLUX.1"),
     (["--model", "tiny-pixart", "--image", str(ROOT / "README.md"), "--mask", str(ROOT / "README.md")],
-     "--mask: inpainting takes a FLUX.1 (Kontext too), SD3, Chroma or Qwen-Image model"),
+     "--mask: inpainting takes a FLUX.1 (Kontext too), SD3, Chroma, Qwen-Image or Z-Image model"),
     (["--model", "tiny-flux", "--image", str(ROOT / "README.md"), "--strength", "0"], "--strength must be in (0, 1]"),
     (["--model", "tiny-flux", "--image", str(ROOT / "README.md"), "--padding-mask-crop", "4"],
      "--padding-mask-crop PX (>= 0): inpainting only"),

@@ -242,3 +242,42 @@ def test_benchmark_tiny_rows_vs_diffusers(monkeypatch):
     w = bench.load_workload("z-image-turbo")
     assert w.family == "zimage" and not w.cfg and w.latent_shape() == (1, 16, 128, 128)
     assert w.fam.tokens(w) == (64 * 64, 64)
+
+
+@pytest.mark.slow  # (another step's compile and torch runs per variant; the start and kept region are FLUX's, by default)
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_img2img_and_inpaint_match_diffusers(pipes, monkeypatch, kind):
+    """diffusers' ZImageImg2ImgPipeline / ZImageInpaintPipeline on the same parts, ours from the text-to-image folder:
+    a 64 x 64 picture (the size defaults to it), strength 0.6 of 4 steps (3 run), CFG with truncation and
+    normalization (the unguided step runs the prompt's half alone, the kept region with it); the same torch draws
+    both sides (the posterior's sample, the noise; inpainting's masked image sample, drawn last by diffusers, feeds
+    nothing of its step)."""
+    import diffusers
+    from PIL import Image
+
+    from xdit_jax.pipelines import zimage
+
+    tp, _, folder = pipes
+    name = {"img2img": "ZImageImg2ImgPipeline", "inpaint": "ZImageInpaintPipeline"}[kind]
+    tp = getattr(diffusers, name)(**tp.components)
+    ours = getattr(zimage, name).from_pretrained(folder)
+    picture = Image.fromarray(np.random.default_rng(4).integers(0, 256, (H, W, 3), dtype=np.uint8))
+    g = torch.Generator().manual_seed(6)
+    draws = [torch.randn((1,) + LATENT, generator=g).numpy() for _ in range(2)]
+
+    def normal(key, shape):
+        d = draws.pop(0)
+        assert d.shape == tuple(shape)
+        return d
+    monkeypatch.setattr(ours, "_normal", normal)
+    kw = dict(image=picture, strength=0.6, num_inference_steps=4, max_sequence_length=TOKENS, guidance_scale=3.0,
+              negative_prompt=NEGATIVE, cfg_normalization=True, cfg_truncation=0.5)
+    if kind == "inpaint":
+        mask = np.zeros((H, W), np.uint8)
+        mask[16:48, 8:40] = 255
+        kw["mask_image"] = Image.fromarray(mask)
+    with torch.no_grad():
+        ref = tp(prompt=PROMPT, generator=torch.Generator().manual_seed(6), output_type="latent", **kw).images
+    out = ours(PROMPT, output_type="latent", progress=False, **kw).images
+    assert not draws
+    _close_latents(out, ref.numpy())

@@ -80,7 +80,7 @@ from xdit_jax.pipelines.wan import (
     WanVideoToVideoPipeline,
 )
 from xdit_jax.pipelines.wan_vace import WanVACEPipeline
-from xdit_jax.pipelines.zimage import ZImagePipeline, ZImagePipelineOutput
+from xdit_jax.pipelines.zimage import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline, ZImagePipelineOutput
 
 __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "ChromaPipelineOutput",
            "CogVideoXImageToVideoPipeline",
@@ -111,7 +111,8 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline",
            "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput", "WanVideoToVideoPipeline",
-           "ZImagePipeline", "ZImagePipelineOutput", "build_mesh", "WanVACEPipeline",
+           "ZImagePipeline", "ZImagePipelineOutput", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline",
+           "build_mesh", "WanVACEPipeline",
            "ChronoEditPipeline", "ChronoEditPipelineOutput"]
 __all__ += ["Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosPipelineOutput"]
 __version__ = "0.1.0"

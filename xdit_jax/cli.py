@@ -302,6 +302,8 @@ CONTROL = (FLUX_CONTROL, "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeli
 IMAGE_TO_IMAGE.update({c: "FluxControlImg2ImgPipeline" for c in CONTROL[:2]})
 INPAINT.update({c: "FluxControlInpaintPipeline" for c in (CONTROL[0], CONTROL[2])})
 INPAINT["FluxKontextPipeline"] = "FluxKontextInpaintPipeline"  # a Kontext folder with --image --mask
+IMAGE_TO_IMAGE.update({"ZImagePipeline": "ZImageImg2ImgPipeline", "ZImageImg2ImgPipeline": "ZImageImg2ImgPipeline"})
+INPAINT.update({"ZImagePipeline": "ZImageInpaintPipeline", "ZImageInpaintPipeline": "ZImageInpaintPipeline"})
 NO_MASK_CROP = (FLUX_FILL, "FluxControlInpaintPipeline", "FluxKontextInpaintPipeline")  # (not taken / refused here)
 
 
@@ -337,14 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
                          "outside xdit_jax); --image: the aligned face image it returns")
     ap.add_argument("--strength", type=float, default=None,
-                    help="image-to-image (FLUX.1, SD3, Chroma or Qwen-Image with --image): how far the image is "
-                         "noised, the last fraction of the --steps that run, in (0, 1] (diffusers' strength; default "
-                         "0.6, Chroma 0.9, FLUX.1 Fill 1); Wan with --video: video-to-video's (int(steps x S) steps "
+                    help="image-to-image (FLUX.1, SD3, Chroma, Qwen-Image or Z-Image with --image): how far the image "
+                         "is noised, the last fraction of the --steps that run, in (0, 1] (diffusers' strength; "
+                         "default 0.6, Chroma 0.9, FLUX.1 Fill and Z-Image inpainting 1); Wan with --video: video-to-video's (int(steps x S) steps "
                          "run; default 0.8)")
     ap.add_argument("--mask", default=None, metavar="PATH",
-                    help="inpainting (a FLUX.1, SD3, Chroma or Qwen-Image model with --image; a FLUX.1 Fill model "
-                         "needs it): white repaints, black keeps (diffusers' FluxInpaintPipeline / FluxFillPipeline / "
-                         "StableDiffusion3InpaintPipeline / "
+                    help="inpainting (a FLUX.1, SD3, Chroma, Qwen-Image or Z-Image model with --image; a FLUX.1 Fill "
+                         "model needs it): white repaints, black keeps (diffusers' FluxInpaintPipeline / "
+                         "FluxFillPipeline / StableDiffusion3InpaintPipeline / ZImageInpaintPipeline / "
                          "ChromaInpaintPipeline / QwenImageInpaintPipeline; --strength as image-to-image's, default "
                          "0.6)")
     ap.add_argument("--padding-mask-crop", type=int, default=None, metavar="PX",
@@ -893,8 +895,8 @@ def _main(argv=None) -> int:
         if kind != WAN_VACE and args.mask is not None and Path(args.mask).is_dir():
             raise ValueError(f"--mask {args.mask}: inpainting takes an image file (a folder of mask frames: Wan VACE).")
         if args.mask is not None and kind != WAN_VACE and (args.image is None or kind not in INPAINT):
-            raise ValueError("--mask: inpainting takes a FLUX.1 (Kontext too), SD3, Chroma or Qwen-Image model and "
-                             "the image to repaint (--image).")
+            raise ValueError("--mask: inpainting takes a FLUX.1 (Kontext too), SD3, Chroma, Qwen-Image or Z-Image "
+                             "model and the image to repaint (--image).")
         if args.mask is not None and kind != WAN_VACE:
             kind = args.kind = INPAINT[kind]
         elif args.image is not None and kind in IMAGE_TO_IMAGE:  # FLUX.1 / SD3 / Chroma / Qwen-Image image-to-image
@@ -902,14 +904,14 @@ def _main(argv=None) -> int:
         img2img = kind in IMAGE_TO_IMAGE.values() or kind in INPAINT.values()
         if args.padding_mask_crop is not None and (kind not in INPAINT.values() or kind in NO_MASK_CROP
                                                    or args.padding_mask_crop < 0):
-            raise ValueError("--padding-mask-crop PX (>= 0): inpainting only (a FLUX.1, SD3, Chroma or Qwen-Image "
-                             "model with --image and --mask; not FLUX.1 Fill or Control).")
+            raise ValueError("--padding-mask-crop PX (>= 0): inpainting only (a FLUX.1, SD3, Chroma, Qwen-Image or "
+                             "Z-Image model with --image and --mask; not FLUX.1 Fill, Control or Kontext).")
         if img2img and args.image is None:
             raise ValueError(f"{args.model} is an image-to-image folder: give the image to start from with "
                              "--image PATH.")
         if args.strength is not None and not img2img and kind != WAN_V2V:
-            raise ValueError("--strength: image-to-image (a FLUX.1, SD3, Chroma or Qwen-Image model with --image) "
-                             "and Wan video-to-video (--video) only.")
+            raise ValueError("--strength: image-to-image (a FLUX.1, SD3, Chroma, Qwen-Image or Z-Image model with "
+                             "--image) and Wan video-to-video (--video) only.")
         if args.strength is not None and not 0.0 < args.strength <= 1.0:
             raise ValueError(f"--strength must be in (0, 1], got {args.strength}.")
         flux2_reference = kind == "Flux2KleinPipeline" and args.image is not None  # FLUX.2 klein's reference image

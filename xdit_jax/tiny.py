@@ -1421,7 +1421,7 @@ def make_tiny_model(folder: str | os.PathLike | None = None, seed: int = 0, tran
             make = vae_cogvideox_encoder.module_fn(vcfg, jnp.float32)
             abstract = to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
             save_params(tmp / "vae" / "encoder_params", random_params(abstract, seed + 7))
-        if family in (*FLUX_KINDS, "flux2", "sd3", "chroma"):  # the VAE's encoder, as conversion writes it
+        if family in (*FLUX_KINDS, "flux2", "sd3", "chroma", "zimage"):  # the VAE's encoder, as conversion writes it
             from xdit_jax.models import vae_flux2, vae_kl, vae_kl_encoder  # (vae/encoder_params)
 
             vcfg = (vae_flux2.AutoencoderKLFlux2Config.from_dict(FLUX2_VAE) if family == "flux2"

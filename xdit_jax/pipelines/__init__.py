@@ -57,6 +57,8 @@ PIPELINES = {
     "QwenImageEditPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPipeline", "qwenimage"),
     "QwenImageEditPlusPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPlusPipeline", "qwenimage"),
     "ZImagePipeline": ("xdit_jax.pipelines.zimage", "ZImagePipeline", "zimage"),
+    "ZImageImg2ImgPipeline": ("xdit_jax.pipelines.zimage", "ZImageImg2ImgPipeline", "zimage"),
+    "ZImageInpaintPipeline": ("xdit_jax.pipelines.zimage", "ZImageInpaintPipeline", "zimage"),
     "CogView4Pipeline": ("xdit_jax.pipelines.cogview4", "CogView4Pipeline", "cogview4"),
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
     "SanaSprintPipeline": ("xdit_jax.pipelines.sana", "SanaSprintPipeline", "sana-sprint"),

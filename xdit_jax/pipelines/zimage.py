@@ -46,7 +46,7 @@ from xdit_jax.pipelines.denoise import (
     per_prompt,
     prompt_batch,
 )
-from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, VaeEncoding, forward_call, vae_scale_factor
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -150,6 +150,7 @@ class ZImagePipeline(ImagePipelineBase):
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
             del rng
+            texts, kept = flow_match.split_kept(texts)  # (inpainting's kept region)
             model = nnx.merge(graphdef, tstate)
             x = self._model_batch(latents, do_cfg)
             t = jnp.broadcast_to(self._model_timestep(sched.timesteps[i]), (x.shape[0],)).astype(jnp.float32)
@@ -161,6 +162,8 @@ class ZImagePipeline(ImagePipelineBase):
                 pos, neg = jnp.split(pred, 2)
                 pred = self._guided(pos, neg, guidance[0][i], guidance[1])
             latents, sched_state = flow_match.step(sched, i, -pred, latents, sched_state)
+            if kept is not None:  # inpainting: outside the mask, the image at the next sigma
+                latents = kept.apply(sched, i, latents)
             return self._step_out(latents, sched_state, i, kv)
 
         return self._jit_step(key, step)
@@ -197,7 +200,9 @@ class ZImagePipeline(ImagePipelineBase):
         if not unguided or kv is not None or self.mesh_spec.cfg > 1:
             return None
         rows = texts[0].shape[0] // 2  # [prompt; negative], each half padded alike (_put_batch)
+        texts, kept = flow_match.split_kept(texts)  # (the kept region: the latents' rows, not the CFG batch's)
         prompt_texts = tuple(jax.device_put(t[:rows], self._batch_sharding(t.ndim, False)) for t in texts)
+        prompt_texts += () if kept is None else (kept,)
         plain = self._step_fn(False)
 
         def prompt_only(tstate, latents, sched_state, i, kv, texts, sched, guidance, rng):
@@ -250,10 +255,11 @@ class ZImagePipeline(ImagePipelineBase):
                  cfg_normalization: bool | float = False, cfg_truncation: float | None = 1.0,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, latents=None,
                  prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length: int = 512, seed: int = 0,
-                 output_type: str = "np", progress: bool = True) -> ZImagePipelineOutput:
+                 output_type: str = "np", progress: bool = True, _init=None) -> ZImagePipelineOutput:
         """diffusers' arguments and defaults (``generator`` -> ``seed``; ``output_type`` "np" or "latent");
         ``prompt_embeds`` / ``negative_prompt_embeds``: diffusers' lists of per-prompt (tokens, cap_feat_dim)
-        arrays, or (padded array, counts) pairs."""
+        arrays, or (padded array, counts) pairs. ``_init(sched, latents, batch, per, rng, timer)``: image-to-image's /
+        inpainting's start (:class:`ZImageImg2ImgPipeline`)."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -301,17 +307,21 @@ class ZImagePipeline(ImagePipelineBase):
                 g = np.where(t_norm > float(cfg_truncation), 0.0, g).astype(np.float32)
             return g, float(cfg_normalization) if cfg_normalization else 0.0
 
+        init = None if _init is None else (lambda sched, given, rng, timer: _init(sched, given, batch, per, rng, timer))
         return self._generate(timer, texts, length, batch * per, do_cfg, height, width, num_inference_steps, sigmas,
-                              per_step, latents, seed, output_type, progress)
+                              per_step, latents, seed, output_type, progress, init)
 
     def _generate(self, timer, texts, length, batch, do_cfg, height, width, num_inference_steps, sigmas, per_step,
-                  latents, seed, output_type, progress):
+                  latents, seed, output_type, progress, init=None):
         """From the placed ``texts`` (caption features, counts) of caption ``length``: latents (diffusers' layout),
         schedule, guidance per step (``per_step(timesteps) -> (scale per step, normalization)``), the jitted steps,
         then the VAE."""
         shape = self.latent_shape(batch, height, width)
         sched = self.schedule(num_inference_steps, (shape[2] // 2) * (shape[3] // 2), sigmas)
         rng = jax.random.key(seed)
+        if init is not None:  # (image-to-image; inpainting adds its kept region, a step input)
+            sched, latents, *kept = init(sched, latents, rng, timer)
+            texts = texts + tuple(kept)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, channels, 2 (height // 16), 2 (width // 16)")
         g, norm = per_step(sched.timesteps)
@@ -325,3 +335,77 @@ class ZImagePipeline(ImagePipelineBase):
                                        output_type, self._decode_fn(), kv=kv,
                                        step_for=self._unguided_steps(g, texts, do_cfg, kv))
         return ZImagePipelineOutput(images=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
+
+
+def _image_size(image, height, width, multiple: int) -> tuple[int, int]:
+    """diffusers' Z-Image image-to-image / inpainting size: the given one, else the (first) image's, each side floored
+    to ``multiple`` (its image processor's ``preprocess(image)``)."""
+    from xdit_jax.pipelines.denoise import rgb_image
+
+    if image is None or (isinstance(image, (list, tuple)) and not image):
+        return height, width  # (the start hook refuses it)
+    first = rgb_image(image[0] if isinstance(image, (list, tuple)) else image)
+    ih, iw = (first.height, first.width) if hasattr(first, "height") else first.shape[:2]
+    return (ih - ih % multiple if height is None else height), (iw - iw % multiple if width is None else width)
+
+
+class ZImageImg2ImgPipeline(VaeEncoding, ZImagePipeline):
+    """Image-to-image with Z-Image (diffusers' ``ZImageImg2ImgPipeline``) on a Z-Image folder: the image VAE-encoded (a
+    sample of the posterior) and noised to where the last ``strength`` of the schedule starts, only those steps run;
+    the rest is :class:`ZImagePipeline`'s (the jitted step, CFG with its truncation / normalization, meshes,
+    PipeFusion). The size defaults to the image's (floored to 16), as diffusers'.
+
+    Known differences: the draws are JAX draws from ``seed``; an image of another size than ``height`` x ``width`` is
+    resized to it (diffusers encodes it at its own size and fails on the mismatch); several images, one per prompt,
+    pair with their own prompt's samples."""
+
+    PIPELINE_CLASSES = ("ZImageImg2ImgPipeline", "ZImagePipeline", "ZImageInpaintPipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, *, image=None, strength: float = 0.6,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50, sigmas=None,
+                 guidance_scale: float = 5.0, cfg_normalization: bool | float = False,
+                 cfg_truncation: float | None = 1.0, negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 max_sequence_length: int = 512, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> ZImagePipelineOutput:
+        """diffusers' ZImageImg2ImgPipeline call and defaults (``generator`` -> ``seed``; strength 0.6). ``image``: a
+        PIL image or an (H, W, 3) array (uint8, or floats in [0, 1]), or one per prompt; ``latents``: the initial
+        latents, used as given (no image noised)."""
+        height, width = _image_size(image, height, width, 2 * vae_scale_factor(self.vae_config))
+        n = len(sigmas) if sigmas is not None else num_inference_steps
+        height, width, init = self.img2img_init(image, height, width, n, strength)
+        return forward_call(ZImagePipeline.__call__, self, locals(), _init=init)
+
+
+class ZImageInpaintPipeline(VaeEncoding, ZImagePipeline):
+    """Inpainting with Z-Image (diffusers' ``ZImageInpaintPipeline``) on a Z-Image folder: image-to-image's start and,
+    inside the jitted step after each update, the region outside ``mask_image`` (white: repaint, black: keep; resized
+    and binarized as diffusers' mask processor, sampled onto the latent grid) set to the image's latents noised to the
+    next sigma. ``strength`` defaults to 1 (diffusers'); the size to the image's (floored to 16).
+
+    Known differences: :class:`ZImageImg2ImgPipeline`'s; ``masked_image_latents`` (which Z-Image's inpainting step
+    does not use) is refused; given ``latents`` serve as both the initial latents and the kept region's noise (no
+    noise drawn, as diffusers' FLUX.1 inpainting; diffusers' Z-Image draws a fresh noise for the kept region);
+    ``padding_mask_crop`` as the other inpainting pipelines (:mod:`xdit_jax.pipelines.mask_crop`; diffusers' Z-Image
+    has none)."""
+
+    PIPELINE_CLASSES = ("ZImageInpaintPipeline", "ZImagePipeline", "ZImageImg2ImgPipeline")
+
+    def __call__(self, prompt: str | list[str] | None = None, *, image=None, mask_image=None,
+                 masked_image_latents=None, strength: float = 1.0, height: int | None = None,
+                 width: int | None = None, padding_mask_crop: int | None = None, num_inference_steps: int = 50,
+                 sigmas=None, guidance_scale: float = 5.0, cfg_normalization: bool | float = False,
+                 cfg_truncation: float | None = 1.0, negative_prompt: str | list[str] | None = None,
+                 num_images_per_prompt: int = 1, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
+                 max_sequence_length: int = 512, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> ZImagePipelineOutput:
+        """diffusers' ZImageInpaintPipeline call and defaults (``generator`` -> ``seed``; strength 1). ``image`` as
+        :class:`ZImageImg2ImgPipeline`'s, ``mask_image`` a PIL image or an (H, W) array at the output size."""
+        if masked_image_latents is not None:
+            raise NotImplementedError("masked_image_latents is not supported here: give the image and its mask.")
+        height, width = _image_size(image, height, width, 2 * vae_scale_factor(self.vae_config))
+        n = len(sigmas) if sigmas is not None else num_inference_steps
+        height, width, init, finish = self.inpaint_init(image, mask_image, height, width, n, strength,
+                                                        vae_scale_factor(self.vae_config),
+                                                        padding_mask_crop=padding_mask_crop)
+        return finish(forward_call(ZImagePipeline.__call__, self, locals(), _init=init), output_type)
