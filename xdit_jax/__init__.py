@@ -34,6 +34,7 @@ from xdit_jax.pipelines.kandinsky5_i2i import Kandinsky5I2IPipeline
 from xdit_jax.pipelines.kandinsky5_i2v import Kandinsky5I2VPipeline
 from xdit_jax.pipelines.kandinsky5_t2i import Kandinsky5ImagePipelineOutput, Kandinsky5T2IPipeline
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
+from xdit_jax.pipelines.longcat_image import LongCatImagePipeline, LongCatImagePipelineOutput
 from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipelineOutput
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
@@ -98,5 +99,6 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2Pipeline", "SkyReelsV2PipelineOutput",
            "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline",
            "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput", "WanVideoToVideoPipeline",
-           "ZImagePipeline", "ZImagePipelineOutput", "build_mesh", "WanVACEPipeline"]
+           "ZImagePipeline", "ZImagePipelineOutput", "build_mesh", "WanVACEPipeline",
+           "LongCatImagePipeline", "LongCatImagePipelineOutput"]
 __version__ = "0.1.0"

@@ -170,6 +170,14 @@ CHROMA_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single
                           num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6],
                           approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2)
 
+# LongCat-Image shaped: FLUX's tiny transformer without the pooled CLIP / guidance (2 double- and 2 single-stream
+# blocks, 2 heads of 16) on Qwen-Image's tiny Qwen2.5-VL (32 wide) and stand-in tokenizer; FLUX's tiny VAE and
+# scheduler. The text: LONGCAT_TOKENIZER_MAX_LENGTH tokens (the pipelines' ``tokenizer_max_length``; 512 real).
+LONGCAT_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                           axes_dims_rope=[4, 6, 6])
+LONGCAT_TOKENIZER_MAX_LENGTH = 16
+
 # Stable Diffusion 3 shaped: 2 joint blocks (the last context_pre_only) over 2 heads of 16, the pos-embed table
 # cropped from a 16 x 16 grid; CLIP-L 8 and CLIP-G 16 wide (their penultimate states concatenated: 24, zero-padded
 # to the tiny T5's 32, as 768 + 1280 to 4096; pooled projections 16 + 16 = 32); the VAE with SD3's scale and

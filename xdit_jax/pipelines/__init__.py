@@ -68,6 +68,7 @@ PIPELINES = {
     "Flux2KleinPipeline": ("xdit_jax.pipelines.flux2", "Flux2KleinPipeline", "flux2"),
     "Flux2Pipeline": ("xdit_jax.pipelines.flux2", "Flux2Pipeline", "flux2"),
     "HiDreamImagePipeline": ("xdit_jax.pipelines.hidream", "HiDreamImagePipeline", "hidream"),
+    "LongCatImagePipeline": ("xdit_jax.pipelines.longcat_image", "LongCatImagePipeline", "longcat"),
 }
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
@@ -79,7 +80,7 @@ def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
     "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid",
     "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4", "kandinsky5",
-    "kandinsky5-t2i", "sana-video", "hidream") of a diffusers pipeline class name;
+    "kandinsky5-t2i", "sana-video", "hidream", "longcat") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name in REFUSED:
         raise ValueError(REFUSED[class_name])
