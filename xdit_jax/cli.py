@@ -11,7 +11,7 @@
                                                    # tiny-ltx (--image: image-to-video),
                                                    # tiny-consisid with --image and --id-embeds,
                                                    # tiny-cogview3, tiny-cogview4, tiny-hunyuanimage, tiny-kandinsky5,
-                                                   # tiny-sana-video)
+                                                   # tiny-sana-video, tiny-longcat)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -248,6 +248,11 @@ FAMILIES = {
     # (HiDream-I1's inference script: Full 50 steps at CFG 5, Dev 28 and Fast 16 at guidance 0): give --steps and
     # --guidance-scale.
     "hidream": Family(video=False, guidance_scale=5.0, steps=50, tiny_steps=2, max_sequence_length=128),
+    # LongCat-Image: diffusers' LongCatImagePipeline defaults (50 steps, CFG 4.5 with cfg_renorm, the negative prompt
+    # ""); its prompt rewriting (diffusers' default) is not run: the prompt is used as given
+    "longcat": Family(video=False, guidance_scale=4.5, steps=50, tiny_steps=2, tiny_size=(48, 80),
+                      module="longcat_image",
+                      fixed_text_length="LongCat-Image pads its text to 512 tokens, as diffusers'"),
 }
 # per family: default output, guidance scale, steps (real / tiny), ...: the table as plain dicts
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
@@ -294,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / 'tiny-sana-sprint' / "
                          "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' / 'tiny-consisid' / "
                          "'tiny-cogview3' / 'tiny-cogview4' / 'tiny-hunyuanimage' / 'tiny-kandinsky5' / "
-                         "'tiny-sana-video' (random, no download)")
+                         "'tiny-sana-video' / 'tiny-longcat' (random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)

@@ -28,6 +28,7 @@ TINY_NAMES = {"tiny": "cogvideox", "tiny-pixart": "pixart", "tiny-hunyuandit": "
               "tiny-consisid": "consisid", "tiny-hunyuanvideo15": "hunyuan_video15",
               "tiny-cogview3": "cogview3", "tiny-hunyuanimage": "hunyuanimage", "tiny-cogview4": "cogview4",
               "tiny-kandinsky5": "kandinsky5", "tiny-sana-video": "sana-video"}
+TINY_NAMES["tiny-longcat"] = "longcat"
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -678,6 +679,12 @@ def model_index(family: str = "cogvideox") -> dict:
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                 "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if family == "longcat":  # (its text_processor, a Qwen2VLProcessor for prompt rewriting, is not read)
+        return {"_class_name": "LongCatImagePipeline", "_diffusers_version": "0.36.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+                "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                "transformer": ["diffusers", "LongCatImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "chroma":
         return {"_class_name": "ChromaPipeline", "_diffusers_version": "0.35.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -958,6 +965,20 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder": ("CLIPTextModel", FLUX_CLIP,
                              lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
             "text_encoder_2": text,
+        }, FLUX_SCHEDULER
+    if family == "longcat":
+        from xdit_jax.models import llama, longcat_image, qwen2_5_vl
+
+        tcfg = {**LONGCAT_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("LongCatImageTransformer2DModel", tcfg,
+                            lambda: longcat_image.LongCatImageTransformer2DModel(
+                                longcat_image.LongCatImageConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": ("Qwen2_5_VLForConditionalGeneration", QWEN_IMAGE_TEXT_ENCODER,
+                             lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(QWEN_IMAGE_TEXT_ENCODER),
+                                                      rngs=nnx.Rngs(0))),
         }, FLUX_SCHEDULER
     if family == "chroma":
         from xdit_jax.models import chroma
