@@ -69,6 +69,7 @@ PIPELINES = {
     "Flux2Pipeline": ("xdit_jax.pipelines.flux2", "Flux2Pipeline", "flux2"),
     "HiDreamImagePipeline": ("xdit_jax.pipelines.hidream", "HiDreamImagePipeline", "hidream"),
     "LongCatImagePipeline": ("xdit_jax.pipelines.longcat_image", "LongCatImagePipeline", "longcat"),
+    "LongCatImageEditPipeline": ("xdit_jax.pipelines.longcat_image", "LongCatImageEditPipeline", "longcat"),
 }
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)

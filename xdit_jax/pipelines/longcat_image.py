@@ -34,6 +34,7 @@ real model's); the timestep stays float32 in bf16 too; ``generator`` -> ``seed``
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 
@@ -54,7 +55,7 @@ from xdit_jax.pipelines.denoise import (
     prompt_batch,
 )
 from xdit_jax.pipelines.flux import FluxPipeline, pack_latents, transformer_over_mesh
-from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, vae_scale_factor
+from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, VaeEncoding, vae_scale_factor
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -183,11 +184,16 @@ class LongCatImagePipeline(ImagePipelineBase):
         states = self._qwen_fn()(ids, mask)
         return states[:, pre:states.shape[1] - suf].astype(self.dtype)
 
-    def rope(self, height: int, width: int, text_len: int):
-        """The RoPE tables (image, text) for an image size and a text length, replicated on the mesh."""
+    def rope(self, height: int, width: int, text_len: int, start: int | None = None, condition: bool = False):
+        """The RoPE tables (image, text) for an image size and a text length, replicated on the mesh; ``start``: the
+        image ids' (default ``tokenizer_max_length``); ``condition``: the edit's image tokens after the noisy ones
+        (modality 2, the same grid)."""
         tc = self.transformer_config
         h, w = self.latent_grid(height, width)
-        ids = lc.image_ids(h // 2, w // 2, int(self.tokenizer_max_length))
+        start = int(self.tokenizer_max_length) if start is None else int(start)
+        ids = lc.image_ids(h // 2, w // 2, start)
+        if condition:
+            ids = np.concatenate([ids, lc.image_ids(h // 2, w // 2, start, modality=2)])
         tables = (flux.rope_tables(ids, tc.axes_dims_rope), flux.rope_tables(lc.text_ids(text_len), tc.axes_dims_rope))
         return jax.tree.map(self._put_replicated, tables)
 
@@ -203,9 +209,9 @@ class LongCatImagePipeline(ImagePipelineBase):
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """The jitted step ``(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng) -> (latents,
-        sched_state, i + 1, kv)``; ``texts``: (states,); ``scales``: (guidance scale, cfg_renorm_min, 1 without
-        renorm); ``rope``: the image and text tables; ``kv``: PipeFusion's K/V buffers (``warmup``: an exact step)
-        or None."""
+        sched_state, i + 1, kv)``; ``texts``: (states[, the edit's packed image latents]); ``scales``: (guidance
+        scale, cfg_renorm_min, 1 without renorm); ``rope``: the image and text tables; ``kv``: PipeFusion's K/V
+        buffers (``warmup``: an exact step) or None."""
         key = (do_cfg, warmup)
         if key in self._step_cache:
             return self._step_cache[key]
@@ -217,6 +223,8 @@ class LongCatImagePipeline(ImagePipelineBase):
 
         def step(tstate, latents, sched_state, i, kv, texts, sched, scales, rope, rng):
             x = self._model_batch(latents, do_cfg)
+            if len(texts) > 1:  # the edit: the image's packed latents after the noisy ones
+                x = jnp.concatenate([x, texts[1].astype(x.dtype)], axis=1)
             t = jnp.broadcast_to(sched.timesteps[i] / 1000, (x.shape[0],))
             args = (x.astype(dtype), texts[0], t, None, None)
             if kv is None:
@@ -227,7 +235,7 @@ class LongCatImagePipeline(ImagePipelineBase):
                 tokens_x, tokens, cond, _ = model.embed(*args, rope=rope)
                 tokens_x, kv = self._blocks_over_mesh(blocks, tstate, tokens_x, tokens, cond, kv, warmup)
                 pred = model.head(tokens_x, cond)
-            pred = self._real_rows(pred.astype(jnp.float32), latents.shape[0], do_cfg)
+            pred = self._real_rows(pred.astype(jnp.float32)[:, :latents.shape[1]], latents.shape[0], do_cfg)
             if do_cfg:  # [negative; prompt]
                 neg, pos = jnp.split(pred, 2)
                 pred = guided(neg, pos, scales[0], scales[1])
@@ -274,6 +282,22 @@ class LongCatImagePipeline(ImagePipelineBase):
             raise NotImplementedError("enable_prompt_rewrite=True has Qwen2.5-VL generate a rewritten prompt (up to "
                                       "512 new tokens), which xdit_jax does not run; rewrite the prompt beforehand "
                                       "and pass it with enable_prompt_rewrite=False.")
+        if not 0.0 <= cfg_renorm_min <= 1.0:
+            raise ValueError(f"cfg_renorm_min must be in [0, 1] (1 disables the renorm), got {cfg_renorm_min}.")
+        return self._generate(prompt, negative_prompt, height=height, width=width,
+                              num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+                              num_images_per_prompt=num_images_per_prompt, latents=latents,
+                              prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                              renorm_min=cfg_renorm_min if enable_cfg_renorm else 1.0, seed=seed,
+                              output_type=output_type, progress=progress)
+
+    def _generate(self, prompt, negative_prompt, *, height, width, num_inference_steps, sigmas, guidance_scale,
+                  num_images_per_prompt, latents, prompt_embeds, negative_prompt_embeds, renorm_min, seed,
+                  output_type, progress, encode=None, condition=None) -> LongCatImagePipelineOutput:
+        """The call; ``renorm_min``: cfg_renorm's lower bound (1: no renorm). The edit's hooks: ``encode(prompts) ->
+        states`` instead of :meth:`encode_prompt`; ``condition(batch, per, do_cfg, timer)``: the image's packed
+        latents placed as the step's batch (then the image ids start at the text's length, as diffusers' edit)."""
+        encode = self.encode_prompt if encode is None else encode
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
@@ -282,8 +306,6 @@ class LongCatImagePipeline(ImagePipelineBase):
             raise ValueError("Give either negative_prompt or negative_prompt_embeds, not both.")
         if sigmas is None and num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-        if not 0.0 <= cfg_renorm_min <= 1.0:
-            raise ValueError(f"cfg_renorm_min must be in [0, 1] (1 disables the renorm), got {cfg_renorm_min}.")
         per = per_prompt(num_images_per_prompt)
         do_cfg = guidance_scale > 1.0
         check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
@@ -292,10 +314,10 @@ class LongCatImagePipeline(ImagePipelineBase):
 
         # 1. text: the Qwen2.5-VL states; [negative; prompt] for CFG
         with timer.stage("text_encoding"):
-            emb = self._checked(self.encode_prompt(prompts) if prompt_embeds is None else prompt_embeds, "prompt")
+            emb = self._checked(encode(prompts) if prompt_embeds is None else prompt_embeds, "prompt")
             if do_cfg:
                 if negative_prompt_embeds is None:
-                    negative_prompt_embeds = self.encode_prompt(negative_prompts(negative_prompt, batch))
+                    negative_prompt_embeds = encode(negative_prompts(negative_prompt, batch))
                 nemb = self._checked(negative_prompt_embeds, "negative_prompt")
                 if nemb.shape[0] == 1 and batch > 1:
                     nemb = jnp.repeat(nemb, batch, axis=0)
@@ -315,13 +337,16 @@ class LongCatImagePipeline(ImagePipelineBase):
             latents = pack_latents(jax.random.normal(rng, (batch * per, tc.in_channels // 4, h, w), jnp.float32))
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, (height/16) x (width/16) tokens, channels x 4")
-        rope = self.rope(height, width, int(emb.shape[1]))
+        texts_len = int(emb.shape[1])
+        if condition is not None:  # the edit: the image's tokens after the noisy ones; its ids start at the text's end
+            texts = texts + (condition(batch, per, do_cfg, timer),)
+        rope = self.rope(height, width, texts_len, texts_len if condition is not None else None, condition is not None)
 
         # 3. denoise: one jitted step per iteration; then the VAE
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
-        scales = self._put_replicated(jnp.asarray([guidance_scale, cfg_renorm_min if enable_cfg_renorm else 1.0],
-                                                  jnp.float32))
-        kv = self._pipefusion_buffers(texts[0].shape[0], shape[1], text_len=int(emb.shape[1]))
+        scales = self._put_replicated(jnp.asarray([guidance_scale, renorm_min], jnp.float32))
+        seq = shape[1] * (2 if condition is not None else 1)
+        kv = self._pipefusion_buffers(texts[0].shape[0], seq, text_len=texts_len)
         out = self._denoise_and_decode(timer, do_cfg, latents, flow_match.init_state(),
                                        (texts, sched_arrays, scales, rope, rng), len(sched.timesteps), progress,
                                        output_type, self._decode_fn((h, w)), kv=kv)
@@ -334,3 +359,189 @@ class LongCatImagePipeline(ImagePipelineBase):
             raise ValueError(f"{what} embeddings {tuple(emb.shape)}: this model takes (batch, tokens, "
                              f"{tc.joint_attention_dim}).")
         return emb
+
+
+# ----------------------------------------------------------------------------------------------- image editing
+
+EDIT_PROMPT_PREFIX = ("<|im_start|>system\nAs an image editing expert, first analyze the content and attributes of the "
+                      "input image(s). Then, based on the user's editing instructions, clearly and precisely determine "
+                      "how to modify the given image(s), ensuring that only the specified parts are altered and all "
+                      "other aspects remain consistent with the original(s).<|im_end|>\n<|im_start|>user\n"
+                      "<|vision_start|><|image_pad|><|vision_end|>")
+EDIT_AREA = 1024 * 1024  # diffusers' calculate_dimensions(1024 * 1024, ...)
+
+
+def edit_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
+    """LongCatImageEditPipeline's ``calculate_dimensions``: (width, height) of aspect ratio ``ratio`` (width / height)
+    at about ``target_area`` pixels, each rounded UP to a multiple of 16."""
+    width = math.sqrt(target_area * ratio)
+    height = width / ratio
+    up = lambda v: int(v if v % 16 == 0 else (v // 16 + 1) * 16)  # noqa: E731
+    return up(width), up(height)
+
+
+def load_processor_config(folder):
+    """The Qwen2VLProcessor's image settings: ``text_processor/preprocessor_config.json`` (a release) or
+    ``processor_config.json`` (transformers 5's save); transformers' defaults where neither exists."""
+    from pathlib import Path
+
+    from xdit_jax.conversion import read_json
+    from xdit_jax.models import qwen2_5_vl_vision as vv
+
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(folder) / "text_processor" / name
+        if path.exists():
+            return vv.ProcessorConfig.from_dict(read_json(path))
+    log.warning("%s has no text_processor/ settings: Qwen2VLImageProcessor's defaults (max_pixels 1003520).", folder)
+    return vv.ProcessorConfig()
+
+
+class LongCatImageEditPipeline(VaeEncoding, LongCatImagePipeline):
+    """Image editing with LongCat-Image-Edit (diffusers' ``LongCatImageEditPipeline``).
+
+        pipe = LongCatImageEditPipeline.from_pretrained("meituan-longcat/LongCat-Image-Edit", mesh="cfg=2,ulysses=4")
+        out = pipe(Image.open("cat.png"), "change the cat to dog", guidance_scale=4.5, seed=43)
+
+    As diffusers: the output size is the image's aspect ratio at 1024^2 pixels, each side rounded up to 16
+    (:func:`edit_dimensions`); the image resized to it (Lanczos) is VAE-encoded (``latent_dist.mode()``, shifted and
+    scaled) and packed, its tokens after the noisy latents' at every step with ids (2, L + row, L + column) (the noisy
+    ones (1, L + row, L + column), L the text's length); the prediction keeps the noisy tokens. Qwen2.5-VL sees the
+    image at half that size (its processor's resize to multiples of patch x merge) inside the edit template: its
+    vision tower's features in place of the ``<|image_pad|>`` tokens, the prompt (quotation-split, padded to 512)
+    after it; the states from ``<|vision_start|>`` to the suffix are the text (L = image tokens + 2 + 512). CFG
+    ``neg + s (pos - neg)`` with the negative prompt ("" by default) on the same image, no renorm (diffusers' edit has
+    none). Everything else is :class:`LongCatImagePipeline`'s (meshes, PipeFusion: the image tokens patched with the
+    noisy ones).
+
+    Differences from diffusers, on purpose: Qwen2.5-VL's positions, as :class:`~xdit_jax.pipelines.qwenimage_edit.
+    QwenImageEditPipeline`'s: by default the image tokens get the 3-D multimodal RoPE positions (what the model is
+    trained with); diffusers 0.42.1 calls transformers 5.23 without ``mm_token_type_ids``, which gives every token the
+    position ``0 .. L-1``: ``mrope=False`` reproduces that. Several prompts (each with the same image) are taken
+    (diffusers refuses more than one). ``prompt_embeds`` still need the ``image`` (its latents)."""
+
+    PIPELINE_CLASSES = ("LongCatImageEditPipeline",)
+
+    def __init__(self, *, vae_encoder=None, vision=None, processor_config=None, mrope_section=(16, 24, 24),
+                 mrope: bool = True, **kw):
+        from xdit_jax.models import qwen2_5_vl_vision as vv
+
+        super().__init__(vae_encoder=vae_encoder, **kw)
+        self.vision = vision
+        self.processor_config = processor_config if processor_config is not None else vv.ProcessorConfig()
+        self.mrope_section, self.mrope = tuple(mrope_section), bool(mrope)
+
+    @classmethod
+    def from_pretrained(cls, model, *, mrope: bool = True, **kw):
+        """:meth:`LongCatImagePipeline.from_pretrained`; ``mrope``: the image tokens' 3-D positions in Qwen2.5-VL
+        (the class docstring)."""
+        pipe = super().from_pretrained(model, **kw)
+        pipe.mrope = bool(mrope)
+        return pipe
+
+    @classmethod
+    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
+        """The VAE's encoder (``vae/encoder_params``), Qwen2.5-VL's vision tower (``text_encoder/vision_params``), the
+        image processor's settings (``text_processor/``)."""
+        from pathlib import Path
+
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from xdit_jax.conversion import read_json
+        from xdit_jax.models import qwen2_5_vl as qv
+        from xdit_jax.pipelines.qwenimage_edit import load_vision
+
+        return {**super()._extra_parts(folder, mesh, dtype, kind),
+                "vision": load_vision(folder, dtype, NamedSharding(mesh, P())),
+                "processor_config": load_processor_config(folder),
+                "mrope_section": qv.mrope_section(read_json(Path(folder) / "text_encoder" / "config.json"))}
+
+    def _edit_fns(self):
+        """(encode_vision(pixels, layout), encode(ids, mask, features, feat_idx, cos, sin)) jitted once."""
+        from xdit_jax.models import qwen2_5_vl as qv
+
+        fns = self.__dict__.setdefault("_text_fns", {})
+        if "edit" not in fns:
+            vg, vs = nnx.split(self.vision)
+            lg, ls = nnx.split(self.text_encoder)
+            vfn = jax.jit(lambda st, x, lay: nnx.merge(vg, st)(x, lay))
+            lfn = jax.jit(lambda st, i, m, f, fi, c, s: qv.encode_with_images(nnx.merge(lg, st), i, m, f, fi, (c, s)))
+            put = self._put_replicated
+            fns["edit"] = (
+                lambda x, lay: vfn(vs, put(jnp.asarray(x, self.dtype)), jax.tree.map(lambda a: put(jnp.asarray(a)),
+                                                                                      lay)),
+                lambda i, m, f, fi, c, s: lfn(ls, *(put(jnp.asarray(a)) for a in (i, m, f, fi, c, s))))
+        return fns["edit"]
+
+    def encode_prompt_with_image(self, prompts: list[str], image):
+        """(B, L, d) states in the compute dtype of the prompts with the (already resized) image, as diffusers'
+        ``encode_prompt`` (``num_images_per_prompt=1``): L = the image's tokens + 2 + ``tokenizer_max_length``."""
+        from xdit_jax.models import qwen2_5_vl as qv
+        from xdit_jax.models import qwen2_5_vl_vision as vv
+
+        if self.vision is None:
+            raise ValueError("This pipeline has no vision tower; load it with from_pretrained.")
+        tok, prompts = self.tokenizer, list(prompts)
+        encode_vision, encode = self._edit_fns()
+        pix, grid = vv.preprocess(image, self.processor_config)
+        merge = self.vision.cfg.spatial_merge_size
+        count = int(np.prod(grid)) // merge ** 2
+        features = encode_vision(pix, vv.vision_layout([grid], self.vision.cfg))
+        padded = tok.pad({"input_ids": [prompt_tokens(tok, p, int(self.tokenizer_max_length)) for p in prompts]},
+                         max_length=int(self.tokenizer_max_length), padding="max_length", return_attention_mask=True,
+                         return_tensors="np")
+        prefix = tok(qv.expand_image_tokens(EDIT_PROMPT_PREFIX, [count]), add_special_tokens=False)["input_ids"]
+        suffix = tok(PROMPT_SUFFIX, add_special_tokens=False)["input_ids"]
+        start = prefix.index(tok.convert_tokens_to_ids("<|vision_start|>"))
+        b = len(prompts)
+        ids = np.concatenate([np.tile(np.asarray(prefix, np.int64), (b, 1)), np.asarray(padded["input_ids"], np.int64),
+                              np.tile(np.asarray(suffix, np.int64), (b, 1))], axis=1)
+        mask = np.concatenate([np.ones((b, len(prefix)), np.int64), np.asarray(padded["attention_mask"], np.int64),
+                               np.ones((b, len(suffix)), np.int64)], axis=1)
+        image_token_id = tok.convert_tokens_to_ids(qv.IMAGE_PAD)
+        feat_idx = qv.image_feature_index(ids, image_token_id, count)
+        if self.mrope:
+            pos = qv.rope_index(ids, mask, image_token_id, [grid] * b, merge)
+        else:
+            pos = np.broadcast_to(np.arange(ids.shape[1]), (3,) + ids.shape)
+        cos, sin = qv.mrope_cos_sin(pos, self.text_encoder.cfg, self.mrope_section)
+        states = encode(ids, mask, features, feat_idx, cos, sin)
+        return states[:, start:states.shape[1] - len(suffix)].astype(self.dtype)
+
+    def __call__(self, image=None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, *, num_inference_steps: int = 50, sigmas=None,
+                 guidance_scale: float = 4.5, num_images_per_prompt: int = 1, latents=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, image_area: int = EDIT_AREA, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> LongCatImagePipelineOutput:
+        """diffusers' LongCatImageEditPipeline call and defaults (``generator`` -> ``seed``). ``image``: a PIL image or
+        an (H, W, 3) array (uint8, or floats in [0, 1]); the output size: its aspect ratio at ``image_area`` pixels
+        (diffusers' constant 1024^2; the class docstring)."""
+        from xdit_jax.pipelines.denoise import preprocess_image
+        from xdit_jax.pipelines.qwenimage_edit import _pil, _resize
+
+        if image is None:
+            raise ValueError("LongCat-Image-Edit needs the image to edit (image=...).")
+        if isinstance(image, (list, tuple)):
+            if len(image) != 1:
+                raise ValueError(f"LongCat-Image-Edit takes one image, got {len(image)}.")
+            image = image[0]
+        picture = _pil(image)
+        width, height = edit_dimensions(image_area, picture.size[0] / picture.size[1])
+        picture = _resize(picture, width, height)
+        small = _resize(picture, width // 2, height // 2)  # what Qwen2.5-VL sees
+        pixels = preprocess_image(picture, height, width)
+
+        def condition(batch, per, do_cfg, timer):
+            with timer.stage("image_encoding"):
+                packed = pack_latents(self.image_latents(pixels))  # (1, tokens, 4C)
+                rows = jnp.repeat(packed, batch * per, axis=0)
+                placed = self._put_batch(jnp.concatenate([rows, rows]) if do_cfg else rows, do_cfg)
+                jax.block_until_ready(placed)
+            return placed
+
+        return self._generate(prompt, negative_prompt, height=height, width=width,
+                              num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+                              num_images_per_prompt=num_images_per_prompt, latents=latents,
+                              prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                              renorm_min=1.0, seed=seed, output_type=output_type, progress=progress,
+                              encode=lambda p: self.encode_prompt_with_image(p, small), condition=condition)
