@@ -897,8 +897,11 @@ def _main(argv=None) -> int:
                              "--image PATH.")
         if k5_edit and args.last_image is not None:
             raise ValueError("--last-image: Kandinsky 5.0 image-to-image takes one image (--image).")
+        longcat_edit = kind == "LongCatImageEditPipeline"  # (LongCat-Image-Edit: the image to edit, required)
+        if longcat_edit and args.image is None:
+            raise ValueError(f"{args.model} is a LongCat-Image-Edit model: give the image to edit with --image PATH.")
         if not image_to_video and not args.kontext and not flux2_reference and not qwen_edit and not img2img \
-                and not k5_edit and args.image is not None:
+                and not k5_edit and not longcat_edit and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, FLUX.1 Kontext or Qwen-Image-Edit does).")
         if kind == "Kandinsky5I2VPipeline":  # (the pipeline's rules, before loading it)
@@ -1039,6 +1042,10 @@ def _main(argv=None) -> int:
         if args.conditioning_scale is not None:
             kw["conditioning_scale"] = args.conditioning_scale
         call = pipe
+    elif kind == "LongCatImageEditPipeline":  # the image to edit; the output: its aspect ratio at 1024^2 unless sized
+        from PIL import Image
+
+        call = functools.partial(pipe, Image.open(args.images[0]).convert("RGB"))
     elif kind == "Kandinsky5I2IPipeline":  # the image to edit; the output takes its size unless sized
         from PIL import Image
 

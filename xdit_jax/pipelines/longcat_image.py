@@ -509,13 +509,15 @@ class LongCatImageEditPipeline(VaeEncoding, LongCatImagePipeline):
         return states[:, start:states.shape[1] - len(suffix)].astype(self.dtype)
 
     def __call__(self, image=None, prompt: str | list[str] | None = None,
-                 negative_prompt: str | list[str] | None = None, *, num_inference_steps: int = 50, sigmas=None,
+                 negative_prompt: str | list[str] | None = None, *, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int = 50, sigmas=None,
                  guidance_scale: float = 4.5, num_images_per_prompt: int = 1, latents=None, prompt_embeds=None,
                  negative_prompt_embeds=None, image_area: int = EDIT_AREA, seed: int = 0, output_type: str = "np",
                  progress: bool = True) -> LongCatImagePipelineOutput:
         """diffusers' LongCatImageEditPipeline call and defaults (``generator`` -> ``seed``). ``image``: a PIL image or
         an (H, W, 3) array (uint8, or floats in [0, 1]); the output size: its aspect ratio at ``image_area`` pixels
-        (diffusers' constant 1024^2; the class docstring)."""
+        (diffusers' constant 1024^2; the class docstring), or ``height`` x ``width`` where given (multiples of 16;
+        diffusers' edit takes no size), the image resized to it."""
         from xdit_jax.pipelines.denoise import preprocess_image
         from xdit_jax.pipelines.qwenimage_edit import _pil, _resize
 
@@ -526,7 +528,10 @@ class LongCatImageEditPipeline(VaeEncoding, LongCatImagePipeline):
                 raise ValueError(f"LongCat-Image-Edit takes one image, got {len(image)}.")
             image = image[0]
         picture = _pil(image)
-        width, height = edit_dimensions(image_area, picture.size[0] / picture.size[1])
+        if (height is None) != (width is None):
+            raise ValueError("Give both height and width, or neither (the image's aspect ratio at image_area).")
+        if height is None:
+            width, height = edit_dimensions(image_area, picture.size[0] / picture.size[1])
         picture = _resize(picture, width, height)
         small = _resize(picture, width // 2, height // 2)  # what Qwen2.5-VL sees
         pixels = preprocess_image(picture, height, width)
