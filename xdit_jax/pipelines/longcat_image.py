@@ -1,4 +1,5 @@
-"""LongCat-Image text-to-image, diffusers' ``LongCatImagePipeline`` on a JAX mesh.
+"""LongCat-Image text-to-image, diffusers' ``LongCatImagePipeline`` on a JAX mesh (and its image editing,
+``LongCatImageEditPipeline``: :class:`LongCatImageEditPipeline`).
 
     pipe = LongCatImagePipeline.from_pretrained("meituan-longcat/LongCat-Image", mesh="cfg=2,ulysses=4",
                                                 dtype="bfloat16")
