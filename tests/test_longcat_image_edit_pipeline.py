@@ -65,3 +65,18 @@ def test_latents_match_diffusers(built, monkeypatch):
                                atol=1e-5 * scale, rtol=0)
     with pytest.raises(ValueError, match="both height and width"):
         ours(image, PROMPT, height=H, **kw)
+
+
+def test_pipefusion_matches_sequential_rule(built):
+    """PipeFusion on pipefusion=2 (the image's tokens patched with the noisy ones) == its sequential reference on one
+    device (the same 2 patches, 1 exact warm-up step)."""
+    _, _, converted = built
+    image = random_image(3, (W, H))
+    lat = np.random.default_rng(0).standard_normal((1, (H // 16) * (W // 16), 64)).astype(np.float32)
+    kw = dict(num_inference_steps=STEPS, latents=lat, output_type="latent", progress=False, image_area=AREA)
+    outs = []
+    for extra in (dict(pipefusion_patches=2), dict(mesh="pipefusion=2")):
+        pipe = LongCatImageEditPipeline.from_pretrained(converted, mrope=False, **extra)
+        pipe.tokenizer_max_length = tiny.LONGCAT_TOKENIZER_MAX_LENGTH
+        outs.append(pipe(image, PROMPT, **kw).images)
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5 * np.abs(outs[0]).max(), rtol=0)
