@@ -248,26 +248,30 @@ class LongCatImagePipeline(ImagePipelineBase):
         return self._jit_step(key, step)
 
     def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
-                     num_inference_steps: int = 50, guidance_scale: float = 4.5):
-        """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it."""
+                     num_inference_steps: int = 50, guidance_scale: float = 4.5, text_len: int | None = None,
+                     condition: bool = False):
+        """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it; ``text_len``:
+        the text's tokens (default ``tokenizer_max_length``); ``condition``: the edit's image tokens appended (the
+        image ids from the text's end)."""
         ds = self.default_size()
         height = ds["height"] if height is None else height
         width = ds["width"] if width is None else width
         do_cfg = guidance_scale > 1.0
         check_request(self.transformer_config, self.vae_config, height, width, batch, self.mesh_spec, guidance_scale)
-        tc, text_len = self.transformer_config, int(self.tokenizer_max_length)
+        tc = self.transformer_config
+        text_len = int(self.tokenizer_max_length) if text_len is None else int(text_len)
         shape = self.latent_shape(batch, height, width)
         n = (2 if do_cfg else 1) * self._padded_batch(batch)
-        texts = (jax.ShapeDtypeStruct((n, text_len, tc.joint_attention_dim), self.dtype,
-                                      sharding=self._batch_sharding(3, do_cfg)),)
+        sd = lambda shp: jax.ShapeDtypeStruct(shp, self.dtype, sharding=self._batch_sharding(3, do_cfg))  # noqa
+        texts = (sd((n, text_len, tc.joint_attention_dim)),) + ((sd((n,) + shape[1:]),) if condition else ())
         latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps, shape[1]))
         _, tstate = nnx.split(self.transformer)
-        kv = self._pipefusion_buffers(n, shape[1], abstract=True, text_len=text_len)
+        kv = self._pipefusion_buffers(n, shape[1] * (2 if condition else 1), abstract=True, text_len=text_len)
+        rope = self.rope(height, width, text_len, text_len if condition else None, condition)
         return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched,
-            jnp.asarray([guidance_scale, 0.0], jnp.float32), self.rope(height, width, text_len),
-            jax.random.key(0)).compile()
+            jnp.asarray([guidance_scale, 0.0], jnp.float32), rope, jax.random.key(0)).compile()
 
     # ------------------------------------------------------------------ call
 
@@ -508,6 +512,20 @@ class LongCatImageEditPipeline(VaeEncoding, LongCatImagePipeline):
         cos, sin = qv.mrope_cos_sin(pos, self.text_encoder.cfg, self.mrope_section)
         states = encode(ids, mask, features, feat_idx, cos, sin)
         return states[:, start:states.shape[1] - len(suffix)].astype(self.dtype)
+
+    def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None, **kw):
+        """:meth:`LongCatImagePipeline.compile_step` of the edit (default output 1024 x 1024): the image's tokens
+        appended, the text the image's Qwen2.5-VL tokens (of the half-size image) + 2 + ``tokenizer_max_length``."""
+        from xdit_jax.models import qwen2_5_vl_vision as vv
+
+        height = 1024 if height is None else height
+        width = 1024 if width is None else width
+        pc = self.processor_config
+        merge = self.vision.cfg.spatial_merge_size if self.vision is not None else pc.merge_size
+        gh, gw = vv.smart_resize(height // 2, width // 2, pc.patch_size * pc.merge_size, pc.min_pixels, pc.max_pixels)
+        count = (gh // pc.patch_size) * (gw // pc.patch_size) // merge ** 2
+        return super().compile_step(batch, height=height, width=width, condition=True,
+                                    text_len=count + 2 + int(self.tokenizer_max_length), **kw)
 
     def __call__(self, image=None, prompt: str | list[str] | None = None,
                  negative_prompt: str | list[str] | None = None, *, height: int | None = None,
