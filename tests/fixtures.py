@@ -570,6 +570,57 @@ def make_torch_qwenimage_edit(seed: int = 0, plus: bool = False, zero_cond_t: bo
                scheduler=FlowMatchEulerDiscreteScheduler(**skw))
 
 
+def make_torch_longcat(seed: int = 0):
+    """A tiny random diffusers LongCatImagePipeline (xdit_jax.tiny's LongCat transformer; Qwen-Image's tiny Qwen2.5-VL
+    and stand-in tokenizer, a Qwen2VLProcessor over it; FLUX's tiny VAE and scheduler), its ``tokenizer_max_length``
+    the tiny one."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        LongCatImagePipeline,
+        LongCatImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    transformer = randomize_(LongCatImageTransformer2DModel(**tiny.LONGCAT_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
+    te_kw = {k: v for k, v in tiny.QWEN_IMAGE_TEXT_ENCODER.items() if k not in ("model_type", "architectures")}
+    text_encoder = randomize_(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**te_kw)), seed + 2, std=0.2)
+    tok = tiny.train_qwen_tokenizer()
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.FLUX_SCHEDULER.items() if not k.startswith("_")})
+    tp = LongCatImagePipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                              text_processor=qwen_processor(Qwen2VLImageProcessorPil(**tiny.QWEN_EDIT_PROCESSOR), tok),
+                              transformer=transformer)
+    tp.tokenizer_max_length = tiny.LONGCAT_TOKENIZER_MAX_LENGTH
+    return tp
+
+
+def make_torch_longcat_edit(seed: int = 0):
+    """A tiny random diffusers LongCatImageEditPipeline: make_torch_longcat's scheduler, its transformer and FLUX's tiny
+    VAE on 16 latent channels (diffusers' edit packs the image's latents as 16 channels, whatever the VAE), with
+    Qwen-Image-Edit's tiny text encoder (its vision tower), stand-in tokenizer (the vision tokens) and image processor
+    settings."""
+    from diffusers import AutoencoderKL, LongCatImageEditPipeline, LongCatImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    base = make_torch_longcat(seed)
+    te_kw = {k: v for k, v in tiny.QWEN_EDIT_TEXT_ENCODER.items() if k not in ("model_type", "architectures")}
+    text_encoder = randomize_(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**te_kw)), seed + 2, std=0.2)
+    tok = tiny.train_qwen_edit_tokenizer()
+    transformer = randomize_(LongCatImageTransformer2DModel(**dict(tiny.LONGCAT_TRANSFORMER, in_channels=64)), seed,
+                             std=0.1)
+    vae = randomize_(AutoencoderKL(**dict(tiny.FLUX_VAE, latent_channels=16)), seed + 1, std=0.1)
+    tp = LongCatImageEditPipeline(scheduler=base.scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                                  text_processor=qwen_processor(Qwen2VLImageProcessorPil(**tiny.QWEN_EDIT_PROCESSOR),
+                                                                tok),
+                                  transformer=transformer)
+    tp.tokenizer_max_length = tiny.LONGCAT_TOKENIZER_MAX_LENGTH
+    return tp
+
+
 def make_torch_zimage(seed: int = 0):
     """A tiny random diffusers ZImagePipeline (xdit_jax.tiny's Z-Image configs: Qwen3 with the stand-in Qwen2
     tokenizer and its chat template, FLUX's tiny VAE with scaling and shift, FlowMatchEuler with shift 3)."""

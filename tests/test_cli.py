@@ -757,3 +757,21 @@ def test_generate_hidream(tmp_path, capsys):
                    "--no-progress", "--json"])
     assert rc == 0 and iio.imread(out).shape == (48, 80, 3)
     assert '"model_family": "hidream"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_generate_longcat_image(tmp_path, capsys):
+    """The tiny LongCat-Image (FLUX.1's blocks on the tiny Qwen2.5-VL, 512 text tokens): a .png at the tiny default size
+    with CFG over cfg=2,ulysses=2; --max-sequence-length refused (its text length is fixed), --image refused (a
+    text-to-image folder)."""
+    import imageio.v3 as iio
+
+    out = tmp_path / "l.png"
+    rc = cli.main(["--model", "tiny-longcat", "--prompt", 'A sign that says "OPEN".', "--output", str(out),
+                   "--mesh", "cfg=2,ulysses=2", "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(out).shape == (48, 80, 3)
+    assert '"model_family": "longcat"' in capsys.readouterr().out
+    rc = cli.main(["--model", "tiny-longcat", "--output", str(tmp_path / "m.png"), "--max-sequence-length", "64"])
+    assert rc == 2 and "--max-sequence-length" in capsys.readouterr().err
+    rc = cli.main(["--model", "tiny-longcat", "--output", str(tmp_path / "i.png"), "--image", str(out)])
+    assert rc == 2 and "takes no image" in capsys.readouterr().err

@@ -46,6 +46,11 @@ from xdit_jax.pipelines.kandinsky5_i2i import Kandinsky5I2IPipeline
 from xdit_jax.pipelines.kandinsky5_i2v import Kandinsky5I2VPipeline
 from xdit_jax.pipelines.kandinsky5_t2i import Kandinsky5ImagePipelineOutput, Kandinsky5T2IPipeline
 from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
+from xdit_jax.pipelines.longcat_image import (
+    LongCatImageEditPipeline,
+    LongCatImagePipeline,
+    LongCatImagePipelineOutput,
+)
 from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipelineOutput
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
@@ -115,4 +120,5 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "build_mesh", "WanVACEPipeline",
            "ChronoEditPipeline", "ChronoEditPipelineOutput"]
 __all__ += ["Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosPipelineOutput"]
+__all__ += ["LongCatImageEditPipeline", "LongCatImagePipeline", "LongCatImagePipelineOutput"]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@
                                                    # tiny-ltx (--image: image-to-video),
                                                    # tiny-consisid with --image and --id-embeds,
                                                    # tiny-cogview3, tiny-cogview4, tiny-hunyuanimage, tiny-kandinsky5,
-                                                   # tiny-sana-video, tiny-hidream)
+                                                   # tiny-sana-video, tiny-hidream, tiny-longcat)
 
 jax is imported only after the arguments are checked, so that a CPU-only machine can simulate the
 devices a mesh needs (``--xla_force_host_platform_device_count``) and bad flags fail at once.
@@ -262,6 +262,11 @@ FAMILIES = {
                      max_sequence_length=512),
     "cosmos-v2w": Family(video=True, guidance_scale=7.0, steps=35, tiny_steps=2, module="cosmos_v2w",
                          tiny_size=(32, 32), tiny_frames=9, max_sequence_length=512, fps_call_arg="fps"),
+    # LongCat-Image: diffusers' LongCatImagePipeline defaults (50 steps, CFG 4.5 with cfg_renorm, the negative prompt
+    # ""); its prompt rewriting (diffusers' default) is not run: the prompt is used as given
+    "longcat": Family(video=False, guidance_scale=4.5, steps=50, tiny_steps=2, tiny_size=(48, 80),
+                      module="longcat_image",
+                      fixed_text_length="LongCat-Image pads its text to 512 tokens, as diffusers'"),
 }
 # per family: default output, guidance scale, steps (real / tiny), ...: the table as plain dicts
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}
@@ -317,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "'tiny-qwenimage-edit-plus' / 'tiny-zimage' / 'tiny-sana' / 'tiny-sana-sprint' / "
                          "'tiny-chroma' / 'tiny-lumina2' / 'tiny-flux2-klein' / 'tiny-skyreels-v2' / 'tiny-consisid' / "
                          "'tiny-cogview3' / 'tiny-cogview4' / 'tiny-hunyuanimage' / 'tiny-kandinsky5' / "
-                         "'tiny-sana-video' / 'tiny-hidream' (random, no download)")
+                         "'tiny-sana-video' / 'tiny-hidream' / 'tiny-longcat' (random, no download)")
     ap.add_argument("--prompt", default=None, action="append", dest="prompts",
                     help="text prompt; repeat the flag for a batch of prompts")
     ap.add_argument("--negative-prompt", default=None)
@@ -931,8 +936,11 @@ def _main(argv=None) -> int:
         if chrono_edit and (args.image is None or args.last_image is not None):
             raise ValueError(f"{args.model} is a ChronoEdit model: give the image to edit with --image PATH (one "
                              "image; no --last-image).")
+        longcat_edit = kind == "LongCatImageEditPipeline"  # (LongCat-Image-Edit: the image to edit, required)
+        if longcat_edit and args.image is None:
+            raise ValueError(f"{args.model} is a LongCat-Image-Edit model: give the image to edit with --image PATH.")
         if not image_to_video and not args.kontext and not flux2_reference and not qwen_edit and not img2img \
-                and not k5_edit and not chrono_edit and args.image is not None:
+                and not k5_edit and not chrono_edit and not longcat_edit and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, FLUX.1 Kontext or Qwen-Image-Edit does).")
         if kind == "Kandinsky5I2VPipeline":  # (the pipeline's rules, before loading it)
@@ -1080,7 +1088,8 @@ def _main(argv=None) -> int:
         if args.conditioning_scale is not None:
             kw["conditioning_scale"] = args.conditioning_scale
         call = pipe
-    elif kind == CHRONOEDIT:  # the image to edit, resized to the output size (diffusers' 480 x 832 unless sized)
+    elif kind in (CHRONOEDIT, "LongCatImageEditPipeline"):  # the image to edit (ChronoEdit: resized to the output
+        # size, diffusers' 480 x 832 unless sized; LongCat-Image-Edit: the output its aspect ratio at 1024^2 unless sized)
         from PIL import Image
 
         call = functools.partial(pipe, Image.open(args.images[0]).convert("RGB"))

@@ -124,11 +124,14 @@ MODEL_CLASSES = {
     "LlamaForCausalLM": ("xdit_jax.models.llama", "LlamaConfig"),
     # Cosmos-Predict2 (Text2Image / Video2World): its transformer; T5 and the Wan VAE above
     "CosmosTransformer3DModel": ("xdit_jax.models.cosmos", "CosmosConfig"),
+    # LongCat-Image: FLUX.1's blocks with a timestep-only embedding (its text encoder: Qwen2.5-VL above)
+    "LongCatImageTransformer2DModel": ("xdit_jax.models.longcat_image", "LongCatImageConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
                      "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a
 # config; its I2V's SiglipImageProcessor; HunyuanImage-2.1's AdaptiveProjectedMixGuidance guider and ocr_guider)
 COPIED_COMPONENTS += ("tokenizer_4",)  # HiDream-I1's Llama-3.1 tokenizer
+COPIED_COMPONENTS += ("text_processor",)  # LongCat-Image's Qwen2VLProcessor (prompt rewriting, the edit's images)
 
 
 def model_class(class_name: str):

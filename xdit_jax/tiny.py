@@ -32,6 +32,7 @@ TINY_NAMES.update({"tiny-cosmos": "cosmos", "tiny-cosmos-v2w": "cosmos-v2w"})
 TINY_NAMES.update({"tiny-flux-fill": "flux-fill", "tiny-flux-control": "flux-control"})  # (FLUX.1 Fill / Canny, Depth)
 FLUX_KINDS = {"flux": "FluxPipeline", "flux-kontext": "FluxKontextPipeline", "flux-fill": "FluxFillPipeline",
               "flux-control": "FluxControlPipeline"}  # tiny FLUX.1 folders: the same parts, these classes
+TINY_NAMES["tiny-longcat"] = "longcat"
 
 CORPUS = [
     "A small dog running on a beach at sunset.",
@@ -173,6 +174,14 @@ FLUX_CONTROL_TRANSFORMER = dict(FLUX_TRANSFORMER, in_channels=32, out_channels=1
 CHROMA_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
                           num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6],
                           approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2)
+
+# LongCat-Image shaped: FLUX's tiny transformer without the pooled CLIP / guidance (2 double- and 2 single-stream
+# blocks, 2 heads of 16) on Qwen-Image's tiny Qwen2.5-VL (32 wide) and stand-in tokenizer; FLUX's tiny VAE and
+# scheduler. The text: LONGCAT_TOKENIZER_MAX_LENGTH tokens (the pipelines' ``tokenizer_max_length``; 512 real).
+LONGCAT_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                           axes_dims_rope=[4, 6, 6])
+LONGCAT_TOKENIZER_MAX_LENGTH = 16
 
 # Stable Diffusion 3 shaped: 2 joint blocks (the last context_pre_only) over 2 heads of 16, the pos-embed table
 # cropped from a 16 x 16 grid; CLIP-L 8 and CLIP-G 16 wide (their penultimate states concatenated: 24, zero-padded
@@ -698,6 +707,12 @@ def model_index(family: str = "cogvideox") -> dict:
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                 "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
                 "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if family == "longcat":  # (its text_processor, a Qwen2VLProcessor for prompt rewriting, is not read)
+        return {"_class_name": "LongCatImagePipeline", "_diffusers_version": "0.36.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+                "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                "transformer": ["diffusers", "LongCatImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "chroma":
         return {"_class_name": "ChromaPipeline", "_diffusers_version": "0.35.0",
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -1007,6 +1022,20 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder": ("CLIPTextModel", FLUX_CLIP,
                              lambda: clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(FLUX_CLIP), rngs=nnx.Rngs(0))),
             "text_encoder_2": text,
+        }, FLUX_SCHEDULER
+    if family == "longcat":
+        from xdit_jax.models import llama, longcat_image, qwen2_5_vl
+
+        tcfg = {**LONGCAT_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("LongCatImageTransformer2DModel", tcfg,
+                            lambda: longcat_image.LongCatImageTransformer2DModel(
+                                longcat_image.LongCatImageConfig.from_dict(tcfg), rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": ("Qwen2_5_VLForConditionalGeneration", QWEN_IMAGE_TEXT_ENCODER,
+                             lambda: llama.LlamaModel(qwen2_5_vl.Qwen25VLTextConfig.from_dict(QWEN_IMAGE_TEXT_ENCODER),
+                                                      rngs=nnx.Rngs(0))),
         }, FLUX_SCHEDULER
     if family == "chroma":
         from xdit_jax.models import chroma

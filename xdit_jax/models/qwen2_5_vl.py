@@ -100,6 +100,7 @@ def _text_keys(flat: dict) -> dict:
 
 # pipelines whose Qwen2.5-VL reads text only (conversion leaves the vision tower out)
 TEXT_ONLY_PIPELINES = ("QwenImagePipeline", "Kandinsky5T2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2VPipeline")
+TEXT_ONLY_PIPELINES += ("LongCatImagePipeline",)  # (its text_processor is for prompt rewriting, refused)
 
 
 def extra_params_from_torch(flat: dict, cfg: llama.LlamaConfig, dtype=None, config_dict=None,

@@ -76,6 +76,8 @@ PIPELINES = {
     "ChronoEditPipeline": ("xdit_jax.pipelines.chronoedit", "ChronoEditPipeline", "chronoedit"),
     "Cosmos2TextToImagePipeline": ("xdit_jax.pipelines.cosmos", "Cosmos2TextToImagePipeline", "cosmos"),
     "Cosmos2VideoToWorldPipeline": ("xdit_jax.pipelines.cosmos", "Cosmos2VideoToWorldPipeline", "cosmos-v2w"),
+    "LongCatImagePipeline": ("xdit_jax.pipelines.longcat_image", "LongCatImagePipeline", "longcat"),
+    "LongCatImageEditPipeline": ("xdit_jax.pipelines.longcat_image", "LongCatImageEditPipeline", "longcat"),
 }
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
@@ -90,7 +92,7 @@ def family(class_name: str) -> str:
     """The family ("cogvideox", "pixart", "hunyuandit", "mochi", "flux", "sd3", "wan", "latte", "hunyuanvideo",
     "qwenimage", "zimage", "sana", "sana-sprint", "chroma", "lumina2", "flux2", "skyreels_v2", "ltx", "consisid",
     "hunyuan_video15", "cogview3", "hunyuanimage", "cogview4", "kandinsky5",
-    "kandinsky5-t2i", "sana-video", "hidream", "cosmos", "cosmos-v2w") of a diffusers pipeline class name;
+    "kandinsky5-t2i", "sana-video", "hidream", "cosmos", "cosmos-v2w", "longcat") of a diffusers pipeline class name;
     a clear error for the others."""
     if class_name in REFUSED:
         raise ValueError(REFUSED[class_name])
