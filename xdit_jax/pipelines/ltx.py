@@ -98,7 +98,7 @@ class LTXPipeline(VideoPipelineBase):
     _default_video = staticmethod(default_video)
     _vae = vae_ltx
 
-    PIPELINE_CLASSES = ("LTXPipeline", "LTXImageToVideoPipeline")  # (the same parts: either loads either)
+    PIPELINE_CLASSES = ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline")  # (one set of parts)
     CONFIG = ltx.LTXConfig
     STACKED = ltx.STACKED
     I2V = False
@@ -316,7 +316,7 @@ class LTXPipeline(VideoPipelineBase):
 class LTXImageToVideoPipeline(LTXPipeline):
     """Image-to-video with LTX-Video: the image is the first frame — see the module docstring."""
 
-    PIPELINE_CLASSES = ("LTXImageToVideoPipeline", "LTXPipeline")
+    PIPELINE_CLASSES = ("LTXImageToVideoPipeline", "LTXPipeline", "LTXConditionPipeline")
     I2V = True
 
     def __init__(self, *, vae_encoder=None, **parts):
