@@ -24,7 +24,7 @@ def pipes(tmp_path_factory):
                                   "ltx_condition")
 
 
-def _torch_with_our_draws(tp, pipe, monkeypatch, conds, num_frames, **kw):
+def torch_with_our_draws(tp, monkeypatch, conds, num_frames, **kw):
     """diffusers' pipeline with its random draws replaced by ours, in its call order: the initial noise, each
     condition's posterior sample (``retrieve_latents``) and, for an appended one, its lerp noise, each step's
     image-condition noise. -> its latents (numpy, unpacked)."""
@@ -55,18 +55,21 @@ def _torch_with_our_draws(tp, pipe, monkeypatch, conds, num_frames, **kw):
     monkeypatch.setattr(mod, "randn_tensor", randn)
     monkeypatch.setattr(mod, "retrieve_latents", retrieve)
     with torch.no_grad():
-        out = tp(conditions=conds, prompt=PROMPT, num_frames=num_frames, output_type="latent",
-                 **dict(CALL, **kw)).frames
+        kw = dict(CALL, **kw)
+        if "prompt_embeds" not in kw:
+            kw["prompt"] = PROMPT
+        out = tp(conditions=conds, num_frames=num_frames, output_type="latent", **kw).frames
     assert calls.count("image_cond") == CALL["num_inference_steps"]  # the image-condition noise was in use
     return out.numpy()
 
 
+@pytest.mark.slow  # (the default run: tests/test_ltx.py's condition test, on the image-to-video fixture's parts)
 def test_image_condition_matches_diffusers_and_mesh(pipes, monkeypatch):
     """An image at frame 0 (diffusers' default use: the first latent frame blended, its tokens at timestep 0, never
     stepped, reset with the image-condition noise each step), 9 frames; then the same on cfg=2,ulysses=2."""
     tp, pipe, folder = pipes
     conds = [LTXVideoCondition(image=random_image(1, (96, 64)), frame_index=0)]
-    ref = _torch_with_our_draws(tp, pipe, monkeypatch, conds, 9)
+    ref = torch_with_our_draws(tp, monkeypatch, conds, 9)
     out = pipe(conditions=conds, prompt=PROMPT, num_frames=9, output_type="latent", seed=SEED, progress=False,
                **CALL).frames
     assert out.shape == ref.shape == (1, 8, 2, 2, 3)
@@ -88,19 +91,8 @@ def test_video_condition_at_later_frame_matches_diffusers(pipes, monkeypatch):
     frames = [random_image(10 + k, (96, 64)) for k in range(17)]
     conds = [LTXVideoCondition(image=random_image(1, (96, 64)), frame_index=0, strength=1.0),
              LTXVideoCondition(video=frames, frame_index=8, strength=0.8)]
-    ref = _torch_with_our_draws(tp, pipe, monkeypatch, conds, 25)
+    ref = torch_with_our_draws(tp, monkeypatch, conds, 25)
     out = pipe(conditions=conds, prompt=PROMPT, num_frames=25, output_type="latent", seed=SEED, progress=False,
                **CALL).frames
     assert out.shape == ref.shape == (1, 8, 4, 2, 3)
     assert_close_latents(out, ref)  # measured 2.0e-6 on latents up to 4.6
-
-
-def test_condition_errors(pipes):
-    _, pipe, _ = pipes
-    img = random_image(1, (96, 64))
-    with pytest.raises(ValueError, match="must not be provided"):
-        pipe(conditions=[LTXVideoCondition(image=img)], image=img, prompt=PROMPT, num_frames=9, **CALL)
-    with pytest.raises(ValueError, match="outside the video"):
-        pipe(image=img, frame_index=9, prompt=PROMPT, num_frames=9, **CALL)
-    with pytest.raises(ValueError, match="divisible by 32"):
-        pipe(image=img, prompt=PROMPT, **dict(CALL, height=48))

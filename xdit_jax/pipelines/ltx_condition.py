@@ -52,7 +52,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xdit_jax.models import vae_ltx
 from xdit_jax.pipelines.denoise import (
     StageTimer,
     masked_text_for_cfg,
@@ -256,23 +255,7 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
     def _posterior(self, pixels, rng, index: int):
         """The VAE posterior of ``pixels`` (1, 3, F, H, W) in [-1, 1] sampled with :func:`noise` ("posterior",
         ``index``) and normalized -> (1, C, f, h, w) float32."""
-        from xdit_jax.models import vae_ltx_encoder
-
-        if self.vae_encoder is None:
-            raise ValueError("This pipeline has no VAE encoder: load it with LTXConditionPipeline.from_pretrained.")
-        fns = self.__dict__.setdefault("_encode_fns", {})
-        if "posterior" not in fns:
-            graphdef, state = nnx.split(self.vae_encoder)
-
-            @jax.jit
-            def enc(state, x):
-                mean, logvar = vae_ltx_encoder.encode(nnx.merge(graphdef, state), x.astype(self.dtype))
-                return mean.astype(jnp.float32), logvar.astype(jnp.float32)
-
-            fns["posterior"] = lambda x: enc(state, x)
-        mean, logvar = fns["posterior"](self._put_replicated(pixels))
-        z = mean + jnp.exp(0.5 * logvar) * noise(rng, "posterior", index, mean.shape)
-        return vae_ltx.normalize(self.vae, z)
+        return self._sample_posterior(pixels, jax.random.fold_in(rng, _DRAWS["posterior"] + index))
 
     def _condition_pixels(self, c: LTXVideoCondition, index: int, height: int, width: int, num_frames: int):
         """One condition's pixels (1, 3, F, H, W) in [-1, 1] (a video trimmed as diffusers'
