@@ -38,6 +38,9 @@ def torch_with_our_draws(tp, monkeypatch, conds, num_frames, **kw):
 
     def randn(shape, generator=None, device=None, dtype=None, layout=None):
         shape = tuple(shape)
+        if calls.count("image_cond") == CALL["num_inference_steps"]:  # the decode's noise (decode_noise_scale 0 here)
+            calls.append("decode")
+            return torch.zeros(shape)
         if not calls:
             kind, idx = "initial", 0
         elif len(shape) == 5:
@@ -58,9 +61,10 @@ def torch_with_our_draws(tp, monkeypatch, conds, num_frames, **kw):
         kw = dict(CALL, **kw)
         if "prompt_embeds" not in kw:
             kw["prompt"] = PROMPT
-        out = tp(conditions=conds, num_frames=num_frames, output_type="latent", **kw).frames
+        kw.setdefault("output_type", "latent")
+        out = tp(conditions=conds, num_frames=num_frames, **kw).frames
     assert calls.count("image_cond") == CALL["num_inference_steps"]  # the image-condition noise was in use
-    return out.numpy()
+    return out.numpy() if kw["output_type"] == "latent" else np.asarray(out)
 
 
 @pytest.mark.slow  # (the default run: tests/test_ltx.py's condition test, on the image-to-video fixture's parts)
@@ -95,4 +99,28 @@ def test_video_condition_at_later_frame_matches_diffusers(pipes, monkeypatch):
     out = pipe(conditions=conds, prompt=PROMPT, num_frames=25, output_type="latent", seed=SEED, progress=False,
                **CALL).frames
     assert out.shape == ref.shape == (1, 8, 4, 2, 3)
-    assert_close_latents(out, ref)  # measured 2.0e-6 on latents up to 4.6
+    assert_close_latents(out, ref)  # measured 1.9e-6 on latents up to 4.3
+    # the decode of the video's tokens (the appended ones dropped) at decode_timestep 0.05, without decode noise
+    dec = dict(decode_timestep=0.05, decode_noise_scale=0.0, output_type="np")
+    ref = torch_with_our_draws(tp, monkeypatch, conds, 25, **dec)
+    out = pipe(conditions=conds, prompt=PROMPT, num_frames=25, seed=SEED, progress=False, **CALL, **dec).frames
+    assert out.shape == ref.shape == (1, 25, 64, 96, 3)
+    np.testing.assert_allclose(out, ref, atol=2e-4, rtol=0)  # frames in [0, 1]: float32 conv orderings
+
+
+@pytest.mark.slow
+def test_denoise_strength_matches_diffusers(pipes, monkeypatch):
+    """Video-to-video editing: ``latents`` (the video to edit) mixed with the noise at the first sigma of a schedule
+    started later by ``denoise_strength``; no condition (diffusers' per-token step still)."""
+    from diffusers.pipelines.ltx import pipeline_ltx_condition as mod
+
+    tp, pipe, _ = pipes
+    key = jax.random.key(SEED)
+    monkeypatch.setattr(mod, "randn_tensor", lambda shape, **_: torch.from_numpy(
+        np.asarray(ltx_condition.noise(key, "initial", 0, tuple(shape)))))
+    lat = np.random.default_rng(0).standard_normal((1, 8, 2, 2, 3)).astype(np.float32)
+    kw = dict(CALL, num_inference_steps=4, num_frames=9, denoise_strength=0.6, output_type="latent")
+    with torch.no_grad():
+        ref = tp(prompt=PROMPT, latents=torch.from_numpy(lat), **kw).frames.numpy()
+    out = pipe(prompt=PROMPT, latents=lat, seed=SEED, progress=False, **kw).frames
+    assert_close_latents(out, ref)  # measured 6.3e-7 on latents up to 3.3
