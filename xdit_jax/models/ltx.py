@@ -19,6 +19,11 @@ Image-to-video (diffusers' per-token timesteps ``t * (1 - conditioning_mask)``, 
 tokens at timestep 0): ``first_frame_timestep`` gives those tokens their own modulation (``tokens["first"]``
 marks them), in the blocks and the head, as :mod:`xdit_jax.models.wan` does for Wan 2.2 TI2V.
 
+The condition pipeline (diffusers' ``LTXConditionPipeline``): ``video_coords`` (3, S) replace the grid (the RoPE of
+appended condition tokens at their own frames), and per-token timesteps come as K distinct values
+(``group_timesteps`` (B, K)) with each token's group index (``token_group`` (S,), ``tokens["group"]``): the blocks
+and the head gather their modulation per token from the K embedded timesteps (no (B, S, 6, D) timestep embedding).
+
 Self-attention goes through :func:`xdit_jax.parallel.attention.attention` (sequence-parallel over the video
 tokens), cross-attention through :func:`xdit_jax.parallel.attention.cross_attention` (the caption whole on
 every device). No collective here.
