@@ -336,9 +336,41 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
 
     # ------------------------------------------------------------------ call
 
-    def compile_step(self, *args, **kwargs):
-        raise NotImplementedError("LTXConditionPipeline.compile_step is not provided (its step's shapes depend on "
-                                  "the conditions); run the pipeline, or compile LTXPipeline's step.")
+    def compile_step(self, batch: int = 1, *, height: int | None = None, width: int | None = None,
+                     num_frames: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 3.0,
+                     max_sequence_length: int = 256, conditions=()):
+        """The compiled denoising step (``jax.stages.Compiled``) for these shapes, without running it;
+        ``conditions``: ((frame_index, pixel frames), ...) (an image: 1 frame), which fix the token count."""
+        self._check_condition_ready()
+        dv = self.default_video()
+        height, width, num_frames = (dv[k] if v is None else v for k, v in
+                                     (("height", height), ("width", width), ("num_frames", num_frames)))
+        self.check_inputs(height, width, num_frames, batch, guidance_scale)
+        vc, tc = self.vae_config, self.transformer_config
+        st = vc.temporal_ratio
+        latent_frames = [((min(n, num_frames - fi) - 1) // st * st) // st + 1 for fi, n in conditions]
+        layout = condition_layout(self.latent_grid(height, width, num_frames),
+                                  [(fi, f) for (fi, _), f in zip(conditions, latent_frames)], vc.spatial_ratio, st,
+                                  dv["fps"])
+        do_cfg = guidance_scale > 1.0
+        s_total = layout.group.shape[0]
+        shape = (batch, s_total, tc.in_channels)
+        n = (2 if do_cfg else 1) * self._padded_batch(batch)
+        sd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=self._batch_sharding(len(shp), do_cfg))  # noqa
+        rep = lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=self._replicated())  # noqa
+        latents = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._latent_sharding(shape))
+        texts = (sd((n, max_sequence_length, tc.caption_channels), self.dtype), sd((n, max_sequence_length),
+                                                                                    jnp.int32))
+        cond = {"coords": rep(layout.coords), "group": rep(layout.group),
+                "strengths": rep(np.zeros(len(conditions) + 1, np.float32)), "init": latents,
+                "noise_scale": rep(np.float32(0))}
+        sched = jax.tree.map(jnp.asarray, flow_match.make_schedule(self.scheduler_config,
+                                                                   timesteps=condition_schedule(num_inference_steps)))
+        _, tstate = nnx.split(self.transformer)
+        self._conditioned = bool(conditions)
+        return self._step_fn(do_cfg).lower(
+            tstate, latents, flow_match.init_state(), jnp.int32(0), None, texts, sched,
+            jnp.asarray([guidance_scale, 0.0], jnp.float32), jax.random.key(0), cond).compile()
 
     def __call__(self, conditions=None, image=None, video=None, frame_index: int | list[int] = 0,
                  strength: float | list[float] = 1.0, denoise_strength: float = 1.0,
