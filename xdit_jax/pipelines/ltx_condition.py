@@ -261,13 +261,7 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
         """One condition's pixels (1, 3, F, H, W) in [-1, 1] (a video trimmed as diffusers'
         ``trim_conditioning_sequence``)."""
         st = self.vae_config.temporal_ratio
-        if not 0 <= c.frame_index < num_frames:
-            raise ValueError(f"condition {index}: frame_index {c.frame_index} is outside the video's {num_frames} "
-                             "frames.")
-        if not 0.0 <= c.strength <= 1.0:
-            raise ValueError(f"condition {index}: strength must be in [0, 1], got {c.strength}.")
-        if (c.image is None) == (c.video is None):
-            raise ValueError(f"condition {index}: give exactly one of image / video.")
+        self._check_condition(c, index, num_frames)
         if c.image is not None:
             return preprocess_image(c.image, height, width)[:, :, None]
         frames = list(c.video) if not hasattr(c.video, "ndim") else [f for f in np.asarray(c.video)]
@@ -277,6 +271,16 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
         n = (n - 1) // st * st + 1
         pix = jnp.stack([preprocess_image(f, height, width)[0] for f in frames[:n]], axis=1)[None]
         return pix  # (1, 3, n, H, W)
+
+    @staticmethod
+    def _check_condition(c: LTXVideoCondition, index: int, num_frames: int) -> None:
+        if not 0 <= c.frame_index < num_frames:
+            raise ValueError(f"condition {index}: frame_index {c.frame_index} is outside the video's {num_frames} "
+                             "frames.")
+        if not 0.0 <= c.strength <= 1.0:
+            raise ValueError(f"condition {index}: strength must be in [0, 1], got {c.strength}.")
+        if (c.image is None) == (c.video is None):
+            raise ValueError(f"condition {index}: give exactly one of image / video.")
 
     @staticmethod
     def _gather_conditions(conditions, image, video, frame_index, strength) -> list[LTXVideoCondition]:
@@ -402,6 +406,8 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
         if negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
             raise ValueError("Must provide `negative_prompt_attention_mask` when specifying `negative_prompt_embeds`.")
         conds = self._gather_conditions(conditions, image, video, frame_index, strength)
+        for j, c in enumerate(conds):
+            self._check_condition(c, j, num_frames)
         prompts, batch = prompt_batch(prompt, prompt_embeds, output_type, "(with prompt_attention_mask)")
         per = per_prompt(num_videos_per_prompt, "num_videos_per_prompt")
         self.check_inputs(height, width, num_frames, batch, guidance_scale)
