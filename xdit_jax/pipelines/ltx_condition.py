@@ -34,7 +34,7 @@ The mesh: the distinct per-token timesteps (one per condition, and the free toke
 transformer embeds, each token carrying its group index (:mod:`xdit_jax.models.ltx`); the groups, coordinates,
 strengths and initial latents are inputs of the one jitted step, whose shapes depend only on the request (the
 token count, the number of conditions). Sequence parallelism (ulysses, ring) and CFG over ``cfg`` as the other LTX
-pipelines. Not here: PipeFusion (refused).
+pipelines; PipeFusion too (the groups and coordinates travel with each patch).
 
 The random draws are JAX's from ``seed`` (:func:`noise`): the initial noise, each condition's posterior sample and
 its extra tokens' noise, the per-step image-condition noise, the decode noise. diffusers draws torch's; the tests
@@ -169,10 +169,6 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
     PIPELINE_CLASSES = ("LTXConditionPipeline", "LTXPipeline", "LTXImageToVideoPipeline")
 
     def _check_condition_ready(self):
-        if self.uses_pipefusion:
-            raise NotImplementedError("LTXConditionPipeline does not run PipeFusion here (the appended condition "
-                                      "tokens and per-token timesteps are untested under its patches); use a mesh "
-                                      "of data / cfg / ring / ulysses.")
         sc = self.scheduler_config
         if sc.use_dynamic_shifting:
             raise ValueError("LTXConditionPipeline: the folder's scheduler has use_dynamic_shifting=True (LTX-Video "
@@ -372,8 +368,9 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
                                                                    timesteps=condition_schedule(num_inference_steps)))
         _, tstate = nnx.split(self.transformer)
         self._conditioned = bool(conditions)
-        return self._step_fn(do_cfg).lower(
-            tstate, latents, flow_match.init_state(), jnp.int32(0), None, texts, sched,
+        kv = self._pipefusion_buffers(n, s_total, abstract=True)  # PipeFusion: the patched step
+        return self._step_fn(do_cfg, warmup=kv is None).lower(
+            tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched,
             jnp.asarray([guidance_scale, 0.0], jnp.float32), jax.random.key(0), cond).compile()
 
     def __call__(self, conditions=None, image=None, video=None, frame_index: int | list[int] = 0,
@@ -452,7 +449,8 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
         sched_arrays = jax.tree.map(lambda a: self._put_replicated(jnp.asarray(a)), sched)
         guidance = self._put_replicated(jnp.asarray([guidance_scale, guidance_rescale], jnp.float32))
         with timer.stage("denoising"):
-            out = self._denoise(do_cfg, packed, flow_match.init_state(), None,
+            kv = self._pipefusion_buffers(texts[0].shape[0], packed.shape[1])
+            out = self._denoise(do_cfg, packed, flow_match.init_state(), kv,
                                 (texts, sched_arrays, guidance, rng, cond), steps, progress)
         out = out[:, layout.n_extra:]
         if output_type == "latent":
