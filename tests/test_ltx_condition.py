@@ -141,3 +141,16 @@ def test_pipefusion(pipes):
     out = LTXConditionPipeline.from_pretrained(folder, mesh="cfg=2,pipefusion=2")(**kw).frames
     assert np.isfinite(out).all() and not np.allclose(out, ref, atol=1e-6)
     assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()  # measured 1.7e-3 on latents up to 4.3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["ulysses=5", "cfg=2,ring=2,ulysses=2"])
+def test_video_condition_mesh_equals_one_device(pipes, mesh):
+    """The appended condition tokens and timestep groups sharded with the video's (36 tokens: ulysses=5 pads to 40)."""
+    _, pipe, folder = pipes
+    frames = [random_image(10 + k, (96, 64)) for k in range(17)]
+    conds = [LTXVideoCondition(image=random_image(1, (96, 64)), frame_index=0),
+             LTXVideoCondition(video=frames, frame_index=8, strength=0.8)]
+    kw = dict(CALL, conditions=conds, prompt=PROMPT, num_frames=25, output_type="latent", seed=SEED, progress=False)
+    out = LTXConditionPipeline.from_pretrained(folder, mesh=mesh)(**kw).frames
+    np.testing.assert_allclose(out, pipe(**kw).frames, atol=1e-5, rtol=0)  # measured 4.8e-7 / 5.4e-7
