@@ -167,6 +167,7 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
     """Text / image / video-to-video with LTX-Video 0.9.5+ — see the module docstring."""
 
     PIPELINE_CLASSES = ("LTXConditionPipeline", "LTXPipeline", "LTXImageToVideoPipeline")
+    _conditioned = False  # (the step's variant: set per call, part of the step cache's key)
 
     def _check_condition_ready(self):
         sc = self.scheduler_config
@@ -175,6 +176,9 @@ class LTXConditionPipeline(LTXImageToVideoPipeline):
                              "0.9.0 / 0.9.1); diffusers' condition pipeline calls set_timesteps without mu, which "
                              "refuses that. Use a 0.9.5+ folder (no dynamic shifting), or LTXPipeline / "
                              "LTXImageToVideoPipeline for this one.")
+        if sc.stochastic_sampling:
+            raise NotImplementedError("LTXConditionPipeline: a scheduler with stochastic_sampling=True is not "
+                                      "supported here (no LTX-Video checkpoint ships one); use the plain Euler config.")
 
     def default_video(self) -> dict:
         """diffusers' LTXConditionPipeline defaults: 512 x 704, 161 frames at 25 fps."""
