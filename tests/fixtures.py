@@ -177,8 +177,9 @@ def make_torch_mochi(seed: int = 0, force_zeros_for_empty_prompt: bool = False):
                          transformer=transformer, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
 
 
-def make_torch_ltx(seed: int = 0, i2v: bool = False):
-    """A tiny random diffusers LTX-Video pipeline (xdit_jax.tiny's LTX configs); ``i2v``: LTXImageToVideoPipeline."""
+def make_torch_ltx(seed: int = 0, i2v: bool = False, condition: bool = False):
+    """A tiny random diffusers LTX-Video pipeline (xdit_jax.tiny's LTX configs); ``i2v``: LTXImageToVideoPipeline;
+    ``condition``: LTXConditionPipeline (with the 0.9.5+ scheduler config, no dynamic shifting)."""
     from diffusers import (
         AutoencoderKLLTXVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -195,8 +196,11 @@ def make_torch_ltx(seed: int = 0, i2v: bool = False):
         vae.latents_std.copy_(torch.linspace(0.6, 1.4, vae.latents_std.numel()))
     te_kw = {k: v for k, v in tiny.TEXT_ENCODER.items() if k not in ("is_encoder_decoder", "model_type")}
     text_encoder = randomize_(T5EncoderModel(T5Config(**te_kw)), seed + 2, std=0.2)
-    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.LTX_SCHEDULER.items() if not k.startswith("_")})
+    sched_cfg = tiny.LTX_CONDITION_SCHEDULER if condition else tiny.LTX_SCHEDULER
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in sched_cfg.items() if not k.startswith("_")})
     cls = LTXImageToVideoPipeline if i2v else LTXPipeline
+    if condition:
+        from diffusers import LTXConditionPipeline as cls
     return cls(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tiny.train_tokenizer(),
                transformer=transformer)
 

@@ -289,6 +289,51 @@ def test_i2v_pipeline_matches_diffusers(i2v_pipes):
     np.testing.assert_allclose(first[:, :6], cond[:, :, 0].reshape(1, 8, 6).transpose(0, 2, 1), rtol=0, atol=0)
 
 
+def test_condition_pipeline_image_at_frame_0_matches_diffusers(i2v_pipes, monkeypatch):
+    """LTXConditionPipeline (diffusers' 0.9.5+ pipeline) on the image-to-video fixture's parts with the 0.9.5+
+    scheduler config: an image at frame 0 blended into the first latent frame, its tokens at timestep 0, never
+    stepped, reset with the image-condition noise before each step; the text as prompt_embeds (diffusers' masked
+    T5), the random draws ours on both sides (tests/test_ltx_condition.py: more conditions, a mesh, the folder)."""
+    import dataclasses
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import LTXConditionPipeline as TorchCondition
+
+    from tests.fixtures import assert_close_latents, random_image
+    from tests.test_ltx_condition import CALL as COND_CALL
+    from tests.test_ltx_condition import SEED, torch_with_our_draws
+    from xdit_jax import LTXConditionPipeline, LTXVideoCondition, tiny
+
+    tp, i2v, _ = i2v_pipes
+    sched = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in tiny.LTX_CONDITION_SCHEDULER.items()
+                                               if not k.startswith("_")})
+    tcp = TorchCondition(**dict(tp.components, scheduler=sched))
+    parts = dict(transformer=i2v.transformer, transformer_config=i2v.transformer_config, vae=i2v.vae,
+                 vae_config=i2v.vae_config, text_encoder=i2v.text_encoder, tokenizer=i2v.tokenizer,
+                 vae_encoder=i2v.vae_encoder)  # the same loaded parts, the 0.9.5+ scheduler config
+    pipe = LTXConditionPipeline(**parts, scheduler_config=dataclasses.replace(i2v.scheduler_config,
+                                                                              use_dynamic_shifting=False))
+    with torch.no_grad():
+        pe, pm, ne, nm = tcp.encode_prompt(PROMPT, None, True, max_sequence_length=16)
+    text = dict(prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
+                negative_prompt_attention_mask=nm)
+    conds = [LTXVideoCondition(image=random_image(1, (96, 64)), frame_index=0)]
+    ref = torch_with_our_draws(tcp, monkeypatch, conds, 9, **text)
+    out = pipe(conditions=conds, num_frames=9, output_type="latent", seed=SEED, progress=False,
+               **{k: v.numpy() for k, v in text.items()}, **COND_CALL).frames
+    assert out.shape == ref.shape == (1, 8, 2, 2, 3)
+    assert_close_latents(out, ref)  # float32 both sides, 2 steps: measured 1.7e-6 on latents up to 4.3
+    img = conds[0].image
+    with pytest.raises(ValueError, match="must not be provided"):
+        pipe(conditions=conds, image=img, prompt=PROMPT, num_frames=9, **COND_CALL)
+    with pytest.raises(ValueError, match="outside the video"):
+        pipe(image=img, frame_index=9, prompt=PROMPT, num_frames=9, **COND_CALL)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        pipe(image=img, prompt=PROMPT, **dict(COND_CALL, height=48))
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):  # (0.9.0 / 0.9.1's: diffusers' set_timesteps too)
+        LTXConditionPipeline(**parts, scheduler_config=i2v.scheduler_config)(image=img, prompt=PROMPT, **COND_CALL)
+
+
 def test_pipeline_refusals(pipes):
     _, pipe, folder = pipes
     with pytest.raises(ValueError, match="multiples of 32"):

@@ -52,6 +52,7 @@ from xdit_jax.pipelines.longcat_image import (
     LongCatImagePipelineOutput,
 )
 from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipelineOutput
+from xdit_jax.pipelines.ltx_condition import LTXConditionPipeline, LTXVideoCondition
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
@@ -104,6 +105,7 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "Kandinsky5PipelineOutput", "Kandinsky5T2IPipeline",
            "Kandinsky5T2VPipeline", "LattePipeline",
            "LattePipelineOutput", "LTXImageToVideoPipeline", "LTXPipeline", "LTXPipelineOutput", "Lumina2Pipeline",
+           "LTXConditionPipeline", "LTXVideoCondition",
            "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
            "QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImagePipeline",

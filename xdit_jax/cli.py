@@ -294,6 +294,9 @@ DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionF
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)
 WAN_V2V = "WanVideoToVideoPipeline"  # --video on a Wan text-to-video folder: video-to-video (SDEdit), --strength
 WAN_VACE = "WanVACEPipeline"  # a Wan VACE folder: --video / --mask (videos) / --reference-image, all optional
+# LTX-Video 0.9.5+'s condition pipeline: a folder of that class, or --condition-frame-index on an LTX folder;
+# --image / --video (optional) conditions the video at --condition-frame-index (default 0)
+LTX_CONDITION = "LTXConditionPipeline"
 # SkyReels-V2 diffusion forcing's flags (diffusers' argument names), for its DF pipelines only
 DF_FLAGS = {"ar_step": "--ar-step", "causal_block_size": "--causal-block-size", "base_num_frames": "--base-num-frames",
             "overlap_history": "--overlap-history", "addnoise_condition": "--addnoise-condition"}
@@ -339,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "output is the video followed by --num-frames new ones (diffusers' video-to-video pipeline); "
                          "Wan text-to-video: video-to-video from it (diffusers' WanVideoToVideoPipeline; --strength; "
                          "the output has its frames)")
+    ap.add_argument("--condition-frame-index", default=None, type=int, metavar="N",
+                    help="LTX-Video (0.9.5+): run diffusers' LTXConditionPipeline with the --image / --video condition "
+                         "at frame N (an LTXConditionPipeline folder runs it anyway, N default 0)")
     ap.add_argument("--id-embeds", default=None, metavar="FILE.npz",
                     help="ConsisID: the face's embeddings, arrays id_cond (1, 1280) and id_vit_hidden (5, 1, 577, "
                          "1024), made with diffusers' consisid_utils.process_face_embeddings_infer (face models "
@@ -721,6 +727,8 @@ def _check_family_flags(family: str, args) -> None:
         wrong.append("--skip-guidance-layers (SD3's)")
     if not fam.binning and args.no_resolution_binning:
         wrong.append("--no-resolution-binning")
+    if family != "ltx" and args.condition_frame_index is not None:
+        wrong.append("--condition-frame-index (LTX-Video's)")
     if fam.fixed_text_length and args.max_sequence_length is not None:
         wrong.append(f"--max-sequence-length ({fam.fixed_text_length})")
     if wrong:
@@ -866,6 +874,10 @@ def _main(argv=None) -> int:
             kind = args.kind = WAN_V2V
         elif args.image is not None and kind == "SkyReelsV2DiffusionForcingPipeline":  # (and starts from an image)
             kind = args.kind = "SkyReelsV2DiffusionForcingImageToVideoPipeline"
+        elif family == "ltx" and (kind == LTX_CONDITION or args.condition_frame_index is not None):
+            if args.image is not None and args.video is not None:
+                raise ValueError("--image and --video: LTX-Video's condition pipeline takes one condition here.")
+            kind = args.kind = LTX_CONDITION
         elif kind == WAN_VACE:  # (the control video optional; read now: its size is the default output size)
             _read_vace_inputs(args)
         elif args.video is not None:
@@ -882,7 +894,7 @@ def _main(argv=None) -> int:
                              "(17 or 37 recommended).")
         image_to_video = kind in IMAGE_TO_VIDEO or (
             args.image is not None and family == "wan" and _expand_timesteps(model)) or (  # TI2V-5B with an image
-            args.image is not None and FAMILIES[family].image_pipeline is not None)  # (LTX-Video: its I2V pipeline)
+            args.image is not None and FAMILIES[family].image_pipeline is not None and kind != LTX_CONDITION)
         if image_to_video and args.image is None:
             raise ValueError(f"{args.model} is an image-to-video model: give the first frame with --image PATH.")
         args.kontext = kind == "FluxKontextPipeline"  # an image model that takes an image to edit (optional)
@@ -940,7 +952,8 @@ def _main(argv=None) -> int:
         if longcat_edit and args.image is None:
             raise ValueError(f"{args.model} is a LongCat-Image-Edit model: give the image to edit with --image PATH.")
         if not image_to_video and not args.kontext and not flux2_reference and not qwen_edit and not img2img \
-                and not k5_edit and not chrono_edit and not longcat_edit and args.image is not None:
+                and not k5_edit and not chrono_edit and not longcat_edit and kind != LTX_CONDITION \
+                and args.image is not None:
             raise ValueError(f"--image: {args.model} is not an image-to-video model and takes no image (a CogVideoX "
                              "or Wan I2V checkpoint, Wan 2.2 TI2V-5B, FLUX.1 Kontext or Qwen-Image-Edit does).")
         if kind == "Kandinsky5I2VPipeline":  # (the pipeline's rules, before loading it)
@@ -1083,6 +1096,15 @@ def _main(argv=None) -> int:
             kw.pop("num_frames", None)
             kw.update({} if args.strength is None else {"strength": args.strength})
         call = functools.partial(pipe, frames)
+    elif kind == LTX_CONDITION:  # (its first argument is conditions=: the prompt goes by name)
+        from PIL import Image
+
+        if args.image is not None:
+            kw["image"] = Image.open(args.image).convert("RGB")
+        elif args.video is not None:
+            kw["video"] = [Image.fromarray(f) for f in read_video(Path(args.video))]
+        kw["frame_index"] = args.condition_frame_index or 0
+        call = lambda prompts, **k: pipe(prompt=prompts, **k)  # noqa: E731
     elif kind == WAN_VACE:
         kw.update(video=args.vace_video, mask=args.vace_mask, reference_images=args.vace_references)
         if args.conditioning_scale is not None:

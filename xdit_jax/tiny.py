@@ -147,6 +147,8 @@ LTX_VAE = dict(in_channels=3, out_channels=3, latent_channels=8, block_out_chann
 LTX_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=1.0,
                      use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
                      max_image_seq_len=4096, shift_terminal=0.1)
+# LTX-Video 0.9.5+'s for LTXConditionPipeline (its set_timesteps gets no mu: no dynamic shifting)
+LTX_CONDITION_SCHEDULER = dict(LTX_SCHEDULER, use_dynamic_shifting=False)
 
 # FLUX.1-dev shaped (guidance-distilled): 2 double- and 2 single-stream blocks, RoPE axes (4, 6, 6) over
 # 16-wide heads; the VAE with FLUX's shift and scale and no quant convs (4 latent channels: 16 packed);

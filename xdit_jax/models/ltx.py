@@ -19,6 +19,11 @@ Image-to-video (diffusers' per-token timesteps ``t * (1 - conditioning_mask)``, 
 tokens at timestep 0): ``first_frame_timestep`` gives those tokens their own modulation (``tokens["first"]``
 marks them), in the blocks and the head, as :mod:`xdit_jax.models.wan` does for Wan 2.2 TI2V.
 
+The condition pipeline (diffusers' ``LTXConditionPipeline``): ``video_coords`` (3, S) replace the grid (the RoPE of
+appended condition tokens at their own frames), and per-token timesteps come as K distinct values
+(``group_timesteps`` (B, K)) with each token's group index (``token_group`` (S,), ``tokens["group"]``): the blocks
+and the head gather their modulation per token from the K embedded timesteps (no (B, S, 6, D) timestep embedding).
+
 Self-attention goes through :func:`xdit_jax.parallel.attention.attention` (sequence-parallel over the video
 tokens), cross-attention through :func:`xdit_jax.parallel.attention.cross_attention` (the caption whole on
 every device). No collective here.
@@ -125,6 +130,19 @@ def rope_tables(dim: int, frames: int, height: int, width: int, scale, patch_siz
     grid = jnp.stack([f.reshape(-1) * scale[0] * patch_size_t / ROPE_BASE[0],
                       h.reshape(-1) * scale[1] * patch_size / ROPE_BASE[1],
                       w.reshape(-1) * scale[2] * patch_size / ROPE_BASE[2]], axis=-1)  # (S, 3)
+    return _rope_from_grid(dim, grid)
+
+
+def rope_tables_from_coords(dim: int, video_coords):
+    """diffusers ``LTXVideoRotaryPosEmbed`` given ``video_coords`` (3, S) (frame, row, column per token, in pixel
+    units, the frame already divided by the frame rate: ``LTXConditionPipeline``'s) -> ((S, dim) cos, sin)."""
+    c = jnp.asarray(video_coords, jnp.float32)
+    grid = jnp.stack([c[0] / ROPE_BASE[0], c[1] / ROPE_BASE[1], c[2] / ROPE_BASE[2]], axis=-1)
+    return _rope_from_grid(dim, grid)
+
+
+def _rope_from_grid(dim: int, grid):
+    """The (S, dim) cos / sin tables of (S, 3) coordinates over the base sizes."""
     n = dim // 6
     freqs = ROPE_THETA ** jnp.linspace(0.0, 1.0, n, dtype=jnp.float32) * (math.pi / 2.0)
     angles = freqs[None, None, :] * (grid[:, :, None] * 2 - 1)  # (S, 3, n)
@@ -167,6 +185,8 @@ class Attention(nnx.Module):
 def _per_token(cond, tokens, key: str, x):
     """``cond[key]`` (B, n, D) as a per-token (B, S or 1, n, D) float32 table: the first latent frame's tokens
     take ``cond[key + "_first"]`` where ``tokens["first"]`` marks them (image-to-video)."""
+    if "group" in tokens:  # per-token timestep groups (the condition pipeline): (B, K, n, D) gathered per token
+        return jnp.take(cond[key + "_groups"].astype(jnp.float32), tokens["group"], axis=1)
     a = cond[key].astype(jnp.float32)[:, None]
     if "first" in tokens:
         a0 = cond[key + "_first"].astype(jnp.float32)[:, None]
@@ -226,24 +246,45 @@ class LTXVideoTransformer3DModel(nnx.Module):
     # -- embed (global) -> blocks (any contiguous shard of the video tokens) -> head (global) --
 
     def embed(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, num_frames: int,
-              height: int, width: int, rope_interpolation_scale=(1.0, 1.0, 1.0), first_frame_timestep=None):
-        """-> (x (B, S, D), tokens {"cos", "sin"[, "first"]} (S, ...), cond {"temb" (B, 6, D), "embedded" (B, 1, D),
-        "context" (B, L, D), "context_mask" (B, L)[, "temb_first", "embedded_first"]}).
+              height: int, width: int, rope_interpolation_scale=(1.0, 1.0, 1.0), first_frame_timestep=None,
+              video_coords=None, group_timesteps=None, token_group=None):
+        """-> (x (B, S, D), tokens {"cos", "sin"[, "first" | "group"]} (S, ...), cond {"temb" (B, 6, D), "embedded"
+        (B, 1, D), "context" (B, L, D), "context_mask" (B, L)[, "temb_first", "embedded_first" | "temb_groups",
+        "embedded_groups"]}).
 
         ``first_frame_timestep`` (B,): the tokens of the first latent frame (the first ``height * width``) at this
         timestep, the others at ``timestep`` (diffusers' image-to-video per-token timesteps, which are exactly so).
+        ``video_coords`` (3, S): diffusers' ``video_coords`` (one sample's; then ``num_frames`` x ``height`` x
+        ``width`` need not be the token count and ``rope_interpolation_scale`` is unused). ``group_timesteps``
+        (B, K) with ``token_group`` (S,) int: diffusers' per-token timesteps as K distinct values, token s at
+        ``group_timesteps[:, token_group[s]]`` (``timestep`` is then unused): the condition pipeline's.
         """
         cfg, dtype = self.cfg, self.dtype
         b, s, c = hidden_states.shape
-        check_input_shape(cfg, hidden_states.shape, num_frames, height, width)
+        if video_coords is None:
+            check_input_shape(cfg, hidden_states.shape, num_frames, height, width)
+        elif tuple(video_coords.shape) != (3, s):
+            raise ValueError(f"video_coords must be (3, {s}) (frame, row, column per token); got "
+                             f"{tuple(video_coords.shape)}.")
         x = self.proj_in(hidden_states.astype(dtype))
         temb, embedded = self._time(timestep, b)
         context = self.caption_projection(encoder_hidden_states.astype(dtype)).reshape(b, -1, cfg.inner_dim)
         cond = {"temb": temb, "embedded": embedded, "context": context,
                 "context_mask": text_key_mask(encoder_attention_mask, b, context.shape[1])}
-        cos, sin = rope_tables(cfg.inner_dim, num_frames, height, width, rope_interpolation_scale, cfg.patch_size,
-                               cfg.patch_size_t)
+        if video_coords is None:
+            cos, sin = rope_tables(cfg.inner_dim, num_frames, height, width, rope_interpolation_scale,
+                                   cfg.patch_size, cfg.patch_size_t)
+        else:
+            cos, sin = rope_tables_from_coords(cfg.inner_dim, video_coords)
         tokens = {"cos": cos, "sin": sin}
+        if group_timesteps is not None:
+            if token_group is None or first_frame_timestep is not None:
+                raise ValueError("group_timesteps need token_group (and exclude first_frame_timestep).")
+            k = group_timesteps.shape[1]
+            temb_g, emb_g = self._time(jnp.asarray(group_timesteps, jnp.float32).reshape(-1), b * k)
+            cond["temb_groups"] = temb_g.reshape(b, k, 6, -1)
+            cond["embedded_groups"] = emb_g.reshape(b, k, -1)
+            tokens["group"] = jnp.asarray(token_group, jnp.int32)
         if first_frame_timestep is not None:
             cond["temb_first"], cond["embedded_first"] = self._time(first_frame_timestep, b)
             tokens["first"] = jnp.arange(s) < height * width
@@ -257,7 +298,11 @@ class LTXVideoTransformer3DModel(nnx.Module):
         """Video tokens (B, S, D) -> the prediction (B, S, out_channels); ``tokens``: embed's (image-to-video:
         the first frame's tokens take their own modulation)."""
         emb = cond["embedded"].astype(jnp.float32)[:, :, None]  # (B, 1, 1, D)
-        if "embedded_first" in cond:
+        if "embedded_groups" in cond:
+            if tokens is None or "group" not in tokens:
+                raise ValueError("head: per-token timestep groups need embed's tokens.")
+            emb = jnp.take(cond["embedded_groups"].astype(jnp.float32), tokens["group"], axis=1)[:, :, None]
+        elif "embedded_first" in cond:
             if tokens is None or "first" not in tokens:
                 raise ValueError("head: image-to-video conditioning (a first-frame timestep) needs embed's tokens.")
             emb = jnp.where(tokens["first"][None, :, None, None], cond["embedded_first"].astype(jnp.float32)[:, :, None],
@@ -268,9 +313,11 @@ class LTXVideoTransformer3DModel(nnx.Module):
         return self.proj_out(x)
 
     def __call__(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, num_frames: int,
-                 height: int, width: int, rope_interpolation_scale=(1.0, 1.0, 1.0), first_frame_timestep=None):
+                 height: int, width: int, rope_interpolation_scale=(1.0, 1.0, 1.0), first_frame_timestep=None,
+                 video_coords=None, group_timesteps=None, token_group=None):
         x, tokens, cond = self.embed(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask,
-                                     num_frames, height, width, rope_interpolation_scale, first_frame_timestep)
+                                     num_frames, height, width, rope_interpolation_scale, first_frame_timestep,
+                                     video_coords, group_timesteps, token_group)
         return self.head(self.blocks(x, tokens, cond), cond, hidden_states.shape, tokens)
 
 

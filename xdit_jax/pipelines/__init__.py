@@ -16,6 +16,7 @@ PIPELINES = {
     "MochiPipeline": ("xdit_jax.pipelines.mochi", "MochiPipeline", "mochi"),
     "LTXPipeline": ("xdit_jax.pipelines.ltx", "LTXPipeline", "ltx"),
     "LTXImageToVideoPipeline": ("xdit_jax.pipelines.ltx", "LTXImageToVideoPipeline", "ltx"),
+    "LTXConditionPipeline": ("xdit_jax.pipelines.ltx_condition", "LTXConditionPipeline", "ltx"),
     "FluxPipeline": ("xdit_jax.pipelines.flux", "FluxPipeline", "flux"),
     "FluxKontextPipeline": ("xdit_jax.pipelines.flux", "FluxKontextPipeline", "flux"),
     "FluxKontextInpaintPipeline": ("xdit_jax.pipelines.flux", "FluxKontextInpaintPipeline", "flux"),

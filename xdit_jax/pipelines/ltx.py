@@ -28,6 +28,7 @@ patch; the caption is cross-attended whole).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -98,7 +99,7 @@ class LTXPipeline(VideoPipelineBase):
     _default_video = staticmethod(default_video)
     _vae = vae_ltx
 
-    PIPELINE_CLASSES = ("LTXPipeline", "LTXImageToVideoPipeline")  # (the same parts: either loads either)
+    PIPELINE_CLASSES = ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline")  # (one set of parts)
     CONFIG = ltx.LTXConfig
     STACKED = ltx.STACKED
     I2V = False
@@ -316,7 +317,7 @@ class LTXPipeline(VideoPipelineBase):
 class LTXImageToVideoPipeline(LTXPipeline):
     """Image-to-video with LTX-Video: the image is the first frame — see the module docstring."""
 
-    PIPELINE_CLASSES = ("LTXImageToVideoPipeline", "LTXPipeline")
+    PIPELINE_CLASSES = ("LTXImageToVideoPipeline", "LTXPipeline", "LTXConditionPipeline")
     I2V = True
 
     def __init__(self, *, vae_encoder=None, **parts):
@@ -345,25 +346,19 @@ class LTXImageToVideoPipeline(LTXPipeline):
     def encode_image(self, image, height: int, width: int, rng):
         """diffusers' ``prepare_latents`` image half: the VAE posterior of the image (one frame) sampled
         (``retrieve_latents``), normalized by the per-channel statistics -> (1, C, 1, h, w) float32."""
-        from xdit_jax.models import vae_ltx_encoder
-
-        if self.vae_encoder is None:
-            raise ValueError("This pipeline has no VAE encoder: load it with LTXImageToVideoPipeline.from_pretrained.")
         pixels = preprocess_image(image, height, width)[:, :, None]  # (1, 3, 1, H, W)
-        fns = self.__dict__.setdefault("_encode_fns", {})
-        if "enc" not in fns:
-            graphdef, state = nnx.split(self.vae_encoder)
-            dgraph, dstate = nnx.split(self.vae)
+        return self._sample_posterior(pixels, jax.random.fold_in(rng, 1 << 21))
 
-            @jax.jit
-            def enc(state, dstate, x, key):
-                mean, logvar = vae_ltx_encoder.encode(nnx.merge(graphdef, state), x.astype(self.dtype))
-                mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-                z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
-                return vae_ltx.normalize(nnx.merge(dgraph, dstate), z)
-
-            fns["enc"] = lambda x, key: enc(state, dstate, x, key)
-        return fns["enc"](self._put_replicated(pixels), jax.random.fold_in(rng, 1 << 21))
+    def _sample_posterior(self, pixels, key):
+        """The VAE posterior of ``pixels`` (1, 3, F, H, W) in [-1, 1] sampled with ``key`` and normalized by the
+        latents' statistics -> (1, C, f, h, w) float32 (the encoder one jitted program, shared by the pipelines of a
+        process with the same encoder)."""
+        if self.vae_encoder is None:
+            raise ValueError(f"This pipeline has no VAE encoder: load it with {type(self).__name__}.from_pretrained.")
+        graphdef, state = nnx.split(self.vae_encoder)
+        mean, logvar = _encoder_moments(graphdef, jnp.dtype(self.dtype).name, state, self._put_replicated(pixels))
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
+        return vae_ltx.normalize(self.vae, z)
 
     def _initial_packed(self, latents, shape, grid, rng, image, height, width):
         """diffusers: the image's latent as the first latent frame, Gaussian noise in the others (given
@@ -378,3 +373,12 @@ class LTXImageToVideoPipeline(LTXPipeline):
         first = (jnp.arange(noise.shape[2]) == 0)[None, None, :, None, None]
         z = jnp.where(first, jnp.broadcast_to(cond, (shape[0], c, 1) + cond.shape[3:]), noise)
         return jax.device_put(pack(z, tc.patch_size, tc.patch_size_t), self._latent_sharding(shape))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _encoder_moments(graphdef, dtype: str, state, x):
+    """(mean, logvar) float32 of the LTX VAE encoder (``graphdef`` / ``state``) on ``x`` in ``dtype``."""
+    from xdit_jax.models import vae_ltx_encoder
+
+    mean, logvar = vae_ltx_encoder.encode(nnx.merge(graphdef, state), x.astype(dtype))
+    return mean.astype(jnp.float32), logvar.astype(jnp.float32)
