@@ -43,6 +43,7 @@ from xdit_jax.pipelines.latte import LattePipeline, LattePipelineOutput
 from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipelineOutput
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
+from xdit_jax.pipelines.ovis_image import OvisImagePipeline, OvisImagePipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.qwenimage import (
     QwenImageImg2ImgPipeline,
@@ -105,5 +106,6 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", "StableDiffusion3Pipeline",
            "WanImageToVideoPipeline", "WanPipeline", "WanPipelineOutput", "WanVideoToVideoPipeline",
            "ZImagePipeline", "ZImagePipelineOutput", "build_mesh", "WanVACEPipeline",
-           "ChronoEditPipeline", "ChronoEditPipelineOutput"]
+           "ChronoEditPipeline", "ChronoEditPipelineOutput",
+           "OvisImagePipeline", "OvisImagePipelineOutput"]
 __version__ = "0.1.0"

@@ -122,6 +122,8 @@ MODEL_CLASSES = {
     # HiDream-I1: its transformer; its text_encoder_4 (Llama-3.1-8B-Instruct, a LlamaForCausalLM: model.* keys)
     "HiDreamImageTransformer2DModel": ("xdit_jax.models.hidream", "HiDreamConfig"),
     "LlamaForCausalLM": ("xdit_jax.models.llama", "LlamaConfig"),
+    # Ovis-Image: its transformer (its text_encoder: Qwen3Model above; its VAE: FLUX's AutoencoderKL)
+    "OvisImageTransformer2DModel": ("xdit_jax.models.ovis_image", "OvisImageConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
                      "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a

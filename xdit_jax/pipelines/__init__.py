@@ -71,6 +71,7 @@ PIPELINES = {
     "Flux2Pipeline": ("xdit_jax.pipelines.flux2", "Flux2Pipeline", "flux2"),
     "HiDreamImagePipeline": ("xdit_jax.pipelines.hidream", "HiDreamImagePipeline", "hidream"),
     "ChronoEditPipeline": ("xdit_jax.pipelines.chronoedit", "ChronoEditPipeline", "chronoedit"),
+    "OvisImagePipeline": ("xdit_jax.pipelines.ovis_image", "OvisImagePipeline", "ovis-image"),
 }
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
