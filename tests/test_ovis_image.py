@@ -118,3 +118,18 @@ def test_bad_input(pipes):
         ours(prompt_embeds=np.zeros((1, MSL, 24), np.float32), height=H, width=W)
     with pytest.raises(ValueError, match="cfg=2"):
         OvisImagePipeline.from_pretrained(folder, mesh="cfg=2")(PROMPTS[0], guidance_scale=1.0, **CALL)
+
+
+@pytest.mark.slow  # (the pipeline's parity: above)
+def test_generate_tiny_ovis_image(tmp_path, capsys):
+    """``--model tiny-ovis-image`` (xdit_jax.tiny's configs and stand-in tokenizer, 32 x 64, 2 steps), CFG over cfg=2
+    with the text sharded over ulysses=2."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    out = tmp_path / "o.png"
+    rc = cli.main(["--model", "tiny-ovis-image", "--prompt", "A cat.", "--output", str(out), "--mesh",
+                   "cfg=2,ulysses=2", "--no-progress", "--json"])
+    assert rc == 0 and iio.imread(out).shape == (32, 64, 3)
+    assert '"model_family": "ovis-image"' in capsys.readouterr().out
