@@ -24,8 +24,11 @@ to any degree), the text sharded with them and joining every attention as the co
 both block stacks over all stages (FLUX's looped two-stack form), the text sliced with the patches.
 
 Known differences: t x 1000 enters its sinusoid in float32 also in bf16 (diffusers rounds it to the model dtype
-first); ``generator`` -> ``seed`` (JAX draws); custom ``sigmas``, ``joint_attention_kwargs`` and callbacks are not
-taken; output types "np" and "latent".
+first); both CFG halves run in one batch, so ``prompt_embeds`` and ``negative_prompt_embeds`` (or the negative prompt's
+encoding at ``max_sequence_length``) must have the same length (diffusers runs them in two passes; a clear error here);
+``negative_prompt_embeds`` are taken beside the default ``negative_prompt=""`` (diffusers 0.42.1 refuses the pair
+unless ``negative_prompt=None`` is given); ``generator`` -> ``seed`` (JAX draws); custom ``sigmas``,
+``joint_attention_kwargs`` and callbacks are not taken; output types "np" and "latent".
 """
 
 from __future__ import annotations
