@@ -640,6 +640,21 @@ def make_torch_zimage(seed: int = 0):
                           tokenizer=tiny.train_qwen3_tokenizer(), transformer=transformer)
 
 
+def make_torch_ovis_image(seed: int = 0):
+    """A tiny random diffusers OvisImagePipeline (xdit_jax.tiny's Ovis-Image configs: Z-Image's tiny Qwen3 on the
+    stand-in tokenizer that learned Ovis' system prompt, FLUX's tiny VAE and scheduler)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    transformer = randomize_(OvisImageTransformer2DModel(**tiny.OVIS_IMAGE_TRANSFORMER), seed, std=0.1)
+    vae = randomize_(AutoencoderKL(**tiny.FLUX_VAE), seed + 1, std=0.1)
+    text_encoder = randomize_(Qwen3Model(Qwen3Config(**tiny.OVIS_IMAGE_QWEN3)), seed + 2, std=0.2)
+    skw = {k: v for k, v in tiny.FLUX_SCHEDULER.items() if not k.startswith("_")}
+    return OvisImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**skw), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tiny.train_ovis_tokenizer(), transformer=transformer)
+
+
 def make_torch_cogview4(seed: int = 0):
     """A tiny random diffusers CogView4Pipeline (xdit_jax.tiny's CogView4 configs: GlmModel on the stand-in tokenizer
     padding on the left, FLUX's tiny VAE, FlowMatchEuler with CogView4's dynamic linear time shift)."""

@@ -55,6 +55,7 @@ from xdit_jax.pipelines.ltx import LTXImageToVideoPipeline, LTXPipeline, LTXPipe
 from xdit_jax.pipelines.ltx_condition import LTXConditionPipeline, LTXVideoCondition
 from xdit_jax.pipelines.lumina2 import Lumina2Pipeline, Lumina2PipelineOutput
 from xdit_jax.pipelines.mochi import MochiPipeline, MochiPipelineOutput
+from xdit_jax.pipelines.ovis_image import OvisImagePipeline, OvisImagePipelineOutput
 from xdit_jax.pipelines.pixart import PixArtPipeline, PixArtPipelineOutput
 from xdit_jax.pipelines.qwenimage import (
     QwenImageImg2ImgPipeline,
@@ -123,4 +124,5 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "ChronoEditPipeline", "ChronoEditPipelineOutput"]
 __all__ += ["Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "CosmosPipelineOutput"]
 __all__ += ["LongCatImageEditPipeline", "LongCatImagePipeline", "LongCatImagePipelineOutput"]
+__all__ += ["OvisImagePipeline", "OvisImagePipelineOutput"]
 __version__ = "0.1.0"

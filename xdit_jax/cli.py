@@ -267,6 +267,11 @@ FAMILIES = {
     "longcat": Family(video=False, guidance_scale=4.5, steps=50, tiny_steps=2, tiny_size=(48, 80),
                       module="longcat_image",
                       fixed_text_length="LongCat-Image pads its text to 512 tokens, as diffusers'"),
+    # Ovis-Image: diffusers' OvisImagePipeline defaults (1024 x 1024, 50 steps, CFG 5 with the negative prompt "", 256
+    # Qwen3 tokens after the template's 28)
+    "ovis-image": Family(video=False, guidance_scale=5.0, steps=50, tiny_steps=2, module="ovis_image",
+                         tiny_size=(32, 64), max_sequence_length=256,
+                         tiny_max_sequence_length="OVIS_IMAGE_MAX_SEQUENCE_LENGTH"),
 }
 # per family: default output, guidance scale, steps (real / tiny), ...: the table as plain dicts
 DEFAULTS = {name: {"output": f.output, **dataclasses.asdict(f)} for name, f in FAMILIES.items()}

@@ -126,6 +126,8 @@ MODEL_CLASSES = {
     "CosmosTransformer3DModel": ("xdit_jax.models.cosmos", "CosmosConfig"),
     # LongCat-Image: FLUX.1's blocks with a timestep-only embedding (its text encoder: Qwen2.5-VL above)
     "LongCatImageTransformer2DModel": ("xdit_jax.models.longcat_image", "LongCatImageConfig"),
+    # Ovis-Image: its transformer (its text_encoder: Qwen3Model above; its VAE: FLUX's AutoencoderKL)
+    "OvisImageTransformer2DModel": ("xdit_jax.models.ovis_image", "OvisImageConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
                      "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a

@@ -362,6 +362,16 @@ ZIMAGE_QWEN3 = dict(vocab_size=QWEN3_VOCAB, hidden_size=32, intermediate_size=48
                     use_sliding_window=False, attention_bias=False, model_type="qwen3")
 ZIMAGE_SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
                         use_dynamic_shifting=False)
+# Ovis-Image shaped: FLUX's tiny layout (2 double- and 2 single-stream blocks over 2 heads of 16, RoPE axes 4 + 6 + 6,
+# 16 packed latent channels in and out) with its SwiGLU feed-forwards, taking Z-Image's tiny Qwen3 (32 wide: its last
+# hidden state) on a stand-in tokenizer that also learned Ovis' system prompt (:func:`train_ovis_tokenizer`: the
+# template and system prompt ~28 tokens, as the real one's); FLUX's tiny VAE and scheduler (dynamic shifting).
+OVIS_IMAGE_TRANSFORMER = dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2,
+                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                              axes_dims_rope=[4, 6, 6])
+OVIS_IMAGE_QWEN3 = ZIMAGE_QWEN3
+OVIS_IMAGE_MAX_SEQUENCE_LENGTH = 40  # the tiny model's Qwen3 tokens after the dropped 28 (a corpus prompt fits)
+TINY_NAMES["tiny-ovis-image"] = "ovis-image"
 
 
 # CogView4 shaped: 2 blocks over 2 heads of 16 (the image RoPE: 8 + 8 of each head, rope_axes_dim 16 x 16), time
@@ -605,6 +615,17 @@ def train_qwen3_tokenizer():
     return qwen3.train_tokenizer(corpus, vocab_size=QWEN3_VOCAB - len(qwen3.SPECIAL_TOKENS))
 
 
+def train_ovis_tokenizer():
+    """:func:`train_qwen3_tokenizer`'s kind of tokenizer trained on the same sentences, alone and in Ovis-Image's
+    template (its system prompt, thinking off), :data:`QWEN3_VOCAB` tokens."""
+    from xdit_jax.models import qwen3
+    from xdit_jax.pipelines.ovis_image import SYSTEM_PROMPT
+
+    corpus = CORPUS * 4 + [f"<|im_start|>user\n{SYSTEM_PROMPT}{p}<|im_end|>\n<|im_start|>assistant\n<think>\n\n"
+                           "</think>\n\n" for p in CORPUS]
+    return qwen3.train_tokenizer(corpus, vocab_size=QWEN3_VOCAB - len(qwen3.SPECIAL_TOKENS))
+
+
 def train_gemma_tokenizer():
     """A Gemma-like tokenizer (:func:`xdit_jax.models.gemma2.train_tokenizer`) trained on the same sentences and
     SANA's complex human instruction: 300 tokens, within the tiny Gemma's :data:`SANA_VOCAB`."""
@@ -636,6 +657,8 @@ def stand_in_tokenizer(class_name: str, text_encoder: str = "", pipeline: str = 
         return train_hunyuan_video15_tokenizer()
     if class_name.startswith("Qwen2") and pipeline.startswith("QwenImageEdit"):  # with Qwen2.5-VL's vision tokens
         return train_qwen_edit_tokenizer()
+    if class_name.startswith("Qwen2") and pipeline.startswith("OvisImage"):  # (its system prompt learned)
+        return train_ovis_tokenizer()
     if class_name.startswith("Qwen2"):
         return train_qwen3_tokenizer() if text_encoder.startswith("Qwen3") else train_qwen_tokenizer()
     if class_name.startswith("Gemma"):
@@ -780,6 +803,11 @@ def model_index(family: str = "cogvideox") -> dict:
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
                 "text_encoder": ["transformers", "Qwen3Model"], "tokenizer": ["transformers", "Qwen2Tokenizer"],
                 "transformer": ["diffusers", "ZImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if family == "ovis-image":
+        return {"_class_name": "OvisImagePipeline", "_diffusers_version": "0.36.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "Qwen3Model"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+                "transformer": ["diffusers", "OvisImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     if family == "flux2":
         return {"_class_name": "Flux2KleinPipeline", "_diffusers_version": "0.37.0", "is_distilled": False,
                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -1184,6 +1212,20 @@ def _parts(family: str, transformer: dict | None):
             "text_encoder": ("Qwen3Model", ZIMAGE_QWEN3,
                              lambda: llama.LlamaModel(qwen3.Qwen3Config.from_dict(ZIMAGE_QWEN3), rngs=nnx.Rngs(0))),
         }, ZIMAGE_SCHEDULER
+    if family == "ovis-image":
+        from xdit_jax.models import llama, ovis_image, qwen3
+
+        tcfg = {**OVIS_IMAGE_TRANSFORMER, **(transformer or {})}
+        return {
+            "transformer": ("OvisImageTransformer2DModel", tcfg,
+                            lambda: ovis_image.OvisImageTransformer2DModel(ovis_image.OvisImageConfig.from_dict(tcfg),
+                                                                           rngs=nnx.Rngs(0))),
+            "vae": ("AutoencoderKL", FLUX_VAE,
+                    lambda: vae_kl.module_fn(vae_kl.AutoencoderKLConfig.from_dict(FLUX_VAE), jnp.float32)()),
+            "text_encoder": ("Qwen3Model", OVIS_IMAGE_QWEN3,
+                             lambda: llama.LlamaModel(qwen3.Qwen3Config.from_dict(OVIS_IMAGE_QWEN3),
+                                                      rngs=nnx.Rngs(0))),
+        }, FLUX_SCHEDULER
     if family == "flux2":
         from xdit_jax.models import flux2, llama, qwen3, vae_flux2
 

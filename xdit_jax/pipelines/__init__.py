@@ -79,6 +79,7 @@ PIPELINES = {
     "Cosmos2VideoToWorldPipeline": ("xdit_jax.pipelines.cosmos", "Cosmos2VideoToWorldPipeline", "cosmos-v2w"),
     "LongCatImagePipeline": ("xdit_jax.pipelines.longcat_image", "LongCatImagePipeline", "longcat"),
     "LongCatImageEditPipeline": ("xdit_jax.pipelines.longcat_image", "LongCatImageEditPipeline", "longcat"),
+    "OvisImagePipeline": ("xdit_jax.pipelines.ovis_image", "OvisImagePipeline", "ovis-image"),
 }
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
