@@ -498,6 +498,8 @@ def test_pixart_full_width_step_matches_diffusers(name):
 # HunyuanDiT
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # (the default run's time: the transformer's parity is its own file's, the FLOPs formula
+# the full-width compile-only test's, both by default; the bench rows of the newer families are slow too)
 def test_hunyuandit_tiny_rows_vs_diffusers():
     """hunyuandit-tiny (v1.0/1.1 shaped: both text masks, image meta + style, learned sigma, 6 layers
     with long skips) against diffusers on one device and a USP mesh (in-process: the session's 8
@@ -677,6 +679,8 @@ def test_hunyuandit_full_width_flops_compile_only():
 # Mochi
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # (the default run's time: the transformer's parity is its own file's, the FLOPs formula
+# the full-width compile-only test's, both by default; the bench rows of the newer families are slow too)
 def test_mochi_tiny_rows_vs_diffusers():
     """mochi-tiny (3 blocks: 2 scanned + the last, 6 of 16 caption tokens real in the prompt's half, 1 in
     the negative's) against diffusers on one device, the USP and ring meshes and PipeFusion (2 stages of
@@ -1079,6 +1083,8 @@ def test_flux_full_width_flops_compile_only(name):
 # Stable Diffusion 3 / 3.5
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # (the default run's time: the transformer's parity is its own file's, the FLOPs formula
+# the full-width compile-only test's, both by default; the bench rows of the newer families are slow too)
 def test_sd3_tiny_rows_vs_diffusers():
     """sd3-tiny (SD3.5 Medium shaped: two dual-attention blocks, rms q/k norms; 15 image tokens, so the sequence
     meshes pad; 77 CLIP + 16 T5 tokens, no mask) against diffusers on one device and a cfg x USP mesh
