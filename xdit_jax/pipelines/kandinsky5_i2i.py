@@ -28,23 +28,17 @@ latents' sample uses the call's ``seed`` (torch's generator draws other numbers)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from xdit_jax.conversion import read_json
 from xdit_jax.models import qwen2_5_vl as qv
 from xdit_jax.models import qwen2_5_vl_vision as vv
 from xdit_jax.pipelines.denoise import preprocess_image, tokenize
 from xdit_jax.pipelines.image import VaeEncoding
 from xdit_jax.pipelines.kandinsky5 import CLIP_TOKENS, prompt_clean
 from xdit_jax.pipelines.kandinsky5_t2i import Kandinsky5ImagePipelineOutput, Kandinsky5T2IPipeline
-from xdit_jax.pipelines.qwenimage_edit import _pil, load_vision
+from xdit_jax.pipelines.qwenimage_edit import QwenVision, _pil
 
 PROMPT_TEMPLATE = ("<|im_start|>system\nYou are a prompt engineer. Based on the provided source image (first image) "
                    "and target image (second image), create an interesting text prompt that can be used together with "
@@ -53,57 +47,21 @@ PROMPT_TEMPLATE = ("<|im_start|>system\nYou are a prompt engineer. Based on the 
 TEMPLATE_START = 54
 
 
-def load_processor_config(folder) -> vv.ProcessorConfig:
-    """The image processor's settings saved with the tokenizer (``tokenizer/preprocessor_config.json`` or transformers
-    5's ``tokenizer/processor_config.json``); a clear error where neither exists."""
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        path = Path(folder) / "tokenizer" / name
-        if path.exists():
-            d = read_json(path)
-            return vv.ProcessorConfig.from_dict(d.get("image_processor", d))
-    raise ValueError(f"{folder}/tokenizer has no preprocessor_config.json / processor_config.json: Kandinsky 5.0 I2I "
-                     "reads the image with Qwen2VLProcessor's settings saved there.")
-
-
-class Kandinsky5I2IPipeline(VaeEncoding, Kandinsky5T2IPipeline):
+class Kandinsky5I2IPipeline(QwenVision, VaeEncoding, Kandinsky5T2IPipeline):
     """Image-to-image with Kandinsky 5.0 — see the module docstring."""
 
     PIPELINE_CLASSES = ("Kandinsky5I2IPipeline",)
     PROMPT_TEMPLATE, TEMPLATE_START = PROMPT_TEMPLATE, TEMPLATE_START
+    PROCESSOR_FOLDER = "tokenizer"  # (the image processor's settings saved with the tokenizer)
+    PROCESSOR_REQUIRED = "Kandinsky 5.0 I2I"
 
-    def __init__(self, *, vision=None, processor_config=None, mrope_section=(16, 24, 24), **kw):
+    def __init__(self, **kw):
         super().__init__(**kw)
         if not self.transformer_config.visual_cond:
             raise ValueError("This transformer has no visual_cond input: not a Kandinsky 5.0 image-to-image model.")
-        self.vision = vision
-        self.processor_config = processor_config if processor_config is not None else vv.ProcessorConfig()
-        self.mrope_section = tuple(mrope_section)
         self._vl_image = self._cond_latents = None
 
-    @classmethod
-    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
-        """The VAE's encoder (:class:`~xdit_jax.pipelines.image.VaeEncoding`), Qwen2.5-VL's vision tower
-        (``text_encoder/vision_params``), the image processor's settings."""
-        return {**super()._extra_parts(folder, mesh, dtype, kind),
-                "vision": load_vision(folder, dtype, NamedSharding(mesh, P())),
-                "processor_config": load_processor_config(folder),
-                "mrope_section": qv.mrope_section(read_json(Path(folder) / "text_encoder" / "config.json"))}
-
     # ------------------------------------------------------------------ text with the image
-
-    def _vl_fns(self):
-        """(encode_vision(pixels, layout), encode(ids, mask, features, feat_idx, cos, sin)) jitted once."""
-        fns = self.__dict__.setdefault("_text_fns", {})
-        if "vl" not in fns:
-            vg, vs = nnx.split(self.vision)
-            lg, ls = nnx.split(self.text_encoder)
-            vfn = jax.jit(lambda st, x, lay: nnx.merge(vg, st)(x, lay))
-            lfn = jax.jit(lambda st, i, m, f, fi, c, s: qv.encode_with_images(nnx.merge(lg, st), i, m, f, fi, (c, s)))
-            put = self._put_replicated
-            fns["vl"] = (lambda x, lay: vfn(vs, put(jnp.asarray(x, self.dtype)),
-                                            jax.tree.map(lambda a: put(jnp.asarray(a)), lay)),
-                         lambda *a: lfn(ls, *(put(jnp.asarray(v)) for v in a)))
-        return fns["vl"]
 
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 1024):
         """((B, L, d) Qwen states, (B, d_clip) pooled CLIP) of the prompts with the call's image (diffusers'
@@ -112,7 +70,7 @@ class Kandinsky5I2IPipeline(VaeEncoding, Kandinsky5T2IPipeline):
             raise ValueError("Kandinsky 5.0 I2I encodes prompts with its image: call the pipeline with one (and load "
                              "it with from_pretrained: the vision tower).")
         prompts = [prompt_clean(p) for p in prompts]
-        encode_vision, encode = self._vl_fns()
+        encode_vision, encode = self._vision_fns()
         pix, grid = vv.preprocess(self._vl_image, self.processor_config)
         merge = self.vision.cfg.spatial_merge_size
         count = int(np.prod(grid)) // merge ** 2

@@ -57,6 +57,7 @@ from xdit_jax.pipelines.denoise import (
 )
 from xdit_jax.pipelines.flux import FluxPipeline, pack_latents, transformer_over_mesh
 from xdit_jax.pipelines.image import ImagePipelineBase, ImagePipelineOutput, VaeEncoding, vae_scale_factor
+from xdit_jax.pipelines.qwenimage_edit import QwenVision
 from xdit_jax.schedulers import flow_match
 
 log = logging.getLogger("xdit_jax")
@@ -385,23 +386,7 @@ def edit_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
     return up(width), up(height)
 
 
-def load_processor_config(folder):
-    """The Qwen2VLProcessor's image settings: ``text_processor/preprocessor_config.json`` (a release) or
-    ``processor_config.json`` (transformers 5's save); transformers' defaults where neither exists."""
-    from pathlib import Path
-
-    from xdit_jax.conversion import read_json
-    from xdit_jax.models import qwen2_5_vl_vision as vv
-
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        path = Path(folder) / "text_processor" / name
-        if path.exists():
-            return vv.ProcessorConfig.from_dict(read_json(path))
-    log.warning("%s has no text_processor/ settings: Qwen2VLImageProcessor's defaults (max_pixels 1003520).", folder)
-    return vv.ProcessorConfig()
-
-
-class LongCatImageEditPipeline(VaeEncoding, LongCatImagePipeline):
+class LongCatImageEditPipeline(QwenVision, VaeEncoding, LongCatImagePipeline):
     """Image editing with LongCat-Image-Edit (diffusers' ``LongCatImageEditPipeline``).
 
         pipe = LongCatImageEditPipeline.from_pretrained("meituan-longcat/LongCat-Image-Edit", mesh="cfg=2,ulysses=4")
@@ -425,58 +410,7 @@ class LongCatImageEditPipeline(VaeEncoding, LongCatImagePipeline):
     (diffusers refuses more than one). ``prompt_embeds`` still need the ``image`` (its latents)."""
 
     PIPELINE_CLASSES = ("LongCatImageEditPipeline",)
-
-    def __init__(self, *, vae_encoder=None, vision=None, processor_config=None, mrope_section=(16, 24, 24),
-                 mrope: bool = True, **kw):
-        from xdit_jax.models import qwen2_5_vl_vision as vv
-
-        super().__init__(vae_encoder=vae_encoder, **kw)
-        self.vision = vision
-        self.processor_config = processor_config if processor_config is not None else vv.ProcessorConfig()
-        self.mrope_section, self.mrope = tuple(mrope_section), bool(mrope)
-
-    @classmethod
-    def from_pretrained(cls, model, *, mrope: bool = True, **kw):
-        """:meth:`LongCatImagePipeline.from_pretrained`; ``mrope``: the image tokens' 3-D positions in Qwen2.5-VL
-        (the class docstring)."""
-        pipe = super().from_pretrained(model, **kw)
-        pipe.mrope = bool(mrope)
-        return pipe
-
-    @classmethod
-    def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
-        """The VAE's encoder (``vae/encoder_params``), Qwen2.5-VL's vision tower (``text_encoder/vision_params``), the
-        image processor's settings (``text_processor/``)."""
-        from pathlib import Path
-
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
-        from xdit_jax.conversion import read_json
-        from xdit_jax.models import qwen2_5_vl as qv
-        from xdit_jax.pipelines.qwenimage_edit import load_vision
-
-        return {**super()._extra_parts(folder, mesh, dtype, kind),
-                "vision": load_vision(folder, dtype, NamedSharding(mesh, P())),
-                "processor_config": load_processor_config(folder),
-                "mrope_section": qv.mrope_section(read_json(Path(folder) / "text_encoder" / "config.json"))}
-
-    def _edit_fns(self):
-        """(encode_vision(pixels, layout), encode(ids, mask, features, feat_idx, cos, sin)) jitted once."""
-        from xdit_jax.models import qwen2_5_vl as qv
-
-        fns = self.__dict__.setdefault("_text_fns", {})
-        if "edit" not in fns:
-            vg, vs = nnx.split(self.vision)
-            lg, ls = nnx.split(self.text_encoder)
-            vfn = jax.jit(lambda st, x, lay: nnx.merge(vg, st)(x, lay))
-            lfn = jax.jit(lambda st, i, m, f, fi, c, s: qv.encode_with_images(nnx.merge(lg, st), i, m, f, fi, (c, s)))
-            put = self._put_replicated
-            fns["edit"] = (
-                lambda x, lay: vfn(vs, put(jnp.asarray(x, self.dtype)), jax.tree.map(lambda a: put(jnp.asarray(a)),
-                                                                                      lay)),
-                lambda i, m, f, fi, c, s: lfn(ls, *(put(jnp.asarray(a)) for a in (i, m, f, fi, c, s))))
-        return fns["edit"]
+    PROCESSOR_FOLDER = "text_processor"  # (diffusers' LongCat-Image-Edit: the Qwen2VLProcessor there)
 
     def encode_prompt_with_image(self, prompts: list[str], image):
         """(B, L, d) states in the compute dtype of the prompts with the (already resized) image, as diffusers'
@@ -487,7 +421,7 @@ class LongCatImageEditPipeline(VaeEncoding, LongCatImagePipeline):
         if self.vision is None:
             raise ValueError("This pipeline has no vision tower; load it with from_pretrained.")
         tok, prompts = self.tokenizer, list(prompts)
-        encode_vision, encode = self._edit_fns()
+        encode_vision, encode = self._vision_fns()
         pix, grid = vv.preprocess(image, self.processor_config)
         merge = self.vision.cfg.spatial_merge_size
         count = int(np.prod(grid)) // merge ** 2

@@ -97,72 +97,84 @@ def load_vision(folder, dtype, sharding) -> vv.Qwen25VisionTransformer:
     return vv.build(cfg, params, dtype)
 
 
-def load_processor_config(folder) -> vv.ProcessorConfig:
-    """The image processor's settings: ``processor/preprocessor_config.json`` (the released checkpoints) or
-    ``processor/processor_config.json`` (transformers 5's save); transformers' defaults where neither exists."""
+def load_processor_config(folder, subfolder: str = "processor", required: str | None = None) -> vv.ProcessorConfig:
+    """The Qwen2-VL image processor's settings: ``subfolder/preprocessor_config.json`` (the released checkpoints) or
+    ``subfolder/processor_config.json`` (transformers 5's save, its ``image_processor`` entry where nested);
+    transformers' defaults where neither exists, or with ``required`` (who needs them) a clear error."""
     for name in ("preprocessor_config.json", "processor_config.json"):
-        path = Path(folder) / "processor" / name
+        path = Path(folder) / subfolder / name
         if path.exists():
-            return vv.ProcessorConfig.from_dict(read_json(path))
-    log.warning("%s has no processor/ settings: Qwen2VLImageProcessor's defaults (max_pixels 1003520).", folder)
+            d = read_json(path)
+            return vv.ProcessorConfig.from_dict(d.get("image_processor", d))
+    if required:
+        raise ValueError(f"{folder}/{subfolder} has no preprocessor_config.json / processor_config.json: {required} "
+                         "reads the image with Qwen2VLProcessor's settings saved there.")
+    log.warning("%s has no %s/ settings: Qwen2VLImageProcessor's defaults (max_pixels 1003520).", folder, subfolder)
     return vv.ProcessorConfig()
 
 
-class QwenImageEditPipeline(WanVaeEncoding, QwenImagePipeline):
-    """Image editing with Qwen-Image-Edit — see the module docstring."""
+class QwenVision:
+    """A mixin for the pipelines that read an image with Qwen2.5-VL's vision tower (Qwen-Image-Edit, Kandinsky 5.0
+    I2I, LongCat-Image-Edit): the tower (``text_encoder/vision_params``), the image processor's settings
+    (``PROCESSOR_FOLDER``; ``PROCESSOR_REQUIRED``: who refuses to run on transformers' defaults), the multimodal RoPE
+    sections and ``mrope`` (the image tokens' 3-D positions), and the jitted (vision, text) encoders."""
 
-    PIPELINE_CLASSES = ("QwenImageEditPipeline",)
-    VAE_ENCODER_CONFIG = qvae.QwenImageVAEConfig
-    PLUS = False
+    PROCESSOR_FOLDER = "processor"
+    PROCESSOR_REQUIRED: str | None = None
 
-    def __init__(self, *, vae_encoder=None, vision=None, processor_config=None, mrope_section=(16, 24, 24),
-                 mrope: bool = True, **kw):
-        super().__init__(vae_encoder=vae_encoder, **kw)
+    def __init__(self, *, vision=None, processor_config=None, mrope_section=(16, 24, 24), mrope: bool = True, **kw):
+        super().__init__(**kw)
         self.vision = vision
         self.processor_config = processor_config if processor_config is not None else vv.ProcessorConfig()
         self.mrope_section, self.mrope = tuple(mrope_section), bool(mrope)
 
     @classmethod
     def from_pretrained(cls, model, *, mrope: bool = True, **kw):
-        """:meth:`QwenImagePipeline.from_pretrained`; ``mrope``: the image tokens' 3-D positions in Qwen2.5-VL (see
-        the module docstring)."""
+        """The base pipeline's ``from_pretrained``; ``mrope``: the image tokens' 3-D positions in Qwen2.5-VL (the
+        class docstring)."""
         pipe = super().from_pretrained(model, **kw)
         pipe.mrope = bool(mrope)
         return pipe
 
     @classmethod
     def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
-        """The VAE's encoder (``vae/encoder_params``), Qwen2.5-VL's vision tower (``text_encoder/vision_params``),
-        the image processor's settings."""
-        replicated = NamedSharding(mesh, P())
-        return {**super()._extra_parts(folder, mesh, dtype, kind),  # the VAE's encoder (WanVaeEncoding)
-                "vision": load_vision(folder, dtype, replicated),
-                "processor_config": load_processor_config(folder),
+        """The base's parts (a VAE's encoder), Qwen2.5-VL's vision tower, the image processor's settings."""
+        return {**super()._extra_parts(folder, mesh, dtype, kind),
+                "vision": load_vision(folder, dtype, NamedSharding(mesh, P())),
+                "processor_config": load_processor_config(folder, cls.PROCESSOR_FOLDER, cls.PROCESSOR_REQUIRED),
                 "mrope_section": qv.mrope_section(read_json(Path(folder) / "text_encoder" / "config.json"))}
 
-    # ------------------------------------------------------------------ stages
-
-    def _edit_fns(self):
+    def _vision_fns(self):
         """(encode_vision(pixels, layout), encode(ids, mask, features, feat_idx, cos, sin)) jitted once."""
         fns = self.__dict__.setdefault("_text_fns", {})
-        if "edit" not in fns:
+        if "vision" not in fns:
             vg, vs = nnx.split(self.vision)
             lg, ls = nnx.split(self.text_encoder)
             vfn = jax.jit(lambda st, x, lay: nnx.merge(vg, st)(x, lay))
             lfn = jax.jit(lambda st, i, m, f, fi, c, s: qv.encode_with_images(nnx.merge(lg, st), i, m, f, fi, (c, s)))
             put = self._put_replicated
-            fns["edit"] = (
+            fns["vision"] = (
                 lambda x, lay: vfn(vs, put(jnp.asarray(x, self.dtype)), jax.tree.map(lambda a: put(jnp.asarray(a)),
                                                                                       lay)),
                 lambda i, m, f, fi, c, s: lfn(ls, *(put(jnp.asarray(a)) for a in (i, m, f, fi, c, s))))
-        return fns["edit"]
+        return fns["vision"]
+
+
+class QwenImageEditPipeline(QwenVision, WanVaeEncoding, QwenImagePipeline):
+    """Image editing with Qwen-Image-Edit — see the module docstring."""
+
+    PIPELINE_CLASSES = ("QwenImageEditPipeline",)
+    VAE_ENCODER_CONFIG = qvae.QwenImageVAEConfig
+    PLUS = False
+
+    # ------------------------------------------------------------------ stages
 
     def encode_prompt_with_images(self, prompts: list[str], images: list):
         """((B, L, d) states in the compute dtype, (B, L) int32 mask) of the prompts with the (already resized)
         images, as diffusers' ``encode_prompt`` (``num_images_per_prompt=1``)."""
         if self.vision is None:
             raise ValueError("This pipeline has no vision tower; load it with from_pretrained.")
-        encode_vision, encode = self._edit_fns()
+        encode_vision, encode = self._vision_fns()
         emb, mask = qv.qwen_edit_prompt_embeds(self.tokenizer, self.text_encoder, self.vision, prompts, images,
                                                self.processor_config, plus=self.PLUS, section=self.mrope_section,
                                                mrope=self.mrope, encode=encode, encode_vision=encode_vision)
