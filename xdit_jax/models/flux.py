@@ -287,6 +287,16 @@ def pipefusion_stacks(cfg: FluxConfig) -> dict:
     return dict(stacked=STACKS, stacked_layers=(cfg.num_layers, cfg.num_single_layers), text_keys=TEXT_KEYS)
 
 
+def rotated_text_rope(axes_dims, batch: int, img_ids=None, txt_ids=None, rope=None):
+    """(image tables, the text's tables broadcast to ``batch`` (B, L, hd) each, the text's tables (L, hd)) for the
+    families whose text is rotated too (LongCat-Image, Ovis-Image): from host ids, or ``rope`` = ((img cos, sin),
+    (txt cos, sin)) ready made (the ids are then ignored)."""
+    if rope is None:
+        rope = (rope_tables(img_ids, axes_dims), rope_tables(txt_ids, axes_dims))
+    img_rope, txt_rope = (tuple(jnp.asarray(a, jnp.float32) for a in r) for r in rope)
+    return img_rope, tuple(jnp.broadcast_to(a[None], (batch,) + a.shape) for a in txt_rope), txt_rope
+
+
 def rope_tables(ids: np.ndarray, axes_dims) -> tuple[np.ndarray, np.ndarray]:
     """diffusers ``FluxPosEmbed``: (N, n_axes) position ids -> cos, sin (N, sum(axes_dims)) float32."""
     ids = np.asarray(ids, np.float32)
@@ -386,8 +396,11 @@ class FluxTransformer2DModel(nnx.Module):
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                  guidance=None):
-        x, tokens, cond, txt_rope = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
-                                               img_ids, txt_ids, guidance)
+        return self.forward_embedded(*self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                                 img_ids, txt_ids, guidance))
+
+    def forward_embedded(self, x, tokens, cond, txt_rope):
+        """Both stacks and the head on :meth:`embed`'s outputs (the families on FLUX.1's stacks share it)."""
         x, c = self.double_blocks(x, tokens, cond)
         joint = self.single_blocks(jnp.concatenate([c, x], axis=1), self.joint_tokens(tokens, txt_rope),
                                    {"temb": cond["temb"]})

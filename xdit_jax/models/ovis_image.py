@@ -146,18 +146,11 @@ class OvisImageTransformer2DModel(flux.FluxTransformer2DModel):
         temb = self.timestep_embedder(timestep_embedding(t, 256, flip_sin_to_cos=True).astype(dtype))
         x = self.x_embedder(hidden_states.astype(dtype))
         c = self.context_embedder(self.context_embedder_norm(encoder_hidden_states.astype(dtype)))
-        if rope is None:
-            rope = (rope_tables(img_ids, cfg.axes_dims_rope), rope_tables(txt_ids, cfg.axes_dims_rope))
-        img_rope, txt_rope = (tuple(jnp.asarray(a, jnp.float32) for a in r) for r in rope)
-        c_rope = tuple(jnp.broadcast_to(a[None], (b,) + a.shape) for a in txt_rope)
+        img_rope, c_rope, txt_rope = flux.rotated_text_rope(cfg.axes_dims_rope, b, img_ids, txt_ids, rope)
         return x, {"rope": img_rope}, {"temb": temb, "context": c, "context_rope": c_rope}, txt_rope
 
     def __call__(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):
-        x, tokens, cond, txt_rope = self.embed(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids)
-        x, c = self.double_blocks(x, tokens, cond)
-        joint = self.single_blocks(jnp.concatenate([c, x], axis=1), self.joint_tokens(tokens, txt_rope),
-                                   {"temb": cond["temb"]})
-        return self.head(joint[:, c.shape[1]:], cond)
+        return self.forward_embedded(*self.embed(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids))
 
 
 def params_from_torch(flat: dict, cfg: OvisImageConfig, dtype=None) -> dict:
