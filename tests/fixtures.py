@@ -404,15 +404,20 @@ def make_torch_chronoedit(seed: int = 0):
                               transformer=transformer, vae=parts["vae"], scheduler=parts["scheduler"])
 
 
-def make_torch_wan_vace(seed: int = 0):
+def make_torch_wan_vace(seed: int = 0, two_experts: bool = False):
     """A tiny random diffusers WanVACEPipeline: Wan's tiny UMT5, VAE and UniPC (:func:`make_torch_wan`'s) with a
-    WanVACETransformer3DModel of xdit_jax.tiny.WAN_VACE_TRANSFORMER."""
+    WanVACETransformer3DModel of xdit_jax.tiny.WAN_VACE_TRANSFORMER; ``two_experts``: Wan 2.2's layout, a second
+    random one as transformer_2 and boundary_ratio 0.875."""
     from diffusers import WanVACEPipeline, WanVACETransformer3DModel
 
     parts = make_torch_wan(seed).components
     transformer = randomize_(WanVACETransformer3DModel(**tiny.WAN_VACE_TRANSFORMER), seed + 5, std=0.1)
+    extra = {}
+    if two_experts:
+        extra = dict(transformer_2=randomize_(WanVACETransformer3DModel(**tiny.WAN_VACE_TRANSFORMER), seed + 6,
+                                              std=0.1), boundary_ratio=0.875)
     return WanVACEPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
-                           transformer=transformer, scheduler=parts["scheduler"])
+                           transformer=transformer, scheduler=parts["scheduler"], **extra)
 
 
 def make_torch_skyreels_v2(seed: int = 0, variant: str = "t2v"):

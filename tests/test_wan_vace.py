@@ -1,6 +1,7 @@
 """Wan VACE: the transformer == diffusers' WanVACETransformer3DModel; WanVACEPipeline from a diffusers folder ==
 diffusers' WanVACEPipeline (a control video, its mask and a reference image); a sequence-parallel mesh == one device;
-PipeFusion (slow): warm-up steps == one device, patched steps == the sequential stale-K/V rule."""
+PipeFusion (slow): warm-up steps == one device, patched steps == the sequential stale-K/V rule; Wan 2.2's two-expert
+layout (slow): == diffusers', meshes and PipeFusion == one device, the CLI's --guidance-scale-2."""
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +103,7 @@ _BUILT = {}
 
 
 def build(tmp_path_factory):
-    if not _BUILT:
+    if "vace" not in _BUILT:
         tp = make_torch_wan_vace()
         folder = converted_folder(save_torch_pipeline(tp, tmp_path_factory.mktemp("wan-vace")),
                                   cache_dir=tmp_path_factory.mktemp("cache"))
@@ -186,6 +187,8 @@ def test_bad_input(tmp_path_factory):
         ours(PROMPT, video=video, height=H, width=W, conditioning_scale=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="resize them"):
         ours(PROMPT, video=video, height=H, width=64)
+    with pytest.raises(ValueError, match="guidance_scale_2 is only for a two-expert pipeline"):
+        ours(PROMPT, video=video, height=H, width=W, guidance_scale_2=3.0)
 
 
 @pytest.mark.slow  # (the pipeline compiled again on an 8-device mesh)
@@ -269,3 +272,99 @@ def test_without_video_or_reference_matches_diffusers(tmp_path_factory, monkeypa
     out = ours(latents=lat, progress=False, **kw).frames
     np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
     print(f"no video / mask / reference: max diff {np.abs(out - ref).max():.2e} of {np.abs(ref).max():.2f}")
+
+
+# ------------------------------------------------------------------------------------- Wan 2.2: two experts
+
+STEPS_2 = 3  # UniPC at t = 999, 857, 600: with boundary_ratio 0.875 step 0 is transformer's, steps 1-2 transformer_2's
+
+
+def build_two(tmp_path_factory):
+    """(torch pipeline, ours, converted folder) of the tiny two-expert VACE layout (boundary_ratio 0.875)."""
+    if "vace2" not in _BUILT:
+        tp = make_torch_wan_vace(two_experts=True)
+        folder = converted_folder(save_torch_pipeline(tp, tmp_path_factory.mktemp("wan-vace2")),
+                                  cache_dir=tmp_path_factory.mktemp("cache"))
+        _BUILT["vace2"] = (tp, WanVACEPipeline.from_pretrained(folder), folder)
+    return _BUILT["vace2"]
+
+
+@pytest.mark.slow  # (a second tiny VACE pipeline built and compiled)
+def test_two_experts_match_diffusers(tmp_path_factory, monkeypatch):
+    """Wan 2.2's two-expert VACE layout: 3 UniPC steps, the first the high-noise expert's with guidance 4, the other
+    two transformer_2's with guidance_scale_2 2, both fed the control video, mask, a reference and the per-layer
+    conditioning scales; the latents (reference frame kept, as diffusers' latent output) == diffusers' from the same
+    initial latents. Each expert has its own random weights (measured: transformer throughout moves the latents by
+    2.0 of 3.2, guidance_scale_2 = guidance_scale by 0.26)."""
+    _patch_ftfy(monkeypatch)
+    tp, ours, _ = build_two(tmp_path_factory)
+    assert ours.transformer_2 is not None and ours.boundary_ratio == 0.875
+    assert ours.stages(ours.schedule(STEPS_2).timesteps) == [(0, 0), (1, 1)]
+    video, mask, refs = conditions(seed=8)
+    lat = np.random.default_rng(9).standard_normal((1, 4, 1 + (F - 1) // 4 + 1, H // 8, W // 8)).astype(np.float32)
+    kw = dict(prompt=PROMPT, negative_prompt=NEG, video=video, mask=mask, reference_images=refs[:1],
+              conditioning_scale=[0.8, 1.2], height=H, width=W, num_frames=F, num_inference_steps=STEPS_2,
+              guidance_scale=4.0, guidance_scale_2=2.0, max_sequence_length=MSL, output_type="latent")
+    with torch.no_grad():
+        ref = tp(latents=torch.from_numpy(lat), **kw).frames.numpy()
+    out = ours(latents=lat, progress=False, **kw).frames
+    scale = np.abs(ref).max()
+    assert out.shape == ref.shape == lat.shape
+    # fp32 both sides (measured: see the commit message)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    print(f"two experts: max diff {np.abs(out - ref).max():.2e} of {scale:.2f}")
+    one = ours(latents=lat, progress=False, **dict(kw, guidance_scale_2=4.0)).frames  # the other low-noise guidance
+    assert np.abs(one - ref).max() > 1e-2 * scale
+
+
+@pytest.mark.slow  # (three more pipelines compiled, on meshes)
+def test_two_experts_meshes_match_one_device(tmp_path_factory):
+    """cfg=2,ulysses=2 == one device; PipeFusion over both stacks with 2 warm-up steps on pipefusion=2: the warm-up
+    starts again where transformer_2 takes over (step 1), so all three steps are exact and == one device (with the
+    warm-up only at the start step 2 would run patched on stale K/V); with 1 warm-up step (steps 0 and 1 exact, step 2
+    patched) pipefusion=2 == the same patched rule run on one device (pipefusion_patches=2)."""
+    _, ours, folder = build_two(tmp_path_factory)
+    video, mask, refs = conditions(seed=10)
+    kw = dict(video=video, mask=mask, reference_images=refs[:1], conditioning_scale=[0.9, 1.1], height=H, width=W,
+              num_inference_steps=STEPS_2, guidance_scale=4.0, guidance_scale_2=2.0, max_sequence_length=MSL,
+              output_type="latent", progress=False, seed=11)
+    exact = ours(PROMPT, NEG, **kw).frames
+    atol = 1e-5 * np.abs(exact).max()
+    for mesh, warmup in (("cfg=2,ulysses=2", 1), ("pipefusion=2", 2)):
+        out = WanVACEPipeline.from_pretrained(folder, mesh=mesh, pipefusion_warmup_steps=warmup)(
+            PROMPT, NEG, **kw).frames
+        np.testing.assert_allclose(out, exact, atol=atol, rtol=0, err_msg=mesh)
+        print(f"two experts, {mesh} (warm-up {warmup}) vs one device: max diff {np.abs(out - exact).max():.2e} of "
+              f"{np.abs(exact).max():.2f}")
+    ref = WanVACEPipeline.from_pretrained(folder, pipefusion_patches=2)(PROMPT, NEG, **kw).frames
+    assert np.abs(ref - exact).max() > 20 * atol  # the patched step really ran
+    out = WanVACEPipeline.from_pretrained(folder, mesh="pipefusion=2")(PROMPT, NEG, **kw).frames
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    print(f"two experts, pipefusion=2 vs the sequential rule: max diff {np.abs(out - ref).max():.2e} "
+          f"(patched vs exact: {np.abs(ref - exact).max():.2e})")
+
+
+@pytest.mark.slow  # (the two-expert pipeline loaded and compiled again by the CLI)
+def test_two_experts_cli(tmp_path_factory, tmp_path, capsys):
+    """--guidance-scale-2 on a two-expert VACE folder (with --video / --reference-image) -> an mp4 of the video's
+    frames; on a one-transformer VACE folder it is refused."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    _, _, folder = build_two(tmp_path_factory)
+    video, _, refs = conditions(seed=12)
+    (tmp_path / "video").mkdir()
+    for i, f in enumerate(video):
+        f.save(tmp_path / "video" / f"{i:03d}.png")
+    refs[0].save(tmp_path / "ref.png")
+    out = tmp_path / "out.mp4"
+    rc = cli.main(["--model", str(folder), "--video", str(tmp_path / "video"), "--reference-image",
+                   str(tmp_path / "ref.png"), "--guidance-scale", "4", "--guidance-scale-2", "2", "--steps",
+                   str(STEPS_2), "--max-sequence-length", str(MSL), "--output", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert iio.imread(out, index=None).shape[:3] == (F, H, W)
+    _, _, one = build(tmp_path_factory)
+    rc = cli.main(["--model", str(one), "--video", str(tmp_path / "video"), "--guidance-scale-2", "2", "--output",
+                   str(tmp_path / "b.mp4")])
+    assert rc == 2 and "two-expert" in capsys.readouterr().err

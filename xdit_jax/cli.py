@@ -396,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "Z-Image runs CFG for any scale > 0; Chroma 5, real CFG for > 1 (--negative-prompt, default ''); "
                          "not Qwen-Image's: --true-cfg-scale)")
     ap.add_argument("--guidance-scale-2", type=float, default=None,
-                    help="Wan 2.2 A14B (two experts): the CFG scale of the low-noise expert's steps (default: "
-                         "--guidance-scale; the model card's: 4 then 3)")
+                    help="Wan 2.2 A14B, VACE too (two experts): the CFG scale of the low-noise expert's steps "
+                         "(default: --guidance-scale; the model card's: 4 then 3)")
     ap.add_argument("--ar-step", type=int, default=None,
                     help="SkyReels-V2 diffusion forcing: diffusers' ar_step (0 = synchronous, the default; > 0: each "
                          "causal block that many steps behind the one before, e.g. 5 with --causal-block-size 5)")

@@ -18,9 +18,14 @@ too; they are dropped before the VAE decode (``output_type="latent"`` returns th
 
 The denoising is :class:`~xdit_jax.pipelines.wan.WanPipeline`'s (UniPC or flow-matching Euler, CFG over ``cfg``, the
 control tokens sharded over (ring, ulysses) with the video's; PipeFusion runs the VACE stack then the main stack
-looped over the stages, a patch's hints riding with it). Not supported: Wan 2.2 two-expert VACE folders (refused:
-no such checkpoint here to test), a video of another size than ``height`` x ``width`` (diffusers then conditions on a
-smaller video whose tokens no longer line up with the latents'; refused).
+looped over the stages, a patch's hints riding with it). Wan 2.2 two-expert VACE folders (``transformer_2`` /
+``boundary_ratio`` in model_index.json) switch experts as :class:`~xdit_jax.pipelines.wan.WanPipeline` does: the
+high-noise ``transformer`` (``guidance_scale``) while ``t >= boundary_ratio * num_train_timesteps``, then
+``transformer_2`` (``guidance_scale_2``, default ``guidance_scale``), both fed the same control latents and
+``conditioning_scale`` (as diffusers'), one compiled step for both (their configs must match), the switch on the host
+between steps; PipeFusion's warm-up steps start again at the switch. Not supported: a video of another size than
+``height`` x ``width`` (diffusers then conditions on a smaller video whose tokens no longer line up with the latents';
+refused).
 Differences by design: the noise is a JAX draw from ``seed``; ``num_frames`` defaults to the video's frame count.
 """
 
@@ -106,9 +111,6 @@ class WanVACEPipeline(WanVaeEncoding, WanPipeline):
     def __init__(self, *, vae_encoder=None, **parts):
         super().__init__(vae_encoder=vae_encoder, **parts)
         tc, vc = self.transformer_config, self.vae_config
-        if self.transformer_2 is not None:
-            raise NotImplementedError("A two-expert (Wan 2.2 A14B) VACE folder is not supported here; use a Wan 2.1 "
-                                      "VACE checkpoint.")
         if self.expand_timesteps:
             raise NotImplementedError("expand_timesteps (TI2V-5B) is not a VACE setting.")
         want = 2 * vc.z_dim + vc.scale_factor_spatial ** 2
@@ -199,13 +201,19 @@ class WanVACEPipeline(WanVaeEncoding, WanPipeline):
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
                  video=None, mask=None, reference_images=None, conditioning_scale=1.0, height: int | None = None,
                  width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 5.0, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
-                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, num_videos_per_prompt: int = 1, seed: int = 0,
-                 output_type: str = "np", progress: bool = True) -> WanPipelineOutput:
+                 guidance_scale: float = 5.0, guidance_scale_2: float | None = None, prompt_embeds=None,
+                 negative_prompt_embeds=None, latents=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                 num_videos_per_prompt: int = 1, seed: int = 0, output_type: str = "np",
+                 progress: bool = True) -> WanPipelineOutput:
         """diffusers' WanVACEPipeline call (``generator`` -> ``seed``). ``video`` / ``mask``: lists of frames (PIL
         images, or (H, W, 3) arrays at ``height`` x ``width``; the mask white where the video is to be generated);
         ``reference_images``: one image or a list (PIL); ``conditioning_scale``: a float or one per VACE layer;
-        ``latents``: (B, C, T' + references, h, w) as diffusers'. ``num_frames`` defaults to the video's frames."""
+        ``latents``: (B, C, T' + references, h, w) as diffusers'. ``num_frames`` defaults to the video's frames.
+        ``guidance_scale_2``: a two-expert (Wan 2.2) folder's guidance in its low-noise steps (default:
+        ``guidance_scale``, as diffusers'); refused with one transformer."""
+        if guidance_scale_2 is not None and self.boundary_ratio is None:
+            raise ValueError("guidance_scale_2 is only for a two-expert pipeline (Wan 2.2: transformer_2 and "
+                             "boundary_ratio); this VACE folder has one transformer.")
         if mask is not None and video is None:
             raise ValueError("mask can only be given with a video (as diffusers).")
         if video is not None:
@@ -232,7 +240,7 @@ class WanVACEPipeline(WanVaeEncoding, WanPipeline):
         height = dv["height"] if height is None else height
         width = dv["width"] if width is None else width
         num_frames = dv["num_frames"] if num_frames is None else num_frames
-        self.check_inputs(height, width, num_frames, 1, guidance_scale)
+        self.check_inputs(height, width, num_frames, 1, max(guidance_scale, guidance_scale_2 or 0.0))
         made = self.output_frames(num_frames)
 
         def condition(shape):
@@ -244,7 +252,7 @@ class WanVACEPipeline(WanVaeEncoding, WanPipeline):
             return self._generate(prompt, negative_prompt, height=height, width=width,
                                   num_frames=made + len(refs) * self.vae_config.scale_factor_temporal,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                  guidance_scale_2=None, prompt_embeds=prompt_embeds,
+                                  guidance_scale_2=guidance_scale_2, prompt_embeds=prompt_embeds,
                                   negative_prompt_embeds=negative_prompt_embeds, latents=latents,
                                   max_sequence_length=max_sequence_length, num_videos_per_prompt=num_videos_per_prompt,
                                   seed=seed, output_type=output_type, progress=progress, condition=condition)
