@@ -83,3 +83,33 @@ def test_refusals():
         control(PROMPT, height=H, width=W)
     with pytest.raises(ValueError, match="3 control images for 2 prompts"):
         control.control_condition([picture(1)] * 3, H, W, 2, 1, None)
+
+
+def test_cli_requires_control_image(tmp_path, capsys):
+    """A CogView4 Control folder (its model_index.json read, no weight loaded) needs --control-image."""
+    import json
+
+    from xdit_jax import cli
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps({"_class_name": "CogView4ControlPipeline"}))
+    out = tmp_path / "o.png"
+    assert cli.main(["--model", str(tmp_path / "m"), "--output", str(out), "--no-progress"]) == 2
+    assert "is a CogView4 Control model: give the control image" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow  # (a CLI run: the GLM's, the encoder's, the steps' and the decode's compiles)
+def test_cli_cogview4_control(tmp_path_factory, tmp_path, capsys):
+    """--control-image on a CogView4 Control folder with CFG on cfg=2,ulysses=2: a .png."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    _, _, folder = _pipes(tmp_path_factory)
+    image, out = tmp_path / "control.png", tmp_path / "o.png"
+    picture(8).save(image)
+    rc = cli.main(["--model", str(folder), "--control-image", str(image), "--output", str(out), "--height", "64",
+                   "--width", "64", "--steps", "2", "--mesh", "cfg=2,ulysses=2", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert iio.imread(out).shape == (64, 64, 3)
