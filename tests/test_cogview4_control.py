@@ -42,6 +42,8 @@ def test_latents_and_mesh_match_diffusers(tmp_path_factory, monkeypatch):
     """Two prompts x 2 samples with CFG 5 (the negative prompt ""), one control image (resized 70 x 50 -> 64 x 64,
     repeated to the 4 samples, each its own posterior sample): the latents after 2 steps == diffusers'; on
     cfg=2,ring=2,ulysses=2 == one device. Another control image moves the latents (it is used)."""
+    import jax
+
     from xdit_jax.pipelines.cogview4_control import CogView4ControlPipeline
 
     tp, ours, folder = _pipes(tmp_path_factory)
@@ -59,6 +61,9 @@ def test_latents_and_mesh_match_diffusers(tmp_path_factory, monkeypatch):
     mesh = CogView4ControlPipeline.from_pretrained(folder, mesh="cfg=2,ring=2,ulysses=2")
     on_mesh = _run_ours(mesh, monkeypatch, lat, 12, picture(4), prompts, per=2)
     np.testing.assert_allclose(on_mesh, out, atol=1e-5 * np.abs(out).max(), rtol=0)
+    compiled = mesh.compile_step(2, height=H, width=W, num_inference_steps=2, text_tokens=32)  # (the control too)
+    shapes = [a.shape for a in jax.tree.leaves(compiled.args_info) if hasattr(a, "shape")]
+    assert shapes.count((2, 4, H // 8, W // 8)) == 2  # the latents and the control latents
 
 
 def test_refusals():
@@ -77,6 +82,8 @@ def test_refusals():
 
     with pytest.raises(ValueError, match="takes 4 input channels, not twice its 4 output channels"):
         pipe()(PROMPT, control_image=picture(1), height=H, width=W)
+    with pytest.raises(ValueError, match="not twice its 4 output channels"):
+        pipe().compile_step(1, height=H, width=W)
     control = pipe(in_channels=8)
     assert control.latent_shape(2, H, W) == (2, 4, H // 8, W // 8)
     with pytest.raises(ValueError, match="needs control_image="):

@@ -94,6 +94,11 @@ class CogView4ControlPipeline(VaeEncoding, CogView4Pipeline):
         return (ChannelCondition(jax.ShapeDtypeStruct(latent_shape, jnp.float32,
                                                       sharding=self._latent_sharding(latent_shape))),)
 
+    def compile_step(self, batch: int = 1, **kw):
+        """:meth:`CogView4Pipeline.compile_step` with the control latents among the step's inputs."""
+        check_channels(self.transformer_config, type(self).__name__)
+        return super().compile_step(batch, **kw)
+
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
         """CogView4's step with the control latents (the texts' trailing :class:`ChannelCondition`) after the noisy
         latents' channels, laid out as the transformer's batch (CFG's halves, ``data``'s padding) as they are."""
