@@ -1,6 +1,6 @@
 """CogView4 Control == diffusers' CogView4ControlPipeline on the same tiny random weights and the same torch draws
-(fp32, 2 steps: the latents), a mesh == one device (slow: a folder written, converted and loaded, and the steps' compiles);
-the refusals (default: no weights, no compile)."""
+(fp32, 2 steps: the latents), a mesh == one device (slow: a folder written, converted and loaded, and the steps'
+compiles); the refusals (default: no weights, no compile)."""
 
 import numpy as np
 import pytest
