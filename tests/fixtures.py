@@ -1110,3 +1110,16 @@ def save_torch_cosmos(tp, folder: Path) -> Path:
     finally:
         tp.register_modules(safety_checker=checker)
     return folder
+
+
+def make_torch_cogview4_control(seed: int = 0):
+    """A tiny random diffusers CogView4ControlPipeline: :func:`make_torch_cogview4`'s parts with a transformer taking
+    twice the latents' channels (the control image's latents concatenated)."""
+    from diffusers import CogView4ControlPipeline, CogView4Transformer2DModel
+
+    base = make_torch_cogview4(seed)
+    torch.manual_seed(seed)
+    config = dict(tiny.COGVIEW4_TRANSFORMER, in_channels=2 * tiny.COGVIEW4_TRANSFORMER["out_channels"])
+    transformer = randomize_(CogView4Transformer2DModel(**config), seed, std=0.1)
+    parts = ("scheduler", "vae", "text_encoder", "tokenizer")
+    return CogView4ControlPipeline(**{name: base.components[name] for name in parts}, transformer=transformer)

@@ -11,6 +11,7 @@ from xdit_jax.pipelines.chronoedit import ChronoEditPipeline, ChronoEditPipeline
 from xdit_jax.pipelines.cogvideox import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXPipelineOutput
 from xdit_jax.pipelines.cogview3 import CogView3PipelineOutput, CogView3PlusPipeline
 from xdit_jax.pipelines.cogview4 import CogView4Pipeline, CogView4PipelineOutput
+from xdit_jax.pipelines.cogview4_control import CogView4ControlPipeline
 from xdit_jax.pipelines.consisid import ConsisIDPipeline
 from xdit_jax.pipelines.cosmos import (
     Cosmos2TextToImagePipeline,
@@ -94,6 +95,7 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "CogVideoXPipeline",
            "CogVideoXPipelineOutput", "CogView3PipelineOutput", "CogView3PlusPipeline", "CogView4Pipeline",
            "CogView4PipelineOutput", "ConsisIDPipeline",
+           "CogView4ControlPipeline",
            "Flux2KleinPipeline", "Flux2Pipeline", "Flux2PipelineOutput",
            "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextInpaintPipeline",
            "FluxKontextPipeline", "FluxPipeline", "FluxPipelineOutput",

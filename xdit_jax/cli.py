@@ -312,6 +312,7 @@ CHRONOEDIT = "ChronoEditPipeline"  # --image: the image to edit, required (the o
 INPAINT[FLUX_FILL] = FLUX_FILL
 # a Control folder with --image: image-to-image (and --mask: inpainting) guided by the control image
 CONTROL = (FLUX_CONTROL, "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline")
+COGVIEW4_CONTROL = "CogView4ControlPipeline"  # a CogView4 Control folder: --control-image, required
 IMAGE_TO_IMAGE.update({c: "FluxControlImg2ImgPipeline" for c in CONTROL[:2]})
 INPAINT.update({c: "FluxControlInpaintPipeline" for c in (CONTROL[0], CONTROL[2])})
 INPAINT["FluxKontextPipeline"] = "FluxKontextInpaintPipeline"  # a Kontext folder with --image --mask
@@ -370,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "widened to the output's aspect ratio, at the output size, then paste it back into the "
                          "picture (diffusers' padding_mask_crop; the output is the picture's size)")
     ap.add_argument("--control-image", default=None, metavar="PATH",
-                    help="FLUX.1 Control (Canny / Depth, a FluxControlPipeline folder): the edge or depth map to "
-                         "follow (made outside xdit_jax, as with diffusers), resized to the output size")
+                    help="FLUX.1 Control (Canny / Depth, a FluxControlPipeline folder) and CogView4 Control (a "
+                         "CogView4ControlPipeline folder): the edge or depth map to follow (made outside xdit_jax, "
+                         "as with diffusers), resized to the output size")
     ap.add_argument("--reference-image", default=None, metavar="PATH", action="append", dest="reference_images",
                     help="Wan VACE: a reference image (repeat the flag for several), fitted into the frame; with "
                          "--video (the control video) and --mask (a video or folder of frames: white generates, black "
@@ -909,9 +911,12 @@ def _main(argv=None) -> int:
         if kind in CONTROL and args.control_image is None:
             raise ValueError(f"{args.model} is a FLUX.1 Control (Canny / Depth) model: give the edge or depth map "
                              "with --control-image PATH.")
-        if kind not in CONTROL and args.control_image is not None:
+        if kind == COGVIEW4_CONTROL and args.control_image is None:
+            raise ValueError(f"{args.model} is a CogView4 Control model: give the control image (an edge or depth "
+                             "map) with --control-image PATH.")
+        if kind not in CONTROL + (COGVIEW4_CONTROL,) and args.control_image is not None:
             raise ValueError("--control-image: FLUX.1 Control (Canny / Depth) models only (a FluxControlPipeline "
-                             "folder).")
+                             "folder) and CogView4 Control (a CogView4ControlPipeline folder).")
         if kind != WAN_VACE and (args.reference_images or args.conditioning_scale is not None):
             raise ValueError("--reference-image / --conditioning-scale: Wan VACE only (a WanVACEPipeline folder).")
         if kind != WAN_VACE and args.mask is not None and Path(args.mask).is_dir():

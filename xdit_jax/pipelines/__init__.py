@@ -61,6 +61,7 @@ PIPELINES = {
     "ZImageImg2ImgPipeline": ("xdit_jax.pipelines.zimage", "ZImageImg2ImgPipeline", "zimage"),
     "ZImageInpaintPipeline": ("xdit_jax.pipelines.zimage", "ZImageInpaintPipeline", "zimage"),
     "CogView4Pipeline": ("xdit_jax.pipelines.cogview4", "CogView4Pipeline", "cogview4"),
+    "CogView4ControlPipeline": ("xdit_jax.pipelines.cogview4_control", "CogView4ControlPipeline", "cogview4"),
     "SanaPipeline": ("xdit_jax.pipelines.sana", "SanaPipeline", "sana"),
     "SanaSprintPipeline": ("xdit_jax.pipelines.sana", "SanaSprintPipeline", "sana-sprint"),
     "SanaVideoPipeline": ("xdit_jax.pipelines.sana_video", "SanaVideoPipeline", "sana-video"),

@@ -154,10 +154,19 @@ class CogView4Pipeline(ImagePipelineBase):
                  sd((n, 6), jnp.float32))
         sched = jax.tree.map(jnp.asarray, self.schedule(num_inference_steps, height, width))
         _, tstate = nnx.split(self.transformer)
+        texts = texts + self._condition_specs(shape)
         kv = self._pipefusion_buffers(n, self._image_tokens(height, width), abstract=True, text_len=text_tokens)
         return self._step_fn(do_cfg, warmup=kv is None).lower(
             tstate, latents, flow_match.init_state(), jnp.int32(0), kv, texts, sched, jnp.float32(guidance_scale),
             jax.random.key(0)).compile()
+
+    def _conditions(self, height: int, width: int, batch: int, per: int, rng, timer) -> tuple:
+        """More step inputs after the text's (CogView4 Control's control latents); none here."""
+        return ()
+
+    def _condition_specs(self, latent_shape: tuple) -> tuple:
+        """:meth:`_conditions`' shapes for :meth:`compile_step`; none here."""
+        return ()
 
     # ------------------------------------------------------------------ call
 
@@ -214,9 +223,10 @@ class CogView4Pipeline(ImagePipelineBase):
                      self._put_batch(jnp.asarray(sizes), do_cfg, per))
             jax.block_until_ready(texts)
 
-        # 2. latents (diffusers' layout: B, C, h, w)
+        # 2. latents (diffusers' layout: B, C, h, w); a subclass's conditions ride at the end of the step's texts
         shape = self.latent_shape(batch * per, height, width)
         rng = jax.random.key(seed)
+        texts = texts + self._conditions(height, width, batch, per, rng, timer)
         latents = self._initial_latents(latents, shape, rng, flow_match.INIT_NOISE_SIGMA,
                                         "batch, channels, height/8, width/8")
 
