@@ -218,3 +218,42 @@ def test_plus_batch_meshes_match_one_device(tmp_path_factory, mesh):
     ref = run_ours(QwenImageEditPlusPipeline.from_pretrained(folder), imgs, prompts, lat, **kw)
     out = run_ours(QwenImageEditPlusPipeline.from_pretrained(folder, mesh=mesh), imgs, prompts, lat, **kw)
     np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.slow  # (another pipeline's step compile and torch run; inpainting's rule is test_qwenimage_pipeline's)
+def test_edit_inpaint_matches_diffusers(edit, monkeypatch):
+    """diffusers' QwenImageEditInpaintPipeline on the edit folder's parts: the 60 x 90 image (96 x 64 at the test's
+    area) with a mask, strength 0.6 of 4 steps (3 run), true CFG; the image's posterior sample (the condition tokens
+    and the kept region) and the noise the same torch draws both sides."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_inpaint as pi
+    from diffusers import QwenImageEditInpaintPipeline as TorchInpaint
+
+    from xdit_jax.pipelines.qwenimage_edit import QwenImageEditInpaintPipeline
+
+    tp, _, folder = edit
+    tp = TorchInpaint(**tp.components)
+    ours = QwenImageEditInpaintPipeline.from_pretrained(folder)
+    z = tp.vae.config.z_dim
+    g = torch.Generator().manual_seed(3)
+    draws = [torch.randn(s, generator=g).numpy() for s in [(1, z, 1, H // 8, W // 8), (1, 1, z, H // 8, W // 8)]]
+
+    def normal(key, shape):
+        d = draws.pop(0)
+        assert d.size == int(np.prod(shape))
+        return d.reshape(shape)
+    monkeypatch.setattr(ours, "_normal", normal)
+    mask = np.zeros((60, 90), np.uint8)
+    mask[10:50, 30:80] = 255
+    img = _image(60, 90, 5)
+    kw = dict(negative_prompt=NEGATIVE, true_cfg_scale=4.0, num_inference_steps=4, strength=0.6)
+    with monkeypatch.context() as m:
+        _patch_diffusers(m, tp, False)
+        orig = pi.calculate_dimensions
+        m.setattr(pi, "calculate_dimensions", lambda area, ratio: orig(AREA if area == 1024 ** 2 else area, ratio))
+        with torch.no_grad():
+            ref = tp(image=img, mask_image=Image.fromarray(mask), prompt=PROMPT, output_type="latent",
+                     generator=torch.Generator().manual_seed(3), **kw).images.numpy()
+    out = ours(img, PROMPT, mask_image=Image.fromarray(mask), output_type="latent", progress=False,
+               vae_image_area=AREA, **kw).images
+    assert not draws and out.shape == ref.shape == (1,) + LATENT
+    _close(out, ref)

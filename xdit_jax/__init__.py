@@ -64,7 +64,11 @@ from xdit_jax.pipelines.qwenimage import (
     QwenImagePipeline,
     QwenImagePipelineOutput,
 )
-from xdit_jax.pipelines.qwenimage_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from xdit_jax.pipelines.qwenimage_edit import (
+    QwenImageEditInpaintPipeline,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+)
 from xdit_jax.pipelines.sana import SanaPipeline, SanaPipelineOutput, SanaSprintPipeline
 from xdit_jax.pipelines.sana_video import SanaImageToVideoPipeline, SanaVideoPipeline, SanaVideoPipelineOutput
 from xdit_jax.pipelines.sd3 import (
@@ -111,7 +115,8 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "LTXConditionPipeline", "LTXVideoCondition",
            "Lumina2PipelineOutput", "MeshSpec", "MochiPipeline",
            "MochiPipelineOutput", "PixArtPipeline", "PixArtPipelineOutput", "QwenImageEditPipeline",
-           "QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImagePipeline",
+           "QwenImageEditInpaintPipeline", "QwenImageEditPlusPipeline", "QwenImageImg2ImgPipeline",
+           "QwenImageInpaintPipeline", "QwenImagePipeline",
            "QwenImagePipelineOutput",
            "SD3PipelineOutput",
            "SanaPipeline", "SanaPipelineOutput", "SanaSprintPipeline", "SanaImageToVideoPipeline", "SanaVideoPipeline",

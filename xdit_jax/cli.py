@@ -316,9 +316,11 @@ COGVIEW4_CONTROL = "CogView4ControlPipeline"  # a CogView4 Control folder: --con
 IMAGE_TO_IMAGE.update({c: "FluxControlImg2ImgPipeline" for c in CONTROL[:2]})
 INPAINT.update({c: "FluxControlInpaintPipeline" for c in (CONTROL[0], CONTROL[2])})
 INPAINT["FluxKontextPipeline"] = "FluxKontextInpaintPipeline"  # a Kontext folder with --image --mask
+QWEN_EDIT_INPAINT = "QwenImageEditInpaintPipeline"  # a Qwen-Image-Edit folder with --image --mask
+INPAINT.update({"QwenImageEditPipeline": QWEN_EDIT_INPAINT, QWEN_EDIT_INPAINT: QWEN_EDIT_INPAINT})
 IMAGE_TO_IMAGE.update({"ZImagePipeline": "ZImageImg2ImgPipeline", "ZImageImg2ImgPipeline": "ZImageImg2ImgPipeline"})
 INPAINT.update({"ZImagePipeline": "ZImageInpaintPipeline", "ZImageInpaintPipeline": "ZImageInpaintPipeline"})
-NO_MASK_CROP = (FLUX_FILL, "FluxControlInpaintPipeline", "FluxKontextInpaintPipeline")  # (not taken / refused here)
+NO_MASK_CROP = (FLUX_FILL, "FluxControlInpaintPipeline", "FluxKontextInpaintPipeline", QWEN_EDIT_INPAINT)  # (not taken / refused here)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -988,7 +990,7 @@ def _main(argv=None) -> int:
         fam = FAMILIES[family]
         if is_tiny and fam.binning:
             args.no_resolution_binning = True  # the tiny models' sizes are nowhere near the trained shapes
-        if is_tiny and fam.tiny_size and not qwen_edit:  # the real default (1024 x 1024) would be slow for a toy
+        if is_tiny and fam.tiny_size and not qwen_edit and kind != QWEN_EDIT_INPAINT:  # the real default (1024 x 1024) would be slow for a toy
             # model (Qwen-Image-Edit: the image's aspect ratio at a toy area, below)
             args.height, args.width = args.height or fam.tiny_size[0], args.width or fam.tiny_size[1]
         if is_tiny and fam.tiny_frames:
@@ -1077,7 +1079,7 @@ def _main(argv=None) -> int:
         from PIL import Image
 
         kw["control_image"] = Image.open(args.control_image).convert("RGB")
-    if qwen_edit and is_tiny:  # the image's aspect ratio at 96 x 64 pixels, not 1024^2: a toy model
+    if (qwen_edit or kind == QWEN_EDIT_INPAINT) and is_tiny:  # the image's aspect ratio at 96 x 64 pixels: a toy
         kw.update(vae_image_area=96 * 64)
     if family == "flux2" and args.image is not None:  # a reference image (diffusers' image=)
         from PIL import Image
@@ -1089,8 +1091,8 @@ def _main(argv=None) -> int:
         if family in ("wan", "skyreels_v2"):
             kw["last_image"] = None if args.last_image is None else Image.open(args.last_image).convert("RGB")
         call = functools.partial(pipe, Image.open(args.image).convert("RGB"))
-    elif args.kontext and img2img:  # Kontext inpainting: image= and mask_image= above (diffusers' argument order:
-        def call(prompts, **k):  # image, image_reference, mask_image, prompt)
+    elif (args.kontext and img2img) or kind == QWEN_EDIT_INPAINT:  # Kontext / Qwen-Image-Edit inpainting: image=
+        def call(prompts, **k):  # and mask_image= above (diffusers' argument order: the image first, then the prompt)
             return pipe(prompt=prompts, **k)
     elif args.kontext:
         from PIL import Image

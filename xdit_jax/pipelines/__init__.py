@@ -56,6 +56,7 @@ PIPELINES = {
     "QwenImageImg2ImgPipeline": ("xdit_jax.pipelines.qwenimage", "QwenImageImg2ImgPipeline", "qwenimage"),
     "QwenImageInpaintPipeline": ("xdit_jax.pipelines.qwenimage", "QwenImageInpaintPipeline", "qwenimage"),
     "QwenImageEditPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPipeline", "qwenimage"),
+    "QwenImageEditInpaintPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditInpaintPipeline", "qwenimage"),
     "QwenImageEditPlusPipeline": ("xdit_jax.pipelines.qwenimage_edit", "QwenImageEditPlusPipeline", "qwenimage"),
     "ZImagePipeline": ("xdit_jax.pipelines.zimage", "ZImagePipeline", "zimage"),
     "ZImageImg2ImgPipeline": ("xdit_jax.pipelines.zimage", "ZImageImg2ImgPipeline", "zimage"),

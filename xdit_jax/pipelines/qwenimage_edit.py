@@ -224,9 +224,12 @@ class QwenImageEditPipeline(QwenVision, WanVaeEncoding, QwenImagePipeline):
                  prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
                  negative_prompt_embeds_mask=None, max_sequence_length: int = 512,
                  vae_image_area: int = VAE_IMAGE_AREA, condition_image_area: int = CONDITION_IMAGE_AREA,
-                 seed: int = 0, output_type: str = "np", progress: bool = True) -> QwenImagePipelineOutput:
+                 seed: int = 0, output_type: str = "np", progress: bool = True, _init=None,
+                 _reference=None) -> QwenImagePipelineOutput:
         """diffusers' arguments (``generator`` -> ``seed``; ``output_type`` "np" or "latent"). ``image``: a PIL image
-        or an (H, W, 3) array; Plus: one or a list of them."""
+        or an (H, W, 3) array; Plus: one or a list of them. ``_init``: inpainting's start
+        (:class:`QwenImageEditInpaintPipeline`), ``_reference(pixels) -> (1, tokens, 4C)``: the condition images'
+        packed latents (default: each image's posterior mode)."""
         if image is None:
             raise ValueError(f"{type(self).__name__} edits an image: pass image= (a PIL image or an (H, W, 3) "
                              "array); for text-to-image load the Qwen-Image checkpoint with QwenImagePipeline.")
@@ -252,7 +255,8 @@ class QwenImageEditPipeline(QwenVision, WanVaeEncoding, QwenImagePipeline):
 
         def condition(batch, per, do_cfg, timer):
             with timer.stage("image_encoding"):
-                packed = jnp.concatenate([self.encode_image(px) for px in pixels], axis=1)  # (1, tokens, 4C)
+                packed = (_reference(pixels) if _reference is not None else  # (1, tokens, 4C)
+                          jnp.concatenate([self.encode_image(px) for px in pixels], axis=1))
                 rows = jnp.repeat(packed, batch * per, axis=0)
                 placed = self._put_batch(jnp.concatenate([rows, rows]) if do_cfg else rows, do_cfg)
                 jax.block_until_ready(placed)
@@ -266,7 +270,64 @@ class QwenImageEditPipeline(QwenVision, WanVaeEncoding, QwenImagePipeline):
                               negative_prompt_embeds_mask=negative_prompt_embeds_mask,
                               max_sequence_length=max_sequence_length, seed=seed, output_type=output_type,
                               progress=progress, encode=lambda p: self.encode_prompt_with_images(p, vl_images),
-                              condition=condition, text_cut=1 << 30)
+                              condition=condition, text_cut=1 << 30, init=_init)
+
+
+class QwenImageEditInpaintPipeline(QwenImageEditPipeline):
+    """Inpainting with Qwen-Image-Edit (diffusers' ``QwenImageEditInpaintPipeline``) on a Qwen-Image-Edit folder: the
+    edit (the prompt read with the image by Qwen2.5-VL, the image's latents after the noisy ones) with inpainting's
+    start and kept region (white repaints, black keeps), at the edit's output size (the image's aspect ratio at
+    ``vae_image_area``; ``height`` / ``width`` are not taken, as diffusers'). As diffusers, the image's latents are a
+    sample of the posterior (the first draw, then the noise; its third, the masked image's sample, feeds nothing of
+    the step), serving as both the condition tokens and the kept region.
+
+    Known differences: the draws are JAX draws from ``seed``; ``masked_image_latents`` and ``padding_mask_crop`` are
+    refused (diffusers crops the image it resized with coordinates from the mask at its own size); given ``latents``
+    serve as both the initial latents and the kept region's noise (diffusers 0.42.1 returns them alone from
+    ``prepare_latents``, where three values are unpacked, and fails)."""
+
+    PIPELINE_CLASSES = ("QwenImageEditInpaintPipeline", "QwenImageEditPipeline")
+
+    def __call__(self, image=None, prompt: str | list[str] | None = None,
+                 negative_prompt: str | list[str] | None = None, *, mask_image=None, masked_image_latents=None,
+                 true_cfg_scale: float = 4.0, height: int | None = None, width: int | None = None,
+                 padding_mask_crop: int | None = None, strength: float = 0.6, num_inference_steps: int = 50,
+                 sigmas=None, guidance_scale: float | None = None, num_images_per_prompt: int = 1, latents=None,
+                 prompt_embeds=None, prompt_embeds_mask=None, negative_prompt_embeds=None,
+                 negative_prompt_embeds_mask=None, max_sequence_length: int = 512,
+                 vae_image_area: int = VAE_IMAGE_AREA, condition_image_area: int = CONDITION_IMAGE_AREA,
+                 seed: int = 0, output_type: str = "np", progress: bool = True) -> QwenImagePipelineOutput:
+        """diffusers' QwenImageEditInpaintPipeline call and defaults (``generator`` -> ``seed``; strength 0.6).
+        ``image``: a PIL image or an (H, W, 3) array; ``mask_image``: a PIL image, or an (H, W) array at the output
+        size."""
+        if masked_image_latents is not None or padding_mask_crop is not None:
+            raise NotImplementedError("masked_image_latents and padding_mask_crop are not supported by Qwen-Image-Edit "
+                                      "inpainting here: give the image and its mask.")
+        if image is None or isinstance(image, (list, tuple)):
+            raise ValueError("QwenImageEditInpaintPipeline needs image= (one PIL image or (H, W, 3) array) and "
+                             "mask_image=.")
+        (h, w), _ = self._sizes([_pil(image)], vae_image_area, condition_image_area)
+        multiple = 2 * self.vae_config.spatial_compression_ratio
+        h, w = h // multiple * multiple, w // multiple * multiple
+        n = len(sigmas) if sigmas is not None else num_inference_steps
+        _, _, init, _ = self.inpaint_init(image, mask_image, h, w, n, strength,
+                                          self.vae_config.spatial_compression_ratio, pack_latents)
+        clean = {}
+
+        def start(sched, given, batch, per, rng, timer):  # (the image's sampled latents: the condition's too)
+            sched, latents, kept = init(sched, given, batch, per, rng, timer)
+            clean["packed"] = kept.image[:1]
+            return sched, latents, kept
+
+        return super().__call__(image, prompt, negative_prompt, true_cfg_scale=true_cfg_scale, height=h, width=w,
+                                num_inference_steps=num_inference_steps, sigmas=sigmas, guidance_scale=guidance_scale,
+                                num_images_per_prompt=num_images_per_prompt, latents=latents,
+                                prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
+                                negative_prompt_embeds=negative_prompt_embeds,
+                                negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+                                max_sequence_length=max_sequence_length, vae_image_area=vae_image_area,
+                                condition_image_area=condition_image_area, seed=seed, output_type=output_type,
+                                progress=progress, _init=start, _reference=lambda pixels: clean["packed"])
 
 
 class QwenImageEditPlusPipeline(QwenImageEditPipeline):
