@@ -122,6 +122,8 @@ MODEL_CLASSES = {
     # HiDream-I1: its transformer; its text_encoder_4 (Llama-3.1-8B-Instruct, a LlamaForCausalLM: model.* keys)
     "HiDreamImageTransformer2DModel": ("xdit_jax.models.hidream", "HiDreamConfig"),
     "LlamaForCausalLM": ("xdit_jax.models.llama", "LlamaConfig"),
+    # HunyuanVideo image-to-video's text_encoder (llava-llama-3-8b: CLIP vision tower + projector + Llama; no lm_head)
+    "LlavaForConditionalGeneration": ("xdit_jax.models.llava", "LlavaConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
                      "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a

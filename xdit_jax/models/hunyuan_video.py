@@ -19,7 +19,8 @@ guidance / pooled-text embedding); what is HunyuanVideo's own lives here:
 
 So one ``blocks(x, tokens, cond)`` runs both stacks (two ``lax.scan``s) and the model has the embed / blocks /
 head split of the other families (:func:`xdit_jax.parallel.sequence.run_blocks`, PipeFusion's looped stacks).
-Image-to-video variants (``image_condition_type``) are refused.
+Image-to-video: ``image_condition_type="latent_concat"`` is this model on more input channels (the image's latents
+and a mask beside the noise: :mod:`xdit_jax.pipelines.hunyuan_video_i2v`); ``"token_replace"`` is refused.
 """
 
 from __future__ import annotations
@@ -77,10 +78,13 @@ class HunyuanVideoConfig(TransformerDims):
     def from_dict(cls, d: dict[str, Any]) -> HunyuanVideoConfig:
         cfg = cls(**known_fields(cls, d))
         cfg = dataclasses.replace(cfg, rope_axes_dim=tuple(int(a) for a in cfg.rope_axes_dim))
-        if cfg.image_condition_type is not None:
-            raise ValueError(f"image_condition_type={cfg.image_condition_type!r}: a HunyuanVideo image-to-video "
-                             "transformer, not supported yet (only the text-to-video one, image_condition_type "
-                             "null).")
+        if cfg.image_condition_type == "token_replace":
+            raise ValueError("image_condition_type='token_replace' (the HunyuanVideo image-to-video variant whose "
+                             "first-frame tokens are replaced, with their own modulation) is not supported yet; "
+                             "'latent_concat' (HunyuanVideo-I2V) and null (text-to-video) are.")
+        if cfg.image_condition_type not in (None, "latent_concat"):
+            raise ValueError(f"image_condition_type={cfg.image_condition_type!r}: diffusers knows 'latent_concat' "
+                             "and 'token_replace'.")
         if cfg.qk_norm != "rms_norm":
             raise ValueError(f"qk_norm={cfg.qk_norm!r}: HunyuanVideo uses rms_norm.")
         if (len(cfg.rope_axes_dim) != 3 or sum(cfg.rope_axes_dim) != cfg.attention_head_dim

@@ -1,0 +1,103 @@
+"""HunyuanVideo image-to-video (latent_concat) == diffusers' HunyuanVideoImageToVideoPipeline (tiny random weights,
+fp32): the LLaVA text encoder with the image vs transformers, the pipeline's latents after 2 steps, one mesh."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import make_torch_hunyuan_video_i2v, save_torch_pipeline
+from xdit_jax import tiny
+from xdit_jax.pipelines.denoise import converted_folder
+from xdit_jax.pipelines.hunyuan_video_i2v import HunyuanVideoImageToVideoPipeline
+
+PROMPT = "A small dog running on a beach at sunset."
+NEGATIVE = "Waves crash against black rocks."
+F, H, W, STEPS = 5, 32, 32, 2
+LATENT = (1, 4, 2, 4, 4)
+
+
+def _image():
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    return Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    tp = make_torch_hunyuan_video_i2v()
+    folder = save_torch_pipeline(tp, tmp_path_factory.mktemp("hunyuanvideo_i2v"))
+    converted = converted_folder(folder, cache_dir=tmp_path_factory.mktemp("cache"))
+    return tp, HunyuanVideoImageToVideoPipeline.from_pretrained(converted), converted
+
+
+def run_torch(tp, latents, **kw):
+    with torch.no_grad():
+        return tp(image=_image(), prompt=PROMPT, num_frames=F, height=H, width=W, num_inference_steps=STEPS,
+                  latents=torch.from_numpy(latents), prompt_template=tiny.hunyuan_video_i2v_template(),
+                  output_type="latent", **kw).frames.numpy()
+
+
+def run_ours(pipe, latents, **kw):
+    return pipe(_image(), PROMPT, num_frames=F, height=H, width=W, num_inference_steps=STEPS, latents=latents,
+                prompt_template=tiny.hunyuan_video_i2v_template(), output_type="latent", progress=False, **kw).frames
+
+
+def test_llava_prompt_embeds_match_diffusers(pipes):
+    """The LLaVA encoder with the image (its tokens in place of <image>, diffusers' positions) and diffusers' crop:
+    the states (image tokens every 2nd, then the prompt's) and their mask."""
+    tp, ours, _ = pipes
+    template = tiny.hunyuan_video_i2v_template()
+    with torch.no_grad():
+        ref, _, ref_mask = tp.encode_prompt(image=_image(), prompt=[PROMPT], prompt_template=template,
+                                            image_embed_interleave=2)
+    emb, mask, _ = ours.encode_prompt([PROMPT], 256, template, _image(), 2)
+    assert emb.shape == tuple(ref.shape) == (1, 8 + 252, 32)
+    np.testing.assert_array_equal(np.asarray(mask), ref_mask.numpy().astype(np.int32))
+    ref = ref.numpy()
+    valid = ref_mask.numpy()[0] != 0  # (the padding's states are masked everywhere downstream)
+    np.testing.assert_allclose(np.asarray(emb)[0, valid], ref[0, valid], atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_latents_match_diffusers_and_mesh(pipes):
+    """2 steps, the embedded guidance: the latents (first frame dropped, as diffusers) == diffusers'; then
+    ring=2,ulysses=2 == one device."""
+    tp, ours, folder = pipes
+    lat = np.random.default_rng(0).standard_normal(LATENT).astype(np.float32)
+    ref = run_torch(tp, lat, guidance_scale=4.0)
+    out = run_ours(ours, lat, guidance_scale=4.0)
+    assert out.shape == ref.shape == (1, 4, 1, 4, 4)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    mesh = run_ours(HunyuanVideoImageToVideoPipeline.from_pretrained(folder, mesh="ring=2,ulysses=2"), lat,
+                    guidance_scale=4.0)
+    np.testing.assert_allclose(mesh, out, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.slow
+def test_true_cfg_and_video_match_diffusers(pipes):
+    """true CFG (the negative prompt with a black image) on cfg=2; the decoded video without the image's frames."""
+    tp, ours, folder = pipes
+    lat = np.random.default_rng(1).standard_normal(LATENT).astype(np.float32)
+    kw = dict(negative_prompt=NEGATIVE, true_cfg_scale=3.0)
+    ref = run_torch(tp, lat, **kw)
+    out = run_ours(ours, lat, **kw)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    mesh = run_ours(HunyuanVideoImageToVideoPipeline.from_pretrained(folder, mesh="cfg=2,ulysses=2"), lat, **kw)
+    np.testing.assert_allclose(mesh, out, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    with torch.no_grad():
+        vref = tp(image=_image(), prompt=PROMPT, num_frames=F, height=H, width=W, num_inference_steps=STEPS,
+                  latents=torch.from_numpy(lat), prompt_template=tiny.hunyuan_video_i2v_template(),
+                  output_type="np").frames
+    video = ours(_image(), PROMPT, num_frames=F, height=H, width=W, num_inference_steps=STEPS, latents=lat,
+                 prompt_template=tiny.hunyuan_video_i2v_template(), progress=False).frames
+    assert video.shape == vref.shape == (1, 1, H, W, 3)
+    np.testing.assert_allclose(video, vref, atol=1e-4, rtol=0)
+
+
+def test_bad_input_is_refused(pipes):
+    _, ours, _ = pipes
+    with pytest.raises(ValueError, match="needs an image"):
+        ours(None, PROMPT, height=H, width=W, num_frames=F)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        ours(_image(), PROMPT, height=H, width=W, num_frames=6)
