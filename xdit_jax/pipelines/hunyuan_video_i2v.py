@@ -109,6 +109,42 @@ def crop_states(states, ids, mask, crop_start: int, emb_len: int, emb_start: int
     return np.stack(embs), np.stack(masks)
 
 
+def pixel_values(image_processor, image) -> np.ndarray:
+    """(1, 3, S, S) float32: the image as LLaVA's CLIP image processor prepares it (PIL, or an array (H, W, 3) uint8
+    or floats in [0, 1], rounded to uint8 as the processor's PIL backend does)."""
+    from xdit_jax.pipelines.denoise import rgb_image
+
+    im = rgb_image(image)
+    if isinstance(im, np.ndarray) and im.dtype != np.uint8:
+        im = np.round(im * 255).astype(np.uint8)
+    return np.asarray(image_processor(images=[im], return_tensors="np")["pixel_values"], np.float32)
+
+
+def llava_prompt_embeds(tokenizer, cfg, image_processor, prompts: list[str], max_sequence_length: int = 256,
+                        template: dict | None = None, image=None, interleave: int = 2, encode=None):
+    """diffusers' ``_get_llama_prompt_embeds`` of HunyuanVideo I2V (``num_hidden_layers_to_skip=2``): (states (B,
+    image tokens / interleave + max_sequence_length - 4, D), mask) of the templated prompts with ``image`` (one for
+    every prompt). ``cfg``: the :class:`~xdit_jax.models.llava.LlavaConfig`; ``encode(ids, mask, position_ids,
+    pixel_values) -> hidden_states[-3]`` (a pipeline's jitted LLaVA)."""
+    template = DEFAULT_PROMPT_TEMPLATE if template is None else template
+    crop_start = template.get("crop_start")
+    emb_len = template.get("image_emb_len", 576)
+    emb_start, emb_end = template.get("image_emb_start", 5), template.get("image_emb_end", 581)
+    if crop_start is None:  # diffusers: the template's tokens less 5
+        crop_start = tokenizer(template["template"], padding="max_length", return_tensors="np")["input_ids"].shape[-1] - 5
+    length = max_sequence_length + crop_start
+    enc = tokenizer([template["template"].format(p) for p in prompts], max_length=length, padding="max_length",
+                    truncation=True, return_tensors="np", return_attention_mask=True)
+    ids, mask = np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"])
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else tokenizer.pad_token_id
+    x_ids, x_mask, x_pos = expand_image_tokens(ids, mask, length, cfg.image_token_index, emb_len, emb_start, emb_end,
+                                               pad)
+    pixels = np.repeat(pixel_values(image_processor, image), len(prompts), axis=0)
+    states = encode(x_ids.astype(np.int32), x_mask.astype(np.int32), x_pos.astype(np.int32), pixels)
+    return crop_states(jax.device_get(states), ids, mask, crop_start, emb_len, emb_start, emb_end,
+                       tokenizer.convert_tokens_to_ids("<|end_header_id|>"), interleave)
+
+
 class HunyuanVideoImageToVideoPipeline(hvp.HunyuanVideoPipeline):
     """Image-to-video with HunyuanVideo-I2V — see the module docstring."""
 
@@ -158,38 +194,15 @@ class HunyuanVideoImageToVideoPipeline(hvp.HunyuanVideoPipeline):
             fns["llava"] = lambda *a: enc(state, *(self._put_replicated(jnp.asarray(x)) for x in a))
         return fns["llava"]
 
-    def _pixels(self, image):
-        from xdit_jax.pipelines.denoise import rgb_image
-
-        im = rgb_image(image)
-        if isinstance(im, np.ndarray) and im.dtype != np.uint8:
-            im = np.round(im * 255).astype(np.uint8)
-        return np.asarray(self.image_processor(images=[im], return_tensors="np")["pixel_values"], np.float32)
-
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 256, prompt_template: dict | None = None,
                       image=None, image_embed_interleave: int = 2):
         """((B, L, d) LLaVA states, (B, L) int32 mask, (B, d_clip) pooled CLIP) as diffusers' ``encode_prompt``
         with ``image`` (one, for every prompt)."""
         if image is None:
             raise ValueError("HunyuanVideo image-to-video encodes the prompt with the image: pass image.")
-        template = DEFAULT_PROMPT_TEMPLATE if prompt_template is None else prompt_template
-        tok, cfg = self.tokenizer, self.text_encoder.cfg
-        crop_start = template.get("crop_start")
-        emb_len = template.get("image_emb_len", 576)
-        emb_start, emb_end = template.get("image_emb_start", 5), template.get("image_emb_end", 581)
-        if crop_start is None:  # diffusers: the template's tokens less 5
-            crop_start = tok(template["template"], padding="max_length", return_tensors="np")["input_ids"].shape[-1] - 5
-        length = max_sequence_length + crop_start
-        enc = tok([template["template"].format(p) for p in prompts], max_length=length, padding="max_length",
-                  truncation=True, return_tensors="np", return_attention_mask=True)
-        ids, mask = np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"])
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else tok.pad_token_id
-        x_ids, x_mask, x_pos = expand_image_tokens(ids, mask, length, cfg.image_token_index, emb_len, emb_start,
-                                                   emb_end, pad)
-        pixels = np.repeat(self._pixels(image), len(prompts), axis=0)
-        states = self._llava_fn()(x_ids.astype(np.int32), x_mask.astype(np.int32), x_pos.astype(np.int32), pixels)
-        emb, emask = crop_states(jax.device_get(states), ids, mask, crop_start, emb_len, emb_start, emb_end,
-                                 tok.convert_tokens_to_ids("<|end_header_id|>"), image_embed_interleave)
+        emb, emask = llava_prompt_embeds(self.tokenizer, self.text_encoder.cfg, self.image_processor, prompts,
+                                         max_sequence_length, prompt_template, image, image_embed_interleave,
+                                         self._llava_fn())
         clip_ids, _ = tokenize(self.tokenizer_2, prompts, hvp.CLIP_TOKENS)
         pooled = self._clip_pooled_fn()(clip_ids)
         return jnp.asarray(emb, self.dtype), jnp.asarray(emask, jnp.int32), pooled.astype(self.dtype)
