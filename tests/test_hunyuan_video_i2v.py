@@ -122,3 +122,29 @@ def test_bad_input_is_refused(pipes):
         ours(None, PROMPT, height=H, width=W, num_frames=F)
     with pytest.raises(ValueError, match="4k \\+ 1"):
         ours(_image(), PROMPT, height=H, width=W, num_frames=6)
+    with pytest.raises(ValueError, match="image features"):  # the release's template on the tiny tower
+        ours(_image(), PROMPT, height=H, width=W, num_frames=F)
+
+
+@pytest.mark.slow
+def test_generate_cli_image_to_video(pipes, tmp_path, monkeypatch):
+    """The CLI on the HunyuanVideo I2V folder with --image: the video without the image's frames."""
+    import imageio.v3 as iio
+
+    from xdit_jax import cli
+
+    from xdit_jax.pipelines import hunyuan_video_i2v
+
+    _, _, folder = pipes
+    # (the tiny stand-in tokenizer's positions in the default template; the release's would be refused)
+    monkeypatch.setattr(hunyuan_video_i2v, "DEFAULT_PROMPT_TEMPLATE", tiny.hunyuan_video_i2v_template())
+    image = tmp_path / "first.png"
+    _image().save(image)
+    monkeypatch.setenv("XDIT_JAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "hv_i2v"
+    rc = cli.main(["--model", str(folder), "--image", str(image), "--prompt", PROMPT, "--output", str(out),
+                   "--steps", "2", "--height", str(H), "--width", str(W), "--num-frames", "9", "--mesh", "ring=2",
+                   "--no-progress"])
+    assert rc == 0
+    frames = sorted(out.glob("*.png"))
+    assert len(frames) == 5 and iio.imread(frames[0]).shape == (H, W, 3)

@@ -277,7 +277,7 @@ INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "S
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                   "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline",
-                  "SanaImageToVideoPipeline", "Kandinsky5I2VPipeline")
+                  "SanaImageToVideoPipeline", "Kandinsky5I2VPipeline", "HunyuanVideoImageToVideoPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)

@@ -71,6 +71,8 @@ PIPELINES = {
     "Flux2Pipeline": ("xdit_jax.pipelines.flux2", "Flux2Pipeline", "flux2"),
     "HiDreamImagePipeline": ("xdit_jax.pipelines.hidream", "HiDreamImagePipeline", "hidream"),
     "ChronoEditPipeline": ("xdit_jax.pipelines.chronoedit", "ChronoEditPipeline", "chronoedit"),
+    "HunyuanVideoImageToVideoPipeline": ("xdit_jax.pipelines.hunyuan_video_i2v", "HunyuanVideoImageToVideoPipeline",
+                                         "hunyuanvideo"),
 }
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)

@@ -136,6 +136,13 @@ def llava_prompt_embeds(tokenizer, cfg, image_processor, prompts: list[str], max
     enc = tokenizer([template["template"].format(p) for p in prompts], max_length=length, padding="max_length",
                     truncation=True, return_tensors="np", return_attention_mask=True)
     ids, mask = np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"])
+    features = cfg.vision.num_patches + (cfg.vision_feature_select_strategy == "full")
+    if emb_len != features or emb_end - emb_start != emb_len:
+        raise ValueError(f"prompt_template's image_emb_len {emb_len} (image_emb_start {emb_start}, image_emb_end "
+                         f"{emb_end}) does not match the vision tower's {features} image features.")
+    if not ((ids == cfg.image_token_index).sum(-1) == 1).all() or not (ids[:, emb_start] == cfg.image_token_index).all():
+        raise ValueError(f"prompt_template must hold one <image> token (id {cfg.image_token_index}), at token "
+                         f"{emb_start} (image_emb_start) of the tokenized prompt.")
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else tokenizer.pad_token_id
     x_ids, x_mask, x_pos = expand_image_tokens(ids, mask, length, cfg.image_token_index, emb_len, emb_start, emb_end,
                                                pad)
