@@ -132,7 +132,6 @@ def test_generate_cli_image_to_video(pipes, tmp_path, monkeypatch):
     import imageio.v3 as iio
 
     from xdit_jax import cli
-
     from xdit_jax.pipelines import hunyuan_video_i2v
 
     _, _, folder = pipes

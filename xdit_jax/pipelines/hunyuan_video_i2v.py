@@ -131,7 +131,8 @@ def llava_prompt_embeds(tokenizer, cfg, image_processor, prompts: list[str], max
     emb_len = template.get("image_emb_len", 576)
     emb_start, emb_end = template.get("image_emb_start", 5), template.get("image_emb_end", 581)
     if crop_start is None:  # diffusers: the template's tokens less 5
-        crop_start = tokenizer(template["template"], padding="max_length", return_tensors="np")["input_ids"].shape[-1] - 5
+        crop_start = tokenizer(template["template"], padding="max_length", return_tensors="np")["input_ids"]
+        crop_start = crop_start.shape[-1] - 5
     length = max_sequence_length + crop_start
     enc = tokenizer([template["template"].format(p) for p in prompts], max_length=length, padding="max_length",
                     truncation=True, return_tensors="np", return_attention_mask=True)
@@ -140,7 +141,8 @@ def llava_prompt_embeds(tokenizer, cfg, image_processor, prompts: list[str], max
     if emb_len != features or emb_end - emb_start != emb_len:
         raise ValueError(f"prompt_template's image_emb_len {emb_len} (image_emb_start {emb_start}, image_emb_end "
                          f"{emb_end}) does not match the vision tower's {features} image features.")
-    if not ((ids == cfg.image_token_index).sum(-1) == 1).all() or not (ids[:, emb_start] == cfg.image_token_index).all():
+    is_image = ids == cfg.image_token_index
+    if not (is_image.sum(-1) == 1).all() or not is_image[:, emb_start].all():
         raise ValueError(f"prompt_template must hold one <image> token (id {cfg.image_token_index}), at token "
                          f"{emb_start} (image_emb_start) of the tokenized prompt.")
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else tokenizer.pad_token_id
