@@ -147,3 +147,58 @@ def test_generate_cli_image_to_video(pipes, tmp_path, monkeypatch):
     assert rc == 0
     frames = sorted(out.glob("*.png"))
     assert len(frames) == 5 and iio.imread(frames[0]).shape == (H, W, 3)
+
+
+def _token_replace_pair():
+    from diffusers import HunyuanVideoTransformer3DModel as TorchModel
+
+    from tests.torch_util import randomize_, state_dict_np
+    from xdit_jax.models import hunyuan_video as hv
+
+    torch.manual_seed(0)
+    tm = randomize_(TorchModel(**dict(tiny.HUNYUAN_VIDEO_TRANSFORMER, image_condition_type="token_replace",
+                                      num_layers=1, num_single_layers=1)), seed=1, std=0.15)
+    cfg = hv.HunyuanVideoConfig.from_dict(dict(tm.config))
+    return tm, cfg, hv.build(cfg, hv.params_from_torch(state_dict_np(tm), cfg))
+
+
+def _transformer_inputs(cfg, shape=(3, 4, 6), text=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, cfg.in_channels, *shape)).astype(np.float32)
+    emb = rng.standard_normal((2, text, cfg.text_embed_dim)).astype(np.float32)
+    mask = (np.arange(text)[None] < np.array([[text], [3]])).astype(np.int64)
+    pooled = rng.standard_normal((2, cfg.pooled_projection_dim)).astype(np.float32)
+    return x, np.array([500.0, 937.5], np.float32), emb, mask, pooled, np.full((2,), 4000.0, np.float32)
+
+
+def test_token_replace_transformer_matches_diffusers():
+    """image_condition_type="token_replace": the first latent frame's tokens modulated by timestep 0's embedding in
+    every double- and single-stream block, as diffusers' TokenReplace blocks (3 frames of a 2 x 3 patch grid: 6 of 18
+    tokens)."""
+    import jax
+
+    tm, cfg, model = _token_replace_pair()
+    args = _transformer_inputs(cfg)
+    with torch.no_grad():
+        ref = tm(*(torch.from_numpy(a) for a in args), return_dict=False)[0].numpy()
+    out = np.asarray(jax.jit(lambda m, *a: m(*a))(model, *args))
+    assert out.shape == ref.shape == (2, 4, 3, 4, 6)
+    # fp32, outputs O(2): measured 2.1e-5, the float32 floor of the sinusoids of t and of the 4,000 rad guidance
+    # (tests/test_hunyuan_video_transformer.py: 1e-4)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_token_replace_transformer_sequence_parallel():
+    """ring=2,ulysses=2 over 18 video tokens (padded to 20; the first-frame flag sharded with them) == one device."""
+    import jax
+
+    from tests.jax_util import sequence_parallel_forward
+    from xdit_jax.mesh import build_mesh
+    from xdit_jax.models import hunyuan_video as hv
+
+    _, cfg, model = _token_replace_pair()
+    args = _transformer_inputs(cfg, seed=1)
+    ref = np.asarray(jax.jit(lambda m, *a: m(*a))(model, *args))
+    fwd = sequence_parallel_forward(model, build_mesh("ring=2,ulysses=2"), text=hv.TEXT_KEYS)
+    np.testing.assert_allclose(np.asarray(fwd(*args)), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
