@@ -968,9 +968,10 @@ def make_torch_kandinsky5_t2i(seed: int = 0):
                                  tokenizer_2=t2v.tokenizer_2, scheduler=t2v.scheduler)
 
 
-def make_torch_hunyuan_video_i2v(seed: int = 0):
-    """A tiny random diffusers HunyuanVideoImageToVideoPipeline (latent_concat; xdit_jax.tiny's HunyuanVideo I2V
-    configs: LLaVA = a CLIP vision tower + HunyuanVideo's tiny Llama, the CLIP image processor at 32 x 32)."""
+def make_torch_hunyuan_video_i2v(seed: int = 0, condition: str = "latent_concat"):
+    """A tiny random diffusers HunyuanVideoImageToVideoPipeline (``condition``: the transformer's
+    image_condition_type; xdit_jax.tiny's HunyuanVideo I2V configs: LLaVA = a CLIP vision tower + HunyuanVideo's tiny
+    Llama, the CLIP image processor at 32 x 32)."""
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -980,7 +981,9 @@ def make_torch_hunyuan_video_i2v(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    transformer = randomize_(HunyuanVideoTransformer3DModel(**tiny.HUNYUAN_VIDEO_I2V_TRANSFORMER), seed, std=0.1)
+    tkw = tiny.HUNYUAN_VIDEO_I2V_TRANSFORMER if condition == "latent_concat" else dict(
+        tiny.HUNYUAN_VIDEO_TRANSFORMER, image_condition_type=condition)
+    transformer = randomize_(HunyuanVideoTransformer3DModel(**tkw), seed, std=0.1)
     vae = randomize_(AutoencoderKLHunyuanVideo(**tiny.HUNYUAN_VIDEO_VAE), seed + 1, std=0.1)
     text_encoder, processor = make_torch_llava(seed + 2)
     clip_kw = {k: v for k, v in tiny.FLUX_CLIP.items() if k != "model_type"}

@@ -116,6 +116,25 @@ def test_true_cfg_and_video_match_diffusers(pipes):
 
 
 @pytest.mark.slow
+def test_token_replace_pipeline_matches_diffusers(tmp_path):
+    """image_condition_type="token_replace" (HunyuanVideo-I2V-33ch's kind): the image's latents as the first frame
+    of every step's input, its tokens' own modulation, interleave 4; the latents (the image's frame kept) after 2
+    steps == diffusers', and on ring=2,ulysses=2."""
+    tp = make_torch_hunyuan_video_i2v(condition="token_replace")
+    folder = converted_folder(save_torch_pipeline(tp, tmp_path / "tr"), cache_dir=tmp_path / "cache")
+    ours = HunyuanVideoImageToVideoPipeline.from_pretrained(folder)
+    lat = np.random.default_rng(2).standard_normal(LATENT).astype(np.float32)
+    ref = run_torch(tp, lat, guidance_scale=4.0)
+    out = run_ours(ours, lat, guidance_scale=4.0)
+    assert out.shape == ref.shape == (1, 4, 2, 4, 4)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, atol=1e-5 * scale, rtol=0, err_msg=f"max |latent| {scale}")
+    mesh = run_ours(HunyuanVideoImageToVideoPipeline.from_pretrained(folder, mesh="ring=2,ulysses=2"), lat,
+                    guidance_scale=4.0)
+    np.testing.assert_allclose(mesh, out, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.slow
 def test_bad_input_is_refused(pipes):
     _, ours, _ = pipes
     with pytest.raises(ValueError, match="needs an image"):

@@ -162,13 +162,15 @@ class HunyuanVideoImageToVideoPipeline(hvp.HunyuanVideoPipeline):
     def __init__(self, *, vae_encoder, image_processor, **parts):
         super().__init__(**parts)
         self.vae_encoder, self.image_processor = vae_encoder, image_processor
-        tc = self.transformer_config
-        if tc.image_condition_type != "latent_concat":
-            raise ValueError(f"image_condition_type={tc.image_condition_type!r}: HunyuanVideo image-to-video runs the "
-                             "'latent_concat' transformer (HunyuanVideo-I2V) here.")
-        if tc.in_channels != 2 * self.vae_config.latent_channels + 1:
-            raise ValueError(f"transformer in_channels {tc.in_channels} is not 2 x the VAE's latent channels + 1 (the "
-                             "noise, the image's latents and the mask).")
+        tc, c = self.transformer_config, self.vae_config.latent_channels
+        self.condition_type = tc.image_condition_type
+        if self.condition_type not in ("latent_concat", "token_replace"):
+            raise ValueError(f"image_condition_type={tc.image_condition_type!r}: HunyuanVideo image-to-video needs an "
+                             "image-to-video transformer ('latent_concat' or 'token_replace').")
+        want = 2 * c + 1 if self.condition_type == "latent_concat" else c
+        if tc.in_channels != want:
+            raise ValueError(f"transformer in_channels {tc.in_channels}: {self.condition_type} takes {want} (the VAE's "
+                             f"{c} latent channels" + (" twice and the mask)." if want != c else ")."))
 
     @classmethod
     def _extra_parts(cls, folder, mesh, dtype, kind: str) -> dict:
@@ -246,12 +248,16 @@ class HunyuanVideoImageToVideoPipeline(hvp.HunyuanVideoPipeline):
     # ------------------------------------------------------------------ the step
 
     def _step_fn(self, do_cfg: bool, warmup: bool = True):
-        """As text-to-video's, with ``texts[4]``: the condition (image latents + mask, (B, C + 1, F, h, w)) beside the
-        noise on channels."""
+        """As text-to-video's, with ``texts[4]``: latent_concat's condition (image latents + mask, (B, C + 1, F, h,
+        w)) beside the noise on channels, or token_replace's image latents (B, C, 1, h, w) as the first frame (the
+        Euler step is per element: the first frame's update is dropped, as diffusers never makes it)."""
         guided = self.transformer_config.guidance_embeds
+        if self.condition_type == "latent_concat":
+            join = lambda x, c: jnp.concatenate([x, c.astype(x.dtype)], axis=1)  # noqa: E731
+        else:
+            join = lambda x, c: x.at[:, :, :1].set(c.astype(x.dtype))  # noqa: E731
         return self._flow_step_fn(do_cfg, warmup, lambda x, texts, t: (
-            jnp.concatenate([x, texts[4].astype(x.dtype)], axis=1), t, texts[0], texts[1], texts[2],
-            texts[3] if guided else None))
+            join(x, texts[4]), t, texts[0], texts[1], texts[2], texts[3] if guided else None))
 
     def compile_step(self, *a, **kw):
         raise NotImplementedError("compile_step of HunyuanVideo image-to-video is not provided (the step takes the "
@@ -281,7 +287,8 @@ class HunyuanVideoImageToVideoPipeline(hvp.HunyuanVideoPipeline):
                                       "(with pooled_prompt_embeds and prompt_attention_mask)")
         if prompt_embeds is not None and (pooled_prompt_embeds is None or prompt_attention_mask is None):
             raise ValueError("prompt_embeds need pooled_prompt_embeds and prompt_attention_mask.")
-        interleave = 2 if image_embed_interleave is None else int(image_embed_interleave)
+        replace = self.condition_type == "token_replace"
+        interleave = (4 if replace else 2) if image_embed_interleave is None else int(image_embed_interleave)
         has_negative = negative_prompt is not None or (negative_prompt_embeds is not None
                                                        and negative_pooled_prompt_embeds is not None)
         do_cfg = true_cfg_scale > 1.0 and has_negative
@@ -295,8 +302,9 @@ class HunyuanVideoImageToVideoPipeline(hvp.HunyuanVideoPipeline):
             z = self.image_latents(image, height, width)
             frames = shape[2]
             full = jnp.repeat(z, frames, axis=2)
-            cond = jnp.concatenate([full.at[:, :, 1:].set(0.0),
-                                    jnp.zeros((1, 1) + full.shape[2:], jnp.float32).at[:, :, 0].set(1.0)], axis=1)
+            cond = z if replace else jnp.concatenate(
+                [full.at[:, :, 1:].set(0.0), jnp.zeros((1, 1) + full.shape[2:], jnp.float32).at[:, :, 0].set(1.0)],
+                axis=1)
 
         # 2. text
         with timer.stage("text_encoding"):
@@ -344,6 +352,8 @@ class HunyuanVideoImageToVideoPipeline(hvp.HunyuanVideoPipeline):
         kv = self._pipefusion_buffers(texts[0].shape[0], self._video_tokens(shape), text_len=texts[0].shape[1])
         out = self._denoise_and_decode(timer, do_cfg, start, flow_match.init_state(),
                                        (texts, sched_arrays, scale, rng), len(sched.timesteps), progress,
-                                       output_type, self._decode_fn(), kv=kv)
-        out = out[:, :, 1:] if output_type == "latent" else out[:, self.vae_config.temporal_compression_ratio:]
+                                       output_type, self._decode_fn(), kv=kv,
+                                       finish=(lambda x: x.at[:, :, :1].set(z)) if replace else None)
+        if not replace:  # latent_concat: the image's frame dropped (diffusers)
+            out = out[:, :, 1:] if output_type == "latent" else out[:, self.vae_config.temporal_compression_ratio:]
         return hvp.HunyuanVideoPipelineOutput(frames=out, timings=timer.times, peak_memory_bytes=peak_memory_bytes())
