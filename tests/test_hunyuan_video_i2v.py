@@ -132,6 +132,14 @@ def test_token_replace_pipeline_matches_diffusers(tmp_path):
     mesh = run_ours(HunyuanVideoImageToVideoPipeline.from_pretrained(folder, mesh="ring=2,ulysses=2"), lat,
                     guidance_scale=4.0)
     np.testing.assert_allclose(mesh, out, atol=1e-5 * scale, rtol=0)
+    # true CFG: the negative's image states every 2nd (diffusers' encode_prompt default), so 4 more text tokens than
+    # the prompt's; one batch here, the prompt's padded (masked): == diffusers' two passes, and on cfg=2,ring=2
+    kw = dict(negative_prompt=NEGATIVE, true_cfg_scale=3.0)
+    ref = run_torch(tp, lat, **kw)
+    out = run_ours(ours, lat, **kw)
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    mesh = run_ours(HunyuanVideoImageToVideoPipeline.from_pretrained(folder, mesh="cfg=2,ring=2"), lat, **kw)
+    np.testing.assert_allclose(mesh, out, atol=1e-5 * np.abs(ref).max(), rtol=0)
 
 
 @pytest.mark.slow

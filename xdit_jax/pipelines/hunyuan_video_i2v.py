@@ -154,6 +154,20 @@ def llava_prompt_embeds(tokenizer, cfg, image_processor, prompts: list[str], max
                        tokenizer.convert_tokens_to_ids("<|end_header_id|>"), interleave)
 
 
+def pad_text(emb, mask, n_emb, n_mask):
+    """Both (states, mask) pairs padded at the end to the longer's length (zero states, mask 0)."""
+    length = max(emb.shape[1], n_emb.shape[1])
+
+    def pad(e, m):
+        extra = length - e.shape[1]
+        if extra <= 0:
+            return e, m
+        return (jnp.concatenate([e, jnp.zeros((e.shape[0], extra) + e.shape[2:], e.dtype)], axis=1),
+                jnp.concatenate([m, jnp.zeros((m.shape[0], extra), m.dtype)], axis=1))
+
+    return (*pad(emb, mask), *pad(n_emb, n_mask))
+
+
 class HunyuanVideoImageToVideoPipeline(hvp.HunyuanVideoPipeline):
     """Image-to-video with HunyuanVideo-I2V — see the module docstring."""
 
@@ -329,6 +343,10 @@ class HunyuanVideoImageToVideoPipeline(hvp.HunyuanVideoPipeline):
                     n_emb, n_mask, n_pooled = (negative_prompt_embeds, negative_prompt_attention_mask,
                                                negative_pooled_prompt_embeds)
                 n_emb, n_mask, n_pooled = self._checked(n_emb, n_mask, n_pooled, "negative_prompt")
+                # token_replace: the prompt's image states every 4th, the negative's every 2nd (diffusers' two
+                # passes differ in length); one batch here, the shorter padded with masked tokens (the text mask
+                # is a prefix: the padding is outside every sample's valid keys, which changes nothing)
+                emb, mask, n_emb, n_mask = pad_text(emb, mask, n_emb, n_mask)
                 if n_emb.shape != emb.shape:
                     raise ValueError(f"negative prompt embeddings {n_emb.shape} must have the prompt's shape "
                                      f"{emb.shape}.")
