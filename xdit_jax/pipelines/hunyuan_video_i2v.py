@@ -1,5 +1,6 @@
-"""HunyuanVideo image-to-video, diffusers' ``HunyuanVideoImageToVideoPipeline`` (HunyuanVideo-I2V,
-``image_condition_type="latent_concat"``) on a JAX mesh.
+"""HunyuanVideo image-to-video, diffusers' ``HunyuanVideoImageToVideoPipeline`` on a JAX mesh, for both transformer
+kinds (``image_condition_type``): "latent_concat" (hunyuanvideo-community/HunyuanVideo-I2V) and "token_replace"
+(HunyuanVideo-I2V-33ch's kind).
 
     pipe = HunyuanVideoImageToVideoPipeline.from_pretrained("hunyuanvideo-community/HunyuanVideo-I2V",
                                                             mesh="ulysses=8", dtype="bfloat16")
@@ -12,19 +13,22 @@ As diffusers (on :class:`xdit_jax.pipelines.hunyuan_video.HunyuanVideoPipeline`)
   attention mask and ``position_ids``) and the image (the checkpoint's ``image_processor``: CLIP's resize, crop and
   normalization) through the vision tower, the projector and the Llama layers; ``hidden_states[-3]`` cropped as
   diffusers crops it (:func:`crop_states`): the image's states every ``image_embed_interleave``-th (2 for
-  latent_concat), then the prompt's states without the template and the assistant header's 4 tokens;
-  CLIP-L's pooled output of the prompt as in text-to-video. A negative prompt (true CFG) is encoded with a black
-  image and interleave 2, as diffusers does;
-* the image's latents: the VAE encoder's mode (``argmax``) times ``scaling_factor`` on every latent frame; the
-  starting latents ``0.999 noise + 0.001 image`` (float32, diffusers' ``t``); each step's input is ``[latents,
-  image latents on frame 0 (zeros after), mask (1 on frame 0)]`` on channels (the condition rides as a step input,
-  batch-sharded as the text);
-* the last: ``output_type="latent"`` returns the latents without the first frame; the decoded video drops its first
-  4 frames (the image's).
+  latent_concat, 4 for token_replace), then the prompt's states without the template and the assistant header's 4
+  tokens; CLIP-L's pooled output of the prompt as in text-to-video. A negative prompt (true CFG) is encoded with a
+  black image and interleave 2, as diffusers does (token_replace: its texts then differ in length from the prompt's;
+  the shorter is padded with masked tokens, :func:`pad_text`, to run both in one batch);
+* the image's latents: the VAE encoder's mode (``argmax``) times ``scaling_factor``; the starting latents ``0.999
+  noise + 0.001 image`` (float32, diffusers' ``t``) on every frame. latent_concat: each step's input is ``[latents,
+  image latents on frame 0 (zeros after), mask (1 on frame 0)]`` on channels; token_replace: the latents with the
+  image's latents as frame 0, whose tokens the transformer modulates with timestep 0's embedding, and frame 0 set
+  to the image's latents after the last step. The condition rides as a step input, batch-sharded as the text;
+* the last: latent_concat drops the first latent frame (``output_type="latent"``) or the decoded video's first 4
+  frames; token_replace keeps them.
 
 Defaults: 720 x 1280, 129 frames, 50 steps, ``guidance_scale`` 1.0 (diffusers' I2V default), true CFG off.
-Refused: ``image_condition_type="token_replace"`` (HunyuanVideo-I2V-33ch's variant; the transformer config refuses
-it), one image for every prompt (diffusers' too: its image latents have one row), ``num_videos_per_prompt`` > 1.
+Differences: one ``image`` for every prompt (diffusers takes a list, one per prompt); ``num_videos_per_prompt`` > 1
+and ``compile_step`` are refused; the prompt template is checked (its ``image_emb_len`` against the vision tower's
+tokens, its ``<image>`` at ``image_emb_start``), where diffusers fails later or silently overwrites tokens.
 """
 
 from __future__ import annotations
