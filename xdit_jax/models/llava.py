@@ -30,6 +30,10 @@ from xdit_jax.models import clip, llama
 from xdit_jax.models.layers import linear
 
 
+VISION_DEFAULT = dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024, patch_size=14,
+                      image_size=336, num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
     vision: clip.CLIPVisionConfig
@@ -54,7 +58,8 @@ class LlavaConfig:
         act = d.get("projector_hidden_act", "gelu")
         if act != "gelu":
             raise ValueError(f"projector_hidden_act {act!r}: only 'gelu' (the release's) is supported.")
-        vc = dict(d.get("vision_config") or {})
+        # transformers' LlavaConfig: a missing vision_config is CLIP ViT-L/14-336's
+        vc = dict(d["vision_config"]) if d.get("vision_config") else dict(VISION_DEFAULT)
         if vc.get("model_type", "clip_vision_model") != "clip_vision_model":
             raise ValueError(f"LLaVA vision tower {vc.get('model_type')!r}: only CLIP's is supported.")
         tc = dict(d.get("text_config") or {})
