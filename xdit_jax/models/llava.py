@@ -29,7 +29,6 @@ from xdit_jax.keymap import build_module
 from xdit_jax.models import clip, llama
 from xdit_jax.models.layers import linear
 
-
 VISION_DEFAULT = dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024, patch_size=14,
                       image_size=336, num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
 
