@@ -1123,3 +1123,53 @@ def make_torch_cogview4_control(seed: int = 0):
     transformer = randomize_(CogView4Transformer2DModel(**config), seed, std=0.1)
     parts = ("scheduler", "vae", "text_encoder", "tokenizer")
     return CogView4ControlPipeline(**{name: base.components[name] for name in parts}, transformer=transformer)
+
+
+def make_torch_hunyuan_video_i2v(seed: int = 0, condition: str = "latent_concat"):
+    """A tiny random diffusers HunyuanVideoImageToVideoPipeline (``condition``: the transformer's
+    image_condition_type; xdit_jax.tiny's HunyuanVideo I2V configs: LLaVA = a CLIP vision tower + HunyuanVideo's tiny
+    Llama, the CLIP image processor at 32 x 32)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoImageToVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tkw = tiny.HUNYUAN_VIDEO_I2V_TRANSFORMER if condition == "latent_concat" else dict(
+        tiny.HUNYUAN_VIDEO_TRANSFORMER, image_condition_type=condition)
+    transformer = randomize_(HunyuanVideoTransformer3DModel(**tkw), seed, std=0.1)
+    vae = randomize_(AutoencoderKLHunyuanVideo(**tiny.HUNYUAN_VIDEO_VAE), seed + 1, std=0.1)
+    text_encoder, processor = make_torch_llava(seed + 2)
+    clip_kw = {k: v for k, v in tiny.FLUX_CLIP.items() if k != "model_type"}
+    text_encoder_2 = randomize_(CLIPTextModel(CLIPTextConfig(**clip_kw)), seed + 3, std=0.2)
+    skw = {k: v for k, v in tiny.HUNYUAN_VIDEO_SCHEDULER.items() if not k.startswith("_")}
+    return HunyuanVideoImageToVideoPipeline(text_encoder=text_encoder, tokenizer=tiny.train_llava_tokenizer(),
+                                            transformer=transformer, vae=vae,
+                                            scheduler=FlowMatchEulerDiscreteScheduler(**skw),
+                                            text_encoder_2=text_encoder_2, tokenizer_2=tiny.train_clip_tokenizer(),
+                                            image_processor=processor)
+
+
+def make_torch_llava(seed: int = 0):
+    """(A tiny random transformers LlavaForConditionalGeneration: a CLIP vision tower + HunyuanVideo's tiny Llama, its
+    CLIPImageProcessor at 32 x 32) — HunyuanVideo image-to-video's text encoder."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    llama_kw = {k: v for k, v in tiny.HUNYUAN_VIDEO_LLAMA.items() if k != "model_type"}
+    llama_kw["vocab_size"] = tiny.LLAMA_VOCAB + 1
+    vision_kw = {k: v for k, v in tiny.HUNYUAN_VIDEO_LLAVA_VISION.items() if k != "model_type"}
+    torch.manual_seed(seed)
+    model = randomize_(LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision_kw), text_config=LlamaConfig(**llama_kw), **tiny.HUNYUAN_VIDEO_LLAVA)),
+        seed, std=0.2)
+    size = tiny.HUNYUAN_VIDEO_LLAVA_VISION["image_size"]
+    return model, CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

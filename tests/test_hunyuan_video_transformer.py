@@ -139,7 +139,7 @@ def test_config_checkpoint_and_input_errors(pair, batch2):
     with pytest.raises(ValueError, match="pass guidance"):
         jax.eval_shape(lambda: model(x, t, text, mask, pooled, None))
     d = dict(tm.config)
-    for bad, needle in [(dict(image_condition_type="token_replace"), "image-to-video"),
+    for bad, needle in [(dict(image_condition_type="token_concat"), "latent_concat"),
                         (dict(rope_axes_dim=[2, 2, 2]), "summing to attention_head_dim"),
                         (dict(qk_norm="layer_norm"), "rms_norm")]:
         with pytest.raises(ValueError, match=needle):

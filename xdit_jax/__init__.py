@@ -40,6 +40,7 @@ from xdit_jax.pipelines.hunyuan_video15 import (
     HunyuanVideo15Pipeline,
     HunyuanVideo15PipelineOutput,
 )
+from xdit_jax.pipelines.hunyuan_video_i2v import HunyuanVideoImageToVideoPipeline
 from xdit_jax.pipelines.hunyuandit import HunyuanDiTPipeline, HunyuanDiTPipelineOutput
 from xdit_jax.pipelines.hunyuanimage import HunyuanImagePipeline, HunyuanImagePipelineOutput
 from xdit_jax.pipelines.kandinsky5 import Kandinsky5PipelineOutput, Kandinsky5T2VPipeline
@@ -108,6 +109,7 @@ __all__ = ["ChromaImg2ImgPipeline", "ChromaInpaintPipeline", "ChromaPipeline", "
            "HunyuanDiTPipelineOutput", "HunyuanImagePipeline", "HunyuanImagePipelineOutput",
            "HunyuanVideo15ImageToVideoPipeline", "HunyuanVideo15Pipeline",
            "HunyuanVideo15PipelineOutput", "HunyuanVideoPipeline", "HunyuanVideoPipelineOutput",
+           "HunyuanVideoImageToVideoPipeline",
            "Kandinsky5I2IPipeline", "Kandinsky5I2VPipeline", "Kandinsky5ImagePipelineOutput",
            "Kandinsky5PipelineOutput", "Kandinsky5T2IPipeline",
            "Kandinsky5T2VPipeline", "LattePipeline",

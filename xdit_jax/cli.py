@@ -293,7 +293,8 @@ INPAINT = {"FluxPipeline": "FluxInpaintPipeline", "StableDiffusion3Pipeline": "S
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline",  # (diffusers class names)
                   "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                   "LTXImageToVideoPipeline", "ConsisIDPipeline", "HunyuanVideo15ImageToVideoPipeline",
-                  "SanaImageToVideoPipeline", "Kandinsky5I2VPipeline", "Cosmos2VideoToWorldPipeline")
+                  "SanaImageToVideoPipeline", "Kandinsky5I2VPipeline", "Cosmos2VideoToWorldPipeline",
+                  "HunyuanVideoImageToVideoPipeline")
 DIFFUSION_FORCING = ("SkyReelsV2DiffusionForcingPipeline", "SkyReelsV2DiffusionForcingImageToVideoPipeline",
                      "SkyReelsV2DiffusionForcingVideoToVideoPipeline")
 VIDEO_TO_VIDEO = "SkyReelsV2DiffusionForcingVideoToVideoPipeline"  # --video: the video to extend (a DF checkpoint)

@@ -128,6 +128,8 @@ MODEL_CLASSES = {
     "LongCatImageTransformer2DModel": ("xdit_jax.models.longcat_image", "LongCatImageConfig"),
     # Ovis-Image: its transformer (its text_encoder: Qwen3Model above; its VAE: FLUX's AutoencoderKL)
     "OvisImageTransformer2DModel": ("xdit_jax.models.ovis_image", "OvisImageConfig"),
+    # HunyuanVideo image-to-video's text_encoder (llava-llama-3-8b: CLIP vision tower + projector + Llama; no lm_head)
+    "LlavaForConditionalGeneration": ("xdit_jax.models.llava", "LlavaConfig"),
 }
 COPIED_COMPONENTS = ("tokenizer", "scheduler", "tokenizer_2", "tokenizer_3", "image_processor", "processor",
                      "guider", "feature_extractor", "ocr_guider")  # (HunyuanVideo-1.5's ClassifierFreeGuidance: a

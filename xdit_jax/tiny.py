@@ -1547,3 +1547,28 @@ def write_wan_vace_configs(folder: str | os.PathLike) -> Path:
                  transformer=["diffusers", "WanVACETransformer3DModel"])
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+# HunyuanVideo image-to-video (latent_concat) shaped: the HunyuanVideo transformer on 4 + 4 + 1 input channels; the
+# text encoder a LLaVA of a 2-layer CLIP vision tower 16 wide (32 x 32 images, patch 8: 16 image tokens) and
+# HunyuanVideo's tiny Llama (its vocabulary + "<image>", id 275); its template diffusers' with the stand-in
+# tokenizer's positions (<image> at 8, the prompt at 122).
+HUNYUAN_VIDEO_I2V_TRANSFORMER = dict(HUNYUAN_VIDEO_TRANSFORMER, in_channels=9, image_condition_type="latent_concat")
+HUNYUAN_VIDEO_LLAVA_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=8, projection_dim=16, model_type="clip_vision_model")
+HUNYUAN_VIDEO_LLAVA = dict(image_token_index=LLAMA_VOCAB, pad_token_id=5, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
+def hunyuan_video_i2v_template() -> dict:
+    """diffusers' HunyuanVideo I2V DEFAULT_PROMPT_TEMPLATE with the stand-in tokenizer's positions."""
+    from xdit_jax.pipelines.hunyuan_video_i2v import DEFAULT_PROMPT_TEMPLATE
+
+    n = (HUNYUAN_VIDEO_LLAVA_VISION["image_size"] // HUNYUAN_VIDEO_LLAVA_VISION["patch_size"]) ** 2
+    return dict(DEFAULT_PROMPT_TEMPLATE, crop_start=122, image_emb_start=8, image_emb_end=8 + n, image_emb_len=n)
+
+
+def train_llava_tokenizer():
+    """:func:`train_llama_tokenizer` with LLaVA's "<image>" token (id :data:`LLAMA_VOCAB`)."""
+    tok = train_llama_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tok

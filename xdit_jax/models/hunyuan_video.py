@@ -19,7 +19,11 @@ guidance / pooled-text embedding); what is HunyuanVideo's own lives here:
 
 So one ``blocks(x, tokens, cond)`` runs both stacks (two ``lax.scan``s) and the model has the embed / blocks /
 head split of the other families (:func:`xdit_jax.parallel.sequence.run_blocks`, PipeFusion's looped stacks).
-Image-to-video variants (``image_condition_type``) are refused.
+Image-to-video (:mod:`xdit_jax.pipelines.hunyuan_video_i2v`): ``image_condition_type="latent_concat"`` is this model
+on more input channels (the image's latents and a mask beside the noise); ``"token_replace"``: the first latent
+frame's tokens (the image's) are modulated by the embedding of timestep 0 (+ the pooled text, no guidance) instead of
+``temb`` in every block (diffusers' ``HunyuanVideoTokenReplace*`` blocks: the same weights). The first-frame flag is
+a per-token table (``tokens["first"]``), so it shards and slices with the video tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from xdit_jax.models import flux
 from xdit_jax.models.layers import (
     LayerNorm,
     TimestepEmbedding,
+    gelu_tanh,
     linear,
     scan_modules,
     stack_modules,
@@ -77,10 +82,9 @@ class HunyuanVideoConfig(TransformerDims):
     def from_dict(cls, d: dict[str, Any]) -> HunyuanVideoConfig:
         cfg = cls(**known_fields(cls, d))
         cfg = dataclasses.replace(cfg, rope_axes_dim=tuple(int(a) for a in cfg.rope_axes_dim))
-        if cfg.image_condition_type is not None:
-            raise ValueError(f"image_condition_type={cfg.image_condition_type!r}: a HunyuanVideo image-to-video "
-                             "transformer, not supported yet (only the text-to-video one, image_condition_type "
-                             "null).")
+        if cfg.image_condition_type not in (None, "latent_concat", "token_replace"):
+            raise ValueError(f"image_condition_type={cfg.image_condition_type!r}: diffusers knows 'latent_concat' "
+                             "and 'token_replace'.")
         if cfg.qk_norm != "rms_norm":
             raise ValueError(f"qk_norm={cfg.qk_norm!r}: HunyuanVideo uses rms_norm.")
         if (len(cfg.rope_axes_dim) != 3 or sum(cfg.rope_axes_dim) != cfg.attention_head_dim
@@ -173,6 +177,51 @@ class TokenRefiner(nnx.Module):
         return h
 
 
+# ----- token replace (image_condition_type "token_replace") -----
+
+class TimeTextEmbed(flux.TimeTextEmbed):
+    """FLUX's time + guidance + pooled text; :meth:`token_replace`: diffusers' ``token_replace_emb``."""
+
+    def token_replace(self, timestep, pooled):
+        """The embedding of ``timestep`` (zeros) plus the pooled text, without the guidance."""
+        t = timestep_embedding(timestep, 256, flip_sin_to_cos=True).astype(pooled.dtype)
+        return self.timestep_embedder(t) + self.text_embedder(pooled)
+
+
+def _per_token(first, mod, tr_mod):
+    """Each modulation chunk per token (B, N, D): ``tr_mod``'s on the first frame's tokens, ``mod``'s elsewhere."""
+    sel = first[None, :, None] > 0
+    return [jnp.where(sel, b[:, None], a[:, None]) for a, b in zip(mod, tr_mod)]
+
+
+def token_replace_double(blk, x, c, temb, tr_temb, first, rope, c_mask):
+    """diffusers ``HunyuanVideoTokenReplaceTransformerBlock`` on :class:`flux.DoubleBlock`'s weights: the video's
+    adaLN per token (``first``: 1 on the first frame's tokens); the text's as FLUX's. -> (video, text)."""
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _per_token(first, blk.norm1.modulation(temb),
+                                                                    blk.norm1.modulation(tr_temb))
+    nx = blk.norm1.norm(x) * (1 + scale) + shift
+    nc, (c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = blk.norm1_context(c, temb)
+    a, ac = blk.attn.joint(nx, nc, rope, None, c_mask)
+    x = x + gate * a
+    x = x + gate_mlp * blk.ff(blk.norm2(x) * (1 + scale_mlp) + shift_mlp)
+    c = c + c_gate[:, None] * ac
+    c = c + c_gate_mlp[:, None] * blk.ff_context(blk.norm2_context(c) * (1 + c_scale_mlp[:, None])
+                                                 + c_shift_mlp[:, None])
+    return x, flux._fp16_clip(c)
+
+
+def token_replace_single(blk, x, c, temb, tr_temb, first, rope, c_mask):
+    """diffusers ``HunyuanVideoTokenReplaceSingleTransformerBlock`` on :class:`flux.SingleBlock`'s weights (as
+    :meth:`flux.SingleBlock.pair`: the text as the context), the video's adaLN per token. -> (video, text)."""
+    mod = blk.norm.modulation(temb)
+    shift, scale, gate = _per_token(first, mod, blk.norm.modulation(tr_temb))
+    hx = blk.norm.norm(x) * (1 + scale) + shift
+    hc, _ = blk.norm(c, temb, mod)
+    o, oc = blk.attn.attend(*blk.attn.qkv(hx, rope), *blk.attn.qkv(hc, None, batched=True), c_mask)
+    y = jnp.concatenate([o.reshape(*o.shape[:2], -1), gelu_tanh(blk.proj_mlp(hx))], axis=-1)
+    return flux._fp16_clip(x + gate * blk.proj_out(y)), blk._out(c, hc, oc, mod[2])
+
+
 # ----- positions -----
 
 def rope_tables(frames: int, grid_h: int, grid_w: int, axes_dim, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +270,7 @@ class HunyuanVideoTransformer3DModel(nnx.Module):
         d = cfg.inner_dim
         self.x_embedder = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
         self.context_embedder = TokenRefiner(cfg, dtype=dtype, rngs=rngs)
-        self.time_text_embed = flux.TimeTextEmbed(cfg, dtype=dtype, rngs=rngs)
+        self.time_text_embed = TimeTextEmbed(cfg, dtype=dtype, rngs=rngs)
         self.transformer_blocks = stack_modules(lambda r: flux.DoubleBlock(cfg, dtype=dtype, rngs=r), cfg.num_layers,
                                                 rngs)
         self.single_transformer_blocks = stack_modules(lambda r: flux.SingleBlock(cfg, dtype=dtype, rngs=r),
@@ -257,12 +306,21 @@ class HunyuanVideoTransformer3DModel(nnx.Module):
         if rope is None:
             rope = rope_tables(*self.grid(hidden_states.shape), cfg.rope_axes_dim, cfg.rope_theta)
         rope = tuple(jnp.asarray(a, jnp.float32) for a in rope)
-        return x, {"rope": rope}, {"temb": temb, "context": context,
-                                   "context_mask": text_key_mask(encoder_attention_mask)}
+        tokens = {"rope": rope}
+        cond = {"temb": temb, "context": context, "context_mask": text_key_mask(encoder_attention_mask)}
+        if cfg.image_condition_type == "token_replace":
+            f, h, w = self.grid(hidden_states.shape)
+            tokens["first"] = jnp.asarray(np.arange(f * h * w) < h * w, jnp.float32)
+            cond["tr_temb"] = self.time_text_embed.token_replace(jnp.zeros_like(t),
+                                                                jnp.asarray(pooled_projections).astype(dtype))
+        return x, tokens, cond
 
     def double_blocks(self, x, tokens, cond):
         """The double-stream stack; -> (video, text)."""
         temb, rope, mask = cond["temb"], tokens["rope"], cond["context_mask"]
+        if "first" in tokens:
+            return scan_modules(self.transformer_blocks, lambda blk, xc: token_replace_double(
+                blk, *xc, temb, cond["tr_temb"], tokens["first"], rope, mask), (x, cond["context"]))
         return scan_modules(self.transformer_blocks, lambda blk, xc: blk(*xc, temb, rope, None, mask),
                             (x, cond["context"]))
 
@@ -271,6 +329,10 @@ class HunyuanVideoTransformer3DModel(nnx.Module):
         (masked keys as diffusers'); -> the video tokens."""
         temb, rope, mask = cond["temb"], tokens["rope"], cond["context_mask"]
         xc = self.double_blocks(x, tokens, cond)
+        if "first" in tokens:
+            x, _ = scan_modules(self.single_transformer_blocks, lambda blk, xc: token_replace_single(
+                blk, *xc, temb, cond["tr_temb"], tokens["first"], rope, mask), xc)
+            return x
         x, _ = scan_modules(self.single_transformer_blocks, lambda blk, xc: blk.pair(*xc, temb, rope, None, mask), xc)
         return x
 

@@ -82,6 +82,8 @@ PIPELINES = {
     "LongCatImagePipeline": ("xdit_jax.pipelines.longcat_image", "LongCatImagePipeline", "longcat"),
     "LongCatImageEditPipeline": ("xdit_jax.pipelines.longcat_image", "LongCatImageEditPipeline", "longcat"),
     "OvisImagePipeline": ("xdit_jax.pipelines.ovis_image", "OvisImagePipeline", "ovis-image"),
+    "HunyuanVideoImageToVideoPipeline": ("xdit_jax.pipelines.hunyuan_video_i2v", "HunyuanVideoImageToVideoPipeline",
+                                         "hunyuanvideo"),
 }
 
 # diffusers pipelines of a supported family refused on purpose (the reason in the error)
