@@ -72,3 +72,19 @@ def test_full_size_parameter_count(name, lo, hi):
     """configs/<name>: our module's parameters (shapes only) count diffusers' on the meta device."""
     ours, theirs = full_size_parameter_counts(name)
     assert ours == theirs and lo < ours < hi
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cosmos-predict2-2b-text2image", "longcat-image"])
+def test_full_width_flops_compile_only(name):
+    """The full-size folders at full width with 2 blocks (LongCat: 2 + 2) at 256 x 256, compiled on abstract shapes (no
+    weights): the compiled program's dots are the analytic count (Cosmos 2B without learnable positions: the tiny
+    model has them); cfg=2,pipefusion=2 compiles."""
+    rows = bench.run_step_benchmark(bench.StepOptions(model=name, meshes=[None, "cfg=2,pipefusion=2"],
+                                                      compile_only=True, log=lambda s: None, layers=2, height=256,
+                                                      width=256))
+    by_mesh = {r["mesh"]: r for r in rows}
+    for r in rows:
+        assert "error" not in r, r.get("error")
+    row = by_mesh["single device"]
+    assert row["flops_hlo"] == pytest.approx(row["flops_analytic"], rel=1e-9)
