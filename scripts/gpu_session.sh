@@ -1,13 +1,13 @@
 # The GPU measurements still pending (issue 4), for a lent H100 / H200, one device call per part (each under
 # the 10-minute limit of a call, most important first; 30 device-minutes do not cover all four). Run from the repository root on the device machine:
 #
-#     bash scripts/gpu_session.sh 1        # then 2, 3, ..., 15
+#     bash scripts/gpu_session.sh 1        # then 2, 3, ..., 17
 #
 # It installs a diffusers wheel from out/wheels (carry that folder: the machine reaches no registry), runs each
 # command under its own timeout, prints the tables and tars every output into $OUT/partN.tgz after each
 # command (a call returns at most 8 files; what finished before a timeout still comes back).
 set -u
-part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15}
+part=${1:?usage: bash scripts/gpu_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15|16|17}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 O=/tmp/gpu-part$part; mkdir -p "$O"; OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index out/wheels/diffusers-*.whl 2>&1 | tail -2
@@ -112,6 +112,18 @@ case $part in
   step hidream-vs 300 --model hidream-i1-full --layers 8 --steps 3 --compare diffusers
   step hidream 240 --model hidream-i1-full --steps 3
   ;;
-*) echo "unknown part $part: use 1 to 15"; exit 2 ;;
+16) # the session-23 Cosmos-Predict2 rows, never run on a GPU: 2B Text2Image at 768 x 1360 (4,080 image + 512 T5 tokens,
+    # CFG) against diffusers; 2B Video2World at 93 x 704 x 1280 (84,480 video tokens, a timestep per latent frame, CFG:
+    # 3.85 PFLOP a step, 86 % attention) with 7 of its 28 blocks beside diffusers' copy (diffusers' SDPA on 84,480
+    # tokens: minutes a step)
+  step cosmos-t2i-vs 240 --model cosmos-predict2-2b-text2image --steps 5 --compare diffusers
+  step cosmos-v2w-vs 300 --model cosmos-predict2-2b-video2world --layers 7 --steps 3 --compare diffusers
+  ;;
+17) # the session-23 LongCat-Image row, never run on a GPU: 1024 x 1024 (4,096 image + 512 Qwen2.5-VL tokens, CFG; FLUX's
+    # blocks, 10 + 20) against diffusers; then Cosmos-Predict2 2B Video2World's full step (28 blocks) alone
+  step longcat-vs 240 --model longcat-image --steps 5 --compare diffusers
+  step cosmos-v2w 300 --model cosmos-predict2-2b-video2world --steps 3
+  ;;
+*) echo "unknown part $part: use 1 to 17"; exit 2 ;;
 esac
 ls -la "$O"

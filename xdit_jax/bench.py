@@ -101,8 +101,11 @@ KANDINSKY5_MODELS = ("kandinsky5-t2v-lite-5s",)
 SANA_VIDEO_MODELS = ("sana-video-2b-480p",)
 WAN_VACE_MODELS = ("wan2.1-vace-14b", "wan2.1-vace-1.3b")
 HIDREAM_MODELS = ("hidream-i1-full",)
+COSMOS_MODELS = ("cosmos-predict2-2b-text2image", "cosmos-predict2-2b-video2world")
+LONGCAT_IMAGE_MODELS = ("longcat-image",)
 IMAGE_FAMILIES = ("pixart", "hunyuandit", "flux", "sd3", "qwenimage", "zimage", "sana", "chroma", "cogview4",
-                  "lumina2", "flux2", "cogview3", "hunyuanimage", "hidream")  # text-to-image: no frames
+                  "lumina2", "flux2", "cogview3", "hunyuanimage", "hidream",
+                  "longcat_image")  # text-to-image: no frames
 
 # --------------------------------------------------------------------------------------------
 # Device peaks and dtype selection (pure functions: unit-tested without a GPU)
@@ -820,6 +823,55 @@ def _hidream_tiny_workload() -> Workload:
                     defaults={"num_inference_steps": 2, "guidance_scale": 5.0, "max_sequence_length": 16})
 
 
+def _cosmos_tiny_workload(v2w: bool = False) -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's Cosmos-Predict2 (2 heads x 12, 2 blocks, adaLN-LoRA 8, the learnable positions, T5 32 wide) on
+    # Wan's tiny VAE. Text2Image at 64 x 64: 1 x 8 x 8 latents, 16 video tokens; Video2World (the condition-mask
+    # channel: in 5) at 9 x 32 x 48: 3 x 4 x 6 latents, 3 x 2 x 3 = 18 tokens (the 4-way sequence meshes pad), the
+    # first latent frame conditioned, fps 16. 16 T5 tokens (6 real), CFG
+    spatial, temporal = wan_vae_scales(tiny.WAN_VAE)
+    t = dict(tiny.COSMOS_V2W_TRANSFORMER if v2w else tiny.COSMOS_TRANSFORMER)
+    name, (frames, h, w) = ("cosmos-v2w-tiny", (9, 32, 48)) if v2w else ("cosmos-tiny", (1, 64, 64))
+    return Workload(name, t, height=h, width=w, num_frames=frames, vae_scale_spatial=spatial,
+                    vae_scale_temporal=temporal, family="cosmos", text_tokens=16, text_valid=6,
+                    source=f"xdit_jax.tiny's Cosmos-Predict2 {'Video2World' if v2w else 'Text2Image'}, 2 heads x 12, "
+                           f"2 blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 7.0, "max_sequence_length": 16})
+
+
+def _cosmos_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "cosmos-predict2-2b-video2world"
+    t, defaults = load_model_dir(folder)
+    # the 2B Video2World width (16 heads x 128, adaLN-LoRA 256), 2 blocks; 17 frames at 128 x 128: 5 x 8 x 8 = 320
+    # video + 512 T5 tokens (40 real), the first latent frame conditioned, CFG
+    return Workload("cosmos-cpu-small", dict(t, num_layers=2), height=128, width=128, num_frames=17, family="cosmos",
+                    folder=str(folder), defaults=defaults, source="configs/cosmos-predict2-2b-video2world, 2 blocks")
+
+
+def _longcat_tiny_workload() -> Workload:
+    from xdit_jax import tiny
+
+    # xdit_jax.tiny's LongCat-Image (FLUX's tiny blocks: 2 heads x 16, 2 double- + 2 single-stream, Qwen states 32
+    # wide, no pooled / guidance embedding) at 48 x 80: a 3 x 5 grid of packed tokens (the sequence meshes pad);
+    # 16 text tokens (the image ids start after them), CFG
+    scale = 2 ** (len(tiny.FLUX_VAE["block_out_channels"]) - 1)
+    return Workload("longcat-tiny", dict(tiny.LONGCAT_TRANSFORMER), height=48, width=80, num_frames=1,
+                    vae_scale_spatial=scale, family="longcat_image", text_tokens=16,
+                    source="xdit_jax.tiny's LongCat-Image, 2 heads x 16, 2 + 2 blocks",
+                    defaults={"num_inference_steps": 2, "guidance_scale": 4.5, "max_sequence_length": 16})
+
+
+def _longcat_cpu_small_workload() -> Workload:
+    folder = CONFIG_DIR / "longcat-image"
+    t, defaults = load_model_dir(folder)
+    # the release's width (24 heads x 128, Qwen2.5-VL 3584), 1 double- + 1 single-stream block at 256 x 256: 16 x 16
+    # = 256 image + 512 text tokens, CFG
+    return Workload("longcat-cpu-small", FAMILIES["longcat_image"].with_layers(t, 1), height=256, width=256,
+                    num_frames=1, family="longcat_image", folder=str(folder), defaults=defaults,
+                    source="configs/longcat-image, 1 + 1 blocks")
+
+
 def _hidream_cpu_small_workload() -> Workload:
     folder = CONFIG_DIR / "hidream-i1-full"
     t, defaults = load_model_dir(folder)
@@ -878,7 +930,12 @@ PRESETS: dict[str, Callable[[], Workload]] = {"tiny": _tiny_workload, "cpu-small
                                               "wan-vace-tiny": _wan_vace_tiny_workload,
                                               "wan-vace-cpu-small": _wan_vace_cpu_small_workload,
                                               "hidream-tiny": _hidream_tiny_workload,
-                                              "hidream-cpu-small": _hidream_cpu_small_workload}
+                                              "hidream-cpu-small": _hidream_cpu_small_workload,
+                                              "cosmos-tiny": _cosmos_tiny_workload,
+                                              "cosmos-v2w-tiny": lambda: _cosmos_tiny_workload(v2w=True),
+                                              "cosmos-cpu-small": _cosmos_cpu_small_workload,
+                                              "longcat-tiny": _longcat_tiny_workload,
+                                              "longcat-cpu-small": _longcat_cpu_small_workload}
 PRESET_HELP = {
     "tiny": "xdit_jax.tiny's 4x16-head, 2-layer CogVideoX at 9x64x96 (CI smoke test)",
     "cpu-small": "CogVideoX-2B width (30 heads x 64), 2 layers, 49 frames at 128x128: 832 video + 226 text tokens",
@@ -1091,6 +1148,28 @@ PRESET_HELP.update({
 })
 
 
+PRESET_HELP.update({
+    "cosmos-tiny": "a 2x12-head, 2-block Cosmos-Predict2 Text2Image at 64x64: 1x4x4 = 16 image + 16 T5 tokens "
+                   "(6 real), CFG (CI smoke test)",
+    "cosmos-v2w-tiny": "a 2x12-head, 2-block Cosmos-Predict2 Video2World at 9x32x48: 3x2x3 = 18 video + 16 T5 tokens "
+                       "(6 real), a timestep per latent frame (the first conditioned), CFG (CI smoke test)",
+    "cosmos-cpu-small": "Cosmos-Predict2 2B Video2World width (16 heads x 128), 2 blocks, 17 frames at 128x128: "
+                        "5x8x8 = 320 video + 512 T5 tokens (40 real), the first latent frame conditioned, CFG",
+    "cosmos-predict2-2b-text2image": "full-size configs/cosmos-predict2-2b-text2image with random weights at "
+                                     "768x1360 (1x48x85 = 4,080 image + 512 T5 tokens, 28 blocks, "
+                                     "CFG: 2 samples per prompt)",
+    "cosmos-predict2-2b-video2world": "full-size configs/cosmos-predict2-2b-video2world with random weights at "
+                                      "93x704x1280 (24x44x80 = 84,480 video + 512 T5 tokens, 28 blocks, a timestep "
+                                      "per latent frame, CFG)",
+    "longcat-tiny": "a 2x16-head LongCat-Image (2 double- + 2 single-stream blocks, Qwen states 32 wide) at 48x80: 15 "
+                    "image + 16 text tokens, CFG (CI smoke test)",
+    "longcat-cpu-small": "LongCat-Image width (24 heads x 128), 1 double- + 1 single-stream block at 256x256: 256 "
+                         "image + 512 Qwen2.5-VL tokens, CFG",
+    "longcat-image": "full-size configs/longcat-image with random weights at 1024x1024 (4,096 image + 512 Qwen2.5-VL "
+                     "tokens, 10 double- + 20 single-stream blocks, CFG: 2 samples per prompt)",
+})
+
+
 def load_workload(name: str, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                   layers: int | None = None, batch: int = 1, cfg: bool | None = None) -> Workload:
     """A preset (:data:`PRESETS`), a full-size model in ``configs/``, or a config folder path. ``cfg``:
@@ -1157,7 +1236,8 @@ def load_workload(name: str, *, height: int | None = None, width: int | None = N
                          num_frames=int(d.get("num_frames", 161)), vae_scale_spatial=spatial,
                          vae_scale_temporal=temporal, defaults=d, source=str(folder), folder=str(folder),
                          family=family)
-        elif family in ("wan", "skyreels_v2", "wan_vace", "sana_video"):  # defaults.json's, else 480 x 832 x 81
+        elif family in ("wan", "skyreels_v2", "wan_vace", "sana_video", "cosmos"):  # defaults.json's, else 480 x 832
+            # x 81 (Cosmos-Predict2: Wan 2.1's VAE; Text2Image one frame, defaults.json's)
             spatial, temporal = wan_folder_vae_scales(folder)
             if family == "skyreels_v2" and d.get("causal_block_size"):  # as the DF pipeline sets it on the model
                 t = dict(t, num_frame_per_block=int(d["causal_block_size"]))
@@ -2026,6 +2106,13 @@ def format_table(rows: list[dict]) -> str:
                   f"({r0['double_layers']} double- + {r0['single_layers']} single-stream blocks, each with a Llama "
                   f"layer's {r0['llama_tokens']} more; MoE {r0['routed_experts']} experts run densely, "
                   f"{r0['active_experts']} active)")
+    elif r0.get("family") == "cosmos":  # the video tokens self-attend, the caption is cross-attended
+        tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} T5 tokens ({r0['text_valid_tokens']} of the "
+                  f"prompt's, the rest zeros, cross-attended"
+                  f"{'; a timestep per latent frame, the first conditioned' if r0.get('video_to_world') else ''})")
+    elif r0.get("family") == "longcat_image":  # FLUX's two block phases, the Qwen2.5-VL text
+        tokens = (f"{r0['image_tokens']} image + {r0['text_tokens']} Qwen2.5-VL tokens ({r0['double_layers']} "
+                  f"double- + {r0['single_layers']} single-stream blocks, {'CFG' if r0.get('cfg') else 'no CFG'})")
     elif r0.get("family") == "sana_video":  # linear self-attention over the video tokens, the caption cross-attended
         tokens = (f"{r0['video_tokens']} video + {r0['text_tokens']} caption tokens "
                   f"({r0['text_valid_tokens']} in the prompt's mask)")

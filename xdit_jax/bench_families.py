@@ -4088,12 +4088,283 @@ class HiDream(Family):
         return HiDreamTorchReference(transformer, dtype, seed=seed, device=device)
 
 
+# ============================================================================================
+# Cosmos-Predict2 (Text2Image / Video2World: Wan-like self- + cross-attention blocks, adaLN-LoRA, 3D RoPE)
+# ============================================================================================
+
+COSMOS_TIMESTEP = 0.5  # the transformer's ``timestep``: sigma / (sigma + 1) of the Cosmos2 pipelines at sigma 1
+COSMOS_TEXT_VALID = PIXART_TEXT_VALID  # a typical prompt's T5 tokens (the pipelines zero the states after them)
+COSMOS_FPS = 16  # Cosmos2VideoToWorldPipeline's default fps (the RoPE's frame positions x 24 / fps)
+COSMOS_COND_FRAMES = 1  # Video2World from one image: its first latent frame conditioned
+
+
+def cosmos_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int,
+                          per_frame: bool = False) -> dict[str, float]:
+    """Matmul FLOPs of one Cosmos-Predict2 transformer forward as :mod:`xdit_jax.models.cosmos` computes it (2 FLOPs
+    per multiply-add).
+
+    Latents (B, C, F, h, w); S = (F/p_t)(h/p)(w/p) video tokens, L T5 tokens (512), d = heads x head_dim (2048 for
+    2B), D_t = text_embed_dim (1024), r = adaln_lora_dim (256), m = mlp_ratio d, C_in = (in_channels + 1: the padding
+    mask) p_t p^2, C_out = out_channels p_t p^2, R = the timestep rows per sample (1; Video2World: F, a timestep per
+    latent frame, so every modulation is computed per frame). Per block:
+
+        three adaLN-LoRA modulations (d -> r -> 3d)   3 x 2 B R (d r + 3 r d)   = 24 B R d r
+        self-attention q, k, v, out                   8 B S d^2
+        self-attention QK^T and PV                    4 B S^2 d
+        cross-attention q, out                        4 B S d^2
+        cross-attention k, v on the caption           4 B L D_t d
+        cross-attention QK^T and PV                   4 B S L d
+        MLP d -> m -> d                               4 B S d m
+
+    Plus, once: the patch embedding 2 B S C_in d; the timestep embedder (d -> d -> 3d) 8 B R d^2; the head's
+    modulation (d -> r -> 2d) 6 B R d r and projection 2 B S d C_out. Norms, RoPE, the learnable positions, the
+    per-token gathers of the per-frame tables, GELU and the gates are element-wise."""
+    b, c, f, h, w = latent_shape
+    t = transformer
+    pt, ph, pw = (int(x) for x in t.get("patch_size", (1, 2, 2)))
+    d = int(t.get("num_attention_heads", 32)) * int(t.get("attention_head_dim", 128))
+    n = int(t.get("num_layers", 28))
+    dt, r = int(t.get("text_embed_dim", 1024)), int(t.get("adaln_lora_dim", 256))
+    m = int(d * float(t.get("mlp_ratio", 4.0)))
+    cin = (int(t.get("in_channels", 16)) + (1 if t.get("concat_padding_mask", True) else 0)) * pt * ph * pw
+    cout = int(t.get("out_channels") or c) * pt * ph * pw
+    s = (f // pt) * (h // ph) * (w // pw)
+    rows = f if per_frame else 1
+    lt = int(text_len)
+    attn = 4 * b * s * s * d + 4 * b * s * lt * d
+    block = 24 * b * rows * d * r + 8 * b * s * d * d + 4 * b * s * d * d + 4 * b * lt * dt * d + 4 * b * s * d * m
+    embed = 2 * b * s * cin * d + 8 * b * rows * d * d
+    head = 6 * b * rows * d * r + 2 * b * s * d * cout
+    total = n * (block + attn) + embed + head
+    return {"total": float(total), "per_block": float(block + attn), "attention": float(n * attn),
+            "linear": float(total - n * attn), "tokens": s}
+
+
+class CosmosTorchReference(KeywordTorchReference):
+    """diffusers' ``CosmosTransformer3DModel`` called as the Cosmos2 pipelines call it: the preconditioned latents
+    and the timestep in the model's dtype (Video2World: (B, 1, F, 1, 1), the conditioned frames' tiny one, with the
+    condition mask and ``fps``), the T5 states, the all-zero padding mask; one call on both CFG halves (the pipelines
+    call it per half: the same work)."""
+
+    diffusers_class = "CosmosTransformer3DModel"
+
+    call_args = {"hidden_states": LATENTS, "timestep": Arg("t", "model"), "encoder_hidden_states": EMBEDS,
+                 "condition_mask": Arg("condition_mask", "model", optional=True)}
+
+    def _make_model(self, cfg):
+        from diffusers.models.transformers import transformer_cosmos
+
+        if not hasattr(transformer_cosmos, "transforms"):  # torchvision absent: its padding-mask resize is needed
+            torch = self.torch  # (the mask is given at the latents' size: a nearest resize to the same size)
+
+            class _Functional:
+                @staticmethod
+                def resize(x, size, interpolation=None):
+                    return torch.nn.functional.interpolate(x, size=list(size), mode="nearest")
+
+            transformer_cosmos.transforms = type("transforms", (), {
+                "functional": _Functional, "InterpolationMode": type("InterpolationMode", (), {"NEAREST": "nearest"})})
+        return super()._make_model(cfg)
+
+    def set_inputs(self, inputs, w):
+        super().set_inputs(inputs, w)
+        t = self.kwargs["timestep"]
+        if t.ndim == 2:  # a timestep per latent frame: diffusers' (B, 1, F, 1, 1)
+            self.kwargs["timestep"] = t[:, None, :, None, None]
+        h, ww = inputs["latents"].shape[-2:]
+        self.kwargs["padding_mask"] = self.torch.zeros((1, 1, h, ww), device=self.device, dtype=self.dtype)
+        if "fps" in inputs:
+            self.kwargs["fps"] = int(inputs["fps"])
+
+
+class Cosmos(Family):
+    """Cosmos-Predict2 Text2Image (one latent frame) and Video2World (its transformer takes the condition-mask
+    channel: ``in_channels`` = latent channels + 1; a timestep per latent frame, the first conditioned, and the fps
+    in the RoPE), both with CFG (two halves per prompt): self-attention over the video tokens, cross-attention to the
+    T5 caption; the step is ``embed`` -> ``run_blocks`` -> ``head``, as :mod:`xdit_jax.pipelines.cosmos`."""
+
+    name = "cosmos"
+    module_name = "xdit_jax.models.cosmos"
+    model_class_name = "CosmosTransformer3DModel"
+    config_class_name = "CosmosConfig"
+    token_word = "video"
+    title = "Cosmos-Predict2"
+    host_inputs = ("fps",)
+
+    @staticmethod
+    def video_to_world(w) -> bool:
+        """Video2World: the transformer takes the condition mask as one more input channel."""
+        t = w.transformer
+        return int(t.get("in_channels", 16)) > int(t.get("out_channels") or t.get("in_channels", 16))
+
+    def latent_shape(self, w):
+        """(B, C, F, h, w), the pipelines' latents: (num_frames - 1) // 4 + 1 latent frames (1 for Text2Image)."""
+        t = w.transformer
+        return (w.step_batch, int(t.get("out_channels") or t.get("in_channels", 16)),
+                (w.num_frames - 1) // w.vae_scale_temporal + 1, w.height // w.vae_scale_spatial,
+                w.width // w.vae_scale_spatial)
+
+    def tokens(self, w):
+        _, _, f, h, ww = self.latent_shape(w)
+        pt, ph, pw = (int(x) for x in w.transformer.get("patch_size", (1, 2, 2)))
+        return (f // pt) * (h // ph) * (ww // pw), self.text_len(w)
+
+    def text_len(self, w):
+        """T5 tokens: the pipelines' ``max_sequence_length`` (512)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or 512)
+
+    def text_valid(self, w) -> int:
+        return min(int(w.text_valid or COSMOS_TEXT_VALID), self.text_len(w))
+
+    def attention_tokens(self, w):
+        return self.tokens(w)[0]  # self-attention over the video tokens; the caption is a cross-attention context
+
+    def check(self, cfg, shape):
+        _, c, f, h, w = shape
+        if c != cfg.out_ch:
+            raise ValueError(f"latents {shape}: this Cosmos transformer takes {cfg.out_ch} latent channels.")
+        pt, ph, pw = cfg.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latents {shape}: frames x height x width must be multiples of the patch "
+                             f"{cfg.patch_size}.")
+        grid = (f // pt, h // ph, w // pw)
+        if any(g > mx for g, mx in zip(grid, cfg.max_patches)):
+            raise ValueError(f"latents {shape}: {grid} patches exceed max_size {cfg.max_size} ({cfg.max_patches}).")
+
+    def row_fields(self, w, cfg):
+        sv, st = self.tokens(w)
+        return {"family": self.name, "video_tokens": sv, "text_tokens": st, "text_valid_tokens": self.text_valid(w),
+                "latent_frames": self.latent_shape(w)[2], "layers": cfg.num_layers,
+                "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+                "video_to_world": self.video_to_world(w), "height": w.height, "width": w.width,
+                "num_frames": w.num_frames, "cfg": w.cfg}
+
+    def make_inputs(self, w, seed=0):
+        """As the Cosmos2 pipelines pass them: latents (B, C, F, h, w), the timestep (B,) float32 (Video2World: (B,
+        F), the first latent frame's sigma_conditioning / (1 + sigma_conditioning)), T5 states (B, L, text_embed_dim)
+        zero after each caption's tokens; Video2World also the condition mask (B, 1, F, h, w) (ones on the
+        conditioned frame) and the fps (a host value: the RoPE's frame positions)."""
+        rng = np.random.default_rng(seed)
+        b = w.step_batch
+        shape = self.latent_shape(w)
+        latents = rng.standard_normal(shape, dtype=np.float32)
+        embeds = wan_text_states(rng, b, self.text_len(w), int(w.transformer.get("text_embed_dim", 1024)),
+                                 self.text_valid(w), w.cfg)
+        out = {"latents": latents, "embeds": embeds}
+        if self.video_to_world(w):
+            f = shape[2]
+            nc = min(COSMOS_COND_FRAMES, f)
+            t_cond = np.float32(1e-4) / (np.float32(1e-4) + np.float32(1))
+            t = np.full((b, f), COSMOS_TIMESTEP, np.float32)
+            t[:, :nc] = t_cond
+            mask = np.zeros((b, 1) + shape[2:], np.float32)
+            mask[:, :, :nc] = 1
+            out.update(t=t, condition_mask=mask, fps=np.float32(COSMOS_FPS))
+        else:
+            out["t"] = np.full((b,), COSMOS_TIMESTEP, np.float32)
+        return out
+
+    def embed_args(self, inputs, dtype):
+        fps = float(inputs["fps"]) if "fps" in inputs else None
+        mask = inputs["condition_mask"].astype(dtype) if "condition_mask" in inputs else None
+        return (inputs["latents"].astype(dtype), inputs["t"].astype(dtype), inputs["embeds"].astype(dtype), fps, mask)
+
+    def analytic_flops(self, w):
+        return cosmos_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w),
+                                     per_frame=self.video_to_world(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return CosmosTorchReference(transformer, dtype, seed=seed, device=device)
+
+
+# ============================================================================================
+# LongCat-Image (FLUX.1's blocks; no pooled text or guidance embedding; Qwen2.5-VL text, rotated too)
+# ============================================================================================
+
+LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline's tokenizer_max_length: the text's tokens, also the image ids' start
+
+
+def longcat_analytic_flops(transformer: dict, latent_shape: tuple[int, ...], text_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one LongCat-Image transformer forward: :func:`flux_analytic_flops` (the same double- and
+    single-stream blocks, context embedder, x embedder and head; D_j = 3584, Qwen2.5-VL) without the pooled-text
+    embedder 2 B (P d + d^2) and without a guidance embedder (the timestep embedder alone: 2 B (256 d + d^2))."""
+    t = dict(transformer, guidance_embeds=False, pooled_projection_dim=0)
+    f = flux_analytic_flops(t, latent_shape, text_len)
+    b = latent_shape[0]
+    d = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+    cut = 2.0 * b * d * d  # the pooled embedder's second linear (its first: P = 0 above)
+    return dict(f, total=f["total"] - cut, linear=f["linear"] - cut)
+
+
+class LongCatImageTorchReference(KeywordTorchReference):
+    """diffusers' ``LongCatImageTransformer2DModel`` called as ``LongCatImagePipeline`` calls it: the packed latents
+    and the Qwen2.5-VL states in the model's dtype, ``timestep`` = t / 1000, ``img_ids`` (1, 512 + row, 512 + column)
+    and ``txt_ids`` (0, i, i); one call on both CFG halves (the pipeline calls it per half: the same work)."""
+
+    diffusers_class = "LongCatImageTransformer2DModel"
+
+    call_args = {"hidden_states": LATENTS, "encoder_hidden_states": EMBEDS, "timestep": Arg("t", "model"),
+                 "img_ids": Arg("img_ids", "model"), "txt_ids": Arg("txt_ids", "model")}
+
+
+class LongCatImage(Flux):
+    """LongCat-Image text-to-image with CFG (two halves per prompt): FLUX.1's two block phases
+    (:func:`xdit_jax.pipelines.flux.transformer_over_mesh` runs its model: the same ``embed`` / ``double_blocks`` /
+    ``single_blocks`` / ``head``), the text from Qwen2.5-VL, no pooled text and no guidance embedding."""
+
+    name = "longcat_image"
+    module_name = "xdit_jax.models.longcat_image"
+    model_class_name = "LongCatImageTransformer2DModel"
+    config_class_name = "LongCatImageConfig"
+    title = "LongCat-Image"
+    default_cfg = True
+
+    def pipeline_call(self, w):
+        return Family.pipeline_call(self, w)
+
+    def text_len(self, w):
+        """Qwen2.5-VL tokens: the pipeline's ``tokenizer_max_length`` (512)."""
+        return int(w.text_tokens or w.defaults.get("max_sequence_length") or LONGCAT_TEXT_TOKENS)
+
+    def reference_tokens(self, w) -> int:
+        return 0
+
+    def row_fields(self, w, cfg):
+        return dict(super().row_fields(w, cfg), guidance_embeds=False, true_cfg=False, cfg=w.cfg)
+
+    def make_inputs(self, w, seed=0):
+        """As ``LongCatImagePipeline`` passes them: packed latents (B, S, in_channels), Qwen2.5-VL states (B, L,
+        joint_attention_dim), the timestep t / 1000 (B,) float and the host ids: ``img_ids`` (S, 3) = (1, 512 + row,
+        512 + column) (the start: the text's length) and ``txt_ids`` (L, 3) = (0, i, i)."""
+        from xdit_jax.models import longcat_image as lc
+
+        t = w.transformer
+        rng = np.random.default_rng(seed)
+        b, txt = w.step_batch, self.text_len(w)
+        gh, gw = self.grid(w)
+        return {"latents": rng.standard_normal(self.latent_shape(w), dtype=np.float32),
+                "embeds": rng.standard_normal((b, txt, int(t.get("joint_attention_dim", 3584))), dtype=np.float32),
+                "t": np.full((b,), FLUX_TIMESTEP, dtype=np.float32),
+                "img_ids": lc.image_ids(gh, gw, txt), "txt_ids": lc.text_ids(txt)}
+
+    def embed_args(self, inputs, dtype):
+        return (inputs["latents"].astype(dtype), inputs["embeds"].astype(dtype), inputs["t"], inputs["img_ids"],
+                inputs["txt_ids"])
+
+    def analytic_flops(self, w):
+        return longcat_analytic_flops(w.transformer, self.latent_shape(w), self.text_len(w))
+
+    def torch_reference(self, transformer, dtype, seed=0, device=None):
+        return LongCatImageTorchReference(transformer, dtype, seed=seed, device=device)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (CogVideoX(), PixArt(), HunyuanDiT(), Mochi(), Flux(),
                                                           SD3(), Wan(), SkyReelsV2(), Latte(), HunyuanVideo(),
                                                           HunyuanVideo15(), QwenImage(), ZImage(), Sana(), Chroma(),
                                                           Lumina2(), Flux2(), LTX(), ConsisID(), CogView3(),
                                                           CogView4(), HunyuanImage(), Kandinsky5(), SanaVideo(),
-                                                          WanVACE(), HiDream())}
+                                                          WanVACE(), HiDream(), Cosmos(),
+                                                          LongCatImage())}
 CONSISID_CLASS_NAMES = ("ConsisIDTransformer3DModel",)
 CHROMA_CLASS_NAMES = ("ChromaTransformer2DModel",)
 PIXART_CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
@@ -4119,6 +4390,8 @@ KANDINSKY5_CLASS_NAMES = ("Kandinsky5Transformer3DModel",)
 SANA_VIDEO_CLASS_NAMES = ("SanaVideoTransformer3DModel",)
 WAN_VACE_CLASS_NAMES = ("WanVACETransformer3DModel",)
 HIDREAM_CLASS_NAMES = ("HiDreamImageTransformer2DModel",)
+COSMOS_CLASS_NAMES = ("CosmosTransformer3DModel",)
+LONGCAT_IMAGE_CLASS_NAMES = ("LongCatImageTransformer2DModel",)
 
 
 def family_of_config(transformer: dict) -> str:
@@ -4147,9 +4420,18 @@ def family_of_config(transformer: dict) -> str:
     Kandinsky 5.0 by its class name or ``in_visual_dim`` (no other family has it); SANA-Video (before SANA) by its
     class name or ``cross_attention_head_dim`` with ``rope_max_seq_len`` (SANA has the first only, Wan the second);
     Wan VACE (before Wan) by its class name or ``vace_layers``; HiDream-I1 (before FLUX and HunyuanImage) by its class
-    name or ``llama_layers`` (no other family has it); else CogVideoX."""
+    name or ``llama_layers`` (no other family has it); Cosmos-Predict2 by its class name or ``adaln_lora_dim`` (no
+    other family has it); LongCat-Image (before FLUX) by its class name or ``num_single_layers`` with a 3584-wide
+    ``joint_attention_dim`` and no ``guidance_embeds`` (FLUX.1's configs say it, its T5 is 4096 wide); else
+    CogVideoX."""
     if transformer.get("_class_name") in HIDREAM_CLASS_NAMES or "llama_layers" in transformer:
         return "hidream"
+    if transformer.get("_class_name") in COSMOS_CLASS_NAMES or "adaln_lora_dim" in transformer:
+        return "cosmos"
+    if transformer.get("_class_name") in LONGCAT_IMAGE_CLASS_NAMES or (
+            "num_single_layers" in transformer and int(transformer.get("joint_attention_dim", 0)) == 3584
+            and "guidance_embeds" not in transformer):
+        return "longcat_image"
     if transformer.get("_class_name") in SANA_VIDEO_CLASS_NAMES or (
             "cross_attention_head_dim" in transformer and "rope_max_seq_len" in transformer):
         return "sana_video"
