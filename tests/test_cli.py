@@ -442,7 +442,7 @@ def test_generate_cogvideox_image_to_video_random_weights(tmp_path, capsys):
 
 def test_generate_flux_image(tmp_path, capsys):
     """The tiny FLUX (two phases: text whole, then joint): a .png with true CFG, on one device (the CLI on meshes: the
-    PixArt, Qwen-Image, SANA, Mochi cases; FLUX's meshes: tests/test_flux_pipeline.py)."""
+    PixArt, Qwen-Image, SANA, Mochi cases; FLUX's meshes: tests/test_flux_pipeline.py; --image: the next test)."""
     import imageio.v3 as iio
 
     out = tmp_path / "f.png"
@@ -452,9 +452,18 @@ def test_generate_flux_image(tmp_path, capsys):
     image = iio.imread(out)
     assert image.shape == (48, 64, 3) and image.std() > 1  # the tiny defaults: 48 x 64
     assert '"model_family": "flux"' in capsys.readouterr().out
-    # image-to-image from it (FluxImg2ImgPipeline on the text-to-image folder): 2 steps at strength 0.5 run 1
+
+
+@pytest.mark.slow  # (the default run's time: FLUX's image-to-image vs diffusers is tests/test_flux_pipeline.py's)
+def test_generate_flux_image_to_image(tmp_path, capsys):
+    """--image on the tiny FLUX (FluxImg2ImgPipeline on the text-to-image folder): 2 steps at strength 0.5 run 1."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(src)
     out2 = tmp_path / "f2.png"
-    rc = cli.main(["--model", "tiny-flux", "--output", str(out2), "--steps", "2", "--image", str(out), "--strength",
+    rc = cli.main(["--model", "tiny-flux", "--output", str(out2), "--steps", "2", "--image", str(src), "--strength",
                    "0.5", "--no-progress", "--json"])
     assert rc == 0 and iio.imread(out2).shape == (48, 64, 3)
     assert '"image_encoding"' in capsys.readouterr().out
