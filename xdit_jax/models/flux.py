@@ -322,12 +322,18 @@ class FluxTransformer2DModel(nnx.Module):
     def __init__(self, cfg: FluxConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg, self.dtype = cfg, dtype
-        d = cfg.inner_dim
         self.time_text_embed = TimeTextEmbed(cfg, dtype=dtype, rngs=rngs)
+        self._init_stacks(cfg, dtype, rngs)
+
+    def _init_stacks(self, cfg, dtype, rngs, double=None, single=None):
+        """The embedders of the text and the latents, both block stacks (``double`` / ``single``: the block classes,
+        default FLUX.1's) and the head: what the families on FLUX.1's stacks (LongCat-Image, Ovis-Image) build too."""
+        d = cfg.inner_dim
+        double, single = double or DoubleBlock, single or SingleBlock
         self.context_embedder = linear(cfg.joint_attention_dim, d, dtype=dtype, rngs=rngs)
         self.x_embedder = linear(cfg.in_channels, d, dtype=dtype, rngs=rngs)
-        self.transformer_blocks = stack_modules(lambda r: DoubleBlock(cfg, dtype=dtype, rngs=r), cfg.num_layers, rngs)
-        self.single_transformer_blocks = stack_modules(lambda r: SingleBlock(cfg, dtype=dtype, rngs=r),
+        self.transformer_blocks = stack_modules(lambda r: double(cfg, dtype=dtype, rngs=r), cfg.num_layers, rngs)
+        self.single_transformer_blocks = stack_modules(lambda r: single(cfg, dtype=dtype, rngs=r),
                                                        cfg.num_single_layers, rngs)
         self.norm_out_linear = linear(d, 2 * d, dtype=dtype, rngs=rngs)
         self.norm_out = LayerNorm(d, 1e-6, affine=False, dtype=dtype)

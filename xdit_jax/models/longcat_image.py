@@ -28,7 +28,7 @@ from flax import nnx
 
 from xdit_jax.keymap import build_module, expected_shapes, map_state_dict
 from xdit_jax.models import flux
-from xdit_jax.models.layers import LayerNorm, TimestepEmbedding, linear, stack_modules, timestep_embedding
+from xdit_jax.models.layers import TimestepEmbedding, timestep_embedding
 
 STACKED = flux.STACKED
 SINGLE = flux.SINGLE
@@ -93,15 +93,7 @@ class LongCatImageTransformer2DModel(flux.FluxTransformer2DModel):
         self.cfg, self.dtype = cfg, dtype
         d = cfg.inner_dim
         self.time_embed = TimestepEmbed(d, dtype=dtype, rngs=rngs)
-        self.context_embedder = linear(cfg.joint_attention_dim, d, dtype=dtype, rngs=rngs)
-        self.x_embedder = linear(cfg.in_channels, d, dtype=dtype, rngs=rngs)
-        self.transformer_blocks = stack_modules(lambda r: flux.DoubleBlock(cfg, dtype=dtype, rngs=r), cfg.num_layers,
-                                                rngs)
-        self.single_transformer_blocks = stack_modules(lambda r: flux.SingleBlock(cfg, dtype=dtype, rngs=r),
-                                                       cfg.num_single_layers, rngs)
-        self.norm_out_linear = linear(d, 2 * d, dtype=dtype, rngs=rngs)
-        self.norm_out = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
-        self.proj_out = linear(d, cfg.patch_size ** 2 * cfg.out_ch, dtype=dtype, rngs=rngs)
+        self._init_stacks(cfg, dtype, rngs)
 
     def embed(self, hidden_states, encoder_hidden_states, timestep, img_ids=None, txt_ids=None, rope=None):
         """-> (image (B, N, D), tokens {"rope": image tables (N, hd)}, cond {"temb", "context" (B, L, D),

@@ -39,7 +39,6 @@ from xdit_jax.models.layers import (
     RMSNorm,
     TimestepEmbedding,
     linear,
-    stack_modules,
     timestep_embedding,
 )
 
@@ -127,14 +126,7 @@ class OvisImageTransformer2DModel(flux.FluxTransformer2DModel):
         d = cfg.inner_dim
         self.timestep_embedder = TimestepEmbedding(256, d, dtype=dtype, rngs=rngs)
         self.context_embedder_norm = RMSNorm(cfg.joint_attention_dim, 1e-6, dtype=dtype)
-        self.context_embedder = linear(cfg.joint_attention_dim, d, dtype=dtype, rngs=rngs)
-        self.x_embedder = linear(cfg.in_channels, d, dtype=dtype, rngs=rngs)
-        self.transformer_blocks = stack_modules(lambda r: DoubleBlock(cfg, dtype=dtype, rngs=r), cfg.num_layers, rngs)
-        self.single_transformer_blocks = stack_modules(lambda r: SingleBlock(cfg, dtype=dtype, rngs=r),
-                                                       cfg.num_single_layers, rngs)
-        self.norm_out_linear = linear(d, 2 * d, dtype=dtype, rngs=rngs)
-        self.norm_out = LayerNorm(d, 1e-6, affine=False, dtype=dtype)
-        self.proj_out = linear(d, cfg.patch_size ** 2 * cfg.out_ch, dtype=dtype, rngs=rngs)
+        self._init_stacks(cfg, dtype, rngs, DoubleBlock, SingleBlock)
 
     def embed(self, hidden_states, encoder_hidden_states, timestep, img_ids=None, txt_ids=None, rope=None):
         """-> (image (B, N, D), tokens {"rope"}, cond {"temb", "context", "context_rope"}, text tables (L, hd)), as
